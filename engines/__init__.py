@@ -1,0 +1,1 @@
+"""flowar.engines (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""flowar.export (see DESIGN.md)."""

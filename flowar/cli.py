@@ -1,0 +1,122 @@
+"""Command-line entry points: a thin click layer over typed functions.
+
+A user error prints one line (``error: expected ...; got ...; Fix: ...``) and exits with
+status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from flowar.errors import FlowARError
+
+EXIT_USER_ERROR = 2
+
+
+def user_errors(fn):
+    """Turn FlowARError (and unwritable paths) into one line and a non-zero exit."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except FlowARError as e:
+            if debug:
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except PermissionError as e:
+            if debug:
+                raise
+            click.echo(f"error: expected a writable path; got {e.filename or e}: permission denied. "
+                       "Fix: choose another output path", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def _device(name: str):
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FlowARError("a CUDA device for --device cuda", "no CUDA device visible to PyTorch",
+                          "use --device cpu (or auto)")
+    return torch.device(name)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--ckpt", type=click.Path(dir_okay=False), help="FlowAR checkpoint: official .pth, training "
+              "checkpoint, or this project's .safetensors.")
+@click.option("--engine-dir", type=click.Path(file_okay=False), help="Engine directory from flowar-export "
+              "(comes with the runtime).")
+@click.option("--preset", help="Config preset for files that carry none: flowar-s, flowar-l, flowar-h, tiny.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Config JSON for files that carry none.")
+@click.option("--raw-weights", is_flag=True, help="Use 'model' instead of the EMA weights of a training checkpoint.")
+@click.option("--vae", type=click.Path(), help="VAE: MAR kl16.ckpt or a diffusers folder. Without it, sampling "
+              "stops at tokens.")
+@click.option("--labels", help="Comma-separated class ids, e.g. 3,7 (default: the first 10 classes).")
+@click.option("--classes", help="Comma-separated class names, for models that store them, e.g. cat,dog.")
+@click.option("--n-per-class", default=1, show_default=True, type=int, help="Samples per requested class.")
+@click.option("--steps", default=25, show_default=True, type=int, help="Euler steps per scale (25 = official grid, 24 steps).")
+@click.option("--cfg", default=4.3, show_default=True, type=float, help="Guidance weight at the last scale (1 = off).")
+@click.option("--guidance", default=0.9, show_default=True, type=float, help="Guide only steps with t <= this.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the CPU noise generator.")
+@click.option("--noise", "noise_file", type=click.Path(dir_okay=False), help="safetensors with noise0..noise{n-1} "
+              "to use instead of the generator (official draw order and shapes).")
+@click.option("--save-tokens", type=click.Path(dir_okay=False), help="Write tokens (B,C,H,W) to this safetensors file.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write a labelled PNG grid here (needs --vae).")
+@click.option("--save-images", type=click.Path(file_okay=False), help="Write one PNG per sample into this folder (needs --vae).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@user_errors
+def run(ckpt, engine_dir, preset, config_path, raw_weights, vae, labels, classes, n_per_class, steps, cfg, guidance,
+        seed, noise_file, save_tokens, out, save_images, device, debug):
+    """Sample images from a FlowAR checkpoint (eager PyTorch reference)."""
+    from flowar.run import check_writable, parse_labels, run_sampling, write_outputs
+    from flowar.schedule import validate_sampling_args
+    if bool(ckpt) == bool(engine_dir):
+        raise FlowARError("exactly one of --ckpt or --engine-dir", "both" if ckpt else "neither",
+                          "pass --ckpt PATH to sample with PyTorch")
+    if engine_dir:
+        raise FlowARError("--ckpt (the engine runtime is not part of this build yet)", f"--engine-dir {engine_dir}",
+                          "sample with --ckpt, or export engines once flowar-export is available")
+    if (out or save_images) and not vae:
+        raise FlowARError("--vae to decode images for --out/--save-images", "no --vae",
+                          "pass --vae PATH, or use --save-tokens to keep the tokens only")
+    validate_sampling_args(steps, cfg, guidance)
+    for p, is_dir in ((save_tokens, False), (out, False), (save_images, True)):
+        check_writable(p, is_dir)
+    dev = _device(device)
+
+    import torch
+    from flowar.checkpoint import load_model
+    from flowar.stages import TorchStages
+    model, ck = load_model(ckpt, preset, config_path, use_ema=not raw_weights, device=dev)
+    config = ck.config
+    ids = parse_labels(config, labels, classes, ck.class_names, n_per_class)
+    decoder = None
+    if vae:
+        from flowar.vae import load_vae
+        v = load_vae(vae, expect_channels=config.latent_channels).to(dev)
+        decoder = v.decode
+    with torch.inference_mode():
+        result = run_sampling(TorchStages(model, decoder), config, ids, steps, cfg, guidance, seed, noise_file,
+                              decode=decoder is not None, device=dev, progress=True)
+    lines = write_outputs(result, ck.class_names, save_tokens, out, save_images)
+    click.echo(f"sampled {len(ids)} x {config.latent_size}x{config.latent_size} token maps with eager PyTorch on "
+               f"{dev} in {result.seconds:.2f} s ({steps} steps, cfg {cfg}, guidance {guidance})")
+    for line in lines:
+        click.echo("  " + line)
+
+
+def run_main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    run(prog_name="flowar-run")

@@ -1,0 +1,25 @@
+"""User-facing errors.
+
+Every mistake a user can make (a wrong path, a checkpoint of another model, a value out of
+range) raises a :class:`FlowARError` that says what was expected, what came, and how to fix
+it. The command-line layer prints it as one line and exits non-zero; ``--debug`` shows the
+traceback. ``assert`` is kept for internal invariants only.
+"""
+
+from __future__ import annotations
+
+
+class FlowARError(Exception):
+    """A user error: ``expected`` / ``got`` / ``fix`` rendered as one line."""
+
+    def __init__(self, expected: str, got: str, fix: str):
+        self.expected, self.got, self.fix = expected, got, fix
+        super().__init__(f"expected {expected}; got {got}. Fix: {fix}")
+
+
+class CheckpointError(FlowARError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+class ConfigError(FlowARError):
+    """A config or preset that is unknown or inconsistent."""

@@ -1,0 +1,61 @@
+"""Images out: [-1, 1] tensors to PNG files, one per sample or a labelled grid.
+
+Every file is written to a temporary name and renamed into place, so an interrupted run never
+leaves a truncated PNG that a later step (an FID tool, say) would read.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flowar.checkpoint import atomic_write_bytes
+
+
+def to_uint8(images_B3HW: Tensor) -> np.ndarray:
+    """(B, H, W, 3) uint8 from images in [-1, 1]."""
+    x = ((images_B3HW.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def _save_png(img, path: Path) -> None:
+    atomic_write_bytes(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def save_images(images_B3HW: Tensor, folder: str | Path) -> list[Path]:
+    """One unlabelled PNG per sample, in sample order: 000000.png, 000001.png, ..."""
+    from PIL import Image
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, arr in enumerate(to_uint8(images_B3HW)):
+        p = folder / f"{i:06d}.png"
+        _save_png(Image.fromarray(arr), p)
+        paths.append(p)
+    return paths
+
+
+def save_grid(images_B3HW: Tensor, captions: list[str], path: str | Path, columns: int | None = None,
+              min_cell: int = 96) -> Path:
+    """A grid PNG with a caption under every image; small images are scaled up (nearest)."""
+    from PIL import Image, ImageDraw
+    arrs = to_uint8(images_B3HW)
+    B, H, W, _ = arrs.shape
+    cols = columns or min(B, max(1, math.ceil(math.sqrt(B))))
+    rows = math.ceil(B / cols)
+    zoom = max(1, math.ceil(min_cell / max(H, W)))
+    cw, ch, text_h, pad = W * zoom, H * zoom, 14, 2
+    grid = Image.new("RGB", (cols * (cw + pad) + pad, rows * (ch + text_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, arr in enumerate(arrs):
+        r, col = divmod(i, cols)
+        x0, y0 = pad + col * (cw + pad), pad + r * (ch + text_h + pad)
+        grid.paste(Image.fromarray(arr).resize((cw, ch), Image.NEAREST), (x0, y0))
+        draw.text((x0 + 1, y0 + ch + 1), captions[i][: max(4, cw // 6)], fill="black")
+    p = Path(path)
+    _save_png(grid, p)
+    return p

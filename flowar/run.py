@@ -1,0 +1,150 @@
+"""Typed functions behind ``flowar-run``: parse the user's request, sample, write outputs.
+
+The click layer (``flowar/cli.py``) only maps options onto these; tests call them directly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from flowar.config import FlowARConfig
+from flowar.errors import FlowARError
+from flowar.sampler import NoiseFn, ScaleTrace, Stages, injected_noise, sample, seeded_noise
+from flowar.schedule import build_schedule
+
+
+def parse_labels(config: FlowARConfig, labels: str | None, classes: str | None,
+                 class_names: list[str] | None, n_per_class: int = 1) -> list[int]:
+    """Class ids from ``--labels 3,7`` or ``--classes cat,dog``, each repeated n_per_class times."""
+    if labels and classes:
+        raise FlowARError("either --labels or --classes", "both", "pass only one of them")
+    if n_per_class < 1:
+        raise FlowARError("--n-per-class >= 1", str(n_per_class), "use e.g. --n-per-class 4")
+    if classes:
+        if not class_names:
+            raise FlowARError("class names stored with the model", "a model without class names",
+                              "use --labels with class ids instead of --classes")
+        ids = []
+        for name in (s.strip() for s in classes.split(",") if s.strip()):
+            if name not in class_names:
+                raise FlowARError(f"a class name among {', '.join(class_names[:20])}", repr(name),
+                                  "check the spelling, or use --labels with ids")
+            ids.append(class_names.index(name))
+    elif labels:
+        ids = []
+        for s in (s.strip() for s in labels.split(",") if s.strip()):
+            try:
+                ids.append(int(s))
+            except ValueError:
+                raise FlowARError("comma-separated integer class ids, e.g. --labels 3,7", repr(s),
+                                  "pass integers (or --classes with names)") from None
+        bad = [i for i in ids if not 0 <= i < config.num_classes]
+        if bad:
+            raise FlowARError(f"class ids in 0..{config.num_classes - 1}", f"{bad}",
+                              f"this model has {config.num_classes} classes")
+    else:
+        ids = list(range(min(config.num_classes, 10)))
+    if not ids:
+        raise FlowARError("at least one class", "an empty list", "pass e.g. --labels 3,7")
+    return [i for i in ids for _ in range(n_per_class)]
+
+
+def read_noise(path: str | Path, config: FlowARConfig) -> list[Tensor]:
+    """``noise0..noise{n-1}`` from a safetensors file (the official draw order)."""
+    from safetensors import safe_open
+    p = Path(path)
+    if not p.is_file():
+        raise FlowARError("a safetensors noise file", f"no file at {p}", "check the --noise path")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            keys = set(f.keys())
+            names = [f"noise{k}" for k in range(config.n_scales)]
+            missing = [n for n in names if n not in keys]
+            if missing:
+                raise FlowARError(f"tensors {names[0]}..{names[-1]} (one draw per scale)",
+                                  f"{p.name} without {missing}", "write one tensor per scale")
+            return [f.get_tensor(n) for n in names]
+    except FlowARError:
+        raise
+    except Exception as e:   # noqa: BLE001
+        raise FlowARError("a readable safetensors noise file", f"{p}: {str(e)[:160]}", "write the file again") from e
+
+
+def check_writable(path: str | Path | None, is_dir: bool = False) -> None:
+    """Fail before sampling, not after, when an output cannot be written."""
+    if path is None:
+        return
+    p = Path(path)
+    parent = p if is_dir and p.exists() else p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    import os
+    if (p.exists() and is_dir and not p.is_dir()) or (p.exists() and not is_dir and p.is_dir()):
+        raise FlowARError("an output path of the right kind", f"{p} exists as a {'file' if p.is_file() else 'folder'}",
+                          "choose another path")
+    if not os.access(parent, os.W_OK):
+        raise FlowARError("a writable output location", f"{parent} is not writable", "choose another path")
+
+
+@dataclass(slots=True)
+class SampleResult:
+    tokens: Tensor                      # (B, C, S, S) scaled latent space
+    images: Tensor | None               # (B, 3, H, W) in [-1, 1]
+    labels: list[int]
+    seconds: float
+    traces: list[ScaleTrace] = field(default_factory=list)
+
+
+def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], steps: int, cfg: float, guidance: float,
+                 seed: int = 0, noise_file: str | Path | None = None, decode: bool = False,
+                 device: str | torch.device = "cpu", progress: bool = False,
+                 on_scale: Callable[[ScaleTrace], None] | None = None) -> SampleResult:
+    schedule = build_schedule(steps, cfg, guidance, config.n_scales)
+    noise: NoiseFn = injected_noise(read_noise(noise_file, config)) if noise_file else seeded_noise(seed)
+    traces: list[ScaleTrace] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=config.n_scales, desc="scales", unit="scale", leave=False, disable=None)
+
+    def scale_done(tr: ScaleTrace) -> None:
+        traces.append(tr)
+        if bar is not None:
+            bar.update(1)
+        if on_scale is not None:
+            on_scale(tr)
+
+    t0 = time.perf_counter()
+    labels_t = torch.tensor(labels, dtype=torch.int64, device=device)
+    tokens, images = sample(stages, config, schedule, labels_t, noise, decode=decode, device=device, on_scale=scale_done)
+    if bar is not None:
+        bar.close()
+    return SampleResult(tokens.cpu(), None if images is None else images.cpu(), labels, time.perf_counter() - t0, traces)
+
+
+def write_outputs(result: SampleResult, class_names: list[str] | None, save_tokens: str | Path | None,
+                  out: str | Path | None, save_images: str | Path | None) -> list[str]:
+    """Write the requested files atomically; returns a line per file for the user."""
+    from flowar.checkpoint import atomic_write_bytes
+    lines = []
+    if save_tokens:
+        from safetensors.torch import save_file
+        atomic_write_bytes(save_tokens, lambda tmp: save_file({"tokens": result.tokens.contiguous(),
+                                                              "labels": torch.tensor(result.labels)}, tmp))
+        lines.append(f"tokens {tuple(result.tokens.shape)} -> {save_tokens}")
+    if result.images is not None:
+        from flowar.images import save_grid, save_images as save_each
+        if out:
+            caps = [class_names[i] if class_names and i < len(class_names) else str(i) for i in result.labels]
+            save_grid(result.images, caps, out)
+            lines.append(f"grid of {len(result.labels)} images -> {out}")
+        if save_images:
+            save_each(result.images, save_images)
+            lines.append(f"{len(result.labels)} PNGs -> {save_images}/")
+    return lines

@@ -1,0 +1,47 @@
+"""Eager PyTorch stages for the sampler: the reference every engine is compared with.
+
+The AR runs one scale at a time against preallocated KV caches, as the official sampler does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from flowar.head import HeadContext
+from flowar.model import FlowAR
+
+
+class TorchStages:
+    def __init__(self, model: FlowAR, vae_decode: Callable[[Tensor], Tensor] | None = None):
+        self.model = model
+        self.vae_decode = vae_decode
+        self._caches = None
+        self._cls = None
+
+    @torch.no_grad()
+    def start(self, labels_R: Tensor) -> None:
+        R = labels_R.shape[0]
+        if self._caches is None or self._caches[0].k.shape[0] != R:
+            self._caches = self.model.new_caches(R)
+        self._cls = self.model.class_emb(labels_R)
+
+    @torch.no_grad()
+    def ar(self, k: int, x_in_RNC: Tensor | None) -> Tensor:
+        return self.model.ar_step(k, self._cls, x_in_RNC, self._caches)
+
+    @torch.no_grad()
+    def prepare(self, k: int, cond_RND: Tensor) -> HeadContext:
+        return self.model.flownet.prepare(cond_RND, self.model.config.scales[k])
+
+    @torch.no_grad()
+    def velocity(self, ctx: Any, x_rNC: Tensor, t_r: Tensor) -> Tensor:
+        return self.model.flownet.velocity(x_rNC, t_r, ctx)
+
+    @torch.no_grad()
+    def decode(self, latent_BCHW: Tensor) -> Tensor:
+        if self.vae_decode is None:
+            raise RuntimeError("decode() called without a VAE")
+        return self.vae_decode(latent_BCHW)

@@ -1,0 +1,155 @@
+"""The VAE behind FlowAR's latents, on diffusers' ``AutoencoderKL``.
+
+Two sources:
+
+* MAR's KL-16 checkpoint (``kl16.ckpt``: LDM key layout under ``model``): converted key by
+  key into an ``AutoencoderKL`` with the same numbers. The layout (base width, channel
+  multipliers, which encoder levels carry attention, latent channels) is read from the tensor
+  shapes and key names, so the tiny fixture (width 32) and the real file (width 128) both load;
+* any diffusers-format folder (``config.json`` + weights), e.g. Stable Diffusion's VAE.
+
+FlowAR tokens are ``latent * latent_scale``; :meth:`VAE.decode` takes the VAE-space latent
+(tokens / latent_scale), as the official evaluation does.
+
+diffusers is imported here only, and with the hub switched off: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from flowar.errors import FlowARError
+
+
+def _diffusers():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    import diffusers
+    diffusers.utils.logging.set_verbosity_error()
+    return diffusers
+
+
+class VAE(nn.Module):
+    """A diffusers ``AutoencoderKL``; ``decode``/``encode`` in [-1, 1] image space."""
+
+    def __init__(self, autoencoder: nn.Module):
+        super().__init__()
+        self.autoencoder = autoencoder.eval()
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.autoencoder.config.latent_channels)
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.autoencoder.config.block_out_channels) - 1)
+
+    def decode(self, latent_BCHW: Tensor) -> Tensor:
+        """Image (B, 3, 16h, 16w) from a VAE-space latent (B, C, h, w)."""
+        return self.autoencoder.decode(latent_BCHW).sample
+
+    def encode(self, image_B3HW: Tensor) -> tuple[Tensor, Tensor]:
+        """Posterior mean and log-variance (clamped to [-30, 20]) of an image in [-1, 1]."""
+        dist = self.autoencoder.encode(image_B3HW).latent_dist
+        return dist.mean, dist.logvar
+
+    def forward(self, latent_BCHW: Tensor) -> Tensor:
+        return self.decode(latent_BCHW)
+
+
+# ---- MAR / LDM checkpoint conversion ---------------------------------------------------------
+
+def _ldm_layout(sd: dict[str, Tensor]) -> dict:
+    levels = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
+    width = sd["encoder.conv_in.weight"].shape[0]
+    outs = [sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in levels]
+    n_res = len({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})
+    attn_levels = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.attn\.", k))})
+    dec_attn = [k for k in sd if re.match(r"decoder\.up\.\d+\.attn\.", k)]
+    if dec_attn:
+        raise FlowARError("an LDM VAE without attention in the decoder up path (MAR KL-16 layout)",
+                          f"decoder attention keys such as {dec_attn[0]}", "convert it to a diffusers folder first")
+    return dict(width=width, outs=outs, layers=n_res, attn_levels=attn_levels,
+                latent=sd["post_quant_conv.weight"].shape[0], groups=32)
+
+
+def _convert_ldm(sd: dict[str, Tensor], n_levels: int) -> dict[str, Tensor]:
+    """Rename LDM keys to diffusers keys; 1x1-conv attention weights become linear."""
+    out = {}
+    for k, v in sd.items():
+        nk = k
+        nk = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", nk)
+        nk = re.sub(r"^encoder\.down\.(\d+)\.attn\.", r"encoder.down_blocks.\1.attentions.", nk)
+        nk = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", nk)
+        m = re.match(r"^decoder\.up\.(\d+)\.(block|upsample)\.(.*)$", nk)
+        if m:
+            j = n_levels - 1 - int(m.group(1))
+            nk = (f"decoder.up_blocks.{j}.resnets.{m.group(3)}" if m.group(2) == "block"
+                  else f"decoder.up_blocks.{j}.upsamplers.0.{m.group(3)}")
+        nk = re.sub(r"^(encoder|decoder)\.mid\.block_1\.", r"\1.mid_block.resnets.0.", nk)
+        nk = re.sub(r"^(encoder|decoder)\.mid\.block_2\.", r"\1.mid_block.resnets.1.", nk)
+        nk = re.sub(r"^(encoder|decoder)\.mid\.attn_1\.", r"\1.mid_block.attentions.0.", nk)
+        nk = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", nk)
+        nk = nk.replace(".nin_shortcut.", ".conv_shortcut.")
+        if ".attentions." in nk:
+            nk = (nk.replace(".norm.", ".group_norm.").replace(".q.", ".to_q.").replace(".k.", ".to_k.")
+                  .replace(".v.", ".to_v.").replace(".proj_out.", ".to_out.0."))
+            if v.ndim == 4:
+                v = v[:, :, 0, 0]
+        out[nk] = v
+    return out
+
+
+def convert_mar_checkpoint(path: str | Path) -> VAE:
+    """An ``AutoencoderKL`` with the numbers of a MAR/LDM KL checkpoint (weights under ``model``)."""
+    from flowar.checkpoint import read_checkpoint
+    ck = read_checkpoint(path)
+    sd = ck.state_dict
+    if "encoder.conv_in.weight" not in sd or "post_quant_conv.weight" not in sd:
+        raise FlowARError("a VAE checkpoint in the MAR/LDM layout (encoder.*, decoder.*, quant_conv, post_quant_conv)",
+                          f"{Path(path).name} with keys such as {sorted(sd)[:3]}",
+                          "pass MAR's kl16.ckpt or a diffusers VAE folder to --vae")
+    lay = _ldm_layout(sd)
+    n = len(lay["outs"])
+    down = tuple("AttnDownEncoderBlock2D" if i in lay["attn_levels"] else "DownEncoderBlock2D" for i in range(n))
+    ak = _diffusers().AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=down, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(lay["outs"]), layers_per_block=lay["layers"], latent_channels=lay["latent"],
+        norm_num_groups=lay["groups"], sample_size=256)
+    conv = _convert_ldm(sd, n)
+    missing, unexpected = ak.load_state_dict(conv, strict=False)
+    if missing or unexpected:
+        raise FlowARError("a VAE checkpoint whose keys map one to one onto AutoencoderKL",
+                          f"missing {missing[:3]}, unexpected {unexpected[:3]}", "pass MAR's kl16.ckpt layout")
+    return VAE(ak)
+
+
+def load_vae(path: str | Path, expect_channels: int | None = None) -> VAE:
+    """Load a VAE from a MAR/LDM checkpoint file or a diffusers folder."""
+    p = Path(path)
+    if not p.exists():
+        raise FlowARError("a VAE: MAR's kl16.ckpt or a diffusers folder with config.json",
+                          f"nothing at {p}", "check the --vae path")
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise FlowARError("a diffusers VAE folder (config.json + weights)", f"{p} without config.json",
+                              "pass the folder that holds config.json (for SD: the 'vae' subfolder)")
+        try:
+            ak = _diffusers().AutoencoderKL.from_pretrained(str(p), local_files_only=True)
+        except Exception as e:   # noqa: BLE001
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FlowARError("a loadable diffusers AutoencoderKL folder", f"{p}: {msg[:200]}",
+                              "check that the folder holds config.json and its weights file") from e
+        vae = VAE(ak)
+    else:
+        vae = convert_mar_checkpoint(p)
+    if expect_channels is not None and vae.latent_channels != expect_channels:
+        raise FlowARError(f"a VAE with {expect_channels} latent channels (the FlowAR config's latent_channels)",
+                          f"{vae.latent_channels} in {p}", "pass the VAE the model was trained with")
+    return vae

@@ -1,0 +1,1 @@
+"""flowar.runtime (see DESIGN.md)."""
