@@ -32,6 +32,7 @@ META_CONFIG = "flowar_config"
 META_CLASSES = "class_names"
 META_FORMAT = "format"
 FORMAT_TAG = "flowar-checkpoint-v1"
+TRAIN_FORMAT_TAG = "flowar-train-v1"          # written by flowar/train.py
 _PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".tar")
 
 
@@ -98,7 +99,13 @@ def read_checkpoint(path: str | Path, use_ema: bool = True) -> LoadedCheckpoint:
     _require_file(p, "checkpoint")
     if p.suffix == ".safetensors":
         sd, meta = _read_safetensors(p)
-        ck = LoadedCheckpoint(_strip_prefix(sd), p, metadata=meta, source="safetensors")
+        source = "safetensors"
+        if meta.get(META_FORMAT) == TRAIN_FORMAT_TAG:
+            # a flowar-train checkpoint: model.*, ema.*, optim.* in one file
+            source = "model_ema" if use_ema else "model"
+            prefix = "ema." if use_ema else "model."
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        ck = LoadedCheckpoint(_strip_prefix(sd), p, metadata=meta, source=source)
         if META_CONFIG in meta:
             ck.config = FlowARConfig.from_json(meta[META_CONFIG], f"the metadata of {p}")
         if META_CLASSES in meta:

@@ -120,3 +120,69 @@ def run(ckpt, engine_dir, preset, config_path, raw_weights, vae, labels, classes
 def run_main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     run(prog_name="flowar-run")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--data", default="animal-mnist", show_default=True, help="animal-mnist, or ROOT/<class>/<image> folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output diffusers VAE folder.")
+@click.option("--size", default=32, show_default=True, type=int, help="Image side (Animal-MNIST is padded to it).")
+@click.option("--latent-channels", default=4, show_default=True, type=int)
+@click.option("--steps", default=1500, show_default=True, type=int)
+@click.option("--batch", default=64, show_default=True, type=int)
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@user_errors
+def train_vae_cmd(data, out, size, latent_channels, steps, batch, lr, seed, debug):
+    """Train the small AutoencoderKL the default model uses."""
+    from flowar.train_vae import VAETrainArgs, train_vae
+    res = train_vae(VAETrainArgs(data=data, out=out, size=size, latent_channels=latent_channels, steps=steps,
+                                 batch=batch, lr=lr, seed=seed))
+    click.echo(f"VAE -> {res['out']} in {res['seconds']:.0f} s, final reconstruction loss {res['final_reconstruction_loss']:.4f}")
+
+
+def train_vae_main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    train_vae_cmd(prog_name="flowar-train-vae")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (checkpoints, loss.png, samples/).")
+@click.option("--vae", required=True, type=click.Path(), help="VAE the latents come from (diffusers folder or kl16.ckpt).")
+@click.option("--data", default="animal-mnist", show_default=True, help="animal-mnist, or ROOT/<class>/<image> folder.")
+@click.option("--size", default=32, show_default=True, type=int, help="Image side.")
+@click.option("--preset", help="Take widths/depths from a preset (scales, channels, classes follow the data).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Full config JSON instead.")
+@click.option("--steps", default=2000, show_default=True, type=int)
+@click.option("--batch", default=64, show_default=True, type=int, help="Global batch (split over torchrun ranks).")
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--warmup", default=100, show_default=True, type=int)
+@click.option("--ema-decay", default=0.999, show_default=True, type=float)
+@click.option("--grad-clip", default=1.0, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--log-every", default=50, show_default=True, type=int)
+@click.option("--sample-every", default=500, show_default=True, type=int, help="Sample grid PNG every N steps (0: off).")
+@click.option("--ckpt-every", default=500, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint-last.safetensors.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@user_errors
+def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmup, ema_decay, grad_clip, seed,
+              log_every, sample_every, ckpt_every, resume, debug):
+    """Train FlowAR with the official multi-scale flow-matching loss (runs under torchrun too)."""
+    from flowar.train import TrainArgs, train
+    for name, v in (("--steps", steps), ("--batch", batch), ("--log-every", log_every), ("--ckpt-every", ckpt_every)):
+        if v < 1:
+            raise FlowARError(f"{name} >= 1", str(v), f"pass a positive {name}")
+    t0 = __import__("time").perf_counter()
+    st = train(TrainArgs(out=out, vae=vae, data=data, size=size, preset=preset, config=config_path, steps=steps,
+                         batch=batch, lr=lr, warmup=warmup, ema_decay=ema_decay, grad_clip=grad_clip, seed=seed,
+                         log_every=log_every, sample_every=sample_every, ckpt_every=ckpt_every, resume=resume))
+    if int(os.environ.get("RANK", "0")) == 0:
+        tail = st.losses[-min(100, len(st.losses)):]
+        click.echo(f"trained to step {st.step} in {__import__('time').perf_counter() - t0:.0f} s; mean loss of the "
+                   f"last {len(tail)} steps {sum(tail) / max(1, len(tail)):.4f}; weights -> {Path(out) / 'model.safetensors'}")
+
+
+def train_main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    train_cmd(prog_name="flowar-train")

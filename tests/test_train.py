@@ -1,0 +1,105 @@
+"""flowar-train: exact resume, self-describing checkpoints, torchrun, the VAE trainer."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    """A 2-class image folder (16x16) and a random diffusers VAE (4x down -> 4x4 latents)."""
+    from PIL import Image
+    from flowar.train_vae import VAETrainArgs, build_vae
+    root = tmp_path_factory.mktemp("world")
+    rng = np.random.default_rng(0)
+    for ci, name in enumerate(["disc", "square"]):
+        (root / "data" / name).mkdir(parents=True)
+        for i in range(12):
+            img = np.zeros((16, 16), np.uint8)
+            c = rng.integers(5, 11, 2)
+            yy, xx = np.mgrid[:16, :16]
+            mask = ((yy - c[0]) ** 2 + (xx - c[1]) ** 2 < 16) if ci == 0 else ((abs(yy - c[0]) < 4) & (abs(xx - c[1]) < 4))
+            img[mask] = 255
+            Image.fromarray(img).convert("RGB").save(root / "data" / name / f"{i}.png")
+    torch.manual_seed(0)
+    build_vae(VAETrainArgs(size=16, channels=(8, 8, 8), groups=4)).save_pretrained(root / "vae")
+    return root
+
+
+def _args(world, out, **kw):
+    from flowar.train import TrainArgs
+    base = dict(out=str(out), vae=str(world / "vae"), data=str(world / "data"), size=16, steps=6, batch=8,
+                log_every=100, sample_every=0, ckpt_every=100, warmup=2, cache_dir=str(world / "cache"))
+    base.update(kw)
+    return TrainArgs(**base)
+
+
+def test_resume_repeats_the_loss_sequence(small_world, tmp_path):
+    from flowar.train import train
+    full = train(_args(small_world, tmp_path / "a"), progress=False)
+    part = train(_args(small_world, tmp_path / "b"), progress=False, max_steps_this_run=3)
+    assert part.step == 3
+    rest = train(_args(small_world, tmp_path / "b", resume=True), progress=False)
+    assert rest.step == 6 and len(full.losses) == 6
+    assert rest.losses == full.losses               # bitwise: same floats
+    from safetensors.torch import load_file
+    a = load_file(str(tmp_path / "a" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_are_self_describing(small_world, tmp_path):
+    from flowar.checkpoint import load_model, read_checkpoint
+    from flowar.train import train
+    train(_args(small_world, tmp_path / "r", steps=2, ckpt_every=1), progress=False)
+    model, ck = load_model(tmp_path / "r" / "model.safetensors")
+    assert ck.class_names == ["disc", "square"] and ck.config.scales == (1, 2, 4)
+    assert ck.config.latent_channels == 4 and ck.config.num_classes == 2
+    ema = read_checkpoint(tmp_path / "r" / "checkpoint-last.safetensors")
+    raw = read_checkpoint(tmp_path / "r" / "checkpoint-last.safetensors", use_ema=False)
+    assert ema.source == "model_ema" and raw.source == "model"
+    assert ema.metadata["step"] == "2" and "optim.0.exp_avg" not in ema.state_dict
+    assert any(not torch.equal(ema.state_dict[k], raw.state_dict[k]) for k in ema.state_dict)
+    assert (tmp_path / "r" / "loss.png").stat().st_size > 1000
+
+
+def test_refuses_to_overwrite_a_run(small_world, tmp_path):
+    from flowar.errors import FlowARError
+    from flowar.train import train
+    train(_args(small_world, tmp_path / "r", steps=1), progress=False)
+    with pytest.raises(FlowARError, match="--resume"):
+        train(_args(small_world, tmp_path / "r", steps=2), progress=False)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(small_world, tmp_path):
+    exe = Path(sys.executable).parent / "flowar-train"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--no-python", str(exe),
+         "--out", str(tmp_path / "ddp"), "--vae", str(small_world / "vae"), "--data", str(small_world / "data"),
+         "--size", "16", "--steps", "3", "--batch", "8", "--sample-every", "0", "--ckpt-every", "3", "--warmup", "1"],
+        capture_output=True, text=True, env=env, timeout=300,
+        cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "trained to step 3" in proc.stdout and proc.stdout.count("trained to step") == 1
+    from flowar.checkpoint import read_checkpoint
+    ck = read_checkpoint(tmp_path / "ddp" / "checkpoint-last.safetensors")
+    assert len(json.loads(ck.metadata["losses"])) == 3
+    assert all(torch.isfinite(v).all() for k, v in ck.state_dict.items() if k != "mask")   # mask holds -inf by design
+
+
+def test_vae_trainer_writes_a_loadable_folder(small_world, tmp_path):
+    from flowar.train_vae import VAETrainArgs, train_vae
+    from flowar.vae import load_vae
+    res = train_vae(VAETrainArgs(data=str(small_world / "data"), out=str(tmp_path / "v"), size=16, channels=(8, 8),
+                                 groups=4, steps=3, batch=4), progress=False)
+    vae = load_vae(res["out"], expect_channels=4)
+    assert vae.downsample == 2 and not (tmp_path / ".v.tmp").exists()
