@@ -171,12 +171,12 @@ def check_fits(sd: dict[str, torch.Tensor], config: FlowARConfig, path: Path | s
         raise CheckpointError("a checkpoint matching the chosen config", f"{path}: " + "; ".join(diffs), fix)
 
 
-def resolve_config(ck: LoadedCheckpoint, preset: str | None = None, config_path: str | Path | None = None
-                   ) -> FlowARConfig:
-    """The config to build: named by the user, else stored in the file; never guessed."""
-    if preset and config_path:
+def resolve_config(ck: LoadedCheckpoint, preset: str | None = None, config_path: str | Path | None = None,
+                   config: FlowARConfig | None = None) -> FlowARConfig:
+    """The config to build: named by the user (or the caller), else stored in the file; never guessed."""
+    if sum(x is not None for x in (preset, config_path, config)) > 1:
         raise ConfigError("either --preset or --config", "both", "pass only one of them")
-    named = get_preset(preset) if preset else FlowARConfig.load(config_path) if config_path else None
+    named = (get_preset(preset) if preset else FlowARConfig.load(config_path) if config_path else config)
     if named is not None:
         if ck.config is not None and named != ck.config:
             raise ConfigError(f"a config equal to the one stored in {ck.path.name}",
@@ -191,11 +191,11 @@ def resolve_config(ck: LoadedCheckpoint, preset: str | None = None, config_path:
 
 
 def load_model(path: str | Path, preset: str | None = None, config_path: str | Path | None = None,
-               use_ema: bool = True, device: str | torch.device = "cpu"):
+               use_ema: bool = True, device: str | torch.device = "cpu", config: FlowARConfig | None = None):
     """Build the reference model and load a checkpoint into it strictly. Returns (model, checkpoint)."""
     from flowar.model import FlowAR
     ck = read_checkpoint(path, use_ema=use_ema)
-    config = resolve_config(ck, preset, config_path)
+    config = resolve_config(ck, preset, config_path, config)
     check_fits(ck.state_dict, config, ck.path)
     model = FlowAR(config)
     model.load_state_dict(ck.state_dict, strict=True)

@@ -53,68 +53,130 @@ def _device(name: str):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--ckpt", type=click.Path(dir_okay=False), help="FlowAR checkpoint: official .pth, training "
-              "checkpoint, or this project's .safetensors.")
-@click.option("--engine-dir", type=click.Path(file_okay=False), help="Engine directory from flowar-export "
-              "(comes with the runtime).")
+@click.option("--ckpt", type=click.Path(dir_okay=False), help="FlowAR checkpoint (eager PyTorch): official .pth, "
+              "training checkpoint, or this project's .safetensors.")
+@click.option("--engine-dir", type=click.Path(file_okay=False), help="Engine directory from flowar-export.")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "ort", "trt", "torch"]),
+              help="With --engine-dir: auto = TensorRT when a GPU and plans are there, else ONNX Runtime.")
 @click.option("--preset", help="Config preset for files that carry none: flowar-s, flowar-l, flowar-h, tiny.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Config JSON for files that carry none.")
 @click.option("--raw-weights", is_flag=True, help="Use 'model' instead of the EMA weights of a training checkpoint.")
-@click.option("--vae", type=click.Path(), help="VAE: MAR kl16.ckpt or a diffusers folder. Without it, sampling "
-              "stops at tokens.")
+@click.option("--vae", type=click.Path(), help="VAE: MAR kl16.ckpt or a diffusers folder (--ckpt path; engine "
+              "directories carry their decoder).")
 @click.option("--labels", help="Comma-separated class ids, e.g. 3,7 (default: the first 10 classes).")
 @click.option("--classes", help="Comma-separated class names, for models that store them, e.g. cat,dog.")
 @click.option("--n-per-class", default=1, show_default=True, type=int, help="Samples per requested class.")
-@click.option("--steps", default=25, show_default=True, type=int, help="Euler steps per scale (25 = official grid, 24 steps).")
-@click.option("--cfg", default=4.3, show_default=True, type=float, help="Guidance weight at the last scale (1 = off).")
-@click.option("--guidance", default=0.9, show_default=True, type=float, help="Guide only steps with t <= this.")
+@click.option("--steps", type=int, help="Euler steps per scale (25 = official grid, 24 steps) [default: 25, or the "
+              "engine directory's].")
+@click.option("--cfg", type=float, help="Guidance weight at the last scale, 1 = off [default: 4.3, or the directory's].")
+@click.option("--guidance", type=float, help="Guide only steps with t <= this [default: 0.9, or the directory's].")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the CPU noise generator.")
 @click.option("--noise", "noise_file", type=click.Path(dir_okay=False), help="safetensors with noise0..noise{n-1} "
               "to use instead of the generator (official draw order and shapes).")
 @click.option("--save-tokens", type=click.Path(dir_okay=False), help="Write tokens (B,C,H,W) to this safetensors file.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Write a labelled PNG grid here (needs --vae).")
-@click.option("--save-images", type=click.Path(file_okay=False), help="Write one PNG per sample into this folder (needs --vae).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write a labelled PNG grid here.")
+@click.option("--save-images", type=click.Path(file_okay=False), help="Write one PNG per sample into this folder.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N] (--ckpt path).")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @user_errors
-def run(ckpt, engine_dir, preset, config_path, raw_weights, vae, labels, classes, n_per_class, steps, cfg, guidance,
-        seed, noise_file, save_tokens, out, save_images, device, debug):
-    """Sample images from a FlowAR checkpoint (eager PyTorch reference)."""
+def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels, classes, n_per_class, steps, cfg,
+        guidance, seed, noise_file, save_tokens, out, save_images, device, debug):
+    """Sample images from a FlowAR checkpoint (eager PyTorch) or an engine directory (runtime)."""
     from flowar.run import check_writable, parse_labels, run_sampling, write_outputs
     from flowar.schedule import validate_sampling_args
     if bool(ckpt) == bool(engine_dir):
         raise FlowARError("exactly one of --ckpt or --engine-dir", "both" if ckpt else "neither",
-                          "pass --ckpt PATH to sample with PyTorch")
-    if engine_dir:
-        raise FlowARError("--ckpt (the engine runtime is not part of this build yet)", f"--engine-dir {engine_dir}",
-                          "sample with --ckpt, or export engines once flowar-export is available")
-    if (out or save_images) and not vae:
-        raise FlowARError("--vae to decode images for --out/--save-images", "no --vae",
-                          "pass --vae PATH, or use --save-tokens to keep the tokens only")
-    validate_sampling_args(steps, cfg, guidance)
+                          "pass --engine-dir DIR (from flowar-export) or --ckpt PATH")
+    if engine_dir and (preset or config_path or vae or raw_weights):
+        raise FlowARError("no --preset/--config/--vae/--raw-weights with --engine-dir", "some of them",
+                          "the engine directory records its config and decoder; drop those options")
     for p, is_dir in ((save_tokens, False), (out, False), (save_images, True)):
         check_writable(p, is_dir)
-    dev = _device(device)
 
     import torch
-    from flowar.checkpoint import load_model
-    from flowar.stages import TorchStages
-    model, ck = load_model(ckpt, preset, config_path, use_ema=not raw_weights, device=dev)
-    config = ck.config
-    ids = parse_labels(config, labels, classes, ck.class_names, n_per_class)
-    decoder = None
-    if vae:
-        from flowar.vae import load_vae
-        v = load_vae(vae, expect_channels=config.latent_channels).to(dev)
-        decoder = v.decode
+    if engine_dir:
+        from flowar.runtime.load import open_engine_dir
+        rt = open_engine_dir(engine_dir, backend)
+        config, class_names, dev = rt.config, rt.class_names, rt.device
+        defaults = rt.manifest.get("schedule_defaults", {})
+        stages, can_decode, what = rt.stages, rt.manifest.get("vae") is not None, rt.detail
+    else:
+        from flowar.checkpoint import load_model
+        from flowar.stages import TorchStages
+        dev = _device(device)
+        model, ck = load_model(ckpt, preset, config_path, use_ema=not raw_weights, device=dev)
+        config, class_names, defaults = ck.config, ck.class_names, {}
+        decoder = None
+        if vae:
+            from flowar.vae import load_vae
+            decoder = load_vae(vae, expect_channels=config.latent_channels).to(dev).decode
+        stages, can_decode, what = TorchStages(model, decoder), decoder is not None, f"eager PyTorch on {dev}"
+    steps = steps if steps is not None else defaults.get("steps", 25)
+    cfg = cfg if cfg is not None else defaults.get("cfg", 4.3)
+    guidance = guidance if guidance is not None else defaults.get("guidance", 0.9)
+    validate_sampling_args(steps, cfg, guidance)
+    if (out or save_images) and not can_decode:
+        raise FlowARError("a VAE to decode images for --out/--save-images",
+                          "an engine directory exported without --vae" if engine_dir else "no --vae",
+                          "pass --vae PATH (or re-export with --vae), or use --save-tokens only")
+    ids = parse_labels(config, labels, classes, class_names, n_per_class)
+    click.echo(f"backend: {what}", err=True)
     with torch.inference_mode():
-        result = run_sampling(TorchStages(model, decoder), config, ids, steps, cfg, guidance, seed, noise_file,
-                              decode=decoder is not None, device=dev, progress=True)
-    lines = write_outputs(result, ck.class_names, save_tokens, out, save_images)
-    click.echo(f"sampled {len(ids)} x {config.latent_size}x{config.latent_size} token maps with eager PyTorch on "
-               f"{dev} in {result.seconds:.2f} s ({steps} steps, cfg {cfg}, guidance {guidance})")
+        result = run_sampling(stages, config, ids, steps, cfg, guidance, seed, noise_file,
+                              decode=bool(out or save_images), device=dev, progress=True)
+    lines = write_outputs(result, class_names, save_tokens, out, save_images)
+    click.echo(f"sampled {len(ids)} x {config.latent_size}x{config.latent_size} token maps with {what} in "
+               f"{result.seconds:.2f} s ({steps} steps, cfg {cfg}, guidance {guidance})")
     for line in lines:
         click.echo("  " + line)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="FlowAR checkpoint to export.")
+@click.option("--preset", help="Config preset for files that carry none.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Config JSON for files that carry none.")
+@click.option("--raw-weights", is_flag=True, help="Export 'model' instead of the EMA weights of a training checkpoint.")
+@click.option("--vae", type=click.Path(), help="VAE whose decoder becomes the decode stage (omit: tokens only).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Engine directory to write (replaced "
+              "only when the new one is complete).")
+@click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "trt", "all"]),
+              help="ort: ONNX graphs for ONNX Runtime; trt/all: also TensorRT plans.")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]))
+@click.option("--max-batch", default=8, show_default=True, type=int, help="Largest batch the engines serve.")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Compare every stage with eager PyTorch.")
+@click.option("--steps", default=25, show_default=True, type=int, help="Default steps recorded for flowar-run.")
+@click.option("--cfg", default=4.3, show_default=True, type=float, help="Default cfg recorded for flowar-run.")
+@click.option("--guidance", default=0.9, show_default=True, type=float, help="Default guidance recorded for flowar-run.")
+@click.option("--compute-capability", help="TensorRT target without a GPU, e.g. sm80, sm86, sm89, sm120.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@user_errors
+def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precision, max_batch, verify, steps, cfg,
+               guidance, compute_capability, debug):
+    """Export a checkpoint to per-stage ONNX graphs (and TensorRT plans) with a manifest."""
+    from flowar.build import build_engine_dir
+    from flowar.schedule import validate_sampling_args
+    validate_sampling_args(steps, cfg, guidance)
+    from tqdm import tqdm
+    n = 4 if vae else 3
+    total = n * (2 if verify else 1) + (n if backend in ("trt", "all") else 0)
+    bar = tqdm(total=total, desc="export", unit="step", disable=None, leave=False)
+
+    def step(msg: str) -> None:
+        bar.set_postfix_str(msg)
+        bar.update(1) if bar.n < total else None
+
+    rep = build_engine_dir(ckpt, out, preset, config_path, vae, backend, precision, max_batch, verify, not raw_weights,
+                           {"steps": steps, "cfg": cfg, "guidance": guidance}, compute_capability, step)
+    bar.close()
+    for c in rep.checks:
+        click.echo(f"  {c.name:<10} max abs diff vs eager {c.worst:.2e} (tolerance {c.tolerance:.0e}) worst at {c.where}")
+    secs = sum(rep.seconds.values())
+    click.echo(f"engine directory -> {rep.out} ({', '.join(rep.backends)}, {precision}, max batch {max_batch}) in {secs:.0f} s")
+
+
+def export_main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    export_cmd(prog_name="flowar-export")
 
 
 def run_main() -> None:

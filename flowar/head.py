@@ -22,27 +22,45 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowar.config import FlowARConfig
-from flowar.layers import RMSNorm, RopeFreqs, SelfAttention, SwiGLU, apply_rope, modulate, rope_tables
+from flowar.layers import (RMSNorm, RopeFreqs, SelfAttention, SwiGLU, apply_rope, grid_positions, modulate,
+                           rope_tables_from_pos)
 
 
 def timestep_integers(t_R: Tensor) -> Tensor:
-    """(t * 1000) truncated to int64, computed in float32 like the official flownet."""
-    return (t_R.float() * 1000).long()
+    """(t * 1000) truncated to int64, computed in float32 like the official flownet.
+
+    ``floor`` before the cast: equal to truncation for t >= 0, and exact whatever rounding
+    mode an exported graph's Cast uses.
+    """
+    return (t_R.float() * 1000).floor().long()
 
 
 class TimestepEmbedder(nn.Module):
-    """256-dim sinusoid of the integer timestep (cos half first, max period 10000), then MLP."""
+    """256-dim sinusoid of the integer timestep (cos half first, max period 10000), then MLP.
+
+    The timestep is an integer in 0..1000, so the sinusoid is a table computed once (with the
+    official float32 formula) and gathered. That also keeps exported graphs exact: runtimes
+    evaluate cos/sin of arguments near 1000 rad with different float32 range reductions (seen:
+    ONNX Runtime vs PyTorch moved the velocity by 1e-4).
+    """
+
+    MAX_T = 1000
 
     def __init__(self, width: int, freq_dim: int = 256):
         super().__init__()
         self.freq_dim = freq_dim
         self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.register_buffer("table", self.sinusoid(torch.arange(self.MAX_T + 1), freq_dim), persistent=False)
+
+    @staticmethod
+    def sinusoid(t_int: Tensor, freq_dim: int) -> Tensor:
+        half = freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t_int.device) / half)
+        args = t_int[:, None].float() * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)              # (T, 256)
 
     def forward(self, t_int_R: Tensor) -> Tensor:
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t_int_R.device) / half)
-        args = t_int_R[:, None].float() * freqs[None]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))    # (R, W)
+        return self.mlp(self.table[t_int_R.clamp(0, self.MAX_T)])                  # (R, W)
 
 
 class CrossAttention(nn.Module):
@@ -168,11 +186,15 @@ class FlowHead(nn.Module):
 
     def prepare(self, cond_RNS: Tensor, side: int) -> HeadContext:
         """Per-scale constants for an s x s token map; cond_RNS: (R, N=s*s, ar_width)."""
-        rope = [rope_tables(b.attn.rope.freqs, side) for b in self.res_blocks]
+        return self.prepare_at(cond_RNS, grid_positions(side, cond_RNS.device))
+
+    def prepare_at(self, cond_RNS: Tensor, pos_N2: Tensor) -> HeadContext:
+        """As :meth:`prepare`, with the RoPE positions (N, 2) given (see ``grid_positions``)."""
+        rope = [rope_tables_from_pos(b.attn.rope.freqs, pos_N2) for b in self.res_blocks]
         ctx = HeadContext(self.cond_embed(cond_RNS), rope, [], [], [])
         if self.config.head_block == "v2":
             for b in self.res_blocks:
-                cs = rope_tables(b.crossattn.rope.freqs, side)
+                cs = rope_tables_from_pos(b.crossattn.rope.freqs, pos_N2)
                 k, v = b.crossattn.keys_values(b.norm2_2(cond_RNS), *cs)
                 ctx.cross_rope.append(cs)
                 ctx.cross_k.append(k)

@@ -66,21 +66,28 @@ class RopeFreqs(nn.Module):
         self.register_buffer("freqs", freqs)       # (d/4,)
 
 
+def grid_positions(side: int, device=None) -> Tensor:
+    """(side*side, 2) float32 (row, column) RoPE positions of an s x s map: arange(s) / s * 16."""
+    p = torch.arange(side, device=device, dtype=torch.float32) / side * ROPE_GRID
+    return torch.stack([p[:, None].expand(side, side), p[None, :].expand(side, side)], dim=-1).reshape(-1, 2)
+
+
+def rope_tables_from_pos(freqs: Tensor, pos_N2: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin tables (N, d) for token positions (N, 2); rows take the first half of d."""
+    ang = pos_N2[:, :, None] * freqs[None, None, :]                     # (N, 2, d/4)
+    ang = torch.stack([ang, ang], dim=-1).flatten(1)                      # (N, d): each frequency twice
+    return ang.cos(), ang.sin()
+
+
 def rope_tables(freqs: Tensor, side: int) -> tuple[Tensor, Tensor]:
     """cos and sin tables (side*side, d) for an s x s token map in row-major order."""
-    pos = torch.arange(side, device=freqs.device, dtype=torch.float32) / side * ROPE_GRID   # (s,)
-    ang = (pos[:, None] * freqs[None, :]).repeat_interleave(2, dim=-1)                       # (s, d/2)
-    d2 = ang.shape[-1]
-    rows = ang[:, None, :].expand(side, side, d2)
-    cols = ang[None, :, :].expand(side, side, d2)
-    grid = torch.cat([rows, cols], dim=-1).reshape(side * side, 2 * d2)                      # (N, d)
-    return grid.cos(), grid.sin()
+    return rope_tables_from_pos(freqs, grid_positions(side, freqs.device))
 
 
 def rope_tables_for(freqs: Tensor, sides: list[int] | tuple[int, ...]) -> tuple[Tensor, Tensor]:
     """Tables for consecutive token maps (the AR sequence): one segment per scale."""
-    cs = [rope_tables(freqs, s) for s in sides]
-    return torch.cat([c for c, _ in cs]), torch.cat([s for _, s in cs])
+    pos = torch.cat([grid_positions(s, freqs.device) for s in sides])
+    return rope_tables_from_pos(freqs, pos)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

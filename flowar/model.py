@@ -41,10 +41,9 @@ class ARBlock(nn.Module):
         self.mlp = SwiGLU(dim, mlp_hidden)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x_BLD: Tensor, cls_BD: Tensor, mask: Tensor | None,
-                cache: KVCache | None = None, begin: int = 0, sides: tuple[int, ...] = ()) -> Tensor:
+    def forward(self, x_BLD: Tensor, cls_BD: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCache | None = None, begin: int = 0) -> Tensor:
         g1, g2, s1, s2, b1, b2 = self.ada_lin(cls_BD).view(-1, 1, 6, self.dim).unbind(2)   # (B, 1, D) each
-        cos, sin = rope_tables_for(self.attn.rope.freqs, sides)
         x_BLD = x_BLD + self.attn(modulate(self.norm1(x_BLD), b1, s1), cos, sin, mask, cache, begin) * g1
         return x_BLD + self.mlp(modulate(self.norm2(x_BLD), b2, s2)) * g2
 
@@ -93,18 +92,24 @@ class FlowAR(nn.Module):
         self.flownet.initialize_weights()
 
     # ---- the transformer over a span [begin, end) of the sequence --------------------------
-    def _transformer(self, h_BLD: Tensor, cls_BD: Tensor, first_scale: int, last_scale: int,
-                     mask: Tensor | None, caches: list[KVCache] | None) -> Tensor:
-        c = self.config
-        begin, end = c.scale_begin[first_scale], c.scale_end[last_scale]
-        sides = c.scales[first_scale:last_scale + 1]
+    def blocks(self) -> list[ARBlock]:
+        return [*self.encoder_blocks, *self.decoder_blocks]
+
+    def rope(self, first_scale: int, last_scale: int) -> list[tuple[Tensor, Tensor]]:
+        """Per-block (cos, sin) tables (L, d) for the segments of scales first..last."""
+        sides = self.config.scales[first_scale:last_scale + 1]
+        return [rope_tables_for(b.attn.rope.freqs, sides) for b in self.blocks()]
+
+    def transformer(self, h_BLD: Tensor, cls_BD: Tensor, begin: int, end, rope: list[tuple[Tensor, Tensor]],
+                    mask: Tensor | None, caches: list[KVCache] | None = None) -> Tensor:
+        """Encoder and decoder stacks over sequence positions [begin, end); h_BLD is already embedded."""
         n_enc = len(self.encoder_blocks)
         h = self.z_proj_ln(h_BLD + self.encoder_pos_embed_learned[:, begin:end])
         for i, blk in enumerate(self.encoder_blocks):
-            h = blk(h, cls_BD, mask, caches[i] if caches else None, begin, sides)
+            h = blk(h, cls_BD, *rope[i], mask, caches[i] if caches else None, begin)
         h = self.decoder_embed(self.encoder_norm(h)) + self.decoder_pos_embed_learned[:, begin:end]
         for i, blk in enumerate(self.decoder_blocks):
-            h = blk(h, cls_BD, mask, caches[n_enc + i] if caches else None, begin, sides)
+            h = blk(h, cls_BD, *rope[n_enc + i], mask, caches[n_enc + i] if caches else None, begin)
         return self.decoder_norm(h) + self.diffusion_pos_embed_learned[:, begin:end]
 
     def input_sequence(self, cls_BD: Tensor, x_in_BLC: Tensor | None) -> Tensor:
@@ -125,7 +130,7 @@ class FlowAR(nn.Module):
         cls_BD = self.class_emb(labels_B)
         h = self.input_sequence(cls_BD, x_in_BLC)
         assert h.shape[1] == L, f"AR input has {h.shape[1]} tokens, scales 0..{k} need {L}"
-        return self._transformer(h, cls_BD, 0, k, self.mask[:, :, :L, :L], None)
+        return self.transformer(h, cls_BD, 0, L, self.rope(0, k), self.mask[:, :, :L, :L])
 
     def new_caches(self, rows: int, dtype: torch.dtype | None = None) -> list[KVCache]:
         c, p = self.config, self.class_emb.weight
@@ -134,5 +139,6 @@ class FlowAR(nn.Module):
 
     def ar_step(self, k: int, cls_BD: Tensor, x_in_BNC: Tensor | None, caches: list[KVCache]) -> Tensor:
         """Semantics (B, n_k, D) of scale k given its input tokens (None for k = 0) and the caches."""
+        c = self.config
         h = cls_BD[:, None] if k == 0 else self.z_proj(x_in_BNC)
-        return self._transformer(h, cls_BD, k, k, None, caches)
+        return self.transformer(h, cls_BD, c.scale_begin[k], c.scale_end[k], self.rope(k, k), None, caches)

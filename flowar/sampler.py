@@ -102,7 +102,7 @@ def sample(stages: Stages, config: FlowARConfig, schedule: Schedule, labels_B: T
     null = torch.full((B,), c.null_class, dtype=torch.int64, device=labels_B.device)
     labels_R = torch.cat([labels_B, null]) if guided_any else labels_B
     stages.start(labels_R.to(device))
-    t_table = schedule.t32.to(device)[:, None].expand(-1, R)                  # (S, R) views, no per-step tensors
+    t_table = schedule.t32.to(device)[:, None].expand(-1, R).contiguous()     # (S, R); rows are views, no per-step tensors
     x_in = None
     z_BNC = None
     for k, side in enumerate(c.scales):

@@ -66,3 +66,20 @@ def test_no_traceback_from_the_installed_command(fixtures_dir, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
     assert "no file at" in proc.stderr
+
+
+def test_export_then_run_from_the_engine_directory(fixtures_dir, tiny_v1, noise25, tmp_path):
+    from flowar.cli import export_cmd
+    _, io = tiny_v1
+    res = CliRunner().invoke(export_cmd, ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny",
+                                          "--out", str(tmp_path / "eng"), "--max-batch", "2", "--no-verify"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "T.safetensors"
+    res = CliRunner().invoke(run, ["--engine-dir", str(tmp_path / "eng"), "--labels", "3,7", "--noise", str(noise25),
+                                   "--save-tokens", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "ONNX Runtime" in res.output
+    assert (load_file(str(out))["tokens"] - io["sample25.tokens"]).abs().max().item() <= 1e-3
+    # images need a decoder, which this directory does not have: one clear line
+    res = CliRunner().invoke(run, ["--engine-dir", str(tmp_path / "eng"), "--out", str(tmp_path / "g.png")])
+    assert res.exit_code == 2 and "re-export with --vae" in res.output

@@ -1,0 +1,129 @@
+"""``manifest.json``: what an engine directory was built from. Written here, read by engines
+and runtime; the format is defined once, in this module.
+
+A directory is trusted only if its manifest parses, names this format, keeps every path inside
+the directory, and every file's sha256 matches. Anything else is refused with a message that
+says how to rebuild.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from flowar.config import FlowARConfig
+from flowar.errors import FlowARError
+
+MANIFEST = "manifest.json"
+FORMAT = "flowar-engine-dir-v1"
+
+
+class EngineDirError(FlowARError):
+    """An engine directory that is missing, partial, tampered with, or built for something else."""
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "flowar-deploy", "diffusers",
+                 "tensorrt", "tensorrt-rtx-cu13-bindings"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def safe_member(root: Path, rel: str) -> Path:
+    """``root / rel`` if it stays inside root (no '..', not absolute, no symlink out), else refuse."""
+    rebuild = f"re-export the directory with flowar-export --out {root}"
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
+        raise EngineDirError("manifest paths relative to the engine directory", repr(rel), rebuild)
+    p = root / rel
+    real_root = root.resolve()
+    real = p.resolve()
+    if real != real_root and real_root not in real.parents:
+        raise EngineDirError("manifest paths that stay inside the engine directory",
+                             f"{rel!r} resolves to {real}", rebuild)
+    return p
+
+
+def read_manifest(root: str | Path, verify_hashes: bool = True) -> dict[str, Any]:
+    root = Path(root)
+    rebuild = f"rebuild it: flowar-export --ckpt CKPT --out {root}"
+    if not root.is_dir():
+        raise EngineDirError("an engine directory made by flowar-export", f"no directory at {root}", rebuild)
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise EngineDirError(f"{MANIFEST} in the engine directory", f"none in {root} (partial or foreign directory)",
+                             rebuild)
+    try:
+        m = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EngineDirError(f"a valid {MANIFEST}", f"unreadable JSON ({e})", rebuild) from e
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise EngineDirError(f"manifest format {FORMAT}", repr(m.get("format") if isinstance(m, dict) else m), rebuild)
+    for key in ("config", "stages", "precision", "max_batch"):
+        if key not in m:
+            raise EngineDirError(f"'{key}' in {MANIFEST}", "it is missing", rebuild)
+    m["config_obj"] = FlowARConfig.from_dict(m["config"], f"{mpath}")
+    files = [(s, info["file"], info["sha256"]) for s, info in m["stages"].items()]
+    for name, plan in (m.get("tensorrt") or {}).get("plans", {}).items():
+        files.append((f"tensorrt plan {name}", plan["file"], plan["sha256"]))
+    for what, rel, digest in files:
+        p = safe_member(root, rel)
+        if not p.is_file():
+            raise EngineDirError(f"{rel} listed in {MANIFEST}", "the file is missing (partial directory)", rebuild)
+        if verify_hashes and sha256_file(p) != digest:
+            raise EngineDirError(f"{rel} with the sha256 recorded at export", "a different file (modified or corrupt)",
+                                 rebuild)
+    return m
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    data = {k: v for k, v in manifest.items() if k != "config_obj"}
+    data["format"] = FORMAT
+    tmp = root / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False))
+    os.replace(tmp, root / MANIFEST)
+
+
+@contextmanager
+def staged_directory(target: str | Path) -> Iterator[Path]:
+    """Build into a temporary sibling; on success swap it into ``target``; on failure remove it.
+
+    A crash at any point leaves either the previous complete directory or no directory at
+    ``target``, never a partial one (the temporary name starts with '.' and has no manifest
+    until the very end).
+    """
+    target = Path(target).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    os.chmod(target, 0o755)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

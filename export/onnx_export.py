@@ -1,0 +1,155 @@
+"""Export each stage to ONNX (``torch.onnx.export(dynamo=True)``, opset 18) and verify it.
+
+Verification runs every graph in ONNX Runtime at every scale's shape, for the smallest and
+largest row counts, compares with eager PyTorch, and records the worst absolute difference
+beside the spec's tolerance. Failures are collected over all stages before raising.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flowar.config import FlowARConfig
+from flowar.errors import FlowARError
+from flowar.export.specs import StageSpec, sample_inputs
+from flowar.export.wrappers import ARGraph, DecodeGraph, HeadPrepGraph, VelocityGraph
+
+OPSET = 18
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ExportError(FlowARError):
+    """A stage that cannot be exported or does not match eager PyTorch."""
+
+
+def stage_module(name: str, model, vae=None) -> nn.Module:
+    if name == "ar":
+        return ARGraph(model).eval()
+    if name == "head_prep":
+        return HeadPrepGraph(model.flownet).eval()
+    if name == "velocity":
+        return VelocityGraph(model.flownet).eval()
+    if name == "decode":
+        return DecodeGraph(vae).eval()
+    raise KeyError(name)
+
+
+class Reduced(nn.Module):
+    """Runs a stage's weights in fp16/bf16 with float32 graph inputs and outputs.
+
+    The buffers that carry positions and timesteps (RoPE frequencies, the timestep table,
+    the mask) stay float32 where the module computes in float32 anyway; Linear/Conv weights and
+    activations take the reduced type. TensorRT 11 reads precision from these dtypes.
+    """
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.inner = module.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, *args):
+        cast = [a.to(self.dtype) if a.is_floating_point() else a for a in args]
+        out = self.inner(*cast)
+        if isinstance(out, tuple):
+            return tuple(o.float() for o in out)
+        return out.float()
+
+
+def _dims(spec: StageSpec, max_rows: int, config: FlowARConfig) -> dict[str, dict[int, torch.export.Dim]]:
+    limits = {"rows": max(4, max_rows), "seq": config.seq_len, "tokens": max(config.tokens_per_scale)}
+    dims = {n: torch.export.Dim(n, min=1, max=limits[n]) for n in limits}
+    return {inp: {ax: dims[d] for ax, d in axes.items()} for inp, axes in spec.dynamic.items()}
+
+
+@contextlib.contextmanager
+def _quiet():
+    # The exporter narrates every pass on stdout/stderr; the CLI shows its own progress instead.
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+
+
+def export_stage(spec: StageSpec, module: nn.Module, config: FlowARConfig, path: Path, max_rows: int,
+                 precision: str = "fp32", weights: bool = True) -> None:
+    """Write ``path`` (an .onnx file) for one stage, dynamic over rows and token-map size.
+
+    ``weights=False`` writes the graph alone, for modules built on the meta device (checking the
+    real sizes without their memory).
+    """
+    k = min(2, config.n_scales - 1) if spec.per_scale else 0
+    rows = 3                              # distinct from every static size, so nothing specializes
+    ex = sample_inputs(spec, config, k, rows, torch.Generator().manual_seed(0))
+    if not weights:
+        ex = {n: v.to("meta") for n, v in ex.items()}
+    mod = module if precision == "fp32" else Reduced(module, PRECISIONS[precision])
+    try:
+        with torch.no_grad(), _quiet():
+            prog = torch.onnx.export(mod, tuple(ex[n] for n in spec.inputs), dynamo=True, opset_version=OPSET,
+                                     input_names=list(spec.inputs), output_names=list(spec.outputs),
+                                     dynamic_shapes=_dims(spec, max_rows, config), optimize=weights)
+            prog.save(str(path), include_initializers=weights)
+    except Exception as e:   # noqa: BLE001 - reported as one line; --debug shows the chain
+        raise ExportError(f"stage '{spec.name}' to export to ONNX", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                          "rerun with --debug for the exporter's traceback") from e
+    if weights:
+        _fold_constants(path)
+
+
+def _fold_constants(path: Path) -> None:
+    """Constant folding and dead-node removal (onnxscript's optimizer), in place."""
+    import onnx
+    import onnxscript
+    model = onnx.load(str(path))
+    with _quiet():
+        model = onnxscript.optimizer.optimize(model)
+    onnx.save(model, str(path))
+
+
+@dataclass(slots=True)
+class StageCheck:
+    name: str
+    worst: float
+    tolerance: float
+    where: str                            # the shape of the worst case
+
+    @property
+    def ok(self) -> bool:
+        return self.worst <= self.tolerance
+
+
+def verify_stage(spec: StageSpec, module: nn.Module, config: FlowARConfig, path: Path, max_rows: int,
+                 tolerance: float | None = None) -> StageCheck:
+    """ONNX Runtime vs eager PyTorch at every scale, for 1 row and max_rows rows."""
+    import numpy as np
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(1)
+    worst, where = 0.0, ""
+    scales = range(config.n_scales) if spec.per_scale else [0]
+    for k in scales:
+        for rows in sorted({1, max_rows}):
+            ex = sample_inputs(spec, config, k, rows, gen)
+            with torch.no_grad():
+                ref = module(*(ex[n] for n in spec.inputs))
+            ref = ref if isinstance(ref, tuple) else (ref,)
+            got = sess.run(list(spec.outputs), {n: ex[n].numpy() for n in spec.inputs})
+            for name, r, g in zip(spec.outputs, ref, got):
+                d = float(np.abs(r.float().numpy() - g).max()) if r.numel() else 0.0
+                if not np.isfinite(d):
+                    d = float("inf")
+                if d > worst or not where:
+                    worst, where = d, f"{name} at scale {k} ({config.scales[k]}x{config.scales[k]}), {rows} rows"
+    return StageCheck(spec.name, worst, spec.tolerance if tolerance is None else tolerance, where)

@@ -1,0 +1,101 @@
+"""One spec per exported stage: names, dynamic axes, shapes per (scale, rows), tolerance.
+
+Export, verification, TensorRT profiles and the runtime's buffer plan all read these specs, so
+a stage's interface is written down once.
+
+Rows: the AR and the per-scale head preparation see R = 2B rows with guidance (B without); the
+velocity stage sees B or 2B rows depending on the step. ``max_rows`` is therefore 2 x max batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from flowar.config import FlowARConfig
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StageSpec:
+    name: str                                          # graph file stem: ar, head_prep, velocity, decode
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    dynamic: dict[str, dict[int, str]]                 # input -> {axis: symbolic dim name}
+    tolerance: float                                   # max abs diff vs eager PyTorch (fp32)
+    shapes: Callable[[int, int], dict[str, Shape]]     # (scale k, rows) -> every input and output shape
+    dtypes: dict[str, torch.dtype]                     # non-float32 tensors
+    per_scale: bool = True                             # False: one shape family (decode)
+
+    def input_shapes(self, k: int, rows: int) -> dict[str, Shape]:
+        s = self.shapes(k, rows)
+        return {n: s[n] for n in self.inputs}
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.dtypes.get(name, torch.float32)
+
+
+def stage_specs(c: FlowARConfig, vae_latent_side: int | None = None, vae_factor: int | None = None
+                ) -> dict[str, StageSpec]:
+    C, D, W, H, hd, depth = (c.latent_channels, c.ar_width, c.head_width, c.head_heads, c.head_head_dim,
+                             c.head_depth)
+    v2 = c.head_block == "v2"
+
+    def ar(k: int, r: int) -> dict[str, Shape]:
+        L = c.scale_end[k]
+        return {"labels": (r,), "tokens": (r, L, C), "semantics": (r, L, D)}
+
+    def prep(k: int, r: int) -> dict[str, Shape]:
+        n = c.tokens_per_scale[k]
+        s = {"cond": (r, n, D), "pos": (n, 2), "c": (r, n, W), "rope": (depth, 2, n, hd)}
+        if v2:
+            s |= {"cross_kv": (r, depth, 2, H, n, hd), "cross_rope": (depth, 2, n, hd)}
+        return s
+
+    def vel(k: int, r: int) -> dict[str, Shape]:
+        n = c.tokens_per_scale[k]
+        s = {"x": (r, n, C), "t": (r,), "c": (r, n, W), "rope": (depth, 2, n, hd), "v": (r, n, C)}
+        if v2:
+            s |= {"cross_kv": (r, depth, 2, H, n, hd), "cross_rope": (depth, 2, n, hd)}
+        return s
+
+    head_out = ("c", "rope") + (("cross_kv", "cross_rope") if v2 else ())
+    specs = {
+        "ar": StageSpec("ar", ("labels", "tokens"), ("semantics",),
+                        {"labels": {0: "rows"}, "tokens": {0: "rows", 1: "seq"}}, 1e-4, ar, {"labels": torch.int64}),
+        "head_prep": StageSpec("head_prep", ("cond", "pos"), head_out,
+                               {"cond": {0: "rows", 1: "tokens"}, "pos": {0: "tokens"}}, 1e-4, prep, {}),
+        "velocity": StageSpec("velocity", ("x", "t") + head_out, ("v",),
+                              {"x": {0: "rows", 1: "tokens"}, "t": {0: "rows"}, "c": {0: "rows", 1: "tokens"},
+                               "rope": {2: "tokens"}} | ({"cross_kv": {0: "rows", 4: "tokens"},
+                                                          "cross_rope": {2: "tokens"}} if v2 else {}),
+                              1e-4, vel, {}),
+    }
+    if vae_latent_side is not None:
+        S, f = vae_latent_side, vae_factor
+
+        def dec(k: int, r: int) -> dict[str, Shape]:
+            return {"latent": (r, C, S, S), "image": (r, 3, S * f, S * f)}
+
+        specs["decode"] = StageSpec("decode", ("latent",), ("image",), {"latent": {0: "rows"}}, 1e-4, dec, {},
+                                    per_scale=False)
+    return specs
+
+
+def sample_inputs(spec: StageSpec, c: FlowARConfig, k: int, rows: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Representative inputs of a stage at (scale k, rows): what the sampler would feed."""
+    from flowar.layers import grid_positions
+    out = {}
+    for name, shape in spec.input_shapes(k, rows).items():
+        if name == "labels":
+            out[name] = torch.randint(0, c.num_classes + 1, shape, generator=gen)
+        elif name == "pos":
+            out[name] = grid_positions(c.scales[k])
+        elif name == "t":
+            out[name] = torch.rand(shape, generator=gen)
+        else:
+            out[name] = torch.randn(shape, generator=gen)
+    return out

@@ -1,0 +1,118 @@
+"""Orchestration behind ``flowar-export``: checkpoint -> ONNX per stage -> verification ->
+engines -> manifest, all inside a staged directory that replaces the target only when complete.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from flowar.checkpoint import load_model
+from flowar.errors import FlowARError
+
+# fp16/bf16 graphs are compared with the fp32 eager reference: they differ by their rounding.
+REDUCED_TOLERANCE = {"fp32": None, "fp16": 5e-2, "bf16": 3e-1}
+
+
+@dataclass(slots=True)
+class BuildReport:
+    out: Path
+    checks: list = field(default_factory=list)          # StageCheck per stage
+    seconds: dict[str, float] = field(default_factory=dict)
+    backends: list[str] = field(default_factory=list)
+
+
+def build_engine_dir(ckpt: str | Path, out: str | Path, preset: str | None = None, config_path: str | None = None,
+                     vae_path: str | Path | None = None, backend: str = "ort", precision: str = "fp32",
+                     max_batch: int = 8, verify: bool = True, use_ema: bool = True,
+                     schedule_defaults: dict | None = None, compute_capability: str | None = None,
+                     progress: Callable[[str], None] | None = None) -> BuildReport:
+    from flowar.export.manifest import library_versions, sha256_file, staged_directory, write_manifest
+    from flowar.export.onnx_export import OPSET, PRECISIONS, ExportError, export_stage, stage_module, verify_stage
+    from flowar.export.specs import stage_specs
+
+    if backend not in ("ort", "trt", "all"):
+        raise FlowARError("--backend ort, trt or all", repr(backend), "use --backend ort")
+    if precision not in PRECISIONS:
+        raise FlowARError("--precision fp32, fp16 or bf16", repr(precision), "use --precision fp32")
+    if not 1 <= max_batch <= 1024:
+        raise FlowARError("--max-batch in 1..1024", str(max_batch), "use e.g. --max-batch 8")
+    say = progress or (lambda s: None)
+    model, ck = load_model(ckpt, preset, config_path, use_ema=use_ema)
+    config = ck.config
+    vae = None
+    if vae_path is not None:
+        from flowar.vae import load_vae
+        vae = load_vae(vae_path, expect_channels=config.latent_channels)
+    specs = stage_specs(config, config.latent_size if vae else None, vae.downsample if vae else None)
+    max_rows = 2 * max_batch
+    builder = None
+    if backend in ("trt", "all"):
+        from flowar.engines.trt import load_builder
+        builder = load_builder()                       # fail before any work if TensorRT is missing
+    report = BuildReport(Path(out))
+    with staged_directory(out) as tmp:
+        stages = {}
+        for name, spec in specs.items():
+            say(f"export {name}")
+            t0 = time.perf_counter()
+            module = stage_module(name, model, vae)
+            path = tmp / f"{name}.onnx"
+            rows = max_batch if name == "decode" else max_rows
+            export_stage(spec, module, config, path, rows, precision)
+            report.seconds[f"export {name}"] = time.perf_counter() - t0
+            stages[name] = {"file": path.name, "sha256": sha256_file(path), "inputs": list(spec.inputs),
+                            "outputs": list(spec.outputs), "tolerance": spec.tolerance, "max_rows": rows}
+            if verify:
+                say(f"verify {name}")
+                t0 = time.perf_counter()
+                ref_module = stage_module(name, model, vae)
+                chk = verify_stage(spec, ref_module, config, path, rows, REDUCED_TOLERANCE[precision])
+                report.checks.append(chk)
+                stages[name]["verified_max_abs_diff"] = chk.worst
+                report.seconds[f"verify {name}"] = time.perf_counter() - t0
+        bad = [c for c in report.checks if not c.ok]
+        if bad:
+            raise ExportError("every stage within its tolerance of eager PyTorch",
+                              "; ".join(f"{c.name} differs by {c.worst:.3g} > {c.tolerance:.3g} ({c.where})" for c in bad),
+                              "nothing was written; rerun with --debug, or report the model and versions")
+        report.backends.append("ort")
+        trt_info = None
+        if builder is not None:
+            from flowar.engines.trt import build_plan
+            plans = {}
+            for name, spec in specs.items():
+                say(f"tensorrt {name}")
+                t0 = time.perf_counter()
+                plans[name] = build_plan(builder, tmp / stages[name]["file"], stages[name]["sha256"], spec, config,
+                                         stages[name]["max_rows"], precision, tmp, tmp / "timing.cache",
+                                         compute_capability)
+                report.seconds[f"tensorrt {name}"] = time.perf_counter() - t0
+            trt_info = {"flavour": builder.flavour, "version": builder.version, "plans": plans,
+                        "compute_capability": next(iter(plans.values()))["compute_capability"]}
+            report.backends.append("trt")
+        manifest = {
+            "config": config.to_dict(),
+            "class_names": ck.class_names,
+            "schedule_defaults": schedule_defaults or {"steps": 25, "cfg": 4.3, "guidance": 0.9},
+            "checkpoint": {"file": Path(ckpt).name, "source": str(Path(ckpt).resolve()), "sha256": sha256_file(ckpt),
+                           "weights": ck.source},
+            "vae": None if vae is None else {"source": str(Path(vae_path).resolve()), "latent_channels": vae.latent_channels,
+                                             "downsample": vae.downsample,
+                                             "image_size": config.latent_size * vae.downsample},
+            "precision": precision,
+            "max_batch": max_batch,
+            "opset": OPSET,
+            "scales": [{"side": s, "tokens": n, "seq_begin": b, "seq_end": e} for s, n, b, e in
+                       zip(config.scales, config.tokens_per_scale, config.scale_begin, config.scale_end)],
+            "stages": stages,
+            "tensorrt": trt_info,
+            "versions": library_versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        write_manifest(tmp, manifest)
+    return report

@@ -1,0 +1,129 @@
+"""Open an engine directory with the backend asked for (or the best one available).
+
+``auto`` takes TensorRT when the directory has plans, a GPU is present, TensorRT imports and
+the plans were built for this GPU and TensorRT version; otherwise ONNX Runtime. The caller is
+told which backend (and ONNX Runtime provider) ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from flowar.config import FlowARConfig
+from flowar.errors import FlowARError
+from flowar.export.manifest import EngineDirError, read_manifest, safe_member, sha256_file
+from flowar.export.specs import stage_specs
+from flowar.runtime.engines import OrtEngine, SharedDeviceMemory, TorchEngine, TrtEngine
+from flowar.runtime.pipeline import EngineStages
+
+BACKENDS = ("auto", "ort", "trt", "torch")
+
+
+@dataclass(slots=True)
+class Runtime:
+    manifest: dict
+    config: FlowARConfig
+    class_names: list[str] | None
+    stages: EngineStages
+    backend: str                 # what ran: ort, trt or torch
+    detail: str                  # provider / flavour, for the log line
+    device: torch.device
+    _stack: contextlib.ExitStack = field(repr=False, default=None)
+
+    def close(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _trt_usable(m: dict) -> tuple[bool, str]:
+    info = m.get("tensorrt")
+    if not info:
+        return False, "the directory has no TensorRT plans"
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU"
+    try:
+        from flowar.engines.trt import gpu_compute_capability, load_builder
+        b = load_builder()
+    except FlowARError:
+        return False, "TensorRT is not installed"
+    if (b.flavour, b.version) != (info["flavour"], info["version"]):
+        return False, f"plans built by {info['flavour']} {info['version']}, this is {b.flavour} {b.version}"
+    cc = gpu_compute_capability()
+    if info.get("compute_capability") not in (cc, None):
+        return False, f"plans built for {info['compute_capability']}, this GPU is {cc}"
+    return True, ""
+
+
+def open_engine_dir(path: str | Path, backend: str = "auto", device: str | torch.device | None = None,
+                    ckpt: str | Path | None = None, threads: int | None = None) -> Runtime:
+    root = Path(path)
+    if backend not in BACKENDS:
+        raise FlowARError(f"--backend one of {', '.join(BACKENDS)}", repr(backend), "use --backend auto")
+    m = read_manifest(root)
+    config = m["config_obj"]
+    vae = m.get("vae")
+    specs = stage_specs(config, config.latent_size if vae else None, vae["downsample"] if vae else None)
+    missing = [s for s in specs if s not in m["stages"]]
+    if missing:
+        raise EngineDirError(f"graphs for every stage ({', '.join(specs)})", f"missing {missing}",
+                             f"re-export: flowar-export --out {root}")
+    if backend == "auto":
+        ok, why = _trt_usable(m)
+        backend = "trt" if ok else "ort"
+    elif backend == "trt":
+        ok, why = _trt_usable(m)
+        if not ok:
+            raise FlowARError("a TensorRT-ready engine directory and GPU for --backend trt", why,
+                              "rebuild plans here with flowar-export --backend trt, or use --backend ort")
+    stack = contextlib.ExitStack()
+    engines = {}
+    if backend == "ort":
+        from flowar.engines.ort import choose_provider
+        provider = choose_provider()
+        dev = torch.device("cuda" if provider == "CUDAExecutionProvider" else "cpu") if device is None else torch.device(device)
+        for name in specs:
+            info = m["stages"][name]
+            engines[name] = stack.enter_context(OrtEngine(name, safe_member(root, info["file"]), info["sha256"], provider,
+                                                          root / ".ort-cache", threads))
+        detail = f"ONNX Runtime {provider}"
+    elif backend == "trt":
+        from flowar.engines.trt import load_builder
+        b = load_builder()
+        dev = torch.device("cuda")
+        shared = SharedDeviceMemory(dev)
+        for name in specs:
+            plan = m["tensorrt"]["plans"][name]
+            engines[name] = stack.enter_context(TrtEngine(name, safe_member(root, plan["file"]), b.trt, shared))
+        detail = f"{b.flavour} {b.version}"
+    else:   # torch: the reference modules behind the same interface
+        src = Path(ckpt) if ckpt else Path(m["checkpoint"].get("source", ""))
+        if not src.is_file() or sha256_file(src) != m["checkpoint"]["sha256"]:
+            raise FlowARError("the checkpoint this directory was exported from, for --backend torch",
+                              f"{src if str(src) else 'no path'} (missing or a different file)",
+                              "pass --ckpt with the original checkpoint")
+        from flowar.checkpoint import load_model
+        from flowar.export.onnx_export import stage_module
+        dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, _ = load_model(src, config=config, use_ema=m["checkpoint"].get("weights") != "model", device=dev)
+        vae_mod = None
+        if vae:
+            from flowar.vae import load_vae
+            vae_mod = load_vae(vae["source"], expect_channels=config.latent_channels).to(dev)
+        for name, spec in specs.items():
+            engines[name] = stack.enter_context(TorchEngine(name, stage_module(name, model, vae_mod), spec.inputs,
+                                                            spec.outputs))
+        detail = f"eager PyTorch on {dev}"
+    stages = EngineStages(engines, config, m["max_batch"], dev, specs)
+    return Runtime(m, config, m.get("class_names"), stages, backend, detail, dev, stack)
+

@@ -1,0 +1,126 @@
+"""The lean runtime: engines bound to static buffers, fed to the one sampler.
+
+:class:`BufferPlan` allocates every tensor a stage touches once, at its largest size over all
+(scale, rows), and hands out views with the exact per-scale shape; nothing is allocated while
+sampling. :class:`EngineStages` implements the sampler's ``Stages`` protocol on top of the
+engines, so ``flowar.sampler.sample`` runs unchanged: there is no second sampling loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from flowar.config import FlowARConfig
+from flowar.errors import FlowARError
+from flowar.export.specs import StageSpec, stage_specs
+from flowar.layers import grid_positions
+from flowar.runtime.engines import Engine
+
+
+class BufferPlan:
+    """Static storage per tensor name (max numel over every scale and row count), viewed per use."""
+
+    def __init__(self, specs: dict[str, StageSpec], config: FlowARConfig, max_rows: int, device: torch.device):
+        self.device = device
+        sizes: dict[str, tuple[int, torch.dtype]] = {}
+        for spec in specs.values():
+            rows_max = max_rows if spec.name != "decode" else max_rows // 2
+            for k in (range(config.n_scales) if spec.per_scale else [0]):
+                for name, shape in spec.shapes(k, rows_max).items():
+                    if spec.name == "velocity" and name != "v":
+                        continue              # x and t are the sampler's; the rest are head_prep outputs
+                    key = f"{spec.name}.{name}"
+                    n = math.prod(shape)
+                    if n > sizes.get(key, (0, None))[0]:
+                        sizes[key] = (n, spec.dtype(name))
+        self.storage = {k: torch.zeros(n, dtype=dt, device=device) for k, (n, dt) in sizes.items()}
+
+    def view(self, stage: str, name: str, shape: tuple[int, ...]) -> Tensor:
+        return self.storage[f"{stage}.{name}"][: math.prod(shape)].view(shape)
+
+    def addresses(self) -> dict[str, int]:
+        return {k: v.data_ptr() for k, v in self.storage.items()}
+
+
+@dataclass(slots=True)
+class ScaleContext:
+    k: int
+    inputs: dict[str, Tensor]            # velocity inputs except x and t, at R rows
+
+
+class EngineStages:
+    """The sampler's stages on engines and static buffers."""
+
+    def __init__(self, engines: dict[str, Engine], config: FlowARConfig, max_batch: int, device: torch.device,
+                 specs: dict[str, StageSpec] | None = None, vae_factor: int | None = None):
+        self.engines, self.config, self.device = engines, config, device
+        self.max_rows = 2 * max_batch
+        self.specs = specs or stage_specs(config, config.latent_size if vae_factor else None, vae_factor)
+        self.buffers = BufferPlan(self.specs, config, self.max_rows, device)
+        c = config
+        self.prefix = torch.zeros(self.max_rows, c.seq_len, c.latent_channels, device=device)
+        self.pos = [grid_positions(s).to(device) for s in c.scales]
+        self.R = 0
+        self.labels: Tensor | None = None
+
+    def _io(self, stage: str, k: int, rows: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        spec = self.specs[stage]
+        shapes = spec.shapes(k, rows)
+        ins = {n: self.buffers.view(stage, n, shapes[n]) for n in spec.inputs}
+        outs = {n: self.buffers.view(stage, n, shapes[n]) for n in spec.outputs}
+        return ins, outs
+
+    def start(self, labels_R: Tensor) -> None:
+        R = labels_R.shape[0]
+        if R > self.max_rows:
+            raise FlowARError(f"at most {self.max_rows // 2} samples per batch (the engines' --max-batch)",
+                              f"{R // 2 if R > 1 else R}", "sample in smaller batches or re-export with a larger --max-batch")
+        self.R = R
+        self.prefix.zero_()
+        ins, _ = self._io("ar", 0, R)
+        ins["labels"].copy_(labels_R)
+
+    def ar(self, k: int, x_in: Tensor | None) -> Tensor:
+        c, R = self.config, self.R
+        b, e = c.scale_begin[k], c.scale_end[k]
+        if x_in is not None:
+            self.prefix[:R, b:e].copy_(x_in)
+        ins, outs = self._io("ar", k, R)
+        ins["tokens"].copy_(self.prefix[:R, :e])
+        self.engines["ar"].infer(ins, outs, profile=k)
+        return outs["semantics"][:, b:e]
+
+    def prepare(self, k: int, cond: Tensor) -> ScaleContext:
+        ins, outs = self._io("head_prep", k, self.R)
+        ins["cond"].copy_(cond)
+        ins["pos"].copy_(self.pos[k])
+        self.engines["head_prep"].infer(ins, outs, profile=k)
+        return ScaleContext(k, outs)
+
+    def velocity(self, ctx: ScaleContext, x: Tensor, t: Tensor) -> Tensor:
+        r = x.shape[0]
+        spec = self.specs["velocity"]
+        shapes = spec.shapes(ctx.k, r)
+        ins = {"x": x, "t": t}
+        for n in spec.inputs[2:]:
+            src = ctx.inputs[n]
+            ins[n] = src[:r] if n in ("c", "cross_kv") else src
+        out = self.buffers.view("velocity", "v", shapes["v"])
+        self.engines["velocity"].infer(ins, {"v": out}, profile=ctx.k)
+        return out
+
+    def decode(self, latent: Tensor) -> Tensor:
+        if "decode" not in self.engines:
+            raise FlowARError("a decode stage in the engine directory", "none (exported without --vae)",
+                              "re-export with --vae, or use --save-tokens")
+        B = latent.shape[0]
+        ins, outs = self._io("decode", 0, B)
+        ins["latent"].copy_(latent)
+        self.engines["decode"].infer(ins, outs)
+        return outs["image"].clone()

@@ -1,0 +1,156 @@
+"""flowar-export: per-stage ONNX graphs, verification, manifest, TensorRT-RTX plans."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from flowar.build import build_engine_dir
+from flowar.export.manifest import EngineDirError, read_manifest, sha256_file
+
+
+@pytest.fixture(scope="module")
+def engine_dirs(fixtures_dir, tmp_path_factory):
+    """ONNX engine directories of both official tiny fixtures (with the MAR VAE's decoder)."""
+    out = {}
+    for name in ("tiny_v1", "tiny_v2"):
+        d = tmp_path_factory.mktemp("engines") / name
+        rep = build_engine_dir(fixtures_dir / f"{name}.safetensors", d, config_path=str(fixtures_dir / f"{name}.config.json"),
+                               vae_path=fixtures_dir / "mar_vae_tiny.ckpt", max_batch=2)
+        out[name] = (d, rep)
+    return out
+
+
+def test_every_stage_verified_within_tolerance(engine_dirs):
+    for name, (d, rep) in engine_dirs.items():
+        assert [c.name for c in rep.checks] == ["ar", "head_prep", "velocity", "decode"]
+        for c in rep.checks:
+            assert c.worst <= 1e-4, (name, c)
+        m = read_manifest(d)
+        assert m["stages"]["velocity"]["verified_max_abs_diff"] <= 1e-4
+
+
+def test_manifest_records_what_it_was_built_from(engine_dirs, fixtures_dir):
+    d, _ = engine_dirs["tiny_v2"]
+    m = read_manifest(d)
+    assert m["config"] == json.loads((fixtures_dir / "tiny_v2.config.json").read_text())
+    assert m["checkpoint"]["sha256"] == sha256_file(fixtures_dir / "tiny_v2.safetensors")
+    assert all(m["stages"][s]["sha256"] == sha256_file(d / m["stages"][s]["file"]) for s in m["stages"])
+    assert m["precision"] == "fp32" and m["max_batch"] == 2 and m["opset"] >= 18
+    assert {"torch", "onnx", "onnxruntime"} <= set(m["versions"])
+    assert [s["side"] for s in m["scales"]] == [1, 2, 4, 8, 16]
+
+
+def test_graphs_have_dynamic_rows_and_token_maps(engine_dirs):
+    import onnx
+    d, _ = engine_dirs["tiny_v2"]
+    g = onnx.load(str(d / "ar.onnx"), load_external_data=False).graph
+    tokens = next(i for i in g.input if i.name == "tokens").type.tensor_type.shape.dim
+    assert tokens[0].dim_param and tokens[1].dim_param and tokens[2].dim_value == 16
+    g = onnx.load(str(d / "velocity.onnx"), load_external_data=False).graph
+    x = next(i for i in g.input if i.name == "x").type.tensor_type.shape.dim
+    assert x[0].dim_param and x[1].dim_param
+    # per-scale constants are inputs of the velocity graph, not recomputed in it
+    assert {i.name for i in g.input} == {"x", "t", "c", "rope", "cross_kv", "cross_rope"}
+
+
+@pytest.mark.parametrize("name", ["tiny_v1", "tiny_v2"])
+def test_onnx_runtime_reproduces_official_tokens(engine_dirs, fixtures_dir, name, tmp_path):
+    from safetensors.torch import load_file
+    io = load_file(str(fixtures_dir / f"{name}_io.safetensors"))
+    from flowar.run import run_sampling
+    from flowar.runtime.load import open_engine_dir
+    noise = tmp_path / "N.safetensors"
+    save_file({f"noise{k}": io[f"sample25.noise{k}"].contiguous() for k in range(5)}, str(noise))
+    with open_engine_dir(engine_dirs[name][0], "ort") as rt:
+        assert rt.backend == "ort"
+        res = run_sampling(rt.stages, rt.config, [3, 7], 25, 4.3, 0.9, noise_file=noise)
+    assert (res.tokens - io["sample25.tokens"]).abs().max().item() <= 1e-3
+
+
+def test_tampered_partial_and_foreign_directories_are_refused(engine_dirs, tmp_path):
+    src, _ = engine_dirs["tiny_v1"]
+    d = tmp_path / "copy"
+    shutil.copytree(src, d)
+    read_manifest(d)
+    with open(d / "velocity.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(EngineDirError, match="sha256"):
+        read_manifest(d)
+    (d / "velocity.onnx").unlink()
+    with pytest.raises(EngineDirError, match="missing"):
+        read_manifest(d)
+    (d / "manifest.json").unlink()
+    with pytest.raises(EngineDirError, match="manifest.json"):
+        read_manifest(d)
+    with pytest.raises(EngineDirError, match="no directory"):
+        read_manifest(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("bad", ["../outside.onnx", "/etc/passwd", "link.onnx"])
+def test_manifest_paths_cannot_escape(engine_dirs, tmp_path, bad):
+    src, _ = engine_dirs["tiny_v1"]
+    d = tmp_path / "esc"
+    shutil.copytree(src, d)
+    (tmp_path / "outside.onnx").write_bytes(b"x")
+    os.symlink(tmp_path / "outside.onnx", d / "link.onnx")
+    m = json.loads((d / "manifest.json").read_text())
+    m["stages"]["ar"]["file"] = bad
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EngineDirError, match="inside the engine directory|relative to the engine directory"):
+        read_manifest(d)
+
+
+def test_failed_export_leaves_the_previous_directory(engine_dirs, tmp_path, fixtures_dir):
+    from flowar.errors import FlowARError
+    src, _ = engine_dirs["tiny_v1"]
+    d = tmp_path / "eng"
+    shutil.copytree(src, d)
+    before = sorted(p.name for p in d.iterdir())
+    with pytest.raises(FlowARError):
+        build_engine_dir(fixtures_dir / "tiny_v1.safetensors", d, preset="flowar-s")   # wrong preset
+    assert sorted(p.name for p in d.iterdir()) == before
+    read_manifest(d)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".eng.tmp")]
+
+
+@pytest.mark.trt
+def test_tensorrt_rtx_builds_every_stage_with_one_profile_per_scale(engine_dirs, fixtures_dir, tmp_path):
+    pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX not installed (pip install '.[trt]')")
+    d = tmp_path / "trt"
+    build_engine_dir(fixtures_dir / "tiny_v2.safetensors", d, config_path=str(fixtures_dir / "tiny_v2.config.json"),
+                     vae_path=fixtures_dir / "mar_vae_tiny.ckpt", backend="trt", max_batch=2, verify=False)
+    m = read_manifest(d)
+    plans = m["tensorrt"]["plans"]
+    assert set(plans) == {"ar", "head_prep", "velocity", "decode"}
+    assert m["tensorrt"]["flavour"] in ("tensorrt", "tensorrt-rtx") and m["tensorrt"]["compute_capability"]
+    for name, p in plans.items():
+        assert (d / p["file"]).stat().st_size > 0 and p["key"].startswith(p["file"].split(".")[1])
+        assert len(p["profiles"]) == (1 if name == "decode" else 5)
+    assert plans["velocity"]["profiles"][4]["x"] == [[1, 256, 16], [2, 256, 16], [4, 256, 16]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["flowar-s", "flowar-l", "flowar-h"])
+def test_real_presets_export_ar_and_velocity_with_dynamic_shapes(preset, tmp_path):
+    """Real sizes, traced on the meta device (no weights in memory or on disk)."""
+    import onnx
+    from flowar.config import get_preset
+    from flowar.export.onnx_export import export_stage, stage_module
+    from flowar.export.specs import stage_specs
+    from flowar.model import FlowAR
+    cfg = get_preset(preset)
+    specs = stage_specs(cfg)
+    for name in ("ar", "velocity"):
+        path = tmp_path / f"{name}.onnx"
+        with torch.device("meta"):
+            module = stage_module(name, FlowAR(cfg))
+        export_stage(specs[name], module, cfg, path, 16, weights=False)
+        g = onnx.load(str(path), load_external_data=False).graph
+        first = g.input[1 if name == "ar" else 0].type.tensor_type.shape.dim
+        assert first[0].dim_param and first[1].dim_param
+        out = g.output[0].type.tensor_type.shape.dim
+        assert out[-1].dim_value == (cfg.ar_width if name == "ar" else cfg.latent_channels)
