@@ -78,18 +78,18 @@ def read_noise(path: str | Path, config: FlowARConfig) -> list[Tensor]:
 
 def check_writable(path: str | Path | None, is_dir: bool = False) -> None:
     """Fail before sampling, not after, when an output cannot be written."""
+    import os
     if path is None:
         return
     p = Path(path)
-    parent = p if is_dir and p.exists() else p.parent
+    if p.exists() and p.is_dir() != is_dir:
+        raise FlowARError(f"an output path for a {'folder' if is_dir else 'file'}",
+                          f"{p} exists as a {'file' if p.is_file() else 'folder'}", "choose another path")
+    parent = p if (is_dir and p.exists()) else p.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    import os
-    if (p.exists() and is_dir and not p.is_dir()) or (p.exists() and not is_dir and p.is_dir()):
-        raise FlowARError("an output path of the right kind", f"{p} exists as a {'file' if p.is_file() else 'folder'}",
-                          "choose another path")
-    if not os.access(parent, os.W_OK):
-        raise FlowARError("a writable output location", f"{parent} is not writable", "choose another path")
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise FlowARError("a writable output location", f"{parent} is not a writable folder", "choose another path")
 
 
 @dataclass(slots=True)

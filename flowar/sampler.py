@@ -88,12 +88,104 @@ def hand_off(z_BNC: Tensor, side: int, final: int, next_side: int) -> Tensor:
     return z.reshape(B, C, next_side * next_side).transpose(1, 2)
 
 
+class Workspace:
+    """Every tensor the loop writes, allocated once per (batch, rows) at its largest scale.
+
+    ``view(name, k)`` gives the scale-k shape over the same storage, so addresses never change:
+    what a CUDA graph captured for scale k stays valid for every later replay.
+    """
+
+    def __init__(self, config: FlowARConfig, schedule: Schedule, B: int, R: int, official_rows: bool,
+                 device: torch.device | str):
+        c = config
+        self.B, self.R, self.S = B, R, (R if official_rows else B)
+        n, C = max(c.tokens_per_scale), c.latent_channels
+        f32, f64 = torch.float32, torch.float64
+        self._store = {
+            "draw": torch.zeros(R * n * C, dtype=f32, device=device),        # this scale's noise (R rows)
+            "xin": torch.zeros(R * n * C, dtype=f32, device=device),         # head input (B or 2B rows)
+            "x64": torch.zeros(self.S * n * C, dtype=f64, device=device),    # ODE state
+            "v64": torch.zeros(self.S * n * C, dtype=f64, device=device),
+            "vnull64": torch.zeros(B * n * C, dtype=f64, device=device),
+            "next_in": torch.zeros(R * n * C, dtype=f32, device=device),     # next scale's AR input
+            "z": torch.zeros(B * n * C, dtype=f32, device=device),           # this scale's kept sample
+        }
+        self.rows = {"draw": R, "xin": R, "x64": self.S, "v64": self.S, "vnull64": B, "next_in": R, "z": B}
+        self.config = c
+        self.t_table = schedule.t32.to(device)[:, None].expand(-1, R).contiguous()   # (steps, R)
+
+    def view(self, name: str, k: int) -> Tensor:
+        n, C = self.config.tokens_per_scale[k], self.config.latent_channels
+        r = self.rows[name]
+        return self._store[name][: r * n * C].view(r, n, C)
+
+    def addresses(self) -> dict[str, int]:
+        return {k: v.data_ptr() for k, v in self._store.items()}
+
+
+def _finite(t: Tensor, what: str, k: int, side: int, step: int | None = None) -> None:
+    if not bool(torch.isfinite(t).all()):
+        at = f"scale {k} ({side}x{side})" + (f", ODE step {step}" if step is not None else "")
+        raise FlowARError(f"finite values from the {what} stage", f"NaN or Inf at {at}",
+                          "check the checkpoint (it may be corrupt or trained with a diverged loss) and the precision")
+
+
+def run_scale(stages: Stages, ws: Workspace, schedule: Schedule, k: int, check: str = "none",
+              rows_trace: list[int] | None = None) -> None:
+    """One scale: AR step, per-scale head constants, the Euler ODE with guidance, hand-off.
+
+    Reads ``draw`` (and, for k > 0, ``next_in`` written by scale k-1); writes ``z`` and the next
+    scale's ``next_in``. No allocation of the loop's own; no host sync unless ``check`` asks:
+    "step" checks every velocity, "scale" the state once per scale (both name where NaN/Inf came).
+    """
+    c, B, R, S = ws.config, ws.B, ws.R, ws.S
+    side = c.scales[k]
+    cond = stages.ar(k, ws.view("next_in", k) if k > 0 else None)
+    if check != "none":
+        _finite(cond, "AR", k, side)
+    ctx = stages.prepare(k, cond)
+    draw, xin, x64, v64, vnull64 = (ws.view(n, k) for n in ("draw", "xin", "x64", "v64", "vnull64"))
+    x64.copy_(draw[:S])
+    cfg_k = schedule.cfg_k[k]
+    for i, dt in enumerate(schedule.dt64):
+        if schedule.guided[k][i]:
+            xin[:B].copy_(x64[:B])
+            xin[B:].copy_(x64[:B])
+            v = stages.velocity(ctx, xin, ws.t_table[i])
+            v64[:B].copy_(v[:B])
+            vnull64.copy_(v[B:])
+            v64[:B].sub_(vnull64).mul_(cfg_k).add_(vnull64)
+            if S > B:
+                v64[B:].copy_(v64[:B])
+            rows = R
+        else:
+            xin[:S].copy_(x64)
+            v = stages.velocity(ctx, xin[:S], ws.t_table[i, :S])
+            v64.copy_(v)
+            rows = S
+        if check == "step":
+            _finite(v, "velocity", k, side, i)
+        if rows_trace is not None:
+            rows_trace.append(rows)
+        x64.add_(v64 * dt)
+    z = ws.view("z", k)
+    z.copy_(x64[:B])
+    if check == "scale":
+        _finite(z, "velocity", k, side)
+    if k + 1 < c.n_scales:
+        z_R = z if R == B else torch.cat([z, z])
+        ws.view("next_in", k + 1).copy_(hand_off(z_R, side, c.latent_size, c.scales[k + 1]))
+
+
 def sample(stages: Stages, config: FlowARConfig, schedule: Schedule, labels_B: Tensor, noise: NoiseFn,
            decode: bool = False, device: torch.device | str = "cpu",
-           on_scale: Callable[[ScaleTrace], None] | None = None) -> tuple[Tensor, Tensor | None]:
+           on_scale: Callable[[ScaleTrace], None] | None = None,
+           official_rows: bool = False, check: str | None = None) -> tuple[Tensor, Tensor | None]:
     """Sample tokens (B, C, S, S) in the scaled latent space and, if ``decode``, images.
 
-    labels_B: (B,) int64 class ids.
+    labels_B: (B,) int64 class ids. ``official_rows`` integrates the null half too, as the
+    official solver does (same tokens, more work): the benchmark's eager baseline. ``check``:
+    NaN/Inf checks, "step" by default on CPU (free there), "scale" on GPU (one sync per scale).
     """
     c = config
     B = labels_B.shape[0]
@@ -101,42 +193,22 @@ def sample(stages: Stages, config: FlowARConfig, schedule: Schedule, labels_B: T
     R = 2 * B if guided_any else B
     null = torch.full((B,), c.null_class, dtype=torch.int64, device=labels_B.device)
     labels_R = torch.cat([labels_B, null]) if guided_any else labels_B
+    dev = torch.device(device)
+    check = check or ("step" if dev.type == "cpu" else "scale")
     stages.start(labels_R.to(device))
-    t_table = schedule.t32.to(device)[:, None].expand(-1, R).contiguous()     # (S, R); rows are views, no per-step tensors
-    x_in = None
-    z_BNC = None
-    for k, side in enumerate(c.scales):
-        n = c.tokens_per_scale[k]
-        cond_RND = stages.ar(k, x_in)
-        draw = noise(k, (R, n, c.latent_channels)).to(device)                  # after the AR, before the ODE
-        ctx = stages.prepare(k, cond_RND)
-        x64 = draw[:B].to(torch.float64)                                      # (B, n, C) state
-        xin = torch.empty(R, n, c.latent_channels, dtype=torch.float32, device=device)
-        v64 = torch.empty_like(x64)
-        vnull64 = torch.empty_like(x64)
-        cfg_k = schedule.cfg_k[k]
-        rows_trace = []
-        for i, dt in enumerate(schedule.dt64):
-            if schedule.guided[k][i]:
-                xin[:B].copy_(x64)
-                xin[B:].copy_(x64)
-                v = stages.velocity(ctx, xin, t_table[i])
-                v64.copy_(v[:B])
-                vnull64.copy_(v[B:])
-                v64.sub_(vnull64).mul_(cfg_k).add_(vnull64)
-                rows_trace.append(R)
-            else:
-                xin[:B].copy_(x64)
-                v64.copy_(stages.velocity(ctx, xin[:B], t_table[i, :B]))
-                rows_trace.append(B)
-            x64.add_(v64 * dt)
-        z_BNC = x64.to(torch.float32)
+    ws = Workspace(c, schedule, B, R, official_rows, device)
+    for k in range(c.n_scales):
+        ws.view("draw", k).copy_(noise(k, (R, c.tokens_per_scale[k], c.latent_channels)))   # official draw order
+        trace: list[int] = []
+        run_scale(stages, ws, schedule, k, check, trace)
         if on_scale is not None:
-            on_scale(ScaleTrace(k, R, rows_trace))
-        if k + 1 < c.n_scales:
-            z_RNC = torch.cat([z_BNC] * (R // B))
-            x_in = hand_off(z_RNC, side, c.latent_size, c.scales[k + 1])
+            on_scale(ScaleTrace(k, R, trace))
     S = c.latent_size
-    tokens = z_BNC.transpose(1, 2).reshape(B, c.latent_channels, S, S).contiguous()
-    images = stages.decode(tokens / c.latent_scale) if decode else None
+    z = ws.view("z", c.n_scales - 1)
+    tokens = z.transpose(1, 2).reshape(B, c.latent_channels, S, S).contiguous()
+    images = None
+    if decode:
+        images = stages.decode(tokens / c.latent_scale)
+        if check != "none":
+            _finite(images, "VAE decode", c.n_scales - 1, S)
     return tokens, images

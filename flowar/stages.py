@@ -45,3 +45,18 @@ class TorchStages:
         if self.vae_decode is None:
             raise RuntimeError("decode() called without a VAE")
         return self.vae_decode(latent_BCHW)
+
+
+class OfficialStyleStages(TorchStages):
+    """Eager stages that work the way the official sampler does, for the benchmark baseline:
+    the head recomputes its per-scale constants (condition embedding, RoPE, cross keys/values)
+    on every ODE step. Use with ``sample(..., official_rows=True)``.
+    """
+
+    @torch.no_grad()
+    def prepare(self, k: int, cond_RND: Tensor) -> Tensor:
+        return cond_RND
+
+    @torch.no_grad()
+    def velocity(self, ctx: Any, x_rNC: Tensor, t_r: Tensor) -> Tensor:
+        return self.model.flownet(x_rNC, t_r, ctx[: x_rNC.shape[0]])

@@ -263,7 +263,7 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
     if progress and rank == 0:
         from tqdm import tqdm
         bar = tqdm(total=args.steps, initial=state.step, desc="train", unit="step", disable=None)
-    t0 = time.perf_counter()
+    t0, first_step = time.perf_counter(), state.step
     perm, perm_epoch = None, -1
     while state.step < end:
         step = state.step
@@ -300,7 +300,7 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
                 bar.set_postfix(loss=f"{state.losses[-1]:.4f}")
                 bar.update(1)
             if state.step % args.log_every == 0 and (bar is None or bar.disable):
-                rate = (state.step) / max(1e-9, time.perf_counter() - t0)
+                rate = (state.step - first_step) / max(1e-9, time.perf_counter() - t0)
                 print(f"step {state.step}/{args.steps} loss {sum(state.losses[-args.log_every:]) / args.log_every:.4f}"
                       f" lr {lr_at(step, args):.2e} {rate:.1f} step/s", flush=True)
             if state.step % args.ckpt_every == 0 or state.step == end:

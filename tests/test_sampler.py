@@ -114,3 +114,16 @@ def test_noise_of_the_wrong_shape_is_refused(tiny_v1):
     with pytest.raises(FlowARError, match="noise0"):
         sample(TorchStages(model), model.config, build_schedule(25, 4.3, 0.9, 5), torch.tensor([3, 7, 1]),
                injected_noise(_noise(io, "sample25")))
+
+
+def test_official_rows_mode_gives_the_same_tokens(tiny_v1):
+    """The benchmark's official-style baseline (all 2B rows, per-step head constants) samples the same tokens."""
+    from flowar.stages import OfficialStyleStages
+    model, io = tiny_v1
+    noise = _noise(io, "sample25")
+    traces = []
+    with torch.no_grad():
+        a, _ = sample(OfficialStyleStages(model), model.config, build_schedule(25, 4.3, 0.9, 5), io["sample25.labels"],
+                      injected_noise(noise), official_rows=True, on_scale=traces.append)
+    assert (a - io["sample25.tokens"]).abs().max().item() <= 1e-4
+    assert all(r == 4 for tr in traces for r in tr.head_rows)

@@ -1,0 +1,452 @@
+"""Latency of FlowAR sampling: eager PyTorch (the official way) vs this project's backends.
+
+    python bench/latency.py --preset flowar-s --batch 1 --backends eager,ort
+    python bench/latency.py --engine-dir out/engines --batch 1,8 --backends eager,torch,ort
+
+Backends:
+  eager      the official method in eager PyTorch: KV-cached AR, every ODE step evaluates all
+             2B rows and recomputes the head's per-scale constants. The baseline (ratio 1.0).
+  torch      this project's sampler on eager PyTorch stages (B rows where guidance cannot act,
+             per-scale constants once per scale).
+  compile    as torch, with the head's velocity under torch.compile (compile time reported apart).
+  ort        the lean runtime on ONNX Runtime engines (exported on the fly for --preset/--ckpt).
+  trt        the runtime on TensorRT plans (GPU with TensorRT only).
+  cudagraph  the runtime on PyTorch stages replayed as CUDA graphs (GPU only).
+
+Every backend samples with the same seeded noise; its tokens are compared with eager's and the
+worst difference is printed beside the time. Warm-up runs are discarded; medians, min and max
+are over --repeat runs. Effective GFLOP/s = FLOPs of the official method (counted once with
+torch's FlopCounterMode) / time, against a float32 GEMM peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+ALL_BACKENDS = ("eager", "torch", "compile", "ort", "trt", "cudagraph")
+
+
+# ---- timing wrapper around any Stages --------------------------------------------------------
+
+class TimedStages:
+    """Accumulates wall time per stage (AR, head = prepare + velocity, decode)."""
+
+    def __init__(self, inner, sync):
+        self.inner, self.sync = inner, sync
+        self.t = {"ar": 0.0, "head": 0.0, "decode": 0.0}
+
+    def _timed(self, key, fn, *a):
+        self.sync()
+        t0 = time.perf_counter()
+        out = fn(*a)
+        self.sync()
+        self.t[key] += time.perf_counter() - t0
+        return out
+
+    def start(self, labels):
+        self.inner.start(labels)
+
+    def ar(self, k, x):
+        return self._timed("ar", self.inner.ar, k, x)
+
+    def prepare(self, k, cond):
+        return self._timed("head", self.inner.prepare, k, cond)
+
+    def velocity(self, ctx, x, t):
+        return self._timed("head", self.inner.velocity, ctx, x, t)
+
+    def decode(self, latent):
+        return self._timed("decode", self.inner.decode, latent)
+
+
+@dataclass
+class Result:
+    backend: str
+    batch: int
+    median_s: float
+    min_s: float
+    max_s: float
+    speedup_vs_eager: float | None
+    max_abs_diff_vs_eager: float | None
+    stage_median_s: dict = field(default_factory=dict)
+    tokens_per_s: float = 0.0
+    images_per_s: float = 0.0
+    effective_gflops: dict = field(default_factory=dict)
+    build_s: float | None = None
+    note: str = ""
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    try:
+        import onnxruntime
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def gemm_peak_gflops(device: torch.device, n: int = 2048, repeat: int = 5) -> float:
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--engine-dir", help="engine directory from flowar-export (its checkpoint is the eager model)")
+    src.add_argument("--preset", help="random weights of a preset: flowar-s, flowar-l, flowar-h, tiny")
+    src.add_argument("--ckpt", help="a checkpoint (self-describing, or with --config)")
+    ap.add_argument("--config", help="config JSON for --ckpt files that carry none")
+    ap.add_argument("--vae", help="include VAE decoding (--preset/--ckpt); engine dirs use their own decoder")
+    ap.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8")
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--cfg", type=float, default=4.3)
+    ap.add_argument("--guidance", type=float, default=0.9)
+    ap.add_argument("--backends", default="eager,torch,ort", help=f"comma-separated, from {','.join(ALL_BACKENDS)}")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default="bench/out/latency.json", help="write results here")
+    ap.add_argument("--plot", default="bench/out/latency.png", help="write a per-stage bar chart here")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--debug", action="store_true")
+    a = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from flowar.errors import FlowARError
+    try:
+        return run(a)
+    except FlowARError as e:
+        if a.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(a) -> int:
+    from flowar.errors import FlowARError
+    from flowar.sampler import sample, seeded_noise
+    from flowar.schedule import build_schedule
+    from flowar.stages import OfficialStyleStages, TorchStages
+
+    backends = [b.strip() for b in a.backends.split(",") if b.strip()]
+    bad = [b for b in backends if b not in ALL_BACKENDS]
+    if bad or not backends:
+        raise FlowARError(f"--backends from {', '.join(ALL_BACKENDS)}", f"{bad or 'none'}", "e.g. --backends eager,ort")
+    if "eager" not in backends:
+        backends.insert(0, "eager")                 # ratios and parity need the baseline in the same run
+    try:
+        batches = [int(b) for b in a.batch.split(",")]
+    except ValueError:
+        raise FlowARError("--batch as comma-separated integers", repr(a.batch), "e.g. --batch 1,8") from None
+    if any(b < 1 for b in batches) or a.repeat < 1:
+        raise FlowARError("--batch and --repeat >= 1", f"{a.batch} / {a.repeat}", "use positive numbers")
+    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if a.device == "auto" else a.device))
+    model, vae, engine_dir, random_weights, label = load_source(a, device)
+    config = model.config
+    schedule = build_schedule(a.steps, a.cfg, a.guidance, config.n_scales)
+    decode = vae is not None
+    print(f"# FlowAR latency: {label}{' (random weights)' if random_weights else ''}, {a.steps} steps, cfg {a.cfg}, "
+          f"guidance {a.guidance}, {'tokens + decode' if decode else 'tokens only'}, device {device}", flush=True)
+    peak = gemm_peak_gflops(device)
+    info = machine_info() | {"gemm_peak_gflops": peak}
+    print(f"# machine: {info['cpu']}, {info['torch_threads']} threads, GPU {info['gpu']}; fp32 GEMM peak {peak:.1f} GFLOP/s",
+          flush=True)
+    flops = official_flops(model, vae, schedule, max(batches))
+    results: list[Result] = []
+    for B in batches:
+        labels = torch.arange(B) % config.num_classes
+        eager_tokens, eager_median = None, None
+        for backend in backends:
+            try:
+                factory, build_s, note, official = make_backend(backend, model, vae, engine_dir, B, device, a)
+            except Skip as s:
+                print(f"  skip {backend} (batch {B}): {s}", flush=True)
+                results.append(Result(backend, B, float("nan"), float("nan"), float("nan"), None, None, note=str(s)))
+                continue
+            times, stage_t, tokens = [], [], None
+            graphed = not callable(factory)
+            for r in range(a.warmup + a.repeat):
+                st = TimedStages(factory() if not graphed else None, lambda: sync(device))
+                sync(device)
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    if graphed:      # one graph per scale: no per-stage split, tokens only
+                        tok = factory.sample(labels.to(device), seeded_noise(a.seed))
+                    else:
+                        tok, _ = sample(st, config, schedule, labels.to(device), seeded_noise(a.seed), decode=decode,
+                                        device=device, official_rows=official, check="none")
+                sync(device)
+                if r >= a.warmup:
+                    times.append(time.perf_counter() - t0)
+                    stage_t.append(dict(st.t))
+                tokens = tok.cpu()
+            med = statistics.median(times)
+            if backend == "eager":
+                eager_tokens, eager_median = tokens, med
+            diff = float((tokens - eager_tokens).abs().max()) if eager_tokens is not None else None
+            stages_med = {k: statistics.median(s[k] for s in stage_t) for k in ("ar", "head", "decode")}
+            stages_med["other"] = max(0.0, med - sum(stages_med.values()))
+            n_tok = B * config.seq_len
+            eff = {k: (flops[k] * B / max(batches)) / stages_med[k] / 1e9 for k in ("ar", "head", "decode")
+                   if stages_med[k] > 0 and flops.get(k)}
+            eff["total"] = sum(flops[k] for k in ("ar", "head", "decode") if flops.get(k)) * B / max(batches) / med / 1e9
+            res = Result(backend, B, med, min(times), max(times), eager_median / med if eager_median else None, diff,
+                         stages_med, n_tok / med, B / med, eff, build_s, note)
+            results.append(res)
+            print(f"  {backend:<9} batch {B:<3} median {med:8.3f} s  x{res.speedup_vs_eager or 0:5.2f} vs eager  "
+                  f"max|dtokens| {diff if diff is not None else float('nan'):.1e}  "
+                  f"{eff['total']:.1f} GFLOP/s ({eff['total'] / peak:.0%} of peak){'  ' + note if note else ''}", flush=True)
+    table = markdown(results, peak, decode)
+    print()
+    print(table)
+    out = {"machine": info, "source": label, "random_weights": random_weights, "steps": a.steps, "cfg": a.cfg,
+           "guidance": a.guidance, "decode": decode, "official_flops_per_max_batch": flops,
+           "results": [asdict(r) for r in results], "markdown": table}
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(out, indent=1, default=float))
+        print(f"\nJSON -> {a.json}")
+    if a.plot:
+        plot(results, Path(a.plot), label)
+        print(f"chart -> {a.plot}")
+    return 0
+
+
+class Skip(Exception):
+    pass
+
+
+def load_source(a, device):
+    from flowar.checkpoint import load_model
+    from flowar.config import get_preset
+    from flowar.model import FlowAR
+    vae = None
+    if a.engine_dir:
+        from flowar.export.manifest import read_manifest
+        m = read_manifest(a.engine_dir)
+        model, _ = load_model(m["checkpoint"]["source"], config=m["config_obj"], device=device)
+        if m.get("vae"):
+            from flowar.vae import load_vae
+            vae = load_vae(m["vae"]["source"]).to(device)
+        return model, vae, Path(a.engine_dir), False, f"engine dir {a.engine_dir}"
+    if a.ckpt:
+        model, ck = load_model(a.ckpt, config_path=a.config, device=device)
+        label, rw = Path(a.ckpt).name, False
+    else:
+        torch.manual_seed(0)
+        model = FlowAR(get_preset(a.preset or "flowar-s")).to(device).eval()
+        label, rw = f"preset {a.preset or 'flowar-s'}", True
+    if a.vae:
+        from flowar.vae import load_vae
+        vae = load_vae(a.vae, expect_channels=model.config.latent_channels).to(device)
+    return model, vae, None, rw, label
+
+
+def official_flops(model, vae, schedule, B: int) -> dict:
+    """FLOPs of one official-style sample of batch B, per stage, counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from flowar.sampler import sample, seeded_noise
+    from flowar.stages import OfficialStyleStages
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.f = inner, {"ar": 0, "head": 0, "decode": 0}
+
+        def _c(self, key, fn, *a):
+            with FlopCounterMode(display=False) as fc:
+                out = fn(*a)
+            self.f[key] += fc.get_total_flops()
+            return out
+
+        def start(self, labels):
+            self.inner.start(labels)
+
+        def ar(self, k, x):
+            return self._c("ar", self.inner.ar, k, x)
+
+        def prepare(self, k, c):
+            return self._c("head", self.inner.prepare, k, c)
+
+        def velocity(self, ctx, x, t):
+            return self._c("head", self.inner.velocity, ctx, x, t)
+
+        def decode(self, z):
+            return self._c("decode", self.inner.decode, z)
+
+    dev = next(model.parameters()).device
+    st = Counting(OfficialStyleStages(model, vae.decode if vae is not None else None))
+    # One step per scale is counted exactly and scaled: every step of a scale costs the same.
+    with torch.inference_mode():
+        sample(st, model.config, schedule, torch.zeros(B, dtype=torch.int64, device=dev), seeded_noise(0),
+               decode=vae is not None, device=dev, official_rows=True)
+    return st.f
+
+
+def make_backend(name, model, vae, engine_dir, B, device, a):
+    """(stages factory, build seconds, note, official_rows) for one backend."""
+    from flowar.stages import OfficialStyleStages, TorchStages
+    dec = vae.decode if vae is not None else None
+    if name == "eager":
+        return (lambda: OfficialStyleStages(model, dec)), None, "", True
+    if name == "torch":
+        return (lambda: TorchStages(model, dec)), None, "", False
+    if name == "compile":
+        t0 = time.perf_counter()
+        compiled = CompiledStages.build(model, dec)
+        st = compiled()
+        from flowar.sampler import sample, seeded_noise
+        from flowar.schedule import build_schedule
+        with torch.inference_mode():      # compile every (scale, rows) shape now, timed apart
+            sample(st, model.config, build_schedule(a.steps, a.cfg, a.guidance, model.config.n_scales),
+                   torch.zeros(B, dtype=torch.int64, device=device), __import__("flowar.sampler").sampler.seeded_noise(0),
+                   decode=False, device=device)
+        return compiled, time.perf_counter() - t0, f"compile {time.perf_counter() - t0:.0f} s", False
+    if name == "ort":
+        d, build_s = ensure_engine_dir(engine_dir, model, vae, a, max(int(b) for b in a.batch.split(",")))
+        from flowar.runtime.load import open_engine_dir
+        rt = open_engine_dir(d, "ort")
+        if B > rt.manifest["max_batch"]:
+            raise Skip(f"batch {B} above the directory's max batch {rt.manifest['max_batch']}")
+        return (lambda: rt.stages), build_s, rt.detail + (f", export {build_s:.0f} s" if build_s else ""), False
+    if name == "trt":
+        if not torch.cuda.is_available():
+            raise Skip("TensorRT needs a CUDA GPU")
+        d, build_s = ensure_engine_dir(engine_dir, model, vae, a, max(int(b) for b in a.batch.split(",")), "trt")
+        from flowar.runtime.load import open_engine_dir
+        rt = open_engine_dir(d, "trt")
+        return (lambda: rt.stages), build_s, rt.detail, False
+    if name == "cudagraph":
+        if device.type != "cuda":
+            raise Skip("CUDA graphs need a CUDA GPU")
+        from flowar.runtime.cudagraph import GraphedSampler, torch_engine_stages
+        from flowar.schedule import build_schedule
+        t0 = time.perf_counter()
+        sched = build_schedule(a.steps, a.cfg, a.guidance, model.config.n_scales)
+        gs = GraphedSampler(torch_engine_stages(model, B, device, vae), model.config, sched, B, device).build()
+        return gs, time.perf_counter() - t0, f"capture {time.perf_counter() - t0:.1f} s", False
+    raise Skip(f"unknown backend {name}")
+
+
+class CompiledStages:
+    """TorchStages whose head velocity runs under torch.compile (one compiled function shared)."""
+
+    @staticmethod
+    def build(model, dec):
+        from flowar.stages import TorchStages
+        vel = torch.compile(model.flownet.velocity, dynamic=False)
+
+        class _S(TorchStages):
+            def velocity(self, ctx, x, t):
+                return vel(x, t, ctx)
+        return lambda: _S(model, dec)
+
+
+_ENGINE_CACHE: dict = {}
+
+
+def ensure_engine_dir(engine_dir, model, vae, a, max_batch, backend="ort"):
+    if engine_dir is not None:
+        return engine_dir, None
+    key = (id(model), backend)
+    if key in _ENGINE_CACHE:
+        return _ENGINE_CACHE[key], None
+    from flowar.build import build_engine_dir
+    from flowar.checkpoint import save_checkpoint
+    tmp = Path(tempfile.mkdtemp(prefix="flowar-bench-"))
+    ck = tmp / "model.safetensors"
+    save_checkpoint(ck, model.state_dict(), model.config)
+    t0 = time.perf_counter()
+    vae_path = None
+    if vae is not None:
+        vae_path = tmp / "vae"
+        vae.autoencoder.save_pretrained(vae_path)
+    build_engine_dir(ck, tmp / "engines", vae_path=vae_path, backend=backend, max_batch=max_batch, verify=False)
+    _ENGINE_CACHE[key] = tmp / "engines"
+    return tmp / "engines", time.perf_counter() - t0
+
+
+def markdown(results: list[Result], peak: float, decode: bool) -> str:
+    head = ("| backend | batch | median s | min s | max s | vs eager | AR s | head s | " + ("decode s | " if decode else "")
+            + "other s | tokens/s | images/s | GFLOP/s (% peak) | max abs diff vs eager |")
+    sep = "|" + "---|" * (head.count("|") - 1)
+    rows = [head, sep]
+    for r in results:
+        if r.median_s != r.median_s:
+            rows.append(f"| {r.backend} | {r.batch} | skipped: {r.note} |")
+            continue
+        s = r.stage_median_s
+        tot = r.effective_gflops.get("total", 0.0)
+        rows.append(f"| {r.backend} | {r.batch} | {r.median_s:.3f} | {r.min_s:.3f} | {r.max_s:.3f} | "
+                    f"{r.speedup_vs_eager:.2f}x | {s['ar']:.3f} | {s['head']:.3f} | " + (f"{s['decode']:.3f} | " if decode else "")
+                    + f"{s['other']:.3f} | {r.tokens_per_s:.0f} | {r.images_per_s:.2f} | {tot:.1f} ({tot / peak:.0%}) | "
+                    f"{r.max_abs_diff_vs_eager:.1e} |")
+    return "\n".join(rows)
+
+
+def plot(results: list[Result], path: Path, label: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ok = [r for r in results if r.median_s == r.median_s]
+    if not ok:
+        return
+    names = [f"{r.backend}\nB={r.batch}" for r in ok]
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(ok)), 4), dpi=110)
+    bottom = [0.0] * len(ok)
+    for stage, color in (("ar", "#4c72b0"), ("head", "#dd8452"), ("decode", "#55a868"), ("other", "#8c8c8c")):
+        vals = [r.stage_median_s.get(stage, 0.0) for r in ok]
+        if any(vals):
+            ax.bar(names, vals, bottom=bottom, label=stage, color=color)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+    for i, r in enumerate(ok):
+        ax.text(i, bottom[i], f"{r.speedup_vs_eager:.2f}x", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("seconds per sample call (median)")
+    ax.set_title(f"FlowAR latency per stage: {label}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""An independent judge of class fidelity for the Animal-MNIST default model.
+
+A small CNN is trained on real Animal-MNIST images only (a fixed stratified split: 800 training
+and 200 held-out images per class), and its held-out accuracy is reported. Generated samples
+are then classified by it; the score is the share assigned to the class that was asked for.
+The judge never sees generated images while training, and nothing about it is tuned on them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flowar.data import load_animal_mnist
+
+
+class JudgeNet(nn.Module):
+    def __init__(self, n_classes: int = 10):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, n_classes))
+
+    def forward(self, x_B1HW: Tensor) -> Tensor:
+        return self.net(x_B1HW)
+
+
+def to_judge_input(images_B3HW: Tensor) -> Tensor:
+    """RGB in [-1, 1] -> grey (B, 1, 32, 32) in [-1, 1]."""
+    x = images_B3HW.float().mean(1, keepdim=True)
+    if x.shape[-1] != 32:
+        x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+    return x.clamp(-1, 1)
+
+
+def split(labels: Tensor, held_out_per_class: int = 200) -> tuple[Tensor, Tensor]:
+    train, test = [], []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().flatten()
+        test.append(idx[:held_out_per_class])
+        train.append(idx[held_out_per_class:])
+    return torch.cat(train), torch.cat(test)
+
+
+@dataclass(slots=True)
+class Judge:
+    net: JudgeNet
+    held_out_accuracy: float
+
+    @torch.no_grad()
+    def classify(self, images_B3HW: Tensor) -> Tensor:
+        self.net.eval()
+        return self.net(to_judge_input(images_B3HW)).argmax(1)
+
+
+def train_judge(epochs: int = 6, seed: int = 0, cache: Path | None = None) -> Judge:
+    from safetensors.torch import load_file, save_file
+    data = load_animal_mnist(32)
+    tr, te = split(data.labels)
+    net = JudgeNet(len(data.class_names))
+    if cache is not None and cache.is_file():
+        net.load_state_dict(load_file(str(cache)))
+    else:
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+        x_all = to_judge_input(data.images)
+        for _ in range(epochs):
+            net.train()
+            perm = tr[torch.randperm(len(tr), generator=gen)]
+            for i in range(0, len(perm), 128):
+                idx = perm[i:i + 128]
+                x = x_all[idx]
+                # small shifts so the judge does not hinge on exact placement
+                dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
+                x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+                loss = F.cross_entropy(net(x), data.labels[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        if cache is not None:
+            from flowar.checkpoint import atomic_write_bytes
+            atomic_write_bytes(cache, lambda t: save_file(net.state_dict(), t))
+    judge = Judge(net, 0.0)
+    pred = judge.classify(data.images[te])
+    judge.held_out_accuracy = float((pred == data.labels[te]).float().mean())
+    return judge
+
+
+@dataclass(slots=True)
+class JudgeReport:
+    held_out_accuracy: float
+    class_accuracy: float
+    per_class: list[float]
+    n_samples: int
+    seconds: float
+
+
+def judge_model(stages_factory, config, class_names, per_class: int, steps: int, cfg: float, guidance: float,
+                seed: int = 0, batch: int = 50, cache: Path | None = None) -> JudgeReport:
+    """Sample ``per_class`` images of every class and score them with the judge."""
+    from flowar.sampler import sample, seeded_noise
+    from flowar.schedule import build_schedule
+    t0 = time.perf_counter()
+    judge = train_judge(cache=cache)
+    labels = torch.arange(config.num_classes).repeat_interleave(per_class)
+    sched = build_schedule(steps, cfg, guidance, config.n_scales)
+    preds = []
+    with torch.inference_mode():
+        for i in range(0, len(labels), batch):
+            stages = stages_factory()
+            _, images = sample(stages, config, sched, labels[i:i + batch], seeded_noise(seed + i), decode=True)
+            preds.append(judge.classify(images))
+    pred = torch.cat(preds)
+    ok = (pred == labels).float()
+    per = [float(ok[labels == c].mean()) for c in range(config.num_classes)]
+    return JudgeReport(judge.held_out_accuracy, float(ok.mean()), per, len(labels), time.perf_counter() - t0)

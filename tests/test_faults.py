@@ -1,0 +1,129 @@
+"""Bad input, faults and trust: clear one-line errors, nothing half-written trusted."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from flowar.cli import run
+
+EXE = Path(sys.executable).parent
+
+
+def _one_line_error(res, needle):
+    assert res.exit_code == 2, res.output
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: expected") and needle in errors[0], res.output
+    assert "Traceback" not in res.output
+
+
+def test_nan_from_a_stage_is_named_with_scale_and_step(fixtures_dir, tmp_path):
+    sd = load_file(str(fixtures_dir / "tiny_v1.safetensors"))
+    sd["flownet.final_layer.linear.bias"][0] = float("nan")
+    bad = tmp_path / "nan.safetensors"
+    save_file(sd, str(bad))
+    res = CliRunner().invoke(run, ["--ckpt", str(bad), "--preset", "tiny", "--labels", "1", "--steps", "4"])
+    _one_line_error(res, "NaN or Inf at scale 0 (1x1), ODE step 0")
+    assert "velocity" in res.output
+
+
+def test_unwritable_output_is_refused_before_sampling(fixtures_dir, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    res = CliRunner().invoke(run, ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny",
+                                   "--save-tokens", str(tmp_path / "afile" / "t.safetensors")])
+    _one_line_error(res, "not a writable folder")
+    res = CliRunner().invoke(run, ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny",
+                                   "--save-images", str(tmp_path / "afile")])
+    assert res.exit_code == 2 and "is a file" in res.output and "Traceback" not in res.output   # click's own check
+
+
+def test_same_seed_same_backend_gives_identical_files(fixtures_dir, tmp_path):
+    outs = []
+    for i in range(2):
+        d = tmp_path / f"r{i}"
+        res = CliRunner().invoke(run, ["--ckpt", str(fixtures_dir / "tiny_v2.safetensors"),
+                                  "--config", str(fixtures_dir / "tiny_v2.config.json"), "--labels", "5,9",
+                                  "--steps", "6", "--seed", "42", "--vae", str(fixtures_dir / "mar_vae_tiny.ckpt"),
+                                  "--out", str(d / "grid.png"), "--save-tokens", str(d / "t.safetensors")])
+        assert res.exit_code == 0, res.output
+        outs.append(((d / "grid.png").read_bytes(), (d / "t.safetensors").read_bytes()))
+    assert outs[0] == outs[1]
+
+
+def test_sampling_works_with_networking_unavailable(fixtures_dir, tmp_path):
+    """Every socket call fails in this process; sampling and decoding through a diffusers folder still work."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=16, norm_num_groups=32,
+                  sample_size=32).save_pretrained(tmp_path / "vae")
+    code = ("import socket\n"
+            "def deny(*a, **k): raise OSError('network disabled for this test')\n"
+            "socket.socket.connect = deny; socket.create_connection = deny; socket.getaddrinfo = deny\n"
+            "from flowar.cli import run_main; run_main()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "DIFFUSERS_"))}
+    proc = subprocess.run([sys.executable, "-c", code, "--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset",
+                           "tiny", "--labels", "1", "--steps", "3", "--vae", str(tmp_path / "vae"),
+                           "--save-images", str(tmp_path / "imgs")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert (tmp_path / "imgs" / "000000.png").is_file()
+
+
+@pytest.mark.slow
+def test_sigkill_during_export_leaves_the_previous_directory_valid(fixtures_dir, tmp_path):
+    from flowar.export.manifest import EngineDirError, read_manifest
+    target = tmp_path / "eng"
+    args = [str(EXE / "flowar-export"), "--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny",
+            "--out", str(target), "--max-batch", "2", "--no-verify"]
+    subprocess.run(args, check=True, capture_output=True)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = None
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        tmps = [p for p in tmp_path.iterdir() if p.name.startswith(".eng.tmp-")]
+        if tmps and list(tmps[0].glob("*.onnx")):
+            partial = tmps[0]
+            break
+        time.sleep(0.05)
+    assert partial is not None, "the exporter finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before      # untouched
+    read_manifest(target)                                                      # and still trusted
+    with pytest.raises(EngineDirError, match="manifest.json"):
+        read_manifest(partial)                                                 # the half-built one is not
+
+
+def test_engine_dir_from_another_checkpoint_is_refused_for_the_torch_backend(fixtures_dir, tmp_path):
+    from flowar.build import build_engine_dir
+    from flowar.errors import FlowARError
+    from flowar.runtime.load import open_engine_dir
+    d = tmp_path / "e"
+    build_engine_dir(fixtures_dir / "tiny_v1.safetensors", d, preset="tiny", max_batch=1, verify=False)
+    with pytest.raises(FlowARError, match="the checkpoint this directory was exported from"):
+        open_engine_dir(d, "torch", ckpt=fixtures_dir / "tiny_v2.safetensors")
+
+
+def test_tensorrt_plans_for_another_version_or_gpu_are_refused(monkeypatch):
+    import flowar.engines.trt as trt_mod
+    from flowar.runtime import load
+    m = {"tensorrt": {"flavour": "tensorrt", "version": "10.0", "compute_capability": "sm90", "plans": {}}}
+    assert load._trt_usable({"tensorrt": None}) == (False, "the directory has no TensorRT plans")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(trt_mod, "load_builder", lambda: trt_mod.Builder(None, "tensorrt", "11.0"))
+    monkeypatch.setattr(trt_mod, "gpu_compute_capability", lambda: "sm90")
+    ok, why = load._trt_usable(m)
+    assert not ok and "10.0" in why and "11.0" in why
+    m["tensorrt"]["version"] = "11.0"
+    monkeypatch.setattr(trt_mod, "gpu_compute_capability", lambda: "sm80")
+    ok, why = load._trt_usable(m)
+    assert not ok and "sm90" in why and "sm80" in why
