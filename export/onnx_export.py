@@ -8,6 +8,7 @@ beside the spec's tolerance. Failures are collected over all stages before raisi
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -53,7 +54,7 @@ class Reduced(nn.Module):
 
     def __init__(self, module: nn.Module, dtype: torch.dtype):
         super().__init__()
-        self.inner = module.to(dtype)
+        self.inner = copy.deepcopy(module).to(dtype)      # the caller's module stays float32
         self.dtype = dtype
 
     def forward(self, *args):
@@ -64,10 +65,18 @@ class Reduced(nn.Module):
         return out.float()
 
 
-def _dims(spec: StageSpec, max_rows: int, config: FlowARConfig) -> dict[str, dict[int, torch.export.Dim]]:
+def _dims(spec: StageSpec, max_rows: int, config: FlowARConfig) -> tuple:
+    """Dynamic dims per input, in input order (a tuple works for wrapped modules too)."""
     limits = {"rows": max(4, max_rows), "seq": config.seq_len, "tokens": max(config.tokens_per_scale)}
     dims = {n: torch.export.Dim(n, min=1, max=limits[n]) for n in limits}
-    return {inp: {ax: dims[d] for ax, d in axes.items()} for inp, axes in spec.dynamic.items()}
+    return tuple({ax: dims[d] for ax, d in spec.dynamic.get(inp, {}).items()} or None for inp in spec.inputs)
+
+
+def _root_cause(e: BaseException) -> str:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:200] if msg else ''}"
 
 
 @contextlib.contextmanager
@@ -97,10 +106,11 @@ def export_stage(spec: StageSpec, module: nn.Module, config: FlowARConfig, path:
         with torch.no_grad(), _quiet():
             prog = torch.onnx.export(mod, tuple(ex[n] for n in spec.inputs), dynamo=True, opset_version=OPSET,
                                      input_names=list(spec.inputs), output_names=list(spec.outputs),
-                                     dynamic_shapes=_dims(spec, max_rows, config), optimize=weights)
+                                     dynamic_shapes=_dims(spec, max_rows, config) if precision == "fp32"
+                                     else (_dims(spec, max_rows, config),), optimize=weights)
             prog.save(str(path), include_initializers=weights)
     except Exception as e:   # noqa: BLE001 - reported as one line; --debug shows the chain
-        raise ExportError(f"stage '{spec.name}' to export to ONNX", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
+        raise ExportError(f"stage '{spec.name}' to export to ONNX", _root_cause(e),
                           "rerun with --debug for the exporter's traceback") from e
     if weights:
         _fold_constants(path)

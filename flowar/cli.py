@@ -66,6 +66,8 @@ def _device(name: str):
 @click.option("--labels", help="Comma-separated class ids, e.g. 3,7 (default: the first 10 classes).")
 @click.option("--classes", help="Comma-separated class names, for models that store them, e.g. cat,dog.")
 @click.option("--n-per-class", default=1, show_default=True, type=int, help="Samples per requested class.")
+@click.option("--batch", "batch_size", type=int, help="Samples per batch [default: all at once; with --engine-dir "
+              "the directory's max batch].")
 @click.option("--steps", type=int, help="Euler steps per scale (25 = official grid, 24 steps) [default: 25, or the "
               "engine directory's].")
 @click.option("--cfg", type=float, help="Guidance weight at the last scale, 1 = off [default: 4.3, or the directory's].")
@@ -79,8 +81,8 @@ def _device(name: str):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N] (--ckpt path).")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @user_errors
-def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels, classes, n_per_class, steps, cfg,
-        guidance, seed, noise_file, save_tokens, out, save_images, device, debug):
+def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels, classes, n_per_class, batch_size,
+        steps, cfg, guidance, seed, noise_file, save_tokens, out, save_images, device, debug):
     """Sample images from a FlowAR checkpoint (eager PyTorch) or an engine directory (runtime)."""
     from flowar.run import check_writable, parse_labels, run_sampling, write_outputs
     from flowar.schedule import validate_sampling_args
@@ -120,11 +122,22 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
                           "an engine directory exported without --vae" if engine_dir else "no --vae",
                           "pass --vae PATH (or re-export with --vae), or use --save-tokens only")
     ids = parse_labels(config, labels, classes, class_names, n_per_class)
+    if batch_size is not None and batch_size < 1:
+        raise FlowARError("--batch >= 1", str(batch_size), "use e.g. --batch 8")
+    if engine_dir:
+        limit = rt.manifest["max_batch"]
+        if batch_size is not None and batch_size > limit:
+            raise FlowARError(f"--batch at most {limit} (the engines' max batch)", str(batch_size),
+                              f"use --batch {limit}, or re-export with --max-batch {batch_size}")
+        if noise_file and len(ids) > limit:
+            raise FlowARError(f"at most {limit} samples with --noise (the engines' max batch)", str(len(ids)),
+                              f"re-export with --max-batch {len(ids)}")
+        batch_size = batch_size or limit
     click.echo(f"backend: {what}", err=True)
     with torch.inference_mode():
         result = run_sampling(stages, config, ids, steps, cfg, guidance, seed, noise_file,
-                              decode=bool(out or save_images), device=dev, progress=True)
-    lines = write_outputs(result, class_names, save_tokens, out, save_images)
+                              decode=bool(out or save_images), device=dev, progress=True, batch_size=batch_size)
+    lines = write_outputs(result, class_names, save_tokens, out, save_images, n_per_class if n_per_class > 1 else None)
     click.echo(f"sampled {len(ids)} x {config.latent_size}x{config.latent_size} token maps with {what} in "
                f"{result.seconds:.2f} s ({steps} steps, cfg {cfg}, guidance {guidance})")
     for line in lines:

@@ -59,3 +59,9 @@ def save_grid(images_B3HW: Tensor, captions: list[str], path: str | Path, column
     p = Path(path)
     _save_png(grid, p)
     return p
+
+
+def psnr(a_B3HW: Tensor, b_B3HW: Tensor) -> float:
+    """PSNR in dB of two image batches in [-1, 1] (peak-to-peak 2), over the whole batch."""
+    mse = float((a_B3HW.float().clamp(-1, 1) - b_B3HW.float().clamp(-1, 1)).pow(2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)

@@ -104,14 +104,24 @@ class SampleResult:
 def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], steps: int, cfg: float, guidance: float,
                  seed: int = 0, noise_file: str | Path | None = None, decode: bool = False,
                  device: str | torch.device = "cpu", progress: bool = False,
-                 on_scale: Callable[[ScaleTrace], None] | None = None) -> SampleResult:
+                 on_scale: Callable[[ScaleTrace], None] | None = None, batch_size: int | None = None) -> SampleResult:
+    """Sample ``labels`` in batches of at most ``batch_size`` (all at once by default).
+
+    Seeded noise comes from one generator drawn batch after batch, so a request is reproducible
+    for a given batch size. Recorded noise (``noise_file``) describes one batch and cannot be split.
+    """
     schedule = build_schedule(steps, cfg, guidance, config.n_scales)
+    bs = batch_size or len(labels)
+    if noise_file and bs < len(labels):
+        raise FlowARError(f"at most {bs} labels with --noise (one recorded batch)", f"{len(labels)}",
+                          "pass fewer labels, or drop --noise to sample in batches")
     noise: NoiseFn = injected_noise(read_noise(noise_file, config)) if noise_file else seeded_noise(seed)
     traces: list[ScaleTrace] = []
+    chunks = [labels[i:i + bs] for i in range(0, len(labels), bs)]
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=config.n_scales, desc="scales", unit="scale", leave=False, disable=None)
+        bar = tqdm(total=config.n_scales * len(chunks), desc="scales", unit="scale", leave=False, disable=None)
 
     def scale_done(tr: ScaleTrace) -> None:
         traces.append(tr)
@@ -121,15 +131,21 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], steps:
             on_scale(tr)
 
     t0 = time.perf_counter()
-    labels_t = torch.tensor(labels, dtype=torch.int64, device=device)
-    tokens, images = sample(stages, config, schedule, labels_t, noise, decode=decode, device=device, on_scale=scale_done)
+    toks, imgs = [], []
+    for chunk in chunks:
+        labels_t = torch.tensor(chunk, dtype=torch.int64, device=device)
+        tokens, images = sample(stages, config, schedule, labels_t, noise, decode=decode, device=device,
+                                on_scale=scale_done)
+        toks.append(tokens.cpu())
+        if images is not None:
+            imgs.append(images.cpu())
     if bar is not None:
         bar.close()
-    return SampleResult(tokens.cpu(), None if images is None else images.cpu(), labels, time.perf_counter() - t0, traces)
+    return SampleResult(torch.cat(toks), torch.cat(imgs) if imgs else None, labels, time.perf_counter() - t0, traces)
 
 
 def write_outputs(result: SampleResult, class_names: list[str] | None, save_tokens: str | Path | None,
-                  out: str | Path | None, save_images: str | Path | None) -> list[str]:
+                  out: str | Path | None, save_images: str | Path | None, columns: int | None = None) -> list[str]:
     """Write the requested files atomically; returns a line per file for the user."""
     from flowar.checkpoint import atomic_write_bytes
     lines = []
@@ -142,7 +158,7 @@ def write_outputs(result: SampleResult, class_names: list[str] | None, save_toke
         from flowar.images import save_grid, save_images as save_each
         if out:
             caps = [class_names[i] if class_names and i < len(class_names) else str(i) for i in result.labels]
-            save_grid(result.images, caps, out)
+            save_grid(result.images, caps, out, columns=columns)
             lines.append(f"grid of {len(result.labels)} images -> {out}")
         if save_images:
             save_each(result.images, save_images)
