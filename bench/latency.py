@@ -273,7 +273,14 @@ def load_source(a, device):
         label, rw = Path(a.ckpt).name, False
     else:
         torch.manual_seed(0)
-        model = FlowAR(get_preset(a.preset or "flowar-s")).to(device).eval()
+        model = FlowAR(get_preset(a.preset or "flowar-s")).eval()
+        # The official init zeroes the head's output layer (velocity identically 0): perturb every
+        # parameter, as the official fixtures do, so that parity checks compare real numbers.
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen), alpha=0.02)
+        model = model.to(device)
         label, rw = f"preset {a.preset or 'flowar-s'}", True
     if a.vae:
         from flowar.vae import load_vae

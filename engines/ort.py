@@ -40,6 +40,17 @@ def cpu_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def single_thread_work(config, flops_limit: float = 2e8) -> int:
+    """Largest rows x tokens of a velocity call that runs faster on one thread than on all.
+
+    Below ~0.2 GFLOP a call is dominated by per-op overhead, and waking threads only adds to it
+    (the shipped tiny model's velocity at batch 1: 2x faster on 1 thread than on 2).
+    """
+    W, Hm = config.head_width, config.head_mlp_hidden
+    per_token = 2 * config.head_depth * (10 * W * W + 3 * W * Hm)
+    return int(flops_limit // per_token)
+
+
 def session_options(threads: int | None = None, optimized_cache: Path | None = None):
     import onnxruntime as ort
     so = ort.SessionOptions()

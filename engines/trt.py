@@ -108,9 +108,10 @@ def build_plan(b: Builder, graph: Path, graph_sha: str, spec: StageSpec, config:
         for name, (lo, opt, hi) in p.items():
             prof.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
         cfg.add_optimization_profile(prof)
-    cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
-    tc = cfg.create_timing_cache(cache_bytes)
-    cfg.set_timing_cache(tc, ignore_mismatch=False)
+    timed = b.flavour == "tensorrt"          # TensorRT-RTX tunes at run time: its timing cache is a no-op
+    if timed:
+        cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
+        cfg.set_timing_cache(cfg.create_timing_cache(cache_bytes), ignore_mismatch=False)
     if b.flavour == "tensorrt-rtx" and gpu_compute_capability() is None:
         # No GPU here: build ahead of time for the named target.
         cfg.num_compute_capabilities = 1
@@ -122,7 +123,8 @@ def build_plan(b: Builder, graph: Path, graph_sha: str, spec: StageSpec, config:
     key = plan_key(graph_sha, precision, profs, b, cc)
     plan = out_dir / f"{spec.name}.{key[:16]}.plan"
     plan.write_bytes(bytes(serialized))
-    timing_cache.write_bytes(bytes(cfg.get_timing_cache().serialize()))
+    if timed:
+        timing_cache.write_bytes(bytes(cfg.get_timing_cache().serialize()))
     from flowar.export.manifest import sha256_file
     return {"file": plan.name, "sha256": sha256_file(plan), "key": key, "profiles": profs,
             "compute_capability": cc}
