@@ -39,11 +39,34 @@ ALL_BACKENDS = ("eager", "torch", "compile", "ort", "trt", "cudagraph")
 
 # ---- timing wrapper around any Stages --------------------------------------------------------
 
-class TimedStages:
-    """Accumulates wall time per stage (AR, head = prepare + velocity, decode)."""
+class StageProbe:
+    """Wraps any Stages and measures each call by stage: AR, head (prepare + velocity), decode."""
+
+    def __init__(self, inner, measure):
+        self.inner, self.measure = inner, measure      # measure(key, fn, *args) -> fn(*args)
+
+    def start(self, labels):
+        self.inner.start(labels)
+
+    def ar(self, k, x):
+        return self.measure("ar", self.inner.ar, k, x)
+
+    def prepare(self, k, cond):
+        return self.measure("head", self.inner.prepare, k, cond)
+
+    def velocity(self, ctx, x, t):
+        return self.measure("head", self.inner.velocity, ctx, x, t)
+
+    def decode(self, latent):
+        return self.measure("decode", self.inner.decode, latent)
+
+
+class TimedStages(StageProbe):
+    """Accumulates wall time per stage (synchronising before reading the clock)."""
 
     def __init__(self, inner, sync):
-        self.inner, self.sync = inner, sync
+        super().__init__(inner, self._timed)
+        self.sync = sync
         self.t = {"ar": 0.0, "head": 0.0, "decode": 0.0}
 
     def _timed(self, key, fn, *a):
@@ -53,21 +76,6 @@ class TimedStages:
         self.sync()
         self.t[key] += time.perf_counter() - t0
         return out
-
-    def start(self, labels):
-        self.inner.start(labels)
-
-    def ar(self, k, x):
-        return self._timed("ar", self.inner.ar, k, x)
-
-    def prepare(self, k, cond):
-        return self._timed("head", self.inner.prepare, k, cond)
-
-    def velocity(self, ctx, x, t):
-        return self._timed("head", self.inner.velocity, ctx, x, t)
-
-    def decode(self, latent):
-        return self._timed("decode", self.inner.decode, latent)
 
 
 @dataclass
@@ -294,38 +302,20 @@ def official_flops(model, vae, schedule, B: int) -> dict:
     from flowar.sampler import sample, seeded_noise
     from flowar.stages import OfficialStyleStages
 
-    class Counting:
-        def __init__(self, inner):
-            self.inner, self.f = inner, {"ar": 0, "head": 0, "decode": 0}
+    counted = {"ar": 0, "head": 0, "decode": 0}
 
-        def _c(self, key, fn, *a):
-            with FlopCounterMode(display=False) as fc:
-                out = fn(*a)
-            self.f[key] += fc.get_total_flops()
-            return out
-
-        def start(self, labels):
-            self.inner.start(labels)
-
-        def ar(self, k, x):
-            return self._c("ar", self.inner.ar, k, x)
-
-        def prepare(self, k, c):
-            return self._c("head", self.inner.prepare, k, c)
-
-        def velocity(self, ctx, x, t):
-            return self._c("head", self.inner.velocity, ctx, x, t)
-
-        def decode(self, z):
-            return self._c("decode", self.inner.decode, z)
+    def count(key, fn, *a):
+        with FlopCounterMode(display=False) as fc:
+            out = fn(*a)
+        counted[key] += fc.get_total_flops()
+        return out
 
     dev = next(model.parameters()).device
-    st = Counting(OfficialStyleStages(model, vae.decode if vae is not None else None))
-    # One step per scale is counted exactly and scaled: every step of a scale costs the same.
+    st = StageProbe(OfficialStyleStages(model, vae.decode if vae is not None else None), count)
     with torch.inference_mode():
         sample(st, model.config, schedule, torch.zeros(B, dtype=torch.int64, device=dev), seeded_noise(0),
                decode=vae is not None, device=dev, official_rows=True)
-    return st.f
+    return counted
 
 
 def make_backend(name, model, vae, engine_dir, B, device, a):

@@ -16,6 +16,7 @@ import click
 from flowar.errors import FlowARError
 
 EXIT_USER_ERROR = 2
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def user_errors(fn):
@@ -52,7 +53,7 @@ def _device(name: str):
     return torch.device(name)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(context_settings=CONTEXT)
 @click.option("--ckpt", type=click.Path(dir_okay=False), help="FlowAR checkpoint (eager PyTorch): official .pth, "
               "training checkpoint, or this project's .safetensors.")
 @click.option("--engine-dir", type=click.Path(file_okay=False), help="Engine directory from flowar-export.")
@@ -144,7 +145,7 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
         click.echo("  " + line)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(context_settings=CONTEXT)
 @click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="FlowAR checkpoint to export.")
 @click.option("--preset", help="Config preset for files that carry none.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Config JSON for files that carry none.")
@@ -187,17 +188,9 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
     click.echo(f"engine directory -> {rep.out} ({', '.join(rep.backends)}, {precision}, max batch {max_batch}) in {secs:.0f} s")
 
 
-def export_main() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    export_cmd(prog_name="flowar-export")
 
 
-def run_main() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    run(prog_name="flowar-run")
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(context_settings=CONTEXT)
 @click.option("--data", default="animal-mnist", show_default=True, help="animal-mnist, or ROOT/<class>/<image> folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output diffusers VAE folder.")
 @click.option("--size", default=32, show_default=True, type=int, help="Image side (Animal-MNIST is padded to it).")
@@ -216,12 +209,8 @@ def train_vae_cmd(data, out, size, latent_channels, steps, batch, lr, seed, debu
     click.echo(f"VAE -> {res['out']} in {res['seconds']:.0f} s, final reconstruction loss {res['final_reconstruction_loss']:.4f}")
 
 
-def train_vae_main() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    train_vae_cmd(prog_name="flowar-train-vae")
 
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(context_settings=CONTEXT)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (checkpoints, loss.png, samples/).")
 @click.option("--vae", required=True, type=click.Path(), help="VAE the latents come from (diffusers folder or kl16.ckpt).")
 @click.option("--data", default="animal-mnist", show_default=True, help="animal-mnist, or ROOT/<class>/<image> folder.")
@@ -258,12 +247,8 @@ def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmu
                    f"last {len(tail)} steps {sum(tail) / max(1, len(tail)):.4f}; weights -> {Path(out) / 'model.safetensors'}")
 
 
-def train_main() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    train_cmd(prog_name="flowar-train")
 
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(context_settings=CONTEXT)
 @click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="An Animal-MNIST FlowAR checkpoint.")
 @click.option("--vae", required=True, type=click.Path(), help="Its VAE.")
 @click.option("--per-class", default=50, show_default=True, type=int, help="Samples per class.")
@@ -296,6 +281,16 @@ def judge_cmd(ckpt, vae, per_class, steps, cfg, guidance, seed, judge_cache, deb
     click.echo("  " + ", ".join(f"{n} {a:.0%}" for n, a in zip(names, rep.per_class)))
 
 
-def judge_main() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    judge_cmd(prog_name="flowar-judge")
+def _entry(cmd: click.Command, prog: str):
+    """A console-script entry point: the hub's offline switch is set before anything imports it."""
+    def main() -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        cmd(prog_name=prog)
+    return main
+
+
+run_main = _entry(run, "flowar-run")
+export_main = _entry(export_cmd, "flowar-export")
+train_main = _entry(train_cmd, "flowar-train")
+train_vae_main = _entry(train_vae_cmd, "flowar-train-vae")
+judge_main = _entry(judge_cmd, "flowar-judge")

@@ -154,3 +154,27 @@ def test_real_presets_export_ar_and_velocity_with_dynamic_shapes(preset, tmp_pat
         assert first[0].dim_param and first[1].dim_param
         out = g.output[0].type.tensor_type.shape.dim
         assert out[-1].dim_value == (cfg.ar_width if name == "ar" else cfg.latent_channels)
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
+def test_tensorrt_runtime_reproduces_official_tokens(fixtures_dir, tmp_path):
+    """Runs plans on a GPU (full TensorRT, or TensorRT-RTX on a supported GPU)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    try:
+        from flowar.engines.trt import load_builder
+        load_builder()
+    except Exception:
+        pytest.skip("needs TensorRT or TensorRT-RTX")
+    from safetensors.torch import load_file
+    from flowar.run import run_sampling
+    from flowar.runtime.load import open_engine_dir
+    io = load_file(str(fixtures_dir / "tiny_v1_io.safetensors"))
+    d = tmp_path / "trt"
+    build_engine_dir(fixtures_dir / "tiny_v1.safetensors", d, preset="tiny", backend="trt", max_batch=2, verify=False)
+    noise = tmp_path / "N.safetensors"
+    save_file({f"noise{k}": io[f"sample25.noise{k}"].contiguous() for k in range(5)}, str(noise))
+    with open_engine_dir(d, "trt") as rt:
+        res = run_sampling(rt.stages, rt.config, [3, 7], 25, 4.3, 0.9, noise_file=noise, device=rt.device)
+    assert (res.tokens - io["sample25.tokens"]).abs().max().item() <= 1e-2
