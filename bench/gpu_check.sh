@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared check for a lent GPU machine (PyTorch with CUDA, no TensorRT, no network).
 # Runs the gpu-marked tests and the FlowAR-S latency bench (random weights) at batch 1 and 32
-# for eager, torch.compile and the CUDA-graph runtime, and writes everything under $OUT.
+# for eager, torch.compile and the CUDA-graph runtime, in fp32 and bf16 (autocast), and writes
+# everything under $OUT.
 # Budget: well under 8 minutes on an H200.
 #   usage (device tool):  bash bench/gpu_check.sh
 set -uo pipefail
@@ -19,6 +20,9 @@ PYEOF
 cat "$OUT/env.txt"
 "$PY" -m pip install -q --no-deps -e . > "$OUT/install.log" 2>&1 || echo "editable install failed (see install.log)"
 timeout 150 "$PY" -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.txt" | tail -5
-timeout 280 "$PY" bench/latency.py --preset flowar-s --batch 1,32 --backends eager,torch,compile,cudagraph \
-    --repeat 3 --json "$OUT/flowar_s_fp32.json" --plot "$OUT/flowar_s_fp32.png" 2>&1 | tee "$OUT/bench_fp32.txt" | tail -12
+for dt in fp32 bf16; do
+  timeout 170 "$PY" bench/latency.py --preset flowar-s --batch 1,32 --backends eager,torch,compile,cudagraph \
+      --dtype "$dt" --repeat 3 --json "$OUT/flowar_s_$dt.json" --plot "$OUT/flowar_s_$dt.png" 2>&1 \
+      | tee "$OUT/bench_$dt.txt" | tail -12
+done
 echo "done: $OUT"

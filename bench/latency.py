@@ -155,6 +155,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default="bench/out/latency.json", help="write results here")
     ap.add_argument("--plot", default="bench/out/latency.png", help="write a per-stage bar chart here")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                    help="PyTorch backends: run the stages under autocast in this type (as the official evaluation "
+                         "does with fp16 on GPU); engines keep the precision they were exported with")
     ap.add_argument("--debug", action="store_true")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -192,7 +195,8 @@ def run(a) -> int:
     config = model.config
     schedule = build_schedule(a.steps, a.cfg, a.guidance, config.n_scales)
     decode = vae is not None
-    print(f"# FlowAR latency: {label}{' (random weights)' if random_weights else ''}, {a.steps} steps, cfg {a.cfg}, "
+    print(f"# FlowAR latency: {label}{' (random weights)' if random_weights else ''}, {a.dtype} PyTorch stages, "
+          f"{a.steps} steps, cfg {a.cfg}, "
           f"guidance {a.guidance}, {'tokens + decode' if decode else 'tokens only'}, device {device}", flush=True)
     peak = gemm_peak_gflops(device)
     info = machine_info() | {"gemm_peak_gflops": peak}
@@ -246,7 +250,8 @@ def run(a) -> int:
     table = markdown(results, peak, decode)
     print()
     print(table)
-    out = {"machine": info, "source": label, "random_weights": random_weights, "steps": a.steps, "cfg": a.cfg,
+    out = {"machine": info, "source": label, "random_weights": random_weights, "dtype": a.dtype, "steps": a.steps,
+           "cfg": a.cfg,
            "guidance": a.guidance, "decode": decode, "official_flops_per_max_batch": flops,
            "results": [asdict(r) for r in results], "markdown": table}
     if a.json:
@@ -323,12 +328,12 @@ def make_backend(name, model, vae, engine_dir, B, device, a):
     from flowar.stages import OfficialStyleStages, TorchStages
     dec = vae.decode if vae is not None else None
     if name == "eager":
-        return (lambda: OfficialStyleStages(model, dec)), None, "", True
+        return autocast(lambda: OfficialStyleStages(model, dec), device, a.dtype), None, "", True
     if name == "torch":
-        return (lambda: TorchStages(model, dec)), None, "", False
+        return autocast(lambda: TorchStages(model, dec), device, a.dtype), None, "", False
     if name == "compile":
         t0 = time.perf_counter()
-        compiled = CompiledStages.build(model, dec)
+        compiled = autocast(CompiledStages.build(model, dec), device, a.dtype)
         st = compiled()
         from flowar.sampler import sample, seeded_noise
         from flowar.schedule import build_schedule
@@ -358,9 +363,22 @@ def make_backend(name, model, vae, engine_dir, B, device, a):
         from flowar.schedule import build_schedule
         t0 = time.perf_counter()
         sched = build_schedule(a.steps, a.cfg, a.guidance, model.config.n_scales)
-        gs = GraphedSampler(torch_engine_stages(model, B, device, vae), model.config, sched, B, device).build()
+        stages = autocast(lambda: torch_engine_stages(model, B, device, vae), device, a.dtype)()
+        gs = GraphedSampler(stages, model.config, sched, B, device).build()
         return gs, time.perf_counter() - t0, f"capture {time.perf_counter() - t0:.1f} s", False
     raise Skip(f"unknown backend {name}")
+
+
+def autocast(factory, device, dtype: str):
+    """Stages factory whose calls run under torch.autocast (fp32: unchanged)."""
+    if dtype == "fp32":
+        return factory
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+    def measure(key, fn, *a):
+        with torch.autocast(device.type, dtype=dt):
+            return fn(*a)
+    return lambda: StageProbe(factory(), measure)
 
 
 class CompiledStages:
