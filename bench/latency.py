@@ -387,6 +387,9 @@ class CompiledStages:
     @staticmethod
     def build(model, dec):
         from flowar.stages import TorchStages
+        import torch._dynamo
+        # one specialisation per (scale, rows): 2 x scales x batches, above the default limit of 8
+        torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
         vel = torch.compile(model.flownet.velocity, dynamic=False)
 
         class _S(TorchStages):
