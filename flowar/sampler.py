@@ -167,7 +167,7 @@ def run_scale(stages: Stages, ws: Workspace, schedule: Schedule, k: int, check: 
             _finite(v, "velocity", k, side, i)
         if rows_trace is not None:
             rows_trace.append(rows)
-        x64.add_(v64 * dt)
+        x64.add_(v64, alpha=dt)                                            # x + (t_next - t_cur) v, in place
     z = ws.view("z", k)
     z.copy_(x64[:B])
     if check == "scale":
