@@ -175,7 +175,6 @@ def run(a) -> int:
     from flowar.errors import FlowARError
     from flowar.sampler import sample, seeded_noise
     from flowar.schedule import build_schedule
-    from flowar.stages import OfficialStyleStages, TorchStages
 
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]
     bad = [b for b in backends if b not in ALL_BACKENDS]
@@ -339,7 +338,7 @@ def make_backend(name, model, vae, engine_dir, B, device, a):
         from flowar.schedule import build_schedule
         with torch.inference_mode():      # compile every (scale, rows) shape now, timed apart
             sample(st, model.config, build_schedule(a.steps, a.cfg, a.guidance, model.config.n_scales),
-                   torch.zeros(B, dtype=torch.int64, device=device), __import__("flowar.sampler").sampler.seeded_noise(0),
+                   torch.zeros(B, dtype=torch.int64, device=device), seeded_noise(0),
                    decode=False, device=device)
         return compiled, time.perf_counter() - t0, f"compile {time.perf_counter() - t0:.0f} s", False
     if name == "ort":

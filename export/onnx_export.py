@@ -11,7 +11,6 @@ import contextlib
 import copy
 import io
 import logging
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path

@@ -9,8 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from flowar.checkpoint import load_model
 from flowar.errors import FlowARError
 

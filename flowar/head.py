@@ -99,8 +99,7 @@ class BlockV1(nn.Module):
         self.ada_lin = nn.Linear(W, 6 * W)
 
     def forward(self, x: Tensor, t_R1W: Tensor, c_RNW: Tensor, ctx: "HeadContext", i: int) -> Tensor:
-        R, N, W = c_RNW.shape
-        g1, g2, s1, s2, b1, b2 = self.ada_lin(F.silu(t_R1W + c_RNW)).view(R, N, 6, W).unbind(2)
+        g1, g2, s1, s2, b1, b2 = self.ada_lin(F.silu(t_R1W + c_RNW)).chunk(6, dim=-1)
         cos, sin = ctx.rope[i]
         x = x + self.attn(modulate(self.norm1(x), b1, s1), cos, sin) * g1
         return x + self.mlp(modulate(self.norm2(x), b2, s2)) * g2
@@ -123,13 +122,13 @@ class BlockV2(nn.Module):
         self.ada_lin_mlp = nn.Linear(W, 3 * W)
 
     def forward(self, x: Tensor, t_R1W: Tensor, c_RNW: Tensor, ctx: "HeadContext", i: int) -> Tensor:
-        R, N, W = c_RNW.shape
-        g1, s1, b1 = self.ada_lin_attn(F.silu(t_R1W)).view(R, 1, 3, W).unbind(2)
-        g2, s2, b2 = self.ada_lin_mlp(F.silu(c_RNW + t_R1W)).view(R, N, 3, W).unbind(2)
+        g1, s1, b1 = self.ada_lin_attn(F.silu(t_R1W)).chunk(3, dim=-1)
+        g2, s2, b2 = self.ada_lin_mlp(F.silu(c_RNW + t_R1W)).chunk(3, dim=-1)
         cos, sin = ctx.rope[i]
         ccos, csin = ctx.cross_rope[i]
         x = x + self.attn(modulate(self.norm1(x), b1, s1), cos, sin) * g1
-        x = x + self.crossattn(self.norm2_1(x), ctx.cross_k[i][:R], ctx.cross_v[i][:R], ccos, csin)
+        r = x.shape[0]
+        x = x + self.crossattn(self.norm2_1(x), ctx.cross_k[i][:r], ctx.cross_v[i][:r], ccos, csin)
         return x + self.mlp(modulate(self.norm3(x), b2, s2)) * g2
 
 

@@ -43,7 +43,7 @@ class ARBlock(nn.Module):
 
     def forward(self, x_BLD: Tensor, cls_BD: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: KVCache | None = None, begin: int = 0) -> Tensor:
-        g1, g2, s1, s2, b1, b2 = self.ada_lin(cls_BD).view(-1, 1, 6, self.dim).unbind(2)   # (B, 1, D) each
+        g1, g2, s1, s2, b1, b2 = self.ada_lin(cls_BD)[:, None].chunk(6, dim=-1)   # (B, 1, D) each
         x_BLD = x_BLD + self.attn(modulate(self.norm1(x_BLD), b1, s1), cos, sin, mask, cache, begin) * g1
         return x_BLD + self.mlp(modulate(self.norm2(x_BLD), b2, s2)) * g2
 

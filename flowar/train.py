@@ -249,7 +249,7 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
             raise FlowARError(f"a checkpoint to resume at {ckpt_path}", "none", "drop --resume to start afresh")
         state = load_training_checkpoint(ckpt_path, model, ema, opt)
     elif ckpt_path.is_file():
-        raise FlowARError(f"an empty run folder (or --resume)", f"{ckpt_path} exists",
+        raise FlowARError("an empty run folder (or --resume)", f"{ckpt_path} exists",
                           "pass --resume to continue it, or choose another --out")
     objective = FlowLoss(model)
     if world > 1:

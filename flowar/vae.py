@@ -20,7 +20,6 @@ import os
 import re
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from flowar.errors import FlowARError

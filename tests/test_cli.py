@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 

@@ -1,7 +1,6 @@
 """Bad input, faults and trust: clear one-line errors, nothing half-written trusted."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys

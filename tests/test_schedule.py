@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from flowar.errors import FlowARError
 from flowar.schedule import build_schedule, scale_cfg, time_grid
