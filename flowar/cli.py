@@ -272,7 +272,7 @@ def judge_cmd(ckpt, vae, per_class, steps, cfg, guidance, seed, judge_cache, deb
     if ck.config.num_classes != 10:
         raise FlowARError("an Animal-MNIST model (10 classes)", f"{ck.config.num_classes} classes", "pass the default model")
     dec = load_vae(vae, expect_channels=ck.config.latent_channels).decode
-    rep = judge_model(lambda: TorchStages(model, dec), ck.config, ck.class_names, per_class, steps, cfg, guidance, seed,
+    rep = judge_model(TorchStages(model, dec), ck.config, per_class, steps, cfg, guidance, seed,
                       cache=Path(judge_cache))
     click.echo(f"judge: held-out accuracy on real images {rep.held_out_accuracy:.1%} (2,000 held-out images)")
     click.echo(f"generated: {rep.class_accuracy:.1%} of {rep.n_samples} samples judged the requested class "

@@ -102,22 +102,16 @@ class JudgeReport:
     seconds: float
 
 
-def judge_model(stages_factory, config, class_names, per_class: int, steps: int, cfg: float, guidance: float,
+def judge_model(stages, config, per_class: int, steps: int, cfg: float, guidance: float,
                 seed: int = 0, batch: int = 50, cache: Path | None = None) -> JudgeReport:
-    """Sample ``per_class`` images of every class and score them with the judge."""
-    from flowar.sampler import sample, seeded_noise
-    from flowar.schedule import build_schedule
+    """Sample ``per_class`` images of every class (as flowar-run would) and score them with the judge."""
+    from flowar.run import run_sampling
     t0 = time.perf_counter()
     judge = train_judge(cache=cache)
     labels = torch.arange(config.num_classes).repeat_interleave(per_class)
-    sched = build_schedule(steps, cfg, guidance, config.n_scales)
-    preds = []
     with torch.inference_mode():
-        for i in range(0, len(labels), batch):
-            stages = stages_factory()
-            _, images = sample(stages, config, sched, labels[i:i + batch], seeded_noise(seed + i), decode=True)
-            preds.append(judge.classify(images))
-    pred = torch.cat(preds)
+        res = run_sampling(stages, config, labels.tolist(), steps, cfg, guidance, seed, decode=True, batch_size=batch)
+    pred = torch.cat([judge.classify(res.images[i:i + batch]) for i in range(0, len(labels), batch)])
     ok = (pred == labels).float()
     per = [float(ok[labels == c].mean()) for c in range(config.num_classes)]
     return JudgeReport(judge.held_out_accuracy, float(ok.mean()), per, len(labels), time.perf_counter() - t0)

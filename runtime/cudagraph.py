@@ -88,11 +88,8 @@ class GraphedSampler:
 
 def torch_engine_stages(model, max_batch: int, device: torch.device | str, vae=None):
     """EngineStages over the reference modules (static buffers, capturable): the graphed PyTorch path."""
-    from flowar.export.onnx_export import stage_module
     from flowar.export.specs import stage_specs
-    from flowar.runtime.engines import TorchEngine
-    from flowar.runtime.pipeline import EngineStages
+    from flowar.runtime.pipeline import EngineStages, torch_engines
     c = model.config
     specs = stage_specs(c, c.latent_size if vae else None, vae.downsample if vae else None)
-    engines = {n: TorchEngine(n, stage_module(n, model, vae), s.inputs, s.outputs).__enter__() for n, s in specs.items()}
-    return EngineStages(engines, c, max_batch, torch.device(device), specs)
+    return EngineStages(torch_engines(model, specs, vae), c, max_batch, torch.device(device), specs)

@@ -17,7 +17,7 @@ from flowar.config import FlowARConfig
 from flowar.errors import FlowARError
 from flowar.export.manifest import EngineDirError, read_manifest, safe_member, sha256_file
 from flowar.export.specs import stage_specs
-from flowar.runtime.engines import OrtEngine, SharedDeviceMemory, TorchEngine, TrtEngine
+from flowar.runtime.engines import OrtEngine, SharedDeviceMemory, TrtEngine
 from flowar.runtime.pipeline import EngineStages
 
 BACKENDS = ("auto", "ort", "trt", "torch")
@@ -114,16 +114,14 @@ def open_engine_dir(path: str | Path, backend: str = "auto", device: str | torch
                               f"{src if str(src) else 'no path'} (missing or a different file)",
                               "pass --ckpt with the original checkpoint")
         from flowar.checkpoint import load_model
-        from flowar.export.onnx_export import stage_module
+        from flowar.runtime.pipeline import torch_engines
         dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model, _ = load_model(src, config=config, use_ema=m["checkpoint"].get("weights") != "model", device=dev)
         vae_mod = None
         if vae:
             from flowar.vae import load_vae
             vae_mod = load_vae(vae["source"], expect_channels=config.latent_channels).to(dev)
-        for name, spec in specs.items():
-            engines[name] = stack.enter_context(TorchEngine(name, stage_module(name, model, vae_mod), spec.inputs,
-                                                            spec.outputs))
+        engines = torch_engines(model, specs, vae_mod)
         detail = f"eager PyTorch on {dev}"
     stages = EngineStages(engines, config, m["max_batch"], dev, specs)
     return Runtime(m, config, m.get("class_names"), stages, backend, detail, dev, stack)

@@ -9,7 +9,7 @@ engines, so ``flowar.sampler.sample`` runs unchanged: there is no second samplin
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -50,6 +50,7 @@ class BufferPlan:
 class ScaleContext:
     k: int
     inputs: dict[str, Tensor]            # velocity inputs except x and t, at R rows
+    calls: dict = field(default_factory=dict)   # rows -> (inputs, outputs) of a velocity call, built once
 
 
 class EngineStages:
@@ -65,7 +66,6 @@ class EngineStages:
         self.prefix = torch.zeros(self.max_rows, c.seq_len, c.latent_channels, device=device)
         self.pos = [grid_positions(s).to(device) for s in c.scales]
         self.R = 0
-        self.labels: Tensor | None = None
 
     def _io(self, stage: str, k: int, rows: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         spec = self.specs[stage]
@@ -103,15 +103,18 @@ class EngineStages:
 
     def velocity(self, ctx: ScaleContext, x: Tensor, t: Tensor) -> Tensor:
         r = x.shape[0]
-        spec = self.specs["velocity"]
-        shapes = spec.shapes(ctx.k, r)
-        ins = {"x": x, "t": t}
-        for n in spec.inputs[2:]:
-            src = ctx.inputs[n]
-            ins[n] = src[:r] if n in ("c", "cross_kv") else src
-        out = self.buffers.view("velocity", "v", shapes["v"])
-        self.engines["velocity"].infer(ins, {"v": out}, profile=ctx.k)
-        return out
+        call = ctx.calls.get(r)
+        if call is None:                      # once per (scale, rows); every later step reuses it
+            spec = self.specs["velocity"]
+            ins = {"x": x, "t": t}
+            for n in spec.inputs[2:]:
+                src = ctx.inputs[n]
+                ins[n] = src[:r] if n in ("c", "cross_kv") else src
+            call = ctx.calls[r] = (ins, {"v": self.buffers.view("velocity", "v", spec.shapes(ctx.k, r)["v"])})
+        ins, outs = call
+        ins["x"], ins["t"] = x, t
+        self.engines["velocity"].infer(ins, outs, profile=ctx.k)
+        return outs["v"]
 
     def decode(self, latent: Tensor) -> Tensor:
         if "decode" not in self.engines:
@@ -122,3 +125,10 @@ class EngineStages:
         ins["latent"].copy_(latent)
         self.engines["decode"].infer(ins, outs)
         return outs["image"].clone()
+
+
+def torch_engines(model, specs: dict[str, StageSpec], vae=None) -> dict[str, Engine]:
+    """The reference modules behind the engine interface, one per stage (already entered)."""
+    from flowar.export.onnx_export import stage_module
+    from flowar.runtime.engines import TorchEngine
+    return {n: TorchEngine(n, stage_module(n, model, vae), s.inputs, s.outputs).__enter__() for n, s in specs.items()}

@@ -3,10 +3,8 @@
 import pytest
 import torch
 
-from flowar.export.onnx_export import stage_module
 from flowar.export.specs import stage_specs
-from flowar.runtime.engines import TorchEngine
-from flowar.runtime.pipeline import BufferPlan, EngineStages
+from flowar.runtime.pipeline import BufferPlan, EngineStages, torch_engines
 from flowar.sampler import injected_noise, sample
 from flowar.schedule import build_schedule
 from flowar.stages import TorchStages
@@ -14,8 +12,7 @@ from flowar.stages import TorchStages
 
 def _torch_engine_stages(model, max_batch=2):
     specs = stage_specs(model.config)
-    engines = {n: TorchEngine(n, stage_module(n, model), s.inputs, s.outputs).__enter__() for n, s in specs.items()}
-    return EngineStages(engines, model.config, max_batch, torch.device("cpu"), specs)
+    return EngineStages(torch_engines(model, specs), model.config, max_batch, torch.device("cpu"), specs)
 
 
 class Recording:
