@@ -44,6 +44,7 @@ class StageProbe:
 
     def __init__(self, inner, measure):
         self.inner, self.measure = inner, measure      # measure(key, fn, *args) -> fn(*args)
+        self.host_threads = getattr(inner, "host_threads", None)
 
     def start(self, labels):
         self.inner.start(labels)

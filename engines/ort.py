@@ -4,7 +4,8 @@ Options chosen for this workload: all graph optimizations, intra-op threads = th
 process may use, sequential execution (the graphs are chains of small GEMMs), memory-pattern
 planning on (each scale has fixed shapes), and the optimized graph cached in the engine
 directory under a name keyed by the graph's hash and the ONNX Runtime version, so a cache is
-only used for the graph and library it was made from.
+only used for the graph and library it was made from. On a CPU, :func:`plan_call` decides per
+call how many threads run it and whether its rows are split into blocks run at once.
 
 The CUDA provider is taken when onnxruntime-gpu and a GPU are both present; the caller is told
 which provider ran.
@@ -40,15 +41,45 @@ def cpu_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def single_thread_work(config, flops_limit: float = 2e8) -> int:
-    """Largest rows x tokens of a velocity call that runs faster on one thread than on all.
+def velocity_work_limits(config, shard_flops: float = 2e7, single_flops: float = 2e8) -> tuple[int, int]:
+    """(shard_min, single_max) in rows x tokens for the head's velocity call; see :func:`plan_call`.
 
-    Below ~0.2 GFLOP a call is dominated by per-op overhead, and waking threads only adds to it
-    (the shipped tiny model's velocity at batch 1: 2x faster on 1 thread than on 2).
+    Measured on 2 cores with the shipped tiny model: below ~20 MFLOP a call is per-op overhead
+    and runs best on one thread (2x2 map, 2 rows: 0.26 ms on 1 thread, 0.34 ms on 2, 0.26 ms as
+    two 1-row blocks); above it, rows split across cores win (4x4 map, 2 rows: 0.72 ms on 1
+    thread, 0.77 on 2, 0.49 as two blocks; 8x8 map, 16 rows: 22.0 / 14.0-20.2 / 11.1 ms). A
+    single row takes all threads only above ~0.2 GFLOP.
     """
     W, Hm = config.head_width, config.head_mlp_hidden
     per_token = 2 * config.head_depth * (10 * W * W + 3 * W * Hm)
-    return int(flops_limit // per_token)
+    return int(shard_flops // per_token), int(single_flops // per_token)
+
+
+def plan_call(rows: int, tokens: int, threads: int, shard_min: int = 0, single_max: int = 0
+              ) -> tuple[tuple[int, int, int], ...]:
+    """How one CPU call of ``rows`` x ``tokens`` runs on ``threads`` cores: (first row, end row,
+    threads) per block, blocks run at once.
+
+    * work (rows x tokens) <= ``shard_min``: one block on one thread (waking threads costs
+      more than it saves);
+    * two rows or more: contiguous row blocks, one per core (at most one per row), cores shared
+      out among them. The graphs treat rows as independent samples, and a core running a whole
+      block keeps every small GEMM and elementwise op on one thread: on small models that beats
+      splitting each op across cores (ONNX Runtime's intra-op threads) by 1.3-1.9x;
+    * one row: one thread up to ``single_max``, else all threads.
+    """
+    work = rows * tokens
+    if threads <= 1 or work <= shard_min:
+        return ((0, rows, 1),)
+    if rows == 1:
+        return ((0, 1, 1 if work <= single_max else threads),)
+    n = min(threads, rows)
+    out, begin = [], 0
+    for i in range(n):
+        end = begin + rows // n + (1 if i < rows % n else 0)
+        out.append((begin, end, threads // n + (1 if i < threads % n else 0)))
+        begin = end
+    return tuple(out)
 
 
 def session_options(threads: int | None = None, optimized_cache: Path | None = None):

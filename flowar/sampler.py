@@ -20,8 +20,9 @@ guidance combination is float64: ``v = v_null + cfg_k * (v_cond - v_null)``.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,15 @@ from flowar.schedule import Schedule
 
 
 class Stages(Protocol):
-    """What a backend computes. ``R`` is the AR row count (2B with guidance, else B)."""
+    """What a backend computes. ``R`` is the AR row count (2B with guidance, else B).
+
+    A backend may set ``host_threads``: how many threads PyTorch should use for the loop's own
+    small ops while it samples (the loop restores the setting after). Engines that run on the
+    same CPU cores set 1, so that PyTorch's idle OpenMP workers, which spin for a while after
+    each op, do not compete with the engines' threads.
+    """
+
+    host_threads: int | None
 
     def start(self, labels_R: Tensor) -> None:
         """Begin a new batch: labels (R,) int64 including the null rows; reset any cache."""
@@ -177,6 +186,20 @@ def run_scale(stages: Stages, ws: Workspace, schedule: Schedule, k: int, check: 
         ws.view("next_in", k + 1).copy_(hand_off(z_R, side, c.latent_size, c.scales[k + 1]))
 
 
+@contextmanager
+def host_threads(n: int | None) -> Iterator[None]:
+    """PyTorch's intra-op thread count set to ``n`` inside the block (None: unchanged)."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def sample(stages: Stages, config: FlowARConfig, schedule: Schedule, labels_B: Tensor, noise: NoiseFn,
            decode: bool = False, device: torch.device | str = "cpu",
            on_scale: Callable[[ScaleTrace], None] | None = None,
@@ -197,12 +220,13 @@ def sample(stages: Stages, config: FlowARConfig, schedule: Schedule, labels_B: T
     check = check or ("step" if dev.type == "cpu" else "scale")
     stages.start(labels_R.to(device))
     ws = Workspace(c, schedule, B, R, official_rows, device)
-    for k in range(c.n_scales):
-        ws.view("draw", k).copy_(noise(k, (R, c.tokens_per_scale[k], c.latent_channels)))   # official draw order
-        trace: list[int] = []
-        run_scale(stages, ws, schedule, k, check, trace)
-        if on_scale is not None:
-            on_scale(ScaleTrace(k, R, trace))
+    with host_threads(getattr(stages, "host_threads", None)):
+        for k in range(c.n_scales):
+            ws.view("draw", k).copy_(noise(k, (R, c.tokens_per_scale[k], c.latent_channels)))   # official draw order
+            trace: list[int] = []
+            run_scale(stages, ws, schedule, k, check, trace)
+            if on_scale is not None:
+                on_scale(ScaleTrace(k, R, trace))
     S = c.latent_size
     z = ws.view("z", c.n_scales - 1)
     tokens = z.transpose(1, 2).reshape(B, c.latent_channels, S, S).contiguous()

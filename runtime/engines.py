@@ -6,7 +6,8 @@ allocation of its own), leaving releases it.
 
 * :class:`TorchEngine` runs a stage's wrapper module eagerly: the reference, behind the same
   interface.
-* :class:`OrtEngine` binds tensors to ONNX Runtime by pointer (I/O binding), on CPU or CUDA.
+* :class:`OrtEngine` binds tensors to ONNX Runtime by pointer (I/O binding), on CPU or CUDA; on a
+  CPU it splits calls with several rows into blocks run at once, one per core.
 * :class:`TrtEngine` sets tensor addresses on a TensorRT execution context (one per profile,
   i.e. per scale) and enqueues on the current CUDA stream, so it can be captured in a graph.
 """
@@ -56,45 +57,85 @@ _NP = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64",
 class OrtEngine:
     """ONNX Runtime behind the engine interface.
 
-    ``small_work``: calls whose first input has at most this many rows x tokens run on a second,
-    single-threaded session; on a CPU, waking threads costs more than it saves for tiny calls
-    (measured: the shipped model's velocity at batch 1 runs 2x faster on 1 thread than on 2).
+    On a CPU each call follows :func:`flowar.engines.ort.plan_call`: small calls run on one
+    thread, calls with several rows are split into row blocks that run at the same time, one per
+    core, on a session of the matching thread count (ONNX Runtime sessions may run concurrently;
+    the weights are loaded once per thread count, not per block). A tensor takes part in the split
+    when the graph names its first dimension ``rows`` (every stage's rows are independent
+    samples); a graph with an output that has no rows dimension is never split.
+    ``shard_min``/``single_max``: rows x tokens limits, see :func:`plan_call`.
     """
 
     def __init__(self, name: str, graph: Path, sha256: str, provider: str | None = None, cache_dir: Path | None = None,
-                 threads: int | None = None, small_work: int = 0):
+                 threads: int | None = None, shard_min: int = 0, single_max: int = 0):
         self.name, self.graph, self.sha256 = name, graph, sha256
-        self.provider, self.cache_dir, self.threads, self.small_work = provider, cache_dir, threads, small_work
-        self.session = self.small = None
+        self.provider, self.cache_dir, self.threads = provider, cache_dir, threads
+        self.shard_min, self.single_max = shard_min, single_max
+        self._sessions: dict[int, object] = {}
+        self._workers: _Workers | None = None
 
     def __enter__(self) -> "OrtEngine":
-        from flowar.engines.ort import choose_provider, create_session
+        from flowar.engines.ort import choose_provider, cpu_threads
         self.provider = self.provider or choose_provider()
-        self.session = create_session(self.graph, self.sha256, self.provider, self.threads, self.cache_dir)
-        if self.small_work and self.provider == "CPUExecutionProvider" and (self.threads or 2) > 1:
-            self.small = create_session(self.graph, self.sha256, self.provider, 1, self.cache_dir)
-        self._bindings: dict[tuple, object] = {}
+        self.cpu = self.provider == "CPUExecutionProvider"
+        self.n_threads = (self.threads or cpu_threads()) if self.cpu else 1
+        self.session = self._session(self.n_threads if self.cpu else None)
+        row_dim = lambda args: {a.name for a in args if a.shape and a.shape[0] == "rows"}   # noqa: E731
+        self.row_inputs = row_dim(self.session.get_inputs())
+        outs = self.session.get_outputs()
+        self.splittable = self.cpu and self.n_threads > 1 and len(row_dim(outs)) == len(outs)
+        self._runs: dict[tuple, list] = {}
         return self
 
     def __exit__(self, *exc) -> None:
-        self.session = self.small = None
-        self._bindings = {}
+        if self._workers is not None:
+            self._workers.close()
+        self._workers = None
+        self._sessions, self._runs = {}, {}
+        self.session = None
+
+    def _session(self, threads: int | None):
+        sess = self._sessions.get(threads)
+        if sess is None:
+            from flowar.engines.ort import create_session
+            sess = self._sessions[threads] = create_session(self.graph, self.sha256, self.provider, threads,
+                                                            self.cache_dir)
+        return sess
 
     def infer(self, inputs: dict[str, Tensor], outputs: dict[str, Tensor], profile: int = 0) -> None:
-        first = next(iter(inputs.values()))
-        sess = self.small if (self.small is not None and first.ndim >= 2 and
-                              first.shape[0] * first.shape[1] <= self.small_work) else self.session
-        # The runtime's buffers are static, so a binding made once for these exact addresses and
-        # shapes is replayed: no per-call binding work in the ODE loop.
-        key = (id(sess),) + tuple((n, t.data_ptr(), tuple(t.shape)) for n, t in inputs.items()) + \
+        # The runtime's buffers are static, so the plan and bindings made once for these exact
+        # addresses and shapes are replayed: no per-call binding work in the ODE loop.
+        key = tuple((n, t.data_ptr(), tuple(t.shape)) for n, t in inputs.items()) + \
             tuple((n, t.data_ptr(), tuple(t.shape)) for n, t in outputs.items())
-        b = self._bindings.get(key)
-        if b is None:
-            b = self._bind(sess, inputs, outputs)
-            if len(self._bindings) > 4096:           # a caller with moving buffers: do not grow without bound
-                self._bindings.clear()
-            self._bindings[key] = b
-        sess.run_with_iobinding(b)
+        runs = self._runs.get(key)
+        if runs is None:
+            if len(self._runs) > 4096:                # a caller with moving buffers: do not grow without bound
+                self._runs.clear()
+            runs = self._runs[key] = self._plan(inputs, outputs)
+        if len(runs) == 1:
+            runs[0][0].run_with_iobinding(runs[0][1])
+        else:
+            self._workers.run([lambda s=s, b=b: s.run_with_iobinding(b) for s, b in runs])
+
+    def _plan(self, inputs: dict[str, Tensor], outputs: dict[str, Tensor]) -> list:
+        if not self.splittable:
+            return [(self.session, self._bind(self.session, inputs, outputs))]
+        from flowar.engines.ort import plan_call
+        first = next(iter(inputs.values()))
+        rows = first.shape[0] if first.ndim else 1
+        tokens = first.shape[1] if first.ndim >= 2 else 1
+        blocks = plan_call(rows, tokens, self.n_threads, self.shard_min, self.single_max)
+        if len(blocks) > 1 and (self._workers is None or self._workers.size < len(blocks) - 1):
+            if self._workers is not None:
+                self._workers.close()
+            self._workers = _Workers(len(blocks) - 1, self.name)
+        runs = []
+        for b, e, threads in blocks:
+            part = lambda group: {n: (t[b:e] if n in self.row_inputs or group is outputs else t)   # noqa: E731
+                                  for n, t in group.items()}
+            sess = self._session(threads)
+            runs.append((sess, self._bind(sess, part(inputs), part(outputs))))
+        return runs
 
     def _bind(self, sess, inputs: dict[str, Tensor], outputs: dict[str, Tensor]):
         import numpy as np
@@ -105,6 +146,70 @@ class OrtEngine:
                 dev = "cuda" if t.is_cuda else "cpu"
                 bind(n, dev, t.device.index or 0, np.dtype(_NP[t.dtype]), list(t.shape), t.data_ptr())
         return b
+
+
+class _Workers:
+    """Persistent threads for row blocks: ``run(jobs)`` runs jobs[1:] on the workers and jobs[0]
+    on the caller, waits for all, and re-raises the first error. ONNX Runtime releases the GIL
+    while it computes, so the blocks run on separate cores.
+    """
+
+    def __init__(self, size: int, name: str):
+        self.size = size
+        self._slots = [_Slot(f"flowar-{name}-{i + 1}") for i in range(size)]
+
+    def run(self, jobs: list) -> None:
+        for slot, job in zip(self._slots, jobs[1:]):
+            slot.start(job)
+        err = None
+        try:
+            jobs[0]()
+        except BaseException as e:            # noqa: BLE001 - re-raised after the other blocks finished
+            err = e
+        for slot in self._slots[: len(jobs) - 1]:
+            e = slot.wait()
+            err = err or e
+        if err is not None:
+            raise err
+
+    def close(self) -> None:
+        for slot in self._slots:
+            slot.stop()
+
+
+class _Slot:
+    def __init__(self, name: str):
+        import threading
+        self._go, self._done = threading.Event(), threading.Event()
+        self._job, self._err, self._alive = None, None, True
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            self._go.wait()
+            self._go.clear()
+            if not self._alive:
+                return
+            try:
+                self._job()
+            except BaseException as e:        # noqa: BLE001 - handed to the caller by wait()
+                self._err = e
+            self._done.set()
+
+    def start(self, job) -> None:
+        self._job, self._err = job, None
+        self._done.clear()
+        self._go.set()
+
+    def wait(self) -> BaseException | None:
+        self._done.wait()
+        return self._err
+
+    def stop(self) -> None:
+        self._alive = False
+        self._go.set()
+        self._thread.join(timeout=5)
 
 
 class TrtEngine:

@@ -89,14 +89,15 @@ def open_engine_dir(path: str | Path, backend: str = "auto", device: str | torch
     stack = contextlib.ExitStack()
     engines = {}
     if backend == "ort":
-        from flowar.engines.ort import choose_provider, single_thread_work
+        from flowar.engines.ort import choose_provider, velocity_work_limits
         provider = choose_provider()
+        limits = velocity_work_limits(config)
         dev = torch.device("cuda" if provider == "CUDAExecutionProvider" else "cpu") if device is None else torch.device(device)
         for name in specs:
             info = m["stages"][name]
             engines[name] = stack.enter_context(OrtEngine(name, safe_member(root, info["file"]), info["sha256"], provider,
                                                           root / ".ort-cache", threads,
-                                                          single_thread_work(config) if name == "velocity" else 0))
+                                                          *(limits if name == "velocity" else (0, 0))))
         detail = f"ONNX Runtime {provider}"
     elif backend == "trt":
         from flowar.engines.trt import load_builder

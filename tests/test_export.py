@@ -71,6 +71,35 @@ def test_onnx_runtime_reproduces_official_tokens(engine_dirs, fixtures_dir, name
     assert (res.tokens - io["sample25.tokens"]).abs().max().item() <= 1e-3
 
 
+@pytest.mark.parametrize("name", ["tiny_v1", "tiny_v2"])
+def test_row_blocks_on_separate_cores_equal_one_whole_call(engine_dirs, name):
+    """The CPU runtime splits a call's rows into blocks run at once; each block must give its
+    rows exactly as one call over all rows does (same graph, one thread each)."""
+    from flowar.export.specs import sample_inputs, stage_specs
+    from flowar.runtime.engines import OrtEngine
+    d, _ = engine_dirs[name]
+    m = read_manifest(d)
+    c = m["config_obj"]
+    specs = stage_specs(c, c.latent_size, m["vae"]["downsample"])
+    gen = torch.Generator().manual_seed(3)
+    for stage, spec in specs.items():
+        info = m["stages"][stage]
+        k = c.n_scales - 1 if spec.per_scale else 0
+        ins = sample_inputs(spec, c, k, 3, gen)
+        shapes = spec.shapes(k, 3)
+        outs = {}
+        for threads in (1, 2):
+            with OrtEngine(stage, d / info["file"], info["sha256"], "CPUExecutionProvider", threads=threads) as eng:
+                o = {n: torch.full(shapes[n], float("nan")) for n in spec.outputs}
+                eng.infer(ins, o)
+                outs[threads] = o
+                blocks = max(len(r) for r in eng._runs.values())
+                assert blocks == (1 if threads == 1 or stage == "head_prep" else 2), (stage, blocks)
+        for n in spec.outputs:
+            assert torch.isfinite(outs[2][n]).all(), (stage, n)        # every row written
+            assert (outs[2][n] - outs[1][n]).abs().max().item() <= 1e-6, (stage, n)
+
+
 def test_tampered_partial_and_foreign_directories_are_refused(engine_dirs, tmp_path):
     src, _ = engine_dirs["tiny_v1"]
     d = tmp_path / "copy"

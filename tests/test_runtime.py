@@ -66,3 +66,74 @@ def test_batch_above_the_engines_max_is_refused(tiny_v1):
     st = _torch_engine_stages(model, max_batch=2)
     with pytest.raises(FlowARError, match="at most 2 samples"):
         st.start(torch.tensor([1, 2, 3, 1000, 1000, 1000]))
+
+
+# ---- ONNX Runtime on the CPU: row blocks and thread plans ---------------------------------------
+
+def test_plan_call_splits_rows_into_contiguous_blocks_one_per_core():
+    from flowar.engines.ort import plan_call
+    assert plan_call(16, 64, 2) == ((0, 8, 1), (8, 16, 1))
+    assert plan_call(3, 64, 2) == ((0, 2, 1), (2, 3, 1))
+    assert plan_call(2, 256, 16) == ((0, 1, 8), (1, 2, 8))          # cores shared out among blocks
+    assert plan_call(5, 4, 4) == ((0, 2, 1), (2, 3, 1), (3, 4, 1), (4, 5, 1))
+    assert plan_call(2, 4, 2, shard_min=8) == ((0, 2, 1),)           # overhead-bound: one thread
+    assert plan_call(1, 64, 2, single_max=64) == ((0, 1, 1),)
+    assert plan_call(1, 65, 2, single_max=64) == ((0, 1, 2),)
+    assert plan_call(7, 64, 1) == ((0, 7, 1),)
+    for rows in range(1, 20):
+        for threads in range(1, 9):
+            blocks = plan_call(rows, 16, threads)
+            assert [b for b, _, _ in blocks] == [0] + [e for _, e, _ in blocks[:-1]]
+            assert blocks[-1][1] == rows and all(e > b for b, e, _ in blocks)
+            assert 1 <= sum(t for _, _, t in blocks) <= max(threads, 1)
+
+
+def test_velocity_work_limits_follow_the_head_size():
+    from flowar.config import get_preset
+    from flowar.engines.ort import velocity_work_limits
+    c = get_preset("tiny")
+    per_token = 2 * c.head_depth * (10 * c.head_width ** 2 + 3 * c.head_width * c.head_mlp_hidden)
+    shard_min, single_max = velocity_work_limits(c)
+    assert shard_min == int(2e7 // per_token) and single_max == int(2e8 // per_token)
+    s_min, s_max = velocity_work_limits(get_preset("flowar-s"))
+    assert s_min < shard_min and s_max < single_max                  # a wider head splits sooner
+
+
+def test_worker_errors_reach_the_caller_after_every_block_finished():
+    from flowar.runtime.engines import _Workers
+    done = []
+    w = _Workers(2, "test")
+    try:
+        def fail():
+            raise ValueError("block 2 failed")
+        with pytest.raises(ValueError, match="block 2 failed"):
+            w.run([lambda: done.append(0), fail, lambda: done.append(2)])
+        assert sorted(done) == [0, 2]
+        w.run([lambda: done.append(3), lambda: done.append(4)])      # still usable, fewer jobs than workers
+        assert sorted(done) == [0, 2, 3, 4]
+    finally:
+        w.close()
+
+
+def test_sampler_runs_its_own_ops_on_the_stages_host_threads(tiny_v1):
+    model, io = tiny_v1
+    seen = []
+
+    class OneThread(TorchStages):
+        host_threads = 1
+
+        def velocity(self, ctx, x, t):
+            seen.append(torch.get_num_threads())
+            return super().velocity(ctx, x, t)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        sched = build_schedule(25, 4.3, 0.9, 5)
+        noise = [io[f"sample25.noise{k}"] for k in range(5)]
+        with torch.no_grad():
+            got, _ = sample(OneThread(model), model.config, sched, torch.tensor([3, 7]), injected_noise(noise))
+        assert set(seen) == {1} and torch.get_num_threads() == 2      # restored after sampling
+        assert (got - io["sample25.tokens"]).abs().max().item() <= 1e-4
+    finally:
+        torch.set_num_threads(before)
