@@ -31,8 +31,8 @@ class BufferPlan:
             rows_max = max_rows if spec.name != "decode" else max_rows // 2
             for k in (range(config.n_scales) if spec.per_scale else [0]):
                 for name, shape in spec.shapes(k, rows_max).items():
-                    if spec.name == "velocity" and name != "v":
-                        continue              # x and t are the sampler's; the rest are head_prep outputs
+                    if spec.name == "velocity" and name not in ("x", "t", "v"):
+                        continue              # the rest are head_prep outputs
                     key = f"{spec.name}.{name}"
                     n = math.prod(shape)
                     if n > sizes.get(key, (0, None))[0]:
@@ -49,7 +49,7 @@ class BufferPlan:
 @dataclass(slots=True)
 class ScaleContext:
     k: int
-    inputs: dict[str, Tensor]            # velocity inputs except x and t, at R rows
+    inputs: dict[str, Tensor]            # head_prep outputs feeding the velocity calls, at R rows
     calls: dict = field(default_factory=dict)   # rows -> (inputs, outputs) of a velocity call, built once
 
 
@@ -110,13 +110,17 @@ class EngineStages:
         call = ctx.calls.get(r)
         if call is None:                      # once per (scale, rows); every later step reuses it
             spec = self.specs["velocity"]
-            ins = {"x": x, "t": t}
+            shapes = spec.shapes(ctx.k, r)
+            ins = {n: self.buffers.view("velocity", n, shapes[n]) for n in ("x", "t")}
             for n in spec.inputs[2:]:
                 src = ctx.inputs[n]
                 ins[n] = src[:r] if n in ("c", "cross_kv") else src
-            call = ctx.calls[r] = (ins, {"v": self.buffers.view("velocity", "v", spec.shapes(ctx.k, r)["v"])})
+            call = ctx.calls[r] = (ins, {"v": self.buffers.view("velocity", "v", shapes["v"])})
         ins, outs = call
-        ins["x"], ins["t"] = x, t
+        # x and t into this runtime's own static buffers: the engines then see the same addresses
+        # at every step and every sample, so their bindings are made once.
+        ins["x"].copy_(x)
+        ins["t"].copy_(t)
         self.engines["velocity"].infer(ins, outs, profile=ctx.k)
         return outs["v"]
 

@@ -100,6 +100,19 @@ def test_row_blocks_on_separate_cores_equal_one_whole_call(engine_dirs, name):
             assert (outs[2][n] - outs[1][n]).abs().max().item() <= 1e-6, (stage, n)
 
 
+def test_velocity_bindings_are_made_once_per_scale_and_row_count(engine_dirs):
+    """The ODE loop must replay bindings: one per (scale, rows) however many steps and samples."""
+    from flowar.run import run_sampling
+    from flowar.runtime.load import open_engine_dir
+    with open_engine_dir(engine_dirs["tiny_v1"][0], "ort") as rt:
+        traces = []
+        for seed in (0, 1):
+            traces += run_sampling(rt.stages, rt.config, [3, 7], 25, 4.3, 0.9, seed=seed).traces
+        pairs = {(tr.k, rows) for tr in traces for rows in tr.head_rows}
+        assert len(pairs) == 9                       # scale 0: 2 rows; scales 1-4: 2 and 4 rows
+        assert len(rt.stages.engines["velocity"]._runs) == len(pairs)
+
+
 def test_tampered_partial_and_foreign_directories_are_refused(engine_dirs, tmp_path):
     src, _ = engine_dirs["tiny_v1"]
     d = tmp_path / "copy"

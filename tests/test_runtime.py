@@ -33,7 +33,8 @@ def test_buffer_plan_allocates_each_tensor_once_at_its_largest():
     plan = BufferPlan(stage_specs(c), c, max_rows=4, device=torch.device("cpu"))
     assert plan.storage["ar.semantics"].numel() == 4 * c.seq_len * c.ar_width
     assert plan.storage["head_prep.c"].numel() == 4 * 256 * c.head_width
-    assert "velocity.x" not in plan.storage           # the sampler owns x and t
+    assert plan.storage["velocity.x"].numel() == 4 * 256 * c.latent_channels
+    assert plan.storage["velocity.t"].numel() == 4
     v = plan.view("ar", "semantics", (2, 21, c.ar_width))
     assert v.data_ptr() == plan.storage["ar.semantics"].data_ptr() and v.is_contiguous()
 
