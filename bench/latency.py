@@ -69,13 +69,22 @@ class TimedStages(StageProbe):
         super().__init__(inner, self._timed)
         self.sync = sync
         self.t = {"ar": 0.0, "head": 0.0, "decode": 0.0}
+        self.head_by_scale: dict[int, float] = {}      # head time of each scale (the AR step opens a scale)
+        self._k = 0
+
+    def ar(self, k, x):
+        self._k = k
+        return super().ar(k, x)
 
     def _timed(self, key, fn, *a):
         self.sync()
         t0 = time.perf_counter()
         out = fn(*a)
         self.sync()
-        self.t[key] += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.t[key] += dt
+        if key == "head":
+            self.head_by_scale[self._k] = self.head_by_scale.get(self._k, 0.0) + dt
         return out
 
 
@@ -94,6 +103,7 @@ class Result:
     effective_gflops: dict = field(default_factory=dict)
     build_s: float | None = None
     note: str = ""
+    head_by_scale_s: list = field(default_factory=list)   # median head seconds per scale
 
 
 def machine_info() -> dict:
@@ -229,7 +239,7 @@ def run(a) -> int:
                 sync(device)
                 if r >= a.warmup:
                     times.append(time.perf_counter() - t0)
-                    stage_t.append(dict(st.t))
+                    stage_t.append(dict(st.t) | {"by_scale": dict(st.head_by_scale)})
                 tokens = tok.cpu()
             med = statistics.median(times)
             if backend == "eager":
@@ -237,17 +247,18 @@ def run(a) -> int:
             diff = float((tokens - eager_tokens).abs().max()) if eager_tokens is not None else None
             stages_med = {k: statistics.median(s[k] for s in stage_t) for k in ("ar", "head", "decode")}
             stages_med["other"] = max(0.0, med - sum(stages_med.values()))
+            by_scale = [statistics.median(s["by_scale"].get(k, 0.0) for s in stage_t) for k in range(config.n_scales)]
             n_tok = B * config.seq_len
             eff = {k: (flops[k] * B / max(batches)) / stages_med[k] / 1e9 for k in ("ar", "head", "decode")
                    if stages_med[k] > 0 and flops.get(k)}
             eff["total"] = sum(flops[k] for k in ("ar", "head", "decode") if flops.get(k)) * B / max(batches) / med / 1e9
             res = Result(backend, B, med, min(times), max(times), eager_median / med if eager_median else None, diff,
-                         stages_med, n_tok / med, B / med, eff, build_s, note)
+                         stages_med, n_tok / med, B / med, eff, build_s, note, by_scale if not graphed else [])
             results.append(res)
             print(f"  {backend:<9} batch {B:<3} median {med:8.3f} s  x{res.speedup_vs_eager or 0:5.2f} vs eager  "
                   f"max|dtokens| {diff if diff is not None else float('nan'):.1e}  "
                   f"{eff['total']:.1f} GFLOP/s ({eff['total'] / peak:.0%} of peak){'  ' + note if note else ''}", flush=True)
-    table = markdown(results, peak, decode)
+    table = markdown(results, peak, decode) + "\n\n" + scale_table(results, config.scales)
     print()
     print(table)
     out = {"machine": info, "source": label, "random_weights": random_weights, "dtype": a.dtype, "steps": a.steps,
@@ -437,6 +448,16 @@ def markdown(results: list[Result], peak: float, decode: bool) -> str:
                     f"{r.speedup_vs_eager:.2f}x | {s['ar']:.3f} | {s['head']:.3f} | " + (f"{s['decode']:.3f} | " if decode else "")
                     + f"{s['other']:.3f} | {r.tokens_per_s:.0f} | {r.images_per_s:.2f} | {tot:.1f} ({tot / peak:.0%}) | "
                     f"{r.max_abs_diff_vs_eager:.1e} |")
+    return "\n".join(rows)
+
+
+def scale_table(results: list[Result], scales) -> str:
+    """Head time (per-scale constants + the ODE loop) of each scale: where the time goes."""
+    head = "| backend | batch | " + " | ".join(f"head {s}x{s} s" for s in scales) + " |"
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        if r.head_by_scale_s:
+            rows.append(f"| {r.backend} | {r.batch} | " + " | ".join(f"{t:.4f}" for t in r.head_by_scale_s) + " |")
     return "\n".join(rows)
 
 
