@@ -60,9 +60,11 @@ class OrtEngine:
     On a CPU each call follows :func:`flowar.engines.ort.plan_call`: small calls run on one
     thread, calls with several rows are split into row blocks that run at the same time, one per
     core, on a session of the matching thread count (ONNX Runtime sessions may run concurrently;
-    the weights are loaded once per thread count, not per block). A tensor takes part in the split
+    see below for how weights are shared). A tensor takes part in the split
     when the graph names its first dimension ``rows`` (every stage's rows are independent
-    samples); a graph with an output that has no rows dimension is never split.
+    samples); a graph with an output that has no rows dimension is never split. Blocks of one
+    thread share one session; blocks of several threads (machines with more cores than rows)
+    each hold a session of their own, i.e. a copy of the stage's weights per block.
     ``shard_min``/``single_max``: rows x tokens limits, see :func:`plan_call`.
     """
 
@@ -71,7 +73,7 @@ class OrtEngine:
         self.name, self.graph, self.sha256 = name, graph, sha256
         self.provider, self.cache_dir, self.threads = provider, cache_dir, threads
         self.shard_min, self.single_max = shard_min, single_max
-        self._sessions: dict[int, object] = {}
+        self._sessions: dict[tuple, object] = {}
         self._workers: _Workers | None = None
 
     def __enter__(self) -> "OrtEngine":
@@ -94,12 +96,16 @@ class OrtEngine:
         self._sessions, self._runs = {}, {}
         self.session = None
 
-    def _session(self, threads: int | None):
-        sess = self._sessions.get(threads)
+    def _session(self, threads: int | None, block: int = 0):
+        # One-thread blocks share a session (each run computes on its caller's thread); blocks
+        # with several threads each get their own, since concurrent runs of one session share
+        # its thread pool.
+        key = (threads, block if (threads or 1) > 1 else 0)
+        sess = self._sessions.get(key)
         if sess is None:
             from flowar.engines.ort import create_session
-            sess = self._sessions[threads] = create_session(self.graph, self.sha256, self.provider, threads,
-                                                            self.cache_dir)
+            sess = self._sessions[key] = create_session(self.graph, self.sha256, self.provider, threads,
+                                                        self.cache_dir)
         return sess
 
     def infer(self, inputs: dict[str, Tensor], outputs: dict[str, Tensor], profile: int = 0) -> None:
@@ -130,10 +136,10 @@ class OrtEngine:
                 self._workers.close()
             self._workers = _Workers(len(blocks) - 1, self.name)
         runs = []
-        for b, e, threads in blocks:
+        for i, (b, e, threads) in enumerate(blocks):
             part = lambda group: {n: (t[b:e] if n in self.row_inputs or group is outputs else t)   # noqa: E731
                                   for n, t in group.items()}
-            sess = self._session(threads)
+            sess = self._session(threads, i)
             runs.append((sess, self._bind(sess, part(inputs), part(outputs))))
         return runs
 

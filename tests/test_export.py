@@ -100,6 +100,28 @@ def test_row_blocks_on_separate_cores_equal_one_whole_call(engine_dirs, name):
             assert (outs[2][n] - outs[1][n]).abs().max().item() <= 1e-6, (stage, n)
 
 
+def test_blocks_with_several_threads_each_get_their_own_session(engine_dirs):
+    """Concurrent runs of one session share its thread pool, so multi-thread blocks must not."""
+    from flowar.export.specs import sample_inputs, stage_specs
+    from flowar.runtime.engines import OrtEngine
+    d, _ = engine_dirs["tiny_v1"]
+    m = read_manifest(d)
+    c = m["config_obj"]
+    spec = stage_specs(c)["velocity"]
+    ins = sample_inputs(spec, c, c.n_scales - 1, 2, torch.Generator().manual_seed(5))
+    got = {}
+    for threads in (1, 4):
+        with OrtEngine("velocity", d / m["stages"]["velocity"]["file"], m["stages"]["velocity"]["sha256"],
+                       "CPUExecutionProvider", threads=threads) as eng:
+            out = {"v": torch.full(spec.shapes(c.n_scales - 1, 2)["v"], float("nan"))}
+            eng.infer(ins, out)
+            got[threads] = out["v"]
+            (runs,) = eng._runs.values()
+            if threads == 4:                  # two blocks of two threads
+                assert len(runs) == 2 and runs[0][0] is not runs[1][0]
+    assert (got[4] - got[1]).abs().max().item() <= 1e-6
+
+
 def test_velocity_bindings_are_made_once_per_scale_and_row_count(engine_dirs):
     """The ODE loop must replay bindings: one per (scale, rows) however many steps and samples."""
     from flowar.run import run_sampling
