@@ -203,14 +203,31 @@ def load_model(path: str | Path, preset: str | None = None, config_path: str | P
     return model.to(device).eval(), ck
 
 
+def _umask() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename into place, so a crash never leaves a half file."""
+    """Call ``write(tmp_path)`` then rename into place, so a crash never leaves a half file.
+
+    The file gets the permissions a plain write would give (0666 less the umask), not the
+    owner-only mode of a temporary file.
+    """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

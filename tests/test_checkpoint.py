@@ -113,3 +113,17 @@ def test_pickle_with_code_is_refused_and_nothing_runs(tmp_path):
     with pytest.raises(CheckpointError, match="pickled code"):
         read_checkpoint(p)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path, umask, mode):
+    from flowar.checkpoint import atomic_write_bytes
+    old = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "out.bin", lambda tmp: open(tmp, "wb").write(b"x"))
+        with open(tmp_path / "plain.bin", "wb") as f:
+            f.write(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "plain.bin").stat().st_mode & 0o777 == mode
