@@ -14,7 +14,8 @@ Backends:
   cudagraph  the runtime on PyTorch stages replayed as CUDA graphs (GPU only).
 
 Every backend samples with the same seeded noise; its tokens are compared with eager's and the
-worst difference is printed beside the time. Warm-up runs are discarded; medians, min and max
+worst difference is printed beside the time; a backend above --parity-tol is marked WRONG and
+the run exits with status 1 (after writing its outputs). Warm-up runs are discarded; medians, min and max
 are over --repeat runs. Effective GFLOP/s = FLOPs of the official method (counted once with
 torch's FlopCounterMode) / time, against a float32 GEMM peak measured in the same run.
 """
@@ -104,6 +105,7 @@ class Result:
     build_s: float | None = None
     note: str = ""
     head_by_scale_s: list = field(default_factory=list)   # median head seconds per scale
+    parity_ok: bool | None = None                          # max_abs_diff_vs_eager within --parity-tol
 
 
 def machine_info() -> dict:
@@ -169,6 +171,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                     help="PyTorch backends: run the stages under autocast in this type (as the official evaluation "
                          "does with fp16 on GPU); engines keep the precision they were exported with")
+    ap.add_argument("--parity-tol", type=float, default=None,
+                    help="largest max|tokens - eager tokens| a backend may show before it is marked WRONG "
+                         "(default 1e-3 in float32, 5e-2 with --dtype bf16/fp16 or reduced-precision engines)")
     ap.add_argument("--debug", action="store_true")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -197,11 +202,15 @@ def run(a) -> int:
         batches = [int(b) for b in a.batch.split(",")]
     except ValueError:
         raise FlowARError("--batch as comma-separated integers", repr(a.batch), "e.g. --batch 1,8") from None
+    if a.parity_tol is not None and not a.parity_tol >= 0:
+        raise FlowARError("--parity-tol >= 0", repr(a.parity_tol), "e.g. --parity-tol 1e-3")
     if any(b < 1 for b in batches) or a.repeat < 1:
         raise FlowARError("--batch and --repeat >= 1", f"{a.batch} / {a.repeat}", "use positive numbers")
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
     model, vae, engine_dir, random_weights, label = load_source(a, device)
+    reduced = a.dtype != "fp32" or (engine_dir is not None and read_precision(engine_dir) != "fp32")
+    tol = a.parity_tol if a.parity_tol is not None else (5e-2 if reduced else 1e-3)
     config = model.config
     schedule = build_schedule(a.steps, a.cfg, a.guidance, config.n_scales)
     decode = vae is not None
@@ -253,12 +262,15 @@ def run(a) -> int:
                    if stages_med[k] > 0 and flops.get(k)}
             eff["total"] = sum(flops[k] for k in ("ar", "head", "decode") if flops.get(k)) * B / max(batches) / med / 1e9
             res = Result(backend, B, med, min(times), max(times), eager_median / med if eager_median else None, diff,
-                         stages_med, n_tok / med, B / med, eff, build_s, note, by_scale if not graphed else [])
+                         stages_med, n_tok / med, B / med, eff, build_s, note, by_scale if not graphed else [],
+                         None if diff is None else bool(diff <= tol))
             results.append(res)
             print(f"  {backend:<9} batch {B:<3} median {med:8.3f} s  x{res.speedup_vs_eager or 0:5.2f} vs eager  "
-                  f"max|dtokens| {diff if diff is not None else float('nan'):.1e}  "
+                  f"max|dtokens| {diff if diff is not None else float('nan'):.1e}"
+                  f"{'' if res.parity_ok is not False else f' WRONG (above {tol:g})'}  "
                   f"{eff['total']:.1f} GFLOP/s ({eff['total'] / peak:.0%} of peak){'  ' + note if note else ''}", flush=True)
     table = markdown(results, peak, decode) + "\n\n" + scale_table(results, config.scales)
+    wrong = [f"{r.backend} batch {r.batch} ({r.max_abs_diff_vs_eager:.1e})" for r in results if r.parity_ok is False]
     print()
     print(table)
     out = {"machine": info, "source": label, "random_weights": random_weights, "dtype": a.dtype, "steps": a.steps,
@@ -272,11 +284,21 @@ def run(a) -> int:
     if a.plot:
         plot(results, Path(a.plot), label)
         print(f"chart -> {a.plot}")
+    if wrong:
+        print(f"error: expected every backend's tokens within {tol:g} of eager's; got {', '.join(wrong)}. "
+              "Fix: rebuild the engines from this checkpoint, or pass --parity-tol if the precision explains it",
+              file=sys.stderr)
+        return 1
     return 0
 
 
 class Skip(Exception):
     pass
+
+
+def read_precision(engine_dir) -> str:
+    from flowar.export.manifest import read_manifest
+    return read_manifest(engine_dir).get("precision", "fp32")
 
 
 def load_source(a, device):
@@ -447,7 +469,7 @@ def markdown(results: list[Result], peak: float, decode: bool) -> str:
         rows.append(f"| {r.backend} | {r.batch} | {r.median_s:.3f} | {r.min_s:.3f} | {r.max_s:.3f} | "
                     f"{r.speedup_vs_eager:.2f}x | {s['ar']:.3f} | {s['head']:.3f} | " + (f"{s['decode']:.3f} | " if decode else "")
                     + f"{s['other']:.3f} | {r.tokens_per_s:.0f} | {r.images_per_s:.2f} | {tot:.1f} ({tot / peak:.0%}) | "
-                    f"{r.max_abs_diff_vs_eager:.1e} |")
+                    f"{r.max_abs_diff_vs_eager:.1e}{' WRONG' if r.parity_ok is False else ''} |")
     return "\n".join(rows)
 
 

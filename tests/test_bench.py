@@ -43,6 +43,7 @@ def test_records_carry_the_named_fields_and_parity_with_eager(run):
         assert r["speedup_vs_eager"] == pytest.approx(eager["median_s"] / r["median_s"])
         # the tokens of every backend against eager's, same noise: known to agree within 1e-4
         assert r["max_abs_diff_vs_eager"] <= (0.0 if backend == "eager" else 1e-4), (backend, batch)
+        assert r["parity_ok"] is True
         by_scale = r["head_by_scale_s"]
         assert len(by_scale) == n_scales and all(t > 0 for t in by_scale)
         assert sum(by_scale) == pytest.approx(r["stage_median_s"]["head"], rel=0.05)
@@ -55,3 +56,15 @@ def test_bad_backend_is_one_line_and_exit_2():
                        capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "--backends" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_backend_off_eager_is_marked_wrong_and_fails_the_run(tmp_path):
+    """With a tolerance below what float32 kernels can agree on, ONNX Runtime must be flagged."""
+    rc = _bench().main(["--preset", "tiny", "--batch", "1", "--steps", "2", "--backends", "eager,ort",
+                        "--repeat", "1", "--parity-tol", "1e-12", "--json", str(tmp_path / "r.json"),
+                        "--plot", str(tmp_path / "r.png")])
+    data = json.loads((tmp_path / "r.json").read_text())
+    recs = {r["backend"]: r for r in data["results"]}
+    assert recs["eager"]["parity_ok"] is True
+    assert recs["ort"]["max_abs_diff_vs_eager"] > 1e-12 and recs["ort"]["parity_ok"] is False
+    assert rc == 1 and "WRONG" in data["markdown"]
