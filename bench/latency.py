@@ -117,12 +117,22 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    from flowar.engines.ort import cpu_threads
+    info = {"cpu": cpu, "cpu_cores_usable": cpu_threads(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    import importlib.metadata as md
+    for dist in ("numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "diffusers"):
+        try:
+            info[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
     try:
-        import onnxruntime
-        info["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
+        from flowar.engines.trt import load_builder
+        b = load_builder()
+        info[b.flavour] = b.version
+    except Exception:   # noqa: BLE001 - TensorRT absent or unusable: nothing to report
         pass
     return info
 

@@ -33,6 +33,10 @@ def test_records_carry_the_named_fields_and_parity_with_eager(run):
     from flowar.config import get_preset
     n_scales = get_preset("tiny").n_scales
     assert data["random_weights"] is True and data["machine"]["gemm_peak_gflops"] > 0
+    import onnxruntime
+    import torch
+    assert data["machine"]["torch"] == torch.__version__ and data["machine"]["onnxruntime"] == onnxruntime.__version__
+    assert data["machine"]["cpu"] and data["machine"]["torch_threads"] == torch.get_num_threads()
     recs = {(r["backend"], r["batch"]): r for r in data["results"]}
     assert set(recs) == {(b, n) for b in ("eager", "torch", "ort") for n in (1, 2)}
     for (backend, batch), r in recs.items():
