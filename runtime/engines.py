@@ -14,6 +14,7 @@ allocation of its own), leaving releases it.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Protocol
 
@@ -119,13 +120,14 @@ class OrtEngine:
                 self._runs.clear()
             runs = self._runs[key] = self._plan(inputs, outputs)
         if len(runs) == 1:
-            runs[0][0].run_with_iobinding(runs[0][1])
+            runs[0][2]()
         else:
-            self._workers.run([lambda s=s, b=b: s.run_with_iobinding(b) for s, b in runs])
+            self._workers.run([job for _, _, job in runs])
 
     def _plan(self, inputs: dict[str, Tensor], outputs: dict[str, Tensor]) -> list:
+        """[(session, binding, job)] per row block; job() runs the block."""
         if not self.splittable:
-            return [(self.session, self._bind(self.session, inputs, outputs))]
+            return [self._run(self.session, inputs, outputs)]
         from flowar.engines.ort import plan_call
         first = next(iter(inputs.values()))
         rows = first.shape[0] if first.ndim else 1
@@ -139,9 +141,12 @@ class OrtEngine:
         for i, (b, e, threads) in enumerate(blocks):
             part = lambda group: {n: (t[b:e] if n in self.row_inputs or group is outputs else t)   # noqa: E731
                                   for n, t in group.items()}
-            sess = self._session(threads, i)
-            runs.append((sess, self._bind(sess, part(inputs), part(outputs))))
+            runs.append(self._run(self._session(threads, i), part(inputs), part(outputs)))
         return runs
+
+    def _run(self, sess, inputs: dict[str, Tensor], outputs: dict[str, Tensor]) -> tuple:
+        b = self._bind(sess, inputs, outputs)
+        return sess, b, functools.partial(sess.run_with_iobinding, b)
 
     def _bind(self, sess, inputs: dict[str, Tensor], outputs: dict[str, Tensor]):
         import numpy as np
