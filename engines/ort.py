@@ -92,7 +92,7 @@ def session_options(threads: int | None = None, optimized_cache: Path | None = N
     so.enable_mem_pattern = True
     so.enable_cpu_mem_arena = True
     # Idle worker threads must not spin: between calls PyTorch runs the sampler's own ops on the
-    # same cores (and a second, single-threaded session may run); spinning workers starve both.
+    # same cores, and row blocks of other calls run on one-thread sessions; spinning starves both.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_cache is not None and optimized_cache.is_file():
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # already optimized
