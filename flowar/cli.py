@@ -80,10 +80,11 @@ def _device(name: str):
 @click.option("--out", type=click.Path(dir_okay=False), help="Write a labelled PNG grid here.")
 @click.option("--save-images", type=click.Path(file_okay=False), help="Write one PNG per sample into this folder.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N] (--ckpt path).")
+@click.option("--threads", type=int, help="CPU cores to compute on [default: every core this process may use].")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @user_errors
 def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels, classes, n_per_class, batch_size,
-        steps, cfg, guidance, seed, noise_file, save_tokens, out, save_images, device, debug):
+        steps, cfg, guidance, seed, noise_file, save_tokens, out, save_images, device, threads, debug):
     """Sample images from a FlowAR checkpoint (eager PyTorch) or an engine directory (runtime)."""
     from flowar.run import check_writable, parse_labels, run_sampling, write_outputs
     from flowar.schedule import validate_sampling_args
@@ -93,13 +94,15 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
     if engine_dir and (preset or config_path or vae or raw_weights):
         raise FlowARError("no --preset/--config/--vae/--raw-weights with --engine-dir", "some of them",
                           "the engine directory records its config and decoder; drop those options")
+    if threads is not None and threads < 1:
+        raise FlowARError("--threads >= 1", str(threads), "use e.g. --threads 2, or omit it to use every core")
     for p, is_dir in ((save_tokens, False), (out, False), (save_images, True)):
         check_writable(p, is_dir)
 
     import torch
     if engine_dir:
         from flowar.runtime.load import open_engine_dir
-        rt = open_engine_dir(engine_dir, backend)
+        rt = open_engine_dir(engine_dir, backend, threads=threads)
         config, class_names, dev = rt.config, rt.class_names, rt.device
         defaults = rt.manifest.get("schedule_defaults", {})
         stages, can_decode, what = rt.stages, rt.manifest.get("vae") is not None, rt.detail
@@ -135,7 +138,8 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
                               f"re-export with --max-batch {len(ids)}")
         batch_size = batch_size or limit
     click.echo(f"backend: {what}", err=True)
-    with torch.inference_mode():
+    from flowar.sampler import host_threads
+    with torch.inference_mode(), host_threads(threads):
         result = run_sampling(stages, config, ids, steps, cfg, guidance, seed, noise_file,
                               decode=bool(out or save_images), device=dev, progress=True, batch_size=batch_size)
     lines = write_outputs(result, class_names, save_tokens, out, save_images, n_per_class if n_per_class > 1 else None)

@@ -51,6 +51,7 @@ def test_run_decodes_through_the_mar_vae(fixtures_dir, tmp_path):
     (["--cfg", "0.2"], "--cfg"),
     (["--guidance", "2"], "--guidance"),
     (["--out", "g.png"], "--vae"),
+    (["--threads", "0"], "--threads"),
 ])
 def test_user_errors_are_one_line(fixtures_dir, args, needle):
     res = CliRunner().invoke(run, ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny"] + args)
@@ -79,6 +80,12 @@ def test_export_then_run_from_the_engine_directory(fixtures_dir, tiny_v1, noise2
     assert res.exit_code == 0, res.output
     assert "ONNX Runtime" in res.output
     assert (load_file(str(out))["tokens"] - io["sample25.tokens"]).abs().max().item() <= 1e-3
+    # one core: no row blocks, the same tokens as the blocks on every core
+    one = tmp_path / "T1.safetensors"
+    res = CliRunner().invoke(run, ["--engine-dir", str(tmp_path / "eng"), "--labels", "3,7", "--noise", str(noise25),
+                                   "--save-tokens", str(one), "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert (load_file(str(one))["tokens"] - load_file(str(out))["tokens"]).abs().max().item() <= 1e-5
     # images need a decoder, which this directory does not have: one clear line
     res = CliRunner().invoke(run, ["--engine-dir", str(tmp_path / "eng"), "--out", str(tmp_path / "g.png")])
     assert res.exit_code == 2 and "re-export with --vae" in res.output
