@@ -118,23 +118,12 @@ def machine_info() -> dict:
     except OSError:
         pass
     from flowar.engines.ort import cpu_threads
-    info = {"cpu": cpu, "cpu_cores_usable": cpu_threads(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    import importlib.metadata as md
-    for dist in ("numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "diffusers"):
-        try:
-            info[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    try:
-        from flowar.engines.trt import load_builder
-        b = load_builder()
-        info[b.flavour] = b.version
-    except Exception:   # noqa: BLE001 - TensorRT absent or unusable: nothing to report
-        pass
-    return info
+    from flowar.export.manifest import library_versions
+    return library_versions() | {
+        "cpu": cpu, "cpu_cores_usable": cpu_threads(), "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(), "torch": torch.__version__,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def gemm_peak_gflops(device: torch.device, n: int = 2048, repeat: int = 5) -> float:
@@ -402,7 +391,8 @@ def make_backend(name, model, vae, engine_dir, B, device, a):
     if name == "cudagraph":
         if device.type != "cuda":
             raise Skip("CUDA graphs need a CUDA GPU")
-        from flowar.runtime.cudagraph import GraphedSampler, torch_engine_stages
+        from flowar.runtime.cudagraph import GraphedSampler
+        from flowar.runtime.pipeline import torch_engine_stages
         from flowar.schedule import build_schedule
         t0 = time.perf_counter()
         sched = build_schedule(a.steps, a.cfg, a.guidance, model.config.n_scales)

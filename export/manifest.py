@@ -40,7 +40,7 @@ def sha256_file(path: str | Path) -> str:
 def library_versions() -> dict[str, str]:
     import importlib.metadata as md
     out = {"python": platform.python_version()}
-    for dist in ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "flowar-deploy", "diffusers",
+    for dist in ("torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "flowar-deploy", "diffusers",
                  "tensorrt", "tensorrt-rtx-cu13-bindings"):
         try:
             out[dist] = md.version(dist)

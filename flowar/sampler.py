@@ -131,6 +131,13 @@ class Workspace:
     def addresses(self) -> dict[str, int]:
         return {k: v.data_ptr() for k, v in self._store.items()}
 
+    def tokens(self) -> Tensor:
+        """The last scale's kept sample as a token map (B, C, S, S), a new tensor."""
+        c = self.config
+        S = c.latent_size
+        z = self.view("z", c.n_scales - 1).transpose(1, 2).reshape(self.B, c.latent_channels, S, S)
+        return z.clone(memory_format=torch.contiguous_format)
+
 
 def _finite(t: Tensor, what: str, k: int, side: int, step: int | None = None) -> None:
     if not bool(torch.isfinite(t).all()):
@@ -212,10 +219,9 @@ def sample(stages: Stages, config: FlowARConfig, schedule: Schedule, labels_B: T
     """
     c = config
     B = labels_B.shape[0]
-    guided_any = schedule.cfg != 1.0
-    R = 2 * B if guided_any else B
+    R = schedule.rows(B)
     null = torch.full((B,), c.null_class, dtype=torch.int64, device=labels_B.device)
-    labels_R = torch.cat([labels_B, null]) if guided_any else labels_B
+    labels_R = torch.cat([labels_B, null]) if R > B else labels_B
     dev = torch.device(device)
     check = check or ("step" if dev.type == "cpu" else "scale")
     stages.start(labels_R.to(device))
@@ -227,12 +233,10 @@ def sample(stages: Stages, config: FlowARConfig, schedule: Schedule, labels_B: T
             run_scale(stages, ws, schedule, k, check, trace)
             if on_scale is not None:
                 on_scale(ScaleTrace(k, R, trace))
-    S = c.latent_size
-    z = ws.view("z", c.n_scales - 1)
-    tokens = z.transpose(1, 2).reshape(B, c.latent_channels, S, S).contiguous()
+    tokens = ws.tokens()
     images = None
     if decode:
         images = stages.decode(tokens / c.latent_scale)
         if check != "none":
-            _finite(images, "VAE decode", c.n_scales - 1, S)
+            _finite(images, "VAE decode", c.n_scales - 1, c.latent_size)
     return tokens, images

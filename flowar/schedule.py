@@ -53,6 +53,10 @@ class Schedule:
     def n_steps(self) -> int:
         return len(self.dt64)
 
+    def rows(self, B: int) -> int:
+        """AR rows for B samples: [labels; null] with guidance, the labels alone without."""
+        return 2 * B if self.cfg != 1.0 else B
+
 
 def validate_sampling_args(num_steps: int, cfg: float, guidance: float) -> None:
     if not isinstance(num_steps, int) or not 2 <= num_steps <= MAX_STEPS:

@@ -28,7 +28,7 @@ class GraphedSampler:
         self.stages, self.config, self.schedule, self.B = stages, config, schedule, batch
         self.device = torch.device(device)
         self.capture = self.device.type == "cuda" if capture is None else capture
-        self.R = 2 * batch if schedule.cfg != 1.0 else batch
+        self.R = schedule.rows(batch)
         self.ws = Workspace(config, schedule, batch, self.R, False, self.device)
         self.labels = torch.zeros(self.R, dtype=torch.int64, device=self.device)
         self.labels[batch:] = config.null_class
@@ -81,15 +81,5 @@ class GraphedSampler:
                 self.graphs[k].replay()
             else:
                 run_scale(self.stages, self.ws, self.schedule, k, "none")
-        S = c.latent_size
-        z = self.ws.view("z", c.n_scales - 1)
-        return z.transpose(1, 2).reshape(self.B, c.latent_channels, S, S).clone()
+        return self.ws.tokens()
 
-
-def torch_engine_stages(model, max_batch: int, device: torch.device | str, vae=None):
-    """EngineStages over the reference modules (static buffers, capturable): the graphed PyTorch path."""
-    from flowar.export.specs import stage_specs
-    from flowar.runtime.pipeline import EngineStages, torch_engines
-    c = model.config
-    specs = stage_specs(c, c.latent_size if vae else None, vae.downsample if vae else None)
-    return EngineStages(torch_engines(model, specs, vae), c, max_batch, torch.device(device), specs)

@@ -140,3 +140,10 @@ def torch_engines(model, specs: dict[str, StageSpec], vae=None) -> dict[str, Eng
     from flowar.export.onnx_export import stage_module
     from flowar.runtime.engines import TorchEngine
     return {n: TorchEngine(n, stage_module(n, model, vae), s.inputs, s.outputs).__enter__() for n, s in specs.items()}
+
+
+def torch_engine_stages(model, max_batch: int, device: torch.device | str, vae=None) -> EngineStages:
+    """EngineStages over the reference modules: static buffers, capturable (the graphed PyTorch path)."""
+    c = model.config
+    specs = stage_specs(c, c.latent_size if vae else None, vae.downsample if vae else None)
+    return EngineStages(torch_engines(model, specs, vae), c, max_batch, torch.device(device), specs)

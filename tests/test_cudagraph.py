@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from flowar.runtime.cudagraph import GraphedSampler, torch_engine_stages
+from flowar.runtime.cudagraph import GraphedSampler
+from flowar.runtime.pipeline import torch_engine_stages
 from flowar.sampler import injected_noise, sample
 from flowar.schedule import build_schedule
 from flowar.stages import TorchStages

@@ -4,15 +4,10 @@ import pytest
 import torch
 
 from flowar.export.specs import stage_specs
-from flowar.runtime.pipeline import BufferPlan, EngineStages, torch_engines
+from flowar.runtime.pipeline import BufferPlan, torch_engine_stages
 from flowar.sampler import injected_noise, sample
 from flowar.schedule import build_schedule
 from flowar.stages import TorchStages
-
-
-def _torch_engine_stages(model, max_batch=2):
-    specs = stage_specs(model.config)
-    return EngineStages(torch_engines(model, specs), model.config, max_batch, torch.device("cpu"), specs)
 
 
 class Recording:
@@ -41,7 +36,7 @@ def test_buffer_plan_allocates_each_tensor_once_at_its_largest():
 
 def test_engine_stages_match_the_eager_stages_and_never_reallocate(tiny_v1):
     model, io = tiny_v1
-    st = _torch_engine_stages(model)
+    st = torch_engine_stages(model, 2, "cpu")
     rec = Recording(st.engines["velocity"])
     st.engines["velocity"] = rec
     before = st.buffers.addresses()
@@ -64,7 +59,7 @@ def test_engine_stages_match_the_eager_stages_and_never_reallocate(tiny_v1):
 def test_batch_above_the_engines_max_is_refused(tiny_v1):
     from flowar.errors import FlowARError
     model, _ = tiny_v1
-    st = _torch_engine_stages(model, max_batch=2)
+    st = torch_engine_stages(model, 2, "cpu")
     with pytest.raises(FlowARError, match="at most 2 samples"):
         st.start(torch.tensor([1, 2, 3, 1000, 1000, 1000]))
 
