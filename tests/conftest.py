@@ -8,6 +8,7 @@ tests that need them skip with the reason; with ``FLOWAR_REQUIRE_FIXTURES=1`` (s
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -30,25 +31,60 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
-def _load_tiny(fixtures_dir: Path, name: str):
-    from safetensors.torch import load_file
-    from flowar.config import FlowARConfig
-    from flowar.model import FlowAR
-    cfg = FlowARConfig.load(fixtures_dir / f"{name}.config.json")
-    model = FlowAR(cfg).eval()
-    model.load_state_dict(load_file(str(fixtures_dir / f"{name}.safetensors")), strict=True)
-    io = load_file(str(fixtures_dir / f"{name}_io.safetensors"))
-    return model, io
+@functools.lru_cache(maxsize=None)
+def _official(fixtures_dir: Path, name: str):
+    from parity import load_official
+    return load_official(fixtures_dir, name)
 
 
 @pytest.fixture(scope="session", params=["tiny_v1", "tiny_v2"])
-def tiny(request, fixtures_dir):
-    """(name, model, io) for each official tiny fixture."""
-    model, io = _load_tiny(fixtures_dir, request.param)
-    return request.param, model, io
+def official(request, fixtures_dir):
+    """Both official recordings of a tiny fixture with our float32 and float64 modules (tests/parity.py)."""
+    return _official(fixtures_dir, request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny(official):
+    """(name, model, io) for each official tiny fixture (io: the AVX2 recording, inputs included)."""
+    return official.name, official.model, official.a
+
+
+@pytest.fixture(scope="session")
+def official_v1(fixtures_dir):
+    return _official(fixtures_dir, "tiny_v1")
 
 
 @pytest.fixture(scope="session")
 def tiny_v1(fixtures_dir):
-    model, io = _load_tiny(fixtures_dir, "tiny_v1")
-    return model, io
+    o = _official(fixtures_dir, "tiny_v1")
+    return o.model, o.a
+
+
+@pytest.fixture(scope="session")
+def official_tokens(fixtures_dir):
+    """(name, run) -> the end-to-end token check of eager sampling (computed once per session).
+
+    Other paths (CLI, engines, CUDA-graph runner) are held to the same bound: ``assert_tokens``.
+    """
+    from parity import token_check
+    cache = {}
+
+    def get(name: str, run: str = "sample25"):
+        if (name, run) not in cache:
+            cache[name, run] = token_check(_official(fixtures_dir, name), run)
+        return cache[name, run]
+    return get
+
+
+@pytest.fixture(scope="session")
+def assert_tokens(fixtures_dir, official_tokens):
+    """Asserts that tokens from any path are within the float32-noise bound of both official recordings."""
+    from parity import max_abs
+
+    def check(tokens, name: str = "tiny_v1", run: str = "sample25") -> None:
+        o = _official(fixtures_dir, name)
+        bound, _ = official_tokens(name, run)
+        key = f"{run}.tokens"
+        err = max(max_abs(tokens, o.a[key]), max_abs(tokens, o.b[key]))
+        assert err <= bound.tol, f"{name} {run}: |tokens - official| {err:.2e} above the float32-noise bound ({bound})"
+    return check

@@ -14,20 +14,27 @@ def test_strict_load_and_buffers(tiny):
     assert torch.equal(block_causal_mask(model.config.tokens_per_scale), sd["mask"])
 
 
-def test_velocity_matches_official(tiny):
+def test_velocity_embeds_the_official_integer_timesteps(tiny):
+    """Exact. (The velocity itself is compared in test_parity.py, within measured float32 noise.)"""
     name, model, io = tiny
-    with torch.no_grad():
-        v = model.flownet(io["velocity.x"], io["velocity.t"], io["velocity.cond"])
-    assert (v - io["velocity.v"]).abs().max().item() <= 1e-5
     assert torch.equal(timestep_integers(io["velocity.t"]), io["velocity.t_int"])
 
 
-def test_semantics_match_official(tiny):
-    name, model, io = tiny
+def test_semantics_match_official(official):
+    """The one-pass masked AR (training, export) on the recorded teacher-forced inputs.
+
+    s_hat was recorded on one CPU only, so the official float32 noise is taken to be the size of
+    ours: |ours - official| <= 2 * (own + own), own = |float32 - float64| of our code here
+    (measured 1.2e-6 / 8.3e-7 against bounds of 6.8e-6 / 5.2e-6 on an AVX-512 Xeon).
+    """
+    from parity import max_abs
+    io = official.a
     x_in = torch.cat([io[f"semantics.inputs_scale{k}"] for k in range(1, 5)], dim=1)
     with torch.no_grad():
-        s = model.semantics(io["semantics.labels"], x_in)
-    assert (s - io["semantics.s_hat"]).abs().max().item() <= 1e-5
+        s = official.model.semantics(io["semantics.labels"], x_in)
+        s64 = official.model64.semantics(io["semantics.labels"], x_in.double())
+    own = max_abs(s, s64)
+    assert max_abs(s, io["semantics.s_hat"]) <= 4 * own, (max_abs(s, io["semantics.s_hat"]), own)
 
 
 def test_kv_cached_steps_equal_the_masked_prefix(tiny):

@@ -9,14 +9,21 @@ from flowar.vae import load_vae
 
 
 def test_mar_checkpoint_converts_with_the_same_numbers(fixtures_dir):
+    """Recorded on one CPU only: the official float32 noise is taken to be the size of ours
+    (own = |float32 - float64| of the converted VAE here), so |ours - official| <= 4 x own
+    (measured on an AVX-512 Xeon: decode 5.8e-6 with own 4.4e-6; mean 3.1e-6 / 3.7e-6)."""
+    from parity import max_abs
     vae = load_vae(fixtures_dir / "mar_vae_tiny.ckpt", expect_channels=16)
+    vae64 = load_vae(fixtures_dir / "mar_vae_tiny.ckpt", expect_channels=16).double()
     io = load_file(str(fixtures_dir / "mar_vae_tiny_io.safetensors"))
     with torch.no_grad():
         img = vae.decode(io["decode.latent"])
         mean, logvar = vae.encode(io["encode.image"])
-    assert (img - io["decode.image"]).abs().max().item() <= 1e-5
-    assert (mean - io["encode.mean"]).abs().max().item() <= 1e-5
-    assert (logvar - io["encode.logvar"]).abs().max().item() <= 1e-5
+        img64 = vae64.decode(io["decode.latent"].double())
+        mean64, logvar64 = vae64.encode(io["encode.image"].double())
+    for ours, ours64, key in ((img, img64, "decode.image"), (mean, mean64, "encode.mean"),
+                              (logvar, logvar64, "encode.logvar")):
+        assert max_abs(ours, io[key]) <= 4 * max_abs(ours, ours64), (key, max_abs(ours, io[key]), max_abs(ours, ours64))
 
 
 def test_wrong_latent_channels_are_refused(fixtures_dir):
