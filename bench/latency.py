@@ -184,11 +184,17 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if a.debug:
+            raise
+        print(f"error: expected paths this command can read and write; got {e.filename or ''}: {e.strerror or e}. "
+              "Fix: check the path, its permissions and the free disk space", file=sys.stderr)
+        return 2
 
 
 def run(a) -> int:
     from flowar.errors import FlowARError
-    from flowar.sampler import sample, seeded_noise
+    from flowar.sampler import per_sample_noise, sample
     from flowar.schedule import build_schedule
 
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]
@@ -205,6 +211,9 @@ def run(a) -> int:
         raise FlowARError("--parity-tol >= 0", repr(a.parity_tol), "e.g. --parity-tol 1e-3")
     if any(b < 1 for b in batches) or a.repeat < 1:
         raise FlowARError("--batch and --repeat >= 1", f"{a.batch} / {a.repeat}", "use positive numbers")
+    from flowar.outputs import check_writable
+    check_writable(a.json or None, False, "--json")
+    check_writable(a.plot or None, False, "--plot")
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
     model, vae, engine_dir, random_weights, label = load_source(a, device)
@@ -240,9 +249,10 @@ def run(a) -> int:
                 t0 = time.perf_counter()
                 with torch.inference_mode():
                     if graphed:      # one graph per scale: no per-stage split, tokens only
-                        tok = factory.sample(labels.to(device), seeded_noise(a.seed))
+                        tok = factory.sample(labels.to(device), per_sample_noise(a.seed, range(B)))
                     else:
-                        tok, _ = sample(st, config, schedule, labels.to(device), seeded_noise(a.seed), decode=decode,
+                        tok, _ = sample(st, config, schedule, labels.to(device), per_sample_noise(a.seed, range(B)),
+                                        decode=decode,
                                         device=device, official_rows=official, check="none")
                 sync(device)
                 if r >= a.warmup:
@@ -277,8 +287,8 @@ def run(a) -> int:
            "guidance": a.guidance, "decode": decode, "official_flops_per_max_batch": flops,
            "results": [asdict(r) for r in results], "markdown": table}
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(out, indent=1, default=float))
+        from flowar.outputs import atomic_write_bytes
+        atomic_write_bytes(a.json, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1, default=float)))
         print(f"\nJSON -> {a.json}")
     if a.plot:
         plot(results, Path(a.plot), label)
@@ -336,7 +346,7 @@ def load_source(a, device):
 def official_flops(model, vae, schedule, B: int) -> dict:
     """FLOPs of one official-style sample of batch B, per stage, counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
-    from flowar.sampler import sample, seeded_noise
+    from flowar.sampler import per_sample_noise, sample
     from flowar.stages import OfficialStyleStages
 
     counted = {"ar": 0, "head": 0, "decode": 0}
@@ -350,7 +360,8 @@ def official_flops(model, vae, schedule, B: int) -> dict:
     dev = next(model.parameters()).device
     st = StageProbe(OfficialStyleStages(model, vae.decode if vae is not None else None), count)
     with torch.inference_mode():
-        sample(st, model.config, schedule, torch.zeros(B, dtype=torch.int64, device=dev), seeded_noise(0),
+        sample(st, model.config, schedule, torch.zeros(B, dtype=torch.int64, device=dev),
+               per_sample_noise(0, range(B)),
                decode=vae is not None, device=dev, official_rows=True)
     return counted
 
@@ -367,11 +378,11 @@ def make_backend(name, model, vae, engine_dir, B, device, a):
         t0 = time.perf_counter()
         compiled = autocast(CompiledStages.build(model, dec), device, a.dtype)
         st = compiled()
-        from flowar.sampler import sample, seeded_noise
+        from flowar.sampler import per_sample_noise, sample
         from flowar.schedule import build_schedule
         with torch.inference_mode():      # compile every (scale, rows) shape now, timed apart
             sample(st, model.config, build_schedule(a.steps, a.cfg, a.guidance, model.config.n_scales),
-                   torch.zeros(B, dtype=torch.int64, device=device), seeded_noise(0),
+                   torch.zeros(B, dtype=torch.int64, device=device), per_sample_noise(0, range(B)),
                    decode=False, device=device)
         return compiled, time.perf_counter() - t0, f"compile {time.perf_counter() - t0:.0f} s", False
     if name == "ort":
@@ -504,8 +515,8 @@ def plot(results: list[Result], path: Path, label: str) -> None:
     ax.set_title(f"FlowAR latency per stage: {label}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    from flowar.outputs import atomic_write_bytes
+    atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import torch
 
 from flowar.config import PRESETS, FlowARConfig, get_preset
 from flowar.errors import CheckpointError, ConfigError
+from flowar.outputs import atomic_write_bytes
 
 META_CONFIG = "flowar_config"
 META_CLASSES = "class_names"
@@ -201,37 +200,6 @@ def load_model(path: str | Path, preset: str | None = None, config_path: str | P
     model.load_state_dict(ck.state_dict, strict=True)
     ck.config = config
     return model.to(device).eval(), ck
-
-
-def _umask() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename into place, so a crash never leaves a half file.
-
-    The file gets the permissions a plain write would give (0666 less the umask), not the
-    owner-only mode of a temporary file.
-    """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], config: FlowARConfig,

@@ -31,11 +31,11 @@ def user_errors(fn):
                 raise
             click.echo(f"error: {e}", err=True)
             sys.exit(EXIT_USER_ERROR)
-        except PermissionError as e:
+        except OSError as e:         # what the checks before the work could not foresee (disk full, ...)
             if debug:
                 raise
-            click.echo(f"error: expected a writable path; got {e.filename or e}: permission denied. "
-                       "Fix: choose another output path", err=True)
+            click.echo(f"error: expected paths this command can read and write; got {e.filename or ''}: "
+                       f"{e.strerror or e}. Fix: check the path, its permissions and the free disk space", err=True)
             sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -73,9 +73,10 @@ def _device(name: str):
               "engine directory's].")
 @click.option("--cfg", type=float, help="Guidance weight at the last scale, 1 = off [default: 4.3, or the directory's].")
 @click.option("--guidance", type=float, help="Guide only steps with t <= this [default: 0.9, or the directory's].")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the CPU noise generator.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Names the images: sample i's noise depends "
+              "only on (seed, i), whatever the batch size or backend.")
 @click.option("--noise", "noise_file", type=click.Path(dir_okay=False), help="safetensors with noise0..noise{n-1} "
-              "to use instead of the generator (official draw order and shapes).")
+              "to replay instead (the official layout: (2B, s^2, C) per scale for all requested samples).")
 @click.option("--save-tokens", type=click.Path(dir_okay=False), help="Write tokens (B,C,H,W) to this safetensors file.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write a labelled PNG grid here.")
 @click.option("--save-images", type=click.Path(file_okay=False), help="Write one PNG per sample into this folder.")
@@ -86,7 +87,8 @@ def _device(name: str):
 def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels, classes, n_per_class, batch_size,
         steps, cfg, guidance, seed, noise_file, save_tokens, out, save_images, device, threads, debug):
     """Sample images from a FlowAR checkpoint (eager PyTorch) or an engine directory (runtime)."""
-    from flowar.run import check_writable, parse_labels, run_sampling, write_outputs
+    from flowar.outputs import check_writable
+    from flowar.run import parse_labels, run_sampling, write_outputs
     from flowar.schedule import validate_sampling_args
     if bool(ckpt) == bool(engine_dir):
         raise FlowARError("exactly one of --ckpt or --engine-dir", "both" if ckpt else "neither",
@@ -96,8 +98,9 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
                           "the engine directory records its config and decoder; drop those options")
     if threads is not None and threads < 1:
         raise FlowARError("--threads >= 1", str(threads), "use e.g. --threads 2, or omit it to use every core")
-    for p, is_dir in ((save_tokens, False), (out, False), (save_images, True)):
-        check_writable(p, is_dir)
+    for p, is_dir, option in ((save_tokens, False, "--save-tokens"), (out, False, "--out"),
+                              (save_images, True, "--save-images")):
+        check_writable(p, is_dir, option)
 
     import torch
     if engine_dir:
@@ -133,9 +136,6 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
         if batch_size is not None and batch_size > limit:
             raise FlowARError(f"--batch at most {limit} (the engines' max batch)", str(batch_size),
                               f"use --batch {limit}, or re-export with --max-batch {batch_size}")
-        if noise_file and len(ids) > limit:
-            raise FlowARError(f"at most {limit} samples with --noise (the engines' max batch)", str(len(ids)),
-                              f"re-export with --max-batch {len(ids)}")
         batch_size = batch_size or limit
     click.echo(f"backend: {what}", err=True)
     from flowar.sampler import host_threads
@@ -172,8 +172,10 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
                guidance, compute_capability, debug):
     """Export a checkpoint to per-stage ONNX graphs (and TensorRT plans) with a manifest."""
     from flowar.build import build_engine_dir
+    from flowar.outputs import check_writable
     from flowar.schedule import validate_sampling_args
     validate_sampling_args(steps, cfg, guidance)
+    check_writable(out, True, "--out")
     from tqdm import tqdm
     n = 4 if vae else 3
     total = n * (2 if verify else 1) + (n if backend in ("trt", "all") else 0)
@@ -207,7 +209,9 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
 @user_errors
 def train_vae_cmd(data, out, size, latent_channels, steps, batch, lr, seed, debug):
     """Train the small AutoencoderKL the default model uses."""
+    from flowar.outputs import check_writable
     from flowar.train_vae import VAETrainArgs, train_vae
+    check_writable(out, True, "--out")
     res = train_vae(VAETrainArgs(data=data, out=out, size=size, latent_channels=latent_channels, steps=steps,
                                  batch=batch, lr=lr, seed=seed))
     click.echo(f"VAE -> {res['out']} in {res['seconds']:.0f} s, final reconstruction loss {res['final_reconstruction_loss']:.4f}")
@@ -237,7 +241,9 @@ def train_vae_cmd(data, out, size, latent_channels, steps, batch, lr, seed, debu
 def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmup, ema_decay, grad_clip, seed,
               log_every, sample_every, ckpt_every, resume, debug):
     """Train FlowAR with the official multi-scale flow-matching loss (runs under torchrun too)."""
+    from flowar.outputs import check_writable
     from flowar.train import TrainArgs, train
+    check_writable(out, True, "--out")
     for name, v in (("--steps", steps), ("--batch", batch), ("--log-every", log_every), ("--ckpt-every", ckpt_every)):
         if v < 1:
             raise FlowARError(f"{name} >= 1", str(v), f"pass a positive {name}")
@@ -268,10 +274,12 @@ def judge_cmd(ckpt, vae, per_class, steps, cfg, guidance, seed, judge_cache, deb
     """Class accuracy of generated samples, scored by a classifier trained on real Animal-MNIST."""
     from flowar.checkpoint import load_model
     from flowar.judge import judge_model
+    from flowar.outputs import check_writable
     from flowar.schedule import validate_sampling_args
     from flowar.stages import TorchStages
     from flowar.vae import load_vae
     validate_sampling_args(steps, cfg, guidance)
+    check_writable(judge_cache, False, "--judge-cache")
     model, ck = load_model(ckpt)
     if ck.config.num_classes != 10:
         raise FlowARError("an Animal-MNIST model (10 classes)", f"{ck.config.num_classes} classes", "pass the default model")

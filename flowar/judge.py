@@ -85,7 +85,7 @@ def train_judge(epochs: int = 6, seed: int = 0, cache: Path | None = None) -> Ju
                 loss.backward()
                 opt.step()
         if cache is not None:
-            from flowar.checkpoint import atomic_write_bytes
+            from flowar.outputs import atomic_write_bytes
             atomic_write_bytes(cache, lambda t: save_file(net.state_dict(), t))
     judge = Judge(net, 0.0)
     pred = judge.classify(data.images[te])

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from flowar.config import FlowARConfig
 from flowar.errors import FlowARError
-from flowar.sampler import NoiseFn, ScaleTrace, Stages, injected_noise, sample, seeded_noise
+from flowar.sampler import NoiseFn, ScaleTrace, Stages, injected_noise, noise_rows, per_sample_noise, sample
 from flowar.schedule import build_schedule
 
 
@@ -76,22 +76,6 @@ def read_noise(path: str | Path, config: FlowARConfig) -> list[Tensor]:
         raise FlowARError("a readable safetensors noise file", f"{p}: {str(e)[:160]}", "write the file again") from e
 
 
-def check_writable(path: str | Path | None, is_dir: bool = False) -> None:
-    """Fail before sampling, not after, when an output cannot be written."""
-    import os
-    if path is None:
-        return
-    p = Path(path)
-    if p.exists() and p.is_dir() != is_dir:
-        raise FlowARError(f"an output path for a {'folder' if is_dir else 'file'}",
-                          f"{p} exists as a {'file' if p.is_file() else 'folder'}", "choose another path")
-    parent = p if (is_dir and p.exists()) else p.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise FlowARError("a writable output location", f"{parent} is not a writable folder", "choose another path")
-
-
 @dataclass(slots=True)
 class SampleResult:
     tokens: Tensor                      # (B, C, S, S) scaled latent space
@@ -107,21 +91,29 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], steps:
                  on_scale: Callable[[ScaleTrace], None] | None = None, batch_size: int | None = None) -> SampleResult:
     """Sample ``labels`` in batches of at most ``batch_size`` (all at once by default).
 
-    Seeded noise comes from one generator drawn batch after batch, so a request is reproducible
-    for a given batch size. Recorded noise (``noise_file``) describes one batch and cannot be split.
+    Sample i of the request gets the noise of (seed, i) (:func:`~flowar.sampler.per_sample_noise`),
+    so its image is the same for every batch size and backend. Recorded noise (``noise_file``,
+    the official layout: one (R, n, C) draw per scale for the whole request) is split into the
+    same batches row by row.
     """
     schedule = build_schedule(steps, cfg, guidance, config.n_scales)
-    bs = batch_size or len(labels)
-    if noise_file and bs < len(labels):
-        raise FlowARError(f"at most {bs} labels with --noise (one recorded batch)", f"{len(labels)}",
-                          "pass fewer labels, or drop --noise to sample in batches")
-    noise: NoiseFn = injected_noise(read_noise(noise_file, config)) if noise_file else seeded_noise(seed)
+    N = len(labels)
+    bs = batch_size or N
+    recorded = read_noise(noise_file, config) if noise_file else None
+    if recorded is not None:
+        R = schedule.rows(N)
+        for k, d in enumerate(recorded):
+            want = (R, config.tokens_per_scale[k], config.latent_channels)
+            if tuple(d.shape) != want:
+                raise FlowARError(f"noise{k} of shape {list(want)} for {N} samples ({'2B' if R > N else 'B'} rows, "
+                                  "s^2 tokens, C)", f"{list(d.shape)}",
+                                  "record the noise for the same number of labels, cfg and config")
     traces: list[ScaleTrace] = []
-    chunks = [labels[i:i + bs] for i in range(0, len(labels), bs)]
+    starts = range(0, N, bs)
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=config.n_scales * len(chunks), desc="scales", unit="scale", leave=False, disable=None)
+        bar = tqdm(total=config.n_scales * len(starts), desc="scales", unit="scale", leave=False, disable=None)
 
     def scale_done(tr: ScaleTrace) -> None:
         traces.append(tr)
@@ -132,7 +124,10 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], steps:
 
     t0 = time.perf_counter()
     toks, imgs = [], []
-    for chunk in chunks:
+    for start in starts:
+        chunk = labels[start:start + bs]
+        noise: NoiseFn = (injected_noise(noise_rows(recorded, start, start + len(chunk), N)) if recorded is not None
+                          else per_sample_noise(seed, range(start, start + len(chunk))))
         labels_t = torch.tensor(chunk, dtype=torch.int64, device=device)
         tokens, images = sample(stages, config, schedule, labels_t, noise, decode=decode, device=device,
                                 on_scale=scale_done)
@@ -147,7 +142,7 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], steps:
 def write_outputs(result: SampleResult, class_names: list[str] | None, save_tokens: str | Path | None,
                   out: str | Path | None, save_images: str | Path | None, columns: int | None = None) -> list[str]:
     """Write the requested files atomically; returns a line per file for the user."""
-    from flowar.checkpoint import atomic_write_bytes
+    from flowar.outputs import atomic_write_bytes
     lines = []
     if save_tokens:
         from safetensors.torch import save_file

@@ -20,9 +20,10 @@ guidance combination is float64: ``v = v_null + cfg_k * (v_cond - v_null)``.
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,14 +64,50 @@ class Stages(Protocol):
 NoiseFn = Callable[[int, tuple[int, ...]], Tensor]
 
 
-def seeded_noise(seed: int) -> NoiseFn:
-    """One float32 normal draw per scale from a CPU generator, in the official order."""
-    gen = torch.Generator().manual_seed(int(seed))
-    return lambda k, shape: torch.randn(shape, generator=gen, dtype=torch.float32)
+def stream_seed(seed: int, index: int, k: int) -> int:
+    """The CPU generator seed of sample ``index``'s noise at scale k: a hash of (seed, index, k),
+    the same on every machine and in every process."""
+    digest = hashlib.blake2b(f"flowar-noise:{int(seed)}:{int(index)}:{int(k)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1                      # 63 bits
+
+
+def per_sample_noise(seed: int, indices: Sequence[int]) -> NoiseFn:
+    """Noise named by (seed, sample index): a seed names an image.
+
+    Row b of the batch is sample ``indices[b]`` of the request. Its scale-k noise comes from a CPU
+    generator seeded with ``stream_seed(seed, indices[b], k)``: first its conditional row
+    (n, C), then, when the batch carries null rows, its null row. So the noise of a sample does
+    not depend on the batch it lands in, its place there, the batch size, the backend, the shard
+    or the worker, and its conditional noise not even on cfg. (The official sampler draws one
+    (2B, n, C) tensor per scale instead: recorded official noise is replayed with
+    :func:`injected_noise`.)
+    """
+    idx = [int(i) for i in indices]
+
+    def draw(k: int, shape: tuple[int, ...]) -> Tensor:
+        R, n, C = shape
+        B = len(idx)
+        if R not in (B, 2 * B):
+            raise FlowARError(f"{B} or {2 * B} noise rows for {B} samples", f"{R}", "pass one index per sample")
+        out = torch.empty(shape, dtype=torch.float32)
+        for b, i in enumerate(idx):
+            gen = torch.Generator().manual_seed(stream_seed(seed, i, k))
+            out[b] = torch.randn((n, C), generator=gen)
+            if R > B:
+                out[B + b] = torch.randn((n, C), generator=gen)
+        return out
+    return draw
+
+
+def noise_rows(draws: list[Tensor], start: int, end: int, total: int) -> list[Tensor]:
+    """Samples start..end-1 of draws recorded for ``total`` samples, in batch layout: their
+    conditional rows, then their null rows where the draws carry a null half (2 * total rows)."""
+    return [torch.cat([d[start:end], d[total + start: total + end]]) if d.shape[0] == 2 * total else d[start:end]
+            for d in draws]
 
 
 def injected_noise(draws: list[Tensor]) -> NoiseFn:
-    """Replays recorded draws (``noise0..noise{n-1}``), checking their shapes."""
+    """Replays recorded draws (``noise0..noise{n-1}``, the official (R, n, C) per scale), checking their shapes."""
     def take(k: int, shape: tuple[int, ...]) -> Tensor:
         if k >= len(draws):
             raise FlowARError(f"a noise tensor noise{k}", f"only {len(draws)} draws", "record one draw per scale")

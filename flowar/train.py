@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowar.checkpoint import TRAIN_FORMAT_TAG, atomic_write_bytes, save_checkpoint
+from flowar.checkpoint import TRAIN_FORMAT_TAG, save_checkpoint
+from flowar.outputs import atomic_write_bytes
 from flowar.config import FlowARConfig, get_preset
 from flowar.errors import FlowARError
 from flowar.model import FlowAR
@@ -340,7 +341,7 @@ def plot_losses(losses: list[float], path: Path) -> None:
 @torch.no_grad()
 def sample_grid(ema: FlowAR, args: TrainArgs, class_names: list[str], path: Path) -> None:
     from flowar.images import save_grid
-    from flowar.sampler import sample, seeded_noise
+    from flowar.sampler import per_sample_noise, sample
     from flowar.schedule import build_schedule
     from flowar.stages import TorchStages
     from flowar.vae import load_vae
@@ -349,5 +350,5 @@ def sample_grid(ema: FlowAR, args: TrainArgs, class_names: list[str], path: Path
     labels = torch.arange(c.num_classes).repeat_interleave(max(1, 40 // c.num_classes))[:max(c.num_classes, 40)]
     ema.eval()
     _, images = sample(TorchStages(ema, vae.decode), c, build_schedule(args.sample_steps, args.sample_cfg, 0.9,
-                       c.n_scales), labels, seeded_noise(0), decode=True)
+                       c.n_scales), labels, per_sample_noise(0, range(len(labels))), decode=True)
     save_grid(images, [class_names[i] for i in labels.tolist()], path, columns=max(1, 40 // c.num_classes))

@@ -34,14 +34,78 @@ def test_nan_from_a_stage_is_named_with_scale_and_step(fixtures_dir, tmp_path):
     assert "velocity" in res.output
 
 
-def test_unwritable_output_is_refused_before_sampling(fixtures_dir, tmp_path):
+# Each command and each of its outputs, with a location that cannot be written: below a file, and
+# inside /proc (a folder that exists but takes no files, so only a real write attempt finds out).
+UNWRITABLE = ["{tmp}/afile/x/out", "/proc/flowar-no-such-dir/out"]
+
+
+def _command_args(fixtures_dir, tmp_path, command, option, where):
+    ckpt, vae = str(fixtures_dir / "tiny_v1.safetensors"), str(fixtures_dir / "mar_vae_tiny.ckpt")
+    if command == "flowar-run":
+        return ["--ckpt", ckpt, "--preset", "tiny", "--vae", vae, "--labels", "1", "--steps", "2", option, where]
+    if command == "flowar-export":
+        return ["--ckpt", ckpt, "--preset", "tiny", "--no-verify", "--out", where]
+    if command == "flowar-train":
+        return ["--vae", vae, "--steps", "1", "--out", where]
+    if command == "flowar-train-vae":
+        return ["--steps", "1", "--out", where]
+    if command == "flowar-judge":
+        return ["--ckpt", ckpt, "--vae", vae, "--per-class", "1", option, where]
+    return ["--preset", "tiny", "--steps", "2", "--repeat", "1", "--warmup", "0", "--backends", "eager",
+            "--json", str(tmp_path / "ok.json"), "--plot", str(tmp_path / "ok.png")] + [option, where]
+
+
+OUTPUTS = [("flowar-run", "--save-tokens"), ("flowar-run", "--out"), ("flowar-run", "--save-images"),
+           ("flowar-export", "--out"), ("flowar-train", "--out"), ("flowar-train-vae", "--out"),
+           ("flowar-judge", "--judge-cache"), ("bench", "--json"), ("bench", "--plot")]
+
+
+@pytest.mark.parametrize("where", UNWRITABLE)
+@pytest.mark.parametrize("command,option", OUTPUTS)
+def test_unwritable_output_is_one_line_before_any_work(fixtures_dir, tmp_path, command, option, where, capsys):
+    from flowar import cli
     (tmp_path / "afile").write_text("x")
-    res = CliRunner().invoke(run, ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny",
-                                   "--save-tokens", str(tmp_path / "afile" / "t.safetensors")])
-    _one_line_error(res, "not a writable folder")
+    where = where.format(tmp=tmp_path)
+    args = _command_args(fixtures_dir, tmp_path, command, option, where)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    if command == "bench":
+        from test_bench import _bench
+        assert _bench().main(args) == 2
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: expected a writable location for " + option), err
+    else:
+        cmd = {"flowar-run": cli.run, "flowar-export": cli.export_cmd, "flowar-train": cli.train_cmd,
+               "flowar-train-vae": cli.train_vae_cmd, "flowar-judge": cli.judge_cmd}[command]
+        res = CliRunner().invoke(cmd, args)
+        _one_line_error(res, f"a writable location for {option}")
+        assert "sampled" not in res.output
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before            # nothing written
+
+
+def test_an_output_of_the_wrong_kind_is_refused(fixtures_dir, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
     res = CliRunner().invoke(run, ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny",
                                    "--save-images", str(tmp_path / "afile")])
     assert res.exit_code == 2 and "is a file" in res.output and "Traceback" not in res.output   # click's own check
+    from flowar.errors import FlowARError
+    from flowar.outputs import check_writable
+    with pytest.raises(FlowARError, match="--save-tokens to be a file; got .* exists as a folder"):
+        check_writable(tmp_path / "adir", False, "--save-tokens")
+
+
+def test_a_failed_write_after_the_checks_is_one_line_too(fixtures_dir, tmp_path, monkeypatch):
+    """Disk full or a path removed while sampling: the OSError becomes the one-line error."""
+    import flowar.run
+    def full(*a, **k):
+        raise OSError(28, "No space left on device", str(tmp_path / "t.safetensors"))
+    monkeypatch.setattr(flowar.run, "write_outputs", full)
+    res = CliRunner().invoke(run, ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny",
+                                   "--labels", "1", "--steps", "2", "--save-tokens", str(tmp_path / "t.safetensors")])
+    assert res.exit_code == 2, res.output
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error")]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "Traceback" not in res.output
 
 
 def test_same_seed_same_backend_gives_identical_files(fixtures_dir, tmp_path):

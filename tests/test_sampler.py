@@ -4,26 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flowar.sampler import injected_noise, sample, seeded_noise
+from flowar.sampler import injected_noise, per_sample_noise, sample
 from flowar.schedule import build_schedule
 from flowar.stages import TorchStages
-
-RUNS = {"sample25": (25, 4.3, 0.9), "sample50": (50, 2.4, 0.7)}
+from parity import Float64Stages, max_abs
 
 
 def _noise(io, run):
     return [io[f"{run}.noise{k}"] for k in range(5)]
-
-
-@pytest.mark.parametrize("run", list(RUNS))
-def test_recorded_noise_reproduces_official_tokens(tiny, run):
-    name, model, io = tiny
-    steps, cfg, guidance = RUNS[run]
-    with torch.no_grad():
-        tokens, _ = sample(TorchStages(model), model.config, build_schedule(steps, cfg, guidance, 5),
-                           io[f"{run}.labels"], injected_noise(_noise(io, run)))
-    assert tokens.shape == io[f"{run}.tokens"].shape
-    assert (tokens - io[f"{run}.tokens"]).abs().max().item() <= 1e-4
 
 
 def reference_sample(model, labels, noise, steps, cfg, guidance):
@@ -57,8 +45,8 @@ def reference_sample(model, labels, noise, steps, cfg, guidance):
 
 
 @pytest.mark.parametrize("cfg,guidance", [(4.3, 0.9), (2.4, 0.7), (1.0, 0.9)])
-def test_skipping_the_null_half_leaves_tokens_unchanged(tiny_v1, cfg, guidance):
-    model, io = tiny_v1
+def test_skipping_the_null_half_leaves_tokens_unchanged(official_v1, cfg, guidance):
+    model, io = official_v1.model, official_v1.a
     labels = torch.tensor([3, 7])
     R = 4 if cfg != 1 else 2
     gen = torch.Generator().manual_seed(11)
@@ -68,10 +56,14 @@ def test_skipping_the_null_half_leaves_tokens_unchanged(tiny_v1, cfg, guidance):
         ours, _ = sample(TorchStages(model), model.config, build_schedule(25, cfg, guidance, 5), labels,
                          injected_noise(noise), on_scale=traces.append)
         ref = reference_sample(model, labels, noise, 25, cfg, guidance)
+        ours64, _ = sample(Float64Stages(official_v1.model64), model.config, build_schedule(25, cfg, guidance, 5),
+                           labels, injected_noise(noise))
     # Not bitwise: a GEMM over B rows rounds differently from one over 2B rows (oneDNN blocking),
-    # and the ODE carries that through five scales (measured ~3e-5, the same order as our distance
-    # to the official tokens). The tolerance is the official one for sampled tokens.
-    assert (ours - ref).abs().max().item() <= 1e-4
+    # and the ODE carries that through five scales. Both are float32 results of one exact value,
+    # so they may differ by about twice our float32 noise (own: float32 vs a float64 twin; measured
+    # 3e-5 apart with own 1.5e-5 on an AVX-512 Xeon); 4x leaves room for the other run's noise.
+    own = max_abs(ours, ours64)
+    assert max_abs(ours, ref) <= 4 * own, (max_abs(ours, ref), own)
     # scale 0 (weight 1) and unguided steps ran the head on B rows only
     assert traces[0].head_rows == [2] * 24
     sched = build_schedule(25, cfg, guidance, 5)
@@ -87,25 +79,42 @@ def test_skipping_the_null_half_leaves_tokens_unchanged(tiny_v1, cfg, guidance):
     assert torch.equal(again, ours)
 
 
-def test_seeded_noise_is_reproducible_and_draws_in_official_order(tiny_v1):
-    model, io = tiny_v1
-    shapes = []
-
-    def recording(k, shape):
-        shapes.append(shape)
-        return seeded(k, shape)
-
-    seeded = seeded_noise(2025)
-    with torch.no_grad():
-        a, _ = sample(TorchStages(model), model.config, build_schedule(25, 4.3, 0.9, 5), torch.tensor([3, 7]), recording)
-        b, _ = sample(TorchStages(model), model.config, build_schedule(25, 4.3, 0.9, 5), torch.tensor([3, 7]),
-                      seeded_noise(2025))
-    assert torch.equal(a, b)
-    assert shapes == [(4, n, 16) for n in (1, 4, 16, 64, 256)]
-    # the official fixtures drew from torch.Generator().manual_seed(2025) in this order
+def test_the_noise_stream_is_the_same_on_every_cpu_kind(tiny_v1):
+    """Per-sample noise relies on torch's CPU generator: the official fixtures drew from
+    torch.Generator().manual_seed(2025) on an AMD AVX2 machine, and the same draws come out here."""
+    _, io = tiny_v1
     gen = torch.Generator().manual_seed(2025)
     for k, n in enumerate((1, 4, 16, 64, 256)):
         assert torch.equal(torch.randn(4, n, 16, generator=gen), io[f"sample25.noise{k}"])
+
+
+def test_per_sample_noise_depends_on_seed_and_index_only():
+    n, C = 16, 4
+    whole = per_sample_noise(7, range(5))(2, (10, n, C))              # 5 samples with null rows
+    part = per_sample_noise(7, [3, 4])(2, (4, n, C))                  # samples 3 and 4 in a batch of their own
+    assert torch.equal(part[:2], whole[3:5]) and torch.equal(part[2:], whole[8:10])
+    no_null = per_sample_noise(7, [3, 4])(2, (2, n, C))               # cfg = 1: no null rows drawn
+    assert torch.equal(no_null, whole[3:5])
+    assert torch.equal(per_sample_noise(7, range(5))(2, (10, n, C)), whole)       # reproducible
+    for other in (per_sample_noise(8, range(5))(2, (10, n, C)), per_sample_noise(7, range(5))(3, (10, n, C))):
+        assert (other - whole).abs().min() < 1 and not torch.allclose(other, whole)   # seed, scale matter
+    assert not torch.allclose(whole[0], whole[1]) and not torch.allclose(whole[0], whole[5])
+    assert abs(float(whole.mean())) < 0.1 and abs(float(whole.std()) - 1) < 0.1          # standard normal
+
+
+def test_run_sampling_gives_each_sample_the_same_tokens_in_any_batching(official_v1):
+    from flowar.run import run_sampling
+    model = official_v1.model
+    labels = [3, 7, 1, 1, 0]
+    with torch.no_grad():
+        one = run_sampling(TorchStages(model), model.config, labels, 6, 4.3, 0.9, seed=5).tokens
+        twos = run_sampling(TorchStages(model), model.config, labels, 6, 4.3, 0.9, seed=5, batch_size=2).tokens
+        other_seed = run_sampling(TorchStages(model), model.config, labels, 6, 4.3, 0.9, seed=6).tokens
+        exact = run_sampling(Float64Stages(official_v1.model64), model.config, labels, 6, 4.3, 0.9, seed=5).tokens
+    # another GEMM row count rounds otherwise: within twice our float32 noise (x2 margin); a wrong draw moves ~1
+    assert max_abs(one, twos) <= 4 * max_abs(one, exact), (max_abs(one, twos), max_abs(one, exact))
+    assert (one - other_seed).abs().amax(dim=(1, 2, 3)).min() > 0.1
+    assert (one[2] - one[3]).abs().max() > 0.1                         # same label, other index: another image
 
 
 def test_noise_of_the_wrong_shape_is_refused(tiny_v1):
@@ -116,7 +125,7 @@ def test_noise_of_the_wrong_shape_is_refused(tiny_v1):
                injected_noise(_noise(io, "sample25")))
 
 
-def test_official_rows_mode_gives_the_same_tokens(tiny_v1):
+def test_official_rows_mode_gives_the_same_tokens(tiny_v1, assert_tokens):
     """The benchmark's official-style baseline (all 2B rows, per-step head constants) samples the same tokens."""
     from flowar.stages import OfficialStyleStages
     model, io = tiny_v1
@@ -125,5 +134,5 @@ def test_official_rows_mode_gives_the_same_tokens(tiny_v1):
     with torch.no_grad():
         a, _ = sample(OfficialStyleStages(model), model.config, build_schedule(25, 4.3, 0.9, 5), io["sample25.labels"],
                       injected_noise(noise), official_rows=True, on_scale=traces.append)
-    assert (a - io["sample25.tokens"]).abs().max().item() <= 1e-4
+    assert_tokens(a)
     assert all(r == 4 for tr in traces for r in tr.head_rows)

@@ -1,0 +1,74 @@
+"""Output paths: checked before any work, written atomically.
+
+Every command checks each output location with :func:`check_writable` before it loads a model
+or samples anything, so an unwritable path costs the user one line and no time; files are then
+written with :func:`atomic_write_bytes`, so an interrupted run leaves the previous file or none.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from flowar.errors import FlowARError
+
+
+def check_writable(path: str | Path | None, is_dir: bool = False, option: str = "the output") -> None:
+    """Fail now, with one line, if ``path`` could not be written later.
+
+    Probes the nearest existing folder on the way to ``path`` by creating and removing a
+    temporary file there: permission bits, read-only or virtual file systems (``/proc``) and
+    files standing where folders are needed all show up, and nothing is left behind.
+    """
+    if path is None or path == "":
+        return
+    p = Path(path)
+    kind = "folder" if is_dir else "file"
+    if p.exists() and p.is_dir() != is_dir:
+        raise FlowARError(f"{option} to be a {kind}", f"{p} exists as a {'folder' if p.is_dir() else 'file'}",
+                          f"choose another path for {option}")
+    base = p if (is_dir and p.exists()) else p.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise FlowARError(f"a writable location for {option}", f"{base} is not a writable folder (it is a file)",
+                          f"choose another path for {option}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".flowar-write-probe-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise FlowARError(f"a writable location for {option}", f"{base} is not a writable folder ({e.strerror or e})",
+                          f"choose another path for {option}") from None
+
+
+def _umask() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename into place, so a crash never leaves a half file.
+
+    The file gets the permissions a plain write would give (0666 less the umask), not the
+    owner-only mode of a temporary file.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
