@@ -21,8 +21,9 @@ cat "$OUT/env.txt"
 "$PY" -m pip install -q --no-deps -e . > "$OUT/install.log" 2>&1 || echo "editable install failed (see install.log)"
 timeout 150 "$PY" -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.txt" | tail -5
 for dt in fp32 bf16; do
+  sched=official; [ "$dt" = fp32 ] && sched=official,fast
   timeout 170 "$PY" bench/latency.py --preset flowar-s --batch 1,32 --backends eager,torch,compile,cudagraph \
-      --dtype "$dt" --repeat 3 --json "$OUT/flowar_s_$dt.json" --plot "$OUT/flowar_s_$dt.png" 2>&1 \
+      --schedules "$sched" --dtype "$dt" --repeat 3 --json "$OUT/flowar_s_$dt.json" --plot "$OUT/flowar_s_$dt.png" 2>&1 \
       | tee "$OUT/bench_$dt.txt" | tail -12
 done
 echo "done: $OUT"

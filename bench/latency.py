@@ -106,6 +106,9 @@ class Result:
     note: str = ""
     head_by_scale_s: list = field(default_factory=list)   # median head seconds per scale
     parity_ok: bool | None = None                          # max_abs_diff_vs_eager within --parity-tol
+    schedule: str = "official"                             # the sampling schedule (official, fast)
+    head_evals: int = 0                                    # head evaluations per sample
+    max_abs_diff_vs_official: float | None = None          # tokens vs eager with the official schedule
 
 
 def machine_info() -> dict:
@@ -157,7 +160,9 @@ def main(argv=None) -> int:
     ap.add_argument("--config", help="config JSON for --ckpt files that carry none")
     ap.add_argument("--vae", help="include VAE decoding (--preset/--ckpt); engine dirs use their own decoder")
     ap.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8")
-    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--schedules", default="official", help="comma-separated sampling schedules: official, fast "
+                    "(speed ratios are against eager with the official schedule; parity against eager with the same one)")
+    ap.add_argument("--steps", type=int, default=None, help="time-grid points [default: the schedule's, 25]")
     ap.add_argument("--cfg", type=float, default=4.3)
     ap.add_argument("--guidance", type=float, default=0.9)
     ap.add_argument("--backends", default="eager,torch,ort", help=f"comma-separated, from {','.join(ALL_BACKENDS)}")
@@ -195,7 +200,7 @@ def main(argv=None) -> int:
 def run(a) -> int:
     from flowar.errors import FlowARError
     from flowar.sampler import per_sample_noise, sample
-    from flowar.schedule import build_schedule
+    from flowar.schedule import SCHEDULES, sampling_schedule
 
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]
     bad = [b for b in backends if b not in ALL_BACKENDS]
@@ -211,6 +216,11 @@ def run(a) -> int:
         raise FlowARError("--parity-tol >= 0", repr(a.parity_tol), "e.g. --parity-tol 1e-3")
     if any(b < 1 for b in batches) or a.repeat < 1:
         raise FlowARError("--batch and --repeat >= 1", f"{a.batch} / {a.repeat}", "use positive numbers")
+    names = [s.strip() for s in a.schedules.split(",") if s.strip()]
+    if not names or any(s not in SCHEDULES for s in names):
+        raise FlowARError(f"--schedules from {', '.join(SCHEDULES)}", repr(a.schedules), "e.g. --schedules official,fast")
+    if "official" not in names:
+        names.insert(0, "official")                 # the baseline of every ratio
     from flowar.outputs import check_writable
     check_writable(a.json or None, False, "--json")
     check_writable(a.plot or None, False, "--plot")
@@ -220,10 +230,12 @@ def run(a) -> int:
     reduced = a.dtype != "fp32" or (engine_dir is not None and read_precision(engine_dir) != "fp32")
     tol = a.parity_tol if a.parity_tol is not None else (5e-2 if reduced else 1e-3)
     config = model.config
-    schedule = build_schedule(a.steps, a.cfg, a.guidance, config.n_scales)
+    schedules = {s: sampling_schedule(config.n_scales, schedule=s, steps=a.steps, cfg=a.cfg, guidance=a.guidance)
+                 for s in names}
+    schedule = schedules["official"]
     decode = vae is not None
     print(f"# FlowAR latency: {label}{' (random weights)' if random_weights else ''}, {a.dtype} PyTorch stages, "
-          f"{a.steps} steps, cfg {a.cfg}, "
+          f"schedules {', '.join(s.describe() for s in schedules.values())}, cfg {a.cfg}, "
           f"guidance {a.guidance}, {'tokens + decode' if decode else 'tokens only'}, device {device}", flush=True)
     peak = gemm_peak_gflops(device)
     info = machine_info() | {"gemm_peak_gflops": peak}
@@ -231,15 +243,18 @@ def run(a) -> int:
           flush=True)
     flops = official_flops(model, vae, schedule, max(batches))
     results: list[Result] = []
-    for B in batches:
+    for B, (sname, schedule) in ((B, s) for B in batches for s in schedules.items()):
         labels = torch.arange(B) % config.num_classes
-        eager_tokens, eager_median = None, None
+        eager_tokens = None
+        if sname == "official":
+            official_tokens, eager_median = None, None
         for backend in backends:
             try:
-                factory, build_s, note, official = make_backend(backend, model, vae, engine_dir, B, device, a)
+                factory, build_s, note, official = make_backend(backend, model, vae, engine_dir, B, device, a, schedule)
             except Skip as s:
                 print(f"  skip {backend} (batch {B}): {s}", flush=True)
-                results.append(Result(backend, B, float("nan"), float("nan"), float("nan"), None, None, note=str(s)))
+                results.append(Result(backend, B, float("nan"), float("nan"), float("nan"), None, None, note=str(s),
+                                      schedule=sname, head_evals=schedule.head_evals))
                 continue
             times, stage_t, tokens = [], [], None
             graphed = not callable(factory)
@@ -261,8 +276,11 @@ def run(a) -> int:
                 tokens = tok.cpu()
             med = statistics.median(times)
             if backend == "eager":
-                eager_tokens, eager_median = tokens, med
+                eager_tokens = tokens
+                if sname == "official":
+                    official_tokens, eager_median = tokens, med
             diff = float((tokens - eager_tokens).abs().max()) if eager_tokens is not None else None
+            vs_official = float((tokens - official_tokens).abs().max()) if official_tokens is not None else None
             stages_med = {k: statistics.median(s[k] for s in stage_t) for k in ("ar", "head", "decode")}
             stages_med["other"] = max(0.0, med - sum(stages_med.values()))
             by_scale = [statistics.median(s["by_scale"].get(k, 0.0) for s in stage_t) for k in range(config.n_scales)]
@@ -272,18 +290,19 @@ def run(a) -> int:
             eff["total"] = sum(flops[k] for k in ("ar", "head", "decode") if flops.get(k)) * B / max(batches) / med / 1e9
             res = Result(backend, B, med, min(times), max(times), eager_median / med if eager_median else None, diff,
                          stages_med, n_tok / med, B / med, eff, build_s, note, by_scale if not graphed else [],
-                         None if diff is None else bool(diff <= tol))
+                         None if diff is None else bool(diff <= tol), sname, schedule.head_evals, vs_official)
             results.append(res)
-            print(f"  {backend:<9} batch {B:<3} median {med:8.3f} s  x{res.speedup_vs_eager or 0:5.2f} vs eager  "
+            print(f"  {backend:<9} {sname:<8} batch {B:<3} median {med:8.3f} s  x{res.speedup_vs_eager or 0:5.2f} vs eager  "
                   f"max|dtokens| {diff if diff is not None else float('nan'):.1e}"
                   f"{'' if res.parity_ok is not False else f' WRONG (above {tol:g})'}  "
                   f"{eff['total']:.1f} GFLOP/s ({eff['total'] / peak:.0%} of peak){'  ' + note if note else ''}", flush=True)
     table = markdown(results, peak, decode) + "\n\n" + scale_table(results, config.scales)
-    wrong = [f"{r.backend} batch {r.batch} ({r.max_abs_diff_vs_eager:.1e})" for r in results if r.parity_ok is False]
+    wrong = [f"{r.backend} {r.schedule} batch {r.batch} ({r.max_abs_diff_vs_eager:.1e})" for r in results
+             if r.parity_ok is False]
     print()
     print(table)
-    out = {"machine": info, "source": label, "random_weights": random_weights, "dtype": a.dtype, "steps": a.steps,
-           "cfg": a.cfg,
+    out = {"machine": info, "source": label, "random_weights": random_weights, "dtype": a.dtype,
+           "schedules": {n: s.describe() for n, s in schedules.items()}, "cfg": a.cfg,
            "guidance": a.guidance, "decode": decode, "official_flops_per_max_batch": flops,
            "results": [asdict(r) for r in results], "markdown": table}
     if a.json:
@@ -366,7 +385,7 @@ def official_flops(model, vae, schedule, B: int) -> dict:
     return counted
 
 
-def make_backend(name, model, vae, engine_dir, B, device, a):
+def make_backend(name, model, vae, engine_dir, B, device, a, schedule):
     """(stages factory, build seconds, note, official_rows) for one backend."""
     from flowar.stages import OfficialStyleStages, TorchStages
     dec = vae.decode if vae is not None else None
@@ -379,9 +398,8 @@ def make_backend(name, model, vae, engine_dir, B, device, a):
         compiled = autocast(CompiledStages.build(model, dec), device, a.dtype)
         st = compiled()
         from flowar.sampler import per_sample_noise, sample
-        from flowar.schedule import build_schedule
         with torch.inference_mode():      # compile every (scale, rows) shape now, timed apart
-            sample(st, model.config, build_schedule(a.steps, a.cfg, a.guidance, model.config.n_scales),
+            sample(st, model.config, schedule,
                    torch.zeros(B, dtype=torch.int64, device=device), per_sample_noise(0, range(B)),
                    decode=False, device=device)
         return compiled, time.perf_counter() - t0, f"compile {time.perf_counter() - t0:.0f} s", False
@@ -404,11 +422,9 @@ def make_backend(name, model, vae, engine_dir, B, device, a):
             raise Skip("CUDA graphs need a CUDA GPU")
         from flowar.runtime.cudagraph import GraphedSampler
         from flowar.runtime.pipeline import torch_engine_stages
-        from flowar.schedule import build_schedule
         t0 = time.perf_counter()
-        sched = build_schedule(a.steps, a.cfg, a.guidance, model.config.n_scales)
         stages = autocast(lambda: torch_engine_stages(model, B, device, vae), device, a.dtype)()
-        gs = GraphedSampler(stages, model.config, sched, B, device).build()
+        gs = GraphedSampler(stages, model.config, schedule, B, device).build()
         return gs, time.perf_counter() - t0, f"capture {time.perf_counter() - t0:.1f} s", False
     raise Skip(f"unknown backend {name}")
 
@@ -467,17 +483,18 @@ def ensure_engine_dir(engine_dir, model, vae, a, max_batch, backend="ort"):
 
 
 def markdown(results: list[Result], peak: float, decode: bool) -> str:
-    head = ("| backend | batch | median s | min s | max s | vs eager | AR s | head s | " + ("decode s | " if decode else "")
-            + "other s | tokens/s | images/s | GFLOP/s (% peak) | max abs diff vs eager |")
+    head = ("| backend | schedule | head evals | batch | median s | min s | max s | vs eager official | AR s | head s | "
+            + ("decode s | " if decode else "")
+            + "other s | tokens/s | images/s | GFLOP/s (% peak) | max abs diff vs eager (same schedule) |")
     sep = "|" + "---|" * (head.count("|") - 1)
     rows = [head, sep]
     for r in results:
         if r.median_s != r.median_s:
-            rows.append(f"| {r.backend} | {r.batch} | skipped: {r.note} |")
+            rows.append(f"| {r.backend} | {r.schedule} | {r.head_evals} | {r.batch} | skipped: {r.note} |")
             continue
         s = r.stage_median_s
         tot = r.effective_gflops.get("total", 0.0)
-        rows.append(f"| {r.backend} | {r.batch} | {r.median_s:.3f} | {r.min_s:.3f} | {r.max_s:.3f} | "
+        rows.append(f"| {r.backend} | {r.schedule} | {r.head_evals} | {r.batch} | {r.median_s:.3f} | {r.min_s:.3f} | {r.max_s:.3f} | "
                     f"{r.speedup_vs_eager:.2f}x | {s['ar']:.3f} | {s['head']:.3f} | " + (f"{s['decode']:.3f} | " if decode else "")
                     + f"{s['other']:.3f} | {r.tokens_per_s:.0f} | {r.images_per_s:.2f} | {tot:.1f} ({tot / peak:.0%}) | "
                     f"{r.max_abs_diff_vs_eager:.1e}{' WRONG' if r.parity_ok is False else ''} |")
@@ -486,11 +503,11 @@ def markdown(results: list[Result], peak: float, decode: bool) -> str:
 
 def scale_table(results: list[Result], scales) -> str:
     """Head time (per-scale constants + the ODE loop) of each scale: where the time goes."""
-    head = "| backend | batch | " + " | ".join(f"head {s}x{s} s" for s in scales) + " |"
+    head = "| backend | schedule | batch | " + " | ".join(f"head {s}x{s} s" for s in scales) + " |"
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         if r.head_by_scale_s:
-            rows.append(f"| {r.backend} | {r.batch} | " + " | ".join(f"{t:.4f}" for t in r.head_by_scale_s) + " |")
+            rows.append(f"| {r.backend} | {r.schedule} | {r.batch} | " + " | ".join(f"{t:.4f}" for t in r.head_by_scale_s) + " |")
     return "\n".join(rows)
 
 
@@ -501,7 +518,7 @@ def plot(results: list[Result], path: Path, label: str) -> None:
     ok = [r for r in results if r.median_s == r.median_s]
     if not ok:
         return
-    names = [f"{r.backend}\nB={r.batch}" for r in ok]
+    names = [f"{r.backend}\n{r.schedule}\nB={r.batch}" for r in ok]
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(ok)), 4), dpi=110)
     bottom = [0.0] * len(ok)
     for stage, color in (("ar", "#4c72b0"), ("head", "#dd8452"), ("decode", "#55a868"), ("other", "#8c8c8c")):

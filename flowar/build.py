@@ -11,6 +11,7 @@ from typing import Callable
 
 from flowar.checkpoint import load_model
 from flowar.errors import FlowARError
+from flowar.schedule import SAMPLING_DEFAULTS
 
 # fp16/bf16 graphs are compared with the fp32 eager reference: they differ by their rounding.
 REDUCED_TOLERANCE = {"fp32": None, "fp16": 5e-2, "bf16": 3e-1}
@@ -95,7 +96,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, preset: str | None = Non
         manifest = {
             "config": config.to_dict(),
             "class_names": ck.class_names,
-            "schedule_defaults": schedule_defaults or {"steps": 25, "cfg": 4.3, "guidance": 0.9},
+            "schedule_defaults": schedule_defaults or dict(SAMPLING_DEFAULTS),
             "checkpoint": {"file": Path(ckpt).name, "source": str(Path(ckpt).resolve()), "sha256": sha256_file(ckpt),
                            "weights": ck.source},
             "vae": None if vae is None else {"source": str(Path(vae_path).resolve()), "latent_channels": vae.latent_channels,

@@ -8,7 +8,6 @@ The judge never sees generated images while training, and nothing about it is tu
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,11 +51,20 @@ def split(labels: Tensor, held_out_per_class: int = 200) -> tuple[Tensor, Tensor
 class Judge:
     net: JudgeNet
     held_out_accuracy: float
+    real_stats: tuple | None = None      # (mu, sigma) of the judge's features of the held-out real images
 
     @torch.no_grad()
-    def classify(self, images_B3HW: Tensor) -> Tensor:
+    def classify(self, images_B3HW: Tensor, batch: int = 256) -> Tensor:
         self.net.eval()
-        return self.net(to_judge_input(images_B3HW)).argmax(1)
+        return torch.cat([self.net(to_judge_input(images_B3HW[i:i + batch])).argmax(1)
+                          for i in range(0, len(images_B3HW), batch)])
+
+    @torch.no_grad()
+    def features(self, images_B3HW: Tensor, batch: int = 256) -> Tensor:
+        """(B, 128) penultimate activations: the feature space of the domain Frechet distance."""
+        self.net.eval()
+        body = self.net.net[:-1]
+        return torch.cat([body(to_judge_input(images_B3HW[i:i + batch])) for i in range(0, len(images_B3HW), batch)])
 
 
 def train_judge(epochs: int = 6, seed: int = 0, cache: Path | None = None) -> Judge:
@@ -90,28 +98,6 @@ def train_judge(epochs: int = 6, seed: int = 0, cache: Path | None = None) -> Ju
     judge = Judge(net, 0.0)
     pred = judge.classify(data.images[te])
     judge.held_out_accuracy = float((pred == data.labels[te]).float().mean())
+    from flowar.quality import feature_stats
+    judge.real_stats = feature_stats(judge.features(data.images[te]))
     return judge
-
-
-@dataclass(slots=True)
-class JudgeReport:
-    held_out_accuracy: float
-    class_accuracy: float
-    per_class: list[float]
-    n_samples: int
-    seconds: float
-
-
-def judge_model(stages, config, per_class: int, steps: int, cfg: float, guidance: float,
-                seed: int = 0, batch: int = 50, cache: Path | None = None) -> JudgeReport:
-    """Sample ``per_class`` images of every class (as flowar-run would) and score them with the judge."""
-    from flowar.run import run_sampling
-    t0 = time.perf_counter()
-    judge = train_judge(cache=cache)
-    labels = torch.arange(config.num_classes).repeat_interleave(per_class)
-    with torch.inference_mode():
-        res = run_sampling(stages, config, labels.tolist(), steps, cfg, guidance, seed, decode=True, batch_size=batch)
-    pred = torch.cat([judge.classify(res.images[i:i + batch]) for i in range(0, len(labels), batch)])
-    ok = (pred == labels).float()
-    per = [float(ok[labels == c].mean()) for c in range(config.num_classes)]
-    return JudgeReport(judge.held_out_accuracy, float(ok.mean()), per, len(labels), time.perf_counter() - t0)

@@ -16,7 +16,7 @@ from torch import Tensor
 from flowar.config import FlowARConfig
 from flowar.errors import FlowARError
 from flowar.sampler import NoiseFn, ScaleTrace, Stages, injected_noise, noise_rows, per_sample_noise, sample
-from flowar.schedule import build_schedule
+from flowar.schedule import Schedule
 
 
 def parse_labels(config: FlowARConfig, labels: str | None, classes: str | None,
@@ -85,8 +85,7 @@ class SampleResult:
     traces: list[ScaleTrace] = field(default_factory=list)
 
 
-def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], steps: int, cfg: float, guidance: float,
-                 seed: int = 0, noise_file: str | Path | None = None, decode: bool = False,
+def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedule: Schedule, seed: int = 0, noise_file: str | Path | None = None, decode: bool = False,
                  device: str | torch.device = "cpu", progress: bool = False,
                  on_scale: Callable[[ScaleTrace], None] | None = None, batch_size: int | None = None) -> SampleResult:
     """Sample ``labels`` in batches of at most ``batch_size`` (all at once by default).
@@ -96,7 +95,6 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], steps:
     the official layout: one (R, n, C) draw per scale for the whole request) is split into the
     same batches row by row.
     """
-    schedule = build_schedule(steps, cfg, guidance, config.n_scales)
     N = len(labels)
     bs = batch_size or N
     recorded = read_noise(noise_file, config) if noise_file else None

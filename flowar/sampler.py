@@ -1,6 +1,6 @@
 """The one sampling loop of FlowAR, shared by eager PyTorch and every engine.
 
-It owns the scale loop, the Euler ODE of each scale, classifier-free guidance and the hand-off
+It owns the scale loop, the ODE of each scale (the schedule's solver plan), classifier-free guidance and the hand-off
 between scales, and calls a :class:`Stages` object for everything a network computes. Eager
 sampling passes :class:`flowar.stages.TorchStages`; the runtime passes engines. Parity between
 paths is then a property of the stages alone.
@@ -150,15 +150,20 @@ class Workspace:
         self._store = {
             "draw": torch.zeros(R * n * C, dtype=f32, device=device),        # this scale's noise (R rows)
             "xin": torch.zeros(R * n * C, dtype=f32, device=device),         # head input (B or 2B rows)
-            "x64": torch.zeros(self.S * n * C, dtype=f64, device=device),    # ODE state
-            "v64": torch.zeros(self.S * n * C, dtype=f64, device=device),
+            "x64": torch.zeros(self.S * n * C, dtype=f64, device=device),    # ODE state the head reads
+            "acc64": torch.zeros(self.S * n * C, dtype=f64, device=device),  # accepted state (heun, skip)
             "vnull64": torch.zeros(B * n * C, dtype=f64, device=device),
             "next_in": torch.zeros(R * n * C, dtype=f32, device=device),     # next scale's AR input
             "z": torch.zeros(B * n * C, dtype=f32, device=device),           # this scale's kept sample
         }
-        self.rows = {"draw": R, "xin": R, "x64": self.S, "v64": self.S, "vnull64": B, "next_in": R, "z": B}
+        for j in range(schedule.slots):                                      # velocities the solver combines
+            self._store[f"v64_{j}"] = torch.zeros(self.S * n * C, dtype=f64, device=device)
+        self.rows = {"draw": R, "xin": R, "x64": self.S, "acc64": self.S, "vnull64": B, "next_in": R, "z": B} | {
+            f"v64_{j}": self.S for j in range(schedule.slots)}
         self.config = c
-        self.t_table = schedule.t32.to(device)[:, None].expand(-1, R).contiguous()   # (steps, R)
+        # per scale, the float32 time of each head evaluation, one per row: (evaluations, R)
+        self.t_table = [torch.tensor([e.t for e in plan], dtype=torch.float64).to(torch.float32).to(device)[:, None]
+                        .expand(-1, R).contiguous() for plan in schedule.plan]
 
     def view(self, name: str, k: int) -> Tensor:
         n, C = self.config.tokens_per_scale[k], self.config.latent_channels
@@ -185,7 +190,7 @@ def _finite(t: Tensor, what: str, k: int, side: int, step: int | None = None) ->
 
 def run_scale(stages: Stages, ws: Workspace, schedule: Schedule, k: int, check: str = "none",
               rows_trace: list[int] | None = None) -> None:
-    """One scale: AR step, per-scale head constants, the Euler ODE with guidance, hand-off.
+    """One scale: AR step, per-scale head constants, the ODE (the schedule's plan) with guidance, hand-off.
 
     Reads ``draw`` (and, for k > 0, ``next_in`` written by scale k-1); writes ``z`` and the next
     scale's ``next_in``. No allocation of the loop's own; no host sync unless ``check`` asks:
@@ -197,14 +202,18 @@ def run_scale(stages: Stages, ws: Workspace, schedule: Schedule, k: int, check: 
     if check != "none":
         _finite(cond, "AR", k, side)
     ctx = stages.prepare(k, cond)
-    draw, xin, x64, v64, vnull64 = (ws.view(n, k) for n in ("draw", "xin", "x64", "v64", "vnull64"))
+    draw, xin, x64, vnull64 = (ws.view(n, k) for n in ("draw", "xin", "x64", "vnull64"))
+    state = {"x": x64, "acc": ws.view("acc64", k)}
+    V = [ws.view(f"v64_{j}", k) for j in range(schedule.slots)]
     x64.copy_(draw[:S])
     cfg_k = schedule.cfg_k[k]
-    for i, dt in enumerate(schedule.dt64):
-        if schedule.guided[k][i]:
+    t_k = ws.t_table[k]
+    for i, ev in enumerate(schedule.plan[k]):
+        v64 = V[ev.slot]
+        if ev.guided:
             xin[:B].copy_(x64[:B])
             xin[B:].copy_(x64[:B])
-            v = stages.velocity(ctx, xin, ws.t_table[i])
+            v = stages.velocity(ctx, xin, t_k[i])
             v64[:B].copy_(v[:B])
             vnull64.copy_(v[B:])
             v64[:B].sub_(vnull64).mul_(cfg_k).add_(vnull64)
@@ -213,14 +222,19 @@ def run_scale(stages: Stages, ws: Workspace, schedule: Schedule, k: int, check: 
             rows = R
         else:
             xin[:S].copy_(x64)
-            v = stages.velocity(ctx, xin[:S], ws.t_table[i, :S])
+            v = stages.velocity(ctx, xin[:S], t_k[i, :S])
             v64.copy_(v)
             rows = S
         if check == "step":
             _finite(v, "velocity", k, side, i)
         if rows_trace is not None:
             rows_trace.append(rows)
-        x64.add_(v64, alpha=dt)                                            # x + (t_next - t_cur) v, in place
+        for u in ev.updates:                                               # e.g. Euler: x += (t_next - t_cur) v
+            dst = state[u.dst]
+            if u.src != u.dst:
+                dst.copy_(state[u.src])
+            for slot, w in u.terms:
+                dst.add_(V[slot], alpha=w)
     z = ws.view("z", k)
     z.copy_(x64[:B])
     if check == "scale":

@@ -9,10 +9,31 @@ Conventions of the official sampler (``fixtures/official/README.md``):
   so the first scale is never guided;
 * a step is guided iff ``cfg_k > 1`` and ``0 <= t_cur <= guidance`` (float64, inclusive);
 * the head sees ``t_cur`` cast to float32, and embeds ``int(float32(t) * 1000)``.
+
+Solvers (all in this one plan, so every backend and the CUDA-graph runner get every solver).
+A schedule is compiled, before the loop, into a per-scale list of head evaluations
+(:class:`Eval`), each followed by updates of the form ``state = state' + sum_j w_j * V_j`` over a
+few stored velocities V_j. The loop only executes that list:
+
+* ``euler``: the official method (one evaluation per step).
+* ``ab2``: Adams-Bashforth 2 with variable steps, one evaluation per step (second order).
+* ``heun``: Heun's second-order single-step method, two evaluations per step.
+* ``skip``: the official Euler steps, with the head evaluated on every ``stride``-th of them
+  only. The velocity of a skipped step is predicted by extrapolating the last ``order``
+  evaluated velocities (a polynomial in t), and once the next evaluation is in, the steps since
+  the previous one are redone with the polynomial through it as well (predict, evaluate,
+  correct: no extra evaluation). With stride 1 it is Euler exactly; it approximates the
+  official discrete path itself rather than the exact ODE, which is what keeps its images
+  close to the official ones.
+
+Multistep history never crosses a change of the velocity field: where guidance switches on (or
+off), a method restarts, and ``skip`` evaluates there. Guidance applies per evaluation by the
+official rule on that evaluation's t.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,12 +45,34 @@ MAX_STEPS = 1000
 MAX_CFG = 50.0
 
 
-def time_grid(num_steps: int) -> torch.Tensor:
-    """The float64 time points t_0 = 1 > ... > t_last = 0 of the official Euler sampler."""
+SOLVERS = ("euler", "ab2", "heun", "skip")
+GRIDS = ("official", "uniform")
+
+# Named settings, stored as data. "fast": see bench/RESULTS.md for the measurements behind it
+# (solver x steps -> head evaluations, latency, PSNR against the official images, accuracy).
+SCHEDULES: dict[str, dict] = {
+    "official": {"solver": "euler", "steps": 25, "grid": "official", "stride": 1, "order": 1},
+    "fast": {"solver": "skip", "steps": 25, "grid": "official", "stride": 3, "order": 3},
+}
+
+
+def time_grid(num_steps: int, grid: str = "official") -> torch.Tensor:
+    """The float64 time points t_0 = 1 > ... > t_last = 0.
+
+    ``official``: the official Euler sampler's grid. ``uniform``: ``num_steps`` equally spaced
+    points (``num_steps - 1`` steps, the count the official rule gives for most N).
+    """
+    if grid == "uniform":
+        return torch.linspace(1, 0, num_steps, dtype=torch.float64)
     if num_steps == 50:
         return torch.linspace(1, 0, 51, dtype=torch.float64)
     return torch.cat([torch.linspace(1, 0.3, num_steps // 2, dtype=torch.float64),
                       torch.linspace(0.25, 0, num_steps // 2 + 1, dtype=torch.float64)])
+
+
+def in_guidance_interval(t: float, guidance: float) -> bool:
+    """The official rule: guidance acts at t iff 0 <= t <= guidance (float64, inclusive)."""
+    return 0 <= t <= guidance
 
 
 def scale_cfg(cfg: float, k: int, n_scales: int) -> float:
@@ -38,20 +81,55 @@ def scale_cfg(cfg: float, k: int, n_scales: int) -> float:
 
 
 @dataclass(frozen=True, slots=True)
+class Update:
+    """``dst = src + sum(w * V[slot])``; the states are ``x`` (what the next evaluation reads,
+    and the result) and ``acc`` (the last accepted state of a multi-stage or corrected method)."""
+    dst: str
+    src: str
+    terms: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Eval:
+    """One head evaluation at time t (float64) into velocity slot ``slot``, then its updates."""
+    t: float
+    guided: bool
+    slot: int
+    updates: tuple[Update, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Schedule:
-    num_steps: int               # the requested count (25 gives 24 Euler steps)
+    num_steps: int               # the requested count on the reference grid (25 gives 24 steps)
     cfg: float
     guidance: float
-    t64: torch.Tensor            # (S+1,) float64 grid
+    t64: torch.Tensor            # (S+1,) float64 reference grid
     dt64: tuple[float, ...]      # S step sizes t_next - t_cur (negative)
     t32: torch.Tensor            # (S,) float32 t_cur as the head receives it
     t_int: torch.Tensor          # (S,) int64 timesteps the head embeds
     cfg_k: tuple[float, ...]     # per scale
-    guided: tuple[tuple[bool, ...], ...]   # per scale, per step
+    guided: tuple[tuple[bool, ...], ...]   # per scale, per reference step (the official rule)
+    solver: str = "euler"
+    grid: str = "official"
+    stride: int = 1              # skip: evaluate every stride-th step
+    order: int = 1               # skip: velocities extrapolated from this many evaluations
+    plan: tuple[tuple[Eval, ...], ...] = ()   # per scale: the head evaluations and updates
+    slots: int = 1               # velocity buffers the plan uses
+    name: str | None = None      # "official", "fast", or None for a custom choice
 
     @property
     def n_steps(self) -> int:
         return len(self.dt64)
+
+    @property
+    def head_evals(self) -> int:
+        """Head evaluations per sample, summed over scales (a guided one counts once)."""
+        return sum(len(p) for p in self.plan)
+
+    def describe(self) -> str:
+        what = self.solver if self.solver != "skip" else f"skip (head on 1 step in {self.stride}, order {self.order})"
+        return (f"{self.name + ': ' if self.name else ''}{what} on the {self.grid} {self.num_steps}-point grid, "
+                f"{self.head_evals} head evaluations per sample")
 
     def rows(self, B: int) -> int:
         """AR rows for B samples: [labels; null] with guidance, the labels alone without."""
@@ -68,13 +146,120 @@ def validate_sampling_args(num_steps: int, cfg: float, guidance: float) -> None:
                           "use e.g. --guidance 0.9")
 
 
-def build_schedule(num_steps: int, cfg: float, guidance: float, n_scales: int) -> Schedule:
+def _lagrange_sum(nodes: list[float], points: list[float], steps: list[float]) -> list[float]:
+    """Weights w_a with sum_j steps[j] * p(points[j]) = sum_a w_a * V_a, p the polynomial through (nodes[a], V_a)."""
+    w = [0.0] * len(nodes)
+    for a, ta in enumerate(nodes):
+        for s, h in zip(points, steps):
+            w[a] += h * math.prod((s - tb) / (ta - tb) for b, tb in enumerate(nodes) if b != a)
+    return w
+
+
+def _segments(guided: tuple[bool, ...]) -> list[int]:
+    """Index of the segment (maximal run of equal guidance) of every step."""
+    seg, out = 0, []
+    for i, g in enumerate(guided):
+        if i and g != guided[i - 1]:
+            seg += 1
+        out.append(seg)
+    return out
+
+
+def _plan_scale(solver: str, t: list[float], guided: tuple[bool, ...], cfg_k: float, guidance: float,
+                stride: int, order: int) -> list[Eval]:
+    n = len(t) - 1
+    h = [t[i + 1] - t[i] for i in range(n)]
+    seg = _segments(guided)
+    X = lambda terms: Update("x", "x", tuple(terms))                   # noqa: E731
+    if solver == "euler":
+        return [Eval(t[i], guided[i], 0, (X([(0, h[i])]),)) for i in range(n)]
+    if solver == "ab2":
+        plan = []
+        for i in range(n):
+            slot, prev = i % 2, (i - 1) % 2
+            if i == 0 or seg[i] != seg[i - 1]:
+                plan.append(Eval(t[i], guided[i], slot, (X([(slot, h[i])]),)))
+            else:
+                r = h[i] / h[i - 1]
+                plan.append(Eval(t[i], guided[i], slot, (X([(slot, h[i] * (1 + r / 2)), (prev, -h[i] * r / 2)]),)))
+        return plan
+    if solver == "heun":
+        plan = []
+        for i in range(n):
+            g_next = cfg_k > 1 and in_guidance_interval(t[i + 1], guidance)
+            plan.append(Eval(t[i], guided[i], 0, (Update("acc", "x", ()), X([(0, h[i])]))))
+            plan.append(Eval(t[i + 1], g_next, 1, (Update("x", "acc", ((0, h[i] / 2), (1, h[i] / 2))),)))
+        return plan
+    # skip: evaluate at each segment's start, every stride-th step after it, and the last step
+    nodes = sorted({i for i in range(n) if i == 0 or seg[i] != seg[i - 1] or
+                    (i - min(j for j in range(n) if seg[j] == seg[i])) % stride == 0} | {n - 1})
+    slots = order + 1
+    plan = []
+    for q, i in enumerate(nodes):
+        nxt = nodes[q + 1] if q + 1 < len(nodes) else n
+        same = [j for j in nodes[: q + 1] if seg[j] == seg[i]]            # this segment's evaluations so far
+        ups = []
+        if q and seg[nodes[q - 1]] == seg[i]:                            # correct the steps since the last one
+            corr = same[-(order + 1):]
+            w = _lagrange_sum([t[j] for j in corr], [t[j] for j in range(nodes[q - 1], i)],
+                              [h[j] for j in range(nodes[q - 1], i)])
+            ups.append(Update("acc", "acc", tuple((nodes.index(j) % slots, wa) for j, wa in zip(corr, w))))
+        else:
+            ups.append(Update("acc", "x", ()))
+        pred = same[-order:]
+        w = _lagrange_sum([t[j] for j in pred], [t[j] for j in range(i, nxt)], [h[j] for j in range(i, nxt)])
+        ups.append(Update("x", "acc", tuple((nodes.index(j) % slots, wa) for j, wa in zip(pred, w))))
+        plan.append(Eval(t[i], guided[i], q % slots, tuple(ups)))
+    return plan
+
+
+def build_schedule(num_steps: int, cfg: float, guidance: float, n_scales: int, solver: str = "euler",
+                   grid: str = "official", stride: int = 1, order: int = 3, name: str | None = None) -> Schedule:
     validate_sampling_args(num_steps, cfg, guidance)
-    t64 = time_grid(num_steps)
+    if solver not in SOLVERS:
+        raise FlowARError(f"--solver one of {', '.join(SOLVERS)}", repr(solver), "use --solver euler (official)")
+    if grid not in GRIDS:
+        raise FlowARError(f"a time grid among {', '.join(GRIDS)}", repr(grid), "use the official grid")
+    if not (isinstance(stride, int) and 1 <= stride <= 64) or not (isinstance(order, int) and 1 <= order <= 4):
+        raise FlowARError("--stride in 1..64 and an order in 1..4 for the skip solver", f"{stride} / {order}",
+                          "use e.g. --solver skip --stride 3")
+    t64 = time_grid(num_steps, grid)
     t_cur = t64[:-1]
     dt = (t64[1:] - t_cur).tolist()
     t32 = t_cur.to(torch.float32)
     cfg_k = tuple(scale_cfg(cfg, k, n_scales) for k in range(n_scales))
-    in_interval = ((t_cur >= 0) & (t_cur <= guidance)).tolist()
+    in_interval = [in_guidance_interval(x, guidance) for x in t_cur.tolist()]
     guided = tuple(tuple(ck > 1 and g for g in in_interval) for ck in cfg_k)
-    return Schedule(num_steps, float(cfg), float(guidance), t64, tuple(dt), t32, timestep_integers(t32), cfg_k, guided)
+    t_list = t64.tolist()
+    if solver != "skip":
+        stride, order = 1, 1
+    plan = tuple(tuple(_plan_scale(solver, t_list, guided[k], cfg_k[k], guidance, stride, order))
+                 for k in range(n_scales))
+    slots = {"euler": 1, "ab2": 2, "heun": 2, "skip": order + 1}[solver]
+    return Schedule(num_steps, float(cfg), float(guidance), t64, tuple(dt), t32, timestep_integers(t32), cfg_k, guided,
+                    solver, grid, stride, order, plan, slots, name)
+
+
+def named_schedule(name: str, cfg: float, guidance: float, n_scales: int, **overrides) -> Schedule:
+    """A named schedule (``official``, ``fast``), any of its fields overridden (None = keep)."""
+    if name not in SCHEDULES:
+        raise FlowARError(f"--schedule one of {', '.join(SCHEDULES)}", repr(name), "use --schedule official")
+    spec = SCHEDULES[name] | {k: v for k, v in overrides.items() if v is not None}
+    custom = spec != SCHEDULES[name]
+    return build_schedule(spec["steps"], cfg, guidance, n_scales, spec["solver"], spec["grid"], spec["stride"],
+                          spec["order"], name=None if custom else name)
+
+
+# What a command samples with when neither the user nor the engine directory says otherwise.
+SAMPLING_DEFAULTS = {"schedule": "official", "cfg": 4.3, "guidance": 0.9}
+
+
+def sampling_schedule(n_scales: int, recorded: dict | None = None, *, schedule: str | None = None,
+                      steps: int | None = None, cfg: float | None = None, guidance: float | None = None,
+                      solver: str | None = None, stride: int | None = None, order: int | None = None) -> Schedule:
+    """The schedule a command runs: what the user passed, else what the engine directory
+    recorded (``schedule_defaults``), else :data:`SAMPLING_DEFAULTS` and the named schedule's own."""
+    d = SAMPLING_DEFAULTS | {k: v for k, v in (recorded or {}).items() if v is not None}
+    return named_schedule(schedule or d["schedule"], d["cfg"] if cfg is None else cfg,
+                          d["guidance"] if guidance is None else guidance, n_scales,
+                          steps=steps if steps is not None else d.get("steps"), solver=solver, stride=stride, order=order)

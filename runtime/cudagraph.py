@@ -45,7 +45,7 @@ class GraphedSampler:
                         "writes": {"z": tuple(self.ws.view("z", k).shape)} |
                                   ({"next_in": tuple(self.ws.view("next_in", k + 1).shape)}
                                    if k + 1 < self.config.n_scales else {}),
-                        "steps": self.schedule.n_steps})
+                        "evaluations": len(self.schedule.plan[k])})
         return out
 
     def _start(self, labels_B: Tensor) -> None:

@@ -22,7 +22,8 @@ def _bench():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    rc = _bench().main(["--preset", "tiny", "--batch", "1,2", "--steps", "4", "--backends", "eager,torch,ort",
+    rc = _bench().main(["--preset", "tiny", "--batch", "1,2", "--steps", "7", "--backends", "eager,torch,ort",
+                        "--schedules", "official,fast",
                         "--repeat", "1", "--json", str(out / "r.json"), "--plot", str(out / "r.png")])
     return rc, json.loads((out / "r.json").read_text()), out
 
@@ -37,14 +38,20 @@ def test_records_carry_the_named_fields_and_parity_with_eager(run):
     import torch
     assert data["machine"]["torch"] == torch.__version__ and data["machine"]["onnxruntime"] == onnxruntime.__version__
     assert data["machine"]["cpu"] and data["machine"]["torch_threads"] == torch.get_num_threads()
-    recs = {(r["backend"], r["batch"]): r for r in data["results"]}
-    assert set(recs) == {(b, n) for b in ("eager", "torch", "ort") for n in (1, 2)}
-    for (backend, batch), r in recs.items():
+    recs = {(r["backend"], r["schedule"], r["batch"]): r for r in data["results"]}
+    assert set(recs) == {(b, s, n) for b in ("eager", "torch", "ort") for s in ("official", "fast") for n in (1, 2)}
+    from flowar.schedule import sampling_schedule
+    evals = {s: sampling_schedule(n_scales, schedule=s, steps=7).head_evals for s in ("official", "fast")}
+    assert evals["fast"] < evals["official"]
+    for (backend, schedule, batch), r in recs.items():
         for name in ("median_s", "min_s", "max_s", "speedup_vs_eager", "max_abs_diff_vs_eager"):
             assert r[name] is not None, (backend, name)
         assert r["min_s"] <= r["median_s"] <= r["max_s"]
-        eager = recs[("eager", batch)]
+        assert r["head_evals"] == evals[schedule]
+        eager = recs[("eager", "official", batch)]                      # every ratio is against the official method
         assert r["speedup_vs_eager"] == pytest.approx(eager["median_s"] / r["median_s"])
+        if schedule == "fast":                                          # another schedule: other tokens
+            assert r["max_abs_diff_vs_official"] > 1e-3
         # the tokens of every backend against eager's, same noise: known to agree within 1e-4
         assert r["max_abs_diff_vs_eager"] <= (0.0 if backend == "eager" else 1e-4), (backend, batch)
         assert r["parity_ok"] is True
@@ -52,7 +59,8 @@ def test_records_carry_the_named_fields_and_parity_with_eager(run):
         assert len(by_scale) == n_scales and all(t > 0 for t in by_scale)
         assert sum(by_scale) == pytest.approx(r["stage_median_s"]["head"], rel=0.05)
     assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| backend | batch | median s |" in data["markdown"] and "head 1x1 s" in data["markdown"]
+    assert "| backend | schedule | head evals | batch | median s |" in data["markdown"]
+    assert "head 1x1 s" in data["markdown"]
 
 
 def test_bad_backend_is_one_line_and_exit_2():

@@ -94,6 +94,11 @@ def test_export_then_run_from_the_engine_directory(fixtures_dir, tiny_v1, noise2
                                    "--save-tokens", str(one), "--threads", "1"])
     assert res.exit_code == 0, res.output
     assert (load_file(str(one))["tokens"] - load_file(str(out))["tokens"]).abs().max().item() <= 1e-5
+    # the directory's default schedule is official; --schedule fast runs the skip solver on the same engines
+    res = CliRunner().invoke(run, ["--engine-dir", str(tmp_path / "eng"), "--labels", "3,7", "--schedule", "fast",
+                                   "--save-tokens", str(tmp_path / "F.safetensors")])
+    assert res.exit_code == 0, res.output
+    assert "schedule: fast: skip" in res.output and "45 head evaluations per sample" in res.output
     # images need a decoder, which this directory does not have: one clear line
     res = CliRunner().invoke(run, ["--engine-dir", str(tmp_path / "eng"), "--out", str(tmp_path / "g.png")])
     assert res.exit_code == 2 and "re-export with --vae" in res.output

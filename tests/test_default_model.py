@@ -8,6 +8,7 @@ import torch
 from flowar.build import build_engine_dir
 from flowar.images import psnr
 from flowar.run import run_sampling
+from flowar.schedule import build_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "models" / "default" / "flowar.safetensors"
@@ -36,7 +37,7 @@ def test_shipped_files_describe_themselves(eager):
 def test_onnx_runtime_matches_eager_at_45_db_and_fp16_runs(eager, tmp_path):
     model, ck, stages = eager
     labels = [0, 4, 6, 9]
-    kw = dict(steps=25, cfg=4.3, guidance=0.9, seed=7, decode=True)
+    kw = dict(schedule=build_schedule(25, 4.3, 0.9, ck.config.n_scales), seed=7, decode=True)
     with torch.inference_mode():
         ref = run_sampling(stages, ck.config, labels, **kw)
     from flowar.runtime.load import open_engine_dir

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from flowar.build import build_engine_dir
 from flowar.export.manifest import EngineDirError, read_manifest, sha256_file
+from flowar.schedule import build_schedule
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_onnx_runtime_reproduces_official_tokens(engine_dirs, fixtures_dir, name
     save_file({f"noise{k}": io[f"sample25.noise{k}"].contiguous() for k in range(5)}, str(noise))
     with open_engine_dir(engine_dirs[name][0], "ort") as rt:
         assert rt.backend == "ort"
-        res = run_sampling(rt.stages, rt.config, [3, 7], 25, 4.3, 0.9, noise_file=noise)
+        res = run_sampling(rt.stages, rt.config, [3, 7], build_schedule(25, 4.3, 0.9, 5), noise_file=noise)
     assert_tokens(res.tokens, name)
 
 
@@ -129,7 +130,7 @@ def test_velocity_bindings_are_made_once_per_scale_and_row_count(engine_dirs):
     with open_engine_dir(engine_dirs["tiny_v1"][0], "ort") as rt:
         traces = []
         for seed in (0, 1):
-            traces += run_sampling(rt.stages, rt.config, [3, 7], 25, 4.3, 0.9, seed=seed).traces
+            traces += run_sampling(rt.stages, rt.config, [3, 7], build_schedule(25, 4.3, 0.9, 5), seed=seed).traces
         pairs = {(tr.k, rows) for tr in traces for rows in tr.head_rows}
         assert len(pairs) == 9                       # scale 0: 2 rows; scales 1-4: 2 and 4 rows
         assert len(rt.stages.engines["velocity"]._runs) == len(pairs)
@@ -240,5 +241,5 @@ def test_tensorrt_runtime_reproduces_official_tokens(fixtures_dir, tmp_path):
     noise = tmp_path / "N.safetensors"
     save_file({f"noise{k}": io[f"sample25.noise{k}"].contiguous() for k in range(5)}, str(noise))
     with open_engine_dir(d, "trt") as rt:
-        res = run_sampling(rt.stages, rt.config, [3, 7], 25, 4.3, 0.9, noise_file=noise, device=rt.device)
+        res = run_sampling(rt.stages, rt.config, [3, 7], build_schedule(25, 4.3, 0.9, 5), noise_file=noise, device=rt.device)
     assert (res.tokens - io["sample25.tokens"]).abs().max().item() <= 1e-2

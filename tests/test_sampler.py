@@ -107,10 +107,10 @@ def test_run_sampling_gives_each_sample_the_same_tokens_in_any_batching(official
     model = official_v1.model
     labels = [3, 7, 1, 1, 0]
     with torch.no_grad():
-        one = run_sampling(TorchStages(model), model.config, labels, 6, 4.3, 0.9, seed=5).tokens
-        twos = run_sampling(TorchStages(model), model.config, labels, 6, 4.3, 0.9, seed=5, batch_size=2).tokens
-        other_seed = run_sampling(TorchStages(model), model.config, labels, 6, 4.3, 0.9, seed=6).tokens
-        exact = run_sampling(Float64Stages(official_v1.model64), model.config, labels, 6, 4.3, 0.9, seed=5).tokens
+        one = run_sampling(TorchStages(model), model.config, labels, build_schedule(6, 4.3, 0.9, 5), seed=5).tokens
+        twos = run_sampling(TorchStages(model), model.config, labels, build_schedule(6, 4.3, 0.9, 5), seed=5, batch_size=2).tokens
+        other_seed = run_sampling(TorchStages(model), model.config, labels, build_schedule(6, 4.3, 0.9, 5), seed=6).tokens
+        exact = run_sampling(Float64Stages(official_v1.model64), model.config, labels, build_schedule(6, 4.3, 0.9, 5), seed=5).tokens
     # another GEMM row count rounds otherwise: within twice our float32 noise (x2 margin); a wrong draw moves ~1
     assert max_abs(one, twos) <= 4 * max_abs(one, exact), (max_abs(one, twos), max_abs(one, exact))
     assert (one - other_seed).abs().amax(dim=(1, 2, 3)).min() > 0.1

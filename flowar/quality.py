@@ -1,0 +1,175 @@
+"""What a sampling schedule costs in quality, measured against independent references.
+
+* Fidelity to the official sampler: token error and image PSNR against the official schedule
+  (25-point Euler) with the same noise, i.e. against the images the reference code gives.
+* Convergence, for any checkpoint: token error against a converged reference (Euler on a
+  uniform grid of many small steps), which needs no judge.
+* For the Animal-MNIST default model: class accuracy by the independent judge, and a Frechet
+  distance between the judge's features of generated and of held-out real images (a domain FID).
+* FID against reference statistics in the ADM / MAR format (``.npz`` with ``mu`` and ``sigma``),
+  with features from a local extractor file (TorchScript, such as the Inception network of the
+  StyleGAN3 / clean-fid FID code); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flowar.errors import FlowARError
+
+CONVERGED_POINTS = 401          # uniform grid of the converged reference (400 Euler steps)
+
+
+# ---- Frechet distance -------------------------------------------------------------------------
+
+def feature_stats(features_BD: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and covariance (D, D) in float64, the unbiased estimate FID tools use."""
+    f = features_BD.detach().double().cpu().numpy()
+    if f.shape[0] < 2:
+        raise FlowARError("at least 2 samples for feature statistics", f"{f.shape[0]}", "sample more images")
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), by symmetric eigendecompositions.
+
+    (The matrix square root of S1 S2 has the trace of that of the symmetric S1^1/2 S2 S1^1/2,
+    which eigh computes stably; tiny negative eigenvalues from rounding are clipped to 0.)
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
+        raise FlowARError("statistics of the same feature size", f"mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / "
+                          f"{s2.shape}", "use reference statistics made with the same feature extractor")
+    w, v = np.linalg.eigh((s1 + s1.T) / 2)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = root1 @ s2 @ root1
+    tr_sqrt = float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum())
+    return max(0.0, float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt))   # >= 0
+
+
+def read_fid_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``mu`` and ``sigma`` from an ADM / MAR / torch-fidelity style ``.npz`` (no pickled objects)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FlowARError("a reference statistics file (.npz with mu and sigma)", f"no file at {p}", "check --fid-stats")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            missing = [k for k in ("mu", "sigma") if k not in z.files]
+            if missing:
+                raise FlowARError("arrays mu and sigma in the statistics file", f"{p.name} with {sorted(z.files)}",
+                                  "pass FID reference statistics (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
+            return z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+    except FlowARError:
+        raise
+    except Exception as e:   # noqa: BLE001 - any unreadable file is one user error
+        raise FlowARError("a readable .npz statistics file", f"{p}: {str(e)[:120]}", "fetch the file again") from e
+
+
+def load_extractor(path: str | Path) -> Callable[[Tensor], Tensor]:
+    """A feature extractor from a file: uint8 images (B, 3, H, W) -> features (B, D).
+
+    ``.pt2``: a ``torch.export`` program; otherwise TorchScript (the format of the StyleGAN3 /
+    clean-fid Inception, which is called with ``return_features=True`` so that it returns pool
+    features rather than logits; so is any extractor whose forward takes that flag).
+    """
+    import inspect
+    import warnings
+    p = Path(path)
+    if not p.is_file():
+        raise FlowARError("a feature extractor file (TorchScript or .pt2)", f"no file at {p}", "check --fid-extractor")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)      # torch.jit is deprecated, its files are not
+            if p.suffix == ".pt2":
+                net = torch.export.load(str(p)).module()
+                flag = "return_features" in inspect.signature(net.forward).parameters
+            else:
+                net = torch.jit.load(str(p), map_location="cpu").eval()
+                flag = "return_features" in [a.name for a in net.forward.schema.arguments]
+    except Exception as e:   # noqa: BLE001
+        raise FlowARError("a feature extractor file (TorchScript, or torch.export .pt2)", f"{p.name}: {str(e)[:120]}",
+                          "pass e.g. the inception-2015-12-05.pt of the StyleGAN3 FID code") from e
+
+    @torch.no_grad()
+    def extract(images_uint8: Tensor) -> Tensor:
+        out = net(images_uint8, return_features=True) if flag else net(images_uint8)
+        return out.flatten(1).double()
+    return extract
+
+
+def images_to_uint8(images_B3HW: Tensor) -> Tensor:
+    """(B, 3, H, W) uint8 from [-1, 1], rounded like the PNGs flowar-run writes."""
+    return ((images_B3HW.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# ---- measuring a schedule ----------------------------------------------------------------------
+
+def psnr_each(a_B3HW: Tensor, b_B3HW: Tensor) -> list[float]:
+    """PSNR in dB of each image pair in [-1, 1] (peak-to-peak 2)."""
+    mse = (a_B3HW.float().clamp(-1, 1) - b_B3HW.float().clamp(-1, 1)).pow(2).flatten(1).mean(1)
+    return [float("inf") if m == 0 else 10 * math.log10(4.0 / float(m)) for m in mse]
+
+
+@dataclass(slots=True)
+class QualityReport:
+    schedule: str
+    head_evals: int                  # head evaluations per sample
+    n_samples: int
+    seconds: float                   # sampling time of the measured schedule (all samples, decode included)
+    vs_official: dict = field(default_factory=dict)    # token_max, token_mean, psnr_median, psnr_worst
+    vs_converged: dict = field(default_factory=dict)   # token_max, token_mean
+    class_accuracy: float | None = None
+    per_class: list[float] = field(default_factory=list)
+    judge_held_out_accuracy: float | None = None
+    frechet_judge: float | None = None                  # generated vs held-out real, judge features
+    fid: float | None = None                            # against --fid-stats
+
+
+def measure(stages, config, labels: list[int], schedule, seed: int = 0, batch: int | None = None,
+            decode: bool = True, judge=None, real_judge_stats=None, converged: bool = False,
+            fid_stats=None, extractor=None, progress: bool = False) -> QualityReport:
+    """Sample ``labels`` with ``schedule`` (per-sample noise of ``seed``) and compare as the module says."""
+    from flowar.run import run_sampling
+    from flowar.schedule import build_schedule, named_schedule
+
+    def run(s):
+        with torch.inference_mode():
+            return run_sampling(stages, config, labels, s, seed, decode=decode, batch_size=batch, progress=progress)
+
+    res = run(schedule)
+    rep = QualityReport(schedule.describe(), schedule.head_evals, len(labels), res.seconds)
+    official = named_schedule("official", schedule.cfg, schedule.guidance, config.n_scales)
+    ref = res if schedule.plan == official.plan else run(official)
+    d = (res.tokens - ref.tokens).abs()
+    rep.vs_official = {"token_max": float(d.max()), "token_mean": float(d.mean())}
+    if decode:
+        ps = sorted(psnr_each(res.images, ref.images))
+        rep.vs_official |= {"psnr_median": ps[len(ps) // 2], "psnr_worst": ps[0]}
+    if converged:
+        conv = run(build_schedule(CONVERGED_POINTS, schedule.cfg, schedule.guidance, config.n_scales, "euler", "uniform"))
+        d = (res.tokens - conv.tokens).abs()
+        rep.vs_converged = {"token_max": float(d.max()), "token_mean": float(d.mean()),
+                            "official_token_mean": float((ref.tokens - conv.tokens).abs().mean())}
+    if judge is not None and decode:
+        y = torch.tensor(labels)
+        pred = judge.classify(res.images)
+        ok = (pred == y).float()
+        rep.class_accuracy = float(ok.mean())
+        rep.per_class = [float(ok[y == c].mean()) for c in range(config.num_classes) if (y == c).any()]
+        rep.judge_held_out_accuracy = judge.held_out_accuracy
+        if real_judge_stats is not None:
+            rep.frechet_judge = frechet_distance(*feature_stats(judge.features(res.images)), *real_judge_stats)
+    if fid_stats is not None and extractor is not None and decode:
+        u8 = images_to_uint8(res.images)
+        feats = torch.cat([extractor(u8[i:i + 50]) for i in range(0, len(u8), 50)])
+        rep.fid = frechet_distance(*feature_stats(feats), *fid_stats)
+    return rep
+

@@ -1,0 +1,112 @@
+"""The quality meter: Frechet distance against known math, FID through a stand-in extractor,
+and flowar-judge on the official fixture (no judge there: token errors, PSNR, FID)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from flowar.errors import FlowARError
+from flowar.quality import feature_stats, frechet_distance, read_fid_stats
+
+
+def test_frechet_distance_of_diagonal_gaussians_is_the_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    d1, d2 = rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)
+    exact = ((mu1 - mu2) ** 2).sum() + (d1 + d2 - 2 * np.sqrt(d1 * d2)).sum()
+    assert frechet_distance(mu1, np.diag(d1), mu2, np.diag(d2)) == pytest.approx(exact, rel=1e-10)
+    # invariant under a rotation of both (then the covariances no longer commute with the axes)
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    got = frechet_distance(q @ mu1, q @ np.diag(d1) @ q.T, q @ mu2, q @ np.diag(d2) @ q.T)
+    assert got == pytest.approx(exact, rel=1e-8)
+    assert frechet_distance(mu1, np.diag(d1), mu1, np.diag(d1)) == pytest.approx(0, abs=1e-10)
+    with pytest.raises(FlowARError, match="same feature size"):
+        frechet_distance(mu1, np.diag(d1), mu2[:3], np.diag(d2[:3]))
+
+
+def test_feature_stats_of_samples_estimate_the_gaussian():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(20000, 4, generator=gen)
+    b = torch.randn(20000, 4, generator=gen) + torch.tensor([1.0, 0, 0, 0])
+    assert frechet_distance(*feature_stats(a), *feature_stats(a[:10000])) < 0.01
+    assert frechet_distance(*feature_stats(a), *feature_stats(b)) == pytest.approx(1.0, abs=0.05)
+
+
+class StandIn(torch.nn.Module):
+    """A small feature extractor with the StyleGAN3 Inception's calling convention."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        f = torch.relu(self.conv(img.float() / 127.5 - 1)).mean(dim=(2, 3))
+        return f if return_features else f.sum(1, keepdim=True)
+
+
+def test_extractors_load_from_torchscript_and_torch_export(tmp_path):
+    from flowar.quality import load_extractor
+    net = StandIn().eval()
+    img = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    torch.export.save(torch.export.export(net, (img,), {"return_features": True}), str(tmp_path / "s.pt2"))
+    with pytest.warns(DeprecationWarning):
+        torch.jit.save(torch.jit.script(net), str(tmp_path / "s.pt"))
+    want = net(img, return_features=True).double()
+    for f in ("s.pt", "s.pt2"):
+        got = load_extractor(tmp_path / f)(img)
+        assert got.shape == (3, 8) and torch.allclose(got, want, atol=1e-6), f
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_judge_reports_fidelity_convergence_and_fid(fixtures_dir, tmp_path):
+    from PIL import Image
+    from flowar.cli import judge_cmd, run
+    extractor = tmp_path / "standin.pt"
+    torch.jit.save(torch.jit.script(StandIn()), str(extractor))
+    ckpt = ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--config", str(fixtures_dir / "tiny_v1.config.json"),
+            "--vae", str(fixtures_dir / "mar_vae_tiny.ckpt")]
+    sched = ["--schedule", "fast", "--steps", "13", "--seed", "4"]
+    # reference statistics made independently: flowar-run's PNGs of the same samples, read back
+    res = CliRunner().invoke(run, ckpt + sched + ["--labels", "0,0,0,1,1,1", "--save-images", str(tmp_path / "png")])
+    assert res.exit_code == 0, res.output
+    u8 = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
+                      for p in sorted((tmp_path / "png").glob("*.png"))])
+    feats = torch.jit.load(str(extractor))(u8, return_features=True)
+    mu, sigma = feature_stats(feats)
+    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
+    res = CliRunner().invoke(judge_cmd, ckpt + sched + ["--per-class", "3", "--classes-limit", "2", "--converged",
+                                                        "--fid-stats", str(tmp_path / "stats.npz"), "--fid-extractor",
+                                                        str(extractor), "--json", str(tmp_path / "q.json")])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "q.json").read_text())
+    assert rep["n_samples"] == 6 and rep["class_accuracy"] is None          # no judge for this model
+    assert rep["fid"] == pytest.approx(0.0, abs=1e-6)                        # the same images as the statistics
+    o, c = rep["vs_official"], rep["vs_converged"]
+    # (random weights: the fast schedule is not meant to be close here, only measured)
+    assert 0 < o["token_mean"] <= o["token_max"] and 0 < o["psnr_worst"] <= o["psnr_median"] < float("inf")
+    assert c["token_mean"] > 0 and c["official_token_mean"] > 0
+    assert "FID against stats.npz: 0.000" in res.output
+    # the official schedule against itself: no difference at all
+    res = CliRunner().invoke(judge_cmd, ckpt + ["--per-class", "1", "--classes-limit", "2",
+                                                "--json", str(tmp_path / "o.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "o.json").read_text())["vs_official"]["token_max"] == 0.0
+
+
+def test_bad_fid_inputs_are_one_line(fixtures_dir, tmp_path):
+    from flowar.cli import judge_cmd
+    np.savez(tmp_path / "bad.npz", mean=np.zeros(3))
+    with pytest.raises(FlowARError, match="arrays mu and sigma"):
+        read_fid_stats(tmp_path / "bad.npz")
+    (tmp_path / "x.pt").write_bytes(b"not torchscript")
+    base = ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny", "--per-class", "1"]
+    for extra, needle in ((["--fid-stats", str(tmp_path / "bad.npz")], "together"),
+                          (["--fid-stats", str(tmp_path / "bad.npz"), "--fid-extractor", str(tmp_path / "x.pt")],
+                           "arrays mu and sigma")):
+        res = CliRunner().invoke(judge_cmd, base + extra)
+        assert res.exit_code == 2 and "Traceback" not in res.output and needle in res.output, res.output
