@@ -371,6 +371,71 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
         atomic_write_bytes(json_out, lambda tmp: Path(tmp).write_text(json.dumps(dataclasses.asdict(rep), indent=1)))
 
 
+@click.command(context_settings=CONTEXT)
+@click.option("--engine-dir", required=True, type=click.Path(file_okay=False), help="Engine directory (with a VAE).")
+@click.option("--num-images", required=True, type=int, help="How many images, e.g. 50000 for an FID evaluation.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: png/, shards/, samples.npz.")
+@click.option("--labels", help="Comma-separated class ids to cycle through [default: every class, balanced].")
+@click.option("--classes", help="Or class names, for models that store them.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Sample i gets the noise of (seed, i).")
+@schedule_options("the engine directory's")
+@click.option("--workers", default=1, show_default=True, type=int, help="Ray actors, one engine set each.")
+@click.option("--threads", default=1, show_default=True, type=int, help="Cores per worker (the same for any "
+              "--workers, so the images are too).")
+@click.option("--shard-size", default=64, show_default=True, type=int, help="Images per shard (the unit of resume).")
+@click.option("--ray-address", help="A running Ray cluster (ray://HOST:PORT or auto) [default: a local one].")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@user_errors
+def sample_cmd(engine_dir, num_images, out, labels, classes, seed, schedule, solver, stride, steps, cfg, guidance,
+               workers, threads, shard_size, ray_address, debug):
+    """Bulk sampling on Ray Data: PNG shards and samples.npz (ADM format); rerun to resume."""
+    from flowar.bulk import BulkSpec, run_bulk
+    from flowar.export.manifest import read_manifest
+    from flowar.outputs import check_writable
+    from flowar.run import parse_labels
+    check_writable(out, True, "--out")
+    m = read_manifest(engine_dir)
+    ids = parse_labels(m["config_obj"], labels, classes, m.get("class_names"))
+    if not labels and not classes:
+        ids = list(range(m["config_obj"].num_classes))
+    sched = {k: v for k, v in dict(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance, solver=solver,
+                                   stride=stride).items() if v is not None}
+    spec = BulkSpec(str(Path(engine_dir).resolve()), num_images, ids, seed, sched, shard_size, threads)
+    rep = run_bulk(spec, out, workers, ray_address)
+    kept = f", {rep.shards_done_before} kept from before" if rep.shards_done_before else ""
+    click.echo(f"{num_images} images in {rep.shards_total} shards{kept} -> {rep.out / 'samples.npz'} "
+               f"({rep.seconds:.1f} s, {rep.images_per_s:.1f} images/s on {workers} worker(s) x {threads} thread(s))")
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--engine-dir", required=True, type=click.Path(file_okay=False), help="Engine directory (with a VAE).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--replicas", default=1, show_default=True, type=int, help="Replicas, one engine set each.")
+@click.option("--threads", type=int, help="Cores per replica [default: the machine's cores shared out among the replicas].")
+@click.option("--max-n", default=16, show_default=True, type=int, help="Most images one request may ask for.")
+@click.option("--ray-address", help="A running Ray cluster [default: a local one].")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@user_errors
+def serve_cmd(engine_dir, host, port, replicas, threads, max_n, ray_address, debug):
+    """Serve POST /v1/generate with dynamic batching on Ray Serve (GET /health, GET /v1/stats)."""
+    from flowar.export.manifest import read_manifest
+    from flowar.serve import serve_forever
+    m = read_manifest(engine_dir)
+    if m.get("vae") is None:
+        raise FlowARError("an engine directory with a decode stage (images)", "one exported without --vae",
+                          "re-export with --vae")
+    for name, v in (("--replicas", replicas), ("--max-n", max_n), ("--threads", threads or 1)):
+        if v < 1:
+            raise FlowARError(f"{name} >= 1", str(v), f"pass a positive {name}")
+    if not 0 < port < 65536:
+        raise FlowARError("--port in 1..65535", str(port), "use e.g. --port 8000")
+    threads = threads or max(1, (os.cpu_count() or 1) // replicas)
+    serve_forever(str(Path(engine_dir).resolve()), host, port, threads, max_n, replicas, ray_address,
+                  ready=lambda: click.echo(f"serving {engine_dir} on http://{host}:{port} (POST /v1/generate, "
+                                           f"GET /health); Ctrl-C stops", err=True))
+
+
 def _entry(cmd: click.Command, prog: str):
     """A console-script entry point: the hub's offline switch is set before anything imports it."""
     def main() -> None:
@@ -384,3 +449,5 @@ export_main = _entry(export_cmd, "flowar-export")
 train_main = _entry(train_cmd, "flowar-train")
 train_vae_main = _entry(train_vae_cmd, "flowar-train-vae")
 judge_main = _entry(judge_cmd, "flowar-judge")
+sample_main = _entry(sample_cmd, "flowar-sample")
+serve_main = _entry(serve_cmd, "flowar-serve")

@@ -26,14 +26,14 @@ def _save_png(img, path: Path) -> None:
     atomic_write_bytes(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
-def save_images(images_B3HW: Tensor, folder: str | Path) -> list[Path]:
-    """One unlabelled PNG per sample, in sample order: 000000.png, 000001.png, ..."""
+def save_images(images_B3HW: Tensor, folder: str | Path, first: int = 0) -> list[Path]:
+    """One unlabelled PNG per sample, in sample order: 000000.png, 000001.png, ... (from ``first``)."""
     from PIL import Image
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, arr in enumerate(to_uint8(images_B3HW)):
-        p = folder / f"{i:06d}.png"
+        p = folder / f"{first + i:06d}.png"
         _save_png(Image.fromarray(arr), p)
         paths.append(p)
     return paths

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -85,18 +85,26 @@ class SampleResult:
     traces: list[ScaleTrace] = field(default_factory=list)
 
 
-def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedule: Schedule, seed: int = 0, noise_file: str | Path | None = None, decode: bool = False,
+def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedule: Schedule,
+                 seed: int | Sequence[int] = 0, noise_file: str | Path | None = None, decode: bool = False,
                  device: str | torch.device = "cpu", progress: bool = False,
-                 on_scale: Callable[[ScaleTrace], None] | None = None, batch_size: int | None = None) -> SampleResult:
+                 on_scale: Callable[[ScaleTrace], None] | None = None, batch_size: int | None = None,
+                 indices: Sequence[int] | None = None) -> SampleResult:
     """Sample ``labels`` in batches of at most ``batch_size`` (all at once by default).
 
     Sample i of the request gets the noise of (seed, i) (:func:`~flowar.sampler.per_sample_noise`),
-    so its image is the same for every batch size and backend. Recorded noise (``noise_file``,
+    so its image is the same for every batch size and backend. ``indices`` names the samples
+    otherwise (a shard of a larger request); ``seed`` may be one per sample. Recorded noise (``noise_file``,
     the official layout: one (R, n, C) draw per scale for the whole request) is split into the
     same batches row by row.
     """
     N = len(labels)
     bs = batch_size or N
+    idx = list(range(N)) if indices is None else [int(i) for i in indices]
+    seeds = [seed] * N if isinstance(seed, int) else list(seed)
+    if len(idx) != N or len(seeds) != N:
+        raise FlowARError(f"one index and one seed per label ({N})", f"{len(idx)} indices, {len(seeds)} seeds",
+                          "pass matching lists")
     recorded = read_noise(noise_file, config) if noise_file else None
     if recorded is not None:
         R = schedule.rows(N)
@@ -125,7 +133,7 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedu
     for start in starts:
         chunk = labels[start:start + bs]
         noise: NoiseFn = (injected_noise(noise_rows(recorded, start, start + len(chunk), N)) if recorded is not None
-                          else per_sample_noise(seed, range(start, start + len(chunk))))
+                          else per_sample_noise(seeds[start:start + bs], idx[start:start + bs]))
         labels_t = torch.tensor(chunk, dtype=torch.int64, device=device)
         tokens, images = sample(stages, config, schedule, labels_t, noise, decode=decode, device=device,
                                 on_scale=scale_done)

@@ -71,7 +71,7 @@ def stream_seed(seed: int, index: int, k: int) -> int:
     return int.from_bytes(digest, "little") >> 1                      # 63 bits
 
 
-def per_sample_noise(seed: int, indices: Sequence[int]) -> NoiseFn:
+def per_sample_noise(seed: int | Sequence[int], indices: Sequence[int]) -> NoiseFn:
     """Noise named by (seed, sample index): a seed names an image.
 
     Row b of the batch is sample ``indices[b]`` of the request. Its scale-k noise comes from a CPU
@@ -80,9 +80,12 @@ def per_sample_noise(seed: int, indices: Sequence[int]) -> NoiseFn:
     not depend on the batch it lands in, its place there, the batch size, the backend, the shard
     or the worker, and its conditional noise not even on cfg. (The official sampler draws one
     (2B, n, C) tensor per scale instead: recorded official noise is replayed with
-    :func:`injected_noise`.)
+    :func:`injected_noise`.) ``seed`` may also give one seed per row (requests of a served batch).
     """
     idx = [int(i) for i in indices]
+    seeds = [int(seed)] * len(idx) if isinstance(seed, int) else [int(s) for s in seed]
+    if len(seeds) != len(idx):
+        raise FlowARError(f"one seed per sample ({len(idx)})", f"{len(seeds)} seeds", "pass a seed or one per sample")
 
     def draw(k: int, shape: tuple[int, ...]) -> Tensor:
         R, n, C = shape
@@ -90,8 +93,8 @@ def per_sample_noise(seed: int, indices: Sequence[int]) -> NoiseFn:
         if R not in (B, 2 * B):
             raise FlowARError(f"{B} or {2 * B} noise rows for {B} samples", f"{R}", "pass one index per sample")
         out = torch.empty(shape, dtype=torch.float32)
-        for b, i in enumerate(idx):
-            gen = torch.Generator().manual_seed(stream_seed(seed, i, k))
+        for b, (s, i) in enumerate(zip(seeds, idx)):
+            gen = torch.Generator().manual_seed(stream_seed(s, i, k))
             out[b] = torch.randn((n, C), generator=gen)
             if R > B:
                 out[B + b] = torch.randn((n, C), generator=gen)

@@ -1,0 +1,199 @@
+"""Bulk sampling on Ray Data (``flowar-sample``): N images for an evaluation, spread over workers.
+
+The request is cut into fixed shards of consecutive sample indices. Ray Data runs one actor per
+worker, each holding one engine set (an engine directory opened once), and maps shards onto
+them. Sample i always has the label ``classes[i % len(classes)]`` (class-balanced) and the noise
+of (seed, i), and every actor computes with the same number of threads, so the output does not
+depend on the number of workers, nor on which worker took which shard: the same bytes.
+
+Each finished shard is written atomically (its PNGs, then ``shards/NNNNN.npz`` last, which marks
+it done), so a run killed at any point is completed by running the same command again: finished
+shards are kept, the rest are sampled. At the end ``samples.npz`` holds the evaluators' format
+(ADM / MAR: ``arr_0`` uint8 (N, H, W, 3), ``arr_1`` int64 labels).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from flowar.errors import FlowARError
+
+
+@dataclass(slots=True)
+class BulkSpec:
+    """What defines the images of a bulk run (stored as ``run.json``; a rerun must match it)."""
+    engine_dir: str
+    num_images: int
+    classes: list[int]            # sample i gets classes[i % len(classes)]
+    seed: int
+    schedule: dict                # sampling_schedule keywords (schedule, steps, cfg, guidance, solver, stride)
+    shard_size: int
+    threads: int                  # per worker; the same for every worker count, so results are too
+
+
+@dataclass(slots=True)
+class BulkReport:
+    out: Path
+    shards_total: int
+    shards_done_before: int
+    seconds: float
+    images_per_s: float
+    workers: int
+    shard_seconds: list[float] = field(default_factory=list)
+
+
+def shard_ranges(n: int, size: int) -> list[tuple[int, int, int]]:
+    """(shard id, first index, end index) of consecutive shards."""
+    return [(j, s, min(s + size, n)) for j, s in enumerate(range(0, n, size))]
+
+
+def shard_path(out: Path, j: int) -> Path:
+    return out / "shards" / f"{j:05d}.npz"
+
+
+def shard_is_done(out: Path, j: int, start: int, end: int) -> bool:
+    p = shard_path(out, j)
+    if not p.is_file():
+        return False
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return z["indices"].tolist() == list(range(start, end)) and z["images"].shape[0] == end - start
+    except Exception:   # noqa: BLE001 - an unreadable shard is redone
+        return False
+
+
+class ShardSampler:
+    """The body of one Ray Data actor: an engine set opened once, shards sampled and written."""
+
+    def __init__(self, spec: dict, out: str):
+        import torch
+        from flowar.runtime.load import open_engine_dir
+        from flowar.schedule import sampling_schedule
+        self.spec = BulkSpec(**spec)
+        self.out = Path(out)
+        torch.set_num_threads(self.spec.threads)
+        self.rt = open_engine_dir(self.spec.engine_dir, "ort", threads=self.spec.threads)
+        self.schedule = sampling_schedule(self.rt.config.n_scales, self.rt.manifest.get("schedule_defaults"),
+                                          **self.spec.schedule)
+
+    def sample_shard(self, j: int, start: int, end: int) -> float:
+        import torch
+        from flowar.images import save_images, to_uint8
+        from flowar.outputs import write_npz
+        from flowar.run import run_sampling
+        t0 = time.perf_counter()
+        idx = list(range(start, end))
+        labels = [self.spec.classes[i % len(self.spec.classes)] for i in idx]
+        with torch.inference_mode():
+            res = run_sampling(self.rt.stages, self.rt.config, labels, self.schedule, self.spec.seed, decode=True,
+                               batch_size=self.rt.manifest["max_batch"], indices=idx)
+        save_images(res.images, self.out / "png" / f"{j:05d}", first=start)      # named by sample index
+        write_npz(shard_path(self.out, j), {"images": to_uint8(res.images), "labels": np.asarray(labels, np.int64),
+                                            "indices": np.asarray(idx, np.int64)})
+        return time.perf_counter() - t0
+
+    def __call__(self, batch: dict) -> dict:
+        secs = [self.sample_shard(int(j), int(s), int(e)) for j, s, e in zip(batch["shard"], batch["start"], batch["end"])]
+        return {"shard": np.asarray(batch["shard"]), "seconds": np.asarray(secs)}
+
+
+def _check_spec(out: Path, spec: BulkSpec) -> None:
+    """A folder holds one run: refuse to mix shards of other settings into it."""
+    from flowar.outputs import atomic_write_bytes
+    p = out / "run.json"
+    mine = asdict(spec)
+    if p.is_file():
+        try:
+            theirs = json.loads(p.read_text())
+        except ValueError:
+            theirs = None
+        if theirs != mine:
+            diff = sorted(k for k in mine if not isinstance(theirs, dict) or theirs.get(k) != mine[k])
+            raise FlowARError("the settings of the run already in --out (to resume it)",
+                              f"other {', '.join(diff) or 'settings'} than {out / 'run.json'} records",
+                              "run with the same settings, or choose a new --out")
+    else:
+        atomic_write_bytes(p, lambda t: Path(t).write_text(json.dumps(mine, indent=1)))
+
+
+def start_ray(address: str | None, num_cpus: int | None):
+    """Connect to a cluster, or start a local one on loopback without dashboard or usage stats."""
+    import os
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+    except ImportError:
+        raise FlowARError("Ray (the [serve] extra)", "it is not installed",
+                          "pip install 'flowar-deploy[serve]' (or 'ray[data,serve]')") from None
+    if ray.is_initialized():
+        return ray
+    kw = dict(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    if address:
+        ray.init(address=address, **kw)
+    else:
+        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kw)
+    return ray
+
+
+def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str | None = None,
+             progress: bool = True) -> BulkReport:
+    """Sample the shards not yet in ``out`` on ``workers`` actors, then write ``samples.npz``."""
+    from flowar.export.manifest import read_manifest
+    from flowar.outputs import check_writable, write_npz
+    out = Path(out)
+    if spec.num_images < 1 or spec.shard_size < 1 or workers < 1 or spec.threads < 1:
+        raise FlowARError("--num-images, --shard-size, --workers and --threads >= 1",
+                          f"{spec.num_images} / {spec.shard_size} / {workers} / {spec.threads}", "use positive numbers")
+    check_writable(out, True, "--out")
+    m = read_manifest(spec.engine_dir)
+    if m.get("vae") is None:
+        raise FlowARError("an engine directory with a decode stage (images)", "one exported without --vae",
+                          "re-export with --vae")
+    bad = [c for c in spec.classes if not 0 <= c < m["config_obj"].num_classes]
+    if bad or not spec.classes:
+        raise FlowARError(f"class ids in 0..{m['config_obj'].num_classes - 1}", f"{bad or 'none'}", "check --labels")
+    from flowar.schedule import sampling_schedule
+    sampling_schedule(m["config_obj"].n_scales, m.get("schedule_defaults"), **spec.schedule)   # refuse bad values now
+    out.mkdir(parents=True, exist_ok=True)
+    _check_spec(out, spec)
+    shards = shard_ranges(spec.num_images, spec.shard_size)
+    todo = [s for s in shards if not shard_is_done(out, *s)]
+    t0 = time.perf_counter()
+    secs: list[float] = []
+    if todo:
+        ray = start_ray(ray_address, None if ray_address else workers * spec.threads)
+        import logging
+
+        import ray.data
+        logging.getLogger("ray.data").setLevel(logging.WARNING)        # our own bar says how far it is
+        ds = ray.data.from_items([{"shard": j, "start": s, "end": e} for j, s, e in todo], override_num_blocks=len(todo))
+        mapped = ds.map_batches(ShardSampler, fn_constructor_args=(asdict(spec), str(out.resolve())), batch_size=1,
+                                compute=ray.data.ActorPoolStrategy(size=min(workers, len(todo))), num_cpus=spec.threads)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(shards), initial=len(shards) - len(todo), desc="shards", unit="shard", disable=None)
+        for row in mapped.iter_rows():
+            secs.append(float(row["seconds"]))
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+    missing = [j for j, s, e in shards if not shard_is_done(out, j, s, e)]
+    if missing:
+        raise FlowARError("every shard written", f"shards {missing[:5]} missing", "run the same command again")
+    images, labels = [], []
+    for j, _, _ in shards:
+        with np.load(shard_path(out, j), allow_pickle=False) as z:
+            images.append(z["images"])
+            labels.append(z["labels"])
+    write_npz(out / "samples.npz", {"arr_0": np.concatenate(images), "arr_1": np.concatenate(labels)})
+    dt = time.perf_counter() - t0
+    done_now = sum(e - s for _, s, e in todo)
+    return BulkReport(out, len(shards), len(shards) - len(todo), dt, done_now / dt if done_now else 0.0,
+                      workers, secs)
