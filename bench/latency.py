@@ -6,10 +6,13 @@
 Backends:
   eager      the official method in eager PyTorch: KV-cached AR, every ODE step evaluates all
              2B rows and recomputes the head's per-scale constants. The baseline (ratio 1.0).
+  eager-bf16 the same under bfloat16 autocast (what the official GPU evaluation does in fp16).
   torch      this project's sampler on eager PyTorch stages (B rows where guidance cannot act,
              per-scale constants once per scale).
   compile    as torch, with the head's velocity under torch.compile (compile time reported apart).
   ort        the lean runtime on ONNX Runtime engines (exported on the fly for --preset/--ckpt).
+  auto       the runtime on what `flowar-export --precision auto` measures and picks on this
+             machine, per stage (ONNX Runtime fp32, PyTorch fp32 or PyTorch bf16).
   trt        the runtime on TensorRT plans (GPU with TensorRT only).
   cudagraph  the runtime on PyTorch stages replayed as CUDA graphs (GPU only).
 
@@ -35,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-ALL_BACKENDS = ("eager", "torch", "compile", "ort", "trt", "cudagraph")
+ALL_BACKENDS = ("eager", "eager-bf16", "torch", "compile", "ort", "auto", "trt", "cudagraph")
 
 
 # ---- timing wrapper around any Stages --------------------------------------------------------
@@ -109,22 +112,17 @@ class Result:
     schedule: str = "official"                             # the sampling schedule (official, fast)
     head_evals: int = 0                                    # head evaluations per sample
     max_abs_diff_vs_official: float | None = None          # tokens vs eager with the official schedule
+    precision: str = "fp32"                                # what the backend computes in
 
 
 def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from flowar.engines.cpu import cpu_kind
     from flowar.engines.ort import cpu_threads
     from flowar.export.manifest import library_versions
+    kind = cpu_kind()
     return library_versions() | {
-        "cpu": cpu, "cpu_cores_usable": cpu_threads(), "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(), "torch": torch.__version__,
+        "cpu": kind["model"], "cpu_flags": kind["flags"], "cpu_cores_usable": cpu_threads(),
+        "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
@@ -228,7 +226,11 @@ def run(a) -> int:
                           ("cpu" if a.device == "auto" else a.device))
     model, vae, engine_dir, random_weights, label = load_source(a, device)
     reduced = a.dtype != "fp32" or (engine_dir is not None and read_precision(engine_dir) != "fp32")
-    tol = a.parity_tol if a.parity_tol is not None else (5e-2 if reduced else 1e-3)
+    def tol_for(precision: str) -> float:
+        """--parity-tol, else 1e-3 in float32 and 5e-2 where this run or the backend computes in 16 bits."""
+        if a.parity_tol is not None:
+            return a.parity_tol
+        return 5e-2 if reduced or "16" in precision else 1e-3
     config = model.config
     schedules = {s: sampling_schedule(config.n_scales, schedule=s, steps=a.steps, cfg=a.cfg, guidance=a.guidance)
                  for s in names}
@@ -250,7 +252,8 @@ def run(a) -> int:
             official_tokens, eager_median = None, None
         for backend in backends:
             try:
-                factory, build_s, note, official = make_backend(backend, model, vae, engine_dir, B, device, a, schedule)
+                factory, build_s, note, official, precision = make_backend(backend, model, vae, engine_dir, B, device,
+                                                                           a, schedule)
             except Skip as s:
                 print(f"  skip {backend} (batch {B}): {s}", flush=True)
                 results.append(Result(backend, B, float("nan"), float("nan"), float("nan"), None, None, note=str(s),
@@ -290,11 +293,13 @@ def run(a) -> int:
             eff["total"] = sum(flops[k] for k in ("ar", "head", "decode") if flops.get(k)) * B / max(batches) / med / 1e9
             res = Result(backend, B, med, min(times), max(times), eager_median / med if eager_median else None, diff,
                          stages_med, n_tok / med, B / med, eff, build_s, note, by_scale if not graphed else [],
-                         None if diff is None else bool(diff <= tol), sname, schedule.head_evals, vs_official)
+                         None if diff is None else bool(diff <= tol_for(precision)), sname, schedule.head_evals,
+                         vs_official,
+                         precision)
             results.append(res)
             print(f"  {backend:<9} {sname:<8} batch {B:<3} median {med:8.3f} s  x{res.speedup_vs_eager or 0:5.2f} vs eager  "
                   f"max|dtokens| {diff if diff is not None else float('nan'):.1e}"
-                  f"{'' if res.parity_ok is not False else f' WRONG (above {tol:g})'}  "
+                  f"{'' if res.parity_ok is not False else f' WRONG (above {tol_for(precision):g})'}  "
                   f"{eff['total']:.1f} GFLOP/s ({eff['total'] / peak:.0%} of peak){'  ' + note if note else ''}", flush=True)
     table = markdown(results, peak, decode) + "\n\n" + scale_table(results, config.scales)
     wrong = [f"{r.backend} {r.schedule} batch {r.batch} ({r.max_abs_diff_vs_eager:.1e})" for r in results
@@ -313,7 +318,8 @@ def run(a) -> int:
         plot(results, Path(a.plot), label)
         print(f"chart -> {a.plot}")
     if wrong:
-        print(f"error: expected every backend's tokens within {tol:g} of eager's; got {', '.join(wrong)}. "
+        print(f"error: expected every backend's tokens within the parity tolerance of eager's (1e-3 in float32, "
+              f"5e-2 in 16 bits, or --parity-tol); got {', '.join(wrong)}. "
               "Fix: rebuild the engines from this checkpoint, or pass --parity-tol if the precision explains it",
               file=sys.stderr)
         return 1
@@ -386,13 +392,15 @@ def official_flops(model, vae, schedule, B: int) -> dict:
 
 
 def make_backend(name, model, vae, engine_dir, B, device, a, schedule):
-    """(stages factory, build seconds, note, official_rows) for one backend."""
+    """(stages factory, build seconds, note, official_rows, precision) for one backend."""
     from flowar.stages import OfficialStyleStages, TorchStages
     dec = vae.decode if vae is not None else None
     if name == "eager":
-        return autocast(lambda: OfficialStyleStages(model, dec), device, a.dtype), None, "", True
+        return autocast(lambda: OfficialStyleStages(model, dec), device, a.dtype), None, "", True, a.dtype
+    if name == "eager-bf16":
+        return autocast(lambda: OfficialStyleStages(model, dec), device, "bf16"), None, "", True, "bf16 autocast"
     if name == "torch":
-        return autocast(lambda: TorchStages(model, dec), device, a.dtype), None, "", False
+        return autocast(lambda: TorchStages(model, dec), device, a.dtype), None, "", False, a.dtype
     if name == "compile":
         t0 = time.perf_counter()
         compiled = autocast(CompiledStages.build(model, dec), device, a.dtype)
@@ -402,21 +410,32 @@ def make_backend(name, model, vae, engine_dir, B, device, a, schedule):
             sample(st, model.config, schedule,
                    torch.zeros(B, dtype=torch.int64, device=device), per_sample_noise(0, range(B)),
                    decode=False, device=device)
-        return compiled, time.perf_counter() - t0, f"compile {time.perf_counter() - t0:.0f} s", False
+        return compiled, time.perf_counter() - t0, f"compile {time.perf_counter() - t0:.0f} s", False, a.dtype
     if name == "ort":
         d, build_s = ensure_engine_dir(engine_dir, model, vae, a, max(int(b) for b in a.batch.split(",")))
         from flowar.runtime.load import open_engine_dir
         rt = open_engine_dir(d, "ort")
         if B > rt.manifest["max_batch"]:
             raise Skip(f"batch {B} above the directory's max batch {rt.manifest['max_batch']}")
-        return (lambda: rt.stages), build_s, rt.detail + (f", export {build_s:.0f} s" if build_s else ""), False
+        return ((lambda: rt.stages), build_s, rt.detail + (f", export {build_s:.0f} s" if build_s else ""), False,
+                rt.manifest["precision"] if rt.manifest["precision"] != "auto" else "fp32")
+    if name == "auto":
+        d, build_s = ensure_engine_dir(engine_dir if engine_dir is not None and read_precision(engine_dir) == "auto"
+                                       else None, model, vae, a, max(int(b) for b in a.batch.split(",")), "ort", "auto")
+        from flowar.runtime.load import open_engine_dir
+        rt = open_engine_dir(d, "auto")
+        if B > rt.manifest["max_batch"]:
+            raise Skip(f"batch {B} above the directory's max batch {rt.manifest['max_batch']}")
+        choice = rt.manifest["auto"]["choice"]
+        return ((lambda: rt.stages), build_s, rt.detail + (f", export and measure {build_s:.0f} s" if build_s else ""),
+                False, "auto: " + ", ".join(f"{s} {c}" for s, c in choice.items()))
     if name == "trt":
         if not torch.cuda.is_available():
             raise Skip("TensorRT needs a CUDA GPU")
         d, build_s = ensure_engine_dir(engine_dir, model, vae, a, max(int(b) for b in a.batch.split(",")), "trt")
         from flowar.runtime.load import open_engine_dir
         rt = open_engine_dir(d, "trt")
-        return (lambda: rt.stages), build_s, rt.detail, False
+        return (lambda: rt.stages), build_s, rt.detail, False, rt.manifest["precision"]
     if name == "cudagraph":
         if device.type != "cuda":
             raise Skip("CUDA graphs need a CUDA GPU")
@@ -425,7 +444,7 @@ def make_backend(name, model, vae, engine_dir, B, device, a, schedule):
         t0 = time.perf_counter()
         stages = autocast(lambda: torch_engine_stages(model, B, device, vae), device, a.dtype)()
         gs = GraphedSampler(stages, model.config, schedule, B, device).build()
-        return gs, time.perf_counter() - t0, f"capture {time.perf_counter() - t0:.1f} s", False
+        return gs, time.perf_counter() - t0, f"capture {time.perf_counter() - t0:.1f} s", False, a.dtype
     raise Skip(f"unknown backend {name}")
 
 
@@ -461,10 +480,10 @@ class CompiledStages:
 _ENGINE_CACHE: dict = {}
 
 
-def ensure_engine_dir(engine_dir, model, vae, a, max_batch, backend="ort"):
+def ensure_engine_dir(engine_dir, model, vae, a, max_batch, backend="ort", precision="fp32"):
     if engine_dir is not None:
         return engine_dir, None
-    key = (id(model), backend)
+    key = (id(model), backend, precision)
     if key in _ENGINE_CACHE:
         return _ENGINE_CACHE[key], None
     from flowar.build import build_engine_dir
@@ -477,24 +496,25 @@ def ensure_engine_dir(engine_dir, model, vae, a, max_batch, backend="ort"):
     if vae is not None:
         vae_path = tmp / "vae"
         vae.autoencoder.save_pretrained(vae_path)
-    build_engine_dir(ck, tmp / "engines", vae_path=vae_path, backend=backend, max_batch=max_batch, verify=False)
+    build_engine_dir(ck, tmp / "engines", vae_path=vae_path, backend=backend, max_batch=max_batch, verify=False,
+                     precision=precision)
     _ENGINE_CACHE[key] = tmp / "engines"
     return tmp / "engines", time.perf_counter() - t0
 
 
 def markdown(results: list[Result], peak: float, decode: bool) -> str:
-    head = ("| backend | schedule | head evals | batch | median s | min s | max s | vs eager official | AR s | head s | "
+    head = ("| backend | precision | schedule | head evals | batch | median s | min s | max s | vs eager official | AR s | head s | "
             + ("decode s | " if decode else "")
             + "other s | tokens/s | images/s | GFLOP/s (% peak) | max abs diff vs eager (same schedule) |")
     sep = "|" + "---|" * (head.count("|") - 1)
     rows = [head, sep]
     for r in results:
         if r.median_s != r.median_s:
-            rows.append(f"| {r.backend} | {r.schedule} | {r.head_evals} | {r.batch} | skipped: {r.note} |")
+            rows.append(f"| {r.backend} | {r.precision} | {r.schedule} | {r.head_evals} | {r.batch} | skipped: {r.note} |")
             continue
         s = r.stage_median_s
         tot = r.effective_gflops.get("total", 0.0)
-        rows.append(f"| {r.backend} | {r.schedule} | {r.head_evals} | {r.batch} | {r.median_s:.3f} | {r.min_s:.3f} | {r.max_s:.3f} | "
+        rows.append(f"| {r.backend} | {r.precision} | {r.schedule} | {r.head_evals} | {r.batch} | {r.median_s:.3f} | {r.min_s:.3f} | {r.max_s:.3f} | "
                     f"{r.speedup_vs_eager:.2f}x | {s['ar']:.3f} | {s['head']:.3f} | " + (f"{s['decode']:.3f} | " if decode else "")
                     + f"{s['other']:.3f} | {r.tokens_per_s:.0f} | {r.images_per_s:.2f} | {tot:.1f} ({tot / peak:.0%}) | "
                     f"{r.max_abs_diff_vs_eager:.1e}{' WRONG' if r.parity_ok is False else ''} |")

@@ -23,21 +23,41 @@ class BuildReport:
     checks: list = field(default_factory=list)          # StageCheck per stage
     seconds: dict[str, float] = field(default_factory=dict)
     backends: list[str] = field(default_factory=list)
+    auto: object = None                                  # flowar.autoprec.AutoReport with --precision auto
 
 
 def build_engine_dir(ckpt: str | Path, out: str | Path, preset: str | None = None, config_path: str | None = None,
                      vae_path: str | Path | None = None, backend: str = "ort", precision: str = "fp32",
                      max_batch: int = 8, verify: bool = True, use_ema: bool = True,
                      schedule_defaults: dict | None = None, compute_capability: str | None = None,
-                     progress: Callable[[str], None] | None = None) -> BuildReport:
+                     progress: Callable[[str], None] | None = None,
+                     auto_candidates: tuple[str, ...] | None = None) -> BuildReport:
+    """Export, verify, build engines and write the manifest into ``out`` (atomically).
+
+    ``precision="auto"`` exports float32 graphs, then measures the engine and precision
+    candidates of each network stage on this machine and records the choice (flowar.autoprec);
+    ``auto_candidates`` restricts the candidates (e.g. to force bf16 for a measurement).
+    """
     from flowar.export.manifest import library_versions, sha256_file, staged_directory, write_manifest
     from flowar.export.onnx_export import OPSET, PRECISIONS, ExportError, export_stage, stage_module, verify_stage
     from flowar.export.specs import stage_specs
 
     if backend not in ("ort", "trt", "all"):
         raise FlowARError("--backend ort, trt or all", repr(backend), "use --backend ort")
-    if precision not in PRECISIONS:
-        raise FlowARError("--precision fp32, fp16 or bf16", repr(precision), "use --precision fp32")
+    auto = precision == "auto"
+    if precision not in PRECISIONS and not auto:
+        raise FlowARError("--precision auto, fp32, fp16 or bf16", repr(precision), "use --precision fp32")
+    if auto and backend != "ort":
+        raise FlowARError("--precision auto with --backend ort (it measures CPU engines)", f"--backend {backend}",
+                          "export TensorRT plans with --precision fp32/fp16/bf16")
+    if auto:
+        from flowar.autoprec import CANDIDATES
+        auto_candidates = tuple(auto_candidates or CANDIDATES)
+        bad = [c for c in auto_candidates if c not in CANDIDATES]
+        if bad or not auto_candidates:
+            raise FlowARError(f"--auto-candidates among {', '.join(CANDIDATES)}", f"{bad or 'none'}",
+                              "e.g. --auto-candidates ort-fp32,torch-bf16")
+    graph_precision = "fp32" if auto else precision
     if not 1 <= max_batch <= 1024:
         raise FlowARError("--max-batch in 1..1024", str(max_batch), "use e.g. --max-batch 8")
     say = progress or (lambda s: None)
@@ -62,14 +82,14 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, preset: str | None = Non
             module = stage_module(name, model, vae)
             path = tmp / f"{name}.onnx"
             rows = max_batch if name == "decode" else max_rows
-            export_stage(spec, module, config, path, rows, precision)
+            export_stage(spec, module, config, path, rows, graph_precision)
             report.seconds[f"export {name}"] = time.perf_counter() - t0
             stages[name] = {"file": path.name, "sha256": sha256_file(path), "inputs": list(spec.inputs),
                             "outputs": list(spec.outputs), "tolerance": spec.tolerance, "max_rows": rows}
             if verify:
                 say(f"verify {name}")
                 t0 = time.perf_counter()
-                chk = verify_stage(spec, module, config, path, rows, REDUCED_TOLERANCE[precision])
+                chk = verify_stage(spec, module, config, path, rows, REDUCED_TOLERANCE[graph_precision])
                 report.checks.append(chk)
                 stages[name]["verified_max_abs_diff"] = chk.worst
                 report.seconds[f"verify {name}"] = time.perf_counter() - t0
@@ -79,6 +99,19 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, preset: str | None = Non
                               "; ".join(f"{c.name} differs by {c.worst:.3g} > {c.tolerance:.3g} ({c.where})" for c in bad),
                               "nothing was written; rerun with --debug, or report the model and versions")
         report.backends.append("ort")
+        auto_info, weights = None, None
+        if auto:
+            from flowar.autoprec import select
+            t0 = time.perf_counter()
+            rep = select(model, vae, specs, {n: (tmp / stages[n]["file"], stages[n]["sha256"]) for n in specs},
+                         auto_candidates, progress=say)
+            report.seconds["auto precision"] = time.perf_counter() - t0
+            report.auto = rep
+            auto_info = rep.to_manifest()
+            if any(c.startswith("torch") for c in rep.choice.values()):       # PyTorch stages need the weights
+                from flowar.checkpoint import save_checkpoint
+                save_checkpoint(tmp / "weights.safetensors", model.state_dict(), config, ck.class_names)
+                weights = {"file": "weights.safetensors", "sha256": sha256_file(tmp / "weights.safetensors")}
         trt_info = None
         if builder is not None:
             from flowar.engines.trt import build_plan
@@ -109,6 +142,8 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, preset: str | None = Non
                        zip(config.scales, config.tokens_per_scale, config.scale_begin, config.scale_end)],
             "stages": stages,
             "tensorrt": trt_info,
+            "auto": auto_info,
+            "weights": weights,
             "versions": library_versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

@@ -179,7 +179,10 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
               "only when the new one is complete).")
 @click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "trt", "all"]),
               help="ort: ONNX graphs for ONNX Runtime; trt/all: also TensorRT plans.")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]))
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+              help="auto: measure per stage ONNX Runtime fp32, PyTorch fp32 and PyTorch bf16 on this machine and keep "
+                   "the fastest that samples like fp32 (recorded in the manifest); fp16/bf16: reduced ONNX graphs.")
+@click.option("--auto-candidates", help="With --precision auto: only these, e.g. ort-fp32,torch-bf16.")
 @click.option("--max-batch", default=8, show_default=True, type=int, help="Largest batch the engines serve.")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Compare every stage with eager PyTorch.")
 @click.option("--schedule", default="official", show_default=True, type=click.Choice(["official", "fast"]),
@@ -190,8 +193,8 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
 @click.option("--compute-capability", help="TensorRT target without a GPU, e.g. sm80, sm86, sm89, sm120.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @user_errors
-def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precision, max_batch, verify, schedule,
-               steps, cfg, guidance, compute_capability, debug):
+def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precision, auto_candidates, max_batch, verify,
+               schedule, steps, cfg, guidance, compute_capability, debug):
     """Export a checkpoint to per-stage ONNX graphs (and TensorRT plans) with a manifest."""
     from flowar.build import build_engine_dir
     from flowar.outputs import check_writable
@@ -209,10 +212,22 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
         bar.update(1) if bar.n < total else None
 
     rep = build_engine_dir(ckpt, out, preset, config_path, vae, backend, precision, max_batch, verify, not raw_weights,
-                           {k: v for k, v in defaults.items() if v is not None}, compute_capability, step)
+                           {k: v for k, v in defaults.items() if v is not None}, compute_capability, step,
+                           tuple(c.strip() for c in auto_candidates.split(",") if c.strip()) if auto_candidates else None)
     bar.close()
     for c in rep.checks:
         click.echo(f"  {c.name:<10} max abs diff vs eager {c.worst:.2e} (tolerance {c.tolerance:.0e}) worst at {c.where}")
+    if rep.auto is not None:
+        a = rep.auto
+        for stage, ms in a.measured.items():
+            cells = ", ".join(f"{c} {m.seconds * 1e3:.1f} ms (err {m.error:.1e}{'' if m.ok else ', too far'})"
+                              for c, m in ms.items())
+            click.echo(f"  auto {stage:<10} -> {a.choice[stage]:<10} [{cells}]")
+        e = a.end_to_end
+        quality = (f"PSNR vs fp32 median {e['psnr_median']:.1f} dB, worst {e['psnr_worst']:.1f} dB" if "psnr_median" in e
+                   else f"token error mean {e['token_mean']:.2e}")
+        click.echo(f"  auto end to end on {e['samples']} samples: {quality}"
+                   + (f"; reduced precision rejected for {', '.join(a.fallback)}" if a.fallback else ""))
     secs = sum(rep.seconds.values())
     click.echo(f"engine directory -> {rep.out} ({', '.join(rep.backends)}, {precision}, max batch {max_batch}) in {secs:.0f} s")
 
@@ -283,7 +298,8 @@ def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmu
 
 @click.command(context_settings=CONTEXT)
 @click.option("--ckpt", type=click.Path(dir_okay=False), help="A FlowAR checkpoint (eager PyTorch).")
-@click.option("--engine-dir", type=click.Path(file_okay=False), help="Or an engine directory (ONNX Runtime).")
+@click.option("--engine-dir", type=click.Path(file_okay=False), help="Or an engine directory (what it runs by "
+              "default: its auto choice, else ONNX Runtime).")
 @click.option("--preset", help="Config preset for files that carry none.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Config JSON for files that carry none.")
 @click.option("--vae", type=click.Path(), help="Its VAE (--ckpt; omit for token errors only).")
@@ -300,11 +316,14 @@ def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmu
               "made with: a local TorchScript file (e.g. inception-2015-12-05.pt of the StyleGAN3 FID code).")
 @click.option("--judge-cache", default=".cache/flowar-judge.safetensors", show_default=True,
               type=click.Path(dir_okay=False), help="Where the Animal-MNIST judge's weights are kept once trained.")
+@click.option("--vs-engine-dir", type=click.Path(file_okay=False), help="Also compare with the same samples from "
+              "another engine directory (e.g. fp32 engines, to measure a reduced precision).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report here as JSON.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @user_errors
 def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_limit, schedule, solver, stride, steps,
-              cfg, guidance, seed, batch, converged, fid_stats, fid_extractor, judge_cache, json_out, debug):
+              cfg, guidance, seed, batch, converged, fid_stats, fid_extractor, judge_cache, vs_engine_dir, json_out,
+              debug):
     """Quality of a schedule: PSNR and token error against the official sampler with the same noise,
     class accuracy and a domain Frechet distance by an independent judge (Animal-MNIST models),
     a converged reference, and FID against reference statistics."""
@@ -325,7 +344,7 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
     extractor = load_extractor(fid_extractor) if fid_extractor else None
     if engine_dir:
         from flowar.runtime.load import open_engine_dir
-        rt = open_engine_dir(engine_dir, "ort")
+        rt = open_engine_dir(engine_dir, "auto")
         config, class_names, stages, recorded = rt.config, rt.class_names, rt.stages, rt.manifest.get("schedule_defaults")
         decode = rt.manifest.get("vae") is not None
         batch = min(batch, rt.manifest["max_batch"])
@@ -346,12 +365,24 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
         from flowar.judge import train_judge
         judge = train_judge(cache=Path(judge_cache))
     labels = [c for c in range(min(classes_limit, config.num_classes)) for _ in range(per_class)]
+    other = None
+    if vs_engine_dir:
+        from flowar.runtime.load import open_engine_dir
+        other = open_engine_dir(vs_engine_dir, "auto")
+        if other.config != config:
+            raise FlowARError("--vs-engine-dir exported from the same model", "another config", "pass a matching one")
+        batch = min(batch, other.manifest["max_batch"])
     rep = measure(stages, config, labels, sched, seed, batch, decode, judge, judge.real_stats if judge else None,
-                  converged, stats, extractor, progress=True)
+                  converged, stats, extractor, progress=True, reference_stages=other.stages if other else None)
     click.echo(f"schedule: {rep.schedule}; {rep.n_samples} samples, seed {seed}, sampled in {rep.seconds:.1f} s")
     o = rep.vs_official
     click.echo(f"vs the official schedule (same noise): tokens max {o['token_max']:.2e} mean {o['token_mean']:.2e}"
                + (f"; image PSNR median {o['psnr_median']:.1f} dB, worst {o['psnr_worst']:.1f} dB" if decode else ""))
+    if rep.vs_reference:
+        r = rep.vs_reference
+        click.echo(f"vs {vs_engine_dir} ({other.detail}), same samples: tokens max {r['token_max']:.2e} mean "
+                   f"{r['token_mean']:.2e}" + (f"; image PSNR median {r['psnr_median']:.1f} dB, worst "
+                                               f"{r['psnr_worst']:.1f} dB" if decode else ""))
     if rep.vs_converged:
         c = rep.vs_converged
         click.echo(f"vs a converged reference (400 Euler steps): tokens mean {c['token_mean']:.2e} (the official "

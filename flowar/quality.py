@@ -126,6 +126,7 @@ class QualityReport:
     seconds: float                   # sampling time of the measured schedule (all samples, decode included)
     vs_official: dict = field(default_factory=dict)    # token_max, token_mean, psnr_median, psnr_worst
     vs_converged: dict = field(default_factory=dict)   # token_max, token_mean
+    vs_reference: dict = field(default_factory=dict)   # against other stages (e.g. fp32 engines), same schedule
     class_accuracy: float | None = None
     per_class: list[float] = field(default_factory=list)
     judge_held_out_accuracy: float | None = None
@@ -135,24 +136,31 @@ class QualityReport:
 
 def measure(stages, config, labels: list[int], schedule, seed: int = 0, batch: int | None = None,
             decode: bool = True, judge=None, real_judge_stats=None, converged: bool = False,
-            fid_stats=None, extractor=None, progress: bool = False) -> QualityReport:
+            fid_stats=None, extractor=None, progress: bool = False, reference_stages=None) -> QualityReport:
     """Sample ``labels`` with ``schedule`` (per-sample noise of ``seed``) and compare as the module says."""
     from flowar.run import run_sampling
     from flowar.schedule import build_schedule, named_schedule
 
-    def run(s):
+    def run(s, on=None):
         with torch.inference_mode():
-            return run_sampling(stages, config, labels, s, seed, decode=decode, batch_size=batch, progress=progress)
+            return run_sampling(on or stages, config, labels, s, seed, decode=decode, batch_size=batch,
+                                progress=progress)
+
+    def compare(a, b) -> dict:
+        d = (a.tokens - b.tokens).abs()
+        out = {"token_max": float(d.max()), "token_mean": float(d.mean())}
+        if decode:
+            ps = sorted(psnr_each(a.images, b.images))
+            out |= {"psnr_median": ps[len(ps) // 2], "psnr_worst": ps[0]}
+        return out
 
     res = run(schedule)
     rep = QualityReport(schedule.describe(), schedule.head_evals, len(labels), res.seconds)
     official = named_schedule("official", schedule.cfg, schedule.guidance, config.n_scales)
     ref = res if schedule.plan == official.plan else run(official)
-    d = (res.tokens - ref.tokens).abs()
-    rep.vs_official = {"token_max": float(d.max()), "token_mean": float(d.mean())}
-    if decode:
-        ps = sorted(psnr_each(res.images, ref.images))
-        rep.vs_official |= {"psnr_median": ps[len(ps) // 2], "psnr_worst": ps[0]}
+    rep.vs_official = compare(res, ref)
+    if reference_stages is not None:
+        rep.vs_reference = compare(res, run(schedule, reference_stages))
     if converged:
         conv = run(build_schedule(CONVERGED_POINTS, schedule.cfg, schedule.guidance, config.n_scales, "euler", "uniform"))
         d = (res.tokens - conv.tokens).abs()

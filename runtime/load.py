@@ -17,7 +17,7 @@ from flowar.config import FlowARConfig
 from flowar.errors import FlowARError
 from flowar.export.manifest import EngineDirError, read_manifest, safe_member, sha256_file
 from flowar.export.specs import stage_specs
-from flowar.runtime.engines import OrtEngine, SharedDeviceMemory, TrtEngine
+from flowar.runtime.engines import OrtEngine, SharedDeviceMemory, TorchEngine, TrtEngine
 from flowar.runtime.pipeline import EngineStages
 
 BACKENDS = ("auto", "ort", "trt", "torch")
@@ -65,6 +65,52 @@ def _trt_usable(m: dict) -> tuple[bool, str]:
     return True, ""
 
 
+# Engines a stage can run on, by name: what `flowar-export --precision auto` chooses among.
+CANDIDATES = ("ort-fp32", "torch-fp32", "torch-bf16")
+AUTO_STAGES = ("ar", "head_prep", "velocity")          # the VAE decoder stays ONNX Runtime fp32
+
+
+def stage_engine(stage: str, candidate: str, module, spec, graph=None, sha256: str = "", threads: int | None = None,
+                 limits: tuple[int, int] = (0, 0), cache_dir: Path | None = None):
+    """The (not yet entered) engine a candidate names: ONNX Runtime on the graph, or the reference
+    module in eager PyTorch, in float32 or with bfloat16 weights and activations (float32 I/O)."""
+    if candidate == "ort-fp32":
+        return OrtEngine(stage, graph, sha256, "CPUExecutionProvider", cache_dir, threads, *limits)
+    if candidate == "torch-fp32":
+        return TorchEngine(stage, module, spec.inputs, spec.outputs)
+    if candidate == "torch-bf16":
+        from flowar.export.onnx_export import Reduced
+        return TorchEngine(stage, Reduced(module, torch.bfloat16).eval(), spec.inputs, spec.outputs)
+    raise FlowARError(f"engine candidates among {', '.join(CANDIDATES)}", repr(candidate), "e.g. ort-fp32,torch-bf16")
+
+
+def stage_engines(choice: dict[str, str], config: FlowARConfig, model, vae, specs: dict, graphs: dict,
+                  threads: int | None = None, cache_dir: Path | None = None) -> dict:
+    """Engines for every stage (not entered): ``choice`` where it names one, ONNX Runtime fp32 otherwise.
+    ``graphs``: stage -> (ONNX path, sha256)."""
+    from flowar.engines.ort import velocity_work_limits
+    from flowar.export.onnx_export import stage_module
+    out = {}
+    for stage, spec in specs.items():
+        cand = choice.get(stage, "ort-fp32")
+        module = stage_module(stage, model, vae) if cand.startswith("torch") else None
+        out[stage] = stage_engine(stage, cand, module, spec, *graphs[stage], threads,
+                                  velocity_work_limits(config) if stage == "velocity" else (0, 0), cache_dir)
+    return out
+
+
+def _dir_model(root: Path, m: dict):
+    """The float32 model whose weights the directory carries (for its PyTorch stages)."""
+    from flowar.checkpoint import load_model
+    w = m.get("weights")
+    path = safe_member(root, w["file"]) if w else None
+    if path is None or not path.is_file() or sha256_file(path) != w["sha256"]:
+        raise EngineDirError("the weights file the manifest records, with the sha256 recorded at export",
+                             f"{path or 'none'} (missing or modified)", f"re-export: flowar-export --out {root}")
+    model, _ = load_model(path, config=m["config_obj"])
+    return model
+
+
 def open_engine_dir(path: str | Path, backend: str = "auto", device: str | torch.device | None = None,
                     ckpt: str | Path | None = None, threads: int | None = None) -> Runtime:
     root = Path(path)
@@ -80,7 +126,7 @@ def open_engine_dir(path: str | Path, backend: str = "auto", device: str | torch
                              f"re-export: flowar-export --out {root}")
     if backend == "auto":
         ok, why = _trt_usable(m)
-        backend = "trt" if ok else "ort"
+        backend = "trt" if ok else ("mixed" if m.get("auto") else "ort")
     elif backend == "trt":
         ok, why = _trt_usable(m)
         if not ok:
@@ -108,6 +154,18 @@ def open_engine_dir(path: str | Path, backend: str = "auto", device: str | torch
             plan = m["tensorrt"]["plans"][name]
             engines[name] = stack.enter_context(TrtEngine(name, safe_member(root, plan["file"]), b.trt, shared))
         detail = f"{b.flavour} {b.version}"
+    elif backend == "mixed":   # what flowar-export --precision auto measured and chose, per stage
+        choice = m["auto"]["choice"]
+        model = _dir_model(root, m) if any(c.startswith("torch") for c in choice.values()) else None
+        graphs = {n: (safe_member(root, m["stages"][n]["file"]), m["stages"][n]["sha256"]) for n in specs}
+        for name, eng in stage_engines(choice, config, model, None, specs, graphs, threads, root / ".ort-cache").items():
+            engines[name] = stack.enter_context(eng)
+        dev = torch.device("cpu")
+        from flowar.engines.cpu import cpu_kind, describe
+        measured_on = m["auto"].get("machine", {})
+        detail = "auto: " + ", ".join(f"{n} {choice.get(n, 'ort-fp32')}" for n in specs)
+        if measured_on and measured_on != cpu_kind():
+            detail += f" (measured on {describe(measured_on)}; re-export here to measure this CPU)"
     else:   # torch: the reference modules behind the same interface
         src = Path(ckpt) if ckpt else Path(m["checkpoint"].get("source", ""))
         if not src.is_file() or sha256_file(src) != m["checkpoint"]["sha256"]:

@@ -59,7 +59,7 @@ def test_records_carry_the_named_fields_and_parity_with_eager(run):
         assert len(by_scale) == n_scales and all(t > 0 for t in by_scale)
         assert sum(by_scale) == pytest.approx(r["stage_median_s"]["head"], rel=0.05)
     assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| backend | schedule | head evals | batch | median s |" in data["markdown"]
+    assert "| backend | precision | schedule | head evals | batch | median s |" in data["markdown"]
     assert "head 1x1 s" in data["markdown"]
 
 

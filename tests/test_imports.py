@@ -18,7 +18,7 @@ def test_import_flowar_is_light():
 
 def test_core_modules_and_cli_help_are_light():
     code = ("import flowar.model, flowar.sampler, flowar.schedule, flowar.checkpoint, flowar.stages, flowar.run, "
-            "flowar.cli, flowar.export, flowar.engines, flowar.runtime, flowar.bulk, flowar.serve, flowar.quality")
+            "flowar.cli, flowar.export, flowar.engines, flowar.runtime, flowar.bulk, flowar.serve, flowar.quality, flowar.autoprec")
     assert _loaded_after(code) == []
     proc = subprocess.run([sys.executable, "-c", "from flowar.cli import run_main; run_main()", "--help"],
                           capture_output=True, text=True)
