@@ -260,22 +260,24 @@ def run(a) -> int:
                                       schedule=sname, head_evals=schedule.head_evals))
                 continue
             times, stage_t, tokens = [], [], None
-            graphed = not callable(factory)
+            runner = getattr(factory, "runner", None)
+            graphed = runner is not None              # replayed graphs: no per-stage split
+            if graphed and a.warmup < 1:
+                raise FlowARError("--warmup >= 1 with the cudagraph backend (the warm-up run captures)",
+                                  str(a.warmup), "use --warmup 1")
             for r in range(a.warmup + a.repeat):
-                st = TimedStages(factory() if not graphed else None, lambda: sync(device))
+                st = factory() if graphed else TimedStages(factory(), lambda: sync(device))
                 sync(device)
                 t0 = time.perf_counter()
                 with torch.inference_mode():
-                    if graphed:      # one graph per scale: no per-stage split, tokens only
-                        tok = factory.sample(labels.to(device), per_sample_noise(a.seed, range(B)))
-                    else:
-                        tok, _ = sample(st, config, schedule, labels.to(device), per_sample_noise(a.seed, range(B)),
-                                        decode=decode,
-                                        device=device, official_rows=official, check="none")
+                    tok, _ = sample(st, config, schedule, labels.to(device), per_sample_noise(a.seed, range(B)),
+                                    decode=decode, device=device, official_rows=official, check="none",
+                                    runner=runner)
                 sync(device)
                 if r >= a.warmup:
                     times.append(time.perf_counter() - t0)
-                    stage_t.append(dict(st.t) | {"by_scale": dict(st.head_by_scale)})
+                    stage_t.append({"ar": 0.0, "head": 0.0, "decode": 0.0, "by_scale": {}} if graphed else
+                                   dict(st.t) | {"by_scale": dict(st.head_by_scale)})
                 tokens = tok.cpu()
             med = statistics.median(times)
             if backend == "eager":
@@ -439,12 +441,12 @@ def make_backend(name, model, vae, engine_dir, B, device, a, schedule):
     if name == "cudagraph":
         if device.type != "cuda":
             raise Skip("CUDA graphs need a CUDA GPU")
-        from flowar.runtime.cudagraph import GraphedSampler
+        from flowar.runtime.cudagraph import GraphRunner
         from flowar.runtime.pipeline import torch_engine_stages
-        t0 = time.perf_counter()
         stages = autocast(lambda: torch_engine_stages(model, B, device, vae), device, a.dtype)()
-        gs = GraphedSampler(stages, model.config, schedule, B, device).build()
-        return gs, time.perf_counter() - t0, f"capture {time.perf_counter() - t0:.1f} s", False, a.dtype
+        factory = lambda: stages                                            # noqa: E731
+        factory.runner = GraphRunner(device)               # captures on the first (warm-up) run, replays after
+        return factory, None, "CUDA graphs, captured in the warm-up run", False, a.dtype
     raise Skip(f"unknown backend {name}")
 
 

@@ -102,11 +102,14 @@ def schedule_options(recorded_by: str):
 @click.option("--save-images", type=click.Path(file_okay=False), help="Write one PNG per sample into this folder.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N] (--ckpt path).")
 @click.option("--threads", type=int, help="CPU cores to compute on [default: every core this process may use].")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+              help="On a CUDA device, capture each scale once and replay it (TensorRT or PyTorch stages; the same "
+                   "loop). On the CPU the same plan runs without capture.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @user_errors
 def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels, classes, n_per_class, batch_size,
         schedule, solver, stride, steps, cfg, guidance, seed, noise_file, save_tokens, out, save_images, device, threads,
-        debug):
+        cuda_graphs, debug):
     """Sample images from a FlowAR checkpoint (eager PyTorch) or an engine directory (runtime)."""
     from flowar.outputs import check_writable
     from flowar.run import parse_labels, run_sampling, write_outputs
@@ -136,11 +139,12 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
         dev = _device(device)
         model, ck = load_model(ckpt, preset, config_path, use_ema=not raw_weights, device=dev)
         config, class_names, defaults = ck.config, ck.class_names, {}
-        decoder = None
+        vae_mod = None
         if vae:
             from flowar.vae import load_vae
-            decoder = load_vae(vae, expect_channels=config.latent_channels).to(dev).decode
-        stages, can_decode, what = TorchStages(model, decoder), decoder is not None, f"eager PyTorch on {dev}"
+            vae_mod = load_vae(vae, expect_channels=config.latent_channels).to(dev)
+        stages, can_decode, what = (TorchStages(model, vae_mod.decode if vae_mod else None), vae_mod is not None,
+                                    f"eager PyTorch on {dev}")
     sched = sampling_schedule(config.n_scales, defaults, schedule=schedule, steps=steps, cfg=cfg, guidance=guidance,
                               solver=solver, stride=stride)
     if (out or save_images) and not can_decode:
@@ -156,11 +160,21 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
             raise FlowARError(f"--batch at most {limit} (the engines' max batch)", str(batch_size),
                               f"use --batch {limit}, or re-export with --max-batch {batch_size}")
         batch_size = batch_size or limit
-    click.echo(f"backend: {what}; schedule: {sched.describe()}", err=True)
+    runner, graphs = None, "off"
+    if cuda_graphs and (engine_dir or dev.type == "cuda"):
+        from flowar.runtime.cudagraph import GraphRunner
+        capturable = dev.type == "cuda" and (not engine_dir or rt.backend in ("trt", "torch"))
+        if dev.type == "cuda" and not engine_dir:           # static buffers: the reference modules as engines
+            from flowar.runtime.pipeline import torch_engine_stages
+            stages = torch_engine_stages(model, batch_size or len(ids), dev, vae_mod)
+        runner = GraphRunner(dev, capture=capturable)
+        graphs = ("on" if capturable else "off (ONNX Runtime sessions are not captured)" if dev.type == "cuda"
+                  else "off (CPU: the same plan without capture)")
+    click.echo(f"backend: {what}; schedule: {sched.describe()}; CUDA graphs {graphs}", err=True)
     from flowar.sampler import host_threads
     with torch.inference_mode(), host_threads(threads):
-        result = run_sampling(stages, config, ids, sched, seed, noise_file,
-                              decode=bool(out or save_images), device=dev, progress=True, batch_size=batch_size)
+        result = run_sampling(stages, config, ids, sched, seed, noise_file, decode=bool(out or save_images),
+                              device=dev, progress=True, batch_size=batch_size, runner=runner)
     lines = write_outputs(result, class_names, save_tokens, out, save_images, n_per_class if n_per_class > 1 else None)
     click.echo(f"sampled {len(ids)} x {config.latent_size}x{config.latent_size} token maps with {what} in "
                f"{result.seconds:.2f} s ({sched.name or sched.solver}, {sched.head_evals} head evaluations per sample, "

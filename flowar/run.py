@@ -89,7 +89,7 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedu
                  seed: int | Sequence[int] = 0, noise_file: str | Path | None = None, decode: bool = False,
                  device: str | torch.device = "cpu", progress: bool = False,
                  on_scale: Callable[[ScaleTrace], None] | None = None, batch_size: int | None = None,
-                 indices: Sequence[int] | None = None) -> SampleResult:
+                 indices: Sequence[int] | None = None, runner=None) -> SampleResult:
     """Sample ``labels`` in batches of at most ``batch_size`` (all at once by default).
 
     Sample i of the request gets the noise of (seed, i) (:func:`~flowar.sampler.per_sample_noise`),
@@ -136,7 +136,7 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedu
                           else per_sample_noise(seeds[start:start + bs], idx[start:start + bs]))
         labels_t = torch.tensor(chunk, dtype=torch.int64, device=device)
         tokens, images = sample(stages, config, schedule, labels_t, noise, decode=decode, device=device,
-                                on_scale=scale_done)
+                                on_scale=scale_done, runner=runner)
         toks.append(tokens.cpu())
         if images is not None:
             imgs.append(images.cpu())

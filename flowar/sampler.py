@@ -261,15 +261,39 @@ def host_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+class ScaleRunner(Protocol):
+    """Runs one scale of the loop: :func:`run_scale` itself, or a replay of what it captured
+    (:class:`flowar.runtime.cudagraph.GraphRunner`). It also owns the workspace, because a
+    replayed graph needs the addresses it was captured with."""
+
+    def workspace(self, config: FlowARConfig, schedule: Schedule, B: int, R: int, official_rows: bool,
+                  device: torch.device | str) -> "Workspace": ...
+
+    def run(self, stages: Stages, ws: "Workspace", schedule: Schedule, k: int, check: str,
+            rows_trace: list[int] | None) -> None: ...
+
+
+class EagerRunner:
+    """A new workspace per call and :func:`run_scale` per scale (the default)."""
+
+    def workspace(self, config, schedule, B, R, official_rows, device):
+        return Workspace(config, schedule, B, R, official_rows, device)
+
+    def run(self, stages, ws, schedule, k, check, rows_trace):
+        run_scale(stages, ws, schedule, k, check, rows_trace)
+
+
 def sample(stages: Stages, config: FlowARConfig, schedule: Schedule, labels_B: Tensor, noise: NoiseFn,
            decode: bool = False, device: torch.device | str = "cpu",
            on_scale: Callable[[ScaleTrace], None] | None = None,
-           official_rows: bool = False, check: str | None = None) -> tuple[Tensor, Tensor | None]:
+           official_rows: bool = False, check: str | None = None,
+           runner: ScaleRunner | None = None) -> tuple[Tensor, Tensor | None]:
     """Sample tokens (B, C, S, S) in the scaled latent space and, if ``decode``, images.
 
     labels_B: (B,) int64 class ids. ``official_rows`` integrates the null half too, as the
     official solver does (same tokens, more work): the benchmark's eager baseline. ``check``:
     NaN/Inf checks, "step" by default on CPU (free there), "scale" on GPU (one sync per scale).
+    ``runner``: how each scale runs (default :class:`EagerRunner`; CUDA graphs replay it).
     """
     c = config
     B = labels_B.shape[0]
@@ -278,13 +302,14 @@ def sample(stages: Stages, config: FlowARConfig, schedule: Schedule, labels_B: T
     labels_R = torch.cat([labels_B, null]) if R > B else labels_B
     dev = torch.device(device)
     check = check or ("step" if dev.type == "cpu" else "scale")
+    runner = runner or EagerRunner()
     stages.start(labels_R.to(device))
-    ws = Workspace(c, schedule, B, R, official_rows, device)
+    ws = runner.workspace(c, schedule, B, R, official_rows, device)
     with host_threads(getattr(stages, "host_threads", None)):
         for k in range(c.n_scales):
             ws.view("draw", k).copy_(noise(k, (R, c.tokens_per_scale[k], c.latent_channels)))   # official draw order
             trace: list[int] = []
-            run_scale(stages, ws, schedule, k, check, trace)
+            runner.run(stages, ws, schedule, k, check, trace)
             if on_scale is not None:
                 on_scale(ScaleTrace(k, R, trace))
     tokens = ws.tokens()

@@ -15,71 +15,60 @@ the static buffers and the results are checked without a GPU.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from flowar.config import FlowARConfig
-from flowar.sampler import NoiseFn, Stages, Workspace, run_scale
+from flowar.sampler import Stages, Workspace, _finite, run_scale
 from flowar.schedule import Schedule
 
 
-class GraphedSampler:
-    def __init__(self, stages: Stages, config: FlowARConfig, schedule: Schedule, batch: int,
-                 device: torch.device | str, capture: bool | None = None):
-        self.stages, self.config, self.schedule, self.B = stages, config, schedule, batch
+class GraphRunner:
+    """A :class:`~flowar.sampler.ScaleRunner` that captures each scale once and replays it.
+
+    One workspace and one graph per (scale, batch, rows, schedule), all graphs in one memory
+    pool. The first call of a scale runs it eagerly (on a side stream: the warm-up TensorRT and
+    cuBLAS want, and the result of that call), then captures the same call; later calls replay.
+    The stages must keep their buffers static (the runtime's EngineStages do). Without
+    ``capture`` (CPU, tests) the same plan runs eagerly on the same persistent workspace.
+    """
+
+    def __init__(self, device: torch.device | str, capture: bool | None = None):
         self.device = torch.device(device)
         self.capture = self.device.type == "cuda" if capture is None else capture
-        self.R = schedule.rows(batch)
-        self.ws = Workspace(config, schedule, batch, self.R, False, self.device)
-        self.labels = torch.zeros(self.R, dtype=torch.int64, device=self.device)
-        self.labels[batch:] = config.null_class
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.workspaces: dict[tuple, tuple[Schedule, Workspace]] = {}   # the schedule kept alive: ids stay unique
+        self.graphs: dict[tuple, "torch.cuda.CUDAGraph"] = {}
         self.pool = None
 
-    def plan(self) -> list[dict]:
-        """One entry per graph: scale, rows, and the static buffers it reads and writes."""
-        out = []
-        for k, side in enumerate(self.config.scales):
-            out.append({"scale": k, "side": side, "batch": self.B, "rows": self.R,
-                        "reads": {"draw": tuple(self.ws.view("draw", k).shape)} |
-                                 ({"next_in": tuple(self.ws.view("next_in", k).shape)} if k else {}),
-                        "writes": {"z": tuple(self.ws.view("z", k).shape)} |
-                                  ({"next_in": tuple(self.ws.view("next_in", k + 1).shape)}
-                                   if k + 1 < self.config.n_scales else {}),
-                        "evaluations": len(self.schedule.plan[k])})
-        return out
+    def _key(self, ws: Workspace, schedule: Schedule, k: int | None = None) -> tuple:
+        return (ws.B, ws.R, ws.S, id(schedule), k)
 
-    def _start(self, labels_B: Tensor) -> None:
-        self.labels[: self.B].copy_(labels_B)
-        self.stages.start(self.labels)
+    def workspace(self, config: FlowARConfig, schedule: Schedule, B: int, R: int, official_rows: bool,
+                  device) -> Workspace:
+        key = (B, R, R if official_rows else B, id(schedule), None)
+        if key not in self.workspaces:
+            self.workspaces[key] = (schedule, Workspace(config, schedule, B, R, official_rows, device))
+        return self.workspaces[key][1]
 
-    def build(self) -> "GraphedSampler":
-        """Warm up every scale once, then capture each scale into its graph (CUDA only)."""
-        self._start(torch.zeros(self.B, dtype=torch.int64, device=self.device))
+    def run(self, stages: Stages, ws: Workspace, schedule: Schedule, k: int, check: str,
+            rows_trace: list[int] | None) -> None:
+        key = self._key(ws, schedule, k)
         if not self.capture:
-            return self
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for k in range(self.config.n_scales):
-                run_scale(self.stages, self.ws, self.schedule, k, "none")
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self.pool = torch.cuda.graph_pool_handle()
-        for k in range(self.config.n_scales):
+            run_scale(stages, ws, schedule, k, check, rows_trace)
+            return
+        g = self.graphs.get(key)
+        if g is None:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                run_scale(stages, ws, schedule, k, check, rows_trace)          # this call's result
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.pool = self.pool or torch.cuda.graph_pool_handle()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool):
-                run_scale(self.stages, self.ws, self.schedule, k, "none")
-            self.graphs[k] = g
-        return self
-
-    def sample(self, labels_B: Tensor, noise: NoiseFn) -> Tensor:
-        """Tokens (B, C, S, S): copy labels and each scale's noise in, replay, read the result."""
-        c = self.config
-        self._start(labels_B.to(self.device))
-        for k in range(c.n_scales):
-            self.ws.view("draw", k).copy_(noise(k, (self.R, c.tokens_per_scale[k], c.latent_channels)))
-            if self.capture:
-                self.graphs[k].replay()
-            else:
-                run_scale(self.stages, self.ws, self.schedule, k, "none")
-        return self.ws.tokens()
-
+                run_scale(stages, ws, schedule, k, "none")                    # recorded, not run
+            self.graphs[key] = g
+            return
+        g.replay()
+        if rows_trace is not None:
+            rows_trace.extend(ws.R if e.guided else ws.S for e in schedule.plan[k])
+        if check != "none":
+            _finite(ws.view("z", k), "velocity", k, ws.config.scales[k])      # one sync per scale

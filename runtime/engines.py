@@ -224,21 +224,39 @@ class _Slot:
 
 
 class TrtEngine:
-    """A TensorRT plan with one execution context per optimization profile (scale)."""
+    """A TensorRT plan with one execution context per optimization profile (i.e. per scale).
 
-    def __init__(self, name: str, plan: Path, trt_module, shared_memory: "SharedDeviceMemory"):
+    Uses only the API that TensorRT 10 and TensorRT-RTX share: contexts with user-managed device
+    memory (``create_execution_context(USER_MANAGED)`` + ``set_device_memory``), so the stages,
+    which never run at once, share one scratch block. Every call that can fail is checked and a
+    failure is one line naming the stage, the scale and what to do. Input shapes are set on every
+    call (a context may serve B and 2B rows in one scale); addresses are the caller's static
+    buffers, so a CUDA graph captured over ``infer`` stays valid.
+    """
+
+    def __init__(self, name: str, plan: Path, trt_module, shared_memory: "SharedDeviceMemory", stream=None):
         self.name, self.plan, self.trt, self.shared = name, plan, trt_module, shared_memory
+        self.stream = stream or (lambda: torch.cuda.current_stream().cuda_stream)
         self.engine = None
         self.contexts = []
+
+    def _fail(self, what: str, fix: str = "rebuild the plans here with flowar-export --backend trt"):
+        from flowar.errors import FlowARError
+        raise FlowARError(f"TensorRT to {what}", f"a failure for the {self.name} stage ({self.plan.name})", fix)
 
     def __enter__(self) -> "TrtEngine":
         trt = self.trt
         runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
         self.engine = runtime.deserialize_cuda_engine(self.plan.read_bytes())
-        self.shared.reserve(self.engine.device_memory_size)
+        if self.engine is None:
+            self._fail("load the plan (deserialize_cuda_engine returned nothing)")
+        self.shared.reserve(self.engine.device_memory_size_v2)
         for p in range(self.engine.num_optimization_profiles):
-            ctx = self.engine.create_execution_context_without_device_memory()
-            ctx.set_optimization_profile_async(p, torch.cuda.current_stream().cuda_stream)
+            ctx = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            if ctx is None:
+                self._fail(f"create an execution context for profile {p}", "free GPU memory, or rebuild the plans")
+            if not ctx.set_optimization_profile_async(p, self.stream()):
+                self._fail(f"select optimization profile {p}")
             self.contexts.append(ctx)
         return self
 
@@ -247,15 +265,21 @@ class TrtEngine:
         self.engine = None
 
     def infer(self, inputs: dict[str, Tensor], outputs: dict[str, Tensor], profile: int = 0) -> None:
+        if not 0 <= profile < len(self.contexts):
+            self._fail(f"have a profile for scale {profile} (it has {len(self.contexts)})")
         ctx = self.contexts[profile]
-        ctx.device_memory = self.shared.ptr()         # sequential stages share one scratch block
+        ctx.set_device_memory(self.shared.ptr(), self.shared.size)     # sequential stages share one block
         for n, t in inputs.items():
-            ctx.set_input_shape(n, tuple(t.shape))
-            ctx.set_tensor_address(n, t.data_ptr())
+            if not ctx.set_input_shape(n, tuple(t.shape)):
+                self._fail(f"accept {n} of shape {tuple(t.shape)} at scale {profile}",
+                           "re-export with a larger --max-batch, or rebuild the plans")
+            if not ctx.set_tensor_address(n, t.data_ptr()):
+                self._fail(f"bind {n}")
         for n, t in outputs.items():
-            ctx.set_tensor_address(n, t.data_ptr())
-        if not ctx.execute_async_v3(torch.cuda.current_stream().cuda_stream):
-            raise RuntimeError(f"TensorRT execution of {self.name} failed")
+            if not ctx.set_tensor_address(n, t.data_ptr()):
+                self._fail(f"bind {n}")
+        if not ctx.execute_async_v3(self.stream()):
+            self._fail(f"run at scale {profile}", "check the GPU (nvidia-smi) and rebuild the plans")
 
 
 class SharedDeviceMemory:

@@ -94,6 +94,13 @@ def test_export_then_run_from_the_engine_directory(fixtures_dir, tiny_v1, noise2
                                    "--save-tokens", str(one), "--threads", "1"])
     assert res.exit_code == 0, res.output
     assert (load_file(str(one))["tokens"] - load_file(str(out))["tokens"]).abs().max().item() <= 1e-5
+    # the CUDA-graph runner (capture off on the CPU) runs the same plan: the same tokens, bit for bit
+    plain = tmp_path / "T2.safetensors"
+    res = CliRunner().invoke(run, ["--engine-dir", str(tmp_path / "eng"), "--labels", "3,7", "--noise", str(noise25),
+                                   "--save-tokens", str(plain), "--no-cuda-graphs"])
+    assert res.exit_code == 0 and "CUDA graphs off" in res.output, res.output
+    assert torch.equal(load_file(str(plain))["tokens"], load_file(str(out))["tokens"])
+    assert "--cuda-graphs / --no-cuda-graphs" in CliRunner().invoke(run, ["--help"]).output
     # the directory's default schedule is official; --schedule fast runs the skip solver on the same engines
     res = CliRunner().invoke(run, ["--engine-dir", str(tmp_path / "eng"), "--labels", "3,7", "--schedule", "fast",
                                    "--save-tokens", str(tmp_path / "F.safetensors")])

@@ -1,12 +1,13 @@
-"""CUDA-graph planning, checked on CPU; the capture itself on a GPU (marked gpu)."""
+"""CUDA graphs as a runner of the one sampler loop: checked on CPU with capture off; the capture
+itself on a GPU (marked gpu)."""
 
 import pytest
 import torch
 
-from flowar.runtime.cudagraph import GraphedSampler
+from flowar.runtime.cudagraph import GraphRunner
 from flowar.runtime.pipeline import torch_engine_stages
 from flowar.sampler import injected_noise, sample
-from flowar.schedule import build_schedule
+from flowar.schedule import build_schedule, named_schedule
 from flowar.stages import TorchStages
 
 
@@ -14,19 +15,25 @@ def _noise(io):
     return injected_noise([io[f"sample25.noise{k}"] for k in range(5)])
 
 
-def test_plan_has_one_graph_per_scale_over_static_buffers(tiny_v1, assert_tokens):
+def test_the_graph_runner_reuses_one_workspace_per_shape_and_matches_eager(tiny_v1, assert_tokens):
     model, io = tiny_v1
-    sched = build_schedule(25, 4.3, 0.9, 5)
-    gs = GraphedSampler(torch_engine_stages(model, 2, "cpu"), model.config, sched, 2, "cpu", capture=False).build()
-    plan = gs.plan()
-    assert [p["side"] for p in plan] == [1, 2, 4, 8, 16] and all(p["rows"] == 4 for p in plan)
-    assert plan[4]["reads"] == {"draw": (4, 256, 16), "next_in": (4, 256, 16)} and plan[4]["writes"] == {"z": (2, 256, 16)}
-    before = (gs.ws.addresses(), gs.stages.buffers.addresses())
-    a = gs.sample(io["sample25.labels"], _noise(io))
-    b = gs.sample(io["sample25.labels"], _noise(io))
-    assert (gs.ws.addresses(), gs.stages.buffers.addresses()) == before      # nothing re-allocated between replays
-    assert torch.equal(a, b)
-    assert_tokens(a)
+    runner = GraphRunner("cpu", capture=False)
+    st = torch_engine_stages(model, 2, "cpu")
+    traces = []
+    for sched in (build_schedule(25, 4.3, 0.9, 5), named_schedule("fast", 4.3, 0.9, 5)):
+        with torch.no_grad():
+            a, _ = sample(st, model.config, sched, io["sample25.labels"], _noise(io), runner=runner)
+            before = ({k: ws.addresses() for k, (_, ws) in runner.workspaces.items()}, st.buffers.addresses())
+            b, _ = sample(st, model.config, sched, io["sample25.labels"], _noise(io), runner=runner,
+                          on_scale=traces.append)
+            eager, _ = sample(TorchStages(model), model.config, sched, io["sample25.labels"], _noise(io))
+        after = ({k: ws.addresses() for k, (_, ws) in runner.workspaces.items()}, st.buffers.addresses())
+        assert after == before and torch.equal(a, b)            # nothing re-allocated between calls
+        if sched.name is None:
+            assert_tokens(a)
+        assert (a - eager).abs().max().item() <= 1e-4 or sched.name == "fast"
+    assert len(runner.workspaces) == 2                            # one per (batch, rows, schedule)
+    assert [len(t.head_rows) for t in traces] == [24] * 5 + [9] * 5      # each plan ran under the runner
 
 
 @pytest.mark.gpu
@@ -36,11 +43,14 @@ def test_cuda_graph_replay_matches_eager_cuda(tiny_v1):
     model, io = tiny_v1
     model = model.cuda()
     sched = build_schedule(25, 4.3, 0.9, 5)
-    gs = GraphedSampler(torch_engine_stages(model, 2, "cuda"), model.config, sched, 2, "cuda").build()
-    assert len(gs.graphs) == 5
-    got = gs.sample(io["sample25.labels"], _noise(io)).cpu()
+    runner = GraphRunner("cuda")
+    st = torch_engine_stages(model, 2, "cuda")
+    labels = io["sample25.labels"].cuda()
+    first, _ = sample(st, model.config, sched, labels, _noise(io), device="cuda", runner=runner)     # warm-up + capture
+    got, _ = sample(st, model.config, sched, labels, _noise(io), device="cuda", runner=runner)       # replay
+    assert len(runner.graphs) == 5
     with torch.no_grad():
-        ref, _ = sample(TorchStages(model), model.config, sched, io["sample25.labels"].cuda(), _noise(io), device="cuda")
-    assert (got - ref.cpu()).abs().max().item() <= 1e-4
-    assert (got - io["sample25.tokens"]).abs().max().item() <= 1e-3
+        ref, _ = sample(TorchStages(model), model.config, sched, labels, _noise(io), device="cuda")
+    assert (got - ref).abs().max().item() <= 1e-4 and (first - ref).abs().max().item() <= 1e-4
+    assert (got.cpu() - io["sample25.tokens"]).abs().max().item() <= 1e-3
     model.cpu()
