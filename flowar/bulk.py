@@ -166,7 +166,7 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     t0 = time.perf_counter()
     secs: list[float] = []
     if todo:
-        ray = start_ray(ray_address, None if ray_address else workers * spec.threads)
+        start_ray(ray_address, None if ray_address else workers * spec.threads)
         import logging
 
         import ray.data

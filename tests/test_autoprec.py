@@ -5,7 +5,6 @@ no test asserts it; bench/RESULTS.md has the figures.)"""
 import json
 
 import pytest
-import torch
 from safetensors.torch import save_file
 
 from flowar.autoprec import StageMeasure, choose

@@ -46,7 +46,7 @@ def reference_sample(model, labels, noise, steps, cfg, guidance):
 
 @pytest.mark.parametrize("cfg,guidance", [(4.3, 0.9), (2.4, 0.7), (1.0, 0.9)])
 def test_skipping_the_null_half_leaves_tokens_unchanged(official_v1, cfg, guidance):
-    model, io = official_v1.model, official_v1.a
+    model = official_v1.model
     labels = torch.tensor([3, 7])
     R = 4 if cfg != 1 else 2
     gen = torch.Generator().manual_seed(11)

@@ -9,7 +9,6 @@ set on every call, addresses stable across calls, one shared scratch block, and 
 """
 
 import ctypes
-from pathlib import Path
 
 import numpy as np
 import pytest
