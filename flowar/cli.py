@@ -470,7 +470,7 @@ def serve_cmd(engine_dir, host, port, replicas, threads, max_n, ray_address, deb
     if m.get("vae") is None:
         raise FlowARError("an engine directory with a decode stage (images)", "one exported without --vae",
                           "re-export with --vae")
-    for name, v in (("--replicas", replicas), ("--max-n", max_n), ("--threads", threads or 1)):
+    for name, v in (("--replicas", replicas), ("--max-n", max_n), ("--threads", 1 if threads is None else threads)):
         if v < 1:
             raise FlowARError(f"{name} >= 1", str(v), f"pass a positive {name}")
     if not 0 < port < 65536:

@@ -1,12 +1,13 @@
-"""CUDA graphs over the one sampler: one graph per (scale, batch) holding the AR step, the head's
-per-scale constants, the whole Euler ODE of the scale (velocity calls, guidance, updates) and
-the hand-off to the next scale.
+"""CUDA graphs as a runner of the one sampler loop: one graph per (scale, batch, rows, schedule)
+holding the AR step, the head's per-scale constants, the scale's whole ODE plan (velocity calls,
+guidance, the solver's updates) and the hand-off to the next scale.
 
 FlowAR at batch 1 is hundreds of small kernel launches per scale; replaying a captured graph
 removes the launch cost. Everything captured reads and writes static buffers: the sampler's
 :class:`~flowar.sampler.Workspace` and the runtime's :class:`~flowar.runtime.pipeline.BufferPlan`.
-Before each replay only the labels and that scale's noise are copied in. All graphs share one
-memory pool. A TensorRT enqueue on the capture stream is captured like any other kernel.
+Before each replay the sampler copies in only that scale's noise (the labels go in at start).
+All graphs share one memory pool. A TensorRT enqueue on the capture stream is captured like any
+other kernel; the VAE decode runs right after the last scale, uncaptured.
 
 Without ``capture`` (CPU, tests) the same plan runs the same function eagerly, so the planning,
 the static buffers and the results are checked without a GPU.

@@ -24,7 +24,8 @@ shifted by one, bilinear instead of bicubic in the hand-off, an exclusive guidan
 and requires a check to fail for each.
 
 The code under test is reached through module attributes (``sampler.hand_off``,
-``schedule.build_schedule``), so those tests can replace one of them with a mutant.
+``schedule.build_schedule``), so the mutation tests can replace a function it calls (the
+hand-off's resize, ``scale_cfg``, ``in_guidance_interval``, ``timestep_integers``, grid positions).
 """
 
 from __future__ import annotations
