@@ -7,12 +7,18 @@ numpy array constructors, so no code from the file runs.
 
 Images come out as float tensors (N, 3, H, W) in [-1, 1]; Animal-MNIST's 28x28 silhouettes are
 padded to 32x32 so the VAE's down-sampling divides them.
+
+Training reads their VAE latents through :func:`load_latents`, cached under a key made of the
+data's contents (:func:`index_dataset`: names and bytes, never the folder's path), the VAE's
+file hashes and the image size: a changed image is re-encoded, a copied folder is not.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
+import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +31,12 @@ from flowar.errors import FlowARError
 
 ANIMAL_MNIST_CLASSES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetIndex:
+    digest: str                 # sha256 over class names, image names and bytes (never the folder's path)
+    count: int                  # number of images
 
 
 @dataclass(slots=True)
@@ -79,9 +91,8 @@ def load_animal_mnist(size: int = 32) -> ImageSet:
                     list(ANIMAL_MNIST_CLASSES))
 
 
-def load_image_folder(root: str | Path, size: int) -> ImageSet:
-    """root/<class>/<image>: classes sorted by name, images resized (bicubic) and centre-cropped."""
-    from PIL import Image
+def _folder_items(root: str | Path) -> tuple[list[str], list[tuple[int, Path]]]:
+    """Class names (sorted) and (class index, image path) pairs in load order, for root/<class>/<image>."""
     root = Path(root)
     if not root.is_dir():
         raise FlowARError("an image folder with one sub-folder per class", f"no folder at {root}", "check --data")
@@ -89,21 +100,26 @@ def load_image_folder(root: str | Path, size: int) -> ImageSet:
     if not classes:
         raise FlowARError("class sub-folders inside the image folder", f"none in {root}",
                           "arrange images as ROOT/<class>/<image>.png")
-    xs, ys = [], []
-    for ci, name in enumerate(classes):
-        for p in sorted((root / name).iterdir()):
-            if p.suffix.lower() not in _IMAGE_SUFFIXES:
-                continue
-            img = Image.open(p).convert("RGB")
-            s = size / min(img.size)
-            img = img.resize((max(size, round(img.size[0] * s)), max(size, round(img.size[1] * s))), Image.BICUBIC)
-            left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-            xs.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
-            ys.append(ci)
-    if not xs:
+    items = [(ci, p) for ci, name in enumerate(classes) for p in sorted((root / name).iterdir())
+             if p.suffix.lower() in _IMAGE_SUFFIXES]
+    if not items:
         raise FlowARError("images (png/jpg/bmp/webp) in the class folders", f"none under {root}", "add images")
-    return ImageSet(torch.stack(xs), torch.tensor(ys), classes)
+    return classes, items
+
+
+def load_image_folder(root: str | Path, size: int) -> ImageSet:
+    """root/<class>/<image>: classes sorted by name, images resized (bicubic) and centre-cropped."""
+    from PIL import Image
+    classes, items = _folder_items(root)
+    xs = []
+    for _, p in items:
+        img = Image.open(p).convert("RGB")
+        s = size / min(img.size)
+        img = img.resize((max(size, round(img.size[0] * s)), max(size, round(img.size[1] * s))), Image.BICUBIC)
+        left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        xs.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
+    return ImageSet(torch.stack(xs), torch.tensor([ci for ci, _ in items]), classes)
 
 
 def load_dataset(spec: str, size: int) -> ImageSet:
@@ -111,3 +127,86 @@ def load_dataset(spec: str, size: int) -> ImageSet:
     if spec == "animal-mnist":
         return load_animal_mnist(size)
     return load_image_folder(spec, size)
+
+
+def _hasher():
+    """A sha256 fed length-prefixed parts, so no two part sequences hash alike."""
+    h = hashlib.sha256()
+    def add(*parts: bytes) -> None:
+        for part in parts:
+            h.update(len(part).to_bytes(8, "little"))
+            h.update(part)
+    return h, add
+
+
+def index_dataset(spec: str) -> DatasetIndex:
+    """Digest and image count of ``spec`` (as :func:`load_dataset` reads it), without decoding images.
+
+    The digest covers the class names, each image's class/file name (they fix labels and order)
+    and its bytes; not the folder's path or file times, so a copied folder keeps its digest.
+    """
+    h, add = _hasher()
+    if spec == "animal-mnist":
+        data_path, label_path = animal_mnist_files()
+        add(b"animal-mnist", data_path.read_bytes(), label_path.read_bytes())
+        return DatasetIndex(h.hexdigest(), len(_load_numpy_pickle_gz(label_path)))
+    classes, items = _folder_items(spec)
+    add(b"folder", *(c.encode() for c in classes))
+    for ci, p in items:
+        add(str(ci).encode(), p.name.encode(), p.read_bytes())
+    return DatasetIndex(h.hexdigest(), len(items))
+
+
+# ---- latents (flowar-train encodes the data once per VAE and caches it) -------------------------
+
+@dataclass(slots=True)
+class Latents:
+    mean: Tensor                # (N, C, h, w) VAE posterior mean of every image
+    std: Tensor                 # (N, C, h, w) its standard deviation
+    labels: Tensor              # (N,) int64
+    class_names: list[str]
+
+
+def vae_digest(vae: str | Path) -> str:
+    """sha256 over the VAE's files (names relative to it, and bytes), not where it lies."""
+    path = Path(vae)
+    h, add = _hasher()
+    for f in sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]:
+        add(f.relative_to(path).as_posix().encode() if path.is_dir() else b"", f.read_bytes())
+    return h.hexdigest()
+
+
+def latent_cache_path(cache_dir: str | Path, index: DatasetIndex, vae: str | Path, size: int) -> Path:
+    """The cache file of (data contents, VAE weights, image size): one changed image, another file."""
+    key = hashlib.sha256(f"latents-v2|{index.digest}|{vae_digest(vae)}|{size}".encode()).hexdigest()
+    return Path(cache_dir) / f"{key[:16]}.safetensors"
+
+
+@torch.no_grad()
+def encode_latents(images_N3HW: Tensor, vae) -> tuple[Tensor, Tensor]:
+    """Posterior mean and std (N, C, h, w) of every image through ``vae`` (a loaded flowar VAE)."""
+    means, stds = [], []
+    for i in range(0, images_N3HW.shape[0], 500):
+        dist = vae.autoencoder.encode(images_N3HW[i:i + 500]).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means).contiguous(), torch.cat(stds).contiguous()
+
+
+def load_latents(spec: str, size: int, vae: str | Path, cache_dir: str | Path, index: DatasetIndex) -> Latents:
+    """``spec``'s latents from the cache, or encoded through ``vae`` and cached (``index`` names the data)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from flowar.outputs import atomic_write_bytes
+    cache = latent_cache_path(cache_dir, index, vae, size)
+    if cache.is_file():
+        with safe_open(str(cache), framework="pt") as f:
+            return Latents(f.get_tensor("mean"), f.get_tensor("std"), f.get_tensor("labels"),
+                           json.loads(f.metadata()["class_names"]))
+    from flowar.vae import load_vae
+    data = load_dataset(spec, size)
+    lat = Latents(*encode_latents(data.images, load_vae(vae)), data.labels, data.class_names)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(cache, lambda t: save_file({"mean": lat.mean, "std": lat.std, "labels": lat.labels}, t,
+                                                  metadata={"class_names": json.dumps(lat.class_names)}))
+    return lat

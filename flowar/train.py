@@ -4,7 +4,8 @@ For a latent x (the VAE posterior sample times ``latent_scale``) and class label
 
 * y is replaced by the null class with probability ``label_drop`` (for guidance later);
 * the target of scale k is x area-downsampled to s_k x s_k; the AR input of scale k >= 1 is
-  the target of scale k-1 resized bicubic to the final size, then area to s_k;
+  the target of scale k-1 resized bicubic to the final size, then area to s_k (the sampler's
+  ``hand_off``, so training and sampling feed the AR alike);
 * the AR runs once over all scales under the block-causal mask;
 * each scale draws fresh t ~ U(0, 1) and noise e, forms x_t = (1 - t) x + t e, and the head
   regresses e - x; the scale's mean squared error is weighted by s_k^2 / s_max^2.
@@ -24,6 +25,7 @@ import json
 import math
 import os
 import time
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,11 +34,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowar.checkpoint import TRAIN_FORMAT_TAG, save_checkpoint
-from flowar.outputs import atomic_write_bytes
 from flowar.config import FlowARConfig, get_preset
+from flowar.data import Latents, index_dataset, load_latents
 from flowar.errors import FlowARError
 from flowar.model import FlowAR
-
+from flowar.outputs import atomic_write_bytes
+from flowar.sampler import hand_off
 
 
 @dataclass(slots=True)
@@ -72,65 +75,54 @@ class TrainState:
     losses: list[float] = field(default_factory=list)
 
 
-# ---- latents ---------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Run:                                    # what the loop updates
+    model: FlowAR
+    ema: FlowAR
+    opt: torch.optim.Optimizer
+    objective: nn.Module                      # FlowLoss, wrapped in DDP under torchrun
+    state: TrainState
 
-def encode_latents(args: TrainArgs, progress: bool = True):
-    """Posterior mean and std of every training image, cached by (data, size, VAE file hashes)."""
-    import hashlib
-    from flowar.data import load_dataset
-    from flowar.vae import load_vae
-    vae_path = Path(args.vae)
-    h = hashlib.sha256(f"{args.data}|{args.size}".encode())
-    files = sorted(vae_path.rglob("*")) if vae_path.is_dir() else [vae_path]
-    for f in files:
-        if f.is_file():
-            h.update(f.read_bytes())
-    cache = Path(args.cache_dir) / f"{h.hexdigest()[:16]}.safetensors"
-    from safetensors.torch import load_file, save_file
-    if cache.is_file():
-        d = load_file(str(cache))
-        meta_classes = json.loads((cache.with_suffix(".json")).read_text())
-        return d["mean"], d["std"], d["labels"], meta_classes
-    data = load_dataset(args.data, args.size)
-    vae = load_vae(vae_path)
-    means, stds = [], []
-    with torch.no_grad():
-        for i in range(0, data.images.shape[0], 500):
-            dist = vae.autoencoder.encode(data.images[i:i + 500]).latent_dist
-            means.append(dist.mean)
-            stds.append(dist.std)
-    mean, std = torch.cat(means), torch.cat(stds)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(cache.with_suffix(".json"), lambda t: Path(t).write_text(json.dumps(data.class_names)))
-    atomic_write_bytes(cache, lambda t: save_file({"mean": mean.contiguous(), "std": std.contiguous(),
-                                                   "labels": data.labels}, t))
-    return mean, std, data.labels, data.class_names
+
+def _gen(*key: int) -> torch.Generator:
+    # One independent stream per (seed, step, rank): resume needs no generator state.
+    return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF)
 
 
 def default_config(latent_side: int, latent_channels: int, num_classes: int, latent_scale: float,
                    base: FlowARConfig | None = None) -> FlowARConfig:
     """Widths of ``base`` (default: the tiny preset) on scales 1, 2, 4, ... up to the latent side."""
-    base = base or get_preset("tiny")
-    scales = []
-    s = 1
-    while s < latent_side:
-        scales.append(s)
-        s *= 2
-    scales.append(latent_side)
-    return base.replace(scales=tuple(scales), latent_channels=latent_channels, num_classes=num_classes,
-                        latent_scale=round(latent_scale, 4))
+    scales = tuple(2 ** i for i in range((latent_side - 1).bit_length())) + (latent_side,)
+    return (base or get_preset("tiny")).replace(scales=scales, latent_channels=latent_channels,
+                                                num_classes=num_classes, latent_scale=round(latent_scale, 4))
+
+
+def build_config(args: TrainArgs, lat: Latents) -> FlowARConfig:
+    """--config as given, or --preset's (default tiny) widths on the data's latent grid; either must fit it."""
+    side, C, n_cls = lat.mean.shape[-1], lat.mean.shape[1], len(lat.class_names)
+    if args.config:
+        config = FlowARConfig.load(args.config)
+    else:
+        # Unit variance for the model's input: measured on one posterior draw of the whole data.
+        draw = lat.mean + lat.std * torch.randn(lat.mean.shape, generator=_gen(args.seed, -1))
+        latent_scale = 1.0 / float(draw.std())
+        config = default_config(side, C, n_cls, latent_scale, get_preset(args.preset) if args.preset else None)
+    if config.latent_size != side or config.latent_channels != C or config.num_classes != n_cls:
+        raise FlowARError(f"a config with latent side {side}, {C} channels and {n_cls} classes (the data "
+                          f"through this VAE)", f"side {config.latent_size}, {config.latent_channels} channels, "
+                          f"{config.num_classes} classes", "fix --config, or omit it to derive one")
+    return config
 
 
 # ---- the objective -----------------------------------------------------------------------------
 
 def scale_targets_and_inputs(x_BCSS: Tensor, config: FlowARConfig) -> tuple[list[Tensor], Tensor | None]:
     """Per-scale targets (B, s^2, C) and the AR input tokens of scales 1.. (B, L-1, C)."""
-    S = config.latent_size
-    gts = [x_BCSS if s == S else F.interpolate(x_BCSS, size=(s, s), mode="area") for s in config.scales]
-    ins = [F.interpolate(F.interpolate(gts[k - 1], size=(S, S), mode="bicubic"), size=(s, s), mode="area")
-           for k, s in enumerate(config.scales) if k > 0]
-    tok = lambda t: t.flatten(2).transpose(1, 2)
-    return [tok(g) for g in gts], (torch.cat([tok(i) for i in ins], dim=1) if ins else None)
+    S, sc = config.latent_size, config.scales
+    gts = [(x_BCSS if s == S else F.interpolate(x_BCSS, size=(s, s), mode="area")).flatten(2).transpose(1, 2)
+           for s in sc]                                                                     # (B, s^2, C) each
+    ins = [hand_off(gts[k - 1], sc[k - 1], S, sc[k]) for k in range(1, len(sc))]           # (B, s_k^2, C) each
+    return gts, (torch.cat(ins, dim=1) if ins else None)
 
 
 class FlowLoss(nn.Module):
@@ -154,9 +146,8 @@ class FlowLoss(nn.Module):
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 else decay).append(p)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -169,17 +160,16 @@ def lr_at(step: int, a: TrainArgs) -> float:
 
 # ---- checkpoints -------------------------------------------------------------------------------
 
-def save_training_checkpoint(path: Path, model: FlowAR, ema: FlowAR, opt: torch.optim.Optimizer,
-                             state: TrainState, args: TrainArgs, class_names: list[str]) -> None:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    osd = opt.state_dict()
+def save_training_checkpoint(path: Path, run: Run, args: TrainArgs, class_names: list[str]) -> None:
+    tensors = {f"model.{k}": v for k, v in run.model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in run.ema.state_dict().items()})
+    osd = run.opt.state_dict()
     for i, st in osd["state"].items():
         for name, v in st.items():
             tensors[f"optim.{i}.{name}"] = v if isinstance(v, Tensor) else torch.tensor(v)
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in osd["param_groups"]]
-    save_checkpoint(path, tensors, model.config, class_names, extra={
-        "format": TRAIN_FORMAT_TAG, "step": str(state.step), "losses": json.dumps(state.losses),
+    save_checkpoint(path, tensors, run.model.config, class_names, extra={
+        "format": TRAIN_FORMAT_TAG, "step": str(run.state.step), "losses": json.dumps(run.state.losses),
         "optimizer_groups": json.dumps(groups), "train_args": json.dumps(asdict(args))})
 
 
@@ -201,122 +191,157 @@ def load_training_checkpoint(path: Path, model: FlowAR, ema: FlowAR, opt: torch.
 
 # ---- the loop ----------------------------------------------------------------------------------
 
-def _dist():
+def init_process_group() -> tuple[int, int]:
+    """(world size, rank); joins the torchrun process group when there is one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    rank = torch.distributed.get_rank() if world > 1 else 0
-    return world, rank
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return world, (torch.distributed.get_rank() if world > 1 else 0)
 
 
-def _gen(*key: int) -> torch.Generator:
-    # One independent stream per (seed, step, rank): resume needs no generator state.
-    return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF)
-
-
-def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None = None) -> TrainState:
-    """Train (or resume) into ``args.out``; returns the loss history.
-
-    ``max_steps_this_run`` stops early (tests use it to interrupt a run and resume it).
-    """
-    world, rank = _dist()
-    out = Path(args.out)
-    if args.batch % world:
-        raise FlowARError(f"--batch divisible by the {world} processes", str(args.batch), "change --batch")
+def check_args(args: TrainArgs, world: int, n_images: int) -> Path:
+    """Every user error that needs no encoding, before any work; returns checkpoint-last's path."""
     if args.preset and args.config:
         raise FlowARError("either --preset or --config", "both", "pass only one")
-    mean, std, labels, class_names = encode_latents(args, progress)
-    side, C = mean.shape[-1], mean.shape[1]
-    latent_scale = 1.0 / float((mean + std * torch.randn(mean.shape, generator=_gen(args.seed, -1))).std())
-    if args.config:
-        config = FlowARConfig.load(args.config)
-    else:
-        config = default_config(side, C, len(class_names), latent_scale, get_preset(args.preset) if args.preset else None)
-    if config.latent_size != side or config.latent_channels != C or config.num_classes != len(class_names):
-        raise FlowARError(f"a config with latent side {side}, {C} channels and {len(class_names)} classes (the data "
-                          f"through this VAE)", f"side {config.latent_size}, {config.latent_channels} channels, "
-                          f"{config.num_classes} classes", "fix --config, or omit it to derive one")
+    if args.batch % world:
+        raise FlowARError(f"--batch divisible by the {world} processes", str(args.batch), "change --batch")
+    if args.batch > n_images:               # the global batch must fit in one epoch (each rank takes 1/world)
+        raise FlowARError(f"--batch (global, over {world} process{'es' * (world > 1)}) at most the {n_images} "
+                          f"images of --data", f"--batch {args.batch}",
+                          f"pass --batch {n_images - n_images % world} or less, or add images")
+    ckpt = Path(args.out) / "checkpoint-last.safetensors"
+    if args.resume and not ckpt.is_file():
+        raise FlowARError(f"a checkpoint to resume at {ckpt}", "none", "drop --resume to start afresh")
+    if not args.resume and ckpt.is_file():
+        raise FlowARError("an empty run folder (or --resume)", f"{ckpt} exists",
+                          "pass --resume to continue it, or choose another --out")
+    return ckpt
 
+
+def build_run(args: TrainArgs, config: FlowARConfig, world: int, ckpt: Path) -> Run:
+    """Model (seeded), EMA, AdamW and the objective; with --resume, all restored from ``ckpt``."""
     torch.manual_seed(args.seed)
     model = FlowAR(config)
     ema = FlowAR(config).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
-    ckpt_path = out / "checkpoint-last.safetensors"
-    state = TrainState()
-    if args.resume:
-        if not ckpt_path.is_file():
-            raise FlowARError(f"a checkpoint to resume at {ckpt_path}", "none", "drop --resume to start afresh")
-        state = load_training_checkpoint(ckpt_path, model, ema, opt)
-    elif ckpt_path.is_file():
-        raise FlowARError("an empty run folder (or --resume)", f"{ckpt_path} exists",
-                          "pass --resume to continue it, or choose another --out")
+    state = load_training_checkpoint(ckpt, model, ema, opt) if args.resume else TrainState()
     objective = FlowLoss(model)
     if world > 1:
         objective = nn.parallel.DistributedDataParallel(objective)
-    out.mkdir(parents=True, exist_ok=True)
+    return Run(model, ema, opt, objective, state)
 
-    N, B, b = mean.shape[0], args.batch, args.batch // world
-    steps_per_epoch = N // B
-    end = args.steps if max_steps_this_run is None else min(args.steps, state.step + max_steps_this_run)
-    bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
-        bar = tqdm(total=args.steps, initial=state.step, desc="train", unit="step", disable=None)
-    t0, first_step = time.perf_counter(), state.step
+
+def batches(lat: Latents, config: FlowARConfig, args: TrainArgs, rank: int, world: int, start: int, end: int):
+    """Yield (step, x (b, C, S, S), labels (b,), t (K, b), noise [(b, s_k^2, C)]) for steps start..end-1.
+
+    Epoch orders come from (seed, epoch), draws from (seed, step, rank): resumed or not, the same batch.
+    """
+    N, B, b = lat.mean.shape[0], args.batch, args.batch // world
+    steps_per_epoch = N // B                                  # >= 1: check_args keeps B <= N
     perm, perm_epoch = None, -1
-    while state.step < end:
-        step = state.step
+    for step in range(start, end):
         epoch = step // steps_per_epoch
         if epoch != perm_epoch:
             perm, perm_epoch = torch.randperm(N, generator=_gen(args.seed, epoch, 1 << 20)), epoch
         idx = perm[(step % steps_per_epoch) * B:][:B][rank * b:(rank + 1) * b]
         g = _gen(args.seed, step, rank)
-        x = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * config.latent_scale
-        y = labels[idx].clone()
+        x = (lat.mean[idx] + lat.std[idx] * torch.randn(lat.mean[idx].shape, generator=g)) * config.latent_scale
+        y = lat.labels[idx].clone()
         y[torch.rand(b, generator=g) < args.label_drop] = config.null_class
         t = torch.rand(config.n_scales, b, generator=g)
-        noise = [torch.randn(b, n, C, generator=g) for n in config.tokens_per_scale]
-        for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, args)
-        model.train()
-        loss = objective(x, y, t, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        with torch.no_grad():
-            d = min(args.ema_decay, (1 + step) / (10 + step))       # short runs: let the EMA catch up early
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - d)
-        lv = loss.detach()
-        if world > 1:
-            torch.distributed.all_reduce(lv)
-            lv /= world
-        state.losses.append(float(lv))
-        state.step += 1
-        if rank == 0:
-            if bar is not None:
-                bar.set_postfix(loss=f"{state.losses[-1]:.4f}")
-                bar.update(1)
-            if state.step % args.log_every == 0 and (bar is None or bar.disable):
-                rate = (state.step - first_step) / max(1e-9, time.perf_counter() - t0)
-                print(f"step {state.step}/{args.steps} loss {sum(state.losses[-args.log_every:]) / args.log_every:.4f}"
-                      f" lr {lr_at(step, args):.2e} {rate:.1f} step/s", flush=True)
-            if state.step % args.ckpt_every == 0 or state.step == end:
-                save_training_checkpoint(ckpt_path, model, ema, opt, state, args, class_names)
-                plot_losses(state.losses, out / "loss.png")
-            if args.sample_every and (state.step % args.sample_every == 0 or state.step == args.steps):
-                sample_grid(ema, args, class_names, out / "samples" / f"step{state.step:07d}.png")
-    if bar is not None:
-        bar.close()
-    if rank == 0 and state.step == args.steps:
-        save_checkpoint(out / "model.safetensors", ema.state_dict(), config, class_names,
-                        extra={"step": str(state.step), "vae": str(args.vae)})
+        noise = [torch.randn(b, n, config.latent_channels, generator=g) for n in config.tokens_per_scale]
+        yield step, x, y, t, noise
+
+
+def train_step(run: Run, x: Tensor, y: Tensor, t: Tensor, noise: list[Tensor], lr: float, grad_clip: float) -> Tensor:
+    """One AdamW step at learning rate ``lr``; returns this rank's loss (detached)."""
+    for grp in run.opt.param_groups:
+        grp["lr"] = lr
+    run.model.train()
+    loss = run.objective(x, y, t, noise)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), grad_clip)
+    run.opt.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def ema_update(ema: FlowAR, model: FlowAR, step: int, decay: float) -> None:
+    d = min(decay, (1 + step) / (10 + step))                 # short runs: let the EMA catch up early
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1 - d)
+
+
+def mean_over_ranks(loss: Tensor, world: int) -> float:
+    if world > 1:
+        torch.distributed.all_reduce(loss)
+        loss /= world
+    return float(loss)
+
+
+class Progress:
+    """A tqdm bar on a terminal (when ``progress``), else a line every --log-every steps."""
+
+    def __init__(self, args: TrainArgs, state: TrainState, progress: bool):
+        from tqdm import tqdm
+        self.args, self.t0, self.first = args, time.perf_counter(), state.step
+        self.bar = tqdm(total=args.steps, initial=state.step, desc="train", unit="step",
+                        disable=None if progress else True)            # None: off when not on a terminal
+
+    def log(self, state: TrainState, lr: float) -> None:
+        self.bar.set_postfix(loss=f"{state.losses[-1]:.4f}")
+        self.bar.update(1)
+        n = self.args.log_every
+        if state.step % n == 0 and self.bar.disable:
+            rate = (state.step - self.first) / max(1e-9, time.perf_counter() - self.t0)
+            print(f"step {state.step}/{self.args.steps} loss {sum(state.losses[-n:]) / n:.4f} lr {lr:.2e} "
+                  f"{rate:.1f} step/s", flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def checkpoint_and_sample(run: Run, args: TrainArgs, class_names: list[str], ckpt: Path, end: int) -> None:
+    """Rank 0 after each step: checkpoint + loss plot every --ckpt-every (and at ``end``), sample grids."""
+    step, out = run.state.step, ckpt.parent
+    if step % args.ckpt_every == 0 or step == end:
+        save_training_checkpoint(ckpt, run, args, class_names)
+        plot_losses(run.state.losses, out / "loss.png")
+    if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
+        sample_grid(run.ema, args, class_names, out / "samples" / f"step{step:07d}.png")
+
+
+def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None = None) -> TrainState:
+    """Train (or resume) into ``args.out``; returns the loss history.
+
+    ``max_steps_this_run`` stops early (tests use it to interrupt a run and resume it). The
+    batch and run-folder checks come before any encoding or writing.
+    """
+    world, rank = init_process_group()
+    data = index_dataset(args.data)
+    ckpt = check_args(args, world, data.count)
+    lat = load_latents(args.data, args.size, args.vae, args.cache_dir, data)
+    config = build_config(args, lat)
+    run = build_run(args, config, world, ckpt)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    end = args.steps if max_steps_this_run is None else min(args.steps, run.state.step + max_steps_this_run)
+    with closing(Progress(args, run.state, progress and rank == 0)) as bar:
+        for step, x, y, t, noise in batches(lat, config, args, rank, world, run.state.step, end):
+            loss = train_step(run, x, y, t, noise, lr_at(step, args), args.grad_clip)
+            ema_update(run.ema, run.model, step, args.ema_decay)
+            run.state.losses.append(mean_over_ranks(loss, world))
+            run.state.step += 1
+            if rank == 0:
+                bar.log(run.state, lr_at(step, args))
+                checkpoint_and_sample(run, args, lat.class_names, ckpt, end)
+    if rank == 0 and run.state.step == args.steps:
+        save_checkpoint(Path(args.out) / "model.safetensors", run.ema.state_dict(), config, lat.class_names,
+                        extra={"step": str(run.state.step), "vae": str(args.vae)})
     if world > 1:
         torch.distributed.barrier()
-    return state
+    return run.state
 
 
 def plot_losses(losses: list[float], path: Path) -> None:
@@ -329,9 +354,7 @@ def plot_losses(losses: list[float], path: Path) -> None:
     if len(losses) >= w:
         sm = torch.tensor(losses).unfold(0, w, 1).mean(1).tolist()
         ax.plot(range(w - 1, len(losses)), sm, lw=1.5, label=f"mean of {w}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("flow-matching loss")
-    ax.set_yscale("log")
+    ax.set(xlabel="step", ylabel="flow-matching loss", yscale="log")
     ax.legend()
     fig.tight_layout()
     atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png"))
@@ -342,13 +365,14 @@ def plot_losses(losses: list[float], path: Path) -> None:
 def sample_grid(ema: FlowAR, args: TrainArgs, class_names: list[str], path: Path) -> None:
     from flowar.images import save_grid
     from flowar.sampler import per_sample_noise, sample
-    from flowar.schedule import build_schedule
+    from flowar.schedule import sampling_schedule
     from flowar.stages import TorchStages
     from flowar.vae import load_vae
     c = ema.config
     vae = load_vae(args.vae, expect_channels=c.latent_channels)
     labels = torch.arange(c.num_classes).repeat_interleave(max(1, 40 // c.num_classes))[:max(c.num_classes, 40)]
     ema.eval()
-    _, images = sample(TorchStages(ema, vae.decode), c, build_schedule(args.sample_steps, args.sample_cfg, 0.9,
-                       c.n_scales), labels, per_sample_noise(0, range(len(labels))), decode=True)
+    sched = sampling_schedule(c.n_scales, steps=args.sample_steps, cfg=args.sample_cfg)
+    _, images = sample(TorchStages(ema, vae.decode), c, sched, labels, per_sample_noise(0, range(len(labels))),
+                       decode=True)
     save_grid(images, [class_names[i] for i in labels.tolist()], path, columns=max(1, 40 // c.num_classes))

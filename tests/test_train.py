@@ -77,6 +77,76 @@ def test_refuses_to_overwrite_a_run(small_world, tmp_path):
         train(_args(small_world, tmp_path / "r", steps=2), progress=False)
 
 
+def test_batch_above_the_dataset_is_one_line_before_any_work(small_world, tmp_path, monkeypatch):
+    """24 images, --batch 26: one line, exit 2, and no run folder, checkpoint or latent cache written."""
+    from click.testing import CliRunner
+    from flowar.cli import train_cmd
+    monkeypatch.chdir(tmp_path)                      # the default --cache-dir is relative to here
+    res = CliRunner().invoke(train_cmd, ["--out", str(tmp_path / "run"), "--vae", str(small_world / "vae"),
+                                         "--data", str(small_world / "data"), "--size", "16", "--steps", "2",
+                                         "--batch", "26", "--sample-every", "0"])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: expected --batch"), res.output
+    assert "at most the 24 images" in lines[0] and "got --batch 26" in lines[0] and "Fix: pass --batch 24" in lines[0]
+    assert "Traceback" not in res.output
+    assert list(tmp_path.iterdir()) == []            # nothing encoded, cached or checkpointed
+
+
+def _bmp_folder(root, seed):
+    """ROOT/<class>/<image>.bmp: BMP keeps the file size when pixels change, so only contents can tell."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / name / f"{i}.bmp")
+    return root
+
+
+def test_latent_cache_is_keyed_by_contents_not_paths(small_world, tmp_path, monkeypatch):
+    import shutil
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+    import flowar.data as data
+    encoded = []
+    real_encode = data.encode_latents
+    monkeypatch.setattr(data, "encode_latents", lambda images, vae: encoded.append(1) or real_encode(images, vae))
+    cache = tmp_path / "cache"
+    def latents(folder, vae=small_world / "vae"):
+        return data.load_latents(str(folder), 16, str(vae), str(cache), data.index_dataset(str(folder)))
+
+    first = latents(_bmp_folder(tmp_path / "A", 0))
+    assert len(encoded) == 1 and len(list(cache.glob("*.safetensors"))) == 1
+    again = latents(tmp_path / "A")                                   # unchanged: reused
+    assert len(encoded) == 1 and torch.equal(again.mean, first.mean) and again.class_names == ["a", "b"]
+    # the same contents in another folder, with other file times: reused
+    shutil.copytree(tmp_path / "A", tmp_path / "B", copy_function=shutil.copy)
+    for f in (tmp_path / "B").rglob("*.bmp"):
+        os.utime(f, (1_000_000_000, 1_000_000_000))
+    moved = latents(tmp_path / "B")
+    assert len(encoded) == 1 and torch.equal(moved.mean, first.mean)
+    # one image changed (same name, same file size): re-encoded into its own cache file
+    img = tmp_path / "B" / "b" / "1.bmp"
+    size = img.stat().st_size
+    Image.fromarray(255 - np.asarray(Image.open(img))).save(img)
+    assert img.stat().st_size == size
+    changed = latents(tmp_path / "B")
+    assert len(encoded) == 2 and len(list(cache.glob("*.safetensors"))) == 2
+    assert torch.equal(changed.mean[:3], first.mean[:3]) and not torch.equal(changed.mean[3], first.mean[3])
+    # the VAE: a copy elsewhere is reused, a changed weight is not
+    shutil.copytree(small_world / "vae", tmp_path / "vae2")
+    latents(tmp_path / "A", tmp_path / "vae2")
+    assert len(encoded) == 2
+    w = next((tmp_path / "vae2").glob("*.safetensors"))
+    sd = load_file(str(w))
+    k = next(k for k in sd if k.endswith("conv_in.weight"))
+    sd[k] = sd[k] * 2
+    save_file(sd, str(w), metadata={"format": "pt"})
+    latents(tmp_path / "A", tmp_path / "vae2")
+    assert len(encoded) == 3
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(small_world, tmp_path):
     exe = Path(sys.executable).parent / "flowar-train"
