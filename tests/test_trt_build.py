@@ -1,0 +1,116 @@
+"""TensorRT plans built through Polygraphy's loaders, and their profiles read back from TensorRT.
+
+Without a GPU, TensorRT-RTX builds ahead of time (sm80) but cannot deserialize a plan, so the
+profiles are read back from the builder's objects (``inspect_profiles``); on a GPU the plans
+themselves are inspected (``inspect_plan``) and compared with ONNX Runtime.
+"""
+
+import pytest
+import torch
+
+from flowar.errors import FlowARError
+
+pytestmark = pytest.mark.trt
+MAX_BATCH = 2
+
+
+@pytest.fixture(scope="module")
+def trt_dir(fixtures_dir, tmp_path_factory):
+    """tiny_v2 (v2 head: cross-attention inputs too) with its decoder, plans for sm80 or this GPU."""
+    pytest.importorskip("polygraphy", reason="Polygraphy not installed (pip install '.[trt]')")
+    from flowar.engines.trt import load_builder
+    try:
+        load_builder()
+    except FlowARError:
+        pytest.skip("TensorRT or TensorRT-RTX not installed (pip install '.[trt]')")
+    from flowar.build import build_engine_dir
+    d = tmp_path_factory.mktemp("trt") / "tiny_v2"
+    build_engine_dir(fixtures_dir / "tiny_v2.safetensors", d, config_path=str(fixtures_dir / "tiny_v2.config.json"),
+                     vae_path=fixtures_dir / "mar_vae_tiny.ckpt", backend="trt", max_batch=MAX_BATCH, verify=False,
+                     compute_capability=None if torch.cuda.is_available() else "sm80")
+    from flowar.export.manifest import read_manifest
+    return read_manifest(d)
+
+
+def requests(spec, config, max_batch):
+    """Every (profile, scale, rows) the runtime asks of a stage: profile k at scale k (decode: one
+    profile); rows B or 2B for B = 1..max_batch (the velocity stage gets both), decode B rows."""
+    for k in spec.scales(config):
+        for rows in range(1, spec.max_rows(max_batch) + 1):
+            yield k, rows
+
+
+def uncovered(held, spec, config, max_batch) -> list[str]:
+    out = []
+    for k, rows in requests(spec, config, max_batch):
+        if k >= len(held):
+            out.append(f"{spec.name}: no profile {k}")
+            continue
+        for name, shape in spec.input_shapes(k, rows).items():
+            lo, _, hi = held[k][name]
+            if len(shape) != len(lo) or not all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
+                out.append(f"{spec.name} profile {k} {name}: {shape} outside [{lo}, {hi}] ({rows} rows)")
+    return out
+
+
+def test_profiles_held_by_tensorrt_cover_every_shape_the_runtime_requests(trt_dir):
+    from flowar.engines.trt import inspect_profiles, load_builder
+    m, b = trt_dir, load_builder()
+    plans = m.tensorrt["plans"]
+    assert set(plans) == {"ar", "head_prep", "velocity", "decode"}
+    bad = []
+    for name, spec in m.specs().items():
+        assert m.member(plans[name]["file"]).stat().st_size > 0
+        held = inspect_profiles(b, m.member(m.stages[name]["file"]), plans[name]["profiles"])
+        assert len(held) == len(spec.scales(m.config)), name
+        assert all(set(p) == set(spec.inputs) for p in held), name        # every network input, no defaults
+        bad += uncovered(held, spec, m.config, m.max_batch)
+    assert not bad, "; ".join(bad[:5])
+
+
+def test_profiles_are_exact_rows_1_to_max(trt_dir):
+    """Not wider than needed either: min at 1 row, max at the stage's max rows."""
+    from flowar.engines.trt import inspect_profiles, load_builder
+    m = trt_dir
+    spec = m.specs()["velocity"]
+    held = inspect_profiles(load_builder(), m.member(m.stages["velocity"]["file"]),
+                            m.tensorrt["plans"]["velocity"]["profiles"])
+    k = m.config.n_scales - 1
+    assert held[k]["x"] == (spec.shapes(k, 1)["x"], spec.shapes(k, MAX_BATCH)["x"], spec.shapes(k, 2 * MAX_BATCH)["x"])
+
+
+def test_profiles_missing_an_input_are_refused(trt_dir):
+    """Polygraphy would fill a missing input with a default shape; the build refuses instead."""
+    from flowar.engines.trt import inspect_profiles, load_builder
+    m = trt_dir
+    profs = [{n: s for n, s in p.items() if n != "t"} for p in m.tensorrt["plans"]["velocity"]["profiles"]]
+    with pytest.raises(FlowARError, match="profiles for the inputs of velocity.onnx"):
+        inspect_profiles(load_builder(), m.member(m.stages["velocity"]["file"]), profs)
+
+
+def test_unknown_compute_capability_is_one_line_error(trt_dir, tmp_path):
+    from flowar.engines.trt import build_plan, load_builder
+    b = load_builder()
+    if b.flavour != "tensorrt-rtx":
+        pytest.skip("compute capabilities are a TensorRT-RTX setting")
+    m = trt_dir
+    spec = m.specs()["head_prep"]
+    with pytest.raises(FlowARError, match="--compute-capability among .*sm80") as e:
+        build_plan(b, m.member(m.stages["head_prep"]["file"]), m.stages["head_prep"]["sha256"], spec, m.config,
+                   spec.max_rows(MAX_BATCH), "fp32", tmp_path, tmp_path / "timing.cache", "sm99")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.gpu
+def test_built_plans_hold_the_profiles_and_agree_with_onnx_runtime(trt_dir):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from flowar.engines.trt import compare_with_ort, inspect_plan, inspect_profiles, load_builder
+    m, b = trt_dir, load_builder()
+    for name, spec in m.specs().items():
+        plan, graph = m.member(m.tensorrt["plans"][name]["file"]), m.member(m.stages[name]["file"])
+        held = inspect_plan(b, plan)
+        assert held == inspect_profiles(b, graph, m.tensorrt["plans"][name]["profiles"]), name
+        assert not uncovered(held, spec, m.config, m.max_batch), name
+        # fp32 plans may use TF32 matmuls (TensorRT's default), so not the fp32 tolerance
+        assert compare_with_ort(b, graph, plan, spec, m.config, spec.max_rows(m.max_batch), atol=1e-2), name
