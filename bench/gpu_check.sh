@@ -1,29 +1,51 @@
 #!/usr/bin/env bash
-# One prepared check for a lent GPU machine (PyTorch with CUDA, no TensorRT, no network).
-# Runs the gpu-marked tests and the FlowAR-S latency bench (random weights) at batch 1 and 32
-# for eager, torch.compile and the CUDA-graph runtime, in fp32 and bf16 (autocast), and writes
-# everything under $OUT.
-# Budget: well under 8 minutes on an H200.
-#   usage (device tool):  bash bench/gpu_check.sh
+# One prepared check for a lent GPU machine (PyTorch with CUDA, possibly no TensorRT, no network).
+#   usage (device tool):  bash bench/gpu_check.sh        -> everything under $OUT (default bench/out/gpu)
+# 1. the gpu-marked tests (CUDA-graph runner vs eager tokens, official parity on the GPU);
+# 2. FlowAR-S (random weights, perturbed) at batch 1 and 32: eager, torch and the CUDA-graph runtime in
+#    fp32 and bf16 autocast, every row with its token difference to eager (parity) beside its time;
+# 3. torch.compile at batch 1 and 32 in fp32 (its compile time reported apart);
+# 4. summary.json: ms per image, ratio to eager and token difference per (dtype, backend, batch).
+# Each part has its own time limit, so a slow part loses only its own figures; the whole stays
+# under 8 minutes (about 20 s + 90 s + 2 x 100 s + 150 s, plus start-up).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out/gpu}"
 mkdir -p "$OUT"
 PY="${PY:-python3}"
-export HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# the package's sub-packages live in export/, engines/, runtime/: map them without installing
-"$PY" - <<'PYEOF' > "$OUT/env.txt" 2>&1
-import torch, platform
-print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-print("python", platform.python_version())
+PRESET="${PRESET:-flowar-s}" BATCHES="${BATCHES:-1,32}"     # e.g. PRESET=tiny BATCHES=1,2 for a dry run on a CPU
+export HF_HUB_OFFLINE=1
+"$PY" - <<'PYEOF' 2>&1 | tee "$OUT/env.txt"
+import platform, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda,
+      "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None, "python", platform.python_version())
 PYEOF
-cat "$OUT/env.txt"
-"$PY" -m pip install -q --no-deps -e . > "$OUT/install.log" 2>&1 || echo "editable install failed (see install.log)"
-timeout 150 "$PY" -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.txt" | tail -5
+"$PY" -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
+  || echo "editable install failed (see install.log)"
+timeout 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_tests.txt" | tail -5
 for dt in fp32 bf16; do
-  sched=official; [ "$dt" = fp32 ] && sched=official,fast
-  timeout 170 "$PY" bench/latency.py --preset flowar-s --batch 1,32 --backends eager,torch,compile,cudagraph \
-      --schedules "$sched" --dtype "$dt" --repeat 3 --json "$OUT/flowar_s_$dt.json" --plot "$OUT/flowar_s_$dt.png" 2>&1 \
-      | tee "$OUT/bench_$dt.txt" | tail -12
+  timeout 100 "$PY" bench/latency.py --preset "$PRESET" --batch "$BATCHES" --backends eager,torch,cudagraph \
+      --dtype "$dt" --repeat 3 --json "$OUT/flowar_s_$dt.json" --plot "$OUT/flowar_s_$dt.png" 2>&1 \
+      | tee "$OUT/bench_$dt.txt" | tail -8
 done
+timeout 150 "$PY" bench/latency.py --preset "$PRESET" --batch "$BATCHES" --backends eager,compile --repeat 3 \
+    --json "$OUT/flowar_s_compile.json" --plot "" 2>&1 | tee "$OUT/bench_compile.txt" | tail -6
+"$PY" - "$OUT" <<'PYEOF' 2>&1 | tee "$OUT/summary.txt"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+rows = []
+for f in sorted(out.glob("flowar_s_*.json")):
+    d = json.loads(f.read_text())
+    for r in d["results"]:
+        if r["median_s"] == r["median_s"]:
+            rows.append({"file": f.name, "dtype": d["dtype"], "backend": r["backend"], "batch": r["batch"],
+                         "ms_per_image": 1e3 * r["median_s"] / r["batch"], "vs_eager": r["speedup_vs_eager"],
+                         "max_abs_diff_vs_eager": r["max_abs_diff_vs_eager"], "parity_ok": r["parity_ok"],
+                         "build_s": r["build_s"]})
+(out / "summary.json").write_text(json.dumps({"rows": rows}, indent=1))
+for r in rows:
+    print(f"{r['dtype']:<5} {r['backend']:<10} batch {r['batch']:<3} {r['ms_per_image']:9.2f} ms/image  "
+          f"x{r['vs_eager'] or 0:6.2f} vs eager  max|dtokens| {r['max_abs_diff_vs_eager']:.1e}  ok {r['parity_ok']}")
+PYEOF
 echo "done: $OUT"

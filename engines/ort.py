@@ -55,6 +55,12 @@ def velocity_work_limits(config, shard_flops: float = 2e7, single_flops: float =
     return int(shard_flops // per_token), int(single_flops // per_token)
 
 
+def split_limits(stage: str, config) -> tuple[int, int]:
+    """(shard_min, single_max) for a stage's calls: the velocity's measured limits; the other
+    stages (once per scale) split whenever they have two rows or more."""
+    return velocity_work_limits(config) if stage == "velocity" else (0, 0)
+
+
 def plan_call(rows: int, tokens: int, threads: int, shard_min: int = 0, single_max: int = 0
               ) -> tuple[tuple[int, int, int], ...]:
     """How one CPU call of ``rows`` x ``tokens`` runs on ``threads`` cores: (first row, end row,

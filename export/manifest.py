@@ -15,11 +15,15 @@ import platform
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from flowar.config import FlowARConfig
 from flowar.errors import FlowARError
+
+if TYPE_CHECKING:
+    from flowar.export.specs import StageSpec
 
 MANIFEST = "manifest.json"
 FORMAT = "flowar-engine-dir-v1"
@@ -63,7 +67,54 @@ def safe_member(root: Path, rel: str) -> Path:
     return p
 
 
-def read_manifest(root: str | Path, verify_hashes: bool = True) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """What an engine directory was built from: ``manifest.json``, parsed and checked.
+
+    The JSON holds these fields by the same names (``config`` as its dict); ``root`` is where
+    the directory was read from and is not written.
+    """
+    root: Path
+    config: FlowARConfig
+    stages: dict[str, dict]         # stage -> {file, sha256, inputs, outputs, tolerance, max_rows[, verified_max_abs_diff]}
+    precision: str                  # fp32, fp16, bf16, or auto (chosen per stage: see `auto`)
+    max_batch: int                  # samples per call the engines serve
+    checkpoint: dict                # {file, source, sha256, weights}: what was exported
+    class_names: list[str] | None = None
+    schedule_defaults: dict = field(default_factory=dict)   # what flowar-run samples with unless told otherwise
+    vae: dict | None = None         # {source, latent_channels, downsample, image_size}; None: tokens only
+    tensorrt: dict | None = None    # {flavour, version, plans: stage -> record, compute_capability}
+    auto: dict | None = None        # --precision auto: what was measured and chosen (flowar.autoprec)
+    weights: dict | None = None     # {file, sha256}: float32 weights for the PyTorch stages `auto` chose
+    meta: dict = field(default_factory=dict)   # opset, scales, versions, created: for people, not read back
+
+    @property
+    def decodes(self) -> bool:
+        """Whether the directory has a decode stage (images, not only tokens)."""
+        return self.vae is not None
+
+    def specs(self) -> dict[str, StageSpec]:
+        from flowar.export.specs import stage_specs
+        return stage_specs(self.config, self.vae["downsample"] if self.vae else None)
+
+    def member(self, rel: str) -> Path:
+        return safe_member(self.root, rel)
+
+    def graph(self, stage: str) -> tuple[Path, str]:
+        """(path, sha256) of a stage's ONNX graph."""
+        info = self.stages[stage]
+        return self.member(info["file"]), info["sha256"]
+
+    def to_json(self) -> dict[str, Any]:
+        d = {f: getattr(self, f) for f in _FIELDS if f not in ("root", "meta")}
+        d["config"] = self.config.to_dict()
+        return {"format": FORMAT} | d | self.meta
+
+
+_FIELDS = tuple(f.name for f in fields(Manifest))
+
+
+def read_manifest(root: str | Path, verify_hashes: bool = True) -> Manifest:
     root = Path(root)
     rebuild = f"rebuild it: flowar-export --ckpt CKPT --out {root}"
     if not root.is_dir():
@@ -78,12 +129,15 @@ def read_manifest(root: str | Path, verify_hashes: bool = True) -> dict[str, Any
         raise EngineDirError(f"a valid {MANIFEST}", f"unreadable JSON ({e})", rebuild) from e
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise EngineDirError(f"manifest format {FORMAT}", repr(m.get("format") if isinstance(m, dict) else m), rebuild)
-    for key in ("config", "stages", "precision", "max_batch"):
+    for key in ("config", "stages", "precision", "max_batch", "checkpoint"):
         if key not in m:
             raise EngineDirError(f"'{key}' in {MANIFEST}", "it is missing", rebuild)
-    m["config_obj"] = FlowARConfig.from_dict(m["config"], f"{mpath}")
-    files = [(s, info["file"], info["sha256"]) for s, info in m["stages"].items()]
-    for name, plan in (m.get("tensorrt") or {}).get("plans", {}).items():
+    config = FlowARConfig.from_dict(m["config"], f"{mpath}")
+    known = {k: m[k] for k in _FIELDS if k in m and k not in ("root", "config", "meta")}
+    manifest = Manifest(root=root, config=config, **known,
+                        meta={k: v for k, v in m.items() if k not in _FIELDS and k != "format"})
+    files = [(s, info["file"], info["sha256"]) for s, info in manifest.stages.items()]
+    for name, plan in (manifest.tensorrt or {}).get("plans", {}).items():
         files.append((f"tensorrt plan {name}", plan["file"], plan["sha256"]))
     for what, rel, digest in files:
         p = safe_member(root, rel)
@@ -92,14 +146,12 @@ def read_manifest(root: str | Path, verify_hashes: bool = True) -> dict[str, Any
         if verify_hashes and sha256_file(p) != digest:
             raise EngineDirError(f"{rel} with the sha256 recorded at export", "a different file (modified or corrupt)",
                                  rebuild)
-    return m
+    return manifest
 
 
-def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    data = {k: v for k, v in manifest.items() if k != "config_obj"}
-    data["format"] = FORMAT
+def write_manifest(root: Path, manifest: Manifest) -> None:
     tmp = root / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False))
+    tmp.write_text(json.dumps(manifest.to_json(), indent=1, sort_keys=False))
     os.replace(tmp, root / MANIFEST)
 
 

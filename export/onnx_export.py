@@ -21,7 +21,6 @@ from torch import nn
 from flowar.config import FlowARConfig
 from flowar.errors import FlowARError
 from flowar.export.specs import StageSpec, sample_inputs
-from flowar.export.wrappers import ARGraph, DecodeGraph, HeadPrepGraph, VelocityGraph
 
 OPSET = 18
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -29,18 +28,6 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 
 class ExportError(FlowARError):
     """A stage that cannot be exported or does not match eager PyTorch."""
-
-
-def stage_module(name: str, model, vae=None) -> nn.Module:
-    if name == "ar":
-        return ARGraph(model).eval()
-    if name == "head_prep":
-        return HeadPrepGraph(model.flownet).eval()
-    if name == "velocity":
-        return VelocityGraph(model.flownet).eval()
-    if name == "decode":
-        return DecodeGraph(vae).eval()
-    raise KeyError(name)
 
 
 class Reduced(nn.Module):

@@ -1,7 +1,8 @@
 """One spec per exported stage: names, dynamic axes, shapes per (scale, rows), tolerance.
 
-Export, verification, TensorRT profiles and the runtime's buffer plan all read these specs, so
-a stage's interface is written down once.
+Export (the module a graph is made from), verification, TensorRT profiles, the runtime's buffer
+plan and the engines' row splitting all read these specs, so a stage's interface is written
+down once.
 
 Rows: the AR and the per-scale head preparation see R = 2B rows with guidance (B without); the
 velocity stage sees B or 2B rows depending on the step. ``max_rows`` is therefore 2 x max batch.
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch import nn
 
 from flowar.config import FlowARConfig
 
@@ -28,6 +30,10 @@ class StageSpec:
     tolerance: float                                   # max abs diff vs eager PyTorch (fp32)
     shapes: Callable[[int, int], dict[str, Shape]]     # (scale k, rows) -> every input and output shape
     dtypes: dict[str, torch.dtype]                     # non-float32 tensors
+    module: Callable[..., nn.Module]                   # (model, vae) -> the reference module the graph is made from
+    row_tensors: frozenset[str]                        # inputs and outputs whose first axis is rows (samples)
+    rows_per_sample: int = 2                           # 2: conditional + unconditional rows (guidance); 1: decode
+    from_stage: tuple[str, ...] = ()                   # inputs that are an earlier stage's outputs, passed as they are
     per_scale: bool = True                             # False: one shape family (decode)
 
     def input_shapes(self, k: int, rows: int) -> dict[str, Shape]:
@@ -37,9 +43,17 @@ class StageSpec:
     def dtype(self, name: str) -> torch.dtype:
         return self.dtypes.get(name, torch.float32)
 
+    def max_rows(self, max_batch: int) -> int:
+        return self.rows_per_sample * max_batch
 
-def stage_specs(c: FlowARConfig, vae_latent_side: int | None = None, vae_factor: int | None = None
-                ) -> dict[str, StageSpec]:
+    def scales(self, config: FlowARConfig) -> range:
+        """The scales with a shape family of their own (one TensorRT profile each)."""
+        return range(config.n_scales) if self.per_scale else range(1)
+
+
+def stage_specs(c: FlowARConfig, vae_factor: int | None = None) -> dict[str, StageSpec]:
+    """The stages of a model; ``vae_factor`` (pixels per latent cell) adds the decode stage."""
+    from flowar.export import wrappers as w
     C, D, W, H, hd, depth = (c.latent_channels, c.ar_width, c.head_width, c.head_heads, c.head_head_dim,
                              c.head_depth)
     v2 = c.head_block == "v2"
@@ -63,25 +77,30 @@ def stage_specs(c: FlowARConfig, vae_latent_side: int | None = None, vae_factor:
         return s
 
     head_out = ("c", "rope") + (("cross_kv", "cross_rope") if v2 else ())
+    head_rows = frozenset({"c"} | ({"cross_kv"} if v2 else set()))
     specs = {
         "ar": StageSpec("ar", ("labels", "tokens"), ("semantics",),
-                        {"labels": {0: "rows"}, "tokens": {0: "rows", 1: "seq"}}, 1e-4, ar, {"labels": torch.int64}),
+                        {"labels": {0: "rows"}, "tokens": {0: "rows", 1: "seq"}}, 1e-4, ar, {"labels": torch.int64},
+                        lambda model, vae=None: w.ARGraph(model).eval(), frozenset({"labels", "tokens", "semantics"})),
         "head_prep": StageSpec("head_prep", ("cond", "pos"), head_out,
-                               {"cond": {0: "rows", 1: "tokens"}, "pos": {0: "tokens"}}, 1e-4, prep, {}),
+                               {"cond": {0: "rows", 1: "tokens"}, "pos": {0: "tokens"}}, 1e-4, prep, {},
+                               lambda model, vae=None: w.HeadPrepGraph(model.flownet).eval(), head_rows | {"cond"}),
         "velocity": StageSpec("velocity", ("x", "t") + head_out, ("v",),
                               {"x": {0: "rows", 1: "tokens"}, "t": {0: "rows"}, "c": {0: "rows", 1: "tokens"},
                                "rope": {2: "tokens"}} | ({"cross_kv": {0: "rows", 4: "tokens"},
                                                           "cross_rope": {2: "tokens"}} if v2 else {}),
-                              1e-4, vel, {}),
+                              1e-4, vel, {}, lambda model, vae=None: w.VelocityGraph(model.flownet).eval(),
+                              head_rows | {"x", "t", "v"}, from_stage=head_out),
     }
-    if vae_latent_side is not None:
-        S, f = vae_latent_side, vae_factor
+    if vae_factor is not None:
+        S, f = c.latent_size, vae_factor
 
         def dec(k: int, r: int) -> dict[str, Shape]:
             return {"latent": (r, C, S, S), "image": (r, 3, S * f, S * f)}
 
         specs["decode"] = StageSpec("decode", ("latent",), ("image",), {"latent": {0: "rows"}}, 1e-4, dec, {},
-                                    per_scale=False)
+                                    lambda model, vae: w.DecodeGraph(vae).eval(), frozenset({"latent", "image"}),
+                                    rows_per_sample=1, per_scale=False)
     return specs
 
 

@@ -108,22 +108,21 @@ def select(model, vae, specs: dict, graphs: dict, candidates: tuple[str, ...] = 
     ``graphs``: stage -> (path, sha256) of the exported fp32 ONNX graphs.
     """
     from flowar.engines.cpu import cpu_kind
-    from flowar.engines.ort import velocity_work_limits
-    from flowar.export.onnx_export import stage_module
+    from flowar.engines.ort import split_limits
     from flowar.runtime.load import stage_engine
-    from flowar.schedule import named_schedule
+    from flowar.schedule import sampling_schedule
     config = model.config
-    official = named_schedule("official", 4.3, 0.9, config.n_scales)
+    official = sampling_schedule(config.n_scales)
     calls = {"velocity": [len(p) for p in official.plan]}
     measured: dict[str, dict[str, StageMeasure]] = {}
-    modules = {s: stage_module(s, model, vae) for s in AUTO_STAGES}
+    modules = {s: specs[s].module(model, vae) for s in AUTO_STAGES}
     for stage in AUTO_STAGES:
         spec = specs[stage]
         measured[stage] = {}
         for cand in candidates:
             progress(f"measure {stage} {cand}")
             eng = stage_engine(stage, cand, modules[stage], spec, *graphs[stage], threads,
-                                   velocity_work_limits(config) if stage == "velocity" else (0, 0))
+                                   split_limits(stage, config))
             with eng:
                 tol = BF16_TOLERANCE if cand.endswith("bf16") else spec.tolerance
                 measured[stage][cand] = measure_stage(eng, modules[stage], spec, config,
@@ -145,11 +144,11 @@ def end_to_end(choice: dict[str, str], model, vae, specs: dict, graphs: dict, th
     from flowar.run import run_sampling
     from flowar.runtime.load import stage_engines
     from flowar.runtime.pipeline import EngineStages
-    from flowar.schedule import named_schedule
+    from flowar.schedule import sampling_schedule
     from flowar.stages import TorchStages
     config = model.config
     labels = [i % config.num_classes for i in range(PROBE_LABELS)]
-    sched = named_schedule("official", 4.3, 0.9, config.n_scales)
+    sched = sampling_schedule(config.n_scales)
     decode = vae is not None
     with torch.inference_mode():
         ref = run_sampling(TorchStages(model, vae.decode if decode else None), config, labels, sched, 0, decode=decode)

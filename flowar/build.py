@@ -11,7 +11,7 @@ from typing import Callable
 
 from flowar.checkpoint import load_model
 from flowar.errors import FlowARError
-from flowar.schedule import SAMPLING_DEFAULTS
+from flowar.config import SAMPLING_DEFAULTS
 
 # fp16/bf16 graphs are compared with the fp32 eager reference: they differ by their rounding.
 REDUCED_TOLERANCE = {"fp32": None, "fp16": 5e-2, "bf16": 3e-1}
@@ -24,6 +24,23 @@ class BuildReport:
     seconds: dict[str, float] = field(default_factory=dict)
     backends: list[str] = field(default_factory=list)
     auto: object = None                                  # flowar.autoprec.AutoReport with --precision auto
+
+    def lines(self) -> list[str]:
+        """What flowar-export prints: each stage's check and, with --precision auto, each choice."""
+        out = [f"  {c.name:<10} max abs diff vs eager {c.worst:.2e} (tolerance {c.tolerance:.0e}) worst at {c.where}"
+               for c in self.checks]
+        if self.auto is not None:
+            a = self.auto
+            for stage, ms in a.measured.items():
+                cells = ", ".join(f"{c} {m.seconds * 1e3:.1f} ms (err {m.error:.1e}{'' if m.ok else ', too far'})"
+                                  for c, m in ms.items())
+                out.append(f"  auto {stage:<10} -> {a.choice[stage]:<10} [{cells}]")
+            e = a.end_to_end
+            quality = (f"PSNR vs fp32 median {e['psnr_median']:.1f} dB, worst {e['psnr_worst']:.1f} dB"
+                       if "psnr_median" in e else f"token error mean {e['token_mean']:.2e}")
+            out.append(f"  auto end to end on {e['samples']} samples: {quality}"
+                       + (f"; reduced precision rejected for {', '.join(a.fallback)}" if a.fallback else ""))
+        return out
 
 
 def build_engine_dir(ckpt: str | Path, out: str | Path, preset: str | None = None, config_path: str | None = None,
@@ -38,8 +55,8 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, preset: str | None = Non
     candidates of each network stage on this machine and records the choice (flowar.autoprec);
     ``auto_candidates`` restricts the candidates (e.g. to force bf16 for a measurement).
     """
-    from flowar.export.manifest import library_versions, sha256_file, staged_directory, write_manifest
-    from flowar.export.onnx_export import OPSET, PRECISIONS, ExportError, export_stage, stage_module, verify_stage
+    from flowar.export.manifest import Manifest, library_versions, sha256_file, staged_directory, write_manifest
+    from flowar.export.onnx_export import OPSET, PRECISIONS, ExportError, export_stage, verify_stage
     from flowar.export.specs import stage_specs
 
     if backend not in ("ort", "trt", "all"):
@@ -61,27 +78,27 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, preset: str | None = Non
     if not 1 <= max_batch <= 1024:
         raise FlowARError("--max-batch in 1..1024", str(max_batch), "use e.g. --max-batch 8")
     say = progress or (lambda s: None)
+    builder = None
+    if backend in ("trt", "all"):
+        from flowar.engines.trt import load_builder, polygraphy_trt
+        builder = load_builder()                       # fail before any work if TensorRT or Polygraphy is missing
+        polygraphy_trt(builder)
     model, ck = load_model(ckpt, preset, config_path, use_ema=use_ema)
     config = ck.config
     vae = None
     if vae_path is not None:
         from flowar.vae import load_vae
         vae = load_vae(vae_path, expect_channels=config.latent_channels)
-    specs = stage_specs(config, config.latent_size if vae else None, vae.downsample if vae else None)
-    max_rows = 2 * max_batch
-    builder = None
-    if backend in ("trt", "all"):
-        from flowar.engines.trt import load_builder
-        builder = load_builder()                       # fail before any work if TensorRT is missing
+    specs = stage_specs(config, vae.downsample if vae else None)
     report = BuildReport(Path(out))
     with staged_directory(out) as tmp:
         stages = {}
         for name, spec in specs.items():
             say(f"export {name}")
             t0 = time.perf_counter()
-            module = stage_module(name, model, vae)
+            module = spec.module(model, vae)
             path = tmp / f"{name}.onnx"
-            rows = max_batch if name == "decode" else max_rows
+            rows = spec.max_rows(max_batch)
             export_stage(spec, module, config, path, rows, graph_precision)
             report.seconds[f"export {name}"] = time.perf_counter() - t0
             stages[name] = {"file": path.name, "sha256": sha256_file(path), "inputs": list(spec.inputs),
@@ -126,26 +143,18 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, preset: str | None = Non
             trt_info = {"flavour": builder.flavour, "version": builder.version, "plans": plans,
                         "compute_capability": next(iter(plans.values()))["compute_capability"]}
             report.backends.append("trt")
-        manifest = {
-            "config": config.to_dict(),
-            "class_names": ck.class_names,
-            "schedule_defaults": schedule_defaults or dict(SAMPLING_DEFAULTS),
-            "checkpoint": {"file": Path(ckpt).name, "source": str(Path(ckpt).resolve()), "sha256": sha256_file(ckpt),
-                           "weights": ck.source},
-            "vae": None if vae is None else {"source": str(Path(vae_path).resolve()), "latent_channels": vae.latent_channels,
-                                             "downsample": vae.downsample,
-                                             "image_size": config.latent_size * vae.downsample},
-            "precision": precision,
-            "max_batch": max_batch,
-            "opset": OPSET,
-            "scales": [{"side": s, "tokens": n, "seq_begin": b, "seq_end": e} for s, n, b, e in
-                       zip(config.scales, config.tokens_per_scale, config.scale_begin, config.scale_end)],
-            "stages": stages,
-            "tensorrt": trt_info,
-            "auto": auto_info,
-            "weights": weights,
-            "versions": library_versions(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+        manifest = Manifest(
+            root=tmp, config=config, stages=stages, precision=precision, max_batch=max_batch,
+            checkpoint={"file": Path(ckpt).name, "source": str(Path(ckpt).resolve()), "sha256": sha256_file(ckpt),
+                        "weights": ck.source},
+            class_names=ck.class_names,
+            schedule_defaults=schedule_defaults or dict(SAMPLING_DEFAULTS),
+            vae=None if vae is None else {"source": str(Path(vae_path).resolve()), "latent_channels": vae.latent_channels,
+                                          "downsample": vae.downsample, "image_size": config.latent_size * vae.downsample},
+            tensorrt=trt_info, auto=auto_info, weights=weights,
+            meta={"opset": OPSET,
+                  "scales": [{"side": s, "tokens": n, "seq_begin": b, "seq_end": e} for s, n, b, e in
+                             zip(config.scales, config.tokens_per_scale, config.scale_begin, config.scale_end)],
+                  "versions": library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         write_manifest(tmp, manifest)
     return report

@@ -78,7 +78,7 @@ class ShardSampler:
         self.out = Path(out)
         torch.set_num_threads(self.spec.threads)
         self.rt = open_engine_dir(self.spec.engine_dir, "ort", threads=self.spec.threads)
-        self.schedule = sampling_schedule(self.rt.config.n_scales, self.rt.manifest.get("schedule_defaults"),
+        self.schedule = sampling_schedule(self.rt.config.n_scales, self.rt.manifest.schedule_defaults,
                                           **self.spec.schedule)
 
     def sample_shard(self, j: int, start: int, end: int) -> float:
@@ -91,7 +91,7 @@ class ShardSampler:
         labels = [self.spec.classes[i % len(self.spec.classes)] for i in idx]
         with torch.inference_mode():
             res = run_sampling(self.rt.stages, self.rt.config, labels, self.schedule, self.spec.seed, decode=True,
-                               batch_size=self.rt.manifest["max_batch"], indices=idx)
+                               batch_size=self.rt.manifest.max_batch, indices=idx)
         save_images(res.images, self.out / "png" / f"{j:05d}", first=start)      # named by sample index
         write_npz(shard_path(self.out, j), {"images": to_uint8(res.images), "labels": np.asarray(labels, np.int64),
                                             "indices": np.asarray(idx, np.int64)})
@@ -151,14 +151,14 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
                           f"{spec.num_images} / {spec.shard_size} / {workers} / {spec.threads}", "use positive numbers")
     check_writable(out, True, "--out")
     m = read_manifest(spec.engine_dir)
-    if m.get("vae") is None:
+    if not m.decodes:
         raise FlowARError("an engine directory with a decode stage (images)", "one exported without --vae",
                           "re-export with --vae")
-    bad = [c for c in spec.classes if not 0 <= c < m["config_obj"].num_classes]
+    bad = [c for c in spec.classes if not 0 <= c < m.config.num_classes]
     if bad or not spec.classes:
-        raise FlowARError(f"class ids in 0..{m['config_obj'].num_classes - 1}", f"{bad or 'none'}", "check --labels")
+        raise FlowARError(f"class ids in 0..{m.config.num_classes - 1}", f"{bad or 'none'}", "check --labels")
     from flowar.schedule import sampling_schedule
-    sampling_schedule(m["config_obj"].n_scales, m.get("schedule_defaults"), **spec.schedule)   # refuse bad values now
+    sampling_schedule(m.config.n_scales, m.schedule_defaults, **spec.schedule)   # refuse bad values now
     out.mkdir(parents=True, exist_ok=True)
     _check_spec(out, spec)
     shards = shard_ranges(spec.num_images, spec.shard_size)

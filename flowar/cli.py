@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from flowar.errors import FlowARError
+from flowar.config import SAMPLING_DEFAULTS
 
 EXIT_USER_ERROR = 2
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -43,16 +44,6 @@ def user_errors(fn):
     return wrapper
 
 
-def _device(name: str):
-    import torch
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FlowARError("a CUDA device for --device cuda", "no CUDA device visible to PyTorch",
-                          "use --device cpu (or auto)")
-    return torch.device(name)
-
-
 def schedule_options(recorded_by: str):
     """--schedule/--solver/--stride/--steps/--cfg/--guidance, each unset unless given (see sampling_schedule)."""
     def apply(f):
@@ -66,9 +57,10 @@ def schedule_options(recorded_by: str):
             click.option("--stride", type=int, help="skip solver: run the head on 1 step in N (the schedule's: 3)."),
             click.option("--steps", type=int, help="Points of the official time grid (25 = 24 steps) [default: the "
                                                    f"schedule's, or {recorded_by}]."),
-            click.option("--cfg", type=float, help=f"Guidance weight at the last scale, 1 = off [default: 4.3, or "
-                                                   f"{recorded_by}]."),
-            click.option("--guidance", type=float, help=f"Guide only at t <= this [default: 0.9, or {recorded_by}]."),
+            click.option("--cfg", type=float, help=f"Guidance weight at the last scale, 1 = off [default: "
+                                                   f"{SAMPLING_DEFAULTS['cfg']}, or {recorded_by}]."),
+            click.option("--guidance", type=float, help=f"Guide only at t <= this [default: "
+                                                        f"{SAMPLING_DEFAULTS['guidance']}, or {recorded_by}]."),
         ]
         for o in reversed(opts):
             f = o(f)
@@ -114,69 +106,31 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
     from flowar.outputs import check_writable
     from flowar.run import parse_labels, run_sampling, write_outputs
     from flowar.schedule import sampling_schedule
-    if bool(ckpt) == bool(engine_dir):
-        raise FlowARError("exactly one of --ckpt or --engine-dir", "both" if ckpt else "neither",
-                          "pass --engine-dir DIR (from flowar-export) or --ckpt PATH")
-    if engine_dir and (preset or config_path or vae or raw_weights):
-        raise FlowARError("no --preset/--config/--vae/--raw-weights with --engine-dir", "some of them",
-                          "the engine directory records its config and decoder; drop those options")
-    if threads is not None and threads < 1:
-        raise FlowARError("--threads >= 1", str(threads), "use e.g. --threads 2, or omit it to use every core")
+    import torch
+    from flowar.source import graph_runner, open_source
     for p, is_dir, option in ((save_tokens, False, "--save-tokens"), (out, False, "--out"),
                               (save_images, True, "--save-images")):
         check_writable(p, is_dir, option)
-
-    import torch
-    if engine_dir:
-        from flowar.runtime.load import open_engine_dir
-        rt = open_engine_dir(engine_dir, backend, threads=threads)
-        config, class_names, dev = rt.config, rt.class_names, rt.device
-        defaults = rt.manifest.get("schedule_defaults", {})
-        stages, can_decode, what = rt.stages, rt.manifest.get("vae") is not None, rt.detail
-    else:
-        from flowar.checkpoint import load_model
-        from flowar.stages import TorchStages
-        dev = _device(device)
-        model, ck = load_model(ckpt, preset, config_path, use_ema=not raw_weights, device=dev)
-        config, class_names, defaults = ck.config, ck.class_names, {}
-        vae_mod = None
-        if vae:
-            from flowar.vae import load_vae
-            vae_mod = load_vae(vae, expect_channels=config.latent_channels).to(dev)
-        stages, can_decode, what = (TorchStages(model, vae_mod.decode if vae_mod else None), vae_mod is not None,
-                                    f"eager PyTorch on {dev}")
-    sched = sampling_schedule(config.n_scales, defaults, schedule=schedule, steps=steps, cfg=cfg, guidance=guidance,
-                              solver=solver, stride=stride)
-    if (out or save_images) and not can_decode:
-        raise FlowARError("a VAE to decode images for --out/--save-images",
-                          "an engine directory exported without --vae" if engine_dir else "no --vae",
-                          "pass --vae PATH (or re-export with --vae), or use --save-tokens only")
-    ids = parse_labels(config, labels, classes, class_names, n_per_class)
-    if batch_size is not None and batch_size < 1:
-        raise FlowARError("--batch >= 1", str(batch_size), "use e.g. --batch 8")
-    if engine_dir:
-        limit = rt.manifest["max_batch"]
-        if batch_size is not None and batch_size > limit:
-            raise FlowARError(f"--batch at most {limit} (the engines' max batch)", str(batch_size),
-                              f"use --batch {limit}, or re-export with --max-batch {batch_size}")
-        batch_size = batch_size or limit
-    runner, graphs = None, "off"
-    if cuda_graphs and (engine_dir or dev.type == "cuda"):
-        from flowar.runtime.cudagraph import GraphRunner
-        capturable = dev.type == "cuda" and (not engine_dir or rt.backend in ("trt", "torch"))
-        if dev.type == "cuda" and not engine_dir:           # static buffers: the reference modules as engines
-            from flowar.runtime.pipeline import torch_engine_stages
-            stages = torch_engine_stages(model, batch_size or len(ids), dev, vae_mod)
-        runner = GraphRunner(dev, capture=capturable)
-        graphs = ("on" if capturable else "off (ONNX Runtime sessions are not captured)" if dev.type == "cuda"
-                  else "off (CPU: the same plan without capture)")
-    click.echo(f"backend: {what}; schedule: {sched.describe()}; CUDA graphs {graphs}", err=True)
-    from flowar.sampler import host_threads
-    with torch.inference_mode(), host_threads(threads):
-        result = run_sampling(stages, config, ids, sched, seed, noise_file, decode=bool(out or save_images),
-                              device=dev, progress=True, batch_size=batch_size, runner=runner)
-    lines = write_outputs(result, class_names, save_tokens, out, save_images, n_per_class if n_per_class > 1 else None)
-    click.echo(f"sampled {len(ids)} x {config.latent_size}x{config.latent_size} token maps with {what} in "
+    with open_source(ckpt, engine_dir, backend=backend, preset=preset, config_path=config_path, vae=vae,
+                     raw_weights=raw_weights, device=device, threads=threads) as src:
+        config = src.config
+        sched = sampling_schedule(config.n_scales, src.schedule_defaults, schedule=schedule, steps=steps, cfg=cfg,
+                                  guidance=guidance, solver=solver, stride=stride)
+        if (out or save_images) and not src.decodes:
+            raise FlowARError("a VAE to decode images for --out/--save-images",
+                              "an engine directory exported without --vae" if engine_dir else "no --vae",
+                              "pass --vae PATH (or re-export with --vae), or use --save-tokens only")
+        ids = parse_labels(config, labels, classes, src.class_names, n_per_class)
+        batch_size = src.batch_size(batch_size)
+        runner, stages, graphs = graph_runner(src, cuda_graphs, batch_size or len(ids))
+        click.echo(f"backend: {src.detail}; schedule: {sched.describe()}; CUDA graphs {graphs}", err=True)
+        from flowar.sampler import host_threads
+        with torch.inference_mode(), host_threads(threads):
+            result = run_sampling(stages, config, ids, sched, seed, noise_file, decode=bool(out or save_images),
+                                  device=src.device, progress=True, batch_size=batch_size, runner=runner)
+    lines = write_outputs(result, src.class_names, save_tokens, out, save_images,
+                          n_per_class if n_per_class > 1 else None)
+    click.echo(f"sampled {len(ids)} x {config.latent_size}x{config.latent_size} token maps with {src.detail} in "
                f"{result.seconds:.2f} s ({sched.name or sched.solver}, {sched.head_evals} head evaluations per sample, "
                f"cfg {sched.cfg}, guidance {sched.guidance})")
     for line in lines:
@@ -202,8 +156,9 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
 @click.option("--schedule", default="official", show_default=True, type=click.Choice(["official", "fast"]),
               help="Default schedule recorded for flowar-run (which can still choose either).")
 @click.option("--steps", type=int, help="Default grid points recorded for flowar-run [default: the schedule's].")
-@click.option("--cfg", default=4.3, show_default=True, type=float, help="Default cfg recorded for flowar-run.")
-@click.option("--guidance", default=0.9, show_default=True, type=float, help="Default guidance recorded for flowar-run.")
+@click.option("--cfg", type=float, help=f"Default cfg recorded for flowar-run [default: {SAMPLING_DEFAULTS['cfg']}].")
+@click.option("--guidance", type=float, help="Default guidance recorded for flowar-run [default: "
+                                             f"{SAMPLING_DEFAULTS['guidance']}].")
 @click.option("--compute-capability", help="TensorRT target without a GPU, e.g. sm80, sm86, sm89, sm120.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @user_errors
@@ -213,7 +168,8 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
     from flowar.build import build_engine_dir
     from flowar.outputs import check_writable
     from flowar.schedule import sampling_schedule
-    defaults = {"schedule": schedule, "steps": steps, "cfg": cfg, "guidance": guidance}
+    defaults = SAMPLING_DEFAULTS | {k: v for k, v in dict(schedule=schedule, steps=steps, cfg=cfg,
+                                                          guidance=guidance).items() if v is not None}
     sampling_schedule(2, defaults)                     # refuse values flowar-run would refuse, before any work
     check_writable(out, True, "--out")
     from tqdm import tqdm
@@ -226,27 +182,13 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
         bar.update(1) if bar.n < total else None
 
     rep = build_engine_dir(ckpt, out, preset, config_path, vae, backend, precision, max_batch, verify, not raw_weights,
-                           {k: v for k, v in defaults.items() if v is not None}, compute_capability, step,
+                           defaults, compute_capability, step,
                            tuple(c.strip() for c in auto_candidates.split(",") if c.strip()) if auto_candidates else None)
     bar.close()
-    for c in rep.checks:
-        click.echo(f"  {c.name:<10} max abs diff vs eager {c.worst:.2e} (tolerance {c.tolerance:.0e}) worst at {c.where}")
-    if rep.auto is not None:
-        a = rep.auto
-        for stage, ms in a.measured.items():
-            cells = ", ".join(f"{c} {m.seconds * 1e3:.1f} ms (err {m.error:.1e}{'' if m.ok else ', too far'})"
-                              for c, m in ms.items())
-            click.echo(f"  auto {stage:<10} -> {a.choice[stage]:<10} [{cells}]")
-        e = a.end_to_end
-        quality = (f"PSNR vs fp32 median {e['psnr_median']:.1f} dB, worst {e['psnr_worst']:.1f} dB" if "psnr_median" in e
-                   else f"token error mean {e['token_mean']:.2e}")
-        click.echo(f"  auto end to end on {e['samples']} samples: {quality}"
-                   + (f"; reduced precision rejected for {', '.join(a.fallback)}" if a.fallback else ""))
-    secs = sum(rep.seconds.values())
-    click.echo(f"engine directory -> {rep.out} ({', '.join(rep.backends)}, {precision}, max batch {max_batch}) in {secs:.0f} s")
-
-
-
+    for line in rep.lines():
+        click.echo(line)
+    click.echo(f"engine directory -> {rep.out} ({', '.join(rep.backends)}, {precision}, max batch {max_batch}) in "
+               f"{sum(rep.seconds.values()):.0f} s")
 
 @click.command(context_settings=CONTEXT)
 @click.option("--data", default="animal-mnist", show_default=True, help="animal-mnist, or ROOT/<class>/<image> folder.")
@@ -342,10 +284,9 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
     class accuracy and a domain Frechet distance by an independent judge (Animal-MNIST models),
     a converged reference, and FID against reference statistics."""
     from flowar.outputs import check_writable
-    from flowar.quality import load_extractor, measure, read_fid_stats
+    from flowar.quality import load_extractor, measure, read_fid_stats, report_lines
     from flowar.schedule import sampling_schedule
-    if bool(ckpt) == bool(engine_dir):
-        raise FlowARError("exactly one of --ckpt or --engine-dir", "both" if ckpt else "neither", "pass one of them")
+    from flowar.source import open_engines, open_source
     if bool(fid_stats) != bool(fid_extractor):
         raise FlowARError("--fid-stats and --fid-extractor together", "only one of them",
                           "pass the statistics and the extractor they were made with")
@@ -356,65 +297,33 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
     check_writable(json_out, False, "--json")
     stats = read_fid_stats(fid_stats) if fid_stats else None
     extractor = load_extractor(fid_extractor) if fid_extractor else None
-    if engine_dir:
-        from flowar.runtime.load import open_engine_dir
-        rt = open_engine_dir(engine_dir, "auto")
-        config, class_names, stages, recorded = rt.config, rt.class_names, rt.stages, rt.manifest.get("schedule_defaults")
-        decode = rt.manifest.get("vae") is not None
-        batch = min(batch, rt.manifest["max_batch"])
-    else:
-        from flowar.checkpoint import load_model
-        from flowar.stages import TorchStages
-        model, ck = load_model(ckpt, preset, config_path)
-        config, class_names, recorded = ck.config, ck.class_names, None
-        dec = None
-        if vae:
-            from flowar.vae import load_vae
-            dec = load_vae(vae, expect_channels=config.latent_channels).decode
-        stages, decode = TorchStages(model, dec), dec is not None
-    sched = sampling_schedule(config.n_scales, recorded, schedule=schedule, steps=steps, cfg=cfg, guidance=guidance,
-                              solver=solver, stride=stride)
-    judge = None
-    if config.num_classes == 10 and decode and class_names and class_names[0] == "bear":
-        from flowar.judge import train_judge
-        judge = train_judge(cache=Path(judge_cache))
-    labels = [c for c in range(min(classes_limit, config.num_classes)) for _ in range(per_class)]
-    other = None
-    if vs_engine_dir:
-        from flowar.runtime.load import open_engine_dir
-        other = open_engine_dir(vs_engine_dir, "auto")
-        if other.config != config:
-            raise FlowARError("--vs-engine-dir exported from the same model", "another config", "pass a matching one")
-        batch = min(batch, other.manifest["max_batch"])
-    rep = measure(stages, config, labels, sched, seed, batch, decode, judge, judge.real_stats if judge else None,
-                  converged, stats, extractor, progress=True, reference_stages=other.stages if other else None)
-    click.echo(f"schedule: {rep.schedule}; {rep.n_samples} samples, seed {seed}, sampled in {rep.seconds:.1f} s")
-    o = rep.vs_official
-    click.echo(f"vs the official schedule (same noise): tokens max {o['token_max']:.2e} mean {o['token_mean']:.2e}"
-               + (f"; image PSNR median {o['psnr_median']:.1f} dB, worst {o['psnr_worst']:.1f} dB" if decode else ""))
-    if rep.vs_reference:
-        r = rep.vs_reference
-        click.echo(f"vs {vs_engine_dir} ({other.detail}), same samples: tokens max {r['token_max']:.2e} mean "
-                   f"{r['token_mean']:.2e}" + (f"; image PSNR median {r['psnr_median']:.1f} dB, worst "
-                                               f"{r['psnr_worst']:.1f} dB" if decode else ""))
-    if rep.vs_converged:
-        c = rep.vs_converged
-        click.echo(f"vs a converged reference (400 Euler steps): tokens mean {c['token_mean']:.2e} (the official "
-                   f"schedule's: {c['official_token_mean']:.2e}), max {c['token_max']:.2e}")
-    if judge is not None:
-        click.echo(f"judge (held-out accuracy on real images {rep.judge_held_out_accuracy:.1%}): {rep.class_accuracy:.1%} "
-                   f"judged the requested class; Frechet distance to held-out real images in its features "
-                   f"{rep.frechet_judge:.2f}")
-        names = class_names or [str(i) for i in range(10)]
-        click.echo("  " + ", ".join(f"{n} {a:.0%}" for n, a in zip(names, rep.per_class)))
-    if rep.fid is not None:
-        click.echo(f"FID against {Path(fid_stats).name}: {rep.fid:.3f}")
+    with open_source(ckpt, engine_dir, preset=preset, config_path=config_path, vae=vae, device="cpu") as src:
+        config = src.config
+        batch = min(batch, src.max_batch or batch)
+        sched = sampling_schedule(config.n_scales, src.schedule_defaults, schedule=schedule, steps=steps, cfg=cfg,
+                                  guidance=guidance, solver=solver, stride=stride)
+        judge = None
+        if config.num_classes == 10 and src.decodes and src.class_names and src.class_names[0] == "bear":
+            from flowar.judge import train_judge
+            judge = train_judge(cache=Path(judge_cache))
+        labels = [c for c in range(min(classes_limit, config.num_classes)) for _ in range(per_class)]
+        other = src._stack.enter_context(open_engines(vs_engine_dir)) if vs_engine_dir else None
+        if other is not None:
+            if other.config != config:
+                raise FlowARError("--vs-engine-dir exported from the same model", "another config",
+                                  "pass a matching one")
+            batch = min(batch, other.max_batch)
+        rep = measure(src.stages, config, labels, sched, seed, batch, src.decodes, judge,
+                      judge.real_stats if judge else None, converged, stats, extractor, progress=True,
+                      reference_stages=other.stages if other else None)
+    for line in report_lines(rep, seed, src.decodes, src.class_names, f"{vs_engine_dir} ({other.detail})"
+                             if other else None, Path(fid_stats).name if fid_stats else None):
+        click.echo(line)
     if json_out:
         import dataclasses
         import json
         from flowar.outputs import atomic_write_bytes
         atomic_write_bytes(json_out, lambda tmp: Path(tmp).write_text(json.dumps(dataclasses.asdict(rep), indent=1)))
-
 
 @click.command(context_settings=CONTEXT)
 @click.option("--engine-dir", required=True, type=click.Path(file_okay=False), help="Engine directory (with a VAE).")
@@ -440,9 +349,9 @@ def sample_cmd(engine_dir, num_images, out, labels, classes, seed, schedule, sol
     from flowar.run import parse_labels
     check_writable(out, True, "--out")
     m = read_manifest(engine_dir)
-    ids = parse_labels(m["config_obj"], labels, classes, m.get("class_names"))
+    ids = parse_labels(m.config, labels, classes, m.class_names)
     if not labels and not classes:
-        ids = list(range(m["config_obj"].num_classes))
+        ids = list(range(m.config.num_classes))
     sched = {k: v for k, v in dict(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance, solver=solver,
                                    stride=stride).items() if v is not None}
     spec = BulkSpec(str(Path(engine_dir).resolve()), num_images, ids, seed, sched, shard_size, threads)
@@ -467,7 +376,7 @@ def serve_cmd(engine_dir, host, port, replicas, threads, max_n, ray_address, deb
     from flowar.export.manifest import read_manifest
     from flowar.serve import serve_forever
     m = read_manifest(engine_dir)
-    if m.get("vae") is None:
+    if not m.decodes:
         raise FlowARError("an engine directory with a decode stage (images)", "one exported without --vae",
                           "re-export with --vae")
     for name, v in (("--replicas", replicas), ("--max-n", max_n), ("--threads", 1 if threads is None else threads)):

@@ -23,6 +23,11 @@ JSON_FIELDS = (
 )
 
 
+# What a command samples with when neither the user nor the engine directory says otherwise (the
+# official FlowAR evaluation: its Euler sampler, guidance 4.3 at the last scale, only at t <= 0.9).
+SAMPLING_DEFAULTS = {"schedule": "official", "cfg": 4.3, "guidance": 0.9}
+
+
 @dataclass(frozen=True)
 class FlowARConfig:
     scales: tuple[int, ...]      # side of each token map, coarse to fine; the last is the latent side

@@ -56,7 +56,7 @@ class RopeFreqs(nn.Module):
     """Holds the inverse frequencies of the 2-D RoPE as the persistent buffer ``freqs``.
 
     The official checkpoints carry this buffer (``*.rope.freqs``), so it lives in the state dict;
-    the cos/sin tables are derived from it per token map by :func:`rope_tables`.
+    the cos/sin tables are derived from it per token map by :func:`rope_tables_from_pos`.
     """
 
     def __init__(self, head_dim: int):
@@ -83,11 +83,6 @@ def rope_tables_from_pos(freqs: Tensor, pos_N2: Tensor) -> tuple[Tensor, Tensor]
     ang = torch.stack([ang, ang], dim=-1).flatten(1)                      # (N, d): each frequency twice
     sign = torch.tensor([-1.0, 1.0], dtype=ang.dtype, device=ang.device).repeat(ang.shape[-1] // 2)
     return ang.cos(), ang.sin() * sign
-
-
-def rope_tables(freqs: Tensor, side: int) -> tuple[Tensor, Tensor]:
-    """cos and sin tables (side*side, d) for an s x s token map in row-major order."""
-    return rope_tables_from_pos(freqs, grid_positions(side, freqs.device))
 
 
 def rope_tables_for(freqs: Tensor, sides: list[int] | tuple[int, ...]) -> tuple[Tensor, Tensor]:

@@ -181,3 +181,28 @@ def measure(stages, config, labels: list[int], schedule, seed: int = 0, batch: i
         rep.fid = frechet_distance(*feature_stats(feats), *fid_stats)
     return rep
 
+
+def report_lines(rep: "QualityReport", seed: int, decode: bool, class_names: list[str] | None,
+                 reference: str | None = None, fid_name: str | None = None) -> list[str]:
+    """What flowar-judge prints for a report."""
+    out = [f"schedule: {rep.schedule}; {rep.n_samples} samples, seed {seed}, sampled in {rep.seconds:.1f} s"]
+
+    def versus(what: str, d: dict) -> str:
+        return (f"vs {what}: tokens max {d['token_max']:.2e} mean {d['token_mean']:.2e}"
+                + (f"; image PSNR median {d['psnr_median']:.1f} dB, worst {d['psnr_worst']:.1f} dB" if decode else ""))
+    out.append(versus("the official schedule (same noise)", rep.vs_official))
+    if rep.vs_reference:
+        out.append(versus(f"{reference}, same samples", rep.vs_reference))
+    if rep.vs_converged:
+        c = rep.vs_converged
+        out.append(f"vs a converged reference (400 Euler steps): tokens mean {c['token_mean']:.2e} (the official "
+                   f"schedule's: {c['official_token_mean']:.2e}), max {c['token_max']:.2e}")
+    if rep.class_accuracy is not None:
+        out.append(f"judge (held-out accuracy on real images {rep.judge_held_out_accuracy:.1%}): "
+                   f"{rep.class_accuracy:.1%} judged the requested class; Frechet distance to held-out real images "
+                   f"in its features {rep.frechet_judge:.2f}")
+        names = class_names or [str(i) for i in range(10)]
+        out.append("  " + ", ".join(f"{n} {a:.0%}" for n, a in zip(names, rep.per_class)))
+    if rep.fid is not None:
+        out.append(f"FID against {fid_name}: {rep.fid:.3f}")
+    return out

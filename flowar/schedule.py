@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flowar.config import SAMPLING_DEFAULTS
 from flowar.errors import FlowARError
 from flowar.head import timestep_integers
 
@@ -248,10 +249,6 @@ def named_schedule(name: str, cfg: float, guidance: float, n_scales: int, **over
     custom = spec != SCHEDULES[name]
     return build_schedule(spec["steps"], cfg, guidance, n_scales, spec["solver"], spec["grid"], spec["stride"],
                           spec["order"], name=None if custom else name)
-
-
-# What a command samples with when neither the user nor the engine directory says otherwise.
-SAMPLING_DEFAULTS = {"schedule": "official", "cfg": 4.3, "guidance": 0.9}
 
 
 def sampling_schedule(n_scales: int, recorded: dict | None = None, *, schedule: str | None = None,

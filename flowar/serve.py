@@ -105,10 +105,10 @@ class Generator:
         if threads:
             torch.set_num_threads(threads)
         self.rt = open_engine_dir(engine_dir, "ort", threads=threads)
-        if self.rt.manifest.get("vae") is None:
+        if not self.rt.manifest.decodes:
             raise FlowARError("an engine directory with a decode stage", "one exported without --vae",
                               "re-export with --vae")
-        self.max_batch = self.rt.manifest["max_batch"]
+        self.max_batch = self.rt.manifest.max_batch
         self.batches: list[int] = []
 
     def generate(self, items: list[Item]) -> list[str]:
@@ -122,7 +122,7 @@ class Generator:
         for settings in dict.fromkeys(it.settings for it in items):
             pos = [i for i, it in enumerate(items) if it.settings == settings]
             kw = {k: (float(v) if k in ("cfg", "guidance") else v) for k, v in settings}
-            sched = sampling_schedule(self.rt.config.n_scales, self.rt.manifest.get("schedule_defaults"), **kw)
+            sched = sampling_schedule(self.rt.config.n_scales, self.rt.manifest.schedule_defaults, **kw)
             with torch.inference_mode():
                 res = run_sampling(self.rt.stages, self.rt.config, [items[i].label for i in pos], sched,
                                    [items[i].seed for i in pos], decode=True, batch_size=self.max_batch,
@@ -142,7 +142,7 @@ def build_app(engine_dir: str, threads: int | None = None, max_n: int = 16, repl
     from starlette.responses import JSONResponse
 
     from flowar.export.manifest import read_manifest
-    max_batch = read_manifest(engine_dir)["max_batch"]
+    max_batch = read_manifest(engine_dir).max_batch
 
     @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": threads or 1},
                       max_ongoing_requests=256)

@@ -62,16 +62,16 @@ class OrtEngine:
     thread, calls with several rows are split into row blocks that run at the same time, one per
     core, on a session of the matching thread count (ONNX Runtime sessions may run concurrently;
     see below for how weights are shared). A tensor takes part in the split
-    when the graph names its first dimension ``rows`` (every stage's rows are independent
-    samples); a graph with an output that has no rows dimension is never split. Blocks of one
+    when its stage spec lists it in ``row_tensors`` (every stage's rows are independent
+    samples); a stage with an output that has no rows dimension is never split. Blocks of one
     thread share one session; blocks of several threads (machines with more cores than rows)
     each hold a session of their own, i.e. a copy of the stage's weights per block.
     ``shard_min``/``single_max``: rows x tokens limits, see :func:`plan_call`.
     """
 
-    def __init__(self, name: str, graph: Path, sha256: str, provider: str | None = None, cache_dir: Path | None = None,
-                 threads: int | None = None, shard_min: int = 0, single_max: int = 0):
-        self.name, self.graph, self.sha256 = name, graph, sha256
+    def __init__(self, name: str, graph: Path, sha256: str, row_tensors: frozenset[str], provider: str | None = None,
+                 cache_dir: Path | None = None, threads: int | None = None, shard_min: int = 0, single_max: int = 0):
+        self.name, self.graph, self.sha256, self.row_tensors = name, graph, sha256, row_tensors
         self.provider, self.cache_dir, self.threads = provider, cache_dir, threads
         self.shard_min, self.single_max = shard_min, single_max
         self._sessions: dict[tuple, object] = {}
@@ -83,10 +83,8 @@ class OrtEngine:
         self.cpu = self.provider == "CPUExecutionProvider"
         self.n_threads = (self.threads or cpu_threads()) if self.cpu else 1
         self.session = self._session(self.n_threads if self.cpu else None)
-        row_dim = lambda args: {a.name for a in args if a.shape and a.shape[0] == "rows"}   # noqa: E731
-        self.row_inputs = row_dim(self.session.get_inputs())
-        outs = self.session.get_outputs()
-        self.splittable = self.cpu and self.n_threads > 1 and len(row_dim(outs)) == len(outs)
+        outs = [o.name for o in self.session.get_outputs()]
+        self.splittable = self.cpu and self.n_threads > 1 and all(o in self.row_tensors for o in outs)
         self._runs: dict[tuple, list] = {}
         return self
 
@@ -139,7 +137,7 @@ class OrtEngine:
             self._workers = _Workers(len(blocks) - 1, self.name)
         runs = []
         for i, (b, e, threads) in enumerate(blocks):
-            part = lambda group: {n: (t[b:e] if n in self.row_inputs or group is outputs else t)   # noqa: E731
+            part = lambda group: {n: (t[b:e] if n in self.row_tensors else t)   # noqa: E731
                                   for n, t in group.items()}
             runs.append(self._run(self._session(threads, i), part(inputs), part(outputs)))
         return runs

@@ -15,8 +15,7 @@ import torch
 
 from flowar.config import FlowARConfig
 from flowar.errors import FlowARError
-from flowar.export.manifest import EngineDirError, read_manifest, safe_member, sha256_file
-from flowar.export.specs import stage_specs
+from flowar.export.manifest import EngineDirError, Manifest, read_manifest, sha256_file
 from flowar.runtime.engines import OrtEngine, SharedDeviceMemory, TorchEngine, TrtEngine
 from flowar.runtime.pipeline import EngineStages
 
@@ -25,14 +24,20 @@ BACKENDS = ("auto", "ort", "trt", "torch")
 
 @dataclass(slots=True)
 class Runtime:
-    manifest: dict
-    config: FlowARConfig
-    class_names: list[str] | None
+    manifest: Manifest
     stages: EngineStages
     backend: str                 # what ran: ort, trt or torch
     detail: str                  # provider / flavour, for the log line
     device: torch.device
     _stack: contextlib.ExitStack = field(repr=False, default=None)
+
+    @property
+    def config(self) -> FlowARConfig:
+        return self.manifest.config
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.manifest.class_names
 
     def close(self) -> None:
         if self._stack is not None:
@@ -46,8 +51,8 @@ class Runtime:
         self.close()
 
 
-def _trt_usable(m: dict) -> tuple[bool, str]:
-    info = m.get("tensorrt")
+def _trt_usable(m: Manifest) -> tuple[bool, str]:
+    info = m.tensorrt
     if not info:
         return False, "the directory has no TensorRT plans"
     if not torch.cuda.is_available():
@@ -75,7 +80,7 @@ def stage_engine(stage: str, candidate: str, module, spec, graph=None, sha256: s
     """The (not yet entered) engine a candidate names: ONNX Runtime on the graph, or the reference
     module in eager PyTorch, in float32 or with bfloat16 weights and activations (float32 I/O)."""
     if candidate == "ort-fp32":
-        return OrtEngine(stage, graph, sha256, "CPUExecutionProvider", cache_dir, threads, *limits)
+        return OrtEngine(stage, graph, sha256, spec.row_tensors, "CPUExecutionProvider", cache_dir, threads, *limits)
     if candidate == "torch-fp32":
         return TorchEngine(stage, module, spec.inputs, spec.outputs)
     if candidate == "torch-bf16":
@@ -88,26 +93,25 @@ def stage_engines(choice: dict[str, str], config: FlowARConfig, model, vae, spec
                   threads: int | None = None, cache_dir: Path | None = None) -> dict:
     """Engines for every stage (not entered): ``choice`` where it names one, ONNX Runtime fp32 otherwise.
     ``graphs``: stage -> (ONNX path, sha256)."""
-    from flowar.engines.ort import velocity_work_limits
-    from flowar.export.onnx_export import stage_module
+    from flowar.engines.ort import split_limits
     out = {}
     for stage, spec in specs.items():
         cand = choice.get(stage, "ort-fp32")
-        module = stage_module(stage, model, vae) if cand.startswith("torch") else None
+        module = spec.module(model, vae) if cand.startswith("torch") else None
         out[stage] = stage_engine(stage, cand, module, spec, *graphs[stage], threads,
-                                  velocity_work_limits(config) if stage == "velocity" else (0, 0), cache_dir)
+                                  split_limits(stage, config), cache_dir)
     return out
 
 
-def _dir_model(root: Path, m: dict):
+def _dir_model(m: Manifest):
     """The float32 model whose weights the directory carries (for its PyTorch stages)."""
     from flowar.checkpoint import load_model
-    w = m.get("weights")
-    path = safe_member(root, w["file"]) if w else None
+    w = m.weights
+    path = m.member(w["file"]) if w else None
     if path is None or not path.is_file() or sha256_file(path) != w["sha256"]:
         raise EngineDirError("the weights file the manifest records, with the sha256 recorded at export",
-                             f"{path or 'none'} (missing or modified)", f"re-export: flowar-export --out {root}")
-    model, _ = load_model(path, config=m["config_obj"])
+                             f"{path or 'none'} (missing or modified)", f"re-export: flowar-export --out {m.root}")
+    model, _ = load_model(path, config=m.config)
     return model
 
 
@@ -117,16 +121,14 @@ def open_engine_dir(path: str | Path, backend: str = "auto", device: str | torch
     if backend not in BACKENDS:
         raise FlowARError(f"--backend one of {', '.join(BACKENDS)}", repr(backend), "use --backend auto")
     m = read_manifest(root)
-    config = m["config_obj"]
-    vae = m.get("vae")
-    specs = stage_specs(config, config.latent_size if vae else None, vae["downsample"] if vae else None)
-    missing = [s for s in specs if s not in m["stages"]]
+    config, vae, specs = m.config, m.vae, m.specs()
+    missing = [s for s in specs if s not in m.stages]
     if missing:
         raise EngineDirError(f"graphs for every stage ({', '.join(specs)})", f"missing {missing}",
                              f"re-export: flowar-export --out {root}")
     if backend == "auto":
         ok, why = _trt_usable(m)
-        backend = "trt" if ok else ("mixed" if m.get("auto") else "ort")
+        backend = "trt" if ok else ("mixed" if m.auto else "ort")
     elif backend == "trt":
         ok, why = _trt_usable(m)
         if not ok:
@@ -135,15 +137,13 @@ def open_engine_dir(path: str | Path, backend: str = "auto", device: str | torch
     stack = contextlib.ExitStack()
     engines = {}
     if backend == "ort":
-        from flowar.engines.ort import choose_provider, velocity_work_limits
+        from flowar.engines.ort import choose_provider, split_limits
         provider = choose_provider()
-        limits = velocity_work_limits(config)
         dev = torch.device("cuda" if provider == "CUDAExecutionProvider" else "cpu") if device is None else torch.device(device)
         for name in specs:
-            info = m["stages"][name]
-            engines[name] = stack.enter_context(OrtEngine(name, safe_member(root, info["file"]), info["sha256"], provider,
+            engines[name] = stack.enter_context(OrtEngine(name, *m.graph(name), specs[name].row_tensors, provider,
                                                           root / ".ort-cache", threads,
-                                                          *(limits if name == "velocity" else (0, 0))))
+                                                          *split_limits(name, config)))
         detail = f"ONNX Runtime {provider}"
     elif backend == "trt":
         from flowar.engines.trt import load_builder
@@ -151,37 +151,38 @@ def open_engine_dir(path: str | Path, backend: str = "auto", device: str | torch
         dev = torch.device("cuda")
         shared = SharedDeviceMemory(dev)
         for name in specs:
-            plan = m["tensorrt"]["plans"][name]
-            engines[name] = stack.enter_context(TrtEngine(name, safe_member(root, plan["file"]), b.trt, shared))
+            plan = m.tensorrt["plans"][name]
+            engines[name] = stack.enter_context(TrtEngine(name, m.member(plan["file"]), b.trt, shared))
         detail = f"{b.flavour} {b.version}"
     elif backend == "mixed":   # what flowar-export --precision auto measured and chose, per stage
-        choice = m["auto"]["choice"]
-        model = _dir_model(root, m) if any(c.startswith("torch") for c in choice.values()) else None
-        graphs = {n: (safe_member(root, m["stages"][n]["file"]), m["stages"][n]["sha256"]) for n in specs}
+        choice = m.auto["choice"]
+        model = _dir_model(m) if any(c.startswith("torch") for c in choice.values()) else None
+        graphs = {n: m.graph(n) for n in specs}
         for name, eng in stage_engines(choice, config, model, None, specs, graphs, threads, root / ".ort-cache").items():
             engines[name] = stack.enter_context(eng)
         dev = torch.device("cpu")
         from flowar.engines.cpu import cpu_kind, describe
-        measured_on = m["auto"].get("machine", {})
+        measured_on = m.auto.get("machine", {})
         detail = "auto: " + ", ".join(f"{n} {choice.get(n, 'ort-fp32')}" for n in specs)
         if measured_on and measured_on != cpu_kind():
             detail += f" (measured on {describe(measured_on)}; re-export here to measure this CPU)"
     else:   # torch: the reference modules behind the same interface
-        src = Path(ckpt) if ckpt else Path(m["checkpoint"].get("source", ""))
-        if not src.is_file() or sha256_file(src) != m["checkpoint"]["sha256"]:
+        src = Path(ckpt) if ckpt else Path(m.checkpoint.get("source", ""))
+        if not src.is_file() or sha256_file(src) != m.checkpoint["sha256"]:
             raise FlowARError("the checkpoint this directory was exported from, for --backend torch",
                               f"{src if str(src) else 'no path'} (missing or a different file)",
                               "pass --ckpt with the original checkpoint")
         from flowar.checkpoint import load_model
         from flowar.runtime.pipeline import torch_engines
-        dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model, _ = load_model(src, config=config, use_ema=m["checkpoint"].get("weights") != "model", device=dev)
+        from flowar.device import resolve_device
+        dev = resolve_device(device)
+        model, _ = load_model(src, config=config, use_ema=m.checkpoint.get("weights") != "model", device=dev)
         vae_mod = None
         if vae:
             from flowar.vae import load_vae
             vae_mod = load_vae(vae["source"], expect_channels=config.latent_channels).to(dev)
         engines = torch_engines(model, specs, vae_mod)
         detail = f"eager PyTorch on {dev}"
-    stages = EngineStages(engines, config, m["max_batch"], dev, specs)
-    return Runtime(m, config, m.get("class_names"), stages, backend, detail, dev, stack)
+    stages = EngineStages(engines, config, m.max_batch, dev, specs)
+    return Runtime(m, stages, backend, detail, dev, stack)
 

@@ -24,15 +24,15 @@ from flowar.runtime.engines import Engine
 class BufferPlan:
     """Static storage per tensor name (max numel over every scale and row count), viewed per use."""
 
-    def __init__(self, specs: dict[str, StageSpec], config: FlowARConfig, max_rows: int, device: torch.device):
+    def __init__(self, specs: dict[str, StageSpec], config: FlowARConfig, max_batch: int, device: torch.device):
         self.device = device
         sizes: dict[str, tuple[int, torch.dtype]] = {}
         for spec in specs.values():
-            rows_max = max_rows if spec.name != "decode" else max_rows // 2
-            for k in (range(config.n_scales) if spec.per_scale else [0]):
+            rows_max = spec.max_rows(max_batch)
+            for k in spec.scales(config):
                 for name, shape in spec.shapes(k, rows_max).items():
-                    if spec.name == "velocity" and name not in ("x", "t", "v"):
-                        continue              # the rest are head_prep outputs
+                    if name in spec.from_stage:
+                        continue              # an earlier stage's output, passed as it is
                     key = f"{spec.name}.{name}"
                     n = math.prod(shape)
                     if n > sizes.get(key, (0, None))[0]:
@@ -57,11 +57,11 @@ class EngineStages:
     """The sampler's stages on engines and static buffers."""
 
     def __init__(self, engines: dict[str, Engine], config: FlowARConfig, max_batch: int, device: torch.device,
-                 specs: dict[str, StageSpec] | None = None, vae_factor: int | None = None):
+                 specs: dict[str, StageSpec]):
         self.engines, self.config, self.device = engines, config, device
         self.max_rows = 2 * max_batch
-        self.specs = specs or stage_specs(config, config.latent_size if vae_factor else None, vae_factor)
-        self.buffers = BufferPlan(self.specs, config, self.max_rows, device)
+        self.specs = specs
+        self.buffers = BufferPlan(specs, config, max_batch, device)
         c = config
         self.prefix = torch.zeros(self.max_rows, c.seq_len, c.latent_channels, device=device)
         self.pos = [grid_positions(s).to(device) for s in c.scales]
@@ -113,10 +113,10 @@ class EngineStages:
         if call is None:                      # once per (scale, rows); every later step reuses it
             spec = self.specs["velocity"]
             shapes = spec.shapes(ctx.k, r)
-            ins = {n: self.buffers.view("velocity", n, shapes[n]) for n in ("x", "t")}
-            for n in spec.inputs[2:]:
+            ins = {n: self.buffers.view("velocity", n, shapes[n]) for n in spec.inputs if n not in spec.from_stage}
+            for n in spec.from_stage:
                 src = ctx.inputs[n]
-                ins[n] = src[:r] if n in ("c", "cross_kv") else src
+                ins[n] = src[:r] if n in spec.row_tensors else src
             call = ctx.calls[r] = (ins, {"v": self.buffers.view("velocity", "v", shapes["v"])})
         ins, outs = call
         # x and t into this runtime's own static buffers: the engines then see the same addresses
@@ -139,13 +139,12 @@ class EngineStages:
 
 def torch_engines(model, specs: dict[str, StageSpec], vae=None) -> dict[str, Engine]:
     """The reference modules behind the engine interface, one per stage (already entered)."""
-    from flowar.export.onnx_export import stage_module
     from flowar.runtime.engines import TorchEngine
-    return {n: TorchEngine(n, stage_module(n, model, vae), s.inputs, s.outputs).__enter__() for n, s in specs.items()}
+    return {n: TorchEngine(n, s.module(model, vae), s.inputs, s.outputs).__enter__() for n, s in specs.items()}
 
 
 def torch_engine_stages(model, max_batch: int, device: torch.device | str, vae=None) -> EngineStages:
     """EngineStages over the reference modules: static buffers, capturable (the graphed PyTorch path)."""
     c = model.config
-    specs = stage_specs(c, c.latent_size if vae else None, vae.downsample if vae else None)
+    specs = stage_specs(c, vae.downsample if vae else None)
     return EngineStages(torch_engines(model, specs, vae), c, max_batch, torch.device(device), specs)

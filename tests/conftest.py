@@ -88,3 +88,15 @@ def assert_tokens(fixtures_dir, official_tokens):
         err = max(max_abs(tokens, o.a[key]), max_abs(tokens, o.b[key]))
         assert err <= bound.tol, f"{name} {run}: |tokens - official| {err:.2e} above the float32-noise bound ({bound})"
     return check
+
+
+@pytest.fixture(scope="session")
+def bench():
+    """bench/latency.py as a module (the bench is a folder of scripts, not a package: its folder
+    goes on sys.path, as it does when the script runs)."""
+    import sys
+    folder = str(Path(__file__).resolve().parents[1] / "bench")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    import latency
+    return latency

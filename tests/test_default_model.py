@@ -53,7 +53,10 @@ def test_onnx_runtime_matches_eager_at_45_db_and_fp16_runs(eager, tmp_path):
         half = run_sampling(rt.stages, rt.config, labels, **kw)
     p16 = psnr(half.images, got.images)
     print(f"\nPSNR ORT fp32 vs eager: {p32:.1f} dB; ORT fp16 vs ORT fp32: {p16:.1f} dB")
-    assert torch.isfinite(half.images).all() and p16 > 15.0
+    # measured 60.5 dB on AVX2 and AVX-512 machines (fp16 rounding of weights and stage boundaries);
+    # 40 dB leaves room for other CPUs, while a broken stage (a wrong scale's profile, a cast on the
+    # wrong side of an op) lands near 10-20 dB
+    assert torch.isfinite(half.images).all() and p16 >= 40.0, p16
 
 
 def _pngs(folder):

@@ -31,18 +31,18 @@ def test_every_stage_verified_within_tolerance(engine_dirs):
         for c in rep.checks:
             assert c.worst <= 1e-4, (name, c)
         m = read_manifest(d)
-        assert m["stages"]["velocity"]["verified_max_abs_diff"] <= 1e-4
+        assert m.stages["velocity"]["verified_max_abs_diff"] <= 1e-4
 
 
 def test_manifest_records_what_it_was_built_from(engine_dirs, fixtures_dir):
     d, _ = engine_dirs["tiny_v2"]
     m = read_manifest(d)
-    assert m["config"] == json.loads((fixtures_dir / "tiny_v2.config.json").read_text())
-    assert m["checkpoint"]["sha256"] == sha256_file(fixtures_dir / "tiny_v2.safetensors")
-    assert all(m["stages"][s]["sha256"] == sha256_file(d / m["stages"][s]["file"]) for s in m["stages"])
-    assert m["precision"] == "fp32" and m["max_batch"] == 2 and m["opset"] >= 18
-    assert {"torch", "onnx", "onnxruntime"} <= set(m["versions"])
-    assert [s["side"] for s in m["scales"]] == [1, 2, 4, 8, 16]
+    assert m.config.to_dict() == json.loads((fixtures_dir / "tiny_v2.config.json").read_text())
+    assert m.checkpoint["sha256"] == sha256_file(fixtures_dir / "tiny_v2.safetensors")
+    assert all(m.stages[s]["sha256"] == sha256_file(d / m.stages[s]["file"]) for s in m.stages)
+    assert m.precision == "fp32" and m.max_batch == 2 and m.meta["opset"] >= 18
+    assert {"torch", "onnx", "onnxruntime"} <= set(m.meta["versions"])
+    assert [s["side"] for s in m.meta["scales"]] == [1, 2, 4, 8, 16]
 
 
 def test_graphs_have_dynamic_rows_and_token_maps(engine_dirs):
@@ -76,21 +76,22 @@ def test_onnx_runtime_reproduces_official_tokens(engine_dirs, fixtures_dir, name
 def test_row_blocks_on_separate_cores_equal_one_whole_call(engine_dirs, name):
     """The CPU runtime splits a call's rows into blocks run at once; each block must give its
     rows exactly as one call over all rows does (same graph, one thread each)."""
-    from flowar.export.specs import sample_inputs, stage_specs
+    from flowar.export.specs import sample_inputs
     from flowar.runtime.engines import OrtEngine
     d, _ = engine_dirs[name]
     m = read_manifest(d)
-    c = m["config_obj"]
-    specs = stage_specs(c, c.latent_size, m["vae"]["downsample"])
+    c = m.config
+    specs = m.specs()
     gen = torch.Generator().manual_seed(3)
     for stage, spec in specs.items():
-        info = m["stages"][stage]
+        info = m.stages[stage]
         k = c.n_scales - 1 if spec.per_scale else 0
         ins = sample_inputs(spec, c, k, 3, gen)
         shapes = spec.shapes(k, 3)
         outs = {}
         for threads in (1, 2):
-            with OrtEngine(stage, d / info["file"], info["sha256"], "CPUExecutionProvider", threads=threads) as eng:
+            with OrtEngine(stage, d / info["file"], info["sha256"], spec.row_tensors, "CPUExecutionProvider",
+                           threads=threads) as eng:
                 o = {n: torch.full(shapes[n], float("nan")) for n in spec.outputs}
                 eng.infer(ins, o)
                 outs[threads] = o
@@ -107,13 +108,13 @@ def test_blocks_with_several_threads_each_get_their_own_session(engine_dirs):
     from flowar.runtime.engines import OrtEngine
     d, _ = engine_dirs["tiny_v1"]
     m = read_manifest(d)
-    c = m["config_obj"]
+    c = m.config
     spec = stage_specs(c)["velocity"]
     ins = sample_inputs(spec, c, c.n_scales - 1, 2, torch.Generator().manual_seed(5))
     got = {}
     for threads in (1, 4):
-        with OrtEngine("velocity", d / m["stages"]["velocity"]["file"], m["stages"]["velocity"]["sha256"],
-                       "CPUExecutionProvider", threads=threads) as eng:
+        with OrtEngine("velocity", *m.graph("velocity"), spec.row_tensors, "CPUExecutionProvider",
+                       threads=threads) as eng:
             out = {"v": torch.full(spec.shapes(c.n_scales - 1, 2)["v"], float("nan"))}
             eng.infer(ins, out)
             got[threads] = out["v"]
@@ -189,9 +190,9 @@ def test_tensorrt_rtx_builds_every_stage_with_one_profile_per_scale(engine_dirs,
     build_engine_dir(fixtures_dir / "tiny_v2.safetensors", d, config_path=str(fixtures_dir / "tiny_v2.config.json"),
                      vae_path=fixtures_dir / "mar_vae_tiny.ckpt", backend="trt", max_batch=2, verify=False)
     m = read_manifest(d)
-    plans = m["tensorrt"]["plans"]
+    plans = m.tensorrt["plans"]
     assert set(plans) == {"ar", "head_prep", "velocity", "decode"}
-    assert m["tensorrt"]["flavour"] in ("tensorrt", "tensorrt-rtx") and m["tensorrt"]["compute_capability"]
+    assert m.tensorrt["flavour"] in ("tensorrt", "tensorrt-rtx") and m.tensorrt["compute_capability"]
     for name, p in plans.items():
         assert (d / p["file"]).stat().st_size > 0 and p["key"].startswith(p["file"].split(".")[1])
         assert len(p["profiles"]) == (1 if name == "decode" else 5)
@@ -204,7 +205,7 @@ def test_real_presets_export_ar_and_velocity_with_dynamic_shapes(preset, tmp_pat
     """Real sizes, traced on the meta device (no weights in memory or on disk)."""
     import onnx
     from flowar.config import get_preset
-    from flowar.export.onnx_export import export_stage, stage_module
+    from flowar.export.onnx_export import export_stage
     from flowar.export.specs import stage_specs
     from flowar.model import FlowAR
     cfg = get_preset(preset)
@@ -212,7 +213,7 @@ def test_real_presets_export_ar_and_velocity_with_dynamic_shapes(preset, tmp_pat
     for name in ("ar", "velocity"):
         path = tmp_path / f"{name}.onnx"
         with torch.device("meta"):
-            module = stage_module(name, FlowAR(cfg))
+            module = specs[name].module(FlowAR(cfg))
         export_stage(specs[name], module, cfg, path, 16, weights=False)
         g = onnx.load(str(path), load_external_data=False).graph
         first = g.input[1 if name == "ar" else 0].type.tensor_type.shape.dim

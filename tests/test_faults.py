@@ -62,15 +62,14 @@ OUTPUTS = [("flowar-run", "--save-tokens"), ("flowar-run", "--out"), ("flowar-ru
 
 @pytest.mark.parametrize("where", UNWRITABLE)
 @pytest.mark.parametrize("command,option", OUTPUTS)
-def test_unwritable_output_is_one_line_before_any_work(fixtures_dir, tmp_path, command, option, where, capsys):
+def test_unwritable_output_is_one_line_before_any_work(fixtures_dir, tmp_path, command, option, where, capsys, bench):
     from flowar import cli
     (tmp_path / "afile").write_text("x")
     where = where.format(tmp=tmp_path)
     args = _command_args(fixtures_dir, tmp_path, command, option, where)
     before = sorted(p.name for p in tmp_path.rglob("*"))
     if command == "bench":
-        from test_bench import _bench
-        assert _bench().main(args) == 2
+        assert bench.main(args) == 2
         err = capsys.readouterr().err
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: expected a writable location for " + option), err
@@ -179,14 +178,57 @@ def test_engine_dir_from_another_checkpoint_is_refused_for_the_torch_backend(fix
 def test_tensorrt_plans_for_another_version_or_gpu_are_refused(monkeypatch):
     import flowar.engines.trt as trt_mod
     from flowar.runtime import load
-    m = {"tensorrt": {"flavour": "tensorrt", "version": "10.0", "compute_capability": "sm90", "plans": {}}}
-    assert load._trt_usable({"tensorrt": None}) == (False, "the directory has no TensorRT plans")
+    from types import SimpleNamespace
+    m = SimpleNamespace(tensorrt={"flavour": "tensorrt", "version": "10.0", "compute_capability": "sm90", "plans": {}})
+    assert load._trt_usable(SimpleNamespace(tensorrt=None)) == (False, "the directory has no TensorRT plans")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(trt_mod, "load_builder", lambda: trt_mod.Builder(None, "tensorrt", "11.0"))
     monkeypatch.setattr(trt_mod, "gpu_compute_capability", lambda: "sm90")
     ok, why = load._trt_usable(m)
     assert not ok and "10.0" in why and "11.0" in why
-    m["tensorrt"]["version"] = "11.0"
+    m.tensorrt["version"] = "11.0"
     monkeypatch.setattr(trt_mod, "gpu_compute_capability", lambda: "sm80")
     ok, why = load._trt_usable(m)
     assert not ok and "sm90" in why and "sm80" in why
+
+
+class _NaNAtScale:
+    """The reference stages, except that the velocity at one scale is NaN."""
+
+    def __init__(self, inner, scale: int):
+        self.inner, self.scale, self.k = inner, scale, 0
+
+    def start(self, labels):
+        self.inner.start(labels)
+
+    def ar(self, k, x):
+        self.k = k
+        return self.inner.ar(k, x)
+
+    def prepare(self, k, cond):
+        return self.inner.prepare(k, cond)
+
+    def velocity(self, ctx, x, t):
+        v = self.inner.velocity(ctx, x, t)
+        return v * float("nan") if self.k == self.scale else v
+
+    def decode(self, latent):
+        return self.inner.decode(latent)
+
+
+def test_check_scale_names_the_scale_once_and_check_none_leaves_it_to_the_caller(tiny_v1):
+    """check="scale" (the GPU default: one sync per scale) catches a NaN at the end of its scale."""
+    from flowar.errors import FlowARError
+    from flowar.sampler import per_sample_noise, sample
+    from flowar.schedule import sampling_schedule
+    from flowar.stages import TorchStages
+    model, _ = tiny_v1
+    c = model.config
+    sched = sampling_schedule(c.n_scales, steps=5)
+    st = _NaNAtScale(TorchStages(model), 2)
+    with torch.inference_mode():
+        with pytest.raises(FlowARError) as e:
+            sample(st, c, sched, torch.tensor([1, 2]), per_sample_noise(0, range(2)), check="scale")
+        assert e.value.got == "NaN or Inf at scale 2 (4x4)"
+        tokens, _ = sample(st, c, sched, torch.tensor([1, 2]), per_sample_noise(0, range(2)), check="none")
+    assert torch.isnan(tokens).any()

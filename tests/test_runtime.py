@@ -25,7 +25,7 @@ class Recording:
 def test_buffer_plan_allocates_each_tensor_once_at_its_largest():
     from flowar.config import get_preset
     c = get_preset("tiny")
-    plan = BufferPlan(stage_specs(c), c, max_rows=4, device=torch.device("cpu"))
+    plan = BufferPlan(stage_specs(c), c, max_batch=2, device=torch.device("cpu"))
     assert plan.storage["ar.semantics"].numel() == 4 * c.seq_len * c.ar_width
     assert plan.storage["head_prep.c"].numel() == 4 * 256 * c.head_width
     assert plan.storage["velocity.x"].numel() == 4 * 256 * c.latent_channels
@@ -84,15 +84,31 @@ def test_plan_call_splits_rows_into_contiguous_blocks_one_per_core():
             assert 1 <= sum(t for _, _, t in blocks) <= max(threads, 1)
 
 
-def test_velocity_work_limits_follow_the_head_size():
+def test_velocity_work_limits_are_the_flops_they_claim():
+    """shard_min / single_max are rows x tokens of a velocity call of ~20 MFLOP / ~200 MFLOP:
+    checked against torch's FLOP counter on the real head, for a narrow and a wide model."""
+    from torch.utils.flop_counter import FlopCounterMode
     from flowar.config import get_preset
     from flowar.engines.ort import velocity_work_limits
-    c = get_preset("tiny")
-    per_token = 2 * c.head_depth * (10 * c.head_width ** 2 + 3 * c.head_width * c.head_mlp_hidden)
-    shard_min, single_max = velocity_work_limits(c)
-    assert shard_min == int(2e7 // per_token) and single_max == int(2e8 // per_token)
-    s_min, s_max = velocity_work_limits(get_preset("flowar-s"))
-    assert s_min < shard_min and s_max < single_max                  # a wider head splits sooner
+    from flowar.export.specs import sample_inputs, stage_specs
+    from flowar.model import FlowAR
+    for preset in ("tiny", "flowar-s"):
+        c = get_preset(preset)
+        spec = stage_specs(c)["velocity"]
+        with torch.device("meta"):
+            module = spec.module(FlowAR(c))
+        k = c.n_scales - 1
+        tokens = c.tokens_per_scale[k]
+        ins = {n: t.to("meta") for n, t in sample_inputs(spec, c, k, 2, torch.Generator()).items()}
+        with FlopCounterMode(display=False) as fc:
+            module(*(ins[n] for n in spec.inputs))
+        per_row_token = fc.get_total_flops() / (2 * tokens)
+        shard_min, single_max = velocity_work_limits(c)
+        # the largest rows x tokens at or under the claim; the limits count GEMMs only (attention's
+        # token x token products add ~25 % at 16x16), so within 1.5x
+        for limit, claimed in ((shard_min, 2e7), (single_max, 2e8)):
+            assert limit * per_row_token <= claimed * 1.5 and (limit + 1) * per_row_token >= claimed / 1.5, \
+                (preset, limit, per_row_token, claimed)
 
 
 def test_worker_errors_reach_the_caller_after_every_block_finished():

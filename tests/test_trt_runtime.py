@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from flowar.errors import FlowARError
-from flowar.export.onnx_export import stage_module
 from flowar.export.specs import stage_specs
 from flowar.runtime.engines import SharedDeviceMemory, TrtEngine
 from flowar.runtime.pipeline import EngineStages, torch_engine_stages
@@ -115,7 +114,7 @@ class StandInTensorRT:
 def _stages(model, tmp_path, fail=None):
     c = model.config
     specs = stage_specs(c)
-    trt = StandInTensorRT({n: stage_module(n, model) for n in specs}, specs, c, fail)
+    trt = StandInTensorRT({n: s.module(model) for n, s in specs.items()}, specs, c, fail)
     shared = SharedDeviceMemory(torch.device("cpu"))
     engines = {}
     for n in specs:

@@ -1,0 +1,188 @@
+"""The backends bench/latency.py measures, each prepared once per batch size into a
+:class:`Prepared`: the stages the sampler calls, how it calls them, and what they compute in.
+
+:class:`Backends` owns what the preparations create (exported engine directories in temporary
+folders, opened runtimes) and releases all of it when the bench leaves its ``with`` block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from latency_measure import StageProbe, Work, run_once
+
+ALL = ("eager", "eager-bf16", "torch", "compile", "ort", "auto", "trt", "cudagraph")
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Skip(Exception):
+    """A backend this machine or source cannot run; the reason goes into the table."""
+
+
+@dataclass(slots=True)
+class Prepared:
+    stages: object                  # the sampler's Stages, reused by every run
+    official_rows: bool             # the official method's 2B rows at every step (the eager baseline)
+    precision: str                  # what it computes in, for the table
+    runner: object = None           # a ScaleRunner (CUDA graphs), else the sampler's eager loop
+    build_s: float | None = None    # export / compile time, reported apart
+    note: str = ""
+
+    @property
+    def graphed(self) -> bool:
+        return self.runner is not None
+
+
+class Autocast(StageProbe):
+    """Stages whose every call runs under torch.autocast in ``dtype``."""
+
+    def __init__(self, inner, device: torch.device, dtype: torch.dtype):
+        def measure(key, fn, *a):
+            with torch.autocast(device.type, dtype=dtype):
+                return fn(*a)
+        super().__init__(inner, measure)
+
+
+@dataclass(slots=True)
+class Source:
+    """The eager model the bench measures, and where its engines come from."""
+    model: object
+    vae: object
+    engine_dir: Path | None          # given by the user; else exported into a temporary folder
+    dtype: str                       # fp32, bf16, fp16: the PyTorch backends' autocast
+    max_batch: int                   # the largest batch of the run (what exported engines serve)
+    device: torch.device
+
+
+class Backends(contextlib.AbstractContextManager):
+    def __init__(self, src: Source):
+        self.src = src
+        self._stack = contextlib.ExitStack()
+        self._dirs: dict[tuple[str, str], Path] = {}
+        self._runtimes: dict[tuple[Path, str], object] = {}
+        self._compiled = None                # the head's velocity under torch.compile, shared by every batch
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def prepare(self, name: str, work: Work) -> Prepared:
+        if name not in ALL:
+            raise Skip(f"unknown backend {name}")
+        return getattr(self, "_" + name.replace("-", "_"))(work)
+
+    # ---- PyTorch -----------------------------------------------------------------------------
+
+    def _torch_stages(self, stages, dtype: str):
+        return stages if dtype == "fp32" else Autocast(stages, self.src.device, AUTOCAST[dtype])
+
+    def _decode(self):
+        return self.src.vae.decode if self.src.vae is not None else None
+
+    def _eager(self, work: Work) -> Prepared:
+        from flowar.stages import OfficialStyleStages
+        return Prepared(self._torch_stages(OfficialStyleStages(self.src.model, self._decode()), self.src.dtype), True,
+                        self.src.dtype)
+
+    def _eager_bf16(self, work: Work) -> Prepared:
+        from flowar.stages import OfficialStyleStages
+        return Prepared(self._torch_stages(OfficialStyleStages(self.src.model, self._decode()), "bf16"), True,
+                        "bf16 autocast")
+
+    def _torch(self, work: Work) -> Prepared:
+        from flowar.stages import TorchStages
+        return Prepared(self._torch_stages(TorchStages(self.src.model, self._decode()), self.src.dtype), False,
+                        self.src.dtype)
+
+    def _compile(self, work: Work) -> Prepared:
+        import torch._dynamo
+        from flowar.stages import TorchStages
+        if self._compiled is None:
+            # one specialisation per (scale, rows): 2 x scales x batches, above the default limit of 8
+            torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
+            self._compiled = torch.compile(self.src.model.flownet.velocity, dynamic=False)
+        velocity = self._compiled
+
+        class Compiled(TorchStages):
+            def velocity(self, ctx, x, t):
+                return velocity(x, t, ctx)
+
+        stages = self._torch_stages(Compiled(self.src.model, self._decode()), self.src.dtype)
+        t0 = time.perf_counter()
+        run_once(stages, work, False)                # compiles every (scale, rows) shape now, timed apart
+        build_s = time.perf_counter() - t0
+        return Prepared(stages, False, self.src.dtype, build_s=build_s, note=f"compile {build_s:.0f} s")
+
+    def _cudagraph(self, work: Work) -> Prepared:
+        if self.src.device.type != "cuda":
+            raise Skip("CUDA graphs need a CUDA GPU")
+        from flowar.runtime.cudagraph import GraphRunner
+        from flowar.runtime.pipeline import torch_engine_stages
+        stages = self._torch_stages(torch_engine_stages(self.src.model, work.batch, self.src.device, self.src.vae),
+                                    self.src.dtype)
+        return Prepared(stages, False, self.src.dtype, runner=GraphRunner(self.src.device),
+                        note="CUDA graphs, captured in the warm-up run")
+
+    # ---- engine directories ------------------------------------------------------------------
+
+    def _runtime(self, backend: str, export: str, precision: str, work: Work):
+        """(runtime opened with ``backend``, export seconds or None): the user's directory, else one
+        exported for this run with ``flowar-export --backend export --precision precision``."""
+        from flowar.runtime.load import open_engine_dir
+        d, build_s = self.src.engine_dir, None
+        if d is None or (precision == "auto" and _precision(d) != "auto"):
+            d, build_s = self._export(export, precision)
+        key = (d, backend)
+        if key not in self._runtimes:
+            self._runtimes[key] = self._stack.enter_context(open_engine_dir(d, backend))
+        rt = self._runtimes[key]
+        if work.batch > rt.manifest.max_batch:
+            raise Skip(f"batch {work.batch} above the directory's max batch {rt.manifest.max_batch}")
+        return rt, build_s
+
+    def _export(self, backend: str, precision: str) -> tuple[Path, float | None]:
+        key = (backend, precision)
+        if key in self._dirs:
+            return self._dirs[key], None
+        from flowar.build import build_engine_dir
+        from flowar.checkpoint import save_checkpoint
+        tmp = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="flowar-bench-")))
+        t0 = time.perf_counter()
+        save_checkpoint(tmp / "model.safetensors", self.src.model.state_dict(), self.src.model.config)
+        vae_path = None
+        if self.src.vae is not None:
+            vae_path = tmp / "vae"
+            self.src.vae.autoencoder.save_pretrained(vae_path)
+        build_engine_dir(tmp / "model.safetensors", tmp / "engines", vae_path=vae_path, backend=backend,
+                         max_batch=self.src.max_batch, verify=False, precision=precision)
+        self._dirs[key] = tmp / "engines"
+        return tmp / "engines", time.perf_counter() - t0
+
+    def _ort(self, work: Work) -> Prepared:
+        rt, build_s = self._runtime("ort", "ort", "fp32", work)
+        p = rt.manifest.precision
+        return Prepared(rt.stages, False, "fp32" if p == "auto" else p, build_s=build_s,
+                        note=rt.detail + (f", export {build_s:.0f} s" if build_s else ""))
+
+    def _auto(self, work: Work) -> Prepared:
+        rt, build_s = self._runtime("auto", "ort", "auto", work)
+        choice = rt.manifest.auto["choice"]
+        return Prepared(rt.stages, False, "auto: " + ", ".join(f"{s} {c}" for s, c in choice.items()),
+                        build_s=build_s,
+                        note=rt.detail + (f", export and measure {build_s:.0f} s" if build_s else ""))
+
+    def _trt(self, work: Work) -> Prepared:
+        if not torch.cuda.is_available():
+            raise Skip("TensorRT needs a CUDA GPU")
+        rt, build_s = self._runtime("trt", "trt", "fp32", work)
+        return Prepared(rt.stages, False, rt.manifest.precision, build_s=build_s, note=rt.detail)
+
+
+def _precision(engine_dir: Path) -> str:
+    from flowar.export.manifest import read_manifest
+    return read_manifest(engine_dir).precision

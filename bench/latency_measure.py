@@ -1,0 +1,178 @@
+"""Measurement for bench/latency.py: end-to-end times, the per-stage split, FLOPs, GEMM peak.
+
+End-to-end runs call the sampler directly: one synchronisation before reading the clock and one
+after the whole sample, none inside it, so a GPU pipeline runs as it would in production. The
+per-stage split comes from a separate instrumented pass: every stage call is bracketed by CUDA
+events on a GPU (read once, after the pass) or by the host clock on a CPU (where every stage
+call returns when its work is done).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+STAGE_KEYS = ("ar", "head", "decode")
+
+
+@dataclass(slots=True)
+class Work:
+    """What every backend is measured on: the same labels, noise, schedule and outputs."""
+    config: object                 # FlowARConfig
+    schedule: object               # flowar.schedule.Schedule
+    labels: Tensor                 # (B,) class ids on the device
+    seed: int
+    decode: bool
+    device: torch.device
+
+    @property
+    def batch(self) -> int:
+        return self.labels.shape[0]
+
+
+@dataclass(slots=True)
+class Timing:
+    times: list[float]                                         # seconds per measured sample call
+    tokens: Tensor                                             # (B, C, S, S) of the last call, on the CPU
+    stages: dict[str, float] = field(default_factory=dict)     # instrumented pass: seconds per stage
+    head_by_scale: list[float] = field(default_factory=list)   # instrumented pass: head seconds per scale
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_once(stages, work: Work, official_rows: bool, runner=None) -> Tensor:
+    from flowar.sampler import per_sample_noise, sample
+    with torch.inference_mode():
+        tokens, _ = sample(stages, work.config, work.schedule, work.labels, per_sample_noise(work.seed, range(work.batch)),
+                           decode=work.decode, device=work.device, official_rows=official_rows, check="none",
+                           runner=runner)
+    return tokens
+
+
+def time_end_to_end(stages, work: Work, official_rows: bool, warmup: int, repeat: int, runner=None,
+                    synchronize: Callable[[torch.device], None] = sync) -> Timing:
+    """``warmup`` discarded calls, then ``repeat`` timed ones; no synchronisation inside a call."""
+    times, tokens = [], None
+    for r in range(warmup + repeat):
+        synchronize(work.device)
+        t0 = time.perf_counter()
+        tokens = run_once(stages, work, official_rows, runner)
+        synchronize(work.device)
+        if r >= warmup:
+            times.append(time.perf_counter() - t0)
+    return Timing(times, tokens.cpu())
+
+
+class StageProbe:
+    """Wraps any Stages; every call goes through ``measure(key, fn, *args)``: key ar, head
+    (prepare + velocity) or decode."""
+
+    def __init__(self, inner, measure):
+        self.inner, self.measure = inner, measure
+        self.host_threads = getattr(inner, "host_threads", None)
+
+    def start(self, labels):
+        self.inner.start(labels)
+
+    def ar(self, k, x):
+        return self.measure("ar", self.inner.ar, k, x)
+
+    def prepare(self, k, cond):
+        return self.measure("head", self.inner.prepare, k, cond)
+
+    def velocity(self, ctx, x, t):
+        return self.measure("head", self.inner.velocity, ctx, x, t)
+
+    def decode(self, latent):
+        return self.measure("decode", self.inner.decode, latent)
+
+
+class StageClock(StageProbe):
+    """Times each stage call: CUDA events on a GPU (no synchronisation until :meth:`totals`), the
+    host clock on a CPU. The AR step opens a scale, so head time is also kept per scale."""
+
+    def __init__(self, inner, device: torch.device):
+        super().__init__(inner, self._timed)
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.marks: list[tuple[str, int, object, object]] = []     # (key, scale, start, end)
+        self._k = 0
+
+    def ar(self, k, x):
+        self._k = k
+        return super().ar(k, x)
+
+    def _now(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def _timed(self, key, fn, *a):
+        t0 = self._now()
+        out = fn(*a)
+        self.marks.append((key, self._k, t0, self._now()))
+        return out
+
+    def totals(self, n_scales: int) -> tuple[dict[str, float], list[float]]:
+        sync(self.device)
+        stages, by_scale = dict.fromkeys(STAGE_KEYS, 0.0), [0.0] * n_scales
+        for key, k, t0, t1 in self.marks:
+            dt = t0.elapsed_time(t1) / 1e3 if self.cuda else t1 - t0
+            stages[key] += dt
+            if key == "head":
+                by_scale[k] += dt
+        return stages, by_scale
+
+
+def stage_split(stages, work: Work, official_rows: bool) -> tuple[dict[str, float], list[float]]:
+    """One instrumented pass (after the timed ones): seconds per stage and head seconds per scale."""
+    clock = StageClock(stages, work.device)
+    run_once(clock, work, official_rows)
+    return clock.totals(work.config.n_scales)
+
+
+def gemm_peak_gflops(device: torch.device, n: int = 2048, repeat: int = 5) -> float:
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def official_flops(model, vae, schedule, B: int) -> dict[str, int]:
+    """FLOPs of one official-style sample of batch B, per stage, counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from flowar.stages import OfficialStyleStages
+
+    counted = dict.fromkeys(STAGE_KEYS, 0)
+
+    def count(key, fn, *a):
+        with FlopCounterMode(display=False) as fc:
+            out = fn(*a)
+        counted[key] += fc.get_total_flops()
+        return out
+
+    dev = next(model.parameters()).device
+    work = Work(model.config, schedule, torch.zeros(B, dtype=torch.int64, device=dev), 0, vae is not None, dev)
+    run_once(StageProbe(OfficialStyleStages(model, vae.decode if vae is not None else None), count), work, True)
+    return counted

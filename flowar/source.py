@@ -1,0 +1,124 @@
+"""What a command samples from, opened in one place: a checkpoint in eager PyTorch, or an engine
+directory through the runtime. ``flowar-run``, ``flowar-judge`` and ``bench/latency.py`` all
+open their sources here, so defaults, batch limits and clean-up are decided once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from flowar.config import FlowARConfig
+from flowar.errors import FlowARError
+
+
+@dataclass(slots=True)
+class Source:
+    stages: object                          # the sampler's Stages (flowar.sampler)
+    config: FlowARConfig
+    class_names: list[str] | None
+    device: torch.device
+    decodes: bool                           # has a decoder: images, not only tokens
+    detail: str                             # what computes, for the log line
+    backend: str                            # torch (a checkpoint), or the runtime's: ort, trt, mixed
+    schedule_defaults: dict | None = None   # an engine directory's recorded defaults
+    max_batch: int | None = None            # an engine directory's limit; None: any batch
+    model: object = None                    # the reference modules (checkpoints)
+    vae: object = None
+    manifest: object = None                 # flowar.export.manifest.Manifest (engine directories)
+    _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
+
+    def batch_size(self, requested: int | None) -> int | None:
+        """``requested`` checked against the engines' limit; unset: the limit (None: all at once)."""
+        if requested is not None and requested < 1:
+            raise FlowARError("--batch >= 1", str(requested), "use e.g. --batch 8")
+        if self.max_batch is not None and requested is not None and requested > self.max_batch:
+            raise FlowARError(f"--batch at most {self.max_batch} (the engines' max batch)", str(requested),
+                              f"use --batch {self.max_batch}, or re-export with --max-batch {requested}")
+        return requested or self.max_batch
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> "Source":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_checkpoint(ckpt: str | Path, preset: str | None = None, config_path: str | Path | None = None,
+                    vae: str | Path | None = None, use_ema: bool = True, device: str | torch.device = "auto",
+                    config: FlowARConfig | None = None) -> Source:
+    """A checkpoint (official .pth, training checkpoint, or .safetensors) in eager PyTorch."""
+    from flowar.checkpoint import load_model
+    from flowar.device import resolve_device
+    from flowar.stages import TorchStages
+    dev = resolve_device(device)
+    model, ck = load_model(ckpt, preset, config_path, use_ema=use_ema, device=dev, config=config)
+    vae_mod = None
+    if vae:
+        from flowar.vae import load_vae
+        vae_mod = load_vae(vae, expect_channels=ck.config.latent_channels).to(dev)
+    return Source(TorchStages(model, vae_mod.decode if vae_mod else None), ck.config, ck.class_names, dev,
+                  vae_mod is not None, f"eager PyTorch on {dev}", "torch", model=model, vae=vae_mod)
+
+
+def open_engines(engine_dir: str | Path, backend: str = "auto", threads: int | None = None) -> Source:
+    """An engine directory through the runtime (see flowar.runtime.load.open_engine_dir)."""
+    from flowar.runtime.load import open_engine_dir
+    rt = open_engine_dir(engine_dir, backend, threads=threads)
+    m = rt.manifest
+    src = Source(rt.stages, m.config, m.class_names, rt.device, m.decodes, rt.detail, rt.backend,
+                 m.schedule_defaults, m.max_batch, manifest=m)
+    src._stack.callback(rt.close)
+    return src
+
+
+def exported_from(engine_dir: str | Path, device: str | torch.device = "auto") -> Source:
+    """The checkpoint (and VAE) an engine directory was exported from, in eager PyTorch: its reference."""
+    from flowar.export.manifest import read_manifest
+    m = read_manifest(engine_dir)
+    src = m.checkpoint.get("source", "")
+    if not Path(src).is_file():
+        raise FlowARError("the checkpoint the engine directory was exported from", f"nothing at {src or '(none)'}",
+                          "re-export the directory from a checkpoint that is still there")
+    return open_checkpoint(src, vae=m.vae["source"] if m.vae else None, device=device, config=m.config,
+                           use_ema=m.checkpoint.get("weights") != "model")
+
+
+def open_source(ckpt: str | Path | None = None, engine_dir: str | Path | None = None, *, backend: str = "auto",
+                preset: str | None = None, config_path: str | Path | None = None, vae: str | Path | None = None,
+                raw_weights: bool = False, device: str = "auto", threads: int | None = None) -> Source:
+    """Exactly one of ``ckpt`` (with its options) or ``engine_dir`` (which records them)."""
+    if bool(ckpt) == bool(engine_dir):
+        raise FlowARError("exactly one of --ckpt or --engine-dir", "both" if ckpt else "neither",
+                          "pass --engine-dir DIR (from flowar-export) or --ckpt PATH")
+    if engine_dir and (preset or config_path or vae or raw_weights):
+        raise FlowARError("no --preset/--config/--vae/--raw-weights with --engine-dir", "some of them",
+                          "the engine directory records its config and decoder; drop those options")
+    if threads is not None and threads < 1:
+        raise FlowARError("--threads >= 1", str(threads), "use e.g. --threads 2, or omit it to use every core")
+    if engine_dir:
+        return open_engines(engine_dir, backend, threads)
+    return open_checkpoint(ckpt, preset, config_path, vae, not raw_weights, device)
+
+
+def graph_runner(src, cuda_graphs: bool, max_batch: int):
+    """(runner, stages, what the log says): CUDA graphs where the stages can be captured; on a CPU
+    the same per-scale plan without capture, so the CPU tests run the graphed path."""
+    if not cuda_graphs or (src.backend == "torch" and src.device.type != "cuda"):
+        return None, src.stages, "off"
+    from flowar.runtime.cudagraph import GraphRunner
+    cuda = src.device.type == "cuda"
+    capturable = cuda and src.backend in ("trt", "torch")
+    stages = src.stages
+    if cuda and src.backend == "torch":                 # static buffers: the reference modules as engines
+        from flowar.runtime.pipeline import torch_engine_stages
+        stages = torch_engine_stages(src.model, max_batch, src.device, src.vae)
+    what = ("on" if capturable else "off (ONNX Runtime sessions are not captured)" if cuda
+            else "off (CPU: the same plan without capture)")
+    return GraphRunner(src.device, capture=capturable), stages, what
