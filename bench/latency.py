@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from latency_backends import ALL as ALL_BACKENDS
-from latency_backends import Backends, Skip, Source
+from latency_backends import Backends, BenchSource, Skip
 from latency_measure import STAGE_KEYS, Work, gemm_peak_gflops, official_flops, stage_split, time_end_to_end
 from latency_report import Result, line, machine_info, markdown, plot, scale_table
 
@@ -141,36 +141,30 @@ def check(a) -> BenchSpec:
 
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from flowar.errors import FlowARError
+    from flowar.errors import FlowARError, one_line
     a, debug = parse(argv)
     try:
         return run(check(a))
-    except FlowARError as e:
+    except (FlowARError, OSError) as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        if debug:
-            raise
-        print(f"error: expected paths this command can read and write; got {e.filename or ''}: {e.strerror or e}. "
-              "Fix: check the path, its permissions and the free disk space", file=sys.stderr)
+        print(one_line(e), file=sys.stderr)
         return 2
 
 
-def open_bench_source(spec: BenchSpec) -> tuple[Source, str, bool, bool]:
+def open_bench_source(spec: BenchSpec) -> tuple[BenchSource, str, bool, bool]:
     """(source, label, random weights, engines in reduced precision)."""
     from flowar.source import exported_from, open_checkpoint
     batch = max(spec.batches)
     if spec.engine_dir:
-        from flowar.export.manifest import read_manifest
         ref = exported_from(spec.engine_dir, spec.device)
-        reduced = read_manifest(spec.engine_dir).precision not in ("fp32", "auto")
-        return (Source(ref.model, ref.vae, Path(spec.engine_dir), spec.dtype, batch, spec.device),
-                f"engine dir {spec.engine_dir}", False, reduced)
+        precision = ref.manifest.precision
+        return (BenchSource(ref.model, ref.vae, Path(spec.engine_dir), precision, spec.dtype, batch, spec.device),
+                f"engine dir {spec.engine_dir}", False, precision not in ("fp32", "auto"))
     if spec.ckpt:
         ref = open_checkpoint(spec.ckpt, config_path=spec.config, vae=spec.vae, device=spec.device)
-        return Source(ref.model, ref.vae, None, spec.dtype, batch, spec.device), Path(spec.ckpt).name, False, False
+        return (BenchSource(ref.model, ref.vae, None, None, spec.dtype, batch, spec.device), Path(spec.ckpt).name,
+                False, False)
     from flowar.config import get_preset
     from flowar.model import FlowAR
     torch.manual_seed(0)
@@ -185,7 +179,7 @@ def open_bench_source(spec: BenchSpec) -> tuple[Source, str, bool, bool]:
     if spec.vae:
         from flowar.vae import load_vae
         vae = load_vae(spec.vae, expect_channels=model.config.latent_channels).to(spec.device)
-    return (Source(model.to(spec.device), vae, None, spec.dtype, batch, spec.device),
+    return (BenchSource(model.to(spec.device), vae, None, None, spec.dtype, batch, spec.device),
             f"preset {spec.preset or 'flowar-s'}", True, False)
 
 

@@ -50,18 +50,19 @@ class Autocast(StageProbe):
 
 
 @dataclass(slots=True)
-class Source:
+class BenchSource:
     """The eager model the bench measures, and where its engines come from."""
     model: object
     vae: object
     engine_dir: Path | None          # given by the user; else exported into a temporary folder
+    engine_precision: str | None     # what that directory was exported in (fp32, fp16, bf16, auto)
     dtype: str                       # fp32, bf16, fp16: the PyTorch backends' autocast
     max_batch: int                   # the largest batch of the run (what exported engines serve)
     device: torch.device
 
 
 class Backends(contextlib.AbstractContextManager):
-    def __init__(self, src: Source):
+    def __init__(self, src: BenchSource):
         self.src = src
         self._stack = contextlib.ExitStack()
         self._dirs: dict[tuple[str, str], Path] = {}
@@ -135,7 +136,7 @@ class Backends(contextlib.AbstractContextManager):
         exported for this run with ``flowar-export --backend export --precision precision``."""
         from flowar.runtime.load import open_engine_dir
         d, build_s = self.src.engine_dir, None
-        if d is None or (precision == "auto" and _precision(d) != "auto"):
+        if d is None or (precision == "auto" and self.src.engine_precision != "auto"):
             d, build_s = self._export(export, precision)
         key = (d, backend)
         if key not in self._runtimes:
@@ -182,7 +183,3 @@ class Backends(contextlib.AbstractContextManager):
         rt, build_s = self._runtime("trt", "trt", "fp32", work)
         return Prepared(rt.stages, False, rt.manifest.precision, build_s=build_s, note=rt.detail)
 
-
-def _precision(engine_dir: Path) -> str:
-    from flowar.export.manifest import read_manifest
-    return read_manifest(engine_dir).precision

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -39,8 +39,6 @@ class Work:
 class Timing:
     times: list[float]                                         # seconds per measured sample call
     tokens: Tensor                                             # (B, C, S, S) of the last call, on the CPU
-    stages: dict[str, float] = field(default_factory=dict)     # instrumented pass: seconds per stage
-    head_by_scale: list[float] = field(default_factory=list)   # instrumented pass: head seconds per scale
 
     @property
     def median(self) -> float:

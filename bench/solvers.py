@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/out/solvers.md")
     a = ap.parse_args(argv)
     from flowar.build import build_engine_dir
+    from flowar.config import SAMPLING_DEFAULTS
     from flowar.judge import train_judge
     from flowar.outputs import atomic_write_bytes, check_writable
     from flowar.quality import measure
@@ -61,7 +62,8 @@ def main(argv=None) -> int:
             labels = [k for k in range(c.num_classes) for _ in range(a.per_class)]
             rows = []
             for name, solver, points, stride, order in CONFIGS:
-                s = build_schedule(points, 4.3, 0.9, c.n_scales, solver, "official", stride, order)
+                s = build_schedule(points, SAMPLING_DEFAULTS["cfg"], SAMPLING_DEFAULTS["guidance"], c.n_scales, solver,
+                                   "official", stride, order)
                 times = []
                 for _ in range(a.repeat + 2):
                     t0 = time.perf_counter()

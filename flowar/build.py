@@ -47,7 +47,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, preset: str | None = Non
                      vae_path: str | Path | None = None, backend: str = "ort", precision: str = "fp32",
                      max_batch: int = 8, verify: bool = True, use_ema: bool = True,
                      schedule_defaults: dict | None = None, compute_capability: str | None = None,
-                     progress: Callable[[str], None] | None = None,
+                     progress: Callable[[str, int], None] | None = None,
                      auto_candidates: tuple[str, ...] | None = None) -> BuildReport:
     """Export, verify, build engines and write the manifest into ``out`` (atomically).
 
@@ -68,7 +68,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, preset: str | None = Non
         raise FlowARError("--precision auto with --backend ort (it measures CPU engines)", f"--backend {backend}",
                           "export TensorRT plans with --precision fp32/fp16/bf16")
     if auto:
-        from flowar.autoprec import CANDIDATES
+        from flowar.autoprec import AUTO_STAGES, CANDIDATES
         auto_candidates = tuple(auto_candidates or CANDIDATES)
         bad = [c for c in auto_candidates if c not in CANDIDATES]
         if bad or not auto_candidates:
@@ -77,7 +77,6 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, preset: str | None = Non
     graph_precision = "fp32" if auto else precision
     if not 1 <= max_batch <= 1024:
         raise FlowARError("--max-batch in 1..1024", str(max_batch), "use e.g. --max-batch 8")
-    say = progress or (lambda s: None)
     builder = None
     if backend in ("trt", "all"):
         from flowar.engines.trt import load_builder, polygraphy_trt
@@ -90,6 +89,9 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, preset: str | None = Non
         from flowar.vae import load_vae
         vae = load_vae(vae_path, expect_channels=config.latent_channels)
     specs = stage_specs(config, vae.downsample if vae else None)
+    # progress(what, of how many steps): export (+ verify) (+ TensorRT) per stage, + auto's measurements
+    total = len(specs) * (1 + verify + (builder is not None)) + (len(AUTO_STAGES) * len(auto_candidates) + 1 if auto else 0)
+    say = (lambda msg: progress(msg, total)) if progress else (lambda msg: None)
     report = BuildReport(Path(out))
     with staged_directory(out) as tmp:
         stages = {}

@@ -9,11 +9,12 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
 
-from flowar.errors import FlowARError
+from flowar.errors import FlowARError, one_line
 from flowar.config import SAMPLING_DEFAULTS
 
 EXIT_USER_ERROR = 2
@@ -27,16 +28,10 @@ def user_errors(fn):
         debug = kwargs.get("debug", False)
         try:
             return fn(*args, **kwargs)
-        except FlowARError as e:
+        except (FlowARError, OSError) as e:     # OSError: what the checks before the work could not foresee
             if debug:
                 raise
-            click.echo(f"error: {e}", err=True)
-            sys.exit(EXIT_USER_ERROR)
-        except OSError as e:         # what the checks before the work could not foresee (disk full, ...)
-            if debug:
-                raise
-            click.echo(f"error: expected paths this command can read and write; got {e.filename or ''}: "
-                       f"{e.strerror or e}. Fix: check the path, its permissions and the free disk space", err=True)
+            click.echo(one_line(e), err=True)
             sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -173,11 +168,10 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
     sampling_schedule(2, defaults)                     # refuse values flowar-run would refuse, before any work
     check_writable(out, True, "--out")
     from tqdm import tqdm
-    n = 4 if vae else 3
-    total = n * (2 if verify else 1) + (n if backend in ("trt", "all") else 0)
-    bar = tqdm(total=total, desc="export", unit="step", disable=None, leave=False)
+    bar = tqdm(desc="export", unit="step", disable=None, leave=False)
 
-    def step(msg: str) -> None:
+    def step(msg: str, total: int) -> None:
+        bar.total = total
         bar.set_postfix_str(msg)
         bar.update(1) if bar.n < total else None
 
@@ -241,13 +235,13 @@ def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmu
     for name, v in (("--steps", steps), ("--batch", batch), ("--log-every", log_every), ("--ckpt-every", ckpt_every)):
         if v < 1:
             raise FlowARError(f"{name} >= 1", str(v), f"pass a positive {name}")
-    t0 = __import__("time").perf_counter()
+    t0 = time.perf_counter()
     st = train(TrainArgs(out=out, vae=vae, data=data, size=size, preset=preset, config=config_path, steps=steps,
                          batch=batch, lr=lr, warmup=warmup, ema_decay=ema_decay, grad_clip=grad_clip, seed=seed,
                          log_every=log_every, sample_every=sample_every, ckpt_every=ckpt_every, resume=resume))
     if int(os.environ.get("RANK", "0")) == 0:
         tail = st.losses[-min(100, len(st.losses)):]
-        click.echo(f"trained to step {st.step} in {__import__('time').perf_counter() - t0:.0f} s; mean loss of the "
+        click.echo(f"trained to step {st.step} in {time.perf_counter() - t0:.0f} s; mean loss of the "
                    f"last {len(tail)} steps {sum(tail) / max(1, len(tail)):.4f}; weights -> {Path(out) / 'model.safetensors'}")
 
 
@@ -307,7 +301,7 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
             from flowar.judge import train_judge
             judge = train_judge(cache=Path(judge_cache))
         labels = [c for c in range(min(classes_limit, config.num_classes)) for _ in range(per_class)]
-        other = src._stack.enter_context(open_engines(vs_engine_dir)) if vs_engine_dir else None
+        other = src.hold(open_engines(vs_engine_dir)) if vs_engine_dir else None
         if other is not None:
             if other.config != config:
                 raise FlowARError("--vs-engine-dir exported from the same model", "another config",

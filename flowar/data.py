@@ -170,6 +170,10 @@ class Latents:
 def vae_digest(vae: str | Path) -> str:
     """sha256 over the VAE's files (names relative to it, and bytes), not where it lies."""
     path = Path(vae)
+    if not path.exists():
+        from flowar.errors import FlowARError
+        raise FlowARError("a VAE: MAR's kl16.ckpt or a diffusers folder with config.json", f"nothing at {path}",
+                          "check the --vae path")
     h, add = _hasher()
     for f in sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]:
         add(f.relative_to(path).as_posix().encode() if path.is_dir() else b"", f.read_bytes())

@@ -23,3 +23,12 @@ class CheckpointError(FlowARError):
 
 class ConfigError(FlowARError):
     """A config or preset that is unknown or inconsistent."""
+
+
+def one_line(e: FlowARError | OSError) -> str:
+    """What a command prints for a user error, or for a path it could not use after its checks
+    (disk full, a folder removed while it ran)."""
+    if isinstance(e, FlowARError):
+        return f"error: {e}"
+    return (f"error: expected paths this command can read and write; got {e.filename or ''}: {e.strerror or e}. "
+            "Fix: check the path, its permissions and the free disk space")

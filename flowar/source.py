@@ -40,6 +40,10 @@ class Source:
                               f"use --batch {self.max_batch}, or re-export with --max-batch {requested}")
         return requested or self.max_batch
 
+    def hold(self, resource):
+        """Enter ``resource`` (a context manager) and keep it until this source closes."""
+        return self._stack.enter_context(resource)
+
     def close(self) -> None:
         self._stack.close()
 
@@ -79,15 +83,17 @@ def open_engines(engine_dir: str | Path, backend: str = "auto", threads: int | N
 
 
 def exported_from(engine_dir: str | Path, device: str | torch.device = "auto") -> Source:
-    """The checkpoint (and VAE) an engine directory was exported from, in eager PyTorch: its reference."""
+    """The checkpoint (and VAE) an engine directory was exported from, in eager PyTorch: its
+    reference (the very checkpoint file the export recorded)."""
+    from flowar.device import resolve_device
     from flowar.export.manifest import read_manifest
+    from flowar.runtime.load import exported_from as load_exported
+    from flowar.stages import TorchStages
     m = read_manifest(engine_dir)
-    src = m.checkpoint.get("source", "")
-    if not Path(src).is_file():
-        raise FlowARError("the checkpoint the engine directory was exported from", f"nothing at {src or '(none)'}",
-                          "re-export the directory from a checkpoint that is still there")
-    return open_checkpoint(src, vae=m.vae["source"] if m.vae else None, device=device, config=m.config,
-                           use_ema=m.checkpoint.get("weights") != "model")
+    dev = resolve_device(device)
+    model, vae = load_exported(m, dev)
+    return Source(TorchStages(model, vae.decode if vae else None), m.config, m.class_names, dev, vae is not None,
+                  f"eager PyTorch on {dev}", "torch", model=model, vae=vae, manifest=m)
 
 
 def open_source(ckpt: str | Path | None = None, engine_dir: str | Path | None = None, *, backend: str = "auto",
@@ -110,13 +116,14 @@ def open_source(ckpt: str | Path | None = None, engine_dir: str | Path | None = 
 def graph_runner(src, cuda_graphs: bool, max_batch: int):
     """(runner, stages, what the log says): CUDA graphs where the stages can be captured; on a CPU
     the same per-scale plan without capture, so the CPU tests run the graphed path."""
-    if not cuda_graphs or (src.backend == "torch" and src.device.type != "cuda"):
+    checkpoint = src.manifest is None                   # eager stages of a checkpoint, not the runtime's
+    if not cuda_graphs or (checkpoint and src.device.type != "cuda"):
         return None, src.stages, "off"
     from flowar.runtime.cudagraph import GraphRunner
     cuda = src.device.type == "cuda"
     capturable = cuda and src.backend in ("trt", "torch")
     stages = src.stages
-    if cuda and src.backend == "torch":                 # static buffers: the reference modules as engines
+    if cuda and checkpoint:                             # static buffers: the reference modules as engines
         from flowar.runtime.pipeline import torch_engine_stages
         stages = torch_engine_stages(src.model, max_batch, src.device, src.vae)
     what = ("on" if capturable else "off (ONNX Runtime sessions are not captured)" if cuda

@@ -115,13 +115,30 @@ def _dir_model(m: Manifest):
     return model
 
 
+def exported_from(m: Manifest, device: torch.device, ckpt: str | Path | None = None):
+    """(model, vae or None): the checkpoint (and VAE) the directory was exported from, in eager
+    PyTorch on ``device``; the checkpoint must be the very file (sha256) the export recorded."""
+    from flowar.checkpoint import load_model
+    src = Path(ckpt) if ckpt else Path(m.checkpoint.get("source", ""))
+    if not src.is_file() or sha256_file(src) != m.checkpoint["sha256"]:
+        raise FlowARError("the checkpoint the engine directory was exported from",
+                          f"{src if str(src) else 'no path'} (missing or a different file)",
+                          "pass --ckpt with the original checkpoint, or re-export the directory")
+    model, _ = load_model(src, config=m.config, use_ema=m.checkpoint.get("weights") != "model", device=device)
+    vae = None
+    if m.vae:
+        from flowar.vae import load_vae
+        vae = load_vae(m.vae["source"], expect_channels=m.config.latent_channels).to(device)
+    return model, vae
+
+
 def open_engine_dir(path: str | Path, backend: str = "auto", device: str | torch.device | None = None,
                     ckpt: str | Path | None = None, threads: int | None = None) -> Runtime:
     root = Path(path)
     if backend not in BACKENDS:
         raise FlowARError(f"--backend one of {', '.join(BACKENDS)}", repr(backend), "use --backend auto")
     m = read_manifest(root)
-    config, vae, specs = m.config, m.vae, m.specs()
+    config, specs = m.config, m.specs()
     missing = [s for s in specs if s not in m.stages]
     if missing:
         raise EngineDirError(f"graphs for every stage ({', '.join(specs)})", f"missing {missing}",
@@ -139,7 +156,9 @@ def open_engine_dir(path: str | Path, backend: str = "auto", device: str | torch
     if backend == "ort":
         from flowar.engines.ort import choose_provider, split_limits
         provider = choose_provider()
-        dev = torch.device("cuda" if provider == "CUDAExecutionProvider" else "cpu") if device is None else torch.device(device)
+        from flowar.device import resolve_device
+        dev = resolve_device(device if device is not None else
+                             "cuda" if provider == "CUDAExecutionProvider" else "cpu")
         for name in specs:
             engines[name] = stack.enter_context(OrtEngine(name, *m.graph(name), specs[name].row_tensors, provider,
                                                           root / ".ort-cache", threads,
@@ -167,20 +186,10 @@ def open_engine_dir(path: str | Path, backend: str = "auto", device: str | torch
         if measured_on and measured_on != cpu_kind():
             detail += f" (measured on {describe(measured_on)}; re-export here to measure this CPU)"
     else:   # torch: the reference modules behind the same interface
-        src = Path(ckpt) if ckpt else Path(m.checkpoint.get("source", ""))
-        if not src.is_file() or sha256_file(src) != m.checkpoint["sha256"]:
-            raise FlowARError("the checkpoint this directory was exported from, for --backend torch",
-                              f"{src if str(src) else 'no path'} (missing or a different file)",
-                              "pass --ckpt with the original checkpoint")
-        from flowar.checkpoint import load_model
-        from flowar.runtime.pipeline import torch_engines
         from flowar.device import resolve_device
+        from flowar.runtime.pipeline import torch_engines
         dev = resolve_device(device)
-        model, _ = load_model(src, config=config, use_ema=m.checkpoint.get("weights") != "model", device=dev)
-        vae_mod = None
-        if vae:
-            from flowar.vae import load_vae
-            vae_mod = load_vae(vae["source"], expect_channels=config.latent_channels).to(dev)
+        model, vae_mod = exported_from(m, dev, ckpt)
         engines = torch_engines(model, specs, vae_mod)
         detail = f"eager PyTorch on {dev}"
     stages = EngineStages(engines, config, m.max_batch, dev, specs)

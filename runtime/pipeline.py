@@ -59,7 +59,8 @@ class EngineStages:
     def __init__(self, engines: dict[str, Engine], config: FlowARConfig, max_batch: int, device: torch.device,
                  specs: dict[str, StageSpec]):
         self.engines, self.config, self.device = engines, config, device
-        self.max_rows = 2 * max_batch
+        self.max_batch = max_batch
+        self.max_rows = specs["ar"].max_rows(max_batch)
         self.specs = specs
         self.buffers = BufferPlan(specs, config, max_batch, device)
         c = config
@@ -83,7 +84,7 @@ class EngineStages:
     def start(self, labels_R: Tensor) -> None:
         R = labels_R.shape[0]
         if R > self.max_rows:
-            raise FlowARError(f"at most {self.max_rows // 2} samples per batch (the engines' --max-batch)",
+            raise FlowARError(f"at most {self.max_batch} samples per batch (the engines' --max-batch)",
                               f"{R // 2 if R > 1 else R}", "sample in smaller batches or re-export with a larger --max-batch")
         self.R = R
         self.prefix.zero_()

@@ -54,3 +54,23 @@ def test_cuda_graph_replay_matches_eager_cuda(tiny_v1):
     assert (got - ref).abs().max().item() <= 1e-4 and (first - ref).abs().max().item() <= 1e-4
     assert (got.cpu() - io["sample25.tokens"]).abs().max().item() <= 1e-3
     model.cpu()
+
+
+def test_which_sources_are_captured():
+    """flowar-run's choice, without a GPU: engine directories (ONNX Runtime, TensorRT, or the
+    reference modules behind the runtime) keep their own static-buffer stages; only a checkpoint
+    on CUDA is rebuilt on static buffers; on a CPU a checkpoint runs the plain loop."""
+    import torch
+    from flowar.source import Source, graph_runner
+    stages = object()
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+
+    def src(backend, device, manifest):
+        return Source(stages, None, None, device, True, "", backend, manifest=manifest)
+    for backend, capture in (("torch", True), ("trt", True), ("ort", False)):
+        runner, st, _ = graph_runner(src(backend, cuda, object()), True, 2)
+        assert st is stages and runner.capture is capture, backend
+        runner, st, what = graph_runner(src(backend, cpu, object()), True, 2)
+        assert st is stages and runner.capture is False and "CPU" in what
+    assert graph_runner(src("torch", cpu, None), True, 2) == (None, stages, "off")
+    assert graph_runner(src("trt", cuda, object()), False, 2) == (None, stages, "off")

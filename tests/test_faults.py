@@ -171,7 +171,7 @@ def test_engine_dir_from_another_checkpoint_is_refused_for_the_torch_backend(fix
     from flowar.runtime.load import open_engine_dir
     d = tmp_path / "e"
     build_engine_dir(fixtures_dir / "tiny_v1.safetensors", d, preset="tiny", max_batch=1, verify=False)
-    with pytest.raises(FlowARError, match="the checkpoint this directory was exported from"):
+    with pytest.raises(FlowARError, match="the checkpoint the engine directory was exported from"):
         open_engine_dir(d, "torch", ckpt=fixtures_dir / "tiny_v2.safetensors")
 
 
