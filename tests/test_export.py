@@ -183,24 +183,9 @@ def test_failed_export_leaves_the_previous_directory(engine_dirs, tmp_path, fixt
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".eng.tmp")]
 
 
-@pytest.mark.trt
-def test_tensorrt_rtx_builds_every_stage_with_one_profile_per_scale(engine_dirs, fixtures_dir, tmp_path):
-    pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX not installed (pip install '.[trt]')")
-    d = tmp_path / "trt"
-    build_engine_dir(fixtures_dir / "tiny_v2.safetensors", d, config_path=str(fixtures_dir / "tiny_v2.config.json"),
-                     vae_path=fixtures_dir / "mar_vae_tiny.ckpt", backend="trt", max_batch=2, verify=False)
-    m = read_manifest(d)
-    plans = m.tensorrt["plans"]
-    assert set(plans) == {"ar", "head_prep", "velocity", "decode"}
-    assert m.tensorrt["flavour"] in ("tensorrt", "tensorrt-rtx") and m.tensorrt["compute_capability"]
-    for name, p in plans.items():
-        assert (d / p["file"]).stat().st_size > 0 and p["key"].startswith(p["file"].split(".")[1])
-        assert len(p["profiles"]) == (1 if name == "decode" else 5)
-    assert plans["velocity"]["profiles"][4]["x"] == [[1, 256, 16], [2, 256, 16], [4, 256, 16]]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["flowar-s", "flowar-l", "flowar-h"])
+# S (head Block v1) and H (v2, the largest); L has H's structure at smaller sizes and would add 45 s
+@pytest.mark.parametrize("preset", ["flowar-s", "flowar-h"])
 def test_real_presets_export_ar_and_velocity_with_dynamic_shapes(preset, tmp_path):
     """Real sizes, traced on the meta device (no weights in memory or on disk)."""
     import onnx

@@ -32,6 +32,17 @@ def trt_dir(fixtures_dir, tmp_path_factory):
     return read_manifest(d)
 
 
+def test_every_stage_has_a_plan_with_one_profile_per_scale(trt_dir):
+    m = trt_dir
+    plans = m.tensorrt["plans"]
+    assert set(plans) == {"ar", "head_prep", "velocity", "decode"}
+    assert m.tensorrt["flavour"] in ("tensorrt", "tensorrt-rtx") and m.tensorrt["compute_capability"]
+    for name, p in plans.items():
+        assert m.member(p["file"]).stat().st_size > 0 and p["key"].startswith(p["file"].split(".")[1])
+        assert len(p["profiles"]) == (1 if name == "decode" else 5)
+    assert plans["velocity"]["profiles"][4]["x"] == [[1, 256, 16], [2, 256, 16], [4, 256, 16]]
+
+
 def requests(spec, config, max_batch):
     """Every (profile, scale, rows) the runtime asks of a stage: profile k at scale k (decode: one
     profile); rows B or 2B for B = 1..max_batch (the velocity stage gets both), decode B rows."""
