@@ -110,3 +110,28 @@ def test_bad_fid_inputs_are_one_line(fixtures_dir, tmp_path):
                            "arrays mu and sigma")):
         res = CliRunner().invoke(judge_cmd, base + extra)
         assert res.exit_code == 2 and "Traceback" not in res.output and needle in res.output, res.output
+
+
+@pytest.mark.slow
+def test_judge_on_an_engine_directory_against_another(fixtures_dir, tmp_path):
+    """flowar-judge --engine-dir with --vs-engine-dir: the same samples (index, noise, batch split)
+    on both sides. Against itself the difference must be exactly zero; against the eager
+    checkpoint's samples it is float32 noise, while a shifted sample order would be 1e-1."""
+    from flowar.build import build_engine_dir
+    from flowar.cli import judge_cmd
+    ckpt = fixtures_dir / "tiny_v1.safetensors"
+    build_engine_dir(ckpt, tmp_path / "e", config_path=str(fixtures_dir / "tiny_v1.config.json"),
+                     vae_path=fixtures_dir / "mar_vae_tiny.ckpt", max_batch=2, verify=False)
+    common = ["--per-class", "3", "--classes-limit", "2", "--steps", "5", "--batch", "4"]
+    res = CliRunner().invoke(judge_cmd, ["--engine-dir", str(tmp_path / "e"), "--vs-engine-dir", str(tmp_path / "e"),
+                                         "--json", str(tmp_path / "self.json")] + common)
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "self.json").read_text())
+    assert rep["n_samples"] == 6 and rep["vs_reference"]["token_max"] == 0.0
+    # the engines against the eager checkpoint, sample by sample: flowar-judge --ckpt with the same options
+    res = CliRunner().invoke(judge_cmd, ["--ckpt", str(ckpt), "--config", str(fixtures_dir / "tiny_v1.config.json"),
+                                         "--vae", str(fixtures_dir / "mar_vae_tiny.ckpt"), "--vs-engine-dir",
+                                         str(tmp_path / "e"), "--json", str(tmp_path / "eager.json")] + common)
+    assert res.exit_code == 0, res.output
+    vs = json.loads((tmp_path / "eager.json").read_text())["vs_reference"]
+    assert 0 < vs["token_max"] <= 1e-3 and vs["psnr_worst"] >= 60, vs
