@@ -172,7 +172,7 @@ class Backends(contextlib.AbstractContextManager):
 
     def _auto(self, work: Work) -> Prepared:
         rt, build_s = self._runtime("auto", "ort", "auto", work)
-        choice = rt.manifest.auto["choice"]
+        choice = rt.manifest.choice
         return Prepared(rt.stages, False, "auto: " + ", ".join(f"{s} {c}" for s, c in choice.items()),
                         build_s=build_s,
                         note=rt.detail + (f", export and measure {build_s:.0f} s" if build_s else ""))

@@ -105,6 +105,21 @@ class Manifest:
         info = self.stages[stage]
         return self.member(info["file"]), info["sha256"]
 
+    def plan(self, stage: str) -> Path:
+        """A stage's TensorRT plan (the directory must have plans)."""
+        return self.member(self.tensorrt["plans"][stage]["file"])
+
+    @property
+    def choice(self) -> dict[str, str]:
+        """--precision auto: the engine chosen per stage (stages not named run ONNX Runtime fp32)."""
+        return dict((self.auto or {}).get("choice", {}))
+
+    @property
+    def exported_checkpoint(self) -> tuple[Path, str, bool]:
+        """(path, sha256, EMA weights?) of the checkpoint the directory was exported from."""
+        c = self.checkpoint
+        return Path(c.get("source", "")), c["sha256"], c.get("weights") != "model"
+
     def to_json(self) -> dict[str, Any]:
         d = {f: getattr(self, f) for f in _FIELDS if f not in ("root", "meta")}
         d["config"] = self.config.to_dict()

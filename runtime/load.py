@@ -119,12 +119,13 @@ def exported_from(m: Manifest, device: torch.device, ckpt: str | Path | None = N
     """(model, vae or None): the checkpoint (and VAE) the directory was exported from, in eager
     PyTorch on ``device``; the checkpoint must be the very file (sha256) the export recorded."""
     from flowar.checkpoint import load_model
-    src = Path(ckpt) if ckpt else Path(m.checkpoint.get("source", ""))
-    if not src.is_file() or sha256_file(src) != m.checkpoint["sha256"]:
+    recorded, digest, ema = m.exported_checkpoint
+    src = Path(ckpt) if ckpt else recorded
+    if not src.is_file() or sha256_file(src) != digest:
         raise FlowARError("the checkpoint the engine directory was exported from",
-                          f"{src if str(src) else 'no path'} (missing or a different file)",
+                          f"{src if str(src) not in ('', '.') else 'no path'} (missing or a different file)",
                           "pass --ckpt with the original checkpoint, or re-export the directory")
-    model, _ = load_model(src, config=m.config, use_ema=m.checkpoint.get("weights") != "model", device=device)
+    model, _ = load_model(src, config=m.config, use_ema=ema, device=device)
     vae = None
     if m.vae:
         from flowar.vae import load_vae
@@ -170,11 +171,10 @@ def open_engine_dir(path: str | Path, backend: str = "auto", device: str | torch
         dev = torch.device("cuda")
         shared = SharedDeviceMemory(dev)
         for name in specs:
-            plan = m.tensorrt["plans"][name]
-            engines[name] = stack.enter_context(TrtEngine(name, m.member(plan["file"]), b.trt, shared))
+            engines[name] = stack.enter_context(TrtEngine(name, m.plan(name), b.trt, shared))
         detail = f"{b.flavour} {b.version}"
     elif backend == "mixed":   # what flowar-export --precision auto measured and chose, per stage
-        choice = m.auto["choice"]
+        choice = m.choice
         model = _dir_model(m) if any(c.startswith("torch") for c in choice.values()) else None
         graphs = {n: m.graph(n) for n in specs}
         for name, eng in stage_engines(choice, config, model, None, specs, graphs, threads, root / ".ort-cache").items():
