@@ -243,8 +243,10 @@ def run_scale(stages: Stages, ws: Workspace, schedule: Schedule, k: int, check: 
     if check == "scale":
         _finite(z, "velocity", k, side)
     if k + 1 < c.n_scales:
-        z_R = z if R == B else torch.cat([z, z])
-        ws.view("next_in", k + 1).copy_(hand_off(z_R, side, c.latent_size, c.scales[k + 1]))
+        nxt = ws.view("next_in", k + 1)                                   # (R, n', C)
+        nxt[:B].copy_(hand_off(z, side, c.latent_size, c.scales[k + 1]))  # resized once, for B rows
+        if R > B:
+            nxt[B:].copy_(nxt[:B])                                         # the null rows see the same tokens
 
 
 @contextmanager
