@@ -140,7 +140,7 @@ def select(model, vae, specs: dict, graphs: dict, candidates: tuple[str, ...] = 
 
 def end_to_end(choice: dict[str, str], model, vae, specs: dict, graphs: dict, threads: int | None = None) -> dict:
     """Probe samples through the whole sampler with ``choice`` against float32 eager stages."""
-    from flowar.quality import psnr_each
+    from flowar.images import psnr_each
     from flowar.run import run_sampling
     from flowar.runtime.load import stage_engines
     from flowar.runtime.pipeline import EngineStages

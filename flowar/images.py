@@ -61,7 +61,19 @@ def save_grid(images_B3HW: Tensor, captions: list[str], path: str | Path, column
     return p
 
 
+def _squared_error(a_B3HW: Tensor, b_B3HW: Tensor) -> Tensor:
+    return (a_B3HW.float().clamp(-1, 1) - b_B3HW.float().clamp(-1, 1)).pow(2)
+
+
+def _db(mse: float) -> float:
+    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)    # peak-to-peak 2: [-1, 1]
+
+
 def psnr(a_B3HW: Tensor, b_B3HW: Tensor) -> float:
-    """PSNR in dB of two image batches in [-1, 1] (peak-to-peak 2), over the whole batch."""
-    mse = float((a_B3HW.float().clamp(-1, 1) - b_B3HW.float().clamp(-1, 1)).pow(2).mean())
-    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
+    """PSNR in dB of two image batches in [-1, 1], over the whole batch."""
+    return _db(float(_squared_error(a_B3HW, b_B3HW).mean()))
+
+
+def psnr_each(a_B3HW: Tensor, b_B3HW: Tensor) -> list[float]:
+    """PSNR in dB of each image pair in [-1, 1]."""
+    return [_db(float(m)) for m in _squared_error(a_B3HW, b_B3HW).flatten(1).mean(1)]

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor
 
 from flowar.errors import FlowARError
+from flowar.images import psnr_each
 
 CONVERGED_POINTS = 401          # uniform grid of the converged reference (400 Euler steps)
 
@@ -111,12 +111,6 @@ def images_to_uint8(images_B3HW: Tensor) -> Tensor:
 
 
 # ---- measuring a schedule ----------------------------------------------------------------------
-
-def psnr_each(a_B3HW: Tensor, b_B3HW: Tensor) -> list[float]:
-    """PSNR in dB of each image pair in [-1, 1] (peak-to-peak 2)."""
-    mse = (a_B3HW.float().clamp(-1, 1) - b_B3HW.float().clamp(-1, 1)).pow(2).flatten(1).mean(1)
-    return [float("inf") if m == 0 else 10 * math.log10(4.0 / float(m)) for m in mse]
-
 
 @dataclass(slots=True)
 class QualityReport:
