@@ -111,8 +111,8 @@ def parse(argv=None) -> tuple[BenchSpec, bool]:
 def check(a) -> BenchSpec:
     from flowar.device import resolve_device
     from flowar.errors import FlowARError
-    from flowar.outputs import check_writable
-    from flowar.schedule import SCHEDULES
+    from flowar.io.files import check_writable
+    from flowar.sampling.schedule import SCHEDULES
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]
     bad = [b for b in backends if b not in ALL_BACKENDS]
     if bad or not backends:
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
 
 def open_bench_source(spec: BenchSpec) -> tuple[BenchSource, str, bool, bool]:
     """(source, label, random weights, engines in reduced precision)."""
-    from flowar.source import exported_from, open_checkpoint
+    from flowar.pipeline.source import exported_from, open_checkpoint
     batch = max(spec.batches)
     if spec.engine_dir:
         ref = exported_from(spec.engine_dir, spec.device)
@@ -166,7 +166,7 @@ def open_bench_source(spec: BenchSpec) -> tuple[BenchSource, str, bool, bool]:
         return (BenchSource(ref.model, ref.vae, None, None, spec.dtype, batch, spec.device), Path(spec.ckpt).name,
                 False, False)
     from flowar.config import get_preset
-    from flowar.model import FlowAR
+    from flowar.model.ar import FlowAR
     torch.manual_seed(0)
     model = FlowAR(get_preset(spec.preset or "flowar-s")).eval()
     # The official init zeroes the head's output layer (velocity identically 0): perturb every
@@ -177,7 +177,7 @@ def open_bench_source(spec: BenchSpec) -> tuple[BenchSource, str, bool, bool]:
             p.add_(torch.randn(p.shape, generator=gen), alpha=0.02)
     vae = None
     if spec.vae:
-        from flowar.vae import load_vae
+        from flowar.model.vae import load_vae
         vae = load_vae(spec.vae, expect_channels=model.config.latent_channels).to(spec.device)
     return (BenchSource(model.to(spec.device), vae, None, None, spec.dtype, batch, spec.device),
             f"preset {spec.preset or 'flowar-s'}", True, False)
@@ -207,7 +207,7 @@ def measure(backends: Backends, name: str, work: Work, schedule_name: str, spec:
 
 
 def run(spec: BenchSpec) -> int:
-    from flowar.schedule import sampling_schedule
+    from flowar.sampling.schedule import sampling_schedule
     source, label, random_weights, reduced = open_bench_source(spec)
     config = source.model.config
     schedules = {s: sampling_schedule(config.n_scales, schedule=s, steps=spec.steps, cfg=spec.cfg,
@@ -258,7 +258,7 @@ def report(spec, results, info, label, random_weights, schedules, decode, flops,
            "schedules": {n: s.describe() for n, s in schedules.items()}, "cfg": official.cfg,
            "guidance": official.guidance, "decode": decode, "official_flops_per_max_batch": flops,
            "results": [asdict(r) for r in results], "markdown": table}
-    from flowar.outputs import atomic_write_bytes
+    from flowar.io.files import atomic_write_bytes
     if spec.json:
         atomic_write_bytes(spec.json, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1, default=float)))
         print(f"\nJSON -> {spec.json}")

@@ -86,23 +86,23 @@ class Backends(contextlib.AbstractContextManager):
         return self.src.vae.decode if self.src.vae is not None else None
 
     def _eager(self, work: Work) -> Prepared:
-        from flowar.stages import OfficialStyleStages
+        from flowar.sampling.eager import OfficialStyleStages
         return Prepared(self._torch_stages(OfficialStyleStages(self.src.model, self._decode()), self.src.dtype), True,
                         self.src.dtype)
 
     def _eager_bf16(self, work: Work) -> Prepared:
-        from flowar.stages import OfficialStyleStages
+        from flowar.sampling.eager import OfficialStyleStages
         return Prepared(self._torch_stages(OfficialStyleStages(self.src.model, self._decode()), "bf16"), True,
                         "bf16 autocast")
 
     def _torch(self, work: Work) -> Prepared:
-        from flowar.stages import TorchStages
+        from flowar.sampling.eager import TorchStages
         return Prepared(self._torch_stages(TorchStages(self.src.model, self._decode()), self.src.dtype), False,
                         self.src.dtype)
 
     def _compile(self, work: Work) -> Prepared:
         import torch._dynamo
-        from flowar.stages import TorchStages
+        from flowar.sampling.eager import TorchStages
         if self._compiled is None:
             # one specialisation per (scale, rows): 2 x scales x batches, above the default limit of 8
             torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
@@ -123,7 +123,7 @@ class Backends(contextlib.AbstractContextManager):
         if self.src.device.type != "cuda":
             raise Skip("CUDA graphs need a CUDA GPU")
         from flowar.runtime.cudagraph import GraphRunner
-        from flowar.runtime.pipeline import torch_engine_stages
+        from flowar.runtime.stages import torch_engine_stages
         stages = self._torch_stages(torch_engine_stages(self.src.model, work.batch, self.src.device, self.src.vae),
                                     self.src.dtype)
         return Prepared(stages, False, self.src.dtype, runner=GraphRunner(self.src.device),
@@ -150,8 +150,8 @@ class Backends(contextlib.AbstractContextManager):
         key = (backend, precision)
         if key in self._dirs:
             return self._dirs[key], None
-        from flowar.build import build_engine_dir
-        from flowar.checkpoint import save_checkpoint
+        from flowar.commands.build import build_engine_dir
+        from flowar.model.checkpoint import save_checkpoint
         tmp = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="flowar-bench-")))
         t0 = time.perf_counter()
         save_checkpoint(tmp / "model.safetensors", self.src.model.state_dict(), self.src.model.config)

@@ -24,7 +24,7 @@ STAGE_KEYS = ("ar", "head", "decode")
 class Work:
     """What every backend is measured on: the same labels, noise, schedule and outputs."""
     config: object                 # FlowARConfig
-    schedule: object               # flowar.schedule.Schedule
+    schedule: object               # flowar.sampling.schedule.Schedule
     labels: Tensor                 # (B,) class ids on the device
     seed: int
     decode: bool
@@ -51,7 +51,7 @@ def sync(device: torch.device) -> None:
 
 
 def run_once(stages, work: Work, official_rows: bool, runner=None) -> Tensor:
-    from flowar.sampler import per_sample_noise, sample
+    from flowar.sampling.sampler import per_sample_noise, sample
     with torch.inference_mode():
         tokens, _ = sample(stages, work.config, work.schedule, work.labels, per_sample_noise(work.seed, range(work.batch)),
                            decode=work.decode, device=work.device, official_rows=official_rows, check="none",
@@ -160,7 +160,7 @@ def gemm_peak_gflops(device: torch.device, n: int = 2048, repeat: int = 5) -> fl
 def official_flops(model, vae, schedule, B: int) -> dict[str, int]:
     """FLOPs of one official-style sample of batch B, per stage, counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
-    from flowar.stages import OfficialStyleStages
+    from flowar.sampling.eager import OfficialStyleStages
 
     counted = dict.fromkeys(STAGE_KEYS, 0)
 

@@ -103,7 +103,7 @@ def plot(results: list[Result], path: Path, label: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from flowar.outputs import atomic_write_bytes
+    from flowar.io.files import atomic_write_bytes
     ok = [r for r in results if r.ran]
     if not ok:
         return

@@ -73,8 +73,8 @@ def main(argv=None) -> int:
     url = a.url
     tmp = None
     if url is None:
-        from flowar.build import build_engine_dir
-        from flowar.serve import serve_forever
+        from flowar.commands.build import build_engine_dir
+        from flowar.commands.serve import serve_forever
         tmp = tempfile.TemporaryDirectory()
         eng = Path(tmp.name) / "engines"
         build_engine_dir(ROOT / "models/default/flowar.safetensors", eng, vae_path=ROOT / "models/default/vae",
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
                   f"{r['images_per_s']:.2f} images/s; latency p50 {r['p50_s']:.3f} s, p99 {r['p99_s']:.3f} s")
         print(f"batches formed under load: {batches}; dynamic batching gives {out['images_per_s_ratio']:.2f}x "
               "the images/s of sequential serving")
-        from flowar.outputs import atomic_write_bytes
+        from flowar.io.files import atomic_write_bytes
         atomic_write_bytes(a.json, lambda t: Path(t).write_text(json.dumps(out, indent=1)))
         return 0
     finally:

@@ -45,14 +45,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=21, help="batch-1 latency: median over this many runs")
     ap.add_argument("--out", default="bench/out/solvers.md")
     a = ap.parse_args(argv)
-    from flowar.build import build_engine_dir
+    from flowar.commands.build import build_engine_dir
     from flowar.config import SAMPLING_DEFAULTS
-    from flowar.judge import train_judge
-    from flowar.outputs import atomic_write_bytes, check_writable
-    from flowar.quality import measure
-    from flowar.run import run_sampling
+    from flowar.eval.judge import train_judge
+    from flowar.io.files import atomic_write_bytes, check_writable
+    from flowar.eval.quality import measure
+    from flowar.sampling.batches import run_sampling
     from flowar.runtime.load import open_engine_dir
-    from flowar.schedule import build_schedule
+    from flowar.sampling.schedule import build_schedule
     check_writable(a.out, False, "--out")
     judge = train_judge(cache=ROOT / ".cache" / "flowar-judge.safetensors")
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():

@@ -84,7 +84,7 @@ class Manifest:
     schedule_defaults: dict = field(default_factory=dict)   # what flowar-run samples with unless told otherwise
     vae: dict | None = None         # {source, latent_channels, downsample, image_size}; None: tokens only
     tensorrt: dict | None = None    # {flavour, version, plans: stage -> record, compute_capability}
-    auto: dict | None = None        # --precision auto: what was measured and chosen (flowar.autoprec)
+    auto: dict | None = None        # --precision auto: what was measured and chosen (flowar.runtime.precision)
     weights: dict | None = None     # {file, sha256}: float32 weights for the PyTorch stages `auto` chose
     meta: dict = field(default_factory=dict)   # opset, scales, versions, created: for people, not read back
 

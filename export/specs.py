@@ -106,7 +106,7 @@ def stage_specs(c: FlowARConfig, vae_factor: int | None = None) -> dict[str, Sta
 
 def sample_inputs(spec: StageSpec, c: FlowARConfig, k: int, rows: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Representative inputs of a stage at (scale k, rows): what the sampler would feed."""
-    from flowar.layers import grid_positions
+    from flowar.model.layers import grid_positions
     out = {}
     for name, shape in spec.input_shapes(k, rows).items():
         if name == "labels":

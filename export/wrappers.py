@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flowar.head import FlowHead, HeadContext
-from flowar.model import FlowAR
+from flowar.model.head import FlowHead, HeadContext
+from flowar.model.ar import FlowAR
 
 
 class ARGraph(nn.Module):

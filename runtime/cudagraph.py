@@ -4,7 +4,7 @@ guidance, the solver's updates) and the hand-off to the next scale.
 
 FlowAR at batch 1 is hundreds of small kernel launches per scale; replaying a captured graph
 removes the launch cost. Everything captured reads and writes static buffers: the sampler's
-:class:`~flowar.sampler.Workspace` and the runtime's :class:`~flowar.runtime.pipeline.BufferPlan`.
+:class:`~flowar.sampling.sampler.Workspace` and the runtime's :class:`~flowar.runtime.stages.BufferPlan`.
 Before each replay the sampler copies in only that scale's noise (the labels go in at start).
 All graphs share one memory pool. A TensorRT enqueue on the capture stream is captured like any
 other kernel; the VAE decode runs right after the last scale, uncaptured.
@@ -18,12 +18,12 @@ from __future__ import annotations
 import torch
 
 from flowar.config import FlowARConfig
-from flowar.sampler import Stages, Workspace, _finite, run_scale
-from flowar.schedule import Schedule
+from flowar.sampling.sampler import Stages, Workspace, _finite, run_scale
+from flowar.sampling.schedule import Schedule
 
 
 class GraphRunner:
-    """A :class:`~flowar.sampler.ScaleRunner` that captures each scale once and replays it.
+    """A :class:`~flowar.sampling.sampler.ScaleRunner` that captures each scale once and replays it.
 
     One workspace and one graph per (scale, batch, rows, schedule), all graphs in one memory
     pool. The first call of a scale runs it eagerly (on a side stream: the warm-up TensorRT and

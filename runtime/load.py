@@ -17,7 +17,7 @@ from flowar.config import FlowARConfig
 from flowar.errors import FlowARError
 from flowar.export.manifest import EngineDirError, Manifest, read_manifest, sha256_file
 from flowar.runtime.engines import OrtEngine, SharedDeviceMemory, TorchEngine, TrtEngine
-from flowar.runtime.pipeline import EngineStages
+from flowar.runtime.stages import EngineStages
 
 BACKENDS = ("auto", "ort", "trt", "torch")
 
@@ -105,7 +105,7 @@ def stage_engines(choice: dict[str, str], config: FlowARConfig, model, vae, spec
 
 def _dir_model(m: Manifest):
     """The float32 model whose weights the directory carries (for its PyTorch stages)."""
-    from flowar.checkpoint import load_model
+    from flowar.model.checkpoint import load_model
     w = m.weights
     path = m.member(w["file"]) if w else None
     if path is None or not path.is_file() or sha256_file(path) != w["sha256"]:
@@ -118,7 +118,7 @@ def _dir_model(m: Manifest):
 def exported_from(m: Manifest, device: torch.device, ckpt: str | Path | None = None):
     """(model, vae or None): the checkpoint (and VAE) the directory was exported from, in eager
     PyTorch on ``device``; the checkpoint must be the very file (sha256) the export recorded."""
-    from flowar.checkpoint import load_model
+    from flowar.model.checkpoint import load_model
     recorded, digest, ema = m.exported_checkpoint
     src = Path(ckpt) if ckpt else recorded
     if not src.is_file() or sha256_file(src) != digest:
@@ -128,7 +128,7 @@ def exported_from(m: Manifest, device: torch.device, ckpt: str | Path | None = N
     model, _ = load_model(src, config=m.config, use_ema=ema, device=device)
     vae = None
     if m.vae:
-        from flowar.vae import load_vae
+        from flowar.model.vae import load_vae
         vae = load_vae(m.vae["source"], expect_channels=m.config.latent_channels).to(device)
     return model, vae
 
@@ -187,7 +187,7 @@ def open_engine_dir(path: str | Path, backend: str = "auto", device: str | torch
             detail += f" (measured on {describe(measured_on)}; re-export here to measure this CPU)"
     else:   # torch: the reference modules behind the same interface
         from flowar.device import resolve_device
-        from flowar.runtime.pipeline import torch_engines
+        from flowar.runtime.stages import torch_engines
         dev = resolve_device(device)
         model, vae_mod = exported_from(m, dev, ckpt)
         engines = torch_engines(model, specs, vae_mod)

@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-import flowar.sampler as sampler
-import flowar.schedule as schedule
-from flowar.stages import TorchStages
+import flowar.sampling.sampler as sampler
+import flowar.sampling.schedule as schedule
+from flowar.sampling.eager import TorchStages
 
 RUNS = {"sample25": (25, 4.3, 0.9), "sample50": (50, 2.4, 0.7)}      # steps, cfg, guidance
 
@@ -80,7 +80,7 @@ class Official:
 def load_official(fixtures_dir: Path, name: str) -> Official:
     from safetensors.torch import load_file
     from flowar.config import FlowARConfig
-    from flowar.model import FlowAR
+    from flowar.model.ar import FlowAR
     cfg = FlowARConfig.load(fixtures_dir / f"{name}.config.json")
     sd = load_file(str(fixtures_dir / f"{name}.safetensors"))
     model = FlowAR(cfg).eval()

@@ -7,11 +7,11 @@ import json
 import pytest
 from safetensors.torch import save_file
 
-from flowar.autoprec import StageMeasure, choose
-from flowar.build import build_engine_dir
-from flowar.run import run_sampling
+from flowar.runtime.precision import StageMeasure, choose
+from flowar.commands.build import build_engine_dir
+from flowar.sampling.batches import run_sampling
 from flowar.runtime.load import open_engine_dir
-from flowar.schedule import build_schedule
+from flowar.sampling.schedule import build_schedule
 
 
 def test_choose_takes_the_fastest_candidate_within_its_tolerance():
@@ -72,8 +72,8 @@ def test_auto_records_what_it_measured_and_the_runtime_runs_that(fixtures_dir, t
 
 @pytest.mark.slow
 def test_a_choice_that_does_not_sample_like_fp32_falls_back_to_fp32(fixtures_dir, tmp_path, monkeypatch):
-    import flowar.autoprec
-    monkeypatch.setattr(flowar.autoprec, "MAX_TOKEN_MEAN", -1.0)              # nothing reduced can pass now
+    import flowar.runtime.precision
+    monkeypatch.setattr(flowar.runtime.precision, "MAX_TOKEN_MEAN", -1.0)              # nothing reduced can pass now
     rep = _export(fixtures_dir, tmp_path / "e", ("torch-bf16",))
     # the stages that had taken bf16 (those within the per-stage screen) are demoted to fp32
     assert rep.auto.fallback and set(rep.auto.fallback) <= {"ar", "head_prep", "velocity"}

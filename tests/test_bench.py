@@ -28,7 +28,7 @@ def test_every_backend_does_the_same_work_and_agrees_with_eager(run):
     recs = {(r["backend"], r["schedule"], r["batch"]): r for r in data["results"]}
     assert set(recs) == {(b, s, n) for b in ("eager", "torch", "ort") for s in ("official", "fast") for n in (1, 2)}
     from flowar.config import get_preset
-    from flowar.schedule import sampling_schedule
+    from flowar.sampling.schedule import sampling_schedule
     n_scales = get_preset("tiny").n_scales
     for (backend, schedule, batch), r in recs.items():
         # the schedule each row claims is the one that ran: its head evaluations per sample
@@ -74,7 +74,7 @@ class Sleepy:
 def test_the_stage_split_finds_a_known_delay_and_timed_runs_do_not_synchronise_inside(bench, stage):
     import latency_measure as m
     from flowar.config import get_preset
-    from flowar.schedule import sampling_schedule
+    from flowar.sampling.schedule import sampling_schedule
     c = get_preset("tiny")
     work = m.Work(c, sampling_schedule(c.n_scales, steps=5), torch.tensor([3, 7]), 0, False, torch.device("cpu"))
     slow = Sleepy(c, stage, {"ar": 0.05, "head": 0.01}[stage])

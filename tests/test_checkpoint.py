@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flowar.checkpoint import load_model, read_checkpoint, save_checkpoint
+from flowar.model.checkpoint import load_model, read_checkpoint, save_checkpoint
 from flowar.config import PRESETS
 from flowar.errors import CheckpointError, ConfigError
 
@@ -117,7 +117,7 @@ def test_pickle_with_code_is_refused_and_nothing_runs(tmp_path):
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
 def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path, umask, mode):
-    from flowar.outputs import atomic_write_bytes
+    from flowar.io.files import atomic_write_bytes
     old = os.umask(umask)
     try:
         atomic_write_bytes(tmp_path / "out.bin", lambda tmp: open(tmp, "wb").write(b"x"))

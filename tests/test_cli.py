@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from flowar.cli import run
+from flowar.commands.cli import run
 
 
 @pytest.fixture()
@@ -69,7 +69,7 @@ def test_user_errors_are_one_line(fixtures_dir, args, needle):
 
 
 def test_no_traceback_from_the_installed_command(fixtures_dir, tmp_path):
-    proc = subprocess.run([sys.executable, "-c", "from flowar.cli import run_main; run_main()", "--ckpt",
+    proc = subprocess.run([sys.executable, "-c", "from flowar.commands.cli import run_main; run_main()", "--ckpt",
                            str(tmp_path / "missing.pth"), "--preset", "tiny"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
@@ -77,7 +77,7 @@ def test_no_traceback_from_the_installed_command(fixtures_dir, tmp_path):
 
 
 def test_export_then_run_from_the_engine_directory(fixtures_dir, tiny_v1, noise25, tmp_path, assert_tokens):
-    from flowar.cli import export_cmd
+    from flowar.commands.cli import export_cmd
     _, io = tiny_v1
     res = CliRunner().invoke(export_cmd, ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny",
                                           "--out", str(tmp_path / "eng"), "--max-batch", "2", "--no-verify"])

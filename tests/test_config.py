@@ -32,7 +32,7 @@ def test_derived_values():
 
 @pytest.mark.parametrize("preset,tsv", [("flowar-s", "small"), ("flowar-l", "large"), ("flowar-h", "huge")])
 def test_preset_keys_match_official_checkpoints(fixtures_dir, preset, tsv):
-    from flowar.checkpoint import expected_shapes
+    from flowar.model.checkpoint import expected_shapes
     rows = [line.rstrip("\n").split("\t") for line in (fixtures_dir / f"keys_flowar_{tsv}.tsv").read_text().splitlines()
             if line and not line.startswith("#")][1:]
     official = {k: tuple(json.loads(shape)) for k, shape, _ in rows}
@@ -41,7 +41,7 @@ def test_preset_keys_match_official_checkpoints(fixtures_dir, preset, tsv):
 
 def test_preset_parameter_counts(fixtures_dir):
     # The TSV header states the official parameter count; buffers (mask, rope freqs) are not parameters.
-    from flowar.model import FlowAR
+    from flowar.model.ar import FlowAR
     for preset, tsv in (("flowar-s", "small"),):
         header = (fixtures_dir / f"keys_flowar_{tsv}.tsv").read_text().splitlines()[0]
         n_official = int(header.split("parameters=")[1].split()[0])

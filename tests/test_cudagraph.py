@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from flowar.runtime.cudagraph import GraphRunner
-from flowar.runtime.pipeline import torch_engine_stages
-from flowar.sampler import injected_noise, sample
-from flowar.schedule import build_schedule, named_schedule
-from flowar.stages import TorchStages
+from flowar.runtime.stages import torch_engine_stages
+from flowar.sampling.sampler import injected_noise, sample
+from flowar.sampling.schedule import build_schedule, named_schedule
+from flowar.sampling.eager import TorchStages
 
 
 def _noise(io):
@@ -61,7 +61,7 @@ def test_which_sources_are_captured():
     reference modules behind the runtime) keep their own static-buffer stages; only a checkpoint
     on CUDA is rebuilt on static buffers; on a CPU a checkpoint runs the plain loop."""
     import torch
-    from flowar.source import Source, graph_runner
+    from flowar.pipeline.source import Source, graph_runner
     stages = object()
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
 

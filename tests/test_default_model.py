@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowar.build import build_engine_dir
-from flowar.images import psnr
-from flowar.run import run_sampling
-from flowar.schedule import build_schedule
+from flowar.commands.build import build_engine_dir
+from flowar.io.images import psnr
+from flowar.sampling.batches import run_sampling
+from flowar.sampling.schedule import build_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "models" / "default" / "flowar.safetensors"
@@ -18,9 +18,9 @@ CLASSES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", 
 
 @pytest.fixture(scope="module")
 def eager():
-    from flowar.checkpoint import load_model
-    from flowar.stages import TorchStages
-    from flowar.vae import load_vae
+    from flowar.model.checkpoint import load_model
+    from flowar.sampling.eager import TorchStages
+    from flowar.model.vae import load_vae
     model, ck = load_model(CKPT)
     vae = load_vae(VAE, expect_channels=ck.config.latent_channels)
     return model, ck, TorchStages(model, vae.decode)
@@ -72,8 +72,8 @@ def test_a_seed_names_an_image_in_any_batch_and_backend(tmp_path):
     --max-batch 4 (ONNX Runtime, and the PyTorch stages behind the runtime): the same image per
     sample index."""
     from click.testing import CliRunner
-    from flowar.cli import export_cmd, run
-    from flowar.images import psnr
+    from flowar.commands.cli import export_cmd, run
+    from flowar.io.images import psnr
     labels = ["--labels", "0,1,2,3,4,5,6,7,8,9,2,5", "--seed", "11"]
     res = CliRunner().invoke(export_cmd, ["--ckpt", str(CKPT), "--vae", str(VAE), "--out", str(tmp_path / "eng"),
                                           "--max-batch", "4", "--no-verify"])

@@ -31,7 +31,7 @@ ray = pytest.importorskip("ray", reason="Ray is in the [serve] extra")
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
-    from flowar.build import build_engine_dir
+    from flowar.commands.build import build_engine_dir
     d = tmp_path_factory.mktemp("serve") / "engines"
     build_engine_dir(CKPT, d, vae_path=VAE, max_batch=4, verify=False)
     return d
@@ -56,7 +56,7 @@ def engines(tmp_path_factory):
     (b'{"label": 1, "pad": "' + b"x" * 20000 + b'"}', 413, "at most 16384 bytes"),
 ])
 def test_bad_requests_are_refused_with_the_status_and_one_line(body, status, needle):
-    from flowar.serve import RequestError, parse_generate
+    from flowar.commands.serve import RequestError, parse_generate
     names = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
     with pytest.raises(RequestError) as e:
         parse_generate(body, 10, names, 16)
@@ -64,7 +64,7 @@ def test_bad_requests_are_refused_with_the_status_and_one_line(body, status, nee
 
 
 def test_a_request_names_its_images_by_seed_and_index():
-    from flowar.serve import parse_generate
+    from flowar.commands.serve import parse_generate
     items = parse_generate(b'{"class": "cat", "seed": 7, "n": 3, "schedule": "fast"}', 10, ["bear", "bird", "cat"], 16)
     assert [(i.label, i.seed, i.index) for i in items] == [(2, 7, 0), (2, 7, 1), (2, 7, 2)]
     assert items[0].settings == (("schedule", "fast"),)
@@ -149,7 +149,7 @@ def _get(url, path):
 
 @pytest.fixture(scope="module")
 def server(engines):
-    from flowar.serve import serve_forever
+    from flowar.commands.serve import serve_forever
     port = _free_port()
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     serve_forever(str(engines), "127.0.0.1", port, 1, 16, 1, None, block=False)
@@ -168,7 +168,7 @@ def _png(b64):
 def test_served_images_are_flowar_runs_and_bad_requests_leave_it_serving(server, engines, tmp_path):
     from click.testing import CliRunner
     from PIL import Image
-    from flowar.cli import run
+    from flowar.commands.cli import run
     status, got = _post(server, {"label": 3, "seed": 5, "n": 2})
     assert status == 200 and got["labels"] == [3, 3] and got["seeds"] == [5, 5] and got["indices"] == [0, 1]
     res = CliRunner().invoke(run, ["--engine-dir", str(engines), "--labels", "3,3", "--seed", "5",

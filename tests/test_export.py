@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flowar.build import build_engine_dir
+from flowar.commands.build import build_engine_dir
 from flowar.export.manifest import EngineDirError, read_manifest, sha256_file
-from flowar.schedule import build_schedule
+from flowar.sampling.schedule import build_schedule
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_graphs_have_dynamic_rows_and_token_maps(engine_dirs):
 def test_onnx_runtime_reproduces_official_tokens(engine_dirs, fixtures_dir, name, tmp_path, assert_tokens):
     from safetensors.torch import load_file
     io = load_file(str(fixtures_dir / f"{name}_io.safetensors"))
-    from flowar.run import run_sampling
+    from flowar.sampling.batches import run_sampling
     from flowar.runtime.load import open_engine_dir
     noise = tmp_path / "N.safetensors"
     save_file({f"noise{k}": io[f"sample25.noise{k}"].contiguous() for k in range(5)}, str(noise))
@@ -126,7 +126,7 @@ def test_blocks_with_several_threads_each_get_their_own_session(engine_dirs):
 
 def test_velocity_bindings_are_made_once_per_scale_and_row_count(engine_dirs):
     """The ODE loop must replay bindings: one per (scale, rows) however many steps and samples."""
-    from flowar.run import run_sampling
+    from flowar.sampling.batches import run_sampling
     from flowar.runtime.load import open_engine_dir
     with open_engine_dir(engine_dirs["tiny_v1"][0], "ort") as rt:
         traces = []
@@ -192,7 +192,7 @@ def test_real_presets_export_ar_and_velocity_with_dynamic_shapes(preset, tmp_pat
     from flowar.config import get_preset
     from flowar.export.onnx_export import export_stage
     from flowar.export.specs import stage_specs
-    from flowar.model import FlowAR
+    from flowar.model.ar import FlowAR
     cfg = get_preset(preset)
     specs = stage_specs(cfg)
     for name in ("ar", "velocity"):
@@ -219,7 +219,7 @@ def test_tensorrt_runtime_reproduces_official_tokens(fixtures_dir, tmp_path):
     except Exception:
         pytest.skip("needs TensorRT or TensorRT-RTX")
     from safetensors.torch import load_file
-    from flowar.run import run_sampling
+    from flowar.sampling.batches import run_sampling
     from flowar.runtime.load import open_engine_dir
     io = load_file(str(fixtures_dir / "tiny_v1_io.safetensors"))
     d = tmp_path / "trt"

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from flowar.cli import run
+from flowar.commands.cli import run
 
 EXE = Path(sys.executable).parent
 
@@ -63,7 +63,7 @@ OUTPUTS = [("flowar-run", "--save-tokens"), ("flowar-run", "--out"), ("flowar-ru
 @pytest.mark.parametrize("where", UNWRITABLE)
 @pytest.mark.parametrize("command,option", OUTPUTS)
 def test_unwritable_output_is_one_line_before_any_work(fixtures_dir, tmp_path, command, option, where, capsys, bench):
-    from flowar import cli
+    from flowar.commands import cli
     (tmp_path / "afile").write_text("x")
     where = where.format(tmp=tmp_path)
     args = _command_args(fixtures_dir, tmp_path, command, option, where)
@@ -89,17 +89,17 @@ def test_an_output_of_the_wrong_kind_is_refused(fixtures_dir, tmp_path):
                                    "--save-images", str(tmp_path / "afile")])
     assert res.exit_code == 2 and "is a file" in res.output and "Traceback" not in res.output   # click's own check
     from flowar.errors import FlowARError
-    from flowar.outputs import check_writable
+    from flowar.io.files import check_writable
     with pytest.raises(FlowARError, match="--save-tokens to be a file; got .* exists as a folder"):
         check_writable(tmp_path / "adir", False, "--save-tokens")
 
 
 def test_a_failed_write_after_the_checks_is_one_line_too(fixtures_dir, tmp_path, monkeypatch):
     """Disk full or a path removed while sampling: the OSError becomes the one-line error."""
-    import flowar.run
+    import flowar.sampling.batches
     def full(*a, **k):
         raise OSError(28, "No space left on device", str(tmp_path / "t.safetensors"))
-    monkeypatch.setattr(flowar.run, "write_outputs", full)
+    monkeypatch.setattr(flowar.sampling.batches, "write_outputs", full)
     res = CliRunner().invoke(run, ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny",
                                    "--labels", "1", "--steps", "2", "--save-tokens", str(tmp_path / "t.safetensors")])
     assert res.exit_code == 2, res.output
@@ -130,7 +130,7 @@ def test_sampling_works_with_networking_unavailable(fixtures_dir, tmp_path):
     code = ("import socket\n"
             "def deny(*a, **k): raise OSError('network disabled for this test')\n"
             "socket.socket.connect = deny; socket.create_connection = deny; socket.getaddrinfo = deny\n"
-            "from flowar.cli import run_main; run_main()\n")
+            "from flowar.commands.cli import run_main; run_main()\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "DIFFUSERS_"))}
     proc = subprocess.run([sys.executable, "-c", code, "--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset",
                            "tiny", "--labels", "1", "--steps", "3", "--vae", str(tmp_path / "vae"),
@@ -166,7 +166,7 @@ def test_sigkill_during_export_leaves_the_previous_directory_valid(fixtures_dir,
 
 
 def test_engine_dir_from_another_checkpoint_is_refused_for_the_torch_backend(fixtures_dir, tmp_path):
-    from flowar.build import build_engine_dir
+    from flowar.commands.build import build_engine_dir
     from flowar.errors import FlowARError
     from flowar.runtime.load import open_engine_dir
     d = tmp_path / "e"
@@ -219,9 +219,9 @@ class _NaNAtScale:
 def test_check_scale_names_the_scale_once_and_check_none_leaves_it_to_the_caller(tiny_v1):
     """check="scale" (the GPU default: one sync per scale) catches a NaN at the end of its scale."""
     from flowar.errors import FlowARError
-    from flowar.sampler import per_sample_noise, sample
-    from flowar.schedule import sampling_schedule
-    from flowar.stages import TorchStages
+    from flowar.sampling.sampler import per_sample_noise, sample
+    from flowar.sampling.schedule import sampling_schedule
+    from flowar.sampling.eager import TorchStages
     model, _ = tiny_v1
     c = model.config
     sched = sampling_schedule(c.n_scales, steps=5)

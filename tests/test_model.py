@@ -2,8 +2,8 @@
 
 import torch
 
-from flowar.head import timestep_integers
-from flowar.model import block_causal_mask
+from flowar.model.head import timestep_integers
+from flowar.model.ar import block_causal_mask
 
 
 def test_strict_load_and_buffers(tiny):

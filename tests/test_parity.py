@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import flowar.head
-import flowar.layers
-import flowar.sampler
-import flowar.schedule
+import flowar.model.head
+import flowar.model.layers
+import flowar.sampling.sampler
+import flowar.sampling.schedule
 from parity import RUNS, ar_checks, ode_checks, token_check, velocity_check
 
 
@@ -44,28 +44,28 @@ def test_every_scale_ar_and_ode_within_float32_noise(official, run):
 
 def _timestep_off_by_one(monkeypatch):
     """The integer timestep of one ODE step (step 5 of the 25-step grid: 681) becomes 680."""
-    real = flowar.head.timestep_integers
-    target = int(flowar.schedule.build_schedule(25, 4.3, 0.9, 5).t_int[5])
+    real = flowar.model.head.timestep_integers
+    target = int(flowar.sampling.schedule.build_schedule(25, 4.3, 0.9, 5).t_int[5])
 
     def mutant(t):
         i = real(t)
         return torch.where(i == target, i - 1, i)
-    monkeypatch.setattr(flowar.head, "timestep_integers", mutant)
+    monkeypatch.setattr(flowar.model.head, "timestep_integers", mutant)
 
 
 def _cfg_of_one_scale_off_by_1pct(monkeypatch):
-    real = flowar.schedule.scale_cfg
-    monkeypatch.setattr(flowar.schedule, "scale_cfg", lambda cfg, k, n: real(cfg, k, n) * (1.01 if k == 2 else 1.0))
+    real = flowar.sampling.schedule.scale_cfg
+    monkeypatch.setattr(flowar.sampling.schedule, "scale_cfg", lambda cfg, k, n: real(cfg, k, n) * (1.01 if k == 2 else 1.0))
 
 
 def _rope_positions_shifted_by_one(monkeypatch):
     """Grid index 1..s instead of 0..s-1 (a uniform shift of every position would be invisible:
     RoPE depends only on differences of positions, and the scales' grids would move together)."""
     def mutant(side, device=None):
-        p = torch.arange(1, side + 1, device=device, dtype=torch.float32) / side * flowar.layers.ROPE_GRID
+        p = torch.arange(1, side + 1, device=device, dtype=torch.float32) / side * flowar.model.layers.ROPE_GRID
         return torch.stack([p[:, None].expand(side, side), p[None, :].expand(side, side)], dim=-1).reshape(-1, 2)
-    monkeypatch.setattr(flowar.layers, "grid_positions", mutant)
-    monkeypatch.setattr(flowar.head, "grid_positions", mutant)
+    monkeypatch.setattr(flowar.model.layers, "grid_positions", mutant)
+    monkeypatch.setattr(flowar.model.head, "grid_positions", mutant)
 
 
 class _BilinearF:
@@ -80,12 +80,12 @@ class _BilinearF:
 
 
 def _hand_off_bilinear(monkeypatch):
-    monkeypatch.setattr(flowar.sampler, "F", _BilinearF())
+    monkeypatch.setattr(flowar.sampling.sampler, "F", _BilinearF())
 
 
 def _guidance_interval_exclusive(monkeypatch):
     """t_cur < guidance instead of <=: the 50-step grid reaches t = 0.7 exactly."""
-    monkeypatch.setattr(flowar.schedule, "in_guidance_interval", lambda t, guidance: 0 <= t < guidance)
+    monkeypatch.setattr(flowar.sampling.schedule, "in_guidance_interval", lambda t, guidance: 0 <= t < guidance)
 
 
 # mutation -> (run, which per-scale checks must fail: "ar" / "ode")

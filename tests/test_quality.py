@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from flowar.errors import FlowARError
-from flowar.quality import feature_stats, frechet_distance, read_fid_stats
+from flowar.eval.quality import feature_stats, frechet_distance, read_fid_stats
 
 
 def test_frechet_distance_of_diagonal_gaussians_is_the_closed_form():
@@ -49,7 +49,7 @@ class StandIn(torch.nn.Module):
 
 
 def test_extractors_load_from_torchscript_and_torch_export(tmp_path):
-    from flowar.quality import load_extractor
+    from flowar.eval.quality import load_extractor
     net = StandIn().eval()
     img = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     torch.export.save(torch.export.export(net, (img,), {"return_features": True}), str(tmp_path / "s.pt2"))
@@ -65,7 +65,7 @@ def test_extractors_load_from_torchscript_and_torch_export(tmp_path):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_judge_reports_fidelity_convergence_and_fid(fixtures_dir, tmp_path):
     from PIL import Image
-    from flowar.cli import judge_cmd, run
+    from flowar.commands.cli import judge_cmd, run
     extractor = tmp_path / "standin.pt"
     torch.jit.save(torch.jit.script(StandIn()), str(extractor))
     ckpt = ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--config", str(fixtures_dir / "tiny_v1.config.json"),
@@ -99,7 +99,7 @@ def test_judge_reports_fidelity_convergence_and_fid(fixtures_dir, tmp_path):
 
 
 def test_bad_fid_inputs_are_one_line(fixtures_dir, tmp_path):
-    from flowar.cli import judge_cmd
+    from flowar.commands.cli import judge_cmd
     np.savez(tmp_path / "bad.npz", mean=np.zeros(3))
     with pytest.raises(FlowARError, match="arrays mu and sigma"):
         read_fid_stats(tmp_path / "bad.npz")
@@ -117,8 +117,8 @@ def test_judge_on_an_engine_directory_against_another(fixtures_dir, tmp_path):
     """flowar-judge --engine-dir with --vs-engine-dir: the same samples (index, noise, batch split)
     on both sides. Against itself the difference must be exactly zero; against the eager
     checkpoint's samples it is float32 noise, while a shifted sample order would be 1e-1."""
-    from flowar.build import build_engine_dir
-    from flowar.cli import judge_cmd
+    from flowar.commands.build import build_engine_dir
+    from flowar.commands.cli import judge_cmd
     ckpt = fixtures_dir / "tiny_v1.safetensors"
     build_engine_dir(ckpt, tmp_path / "e", config_path=str(fixtures_dir / "tiny_v1.config.json"),
                      vae_path=fixtures_dir / "mar_vae_tiny.ckpt", max_batch=2, verify=False)

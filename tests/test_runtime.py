@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from flowar.export.specs import stage_specs
-from flowar.runtime.pipeline import BufferPlan, torch_engine_stages
-from flowar.sampler import injected_noise, sample
-from flowar.schedule import build_schedule
-from flowar.stages import TorchStages
+from flowar.runtime.stages import BufferPlan, torch_engine_stages
+from flowar.sampling.sampler import injected_noise, sample
+from flowar.sampling.schedule import build_schedule
+from flowar.sampling.eager import TorchStages
 
 
 class Recording:
@@ -91,7 +91,7 @@ def test_velocity_work_limits_are_the_flops_they_claim():
     from flowar.config import get_preset
     from flowar.engines.ort import velocity_work_limits
     from flowar.export.specs import sample_inputs, stage_specs
-    from flowar.model import FlowAR
+    from flowar.model.ar import FlowAR
     for preset in ("tiny", "flowar-s"):
         c = get_preset(preset)
         spec = stage_specs(c)["velocity"]

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flowar.sampler import injected_noise, per_sample_noise, sample
-from flowar.schedule import build_schedule
-from flowar.stages import TorchStages
+from flowar.sampling.sampler import injected_noise, per_sample_noise, sample
+from flowar.sampling.schedule import build_schedule
+from flowar.sampling.eager import TorchStages
 from parity import Float64Stages, max_abs
 
 
@@ -103,7 +103,7 @@ def test_per_sample_noise_depends_on_seed_and_index_only():
 
 
 def test_run_sampling_gives_each_sample_the_same_tokens_in_any_batching(official_v1):
-    from flowar.run import run_sampling
+    from flowar.sampling.batches import run_sampling
     model = official_v1.model
     labels = [3, 7, 1, 1, 0]
     with torch.no_grad():
@@ -127,7 +127,7 @@ def test_noise_of_the_wrong_shape_is_refused(tiny_v1):
 
 def test_official_rows_mode_gives_the_same_tokens(tiny_v1, assert_tokens):
     """The benchmark's official-style baseline (all 2B rows, per-step head constants) samples the same tokens."""
-    from flowar.stages import OfficialStyleStages
+    from flowar.sampling.eager import OfficialStyleStages
     model, io = tiny_v1
     noise = _noise(io, "sample25")
     traces = []

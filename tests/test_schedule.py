@@ -5,7 +5,7 @@ import json
 import pytest
 
 from flowar.errors import FlowARError
-from flowar.schedule import build_schedule, scale_cfg, time_grid
+from flowar.sampling.schedule import build_schedule, scale_cfg, time_grid
 
 
 @pytest.mark.parametrize("run", ["sample25", "sample50"])

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from flowar.config import get_preset
-from flowar.sampler import per_sample_noise, sample
-from flowar.schedule import build_schedule, named_schedule
-from flowar.stages import TorchStages
+from flowar.sampling.sampler import per_sample_noise, sample
+from flowar.sampling.schedule import build_schedule, named_schedule
+from flowar.sampling.eager import TorchStages
 
 
 class ClosedForm:

@@ -15,7 +15,7 @@ import torch
 def small_world(tmp_path_factory):
     """A 2-class image folder (16x16) and a random diffusers VAE (4x down -> 4x4 latents)."""
     from PIL import Image
-    from flowar.train_vae import VAETrainArgs, build_vae
+    from flowar.train.vae import VAETrainArgs, build_vae
     root = tmp_path_factory.mktemp("world")
     rng = np.random.default_rng(0)
     for ci, name in enumerate(["disc", "square"]):
@@ -33,7 +33,7 @@ def small_world(tmp_path_factory):
 
 
 def _args(world, out, **kw):
-    from flowar.train import TrainArgs
+    from flowar.train.trainer import TrainArgs
     base = dict(out=str(out), vae=str(world / "vae"), data=str(world / "data"), size=16, steps=6, batch=8,
                 log_every=100, sample_every=0, ckpt_every=100, warmup=2, cache_dir=str(world / "cache"))
     base.update(kw)
@@ -41,7 +41,7 @@ def _args(world, out, **kw):
 
 
 def test_resume_repeats_the_loss_sequence(small_world, tmp_path):
-    from flowar.train import train
+    from flowar.train.trainer import train
     full = train(_args(small_world, tmp_path / "a"), progress=False)
     part = train(_args(small_world, tmp_path / "b"), progress=False, max_steps_this_run=3)
     assert part.step == 3
@@ -55,8 +55,8 @@ def test_resume_repeats_the_loss_sequence(small_world, tmp_path):
 
 
 def test_checkpoints_are_self_describing(small_world, tmp_path):
-    from flowar.checkpoint import load_model, read_checkpoint
-    from flowar.train import train
+    from flowar.model.checkpoint import load_model, read_checkpoint
+    from flowar.train.trainer import train
     train(_args(small_world, tmp_path / "r", steps=2, ckpt_every=1), progress=False)
     model, ck = load_model(tmp_path / "r" / "model.safetensors")
     assert ck.class_names == ["disc", "square"] and ck.config.scales == (1, 2, 4)
@@ -71,7 +71,7 @@ def test_checkpoints_are_self_describing(small_world, tmp_path):
 
 def test_refuses_to_overwrite_a_run(small_world, tmp_path):
     from flowar.errors import FlowARError
-    from flowar.train import train
+    from flowar.train.trainer import train
     train(_args(small_world, tmp_path / "r", steps=1), progress=False)
     with pytest.raises(FlowARError, match="--resume"):
         train(_args(small_world, tmp_path / "r", steps=2), progress=False)
@@ -80,7 +80,7 @@ def test_refuses_to_overwrite_a_run(small_world, tmp_path):
 def test_batch_above_the_dataset_is_one_line_before_any_work(small_world, tmp_path, monkeypatch):
     """24 images, --batch 26: one line, exit 2, and no run folder, checkpoint or latent cache written."""
     from click.testing import CliRunner
-    from flowar.cli import train_cmd
+    from flowar.commands.cli import train_cmd
     monkeypatch.chdir(tmp_path)                      # the default --cache-dir is relative to here
     res = CliRunner().invoke(train_cmd, ["--out", str(tmp_path / "run"), "--vae", str(small_world / "vae"),
                                          "--data", str(small_world / "data"), "--size", "16", "--steps", "2",
@@ -108,7 +108,7 @@ def test_latent_cache_is_keyed_by_contents_not_paths(small_world, tmp_path, monk
     import shutil
     from PIL import Image
     from safetensors.torch import load_file, save_file
-    import flowar.data as data
+    import flowar.train.data as data
     encoded = []
     real_encode = data.encode_latents
     monkeypatch.setattr(data, "encode_latents", lambda images, vae: encoded.append(1) or real_encode(images, vae))
@@ -159,15 +159,15 @@ def test_torchrun_two_processes_on_cpu(small_world, tmp_path):
         cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "trained to step 3" in proc.stdout and proc.stdout.count("trained to step") == 1
-    from flowar.checkpoint import read_checkpoint
+    from flowar.model.checkpoint import read_checkpoint
     ck = read_checkpoint(tmp_path / "ddp" / "checkpoint-last.safetensors")
     assert len(json.loads(ck.metadata["losses"])) == 3
     assert all(torch.isfinite(v).all() for k, v in ck.state_dict.items() if k != "mask")   # mask holds -inf by design
 
 
 def test_vae_trainer_writes_a_loadable_folder(small_world, tmp_path):
-    from flowar.train_vae import VAETrainArgs, train_vae
-    from flowar.vae import load_vae
+    from flowar.train.vae import VAETrainArgs, train_vae
+    from flowar.model.vae import load_vae
     res = train_vae(VAETrainArgs(data=str(small_world / "data"), out=str(tmp_path / "v"), size=16, channels=(8, 8),
                                  groups=4, steps=3, batch=4), progress=False)
     vae = load_vae(res["out"], expect_channels=4)

@@ -23,7 +23,7 @@ def trt_dir(fixtures_dir, tmp_path_factory):
         load_builder()
     except FlowARError:
         pytest.skip("TensorRT or TensorRT-RTX not installed (pip install '.[trt]')")
-    from flowar.build import build_engine_dir
+    from flowar.commands.build import build_engine_dir
     d = tmp_path_factory.mktemp("trt") / "tiny_v2"
     build_engine_dir(fixtures_dir / "tiny_v2.safetensors", d, config_path=str(fixtures_dir / "tiny_v2.config.json"),
                      vae_path=fixtures_dir / "mar_vae_tiny.ckpt", backend="trt", max_batch=MAX_BATCH, verify=False,

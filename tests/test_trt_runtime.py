@@ -17,9 +17,9 @@ import torch
 from flowar.errors import FlowARError
 from flowar.export.specs import stage_specs
 from flowar.runtime.engines import SharedDeviceMemory, TrtEngine
-from flowar.runtime.pipeline import EngineStages, torch_engine_stages
-from flowar.sampler import injected_noise, sample
-from flowar.schedule import build_schedule
+from flowar.runtime.stages import EngineStages, torch_engine_stages
+from flowar.sampling.sampler import injected_noise, sample
+from flowar.sampling.schedule import build_schedule
 
 _CT = {torch.float32: ctypes.c_float, torch.int64: ctypes.c_int64}
 

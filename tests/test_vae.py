@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from flowar.errors import FlowARError
-from flowar.vae import load_vae
+from flowar.model.vae import load_vae
 
 
 def test_mar_checkpoint_converts_with_the_same_numbers(fixtures_dir):

@@ -2,7 +2,7 @@
 
 It owns the scale loop, the ODE of each scale (the schedule's solver plan), classifier-free guidance and the hand-off
 between scales, and calls a :class:`Stages` object for everything a network computes. Eager
-sampling passes :class:`flowar.stages.TorchStages`; the runtime passes engines. Parity between
+sampling passes :class:`flowar.sampling.eager.TorchStages`; the runtime passes engines. Parity between
 paths is then a property of the stages alone.
 
 Rows. With guidance (cfg != 1) the AR runs on 2B rows, ``[labels; null]``, and each scale
@@ -31,7 +31,7 @@ from torch import Tensor
 
 from flowar.config import FlowARConfig
 from flowar.errors import FlowARError
-from flowar.schedule import Schedule
+from flowar.sampling.schedule import Schedule
 
 
 class Stages(Protocol):

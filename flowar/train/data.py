@@ -201,13 +201,13 @@ def load_latents(spec: str, size: int, vae: str | Path, cache_dir: str | Path, i
     """``spec``'s latents from the cache, or encoded through ``vae`` and cached (``index`` names the data)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
-    from flowar.outputs import atomic_write_bytes
+    from flowar.io.files import atomic_write_bytes
     cache = latent_cache_path(cache_dir, index, vae, size)
     if cache.is_file():
         with safe_open(str(cache), framework="pt") as f:
             return Latents(f.get_tensor("mean"), f.get_tensor("std"), f.get_tensor("labels"),
                            json.loads(f.metadata()["class_names"]))
-    from flowar.vae import load_vae
+    from flowar.model.vae import load_vae
     data = load_dataset(spec, size)
     lat = Latents(*encode_latents(data.images, load_vae(vae)), data.labels, data.class_names)
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ It emits one semantic vector per position; those of scale k condition the flow h
 samples scale k. Two equivalent ways to run it:
 
 * :meth:`FlowAR.semantics` runs a whole prefix at once under the mask (training, export);
-* :meth:`FlowAR.ar_step` runs one scale against a :class:`~flowar.layers.KVCache`, as the
+* :meth:`FlowAR.ar_step` runs one scale against a :class:`~flowar.model.layers.KVCache`, as the
   official sampler does.
 """
 
@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from flowar.config import FlowARConfig
-from flowar.head import FlowHead
-from flowar.layers import KVCache, RMSNorm, SelfAttention, SwiGLU, modulate, rope_tables_for
+from flowar.model.head import FlowHead
+from flowar.model.layers import KVCache, RMSNorm, SelfAttention, SwiGLU, modulate, rope_tables_for
 
 
 class ARBlock(nn.Module):

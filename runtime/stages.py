@@ -3,7 +3,7 @@
 :class:`BufferPlan` allocates every tensor a stage touches once, at its largest size over all
 (scale, rows), and hands out views with the exact per-scale shape; nothing is allocated while
 sampling. :class:`EngineStages` implements the sampler's ``Stages`` protocol on top of the
-engines, so ``flowar.sampler.sample`` runs unchanged: there is no second sampling loop.
+engines, so ``flowar.sampling.sampler.sample`` runs unchanged: there is no second sampling loop.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import Tensor
 from flowar.config import FlowARConfig
 from flowar.errors import FlowARError
 from flowar.export.specs import StageSpec, stage_specs
-from flowar.layers import grid_positions
+from flowar.model.layers import grid_positions
 from flowar.runtime.engines import Engine
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowar.config import FlowARConfig
-from flowar.layers import (RMSNorm, RopeFreqs, SelfAttention, SwiGLU, apply_rope, grid_positions, modulate,
+from flowar.model.layers import (RMSNorm, RopeFreqs, SelfAttention, SwiGLU, apply_rope, grid_positions, modulate,
                            rope_tables_from_pos)
 
 

@@ -1,6 +1,6 @@
 """Typed functions behind ``flowar-run``: parse the user's request, sample, write outputs.
 
-The click layer (``flowar/cli.py``) only maps options onto these; tests call them directly.
+The click layer (``flowar/commands/cli.py``) only maps options onto these; tests call them directly.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from torch import Tensor
 
 from flowar.config import FlowARConfig
 from flowar.errors import FlowARError
-from flowar.sampler import NoiseFn, ScaleTrace, Stages, injected_noise, noise_rows, per_sample_noise, sample
-from flowar.schedule import Schedule
+from flowar.sampling.sampler import NoiseFn, ScaleTrace, Stages, injected_noise, noise_rows, per_sample_noise, sample
+from flowar.sampling.schedule import Schedule
 
 
 def parse_labels(config: FlowARConfig, labels: str | None, classes: str | None,
@@ -92,7 +92,7 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedu
                  indices: Sequence[int] | None = None, runner=None) -> SampleResult:
     """Sample ``labels`` in batches of at most ``batch_size`` (all at once by default).
 
-    Sample i of the request gets the noise of (seed, i) (:func:`~flowar.sampler.per_sample_noise`),
+    Sample i of the request gets the noise of (seed, i) (:func:`~flowar.sampling.sampler.per_sample_noise`),
     so its image is the same for every batch size and backend. ``indices`` names the samples
     otherwise (a shard of a larger request); ``seed`` may be one per sample. Recorded noise (``noise_file``,
     the official layout: one (R, n, C) draw per scale for the whole request) is split into the
@@ -148,7 +148,7 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedu
 def write_outputs(result: SampleResult, class_names: list[str] | None, save_tokens: str | Path | None,
                   out: str | Path | None, save_images: str | Path | None, columns: int | None = None) -> list[str]:
     """Write the requested files atomically; returns a line per file for the user."""
-    from flowar.outputs import atomic_write_bytes
+    from flowar.io.files import atomic_write_bytes
     lines = []
     if save_tokens:
         from safetensors.torch import save_file
@@ -156,7 +156,7 @@ def write_outputs(result: SampleResult, class_names: list[str] | None, save_toke
                                                               "labels": torch.tensor(result.labels)}, tmp))
         lines.append(f"tokens {tuple(result.tokens.shape)} -> {save_tokens}")
     if result.images is not None:
-        from flowar.images import save_grid, save_images as save_each
+        from flowar.io.images import save_grid, save_images as save_each
         if out:
             caps = [class_names[i] if class_names and i < len(class_names) else str(i) for i in result.labels]
             save_grid(result.images, caps, out, columns=columns)

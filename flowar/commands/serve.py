@@ -82,7 +82,7 @@ def parse_generate(body: bytes, num_classes: int, class_names: list[str] | None,
         if k in s and (not isinstance(s[k], (int, float)) or isinstance(s[k], bool)):
             raise RequestError(422, f"{k} a number", repr(s[k]), "send e.g. 4.3")
     try:
-        from flowar.schedule import sampling_schedule
+        from flowar.sampling.schedule import sampling_schedule
         sampling_schedule(2, None, **{k: (float(v) if k in ("cfg", "guidance") else v) for k, v in settings})
     except FlowARError as e:
         raise RequestError(422, e.expected, e.got, e.fix) from None
@@ -114,9 +114,9 @@ class Generator:
     def generate(self, items: list[Item]) -> list[str]:
         """Base64 PNGs, one per item, in order; items of each settings group sampled together."""
         import torch
-        from flowar.images import to_uint8
-        from flowar.run import run_sampling
-        from flowar.schedule import sampling_schedule
+        from flowar.io.images import to_uint8
+        from flowar.sampling.batches import run_sampling
+        from flowar.sampling.schedule import sampling_schedule
         self.batches.append(len(items))
         out: list[str | None] = [None] * len(items)
         for settings in dict.fromkeys(it.settings for it in items):
@@ -183,7 +183,7 @@ def build_app(engine_dir: str, threads: int | None = None, max_n: int = 16, repl
 def serve_forever(engine_dir: str, host: str, port: int, threads: int | None, max_n: int, replicas: int,
                   ray_address: str | None, ready=None, block: bool = True):
     """Start Serve on host:port and the application; with ``block``, wait until interrupted."""
-    from flowar.bulk import start_ray
+    from flowar.commands.bulk import start_ray
     start_ray(ray_address, None if ray_address else max(2, (threads or 1) * replicas))
     from ray import serve
     serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})

@@ -17,7 +17,7 @@ from flowar.errors import FlowARError
 
 @dataclass(slots=True)
 class Source:
-    stages: object                          # the sampler's Stages (flowar.sampler)
+    stages: object                          # the sampler's Stages (flowar.sampling.sampler)
     config: FlowARConfig
     class_names: list[str] | None
     device: torch.device
@@ -58,14 +58,14 @@ def open_checkpoint(ckpt: str | Path, preset: str | None = None, config_path: st
                     vae: str | Path | None = None, use_ema: bool = True, device: str | torch.device = "auto",
                     config: FlowARConfig | None = None) -> Source:
     """A checkpoint (official .pth, training checkpoint, or .safetensors) in eager PyTorch."""
-    from flowar.checkpoint import load_model
+    from flowar.model.checkpoint import load_model
     from flowar.device import resolve_device
-    from flowar.stages import TorchStages
+    from flowar.sampling.eager import TorchStages
     dev = resolve_device(device)
     model, ck = load_model(ckpt, preset, config_path, use_ema=use_ema, device=dev, config=config)
     vae_mod = None
     if vae:
-        from flowar.vae import load_vae
+        from flowar.model.vae import load_vae
         vae_mod = load_vae(vae, expect_channels=ck.config.latent_channels).to(dev)
     return Source(TorchStages(model, vae_mod.decode if vae_mod else None), ck.config, ck.class_names, dev,
                   vae_mod is not None, f"eager PyTorch on {dev}", "torch", model=model, vae=vae_mod)
@@ -88,7 +88,7 @@ def exported_from(engine_dir: str | Path, device: str | torch.device = "auto") -
     from flowar.device import resolve_device
     from flowar.export.manifest import read_manifest
     from flowar.runtime.load import exported_from as load_exported
-    from flowar.stages import TorchStages
+    from flowar.sampling.eager import TorchStages
     m = read_manifest(engine_dir)
     dev = resolve_device(device)
     model, vae = load_exported(m, dev)
@@ -124,7 +124,7 @@ def graph_runner(src, cuda_graphs: bool, max_batch: int):
     capturable = cuda and src.backend in ("trt", "torch")
     stages = src.stages
     if cuda and checkpoint:                             # static buffers: the reference modules as engines
-        from flowar.runtime.pipeline import torch_engine_stages
+        from flowar.runtime.stages import torch_engine_stages
         stages = torch_engine_stages(src.model, max_batch, src.device, src.vae)
     what = ("on" if capturable else "off (ONNX Runtime sessions are not captured)" if cuda
             else "off (CPU: the same plan without capture)")

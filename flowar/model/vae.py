@@ -107,7 +107,7 @@ def _convert_ldm(sd: dict[str, Tensor], n_levels: int) -> dict[str, Tensor]:
 
 def convert_mar_checkpoint(path: str | Path) -> VAE:
     """An ``AutoencoderKL`` with the numbers of a MAR/LDM KL checkpoint (weights under ``model``)."""
-    from flowar.checkpoint import read_checkpoint
+    from flowar.model.checkpoint import read_checkpoint
     ck = read_checkpoint(path)
     sd = ck.state_dict
     if "encoder.conv_in.weight" not in sd or "post_quant_conv.weight" not in sd:

@@ -110,7 +110,7 @@ def select(model, vae, specs: dict, graphs: dict, candidates: tuple[str, ...] = 
     from flowar.engines.cpu import cpu_kind
     from flowar.engines.ort import split_limits
     from flowar.runtime.load import stage_engine
-    from flowar.schedule import sampling_schedule
+    from flowar.sampling.schedule import sampling_schedule
     config = model.config
     official = sampling_schedule(config.n_scales)
     calls = {"velocity": [len(p) for p in official.plan]}
@@ -140,12 +140,12 @@ def select(model, vae, specs: dict, graphs: dict, candidates: tuple[str, ...] = 
 
 def end_to_end(choice: dict[str, str], model, vae, specs: dict, graphs: dict, threads: int | None = None) -> dict:
     """Probe samples through the whole sampler with ``choice`` against float32 eager stages."""
-    from flowar.images import psnr_each
-    from flowar.run import run_sampling
+    from flowar.io.images import psnr_each
+    from flowar.sampling.batches import run_sampling
     from flowar.runtime.load import stage_engines
-    from flowar.runtime.pipeline import EngineStages
-    from flowar.schedule import sampling_schedule
-    from flowar.stages import TorchStages
+    from flowar.runtime.stages import EngineStages
+    from flowar.sampling.schedule import sampling_schedule
+    from flowar.sampling.eager import TorchStages
     config = model.config
     labels = [i % config.num_classes for i in range(PROBE_LABELS)]
     sched = sampling_schedule(config.n_scales)

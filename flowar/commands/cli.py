@@ -98,11 +98,11 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
         schedule, solver, stride, steps, cfg, guidance, seed, noise_file, save_tokens, out, save_images, device, threads,
         cuda_graphs, debug):
     """Sample images from a FlowAR checkpoint (eager PyTorch) or an engine directory (runtime)."""
-    from flowar.outputs import check_writable
-    from flowar.run import parse_labels, run_sampling, write_outputs
-    from flowar.schedule import sampling_schedule
+    from flowar.io.files import check_writable
+    from flowar.sampling.batches import parse_labels, run_sampling, write_outputs
+    from flowar.sampling.schedule import sampling_schedule
     import torch
-    from flowar.source import graph_runner, open_source
+    from flowar.pipeline.source import graph_runner, open_source
     for p, is_dir, option in ((save_tokens, False, "--save-tokens"), (out, False, "--out"),
                               (save_images, True, "--save-images")):
         check_writable(p, is_dir, option)
@@ -119,7 +119,7 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
         batch_size = src.batch_size(batch_size)
         runner, stages, graphs = graph_runner(src, cuda_graphs, batch_size or len(ids))
         click.echo(f"backend: {src.detail}; schedule: {sched.describe()}; CUDA graphs {graphs}", err=True)
-        from flowar.sampler import host_threads
+        from flowar.sampling.sampler import host_threads
         with torch.inference_mode(), host_threads(threads):
             result = run_sampling(stages, config, ids, sched, seed, noise_file, decode=bool(out or save_images),
                                   device=src.device, progress=True, batch_size=batch_size, runner=runner)
@@ -160,9 +160,9 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
 def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precision, auto_candidates, max_batch, verify,
                schedule, steps, cfg, guidance, compute_capability, debug):
     """Export a checkpoint to per-stage ONNX graphs (and TensorRT plans) with a manifest."""
-    from flowar.build import build_engine_dir
-    from flowar.outputs import check_writable
-    from flowar.schedule import sampling_schedule
+    from flowar.commands.build import build_engine_dir
+    from flowar.io.files import check_writable
+    from flowar.sampling.schedule import sampling_schedule
     defaults = SAMPLING_DEFAULTS | {k: v for k, v in dict(schedule=schedule, steps=steps, cfg=cfg,
                                                           guidance=guidance).items() if v is not None}
     sampling_schedule(2, defaults)                     # refuse values flowar-run would refuse, before any work
@@ -197,8 +197,8 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
 @user_errors
 def train_vae_cmd(data, out, size, latent_channels, steps, batch, lr, seed, debug):
     """Train the small AutoencoderKL the default model uses."""
-    from flowar.outputs import check_writable
-    from flowar.train_vae import VAETrainArgs, train_vae
+    from flowar.io.files import check_writable
+    from flowar.train.vae import VAETrainArgs, train_vae
     check_writable(out, True, "--out")
     res = train_vae(VAETrainArgs(data=data, out=out, size=size, latent_channels=latent_channels, steps=steps,
                                  batch=batch, lr=lr, seed=seed))
@@ -229,8 +229,8 @@ def train_vae_cmd(data, out, size, latent_channels, steps, batch, lr, seed, debu
 def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmup, ema_decay, grad_clip, seed,
               log_every, sample_every, ckpt_every, resume, debug):
     """Train FlowAR with the official multi-scale flow-matching loss (runs under torchrun too)."""
-    from flowar.outputs import check_writable
-    from flowar.train import TrainArgs, train
+    from flowar.io.files import check_writable
+    from flowar.train.trainer import TrainArgs, train
     check_writable(out, True, "--out")
     for name, v in (("--steps", steps), ("--batch", batch), ("--log-every", log_every), ("--ckpt-every", ckpt_every)):
         if v < 1:
@@ -277,10 +277,10 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
     """Quality of a schedule: PSNR and token error against the official sampler with the same noise,
     class accuracy and a domain Frechet distance by an independent judge (Animal-MNIST models),
     a converged reference, and FID against reference statistics."""
-    from flowar.outputs import check_writable
-    from flowar.quality import load_extractor, measure, read_fid_stats, report_lines
-    from flowar.schedule import sampling_schedule
-    from flowar.source import open_engines, open_source
+    from flowar.io.files import check_writable
+    from flowar.eval.quality import load_extractor, measure, read_fid_stats, report_lines
+    from flowar.sampling.schedule import sampling_schedule
+    from flowar.pipeline.source import open_engines, open_source
     if bool(fid_stats) != bool(fid_extractor):
         raise FlowARError("--fid-stats and --fid-extractor together", "only one of them",
                           "pass the statistics and the extractor they were made with")
@@ -298,7 +298,7 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
                                   guidance=guidance, solver=solver, stride=stride)
         judge = None
         if config.num_classes == 10 and src.decodes and src.class_names and src.class_names[0] == "bear":
-            from flowar.judge import train_judge
+            from flowar.eval.judge import train_judge
             judge = train_judge(cache=Path(judge_cache))
         labels = [c for c in range(min(classes_limit, config.num_classes)) for _ in range(per_class)]
         other = src.hold(open_engines(vs_engine_dir)) if vs_engine_dir else None
@@ -316,7 +316,7 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
     if json_out:
         import dataclasses
         import json
-        from flowar.outputs import atomic_write_bytes
+        from flowar.io.files import atomic_write_bytes
         atomic_write_bytes(json_out, lambda tmp: Path(tmp).write_text(json.dumps(dataclasses.asdict(rep), indent=1)))
 
 @click.command(context_settings=CONTEXT)
@@ -337,10 +337,10 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
 def sample_cmd(engine_dir, num_images, out, labels, classes, seed, schedule, solver, stride, steps, cfg, guidance,
                workers, threads, shard_size, ray_address, debug):
     """Bulk sampling on Ray Data: PNG shards and samples.npz (ADM format); rerun to resume."""
-    from flowar.bulk import BulkSpec, run_bulk
+    from flowar.commands.bulk import BulkSpec, run_bulk
     from flowar.export.manifest import read_manifest
-    from flowar.outputs import check_writable
-    from flowar.run import parse_labels
+    from flowar.io.files import check_writable
+    from flowar.sampling.batches import parse_labels
     check_writable(out, True, "--out")
     m = read_manifest(engine_dir)
     ids = parse_labels(m.config, labels, classes, m.class_names)
@@ -368,7 +368,7 @@ def sample_cmd(engine_dir, num_images, out, labels, classes, seed, schedule, sol
 def serve_cmd(engine_dir, host, port, replicas, threads, max_n, ray_address, debug):
     """Serve POST /v1/generate with dynamic batching on Ray Serve (GET /health, GET /v1/stats)."""
     from flowar.export.manifest import read_manifest
-    from flowar.serve import serve_forever
+    from flowar.commands.serve import serve_forever
     m = read_manifest(engine_dir)
     if not m.decodes:
         raise FlowARError("an engine directory with a decode stage (images)", "one exported without --vae",

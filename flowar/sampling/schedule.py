@@ -40,7 +40,7 @@ import torch
 
 from flowar.config import SAMPLING_DEFAULTS
 from flowar.errors import FlowARError
-from flowar.head import timestep_integers
+from flowar.model.head import timestep_integers
 
 MAX_STEPS = 1000
 MAX_CFG = 50.0

@@ -25,13 +25,13 @@ import torch
 
 from flowar.config import PRESETS, FlowARConfig, get_preset
 from flowar.errors import CheckpointError, ConfigError
-from flowar.outputs import atomic_write_bytes
+from flowar.io.files import atomic_write_bytes
 
 META_CONFIG = "flowar_config"
 META_CLASSES = "class_names"
 META_FORMAT = "format"
 FORMAT_TAG = "flowar-checkpoint-v1"
-TRAIN_FORMAT_TAG = "flowar-train-v1"          # written by flowar/train.py
+TRAIN_FORMAT_TAG = "flowar-train-v1"          # written by flowar/train/trainer.py
 _PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".tar")
 
 
@@ -133,7 +133,7 @@ def read_checkpoint(path: str | Path, use_ema: bool = True) -> LoadedCheckpoint:
 
 def expected_shapes(config: FlowARConfig) -> dict[str, tuple[int, ...]]:
     """State-dict keys and shapes of a config, built on the meta device (no memory)."""
-    from flowar.model import FlowAR
+    from flowar.model.ar import FlowAR
     with torch.device("meta"):
         model = FlowAR(config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -192,7 +192,7 @@ def resolve_config(ck: LoadedCheckpoint, preset: str | None = None, config_path:
 def load_model(path: str | Path, preset: str | None = None, config_path: str | Path | None = None,
                use_ema: bool = True, device: str | torch.device = "cpu", config: FlowARConfig | None = None):
     """Build the reference model and load a checkpoint into it strictly. Returns (model, checkpoint)."""
-    from flowar.model import FlowAR
+    from flowar.model.ar import FlowAR
     ck = read_checkpoint(path, use_ema=use_ema)
     config = resolve_config(ck, preset, config_path, config)
     check_fits(ck.state_dict, config, ck.path)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from flowar.errors import FlowARError
-from flowar.images import psnr_each
+from flowar.io.images import psnr_each
 
 CONVERGED_POINTS = 401          # uniform grid of the converged reference (400 Euler steps)
 
@@ -132,8 +132,8 @@ def measure(stages, config, labels: list[int], schedule, seed: int = 0, batch: i
             decode: bool = True, judge=None, real_judge_stats=None, converged: bool = False,
             fid_stats=None, extractor=None, progress: bool = False, reference_stages=None) -> QualityReport:
     """Sample ``labels`` with ``schedule`` (per-sample noise of ``seed``) and compare as the module says."""
-    from flowar.run import run_sampling
-    from flowar.schedule import build_schedule, named_schedule
+    from flowar.sampling.batches import run_sampling
+    from flowar.sampling.schedule import build_schedule, named_schedule
 
     def run(s, on=None):
         with torch.inference_mode():

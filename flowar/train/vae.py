@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from flowar.data import load_dataset
+from flowar.train.data import load_dataset
 from flowar.errors import FlowARError
 
 
@@ -35,7 +35,7 @@ class VAETrainArgs:
 
 
 def build_vae(a: VAETrainArgs):
-    from flowar.vae import _diffusers
+    from flowar.model.vae import _diffusers
     n = len(a.channels)
     return _diffusers().AutoencoderKL(
         block_out_channels=tuple(a.channels), down_block_types=("DownEncoderBlock2D",) * n,

@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowar.checkpoint import TRAIN_FORMAT_TAG, save_checkpoint
+from flowar.model.checkpoint import TRAIN_FORMAT_TAG, save_checkpoint
 from flowar.config import FlowARConfig, get_preset
-from flowar.data import Latents, index_dataset, load_latents
+from flowar.train.data import Latents, index_dataset, load_latents
 from flowar.errors import FlowARError
-from flowar.model import FlowAR
-from flowar.outputs import atomic_write_bytes
-from flowar.sampler import hand_off
+from flowar.model.ar import FlowAR
+from flowar.io.files import atomic_write_bytes
+from flowar.sampling.sampler import hand_off
 
 
 @dataclass(slots=True)
@@ -363,11 +363,11 @@ def plot_losses(losses: list[float], path: Path) -> None:
 
 @torch.no_grad()
 def sample_grid(ema: FlowAR, args: TrainArgs, class_names: list[str], path: Path) -> None:
-    from flowar.images import save_grid
-    from flowar.sampler import per_sample_noise, sample
-    from flowar.schedule import sampling_schedule
-    from flowar.stages import TorchStages
-    from flowar.vae import load_vae
+    from flowar.io.images import save_grid
+    from flowar.sampling.sampler import per_sample_noise, sample
+    from flowar.sampling.schedule import sampling_schedule
+    from flowar.sampling.eager import TorchStages
+    from flowar.model.vae import load_vae
     c = ema.config
     vae = load_vae(args.vae, expect_channels=c.latent_channels)
     labels = torch.arange(c.num_classes).repeat_interleave(max(1, 40 // c.num_classes))[:max(c.num_classes, 40)]

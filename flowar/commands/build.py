@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from flowar.checkpoint import load_model
+from flowar.model.checkpoint import load_model
 from flowar.errors import FlowARError
 from flowar.config import SAMPLING_DEFAULTS
 
@@ -23,7 +23,7 @@ class BuildReport:
     checks: list = field(default_factory=list)          # StageCheck per stage
     seconds: dict[str, float] = field(default_factory=dict)
     backends: list[str] = field(default_factory=list)
-    auto: object = None                                  # flowar.autoprec.AutoReport with --precision auto
+    auto: object = None                                  # flowar.runtime.precision.AutoReport with --precision auto
 
     def lines(self) -> list[str]:
         """What flowar-export prints: each stage's check and, with --precision auto, each choice."""
@@ -52,7 +52,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, preset: str | None = Non
     """Export, verify, build engines and write the manifest into ``out`` (atomically).
 
     ``precision="auto"`` exports float32 graphs, then measures the engine and precision
-    candidates of each network stage on this machine and records the choice (flowar.autoprec);
+    candidates of each network stage on this machine and records the choice (flowar.runtime.precision);
     ``auto_candidates`` restricts the candidates (e.g. to force bf16 for a measurement).
     """
     from flowar.export.manifest import Manifest, library_versions, sha256_file, staged_directory, write_manifest
@@ -68,7 +68,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, preset: str | None = Non
         raise FlowARError("--precision auto with --backend ort (it measures CPU engines)", f"--backend {backend}",
                           "export TensorRT plans with --precision fp32/fp16/bf16")
     if auto:
-        from flowar.autoprec import AUTO_STAGES, CANDIDATES
+        from flowar.runtime.precision import AUTO_STAGES, CANDIDATES
         auto_candidates = tuple(auto_candidates or CANDIDATES)
         bad = [c for c in auto_candidates if c not in CANDIDATES]
         if bad or not auto_candidates:
@@ -86,7 +86,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, preset: str | None = Non
     config = ck.config
     vae = None
     if vae_path is not None:
-        from flowar.vae import load_vae
+        from flowar.model.vae import load_vae
         vae = load_vae(vae_path, expect_channels=config.latent_channels)
     specs = stage_specs(config, vae.downsample if vae else None)
     # progress(what, of how many steps): export (+ verify) (+ TensorRT) per stage, + auto's measurements
@@ -120,7 +120,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, preset: str | None = Non
         report.backends.append("ort")
         auto_info, weights = None, None
         if auto:
-            from flowar.autoprec import select
+            from flowar.runtime.precision import select
             t0 = time.perf_counter()
             rep = select(model, vae, specs, {n: (tmp / stages[n]["file"], stages[n]["sha256"]) for n in specs},
                          auto_candidates, progress=say)
@@ -128,7 +128,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, preset: str | None = Non
             report.auto = rep
             auto_info = rep.to_manifest()
             if any(c.startswith("torch") for c in rep.choice.values()):       # PyTorch stages need the weights
-                from flowar.checkpoint import save_checkpoint
+                from flowar.model.checkpoint import save_checkpoint
                 save_checkpoint(tmp / "weights.safetensors", model.state_dict(), config, ck.class_names)
                 weights = {"file": "weights.safetensors", "sha256": sha256_file(tmp / "weights.safetensors")}
         trt_info = None

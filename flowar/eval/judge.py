@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowar.data import load_animal_mnist
+from flowar.train.data import load_animal_mnist
 
 
 class JudgeNet(nn.Module):
@@ -93,11 +93,11 @@ def train_judge(epochs: int = 6, seed: int = 0, cache: Path | None = None) -> Ju
                 loss.backward()
                 opt.step()
         if cache is not None:
-            from flowar.outputs import atomic_write_bytes
+            from flowar.io.files import atomic_write_bytes
             atomic_write_bytes(cache, lambda t: save_file(net.state_dict(), t))
     judge = Judge(net, 0.0)
     pred = judge.classify(data.images[te])
     judge.held_out_accuracy = float((pred == data.labels[te]).float().mean())
-    from flowar.quality import feature_stats
+    from flowar.eval.quality import feature_stats
     judge.real_stats = feature_stats(judge.features(data.images[te]))
     return judge

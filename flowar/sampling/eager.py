@@ -10,8 +10,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from flowar.head import HeadContext
-from flowar.model import FlowAR
+from flowar.model.head import HeadContext
+from flowar.model.ar import FlowAR
 
 
 class TorchStages:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowar.outputs import atomic_write_bytes
+from flowar.io.files import atomic_write_bytes
 
 
 def to_uint8(images_B3HW: Tensor) -> np.ndarray:

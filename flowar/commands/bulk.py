@@ -73,7 +73,7 @@ class ShardSampler:
     def __init__(self, spec: dict, out: str):
         import torch
         from flowar.runtime.load import open_engine_dir
-        from flowar.schedule import sampling_schedule
+        from flowar.sampling.schedule import sampling_schedule
         self.spec = BulkSpec(**spec)
         self.out = Path(out)
         torch.set_num_threads(self.spec.threads)
@@ -83,9 +83,9 @@ class ShardSampler:
 
     def sample_shard(self, j: int, start: int, end: int) -> float:
         import torch
-        from flowar.images import save_images, to_uint8
-        from flowar.outputs import write_npz
-        from flowar.run import run_sampling
+        from flowar.io.images import save_images, to_uint8
+        from flowar.io.files import write_npz
+        from flowar.sampling.batches import run_sampling
         t0 = time.perf_counter()
         idx = list(range(start, end))
         labels = [self.spec.classes[i % len(self.spec.classes)] for i in idx]
@@ -104,7 +104,7 @@ class ShardSampler:
 
 def _check_spec(out: Path, spec: BulkSpec) -> None:
     """A folder holds one run: refuse to mix shards of other settings into it."""
-    from flowar.outputs import atomic_write_bytes
+    from flowar.io.files import atomic_write_bytes
     p = out / "run.json"
     mine = asdict(spec)
     if p.is_file():
@@ -144,7 +144,7 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
              progress: bool = True) -> BulkReport:
     """Sample the shards not yet in ``out`` on ``workers`` actors, then write ``samples.npz``."""
     from flowar.export.manifest import read_manifest
-    from flowar.outputs import check_writable, write_npz
+    from flowar.io.files import check_writable, write_npz
     out = Path(out)
     if spec.num_images < 1 or spec.shard_size < 1 or workers < 1 or spec.threads < 1:
         raise FlowARError("--num-images, --shard-size, --workers and --threads >= 1",
@@ -157,7 +157,7 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     bad = [c for c in spec.classes if not 0 <= c < m.config.num_classes]
     if bad or not spec.classes:
         raise FlowARError(f"class ids in 0..{m.config.num_classes - 1}", f"{bad or 'none'}", "check --labels")
-    from flowar.schedule import sampling_schedule
+    from flowar.sampling.schedule import sampling_schedule
     sampling_schedule(m.config.n_scales, m.schedule_defaults, **spec.schedule)   # refuse bad values now
     out.mkdir(parents=True, exist_ok=True)
     _check_spec(out, spec)

@@ -1,0 +1,1 @@
+"""Quality of what is sampled: fidelity to the official sampler, class accuracy, Frechet distances."""

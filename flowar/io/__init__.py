@@ -1,0 +1,1 @@
+"""Files the other layers write: PNG grids and PSNR, atomic writes and write probes."""

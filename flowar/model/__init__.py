@@ -1,0 +1,1 @@
+"""The reference modules: layers, the AR transformer, the flow head, the VAE, checkpoint I/O."""

@@ -1,0 +1,1 @@
+"""Training as usual: the FlowAR trainer (official multi-scale flow loss), the small VAE, data."""
