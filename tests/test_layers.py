@@ -1,0 +1,132 @@
+"""Imports point down the data flow (../shared/DESIGN.md, README "Layout").
+
+Every module of the installed packages is parsed (not imported), and every import it makes, at
+the top or inside a function (the late imports of heavy paths count too), is checked: a module may
+import from its own layer or the layers below, never above. The checker is shown to fail on an
+upward import planted in a copy of the real tree.
+"""
+
+from __future__ import annotations
+
+import ast
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Bottom to top. A module belongs to the layer of its longest matching prefix.
+LAYERS = [
+    ("base", ("flowar.config", "flowar.errors", "flowar.device", "flowar.io")),
+    ("model", ("flowar.model",)),
+    ("sampling", ("flowar.sampling",)),
+    ("train", ("flowar.train",)),
+    ("eval", ("flowar.eval",)),
+    ("export", ("flowar.export",)),
+    ("engines", ("flowar.engines",)),
+    ("runtime", ("flowar.runtime",)),
+    ("pipeline", ("flowar.pipeline",)),
+    ("commands", ("flowar.commands",)),
+]
+RANK = {prefix: i for i, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes}
+TOP = len(LAYERS)
+# Where each installed package's files are (setuptools package-dir).
+PACKAGE_DIRS = {"flowar": "flowar", "flowar.export": "export", "flowar.engines": "engines", "flowar.runtime": "runtime"}
+
+
+def layer_of(module: str) -> int | None:
+    """Rank of a flowar module; the package root ``flowar`` re-exports the base (config, errors)."""
+    if module == "flowar":
+        return 0
+    best = None
+    for prefix, rank in RANK.items():
+        if module == prefix or module.startswith(prefix + "."):
+            if best is None or len(prefix) > len(best[0]):
+                best = (prefix, rank)
+    return None if best is None else best[1]
+
+
+def modules(root: Path) -> dict[str, Path]:
+    """Every module of the installed packages under ``root``: dotted name -> file."""
+    out = {}
+    for pkg, folder in PACKAGE_DIRS.items():
+        base = root / folder
+        for f in sorted(base.rglob("*.py")):
+            rel = f.relative_to(base).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            if pkg == "flowar" and parts and parts[0] in ("export", "engines", "runtime"):
+                continue
+            out[".".join([pkg, *parts])] = f
+    return out
+
+
+def imports(name: str, path: Path) -> list[tuple[str, int]]:
+    """(imported flowar module, line) for every import in the file, relative ones resolved."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            found.append((mod, node.lineno))
+            # ``from flowar.x import y`` may import the submodule flowar.x.y
+            found += [(f"{mod}.{a.name}", node.lineno) for a in node.names]
+    return [(m, line) for m, line in found if m == "flowar" or m.startswith("flowar.") or m.split(".")[0] == "bench"]
+
+
+def upward_imports(root: Path) -> list[str]:
+    """'source:line imports target (layer a -> layer b)' for every import that points up."""
+    mods = modules(root)
+    problems = []
+    for name, path in mods.items():
+        src = TOP if name == "flowar" else layer_of(name)
+        assert src is not None, f"{name} ({path}) is in no layer: add it to LAYERS and the README's layout table"
+        for target, line in imports(name, path):
+            if target.split(".")[0] == "bench":
+                problems.append(f"{path.relative_to(root)}:{line} imports {target} (the bench is above everything)")
+                continue
+            if target not in mods and target.rsplit(".", 1)[0] in mods:
+                target = target.rsplit(".", 1)[0]           # ``from flowar.x import name``: the module is flowar.x
+            dst = layer_of(target)
+            if dst is not None and dst > src:
+                problems.append(f"{path.relative_to(root)}:{line} imports {target} "
+                                f"({LAYERS[src][0] if src < TOP else 'root'} -> {LAYERS[dst][0]})")
+    return list(dict.fromkeys(problems))
+
+
+def test_every_module_is_in_a_layer_and_imports_point_down():
+    mods = modules(ROOT)
+    assert len(mods) > 40 and "flowar.sampling.sampler" in mods and "flowar.runtime.stages" in mods
+    assert upward_imports(ROOT) == []
+
+
+def _copy_tree(tmp_path: Path) -> Path:
+    for folder in set(PACKAGE_DIRS.values()):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path
+
+
+def test_a_planted_upward_import_fails(tmp_path):
+    root = _copy_tree(tmp_path)
+    assert upward_imports(root) == []
+    head = root / "flowar" / "model" / "head.py"
+    head.write_text(head.read_text() + "\n\ndef _late():\n    from flowar.runtime.load import open_engine_dir\n")
+    problems = upward_imports(root)
+    assert len(problems) == 1 and "flowar/model/head.py" in problems[0] and "model -> runtime" in problems[0]
+
+
+def test_a_relative_upward_import_and_an_import_of_the_bench_fail(tmp_path):
+    root = _copy_tree(tmp_path)
+    sampler = root / "flowar" / "sampling" / "sampler.py"
+    sampler.write_text(sampler.read_text() + "\nfrom ..eval import quality\n")
+    spec = root / "export" / "specs.py"
+    spec.write_text(spec.read_text() + "\nimport bench.latency\n")
+    problems = upward_imports(root)
+    assert any("sampler.py" in p and "sampling -> eval" in p for p in problems), problems
+    assert any("specs.py" in p and "bench" in p for p in problems), problems
