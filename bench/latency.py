@@ -80,8 +80,9 @@ def parse(argv=None) -> tuple[BenchSpec, bool]:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--engine-dir", help="engine directory from flowar-export (its checkpoint is the eager model)")
-    src.add_argument("--preset", help="random weights of a preset: flowar-s, flowar-l, flowar-h, tiny")
-    src.add_argument("--ckpt", help="a checkpoint (self-describing, or with --config)")
+    src.add_argument("--ckpt", help="a checkpoint (self-describing, or with --preset/--config)")
+    ap.add_argument("--preset", help="alone: random weights of a preset (flowar-s, flowar-l, flowar-h, tiny); with "
+                    "--ckpt: the config of an official file")
     ap.add_argument("--config", help="config JSON for --ckpt files that carry none")
     ap.add_argument("--vae", help="include VAE decoding (--preset/--ckpt); engine dirs use their own decoder")
     ap.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8")
@@ -121,6 +122,8 @@ def check(a) -> BenchSpec:
         batches = [int(b) for b in a.batch.split(",")]
     except ValueError:
         raise FlowARError("--batch as comma-separated integers", repr(a.batch), "e.g. --batch 1,8") from None
+    if a.engine_dir and (a.preset or a.config):
+        raise FlowARError("no --preset/--config with --engine-dir", "both", "the engine directory records its config")
     if a.parity_tol is not None and not a.parity_tol >= 0:
         raise FlowARError("--parity-tol >= 0", repr(a.parity_tol), "e.g. --parity-tol 1e-3")
     if any(b < 1 for b in batches) or a.repeat < 1:
@@ -162,7 +165,7 @@ def open_bench_source(spec: BenchSpec) -> tuple[BenchSource, str, bool, bool]:
         return (BenchSource(ref.model, ref.vae, Path(spec.engine_dir), precision, spec.dtype, batch, spec.device),
                 f"engine dir {spec.engine_dir}", False, precision not in ("fp32", "auto"))
     if spec.ckpt:
-        ref = open_checkpoint(spec.ckpt, config_path=spec.config, vae=spec.vae, device=spec.device)
+        ref = open_checkpoint(spec.ckpt, preset=spec.preset, config_path=spec.config, vae=spec.vae, device=spec.device)
         return (BenchSource(ref.model, ref.vae, None, None, spec.dtype, batch, spec.device), Path(spec.ckpt).name,
                 False, False)
     from flowar.config import get_preset

@@ -132,19 +132,20 @@ class Backends(contextlib.AbstractContextManager):
     # ---- engine directories ------------------------------------------------------------------
 
     def _runtime(self, backend: str, export: str, precision: str, work: Work):
-        """(runtime opened with ``backend``, export seconds or None): the user's directory, else one
-        exported for this run with ``flowar-export --backend export --precision precision``."""
-        from flowar.runtime.load import open_engine_dir
+        """(the pipeline's source opened with ``backend``, export seconds or None): the user's
+        directory, else one exported for this run with ``flowar-export --backend export --precision
+        precision``. Opened through FlowARPipeline, so the bench runs the engines every command runs."""
+        from flowar.pipeline.pipeline import FlowARPipeline
         d, build_s = self.src.engine_dir, None
-        if d is None or (precision == "auto" and self.src.engine_precision != "auto"):
+        if d is None or (precision != "fp32" and self.src.engine_precision != precision):
             d, build_s = self._export(export, precision)
         key = (d, backend)
         if key not in self._runtimes:
-            self._runtimes[key] = self._stack.enter_context(open_engine_dir(d, backend))
-        rt = self._runtimes[key]
-        if work.batch > rt.manifest.max_batch:
-            raise Skip(f"batch {work.batch} above the directory's max batch {rt.manifest.max_batch}")
-        return rt, build_s
+            self._runtimes[key] = self._stack.enter_context(FlowARPipeline.open(engine_dir=d, backend=backend))
+        src = self._runtimes[key].source
+        if work.batch > src.max_batch:
+            raise Skip(f"batch {work.batch} above the directory's max batch {src.max_batch}")
+        return src, build_s
 
     def _export(self, backend: str, precision: str) -> tuple[Path, float | None]:
         key = (backend, precision)
@@ -172,7 +173,7 @@ class Backends(contextlib.AbstractContextManager):
 
     def _auto(self, work: Work) -> Prepared:
         rt, build_s = self._runtime("auto", "ort", "auto", work)
-        choice = rt.manifest.choice
+        choice = rt.manifest.choice or {}
         return Prepared(rt.stages, False, "auto: " + ", ".join(f"{s} {c}" for s, c in choice.items()),
                         build_s=build_s,
                         note=rt.detail + (f", export and measure {build_s:.0f} s" if build_s else ""))

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     from flowar.config import SAMPLING_DEFAULTS
     from flowar.eval.judge import train_judge
     from flowar.io.files import atomic_write_bytes, check_writable
-    from flowar.eval.quality import measure
+    from flowar.eval.quality import measure, stages_sampler
     from flowar.sampling.batches import run_sampling
     from flowar.runtime.load import open_engine_dir
     from flowar.sampling.schedule import build_schedule
@@ -70,7 +70,8 @@ def main(argv=None) -> int:
                     run_sampling(rt.stages, c, [3], s, 0, decode=True)
                     times.append(time.perf_counter() - t0)
                 lat = statistics.median(times[2:])
-                q = measure(rt.stages, c, labels, s, 0, rt.manifest.max_batch, True, judge, judge.real_stats)
+                q = measure(stages_sampler(rt.stages, c, labels, 0, rt.manifest.max_batch), c, labels, s, True, judge,
+                            judge.real_stats)
                 rows.append((name, s.head_evals, lat, q))
                 print(f"{name:<26} evals {s.head_evals:3d}  batch-1 {lat * 1e3:6.1f} ms  PSNR median "
                       f"{q.vs_official['psnr_median']:6.1f} worst {q.vs_official['psnr_worst']:5.1f}  tokens mean "

@@ -133,65 +133,86 @@ def exported_from(m: Manifest, device: torch.device, ckpt: str | Path | None = N
     return model, vae
 
 
+def choose_backend(m: Manifest, requested: str = "auto") -> str:
+    """The backend an engine directory runs on here: what ``requested`` names, or for ``auto``
+    TensorRT where its plans fit this GPU and TensorRT, else the directory's ``--precision auto``
+    choice ("mixed"), else ONNX Runtime. Every command decides here (through the pipeline)."""
+    if requested not in BACKENDS:
+        raise FlowARError(f"--backend one of {', '.join(BACKENDS)}", repr(requested), "use --backend auto")
+    if requested == "auto":
+        ok, _ = _trt_usable(m)
+        return "trt" if ok else ("mixed" if m.auto else "ort")
+    if requested == "trt":
+        ok, why = _trt_usable(m)
+        if not ok:
+            raise FlowARError("a TensorRT-ready engine directory and GPU for --backend trt", why,
+                              "rebuild plans here with flowar-export --backend trt, or use --backend ort")
+    return requested
+
+
+def _open_ort(m: Manifest, specs: dict, stack: contextlib.ExitStack, device, ckpt, threads):
+    from flowar.device import resolve_device
+    from flowar.engines.ort import choose_provider, split_limits
+    provider = choose_provider()
+    dev = resolve_device(device if device is not None else "cuda" if provider == "CUDAExecutionProvider" else "cpu")
+    engines = {name: stack.enter_context(OrtEngine(name, *m.graph(name), specs[name].row_tensors, provider,
+                                                   m.root / ".ort-cache", threads, *split_limits(name, m.config)))
+               for name in specs}
+    return engines, dev, f"ONNX Runtime {provider}"
+
+
+def _open_trt(m: Manifest, specs: dict, stack: contextlib.ExitStack, device, ckpt, threads):
+    from flowar.engines.trt import load_builder
+    b = load_builder()
+    dev = torch.device("cuda")
+    shared = SharedDeviceMemory(dev)
+    engines = {name: stack.enter_context(TrtEngine(name, m.plan(name), b.trt, shared)) for name in specs}
+    return engines, dev, f"{b.flavour} {b.version}"
+
+
+def _open_mixed(m: Manifest, specs: dict, stack: contextlib.ExitStack, device, ckpt, threads):
+    """What ``flowar-export --precision auto`` measured and chose, per stage."""
+    from flowar.engines.cpu import cpu_kind, describe
+    choice = m.choice
+    model = _dir_model(m) if any(c.startswith("torch") for c in choice.values()) else None
+    graphs = {n: m.graph(n) for n in specs}
+    engines = {name: stack.enter_context(eng) for name, eng in
+               stage_engines(choice, m.config, model, None, specs, graphs, threads, m.root / ".ort-cache").items()}
+    detail = "auto: " + ", ".join(f"{n} {choice.get(n, 'ort-fp32')}" for n in specs)
+    measured_on = m.auto.get("machine", {})
+    if measured_on and measured_on != cpu_kind():
+        detail += f" (measured on {describe(measured_on)}; re-export here to measure this CPU)"
+    return engines, torch.device("cpu"), detail
+
+
+def _open_torch(m: Manifest, specs: dict, stack: contextlib.ExitStack, device, ckpt, threads):
+    """The reference modules of the checkpoint the directory came from, behind the same interface."""
+    from flowar.device import resolve_device
+    from flowar.runtime.stages import torch_engines
+    dev = resolve_device(device)
+    model, vae_mod = exported_from(m, dev, ckpt)
+    return torch_engines(model, specs, vae_mod), dev, f"eager PyTorch on {dev}"
+
+
+OPENERS = {"ort": _open_ort, "trt": _open_trt, "mixed": _open_mixed, "torch": _open_torch}
+
+
 def open_engine_dir(path: str | Path, backend: str = "auto", device: str | torch.device | None = None,
                     ckpt: str | Path | None = None, threads: int | None = None) -> Runtime:
+    """An engine directory's engines on the backend :func:`choose_backend` picks, fed to the sampler."""
     root = Path(path)
-    if backend not in BACKENDS:
-        raise FlowARError(f"--backend one of {', '.join(BACKENDS)}", repr(backend), "use --backend auto")
     m = read_manifest(root)
     config, specs = m.config, m.specs()
     missing = [s for s in specs if s not in m.stages]
     if missing:
         raise EngineDirError(f"graphs for every stage ({', '.join(specs)})", f"missing {missing}",
                              f"re-export: flowar-export --out {root}")
-    if backend == "auto":
-        ok, why = _trt_usable(m)
-        backend = "trt" if ok else ("mixed" if m.auto else "ort")
-    elif backend == "trt":
-        ok, why = _trt_usable(m)
-        if not ok:
-            raise FlowARError("a TensorRT-ready engine directory and GPU for --backend trt", why,
-                              "rebuild plans here with flowar-export --backend trt, or use --backend ort")
+    backend = choose_backend(m, backend)
     stack = contextlib.ExitStack()
-    engines = {}
-    if backend == "ort":
-        from flowar.engines.ort import choose_provider, split_limits
-        provider = choose_provider()
-        from flowar.device import resolve_device
-        dev = resolve_device(device if device is not None else
-                             "cuda" if provider == "CUDAExecutionProvider" else "cpu")
-        for name in specs:
-            engines[name] = stack.enter_context(OrtEngine(name, *m.graph(name), specs[name].row_tensors, provider,
-                                                          root / ".ort-cache", threads,
-                                                          *split_limits(name, config)))
-        detail = f"ONNX Runtime {provider}"
-    elif backend == "trt":
-        from flowar.engines.trt import load_builder
-        b = load_builder()
-        dev = torch.device("cuda")
-        shared = SharedDeviceMemory(dev)
-        for name in specs:
-            engines[name] = stack.enter_context(TrtEngine(name, m.plan(name), b.trt, shared))
-        detail = f"{b.flavour} {b.version}"
-    elif backend == "mixed":   # what flowar-export --precision auto measured and chose, per stage
-        choice = m.choice
-        model = _dir_model(m) if any(c.startswith("torch") for c in choice.values()) else None
-        graphs = {n: m.graph(n) for n in specs}
-        for name, eng in stage_engines(choice, config, model, None, specs, graphs, threads, root / ".ort-cache").items():
-            engines[name] = stack.enter_context(eng)
-        dev = torch.device("cpu")
-        from flowar.engines.cpu import cpu_kind, describe
-        measured_on = m.auto.get("machine", {})
-        detail = "auto: " + ", ".join(f"{n} {choice.get(n, 'ort-fp32')}" for n in specs)
-        if measured_on and measured_on != cpu_kind():
-            detail += f" (measured on {describe(measured_on)}; re-export here to measure this CPU)"
-    else:   # torch: the reference modules behind the same interface
-        from flowar.device import resolve_device
-        from flowar.runtime.stages import torch_engines
-        dev = resolve_device(device)
-        model, vae_mod = exported_from(m, dev, ckpt)
-        engines = torch_engines(model, specs, vae_mod)
-        detail = f"eager PyTorch on {dev}"
+    try:
+        engines, dev, detail = OPENERS[backend](m, specs, stack, device, ckpt, threads)
+    except BaseException:
+        stack.close()
+        raise
     stages = EngineStages(engines, config, m.max_batch, dev, specs)
     return Runtime(m, stages, backend, detail, dev, stack)
-

@@ -100,3 +100,18 @@ def bench():
         sys.path.insert(0, folder)
     import latency
     return latency
+
+
+DEFAULT_CKPT = ROOT / "models" / "default" / "flowar.safetensors"
+DEFAULT_VAE = ROOT / "models" / "default" / "vae"
+
+
+@pytest.fixture(scope="session")
+def default_auto_engines(tmp_path_factory) -> Path:
+    """The shipped default model exported with ``--precision auto`` (max batch 4): the directory
+    the pipeline, serve and bulk tests open, so they run what auto chose."""
+    from flowar.commands.build import build_engine_dir
+    d = tmp_path_factory.mktemp("default-auto") / "engines"
+    build_engine_dir(DEFAULT_CKPT, d, vae_path=DEFAULT_VAE, max_batch=4, verify=False, precision="auto",
+                     auto_candidates=("ort-fp32", "torch-fp32"))
+    return d

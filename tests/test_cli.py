@@ -54,7 +54,7 @@ def test_run_decodes_through_the_mar_vae(fixtures_dir, tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--labels", "3,1000"], "class ids in 0..999"),
     (["--labels", "cat"], "integer class ids"),
-    (["--classes", "cat"], "class names stored with the model"),
+    (["--classes", "catt"], "a class name of this model (1000 classes"),
     (["--steps", "0"], "--steps"),
     (["--cfg", "0.2"], "--cfg"),
     (["--guidance", "2"], "--guidance"),

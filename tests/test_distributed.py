@@ -30,11 +30,9 @@ ray = pytest.importorskip("ray", reason="Ray is in the [serve] extra")
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    from flowar.commands.build import build_engine_dir
-    d = tmp_path_factory.mktemp("serve") / "engines"
-    build_engine_dir(CKPT, d, vae_path=VAE, max_batch=4, verify=False)
-    return d
+def engines(default_auto_engines):
+    """Exported with --precision auto: serve and bulk must run what auto chose, as flowar-run does."""
+    return default_auto_engines
 
 
 # ---- request validation (no Ray) ----------------------------------------------------------------
@@ -45,11 +43,11 @@ def engines(tmp_path_factory):
     (b'{"label": 3, "class": "cat"}', 422, "exactly one of label or class"),
     (b'{"label": 10}', 422, "label an integer in 0..9"),
     (b'{"label": true}', 422, "label an integer"),
-    (b'{"class": "unicorn"}', 422, "a class among bear"),
+    (b'{"class": "unicorn"}', 422, "a class name of this model (10 classes, e.g. bear"),
     (b'{"label": 1, "n": 0}', 422, "n an integer in 1..16"),
     (b'{"label": 1, "n": 17}', 422, "n an integer in 1..16"),
     (b'{"label": 1, "seed": -1}', 422, "seed an integer"),
-    (b'{"label": 1, "schedule": "turbo"}', 422, "schedule official or fast"),
+    (b'{"label": 1, "schedule": "turbo"}', 422, "schedule among official, fast"),
     (b'{"label": 1, "cfg": 99}', 422, "--cfg in [1, 50]"),
     (b'{"label": 1, "steps": 1}', 422, "--steps an integer in 2..1000"),
     (b'{"label": 1, "colour": "red"}', 422, "fields among"),
@@ -94,6 +92,8 @@ def test_bulk_gives_the_same_bytes_for_any_worker_count_and_resumes_after_kill(e
     assert z["arr_1"].tolist() == [i % 10 for i in range(24)]                 # class-balanced
     assert len(list((tmp_path / "w1" / "png").rglob("*.png"))) == 24
     assert len({z["arr_0"][i].tobytes() for i in range(24)}) == 24            # 24 different images
+    ran = json.loads((tmp_path / "w2" / "run.json").read_text())["engines"]
+    assert len(ran) == 1 and ran[0].startswith("mixed: auto: ar "), ran        # the engines auto chose
     # kill -9 the driver once some shards are written; the same command then completes the run
     out = tmp_path / "killed"
     proc = _sample(engines, out, 1, 2, wait=False)
@@ -182,7 +182,8 @@ def test_served_images_are_flowar_runs_and_bad_requests_leave_it_serving(server,
     for body, code in ((b"nope", 400), ({"label": 99}, 422), ({"label": 1, "n": 1000}, 422)):
         status, answer = _post(server, body)
         assert status == code and answer["error"].startswith("expected"), (body, status, answer)
-    assert _get(server, "/health")[0] == 200
+    status, health = _get(server, "/health")
+    assert status == 200 and health["backend"] == "mixed" and health["engines"].startswith("auto: ar "), health
     # 12 concurrent requests: batches larger than one form
     before = len(_get(server, "/v1/stats")[1]["batches"])
     threads = [threading.Thread(target=_post, args=(server, {"label": i % 10, "seed": i})) for i in range(12)]

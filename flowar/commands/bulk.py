@@ -34,6 +34,7 @@ class BulkSpec:
     schedule: dict                # sampling_schedule keywords (schedule, steps, cfg, guidance, solver, stride)
     shard_size: int
     threads: int                  # per worker; the same for every worker count, so results are too
+    backend: str = "auto"         # as flowar-run --backend: auto = the engines chosen for this machine
 
 
 @dataclass(slots=True)
@@ -45,6 +46,7 @@ class BulkReport:
     images_per_s: float
     workers: int
     shard_seconds: list[float] = field(default_factory=list)
+    engines: list[str] = field(default_factory=list)     # what the workers ran: "backend: detail"
 
 
 def shard_ranges(n: int, size: int) -> list[tuple[int, int, int]]:
@@ -67,31 +69,36 @@ def shard_is_done(out: Path, j: int, start: int, end: int) -> bool:
         return False
 
 
+def schedule_keywords(settings: dict) -> dict:
+    """BulkSpec.schedule (the command's option names) as pipeline.schedule() keywords."""
+    names = {"schedule": "schedule", "steps": "num_inference_steps", "cfg": "guidance_scale", "guidance": "guidance",
+             "solver": "solver", "stride": "stride"}
+    return {names[k]: v for k, v in settings.items()}
+
+
 class ShardSampler:
-    """The body of one Ray Data actor: an engine set opened once, shards sampled and written."""
+    """The body of one Ray Data actor: the pipeline opened once (the engines flowar-run would
+    choose; CUDA graphs captured at start on a GPU), shards sampled and written."""
 
     def __init__(self, spec: dict, out: str):
         import torch
-        from flowar.runtime.load import open_engine_dir
-        from flowar.sampling.schedule import sampling_schedule
+        from flowar.pipeline.pipeline import FlowARPipeline
         self.spec = BulkSpec(**spec)
         self.out = Path(out)
         torch.set_num_threads(self.spec.threads)
-        self.rt = open_engine_dir(self.spec.engine_dir, "ort", threads=self.spec.threads)
-        self.schedule = sampling_schedule(self.rt.config.n_scales, self.rt.manifest.schedule_defaults,
-                                          **self.spec.schedule)
+        self.pipe = FlowARPipeline.open(engine_dir=self.spec.engine_dir, backend=self.spec.backend,
+                                        threads=self.spec.threads)
+        self.schedule = self.pipe.schedule(**schedule_keywords(self.spec.schedule))
+        self.pipe.warm_up(sorted({self.pipe.max_batch, self.spec.shard_size % self.pipe.max_batch} - {0}), self.schedule)
 
     def sample_shard(self, j: int, start: int, end: int) -> float:
-        import torch
-        from flowar.io.images import save_images, to_uint8
         from flowar.io.files import write_npz
-        from flowar.sampling.batches import run_sampling
+        from flowar.io.images import save_images, to_uint8
         t0 = time.perf_counter()
         idx = list(range(start, end))
         labels = [self.spec.classes[i % len(self.spec.classes)] for i in idx]
-        with torch.inference_mode():
-            res = run_sampling(self.rt.stages, self.rt.config, labels, self.schedule, self.spec.seed, decode=True,
-                               batch_size=self.rt.manifest.max_batch, indices=idx)
+        res = self.pipe.sample(labels, self.schedule, seed=self.spec.seed, indices=idx,
+                               batch_size=self.pipe.max_batch)
         save_images(res.images, self.out / "png" / f"{j:05d}", first=start)      # named by sample index
         write_npz(shard_path(self.out, j), {"images": to_uint8(res.images), "labels": np.asarray(labels, np.int64),
                                             "indices": np.asarray(idx, np.int64)})
@@ -99,12 +106,12 @@ class ShardSampler:
 
     def __call__(self, batch: dict) -> dict:
         secs = [self.sample_shard(int(j), int(s), int(e)) for j, s, e in zip(batch["shard"], batch["start"], batch["end"])]
-        return {"shard": np.asarray(batch["shard"]), "seconds": np.asarray(secs)}
+        return {"shard": np.asarray(batch["shard"]), "seconds": np.asarray(secs),
+                "engines": np.asarray([f"{self.pipe.backend}: {self.pipe.detail}"] * len(secs))}
 
 
 def _check_spec(out: Path, spec: BulkSpec) -> None:
     """A folder holds one run: refuse to mix shards of other settings into it."""
-    from flowar.io.files import atomic_write_bytes
     p = out / "run.json"
     mine = asdict(spec)
     if p.is_file():
@@ -112,13 +119,29 @@ def _check_spec(out: Path, spec: BulkSpec) -> None:
             theirs = json.loads(p.read_text())
         except ValueError:
             theirs = None
+        if isinstance(theirs, dict):
+            theirs.pop("engines", None)                 # what ran, not what defines the images
         if theirs != mine:
             diff = sorted(k for k in mine if not isinstance(theirs, dict) or theirs.get(k) != mine[k])
             raise FlowARError("the settings of the run already in --out (to resume it)",
                               f"other {', '.join(diff) or 'settings'} than {out / 'run.json'} records",
                               "run with the same settings, or choose a new --out")
     else:
-        atomic_write_bytes(p, lambda t: Path(t).write_text(json.dumps(mine, indent=1)))
+        _write_run_json(out, spec, None)
+
+
+def _write_run_json(out: Path, spec: BulkSpec, engines: list[str] | None) -> None:
+    """run.json: the settings that define the images, and (once known) which engines ran."""
+    from flowar.io.files import atomic_write_bytes
+    p = out / "run.json"
+    ran = None
+    if p.is_file():
+        try:
+            ran = json.loads(p.read_text()).get("engines")
+        except (ValueError, AttributeError):
+            ran = None
+    body = asdict(spec) | {"engines": sorted(set(ran or []) | set(engines or []))}
+    atomic_write_bytes(p, lambda t: Path(t).write_text(json.dumps(body, indent=1)))
 
 
 def start_ray(address: str | None, num_cpus: int | None):
@@ -157,7 +180,9 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     bad = [c for c in spec.classes if not 0 <= c < m.config.num_classes]
     if bad or not spec.classes:
         raise FlowARError(f"class ids in 0..{m.config.num_classes - 1}", f"{bad or 'none'}", "check --labels")
+    from flowar.runtime.load import choose_backend
     from flowar.sampling.schedule import sampling_schedule
+    choose_backend(m, spec.backend)                                             # refuse a backend that cannot run
     sampling_schedule(m.config.n_scales, m.schedule_defaults, **spec.schedule)   # refuse bad values now
     out.mkdir(parents=True, exist_ok=True)
     _check_spec(out, spec)
@@ -165,6 +190,7 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     todo = [s for s in shards if not shard_is_done(out, *s)]
     t0 = time.perf_counter()
     secs: list[float] = []
+    engines: set[str] = set()
     if todo:
         start_ray(ray_address, None if ray_address else workers * spec.threads)
         import logging
@@ -180,10 +206,12 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
             bar = tqdm(total=len(shards), initial=len(shards) - len(todo), desc="shards", unit="shard", disable=None)
         for row in mapped.iter_rows():
             secs.append(float(row["seconds"]))
+            engines.add(str(row["engines"]))
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
+        _write_run_json(out, spec, sorted(engines))
     missing = [j for j, s, e in shards if not shard_is_done(out, j, s, e)]
     if missing:
         raise FlowARError("every shard written", f"shards {missing[:5]} missing", "run the same command again")
@@ -196,4 +224,4 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     dt = time.perf_counter() - t0
     done_now = sum(e - s for _, s, e in todo)
     return BulkReport(out, len(shards), len(shards) - len(todo), dt, done_now / dt if done_now else 0.0,
-                      workers, secs)
+                      workers, secs, sorted(engines))

@@ -75,7 +75,8 @@ def schedule_options(recorded_by: str):
 @click.option("--vae", type=click.Path(), help="VAE: MAR kl16.ckpt or a diffusers folder (--ckpt path; engine "
               "directories carry their decoder).")
 @click.option("--labels", help="Comma-separated class ids, e.g. 3,7 (default: the first 10 classes).")
-@click.option("--classes", help="Comma-separated class names, for models that store them, e.g. cat,dog.")
+@click.option("--classes", multiple=True, help="Class names, e.g. cat,dog (ImageNet names and synonyms for the "
+              "official 1000-class models); names that contain commas: separate with ';' or repeat the option.")
 @click.option("--n-per-class", default=1, show_default=True, type=int, help="Samples per requested class.")
 @click.option("--batch", "batch_size", type=int, help="Samples per batch [default: all at once; with --engine-dir "
               "the directory's max batch].")
@@ -99,33 +100,33 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
         cuda_graphs, debug):
     """Sample images from a FlowAR checkpoint (eager PyTorch) or an engine directory (runtime)."""
     from flowar.io.files import check_writable
-    from flowar.sampling.batches import parse_labels, run_sampling, write_outputs
-    from flowar.sampling.schedule import sampling_schedule
-    import torch
-    from flowar.pipeline.source import graph_runner, open_source
+    from flowar.pipeline.pipeline import FlowARPipeline
+    from flowar.sampling.batches import write_outputs
+    from flowar.sampling.labels import parse_labels
+    from flowar.sampling.sampler import host_threads
     for p, is_dir, option in ((save_tokens, False, "--save-tokens"), (out, False, "--out"),
                               (save_images, True, "--save-images")):
         check_writable(p, is_dir, option)
-    with open_source(ckpt, engine_dir, backend=backend, preset=preset, config_path=config_path, vae=vae,
-                     raw_weights=raw_weights, device=device, threads=threads) as src:
-        config = src.config
-        sched = sampling_schedule(config.n_scales, src.schedule_defaults, schedule=schedule, steps=steps, cfg=cfg,
-                                  guidance=guidance, solver=solver, stride=stride)
-        if (out or save_images) and not src.decodes:
+    with FlowARPipeline.open(ckpt=ckpt, engine_dir=engine_dir, backend=backend, preset=preset, config=config_path,
+                             vae=vae, raw_weights=raw_weights, device=device, threads=threads,
+                             cuda_graphs=cuda_graphs) as pipe:
+        config = pipe.config
+        sched = pipe.schedule(schedule, num_inference_steps=steps, guidance_scale=cfg, guidance=guidance,
+                              solver=solver, stride=stride)
+        if (out or save_images) and not pipe.decodes:
             raise FlowARError("a VAE to decode images for --out/--save-images",
                               "an engine directory exported without --vae" if engine_dir else "no --vae",
                               "pass --vae PATH (or re-export with --vae), or use --save-tokens only")
-        ids = parse_labels(config, labels, classes, src.class_names, n_per_class)
-        batch_size = src.batch_size(batch_size)
-        runner, stages, graphs = graph_runner(src, cuda_graphs, batch_size or len(ids))
-        click.echo(f"backend: {src.detail}; schedule: {sched.describe()}; CUDA graphs {graphs}", err=True)
-        from flowar.sampling.sampler import host_threads
-        with torch.inference_mode(), host_threads(threads):
-            result = run_sampling(stages, config, ids, sched, seed, noise_file, decode=bool(out or save_images),
-                                  device=src.device, progress=True, batch_size=batch_size, runner=runner)
-    lines = write_outputs(result, src.class_names, save_tokens, out, save_images,
-                          n_per_class if n_per_class > 1 else None)
-    click.echo(f"sampled {len(ids)} x {config.latent_size}x{config.latent_size} token maps with {src.detail} in "
+        ids = parse_labels(config.num_classes, pipe.class_names, labels, classes, n_per_class)
+        batch_size = pipe.batch_size(batch_size)
+        click.echo(f"backend: {pipe.detail}; schedule: {sched.describe()}; CUDA graphs "
+                   f"{pipe.graphs(batch_size or len(ids))}", err=True)
+        with host_threads(threads):
+            result = pipe.sample(ids, sched, seed=seed, noise_file=noise_file, batch_size=batch_size,
+                                 decode=bool(out or save_images), progress=True)
+        names = pipe.class_names
+    lines = write_outputs(result, names, save_tokens, out, save_images, n_per_class if n_per_class > 1 else None)
+    click.echo(f"sampled {len(ids)} x {config.latent_size}x{config.latent_size} token maps with {pipe.detail} in "
                f"{result.seconds:.2f} s ({sched.name or sched.solver}, {sched.head_evals} head evaluations per sample, "
                f"cfg {sched.cfg}, guidance {sched.guidance})")
     for line in lines:
@@ -278,9 +279,9 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
     class accuracy and a domain Frechet distance by an independent judge (Animal-MNIST models),
     a converged reference, and FID against reference statistics."""
     from flowar.io.files import check_writable
+    import contextlib
     from flowar.eval.quality import load_extractor, measure, read_fid_stats, report_lines
-    from flowar.sampling.schedule import sampling_schedule
-    from flowar.pipeline.source import open_engines, open_source
+    from flowar.pipeline.pipeline import FlowARPipeline
     if bool(fid_stats) != bool(fid_extractor):
         raise FlowARError("--fid-stats and --fid-extractor together", "only one of them",
                           "pass the statistics and the extractor they were made with")
@@ -291,26 +292,31 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
     check_writable(json_out, False, "--json")
     stats = read_fid_stats(fid_stats) if fid_stats else None
     extractor = load_extractor(fid_extractor) if fid_extractor else None
-    with open_source(ckpt, engine_dir, preset=preset, config_path=config_path, vae=vae, device="cpu") as src:
-        config = src.config
-        batch = min(batch, src.max_batch or batch)
-        sched = sampling_schedule(config.n_scales, src.schedule_defaults, schedule=schedule, steps=steps, cfg=cfg,
-                                  guidance=guidance, solver=solver, stride=stride)
+    with contextlib.ExitStack() as stack:
+        pipe = stack.enter_context(FlowARPipeline.open(ckpt=ckpt, engine_dir=engine_dir, preset=preset,
+                                                       config=config_path, vae=vae, device="cpu"))
+        config = pipe.config
+        batch = min(batch, pipe.max_batch or batch)
+        sched = pipe.schedule(schedule, num_inference_steps=steps, guidance_scale=cfg, guidance=guidance,
+                              solver=solver, stride=stride)
+        names = pipe.class_names
         judge = None
-        if config.num_classes == 10 and src.decodes and src.class_names and src.class_names[0] == "bear":
+        if config.num_classes == 10 and pipe.decodes and names and names[0] == "bear":
             from flowar.eval.judge import train_judge
             judge = train_judge(cache=Path(judge_cache))
         labels = [c for c in range(min(classes_limit, config.num_classes)) for _ in range(per_class)]
-        other = src.hold(open_engines(vs_engine_dir)) if vs_engine_dir else None
+        other = stack.enter_context(FlowARPipeline.open(engine_dir=vs_engine_dir)) if vs_engine_dir else None
         if other is not None:
             if other.config != config:
                 raise FlowARError("--vs-engine-dir exported from the same model", "another config",
                                   "pass a matching one")
             batch = min(batch, other.max_batch)
-        rep = measure(src.stages, config, labels, sched, seed, batch, src.decodes, judge,
-                      judge.real_stats if judge else None, converged, stats, extractor, progress=True,
-                      reference_stages=other.stages if other else None)
-    for line in report_lines(rep, seed, src.decodes, src.class_names, f"{vs_engine_dir} ({other.detail})"
+
+        def sampler(p):
+            return lambda s: p.sample(labels, s, seed=seed, batch_size=batch, decode=pipe.decodes, progress=True)
+        rep = measure(sampler(pipe), config, labels, sched, pipe.decodes, judge, judge.real_stats if judge else None,
+                      converged, stats, extractor, reference=sampler(other) if other else None)
+    for line in report_lines(rep, seed, pipe.decodes, names, f"{vs_engine_dir} ({other.detail})"
                              if other else None, Path(fid_stats).name if fid_stats else None):
         click.echo(line)
     if json_out:
@@ -324,7 +330,11 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
 @click.option("--num-images", required=True, type=int, help="How many images, e.g. 50000 for an FID evaluation.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: png/, shards/, samples.npz.")
 @click.option("--labels", help="Comma-separated class ids to cycle through [default: every class, balanced].")
-@click.option("--classes", help="Or class names, for models that store them.")
+@click.option("--classes", multiple=True, help="Or class names (ImageNet names for the official models; ';' or the "
+              "option repeated for names that contain commas).")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "ort", "trt", "torch"]),
+              help="Engines, chosen as flowar-run chooses: auto = TensorRT (and CUDA graphs) on a GPU where the "
+                   "plans fit, else the directory's --precision auto choice, else ONNX Runtime.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Sample i gets the noise of (seed, i).")
 @schedule_options("the engine directory's")
 @click.option("--workers", default=1, show_default=True, type=int, help="Ray actors, one engine set each.")
@@ -334,25 +344,26 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
 @click.option("--ray-address", help="A running Ray cluster (ray://HOST:PORT or auto) [default: a local one].")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @user_errors
-def sample_cmd(engine_dir, num_images, out, labels, classes, seed, schedule, solver, stride, steps, cfg, guidance,
-               workers, threads, shard_size, ray_address, debug):
+def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, schedule, solver, stride, steps, cfg,
+               guidance, workers, threads, shard_size, ray_address, debug):
     """Bulk sampling on Ray Data: PNG shards and samples.npz (ADM format); rerun to resume."""
     from flowar.commands.bulk import BulkSpec, run_bulk
     from flowar.export.manifest import read_manifest
     from flowar.io.files import check_writable
-    from flowar.sampling.batches import parse_labels
+    from flowar.sampling.labels import class_names_for, parse_labels
     check_writable(out, True, "--out")
     m = read_manifest(engine_dir)
-    ids = parse_labels(m.config, labels, classes, m.class_names)
+    ids = parse_labels(m.config.num_classes, class_names_for(m.config.num_classes, m.class_names), labels, classes)
     if not labels and not classes:
         ids = list(range(m.config.num_classes))
     sched = {k: v for k, v in dict(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance, solver=solver,
                                    stride=stride).items() if v is not None}
-    spec = BulkSpec(str(Path(engine_dir).resolve()), num_images, ids, seed, sched, shard_size, threads)
+    spec = BulkSpec(str(Path(engine_dir).resolve()), num_images, ids, seed, sched, shard_size, threads, backend)
     rep = run_bulk(spec, out, workers, ray_address)
     kept = f", {rep.shards_done_before} kept from before" if rep.shards_done_before else ""
     click.echo(f"{num_images} images in {rep.shards_total} shards{kept} -> {rep.out / 'samples.npz'} "
-               f"({rep.seconds:.1f} s, {rep.images_per_s:.1f} images/s on {workers} worker(s) x {threads} thread(s))")
+               f"({rep.seconds:.1f} s, {rep.images_per_s:.1f} images/s on {workers} worker(s) x {threads} thread(s)"
+               + (f"; engines {'; '.join(rep.engines)}" if rep.engines else "") + ")")
 
 
 @click.command(context_settings=CONTEXT)
@@ -360,16 +371,21 @@ def sample_cmd(engine_dir, num_images, out, labels, classes, seed, schedule, sol
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--replicas", default=1, show_default=True, type=int, help="Replicas, one engine set each.")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "ort", "trt", "torch"]),
+              help="Engines, chosen as flowar-run chooses (auto: TensorRT and CUDA graphs on a GPU where the plans fit, "
+                   "else the directory's --precision auto choice, else ONNX Runtime); GET /health says which run.")
 @click.option("--threads", type=int, help="Cores per replica [default: the machine's cores shared out among the replicas].")
 @click.option("--max-n", default=16, show_default=True, type=int, help="Most images one request may ask for.")
 @click.option("--ray-address", help="A running Ray cluster [default: a local one].")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @user_errors
-def serve_cmd(engine_dir, host, port, replicas, threads, max_n, ray_address, debug):
+def serve_cmd(engine_dir, host, port, replicas, backend, threads, max_n, ray_address, debug):
     """Serve POST /v1/generate with dynamic batching on Ray Serve (GET /health, GET /v1/stats)."""
-    from flowar.export.manifest import read_manifest
     from flowar.commands.serve import serve_forever
+    from flowar.export.manifest import read_manifest
+    from flowar.runtime.load import choose_backend
     m = read_manifest(engine_dir)
+    chosen = choose_backend(m, backend)                 # refuse a backend that cannot run, before starting Ray
     if not m.decodes:
         raise FlowARError("an engine directory with a decode stage (images)", "one exported without --vae",
                           "re-export with --vae")
@@ -380,8 +396,9 @@ def serve_cmd(engine_dir, host, port, replicas, threads, max_n, ray_address, deb
         raise FlowARError("--port in 1..65535", str(port), "use e.g. --port 8000")
     threads = threads or max(1, (os.cpu_count() or 1) // replicas)
     serve_forever(str(Path(engine_dir).resolve()), host, port, threads, max_n, replicas, ray_address,
-                  ready=lambda: click.echo(f"serving {engine_dir} on http://{host}:{port} (POST /v1/generate, "
-                                           f"GET /health); Ctrl-C stops", err=True))
+                  ready=lambda: click.echo(f"serving {engine_dir} on http://{host}:{port} with {chosen} engines "
+                                           f"(POST /v1/generate, GET /health); Ctrl-C stops", err=True),
+                  backend=backend)
 
 
 def _entry(cmd: click.Command, prog: str):

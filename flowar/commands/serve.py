@@ -20,6 +20,8 @@ import json
 from dataclasses import dataclass
 
 from flowar.errors import FlowARError
+from flowar.sampling.labels import label_ids
+from flowar.sampling.schedule import SCHEDULES
 
 MAX_BODY = 16 * 1024
 SETTINGS = ("schedule", "steps", "cfg", "guidance")
@@ -42,7 +44,7 @@ class RequestError(FlowARError):
         self.status = status
 
 
-def parse_generate(body: bytes, num_classes: int, class_names: list[str] | None, max_n: int) -> list[Item]:
+def parse_generate(body: bytes, num_classes: int, class_names, max_n: int) -> list[Item]:
     """The images a /v1/generate body asks for, or a RequestError saying what is wrong."""
     if len(body) > MAX_BODY:
         raise RequestError(413, f"a JSON body of at most {MAX_BODY} bytes", f"{len(body)} bytes", "send less")
@@ -60,10 +62,12 @@ def parse_generate(body: bytes, num_classes: int, class_names: list[str] | None,
         raise RequestError(422, "exactly one of label or class", "both" if "label" in req else "neither",
                            'send e.g. {"label": 3}')
     if "class" in req:
-        if not class_names or req["class"] not in class_names:
-            raise RequestError(422, f"a class among {', '.join((class_names or [])[:20]) or '(none stored)'}",
-                               repr(req["class"]), "check the spelling, or send a label id")
-        label = class_names.index(req["class"])
+        if not isinstance(req["class"], str):
+            raise RequestError(422, "class a name (a string)", repr(req["class"]), 'send e.g. {"class": "cat"}')
+        try:
+            label = label_ids([req["class"]], num_classes, class_names)[0]
+        except FlowARError as e:
+            raise RequestError(422, e.expected, e.got, e.fix) from None
     else:
         label = req["label"]
         if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < num_classes:
@@ -74,8 +78,8 @@ def parse_generate(body: bytes, num_classes: int, class_names: list[str] | None,
             raise RequestError(422, f"{name} an integer in {lo}..{hi}", repr(v), f"send a valid {name}")
     settings = tuple(sorted((k, req[k]) for k in SETTINGS if req.get(k) is not None))
     s = dict(settings)
-    if "schedule" in s and s["schedule"] not in ("official", "fast"):
-        raise RequestError(422, "schedule official or fast", repr(s["schedule"]), "send a known schedule")
+    if "schedule" in s and s["schedule"] not in SCHEDULES:
+        raise RequestError(422, f"schedule among {', '.join(SCHEDULES)}", repr(s["schedule"]), "send a known schedule")
     if "steps" in s and (not isinstance(s["steps"], int) or isinstance(s["steps"], bool)):
         raise RequestError(422, "steps an integer", repr(s["steps"]), "send e.g. 25")
     for k in ("cfg", "guidance"):
@@ -83,7 +87,9 @@ def parse_generate(body: bytes, num_classes: int, class_names: list[str] | None,
             raise RequestError(422, f"{k} a number", repr(s[k]), "send e.g. 4.3")
     try:
         from flowar.sampling.schedule import sampling_schedule
-        sampling_schedule(2, None, **{k: (float(v) if k in ("cfg", "guidance") else v) for k, v in settings})
+        kw = request_schedule(settings)
+        sampling_schedule(2, None, schedule=kw.get("schedule"), steps=kw.get("num_inference_steps"),
+                          cfg=kw.get("guidance_scale"), guidance=kw.get("guidance"))
     except FlowARError as e:
         raise RequestError(422, e.expected, e.got, e.fix) from None
     return [Item(label, seed, j, settings) for j in range(n)]
@@ -96,44 +102,51 @@ def png_b64(image_HW3) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-class Generator:
-    """Samples batches of Items on one engine set (a replica's state; usable without Ray too)."""
+class Replica:
+    """One engine set sampling batches of Items (a replica's state; usable without Ray too).
 
-    def __init__(self, engine_dir: str, threads: int | None = None):
+    The engines are the pipeline's choice for ``backend`` (``auto``: TensorRT and CUDA graphs on a
+    GPU where the plans fit, the ``--precision auto`` choice on a CPU, else ONNX Runtime), as
+    for flowar-run. On a GPU the CUDA graphs of every batch size are captured at start.
+    """
+
+    def __init__(self, engine_dir: str, threads: int | None = None, backend: str = "auto"):
         import torch
-        from flowar.runtime.load import open_engine_dir
+        from flowar.pipeline.pipeline import FlowARPipeline
         if threads:
             torch.set_num_threads(threads)
-        self.rt = open_engine_dir(engine_dir, "ort", threads=threads)
-        if not self.rt.manifest.decodes:
+        self.pipe = FlowARPipeline.open(engine_dir=engine_dir, backend=backend, threads=threads)
+        if not self.pipe.decodes:
+            self.pipe.close()
             raise FlowARError("an engine directory with a decode stage", "one exported without --vae",
                               "re-export with --vae")
-        self.max_batch = self.rt.manifest.max_batch
+        self.max_batch = self.pipe.max_batch
         self.batches: list[int] = []
+        self.pipe.warm_up(range(1, self.max_batch + 1))
 
     def generate(self, items: list[Item]) -> list[str]:
         """Base64 PNGs, one per item, in order; items of each settings group sampled together."""
-        import torch
         from flowar.io.images import to_uint8
-        from flowar.sampling.batches import run_sampling
-        from flowar.sampling.schedule import sampling_schedule
         self.batches.append(len(items))
         out: list[str | None] = [None] * len(items)
         for settings in dict.fromkeys(it.settings for it in items):
             pos = [i for i, it in enumerate(items) if it.settings == settings]
-            kw = {k: (float(v) if k in ("cfg", "guidance") else v) for k, v in settings}
-            sched = sampling_schedule(self.rt.config.n_scales, self.rt.manifest.schedule_defaults, **kw)
-            with torch.inference_mode():
-                res = run_sampling(self.rt.stages, self.rt.config, [items[i].label for i in pos], sched,
-                                   [items[i].seed for i in pos], decode=True, batch_size=self.max_batch,
-                                   indices=[items[i].index for i in pos])
+            sched = self.pipe.schedule(**request_schedule(settings))
+            res = self.pipe.sample([items[i].label for i in pos], sched, seed=[items[i].seed for i in pos],
+                                   indices=[items[i].index for i in pos], batch_size=self.max_batch)
             for i, img in zip(pos, to_uint8(res.images)):
                 out[i] = png_b64(img)
         return out
 
 
+def request_schedule(settings: tuple) -> dict:
+    """A request's settings as pipeline.schedule() keywords."""
+    names = {"schedule": "schedule", "steps": "num_inference_steps", "cfg": "guidance_scale", "guidance": "guidance"}
+    return {names[k]: (float(v) if k in ("cfg", "guidance") else v) for k, v in settings}
+
+
 def build_app(engine_dir: str, threads: int | None = None, max_n: int = 16, replicas: int = 1,
-              batch_wait_s: float = 0.02):
+              batch_wait_s: float = 0.02, backend: str = "auto"):
     """The Ray Serve application (imports Ray only here)."""
     import asyncio
 
@@ -148,7 +161,7 @@ def build_app(engine_dir: str, threads: int | None = None, max_n: int = 16, repl
                       max_ongoing_requests=256)
     class FlowARService:
         def __init__(self):
-            self.gen = Generator(engine_dir, threads)
+            self.gen = Replica(engine_dir, threads, backend)
 
         @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=batch_wait_s)
         async def _images(self, items: list[Item]) -> list[str]:
@@ -157,11 +170,12 @@ def build_app(engine_dir: str, threads: int | None = None, max_n: int = 16, repl
 
         async def __call__(self, request: Request):
             path, method = request.url.path.rstrip("/"), request.method
-            rt = self.gen.rt
+            pipe = self.gen.pipe
             if method == "GET" and path == "/health":
-                return JSONResponse({"status": "ok", "max_batch": self.gen.max_batch, "backend": rt.detail})
+                return JSONResponse({"status": "ok", "max_batch": self.gen.max_batch, "backend": pipe.backend,
+                                     "engines": pipe.detail, "cuda_graphs": pipe.graphs(self.gen.max_batch)})
             if method == "GET" and path == "/v1/stats":
-                return JSONResponse({"batches": self.gen.batches})
+                return JSONResponse({"batches": self.gen.batches, "engines": pipe.detail})
             if method != "POST" or path != "/v1/generate":
                 return JSONResponse({"error": f"expected GET /health, GET /v1/stats or POST /v1/generate; got "
                                               f"{method} {path or '/'}. Fix: use one of those"}, status_code=404)
@@ -170,7 +184,7 @@ def build_app(engine_dir: str, threads: int | None = None, max_n: int = 16, repl
                 return JSONResponse({"error": f"expected a JSON body of at most {MAX_BODY} bytes; got {length} bytes. "
                                               "Fix: send less"}, status_code=413)
             try:
-                items = parse_generate(await request.body(), rt.config.num_classes, rt.class_names, max_n)
+                items = parse_generate(await request.body(), pipe.config.num_classes, pipe.class_names, max_n)
             except RequestError as e:
                 return JSONResponse({"error": str(e)}, status_code=e.status)
             images = await asyncio.gather(*(self._images(it) for it in items))
@@ -181,13 +195,13 @@ def build_app(engine_dir: str, threads: int | None = None, max_n: int = 16, repl
 
 
 def serve_forever(engine_dir: str, host: str, port: int, threads: int | None, max_n: int, replicas: int,
-                  ray_address: str | None, ready=None, block: bool = True):
+                  ray_address: str | None, ready=None, block: bool = True, backend: str = "auto"):
     """Start Serve on host:port and the application; with ``block``, wait until interrupted."""
     from flowar.commands.bulk import start_ray
     start_ray(ray_address, None if ray_address else max(2, (threads or 1) * replicas))
     from ray import serve
     serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
-    serve.run(build_app(engine_dir, threads, max_n, replicas), name="flowar", route_prefix="/")
+    serve.run(build_app(engine_dir, threads, max_n, replicas, backend=backend), name="flowar", route_prefix="/")
     if ready is not None:
         ready()
     if block:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from flowar.errors import FlowARError
-from flowar.io.images import psnr_each
+from flowar.io.images import psnr_each, uint8_B3HW
 
 CONVERGED_POINTS = 401          # uniform grid of the converged reference (400 Euler steps)
 
@@ -105,11 +105,6 @@ def load_extractor(path: str | Path) -> Callable[[Tensor], Tensor]:
     return extract
 
 
-def images_to_uint8(images_B3HW: Tensor) -> Tensor:
-    """(B, 3, H, W) uint8 from [-1, 1], rounded like the PNGs flowar-run writes."""
-    return ((images_B3HW.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 # ---- measuring a schedule ----------------------------------------------------------------------
 
 @dataclass(slots=True)
@@ -128,17 +123,31 @@ class QualityReport:
     fid: float | None = None                            # against --fid-stats
 
 
-def measure(stages, config, labels: list[int], schedule, seed: int = 0, batch: int | None = None,
-            decode: bool = True, judge=None, real_judge_stats=None, converged: bool = False,
-            fid_stats=None, extractor=None, progress: bool = False, reference_stages=None) -> QualityReport:
-    """Sample ``labels`` with ``schedule`` (per-sample noise of ``seed``) and compare as the module says."""
-    from flowar.sampling.batches import run_sampling
-    from flowar.sampling.schedule import build_schedule, named_schedule
+Sampler = Callable[..., "SampleResult"]     # (schedule) -> the request's SampleResult, same labels and seeds
 
-    def run(s, on=None):
+
+def stages_sampler(stages, config, labels: list[int], seed: int = 0, batch: int | None = None, decode: bool = True,
+                   progress: bool = False) -> Sampler:
+    """A :data:`Sampler` over sampler stages (tests, benches); commands pass ``FlowARPipeline.sample``."""
+    from flowar.sampling.batches import run_sampling
+
+    def run(schedule):
         with torch.inference_mode():
-            return run_sampling(on or stages, config, labels, s, seed, decode=decode, batch_size=batch,
+            return run_sampling(stages, config, labels, schedule, seed, decode=decode, batch_size=batch,
                                 progress=progress)
+    return run
+
+
+def measure(sample: Sampler, config, labels: list[int], schedule, decode: bool = True, judge=None,
+            real_judge_stats=None, converged: bool = False, fid_stats=None, extractor=None,
+            reference: Sampler | None = None) -> QualityReport:
+    """Sample ``labels`` with ``schedule`` through ``sample`` and compare as the module says.
+
+    ``sample(schedule)`` gives the request's result with any schedule (the same labels and
+    per-sample noise each time); ``reference`` samples the same request on other engines.
+    """
+    from flowar.sampling.schedule import build_schedule, named_schedule
+    run = sample
 
     def compare(a, b) -> dict:
         d = (a.tokens - b.tokens).abs()
@@ -153,8 +162,8 @@ def measure(stages, config, labels: list[int], schedule, seed: int = 0, batch: i
     official = named_schedule("official", schedule.cfg, schedule.guidance, config.n_scales)
     ref = res if schedule.plan == official.plan else run(official)
     rep.vs_official = compare(res, ref)
-    if reference_stages is not None:
-        rep.vs_reference = compare(res, run(schedule, reference_stages))
+    if reference is not None:
+        rep.vs_reference = compare(res, reference(schedule))
     if converged:
         conv = run(build_schedule(CONVERGED_POINTS, schedule.cfg, schedule.guidance, config.n_scales, "euler", "uniform"))
         d = (res.tokens - conv.tokens).abs()
@@ -170,7 +179,7 @@ def measure(stages, config, labels: list[int], schedule, seed: int = 0, batch: i
         if real_judge_stats is not None:
             rep.frechet_judge = frechet_distance(*feature_stats(judge.features(res.images)), *real_judge_stats)
     if fid_stats is not None and extractor is not None and decode:
-        u8 = images_to_uint8(res.images)
+        u8 = uint8_B3HW(res.images)
         feats = torch.cat([extractor(u8[i:i + 50]) for i in range(0, len(u8), 50)])
         rep.fid = frechet_distance(*feature_stats(feats), *fid_stats)
     return rep

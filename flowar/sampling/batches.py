@@ -1,6 +1,6 @@
-"""Typed functions behind ``flowar-run``: parse the user's request, sample, write outputs.
+"""A request in batches: recorded or per-sample noise, the sampler called per batch, outputs written.
 
-The click layer (``flowar/commands/cli.py``) only maps options onto these; tests call them directly.
+Every entry point reaches this through :class:`flowar.pipeline.pipeline.FlowARPipeline`.
 """
 
 from __future__ import annotations
@@ -17,42 +17,6 @@ from flowar.config import FlowARConfig
 from flowar.errors import FlowARError
 from flowar.sampling.sampler import NoiseFn, ScaleTrace, Stages, injected_noise, noise_rows, per_sample_noise, sample
 from flowar.sampling.schedule import Schedule
-
-
-def parse_labels(config: FlowARConfig, labels: str | None, classes: str | None,
-                 class_names: list[str] | None, n_per_class: int = 1) -> list[int]:
-    """Class ids from ``--labels 3,7`` or ``--classes cat,dog``, each repeated n_per_class times."""
-    if labels and classes:
-        raise FlowARError("either --labels or --classes", "both", "pass only one of them")
-    if n_per_class < 1:
-        raise FlowARError("--n-per-class >= 1", str(n_per_class), "use e.g. --n-per-class 4")
-    if classes:
-        if not class_names:
-            raise FlowARError("class names stored with the model", "a model without class names",
-                              "use --labels with class ids instead of --classes")
-        ids = []
-        for name in (s.strip() for s in classes.split(",") if s.strip()):
-            if name not in class_names:
-                raise FlowARError(f"a class name among {', '.join(class_names[:20])}", repr(name),
-                                  "check the spelling, or use --labels with ids")
-            ids.append(class_names.index(name))
-    elif labels:
-        ids = []
-        for s in (s.strip() for s in labels.split(",") if s.strip()):
-            try:
-                ids.append(int(s))
-            except ValueError:
-                raise FlowARError("comma-separated integer class ids, e.g. --labels 3,7", repr(s),
-                                  "pass integers (or --classes with names)") from None
-        bad = [i for i in ids if not 0 <= i < config.num_classes]
-        if bad:
-            raise FlowARError(f"class ids in 0..{config.num_classes - 1}", f"{bad}",
-                              f"this model has {config.num_classes} classes")
-    else:
-        ids = list(range(min(config.num_classes, 10)))
-    if not ids:
-        raise FlowARError("at least one class", "an empty list", "pass e.g. --labels 3,7")
-    return [i for i in ids for _ in range(n_per_class)]
 
 
 def read_noise(path: str | Path, config: FlowARConfig) -> list[Tensor]:

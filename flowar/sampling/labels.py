@@ -1,0 +1,165 @@
+"""Class labels of a request: ids, or names (with ImageNet's synonyms for the official models).
+
+A model's class names come from its checkpoint or engine directory; the official FlowAR files
+carry none, so a model with 1000 classes and no names of its own takes the ImageNet-1k names
+shipped here (``imagenet1k.tsv``: every WordNet lemma of each class, e.g. 24 is "great grey owl",
+"great gray owl" and "Strix nebulosa"). Names match whatever the case and spacing; a name that
+matches nothing is one line naming the closest ones.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from flowar.errors import FlowARError
+
+IMAGENET_CLASSES = 1000
+
+
+@dataclass(frozen=True)
+class ClassNames:
+    """Display names (one per class id) and every name each class answers to."""
+    display: tuple[str, ...]                 # what grids and logs show, e.g. "great grey owl"
+    synonyms: tuple[tuple[str, ...], ...]    # per id, every name, the display name first
+
+    @classmethod
+    def plain(cls, names: Sequence[str]) -> "ClassNames":
+        return cls(tuple(names), tuple((n,) for n in names))
+
+    @functools.cached_property
+    def _index(self) -> dict[str, tuple[int, ...]]:
+        out: dict[str, list[int]] = {}
+        for i, names in enumerate(self.synonyms):
+            for n in names + (", ".join(names),):        # each lemma, and the full comma-joined label
+                ids = out.setdefault(_key(n), [])
+                if i not in ids:
+                    ids.append(i)
+        return {k: tuple(v) for k, v in out.items()}
+
+    def lookup(self, name: str) -> int:
+        """The class id a name gives, or a one-line error (unknown: the closest names; ambiguous: the ids)."""
+        ids = self._index.get(_key(name))
+        if ids is None:
+            q = _key(name)
+            inside = [k for k in self._index if q and q in k and ", " not in k]       # "grey owl" -> "great grey owl"
+            close = (sorted(inside, key=len) + difflib.get_close_matches(q, list(self._index), n=3, cutoff=0.6))
+            close = list(dict.fromkeys(close))[:3]
+            shown = [self._pretty(c) for c in close]
+            raise FlowARError(f"a class name of this model ({len(self.display)} classes, e.g. "
+                              f"{', '.join(self.display[:3])})", repr(name),
+                              f"did you mean {' or '.join(repr(s) for s in shown)}?" if shown
+                              else "check the spelling, or pass class ids")
+        if len(ids) > 1:
+            raise FlowARError("a class name that names one class", f"{name!r}, which names "
+                              + "; ".join(f"{i} ({self.display[i]})" for i in ids),
+                              "pass the class id, or a longer name")
+        return ids[0]
+
+    def _pretty(self, key: str) -> str:
+        for names in self.synonyms:
+            for n in names:
+                if _key(n) == key:
+                    return n
+        return key
+
+    def is_one_label(self, text: str) -> bool:
+        """Whether ``text`` is a whole name (which may contain commas), not a comma-separated list."""
+        return _key(text) in self._index
+
+    def __getitem__(self, i: int) -> str:
+        return self.display[i]
+
+    def __len__(self) -> int:
+        return len(self.display)
+
+
+def _key(name: str) -> str:
+    return " ".join(name.replace("_", " ").split()).casefold()
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet() -> ClassNames:
+    """The ImageNet-1k classes in id order, each with its WordNet lemmas."""
+    rows = [line.split("\t") for line in (Path(__file__).with_name("imagenet1k.tsv")).read_text().splitlines()
+            if line and not line.startswith("#")]
+    assert len(rows) == IMAGENET_CLASSES and all(int(r[0]) == i for i, r in enumerate(rows))
+    synonyms = tuple(tuple(n.strip() for n in r[2].split(", ")) for r in rows)
+    return ClassNames(tuple(s[0] for s in synonyms), synonyms)
+
+
+def class_names_for(num_classes: int, stored: Sequence[str] | None) -> ClassNames | None:
+    """The names a model answers to: its own, else ImageNet's for 1000 classes, else none."""
+    if stored:
+        return ClassNames.plain(list(stored))
+    if num_classes == IMAGENET_CLASSES:
+        return imagenet()
+    return None
+
+
+def split_class_names(values: str | Iterable[str], names: ClassNames | None = None) -> list[str]:
+    """Names from ``--classes`` values: ``;`` separates names that contain commas; otherwise a
+    value that is a whole name stays one (``"great grey owl, great gray owl, Strix nebulosa"``)
+    and any other is split on commas (``cat,dog``). The option may be repeated."""
+    out = []
+    for v in [values] if isinstance(values, str) else list(values):
+        if ";" in v:
+            parts = v.split(";")
+        elif names is not None and names.is_one_label(v):
+            parts = [v]
+        else:
+            parts = v.split(",")
+        out += [p.strip() for p in parts if p.strip()]
+    return out
+
+
+def label_ids(items: Sequence[int | str], num_classes: int, names: ClassNames | None) -> list[int]:
+    """Class ids from ids and/or names, checked against the model (``names``: ClassNames or a list)."""
+    if names is not None and not isinstance(names, ClassNames):
+        names = ClassNames.plain(list(names))
+    out = []
+    for it in items:
+        if isinstance(it, bool):
+            raise FlowARError("class ids (int) or class names (str)", repr(it), "pass e.g. [3, 'cat']")
+        if isinstance(it, int) or (hasattr(it, "__index__") and not isinstance(it, str)):
+            i = int(it)
+            if not 0 <= i < num_classes:
+                raise FlowARError(f"class ids in 0..{num_classes - 1}", str(i), f"this model has {num_classes} classes")
+            out.append(i)
+        elif isinstance(it, str):
+            if names is None:
+                raise FlowARError("class names stored with the model", f"{it!r} for a model without class names",
+                                  "pass class ids instead (--labels)")
+            out.append(names.lookup(it))
+        else:
+            raise FlowARError("class ids (int) or class names (str)", f"{type(it).__name__}", "pass e.g. [3, 'cat']")
+    return out
+
+
+def parse_labels(num_classes: int, names: ClassNames | None, labels: str | None = None,
+                 classes: str | Iterable[str] | None = None, n_per_class: int = 1) -> list[int]:
+    """Class ids from ``--labels 3,7`` or ``--classes cat,dog`` (each repeated n_per_class times);
+    neither: the first ten classes."""
+    if labels and classes:
+        raise FlowARError("either --labels or --classes", "both", "pass only one of them")
+    if n_per_class < 1:
+        raise FlowARError("--n-per-class >= 1", str(n_per_class), "use e.g. --n-per-class 4")
+    if classes:
+        ids = label_ids(split_class_names(classes, names), num_classes, names)
+    elif labels:
+        ids = []
+        for s in (s.strip() for s in labels.split(",") if s.strip()):
+            try:
+                ids.append(int(s))
+            except ValueError:
+                raise FlowARError("comma-separated integer class ids, e.g. --labels 3,7", repr(s),
+                                  "pass integers (or --classes with names)") from None
+        ids = label_ids(ids, num_classes, names)
+    else:
+        ids = list(range(min(num_classes, 10)))
+    if not ids:
+        raise FlowARError("at least one class", "an empty list", "pass e.g. --labels 3,7")
+    return [i for i in ids for _ in range(n_per_class)]

@@ -1,0 +1,113 @@
+"""FlowARPipeline: the Python API, and the one way every command opens a source and samples."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import DEFAULT_CKPT, DEFAULT_VAE
+from flowar import FlowARPipeline
+from flowar.errors import FlowARError
+
+
+def test_the_pipeline_gives_flowar_runs_images_pixel_for_pixel(default_auto_engines, tmp_path):
+    from flowar.commands.cli import run
+    with FlowARPipeline.from_pretrained(default_auto_engines) as pipe:
+        assert pipe.backend == "mixed" and pipe.detail.startswith("auto: ar ")
+        out = pipe(["cat", "dog"], seed=3)
+        assert out.labels == [2, 4] and out.seeds == [3, 3] and out.indices == [0, 1]
+        assert set(out.timings) >= {"ar", "head", "decode", "total"} and out.timings["head"] > 0
+        assert len(out.images) == 2 and out.images[0].size == (32, 32)
+        arr = pipe([2, "dog"], seed=3, output_type="np").images
+        latent = pipe(["cat"], seed=3, output_type="latent").images
+    res = CliRunner().invoke(run, ["--engine-dir", str(default_auto_engines), "--classes", "cat,dog", "--seed", "3",
+                                   "--save-images", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    for i in range(2):
+        ref = np.asarray(Image.open(tmp_path / "run" / f"{i:06d}.png").convert("RGB"))
+        assert np.array_equal(np.asarray(out.images[i]), ref), i
+        assert np.abs(arr[i] * 255 - ref).max() <= 0.5 + 1e-3          # "np": the same image in [0, 1]
+    assert torch.equal(latent, out.tokens[:1])                          # sample 0 does not depend on the batch
+    assert not np.array_equal(np.asarray(out.images[0]), np.asarray(out.images[1]))
+
+
+def test_the_checkpoint_path_gives_the_same_images_within_float32_noise(default_auto_engines):
+    from flowar.io.images import psnr_each
+    with FlowARPipeline.from_pretrained(default_auto_engines) as pipe:
+        engines = pipe(["cat", "dog"], seed=3, output_type="pt").images
+    with FlowARPipeline.from_pretrained(DEFAULT_CKPT, vae=DEFAULT_VAE) as pipe:
+        assert pipe.backend == "torch"
+        eager = pipe(["cat", "dog"], seed=3, output_type="pt").images
+        other_seed = pipe(["cat", "dog"], seed=4, output_type="pt").images
+    assert min(psnr_each(engines * 2 - 1, eager * 2 - 1)) >= 40.0
+    assert max(psnr_each(other_seed * 2 - 1, eager * 2 - 1)) < 30.0      # the bound can fail: another seed is far
+
+
+def test_an_official_file_without_names_takes_imagenet_names(fixtures_dir, tmp_path):
+    """A flat .pth of a 1000-class model (the official format, no names): --classes and the API
+    take ImageNet names and synonyms."""
+    from safetensors.torch import load_file
+    from flowar.commands.cli import run
+    pth = tmp_path / "official.pth"
+    torch.save(load_file(str(fixtures_dir / "tiny_v1.safetensors")), pth)
+    with FlowARPipeline.from_pretrained(pth, preset="tiny") as pipe:
+        assert pipe.get_label_ids(["Strix nebulosa"]) == [24]
+        assert pipe.get_label_ids("great gray owl") == [24] and pipe.caption(24) == "great grey owl"
+        tokens = pipe(["great grey owl", 7], seed=1, output_type="latent").images
+    res = CliRunner().invoke(run, ["--ckpt", str(pth), "--preset", "tiny", "--classes", "great grey owl",
+                                   "--classes", "great grey owl, great gray owl, Strix nebulosa", "--seed", "1",
+                                   "--save-tokens", str(tmp_path / "t.safetensors")])
+    assert res.exit_code == 0, res.output
+    saved = load_file(str(tmp_path / "t.safetensors"))
+    assert saved["labels"].tolist() == [24, 24]
+    assert torch.equal(saved["tokens"][0], tokens[0])
+
+
+def test_bad_calls_are_one_line_errors(default_auto_engines):
+    with FlowARPipeline.from_pretrained(default_auto_engines) as pipe:
+        for kw, needle in ((dict(class_labels=["unicorn"]), "a class name of this model"),
+                           (dict(class_labels=[3], output_type="jpeg"), "output_type among"),
+                           (dict(class_labels=[], ), "at least one class label"),
+                           (dict(class_labels=[1], num_inference_steps=1), "--steps"),
+                           (dict(class_labels=[1] * 5, batch_size=5), "--batch at most 4")):
+            with pytest.raises(FlowARError) as e:
+                pipe(**kw)
+            assert needle in str(e.value) and "\n" not in str(e.value), (kw, str(e.value))
+    with pytest.raises(FlowARError, match="backend auto or torch"):
+        FlowARPipeline.from_pretrained(DEFAULT_CKPT, backend="ort")
+
+
+def test_every_entry_point_takes_the_backend_flowar_run_takes(default_auto_engines, tmp_path, monkeypatch):
+    """On a machine where TensorRT plans fit (pretended here: no GPU), flowar-run, the served
+    replica and the bulk actor all choose TensorRT, because they all open through the pipeline's
+    one choice (runtime.load.choose_backend)."""
+    import flowar.runtime.load as load
+    from flowar.commands.bulk import BulkSpec, ShardSampler
+    from flowar.commands.cli import run
+    from flowar.commands.serve import Replica
+    opened = []
+    real_ort = load.OPENERS["ort"]
+
+    def fake_trt(m, specs, stack, device, ckpt, threads):
+        opened.append("trt")
+        engines, dev, _ = real_ort(m, specs, stack, device, ckpt, threads)    # ONNX Runtime does the computing
+        return engines, dev, "TensorRT (pretended)"
+
+    monkeypatch.setattr(load, "_trt_usable", lambda m: (True, ""))
+    monkeypatch.setitem(load.OPENERS, "trt", fake_trt)
+    res = CliRunner().invoke(run, ["--engine-dir", str(default_auto_engines), "--labels", "1", "--save-tokens",
+                                   str(tmp_path / "t.safetensors")])
+    assert res.exit_code == 0 and "backend: TensorRT (pretended)" in res.output, res.output
+    rep = Replica(str(default_auto_engines), threads=1)
+    assert rep.pipe.backend == "trt"
+    rep.pipe.close()
+    spec = BulkSpec(str(default_auto_engines), 2, [0], 0, {}, 2, 1)
+    sampler = ShardSampler({f: getattr(spec, f) for f in spec.__dataclass_fields__}, str(tmp_path / "bulk"))
+    assert sampler.pipe.backend == "trt"
+    sampler.pipe.close()
+    assert opened == ["trt"] * 3
+    monkeypatch.setattr(load, "_trt_usable", lambda m: (False, "no CUDA GPU"))        # and without: what auto chose
+    assert load.choose_backend(load.read_manifest(default_auto_engines), "auto") == "mixed"
