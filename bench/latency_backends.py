@@ -17,7 +17,7 @@ import torch
 
 from latency_measure import StageProbe, Work, run_once
 
-ALL = ("eager", "eager-bf16", "torch", "compile", "ort", "auto", "trt", "cudagraph")
+ALL = ("eager", "eager-bf16", "torch", "compile", "ort", "auto", "bf16", "trt", "cudagraph")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -175,6 +175,13 @@ class Backends(contextlib.AbstractContextManager):
         rt, build_s = self._runtime("auto", "ort", "auto", work)
         choice = rt.manifest.choice or {}
         return Prepared(rt.stages, False, "auto: " + ", ".join(f"{s} {c}" for s, c in choice.items()),
+                        build_s=build_s,
+                        note=rt.detail + (f", export and measure {build_s:.0f} s" if build_s else ""))
+
+    def _bf16(self, work: Work) -> Prepared:
+        rt, build_s = self._runtime("auto", "ort", "bf16", work)
+        choice = rt.manifest.choice or {}
+        return Prepared(rt.stages, False, "bf16: " + ", ".join(f"{s} {c}" for s, c in choice.items()),
                         build_s=build_s,
                         note=rt.detail + (f", export and measure {build_s:.0f} s" if build_s else ""))
 

@@ -77,15 +77,15 @@ class Manifest:
     root: Path
     config: FlowARConfig
     stages: dict[str, dict]         # stage -> {file, sha256, inputs, outputs, tolerance, max_rows[, verified_max_abs_diff]}
-    precision: str                  # fp32, fp16, bf16, or auto (chosen per stage: see `auto`)
+    precision: str                  # fp32, fp16, bf16, auto; with `auto` set, engines chosen per stage on a CPU
     max_batch: int                  # samples per call the engines serve
     checkpoint: dict                # {file, source, sha256, weights}: what was exported
     class_names: list[str] | None = None
     schedule_defaults: dict = field(default_factory=dict)   # what flowar-run samples with unless told otherwise
     vae: dict | None = None         # {source, latent_channels, downsample, image_size}; None: tokens only
     tensorrt: dict | None = None    # {flavour, version, plans: stage -> record, compute_capability}
-    auto: dict | None = None        # --precision auto: what was measured and chosen (flowar.runtime.precision)
-    weights: dict | None = None     # {file, sha256}: float32 weights for the PyTorch stages `auto` chose
+    auto: dict | None = None        # --precision auto|bf16 on a CPU: what was measured and chosen (runtime.precision)
+    weights: dict | None = None     # {"model"|"vae": {file, sha256[, digest_of]}}: what the chosen PyTorch stages run
     meta: dict = field(default_factory=dict)   # opset, scales, versions, created: for people, not read back
 
     @property
@@ -111,7 +111,7 @@ class Manifest:
 
     @property
     def choice(self) -> dict[str, str]:
-        """--precision auto: the engine chosen per stage (stages not named run ONNX Runtime fp32)."""
+        """--precision auto|bf16 on a CPU: the engine chosen per stage (stages not named run ONNX Runtime fp32)."""
         return dict((self.auto or {}).get("choice", {}))
 
     @property

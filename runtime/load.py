@@ -70,49 +70,27 @@ def _trt_usable(m: Manifest) -> tuple[bool, str]:
     return True, ""
 
 
-# Engines a stage can run on, by name: what `flowar-export --precision auto` chooses among.
-CANDIDATES = ("ort-fp32", "torch-fp32", "torch-bf16")
-AUTO_STAGES = ("ar", "head_prep", "velocity")          # the VAE decoder stays ONNX Runtime fp32
-
-
-def stage_engine(stage: str, candidate: str, module, spec, graph=None, sha256: str = "", threads: int | None = None,
-                 limits: tuple[int, int] = (0, 0), cache_dir: Path | None = None):
-    """The (not yet entered) engine a candidate names: ONNX Runtime on the graph, or the reference
-    module in eager PyTorch, in float32 or with bfloat16 weights and activations (float32 I/O)."""
-    if candidate == "ort-fp32":
-        return OrtEngine(stage, graph, sha256, spec.row_tensors, "CPUExecutionProvider", cache_dir, threads, *limits)
-    if candidate == "torch-fp32":
-        return TorchEngine(stage, module, spec.inputs, spec.outputs)
-    if candidate == "torch-bf16":
-        from flowar.export.onnx_export import Reduced
-        return TorchEngine(stage, Reduced(module, torch.bfloat16).eval(), spec.inputs, spec.outputs)
-    raise FlowARError(f"engine candidates among {', '.join(CANDIDATES)}", repr(candidate), "e.g. ort-fp32,torch-bf16")
-
-
-def stage_engines(choice: dict[str, str], config: FlowARConfig, model, vae, specs: dict, graphs: dict,
-                  threads: int | None = None, cache_dir: Path | None = None) -> dict:
-    """Engines for every stage (not entered): ``choice`` where it names one, ONNX Runtime fp32 otherwise.
-    ``graphs``: stage -> (ONNX path, sha256)."""
-    from flowar.engines.ort import split_limits
-    out = {}
-    for stage, spec in specs.items():
-        cand = choice.get(stage, "ort-fp32")
-        module = spec.module(model, vae) if cand.startswith("torch") else None
-        out[stage] = stage_engine(stage, cand, module, spec, *graphs[stage], threads,
-                                  split_limits(stage, config), cache_dir)
-    return out
+def _carried(m: Manifest, what: str) -> Path:
+    """A weights file the directory carries for its PyTorch stages, checked against its sha256."""
+    w = (m.weights or {}).get(what)
+    path = m.member(w["file"]) if w else None
+    if path is None or not path.exists() or sha256_file(path if path.is_file() else path / w["digest_of"]) != w["sha256"]:
+        raise EngineDirError(f"the {what} weights the manifest records, with the sha256 recorded at export",
+                             f"{path or 'none'} (missing or modified)", f"re-export: flowar-export --out {m.root}")
+    return path
 
 
 def _dir_model(m: Manifest):
     """The float32 model whose weights the directory carries (for its PyTorch stages)."""
     from flowar.model.checkpoint import load_model
-    w = m.weights
-    path = m.member(w["file"]) if w else None
-    if path is None or not path.is_file() or sha256_file(path) != w["sha256"]:
-        raise EngineDirError("the weights file the manifest records, with the sha256 recorded at export",
-                             f"{path or 'none'} (missing or modified)", f"re-export: flowar-export --out {m.root}")
-    model, _ = load_model(path, config=m.config)
+    model, _ = load_model(_carried(m, "model"), config=m.config)
     return model
+
+
+def _dir_vae(m: Manifest):
+    """The VAE the directory carries (for a PyTorch decode stage)."""
+    from flowar.model.vae import load_vae
+    return load_vae(_carried(m, "vae"), expect_channels=m.config.latent_channels)
 
 
 def exported_from(m: Manifest, device: torch.device, ckpt: str | Path | None = None):
@@ -141,7 +119,7 @@ def choose_backend(m: Manifest, requested: str = "auto") -> str:
         raise FlowARError(f"--backend one of {', '.join(BACKENDS)}", repr(requested), "use --backend auto")
     if requested == "auto":
         ok, _ = _trt_usable(m)
-        return "trt" if ok else ("mixed" if m.auto else "ort")
+        return "trt" if ok else ("mixed" if m.choice else "ort")
     if requested == "trt":
         ok, why = _trt_usable(m)
         if not ok:
@@ -173,12 +151,15 @@ def _open_trt(m: Manifest, specs: dict, stack: contextlib.ExitStack, device, ckp
 def _open_mixed(m: Manifest, specs: dict, stack: contextlib.ExitStack, device, ckpt, threads):
     """What ``flowar-export --precision auto`` measured and chose, per stage."""
     from flowar.engines.cpu import cpu_kind, describe
+    from flowar.runtime.precision import needs_weights, stage_engines
     choice = m.choice
-    model = _dir_model(m) if any(c.startswith("torch") for c in choice.values()) else None
+    need = needs_weights(choice)
+    model = _dir_model(m) if "model" in need else None
+    vae = _dir_vae(m) if "vae" in need else None
     graphs = {n: m.graph(n) for n in specs}
     engines = {name: stack.enter_context(eng) for name, eng in
-               stage_engines(choice, m.config, model, None, specs, graphs, threads, m.root / ".ort-cache").items()}
-    detail = "auto: " + ", ".join(f"{n} {choice.get(n, 'ort-fp32')}" for n in specs)
+               stage_engines(choice, m.config, model, vae, specs, graphs, threads, m.root / ".ort-cache").items()}
+    detail = f"{m.precision}: " + ", ".join(f"{n} {choice.get(n, 'ort-fp32')}" for n in specs)
     measured_on = m.auto.get("machine", {})
     if measured_on and measured_on != cpu_kind():
         detail += f" (measured on {describe(measured_on)}; re-export here to measure this CPU)"

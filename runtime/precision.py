@@ -1,168 +1,404 @@
-"""``flowar-export --precision auto``: per stage, the fastest engine and precision that is accurate
-enough, measured on this machine.
+"""Precision chosen per machine, by measurement (``flowar-export --precision auto`` and ``bf16``).
 
-Candidates for the network stages (AR, head preparation, velocity):
+Engines a stage can run on (its *candidates*):
 
 * ``ort-fp32``: the exported ONNX graph on ONNX Runtime;
-* ``torch-fp32``: the reference module in eager PyTorch (oneDNN GEMMs; on some CPUs faster than
-  ONNX Runtime for wide models);
-* ``torch-bf16``: the same with weights and activations stored in bfloat16, float32 in and out
-  (fast only where the CPU computes bf16: AMX or AVX512-BF16; emulated, and slow, elsewhere).
+* ``torch-fp32``: the reference module in eager PyTorch;
+* ``torch-bf16``: the reference module with every GEMM and convolution in bfloat16 (weights
+  stored once in bf16, activations rounded to bf16 at each GEMM's input and output) and
+  everything else in float32: norms, softmax, residual adds, modulation. Keeping the
+  elementwise work and reductions in float32 around bf16 GEMMs is what makes bf16 accurate
+  enough; it is fast only where the CPU computes bf16 (AVX512-BF16, AMX), emulated elsewhere;
 
-The VAE decoder stays ONNX Runtime fp32: it is a small share of the work and was not measured
-safe in bf16. The ODE state stays float64 in the sampler whatever the stages compute in.
+OpenVINO was measured too (``python bench/velocity_engines.py``) and is not a candidate: on the
+exported graphs its results go wrong once a compiled model meets a second set of shapes (scale
+2 after scales 0 and 1, in fp32 and bf16 alike), and where it was right it was no faster than
+ONNX Runtime (fp32) or ``torch-bf16`` (bf16) on the CPUs measured (bench/RESULTS.md).
 
-How it chooses: each candidate's time per sample is measured with the engine the runtime would
-use (batch 1: two rows with guidance, at every scale, weighted by the official schedule's calls
-per scale), and its error against the float32 reference module on the same inputs. A stage takes
-the fastest candidate within its tolerance (the export tolerance for fp32, a wide one for bf16,
-which is then judged end to end). The chosen combination must then sample like float32: on
-probe samples through the whole sampler, image PSNR against float32 (median >= 30 dB) or, without
-a decoder, token error (mean <= 0.05). If it does not, the reduced stages fall back to their
-fastest fp32 candidate. Everything measured is recorded in the manifest under ``auto``.
+Every stage has them, the VAE decoder included. The ODE state stays float64 in the sampler.
+
+How ``auto`` chooses (all on this machine, on the user's own checkpoint):
+
+1. per stage and candidate: the time per sample (the runtime's engine, two rows with guidance,
+   every scale, weighted by the official schedule's calls) and the error against the float32
+   module on the same inputs, relative to the output's scale (rms of the difference over rms of
+   the output). A float32 candidate must be within float32 noise, a reduced one within
+   :data:`REDUCED_SCREEN`;
+2. combinations timed inside the pipeline, whole images at batch 1 (per-stage times summed are
+   not the pipeline's time): the per-stage fastest, the fastest in float32, and eager float32
+   (every stage ``torch-fp32``), which is always among them;
+3. accuracy end to end: probe samples through the whole sampler against float32, beside the
+   deviation of the official sampler's own mixed precision (fp16 autocast,
+   :mod:`flowar.eval.mixed`) on the same samples. A combination with reduced stages passes when
+   its images are within :data:`MIN_PSNR` of float32 (median) or deviate no more than the
+   official mixed precision does;
+4. the fastest combination that passes is kept, so ``auto`` is never slower than eager float32.
+
+``bf16`` takes the fastest reduced candidate of every stage, without a gate, and reports the
+same deviations. Everything measured goes into the manifest (``auto``) and the export log.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from flowar.runtime.load import AUTO_STAGES, CANDIDATES      # what the runtime can build
+from flowar.errors import FlowARError
 
-BF16_TOLERANCE = 0.3          # per-stage screen only; the end-to-end check decides
-MIN_PSNR = 30.0               # median dB against float32, decoded probe samples
-MAX_TOKEN_MEAN = 0.05         # without a decoder: mean |tokens - float32 tokens|
-PROBE_LABELS = 8
+CANDIDATES = ("ort-fp32", "torch-fp32", "torch-bf16")
+REDUCED = ("torch-bf16",)
+STAGES = ("ar", "head_prep", "velocity", "decode")
+FP32_SCREEN = 1e-4            # relative rms error of a float32 engine: float32 noise
+REDUCED_SCREEN = 0.05         # per-stage screen of a reduced engine; the end-to-end check decides
+MIN_PSNR = 30.0               # median dB against float32 (decoded probe samples)
+MAX_TOKEN_REL = 0.05          # without a decoder: relative rms token error against float32
+PROBE_LABELS = 4
 
+
+# ---- bf16 GEMMs, float32 around them -----------------------------------------------------------
+
+class _Bf16Linear(nn.Module):
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.register_buffer("weight", lin.weight.detach().to(torch.bfloat16))
+        self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().to(torch.bfloat16))
+
+    def forward(self, x):
+        return F.linear(x.to(torch.bfloat16), self.weight, self.bias).float()
+
+
+class _Bf16Conv2d(nn.Module):
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.register_buffer("weight", conv.weight.detach().to(torch.bfloat16))
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().to(torch.bfloat16))
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        if conv.padding_mode != "zeros":
+            raise FlowARError("convolutions with zero padding for bf16", conv.padding_mode, "use --precision fp32")
+
+    def forward(self, x):
+        return F.conv2d(x.to(torch.bfloat16), self.weight, self.bias, self.stride, self.padding, self.dilation,
+                        self.groups).float()
+
+
+def bf16_gemms(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose Linear and Conv2d layers compute in bf16 (float32 in and out);
+    the caller's module is unchanged."""
+    out = copy.deepcopy(module)
+    for parent in list(out.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, _Bf16Linear(child))
+            elif isinstance(child, nn.Conv2d):
+                setattr(parent, name, _Bf16Conv2d(child))
+    return out.eval()
+
+
+# ---- engines by candidate name -----------------------------------------------------------------
+
+def stage_engine(stage: str, candidate: str, module, spec, graph=None, sha256: str = "", threads: int | None = None,
+                 limits: tuple[int, int] = (0, 0), cache_dir=None):
+    """The (not yet entered) engine a candidate names for one stage."""
+    from flowar.runtime.engines import OrtEngine, TorchEngine
+    if candidate == "ort-fp32":
+        return OrtEngine(stage, graph, sha256, spec.row_tensors, "CPUExecutionProvider", cache_dir, threads, *limits)
+    if candidate == "torch-fp32":
+        return TorchEngine(stage, module, spec.inputs, spec.outputs)
+    if candidate == "torch-bf16":
+        return TorchEngine(stage, bf16_gemms(module), spec.inputs, spec.outputs)
+    raise FlowARError(f"engine candidates among {', '.join(CANDIDATES)}", repr(candidate), "e.g. ort-fp32,torch-bf16")
+
+
+def stage_engines(choice: dict[str, str], config, model, vae, specs: dict, graphs: dict,
+                  threads: int | None = None, cache_dir=None) -> dict:
+    """Engines for every stage (not entered): ``choice`` where it names one, ONNX Runtime fp32
+    otherwise. ``graphs``: stage -> (ONNX path, sha256)."""
+    from flowar.engines.ort import split_limits
+    out = {}
+    for stage, spec in specs.items():
+        cand = choice.get(stage, "ort-fp32")
+        module = spec.module(model, vae) if cand.startswith("torch") else None
+        out[stage] = stage_engine(stage, cand, module, spec, *graphs[stage], threads,
+                                  split_limits(stage, config), cache_dir)
+    return out
+
+
+def needs_weights(choice: dict[str, str]) -> set[str]:
+    """Which modules the PyTorch stages of a choice need: "model" and/or "vae"."""
+    torch_stages = {s for s, c in choice.items() if c.startswith("torch")}
+    return ({"model"} if torch_stages - {"decode"} else set()) | ({"vae"} if "decode" in torch_stages else set())
+
+
+# ---- measuring ---------------------------------------------------------------------------------
 
 @dataclass(slots=True)
 class StageMeasure:
     seconds: float            # per sample at batch 1 (the official schedule's calls)
-    error: float              # max |out - fp32 reference| over scales, 2 rows
-    tolerance: float
+    error: float              # rms |out - fp32 reference| / rms |reference|, worst scale
+    tolerance: float          # what the screen allows (inf: no gate)
 
     @property
     def ok(self) -> bool:
         return self.error <= self.tolerance
 
-
-@dataclass(slots=True)
-class AutoReport:
-    choice: dict[str, str]                                  # stage -> candidate
-    measured: dict[str, dict[str, StageMeasure]]            # stage -> candidate -> measure
-    end_to_end: dict = field(default_factory=dict)
-    fallback: list[str] = field(default_factory=list)      # stages demoted to fp32 by the end-to-end check
-    machine: dict = field(default_factory=dict)
-
-    def to_manifest(self) -> dict:
-        return {"choice": self.choice, "machine": self.machine, "end_to_end": self.end_to_end,
-                "fallback": self.fallback,
-                "measured": {s: {c: asdict(m) for c, m in ms.items()} for s, ms in self.measured.items()}}
+    @property
+    def finite(self) -> bool:
+        """False for an engine that gave NaN/Inf: never chosen, even without an accuracy gate."""
+        return self.error != float("inf")
 
 
-def measure_stage(engine, module, spec, config, calls: list[int], repeat: int = 5, rows: int = 2,
-                  tolerance: float = 1e-4) -> StageMeasure:
-    """Seconds per sample (sum over scales of calls x median call time) and worst error vs ``module``."""
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """rms(got - ref) / rms(ref): the error relative to the output's own scale."""
+    if not ref.numel():
+        return 0.0
+    d = float((got.double() - ref.double()).pow(2).mean().sqrt())
+    scale = float(ref.double().pow(2).mean().sqrt())
+    e = d / scale if scale > 0 else (0.0 if d == 0 else float("inf"))
+    return e if e == e else float("inf")
+
+
+def measure_stage(engine, module, spec, config, calls: list[int], repeat: int = 3, rows: int = 2,
+                  tolerance: float = FP32_SCREEN) -> StageMeasure:
+    """Seconds per sample (sum over scales of calls x median call time) and worst relative error."""
     from flowar.export.specs import sample_inputs
     gen = torch.Generator().manual_seed(0)
     total, worst = 0.0, 0.0
-    scales = range(config.n_scales) if spec.per_scale else [0]
-    for k in scales:
-        ins = sample_inputs(spec, config, k, rows if spec.per_scale else rows // 2, gen)
-        shapes = spec.shapes(k, rows if spec.per_scale else rows // 2)
+    r = rows if spec.rows_per_sample == 2 else rows // 2
+    for k in spec.scales(config):
+        ins = sample_inputs(spec, config, k, r, gen)
+        shapes = spec.shapes(k, r)
         outs = {n: torch.empty(shapes[n], dtype=spec.dtype(n)) for n in spec.outputs}
         with torch.no_grad():
             ref = module(*(ins[n] for n in spec.inputs))
         ref = ref if isinstance(ref, tuple) else (ref,)
         times = []
-        for r in range(repeat + 1):
+        for i in range(repeat + 1):
             t0 = time.perf_counter()
             engine.infer(ins, outs, profile=k)
-            if r:
+            if i:
                 times.append(time.perf_counter() - t0)
         total += statistics.median(times) * (calls[k] if spec.per_scale else 1)
         for n, want in zip(spec.outputs, ref):
-            d = (outs[n].float() - want.float()).abs().max().item() if want.numel() else 0.0
-            worst = max(worst, d if d == d else float("inf"))
+            worst = max(worst, relative_error(outs[n].float(), want.float()))
     return StageMeasure(total, worst, tolerance)
 
 
-def choose(measured: dict[str, dict[str, StageMeasure]], exclude: set[str] = frozenset()) -> dict[str, str]:
-    """Per stage, the fastest candidate within tolerance (never one in ``exclude``); fp32 ONNX
-    Runtime when nothing passes."""
-    out = {}
-    for stage, ms in measured.items():
-        ok = {c: m for c, m in ms.items() if m.ok and c not in exclude}
-        out[stage] = min(ok, key=lambda c: ok[c].seconds) if ok else "ort-fp32"
+@dataclass(slots=True)
+class Combination:
+    """A choice of engine per stage, as it ran inside the pipeline."""
+    choice: dict[str, str]
+    seconds: float = float("nan")          # whole image at batch 1 (median), decode included
+    deviation: dict = field(default_factory=dict)   # against float32 on the probe samples
+    ok: bool = True
+
+    @property
+    def reduced(self) -> bool:
+        return any(c in REDUCED for c in self.choice.values())
+
+
+@dataclass(slots=True)
+class PrecisionReport:
+    mode: str                                               # auto or bf16
+    choice: dict[str, str]                                  # stage -> candidate
+    measured: dict[str, dict[str, StageMeasure]]            # stage -> candidate -> measure
+    combinations: list[Combination] = field(default_factory=list)
+    official_fp16: dict = field(default_factory=dict)       # the official mixed precision's deviation
+    machine: dict = field(default_factory=dict)
+
+    @property
+    def kept(self) -> Combination:
+        return next(c for c in self.combinations if c.choice == self.choice)
+
+    def to_manifest(self) -> dict:
+        return {"mode": self.mode, "choice": self.choice, "machine": self.machine,
+                "measured": {s: {c: asdict(m) for c, m in ms.items()} for s, ms in self.measured.items()},
+                "combinations": [asdict(c) for c in self.combinations], "official_fp16": self.official_fp16}
+
+    def lines(self) -> list[str]:
+        """What the export log says: each stage's candidates, each timed combination, the deviations."""
+        out = []
+        for stage, ms in self.measured.items():
+            cells = ", ".join(f"{c} {m.seconds * 1e3:.1f} ms (err {m.error:.1e}{'' if m.ok else ', too far'})"
+                              for c, m in ms.items())
+            out.append(f"  {self.mode} {stage:<10} -> {self.choice[stage]:<14} [{cells}]")
+        fp16 = _describe(self.official_fp16)
+        for c in self.combinations:
+            mark = "kept" if c.choice == self.choice else ("too far" if not c.ok else "")
+            what = ", ".join(f"{s} {e}" for s, e in c.choice.items())
+            dev = f"; vs fp32 {_describe(c.deviation)}" if c.deviation else ""
+            out.append(f"  {self.mode} pipeline {c.seconds:.3f} s per image [{what}]{dev} {mark}".rstrip())
+        if fp16:
+            out.append(f"  {self.mode} the official mixed precision (fp16 autocast) on the same samples: {fp16}")
+        return out
+
+
+def _describe(d: dict) -> str:
+    if not d:
+        return ""
+    s = f"tokens rel rms {d['token_rel']:.2e}"
+    if "psnr_median" in d:
+        s += f", image PSNR median {d['psnr_median']:.1f} dB (worst {d['psnr_worst']:.1f})"
+    return s
+
+
+def deviation(got, ref) -> dict:
+    """How far a sampled request is from its float32 reference (same labels and noise)."""
+    from flowar.io.images import psnr_each
+    out = {"token_rel": relative_error(got.tokens, ref.tokens),
+           "token_max": float((got.tokens - ref.tokens).abs().max())}
+    if got.images is not None and ref.images is not None:
+        ps = sorted(psnr_each(got.images, ref.images))
+        out |= {"psnr_median": ps[len(ps) // 2], "psnr_worst": ps[0]}
     return out
 
 
-def select(model, vae, specs: dict, graphs: dict, candidates: tuple[str, ...] = CANDIDATES,
-           threads: int | None = None, progress=lambda s: None) -> AutoReport:
-    """Measure every candidate of every auto stage, choose, and check the choice end to end.
+def passes(dev: dict, official: dict) -> bool:
+    """A reduced choice is kept when its images are within MIN_PSNR of float32, or when it moves
+    them no more than the official mixed precision does."""
+    if not dev:
+        return False
+    if "psnr_median" in dev and dev["psnr_median"] >= MIN_PSNR:
+        return True
+    if "psnr_median" not in dev and dev["token_rel"] <= MAX_TOKEN_REL:
+        return True
+    return bool(official) and dev["token_rel"] <= official["token_rel"]
 
-    ``graphs``: stage -> (path, sha256) of the exported fp32 ONNX graphs.
+
+def select(model, vae, specs: dict, graphs: dict, mode: str = "auto", candidates: tuple[str, ...] | None = None,
+           threads: int | None = None, progress=lambda s: None) -> PrecisionReport:
+    """Measure, time inside the pipeline, check end to end, choose (see the module docstring).
+
+    ``graphs``: stage -> (path, sha256) of the exported float32 ONNX graphs.
     """
     from flowar.engines.cpu import cpu_kind
     from flowar.engines.ort import split_limits
-    from flowar.runtime.load import stage_engine
     from flowar.sampling.schedule import sampling_schedule
+    if mode not in ("auto", "bf16"):
+        raise FlowARError("precision mode auto or bf16", repr(mode), "use --precision auto")
     config = model.config
-    official = sampling_schedule(config.n_scales)
-    calls = {"velocity": [len(p) for p in official.plan]}
+    cands = tuple(candidates or CANDIDATES)
+    if mode == "bf16":
+        cands = tuple(c for c in cands if c in REDUCED)
+    if not cands:
+        raise FlowARError("at least one engine candidate", f"none of {candidates}", f"choose among {', '.join(CANDIDATES)}")
+    calls = {"velocity": [len(p) for p in sampling_schedule(config.n_scales).plan]}
+    stages = [s for s in STAGES if s in specs]
     measured: dict[str, dict[str, StageMeasure]] = {}
-    modules = {s: specs[s].module(model, vae) for s in AUTO_STAGES}
-    for stage in AUTO_STAGES:
-        spec = specs[stage]
+    for stage in stages:
+        spec, module = specs[stage], specs[stage].module(model, vae)
         measured[stage] = {}
-        for cand in candidates:
+        for cand in cands:
             progress(f"measure {stage} {cand}")
-            eng = stage_engine(stage, cand, modules[stage], spec, *graphs[stage], threads,
-                                   split_limits(stage, config))
+            eng = stage_engine(stage, cand, module, spec, *graphs[stage], threads, split_limits(stage, config))
+            tol = float("inf") if mode == "bf16" else REDUCED_SCREEN if cand in REDUCED else FP32_SCREEN
             with eng:
-                tol = BF16_TOLERANCE if cand.endswith("bf16") else spec.tolerance
-                measured[stage][cand] = measure_stage(eng, modules[stage], spec, config,
+                measured[stage][cand] = measure_stage(eng, module, spec, config,
                                                       calls.get(stage, [1] * config.n_scales), tolerance=tol)
-    report = AutoReport(choose(measured), measured, machine=cpu_kind())
-    progress("check the choice end to end")
-    report.end_to_end = end_to_end(report.choice, model, vae, specs, graphs, threads)
-    if not report.end_to_end["ok"]:
-        report.fallback = [s for s, c in report.choice.items() if not c.endswith("fp32")]
-        report.choice = choose(measured, exclude={c for c in CANDIDATES if not c.endswith("fp32")})
-        report.end_to_end = end_to_end(report.choice, model, vae, specs, graphs, threads) | {
-            "rejected": report.end_to_end}
+    report = PrecisionReport(mode, {}, measured, machine=cpu_kind())
+    combos = combinations(measured, mode)
+    # eager fp32 is always timed, unless the candidates were restricted without it (--auto-candidates)
+    report.combinations = [Combination(c) for c in combos if set(c.values()) <= set(cands)] or [Combination(combos[0])]
+    probe = Probe(model, vae, specs, graphs, threads)
+    for combo in report.combinations:
+        progress(f"time in the pipeline: {', '.join(f'{s} {c}' for s, c in combo.choice.items())}")
+        combo.seconds = probe.seconds(combo.choice)
+    if any(c.reduced for c in report.combinations):
+        progress("check reduced precision end to end")
+        report.official_fp16 = deviation(probe.official_fp16(), probe.reference())
+        for combo in report.combinations:
+            if combo.reduced:
+                combo.deviation = deviation(probe.sample(combo.choice), probe.reference())
+                combo.ok = mode == "bf16" or passes(combo.deviation, report.official_fp16)
+    if not any(c.ok for c in report.combinations):       # restricted candidates, none close enough: eager fp32
+        eager = Combination({s: "torch-fp32" for s in stages})
+        progress("time in the pipeline: eager fp32")
+        eager.seconds = probe.seconds(eager.choice)
+        report.combinations.append(eager)
+    report.choice = decide(report.combinations).choice
     return report
 
 
-def end_to_end(choice: dict[str, str], model, vae, specs: dict, graphs: dict, threads: int | None = None) -> dict:
-    """Probe samples through the whole sampler with ``choice`` against float32 eager stages."""
-    from flowar.io.images import psnr_each
-    from flowar.sampling.batches import run_sampling
-    from flowar.runtime.load import stage_engines
-    from flowar.runtime.stages import EngineStages
-    from flowar.sampling.schedule import sampling_schedule
-    from flowar.sampling.eager import TorchStages
-    config = model.config
-    labels = [i % config.num_classes for i in range(PROBE_LABELS)]
-    sched = sampling_schedule(config.n_scales)
-    decode = vae is not None
-    with torch.inference_mode():
-        ref = run_sampling(TorchStages(model, vae.decode if decode else None), config, labels, sched, 0, decode=decode)
-        with contextlib.ExitStack() as stack:
-            engines = {n: stack.enter_context(e) for n, e in stage_engines(choice, config, model, vae, specs, graphs,
-                                                                           threads).items()}
-            st = EngineStages(engines, config, PROBE_LABELS, torch.device("cpu"), specs)
-            got = run_sampling(st, config, labels, sched, 0, decode=decode)
-    d = (got.tokens - ref.tokens).abs()
-    out = {"samples": len(labels), "token_max": float(d.max()), "token_mean": float(d.mean())}
-    if decode:
-        ps = sorted(psnr_each(got.images, ref.images))
-        out |= {"psnr_median": ps[len(ps) // 2], "psnr_worst": ps[0]}
-        out["ok"] = ps[len(ps) // 2] >= MIN_PSNR
+def combinations(measured: dict[str, dict[str, StageMeasure]], mode: str) -> list[dict[str, str]]:
+    """The choices to time in the pipeline. ``auto``: the per-stage fastest within its screen, the
+    fastest in float32, and eager float32 (every stage ``torch-fp32``); ``bf16``: the per-stage
+    fastest reduced engine."""
+    stages = list(measured)
+
+    def fastest(pool) -> dict[str, str]:
+        return {s: min(pool(s), key=lambda c: measured[s][c].seconds if c in measured[s] else float("inf"))
+                for s in stages}
+    if mode == "bf16":
+        reduced = lambda s: [c for c, m in measured[s].items() if c in REDUCED and m.finite]             # noqa: E731
+        combos = [fastest(lambda s: reduced(s) or ["torch-fp32"])]
     else:
-        out["ok"] = out["token_mean"] <= MAX_TOKEN_MEAN
-    return out
+        passing = lambda s: [c for c, m in measured[s].items() if m.ok] or ["torch-fp32"]              # noqa: E731
+        fp32 = lambda s: [c for c in passing(s) if c not in REDUCED] or ["torch-fp32"]                 # noqa: E731
+        combos = [fastest(passing), fastest(fp32), {s: "torch-fp32" for s in stages}]
+    return [dict(c) for c in {tuple(c.items()): c for c in combos}.values()]
+
+
+def decide(combos: list[Combination]) -> Combination:
+    """The fastest combination (whole image, in the pipeline) that passed its accuracy check."""
+    ok = [c for c in combos if c.ok]
+    if not ok:
+        raise FlowARError("an engine choice that samples like float32", "none passed",
+                          "export with --precision fp32")
+    return min(ok, key=lambda c: c.seconds)
+
+
+class Probe:
+    """Samples of the whole pipeline for a choice of engines: the time of one image at batch 1,
+    and the probe samples against a float32 reference (ONNX Runtime fp32, within float32 noise
+    of eager)."""
+
+    def __init__(self, model, vae, specs, graphs, threads):
+        self.model, self.vae, self.specs, self.graphs, self.threads = model, vae, specs, graphs, threads
+        c = model.config
+        self.labels = [(i * 37) % c.num_classes for i in range(PROBE_LABELS)]
+        from flowar.sampling.schedule import sampling_schedule
+        self.schedule = sampling_schedule(c.n_scales)
+        self._ref = None
+
+    @contextlib.contextmanager
+    def _stages(self, choice: dict[str, str], batch: int):
+        from flowar.runtime.stages import EngineStages
+        with contextlib.ExitStack() as stack:
+            engines = {n: stack.enter_context(e) for n, e in stage_engines(
+                choice, self.model.config, self.model, self.vae, self.specs, self.graphs, self.threads).items()}
+            yield EngineStages(engines, self.model.config, batch, torch.device("cpu"), self.specs)
+
+    def _run(self, stages, labels):
+        from flowar.sampling.batches import run_sampling
+        with torch.inference_mode():
+            return run_sampling(stages, self.model.config, labels, self.schedule, 0, decode=self.vae is not None)
+
+    def seconds(self, choice: dict[str, str], repeat: int = 2) -> float:
+        with self._stages(choice, 1) as st:
+            self._run(st, self.labels[:1])                              # warm-up: sessions, caches, first calls
+            times = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                self._run(st, self.labels[:1])
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def sample(self, choice: dict[str, str]):
+        with self._stages(choice, len(self.labels)) as st:
+            return self._run(st, self.labels)
+
+    def reference(self):
+        if self._ref is None:
+            self._ref = self.sample({s: "ort-fp32" for s in self.specs})
+        return self._ref
+
+    def official_fp16(self):
+        from flowar.eval.mixed import OfficialFp16
+        from flowar.sampling.eager import TorchStages
+        return self._run(OfficialFp16(TorchStages(self.model, self.vae.decode if self.vae else None)), self.labels)

@@ -144,9 +144,12 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
 @click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "trt", "all"]),
               help="ort: ONNX graphs for ONNX Runtime; trt/all: also TensorRT plans.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
-              help="auto: measure per stage ONNX Runtime fp32, PyTorch fp32 and PyTorch bf16 on this machine and keep "
-                   "the fastest that samples like fp32 (recorded in the manifest); fp16/bf16: reduced ONNX graphs.")
-@click.option("--auto-candidates", help="With --precision auto: only these, e.g. ort-fp32,torch-bf16.")
+              help="On the CPU (--backend ort): auto = per stage the fastest engine of this machine that samples like "
+                   "fp32 (ONNX Runtime or PyTorch, fp32 or bf16; timed in the pipeline, never slower than eager "
+                   "fp32), bf16 = the fastest bf16 engines, no accuracy gate, the deviation reported. With TensorRT: "
+                   "the graphs' precision (fp16/bf16 strongly typed).")
+@click.option("--auto-candidates", help="With --precision auto/bf16: only these engines, e.g. ort-fp32,torch-bf16 "
+              "(ort-fp32, torch-fp32, torch-bf16).")
 @click.option("--max-batch", default=8, show_default=True, type=int, help="Largest batch the engines serve.")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Compare every stage with eager PyTorch.")
 @click.option("--schedule", default="official", show_default=True, type=click.Choice(["official", "fast"]),
@@ -176,9 +179,11 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
         bar.set_postfix_str(msg)
         bar.update(1) if bar.n < total else None
 
-    rep = build_engine_dir(ckpt, out, preset, config_path, vae, backend, precision, max_batch, verify, not raw_weights,
-                           defaults, compute_capability, step,
-                           tuple(c.strip() for c in auto_candidates.split(",") if c.strip()) if auto_candidates else None)
+    rep = build_engine_dir(ckpt, out, preset=preset, config_path=config_path, vae_path=vae, backend=backend,
+                           precision=precision, max_batch=max_batch, verify=verify, use_ema=not raw_weights,
+                           schedule_defaults=defaults, compute_capability=compute_capability, progress=step,
+                           auto_candidates=tuple(c.strip() for c in auto_candidates.split(",") if c.strip())
+                           if auto_candidates else None)
     bar.close()
     for line in rep.lines():
         click.echo(line)

@@ -1,0 +1,76 @@
+"""The official sampler's own mixed precision, as a yardstick for reduced-precision engines.
+
+The official evaluation samples under fp16 autocast (on its GPUs). How far that moves the
+tokens and images of a checkpoint from float32 is the deviation its users already accept; the
+deviation of a faster engine is reported beside it (``flowar-export --precision auto|bf16``).
+
+On a CPU, fp16 GEMMs run in software (about 1 GFLOP/s here, against 200 in fp32), so this runs
+autocast's fp16 program with each fp16 GEMM, convolution and attention computed in float32 from
+the same fp16 operands and rounded back to fp16: the numbers of an fp16 GEMM that accumulates in
+float32 (what tensor cores do), at float32 speed. Every other op runs as autocast has it: in
+fp16 where its inputs are fp16, in float32 where autocast keeps it there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+# fp16 ops autocast sends to the GEMM and attention kernels
+_GEMMS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.convolution.default,
+          aten._scaled_dot_product_flash_attention_for_cpu.default, aten._scaled_dot_product_attention_math.default}
+
+
+class _Fp16GemmsInFloat32(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _GEMMS and any(isinstance(a, torch.Tensor) and a.dtype == torch.float16 for a in args):
+            up = lambda a: a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.float16 else a  # noqa: E731
+            out = func(*[up(a) for a in args], **{k: up(v) for k, v in kwargs.items()})
+            if isinstance(out, tuple):                          # attention: (output, logsumexp ...)
+                return (out[0].half(),) + tuple(out[1:])
+            return out.half()
+        return func(*args, **kwargs)
+
+
+class OfficialFp16:
+    """Sampler stages whose every call runs in the official mixed precision (fp16 autocast),
+    with float32 in and out, wrapping any eager stages (``flowar.sampling.eager.TorchStages``)."""
+
+    host_threads = None
+
+    def __init__(self, stages):
+        self.stages = stages
+
+    def _run(self, fn, *args) -> Any:
+        with torch.autocast("cpu", dtype=torch.float16), _Fp16GemmsInFloat32():
+            out = fn(*args)
+        return _float(out)
+
+    def start(self, labels_R):
+        return self.stages.start(labels_R)
+
+    def ar(self, k, x_in):
+        return self._run(self.stages.ar, k, x_in)
+
+    def prepare(self, k, cond):
+        return self._run(self.stages.prepare, k, cond)
+
+    def velocity(self, ctx, x, t):
+        return self._run(self.stages.velocity, ctx, x, t)
+
+    def decode(self, latent):
+        return self._run(self.stages.decode, latent)
+
+
+def _float(out):
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.is_floating_point() else out
+    if hasattr(out, "__dataclass_fields__"):         # the head's per-scale context: keep fp16 inside, as autocast does
+        return out
+    if isinstance(out, (list, tuple)):
+        return type(out)(_float(o) for o in out)
+    return out

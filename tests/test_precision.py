@@ -1,0 +1,209 @@
+"""Precision chosen per machine (flowar-export --precision auto|bf16): bf16 GEMMs with float32
+around them, the official mixed precision as a yardstick, candidates timed in the pipeline, the
+choice recorded and run as recorded. (Which candidate wins is a property of the machine, so no
+test asserts it; bench/RESULTS.md has the figures.)"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from flowar.commands.build import build_engine_dir
+from flowar.runtime.load import open_engine_dir
+from flowar.runtime.precision import (Combination, StageMeasure, bf16_gemms, combinations, decide, passes,
+                                      relative_error)
+from flowar.sampling.batches import run_sampling
+from flowar.sampling.schedule import build_schedule
+
+SM = StageMeasure
+
+
+def test_bf16_gemms_round_the_operands_and_keep_everything_else_in_float32():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 48), nn.LayerNorm(48), nn.Conv1d(1, 1, 1))   # Conv1d: not converted
+    x = torch.randn(5, 64)
+    got = bf16_gemms(net[:1])(x)
+    lin = net[0]
+    exact = x.bfloat16().double() @ lin.weight.bfloat16().double().T + lin.bias.bfloat16().double()
+    # the GEMM's result is rounded to bf16: within one bf16 step (2^-8 relative) of the float64 product
+    assert got.dtype == torch.float32 and ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()
+    assert (got.double() - (x.double() @ lin.weight.double().T + lin.bias.double())).abs().max() > 1e-4
+    assert lin.weight.dtype == torch.float32                              # the caller's module is unchanged
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    img = torch.randn(2, 3, 8, 8)
+    exact = nn.functional.conv2d(img.bfloat16().double(), conv.weight.bfloat16().double(),
+                                 conv.bias.bfloat16().double(), padding=1)
+    got = bf16_gemms(nn.Sequential(conv))(img)
+    assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-5).all()
+    # the norm between GEMMs stays float32: its output equals float32 LayerNorm of the bf16 GEMM's output
+    mixed = bf16_gemms(net[:2])
+    assert torch.equal(mixed(x), net[1](bf16_gemms(net[:1])(x)))
+
+
+def test_bf16_gemms_are_closer_to_float32_than_bf16_everywhere(tiny_v1):
+    """On the official fixture's head: float32 around the GEMMs keeps the velocity several times
+    closer to float32 than running weights and activations in bf16 (the former torch-bf16)."""
+    from flowar.export.onnx_export import Reduced
+    from flowar.export.specs import sample_inputs, stage_specs
+    model, _ = tiny_v1
+    spec = stage_specs(model.config)["velocity"]
+    mod = spec.module(model, None)
+    ins = sample_inputs(spec, model.config, 4, 2, torch.Generator().manual_seed(0))
+    args = [ins[n] for n in spec.inputs]
+    with torch.no_grad():
+        ref, gemms, everywhere = mod(*args), bf16_gemms(mod)(*args), Reduced(mod, torch.bfloat16)(*args)
+    e_gemms, e_all = relative_error(gemms, ref), relative_error(everywhere, ref)
+    assert 1e-4 < e_gemms < 0.02 and e_gemms * 2 < e_all, (e_gemms, e_all)
+
+
+def test_the_official_mixed_precision_is_emulated_faithfully(tiny_v1):
+    """fp16 autocast with fp16 GEMMs computed in float32 gives what real fp16 autocast gives on
+    this CPU (whose fp16 GEMMs are slow), far closer than either is to float32."""
+    from flowar.eval.mixed import OfficialFp16
+    from flowar.sampling.eager import TorchStages
+    model, _ = tiny_v1
+    c = model.config
+    sched = build_schedule(25, 4.3, 0.9, c.n_scales)
+
+    class RealAutocast(TorchStages):
+        def velocity(self, ctx, x, t):
+            with torch.autocast("cpu", dtype=torch.float16):
+                return super().velocity(ctx, x, t).float()
+
+    with torch.inference_mode():
+        fp32 = run_sampling(TorchStages(model), c, [3, 7], sched, 0)
+        real = run_sampling(RealAutocast(model), c, [3, 7], sched, 0)
+        emul = run_sampling(OfficialVelocityOnly(OfficialFp16(TorchStages(model))), c, [3, 7], sched, 0)
+    d_real, d_emul = relative_error(real.tokens, fp32.tokens), relative_error(emul.tokens, real.tokens)
+    assert d_real > 1e-4 and d_emul < 0.2 * d_real, (d_real, d_emul)
+
+
+class OfficialVelocityOnly:
+    """Only the head under the emulation (the real-autocast reference above converts only it)."""
+
+    host_threads = None
+
+    def __init__(self, emulated):
+        self.e = emulated
+
+    def __getattr__(self, name):
+        return getattr(self.e.stages, name)
+
+    def velocity(self, ctx, x, t):
+        return self.e.velocity(ctx, x, t)
+
+
+def test_candidates_are_timed_in_the_pipeline_and_eager_fp32_is_always_among_them():
+    measured = {"ar": {"ort-fp32": SM(0.1, 1e-6, 1e-4), "torch-fp32": SM(0.2, 0.0, 1e-4),
+                       "torch-bf16": SM(0.05, 0.2, 0.05)},                       # fastest, outside its screen
+                "velocity": {"ort-fp32": SM(0.9, 1e-6, 1e-4), "torch-fp32": SM(0.7, 0.0, 1e-4),
+                             "torch-bf16": SM(0.2, 0.01, 0.05)}}
+    auto = combinations(measured, "auto")
+    assert auto == [{"ar": "ort-fp32", "velocity": "torch-bf16"}, {"ar": "ort-fp32", "velocity": "torch-fp32"},
+                    {"ar": "torch-fp32", "velocity": "torch-fp32"}]
+    # bf16: the fastest reduced engine of every stage, no gate, but never one that gave NaN/Inf
+    assert combinations(measured, "bf16") == [{"ar": "torch-bf16", "velocity": "torch-bf16"}]
+    measured["ar"]["torch-bf16"] = SM(0.05, float("inf"), float("inf"))
+    assert combinations(measured, "bf16") == [{"ar": "torch-fp32", "velocity": "torch-bf16"}]
+    # the whole image's time decides (not the sum of stage times); a reduced choice too far off is not kept
+    combos = [Combination(auto[0], 3.0, ok=False), Combination(auto[1], 2.0), Combination(auto[2], 2.5)]
+    assert decide(combos).choice == auto[1]
+    combos[0].ok = True
+    assert decide(combos).choice == auto[1]                                  # slower in the pipeline: not kept
+    combos[0].seconds = 1.0
+    assert decide(combos).choice == auto[0]
+
+
+def test_a_reduced_choice_passes_near_fp32_or_no_farther_than_the_official_mixed_precision():
+    assert passes({"token_rel": 0.5, "psnr_median": 31.0}, {})
+    assert not passes({"token_rel": 0.5, "psnr_median": 25.0}, {"token_rel": 0.1})
+    assert passes({"token_rel": 0.05, "psnr_median": 25.0}, {"token_rel": 0.1})
+    assert passes({"token_rel": 0.01}, {}) and not passes({"token_rel": 0.2}, {"token_rel": 0.1})
+
+
+def _export(fixtures_dir, out, candidates, precision="auto", **kw):
+    return build_engine_dir(fixtures_dir / "tiny_v1.safetensors", out, config_path=str(fixtures_dir / "tiny_v1.config.json"),
+                            max_batch=2, verify=False, precision=precision, auto_candidates=candidates, **kw)
+
+
+@pytest.mark.slow
+def test_auto_records_what_it_measured_and_the_runtime_runs_that(fixtures_dir, tmp_path, tiny_v1, assert_tokens,
+                                                                 monkeypatch):
+    _, io = tiny_v1
+    save_file({f"noise{k}": io[f"sample25.noise{k}"].contiguous() for k in range(5)}, str(tmp_path / "n.safetensors"))
+    sched = build_schedule(25, 4.3, 0.9, 5)
+    rep = _export(fixtures_dir, tmp_path / "torch", ("torch-fp32",))
+    m = json.loads((tmp_path / "torch" / "manifest.json").read_text())
+    assert m["precision"] == "auto" and m["auto"]["choice"] == {s: "torch-fp32" for s in ("ar", "head_prep", "velocity")}
+    for stage in ("ar", "head_prep", "velocity"):
+        rec = m["auto"]["measured"][stage]["torch-fp32"]
+        assert rec["seconds"] > 0 and rec["error"] == 0.0                     # the reference module itself
+    assert m["auto"]["combinations"][0]["seconds"] > 0 and m["auto"]["machine"]["model"]
+    assert m["weights"]["model"]["file"] == "weights.safetensors" and "vae" not in m["weights"]
+    assert any("pipeline" in line and "kept" in line for line in rep.lines())
+    with open_engine_dir(tmp_path / "torch", "auto") as rt:
+        assert rt.backend == "mixed" and "velocity torch-fp32" in rt.detail
+        assert rt.stages.host_threads is None            # PyTorch stages keep every thread PyTorch has
+        res = run_sampling(rt.stages, rt.config, [3, 7], sched, noise_file=tmp_path / "n.safetensors")
+    assert_tokens(res.tokens)
+    # ONNX Runtime chosen: no weights carried; --backend ort ignores the choice altogether
+    _export(fixtures_dir, tmp_path / "ort", ("ort-fp32",))
+    m = json.loads((tmp_path / "ort" / "manifest.json").read_text())
+    assert m["weights"] is None and not (tmp_path / "ort" / "weights.safetensors").exists()
+    with open_engine_dir(tmp_path / "ort", "auto") as rt:
+        assert rt.detail.startswith("auto: ar ort-fp32") and rt.stages.host_threads == 1
+        assert_tokens(run_sampling(rt.stages, rt.config, [3, 7], sched, noise_file=tmp_path / "n.safetensors").tokens)
+    # measured on another CPU: said, not hidden
+    import flowar.engines.cpu
+    monkeypatch.setattr(flowar.engines.cpu, "cpu_kind", lambda: {"model": "Another CPU", "flags": ["amx_bf16"]})
+    with open_engine_dir(tmp_path / "torch", "auto") as rt:
+        assert "re-export here to measure this CPU" in rt.detail
+    # the weights the PyTorch stages run are checked like the graphs
+    w = tmp_path / "torch" / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[:-8] + b"\0" * 8)
+    from flowar.export.manifest import EngineDirError
+    with pytest.raises(EngineDirError, match="sha256"):
+        open_engine_dir(tmp_path / "torch", "auto")
+
+
+@pytest.mark.slow
+def test_a_reduced_choice_that_does_not_sample_like_fp32_is_not_kept(fixtures_dir, tmp_path, monkeypatch):
+    import flowar.runtime.precision as precision
+    monkeypatch.setattr(precision, "REDUCED_SCREEN", float("inf"))            # every bf16 stage reaches the check
+    monkeypatch.setattr(precision, "passes", lambda dev, official: False)     # and none can pass it
+    rep = _export(fixtures_dir, tmp_path / "e", ("torch-bf16",))
+    reduced = [c for c in rep.precision.combinations if c.reduced]
+    assert reduced and not any(c.ok for c in reduced) and all(c.deviation for c in reduced)
+    assert set(rep.precision.choice.values()) == {"torch-fp32"}              # eager fp32 instead, timed too
+    assert rep.precision.kept.seconds > 0
+    assert rep.precision.official_fp16["token_rel"] > 0                     # the yardstick was measured too
+    m = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert m["auto"]["official_fp16"] and any(not c["ok"] for c in m["auto"]["combinations"])
+
+
+@pytest.mark.slow
+def test_bf16_takes_a_bf16_engine_for_every_stage_and_reports_its_deviation(tmp_path):
+    """The default model (trained) with --precision bf16: every stage reduced, the VAE decoder
+    included (its weights carried), and the images within 30 dB of the float32 engines."""
+    from conftest import DEFAULT_CKPT, DEFAULT_VAE
+    from flowar.io.images import psnr_each
+    rep = build_engine_dir(DEFAULT_CKPT, tmp_path / "bf16", vae_path=DEFAULT_VAE, max_batch=4, verify=False,
+                           precision="bf16", auto_candidates=("torch-bf16",))
+    assert set(rep.precision.choice.values()) == {"torch-bf16"} and set(rep.precision.choice) == {
+        "ar", "head_prep", "velocity", "decode"}
+    kept = rep.precision.kept
+    assert kept.deviation["psnr_median"] > 0 and rep.precision.official_fp16["psnr_median"] > kept.deviation["psnr_median"]
+    m = json.loads((tmp_path / "bf16" / "manifest.json").read_text())
+    assert m["precision"] == "bf16" and set(m["weights"]) == {"model", "vae"}
+    sched = build_schedule(25, 4.3, 0.9, 4)
+    labels = [0, 3, 6, 9]
+    build_engine_dir(DEFAULT_CKPT, tmp_path / "fp32", vae_path=DEFAULT_VAE, max_batch=4, verify=False)
+    with open_engine_dir(tmp_path / "bf16") as rt:
+        assert rt.backend == "mixed" and rt.detail.startswith("bf16: ar torch-bf16")
+        got = run_sampling(rt.stages, rt.config, labels, sched, 5, decode=True)
+    with open_engine_dir(tmp_path / "fp32") as rt:
+        ref = run_sampling(rt.stages, rt.config, labels, sched, 5, decode=True)
+    ps = sorted(psnr_each(got.images, ref.images))
+    assert ps[len(ps) // 2] >= 30.0 and ps[-1] < 80, ps                       # bf16 moves them, a little
