@@ -115,7 +115,10 @@ def create_session(graph: Path, sha256: str, provider: str | None = None, thread
     import onnxruntime as ort
     provider = provider or choose_provider()
     cache = None
-    if cache_dir is not None and provider == "CPUExecutionProvider":
+    # no optimized copy of graphs with external data: a second file of their size, and ONNX Runtime
+    # would have to write its weights out again
+    external = Path(str(graph) + ".data").exists()
+    if cache_dir is not None and provider == "CPUExecutionProvider" and not external:
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
             if os.access(cache_dir, os.W_OK):

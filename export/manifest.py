@@ -12,12 +12,9 @@ import hashlib
 import json
 import os
 import platform
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from flowar.config import FlowARConfig
 from flowar.errors import FlowARError
@@ -76,7 +73,8 @@ class Manifest:
     """
     root: Path
     config: FlowARConfig
-    stages: dict[str, dict]         # stage -> {file, sha256, inputs, outputs, tolerance, max_rows[, verified_max_abs_diff]}
+    stages: dict[str, dict]         # stage -> {file, sha256[, data, data_sha256], inputs, outputs, tolerance, max_rows,
+                                    #           peak_rss_gb, seconds[, verified_max_abs_diff]}
     precision: str                  # fp32, fp16, bf16, auto; with `auto` set, engines chosen per stage on a CPU
     max_batch: int                  # samples per call the engines serve
     checkpoint: dict                # {file, source, sha256, weights}: what was exported
@@ -152,6 +150,7 @@ def read_manifest(root: str | Path, verify_hashes: bool = True) -> Manifest:
     manifest = Manifest(root=root, config=config, **known,
                         meta={k: v for k, v in m.items() if k not in _FIELDS and k != "format"})
     files = [(s, info["file"], info["sha256"]) for s, info in manifest.stages.items()]
+    files += [(f"{s} weights", info["data"], info["data_sha256"]) for s, info in manifest.stages.items() if "data" in info]
     for name, plan in (manifest.tensorrt or {}).get("plans", {}).items():
         files.append((f"tensorrt plan {name}", plan["file"], plan["sha256"]))
     for what, rel, digest in files:
@@ -168,29 +167,3 @@ def write_manifest(root: Path, manifest: Manifest) -> None:
     tmp = root / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest.to_json(), indent=1, sort_keys=False))
     os.replace(tmp, root / MANIFEST)
-
-
-@contextmanager
-def staged_directory(target: str | Path) -> Iterator[Path]:
-    """Build into a temporary sibling; on success swap it into ``target``; on failure remove it.
-
-    A crash at any point leaves either the previous complete directory or no directory at
-    ``target``, never a partial one (the temporary name starts with '.' and has no manifest
-    until the very end).
-    """
-    target = Path(target).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    os.chmod(target, 0o755)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

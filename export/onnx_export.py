@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import io
 import logging
 import warnings
@@ -24,6 +25,9 @@ from flowar.export.specs import StageSpec, sample_inputs
 
 OPSET = 18
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Graphs whose weights pass this keep them in external data beside the graph (``<stage>.onnx.data``):
+# protobuf cannot hold more than 2 GB, and one file per graph is simpler below it.
+EXTERNAL_DATA_BYTES = 1 << 30
 
 
 class ExportError(FlowARError):
@@ -76,11 +80,16 @@ def _quiet():
 
 
 def export_stage(spec: StageSpec, module: nn.Module, config: FlowARConfig, path: Path, max_rows: int,
-                 precision: str = "fp32", weights: bool = True) -> None:
-    """Write ``path`` (an .onnx file) for one stage, dynamic over rows and token-map size.
+                 precision: str = "fp32", weights: bool = True) -> list[Path]:
+    """Write ``path`` (an .onnx file, and its external data file for large weights) for one stage,
+    dynamic over rows and token-map size; returns the files written.
 
-    ``weights=False`` writes the graph alone, for modules built on the meta device (checking the
-    real sizes without their memory).
+    The weights are never copied whole: the exporter traces with fake tensors, its graph refers
+    to the module's own tensors, constant folding runs on that in-memory graph (only the folded
+    transposes of weight matrices are new), and the graph is written once, with the weights
+    streamed into external data when they pass :data:`EXTERNAL_DATA_BYTES`. ``weights=False``
+    writes the graph alone, for modules built on the meta device (checking the real sizes
+    without their memory).
     """
     k = min(2, config.n_scales - 1) if spec.per_scale else 0
     rows = 3                              # distinct from every static size, so nothing specializes
@@ -94,22 +103,23 @@ def export_stage(spec: StageSpec, module: nn.Module, config: FlowARConfig, path:
                                      input_names=list(spec.inputs), output_names=list(spec.outputs),
                                      dynamic_shapes=_dims(spec, max_rows, config) if precision == "fp32"
                                      else (_dims(spec, max_rows, config),), optimize=weights)
-            prog.save(str(path), include_initializers=weights)
+            if weights:
+                import onnxscript
+                onnxscript.optimizer.optimize(prog.model)            # a second pass, in place, on the same graph
+            external = weights and _initializer_bytes(prog.model) > EXTERNAL_DATA_BYTES
+            prog.save(str(path), include_initializers=weights, external_data=external)
     except Exception as e:   # noqa: BLE001 - reported as one line; --debug shows the chain
         raise ExportError(f"stage '{spec.name}' to export to ONNX", _root_cause(e),
                           "rerun with --debug for the exporter's traceback") from e
-    if weights:
-        _fold_constants(path)
+    finally:
+        prog = None
+        gc.collect()
+    data = path.with_name(path.name + ".data")
+    return [path] + ([data] if data.is_file() else [])
 
 
-def _fold_constants(path: Path) -> None:
-    """Constant folding and dead-node removal (onnxscript's optimizer), in place."""
-    import onnx
-    import onnxscript
-    model = onnx.load(str(path))
-    with _quiet():
-        model = onnxscript.optimizer.optimize(model)
-    onnx.save(model, str(path))
+def _initializer_bytes(model) -> int:
+    return sum(int(v.const_value.nbytes) for v in model.graph.initializers.values() if v.const_value is not None)
 
 
 @dataclass(slots=True)

@@ -84,7 +84,12 @@ class OrtEngine:
         self.n_threads = (self.threads or cpu_threads()) if self.cpu else 1
         self.session = self._session(self.n_threads if self.cpu else None)
         outs = [o.name for o in self.session.get_outputs()]
-        self.splittable = self.cpu and self.n_threads > 1 and all(o in self.row_tensors for o in outs)
+        # Row blocks of several rows need a second (one-thread) session, i.e. a second copy of the
+        # weights: not for graphs whose weights live in external data (> 1 GB), where every call
+        # is large enough for ONNX Runtime's own threads anyway.
+        external = Path(str(self.graph) + ".data").exists()
+        self.splittable = (self.cpu and self.n_threads > 1 and not external
+                           and all(o in self.row_tensors for o in outs))
         self._runs: dict[tuple, list] = {}
         return self
 

@@ -163,6 +163,37 @@ def test_sigkill_during_export_leaves_the_previous_directory_valid(fixtures_dir,
     read_manifest(target)                                                      # and still trusted
     with pytest.raises(EngineDirError, match="manifest.json"):
         read_manifest(partial)                                                 # the half-built one is not
+    # the same command again: it succeeds, and what the killed one left is gone
+    subprocess.run(args, check=True, capture_output=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".eng.")], list(tmp_path.iterdir())
+    read_manifest(target)
+
+
+def test_only_temporary_folders_of_dead_exports_are_removed(tmp_path):
+    from flowar.io.files import staged_directory
+    done = subprocess.Popen(["true"])
+    done.wait()                                                   # a process id that is gone
+    dead_tmp, dead_old = tmp_path / f".eng.tmp-{done.pid}-abc", tmp_path / f".eng.old-{done.pid}"
+    alive = tmp_path / f".eng.tmp-{os.getpid()}-xyz"             # an export running now (this process)
+    other = tmp_path / f".other.tmp-{done.pid}-abc"              # another target's
+    for d in (dead_tmp, dead_old, alive, other):
+        d.mkdir()
+        (d / "ar.onnx").write_bytes(b"partial")
+    with staged_directory(tmp_path / "eng") as tmp:
+        (tmp / "manifest.json").write_text("{}")
+    assert not dead_tmp.exists() and not dead_old.exists() and alive.is_dir() and other.is_dir()
+
+
+def test_too_little_disk_is_one_line_before_any_work(fixtures_dir, tmp_path, monkeypatch):
+    import shutil as sh
+    from flowar.commands.build import build_engine_dir
+    from flowar.errors import FlowARError
+    real = sh.disk_usage
+    monkeypatch.setattr(sh, "disk_usage", lambda p: real(p)._replace(free=1 << 20))
+    with pytest.raises(FlowARError) as e:
+        build_engine_dir(fixtures_dir / "tiny_v1.safetensors", tmp_path / "eng", preset="tiny", max_batch=1)
+    assert "GB free for the engine directory" in str(e.value) and "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []                                      # nothing started
 
 
 def test_engine_dir_from_another_checkpoint_is_refused_for_the_torch_backend(fixtures_dir, tmp_path):
@@ -221,11 +252,11 @@ def test_check_scale_names_the_scale_once_and_check_none_leaves_it_to_the_caller
     from flowar.errors import FlowARError
     from flowar.sampling.sampler import per_sample_noise, sample
     from flowar.sampling.schedule import sampling_schedule
-    from flowar.sampling.eager import TorchStages
+    from flowar.sampling.eager import EagerStages
     model, _ = tiny_v1
     c = model.config
     sched = sampling_schedule(c.n_scales, steps=5)
-    st = _NaNAtScale(TorchStages(model), 2)
+    st = _NaNAtScale(EagerStages(model), 2)
     with torch.inference_mode():
         with pytest.raises(FlowARError) as e:
             sample(st, c, sched, torch.tensor([1, 2]), per_sample_noise(0, range(2)), check="scale")

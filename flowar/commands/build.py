@@ -59,12 +59,16 @@ class BuildReport:
     checks: list = field(default_factory=list)          # StageCheck per stage
     seconds: dict[str, float] = field(default_factory=dict)
     backends: list[str] = field(default_factory=list)
+    memory: dict[str, float] = field(default_factory=dict)  # stage -> peak resident GB of its export (+ verify)
     precision: object = None                             # flowar.runtime.precision.PrecisionReport (auto, bf16)
 
     def lines(self) -> list[str]:
         """What flowar-export prints: each stage's check and, for measured precision, each choice."""
         out = [f"  {c.name:<10} max abs diff vs eager {c.worst:.2e} (tolerance {c.tolerance:.0e}) worst at {c.where}"
                for c in self.checks]
+        if self.memory:
+            out.append("  peak memory per stage (export" + (" + verify" if self.checks else "") + "): "
+                       + ", ".join(f"{s} {gb:.1f} GB" for s, gb in self.memory.items()))
         return out + (self.precision.lines() if self.precision is not None else [])
 
 
@@ -88,6 +92,16 @@ def check_request(req: ExportRequest):
                               "e.g. --auto-candidates ort-fp32,torch-bf16")
     if not 1 <= req.max_batch <= 1024:
         raise FlowARError("--max-batch in 1..1024", str(req.max_batch), "use e.g. --max-batch 8")
+    if req.ckpt.is_file():
+        from flowar.io.memory import require_free_space
+        weights = req.ckpt.stat().st_size
+        vae = _size(req.vae_path) if req.vae_path else 0
+        # the graphs hold every weight once; measured precision may carry the weights again (PyTorch
+        # stages); TensorRT plans hold them once more; 10 % and 256 MB for graphs, caches and logs
+        copies = 1 + req.measured + (req.backend != "ort")
+        require_free_space(req.out.parent, int((weights + vae) * copies * 1.1) + (256 << 20),
+                           f"the engine directory ({copies} cop{'y' if copies == 1 else 'ies'} of "
+                           f"{(weights + vae) / 1e9:.2f} GB of weights)")
     if req.backend in ("trt", "all"):
         from flowar.engines.trt import load_builder, polygraphy_trt
         builder = load_builder()                       # fail before any work if TensorRT or Polygraphy is missing
@@ -96,29 +110,46 @@ def check_request(req: ExportRequest):
     return None
 
 
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def export_graphs(req: ExportRequest, model, vae, specs: dict, tmp: Path, report: BuildReport, say) -> dict:
-    """Each stage to ONNX (and verified); the manifest's ``stages`` records. Failures are collected
-    over every stage before raising."""
+    """Each stage to ONNX (and verified), one at a time; the manifest's ``stages`` records, with
+    the peak resident memory of each stage's export and verification. Failures are collected over
+    every stage before raising."""
+    import gc
+
     from flowar.export.manifest import sha256_file
     from flowar.export.onnx_export import ExportError, export_stage, verify_stage
+    from flowar.io.memory import GB, peak_rss, reset_peak
     stages = {}
     for name, spec in specs.items():
         say(f"export {name}")
+        reset_peak()
         t0 = time.perf_counter()
         module = spec.module(model, vae)
         path = tmp / f"{name}.onnx"
         rows = spec.max_rows(req.max_batch)
-        export_stage(spec, module, model.config, path, rows, req.graph_precision)
+        files = export_stage(spec, module, model.config, path, rows, req.graph_precision)
         report.seconds[f"export {name}"] = time.perf_counter() - t0
-        stages[name] = {"file": path.name, "sha256": sha256_file(path), "inputs": list(spec.inputs),
-                        "outputs": list(spec.outputs), "tolerance": spec.tolerance, "max_rows": rows}
+        rec = {"file": path.name, "sha256": sha256_file(path), "inputs": list(spec.inputs),
+               "outputs": list(spec.outputs), "tolerance": spec.tolerance, "max_rows": rows}
+        if len(files) > 1:                             # weights as external data beside the graph
+            rec |= {"data": files[1].name, "data_sha256": sha256_file(files[1])}
+        rec["bytes"] = sum(f.stat().st_size for f in files)
         if req.verify:
             say(f"verify {name}")
             t0 = time.perf_counter()
             chk = verify_stage(spec, module, model.config, path, rows, REDUCED_TOLERANCE[req.graph_precision])
             report.checks.append(chk)
-            stages[name]["verified_max_abs_diff"] = chk.worst
+            rec["verified_max_abs_diff"] = chk.worst
             report.seconds[f"verify {name}"] = time.perf_counter() - t0
+        del module
+        gc.collect()
+        rec["peak_rss_gb"] = round(peak_rss() / GB, 2)
+        report.memory[name] = rec["peak_rss_gb"]
+        stages[name] = rec
     bad = [c for c in report.checks if not c.ok]
     if bad:
         raise ExportError("every stage within its tolerance of eager PyTorch",
@@ -179,7 +210,8 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
     fastest bf16 engines of this machine per stage and ``auto`` the fastest that samples like
     float32 (:mod:`flowar.runtime.precision`). ``auto_candidates`` restricts their candidates.
     """
-    from flowar.export.manifest import Manifest, library_versions, sha256_file, staged_directory, write_manifest
+    from flowar.export.manifest import Manifest, library_versions, sha256_file, write_manifest
+    from flowar.io.files import staged_directory
     from flowar.export.onnx_export import OPSET
     from flowar.export.specs import stage_specs
     from flowar.model.checkpoint import load_model

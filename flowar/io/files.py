@@ -8,10 +8,15 @@ written with :func:`atomic_write_bytes`, so an interrupted run leaves the previo
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from flowar.errors import FlowARError
+from flowar.io.memory import process_alive
 
 
 def check_writable(path: str | Path | None, is_dir: bool = False, option: str = "the output") -> None:
@@ -91,3 +96,42 @@ def write_npz(path: str | Path, arrays: dict) -> None:
                 info.external_attr = 0o644 << 16
                 zf.writestr(info, buf.getvalue())
     atomic_write_bytes(path, write)
+
+
+def _stale_siblings(target: Path) -> list[Path]:
+    """Temporary folders an export into ``target`` left behind (killed), whose process is gone."""
+    out = []
+    for p in target.parent.glob(f".{target.name}.*-*"):
+        m = re.fullmatch(re.escape(f".{target.name}.") + r"(tmp|old)-(\d+)(-.*)?", p.name)
+        if m and p.is_dir() and not process_alive(int(m.group(2))):
+            out.append(p)
+    return out
+
+
+@contextmanager
+def staged_directory(target: str | Path) -> Iterator[Path]:
+    """Build into a temporary sibling; on success swap it into ``target``; on failure remove it.
+
+    A crash at any point leaves either the previous complete directory or no directory at
+    ``target``, never a partial one (the temporary name starts with '.' and has no manifest
+    until the very end). The temporary name carries this process's id, so the next export into
+    the same place removes what a killed one left (only folders of that naming whose process is gone).
+    """
+    target = Path(target).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in _stale_siblings(target):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    os.chmod(target, 0o755)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

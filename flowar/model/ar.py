@@ -91,6 +91,10 @@ class FlowAR(nn.Module):
                     nn.init.zeros_(m.bias)
         self.flownet.initialize_weights()
 
+    def materialize_buffers(self) -> None:
+        """Rebuild the buffers no state dict carries (after building on the meta device)."""
+        self.flownet.time_embed.reset_table()
+
     # ---- the transformer over a span [begin, end) of the sequence --------------------------
     def blocks(self) -> list[ARBlock]:
         return [*self.encoder_blocks, *self.decoder_blocks]

@@ -68,7 +68,9 @@ def _read_pickle(path: Path) -> Any:
         # argparse.Namespace is what official training checkpoints store under "args"; it is a
         # plain attribute bag, so allowing it executes no code of the file's choosing.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # mmap: the tensors stay in the file's pages (a 7.65 GB FlowAR-H is not copied into memory;
+            # the model takes them as they are, see load_model)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:   # noqa: BLE001 - every failure here is the file's fault
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
@@ -196,8 +198,12 @@ def load_model(path: str | Path, preset: str | None = None, config_path: str | P
     ck = read_checkpoint(path, use_ema=use_ema)
     config = resolve_config(ck, preset, config_path, config)
     check_fits(ck.state_dict, config, ck.path)
-    model = FlowAR(config)
-    model.load_state_dict(ck.state_dict, strict=True)
+    # Built on the meta device and given the checkpoint's tensors themselves (assign): one copy of
+    # the weights in memory, not two (for a .pth, none: its tensors are the file's mapped pages).
+    with torch.device("meta"):
+        model = FlowAR(config)
+    model.load_state_dict(ck.state_dict, strict=True, assign=True)
+    model.materialize_buffers()
     ck.config = config
     return model.to(device).eval(), ck
 

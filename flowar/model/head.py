@@ -59,6 +59,11 @@ class TimestepEmbedder(nn.Module):
         args = t_int[:, None].float() * freqs[None]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)              # (T, 256)
 
+    def reset_table(self) -> None:
+        """The sinusoid table, recomputed (it is not in state dicts; after a meta-device build)."""
+        device = self.mlp[0].weight.device
+        self.table = self.sinusoid(torch.arange(self.MAX_T + 1, device=device), self.freq_dim)
+
     def forward(self, t_int_R: Tensor) -> Tensor:
         return self.mlp(self.table[t_int_R.clamp(0, self.MAX_T)])                  # (R, W)
 

@@ -8,7 +8,6 @@ folder and renamed into place.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,10 +77,7 @@ def train_vae(a: VAETrainArgs, progress: bool = True) -> dict:
         bar.close()
     vae.eval()
     out = Path(a.out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae.save_pretrained(tmp, safe_serialization=True)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    from flowar.io.files import staged_directory
+    with staged_directory(out) as tmp:              # the previous folder stays until the new one is complete
+        vae.save_pretrained(tmp, safe_serialization=True)
     return {"final_reconstruction_loss": rec, "seconds": time.perf_counter() - t0, "out": str(out)}
