@@ -17,7 +17,7 @@ import torch
 
 from latency_measure import StageProbe, Work, run_once
 
-ALL = ("eager", "eager-bf16", "torch", "compile", "ort", "auto", "bf16", "trt", "cudagraph")
+ALL = ("eager", "eager-bf16", "cached", "compile", "ort", "auto", "bf16", "trt", "cudagraph")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -95,21 +95,21 @@ class Backends(contextlib.AbstractContextManager):
         return Prepared(self._torch_stages(OfficialStyleStages(self.src.model, self._decode()), "bf16"), True,
                         "bf16 autocast")
 
-    def _torch(self, work: Work) -> Prepared:
-        from flowar.sampling.eager import TorchStages
-        return Prepared(self._torch_stages(TorchStages(self.src.model, self._decode()), self.src.dtype), False,
+    def _cached(self, work: Work) -> Prepared:
+        from flowar.sampling.eager import EagerStages
+        return Prepared(self._torch_stages(EagerStages(self.src.model, self._decode()), self.src.dtype), False,
                         self.src.dtype)
 
     def _compile(self, work: Work) -> Prepared:
         import torch._dynamo
-        from flowar.sampling.eager import TorchStages
+        from flowar.sampling.eager import EagerStages
         if self._compiled is None:
             # one specialisation per (scale, rows): 2 x scales x batches, above the default limit of 8
             torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
             self._compiled = torch.compile(self.src.model.flownet.velocity, dynamic=False)
         velocity = self._compiled
 
-        class Compiled(TorchStages):
+        class Compiled(EagerStages):
             def velocity(self, ctx, x, t):
                 return velocity(x, t, ctx)
 
@@ -171,19 +171,19 @@ class Backends(contextlib.AbstractContextManager):
         return Prepared(rt.stages, False, "fp32" if p == "auto" else p, build_s=build_s,
                         note=rt.detail + (f", export {build_s:.0f} s" if build_s else ""))
 
-    def _auto(self, work: Work) -> Prepared:
-        rt, build_s = self._runtime("auto", "ort", "auto", work)
+    def _measured(self, work: Work, precision: str) -> Prepared:
+        """The runtime on what `flowar-export --precision auto|bf16` measured and chose on this machine."""
+        rt, build_s = self._runtime("auto", "ort", precision, work)
         choice = rt.manifest.choice or {}
-        return Prepared(rt.stages, False, "auto: " + ", ".join(f"{s} {c}" for s, c in choice.items()),
+        return Prepared(rt.stages, False, f"{precision}: " + ", ".join(f"{s} {c}" for s, c in choice.items()),
                         build_s=build_s,
                         note=rt.detail + (f", export and measure {build_s:.0f} s" if build_s else ""))
 
+    def _auto(self, work: Work) -> Prepared:
+        return self._measured(work, "auto")
+
     def _bf16(self, work: Work) -> Prepared:
-        rt, build_s = self._runtime("auto", "ort", "bf16", work)
-        choice = rt.manifest.choice or {}
-        return Prepared(rt.stages, False, "bf16: " + ", ".join(f"{s} {c}" for s, c in choice.items()),
-                        build_s=build_s,
-                        note=rt.detail + (f", export and measure {build_s:.0f} s" if build_s else ""))
+        return self._measured(work, "bf16")
 
     def _trt(self, work: Work) -> Prepared:
         if not torch.cuda.is_available():

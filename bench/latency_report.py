@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Result:
     backend: str
     batch: int
@@ -40,7 +40,8 @@ class Result:
     @classmethod
     def skipped(cls, backend: str, batch: int, why: str, schedule: str, head_evals: int) -> "Result":
         nan = float("nan")
-        return cls(backend, batch, nan, nan, nan, None, None, note=why, schedule=schedule, head_evals=head_evals)
+        return cls(backend=backend, batch=batch, median_s=nan, min_s=nan, max_s=nan, speedup_vs_eager=None,
+                   max_abs_diff_vs_eager=None, note=why, schedule=schedule, head_evals=head_evals)
 
 
 def machine_info() -> dict:

@@ -40,7 +40,7 @@ class GraphRunner:
         self.pool = None
 
     def _key(self, ws: Workspace, schedule: Schedule, k: int | None = None) -> tuple:
-        return (ws.B, ws.R, ws.S, id(schedule), k)
+        return (ws.B, ws.R, ws.X, id(schedule), k)
 
     def workspace(self, config: FlowARConfig, schedule: Schedule, B: int, R: int, official_rows: bool,
                   device) -> Workspace:
@@ -57,19 +57,28 @@ class GraphRunner:
             return
         g = self.graphs.get(key)
         if g is None:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                run_scale(stages, ws, schedule, k, check, rows_trace)          # this call's result
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self.pool = self.pool or torch.cuda.graph_pool_handle()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
-                run_scale(stages, ws, schedule, k, "none")                    # recorded, not run
-            self.graphs[key] = g
+            self._warm_up(lambda: run_scale(stages, ws, schedule, k, check, rows_trace))   # this call's result
+            self.graphs[key] = self._capture(lambda: run_scale(stages, ws, schedule, k, "none"))
             return
         g.replay()
         if rows_trace is not None:
-            rows_trace.extend(ws.R if e.guided else ws.S for e in schedule.plan[k])
+            rows_trace.extend(ws.R if e.guided else ws.X for e in schedule.plan[k])
         if check != "none":
             _finite(ws.view("z", k), "velocity", k, ws.config.scales[k])      # one sync per scale
+
+    # The two CUDA steps, apart so that the logic above runs on a CPU against a stand-in (tests).
+    def _warm_up(self, fn) -> None:
+        """Run ``fn`` on a side stream (the warm-up TensorRT and cuBLAS want before capture)."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+
+    def _capture(self, fn):
+        """A CUDA graph of ``fn`` (recorded, not run), in the runner's one memory pool."""
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            fn()
+        return g

@@ -16,7 +16,7 @@ import torch
 from flowar.config import FlowARConfig
 from flowar.errors import FlowARError
 from flowar.export.manifest import EngineDirError, Manifest, read_manifest, sha256_file
-from flowar.runtime.engines import OrtEngine, SharedDeviceMemory, TorchEngine, TrtEngine
+from flowar.runtime.engines import OrtEngine, SharedDeviceMemory, TrtEngine
 from flowar.runtime.stages import EngineStages
 
 BACKENDS = ("auto", "ort", "trt", "torch")

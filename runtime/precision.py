@@ -4,11 +4,11 @@ Engines a stage can run on (its *candidates*):
 
 * ``ort-fp32``: the exported ONNX graph on ONNX Runtime;
 * ``torch-fp32``: the reference module in eager PyTorch;
-* ``torch-bf16``: the reference module with every GEMM and convolution in bfloat16 (weights
-  stored once in bf16, activations rounded to bf16 at each GEMM's input and output) and
-  everything else in float32: norms, softmax, residual adds, modulation. Keeping the
-  elementwise work and reductions in float32 around bf16 GEMMs is what makes bf16 accurate
-  enough; it is fast only where the CPU computes bf16 (AVX512-BF16, AMX), emulated elsewhere;
+* ``torch-bf16`` (:mod:`flowar.runtime.bf16`): the reference module with every GEMM and
+  convolution in bfloat16 (weights stored once in bf16, activations rounded to bf16 at each
+  GEMM's input and output) and everything else in float32: norms, softmax, residual adds,
+  modulation, which is what makes bf16 accurate enough. Fast only where the CPU computes bf16
+  (AVX512-BF16, AMX), emulated elsewhere.
 
 OpenVINO was measured too (``python bench/velocity_engines.py``) and is not a candidate: on the
 exported graphs its results go wrong once a compiled model meets a second set of shapes (scale
@@ -41,16 +41,15 @@ same deviations. Everything measured goes into the manifest (``auto``) and the e
 from __future__ import annotations
 
 import contextlib
-import copy
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from flowar.errors import FlowARError
+from flowar.eval.quality import deviation, relative_error
+from flowar.runtime.bf16 import bf16_gemms
 
 CANDIDATES = ("ort-fp32", "torch-fp32", "torch-bf16")
 REDUCED = ("torch-bf16",)
@@ -60,45 +59,6 @@ REDUCED_SCREEN = 0.05         # per-stage screen of a reduced engine; the end-to
 MIN_PSNR = 30.0               # median dB against float32 (decoded probe samples)
 MAX_TOKEN_REL = 0.05          # without a decoder: relative rms token error against float32
 PROBE_LABELS = 4
-
-
-# ---- bf16 GEMMs, float32 around them -----------------------------------------------------------
-
-class _Bf16Linear(nn.Module):
-    def __init__(self, lin: nn.Linear):
-        super().__init__()
-        self.register_buffer("weight", lin.weight.detach().to(torch.bfloat16))
-        self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().to(torch.bfloat16))
-
-    def forward(self, x):
-        return F.linear(x.to(torch.bfloat16), self.weight, self.bias).float()
-
-
-class _Bf16Conv2d(nn.Module):
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        self.register_buffer("weight", conv.weight.detach().to(torch.bfloat16))
-        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().to(torch.bfloat16))
-        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        if conv.padding_mode != "zeros":
-            raise FlowARError("convolutions with zero padding for bf16", conv.padding_mode, "use --precision fp32")
-
-    def forward(self, x):
-        return F.conv2d(x.to(torch.bfloat16), self.weight, self.bias, self.stride, self.padding, self.dilation,
-                        self.groups).float()
-
-
-def bf16_gemms(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` whose Linear and Conv2d layers compute in bf16 (float32 in and out);
-    the caller's module is unchanged."""
-    out = copy.deepcopy(module)
-    for parent in list(out.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, _Bf16Linear(child))
-            elif isinstance(child, nn.Conv2d):
-                setattr(parent, name, _Bf16Conv2d(child))
-    return out.eval()
 
 
 # ---- engines by candidate name -----------------------------------------------------------------
@@ -152,16 +112,6 @@ class StageMeasure:
     def finite(self) -> bool:
         """False for an engine that gave NaN/Inf: never chosen, even without an accuracy gate."""
         return self.error != float("inf")
-
-
-def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """rms(got - ref) / rms(ref): the error relative to the output's own scale."""
-    if not ref.numel():
-        return 0.0
-    d = float((got.double() - ref.double()).pow(2).mean().sqrt())
-    scale = float(ref.double().pow(2).mean().sqrt())
-    e = d / scale if scale > 0 else (0.0 if d == 0 else float("inf"))
-    return e if e == e else float("inf")
 
 
 def measure_stage(engine, module, spec, config, calls: list[int], repeat: int = 3, rows: int = 2,
@@ -246,17 +196,6 @@ def _describe(d: dict) -> str:
     if "psnr_median" in d:
         s += f", image PSNR median {d['psnr_median']:.1f} dB (worst {d['psnr_worst']:.1f})"
     return s
-
-
-def deviation(got, ref) -> dict:
-    """How far a sampled request is from its float32 reference (same labels and noise)."""
-    from flowar.io.images import psnr_each
-    out = {"token_rel": relative_error(got.tokens, ref.tokens),
-           "token_max": float((got.tokens - ref.tokens).abs().max())}
-    if got.images is not None and ref.images is not None:
-        ps = sorted(psnr_each(got.images, ref.images))
-        out |= {"psnr_median": ps[len(ps) // 2], "psnr_worst": ps[0]}
-    return out
 
 
 def passes(dev: dict, official: dict) -> bool:
@@ -400,5 +339,5 @@ class Probe:
 
     def official_fp16(self):
         from flowar.eval.mixed import OfficialFp16
-        from flowar.sampling.eager import TorchStages
-        return self._run(OfficialFp16(TorchStages(self.model, self.vae.decode if self.vae else None)), self.labels)
+        from flowar.sampling.eager import EagerStages
+        return self._run(OfficialFp16(EagerStages(self.model, self.vae.decode if self.vae else None)), self.labels)

@@ -38,7 +38,7 @@ from torch import Tensor
 
 import flowar.sampling.sampler as sampler
 import flowar.sampling.schedule as schedule
-from flowar.sampling.eager import TorchStages
+from flowar.sampling.eager import EagerStages
 
 RUNS = {"sample25": (25, 4.3, 0.9), "sample50": (50, 2.4, 0.7)}      # steps, cfg, guidance
 
@@ -92,7 +92,7 @@ def load_official(fixtures_dir: Path, name: str) -> Official:
     return Official(name, model, model64.double(), a, b)
 
 
-class Float64Stages(TorchStages):
+class Float64Stages(EagerStages):
     """The eager stages on a float64 model: inputs up-cast, velocities returned in float64."""
 
     def ar(self, k: int, x_in: Tensor | None) -> Tensor:
@@ -108,7 +108,7 @@ class TeacherForced:
 
     host_threads = None
 
-    def __init__(self, inner: TorchStages, conds: list[Tensor]):
+    def __init__(self, inner: EagerStages, conds: list[Tensor]):
         self.inner = inner
         self.conds = [c.to(inner.model.class_emb.weight.dtype) for c in conds]
 
@@ -151,7 +151,7 @@ def sample_tokens(stages, o: Official, run: str) -> Tensor:
 
 def token_check(o: Official, run: str) -> tuple[Check, Tensor]:
     """End to end: the recorded noise through every scale to the final tokens (and those tokens)."""
-    ours = sample_tokens(TorchStages(o.model), o, run)
+    ours = sample_tokens(EagerStages(o.model), o, run)
     ours64 = sample_tokens(Float64Stages(o.model64), o, run)
     return _both(o, f"{run}.tokens", ours, ours64), ours
 
@@ -166,7 +166,7 @@ def ar_checks(o: Official, run: str) -> list[Check]:
     labels_R = torch.cat([labels, torch.full_like(labels, c.null_class)])
     got: dict[str, list[Tensor]] = {}
     for tag, rec in (("A", o.a), ("B", o.b)):
-        for kind, stages in (("32", TorchStages(o.model)), ("64", Float64Stages(o.model64))):
+        for kind, stages in (("32", EagerStages(o.model)), ("64", Float64Stages(o.model64))):
             outs = []
             with torch.no_grad():
                 stages.start(labels_R)
@@ -200,7 +200,7 @@ def ode_checks(o: Official, run: str) -> list[Check]:
     got: dict[str, list[Tensor]] = {}
     for tag, rec in (("A", o.a), ("B", o.b)):
         conds = [rec[f"{run}.cond{k}"] for k in range(c.n_scales)]
-        for kind, inner in (("32", TorchStages(o.model)), ("64", Float64Stages(o.model64))):
+        for kind, inner in (("32", EagerStages(o.model)), ("64", Float64Stages(o.model64))):
             stages = TeacherForced(inner, conds)
             ws = sampler.Workspace(c, sched, B, R, False, "cpu")
             stages.start(labels_R)

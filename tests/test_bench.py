@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run(bench, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    rc = bench.main(["--preset", "tiny", "--batch", "1,2", "--steps", "7", "--backends", "eager,torch,ort",
+    rc = bench.main(["--preset", "tiny", "--batch", "1,2", "--steps", "7", "--backends", "eager,cached,ort",
                         "--schedules", "official,fast",
                         "--repeat", "1", "--json", str(out / "r.json"), "--plot", str(out / "r.png")])
     return rc, json.loads((out / "r.json").read_text()), out
@@ -26,7 +26,7 @@ def test_every_backend_does_the_same_work_and_agrees_with_eager(run):
     rc, data, out = run
     assert rc == 0
     recs = {(r["backend"], r["schedule"], r["batch"]): r for r in data["results"]}
-    assert set(recs) == {(b, s, n) for b in ("eager", "torch", "ort") for s in ("official", "fast") for n in (1, 2)}
+    assert set(recs) == {(b, s, n) for b in ("eager", "cached", "ort") for s in ("official", "fast") for n in (1, 2)}
     from flowar.config import get_preset
     from flowar.sampling.schedule import sampling_schedule
     n_scales = get_preset("tiny").n_scales

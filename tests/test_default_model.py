@@ -19,11 +19,11 @@ CLASSES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", 
 @pytest.fixture(scope="module")
 def eager():
     from flowar.model.checkpoint import load_model
-    from flowar.sampling.eager import TorchStages
+    from flowar.sampling.eager import EagerStages
     from flowar.model.vae import load_vae
     model, ck = load_model(CKPT)
     vae = load_vae(VAE, expect_channels=ck.config.latent_channels)
-    return model, ck, TorchStages(model, vae.decode)
+    return model, ck, EagerStages(model, vae.decode)
 
 
 def test_shipped_files_describe_themselves(eager):

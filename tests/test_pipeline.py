@@ -1,6 +1,5 @@
 """FlowARPipeline: the Python API, and the one way every command opens a source and samples."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest

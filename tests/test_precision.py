@@ -12,8 +12,9 @@ from torch import nn
 
 from flowar.commands.build import build_engine_dir
 from flowar.runtime.load import open_engine_dir
-from flowar.runtime.precision import (Combination, StageMeasure, bf16_gemms, combinations, decide, passes,
-                                      relative_error)
+from flowar.runtime.bf16 import bf16_gemms
+from flowar.eval.quality import relative_error
+from flowar.runtime.precision import Combination, StageMeasure, combinations, decide, passes
 from flowar.sampling.batches import run_sampling
 from flowar.sampling.schedule import build_schedule
 
@@ -62,20 +63,20 @@ def test_the_official_mixed_precision_is_emulated_faithfully(tiny_v1):
     """fp16 autocast with fp16 GEMMs computed in float32 gives what real fp16 autocast gives on
     this CPU (whose fp16 GEMMs are slow), far closer than either is to float32."""
     from flowar.eval.mixed import OfficialFp16
-    from flowar.sampling.eager import TorchStages
+    from flowar.sampling.eager import EagerStages
     model, _ = tiny_v1
     c = model.config
     sched = build_schedule(25, 4.3, 0.9, c.n_scales)
 
-    class RealAutocast(TorchStages):
+    class RealAutocast(EagerStages):
         def velocity(self, ctx, x, t):
             with torch.autocast("cpu", dtype=torch.float16):
                 return super().velocity(ctx, x, t).float()
 
     with torch.inference_mode():
-        fp32 = run_sampling(TorchStages(model), c, [3, 7], sched, 0)
+        fp32 = run_sampling(EagerStages(model), c, [3, 7], sched, 0)
         real = run_sampling(RealAutocast(model), c, [3, 7], sched, 0)
-        emul = run_sampling(OfficialVelocityOnly(OfficialFp16(TorchStages(model))), c, [3, 7], sched, 0)
+        emul = run_sampling(OfficialVelocityOnly(OfficialFp16(EagerStages(model))), c, [3, 7], sched, 0)
     d_real, d_emul = relative_error(real.tokens, fp32.tokens), relative_error(emul.tokens, real.tokens)
     assert d_real > 1e-4 and d_emul < 0.2 * d_real, (d_real, d_emul)
 

@@ -7,7 +7,7 @@ from flowar.export.specs import stage_specs
 from flowar.runtime.stages import BufferPlan, torch_engine_stages
 from flowar.sampling.sampler import injected_noise, sample
 from flowar.sampling.schedule import build_schedule
-from flowar.sampling.eager import TorchStages
+from flowar.sampling.eager import EagerStages
 
 
 class Recording:
@@ -44,7 +44,7 @@ def test_engine_stages_match_the_eager_stages_and_never_reallocate(tiny_v1, asse
     sched = build_schedule(25, 4.3, 0.9, 5)
     with torch.no_grad():
         ours, _ = sample(st, model.config, sched, torch.tensor([3, 7]), noise)
-        ref, _ = sample(TorchStages(model), model.config, sched, torch.tensor([3, 7]),
+        ref, _ = sample(EagerStages(model), model.config, sched, torch.tensor([3, 7]),
                         injected_noise([io[f"sample25.noise{k}"] for k in range(5)]))
     assert_tokens(ours)
     assert_tokens(ref)
@@ -131,7 +131,7 @@ def test_sampler_runs_its_own_ops_on_the_stages_host_threads(tiny_v1, assert_tok
     model, io = tiny_v1
     seen = []
 
-    class OneThread(TorchStages):
+    class OneThread(EagerStages):
         host_threads = 1
 
         def velocity(self, ctx, x, t):

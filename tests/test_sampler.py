@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from flowar.sampling.sampler import injected_noise, per_sample_noise, sample
 from flowar.sampling.schedule import build_schedule
-from flowar.sampling.eager import TorchStages
+from flowar.sampling.eager import EagerStages
 from parity import Float64Stages, max_abs
 
 
@@ -53,7 +53,7 @@ def test_skipping_the_null_half_leaves_tokens_unchanged(official_v1, cfg, guidan
     noise = [torch.randn(R, n, 16, generator=gen) for n in model.config.tokens_per_scale]
     traces = []
     with torch.no_grad():
-        ours, _ = sample(TorchStages(model), model.config, build_schedule(25, cfg, guidance, 5), labels,
+        ours, _ = sample(EagerStages(model), model.config, build_schedule(25, cfg, guidance, 5), labels,
                          injected_noise(noise), on_scale=traces.append)
         ref = reference_sample(model, labels, noise, 25, cfg, guidance)
         ours64, _ = sample(Float64Stages(official_v1.model64), model.config, build_schedule(25, cfg, guidance, 5),
@@ -74,7 +74,7 @@ def test_skipping_the_null_half_leaves_tokens_unchanged(official_v1, cfg, guidan
     # and the null half of the noise cannot matter
     zeroed = [torch.cat([n[:2], torch.zeros_like(n[2:])]) for n in noise]
     with torch.no_grad():
-        again, _ = sample(TorchStages(model), model.config, build_schedule(25, cfg, guidance, 5), labels,
+        again, _ = sample(EagerStages(model), model.config, build_schedule(25, cfg, guidance, 5), labels,
                           injected_noise(zeroed))
     assert torch.equal(again, ours)
 
@@ -107,9 +107,9 @@ def test_run_sampling_gives_each_sample_the_same_tokens_in_any_batching(official
     model = official_v1.model
     labels = [3, 7, 1, 1, 0]
     with torch.no_grad():
-        one = run_sampling(TorchStages(model), model.config, labels, build_schedule(6, 4.3, 0.9, 5), seed=5).tokens
-        twos = run_sampling(TorchStages(model), model.config, labels, build_schedule(6, 4.3, 0.9, 5), seed=5, batch_size=2).tokens
-        other_seed = run_sampling(TorchStages(model), model.config, labels, build_schedule(6, 4.3, 0.9, 5), seed=6).tokens
+        one = run_sampling(EagerStages(model), model.config, labels, build_schedule(6, 4.3, 0.9, 5), seed=5).tokens
+        twos = run_sampling(EagerStages(model), model.config, labels, build_schedule(6, 4.3, 0.9, 5), seed=5, batch_size=2).tokens
+        other_seed = run_sampling(EagerStages(model), model.config, labels, build_schedule(6, 4.3, 0.9, 5), seed=6).tokens
         exact = run_sampling(Float64Stages(official_v1.model64), model.config, labels, build_schedule(6, 4.3, 0.9, 5), seed=5).tokens
     # another GEMM row count rounds otherwise: within twice our float32 noise (x2 margin); a wrong draw moves ~1
     assert max_abs(one, twos) <= 4 * max_abs(one, exact), (max_abs(one, twos), max_abs(one, exact))
@@ -121,7 +121,7 @@ def test_noise_of_the_wrong_shape_is_refused(tiny_v1):
     from flowar.errors import FlowARError
     model, io = tiny_v1
     with pytest.raises(FlowARError, match="noise0"):
-        sample(TorchStages(model), model.config, build_schedule(25, 4.3, 0.9, 5), torch.tensor([3, 7, 1]),
+        sample(EagerStages(model), model.config, build_schedule(25, 4.3, 0.9, 5), torch.tensor([3, 7, 1]),
                injected_noise(_noise(io, "sample25")))
 
 

@@ -14,7 +14,7 @@ import torch
 from flowar.config import get_preset
 from flowar.sampling.sampler import per_sample_noise, sample
 from flowar.sampling.schedule import build_schedule, named_schedule
-from flowar.sampling.eager import TorchStages
+from flowar.sampling.eager import EagerStages
 
 
 class ClosedForm:
@@ -103,8 +103,8 @@ def test_where_a_solver_coincides_with_the_official_euler_it_is_bitwise_the_same
     labels = io["sample25.labels"]
     noise = per_sample_noise(3, range(2))
     with torch.no_grad():
-        euler, _ = sample(TorchStages(model), model.config, named_schedule("official", 4.3, 0.9, 5), labels, noise)
-        skip1, _ = sample(TorchStages(model), model.config,
+        euler, _ = sample(EagerStages(model), model.config, named_schedule("official", 4.3, 0.9, 5), labels, noise)
+        skip1, _ = sample(EagerStages(model), model.config,
                           build_schedule(25, 4.3, 0.9, 5, "skip", stride=1, order=3), labels, noise)
     assert torch.equal(euler, skip1)
 

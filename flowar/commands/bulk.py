@@ -181,9 +181,9 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     if bad or not spec.classes:
         raise FlowARError(f"class ids in 0..{m.config.num_classes - 1}", f"{bad or 'none'}", "check --labels")
     from flowar.runtime.load import choose_backend
-    from flowar.sampling.schedule import sampling_schedule
+    from flowar.sampling.schedule import check_settings
     choose_backend(m, spec.backend)                                             # refuse a backend that cannot run
-    sampling_schedule(m.config.n_scales, m.schedule_defaults, **spec.schedule)   # refuse bad values now
+    check_settings(m.schedule_defaults, **spec.schedule)                        # refuse bad values now
     out.mkdir(parents=True, exist_ok=True)
     _check_spec(out, spec)
     shards = shard_ranges(spec.num_images, spec.shard_size)

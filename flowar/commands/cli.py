@@ -6,61 +6,15 @@ status 2; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
-import functools
 import os
-import sys
 import time
 from pathlib import Path
 
 import click
 
-from flowar.errors import FlowARError, one_line
+from flowar.commands.options import CONTEXT, entry_point, schedule_options, user_errors
 from flowar.config import SAMPLING_DEFAULTS
-
-EXIT_USER_ERROR = 2
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-def user_errors(fn):
-    """Turn FlowARError (and unwritable paths) into one line and a non-zero exit."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        debug = kwargs.get("debug", False)
-        try:
-            return fn(*args, **kwargs)
-        except (FlowARError, OSError) as e:     # OSError: what the checks before the work could not foresee
-            if debug:
-                raise
-            click.echo(one_line(e), err=True)
-            sys.exit(EXIT_USER_ERROR)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-    return wrapper
-
-
-def schedule_options(recorded_by: str):
-    """--schedule/--solver/--stride/--steps/--cfg/--guidance, each unset unless given (see sampling_schedule)."""
-    def apply(f):
-        opts = [
-            click.option("--schedule", type=click.Choice(["official", "fast"]),
-                         help=f"official: the official Euler sampler (24 steps per scale); fast: the same steps with "
-                              f"the head run on 1 in 3 and the rest predicted (2.7x fewer head evaluations; images "
-                              f"within ~40 dB of official) [default: official, or {recorded_by}]."),
-            click.option("--solver", type=click.Choice(["euler", "ab2", "heun", "skip"]),
-                         help="Override the schedule's ODE solver."),
-            click.option("--stride", type=int, help="skip solver: run the head on 1 step in N (the schedule's: 3)."),
-            click.option("--steps", type=int, help="Points of the official time grid (25 = 24 steps) [default: the "
-                                                   f"schedule's, or {recorded_by}]."),
-            click.option("--cfg", type=float, help=f"Guidance weight at the last scale, 1 = off [default: "
-                                                   f"{SAMPLING_DEFAULTS['cfg']}, or {recorded_by}]."),
-            click.option("--guidance", type=float, help=f"Guide only at t <= this [default: "
-                                                        f"{SAMPLING_DEFAULTS['guidance']}, or {recorded_by}]."),
-        ]
-        for o in reversed(opts):
-            f = o(f)
-        return f
-    return apply
+from flowar.errors import FlowARError
 
 
 @click.command(context_settings=CONTEXT)
@@ -89,6 +43,9 @@ def schedule_options(recorded_by: str):
 @click.option("--out", type=click.Path(dir_okay=False), help="Write a labelled PNG grid here.")
 @click.option("--save-images", type=click.Path(file_okay=False), help="Write one PNG per sample into this folder.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N] (--ckpt path).")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]),
+              help="--ckpt path: bf16 computes the GEMMs in bf16 with float32 around them (engine directories "
+                   "record their own: flowar-export --precision).")
 @click.option("--threads", type=int, help="CPU cores to compute on [default: every core this process may use].")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
               help="On a CUDA device, capture each scale once and replay it (TensorRT or PyTorch stages; the same "
@@ -96,8 +53,8 @@ def schedule_options(recorded_by: str):
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @user_errors
 def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels, classes, n_per_class, batch_size,
-        schedule, solver, stride, steps, cfg, guidance, seed, noise_file, save_tokens, out, save_images, device, threads,
-        cuda_graphs, debug):
+        schedule, solver, stride, steps, cfg, guidance, seed, noise_file, save_tokens, out, save_images, device,
+        precision, threads, cuda_graphs, debug):
     """Sample images from a FlowAR checkpoint (eager PyTorch) or an engine directory (runtime)."""
     from flowar.io.files import check_writable
     from flowar.pipeline.pipeline import FlowARPipeline
@@ -109,7 +66,7 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
         check_writable(p, is_dir, option)
     with FlowARPipeline.open(ckpt=ckpt, engine_dir=engine_dir, backend=backend, preset=preset, config=config_path,
                              vae=vae, raw_weights=raw_weights, device=device, threads=threads,
-                             cuda_graphs=cuda_graphs) as pipe:
+                             cuda_graphs=cuda_graphs, precision=precision) as pipe:
         config = pipe.config
         sched = pipe.schedule(schedule, num_inference_steps=steps, guidance_scale=cfg, guidance=guidance,
                               solver=solver, stride=stride)
@@ -166,10 +123,10 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
     """Export a checkpoint to per-stage ONNX graphs (and TensorRT plans) with a manifest."""
     from flowar.commands.build import build_engine_dir
     from flowar.io.files import check_writable
-    from flowar.sampling.schedule import sampling_schedule
+    from flowar.sampling.schedule import check_settings
     defaults = SAMPLING_DEFAULTS | {k: v for k, v in dict(schedule=schedule, steps=steps, cfg=cfg,
                                                           guidance=guidance).items() if v is not None}
-    sampling_schedule(2, defaults)                     # refuse values flowar-run would refuse, before any work
+    check_settings(defaults)                           # refuse values flowar-run would refuse, before any work
     check_writable(out, True, "--out")
     from tqdm import tqdm
     bar = tqdm(desc="export", unit="step", disable=None, leave=False)
@@ -406,18 +363,10 @@ def serve_cmd(engine_dir, host, port, replicas, backend, threads, max_n, ray_add
                   backend=backend)
 
 
-def _entry(cmd: click.Command, prog: str):
-    """A console-script entry point: the hub's offline switch is set before anything imports it."""
-    def main() -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        cmd(prog_name=prog)
-    return main
-
-
-run_main = _entry(run, "flowar-run")
-export_main = _entry(export_cmd, "flowar-export")
-train_main = _entry(train_cmd, "flowar-train")
-train_vae_main = _entry(train_vae_cmd, "flowar-train-vae")
-judge_main = _entry(judge_cmd, "flowar-judge")
-sample_main = _entry(sample_cmd, "flowar-sample")
-serve_main = _entry(serve_cmd, "flowar-serve")
+run_main = entry_point(run, "flowar-run")
+export_main = entry_point(export_cmd, "flowar-export")
+train_main = entry_point(train_cmd, "flowar-train")
+train_vae_main = entry_point(train_vae_cmd, "flowar-train-vae")
+judge_main = entry_point(judge_cmd, "flowar-judge")
+sample_main = entry_point(sample_cmd, "flowar-sample")
+serve_main = entry_point(serve_cmd, "flowar-serve")

@@ -86,10 +86,8 @@ def parse_generate(body: bytes, num_classes: int, class_names, max_n: int) -> li
         if k in s and (not isinstance(s[k], (int, float)) or isinstance(s[k], bool)):
             raise RequestError(422, f"{k} a number", repr(s[k]), "send e.g. 4.3")
     try:
-        from flowar.sampling.schedule import sampling_schedule
-        kw = request_schedule(settings)
-        sampling_schedule(2, None, schedule=kw.get("schedule"), steps=kw.get("num_inference_steps"),
-                          cfg=kw.get("guidance_scale"), guidance=kw.get("guidance"))
+        from flowar.sampling.schedule import check_settings
+        check_settings(None, **{k: (float(v) if k in ("cfg", "guidance") else v) for k, v in settings})
     except FlowARError as e:
         raise RequestError(422, e.expected, e.got, e.fix) from None
     return [Item(label, seed, j, settings) for j in range(n)]

@@ -8,6 +8,7 @@ The judge never sees generated images while training, and nothing about it is tu
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,13 +68,31 @@ class Judge:
         return torch.cat([body(to_judge_input(images_B3HW[i:i + batch])) for i in range(0, len(images_B3HW), batch)])
 
 
+def _read_cache(path: Path, key: dict) -> dict | None:
+    """The cached judge's weights if ``path`` holds a judge trained with ``key``; else None (retrain)."""
+    from safetensors import safe_open
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if dict(f.metadata() or {}) != key:
+                return None
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception:   # noqa: BLE001 - an unreadable cache is retrained, not trusted
+        return None
+
+
 def train_judge(epochs: int = 6, seed: int = 0, cache: Path | None = None) -> Judge:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     data = load_animal_mnist(32)
     tr, te = split(data.labels)
     net = JudgeNet(len(data.class_names))
-    if cache is not None and cache.is_file():
-        net.load_state_dict(load_file(str(cache)))
+    # the cache is used only when it says it was trained here, with these settings, on these images
+    key = {"format": "flowar-judge-v1", "epochs": str(epochs), "seed": str(seed),
+           "data": hashlib.sha256(data.images.numpy().tobytes() + data.labels.numpy().tobytes()).hexdigest()}
+    cached = _read_cache(cache, key) if cache is not None else None
+    if cached is not None:
+        net.load_state_dict(cached)
     else:
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
@@ -94,7 +113,7 @@ def train_judge(epochs: int = 6, seed: int = 0, cache: Path | None = None) -> Ju
                 opt.step()
         if cache is not None:
             from flowar.io.files import atomic_write_bytes
-            atomic_write_bytes(cache, lambda t: save_file(net.state_dict(), t))
+            atomic_write_bytes(cache, lambda t: save_file(net.state_dict(), t, metadata=key))
     judge = Judge(net, 0.0)
     pred = judge.classify(data.images[te])
     judge.held_out_accuracy = float((pred == data.labels[te]).float().mean())

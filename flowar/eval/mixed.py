@@ -38,7 +38,7 @@ class _Fp16GemmsInFloat32(TorchDispatchMode):
 
 class OfficialFp16:
     """Sampler stages whose every call runs in the official mixed precision (fp16 autocast),
-    with float32 in and out, wrapping any eager stages (``flowar.sampling.eager.TorchStages``)."""
+    with float32 in and out, wrapping any eager stages (``flowar.sampling.eager.EagerStages``)."""
 
     host_threads = None
 

@@ -105,6 +105,29 @@ def load_extractor(path: str | Path) -> Callable[[Tensor], Tensor]:
     return extract
 
 
+# ---- comparing two samplings of one request ----------------------------------------------------
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """rms(got - ref) / rms(ref): the error relative to the output's own scale."""
+    if not ref.numel():
+        return 0.0
+    d = float((got.double() - ref.double()).pow(2).mean().sqrt())
+    scale = float(ref.double().pow(2).mean().sqrt())
+    e = d / scale if scale > 0 else (0.0 if d == 0 else float("inf"))
+    return e if e == e else float("inf")
+
+
+def deviation(got, ref) -> dict:
+    """How far one sampling of a request is from another of the same labels and noise: token
+    errors (max, mean, relative rms) and, with images, PSNR per image (median, worst)."""
+    d = (got.tokens - ref.tokens).abs()
+    out = {"token_max": float(d.max()), "token_mean": float(d.mean()), "token_rel": relative_error(got.tokens, ref.tokens)}
+    if got.images is not None and ref.images is not None:
+        ps = sorted(psnr_each(got.images, ref.images))
+        out |= {"psnr_median": ps[len(ps) // 2], "psnr_worst": ps[0]}
+    return out
+
+
 # ---- measuring a schedule ----------------------------------------------------------------------
 
 @dataclass(slots=True)
@@ -123,7 +146,7 @@ class QualityReport:
     fid: float | None = None                            # against --fid-stats
 
 
-Sampler = Callable[..., "SampleResult"]     # (schedule) -> the request's SampleResult, same labels and seeds
+Sampler = Callable[..., object]     # (schedule) -> the request's SampleResult (same labels and seeds each time)
 
 
 def stages_sampler(stages, config, labels: list[int], seed: int = 0, batch: int | None = None, decode: bool = True,
@@ -149,21 +172,15 @@ def measure(sample: Sampler, config, labels: list[int], schedule, decode: bool =
     from flowar.sampling.schedule import build_schedule, named_schedule
     run = sample
 
-    def compare(a, b) -> dict:
-        d = (a.tokens - b.tokens).abs()
-        out = {"token_max": float(d.max()), "token_mean": float(d.mean())}
-        if decode:
-            ps = sorted(psnr_each(a.images, b.images))
-            out |= {"psnr_median": ps[len(ps) // 2], "psnr_worst": ps[0]}
-        return out
-
     res = run(schedule)
     rep = QualityReport(schedule.describe(), schedule.head_evals, len(labels), res.seconds)
     official = named_schedule("official", schedule.cfg, schedule.guidance, config.n_scales)
-    ref = res if schedule.plan == official.plan else run(official)
-    rep.vs_official = compare(res, ref)
+    is_official = schedule.plan == official.plan
+    ref = res if is_official else run(official)
+    if not is_official:                      # the official schedule has nothing to be compared with here
+        rep.vs_official = deviation(res, ref)
     if reference is not None:
-        rep.vs_reference = compare(res, reference(schedule))
+        rep.vs_reference = deviation(res, reference(schedule))
     if converged:
         conv = run(build_schedule(CONVERGED_POINTS, schedule.cfg, schedule.guidance, config.n_scales, "euler", "uniform"))
         d = (res.tokens - conv.tokens).abs()
@@ -193,7 +210,8 @@ def report_lines(rep: "QualityReport", seed: int, decode: bool, class_names: lis
     def versus(what: str, d: dict) -> str:
         return (f"vs {what}: tokens max {d['token_max']:.2e} mean {d['token_mean']:.2e}"
                 + (f"; image PSNR median {d['psnr_median']:.1f} dB, worst {d['psnr_worst']:.1f} dB" if decode else ""))
-    out.append(versus("the official schedule (same noise)", rep.vs_official))
+    out.append(versus("the official schedule (same noise)", rep.vs_official) if rep.vs_official else
+               "this is the official schedule (compare other engines with --vs-engine-dir, or another --schedule)")
     if rep.vs_reference:
         out.append(versus(f"{reference}, same samples", rep.vs_reference))
     if rep.vs_converged:

@@ -56,19 +56,28 @@ class Source:
 
 def open_checkpoint(ckpt: str | Path, preset: str | None = None, config_path: str | Path | None = None,
                     vae: str | Path | None = None, use_ema: bool = True, device: str | torch.device = "auto",
-                    config: FlowARConfig | None = None) -> Source:
-    """A checkpoint (official .pth, training checkpoint, or .safetensors) in eager PyTorch."""
-    from flowar.model.checkpoint import load_model
+                    config: FlowARConfig | None = None, precision: str = "fp32") -> Source:
+    """A checkpoint (official .pth, training checkpoint, or .safetensors) in eager PyTorch;
+    ``precision="bf16"``: its GEMMs and convolutions in bf16, float32 around them (the engines'
+    ``torch-bf16``; tensor cores on a GPU)."""
     from flowar.device import resolve_device
-    from flowar.sampling.eager import TorchStages
+    from flowar.model.checkpoint import load_model
+    from flowar.sampling.eager import EagerStages
+    if precision not in ("fp32", "bf16"):
+        raise FlowARError("--precision fp32 or bf16 for a checkpoint", repr(precision), "use --precision bf16")
     dev = resolve_device(device)
     model, ck = load_model(ckpt, preset, config_path, use_ema=use_ema, device=dev, config=config)
     vae_mod = None
     if vae:
         from flowar.model.vae import load_vae
         vae_mod = load_vae(vae, expect_channels=ck.config.latent_channels).to(dev)
-    return Source(TorchStages(model, vae_mod.decode if vae_mod else None), ck.config, ck.class_names, dev,
-                  vae_mod is not None, f"eager PyTorch on {dev}", "torch", model=model, vae=vae_mod)
+    if precision == "bf16":
+        from flowar.runtime.bf16 import bf16_gemms
+        model = bf16_gemms(model)
+        vae_mod = bf16_gemms(vae_mod) if vae_mod is not None else None
+    what = f"eager PyTorch{' (bf16 GEMMs)' if precision == 'bf16' else ''} on {dev}"
+    return Source(EagerStages(model, vae_mod.decode if vae_mod else None), ck.config, ck.class_names, dev,
+                  vae_mod is not None, what, "torch", model=model, vae=vae_mod)
 
 
 def open_engines(engine_dir: str | Path, backend: str = "auto", threads: int | None = None) -> Source:
@@ -88,29 +97,30 @@ def exported_from(engine_dir: str | Path, device: str | torch.device = "auto") -
     from flowar.device import resolve_device
     from flowar.export.manifest import read_manifest
     from flowar.runtime.load import exported_from as load_exported
-    from flowar.sampling.eager import TorchStages
+    from flowar.sampling.eager import EagerStages
     m = read_manifest(engine_dir)
     dev = resolve_device(device)
     model, vae = load_exported(m, dev)
-    return Source(TorchStages(model, vae.decode if vae else None), m.config, m.class_names, dev, vae is not None,
+    return Source(EagerStages(model, vae.decode if vae else None), m.config, m.class_names, dev, vae is not None,
                   f"eager PyTorch on {dev}", "torch", model=model, vae=vae, manifest=m)
 
 
 def open_source(ckpt: str | Path | None = None, engine_dir: str | Path | None = None, *, backend: str = "auto",
                 preset: str | None = None, config_path: str | Path | None = None, vae: str | Path | None = None,
-                raw_weights: bool = False, device: str = "auto", threads: int | None = None) -> Source:
+                raw_weights: bool = False, device: str = "auto", threads: int | None = None,
+                precision: str = "fp32") -> Source:
     """Exactly one of ``ckpt`` (with its options) or ``engine_dir`` (which records them)."""
     if bool(ckpt) == bool(engine_dir):
         raise FlowARError("exactly one of --ckpt or --engine-dir", "both" if ckpt else "neither",
                           "pass --engine-dir DIR (from flowar-export) or --ckpt PATH")
-    if engine_dir and (preset or config_path or vae or raw_weights):
-        raise FlowARError("no --preset/--config/--vae/--raw-weights with --engine-dir", "some of them",
-                          "the engine directory records its config and decoder; drop those options")
+    if engine_dir and (preset or config_path or vae or raw_weights or precision != "fp32"):
+        raise FlowARError("no --preset/--config/--vae/--raw-weights/--precision with --engine-dir", "some of them",
+                          "the engine directory records its config, decoder and precision; drop those options")
     if threads is not None and threads < 1:
         raise FlowARError("--threads >= 1", str(threads), "use e.g. --threads 2, or omit it to use every core")
     if engine_dir:
         return open_engines(engine_dir, backend, threads)
-    return open_checkpoint(ckpt, preset, config_path, vae, not raw_weights, device)
+    return open_checkpoint(ckpt, preset, config_path, vae, not raw_weights, device, precision=precision)
 
 
 def graph_runner(src, cuda_graphs: bool, max_batch: int):

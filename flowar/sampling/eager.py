@@ -14,7 +14,7 @@ from flowar.model.head import HeadContext
 from flowar.model.ar import FlowAR
 
 
-class TorchStages:
+class EagerStages:
     def __init__(self, model: FlowAR, vae_decode: Callable[[Tensor], Tensor] | None = None):
         self.model = model
         self.vae_decode = vae_decode
@@ -47,7 +47,7 @@ class TorchStages:
         return self.vae_decode(latent_BCHW)
 
 
-class OfficialStyleStages(TorchStages):
+class OfficialStyleStages(EagerStages):
     """Eager stages that work the way the official sampler does, for the benchmark baseline:
     the head recomputes its per-scale constants (condition embedding, RoPE, cross keys/values)
     on every ODE step. Use with ``sample(..., official_rows=True)``.

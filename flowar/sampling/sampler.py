@@ -2,7 +2,7 @@
 
 It owns the scale loop, the ODE of each scale (the schedule's solver plan), classifier-free guidance and the hand-off
 between scales, and calls a :class:`Stages` object for everything a network computes. Eager
-sampling passes :class:`flowar.sampling.eager.TorchStages`; the runtime passes engines. Parity between
+sampling passes :class:`flowar.sampling.eager.EagerStages`; the runtime passes engines. Parity between
 paths is then a property of the stages alone.
 
 Rows. With guidance (cfg != 1) the AR runs on 2B rows, ``[labels; null]``, and each scale
@@ -147,22 +147,23 @@ class Workspace:
     def __init__(self, config: FlowARConfig, schedule: Schedule, B: int, R: int, official_rows: bool,
                  device: torch.device | str):
         c = config
-        self.B, self.R, self.S = B, R, (R if official_rows else B)
+        # B samples, R AR rows (2B with guidance), X rows of ODE state (B, or R for the official layout)
+        self.B, self.R, self.X = B, R, (R if official_rows else B)
         n, C = max(c.tokens_per_scale), c.latent_channels
         f32, f64 = torch.float32, torch.float64
         self._store = {
             "draw": torch.zeros(R * n * C, dtype=f32, device=device),        # this scale's noise (R rows)
             "xin": torch.zeros(R * n * C, dtype=f32, device=device),         # head input (B or 2B rows)
-            "x64": torch.zeros(self.S * n * C, dtype=f64, device=device),    # ODE state the head reads
-            "acc64": torch.zeros(self.S * n * C, dtype=f64, device=device),  # accepted state (heun, skip)
+            "x64": torch.zeros(self.X * n * C, dtype=f64, device=device),    # ODE state the head reads
+            "acc64": torch.zeros(self.X * n * C, dtype=f64, device=device),  # accepted state (heun, skip)
             "vnull64": torch.zeros(B * n * C, dtype=f64, device=device),
             "next_in": torch.zeros(R * n * C, dtype=f32, device=device),     # next scale's AR input
             "z": torch.zeros(B * n * C, dtype=f32, device=device),           # this scale's kept sample
         }
         for j in range(schedule.slots):                                      # velocities the solver combines
-            self._store[f"v64_{j}"] = torch.zeros(self.S * n * C, dtype=f64, device=device)
-        self.rows = {"draw": R, "xin": R, "x64": self.S, "acc64": self.S, "vnull64": B, "next_in": R, "z": B} | {
-            f"v64_{j}": self.S for j in range(schedule.slots)}
+            self._store[f"v64_{j}"] = torch.zeros(self.X * n * C, dtype=f64, device=device)
+        self.rows = {"draw": R, "xin": R, "x64": self.X, "acc64": self.X, "vnull64": B, "next_in": R, "z": B} | {
+            f"v64_{j}": self.X for j in range(schedule.slots)}
         self.config = c
         # per scale, the float32 time of each head evaluation, one per row: (evaluations, R)
         self.t_table = [torch.tensor([e.t for e in plan], dtype=torch.float64).to(torch.float32).to(device)[:, None]
@@ -199,7 +200,7 @@ def run_scale(stages: Stages, ws: Workspace, schedule: Schedule, k: int, check: 
     scale's ``next_in``. No allocation of the loop's own; no host sync unless ``check`` asks:
     "step" checks every velocity, "scale" the state once per scale (both name where NaN/Inf came).
     """
-    c, B, R, S = ws.config, ws.B, ws.R, ws.S
+    c, B, R, X = ws.config, ws.B, ws.R, ws.X
     side = c.scales[k]
     cond = stages.ar(k, ws.view("next_in", k) if k > 0 else None)
     if check != "none":
@@ -208,7 +209,7 @@ def run_scale(stages: Stages, ws: Workspace, schedule: Schedule, k: int, check: 
     draw, xin, x64, vnull64 = (ws.view(n, k) for n in ("draw", "xin", "x64", "vnull64"))
     state = {"x": x64, "acc": ws.view("acc64", k)}
     V = [ws.view(f"v64_{j}", k) for j in range(schedule.slots)]
-    x64.copy_(draw[:S])
+    x64.copy_(draw[:X])
     cfg_k = schedule.cfg_k[k]
     t_k = ws.t_table[k]
     for i, ev in enumerate(schedule.plan[k]):
@@ -220,14 +221,14 @@ def run_scale(stages: Stages, ws: Workspace, schedule: Schedule, k: int, check: 
             v64[:B].copy_(v[:B])
             vnull64.copy_(v[B:])
             v64[:B].sub_(vnull64).mul_(cfg_k).add_(vnull64)
-            if S > B:
+            if X > B:
                 v64[B:].copy_(v64[:B])
             rows = R
         else:
-            xin[:S].copy_(x64)
-            v = stages.velocity(ctx, xin[:S], t_k[i, :S])
+            xin[:X].copy_(x64)
+            v = stages.velocity(ctx, xin[:X], t_k[i, :X])
             v64.copy_(v)
-            rows = S
+            rows = X
         if check == "step":
             _finite(v, "velocity", k, side, i)
         if rows_trace is not None:

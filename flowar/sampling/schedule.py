@@ -105,9 +105,6 @@ class Schedule:
     cfg: float
     guidance: float
     t64: torch.Tensor            # (S+1,) float64 reference grid
-    dt64: tuple[float, ...]      # S step sizes t_next - t_cur (negative)
-    t32: torch.Tensor            # (S,) float32 t_cur as the head receives it
-    t_int: torch.Tensor          # (S,) int64 timesteps the head embeds
     cfg_k: tuple[float, ...]     # per scale
     guided: tuple[tuple[bool, ...], ...]   # per scale, per reference step (the official rule)
     solver: str = "euler"
@@ -120,7 +117,18 @@ class Schedule:
 
     @property
     def n_steps(self) -> int:
-        return len(self.dt64)
+        return len(self.t64) - 1
+
+    # The reference grid as the official sampler sees it (for checks and people; the loop reads the plan).
+    @property
+    def t32(self) -> torch.Tensor:
+        """(S,) float32 t_cur as the head receives it."""
+        return self.t64[:-1].to(torch.float32)
+
+    @property
+    def t_int(self) -> torch.Tensor:
+        """(S,) int64 timesteps the head embeds."""
+        return timestep_integers(self.t32)
 
     @property
     def head_evals(self) -> int:
@@ -214,8 +222,7 @@ def _plan_scale(solver: str, t: list[float], guided: tuple[bool, ...], cfg_k: fl
     return plan
 
 
-def build_schedule(num_steps: int, cfg: float, guidance: float, n_scales: int, solver: str = "euler",
-                   grid: str = "official", stride: int = 1, order: int = 3, name: str | None = None) -> Schedule:
+def _check(num_steps: int, cfg: float, guidance: float, solver: str, grid: str, stride: int, order: int) -> None:
     validate_sampling_args(num_steps, cfg, guidance)
     if solver not in SOLVERS:
         raise FlowARError(f"--solver one of {', '.join(SOLVERS)}", repr(solver), "use --solver euler (official)")
@@ -224,10 +231,28 @@ def build_schedule(num_steps: int, cfg: float, guidance: float, n_scales: int, s
     if not (isinstance(stride, int) and 1 <= stride <= 64) or not (isinstance(order, int) and 1 <= order <= 4):
         raise FlowARError("--stride in 1..64 and an order in 1..4 for the skip solver", f"{stride} / {order}",
                           "use e.g. --solver skip --stride 3")
+
+
+def check_settings(recorded: dict | None = None, *, schedule: str | None = None, steps: int | None = None,
+                   cfg: float | None = None, guidance: float | None = None, solver: str | None = None,
+                   stride: int | None = None, order: int | None = None) -> None:
+    """Refuse what :func:`sampling_schedule` would refuse, without building a schedule: what the
+    commands check before any work."""
+    d = SAMPLING_DEFAULTS | {k: v for k, v in (recorded or {}).items() if v is not None}
+    name = schedule or d["schedule"]
+    if name not in SCHEDULES:
+        raise FlowARError(f"--schedule one of {', '.join(SCHEDULES)}", repr(name), "use --schedule official")
+    spec = SCHEDULES[name] | {k: v for k, v in dict(steps=steps if steps is not None else d.get("steps"),
+                                                   solver=solver, stride=stride, order=order).items() if v is not None}
+    _check(spec["steps"], d["cfg"] if cfg is None else cfg, d["guidance"] if guidance is None else guidance,
+           spec["solver"], spec["grid"], spec["stride"] if spec["solver"] == "skip" else 1, spec["order"])
+
+
+def build_schedule(num_steps: int, cfg: float, guidance: float, n_scales: int, solver: str = "euler",
+                   grid: str = "official", stride: int = 1, order: int = 3, name: str | None = None) -> Schedule:
+    _check(num_steps, cfg, guidance, solver, grid, stride, order)
     t64 = time_grid(num_steps, grid)
     t_cur = t64[:-1]
-    dt = (t64[1:] - t_cur).tolist()
-    t32 = t_cur.to(torch.float32)
     cfg_k = tuple(scale_cfg(cfg, k, n_scales) for k in range(n_scales))
     in_interval = [in_guidance_interval(x, guidance) for x in t_cur.tolist()]
     guided = tuple(tuple(ck > 1 and g for g in in_interval) for ck in cfg_k)
@@ -237,8 +262,8 @@ def build_schedule(num_steps: int, cfg: float, guidance: float, n_scales: int, s
     plan = tuple(tuple(_plan_scale(solver, t_list, guided[k], cfg_k[k], guidance, stride, order))
                  for k in range(n_scales))
     slots = {"euler": 1, "ab2": 2, "heun": 2, "skip": order + 1}[solver]
-    return Schedule(num_steps, float(cfg), float(guidance), t64, tuple(dt), t32, timestep_integers(t32), cfg_k, guided,
-                    solver, grid, stride, order, plan, slots, name)
+    return Schedule(num_steps, float(cfg), float(guidance), t64, cfg_k, guided, solver, grid, stride, order, plan,
+                    slots, name)
 
 
 def named_schedule(name: str, cfg: float, guidance: float, n_scales: int, **overrides) -> Schedule:

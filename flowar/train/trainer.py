@@ -21,6 +21,7 @@ the global batch and DDP averages gradients (gloo on CPU, nccl on GPU).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -85,8 +86,10 @@ class Run:                                    # what the loop updates
 
 
 def _gen(*key: int) -> torch.Generator:
-    # One independent stream per (seed, step, rank): resume needs no generator state.
-    return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF)
+    # One independent stream per (seed, step, rank): resume needs no generator state. The seed is
+    # a hash of the key that no Python version or process changes (not the built-in hash()).
+    digest = hashlib.blake2b(("flowar-train:" + ":".join(str(int(k)) for k in key)).encode(), digest_size=8)
+    return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
 
 
 def default_config(latent_side: int, latent_channels: int, num_classes: int, latent_scale: float,
@@ -366,13 +369,13 @@ def sample_grid(ema: FlowAR, args: TrainArgs, class_names: list[str], path: Path
     from flowar.io.images import save_grid
     from flowar.sampling.sampler import per_sample_noise, sample
     from flowar.sampling.schedule import sampling_schedule
-    from flowar.sampling.eager import TorchStages
+    from flowar.sampling.eager import EagerStages
     from flowar.model.vae import load_vae
     c = ema.config
     vae = load_vae(args.vae, expect_channels=c.latent_channels)
     labels = torch.arange(c.num_classes).repeat_interleave(max(1, 40 // c.num_classes))[:max(c.num_classes, 40)]
     ema.eval()
     sched = sampling_schedule(c.n_scales, steps=args.sample_steps, cfg=args.sample_cfg)
-    _, images = sample(TorchStages(ema, vae.decode), c, sched, labels, per_sample_noise(0, range(len(labels))),
+    _, images = sample(EagerStages(ema, vae.decode), c, sched, labels, per_sample_noise(0, range(len(labels))),
                        decode=True)
     save_grid(images, [class_names[i] for i in labels.tolist()], path, columns=max(1, 40 // c.num_classes))
