@@ -5,9 +5,11 @@
 # 2. FlowAR-S (random weights, perturbed) at batch 1 and 32: eager, torch and the CUDA-graph runtime in
 #    fp32 and bf16 autocast, every row with its token difference to eager (parity) beside its time;
 # 3. torch.compile at batch 1 and 32 in fp32 (its compile time reported apart);
-# 4. summary.json: ms per image, ratio to eager and token difference per (dtype, backend, batch).
+# 4. the pipeline as users call it (bench/gpu_pipeline.py): CUDA-graph replay against eager for every
+#    schedule, fp32 and bf16 (bf16 GEMMs), batch 1 and 8, tokens compared, ms per image;
+# 5. summary.json: ms per image, ratio to eager and token difference per (dtype, backend, batch).
 # Each part has its own time limit, so a slow part loses only its own figures; the whole stays
-# under 8 minutes (about 20 s + 90 s + 2 x 100 s + 150 s, plus start-up).
+# under 9 minutes (about 20 s + 90 s + 2 x 100 s + 150 s + 90 s, plus start-up).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out/gpu}"
@@ -24,12 +26,14 @@ PYEOF
   || echo "editable install failed (see install.log)"
 timeout 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_tests.txt" | tail -5
 for dt in fp32 bf16; do
-  timeout 100 "$PY" bench/latency.py --preset "$PRESET" --batch "$BATCHES" --backends eager,torch,cudagraph \
+  timeout 100 "$PY" bench/latency.py --preset "$PRESET" --batch "$BATCHES" --backends eager,cached,cudagraph \
       --dtype "$dt" --repeat 3 --json "$OUT/flowar_s_$dt.json" --plot "$OUT/flowar_s_$dt.png" 2>&1 \
       | tee "$OUT/bench_$dt.txt" | tail -8
 done
 timeout 150 "$PY" bench/latency.py --preset "$PRESET" --batch "$BATCHES" --backends eager,compile --repeat 3 \
     --json "$OUT/flowar_s_compile.json" --plot "" 2>&1 | tee "$OUT/bench_compile.txt" | tail -6
+timeout 90 "$PY" bench/gpu_pipeline.py --preset "$PRESET" --batch 1,8 --out "$OUT/pipeline.json" 2>&1 \
+    | tee "$OUT/pipeline.txt" | tail -10
 "$PY" - "$OUT" <<'PYEOF' 2>&1 | tee "$OUT/summary.txt"
 import json, sys
 from pathlib import Path

@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     from flowar.export.onnx_export import Reduced, export_stage
     from flowar.export.specs import sample_inputs, stage_specs
     from flowar.model.ar import FlowAR
-    from flowar.runtime.precision import bf16_gemms, relative_error
+    from flowar.runtime.bf16 import bf16_gemms
+    from flowar.eval.quality import relative_error
     c = get_preset(a.preset)
     model = FlowAR(c)
     model.load_state_dict(flowar_state_dict(a.preset))

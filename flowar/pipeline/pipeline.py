@@ -118,32 +118,33 @@ class FlowARPipeline:
     def from_pretrained(cls, path: str | Path, *, backend: str = "auto", preset: str | None = None,
                         config: str | Path | None = None, vae: str | Path | None = None,
                         device: str | None = None, threads: int | None = None, raw_weights: bool = False,
-                        cuda_graphs: bool = True) -> "FlowARPipeline":
+                        cuda_graphs: bool = True, precision: str = "fp32") -> "FlowARPipeline":
         """An engine directory (a folder with ``manifest.json``) or a checkpoint file.
 
         ``backend`` (engine directories): ``auto`` (TensorRT where usable, else the directory's
         ``--precision auto`` choice, else ONNX Runtime), ``ort``, ``trt``, ``torch``. ``preset`` /
         ``config`` / ``vae`` / ``raw_weights``: for checkpoints (official files carry no config).
         ``threads``: CPU cores to compute on (default: every core this process may use).
+        ``precision`` (checkpoints): ``bf16`` computes the GEMMs in bf16 with float32 around them.
         """
         p = Path(path)
         if p.is_dir():
             return cls.open(engine_dir=p, backend=backend, preset=preset, config=config, vae=vae, device=device,
-                            threads=threads, raw_weights=raw_weights, cuda_graphs=cuda_graphs)
+                            threads=threads, raw_weights=raw_weights, cuda_graphs=cuda_graphs, precision=precision)
         return cls.open(ckpt=p, backend=backend, preset=preset, config=config, vae=vae, device=device,
-                        threads=threads, raw_weights=raw_weights, cuda_graphs=cuda_graphs)
+                        threads=threads, raw_weights=raw_weights, cuda_graphs=cuda_graphs, precision=precision)
 
     @classmethod
     def open(cls, *, ckpt: str | Path | None = None, engine_dir: str | Path | None = None, backend: str = "auto",
              preset: str | None = None, config: str | Path | None = None, vae: str | Path | None = None,
              device: str | None = None, threads: int | None = None, raw_weights: bool = False,
-             cuda_graphs: bool = True) -> "FlowARPipeline":
+             cuda_graphs: bool = True, precision: str = "fp32") -> "FlowARPipeline":
         """Exactly one of ``ckpt`` or ``engine_dir`` (the commands' ``--ckpt`` / ``--engine-dir``)."""
         if ckpt and backend not in ("auto", "torch"):
             raise FlowARError("--backend auto or torch with --ckpt (engines come from an engine directory)",
                               repr(backend), "export it with flowar-export and pass --engine-dir")
         src = open_source(ckpt, engine_dir, backend=backend, preset=preset, config_path=config, vae=vae,
-                          raw_weights=raw_weights, device=device or "auto", threads=threads)
+                          raw_weights=raw_weights, device=device or "auto", threads=threads, precision=precision)
         return cls(src, cuda_graphs)
 
     # ---- what it is -----------------------------------------------------------------------
