@@ -58,7 +58,8 @@ FP32_SCREEN = 1e-4            # relative rms error of a float32 engine: float32 
 REDUCED_SCREEN = 0.05         # per-stage screen of a reduced engine; the end-to-end check decides
 MIN_PSNR = 30.0               # median dB against float32 (decoded probe samples)
 MAX_TOKEN_REL = 0.05          # without a decoder: relative rms token error against float32
-PROBE_LABELS = 4
+PROBE_LABELS = 4             # samples of the end-to-end check
+TIME_REPEAT = 2              # timed whole images per combination (after one warm-up)
 
 
 # ---- engines by candidate name -----------------------------------------------------------------
@@ -318,7 +319,8 @@ class Probe:
         with torch.inference_mode():
             return run_sampling(stages, self.model.config, labels, self.schedule, 0, decode=self.vae is not None)
 
-    def seconds(self, choice: dict[str, str], repeat: int = 2) -> float:
+    def seconds(self, choice: dict[str, str], repeat: int | None = None) -> float:
+        repeat = repeat or TIME_REPEAT
         with self._stages(choice, 1) as st:
             self._run(st, self.labels[:1])                              # warm-up: sessions, caches, first calls
             times = []

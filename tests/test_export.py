@@ -203,8 +203,10 @@ def test_failed_export_leaves_the_previous_directory(engine_dirs, tmp_path, fixt
 
 
 @pytest.mark.slow
-# S (head Block v1) and H (v2, the largest); L has H's structure at smaller sizes and would add 45 s
-@pytest.mark.parametrize("preset", ["flowar-s", "flowar-h"])
+# FlowAR-S at its real sizes (tokens 256, sequence 341); head Block v2 is exported by the tiny_v2
+# fixture's directory above, FlowAR-L and H for real in bench/RESULTS.md (L and H each add 45 s
+# here), and tests/test_large_weights.py crosses the 2 GB limit
+@pytest.mark.parametrize("preset", ["flowar-s"])
 def test_real_presets_export_ar_and_velocity_with_dynamic_shapes(preset, tmp_path):
     """Real sizes, traced on the meta device (no weights in memory or on disk)."""
     import onnx

@@ -216,7 +216,7 @@ def report_lines(rep: "QualityReport", seed: int, decode: bool, class_names: lis
         out.append(versus(f"{reference}, same samples", rep.vs_reference))
     if rep.vs_converged:
         c = rep.vs_converged
-        out.append(f"vs a converged reference (400 Euler steps): tokens mean {c['token_mean']:.2e} (the official "
+        out.append(f"vs a converged reference ({CONVERGED_POINTS - 1} Euler steps): tokens mean {c['token_mean']:.2e} (the official "
                    f"schedule's: {c['official_token_mean']:.2e}), max {c['token_max']:.2e}")
     if rep.class_accuracy is not None:
         out.append(f"judge (held-out accuracy on real images {rep.judge_held_out_accuracy:.1%}): "
