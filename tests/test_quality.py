@@ -138,3 +138,18 @@ def test_judge_on_an_engine_directory_against_another(fixtures_dir, tmp_path):
     assert res.exit_code == 0, res.output
     vs = json.loads((tmp_path / "eager.json").read_text())["vs_reference"]
     assert 0 < vs["token_max"] <= 1e-3 and vs["psnr_worst"] >= 60, vs
+
+
+def test_the_judge_cache_is_used_only_for_what_it_was_trained_on(tmp_path):
+    from safetensors.torch import save_file
+    from flowar.eval.judge import _read_cache
+    key = {"format": "flowar-judge-v1", "epochs": "6", "seed": "0", "data": "abc"}
+    save_file({"w": torch.ones(2)}, str(tmp_path / "j.safetensors"), metadata=key)
+    assert torch.equal(_read_cache(tmp_path / "j.safetensors", key)["w"], torch.ones(2))
+    assert _read_cache(tmp_path / "j.safetensors", key | {"data": "other images"}) is None
+    assert _read_cache(tmp_path / "j.safetensors", key | {"epochs": "2"}) is None
+    save_file({"w": torch.ones(2)}, str(tmp_path / "old.safetensors"))        # a cache of before: no metadata
+    assert _read_cache(tmp_path / "old.safetensors", key) is None
+    (tmp_path / "bad.safetensors").write_bytes(b"junk")
+    assert _read_cache(tmp_path / "bad.safetensors", key) is None
+    assert _read_cache(tmp_path / "none.safetensors", key) is None
