@@ -115,3 +115,60 @@ def default_auto_engines(tmp_path_factory) -> Path:
     build_engine_dir(DEFAULT_CKPT, d, vae_path=DEFAULT_VAE, max_batch=4, verify=False, precision="auto",
                      auto_candidates=("ort-fp32", "torch-fp32"))
     return d
+
+
+@pytest.fixture(scope="session", autouse=True)
+def export_memo(tmp_path_factory):
+    """Within this pytest process, a stage exported again with the same inputs reuses the first
+    export's files: the ONNX exporter takes ~9 s per tiny stage and the suite exports the same
+    fixtures (tiny_v1, tiny_v2, the default model) many times. The key is everything the graph
+    is made from: the module's class, its weights and buffers (hashed), the config, the dynamic
+    shapes' limits and the precision, and the side of the external-data threshold it falls on
+    (a stage that moves across it is exported again); the exporter is deterministic
+    for those (tests/test_export.py checks it, uncached). Exports in subprocesses (the CLI's kill
+    -9, the 2 GB test, bulk) and without weights are real every time. FLOWAR_EXPORT_MEMO=0 turns
+    it off."""
+    import hashlib
+    import shutil
+    import types
+
+    import flowar.export.onnx_export as onnx_export
+    if os.environ.get("FLOWAR_EXPORT_MEMO") == "0":
+        yield None
+        return
+    real, store, memo = onnx_export.export_stage, tmp_path_factory.mktemp("export-memo"), {}
+
+    def key(spec, module, config, path, max_rows, precision) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        limits = (max(4, max_rows), config.seq_len, max(config.tokens_per_scale))
+        h.update(repr((type(module).__module__, type(module).__qualname__, spec.name, path.name, config.to_json(), limits,
+                       precision, onnx_export.OPSET)).encode())
+        for n, t in module.state_dict(keep_vars=False).items():
+            t = t.detach().contiguous().cpu()
+            h.update(f"{n}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def export_stage(spec, module, config, path, max_rows, precision="fp32", weights=True):
+        if not weights or any(t.is_meta for t in module.state_dict().values()):
+            return real(spec, module, config, path, max_rows, precision, weights)
+        k = key(spec, module, config, path, max_rows, precision)
+        if k in memo:                     # reused where the external-data threshold splits it the same way
+            names, size = memo[k]
+            margin = 1 << 20              # (the graph's bytes stand for its weights' bytes: near the line, export)
+            external = onnx_export.EXTERNAL_DATA_BYTES
+            if len(names) > 1 and size > external + margin or len(names) == 1 and size < external - margin:
+                for n in names:
+                    shutil.copy2(store / k / n, path.with_name(n))
+                return [path.with_name(n) for n in names]
+        files = real(spec, module, config, path, max_rows, precision, weights)
+        shutil.rmtree(store / k, ignore_errors=True)
+        (store / k).mkdir()
+        for f in files:
+            shutil.copy2(f, store / k / f.name)
+        memo[k] = ([f.name for f in files], sum(f.stat().st_size for f in files))
+        return files
+
+    onnx_export.export_stage = export_stage
+    yield types.SimpleNamespace(real=real, memo=memo)
+    onnx_export.export_stage = real
