@@ -70,7 +70,10 @@ def test_a_request_names_its_images_by_seed_and_index():
 
 # ---- bulk sampling ---------------------------------------------------------------------------------
 
-def _sample(engines, out, workers, shard, n=24, wait=True):
+N = 12                                       # images per bulk run: 6 shards of 2, 3 of 4
+
+
+def _sample(engines, out, workers, shard, n=N, wait=True):
     args = [str(EXE / "flowar-sample"), "--engine-dir", str(engines), "--num-images", str(n), "--out", str(out),
             "--shard-size", str(shard), "--workers", str(workers), "--seed", "3"]
     if not wait:
@@ -83,15 +86,12 @@ def _sample(engines, out, workers, shard, n=24, wait=True):
 
 @pytest.mark.slow
 def test_bulk_gives_the_same_bytes_for_any_worker_count_and_resumes_after_kill(engines, tmp_path):
-    _sample(engines, tmp_path / "w1", 1, 4)
     _sample(engines, tmp_path / "w2", 2, 4)
-    one, two = (tmp_path / "w1" / "samples.npz").read_bytes(), (tmp_path / "w2" / "samples.npz").read_bytes()
-    assert one == two
-    z = np.load(tmp_path / "w1" / "samples.npz")
-    assert z["arr_0"].shape == (24, 32, 32, 3) and z["arr_0"].dtype == np.uint8
-    assert z["arr_1"].tolist() == [i % 10 for i in range(24)]                 # class-balanced
-    assert len(list((tmp_path / "w1" / "png").rglob("*.png"))) == 24
-    assert len({z["arr_0"][i].tobytes() for i in range(24)}) == 24            # 24 different images
+    z = np.load(tmp_path / "w2" / "samples.npz")
+    assert z["arr_0"].shape == (N, 32, 32, 3) and z["arr_0"].dtype == np.uint8
+    assert z["arr_1"].tolist() == [i % 10 for i in range(N)]                 # class-balanced
+    assert len(list((tmp_path / "w2" / "png").rglob("*.png"))) == N
+    assert len({z["arr_0"][i].tobytes() for i in range(N)}) == N            # N different images
     ran = json.loads((tmp_path / "w2" / "run.json").read_text())["engines"]
     assert len(ran) == 1 and ran[0].startswith("mixed: auto: ar "), ran        # the engines auto chose
     # kill -9 the driver once some shards are written; the same command then completes the run
@@ -105,15 +105,15 @@ def test_bulk_gives_the_same_bytes_for_any_worker_count_and_resumes_after_kill(e
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = len(list((out / "shards").glob("*.npz")))
-    assert 0 < done_before < 12, done_before
+    assert 0 < done_before < N // 2, done_before
     rerun = _sample(engines, out, 1, 2)
     import re
     kept = int(re.search(r"(\d+) kept from before", rerun.stdout).group(1))
-    assert done_before <= kept < 12, (done_before, kept)         # (a worker may finish its shard after the kill)
-    resumed = np.load(out / "samples.npz")
-    assert np.array_equal(resumed["arr_0"], z["arr_0"]) and np.array_equal(resumed["arr_1"], z["arr_1"])
+    assert done_before <= kept < N // 2, (done_before, kept)         # (a worker may finish its shard after the kill)
+    # one worker, shards of 2, killed and resumed: the bytes of two workers with shards of 4
+    assert (out / "samples.npz").read_bytes() == (tmp_path / "w2" / "samples.npz").read_bytes()
     # another setting into the same folder is refused, not mixed in
-    bad = subprocess.run([str(EXE / "flowar-sample"), "--engine-dir", str(engines), "--num-images", "24", "--out",
+    bad = subprocess.run([str(EXE / "flowar-sample"), "--engine-dir", str(engines), "--num-images", str(N), "--out",
                           str(out), "--shard-size", "2", "--seed", "4"], env=ENV, capture_output=True, text=True)
     assert bad.returncode == 2 and "seed" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -145,7 +145,8 @@ def test_sigkill_during_export_leaves_the_previous_directory_valid(fixtures_dir,
     target = tmp_path / "eng"
     args = [str(EXE / "flowar-export"), "--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny",
             "--out", str(target), "--max-batch", "2", "--no-verify"]
-    subprocess.run(args, check=True, capture_output=True)
+    from flowar.commands.build import build_engine_dir
+    build_engine_dir(fixtures_dir / "tiny_v1.safetensors", target, preset="tiny", max_batch=2, verify=False)   # the previous one
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = None
@@ -163,8 +164,11 @@ def test_sigkill_during_export_leaves_the_previous_directory_valid(fixtures_dir,
     read_manifest(target)                                                      # and still trusted
     with pytest.raises(EngineDirError, match="manifest.json"):
         read_manifest(partial)                                                 # the half-built one is not
-    # the same command again: it succeeds, and what the killed one left is gone
-    subprocess.run(args, check=True, capture_output=True)
+    # the same command again (here in this process): it succeeds, and what the killed one left is gone
+    from click.testing import CliRunner
+    from flowar.commands.cli import export_cmd
+    res = CliRunner().invoke(export_cmd, args[1:])
+    assert res.exit_code == 0, res.output
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".eng.")], list(tmp_path.iterdir())
     read_manifest(target)
 
