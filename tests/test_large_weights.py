@@ -7,7 +7,7 @@ the bounds are about those steps alone: export <= 2.5 x the checkpoint (the chec
 plus one stage's folded weight transposes or its ONNX Runtime session at a time), and sampling
 from the engine directory <= 1.5 x (each graph's weights loaded once).
 
-The files (2.5 GB of checkpoint, 2.5 GB of external data) go to /dev/shm where it has room: the
+The files (2.2 GB of checkpoint, 2.2 GB of external data) go to /dev/shm where it has room: the
 test is about memory and protobuf's limit, and writing 5 GB to this disk took half its time.
 """
 
@@ -25,7 +25,7 @@ import torch
 from flowar.config import FlowARConfig
 
 BIG = FlowARConfig(scales=(1, 2), latent_channels=4, latent_scale=1.0, num_classes=10,
-                   ar_width=4096, ar_heads=32, ar_encoder_depth=1, ar_decoder_depth=1, ar_mlp_hidden=10922,
+                   ar_width=4096, ar_heads=32, ar_encoder_depth=1, ar_decoder_depth=1, ar_mlp_hidden=8192,
                    head_block="v1", head_width=64, head_heads=1, head_depth=1, head_mlp_hidden=170)
 GB = 1e9
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -67,7 +67,7 @@ from flowar.model.ar import FlowAR
 cfg = FlowARConfig.load({str(cfg)!r})
 with torch.device("meta"):
     m = FlowAR(cfg)
-m = m.to_empty(device="cpu")                  # 2.5 GB, filled below without the constructor's init
+m = m.to_empty(device="cpu")                  # 2.2 GB, filled below without the constructor's init
 small = FlowAR(cfg.replace(ar_width=128, ar_heads=1, ar_mlp_hidden=8))   # same scales and head dims: same buffers
 g = torch.Generator().manual_seed(0)
 with torch.no_grad():                         # trained-scale weights (the head's last layer is not zero)
@@ -81,7 +81,7 @@ torch.save(m.state_dict(), {str(ckpt)!r})
 print(json.dumps({{"bytes": sum(v.numel() * 4 for v in m.state_dict().values())}}))
 """)
     size = ckpt.stat().st_size
-    assert size > 2.3 * GB and made["bytes"] > 2.3 * GB
+    assert size > 2.2 * GB and made["bytes"] > 2.2 * GB                   # above 2 GiB (2.147e9)
     labels = [3, 7]
     exported = _python(f"""
 import json
