@@ -18,7 +18,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("FLOWAR_FIXTURES", ROOT.parent / "shared" / "fixtures" / "official"))
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest -n 2 (the README's test command) each worker has a core of its own: most of the
+# suite's time is single-threaded Python (the ONNX exporter, imports, Ray), and two workers with
+# two threads each on two cores ran 1.6x slower than one (spinning thread pools). Tests that are
+# about several cores ask for their threads explicitly.
+if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
+    _cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {_cores[int(os.environ["PYTEST_XDIST_WORKER"][2:]) % len(_cores)]})
+torch.set_num_threads(min(2, len(os.sched_getaffinity(0))))
 
 
 @pytest.fixture(scope="session")
