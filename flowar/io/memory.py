@@ -45,11 +45,6 @@ def peak_rss() -> int:
     return kb * 1024
 
 
-def rss() -> int:
-    kb = _status_kb("VmRSS")
-    return (kb or 0) * 1024
-
-
 def require_free_space(folder: str | Path, needed: int, what: str, option: str = "--out") -> None:
     """A one-line error before any work when ``folder``'s file system has less than ``needed`` bytes free."""
     p = Path(folder)
