@@ -82,7 +82,7 @@ class Manifest:
     schedule_defaults: dict = field(default_factory=dict)   # what flowar-run samples with unless told otherwise
     vae: dict | None = None         # {source, latent_channels, downsample, image_size}; None: tokens only
     tensorrt: dict | None = None    # {flavour, version, plans: stage -> record, compute_capability}
-    auto: dict | None = None        # --precision auto|bf16 on a CPU: what was measured and chosen (runtime.precision)
+    auto: dict | None = None        # --precision auto|bf16 on a CPU: what was measured and chosen (flowar.commands.precision)
     weights: dict | None = None     # {"model"|"vae": {file, sha256[, digest_of]}}: what the chosen PyTorch stages run
     meta: dict = field(default_factory=dict)   # opset, scales, versions, created: for people, not read back
 

@@ -151,7 +151,7 @@ def _open_trt(m: Manifest, specs: dict, stack: contextlib.ExitStack, device, ckp
 def _open_mixed(m: Manifest, specs: dict, stack: contextlib.ExitStack, device, ckpt, threads):
     """What ``flowar-export --precision auto`` measured and chose, per stage."""
     from flowar.engines.cpu import cpu_kind, describe
-    from flowar.runtime.precision import needs_weights, stage_engines
+    from flowar.runtime.candidates import needs_weights, stage_engines
     choice = m.choice
     need = needs_weights(choice)
     model = _dir_model(m) if "model" in need else None

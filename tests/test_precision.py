@@ -14,7 +14,7 @@ from flowar.commands.build import build_engine_dir
 from flowar.runtime.load import open_engine_dir
 from flowar.runtime.bf16 import bf16_gemms
 from flowar.eval.quality import relative_error
-from flowar.runtime.precision import Combination, StageMeasure, combinations, decide, passes
+from flowar.commands.precision import Combination, StageMeasure, combinations, decide, passes
 from flowar.sampling.batches import run_sampling
 from flowar.sampling.schedule import build_schedule
 
@@ -25,7 +25,7 @@ SM = StageMeasure
 def _fewer_probes(monkeypatch):
     """The choice's own measurements at their smallest (2 probe samples, 1 timed image per
     combination): the tests check what is measured and recorded, not how well."""
-    import flowar.runtime.precision as precision
+    import flowar.commands.precision as precision
     monkeypatch.setattr(precision, "PROBE_LABELS", 2)
     monkeypatch.setattr(precision, "TIME_REPEAT", 1)
 
@@ -180,7 +180,7 @@ def test_auto_records_what_it_measured_and_the_runtime_runs_that(fixtures_dir, t
 
 @pytest.mark.slow
 def test_a_reduced_choice_that_does_not_sample_like_fp32_is_not_kept(fixtures_dir, tmp_path, monkeypatch):
-    import flowar.runtime.precision as precision
+    import flowar.commands.precision as precision
     monkeypatch.setattr(precision, "REDUCED_SCREEN", float("inf"))            # every bf16 stage reaches the check
     monkeypatch.setattr(precision, "passes", lambda dev, official: False)     # and none can pass it
     rep = _export(fixtures_dir, tmp_path / "e", ("torch-bf16",))

@@ -3,7 +3,7 @@
 1. :func:`check_request`: every option checked (and TensorRT's presence) before any work;
 2. :func:`export_graphs`: the checkpoint's stages to ONNX, each verified against eager PyTorch;
 3. :func:`choose_engines`: on a CPU with ``--precision auto`` or ``bf16``, the engine and
-   precision of each stage measured on this machine (:mod:`flowar.runtime.precision`), and the
+   precision of each stage measured on this machine (:mod:`flowar.commands.precision`), and the
    weights its PyTorch stages need copied in;
 4. :func:`build_plans`: TensorRT plans (``--backend trt|all``);
 5. the manifest, written last, inside a staged directory that replaces the target only when
@@ -60,7 +60,7 @@ class BuildReport:
     seconds: dict[str, float] = field(default_factory=dict)
     backends: list[str] = field(default_factory=list)
     memory: dict[str, float] = field(default_factory=dict)  # stage -> peak resident GB of its export (+ verify)
-    precision: object = None                             # flowar.runtime.precision.PrecisionReport (auto, bf16)
+    precision: object = None                             # flowar.commands.precision.PrecisionReport (auto, bf16)
 
     def lines(self) -> list[str]:
         """What flowar-export prints: each stage's check and, for measured precision, each choice."""
@@ -82,7 +82,7 @@ def check_request(req: ExportRequest):
         raise FlowARError("--precision auto with --backend ort (it measures CPU engines)", f"--backend {req.backend}",
                           "export TensorRT plans with --precision fp32/fp16/bf16")
     if req.candidates is not None:
-        from flowar.runtime.precision import CANDIDATES
+        from flowar.runtime.candidates import CANDIDATES
         bad = [c for c in req.candidates if c not in CANDIDATES]
         if not req.measured:
             raise FlowARError("--auto-candidates with --precision auto or bf16", f"--precision {req.precision}",
@@ -163,7 +163,8 @@ def choose_engines(req: ExportRequest, model, ck, vae, specs: dict, stages: dict
     """(manifest ``auto``, manifest ``weights``): the measured choice, and the weights its PyTorch
     stages run (the model as safetensors, the VAE as a diffusers folder), each with its sha256."""
     from flowar.export.manifest import sha256_file
-    from flowar.runtime.precision import needs_weights, select
+    from flowar.commands.precision import select
+    from flowar.runtime.candidates import needs_weights
     t0 = time.perf_counter()
     rep = select(model, vae, specs, {n: (tmp / stages[n]["file"], stages[n]["sha256"]) for n in specs},
                  "auto" if req.precision == "auto" else "bf16", req.candidates, progress=say)
@@ -208,7 +209,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
     ``precision``: ``fp32``/``fp16``/``bf16`` graphs (with ``--backend trt|all``, bf16 and fp16
     are TensorRT's strongly typed graphs); on the CPU (``--backend ort``) ``bf16`` takes the
     fastest bf16 engines of this machine per stage and ``auto`` the fastest that samples like
-    float32 (:mod:`flowar.runtime.precision`). ``auto_candidates`` restricts their candidates.
+    float32 (:mod:`flowar.commands.precision`). ``auto_candidates`` restricts their candidates.
     """
     from flowar.export.manifest import Manifest, library_versions, sha256_file, write_manifest
     from flowar.io.files import staged_directory

@@ -49,10 +49,8 @@ import torch
 
 from flowar.errors import FlowARError
 from flowar.eval.quality import deviation, relative_error
-from flowar.runtime.bf16 import bf16_gemms
+from flowar.runtime.candidates import CANDIDATES, REDUCED, stage_engine, stage_engines
 
-CANDIDATES = ("ort-fp32", "torch-fp32", "torch-bf16")
-REDUCED = ("torch-bf16",)
 STAGES = ("ar", "head_prep", "velocity", "decode")
 FP32_SCREEN = 1e-4            # relative rms error of a float32 engine: float32 noise
 REDUCED_SCREEN = 0.05         # per-stage screen of a reduced engine; the end-to-end check decides
@@ -61,43 +59,6 @@ MAX_TOKEN_REL = 0.05          # without a decoder: relative rms token error agai
 PROBE_LABELS = 4             # samples of the end-to-end check
 TIME_REPEAT = 2              # timed whole images per combination (after one warm-up)
 
-
-# ---- engines by candidate name -----------------------------------------------------------------
-
-def stage_engine(stage: str, candidate: str, module, spec, graph=None, sha256: str = "", threads: int | None = None,
-                 limits: tuple[int, int] = (0, 0), cache_dir=None):
-    """The (not yet entered) engine a candidate names for one stage."""
-    from flowar.runtime.engines import OrtEngine, TorchEngine
-    if candidate == "ort-fp32":
-        return OrtEngine(stage, graph, sha256, spec.row_tensors, "CPUExecutionProvider", cache_dir, threads, *limits)
-    if candidate == "torch-fp32":
-        return TorchEngine(stage, module, spec.inputs, spec.outputs)
-    if candidate == "torch-bf16":
-        return TorchEngine(stage, bf16_gemms(module), spec.inputs, spec.outputs)
-    raise FlowARError(f"engine candidates among {', '.join(CANDIDATES)}", repr(candidate), "e.g. ort-fp32,torch-bf16")
-
-
-def stage_engines(choice: dict[str, str], config, model, vae, specs: dict, graphs: dict,
-                  threads: int | None = None, cache_dir=None) -> dict:
-    """Engines for every stage (not entered): ``choice`` where it names one, ONNX Runtime fp32
-    otherwise. ``graphs``: stage -> (ONNX path, sha256)."""
-    from flowar.engines.ort import split_limits
-    out = {}
-    for stage, spec in specs.items():
-        cand = choice.get(stage, "ort-fp32")
-        module = spec.module(model, vae) if cand.startswith("torch") else None
-        out[stage] = stage_engine(stage, cand, module, spec, *graphs[stage], threads,
-                                  split_limits(stage, config), cache_dir)
-    return out
-
-
-def needs_weights(choice: dict[str, str]) -> set[str]:
-    """Which modules the PyTorch stages of a choice need: "model" and/or "vae"."""
-    torch_stages = {s for s, c in choice.items() if c.startswith("torch")}
-    return ({"model"} if torch_stages - {"decode"} else set()) | ({"vae"} if "decode" in torch_stages else set())
-
-
-# ---- measuring ---------------------------------------------------------------------------------
 
 @dataclass(slots=True)
 class StageMeasure:
