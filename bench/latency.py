@@ -165,7 +165,7 @@ def main(argv=None) -> int:
 
 def open_bench_source(spec: BenchSpec) -> tuple[BenchSource, str, bool, bool]:
     """(source, label, random weights, engines in reduced precision)."""
-    from flowar.pipeline.source import exported_from, open_checkpoint
+    from flowar.runtime.source import exported_from, open_checkpoint
     batch = max(spec.batches)
     if spec.engine_dir:
         ref = exported_from(spec.engine_dir, spec.device)

@@ -101,7 +101,7 @@ def test_which_sources_are_captured():
     reference modules behind the runtime) keep their own static-buffer stages; only a checkpoint
     on CUDA is rebuilt on static buffers; on a CPU a checkpoint runs the plain loop."""
     import torch
-    from flowar.pipeline.source import Source, graph_runner
+    from flowar.runtime.source import Source, graph_runner
     stages = object()
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from flowar.config import FlowARConfig
 from flowar.errors import FlowARError
-from flowar.pipeline.source import Source, graph_runner, open_source
+from flowar.runtime.source import Source, graph_runner, open_source
 from flowar.sampling.batches import SampleResult, run_sampling
 from flowar.sampling.labels import ClassNames, class_names_for, label_ids
 from flowar.sampling.sampler import ScaleTrace
