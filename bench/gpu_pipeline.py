@@ -46,7 +46,7 @@ def main(argv=None) -> int:
                                                        precision=precision) for g in (True, False)}
             for schedule in SCHEDULES:
                 for B in (int(b) for b in a.batch.split(",")):
-                    labels = [(7 * i) % pipes[True].config.num_classes for i in range(B)]
+                    labels = [(7 * i) % pipes[True].runtime.config.num_classes for i in range(B)]
                     out = {}
                     for graphs, pipe in pipes.items():
                         first = pipe(labels, seed=1, schedule=schedule, output_type="latent").images   # captures
@@ -57,7 +57,8 @@ def main(argv=None) -> int:
                             t0 = time.perf_counter()
                             tokens = pipe(labels, seed=1, schedule=schedule, output_type="latent").images
                             times.append(time.perf_counter() - t0)
-                        out[graphs] = (tokens.cpu(), first.cpu(), statistics.median(times), pipe.graphs(B))
+                        out[graphs] = (tokens.cpu(), first.cpu(), statistics.median(times),
+                                       "on" if pipe.runtime.runner.capture else "off")
                     d = float((out[True][0] - out[False][0]).abs().max())
                     d_first = float((out[True][1] - out[False][0]).abs().max())
                     good = d <= tol and d_first <= tol

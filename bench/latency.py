@@ -165,15 +165,17 @@ def main(argv=None) -> int:
 
 def open_bench_source(spec: BenchSpec) -> tuple[BenchSource, str, bool, bool]:
     """(source, label, random weights, engines in reduced precision)."""
-    from flowar.runtime.source import exported_from, open_checkpoint
+    from flowar.export.manifest import read_manifest
+    from flowar.runtime.runtime import Runtime, exported_from
     batch = max(spec.batches)
     if spec.engine_dir:
-        ref = exported_from(spec.engine_dir, spec.device)
-        precision = ref.manifest.precision
-        return (BenchSource(ref.model, ref.vae, Path(spec.engine_dir), precision, spec.dtype, batch, spec.device),
-                f"engine dir {spec.engine_dir}", False, precision not in ("fp32", "auto"))
+        m = read_manifest(spec.engine_dir)
+        model, vae = exported_from(m, spec.device)
+        return (BenchSource(model, vae, Path(spec.engine_dir), m.precision, spec.dtype, batch, spec.device),
+                f"engine dir {spec.engine_dir}", False, m.precision not in ("fp32", "auto"))
     if spec.ckpt:
-        ref = open_checkpoint(spec.ckpt, preset=spec.preset, config_path=spec.config, vae=spec.vae, device=spec.device)
+        ref = Runtime.open_checkpoint(spec.ckpt, preset=spec.preset, config=spec.config, vae=spec.vae,
+                                      device=spec.device, cuda_graphs=False)
         return (BenchSource(ref.model, ref.vae, None, None, spec.dtype, batch, spec.device), Path(spec.ckpt).name,
                 False, False)
     from flowar.config import get_preset
@@ -199,8 +201,10 @@ def measure(backends: Backends, name: str, work: Work, schedule_name: str, spec:
     """One backend on one piece of work: its record and tokens. ``reference``: eager's tokens with
     this schedule and with the official one, eager's official median, whether engines are reduced."""
     prepared = backends.prepare(name, work)
-    timing = time_end_to_end(prepared.stages, work, prepared.official_rows, spec.warmup, spec.repeat, prepared.runner)
-    stages, by_scale = ({}, []) if prepared.graphed else stage_split(prepared.stages, work, prepared.official_rows)
+    with prepared.threads():
+        timing = time_end_to_end(prepared.stages, work, prepared.official_rows, spec.warmup, spec.repeat,
+                                 prepared.runner)
+        stages, by_scale = ({}, []) if prepared.graphed else stage_split(prepared.stages, work, prepared.official_rows)
     med, B = timing.median, work.batch
     if stages:
         stages["other"] = max(0.0, med - sum(stages.values()))
@@ -220,11 +224,11 @@ def measure(backends: Backends, name: str, work: Work, schedule_name: str, spec:
 
 
 def run(spec: BenchSpec) -> int:
-    from flowar.sampling.schedule import sampling_schedule
+    from flowar.sampling.schedule import Settings
     source, label, random_weights, reduced = open_bench_source(spec)
     config = source.model.config
-    schedules = {s: sampling_schedule(config.n_scales, schedule=s, steps=spec.steps, cfg=spec.cfg,
-                                      guidance=spec.guidance) for s in spec.schedules}
+    schedules = {s: Settings(schedule=s, steps=spec.steps, cfg=spec.cfg, guidance=spec.guidance).resolve(config.n_scales)
+                 for s in spec.schedules}
     decode = source.vae is not None
     official = schedules["official"]
     print(f"# FlowAR latency: {label}{' (random weights)' if random_weights else ''}, {spec.dtype} PyTorch stages, "

@@ -8,14 +8,17 @@ folders, opened runtimes) and releases all of it when the bench leaves its ``wit
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from latency_measure import StageProbe, Work, run_once
+from latency_measure import Work, run_once
 
 ALL = ("eager", "eager-bf16", "cached", "compile", "ort", "auto", "bf16", "trt", "cudagraph")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -33,20 +36,21 @@ class Prepared:
     runner: object = None           # a ScaleRunner (CUDA graphs), else the sampler's eager loop
     build_s: float | None = None    # export / compile time, reported apart
     note: str = ""
+    threads: Callable = field(default=contextlib.nullcontext)   # the opened runtime's thread policy, applied while timing
 
     @property
     def graphed(self) -> bool:
         return self.runner is not None
 
 
-class Autocast(StageProbe):
+def autocast(inner, device: torch.device, dtype: torch.dtype):
     """Stages whose every call runs under torch.autocast in ``dtype``."""
+    from flowar.sampling.sampler import Hooked
 
-    def __init__(self, inner, device: torch.device, dtype: torch.dtype):
-        def measure(key, fn, *a):
-            with torch.autocast(device.type, dtype=dtype):
-                return fn(*a)
-        super().__init__(inner, measure)
+    def around(kind, fn, *a):
+        with torch.autocast(device.type, dtype=dtype):
+            return fn(*a)
+    return Hooked(inner, around)
 
 
 @dataclass(slots=True)
@@ -80,7 +84,7 @@ class Backends(contextlib.AbstractContextManager):
     # ---- PyTorch -----------------------------------------------------------------------------
 
     def _torch_stages(self, stages, dtype: str):
-        return stages if dtype == "fp32" else Autocast(stages, self.src.device, AUTOCAST[dtype])
+        return stages if dtype == "fp32" else autocast(stages, self.src.device, AUTOCAST[dtype])
 
     def _decode(self):
         return self.src.vae.decode if self.src.vae is not None else None
@@ -132,36 +136,40 @@ class Backends(contextlib.AbstractContextManager):
     # ---- engine directories ------------------------------------------------------------------
 
     def _runtime(self, backend: str, export: str, precision: str, work: Work):
-        """(the pipeline's source opened with ``backend``, export seconds or None): the user's
-        directory, else one exported for this run with ``flowar-export --backend export --precision
-        precision``. Opened through FlowARPipeline, so the bench runs the engines every command runs."""
-        from flowar.pipeline.pipeline import FlowARPipeline
+        """(the runtime opened with ``backend``, export seconds or None): the user's directory, else
+        one exported for this run with ``flowar-export --backend export --precision precision``.
+        Opened as every command opens it (flowar.runtime.runtime.Runtime)."""
+        from flowar.runtime.runtime import Runtime
         d, build_s = self.src.engine_dir, None
         if d is None or (precision != "fp32" and self.src.engine_precision != precision):
             d, build_s = self._export(export, precision)
         key = (d, backend)
         if key not in self._runtimes:
-            self._runtimes[key] = self._stack.enter_context(FlowARPipeline.open(engine_dir=d, backend=backend))
-        src = self._runtimes[key].source
-        if work.batch > src.max_batch:
-            raise Skip(f"batch {work.batch} above the directory's max batch {src.max_batch}")
-        return src, build_s
+            self._runtimes[key] = self._stack.enter_context(Runtime.open_engine_dir(d, backend=backend))
+        rt = self._runtimes[key]
+        if work.batch > rt.max_batch:
+            raise Skip(f"batch {work.batch} above the directory's max batch {rt.max_batch}")
+        return rt, build_s
 
     def _export(self, backend: str, precision: str) -> tuple[Path, float | None]:
+        """An engine directory of the bench's model, made by the flowar-export command (in its own
+        process, as a user makes one)."""
         key = (backend, precision)
         if key in self._dirs:
             return self._dirs[key], None
-        from flowar.commands.build import build_engine_dir
         from flowar.model.checkpoint import save_checkpoint
         tmp = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="flowar-bench-")))
         t0 = time.perf_counter()
         save_checkpoint(tmp / "model.safetensors", self.src.model.state_dict(), self.src.model.config)
-        vae_path = None
+        cmd = [str(Path(sys.executable).parent / "flowar-export"), "--ckpt", str(tmp / "model.safetensors"),
+               "--out", str(tmp / "engines"), "--backend", backend, "--max-batch", str(self.src.max_batch),
+               "--no-verify", "--precision", precision]
         if self.src.vae is not None:
-            vae_path = tmp / "vae"
-            self.src.vae.autoencoder.save_pretrained(vae_path)
-        build_engine_dir(tmp / "model.safetensors", tmp / "engines", vae_path=vae_path, backend=backend,
-                         max_batch=self.src.max_batch, verify=False, precision=precision)
+            self.src.vae.autoencoder.save_pretrained(tmp / "vae")
+            cmd += ["--vae", str(tmp / "vae")]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise Skip(f"flowar-export failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
         self._dirs[key] = tmp / "engines"
         return tmp / "engines", time.perf_counter() - t0
 
@@ -169,14 +177,14 @@ class Backends(contextlib.AbstractContextManager):
         rt, build_s = self._runtime("ort", "ort", "fp32", work)
         p = rt.manifest.precision
         return Prepared(rt.stages, False, "fp32" if p == "auto" else p, build_s=build_s,
-                        note=rt.detail + (f", export {build_s:.0f} s" if build_s else ""))
+                        note=rt.detail + (f", export {build_s:.0f} s" if build_s else ""), threads=rt.threads.applied)
 
     def _measured(self, work: Work, precision: str) -> Prepared:
         """The runtime on what `flowar-export --precision auto|bf16` measured and chose on this machine."""
         rt, build_s = self._runtime("auto", "ort", precision, work)
         choice = rt.manifest.choice or {}
         return Prepared(rt.stages, False, f"{precision}: " + ", ".join(f"{s} {c}" for s, c in choice.items()),
-                        build_s=build_s,
+                        build_s=build_s, threads=rt.threads.applied,
                         note=rt.detail + (f", export and measure {build_s:.0f} s" if build_s else ""))
 
     def _auto(self, work: Work) -> Prepared:
@@ -189,5 +197,6 @@ class Backends(contextlib.AbstractContextManager):
         if not torch.cuda.is_available():
             raise Skip("TensorRT needs a CUDA GPU")
         rt, build_s = self._runtime("trt", "trt", "fp32", work)
-        return Prepared(rt.stages, False, rt.manifest.precision, build_s=build_s, note=rt.detail)
+        return Prepared(rt.stages, False, rt.manifest.precision, build_s=build_s, note=rt.detail,
+                        threads=rt.threads.applied)
 

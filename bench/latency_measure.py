@@ -73,44 +73,19 @@ def time_end_to_end(stages, work: Work, official_rows: bool, warmup: int, repeat
     return Timing(times, tokens.cpu())
 
 
-class StageProbe:
-    """Wraps any Stages; every call goes through ``measure(key, fn, *args)``: key ar, head
-    (prepare + velocity) or decode."""
-
-    def __init__(self, inner, measure):
-        self.inner, self.measure = inner, measure
-        self.host_threads = getattr(inner, "host_threads", None)
-
-    def start(self, labels):
-        self.inner.start(labels)
-
-    def ar(self, k, x):
-        return self.measure("ar", self.inner.ar, k, x)
-
-    def prepare(self, k, cond):
-        return self.measure("head", self.inner.prepare, k, cond)
-
-    def velocity(self, ctx, x, t):
-        return self.measure("head", self.inner.velocity, ctx, x, t)
-
-    def decode(self, latent):
-        return self.measure("decode", self.inner.decode, latent)
+KIND = {"ar": "ar", "prepare": "head", "velocity": "head", "decode": "decode"}     # the sampler's calls -> STAGE_KEYS
 
 
-class StageClock(StageProbe):
-    """Times each stage call: CUDA events on a GPU (no synchronisation until :meth:`totals`), the
-    host clock on a CPU. The AR step opens a scale, so head time is also kept per scale."""
+class StageClock:
+    """Times each stage call (an ``around`` for :class:`flowar.sampling.sampler.Hooked`): CUDA
+    events on a GPU (no synchronisation until :meth:`totals`), the host clock on a CPU. The AR step
+    opens a scale, so head time is also kept per scale."""
 
-    def __init__(self, inner, device: torch.device):
-        super().__init__(inner, self._timed)
+    def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.device = device
         self.marks: list[tuple[str, int, object, object]] = []     # (key, scale, start, end)
         self._k = 0
-
-    def ar(self, k, x):
-        self._k = k
-        return super().ar(k, x)
 
     def _now(self):
         if self.cuda:
@@ -119,10 +94,14 @@ class StageClock(StageProbe):
             return e
         return time.perf_counter()
 
-    def _timed(self, key, fn, *a):
+    def __call__(self, kind, fn, *a):
+        if kind == "start":
+            return fn(*a)
+        if kind == "ar":
+            self._k = a[0]
         t0 = self._now()
         out = fn(*a)
-        self.marks.append((key, self._k, t0, self._now()))
+        self.marks.append((KIND[kind], self._k, t0, self._now()))
         return out
 
     def totals(self, n_scales: int) -> tuple[dict[str, float], list[float]]:
@@ -138,8 +117,9 @@ class StageClock(StageProbe):
 
 def stage_split(stages, work: Work, official_rows: bool) -> tuple[dict[str, float], list[float]]:
     """One instrumented pass (after the timed ones): seconds per stage and head seconds per scale."""
-    clock = StageClock(stages, work.device)
-    run_once(clock, work, official_rows)
+    from flowar.sampling.sampler import Hooked
+    clock = StageClock(work.device)
+    run_once(Hooked(stages, clock), work, official_rows)
     return clock.totals(work.config.n_scales)
 
 
@@ -161,16 +141,18 @@ def official_flops(model, vae, schedule, B: int) -> dict[str, int]:
     """FLOPs of one official-style sample of batch B, per stage, counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
     from flowar.sampling.eager import OfficialStyleStages
+    from flowar.sampling.sampler import Hooked
 
     counted = dict.fromkeys(STAGE_KEYS, 0)
 
-    def count(key, fn, *a):
+    def count(kind, fn, *a):
         with FlopCounterMode(display=False) as fc:
             out = fn(*a)
-        counted[key] += fc.get_total_flops()
+        if kind in KIND:
+            counted[KIND[kind]] += fc.get_total_flops()
         return out
 
     dev = next(model.parameters()).device
     work = Work(model.config, schedule, torch.zeros(B, dtype=torch.int64, device=dev), 0, vae is not None, dev)
-    run_once(StageProbe(OfficialStyleStages(model, vae.decode if vae is not None else None), count), work, True)
+    run_once(Hooked(OfficialStyleStages(model, vae.decode if vae is not None else None), count), work, True)
     return counted

@@ -72,15 +72,19 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     url = a.url
     tmp = None
-    if url is None:
-        from flowar.commands.build import build_engine_dir
-        from flowar.commands.serve import serve_forever
+    server = None
+    if url is None:                           # the commands a user runs, each in its own process
+        import subprocess
+        bindir = Path(sys.executable).parent
         tmp = tempfile.TemporaryDirectory()
         eng = Path(tmp.name) / "engines"
-        build_engine_dir(ROOT / "models/default/flowar.safetensors", eng, vae_path=ROOT / "models/default/vae",
-                         max_batch=a.max_batch, verify=False)
-        serve_forever(str(eng), "127.0.0.1", a.port, 2, 16, 1, None, block=False)
+        subprocess.run([str(bindir / "flowar-export"), "--ckpt", str(ROOT / "models/default/flowar.safetensors"),
+                        "--vae", str(ROOT / "models/default/vae"), "--out", str(eng), "--max-batch", str(a.max_batch),
+                        "--no-verify"], check=True, stdout=subprocess.DEVNULL)
+        server = subprocess.Popen([str(bindir / "flowar-serve"), "--engine-dir", str(eng), "--port", str(a.port),
+                                   "--threads", "2"], stderr=subprocess.PIPE, text=True)
         url = f"http://127.0.0.1:{a.port}"
+        server.stderr.readline()              # "serving ... Ctrl-C stops": the replica is up
     try:
         health = get(url, "/health")
         load(url, 8, 8, a.timeout, seed0=10_000)                           # warm-up, not measured
@@ -101,11 +105,10 @@ def main(argv=None) -> int:
         atomic_write_bytes(a.json, lambda t: Path(t).write_text(json.dumps(out, indent=1)))
         return 0
     finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=60)
         if tmp is not None:
-            from ray import serve
-            serve.shutdown()
-            import ray
-            ray.shutdown()
             tmp.cleanup()
 
 

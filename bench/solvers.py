@@ -45,19 +45,20 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=21, help="batch-1 latency: median over this many runs")
     ap.add_argument("--out", default="bench/out/solvers.md")
     a = ap.parse_args(argv)
-    from flowar.commands.build import build_engine_dir
+    import subprocess
     from flowar.config import SAMPLING_DEFAULTS
     from flowar.eval.judge import train_judge
     from flowar.io.files import atomic_write_bytes, check_writable
     from flowar.eval.quality import measure, stages_sampler
     from flowar.sampling.batches import run_sampling
-    from flowar.runtime.load import open_engine_dir
+    from flowar.runtime.runtime import Runtime
     from flowar.sampling.schedule import build_schedule
     check_writable(a.out, False, "--out")
     judge = train_judge(cache=ROOT / ".cache" / "flowar-judge.safetensors")
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        build_engine_dir(a.ckpt, Path(tmp) / "e", vae_path=a.vae, max_batch=8, verify=False)
-        with open_engine_dir(Path(tmp) / "e", "ort") as rt:
+        subprocess.run([str(Path(sys.executable).parent / "flowar-export"), "--ckpt", a.ckpt, "--vae", a.vae,
+                        "--out", str(Path(tmp) / "e"), "--max-batch", "8", "--no-verify"], check=True)
+        with Runtime.open_engine_dir(Path(tmp) / "e", backend="ort") as rt:
             c = rt.config
             labels = [k for k in range(c.num_classes) for _ in range(a.per_class)]
             rows = []

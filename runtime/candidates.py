@@ -23,11 +23,11 @@ REDUCED = ("torch-bf16",)
 
 
 def stage_engine(stage: str, candidate: str, module, spec, graph=None, sha256: str = "", threads: int | None = None,
-                 limits: tuple[int, int] = (0, 0), cache_dir=None):
+                 limits: tuple[int, int] = (0, 0), cache_dir=None, provider: str = "CPUExecutionProvider"):
     """The (not yet entered) engine a candidate names for one stage."""
     from flowar.runtime.engines import OrtEngine, TorchEngine
     if candidate == "ort-fp32":
-        return OrtEngine(stage, graph, sha256, spec.row_tensors, "CPUExecutionProvider", cache_dir, threads, *limits)
+        return OrtEngine(stage, graph, sha256, spec.row_tensors, provider, cache_dir, threads, *limits)
     if candidate == "torch-fp32":
         return TorchEngine(stage, module, spec.inputs, spec.outputs)
     if candidate == "torch-bf16":
@@ -36,16 +36,16 @@ def stage_engine(stage: str, candidate: str, module, spec, graph=None, sha256: s
 
 
 def stage_engines(choice: dict[str, str], config, model, vae, specs: dict, graphs: dict,
-                  threads: int | None = None, cache_dir=None) -> dict:
+                  threads: int | None = None, cache_dir=None, provider: str = "CPUExecutionProvider") -> dict:
     """Engines for every stage (not entered): ``choice`` where it names one, ONNX Runtime fp32
-    otherwise. ``graphs``: stage -> (ONNX path, sha256)."""
+    (on ``provider``) otherwise. ``graphs``: stage -> (ONNX path, sha256)."""
     from flowar.engines.ort import split_limits
     out = {}
     for stage, spec in specs.items():
         cand = choice.get(stage, "ort-fp32")
         module = spec.module(model, vae) if cand.startswith("torch") else None
         out[stage] = stage_engine(stage, cand, module, spec, *graphs[stage], threads,
-                                  split_limits(stage, config), cache_dir)
+                                  split_limits(stage, config), cache_dir, provider)
     return out
 
 

@@ -67,12 +67,6 @@ class EngineStages:
         self.prefix = torch.zeros(self.max_rows, c.seq_len, c.latent_channels, device=device)
         self.pos = [grid_positions(s).to(device) for s in c.scales]
         self.R = 0
-        # Engines computing on this process's CPU cores with threads of their own (ONNX Runtime):
-        # the sampler's own ops (a few KB per step) run on one PyTorch thread, so that its spinning
-        # OpenMP workers leave the cores to them. Not when a stage runs in PyTorch itself: it
-        # would get that one thread too.
-        self.host_threads = 1 if device.type == "cpu" and all(
-            getattr(e, "cpu", False) for e in engines.values()) else None
 
     def _io(self, stage: str, k: int, rows: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         spec = self.specs[stage]

@@ -106,7 +106,6 @@ class TeacherForced:
     """Stages whose AR step returns given semantics per scale (teacher forcing): each scale's ODE
     is then checked on its own, without what earlier scales carried over."""
 
-    host_threads = None
 
     def __init__(self, inner: EagerStages, conds: list[Tensor]):
         self.inner = inner

@@ -7,7 +7,7 @@ import torch
 from flowar.runtime.cudagraph import GraphRunner
 from flowar.runtime.stages import torch_engine_stages
 from flowar.sampling.sampler import injected_noise, sample
-from flowar.sampling.schedule import build_schedule, named_schedule
+from flowar.sampling.schedule import Settings, build_schedule
 from flowar.sampling.eager import EagerStages
 
 
@@ -20,19 +20,20 @@ def test_the_graph_runner_reuses_one_workspace_per_shape_and_matches_eager(tiny_
     runner = GraphRunner("cpu", capture=False)
     st = torch_engine_stages(model, 2, "cpu")
     traces = []
-    for sched in (build_schedule(25, 4.3, 0.9, 5), named_schedule("fast", 4.3, 0.9, 5)):
+    for sched in (build_schedule(25, 4.3, 0.9, 5), Settings(schedule="fast").resolve(5)):
         with torch.no_grad():
             a, _ = sample(st, model.config, sched, io["sample25.labels"], _noise(io), runner=runner)
-            before = ({k: ws.addresses() for k, (_, ws) in runner.workspaces.items()}, st.buffers.addresses())
-            b, _ = sample(st, model.config, sched, io["sample25.labels"], _noise(io), runner=runner,
-                          on_scale=traces.append)
+            before = ({k: ws.addresses() for k, ws in runner.workspaces.items()}, st.buffers.addresses())
+            again = Settings(schedule="fast").resolve(5) if sched.name == "fast" else build_schedule(25, 4.3, 0.9, 5)
+            b, _ = sample(st, model.config, again, io["sample25.labels"], _noise(io), runner=runner,
+                          on_scale=traces.append)                 # an equal schedule, built anew: the same workspace
             eager, _ = sample(EagerStages(model), model.config, sched, io["sample25.labels"], _noise(io))
-        after = ({k: ws.addresses() for k, (_, ws) in runner.workspaces.items()}, st.buffers.addresses())
+        after = ({k: ws.addresses() for k, ws in runner.workspaces.items()}, st.buffers.addresses())
         assert after == before and torch.equal(a, b)            # nothing re-allocated between calls
         if sched.name is None:
             assert_tokens(a)
-        assert (a - eager).abs().max().item() <= 1e-4 or sched.name == "fast"
-    assert len(runner.workspaces) == 2                            # one per (batch, rows, schedule)
+        assert (a - eager).abs().max().item() <= 1e-4, sched.name  # every schedule, the fast one too
+    assert len(runner.workspaces) == 2                            # one per (batch, rows, schedule value)
     assert [len(t.head_rows) for t in traces] == [24] * 5 + [9] * 5      # each plan ran under the runner
 
 
@@ -97,20 +98,27 @@ def test_cuda_graph_replay_matches_eager_cuda(tiny_v1):
 
 
 def test_which_sources_are_captured():
-    """flowar-run's choice, without a GPU: engine directories (ONNX Runtime, TensorRT, or the
-    reference modules behind the runtime) keep their own static-buffer stages; only a checkpoint
-    on CUDA is rebuilt on static buffers; on a CPU a checkpoint runs the plain loop."""
-    import torch
-    from flowar.runtime.source import Source, graph_runner
-    stages = object()
+    """flowar-run's choice, without a GPU: on a CUDA device TensorRT and PyTorch stages are captured
+    (a checkpoint is PyTorch, behind static buffers), ONNX Runtime sessions are not; on a CPU
+    nothing is, and --no-cuda-graphs turns capture off."""
+    from flowar.runtime.runtime import captures
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [captures(cuda, b) for b in ("trt", "torch", "ort", "measured")] == [True, True, False, False]
+    assert not any(captures(cpu, b) for b in ("trt", "torch", "ort"))
+    assert not captures(cuda, "trt", cuda_graphs=False)
 
-    def src(backend, device, manifest):
-        return Source(stages, None, None, device, True, "", backend, manifest=manifest)
-    for backend, capture in (("torch", True), ("trt", True), ("ort", False)):
-        runner, st, _ = graph_runner(src(backend, cuda, object()), True, 2)
-        assert st is stages and runner.capture is capture, backend
-        runner, st, what = graph_runner(src(backend, cpu, object()), True, 2)
-        assert st is stages and runner.capture is False and "CPU" in what
-    assert graph_runner(src("torch", cpu, None), True, 2) == (None, stages, "off")
-    assert graph_runner(src("trt", cuda, object()), False, 2) == (None, stages, "off")
+
+def test_batches_are_padded_to_a_captured_bucket_and_the_padding_is_dropped(tiny_v1):
+    """A runner that captures runs a batch of 3 in its bucket of 4 (one graph set, not one per
+    size): the three samples are those of eager sampling, and what was padded never comes out."""
+    from flowar.sampling.batches import run_sampling
+    model, _ = tiny_v1
+    runner = _RecordingRunner("cpu", capture=True, buckets=(1, 2, 4))
+    st = torch_engine_stages(model, 4, "cpu")
+    sched = build_schedule(5, 4.3, 0.9, 5)
+    with torch.no_grad():
+        got = run_sampling(st, model.config, [3, 7, 1], sched, 9, runner=runner)
+        want = run_sampling(EagerStages(model), model.config, [3, 7, 1], sched, 9)
+    assert {k[0] for k in runner.graphs} == {4} and len(runner.workspaces) == 1
+    assert got.tokens.shape[0] == 3 and (got.tokens - want.tokens).abs().max().item() <= 1e-4
+    assert [runner.bucket(b) for b in (1, 2, 3, 4, 5)] == [1, 2, 4, 4, 5]

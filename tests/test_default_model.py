@@ -40,16 +40,16 @@ def test_onnx_runtime_matches_eager_at_45_db_and_fp16_runs(eager, tmp_path):
     kw = dict(schedule=build_schedule(25, 4.3, 0.9, ck.config.n_scales), seed=7, decode=True)
     with torch.inference_mode():
         ref = run_sampling(stages, ck.config, labels, **kw)
-    from flowar.runtime.load import open_engine_dir
+    from flowar.runtime.runtime import Runtime
     rep = build_engine_dir(CKPT, tmp_path / "fp32", vae_path=VAE, max_batch=4)
     assert all(c.worst <= 1e-4 for c in rep.checks), rep.checks
-    with open_engine_dir(tmp_path / "fp32", "ort") as rt:
+    with Runtime.open_engine_dir(tmp_path / "fp32", backend="ort") as rt:
         got = run_sampling(rt.stages, rt.config, labels, **kw)
     assert (got.tokens - ref.tokens).abs().max().item() <= 1e-3
     p32 = psnr(got.images, ref.images)
     assert p32 >= 45.0, p32
     build_engine_dir(CKPT, tmp_path / "fp16", vae_path=VAE, max_batch=4, precision="fp16", verify=False)
-    with open_engine_dir(tmp_path / "fp16", "ort") as rt:
+    with Runtime.open_engine_dir(tmp_path / "fp16", backend="ort") as rt:
         half = run_sampling(rt.stages, rt.config, labels, **kw)
     p16 = psnr(half.images, got.images)
     print(f"\nPSNR ORT fp32 vs eager: {p32:.1f} dB; ORT fp16 vs ORT fp32: {p16:.1f} dB")

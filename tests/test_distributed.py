@@ -47,9 +47,9 @@ def engines(default_auto_engines):
     (b'{"label": 1, "n": 0}', 422, "n an integer in 1..16"),
     (b'{"label": 1, "n": 17}', 422, "n an integer in 1..16"),
     (b'{"label": 1, "seed": -1}', 422, "seed an integer"),
-    (b'{"label": 1, "schedule": "turbo"}', 422, "schedule among official, fast"),
-    (b'{"label": 1, "cfg": 99}', 422, "--cfg in [1, 50]"),
-    (b'{"label": 1, "steps": 1}', 422, "--steps an integer in 2..1000"),
+    (b'{"label": 1, "schedule": "turbo"}', 422, "expected schedule one of official, fast"),
+    (b'{"label": 1, "cfg": 99}', 422, "expected cfg in [1, 50]"),
+    (b'{"label": 1, "steps": 1}', 422, "expected steps an integer in 2..1000"),
     (b'{"label": 1, "colour": "red"}', 422, "fields among"),
     (b'{"label": 1, "pad": "' + b"x" * 20000 + b'"}', 413, "at most 16384 bytes"),
 ])
@@ -65,7 +65,8 @@ def test_a_request_names_its_images_by_seed_and_index():
     from flowar.commands.serve import parse_generate
     items = parse_generate(b'{"class": "cat", "seed": 7, "n": 3, "schedule": "fast"}', 10, ["bear", "bird", "cat"], 16)
     assert [(i.label, i.seed, i.index) for i in items] == [(2, 7, 0), (2, 7, 1), (2, 7, 2)]
-    assert items[0].settings == (("schedule", "fast"),)
+    from flowar.sampling.schedule import Settings
+    assert items[0].settings == Settings(schedule="fast")
 
 
 # ---- bulk sampling ---------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ def test_bulk_gives_the_same_bytes_for_any_worker_count_and_resumes_after_kill(e
     assert len(list((tmp_path / "w2" / "png").rglob("*.png"))) == N
     assert len({z["arr_0"][i].tobytes() for i in range(N)}) == N            # N different images
     ran = json.loads((tmp_path / "w2" / "run.json").read_text())["engines"]
-    assert len(ran) == 1 and ran[0].startswith("mixed: auto: ar "), ran        # the engines auto chose
+    assert len(ran) == 1 and ran[0].startswith("measured: auto: "), ran          # the engines auto chose
     # kill -9 the driver once some shards are written; the same command then completes the run
     out = tmp_path / "killed"
     proc = _sample(engines, out, 1, 2, wait=False)
@@ -183,7 +184,7 @@ def test_served_images_are_flowar_runs_and_bad_requests_leave_it_serving(server,
         status, answer = _post(server, body)
         assert status == code and answer["error"].startswith("expected"), (body, status, answer)
     status, health = _get(server, "/health")
-    assert status == 200 and health["backend"] == "mixed" and health["engines"].startswith("auto: ar "), health
+    assert status == 200 and health["backend"] == "measured" and health["engines"].startswith("auto: "), health
     # 12 concurrent requests: batches larger than one form
     before = len(_get(server, "/v1/stats")[1]["batches"])
     threads = [threading.Thread(target=_post, args=(server, {"label": i % 10, "seed": i})) for i in range(12)]

@@ -99,10 +99,10 @@ def test_onnx_runtime_reproduces_official_tokens(engine_dirs, fixtures_dir, name
     from safetensors.torch import load_file
     io = load_file(str(fixtures_dir / f"{name}_io.safetensors"))
     from flowar.sampling.batches import run_sampling
-    from flowar.runtime.load import open_engine_dir
+    from flowar.runtime.runtime import Runtime
     noise = tmp_path / "N.safetensors"
     save_file({f"noise{k}": io[f"sample25.noise{k}"].contiguous() for k in range(5)}, str(noise))
-    with open_engine_dir(engine_dirs[name][0], "ort") as rt:
+    with Runtime.open_engine_dir(engine_dirs[name][0], backend="ort") as rt:
         assert rt.backend == "ort"
         res = run_sampling(rt.stages, rt.config, [3, 7], build_schedule(25, 4.3, 0.9, 5), noise_file=noise)
     assert_tokens(res.tokens, name)
@@ -163,8 +163,8 @@ def test_blocks_with_several_threads_each_get_their_own_session(engine_dirs):
 def test_velocity_bindings_are_made_once_per_scale_and_row_count(engine_dirs):
     """The ODE loop must replay bindings: one per (scale, rows) however many steps and samples."""
     from flowar.sampling.batches import run_sampling
-    from flowar.runtime.load import open_engine_dir
-    with open_engine_dir(engine_dirs["tiny_v1"][0], "ort") as rt:
+    from flowar.runtime.runtime import Runtime
+    with Runtime.open_engine_dir(engine_dirs["tiny_v1"][0], backend="ort") as rt:
         traces = []
         for seed in (0, 1):
             traces += run_sampling(rt.stages, rt.config, [3, 7], build_schedule(25, 4.3, 0.9, 5), seed=seed).traces
@@ -258,13 +258,13 @@ def test_tensorrt_runtime_reproduces_official_tokens(fixtures_dir, tmp_path):
         pytest.skip("needs TensorRT or TensorRT-RTX")
     from safetensors.torch import load_file
     from flowar.sampling.batches import run_sampling
-    from flowar.runtime.load import open_engine_dir
+    from flowar.runtime.runtime import Runtime
     io = load_file(str(fixtures_dir / "tiny_v1_io.safetensors"))
     d = tmp_path / "trt"
     build_engine_dir(fixtures_dir / "tiny_v1.safetensors", d, preset="tiny", backend="trt", max_batch=2, verify=False)
     noise = tmp_path / "N.safetensors"
     save_file({f"noise{k}": io[f"sample25.noise{k}"].contiguous() for k in range(5)}, str(noise))
-    with open_engine_dir(d, "trt") as rt:
+    with Runtime.open_engine_dir(d, backend="trt") as rt:
         res = run_sampling(rt.stages, rt.config, [3, 7], build_schedule(25, 4.3, 0.9, 5), noise_file=noise, device=rt.device)
     assert (res.tokens - io["sample25.tokens"]).abs().max().item() <= 1e-2
 
@@ -275,7 +275,7 @@ def test_weights_in_external_data_are_exported_verified_run_and_checked(fixtures
     tiny fixture with a threshold between its AR's weights (2.7 MB) and its head's (3.9 MB): the
     directory records and checks those files, and samples the official tokens."""
     import flowar.export.onnx_export as onnx_export
-    from flowar.runtime.load import open_engine_dir
+    from flowar.runtime.runtime import Runtime
     from flowar.sampling.batches import run_sampling
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 3_300_000)
     d = tmp_path / "ext"
@@ -293,7 +293,7 @@ def test_weights_in_external_data_are_exported_verified_run_and_checked(fixtures
         assert (d / info["file"]).stat().st_size < data.stat().st_size     # the graph without its weights
     _, io = tiny_v1
     save_file({f"noise{k}": io[f"sample25.noise{k}"].contiguous() for k in range(5)}, str(tmp_path / "n.safetensors"))
-    with open_engine_dir(d, "ort") as rt:
+    with Runtime.open_engine_dir(d, backend="ort") as rt:
         res = run_sampling(rt.stages, rt.config, [3, 7], build_schedule(25, 4.3, 0.9, 5),
                            noise_file=tmp_path / "n.safetensors")
         assert not rt.stages.engines["velocity"].splittable              # one session: weights loaded once

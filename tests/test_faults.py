@@ -203,16 +203,16 @@ def test_too_little_disk_is_one_line_before_any_work(fixtures_dir, tmp_path, mon
 def test_engine_dir_from_another_checkpoint_is_refused_for_the_torch_backend(fixtures_dir, tmp_path):
     from flowar.commands.build import build_engine_dir
     from flowar.errors import FlowARError
-    from flowar.runtime.load import open_engine_dir
+    from flowar.runtime.runtime import Runtime
     d = tmp_path / "e"
     build_engine_dir(fixtures_dir / "tiny_v1.safetensors", d, preset="tiny", max_batch=1, verify=False)
     with pytest.raises(FlowARError, match="the checkpoint the engine directory was exported from"):
-        open_engine_dir(d, "torch", ckpt=fixtures_dir / "tiny_v2.safetensors")
+        Runtime.open_engine_dir(d, backend="torch", ckpt=fixtures_dir / "tiny_v2.safetensors")
 
 
 def test_tensorrt_plans_for_another_version_or_gpu_are_refused(monkeypatch):
     import flowar.engines.trt as trt_mod
-    from flowar.runtime import load
+    from flowar.runtime import runtime as load
     from types import SimpleNamespace
     m = SimpleNamespace(tensorrt={"flavour": "tensorrt", "version": "10.0", "compute_capability": "sm90", "plans": {}})
     assert load._trt_usable(SimpleNamespace(tensorrt=None)) == (False, "the directory has no TensorRT plans")
@@ -255,11 +255,11 @@ def test_check_scale_names_the_scale_once_and_check_none_leaves_it_to_the_caller
     """check="scale" (the GPU default: one sync per scale) catches a NaN at the end of its scale."""
     from flowar.errors import FlowARError
     from flowar.sampling.sampler import per_sample_noise, sample
-    from flowar.sampling.schedule import sampling_schedule
+    from flowar.sampling.schedule import Settings
     from flowar.sampling.eager import EagerStages
     model, _ = tiny_v1
     c = model.config
-    sched = sampling_schedule(c.n_scales, steps=5)
+    sched = Settings(steps=5).resolve(c.n_scales)
     st = _NaNAtScale(EagerStages(model), 2)
     with torch.inference_mode():
         with pytest.raises(FlowARError) as e:

@@ -32,8 +32,8 @@ def test_the_blocker_blocks():
 
 def test_import_flowar_and_every_module_without_the_heavy_packages():
     """Every module of the installed packages (walked, not listed by hand) imports without them."""
-    from test_layers import ROOT, modules
-    names = sorted(modules(ROOT))
+    from test_layers import INSTALLED, ROOT, modules
+    names = sorted(modules(ROOT, INSTALLED))
     assert len(names) > 40
     code = "import importlib\nfor n in " + repr(names) + ":\n    importlib.import_module(n)\nprint('ok')"
     p = _probe(code)

@@ -105,7 +105,7 @@ import json
 from flowar import FlowARPipeline
 with FlowARPipeline.from_pretrained({str(out)!r}) as pipe:
     t = pipe({labels!r}, seed=2, output_type="latent").images
-print(json.dumps({{"peak": _peak(), "tokens": t.flatten().tolist(), "backend": pipe.backend}}))
+print(json.dumps({{"peak": _peak(), "tokens": t.flatten().tolist(), "backend": pipe.runtime.backend}}))
 """)
     assert ran["backend"] == "ort" and ran["peak"] <= 1.5 * size, ran["peak"] / GB
     assert exported["eager_peak"] <= 2.5 * size                   # eager on the mapped .pth: no second copy

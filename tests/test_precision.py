@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from flowar.commands.build import build_engine_dir
-from flowar.runtime.load import open_engine_dir
+from flowar.runtime.runtime import Runtime
 from flowar.runtime.bf16 import bf16_gemms
 from flowar.eval.quality import relative_error
 from flowar.commands.precision import Combination, StageMeasure, combinations, decide, passes
@@ -93,13 +93,11 @@ def test_the_official_mixed_precision_is_emulated_faithfully(tiny_v1):
 class OfficialVelocityOnly:
     """Only the head under the emulation (the real-autocast reference above converts only it)."""
 
-    host_threads = None
-
     def __init__(self, emulated):
         self.e = emulated
 
     def __getattr__(self, name):
-        return getattr(self.e.stages, name)
+        return getattr(self.e.inner, name)
 
     def velocity(self, ctx, x, t):
         return self.e.velocity(ctx, x, t)
@@ -153,29 +151,29 @@ def test_auto_records_what_it_measured_and_the_runtime_runs_that(fixtures_dir, t
     assert m["auto"]["combinations"][0]["seconds"] > 0 and m["auto"]["machine"]["model"]
     assert m["weights"]["model"]["file"] == "weights.safetensors" and "vae" not in m["weights"]
     assert any("pipeline" in line and "kept" in line for line in rep.lines())
-    with open_engine_dir(tmp_path / "torch", "auto") as rt:
-        assert rt.backend == "mixed" and "velocity torch-fp32" in rt.detail
-        assert rt.stages.host_threads is None            # PyTorch stages keep every thread PyTorch has
-        res = run_sampling(rt.stages, rt.config, [3, 7], sched, noise_file=tmp_path / "n.safetensors")
+    with Runtime.open_engine_dir(tmp_path / "torch", backend="auto") as rt:
+        assert rt.backend == "measured" and rt.detail == "auto: torch-fp32"      # one engine for every stage
+        assert rt.threads.host == rt.threads.cores >= 1  # PyTorch stages keep every core
+        res = rt.sample([3, 7], sched, noise_file=tmp_path / "n.safetensors", decode=False)
     assert_tokens(res.tokens)
     # ONNX Runtime chosen: no weights carried; --backend ort ignores the choice altogether
     _export(fixtures_dir, tmp_path / "ort", ("ort-fp32",))
     m = json.loads((tmp_path / "ort" / "manifest.json").read_text())
     assert m["weights"] is None and not (tmp_path / "ort" / "weights.safetensors").exists()
-    with open_engine_dir(tmp_path / "ort", "auto") as rt:
-        assert rt.detail.startswith("auto: ar ort-fp32") and rt.stages.host_threads == 1
-        assert_tokens(run_sampling(rt.stages, rt.config, [3, 7], sched, noise_file=tmp_path / "n.safetensors").tokens)
+    with Runtime.open_engine_dir(tmp_path / "ort", backend="auto") as rt:
+        assert rt.detail == "auto: ort-fp32" and rt.threads.host == 1   # ONNX Runtime's threads compute
+        assert_tokens(rt.sample([3, 7], sched, noise_file=tmp_path / "n.safetensors", decode=False).tokens)
     # measured on another CPU: said, not hidden
     import flowar.engines.cpu
     monkeypatch.setattr(flowar.engines.cpu, "cpu_kind", lambda: {"model": "Another CPU", "flags": ["amx_bf16"]})
-    with open_engine_dir(tmp_path / "torch", "auto") as rt:
+    with Runtime.open_engine_dir(tmp_path / "torch", backend="auto") as rt:
         assert "re-export here to measure this CPU" in rt.detail
     # the weights the PyTorch stages run are checked like the graphs
     w = tmp_path / "torch" / "weights.safetensors"
     w.write_bytes(w.read_bytes()[:-8] + b"\0" * 8)
     from flowar.export.manifest import EngineDirError
     with pytest.raises(EngineDirError, match="sha256"):
-        open_engine_dir(tmp_path / "torch", "auto")
+        Runtime.open_engine_dir(tmp_path / "torch", backend="auto")
 
 
 @pytest.mark.slow
@@ -209,11 +207,11 @@ def test_bf16_takes_a_bf16_engine_for_every_stage_and_reports_its_deviation(tmp_
     assert m["precision"] == "bf16" and set(m["weights"]) == {"model", "vae"}
     sched = build_schedule(25, 4.3, 0.9, 4)
     labels = [0, 3, 6, 9]
-    with open_engine_dir(tmp_path / "bf16") as rt:
-        assert rt.backend == "mixed" and rt.detail.startswith("bf16: ar torch-bf16")
-        got = run_sampling(rt.stages, rt.config, labels, sched, 5, decode=True)
+    with Runtime.open_engine_dir(tmp_path / "bf16") as rt:
+        assert rt.backend == "measured" and rt.detail == "bf16: torch-bf16"
+        got = rt.sample(labels, sched, seed=5)
     from flowar import FlowARPipeline
     with FlowARPipeline.from_pretrained(DEFAULT_CKPT, vae=DEFAULT_VAE) as pipe:        # eager fp32
-        ref = pipe.sample(labels, sched, seed=5)
+        ref = pipe.runtime.sample(labels, sched, seed=5)
     ps = sorted(psnr_each(got.images, ref.images))
     assert ps[len(ps) // 2] >= 30.0 and ps[-1] < 80, ps                       # bf16 moves them, a little

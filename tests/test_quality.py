@@ -153,3 +153,27 @@ def test_the_judge_cache_is_used_only_for_what_it_was_trained_on(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"junk")
     assert _read_cache(tmp_path / "bad.safetensors", key) is None
     assert _read_cache(tmp_path / "none.safetensors", key) is None
+
+
+def test_the_judge_is_chosen_by_the_checkpoint_metadata_or_by_the_flag(fixtures_dir, monkeypatch):
+    """The Animal-MNIST judge runs for a checkpoint whose metadata says it was trained on
+    Animal-MNIST (the shipped model) or when --judge names it; never by guessing from class names."""
+    import flowar.eval.judge as judge
+    from conftest import DEFAULT_CKPT, DEFAULT_VAE
+    from flowar.commands.cli import judge_cmd
+
+    class Called(Exception):
+        pass
+
+    def called(cache=None):
+        raise Called()
+    monkeypatch.setattr(judge, "train_judge", called)
+    base = ["--per-class", "1", "--classes-limit", "1", "--steps", "3"]
+    default = ["--ckpt", str(DEFAULT_CKPT), "--vae", str(DEFAULT_VAE)]
+    assert isinstance(CliRunner().invoke(judge_cmd, default + base).exception, Called)          # its metadata
+    res = CliRunner().invoke(judge_cmd, default + base + ["--judge", "none"])
+    assert res.exit_code == 0 and "accuracy" not in res.output.lower(), res.output
+    tiny = ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny"]
+    assert CliRunner().invoke(judge_cmd, tiny + base).exit_code == 0                           # no metadata: none
+    res = CliRunner().invoke(judge_cmd, tiny + base + ["--judge", "animal-mnist"])
+    assert res.exit_code == 2 and "a 10-class model with a decoder" in res.output, res.output

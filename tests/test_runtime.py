@@ -127,25 +127,26 @@ def test_worker_errors_reach_the_caller_after_every_block_finished():
         w.close()
 
 
-def test_sampler_runs_its_own_ops_on_the_stages_host_threads(tiny_v1, assert_tokens):
-    model, io = tiny_v1
+def test_the_thread_policy_is_resolved_at_open_and_applied_while_sampling(fixtures_dir, monkeypatch):
+    """threads= is honoured for a checkpoint (PyTorch computes every stage there, so every stage
+    call sees it), restored after sampling; engines that compute on ONNX Runtime's own threads
+    leave PyTorch one thread; a bad count is refused when the source is opened."""
+    from flowar.engines.ort import cpu_threads
+    from flowar.errors import FlowARError
+    from flowar.runtime.runtime import Runtime, Threads
     seen = []
-
-    class OneThread(EagerStages):
-        host_threads = 1
-
-        def velocity(self, ctx, x, t):
-            seen.append(torch.get_num_threads())
-            return super().velocity(ctx, x, t)
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        sched = build_schedule(25, 4.3, 0.9, 5)
-        noise = [io[f"sample25.noise{k}"] for k in range(5)]
-        with torch.no_grad():
-            got, _ = sample(OneThread(model), model.config, sched, torch.tensor([3, 7]), injected_noise(noise))
-        assert set(seen) == {1} and torch.get_num_threads() == 2      # restored after sampling
-        assert_tokens(got)
-    finally:
-        torch.set_num_threads(before)
+    with Runtime.open_checkpoint(fixtures_dir / "tiny_v1.safetensors", config=fixtures_dir / "tiny_v1.config.json",
+                                 threads=1) as rt:
+        inner = rt.stages.velocity
+        monkeypatch.setattr(rt.stages, "velocity", lambda *a: seen.append(torch.get_num_threads()) or inner(*a))
+        before = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            rt.sample([3, 7], build_schedule(5, 4.3, 0.9, 5), decode=False)
+            assert set(seen) == {1} and torch.get_num_threads() == 2        # applied while sampling, restored after
+        finally:
+            torch.set_num_threads(before)
+    assert Threads.resolve(None, False) == Threads(cpu_threads(), 1)
+    assert Threads.resolve(3, True) == Threads(3, 3)
+    with pytest.raises(FlowARError, match="--threads >= 1"):
+        Runtime.open_checkpoint(fixtures_dir / "tiny_v1.safetensors", threads=0)

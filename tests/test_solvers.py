@@ -13,14 +13,13 @@ import torch
 
 from flowar.config import get_preset
 from flowar.sampling.sampler import per_sample_noise, sample
-from flowar.sampling.schedule import build_schedule, named_schedule
+from flowar.sampling.schedule import Settings, build_schedule
 from flowar.sampling.eager import EagerStages
 
 
 class ClosedForm:
     """Stages whose velocity is a known function of (x, t); the AR and head constants are dummies."""
 
-    host_threads = None
 
     def __init__(self, fn):
         self.fn = fn
@@ -103,15 +102,15 @@ def test_where_a_solver_coincides_with_the_official_euler_it_is_bitwise_the_same
     labels = io["sample25.labels"]
     noise = per_sample_noise(3, range(2))
     with torch.no_grad():
-        euler, _ = sample(EagerStages(model), model.config, named_schedule("official", 4.3, 0.9, 5), labels, noise)
+        euler, _ = sample(EagerStages(model), model.config, Settings(schedule="official", cfg=4.3, guidance=0.9).resolve(5), labels, noise)
         skip1, _ = sample(EagerStages(model), model.config,
                           build_schedule(25, 4.3, 0.9, 5, "skip", stride=1, order=3), labels, noise)
     assert torch.equal(euler, skip1)
 
 
 def test_fast_evaluates_the_head_at_guidance_switches_and_restarts_there():
-    s = named_schedule("fast", 4.3, 0.9, 5)
-    assert s.head_evals == 45 and named_schedule("official", 4.3, 0.9, 5).head_evals == 120
+    s = Settings(schedule="fast", cfg=4.3, guidance=0.9).resolve(5)
+    assert s.head_evals == 45 and Settings(schedule="official", cfg=4.3, guidance=0.9).resolve(5).head_evals == 120
     t = s.t64.tolist()
     for k, plan in enumerate(s.plan):
         evaluated = [t.index(e.t) for e in plan]
@@ -132,4 +131,23 @@ def test_schedule_arguments_are_checked():
     with pytest.raises(FlowARError, match="--stride"):
         build_schedule(25, 4.3, 0.9, 5, "skip", stride=0)
     with pytest.raises(FlowARError, match="--schedule one of"):
-        named_schedule("turbo", 4.3, 0.9, 5)
+        Settings(schedule="turbo")
+
+
+def test_settings_are_checked_when_built_and_resolve_over_the_recorded_defaults():
+    """One settings object for every entry point: strict types (a served "5" or true is not a step
+    count), the user's fields over an engine directory's recorded defaults over the official
+    defaults, and a schedule that is a value (the same settings give an equal, equally hashed one)."""
+    from flowar.errors import FlowARError
+    for bad in (dict(steps="5"), dict(steps=True), dict(cfg=True), dict(cfg="4.3"), dict(steps=1), dict(cfg=0.5),
+                dict(guidance=1.5), dict(solver="rk4"), dict(stride=0), dict(schedule="turbo")):
+        with pytest.raises(FlowARError):
+            Settings(**bad)
+    recorded = {"schedule": "fast", "cfg": 3.0, "guidance": 0.9}
+    s = Settings(steps=7).resolve(5, recorded)
+    assert (s.solver, s.num_steps, s.cfg, s.guidance, s.stride) == ("skip", 7, 3.0, 0.9, 3) and s.name is None
+    s = Settings(cfg=2.0, schedule="official").resolve(5, recorded)
+    assert (s.solver, s.num_steps, s.cfg, s.name) == ("euler", 25, 2.0, "official")
+    assert Settings().resolve(5).cfg == 4.3 and Settings().resolve(5, recorded).name == "fast"
+    a, b = Settings(schedule="fast").resolve(5), Settings(schedule="fast").resolve(5)
+    assert a is not b and a == b and hash(a) == hash(b) and a != Settings(schedule="fast", cfg=4.0).resolve(5)

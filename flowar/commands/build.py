@@ -243,7 +243,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
         manifest = Manifest(
             root=tmp, config=config, stages=stages, precision=req.precision, max_batch=req.max_batch,
             checkpoint={"file": req.ckpt.name, "source": str(req.ckpt.resolve()), "sha256": sha256_file(req.ckpt),
-                        "weights": ck.source},
+                        "weights": ck.source, "data": ck.metadata.get("data")},
             class_names=ck.class_names,
             schedule_defaults=req.schedule_defaults or dict(SAMPLING_DEFAULTS),
             vae=None if vae is None else {"source": str(req.vae_path.resolve()), "latent_channels": vae.latent_channels,

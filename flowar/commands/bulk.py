@@ -31,7 +31,7 @@ class BulkSpec:
     num_images: int
     classes: list[int]            # sample i gets classes[i % len(classes)]
     seed: int
-    schedule: dict                # sampling_schedule keywords (schedule, steps, cfg, guidance, solver, stride)
+    schedule: dict                # the sampling Settings given (schedule, steps, cfg, guidance, solver, stride)
     shard_size: int
     threads: int                  # per worker; the same for every worker count, so results are too
     backend: str = "auto"         # as flowar-run --backend: auto = the engines chosen for this machine
@@ -69,27 +69,18 @@ def shard_is_done(out: Path, j: int, start: int, end: int) -> bool:
         return False
 
 
-def schedule_keywords(settings: dict) -> dict:
-    """BulkSpec.schedule (the command's option names) as pipeline.schedule() keywords."""
-    names = {"schedule": "schedule", "steps": "num_inference_steps", "cfg": "guidance_scale", "guidance": "guidance",
-             "solver": "solver", "stride": "stride"}
-    return {names[k]: v for k, v in settings.items()}
-
-
 class ShardSampler:
     """The body of one Ray Data actor: the pipeline opened once (the engines flowar-run would
     choose; CUDA graphs captured at start on a GPU), shards sampled and written."""
 
     def __init__(self, spec: dict, out: str):
-        import torch
         from flowar.pipeline.pipeline import FlowARPipeline
+        from flowar.sampling.schedule import Settings
         self.spec = BulkSpec(**spec)
         self.out = Path(out)
-        torch.set_num_threads(self.spec.threads)
-        self.pipe = FlowARPipeline.open(engine_dir=self.spec.engine_dir, backend=self.spec.backend,
-                                        threads=self.spec.threads)
-        self.schedule = self.pipe.schedule(**schedule_keywords(self.spec.schedule))
-        self.pipe.warm_up(sorted({self.pipe.max_batch, self.spec.shard_size % self.pipe.max_batch} - {0}), self.schedule)
+        self.pipe = FlowARPipeline.from_pretrained(self.spec.engine_dir, backend=self.spec.backend,
+                                                   threads=self.spec.threads)
+        self.schedule = self.pipe.runtime.schedule(Settings.of(self.spec.schedule))
 
     def sample_shard(self, j: int, start: int, end: int) -> float:
         from flowar.io.files import write_npz
@@ -97,8 +88,7 @@ class ShardSampler:
         t0 = time.perf_counter()
         idx = list(range(start, end))
         labels = [self.spec.classes[i % len(self.spec.classes)] for i in idx]
-        res = self.pipe.sample(labels, self.schedule, seed=self.spec.seed, indices=idx,
-                               batch_size=self.pipe.max_batch)
+        res = self.pipe.runtime.sample(labels, self.schedule, seed=self.spec.seed, indices=idx)
         save_images(res.images, self.out / "png" / f"{j:05d}", first=start)      # named by sample index
         write_npz(shard_path(self.out, j), {"images": to_uint8(res.images), "labels": np.asarray(labels, np.int64),
                                             "indices": np.asarray(idx, np.int64)})
@@ -107,7 +97,7 @@ class ShardSampler:
     def __call__(self, batch: dict) -> dict:
         secs = [self.sample_shard(int(j), int(s), int(e)) for j, s, e in zip(batch["shard"], batch["start"], batch["end"])]
         return {"shard": np.asarray(batch["shard"]), "seconds": np.asarray(secs),
-                "engines": np.asarray([f"{self.pipe.backend}: {self.pipe.detail}"] * len(secs))}
+                "engines": np.asarray([f"{self.pipe.runtime.backend}: {self.pipe.runtime.detail}"] * len(secs))}
 
 
 def _check_spec(out: Path, spec: BulkSpec) -> None:
@@ -180,10 +170,10 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     bad = [c for c in spec.classes if not 0 <= c < m.config.num_classes]
     if bad or not spec.classes:
         raise FlowARError(f"class ids in 0..{m.config.num_classes - 1}", f"{bad or 'none'}", "check --labels")
-    from flowar.runtime.load import choose_backend
-    from flowar.sampling.schedule import check_settings
+    from flowar.runtime.runtime import choose_backend
+    from flowar.sampling.schedule import Settings
     choose_backend(m, spec.backend)                                             # refuse a backend that cannot run
-    check_settings(m.schedule_defaults, **spec.schedule)                        # refuse bad values now
+    Settings.of(spec.schedule)                                                  # refuse bad values now
     out.mkdir(parents=True, exist_ok=True)
     _check_spec(out, spec)
     shards = shard_ranges(spec.num_images, spec.shard_size)

@@ -60,32 +60,32 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
     from flowar.pipeline.pipeline import FlowARPipeline
     from flowar.sampling.batches import write_outputs
     from flowar.sampling.labels import parse_labels
-    from flowar.sampling.sampler import host_threads
+    from flowar.sampling.schedule import Settings
+    settings = Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance, solver=solver, stride=stride)
     for p, is_dir, option in ((save_tokens, False, "--save-tokens"), (out, False, "--out"),
                               (save_images, True, "--save-images")):
         check_writable(p, is_dir, option)
-    with FlowARPipeline.open(ckpt=ckpt, engine_dir=engine_dir, backend=backend, preset=preset, config=config_path,
-                             vae=vae, raw_weights=raw_weights, device=device, threads=threads,
-                             cuda_graphs=cuda_graphs, precision=precision) as pipe:
-        config = pipe.config
-        sched = pipe.schedule(schedule, num_inference_steps=steps, guidance_scale=cfg, guidance=guidance,
-                              solver=solver, stride=stride)
-        if (out or save_images) and not pipe.decodes:
-            raise FlowARError("a VAE to decode images for --out/--save-images",
-                              "an engine directory exported without --vae" if engine_dir else "no --vae",
-                              "pass --vae PATH (or re-export with --vae), or use --save-tokens only")
-        ids = parse_labels(config.num_classes, pipe.class_names, labels, classes, n_per_class)
-        batch_size = pipe.batch_size(batch_size)
-        click.echo(f"backend: {pipe.detail}; schedule: {sched.describe()}; CUDA graphs "
-                   f"{pipe.graphs(batch_size or len(ids))}", err=True)
-        with host_threads(threads):
-            result = pipe.sample(ids, sched, seed=seed, noise_file=noise_file, batch_size=batch_size,
-                                 decode=bool(out or save_images), progress=True)
-        names = pipe.class_names
-    lines = write_outputs(result, names, save_tokens, out, save_images, n_per_class if n_per_class > 1 else None)
-    click.echo(f"sampled {len(ids)} x {config.latent_size}x{config.latent_size} token maps with {pipe.detail} in "
-               f"{result.seconds:.2f} s ({sched.name or sched.solver}, {sched.head_evals} head evaluations per sample, "
-               f"cfg {sched.cfg}, guidance {sched.guidance})")
+    if bool(ckpt) == bool(engine_dir):
+        raise FlowARError("exactly one of --ckpt or --engine-dir", "both" if ckpt else "neither",
+                          "pass --engine-dir DIR (from flowar-export) or --ckpt PATH")
+    from flowar.runtime.runtime import Runtime
+    with FlowARPipeline(Runtime.open(engine_dir or ckpt, bool(engine_dir), backend=backend, preset=preset,
+                                     config=config_path, vae=vae, raw_weights=raw_weights, device=device,
+                                     threads=threads, cuda_graphs=cuda_graphs, precision=precision)) as pipe:
+        rt = pipe.runtime
+        if out or save_images:
+            rt.require_decoder()
+        sched = rt.schedule(settings)
+        ids = parse_labels(rt.config.num_classes, rt.class_names, labels, classes, n_per_class)
+        click.echo(f"backend: {rt.detail}; schedule: {sched.describe()}; CUDA graphs "
+                   f"{'on' if rt.runner.capture else 'off'}", err=True)
+        result = rt.sample(ids, sched, seed=seed, noise_file=noise_file, batch_size=batch_size,
+                           decode=bool(out or save_images), progress=True)
+    lines = write_outputs(result, rt.class_names, save_tokens, out, save_images, n_per_class if n_per_class > 1 else None)
+    side = rt.config.latent_size
+    click.echo(f"sampled {len(ids)} x {side}x{side} token maps with {rt.detail} in {result.seconds:.2f} s "
+               f"({sched.name or sched.solver}, {sched.head_evals} head evaluations per sample, cfg {sched.cfg}, "
+               f"guidance {sched.guidance})")
     for line in lines:
         click.echo("  " + line)
 
@@ -123,10 +123,9 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
     """Export a checkpoint to per-stage ONNX graphs (and TensorRT plans) with a manifest."""
     from flowar.commands.build import build_engine_dir
     from flowar.io.files import check_writable
-    from flowar.sampling.schedule import check_settings
-    defaults = SAMPLING_DEFAULTS | {k: v for k, v in dict(schedule=schedule, steps=steps, cfg=cfg,
-                                                          guidance=guidance).items() if v is not None}
-    check_settings(defaults)                           # refuse values flowar-run would refuse, before any work
+    from flowar.sampling.schedule import Settings
+    # checked now, before any work (flowar-run would refuse what Settings refuses)
+    defaults = Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance).over(SAMPLING_DEFAULTS).given()
     check_writable(out, True, "--out")
     from tqdm import tqdm
     bar = tqdm(desc="export", unit="step", disable=None, leave=False)
@@ -227,6 +226,9 @@ def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmu
               "ADM / MAR format) for an FID of the generated images.")
 @click.option("--fid-extractor", type=click.Path(dir_okay=False), help="The feature extractor those statistics were "
               "made with: a local TorchScript file (e.g. inception-2015-12-05.pt of the StyleGAN3 FID code).")
+@click.option("--judge", "judge_kind", default="auto", show_default=True, type=click.Choice(["auto", "animal-mnist", "none"]),
+              help="The independent classifier for class accuracy: auto = the one of the data the checkpoint was "
+                   "trained on (its metadata), animal-mnist, or none.")
 @click.option("--judge-cache", default=".cache/flowar-judge.safetensors", show_default=True,
               type=click.Path(dir_okay=False), help="Where the Animal-MNIST judge's weights are kept once trained.")
 @click.option("--vs-engine-dir", type=click.Path(file_okay=False), help="Also compare with the same samples from "
@@ -235,8 +237,8 @@ def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmu
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @user_errors
 def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_limit, schedule, solver, stride, steps,
-              cfg, guidance, seed, batch, converged, fid_stats, fid_extractor, judge_cache, vs_engine_dir, json_out,
-              debug):
+              cfg, guidance, seed, batch, converged, fid_stats, fid_extractor, judge_kind, judge_cache, vs_engine_dir,
+              json_out, debug):
     """Quality of a schedule: PSNR and token error against the official sampler with the same noise,
     class accuracy and a domain Frechet distance by an independent judge (Animal-MNIST models),
     a converged reference, and FID against reference statistics."""
@@ -254,31 +256,39 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
     check_writable(json_out, False, "--json")
     stats = read_fid_stats(fid_stats) if fid_stats else None
     extractor = load_extractor(fid_extractor) if fid_extractor else None
+    from flowar.sampling.schedule import Settings
+    settings = Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance, solver=solver, stride=stride)
+    if bool(ckpt) == bool(engine_dir):
+        raise FlowARError("exactly one of --ckpt or --engine-dir", "both" if ckpt else "neither",
+                          "pass --engine-dir DIR (from flowar-export) or --ckpt PATH")
     with contextlib.ExitStack() as stack:
-        pipe = stack.enter_context(FlowARPipeline.open(ckpt=ckpt, engine_dir=engine_dir, preset=preset,
-                                                       config=config_path, vae=vae, device="cpu"))
-        config = pipe.config
-        batch = min(batch, pipe.max_batch or batch)
-        sched = pipe.schedule(schedule, num_inference_steps=steps, guidance_scale=cfg, guidance=guidance,
-                              solver=solver, stride=stride)
-        names = pipe.class_names
+        from flowar.runtime.runtime import Runtime
+        rt = stack.enter_context(FlowARPipeline(Runtime.open(engine_dir or ckpt, bool(engine_dir), preset=preset,
+                                                             config=config_path, vae=vae, device="cpu"))).runtime
+        config = rt.config
+        batch = min(batch, rt.max_batch or batch)
+        sched = rt.schedule(settings)
         judge = None
-        if config.num_classes == 10 and pipe.decodes and names and names[0] == "bear":
+        if judge_kind == "animal-mnist" or (judge_kind == "auto" and rt.data == "animal-mnist"):
+            if config.num_classes != 10 or not rt.decodes:
+                raise FlowARError("a 10-class model with a decoder for the Animal-MNIST judge",
+                                  f"{config.num_classes} classes{'' if rt.decodes else ', no decoder'}",
+                                  "pass --judge none")
             from flowar.eval.judge import train_judge
             judge = train_judge(cache=Path(judge_cache))
         labels = [c for c in range(min(classes_limit, config.num_classes)) for _ in range(per_class)]
-        other = stack.enter_context(FlowARPipeline.open(engine_dir=vs_engine_dir)) if vs_engine_dir else None
+        other = stack.enter_context(FlowARPipeline(Runtime.open(vs_engine_dir, True))).runtime if vs_engine_dir else None
         if other is not None:
             if other.config != config:
                 raise FlowARError("--vs-engine-dir exported from the same model", "another config",
                                   "pass a matching one")
             batch = min(batch, other.max_batch)
 
-        def sampler(p):
-            return lambda s: p.sample(labels, s, seed=seed, batch_size=batch, decode=pipe.decodes, progress=True)
-        rep = measure(sampler(pipe), config, labels, sched, pipe.decodes, judge, judge.real_stats if judge else None,
+        def sampler(r):
+            return lambda s: r.sample(labels, s, seed=seed, batch_size=batch, decode=rt.decodes, progress=True)
+        rep = measure(sampler(rt), config, labels, sched, rt.decodes, judge, judge.real_stats if judge else None,
                       converged, stats, extractor, reference=sampler(other) if other else None)
-    for line in report_lines(rep, seed, pipe.decodes, names, f"{vs_engine_dir} ({other.detail})"
+    for line in report_lines(rep, seed, rt.decodes, rt.class_names, f"{vs_engine_dir} ({other.detail})"
                              if other else None, Path(fid_stats).name if fid_stats else None):
         click.echo(line)
     if json_out:
@@ -318,9 +328,10 @@ def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, sche
     ids = parse_labels(m.config.num_classes, class_names_for(m.config.num_classes, m.class_names), labels, classes)
     if not labels and not classes:
         ids = list(range(m.config.num_classes))
-    sched = {k: v for k, v in dict(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance, solver=solver,
-                                   stride=stride).items() if v is not None}
-    spec = BulkSpec(str(Path(engine_dir).resolve()), num_images, ids, seed, sched, shard_size, threads, backend)
+    from flowar.sampling.schedule import Settings
+    settings = Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance, solver=solver, stride=stride)
+    spec = BulkSpec(str(Path(engine_dir).resolve()), num_images, ids, seed, settings.given(), shard_size, threads,
+                    backend)
     rep = run_bulk(spec, out, workers, ray_address)
     kept = f", {rep.shards_done_before} kept from before" if rep.shards_done_before else ""
     click.echo(f"{num_images} images in {rep.shards_total} shards{kept} -> {rep.out / 'samples.npz'} "
@@ -345,7 +356,7 @@ def serve_cmd(engine_dir, host, port, replicas, backend, threads, max_n, ray_add
     """Serve POST /v1/generate with dynamic batching on Ray Serve (GET /health, GET /v1/stats)."""
     from flowar.commands.serve import serve_forever
     from flowar.export.manifest import read_manifest
-    from flowar.runtime.load import choose_backend
+    from flowar.runtime.runtime import choose_backend
     m = read_manifest(engine_dir)
     chosen = choose_backend(m, backend)                 # refuse a backend that cannot run, before starting Ray
     if not m.decodes:

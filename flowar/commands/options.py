@@ -34,7 +34,7 @@ def user_errors(fn):
 
 
 def schedule_options(recorded_by: str):
-    """--schedule/--solver/--stride/--steps/--cfg/--guidance, each unset unless given (see sampling_schedule)."""
+    """--schedule/--solver/--stride/--steps/--cfg/--guidance, each unset unless given (see flowar.sampling.schedule.Settings)."""
     def apply(f):
         opts = [
             click.option("--schedule", type=click.Choice(["official", "fast"]),

@@ -180,7 +180,7 @@ def select(model, vae, specs: dict, graphs: dict, mode: str = "auto", candidates
     """
     from flowar.engines.cpu import cpu_kind
     from flowar.engines.ort import split_limits
-    from flowar.sampling.schedule import sampling_schedule
+    from flowar.sampling.schedule import Settings
     if mode not in ("auto", "bf16"):
         raise FlowARError("precision mode auto or bf16", repr(mode), "use --precision auto")
     config = model.config
@@ -189,7 +189,7 @@ def select(model, vae, specs: dict, graphs: dict, mode: str = "auto", candidates
         cands = tuple(c for c in cands if c in REDUCED)
     if not cands:
         raise FlowARError("at least one engine candidate", f"none of {candidates}", f"choose among {', '.join(CANDIDATES)}")
-    calls = {"velocity": [len(p) for p in sampling_schedule(config.n_scales).plan]}
+    calls = {"velocity": [len(p) for p in Settings().resolve(config.n_scales).plan]}
     stages = [s for s in STAGES if s in specs]
     measured: dict[str, dict[str, StageMeasure]] = {}
     for stage in stages:
@@ -263,22 +263,27 @@ class Probe:
         self.model, self.vae, self.specs, self.graphs, self.threads = model, vae, specs, graphs, threads
         c = model.config
         self.labels = [(i * 37) % c.num_classes for i in range(PROBE_LABELS)]
-        from flowar.sampling.schedule import sampling_schedule
-        self.schedule = sampling_schedule(c.n_scales)
+        from flowar.sampling.schedule import Settings
+        self.schedule = Settings().resolve(c.n_scales)
         self._ref = None
 
     @contextlib.contextmanager
     def _stages(self, choice: dict[str, str], batch: int):
+        """A runtime on the engines of ``choice`` (what opening the finished directory will give)."""
+        from flowar.runtime.runtime import Runtime, Threads
         from flowar.runtime.stages import EngineStages
+        c = self.model.config
+        threads = Threads.resolve(self.threads, any(e != "ort-fp32" for e in choice.values()))
         with contextlib.ExitStack() as stack:
             engines = {n: stack.enter_context(e) for n, e in stage_engines(
-                choice, self.model.config, self.model, self.vae, self.specs, self.graphs, self.threads).items()}
-            yield EngineStages(engines, self.model.config, batch, torch.device("cpu"), self.specs)
+                choice, c, self.model, self.vae, self.specs, self.graphs, threads.cores).items()}
+            yield Runtime(config=c, class_names=None, stages=EngineStages(engines, c, batch, torch.device("cpu"),
+                                                                          self.specs),
+                          device=torch.device("cpu"), backend="measured", detail=str(choice), threads=threads,
+                          decodes=self.vae is not None, max_batch=batch)
 
-    def _run(self, stages, labels):
-        from flowar.sampling.batches import run_sampling
-        with torch.inference_mode():
-            return run_sampling(stages, self.model.config, labels, self.schedule, 0, decode=self.vae is not None)
+    def _run(self, rt, labels):
+        return rt.sample(labels, self.schedule, seed=0, decode=self.vae is not None)
 
     def seconds(self, choice: dict[str, str], repeat: int | None = None) -> float:
         repeat = repeat or TIME_REPEAT
@@ -302,5 +307,8 @@ class Probe:
 
     def official_fp16(self):
         from flowar.eval.mixed import OfficialFp16
+        from flowar.sampling.batches import run_sampling
         from flowar.sampling.eager import EagerStages
-        return self._run(OfficialFp16(EagerStages(self.model, self.vae.decode if self.vae else None)), self.labels)
+        with torch.inference_mode():
+            return run_sampling(OfficialFp16(EagerStages(self.model, self.vae.decode if self.vae else None)),
+                                self.model.config, self.labels, self.schedule, 0, decode=self.vae is not None)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from flowar.errors import FlowARError
 from flowar.sampling.labels import label_ids
-from flowar.sampling.schedule import SCHEDULES
+from flowar.sampling.schedule import Settings
 
 MAX_BODY = 16 * 1024
 SETTINGS = ("schedule", "steps", "cfg", "guidance")
@@ -33,7 +33,7 @@ class Item:
     label: int
     seed: int
     index: int
-    settings: tuple        # ((name, value), ...) of SETTINGS given, sorted
+    settings: Settings
 
 
 class RequestError(FlowARError):
@@ -76,20 +76,10 @@ def parse_generate(body: bytes, num_classes: int, class_names, max_n: int) -> li
     for name, v, lo, hi in (("seed", seed, 0, 2 ** 63 - 1), ("n", n, 1, max_n)):
         if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
             raise RequestError(422, f"{name} an integer in {lo}..{hi}", repr(v), f"send a valid {name}")
-    settings = tuple(sorted((k, req[k]) for k in SETTINGS if req.get(k) is not None))
-    s = dict(settings)
-    if "schedule" in s and s["schedule"] not in SCHEDULES:
-        raise RequestError(422, f"schedule among {', '.join(SCHEDULES)}", repr(s["schedule"]), "send a known schedule")
-    if "steps" in s and (not isinstance(s["steps"], int) or isinstance(s["steps"], bool)):
-        raise RequestError(422, "steps an integer", repr(s["steps"]), "send e.g. 25")
-    for k in ("cfg", "guidance"):
-        if k in s and (not isinstance(s[k], (int, float)) or isinstance(s[k], bool)):
-            raise RequestError(422, f"{k} a number", repr(s[k]), "send e.g. 4.3")
     try:
-        from flowar.sampling.schedule import check_settings
-        check_settings(None, **{k: (float(v) if k in ("cfg", "guidance") else v) for k, v in settings})
-    except FlowARError as e:
-        raise RequestError(422, e.expected, e.got, e.fix) from None
+        settings = Settings(**{k: req[k] for k in SETTINGS if req.get(k) is not None})
+    except FlowARError as e:                    # the command options' names are the request's fields here
+        raise RequestError(422, e.expected.removeprefix("--"), e.got, e.fix.replace("--", "")) from None
     return [Item(label, seed, j, settings) for j in range(n)]
 
 
@@ -109,18 +99,15 @@ class Replica:
     """
 
     def __init__(self, engine_dir: str, threads: int | None = None, backend: str = "auto"):
-        import torch
         from flowar.pipeline.pipeline import FlowARPipeline
-        if threads:
-            torch.set_num_threads(threads)
-        self.pipe = FlowARPipeline.open(engine_dir=engine_dir, backend=backend, threads=threads)
-        if not self.pipe.decodes:
+        self.pipe = FlowARPipeline.from_pretrained(engine_dir, backend=backend, threads=threads)
+        try:
+            self.pipe.runtime.require_decoder()
+        except FlowARError:
             self.pipe.close()
-            raise FlowARError("an engine directory with a decode stage", "one exported without --vae",
-                              "re-export with --vae")
-        self.max_batch = self.pipe.max_batch
+            raise
+        self.max_batch = self.pipe.runtime.max_batch
         self.batches: list[int] = []
-        self.pipe.warm_up(range(1, self.max_batch + 1))
 
     def generate(self, items: list[Item]) -> list[str]:
         """Base64 PNGs, one per item, in order; items of each settings group sampled together."""
@@ -129,18 +116,12 @@ class Replica:
         out: list[str | None] = [None] * len(items)
         for settings in dict.fromkeys(it.settings for it in items):
             pos = [i for i, it in enumerate(items) if it.settings == settings]
-            sched = self.pipe.schedule(**request_schedule(settings))
-            res = self.pipe.sample([items[i].label for i in pos], sched, seed=[items[i].seed for i in pos],
-                                   indices=[items[i].index for i in pos], batch_size=self.max_batch)
+            rt = self.pipe.runtime
+            res = rt.sample([items[i].label for i in pos], rt.schedule(settings), seed=[items[i].seed for i in pos],
+                            indices=[items[i].index for i in pos])
             for i, img in zip(pos, to_uint8(res.images)):
                 out[i] = png_b64(img)
         return out
-
-
-def request_schedule(settings: tuple) -> dict:
-    """A request's settings as pipeline.schedule() keywords."""
-    names = {"schedule": "schedule", "steps": "num_inference_steps", "cfg": "guidance_scale", "guidance": "guidance"}
-    return {names[k]: (float(v) if k in ("cfg", "guidance") else v) for k, v in settings}
 
 
 def build_app(engine_dir: str, threads: int | None = None, max_n: int = 16, replicas: int = 1,
@@ -168,12 +149,12 @@ def build_app(engine_dir: str, threads: int | None = None, max_n: int = 16, repl
 
         async def __call__(self, request: Request):
             path, method = request.url.path.rstrip("/"), request.method
-            pipe = self.gen.pipe
+            rt = self.gen.pipe.runtime
             if method == "GET" and path == "/health":
-                return JSONResponse({"status": "ok", "max_batch": self.gen.max_batch, "backend": pipe.backend,
-                                     "engines": pipe.detail, "cuda_graphs": pipe.graphs(self.gen.max_batch)})
+                return JSONResponse({"status": "ok", "max_batch": self.gen.max_batch, "backend": rt.backend,
+                                     "engines": rt.detail, "cuda_graphs": rt.runner.capture})
             if method == "GET" and path == "/v1/stats":
-                return JSONResponse({"batches": self.gen.batches, "engines": pipe.detail})
+                return JSONResponse({"batches": self.gen.batches, "engines": rt.detail})
             if method != "POST" or path != "/v1/generate":
                 return JSONResponse({"error": f"expected GET /health, GET /v1/stats or POST /v1/generate; got "
                                               f"{method} {path or '/'}. Fix: use one of those"}, status_code=404)
@@ -182,7 +163,7 @@ def build_app(engine_dir: str, threads: int | None = None, max_n: int = 16, repl
                 return JSONResponse({"error": f"expected a JSON body of at most {MAX_BODY} bytes; got {length} bytes. "
                                               "Fix: send less"}, status_code=413)
             try:
-                items = parse_generate(await request.body(), pipe.config.num_classes, pipe.class_names, max_n)
+                items = parse_generate(await request.body(), rt.config.num_classes, rt.class_names, max_n)
             except RequestError as e:
                 return JSONResponse({"error": str(e)}, status_code=e.status)
             images = await asyncio.gather(*(self._images(it) for it in items))

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from flowar.sampling.sampler import Hooked
+
 aten = torch.ops.aten
 # fp16 ops autocast sends to the GEMM and attention kernels
 _GEMMS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.convolution.default,
@@ -36,34 +38,20 @@ class _Fp16GemmsInFloat32(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-class OfficialFp16:
+class OfficialFp16(Hooked):
     """Sampler stages whose every call runs in the official mixed precision (fp16 autocast),
     with float32 in and out, wrapping any eager stages (``flowar.sampling.eager.EagerStages``)."""
 
-    host_threads = None
-
     def __init__(self, stages):
-        self.stages = stages
+        super().__init__(stages, _in_fp16)
 
-    def _run(self, fn, *args) -> Any:
-        with torch.autocast("cpu", dtype=torch.float16), _Fp16GemmsInFloat32():
-            out = fn(*args)
-        return _float(out)
 
-    def start(self, labels_R):
-        return self.stages.start(labels_R)
-
-    def ar(self, k, x_in):
-        return self._run(self.stages.ar, k, x_in)
-
-    def prepare(self, k, cond):
-        return self._run(self.stages.prepare, k, cond)
-
-    def velocity(self, ctx, x, t):
-        return self._run(self.stages.velocity, ctx, x, t)
-
-    def decode(self, latent):
-        return self._run(self.stages.decode, latent)
+def _in_fp16(kind: str, fn, *args) -> Any:
+    if kind == "start":
+        return fn(*args)
+    with torch.autocast("cpu", dtype=torch.float16), _Fp16GemmsInFloat32():
+        out = fn(*args)
+    return _float(out)
 
 
 def _float(out):

@@ -169,12 +169,12 @@ def measure(sample: Sampler, config, labels: list[int], schedule, decode: bool =
     ``sample(schedule)`` gives the request's result with any schedule (the same labels and
     per-sample noise each time); ``reference`` samples the same request on other engines.
     """
-    from flowar.sampling.schedule import build_schedule, named_schedule
+    from flowar.sampling.schedule import Settings, build_schedule
     run = sample
 
     res = run(schedule)
     rep = QualityReport(schedule.describe(), schedule.head_evals, len(labels), res.seconds)
-    official = named_schedule("official", schedule.cfg, schedule.guidance, config.n_scales)
+    official = Settings(schedule="official", cfg=schedule.cfg, guidance=schedule.guidance).resolve(config.n_scales)
     is_official = schedule.plan == official.plan
     ref = res if is_official else run(official)
     if not is_official:                      # the official schedule has nothing to be compared with here

@@ -51,14 +51,15 @@ class SampleResult:
 
 def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedule: Schedule,
                  seed: int | Sequence[int] = 0, noise_file: str | Path | None = None, decode: bool = False,
-                 device: str | torch.device = "cpu", progress: bool = False,
+                 device: str | torch.device = "cpu", progress: bool | dict = False,
                  on_scale: Callable[[ScaleTrace], None] | None = None, batch_size: int | None = None,
                  indices: Sequence[int] | None = None, runner=None) -> SampleResult:
     """Sample ``labels`` in batches of at most ``batch_size`` (all at once by default).
 
     Sample i of the request gets the noise of (seed, i) (:func:`~flowar.sampling.sampler.per_sample_noise`),
     so its image is the same for every batch size and backend. ``indices`` names the samples
-    otherwise (a shard of a larger request); ``seed`` may be one per sample. Recorded noise (``noise_file``,
+    otherwise (a shard of a larger request); ``seed`` may be one per sample. ``progress``: a bar
+    (a dict: its tqdm options). Recorded noise (``noise_file``,
     the official layout: one (R, n, C) draw per scale for the whole request) is split into the
     same batches row by row.
     """
@@ -83,7 +84,8 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedu
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=config.n_scales * len(starts), desc="scales", unit="scale", leave=False, disable=None)
+        bar = tqdm(**{"total": config.n_scales * len(starts), "desc": "scales", "unit": "scale", "leave": False,
+                      "disable": None} | (progress if isinstance(progress, dict) else {}))
 
     def scale_done(tr: ScaleTrace) -> None:
         traces.append(tr)
@@ -95,15 +97,19 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedu
     t0 = time.perf_counter()
     toks, imgs = [], []
     for start in starts:
-        chunk = labels[start:start + bs]
-        noise: NoiseFn = (injected_noise(noise_rows(recorded, start, start + len(chunk), N)) if recorded is not None
-                          else per_sample_noise(seeds[start:start + bs], idx[start:start + bs]))
-        labels_t = torch.tensor(chunk, dtype=torch.int64, device=device)
+        chunk, end = labels[start:start + bs], min(start + bs, N)
+        n = len(chunk)
+        # a captured size at least n (CUDA graphs), the last sample repeated into the padding rows
+        pad = (runner.bucket(n) - n) if runner is not None and recorded is None else 0
+        noise: NoiseFn = (injected_noise(noise_rows(recorded, start, end, N)) if recorded is not None
+                          else per_sample_noise(seeds[start:end] + seeds[end - 1:end] * pad,
+                                                idx[start:end] + idx[end - 1:end] * pad))
+        labels_t = torch.tensor(chunk + chunk[-1:] * pad, dtype=torch.int64, device=device)
         tokens, images = sample(stages, config, schedule, labels_t, noise, decode=decode, device=device,
                                 on_scale=scale_done, runner=runner)
-        toks.append(tokens.cpu())
+        toks.append(tokens[:n].cpu())
         if images is not None:
-            imgs.append(images.cpu())
+            imgs.append(images[:n].cpu())
     if bar is not None:
         bar.close()
     return SampleResult(torch.cat(toks), torch.cat(imgs) if imgs else None, labels, time.perf_counter() - t0, traces)

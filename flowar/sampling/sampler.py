@@ -21,9 +21,8 @@ guidance combination is float64: ``v = v_null + cfg_k * (v_cond - v_null)``.
 from __future__ import annotations
 
 import hashlib
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,15 +34,7 @@ from flowar.sampling.schedule import Schedule
 
 
 class Stages(Protocol):
-    """What a backend computes. ``R`` is the AR row count (2B with guidance, else B).
-
-    A backend may set ``host_threads``: how many threads PyTorch should use for the loop's own
-    small ops while it samples (the loop restores the setting after). Engines that run on the
-    same CPU cores set 1, so that PyTorch's idle OpenMP workers, which spin for a while after
-    each op, do not compete with the engines' threads.
-    """
-
-    host_threads: int | None
+    """What a backend computes. ``R`` is the AR row count (2B with guidance, else B)."""
 
     def start(self, labels_R: Tensor) -> None:
         """Begin a new batch: labels (R,) int64 including the null rows; reset any cache."""
@@ -123,10 +114,36 @@ def injected_noise(draws: list[Tensor]) -> NoiseFn:
 
 @dataclass(slots=True)
 class ScaleTrace:
-    """What one scale did (for tests and progress): AR rows and head rows per step."""
+    """What one scale did (for tests, progress and callbacks): AR rows, head rows per step, and
+    the scale's sample ``z`` (B, n, C): a view of the loop's workspace, valid until the next scale."""
     k: int
     ar_rows: int
     head_rows: list[int]
+    z: Tensor | None = None
+
+
+class Hooked:
+    """Any stages, every call made through ``around(kind, fn, *args)`` (kind: start, ar, prepare,
+    velocity or decode). The one wrapper for what goes around the stages: timing (the pipeline,
+    the bench), autocast (the bench) and the official mixed precision (:mod:`flowar.eval.mixed`)."""
+
+    def __init__(self, inner: Stages, around: Callable[..., Any]):
+        self.inner, self.around = inner, around
+
+    def start(self, labels_R: Tensor) -> None:
+        return self.around("start", self.inner.start, labels_R)
+
+    def ar(self, k: int, x_in_RNC: Tensor | None) -> Tensor:
+        return self.around("ar", self.inner.ar, k, x_in_RNC)
+
+    def prepare(self, k: int, cond_RND: Tensor) -> Any:
+        return self.around("prepare", self.inner.prepare, k, cond_RND)
+
+    def velocity(self, ctx: Any, x_rNC: Tensor, t_r: Tensor) -> Tensor:
+        return self.around("velocity", self.inner.velocity, ctx, x_rNC, t_r)
+
+    def decode(self, latent_BCHW: Tensor) -> Tensor:
+        return self.around("decode", self.inner.decode, latent_BCHW)
 
 
 def hand_off(z_BNC: Tensor, side: int, final: int, next_side: int) -> Tensor:
@@ -185,7 +202,8 @@ class Workspace:
         return z.clone(memory_format=torch.contiguous_format)
 
 
-def _finite(t: Tensor, what: str, k: int, side: int, step: int | None = None) -> None:
+def check_finite(t: Tensor, what: str, k: int, side: int, step: int | None = None) -> None:
+    """Refuse NaN/Inf from a stage, naming where it came (one host sync)."""
     if not bool(torch.isfinite(t).all()):
         at = f"scale {k} ({side}x{side})" + (f", ODE step {step}" if step is not None else "")
         raise FlowARError(f"finite values from the {what} stage", f"NaN or Inf at {at}",
@@ -204,7 +222,7 @@ def run_scale(stages: Stages, ws: Workspace, schedule: Schedule, k: int, check: 
     side = c.scales[k]
     cond = stages.ar(k, ws.view("next_in", k) if k > 0 else None)
     if check != "none":
-        _finite(cond, "AR", k, side)
+        check_finite(cond, "AR", k, side)
     ctx = stages.prepare(k, cond)
     draw, xin, x64, vnull64 = (ws.view(n, k) for n in ("draw", "xin", "x64", "vnull64"))
     state = {"x": x64, "acc": ws.view("acc64", k)}
@@ -230,7 +248,7 @@ def run_scale(stages: Stages, ws: Workspace, schedule: Schedule, k: int, check: 
             v64.copy_(v)
             rows = X
         if check == "step":
-            _finite(v, "velocity", k, side, i)
+            check_finite(v, "velocity", k, side, i)
         if rows_trace is not None:
             rows_trace.append(rows)
         for u in ev.updates:                                               # e.g. Euler: x += (t_next - t_cur) v
@@ -242,26 +260,12 @@ def run_scale(stages: Stages, ws: Workspace, schedule: Schedule, k: int, check: 
     z = ws.view("z", k)
     z.copy_(x64[:B])
     if check == "scale":
-        _finite(z, "velocity", k, side)
+        check_finite(z, "velocity", k, side)
     if k + 1 < c.n_scales:
         nxt = ws.view("next_in", k + 1)                                   # (R, n', C)
         nxt[:B].copy_(hand_off(z, side, c.latent_size, c.scales[k + 1]))  # resized once, for B rows
         if R > B:
             nxt[B:].copy_(nxt[:B])                                         # the null rows see the same tokens
-
-
-@contextmanager
-def host_threads(n: int | None) -> Iterator[None]:
-    """PyTorch's intra-op thread count set to ``n`` inside the block (None: unchanged)."""
-    before = torch.get_num_threads()
-    if n is None or n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class ScaleRunner(Protocol):
@@ -275,9 +279,15 @@ class ScaleRunner(Protocol):
     def run(self, stages: Stages, ws: "Workspace", schedule: Schedule, k: int, check: str,
             rows_trace: list[int] | None) -> None: ...
 
+    def bucket(self, B: int) -> int:
+        """The batch size B samples run at (B, or a larger captured size they are padded to)."""
+
 
 class EagerRunner:
     """A new workspace per call and :func:`run_scale` per scale (the default)."""
+
+    def bucket(self, B):
+        return B
 
     def workspace(self, config, schedule, B, R, official_rows, device):
         return Workspace(config, schedule, B, R, official_rows, device)
@@ -308,17 +318,16 @@ def sample(stages: Stages, config: FlowARConfig, schedule: Schedule, labels_B: T
     runner = runner or EagerRunner()
     stages.start(labels_R.to(device))
     ws = runner.workspace(c, schedule, B, R, official_rows, device)
-    with host_threads(getattr(stages, "host_threads", None)):
-        for k in range(c.n_scales):
-            ws.view("draw", k).copy_(noise(k, (R, c.tokens_per_scale[k], c.latent_channels)))   # official draw order
-            trace: list[int] = []
-            runner.run(stages, ws, schedule, k, check, trace)
-            if on_scale is not None:
-                on_scale(ScaleTrace(k, R, trace))
+    for k in range(c.n_scales):
+        ws.view("draw", k).copy_(noise(k, (R, c.tokens_per_scale[k], c.latent_channels)))   # official draw order
+        trace: list[int] = []
+        runner.run(stages, ws, schedule, k, check, trace)
+        if on_scale is not None:
+            on_scale(ScaleTrace(k, R, trace, ws.view("z", k)))
     tokens = ws.tokens()
     images = None
     if decode:
         images = stages.decode(tokens / c.latent_scale)
         if check != "none":
-            _finite(images, "VAE decode", c.n_scales - 1, c.latent_size)
+            check_finite(images, "VAE decode", c.n_scales - 1, c.latent_size)
     return tokens, images

@@ -101,10 +101,12 @@ class Eval:
 
 @dataclass(frozen=True, slots=True)
 class Schedule:
+    """Everything the loop needs, decided before it runs. A value: two schedules built from the
+    same settings are equal and hash alike (CUDA graphs are keyed by it)."""
     num_steps: int               # the requested count on the reference grid (25 gives 24 steps)
     cfg: float
     guidance: float
-    t64: torch.Tensor            # (S+1,) float64 reference grid
+    times: tuple[float, ...]     # (S+1,) the float64 reference grid t_0 = 1 > ... > 0
     cfg_k: tuple[float, ...]     # per scale
     guided: tuple[tuple[bool, ...], ...]   # per scale, per reference step (the official rule)
     solver: str = "euler"
@@ -117,9 +119,14 @@ class Schedule:
 
     @property
     def n_steps(self) -> int:
-        return len(self.t64) - 1
+        return len(self.times) - 1
 
     # The reference grid as the official sampler sees it (for checks and people; the loop reads the plan).
+    @property
+    def t64(self) -> torch.Tensor:
+        """(S+1,) float64 reference grid."""
+        return torch.tensor(self.times, dtype=torch.float64)
+
     @property
     def t32(self) -> torch.Tensor:
         """(S,) float32 t_cur as the head receives it."""
@@ -145,14 +152,72 @@ class Schedule:
         return 2 * B if self.cfg != 1.0 else B
 
 
-def validate_sampling_args(num_steps: int, cfg: float, guidance: float) -> None:
-    if not isinstance(num_steps, int) or not 2 <= num_steps <= MAX_STEPS:
-        raise FlowARError(f"--steps an integer in 2..{MAX_STEPS}", repr(num_steps), "use e.g. --steps 25")
-    if not (1.0 <= cfg <= MAX_CFG):
-        raise FlowARError(f"--cfg in [1, {MAX_CFG:g}] (1 = no guidance)", repr(cfg), "use e.g. --cfg 4.3")
-    if not (0.0 <= guidance <= 1.0):
-        raise FlowARError("--guidance (the time below which guidance applies) in [0, 1]", repr(guidance),
-                          "use e.g. --guidance 0.9")
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What a sampling request may choose, checked when built: the command options, a served
+    request's fields, the pipeline's keywords and an engine directory's recorded defaults are all
+    one of these. A field left None takes the engine directory's recorded default, else
+    :data:`~flowar.config.SAMPLING_DEFAULTS`, else the named schedule's own (:meth:`resolve`)."""
+    schedule: str | None = None      # a named schedule: official, fast
+    steps: int | None = None         # points of the reference grid (25 = the official 24 steps)
+    cfg: float | None = None         # guidance weight at the last scale (1 = off)
+    guidance: float | None = None    # guide only at t <= this
+    solver: str | None = None        # euler, ab2, heun, skip
+    stride: int | None = None        # skip: the head on 1 step in stride
+    order: int | None = None         # skip: velocities extrapolated from this many evaluations
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("schedule", lambda v: v in SCHEDULES, f"--schedule one of {', '.join(SCHEDULES)}", "use --schedule official"),
+            ("steps", lambda v: _int(v) and 2 <= v <= MAX_STEPS, f"--steps an integer in 2..{MAX_STEPS}",
+             "use e.g. --steps 25"),
+            ("cfg", lambda v: _number(v) and 1.0 <= v <= MAX_CFG, f"--cfg in [1, {MAX_CFG:g}] (1 = no guidance)",
+             "use e.g. --cfg 4.3"),
+            ("guidance", lambda v: _number(v) and 0.0 <= v <= 1.0,
+             "--guidance (the time below which guidance applies) in [0, 1]", "use e.g. --guidance 0.9"),
+            ("solver", lambda v: v in SOLVERS, f"--solver one of {', '.join(SOLVERS)}", "use --solver euler (official)"),
+            ("stride", lambda v: _int(v) and 1 <= v <= 64, "--stride an integer in 1..64", "use e.g. --stride 3"),
+            ("order", lambda v: _int(v) and 1 <= v <= 4, "an order in 1..4 for the skip solver", "use e.g. order 3"),
+        )
+        for name, ok, expected, fix in checks:
+            v = getattr(self, name)
+            if v is not None and not ok(v):
+                raise FlowARError(expected, repr(v), fix)
+
+    @classmethod
+    def of(cls, values: dict | None) -> "Settings":
+        """Settings from a mapping of these field names (an engine directory's recorded defaults)."""
+        return cls(**{k: v for k, v in (values or {}).items() if k in _SETTINGS})
+
+    def given(self) -> dict:
+        """The fields that were set, by name."""
+        return {k: getattr(self, k) for k in _SETTINGS if getattr(self, k) is not None}
+
+    def over(self, defaults: "Settings | dict | None") -> "Settings":
+        """These settings, with what they leave unset taken from ``defaults``."""
+        base = defaults if isinstance(defaults, Settings) else Settings.of(defaults)
+        return Settings(**(base.given() | self.given()))
+
+    def resolve(self, n_scales: int, recorded: "Settings | dict | None" = None) -> "Schedule":
+        """The schedule these settings name, over ``recorded`` (an engine directory's defaults) and
+        :data:`~flowar.config.SAMPLING_DEFAULTS`."""
+        base = recorded if isinstance(recorded, Settings) else Settings.of(recorded)
+        s = self.over(base.over(SAMPLING_DEFAULTS))
+        spec = SCHEDULES[s.schedule] | {k: v for k, v in s.given().items() if k in ("steps", "solver", "stride", "order")}
+        custom = spec != SCHEDULES[s.schedule]
+        return build_schedule(spec["steps"], float(s.cfg), float(s.guidance), n_scales, spec["solver"], spec["grid"],
+                              spec["stride"], spec["order"], name=None if custom else s.schedule)
+
+
+_SETTINGS = tuple(f for f in Settings.__dataclass_fields__)
 
 
 def _lagrange_sum(nodes: list[float], points: list[float], steps: list[float]) -> list[float]:
@@ -222,35 +287,11 @@ def _plan_scale(solver: str, t: list[float], guided: tuple[bool, ...], cfg_k: fl
     return plan
 
 
-def _check(num_steps: int, cfg: float, guidance: float, solver: str, grid: str, stride: int, order: int) -> None:
-    validate_sampling_args(num_steps, cfg, guidance)
-    if solver not in SOLVERS:
-        raise FlowARError(f"--solver one of {', '.join(SOLVERS)}", repr(solver), "use --solver euler (official)")
-    if grid not in GRIDS:
-        raise FlowARError(f"a time grid among {', '.join(GRIDS)}", repr(grid), "use the official grid")
-    if not (isinstance(stride, int) and 1 <= stride <= 64) or not (isinstance(order, int) and 1 <= order <= 4):
-        raise FlowARError("--stride in 1..64 and an order in 1..4 for the skip solver", f"{stride} / {order}",
-                          "use e.g. --solver skip --stride 3")
-
-
-def check_settings(recorded: dict | None = None, *, schedule: str | None = None, steps: int | None = None,
-                   cfg: float | None = None, guidance: float | None = None, solver: str | None = None,
-                   stride: int | None = None, order: int | None = None) -> None:
-    """Refuse what :func:`sampling_schedule` would refuse, without building a schedule: what the
-    commands check before any work."""
-    d = SAMPLING_DEFAULTS | {k: v for k, v in (recorded or {}).items() if v is not None}
-    name = schedule or d["schedule"]
-    if name not in SCHEDULES:
-        raise FlowARError(f"--schedule one of {', '.join(SCHEDULES)}", repr(name), "use --schedule official")
-    spec = SCHEDULES[name] | {k: v for k, v in dict(steps=steps if steps is not None else d.get("steps"),
-                                                   solver=solver, stride=stride, order=order).items() if v is not None}
-    _check(spec["steps"], d["cfg"] if cfg is None else cfg, d["guidance"] if guidance is None else guidance,
-           spec["solver"], spec["grid"], spec["stride"] if spec["solver"] == "skip" else 1, spec["order"])
-
-
 def build_schedule(num_steps: int, cfg: float, guidance: float, n_scales: int, solver: str = "euler",
                    grid: str = "official", stride: int = 1, order: int = 3, name: str | None = None) -> Schedule:
-    _check(num_steps, cfg, guidance, solver, grid, stride, order)
+    Settings(steps=num_steps, cfg=cfg, guidance=guidance, solver=solver, stride=stride, order=order)    # checked
+    if grid not in GRIDS:
+        raise FlowARError(f"a time grid among {', '.join(GRIDS)}", repr(grid), "use the official grid")
     t64 = time_grid(num_steps, grid)
     t_cur = t64[:-1]
     cfg_k = tuple(scale_cfg(cfg, k, n_scales) for k in range(n_scales))
@@ -262,26 +303,5 @@ def build_schedule(num_steps: int, cfg: float, guidance: float, n_scales: int, s
     plan = tuple(tuple(_plan_scale(solver, t_list, guided[k], cfg_k[k], guidance, stride, order))
                  for k in range(n_scales))
     slots = {"euler": 1, "ab2": 2, "heun": 2, "skip": order + 1}[solver]
-    return Schedule(num_steps, float(cfg), float(guidance), t64, cfg_k, guided, solver, grid, stride, order, plan,
+    return Schedule(num_steps, float(cfg), float(guidance), tuple(t_list), cfg_k, guided, solver, grid, stride, order, plan,
                     slots, name)
-
-
-def named_schedule(name: str, cfg: float, guidance: float, n_scales: int, **overrides) -> Schedule:
-    """A named schedule (``official``, ``fast``), any of its fields overridden (None = keep)."""
-    if name not in SCHEDULES:
-        raise FlowARError(f"--schedule one of {', '.join(SCHEDULES)}", repr(name), "use --schedule official")
-    spec = SCHEDULES[name] | {k: v for k, v in overrides.items() if v is not None}
-    custom = spec != SCHEDULES[name]
-    return build_schedule(spec["steps"], cfg, guidance, n_scales, spec["solver"], spec["grid"], spec["stride"],
-                          spec["order"], name=None if custom else name)
-
-
-def sampling_schedule(n_scales: int, recorded: dict | None = None, *, schedule: str | None = None,
-                      steps: int | None = None, cfg: float | None = None, guidance: float | None = None,
-                      solver: str | None = None, stride: int | None = None, order: int | None = None) -> Schedule:
-    """The schedule a command runs: what the user passed, else what the engine directory
-    recorded (``schedule_defaults``), else :data:`SAMPLING_DEFAULTS` and the named schedule's own."""
-    d = SAMPLING_DEFAULTS | {k: v for k, v in (recorded or {}).items() if v is not None}
-    return named_schedule(schedule or d["schedule"], d["cfg"] if cfg is None else cfg,
-                          d["guidance"] if guidance is None else guidance, n_scales,
-                          steps=steps if steps is not None else d.get("steps"), solver=solver, stride=stride, order=order)

@@ -173,7 +173,7 @@ def save_training_checkpoint(path: Path, run: Run, args: TrainArgs, class_names:
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in osd["param_groups"]]
     save_checkpoint(path, tensors, run.model.config, class_names, extra={
         "format": TRAIN_FORMAT_TAG, "step": str(run.state.step), "losses": json.dumps(run.state.losses),
-        "optimizer_groups": json.dumps(groups), "train_args": json.dumps(asdict(args))})
+        "optimizer_groups": json.dumps(groups), "train_args": json.dumps(asdict(args)), "data": str(args.data)})
 
 
 def load_training_checkpoint(path: Path, model: FlowAR, ema: FlowAR, opt: torch.optim.Optimizer) -> TrainState:
@@ -341,7 +341,7 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
                 checkpoint_and_sample(run, args, lat.class_names, ckpt, end)
     if rank == 0 and run.state.step == args.steps:
         save_checkpoint(Path(args.out) / "model.safetensors", run.ema.state_dict(), config, lat.class_names,
-                        extra={"step": str(run.state.step), "vae": str(args.vae)})
+                        extra={"step": str(run.state.step), "vae": str(args.vae), "data": str(args.data)})
     if world > 1:
         torch.distributed.barrier()
     return run.state
@@ -368,14 +368,14 @@ def plot_losses(losses: list[float], path: Path) -> None:
 def sample_grid(ema: FlowAR, args: TrainArgs, class_names: list[str], path: Path) -> None:
     from flowar.io.images import save_grid
     from flowar.sampling.sampler import per_sample_noise, sample
-    from flowar.sampling.schedule import sampling_schedule
+    from flowar.sampling.schedule import Settings
     from flowar.sampling.eager import EagerStages
     from flowar.model.vae import load_vae
     c = ema.config
     vae = load_vae(args.vae, expect_channels=c.latent_channels)
     labels = torch.arange(c.num_classes).repeat_interleave(max(1, 40 // c.num_classes))[:max(c.num_classes, 40)]
     ema.eval()
-    sched = sampling_schedule(c.n_scales, steps=args.sample_steps, cfg=args.sample_cfg)
+    sched = Settings(steps=args.sample_steps, cfg=args.sample_cfg).resolve(c.n_scales)
     _, images = sample(EagerStages(ema, vae.decode), c, sched, labels, per_sample_noise(0, range(len(labels))),
                        decode=True)
     save_grid(images, [class_names[i] for i in labels.tolist()], path, columns=max(1, 40 // c.num_classes))

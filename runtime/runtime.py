@@ -1,0 +1,394 @@
+"""The runtime object: one opened source and everything it owns.
+
+    with Runtime.open("out/engines") as rt:                  # an engine directory, or a checkpoint file
+        sched = rt.schedule(Settings(schedule="fast"))
+        res = rt.sample([3, 7], sched, seed=0)                # tokens, images in [-1, 1], seconds
+
+A :class:`Runtime` is opened in one of two ways. :meth:`Runtime.open_engine_dir` reads what
+``flowar-export`` wrote and opens the engines chosen for this machine: TensorRT (and CUDA graphs)
+on a GPU where the plans fit, the ``--precision auto`` choice on a CPU, else ONNX Runtime; or what
+``backend`` names. :meth:`Runtime.open_checkpoint` loads a checkpoint into the reference modules
+(eager PyTorch; on a GPU behind static buffers, so that CUDA graphs can replay it). Either way the
+result owns its stages, its batch limit, its thread policy and its runner (the per-scale runner
+that replays CUDA graphs, keyed by batch bucket and schedule), and samples through the one
+sampler loop. :class:`~flowar.pipeline.pipeline.FlowARPipeline` holds one; every command opens
+its source through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from flowar.config import FlowARConfig
+from flowar.errors import FlowARError
+from flowar.export.manifest import EngineDirError, Manifest, read_manifest, sha256_file
+from flowar.sampling.batches import SampleResult, run_sampling
+from flowar.sampling.labels import ClassNames, class_names_for
+from flowar.sampling.sampler import Hooked, ScaleTrace
+from flowar.sampling.schedule import Schedule, Settings
+
+BACKENDS = ("auto", "ort", "trt", "torch")
+GRAPH_BATCH = 16      # a checkpoint on a GPU: the static buffers' batch (larger requests run in batches)
+
+
+@dataclass(frozen=True, slots=True)
+class Threads:
+    """The CPU thread policy of an opened source: resolved once when it is opened, applied in one
+    place (:meth:`Runtime.sample`).
+
+    ``cores`` is what the engines compute on (ONNX Runtime sessions are built for it; calls with
+    several rows run as row blocks, one per core). ``host`` is PyTorch's thread count while
+    sampling: ``cores`` where PyTorch computes stages itself, 1 where every stage runs in ONNX
+    Runtime's own threads, so that PyTorch's spinning OpenMP workers leave the cores to them.
+    """
+    cores: int
+    host: int
+
+    @classmethod
+    def resolve(cls, threads: int | None, torch_computes: bool) -> "Threads":
+        from flowar.engines.ort import cpu_threads
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise FlowARError("--threads >= 1", repr(threads), "use e.g. --threads 2, or omit it to use every core")
+        cores = threads or cpu_threads()
+        return cls(cores, cores if torch_computes else 1)
+
+    @contextlib.contextmanager
+    def applied(self):
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.host)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+
+class Runtime:
+    """An opened source: its stages, limits, threads and runner, and the one sampling call."""
+
+    def __init__(self, *, config: FlowARConfig, class_names: list[str] | None, stages, device: torch.device,
+                 backend: str, detail: str, threads: Threads, decodes: bool, capture: bool = False,
+                 max_batch: int | None = None, defaults: dict | None = None, manifest: Manifest | None = None,
+                 model=None, vae=None, data: str | None = None, stack: contextlib.ExitStack | None = None):
+        from flowar.runtime.cudagraph import GraphRunner
+        self.config, self.stages, self.device, self.threads = config, stages, device, threads
+        self.class_names: ClassNames | None = class_names_for(config.num_classes, class_names)
+        self.backend = backend              # torch (a checkpoint), ort, trt, or the --precision auto choice
+        self.detail = detail                # what computes, per stage where it differs (logs, /health, run.json)
+        self.decodes = decodes              # has a decoder: images, not only tokens
+        self.max_batch = max_batch          # the engines' limit; None: any batch at once
+        self.defaults = Settings.of(defaults)   # an engine directory's recorded sampling defaults
+        self.manifest, self.model, self.vae = manifest, model, vae
+        self.data = data                    # what the checkpoint was trained on (its metadata), e.g. animal-mnist
+        # One runner for every batch: it keeps a workspace per (batch, rows, schedule) and, where
+        # the stages can be captured, a CUDA graph per scale of each.
+        self.runner = GraphRunner(device, capture=capture, buckets=_buckets(max_batch))
+        self._stack = stack or contextlib.ExitStack()
+
+    # ---- the two ways to open one -----------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, engine_dir: bool | None = None, **options) -> "Runtime":
+        """An engine directory (a folder with ``manifest.json``) or a checkpoint file: what ``path``
+        is, unless ``engine_dir`` says (the commands' ``--engine-dir`` / ``--ckpt``)."""
+        p = Path(path)
+        if p.is_dir() if engine_dir is None else engine_dir:
+            ckpt_only = {k: v for k, v in options.items() if k in ("preset", "config", "vae", "raw_weights", "precision")
+                         and v not in (None, False, "fp32")}
+            if ckpt_only:
+                raise FlowARError("no --preset/--config/--vae/--raw-weights/--precision with --engine-dir",
+                                  ", ".join(sorted(ckpt_only)), "the engine directory records its config, decoder "
+                                  "and precision; drop those options")
+            return cls.open_engine_dir(p, **{k: v for k, v in options.items() if k in
+                                             ("backend", "device", "threads", "cuda_graphs")})
+        if options.get("backend", "auto") not in ("auto", "torch"):
+            raise FlowARError("--backend auto or torch with --ckpt (engines come from an engine directory)",
+                              repr(options["backend"]), "export it with flowar-export and pass --engine-dir")
+        return cls.open_checkpoint(p, **{k: v for k, v in options.items() if k != "backend"})
+
+    @classmethod
+    def open_engine_dir(cls, path: str | Path, *, backend: str = "auto", device: str | None = None,
+                        threads: int | None = None, cuda_graphs: bool = True, ckpt: str | Path | None = None
+                        ) -> "Runtime":
+        """What ``flowar-export`` wrote, on the engines :func:`choose_backend` picks (``ckpt``: for
+        ``backend="torch"``, the checkpoint the directory was exported from, if it moved)."""
+        from flowar.device import resolve_device
+        from flowar.runtime.stages import EngineStages
+        m = read_manifest(path)
+        specs = m.specs()
+        missing = [s for s in specs if s not in m.stages]
+        if missing:
+            raise EngineDirError(f"graphs for every stage ({', '.join(specs)})", f"missing {missing}",
+                                 f"re-export: flowar-export --out {m.root}")
+        chosen = choose_backend(m, backend)
+        stack = contextlib.ExitStack()
+        try:
+            if chosen == "trt":
+                engines, dev, detail = _trt_engines(m, specs, stack)
+                threads_ = Threads.resolve(threads, False)
+            else:
+                from flowar.engines.ort import choose_provider
+                from flowar.runtime.candidates import stage_engines
+                provider = choose_provider() if chosen == "ort" else "CPUExecutionProvider"
+                dev = resolve_device(device if device is not None else "cuda" if provider == "CUDAExecutionProvider"
+                                     else "cpu" if chosen != "torch" else "auto")
+                choice = {"ort": {}, "torch": dict.fromkeys(specs, "torch-fp32")}.get(chosen, m.choice)
+                model, vae = (exported_from(m, dev, ckpt) if chosen == "torch" else _carried_modules(m, choice))
+                threads_ = Threads.resolve(threads, any(choice.get(s, "ort-fp32") != "ort-fp32" for s in specs))
+                engines = {n: stack.enter_context(e) for n, e in stage_engines(
+                    choice, m.config, model, vae, specs, {n: m.graph(n) for n in specs}, threads_.cores,
+                    m.root / ".ort-cache", provider).items()}
+                detail = _describe(chosen, choice, specs, provider, dev, m)
+            stages = EngineStages(engines, m.config, m.max_batch, dev, specs)
+        except BaseException:
+            stack.close()
+            raise
+        return cls(config=m.config, class_names=m.class_names, stages=stages, device=dev, backend=chosen,
+                   detail=detail, threads=threads_, decodes=m.decodes, max_batch=m.max_batch,
+                   capture=captures(dev, chosen, cuda_graphs),
+                   defaults=m.schedule_defaults, manifest=m, data=m.checkpoint.get("data"), stack=stack)
+
+    @classmethod
+    def open_checkpoint(cls, path: str | Path, *, preset: str | None = None, config: str | Path | None = None,
+                        vae: str | Path | None = None, raw_weights: bool = False, device: str | None = None,
+                        threads: int | None = None, precision: str = "fp32", cuda_graphs: bool = True) -> "Runtime":
+        """A checkpoint (official .pth, training checkpoint, or .safetensors) in eager PyTorch;
+        ``precision="bf16"``: its GEMMs and convolutions in bf16, float32 around them (the engines'
+        ``torch-bf16``; tensor cores on a GPU). On a CUDA device with ``cuda_graphs`` the modules
+        run behind static buffers (batches of up to :data:`GRAPH_BATCH`) and every scale is
+        captured once and replayed."""
+        from flowar.device import resolve_device
+        from flowar.model.checkpoint import load_model
+        if precision not in ("fp32", "bf16"):
+            raise FlowARError("--precision fp32 or bf16 for a checkpoint", repr(precision), "use --precision bf16")
+        threads_ = Threads.resolve(threads, True)
+        dev = resolve_device(device)
+        model, ck = load_model(path, preset, config, use_ema=not raw_weights, device=dev)
+        vae_mod = None
+        if vae:
+            from flowar.model.vae import load_vae
+            vae_mod = load_vae(vae, expect_channels=ck.config.latent_channels).to(dev)
+        if precision == "bf16":
+            from flowar.runtime.bf16 import bf16_gemms
+            model, vae_mod = bf16_gemms(model), (bf16_gemms(vae_mod) if vae_mod is not None else None)
+        capture = captures(dev, "torch", cuda_graphs)
+        if capture:                         # static buffers: the reference modules as engines
+            from flowar.runtime.stages import torch_engine_stages
+            stages = torch_engine_stages(model, GRAPH_BATCH, dev, vae_mod)
+        else:
+            from flowar.sampling.eager import EagerStages
+            stages = EagerStages(model, vae_mod.decode if vae_mod else None)
+        what = (f"eager PyTorch{' (bf16 GEMMs)' if precision == 'bf16' else ''} on {dev}"
+                + (", CUDA graphs" if capture else ""))
+        return cls(config=ck.config, class_names=ck.class_names, stages=stages, device=dev, backend="torch",
+                   detail=what, threads=threads_, decodes=vae_mod is not None, capture=capture,
+                   max_batch=GRAPH_BATCH if capture else None, model=model, vae=vae_mod, data=ck.metadata.get("data"))
+
+    # ---- a request --------------------------------------------------------------------------
+    def schedule(self, settings: Settings | None = None) -> Schedule:
+        """The schedule of ``settings``, over this source's recorded defaults."""
+        return (settings or Settings()).resolve(self.config.n_scales, self.defaults)
+
+    def batch_size(self, requested: int | None) -> int | None:
+        """``requested`` checked against the engines' limit; unset: the limit (None: all at once)."""
+        if requested is not None and (not isinstance(requested, int) or requested < 1):
+            raise FlowARError("--batch >= 1", repr(requested), "use e.g. --batch 8")
+        if self.max_batch is not None and requested is not None and requested > self.max_batch:
+            raise FlowARError(f"--batch at most {self.max_batch} (the engines' max batch)", str(requested),
+                              f"use --batch {self.max_batch}, or re-export with --max-batch {requested}")
+        return requested or self.max_batch
+
+    def require_decoder(self) -> None:
+        """Refuse, before any work, to make images from a source without a decoder."""
+        if not self.decodes:
+            raise FlowARError("a VAE to decode images", "an engine directory exported without --vae"
+                              if self.manifest is not None else "a checkpoint opened without a VAE",
+                              "pass --vae (or re-export with --vae), or ask for tokens only (--save-tokens)")
+
+    def sample(self, labels: Sequence[int], schedule: Schedule, *, seed: int | Sequence[int] = 0,
+               indices: Sequence[int] | None = None, noise_file: str | Path | None = None,
+               batch_size: int | None = None, decode: bool = True, progress: bool | dict = False,
+               on_scale: Callable[[ScaleTrace], None] | None = None, timings: dict | None = None) -> SampleResult:
+        """Tokens (and images in [-1, 1] with ``decode``) of ``labels``: sample i gets the noise of
+        (seed, indices[i]). ``timings``, when given, receives the seconds per stage (``ar``,
+        ``head``, ``decode``; ``sampling`` where CUDA graphs replay whole scales) and ``total``."""
+        if decode:
+            self.require_decoder()
+        bs = self.batch_size(batch_size)
+        clock = _Clock(self.device) if timings is not None and not self.runner.capture else None
+        with torch.inference_mode(), self.threads.applied():
+            res = run_sampling(Hooked(self.stages, clock) if clock else self.stages, self.config, list(labels),
+                               schedule, seed, noise_file, decode=decode, device=self.device, progress=progress,
+                               on_scale=on_scale, batch_size=bs, indices=indices, runner=self.runner)
+        if timings is not None:
+            timings.update(clock.read() if clock else {"sampling": res.seconds})
+            timings["total"] = res.seconds
+        return res
+
+    # ---- lifetime ---------------------------------------------------------------------------
+    def close(self) -> None:
+        self.runner.workspaces.clear()
+        self.runner.graphs.clear()
+        self._stack.close()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def captures(device: torch.device, backend: str, cuda_graphs: bool = True) -> bool:
+    """Whether scales are captured as CUDA graphs: on a CUDA device, for TensorRT and PyTorch stages
+    (ONNX Runtime sessions are not captured); on a CPU the runner runs the same plan uncaptured."""
+    return cuda_graphs and device.type == "cuda" and backend in ("trt", "torch")
+
+
+def _buckets(max_batch: int | None) -> tuple[int, ...]:
+    """Captured batch sizes: powers of two up to the limit, and the limit."""
+    if not max_batch:
+        return ()
+    return tuple(sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch} | {max_batch}))
+
+
+class _Clock:
+    """Seconds per stage kind, summed over the calls (CUDA events on a GPU, read once at the end)."""
+
+    KIND = {"start": "ar", "ar": "ar", "prepare": "head", "velocity": "head", "decode": "decode"}
+
+    def __init__(self, device: torch.device):
+        self.cuda, self.seconds, self.events = device.type == "cuda", {}, []
+
+    def __call__(self, kind: str, fn, *args):
+        if self.cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            out = fn(*args)
+            b.record()
+            self.events.append((self.KIND[kind], a, b))
+            return out
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.seconds[self.KIND[kind]] = self.seconds.get(self.KIND[kind], 0.0) + time.perf_counter() - t0
+        return out
+
+    def read(self) -> dict[str, float]:
+        if self.events:
+            torch.cuda.synchronize()
+            for kind, a, b in self.events:
+                self.seconds[kind] = self.seconds.get(kind, 0.0) + a.elapsed_time(b) / 1e3
+        return dict(self.seconds)
+
+
+# ---- engine directories ----------------------------------------------------------------------
+
+def _trt_usable(m: Manifest) -> tuple[bool, str]:
+    info = m.tensorrt
+    if not info:
+        return False, "the directory has no TensorRT plans"
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU"
+    try:
+        from flowar.engines.trt import gpu_compute_capability, load_builder
+        b = load_builder()
+    except FlowARError:
+        return False, "TensorRT is not installed"
+    if (b.flavour, b.version) != (info["flavour"], info["version"]):
+        return False, f"plans built by {info['flavour']} {info['version']}, this is {b.flavour} {b.version}"
+    cc = gpu_compute_capability()
+    if info.get("compute_capability") not in (cc, None):
+        return False, f"plans built for {info['compute_capability']}, this GPU is {cc}"
+    return True, ""
+
+
+def choose_backend(m: Manifest, requested: str = "auto") -> str:
+    """The backend an engine directory runs on here: what ``requested`` names, or for ``auto``
+    TensorRT where its plans fit this GPU and TensorRT, else the engines the directory's
+    ``--precision auto|bf16`` measured and chose (``measured``), else ONNX Runtime. Every command
+    decides here."""
+    if requested not in BACKENDS:
+        raise FlowARError(f"--backend one of {', '.join(BACKENDS)}", repr(requested), "use --backend auto")
+    if requested == "auto":
+        ok, _ = _trt_usable(m)
+        return "trt" if ok else ("measured" if m.choice else "ort")
+    if requested == "trt":
+        ok, why = _trt_usable(m)
+        if not ok:
+            raise FlowARError("a TensorRT-ready engine directory and GPU for --backend trt", why,
+                              "rebuild plans here with flowar-export --backend trt, or use --backend ort")
+    return requested
+
+
+def _trt_engines(m: Manifest, specs: dict, stack: contextlib.ExitStack):
+    """(engines, device, detail): the directory's TensorRT plans, entered on ``stack``; the stages,
+    which never run at once, share one block of scratch memory."""
+    from flowar.engines.trt import load_builder
+    from flowar.runtime.engines import SharedDeviceMemory, TrtEngine
+    b, dev = load_builder(), torch.device("cuda")
+    shared = SharedDeviceMemory(dev)
+    return ({n: stack.enter_context(TrtEngine(n, m.plan(n), b.trt, shared)) for n in specs}, dev,
+            f"{b.flavour} {b.version}")
+
+
+def _describe(chosen: str, choice: dict, specs: dict, provider: str, dev: torch.device, m: Manifest) -> str:
+    if chosen == "ort":
+        return f"ONNX Runtime {provider}"
+    if chosen == "torch":
+        return f"eager PyTorch on {dev}"
+    from flowar.engines.cpu import cpu_kind, describe
+    engines = [choice.get(n, "ort-fp32") for n in specs]
+    detail = f"{m.precision}: " + (engines[0] if len(set(engines)) == 1 else
+                                   ", ".join(f"{n} {e}" for n, e in zip(specs, engines)))
+    measured_on = m.auto.get("machine", {})
+    if measured_on and measured_on != cpu_kind():
+        detail += f" (measured on {describe(measured_on)}; re-export here to measure this CPU)"
+    return detail
+
+
+def _carried(m: Manifest, what: str) -> Path:
+    """A weights file the directory carries for its PyTorch stages, checked against its sha256."""
+    w = (m.weights or {}).get(what)
+    path = m.member(w["file"]) if w else None
+    if path is None or not path.exists() or sha256_file(path if path.is_file() else path / w["digest_of"]) != w["sha256"]:
+        raise EngineDirError(f"the {what} weights the manifest records, with the sha256 recorded at export",
+                             f"{path or 'none'} (missing or modified)", f"re-export: flowar-export --out {m.root}")
+    return path
+
+
+def _carried_modules(m: Manifest, choice: dict[str, str]):
+    """(model, vae): the modules the directory carries for the PyTorch stages of ``choice`` (None
+    where no stage needs them)."""
+    from flowar.runtime.candidates import needs_weights
+    need = needs_weights(choice)
+    model = vae = None
+    if "model" in need:
+        from flowar.model.checkpoint import load_model
+        model, _ = load_model(_carried(m, "model"), config=m.config)
+    if "vae" in need:
+        from flowar.model.vae import load_vae
+        vae = load_vae(_carried(m, "vae"), expect_channels=m.config.latent_channels)
+    return model, vae
+
+
+def exported_from(m: Manifest | str | Path, device: torch.device | str = "cpu", ckpt: str | Path | None = None):
+    """(model, vae or None): the checkpoint (and VAE) an engine directory was exported from, in
+    eager PyTorch on ``device``: its reference. The checkpoint must be the very file (sha256) the
+    export recorded."""
+    from flowar.model.checkpoint import load_model
+    m = m if isinstance(m, Manifest) else read_manifest(m)
+    recorded, digest, ema = m.exported_checkpoint
+    src = Path(ckpt) if ckpt else recorded
+    if not src.is_file() or sha256_file(src) != digest:
+        raise FlowARError("the checkpoint the engine directory was exported from",
+                          f"{src if str(src) not in ('', '.') else 'no path'} (missing or a different file)",
+                          "pass --ckpt with the original checkpoint, or re-export the directory")
+    model, _ = load_model(src, config=m.config, use_ema=ema, device=device)
+    vae = None
+    if m.vae:
+        from flowar.model.vae import load_vae
+        vae = load_vae(m.vae["source"], expect_channels=m.config.latent_channels).to(device)
+    return model, vae
