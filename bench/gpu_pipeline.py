@@ -58,7 +58,7 @@ def main(argv=None) -> int:
                             tokens = pipe(labels, seed=1, schedule=schedule, output_type="latent").images
                             times.append(time.perf_counter() - t0)
                         out[graphs] = (tokens.cpu(), first.cpu(), statistics.median(times),
-                                       "on" if pipe.runtime.runner.capture else "off")
+                                       "on" if pipe.runtime.runner else "off")
                     d = float((out[True][0] - out[False][0]).abs().max())
                     d_first = float((out[True][1] - out[False][0]).abs().max())
                     good = d <= tol and d_first <= tol

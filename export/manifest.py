@@ -33,7 +33,7 @@ class EngineDirError(FlowARError):
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
 
@@ -101,7 +101,7 @@ class Manifest:
     def graph(self, stage: str) -> tuple[Path, str]:
         """(path, sha256) of a stage's ONNX graph."""
         info = self.stages[stage]
-        return self.member(info["file"]), info["sha256"]
+        return safe_member(self.root, info["file"]), info["sha256"]
 
     def plan(self, stage: str) -> Path:
         """A stage's TensorRT plan (the directory must have plans)."""

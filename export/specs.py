@@ -28,13 +28,20 @@ class StageSpec:
     outputs: tuple[str, ...]
     dynamic: dict[str, dict[int, str]]                 # input -> {axis: symbolic dim name}
     tolerance: float                                   # max abs diff vs eager PyTorch (fp32)
-    shapes: Callable[[int, int], dict[str, Shape]]     # (scale k, rows) -> every input and output shape
+    templates: dict[str, tuple]                        # every input and output: its dims, ints or "rows", "L", "n"
     dtypes: dict[str, torch.dtype]                     # non-float32 tensors
     module: Callable[..., nn.Module]                   # (model, vae) -> the reference module the graph is made from
     row_tensors: frozenset[str]                        # inputs and outputs whose first axis is rows (samples)
     rows_per_sample: int = 2                           # 2: conditional + unconditional rows (guidance); 1: decode
     from_stage: tuple[str, ...] = ()                   # inputs that are an earlier stage's outputs, passed as they are
     per_scale: bool = True                             # False: one shape family (decode)
+    seq_end: tuple[int, ...] = ()                      # "L" at scale k: the AR prefix length (config.scale_end)
+    tokens: tuple[int, ...] = ()                       # "n" at scale k: the tokens of the scale (config.tokens_per_scale)
+
+    def shapes(self, k: int, rows: int) -> dict[str, Shape]:
+        """Every input and output shape at (scale k, rows)."""
+        at = {"rows": rows, "L": self.seq_end[k], "n": self.tokens[k]}
+        return {name: tuple(at.get(d, d) for d in dims) for name, dims in self.templates.items()}
 
     def input_shapes(self, k: int, rows: int) -> dict[str, Shape]:
         s = self.shapes(k, rows)
@@ -58,49 +65,37 @@ def stage_specs(c: FlowARConfig, vae_factor: int | None = None) -> dict[str, Sta
                              c.head_depth)
     v2 = c.head_block == "v2"
 
-    def ar(k: int, r: int) -> dict[str, Shape]:
-        L = c.scale_end[k]
-        return {"labels": (r,), "tokens": (r, L, C), "semantics": (r, L, D)}
-
-    def prep(k: int, r: int) -> dict[str, Shape]:
-        n = c.tokens_per_scale[k]
-        s = {"cond": (r, n, D), "pos": (n, 2), "c": (r, n, W), "rope": (depth, 2, n, hd)}
-        if v2:
-            s |= {"cross_kv": (r, depth, 2, H, n, hd), "cross_rope": (depth, 2, n, hd)}
-        return s
-
-    def vel(k: int, r: int) -> dict[str, Shape]:
-        n = c.tokens_per_scale[k]
-        s = {"x": (r, n, C), "t": (r,), "c": (r, n, W), "rope": (depth, 2, n, hd), "v": (r, n, C)}
-        if v2:
-            s |= {"cross_kv": (r, depth, 2, H, n, hd), "cross_rope": (depth, 2, n, hd)}
-        return s
+    R, L, n = "rows", "L", "n"
+    ar = {"labels": (R,), "tokens": (R, L, C), "semantics": (R, L, D)}
+    cross = {"cross_kv": (R, depth, 2, H, n, hd), "cross_rope": (depth, 2, n, hd)} if v2 else {}
+    prep = {"cond": (R, n, D), "pos": (n, 2), "c": (R, n, W), "rope": (depth, 2, n, hd)} | cross
+    vel = {"x": (R, n, C), "t": (R,), "c": (R, n, W), "rope": (depth, 2, n, hd), "v": (R, n, C)} | cross
+    at = {"seq_end": c.scale_end, "tokens": c.tokens_per_scale}
 
     head_out = ("c", "rope") + (("cross_kv", "cross_rope") if v2 else ())
     head_rows = frozenset({"c"} | ({"cross_kv"} if v2 else set()))
     specs = {
         "ar": StageSpec("ar", ("labels", "tokens"), ("semantics",),
                         {"labels": {0: "rows"}, "tokens": {0: "rows", 1: "seq"}}, 1e-4, ar, {"labels": torch.int64},
-                        lambda model, vae=None: w.ARGraph(model).eval(), frozenset({"labels", "tokens", "semantics"})),
+                        lambda model, vae=None: w.ARGraph(model).eval(), frozenset({"labels", "tokens", "semantics"}),
+                        **at),
         "head_prep": StageSpec("head_prep", ("cond", "pos"), head_out,
                                {"cond": {0: "rows", 1: "tokens"}, "pos": {0: "tokens"}}, 1e-4, prep, {},
-                               lambda model, vae=None: w.HeadPrepGraph(model.flownet).eval(), head_rows | {"cond"}),
+                               lambda model, vae=None: w.HeadPrepGraph(model.flownet).eval(), head_rows | {"cond"},
+                               **at),
         "velocity": StageSpec("velocity", ("x", "t") + head_out, ("v",),
                               {"x": {0: "rows", 1: "tokens"}, "t": {0: "rows"}, "c": {0: "rows", 1: "tokens"},
                                "rope": {2: "tokens"}} | ({"cross_kv": {0: "rows", 4: "tokens"},
                                                           "cross_rope": {2: "tokens"}} if v2 else {}),
                               1e-4, vel, {}, lambda model, vae=None: w.VelocityGraph(model.flownet).eval(),
-                              head_rows | {"x", "t", "v"}, from_stage=head_out),
+                              head_rows | {"x", "t", "v"}, from_stage=head_out, **at),
     }
     if vae_factor is not None:
         S, f = c.latent_size, vae_factor
-
-        def dec(k: int, r: int) -> dict[str, Shape]:
-            return {"latent": (r, C, S, S), "image": (r, 3, S * f, S * f)}
-
+        dec = {"latent": (R, C, S, S), "image": (R, 3, S * f, S * f)}
         specs["decode"] = StageSpec("decode", ("latent",), ("image",), {"latent": {0: "rows"}}, 1e-4, dec, {},
                                     lambda model, vae: w.DecodeGraph(vae).eval(), frozenset({"latent", "image"}),
-                                    rows_per_sample=1, per_scale=False)
+                                    rows_per_sample=1, per_scale=False, **at)
     return specs
 
 

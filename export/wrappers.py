@@ -31,6 +31,9 @@ class ARGraph(nn.Module):
         rope = model.rope(0, model.config.n_scales - 1)          # full-sequence tables, sliced by L
         self.register_buffer("rope_cos", torch.stack([c for c, _ in rope]), persistent=False)   # (blocks, Lmax, d)
         self.register_buffer("rope_sin", torch.stack([s for _, s in rope]), persistent=False)
+        c = model.config                                         # the scale of each sequence position
+        self.register_buffer("scale_of", torch.tensor([k for k, n in enumerate(c.tokens_per_scale) for _ in range(n)]),
+                             persistent=False)
 
     def forward(self, labels: Tensor, tokens: Tensor) -> Tensor:
         m = self.model
@@ -38,8 +41,12 @@ class ARGraph(nn.Module):
         cls = m.class_emb(labels)                                              # (R, D)
         first = torch.arange(L, device=tokens.device)[None, :, None] == 0
         h = torch.where(first, cls[:, None, :], m.z_proj(tokens))              # (R, L, D)
-        rope = [(self.rope_cos[i, :L], self.rope_sin[i, :L]) for i in range(self.rope_cos.shape[0])]
-        return m.transformer(h, cls, 0, L, rope, m.mask[:, :, :L, :L])
+        rope = [(self.rope_cos[i].narrow(0, 0, L), self.rope_sin[i].narrow(0, 0, L)) for i in range(self.rope_cos.shape[0])]
+        # the block-causal mask of the first L positions, built rather than cut from the (Lmax, Lmax) table:
+        # the same 0 / -inf, and a graph with a symbolic L gets no view that is contiguous only at L = Lmax
+        s = self.scale_of.narrow(0, 0, L)
+        mask = torch.where(s[None, :] <= s[:, None], 0.0, float("-inf"))[None, None].to(tokens.dtype)
+        return m.transformer(h, cls, 0, L, rope, mask)
 
 
 class HeadPrepGraph(nn.Module):

@@ -50,6 +50,11 @@ class FlowARConfig:
     scale_begin: tuple[int, ...] = field(init=False, repr=False, compare=False)
     scale_end: tuple[int, ...] = field(init=False, repr=False, compare=False)
     seq_len: int = field(init=False, repr=False, compare=False)
+    n_scales: int = field(init=False, repr=False, compare=False)
+    latent_size: int = field(init=False, repr=False, compare=False)       # side of the final latent grid
+    null_class: int = field(init=False, repr=False, compare=False)        # the class id of the guidance's null rows
+    ar_head_dim: int = field(init=False, repr=False, compare=False)
+    head_head_dim: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scales", tuple(int(s) for s in self.scales))
@@ -81,28 +86,10 @@ class FlowARConfig:
         object.__setattr__(self, "scale_end", tuple(ends))
         object.__setattr__(self, "scale_begin", tuple(e - n for e, n in zip(ends, tokens)))
         object.__setattr__(self, "seq_len", total)
-
-    # ---- derived conveniences -------------------------------------------------------------
-    @property
-    def n_scales(self) -> int:
-        return len(self.scales)
-
-    @property
-    def latent_size(self) -> int:
-        """Side of the final latent grid (the last scale)."""
-        return self.scales[-1]
-
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
-
-    @property
-    def ar_head_dim(self) -> int:
-        return self.ar_width // self.ar_heads
-
-    @property
-    def head_head_dim(self) -> int:
-        return self.head_width // self.head_heads
+        for name, value in (("n_scales", len(self.scales)), ("latent_size", self.scales[-1]),
+                            ("null_class", self.num_classes), ("ar_head_dim", self.ar_width // self.ar_heads),
+                            ("head_head_dim", self.head_width // self.head_heads)):
+            object.__setattr__(self, name, value)
 
     # ---- JSON -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

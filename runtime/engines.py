@@ -75,7 +75,7 @@ class OrtEngine:
         self.provider, self.cache_dir, self.threads = provider, cache_dir, threads
         self.shard_min, self.single_max = shard_min, single_max
         self._sessions: dict[tuple, object] = {}
-        self._workers: _Workers | None = None
+        self._pool = None                     # threads for row blocks after the first (which runs on the caller)
 
     def __enter__(self) -> "OrtEngine":
         from flowar.engines.ort import choose_provider, cpu_threads
@@ -94,9 +94,9 @@ class OrtEngine:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._workers is not None:
-            self._workers.close()
-        self._workers = None
+        if self._pool is not None:
+            self._pool.shutdown()
+        self._pool = None
         self._sessions, self._runs = {}, {}
         self.session = None
 
@@ -123,35 +123,29 @@ class OrtEngine:
                 self._runs.clear()
             runs = self._runs[key] = self._plan(inputs, outputs)
         if len(runs) == 1:
-            runs[0][2]()
+            runs[0]()
         else:
-            self._workers.run([job for _, _, job in runs])
+            run_blocks(self._pool, runs)
 
     def _plan(self, inputs: dict[str, Tensor], outputs: dict[str, Tensor]) -> list:
-        """[(session, binding, job)] per row block; job() runs the block."""
+        """One job per row block: job() runs the block (its session's run on its binding)."""
         if not self.splittable:
-            return [self._run(self.session, inputs, outputs)]
+            return [self._bind(self.session, inputs, outputs)]
         from flowar.engines.ort import plan_call
         first = next(iter(inputs.values()))
         rows = first.shape[0] if first.ndim else 1
         tokens = first.shape[1] if first.ndim >= 2 else 1
         blocks = plan_call(rows, tokens, self.n_threads, self.shard_min, self.single_max)
-        if len(blocks) > 1 and (self._workers is None or self._workers.size < len(blocks) - 1):
-            if self._workers is not None:
-                self._workers.close()
-            self._workers = _Workers(len(blocks) - 1, self.name)
-        runs = []
-        for i, (b, e, threads) in enumerate(blocks):
-            part = lambda group: {n: (t[b:e] if n in self.row_tensors else t)   # noqa: E731
-                                  for n, t in group.items()}
-            runs.append(self._run(self._session(threads, i), part(inputs), part(outputs)))
-        return runs
-
-    def _run(self, sess, inputs: dict[str, Tensor], outputs: dict[str, Tensor]) -> tuple:
-        b = self._bind(sess, inputs, outputs)
-        return sess, b, functools.partial(sess.run_with_iobinding, b)
+        if len(blocks) > 1 and self._pool is None:       # at most one block per core: cores - 1 threads serve them all
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(max(1, self.n_threads - 1), thread_name_prefix=f"flowar-{self.name}")
+        return [self._bind(self._session(threads, i),
+                           {n: (t[b:e] if n in self.row_tensors else t) for n, t in inputs.items()},
+                           {n: (t[b:e] if n in self.row_tensors else t) for n, t in outputs.items()})
+                for i, (b, e, threads) in enumerate(blocks)]
 
     def _bind(self, sess, inputs: dict[str, Tensor], outputs: dict[str, Tensor]):
+        """A job that runs ``sess`` on these tensors, bound by address once."""
         import numpy as np
         b = sess.io_binding()
         for group, bind in ((inputs, b.bind_input), (outputs, b.bind_output)):
@@ -159,71 +153,24 @@ class OrtEngine:
                 assert t.is_contiguous(), f"{self.name}: {n} must be contiguous"
                 dev = "cuda" if t.is_cuda else "cpu"
                 bind(n, dev, t.device.index or 0, np.dtype(_NP[t.dtype]), list(t.shape), t.data_ptr())
-        return b
+        return functools.partial(sess.run_with_iobinding, b)
 
 
-class _Workers:
-    """Persistent threads for row blocks: ``run(jobs)`` runs jobs[1:] on the workers and jobs[0]
-    on the caller, waits for all, and re-raises the first error. ONNX Runtime releases the GIL
-    while it computes, so the blocks run on separate cores.
-    """
-
-    def __init__(self, size: int, name: str):
-        self.size = size
-        self._slots = [_Slot(f"flowar-{name}-{i + 1}") for i in range(size)]
-
-    def run(self, jobs: list) -> None:
-        for slot, job in zip(self._slots, jobs[1:]):
-            slot.start(job)
-        err = None
-        try:
-            jobs[0]()
-        except BaseException as e:            # noqa: BLE001 - re-raised after the other blocks finished
-            err = e
-        for slot in self._slots[: len(jobs) - 1]:
-            e = slot.wait()
-            err = err or e
-        if err is not None:
-            raise err
-
-    def close(self) -> None:
-        for slot in self._slots:
-            slot.stop()
-
-
-class _Slot:
-    def __init__(self, name: str):
-        import threading
-        self._go, self._done = threading.Event(), threading.Event()
-        self._job, self._err, self._alive = None, None, True
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            self._go.wait()
-            self._go.clear()
-            if not self._alive:
-                return
-            try:
-                self._job()
-            except BaseException as e:        # noqa: BLE001 - handed to the caller by wait()
-                self._err = e
-            self._done.set()
-
-    def start(self, job) -> None:
-        self._job, self._err = job, None
-        self._done.clear()
-        self._go.set()
-
-    def wait(self) -> BaseException | None:
-        self._done.wait()
-        return self._err
-
-    def stop(self) -> None:
-        self._alive = False
-        self._go.set()
-        self._thread.join(timeout=5)
+def run_blocks(pool, jobs: list) -> None:
+    """Run jobs[1:] on ``pool`` (a thread pool) and jobs[0] on the caller, wait for all, re-raise
+    the first error. ONNX Runtime releases the GIL while it computes, so the blocks run on
+    separate cores."""
+    futures = [pool.submit(job) for job in jobs[1:]]
+    err = None
+    try:
+        jobs[0]()
+    except BaseException as e:            # noqa: BLE001 - re-raised after the other blocks finished
+        err = e
+    for f in futures:
+        e = f.exception()                  # waits
+        err = err or e
+    if err is not None:
+        raise err
 
 
 class TrtEngine:

@@ -82,12 +82,12 @@ class Runtime:
         self.detail = detail                # what computes, per stage where it differs (logs, /health, run.json)
         self.decodes = decodes              # has a decoder: images, not only tokens
         self.max_batch = max_batch          # the engines' limit; None: any batch at once
-        self.defaults = Settings.of(defaults)   # an engine directory's recorded sampling defaults
+        self.defaults = Settings.of(defaults) if defaults else Settings()   # an engine directory's recorded defaults
         self.manifest, self.model, self.vae = manifest, model, vae
         self.data = data                    # what the checkpoint was trained on (its metadata), e.g. animal-mnist
-        # One runner for every batch: it keeps a workspace per (batch, rows, schedule) and, where
-        # the stages can be captured, a CUDA graph per scale of each.
-        self.runner = GraphRunner(device, capture=capture, buckets=_buckets(max_batch))
+        # Where the stages can be captured, one runner for every batch: a workspace per (batch bucket,
+        # rows, schedule) and a CUDA graph per scale of each; elsewhere the sampler's plain loop.
+        self.runner = GraphRunner(device, capture=True, buckets=_buckets(max_batch)) if capture else None
         self._stack = stack or contextlib.ExitStack()
 
     # ---- the two ways to open one -----------------------------------------------------------
@@ -137,7 +137,8 @@ class Runtime:
                 dev = resolve_device(device if device is not None else "cuda" if provider == "CUDAExecutionProvider"
                                      else "cpu" if chosen != "torch" else "auto")
                 choice = {"ort": {}, "torch": dict.fromkeys(specs, "torch-fp32")}.get(chosen, m.choice)
-                model, vae = (exported_from(m, dev, ckpt) if chosen == "torch" else _carried_modules(m, choice))
+                model, vae = (exported_from(m, dev, ckpt) if chosen == "torch" else
+                              _carried_modules(m, choice) if m.weights else (None, None))
                 threads_ = Threads.resolve(threads, any(choice.get(s, "ort-fp32") != "ort-fp32" for s in specs))
                 engines = {n: stack.enter_context(e) for n, e in stage_engines(
                     choice, m.config, model, vae, specs, {n: m.graph(n) for n in specs}, threads_.cores,
@@ -193,15 +194,6 @@ class Runtime:
         """The schedule of ``settings``, over this source's recorded defaults."""
         return (settings or Settings()).resolve(self.config.n_scales, self.defaults)
 
-    def batch_size(self, requested: int | None) -> int | None:
-        """``requested`` checked against the engines' limit; unset: the limit (None: all at once)."""
-        if requested is not None and (not isinstance(requested, int) or requested < 1):
-            raise FlowARError("--batch >= 1", repr(requested), "use e.g. --batch 8")
-        if self.max_batch is not None and requested is not None and requested > self.max_batch:
-            raise FlowARError(f"--batch at most {self.max_batch} (the engines' max batch)", str(requested),
-                              f"use --batch {self.max_batch}, or re-export with --max-batch {requested}")
-        return requested or self.max_batch
-
     def require_decoder(self) -> None:
         """Refuse, before any work, to make images from a source without a decoder."""
         if not self.decodes:
@@ -214,12 +206,18 @@ class Runtime:
                batch_size: int | None = None, decode: bool = True, progress: bool | dict = False,
                on_scale: Callable[[ScaleTrace], None] | None = None, timings: dict | None = None) -> SampleResult:
         """Tokens (and images in [-1, 1] with ``decode``) of ``labels``: sample i gets the noise of
-        (seed, indices[i]). ``timings``, when given, receives the seconds per stage (``ar``,
-        ``head``, ``decode``; ``sampling`` where CUDA graphs replay whole scales) and ``total``."""
+        (seed, indices[i]), in batches of ``batch_size`` (default: the engines' max batch, else all
+        at once). ``timings``, when given, receives the seconds per stage (``ar``, ``head``,
+        ``decode``; ``sampling`` where CUDA graphs replay whole scales) and ``total``."""
         if decode:
             self.require_decoder()
-        bs = self.batch_size(batch_size)
-        clock = _Clock(self.device) if timings is not None and not self.runner.capture else None
+        if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
+            raise FlowARError("--batch >= 1", repr(batch_size), "use e.g. --batch 8")
+        if self.max_batch is not None and batch_size is not None and batch_size > self.max_batch:
+            raise FlowARError(f"--batch at most {self.max_batch} (the engines' max batch)", str(batch_size),
+                              f"use --batch {self.max_batch}, or re-export with --max-batch {batch_size}")
+        bs = batch_size or self.max_batch
+        clock = _Clock(self.device) if timings is not None and self.runner is None else None
         with torch.inference_mode(), self.threads.applied():
             res = run_sampling(Hooked(self.stages, clock) if clock else self.stages, self.config, list(labels),
                                schedule, seed, noise_file, decode=decode, device=self.device, progress=progress,
@@ -231,8 +229,7 @@ class Runtime:
 
     # ---- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
-        self.runner.workspaces.clear()
-        self.runner.graphs.clear()
+        self.runner = None
         self._stack.close()
 
     def __enter__(self) -> "Runtime":

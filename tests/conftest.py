@@ -124,17 +124,36 @@ def default_auto_engines(tmp_path_factory) -> Path:
     return d
 
 
+def _code_digest(h) -> None:
+    """Feed ``h`` the code that builds graphs as it is bound now: every function and method of the
+    loaded flowar.model and flowar.export modules (a file edited, or a function monkeypatched by a
+    test, changes it)."""
+    import inspect
+    import sys
+    for name in sorted(n for n in sys.modules if n.startswith(("flowar.model", "flowar.export"))):
+        for attr, obj in sorted(vars(sys.modules[name]).items()):
+            members = [obj] + ([v for _, v in sorted(vars(obj).items())] if inspect.isclass(obj) else [])
+            for f in members:
+                f = getattr(f, "__func__", f)
+                code = getattr(f, "__code__", None)
+                if code is not None:
+                    h.update(f"{name}.{attr}.{getattr(f, '__qualname__', '')}".encode() + code.co_code
+                             + repr(code.co_consts).encode())
+
+
 @pytest.fixture(scope="session", autouse=True)
 def export_memo(tmp_path_factory):
     """Within this pytest process, a stage exported again with the same inputs reuses the first
     export's files: the ONNX exporter takes ~9 s per tiny stage and the suite exports the same
     fixtures (tiny_v1, tiny_v2, the default model) many times. The key is everything the graph
-    is made from: the module's class, its weights and buffers (hashed), the config, the dynamic
-    shapes' limits and the precision, and the side of the external-data threshold it falls on
-    (a stage that moves across it is exported again); the exporter is deterministic
-    for those (tests/test_export.py checks it, uncached). Exports in subprocesses (the CLI's kill
-    -9, the 2 GB test, bulk) and without weights are real every time. FLOWAR_EXPORT_MEMO=0 turns
-    it off."""
+    is made from: the module's class, its parameters and every buffer (persistent or not, hashed),
+    the stage spec (names, dynamic axes, shapes), the config, the dynamic shapes' limits, the
+    precision, the code that builds graphs (every function and method of flowar.model and
+    flowar.export as bound at the time, so an edit or a test's monkeypatch is a new key), and the
+    side of the external-data threshold it falls on (a stage that moves across it is exported
+    again); the exporter is deterministic for those (tests/test_export.py checks it, uncached).
+    Exports in subprocesses (the CLI's kill -9, the 2 GB test, bulk) and without weights are real
+    every time. FLOWAR_EXPORT_MEMO=0 turns it off."""
     import hashlib
     import shutil
     import types
@@ -148,9 +167,11 @@ def export_memo(tmp_path_factory):
     def key(spec, module, config, path, max_rows, precision) -> str:
         h = hashlib.blake2b(digest_size=16)
         limits = (max(4, max_rows), config.seq_len, max(config.tokens_per_scale))
-        h.update(repr((type(module).__module__, type(module).__qualname__, spec.name, path.name, config.to_json(), limits,
-                       precision, onnx_export.OPSET)).encode())
-        for n, t in module.state_dict(keep_vars=False).items():
+        h.update(repr((type(module).__module__, type(module).__qualname__, spec.name, spec.inputs, spec.outputs,
+                       sorted(spec.dynamic.items()), sorted(spec.templates.items()), path.name, config.to_json(),
+                       limits, precision, onnx_export.OPSET)).encode())
+        _code_digest(h)
+        for n, t in [*module.named_parameters(), *module.named_buffers()]:
             t = t.detach().contiguous().cpu()
             h.update(f"{n}:{t.dtype}:{tuple(t.shape)}".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -177,5 +198,5 @@ def export_memo(tmp_path_factory):
         return files
 
     onnx_export.export_stage = export_stage
-    yield types.SimpleNamespace(real=real, memo=memo)
+    yield types.SimpleNamespace(real=real, memo=memo, key=key)
     onnx_export.export_stage = real

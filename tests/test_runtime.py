@@ -84,12 +84,12 @@ def test_plan_call_splits_rows_into_contiguous_blocks_one_per_core():
             assert 1 <= sum(t for _, _, t in blocks) <= max(threads, 1)
 
 
-def test_velocity_work_limits_are_the_flops_they_claim():
+def test_the_velocity_split_limits_are_the_flops_they_claim():
     """shard_min / single_max are rows x tokens of a velocity call of ~20 MFLOP / ~200 MFLOP:
     checked against torch's FLOP counter on the real head, for a narrow and a wide model."""
     from torch.utils.flop_counter import FlopCounterMode
     from flowar.config import get_preset
-    from flowar.engines.ort import velocity_work_limits
+    from flowar.engines.ort import split_limits
     from flowar.export.specs import sample_inputs, stage_specs
     from flowar.model.ar import FlowAR
     for preset in ("tiny", "flowar-s"):
@@ -103,7 +103,7 @@ def test_velocity_work_limits_are_the_flops_they_claim():
         with FlopCounterMode(display=False) as fc:
             module(*(ins[n] for n in spec.inputs))
         per_row_token = fc.get_total_flops() / (2 * tokens)
-        shard_min, single_max = velocity_work_limits(c)
+        shard_min, single_max = split_limits("velocity", c)
         # the largest rows x tokens at or under the claim; the limits count GEMMs only (attention's
         # token x token products add ~25 % at 16x16), so within 1.5x
         for limit, claimed in ((shard_min, 2e7), (single_max, 2e8)):
@@ -112,19 +112,24 @@ def test_velocity_work_limits_are_the_flops_they_claim():
 
 
 def test_worker_errors_reach_the_caller_after_every_block_finished():
-    from flowar.runtime.engines import _Workers
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    from flowar.runtime.engines import run_blocks
     done = []
-    w = _Workers(2, "test")
-    try:
+    with ThreadPoolExecutor(2) as pool:
         def fail():
             raise ValueError("block 2 failed")
+
+        def slow():
+            time.sleep(0.05)
+            done.append(2)
         with pytest.raises(ValueError, match="block 2 failed"):
-            w.run([lambda: done.append(0), fail, lambda: done.append(2)])
-        assert sorted(done) == [0, 2]
-        w.run([lambda: done.append(3), lambda: done.append(4)])      # still usable, fewer jobs than workers
-        assert sorted(done) == [0, 2, 3, 4]
-    finally:
-        w.close()
+            run_blocks(pool, [lambda: done.append(0), fail, slow])
+        assert sorted(done) == [0, 2]                                  # the slow block finished first
+        where = []
+        run_blocks(pool, [lambda: where.append(threading.current_thread()), lambda: done.append(4)])
+        assert sorted(done) == [0, 2, 4] and where == [threading.main_thread()]   # the first on the caller
 
 
 def test_the_thread_policy_is_resolved_at_open_and_applied_while_sampling(fixtures_dir, monkeypatch):

@@ -57,7 +57,7 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
         precision, threads, cuda_graphs, debug):
     """Sample images from a FlowAR checkpoint (eager PyTorch) or an engine directory (runtime)."""
     from flowar.io.files import check_writable
-    from flowar.pipeline.pipeline import FlowARPipeline
+    from flowar.runtime.runtime import Runtime
     from flowar.sampling.batches import write_outputs
     from flowar.sampling.labels import parse_labels
     from flowar.sampling.schedule import Settings
@@ -68,17 +68,15 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
     if bool(ckpt) == bool(engine_dir):
         raise FlowARError("exactly one of --ckpt or --engine-dir", "both" if ckpt else "neither",
                           "pass --engine-dir DIR (from flowar-export) or --ckpt PATH")
-    from flowar.runtime.runtime import Runtime
-    with FlowARPipeline(Runtime.open(engine_dir or ckpt, bool(engine_dir), backend=backend, preset=preset,
-                                     config=config_path, vae=vae, raw_weights=raw_weights, device=device,
-                                     threads=threads, cuda_graphs=cuda_graphs, precision=precision)) as pipe:
-        rt = pipe.runtime
+    with Runtime.open(engine_dir or ckpt, bool(engine_dir), backend=backend, preset=preset, config=config_path,
+                      vae=vae, raw_weights=raw_weights, device=device, threads=threads, cuda_graphs=cuda_graphs,
+                      precision=precision) as rt:
         if out or save_images:
             rt.require_decoder()
         sched = rt.schedule(settings)
         ids = parse_labels(rt.config.num_classes, rt.class_names, labels, classes, n_per_class)
         click.echo(f"backend: {rt.detail}; schedule: {sched.describe()}; CUDA graphs "
-                   f"{'on' if rt.runner.capture else 'off'}", err=True)
+                   f"{'on' if rt.runner else 'off'}", err=True)
         result = rt.sample(ids, sched, seed=seed, noise_file=noise_file, batch_size=batch_size,
                            decode=bool(out or save_images), progress=True)
     lines = write_outputs(result, rt.class_names, save_tokens, out, save_images, n_per_class if n_per_class > 1 else None)
@@ -125,7 +123,7 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
     from flowar.io.files import check_writable
     from flowar.sampling.schedule import Settings
     # checked now, before any work (flowar-run would refuse what Settings refuses)
-    defaults = Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance).over(SAMPLING_DEFAULTS).given()
+    defaults = SAMPLING_DEFAULTS | Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance).given()
     check_writable(out, True, "--out")
     from tqdm import tqdm
     bar = tqdm(desc="export", unit="step", disable=None, leave=False)
@@ -245,7 +243,7 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
     from flowar.io.files import check_writable
     import contextlib
     from flowar.eval.quality import load_extractor, measure, read_fid_stats, report_lines
-    from flowar.pipeline.pipeline import FlowARPipeline
+    from flowar.runtime.runtime import Runtime
     if bool(fid_stats) != bool(fid_extractor):
         raise FlowARError("--fid-stats and --fid-extractor together", "only one of them",
                           "pass the statistics and the extractor they were made with")
@@ -262,9 +260,8 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
         raise FlowARError("exactly one of --ckpt or --engine-dir", "both" if ckpt else "neither",
                           "pass --engine-dir DIR (from flowar-export) or --ckpt PATH")
     with contextlib.ExitStack() as stack:
-        from flowar.runtime.runtime import Runtime
-        rt = stack.enter_context(FlowARPipeline(Runtime.open(engine_dir or ckpt, bool(engine_dir), preset=preset,
-                                                             config=config_path, vae=vae, device="cpu"))).runtime
+        rt = stack.enter_context(Runtime.open(engine_dir or ckpt, bool(engine_dir), preset=preset, config=config_path,
+                                              vae=vae, device="cpu"))
         config = rt.config
         batch = min(batch, rt.max_batch or batch)
         sched = rt.schedule(settings)
@@ -277,7 +274,7 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
             from flowar.eval.judge import train_judge
             judge = train_judge(cache=Path(judge_cache))
         labels = [c for c in range(min(classes_limit, config.num_classes)) for _ in range(per_class)]
-        other = stack.enter_context(FlowARPipeline(Runtime.open(vs_engine_dir, True))).runtime if vs_engine_dir else None
+        other = stack.enter_context(Runtime.open(vs_engine_dir, True)) if vs_engine_dir else None
         if other is not None:
             if other.config != config:
                 raise FlowARError("--vs-engine-dir exported from the same model", "another config",

@@ -152,7 +152,7 @@ def build_app(engine_dir: str, threads: int | None = None, max_n: int = 16, repl
             rt = self.gen.pipe.runtime
             if method == "GET" and path == "/health":
                 return JSONResponse({"status": "ok", "max_batch": self.gen.max_batch, "backend": rt.backend,
-                                     "engines": rt.detail, "cuda_graphs": rt.runner.capture})
+                                     "engines": rt.detail, "cuda_graphs": rt.runner is not None})
             if method == "GET" and path == "/v1/stats":
                 return JSONResponse({"batches": self.gen.batches, "engines": rt.detail})
             if method != "POST" or path != "/v1/generate":

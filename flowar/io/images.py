@@ -6,6 +6,7 @@ leaves a truncated PNG that a later step (an FID tool, say) would read.
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -26,10 +27,6 @@ def to_uint8(images_B3HW: Tensor) -> np.ndarray:
     return uint8_B3HW(images_B3HW).permute(0, 2, 3, 1).numpy()
 
 
-def _save_png(img, path: Path) -> None:
-    atomic_write_bytes(path, lambda tmp: img.save(tmp, format="PNG"))
-
-
 def save_images(images_B3HW: Tensor, folder: str | Path, first: int = 0) -> list[Path]:
     """One unlabelled PNG per sample, in sample order: 000000.png, 000001.png, ... (from ``first``)."""
     from PIL import Image
@@ -38,7 +35,7 @@ def save_images(images_B3HW: Tensor, folder: str | Path, first: int = 0) -> list
     paths = []
     for i, arr in enumerate(to_uint8(images_B3HW)):
         p = folder / f"{first + i:06d}.png"
-        _save_png(Image.fromarray(arr), p)
+        atomic_write_bytes(p, functools.partial(Image.fromarray(arr).save, format="PNG"))
         paths.append(p)
     return paths
 
@@ -61,7 +58,7 @@ def save_grid(images_B3HW: Tensor, captions: list[str], path: str | Path, column
         grid.paste(Image.fromarray(arr).resize((cw, ch), Image.NEAREST), (x0, y0))
         draw.text((x0 + 1, y0 + ch + 1), captions[i][: max(4, cw // 6)], fill="black")
     p = Path(path)
-    _save_png(grid, p)
+    atomic_write_bytes(p, functools.partial(grid.save, format="PNG"))
     return p
 
 

@@ -106,15 +106,18 @@ class FlowAR(nn.Module):
 
     def transformer(self, h_BLD: Tensor, cls_BD: Tensor, begin: int, end, rope: list[tuple[Tensor, Tensor]],
                     mask: Tensor | None, caches: list[KVCache] | None = None) -> Tensor:
-        """Encoder and decoder stacks over sequence positions [begin, end); h_BLD is already embedded."""
-        n_enc = len(self.encoder_blocks)
-        h = self.z_proj_ln(h_BLD + self.encoder_pos_embed_learned[:, begin:end])
+        """Encoder and decoder stacks over sequence positions [begin, end); h_BLD is already embedded.
+
+        ``narrow`` rather than slicing: the same numbers, and an exported graph with a symbolic
+        ``end`` gets no guard for the case where the slice would be clipped at the table's end."""
+        n_enc, n = len(self.encoder_blocks), end - begin
+        h = self.z_proj_ln(h_BLD + self.encoder_pos_embed_learned.narrow(1, begin, n))
         for i, blk in enumerate(self.encoder_blocks):
             h = blk(h, cls_BD, *rope[i], mask, caches[i] if caches else None, begin)
-        h = self.decoder_embed(self.encoder_norm(h)) + self.decoder_pos_embed_learned[:, begin:end]
+        h = self.decoder_embed(self.encoder_norm(h)) + self.decoder_pos_embed_learned.narrow(1, begin, n)
         for i, blk in enumerate(self.decoder_blocks):
             h = blk(h, cls_BD, *rope[n_enc + i], mask, caches[n_enc + i] if caches else None, begin)
-        return self.decoder_norm(h) + self.diffusion_pos_embed_learned[:, begin:end]
+        return self.decoder_norm(h) + self.diffusion_pos_embed_learned.narrow(1, begin, n)
 
     def input_sequence(self, cls_BD: Tensor, x_in_BLC: Tensor | None) -> Tensor:
         """[class token; z_proj(inputs of scales 1..k)] -> (B, L_k, D)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -20,15 +19,23 @@ from flowar.errors import FlowARError
 IMAGENET_CLASSES = 1000
 
 
-@dataclass(frozen=True)
-class ClassNames:
-    """Display names (one per class id) and every name each class answers to."""
-    display: tuple[str, ...]                 # what grids and logs show, e.g. "great grey owl"
-    synonyms: tuple[tuple[str, ...], ...]    # per id, every name, the display name first
+class ClassNames(tuple):
+    """The display names, one per class id (the tuple itself: what grids and logs show, e.g.
+    "great grey owl"), and every name each class answers to (``synonyms``: per id, the display
+    name first)."""
+
+    def __new__(cls, display: Sequence[str], synonyms: Sequence[Sequence[str]] | None = None) -> "ClassNames":
+        self = super().__new__(cls, display)
+        self.synonyms = tuple(tuple(s) for s in synonyms) if synonyms is not None else tuple((n,) for n in display)
+        return self
+
+    @property
+    def display(self) -> tuple[str, ...]:
+        return tuple(self)
 
     @classmethod
     def plain(cls, names: Sequence[str]) -> "ClassNames":
-        return cls(tuple(names), tuple((n,) for n in names))
+        return cls(names)
 
     @functools.cached_property
     def _index(self) -> dict[str, tuple[int, ...]]:
@@ -49,13 +56,13 @@ class ClassNames:
             close = (sorted(inside, key=len) + difflib.get_close_matches(q, list(self._index), n=3, cutoff=0.6))
             close = list(dict.fromkeys(close))[:3]
             shown = [self._pretty(c) for c in close]
-            raise FlowARError(f"a class name of this model ({len(self.display)} classes, e.g. "
-                              f"{', '.join(self.display[:3])})", repr(name),
+            raise FlowARError(f"a class name of this model ({len(self)} classes, e.g. "
+                              f"{', '.join(self[:3])})", repr(name),
                               f"did you mean {' or '.join(repr(s) for s in shown)}?" if shown
                               else "check the spelling, or pass class ids")
         if len(ids) > 1:
             raise FlowARError("a class name that names one class", f"{name!r}, which names "
-                              + "; ".join(f"{i} ({self.display[i]})" for i in ids),
+                              + "; ".join(f"{i} ({self[i]})" for i in ids),
                               "pass the class id, or a longer name")
         return ids[0]
 
@@ -69,12 +76,6 @@ class ClassNames:
     def is_one_label(self, text: str) -> bool:
         """Whether ``text`` is a whole name (which may contain commas), not a comma-separated list."""
         return _key(text) in self._index
-
-    def __getitem__(self, i: int) -> str:
-        return self.display[i]
-
-    def __len__(self) -> int:
-        return len(self.display)
 
 
 def _key(name: str) -> str:
@@ -94,7 +95,7 @@ def imagenet() -> ClassNames:
 def class_names_for(num_classes: int, stored: Sequence[str] | None) -> ClassNames | None:
     """The names a model answers to: its own, else ImageNet's for 1000 classes, else none."""
     if stored:
-        return ClassNames.plain(list(stored))
+        return ClassNames(stored)
     if num_classes == IMAGENET_CLASSES:
         return imagenet()
     return None

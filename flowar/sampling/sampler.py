@@ -194,13 +194,6 @@ class Workspace:
     def addresses(self) -> dict[str, int]:
         return {k: v.data_ptr() for k, v in self._store.items()}
 
-    def tokens(self) -> Tensor:
-        """The last scale's kept sample as a token map (B, C, S, S), a new tensor."""
-        c = self.config
-        S = c.latent_size
-        z = self.view("z", c.n_scales - 1).transpose(1, 2).reshape(self.B, c.latent_channels, S, S)
-        return z.clone(memory_format=torch.contiguous_format)
-
 
 def check_finite(t: Tensor, what: str, k: int, side: int, step: int | None = None) -> None:
     """Refuse NaN/Inf from a stage, naming where it came (one host sync)."""
@@ -283,19 +276,6 @@ class ScaleRunner(Protocol):
         """The batch size B samples run at (B, or a larger captured size they are padded to)."""
 
 
-class EagerRunner:
-    """A new workspace per call and :func:`run_scale` per scale (the default)."""
-
-    def bucket(self, B):
-        return B
-
-    def workspace(self, config, schedule, B, R, official_rows, device):
-        return Workspace(config, schedule, B, R, official_rows, device)
-
-    def run(self, stages, ws, schedule, k, check, rows_trace):
-        run_scale(stages, ws, schedule, k, check, rows_trace)
-
-
 def sample(stages: Stages, config: FlowARConfig, schedule: Schedule, labels_B: Tensor, noise: NoiseFn,
            decode: bool = False, device: torch.device | str = "cpu",
            on_scale: Callable[[ScaleTrace], None] | None = None,
@@ -306,7 +286,7 @@ def sample(stages: Stages, config: FlowARConfig, schedule: Schedule, labels_B: T
     labels_B: (B,) int64 class ids. ``official_rows`` integrates the null half too, as the
     official solver does (same tokens, more work): the benchmark's eager baseline. ``check``:
     NaN/Inf checks, "step" by default on CPU (free there), "scale" on GPU (one sync per scale).
-    ``runner``: how each scale runs (default :class:`EagerRunner`; CUDA graphs replay it).
+    ``runner``: how each scale runs (default: :func:`run_scale` on a new workspace; CUDA graphs replay it).
     """
     c = config
     B = labels_B.shape[0]
@@ -315,16 +295,21 @@ def sample(stages: Stages, config: FlowARConfig, schedule: Schedule, labels_B: T
     labels_R = torch.cat([labels_B, null]) if R > B else labels_B
     dev = torch.device(device)
     check = check or ("step" if dev.type == "cpu" else "scale")
-    runner = runner or EagerRunner()
     stages.start(labels_R.to(device))
-    ws = runner.workspace(c, schedule, B, R, official_rows, device)
+    ws = (runner.workspace(c, schedule, B, R, official_rows, device) if runner is not None
+          else Workspace(c, schedule, B, R, official_rows, device))
     for k in range(c.n_scales):
         ws.view("draw", k).copy_(noise(k, (R, c.tokens_per_scale[k], c.latent_channels)))   # official draw order
         trace: list[int] = []
-        runner.run(stages, ws, schedule, k, check, trace)
+        if runner is not None:
+            runner.run(stages, ws, schedule, k, check, trace)
+        else:
+            run_scale(stages, ws, schedule, k, check, trace)
         if on_scale is not None:
             on_scale(ScaleTrace(k, R, trace, ws.view("z", k)))
-    tokens = ws.tokens()
+    S = c.latent_size                                                 # the last scale's sample as a token map
+    tokens = ws.view("z", c.n_scales - 1).transpose(1, 2).reshape(B, c.latent_channels, S, S).clone(
+        memory_format=torch.contiguous_format)
     images = None
     if decode:
         images = stages.decode(tokens / c.latent_scale)

@@ -116,6 +116,7 @@ class Schedule:
     plan: tuple[tuple[Eval, ...], ...] = ()   # per scale: the head evaluations and updates
     slots: int = 1               # velocity buffers the plan uses
     name: str | None = None      # "official", "fast", or None for a custom choice
+    head_evals: int = 0          # head evaluations per sample, summed over scales (a guided one counts once)
 
     @property
     def n_steps(self) -> int:
@@ -137,11 +138,6 @@ class Schedule:
         """(S,) int64 timesteps the head embeds."""
         return timestep_integers(self.t32)
 
-    @property
-    def head_evals(self) -> int:
-        """Head evaluations per sample, summed over scales (a guided one counts once)."""
-        return sum(len(p) for p in self.plan)
-
     def describe(self) -> str:
         what = self.solver if self.solver != "skip" else f"skip (head on 1 step in {self.stride}, order {self.order})"
         return (f"{self.name + ': ' if self.name else ''}{what} on the {self.grid} {self.num_steps}-point grid, "
@@ -150,14 +146,6 @@ class Schedule:
     def rows(self, B: int) -> int:
         """AR rows for B samples: [labels; null] with guidance, the labels alone without."""
         return 2 * B if self.cfg != 1.0 else B
-
-
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,49 +163,47 @@ class Settings:
     order: int | None = None         # skip: velocities extrapolated from this many evaluations
 
     def __post_init__(self) -> None:
-        checks = (
-            ("schedule", lambda v: v in SCHEDULES, f"--schedule one of {', '.join(SCHEDULES)}", "use --schedule official"),
-            ("steps", lambda v: _int(v) and 2 <= v <= MAX_STEPS, f"--steps an integer in 2..{MAX_STEPS}",
-             "use e.g. --steps 25"),
-            ("cfg", lambda v: _number(v) and 1.0 <= v <= MAX_CFG, f"--cfg in [1, {MAX_CFG:g}] (1 = no guidance)",
-             "use e.g. --cfg 4.3"),
-            ("guidance", lambda v: _number(v) and 0.0 <= v <= 1.0,
-             "--guidance (the time below which guidance applies) in [0, 1]", "use e.g. --guidance 0.9"),
-            ("solver", lambda v: v in SOLVERS, f"--solver one of {', '.join(SOLVERS)}", "use --solver euler (official)"),
-            ("stride", lambda v: _int(v) and 1 <= v <= 64, "--stride an integer in 1..64", "use e.g. --stride 3"),
-            ("order", lambda v: _int(v) and 1 <= v <= 4, "an order in 1..4 for the skip solver", "use e.g. order 3"),
-        )
-        for name, ok, expected, fix in checks:
-            v = getattr(self, name)
-            if v is not None and not ok(v):
-                raise FlowARError(expected, repr(v), fix)
+        # (type(v) is int / in (int, float): strict, a served true or "5" is not a number)
+        s = self
+        for bad, expected, got, fix in (
+            (s.schedule is not None and s.schedule not in SCHEDULES, f"--schedule one of {', '.join(SCHEDULES)}",
+             s.schedule, "use --schedule official"),
+            (s.steps is not None and not (type(s.steps) is int and 2 <= s.steps <= MAX_STEPS),
+             f"--steps an integer in 2..{MAX_STEPS}", s.steps, "use e.g. --steps 25"),
+            (s.cfg is not None and not (type(s.cfg) in (int, float) and 1.0 <= s.cfg <= MAX_CFG),
+             f"--cfg in [1, {MAX_CFG:g}] (1 = no guidance)", s.cfg, "use e.g. --cfg 4.3"),
+            (s.guidance is not None and not (type(s.guidance) in (int, float) and 0.0 <= s.guidance <= 1.0),
+             "--guidance (the time below which guidance applies) in [0, 1]", s.guidance, "use e.g. --guidance 0.9"),
+            (s.solver is not None and s.solver not in SOLVERS, f"--solver one of {', '.join(SOLVERS)}", s.solver,
+             "use --solver euler (official)"),
+            (s.stride is not None and not (type(s.stride) is int and 1 <= s.stride <= 64),
+             "--stride an integer in 1..64", s.stride, "use e.g. --stride 3"),
+            (s.order is not None and not (type(s.order) is int and 1 <= s.order <= 4),
+             "an order in 1..4 for the skip solver", s.order, "use e.g. order 3")):
+            if bad:
+                raise FlowARError(expected, repr(got), fix)
 
     @classmethod
-    def of(cls, values: dict | None) -> "Settings":
+    def of(cls, values: "Settings | dict | None") -> "Settings":
         """Settings from a mapping of these field names (an engine directory's recorded defaults)."""
-        return cls(**{k: v for k, v in (values or {}).items() if k in _SETTINGS})
+        if isinstance(values, Settings):
+            return values
+        return cls(**{k: v for k, v in (values or {}).items() if k in cls.__dataclass_fields__})
 
     def given(self) -> dict:
-        """The fields that were set, by name."""
-        return {k: getattr(self, k) for k in _SETTINGS if getattr(self, k) is not None}
-
-    def over(self, defaults: "Settings | dict | None") -> "Settings":
-        """These settings, with what they leave unset taken from ``defaults``."""
-        base = defaults if isinstance(defaults, Settings) else Settings.of(defaults)
-        return Settings(**(base.given() | self.given()))
+        """The fields that were set, by name (what a command records)."""
+        return {f: getattr(self, f) for f in self.__dataclass_fields__ if getattr(self, f) is not None}
 
     def resolve(self, n_scales: int, recorded: "Settings | dict | None" = None) -> "Schedule":
-        """The schedule these settings name, over ``recorded`` (an engine directory's defaults) and
-        :data:`~flowar.config.SAMPLING_DEFAULTS`."""
-        base = recorded if isinstance(recorded, Settings) else Settings.of(recorded)
-        s = self.over(base.over(SAMPLING_DEFAULTS))
-        spec = SCHEDULES[s.schedule] | {k: v for k, v in s.given().items() if k in ("steps", "solver", "stride", "order")}
-        custom = spec != SCHEDULES[s.schedule]
-        return build_schedule(spec["steps"], float(s.cfg), float(s.guidance), n_scales, spec["solver"], spec["grid"],
-                              spec["stride"], spec["order"], name=None if custom else s.schedule)
-
-
-_SETTINGS = tuple(f for f in Settings.__dataclass_fields__)
+        """The schedule these settings name: each field as given, else ``recorded`` (an engine
+        directory's defaults), else :data:`~flowar.config.SAMPLING_DEFAULTS`, else the named
+        schedule's own."""
+        layers = (self, recorded if isinstance(recorded, Settings) else Settings.of(recorded), _DEFAULTS)
+        s = {f: next((getattr(x, f) for x in layers if getattr(x, f) is not None), None) for f in self.__dataclass_fields__}
+        spec = SCHEDULES[s["schedule"]] | {k: s[k] for k in ("steps", "solver", "stride", "order") if s[k] is not None}
+        custom = spec != SCHEDULES[s["schedule"]]
+        return build_schedule(spec["steps"], float(s["cfg"]), float(s["guidance"]), n_scales, spec["solver"],
+                              spec["grid"], spec["stride"], spec["order"], name=None if custom else s["schedule"])
 
 
 def _lagrange_sum(nodes: list[float], points: list[float], steps: list[float]) -> list[float]:
@@ -229,39 +215,29 @@ def _lagrange_sum(nodes: list[float], points: list[float], steps: list[float]) -
     return w
 
 
-def _segments(guided: tuple[bool, ...]) -> list[int]:
-    """Index of the segment (maximal run of equal guidance) of every step."""
-    seg, out = 0, []
-    for i, g in enumerate(guided):
-        if i and g != guided[i - 1]:
-            seg += 1
-        out.append(seg)
-    return out
-
-
 def _plan_scale(solver: str, t: list[float], guided: tuple[bool, ...], cfg_k: float, guidance: float,
                 stride: int, order: int) -> list[Eval]:
     n = len(t) - 1
     h = [t[i + 1] - t[i] for i in range(n)]
-    seg = _segments(guided)
-    X = lambda terms: Update("x", "x", tuple(terms))                   # noqa: E731
+    seg = [sum(guided[j] != guided[j - 1] for j in range(1, i + 1)) for i in range(n)]   # run of equal guidance
     if solver == "euler":
-        return [Eval(t[i], guided[i], 0, (X([(0, h[i])]),)) for i in range(n)]
+        return [Eval(t[i], guided[i], 0, (Update("x", "x", ((0, h[i]),)),)) for i in range(n)]
     if solver == "ab2":
         plan = []
         for i in range(n):
             slot, prev = i % 2, (i - 1) % 2
             if i == 0 or seg[i] != seg[i - 1]:
-                plan.append(Eval(t[i], guided[i], slot, (X([(slot, h[i])]),)))
+                plan.append(Eval(t[i], guided[i], slot, (Update("x", "x", ((slot, h[i]),)),)))
             else:
                 r = h[i] / h[i - 1]
-                plan.append(Eval(t[i], guided[i], slot, (X([(slot, h[i] * (1 + r / 2)), (prev, -h[i] * r / 2)]),)))
+                terms = ((slot, h[i] * (1 + r / 2)), (prev, -h[i] * r / 2))
+                plan.append(Eval(t[i], guided[i], slot, (Update("x", "x", terms),)))
         return plan
     if solver == "heun":
         plan = []
         for i in range(n):
             g_next = cfg_k > 1 and in_guidance_interval(t[i + 1], guidance)
-            plan.append(Eval(t[i], guided[i], 0, (Update("acc", "x", ()), X([(0, h[i])]))))
+            plan.append(Eval(t[i], guided[i], 0, (Update("acc", "x", ()), Update("x", "x", ((0, h[i]),)))))
             plan.append(Eval(t[i + 1], g_next, 1, (Update("x", "acc", ((0, h[i] / 2), (1, h[i] / 2))),)))
         return plan
     # skip: evaluate at each segment's start, every stride-th step after it, and the last step
@@ -304,4 +280,7 @@ def build_schedule(num_steps: int, cfg: float, guidance: float, n_scales: int, s
                  for k in range(n_scales))
     slots = {"euler": 1, "ab2": 2, "heun": 2, "skip": order + 1}[solver]
     return Schedule(num_steps, float(cfg), float(guidance), tuple(t_list), cfg_k, guided, solver, grid, stride, order, plan,
-                    slots, name)
+                    slots, name, sum(len(p) for p in plan))
+
+
+_DEFAULTS = Settings(**SAMPLING_DEFAULTS)
