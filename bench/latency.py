@@ -70,6 +70,8 @@ class BenchSpec:
     dtype: str
     parity_tol: float | None
     reduced_tol: float | None = None
+    threads: int | None = None
+    fresh: int = 0
 
     def tolerance(self, reduced_source: bool, precision: str) -> float:
         """--parity-tol in float32 (1e-3), --reduced-tol where the run or the backend computes in 16 bits (5e-2)."""
@@ -111,6 +113,11 @@ def parse(argv=None) -> tuple[BenchSpec, bool]:
     ap.add_argument("--reduced-tol", type=float, default=None,
                     help="the same for 16-bit runs and engines (--dtype bf16/fp16, bf16/fp16 engines; default 5e-2; "
                          "random weights amplify bf16 rounding: pass inf to report their deviation without a verdict)")
+    ap.add_argument("--threads", type=int, default=None, help="cores for every backend (PyTorch's threads, the "
+                    "engines' threads, and --threads of the fresh-process commands) [default: every core]")
+    ap.add_argument("--fresh", type=int, default=0, help="with --engine-dir: also run flowar-run --engine-dir against "
+                    "flowar-run --ckpt (its checkpoint) this many times each, each in a fresh process: the first "
+                    "image's sampling, the opening and the whole command, as a user gets them")
     ap.add_argument("--debug", action="store_true")
     a = ap.parse_args(argv)
     return a, a.debug
@@ -147,7 +154,7 @@ def check(a) -> BenchSpec:
     first = lambda xs, x: tuple([x] + [y for y in xs if y != x])          # noqa: E731
     return BenchSpec(a.engine_dir, a.preset, a.ckpt, a.config, a.vae, tuple(batches), first(names, "official"),
                      a.steps, a.cfg, a.guidance, first(backends, "eager"), a.repeat, a.warmup, a.seed, a.json or None,
-                     a.plot or None, resolve_device(a.device), a.dtype, a.parity_tol, a.reduced_tol)
+                     a.plot or None, resolve_device(a.device), a.dtype, a.parity_tol, a.reduced_tol, a.threads, a.fresh)
 
 
 def main(argv=None) -> int:
@@ -171,12 +178,12 @@ def open_bench_source(spec: BenchSpec) -> tuple[BenchSource, str, bool, bool]:
     if spec.engine_dir:
         m = read_manifest(spec.engine_dir)
         model, vae = exported_from(m, spec.device)
-        return (BenchSource(model, vae, Path(spec.engine_dir), m.precision, spec.dtype, batch, spec.device),
+        return (BenchSource(model, vae, Path(spec.engine_dir), m.precision, spec.dtype, batch, spec.device, spec.threads),
                 f"engine dir {spec.engine_dir}", False, m.precision not in ("fp32", "auto"))
     if spec.ckpt:
         ref = Runtime.open_checkpoint(spec.ckpt, preset=spec.preset, config=spec.config, vae=spec.vae,
                                       device=spec.device, cuda_graphs=False)
-        return (BenchSource(ref.model, ref.vae, None, None, spec.dtype, batch, spec.device), Path(spec.ckpt).name,
+        return (BenchSource(ref.model, ref.vae, None, None, spec.dtype, batch, spec.device, spec.threads), Path(spec.ckpt).name,
                 False, False)
     from flowar.config import get_preset
     from flowar.model.ar import FlowAR
@@ -192,7 +199,7 @@ def open_bench_source(spec: BenchSpec) -> tuple[BenchSource, str, bool, bool]:
     if spec.vae:
         from flowar.model.vae import load_vae
         vae = load_vae(spec.vae, expect_channels=model.config.latent_channels).to(spec.device)
-    return (BenchSource(model.to(spec.device), vae, None, None, spec.dtype, batch, spec.device),
+    return (BenchSource(model.to(spec.device), vae, None, None, spec.dtype, batch, spec.device, spec.threads),
             f"preset {spec.preset or 'flowar-s'}", True, False)
 
 
@@ -235,10 +242,13 @@ def run(spec: BenchSpec) -> int:
           f"schedules {', '.join(s.describe() for s in schedules.values())}, cfg {official.cfg}, "
           f"guidance {official.guidance}, {'tokens + decode' if decode else 'tokens only'}, device {spec.device}",
           flush=True)
-    peak = gemm_peak_gflops(spec.device)
-    info = machine_info() | {"gemm_peak_gflops": peak}
-    print(f"# machine: {info['cpu']}, {info['torch_threads']} threads, GPU {info['gpu']}; fp32 GEMM peak "
-          f"{peak:.1f} GFLOP/s", flush=True)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    fp32, bf16 = gemm_peak_gflops(spec.device), gemm_peak_gflops(spec.device, dtype=torch.bfloat16)
+    peak = max(fp32, bf16)          # shares are of the faster GEMM this machine has (bf16 where it is native)
+    info = machine_info() | {"gemm_peak_gflops": fp32, "bf16_gemm_peak_gflops": bf16}
+    print(f"# machine: {info['cpu']}, {info['torch_threads']} threads, GPU {info['gpu']}; GEMM peak fp32 "
+          f"{fp32:.1f}, bf16 {bf16:.1f} GFLOP/s (shares below are of {peak:.0f})", flush=True)
     flops = official_flops(source.model, source.vae, official, max(spec.batches))
     results: list[Result] = []
     with Backends(source) as backends:
@@ -263,18 +273,27 @@ def run(spec: BenchSpec) -> int:
                         res.max_abs_diff_vs_eager, res.parity_ok = 0.0, True
                     results.append(res)
                     print(line(res, peak, spec.tolerance(reduced, res.precision)), flush=True)
-    return report(spec, results, info, label, random_weights, schedules, decode, flops, peak, config)
+    fresh = None
+    if spec.fresh and spec.engine_dir:
+        from latency_fresh import fresh_runs, lines
+        print(f"# fresh processes: flowar-run --engine-dir against flowar-run --ckpt, {spec.fresh} each", flush=True)
+        fresh = fresh_runs(spec.engine_dir, spec.fresh, spec.threads)
+        print("\n".join(lines(fresh)), flush=True)
+    return report(spec, results, info, label, random_weights, schedules, decode, flops, peak, config, fresh)
 
 
-def report(spec, results, info, label, random_weights, schedules, decode, flops, peak, config) -> int:
+def report(spec, results, info, label, random_weights, schedules, decode, flops, peak, config, fresh=None) -> int:
     table = markdown(results, peak, decode) + "\n\n" + scale_table(results, config.scales)
+    if fresh is not None:
+        from latency_fresh import lines
+        table += "\n\n" + "\n".join(lines(fresh))
     print()
     print(table)
     official = schedules["official"]
     out = {"machine": info, "source": label, "random_weights": random_weights, "dtype": spec.dtype,
            "schedules": {n: s.describe() for n, s in schedules.items()}, "cfg": official.cfg,
            "guidance": official.guidance, "decode": decode, "official_flops_per_max_batch": flops,
-           "results": [asdict(r) for r in results], "markdown": table}
+           "results": [asdict(r) for r in results], "fresh_processes": fresh, "markdown": table}
     from flowar.io.files import atomic_write_bytes
     if spec.json:
         atomic_write_bytes(spec.json, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1, default=float)))

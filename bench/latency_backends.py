@@ -63,6 +63,7 @@ class BenchSource:
     dtype: str                       # fp32, bf16, fp16: the PyTorch backends' autocast
     max_batch: int                   # the largest batch of the run (what exported engines serve)
     device: torch.device
+    threads: int | None = None       # --threads: the engines' cores (PyTorch's are set for the whole run)
 
 
 class Backends(contextlib.AbstractContextManager):
@@ -145,7 +146,8 @@ class Backends(contextlib.AbstractContextManager):
             d, build_s = self._export(export, precision)
         key = (d, backend)
         if key not in self._runtimes:
-            self._runtimes[key] = self._stack.enter_context(Runtime.open_engine_dir(d, backend=backend))
+            self._runtimes[key] = self._stack.enter_context(Runtime.open_engine_dir(d, backend=backend,
+                                                                                    threads=self.src.threads))
         rt = self._runtimes[key]
         if work.batch > rt.max_batch:
             raise Skip(f"batch {work.batch} above the directory's max batch {rt.max_batch}")

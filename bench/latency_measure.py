@@ -123,9 +123,10 @@ def stage_split(stages, work: Work, official_rows: bool) -> tuple[dict[str, floa
     return clock.totals(work.config.n_scales)
 
 
-def gemm_peak_gflops(device: torch.device, n: int = 2048, repeat: int = 5) -> float:
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def gemm_peak_gflops(device: torch.device, n: int = 2048, repeat: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of an n x n x n GEMM in ``dtype`` on this device, now (median of ``repeat``)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
     torch.mm(a, b)
     times = []
     for _ in range(repeat):

@@ -62,7 +62,7 @@ def line(r: Result, peak: float, tolerance: float) -> str:
     return (f"  {r.backend:<9} {r.schedule:<8} batch {r.batch:<3} median {r.median_s:8.3f} s  "
             f"x{r.speedup_vs_eager or 0:5.2f} vs eager  max|dtokens| {_num(r.max_abs_diff_vs_eager)}"
             f"{'' if r.parity_ok is not False else f' WRONG (above {tolerance:g})'}  "
-            f"{total:.1f} GFLOP/s ({total / peak:.0%} of peak){'  ' + r.note if r.note else ''}")
+            f"{total:.1f} GFLOP/s ({total / peak:.0%} of the GEMM peak){'  ' + r.note if r.note else ''}")
 
 
 def _num(x: float | None) -> str:
@@ -72,7 +72,7 @@ def _num(x: float | None) -> str:
 def markdown(results: list[Result], peak: float, decode: bool) -> str:
     head = ("| backend | precision | schedule | head evals | batch | median s | min s | max s | vs eager official | "
             "AR s | head s | " + ("decode s | " if decode else "")
-            + "other s | tokens/s | images/s | GFLOP/s (% peak) | max abs diff vs eager (same schedule) |")
+            + "other s | tokens/s | images/s | GFLOP/s (% of the GEMM peak) | max abs diff vs eager (same schedule) |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         first = f"| {r.backend} | {r.precision} | {r.schedule} | {r.head_evals} | {r.batch} |"

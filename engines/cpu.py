@@ -1,17 +1,28 @@
-"""What kind of CPU this is: the facts a precision choice depends on (and is recorded with)."""
+"""What kind of CPU this is: the facts a precision choice depends on (and is recorded with), and
+what a compiled engine needs of the CPU it runs on.
+
+The flags are those /proc/cpuinfo reports, less what this process is told not to use: PyTorch's
+``ATEN_CPU_CAPABILITY`` (``avx2`` hides the AVX-512 and AMX flags from PyTorch's kernels and from
+code compiled here) and oneDNN's ``ONEDNN_MAX_CPU_ISA`` (``AVX2`` and below: no bf16 dot products
+or AMX in its GEMMs). So a machine told to behave as an AVX2-only CPU is one, for every choice
+made here (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` emulates the AVX2-only kind).
+"""
 
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from pathlib import Path
 
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")
+WIDE = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")       # beyond AVX2
+FAST_BF16 = ("avx512_bf16", "amx_bf16")                                       # bf16 dot products in hardware
 
 
 @functools.lru_cache(maxsize=1)
 def cpu_kind() -> dict:
-    """{"model": ..., "flags": [the FLAGS this CPU reports]} from /proc/cpuinfo (Linux)."""
+    """{"model": ..., "flags": [the FLAGS this process may use]} (Linux: /proc/cpuinfo)."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -22,7 +33,25 @@ def cpu_kind() -> dict:
                 break
     except OSError:
         pass
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if aten in ("avx2", "default") or onednn.startswith(("AVX2", "SSE", "AVX_")) or onednn == "AVX":
+        flags -= set(WIDE)
+    if aten == "default":
+        flags.discard("avx2")
     return {"model": model, "flags": [f for f in FLAGS if f in flags]}
+
+
+def fast_bf16(kind: dict | None = None) -> bool:
+    """Whether this CPU computes bf16 products in hardware (AVX512-BF16 or AMX)."""
+    return any(f in (kind or cpu_kind())["flags"] for f in FAST_BF16)
+
+
+def missing_for(built_on: dict, kind: dict | None = None) -> list[str]:
+    """The flags of the CPU an engine was compiled on that this CPU lacks (code compiled for them
+    would stop with an illegal instruction here)."""
+    have = set((kind or cpu_kind())["flags"])
+    return [f for f in built_on.get("flags", []) if f not in have]
 
 
 def describe(kind: dict) -> str:

@@ -17,17 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flowar.config import FlowARConfig
-from flowar.errors import FlowARError
+from flowar.errors import EngineDirError, FlowARError
 
 if TYPE_CHECKING:
     from flowar.export.specs import StageSpec
 
 MANIFEST = "manifest.json"
 FORMAT = "flowar-engine-dir-v1"
-
-
-class EngineDirError(FlowARError):
-    """An engine directory that is missing, partial, tampered with, or built for something else."""
 
 
 def sha256_file(path: str | Path) -> str:
@@ -83,7 +79,9 @@ class Manifest:
     vae: dict | None = None         # {source, latent_channels, downsample, image_size}; None: tokens only
     tensorrt: dict | None = None    # {flavour, version, plans: stage -> record, compute_capability}
     auto: dict | None = None        # --precision auto|bf16 on a CPU: what was measured and chosen (flowar.commands.precision)
-    weights: dict | None = None     # {"model"|"vae": {file, sha256[, digest_of]}}: what the chosen PyTorch stages run
+    engines: dict | None = None     # stage -> {candidate, file, sha256, cpu} (compiled) or {candidate, weights} (PyTorch)
+    weights: dict | None = None     # "<group>.<candidate>" -> {file, sha256}: weights in the precision they run
+    call_plan: dict | None = None   # rows per call per (stage, scale), seconds per image by batch (flowar.commands.plan)
     meta: dict = field(default_factory=dict)   # opset, scales, versions, created: for people, not read back
 
     @property
@@ -102,6 +100,22 @@ class Manifest:
         """(path, sha256) of a stage's ONNX graph."""
         info = self.stages[stage]
         return safe_member(self.root, info["file"]), info["sha256"]
+
+    def checked(self, rel: str, sha256: str) -> Path:
+        """A member file, refused unless its bytes hash to ``sha256`` (one streaming read)."""
+        p = safe_member(self.root, rel)
+        if sha256_file(p) != sha256:
+            raise EngineDirError(f"{rel} with the sha256 recorded at export", "a different file (modified or corrupt)",
+                                 f"rebuild it: flowar-export --ckpt CKPT --out {self.root}")
+        return p
+
+    def read_checked(self, rel: str, sha256: str) -> bytes:
+        """A member file's bytes, refused unless they hash to ``sha256`` (the one read that uses them)."""
+        data = safe_member(self.root, rel).read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise EngineDirError(f"{rel} with the sha256 recorded at export", "a different file (modified or corrupt)",
+                                 f"rebuild it: flowar-export --ckpt CKPT --out {self.root}")
+        return data
 
     def plan(self, stage: str) -> Path:
         """A stage's TensorRT plan (the directory must have plans)."""
@@ -127,7 +141,10 @@ class Manifest:
 _FIELDS = tuple(f.name for f in fields(Manifest))
 
 
-def read_manifest(root: str | Path, verify_hashes: bool = True) -> Manifest:
+def read_manifest(root: str | Path, verify_hashes: bool = False) -> Manifest:
+    """The manifest of an engine directory, checked: its format, its fields, every listed file
+    present and inside the directory. The files' hashes are checked where they are read (by the
+    engines that use them: :mod:`flowar.runtime.directory`), or here with ``verify_hashes``."""
     root = Path(root)
     rebuild = f"rebuild it: flowar-export --ckpt CKPT --out {root}"
     if not root.is_dir():
@@ -153,6 +170,8 @@ def read_manifest(root: str | Path, verify_hashes: bool = True) -> Manifest:
     files += [(f"{s} weights", info["data"], info["data_sha256"]) for s, info in manifest.stages.items() if "data" in info]
     for name, plan in (manifest.tensorrt or {}).get("plans", {}).items():
         files.append((f"tensorrt plan {name}", plan["file"], plan["sha256"]))
+    files += [(f"{s} engine", e["file"], e["sha256"]) for s, e in (manifest.engines or {}).items() if "file" in e]
+    files += [(key, w["file"], w["sha256"]) for key, w in (manifest.weights or {}).items()]
     for what, rel, digest in files:
         p = safe_member(root, rel)
         if not p.is_file():

@@ -32,3 +32,7 @@ def one_line(e: FlowARError | OSError) -> str:
         return f"error: {e}"
     return (f"error: expected paths this command can read and write; got {e.filename or ''}: {e.strerror or e}. "
             "Fix: check the path, its permissions and the free disk space")
+
+
+class EngineDirError(FlowARError):
+    """An engine directory that is missing, partial, tampered with, or built for something else."""

@@ -4,52 +4,87 @@ chooses among and records, and what the runtime opens):
 * ``ort-fp32``: the exported ONNX graph on ONNX Runtime;
 * ``torch-fp32``: the reference module in eager PyTorch;
 * ``torch-bf16`` (:mod:`flowar.runtime.bf16`): the reference module with every GEMM and
-  convolution in bfloat16 (weights stored once in bf16, activations rounded to bf16 at each
-  GEMM's input and output) and everything else in float32: norms, softmax, residual adds,
-  modulation, which is what makes bf16 accurate enough. Fast only where the CPU computes bf16
-  (AVX512-BF16, AMX), emulated elsewhere.
+  convolution in bfloat16 and everything else in float32 (norms, softmax, residual adds,
+  modulation), which is what makes bf16 accurate enough. Fast only where the CPU computes bf16
+  (AVX512-BF16, AMX), emulated elsewhere;
+* ``aoti-fp32`` / ``aoti-bf16`` (:mod:`flowar.engines.aoti`): the same two modules compiled ahead
+  of time by AOTInductor (fused, weights prepacked), loaded without compiling.
 
-The export-time search that measures and chooses among them is in
-:mod:`flowar.commands.precision`.
+An engine directory stores each chosen engine in the form it runs: the compiled packages, and for
+the eager PyTorch engines their weights in the precision they run (``<group>.<candidate>.safetensors``,
+memory-mapped when opened: ``ar`` for the AR stage, ``head`` shared by the head's two stages,
+``vae`` for the decoder), so that opening converts nothing. The export-time search that measures
+and chooses among them is in :mod:`flowar.commands.precision`.
 """
 
 from __future__ import annotations
 
-from flowar.errors import FlowARError
+import torch
+from torch import nn
+
+from flowar.errors import EngineDirError, FlowARError
 from flowar.runtime.bf16 import bf16_gemms
 
-CANDIDATES = ("ort-fp32", "torch-fp32", "torch-bf16")
-REDUCED = ("torch-bf16",)
+CANDIDATES = ("ort-fp32", "torch-fp32", "torch-bf16", "aoti-fp32", "aoti-bf16")
+REDUCED = ("torch-bf16", "aoti-bf16")
+COMPILED = ("aoti-fp32", "aoti-bf16")
+GROUPS = {"ar": "ar", "head_prep": "head", "velocity": "head", "decode": "vae"}   # whose weights a stage reads
+# Wrappers that hold more than their stage reads: the AR's holds the whole model (not its head), the
+# decoder's the whole VAE (not its encoder).
+_EXCLUDES = {"ar": ("model.flownet.",), "decode": ("vae.autoencoder.encoder.", "vae.autoencoder.quant_conv.")}
 
 
-def stage_engine(stage: str, candidate: str, module, spec, graph=None, sha256: str = "", threads: int | None = None,
-                 limits: tuple[int, int] = (0, 0), cache_dir=None, provider: str = "CPUExecutionProvider"):
-    """The (not yet entered) engine a candidate names for one stage."""
-    from flowar.runtime.engines import OrtEngine, TorchEngine
+def default_candidates(mode: str, fast_bf16: bool) -> tuple[str, ...]:
+    """What ``auto`` (or ``bf16``) measures on this CPU: bf16 engines only where the CPU computes
+    bf16 in hardware (emulated bf16 is slower than float32 there), one compiled flavour."""
+    if mode == "bf16":
+        return ("torch-bf16", "aoti-bf16")
+    return ("ort-fp32", "torch-fp32") + (("torch-bf16", "aoti-bf16") if fast_bf16 else ("aoti-fp32",))
+
+
+def stage_module(candidate: str, spec, model, vae) -> nn.Module:
+    """The module a PyTorch or compiled candidate runs for a stage: the stage's wrapper of the
+    reference modules, its GEMMs and convolutions in bf16 for the bf16 flavours."""
+    module = spec.module(model, vae)
+    return bf16_gemms(module) if candidate.endswith("bf16") else module
+
+
+def stage_tensors(stage: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor a stage's module reads (parameters and buffers, the non-persistent ones too),
+    by name: what its weights file holds."""
+    named = dict(module.named_parameters()) | dict(module.named_buffers())
+    return {n: t for n, t in named.items() if not n.startswith(_EXCLUDES.get(stage, ()))}
+
+
+def assign_tensors(stage: str, module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """``module`` (built on the meta device) given ``tensors`` themselves, no copy; every tensor
+    the stage reads must be there."""
+    want = set(stage_tensors(stage, module))
+    if set(tensors) != want:
+        missing, extra = sorted(want - set(tensors))[:3], sorted(set(tensors) - want)[:3]
+        raise EngineDirError(f"the tensors the {stage} stage reads", f"missing {missing}, unexpected {extra}",
+                             "re-export the directory with flowar-export")
+    for name, t in tensors.items():
+        owner, _, leaf = name.rpartition(".")
+        sub = module.get_submodule(owner)
+        if leaf in sub._parameters:
+            sub._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+        else:
+            sub._buffers[leaf] = t
+    return module.eval()
+
+
+def stage_engine(stage: str, candidate: str, spec, *, module: nn.Module | None = None, graph=None, sha256=None,
+                 package=None, threads: int | None = None, limits: tuple[int, int] = (0, 0), cache_dir=None,
+                 provider: str = "CPUExecutionProvider"):
+    """The (not yet entered) engine a candidate names for one stage: ``module`` for the PyTorch
+    candidates (already in the precision it runs), ``graph``/``sha256`` for ONNX Runtime,
+    ``package`` for the compiled ones."""
+    from flowar.runtime.engines import AotiEngine, OrtEngine, TorchEngine
     if candidate == "ort-fp32":
         return OrtEngine(stage, graph, sha256, spec.row_tensors, provider, cache_dir, threads, *limits)
-    if candidate == "torch-fp32":
+    if candidate in ("torch-fp32", "torch-bf16"):
         return TorchEngine(stage, module, spec.inputs, spec.outputs)
-    if candidate == "torch-bf16":
-        return TorchEngine(stage, bf16_gemms(module), spec.inputs, spec.outputs)
+    if candidate in COMPILED:
+        return AotiEngine(stage, package, spec.inputs, spec.outputs)
     raise FlowARError(f"engine candidates among {', '.join(CANDIDATES)}", repr(candidate), "e.g. ort-fp32,torch-bf16")
-
-
-def stage_engines(choice: dict[str, str], config, model, vae, specs: dict, graphs: dict,
-                  threads: int | None = None, cache_dir=None, provider: str = "CPUExecutionProvider") -> dict:
-    """Engines for every stage (not entered): ``choice`` where it names one, ONNX Runtime fp32
-    (on ``provider``) otherwise. ``graphs``: stage -> (ONNX path, sha256)."""
-    from flowar.engines.ort import split_limits
-    out = {}
-    for stage, spec in specs.items():
-        cand = choice.get(stage, "ort-fp32")
-        module = spec.module(model, vae) if cand.startswith("torch") else None
-        out[stage] = stage_engine(stage, cand, module, spec, *graphs[stage], threads,
-                                  split_limits(stage, config), cache_dir, provider)
-    return out
-
-
-def needs_weights(choice: dict[str, str]) -> set[str]:
-    """Which modules the PyTorch stages of a choice need: "model" and/or "vae"."""
-    torch_stages = {s for s, c in choice.items() if c.startswith("torch")}
-    return ({"model"} if torch_stages - {"decode"} else set()) | ({"vae"} if "decode" in torch_stages else set())

@@ -6,6 +6,7 @@ allocation of its own), leaving releases it.
 
 * :class:`TorchEngine` runs a stage's wrapper module eagerly: the reference, behind the same
   interface.
+* :class:`AotiEngine` runs a stage compiled ahead of time by AOTInductor (:mod:`flowar.engines.aoti`).
 * :class:`OrtEngine` binds tensors to ONNX Runtime by pointer (I/O binding), on CPU or CUDA; on a
   CPU it splits calls with several rows into blocks run at once, one per core.
 * :class:`TrtEngine` sets tensor addresses on a TensorRT execution context (one per profile,
@@ -33,6 +34,8 @@ class Engine(Protocol):
 
 
 class TorchEngine:
+    warm = True           # each new shape's first call creates oneDNN primitives and reorders weights: done at open
+
     def __init__(self, name: str, module: torch.nn.Module, input_names: tuple[str, ...], output_names: tuple[str, ...]):
         self.name, self.module = name, module
         self.input_names, self.output_names = input_names, output_names
@@ -49,6 +52,28 @@ class TorchEngine:
         res = self.module(*(inputs[n] for n in self.input_names))
         res = res if isinstance(res, tuple) else (res,)
         for n, r in zip(self.output_names, res):
+            outputs[n].copy_(r)
+
+
+class AotiEngine:
+    """A compiled package of one stage (every scale and row count: its dimensions are dynamic).
+    The package allocates its outputs; they are copied into the runtime's static buffers."""
+
+    def __init__(self, name: str, package: Path, input_names: tuple[str, ...], output_names: tuple[str, ...]):
+        self.name, self.package = name, package
+        self.input_names, self.output_names = input_names, output_names
+        self.model = None
+
+    def __enter__(self) -> "AotiEngine":
+        from flowar.engines.aoti import load_package
+        self.model = load_package(self.package)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.model = None
+
+    def infer(self, inputs: dict[str, Tensor], outputs: dict[str, Tensor], profile: int = 0) -> None:
+        for n, r in zip(self.output_names, self.model.boxed_run([inputs[n] for n in self.input_names])):
             outputs[n].copy_(r)
 
 
@@ -87,7 +112,7 @@ class OrtEngine:
         # Row blocks of several rows need a second (one-thread) session, i.e. a second copy of the
         # weights: not for graphs whose weights live in external data (> 1 GB), where every call
         # is large enough for ONNX Runtime's own threads anyway.
-        external = Path(str(self.graph) + ".data").exists()
+        external = isinstance(self.graph, Path) and Path(str(self.graph) + ".data").exists()
         self.splittable = (self.cpu and self.n_threads > 1 and not external
                            and all(o in self.row_tensors for o in outs))
         self._runs: dict[tuple, list] = {}
@@ -192,12 +217,12 @@ class TrtEngine:
 
     def _fail(self, what: str, fix: str = "rebuild the plans here with flowar-export --backend trt"):
         from flowar.errors import FlowARError
-        raise FlowARError(f"TensorRT to {what}", f"a failure for the {self.name} stage ({self.plan.name})", fix)
+        raise FlowARError(f"TensorRT to {what}", f"a failure for the {self.name} stage's plan", fix)
 
     def __enter__(self) -> "TrtEngine":
         trt = self.trt
         runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
-        self.engine = runtime.deserialize_cuda_engine(self.plan.read_bytes())
+        self.engine = runtime.deserialize_cuda_engine(self.plan if isinstance(self.plan, bytes) else self.plan.read_bytes())
         if self.engine is None:
             self._fail("load the plan (deserialize_cuda_engine returned nothing)")
         self.shared.reserve(self.engine.device_memory_size_v2)

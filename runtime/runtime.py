@@ -27,13 +27,13 @@ import torch
 
 from flowar.config import FlowARConfig
 from flowar.errors import FlowARError
-from flowar.export.manifest import EngineDirError, Manifest, read_manifest, sha256_file
+from flowar.export.manifest import EngineDirError, Manifest, read_manifest
+from flowar.runtime.directory import choose_backend, directory_engines, exported_from, trt_engines  # noqa: F401
 from flowar.sampling.batches import SampleResult, run_sampling
 from flowar.sampling.labels import ClassNames, class_names_for
 from flowar.sampling.sampler import Hooked, ScaleTrace
 from flowar.sampling.schedule import Schedule, Settings
 
-BACKENDS = ("auto", "ort", "trt", "torch")
 GRAPH_BATCH = 16      # a checkpoint on a GPU: the static buffers' batch (larger requests run in batches)
 
 
@@ -84,6 +84,7 @@ class Runtime:
         self.max_batch = max_batch          # the engines' limit; None: any batch at once
         self.defaults = Settings.of(defaults) if defaults else Settings()   # an engine directory's recorded defaults
         self.manifest, self.model, self.vae = manifest, model, vae
+        self.opened: dict = {}              # seconds to open (read and check the files, warm up), shapes warmed
         self.data = data                    # what the checkpoint was trained on (its metadata), e.g. animal-mnist
         # Where the stages can be captured, one runner for every batch: a workspace per (batch bucket,
         # rows, schedule) and a CUDA graph per scale of each; elsewhere the sampler's plain loop.
@@ -127,31 +128,35 @@ class Runtime:
         chosen = choose_backend(m, backend)
         stack = contextlib.ExitStack()
         try:
+            t0 = time.perf_counter()
             if chosen == "trt":
-                engines, dev, detail = _trt_engines(m, specs, stack)
+                engines, dev, detail = trt_engines(m, specs)
                 threads_ = Threads.resolve(threads, False)
             else:
                 from flowar.engines.ort import choose_provider
-                from flowar.runtime.candidates import stage_engines
                 provider = choose_provider() if chosen == "ort" else "CPUExecutionProvider"
                 dev = resolve_device(device if device is not None else "cuda" if provider == "CUDAExecutionProvider"
                                      else "cpu" if chosen != "torch" else "auto")
                 choice = {"ort": {}, "torch": dict.fromkeys(specs, "torch-fp32")}.get(chosen, m.choice)
-                model, vae = (exported_from(m, dev, ckpt) if chosen == "torch" else
-                              _carried_modules(m, choice) if m.weights else (None, None))
                 threads_ = Threads.resolve(threads, any(choice.get(s, "ort-fp32") != "ort-fp32" for s in specs))
-                engines = {n: stack.enter_context(e) for n, e in stage_engines(
-                    choice, m.config, model, vae, specs, {n: m.graph(n) for n in specs}, threads_.cores,
-                    m.root / ".ort-cache", provider).items()}
-                detail = _describe(chosen, choice, specs, provider, dev, m)
-            stages = EngineStages(engines, m.config, m.max_batch, dev, specs)
+                engines, detail = directory_engines(m, specs, choice, chosen, threads_.cores, provider, dev, ckpt)
+            engines = {n: stack.enter_context(e) for n, e in engines.items()}
+            stages = EngineStages(engines, m.config, m.max_batch, dev, specs, m.call_plan if chosen == "measured"
+                                  else None)
+            seconds = {"read": time.perf_counter() - t0}
+            t0 = time.perf_counter()
+            with threads_.applied():
+                warmed = stages.warm_up()
+            seconds["warm-up"] = time.perf_counter() - t0
         except BaseException:
             stack.close()
             raise
-        return cls(config=m.config, class_names=m.class_names, stages=stages, device=dev, backend=chosen,
-                   detail=detail, threads=threads_, decodes=m.decodes, max_batch=m.max_batch,
-                   capture=captures(dev, chosen, cuda_graphs),
-                   defaults=m.schedule_defaults, manifest=m, data=m.checkpoint.get("data"), stack=stack)
+        rt = cls(config=m.config, class_names=m.class_names, stages=stages, device=dev, backend=chosen,
+                 detail=detail, threads=threads_, decodes=m.decodes, max_batch=m.max_batch,
+                 capture=captures(dev, chosen, cuda_graphs),
+                 defaults=m.schedule_defaults, manifest=m, data=m.checkpoint.get("data"), stack=stack)
+        rt.opened = seconds | {"shapes warmed": warmed}
+        return rt
 
     @classmethod
     def open_checkpoint(cls, path: str | Path, *, preset: str | None = None, config: str | Path | None = None,
@@ -279,113 +284,3 @@ class _Clock:
             for kind, a, b in self.events:
                 self.seconds[kind] = self.seconds.get(kind, 0.0) + a.elapsed_time(b) / 1e3
         return dict(self.seconds)
-
-
-# ---- engine directories ----------------------------------------------------------------------
-
-def _trt_usable(m: Manifest) -> tuple[bool, str]:
-    info = m.tensorrt
-    if not info:
-        return False, "the directory has no TensorRT plans"
-    if not torch.cuda.is_available():
-        return False, "no CUDA GPU"
-    try:
-        from flowar.engines.trt import gpu_compute_capability, load_builder
-        b = load_builder()
-    except FlowARError:
-        return False, "TensorRT is not installed"
-    if (b.flavour, b.version) != (info["flavour"], info["version"]):
-        return False, f"plans built by {info['flavour']} {info['version']}, this is {b.flavour} {b.version}"
-    cc = gpu_compute_capability()
-    if info.get("compute_capability") not in (cc, None):
-        return False, f"plans built for {info['compute_capability']}, this GPU is {cc}"
-    return True, ""
-
-
-def choose_backend(m: Manifest, requested: str = "auto") -> str:
-    """The backend an engine directory runs on here: what ``requested`` names, or for ``auto``
-    TensorRT where its plans fit this GPU and TensorRT, else the engines the directory's
-    ``--precision auto|bf16`` measured and chose (``measured``), else ONNX Runtime. Every command
-    decides here."""
-    if requested not in BACKENDS:
-        raise FlowARError(f"--backend one of {', '.join(BACKENDS)}", repr(requested), "use --backend auto")
-    if requested == "auto":
-        ok, _ = _trt_usable(m)
-        return "trt" if ok else ("measured" if m.choice else "ort")
-    if requested == "trt":
-        ok, why = _trt_usable(m)
-        if not ok:
-            raise FlowARError("a TensorRT-ready engine directory and GPU for --backend trt", why,
-                              "rebuild plans here with flowar-export --backend trt, or use --backend ort")
-    return requested
-
-
-def _trt_engines(m: Manifest, specs: dict, stack: contextlib.ExitStack):
-    """(engines, device, detail): the directory's TensorRT plans, entered on ``stack``; the stages,
-    which never run at once, share one block of scratch memory."""
-    from flowar.engines.trt import load_builder
-    from flowar.runtime.engines import SharedDeviceMemory, TrtEngine
-    b, dev = load_builder(), torch.device("cuda")
-    shared = SharedDeviceMemory(dev)
-    return ({n: stack.enter_context(TrtEngine(n, m.plan(n), b.trt, shared)) for n in specs}, dev,
-            f"{b.flavour} {b.version}")
-
-
-def _describe(chosen: str, choice: dict, specs: dict, provider: str, dev: torch.device, m: Manifest) -> str:
-    if chosen == "ort":
-        return f"ONNX Runtime {provider}"
-    if chosen == "torch":
-        return f"eager PyTorch on {dev}"
-    from flowar.engines.cpu import cpu_kind, describe
-    engines = [choice.get(n, "ort-fp32") for n in specs]
-    detail = f"{m.precision}: " + (engines[0] if len(set(engines)) == 1 else
-                                   ", ".join(f"{n} {e}" for n, e in zip(specs, engines)))
-    measured_on = m.auto.get("machine", {})
-    if measured_on and measured_on != cpu_kind():
-        detail += f" (measured on {describe(measured_on)}; re-export here to measure this CPU)"
-    return detail
-
-
-def _carried(m: Manifest, what: str) -> Path:
-    """A weights file the directory carries for its PyTorch stages, checked against its sha256."""
-    w = (m.weights or {}).get(what)
-    path = m.member(w["file"]) if w else None
-    if path is None or not path.exists() or sha256_file(path if path.is_file() else path / w["digest_of"]) != w["sha256"]:
-        raise EngineDirError(f"the {what} weights the manifest records, with the sha256 recorded at export",
-                             f"{path or 'none'} (missing or modified)", f"re-export: flowar-export --out {m.root}")
-    return path
-
-
-def _carried_modules(m: Manifest, choice: dict[str, str]):
-    """(model, vae): the modules the directory carries for the PyTorch stages of ``choice`` (None
-    where no stage needs them)."""
-    from flowar.runtime.candidates import needs_weights
-    need = needs_weights(choice)
-    model = vae = None
-    if "model" in need:
-        from flowar.model.checkpoint import load_model
-        model, _ = load_model(_carried(m, "model"), config=m.config)
-    if "vae" in need:
-        from flowar.model.vae import load_vae
-        vae = load_vae(_carried(m, "vae"), expect_channels=m.config.latent_channels)
-    return model, vae
-
-
-def exported_from(m: Manifest | str | Path, device: torch.device | str = "cpu", ckpt: str | Path | None = None):
-    """(model, vae or None): the checkpoint (and VAE) an engine directory was exported from, in
-    eager PyTorch on ``device``: its reference. The checkpoint must be the very file (sha256) the
-    export recorded."""
-    from flowar.model.checkpoint import load_model
-    m = m if isinstance(m, Manifest) else read_manifest(m)
-    recorded, digest, ema = m.exported_checkpoint
-    src = Path(ckpt) if ckpt else recorded
-    if not src.is_file() or sha256_file(src) != digest:
-        raise FlowARError("the checkpoint the engine directory was exported from",
-                          f"{src if str(src) not in ('', '.') else 'no path'} (missing or a different file)",
-                          "pass --ckpt with the original checkpoint, or re-export the directory")
-    model, _ = load_model(src, config=m.config, use_ema=ema, device=device)
-    vae = None
-    if m.vae:
-        from flowar.model.vae import load_vae
-        vae = load_vae(m.vae["source"], expect_channels=m.config.latent_channels).to(device)
-    return model, vae

@@ -21,6 +21,17 @@ from flowar.model.layers import grid_positions
 from flowar.runtime.engines import Engine
 
 
+def blocks(rows: int, best: int, sizes: list[int]) -> list[int]:
+    """``rows`` as consecutive blocks of a call plan: ``best`` as often as it fits, then the largest
+    measured sizes that fit what is left."""
+    out, left = [best] * (rows // best), rows % best
+    for s in sorted(sizes, reverse=True):
+        while s <= left:
+            out.append(s)
+            left -= s
+    return out
+
+
 class BufferPlan:
     """Static storage per tensor name (max numel over every scale and row count), viewed per use."""
 
@@ -50,18 +61,23 @@ class BufferPlan:
 class ScaleContext:
     k: int
     inputs: dict[str, Tensor]            # head_prep outputs feeding the velocity calls, at R rows
-    calls: dict = field(default_factory=dict)   # rows -> (inputs, outputs) of a velocity call, built once
+    calls: dict = field(default_factory=dict)   # rows -> (inputs, outputs, blocks) of a velocity call, built once
 
 
 class EngineStages:
-    """The sampler's stages on engines and static buffers."""
+    """The sampler's stages on engines and static buffers.
+
+    ``plan``: the directory's call plan (:mod:`flowar.commands.plan`): a call of more rows than a
+    stage's block at that scale runs as consecutive blocks (row slices of the same static buffers).
+    """
 
     def __init__(self, engines: dict[str, Engine], config: FlowARConfig, max_batch: int, device: torch.device,
-                 specs: dict[str, StageSpec]):
+                 specs: dict[str, StageSpec], plan: dict | None = None):
         self.engines, self.config, self.device = engines, config, device
         self.max_batch = max_batch
         self.max_rows = specs["ar"].max_rows(max_batch)
         self.specs = specs
+        self.plan = (plan or {}).get("stages", {})
         self.buffers = BufferPlan(specs, config, max_batch, device)
         c = config
         self.prefix = torch.zeros(self.max_rows, c.seq_len, c.latent_channels, device=device)
@@ -74,6 +90,44 @@ class EngineStages:
         ins = {n: self.buffers.view(stage, n, shapes[n]) for n in spec.inputs}
         outs = {n: self.buffers.view(stage, n, shapes[n]) for n in spec.outputs}
         return ins, outs
+
+    def _blocks(self, stage: str, k: int, ins: dict[str, Tensor], outs: dict[str, Tensor], rows: int) -> list:
+        """[(inputs, outputs)] of the plan's row blocks of one call (the call itself without a plan)."""
+        st = self.plan.get(stage)
+        best = st["block"].get(str(k)) if st else None
+        if best is None or best >= rows:
+            return [(ins, outs)]
+        spec, out, begin = self.specs[stage], [], 0
+        for b in blocks(rows, best, st["sizes"]):
+            part = {n: t[begin:begin + b] if n in spec.row_tensors else t for n, t in (ins | outs).items()}
+            out.append(({n: part[n] for n in ins}, {n: part[n] for n in outs}))
+            begin += b
+        return out
+
+    def _run(self, stage: str, k: int, ins: dict[str, Tensor], outs: dict[str, Tensor], rows: int) -> None:
+        for i, o in self._blocks(stage, k, ins, outs, rows):
+            self.engines[stage].infer(i, o, profile=k)
+
+    def warm_up(self) -> int:
+        """Run every engine that sets up per shape (``warm``: eager PyTorch's oneDNN primitives and
+        weight reorders) once at each shape sampling will give it, on zeros, so that none of that
+        happens in the first image. Returns the calls made."""
+        n, top = 0, self.max_batch
+        for stage, eng in self.engines.items():
+            if not getattr(eng, "warm", False):
+                continue
+            spec, st = self.specs[stage], self.plan.get(stage)
+            for k in spec.scales(self.config):
+                calls = {r * m for r in range(1, top + 1) for m in (spec.rows_per_sample, 1)}  # B and 2B rows
+                best = st["block"].get(str(k)) if st else None
+                shapes = {b for r in calls for b in (blocks(r, best, st["sizes"]) if best else [r])}
+                for r in sorted(shapes):
+                    dims = spec.shapes(k, r)
+                    eng.infer({n_: torch.zeros(dims[n_], dtype=spec.dtype(n_), device=self.device) for n_ in spec.inputs},
+                              {n_: torch.empty(dims[n_], dtype=spec.dtype(n_), device=self.device) for n_ in spec.outputs},
+                              profile=k)
+                    n += 1
+        return n
 
     def start(self, labels_R: Tensor) -> None:
         R = labels_R.shape[0]
@@ -92,14 +146,14 @@ class EngineStages:
             self.prefix[:R, b:e].copy_(x_in)
         ins, outs = self._io("ar", k, R)
         ins["tokens"].copy_(self.prefix[:R, :e])
-        self.engines["ar"].infer(ins, outs, profile=k)
+        self._run("ar", k, ins, outs, R)
         return outs["semantics"][:, b:e]
 
     def prepare(self, k: int, cond: Tensor) -> ScaleContext:
         ins, outs = self._io("head_prep", k, self.R)
         ins["cond"].copy_(cond)
         ins["pos"].copy_(self.pos[k])
-        self.engines["head_prep"].infer(ins, outs, profile=k)
+        self._run("head_prep", k, ins, outs, self.R)
         return ScaleContext(k, outs)
 
     def velocity(self, ctx: ScaleContext, x: Tensor, t: Tensor) -> Tensor:
@@ -112,23 +166,23 @@ class EngineStages:
             for n in spec.from_stage:
                 src = ctx.inputs[n]
                 ins[n] = src[:r] if n in spec.row_tensors else src
-            call = ctx.calls[r] = (ins, {"v": self.buffers.view("velocity", "v", shapes["v"])})
-        ins, outs = call
+            outs = {"v": self.buffers.view("velocity", "v", shapes["v"])}
+            call = ctx.calls[r] = (ins, outs, self._blocks("velocity", ctx.k, ins, outs, r))
+        ins, outs, parts = call
         # x and t into this runtime's own static buffers: the engines then see the same addresses
         # at every step and every sample, so their bindings are made once.
         ins["x"].copy_(x)
         ins["t"].copy_(t)
-        self.engines["velocity"].infer(ins, outs, profile=ctx.k)
+        for i, o in parts:
+            self.engines["velocity"].infer(i, o, profile=ctx.k)
         return outs["v"]
 
     def decode(self, latent: Tensor) -> Tensor:
-        if "decode" not in self.engines:
-            raise FlowARError("a decode stage in the engine directory", "none (exported without --vae)",
-                              "re-export with --vae, or use --save-tokens")
+        assert "decode" in self.engines, "decode without a decoder (Runtime.require_decoder refuses it before)"
         B = latent.shape[0]
         ins, outs = self._io("decode", 0, B)
         ins["latent"].copy_(latent)
-        self.engines["decode"].infer(ins, outs)
+        self._run("decode", 0, ins, outs, B)
         return outs["image"].clone()
 
 

@@ -174,14 +174,20 @@ def test_velocity_bindings_are_made_once_per_scale_and_row_count(engine_dirs):
 
 
 def test_tampered_partial_and_foreign_directories_are_refused(engine_dirs, tmp_path):
+    """A modified file is refused where it is read (opening the engines that use it, or a full
+    check); a missing or foreign one as soon as the manifest is read."""
+    from flowar.runtime.runtime import Runtime
     src, _ = engine_dirs["tiny_v1"]
     d = tmp_path / "copy"
     shutil.copytree(src, d)
-    read_manifest(d)
+    read_manifest(d, verify_hashes=True)
     with open(d / "velocity.onnx", "ab") as f:
         f.write(b"\0")
+    read_manifest(d)                                            # present: the hash is checked where it is read
+    with pytest.raises(EngineDirError, match="velocity.onnx with the sha256"):
+        Runtime.open_engine_dir(d, backend="ort")
     with pytest.raises(EngineDirError, match="sha256"):
-        read_manifest(d)
+        read_manifest(d, verify_hashes=True)
     (d / "velocity.onnx").unlink()
     with pytest.raises(EngineDirError, match="missing"):
         read_manifest(d)
@@ -305,8 +311,8 @@ def test_weights_in_external_data_are_exported_verified_run_and_checked(fixtures
     raw = bytearray(data.read_bytes())
     raw[-4:] = b"\0\0\0\0"
     data.write_bytes(bytes(raw))
-    with pytest.raises(EngineDirError, match="sha256"):
-        read_manifest(d)
+    with pytest.raises(EngineDirError, match="velocity.onnx.data with the sha256"):
+        Runtime.open_engine_dir(d, backend="ort")
 
 
 def test_the_export_memo_key_sees_buffers_and_patched_code(export_memo, fixtures_dir, tmp_path, monkeypatch):

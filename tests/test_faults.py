@@ -212,7 +212,7 @@ def test_engine_dir_from_another_checkpoint_is_refused_for_the_torch_backend(fix
 
 def test_tensorrt_plans_for_another_version_or_gpu_are_refused(monkeypatch):
     import flowar.engines.trt as trt_mod
-    from flowar.runtime import runtime as load
+    from flowar.runtime import directory as load
     from types import SimpleNamespace
     m = SimpleNamespace(tensorrt={"flavour": "tensorrt", "version": "10.0", "compute_capability": "sm90", "plans": {}})
     assert load._trt_usable(SimpleNamespace(tensorrt=None)) == (False, "the directory has no TensorRT plans")

@@ -84,20 +84,20 @@ def test_every_entry_point_takes_the_backend_flowar_run_takes(default_auto_engin
     """On a machine where TensorRT plans fit (pretended here: no GPU), flowar-run, the served
     replica and the bulk actor all choose TensorRT, because they all open through the runtime's
     one choice (runtime.runtime.choose_backend)."""
+    import flowar.runtime.directory as directory
     import flowar.runtime.runtime as runtime
     from flowar.commands.bulk import BulkSpec, ShardSampler
     from flowar.commands.cli import run
     from flowar.commands.serve import Replica
-    from flowar.runtime.candidates import stage_engines
     opened = []
 
-    def fake_trt(m, specs, stack):
+    def fake_trt(m, specs):
         opened.append("trt")                      # ONNX Runtime does the computing
-        engines = stage_engines({}, m.config, None, None, specs, {n: m.graph(n) for n in specs}, 1)
-        return {n: stack.enter_context(e) for n, e in engines.items()}, torch.device("cpu"), "TensorRT (pretended)"
+        engines, _ = directory.directory_engines(m, specs, {}, "ort", 1, "CPUExecutionProvider", torch.device("cpu"))
+        return engines, torch.device("cpu"), "TensorRT (pretended)"
 
-    monkeypatch.setattr(runtime, "_trt_usable", lambda m: (True, ""))
-    monkeypatch.setattr(runtime, "_trt_engines", fake_trt)
+    monkeypatch.setattr(directory, "_trt_usable", lambda m: (True, ""))
+    monkeypatch.setattr(runtime, "trt_engines", fake_trt)
     res = CliRunner().invoke(run, ["--engine-dir", str(default_auto_engines), "--labels", "1", "--save-tokens",
                                    str(tmp_path / "t.safetensors")])
     assert res.exit_code == 0 and "backend: TensorRT (pretended)" in res.output, res.output
@@ -109,8 +109,8 @@ def test_every_entry_point_takes_the_backend_flowar_run_takes(default_auto_engin
     assert sampler.pipe.runtime.backend == "trt"
     sampler.pipe.close()
     assert opened == ["trt"] * 3
-    monkeypatch.setattr(runtime, "_trt_usable", lambda m: (False, "no CUDA GPU"))     # and without: what auto chose
-    assert runtime.choose_backend(runtime.read_manifest(default_auto_engines), "auto") == "measured"
+    monkeypatch.setattr(directory, "_trt_usable", lambda m: (False, "no CUDA GPU"))   # and without: what auto chose
+    assert directory.choose_backend(directory.read_manifest(default_auto_engines), "auto") == "measured"
 
 
 def test_a_generator_draws_the_seeds_as_diffusers_does_and_a_callback_sees_every_scale(default_auto_engines):

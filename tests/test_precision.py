@@ -149,17 +149,25 @@ def test_auto_records_what_it_measured_and_the_runtime_runs_that(fixtures_dir, t
         rec = m["auto"]["measured"][stage]["torch-fp32"]
         assert rec["seconds"] > 0 and rec["error"] == 0.0                     # the reference module itself
     assert m["auto"]["combinations"][0]["seconds"] > 0 and m["auto"]["machine"]["model"]
-    assert m["weights"]["model"]["file"] == "weights.safetensors" and "vae" not in m["weights"]
+    # the weights each PyTorch stage runs, once per module group (the head's two stages share one file)
+    assert set(m["weights"]) == {"ar.torch-fp32", "head.torch-fp32"} and m["engines"]["velocity"] == {
+        "candidate": "torch-fp32", "weights": "head.torch-fp32"}
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "torch" / "ar.torch-fp32.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert "model.class_emb.weight" in names and not any(".flownet." in n for n in names)   # the AR's only
     assert any("pipeline" in line and "kept" in line for line in rep.lines())
     with Runtime.open_engine_dir(tmp_path / "torch", backend="auto") as rt:
         assert rt.backend == "measured" and rt.detail == "auto: torch-fp32"      # one engine for every stage
         assert rt.threads.host == rt.threads.cores >= 1  # PyTorch stages keep every core
+        w = rt.stages.engines["velocity"].module.head.final_layer.linear.weight
+        assert not w.is_meta and w.data_ptr() == rt.stages.engines["head_prep"].module.head.final_layer.linear.weight.data_ptr()
         res = rt.sample([3, 7], sched, noise_file=tmp_path / "n.safetensors", decode=False)
     assert_tokens(res.tokens)
     # ONNX Runtime chosen: no weights carried; --backend ort ignores the choice altogether
     _export(fixtures_dir, tmp_path / "ort", ("ort-fp32",))
     m = json.loads((tmp_path / "ort" / "manifest.json").read_text())
-    assert m["weights"] is None and not (tmp_path / "ort" / "weights.safetensors").exists()
+    assert not m["weights"] and not list((tmp_path / "ort").glob("*.safetensors"))
     with Runtime.open_engine_dir(tmp_path / "ort", backend="auto") as rt:
         assert rt.detail == "auto: ort-fp32" and rt.threads.host == 1   # ONNX Runtime's threads compute
         assert_tokens(rt.sample([3, 7], sched, noise_file=tmp_path / "n.safetensors", decode=False).tokens)
@@ -169,7 +177,7 @@ def test_auto_records_what_it_measured_and_the_runtime_runs_that(fixtures_dir, t
     with Runtime.open_engine_dir(tmp_path / "torch", backend="auto") as rt:
         assert "re-export here to measure this CPU" in rt.detail
     # the weights the PyTorch stages run are checked like the graphs
-    w = tmp_path / "torch" / "weights.safetensors"
+    w = tmp_path / "torch" / "head.torch-fp32.safetensors"
     w.write_bytes(w.read_bytes()[:-8] + b"\0" * 8)
     from flowar.export.manifest import EngineDirError
     with pytest.raises(EngineDirError, match="sha256"):
@@ -204,7 +212,7 @@ def test_bf16_takes_a_bf16_engine_for_every_stage_and_reports_its_deviation(tmp_
     kept = rep.precision.kept
     assert kept.deviation["psnr_median"] > 0 and rep.precision.official_fp16["psnr_median"] > kept.deviation["psnr_median"]
     m = json.loads((tmp_path / "bf16" / "manifest.json").read_text())
-    assert m["precision"] == "bf16" and set(m["weights"]) == {"model", "vae"}
+    assert m["precision"] == "bf16" and set(m["weights"]) == {"ar.torch-bf16", "head.torch-bf16", "vae.torch-bf16"}
     sched = build_schedule(25, 4.3, 0.9, 4)
     labels = [0, 3, 6, 9]
     with Runtime.open_engine_dir(tmp_path / "bf16") as rt:

@@ -159,28 +159,44 @@ def export_graphs(req: ExportRequest, model, vae, specs: dict, tmp: Path, report
 
 
 def choose_engines(req: ExportRequest, model, ck, vae, specs: dict, stages: dict, tmp: Path, report: BuildReport,
-                   say) -> tuple[dict | None, dict | None]:
-    """(manifest ``auto``, manifest ``weights``): the measured choice, and the weights its PyTorch
-    stages run (the model as safetensors, the VAE as a diffusers folder), each with its sha256."""
+                   say) -> dict:
+    """The manifest's ``auto``, ``engines``, ``weights`` and ``call_plan``: the engine of each
+    stage measured and chosen on this CPU, stored in the form it runs (a compiled package, or the
+    weights of an eager PyTorch stage in the precision it runs, each with its sha256), and the
+    call plan measured on those engines."""
+    import shutil
+
+    from flowar.commands.plan import measure_plan
+    from flowar.commands.precision import Workbench, select
+    from flowar.engines.cpu import cpu_kind
     from flowar.export.manifest import sha256_file
-    from flowar.commands.precision import select
-    from flowar.runtime.candidates import needs_weights
+    from flowar.io.tensors import save_tensors
+    from flowar.runtime.candidates import COMPILED, GROUPS, stage_module, stage_tensors
+    from flowar.sampling.schedule import Settings
     t0 = time.perf_counter()
-    rep = select(model, vae, specs, {n: (tmp / stages[n]["file"], stages[n]["sha256"]) for n in specs},
-                 "auto" if req.precision == "auto" else "bf16", req.candidates, progress=say)
-    report.seconds["choose engines"] = time.perf_counter() - t0
+    compiled = tmp / ".candidates"
+    compiled.mkdir()
+    bench = Workbench(model, vae, specs, {n: (tmp / stages[n]["file"], stages[n]["sha256"]) for n in specs}, compiled,
+                      req.max_batch)
+    rep = select(bench, "auto" if req.precision == "auto" else "bf16", req.candidates, progress=say)
     report.precision = rep
-    weights = {}
-    need = needs_weights(rep.choice)
-    if "model" in need:
-        from flowar.model.checkpoint import save_checkpoint
-        save_checkpoint(tmp / "weights.safetensors", model.state_dict(), model.config, ck.class_names)
-        weights["model"] = {"file": "weights.safetensors", "sha256": sha256_file(tmp / "weights.safetensors")}
-    if "vae" in need:
-        vae.autoencoder.save_pretrained(tmp / "vae", safe_serialization=True)
-        inner = "diffusion_pytorch_model.safetensors"
-        weights["vae"] = {"file": "vae", "digest_of": inner, "sha256": sha256_file(tmp / "vae" / inner)}
-    return rep.to_manifest(), weights or None
+    plan = measure_plan(bench, rep.choice, req.max_batch, Settings().resolve(model.config.n_scales), progress=say)
+    engines, weights = {}, {}
+    for stage, cand in rep.choice.items():
+        if cand in COMPILED:
+            dst = tmp / bench.packages[(stage, cand)].name
+            bench.packages[(stage, cand)].rename(dst)
+            engines[stage] = {"candidate": cand, "file": dst.name, "sha256": sha256_file(dst), "cpu": cpu_kind()}
+        elif cand.startswith("torch"):
+            key = f"{GROUPS[stage]}.{cand}"
+            if key not in weights:
+                save_tensors(tmp / f"{key}.safetensors", stage_tensors(stage, stage_module(cand, specs[stage], model, vae)))
+                weights[key] = {"file": f"{key}.safetensors", "sha256": sha256_file(tmp / f"{key}.safetensors")}
+            engines[stage] = {"candidate": cand, "weights": key}
+    shutil.rmtree(compiled)
+    report.seconds["compile engines"] = sum(bench.build_s.values())
+    report.seconds["choose engines"] = time.perf_counter() - t0 - report.seconds["compile engines"]
+    return {"auto": rep.to_manifest(), "engines": engines, "weights": weights, "call_plan": plan}
 
 
 def build_plans(req: ExportRequest, builder, specs: dict, stages: dict, config, tmp: Path, report: BuildReport,
@@ -234,8 +250,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
     with staged_directory(req.out) as tmp:
         stages = export_graphs(req, model, vae, specs, tmp, report, say)
         report.backends.append("ort")
-        auto, weights = (choose_engines(req, model, ck, vae, specs, stages, tmp, report, say) if req.measured
-                         else (None, None))
+        chosen = choose_engines(req, model, ck, vae, specs, stages, tmp, report, say) if req.measured else {}
         trt_info = None
         if builder is not None:
             trt_info = build_plans(req, builder, specs, stages, config, tmp, report, say)
@@ -247,8 +262,9 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
             class_names=ck.class_names,
             schedule_defaults=req.schedule_defaults or dict(SAMPLING_DEFAULTS),
             vae=None if vae is None else {"source": str(req.vae_path.resolve()), "latent_channels": vae.latent_channels,
-                                          "downsample": vae.downsample, "image_size": config.latent_size * vae.downsample},
-            tensorrt=trt_info, auto=auto, weights=weights,
+                                          "downsample": vae.downsample, "image_size": config.latent_size * vae.downsample,
+                                          "config": dict(vae.autoencoder.config)},
+            tensorrt=trt_info, **chosen,
             meta={"opset": OPSET,
                   "scales": [{"side": s, "tokens": n, "seq_begin": b, "seq_end": e} for s, n, b, e in
                              zip(config.scales, config.tokens_per_scale, config.scale_begin, config.scale_end)],

@@ -68,13 +68,17 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
     if bool(ckpt) == bool(engine_dir):
         raise FlowARError("exactly one of --ckpt or --engine-dir", "both" if ckpt else "neither",
                           "pass --engine-dir DIR (from flowar-export) or --ckpt PATH")
+    t0 = time.perf_counter()
     with Runtime.open(engine_dir or ckpt, bool(engine_dir), backend=backend, preset=preset, config=config_path,
                       vae=vae, raw_weights=raw_weights, device=device, threads=threads, cuda_graphs=cuda_graphs,
                       precision=precision) as rt:
+        opened = time.perf_counter() - t0
         if out or save_images:
             rt.require_decoder()
         sched = rt.schedule(settings)
         ids = parse_labels(rt.config.num_classes, rt.class_names, labels, classes, n_per_class)
+        parts = ", ".join(f"{k} {v:.2f} s" if isinstance(v, float) else f"{k} {v}" for k, v in rt.opened.items())
+        click.echo(f"opened {engine_dir or ckpt} in {opened:.2f} s" + (f" ({parts})" if parts else ""), err=True)
         click.echo(f"backend: {rt.detail}; schedule: {sched.describe()}; CUDA graphs "
                    f"{'on' if rt.runner else 'off'}", err=True)
         result = rt.sample(ids, sched, seed=seed, noise_file=noise_file, batch_size=batch_size,

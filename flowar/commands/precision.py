@@ -1,14 +1,12 @@
 """Precision chosen per machine, by measurement (``flowar-export --precision auto`` and ``bf16``).
 
-Engines a stage can run on (its *candidates*):
-
-* ``ort-fp32``: the exported ONNX graph on ONNX Runtime;
-* ``torch-fp32``: the reference module in eager PyTorch;
-* ``torch-bf16`` (:mod:`flowar.runtime.bf16`): the reference module with every GEMM and
-  convolution in bfloat16 (weights stored once in bf16, activations rounded to bf16 at each
-  GEMM's input and output) and everything else in float32: norms, softmax, residual adds,
-  modulation, which is what makes bf16 accurate enough. Fast only where the CPU computes bf16
-  (AVX512-BF16, AMX), emulated elsewhere.
+Engines a stage can run on (its *candidates*, :mod:`flowar.runtime.candidates`): ``ort-fp32``
+(the ONNX graph on ONNX Runtime), ``torch-fp32`` / ``torch-bf16`` (the reference module in eager
+PyTorch, the bf16 one with every GEMM and convolution in bfloat16 and float32 around them) and
+``aoti-fp32`` / ``aoti-bf16`` (those two modules compiled by AOTInductor at export: their build
+time is reported apart, and a stage Inductor cannot compile here simply has no such candidate).
+By default ``auto`` measures the bf16 engines only where the CPU computes bf16 in hardware
+(:func:`flowar.runtime.candidates.default_candidates`); ``--auto-candidates`` chooses.
 
 OpenVINO was measured too (``python bench/velocity_engines.py``) and is not a candidate: on the
 exported graphs its results go wrong once a compiled model meets a second set of shapes (scale
@@ -49,7 +47,7 @@ import torch
 
 from flowar.errors import FlowARError
 from flowar.eval.quality import deviation, relative_error
-from flowar.runtime.candidates import CANDIDATES, REDUCED, stage_engine, stage_engines
+from flowar.runtime.candidates import CANDIDATES, COMPILED, REDUCED, default_candidates, stage_engine, stage_module
 
 STAGES = ("ar", "head_prep", "velocity", "decode")
 FP32_SCREEN = 1e-4            # relative rms error of a float32 engine: float32 noise
@@ -65,6 +63,10 @@ class StageMeasure:
     seconds: float            # per sample at batch 1 (the official schedule's calls)
     error: float              # rms |out - fp32 reference| / rms |reference|, worst scale
     tolerance: float          # what the screen allows (inf: no gate)
+    build_s: float = 0.0      # compile time (compiled candidates), reported apart
+    note: str = ""            # why a candidate could not be measured (it then never wins)
+    setup_s: float = 0.0      # what its first call at each scale costs beyond the others (eager PyTorch's
+                              # oneDNN primitives and weight reorders): paid by the first image, or at open
 
     @property
     def ok(self) -> bool:
@@ -81,7 +83,7 @@ def measure_stage(engine, module, spec, config, calls: list[int], repeat: int = 
     """Seconds per sample (sum over scales of calls x median call time) and worst relative error."""
     from flowar.export.specs import sample_inputs
     gen = torch.Generator().manual_seed(0)
-    total, worst = 0.0, 0.0
+    total, worst, setup = 0.0, 0.0, 0.0
     r = rows if spec.rows_per_sample == 2 else rows // 2
     for k in spec.scales(config):
         ins = sample_inputs(spec, config, k, r, gen)
@@ -94,12 +96,12 @@ def measure_stage(engine, module, spec, config, calls: list[int], repeat: int = 
         for i in range(repeat + 1):
             t0 = time.perf_counter()
             engine.infer(ins, outs, profile=k)
-            if i:
-                times.append(time.perf_counter() - t0)
-        total += statistics.median(times) * (calls[k] if spec.per_scale else 1)
+            times.append(time.perf_counter() - t0)
+        total += statistics.median(times[1:]) * (calls[k] if spec.per_scale else 1)
+        setup += max(0.0, times[0] - statistics.median(times[1:]))
         for n, want in zip(spec.outputs, ref):
             worst = max(worst, relative_error(outs[n].float(), want.float()))
-    return StageMeasure(total, worst, tolerance)
+    return StageMeasure(total, worst, tolerance, setup_s=setup)
 
 
 @dataclass(slots=True)
@@ -109,6 +111,7 @@ class Combination:
     seconds: float = float("nan")          # whole image at batch 1 (median), decode included
     deviation: dict = field(default_factory=dict)   # against float32 on the probe samples
     ok: bool = True
+    setup_s: float = 0.0                   # what its engines set up per shape the first time (eager PyTorch)
 
     @property
     def reduced(self) -> bool:
@@ -137,15 +140,17 @@ class PrecisionReport:
         """What the export log says: each stage's candidates, each timed combination, the deviations."""
         out = []
         for stage, ms in self.measured.items():
-            cells = ", ".join(f"{c} {m.seconds * 1e3:.1f} ms (err {m.error:.1e}{'' if m.ok else ', too far'})"
-                              for c, m in ms.items())
+            cells = ", ".join(f"{c} unavailable ({m.note})" if m.note else
+                              f"{c} {m.seconds * 1e3:.1f} ms (err {m.error:.1e}{'' if m.ok else ', too far'}"
+                              f"{f', compiled in {m.build_s:.0f} s' if m.build_s else ''})" for c, m in ms.items())
             out.append(f"  {self.mode} {stage:<10} -> {self.choice[stage]:<14} [{cells}]")
         fp16 = _describe(self.official_fp16)
         for c in self.combinations:
             mark = "kept" if c.choice == self.choice else ("too far" if not c.ok else "")
             what = ", ".join(f"{s} {e}" for s, e in c.choice.items())
             dev = f"; vs fp32 {_describe(c.deviation)}" if c.deviation else ""
-            out.append(f"  {self.mode} pipeline {c.seconds:.3f} s per image [{what}]{dev} {mark}".rstrip())
+            setup = f" + {c.setup_s:.2f} s set-up" if c.setup_s else ""
+            out.append(f"  {self.mode} pipeline {c.seconds:.3f} s per image{setup} [{what}]{dev} {mark}".rstrip())
         if fp16:
             out.append(f"  {self.mode} the official mixed precision (fp16 autocast) on the same samples: {fp16}")
         return out
@@ -172,19 +177,16 @@ def passes(dev: dict, official: dict) -> bool:
     return bool(official) and dev["token_rel"] <= official["token_rel"]
 
 
-def select(model, vae, specs: dict, graphs: dict, mode: str = "auto", candidates: tuple[str, ...] | None = None,
-           threads: int | None = None, progress=lambda s: None) -> PrecisionReport:
-    """Measure, time inside the pipeline, check end to end, choose (see the module docstring).
-
-    ``graphs``: stage -> (path, sha256) of the exported float32 ONNX graphs.
-    """
-    from flowar.engines.cpu import cpu_kind
-    from flowar.engines.ort import split_limits
+def select(bench: "Workbench", mode: str = "auto", candidates: tuple[str, ...] | None = None,
+           progress=lambda s: None) -> PrecisionReport:
+    """Measure, time inside the pipeline, check end to end, choose (see the module docstring), on
+    the engines of ``bench`` (which compiles what it is asked for, once)."""
+    from flowar.engines.cpu import cpu_kind, fast_bf16
     from flowar.sampling.schedule import Settings
     if mode not in ("auto", "bf16"):
         raise FlowARError("precision mode auto or bf16", repr(mode), "use --precision auto")
-    config = model.config
-    cands = tuple(candidates or CANDIDATES)
+    config, specs = bench.model.config, bench.specs
+    cands = tuple(candidates or default_candidates(mode, fast_bf16()))
     if mode == "bf16":
         cands = tuple(c for c in cands if c in REDUCED)
     if not cands:
@@ -193,23 +195,29 @@ def select(model, vae, specs: dict, graphs: dict, mode: str = "auto", candidates
     stages = [s for s in STAGES if s in specs]
     measured: dict[str, dict[str, StageMeasure]] = {}
     for stage in stages:
-        spec, module = specs[stage], specs[stage].module(model, vae)
+        spec, module = specs[stage], specs[stage].module(bench.model, bench.vae)
         measured[stage] = {}
         for cand in cands:
-            progress(f"measure {stage} {cand}")
-            eng = stage_engine(stage, cand, module, spec, *graphs[stage], threads, split_limits(stage, config))
+            progress(f"{'compile and ' if cand in COMPILED else ''}measure {stage} {cand}")
             tol = float("inf") if mode == "bf16" else REDUCED_SCREEN if cand in REDUCED else FP32_SCREEN
+            try:
+                eng = bench.engine(stage, cand)
+            except FlowARError as e:                        # e.g. no C++ compiler: not a candidate here
+                measured[stage][cand] = StageMeasure(float("inf"), float("inf"), tol, note=str(e))
+                continue
             with eng:
                 measured[stage][cand] = measure_stage(eng, module, spec, config,
                                                       calls.get(stage, [1] * config.n_scales), tolerance=tol)
+            measured[stage][cand].build_s = bench.build_s.get((stage, cand), 0.0)
     report = PrecisionReport(mode, {}, measured, machine=cpu_kind())
     combos = combinations(measured, mode)
     # eager fp32 is always timed, unless the candidates were restricted without it (--auto-candidates)
     report.combinations = [Combination(c) for c in combos if set(c.values()) <= set(cands)] or [Combination(combos[0])]
-    probe = Probe(model, vae, specs, graphs, threads)
+    probe = Probe(bench)
     for combo in report.combinations:
         progress(f"time in the pipeline: {', '.join(f'{s} {c}' for s, c in combo.choice.items())}")
         combo.seconds = probe.seconds(combo.choice)
+        combo.setup_s = sum(measured[s][c].setup_s for s, c in combo.choice.items() if c.startswith("torch"))
     if any(c.reduced for c in report.combinations):
         progress("check reduced precision end to end")
         report.official_fp16 = deviation(probe.official_fp16(), probe.reference())
@@ -229,14 +237,14 @@ def select(model, vae, specs: dict, graphs: dict, mode: str = "auto", candidates
 def combinations(measured: dict[str, dict[str, StageMeasure]], mode: str) -> list[dict[str, str]]:
     """The choices to time in the pipeline. ``auto``: the per-stage fastest within its screen, the
     fastest in float32, and eager float32 (every stage ``torch-fp32``); ``bf16``: the per-stage
-    fastest reduced engine."""
+    fastest reduced engine. Fastest counts a first call's set-up too (see :func:`decide`)."""
     stages = list(measured)
 
     def fastest(pool) -> dict[str, str]:
-        return {s: min(pool(s), key=lambda c: measured[s][c].seconds if c in measured[s] else float("inf"))
-                for s in stages}
+        return {s: min(pool(s), key=lambda c: measured[s][c].seconds + measured[s][c].setup_s if c in measured[s]
+                       else float("inf")) for s in stages}
     if mode == "bf16":
-        reduced = lambda s: [c for c, m in measured[s].items() if c in REDUCED and m.finite]             # noqa: E731
+        reduced = lambda s: [c for c, m in measured[s].items() if c in REDUCED and m.finite and not m.note]  # noqa: E731
         combos = [fastest(lambda s: reduced(s) or ["torch-fp32"])]
     else:
         passing = lambda s: [c for c, m in measured[s].items() if m.ok] or ["torch-fp32"]              # noqa: E731
@@ -246,12 +254,61 @@ def combinations(measured: dict[str, dict[str, StageMeasure]], mode: str) -> lis
 
 
 def decide(combos: list[Combination]) -> Combination:
-    """The fastest combination (whole image, in the pipeline) that passed its accuracy check."""
+    """The combination that passed its accuracy check and gives the first image soonest: its
+    whole image in the pipeline, plus what its eager PyTorch engines set up per shape the first
+    time (paid once by every process that opens the directory, at open: DESIGN decision 15)."""
     ok = [c for c in combos if c.ok]
     if not ok:
         raise FlowARError("an engine choice that samples like float32", "none passed",
                           "export with --precision fp32")
-    return min(ok, key=lambda c: c.seconds)
+    return min(ok, key=lambda c: c.seconds + c.setup_s)
+
+
+class Workbench:
+    """The engines of every candidate for the stages of one export, built on demand: compiled
+    packages once each (into ``folder``, their build time kept apart), so that measuring, timing
+    in the pipeline and the call plan all run the very engines the directory will hold.
+    ``graphs``: stage -> (path, sha256) of the exported float32 ONNX graphs."""
+
+    def __init__(self, model, vae, specs: dict, graphs: dict, folder, max_batch: int, threads: int | None = None):
+        self.model, self.vae, self.specs, self.graphs, self.folder = model, vae, specs, graphs, folder
+        self.max_batch, self.threads = max_batch, threads
+        self.packages: dict[tuple[str, str], object] = {}
+        self.build_s: dict[tuple[str, str], float] = {}
+
+    def engine(self, stage: str, candidate: str, threads: int | None = None):
+        """The (not yet entered) engine of ``candidate`` for ``stage``; compiles it the first time."""
+        from flowar.engines.ort import split_limits
+        spec, config = self.specs[stage], self.model.config
+        if candidate == "ort-fp32":
+            graph, sha = self.graphs[stage]
+            return stage_engine(stage, candidate, spec, graph=graph, sha256=sha, threads=threads or self.threads,
+                                limits=split_limits(stage, config))
+        if candidate in COMPILED:
+            key = (stage, candidate)
+            if key not in self.packages:
+                from flowar.engines.aoti import compile_stage
+                path = self.folder / f"{stage}.{candidate}.pt2"
+                self.build_s[key] = compile_stage(spec, stage_module(candidate, spec, self.model, self.vae), config,
+                                                  spec.max_rows(self.max_batch), path)
+                self.packages[key] = path
+            return stage_engine(stage, candidate, spec, package=self.packages[key])
+        return stage_engine(stage, candidate, spec, module=stage_module(candidate, spec, self.model, self.vae))
+
+    @contextlib.contextmanager
+    def runtime(self, choice: dict[str, str], batch: int, plan: dict | None = None):
+        """A runtime on the engines of ``choice`` (what opening the finished directory will give)."""
+        from flowar.runtime.runtime import Runtime, Threads
+        from flowar.runtime.stages import EngineStages
+        c = self.model.config
+        threads = Threads.resolve(self.threads, any(e != "ort-fp32" for e in choice.values()))
+        with contextlib.ExitStack() as stack:
+            engines = {n: stack.enter_context(self.engine(n, choice.get(n, "ort-fp32"), threads.cores))
+                       for n in self.specs}
+            yield Runtime(config=c, class_names=None, stages=EngineStages(engines, c, batch, torch.device("cpu"),
+                                                                          self.specs, plan),
+                          device=torch.device("cpu"), backend="measured", detail=str(choice), threads=threads,
+                          decodes=self.vae is not None, max_batch=batch)
 
 
 class Probe:
@@ -259,56 +316,42 @@ class Probe:
     and the probe samples against a float32 reference (ONNX Runtime fp32, within float32 noise
     of eager)."""
 
-    def __init__(self, model, vae, specs, graphs, threads):
-        self.model, self.vae, self.specs, self.graphs, self.threads = model, vae, specs, graphs, threads
-        c = model.config
+    def __init__(self, bench: Workbench):
+        self.bench = bench
+        c = bench.model.config
         self.labels = [(i * 37) % c.num_classes for i in range(PROBE_LABELS)]
         from flowar.sampling.schedule import Settings
         self.schedule = Settings().resolve(c.n_scales)
         self._ref = None
 
-    @contextlib.contextmanager
-    def _stages(self, choice: dict[str, str], batch: int):
-        """A runtime on the engines of ``choice`` (what opening the finished directory will give)."""
-        from flowar.runtime.runtime import Runtime, Threads
-        from flowar.runtime.stages import EngineStages
-        c = self.model.config
-        threads = Threads.resolve(self.threads, any(e != "ort-fp32" for e in choice.values()))
-        with contextlib.ExitStack() as stack:
-            engines = {n: stack.enter_context(e) for n, e in stage_engines(
-                choice, c, self.model, self.vae, self.specs, self.graphs, threads.cores).items()}
-            yield Runtime(config=c, class_names=None, stages=EngineStages(engines, c, batch, torch.device("cpu"),
-                                                                          self.specs),
-                          device=torch.device("cpu"), backend="measured", detail=str(choice), threads=threads,
-                          decodes=self.vae is not None, max_batch=batch)
-
     def _run(self, rt, labels):
-        return rt.sample(labels, self.schedule, seed=0, decode=self.vae is not None)
+        return rt.sample(labels, self.schedule, seed=0, decode=self.bench.vae is not None)
 
     def seconds(self, choice: dict[str, str], repeat: int | None = None) -> float:
         repeat = repeat or TIME_REPEAT
-        with self._stages(choice, 1) as st:
-            self._run(st, self.labels[:1])                              # warm-up: sessions, caches, first calls
+        with self.bench.runtime(choice, 1) as rt:
+            self._run(rt, self.labels[:1])                              # warm-up: sessions, caches, first calls
             times = []
             for _ in range(repeat):
                 t0 = time.perf_counter()
-                self._run(st, self.labels[:1])
+                self._run(rt, self.labels[:1])
                 times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
     def sample(self, choice: dict[str, str]):
-        with self._stages(choice, len(self.labels)) as st:
-            return self._run(st, self.labels)
+        with self.bench.runtime(choice, len(self.labels)) as rt:
+            return self._run(rt, self.labels)
 
     def reference(self):
         if self._ref is None:
-            self._ref = self.sample({s: "ort-fp32" for s in self.specs})
+            self._ref = self.sample({s: "ort-fp32" for s in self.bench.specs})
         return self._ref
 
     def official_fp16(self):
         from flowar.eval.mixed import OfficialFp16
         from flowar.sampling.batches import run_sampling
         from flowar.sampling.eager import EagerStages
+        b = self.bench
         with torch.inference_mode():
-            return run_sampling(OfficialFp16(EagerStages(self.model, self.vae.decode if self.vae else None)),
-                                self.model.config, self.labels, self.schedule, 0, decode=self.vae is not None)
+            return run_sampling(OfficialFp16(EagerStages(b.model, b.vae.decode if b.vae else None)),
+                                b.model.config, self.labels, self.schedule, 0, decode=b.vae is not None)

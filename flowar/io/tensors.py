@@ -1,0 +1,61 @@
+"""Tensors in safetensors files, memory-mapped: opening a file costs one read (its hash), no copy.
+
+:func:`map_safetensors` maps the file, hashes it in that one pass (which also brings its pages
+into the page cache) and returns tensors that are views of the mapped pages: the weights are in
+memory once, shared with the page cache, however many processes map them. The tensors are read-
+only (an engine never writes its weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import struct
+import warnings
+from pathlib import Path
+
+import torch
+
+from flowar.errors import EngineDirError, FlowARError
+
+DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64, "I32": torch.int32,
+          "U8": torch.uint8, "BOOL": torch.bool, "F64": torch.float64}
+
+
+def map_safetensors(path: str | Path, sha256: str | None = None, what: str = "weights") -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a view of its mapped pages; with ``sha256``, the
+    file is refused (one line) unless its bytes hash to it."""
+    p = Path(path)
+    with open(p, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if sha256 is not None and hashlib.sha256(mm).hexdigest() != sha256:
+        raise EngineDirError(f"{p.name} with the sha256 recorded at export", "a different file (modified or corrupt)",
+                             f"re-export the directory with flowar-export --out {p.parent}")
+    try:
+        (n,) = struct.unpack("<Q", mm[:8])
+        header = json.loads(mm[8:8 + n])
+        out = {}
+        with warnings.catch_warnings():        # the mapping is read-only, and so are the weights
+            warnings.simplefilter("ignore", UserWarning)
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype = DTYPES[info["dtype"]]
+                begin, end = info["data_offsets"]
+                count = (end - begin) // torch.empty((), dtype=dtype).element_size()
+                t = torch.frombuffer(mm, dtype=dtype, count=count, offset=8 + n + begin) if count else \
+                    torch.empty(0, dtype=dtype)
+                out[name] = t.view(info["shape"])
+    except (ValueError, KeyError, struct.error) as e:
+        raise FlowARError(f"{what} in the safetensors format", f"{p}: {e}", "write the file again") from e
+    return out
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write tensors (contiguous copies where needed) atomically as safetensors."""
+    from safetensors.torch import save_file
+
+    from flowar.io.files import atomic_write_bytes
+    flat = {k: v.detach().contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, lambda tmp: save_file(flat, tmp))

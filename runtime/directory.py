@@ -1,0 +1,154 @@
+"""What an engine directory holds, opened as engines: the backend this machine runs it on, each
+stage's engine in the form the export stored it, every file checked against its sha256 in the one
+pass that reads it, and nothing read that the chosen engines do not use.
+
+* ONNX Runtime: the graph's bytes, hashed, become the session (a graph with its weights in
+  external data is checked in one streaming pass, then opened by path);
+* a compiled package (``aoti-*``): hashed, then loaded as it is; refused on a CPU that lacks a
+  flag the export CPU had (code compiled for it would stop with an illegal instruction), and
+  replaced by the stage's ONNX graph on ONNX Runtime, which is said in the detail line;
+* eager PyTorch (``torch-*``): the stage's module built on the meta device and given the tensors
+  of its weights file, memory-mapped and hashed in one pass, already in the precision it runs;
+* TensorRT: each plan's bytes, hashed, deserialized.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from flowar.errors import EngineDirError, FlowARError
+from flowar.export.manifest import Manifest, read_manifest, sha256_file
+
+BACKENDS = ("auto", "ort", "trt", "torch")
+
+
+def _trt_usable(m: Manifest) -> tuple[bool, str]:
+    info = m.tensorrt
+    if not info:
+        return False, "the directory has no TensorRT plans"
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU"
+    try:
+        from flowar.engines.trt import gpu_compute_capability, load_builder
+        b = load_builder()
+    except FlowARError:
+        return False, "TensorRT is not installed"
+    if (b.flavour, b.version) != (info["flavour"], info["version"]):
+        return False, f"plans built by {info['flavour']} {info['version']}, this is {b.flavour} {b.version}"
+    cc = gpu_compute_capability()
+    if info.get("compute_capability") not in (cc, None):
+        return False, f"plans built for {info['compute_capability']}, this GPU is {cc}"
+    return True, ""
+
+
+def choose_backend(m: Manifest, requested: str = "auto") -> str:
+    """The backend an engine directory runs on here: what ``requested`` names, or for ``auto``
+    TensorRT where its plans fit this GPU and TensorRT, else the engines the directory's
+    ``--precision auto|bf16`` measured and chose (``measured``), else ONNX Runtime. Every command
+    decides here."""
+    if requested not in BACKENDS:
+        raise FlowARError(f"--backend one of {', '.join(BACKENDS)}", repr(requested), "use --backend auto")
+    if requested == "auto":
+        ok, _ = _trt_usable(m)
+        return "trt" if ok else ("measured" if m.choice else "ort")
+    if requested == "trt":
+        ok, why = _trt_usable(m)
+        if not ok:
+            raise FlowARError("a TensorRT-ready engine directory and GPU for --backend trt", why,
+                              "rebuild plans here with flowar-export --backend trt, or use --backend ort")
+    return requested
+
+
+def trt_engines(m: Manifest, specs: dict):
+    """(engines, device, detail): the directory's TensorRT plans (not entered); the stages, which
+    never run at once, share one block of scratch memory."""
+    from flowar.engines.trt import load_builder
+    from flowar.runtime.engines import SharedDeviceMemory, TrtEngine
+    b, dev = load_builder(), torch.device("cuda")
+    shared = SharedDeviceMemory(dev)
+    plans = m.tensorrt["plans"]
+    return ({n: TrtEngine(n, m.read_checked(plans[n]["file"], plans[n]["sha256"]), b.trt, shared) for n in specs}, dev,
+            f"{b.flavour} {b.version}")
+
+
+def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: str, threads: int, provider: str,
+                      device: torch.device, ckpt: str | Path | None = None) -> tuple[dict, str]:
+    """(engines not yet entered, the detail line): each stage on the engine ``choice`` names
+    (ONNX Runtime where it names none), in the form the export stored it. ``chosen == "torch"``:
+    the reference modules of the checkpoint the directory was exported from (``ckpt`` if it moved)."""
+    from flowar.engines.cpu import cpu_kind, describe, missing_for
+    from flowar.engines.ort import split_limits
+    from flowar.runtime.candidates import COMPILED, assign_tensors, stage_engine, stage_module
+    if chosen == "torch":
+        model, vae = exported_from(m, device, ckpt)
+        return ({n: stage_engine(n, "torch-fp32", s, module=s.module(model, vae)) for n, s in specs.items()},
+                f"eager PyTorch on {device}")
+    engines, notes, mapped, meta = {}, [], {}, {}
+    for stage, spec in specs.items():
+        cand, rec = choice.get(stage, "ort-fp32"), (m.engines or {}).get(stage, {})
+        if cand in COMPILED and missing_for(rec.get("cpu", {})):
+            notes.append(f"{stage} {cand} compiled for {', '.join(missing_for(rec['cpu']))}, which this CPU lacks: "
+                         "ONNX Runtime fp32 instead (re-export here to compile for this CPU)")
+            cand = "ort-fp32"
+        if cand in COMPILED:
+            engines[stage] = stage_engine(stage, cand, spec, package=m.checked(rec["file"], rec["sha256"]))
+        elif cand.startswith("torch"):
+            key = rec["weights"]
+            if key not in mapped:
+                from flowar.io.tensors import map_safetensors
+                w = m.weights[key]
+                mapped[key] = map_safetensors(m.member(w["file"]), w["sha256"])
+            model, vae = _meta_modules(m, meta, stage == "decode")
+            engines[stage] = stage_engine(stage, cand, spec, module=assign_tensors(
+                stage, stage_module(cand, spec, model, vae), mapped[key]))
+        else:
+            info = m.stages[stage]
+            graph = (m.checked(info["file"], info["sha256"]) if "data" in info and m.checked(info["data"],
+                     info["data_sha256"]) else m.read_checked(info["file"], info["sha256"]))
+            engines[stage] = stage_engine(stage, "ort-fp32", spec, graph=graph, sha256=info["sha256"], threads=threads,
+                                          limits=split_limits(stage, m.config), cache_dir=m.root / ".ort-cache",
+                                          provider=provider)
+    if chosen == "ort":
+        return engines, f"ONNX Runtime {provider}"
+    ran = [("ort-fp32" if any(n in line for line in notes) else choice.get(n, "ort-fp32")) for n in specs]
+    detail = f"{m.precision}: " + (ran[0] if len(set(ran)) == 1 else ", ".join(f"{n} {e}" for n, e in zip(specs, ran)))
+    measured_on = (m.auto or {}).get("machine", {})
+    if measured_on and measured_on != cpu_kind():
+        detail += f" (measured on {describe(measured_on)}; re-export here to measure this CPU)"
+    return engines, detail + "".join(f"; {n}" for n in notes)
+
+
+def _meta_modules(m: Manifest, cache: dict, vae: bool):
+    """(model, vae) built on the meta device from the manifest (structure only, no weights): what
+    a stage's module is cut from before it is given its mapped tensors."""
+    if "model" not in cache:
+        from flowar.model.ar import FlowAR
+        with torch.device("meta"):
+            cache["model"] = FlowAR(m.config)
+    if vae and "vae" not in cache:
+        from flowar.model.vae import VAE, _diffusers
+        with torch.device("meta"):
+            cache["vae"] = VAE(_diffusers().AutoencoderKL.from_config(m.vae["config"]))
+    return cache["model"], cache.get("vae")
+
+
+def exported_from(m: Manifest | str | Path, device: torch.device | str = "cpu", ckpt: str | Path | None = None):
+    """(model, vae or None): the checkpoint (and VAE) an engine directory was exported from, in
+    eager PyTorch on ``device``: its reference. The checkpoint must be the very file (sha256) the
+    export recorded."""
+    from flowar.model.checkpoint import load_model
+    m = m if isinstance(m, Manifest) else read_manifest(m)
+    recorded, digest, ema = m.exported_checkpoint
+    src = Path(ckpt) if ckpt else recorded
+    if not src.is_file() or sha256_file(src) != digest:
+        raise FlowARError("the checkpoint the engine directory was exported from",
+                          f"{src if str(src) not in ('', '.') else 'no path'} (missing or a different file)",
+                          "pass --ckpt with the original checkpoint, or re-export the directory")
+    model, _ = load_model(src, config=m.config, use_ema=ema, device=device)
+    vae = None
+    if m.vae:
+        from flowar.model.vae import load_vae
+        vae = load_vae(m.vae["source"], expect_channels=m.config.latent_channels).to(device)
+    return model, vae

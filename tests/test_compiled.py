@@ -1,0 +1,132 @@
+"""Engines prepared at export: a stage compiled by AOTInductor, verified against eager, stored
+with its sha256 and the CPU it was built for, loaded without compiling, refused on a CPU that
+lacks that CPU's instructions (falling back to the stage's ONNX graph, and saying so); the call
+plan's row blocks. One compile of the smallest stage (the tiny fixture's head preparation)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from flowar.commands.build import build_engine_dir
+from flowar.export.manifest import sha256_file
+
+
+@pytest.fixture(scope="module")
+def compiled_dir(fixtures_dir, tmp_path_factory):
+    """tiny_v1 exported to ONNX, then its head preparation compiled (aoti-bf16) and recorded as the
+    directory's choice for that stage, as ``--precision auto`` records a compiled engine."""
+    from flowar.engines.aoti import compile_stage
+    from flowar.engines.cpu import cpu_kind
+    from flowar.model.checkpoint import load_model
+    from flowar.runtime.candidates import stage_module
+    d = tmp_path_factory.mktemp("compiled") / "e"
+    build_engine_dir(fixtures_dir / "tiny_v1.safetensors", d, config_path=str(fixtures_dir / "tiny_v1.config.json"),
+                     max_batch=2, verify=False)
+    model, _ = load_model(fixtures_dir / "tiny_v1.safetensors", config_path=fixtures_dir / "tiny_v1.config.json")
+    spec = json.loads((d / "manifest.json").read_text())
+    from flowar.export.specs import stage_specs
+    st = stage_specs(model.config)["head_prep"]
+    seconds = compile_stage(st, stage_module("aoti-bf16", st, model, None), model.config, st.max_rows(2),
+                            d / "head_prep.aoti-bf16.pt2")
+    spec["precision"] = "auto"
+    spec["auto"] = {"choice": {"head_prep": "aoti-bf16"}, "machine": cpu_kind()}
+    spec["engines"] = {"head_prep": {"candidate": "aoti-bf16", "file": "head_prep.aoti-bf16.pt2",
+                                     "sha256": sha256_file(d / "head_prep.aoti-bf16.pt2"), "cpu": cpu_kind()}}
+    (d / "manifest.json").write_text(json.dumps(spec))
+    return d, model, st, seconds
+
+
+def test_a_compiled_stage_matches_eager_at_every_scale_and_row_count(compiled_dir):
+    """The package serves every scale and row count (its dimensions are dynamic) and computes
+    what the bf16 module computes, which is float32's within bf16 rounding; a bug in it (another
+    module's weights) would be far off."""
+    from flowar.engines.aoti import load_package
+    from flowar.eval.quality import relative_error
+    from flowar.export.specs import sample_inputs
+    from flowar.runtime.candidates import stage_module
+    d, model, spec, seconds = compiled_dir
+    assert seconds > 0
+    package = load_package(d / "head_prep.aoti-bf16.pt2")
+    fp32, bf16 = spec.module(model, None), stage_module("aoti-bf16", spec, model, None)
+    gen = torch.Generator().manual_seed(3)
+    for k in range(model.config.n_scales):
+        for rows in (1, 3, 4):
+            ins = sample_inputs(spec, model.config, k, rows, gen)
+            got = package.boxed_run([ins[n] for n in spec.inputs])
+            with torch.no_grad():
+                want, ref = bf16(*(ins[n] for n in spec.inputs)), fp32(*(ins[n] for n in spec.inputs))
+            for name, g, w, r in zip(spec.outputs, got, want, ref):
+                assert g.shape == w.shape and relative_error(g, w) < 1e-2, (k, rows)       # bf16 rounds, fused
+                assert relative_error(g, r) < 5e-2, (k, rows)                             # near float32
+                if name == "c":                                 # from GEMMs: bf16 did happen (RoPE tables: exact)
+                    assert relative_error(g, r) > 1e-5, (k, rows)
+
+
+def test_the_runtime_runs_it_and_refuses_it_on_a_cpu_without_its_instructions(compiled_dir, monkeypatch):
+    import flowar.engines.cpu as cpu
+    from flowar.errors import EngineDirError
+    from flowar.runtime.runtime import Runtime
+    from flowar.sampling.schedule import build_schedule
+    d, model, _, _ = compiled_dir
+    sched = build_schedule(5, 4.3, 0.9, model.config.n_scales)
+    with Runtime.open_engine_dir(d) as rt:
+        assert rt.detail.startswith("auto: ar ort-fp32, head_prep aoti-bf16") and rt.opened["shapes warmed"] == 0
+        compiled = rt.sample([3, 7], sched, decode=False).tokens
+    with Runtime.open_engine_dir(d, backend="ort") as rt:
+        fp32 = rt.sample([3, 7], sched, decode=False).tokens
+    assert 1e-6 < (compiled - fp32).abs().max().item() and (compiled - fp32).norm() / fp32.norm() < 0.05
+    # on a CPU without the export CPU's instructions: the stage's ONNX graph instead, and the detail says so
+    monkeypatch.setattr(cpu, "cpu_kind", lambda: {"model": "Another CPU", "flags": []})
+    with Runtime.open_engine_dir(d) as rt:
+        assert "head_prep aoti-bf16 compiled for avx2" in rt.detail and "ONNX Runtime fp32 instead" in rt.detail
+        assert torch.equal(rt.sample([3, 7], sched, decode=False).tokens, fp32)
+    monkeypatch.undo()
+    # a modified package is refused where it is read
+    bad = d.parent / "bad"
+    shutil.copytree(d, bad)
+    with open(bad / "head_prep.aoti-bf16.pt2", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(EngineDirError, match="head_prep.aoti-bf16.pt2 with the sha256"):
+        Runtime.open_engine_dir(bad)
+
+
+def test_a_call_plan_runs_calls_as_row_blocks_with_the_same_results(compiled_dir):
+    """Blocks of the plan are row slices of the same static buffers: 7 rows as 4 + 2 + 1, and the
+    tokens are those of whole calls (ONNX Runtime computes each row on its own)."""
+    from flowar.runtime.runtime import Runtime
+    from flowar.runtime.stages import blocks
+    from flowar.sampling.schedule import build_schedule
+    assert blocks(7, 4, [1, 2, 4]) == [4, 2, 1] and blocks(8, 2, [1, 2, 4, 8]) == [2, 2, 2, 2]
+    assert blocks(3, 8, [1, 2, 4, 8]) == [2, 1]
+    d, model, _, _ = compiled_dir
+    sched = build_schedule(5, 4.3, 0.9, model.config.n_scales)
+    plan = {"stages": {s: {"block": {str(k): 1 for k in range(model.config.n_scales)}, "sizes": [1, 2, 4]}
+                       for s in ("ar", "head_prep", "velocity")}}
+    with Runtime.open_engine_dir(d, backend="ort") as rt:
+        whole = rt.sample([3, 7], sched, decode=False).tokens
+        rt.stages.plan = plan["stages"]
+        calls = []
+        inner = rt.stages.engines["velocity"].infer
+        rt.stages.engines["velocity"].infer = lambda i, o, profile=0: calls.append(i["x"].shape[0]) or inner(i, o, profile)
+        blocked = rt.sample([3, 7], sched, decode=False).tokens
+    assert set(calls) == {1} and (blocked - whole).abs().max().item() <= 1e-5
+
+
+def test_image_seconds_follow_the_plan_and_the_schedule():
+    """Seconds per batch by the plan, against a count by hand: every call 1 s whatever its rows
+    (blocks as large as the batch), so a batch of B costs per scale one AR call, one preparation
+    and one velocity call per head evaluation, plus one decode."""
+    from types import SimpleNamespace
+
+    from flowar.commands.plan import image_seconds
+    from flowar.sampling.schedule import build_schedule
+    config = SimpleNamespace(n_scales=3)
+    flat = {"block": {str(k): 8 for k in range(3)}, "sizes": [1, 2, 4, 8],
+            "seconds": {str(k): {str(r): 1.0 for r in (1, 2, 4, 8)} for k in range(3)}}
+    plan = {"stages": {"ar": flat, "head_prep": flat, "velocity": flat,
+                       "decode": flat | {"block": {"0": 8}, "seconds": {"0": {str(r): 1.0 for r in (1, 2, 4, 8)}}}}}
+    sched = build_schedule(7, 4.3, 0.9, 3)                      # 6 Euler steps per scale: 18 evaluations
+    assert image_seconds(plan, {"decode": None}, config, sched, 2) == 3 * 2 + 18 + 1
+    assert image_seconds(plan, {}, config, sched, 2) == 3 * 2 + 18
