@@ -41,8 +41,9 @@ def test_import_flowar_and_every_module_without_the_heavy_packages():
 
 
 def test_cli_help_without_the_heavy_packages():
-    for entry in ("run_main", "export_main", "sample_main", "serve_main", "judge_main"):
-        p = _probe(f"import sys\nsys.argv = ['prog', '--help']\nfrom flowar.commands.cli import {entry}\n{entry}()")
+    for module, entry in (("cli", "run_main"), ("cli", "export_main"), ("cli_ray", "sample_main"),
+                          ("cli_ray", "serve_main"), ("cli", "judge_main")):
+        p = _probe(f"import sys\nsys.argv = ['prog', '--help']\nfrom flowar.commands.{module} import {entry}\n{entry}()")
         assert p.returncode == 0 and "--help" in p.stdout, (entry, p.stderr[-2000:])
 
 

@@ -1,0 +1,94 @@
+"""The commands that run on Ray: ``flowar-sample`` (bulk sampling on Ray Data) and ``flowar-serve``
+(Ray Serve); a thin click layer like :mod:`flowar.commands.cli`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from flowar.commands.options import CONTEXT, entry_point, schedule_options, user_errors
+from flowar.errors import FlowARError
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--engine-dir", required=True, type=click.Path(file_okay=False), help="Engine directory (with a VAE).")
+@click.option("--num-images", required=True, type=int, help="How many images, e.g. 50000 for an FID evaluation.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: png/, shards/, samples.npz.")
+@click.option("--labels", help="Comma-separated class ids to cycle through [default: every class, balanced].")
+@click.option("--classes", multiple=True, help="Or class names (ImageNet names for the official models; ';' or the "
+              "option repeated for names that contain commas).")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "ort", "trt", "torch"]),
+              help="Engines, chosen as flowar-run chooses: auto = TensorRT (and CUDA graphs) on a GPU where the "
+                   "plans fit, else the directory's --precision auto choice, else ONNX Runtime.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Sample i gets the noise of (seed, i).")
+@schedule_options("the engine directory's")
+@click.option("--workers", default=1, show_default=True, type=int, help="Ray actors, one engine set each.")
+@click.option("--threads", default=1, show_default=True, type=int, help="Cores per worker (the same for any "
+              "--workers, so the images are too).")
+@click.option("--shard-size", default=64, show_default=True, type=int, help="Images per shard (the unit of resume).")
+@click.option("--ray-address", help="A running Ray cluster (ray://HOST:PORT or auto) [default: a local one].")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@user_errors
+def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, schedule, solver, stride, steps, cfg,
+               guidance, workers, threads, shard_size, ray_address, debug):
+    """Bulk sampling on Ray Data: PNG shards and samples.npz (ADM format); rerun to resume."""
+    from flowar.commands.bulk import BulkSpec, run_bulk
+    from flowar.export.manifest import read_manifest
+    from flowar.io.files import check_writable
+    from flowar.sampling.labels import class_names_for, parse_labels
+    check_writable(out, True, "--out")
+    m = read_manifest(engine_dir)
+    ids = parse_labels(m.config.num_classes, class_names_for(m.config.num_classes, m.class_names), labels, classes)
+    if not labels and not classes:
+        ids = list(range(m.config.num_classes))
+    from flowar.sampling.schedule import Settings
+    settings = Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance, solver=solver, stride=stride)
+    spec = BulkSpec(str(Path(engine_dir).resolve()), num_images, ids, seed, settings.given(), shard_size, threads,
+                    backend)
+    rep = run_bulk(spec, out, workers, ray_address)
+    kept = f", {rep.shards_done_before} kept from before" if rep.shards_done_before else ""
+    click.echo(f"{num_images} images in {rep.shards_total} shards{kept} -> {rep.out / 'samples.npz'} "
+               f"({rep.seconds:.1f} s, {rep.images_per_s:.1f} images/s on {workers} worker(s) x {threads} thread(s)"
+               + (f"; engines {'; '.join(rep.engines)}" if rep.engines else "") + ")")
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--engine-dir", required=True, type=click.Path(file_okay=False), help="Engine directory (with a VAE).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--replicas", default=1, show_default=True, type=int, help="Replicas, one engine set each.")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "ort", "trt", "torch"]),
+              help="Engines, chosen as flowar-run chooses (auto: TensorRT and CUDA graphs on a GPU where the plans fit, "
+                   "else the directory's --precision auto choice, else ONNX Runtime); GET /health says which run.")
+@click.option("--threads", type=int, help="Cores per replica [default: the machine's cores shared out among the replicas].")
+@click.option("--max-n", default=16, show_default=True, type=int, help="Most images one request may ask for.")
+@click.option("--ray-address", help="A running Ray cluster [default: a local one].")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@user_errors
+def serve_cmd(engine_dir, host, port, replicas, backend, threads, max_n, ray_address, debug):
+    """Serve POST /v1/generate with dynamic batching on Ray Serve (GET /health, GET /v1/stats)."""
+    from flowar.commands.serve import serve_forever
+    from flowar.export.manifest import read_manifest
+    from flowar.runtime.runtime import choose_backend
+    m = read_manifest(engine_dir)
+    chosen = choose_backend(m, backend)                 # refuse a backend that cannot run, before starting Ray
+    if not m.decodes:
+        raise FlowARError("an engine directory with a decode stage (images)", "one exported without --vae",
+                          "re-export with --vae")
+    for name, v in (("--replicas", replicas), ("--max-n", max_n), ("--threads", 1 if threads is None else threads)):
+        if v < 1:
+            raise FlowARError(f"{name} >= 1", str(v), f"pass a positive {name}")
+    if not 0 < port < 65536:
+        raise FlowARError("--port in 1..65535", str(port), "use e.g. --port 8000")
+    threads = threads or max(1, (os.cpu_count() or 1) // replicas)
+    serve_forever(str(Path(engine_dir).resolve()), host, port, threads, max_n, replicas, ray_address,
+                  ready=lambda: click.echo(f"serving {engine_dir} on http://{host}:{port} with {chosen} engines "
+                                           f"(POST /v1/generate, GET /health); Ctrl-C stops", err=True),
+                  backend=backend)
+
+
+sample_main = entry_point(sample_cmd, "flowar-sample")
+serve_main = entry_point(serve_cmd, "flowar-serve")
