@@ -85,8 +85,8 @@ def create_session(graph: Path | bytes, sha256: str, provider: str | None = None
     process may use, sequential execution, memory-pattern planning; idle worker threads do not
     spin (between calls PyTorch runs the sampler's own ops on the same cores, and row blocks of
     other calls run on one-thread sessions: spinning starves both). The optimized graph is cached
-    per (hash, ORT version, provider) in ``cache_dir``: a cache is used only for the graph and
-    library it was made from, and a damaged one is rebuilt.
+    in ``cache_dir`` per (graph hash, ORT version, CPU flags), on the CPU provider: a cache is used
+    only for the graph, library and CPU kind it was made for, and a damaged one is rebuilt.
     """
     import onnxruntime as ort
     provider = provider or choose_provider()
@@ -98,8 +98,9 @@ def create_session(graph: Path | bytes, sha256: str, provider: str | None = None
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
             if os.access(cache_dir, os.W_OK):
-                cache = cache_dir / f"{Path(str(graph)).stem if isinstance(graph, Path) else 'graph'}." \
-                                    f"{sha256[:16]}.ort{ort.__version__}.opt.onnx"
+                # named by the graph's hash, the library and the CPU's flags (ENABLE_ALL's layouts are per CPU)
+                from flowar.engines.cpu import cpu_kind
+                cache = cache_dir / f"{sha256[:16]}.ort{ort.__version__}.{'-'.join(cpu_kind()['flags']) or 'x'}.opt.onnx"
         except OSError:
             cache = None
     for attempt in (0, 1):

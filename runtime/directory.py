@@ -85,12 +85,11 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
         model, vae = exported_from(m, device, ckpt)
         return ({n: stage_engine(n, "torch-fp32", s, module=s.module(model, vae)) for n, s in specs.items()},
                 f"eager PyTorch on {device}")
-    engines, notes, mapped, meta = {}, [], {}, {}
+    engines, fallback, mapped, meta = {}, {}, {}, {}
     for stage, spec in specs.items():
         cand, rec = choice.get(stage, "ort-fp32"), (m.engines or {}).get(stage, {})
         if cand in COMPILED and missing_for(rec.get("cpu", {})):
-            notes.append(f"{stage} {cand} compiled for {', '.join(missing_for(rec['cpu']))}, which this CPU lacks: "
-                         "ONNX Runtime fp32 instead (re-export here to compile for this CPU)")
+            fallback.setdefault((cand, ", ".join(missing_for(rec["cpu"]))), []).append(stage)
             cand = "ort-fp32"
         if cand in COMPILED:
             engines[stage] = stage_engine(stage, cand, spec, package=m.checked(rec["file"], rec["sha256"]))
@@ -112,7 +111,10 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
                                           provider=provider)
     if chosen == "ort":
         return engines, f"ONNX Runtime {provider}"
-    ran = [("ort-fp32" if any(n in line for line in notes) else choice.get(n, "ort-fp32")) for n in specs]
+    notes = [f"{', '.join(stages)} {cand} compiled for {flags}, which this CPU lacks: ONNX Runtime fp32 instead "
+             "(re-export here to compile for this CPU)" for (cand, flags), stages in fallback.items()]
+    fell = {n for stages in fallback.values() for n in stages}
+    ran = [("ort-fp32" if n in fell else choice.get(n, "ort-fp32")) for n in specs]
     detail = f"{m.precision}: " + (ran[0] if len(set(ran)) == 1 else ", ".join(f"{n} {e}" for n, e in zip(specs, ran)))
     measured_on = (m.auto or {}).get("machine", {})
     if measured_on and measured_on != cpu_kind():

@@ -42,6 +42,7 @@ import contextlib
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -65,8 +66,8 @@ class StageMeasure:
     tolerance: float          # what the screen allows (inf: no gate)
     build_s: float = 0.0      # compile time (compiled candidates), reported apart
     note: str = ""            # why a candidate could not be measured (it then never wins)
-    setup_s: float = 0.0      # what its first call at each scale costs beyond the others (eager PyTorch's
-                              # oneDNN primitives and weight reorders): paid by the first image, or at open
+    setup_s: float = 0.0      # what its first call at each scale costs beyond the others (oneDNN primitives,
+                              # weight reorders): paid by the first image (or at open, where eager engines warm up)
 
     @property
     def ok(self) -> bool:
@@ -111,7 +112,7 @@ class Combination:
     seconds: float = float("nan")          # whole image at batch 1 (median), decode included
     deviation: dict = field(default_factory=dict)   # against float32 on the probe samples
     ok: bool = True
-    setup_s: float = 0.0                   # what its engines set up per shape the first time (eager PyTorch)
+    setup_s: float = 0.0                   # what its engines set up per shape the first time
 
     @property
     def reduced(self) -> bool:
@@ -217,7 +218,7 @@ def select(bench: "Workbench", mode: str = "auto", candidates: tuple[str, ...] |
     for combo in report.combinations:
         progress(f"time in the pipeline: {', '.join(f'{s} {c}' for s, c in combo.choice.items())}")
         combo.seconds = probe.seconds(combo.choice)
-        combo.setup_s = sum(measured[s][c].setup_s for s, c in combo.choice.items() if c.startswith("torch"))
+        combo.setup_s = sum(measured[s][c].setup_s for s, c in combo.choice.items() if c in measured[s])
     if any(c.reduced for c in report.combinations):
         progress("check reduced precision end to end")
         report.official_fp16 = deviation(probe.official_fp16(), probe.reference())
@@ -255,8 +256,8 @@ def combinations(measured: dict[str, dict[str, StageMeasure]], mode: str) -> lis
 
 def decide(combos: list[Combination]) -> Combination:
     """The combination that passed its accuracy check and gives the first image soonest: its
-    whole image in the pipeline, plus what its eager PyTorch engines set up per shape the first
-    time (paid once by every process that opens the directory, at open: DESIGN decision 15)."""
+    whole image in the pipeline, plus what its engines set up per shape the first time (paid once
+    by every process that opens the directory: DESIGN decision 15)."""
     ok = [c for c in combos if c.ok]
     if not ok:
         raise FlowARError("an engine choice that samples like float32", "none passed",
@@ -280,10 +281,10 @@ class Workbench:
         """The (not yet entered) engine of ``candidate`` for ``stage``; compiles it the first time."""
         from flowar.engines.ort import split_limits
         spec, config = self.specs[stage], self.model.config
-        if candidate == "ort-fp32":
+        if candidate == "ort-fp32":           # its optimized graph cached in the directory, as opening it would
             graph, sha = self.graphs[stage]
             return stage_engine(stage, candidate, spec, graph=graph, sha256=sha, threads=threads or self.threads,
-                                limits=split_limits(stage, config))
+                                limits=split_limits(stage, config), cache_dir=Path(graph).parent / ".ort-cache")
         if candidate in COMPILED:
             key = (stage, candidate)
             if key not in self.packages:
