@@ -1,115 +1,221 @@
-"""A bounded load test of flowar-serve on loopback: N concurrent single-image requests against the
-same N requests sent one at a time, p50 / p99 latency, images/s and the batch sizes formed.
+"""A served replica under load and overload, measured from outside, as clients see it.
 
-    python bench/serve_load.py --requests 64                     # exports the default model, serves it
-    python bench/serve_load.py --url http://127.0.0.1:8000       # against a running flowar-serve
+    python bench/serve_load.py --engine-dir DIR [--threads 2] [--json bench/out/serve_load.json]
 
-Every request has its own deadline (--timeout), so the test ends by itself even if the server
-does not answer; failed or timed-out requests are counted, never waited for.
+Starts ``flowar-serve --engine-dir DIR`` (one replica, loopback) in its own process and, against
+the in-process rate of the same engines (``flowar-run --engine-dir DIR`` sampling eight images
+one at a time in one process), measures:
+
+* the replica's start (process start to ``/health`` answering, and what the replica reports);
+* 16 requests one after another: latency p50/p99, images/s;
+* 16 requests at once: images/s, the first answer's latency, the batch sizes formed (``/metrics``);
+* two bursts of 48 requests at once, each with a 60 s client deadline: how many got 200, 503 and
+  no answer within the deadline, ``/health``'s latency during each burst, and the memory of the
+  serve process tree (resident, all its processes) before, after the first and after the second;
+* ``/metrics`` parsed by prometheus_client, its counters against the requests sent.
+
+Without ``--engine-dir`` the shipped default model is exported first (its time is mostly overhead).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 
-def post(url: str, body: dict, timeout: float) -> tuple[int, float, dict | None]:
-    """(HTTP status or 0 for no answer, seconds, JSON answer)."""
-    t0 = time.perf_counter()
-    req = urllib.request.Request(url + "/v1/generate", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+def request(url: str, path: str, body: dict | None = None, timeout: float = 120.0) -> tuple[int, object]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url + path, data=data, method="POST" if data else "GET",
+                                 headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, time.perf_counter() - t0, json.loads(r.read())
+            raw = r.read()
+            return r.status, (json.loads(raw) if path != "/metrics" else raw.decode())
     except urllib.error.HTTPError as e:
-        return e.code, time.perf_counter() - t0, None
+        return e.code, None
     except (urllib.error.URLError, TimeoutError, ConnectionError, OSError):
-        return 0, time.perf_counter() - t0, None
+        return 0, None                                    # no answer within the deadline
 
 
-def get(url: str, path: str, timeout: float = 10) -> dict:
-    with urllib.request.urlopen(url + path, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def percentile(xs: list[float], q: float) -> float:
+def percentile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
 def load(url: str, n: int, concurrency: int, timeout: float, seed0: int = 0) -> dict:
-    bodies = [{"label": i % 10, "seed": seed0 + i} for i in range(n)]
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        results = list(pool.map(lambda b: post(url, b, timeout), bodies))
-    wall = time.perf_counter() - t0
+    """n single-image requests, ``concurrency`` at a time; latencies and codes."""
+    results: list[tuple[int, float, float]] = []                   # (status, seconds, finished at)
+    lock, t_start = threading.Lock(), time.perf_counter()
+    queue = list(range(n))
+
+    def worker():
+        while True:
+            with lock:
+                if not queue:
+                    return
+                i = queue.pop(0)
+            t0 = time.perf_counter()
+            status, _ = request(url, "/v1/generate", {"label": i % 10, "seed": seed0 + i}, timeout)
+            with lock:
+                results.append((status, time.perf_counter() - t0, time.perf_counter() - t_start))
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t_start
     ok = [s for code, s, _ in results if code == 200]
-    return {"requests": n, "concurrency": concurrency, "ok": len(ok),
-            "failed": sum(1 for code, _, _ in results if code not in (200, 0)),
-            "no_answer": sum(1 for code, _, _ in results if code == 0), "wall_s": wall,
-            "images_per_s": len(ok) / wall, "p50_s": percentile(ok, 0.5) if ok else None,
-            "p99_s": percentile(ok, 0.99) if ok else None}
+    return {"requests": n, "concurrency": concurrency, "ok": len(ok), "refused_503": sum(c == 503 for c, _, _ in results),
+            "other": sorted({c for c, _, _ in results} - {200, 503, 0}), "no_answer": sum(c == 0 for c, _, _ in results),
+            "wall_s": wall, "images_per_s": len(ok) / wall, "p50_s": percentile(ok, 0.5), "p99_s": percentile(ok, 0.99),
+            "first_answer_s": min((done for code, _, done in results if code == 200), default=None),
+            "slowest_answer_s": max((s for _, s, _ in results), default=None)}
+
+
+def tree_rss_gb(pid: int) -> float:
+    """Resident memory of a process and all its descendants (Linux /proc)."""
+    total, todo, seen = 0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return total / 1e9
+
+
+def metric(text: str, name: str, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def in_process_rate(engine_dir: str, threads: int | None) -> float:
+    """Seconds per image of flowar-run sampling eight images one at a time in one process."""
+    import re
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([str(BIN / "flowar-run"), "--engine-dir", engine_dir, "--labels", "0,1,2,3,4,5,6,7",
+                               "--batch", "1", "--save-images", tmp] + (["--threads", str(threads)] if threads else []),
+                              capture_output=True, text=True, check=True)
+    return float(re.search(r"sampled .* in ([0-9.]+) s", done.stdout).group(1)) / 8
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--url", help="a running server; default: export the default model and serve it here")
-    ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    ap.add_argument("--max-batch", type=int, default=16, help="engines' max batch (when this script serves)")
-    ap.add_argument("--port", type=int, default=8011)
+    ap.add_argument("--engine-dir", help="an engine directory (with a VAE) [default: export the default model]")
+    ap.add_argument("--threads", type=int, default=None, help="cores of the replica (and of the in-process run)")
+    ap.add_argument("--sequential", type=int, default=16)
+    ap.add_argument("--concurrent", type=int, default=16)
+    ap.add_argument("--burst", type=int, default=48)
+    ap.add_argument("--deadline", type=float, default=60.0, help="client deadline of a burst's requests")
+    ap.add_argument("--port", type=int, default=None)
     ap.add_argument("--json", default="bench/out/serve_load.json")
     a = ap.parse_args(argv)
-    url = a.url
-    tmp = None
-    server = None
-    if url is None:                           # the commands a user runs, each in its own process
-        import subprocess
-        bindir = Path(sys.executable).parent
-        tmp = tempfile.TemporaryDirectory()
-        eng = Path(tmp.name) / "engines"
-        subprocess.run([str(bindir / "flowar-export"), "--ckpt", str(ROOT / "models/default/flowar.safetensors"),
-                        "--vae", str(ROOT / "models/default/vae"), "--out", str(eng), "--max-batch", str(a.max_batch),
-                        "--no-verify"], check=True, stdout=subprocess.DEVNULL)
-        server = subprocess.Popen([str(bindir / "flowar-serve"), "--engine-dir", str(eng), "--port", str(a.port),
-                                   "--threads", "2"], stderr=subprocess.PIPE, text=True)
-        url = f"http://127.0.0.1:{a.port}"
-        server.stderr.readline()              # "serving ... Ctrl-C stops": the replica is up
+    tmp = tempfile.TemporaryDirectory()
+    engine_dir = a.engine_dir
+    if engine_dir is None:
+        engine_dir = str(Path(tmp.name) / "engines")
+        subprocess.run([str(BIN / "flowar-export"), "--ckpt", str(ROOT / "models/default/flowar.safetensors"),
+                        "--vae", str(ROOT / "models/default/vae"), "--out", engine_dir, "--no-verify"], check=True,
+                       stdout=subprocess.DEVNULL)
+    per_image = in_process_rate(engine_dir, a.threads)
+    print(f"in-process: {per_image:.3f} s per image (flowar-run, eight images one at a time)", flush=True)
+    if a.port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            a.port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{a.port}"
+    t0 = time.perf_counter()
+    server = subprocess.Popen([str(BIN / "flowar-serve"), "--engine-dir", engine_dir, "--port", str(a.port)]
+                              + (["--threads", str(a.threads)] if a.threads else []),
+                              env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    out: dict = {"engine_dir": engine_dir, "in_process_s_per_image": per_image}
     try:
-        health = get(url, "/health")
-        load(url, 8, 8, a.timeout, seed0=10_000)                           # warm-up, not measured
-        before = len(get(url, "/v1/stats")["batches"])
-        concurrent = load(url, a.requests, a.requests, a.timeout)
-        batches = get(url, "/v1/stats")["batches"][before:]
-        sequential = load(url, a.requests, 1, a.timeout)
-        out = {"server": health, "concurrent": concurrent, "sequential": sequential,
-               "batches_formed_under_load": batches,
-               "images_per_s_ratio": concurrent["images_per_s"] / sequential["images_per_s"]}
-        for name in ("concurrent", "sequential"):
+        while request(url, "/health", timeout=5)[0] != 200:
+            if server.poll() is not None or time.perf_counter() - t0 > 600:
+                raise SystemExit("flowar-serve did not come up")
+            time.sleep(0.5)
+        out["start_s"] = time.perf_counter() - t0
+        out["health"] = request(url, "/health")[1]
+        out["rss_gb_start"] = tree_rss_gb(server.pid)
+        print(f"replica ready in {out['start_s']:.1f} s (its engines opened in {out['health']['start_seconds']:.1f} s); "
+              f"{out['rss_gb_start']:.2f} GB resident", flush=True)
+        request(url, "/v1/generate", {"label": 0, "seed": 10_000})                 # the first image: not measured
+        m0 = request(url, "/metrics")[1]
+        out["sequential"] = load(url, a.sequential, 1, 600, seed0=100)
+        out["concurrent"] = load(url, a.concurrent, a.concurrent, 600, seed0=200)
+        m1 = request(url, "/metrics")[1]
+        rep = out["health"]["replica"]
+        out["concurrent"]["batches_formed"] = metric(m1, "flowar_batch_size_count", replica=rep) - metric(
+            m0, "flowar_batch_size_count", replica=rep) - out["sequential"]["ok"]
+        for name in ("sequential", "concurrent"):
             r = out[name]
-            print(f"{name:<10} {r['ok']}/{r['requests']} ok, {r['failed']} failed, {r['no_answer']} unanswered; "
-                  f"{r['images_per_s']:.2f} images/s; latency p50 {r['p50_s']:.3f} s, p99 {r['p99_s']:.3f} s")
-        print(f"batches formed under load: {batches}; dynamic batching gives {out['images_per_s_ratio']:.2f}x "
-              "the images/s of sequential serving")
-        from flowar.io.files import atomic_write_bytes
-        atomic_write_bytes(a.json, lambda t: Path(t).write_text(json.dumps(out, indent=1)))
-        return 0
+            print(f"{name:<10} {r['ok']}/{r['requests']} ok; {r['images_per_s']:.3f} images/s "
+                  f"({r['images_per_s'] * per_image:.2f}x in-process); p50 {r['p50_s']:.2f} s "
+                  f"({r['p50_s'] / per_image:.2f}x in-process per image), p99 {r['p99_s']:.2f} s; "
+                  f"first answer after {r['first_answer_s']:.2f} s", flush=True)
+        bursts = []
+        for b in range(2):
+            probe: list[float] = []
+
+            def health_probe():
+                time.sleep(2.0)
+                t = time.perf_counter()
+                request(url, "/health", timeout=30)
+                probe.append(time.perf_counter() - t)
+            h = threading.Thread(target=health_probe)
+            h.start()
+            r = load(url, a.burst, a.burst, a.deadline, seed0=1000 * (b + 1))
+            h.join()
+            time.sleep(2.0)
+            r |= {"health_s": probe[0] if probe else None, "rss_gb_after": tree_rss_gb(server.pid)}
+            bursts.append(r)
+            print(f"burst {b + 1}: {a.burst} at once, {a.deadline:.0f} s deadline: {r['ok']} answered 200, "
+                  f"{r['refused_503']} refused 503, {r['no_answer']} without an answer, other {r['other']}; slowest "
+                  f"{r['slowest_answer_s']:.1f} s; /health in {r['health_s']:.2f} s; {r['rss_gb_after']:.2f} GB resident",
+                  flush=True)
+        out["bursts"] = bursts
+        text = request(url, "/metrics")[1]
+        sent_ok = 1 + out["sequential"]["ok"] + out["concurrent"]["ok"] + sum(x["ok"] for x in bursts)
+        out["metrics"] = {"requests_200": metric(text, "flowar_requests_total", replica=rep, status="200"),
+                          "requests_503": metric(text, "flowar_requests_total", replica=rep, status="503"),
+                          "sent_200": sent_ok, "sent_503": sum(x["refused_503"] for x in bursts)}
+        print(f"/metrics: {out['metrics']}", flush=True)
     finally:
-        if server is not None:
-            server.terminate()
-            server.wait(timeout=60)
-        if tmp is not None:
-            tmp.cleanup()
+        server.terminate()                  # SIGTERM to the command alone, as Kubernetes and systemd send it
+        try:
+            server.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, 9)
+        out["exit_code"] = server.returncode
+        tmp.cleanup()
+    from flowar.io.files import atomic_write_bytes
+    atomic_write_bytes(a.json, lambda t: Path(t).write_text(json.dumps(out, indent=1)))
+    print(f"JSON -> {a.json}; flowar-serve exited {out['exit_code']} on SIGTERM")
+    return 0
 
 
 if __name__ == "__main__":

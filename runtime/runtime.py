@@ -229,13 +229,26 @@ class Runtime:
                               if self.manifest is not None else "a checkpoint opened without a VAE",
                               "pass --vae (or re-export with --vae), or ask for tokens only (--save-tokens)")
 
+    @property
+    def batch_sizes(self) -> list[int]:
+        """The batch sizes that pay on this machine: each costs less per image than every smaller
+        one, by the call plan measured at export for the engines chosen there; else every size up to
+        the engines' max batch (``[]``: no limit, one batch)."""
+        plan = (self.manifest.call_plan or {}) if self.manifest is not None and self.backend == "measured" else {}
+        return sorted(int(b) for b in plan.get("batches") or range(1, (self.max_batch or 0) + 1))
+
+    @property
+    def batch(self) -> int | None:
+        """The default batch: the one with the best images/s (the largest that pays); None: all at once."""
+        return max(self.batch_sizes, default=None)
+
     def sample(self, labels: Sequence[int], schedule: Schedule, *, seed: int | Sequence[int] = 0,
                indices: Sequence[int] | None = None, noise_file: str | Path | None = None,
                batch_size: int | None = None, decode: bool = True, progress: bool | dict = False,
                on_scale: Callable[[ScaleTrace], None] | None = None, timings: dict | None = None) -> SampleResult:
         """Tokens (and images in [-1, 1] with ``decode``) of ``labels``: sample i gets the noise of
-        (seed, indices[i]), in batches of ``batch_size`` (default: the engines' max batch, else all
-        at once). ``timings``, when given, receives the seconds per stage (``ar``, ``head``,
+        (seed, indices[i]), in batches of ``batch_size`` (default :attr:`batch`: the best images/s by
+        the call plan, else the engines' max batch, else all at once; the images do not depend on it). ``timings``, when given, receives the seconds per stage (``ar``, ``head``,
         ``decode``; ``sampling`` where CUDA graphs replay whole scales) and ``total``."""
         if decode:
             self.require_decoder()
@@ -244,7 +257,7 @@ class Runtime:
         if self.max_batch is not None and batch_size is not None and batch_size > self.max_batch:
             raise FlowARError(f"--batch at most {self.max_batch} (the engines' max batch)", str(batch_size),
                               f"use --batch {self.max_batch}, or re-export with --max-batch {batch_size}")
-        bs = batch_size or self.max_batch
+        bs = batch_size or self.batch
         clock = _Clock(self.device) if timings is not None and self.runner is None else None
         with torch.inference_mode(), self.threads.applied():
             res = run_sampling(Hooked(self.stages, clock) if clock else self.stages, self.config, list(labels),

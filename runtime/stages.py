@@ -108,17 +108,21 @@ class EngineStages:
         for i, o in self._blocks(stage, k, ins, outs, rows):
             self.engines[stage].infer(i, o, profile=k)
 
-    def warm_up(self) -> int:
-        """Run every engine that sets up per shape (``warm``: eager PyTorch's oneDNN primitives and
-        weight reorders) once at each shape sampling will give it, on zeros, so that none of that
-        happens in the first image. Returns the calls made."""
-        n, top = 0, self.max_batch
+    def warm_up(self, batch_sizes=None, every_engine: bool = False) -> int:
+        """Run engines once at each shape sampling will give them (``batch_sizes``: those batches;
+        default every size up to the limit), on zeros, so that whatever a shape sets up the first
+        time (eager PyTorch's oneDNN primitives and weight reorders; a compiled engine's, smaller)
+        happens here and not in an image. By default only the engines that set up a lot per shape
+        (``warm``); ``every_engine``: all (a served replica, before it takes requests). Returns the
+        calls made."""
+        n = 0
+        sizes = sorted(set(batch_sizes or range(1, self.max_batch + 1)))
         for stage, eng in self.engines.items():
-            if not getattr(eng, "warm", False):
+            if not (every_engine or getattr(eng, "warm", False)):
                 continue
             spec, st = self.specs[stage], self.plan.get(stage)
             for k in spec.scales(self.config):
-                calls = {r * m for r in range(1, top + 1) for m in (spec.rows_per_sample, 1)}  # B and 2B rows
+                calls = {b * m for b in sizes for m in (spec.rows_per_sample, 1)}          # B and 2B rows
                 best = st["block"].get(str(k)) if st else None
                 shapes = {b for r in calls for b in (blocks(r, best, st["sizes"]) if best else [r])}
                 for r in sorted(shapes):

@@ -35,48 +35,14 @@ def engines(default_auto_engines):
     return default_auto_engines
 
 
-# ---- request validation (no Ray) ----------------------------------------------------------------
-
-@pytest.mark.parametrize("body,status,needle", [
-    (b"not json", 400, "a JSON object"),
-    (b"[1, 2]", 400, "a JSON object"),
-    (b'{"label": 3, "class": "cat"}', 422, "exactly one of label or class"),
-    (b'{"label": 10}', 422, "label an integer in 0..9"),
-    (b'{"label": true}', 422, "label an integer"),
-    (b'{"class": "unicorn"}', 422, "a class name of this model (10 classes, e.g. bear"),
-    (b'{"label": 1, "n": 0}', 422, "n an integer in 1..16"),
-    (b'{"label": 1, "n": 17}', 422, "n an integer in 1..16"),
-    (b'{"label": 1, "seed": -1}', 422, "seed an integer"),
-    (b'{"label": 1, "schedule": "turbo"}', 422, "expected schedule one of official, fast"),
-    (b'{"label": 1, "cfg": 99}', 422, "expected cfg in [1, 50]"),
-    (b'{"label": 1, "steps": 1}', 422, "expected steps an integer in 2..1000"),
-    (b'{"label": 1, "colour": "red"}', 422, "fields among"),
-    (b'{"label": 1, "pad": "' + b"x" * 20000 + b'"}', 413, "at most 16384 bytes"),
-])
-def test_bad_requests_are_refused_with_the_status_and_one_line(body, status, needle):
-    from flowar.commands.serve import RequestError, parse_generate
-    names = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
-    with pytest.raises(RequestError) as e:
-        parse_generate(body, 10, names, 16)
-    assert e.value.status == status and needle in str(e.value) and "\n" not in str(e.value)
-
-
-def test_a_request_names_its_images_by_seed_and_index():
-    from flowar.commands.serve import parse_generate
-    items = parse_generate(b'{"class": "cat", "seed": 7, "n": 3, "schedule": "fast"}', 10, ["bear", "bird", "cat"], 16)
-    assert [(i.label, i.seed, i.index) for i in items] == [(2, 7, 0), (2, 7, 1), (2, 7, 2)]
-    from flowar.sampling.schedule import Settings
-    assert items[0].settings == Settings(schedule="fast")
-
-
 # ---- bulk sampling ---------------------------------------------------------------------------------
 
 N = 12                                       # images per bulk run: 6 shards of 2, 3 of 4
 
 
-def _sample(engines, out, workers, shard, n=N, wait=True):
+def _sample(engines, out, workers, shard, n=N, wait=True, more=()):
     args = [str(EXE / "flowar-sample"), "--engine-dir", str(engines), "--num-images", str(n), "--out", str(out),
-            "--shard-size", str(shard), "--workers", str(workers), "--seed", "3"]
+            "--shard-size", str(shard), "--workers", str(workers), "--seed", "3", *more]
     if not wait:
         return subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
@@ -87,17 +53,24 @@ def _sample(engines, out, workers, shard, n=N, wait=True):
 
 @pytest.mark.slow
 def test_bulk_gives_the_same_bytes_for_any_worker_count_and_resumes_after_kill(engines, tmp_path):
-    _sample(engines, tmp_path / "w2", 2, 4)
+    _sample(engines, tmp_path / "w2", 2, 4, more=("--batch", "2"))
     z = np.load(tmp_path / "w2" / "samples.npz")
     assert z["arr_0"].shape == (N, 32, 32, 3) and z["arr_0"].dtype == np.uint8
     assert z["arr_1"].tolist() == [i % 10 for i in range(N)]                 # class-balanced
     assert len(list((tmp_path / "w2" / "png").rglob("*.png"))) == N
     assert len({z["arr_0"][i].tobytes() for i in range(N)}) == N            # N different images
-    ran = json.loads((tmp_path / "w2" / "run.json").read_text())["engines"]
+    run = json.loads((tmp_path / "w2" / "run.json").read_text())
+    ran = run["engines"]
     assert len(ran) == 1 and ran[0].startswith("measured: auto: "), ran          # the engines auto chose
+    [tp] = run["throughput"]
+    assert tp["images"] == N and tp["batch"] == [2] and tp["images_per_s"] > 0, tp
+    from flowar.runtime.runtime import Runtime
+    plan = json.loads((engines / "manifest.json").read_text())["call_plan"]["per_image"]
+    with Runtime.open(engines) as rt:                      # without --batch: the best images/s measured at export
+        assert rt.batch == int(min(plan, key=plan.get)), (rt.batch, plan)
     # kill -9 the driver once some shards are written; the same command then completes the run
     out = tmp_path / "killed"
-    proc = _sample(engines, out, 1, 2, wait=False)
+    proc = _sample(engines, out, 1, 2, wait=False, more=("--batch", "2"))
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if (out / "shards").is_dir() and any((out / "shards").glob("*.npz")):
@@ -107,16 +80,21 @@ def test_bulk_gives_the_same_bytes_for_any_worker_count_and_resumes_after_kill(e
     proc.wait()
     done_before = len(list((out / "shards").glob("*.npz")))
     assert 0 < done_before < N // 2, done_before
-    rerun = _sample(engines, out, 1, 2)
+    rerun = _sample(engines, out, 1, 2, more=("--batch", "2"))
     import re
     kept = int(re.search(r"(\d+) kept from before", rerun.stdout).group(1))
     assert done_before <= kept < N // 2, (done_before, kept)         # (a worker may finish its shard after the kill)
-    # one worker, shards of 2, killed and resumed: the bytes of two workers with shards of 4
+    assert "at batch 2" in rerun.stdout and len(json.loads((out / "run.json").read_text())["throughput"]) == 1
+    # one worker, shards of 2, killed and resumed: the bytes of two workers with shards of 4 (both in batches
+    # of 2; another batch size differs by float rounding: tests/test_default_model.py)
     assert (out / "samples.npz").read_bytes() == (tmp_path / "w2" / "samples.npz").read_bytes()
     # another setting into the same folder is refused, not mixed in
     bad = subprocess.run([str(EXE / "flowar-sample"), "--engine-dir", str(engines), "--num-images", str(N), "--out",
                           str(out), "--shard-size", "2", "--seed", "4"], env=ENV, capture_output=True, text=True)
     assert bad.returncode == 2 and "seed" in bad.stderr and "Traceback" not in bad.stderr
+    big = subprocess.run([str(EXE / "flowar-sample"), "--engine-dir", str(engines), "--num-images", "2", "--out",
+                          str(tmp_path / "big"), "--batch", "999"], env=ENV, capture_output=True, text=True)
+    assert big.returncode == 2 and "--batch in 1.." in big.stderr and "Traceback" not in big.stderr, big.stderr
 
 
 # ---- the served endpoint ----------------------------------------------------------------------------
@@ -153,11 +131,19 @@ def server(engines):
     from flowar.commands.serve import serve_forever
     port = _free_port()
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    serve_forever(str(engines), "127.0.0.1", port, 1, 16, 1, None, block=False)
+    serve_forever(str(engines), "127.0.0.1", port, 1, 16, 1, None, block=False, queue=32)
     yield f"http://127.0.0.1:{port}"
     from ray import serve
     serve.shutdown()
     ray.shutdown()
+
+
+def _metric(url, name, labels=()):
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels))
 
 
 def _png(b64):
@@ -185,15 +171,17 @@ def test_served_images_are_flowar_runs_and_bad_requests_leave_it_serving(server,
         assert status == code and answer["error"].startswith("expected"), (body, status, answer)
     status, health = _get(server, "/health")
     assert status == 200 and health["backend"] == "measured" and health["engines"].startswith("auto: "), health
-    # 12 concurrent requests: batches larger than one form
-    before = len(_get(server, "/v1/stats")[1]["batches"])
+    # 12 concurrent requests: batches larger than one form, and the replica's metrics say so, labelled by it
+    rep = health["replica"]
+    before = (_metric(server, "flowar_batch_size_count", [("replica", rep)]),
+              _metric(server, "flowar_images_total", [("replica", rep)]))
     threads = [threading.Thread(target=_post, args=(server, {"label": i % 10, "seed": i})) for i in range(12)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    formed = _get(server, "/v1/stats")[1]["batches"][before:]
-    assert sum(formed) == 12 and max(formed) > 1, formed
+    batches = _metric(server, "flowar_batch_size_count", [("replica", rep)]) - before[0]
+    assert _metric(server, "flowar_images_total", [("replica", rep)]) - before[1] == 12 and 1 <= batches < 12
 
 
 @pytest.mark.slow
@@ -216,7 +204,9 @@ def test_a_killed_replica_fails_or_retries_requests_never_hangs(server):
     for t in threads:
         t.join(120)
     assert len(results) == 8 and all(not t.is_alive() for t in threads)
-    assert all(code in (200, 500, 502, 503, 504) for code, _ in results), results   # answered, one way or another
+    # each request answered: computed (200), or the replica's death told (500, Serve's "replica died";
+    # 503 when Serve had no replica to route to); never a gateway timeout, never no answer
+    assert all(code in (200, 500, 503) for code, _ in results), results
     deadline = time.time() + 90                                       # and the service comes back by itself
     while time.time() < deadline:
         if _post(server, {"label": 1}, timeout=30)[0] == 200:
@@ -224,3 +214,72 @@ def test_a_killed_replica_fails_or_retries_requests_never_hangs(server):
         time.sleep(1)
     else:
         pytest.fail("the service did not come back after its replica was killed")
+
+
+def test_beyond_loopback_a_token_is_required_before_anything_starts(engines, tmp_path):
+    proc = subprocess.run([str(EXE / "flowar-serve"), "--engine-dir", str(engines), "--host", "0.0.0.0"],
+                          env={k: v for k, v in ENV.items() if k != "FLOWAR_SERVE_TOKEN"}, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: expected a bearer token") and \
+        proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_answers_what_is_in_flight_refuses_what_comes_and_exits_0(engines, tmp_path):
+    """flowar-serve as Kubernetes stops it: SIGTERM while a long request runs. That request is
+    answered 200 with all its images; one sent while it drains gets 503 with the one-line error;
+    the command exits 0 within the grace period with one line, no stack dump. The token is asked
+    for on loopback with --require-token."""
+    port = _free_port()
+    (tmp_path / "token").write_text("t0k3n\n")
+    proc = subprocess.Popen([str(EXE / "flowar-serve"), "--engine-dir", str(engines), "--port", str(port),
+                             "--threads", "1", "--require-token", "--token-file", str(tmp_path / "token"),
+                             "--grace", "60"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        lines = [proc.stderr.readline() for _ in range(1)]
+        while not lines[-1].startswith("serving ") and lines[-1] and len(lines) < 50:   # Ray's own notices first
+            lines.append(proc.stderr.readline())
+        assert lines[-1].startswith("serving ") and "bearer token required" in lines[-1], lines
+
+        def post(body, token="t0k3n", timeout=120):
+            req = urllib.request.Request(url + "/v1/generate", data=json.dumps(body).encode(), method="POST",
+                                         headers={"Authorization": f"Bearer {token}"} if token else {})
+            try:
+                with urllib.request.urlopen(req, timeout=timeout) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                text = e.read().decode(errors="replace")
+                try:
+                    return e.code, json.loads(text)
+                except ValueError:      # not our app's answer (Ray's proxy): kept for the message
+                    return e.code, {"error": text}
+        assert post({"label": 1}, token=None)[0] == 401
+        before = _get(url, "/health")[1]["replica"]
+        long = []
+        worker = threading.Thread(target=lambda: long.append(post({"label": 3, "n": 16, "steps": 200})))
+        worker.start()
+        time.sleep(1.5)                                                  # in flight
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        draining, during = False, None
+        while time.time() - t0 < 30 and not draining:
+            try:
+                health = _get(url, "/health")[1]
+                draining, during = health["status"] == "draining", health["replica"]
+            except Exception:   # noqa: BLE001 - not answering yet
+                pass
+            time.sleep(0.2)
+        refused = post({"label": 2}) if draining else None
+        worker.join(120)
+        rc = proc.wait(timeout=90)
+        rest = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert long and long[0][0] == 200 and len(long[0][1]["images"]) == 16
+    assert draining and refused[0] == 503, refused
+    assert during == before              # drained in place: no new replica started (engines opened again) to refuse
+    assert refused[1]["error"].startswith("expected a server that is not stopping"), refused
+    assert rc == 0 and time.time() - t0 < 60 and "Traceback" not in rest, rest[-2000:]
+    assert [ln for ln in rest.splitlines() if ln.strip()][-1].startswith("stopped on SIGTERM")

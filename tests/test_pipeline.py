@@ -88,7 +88,7 @@ def test_every_entry_point_takes_the_backend_flowar_run_takes(default_auto_engin
     import flowar.runtime.runtime as runtime
     from flowar.commands.bulk import BulkSpec, ShardSampler
     from flowar.commands.cli import run
-    from flowar.commands.serve import Replica
+    from flowar.commands.service import Replica
     opened = []
 
     def fake_trt(m, specs):

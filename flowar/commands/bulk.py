@@ -3,8 +3,10 @@
 The request is cut into fixed shards of consecutive sample indices. Ray Data runs one actor per
 worker, each holding one engine set (an engine directory opened once), and maps shards onto
 them. Sample i always has the label ``classes[i % len(classes)]`` (class-balanced) and the noise
-of (seed, i), and every actor computes with the same number of threads, so the output does not
-depend on the number of workers, nor on which worker took which shard: the same bytes.
+of (seed, i), every actor computes with the same number of threads, and batches are cut at
+multiples of the batch size, so the output does not depend on the number of workers, on which
+worker took which shard, nor on the shard size (a multiple of the batch): the same bytes. Another
+batch size changes the images by float rounding only (a pixel in ten thousand by one level).
 
 Each finished shard is written atomically (its PNGs, then ``shards/NNNNN.npz`` last, which marks
 it done), so a run killed at any point is completed by running the same command again: finished
@@ -47,6 +49,8 @@ class BulkReport:
     workers: int
     shard_seconds: list[float] = field(default_factory=list)
     engines: list[str] = field(default_factory=list)     # what the workers ran: "backend: detail"
+    batch: int | None = None                             # the batch the workers sampled in
+    sampling_images_per_s: float = 0.0                   # images / seconds in the shards (per the workers together)
 
 
 def shard_ranges(n: int, size: int) -> list[tuple[int, int, int]]:
@@ -71,32 +75,54 @@ def shard_is_done(out: Path, j: int, start: int, end: int) -> bool:
 
 class ShardSampler:
     """The body of one Ray Data actor: the pipeline opened once (the engines flowar-run would
-    choose; CUDA graphs captured at start on a GPU), shards sampled and written."""
+    choose; CUDA graphs captured at start on a GPU), shards sampled in batches of ``batch`` (default:
+    the best images/s by the directory's call plan) and written. ``progress``, a Ray queue, gets
+    ``("batch", B)`` once and ``("images", n)`` after every batch, for the driver's bar."""
 
-    def __init__(self, spec: dict, out: str):
+    def __init__(self, spec: dict, out: str, batch: int | None = None, progress=None):
         from flowar.pipeline.pipeline import FlowARPipeline
         from flowar.sampling.schedule import Settings
         self.spec = BulkSpec(**spec)
         self.out = Path(out)
         self.pipe = FlowARPipeline.from_pretrained(self.spec.engine_dir, backend=self.spec.backend,
                                                    threads=self.spec.threads)
-        self.schedule = self.pipe.runtime.schedule(Settings.of(self.spec.schedule))
+        rt = self.pipe.runtime
+        self.schedule = rt.schedule(Settings.of(self.spec.schedule))
+        self.batch = batch or rt.batch or self.spec.shard_size
+        self.progress = progress
+        self._tell("batch", self.batch)
+
+    def _tell(self, what: str, n: int) -> None:
+        if self.progress is not None:
+            self.progress.put_nowait((what, n))
 
     def sample_shard(self, j: int, start: int, end: int) -> float:
+        import torch
+
         from flowar.io.files import write_npz
         from flowar.io.images import save_images, to_uint8
         t0 = time.perf_counter()
+        parts, a = [], start
+        while a < end:          # batches cut at multiples of the batch size: the same for any shard multiple of it
+            idx = list(range(a, min((a // self.batch + 1) * self.batch, end)))
+            labels = [self.spec.classes[i % len(self.spec.classes)] for i in idx]
+            parts.append(self.pipe.runtime.sample(labels, self.schedule, seed=self.spec.seed, indices=idx,
+                                                  batch_size=len(idx)).images)
+            self._tell("images", len(idx))
+            a = idx[-1] + 1
+        images = torch.cat(parts)
         idx = list(range(start, end))
-        labels = [self.spec.classes[i % len(self.spec.classes)] for i in idx]
-        res = self.pipe.runtime.sample(labels, self.schedule, seed=self.spec.seed, indices=idx)
-        save_images(res.images, self.out / "png" / f"{j:05d}", first=start)      # named by sample index
-        write_npz(shard_path(self.out, j), {"images": to_uint8(res.images), "labels": np.asarray(labels, np.int64),
+        save_images(images, self.out / "png" / f"{j:05d}", first=start)      # named by sample index
+        write_npz(shard_path(self.out, j), {"images": to_uint8(images),
+                                            "labels": np.asarray([self.spec.classes[i % len(self.spec.classes)]
+                                                                  for i in idx], np.int64),
                                             "indices": np.asarray(idx, np.int64)})
         return time.perf_counter() - t0
 
     def __call__(self, batch: dict) -> dict:
         secs = [self.sample_shard(int(j), int(s), int(e)) for j, s, e in zip(batch["shard"], batch["start"], batch["end"])]
         return {"shard": np.asarray(batch["shard"]), "seconds": np.asarray(secs),
+                "batch": np.asarray([self.batch] * len(secs)),
                 "engines": np.asarray([f"{self.pipe.runtime.backend}: {self.pipe.runtime.detail}"] * len(secs))}
 
 
@@ -110,7 +136,8 @@ def _check_spec(out: Path, spec: BulkSpec) -> None:
         except ValueError:
             theirs = None
         if isinstance(theirs, dict):
-            theirs.pop("engines", None)                 # what ran, not what defines the images
+            for ran in ("engines", "throughput"):       # what ran, not what defines the images
+                theirs.pop(ran, None)
         if theirs != mine:
             diff = sorted(k for k in mine if not isinstance(theirs, dict) or theirs.get(k) != mine[k])
             raise FlowARError("the settings of the run already in --out (to resume it)",
@@ -120,17 +147,20 @@ def _check_spec(out: Path, spec: BulkSpec) -> None:
         _write_run_json(out, spec, None)
 
 
-def _write_run_json(out: Path, spec: BulkSpec, engines: list[str] | None) -> None:
-    """run.json: the settings that define the images, and (once known) which engines ran."""
+def _write_run_json(out: Path, spec: BulkSpec, engines: list[str] | None, throughput: dict | None = None) -> None:
+    """run.json: the settings that define the images, and (once known) which engines ran and the
+    throughput of each run that sampled (a resumed folder keeps every run's)."""
     from flowar.io.files import atomic_write_bytes
     p = out / "run.json"
-    ran = None
+    before = {}
     if p.is_file():
         try:
-            ran = json.loads(p.read_text()).get("engines")
-        except (ValueError, AttributeError):
-            ran = None
-    body = asdict(spec) | {"engines": sorted(set(ran or []) | set(engines or []))}
+            before = json.loads(p.read_text())
+        except ValueError:
+            before = {}
+    before = before if isinstance(before, dict) else {}
+    body = asdict(spec) | {"engines": sorted(set(before.get("engines") or []) | set(engines or [])),
+                           "throughput": list(before.get("throughput") or []) + ([throughput] if throughput else [])}
     atomic_write_bytes(p, lambda t: Path(t).write_text(json.dumps(body, indent=1)))
 
 
@@ -154,8 +184,10 @@ def start_ray(address: str | None, num_cpus: int | None):
 
 
 def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str | None = None,
-             progress: bool = True) -> BulkReport:
-    """Sample the shards not yet in ``out`` on ``workers`` actors, then write ``samples.npz``."""
+             progress: bool = True, batch: int | None = None) -> BulkReport:
+    """Sample the shards not yet in ``out`` on ``workers`` actors, in batches of ``batch`` (default:
+    the best images/s by the directory's call plan), then write ``samples.npz``. A bar shows
+    images/s, the batch and the time left."""
     from flowar.export.manifest import read_manifest
     from flowar.io.files import check_writable, write_npz
     out = Path(out)
@@ -167,6 +199,9 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     if not m.decodes:
         raise FlowARError("an engine directory with a decode stage (images)", "one exported without --vae",
                           "re-export with --vae")
+    if batch is not None and not 1 <= batch <= m.max_batch:
+        raise FlowARError(f"--batch in 1..{m.max_batch} (the engines' max batch)", str(batch),
+                          f"use --batch {m.max_batch} or less, or re-export with --max-batch {batch}")
     bad = [c for c in spec.classes if not 0 <= c < m.config.num_classes]
     if bad or not spec.classes:
         raise FlowARError(f"class ids in 0..{m.config.num_classes - 1}", f"{bad or 'none'}", "check --labels")
@@ -181,27 +216,19 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     t0 = time.perf_counter()
     secs: list[float] = []
     engines: set[str] = set()
+    batches: set[int] = set()
+    done_now = sum(e - s for _, s, e in todo)
     if todo:
         start_ray(ray_address, None if ray_address else workers * spec.threads)
-        import logging
-
-        import ray.data
-        logging.getLogger("ray.data").setLevel(logging.WARNING)        # our own bar says how far it is
-        ds = ray.data.from_items([{"shard": j, "start": s, "end": e} for j, s, e in todo], override_num_blocks=len(todo))
-        mapped = ds.map_batches(ShardSampler, fn_constructor_args=(asdict(spec), str(out.resolve())), batch_size=1,
-                                compute=ray.data.ActorPoolStrategy(size=min(workers, len(todo))), num_cpus=spec.threads)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=len(shards), initial=len(shards) - len(todo), desc="shards", unit="shard", disable=None)
-        for row in mapped.iter_rows():
-            secs.append(float(row["seconds"]))
-            engines.add(str(row["engines"]))
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        _write_run_json(out, spec, sorted(engines))
+        rows = _sample_on_ray(spec, out, todo, workers, batch, progress, spec.num_images - done_now)
+        secs = [float(r["seconds"]) for r in rows]
+        engines = {str(r["engines"]) for r in rows}
+        batches = {int(r["batch"]) for r in rows}
+        dt = time.perf_counter() - t0
+        _write_run_json(out, spec, sorted(engines), {
+            "images": done_now, "seconds": round(dt, 3), "images_per_s": round(done_now / dt, 4),
+            "sampling_images_per_s": round(done_now * min(workers, len(todo)) / sum(secs), 4),
+            "batch": sorted(batches), "workers": workers, "threads": spec.threads})
     missing = [j for j, s, e in shards if not shard_is_done(out, j, s, e)]
     if missing:
         raise FlowARError("every shard written", f"shards {missing[:5]} missing", "run the same command again")
@@ -212,6 +239,52 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
             labels.append(z["labels"])
     write_npz(out / "samples.npz", {"arr_0": np.concatenate(images), "arr_1": np.concatenate(labels)})
     dt = time.perf_counter() - t0
-    done_now = sum(e - s for _, s, e in todo)
     return BulkReport(out, len(shards), len(shards) - len(todo), dt, done_now / dt if done_now else 0.0,
-                      workers, secs, sorted(engines))
+                      workers, secs, sorted(engines), max(batches, default=None),
+                      done_now * min(workers, len(todo)) / sum(secs) if secs else 0.0)
+
+
+def _sample_on_ray(spec: BulkSpec, out: Path, todo: list, workers: int, batch: int | None, progress: bool,
+                   done_before: int) -> list[dict]:
+    """Map the shards onto ``workers`` ShardSampler actors; the bar follows their batches (images
+    counted as each batch ends, not as each shard does)."""
+    import logging
+    import threading
+
+    import ray.data
+    from ray.util.queue import Empty, Queue
+    logging.getLogger("ray.data").setLevel(logging.WARNING)        # our own bar says how far it is
+    told = Queue(actor_options={"num_cpus": 0}) if progress else None
+    ds = ray.data.from_items([{"shard": j, "start": s, "end": e} for j, s, e in todo], override_num_blocks=len(todo))
+    mapped = ds.map_batches(ShardSampler, fn_constructor_args=(asdict(spec), str(out.resolve()), batch, told),
+                            batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(workers, len(todo))),
+                            num_cpus=spec.threads)
+    rows: list[dict] = []
+    failed: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            rows.extend(mapped.iter_rows())
+        except BaseException as e:   # noqa: BLE001 - raised again by the caller's thread
+            failed.append(e)
+    worker = threading.Thread(target=consume, daemon=True)
+    worker.start()
+    if told is not None:
+        from tqdm import tqdm
+        with tqdm(total=spec.num_images, initial=done_before, desc="sampling", unit="img", disable=None,
+                  smoothing=0.1) as bar:
+            while worker.is_alive() or not told.empty():
+                try:
+                    what, n = told.get(timeout=0.5)
+                except Empty:
+                    continue
+                if what == "batch":
+                    bar.set_postfix_str(f"batch {n}", refresh=True)
+                else:
+                    bar.update(n)
+    worker.join()
+    if told is not None:
+        told.shutdown()
+    if failed:
+        raise failed[0]
+    return rows

@@ -28,12 +28,14 @@ from flowar.errors import FlowARError
 @click.option("--workers", default=1, show_default=True, type=int, help="Ray actors, one engine set each.")
 @click.option("--threads", default=1, show_default=True, type=int, help="Cores per worker (the same for any "
               "--workers, so the images are too).")
+@click.option("--batch", type=int, help="Images per batch (changes speed; images only by float rounding) [default: the "
+              "best images/s by the call plan measured at export, else the engines' max batch].")
 @click.option("--shard-size", default=64, show_default=True, type=int, help="Images per shard (the unit of resume).")
 @click.option("--ray-address", help="A running Ray cluster (ray://HOST:PORT or auto) [default: a local one].")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @user_errors
 def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, schedule, solver, stride, steps, cfg,
-               guidance, workers, threads, shard_size, ray_address, debug):
+               guidance, workers, threads, batch, shard_size, ray_address, debug):
     """Bulk sampling on Ray Data: PNG shards and samples.npz (ADM format); rerun to resume."""
     from flowar.commands.bulk import BulkSpec, run_bulk
     from flowar.export.manifest import read_manifest
@@ -48,16 +50,19 @@ def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, sche
     settings = Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance, solver=solver, stride=stride)
     spec = BulkSpec(str(Path(engine_dir).resolve()), num_images, ids, seed, settings.given(), shard_size, threads,
                     backend)
-    rep = run_bulk(spec, out, workers, ray_address)
+    rep = run_bulk(spec, out, workers, ray_address, batch=batch)
     kept = f", {rep.shards_done_before} kept from before" if rep.shards_done_before else ""
+    rate = (f"{rep.images_per_s:.3g} images/s ({rep.sampling_images_per_s:.3g} while sampling) at batch {rep.batch} "
+            if rep.batch else "")
     click.echo(f"{num_images} images in {rep.shards_total} shards{kept} -> {rep.out / 'samples.npz'} "
-               f"({rep.seconds:.1f} s, {rep.images_per_s:.1f} images/s on {workers} worker(s) x {threads} thread(s)"
+               f"({rep.seconds:.1f} s, {rate}on {workers} worker(s) x {threads} thread(s)"
                + (f"; engines {'; '.join(rep.engines)}" if rep.engines else "") + ")")
 
 
 @click.command(context_settings=CONTEXT)
 @click.option("--engine-dir", required=True, type=click.Path(file_okay=False), help="Engine directory (with a VAE).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default; any "
+              "other requires a token).")
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--replicas", default=1, show_default=True, type=int, help="Replicas, one engine set each.")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "ort", "trt", "torch"]),
@@ -65,12 +70,25 @@ def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, sche
                    "else the directory's --precision auto choice, else ONNX Runtime); GET /health says which run.")
 @click.option("--threads", type=int, help="Cores per replica [default: the machine's cores shared out among the replicas].")
 @click.option("--max-n", default=16, show_default=True, type=int, help="Most images one request may ask for.")
+@click.option("--queue", type=int, help="Images a replica holds (running and waiting) before it answers 503, at "
+              "least --max-n [default: twice the engines' max batch, or --max-n if more].")
+@click.option("--deadline", default=120.0, show_default=True, type=float, help="Seconds a request is kept at most "
+              "(a request may ask for less with timeout_s); what has not started by then is not computed.")
+@click.option("--grace", default=60.0, show_default=True, type=float, help="On SIGTERM/Ctrl-C: seconds the requests in "
+              "flight have to finish.")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the bearer token clients must send "
+              "(or $FLOWAR_SERVE_TOKEN; never on the command line). Required when --host is not loopback.")
+@click.option("--require-token", is_flag=True, help="Require the token on loopback too.")
 @click.option("--ray-address", help="A running Ray cluster [default: a local one].")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @user_errors
-def serve_cmd(engine_dir, host, port, replicas, backend, threads, max_n, ray_address, debug):
-    """Serve POST /v1/generate with dynamic batching on Ray Serve (GET /health, GET /v1/stats)."""
-    from flowar.commands.serve import serve_forever
+def serve_cmd(engine_dir, host, port, replicas, backend, threads, max_n, queue, deadline, grace, token_file,
+              require_token, ray_address, debug):
+    """Serve POST /v1/generate on Ray Serve: bounded queues, deadlines, batching by the engine
+    directory's call plan; GET / (a page to try it), /health, /metrics, /openapi.json."""
+    import ipaddress
+
+    from flowar.commands.serve import read_token, serve_forever
     from flowar.export.manifest import read_manifest
     from flowar.runtime.runtime import choose_backend
     m = read_manifest(engine_dir)
@@ -78,16 +96,38 @@ def serve_cmd(engine_dir, host, port, replicas, backend, threads, max_n, ray_add
     if not m.decodes:
         raise FlowARError("an engine directory with a decode stage (images)", "one exported without --vae",
                           "re-export with --vae")
-    for name, v in (("--replicas", replicas), ("--max-n", max_n), ("--threads", 1 if threads is None else threads)):
+    for name, v in (("--replicas", replicas), ("--max-n", max_n), ("--threads", 1 if threads is None else threads),
+                    ("--queue", 1 if queue is None else queue)):
         if v < 1:
             raise FlowARError(f"{name} >= 1", str(v), f"pass a positive {name}")
+    for name, v in (("--deadline", deadline), ("--grace", grace)):
+        if not v > 0:
+            raise FlowARError(f"{name} > 0 seconds", str(v), f"pass e.g. {name} 60")
     if not 0 < port < 65536:
         raise FlowARError("--port in 1..65535", str(port), "use e.g. --port 8000")
+    if queue is not None and queue < max_n:
+        raise FlowARError(f"--queue at least --max-n ({max_n}): a request of --max-n images must fit", str(queue),
+                          f"use --queue {max_n} or more, or a smaller --max-n")
+    token = read_token(token_file)
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if (require_token or not loopback) and token is None:
+        raise FlowARError("a bearer token to serve beyond loopback (or with --require-token)", "none",
+                          "put one in a file for --token-file, or in $FLOWAR_SERVE_TOKEN")
     threads = threads or max(1, (os.cpu_count() or 1) // replicas)
-    serve_forever(str(Path(engine_dir).resolve()), host, port, threads, max_n, replicas, ray_address,
-                  ready=lambda: click.echo(f"serving {engine_dir} on http://{host}:{port} with {chosen} engines "
-                                           f"(POST /v1/generate, GET /health); Ctrl-C stops", err=True),
-                  backend=backend)
+    where = f"http://{host}:{port}"
+
+    def ready(seconds: float) -> None:
+        click.echo(f"serving {engine_dir} on {where} with {chosen} engines, ready in {seconds:.1f} s "
+                   f"(GET / to try it; POST /v1/generate; GET /health, /metrics, /docs); "
+                   f"{'bearer token required' if token else 'no token required (loopback)'}; Ctrl-C or SIGTERM stops",
+                   err=True)
+    serve_forever(str(Path(engine_dir).resolve()), host, port, threads, max_n, replicas, ray_address, ready=ready,
+                  backend=backend, queue=queue, deadline_s=deadline, token=token if (require_token or not loopback
+                                                                                 or token) else None,
+                  grace_s=grace, say=lambda line: click.echo(line, err=True))
 
 
 sample_main = entry_point(sample_cmd, "flowar-sample")

@@ -1,192 +1,196 @@
-"""A served endpoint on Ray Serve (``flowar-serve``): dynamic batching over one engine set per replica.
+"""``flowar-serve`` on Ray Serve: the API of :mod:`flowar.commands.service` as a deployment's
+FastAPI ingress, one :class:`~flowar.commands.service.Service` (an engine set behind a bounded
+queue) per replica; starting, draining and stopping it.
 
-    GET  /health        -> {"status": "ok", ...}
-    GET  /v1/stats      -> {"batches": [sizes of the batches formed so far], ...}
-    POST /v1/generate   {"label": int | "class": str, "seed": int = 0, "n": int = 1,
-                         "schedule": "official" | "fast", "steps", "cfg", "guidance"}
-                     -> {"images": [base64 PNG, ...], "labels": [...], "seeds": [...], "indices": [...]}
+Two bounds keep overload from queueing without end: Ray Serve's own ``max_queued_requests`` (the
+requests its router holds for a replica; beyond them Serve answers 503 with Retry-After) and each
+replica's queue of images (beyond it the replica answers 503 itself, at once, with the seconds the
+queue needs).
 
-Image j of a request is sample j of ``flowar-run --labels L,L,... --seed S``: its noise is that of
-(seed, j), whatever else shares the batch. Concurrent requests are split into single images and
-batched (``serve.batch``) up to the engines' max batch; images with other sampling settings go
-into their own sub-batch. Bad requests get a 4xx with the one-line error; the replica keeps serving.
+Stopping (SIGTERM, as Kubernetes and systemd send it, or Ctrl-C): the application is redeployed
+with ``draining`` on, which Serve applies to the running replicas in place (``reconfigure``): new
+requests get 503 while those in flight finish, for at most the grace period; then the application
+is deleted, Ray is shut down and the command exits 0 with one line.
+
+``app`` is the application builder that Serve configs name (deploy/serve-config.yaml).
 """
 
 from __future__ import annotations
 
-import base64
-import io
-import json
-from dataclasses import dataclass
+import functools
+import hashlib
+import os
+import signal
+import time
 
 from flowar.errors import FlowARError
-from flowar.sampling.labels import label_ids
-from flowar.sampling.schedule import Settings
 
-MAX_BODY = 16 * 1024
-SETTINGS = ("schedule", "steps", "cfg", "guidance")
+APP = "flowar"
+TOKEN_ENV = "FLOWAR_SERVE_TOKEN"
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
-    """One image to make: a label, the (seed, index) that names its noise, and its sampling settings."""
-    label: int
-    seed: int
-    index: int
-    settings: Settings
-
-
-class RequestError(FlowARError):
-    """A bad request: rendered as JSON {"error": one line} with this HTTP status."""
-
-    def __init__(self, status: int, expected: str, got: str, fix: str):
-        super().__init__(expected, got, fix)
-        self.status = status
-
-
-def parse_generate(body: bytes, num_classes: int, class_names, max_n: int) -> list[Item]:
-    """The images a /v1/generate body asks for, or a RequestError saying what is wrong."""
-    if len(body) > MAX_BODY:
-        raise RequestError(413, f"a JSON body of at most {MAX_BODY} bytes", f"{len(body)} bytes", "send less")
-    try:
-        req = json.loads(body or b"{}")
-    except ValueError:
-        raise RequestError(400, "a JSON object", repr(body[:40]), 'send e.g. {"label": 3, "seed": 0}') from None
-    if not isinstance(req, dict):
-        raise RequestError(400, "a JSON object", type(req).__name__, 'send e.g. {"label": 3, "seed": 0}')
-    unknown = sorted(set(req) - {"label", "class", "seed", "n", *SETTINGS})
-    if unknown:
-        raise RequestError(422, "fields among label, class, seed, n, schedule, steps, cfg, guidance", f"{unknown}",
-                           "drop the unknown fields")
-    if ("label" in req) == ("class" in req):
-        raise RequestError(422, "exactly one of label or class", "both" if "label" in req else "neither",
-                           'send e.g. {"label": 3}')
-    if "class" in req:
-        if not isinstance(req["class"], str):
-            raise RequestError(422, "class a name (a string)", repr(req["class"]), 'send e.g. {"class": "cat"}')
+def read_token(path: str | None) -> str | None:
+    """The bearer token clients must send: the first line of the file ``path``, else
+    ``$FLOWAR_SERVE_TOKEN``; None when neither is given (never taken from the command line, where
+    every user of the machine could read it)."""
+    if path is not None:
         try:
-            label = label_ids([req["class"]], num_classes, class_names)[0]
-        except FlowARError as e:
-            raise RequestError(422, e.expected, e.got, e.fix) from None
-    else:
-        label = req["label"]
-        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < num_classes:
-            raise RequestError(422, f"label an integer in 0..{num_classes - 1}", repr(label), "send a class id")
-    seed, n = req.get("seed", 0), req.get("n", 1)
-    for name, v, lo, hi in (("seed", seed, 0, 2 ** 63 - 1), ("n", n, 1, max_n)):
-        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-            raise RequestError(422, f"{name} an integer in {lo}..{hi}", repr(v), f"send a valid {name}")
-    try:
-        settings = Settings(**{k: req[k] for k in SETTINGS if req.get(k) is not None})
-    except FlowARError as e:                    # the command options' names are the request's fields here
-        raise RequestError(422, e.expected.removeprefix("--"), e.got, e.fix.replace("--", "")) from None
-    return [Item(label, seed, j, settings) for j in range(n)]
+            with open(path, encoding="utf-8") as f:
+                token = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise FlowARError("a readable token file (--token-file)", f"{path}: {getattr(e, 'strerror', e)}",
+                              "check the path and its permissions") from None
+        if not token:
+            raise FlowARError("a token on the first line of --token-file", f"{path} has none",
+                              "write the token into it, e.g. openssl rand -hex 24 > FILE")
+        return token
+    return os.environ.get(TOKEN_ENV, "").strip() or None
 
 
-def png_b64(image_HW3) -> str:
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(image_HW3).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-class Replica:
-    """One engine set sampling batches of Items (a replica's state; usable without Ray too).
-
-    The engines are the pipeline's choice for ``backend`` (``auto``: TensorRT and CUDA graphs on a
-    GPU where the plans fit, the ``--precision auto`` choice on a CPU, else ONNX Runtime), as
-    for flowar-run. On a GPU the CUDA graphs of every batch size are captured at start.
-    """
-
-    def __init__(self, engine_dir: str, threads: int | None = None, backend: str = "auto"):
-        from flowar.pipeline.pipeline import FlowARPipeline
-        self.pipe = FlowARPipeline.from_pretrained(engine_dir, backend=backend, threads=threads)
-        try:
-            self.pipe.runtime.require_decoder()
-        except FlowARError:
-            self.pipe.close()
-            raise
-        self.max_batch = self.pipe.runtime.max_batch
-        self.batches: list[int] = []
-
-    def generate(self, items: list[Item]) -> list[str]:
-        """Base64 PNGs, one per item, in order; items of each settings group sampled together."""
-        from flowar.io.images import to_uint8
-        self.batches.append(len(items))
-        out: list[str | None] = [None] * len(items)
-        for settings in dict.fromkeys(it.settings for it in items):
-            pos = [i for i, it in enumerate(items) if it.settings == settings]
-            rt = self.pipe.runtime
-            res = rt.sample([items[i].label for i in pos], rt.schedule(settings), seed=[items[i].seed for i in pos],
-                            indices=[items[i].index for i in pos])
-            for i, img in zip(pos, to_uint8(res.images)):
-                out[i] = png_b64(img)
-        return out
-
-
-def build_app(engine_dir: str, threads: int | None = None, max_n: int = 16, replicas: int = 1,
-              batch_wait_s: float = 0.02, backend: str = "auto"):
-    """The Ray Serve application (imports Ray only here)."""
-    import asyncio
-
+@functools.cache
+def _service_class():
+    """The deployment class (defined once, Ray and FastAPI imported only when serving)."""
     from ray import serve
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse
+
+    from flowar.commands.service import Limits, Service, make_app
+
+    @serve.ingress()
+    class FlowARService:
+        """One replica: its Service and the FastAPI app over it (built when the replica starts,
+        since the app needs the opened engines)."""
+
+        def __init__(self, engine_dir: str, threads: int | None, backend: str, max_n: int, queue: int,
+                     deadline_s: float, token: str | None):
+            ctx = serve.get_replica_context()
+            name = getattr(ctx, "replica_tag", None) or str(ctx.replica_id.unique_id)
+            self.service = Service.open(engine_dir, threads, backend, Limits(max_n=max_n, queue=queue,
+                                        deadline_s=deadline_s, token=token, replica=name))
+
+        def __serve_build_asgi_app__(self):
+            return make_app(self.service)
+
+        def reconfigure(self, config: dict) -> None:
+            """user_config: ``draining`` refuses new images (503) and lets those held finish."""
+            self.service.draining = bool((config or {}).get("draining"))
+
+        def held(self) -> tuple[str, int]:
+            """(this replica, the images it holds): what stopping waits on."""
+            return self.service.limits.replica, self.service.held()
+
+    return serve.deployment(name="FlowARService")(FlowARService)
+
+
+def build_app(engine_dir: str, *, threads: int | None = None, max_n: int = 16, replicas: int = 1, backend: str = "auto",
+              queue: int | None = None, deadline_s: float = 120.0, token: str | None = None, grace_s: float = 60.0,
+              draining: bool = False):
+    """The Ray Serve application. ``draining``: the replicas refuse new images; deployed over a
+    running application with the same settings, Serve reconfigures its replicas in place."""
+    from ray.serve.config import BackpressureConfig
 
     from flowar.export.manifest import read_manifest
     max_batch = read_manifest(engine_dir).max_batch
+    limit = queue or max(2 * max_batch, max_n)       # images a replica holds: a batch running, one waiting
+    args = (engine_dir, threads, backend, max_n, limit, deadline_s, token)
+    options = dict(num_replicas=replicas, ray_actor_options={"num_cpus": threads or 1},
+                   max_ongoing_requests=limit + 256, max_queued_requests=limit,  # the replica refuses first, at once
+                   backpressure_config=BackpressureConfig(status_code=503, retry_after_s=5),
+                   graceful_shutdown_timeout_s=grace_s, graceful_shutdown_wait_loop_s=0.5,
+                   user_config={"draining": draining})
+    # The same version for the same settings: deployed again with only user_config changed, Serve
+    # reconfigures the running replicas; under a new version it would start new ones (opening the
+    # engines again, twice the memory) before stopping the old. Serve keeps this option internal.
+    version = hashlib.sha256(repr((args, replicas, grace_s)).encode()).hexdigest()[:16]
+    cls = _service_class()
+    try:
+        deployment = cls.options(_internal=True, version=version, **options)
+    except (TypeError, ValueError):                  # a Ray without it: draining starts new replicas
+        deployment = cls.options(**options)
+    return deployment.bind(*args)
 
-    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": threads or 1},
-                      max_ongoing_requests=256)
-    class FlowARService:
-        def __init__(self):
-            self.gen = Replica(engine_dir, threads, backend)
 
-        @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=batch_wait_s)
-        async def _images(self, items: list[Item]) -> list[str]:
-            # sample off the event loop, so that requests keep arriving and form the next batch
-            return await asyncio.get_running_loop().run_in_executor(None, self.gen.generate, items)
+def app(args: dict):
+    """Application builder for ``serve run`` / ``serve deploy`` (deploy/serve-config.yaml):
+    ``args`` are :func:`build_app`'s keywords; ``token_file`` instead of ``token``."""
+    args = dict(args)
+    token = read_token(args.pop("token_file", None))
+    return build_app(args.pop("engine_dir"), token=token, **args)
 
-        async def __call__(self, request: Request):
-            path, method = request.url.path.rstrip("/"), request.method
-            rt = self.gen.pipe.runtime
-            if method == "GET" and path == "/health":
-                return JSONResponse({"status": "ok", "max_batch": self.gen.max_batch, "backend": rt.backend,
-                                     "engines": rt.detail, "cuda_graphs": rt.runner is not None})
-            if method == "GET" and path == "/v1/stats":
-                return JSONResponse({"batches": self.gen.batches, "engines": rt.detail})
-            if method != "POST" or path != "/v1/generate":
-                return JSONResponse({"error": f"expected GET /health, GET /v1/stats or POST /v1/generate; got "
-                                              f"{method} {path or '/'}. Fix: use one of those"}, status_code=404)
-            length = int(request.headers.get("content-length") or 0)
-            if length > MAX_BODY:
-                return JSONResponse({"error": f"expected a JSON body of at most {MAX_BODY} bytes; got {length} bytes. "
-                                              "Fix: send less"}, status_code=413)
-            try:
-                items = parse_generate(await request.body(), rt.config.num_classes, rt.class_names, max_n)
-            except RequestError as e:
-                return JSONResponse({"error": str(e)}, status_code=e.status)
-            images = await asyncio.gather(*(self._images(it) for it in items))
-            return JSONResponse({"images": list(images), "labels": [it.label for it in items],
-                                 "seeds": [it.seed for it in items], "indices": [it.index for it in items]})
 
-    return FlowARService.bind()
+class _Stop(Exception):
+    pass
 
 
 def serve_forever(engine_dir: str, host: str, port: int, threads: int | None, max_n: int, replicas: int,
-                  ray_address: str | None, ready=None, block: bool = True, backend: str = "auto"):
-    """Start Serve on host:port and the application; with ``block``, wait until interrupted."""
+                  ray_address: str | None, ready=None, block: bool = True, backend: str = "auto",
+                  queue: int | None = None, deadline_s: float = 120.0, token: str | None = None,
+                  grace_s: float = 60.0, say=print) -> None:
+    """Start Serve on host:port and the application; with ``block``, serve until SIGTERM or
+    SIGINT, then stop gracefully (:func:`stop`)."""
     from flowar.commands.bulk import start_ray
     start_ray(ray_address, None if ray_address else max(2, (threads or 1) * replicas))
+    import logging
+
     from ray import serve
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)      # the command says what matters itself
+    t0 = time.perf_counter()
     serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
-    serve.run(build_app(engine_dir, threads, max_n, replicas, backend=backend), name="flowar", route_prefix="/")
+    settings = dict(threads=threads, max_n=max_n, replicas=replicas, backend=backend, queue=queue,
+                    deadline_s=deadline_s, token=token, grace_s=grace_s)
+    try:
+        serve.run(build_app(engine_dir, **settings), name=APP, route_prefix="/")
+    except RuntimeError as e:                         # a replica that failed to start: Serve's whole report
+        first = next((ln for ln in reversed(str(e).splitlines()) if ln.strip()), str(e))
+        raise FlowARError("replicas that start", first.strip()[:300],
+                          f"run flowar-run --engine-dir {engine_dir} --labels 0 to see the engines open") from None
     if ready is not None:
-        ready()
-    if block:
-        import time
+        ready(time.perf_counter() - t0)
+    if not block:
+        return
+
+    def on_signal(signum, frame):
+        raise _Stop(signal.Signals(signum).name)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            time.sleep(3600)
+    except _Stop as s:
+        for sig in previous:                          # a second signal does not interrupt the stopping
+            signal.signal(sig, signal.SIG_IGN)
+        say(f"stopped on {s}: {stop(engine_dir, settings)}")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def stop(engine_dir: str, settings: dict) -> str:
+    """Drain, then delete the application and shut Ray down; says what happened in one line."""
+    import ray
+    from ray import serve
+    t0 = time.perf_counter()
+    grace = settings["grace_s"]
+    serve.run(build_app(engine_dir, draining=True, **settings), name=APP, route_prefix="/")
+    busy = _wait_idle(serve.get_app_handle(APP), settings["replicas"], t0 + grace)
+    serve.delete(APP)                                 # what is still running gets the rest of the grace
+    serve.shutdown()
+    ray.shutdown()
+    held = f"; {busy} image(s) still held after the {grace:g} s grace" if busy else "; every request in flight answered"
+    return f"drained and stopped in {time.perf_counter() - t0:.1f} s{held}"
+
+
+def _wait_idle(handle, replicas: int, until: float) -> int:
+    """Wait until every replica holds no image (asked through the handle, which routes each call
+    to some replica: asked until each has answered idle), or ``until``; the images still held."""
+    idle: set[str] = set()
+    held = 0
+    while time.perf_counter() < until:
         try:
-            while True:
-                time.sleep(3600)
-        finally:
-            serve.shutdown()
+            answers = [handle.held.remote().result(timeout_s=5) for _ in range(2 * replicas)]
+        except Exception:   # noqa: BLE001 - a replica gone or not answering: Serve's shutdown takes over
+            return 0
+        held = sum(n for _, n in answers)
+        idle |= {name for name, n in answers if n == 0}
+        idle -= {name for name, n in answers if n}
+        if len(idle) >= replicas and not held:
+            return 0
+        time.sleep(0.5)
+    return held

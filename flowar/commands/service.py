@@ -1,0 +1,383 @@
+"""The HTTP API of ``flowar-serve``: one replica's engine set behind a FastAPI app, with admission
+control, batching by the engine directory's call plan, deadlines, metrics, a bearer token and a
+page to try it. Nothing here needs Ray: Ray Serve hosts the app as a deployment's ingress
+(:mod:`flowar.commands.serve`); tests may host it with uvicorn.
+
+    POST /v1/generate   GenerateRequest -> GenerateResponse (images as base64 PNG)
+    GET  /v1/classes    the model's class names (for the page's suggestions)
+    GET  /health        open to probes: status, engines, queue, how long the replica took to start
+    GET  /metrics       Prometheus text: requests by status, latency, queue depth, batch sizes, images, stage seconds
+    GET  /              the playground page;  GET /openapi.json, /docs: the API described
+
+Image j of a request is sample j of ``flowar-run --labels L,L,... --seed S``: its noise is that of
+(seed, j), whatever else shares the batch. A replica holds a bounded queue of images: a request
+that does not fit is refused at once (503 with Retry-After, the seconds the queue needs), never
+queued without end; each request has a deadline, and an image whose request has passed its
+deadline or whose client has gone is not computed. Batches are formed only in the sizes that cost
+less per image than every smaller one on this machine (the call plan measured at export), one at
+a time; a request never waits for a batch to fill. Every error is ``{"error": one line}``.
+"""
+
+
+import asyncio
+import base64
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from flowar.errors import FlowARError
+
+MAX_BODY = 16 * 1024
+OPEN_PATHS = ("/health", "/", "/openapi.json", "/docs")     # no token needed (probes, the page asks for it)
+
+
+class GenerateRequest(BaseModel):
+    """What ``POST /v1/generate`` takes (strict JSON types: ``true`` or ``"5"`` is not a number)."""
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+    label: int | None = Field(None, ge=0, description="class id (or give `class`)")
+    class_: str | None = Field(None, alias="class", description="class name; ImageNet names and synonyms for "
+                               "the official 1000-class models")
+    seed: int = Field(0, ge=0, le=2 ** 63 - 1, description="names the images: image j has the noise of (seed, j)")
+    n: int = Field(1, ge=1, description="images, at most the server's --max-n")
+    schedule: Literal["official", "fast"] | None = None
+    steps: int | None = Field(None, description="points of the official time grid (25 = 24 steps)")
+    cfg: float | None = Field(None, description="guidance weight at the last scale, 1 = off")
+    guidance: float | None = Field(None, description="guide only at t <= this")
+    timeout_s: float | None = Field(None, gt=0, description="answer within this many seconds or not at all "
+                                    "(at most the server's --deadline)")
+
+
+class GenerateResponse(BaseModel):
+    images: list[str] = Field(description="base64 PNG, one per image, in order")
+    labels: list[int]
+    seeds: list[int]
+    indices: list[int]
+    seconds: dict[str, float] = Field(description="queue wait, and the seconds per stage of the batches that made them")
+    replica: str
+
+
+class ServiceError(FlowARError):
+    """A request refused: rendered as ``{"error": one line}`` with this HTTP status (and headers)."""
+
+    def __init__(self, status: int, expected: str, got: str, fix: str, headers: dict | None = None):
+        super().__init__(expected, got, fix)
+        self.status, self.headers = status, headers or {}
+
+
+@dataclass(slots=True)
+class Limits:
+    """What the server was started with."""
+    max_n: int = 16                   # images per request
+    queue: int = 16                   # images a replica holds (running and waiting) before it refuses
+    deadline_s: float = 120.0         # the longest a request is kept
+    token: str | None = None          # bearer token required (None: open)
+    replica: str = "replica"          # this replica's name (metric label)
+
+
+@dataclass(slots=True, eq=False)
+class _Item:
+    label: int
+    seed: int
+    index: int
+    settings: object                  # flowar.sampling.schedule.Settings
+    deadline: float                   # time.monotonic() after which it is not computed
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Replica:
+    """One engine set, sampling batches (usable without Ray or HTTP too)."""
+
+    def __init__(self, engine_dir: str, threads: int | None = None, backend: str = "auto"):
+        from flowar.pipeline.pipeline import FlowARPipeline
+        t0 = time.perf_counter()
+        self.pipe = FlowARPipeline.from_pretrained(engine_dir, backend=backend, threads=threads)
+        rt = self.pipe.runtime
+        try:
+            rt.require_decoder()
+        except FlowARError:
+            self.pipe.close()
+            raise
+        self.sizes = rt.batch_sizes or [1]          # those that cost less per image than every smaller one
+        per = ((rt.manifest.call_plan or {}) if rt.manifest is not None else {}).get("per_image") or {}
+        self.per_image_s = min(per.values()) if per else None
+        # every engine at every shape of the batch sizes it will form, before the first request:
+        # each new shape's set-up cost a first batch of that size 2x its steady time
+        with rt.threads.applied(), torch.inference_mode():
+            self.warmed = rt.stages.warm_up(self.sizes, every_engine=True) if hasattr(rt.stages, "warm_up") else 0
+        self.start_s = time.perf_counter() - t0
+        self.batches: list[int] = []
+
+    def generate(self, items: list) -> tuple[list[str], dict]:
+        """Base64 PNGs, one per item, in order (items of each settings group sampled together), and
+        the seconds per stage."""
+        from flowar.io.images import to_uint8
+        rt = self.pipe.runtime
+        self.batches.append(len(items))
+        out: list[str | None] = [None] * len(items)
+        seconds: dict[str, float] = {}
+        for settings in dict.fromkeys(it.settings for it in items):
+            pos = [i for i, it in enumerate(items) if it.settings == settings]
+            timings: dict[str, float] = {}
+            res = rt.sample([items[i].label for i in pos], rt.schedule(settings), seed=[items[i].seed for i in pos],
+                            indices=[items[i].index for i in pos], timings=timings)
+            for k, v in timings.items():
+                seconds[k] = seconds.get(k, 0.0) + v
+            for i, img in zip(pos, to_uint8(res.images)):
+                out[i] = png_b64(img)
+        return out, seconds
+
+
+def png_b64(image_HW3) -> str:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(image_HW3).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+class Metrics:
+    """This replica's Prometheus metrics (prometheus_client, a registry of its own)."""
+
+    def __init__(self, replica: str):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        self.registry = r = CollectorRegistry()
+        label = ["replica"]
+        self.requests = Counter("flowar_requests", "Requests answered, by HTTP status", label + ["status"], registry=r)
+        self.latency = Histogram("flowar_request_seconds", "Seconds from arrival to answer of /v1/generate", label,
+                                 buckets=(0.1, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, float("inf")), registry=r)
+        self.queue = Gauge("flowar_queue_images", "Images held (running and waiting)", label, registry=r)
+        self.batch = Histogram("flowar_batch_size", "Images per batch run", label,
+                               buckets=(1, 2, 4, 8, 16, 32, float("inf")), registry=r)
+        self.images = Counter("flowar_images", "Images generated", label, registry=r)
+        self.stage = Counter("flowar_stage_seconds", "Seconds spent per stage", label + ["stage"], registry=r)
+        self.replica = replica
+
+    def text(self) -> bytes:
+        from prometheus_client import generate_latest
+        return generate_latest(self.registry)
+
+
+class Service:
+    """A replica behind a bounded queue, run one batch at a time in a thread of its own."""
+
+    def __init__(self, replica: Replica, limits: Limits, compute=None):
+        self.replica, self.limits = replica, limits
+        self.metrics = Metrics(limits.replica)
+        self.pending: list[_Item] = []
+        self.running = 0                 # images of the batch being computed
+        self.draining = False
+        self._wake: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        # every batch on the same thread: one OpenMP team, reused (a new thread per batch would leave
+        # the previous threads' teams spinning on the cores the next batch needs)
+        from concurrent.futures import ThreadPoolExecutor
+        self._compute = compute or ThreadPoolExecutor(1, thread_name_prefix="flowar-compute")
+
+    @classmethod
+    def open(cls, engine_dir: str, threads: int | None, backend: str, limits: Limits) -> "Service":
+        """A service whose replica is opened on its compute thread, where every batch will run (the
+        engines then compute as fast as they do in a command's main thread; opened on another
+        thread and run on this one, FlowAR-S took 20 % longer per image)."""
+        from concurrent.futures import ThreadPoolExecutor
+        compute = ThreadPoolExecutor(1, thread_name_prefix="flowar-compute")
+        return cls(compute.submit(Replica, engine_dir, threads, backend).result(), limits, compute)
+
+    # ---- admission and batching ---------------------------------------------------------------
+    def held(self) -> int:
+        return len(self.pending) + self.running
+
+    def retry_after(self, extra: int = 0) -> int:
+        """Seconds until the queue has room for ``extra`` more images, by the measured cost per image."""
+        per = self.replica.per_image_s or 1.0
+        return max(1, math.ceil((self.held() + extra - self.limits.queue) * per + per))
+
+    async def submit(self, req: GenerateRequest, items: list[tuple]) -> GenerateResponse:
+        if self.draining:
+            raise ServiceError(503, "a server that is not stopping", "it is shutting down",
+                               "send the request to another replica, or again once it is back",
+                               {"Retry-After": "5"})
+        if self.held() + len(items) > self.limits.queue:
+            raise ServiceError(503, f"room in this replica's queue ({self.limits.queue} images)",
+                               f"{self.held()} held and {len(items)} asked for",
+                               "retry after the seconds in Retry-After, or ask for fewer images",
+                               {"Retry-After": str(self.retry_after(len(items)))})
+        loop = asyncio.get_running_loop()
+        if self._worker is None:
+            self._wake = asyncio.Event()
+            self._worker = loop.create_task(self._run())
+        budget = min(req.timeout_s or self.limits.deadline_s, self.limits.deadline_s)
+        t0 = time.monotonic()
+        batch = [_Item(label, req.seed, j, settings, t0 + budget, loop.create_future()) for label, j, settings in items]
+        self.pending += batch
+        self.metrics.queue.labels(self.limits.replica).set(self.held())
+        self._wake.set()
+        try:
+            done = await asyncio.wait_for(asyncio.gather(*(it.future for it in batch)), timeout=budget)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as e:
+            for it in batch:                          # not computed if not yet started
+                it.future.cancel()
+            self.pending = [it for it in self.pending if not it.future.done()]
+            if isinstance(e, asyncio.CancelledError):    # the client has gone
+                raise
+            raise ServiceError(504, f"an answer within the deadline ({budget:g} s)", "the queue took longer",
+                               "retry later, or with a longer timeout_s") from None
+        images = [d[0] for d in done]
+        seconds = {"queue": max(d[2] for d in done)} | done[0][1]
+        return GenerateResponse(images=images, labels=[it.label for it in batch], seeds=[it.seed for it in batch],
+                                indices=[it.index for it in batch], seconds=seconds, replica=self.limits.replica)
+
+    async def _run(self) -> None:
+        """The worker: take the largest paying batch size that the waiting images fill (never wait
+        for a batch to fill: the first request of a burst starts at once), drop what has expired or
+        been abandoned, compute it on the compute thread."""
+        loop = asyncio.get_running_loop()
+        while True:
+            self.pending = [it for it in self.pending if not it.future.done() and it.deadline > time.monotonic()]
+            if not self.pending:
+                self._wake.clear()
+                self.metrics.queue.labels(self.limits.replica).set(self.held())
+                await self._wake.wait()
+                continue
+            size = max([s for s in self.replica.sizes if s <= len(self.pending)] or [1])
+            batch, self.pending = self.pending[:size], self.pending[size:]
+            self.running = len(batch)
+            self.metrics.queue.labels(self.limits.replica).set(self.held())
+            started = time.monotonic()
+            try:
+                images, seconds = await loop.run_in_executor(self._compute, self.replica.generate, batch)
+            except Exception as e:     # noqa: BLE001 - handed to the requests of this batch
+                for it in batch:
+                    if not it.future.done():
+                        it.future.set_exception(e)
+                continue
+            finally:
+                self.running = 0
+            m = self.metrics
+            m.batch.labels(self.limits.replica).observe(len(batch))
+            m.images.labels(self.limits.replica).inc(len(batch))
+            for stage, s in seconds.items():
+                if stage != "total":
+                    m.stage.labels(self.limits.replica, stage).inc(s)
+            for it, img in zip(batch, images):
+                if not it.future.done():
+                    it.future.set_result((img, seconds, started - it.enqueued))
+
+    # ---- requests ----------------------------------------------------------------------------------
+    def items(self, req: GenerateRequest) -> list[tuple]:
+        """(label, index, settings) per image of a request, or a ServiceError saying what is wrong."""
+        from flowar.sampling.labels import label_ids
+        from flowar.sampling.schedule import Settings
+        rt = self.replica.pipe.runtime
+        nc = rt.config.num_classes
+        if (req.label is None) == (req.class_ is None):
+            raise ServiceError(422, "exactly one of label or class", "both" if req.label is not None else "neither",
+                               'send e.g. {"label": 3} or {"class": "cat"}')
+        try:
+            label = label_ids([req.class_ if req.class_ is not None else req.label], nc, rt.class_names)[0]
+        except FlowARError as e:
+            raise ServiceError(422, e.expected, e.got, e.fix) from None
+        if req.n > self.limits.max_n:
+            raise ServiceError(422, f"n an integer in 1..{self.limits.max_n}", repr(req.n), "ask for fewer images")
+        try:
+            settings = Settings(schedule=req.schedule, steps=req.steps, cfg=req.cfg, guidance=req.guidance)
+        except FlowARError as e:             # the command options' names are the request's fields here
+            raise ServiceError(422, e.expected.removeprefix("--"), e.got, e.fix.replace("--", "")) from None
+        return [(label, j, settings) for j in range(req.n)]
+
+    def health(self) -> dict:
+        rt = self.replica.pipe.runtime
+        return {"status": "draining" if self.draining else "ok", "replica": self.limits.replica,
+                "max_batch": rt.max_batch, "batch_sizes": self.replica.sizes, "backend": rt.backend,
+                "engines": rt.detail, "cuda_graphs": rt.runner is not None, "queue": self.held(),
+                "queue_limit": self.limits.queue, "start_seconds": round(self.replica.start_s, 3),
+                "shapes_warmed": self.replica.warmed,
+                "opened": rt.opened}
+
+
+def make_app(service: Service):
+    """The FastAPI app over ``service``."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="FlowAR", description=__doc__.split("\n\n")[0], version="1")
+
+    def error(status: int, text: str, headers: dict | None = None) -> JSONResponse:
+        service.metrics.requests.labels(service.limits.replica, str(status)).inc()
+        return JSONResponse({"error": text}, status_code=status, headers=headers)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        """Bearer token (except for probes and the page), and the body size before any parsing."""
+        token = service.limits.token
+        if token is not None and request.url.path not in OPEN_PATHS:
+            if request.headers.get("authorization", "") != f"Bearer {token}":
+                return error(401, "expected a bearer token (Authorization: Bearer ...); got none or another. "
+                             "Fix: send the server's token", {"WWW-Authenticate": "Bearer"})
+        if request.method == "POST":
+            # a body is JSON whatever it is labelled (curl -d says form-urlencoded): parsed as such
+            request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"] + [
+                (b"content-type", b"application/json")]
+            length = request.headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+                return error(413, f"expected a JSON body of at most {MAX_BODY} bytes; got {length} bytes. Fix: send less")
+            body = await request.body()               # chunked bodies: counted as they come
+            if len(body) > MAX_BODY:
+                return error(413, f"expected a JSON body of at most {MAX_BODY} bytes; got {len(body)} bytes. "
+                             "Fix: send less")
+        return await call_next(request)
+
+    @app.exception_handler(ServiceError)
+    async def refused(request: Request, e: ServiceError):
+        return error(e.status, str(e), e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        if first.get("type") == "json_invalid" or (first.get("loc") == ("body",) and first.get("type") == "model_attributes_type"):
+            return error(400, "expected a JSON object; got something else. Fix: send e.g. {\"label\": 3, \"seed\": 0}")
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "the body"
+        got = repr(first.get("input"))[:60]
+        return error(422, f"expected {where}: {first.get('msg', 'a valid value')}; got {got}. Fix: see /docs "
+                          f"for the fields and their types")
+
+    @app.exception_handler(HTTPException)
+    async def not_found(request: Request, e: HTTPException):
+        return error(e.status_code, f"expected GET /, /health, /metrics, /v1/classes or POST /v1/generate; got "
+                                    f"{request.method} {request.url.path}. Fix: use one of those")
+
+    @app.post("/v1/generate", response_model=GenerateResponse)
+    async def generate(req: GenerateRequest, request: Request):
+        t0 = time.perf_counter()
+        answer = await service.submit(req, service.items(req))
+        service.metrics.latency.labels(service.limits.replica).observe(time.perf_counter() - t0)
+        service.metrics.requests.labels(service.limits.replica, "200").inc()
+        return answer
+
+    @app.get("/v1/classes")
+    async def classes():
+        rt = service.replica.pipe.runtime
+        names = rt.class_names
+        return {"num_classes": rt.config.num_classes, "names": list(names) if names is not None else None}
+
+    @app.get("/health")
+    async def health():
+        return service.health()
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(service.metrics.text(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse((Path(__file__).with_name("playground.html")).read_text())
+
+    return app
