@@ -45,7 +45,10 @@ def request(url: str, path: str, body: dict | None = None, timeout: float = 120.
             raw = r.read()
             return r.status, (json.loads(raw) if path != "/metrics" else raw.decode())
     except urllib.error.HTTPError as e:
-        return e.code, None
+        try:
+            return e.code, json.loads(e.read())          # the replica's one-line error
+        except ValueError:
+            return e.code, None                          # Ray Serve's own answer (its router's backpressure)
     except (urllib.error.URLError, TimeoutError, ConnectionError, OSError):
         return 0, None                                    # no answer within the deadline
 
@@ -59,7 +62,7 @@ def percentile(xs: list[float], q: float) -> float | None:
 
 def load(url: str, n: int, concurrency: int, timeout: float, seed0: int = 0) -> dict:
     """n single-image requests, ``concurrency`` at a time; latencies and codes."""
-    results: list[tuple[int, float, float]] = []                   # (status, seconds, finished at)
+    results: list[tuple[int, float, float, bool]] = []      # (status, seconds, finished at, the replica answered)
     lock, t_start = threading.Lock(), time.perf_counter()
     queue = list(range(n))
 
@@ -70,21 +73,23 @@ def load(url: str, n: int, concurrency: int, timeout: float, seed0: int = 0) -> 
                     return
                 i = queue.pop(0)
             t0 = time.perf_counter()
-            status, _ = request(url, "/v1/generate", {"label": i % 10, "seed": seed0 + i}, timeout)
+            status, body = request(url, "/v1/generate", {"label": i % 10, "seed": seed0 + i}, timeout)
             with lock:
-                results.append((status, time.perf_counter() - t0, time.perf_counter() - t_start))
+                results.append((status, time.perf_counter() - t0, time.perf_counter() - t_start, body is not None))
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t_start
-    ok = [s for code, s, _ in results if code == 200]
-    return {"requests": n, "concurrency": concurrency, "ok": len(ok), "refused_503": sum(c == 503 for c, _, _ in results),
-            "other": sorted({c for c, _, _ in results} - {200, 503, 0}), "no_answer": sum(c == 0 for c, _, _ in results),
+    ok = [s for code, s, _, _ in results if code == 200]
+    return {"requests": n, "concurrency": concurrency, "ok": len(ok),
+            "refused_503": sum(c == 503 for c, *_ in results),
+            "refused_503_by_replica": sum(c == 503 and mine for c, _, _, mine in results),
+            "other": sorted({c for c, *_ in results} - {200, 503, 0}), "no_answer": sum(c == 0 for c, *_ in results),
             "wall_s": wall, "images_per_s": len(ok) / wall, "p50_s": percentile(ok, 0.5), "p99_s": percentile(ok, 0.99),
-            "first_answer_s": min((done for code, _, done in results if code == 200), default=None),
-            "slowest_answer_s": max((s for _, s, _ in results), default=None)}
+            "first_answer_s": min((done for code, _, done, _ in results if code == 200), default=None),
+            "slowest_answer_s": max((s for _, s, _, _ in results), default=None)}
 
 
 def tree_rss_gb(pid: int) -> float:
@@ -152,7 +157,9 @@ def main(argv=None) -> int:
                               + (["--threads", str(a.threads)] if a.threads else []),
                               env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    out: dict = {"engine_dir": engine_dir, "in_process_s_per_image": per_image}
+    from flowar.engines.cpu import cpu_kind
+    out: dict = {"engine_dir": engine_dir, "cpu": cpu_kind()["model"], "threads": a.threads or os.cpu_count(),
+                 "in_process_s_per_image": per_image}
     try:
         while request(url, "/health", timeout=5)[0] != 200:
             if server.poll() is not None or time.perf_counter() - t0 > 600:
@@ -191,10 +198,12 @@ def main(argv=None) -> int:
             r = load(url, a.burst, a.burst, a.deadline, seed0=1000 * (b + 1))
             h.join()
             time.sleep(2.0)
-            r |= {"health_s": probe[0] if probe else None, "rss_gb_after": tree_rss_gb(server.pid)}
+            r |= {"health_s": probe[0] if probe else None, "rss_gb_after": tree_rss_gb(server.pid),
+                  "computable_in_deadline": a.deadline / per_image}
             bursts.append(r)
-            print(f"burst {b + 1}: {a.burst} at once, {a.deadline:.0f} s deadline: {r['ok']} answered 200, "
-                  f"{r['refused_503']} refused 503, {r['no_answer']} without an answer, other {r['other']}; slowest "
+            print(f"burst {b + 1}: {a.burst} at once, {a.deadline:.0f} s deadline: {r['ok']} answered 200 (of "
+                  f"{r['computable_in_deadline']:.0f} computable in the deadline in-process), "
+                  f"{r['refused_503']} refused 503 ({r['refused_503_by_replica']} by the replica, the rest by Serve), {r['no_answer']} without an answer, other {r['other']}; slowest "
                   f"{r['slowest_answer_s']:.1f} s; /health in {r['health_s']:.2f} s; {r['rss_gb_after']:.2f} GB resident",
                   flush=True)
         out["bursts"] = bursts
@@ -202,7 +211,8 @@ def main(argv=None) -> int:
         sent_ok = 1 + out["sequential"]["ok"] + out["concurrent"]["ok"] + sum(x["ok"] for x in bursts)
         out["metrics"] = {"requests_200": metric(text, "flowar_requests_total", replica=rep, status="200"),
                           "requests_503": metric(text, "flowar_requests_total", replica=rep, status="503"),
-                          "sent_200": sent_ok, "sent_503": sum(x["refused_503"] for x in bursts)}
+                          "sent_200": sent_ok, "sent_503": sum(x["refused_503"] for x in bursts),
+                          "sent_503_refused_by_the_replica": sum(x["refused_503_by_replica"] for x in bursts)}
         print(f"/metrics: {out['metrics']}", flush=True)
     finally:
         server.terminate()                  # SIGTERM to the command alone, as Kubernetes and systemd send it

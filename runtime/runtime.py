@@ -242,6 +242,15 @@ class Runtime:
         """The default batch: the one with the best images/s (the largest that pays); None: all at once."""
         return max(self.batch_sizes, default=None)
 
+    def warm_up(self, batch_sizes: Sequence[int]) -> int:
+        """Run every engine once at the shapes of these batch sizes, before a served replica's or
+        bulk worker's first batch (each new shape's set-up cost FlowAR-S's first batch of a size 2x
+        its steady time). Returns the calls made."""
+        if not hasattr(self.stages, "warm_up"):
+            return 0
+        with self.threads.applied(), torch.inference_mode():
+            return self.stages.warm_up(batch_sizes, every_engine=True)
+
     def sample(self, labels: Sequence[int], schedule: Schedule, *, seed: int | Sequence[int] = 0,
                indices: Sequence[int] | None = None, noise_file: str | Path | None = None,
                batch_size: int | None = None, decode: bool = True, progress: bool | dict = False,

@@ -80,17 +80,25 @@ class ShardSampler:
     ``("batch", B)`` once and ``("images", n)`` after every batch, for the driver's bar."""
 
     def __init__(self, spec: dict, out: str, batch: int | None = None, progress=None):
-        from flowar.pipeline.pipeline import FlowARPipeline
+        from concurrent.futures import ThreadPoolExecutor
+
         from flowar.sampling.schedule import Settings
         self.spec = BulkSpec(**spec)
         self.out = Path(out)
-        self.pipe = FlowARPipeline.from_pretrained(self.spec.engine_dir, backend=self.spec.backend,
-                                                   threads=self.spec.threads)
-        rt = self.pipe.runtime
-        self.schedule = rt.schedule(Settings.of(self.spec.schedule))
-        self.batch = batch or rt.batch or self.spec.shard_size
         self.progress = progress
+        # opened and run on one thread of its own, whatever threads Ray calls from: opened on one
+        # thread and run on another, FlowAR-S took 20-25 % longer per image (see service.Service.open)
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="flowar-compute")
+        self.pipe = self._compute.submit(self._open, batch).result()
+        self.schedule = self.pipe.runtime.schedule(Settings.of(self.spec.schedule))
         self._tell("batch", self.batch)
+
+    def _open(self, batch: int | None):
+        from flowar.pipeline.pipeline import FlowARPipeline
+        pipe = FlowARPipeline.from_pretrained(self.spec.engine_dir, backend=self.spec.backend, threads=self.spec.threads)
+        self.batch = batch or pipe.runtime.batch or self.spec.shard_size
+        pipe.runtime.warm_up([self.batch])           # every engine at this batch's shapes: none set up in a shard
+        return pipe
 
     def _tell(self, what: str, n: int) -> None:
         if self.progress is not None:
@@ -120,7 +128,8 @@ class ShardSampler:
         return time.perf_counter() - t0
 
     def __call__(self, batch: dict) -> dict:
-        secs = [self.sample_shard(int(j), int(s), int(e)) for j, s, e in zip(batch["shard"], batch["start"], batch["end"])]
+        secs = [self._compute.submit(self.sample_shard, int(j), int(s), int(e)).result()
+                for j, s, e in zip(batch["shard"], batch["start"], batch["end"])]
         return {"shard": np.asarray(batch["shard"]), "seconds": np.asarray(secs),
                 "batch": np.asarray([self.batch] * len(secs)),
                 "engines": np.asarray([f"{self.pipe.runtime.backend}: {self.pipe.runtime.detail}"] * len(secs))}

@@ -127,6 +127,12 @@ def serve_forever(engine_dir: str, host: str, port: int, threads: int | None, ma
     """Start Serve on host:port and the application; with ``block``, serve until SIGTERM or
     SIGINT, then stop gracefully (:func:`stop`)."""
     from flowar.commands.bulk import start_ray
+    # A local Serve's controller checks its deployments and its replicas export metrics every 0.1 s:
+    # with every core computing, that background work preempts the compute threads (whose OpenMP
+    # barriers then wait on the preempted one). 16 concurrent FlowAR-S requests on 2 cores took
+    # 49.7 s with those defaults and 43.7 s at once a second, enough for one command's deployment.
+    os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "1")
+    os.environ.setdefault("RAY_SERVE_METRICS_EXPORT_INTERVAL_MS", "1000")
     start_ray(ray_address, None if ray_address else max(2, (threads or 1) * replicas))
     import logging
 

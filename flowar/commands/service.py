@@ -1,21 +1,16 @@
 """The HTTP API of ``flowar-serve``: one replica's engine set behind a FastAPI app, with admission
 control, batching by the engine directory's call plan, deadlines, metrics, a bearer token and a
-page to try it. Nothing here needs Ray: Ray Serve hosts the app as a deployment's ingress
-(:mod:`flowar.commands.serve`); tests may host it with uvicorn.
+page to try it (routes: README "Serving"). Nothing here needs Ray: Ray Serve hosts the app as a
+deployment's ingress (:mod:`flowar.commands.serve`); tests host it with uvicorn.
 
-    POST /v1/generate   GenerateRequest -> GenerateResponse (images as base64 PNG)
-    GET  /v1/classes    the model's class names (for the page's suggestions)
-    GET  /health        open to probes: status, engines, queue, how long the replica took to start
-    GET  /metrics       Prometheus text: requests by status, latency, queue depth, batch sizes, images, stage seconds
-    GET  /              the playground page;  GET /openapi.json, /docs: the API described
-
-Image j of a request is sample j of ``flowar-run --labels L,L,... --seed S``: its noise is that of
-(seed, j), whatever else shares the batch. A replica holds a bounded queue of images: a request
-that does not fit is refused at once (503 with Retry-After, the seconds the queue needs), never
-queued without end; each request has a deadline, and an image whose request has passed its
-deadline or whose client has gone is not computed. Batches are formed only in the sizes that cost
-less per image than every smaller one on this machine (the call plan measured at export), one at
-a time; a request never waits for a batch to fill. Every error is ``{"error": one line}``.
+Image j of a request is sample j of ``flowar-run --labels L,L,... --seed S``. A replica holds a
+bounded queue of images: a request that does not fit is refused at once (503 with Retry-After, the
+seconds the queue needs); an image whose request has passed its deadline or whose client has gone
+is not computed. Batches are formed only in the sizes that cost less per image than every smaller
+one (the call plan measured at export), one at a time, never waiting to fill. An idle replica
+starts once requests stop arriving (20 ms without a new one, at most 250 ms) with the largest
+batch that takes at most twice one image: a burst's first answers come about as soon as a lone
+request's, the rest in the largest batches. Every error is ``{"error": one line}``.
 """
 
 
@@ -28,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from flowar.errors import FlowARError
 
 MAX_BODY = 16 * 1024
 OPEN_PATHS = ("/health", "/", "/openapi.json", "/docs")     # no token needed (probes, the page asks for it)
+GATHER_QUIET_S, GATHER_MAX_S = 0.02, 0.25     # an idle replica lets a burst arrive: until quiet this long, at most
 
 
 class GenerateRequest(BaseModel):
@@ -107,19 +102,19 @@ class Replica:
         self.sizes = rt.batch_sizes or [1]          # those that cost less per image than every smaller one
         per = ((rt.manifest.call_plan or {}) if rt.manifest is not None else {}).get("per_image") or {}
         self.per_image_s = min(per.values()) if per else None
-        # every engine at every shape of the batch sizes it will form, before the first request:
-        # each new shape's set-up cost a first batch of that size 2x its steady time
-        with rt.threads.applied(), torch.inference_mode():
-            self.warmed = rt.stages.warm_up(self.sizes, every_engine=True) if hasattr(rt.stages, "warm_up") else 0
+        self._batch_s = {int(b): s * int(b) for b, s in per.items()}       # seconds of a batch by the plan
+        self.warmed = rt.warm_up(self.sizes)       # every engine at the shapes of the sizes it will form
         self.start_s = time.perf_counter() - t0
-        self.batches: list[int] = []
+
+    def batch_s(self, size: int) -> float:
+        """Seconds a batch of ``size`` takes by the call plan (unknown: as if every image cost one)."""
+        return self._batch_s.get(size, size * (self.per_image_s or 1.0))
 
     def generate(self, items: list) -> tuple[list[str], dict]:
         """Base64 PNGs, one per item, in order (items of each settings group sampled together), and
         the seconds per stage."""
         from flowar.io.images import to_uint8
         rt = self.pipe.runtime
-        self.batches.append(len(items))
         out: list[str | None] = [None] * len(items)
         seconds: dict[str, float] = {}
         for settings in dict.fromkeys(it.settings for it in items):
@@ -172,6 +167,7 @@ class Service:
         self.pending: list[_Item] = []
         self.running = 0                 # images of the batch being computed
         self.draining = False
+        self._last_arrival = 0.0
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         # every batch on the same thread: one OpenMP team, reused (a new thread per batch would leave
@@ -215,6 +211,7 @@ class Service:
         t0 = time.monotonic()
         batch = [_Item(label, req.seed, j, settings, t0 + budget, loop.create_future()) for label, j, settings in items]
         self.pending += batch
+        self._last_arrival = time.monotonic()
         self.metrics.queue.labels(self.limits.replica).set(self.held())
         self._wake.set()
         try:
@@ -233,18 +230,27 @@ class Service:
                                 indices=[it.index for it in batch], seconds=seconds, replica=self.limits.replica)
 
     async def _run(self) -> None:
-        """The worker: take the largest paying batch size that the waiting images fill (never wait
-        for a batch to fill: the first request of a burst starts at once), drop what has expired or
-        been abandoned, compute it on the compute thread."""
-        loop = asyncio.get_running_loop()
+        """The worker: drop what has expired or been abandoned, take the largest paying batch size
+        that the waiting images fill (never waiting for a batch to fill; after idling, the largest
+        that takes at most twice one image), compute it on the compute thread."""
+        loop, idle = asyncio.get_running_loop(), True
         while True:
             self.pending = [it for it in self.pending if not it.future.done() and it.deadline > time.monotonic()]
             if not self.pending:
                 self._wake.clear()
                 self.metrics.queue.labels(self.limits.replica).set(self.held())
                 await self._wake.wait()
+                idle = True
                 continue
-            size = max([s for s in self.replica.sizes if s <= len(self.pending)] or [1])
+            if idle and len(self.pending) < max(self.replica.sizes):
+                await self._gather()
+                self.pending = [it for it in self.pending if not it.future.done()]
+                if not self.pending:
+                    continue
+            fits = [s for s in self.replica.sizes if s <= len(self.pending)] or [1]
+            if idle:        # a burst's first answers as soon as a lone request's: at most 2x one image's time
+                fits = [s for s in fits if self.replica.batch_s(s) <= 2 * self.replica.batch_s(1)] or [1]
+            size, idle = max(fits), False
             batch, self.pending = self.pending[:size], self.pending[size:]
             self.running = len(batch)
             self.metrics.queue.labels(self.limits.replica).set(self.held())
@@ -267,6 +273,17 @@ class Service:
             for it, img in zip(batch, images):
                 if not it.future.done():
                     it.future.set_result((img, seconds, started - it.enqueued))
+
+    async def _gather(self) -> None:
+        """Let a burst arrive before an idle replica starts (16 requests at once through Serve's proxy
+        formed batches of 1, 8, 4, 2, 1 without it): until quiet, at most GATHER_MAX_S, or full."""
+        until = time.monotonic() + GATHER_MAX_S
+        while len(self.pending) < max(self.replica.sizes):
+            now = time.monotonic()
+            wake = min(self._last_arrival + GATHER_QUIET_S, until)
+            if now >= wake:
+                return
+            await asyncio.sleep(wake - now)
 
     # ---- requests ----------------------------------------------------------------------------------
     def items(self, req: GenerateRequest) -> list[tuple]:
@@ -296,8 +313,7 @@ class Service:
                 "max_batch": rt.max_batch, "batch_sizes": self.replica.sizes, "backend": rt.backend,
                 "engines": rt.detail, "cuda_graphs": rt.runner is not None, "queue": self.held(),
                 "queue_limit": self.limits.queue, "start_seconds": round(self.replica.start_s, 3),
-                "shapes_warmed": self.replica.warmed,
-                "opened": rt.opened}
+                "shapes_warmed": self.replica.warmed, "opened": rt.opened}
 
 
 def make_app(service: Service):
