@@ -234,8 +234,12 @@ class Runtime:
         """The batch sizes that pay on this machine: each costs less per image than every smaller
         one, by the call plan measured at export for the engines chosen there; else every size up to
         the engines' max batch (``[]``: no limit, one batch)."""
-        plan = (self.manifest.call_plan or {}) if self.manifest is not None and self.backend == "measured" else {}
-        return sorted(int(b) for b in plan.get("batches") or range(1, (self.max_batch or 0) + 1))
+        return sorted(int(b) for b in self.call_plan.get("batches") or range(1, (self.max_batch or 0) + 1))
+
+    @property
+    def call_plan(self) -> dict:
+        """The call plan measured at export for the engines that run (``{}`` for other engines)."""
+        return (self.manifest.call_plan or {}) if self.manifest is not None and self.backend == "measured" else {}
 
     @property
     def batch(self) -> int | None:
@@ -257,7 +261,8 @@ class Runtime:
                on_scale: Callable[[ScaleTrace], None] | None = None, timings: dict | None = None) -> SampleResult:
         """Tokens (and images in [-1, 1] with ``decode``) of ``labels``: sample i gets the noise of
         (seed, indices[i]), in batches of ``batch_size`` (default :attr:`batch`: the best images/s by
-        the call plan, else the engines' max batch, else all at once; the images do not depend on it). ``timings``, when given, receives the seconds per stage (``ar``, ``head``,
+        the call plan, else the engines' max batch, else all at once; it changes images by float
+        rounding only). ``timings``, when given, receives the seconds per stage (``ar``, ``head``,
         ``decode``; ``sampling`` where CUDA graphs replay whole scales) and ``total``."""
         if decode:
             self.require_decoder()

@@ -206,12 +206,33 @@ def test_overload_is_refused_at_once_and_nothing_refused_or_expired_is_computed(
     ok = [r for r in results if r[1] == 200]
     refused = [r for r in results if r[1] == 503]
     assert len(results) == 12 and len(ok) + len(refused) == 12 and ok and refused, [r[1] for r in results]
+    assert max(r[4] for r in results) < 31                              # none waited past its 30 s deadline
     for _, _, answer, headers, _ in refused:
         assert int(headers["retry-after"]) >= 1 and answer["error"].startswith("expected room in this replica's queue")
     assert sorted((i % 10, 100 + i) for i, *_ in ok) == sorted(c for c in computed if c[1] < 900)
     assert health[0][1] < 2.0 and health[0][0]["queue"] >= 1
     assert late[0] == 504 and late[1]["error"].startswith("expected an answer within the deadline") and late_s < 2
     assert (8, 901) not in computed and svc.held() == 0
+
+
+def test_a_failed_batch_is_a_one_line_500_and_the_replica_keeps_serving(replica, monkeypatch):
+    """A batch that fails (here a stage's NaN) answers its requests 500 with the one-line error,
+    counted in /metrics; the next request is served."""
+    from flowar.errors import FlowARError
+    real, calls = replica.generate, []
+
+    def broken(items):
+        calls.append(len(items))
+        if len(calls) == 1:
+            raise FlowARError("finite values from the velocity stage", "NaN at scale 4", "check the weights")
+        return real(items)
+    monkeypatch.setattr(replica, "generate", broken)
+    with hosted(service(replica)) as url:
+        status, answer, _ = call(url, "/v1/generate", {"label": 1, "n": 2})
+        assert status == 500 and answer["error"].startswith("expected finite values from the velocity"), answer
+        status, answer, _ = call(url, "/v1/generate", {"label": 1})
+        assert status == 200 and len(answer["images"]) == 1, answer
+        assert 'status="500"' in call(url, "/metrics")[1]
 
 
 @pytest.mark.slow
@@ -286,3 +307,6 @@ def test_the_deploy_recipes_are_valid_serve_configs_whose_application_builds(def
             assert type(built).__name__ == "Application", built
             with pytest.raises(TypeError):                          # a misspelt key is not ignored
                 builder(dict(args, replicaz=2))
+            from flowar.errors import FlowARError
+            with pytest.raises(FlowARError, match="bearer token"):   # a cluster is not served without a token
+                builder({k: v for k, v in args.items() if k != "token_file"})

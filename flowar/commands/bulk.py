@@ -37,6 +37,7 @@ class BulkSpec:
     shard_size: int
     threads: int                  # per worker; the same for every worker count, so results are too
     backend: str = "auto"         # as flowar-run --backend: auto = the engines chosen for this machine
+    batch: int | None = None      # images per batch (None: the call plan's best); changes pixels by rounding
 
 
 @dataclass(slots=True)
@@ -75,11 +76,11 @@ def shard_is_done(out: Path, j: int, start: int, end: int) -> bool:
 
 class ShardSampler:
     """The body of one Ray Data actor: the pipeline opened once (the engines flowar-run would
-    choose; CUDA graphs captured at start on a GPU), shards sampled in batches of ``batch`` (default:
+    choose; CUDA graphs captured at start on a GPU), shards sampled in batches of ``spec.batch`` (default:
     the best images/s by the directory's call plan) and written. ``progress``, a Ray queue, gets
     ``("batch", B)`` once and ``("images", n)`` after every batch, for the driver's bar."""
 
-    def __init__(self, spec: dict, out: str, batch: int | None = None, progress=None):
+    def __init__(self, spec: dict, out: str, progress=None):
         from concurrent.futures import ThreadPoolExecutor
 
         from flowar.sampling.schedule import Settings
@@ -89,7 +90,7 @@ class ShardSampler:
         # opened and run on one thread of its own, whatever threads Ray calls from: opened on one
         # thread and run on another, FlowAR-S took 20-25 % longer per image (see service.Service.open)
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="flowar-compute")
-        self.pipe = self._compute.submit(self._open, batch).result()
+        self.pipe = self._compute.submit(self._open, self.spec.batch).result()
         self.schedule = self.pipe.runtime.schedule(Settings.of(self.spec.schedule))
         self._tell("batch", self.batch)
 
@@ -193,10 +194,10 @@ def start_ray(address: str | None, num_cpus: int | None):
 
 
 def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str | None = None,
-             progress: bool = True, batch: int | None = None) -> BulkReport:
-    """Sample the shards not yet in ``out`` on ``workers`` actors, in batches of ``batch`` (default:
-    the best images/s by the directory's call plan), then write ``samples.npz``. A bar shows
-    images/s, the batch and the time left."""
+             progress: bool = True) -> BulkReport:
+    """Sample the shards not yet in ``out`` on ``workers`` actors, in batches of ``spec.batch``
+    (default: the best images/s by the directory's call plan), then write ``samples.npz``. A bar
+    shows images/s, the batch and the time left."""
     from flowar.export.manifest import read_manifest
     from flowar.io.files import check_writable, write_npz
     out = Path(out)
@@ -208,9 +209,9 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     if not m.decodes:
         raise FlowARError("an engine directory with a decode stage (images)", "one exported without --vae",
                           "re-export with --vae")
-    if batch is not None and not 1 <= batch <= m.max_batch:
-        raise FlowARError(f"--batch in 1..{m.max_batch} (the engines' max batch)", str(batch),
-                          f"use --batch {m.max_batch} or less, or re-export with --max-batch {batch}")
+    if spec.batch is not None and not 1 <= spec.batch <= m.max_batch:
+        raise FlowARError(f"--batch in 1..{m.max_batch} (the engines' max batch)", str(spec.batch),
+                          f"use --batch {m.max_batch} or less, or re-export with --max-batch {spec.batch}")
     bad = [c for c in spec.classes if not 0 <= c < m.config.num_classes]
     if bad or not spec.classes:
         raise FlowARError(f"class ids in 0..{m.config.num_classes - 1}", f"{bad or 'none'}", "check --labels")
@@ -229,7 +230,7 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     done_now = sum(e - s for _, s, e in todo)
     if todo:
         start_ray(ray_address, None if ray_address else workers * spec.threads)
-        rows = _sample_on_ray(spec, out, todo, workers, batch, progress, spec.num_images - done_now)
+        rows = _sample_on_ray(spec, out, todo, workers, progress, spec.num_images - done_now)
         secs = [float(r["seconds"]) for r in rows]
         engines = {str(r["engines"]) for r in rows}
         batches = {int(r["batch"]) for r in rows}
@@ -253,7 +254,7 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
                       done_now * min(workers, len(todo)) / sum(secs) if secs else 0.0)
 
 
-def _sample_on_ray(spec: BulkSpec, out: Path, todo: list, workers: int, batch: int | None, progress: bool,
+def _sample_on_ray(spec: BulkSpec, out: Path, todo: list, workers: int, progress: bool,
                    done_before: int) -> list[dict]:
     """Map the shards onto ``workers`` ShardSampler actors; the bar follows their batches (images
     counted as each batch ends, not as each shard does)."""
@@ -265,7 +266,7 @@ def _sample_on_ray(spec: BulkSpec, out: Path, todo: list, workers: int, batch: i
     logging.getLogger("ray.data").setLevel(logging.WARNING)        # our own bar says how far it is
     told = Queue(actor_options={"num_cpus": 0}) if progress else None
     ds = ray.data.from_items([{"shard": j, "start": s, "end": e} for j, s, e in todo], override_num_blocks=len(todo))
-    mapped = ds.map_batches(ShardSampler, fn_constructor_args=(asdict(spec), str(out.resolve()), batch, told),
+    mapped = ds.map_batches(ShardSampler, fn_constructor_args=(asdict(spec), str(out.resolve()), told),
                             batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(workers, len(todo))),
                             num_cpus=spec.threads)
     rows: list[dict] = []
@@ -295,5 +296,19 @@ def _sample_on_ray(spec: BulkSpec, out: Path, todo: list, workers: int, batch: i
     if told is not None:
         told.shutdown()
     if failed:
-        raise failed[0]
+        e = failed[0]
+        cause = next((c for c in _causes(e) if isinstance(c, FlowARError)), None)
+        if cause is not None:
+            raise cause from None
+        last = next((ln.strip() for ln in reversed(str(e).splitlines()) if ln.strip()), type(e).__name__)
+        raise FlowARError("workers that sample their shards", last[:300], "run the same command again "
+                          "to resume; flowar-run --engine-dir DIR --labels 0 shows whether the engines open") from None
     return rows
+
+
+def _causes(e: BaseException | None):
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__ or getattr(e, "cause", None)

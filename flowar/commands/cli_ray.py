@@ -49,8 +49,8 @@ def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, sche
     from flowar.sampling.schedule import Settings
     settings = Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance, solver=solver, stride=stride)
     spec = BulkSpec(str(Path(engine_dir).resolve()), num_images, ids, seed, settings.given(), shard_size, threads,
-                    backend)
-    rep = run_bulk(spec, out, workers, ray_address, batch=batch)
+                    backend, batch)
+    rep = run_bulk(spec, out, workers, ray_address)
     kept = f", {rep.shards_done_before} kept from before" if rep.shards_done_before else ""
     rate = (f"{rep.images_per_s:.3g} images/s ({rep.sampling_images_per_s:.3g} while sampling) at batch {rep.batch} "
             if rep.batch else "")

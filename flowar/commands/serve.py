@@ -99,7 +99,7 @@ def build_app(engine_dir: str, *, threads: int | None = None, max_n: int = 16, r
     # The same version for the same settings: deployed again with only user_config changed, Serve
     # reconfigures the running replicas; under a new version it would start new ones (opening the
     # engines again, twice the memory) before stopping the old. Serve keeps this option internal.
-    version = hashlib.sha256(repr((args, replicas, grace_s)).encode()).hexdigest()[:16]
+    version = hashlib.sha256(repr((args, replicas)).encode()).hexdigest()[:16]
     cls = _service_class()
     try:
         deployment = cls.options(_internal=True, version=version, **options)
@@ -110,9 +110,17 @@ def build_app(engine_dir: str, *, threads: int | None = None, max_n: int = 16, r
 
 def app(args: dict):
     """Application builder for ``serve run`` / ``serve deploy`` (deploy/serve-config.yaml):
-    ``args`` are :func:`build_app`'s keywords; ``token_file`` instead of ``token``."""
+    ``args`` are :func:`build_app`'s keywords; ``token_file`` instead of ``token``, required
+    unless ``open: true`` (a cluster's address is not loopback)."""
     args = dict(args)
     token = read_token(args.pop("token_file", None))
+    if token is None and not args.pop("open", False):
+        raise FlowARError("a bearer token for a served cluster (args: token_file)", "none",
+                          "mount a token file and name it, or set open: true to serve without one")
+    args.pop("open", None)
+    if args.get("queue") is not None and args["queue"] < args.get("max_n", 16):
+        raise FlowARError("queue at least max_n: a request of max_n images must fit", str(args["queue"]),
+                          "raise queue or lower max_n")
     return build_app(args.pop("engine_dir"), token=token, **args)
 
 
@@ -176,27 +184,26 @@ def stop(engine_dir: str, settings: dict) -> str:
     grace = settings["grace_s"]
     serve.run(build_app(engine_dir, draining=True, **settings), name=APP, route_prefix="/")
     busy = _wait_idle(serve.get_app_handle(APP), settings["replicas"], t0 + grace)
-    serve.delete(APP)                                 # what is still running gets the rest of the grace
+    if busy != 0:       # the grace is spent: the replicas stop without waiting again (reconfigured in place)
+        serve.run(build_app(engine_dir, draining=True, **(settings | {"grace_s": 0.0})), name=APP, route_prefix="/")
+    serve.delete(APP)
     serve.shutdown()
     ray.shutdown()
-    held = f"; {busy} image(s) still held after the {grace:g} s grace" if busy else "; every request in flight answered"
+    held = ("; every request in flight answered" if busy == 0 else "; the replicas did not say what they held"
+            if busy is None else f"; {busy} image(s) still held after the {grace:g} s grace were dropped")
     return f"drained and stopped in {time.perf_counter() - t0:.1f} s{held}"
 
 
-def _wait_idle(handle, replicas: int, until: float) -> int:
+def _wait_idle(handle, replicas: int, until: float) -> int | None:
     """Wait until every replica holds no image (asked through the handle, which routes each call
-    to some replica: asked until each has answered idle), or ``until``; the images still held."""
-    idle: set[str] = set()
-    held = 0
-    while time.perf_counter() < until:
+    to some replica: asked until each has answered), or ``until``; the images still held by the
+    replicas' latest answers (None: they did not answer)."""
+    latest: dict[str, int] = {}
+    while True:
         try:
-            answers = [handle.held.remote().result(timeout_s=5) for _ in range(2 * replicas)]
+            latest |= dict(handle.held.remote().result(timeout_s=5) for _ in range(2 * replicas))
         except Exception:   # noqa: BLE001 - a replica gone or not answering: Serve's shutdown takes over
-            return 0
-        held = sum(n for _, n in answers)
-        idle |= {name for name, n in answers if n == 0}
-        idle -= {name for name, n in answers if n}
-        if len(idle) >= replicas and not held:
-            return 0
+            return None
+        if len(latest) >= replicas and not any(latest.values()) or time.perf_counter() >= until:
+            return sum(latest.values())
         time.sleep(0.5)
-    return held

@@ -53,7 +53,7 @@ class GenerateResponse(BaseModel):
     labels: list[int]
     seeds: list[int]
     indices: list[int]
-    seconds: dict[str, float] = Field(description="queue wait, and the seconds per stage of the batches that made them")
+    seconds: dict[str, float] = Field(description="queue wait, and the seconds per stage of the first batch that made them")
     replica: str
 
 
@@ -100,7 +100,7 @@ class Replica:
             self.pipe.close()
             raise
         self.sizes = rt.batch_sizes or [1]          # those that cost less per image than every smaller one
-        per = ((rt.manifest.call_plan or {}) if rt.manifest is not None else {}).get("per_image") or {}
+        per = rt.call_plan.get("per_image") or {}
         self.per_image_s = min(per.values()) if per else None
         self._batch_s = {int(b): s * int(b) for b, s in per.items()}       # seconds of a batch by the plan
         self.warmed = rt.warm_up(self.sizes)       # every engine at the shapes of the sizes it will form
@@ -204,7 +204,7 @@ class Service:
                                "retry after the seconds in Retry-After, or ask for fewer images",
                                {"Retry-After": str(self.retry_after(len(items)))})
         loop = asyncio.get_running_loop()
-        if self._worker is None:
+        if self._worker is None or self._worker.done():     # (a worker that died is started again)
             self._wake = asyncio.Event()
             self._worker = loop.create_task(self._run())
         budget = min(req.timeout_s or self.limits.deadline_s, self.limits.deadline_s)
@@ -216,11 +216,11 @@ class Service:
         self._wake.set()
         try:
             done = await asyncio.wait_for(asyncio.gather(*(it.future for it in batch)), timeout=budget)
-        except (asyncio.TimeoutError, asyncio.CancelledError) as e:
-            for it in batch:                          # not computed if not yet started
+        except BaseException as e:
+            for it in batch:                          # the rest of the request: not computed if not yet started
                 it.future.cancel()
             self.pending = [it for it in self.pending if not it.future.done()]
-            if isinstance(e, asyncio.CancelledError):    # the client has gone
+            if not isinstance(e, asyncio.TimeoutError):   # the client has gone, or a batch failed
                 raise
             raise ServiceError(504, f"an answer within the deadline ({budget:g} s)", "the queue took longer",
                                "retry later, or with a longer timeout_s") from None
@@ -344,15 +344,22 @@ def make_app(service: Service):
             length = request.headers.get("content-length")
             if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
                 return error(413, f"expected a JSON body of at most {MAX_BODY} bytes; got {length} bytes. Fix: send less")
-            body = await request.body()               # chunked bodies: counted as they come
-            if len(body) > MAX_BODY:
-                return error(413, f"expected a JSON body of at most {MAX_BODY} bytes; got {len(body)} bytes. "
-                             "Fix: send less")
+            body = b""
+            async for chunk in request.stream():    # chunked bodies: counted as they come, refused at the limit
+                body += chunk
+                if len(body) > MAX_BODY:
+                    return error(413, f"expected a JSON body of at most {MAX_BODY} bytes; got more. Fix: send less")
+            request._body = body                     # (read once: what the route parses)
         return await call_next(request)
 
     @app.exception_handler(ServiceError)
     async def refused(request: Request, e: ServiceError):
         return error(e.status, str(e), e.headers)
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, e: Exception):       # a batch that failed (NaN, out of memory): one line
+        text = str(e) if isinstance(e, FlowARError) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return error(500, text[:500])
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
