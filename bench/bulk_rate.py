@@ -8,7 +8,8 @@ images one at a time in one process (the in-process rate, as bench/serve_load.py
 batch (the best images/s of the call plan measured at export) and at each ``--batch`` given.
 Reports each run's images/s while sampling (run.json's ``sampling_images_per_s``: the seconds in
 the shards, Ray's start and the engines' opening excluded) and for the whole command, and the
-ratio to the in-process rate.
+ratio to the in-process rate, measured before and after the bulk runs (this host's speed drifts
+by several per cent within minutes: the ratio is taken to the mean of the two, both reported).
 """
 
 from __future__ import annotations
@@ -49,21 +50,23 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", default="bench/out/bulk_rate.json")
     a = ap.parse_args(argv)
-    per = in_process_rate(a.engine_dir, a.threads)
-    print(f"in-process: {per:.3f} s per image ({1 / per:.3f} images/s; flowar-run, eight images one at a time)",
+    before = in_process_rate(a.engine_dir, a.threads)
+    print(f"in-process: {before:.3f} s per image ({1 / before:.3f} images/s; flowar-run, eight images one at a time)",
           flush=True)
-    runs = []
-    for b in [None, *a.batch]:
-        r = bulk(a.engine_dir, a.num_images, a.threads, b)
+    runs = [bulk(a.engine_dir, a.num_images, a.threads, b) | {"default": b is None} for b in [None, *a.batch]]
+    after = in_process_rate(a.engine_dir, a.threads)
+    print(f"in-process again: {after:.3f} s per image", flush=True)
+    per = (before + after) / 2
+    for r in runs:
         r["vs_in_process"] = r["sampling_images_per_s"] * per
-        runs.append(r)
-        print(f"flowar-sample {a.num_images} images at batch {r['batch']}{' (default)' if b is None else ''}: "
-              f"{r['sampling_images_per_s']:.3f} images/s while sampling ({r['vs_in_process']:.2f}x in-process), "
-              f"whole command {r['command_s']:.1f} s ({r['command_images_per_s']:.3f} images/s)", flush=True)
+        print(f"flowar-sample {a.num_images} images at batch {r['batch']}{' (default)' if r['default'] else ''}: "
+              f"{r['sampling_images_per_s']:.3f} images/s while sampling ({r['vs_in_process']:.2f}x the mean "
+              f"in-process rate), whole command {r['command_s']:.1f} s ({r['command_images_per_s']:.3f} images/s)",
+              flush=True)
     from flowar.engines.cpu import cpu_kind
     kind = cpu_kind()
     out = {"engine_dir": a.engine_dir, "cpu": kind["model"], "cpu_flags": kind["flags"], "threads": a.threads,
-           "in_process_s_per_image": per, "runs": runs}
+           "in_process_s_per_image": [before, after], "runs": runs}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=1))
     print(f"JSON -> {a.json}")
