@@ -170,14 +170,16 @@ def serve_forever(engine_dir: str, host: str, port: int, threads: int | None, ma
     except _Stop as s:
         for sig in previous:                          # a second signal does not interrupt the stopping
             signal.signal(sig, signal.SIG_IGN)
-        say(f"stopped on {s}: {stop(engine_dir, settings)}")
+        say(f"stopped on {s}: {stop(engine_dir, settings, shared=ray_address is not None)}")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def stop(engine_dir: str, settings: dict) -> str:
-    """Drain, then delete the application and shut Ray down; says what happened in one line."""
+def stop(engine_dir: str, settings: dict, shared: bool = False) -> str:
+    """Drain, then delete the application and shut Serve and Ray down (``shared``: a cluster that
+    was running before, whose Serve other applications may use: only ours is deleted and this
+    process disconnects); says what happened in one line."""
     import ray
     from ray import serve
     t0 = time.perf_counter()
@@ -187,7 +189,8 @@ def stop(engine_dir: str, settings: dict) -> str:
     if busy != 0:       # the grace is spent: the replicas stop without waiting again (reconfigured in place)
         serve.run(build_app(engine_dir, draining=True, **(settings | {"grace_s": 0.0})), name=APP, route_prefix="/")
     serve.delete(APP)
-    serve.shutdown()
+    if not shared:
+        serve.shutdown()
     ray.shutdown()
     held = ("; every request in flight answered" if busy == 0 else "; the replicas did not say what they held"
             if busy is None else f"; {busy} image(s) still held after the {grace:g} s grace were dropped")
