@@ -53,7 +53,9 @@ def _sample(engines, out, workers, shard, n=N, wait=True, more=()):
 
 @pytest.mark.slow
 def test_bulk_gives_the_same_bytes_for_any_worker_count_and_resumes_after_kill(engines, tmp_path):
-    _sample(engines, tmp_path / "w2", 2, 4, more=("--batch", "2"))
+    w2 = _sample(engines, tmp_path / "w2", 2, 4, more=("--batch", "2"))
+    import re
+    assert re.search(r"sampling: 12/12 images, [0-9.]+ images/s at batch 2, 0.0 min left", w2.stderr), w2.stderr
     z = np.load(tmp_path / "w2" / "samples.npz")
     assert z["arr_0"].shape == (N, 32, 32, 3) and z["arr_0"].dtype == np.uint8
     assert z["arr_1"].tolist() == [i % 10 for i in range(N)]                 # class-balanced
@@ -81,7 +83,6 @@ def test_bulk_gives_the_same_bytes_for_any_worker_count_and_resumes_after_kill(e
     done_before = len(list((out / "shards").glob("*.npz")))
     assert 0 < done_before < N // 2, done_before
     rerun = _sample(engines, out, 1, 2, more=("--batch", "2"))
-    import re
     kept = int(re.search(r"(\d+) kept from before", rerun.stdout).group(1))
     assert done_before <= kept < N // 2, (done_before, kept)         # (a worker may finish its shard after the kill)
     assert "at batch 2" in rerun.stdout and len(json.loads((out / "run.json").read_text())["throughput"]) == 1

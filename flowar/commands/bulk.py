@@ -54,6 +54,9 @@ class BulkReport:
     sampling_images_per_s: float = 0.0                   # images / seconds in the shards (per the workers together)
 
 
+LOG_EVERY_S = 30.0            # progress lines when stderr is not a terminal
+
+
 def shard_ranges(n: int, size: int) -> list[tuple[int, int, int]]:
     """(shard id, first index, end index) of consecutive shards."""
     return [(j, s, min(s + size, n)) for j, s in enumerate(range(0, n, size))]
@@ -280,18 +283,29 @@ def _sample_on_ray(spec: BulkSpec, out: Path, todo: list, workers: int, progress
     worker = threading.Thread(target=consume, daemon=True)
     worker.start()
     if told is not None:
+        import sys
+
         from tqdm import tqdm
-        with tqdm(total=spec.num_images, initial=done_before, desc="sampling", unit="img", disable=None,
+        # a bar on a terminal; in a log, a line after the first batch and every LOG_EVERY_S seconds
+        log, t0, said, batch, done = not sys.stderr.isatty(), time.perf_counter(), 0.0, None, 0
+        with tqdm(total=spec.num_images, initial=done_before, desc="sampling", unit="img", disable=log or None,
                   smoothing=0.1) as bar:
             while worker.is_alive() or not told.empty():
                 try:
                     what, n = told.get(timeout=0.5)
                 except Empty:
                     continue
-                if what == "batch":
+                if what == "batch":                 # a worker has opened its engines: the clock starts
+                    t0, batch = t0 if batch else time.perf_counter(), n
                     bar.set_postfix_str(f"batch {n}", refresh=True)
-                else:
-                    bar.update(n)
+                    continue
+                bar.update(n)
+                done, now = done + n, time.perf_counter()
+                if log and (not said or now - said >= LOG_EVERY_S or done_before + done == spec.num_images):
+                    rate, said = done / (now - t0), now
+                    left = (spec.num_images - done_before - done) / rate
+                    print(f"sampling: {done_before + done}/{spec.num_images} images, {rate:.3g} images/s at batch "
+                          f"{batch}, {left / 60:.1f} min left", file=sys.stderr, flush=True)
     worker.join()
     if told is not None:
         told.shutdown()
