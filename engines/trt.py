@@ -95,7 +95,7 @@ def gpu_compute_capability() -> str | None:
 def profiles(spec: StageSpec, config: FlowARConfig, max_rows: int) -> list[dict[str, list[list[int]]]]:
     """Per scale: input -> [min, opt, max] shapes over rows 1..max_rows."""
     out = []
-    for k in spec.scales(config):
+    for k in spec.scales:
         lo, hi = spec.input_shapes(k, 1), spec.input_shapes(k, max_rows)
         opt = spec.input_shapes(k, max(1, max_rows // 2))
         out.append({n: [list(lo[n]), list(opt[n]), list(hi[n])] for n in spec.inputs})
@@ -214,7 +214,7 @@ def compare_with_ort(b: Builder, graph: Path, plan: Path, spec: StageSpec, confi
     compare = CompareFunc.simple(atol=spec.tolerance if atol is None else atol, rtol=0.0)
     gen = torch.Generator().manual_seed(seed)
     ok = True
-    for k in spec.scales(config):
+    for k in spec.scales:
         feed = {n: t.numpy() for n, t in sample_inputs(spec, config, k, rows, gen).items()}
         runners = [OnnxrtRunner(SessionFromOnnx(str(graph), providers=["CPUExecutionProvider"]), name=f"ort-{k}"),
                    pg.TrtRunner(engine, name=f"trt-{k}", optimization_profile=k)]

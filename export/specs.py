@@ -10,7 +10,7 @@ velocity stage sees B or 2B rows depending on the step. ``max_rows`` is therefor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -29,7 +29,7 @@ class StageSpec:
     dynamic: dict[str, dict[int, str]]                 # input -> {axis: symbolic dim name}
     tolerance: float                                   # max abs diff vs eager PyTorch (fp32)
     templates: dict[str, tuple]                        # every input and output: its dims, ints or "rows", "L", "n"
-    dtypes: dict[str, torch.dtype]                     # non-float32 tensors
+    dtypes: dict[str, torch.dtype]                     # every input and output (float32 unless the stage says)
     module: Callable[..., nn.Module]                   # (model, vae) -> the reference module the graph is made from
     row_tensors: frozenset[str]                        # inputs and outputs whose first axis is rows (samples)
     rows_per_sample: int = 2                           # 2: conditional + unconditional rows (guidance); 1: decode
@@ -37,6 +37,8 @@ class StageSpec:
     per_scale: bool = True                             # False: one shape family (decode)
     seq_end: tuple[int, ...] = ()                      # "L" at scale k: the AR prefix length (config.scale_end)
     tokens: tuple[int, ...] = ()                       # "n" at scale k: the tokens of the scale (config.tokens_per_scale)
+    scales: range = range(1)                           # the scales with a shape family of their own (a TensorRT
+                                                       # profile each): every scale, or one (decode)
 
     def shapes(self, k: int, rows: int) -> dict[str, Shape]:
         """Every input and output shape at (scale k, rows)."""
@@ -47,15 +49,9 @@ class StageSpec:
         s = self.shapes(k, rows)
         return {n: s[n] for n in self.inputs}
 
-    def dtype(self, name: str) -> torch.dtype:
-        return self.dtypes.get(name, torch.float32)
-
     def max_rows(self, max_batch: int) -> int:
         return self.rows_per_sample * max_batch
 
-    def scales(self, config: FlowARConfig) -> range:
-        """The scales with a shape family of their own (one TensorRT profile each)."""
-        return range(config.n_scales) if self.per_scale else range(1)
 
 
 def stage_specs(c: FlowARConfig, vae_factor: int | None = None) -> dict[str, StageSpec]:
@@ -96,7 +92,9 @@ def stage_specs(c: FlowARConfig, vae_factor: int | None = None) -> dict[str, Sta
         specs["decode"] = StageSpec("decode", ("latent",), ("image",), {"latent": {0: "rows"}}, 1e-4, dec, {},
                                     lambda model, vae: w.DecodeGraph(vae).eval(), frozenset({"latent", "image"}),
                                     rows_per_sample=1, per_scale=False, **at)
-    return specs
+    # every tensor's dtype (float32 unless named), and the scales with shapes of their own
+    return {n: replace(s, dtypes=dict.fromkeys(s.templates, torch.float32) | s.dtypes,
+                       scales=range(c.n_scales) if s.per_scale else range(1)) for n, s in specs.items()}
 
 
 def sample_inputs(spec: StageSpec, c: FlowARConfig, k: int, rows: int, gen: torch.Generator) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ schedule) holding the AR step, the head's per-scale constants, the scale's whole
 
 FlowAR at batch 1 is hundreds of small kernel launches per scale; replaying a captured graph
 removes the launch cost. Everything captured reads and writes static buffers: the sampler's
-:class:`~flowar.sampling.sampler.Workspace` and the runtime's :class:`~flowar.runtime.stages.BufferPlan`.
+:class:`~flowar.sampling.sampler.Workspace` and the static storage of :class:`~flowar.runtime.stages.EngineStages`.
 Before each replay the sampler copies in only that scale's noise (the labels go in at start).
 All graphs share one memory pool. A TensorRT enqueue on the capture stream is captured like any
 other kernel; the VAE decode runs right after the last scale, uncaptured.

@@ -1,15 +1,15 @@
 """The lean runtime: engines bound to static buffers, fed to the one sampler.
 
-:class:`BufferPlan` allocates every tensor a stage touches once, at its largest size over all
-(scale, rows), and hands out views with the exact per-scale shape; nothing is allocated while
-sampling. :class:`EngineStages` implements the sampler's ``Stages`` protocol on top of the
-engines, so ``flowar.sampling.sampler.sample`` runs unchanged: there is no second sampling loop.
+:class:`EngineStages` allocates every tensor a stage touches once, at its largest size over all
+(scale, rows), and binds each (stage, scale, rows) call to views of that storage with the exact
+shape, once; nothing is allocated while sampling. It implements the sampler's ``Stages`` protocol
+on top of the engines, so ``flowar.sampling.sampler.sample`` runs unchanged: there is no second
+sampling loop.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -32,81 +32,67 @@ def blocks(rows: int, best: int, sizes: list[int]) -> list[int]:
     return out
 
 
-class BufferPlan:
-    """Static storage per tensor name (max numel over every scale and row count), viewed per use."""
-
-    def __init__(self, specs: dict[str, StageSpec], config: FlowARConfig, max_batch: int, device: torch.device):
-        self.device = device
-        sizes: dict[str, tuple[int, torch.dtype]] = {}
-        for spec in specs.values():
-            rows_max = spec.max_rows(max_batch)
-            for k in spec.scales(config):
-                for name, shape in spec.shapes(k, rows_max).items():
-                    if name in spec.from_stage:
-                        continue              # an earlier stage's output, passed as it is
-                    key = f"{spec.name}.{name}"
-                    n = math.prod(shape)
-                    if n > sizes.get(key, (0, None))[0]:
-                        sizes[key] = (n, spec.dtype(name))
-        self.storage = {k: torch.zeros(n, dtype=dt, device=device) for k, (n, dt) in sizes.items()}
-
-    def view(self, stage: str, name: str, shape: tuple[int, ...]) -> Tensor:
-        return self.storage[f"{stage}.{name}"][: math.prod(shape)].view(shape)
-
-    def addresses(self) -> dict[str, int]:
-        return {k: v.data_ptr() for k, v in self.storage.items()}
-
-
-@dataclass(slots=True)
-class ScaleContext:
-    k: int
-    inputs: dict[str, Tensor]            # head_prep outputs feeding the velocity calls, at R rows
-    calls: dict = field(default_factory=dict)   # rows -> (inputs, outputs, blocks) of a velocity call, built once
-
-
 class EngineStages:
     """The sampler's stages on engines and static buffers.
 
-    ``plan``: the directory's call plan (:mod:`flowar.commands.plan`): a call of more rows than a
-    stage's block at that scale runs as consecutive blocks (row slices of the same static buffers).
+    ``storage``: one flat tensor per ``"<stage>.<tensor>"`` (its largest numel over every scale and
+    row count); an input that is an earlier stage's output (the velocity's head constants) is that
+    stage's storage itself. ``plan``: the directory's call plan (:mod:`flowar.commands.plan`): a call
+    of more rows than a stage's block at that scale runs as consecutive blocks (row slices of the
+    same static buffers).
     """
 
     def __init__(self, engines: dict[str, Engine], config: FlowARConfig, max_batch: int, device: torch.device,
                  specs: dict[str, StageSpec], plan: dict | None = None):
-        self.engines, self.config, self.device = engines, config, device
+        self.engines, self.config, self.device, self.specs = engines, config, device, specs
         self.max_batch = max_batch
-        self.max_rows = specs["ar"].max_rows(max_batch)
-        self.specs = specs
+        self.max_rows = specs["ar"].rows_per_sample * max_batch
         self.plan = (plan or {}).get("stages", {})
-        self.buffers = BufferPlan(specs, config, max_batch, device)
+        producer = {n: s for s, spec in specs.items() for n in spec.outputs}
+        self.owner = {(s, n): (producer[n] if n in spec.from_stage else s)
+                      for s, spec in specs.items() for n in spec.templates}
+        sizes: dict[str, tuple[int, torch.dtype]] = {}
+        for stage, spec in specs.items():
+            for k in spec.scales:
+                for name, shape in spec.shapes(k, spec.rows_per_sample * max_batch).items():
+                    key = f"{self.owner[stage, name]}.{name}"
+                    sizes[key] = max(sizes.get(key, (0, None)), (math.prod(shape), spec.dtypes[name]),
+                                     key=lambda s: s[0])
+        self.storage = {k: torch.zeros(n, dtype=dt, device=device) for k, (n, dt) in sizes.items()}
+        self.calls: dict[tuple[str, int, int], tuple] = {}    # (stage, k, rows) -> (inputs, outputs, blocks)
         c = config
         self.prefix = torch.zeros(self.max_rows, c.seq_len, c.latent_channels, device=device)
         self.pos = [grid_positions(s).to(device) for s in c.scales]
         self.R = 0
 
-    def _io(self, stage: str, k: int, rows: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        spec = self.specs[stage]
-        shapes = spec.shapes(k, rows)
-        ins = {n: self.buffers.view(stage, n, shapes[n]) for n in spec.inputs}
-        outs = {n: self.buffers.view(stage, n, shapes[n]) for n in spec.outputs}
-        return ins, outs
+    def addresses(self) -> dict[str, int]:
+        return {k: v.data_ptr() for k, v in self.storage.items()}
 
-    def _blocks(self, stage: str, k: int, ins: dict[str, Tensor], outs: dict[str, Tensor], rows: int) -> list:
-        """[(inputs, outputs)] of the plan's row blocks of one call (the call itself without a plan)."""
-        st = self.plan.get(stage)
-        best = st["block"].get(str(k)) if st else None
-        if best is None or best >= rows:
-            return [(ins, outs)]
-        spec, out, begin = self.specs[stage], [], 0
-        for b in blocks(rows, best, st["sizes"]):
-            part = {n: t[begin:begin + b] if n in spec.row_tensors else t for n, t in (ins | outs).items()}
-            out.append(({n: part[n] for n in ins}, {n: part[n] for n in outs}))
-            begin += b
-        return out
-
-    def _run(self, stage: str, k: int, ins: dict[str, Tensor], outs: dict[str, Tensor], rows: int) -> None:
-        for i, o in self._blocks(stage, k, ins, outs, rows):
+    def _call(self, stage: str, k: int, rows: int, **given: Tensor) -> dict[str, Tensor]:
+        """Copy ``given`` into the stage's static inputs at (scale k, rows), run it (in the call
+        plan's row blocks) and return its static outputs. The views and blocks of a (stage, k, rows)
+        are made once: every later call hands the engine the same addresses, so its bindings are
+        made once too."""
+        call = self.calls.get((stage, k, rows))
+        if call is None:
+            spec = self.specs[stage]
+            views = {n: self.storage[f"{self.owner[stage, n]}.{n}"][: math.prod(s)].view(s)
+                     for n, s in spec.shapes(k, rows).items()}
+            ins, outs = {n: views[n] for n in spec.inputs}, {n: views[n] for n in spec.outputs}
+            st = self.plan.get(stage)
+            best = st["block"].get(str(k)) if st else None
+            parts, begin = [], 0
+            for b in (blocks(rows, best, st["sizes"]) if best is not None and best < rows else [rows]):
+                cut = {n: t[begin:begin + b] if n in spec.row_tensors and b < rows else t for n, t in views.items()}
+                parts.append(({n: cut[n] for n in ins}, {n: cut[n] for n in outs}))
+                begin += b
+            call = self.calls[stage, k, rows] = (ins, outs, parts)
+        ins, outs, parts = call
+        for n, t in given.items():
+            ins[n].copy_(t)
+        for i, o in parts:
             self.engines[stage].infer(i, o, profile=k)
+        return outs
 
     def warm_up(self, batch_sizes=None, every_engine: bool = False) -> int:
         """Run engines once at each shape sampling will give them (``batch_sizes``: those batches;
@@ -121,14 +107,14 @@ class EngineStages:
             if not (every_engine or getattr(eng, "warm", False)):
                 continue
             spec, st = self.specs[stage], self.plan.get(stage)
-            for k in spec.scales(self.config):
+            for k in spec.scales:
                 calls = {b * m for b in sizes for m in (spec.rows_per_sample, 1)}          # B and 2B rows
                 best = st["block"].get(str(k)) if st else None
                 shapes = {b for r in calls for b in (blocks(r, best, st["sizes"]) if best else [r])}
                 for r in sorted(shapes):
                     dims = spec.shapes(k, r)
-                    eng.infer({n_: torch.zeros(dims[n_], dtype=spec.dtype(n_), device=self.device) for n_ in spec.inputs},
-                              {n_: torch.empty(dims[n_], dtype=spec.dtype(n_), device=self.device) for n_ in spec.outputs},
+                    eng.infer({n_: torch.zeros(dims[n_], dtype=spec.dtypes[n_], device=self.device) for n_ in spec.inputs},
+                              {n_: torch.empty(dims[n_], dtype=spec.dtypes[n_], device=self.device) for n_ in spec.outputs},
                               profile=k)
                     n += 1
         return n
@@ -140,54 +126,29 @@ class EngineStages:
                               f"{R // 2 if R > 1 else R}", "sample in smaller batches or re-export with a larger --max-batch")
         self.R = R
         self.prefix.zero_()
-        ins, _ = self._io("ar", 0, R)
-        ins["labels"].copy_(labels_R)
+        self.labels = labels_R
 
     def ar(self, k: int, x_in: Tensor | None) -> Tensor:
         c, R = self.config, self.R
         b, e = c.scale_begin[k], c.scale_end[k]
         if x_in is not None:
             self.prefix[:R, b:e].copy_(x_in)
-        ins, outs = self._io("ar", k, R)
-        ins["tokens"].copy_(self.prefix[:R, :e])
-        self._run("ar", k, ins, outs, R)
-        return outs["semantics"][:, b:e]
+        return self._call("ar", k, R, labels=self.labels, tokens=self.prefix[:R, :e])["semantics"][:, b:e]
 
-    def prepare(self, k: int, cond: Tensor) -> ScaleContext:
-        ins, outs = self._io("head_prep", k, self.R)
-        ins["cond"].copy_(cond)
-        ins["pos"].copy_(self.pos[k])
-        self._run("head_prep", k, ins, outs, self.R)
-        return ScaleContext(k, outs)
+    def prepare(self, k: int, cond: Tensor) -> int:
+        """The head's per-scale constants, into head_prep's static outputs (which the velocity reads
+        in place); the context is the scale."""
+        self._call("head_prep", k, self.R, cond=cond, pos=self.pos[k])
+        return k
 
-    def velocity(self, ctx: ScaleContext, x: Tensor, t: Tensor) -> Tensor:
-        r = x.shape[0]
-        call = ctx.calls.get(r)
-        if call is None:                      # once per (scale, rows); every later step reuses it
-            spec = self.specs["velocity"]
-            shapes = spec.shapes(ctx.k, r)
-            ins = {n: self.buffers.view("velocity", n, shapes[n]) for n in spec.inputs if n not in spec.from_stage}
-            for n in spec.from_stage:
-                src = ctx.inputs[n]
-                ins[n] = src[:r] if n in spec.row_tensors else src
-            outs = {"v": self.buffers.view("velocity", "v", shapes["v"])}
-            call = ctx.calls[r] = (ins, outs, self._blocks("velocity", ctx.k, ins, outs, r))
-        ins, outs, parts = call
+    def velocity(self, k: int, x: Tensor, t: Tensor) -> Tensor:
         # x and t into this runtime's own static buffers: the engines then see the same addresses
         # at every step and every sample, so their bindings are made once.
-        ins["x"].copy_(x)
-        ins["t"].copy_(t)
-        for i, o in parts:
-            self.engines["velocity"].infer(i, o, profile=ctx.k)
-        return outs["v"]
+        return self._call("velocity", k, x.shape[0], x=x, t=t)["v"]
 
     def decode(self, latent: Tensor) -> Tensor:
         assert "decode" in self.engines, "decode without a decoder (Runtime.require_decoder refuses it before)"
-        B = latent.shape[0]
-        ins, outs = self._io("decode", 0, B)
-        ins["latent"].copy_(latent)
-        self._run("decode", 0, ins, outs, B)
-        return outs["image"].clone()
+        return self._call("decode", 0, latent.shape[0], latent=latent)["image"].clone()
 
 
 def torch_engines(model, specs: dict[str, StageSpec], vae=None) -> dict[str, Engine]:

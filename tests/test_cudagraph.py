@@ -23,12 +23,12 @@ def test_the_graph_runner_reuses_one_workspace_per_shape_and_matches_eager(tiny_
     for sched in (build_schedule(25, 4.3, 0.9, 5), Settings(schedule="fast").resolve(5)):
         with torch.no_grad():
             a, _ = sample(st, model.config, sched, io["sample25.labels"], _noise(io), runner=runner)
-            before = ({k: ws.addresses() for k, ws in runner.workspaces.items()}, st.buffers.addresses())
+            before = ({k: ws.addresses() for k, ws in runner.workspaces.items()}, st.addresses())
             again = Settings(schedule="fast").resolve(5) if sched.name == "fast" else build_schedule(25, 4.3, 0.9, 5)
             b, _ = sample(st, model.config, again, io["sample25.labels"], _noise(io), runner=runner,
                           on_scale=traces.append)                 # an equal schedule, built anew: the same workspace
             eager, _ = sample(EagerStages(model), model.config, sched, io["sample25.labels"], _noise(io))
-        after = ({k: ws.addresses() for k, ws in runner.workspaces.items()}, st.buffers.addresses())
+        after = ({k: ws.addresses() for k, ws in runner.workspaces.items()}, st.addresses())
         assert after == before and torch.equal(a, b)            # nothing re-allocated between calls
         if sched.name is None:
             assert_tokens(a)

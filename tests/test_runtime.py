@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flowar.export.specs import stage_specs
-from flowar.runtime.stages import BufferPlan, torch_engine_stages
+from flowar.runtime.stages import torch_engine_stages
 from flowar.sampling.sampler import injected_noise, sample
 from flowar.sampling.schedule import build_schedule
 from flowar.sampling.eager import EagerStages
@@ -22,16 +22,18 @@ class Recording:
         self.inner.infer(inputs, outputs, profile)
 
 
-def test_buffer_plan_allocates_each_tensor_once_at_its_largest():
-    from flowar.config import get_preset
-    c = get_preset("tiny")
-    plan = BufferPlan(stage_specs(c), c, max_batch=2, device=torch.device("cpu"))
-    assert plan.storage["ar.semantics"].numel() == 4 * c.seq_len * c.ar_width
-    assert plan.storage["head_prep.c"].numel() == 4 * 256 * c.head_width
-    assert plan.storage["velocity.x"].numel() == 4 * 256 * c.latent_channels
-    assert plan.storage["velocity.t"].numel() == 4
-    v = plan.view("ar", "semantics", (2, 21, c.ar_width))
-    assert v.data_ptr() == plan.storage["ar.semantics"].data_ptr() and v.is_contiguous()
+def test_static_storage_holds_each_tensor_once_at_its_largest(tiny_v1):
+    model, _ = tiny_v1
+    c = model.config
+    st = torch_engine_stages(model, 2, "cpu")
+    assert st.storage["ar.semantics"].numel() == 4 * c.seq_len * c.ar_width
+    assert st.storage["head_prep.c"].numel() == 4 * 256 * c.head_width
+    assert st.storage["velocity.x"].numel() == 4 * 256 * c.latent_channels
+    assert st.storage["velocity.t"].numel() == 4
+    assert "velocity.c" not in st.storage            # the velocity reads head_prep's outputs in place
+    out = st._call("ar", 1, 2, labels=torch.tensor([3, 7]), tokens=torch.zeros(2, 5, c.latent_channels))
+    v = out["semantics"]
+    assert v.shape == (2, 5, c.ar_width) and v.data_ptr() == st.storage["ar.semantics"].data_ptr() and v.is_contiguous()
 
 
 def test_engine_stages_match_the_eager_stages_and_never_reallocate(tiny_v1, assert_tokens):
@@ -39,7 +41,7 @@ def test_engine_stages_match_the_eager_stages_and_never_reallocate(tiny_v1, asse
     st = torch_engine_stages(model, 2, "cpu")
     rec = Recording(st.engines["velocity"])
     st.engines["velocity"] = rec
-    before = st.buffers.addresses()
+    before = st.addresses()
     noise = injected_noise([io[f"sample25.noise{k}"] for k in range(5)])
     sched = build_schedule(25, 4.3, 0.9, 5)
     with torch.no_grad():
@@ -48,7 +50,7 @@ def test_engine_stages_match_the_eager_stages_and_never_reallocate(tiny_v1, asse
                         injected_noise([io[f"sample25.noise{k}"] for k in range(5)]))
     assert_tokens(ours)
     assert_tokens(ref)
-    assert st.buffers.addresses() == before
+    assert st.addresses() == before
     # every velocity call of a (scale, rows) wrote to the same address
     by_shape = {}
     for profile, shape, ptrs in rec.seen:

@@ -76,7 +76,7 @@ def test_profiles_held_by_tensorrt_cover_every_shape_the_runtime_requests(trt_di
     for name, spec in m.specs().items():
         assert m.member(plans[name]["file"]).stat().st_size > 0
         held = inspect_profiles(b, m.member(m.stages[name]["file"]), plans[name]["profiles"])
-        assert len(held) == len(spec.scales(m.config)), name
+        assert len(held) == len(spec.scales), name
         assert all(set(p) == set(spec.inputs) for p in held), name        # every network input, no defaults
         bad += uncovered(held, spec, m.config, m.max_batch)
     assert not bad, "; ".join(bad[:5])

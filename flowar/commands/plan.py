@@ -37,12 +37,12 @@ def measure_plan(bench, choice: dict[str, str], max_batch: int, schedule, progre
         sizes = [1 << i for i in range(top.bit_length()) if 1 << i <= top]
         seconds: dict[int, dict[int, float]] = {}
         with bench.engine(stage, choice.get(stage, "ort-fp32")) as eng:
-            for k in spec.scales(config):
+            for k in spec.scales:
                 seconds[k] = {}
                 for r in sizes:
                     ins = sample_inputs(spec, config, k, r, gen)
                     shapes = spec.shapes(k, r)
-                    outs = {n: torch.empty(shapes[n], dtype=spec.dtype(n)) for n in spec.outputs}
+                    outs = {n: torch.empty(shapes[n], dtype=spec.dtypes[n]) for n in spec.outputs}
                     times = []
                     with torch.inference_mode():
                         for i in range(REPEAT + 1):

@@ -86,10 +86,10 @@ def measure_stage(engine, module, spec, config, calls: list[int], repeat: int = 
     gen = torch.Generator().manual_seed(0)
     total, worst, setup = 0.0, 0.0, 0.0
     r = rows if spec.rows_per_sample == 2 else rows // 2
-    for k in spec.scales(config):
+    for k in spec.scales:
         ins = sample_inputs(spec, config, k, r, gen)
         shapes = spec.shapes(k, r)
-        outs = {n: torch.empty(shapes[n], dtype=spec.dtype(n)) for n in spec.outputs}
+        outs = {n: torch.empty(shapes[n], dtype=spec.dtypes[n]) for n in spec.outputs}
         with torch.no_grad():
             ref = module(*(ins[n] for n in spec.inputs))
         ref = ref if isinstance(ref, tuple) else (ref,)
