@@ -103,11 +103,13 @@ class OrtEngine:
         self._pool = None                     # threads for row blocks after the first (which runs on the caller)
 
     def __enter__(self) -> "OrtEngine":
-        from flowar.engines.ort import choose_provider, cpu_threads
+        from flowar.engines.ort import choose_provider, cpu_threads, create_session
         self.provider = self.provider or choose_provider()
         self.cpu = self.provider == "CPUExecutionProvider"
         self.n_threads = (self.threads or cpu_threads()) if self.cpu else 1
-        self.session = self._session(self.n_threads if self.cpu else None)
+        key = (self.n_threads if self.cpu else None, 0)
+        self.session = self._sessions[key] = create_session(self.graph, self.sha256, self.provider, key[0],
+                                                            self.cache_dir)
         outs = [o.name for o in self.session.get_outputs()]
         # Row blocks of several rows need a second (one-thread) session, i.e. a second copy of the
         # weights: not for graphs whose weights live in external data (> 1 GB), where every call
@@ -125,18 +127,6 @@ class OrtEngine:
         self._sessions, self._runs = {}, {}
         self.session = None
 
-    def _session(self, threads: int | None, block: int = 0):
-        # One-thread blocks share a session (each run computes on its caller's thread); blocks
-        # with several threads each get their own, since concurrent runs of one session share
-        # its thread pool.
-        key = (threads, block if (threads or 1) > 1 else 0)
-        sess = self._sessions.get(key)
-        if sess is None:
-            from flowar.engines.ort import create_session
-            sess = self._sessions[key] = create_session(self.graph, self.sha256, self.provider, threads,
-                                                        self.cache_dir)
-        return sess
-
     def infer(self, inputs: dict[str, Tensor], outputs: dict[str, Tensor], profile: int = 0) -> None:
         # The runtime's buffers are static, so the plan and bindings made once for these exact
         # addresses and shapes are replayed: no per-call binding work in the ODE loop.
@@ -149,53 +139,56 @@ class OrtEngine:
             runs = self._runs[key] = self._plan(inputs, outputs)
         if len(runs) == 1:
             runs[0]()
-        else:
-            run_blocks(self._pool, runs)
+            return
+        # Row blocks: runs[1:] on the pool, runs[0] on the caller; ONNX Runtime releases the GIL
+        # while it computes, so they run on separate cores. Every block finishes before the first
+        # error is raised.
+        futures = [self._pool.submit(job) for job in runs[1:]]
+        err = None
+        try:
+            runs[0]()
+        except BaseException as e:            # noqa: BLE001 - re-raised after the other blocks finished
+            err = e
+        for f in futures:
+            e = f.exception()                  # waits, also after an error
+            err = err or e
+        if err is not None:
+            raise err
 
     def _plan(self, inputs: dict[str, Tensor], outputs: dict[str, Tensor]) -> list:
-        """One job per row block: job() runs the block (its session's run on its binding)."""
-        if not self.splittable:
-            return [self._bind(self.session, inputs, outputs)]
-        from flowar.engines.ort import plan_call
+        """One job per row block (:func:`flowar.engines.ort.plan_call`): its session's run on its
+        tensors, bound by address once. One-thread blocks share a session (each run computes on its
+        caller's thread); blocks with several threads each get their own, since concurrent runs of
+        one session share its thread pool."""
+        import numpy as np
+        from flowar.engines.ort import create_session, plan_call
         first = next(iter(inputs.values()))
         rows = first.shape[0] if first.ndim else 1
         tokens = first.shape[1] if first.ndim >= 2 else 1
-        blocks = plan_call(rows, tokens, self.n_threads, self.shard_min, self.single_max)
+        blocks = (plan_call(rows, tokens, self.n_threads, self.shard_min, self.single_max) if self.splittable
+                  else ((0, rows, None),))
         if len(blocks) > 1 and self._pool is None:       # at most one block per core: cores - 1 threads serve them all
             from concurrent.futures import ThreadPoolExecutor
             self._pool = ThreadPoolExecutor(max(1, self.n_threads - 1), thread_name_prefix=f"flowar-{self.name}")
-        return [self._bind(self._session(threads, i),
-                           {n: (t[b:e] if n in self.row_tensors else t) for n, t in inputs.items()},
-                           {n: (t[b:e] if n in self.row_tensors else t) for n, t in outputs.items()})
-                for i, (b, e, threads) in enumerate(blocks)]
-
-    def _bind(self, sess, inputs: dict[str, Tensor], outputs: dict[str, Tensor]):
-        """A job that runs ``sess`` on these tensors, bound by address once."""
-        import numpy as np
-        b = sess.io_binding()
-        for group, bind in ((inputs, b.bind_input), (outputs, b.bind_output)):
-            for n, t in group.items():
-                assert t.is_contiguous(), f"{self.name}: {n} must be contiguous"
-                dev = "cuda" if t.is_cuda else "cpu"
-                bind(n, dev, t.device.index or 0, np.dtype(_NP[t.dtype]), list(t.shape), t.data_ptr())
-        return functools.partial(sess.run_with_iobinding, b)
-
-
-def run_blocks(pool, jobs: list) -> None:
-    """Run jobs[1:] on ``pool`` (a thread pool) and jobs[0] on the caller, wait for all, re-raise
-    the first error. ONNX Runtime releases the GIL while it computes, so the blocks run on
-    separate cores."""
-    futures = [pool.submit(job) for job in jobs[1:]]
-    err = None
-    try:
-        jobs[0]()
-    except BaseException as e:            # noqa: BLE001 - re-raised after the other blocks finished
-        err = e
-    for f in futures:
-        e = f.exception()                  # waits
-        err = err or e
-    if err is not None:
-        raise err
+        jobs = []
+        for i, (b, e, threads) in enumerate(blocks):
+            if threads is None:
+                sess = self.session
+            else:
+                key = (threads, i if threads > 1 else 0)
+                if key not in self._sessions:
+                    self._sessions[key] = create_session(self.graph, self.sha256, self.provider, threads,
+                                                         self.cache_dir)
+                sess = self._sessions[key]
+            binding = sess.io_binding()
+            for group, bind in ((inputs, binding.bind_input), (outputs, binding.bind_output)):
+                for n, t in group.items():
+                    t = t[b:e] if threads is not None and n in self.row_tensors else t
+                    assert t.is_contiguous(), f"{self.name}: {n} must be contiguous"
+                    bind(n, "cuda" if t.is_cuda else "cpu", t.device.index or 0, np.dtype(_NP[t.dtype]), list(t.shape),
+                         t.data_ptr())
+            jobs.append(functools.partial(sess.run_with_iobinding, binding))
+        return jobs
 
 
 class TrtEngine:

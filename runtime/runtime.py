@@ -107,6 +107,13 @@ class Runtime:
         self.manifest, self.model, self.vae = manifest, model, vae
         self.opened: dict = {}              # seconds to open (read and check the files, warm up), shapes warmed
         self.data = data                    # what the checkpoint was trained on (its metadata), e.g. animal-mnist
+        # The call plan measured at export for the engines that run ({} for other engines); from it the
+        # batch sizes that pay here (each costs less per image than every smaller one), else every size
+        # up to the engines' max batch ([]: no limit, one batch); and the default batch, the one with
+        # the best images/s (the largest that pays; None: all at once).
+        self.call_plan: dict = (manifest.call_plan or {}) if manifest is not None and backend == "measured" else {}
+        self.batch_sizes = sorted(int(b) for b in self.call_plan.get("batches") or range(1, (max_batch or 0) + 1))
+        self.batch: int | None = max(self.batch_sizes, default=None)
         # Where the stages can be captured, one runner for every batch: a workspace per (batch bucket,
         # rows, schedule) and a CUDA graph per scale of each; elsewhere the sampler's plain loop.
         self.runner = GraphRunner(device, capture=True, buckets=_buckets(max_batch)) if capture else None
@@ -229,23 +236,6 @@ class Runtime:
                               if self.manifest is not None else "a checkpoint opened without a VAE",
                               "pass --vae (or re-export with --vae), or ask for tokens only (--save-tokens)")
 
-    @property
-    def batch_sizes(self) -> list[int]:
-        """The batch sizes that pay on this machine: each costs less per image than every smaller
-        one, by the call plan measured at export for the engines chosen there; else every size up to
-        the engines' max batch (``[]``: no limit, one batch)."""
-        return sorted(int(b) for b in self.call_plan.get("batches") or range(1, (self.max_batch or 0) + 1))
-
-    @property
-    def call_plan(self) -> dict:
-        """The call plan measured at export for the engines that run (``{}`` for other engines)."""
-        return (self.manifest.call_plan or {}) if self.manifest is not None and self.backend == "measured" else {}
-
-    @property
-    def batch(self) -> int | None:
-        """The default batch: the one with the best images/s (the largest that pays); None: all at once."""
-        return max(self.batch_sizes, default=None)
-
     def warm_up(self, batch_sizes: Sequence[int]) -> int:
         """Run every engine once at the shapes of these batch sizes, before a served replica's or
         bulk worker's first batch (each new shape's set-up cost FlowAR-S's first batch of a size 2x
@@ -283,15 +273,15 @@ class Runtime:
         return res
 
     # ---- lifetime ---------------------------------------------------------------------------
-    def close(self) -> None:
-        self.runner = None
-        self._stack.close()
-
     def __enter__(self) -> "Runtime":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def close(self, *exc) -> None:
+        """Release the engines (sessions, packages, graphs); also what leaving a ``with`` does."""
+        self.runner = None
+        self._stack.close()
+
+    __exit__ = close
 
 
 def captures(device: torch.device, backend: str, cuda_graphs: bool = True) -> bool:

@@ -114,23 +114,30 @@ def test_the_velocity_split_limits_are_the_flops_they_claim():
 
 
 def test_worker_errors_reach_the_caller_after_every_block_finished():
+    """An ONNX Runtime call run as row blocks: the first block on the caller, the others on the
+    pool; an error in one is raised only after every block has finished."""
     import threading
     import time
     from concurrent.futures import ThreadPoolExecutor
-    from flowar.runtime.engines import run_blocks
+    from flowar.runtime.engines import OrtEngine
     done = []
+    eng = OrtEngine("velocity", None, "", frozenset())
     with ThreadPoolExecutor(2) as pool:
+        eng._pool = pool
+
         def fail():
             raise ValueError("block 2 failed")
 
         def slow():
             time.sleep(0.05)
             done.append(2)
+        eng._runs = {(): [lambda: done.append(0), fail, slow]}          # the bound blocks of a call without tensors
         with pytest.raises(ValueError, match="block 2 failed"):
-            run_blocks(pool, [lambda: done.append(0), fail, slow])
+            eng.infer({}, {})
         assert sorted(done) == [0, 2]                                  # the slow block finished first
         where = []
-        run_blocks(pool, [lambda: where.append(threading.current_thread()), lambda: done.append(4)])
+        eng._runs = {(): [lambda: where.append(threading.current_thread()), lambda: done.append(4)]}
+        eng.infer({}, {})
         assert sorted(done) == [0, 2, 4] and where == [threading.main_thread()]   # the first on the caller
 
 
