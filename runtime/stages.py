@@ -56,8 +56,8 @@ class EngineStages:
             for k in spec.scales:
                 for name, shape in spec.shapes(k, spec.rows_per_sample * max_batch).items():
                     key = f"{self.owner[stage, name]}.{name}"
-                    sizes[key] = max(sizes.get(key, (0, None)), (math.prod(shape), spec.dtypes[name]),
-                                     key=lambda s: s[0])
+                    if math.prod(shape) > sizes.get(key, (0, None))[0]:
+                        sizes[key] = (math.prod(shape), spec.dtypes[name])
         self.storage = {k: torch.zeros(n, dtype=dt, device=device) for k, (n, dt) in sizes.items()}
         self.calls: dict[tuple[str, int, int], tuple] = {}    # (stage, k, rows) -> (inputs, outputs, blocks)
         c = config
@@ -126,14 +126,16 @@ class EngineStages:
                               f"{R // 2 if R > 1 else R}", "sample in smaller batches or re-export with a larger --max-batch")
         self.R = R
         self.prefix.zero_()
-        self.labels = labels_R
+        # into the AR's static labels here, outside any captured scale (a graph would read the address
+        # it was captured with)
+        self.storage["ar.labels"][:R].copy_(labels_R)
 
     def ar(self, k: int, x_in: Tensor | None) -> Tensor:
         c, R = self.config, self.R
         b, e = c.scale_begin[k], c.scale_end[k]
         if x_in is not None:
             self.prefix[:R, b:e].copy_(x_in)
-        return self._call("ar", k, R, labels=self.labels, tokens=self.prefix[:R, :e])["semantics"][:, b:e]
+        return self._call("ar", k, R, tokens=self.prefix[:R, :e])["semantics"][:, b:e]
 
     def prepare(self, k: int, cond: Tensor) -> int:
         """The head's per-scale constants, into head_prep's static outputs (which the velocity reads

@@ -164,3 +164,18 @@ def test_the_thread_policy_is_resolved_at_open_and_applied_while_sampling(fixtur
     assert Threads.resolve(3, True) == Threads(3, 3)
     with pytest.raises(FlowARError, match="--threads >= 1"):
         Runtime.open_checkpoint(fixtures_dir / "tiny_v1.safetensors", threads=0)
+
+
+def test_the_labels_are_copied_into_static_storage_at_start(tiny_v1):
+    """A captured scale reads the address it was captured with: the AR's labels must be the
+    stages' own buffer, filled at start, not the caller's tensor (which a later request replaces)."""
+    model, _ = tiny_v1
+    st = torch_engine_stages(model, 2, "cpu")
+    labels = torch.tensor([3, 7, 1000, 1000])
+    with torch.no_grad():
+        st.start(labels)
+        want = st.ar(0, None).clone()
+        st.start(labels)
+        labels.fill_(5)                          # the caller's tensor changes after start
+        got = st.ar(0, None)
+    assert torch.equal(got, want)

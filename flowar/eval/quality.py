@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from flowar.errors import FlowARError
-from flowar.io.images import psnr_each, uint8_B3HW
+from flowar.io.images import psnr_each, to_uint8
 
 CONVERGED_POINTS = 401          # uniform grid of the converged reference (400 Euler steps)
 
@@ -196,7 +196,7 @@ def measure(sample: Sampler, config, labels: list[int], schedule, decode: bool =
         if real_judge_stats is not None:
             rep.frechet_judge = frechet_distance(*feature_stats(judge.features(res.images)), *real_judge_stats)
     if fid_stats is not None and extractor is not None and decode:
-        u8 = uint8_B3HW(res.images)
+        u8 = torch.from_numpy(to_uint8(res.images)).permute(0, 3, 1, 2)      # (B, 3, H, W) uint8, as the PNGs
         feats = torch.cat([extractor(u8[i:i + 50]) for i in range(0, len(u8), 50)])
         rep.fid = frechet_distance(*feature_stats(feats), *fid_stats)
     return rep

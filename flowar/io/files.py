@@ -48,18 +48,6 @@ def check_writable(path: str | Path | None, is_dir: bool = False, option: str = 
                           f"choose another path for {option}") from None
 
 
-def _umask() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write_bytes(path: str | Path, write) -> None:
     """Call ``write(tmp_path)`` then rename into place, so a crash never leaves a half file.
 
@@ -72,7 +60,13 @@ def atomic_write_bytes(path: str | Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        try:                       # the umask, read without changing it (os.umask would, for every thread)
+            umask = int(next(ln for ln in Path("/proc/self/status").read_text().splitlines()
+                             if ln.startswith("Umask:")).split()[1], 8)
+        except (OSError, ValueError, IndexError, StopIteration):
+            umask = os.umask(0o022)
+            os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

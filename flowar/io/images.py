@@ -17,14 +17,10 @@ from torch import Tensor
 from flowar.io.files import atomic_write_bytes
 
 
-def uint8_B3HW(images_B3HW: Tensor) -> Tensor:
-    """(B, 3, H, W) uint8 from images in [-1, 1]: the rounding of every PNG written here."""
-    return ((images_B3HW.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 def to_uint8(images_B3HW: Tensor) -> np.ndarray:
-    """(B, H, W, 3) uint8 from images in [-1, 1]."""
-    return uint8_B3HW(images_B3HW).permute(0, 2, 3, 1).numpy()
+    """(B, H, W, 3) uint8 from images in [-1, 1]: the rounding of every PNG written here."""
+    return ((images_B3HW.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(
+        0, 2, 3, 1).numpy()
 
 
 def save_images(images_B3HW: Tensor, folder: str | Path, first: int = 0) -> list[Path]:

@@ -55,19 +55,13 @@ class Stages(Protocol):
 NoiseFn = Callable[[int, tuple[int, ...]], Tensor]
 
 
-def stream_seed(seed: int, index: int, k: int) -> int:
-    """The CPU generator seed of sample ``index``'s noise at scale k: a hash of (seed, index, k),
-    the same on every machine and in every process."""
-    digest = hashlib.blake2b(f"flowar-noise:{int(seed)}:{int(index)}:{int(k)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1                      # 63 bits
-
-
 def per_sample_noise(seed: int | Sequence[int], indices: Sequence[int]) -> NoiseFn:
     """Noise named by (seed, sample index): a seed names an image.
 
     Row b of the batch is sample ``indices[b]`` of the request. Its scale-k noise comes from a CPU
-    generator seeded with ``stream_seed(seed, indices[b], k)``: first its conditional row
-    (n, C), then, when the batch carries null rows, its null row. So the noise of a sample does
+    generator seeded with a hash of (seed, indices[b], k) (63 bits of blake2b, the same on every
+    machine and in every process): first its conditional row (n, C), then, when the batch carries
+    null rows, its null row. So the noise of a sample does
     not depend on the batch it lands in, its place there, the batch size, the backend, the shard
     or the worker, and its conditional noise not even on cfg. (The official sampler draws one
     (2B, n, C) tensor per scale instead: recorded official noise is replayed with
@@ -85,7 +79,8 @@ def per_sample_noise(seed: int | Sequence[int], indices: Sequence[int]) -> Noise
             raise FlowARError(f"{B} or {2 * B} noise rows for {B} samples", f"{R}", "pass one index per sample")
         out = torch.empty(shape, dtype=torch.float32)
         for b, (s, i) in enumerate(zip(seeds, idx)):
-            gen = torch.Generator().manual_seed(stream_seed(s, i, k))
+            digest = hashlib.blake2b(f"flowar-noise:{s}:{i}:{int(k)}".encode(), digest_size=8).digest()
+            gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
             out[b] = torch.randn((n, C), generator=gen)
             if R > B:
                 out[B + b] = torch.randn((n, C), generator=gen)
