@@ -22,6 +22,7 @@ from flowar.errors import EngineDirError, FlowARError
 from flowar.export.manifest import Manifest, read_manifest, sha256_file
 
 BACKENDS = ("auto", "ort", "trt", "torch")
+WARM_SETUP_S = 0.25   # set-up (s) above which an engine's shapes are run once at open instead of in the first image
 
 
 def _trt_usable(m: Manifest) -> tuple[bool, str]:
@@ -109,12 +110,22 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
             engines[stage] = stage_engine(stage, "ort-fp32", spec, graph=graph, sha256=info["sha256"], threads=threads,
                                           limits=split_limits(stage, m.config), cache_dir=m.root / ".ort-cache",
                                           provider=provider)
+    # Warmed at open: the engines whose first calls (one per scale) cost at least WARM_SETUP_S more
+    # than later ones, by the export's measurement. Warming runs each shape once on zeros, i.e. costs
+    # the calls themselves: for an engine that sets up little (a PyTorch fp32 decoder: 0.04 s against
+    # 0.7 s per call on FlowAR-S's VAE) it would only add to the command. Without a record, the
+    # engine's own default (eager PyTorch warms; the others set up little).
+    fell = {n for stages in fallback.values() for n in stages}
+    ran = [("ort-fp32" if n in fell else choice.get(n, "ort-fp32")) for n in specs]
+    measured = (m.auto or {}).get("measured", {})
+    for (stage, eng), cand in zip(engines.items(), ran):
+        rec = measured.get(stage, {}).get(cand)
+        if rec is not None and "setup_s" in rec:
+            eng.warm = rec["setup_s"] >= WARM_SETUP_S
     if chosen == "ort":
         return engines, f"ONNX Runtime {provider}"
     notes = [f"{', '.join(stages)} {cand} compiled for {flags}, which this CPU lacks: ONNX Runtime fp32 instead "
              "(re-export here to compile for this CPU)" for (cand, flags), stages in fallback.items()]
-    fell = {n for stages in fallback.values() for n in stages}
-    ran = [("ort-fp32" if n in fell else choice.get(n, "ort-fp32")) for n in specs]
     detail = f"{m.precision}: " + (ran[0] if len(set(ran)) == 1 else ", ".join(f"{n} {e}" for n, e in zip(specs, ran)))
     measured_on = (m.auto or {}).get("machine", {})
     if measured_on and measured_on != cpu_kind():

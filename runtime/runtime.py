@@ -135,18 +135,20 @@ class Runtime:
                                   ", ".join(sorted(ckpt_only)), "the engine directory records its config, decoder "
                                   "and precision; drop those options")
             return cls.open_engine_dir(p, **{k: v for k, v in options.items() if k in
-                                             ("backend", "device", "threads", "cuda_graphs")})
+                                             ("backend", "device", "threads", "cuda_graphs", "warm")})
         if options.get("backend", "auto") not in ("auto", "torch"):
             raise FlowARError("--backend auto or torch with --ckpt (engines come from an engine directory)",
                               repr(options["backend"]), "export it with flowar-export and pass --engine-dir")
-        return cls.open_checkpoint(p, **{k: v for k, v in options.items() if k != "backend"})
+        return cls.open_checkpoint(p, **{k: v for k, v in options.items() if k not in ("backend", "warm")})
 
     @classmethod
     def open_engine_dir(cls, path: str | Path, *, backend: str = "auto", device: str | None = None,
-                        threads: int | None = None, cuda_graphs: bool = True, ckpt: str | Path | None = None
-                        ) -> "Runtime":
+                        threads: int | None = None, cuda_graphs: bool = True, ckpt: str | Path | None = None,
+                        warm: Sequence[int] = (1,)) -> "Runtime":
         """What ``flowar-export`` wrote, on the engines :func:`choose_backend` picks (``ckpt``: for
-        ``backend="torch"``, the checkpoint the directory was exported from, if it moved)."""
+        ``backend="torch"``, the checkpoint the directory was exported from, if it moved). ``warm``:
+        the batch sizes whose shapes the engines that set up a lot per shape are run at once, here,
+        so that the first image does not pay it (``()``: none; see :meth:`warm_up`)."""
         from flowar.device import resolve_device
         from flowar.runtime.stages import EngineStages
         m = read_manifest(path)
@@ -176,7 +178,7 @@ class Runtime:
             seconds = {"read": time.perf_counter() - t0}
             t0 = time.perf_counter()
             with threads_.applied():
-                warmed = stages.warm_up()
+                warmed = stages.warm_up(warm) if warm else 0
             seconds["warm-up"] = time.perf_counter() - t0
         except BaseException:
             stack.close()
@@ -236,14 +238,15 @@ class Runtime:
                               if self.manifest is not None else "a checkpoint opened without a VAE",
                               "pass --vae (or re-export with --vae), or ask for tokens only (--save-tokens)")
 
-    def warm_up(self, batch_sizes: Sequence[int]) -> int:
-        """Run every engine once at the shapes of these batch sizes, before a served replica's or
-        bulk worker's first batch (each new shape's set-up cost FlowAR-S's first batch of a size 2x
-        its steady time). Returns the calls made."""
+    def warm_up(self, batch_sizes: Sequence[int], every_engine: bool = True) -> int:
+        """Run the engines once at the shapes of these batch sizes: every engine (before a served
+        replica's or bulk worker's first batch: each new shape's set-up cost FlowAR-S's first batch
+        of a size 2x its steady time), or only those that set up a lot per shape (a command's
+        request). Returns the calls made."""
         if not hasattr(self.stages, "warm_up"):
             return 0
         with self.threads.applied(), torch.inference_mode():
-            return self.stages.warm_up(batch_sizes, every_engine=True)
+            return self.stages.warm_up(batch_sizes, every_engine=every_engine)
 
     def sample(self, labels: Sequence[int], schedule: Schedule, *, seed: int | Sequence[int] = 0,
                indices: Sequence[int] | None = None, noise_file: str | Path | None = None,

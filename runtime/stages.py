@@ -99,8 +99,8 @@ class EngineStages:
         default every size up to the limit), on zeros, so that whatever a shape sets up the first
         time (eager PyTorch's oneDNN primitives and weight reorders; a compiled engine's, smaller)
         happens here and not in an image. By default only the engines that set up a lot per shape
-        (``warm``); ``every_engine``: all (a served replica, before it takes requests). Returns the
-        calls made."""
+        (``warm``: what the export measured, see :func:`flowar.runtime.directory.directory_engines`);
+        ``every_engine``: all (a served replica, before it takes requests). Returns the calls made."""
         n = 0
         sizes = sorted(set(batch_sizes or range(1, self.max_batch + 1)))
         for stage, eng in self.engines.items():

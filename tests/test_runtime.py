@@ -179,3 +179,29 @@ def test_the_labels_are_copied_into_static_storage_at_start(tiny_v1):
         labels.fill_(5)                          # the caller's tensor changes after start
         got = st.ar(0, None)
     assert torch.equal(got, want)
+
+
+def test_opening_warms_only_the_engines_whose_measured_set_up_is_large(default_auto_engines, tmp_path):
+    """Warming runs each shape once on zeros, so it costs the calls themselves: an engine is
+    warmed at open only where the export measured a set-up of at least WARM_SETUP_S (else the
+    command would pay a whole call to save a little), batch 1 by default, nothing with warm=()."""
+    import json
+    import shutil
+    from flowar.runtime.directory import WARM_SETUP_S
+    from flowar.runtime.runtime import Runtime
+    d = tmp_path / "e"
+    shutil.copytree(default_auto_engines, d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["auto"]["measured"]["ar"]["ort-fp32"]["setup_s"] = 2 * WARM_SETUP_S
+    m["auto"]["measured"]["velocity"]["ort-fp32"]["setup_s"] = WARM_SETUP_S / 10
+    del m["auto"]["measured"]["decode"]["ort-fp32"]["setup_s"]           # no record: the engine's own default
+    (d / "manifest.json").write_text(json.dumps(m))
+    with Runtime.open_engine_dir(d, backend="ort") as rt:
+        warm = {s: getattr(e, "warm", False) for s, e in rt.stages.engines.items()}
+        n_scales = rt.config.n_scales
+        warmed = rt.opened["shapes warmed"]
+    assert warm == {"ar": True, "head_prep": warm["head_prep"], "velocity": False, "decode": False}
+    rows_ar = 2                                                          # batch 1: the AR sees 1 and 2 rows
+    assert warmed == n_scales * rows_ar + (n_scales * 2 if warm["head_prep"] else 0)
+    with Runtime.open_engine_dir(d, backend="ort", warm=()) as rt:
+        assert rt.opened["shapes warmed"] == 0

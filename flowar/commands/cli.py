@@ -72,11 +72,16 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
     with Runtime.open(engine_dir or ckpt, bool(engine_dir), backend=backend, preset=preset, config=config_path,
                       vae=vae, raw_weights=raw_weights, device=device, threads=threads, cuda_graphs=cuda_graphs,
                       precision=precision) as rt:
-        opened = time.perf_counter() - t0
         if out or save_images:
             rt.require_decoder()
         sched = rt.schedule(settings)
         ids = parse_labels(rt.config.num_classes, rt.class_names, labels, classes, n_per_class)
+        batch = min(len(ids), batch_size or rt.batch or len(ids))
+        if batch > 1 and (rt.max_batch is None or batch <= rt.max_batch):    # opening warmed batch 1's shapes
+            t1 = time.perf_counter()
+            rt.opened["shapes warmed"] = rt.opened.get("shapes warmed", 0) + rt.warm_up([batch], every_engine=False)
+            rt.opened["warm-up"] = rt.opened.get("warm-up", 0.0) + time.perf_counter() - t1
+        opened = time.perf_counter() - t0
         parts = ", ".join(f"{k} {v:.2f} s" if isinstance(v, float) else f"{k} {v}" for k, v in rt.opened.items())
         click.echo(f"opened {engine_dir or ckpt} in {opened:.2f} s" + (f" ({parts})" if parts else ""), err=True)
         click.echo(f"backend: {rt.detail}; schedule: {sched.describe()}; CUDA graphs "
