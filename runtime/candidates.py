@@ -57,7 +57,7 @@ def stage_tensors(stage: str, module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def assign_tensors(stage: str, module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """``module`` (built on the meta device) given ``tensors`` themselves, no copy; every tensor
+    """``module`` (built without its weights) given ``tensors`` themselves, no copy; every tensor
     the stage reads must be there."""
     want = set(stage_tensors(stage, module))
     if set(tensors) != want:

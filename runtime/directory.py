@@ -7,8 +7,8 @@ pass that reads it, and nothing read that the chosen engines do not use.
 * a compiled package (``aoti-*``): hashed, then loaded as it is; refused on a CPU that lacks a
   flag the export CPU had (code compiled for it would stop with an illegal instruction), and
   replaced by the stage's ONNX graph on ONNX Runtime, which is said in the detail line;
-* eager PyTorch (``torch-*``): the stage's module built on the meta device and given the tensors
-  of its weights file, memory-mapped and hashed in one pass, already in the precision it runs;
+* eager PyTorch (``torch-*``): the stage's module built without initialising its weights and given
+  the tensors of its weights file, memory-mapped and hashed in one pass, already in the precision it runs;
 * TensorRT: each plan's bytes, hashed, deserialized.
 """
 
@@ -133,18 +133,37 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
     return engines, detail + "".join(f"; {n}" for n in notes)
 
 
+class _SkipRandomInit(torch.overrides.TorchFunctionMode):
+    """Random initialisation skipped while a stage's modules are built (their tensors are replaced
+    by the mapped weights right after, so their memory is never touched). Built on the CPU, not the
+    meta device: on meta, ``normal_`` and even a division run Python decompositions that import
+    ``torch._dynamo`` (0.9 s of a fresh process's opening)."""
+
+    SKIP = {"normal_", "uniform_", "trunc_normal_", "erfinv_", "exponential_", "kaiming_uniform_",
+            "kaiming_normal_", "xavier_uniform_", "xavier_normal_"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")         # torch.nn.init passes it by keyword
+        if getattr(func, "__name__", "") in self.SKIP and isinstance(target, torch.Tensor):
+            return target
+        return func(*args, **kwargs)
+
+
 def _meta_modules(m: Manifest, cache: dict, vae: bool):
-    """(model, vae) built on the meta device from the manifest (structure only, no weights): what
-    a stage's module is cut from before it is given its mapped tensors."""
-    if "model" not in cache:
-        from flowar.model.ar import FlowAR
-        with torch.device("meta"):
-            cache["model"] = FlowAR(m.config)
-    if vae and "vae" not in cache:
-        from flowar.model.vae import VAE, _diffusers
-        with torch.device("meta"):
-            cache["vae"] = VAE(_diffusers().AutoencoderKL.from_config(m.vae["config"]))
-    return cache["model"], cache.get("vae")
+    """(model, vae) built from the manifest (structure only: parameters allocated, never written):
+    what a stage's module is cut from before it is given its mapped tensors. Only what the stage
+    reads: the decoder (``vae``) or the FlowAR model (None for the other)."""
+    key = "vae" if vae else "model"
+    if key not in cache:
+        with _SkipRandomInit():
+            if vae:
+                from flowar.model.vae import VAE, _diffusers
+                cache[key] = VAE(_diffusers().AutoencoderKL.from_config(m.vae["config"]))
+            else:
+                from flowar.model.ar import FlowAR
+                cache[key] = FlowAR(m.config)
+    return (None, cache[key]) if vae else (cache[key], None)
 
 
 def exported_from(m: Manifest | str | Path, device: torch.device | str = "cpu", ckpt: str | Path | None = None):
