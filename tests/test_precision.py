@@ -122,6 +122,12 @@ def test_candidates_are_timed_in_the_pipeline_and_eager_fp32_is_always_among_the
     assert decide(combos).choice == auto[1]                                  # slower in the pipeline: not kept
     combos[0].seconds = 1.0
     assert decide(combos).choice == auto[0]
+    # what opening its engines costs a fresh process counts too (DESIGN decision 15): a PyTorch
+    # decoder that is faster per image but imports diffusers loses to one that loads at once
+    combos[0].open_s = 1.6
+    assert decide(combos).choice == auto[1]
+    measured["velocity"]["torch-bf16"].open_s = 1.0                        # per stage as well
+    assert combinations(measured, "auto")[0]["velocity"] == "torch-fp32"
 
 
 def test_a_reduced_choice_passes_near_fp32_or_no_farther_than_the_official_mixed_precision():

@@ -68,6 +68,8 @@ class StageMeasure:
     note: str = ""            # why a candidate could not be measured (it then never wins)
     setup_s: float = 0.0      # what its first call at each scale costs beyond the others (oneDNN primitives,
                               # weight reorders): paid by the first image (or at open, where eager engines warm up)
+    open_s: float = 0.0       # what opening it costs a fresh process: loading it (a package, a session) and the
+                              # imports its module needs there (the VAE's PyTorch engines import diffusers)
 
     @property
     def ok(self) -> bool:
@@ -113,6 +115,7 @@ class Combination:
     deviation: dict = field(default_factory=dict)   # against float32 on the probe samples
     ok: bool = True
     setup_s: float = 0.0                   # what its engines set up per shape the first time
+    open_s: float = 0.0                    # what opening its engines costs a fresh process
 
     @property
     def reduced(self) -> bool:
@@ -150,7 +153,8 @@ class PrecisionReport:
             mark = "kept" if c.choice == self.choice else ("too far" if not c.ok else "")
             what = ", ".join(f"{s} {e}" for s, e in c.choice.items())
             dev = f"; vs fp32 {_describe(c.deviation)}" if c.deviation else ""
-            setup = f" + {c.setup_s:.2f} s set-up" if c.setup_s else ""
+            setup = (f" + {c.setup_s:.2f} s set-up" if c.setup_s else "") + (f" + {c.open_s:.2f} s to open"
+                                                                                  if c.open_s else "")
             out.append(f"  {self.mode} pipeline {c.seconds:.3f} s per image{setup} [{what}]{dev} {mark}".rstrip())
         if fp16:
             out.append(f"  {self.mode} the official mixed precision (fp16 autocast) on the same samples: {fp16}")
@@ -195,6 +199,7 @@ def select(bench: "Workbench", mode: str = "auto", candidates: tuple[str, ...] |
     calls = {"velocity": [len(p) for p in Settings().resolve(config.n_scales).plan]}
     stages = [s for s in STAGES if s in specs]
     measured: dict[str, dict[str, StageMeasure]] = {}
+    imports: dict[str, float] = {}      # stage -> seconds a fresh process takes to import its PyTorch module's code
     for stage in stages:
         spec, module = specs[stage], specs[stage].module(bench.model, bench.vae)
         measured[stage] = {}
@@ -206,10 +211,15 @@ def select(bench: "Workbench", mode: str = "auto", candidates: tuple[str, ...] |
             except FlowARError as e:                        # e.g. no C++ compiler: not a candidate here
                 measured[stage][cand] = StageMeasure(float("inf"), float("inf"), tol, note=str(e))
                 continue
+            t0 = time.perf_counter()
             with eng:
+                opened = time.perf_counter() - t0
                 measured[stage][cand] = measure_stage(eng, module, spec, config,
                                                       calls.get(stage, [1] * config.n_scales), tolerance=tol)
             measured[stage][cand].build_s = bench.build_s.get((stage, cand), 0.0)
+            if stage == "decode" and cand.startswith("torch") and "decode" not in imports:
+                imports["decode"] = import_seconds("from flowar.model.vae import _diffusers; _diffusers()")
+            measured[stage][cand].open_s = opened + (imports.get(stage, 0.0) if cand.startswith("torch") else 0.0)
     report = PrecisionReport(mode, {}, measured, machine=cpu_kind())
     combos = combinations(measured, mode)
     # eager fp32 is always timed, unless the candidates were restricted without it (--auto-candidates)
@@ -219,6 +229,7 @@ def select(bench: "Workbench", mode: str = "auto", candidates: tuple[str, ...] |
         progress(f"time in the pipeline: {', '.join(f'{s} {c}' for s, c in combo.choice.items())}")
         combo.seconds = probe.seconds(combo.choice)
         combo.setup_s = sum(measured[s][c].setup_s for s, c in combo.choice.items() if c in measured[s])
+        combo.open_s = sum(measured[s][c].open_s for s, c in combo.choice.items() if c in measured[s])
     if any(c.reduced for c in report.combinations):
         progress("check reduced precision end to end")
         report.official_fp16 = deviation(probe.official_fp16(), probe.reference())
@@ -242,8 +253,8 @@ def combinations(measured: dict[str, dict[str, StageMeasure]], mode: str) -> lis
     stages = list(measured)
 
     def fastest(pool) -> dict[str, str]:
-        return {s: min(pool(s), key=lambda c: measured[s][c].seconds + measured[s][c].setup_s if c in measured[s]
-                       else float("inf")) for s in stages}
+        return {s: min(pool(s), key=lambda c: measured[s][c].seconds + measured[s][c].setup_s + measured[s][c].open_s
+                       if c in measured[s] else float("inf")) for s in stages}
     if mode == "bf16":
         reduced = lambda s: [c for c, m in measured[s].items() if c in REDUCED and m.finite and not m.note]  # noqa: E731
         combos = [fastest(lambda s: reduced(s) or ["torch-fp32"])]
@@ -255,14 +266,29 @@ def combinations(measured: dict[str, dict[str, StageMeasure]], mode: str) -> lis
 
 
 def decide(combos: list[Combination]) -> Combination:
-    """The combination that passed its accuracy check and gives the first image soonest: its
-    whole image in the pipeline, plus what its engines set up per shape the first time (paid once
-    by every process that opens the directory: DESIGN decision 15)."""
+    """The combination that passed its accuracy check and gives the first image soonest from a
+    fresh process: its whole image in the pipeline, plus what its engines set up per shape the
+    first time and what opening them costs (both paid once by every process that opens the
+    directory: DESIGN decision 15). A PyTorch decoder 0.1 s faster per image than a compiled one
+    but 1.3 s dearer to open (diffusers' import) loses here."""
     ok = [c for c in combos if c.ok]
     if not ok:
         raise FlowARError("an engine choice that samples like float32", "none passed",
                           "export with --precision fp32")
-    return min(ok, key=lambda c: c.seconds + c.setup_s)
+    return min(ok, key=lambda c: c.seconds + c.setup_s + c.open_s)
+
+
+def import_seconds(code: str) -> float:
+    """Seconds a fresh Python process takes to run ``code`` after importing torch (what opening an
+    engine that needs it adds there; this process has long imported everything)."""
+    import subprocess
+    import sys
+    probe = f"import time, torch\nt = time.perf_counter()\n{code}\nprint(time.perf_counter() - t)"
+    try:
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+        return float(done.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError):
+        return 0.0                                       # unmeasured: counted as free, as before
 
 
 class Workbench:
