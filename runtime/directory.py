@@ -133,30 +133,14 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
     return engines, detail + "".join(f"; {n}" for n in notes)
 
 
-class _SkipRandomInit(torch.overrides.TorchFunctionMode):
-    """Random initialisation skipped while a stage's modules are built (their tensors are replaced
-    by the mapped weights right after, so their memory is never touched). Built on the CPU, not the
-    meta device: on meta, ``normal_`` and even a division run Python decompositions that import
-    ``torch._dynamo`` (0.9 s of a fresh process's opening)."""
-
-    SKIP = {"normal_", "uniform_", "trunc_normal_", "erfinv_", "exponential_", "kaiming_uniform_",
-            "kaiming_normal_", "xavier_uniform_", "xavier_normal_"}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        target = args[0] if args else kwargs.get("tensor")         # torch.nn.init passes it by keyword
-        if getattr(func, "__name__", "") in self.SKIP and isinstance(target, torch.Tensor):
-            return target
-        return func(*args, **kwargs)
-
-
 def _meta_modules(m: Manifest, cache: dict, vae: bool):
     """(model, vae) built from the manifest (structure only: parameters allocated, never written):
     what a stage's module is cut from before it is given its mapped tensors. Only what the stage
     reads: the decoder (``vae``) or the FlowAR model (None for the other)."""
     key = "vae" if vae else "model"
     if key not in cache:
-        with _SkipRandomInit():
+        from flowar.model.checkpoint import skeleton
+        with skeleton():
             if vae:
                 from flowar.model.vae import VAE, _diffusers
                 cache[key] = VAE(_diffusers().AutoencoderKL.from_config(m.vae["config"]))

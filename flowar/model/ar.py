@@ -92,7 +92,7 @@ class FlowAR(nn.Module):
         self.flownet.initialize_weights()
 
     def materialize_buffers(self) -> None:
-        """Rebuild the buffers no state dict carries (after building on the meta device)."""
+        """Rebuild the buffers no state dict carries (after building as a skeleton: see flowar.model.checkpoint)."""
         self.flownet.time_embed.reset_table()
 
     # ---- the transformer over a span [begin, end) of the sequence --------------------------
