@@ -147,14 +147,16 @@ def serve_forever(engine_dir: str, host: str, port: int, threads: int | None, ma
     from ray import serve
     logging.getLogger("ray.serve").setLevel(logging.WARNING)      # the command says what matters itself
     t0 = time.perf_counter()
-    serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
     settings = dict(threads=threads, max_n=max_n, replicas=replicas, backend=backend, queue=queue,
                     deadline_s=deadline_s, token=token, grace_s=grace_s)
     try:
+        serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
         serve.run(build_app(engine_dir, **settings), name=APP, route_prefix="/")
-    except RuntimeError as e:                         # a replica that failed to start: Serve's whole report
-        first = next((ln for ln in reversed(str(e).splitlines()) if ln.strip()), str(e))
-        raise FlowARError("replicas that start", first.strip()[:300],
+    except FlowARError:
+        raise
+    except Exception as e:   # noqa: BLE001 - a replica that failed to start (Serve's whole report), or Serve itself
+        first = next((ln for ln in reversed(str(e).splitlines()) if ln.strip()), type(e).__name__)
+        raise FlowARError("Ray Serve and its replicas to start", f"{type(e).__name__}: {first.strip()[:300]}",
                           f"run flowar-run --engine-dir {engine_dir} --labels 0 to see the engines open") from None
     if ready is not None:
         ready(time.perf_counter() - t0)
