@@ -86,7 +86,7 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
         model, vae = exported_from(m, device, ckpt)
         return ({n: stage_engine(n, "torch-fp32", s, module=s.module(model, vae)) for n, s in specs.items()},
                 f"eager PyTorch on {device}")
-    engines, fallback, mapped, meta = {}, {}, {}, {}
+    engines, fallback, mapped, skeletons = {}, {}, {}, {}
     for stage, spec in specs.items():
         cand, rec = choice.get(stage, "ort-fp32"), (m.engines or {}).get(stage, {})
         if cand in COMPILED and missing_for(rec.get("cpu", {})):
@@ -100,7 +100,7 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
                 from flowar.io.tensors import map_safetensors
                 w = m.weights[key]
                 mapped[key] = map_safetensors(m.member(w["file"]), w["sha256"])
-            model, vae = _meta_modules(m, meta, stage == "decode")
+            model, vae = _skeleton_modules(m, skeletons, stage == "decode")
             engines[stage] = stage_engine(stage, cand, spec, module=assign_tensors(
                 stage, stage_module(cand, spec, model, vae), mapped[key]))
         else:
@@ -133,7 +133,7 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
     return engines, detail + "".join(f"; {n}" for n in notes)
 
 
-def _meta_modules(m: Manifest, cache: dict, vae: bool):
+def _skeleton_modules(m: Manifest, cache: dict, vae: bool):
     """(model, vae) built from the manifest (structure only: parameters allocated, never written):
     what a stage's module is cut from before it is given its mapped tensors. Only what the stage
     reads: the decoder (``vae``) or the FlowAR model (None for the other)."""
