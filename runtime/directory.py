@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from flowar.errors import EngineDirError, FlowARError
+from flowar.errors import FlowARError
 from flowar.export.manifest import Manifest, read_manifest, sha256_file
 
 BACKENDS = ("auto", "ort", "trt", "torch")
