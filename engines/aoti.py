@@ -7,7 +7,8 @@ ONNX graphs do). It is compiled with Inductor's freezing (weights folded into th
 constants, prepacked for the GEMM kernels) and ``force_mmap_weights`` (the weights appended to
 the shared library and memory-mapped when it is loaded, not copied). The ``bf16`` flavour is the
 module with every GEMM and convolution in bfloat16 and float32 around them
-(:func:`flowar.runtime.bf16.bf16_gemms`, the ``torch-bf16`` engine's numerics), compiled.
+(:func:`flowar.runtime.bf16.bf16_engine`: the decoder in bf16 throughout; the ``torch-bf16``
+engine's numerics), compiled.
 
 Loading goes through PyTorch's C++ package loader directly, so a process that runs packages never
 imports ``torch._inductor`` (about 2 s). The generated code is built for the CPU of the export:

@@ -5,8 +5,8 @@ chooses among and records, and what the runtime opens):
 * ``torch-fp32``: the reference module in eager PyTorch;
 * ``torch-bf16`` (:mod:`flowar.runtime.bf16`): the reference module with every GEMM and
   convolution in bfloat16 and everything else in float32 (norms, softmax, residual adds,
-  modulation), which is what makes bf16 accurate enough. Fast only where the CPU computes bf16
-  (AVX512-BF16, AMX), emulated elsewhere;
+  modulation), which is what makes bf16 accurate enough; the VAE's decoder in bf16 throughout.
+  Fast only where the CPU computes bf16 (AVX512-BF16, AMX), emulated elsewhere;
 * ``aoti-fp32`` / ``aoti-bf16`` (:mod:`flowar.engines.aoti`): the same two modules compiled ahead
   of time by AOTInductor (fused, weights prepacked), loaded without compiling.
 
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from flowar.errors import EngineDirError, FlowARError
-from flowar.runtime.bf16 import bf16_gemms
+from flowar.runtime.bf16 import bf16_engine
 
 CANDIDATES = ("ort-fp32", "torch-fp32", "torch-bf16", "aoti-fp32", "aoti-bf16")
 REDUCED = ("torch-bf16", "aoti-bf16")
@@ -44,9 +44,9 @@ def default_candidates(mode: str, fast_bf16: bool) -> tuple[str, ...]:
 
 def stage_module(candidate: str, spec, model, vae) -> nn.Module:
     """The module a PyTorch or compiled candidate runs for a stage: the stage's wrapper of the
-    reference modules, its GEMMs and convolutions in bf16 for the bf16 flavours."""
+    reference modules, in bf16 for the bf16 flavours (:func:`flowar.runtime.bf16.bf16_engine`)."""
     module = spec.module(model, vae)
-    return bf16_gemms(module) if candidate.endswith("bf16") else module
+    return bf16_engine(module, spec.name) if candidate.endswith("bf16") else module
 
 
 def stage_tensors(stage: str, module: nn.Module) -> dict[str, torch.Tensor]:

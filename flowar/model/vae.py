@@ -50,8 +50,10 @@ class VAE(nn.Module):
         return 2 ** (len(self.autoencoder.config.block_out_channels) - 1)
 
     def decode(self, latent_BCHW: Tensor) -> Tensor:
-        """Image (B, 3, 16h, 16w) from a VAE-space latent (B, C, h, w)."""
-        return self.autoencoder.decode(latent_BCHW).sample
+        """Image (B, 3, 16h, 16w) from a VAE-space latent (B, C, h, w), in the latent's dtype; the
+        decoder computes in its weights' dtype (bf16 for the bf16 engines)."""
+        dtype = self.autoencoder.decoder.conv_in.weight.dtype
+        return self.autoencoder.decode(latent_BCHW.to(dtype)).sample.to(latent_BCHW.dtype)
 
     def encode(self, image_B3HW: Tensor) -> tuple[Tensor, Tensor]:
         """Posterior mean and log-variance (clamped to [-30, 20]) of an image in [-1, 1]."""
