@@ -174,9 +174,13 @@ def test_auto_records_what_it_measured_and_the_runtime_runs_that(fixtures_dir, t
     rep = _export(fixtures_dir, tmp_path / "torch", ("torch-fp32",))
     m = json.loads((tmp_path / "torch" / "manifest.json").read_text())
     assert m["precision"] == "auto" and m["auto"]["choice"] == {s: "torch-fp32" for s in ("ar", "head_prep", "velocity")}
+    from safetensors.torch import load_file
     for stage in ("ar", "head_prep", "velocity"):
         rec = m["auto"]["measured"][stage]["torch-fp32"]
         assert rec["seconds"] > 0 and rec["error"] == 0.0                     # the reference module itself
+        # what opening counts is hashing the very file the directory holds for the stage
+        held = load_file(str(tmp_path / "torch" / m["weights"][m["engines"][stage]["weights"]]["file"]))
+        assert rec["open_bytes"] == sum(t.nbytes for t in held.values()) > 0 and rec["open_s"] > 0
     assert m["auto"]["combinations"][0]["seconds"] > 0 and m["auto"]["machine"]["model"]
     # the weights each PyTorch stage runs, once per module group (the head's two stages share one file)
     assert set(m["weights"]) == {"ar.torch-fp32", "head.torch-fp32"} and m["engines"]["velocity"] == {

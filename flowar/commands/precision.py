@@ -39,6 +39,7 @@ same deviations. Everything measured goes into the manifest (``auto``) and the e
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -48,7 +49,8 @@ import torch
 
 from flowar.errors import FlowARError
 from flowar.eval.quality import deviation, relative_error
-from flowar.runtime.candidates import CANDIDATES, COMPILED, REDUCED, default_candidates, stage_engine, stage_module
+from flowar.runtime.candidates import (CANDIDATES, COMPILED, REDUCED, default_candidates, stage_engine, stage_module,
+                                       stage_tensors)
 
 STAGES = ("ar", "head_prep", "velocity", "decode")
 FP32_SCREEN = 1e-4            # relative rms error of a float32 engine: float32 noise
@@ -68,8 +70,11 @@ class StageMeasure:
     note: str = ""            # why a candidate could not be measured (it then never wins)
     setup_s: float = 0.0      # what its first call at each scale costs beyond the others (oneDNN primitives,
                               # weight reorders): paid by the first image (or at open, where eager engines warm up)
-    open_s: float = 0.0       # what opening it costs a fresh process: loading it (a package, a session) and the
-                              # imports its module needs there (the VAE's PyTorch engines import diffusers)
+    open_s: float = 0.0       # what opening it costs a fresh process: loading it (a package, a session), the
+                              # imports its module needs there (the VAE's PyTorch engines import diffusers) and,
+                              # for the PyTorch engines, hashing the weights file they map (the head's two
+                              # stages share one: counted for each)
+    open_bytes: int = 0       # the bytes of that weights file's tensors (PyTorch engines)
 
     @property
     def ok(self) -> bool:
@@ -216,6 +221,10 @@ def select(bench: "Workbench", mode: str = "auto", candidates: tuple[str, ...] |
                 opened = time.perf_counter() - t0
                 measured[stage][cand] = measure_stage(eng, module, spec, config,
                                                       calls.get(stage, [1] * config.n_scales), tolerance=tol)
+                if cand.startswith("torch"):    # opening the directory hashes the weights file it maps
+                    tensors = stage_tensors(stage, eng.module)
+                    measured[stage][cand].open_bytes = sum(t.nbytes for t in tensors.values())
+                    opened += hash_seconds(tensors)
             measured[stage][cand].build_s = bench.build_s.get((stage, cand), 0.0)
             if stage == "decode" and cand.startswith("torch") and "decode" not in imports:
                 imports["decode"] = import_seconds("from flowar.model.vae import _diffusers; _diffusers()")
@@ -276,6 +285,17 @@ def decide(combos: list[Combination]) -> Combination:
         raise FlowARError("an engine choice that samples like float32", "none passed",
                           "export with --precision fp32")
     return min(ok, key=lambda c: c.seconds + c.setup_s + c.open_s)
+
+
+def hash_seconds(tensors: dict[str, torch.Tensor]) -> float:
+    """Seconds to sha256 these tensors' bytes: what opening an engine directory costs for the weights
+    file a PyTorch engine maps (the file is checked in the pass that reads it). On FlowAR-S's head,
+    169 MB in float32: about 0.1 s, more than that engine saved per image where it was chosen for
+    head_prep without it."""
+    h, t0 = hashlib.sha256(), time.perf_counter()
+    for t in tensors.values():
+        h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy())
+    return time.perf_counter() - t0
 
 
 def import_seconds(code: str) -> float:
