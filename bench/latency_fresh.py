@@ -2,7 +2,8 @@
 
 For an engine directory, ``flowar-run --engine-dir DIR`` against ``flowar-run --ckpt`` on the
 checkpoint (and VAE) it was exported from, the eager sampler a user runs, with the same labels,
-seed and ``--threads``, one image written as a PNG. Each pair runs ``repeat`` times, alternating
+seed, sampling settings (the directory's recorded defaults, given to both) and ``--threads``, one
+image written as a PNG. Each pair runs ``repeat`` times, alternating
 (the host's speed drifts; the best of each side is compared, and every run is kept):
 
 * ``sampled``: the first image's sampling, as the command reports it ("sampled ... in X s");
@@ -47,7 +48,11 @@ def fresh_runs(engine_dir: str, repeat: int = 2, threads: int | None = None, lab
     with tempfile.TemporaryDirectory(prefix="flowar-fresh-") as tmp:
         cfg = Path(tmp) / "config.json"
         cfg.write_text(m.config.to_json())
-        common = ["--labels", str(label), "--seed", str(seed)]
+        # the directory's recorded sampling defaults (e.g. FlowAR-H's 50 steps, cfg 2.4) given to both
+        # sides: flowar-run --engine-dir samples with them, flowar-run --ckpt would not
+        recorded = {k: v for k, v in (m.schedule_defaults or {}).items() if v is not None}
+        common = ["--labels", str(label), "--seed", str(seed)] + [a for k, v in sorted(recorded.items())
+                                                                   for a in (f"--{k}", str(v))]
         eager = ["--ckpt", str(ckpt), "--config", str(cfg)] + (["--vae", m.vae["source"]] if m.vae else []) + \
             ([] if ema else ["--raw-weights"])
         sides = {"eager": eager, "engines": ["--engine-dir", str(engine_dir)]}
