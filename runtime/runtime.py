@@ -197,8 +197,8 @@ class Runtime:
         """A checkpoint (official .pth, training checkpoint, or .safetensors) in eager PyTorch;
         ``precision="bf16"``: its GEMMs and convolutions in bf16, float32 around them, the decoder in
         bf16 throughout (the engines' ``torch-bf16``; tensor cores on a GPU). On a CUDA device with
-        ``cuda_graphs`` the modules run behind static buffers (batches of up to :data:`GRAPH_BATCH`) and every scale is
-        captured once and replayed."""
+        ``cuda_graphs`` the modules run behind static buffers (batches of up to :data:`GRAPH_BATCH`)
+        and every scale is captured once and replayed."""
         from flowar.device import resolve_device
         from flowar.model.checkpoint import load_model
         if precision not in ("fp32", "bf16"):
@@ -211,8 +211,8 @@ class Runtime:
             from flowar.model.vae import load_vae
             vae_mod = load_vae(vae, expect_channels=ck.config.latent_channels).to(dev)
         if precision == "bf16":
-            from flowar.runtime.bf16 import bf16_gemms, bf16_throughout
-            model, vae_mod = bf16_gemms(model), (bf16_throughout(vae_mod) if vae_mod is not None else None)
+            from flowar.runtime.bf16 import bf16_engine, bf16_gemms
+            model, vae_mod = bf16_gemms(model), (bf16_engine(vae_mod, "decode") if vae_mod is not None else None)
         capture = captures(dev, "torch", cuda_graphs)
         if capture:                         # static buffers: the reference modules as engines
             from flowar.runtime.stages import torch_engine_stages
