@@ -138,8 +138,9 @@ def gemm_peak_gflops(device: torch.device, n: int = 2048, repeat: int = 5, dtype
     return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
-def official_flops(model, vae, schedule, B: int) -> dict[str, int]:
-    """FLOPs of one official-style sample of batch B, per stage, counted by torch."""
+def schedule_flops(model, vae, schedule, B: int) -> dict[str, int]:
+    """FLOPs of one sample of batch B with ``schedule``, done the official way (the null half
+    integrated too), per stage, counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
     from flowar.sampling.eager import OfficialStyleStages
     from flowar.sampling.sampler import Hooked

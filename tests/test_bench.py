@@ -46,6 +46,19 @@ def test_every_backend_does_the_same_work_and_agrees_with_eager(run):
     assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_each_row_counts_the_flops_of_its_own_schedule(run):
+    """The fast rows' GFLOP/s come from the fast schedule's work, not the official one's: the same AR
+    and decode, and per scale 3 or 4 head evaluations of the official 6 (hand count above), plus the
+    per-scale preparation both do once. A row's rate times its median is its schedule's count."""
+    rc, data, out = run
+    f = data["flops_per_max_batch"]
+    assert f["fast"]["ar"] == f["official"]["ar"] > 0 and f["fast"]["decode"] == f["official"]["decode"]
+    assert 0.5 * f["official"]["head"] <= f["fast"]["head"] < 0.75 * f["official"]["head"]
+    for r in data["results"]:
+        total = sum(f[r["schedule"]].values()) * r["batch"] / 2               # counted at the largest batch, 2
+        assert r["effective_gflops"]["total"] * 1e9 * r["median_s"] == pytest.approx(total, rel=1e-9)
+
+
 class Sleepy:
     """Stages that compute nothing and sleep a known time in every call of one stage, so what
     the clock reads is known whatever else the machine is doing."""
