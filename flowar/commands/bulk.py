@@ -1,8 +1,9 @@
-"""Bulk sampling on Ray Data (``flowar-sample``): N images for an evaluation, spread over workers.
+"""Bulk sampling (``flowar-sample``): N images for an evaluation, spread over workers.
 
-The request is cut into fixed shards of consecutive sample indices. Ray Data runs one actor per
-worker, each holding one engine set (an engine directory opened once), and maps shards onto
-them. Sample i always has the label ``classes[i % len(classes)]`` (class-balanced) and the noise
+The request is cut into fixed shards of consecutive sample indices. Each worker holds one engine
+set (an engine directory opened once) and takes shards: one worker on this machine runs in this
+process; several, or a cluster (``--ray-address``), run as Ray Data actors that shards are mapped
+onto. Sample i always has the label ``classes[i % len(classes)]`` (class-balanced) and the noise
 of (seed, i), every actor computes with the same number of threads, and batches are cut at
 multiples of the batch size, so the output does not depend on the number of workers, on which
 worker took which shard, nor on the shard size (a multiple of the batch): the same bytes. Another
@@ -78,7 +79,7 @@ def shard_is_done(out: Path, j: int, start: int, end: int) -> bool:
 
 
 class ShardSampler:
-    """The body of one Ray Data actor: the pipeline opened once (the engines flowar-run would
+    """One worker (this process, or a Ray Data actor): the pipeline opened once (the engines flowar-run would
     choose; CUDA graphs captured at start on a GPU), shards sampled in batches of ``spec.batch`` (default:
     the best images/s by the directory's call plan) and written. ``progress``, a Ray queue, gets
     ``("batch", B)`` once and ``("images", n)`` after every batch, for the driver's bar."""
@@ -232,8 +233,11 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     batches: set[int] = set()
     done_now = sum(e - s for _, s, e in todo)
     if todo:
-        start_ray(ray_address, None if ray_address else workers * spec.threads)
-        rows = _sample_on_ray(spec, out, todo, workers, progress, spec.num_images - done_now)
+        if ray_address is None and workers == 1:       # one worker here: this process, no Ray around it
+            rows = _sample_here(spec, out, todo, progress, spec.num_images - done_now)
+        else:
+            start_ray(ray_address, None if ray_address else workers * spec.threads)
+            rows = _sample_on_ray(spec, out, todo, workers, progress, spec.num_images - done_now)
         secs = [float(r["seconds"]) for r in rows]
         engines = {str(r["engines"]) for r in rows}
         batches = {int(r["batch"]) for r in rows}
@@ -257,30 +261,56 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
                       done_now * min(workers, len(todo)) / sum(secs) if secs else 0.0)
 
 
+def _sample_here(spec: BulkSpec, out: Path, todo: list, progress: bool, done_before: int) -> list[dict]:
+    """The shards on one ShardSampler in this process (one worker and no cluster): what Ray would
+    add is its start and its background processes (Ray Data's actors, the dashboard's agent) on
+    the cores the engines use."""
+    import queue
+    told: queue.Queue | None = queue.Queue() if progress else None
+
+    def consume(rows: list[dict]) -> None:
+        sampler = ShardSampler(asdict(spec), str(out.resolve()), told)
+        for j, s, e in todo:
+            r = sampler({"shard": [j], "start": [s], "end": [e]})
+            rows.append({k: v[0] for k, v in r.items()})
+    return _with_bar(consume, told, spec, done_before, lambda: None)
+
+
 def _sample_on_ray(spec: BulkSpec, out: Path, todo: list, workers: int, progress: bool,
                    done_before: int) -> list[dict]:
-    """Map the shards onto ``workers`` ShardSampler actors; the bar follows their batches (images
-    counted as each batch ends, not as each shard does)."""
+    """Map the shards onto ``workers`` ShardSampler actors of Ray Data."""
     import logging
-    import threading
 
     import ray.data
-    from ray.util.queue import Empty, Queue
+    from ray.util.queue import Queue
     logging.getLogger("ray.data").setLevel(logging.WARNING)        # our own bar says how far it is
     told = Queue(actor_options={"num_cpus": 0}) if progress else None
     ds = ray.data.from_items([{"shard": j, "start": s, "end": e} for j, s, e in todo], override_num_blocks=len(todo))
     mapped = ds.map_batches(ShardSampler, fn_constructor_args=(asdict(spec), str(out.resolve()), told),
                             batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(workers, len(todo))),
                             num_cpus=spec.threads)
+    return _with_bar(lambda rows: rows.extend(mapped.iter_rows()), told, spec, done_before,
+                     told.shutdown if told is not None else lambda: None)
+
+
+def _with_bar(consume, told, spec: BulkSpec, done_before: int, close) -> list[dict]:
+    """Run ``consume(rows)`` on a thread while a bar follows the workers' batches from ``told``
+    (images counted as each batch ends, not as each shard does); errors as one line."""
+    import threading
+    from queue import Empty as LocalEmpty
+    try:
+        from ray.util.queue import Empty as RayEmpty
+    except ImportError:
+        RayEmpty = LocalEmpty
     rows: list[dict] = []
     failed: list[BaseException] = []
 
-    def consume() -> None:
+    def run() -> None:
         try:
-            rows.extend(mapped.iter_rows())
+            consume(rows)
         except BaseException as e:   # noqa: BLE001 - raised again by the caller's thread
             failed.append(e)
-    worker = threading.Thread(target=consume, daemon=True)
+    worker = threading.Thread(target=run, daemon=True)
     worker.start()
     if told is not None:
         import sys
@@ -293,7 +323,7 @@ def _sample_on_ray(spec: BulkSpec, out: Path, todo: list, workers: int, progress
             while worker.is_alive() or not told.empty():
                 try:
                     what, n = told.get(timeout=0.5)
-                except Empty:
+                except (LocalEmpty, RayEmpty):
                     continue
                 if what == "batch":                 # a worker has opened its engines: the clock starts
                     t0, batch = t0 if batch else time.perf_counter(), n
@@ -307,8 +337,7 @@ def _sample_on_ray(spec: BulkSpec, out: Path, todo: list, workers: int, progress
                     print(f"sampling: {done_before + done}/{spec.num_images} images, {rate:.3g} images/s at batch "
                           f"{batch}, {left / 60:.1f} min left", file=sys.stderr, flush=True)
     worker.join()
-    if told is not None:
-        told.shutdown()
+    close()
     if failed:
         e = failed[0]
         cause = next((c for c in _causes(e) if isinstance(c, FlowARError)), None)

@@ -36,7 +36,7 @@ from flowar.errors import FlowARError
 @user_errors
 def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, schedule, solver, stride, steps, cfg,
                guidance, workers, threads, batch, shard_size, ray_address, debug):
-    """Bulk sampling on Ray Data: PNG shards and samples.npz (ADM format); rerun to resume."""
+    """Bulk sampling: PNG shards and samples.npz (ADM format); rerun to resume. One worker runs here; several on Ray."""
     from flowar.commands.bulk import BulkSpec, run_bulk
     from flowar.export.manifest import read_manifest
     from flowar.io.files import check_writable
@@ -50,6 +50,11 @@ def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, sche
     settings = Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance, solver=solver, stride=stride)
     spec = BulkSpec(str(Path(engine_dir).resolve()), num_images, ids, seed, settings.given(), shard_size, threads,
                     backend, batch)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if ray_address is None and workers * threads < cores:
+        click.echo(f"note: {workers} worker(s) x {threads} thread(s) use {workers * threads} of this machine's {cores} "
+                   f"cores; --threads {cores // workers} is faster (the images then differ from other --threads by "
+                   "float rounding)", err=True)
     rep = run_bulk(spec, out, workers, ray_address)
     kept = f", {rep.shards_done_before} kept from before" if rep.shards_done_before else ""
     rate = (f"{rep.images_per_s:.3g} images/s ({rep.sampling_images_per_s:.3g} while sampling) at batch {rep.batch} "
