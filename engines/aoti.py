@@ -5,12 +5,16 @@ A package holds one stage for every shape the runtime will request: rows, tokens
 the AR's prefix length are dynamic dimensions (one package serves every scale and batch, as the
 ONNX graphs do). It is compiled with Inductor's freezing (weights folded into the graph as
 constants, prepacked for the GEMM kernels) and ``force_mmap_weights`` (the weights appended to
-the shared library and memory-mapped when it is loaded, not copied). The ``bf16`` flavour is the
+the shared library and memory-mapped when it is loaded, not copied). The directory stores that
+shared library itself (``STAGE.aoti-bf16.so``), taken out of the ``.pt2`` package at export:
+PyTorch's package loader unpacks a package into a temporary folder at every opening (FlowAR-H's
+4 GB of libraries written again, 18 s of a cold opening), where the library is loaded in place and
+processes that open the same directory share its pages. The ``bf16`` flavour is the
 module with every GEMM and convolution in bfloat16 and float32 around them
 (:func:`flowar.runtime.bf16.bf16_engine`: the decoder in bf16 throughout; the ``torch-bf16``
 engine's numerics), compiled.
 
-Loading goes through PyTorch's C++ package loader directly, so a process that runs packages never
+Loading goes through PyTorch's C++ loaders directly, so a process that runs compiled stages never
 imports ``torch._inductor`` (about 2 s). The generated code is built for the CPU of the export:
 the runtime refuses (or replaces) a package on a CPU that lacks a flag the export CPU had
 (:func:`flowar.engines.cpu.missing_for`).
@@ -27,8 +31,8 @@ from flowar.errors import FlowARError
 
 
 def compile_stage(spec, module: torch.nn.Module, config, max_rows: int, path: Path) -> float:
-    """Compile ``module`` (one stage, float32 in and out) into the package ``path``; its dynamic
-    dimensions are those of the stage's spec, rows up to ``max_rows``. Returns the seconds taken."""
+    """Compile ``module`` (one stage, float32 in and out) into the shared library ``path``; its
+    dynamic dimensions are those of the stage's spec, rows up to ``max_rows``. Returns the seconds taken."""
     from torch.export import Dim
 
     from flowar.export.specs import sample_inputs
@@ -43,16 +47,46 @@ def compile_stage(spec, module: torch.nn.Module, config, max_rows: int, path: Pa
         from torch import _inductor
         with torch.no_grad():
             program = torch.export.export(module.eval(), tuple(ins[n] for n in spec.inputs), dynamic_shapes=dynamic)
-            _inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs={
+            package = path.with_name(path.name + ".pt2")
+            _inductor.aoti_compile_and_package(program, package_path=str(package), inductor_configs={
                 "freezing": True, "aot_inductor.force_mmap_weights": True})
     except Exception as e:   # noqa: BLE001 - a stage Inductor cannot compile here is not a candidate
         raise FlowARError(f"AOTInductor to compile the {spec.name} stage", f"{type(e).__name__}: "
                           f"{(str(e).strip().splitlines() or ['?'])[0][:200]}",
                           "export without the compiled candidates (--auto-candidates ort-fp32,torch-fp32,torch-bf16)"
                           ) from e
+    try:
+        take_library(package, path)
+    finally:
+        package.unlink(missing_ok=True)
     return time.perf_counter() - t0
 
 
+def take_library(package: Path, path: Path) -> None:
+    """The package's one shared library (its weights appended to it) written to ``path``, atomically.
+    A package that needs more (a second library, weights in files of their own) is refused."""
+    import shutil
+    import zipfile
+
+    from flowar.io.files import atomic_write_bytes
+    with zipfile.ZipFile(package) as z:
+        libs = [i for i in z.infolist() if i.filename.endswith(".so")]
+        data = [i.filename for i in z.infolist() if i.filename.endswith((".bin", ".pt", ".safetensors"))]
+        if len(libs) != 1 or data:
+            raise FlowARError("one shared library holding its weights in the compiled package",
+                              f"{len(libs)} libraries and {len(data)} weight files", "report it: this PyTorch packages "
+                              "AOTInductor output differently (export with --auto-candidates ort-fp32,torch-bf16 meanwhile)")
+
+        def write(tmp: str) -> None:
+            with z.open(libs[0]) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 24)
+        atomic_write_bytes(path, write)
+
+
 def load_package(path: Path):
-    """The compiled model of a package (``boxed_run(list of tensors) -> list of tensors``)."""
-    return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    """The compiled model of a stage, as a function (list of tensors) -> list of tensors: the shared
+    library loaded in place (its appended weights memory-mapped), or a ``.pt2`` package (directories
+    exported before the library was stored alone) through PyTorch's package loader, which unpacks it."""
+    if Path(path).suffix == ".pt2":
+        return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1).boxed_run
+    return torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1).run

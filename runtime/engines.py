@@ -56,8 +56,8 @@ class TorchEngine:
 
 
 class AotiEngine:
-    """A compiled package of one stage (every scale and row count: its dimensions are dynamic).
-    The package allocates its outputs; they are copied into the runtime's static buffers."""
+    """A stage compiled by AOTInductor (every scale and row count: its dimensions are dynamic).
+    The compiled code allocates its outputs; they are copied into the runtime's static buffers."""
 
     def __init__(self, name: str, package: Path, input_names: tuple[str, ...], output_names: tuple[str, ...]):
         self.name, self.package = name, package
@@ -73,7 +73,7 @@ class AotiEngine:
         self.model = None
 
     def infer(self, inputs: dict[str, Tensor], outputs: dict[str, Tensor], profile: int = 0) -> None:
-        for n, r in zip(self.output_names, self.model.boxed_run([inputs[n] for n in self.input_names])):
+        for n, r in zip(self.output_names, self.model([inputs[n] for n in self.input_names])):
             outputs[n].copy_(r)
 
 

@@ -29,11 +29,11 @@ def compiled_dir(fixtures_dir, tmp_path_factory):
     from flowar.export.specs import stage_specs
     st = stage_specs(model.config)["head_prep"]
     seconds = compile_stage(st, stage_module("aoti-bf16", st, model, None), model.config, st.max_rows(2),
-                            d / "head_prep.aoti-bf16.pt2")
+                            d / "head_prep.aoti-bf16.so")
     spec["precision"] = "auto"
     spec["auto"] = {"choice": {"head_prep": "aoti-bf16"}, "machine": cpu_kind()}
-    spec["engines"] = {"head_prep": {"candidate": "aoti-bf16", "file": "head_prep.aoti-bf16.pt2",
-                                     "sha256": sha256_file(d / "head_prep.aoti-bf16.pt2"), "cpu": cpu_kind()}}
+    spec["engines"] = {"head_prep": {"candidate": "aoti-bf16", "file": "head_prep.aoti-bf16.so",
+                                     "sha256": sha256_file(d / "head_prep.aoti-bf16.so"), "cpu": cpu_kind()}}
     (d / "manifest.json").write_text(json.dumps(spec))
     return d, model, st, seconds
 
@@ -47,14 +47,14 @@ def test_a_compiled_stage_matches_eager_at_every_scale_and_row_count(compiled_di
     from flowar.export.specs import sample_inputs
     from flowar.runtime.candidates import stage_module
     d, model, spec, seconds = compiled_dir
-    assert seconds > 0
-    package = load_package(d / "head_prep.aoti-bf16.pt2")
+    assert seconds > 0 and not list(d.glob("*.pt2*"))         # the library alone is kept, the package removed
+    package = load_package(d / "head_prep.aoti-bf16.so")
     fp32, bf16 = spec.module(model, None), stage_module("aoti-bf16", spec, model, None)
     gen = torch.Generator().manual_seed(3)
     for k in range(model.config.n_scales):
         for rows in (1, 3, 4):
             ins = sample_inputs(spec, model.config, k, rows, gen)
-            got = package.boxed_run([ins[n] for n in spec.inputs])
+            got = package([ins[n] for n in spec.inputs])
             with torch.no_grad():
                 want, ref = bf16(*(ins[n] for n in spec.inputs)), fp32(*(ins[n] for n in spec.inputs))
             for name, g, w, r in zip(spec.outputs, got, want, ref):
@@ -86,9 +86,9 @@ def test_the_runtime_runs_it_and_refuses_it_on_a_cpu_without_its_instructions(co
     # a modified package is refused where it is read
     bad = d.parent / "bad"
     shutil.copytree(d, bad)
-    with open(bad / "head_prep.aoti-bf16.pt2", "ab") as f:
+    with open(bad / "head_prep.aoti-bf16.so", "ab") as f:
         f.write(b"\0")
-    with pytest.raises(EngineDirError, match="head_prep.aoti-bf16.pt2 with the sha256"):
+    with pytest.raises(EngineDirError, match="head_prep.aoti-bf16.so with the sha256"):
         Runtime.open_engine_dir(bad)
 
 

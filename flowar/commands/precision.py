@@ -335,7 +335,7 @@ class Workbench:
             key = (stage, candidate)
             if key not in self.packages:
                 from flowar.engines.aoti import compile_stage
-                path = self.folder / f"{stage}.{candidate}.pt2"
+                path = self.folder / f"{stage}.{candidate}.so"
                 self.build_s[key] = compile_stage(spec, stage_module(candidate, spec, self.model, self.vae), config,
                                                   spec.max_rows(self.max_batch), path)
                 self.packages[key] = path
