@@ -300,6 +300,9 @@ def test_weights_in_external_data_are_exported_verified_run_and_checked(fixtures
         assert info["data_sha256"] == sha256_file(data) and 0.1 < info["peak_rss_gb"] < 8
         assert info["peak_rss_gb"] == rep.memory[stage]
         assert (d / info["file"]).stat().st_size < data.stat().st_size     # the graph without its weights
+    from flowar.io.memory import _status_kb
+    # the whole export's anonymous peak: at least what the process holds after it (it cannot be below)
+    assert rep.anon_peak_gb * 1e9 >= _status_kb("RssAnon") * 1024 * 0.5 and "anonymous memory peak" in rep.lines()[-1]
     _, io = tiny_v1
     save_file({f"noise{k}": io[f"sample25.noise{k}"].contiguous() for k in range(5)}, str(tmp_path / "n.safetensors"))
     with Runtime.open_engine_dir(d, backend="ort") as rt:
@@ -336,3 +339,31 @@ def test_the_export_memo_key_sees_buffers_and_patched_code(export_memo, fixtures
     with torch.no_grad():
         model.flownet.time_embed.table.add_(1.0)                             # a buffer no state dict carries
     assert export_memo.key(*args) != first
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="RssAnon is Linux's")
+def test_the_anonymous_peak_counts_allocations_not_mapped_file_pages(tmp_path):
+    """Known sizes: 256 MB allocated and touched inside the block (and freed before it ends: only
+    the sampling thread can see it) raise the peak by about 256 MB; a 256 MB file mapped and read
+    (its pages resident, but the file's) raises it by far less."""
+    import time
+
+    import numpy as np
+
+    from flowar.io.memory import AnonPeak, _status_kb
+    size = 256 << 20
+    f = tmp_path / "big.bin"
+    with open(f, "wb") as out:
+        out.truncate(size)
+    before = _status_kb("RssAnon") * 1024
+    with AnonPeak(every=0.02) as mapped:
+        m = np.memmap(f, dtype=np.uint8, mode="r")
+        assert int(m[:: 4096].sum()) == 0                   # every page read: resident, as file pages
+        time.sleep(0.2)
+        del m
+    with AnonPeak(every=0.02) as allocated:
+        a = torch.ones(size // 4)                             # 256 MB written: anonymous pages
+        time.sleep(0.2)
+        del a
+    assert allocated.peak - before > 0.9 * size, (allocated.peak, before)
+    assert mapped.peak - before < 0.25 * size, (mapped.peak, before)

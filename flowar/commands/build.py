@@ -61,6 +61,7 @@ class BuildReport:
     backends: list[str] = field(default_factory=list)
     memory: dict[str, float] = field(default_factory=dict)  # stage -> peak resident GB of its export (+ verify)
     precision: object = None                             # flowar.commands.precision.PrecisionReport (auto, bf16)
+    anon_peak_gb: float | None = None                    # the whole export's anonymous peak (file pages not counted)
 
     def lines(self) -> list[str]:
         """What flowar-export prints: each stage's check and, for measured precision, each choice."""
@@ -69,6 +70,9 @@ class BuildReport:
         if self.memory:
             out.append("  peak memory per stage (export" + (" + verify" if self.checks else "") + "): "
                        + ", ".join(f"{s} {gb:.1f} GB" for s, gb in self.memory.items()))
+        if self.anon_peak_gb is not None:
+            out.append(f"  anonymous memory peak of the whole export: {self.anon_peak_gb:.1f} GB (the pages of "
+                       "mapped files, such as the checkpoint, not counted; sampled every 0.2 s)")
         return out + (self.precision.lines() if self.precision is not None else [])
 
 
@@ -247,7 +251,8 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
     total = len(specs) * (1 + req.verify + (builder is not None)) + (len(specs) * 5 + 6 if req.measured else 0)
     say = (lambda msg: progress(msg, total)) if progress else (lambda msg: None)
     report = BuildReport(req.out)
-    with staged_directory(req.out) as tmp:
+    from flowar.io.memory import GB, AnonPeak
+    with AnonPeak() as anon, staged_directory(req.out) as tmp:
         stages = export_graphs(req, model, vae, specs, tmp, report, say)
         report.backends.append("ort")
         chosen = choose_engines(req, model, ck, vae, specs, stages, tmp, report, say) if req.measured else {}
@@ -270,4 +275,5 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
                              zip(config.scales, config.tokens_per_scale, config.scale_begin, config.scale_end)],
                   "versions": library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         write_manifest(tmp, manifest)
+    report.anon_peak_gb = anon.peak / GB if anon.peak is not None else None
     return report

@@ -3,7 +3,9 @@ phase, and the free space a write needs before any work.
 
 The peak is Linux's high-water mark of resident memory (``VmHWM``), reset between phases through
 ``/proc/self/clear_refs`` so that each phase reports its own; elsewhere, or where the reset is
-refused, the process's peak so far (``ru_maxrss``) is reported instead.
+refused, the process's peak so far (``ru_maxrss``) is reported instead. Both count the pages of
+memory-mapped files (a FlowAR-H checkpoint's 7.65 GB, the engines' libraries), which the kernel can
+drop and read again; :class:`AnonPeak` samples what it cannot: anonymous memory (``RssAnon``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import resource
 import shutil
+import threading
 from pathlib import Path
 
 from flowar.errors import FlowARError
@@ -43,6 +46,37 @@ def peak_rss() -> int:
     if kb is None:
         kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb * 1024
+
+
+class AnonPeak:
+    """The highest anonymous resident memory of this process (``RssAnon``: what the machine must
+    hold, the pages of mapped files not counted) while the ``with`` block runs, sampled every
+    ``every`` seconds on a thread of its own. ``peak`` in bytes; None where ``/proc`` has no such
+    field (not Linux). A peak shorter than the interval can be missed."""
+
+    def __init__(self, every: float = 0.2):
+        self.every, self.peak = every, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="anon-peak", daemon=True)
+
+    def _sample(self) -> None:
+        kb = _status_kb("RssAnon")
+        if kb is not None:
+            self.peak = max(self.peak or 0, kb * 1024)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def __enter__(self) -> "AnonPeak":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
 
 
 def require_free_space(folder: str | Path, needed: int, what: str, option: str = "--out") -> None:
