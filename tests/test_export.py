@@ -285,6 +285,8 @@ def test_weights_in_external_data_are_exported_verified_run_and_checked(fixtures
     from flowar.sampling.batches import run_sampling
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 3_300_000)
     d = tmp_path / "ext"
+    from flowar.io.memory import _status_kb
+    held_before = _status_kb("RssAnon") * 1024
     rep = build_engine_dir(fixtures_dir / "tiny_v1.safetensors", d, config_path=str(fixtures_dir / "tiny_v1.config.json"),
                            max_batch=2)
     assert all(c.ok for c in rep.checks) and set(rep.memory) == {"ar", "head_prep", "velocity"}
@@ -300,9 +302,8 @@ def test_weights_in_external_data_are_exported_verified_run_and_checked(fixtures
         assert info["data_sha256"] == sha256_file(data) and 0.1 < info["peak_rss_gb"] < 8
         assert info["peak_rss_gb"] == rep.memory[stage]
         assert (d / info["file"]).stat().st_size < data.stat().st_size     # the graph without its weights
-    from flowar.io.memory import _status_kb
-    # the whole export's anonymous peak: at least what the process holds after it (it cannot be below)
-    assert rep.anon_peak_gb * 1e9 >= _status_kb("RssAnon") * 1024 * 0.5 and "anonymous memory peak" in rep.lines()[-1]
+    # the whole export's anonymous peak: at least what the process held when it began (sampled on entry)
+    assert rep.anon_peak_gb * 1e9 >= held_before and "anonymous memory peak" in rep.lines()[-1]
     _, io = tiny_v1
     save_file({f"noise{k}": io[f"sample25.noise{k}"].contiguous() for k in range(5)}, str(tmp_path / "n.safetensors"))
     with Runtime.open_engine_dir(d, backend="ort") as rt:

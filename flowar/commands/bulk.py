@@ -81,7 +81,8 @@ def shard_is_done(out: Path, j: int, start: int, end: int) -> bool:
 class ShardSampler:
     """One worker (this process, or a Ray Data actor): the pipeline opened once (the engines flowar-run would
     choose; CUDA graphs captured at start on a GPU), shards sampled in batches of ``spec.batch`` (default:
-    the best images/s by the directory's call plan) and written. ``progress``, a Ray queue, gets
+    the best images/s by the directory's call plan) and written. ``progress``, a queue (Ray's, or the
+    standard library's in this process), gets
     ``("batch", B)`` once and ``("images", n)`` after every batch, for the driver's bar."""
 
     def __init__(self, spec: dict, out: str, progress=None):
@@ -297,11 +298,7 @@ def _with_bar(consume, told, spec: BulkSpec, done_before: int, close) -> list[di
     """Run ``consume(rows)`` on a thread while a bar follows the workers' batches from ``told``
     (images counted as each batch ends, not as each shard does); errors as one line."""
     import threading
-    from queue import Empty as LocalEmpty
-    try:
-        from ray.util.queue import Empty as RayEmpty
-    except ImportError:
-        RayEmpty = LocalEmpty
+    from queue import Empty              # Ray's queue raises a subclass of it: the local path imports no Ray
     rows: list[dict] = []
     failed: list[BaseException] = []
 
@@ -323,7 +320,7 @@ def _with_bar(consume, told, spec: BulkSpec, done_before: int, close) -> list[di
             while worker.is_alive() or not told.empty():
                 try:
                     what, n = told.get(timeout=0.5)
-                except (LocalEmpty, RayEmpty):
+                except Empty:
                     continue
                 if what == "batch":                 # a worker has opened its engines: the clock starts
                     t0, batch = t0 if batch else time.perf_counter(), n

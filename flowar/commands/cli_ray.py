@@ -50,7 +50,8 @@ def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, sche
     settings = Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance, solver=solver, stride=stride)
     spec = BulkSpec(str(Path(engine_dir).resolve()), num_images, ids, seed, settings.given(), shard_size, threads,
                     backend, batch)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from flowar.engines.ort import cpu_threads
+    cores = cpu_threads()
     if ray_address is None and workers * threads < cores:
         click.echo(f"note: {workers} worker(s) x {threads} thread(s) use {workers * threads} of this machine's {cores} "
                    f"cores; --threads {cores // workers} is faster (the images then differ from other --threads by "
