@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 import io
 import logging
 import warnings
@@ -22,6 +21,7 @@ from torch import nn
 from flowar.config import FlowARConfig
 from flowar.errors import FlowARError
 from flowar.export.specs import StageSpec, sample_inputs
+from flowar.io.memory import release_free_memory
 
 OPSET = 18
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -113,7 +113,7 @@ def export_stage(spec: StageSpec, module: nn.Module, config: FlowARConfig, path:
                           "rerun with --debug for the exporter's traceback") from e
     finally:
         prog = None
-        gc.collect()
+        release_free_memory()
     data = path.with_name(path.name + ".data")
     return [path] + ([data] if data.is_file() else [])
 

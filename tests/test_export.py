@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -368,3 +370,27 @@ def test_the_anonymous_peak_counts_allocations_not_mapped_file_pages(tmp_path):
         del a
     assert allocated.peak - before > 0.9 * size, (allocated.peak, before)
     assert mapped.peak - before < 0.25 * size, (mapped.peak, before)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status") or os.uname().sysname != "Linux"
+                    or not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"), reason="glibc's malloc_trim")
+def test_released_memory_goes_back_to_the_system():
+    """Known sizes, in a fresh process: a worker thread allocates 192 MB in 64 KB blocks (its own
+    glibc arena), frees all but every 16th (so nothing can be trimmed from the arena's top) and ends.
+    The freed 180 MB stay resident until :func:`release_free_memory`, which returns most of them."""
+    code = """
+import threading
+from flowar.io.memory import _status_kb, release_free_memory
+held = []
+def work():
+    blocks = [bytearray(b"x" * (64 << 10)) for _ in range(3072)]
+    held.extend(blocks[::16])
+t = threading.Thread(target=work); t.start(); t.join()
+kept = _status_kb("RssAnon")
+assert release_free_memory()
+print(kept, _status_kb("RssAnon"))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    kept, after = (int(x) * 1024 for x in out.stdout.split())
+    assert kept - after > 150 << 20, (kept, after)

@@ -122,11 +122,9 @@ def export_graphs(req: ExportRequest, model, vae, specs: dict, tmp: Path, report
     """Each stage to ONNX (and verified), one at a time; the manifest's ``stages`` records, with
     the peak resident memory of each stage's export and verification. Failures are collected over
     every stage before raising."""
-    import gc
-
     from flowar.export.manifest import sha256_file
     from flowar.export.onnx_export import ExportError, export_stage, verify_stage
-    from flowar.io.memory import GB, peak_rss, reset_peak
+    from flowar.io.memory import GB, peak_rss, release_free_memory, reset_peak
     stages = {}
     for name, spec in specs.items():
         say(f"export {name}")
@@ -150,7 +148,7 @@ def export_graphs(req: ExportRequest, model, vae, specs: dict, tmp: Path, report
             rec["verified_max_abs_diff"] = chk.worst
             report.seconds[f"verify {name}"] = time.perf_counter() - t0
         del module
-        gc.collect()
+        release_free_memory()           # what the exporter and ONNX Runtime freed, before the next stage
         rec["peak_rss_gb"] = round(peak_rss() / GB, 2)
         report.memory[name] = rec["peak_rss_gb"]
         stages[name] = rec

@@ -49,6 +49,7 @@ import torch
 
 from flowar.errors import FlowARError
 from flowar.eval.quality import deviation, relative_error
+from flowar.io.memory import release_free_memory
 from flowar.runtime.candidates import (CANDIDATES, COMPILED, REDUCED, default_candidates, stage_engine, stage_module,
                                        stage_tensors)
 
@@ -225,6 +226,7 @@ def select(bench: "Workbench", mode: str = "auto", candidates: tuple[str, ...] |
                     tensors = stage_tensors(stage, eng.module)
                     measured[stage][cand].open_bytes = sum(t.nbytes for t in tensors.values())
                     opened += hash_seconds(tensors)
+            release_free_memory()
             measured[stage][cand].build_s = bench.build_s.get((stage, cand), 0.0)
             if stage == "decode" and cand.startswith("torch") and "decode" not in imports:
                 imports["decode"] = import_seconds("from flowar.model.vae import _diffusers; _diffusers()")
@@ -335,6 +337,7 @@ class Workbench:
             key = (stage, candidate)
             if key not in self.packages:
                 from flowar.engines.aoti import compile_stage
+                release_free_memory()       # the compile's peak comes on top of what the process holds
                 path = self.folder / f"{stage}.{candidate}.so"
                 self.build_s[key] = compile_stage(spec, stage_module(candidate, spec, self.model, self.vae), config,
                                                   spec.max_rows(self.max_batch), path)
@@ -356,6 +359,7 @@ class Workbench:
                                                                           self.specs, plan),
                           device=torch.device("cpu"), backend="measured", detail=str(choice), threads=threads,
                           decodes=self.vae is not None, max_batch=batch)
+        release_free_memory()
 
 
 class Probe:

@@ -6,6 +6,8 @@ The peak is Linux's high-water mark of resident memory (``VmHWM``), reset betwee
 refused, the process's peak so far (``ru_maxrss``) is reported instead. Both count the pages of
 memory-mapped files (a FlowAR-H checkpoint's 7.65 GB, the engines' libraries), which the kernel can
 drop and read again; :class:`AnonPeak` samples what it cannot: anonymous memory (``RssAnon``).
+:func:`release_free_memory` hands memory that was freed but kept by the C allocator back to the
+system between the export's phases.
 """
 
 from __future__ import annotations
@@ -77,6 +79,28 @@ class AnonPeak:
         self._stop.set()
         self._thread.join()
         self._sample()
+
+
+def release_free_memory() -> bool:
+    """Collect garbage, then give the C allocator's free pages back to the system (glibc's
+    ``malloc_trim``). Returns whether the allocator was asked (False where it is not glibc).
+
+    glibc keeps what a program frees in its arenas for reuse; the arenas of other threads (ONNX
+    Runtime's and PyTorch's workers allocate there) are trimmed only from their top, so memory freed
+    below a block still in use stays resident. Measured on FlowAR-S: verifying the AR stage in ONNX
+    Runtime left the export 1.40 GB anonymous, 0.36 GB after this call; on FlowAR-H such leftovers
+    of each phase added up under the next phase's own peak (the compile of a stage).
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
 
 
 def require_free_space(folder: str | Path, needed: int, what: str, option: str = "--out") -> None:
