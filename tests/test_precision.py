@@ -256,3 +256,28 @@ def test_bf16_takes_a_bf16_engine_for_every_stage_and_reports_its_deviation(tmp_
         ref = pipe.runtime.sample(labels, sched, seed=5)
     ps = sorted(psnr_each(got.images, ref.images))
     assert ps[len(ps) // 2] >= 30.0 and ps[-1] < 80, ps                       # bf16 moves them, a little
+
+
+def test_a_compile_that_would_not_fit_in_max_memory_is_not_a_candidate(fixtures_dir, tmp_path, tiny_v1):
+    """--max-memory: a compile estimated to take more than what is left under it is refused before
+    it starts (no compiler runs), reported as unavailable with the estimate, and auto chooses among
+    the others; with room enough the same stage may compile."""
+    from flowar.commands.precision import Workbench
+    from flowar.engines.aoti import compile_memory
+    from flowar.errors import FlowARError
+    from flowar.export.specs import stage_specs
+    from flowar.io.memory import anon_bytes
+    model = tiny_v1[0]
+    specs = stage_specs(model.config)
+    weights = sum(p.nbytes for p in model.parameters() if p.is_floating_point())
+    held = anon_bytes()
+    ok = Workbench(model, None, specs, {}, tmp_path, 2, max_memory=held + compile_memory(weights) + 1e9)
+    ok._check_room("ar")                                          # room: no refusal
+    tight = Workbench(model, None, specs, {}, tmp_path, 2, max_memory=held + compile_memory(0) / 2)
+    with pytest.raises(FlowARError, match="memory to compile: about"):
+        tight._check_room("ar")
+    rep = _export(fixtures_dir, tmp_path / "m", ("torch-fp32", "aoti-fp32"), max_memory_gb=0.01)
+    assert set(rep.precision.choice.values()) == {"torch-fp32"}
+    for stage, ms in rep.precision.measured.items():
+        assert "memory to compile" in ms["aoti-fp32"].note and ms["aoti-fp32"].build_s == 0, stage
+    assert any("aoti-fp32 unavailable (expected memory to compile" in line for line in rep.lines())

@@ -41,6 +41,7 @@ class ExportRequest:
     schedule_defaults: dict | None = None
     compute_capability: str | None = None
     candidates: tuple[str, ...] | None = None  # --auto-candidates
+    max_memory_gb: float | None = None         # --max-memory: no compile estimated to take more
 
     @property
     def measured(self) -> bool:
@@ -94,6 +95,8 @@ def check_request(req: ExportRequest):
         if bad or not req.candidates:
             raise FlowARError(f"--auto-candidates among {', '.join(CANDIDATES)}", f"{bad or 'none'}",
                               "e.g. --auto-candidates ort-fp32,torch-bf16")
+    if req.max_memory_gb is not None and not req.max_memory_gb > 0:
+        raise FlowARError("--max-memory in GB, > 0", repr(req.max_memory_gb), "use e.g. --max-memory 16")
     if not 1 <= req.max_batch <= 1024:
         raise FlowARError("--max-batch in 1..1024", str(req.max_batch), "use e.g. --max-batch 8")
     if req.ckpt.is_file():
@@ -179,7 +182,7 @@ def choose_engines(req: ExportRequest, model, ck, vae, specs: dict, stages: dict
     compiled = tmp / ".candidates"
     compiled.mkdir()
     bench = Workbench(model, vae, specs, {n: (tmp / stages[n]["file"], stages[n]["sha256"]) for n in specs}, compiled,
-                      req.max_batch)
+                      req.max_batch, max_memory=req.max_memory_gb * 1e9 if req.max_memory_gb else None)
     rep = select(bench, "auto" if req.precision == "auto" else "bf16", req.candidates, progress=say)
     report.precision = rep
     plan = measure_plan(bench, rep.choice, req.max_batch, Settings().resolve(model.config.n_scales), progress=say)
@@ -221,13 +224,14 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
                      max_batch: int = 8, verify: bool = True, use_ema: bool = True,
                      schedule_defaults: dict | None = None, compute_capability: str | None = None,
                      progress: Callable[[str, int], None] | None = None,
-                     auto_candidates: tuple[str, ...] | None = None) -> BuildReport:
+                     auto_candidates: tuple[str, ...] | None = None, max_memory_gb: float | None = None) -> BuildReport:
     """Export, verify, choose engines, build plans and write the manifest into ``out`` (atomically).
 
     ``precision``: ``fp32``/``fp16``/``bf16`` graphs (with ``--backend trt|all``, bf16 and fp16
     are TensorRT's strongly typed graphs); on the CPU (``--backend ort``) ``bf16`` takes the
     fastest bf16 engines of this machine per stage and ``auto`` the fastest that samples like
-    float32 (:mod:`flowar.commands.precision`). ``auto_candidates`` restricts their candidates.
+    float32 (:mod:`flowar.commands.precision`). ``auto_candidates`` restricts their candidates;
+    ``max_memory_gb`` keeps compiles out that would take more (estimated), else what is available.
     """
     from flowar.export.manifest import Manifest, library_versions, sha256_file, write_manifest
     from flowar.io.files import staged_directory
@@ -236,7 +240,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
     from flowar.model.checkpoint import load_model
     req = ExportRequest(Path(ckpt), Path(out), preset, config_path, Path(vae_path) if vae_path else None, backend,
                         precision, max_batch, verify, use_ema, schedule_defaults, compute_capability,
-                        tuple(auto_candidates) if auto_candidates is not None else None)
+                        tuple(auto_candidates) if auto_candidates is not None else None, max_memory_gb)
     builder = check_request(req)
     model, ck = load_model(req.ckpt, req.preset, req.config_path, use_ema=req.use_ema)
     config = ck.config

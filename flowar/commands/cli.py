@@ -113,8 +113,11 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
                    "fp32), bf16 = the fastest bf16 engines, no accuracy gate, the deviation reported. With TensorRT: "
                    "the graphs' precision (fp16/bf16 strongly typed).")
 @click.option("--auto-candidates", help="With --precision auto/bf16: only these engines, e.g. ort-fp32,torch-bf16 "
-              "(ort-fp32, torch-fp32, torch-bf16).")
+              "(ort-fp32, torch-fp32, torch-bf16, aoti-fp32, aoti-bf16).")
 @click.option("--max-batch", default=8, show_default=True, type=int, help="Largest batch the engines serve.")
+@click.option("--max-memory", type=float, help="With --precision auto/bf16: GB of memory the export may hold; a stage "
+              "whose compile would take more (estimated from its weights) is not compiled and its other candidates "
+              "are measured [default: what the machine has available].")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Compare every stage with eager PyTorch.")
 @click.option("--schedule", default="official", show_default=True, type=click.Choice(["official", "fast"]),
               help="Default schedule recorded for flowar-run (which can still choose either).")
@@ -125,8 +128,8 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
 @click.option("--compute-capability", help="TensorRT target without a GPU, e.g. sm80, sm86, sm89, sm120.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @user_errors
-def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precision, auto_candidates, max_batch, verify,
-               schedule, steps, cfg, guidance, compute_capability, debug):
+def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precision, auto_candidates, max_batch,
+               max_memory, verify, schedule, steps, cfg, guidance, compute_capability, debug):
     """Export a checkpoint to per-stage ONNX graphs (and TensorRT plans) with a manifest."""
     from flowar.commands.build import build_engine_dir
     from flowar.io.files import check_writable
@@ -146,7 +149,7 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
                            precision=precision, max_batch=max_batch, verify=verify, use_ema=not raw_weights,
                            schedule_defaults=defaults, compute_capability=compute_capability, progress=step,
                            auto_candidates=tuple(c.strip() for c in auto_candidates.split(",") if c.strip())
-                           if auto_candidates else None)
+                           if auto_candidates else None, max_memory_gb=max_memory)
     bar.close()
     for line in rep.lines():
         click.echo(line)

@@ -319,9 +319,10 @@ class Workbench:
     in the pipeline and the call plan all run the very engines the directory will hold.
     ``graphs``: stage -> (path, sha256) of the exported float32 ONNX graphs."""
 
-    def __init__(self, model, vae, specs: dict, graphs: dict, folder, max_batch: int, threads: int | None = None):
+    def __init__(self, model, vae, specs: dict, graphs: dict, folder, max_batch: int, threads: int | None = None,
+                 max_memory: float | None = None):
         self.model, self.vae, self.specs, self.graphs, self.folder = model, vae, specs, graphs, folder
-        self.max_batch, self.threads = max_batch, threads
+        self.max_batch, self.threads, self.max_memory = max_batch, threads, max_memory
         self.packages: dict[tuple[str, str], object] = {}
         self.build_s: dict[tuple[str, str], float] = {}
 
@@ -338,12 +339,28 @@ class Workbench:
             if key not in self.packages:
                 from flowar.engines.aoti import compile_stage
                 release_free_memory()       # the compile's peak comes on top of what the process holds
+                self._check_room(stage)
                 path = self.folder / f"{stage}.{candidate}.so"
                 self.build_s[key] = compile_stage(spec, stage_module(candidate, spec, self.model, self.vae), config,
                                                   spec.max_rows(self.max_batch), path)
                 self.packages[key] = path
             return stage_engine(stage, candidate, spec, package=self.packages[key])
         return stage_engine(stage, candidate, spec, module=stage_module(candidate, spec, self.model, self.vae))
+
+    def _check_room(self, stage: str) -> None:
+        """Refuse (as a candidate this machine cannot have) a compile whose estimated peak exceeds
+        what is left: under ``max_memory`` bytes (--max-memory) with what the process holds, else
+        what the machine has available."""
+        from flowar.engines.aoti import compile_memory
+        from flowar.io.memory import GB, anon_bytes, available_bytes
+        weights = sum(t.nbytes for t in stage_tensors(stage, self.specs[stage].module(self.model, self.vae)).values())
+        need = compile_memory(weights)
+        room = (self.max_memory - (anon_bytes() or 0)) if self.max_memory else available_bytes()
+        if room is not None and need > room:
+            limit = f"under --max-memory {self.max_memory / GB:g} GB" if self.max_memory else "available on this machine"
+            raise FlowARError(f"memory to compile: about {need / GB:.1f} GB (its {weights / GB:.2f} GB of weights "
+                              f"held about 3x)", f"{max(room, 0) / GB:.1f} GB left {limit}",
+                              "its other candidates are measured instead; give more --max-memory to compile it")
 
     @contextlib.contextmanager
     def runtime(self, choice: dict[str, str], batch: int, plan: dict | None = None):

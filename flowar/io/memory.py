@@ -127,6 +127,23 @@ class AnonPeak:
         self._sample()
 
 
+def anon_bytes() -> int | None:
+    """This process's anonymous resident memory now (None where ``/proc`` does not say)."""
+    kb = _status_kb("RssAnon")
+    return None if kb is None else kb * 1024
+
+
+def available_bytes() -> int | None:
+    """What the machine can still give without swapping (``MemAvailable``; None where unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def release_free_memory() -> bool:
     """Collect garbage, then give the C allocator's free pages back to the system (glibc's
     ``malloc_trim``). Returns whether the allocator was asked (False where it is not glibc).
