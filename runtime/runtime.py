@@ -79,14 +79,12 @@ def reuse_large_allocations() -> bool:
     the thresholds (allocations up to 256 MB from the heap, up to 1 GB of it kept) makes the first
     image cost what the next ones do. Returns whether it applied.
     """
-    import ctypes
-    import ctypes.util
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 256 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-    except (OSError, AttributeError):
+    from flowar.io.memory import libc
+    c = libc()
+    if c is None or not hasattr(c, "mallopt"):
         return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(c.mallopt(m_mmap_threshold, 256 << 20)) and bool(c.mallopt(m_trim_threshold, 1 << 30))
 
 
 class Runtime:

@@ -175,6 +175,7 @@ def choose_engines(req: ExportRequest, model, ck, vae, specs: dict, stages: dict
     from flowar.commands.precision import Workbench, select
     from flowar.engines.cpu import cpu_kind
     from flowar.export.manifest import sha256_file
+    from flowar.io.memory import GB
     from flowar.io.tensors import save_tensors
     from flowar.runtime.candidates import COMPILED, GROUPS, stage_module, stage_tensors
     from flowar.sampling.schedule import Settings
@@ -182,7 +183,7 @@ def choose_engines(req: ExportRequest, model, ck, vae, specs: dict, stages: dict
     compiled = tmp / ".candidates"
     compiled.mkdir()
     bench = Workbench(model, vae, specs, {n: (tmp / stages[n]["file"], stages[n]["sha256"]) for n in specs}, compiled,
-                      req.max_batch, max_memory=req.max_memory_gb * 1e9 if req.max_memory_gb else None)
+                      req.max_batch, max_memory=req.max_memory_gb * GB if req.max_memory_gb else None)
     rep = select(bench, "auto" if req.precision == "auto" else "bf16", req.candidates, progress=say)
     report.precision = rep
     plan = measure_plan(bench, rep.choice, req.max_batch, Settings().resolve(model.config.n_scales), progress=say)

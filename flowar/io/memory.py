@@ -105,9 +105,9 @@ class AnonPeak:
         self._proc = None
 
     def _sample(self) -> None:
-        kb = _status_kb("RssAnon")
-        if kb is not None:
-            self.peak = max(self.peak or 0, kb * 1024)
+        now = anon_bytes()
+        if now is not None:
+            self.peak = max(self.peak or 0, now)
 
     def __enter__(self) -> "AnonPeak":
         import subprocess
@@ -144,6 +144,16 @@ def available_bytes() -> int | None:
     return None
 
 
+def libc():
+    """The C library (ctypes), for glibc's allocator controls; None where it cannot be loaded."""
+    import ctypes
+    import ctypes.util
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def release_free_memory() -> bool:
     """Collect garbage, then give the C allocator's free pages back to the system (glibc's
     ``malloc_trim``). Returns whether the allocator was asked (False where it is not glibc).
@@ -154,16 +164,13 @@ def release_free_memory() -> bool:
     Runtime left the export 1.40 GB anonymous, 0.36 GB after this call; on FlowAR-H such leftovers
     of each phase added up under the next phase's own peak (the compile of a stage).
     """
-    import ctypes
-    import ctypes.util
     import gc
     gc.collect()
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-        return True
-    except (OSError, AttributeError):
+    c = libc()
+    if c is None or not hasattr(c, "malloc_trim"):
         return False
+    c.malloc_trim(0)
+    return True
 
 
 def require_free_space(folder: str | Path, needed: int, what: str, option: str = "--out") -> None:
