@@ -22,6 +22,7 @@ the runtime refuses (or replaces) a package on a CPU that lacks a flag the expor
 
 from __future__ import annotations
 
+import ctypes
 import time
 from pathlib import Path
 
@@ -98,10 +99,71 @@ def take_library(package: Path, path: Path) -> None:
         atomic_write_bytes(path, write)
 
 
-def load_package(path: Path):
+def load_package(path: Path, models: int = 1):
     """The compiled model of a stage, as a function (list of tensors) -> list of tensors: the shared
-    library loaded in place (its appended weights memory-mapped), or a ``.pt2`` package (directories
-    exported before the library was stored alone) through PyTorch's package loader, which unpacks it."""
+    library loaded in place (its appended weights memory-mapped) as a :class:`Library` that runs up
+    to ``models`` calls at once, or a ``.pt2`` package (directories exported before the library was
+    stored alone) through PyTorch's package loader, which unpacks it."""
     if Path(path).suffix == ".pt2":
         return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1).boxed_run
-    return torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1).run
+    return Library(path, models)
+
+
+class Library:
+    """A compiled stage's shared library, called through the C interface every AOTInductor library
+    exports (create a model container, run it, delete it) with ``ctypes``, which releases the GIL
+    for the call. PyTorch's own runner keeps the GIL while the model computes, so that nothing else
+    in the process runs meanwhile (a served replica's second lane, measured: a Python thread got
+    6 % of its progress during such calls). ``models``: how many calls may run at once; the
+    container holds that many models over one copy of the weights, a further call waits for one.
+    Tensors cross as PyTorch's C handles: the model takes over the inputs' handles (new references,
+    not the tensors), the outputs' handles are taken over here."""
+
+    def __init__(self, path: Path, models: int = 1):
+        c = ctypes
+        self._lib = lib = c.CDLL(str(path))
+        ptr, size = c.c_void_p, c.c_size_t
+        for name, args in (("CreateWithDevice", [c.POINTER(ptr), size, c.c_char_p, c.c_char_p]),
+                           ("Run", [ptr, c.POINTER(ptr), size, c.POINTER(ptr), size, ptr, ptr]),
+                           ("GetNumInputs", [ptr, c.POINTER(size)]), ("GetNumOutputs", [ptr, c.POINTER(size)]),
+                           ("Delete", [ptr])):
+            fn = getattr(lib, "AOTInductorModelContainer" + name)
+            fn.argtypes, fn.restype = args, c.c_int32
+        self._handle = ptr()
+        self._check(lib.AOTInductorModelContainerCreateWithDevice(c.byref(self._handle), models, b"cpu", None), "load")
+        n, m = size(), size()
+        self._check(lib.AOTInductorModelContainerGetNumInputs(self._handle, c.byref(n)), "load")
+        self._check(lib.AOTInductorModelContainerGetNumOutputs(self._handle, c.byref(m)), "load")
+        self.inputs, self.outputs = n.value, m.value
+        api = c.pythonapi
+        self._pointer, self._capsule = api.PyCapsule_GetPointer, api.PyCapsule_New
+        self._pointer.restype, self._pointer.argtypes = ptr, [c.py_object, c.c_char_p]
+        self._capsule.restype, self._capsule.argtypes = c.py_object, [ptr, c.c_char_p, ptr]
+        self._ptrs = c.c_void_p
+
+    def _check(self, code: int, what: str) -> None:
+        if code != 0:
+            last = getattr(self._lib, "AOTInductorGetLastError", None)     # (libraries of recent PyTorch)
+            if last is not None:
+                last.restype = ctypes.c_char_p
+            said = (last() if last is not None else None) or b"error code %d" % code
+            raise FlowARError(f"the compiled library to {what}", said.decode(errors="replace")[:300],
+                              "re-export the directory with this PyTorch (flowar-export)")
+
+    def __call__(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        if len(tensors) != self.inputs:           # (the library would abort the process)
+            raise FlowARError(f"{self.inputs} input tensors", str(len(tensors)), "call it with the stage's inputs")
+        handles = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(tensors)
+        ins = (self._ptrs * len(handles))(*(self._pointer(h, None) for h in handles))
+        outs = (self._ptrs * self.outputs)()
+        self._check(self._lib.AOTInductorModelContainerRun(self._handle, ins, len(handles), outs, self.outputs,
+                                                           None, None), "run")
+        return torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(
+            [self._capsule(outs[i], None, None) for i in range(self.outputs)])
+
+    def close(self) -> None:
+        if getattr(self, "_handle", None):
+            self._lib.AOTInductorModelContainerDelete(self._handle)
+            self._handle = None
+
+    __del__ = close

@@ -35,6 +35,7 @@ class Engine(Protocol):
 
 class TorchEngine:
     warm = True           # each new shape's first call creates oneDNN primitives and reorders weights: done at open
+    CALLS_AT_ONCE = 2     # a module's forward keeps no state: calls from several threads may overlap
 
     def __init__(self, name: str, module: torch.nn.Module, input_names: tuple[str, ...], output_names: tuple[str, ...]):
         self.name, self.module = name, module
@@ -57,7 +58,11 @@ class TorchEngine:
 
 class AotiEngine:
     """A stage compiled by AOTInductor (every scale and row count: its dimensions are dynamic).
-    The compiled code allocates its outputs; they are copied into the runtime's static buffers."""
+    The compiled code allocates its outputs; they are copied into the runtime's static buffers.
+    Up to ``CALLS_AT_ONCE`` calls may run at once, from different threads (a served replica's lanes,
+    :meth:`flowar.runtime.runtime.Runtime.lane`); the GIL is released while one computes."""
+
+    CALLS_AT_ONCE = 2
 
     def __init__(self, name: str, package: Path, input_names: tuple[str, ...], output_names: tuple[str, ...]):
         self.name, self.package = name, package
@@ -66,7 +71,7 @@ class AotiEngine:
 
     def __enter__(self) -> "AotiEngine":
         from flowar.engines.aoti import load_package
-        self.model = load_package(self.package)
+        self.model = load_package(self.package, self.CALLS_AT_ONCE)
         return self
 
     def __exit__(self, *exc) -> None:

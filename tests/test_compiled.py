@@ -131,3 +131,38 @@ def test_image_seconds_follow_the_plan_and_the_schedule():
     sched = build_schedule(7, 4.3, 0.9, 3)                      # 6 Euler steps per scale: 18 evaluations
     assert image_seconds(plan, {"decode": None}, config, sched, 2) == 3 * 2 + 18 + 1
     assert image_seconds(plan, {}, config, sched, 2) == 3 * 2 + 18
+
+
+def test_the_library_called_through_its_c_interface_gives_pytorchs_runner_outputs(compiled_dir):
+    """The compiled stage's library called through AOTInductor's C interface (ctypes, which releases
+    the GIL: what lets a replica's two lanes compute at once) gives what PyTorch's own runner gives,
+    bit for bit, at every scale, also from two threads at once; a wrong input count is one clear
+    error (the library itself would abort the process)."""
+    import threading
+
+    from flowar.engines.aoti import Library
+    from flowar.errors import FlowARError
+    from flowar.export.specs import sample_inputs
+    d, model, spec, _ = compiled_dir
+    path = d / "head_prep.aoti-bf16.so"
+    theirs = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1).run
+    lib = Library(path, models=2)
+    gen = torch.Generator().manual_seed(3)
+    cases = [[sample_inputs(spec, model.config, k, 3, gen)[n] for n in spec.inputs] for k in range(model.config.n_scales)]
+    want = [theirs(c) for c in cases]
+    got: dict[int, list] = {}
+
+    def run(j):
+        for _ in range(20):
+            got[j] = [lib(c) for c in cases]
+    jobs = [threading.Thread(target=run, args=(j,)) for j in range(2)]
+    for j in jobs:
+        j.start()
+    for j in jobs:
+        j.join(60)
+    for j in range(2):
+        for w, g in zip(want, got[j]):
+            assert len(w) == len(g) and all(torch.equal(a, b) for a, b in zip(w, g))
+    with pytest.raises(FlowARError, match=f"{len(spec.inputs)} input tensors"):
+        lib(cases[0][:-1])
+    lib.close()
