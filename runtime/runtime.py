@@ -18,8 +18,10 @@ its source through it.
 from __future__ import annotations
 
 import contextlib
+import copy
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -46,9 +48,13 @@ class Threads:
     several rows run as row blocks, one per core). ``host`` is PyTorch's thread count while
     sampling: ``cores`` where PyTorch computes stages itself, 1 where every stage runs in ONNX
     Runtime's own threads, so that PyTorch's spinning OpenMP workers leave the cores to them.
+    Lanes (:meth:`Runtime.lane`) share one policy and its count of samplings running: while
+    several run, each stage call gets its share of the ``host`` threads (:meth:`share`).
     """
     cores: int
     host: int
+    running: list = field(default_factory=lambda: [0], compare=False)      # samplings on these cores now
+    lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
 
     @classmethod
     def resolve(cls, threads: int | None, torch_computes: bool) -> "Threads":
@@ -60,12 +66,24 @@ class Threads:
 
     @contextlib.contextmanager
     def applied(self):
-        before = torch.get_num_threads()
+        before = torch.get_num_threads()      # (first: a new thread takes PyTorch's global count here)
         torch.set_num_threads(self.host)
+        with self.lock:
+            self.running[0] += 1
         try:
             yield
         finally:
+            with self.lock:
+                self.running[0] -= 1
             torch.set_num_threads(before)
+
+    def share(self, kind: str, fn, *args):
+        """Around each stage call of a lane: this thread's share of the host threads while several
+        samplings run (PyTorch's count is per thread; each lane samples on a thread of its own)."""
+        n = max(1, self.host // max(1, self.running[0]))
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+        return fn(*args)
 
 
 def reuse_large_allocations() -> bool:
@@ -115,6 +133,12 @@ class Runtime:
         # Where the stages can be captured, one runner for every batch: a workspace per (batch bucket,
         # rows, schedule) and a CUDA graph per scale of each; elsewhere the sampler's plain loop.
         self.runner = GraphRunner(device, capture=True, buckets=_buckets(max_batch)) if capture else None
+        # How many samplings may run at once, each on a thread of its own (lane()): 2 where every
+        # engine computes in PyTorch's threads and takes calls from several threads at once (the
+        # compiled and PyTorch engines on a CPU), else 1.
+        engines = getattr(stages, "engines", {}).values()
+        self.lanes = 2 if device.type == "cpu" and engines and all(getattr(e, "CALLS_AT_ONCE", 1) > 1
+                                                                     for e in engines) else 1
         if device.type == "cpu":
             reuse_large_allocations()
         self._stack = stack or contextlib.ExitStack()
@@ -264,14 +288,30 @@ class Runtime:
                               f"use --batch {self.max_batch}, or re-export with --max-batch {batch_size}")
         bs = batch_size or self.batch
         clock = _Clock(self.device) if timings is not None and self.runner is None else None
+        stages = Hooked(self.stages, self.threads.share) if self.lanes > 1 else self.stages
         with torch.inference_mode(), self.threads.applied():
-            res = run_sampling(Hooked(self.stages, clock) if clock else self.stages, self.config, list(labels),
+            res = run_sampling(Hooked(stages, clock) if clock else stages, self.config, list(labels),
                                schedule, seed, noise_file, decode=decode, device=self.device, progress=progress,
                                on_scale=on_scale, batch_size=bs, indices=indices, runner=self.runner)
         if timings is not None:
             timings.update(clock.read() if clock else {"sampling": res.seconds})
             timings["total"] = res.seconds
         return res
+
+    def lane(self) -> "Runtime":
+        """Another lane over the same engines: a runtime with static buffers of its own that samples
+        at the same time as this one, on another thread (a served replica's second lane). Lanes
+        share the cores: while both sample, each stage call runs on half the threads. Where the
+        engines allow it (:attr:`lanes` > 1); closing a lane leaves the engines open."""
+        from flowar.runtime.stages import EngineStages
+        if self.lanes < 2:
+            raise FlowARError("engines that take calls from several threads (compiled or PyTorch, on a CPU)",
+                              self.detail, "serve with one lane, or export with --precision auto on a CPU")
+        s = self.stages
+        other = copy.copy(self)
+        other.stages = EngineStages(s.engines, s.config, s.max_batch, s.device, s.specs, {"stages": s.plan})
+        other._stack = contextlib.ExitStack()
+        return other
 
     # ---- lifetime ---------------------------------------------------------------------------
     def __enter__(self) -> "Runtime":

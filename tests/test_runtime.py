@@ -166,6 +166,51 @@ def test_the_thread_policy_is_resolved_at_open_and_applied_while_sampling(fixtur
         Runtime.open_checkpoint(fixtures_dir / "tiny_v1.safetensors", threads=0)
 
 
+def test_lanes_sample_at_once_on_buffers_of_their_own_with_a_share_of_the_threads(default_auto_engines):
+    """Two lanes over the same engines (PyTorch's, which take calls from several threads) sample at
+    the same time on two threads, each on static buffers of its own: every result is what the
+    runtime gives alone (float32 noise: the thread counts differ), and while both sample, each
+    stage call runs on half the threads. Fails when a lane shares its runtime's buffers, or when
+    the share ignores the samplings running (both tried)."""
+    import threading
+
+    from flowar.runtime.runtime import Runtime, Threads
+    t = Threads(4, 4)
+    seen: list[int] = []
+    before = torch.get_num_threads()
+    try:
+        for running in (2, 1, 3):
+            t.running[0] = running
+            t.share("velocity", lambda: seen.append(torch.get_num_threads()))
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2, 4, 1]
+    with Runtime.open_engine_dir(default_auto_engines, backend="torch", threads=2) as rt:
+        assert rt.lanes == 2
+        lane = rt.lane()
+        sched = rt.schedule()
+        alone = {lab: rt.sample([lab, lab + 1], sched, seed=lab, decode=False).tokens for lab in (1, 5)}
+        got, threads_seen, barrier = {}, [], threading.Barrier(2)
+        for r in (rt, lane):
+            inner = r.stages.velocity
+            r.stages.velocity = (lambda inner: lambda *a: threads_seen.append(torch.get_num_threads()) or inner(*a))(inner)
+
+        def work(r, lab):
+            barrier.wait()
+            got[lab] = [r.sample([lab, lab + 1], sched, seed=lab, decode=False).tokens for _ in range(3)]
+        jobs = [threading.Thread(target=work, args=(r, lab)) for r, lab in ((rt, 1), (lane, 5))]
+        for j in jobs:
+            j.start()
+        for j in jobs:
+            j.join(120)
+        lane.close()
+        assert rt.stages.engines["velocity"].module is not None       # closing a lane leaves the engines open
+    for lab in (1, 5):
+        for tokens in got[lab]:
+            assert (tokens - alone[lab]).abs().max().item() <= 1e-4 * alone[lab].abs().max().item(), lab
+    assert 1 in threads_seen
+
+
 def test_the_labels_are_copied_into_static_storage_at_start(tiny_v1):
     """A captured scale reads the address it was captured with: the AR's labels must be the
     stages' own buffer, filled at start, not the caller's tensor (which a later request replaces)."""
