@@ -1,6 +1,6 @@
 """A served replica under load and overload, measured from outside, as clients see it.
 
-    python bench/serve_load.py --engine-dir DIR [--threads 2] [--json bench/out/serve_load.json]
+    python bench/serve_load.py --engine-dir DIR [--threads 2] [--lanes N] [--json bench/out/serve_load.json]
 
 Starts ``flowar-serve --engine-dir DIR`` (one replica, loopback) in its own process and, against
 the in-process rate of the same engines (``flowar-run --engine-dir DIR`` sampling eight images
@@ -131,6 +131,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--engine-dir", help="an engine directory (with a VAE) [default: export the default model]")
     ap.add_argument("--threads", type=int, default=None, help="cores of the replica (and of the in-process run)")
+    ap.add_argument("--lanes", type=int, default=None, help="flowar-serve --lanes [default: its own]")
     ap.add_argument("--sequential", type=int, default=16)
     ap.add_argument("--concurrent", type=int, default=16)
     ap.add_argument("--burst", type=int, default=48)
@@ -154,7 +155,8 @@ def main(argv=None) -> int:
     url = f"http://127.0.0.1:{a.port}"
     t0 = time.perf_counter()
     server = subprocess.Popen([str(BIN / "flowar-serve"), "--engine-dir", engine_dir, "--port", str(a.port)]
-                              + (["--threads", str(a.threads)] if a.threads else []),
+                              + (["--threads", str(a.threads)] if a.threads else [])
+                              + (["--lanes", str(a.lanes)] if a.lanes else []),
                               env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     from flowar.engines.cpu import cpu_kind
@@ -168,7 +170,8 @@ def main(argv=None) -> int:
         out["start_s"] = time.perf_counter() - t0
         out["health"] = request(url, "/health")[1]
         out["rss_gb_start"] = tree_rss_gb(server.pid)
-        print(f"replica ready in {out['start_s']:.1f} s (its engines opened in {out['health']['start_seconds']:.1f} s); "
+        print(f"replica ready in {out['start_s']:.1f} s (its engines opened in {out['health']['start_seconds']:.1f} s, "
+              f"{out['health'].get('lanes', 1)} lane(s)); "
               f"{out['rss_gb_start']:.2f} GB resident", flush=True)
         request(url, "/v1/generate", {"label": 0, "seed": 10_000})                 # the first image: not measured
         m0 = request(url, "/metrics")[1]

@@ -175,10 +175,10 @@ def test_overload_is_refused_at_once_and_nothing_refused_or_expired_is_computed(
     computed = []
     real = replica.generate
 
-    def slow(items):
+    def slow(items, lane=0):
         time.sleep(0.4)
         computed.extend((it.label, it.seed) for it in items)
-        return real(items)
+        return real(items, lane)
     monkeypatch.setattr(replica, "generate", slow)
     svc = service(replica, queue=4, deadline_s=30)
     results, health = [], []
@@ -215,17 +215,58 @@ def test_overload_is_refused_at_once_and_nothing_refused_or_expired_is_computed(
     assert (8, 901) not in computed and svc.held() == 0
 
 
+def test_a_replica_with_two_lanes_computes_two_batches_at_once_with_the_images_of_one(default_auto_engines):
+    """Engines that take calls from several threads (PyTorch's here, on a CPU): the replica opens a
+    second lane, and with every batch slowed to 0.5 s, four requests at once are computed two at a
+    time, each image the one a lone request gets (PNG pixels within 1: float32 noise of other thread
+    counts). Fails when batches run one at a time or when the lanes share static buffers (tried)."""
+    from flowar.commands.service import Limits, Service
+    svc = Service.open(str(default_auto_engines), 2, "torch", Limits(replica="lanes"))
+    rep = svc.replica
+    real, active, most = rep.generate, [0], [0]
+
+    def slow(items, lane=0):
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        time.sleep(0.5)
+        try:
+            return real(items, lane)
+        finally:
+            active[0] -= 1
+    try:
+        with hosted(svc) as url:
+            assert call(url, "/health")[1]["lanes"] == 2
+            alone = [call(url, "/v1/generate", {"label": i, "seed": 40 + i})[1]["images"][0] for i in range(4)]
+            rep.generate, results = slow, {}
+
+            def client(i):
+                results[i] = call(url, "/v1/generate", {"label": i, "seed": 40 + i})
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+    finally:
+        rep.pipe.close()
+    assert most[0] == 2 and sorted(results) == [0, 1, 2, 3]
+    for i in range(4):
+        status, answer, _ = results[i]
+        assert status == 200, answer
+        diff = np.abs(png(answer["images"][0]).astype(int) - png(alone[i]).astype(int))
+        assert diff.max() <= 1 and diff.mean() < 0.01, (i, diff.max(), diff.mean())
+
+
 def test_a_failed_batch_is_a_one_line_500_and_the_replica_keeps_serving(replica, monkeypatch):
     """A batch that fails (here a stage's NaN) answers its requests 500 with the one-line error,
     counted in /metrics; the next request is served."""
     from flowar.errors import FlowARError
     real, calls = replica.generate, []
 
-    def broken(items):
+    def broken(items, lane=0):
         calls.append(len(items))
         if len(calls) == 1:
             raise FlowARError("finite values from the velocity stage", "NaN at scale 4", "check the weights")
-        return real(items)
+        return real(items, lane)
     monkeypatch.setattr(replica, "generate", broken)
     with hosted(service(replica)) as url:
         status, answer, _ = call(url, "/v1/generate", {"label": 1, "n": 2})

@@ -75,6 +75,8 @@ def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, sche
               help="Engines, chosen as flowar-run chooses (auto: TensorRT and CUDA graphs on a GPU where the plans fit, "
                    "else the directory's --precision auto choice, else ONNX Runtime); GET /health says which run.")
 @click.option("--threads", type=int, help="Cores per replica [default: the machine's cores shared out among the replicas].")
+@click.option("--lanes", type=int, help="Batches a replica computes at once, sharing its cores (a lone batch gets "
+              "them all) [default: 2 where the engines allow it (compiled or PyTorch stages on a CPU), else 1].")
 @click.option("--max-n", default=16, show_default=True, type=int, help="Most images one request may ask for.")
 @click.option("--queue", type=int, help="Images a replica holds (running and waiting) before it answers 503, at "
               "least --max-n [default: twice the engines' max batch, or --max-n if more].")
@@ -88,7 +90,7 @@ def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, sche
 @click.option("--ray-address", help="A running Ray cluster [default: a local one].")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @user_errors
-def serve_cmd(engine_dir, host, port, replicas, backend, threads, max_n, queue, deadline, grace, token_file,
+def serve_cmd(engine_dir, host, port, replicas, backend, threads, lanes, max_n, queue, deadline, grace, token_file,
               require_token, ray_address, debug):
     """Serve POST /v1/generate on Ray Serve: bounded queues, deadlines, batching by the engine
     directory's call plan; GET / (a page to try it), /health, /metrics, /openapi.json."""
@@ -103,7 +105,7 @@ def serve_cmd(engine_dir, host, port, replicas, backend, threads, max_n, queue, 
         raise FlowARError("an engine directory with a decode stage (images)", "one exported without --vae",
                           "re-export with --vae")
     for name, v in (("--replicas", replicas), ("--max-n", max_n), ("--threads", 1 if threads is None else threads),
-                    ("--queue", 1 if queue is None else queue)):
+                    ("--lanes", 1 if lanes is None else lanes), ("--queue", 1 if queue is None else queue)):
         if v < 1:
             raise FlowARError(f"{name} >= 1", str(v), f"pass a positive {name}")
     for name, v in (("--deadline", deadline), ("--grace", grace)):
@@ -131,7 +133,7 @@ def serve_cmd(engine_dir, host, port, replicas, backend, threads, max_n, queue, 
                    f"{'bearer token required' if token else 'no token required (loopback)'}; Ctrl-C or SIGTERM stops",
                    err=True)
     serve_forever(str(Path(engine_dir).resolve()), host, port, threads, max_n, replicas, ray_address, ready=ready,
-                  backend=backend, queue=queue, deadline_s=deadline, token=token if (require_token or not loopback
+                  backend=backend, lanes=lanes, queue=queue, deadline_s=deadline, token=token if (require_token or not loopback
                                                                                  or token) else None,
                   grace_s=grace, say=lambda line: click.echo(line, err=True))
 

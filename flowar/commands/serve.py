@@ -60,11 +60,11 @@ def _service_class():
         since the app needs the opened engines)."""
 
         def __init__(self, engine_dir: str, threads: int | None, backend: str, max_n: int, queue: int,
-                     deadline_s: float, token: str | None):
+                     deadline_s: float, token: str | None, lanes: int | None = None):
             ctx = serve.get_replica_context()
             name = getattr(ctx, "replica_tag", None) or str(ctx.replica_id.unique_id)
             self.service = Service.open(engine_dir, threads, backend, Limits(max_n=max_n, queue=queue,
-                                        deadline_s=deadline_s, token=token, replica=name))
+                                        deadline_s=deadline_s, token=token, replica=name), lanes)
 
         def __serve_build_asgi_app__(self):
             return make_app(self.service)
@@ -81,7 +81,7 @@ def _service_class():
 
 
 def build_app(engine_dir: str, *, threads: int | None = None, max_n: int = 16, replicas: int = 1, backend: str = "auto",
-              queue: int | None = None, deadline_s: float = 120.0, token: str | None = None, grace_s: float = 60.0,
+              lanes: int | None = None, queue: int | None = None, deadline_s: float = 120.0, token: str | None = None, grace_s: float = 60.0,
               draining: bool = False):
     """The Ray Serve application. ``draining``: the replicas refuse new images; deployed over a
     running application with the same settings, Serve reconfigures its replicas in place."""
@@ -90,7 +90,7 @@ def build_app(engine_dir: str, *, threads: int | None = None, max_n: int = 16, r
     from flowar.export.manifest import read_manifest
     max_batch = read_manifest(engine_dir).max_batch
     limit = queue or max(2 * max_batch, max_n)       # images a replica holds: a batch running, one waiting
-    args = (engine_dir, threads, backend, max_n, limit, deadline_s, token)
+    args = (engine_dir, threads, backend, max_n, limit, deadline_s, token, lanes)
     options = dict(num_replicas=replicas, ray_actor_options={"num_cpus": threads or 1},
                    max_ongoing_requests=limit + 256, max_queued_requests=limit,  # the replica refuses first, at once
                    backpressure_config=BackpressureConfig(status_code=503, retry_after_s=5),
@@ -130,7 +130,7 @@ class _Stop(Exception):
 
 def serve_forever(engine_dir: str, host: str, port: int, threads: int | None, max_n: int, replicas: int,
                   ray_address: str | None, ready=None, block: bool = True, backend: str = "auto",
-                  queue: int | None = None, deadline_s: float = 120.0, token: str | None = None,
+                  lanes: int | None = None, queue: int | None = None, deadline_s: float = 120.0, token: str | None = None,
                   grace_s: float = 60.0, say=print) -> None:
     """Start Serve on host:port and the application; with ``block``, serve until SIGTERM or
     SIGINT, then stop gracefully (:func:`stop`)."""
@@ -147,7 +147,7 @@ def serve_forever(engine_dir: str, host: str, port: int, threads: int | None, ma
     from ray import serve
     logging.getLogger("ray.serve").setLevel(logging.WARNING)      # the command says what matters itself
     t0 = time.perf_counter()
-    settings = dict(threads=threads, max_n=max_n, replicas=replicas, backend=backend, queue=queue,
+    settings = dict(threads=threads, max_n=max_n, replicas=replicas, backend=backend, lanes=lanes, queue=queue,
                     deadline_s=deadline_s, token=token, grace_s=grace_s)
     try:
         serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})

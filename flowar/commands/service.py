@@ -7,10 +7,14 @@ Image j of a request is sample j of ``flowar-run --labels L,L,... --seed S``. A 
 bounded queue of images: a request that does not fit is refused at once (503 with Retry-After, the
 seconds the queue needs); an image whose request has passed its deadline or whose client has gone
 is not computed. Batches are formed only in the sizes that cost less per image than every smaller
-one (the call plan measured at export), one at a time, never waiting to fill. An idle replica
-starts once requests stop arriving (20 ms without a new one, at most 250 ms) with the largest
-batch that takes at most twice one image: a burst's first answers come about as soon as a lone
-request's, the rest in the largest batches. Every error is ``{"error": one line}``.
+one (the call plan measured at export), never waiting to fill. Where the engines allow it
+(:meth:`flowar.runtime.runtime.Runtime.lane`: compiled or PyTorch stages on a CPU) a replica
+computes two batches at once, each in a lane of its own, sharing the cores (a lone batch gets them
+all): on 2 cores FlowAR-S made 1.19-1.31x the images per second of one batch at a time, which
+batching alone does not give there. An idle replica starts once requests stop arriving (20 ms
+without a new one, at most 250 ms) with the largest batch that takes at most twice one image (on
+its share of the cores): a burst's first answers come about as soon as a lone request's, the rest
+in the largest batches. Every error is ``{"error": one line}``.
 """
 
 
@@ -87,7 +91,8 @@ class _Item:
 
 
 class Replica:
-    """One engine set, sampling batches (usable without Ray or HTTP too)."""
+    """One engine set, sampling batches (usable without Ray or HTTP too): ``lanes``, the runtime
+    and its lanes (:meth:`add_lane`), each sampling on a thread of its own."""
 
     def __init__(self, engine_dir: str, threads: int | None = None, backend: str = "auto"):
         from flowar.pipeline.pipeline import FlowARPipeline
@@ -104,17 +109,22 @@ class Replica:
         self.per_image_s = min(per.values()) if per else None
         self._batch_s = {int(b): s * int(b) for b, s in per.items()}       # seconds of a batch by the plan
         self.warmed = rt.warm_up(self.sizes)       # every engine at the shapes of the sizes it will form
+        self.lanes = [rt]
         self.start_s = time.perf_counter() - t0
+
+    def add_lane(self) -> None:
+        """One more lane over the same engines (call it on the thread the lane will sample on)."""
+        self.lanes.append(self.pipe.runtime.lane())
 
     def batch_s(self, size: int) -> float:
         """Seconds a batch of ``size`` takes by the call plan (unknown: as if every image cost one)."""
         return self._batch_s.get(size, size * (self.per_image_s or 1.0))
 
-    def generate(self, items: list) -> tuple[list[str], dict]:
+    def generate(self, items: list, lane: int = 0) -> tuple[list[str], dict]:
         """Base64 PNGs, one per item, in order (items of each settings group sampled together), and
-        the seconds per stage."""
+        the seconds per stage; sampled on ``lane``."""
         from flowar.io.images import to_uint8
-        rt = self.pipe.runtime
+        rt = self.lanes[lane]
         out: list[str | None] = [None] * len(items)
         seconds: dict[str, float] = {}
         for settings in dict.fromkeys(it.settings for it in items):
@@ -159,30 +169,41 @@ class Metrics:
 
 
 class Service:
-    """A replica behind a bounded queue, run one batch at a time in a thread of its own."""
+    """A replica behind a bounded queue, each of its lanes computing one batch at a time on a
+    thread of its own."""
 
-    def __init__(self, replica: Replica, limits: Limits, compute=None):
+    def __init__(self, replica: Replica, limits: Limits, computes: list | None = None):
         self.replica, self.limits = replica, limits
         self.metrics = Metrics(limits.replica)
         self.pending: list[_Item] = []
-        self.running = 0                 # images of the batch being computed
+        self.running = 0                 # images of the batches being computed
         self.draining = False
         self._last_arrival = 0.0
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
-        # every batch on the same thread: one OpenMP team, reused (a new thread per batch would leave
-        # the previous threads' teams spinning on the cores the next batch needs)
+        self._batches: set[asyncio.Task] = set()
+        # every batch of a lane on the same thread: one OpenMP team, reused (a new thread per batch
+        # would leave the previous threads' teams spinning on the cores the next batch needs)
         from concurrent.futures import ThreadPoolExecutor
-        self._compute = compute or ThreadPoolExecutor(1, thread_name_prefix="flowar-compute")
+        self._computes = computes or [ThreadPoolExecutor(1, thread_name_prefix="flowar-compute")
+                                      for _ in replica.lanes]
+        self.free = list(range(len(replica.lanes)))[::-1]       # lanes not computing (popped from the end)
 
     @classmethod
-    def open(cls, engine_dir: str, threads: int | None, backend: str, limits: Limits) -> "Service":
-        """A service whose replica is opened on its compute thread, where every batch will run (the
-        engines then compute as fast as they do in a command's main thread; opened on another
-        thread and run on this one, FlowAR-S took 20 % longer per image)."""
+    def open(cls, engine_dir: str, threads: int | None, backend: str, limits: Limits,
+             lanes: int | None = None) -> "Service":
+        """A service whose replica is opened on its first compute thread and each further lane made
+        on its own, where their batches will run (the engines then compute as fast as they do in a
+        command's main thread; opened on another thread and run on this one, FlowAR-S took 20 %
+        longer per image). ``lanes``: at most this many (default: as many as the engines allow)."""
         from concurrent.futures import ThreadPoolExecutor
-        compute = ThreadPoolExecutor(1, thread_name_prefix="flowar-compute")
-        return cls(compute.submit(Replica, engine_dir, threads, backend).result(), limits, compute)
+        first = ThreadPoolExecutor(1, thread_name_prefix="flowar-compute")
+        replica = first.submit(Replica, engine_dir, threads, backend).result()
+        n = min(lanes or replica.pipe.runtime.lanes, replica.pipe.runtime.lanes)
+        computes = [first] + [ThreadPoolExecutor(1, thread_name_prefix="flowar-compute") for _ in range(n - 1)]
+        for c in computes[1:]:
+            c.submit(replica.add_lane).result()
+        return cls(replica, limits, computes)
 
     # ---- admission and batching ---------------------------------------------------------------
     def held(self) -> int:
@@ -230,49 +251,60 @@ class Service:
                                 indices=[it.index for it in batch], seconds=seconds, replica=self.limits.replica)
 
     async def _run(self) -> None:
-        """The worker: drop what has expired or been abandoned, take the largest paying batch size
-        that the waiting images fill (never waiting for a batch to fill; after idling, the largest
-        that takes at most twice one image), compute it on the compute thread."""
-        loop, idle = asyncio.get_running_loop(), True
+        """The worker: drop what has expired or been abandoned; while a lane is free, take the
+        largest paying batch size that the waiting images fill, shared with the other free lanes
+        (never waiting for a batch to fill; on an idle replica, the largest that takes at most twice
+        one image on its share of the cores), and compute it on that lane."""
+        loop = asyncio.get_running_loop()
         while True:
             self.pending = [it for it in self.pending if not it.future.done() and it.deadline > time.monotonic()]
-            if not self.pending:
+            if not self.pending or not self.free:
                 self._wake.clear()
                 self.metrics.queue.labels(self.limits.replica).set(self.held())
                 await self._wake.wait()
-                idle = True
                 continue
+            idle = self.running == 0
             if idle and len(self.pending) < max(self.replica.sizes):
                 await self._gather()
                 self.pending = [it for it in self.pending if not it.future.done()]
                 if not self.pending:
                     continue
-            fits = [s for s in self.replica.sizes if s <= len(self.pending)] or [1]
+            fits = [s for s in self.replica.sizes if s <= math.ceil(len(self.pending) / len(self.free))] or [1]
             if idle:        # a burst's first answers as soon as a lone request's: at most 2x one image's time
-                fits = [s for s in fits if self.replica.batch_s(s) <= 2 * self.replica.batch_s(1)] or [1]
-            size, idle = max(fits), False
+                lanes = len(self.replica.lanes)
+                fits = [s for s in fits if self.replica.batch_s(s) * lanes <= 2 * self.replica.batch_s(1)] or [1]
+            size = max(fits)
             batch, self.pending = self.pending[:size], self.pending[size:]
-            self.running = len(batch)
+            self.running += len(batch)
             self.metrics.queue.labels(self.limits.replica).set(self.held())
-            started = time.monotonic()
-            try:
-                images, seconds = await loop.run_in_executor(self._compute, self.replica.generate, batch)
-            except Exception as e:     # noqa: BLE001 - handed to the requests of this batch
-                for it in batch:
-                    if not it.future.done():
-                        it.future.set_exception(e)
-                continue
-            finally:
-                self.running = 0
-            m = self.metrics
-            m.batch.labels(self.limits.replica).observe(len(batch))
-            m.images.labels(self.limits.replica).inc(len(batch))
-            for stage, s in seconds.items():
-                if stage != "total":
-                    m.stage.labels(self.limits.replica, stage).inc(s)
-            for it, img in zip(batch, images):
+            task = loop.create_task(self._compute(self.free.pop(), batch))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _compute(self, lane: int, batch: list) -> None:
+        """One batch on one lane; its images (or its error) handed to the requests that wait."""
+        started = time.monotonic()
+        try:
+            images, seconds = await asyncio.get_running_loop().run_in_executor(
+                self._computes[lane], self.replica.generate, batch, lane)
+        except Exception as e:     # noqa: BLE001 - handed to the requests of this batch
+            for it in batch:
                 if not it.future.done():
-                    it.future.set_result((img, seconds, started - it.enqueued))
+                    it.future.set_exception(e)
+            return
+        finally:
+            self.running -= len(batch)
+            self.free.append(lane)
+            self._wake.set()
+        m = self.metrics
+        m.batch.labels(self.limits.replica).observe(len(batch))
+        m.images.labels(self.limits.replica).inc(len(batch))
+        for stage, s in seconds.items():
+            if stage != "total":
+                m.stage.labels(self.limits.replica, stage).inc(s)
+        for it, img in zip(batch, images):
+            if not it.future.done():
+                it.future.set_result((img, seconds, started - it.enqueued))
 
     async def _gather(self) -> None:
         """Let a burst arrive before an idle replica starts (16 requests at once through Serve's proxy
@@ -312,7 +344,7 @@ class Service:
         return {"status": "draining" if self.draining else "ok", "replica": self.limits.replica,
                 "max_batch": rt.max_batch, "batch_sizes": self.replica.sizes, "backend": rt.backend,
                 "engines": rt.detail, "cuda_graphs": rt.runner is not None, "queue": self.held(),
-                "queue_limit": self.limits.queue, "start_seconds": round(self.replica.start_s, 3),
+                "queue_limit": self.limits.queue, "lanes": len(self.replica.lanes), "start_seconds": round(self.replica.start_s, 3),
                 "shapes_warmed": self.replica.warmed, "opened": rt.opened}
 
 
