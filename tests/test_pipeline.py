@@ -113,6 +113,29 @@ def test_every_entry_point_takes_the_backend_flowar_run_takes(default_auto_engin
     assert directory.choose_backend(directory.read_manifest(default_auto_engines), "auto") == "measured"
 
 
+def test_a_bulk_worker_samples_two_batches_at_once_in_lanes_with_the_images_of_one(default_auto_engines, tmp_path):
+    """Where the engines allow lanes (PyTorch's here), a bulk worker samples a shard's batches two at
+    a time: the shard holds, in order, the images the runtime gives alone batch by batch (pixels
+    within 1: float32 noise of other thread counts). Fails when a batch's images land in another
+    batch's place, or when the lanes share static buffers."""
+    from flowar.commands.bulk import BulkSpec, ShardSampler, shard_path
+    from flowar.io.images import to_uint8
+    spec = BulkSpec(str(default_auto_engines), 8, [0, 1, 2], 3, {}, 8, 2, backend="torch", batch=2)
+    sampler = ShardSampler({f: getattr(spec, f) for f in spec.__dataclass_fields__}, str(tmp_path / "bulk"))
+    try:
+        assert len(sampler.lanes) == 2
+        sampler.sample_shard(0, 0, 8)
+        got = np.load(shard_path(tmp_path / "bulk", 0))["images"]
+        rt = sampler.pipe.runtime
+        want = np.concatenate([to_uint8(rt.sample([i % 3 for i in idx], sampler.schedule, seed=3, indices=idx,
+                                                  batch_size=2).images) for idx in ([0, 1], [2, 3], [4, 5], [6, 7])])
+    finally:
+        sampler.pipe.close()
+    assert got.shape == want.shape == (8, 32, 32, 3)
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+
+
 def test_a_generator_draws_the_seeds_as_diffusers_does_and_a_callback_sees_every_scale(default_auto_engines):
     """generator=: its state decides the images (a generator used once gives new images the next
     time, a fresh one with the same seed the same ones), and the drawn seeds name them: seed=those

@@ -81,8 +81,9 @@ def shard_is_done(out: Path, j: int, start: int, end: int) -> bool:
 class ShardSampler:
     """One worker (this process, or a Ray Data actor): the pipeline opened once (the engines flowar-run would
     choose; CUDA graphs captured at start on a GPU), shards sampled in batches of ``spec.batch`` (default:
-    the best images/s by the directory's call plan) and written. ``progress``, a queue (Ray's, or the
-    standard library's in this process), gets
+    the best images/s by the directory's call plan) and written; where the engines allow it
+    (:meth:`flowar.runtime.runtime.Runtime.lane`), two batches at once in lanes of their own, sharing
+    the cores. ``progress``, a queue (Ray's, or the standard library's in this process), gets
     ``("batch", B)`` once and ``("images", n)`` after every batch, for the driver's bar."""
 
     def __init__(self, spec: dict, out: str, progress=None):
@@ -92,11 +93,14 @@ class ShardSampler:
         self.spec = BulkSpec(**spec)
         self.out = Path(out)
         self.progress = progress
-        # opened and run on one thread of its own, whatever threads Ray calls from: opened on one
-        # thread and run on another, FlowAR-S took 20-25 % longer per image (see service.Service.open)
-        self._compute = ThreadPoolExecutor(1, thread_name_prefix="flowar-compute")
-        self.pipe = self._compute.submit(self._open, self.spec.batch).result()
-        self.schedule = self.pipe.runtime.schedule(Settings.of(self.spec.schedule))
+        # opened and run on one thread of its own per lane, whatever threads Ray calls from: opened on
+        # one thread and run on another, FlowAR-S took 20-25 % longer per image (see service.Service.open)
+        self._computes = [ThreadPoolExecutor(1, thread_name_prefix="flowar-compute")]
+        self.pipe = self._computes[0].submit(self._open, self.spec.batch).result()
+        rt = self.pipe.runtime
+        self._computes += [ThreadPoolExecutor(1, thread_name_prefix="flowar-compute") for _ in range(rt.lanes - 1)]
+        self.lanes = [rt] + [c.submit(rt.lane).result() for c in self._computes[1:]]
+        self.schedule = rt.schedule(Settings.of(self.spec.schedule))
         self._tell("batch", self.batch)
 
     def _open(self, batch: int | None):
@@ -116,14 +120,16 @@ class ShardSampler:
         from flowar.io.files import write_npz
         from flowar.io.images import save_images, to_uint8
         t0 = time.perf_counter()
-        parts, a = [], start
+        batches, a = [], start
         while a < end:          # batches cut at multiples of the batch size: the same for any shard multiple of it
-            idx = list(range(a, min((a // self.batch + 1) * self.batch, end)))
-            labels = [self.spec.classes[i % len(self.spec.classes)] for i in idx]
-            parts.append(self.pipe.runtime.sample(labels, self.schedule, seed=self.spec.seed, indices=idx,
-                                                  batch_size=len(idx)).images)
+            batches.append(list(range(a, min((a // self.batch + 1) * self.batch, end))))
+            a = batches[-1][-1] + 1
+        jobs = [self._computes[i % len(self.lanes)].submit(self._sample, self.lanes[i % len(self.lanes)], idx)
+                for i, idx in enumerate(batches)]
+        parts = []
+        for job, idx in zip(jobs, batches):
+            parts.append(job.result())
             self._tell("images", len(idx))
-            a = idx[-1] + 1
         images = torch.cat(parts)
         idx = list(range(start, end))
         save_images(images, self.out / "png" / f"{j:05d}", first=start)      # named by sample index
@@ -133,8 +139,12 @@ class ShardSampler:
                                             "indices": np.asarray(idx, np.int64)})
         return time.perf_counter() - t0
 
+    def _sample(self, rt, idx: list[int]):
+        labels = [self.spec.classes[i % len(self.spec.classes)] for i in idx]
+        return rt.sample(labels, self.schedule, seed=self.spec.seed, indices=idx, batch_size=len(idx)).images
+
     def __call__(self, batch: dict) -> dict:
-        secs = [self._compute.submit(self.sample_shard, int(j), int(s), int(e)).result()
+        secs = [self.sample_shard(int(j), int(s), int(e))
                 for j, s, e in zip(batch["shard"], batch["start"], batch["end"])]
         return {"shard": np.asarray(batch["shard"]), "seconds": np.asarray(secs),
                 "batch": np.asarray([self.batch] * len(secs)),
