@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,13 +49,19 @@ class Threads:
     several rows run as row blocks, one per core). ``host`` is PyTorch's thread count while
     sampling: ``cores`` where PyTorch computes stages itself, 1 where every stage runs in ONNX
     Runtime's own threads, so that PyTorch's spinning OpenMP workers leave the cores to them.
-    Lanes (:meth:`Runtime.lane`) share one policy and its count of samplings running: while
-    several run, each stage call gets its share of the ``host`` threads (:meth:`share`).
+    Lanes (:meth:`Runtime.lane`) share the count of samplings running: while several run, each
+    stage call gets its share of the ``host`` threads (:meth:`share`). Only the first lane
+    (``floor`` 1) computes on all of them when it samples alone; a later lane (``floor``: the lanes)
+    never on more than its share: an OpenMP team of more threads on a second thread leaves GNU
+    OpenMP managing more threads than there are cores, and then every team's waiting is throttled
+    (measured: FlowAR-S images 12 % slower on the first lane once a second thread had computed on
+    two threads; none when it had used one).
     """
     cores: int
     host: int
     running: list = field(default_factory=lambda: [0], compare=False)      # samplings on these cores now
     lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
+    floor: int = 1
 
     @classmethod
     def resolve(cls, threads: int | None, torch_computes: bool) -> "Threads":
@@ -67,7 +74,7 @@ class Threads:
     @contextlib.contextmanager
     def applied(self):
         before = torch.get_num_threads()      # (first: a new thread takes PyTorch's global count here)
-        torch.set_num_threads(self.host)
+        torch.set_num_threads(max(1, self.host // self.floor))
         with self.lock:
             self.running[0] += 1
         try:
@@ -80,7 +87,7 @@ class Threads:
     def share(self, kind: str, fn, *args):
         """Around each stage call of a lane: this thread's share of the host threads while several
         samplings run (PyTorch's count is per thread; each lane samples on a thread of its own)."""
-        n = max(1, self.host // max(1, self.running[0]))
+        n = max(1, self.host // max(self.floor, self.running[0]))
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
         return fn(*args)
@@ -301,14 +308,20 @@ class Runtime:
     def lane(self) -> "Runtime":
         """Another lane over the same engines: a runtime with static buffers of its own that samples
         at the same time as this one, on another thread (a served replica's second lane). Lanes
-        share the cores: while both sample, each stage call runs on half the threads. Where the
-        engines allow it (:attr:`lanes` > 1); closing a lane leaves the engines open."""
+        share the cores: while both sample, each stage call runs on half the threads; this runtime
+        gets them all when it samples alone, the lane never more than half (see :class:`Threads`).
+        Call it on the thread the lane will sample on: that thread's PyTorch thread count becomes
+        the lane's share, for good. Where the engines allow it (:attr:`lanes` > 1); closing a lane
+        leaves the engines open."""
         from flowar.runtime.stages import EngineStages
         if self.lanes < 2:
             raise FlowARError("engines that take calls from several threads (compiled or PyTorch, on a CPU)",
                               self.detail, "serve with one lane, or export with --precision auto on a CPU")
         s = self.stages
         other = copy.copy(self)
+        other.threads = dataclasses.replace(self.threads, floor=self.lanes)
+        torch.get_num_threads()                 # (a new thread takes PyTorch's global count here, first)
+        torch.set_num_threads(max(1, self.threads.host // self.lanes))
         other.stages = EngineStages(s.engines, s.config, s.max_batch, s.device, s.specs, {"stages": s.plan})
         other._stack = contextlib.ExitStack()
         return other

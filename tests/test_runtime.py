@@ -170,8 +170,10 @@ def test_lanes_sample_at_once_on_buffers_of_their_own_with_a_share_of_the_thread
     """Two lanes over the same engines (PyTorch's, which take calls from several threads) sample at
     the same time on two threads, each on static buffers of its own: every result is what the
     runtime gives alone (float32 noise: the thread counts differ), and while both sample, each
-    stage call runs on half the threads. Fails when a lane shares its runtime's buffers, or when
-    the share ignores the samplings running (both tried)."""
+    stage call runs on half the threads; a later lane never on more (its floor). Fails when a lane
+    shares its runtime's buffers, or when the share ignores the samplings running or the floor
+    (tried)."""
+    import dataclasses
     import threading
 
     from flowar.runtime.runtime import Runtime, Threads
@@ -182,9 +184,14 @@ def test_lanes_sample_at_once_on_buffers_of_their_own_with_a_share_of_the_thread
         for running in (2, 1, 3):
             t.running[0] = running
             t.share("velocity", lambda: seen.append(torch.get_num_threads()))
+        later = dataclasses.replace(t, floor=2)
+        assert later.running is t.running               # one count for every lane
+        for running in (1, 2):
+            t.running[0] = running
+            later.share("velocity", lambda: seen.append(torch.get_num_threads()))
     finally:
         torch.set_num_threads(before)
-    assert seen == [2, 4, 1]
+    assert seen == [2, 4, 1, 2, 2]
     with Runtime.open_engine_dir(default_auto_engines, backend="torch", threads=2) as rt:
         assert rt.lanes == 2
         lane = rt.lane()
@@ -204,11 +211,12 @@ def test_lanes_sample_at_once_on_buffers_of_their_own_with_a_share_of_the_thread
         for j in jobs:
             j.join(120)
         lane.close()
+        torch.set_num_threads(before)             # (lane() set this thread's count to the lane's share)
         assert rt.stages.engines["velocity"].module is not None       # closing a lane leaves the engines open
     for lab in (1, 5):
         for tokens in got[lab]:
             assert (tokens - alone[lab]).abs().max().item() <= 1e-4 * alone[lab].abs().max().item(), lab
-    assert 1 in threads_seen
+    assert 1 in threads_seen and lane.threads.floor == 2 and rt.threads.floor == 1
 
 
 def test_the_labels_are_copied_into_static_storage_at_start(tiny_v1):
