@@ -12,7 +12,9 @@ one at a time in one process), measures:
 * two bursts of 48 requests at once, each with a 60 s client deadline: how many got 200, 503 and
   no answer within the deadline, ``/health``'s latency during each burst, and the memory of the
   serve process tree (resident, all its processes) before, after the first and after the second;
-* ``/metrics`` parsed by prometheus_client, its counters against the requests sent.
+* ``/metrics`` parsed by prometheus_client, its counters against the requests sent;
+* the in-process rate again after the server has stopped (this host's speed drifts within
+  minutes), and the sequential and concurrent ratios to the mean of both.
 
 Without ``--engine-dir`` the shipped default model is exported first (its time is mostly overhead).
 """
@@ -224,6 +226,17 @@ def main(argv=None) -> int:
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, 9)
         out["exit_code"] = server.returncode
+        if "concurrent" in out:     # the host drifts within minutes: the rate again, the ratios to the mean of both
+            after = out["in_process_s_per_image_after"] = in_process_rate(engine_dir, a.threads)
+            mean = (per_image + after) / 2
+            out["vs_mean_in_process"] = {"sequential_p50": out["sequential"]["p50_s"] / mean,
+                                         "concurrent_rate": out["concurrent"]["images_per_s"] * mean,
+                                         "first_answer_vs_sequential_p50": out["concurrent"]["first_answer_s"]
+                                         / out["sequential"]["p50_s"]}
+            v = out["vs_mean_in_process"]
+            print(f"in-process again: {after:.3f} s per image; against the mean of both ({mean:.3f} s): sequential "
+                  f"p50 {v['sequential_p50']:.2f}x the time per image, 16 at once {v['concurrent_rate']:.2f}x the "
+                  f"rate, first answer {v['first_answer_vs_sequential_p50']:.2f}x the sequential p50", flush=True)
         tmp.cleanup()
     from flowar.io.files import atomic_write_bytes
     atomic_write_bytes(a.json, lambda t: Path(t).write_text(json.dumps(out, indent=1)))
