@@ -215,6 +215,29 @@ def test_overload_is_refused_at_once_and_nothing_refused_or_expired_is_computed(
     assert (8, 901) not in computed and svc.held() == 0
 
 
+def test_only_a_burst_after_idling_starts_with_a_small_batch(replica, monkeypatch):
+    """The cap on a burst's first batch (at most twice one image's time) applies to a replica that
+    was idle, not to what waited while a batch computed: a request of 4 images that arrives while
+    one image computes goes as one batch of 4 (the plan below: batches of 1, 2, 4 pay, 4 takes 3.4
+    images' time). Fails when every batch after a finished one counts as a new burst (it did)."""
+    sizes, real = [], replica.generate
+
+    def slow(items, lane=0):
+        sizes.append(len(items))
+        time.sleep(0.5)
+        return real(items, lane)
+    monkeypatch.setattr(replica, "generate", slow)
+    monkeypatch.setattr(replica, "sizes", [1, 2, 4])
+    monkeypatch.setattr(replica, "_batch_s", {1: 1.0, 2: 1.8, 4: 3.4})
+    with hosted(service(replica)) as url:
+        first = threading.Thread(target=call, args=(url, "/v1/generate", {"label": 1, "seed": 7}))
+        first.start()
+        time.sleep(0.3)                           # the first image computing
+        status, answer, _ = call(url, "/v1/generate", {"label": 2, "seed": 8, "n": 4})
+        first.join(30)
+    assert status == 200 and len(answer["images"]) == 4 and sizes == [1, 4], (status, sizes)
+
+
 def test_a_replica_with_two_lanes_computes_two_batches_at_once_with_the_images_of_one(default_auto_engines):
     """Engines that take calls from several threads (PyTorch's here, on a CPU): the replica opens a
     second lane, and with every batch slowed to 0.5 s, four requests at once are computed two at a

@@ -256,15 +256,15 @@ class Service:
         largest paying batch size that the waiting images fill, shared with the other free lanes
         (never waiting for a batch to fill; on an idle replica, the largest that takes at most twice
         one image on its share of the cores), and compute it on that lane."""
-        loop = asyncio.get_running_loop()
+        loop, idle = asyncio.get_running_loop(), True
         while True:
             self.pending = [it for it in self.pending if not it.future.done() and it.deadline > time.monotonic()]
             if not self.pending or not self.free:
+                idle = idle or (not self.pending and self.running == 0)     # nothing held: the next is a new burst
                 self._wake.clear()
                 self.metrics.queue.labels(self.limits.replica).set(self.held())
                 await self._wake.wait()
                 continue
-            idle = self.running == 0
             if idle and len(self.pending) < max(self.replica.sizes):
                 await self._gather()
                 self.pending = [it for it in self.pending if not it.future.done()]
@@ -274,7 +274,7 @@ class Service:
             if idle:        # a burst's first answers as soon as a lone request's: at most 2x one image's time
                 lanes = len(self.replica.lanes)
                 fits = [s for s in fits if self.replica.batch_s(s) * lanes <= 2 * self.replica.batch_s(1)] or [1]
-            size = max(fits)
+            size, idle = max(fits), False
             batch, self.pending = self.pending[:size], self.pending[size:]
             self.running += len(batch)
             self.metrics.queue.labels(self.limits.replica).set(self.held())
