@@ -142,10 +142,10 @@ class Runtime:
         self.runner = GraphRunner(device, capture=True, buckets=_buckets(max_batch)) if capture else None
         # How many samplings may run at once, each on a thread of its own (lane()): 2 where every
         # engine computes in PyTorch's threads and takes calls from several threads at once (the
-        # compiled and PyTorch engines on a CPU), else 1.
+        # compiled and PyTorch engines on a CPU) and there are threads to share, else 1.
         engines = getattr(stages, "engines", {}).values()
-        self.lanes = 2 if device.type == "cpu" and engines and all(getattr(e, "CALLS_AT_ONCE", 1) > 1
-                                                                     for e in engines) else 1
+        self.lanes = 2 if device.type == "cpu" and threads.host >= 2 and engines and all(
+            getattr(e, "CALLS_AT_ONCE", 1) > 1 for e in engines) else 1
         if device.type == "cpu":
             reuse_large_allocations()
         self._stack = stack or contextlib.ExitStack()

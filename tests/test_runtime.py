@@ -217,6 +217,8 @@ def test_lanes_sample_at_once_on_buffers_of_their_own_with_a_share_of_the_thread
         for tokens in got[lab]:
             assert (tokens - alone[lab]).abs().max().item() <= 1e-4 * alone[lab].abs().max().item(), lab
     assert 1 in threads_seen and lane.threads.floor == 2 and rt.threads.floor == 1
+    with Runtime.open_engine_dir(default_auto_engines, backend="torch", threads=1) as one:
+        assert one.lanes == 1                   # one thread: nothing to share between lanes
 
 
 def test_the_labels_are_copied_into_static_storage_at_start(tiny_v1):
