@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -59,7 +60,7 @@ class Threads:
     """
     cores: int
     host: int
-    running: list = field(default_factory=lambda: [0], compare=False)      # samplings on these cores now
+    running: list = field(default_factory=functools.partial(list, (0,)), compare=False)   # samplings on these cores now: [n]
     lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
     floor: int = 1
 
