@@ -60,7 +60,7 @@ class Threads:
     """
     cores: int
     host: int
-    running: list = field(default_factory=functools.partial(list, (0,)), compare=False)   # samplings on these cores now: [n]
+    running: list = field(default_factory=functools.partial(list, (0,)), compare=False)   # [samplings running now]
     lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
     floor: int = 1
 

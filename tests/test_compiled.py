@@ -148,7 +148,8 @@ def test_the_library_called_through_its_c_interface_gives_pytorchs_runner_output
     theirs = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1).run
     lib = Library(path, models=2)
     gen = torch.Generator().manual_seed(3)
-    cases = [[sample_inputs(spec, model.config, k, 3, gen)[n] for n in spec.inputs] for k in range(model.config.n_scales)]
+    cases = [[sample_inputs(spec, model.config, k, 3, gen)[n] for n in spec.inputs]
+             for k in range(model.config.n_scales)]
     want = [theirs(c) for c in cases]
     got: dict[int, list] = {}
 

@@ -200,7 +200,8 @@ def test_lanes_sample_at_once_on_buffers_of_their_own_with_a_share_of_the_thread
         got, threads_seen, barrier = {}, [], threading.Barrier(2)
         for r in (rt, lane):
             inner = r.stages.velocity
-            r.stages.velocity = (lambda inner: lambda *a: threads_seen.append(torch.get_num_threads()) or inner(*a))(inner)
+            r.stages.velocity = (lambda inner: lambda *a: threads_seen.append(torch.get_num_threads())
+                                 or inner(*a))(inner)
 
         def work(r, lab):
             barrier.wait()

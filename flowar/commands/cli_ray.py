@@ -133,8 +133,8 @@ def serve_cmd(engine_dir, host, port, replicas, backend, threads, lanes, max_n, 
                    f"{'bearer token required' if token else 'no token required (loopback)'}; Ctrl-C or SIGTERM stops",
                    err=True)
     serve_forever(str(Path(engine_dir).resolve()), host, port, threads, max_n, replicas, ray_address, ready=ready,
-                  backend=backend, lanes=lanes, queue=queue, deadline_s=deadline, token=token if (require_token or not loopback
-                                                                                 or token) else None,
+                  backend=backend, lanes=lanes, queue=queue, deadline_s=deadline,
+                  token=token if (require_token or not loopback or token) else None,
                   grace_s=grace, say=lambda line: click.echo(line, err=True))
 
 

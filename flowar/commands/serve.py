@@ -81,8 +81,8 @@ def _service_class():
 
 
 def build_app(engine_dir: str, *, threads: int | None = None, max_n: int = 16, replicas: int = 1, backend: str = "auto",
-              lanes: int | None = None, queue: int | None = None, deadline_s: float = 120.0, token: str | None = None, grace_s: float = 60.0,
-              draining: bool = False):
+              lanes: int | None = None, queue: int | None = None, deadline_s: float = 120.0, token: str | None = None,
+              grace_s: float = 60.0, draining: bool = False):
     """The Ray Serve application. ``draining``: the replicas refuse new images; deployed over a
     running application with the same settings, Serve reconfigures its replicas in place."""
     from ray.serve.config import BackpressureConfig
@@ -130,8 +130,8 @@ class _Stop(Exception):
 
 def serve_forever(engine_dir: str, host: str, port: int, threads: int | None, max_n: int, replicas: int,
                   ray_address: str | None, ready=None, block: bool = True, backend: str = "auto",
-                  lanes: int | None = None, queue: int | None = None, deadline_s: float = 120.0, token: str | None = None,
-                  grace_s: float = 60.0, say=print) -> None:
+                  lanes: int | None = None, queue: int | None = None, deadline_s: float = 120.0,
+                  token: str | None = None, grace_s: float = 60.0, say=print) -> None:
     """Start Serve on host:port and the application; with ``block``, serve until SIGTERM or
     SIGINT, then stop gracefully (:func:`stop`)."""
     from flowar.commands.bulk import start_ray

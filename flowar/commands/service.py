@@ -345,7 +345,8 @@ class Service:
         return {"status": "draining" if self.draining else "ok", "replica": self.limits.replica,
                 "max_batch": rt.max_batch, "batch_sizes": self.replica.sizes, "backend": rt.backend,
                 "engines": rt.detail, "cuda_graphs": rt.runner is not None, "queue": self.held(),
-                "queue_limit": self.limits.queue, "lanes": len(self.replica.lanes), "start_seconds": round(self.replica.start_s, 3),
+                "queue_limit": self.limits.queue, "lanes": len(self.replica.lanes),
+                "start_seconds": round(self.replica.start_s, 3),
                 "shapes_warmed": self.replica.warmed, "opened": rt.opened}
 
 
