@@ -151,8 +151,9 @@ def read_manifest(root: str | Path, verify_hashes: bool = False) -> Manifest:
         raise EngineDirError("an engine directory made by flowar-export", f"no directory at {root}", rebuild)
     mpath = root / MANIFEST
     if not mpath.is_file():
-        raise EngineDirError(f"{MANIFEST} in the engine directory", f"none in {root} (partial or foreign directory)",
-                             rebuild)
+        raise EngineDirError(f"{MANIFEST} in the engine directory", f"none in {root} (not a folder flowar-export wrote)",
+                             "pass the folder flowar-export wrote, or export one: flowar-export --ckpt CKPT --out "
+                             "A_NEW_FOLDER (a checkpoint file opens with --ckpt)")
     try:
         m = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

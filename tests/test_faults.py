@@ -173,6 +173,40 @@ def test_sigkill_during_export_leaves_the_previous_directory_valid(fixtures_dir,
     read_manifest(target)
 
 
+def test_export_never_replaces_a_folder_it_did_not_write(fixtures_dir, tmp_path):
+    """--out may be new, empty, or an engine directory (replaced): a folder of other files, or one
+    holding the checkpoint being exported, is refused with one line before any work, untouched
+    (an export once replaced such folders whole: a checkpoint folder given as --out lost its
+    checkpoint)."""
+    import shutil as sh
+
+    from click.testing import CliRunner
+
+    from flowar.commands.cli import export_cmd
+    ckpt = fixtures_dir / "tiny_v1.safetensors"
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    holds = tmp_path / "model"
+    holds.mkdir()
+    sh.copy(ckpt, holds / "flowar.safetensors")
+    base = ["--preset", "tiny", "--max-batch", "1", "--no-verify"]
+    for out, src, said in ((notes, ckpt, "holds other files (notes.txt)"),
+                           (holds, holds / "flowar.safetensors", "flowar.safetensors inside")):
+        before = sorted(p.name for p in out.iterdir())
+        res = CliRunner().invoke(export_cmd, ["--ckpt", str(src), "--out", str(out), *base])
+        assert res.exit_code == 2 and said in res.output and len(res.output.strip().splitlines()) == 1, res.output
+        assert sorted(p.name for p in out.iterdir()) == before
+    assert (notes / "notes.txt").read_text() == "mine" and (holds / "flowar.safetensors").read_bytes() == ckpt.read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]          # nothing started
+    eng = tmp_path / "eng"
+    eng.mkdir()                                                                   # empty: taken
+    for _ in range(2):                                                            # then its own: replaced
+        res = CliRunner().invoke(export_cmd, ["--ckpt", str(ckpt), "--out", str(eng), *base])
+        assert res.exit_code == 0, res.output
+    assert (eng / "manifest.json").is_file()
+
+
 def test_only_temporary_folders_of_dead_exports_are_removed(tmp_path):
     from flowar.io.files import staged_directory
     done = subprocess.Popen(["true"])
@@ -183,7 +217,7 @@ def test_only_temporary_folders_of_dead_exports_are_removed(tmp_path):
     for d in (dead_tmp, dead_old, alive, other):
         d.mkdir()
         (d / "ar.onnx").write_bytes(b"partial")
-    with staged_directory(tmp_path / "eng") as tmp:
+    with staged_directory(tmp_path / "eng", "manifest.json") as tmp:
         (tmp / "manifest.json").write_text("{}")
     assert not dead_tmp.exists() and not dead_old.exists() and alive.is_dir() and other.is_dir()
 

@@ -99,6 +99,9 @@ def check_request(req: ExportRequest):
         raise FlowARError("--max-memory in GB, > 0", repr(req.max_memory_gb), "use e.g. --max-memory 16")
     if not 1 <= req.max_batch <= 1024:
         raise FlowARError("--max-batch in 1..1024", str(req.max_batch), "use e.g. --max-batch 8")
+    from flowar.export.manifest import MANIFEST
+    from flowar.io.files import check_replaceable
+    check_replaceable(req.out, MANIFEST, "--out", (req.ckpt, req.vae_path, req.config_path))
     if req.ckpt.is_file():
         from flowar.io.memory import require_free_space
         weights = req.ckpt.stat().st_size
@@ -234,7 +237,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
     float32 (:mod:`flowar.commands.precision`). ``auto_candidates`` restricts their candidates;
     ``max_memory_gb`` keeps compiles out that would take more (estimated), else what is available.
     """
-    from flowar.export.manifest import Manifest, library_versions, sha256_file, write_manifest
+    from flowar.export.manifest import MANIFEST, Manifest, library_versions, sha256_file, write_manifest
     from flowar.io.files import staged_directory
     from flowar.export.onnx_export import OPSET
     from flowar.export.specs import stage_specs
@@ -255,7 +258,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
     say = (lambda msg: progress(msg, total)) if progress else (lambda msg: None)
     report = BuildReport(req.out)
     from flowar.io.memory import GB, AnonPeak
-    with AnonPeak() as anon, staged_directory(req.out) as tmp:
+    with AnonPeak() as anon, staged_directory(req.out, MANIFEST) as tmp:
         stages = export_graphs(req, model, vae, specs, tmp, report, say)
         report.backends.append("ort")
         chosen = choose_engines(req, model, ck, vae, specs, stages, tmp, report, say) if req.measured else {}

@@ -44,8 +44,29 @@ def check_writable(path: str | Path | None, is_dir: bool = False, option: str = 
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise FlowARError(f"a writable location for {option}", f"{base} is not a writable folder ({e.strerror or e})",
-                          f"choose another path for {option}") from None
+        raise FlowARError(f"a writable location for {option}", f"{base} is not a writable folder (a file could not be "
+                          f"created there: {e.strerror or e})", f"choose another path for {option}") from None
+
+
+def check_replaceable(target: str | Path, marker: str, option: str, sources: tuple = ()) -> None:
+    """Refuse, before any work, a folder that writing ``target`` anew would destroy: ``target`` may
+    be absent, an empty folder, or a folder this command made before (it holds ``marker``), and no
+    input (``sources``) may lie inside it. A folder of other files (a checkpoint's, a home folder,
+    ``.``) is never replaced."""
+    t = Path(target).resolve()
+    if not t.exists():
+        return
+    if not t.is_dir():
+        raise FlowARError(f"{option} to be a folder", f"{t} is a file", f"choose a new folder for {option}")
+    inside = [str(s) for s in sources if s is not None and Path(s).resolve().is_relative_to(t)]
+    if inside:
+        raise FlowARError(f"{option} apart from the inputs (it is replaced as a whole)", f"{inside[0]} inside {t}",
+                          f"choose a new folder for {option}")
+    others = sorted(c.name for c in t.iterdir())
+    if others and marker not in others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise FlowARError(f"{option}: a new or empty folder, or one this command wrote (with {marker}), which it replaces",
+                          f"{t} holds other files ({shown})", f"choose a new folder for {option}")
 
 
 def atomic_write_bytes(path: str | Path, write) -> None:
@@ -103,14 +124,16 @@ def _stale_siblings(target: Path) -> list[Path]:
 
 
 @contextmanager
-def staged_directory(target: str | Path) -> Iterator[Path]:
+def staged_directory(target: str | Path, marker: str, option: str = "--out") -> Iterator[Path]:
     """Build into a temporary sibling; on success swap it into ``target``; on failure remove it.
+    A folder at ``target`` is replaced only if it is one this command made (:func:`check_replaceable`).
 
     A crash at any point leaves either the previous complete directory or no directory at
     ``target``, never a partial one (the temporary name starts with '.' and has no manifest
     until the very end). The temporary name carries this process's id, so the next export into
     the same place removes what a killed one left (only folders of that naming whose process is gone).
     """
+    check_replaceable(target, marker, option)
     target = Path(target).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in _stale_siblings(target):
@@ -122,6 +145,7 @@ def staged_directory(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
+    check_replaceable(target, marker, option)           # (again: it may have changed meanwhile)
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)

@@ -33,6 +33,9 @@ class VAETrainArgs:
     seed: int = 0
 
 
+VAE_MARKER = "config.json"      # what save_pretrained writes beside the weights
+
+
 def build_vae(a: VAETrainArgs):
     from flowar.model.vae import _diffusers
     n = len(a.channels)
@@ -45,6 +48,8 @@ def build_vae(a: VAETrainArgs):
 def train_vae(a: VAETrainArgs, progress: bool = True) -> dict:
     if a.size % 2 ** (len(a.channels) - 1):
         raise FlowARError(f"--size divisible by {2 ** (len(a.channels) - 1)}", str(a.size), "use e.g. --size 32")
+    from flowar.io.files import check_replaceable
+    check_replaceable(a.out, VAE_MARKER, "--out")            # before any training: never over a folder of other files
     data = load_dataset(a.data, a.size)
     torch.manual_seed(a.seed)
     gen = torch.Generator().manual_seed(a.seed)
@@ -78,6 +83,6 @@ def train_vae(a: VAETrainArgs, progress: bool = True) -> dict:
     vae.eval()
     out = Path(a.out)
     from flowar.io.files import staged_directory
-    with staged_directory(out) as tmp:              # the previous folder stays until the new one is complete
+    with staged_directory(out, VAE_MARKER) as tmp:              # the previous folder stays until the new one is complete
         vae.save_pretrained(tmp, safe_serialization=True)
     return {"final_reconstruction_loss": rec, "seconds": time.perf_counter() - t0, "out": str(out)}
