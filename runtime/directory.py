@@ -161,7 +161,7 @@ def exported_from(m: Manifest | str | Path, device: torch.device | str = "cpu", 
     if not src.is_file() or sha256_file(src) != digest:
         raise FlowARError("the checkpoint the engine directory was exported from",
                           f"{src if str(src) not in ('', '.') else 'no path'} (missing or a different file)",
-                          "pass --ckpt with the original checkpoint, or re-export the directory")
+                          "pass the original checkpoint with --ckpt beside --engine-dir, or re-export the directory")
     model, _ = load_model(src, config=m.config, use_ema=ema, device=device)
     vae = None
     if m.vae:

@@ -165,11 +165,11 @@ class Runtime:
                                   ", ".join(sorted(ckpt_only)), "the engine directory records its config, decoder "
                                   "and precision; drop those options")
             return cls.open_engine_dir(p, **{k: v for k, v in options.items() if k in
-                                             ("backend", "device", "threads", "cuda_graphs", "warm")})
+                                             ("backend", "device", "threads", "cuda_graphs", "warm", "ckpt")})
         if options.get("backend", "auto") not in ("auto", "torch"):
             raise FlowARError("--backend auto or torch with --ckpt (engines come from an engine directory)",
                               repr(options["backend"]), "export it with flowar-export and pass --engine-dir")
-        return cls.open_checkpoint(p, **{k: v for k, v in options.items() if k not in ("backend", "warm")})
+        return cls.open_checkpoint(p, **{k: v for k, v in options.items() if k not in ("backend", "warm", "ckpt")})
 
     @classmethod
     def open_engine_dir(cls, path: str | Path, *, backend: str = "auto", device: str | None = None,

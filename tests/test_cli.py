@@ -60,6 +60,10 @@ def test_run_decodes_through_the_mar_vae(fixtures_dir, tmp_path):
     (["--guidance", "2"], "--guidance"),
     (["--out", "g.png"], "--vae"),
     (["--threads", "0"], "--threads"),
+    (["--labels", "1,,2"], "got '' in '1,,2'"),
+    (["--labels", ""], "integer class ids"),
+    (["--classes", "cat,,dog"], "class names separated by single commas"),
+    (["--out", "g.jpg"], "--out a .png file"),
 ])
 def test_user_errors_are_one_line(fixtures_dir, args, needle):
     res = CliRunner().invoke(run, ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny"] + args)
@@ -74,6 +78,36 @@ def test_no_traceback_from_the_installed_command(fixtures_dir, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
     assert "no file at" in proc.stderr
+
+
+def test_usage_errors_of_the_installed_command_are_one_line_too(fixtures_dir):
+    """click's own errors (an unknown option, a folder given for a file) as one line and exit 2,
+    not click's usage block."""
+    for args, needle in ((["--ckpt", str(fixtures_dir)], "is a directory"), (["--bogus"], "No such option")):
+        proc = subprocess.run([sys.executable, "-c", "from flowar.commands.cli import run_main; run_main()", *args],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+        assert proc.stderr.startswith("error: ") and needle in proc.stderr and "flowar-run --help" in proc.stderr
+
+
+def test_a_moved_checkpoint_is_passed_beside_the_engine_directory_for_the_torch_backend(fixtures_dir, tmp_path):
+    """--backend torch reads the checkpoint a directory was exported from; where it has moved, the
+    error says to pass it with --ckpt beside --engine-dir, and that works (it was refused as both)."""
+    import shutil
+
+    from flowar.commands.build import build_engine_dir
+    src = tmp_path / "a.safetensors"
+    shutil.copy(fixtures_dir / "tiny_v1.safetensors", src)
+    build_engine_dir(src, tmp_path / "e", preset="tiny", max_batch=1, verify=False)
+    moved = src.rename(tmp_path / "b.safetensors")
+    args = ["--engine-dir", str(tmp_path / "e"), "--backend", "torch", "--labels", "1", "--steps", "4",
+            "--save-tokens", str(tmp_path / "t.safetensors")]
+    res = CliRunner().invoke(run, args)
+    assert res.exit_code == 2 and "pass the original checkpoint with --ckpt beside --engine-dir" in res.output
+    res = CliRunner().invoke(run, args + ["--ckpt", str(moved)])
+    assert res.exit_code == 0 and (tmp_path / "t.safetensors").is_file(), res.output
+    res = CliRunner().invoke(run, args[:2] + ["--ckpt", str(moved), "--labels", "1"])         # not with other engines
+    assert res.exit_code == 2 and "exactly one of --ckpt or --engine-dir" in res.output
 
 
 def test_export_then_run_from_the_engine_directory(fixtures_dir, tiny_v1, noise25, tmp_path, assert_tokens):

@@ -225,6 +225,16 @@ def test_beyond_loopback_a_token_is_required_before_anything_starts(engines, tmp
         proc.stderr.strip().count("\n") == 0, proc.stderr
 
 
+def test_bulk_counts_below_one_are_one_line_before_anything_starts(engines, tmp_path):
+    """--workers 0 (it divided by it for a note first: a traceback), --threads 0, --batch 0."""
+    for opt, needle in (("--workers", "--workers and --threads >= 1"), ("--threads", "--workers and --threads >= 1"),
+                        ("--batch", "Fix: use e.g. --batch 1")):
+        proc = subprocess.run([str(EXE / "flowar-sample"), "--engine-dir", str(engines), "--num-images", "2", "--out",
+                               str(tmp_path / "b"), opt, "0"], env=ENV, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and needle in proc.stderr, proc.stderr
+        assert not (tmp_path / "b").exists()
+
+
 @pytest.mark.slow
 def test_sigterm_answers_what_is_in_flight_refuses_what_comes_and_exits_0(engines, tmp_path):
     """flowar-serve as Kubernetes stops it: SIGTERM while a long request runs. That request is

@@ -18,6 +18,7 @@ shards are kept, the rest are sampled. At the end ``samples.npz`` holds the eval
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -214,6 +215,7 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     (default: the best images/s by the directory's call plan), then write ``samples.npz``. A bar
     shows images/s, the batch and the time left."""
     from flowar.export.manifest import read_manifest
+    from flowar.engines.ort import cpu_threads
     from flowar.io.files import check_writable, write_npz
     out = Path(out)
     if spec.num_images < 1 or spec.shard_size < 1 or workers < 1 or spec.threads < 1:
@@ -226,7 +228,8 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
                           "re-export with --vae")
     if spec.batch is not None and not 1 <= spec.batch <= m.max_batch:
         raise FlowARError(f"--batch in 1..{m.max_batch} (the engines' max batch)", str(spec.batch),
-                          f"use --batch {m.max_batch} or less, or re-export with --max-batch {spec.batch}")
+                          f"use --batch {m.max_batch} or less, or re-export with --max-batch {spec.batch}"
+                          if spec.batch > m.max_batch else "use e.g. --batch 1")
     bad = [c for c in spec.classes if not 0 <= c < m.config.num_classes]
     if bad or not spec.classes:
         raise FlowARError(f"class ids in 0..{m.config.num_classes - 1}", f"{bad or 'none'}", "check --labels")
@@ -238,6 +241,11 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     _check_spec(out, spec)
     shards = shard_ranges(spec.num_images, spec.shard_size)
     todo = [s for s in shards if not shard_is_done(out, *s)]
+    cores = cpu_threads()
+    if progress and todo and ray_address is None and workers * spec.threads < cores:
+        print(f"note: {workers} worker(s) x {spec.threads} thread(s) use {workers * spec.threads} of this machine's "
+              f"{cores} cores; --threads {cores // workers} is faster (the images then differ from other --threads "
+              "by float rounding)", file=sys.stderr)
     t0 = time.perf_counter()
     secs: list[float] = []
     engines: set[str] = set()

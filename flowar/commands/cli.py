@@ -19,7 +19,8 @@ from flowar.errors import FlowARError
 
 @click.command(context_settings=CONTEXT)
 @click.option("--ckpt", type=click.Path(dir_okay=False), help="FlowAR checkpoint (eager PyTorch): official .pth, "
-              "training checkpoint, or this project's .safetensors.")
+              "training checkpoint, or this project's .safetensors (with --engine-dir and --backend torch: the "
+              "checkpoint the directory was exported from, where it has moved).")
 @click.option("--engine-dir", type=click.Path(file_okay=False), help="Engine directory from flowar-export.")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "ort", "trt", "torch"]),
               help="With --engine-dir: auto = TensorRT when a GPU and plans are there, else ONNX Runtime.")
@@ -65,11 +66,15 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
     for p, is_dir, option in ((save_tokens, False, "--save-tokens"), (out, False, "--out"),
                               (save_images, True, "--save-images")):
         check_writable(p, is_dir, option)
-    if bool(ckpt) == bool(engine_dir):
-        raise FlowARError("exactly one of --ckpt or --engine-dir", "both" if ckpt else "neither",
+    if out and Path(out).suffix.lower() != ".png":
+        raise FlowARError("--out a .png file (the grid is a PNG)", out, f"use --out {Path(out).with_suffix('.png')}")
+    if not (ckpt or engine_dir) or (ckpt and engine_dir and backend != "torch"):
+        raise FlowARError("exactly one of --ckpt or --engine-dir (both: --backend torch from a directory whose "
+                          "checkpoint moved)", "both" if ckpt else "neither",
                           "pass --engine-dir DIR (from flowar-export) or --ckpt PATH")
     t0 = time.perf_counter()
     with Runtime.open(engine_dir or ckpt, bool(engine_dir), backend=backend, preset=preset, config=config_path,
+                      ckpt=ckpt if engine_dir else None,
                       vae=vae, raw_weights=raw_weights, device=device, threads=threads, cuda_graphs=cuda_graphs,
                       precision=precision) as rt:
         if out or save_images:
@@ -284,7 +289,7 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
                                   f"{config.num_classes} classes{'' if rt.decodes else ', no decoder'}",
                                   "pass --judge none")
             from flowar.eval.judge import train_judge
-            judge = train_judge(cache=Path(judge_cache))
+            judge = train_judge(cache=Path(judge_cache), progress=True)
         labels = [c for c in range(min(classes_limit, config.num_classes)) for _ in range(per_class)]
         other = stack.enter_context(Runtime.open(vs_engine_dir, True)) if vs_engine_dir else None
         if other is not None:

@@ -50,13 +50,7 @@ def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, sche
     settings = Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance, solver=solver, stride=stride)
     spec = BulkSpec(str(Path(engine_dir).resolve()), num_images, ids, seed, settings.given(), shard_size, threads,
                     backend, batch)
-    from flowar.engines.ort import cpu_threads
-    cores = cpu_threads()
-    if ray_address is None and workers * threads < cores:
-        click.echo(f"note: {workers} worker(s) x {threads} thread(s) use {workers * threads} of this machine's {cores} "
-                   f"cores; --threads {cores // workers} is faster (the images then differ from other --threads by "
-                   "float rounding)", err=True)
-    rep = run_bulk(spec, out, workers, ray_address)
+    rep = run_bulk(spec, out, workers, ray_address)             # (it notes cores left idle, once the request is checked)
     kept = f", {rep.shards_done_before} kept from before" if rep.shards_done_before else ""
     rate = (f"{rep.images_per_s:.3g} images/s ({rep.sampling_images_per_s:.3g} while sampling) at batch {rep.batch} "
             if rep.batch else "")

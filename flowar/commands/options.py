@@ -58,8 +58,21 @@ def schedule_options(recorded_by: str):
 
 
 def entry_point(cmd: click.Command, prog: str):
-    """A console-script entry point: the hub's offline switch is set before anything imports it."""
+    """A console-script entry point: the hub's offline switch is set before anything imports it,
+    and a usage error (an unknown option, a folder where a file belongs) is one line too, as the
+    command's own errors are (click would print its usage and a hint around it)."""
     def main() -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        cmd(prog_name=prog)
+        try:
+            code = cmd.main(prog_name=prog, standalone_mode=False)
+        except click.UsageError as e:
+            click.echo(f"error: {e.format_message()} Fix: see {prog} --help", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
     return main

@@ -113,7 +113,9 @@ def split_class_names(values: str | Iterable[str], names: ClassNames | None = No
             parts = [v]
         else:
             parts = v.split(",")
-        out += [p.strip() for p in parts if p.strip()]
+        if not all(p.strip() for p in parts):
+            raise FlowARError("class names separated by single commas (or ';')", repr(v), "drop the empty names")
+        out += [p.strip() for p in parts]
     return out
 
 
@@ -144,19 +146,19 @@ def parse_labels(num_classes: int, names: ClassNames | None, labels: str | None 
                  classes: str | Iterable[str] | None = None, n_per_class: int = 1) -> list[int]:
     """Class ids from ``--labels 3,7`` or ``--classes cat,dog`` (each repeated n_per_class times);
     neither: the first ten classes."""
-    if labels and classes:
+    if labels is not None and classes:
         raise FlowARError("either --labels or --classes", "both", "pass only one of them")
     if n_per_class < 1:
         raise FlowARError("--n-per-class >= 1", str(n_per_class), "use e.g. --n-per-class 4")
     if classes:
         ids = label_ids(split_class_names(classes, names), num_classes, names)
-    elif labels:
+    elif labels is not None:
         ids = []
-        for s in (s.strip() for s in labels.split(",") if s.strip()):
+        for s in (s.strip() for s in labels.split(",")):
             try:
                 ids.append(int(s))
             except ValueError:
-                raise FlowARError("comma-separated integer class ids, e.g. --labels 3,7", repr(s),
+                raise FlowARError("comma-separated integer class ids, e.g. --labels 3,7", f"{s!r} in {labels!r}",
                                   "pass integers (or --classes with names)") from None
         ids = label_ids(ids, num_classes, names)
     else:
