@@ -9,6 +9,7 @@ import base64
 import contextlib
 import io
 import json
+import math
 import os
 import socket
 import threading
@@ -92,13 +93,13 @@ def test_images_are_flowar_runs_and_the_api_is_described(replica, default_auto_e
 
     from flowar.commands.cli import run
     with hosted(service(replica)) as url:
-        status, got, _ = call(url, "/v1/generate", {"class": "cat", "seed": 5, "n": 2, "schedule": "fast"})
-        assert status == 200 and got["labels"] == [2, 2] and got["seeds"] == [5, 5] and got["indices"] == [0, 1]
+        status, got, _ = call(url, "/v1/generate", {"class": "cat", "seed": -5, "n": 2, "schedule": "fast"})
+        assert status == 200 and got["labels"] == [2, 2] and got["seeds"] == [-5, -5] and got["indices"] == [0, 1]
         assert got["replica"] == "test-replica" and got["seconds"]["head"] > 0 and "queue" in got["seconds"]
         status, spec, _ = call(url, "/openapi.json")
         status_h, health, _ = call(url, "/health")
         status_c, classes, _ = call(url, "/v1/classes")
-    res = CliRunner().invoke(run, ["--engine-dir", str(default_auto_engines), "--labels", "2,2", "--seed", "5",
+    res = CliRunner().invoke(run, ["--engine-dir", str(default_auto_engines), "--labels", "2,2", "--seed", "-5",
                                    "--schedule", "fast", "--threads", "1", "--save-images", str(tmp_path / "run")])
     assert res.exit_code == 0, res.output
     for i in range(2):                                      # the same engines: the same pixels
@@ -115,7 +116,8 @@ BAD = [
     (b'{"label": true}', 422), (b'{"label": "5"}', 422), (b'{"label": 3.0}', 422), (b'{"label": -1}', 422),
     (b'{"label": 10}', 422), (b'{"class": "unicorn"}', 422), (b'{"class": 3}', 422),
     (b'{"label": 3, "class": "cat"}', 422), (b'{"label": 1, "n": 0}', 422), (b'{"label": 1, "n": 17}', 422),
-    (b'{"label": 1, "n": "2"}', 422), (b'{"label": 1, "seed": -1}', 422), (b'{"label": 1, "seed": 9223372036854775808}', 422),
+    (b'{"label": 1, "n": "2"}', 422), (b'{"label": 1, "seed": -9223372036854775809}', 422),
+    (b'{"label": 1, "seed": 9223372036854775808}', 422),
     (b'{"label": 1, "seed": 1.5}', 422), (b'{"label": 1, "schedule": "turbo"}', 422), (b'{"label": 1, "steps": 1}', 422),
     (b'{"label": 1, "steps": 2000}', 422), (b'{"label": 1, "steps": "25"}', 422), (b'{"label": 1, "cfg": 99}', 422),
     (b'{"label": 1, "cfg": "4"}', 422), (b'{"label": 1, "guidance": 2}', 422), (b'{"label": 1, "colour": "red"}', 422),
@@ -213,6 +215,26 @@ def test_overload_is_refused_at_once_and_nothing_refused_or_expired_is_computed(
     assert health[0][1] < 2.0 and health[0][0]["queue"] >= 1
     assert late[0] == 504 and late[1]["error"].startswith("expected an answer within the deadline") and late_s < 2
     assert (8, 901) not in computed and svc.held() == 0
+    assert svc.image_s is not None and svc.image_s >= 0.4 / 4         # its slowed batches, measured
+
+
+def test_retry_after_counts_the_lanes_at_the_rate_they_were_measured_to_drain():
+    """Retry-After: the images beyond the queue's limit at the rate the lanes drain it. Before a
+    batch is measured, the plan's seconds per image for the whole replica (late rather than early);
+    after, each lane's measured seconds per image shared by the lanes. Here 6 held, 2 asked, a limit
+    of 4: 4 images too many, plus the one that frees room."""
+    from types import SimpleNamespace
+
+    from flowar.commands.service import Limits, Service
+    two = Service(SimpleNamespace(lanes=[0, 1], per_image_s=1.6), Limits(queue=4), computes=[None, None])
+    one = Service(SimpleNamespace(lanes=[0], per_image_s=1.6), Limits(queue=4), computes=[None])
+    for svc in (two, one):
+        svc.running = 6
+        assert svc.retry_after(2) == 8                  # (4 + 1) x 1.6 s, not yet measured
+        svc.measured(4, 8.0)                            # a batch of 4 in 8 s: 2 s per image on a lane
+    assert two.retry_after(2) == 5 and one.retry_after(2) == 10     # (4 + 1) x 2 s / lanes
+    two.measured(2, 2.0)                                # 1 s per image: the average moves toward it
+    assert two.retry_after(2) == math.ceil(5 * (0.7 * 2.0 + 0.3 * 1.0) / 2)
 
 
 def test_only_a_burst_after_idling_starts_with_a_small_batch(replica, monkeypatch):

@@ -43,7 +43,8 @@ class GenerateRequest(BaseModel):
     label: int | None = Field(None, ge=0, description="class id (or give `class`)")
     class_: str | None = Field(None, alias="class", description="class name; ImageNet names and synonyms for "
                                "the official 1000-class models")
-    seed: int = Field(0, ge=0, le=2 ** 63 - 1, description="names the images: image j has the noise of (seed, j)")
+    seed: int = Field(0, ge=-2 ** 63, le=2 ** 63 - 1,
+                      description="names the images: image j has the noise of (seed, j), as with flowar-run --seed")
     n: int = Field(1, ge=1, description="images, at most the server's --max-n")
     schedule: Literal["official", "fast"] | None = None
     steps: int | None = Field(None, description="points of the official time grid (25 = 24 steps)")
@@ -189,6 +190,7 @@ class Service:
         self._computes = computes or [ThreadPoolExecutor(1, thread_name_prefix="flowar-compute")
                                       for _ in replica.lanes]
         self.free = list(range(len(replica.lanes)))[::-1]       # lanes not computing (popped from the end)
+        self.image_s: float | None = None   # a lane's seconds per image as measured here (moving average)
 
     @classmethod
     def open(cls, engine_dir: str, threads: int | None, backend: str, limits: Limits,
@@ -211,9 +213,21 @@ class Service:
         return len(self.pending) + self.running
 
     def retry_after(self, extra: int = 0) -> int:
-        """Seconds until the queue has room for ``extra`` more images, by the measured cost per image."""
-        per = self.replica.per_image_s or 1.0
+        """Seconds until the queue has room for ``extra`` more images: the images beyond the limit at the
+        rate the lanes drain it, each lane at its seconds per image measured here while serving
+        (lanes that compute at once share the cores, so each is slower than the export's plan says);
+        until a batch has been measured, the plan's seconds per image for the whole replica (its
+        lanes together drain faster than one alone: this errs late, never early)."""
+        if self.image_s is not None:
+            per = self.image_s / len(self.replica.lanes)
+        else:
+            per = self.replica.per_image_s or 1.0
         return max(1, math.ceil((self.held() + extra - self.limits.queue) * per + per))
+
+    def measured(self, images: int, seconds: float) -> None:
+        """A batch of ``images`` computed on one lane in ``seconds``: into the seconds per image."""
+        s = seconds / max(1, images)
+        self.image_s = s if self.image_s is None else 0.7 * self.image_s + 0.3 * s
 
     async def submit(self, req: GenerateRequest, items: list[tuple]) -> GenerateResponse:
         if self.draining:
@@ -297,6 +311,7 @@ class Service:
             self.running -= len(batch)
             self.free.append(lane)
             self._wake.set()
+        self.measured(len(batch), time.monotonic() - started)
         m = self.metrics
         m.batch.labels(self.limits.replica).observe(len(batch))
         m.images.labels(self.limits.replica).inc(len(batch))
