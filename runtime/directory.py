@@ -142,8 +142,9 @@ def _skeleton_modules(m: Manifest, cache: dict, vae: bool):
         from flowar.model.checkpoint import skeleton
         with skeleton():
             if vae:
-                from flowar.model.vae import VAE, _diffusers
-                cache[key] = VAE(_diffusers().AutoencoderKL.from_config(m.vae["config"]))
+                from flowar.model.decoder import KLDecoder          # the decoder alone, without importing diffusers
+                from flowar.model.vae import VAE
+                cache[key] = VAE(KLDecoder(m.vae["config"]))
             else:
                 from flowar.model.ar import FlowAR
                 cache[key] = FlowAR(m.config)

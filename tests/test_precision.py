@@ -256,6 +256,15 @@ def test_bf16_takes_a_bf16_engine_for_every_stage_and_reports_its_deviation(tmp_
         ref = pipe.runtime.sample(labels, sched, seed=5)
     ps = sorted(psnr_each(got.images, ref.images))
     assert ps[len(ps) // 2] >= 30.0 and ps[-1] < 80, ps                       # bf16 moves them, a little
+    # its PyTorch decoder opens without diffusers (2 s of a fresh process): flowar.model.decoder
+    import subprocess
+    import sys
+    probe = ("import sys; from flowar.runtime.runtime import Runtime\n"
+             f"rt = Runtime.open_engine_dir({str(tmp_path / 'bf16')!r})\n"
+             "img = rt.sample([3], rt.schedule(), seed=5).images\n"
+             "print(type(rt.stages.engines['decode'].module.vae.autoencoder).__name__, 'diffusers' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.stdout.split() == ["KLDecoder", "False"], done.stdout + done.stderr
 
 
 def test_a_compile_that_would_not_fit_in_max_memory_is_not_a_candidate(fixtures_dir, tmp_path, tiny_v1):

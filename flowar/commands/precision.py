@@ -229,7 +229,8 @@ def select(bench: "Workbench", mode: str = "auto", candidates: tuple[str, ...] |
             release_free_memory()
             measured[stage][cand].build_s = bench.build_s.get((stage, cand), 0.0)
             if stage == "decode" and cand.startswith("torch") and "decode" not in imports:
-                imports["decode"] = import_seconds("from flowar.model.vae import _diffusers; _diffusers()")
+                # (what opening a directory's PyTorch decoder imports: flowar.model.decoder, not diffusers)
+                imports["decode"] = import_seconds("import flowar.model.decoder, flowar.model.vae")
             measured[stage][cand].open_s = opened + (imports.get(stage, 0.0) if cand.startswith("torch") else 0.0)
     report = PrecisionReport(mode, {}, measured, machine=cpu_kind())
     combos = combinations(measured, mode)

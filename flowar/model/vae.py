@@ -11,7 +11,8 @@ Two sources:
 FlowAR tokens are ``latent * latent_scale``; :meth:`VAE.decode` takes the VAE-space latent
 (tokens / latent_scale), as the official evaluation does.
 
-diffusers is imported here only, and with the hub switched off: nothing is downloaded.
+diffusers is imported here only, and with the hub switched off: nothing is downloaded. An engine
+directory's eager PyTorch decoder does not need it (:mod:`flowar.model.decoder`).
 """
 
 from __future__ import annotations
