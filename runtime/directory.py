@@ -79,7 +79,7 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
     """(engines not yet entered, the detail line): each stage on the engine ``choice`` names
     (ONNX Runtime where it names none), in the form the export stored it. ``chosen == "torch"``:
     the reference modules of the checkpoint the directory was exported from (``ckpt`` if it moved)."""
-    from flowar.engines.cpu import cpu_kind, describe, missing_for
+    from flowar.engines.cpu import FAST_BF16, cpu_kind, describe, fast_bf16, missing_for
     from flowar.engines.ort import split_limits
     from flowar.runtime.candidates import COMPILED, assign_tensors, stage_engine, stage_module
     if chosen == "torch":
@@ -91,6 +91,10 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
         cand, rec = choice.get(stage, "ort-fp32"), (m.engines or {}).get(stage, {})
         if cand in COMPILED and missing_for(rec.get("cpu", {})):
             fallback.setdefault((cand, ", ".join(missing_for(rec["cpu"]))), []).append(stage)
+            cand = "ort-fp32"
+        elif cand == "torch-bf16" and not fast_bf16():
+            # it would run, but in emulated bf16: a 1024^3 GEMM at 1 GFLOP/s against 135 in float32
+            fallback.setdefault((cand, " or ".join(FAST_BF16)), []).append(stage)
             cand = "ort-fp32"
         if cand in COMPILED:
             engines[stage] = stage_engine(stage, cand, spec, package=m.checked(rec["file"], rec["sha256"]))
@@ -124,8 +128,9 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
             eng.warm = rec["setup_s"] >= WARM_SETUP_S
     if chosen == "ort":
         return engines, f"ONNX Runtime {provider}"
-    notes = [f"{', '.join(stages)} {cand} compiled for {flags}, which this CPU lacks: ONNX Runtime fp32 instead "
-             "(re-export here to compile for this CPU)" for (cand, flags), stages in fallback.items()]
+    notes = [f"{', '.join(stages)} {cand} {'compiled for' if cand in COMPILED else 'needs'} {flags}, which this CPU "
+             f"lacks: ONNX Runtime fp32 instead (re-export here to {'compile' if cand in COMPILED else 'choose'} for "
+             "this CPU)" for (cand, flags), stages in fallback.items()]
     detail = f"{m.precision}: " + (ran[0] if len(set(ran)) == 1 else ", ".join(f"{n} {e}" for n, e in zip(specs, ran)))
     measured_on = (m.auto or {}).get("machine", {})
     if measured_on and measured_on != cpu_kind():

@@ -233,7 +233,7 @@ def test_a_reduced_choice_that_does_not_sample_like_fp32_is_not_kept(fixtures_di
 
 
 @pytest.mark.slow
-def test_bf16_takes_a_bf16_engine_for_every_stage_and_reports_its_deviation(tmp_path):
+def test_bf16_takes_a_bf16_engine_for_every_stage_and_reports_its_deviation(tmp_path, monkeypatch):
     """The default model (trained) with --precision bf16: every stage reduced, the VAE decoder
     included (its weights carried), and the images within 30 dB of the float32 engines."""
     from conftest import DEFAULT_CKPT, DEFAULT_VAE
@@ -265,6 +265,13 @@ def test_bf16_takes_a_bf16_engine_for_every_stage_and_reports_its_deviation(tmp_
              "print(type(rt.stages.engines['decode'].module.vae.autoencoder).__name__, 'diffusers' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert done.stdout.split() == ["KLDecoder", "False"], done.stdout + done.stderr
+    # on a CPU without bf16 in hardware (emulated there: 1 GFLOP/s), each stage's float32 graph instead, said
+    import flowar.engines.cpu
+    monkeypatch.setattr(flowar.engines.cpu, "cpu_kind", lambda: {"model": "An AVX2 CPU", "flags": ["avx2"]})
+    with Runtime.open_engine_dir(tmp_path / "bf16") as rt:
+        assert "torch-bf16 needs avx512_bf16 or amx_bf16, which this CPU lacks: ONNX Runtime fp32" in rt.detail
+        fell = rt.sample(labels, sched, seed=5)
+    assert min(psnr_each(fell.images, ref.images)) >= 60                      # the float32 graphs' images
 
 
 def test_a_compile_that_would_not_fit_in_max_memory_is_not_a_candidate(fixtures_dir, tmp_path, tiny_v1):
