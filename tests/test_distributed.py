@@ -227,11 +227,15 @@ def test_beyond_loopback_a_token_is_required_before_anything_starts(engines, tmp
 
 def test_bulk_counts_below_one_are_one_line_before_anything_starts(engines, tmp_path):
     """--workers 0 (it divided by it for a note first: a traceback), --threads 0, --batch 0."""
+    from click.testing import CliRunner
+
+    from flowar.commands.cli_ray import sample_cmd
     for opt, needle in (("--workers", "--workers and --threads >= 1"), ("--threads", "--workers and --threads >= 1"),
                         ("--batch", "Fix: use e.g. --batch 1")):
-        proc = subprocess.run([str(EXE / "flowar-sample"), "--engine-dir", str(engines), "--num-images", "2", "--out",
-                               str(tmp_path / "b"), opt, "0"], env=ENV, capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and needle in proc.stderr, proc.stderr
+        res = CliRunner().invoke(sample_cmd, ["--engine-dir", str(engines), "--num-images", "2", "--out",
+                                              str(tmp_path / "b"), opt, "0"])
+        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], res.output
         assert not (tmp_path / "b").exists()
 
 

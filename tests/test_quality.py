@@ -165,7 +165,7 @@ def test_the_judge_is_chosen_by_the_checkpoint_metadata_or_by_the_flag(fixtures_
     class Called(Exception):
         pass
 
-    def called(cache=None):
+    def called(cache=None, progress=False):
         raise Called()
     monkeypatch.setattr(judge, "train_judge", called)
     base = ["--per-class", "1", "--classes-limit", "1", "--steps", "3"]
