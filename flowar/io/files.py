@@ -65,7 +65,8 @@ def check_replaceable(target: str | Path, marker: str, option: str, sources: tup
     others = sorted(c.name for c in t.iterdir())
     if others and marker not in others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-        raise FlowARError(f"{option}: a new or empty folder, or one this command wrote (with {marker}), which it replaces",
+        raise FlowARError(f"{option}: a new or empty folder, or one this command wrote (with {marker}), which it "
+                          "replaces",
                           f"{t} holds other files ({shown})", f"choose a new folder for {option}")
 
 
@@ -126,14 +127,14 @@ def _stale_siblings(target: Path) -> list[Path]:
 @contextmanager
 def staged_directory(target: str | Path, marker: str, option: str = "--out") -> Iterator[Path]:
     """Build into a temporary sibling; on success swap it into ``target``; on failure remove it.
-    A folder at ``target`` is replaced only if it is one this command made (:func:`check_replaceable`).
+    A folder at ``target`` is replaced only if it is one this command made (:func:`check_replaceable`,
+    checked at the swap; callers check it before their work too, so that a refusal costs nothing).
 
     A crash at any point leaves either the previous complete directory or no directory at
     ``target``, never a partial one (the temporary name starts with '.' and has no manifest
     until the very end). The temporary name carries this process's id, so the next export into
     the same place removes what a killed one left (only folders of that naming whose process is gone).
     """
-    check_replaceable(target, marker, option)
     target = Path(target).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in _stale_siblings(target):
@@ -145,7 +146,7 @@ def staged_directory(target: str | Path, marker: str, option: str = "--out") -> 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    check_replaceable(target, marker, option)           # (again: it may have changed meanwhile)
+    check_replaceable(target, marker, option)
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)

@@ -125,7 +125,8 @@ class KLDecoder(nn.Module):
         super().__init__()
         c = dict(config)
         ups = tuple(c.get("up_block_types", ()))
-        if set(ups) != {"UpDecoderBlock2D"} or c.get("act_fn", "silu") != "silu" or c.get("norm_type", "group") != "group":
+        if (set(ups) != {"UpDecoderBlock2D"} or c.get("act_fn", "silu") != "silu"
+                or c.get("norm_type", "group") != "group"):
             raise FlowARError("a KL VAE of UpDecoderBlock2D blocks with GroupNorm and SiLU (the KL-16 family)",
                               f"up blocks {ups}, act_fn {c.get('act_fn')}, norm_type {c.get('norm_type')}",
                               "export with --auto-candidates ort-fp32,aoti-bf16 (engines that need no eager decoder)")

@@ -83,6 +83,6 @@ def train_vae(a: VAETrainArgs, progress: bool = True) -> dict:
     vae.eval()
     out = Path(a.out)
     from flowar.io.files import staged_directory
-    with staged_directory(out, VAE_MARKER) as tmp:              # the previous folder stays until the new one is complete
+    with staged_directory(out, VAE_MARKER) as tmp:      # the previous folder stays until the new one is complete
         vae.save_pretrained(tmp, safe_serialization=True)
     return {"final_reconstruction_loss": rec, "seconds": time.perf_counter() - t0, "out": str(out)}
