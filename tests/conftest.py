@@ -12,19 +12,22 @@ import functools
 import os
 from pathlib import Path
 
-import pytest
-import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("FLOWAR_FIXTURES", ROOT.parent / "shared" / "fixtures" / "official"))
-
 # Under pytest -n 2 (the README's test command) each worker has a core of its own: most of the
 # suite's time is single-threaded Python (the ONNX exporter, imports, Ray), and two workers with
 # two threads each on two cores ran 1.6x slower than one (spinning thread pools). Tests that are
-# about several cores ask for their threads explicitly.
+# about several cores ask for their threads explicitly. Pinned before torch is imported: GNU
+# OpenMP counts the cores it may use once, when it loads, and spins at barriers for long only
+# where a team has no more threads than that count; pinned after, a team of two threads on the
+# one core spun away each other's time slices (a two-lane test: 53 s instead of 3 s).
 if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
     _cores = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {_cores[int(os.environ["PYTEST_XDIST_WORKER"][2:]) % len(_cores)]})
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("FLOWAR_FIXTURES", ROOT.parent / "shared" / "fixtures" / "official"))
 torch.set_num_threads(min(2, len(os.sched_getaffinity(0))))
 
 
