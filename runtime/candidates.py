@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flowar.errors import EngineDirError, FlowARError
+from flowar.errors import EngineDirError
 from flowar.runtime.bf16 import bf16_engine
 
 CANDIDATES = ("ort-fp32", "torch-fp32", "torch-bf16", "aoti-fp32", "aoti-bf16")
@@ -72,19 +72,3 @@ def assign_tensors(stage: str, module: nn.Module, tensors: dict[str, torch.Tenso
         else:
             sub._buffers[leaf] = t
     return module.eval()
-
-
-def stage_engine(stage: str, candidate: str, spec, *, module: nn.Module | None = None, graph=None, sha256=None,
-                 package=None, threads: int | None = None, limits: tuple[int, int] = (0, 0), cache_dir=None,
-                 provider: str = "CPUExecutionProvider"):
-    """The (not yet entered) engine a candidate names for one stage: ``module`` for the PyTorch
-    candidates (already in the precision it runs), ``graph``/``sha256`` for ONNX Runtime,
-    ``package`` for the compiled ones."""
-    from flowar.runtime.engines import AotiEngine, OrtEngine, TorchEngine
-    if candidate == "ort-fp32":
-        return OrtEngine(stage, graph, sha256, spec.row_tensors, provider, cache_dir, threads, *limits)
-    if candidate in ("torch-fp32", "torch-bf16"):
-        return TorchEngine(stage, module, spec.inputs, spec.outputs)
-    if candidate in COMPILED:
-        return AotiEngine(stage, package, spec.inputs, spec.outputs)
-    raise FlowARError(f"engine candidates among {', '.join(CANDIDATES)}", repr(candidate), "e.g. ort-fp32,torch-bf16")

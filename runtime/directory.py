@@ -81,10 +81,11 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
     the reference modules of the checkpoint the directory was exported from (``ckpt`` if it moved)."""
     from flowar.engines.cpu import FAST_BF16, cpu_kind, describe, fast_bf16, missing_for
     from flowar.engines.ort import split_limits
-    from flowar.runtime.candidates import COMPILED, assign_tensors, stage_engine, stage_module
+    from flowar.runtime.candidates import COMPILED, assign_tensors, stage_module
+    from flowar.runtime.engines import AotiEngine, OrtEngine, TorchEngine
     if chosen == "torch":
         model, vae = exported_from(m, device, ckpt)
-        return ({n: stage_engine(n, "torch-fp32", s, module=s.module(model, vae)) for n, s in specs.items()},
+        return ({n: TorchEngine(n, s.module(model, vae), s.inputs, s.outputs) for n, s in specs.items()},
                 f"eager PyTorch on {device}")
     engines, fallback, mapped, skeletons = {}, {}, {}, {}
     for stage, spec in specs.items():
@@ -97,7 +98,7 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
             fallback.setdefault((cand, " or ".join(FAST_BF16)), []).append(stage)
             cand = "ort-fp32"
         if cand in COMPILED:
-            engines[stage] = stage_engine(stage, cand, spec, package=m.checked(rec["file"], rec["sha256"]))
+            engines[stage] = AotiEngine(stage, m.checked(rec["file"], rec["sha256"]), spec.inputs, spec.outputs)
         elif cand.startswith("torch"):
             key = rec["weights"]
             if key not in mapped:
@@ -105,15 +106,14 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
                 w = m.weights[key]
                 mapped[key] = map_safetensors(m.member(w["file"]), w["sha256"])
             model, vae = _skeleton_modules(m, skeletons, stage == "decode")
-            engines[stage] = stage_engine(stage, cand, spec, module=assign_tensors(
-                stage, stage_module(cand, spec, model, vae), mapped[key]))
+            engines[stage] = TorchEngine(stage, assign_tensors(stage, stage_module(cand, spec, model, vae), mapped[key]),
+                                         spec.inputs, spec.outputs)
         else:
             info = m.stages[stage]
             graph = (m.checked(info["file"], info["sha256"]) if "data" in info and m.checked(info["data"],
                      info["data_sha256"]) else m.read_checked(info["file"], info["sha256"]))
-            engines[stage] = stage_engine(stage, "ort-fp32", spec, graph=graph, sha256=info["sha256"], threads=threads,
-                                          limits=split_limits(stage, m.config), cache_dir=m.root / ".ort-cache",
-                                          provider=provider)
+            engines[stage] = OrtEngine(stage, graph, info["sha256"], spec.row_tensors, provider, m.root / ".ort-cache",
+                                       threads, *split_limits(stage, m.config))
     # Warmed at open: the engines whose first calls (one per scale) cost at least WARM_SETUP_S more
     # than later ones, by the export's measurement. Warming runs each shape once on zeros, i.e. costs
     # the calls themselves: for an engine that sets up little (a PyTorch fp32 decoder: 0.04 s against

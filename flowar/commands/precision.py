@@ -50,7 +50,7 @@ import torch
 from flowar.errors import FlowARError
 from flowar.eval.quality import deviation, relative_error
 from flowar.io.memory import release_free_memory
-from flowar.runtime.candidates import (CANDIDATES, COMPILED, REDUCED, default_candidates, stage_engine, stage_module,
+from flowar.runtime.candidates import (CANDIDATES, COMPILED, REDUCED, default_candidates, stage_module,
                                        stage_tensors)
 
 STAGES = ("ar", "head_prep", "velocity", "decode")
@@ -330,11 +330,12 @@ class Workbench:
     def engine(self, stage: str, candidate: str, threads: int | None = None):
         """The (not yet entered) engine of ``candidate`` for ``stage``; compiles it the first time."""
         from flowar.engines.ort import split_limits
+        from flowar.runtime.engines import AotiEngine, OrtEngine, TorchEngine
         spec, config = self.specs[stage], self.model.config
         if candidate == "ort-fp32":           # its optimized graph cached in the directory, as opening it would
             graph, sha = self.graphs[stage]
-            return stage_engine(stage, candidate, spec, graph=graph, sha256=sha, threads=threads or self.threads,
-                                limits=split_limits(stage, config), cache_dir=Path(graph).parent / ".ort-cache")
+            return OrtEngine(stage, graph, sha, spec.row_tensors, "CPUExecutionProvider", Path(graph).parent / ".ort-cache",
+                             threads or self.threads, *split_limits(stage, config))
         if candidate in COMPILED:
             key = (stage, candidate)
             if key not in self.packages:
@@ -345,8 +346,8 @@ class Workbench:
                 self.build_s[key] = compile_stage(spec, stage_module(candidate, spec, self.model, self.vae), config,
                                                   spec.max_rows(self.max_batch), path)
                 self.packages[key] = path
-            return stage_engine(stage, candidate, spec, package=self.packages[key])
-        return stage_engine(stage, candidate, spec, module=stage_module(candidate, spec, self.model, self.vae))
+            return AotiEngine(stage, self.packages[key], spec.inputs, spec.outputs)
+        return TorchEngine(stage, stage_module(candidate, spec, self.model, self.vae), spec.inputs, spec.outputs)
 
     def _check_room(self, stage: str) -> None:
         """Refuse (as a candidate this machine cannot have) a compile whose estimated peak exceeds
