@@ -63,6 +63,7 @@ class Threads:
     running: list = field(default_factory=functools.partial(list, (0,)), compare=False)   # [samplings running now]
     lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
     floor: int = 1
+    torch_computes: bool = True       # some stage computes in PyTorch (eager or compiled), not all in ONNX Runtime
 
     @classmethod
     def resolve(cls, threads: int | None, torch_computes: bool) -> "Threads":
@@ -70,7 +71,7 @@ class Threads:
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise FlowARError("--threads >= 1", repr(threads), "use e.g. --threads 2, or omit it to use every core")
         cores = threads or cpu_threads()
-        return cls(cores, cores if torch_computes else 1)
+        return cls(cores, cores if torch_computes else 1, torch_computes=torch_computes)
 
     @contextlib.contextmanager
     def applied(self):
@@ -103,7 +104,8 @@ def reuse_large_allocations() -> bool:
     a fresh process pays those page faults on every call until the threshold has grown: measured on
     FlowAR-S, the first image's velocity calls at the last scale took 2.7x their steady time. Fixing
     the thresholds (allocations up to 256 MB from the heap, up to 1 GB of it kept) makes the first
-    image cost what the next ones do. Returns whether it applied.
+    image cost what the next ones do. Only where PyTorch computes: ONNX Runtime's sessions keep
+    their memory in arenas of their own. Returns whether it applied.
     """
     from flowar.io.memory import libc
     c = libc()
@@ -113,8 +115,9 @@ def reuse_large_allocations() -> bool:
     return bool(c.mallopt(m_mmap_threshold, 256 << 20)) and bool(c.mallopt(m_trim_threshold, 1 << 30))
 
 
-class Runtime:
-    """An opened source: its stages, limits, threads and runner, and the one sampling call."""
+class Runtime(contextlib.AbstractContextManager):
+    """An opened source: its stages, limits, threads and runner, and the one sampling call; a
+    context manager (leaving it closes the source)."""
 
     def __init__(self, *, config: FlowARConfig, class_names: list[str] | None, stages, device: torch.device,
                  backend: str, detail: str, threads: Threads, decodes: bool, capture: bool = False,
@@ -147,7 +150,7 @@ class Runtime:
         engines = getattr(stages, "engines", {}).values()
         self.lanes = 2 if device.type == "cpu" and threads.host >= 2 and engines and all(
             getattr(e, "CALLS_AT_ONCE", 1) > 1 for e in engines) else 1
-        if device.type == "cpu":
+        if device.type == "cpu" and threads.torch_computes:
             reuse_large_allocations()
         self._stack = stack or contextlib.ExitStack()
 
@@ -207,8 +210,10 @@ class Runtime:
                                   else None)
             seconds = {"read": time.perf_counter() - t0}
             t0 = time.perf_counter()
-            with threads_.applied():
-                warmed = stages.warm_up(warm) if warm else 0
+            warmed = 0
+            if warm and any(getattr(e, "warm", False) for e in engines.values()):
+                with threads_.applied():
+                    warmed = stages.warm_up(warm)
             seconds["warm-up"] = time.perf_counter() - t0
         except BaseException:
             stack.close()
@@ -328,9 +333,6 @@ class Runtime:
         return other
 
     # ---- lifetime ---------------------------------------------------------------------------
-    def __enter__(self) -> "Runtime":
-        return self
-
     def close(self, *exc) -> None:
         """Release the engines (sessions, packages, graphs); also what leaving a ``with`` does."""
         self.runner = None

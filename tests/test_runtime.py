@@ -160,7 +160,7 @@ def test_the_thread_policy_is_resolved_at_open_and_applied_while_sampling(fixtur
             assert set(seen) == {1} and torch.get_num_threads() == 2        # applied while sampling, restored after
         finally:
             torch.set_num_threads(before)
-    assert Threads.resolve(None, False) == Threads(cpu_threads(), 1)
+    assert Threads.resolve(None, False) == Threads(cpu_threads(), 1, torch_computes=False)
     assert Threads.resolve(3, True) == Threads(3, 3)
     with pytest.raises(FlowARError, match="--threads >= 1"):
         Runtime.open_checkpoint(fixtures_dir / "tiny_v1.safetensors", threads=0)
