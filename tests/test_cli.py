@@ -72,8 +72,15 @@ def test_user_errors_are_one_line(fixtures_dir, args, needle):
     assert len(lines) == 1 and lines[0].startswith("error: expected") and needle in lines[0]
 
 
+def test_debug_shows_the_error_itself():
+    """--debug lets the error through (its traceback) instead of the one line."""
+    from flowar.errors import FlowARError
+    res = CliRunner().invoke(run, ["--engine-dir", "/nonexistent-flowar-dir", "--debug"])
+    assert isinstance(res.exception, FlowARError) and "error: expected" not in res.output
+
+
 def test_no_traceback_from_the_installed_command(fixtures_dir, tmp_path):
-    proc = subprocess.run([sys.executable, "-c", "from flowar.commands.cli import run_main; run_main()", "--ckpt",
+    proc = subprocess.run([sys.executable, "-c", "from flowar.commands.cli import run; run()", "--ckpt",
                            str(tmp_path / "missing.pth"), "--preset", "tiny"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
@@ -84,7 +91,7 @@ def test_usage_errors_of_the_installed_command_are_one_line_too(fixtures_dir):
     """click's own errors (an unknown option, a folder given for a file) as one line and exit 2,
     not click's usage block."""
     for args, needle in ((["--ckpt", str(fixtures_dir)], "is a directory"), (["--bogus"], "No such option")):
-        proc = subprocess.run([sys.executable, "-c", "from flowar.commands.cli import run_main; run_main()", *args],
+        proc = subprocess.run([sys.executable, "-c", "from flowar.commands.cli import run; run()", *args],
                               capture_output=True, text=True)
         assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
         assert proc.stderr.startswith("error: ") and needle in proc.stderr and "flowar-run --help" in proc.stderr

@@ -130,7 +130,7 @@ def test_sampling_works_with_networking_unavailable(fixtures_dir, tmp_path):
     code = ("import socket\n"
             "def deny(*a, **k): raise OSError('network disabled for this test')\n"
             "socket.socket.connect = deny; socket.create_connection = deny; socket.getaddrinfo = deny\n"
-            "from flowar.commands.cli import run_main; run_main()\n")
+            "from flowar.commands.cli import run; run()\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "DIFFUSERS_"))}
     proc = subprocess.run([sys.executable, "-c", code, "--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset",
                            "tiny", "--labels", "1", "--steps", "3", "--vae", str(tmp_path / "vae"),

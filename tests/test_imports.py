@@ -41,8 +41,8 @@ def test_import_flowar_and_every_module_without_the_heavy_packages():
 
 
 def test_cli_help_without_the_heavy_packages():
-    for module, entry in (("cli", "run_main"), ("cli", "export_main"), ("cli_ray", "sample_main"),
-                          ("cli_ray", "serve_main"), ("cli", "judge_main")):
+    for module, entry in (("cli", "run"), ("cli", "export_cmd"), ("cli_ray", "sample_cmd"),
+                          ("cli_ray", "serve_cmd"), ("cli", "judge_cmd")):
         p = _probe(f"import sys\nsys.argv = ['prog', '--help']\nfrom flowar.commands.{module} import {entry}\n{entry}()")
         assert p.returncode == 0 and "--help" in p.stdout, (entry, p.stderr[-2000:])
 
@@ -50,6 +50,6 @@ def test_cli_help_without_the_heavy_packages():
 def test_a_heavy_package_missing_at_use_is_one_line():
     """flowar-export --backend trt on a machine without TensorRT: one line naming the install."""
     p = _probe("import sys\nsys.argv = ['flowar-export', '--ckpt', 'x.pth', '--out', '/tmp/flowar-imports-e', "
-               "'--backend', 'trt']\nfrom flowar.commands.cli import export_main\nexport_main()")
+               "'--backend', 'trt']\nfrom flowar.commands.cli import export_cmd\nexport_cmd()")
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith("error: expected TensorRT")

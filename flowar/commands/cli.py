@@ -12,12 +12,12 @@ from pathlib import Path
 
 import click
 
-from flowar.commands.options import CONTEXT, entry_point, schedule_options, user_errors
+from flowar.commands.options import command, schedule_options
 from flowar.config import SAMPLING_DEFAULTS
 from flowar.errors import FlowARError
 
 
-@click.command(context_settings=CONTEXT)
+@command("flowar-run")
 @click.option("--ckpt", type=click.Path(dir_okay=False), help="FlowAR checkpoint (eager PyTorch): official .pth, "
               "training checkpoint, or this project's .safetensors (with --engine-dir and --backend torch: the "
               "checkpoint the directory was exported from, where it has moved).")
@@ -52,7 +52,6 @@ from flowar.errors import FlowARError
               help="On a CUDA device, capture each scale once and replay it (TensorRT or PyTorch stages; the same "
                    "loop). On the CPU the same plan runs without capture.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-@user_errors
 def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels, classes, n_per_class, batch_size,
         schedule, solver, stride, steps, cfg, guidance, seed, noise_file, save_tokens, out, save_images, device,
         precision, threads, cuda_graphs, debug):
@@ -102,7 +101,7 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
         click.echo("  " + line)
 
 
-@click.command(context_settings=CONTEXT)
+@command("flowar-export")
 @click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="FlowAR checkpoint to export.")
 @click.option("--preset", help="Config preset for files that carry none.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Config JSON for files that carry none.")
@@ -132,7 +131,6 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
                                              f"{SAMPLING_DEFAULTS['guidance']}].")
 @click.option("--compute-capability", help="TensorRT target without a GPU, e.g. sm80, sm86, sm89, sm120.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-@user_errors
 def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precision, auto_candidates, max_batch,
                max_memory, verify, schedule, steps, cfg, guidance, compute_capability, debug):
     """Export a checkpoint to per-stage ONNX graphs (and TensorRT plans) with a manifest."""
@@ -161,7 +159,7 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
     click.echo(f"engine directory -> {rep.out} ({', '.join(rep.backends)}, {precision}, max batch {max_batch}) in "
                f"{sum(rep.seconds.values()):.0f} s")
 
-@click.command(context_settings=CONTEXT)
+@command("flowar-train-vae")
 @click.option("--data", default="animal-mnist", show_default=True, help="animal-mnist, or ROOT/<class>/<image> folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output diffusers VAE folder.")
 @click.option("--size", default=32, show_default=True, type=int, help="Image side (Animal-MNIST is padded to it).")
@@ -171,7 +169,6 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
 @click.option("--lr", default=1e-3, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-@user_errors
 def train_vae_cmd(data, out, size, latent_channels, steps, batch, lr, seed, debug):
     """Train the small AutoencoderKL the default model uses."""
     from flowar.io.files import check_writable
@@ -183,7 +180,7 @@ def train_vae_cmd(data, out, size, latent_channels, steps, batch, lr, seed, debu
 
 
 
-@click.command(context_settings=CONTEXT)
+@command("flowar-train")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (checkpoints, loss.png, samples/).")
 @click.option("--vae", required=True, type=click.Path(), help="VAE the latents come from (diffusers folder or kl16.ckpt).")
 @click.option("--data", default="animal-mnist", show_default=True, help="animal-mnist, or ROOT/<class>/<image> folder.")
@@ -202,7 +199,6 @@ def train_vae_cmd(data, out, size, latent_channels, steps, batch, lr, seed, debu
 @click.option("--ckpt-every", default=500, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint-last.safetensors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-@user_errors
 def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmup, ema_decay, grad_clip, seed,
               log_every, sample_every, ckpt_every, resume, debug):
     """Train FlowAR with the official multi-scale flow-matching loss (runs under torchrun too)."""
@@ -223,7 +219,7 @@ def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmu
 
 
 
-@click.command(context_settings=CONTEXT)
+@command("flowar-judge")
 @click.option("--ckpt", type=click.Path(dir_okay=False), help="A FlowAR checkpoint (eager PyTorch).")
 @click.option("--engine-dir", type=click.Path(file_okay=False), help="Or an engine directory (what it runs by "
               "default: its auto choice, else ONNX Runtime).")
@@ -250,7 +246,6 @@ def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmu
               "another engine directory (e.g. fp32 engines, to measure a reduced precision).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report here as JSON.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-@user_errors
 def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_limit, schedule, solver, stride, steps,
               cfg, guidance, seed, batch, converged, fid_stats, fid_extractor, judge_kind, judge_cache, vs_engine_dir,
               json_out, debug):
@@ -310,9 +305,3 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
         import json
         from flowar.io.files import atomic_write_bytes
         atomic_write_bytes(json_out, lambda tmp: Path(tmp).write_text(json.dumps(dataclasses.asdict(rep), indent=1)))
-
-run_main = entry_point(run, "flowar-run")
-export_main = entry_point(export_cmd, "flowar-export")
-train_main = entry_point(train_cmd, "flowar-train")
-train_vae_main = entry_point(train_vae_cmd, "flowar-train-vae")
-judge_main = entry_point(judge_cmd, "flowar-judge")

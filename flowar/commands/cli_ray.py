@@ -9,11 +9,11 @@ from pathlib import Path
 
 import click
 
-from flowar.commands.options import CONTEXT, entry_point, schedule_options, user_errors
+from flowar.commands.options import command, schedule_options
 from flowar.errors import FlowARError
 
 
-@click.command(context_settings=CONTEXT)
+@command("flowar-sample")
 @click.option("--engine-dir", required=True, type=click.Path(file_okay=False), help="Engine directory (with a VAE).")
 @click.option("--num-images", required=True, type=int, help="How many images, e.g. 50000 for an FID evaluation.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: png/, shards/, samples.npz.")
@@ -33,7 +33,6 @@ from flowar.errors import FlowARError
 @click.option("--shard-size", default=64, show_default=True, type=int, help="Images per shard (the unit of resume).")
 @click.option("--ray-address", help="A running Ray cluster (ray://HOST:PORT or auto) [default: a local one].")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-@user_errors
 def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, schedule, solver, stride, steps, cfg,
                guidance, workers, threads, batch, shard_size, ray_address, debug):
     """Bulk sampling: PNG shards and samples.npz (ADM format); rerun to resume. One worker runs here; several on Ray."""
@@ -59,7 +58,7 @@ def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, sche
                + (f"; engines {'; '.join(rep.engines)}" if rep.engines else "") + ")")
 
 
-@click.command(context_settings=CONTEXT)
+@command("flowar-serve")
 @click.option("--engine-dir", required=True, type=click.Path(file_okay=False), help="Engine directory (with a VAE).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default; any "
               "other requires a token).")
@@ -83,7 +82,6 @@ def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, sche
 @click.option("--require-token", is_flag=True, help="Require the token on loopback too.")
 @click.option("--ray-address", help="A running Ray cluster [default: a local one].")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-@user_errors
 def serve_cmd(engine_dir, host, port, replicas, backend, threads, lanes, max_n, queue, deadline, grace, token_file,
               require_token, ray_address, debug):
     """Serve POST /v1/generate on Ray Serve: bounded queues, deadlines, batching by the engine
@@ -130,7 +128,3 @@ def serve_cmd(engine_dir, host, port, replicas, backend, threads, lanes, max_n, 
                   backend=backend, lanes=lanes, queue=queue, deadline_s=deadline,
                   token=token if (require_token or not loopback or token) else None,
                   grace_s=grace, say=lambda line: click.echo(line, err=True))
-
-
-sample_main = entry_point(sample_cmd, "flowar-sample")
-serve_main = entry_point(serve_cmd, "flowar-serve")

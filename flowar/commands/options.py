@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 
@@ -15,22 +14,39 @@ EXIT_USER_ERROR = 2
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-def user_errors(fn):
-    """Turn FlowARError (and unwritable paths) into one line and a non-zero exit."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        debug = kwargs.get("debug", False)
+class Command(click.Command):
+    """A command of this project. Run as a console script, under click's test runner or called, it
+    sets the hub's offline switch before anything imports it, and a user error is one line and
+    exit status 2: its own (FlowARError, and an OSError the checks before the work could not
+    foresee) and click's usage errors (an unknown option, a folder where a file belongs), where
+    click would print its usage and a hint around them. ``--debug`` shows the traceback instead."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        args = sys.argv[1:] if args is None else list(args)
+        extra.pop("standalone_mode", None)
         try:
-            return fn(*args, **kwargs)
-        except (FlowARError, OSError) as e:     # OSError: what the checks before the work could not foresee
-            if debug:
+            code = super().main(args, prog_name or self.name, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            click.echo(f"error: {e.format_message()} Fix: see {self.name} --help", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except (FlowARError, OSError) as e:
+            if "--debug" in args:
                 raise
             click.echo(one_line(e), err=True)
             sys.exit(EXIT_USER_ERROR)
-        except KeyboardInterrupt:
+        except (click.Abort, KeyboardInterrupt):
             click.echo("interrupted", err=True)
             sys.exit(130)
-    return wrapper
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def command(name: str):
+    """``@command("flowar-run")``: a :class:`Command` with the project's help options."""
+    return click.command(name, cls=Command, context_settings=CONTEXT)
 
 
 def schedule_options(recorded_by: str):
@@ -55,24 +71,3 @@ def schedule_options(recorded_by: str):
             f = o(f)
         return f
     return apply
-
-
-def entry_point(cmd: click.Command, prog: str):
-    """A console-script entry point: the hub's offline switch is set before anything imports it,
-    and a usage error (an unknown option, a folder where a file belongs) is one line too, as the
-    command's own errors are (click would print its usage and a hint around it)."""
-    def main() -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        try:
-            code = cmd.main(prog_name=prog, standalone_mode=False)
-        except click.UsageError as e:
-            click.echo(f"error: {e.format_message()} Fix: see {prog} --help", err=True)
-            sys.exit(EXIT_USER_ERROR)
-        except click.ClickException as e:
-            e.show()
-            sys.exit(e.exit_code)
-        except click.Abort:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-        sys.exit(code if isinstance(code, int) else 0)
-    return main
