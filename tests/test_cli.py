@@ -72,6 +72,15 @@ def test_user_errors_are_one_line(fixtures_dir, args, needle):
     assert len(lines) == 1 and lines[0].startswith("error: expected") and needle in lines[0]
 
 
+def test_a_malformed_label_list_is_refused_before_the_source_opens(tmp_path):
+    """The form of --labels / --classes / --n-per-class is checked before anything opens (the
+    directory here does not exist: the error is about the list)."""
+    for args, needle in ((["--labels", "1,,2"], "got '' in '1,,2'"), (["--classes", "cat,,dog"], "single commas"),
+                         (["--n-per-class", "0"], "--n-per-class >= 1")):
+        res = CliRunner().invoke(run, ["--engine-dir", str(tmp_path / "none")] + args)
+        assert res.exit_code == 2 and needle in res.output, res.output
+
+
 def test_debug_shows_the_error_itself():
     """--debug lets the error through (its traceback) instead of the one line."""
     from flowar.errors import FlowARError
