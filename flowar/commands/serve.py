@@ -10,7 +10,8 @@ queue needs).
 Stopping (SIGTERM, as Kubernetes and systemd send it, or Ctrl-C): the application is redeployed
 with ``draining`` on, which Serve applies to the running replicas in place (``reconfigure``): new
 requests get 503 while those in flight finish, for at most the grace period; then the application
-is deleted, Ray is shut down and the command exits 0 with one line.
+is deleted, Ray is shut down and the command exits 0 with one line. A signal that comes while the
+application deploys stops it as soon as it is up, the same way.
 
 ``app`` is the application builder that Serve configs name (deploy/serve-config.yaml).
 """
@@ -142,37 +143,49 @@ def serve_forever(engine_dir: str, host: str, port: int, threads: int | None, ma
     os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "1")
     os.environ.setdefault("RAY_SERVE_METRICS_EXPORT_INTERVAL_MS", "1000")
     start_ray(ray_address, None if ray_address else max(2, (threads or 1) * replicas))
-    import logging
-
-    from ray import serve
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)      # the command says what matters itself
-    t0 = time.perf_counter()
-    settings = dict(threads=threads, max_n=max_n, replicas=replicas, backend=backend, lanes=lanes, queue=queue,
-                    deadline_s=deadline_s, token=token, grace_s=grace_s)
-    try:
-        serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
-        serve.run(build_app(engine_dir, **settings), name=APP, route_prefix="/")
-    except FlowARError:
-        raise
-    except Exception as e:   # noqa: BLE001 - a replica that failed to start (Serve's whole report), or Serve itself
-        first = next((ln for ln in reversed(str(e).splitlines()) if ln.strip()), type(e).__name__)
-        raise FlowARError("Ray Serve and its replicas to start", f"{type(e).__name__}: {first.strip()[:300]}",
-                          f"run flowar-run --engine-dir {engine_dir} --labels 0 to see the engines open") from None
-    if ready is not None:
-        ready(time.perf_counter() - t0)
-    if not block:
-        return
+    # SIGTERM and SIGINT are this command's from here on (ray.init has just set a SIGTERM handler of
+    # its own: a SIGTERM while Serve started exited 15 with a native stack dump, or was lost). One
+    # that comes while the application deploys is kept: the service stops as soon as it is up.
+    asked: list[str] = []                   # the signal that asked to stop
+    waiting = [False]                       # in the serving wait, which a signal interrupts
 
     def on_signal(signum, frame):
-        raise _Stop(signal.Signals(signum).name)
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        asked[:] = asked or [signal.Signals(signum).name]
+        if waiting[0]:
+            waiting[0] = False
+            raise _Stop()
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if block else {}
     try:
-        while True:
-            time.sleep(3600)
-    except _Stop as s:
+        import logging
+
+        from ray import serve
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)      # the command says what matters itself
+        t0 = time.perf_counter()
+        settings = dict(threads=threads, max_n=max_n, replicas=replicas, backend=backend, lanes=lanes, queue=queue,
+                        deadline_s=deadline_s, token=token, grace_s=grace_s)
+        try:
+            serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
+            serve.run(build_app(engine_dir, **settings), name=APP, route_prefix="/")
+        except FlowARError:
+            raise
+        except Exception as e:   # noqa: BLE001 - a replica that failed to start (Serve's whole report), or Serve
+            first = next((ln for ln in reversed(str(e).splitlines()) if ln.strip()), type(e).__name__)
+            raise FlowARError("Ray Serve and its replicas to start", f"{type(e).__name__}: {first.strip()[:300]}",
+                              f"run flowar-run --engine-dir {engine_dir} --labels 0 to see the engines open") from None
+        if ready is not None:
+            ready(time.perf_counter() - t0)
+        if not block:
+            return
+        try:
+            waiting[0] = True
+            while not asked:
+                time.sleep(3600)
+        except _Stop:
+            pass
+        waiting[0] = False
         for sig in previous:                          # a second signal does not interrupt the stopping
             signal.signal(sig, signal.SIG_IGN)
-        say(f"stopped on {s}: {stop(engine_dir, settings, shared=ray_address is not None)}")
+        say(f"stopped on {asked[0]}: {stop(engine_dir, settings, shared=ray_address is not None)}")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -190,9 +203,10 @@ def stop(engine_dir: str, settings: dict, shared: bool = False) -> str:
     busy = _wait_idle(serve.get_app_handle(APP), settings["replicas"], t0 + grace)
     if busy != 0:       # the grace is spent: the replicas stop without waiting again (reconfigured in place)
         serve.run(build_app(engine_dir, draining=True, **(settings | {"grace_s": 0.0})), name=APP, route_prefix="/")
-    serve.delete(APP)
-    if not shared:
-        serve.shutdown()
+    if shared:
+        serve.delete(APP)
+    else:
+        serve.shutdown()           # deletes the application too (delete first waited ~3 s of control loops)
     ray.shutdown()
     held = ("; every request in flight answered" if busy == 0 else "; the replicas did not say what they held"
             if busy is None else f"; {busy} image(s) still held after the {grace:g} s grace were dropped")
