@@ -98,6 +98,51 @@ def test_bulk_gives_the_same_bytes_for_any_worker_count_and_resumes_after_kill(e
     assert big.returncode == 2 and "--batch in 1.." in big.stderr and "Traceback" not in big.stderr, big.stderr
 
 
+def _session_alive(sid: int) -> list[str]:
+    """The processes of a session (the command and every process Ray started for it)."""
+    ps = subprocess.run(["ps", "-eo", "sid=,pid=,comm="], capture_output=True, text=True).stdout.splitlines()
+    return [ln for ln in ps if ln.split() and ln.split()[0] == str(sid)]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_bulk_sampling_on_ray_like_ctrl_c_and_leaves_no_process(engines, tmp_path):
+    """flowar-sample on two Ray workers, stopped by SIGTERM once shards are written: one line that
+    says how far it got and that the same command resumes, exit 130, no traceback, and no process
+    of its local Ray cluster left after a few seconds. Before, Ray's own handler had SIGTERM: the
+    command died silently (143) and the cluster's processes ran on for a minute; a Ctrl-C printed
+    Ray Data's tracebacks."""
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([str(EXE / "flowar-sample"), "--engine-dir", str(engines), "--num-images", "4000", "--out",
+                             str(out), "--shard-size", "8", "--workers", "2"], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not any((out / "shards").glob("*.npz")):
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+        err = proc.stderr.read()
+        deadline = time.time() + 15
+        while _session_alive(proc.pid) and time.time() < deadline:
+            time.sleep(0.5)
+        left = _session_alive(proc.pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    last = [ln for ln in err.splitlines() if ln.strip()][-1]
+    assert rc == 130 and "Traceback" not in err, (rc, err[-2000:])
+    assert last.startswith("interrupted: ") and last.endswith("images written to " + str(out) + "; the same "
+                                                               "command resumes"), last
+    written = int(last.split()[1])
+    assert 0 < written < 4000 and written == 8 * len(list((out / "shards").glob("*.npz"))), last
+    assert not left, left
+
+
 # ---- the served endpoint ----------------------------------------------------------------------------
 
 def _free_port():

@@ -18,7 +18,9 @@ shards are kept, the rest are sampled. At the end ``samples.npz`` holds the eval
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -252,11 +254,31 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     batches: set[int] = set()
     done_now = sum(e - s for _, s, e in todo)
     if todo:
-        if ray_address is None and workers == 1:       # one worker here: this process, no Ray around it
-            rows = _sample_here(spec, out, todo, progress, spec.num_images - done_now)
-        else:
-            start_ray(ray_address, None if ray_address else workers * spec.threads)
-            rows = _sample_on_ray(spec, out, todo, workers, progress, spec.num_images - done_now)
+        # SIGTERM stops it as Ctrl-C does (ray.init sets a handler of its own, which left the local
+        # cluster's processes running for a minute): the work unwinds, Ray shuts down, and the line
+        # says how far it got.
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.getsignal(signal.SIGTERM) if main else None
+        try:
+            if ray_address is None and workers == 1:       # one worker here: this process, no Ray around it
+                if main:
+                    signal.signal(signal.SIGTERM, _interrupt)
+                rows = _sample_here(spec, out, todo, progress, spec.num_images - done_now)
+            else:
+                start_ray(ray_address, None if ray_address else workers * spec.threads)
+                if main:
+                    signal.signal(signal.SIGTERM, _interrupt)
+                rows = _sample_on_ray(spec, out, todo, workers, progress, spec.num_images - done_now)
+        except KeyboardInterrupt:
+            if ray_address is not None or workers > 1:
+                import ray
+                ray.shutdown()                              # its workers stop (a shard may end) before the count
+            written = sum(e - s for j, s, e in shards if shard_is_done(out, j, s, e))
+            raise KeyboardInterrupt(f"{written} of {spec.num_images} images written to {out}; the same command "
+                                    "resumes") from None
+        finally:
+            if main and previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         secs = [float(r["seconds"]) for r in rows]
         engines = {str(r["engines"]) for r in rows}
         batches = {int(r["batch"]) for r in rows}
@@ -278,6 +300,10 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     return BulkReport(out, len(shards), len(shards) - len(todo), dt, done_now / dt if done_now else 0.0,
                       workers, secs, sorted(engines), max(batches, default=None),
                       done_now * min(workers, len(todo)) / sum(secs) if secs else 0.0)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _sample_here(spec: BulkSpec, out: Path, todo: list, progress: bool, done_before: int) -> list[dict]:
@@ -313,21 +339,16 @@ def _sample_on_ray(spec: BulkSpec, out: Path, todo: list, workers: int, progress
 
 
 def _with_bar(consume, told, spec: BulkSpec, done_before: int, close) -> list[dict]:
-    """Run ``consume(rows)`` on a thread while a bar follows the workers' batches from ``told``
-    (images counted as each batch ends, not as each shard does); errors as one line."""
-    import threading
+    """Run ``consume(rows)`` on this thread while a bar, on another, follows the workers' batches
+    from ``told`` (images counted as each batch ends, not as each shard does); errors as one line.
+    The work is on this thread so that an interrupt (Ctrl-C, or SIGTERM on Ray) stops it here, where
+    Ray Data's iterator shuts its executor down before Ray is (the other way round, its threads
+    printed tracebacks)."""
     from queue import Empty              # Ray's queue raises a subclass of it: the local path imports no Ray
     rows: list[dict] = []
-    failed: list[BaseException] = []
+    finished = threading.Event()
 
-    def run() -> None:
-        try:
-            consume(rows)
-        except BaseException as e:   # noqa: BLE001 - raised again by the caller's thread
-            failed.append(e)
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    if told is not None:
+    def follow() -> None:
         import sys
 
         from tqdm import tqdm
@@ -335,11 +356,13 @@ def _with_bar(consume, told, spec: BulkSpec, done_before: int, close) -> list[di
         log, t0, said, batch, done = not sys.stderr.isatty(), time.perf_counter(), 0.0, None, 0
         with tqdm(total=spec.num_images, initial=done_before, desc="sampling", unit="img", disable=log or None,
                   smoothing=0.1) as bar:
-            while worker.is_alive() or not told.empty():
+            while not finished.is_set() or not told.empty():
                 try:
                     what, n = told.get(timeout=0.5)
                 except Empty:
                     continue
+                except Exception:   # noqa: BLE001 - the queue's actor gone (an interrupt): nothing more to show
+                    return
                 if what == "batch":                 # a worker has opened its engines: the clock starts
                     t0, batch = t0 if batch else time.perf_counter(), n
                     bar.set_postfix_str(f"batch {n}", refresh=True)
@@ -351,14 +374,24 @@ def _with_bar(consume, told, spec: BulkSpec, done_before: int, close) -> list[di
                     left = (spec.num_images - done_before - done) / rate
                     print(f"sampling: {done_before + done}/{spec.num_images} images, {rate:.3g} images/s at batch "
                           f"{batch}, {left / 60:.1f} min left", file=sys.stderr, flush=True)
-    worker.join()
+    follower = threading.Thread(target=follow, daemon=True) if told is not None else None
+    if follower is not None:
+        follower.start()
+    failed = None
+    try:
+        consume(rows)
+    except Exception as e:   # noqa: BLE001 - a worker's failure: one line below (an interrupt passes)
+        failed = e
+    finally:
+        finished.set()
+        if follower is not None:
+            follower.join(5)
     close()
-    if failed:
-        e = failed[0]
-        cause = next((c for c in _causes(e) if isinstance(c, FlowARError)), None)
+    if failed is not None:
+        cause = next((c for c in _causes(failed) if isinstance(c, FlowARError)), None)
         if cause is not None:
             raise cause from None
-        last = next((ln.strip() for ln in reversed(str(e).splitlines()) if ln.strip()), type(e).__name__)
+        last = next((ln.strip() for ln in reversed(str(failed).splitlines()) if ln.strip()), type(failed).__name__)
         raise FlowARError("workers that sample their shards", last[:300], "run the same command again "
                           "to resume; flowar-run --engine-dir DIR --labels 0 shows whether the engines open") from None
     return rows

@@ -38,8 +38,9 @@ class Command(click.Command):
                 raise
             click.echo(one_line(e), err=True)
             sys.exit(EXIT_USER_ERROR)
-        except (click.Abort, KeyboardInterrupt):
-            click.echo("interrupted", err=True)
+        except (click.Abort, KeyboardInterrupt) as e:
+            why = str(e.__context__ if isinstance(e, click.Abort) and e.__context__ else e)
+            click.echo("interrupted" + (f": {why}" if why else ""), err=True)
             sys.exit(130)
         sys.exit(code if isinstance(code, int) else 0)
 
