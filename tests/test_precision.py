@@ -25,9 +25,9 @@ SM = StageMeasure
 def _fewer_probes(monkeypatch):
     """The choice's own measurements at their smallest (2 probe samples, 1 timed image per
     combination): the tests check what is measured and recorded, not how well."""
-    import flowar.commands.precision as precision
-    monkeypatch.setattr(precision, "PROBE_LABELS", 2)
-    monkeypatch.setattr(precision, "TIME_REPEAT", 1)
+    import flowar.commands.workbench as workbench
+    monkeypatch.setattr(workbench, "PROBE_LABELS", 2)
+    monkeypatch.setattr(workbench, "TIME_REPEAT", 1)
 
 
 def test_bf16_gemms_round_the_operands_and_keep_everything_else_in_float32():
@@ -278,7 +278,7 @@ def test_a_compile_that_would_not_fit_in_max_memory_is_not_a_candidate(fixtures_
     """--max-memory: a compile estimated to take more than what is left under it is refused before
     it starts (no compiler runs), reported as unavailable with the estimate, and auto chooses among
     the others; with room enough the same stage may compile."""
-    from flowar.commands.precision import Workbench
+    from flowar.commands.workbench import Workbench
     from flowar.engines.aoti import compile_memory
     from flowar.errors import FlowARError
     from flowar.export.specs import stage_specs

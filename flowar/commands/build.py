@@ -175,7 +175,8 @@ def choose_engines(req: ExportRequest, model, ck, vae, specs: dict, stages: dict
     import shutil
 
     from flowar.commands.plan import measure_plan
-    from flowar.commands.precision import Workbench, select
+    from flowar.commands.precision import select
+    from flowar.commands.workbench import Workbench
     from flowar.engines.cpu import cpu_kind
     from flowar.export.manifest import sha256_file
     from flowar.io.memory import GB
