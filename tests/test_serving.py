@@ -33,7 +33,7 @@ def _free_port() -> int:
 def hosted(service):
     import uvicorn
 
-    from flowar.commands.service import make_app
+    from flowar.commands.app import make_app
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(make_app(service), host="127.0.0.1", port=port, log_level="warning",
                                            lifespan="off"))

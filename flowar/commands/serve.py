@@ -53,7 +53,8 @@ def _service_class():
     """The deployment class (defined once, Ray and FastAPI imported only when serving)."""
     from ray import serve
 
-    from flowar.commands.service import Limits, Service, make_app
+    from flowar.commands.app import make_app
+    from flowar.commands.service import Limits, Service
 
     @serve.ingress()
     class FlowARService:

@@ -1,0 +1,103 @@
+"""The FastAPI app of ``flowar-serve`` over one :class:`~flowar.commands.service.Service`: its
+routes, the bearer token and body limit checked before anything is parsed, and every error as
+``{"error": one line}`` (routes: README "Serving")."""
+
+import time
+from pathlib import Path
+
+import flowar.commands.service as service_module
+from flowar.commands.service import GenerateRequest, GenerateResponse, Service, ServiceError
+from flowar.errors import FlowARError
+
+MAX_BODY = 16 * 1024
+OPEN_PATHS = ("/health", "/", "/openapi.json", "/docs")     # no token needed (probes, the page asks for it)
+
+
+def make_app(service: Service):
+    """The FastAPI app over ``service``."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="FlowAR", description=service_module.__doc__.split("\n\n")[0], version="1")
+
+    def error(status: int, text: str, headers: dict | None = None) -> JSONResponse:
+        service.metrics.requests.labels(service.limits.replica, str(status)).inc()
+        return JSONResponse({"error": text}, status_code=status, headers=headers)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        """Bearer token (except for probes and the page), and the body size before any parsing."""
+        token = service.limits.token
+        if token is not None and request.url.path not in OPEN_PATHS:
+            if request.headers.get("authorization", "") != f"Bearer {token}":
+                return error(401, "expected a bearer token (Authorization: Bearer ...); got none or another. "
+                             "Fix: send the server's token", {"WWW-Authenticate": "Bearer"})
+        if request.method == "POST":
+            # a body is JSON whatever it is labelled (curl -d says form-urlencoded): parsed as such
+            request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"] + [
+                (b"content-type", b"application/json")]
+            length = request.headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+                return error(413, f"expected a JSON body of at most {MAX_BODY} bytes; got {length} bytes. Fix: send less")
+            body = b""
+            async for chunk in request.stream():    # chunked bodies: counted as they come, refused at the limit
+                body += chunk
+                if len(body) > MAX_BODY:
+                    return error(413, f"expected a JSON body of at most {MAX_BODY} bytes; got more. Fix: send less")
+            request._body = body                     # (read once: what the route parses)
+        return await call_next(request)
+
+    @app.exception_handler(ServiceError)
+    async def refused(request: Request, e: ServiceError):
+        return error(e.status, str(e), e.headers)
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, e: Exception):       # a batch that failed (NaN, out of memory): one line
+        text = str(e) if isinstance(e, FlowARError) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return error(500, text[:500])
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        if first.get("type") == "json_invalid" or (first.get("loc") == ("body",) and first.get("type") == "model_attributes_type"):
+            return error(400, "expected a JSON object; got something else. Fix: send e.g. {\"label\": 3, \"seed\": 0}")
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "the body"
+        got = repr(first.get("input"))[:60]
+        return error(422, f"expected {where}: {first.get('msg', 'a valid value')}; got {got}. Fix: see /docs "
+                          f"for the fields and their types")
+
+    @app.exception_handler(HTTPException)
+    async def not_found(request: Request, e: HTTPException):
+        return error(e.status_code, f"expected GET /, /health, /metrics, /v1/classes or POST /v1/generate; got "
+                                    f"{request.method} {request.url.path}. Fix: use one of those")
+
+    @app.post("/v1/generate", response_model=GenerateResponse)
+    async def generate(req: GenerateRequest, request: Request):
+        t0 = time.perf_counter()
+        answer = await service.submit(req, service.items(req))
+        service.metrics.latency.labels(service.limits.replica).observe(time.perf_counter() - t0)
+        service.metrics.requests.labels(service.limits.replica, "200").inc()
+        return answer
+
+    @app.get("/v1/classes")
+    async def classes():
+        rt = service.replica.pipe.runtime
+        names = rt.class_names
+        return {"num_classes": rt.config.num_classes, "names": list(names) if names is not None else None}
+
+    @app.get("/health")
+    async def health():
+        return service.health()
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(service.metrics.text(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse((Path(__file__).with_name("playground.html")).read_text())
+
+    return app
