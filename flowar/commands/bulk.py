@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flowar.commands.cluster import start_ray
 from flowar.errors import FlowARError
 
 
@@ -190,25 +191,6 @@ def _write_run_json(out: Path, spec: BulkSpec, engines: list[str] | None, throug
     body = asdict(spec) | {"engines": sorted(set(before.get("engines") or []) | set(engines or [])),
                            "throughput": list(before.get("throughput") or []) + ([throughput] if throughput else [])}
     atomic_write_bytes(p, lambda t: Path(t).write_text(json.dumps(body, indent=1)))
-
-
-def start_ray(address: str | None, num_cpus: int | None):
-    """Connect to a cluster, or start a local one on loopback without dashboard or usage stats."""
-    import os
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    try:
-        import ray
-    except ImportError:
-        raise FlowARError("Ray (the [serve] extra)", "it is not installed",
-                          "pip install 'flowar-deploy[serve]' (or 'ray[data,serve]')") from None
-    if ray.is_initialized():
-        return ray
-    kw = dict(include_dashboard=False, configure_logging=False, log_to_driver=False)
-    if address:
-        ray.init(address=address, **kw)
-    else:
-        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kw)
-    return ray
 
 
 def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str | None = None,

@@ -136,7 +136,7 @@ def serve_forever(engine_dir: str, host: str, port: int, threads: int | None, ma
                   token: str | None = None, grace_s: float = 60.0, say=print) -> None:
     """Start Serve on host:port and the application; with ``block``, serve until SIGTERM or
     SIGINT, then stop gracefully (:func:`stop`)."""
-    from flowar.commands.bulk import start_ray
+    from flowar.commands.cluster import start_ray
     # A local Serve's controller checks its deployments and its replicas export metrics every 0.1 s:
     # with every core computing, that background work preempts the compute threads (whose OpenMP
     # barriers then wait on the preempted one). 16 concurrent FlowAR-S requests on 2 cores took
