@@ -148,3 +148,12 @@ def test_an_upward_import_from_the_bench_fails(tmp_path):
     lat.write_text(lat.read_text() + "\n\ndef _late():\n    from flowar.commands.build import build_engine_dir\n")
     problems = upward_imports(root)
     assert len(problems) == 1 and "bench/latency_backends.py" in problems[0] and "bench -> commands" in problems[0]
+
+
+def test_no_product_module_above_400_lines():
+    """A module a newcomer reads at once: the installed packages' files stay at or under 400 lines
+    (issue 28; the bench and the tests aside)."""
+    files = [p for pkg, folder in PACKAGE_DIRS.items() if pkg != "bench" for p in (ROOT / folder).rglob("*.py")]
+    assert len(files) > 40
+    long = {str(p.relative_to(ROOT)): n for p in files if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long
