@@ -76,9 +76,22 @@ def test_a_malformed_label_list_is_refused_before_the_source_opens(tmp_path):
     """The form of --labels / --classes / --n-per-class is checked before anything opens (the
     directory here does not exist: the error is about the list)."""
     for args, needle in ((["--labels", "1,,2"], "got '' in '1,,2'"), (["--classes", "cat,,dog"], "single commas"),
-                         (["--n-per-class", "0"], "--n-per-class >= 1")):
+                         (["--n-per-class", "0"], "--n-per-class >= 1"), (["--labels", "1", "--classes", "cat"],
+                                                                          "either --labels or --classes")):
         res = CliRunner().invoke(run, ["--engine-dir", str(tmp_path / "none")] + args)
         assert res.exit_code == 2 and needle in res.output, res.output
+
+
+def test_a_file_that_ends_early_is_an_error_not_an_interrupt(monkeypatch, tmp_path):
+    """click reports an EOFError as an abort, as it does Ctrl-C: it is one error line and exit 2."""
+    import flowar.runtime.runtime as runtime
+
+    def truncated(*a, **k):
+        raise EOFError("Ran out of input")
+    monkeypatch.setattr(runtime.Runtime, "open", truncated)
+    res = CliRunner().invoke(run, ["--engine-dir", str(tmp_path), "--labels", "1"])
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: expected complete input files"), lines
 
 
 def test_debug_shows_the_error_itself():

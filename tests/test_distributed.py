@@ -348,23 +348,31 @@ def test_sigterm_answers_what_is_in_flight_refuses_what_comes_and_exits_0(engine
 @pytest.mark.slow
 def test_a_sigterm_while_the_service_starts_stops_it_once_it_is_up(engines):
     """SIGTERM while Serve deploys the application (held there 2 s): the command stops as soon as
-    it is up, with its one line and exit 0. Before, Ray's own handler had it: exit 15 and a
-    native stack dump, or the signal was lost and the service kept serving (both seen)."""
+    it is up, with its one line and exit 0; a second signal while it starts stops the start itself
+    (exit 130, one line). Before, Ray's own handler had SIGTERM: exit 15 and a native stack dump,
+    or the signal was lost and the service kept serving (both seen)."""
     code = ("import sys, time\nfrom ray import serve\nreal = serve.run\n"
             "def slow(*a, **k):\n    print('deploying', file=sys.stderr, flush=True)\n    time.sleep(2)\n"
             "    return real(*a, **k)\nserve.run = slow\nfrom flowar.commands.cli_ray import serve_cmd\nserve_cmd()\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, "--engine-dir", str(engines), "--port", str(_free_port()),
-                             "--threads", "1"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        seen = [proc.stderr.readline()]
-        while "deploying" not in seen[-1] and seen[-1] and len(seen) < 400:
-            seen.append(proc.stderr.readline())
-        assert "deploying" in seen[-1], "".join(seen[-40:])
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=120)
-        rest = proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert rc == 0 and "SIGTERM received" not in rest and "Traceback" not in rest, (rc, rest[-2000:])
-    assert [ln for ln in rest.splitlines() if ln.strip()][-1].startswith("stopped on SIGTERM"), rest[-2000:]
+    results = []
+    for signals in ((signal.SIGTERM,), (signal.SIGTERM, signal.SIGINT)):
+        proc = subprocess.Popen([sys.executable, "-c", code, "--engine-dir", str(engines), "--port",
+                                 str(_free_port()), "--threads", "1"], env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            seen = [proc.stderr.readline()]
+            while "deploying" not in seen[-1] and seen[-1] and len(seen) < 400:
+                seen.append(proc.stderr.readline())
+            assert "deploying" in seen[-1], "".join(seen[-40:])
+            for sig in signals:
+                proc.send_signal(sig)
+                time.sleep(0.3)
+            rc = proc.wait(timeout=120)
+            rest = proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert "SIGTERM received" not in rest and "Traceback" not in rest, (rc, rest[-2000:])
+        results.append((rc, [ln for ln in rest.splitlines() if ln.strip()][-1]))
+    assert results[0][0] == 0 and results[0][1].startswith("stopped on SIGTERM"), results
+    assert results[1] == (130, "interrupted: a second SIGINT while Ray Serve started; nothing was served"), results

@@ -59,14 +59,10 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
     from flowar.io.files import check_writable
     from flowar.runtime.runtime import Runtime
     from flowar.sampling.batches import write_outputs
-    from flowar.sampling.labels import parse_labels, split_class_names
+    from flowar.sampling.labels import parse_labels
     from flowar.sampling.schedule import Settings
     settings = Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance, solver=solver, stride=stride)
-    # the lists' form checked before the source opens (FlowAR-H's takes 25 s): any id passes here; ids and names are
-    # checked against the model once it is open
-    parse_labels(1 << 62, None, None if classes else labels, None, n_per_class)
-    if classes:
-        split_class_names(classes)
+    parse_labels(None, None, labels, classes, n_per_class)     # their form, before the source opens (FlowAR-H: 25 s)
     for p, is_dir, option in ((save_tokens, False, "--save-tokens"), (out, False, "--out"),
                               (save_images, True, "--save-images")):
         check_writable(p, is_dir, option)

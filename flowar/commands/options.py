@@ -39,8 +39,14 @@ class Command(click.Command):
             click.echo(one_line(e), err=True)
             sys.exit(EXIT_USER_ERROR)
         except (click.Abort, KeyboardInterrupt) as e:
-            why = str(e.__context__ if isinstance(e, click.Abort) and e.__context__ else e)
-            click.echo("interrupted" + (f": {why}" if why else ""), err=True)
+            cause = e.__context__ if isinstance(e, click.Abort) and e.__context__ else e
+            if isinstance(cause, EOFError):             # click's Abort also stands for a file that ended early
+                if "--debug" in args:
+                    raise cause from None
+                click.echo(one_line(FlowARError("complete input files", f"EOFError: {cause}",
+                                                "check the files given: one may be truncated")), err=True)
+                sys.exit(EXIT_USER_ERROR)
+            click.echo("interrupted" + (f": {cause}" if str(cause) else ""), err=True)
             sys.exit(130)
         sys.exit(code if isinstance(code, int) else 0)
 

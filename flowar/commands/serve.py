@@ -146,15 +146,21 @@ def serve_forever(engine_dir: str, host: str, port: int, threads: int | None, ma
     start_ray(ray_address, None if ray_address else max(2, (threads or 1) * replicas))
     # SIGTERM and SIGINT are this command's from here on (ray.init has just set a SIGTERM handler of
     # its own: a SIGTERM while Serve started exited 15 with a native stack dump, or was lost). One
-    # that comes while the application deploys is kept: the service stops as soon as it is up.
+    # that comes while the application deploys is kept: the service stops as soon as it is up; a
+    # second one stops the start itself (one that cannot finish: replicas that find no CPUs).
     asked: list[str] = []                   # the signal that asked to stop
     waiting = [False]                       # in the serving wait, which a signal interrupts
 
     def on_signal(signum, frame):
-        asked[:] = asked or [signal.Signals(signum).name]
+        name = signal.Signals(signum).name
         if waiting[0]:
+            asked[:] = asked or [name]
             waiting[0] = False
             raise _Stop()
+        if asked:
+            raise KeyboardInterrupt(f"a second {name} while Ray Serve started; nothing was served")
+        asked.append(name)
+        say(f"{name}: stopping once Ray Serve is up (again to stop at once)")
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if block else {}
     try:
         import logging

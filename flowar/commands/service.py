@@ -1,7 +1,8 @@
 """The HTTP API of ``flowar-serve``: one replica's engine set behind a FastAPI app, with admission
 control, batching by the engine directory's call plan, deadlines, metrics, a bearer token and a
-page to try it (routes: README "Serving"). Nothing here needs Ray: Ray Serve hosts the app as a
-deployment's ingress (:mod:`flowar.commands.serve`); tests host it with uvicorn.
+page to try it (routes: README "Serving"; the app's routes, token and body limit:
+:mod:`flowar.commands.app`). Nothing here needs Ray: Ray Serve hosts the app as a deployment's
+ingress (:mod:`flowar.commands.serve`); tests host it with uvicorn.
 
 Image j of a request is sample j of ``flowar-run --labels L,L,... --seed S``. A replica holds a
 bounded queue of images: a request that does not fit is refused at once (503 with Retry-After, the

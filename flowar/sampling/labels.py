@@ -142,16 +142,17 @@ def label_ids(items: Sequence[int | str], num_classes: int, names: ClassNames | 
     return out
 
 
-def parse_labels(num_classes: int, names: ClassNames | None, labels: str | None = None,
+def parse_labels(num_classes: int | None, names: ClassNames | None, labels: str | None = None,
                  classes: str | Iterable[str] | None = None, n_per_class: int = 1) -> list[int]:
     """Class ids from ``--labels 3,7`` or ``--classes cat,dog`` (each repeated n_per_class times);
-    neither: the first ten classes."""
+    neither: the first ten classes. ``num_classes`` None: the lists' form only, checked before the
+    model is known (what comes back is then not ids)."""
     if labels is not None and classes:
         raise FlowARError("either --labels or --classes", "both", "pass only one of them")
     if n_per_class < 1:
         raise FlowARError("--n-per-class >= 1", str(n_per_class), "use e.g. --n-per-class 4")
     if classes:
-        ids = label_ids(split_class_names(classes, names), num_classes, names)
+        ids = split_class_names(classes, names)
     elif labels is not None:
         ids = []
         for s in (s.strip() for s in labels.split(",")):
@@ -160,9 +161,11 @@ def parse_labels(num_classes: int, names: ClassNames | None, labels: str | None 
             except ValueError:
                 raise FlowARError("comma-separated integer class ids, e.g. --labels 3,7", f"{s!r} in {labels!r}",
                                   "pass integers (or --classes with names)") from None
-        ids = label_ids(ids, num_classes, names)
     else:
-        ids = list(range(min(num_classes, 10)))
+        ids = list(range(min(num_classes or 10, 10)))
+    if num_classes is None:
+        return ids
+    ids = label_ids(ids, num_classes, names)
     if not ids:
         raise FlowARError("at least one class", "an empty list", "pass e.g. --labels 3,7")
     return [i for i in ids for _ in range(n_per_class)]
