@@ -95,10 +95,13 @@ def test_a_file_that_ends_early_is_an_error_not_an_interrupt(monkeypatch, tmp_pa
 
 
 def test_debug_shows_the_error_itself():
-    """--debug lets the error through (its traceback) instead of the one line."""
+    """--debug lets the error through (its traceback) instead of the one line; the word as another
+    option's value is not the flag."""
     from flowar.errors import FlowARError
     res = CliRunner().invoke(run, ["--engine-dir", "/nonexistent-flowar-dir", "--debug"])
     assert isinstance(res.exception, FlowARError) and "error: expected" not in res.output
+    res = CliRunner().invoke(run, ["--engine-dir", "/nonexistent-flowar-dir", "--labels", "--debug"])
+    assert res.exit_code == 2 and res.output.startswith("error: expected comma-separated integer"), res.output
 
 
 def test_no_traceback_from_the_installed_command(fixtures_dir, tmp_path):

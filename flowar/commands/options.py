@@ -34,14 +34,14 @@ class Command(click.Command):
             e.show()
             sys.exit(e.exit_code)
         except (FlowARError, OSError) as e:
-            if "--debug" in args:
+            if self.debugging(args):
                 raise
             click.echo(one_line(e), err=True)
             sys.exit(EXIT_USER_ERROR)
         except (click.Abort, KeyboardInterrupt) as e:
             cause = e.__context__ if isinstance(e, click.Abort) and e.__context__ else e
             if isinstance(cause, EOFError):             # click's Abort also stands for a file that ended early
-                if "--debug" in args:
+                if self.debugging(args):
                     raise cause from None
                 click.echo(one_line(FlowARError("complete input files", f"EOFError: {cause}",
                                                 "check the files given: one may be truncated")), err=True)
@@ -49,6 +49,13 @@ class Command(click.Command):
             click.echo("interrupted" + (f": {cause}" if str(cause) else ""), err=True)
             sys.exit(130)
         sys.exit(code if isinstance(code, int) else 0)
+
+    def debugging(self, args: list[str]) -> bool:
+        """Whether ``--debug`` was given (the parsed flag: ``--labels --debug`` gives labels a value)."""
+        try:
+            return bool(self.make_context(self.name, list(args), resilient_parsing=True).params.get("debug"))
+        except Exception:   # noqa: BLE001 - arguments that do not parse: no flag
+            return False
 
 
 def command(name: str):
