@@ -124,10 +124,23 @@ def stage_split(stages, work: Work, official_rows: bool) -> tuple[dict[str, floa
 
 
 def gemm_peak_gflops(device: torch.device, n: int = 2048, repeat: int = 5, dtype: torch.dtype = torch.float32) -> float:
-    """GFLOP/s of an n x n x n GEMM in ``dtype`` on this device, now (median of ``repeat``)."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    torch.mm(a, b)
+    """GFLOP/s of an n x n x n GEMM in ``dtype`` on this device, now (median of ``repeat``).
+
+    The size grows from 256 towards ``n`` only while one product takes under 50 ms: a dtype this
+    CPU has no fast kernel for (bf16 on an AVX2-only CPU runs a scalar loop at ~1 GFLOP/s) is
+    measured in a second instead of a minute and a half."""
+    size = 256
+    while True:
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        torch.mm(a, b)
+        sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        if size >= n or time.perf_counter() - t0 > 0.05:
+            break
+        size = min(n, size * 2)
     times = []
     for _ in range(repeat):
         sync(device)
@@ -135,7 +148,7 @@ def gemm_peak_gflops(device: torch.device, n: int = 2048, repeat: int = 5, dtype
         torch.mm(a, b)
         sync(device)
         times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
+    return 2 * size ** 3 / statistics.median(times) / 1e9
 
 
 def schedule_flops(model, vae, schedule, B: int) -> dict[str, int]:
