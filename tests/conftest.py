@@ -119,20 +119,41 @@ DEFAULT_VAE = ROOT / "models" / "default" / "vae"
 @pytest.fixture(scope="session")
 def default_auto_engines(tmp_path_factory) -> Path:
     """The shipped default model exported with ``--precision auto`` (max batch 4): the directory
-    the pipeline, serve and bulk tests open, so they run what auto chose."""
+    the pipeline, serve and bulk tests open, so they run what auto chose. Exported once per test run:
+    the first xdist worker to need it builds it under a lock, the other opens the same directory
+    (the tests only read it; the export writes it whole or not at all)."""
+    import fcntl
     from flowar.commands.build import build_engine_dir
-    d = tmp_path_factory.mktemp("default-auto") / "engines"
-    build_engine_dir(DEFAULT_CKPT, d, vae_path=DEFAULT_VAE, max_batch=4, verify=False, precision="auto",
-                     auto_candidates=("ort-fp32", "torch-fp32"))
+    base = _run_folder(tmp_path_factory)
+    d = base / "default-auto" / "engines"
+    with open(base / "default-auto.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (d / "manifest.json").is_file():
+            d.parent.mkdir(exist_ok=True)
+            build_engine_dir(DEFAULT_CKPT, d, vae_path=DEFAULT_VAE, max_batch=4, verify=False, precision="auto",
+                             auto_candidates=("ort-fp32", "torch-fp32"))
     return d
+
+
+def _run_folder(tmp_path_factory) -> Path:
+    """A folder for this whole test run: shared by the xdist workers (their base folders' parent)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 def _code_digest(h) -> None:
     """Feed ``h`` the code that builds graphs as it is bound now: every function and method of the
     loaded flowar.model and flowar.export modules (a file edited, or a function monkeypatched by a
-    test, changes it)."""
+    test, changes it). The same bytes in every process (nested code objects by their contents, not
+    their addresses), so the suite's workers share one memo."""
     import inspect
     import sys
+
+    def code_bytes(code) -> bytes:
+        consts = [code_bytes(c) if inspect.iscode(c) else repr(sorted(map(repr, c)) if isinstance(c, frozenset) else c)
+                  .encode() for c in code.co_consts]         # (a set's order changes with the hash seed)
+        return code.co_code + b"\0".join(consts) + repr(code.co_names).encode()
+
     for name in sorted(n for n in sys.modules if n.startswith(("flowar.model", "flowar.export"))):
         for attr, obj in sorted(vars(sys.modules[name]).items()):
             members = [obj] + ([v for _, v in sorted(vars(obj).items())] if inspect.isclass(obj) else [])
@@ -140,15 +161,15 @@ def _code_digest(h) -> None:
                 f = getattr(f, "__func__", f)
                 code = getattr(f, "__code__", None)
                 if code is not None:
-                    h.update(f"{name}.{attr}.{getattr(f, '__qualname__', '')}".encode() + code.co_code
-                             + repr(code.co_consts).encode())
+                    h.update(f"{name}.{attr}.{getattr(f, '__qualname__', '')}".encode() + code_bytes(code))
 
 
 @pytest.fixture(scope="session", autouse=True)
 def export_memo(tmp_path_factory):
-    """Within this pytest process, a stage exported again with the same inputs reuses the first
-    export's files: the ONNX exporter takes ~9 s per tiny stage and the suite exports the same
-    fixtures (tiny_v1, tiny_v2, the default model) many times. The key is everything the graph
+    """Within this test run (every xdist worker: the files are shared on disk, published by an
+    atomic rename, one export per key at a time under a lock), a stage exported again with the same
+    inputs reuses the first export's files: the ONNX exporter takes ~9 s per tiny stage and the
+    suite exports the same fixtures (tiny_v1, tiny_v2, the default model) many times. The key is everything the graph
     is made from: the module's class, its parameters and every buffer (persistent or not, hashed),
     the stage spec (names, dynamic axes, shapes), the config, the dynamic shapes' limits, the
     precision, the code that builds graphs (every function and method of flowar.model and
@@ -157,6 +178,7 @@ def export_memo(tmp_path_factory):
     again); the exporter is deterministic for those (tests/test_export.py checks it, uncached).
     Exports in subprocesses (the CLI's kill -9, the 2 GB test, bulk) and without weights are real
     every time. FLOWAR_EXPORT_MEMO=0 turns it off."""
+    import fcntl
     import hashlib
     import shutil
     import types
@@ -165,7 +187,10 @@ def export_memo(tmp_path_factory):
     if os.environ.get("FLOWAR_EXPORT_MEMO") == "0":
         yield None
         return
-    real, store, memo = onnx_export.export_stage, tmp_path_factory.mktemp("export-memo"), {}
+    real = onnx_export.export_stage
+    store = _run_folder(tmp_path_factory) / "export-memo"
+    store.mkdir(exist_ok=True)
+    memo = {}                                                           # key -> (file names, bytes): this process's hits
 
     def key(spec, module, config, path, max_rows, precision) -> str:
         h = hashlib.blake2b(digest_size=16)
@@ -180,25 +205,36 @@ def export_memo(tmp_path_factory):
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
+    def stored(k: str):
+        files = sorted((store / k).iterdir()) if (store / k).is_dir() else []
+        return ([f.name for f in files], sum(f.stat().st_size for f in files)) if files else None
+
     def export_stage(spec, module, config, path, max_rows, precision="fp32", weights=True):
         if not weights or any(t.is_meta for t in module.state_dict().values()):
             return real(spec, module, config, path, max_rows, precision, weights)
         k = key(spec, module, config, path, max_rows, precision)
-        if k in memo:                     # reused where the external-data threshold splits it the same way
-            names, size = memo[k]
-            margin = 1 << 20              # (the graph's bytes stand for its weights' bytes: near the line, export)
-            external = onnx_export.EXTERNAL_DATA_BYTES
-            if len(names) > 1 and size > external + margin or len(names) == 1 and size < external - margin:
-                for n in names:
-                    shutil.copy2(store / k / n, path.with_name(n))
-                return [path.with_name(n) for n in names]
-        files = real(spec, module, config, path, max_rows, precision, weights)
-        shutil.rmtree(store / k, ignore_errors=True)
-        (store / k).mkdir()
-        for f in files:
-            shutil.copy2(f, store / k / f.name)
-        memo[k] = ([f.name for f in files], sum(f.stat().st_size for f in files))
-        return files
+        with open(store / f"{k}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)            # another worker exporting the same stage: wait for it
+            hit = stored(k)
+            if hit is not None:           # reused where the external-data threshold splits it the same way
+                names, size = hit
+                margin = 1 << 20          # (the graph's bytes stand for its weights' bytes: near the line, export)
+                external = onnx_export.EXTERNAL_DATA_BYTES
+                if len(names) > 1 and size > external + margin or len(names) == 1 and size < external - margin:
+                    for n in names:
+                        shutil.copy2(store / k / n, path.with_name(n))
+                    memo[k] = hit
+                    return [path.with_name(n) for n in names]
+            files = real(spec, module, config, path, max_rows, precision, weights)
+            part = store / f"{k}.part{os.getpid()}"
+            shutil.rmtree(part, ignore_errors=True)
+            part.mkdir()
+            for f in files:
+                shutil.copy2(f, part / f.name)
+            shutil.rmtree(store / k, ignore_errors=True)
+            os.rename(part, store / k)                  # whole or absent for any reader
+            memo[k] = stored(k)
+            return files
 
     onnx_export.export_stage = export_stage
     yield types.SimpleNamespace(real=real, memo=memo, key=key)
