@@ -116,9 +116,10 @@ def test_bad_backend_is_one_line_and_exit_2():
     assert p.stderr.strip().count("\n") == 0 and "--backends" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_a_backend_off_eager_is_marked_wrong_and_fails_the_run(bench, tmp_path):
-    """With a tolerance below what float32 kernels can agree on, ONNX Runtime must be flagged."""
-    rc = bench.main(["--preset", "tiny", "--batch", "1", "--steps", "2", "--backends", "eager,ort",
+def test_a_backend_off_eager_is_marked_wrong_and_fails_the_run(bench, default_auto_engines, tmp_path):
+    """With a tolerance below what float32 kernels can agree on, ONNX Runtime must be flagged (on
+    the suite's directory of the default model: its checkpoint is the eager side, no export)."""
+    rc = bench.main(["--engine-dir", str(default_auto_engines), "--batch", "1", "--steps", "2", "--backends", "eager,ort",
                         "--repeat", "1", "--parity-tol", "1e-12", "--json", str(tmp_path / "r.json"),
                         "--plot", str(tmp_path / "r.png")])
     data = json.loads((tmp_path / "r.json").read_text())
@@ -129,9 +130,17 @@ def test_a_backend_off_eager_is_marked_wrong_and_fails_the_run(bench, tmp_path):
 
 
 def test_compile_backend_matches_eager(bench, tmp_path):
-    """torch.compile of the head's velocity, compile time reported apart, tokens as eager's."""
+    """torch.compile of the head's velocity, compile time reported apart, tokens as eager's. On a
+    tiny model of two scales: the backend compiles once per (scale, rows) shape, 4-8 s each."""
     pytest.importorskip("torch._inductor")
-    rc = bench.main(["--preset", "tiny", "--batch", "1", "--steps", "3", "--backends", "eager,compile",
+    import dataclasses
+    from flowar.config import PRESETS
+    from flowar.model.ar import FlowAR
+    from flowar.model.checkpoint import save_checkpoint
+    config = dataclasses.replace(PRESETS["tiny"], scales=(1, 2))
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "two.safetensors", FlowAR(config).state_dict(), config)
+    rc = bench.main(["--ckpt", str(tmp_path / "two.safetensors"), "--batch", "1", "--steps", "3", "--backends", "eager,compile",
                         "--repeat", "1", "--json", str(tmp_path / "r.json"), "--plot", ""])
     recs = {r["backend"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
     assert rc == 0 and recs["compile"]["build_s"] > 0
