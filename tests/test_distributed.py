@@ -284,6 +284,16 @@ def test_bulk_counts_below_one_are_one_line_before_anything_starts(engines, tmp_
         assert not (tmp_path / "b").exists()
 
 
+def _stderr_until(proc, start: str) -> str:
+    """Read ``proc``'s stderr up to the first line that starts with ``start`` (returned); fails
+    with the last lines read if the stream ends or 400 lines pass first."""
+    seen = [proc.stderr.readline()]
+    while not seen[-1].startswith(start) and seen[-1] and len(seen) < 400:
+        seen.append(proc.stderr.readline())
+    assert seen[-1].startswith(start), "".join(seen[-40:])
+    return seen[-1]
+
+
 @pytest.mark.slow
 def test_sigterm_answers_what_is_in_flight_refuses_what_comes_and_exits_0(engines, tmp_path):
     """flowar-serve as Kubernetes stops it: SIGTERM while a long request runs. That request is
@@ -297,10 +307,8 @@ def test_sigterm_answers_what_is_in_flight_refuses_what_comes_and_exits_0(engine
                              "--grace", "60"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        lines = [proc.stderr.readline() for _ in range(1)]
-        while not lines[-1].startswith("serving ") and lines[-1] and len(lines) < 400:  # Ray's own notices first
-            lines.append(proc.stderr.readline())
-        assert lines[-1].startswith("serving ") and "bearer token required" in lines[-1], "".join(lines[-40:])
+        line = _stderr_until(proc, "serving ")                           # Ray's own notices first
+        assert "bearer token required" in line, line
 
         def post(body, token="t0k3n", timeout=120):
             req = urllib.request.Request(url + "/v1/generate", data=json.dumps(body).encode(), method="POST",
@@ -360,10 +368,7 @@ def test_a_sigterm_while_the_service_starts_stops_it_once_it_is_up(engines):
                                  str(_free_port()), "--threads", "1"], env=ENV, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
         try:
-            seen = [proc.stderr.readline()]
-            while "deploying" not in seen[-1] and seen[-1] and len(seen) < 400:
-                seen.append(proc.stderr.readline())
-            assert "deploying" in seen[-1], "".join(seen[-40:])
+            _stderr_until(proc, "deploying")
             for sig in signals:
                 proc.send_signal(sig)
                 time.sleep(0.3)
