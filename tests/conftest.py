@@ -143,11 +143,21 @@ def _run_folder(tmp_path_factory) -> Path:
 
 def _code_digest(h) -> None:
     """Feed ``h`` the code that builds graphs as it is bound now: every function and method of the
-    loaded flowar.model and flowar.export modules (a file edited, or a function monkeypatched by a
+    flowar.model and flowar.export modules (a file edited, or a function monkeypatched by a
     test, changes it). The same bytes in every process (nested code objects by their contents, not
-    their addresses), so the suite's workers share one memo."""
+    their addresses), so the suite's workers share one memo. Every module of the two packages is
+    imported first: hashing only those a test happened to have loaded gave the same graph several
+    keys (the default model was exported twice per run, tiny_v1 three times)."""
+    import importlib
     import inspect
+    import pkgutil
     import sys
+
+    import flowar.export
+    import flowar.model
+    for pkg in (flowar.model, flowar.export):
+        for info in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + "."):
+            importlib.import_module(info.name)
 
     def code_bytes(code) -> bytes:
         consts = [code_bytes(c) if inspect.iscode(c) else repr(sorted(map(repr, c)) if isinstance(c, frozenset) else c)
@@ -177,10 +187,11 @@ def export_memo(tmp_path_factory):
     side of the external-data threshold it falls on (a stage that moves across it is exported
     again); the exporter is deterministic for those (tests/test_export.py checks it, uncached).
     Exports in subprocesses (the CLI's kill -9, the 2 GB test, bulk) and without weights are real
-    every time. FLOWAR_EXPORT_MEMO=0 turns it off."""
+    every time. FLOWAR_EXPORT_MEMO=0 turns it off; FLOWAR_EXPORT_MEMO_LOG=FILE logs each hit and miss."""
     import fcntl
     import hashlib
     import shutil
+    import time
     import types
 
     import flowar.export.onnx_export as onnx_export
@@ -208,10 +219,17 @@ def export_memo(tmp_path_factory):
         files = sorted((store / k).iterdir()) if (store / k).is_dir() else []
         return ([f.name for f in files], sum(f.stat().st_size for f in files)) if files else None
 
+    def log(k: str, what: str, t0: float, spec, precision: str, max_rows: int) -> None:
+        if os.environ.get("FLOWAR_EXPORT_MEMO_LOG"):          # one line per stage export: which test, hit or miss
+            with open(os.environ["FLOWAR_EXPORT_MEMO_LOG"], "a") as f:
+                f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?')}\t{k[:8]}\t{what}\t{time.time() - t0:.1f} s"
+                        f"\t{spec.name}\t{precision}\t{max_rows} rows\n")
+
     def export_stage(spec, module, config, path, max_rows, precision="fp32", weights=True):
         if not weights or any(t.is_meta for t in module.state_dict().values()):
             return real(spec, module, config, path, max_rows, precision, weights)
         k = key(spec, module, config, path, max_rows, precision)
+        t0 = time.time()
         with open(store / f"{k}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)            # another worker exporting the same stage: wait for it
             hit = stored(k)
@@ -222,6 +240,7 @@ def export_memo(tmp_path_factory):
                 if len(names) > 1 and size > external + margin or len(names) == 1 and size < external - margin:
                     for n in names:
                         shutil.copy2(store / k / n, path.with_name(n))
+                    log(k, "hit", t0, spec, precision, max_rows)
                     return [path.with_name(n) for n in names]
             files = real(spec, module, config, path, max_rows, precision, weights)
             part = store / f"{k}.part{os.getpid()}"
@@ -231,6 +250,7 @@ def export_memo(tmp_path_factory):
                 shutil.copy2(f, part / f.name)
             shutil.rmtree(store / k, ignore_errors=True)
             os.rename(part, store / k)                  # whole or absent for any reader
+            log(k, "miss", t0, spec, precision, max_rows)
             return files
 
     onnx_export.export_stage = export_stage

@@ -323,7 +323,8 @@ def test_weights_in_external_data_are_exported_verified_run_and_checked(fixtures
 
 def test_the_export_memo_key_sees_buffers_and_patched_code(export_memo, fixtures_dir, tmp_path, monkeypatch):
     """The suite's export memo (conftest.py) reuses a graph only for the very same inputs: a
-    non-persistent buffer changed, or a model function patched by a test, is a new key."""
+    non-persistent buffer changed, or a model function patched by a test, is a new key; which
+    other modules a test happened to import is not (the same graph got several keys)."""
     if export_memo is None:
         pytest.skip("FLOWAR_EXPORT_MEMO=0")
     import flowar.model.head as head
@@ -335,6 +336,8 @@ def test_the_export_memo_key_sees_buffers_and_patched_code(export_memo, fixtures
     args = (spec, module, model.config, tmp_path / "velocity.onnx", 4, "fp32")
     first = export_memo.key(*args)
     assert export_memo.key(*args) == first                                   # the same inputs: the same key
+    monkeypatch.delitem(sys.modules, "flowar.model.vae")    # whatever else this process imported
+    assert export_memo.key(*args) == first
     monkeypatch.setattr(head, "rope_tables_from_pos", lambda freqs, pos: (pos, pos))
     assert export_memo.key(*args) != first                                   # a patched function
     monkeypatch.undo()
