@@ -31,6 +31,26 @@ FIXTURES = Path(os.environ.get("FLOWAR_FIXTURES", ROOT.parent / "shared" / "fixt
 torch.set_num_threads(min(2, len(os.sched_getaffinity(0))))
 
 
+# Seconds of test time per file (setup included) on a 2-core AVX2-only AMD EPYC, 2026-12-03
+# (`--durations=0`), for the files that take more than ~20 s. Under `-n 2 --dist loadfile` a worker
+# takes the next file when it runs dry; xdist orders files by their number of tests, which left one
+# worker 783 s and the other 610 s. Heaviest first (longest-processing-time order) evens them; the
+# figures need only be roughly right, and a file not named here runs after these, in its order.
+HEAVY_FILES = {"test_distributed.py": 288, "test_export.py": 165, "test_precision.py": 158, "test_parity.py": 138,
+               "test_large_weights.py": 115, "test_quality.py": 90, "test_default_model.py": 87,
+               "test_faults.py": 73, "test_bench.py": 72, "test_trt_build.py": 72, "test_serving.py": 69,
+               "test_cli.py": 54, "test_sampler.py": 26, "test_train.py": 26, "test_compiled.py": 21}
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False          # keep the order below (xdist would sort by test count)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: -HEAVY_FILES.get(item.path.name, 0))    # stable: a file's tests keep their order
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not (FIXTURES / "tiny_v1.safetensors").is_file():
