@@ -51,9 +51,8 @@ def choose_backend(m: Manifest, requested: str = "auto") -> str:
     decides here."""
     if requested not in BACKENDS:
         raise FlowARError(f"--backend one of {', '.join(BACKENDS)}", repr(requested), "use --backend auto")
-    if requested == "auto":
-        ok, _ = _trt_usable(m)
-        return "trt" if ok else ("measured" if m.choice else "ort")
+    if requested == "auto":                     # (no plans: nothing to probe)
+        return "trt" if m.tensorrt and _trt_usable(m)[0] else ("measured" if m.choice else "ort")
     if requested == "trt":
         ok, why = _trt_usable(m)
         if not ok:

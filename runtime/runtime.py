@@ -219,7 +219,7 @@ class Runtime(contextlib.AbstractContextManager):
             stack.close()
             raise
         rt = cls(config=m.config, class_names=m.class_names, stages=stages, device=dev, backend=chosen,
-                 detail=detail, threads=threads_, decodes=m.decodes, max_batch=m.max_batch,
+                 detail=detail, threads=threads_, decodes="decode" in specs, max_batch=m.max_batch,
                  capture=captures(dev, chosen, cuda_graphs),
                  defaults=m.schedule_defaults, manifest=m, data=m.checkpoint.get("data"), stack=stack)
         rt.opened = seconds | {"shapes warmed": warmed}

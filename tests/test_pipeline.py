@@ -1,5 +1,7 @@
 """FlowARPipeline: the Python API, and the one way every command opens a source and samples."""
 
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -90,6 +92,10 @@ def test_every_entry_point_takes_the_backend_flowar_run_takes(default_auto_engin
     from flowar.commands.cli import run
     from flowar.commands.service import Replica
     opened = []
+    d = tmp_path / "e"                            # the directory, with (pretended) TensorRT plans recorded
+    shutil.copytree(default_auto_engines, d)
+    m = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps(m | {"tensorrt": {"flavour": "tensorrt", "version": "11.0", "plans": {}}}))
 
     def fake_trt(m, specs):
         opened.append("trt")                      # ONNX Runtime does the computing
@@ -98,19 +104,19 @@ def test_every_entry_point_takes_the_backend_flowar_run_takes(default_auto_engin
 
     monkeypatch.setattr(directory, "_trt_usable", lambda m: (True, ""))
     monkeypatch.setattr(runtime, "trt_engines", fake_trt)
-    res = CliRunner().invoke(run, ["--engine-dir", str(default_auto_engines), "--labels", "1", "--save-tokens",
+    res = CliRunner().invoke(run, ["--engine-dir", str(d), "--labels", "1", "--save-tokens",
                                    str(tmp_path / "t.safetensors")])
     assert res.exit_code == 0 and "backend: TensorRT (pretended)" in res.output, res.output
-    rep = Replica(str(default_auto_engines), threads=1)
+    rep = Replica(str(d), threads=1)
     assert rep.pipe.runtime.backend == "trt"
     rep.pipe.close()
-    spec = BulkSpec(str(default_auto_engines), 2, [0], 0, {}, 2, 1)
+    spec = BulkSpec(str(d), 2, [0], 0, {}, 2, 1)
     sampler = ShardSampler({f: getattr(spec, f) for f in spec.__dataclass_fields__}, str(tmp_path / "bulk"))
     assert sampler.pipe.runtime.backend == "trt"
     sampler.pipe.close()
     assert opened == ["trt"] * 3
     monkeypatch.setattr(directory, "_trt_usable", lambda m: (False, "no CUDA GPU"))   # and without: what auto chose
-    assert directory.choose_backend(directory.read_manifest(default_auto_engines), "auto") == "measured"
+    assert directory.choose_backend(directory.read_manifest(d), "auto") == "measured"
 
 
 def test_a_bulk_worker_samples_two_batches_at_once_in_lanes_with_the_images_of_one(default_auto_engines, tmp_path):
