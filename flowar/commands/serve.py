@@ -199,9 +199,9 @@ def serve_forever(engine_dir: str, host: str, port: int, threads: int | None, ma
 
 
 def stop(engine_dir: str, settings: dict, shared: bool = False) -> str:
-    """Drain, then delete the application and shut Serve and Ray down (``shared``: a cluster that
-    was running before, whose Serve other applications may use: only ours is deleted and this
-    process disconnects); says what happened in one line."""
+    """Drain, then shut the local cluster this process started down with Ray, Serve with it
+    (``shared``: a cluster that was running before, whose Serve other applications may use: only
+    ours is deleted and this process disconnects); says what happened in one line."""
     import ray
     from ray import serve
     t0 = time.perf_counter()
@@ -212,8 +212,8 @@ def stop(engine_dir: str, settings: dict, shared: bool = False) -> str:
         serve.run(build_app(engine_dir, draining=True, **(settings | {"grace_s": 0.0})), name=APP, route_prefix="/")
     if shared:
         serve.delete(APP)
-    else:
-        serve.shutdown()           # deletes the application too (delete first waited ~3 s of control loops)
+    # (no serve.shutdown() before Ray's: it waited ~4 s for replicas that hold nothing after the
+    # drain, or whose images past the grace are dropped either way: 7.9 -> 4.6 s to stop)
     ray.shutdown()
     held = ("; every request in flight answered" if busy == 0 else "; the replicas did not say what they held"
             if busy is None else f"; {busy} image(s) still held after the {grace:g} s grace were dropped")
