@@ -204,8 +204,8 @@ def export_memo(tmp_path_factory):
     the stage spec (names, dynamic axes, shapes), the config, the dynamic shapes' limits, the
     precision, the code that builds graphs (every function and method of flowar.model and
     flowar.export as bound at the time, so an edit or a test's monkeypatch is a new key), and the
-    side of the external-data threshold it falls on (a stage that moves across it is exported
-    again); the exporter is deterministic for those (tests/test_export.py checks it, uncached).
+    side of the external-data threshold it falls on (both sides kept: a stage that moves across it
+    is exported again once); the exporter is deterministic for those (tests/test_export.py checks it, uncached).
     Exports in subprocesses (the CLI's kill -9, the 2 GB test, bulk) and without weights are real
     every time. FLOWAR_EXPORT_MEMO=0 turns it off; FLOWAR_EXPORT_MEMO_LOG=FILE logs each hit and miss."""
     import fcntl
@@ -236,8 +236,18 @@ def export_memo(tmp_path_factory):
         return h.hexdigest()
 
     def stored(k: str):
-        files = sorted((store / k).iterdir()) if (store / k).is_dir() else []
-        return ([f.name for f in files], sum(f.stat().st_size for f in files)) if files else None
+        """The stored export of key ``k`` that falls on this side of the external-data threshold:
+        one file (graph with weights) or two (graph and external data); both may be stored (a test
+        that lowers the threshold exports the same stage again, and overwrote the other before)."""
+        external = onnx_export.EXTERNAL_DATA_BYTES
+        for n in (1, 2):
+            files = sorted((store / f"{k}-{n}").iterdir()) if (store / f"{k}-{n}").is_dir() else []
+            size = sum(f.stat().st_size for f in files)
+            # one file holds every weight, so its size bounds them: at most the threshold, one file
+            # again; two files: their weights are about their bytes (near the line: export again)
+            if files and (n == 1 and size <= external or n == 2 and size > external + (1 << 20)):
+                return files
+        return None
 
     def log(k: str, what: str, t0: float, spec, precision: str, max_rows: int) -> None:
         if os.environ.get("FLOWAR_EXPORT_MEMO_LOG"):          # one line per stage export: which test, hit or miss
@@ -253,23 +263,19 @@ def export_memo(tmp_path_factory):
         with open(store / f"{k}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)            # another worker exporting the same stage: wait for it
             hit = stored(k)
-            if hit is not None:           # reused where the external-data threshold splits it the same way
-                names, size = hit
-                margin = 1 << 20          # (the graph's bytes stand for its weights' bytes: near the line, export)
-                external = onnx_export.EXTERNAL_DATA_BYTES
-                if len(names) > 1 and size > external + margin or len(names) == 1 and size < external - margin:
-                    for n in names:
-                        shutil.copy2(store / k / n, path.with_name(n))
-                    log(k, "hit", t0, spec, precision, max_rows)
-                    return [path.with_name(n) for n in names]
+            if hit is not None:
+                for f in hit:
+                    shutil.copy2(f, path.with_name(f.name))
+                log(k, "hit", t0, spec, precision, max_rows)
+                return [path.with_name(f.name) for f in hit]
             files = real(spec, module, config, path, max_rows, precision, weights)
             part = store / f"{k}.part{os.getpid()}"
             shutil.rmtree(part, ignore_errors=True)
             part.mkdir()
             for f in files:
                 shutil.copy2(f, part / f.name)
-            shutil.rmtree(store / k, ignore_errors=True)
-            os.rename(part, store / k)                  # whole or absent for any reader
+            shutil.rmtree(store / f"{k}-{len(files)}", ignore_errors=True)
+            os.rename(part, store / f"{k}-{len(files)}")        # whole or absent for any reader
             log(k, "miss", t0, spec, precision, max_rows)
             return files
 
