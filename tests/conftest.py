@@ -222,18 +222,30 @@ def export_memo(tmp_path_factory):
     store = _run_folder(tmp_path_factory) / "export-memo"
     store.mkdir(exist_ok=True)
 
+    parts: dict[str, str] = {}            # key -> its three parts' digests (the log's, to see what differed)
+
     def key(spec, module, config, path, max_rows, precision) -> str:
-        h = hashlib.blake2b(digest_size=16)
         limits = (max(4, max_rows), config.seq_len, max(config.tokens_per_scale))
-        h.update(repr((type(module).__module__, type(module).__qualname__, spec.name, spec.inputs, spec.outputs,
-                       sorted(spec.dynamic.items()), sorted(spec.templates.items()), path.name, config.to_json(),
-                       limits, precision, onnx_export.OPSET)).encode())
-        _code_digest(h)
-        for n, t in [*module.named_parameters(), *module.named_buffers()]:
-            t = t.detach().contiguous().cpu()
-            h.update(f"{n}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+
+        def meta(h):
+            h.update(repr((type(module).__module__, type(module).__qualname__, spec.name, spec.inputs, spec.outputs,
+                           sorted(spec.dynamic.items()), sorted(spec.templates.items()), path.name, config.to_json(),
+                           limits, precision, onnx_export.OPSET)).encode())
+
+        def tensors(h):
+            for n, t in [*module.named_parameters(), *module.named_buffers()]:
+                t = t.detach().contiguous().cpu()
+                h.update(f"{n}:{t.dtype}:{tuple(t.shape)}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+        digests = []
+        for feed in (meta, _code_digest, tensors):
+            h = hashlib.blake2b(digest_size=16)
+            feed(h)
+            digests.append(h.hexdigest())
+        k = hashlib.blake2b("".join(digests).encode(), digest_size=16).hexdigest()
+        parts[k] = " ".join(d[:8] for d in digests)
+        return k
 
     def stored(k: str):
         """The stored export of key ``k`` that falls on this side of the external-data threshold:
@@ -253,7 +265,8 @@ def export_memo(tmp_path_factory):
         if os.environ.get("FLOWAR_EXPORT_MEMO_LOG"):          # one line per stage export: which test, hit or miss
             with open(os.environ["FLOWAR_EXPORT_MEMO_LOG"], "a") as f:
                 f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?')}\t{k[:8]}\t{what}\t{time.time() - t0:.1f} s"
-                        f"\t{spec.name}\t{precision}\t{max_rows} rows\n")
+                        f"\t{spec.name}\t{precision}\t{max_rows} rows\tpid {os.getpid()}\t"
+                        f"meta code tensors {parts.get(k, '?')}\n")
 
     def export_stage(spec, module, config, path, max_rows, precision="fp32", weights=True):
         if not weights or any(t.is_meta for t in module.state_dict().values()):
