@@ -167,7 +167,9 @@ def _code_digest(h) -> None:
     test, changes it). The same bytes in every process (nested code objects by their contents, not
     their addresses), so the suite's workers share one memo. Every module of the two packages is
     imported first: hashing only those a test happened to have loaded gave the same graph several
-    keys (the default model was exported twice per run, tiny_v1 three times)."""
+    keys (the default model was exported twice per run, tiny_v1 three times). Module globals named
+    ``__*`` are not the modules' code: torch.compile leaves its compiled functions there, named by a
+    uuid (after the bench's compile test, a worker's keys all changed: 7 stages exported again)."""
     import importlib
     import inspect
     import pkgutil
@@ -186,6 +188,8 @@ def _code_digest(h) -> None:
 
     for name in sorted(n for n in sys.modules if n.startswith(("flowar.model", "flowar.export"))):
         for attr, obj in sorted(vars(sys.modules[name]).items()):
+            if attr.startswith("__"):     # not the modules' own: torch.compile's __compiled_fn_<n>_<uuid>, __resume_at_
+                continue
             members = [obj] + ([v for _, v in sorted(vars(obj).items())] if inspect.isclass(obj) else [])
             for f in members:
                 f = getattr(f, "__func__", f)
