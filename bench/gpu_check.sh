@@ -10,10 +10,23 @@
 # 5. summary.json: ms per image, ratio to eager and token difference per (dtype, backend, batch).
 # Each part has its own time limit, so a slow part loses only its own figures; the whole stays
 # under 9 minutes (about 20 s + 90 s + 2 x 100 s + 150 s + 90 s, plus start-up).
+#
+# What comes back: the device tool returns at most 8 files from $OUT, and the parts write ~15, so
+# they are written to a scratch folder and $OUT gets gpu_check.tgz (every file, re-packed after each
+# part, so a run stopped at its limit still returns the parts that finished) beside env.txt,
+# gpu_tests.txt, summary.txt and summary.json. The device call (its python3 holds CUDA PyTorch):
+#   run(command="PYTHONUNBUFFERED=1 PY=python3 timeout 560 bash bench/gpu_check.sh", timeout_s=590)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-bench/out/gpu}"
-mkdir -p "$OUT"
+DEST="${OUT:-bench/out/gpu}"
+mkdir -p "$DEST"
+OUT="$(mktemp -d)"                # every part's files; packed into $DEST after each part
+trap 'rm -rf "$OUT"' EXIT
+pack() {
+  tar czf "$DEST/gpu_check.tgz.part" -C "$OUT" . && mv "$DEST/gpu_check.tgz.part" "$DEST/gpu_check.tgz"
+  for f in env.txt gpu_tests.txt summary.txt summary.json; do [ -f "$OUT/$f" ] && cp "$OUT/$f" "$DEST/"; done
+  return 0
+}
 PY="${PY:-python3}"
 PRESET="${PRESET:-flowar-s}" BATCHES="${BATCHES:-1,32}"     # e.g. PRESET=tiny BATCHES=1,2 for a dry run on a CPU
 export HF_HUB_OFFLINE=1
@@ -25,13 +38,16 @@ PYEOF
 "$PY" -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
   || echo "editable install failed (see install.log)"
 timeout 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_tests.txt" | tail -5
+pack
 for dt in fp32 bf16; do
   timeout 100 "$PY" bench/latency.py --preset "$PRESET" --batch "$BATCHES" --backends eager,cached,cudagraph \
       --dtype "$dt" --repeat 3 --json "$OUT/flowar_s_$dt.json" --plot "$OUT/flowar_s_$dt.png" 2>&1 \
       | tee "$OUT/bench_$dt.txt" | tail -8
+  pack
 done
 timeout 150 "$PY" bench/latency.py --preset "$PRESET" --batch "$BATCHES" --backends eager,compile --repeat 3 \
     --json "$OUT/flowar_s_compile.json" --plot "" 2>&1 | tee "$OUT/bench_compile.txt" | tail -6
+pack
 timeout 90 "$PY" bench/gpu_pipeline.py --preset "$PRESET" --batch 1,8 --out "$OUT/pipeline.json" 2>&1 \
     | tee "$OUT/pipeline.txt" | tail -10
 "$PY" - "$OUT" <<'PYEOF' 2>&1 | tee "$OUT/summary.txt"
@@ -52,4 +68,5 @@ for r in rows:
     print(f"{r['dtype']:<5} {r['backend']:<10} batch {r['batch']:<3} {r['ms_per_image']:9.2f} ms/image  "
           f"x{r['vs_eager'] or 0:6.2f} vs eager  max|dtokens| {r['max_abs_diff_vs_eager']:.1e}  ok {r['parity_ok']}")
 PYEOF
-echo "done: $OUT"
+pack
+echo "done: $DEST (gpu_check.tgz holds every part's files: tar xzf $DEST/gpu_check.tgz)"

@@ -37,6 +37,12 @@ def main(argv=None) -> int:
     from flowar.sampling.schedule import SCHEDULES
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows, ok = [], True
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:            # after every row: a run stopped at its time limit keeps the rows it finished
+        Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                                           "preset": a.preset, "rows": rows}, indent=1))
+
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "model.pth"
         torch.save(flowar_state_dict(a.preset), ckpt)
@@ -67,15 +73,13 @@ def main(argv=None) -> int:
                            "ms_per_image_graphs": 1e3 * out[True][2] / B, "ms_per_image_eager": 1e3 * out[False][2] / B,
                            "max_abs_diff_replay_vs_eager": d, "max_abs_diff_first_vs_eager": d_first, "ok": good}
                     rows.append(row)
+                    save()
                     print(f"{precision} {schedule:<8} batch {B:<3} graphs {row['ms_per_image_graphs']:9.2f} ms/image, "
                           f"eager {row['ms_per_image_eager']:9.2f} ms/image (x{out[False][2] / out[True][2]:.2f}); "
                           f"|replay - eager| {d:.1e}, |capture call - eager| {d_first:.1e} "
                           f"{'ok' if good else 'WRONG'}  [CUDA graphs {out[True][3]}]", flush=True)
             for p in pipes.values():
                 p.close()
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                                       "preset": a.preset, "rows": rows}, indent=1))
     return 0 if ok else 1
 
 
