@@ -11,6 +11,7 @@ which provider ran.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 
@@ -115,12 +116,26 @@ def create_session(graph: Path | bytes, sha256: str, provider: str | None = None
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if cached        # already optimized
                                        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        # ONNX Runtime writes the optimized graph while the session is made: to a name of this
+        # process and thread, renamed into place after, so another process opening the same directory
+        # meanwhile finds the cache whole or absent, never half written
+        part = None
         if cache is not None and not cached:
-            so.optimized_model_filepath = str(cache)
+            part = cache.with_name(f"{cache.name}.{os.getpid()}-{threading.get_ident()}.part")
+            so.optimized_model_filepath = str(part)
         try:
-            return ort.InferenceSession(str(cache) if cached else graph if isinstance(graph, bytes) else str(graph),
-                                        so, providers=[provider])
+            session = ort.InferenceSession(str(cache) if cached else graph if isinstance(graph, bytes) else str(graph),
+                                           so, providers=[provider])
         except Exception:
+            if part is not None:
+                part.unlink(missing_ok=True)
             if not cached or attempt:
                 raise
             cache.unlink(missing_ok=True)          # a stale or damaged cache: rebuild it from the graph
+            continue
+        if part is not None:
+            try:
+                os.replace(part, cache)
+            except OSError:                        # (a cache is an optimisation: the session stands without it)
+                part.unlink(missing_ok=True)
+        return session

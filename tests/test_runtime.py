@@ -141,6 +141,56 @@ def test_worker_errors_reach_the_caller_after_every_block_finished():
         assert sorted(done) == [0, 2, 4] and where == [threading.main_thread()]   # the first on the caller
 
 
+def test_the_optimized_graph_cache_is_written_whole_reused_and_rebuilt_when_damaged(tmp_path, monkeypatch):
+    """ONNX Runtime's optimized copy of a graph (cached per engine directory): written under another
+    name and renamed into place, so a process opening the directory meanwhile never reads it half
+    written; opened without optimizing again the next time; rebuilt when damaged. The outputs
+    every time against numpy's X @ W + b."""
+    import hashlib
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from flowar.engines.ort import create_session
+    rng = np.random.default_rng(0)
+    W, b = rng.standard_normal((16, 8)).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
+                          "affine", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+                          [numpy_helper.from_array(W, "W"), numpy_helper.from_array(b, "b")])
+    graph = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    sha = hashlib.sha256(graph).hexdigest()
+    x = rng.standard_normal((3, 16)).astype(np.float32)
+    cache_dir = tmp_path / ".ort-cache"
+    made = []                               # (model opened, optimization level, optimized copy's name, final cache there?)
+    real = ort.InferenceSession
+
+    def spy(model, so, providers):
+        session = real(model, so, providers=providers)
+        made.append((model if isinstance(model, str) else "bytes", so.graph_optimization_level,
+                     so.optimized_model_filepath, [p.name for p in cache_dir.glob("*.opt.onnx")]))
+        return session
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+
+    def check():
+        y = create_session(graph, sha, "CPUExecutionProvider", 1, cache_dir).run(None, {"x": x})[0]
+        np.testing.assert_allclose(y, x @ W + b, rtol=1e-5, atol=1e-5)
+        files = sorted(cache_dir.iterdir())
+        assert len(files) == 1 and files[0].name.endswith(".opt.onnx"), files       # the cache, no part left over
+        onnx.checker.check_model(onnx.load(str(files[0])))                          # whole
+        return files[0]
+
+    cache = check()
+    assert len(made) == 1 and made[0][0] == "bytes" and made[0][1] == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert made[0][2] != str(cache) and made[0][3] == [], made   # written elsewhere: not at the cache's name meanwhile
+    made.clear()
+    assert check() == cache and made == [(str(cache), ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "", [cache.name])]
+    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])                # damaged: rebuilt from the graph
+    made.clear()
+    assert check() == cache and [m[0] for m in made] == ["bytes"]
+
+
 def test_the_thread_policy_is_resolved_at_open_and_applied_while_sampling(fixtures_dir, monkeypatch):
     """threads= is honoured for a checkpoint (PyTorch computes every stage there, so every stage
     call sees it), restored after sampling; engines that compute on ONNX Runtime's own threads
