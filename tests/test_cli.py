@@ -82,16 +82,21 @@ def test_a_malformed_label_list_is_refused_before_the_source_opens(tmp_path):
         assert res.exit_code == 2 and needle in res.output, res.output
 
 
-def test_a_file_that_ends_early_is_an_error_not_an_interrupt(monkeypatch, tmp_path):
-    """click reports an EOFError as an abort, as it does Ctrl-C: it is one error line and exit 2."""
+@pytest.mark.parametrize("raised, code, line", [
+    (EOFError("Ran out of input"), 2, "error: expected complete input files; got EOFError: Ran out of input."),
+    (KeyboardInterrupt("3 of 8 images written"), 130, "interrupted: 3 of 8 images written"),
+    (KeyboardInterrupt(), 130, "interrupted")])
+def test_an_interrupt_or_a_file_that_ends_early_is_exactly_one_line(monkeypatch, tmp_path, raised, code, line):
+    """click reports an EOFError as an abort, as it does Ctrl-C, after an empty line of its own: a
+    file that ends early is one error line and exit 2, an interrupt one line and exit 130, and
+    nothing else is written (the empty line was, above both)."""
     import flowar.runtime.runtime as runtime
 
-    def truncated(*a, **k):
-        raise EOFError("Ran out of input")
-    monkeypatch.setattr(runtime.Runtime, "open", truncated)
+    def stopped(*a, **k):
+        raise raised
+    monkeypatch.setattr(runtime.Runtime, "open", stopped)
     res = CliRunner().invoke(run, ["--engine-dir", str(tmp_path), "--labels", "1"])
-    lines = [ln for ln in res.output.splitlines() if ln.strip()]
-    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: expected complete input files"), lines
+    assert res.exit_code == code and res.output.startswith(line) and res.output.count("\n") == 1, repr(res.output)
 
 
 def test_debug_shows_the_error_itself():

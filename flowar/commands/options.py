@@ -21,6 +21,14 @@ class Command(click.Command):
     foresee) and click's usage errors (an unknown option, a folder where a file belongs), where
     click would print its usage and a hint around them. ``--debug`` shows the traceback instead."""
 
+    def invoke(self, ctx):
+        # Ctrl-C or an early end of input while the command works: handed to main() as it came, not
+        # as click's Abort (click prints an empty line before raising that, above our one line)
+        try:
+            return super().invoke(ctx)
+        except (KeyboardInterrupt, EOFError) as e:
+            raise _Stopped(e) from None
+
     def main(self, args=None, prog_name=None, **extra):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         args = sys.argv[1:] if args is None else list(args)
@@ -38,8 +46,9 @@ class Command(click.Command):
                 raise
             click.echo(one_line(e), err=True)
             sys.exit(EXIT_USER_ERROR)
-        except (click.Abort, KeyboardInterrupt) as e:
-            cause = e.__context__ if isinstance(e, click.Abort) and e.__context__ else e
+        except (click.Abort, KeyboardInterrupt, _Stopped) as e:
+            cause = (e.cause if isinstance(e, _Stopped) else
+                     e.__context__ if isinstance(e, click.Abort) and e.__context__ else e)
             if isinstance(cause, EOFError):             # click's Abort also stands for a file that ended early
                 if self.debugging(args):
                     raise cause from None
@@ -56,6 +65,14 @@ class Command(click.Command):
             return bool(self.make_context(self.name, list(args), resilient_parsing=True).params.get("debug"))
         except Exception:   # noqa: BLE001 - arguments that do not parse: no flag
             return False
+
+
+class _Stopped(Exception):
+    """A KeyboardInterrupt or EOFError raised while a command ran (``cause``)."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 def command(name: str):
