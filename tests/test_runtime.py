@@ -147,6 +147,8 @@ def test_the_optimized_graph_cache_is_written_whole_reused_and_rebuilt_when_dama
     written; opened without optimizing again the next time; rebuilt when damaged. The outputs
     every time against numpy's X @ W + b."""
     import hashlib
+    import os
+    import subprocess
 
     import numpy as np
     import onnx
@@ -176,19 +178,29 @@ def test_the_optimized_graph_cache_is_written_whole_reused_and_rebuilt_when_dama
     def check():
         y = create_session(graph, sha, "CPUExecutionProvider", 1, cache_dir).run(None, {"x": x})[0]
         np.testing.assert_allclose(y, x @ W + b, rtol=1e-5, atol=1e-5)
-        files = sorted(cache_dir.iterdir())
+        files = sorted(f for f in cache_dir.iterdir() if f.name not in planted)
         assert len(files) == 1 and files[0].name.endswith(".opt.onnx"), files       # the cache, no part left over
         onnx.checker.check_model(onnx.load(str(files[0])))                          # whole
         return files[0]
 
+    planted = set()                         # the part of a live writer, planted below: not the cache's
     cache = check()
     assert len(made) == 1 and made[0][0] == "bytes" and made[0][1] == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert made[0][2] != str(cache) and made[0][3] == [], made   # written elsewhere: not at the cache's name meanwhile
     made.clear()
     assert check() == cache and made == [(str(cache), ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "", [cache.name])]
     cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])                # damaged: rebuilt from the graph
+    # beside it, the parts of a writer that died (removed when the cache is written again) and of one
+    # that is writing now (this process, another thread: left alone)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead, live = (cache.with_name(f"{cache.name}.{pid}-7.part") for pid in (gone.pid, os.getpid()))
+    for part in (dead, live):
+        part.write_bytes(b"half a graph")
+    planted.add(live.name)
     made.clear()
     assert check() == cache and [m[0] for m in made] == ["bytes"]
+    assert not dead.exists() and live.read_bytes() == b"half a graph"
 
 
 def test_the_thread_policy_is_resolved_at_open_and_applied_while_sampling(fixtures_dir, monkeypatch):
