@@ -121,7 +121,11 @@ def create_session(graph: Path | bytes, sha256: str, provider: str | None = None
         # meanwhile finds the cache whole or absent, never half written
         part = None
         if cache is not None and not cached:
-            _remove_dead_parts(cache)
+            from flowar.io.memory import process_alive
+            for old in cache.parent.glob(f"{cache.name}.*-*.part"):     # those of writers that died: removed
+                pid = old.name[len(cache.name) + 1:].split("-", 1)[0]
+                if pid.isdigit() and not process_alive(int(pid)):
+                    old.unlink(missing_ok=True)
             part = cache.with_name(f"{cache.name}.{os.getpid()}-{threading.get_ident()}.part")
             so.optimized_model_filepath = str(part)
         try:
@@ -141,12 +145,3 @@ def create_session(graph: Path | bytes, sha256: str, provider: str | None = None
                 part.unlink(missing_ok=True)
         return session
 
-
-def _remove_dead_parts(cache: Path) -> None:
-    """Remove the partial copies of ``cache`` left by processes that died while writing them (named
-    ``<cache>.<pid>-<thread>.part``); those of live processes are theirs to finish."""
-    from flowar.io.memory import process_alive
-    for part in cache.parent.glob(f"{cache.name}.*-*.part"):
-        pid = part.name[len(cache.name) + 1:].split("-", 1)[0]
-        if pid.isdigit() and not process_alive(int(pid)):
-            part.unlink(missing_ok=True)
