@@ -144,4 +144,3 @@ def create_session(graph: Path | bytes, sha256: str, provider: str | None = None
             except OSError:                        # (a cache is an optimisation: the session stands without it)
                 part.unlink(missing_ok=True)
         return session
-
