@@ -172,6 +172,38 @@ def _get(url, path):
         return r.status, json.loads(r.read())
 
 
+@pytest.mark.slow
+def test_a_worker_that_dies_on_every_shard_fails_the_command_instead_of_hanging_it(engines, tmp_path):
+    """flowar-sample on two Ray workers whose process exits on every shard (the sampler replaced by
+    os._exit(1) in Ray's worker processes alone, by a sitecustomize on PYTHONPATH): a few restarts
+    and retries, then one error line and exit 2. Before, Ray Data restarted the workers and retried
+    the shards forever: the command never ended (measured: still retrying after 100 s)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "if sys.argv and sys.argv[0].endswith('default_worker.py'):      # Ray's worker processes only\n"
+        "    import flowar.commands.bulk as bulk\n"
+        "    bulk.ShardSampler.__call__ = lambda self, batch: os._exit(1)\n")
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    out = tmp_path / "crashing"
+    args = [str(EXE / "flowar-sample"), "--engine-dir", str(engines), "--num-images", "4", "--out", str(out),
+            "--shard-size", "2", "--workers", "2"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=240)
+    finally:                                     # a hang: the command and its local cluster go with the test
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    ours = [ln for ln in err.splitlines() if ln.startswith("error:")]         # (Ray's retry notes around it)
+    assert proc.returncode == 2 and "Traceback" not in err, (proc.returncode, err[-2000:])
+    assert len(ours) == 1 and ours[0].startswith("error: expected workers that sample their shards"), ours
+    assert not (out / "samples.npz").exists()
+
+
 @pytest.fixture(scope="module")
 def server(engines):
     from flowar.commands.serve import serve_forever

@@ -60,6 +60,7 @@ class BulkReport:
 
 
 LOG_EVERY_S = 30.0            # progress lines when stderr is not a terminal
+WORKER_RETRIES = 3            # restarts of a Ray worker that died, and retries of its shard, before the command fails
 
 
 def shard_ranges(n: int, size: int) -> list[tuple[int, int, int]]:
@@ -306,16 +307,28 @@ def _sample_here(spec: BulkSpec, out: Path, todo: list, progress: bool, done_bef
 def _sample_on_ray(spec: BulkSpec, out: Path, todo: list, workers: int, progress: bool,
                    done_before: int) -> list[dict]:
     """Map the shards onto ``workers`` ShardSampler actors of Ray Data."""
+    import inspect
     import logging
+    import warnings
 
     import ray.data
     from ray.util.queue import Queue
-    logging.getLogger("ray.data").setLevel(logging.WARNING)        # our own bar says how far it is
+    # our own bar says how far it is, our own line why it stopped (Ray Data logs a failure's traceback)
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     told = Queue(actor_options={"num_cpus": 0}) if progress else None
     ds = ray.data.from_items([{"shard": j, "start": s, "end": e} for j, s, e in todo], override_num_blocks=len(todo))
-    mapped = ds.map_batches(ShardSampler, fn_constructor_args=(asdict(spec), str(out.resolve()), told),
-                            batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(workers, len(todo))),
-                            num_cpus=spec.threads)
+    # A worker that dies (a node lost, a process killed) is restarted and its shard retried, a few
+    # times: Ray Data's default is forever, so a worker that died on every shard hung the command.
+    # (Actor options pass through map_batches' **ray_remote_args, which Ray 2.60 says goes in 2.64,
+    # with no named replacement for these two: passed while Ray takes them.)
+    takes = inspect.signature(ds.map_batches).parameters
+    bounded = ({"max_restarts": WORKER_RETRIES, "max_task_retries": WORKER_RETRIES}
+               if "max_restarts" in takes or any(p.kind is p.VAR_KEYWORD for p in takes.values()) else {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        mapped = ds.map_batches(ShardSampler, fn_constructor_args=(asdict(spec), str(out.resolve()), told),
+                                batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(workers, len(todo))),
+                                num_cpus=spec.threads, **bounded)
     return _with_bar(lambda rows: rows.extend(mapped.iter_rows()), told, spec, done_before,
                      told.shutdown if told is not None else lambda: None)
 
