@@ -18,6 +18,7 @@ shards are kept, the rest are sampled. At the end ``samples.npz`` holds the eval
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 import threading
@@ -308,13 +309,16 @@ def _sample_on_ray(spec: BulkSpec, out: Path, todo: list, workers: int, progress
                    done_before: int) -> list[dict]:
     """Map the shards onto ``workers`` ShardSampler actors of Ray Data."""
     import inspect
-    import logging
     import warnings
 
     import ray.data
     from ray.util.queue import Queue
-    # our own bar says how far it is, our own line why it stopped (Ray Data logs a failure's traceback)
-    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+    data_log = logging.getLogger("ray.data")
+    data_log.setLevel(logging.WARNING)                     # our own bar says how far it is
+    # on stderr our own line says why it stopped; a failure's traceback goes to Ray Data's log file only
+    for h in data_log.handlers:
+        if isinstance(h, logging.StreamHandler) and _below_error not in h.filters:
+            h.addFilter(_below_error)
     told = Queue(actor_options={"num_cpus": 0}) if progress else None
     ds = ray.data.from_items([{"shard": j, "start": s, "end": e} for j, s, e in todo], override_num_blocks=len(todo))
     # A worker that dies (a node lost, a process killed) is restarted and its shard retried, a few
@@ -331,6 +335,10 @@ def _sample_on_ray(spec: BulkSpec, out: Path, todo: list, workers: int, progress
                                 num_cpus=spec.threads, **bounded)
     return _with_bar(lambda rows: rows.extend(mapped.iter_rows()), told, spec, done_before,
                      told.shutdown if told is not None else lambda: None)
+
+
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
 
 
 def _with_bar(consume, told, spec: BulkSpec, done_before: int, close) -> list[dict]:
