@@ -18,7 +18,6 @@ shards are kept, the rest are sampled. At the end ``samples.npz`` holds the eval
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import sys
 import threading
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flowar.commands.cluster import start_ray
+from flowar.commands.cluster import bounded_retries, quiet_ray_data, start_ray
 from flowar.errors import FlowARError
 
 
@@ -308,26 +307,15 @@ def _sample_here(spec: BulkSpec, out: Path, todo: list, progress: bool, done_bef
 def _sample_on_ray(spec: BulkSpec, out: Path, todo: list, workers: int, progress: bool,
                    done_before: int) -> list[dict]:
     """Map the shards onto ``workers`` ShardSampler actors of Ray Data."""
-    import inspect
     import warnings
 
     import ray.data
     from ray.util.queue import Queue
-    data_log = logging.getLogger("ray.data")
-    data_log.setLevel(logging.WARNING)                     # our own bar says how far it is
-    # on stderr our own line says why it stopped; a failure's traceback goes to Ray Data's log file only
-    for h in data_log.handlers:
-        if isinstance(h, logging.StreamHandler) and _below_error not in h.filters:
-            h.addFilter(_below_error)
+    quiet_ray_data()
     told = Queue(actor_options={"num_cpus": 0}) if progress else None
     ds = ray.data.from_items([{"shard": j, "start": s, "end": e} for j, s, e in todo], override_num_blocks=len(todo))
-    # A worker that dies (a node lost, a process killed) is restarted and its shard retried, a few
-    # times: Ray Data's default is forever, so a worker that died on every shard hung the command.
-    # (Actor options pass through map_batches' **ray_remote_args, which Ray 2.60 says goes in 2.64,
-    # with no named replacement for these two: passed while Ray takes them.)
-    takes = inspect.signature(ds.map_batches).parameters
-    bounded = ({"max_restarts": WORKER_RETRIES, "max_task_retries": WORKER_RETRIES}
-               if "max_restarts" in takes or any(p.kind is p.VAR_KEYWORD for p in takes.values()) else {})
+    # a worker that dies is restarted and its shard retried a few times (Ray Data's default: forever)
+    bounded = bounded_retries(ds.map_batches, WORKER_RETRIES)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         mapped = ds.map_batches(ShardSampler, fn_constructor_args=(asdict(spec), str(out.resolve()), told),
@@ -335,10 +323,6 @@ def _sample_on_ray(spec: BulkSpec, out: Path, todo: list, workers: int, progress
                                 num_cpus=spec.threads, **bounded)
     return _with_bar(lambda rows: rows.extend(mapped.iter_rows()), told, spec, done_before,
                      told.shutdown if told is not None else lambda: None)
-
-
-def _below_error(record: logging.LogRecord) -> bool:
-    return record.levelno < logging.ERROR
 
 
 def _with_bar(consume, told, spec: BulkSpec, done_before: int, close) -> list[dict]:

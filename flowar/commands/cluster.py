@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
+
 from flowar.errors import FlowARError
 
 
@@ -22,3 +25,29 @@ def start_ray(address: str | None, num_cpus: int | None):
     else:
         ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kw)
     return ray
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's progress and failure tracebacks off the console (our own bar and one-line error
+    say it); its warnings still show, and its session log file (ray-data-*.log) keeps everything."""
+    log = logging.getLogger("ray.data")
+    log.setLevel(logging.WARNING)
+    for h in log.handlers:
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) \
+                and _below_error not in h.filters:
+            h.addFilter(_below_error)
+
+
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
+
+
+def bounded_retries(map_batches, n: int) -> dict:
+    """``max_restarts``/``max_task_retries`` = n for map_batches' actors, while Ray takes them: they
+    pass through its **ray_remote_args, deprecated in Ray 2.60 (to go in 2.64) with no named
+    replacement. Ray Data's default is to retry forever, so a worker that died on every shard (a node
+    lost, a process killed) hung the command."""
+    takes = inspect.signature(map_batches).parameters
+    if "max_restarts" in takes or any(p.kind is p.VAR_KEYWORD for p in takes.values()):
+        return {"max_restarts": n, "max_task_retries": n}
+    return {}
