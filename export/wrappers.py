@@ -32,8 +32,8 @@ class ARGraph(nn.Module):
         self.register_buffer("rope_cos", torch.stack([c for c, _ in rope]), persistent=False)   # (blocks, Lmax, d)
         self.register_buffer("rope_sin", torch.stack([s for _, s in rope]), persistent=False)
         c = model.config                                         # the scale of each sequence position
-        self.register_buffer("scale_of", torch.tensor([k for k, n in enumerate(c.tokens_per_scale) for _ in range(n)]),
-                             persistent=False)
+        self.register_buffer("scale_of", torch.tensor([k for k, n in enumerate(c.tokens_per_scale) for _ in range(n)],
+                                                      device=self.rope_cos.device), persistent=False)   # a model on a GPU
 
     def forward(self, labels: Tensor, tokens: Tensor) -> Tensor:
         m = self.model

@@ -253,6 +253,23 @@ def test_real_presets_export_ar_and_velocity_with_dynamic_shapes(preset, tmp_pat
         assert out[-1].dim_value == (cfg.ar_width if name == "ar" else cfg.latent_channels)
 
 
+def test_stage_wrappers_keep_their_tables_on_the_models_device():
+    """A stage's module is built around a model already on its device (the PyTorch and CUDA-graph
+    engines on a GPU): every table a wrapper makes must be there too. The AR graph's scale-of-position
+    table stayed on the CPU, and the first GPU run failed in attention ("attn_bias is on cpu")."""
+    from flowar.config import get_preset
+    from flowar.export.specs import stage_specs
+    from flowar.model.ar import FlowAR
+    cfg = get_preset("tiny")
+    with torch.device("meta"):                 # a device other than the CPU, with no memory behind it
+        model = FlowAR(cfg)
+    for name, spec in stage_specs(cfg).items():
+        module = spec.module(model)            # built outside the device context, as the engines build them
+        tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+        assert len(tensors) > 3
+        assert {n: str(t.device) for n, t in tensors.items() if t.device.type != "meta"} == {}, name
+
+
 @pytest.mark.gpu
 @pytest.mark.trt
 def test_tensorrt_runtime_reproduces_official_tokens(fixtures_dir, tmp_path):
