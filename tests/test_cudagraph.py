@@ -77,6 +77,49 @@ def test_replayed_scales_read_what_the_sampler_copies_in(tiny_v1):
     assert [len(t.head_rows) for t in traces] == [24] * 5 and traces[-1].head_rows[-1] == 4
 
 
+class _HostData(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops a CUDA graph capture refuses or cannot record: a tensor made from host data
+    (``torch.tensor([...], device=...)``: a host-to-device copy) and a read of a value back to the host."""
+    HOST = ("aten::lift_fresh", "aten::lift_fresh_copy", "aten::_local_scalar_dense")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.HOST:
+            self.seen.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_captured_scale_makes_no_tensor_from_host_data(tiny):
+    """What a GPU capture records must run on the device alone: every scale's captured call (the AR
+    step, the head's constants, the ODE plan, the hand-off) is run under a mode that records host
+    data going in or out, for both head blocks' tables. The head's signed rope table was made from a
+    host list, which the first capture on a GPU refused ("Cannot copy between CPU and CUDA tensors
+    during CUDA graph capture")."""
+    _, model, io = tiny
+    seen = []
+
+    class Checked(_RecordingRunner):
+        def _warm_up(self, fn):
+            pass                             # the scale runs once, below (a scale run twice is not the same)
+
+        def _capture(self, fn):
+            with _HostData() as mode:
+                fn()                         # the call a capture records, run here on a CPU to watch it
+            seen.append(mode.seen)
+            return self.Recording(fn)
+
+    st = torch_engine_stages(model, 2, "cpu")
+    sched = build_schedule(25, 4.3, 0.9, 5)
+    with torch.no_grad():
+        got, _ = sample(st, model.config, sched, io["sample25.labels"], _noise(io), runner=Checked("cpu", capture=True))
+        want, _ = sample(EagerStages(model), model.config, sched, io["sample25.labels"], _noise(io))
+    assert len(seen) == 5 and seen == [[]] * 5, seen
+    assert (got - want).abs().max().item() <= 1e-4
+
+
 @pytest.mark.gpu
 def test_cuda_graph_replay_matches_eager_cuda(tiny_v1):
     if not torch.cuda.is_available():

@@ -79,10 +79,9 @@ def rope_tables_from_pos(freqs: Tensor, pos_N2: Tensor) -> tuple[Tensor, Tensor]
     :func:`apply_rope` needs only a pair swap: multiplying by +-1 is exact, so the numbers are
     those of the unsigned formula, with one elementwise pass fewer per rotation.
     """
-    ang = pos_N2[:, :, None] * freqs[None, None, :]                     # (N, 2, d/4)
-    ang = torch.stack([ang, ang], dim=-1).flatten(1)                      # (N, d): each frequency twice
-    sign = torch.tensor([-1.0, 1.0], dtype=ang.dtype, device=ang.device).repeat(ang.shape[-1] // 2)
-    return ang.cos(), ang.sin() * sign
+    ang = (pos_N2[:, :, None] * freqs[None, None, :]).flatten(1)          # (N, d/2)
+    cos, sin = ang.cos(), ang.sin()           # each frequency twice below; no table from host data (CUDA graphs)
+    return torch.stack([cos, cos], dim=-1).flatten(1), torch.stack([-sin, sin], dim=-1).flatten(1)   # (N, d)
 
 
 def rope_tables_for(freqs: Tensor, sides: list[int] | tuple[int, ...]) -> tuple[Tensor, Tensor]:
