@@ -6,7 +6,12 @@ and bf16, with the time per image (what a CPU cannot check).
 For each precision (fp32; bf16 = bf16 GEMMs, fp32 around them) and schedule (official, fast):
 ``FlowARPipeline`` over a stand-in checkpoint (random weights of trained scale, bench/standins.py)
 with CUDA graphs (captured on the first call, replayed after) and without, the same labels and
-seeds; the replay's tokens must equal eager's within 1e-3 (fp32) or 5e-2 (bf16, random weights).
+seeds. In fp32 the replay's tokens (and the capturing call's) must equal eager's within 1e-3. In
+bf16 two paths differ by their rounding as much as either differs from fp32 (the first H200 run:
+FlowAR-S at batch 1, bf16 replay - bf16 eager 0.26, bf16 eager - fp32 eager 0.42, bf16 replay - fp32
+eager 0.36), so a bf16 replay is judged against fp32 eager: its error at most 1.5 times bf16 eager's
+(+1e-3), and the replay equal to the capturing call within 1e-3. A wrong buffer or a stale input
+errs by the tokens' own size (~6), far beyond either.
 On a CPU (a dry run) there is no capture: graphs and eager are the same loop, and it says so.
 """
 
@@ -46,8 +51,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "model.pth"
         torch.save(flowar_state_dict(a.preset), ckpt)
+        fp32_eager = {}                                   # (schedule, batch) -> fp32 eager tokens: bf16's reference
         for precision in ("fp32", "bf16"):
-            tol = 1e-3 if precision == "fp32" else 5e-2
             pipes = {g: FlowARPipeline.from_pretrained(ckpt, preset=a.preset, device=device, cuda_graphs=g,
                                                        precision=precision) for g in (True, False)}
             for schedule in SCHEDULES:
@@ -65,19 +70,30 @@ def main(argv=None) -> int:
                             times.append(time.perf_counter() - t0)
                         out[graphs] = (tokens.cpu(), first.cpu(), statistics.median(times),
                                        "on" if pipe.runtime.runner else "off")
-                    d = float((out[True][0] - out[False][0]).abs().max())
-                    d_first = float((out[True][1] - out[False][0]).abs().max())
-                    good = d <= tol and d_first <= tol
+                    diff = lambda a, b: float((a - b).abs().max())    # noqa: E731
+                    d, d_first = diff(out[True][0], out[False][0]), diff(out[True][1], out[False][0])
+                    if precision == "fp32":
+                        fp32_eager[schedule, B] = out[False][0]
+                        good, judged = d <= 1e-3 and d_first <= 1e-3, {}
+                    else:
+                        ref = fp32_eager[schedule, B]
+                        judged = {"max_abs_diff_replay_vs_fp32_eager": diff(out[True][0], ref),
+                                  "max_abs_diff_eager_vs_fp32_eager": diff(out[False][0], ref)}
+                        good = (judged["max_abs_diff_replay_vs_fp32_eager"]
+                                <= 1.5 * judged["max_abs_diff_eager_vs_fp32_eager"] + 1e-3
+                                and diff(out[True][0], out[True][1]) <= 1e-3)
                     ok &= good
                     row = {"precision": precision, "schedule": schedule, "batch": B, "graphs": out[True][3],
                            "ms_per_image_graphs": 1e3 * out[True][2] / B, "ms_per_image_eager": 1e3 * out[False][2] / B,
-                           "max_abs_diff_replay_vs_eager": d, "max_abs_diff_first_vs_eager": d_first, "ok": good}
+                           "max_abs_diff_replay_vs_eager": d, "max_abs_diff_first_vs_eager": d_first, "ok": good} | judged
                     rows.append(row)
                     save()
                     print(f"{precision} {schedule:<8} batch {B:<3} graphs {row['ms_per_image_graphs']:9.2f} ms/image, "
                           f"eager {row['ms_per_image_eager']:9.2f} ms/image (x{out[False][2] / out[True][2]:.2f}); "
-                          f"|replay - eager| {d:.1e}, |capture call - eager| {d_first:.1e} "
-                          f"{'ok' if good else 'WRONG'}  [CUDA graphs {out[True][3]}]", flush=True)
+                          f"|replay - eager| {d:.1e}, |capture call - eager| {d_first:.1e}"
+                          + (f", vs fp32 eager: replay {judged['max_abs_diff_replay_vs_fp32_eager']:.1e}, eager "
+                             f"{judged['max_abs_diff_eager_vs_fp32_eager']:.1e} " if judged else " ")
+                          + f"{'ok' if good else 'WRONG'}  [CUDA graphs {out[True][3]}]", flush=True)
             for p in pipes.values():
                 p.close()
     return 0 if ok else 1
