@@ -95,6 +95,11 @@ class Backends(contextlib.AbstractContextManager):
         return Prepared(self._torch_stages(OfficialStyleStages(self.src.model, self._decode()), self.src.dtype), True,
                         self.src.dtype)
 
+    def fp32_tokens(self, work: Work):
+        """Eager's tokens in float32, untimed: a 16-bit run's yardstick."""
+        from flowar.sampling.eager import OfficialStyleStages
+        return run_once(OfficialStyleStages(self.src.model, self._decode()), work, True)
+
     def _eager_bf16(self, work: Work) -> Prepared:
         from flowar.sampling.eager import OfficialStyleStages
         return Prepared(self._torch_stages(OfficialStyleStages(self.src.model, self._decode()), "bf16"), True,

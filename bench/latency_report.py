@@ -32,6 +32,7 @@ class Result:
     head_evals: int = 0                                    # head evaluations per sample
     max_abs_diff_vs_official: float | None = None          # tokens vs eager with the official schedule
     precision: str = "fp32"                                # what the backend computes in
+    max_abs_diff_vs_fp32: float | None = None              # a 16-bit run (--dtype): tokens vs fp32 eager's
 
     @property
     def ran(self) -> bool:
@@ -61,6 +62,7 @@ def line(r: Result, peak: float, tolerance: float) -> str:
     total = r.effective_gflops.get("total", 0.0)
     return (f"  {r.backend:<9} {r.schedule:<8} batch {r.batch:<3} median {r.median_s:8.3f} s  "
             f"x{r.speedup_vs_eager or 0:5.2f} vs eager  max|dtokens| {_num(r.max_abs_diff_vs_eager)}"
+            f"{'' if r.max_abs_diff_vs_fp32 is None else f' (vs fp32 eager {_num(r.max_abs_diff_vs_fp32)})'}"
             f"{'' if r.parity_ok is not False else f' WRONG (above {tolerance:g})'}  "
             f"{total:.1f} GFLOP/s ({total / peak:.0%} of the GEMM peak){'  ' + r.note if r.note else ''}")
 

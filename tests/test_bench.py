@@ -129,6 +129,37 @@ def test_a_backend_off_eager_is_marked_wrong_and_fails_the_run(bench, default_au
     assert rc == 1 and "WRONG" in data["markdown"]
 
 
+def test_a_16_bit_run_judges_each_row_against_float32_eager(bench, tmp_path, monkeypatch):
+    """In a bf16 run a row may differ from bf16 eager by rounding alone (on a GPU, a kernel chosen
+    differently under capture: 0.26 on FlowAR-S), so each row is also held to float32 eager: within
+    1.5x bf16 eager's own error there it passes. Two rows stand in for the two cases, with the plain
+    tolerance set below anything (--reduced-tol 1e-12) so that the float32 yardstick decides: one
+    computing in float32 (more exact than bf16 eager: passes), one with its velocity 5% off (a bug:
+    fails, and the run exits 1)."""
+    from latency_backends import Backends, Prepared
+    from flowar.sampling.eager import EagerStages
+    from flowar.sampling.sampler import Hooked
+
+    def exact(self, work):
+        return Prepared(EagerStages(self.src.model), False, "fp32")
+
+    def off(self, work):
+        bad = Hooked(EagerStages(self.src.model), lambda kind, fn, *a: fn(*a) * 1.05 if kind == "velocity" else fn(*a))
+        return Prepared(self._torch_stages(bad, "bf16"), False, "bf16")
+    monkeypatch.setattr(Backends, "_cached", exact)
+    monkeypatch.setattr(Backends, "_eager_bf16", off)
+    rc = bench.main(["--preset", "tiny", "--batch", "1", "--steps", "4", "--backends", "eager,cached,eager-bf16",
+                     "--dtype", "bf16", "--reduced-tol", "1e-12", "--repeat", "1", "--json", str(tmp_path / "r.json"),
+                     "--plot", ""])
+    recs = {r["backend"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    eager, exact_row, off_row = recs["eager"], recs["cached"], recs["eager-bf16"]
+    assert eager["max_abs_diff_vs_fp32"] > 1e-4                 # bf16 eager is itself off float32
+    assert exact_row["max_abs_diff_vs_eager"] > 1e-12 and exact_row["max_abs_diff_vs_fp32"] <= 1e-5
+    assert exact_row["parity_ok"] is True
+    assert off_row["max_abs_diff_vs_fp32"] > 1.5 * eager["max_abs_diff_vs_fp32"] + 1e-3
+    assert off_row["parity_ok"] is False and rc == 1
+
+
 def test_compile_backend_matches_eager(bench, tmp_path):
     """torch.compile of the head's velocity, compile time reported apart, tokens as eager's. On a
     tiny model of two scales: the backend compiles once per (scale, rows) shape, 4-8 s each."""
