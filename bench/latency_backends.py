@@ -98,7 +98,7 @@ class Backends(contextlib.AbstractContextManager):
     def fp32_tokens(self, work: Work):
         """Eager's tokens in float32, untimed: a 16-bit run's yardstick."""
         from flowar.sampling.eager import OfficialStyleStages
-        return run_once(OfficialStyleStages(self.src.model, self._decode()), work, True)
+        return run_once(OfficialStyleStages(self.src.model, self._decode()), work, True).cpu()   # as the timed rows'
 
     def _eager_bf16(self, work: Work) -> Prepared:
         from flowar.sampling.eager import OfficialStyleStages
