@@ -76,7 +76,7 @@ def rope_tables_from_pos(freqs: Tensor, pos_N2: Tensor) -> tuple[Tensor, Tensor]
     """cos and signed sin tables (N, d) for token positions (N, 2); rows take the first half of d.
 
     The sin table carries the rotation's sign (-sin on even dims, +sin on odd ones), so that
-    :func:`apply_rope` needs only a pair swap: multiplying by +-1 is exact, so the numbers are
+    :func:`apply_rope` needs only a pair swap: negation is exact, so the numbers are
     those of the unsigned formula, with one elementwise pass fewer per rotation.
     """
     ang = (pos_N2[:, :, None] * freqs[None, None, :]).flatten(1)          # (N, d/2)
