@@ -48,7 +48,7 @@ import torch
 from latency_backends import ALL as ALL_BACKENDS
 from latency_backends import Backends, BenchSource, Skip
 from latency_measure import STAGE_KEYS, Work, gemm_peak_gflops, schedule_flops, stage_split, time_end_to_end
-from latency_report import Result, line, machine_info, markdown, plot, scale_table
+from latency_report import Result, line, machine_info, markdown, plot, scale_table, within_16_bit_rounding
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +226,7 @@ def measure(backends: Backends, name: str, work: Work, schedule_name: str, spec:
     d, d32 = diff(reference.get("eager")), diff(reference.get("fp32"))
     ok = None if d is None else d <= spec.tolerance(reference["reduced"], prepared.precision)
     if ok is False and d32 is not None and reference.get("eager_vs_fp32") is not None:
-        ok = d32 <= 1.5 * reference["eager_vs_fp32"] + 1e-3         # rounding, as 16-bit eager's own
+        ok = within_16_bit_rounding(d32, reference["eager_vs_fp32"])
     return Result(backend=name, batch=B, median_s=med, min_s=min(timing.times), max_s=max(timing.times),
                   speedup_vs_eager=reference["median"] / med if reference.get("median") else None,
                   max_abs_diff_vs_eager=d, stage_median_s=stages, tokens_per_s=B * work.config.seq_len / med,

@@ -45,6 +45,14 @@ class Result:
                    max_abs_diff_vs_eager=None, note=why, schedule=schedule, head_evals=head_evals)
 
 
+def within_16_bit_rounding(row_vs_fp32: float, eager_vs_fp32: float) -> bool:
+    """A 16-bit path's tokens against float32 eager's, judged by 16-bit eager's own distance there:
+    two 16-bit paths differ by rounding as much as either differs from float32 (H200, FlowAR-S at
+    batch 1: bf16 graphs - bf16 eager 0.26, bf16 eager - fp32 0.42, bf16 graphs - fp32 0.36), while a
+    wrong input or buffer errs by the tokens' own size (~6)."""
+    return row_vs_fp32 <= 1.5 * eager_vs_fp32 + 1e-3
+
+
 def machine_info() -> dict:
     from flowar.engines.cpu import cpu_kind
     from flowar.engines.ort import cpu_threads
