@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Callable
 
 
 def choose_provider(prefer_gpu: bool = True) -> str:
@@ -78,16 +79,19 @@ def plan_call(rows: int, tokens: int, threads: int, shard_min: int = 0, single_m
     return tuple(out)
 
 
-def create_session(graph: Path | bytes, sha256: str, provider: str | None = None, threads: int | None = None,
-                   cache_dir: Path | None = None):
-    """An InferenceSession for ``graph`` (a path, or the file's bytes already read and checked).
+def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provider: str | None = None,
+                   threads: int | None = None, cache_dir: Path | None = None):
+    """An InferenceSession for ``graph``: a path, the file's bytes already read and checked, or a
+    function that reads and checks them, called only when no cache holds the optimized graph (so
+    that opening a directory again reads one copy of each graph, not two).
 
     Options chosen for this workload: all graph optimizations, intra-op threads = the cores this
     process may use, sequential execution, memory-pattern planning; idle worker threads do not
     spin (between calls PyTorch runs the sampler's own ops on the same cores, and row blocks of
     other calls run on one-thread sessions: spinning starves both). The optimized graph is cached
     in ``cache_dir`` per (graph hash, ORT version, CPU flags), on the CPU provider: a cache is used
-    only for the graph, library and CPU kind it was made for, and a damaged one is rebuilt.
+    only for the graph, library and CPU kind it was made for, and only while its bytes hash to what
+    was written beside it when it was made (:func:`_cache_whole`); a damaged one is rebuilt.
     """
     import onnxruntime as ort
     provider = provider or choose_provider()
@@ -105,7 +109,9 @@ def create_session(graph: Path | bytes, sha256: str, provider: str | None = None
         except OSError:
             cache = None
     for attempt in (0, 1):
-        cached = cache is not None and cache.is_file()
+        cached = cache is not None and _cache_whole(cache)
+        if not cached and callable(graph):
+            graph = graph()
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -140,7 +146,48 @@ def create_session(graph: Path | bytes, sha256: str, provider: str | None = None
             continue
         if part is not None:
             try:
+                _record_hash(part, cache)
                 os.replace(part, cache)
             except OSError:                        # (a cache is an optimisation: the session stands without it)
                 part.unlink(missing_ok=True)
         return session
+
+
+_WHOLE: dict[str, tuple] = {}        # cache path -> (inode, size, mtime, sha256) found whole in this process
+
+
+def _hash_beside(cache: Path) -> Path:
+    return cache.with_name(cache.name + ".sha256")
+
+
+def _record_hash(part: Path, cache: Path) -> None:
+    """Write the sha256 of a freshly written cache (``part``, about to become ``cache``) beside the
+    cache's name, before the rename: a cache whose bytes do not hash to it is never used."""
+    from flowar.export.manifest import sha256_file
+    side = _hash_beside(cache)
+    tmp = side.with_name(f"{side.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(sha256_file(part) + "\n")
+        os.replace(tmp, side)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _cache_whole(cache: Path) -> bool:
+    """Whether ``cache`` is there and hashes to the sha256 written beside it when it was made: one
+    read of the file (which leaves it in the page cache for ONNX Runtime's read), once per process
+    and state of the file. A cache that does not is removed (rebuilt from the graph)."""
+    from flowar.export.manifest import sha256_file
+    try:
+        st = cache.stat()
+        want = _hash_beside(cache).read_text().strip()
+    except OSError:
+        return False
+    state = (st.st_ino, st.st_size, st.st_mtime_ns, want)
+    if _WHOLE.get(str(cache)) == state:
+        return True
+    if sha256_file(cache) != want:
+        cache.unlink(missing_ok=True)
+        return False
+    _WHOLE[str(cache)] = state
+    return True

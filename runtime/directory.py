@@ -2,8 +2,9 @@
 stage's engine in the form the export stored it, every file checked against its sha256 in the one
 pass that reads it, and nothing read that the chosen engines do not use.
 
-* ONNX Runtime: the graph's bytes, hashed, become the session (a graph with its weights in
-  external data is checked in one streaming pass, then opened by path);
+* ONNX Runtime: the session is made from the optimized copy cached beside the graphs (checked
+  against the hash written when it was made), else from the graph's bytes, hashed (a graph with
+  its weights in external data is checked in one streaming pass, then opened by path);
 * a compiled package (``aoti-*``): hashed, then loaded as it is; refused on a CPU that lacks a
   flag the export CPU had (code compiled for it would stop with an illegal instruction), and
   replaced by the stage's ONNX graph on ONNX Runtime, which is said in the detail line;
@@ -14,6 +15,7 @@ pass that reads it, and nothing read that the chosen engines do not use.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -108,9 +110,12 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
             engines[stage] = TorchEngine(stage, assign_tensors(stage, stage_module(cand, spec, model, vae), mapped[key]),
                                          spec.inputs, spec.outputs)
         else:
+            # a graph with external data is checked here and opened from its path; any other is read
+            # (and checked) only if ONNX Runtime's optimized copy is not cached (create_session)
             info = m.stages[stage]
             graph = (m.checked(info["file"], info["sha256"]) if "data" in info and m.checked(info["data"],
-                     info["data_sha256"]) else m.read_checked(info["file"], info["sha256"]))
+                     info["data_sha256"]) else functools.cache(functools.partial(m.read_checked, info["file"],
+                                                                                 info["sha256"])))
             engines[stage] = OrtEngine(stage, graph, info["sha256"], spec.row_tensors, provider, m.root / ".ort-cache",
                                        threads, *split_limits(stage, m.config))
     # Warmed at open: the engines whose first calls (one per scale) cost at least WARM_SETUP_S more

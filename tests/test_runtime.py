@@ -144,8 +144,9 @@ def test_worker_errors_reach_the_caller_after_every_block_finished():
 def test_the_optimized_graph_cache_is_written_whole_reused_and_rebuilt_when_damaged(tmp_path, monkeypatch):
     """ONNX Runtime's optimized copy of a graph (cached per engine directory): written under another
     name and renamed into place, so a process opening the directory meanwhile never reads it half
-    written; opened without optimizing again the next time; rebuilt when damaged. The outputs
-    every time against numpy's X @ W + b."""
+    written; opened without optimizing again the next time, and then without reading the graph
+    itself; rebuilt when damaged, truncated or with one weight changed (its bytes no longer hash to
+    what was written beside it). The outputs every time against numpy's X @ W + b."""
     import hashlib
     import os
     import subprocess
@@ -175,21 +176,42 @@ def test_the_optimized_graph_cache_is_written_whole_reused_and_rebuilt_when_dama
         return session
     monkeypatch.setattr(ort, "InferenceSession", spy)
 
+    reads = []                              # the graph is read (by the caller's function) only to build the cache
+
+    def read():
+        reads.append(1)
+        return graph
+
     def check():
-        y = create_session(graph, sha, "CPUExecutionProvider", 1, cache_dir).run(None, {"x": x})[0]
+        y = create_session(read, sha, "CPUExecutionProvider", 1, cache_dir).run(None, {"x": x})[0]
         np.testing.assert_allclose(y, x @ W + b, rtol=1e-5, atol=1e-5)
         files = sorted(f for f in cache_dir.iterdir() if f.name not in planted)
-        assert len(files) == 1 and files[0].name.endswith(".opt.onnx"), files       # the cache, no part left over
-        onnx.checker.check_model(onnx.load(str(files[0])))                          # whole
+        assert [f.name for f in files] == [files[0].name, files[0].name + ".sha256"], files   # the cache and its hash,
+        assert files[0].name.endswith(".opt.onnx")                                           # no part left over
+        onnx.checker.check_model(onnx.load(str(files[0])))                                   # whole
+        assert (cache_dir / (files[0].name + ".sha256")).read_text().strip() == hashlib.sha256(
+            files[0].read_bytes()).hexdigest()
         return files[0]
+
+    def damage(data: bytes) -> None:        # as another program would: a new file in its place
+        tmp = cache.with_name("new")
+        tmp.write_bytes(data)
+        os.replace(tmp, cache)
 
     planted = set()                         # the part of a live writer, planted below: not the cache's
     cache = check()
     assert len(made) == 1 and made[0][0] == "bytes" and made[0][1] == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert made[0][2] != str(cache) and made[0][3] == [], made   # written elsewhere: not at the cache's name meanwhile
+    assert len(reads) == 1
     made.clear()
     assert check() == cache and made == [(str(cache), ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "", [cache.name])]
-    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])                # damaged: rebuilt from the graph
+    assert len(reads) == 1                  # opened from the cache alone
+    data = cache.read_bytes()
+    at = data.index(b.tobytes()) + 3        # one weight of the cached graph changed (b[0]'s sign): it would still load
+    damage(data[:at] + bytes([data[at] ^ 0x80]) + data[at + 1:])
+    made.clear()
+    assert check() == cache and [m[0] for m in made] == ["bytes"] and len(reads) == 2    # rebuilt from the graph
+    damage(cache.read_bytes()[: cache.stat().st_size // 2])                           # truncated: rebuilt too
     # beside it, the parts of a writer that died (removed when the cache is written again) and of one
     # that is writing now (this process, another thread: left alone)
     gone = subprocess.Popen(["true"])
@@ -199,7 +221,7 @@ def test_the_optimized_graph_cache_is_written_whole_reused_and_rebuilt_when_dama
         part.write_bytes(b"half a graph")
     planted.add(live.name)
     made.clear()
-    assert check() == cache and [m[0] for m in made] == ["bytes"]
+    assert check() == cache and [m[0] for m in made] == ["bytes"] and len(reads) == 3
     assert not dead.exists() and live.read_bytes() == b"half a graph"
 
 
