@@ -55,6 +55,35 @@ def test_every_stage_verified_within_tolerance(engine_dirs, fixtures_dir):
                 assert (torch.from_numpy(g) - r).abs().max().item() <= spec.tolerance, (name, stage)
 
 
+def test_an_exported_directory_opens_without_optimizing_or_reading_its_graphs(engine_dirs, monkeypatch):
+    """The export prepared ONNX Runtime's optimized copy of every graph for this CPU (in .ort-cache,
+    each with its sha256 beside it, written before the manifest), so opening the directory and
+    sampling optimizes nothing and reads no graph's bytes: only the checked copies."""
+    import onnxruntime as ort
+    from flowar.export.manifest import Manifest
+    from flowar.runtime.runtime import Runtime
+    d, _ = engine_dirs["tiny_v1"]
+    m = read_manifest(d)
+    copies = sorted((d / ".ort-cache").glob("*.opt.onnx"))
+    assert len(copies) == len(m.stages), copies
+    made_by_export = (d / "manifest.json").stat().st_mtime_ns
+    for c in copies:
+        assert c.stat().st_mtime_ns <= made_by_export and (d / ".ort-cache" / f"{c.name}.sha256").is_file()
+    levels, reads = [], []
+    real_session, real_read = ort.InferenceSession, Manifest.read_checked
+
+    def session(model, so, providers):
+        levels.append(so.graph_optimization_level)
+        return real_session(model, so, providers=providers)
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    monkeypatch.setattr(Manifest, "read_checked", lambda self, rel, sha: reads.append(rel) or real_read(self, rel, sha))
+    with Runtime.open_engine_dir(d, backend="ort") as rt:
+        res = rt.sample([0, 1], rt.schedule(), seed=0)
+    assert res.images is not None and bool(torch.isfinite(res.images).all())
+    assert len(levels) >= len(m.stages) and set(levels) == {ort.GraphOptimizationLevel.ORT_DISABLE_ALL}, levels
+    assert reads == []
+
+
 def test_the_exporter_writes_the_same_bytes_for_the_same_stage(engine_dirs, export_memo, fixtures_dir, tmp_path):
     """What makes a manifest's hashes reproducible, and what the suite's export memo (conftest.py)
     relies on: the real exporter, run again on the same stage, writes the directory's bytes."""
