@@ -175,6 +175,6 @@ def exported_from(m: Manifest | str | Path, device: torch.device | str = "cpu", 
     model, _ = load_model(src, config=m.config, use_ema=ema, device=device)
     vae = None
     if m.vae:
-        from flowar.model.vae import load_vae
-        vae = load_vae(m.vae["source"], expect_channels=m.config.latent_channels).to(device)
+        from flowar.model.vae import load_decoder
+        vae = load_decoder(m.vae["source"], expect_channels=m.config.latent_channels).to(device)
     return model, vae

@@ -243,8 +243,8 @@ class Runtime(contextlib.AbstractContextManager):
         model, ck = load_model(path, preset, config, use_ema=not raw_weights, device=dev)
         vae_mod = None
         if vae:
-            from flowar.model.vae import load_vae
-            vae_mod = load_vae(vae, expect_channels=ck.config.latent_channels).to(dev)
+            from flowar.model.vae import load_decoder
+            vae_mod = load_decoder(vae, expect_channels=ck.config.latent_channels).to(dev)
         if precision == "bf16":
             from flowar.runtime.bf16 import bf16_engine, bf16_gemms
             model, vae_mod = bf16_gemms(model), (bf16_engine(vae_mod, "decode") if vae_mod is not None else None)

@@ -97,3 +97,33 @@ def test_a_decoder_of_another_kind_is_refused_in_one_line():
     with pytest.raises(FlowARError, match="UpDecoderBlock2D"):
         KLDecoder({"up_block_types": ["UpDecoderBlock2D", "AttnUpDecoderBlock2D"], "block_out_channels": [32, 64],
                    "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 32})
+
+
+def test_a_checkpoint_opened_for_sampling_decodes_without_diffusers_with_its_numbers(fixtures_dir):
+    """What sampling from a checkpoint decodes with (load_decoder: the decoder alone, no diffusers
+    import, 1.4-2.4 s of a fresh process) against diffusers' AutoencoderKL (load_vae, the
+    reference): the same float32 numbers bit for bit, for MAR's KL layout and the shipped default
+    model's diffusers folder; and a fresh process that opens a checkpoint with its VAE and samples
+    images never imports diffusers."""
+    import subprocess
+    import sys
+
+    from conftest import DEFAULT_VAE
+    from flowar.model.vae import load_decoder
+    torch.manual_seed(0)
+    for path, channels in ((fixtures_dir / "mar_vae_tiny.ckpt", 16), (DEFAULT_VAE, None)):
+        ours, ref = load_decoder(path, channels), load_vae(path, channels)
+        assert type(ours.autoencoder).__name__ == "KLDecoder"
+        assert (ours.latent_channels, ours.downsample) == (ref.latent_channels, ref.downsample)
+        z = torch.randn(2, ref.latent_channels, 4, 4)
+        with torch.no_grad():
+            assert torch.equal(ours.decode(z), ref.decode(z)), path
+    with pytest.raises(FlowARError, match="latent channels"):
+        load_decoder(fixtures_dir / "mar_vae_tiny.ckpt", expect_channels=4)
+    code = (f"import sys; from flowar.runtime.runtime import Runtime\n"
+            f"with Runtime.open_checkpoint({str(fixtures_dir / 'tiny_v1.safetensors')!r}, "
+            f"config={str(fixtures_dir / 'tiny_v1.config.json')!r}, vae={str(fixtures_dir / 'mar_vae_tiny.ckpt')!r}) as rt:\n"
+            f"    r = rt.sample([0, 1], rt.schedule(), seed=0)\n"
+            f"print(tuple(r.images.shape), sorted(m for m in sys.modules if m.split('.')[0] == 'diffusers'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out.endswith("[]") and out.startswith("(2, 3, "), out

@@ -11,8 +11,8 @@ Two sources:
 FlowAR tokens are ``latent * latent_scale``; :meth:`VAE.decode` takes the VAE-space latent
 (tokens / latent_scale), as the official evaluation does.
 
-diffusers is imported here only, and with the hub switched off: nothing is downloaded. An engine
-directory's eager PyTorch decoder does not need it (:mod:`flowar.model.decoder`).
+diffusers is imported here only, and with the hub switched off: nothing is downloaded. Sampling
+does not need it (:func:`load_decoder`: the decoder alone, :mod:`flowar.model.decoder`).
 """
 
 from __future__ import annotations
@@ -130,6 +130,52 @@ def convert_mar_checkpoint(path: str | Path) -> VAE:
         raise FlowARError("a VAE checkpoint whose keys map one to one onto AutoencoderKL",
                           f"missing {missing[:3]}, unexpected {unexpected[:3]}", "pass MAR's kl16.ckpt layout")
     return VAE(ak)
+
+
+def load_decoder(path: str | Path, expect_channels: int | None = None) -> VAE:
+    """The VAE's decoder alone (what sampling needs), for a KL-16-family VAE without importing
+    diffusers (1.4-2.4 s of a fresh process, more than FlowAR-S's decode): MAR's ``kl16.ckpt``, or
+    a diffusers folder with safetensors weights, built as :class:`flowar.model.decoder.KLDecoder`
+    (the reference's numbers; tests/test_vae.py). ``decode`` only; any other VAE through
+    :func:`load_vae`."""
+    import json
+
+    from flowar.model.checkpoint import skeleton
+    from flowar.model.decoder import KLDecoder
+    p = Path(path)
+    weights = p / "diffusion_pytorch_model.safetensors"
+    if p.is_file():
+        from flowar.model.checkpoint import read_checkpoint
+        sd = read_checkpoint(p).state_dict
+        if "encoder.conv_in.weight" not in sd or "post_quant_conv.weight" not in sd:
+            return load_vae(p, expect_channels)             # (its one-line refusal)
+        lay = _ldm_layout(sd)
+        n = len(lay["outs"])
+        config = {"up_block_types": ["UpDecoderBlock2D"] * n, "block_out_channels": lay["outs"],
+                  "layers_per_block": lay["layers"], "latent_channels": lay["latent"],
+                  "norm_num_groups": lay["groups"], "out_channels": 3}
+        tensors = _convert_ldm(sd, n)
+    elif (p / "config.json").is_file() and weights.is_file():
+        from safetensors.torch import load_file
+        try:
+            config = json.loads((p / "config.json").read_text())
+            KLDecoder(config)                                # another kind: refused, then diffusers' loader
+            tensors = load_file(str(weights))
+        except Exception:   # noqa: BLE001
+            return load_vae(p, expect_channels)
+    else:
+        return load_vae(p, expect_channels)
+    with skeleton():
+        dec = KLDecoder(config)
+    want = {k: v for k, v in tensors.items() if k.startswith(("decoder.", "post_quant_conv."))}
+    if set(want) != set(dec.state_dict()):
+        return load_vae(p, expect_channels)
+    dec.load_state_dict(want, strict=True)
+    vae = VAE(dec)
+    if expect_channels is not None and vae.latent_channels != expect_channels:
+        raise FlowARError(f"a VAE with {expect_channels} latent channels (the FlowAR config's latent_channels)",
+                          f"{vae.latent_channels} in {p}", "pass the VAE the model was trained with")
+    return vae
 
 
 def load_vae(path: str | Path, expect_channels: int | None = None) -> VAE:
