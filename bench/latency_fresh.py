@@ -26,7 +26,7 @@ SAMPLED = re.compile(r"sampled .* in ([0-9.]+) s")
 OPENED = re.compile(r"opened .* in ([0-9.]+) s")
 
 
-def _flowar_run(args: list[str], threads: int | None) -> dict:
+def flowar_run(args: list[str], threads: int | None) -> dict:
     exe = str(Path(sys.executable).parent / "flowar-run")
     cmd = [exe, *args] + (["--threads", str(threads)] if threads else [])
     t0 = time.perf_counter()
@@ -60,7 +60,7 @@ def fresh_runs(engine_dir: str, repeat: int = 2, threads: int | None = None, lab
         for i in range(repeat):
             for name, args in sides.items():
                 out = ["--out", str(Path(tmp) / f"{name}{i}.png")] if m.vae else ["--save-tokens", str(Path(tmp) / f"{name}{i}.safetensors")]
-                runs[name].append(_flowar_run(args + common + out, threads))
+                runs[name].append(flowar_run(args + common + out, threads))
     best = {k: {f: min(r[f] for r in v if r[f] is not None) if any(r[f] is not None for r in v) else None
                 for f in ("command_s", "sampled_s", "opened_s")} for k, v in runs.items()}
     ratio = {f: best["eager"][f] / best["engines"][f] for f in ("command_s", "sampled_s")
