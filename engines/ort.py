@@ -156,15 +156,11 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
 _WHOLE: dict[str, tuple] = {}        # cache path -> (inode, size, mtime, sha256) found whole in this process
 
 
-def _hash_beside(cache: Path) -> Path:
-    return cache.with_name(cache.name + ".sha256")
-
-
 def _record_hash(part: Path, cache: Path) -> None:
     """Write the sha256 of a freshly written cache (``part``, about to become ``cache``) beside the
     cache's name, before the rename: a cache whose bytes do not hash to it is never used."""
     from flowar.export.manifest import sha256_file
-    side = _hash_beside(cache)
+    side = cache.with_name(cache.name + ".sha256")
     tmp = side.with_name(f"{side.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
         tmp.write_text(sha256_file(part) + "\n")
@@ -180,7 +176,7 @@ def _cache_whole(cache: Path) -> bool:
     from flowar.export.manifest import sha256_file
     try:
         st = cache.stat()
-        want = _hash_beside(cache).read_text().strip()
+        want = cache.with_name(cache.name + ".sha256").read_text().strip()
     except OSError:
         return False
     state = (st.st_ino, st.st_size, st.st_mtime_ns, want)
