@@ -80,10 +80,13 @@ def plan_call(rows: int, tokens: int, threads: int, shard_min: int = 0, single_m
 
 
 def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provider: str | None = None,
-                   threads: int | None = None, cache_dir: Path | None = None):
+                   threads: int | None = None, cache_dir: Path | None = None, source: Path | None = None):
     """An InferenceSession for ``graph``: a path, the file's bytes already read and checked, or a
-    function that reads and checks them, called only when no cache holds the optimized graph (so
-    that opening a directory again reads one copy of each graph, not two).
+    function that reads and checks them (refusing a changed file). That function is not called
+    when a whole cached copy of the optimized graph is there and the graph's file (``source``) has
+    the size and modification time it had when the copy was made or last checked: opening a
+    directory again reads one copy of each graph, not two, and a graph changed since is still
+    read, and refused, where it would have been.
 
     Options chosen for this workload: all graph optimizations, intra-op threads = the cores this
     process may use, sequential execution, memory-pattern planning; idle worker threads do not
@@ -94,6 +97,8 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
     was written beside it when it was made (:func:`_cache_whole`); a damaged one is rebuilt.
     """
     import onnxruntime as ort
+
+    from flowar.export.manifest import sha256_file
     provider = provider or choose_provider()
     cache = None
     # no optimized copy of graphs with external data: a second file of their size, and ONNX Runtime
@@ -109,9 +114,12 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
         except OSError:
             cache = None
     for attempt in (0, 1):
-        cached = cache is not None and _cache_whole(cache)
-        if not cached and callable(graph):
-            graph = graph()
+        record = _cache_whole(cache) if cache is not None else None
+        cached = record is not None
+        if callable(graph) and not (cached and source is not None and record.get("source") == _file_state(source)):
+            graph = graph()                        # the graph read and checked (a changed one is refused here)
+            if cached and source is not None:      # the same graph: its file's state recorded again
+                _record(cache, record["sha256"], source)
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -146,44 +154,57 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
             continue
         if part is not None:
             try:
-                _record_hash(part, cache)
+                _record(cache, sha256_file(part), source)
                 os.replace(part, cache)
             except OSError:                        # (a cache is an optimisation: the session stands without it)
                 part.unlink(missing_ok=True)
         return session
 
 
-_WHOLE: dict[str, tuple] = {}        # cache path -> (inode, size, mtime, sha256) found whole in this process
+_WHOLE: dict[str, tuple] = {}        # cache path -> (inode, size, mtime, record) found whole in this process
 
 
-def _record_hash(part: Path, cache: Path) -> None:
-    """Write the sha256 of a freshly written cache (``part``, about to become ``cache``) beside the
-    cache's name, before the rename: a cache whose bytes do not hash to it is never used."""
-    from flowar.export.manifest import sha256_file
+def _file_state(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _record(cache: Path, digest: str, source: Path | None) -> None:
+    """Write beside ``cache`` (before a fresh copy takes its name) the sha256 of its bytes and the
+    state of the graph's file it was made from: a cache whose bytes do not hash to it is never
+    used, and one whose graph's file changed makes the graph be read and checked again. (A folder
+    that cannot be written: nothing recorded, the graph is read every time.)"""
+    import json
     side = cache.with_name(cache.name + ".sha256")
     tmp = side.with_name(f"{side.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
-        tmp.write_text(sha256_file(part) + "\n")
+        tmp.write_text(json.dumps({"sha256": digest, "source": _file_state(source) if source else None}) + "\n")
         os.replace(tmp, side)
+    except OSError:
+        pass
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _cache_whole(cache: Path) -> bool:
-    """Whether ``cache`` is there and hashes to the sha256 written beside it when it was made: one
-    read of the file (which leaves it in the page cache for ONNX Runtime's read), once per process
-    and state of the file. A cache that does not is removed (rebuilt from the graph)."""
+def _cache_whole(cache: Path) -> dict | None:
+    """What was recorded beside ``cache`` if the cache is there and hashes to the sha256 recorded
+    when it was made (one read of the file, which leaves it in the page cache for ONNX Runtime's
+    read, once per process and state of the file), else None; a cache that does not is removed
+    (rebuilt from the graph)."""
+    import json
+
     from flowar.export.manifest import sha256_file
     try:
         st = cache.stat()
-        want = cache.with_name(cache.name + ".sha256").read_text().strip()
-    except OSError:
-        return False
+        record = json.loads(cache.with_name(cache.name + ".sha256").read_text())
+        want = record["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
     state = (st.st_ino, st.st_size, st.st_mtime_ns, want)
     if _WHOLE.get(str(cache)) == state:
-        return True
+        return record
     if sha256_file(cache) != want:
         cache.unlink(missing_ok=True)
-        return False
+        return None
     _WHOLE[str(cache)] = state
-    return True
+    return record

@@ -111,13 +111,14 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
                                          spec.inputs, spec.outputs)
         else:
             # a graph with external data is checked here and opened from its path; any other is read
-            # (and checked) only if ONNX Runtime's optimized copy is not cached (create_session)
+            # (and checked) only where ONNX Runtime's optimized copy is not cached or the graph's file
+            # changed since the copy was made (create_session)
             info = m.stages[stage]
             graph = (m.checked(info["file"], info["sha256"]) if "data" in info and m.checked(info["data"],
                      info["data_sha256"]) else functools.cache(functools.partial(m.read_checked, info["file"],
                                                                                  info["sha256"])))
             engines[stage] = OrtEngine(stage, graph, info["sha256"], spec.row_tensors, provider, m.root / ".ort-cache",
-                                       threads, *split_limits(stage, m.config))
+                                       threads, *split_limits(stage, m.config), source=m.member(info["file"]))
     # Warmed at open: the engines whose first calls (one per scale) cost at least WARM_SETUP_S more
     # than later ones, by the export's measurement. Warming runs each shape once on zeros, i.e. costs
     # the calls themselves: for an engine that sets up little (a PyTorch fp32 decoder: 0.04 s against

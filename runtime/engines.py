@@ -100,8 +100,9 @@ class OrtEngine:
     """
 
     def __init__(self, name: str, graph: Path, sha256: str, row_tensors: frozenset[str], provider: str | None = None,
-                 cache_dir: Path | None = None, threads: int | None = None, shard_min: int = 0, single_max: int = 0):
-        self.name, self.graph, self.sha256, self.row_tensors = name, graph, sha256, row_tensors
+                 cache_dir: Path | None = None, threads: int | None = None, shard_min: int = 0, single_max: int = 0,
+                 source: Path | None = None):
+        self.name, self.graph, self.sha256, self.row_tensors, self.source = name, graph, sha256, row_tensors, source
         self.provider, self.cache_dir, self.threads = provider, cache_dir, threads
         self.shard_min, self.single_max = shard_min, single_max
         self._sessions: dict[tuple, object] = {}
@@ -114,7 +115,7 @@ class OrtEngine:
         self.n_threads = (self.threads or cpu_threads()) if self.cpu else 1
         key = (self.n_threads if self.cpu else None, 0)
         self.session = self._sessions[key] = create_session(self.graph, self.sha256, self.provider, key[0],
-                                                            self.cache_dir)
+                                                            self.cache_dir, self.source)
         outs = [o.name for o in self.session.get_outputs()]
         # Row blocks of several rows need a second (one-thread) session, i.e. a second copy of the
         # weights: not for graphs whose weights live in external data (> 1 GB), where every call
@@ -183,7 +184,7 @@ class OrtEngine:
                 key = (threads, i if threads > 1 else 0)
                 if key not in self._sessions:
                     self._sessions[key] = create_session(self.graph, self.sha256, self.provider, threads,
-                                                         self.cache_dir)
+                                                         self.cache_dir, self.source)
                 sess = self._sessions[key]
             binding = sess.io_binding()
             for group, bind in ((inputs, binding.bind_input), (outputs, binding.bind_output)):

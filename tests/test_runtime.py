@@ -145,9 +145,12 @@ def test_the_optimized_graph_cache_is_written_whole_reused_and_rebuilt_when_dama
     """ONNX Runtime's optimized copy of a graph (cached per engine directory): written under another
     name and renamed into place, so a process opening the directory meanwhile never reads it half
     written; opened without optimizing again the next time, and then without reading the graph
-    itself; rebuilt when damaged, truncated or with one weight changed (its bytes no longer hash to
-    what was written beside it). The outputs every time against numpy's X @ W + b."""
+    itself while the graph's file keeps the size and time recorded beside the copy (once they
+    change, the graph is read and checked again, and the copy kept); rebuilt when damaged,
+    truncated or with one weight changed (its bytes no longer hash to what was recorded). The
+    outputs every time against numpy's X @ W + b."""
     import hashlib
+    import json
     import os
     import subprocess
 
@@ -182,15 +185,19 @@ def test_the_optimized_graph_cache_is_written_whole_reused_and_rebuilt_when_dama
         reads.append(1)
         return graph
 
+    src = tmp_path / "affine.onnx"          # the graph's file, whose state is recorded beside the copy
+    src.write_bytes(graph)
+
     def check():
-        y = create_session(read, sha, "CPUExecutionProvider", 1, cache_dir).run(None, {"x": x})[0]
+        y = create_session(read, sha, "CPUExecutionProvider", 1, cache_dir, src).run(None, {"x": x})[0]
         np.testing.assert_allclose(y, x @ W + b, rtol=1e-5, atol=1e-5)
         files = sorted(f for f in cache_dir.iterdir() if f.name not in planted)
         assert [f.name for f in files] == [files[0].name, files[0].name + ".sha256"], files   # the cache and its hash,
         assert files[0].name.endswith(".opt.onnx")                                           # no part left over
         onnx.checker.check_model(onnx.load(str(files[0])))                                   # whole
-        assert (cache_dir / (files[0].name + ".sha256")).read_text().strip() == hashlib.sha256(
-            files[0].read_bytes()).hexdigest()
+        recorded = json.loads((cache_dir / (files[0].name + ".sha256")).read_text())
+        assert recorded == {"sha256": hashlib.sha256(files[0].read_bytes()).hexdigest(),
+                            "source": [src.stat().st_size, src.stat().st_mtime_ns]}
         return files[0]
 
     def damage(data: bytes) -> None:        # as another program would: a new file in its place
@@ -206,11 +213,16 @@ def test_the_optimized_graph_cache_is_written_whole_reused_and_rebuilt_when_dama
     made.clear()
     assert check() == cache and made == [(str(cache), ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "", [cache.name])]
     assert len(reads) == 1                  # opened from the cache alone
+    os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))      # the graph's file touched:
+    made.clear()
+    assert check() == cache and made == [(str(cache), ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "", [cache.name])]
+    assert len(reads) == 2                  # read and checked again, the copy kept (and the new state recorded:)
+    assert check() == cache and len(reads) == 2
     data = cache.read_bytes()
     at = data.index(b.tobytes()) + 3        # one weight of the cached graph changed (b[0]'s sign): it would still load
     damage(data[:at] + bytes([data[at] ^ 0x80]) + data[at + 1:])
     made.clear()
-    assert check() == cache and [m[0] for m in made] == ["bytes"] and len(reads) == 2    # rebuilt from the graph
+    assert check() == cache and [m[0] for m in made] == ["bytes"] and len(reads) == 3    # rebuilt from the graph
     damage(cache.read_bytes()[: cache.stat().st_size // 2])                           # truncated: rebuilt too
     # beside it, the parts of a writer that died (removed when the cache is written again) and of one
     # that is writing now (this process, another thread: left alone)
@@ -221,7 +233,7 @@ def test_the_optimized_graph_cache_is_written_whole_reused_and_rebuilt_when_dama
         part.write_bytes(b"half a graph")
     planted.add(live.name)
     made.clear()
-    assert check() == cache and [m[0] for m in made] == ["bytes"] and len(reads) == 3
+    assert check() == cache and [m[0] for m in made] == ["bytes"] and len(reads) == 4
     assert not dead.exists() and live.read_bytes() == b"half a graph"
 
 

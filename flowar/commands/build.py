@@ -160,7 +160,7 @@ def export_graphs(req: ExportRequest, model, vae, specs: dict, tmp: Path, report
             from flowar.engines.ort import create_session
             t0 = time.perf_counter()
             try:
-                create_session(path, rec["sha256"], "CPUExecutionProvider", None, tmp / ".ort-cache")
+                create_session(path, rec["sha256"], "CPUExecutionProvider", None, tmp / ".ort-cache", path)
             except Exception:     # noqa: BLE001 - a graph ONNX Runtime's CPU provider cannot run (e.g. bf16 for
                 pass              # TensorRT) needs no copy; verification, when asked, reports what fails
             report.seconds[f"optimize {name}"] = time.perf_counter() - t0

@@ -40,7 +40,7 @@ class Workbench:
         if candidate == "ort-fp32":           # its optimized graph cached in the directory, as opening it would
             graph, sha = self.graphs[stage]
             return OrtEngine(stage, graph, sha, spec.row_tensors, "CPUExecutionProvider", Path(graph).parent / ".ort-cache",
-                             threads or self.threads, *split_limits(stage, config))
+                             threads or self.threads, *split_limits(stage, config), source=Path(graph))
         if candidate in COMPILED:
             key = (stage, candidate)
             if key not in self.packages:
