@@ -175,7 +175,7 @@ def _record(cache: Path, digest: str, source: Path | None) -> None:
     used, and one whose graph's file changed makes the graph be read and checked again. (A folder
     that cannot be written: nothing recorded, the graph is read every time.)"""
     import json
-    side = cache.with_name(cache.name + ".sha256")
+    side = cache.with_name(cache.name + ".json")
     tmp = side.with_name(f"{side.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
         tmp.write_text(json.dumps({"sha256": digest, "source": _file_state(source) if source else None}) + "\n")
@@ -196,7 +196,7 @@ def _cache_whole(cache: Path) -> dict | None:
     from flowar.export.manifest import sha256_file
     try:
         st = cache.stat()
-        record = json.loads(cache.with_name(cache.name + ".sha256").read_text())
+        record = json.loads(cache.with_name(cache.name + ".json").read_text())
         want = record["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return None

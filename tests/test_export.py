@@ -68,7 +68,7 @@ def test_an_exported_directory_opens_without_optimizing_or_reading_its_graphs(en
     assert len(copies) == len(m.stages), copies
     made_by_export = (d / "manifest.json").stat().st_mtime_ns
     for c in copies:
-        assert c.stat().st_mtime_ns <= made_by_export and (d / ".ort-cache" / f"{c.name}.sha256").is_file()
+        assert c.stat().st_mtime_ns <= made_by_export and (d / ".ort-cache" / f"{c.name}.json").is_file()
     levels, reads = [], []
     real_session, real_read = ort.InferenceSession, Manifest.read_checked
 

@@ -192,10 +192,10 @@ def test_the_optimized_graph_cache_is_written_whole_reused_and_rebuilt_when_dama
         y = create_session(read, sha, "CPUExecutionProvider", 1, cache_dir, src).run(None, {"x": x})[0]
         np.testing.assert_allclose(y, x @ W + b, rtol=1e-5, atol=1e-5)
         files = sorted(f for f in cache_dir.iterdir() if f.name not in planted)
-        assert [f.name for f in files] == [files[0].name, files[0].name + ".sha256"], files   # the cache and its hash,
+        assert [f.name for f in files] == [files[0].name, files[0].name + ".json"], files     # the cache and its record,
         assert files[0].name.endswith(".opt.onnx")                                           # no part left over
         onnx.checker.check_model(onnx.load(str(files[0])))                                   # whole
-        recorded = json.loads((cache_dir / (files[0].name + ".sha256")).read_text())
+        recorded = json.loads((cache_dir / (files[0].name + ".json")).read_text())
         assert recorded == {"sha256": hashlib.sha256(files[0].read_bytes()).hexdigest(),
                             "source": [src.stat().st_size, src.stat().st_mtime_ns]}
         return files[0]
