@@ -151,27 +151,29 @@ def load_decoder(path: str | Path, expect_channels: int | None = None) -> VAE:
             return load_vae(p, expect_channels)             # (its one-line refusal)
         lay = _ldm_layout(sd)
         n = len(lay["outs"])
-        config = {"up_block_types": ["UpDecoderBlock2D"] * n, "block_out_channels": lay["outs"],
-                  "layers_per_block": lay["layers"], "latent_channels": lay["latent"],
-                  "norm_num_groups": lay["groups"], "out_channels": 3}
+        with skeleton():                                     # (its weights come from the file below)
+            dec = KLDecoder({"up_block_types": ["UpDecoderBlock2D"] * n, "block_out_channels": lay["outs"],
+                             "layers_per_block": lay["layers"], "latent_channels": lay["latent"],
+                             "norm_num_groups": lay["groups"], "out_channels": 3})
         tensors = _convert_ldm(sd, n)
     elif (p / "config.json").is_file() and weights.is_file():
         from safetensors.torch import load_file
         try:
-            config = json.loads((p / "config.json").read_text())
-            KLDecoder(config)                                # another kind: refused, then diffusers' loader
+            with skeleton():
+                dec = KLDecoder(json.loads((p / "config.json").read_text()))   # another kind: refused
             tensors = load_file(str(weights))
-        except Exception:   # noqa: BLE001
+        except Exception:   # noqa: BLE001 - then diffusers' loader (and its error)
             return load_vae(p, expect_channels)
     else:
         return load_vae(p, expect_channels)
-    with skeleton():
-        dec = KLDecoder(config)
     want = {k: v for k, v in tensors.items() if k.startswith(("decoder.", "post_quant_conv."))}
     if set(want) != set(dec.state_dict()):
         return load_vae(p, expect_channels)
     dec.load_state_dict(want, strict=True)
-    vae = VAE(dec)
+    return _check_channels(VAE(dec), expect_channels, p)
+
+
+def _check_channels(vae: VAE, expect_channels: int | None, p: Path) -> VAE:
     if expect_channels is not None and vae.latent_channels != expect_channels:
         raise FlowARError(f"a VAE with {expect_channels} latent channels (the FlowAR config's latent_channels)",
                           f"{vae.latent_channels} in {p}", "pass the VAE the model was trained with")
@@ -197,7 +199,4 @@ def load_vae(path: str | Path, expect_channels: int | None = None) -> VAE:
         vae = VAE(ak)
     else:
         vae = convert_mar_checkpoint(p)
-    if expect_channels is not None and vae.latent_channels != expect_channels:
-        raise FlowARError(f"a VAE with {expect_channels} latent channels (the FlowAR config's latent_channels)",
-                          f"{vae.latent_channels} in {p}", "pass the VAE the model was trained with")
-    return vae
+    return _check_channels(vae, expect_channels, p)
