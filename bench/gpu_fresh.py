@@ -40,8 +40,10 @@ def fresh(standins: Path, repeat: int, tmp: Path) -> dict:
     for i in range(repeat):
         for mode, extra in MODES.items():
             p = tmp / f"{mode.replace(' ', '_')}{i}"
-            runs[mode].append(flowar_run(base + extra + ["--out", f"{p}.png", "--save-tokens", f"{p}.safetensors"], None))
+            runs[mode].append(flowar_run(base + extra + ["--save-images", str(p), "--save-tokens", f"{p}.safetensors"],
+                                         None))
             print(mode, i, runs[mode][-1], flush=True)
+    from flowar.io.images import psnr
     ref_t = _tokens(tmp / "fp32_eager0")
     ref_i = _image(tmp / "fp32_eager0")
     out = {}
@@ -49,7 +51,7 @@ def fresh(standins: Path, repeat: int, tmp: Path) -> dict:
         p = tmp / f"{mode.replace(' ', '_')}0"
         out[mode] = {f: min(r[f] for r in runs[mode]) for f in ("opened_s", "sampled_s", "command_s")} | {
             "tokens_max_abs_vs_fp32_eager": float((_tokens(p) - ref_t).abs().max()),
-            "psnr_vs_fp32_eager": _psnr(_image(p), ref_i), "runs": runs[mode]}
+            "psnr_vs_fp32_eager": psnr(_image(p), ref_i), "runs": runs[mode]}
     return out
 
 
@@ -66,13 +68,8 @@ def _tokens(p: Path) -> torch.Tensor:
 def _image(p: Path) -> torch.Tensor:
     import numpy as np
     from PIL import Image
-    a = np.asarray(Image.open(f"{p}.png").convert("RGB"), dtype=np.float32)
+    a = np.asarray(Image.open(p / "000000.png").convert("RGB"), dtype=np.float32)    # the image alone (a grid: captions)
     return torch.from_numpy(a).permute(2, 0, 1)[None] / 127.5 - 1
-
-
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    from flowar.io.images import psnr
-    return psnr(a, b)
 
 
 def default_model(per_class: int) -> dict:
