@@ -9,7 +9,8 @@ one at a time in one process), measures:
 * the replica's start (process start to ``/health`` answering, and what the replica reports);
 * 16 requests one after another: latency p50/p99, images/s;
 * 16 requests at once: images/s, the first answer's latency, the batch sizes formed (``/metrics``);
-* two bursts of 48 requests at once, each with a 60 s client deadline: how many got 200, 503 and
+* two bursts of 48 requests at once, each with a 60 s client deadline (sent as ``timeout_s``): how
+  many got 200, 503 (the replica's for its queue or for the deadline, or Serve's) and
   no answer within the deadline, ``/health``'s latency during each burst, and the memory of the
   serve process tree (resident, all its processes) before, after the first and after the second;
 * ``/metrics`` parsed by prometheus_client, its counters against the requests sent;
@@ -62,8 +63,9 @@ def percentile(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def load(url: str, n: int, concurrency: int, timeout: float, seed0: int = 0) -> dict:
-    """n single-image requests, ``concurrency`` at a time; latencies and codes."""
+def load(url: str, n: int, concurrency: int, timeout: float, seed0: int = 0, tell: bool = False) -> dict:
+    """n single-image requests, ``concurrency`` at a time; latencies and codes. ``tell``: each
+    request carries the client's deadline (``timeout_s``), as a client with one would send it."""
     results: list[tuple[int, float, float, bool]] = []      # (status, seconds, finished at, the replica answered)
     lock, t_start = threading.Lock(), time.perf_counter()
     queue = list(range(n))
@@ -75,23 +77,26 @@ def load(url: str, n: int, concurrency: int, timeout: float, seed0: int = 0) -> 
                     return
                 i = queue.pop(0)
             t0 = time.perf_counter()
-            status, body = request(url, "/v1/generate", {"label": i % 10, "seed": seed0 + i}, timeout)
+            body = {"label": i % 10, "seed": seed0 + i} | ({"timeout_s": timeout} if tell else {})
+            status, body = request(url, "/v1/generate", body, timeout)
             with lock:
-                results.append((status, time.perf_counter() - t0, time.perf_counter() - t_start, body is not None))
+                results.append((status, time.perf_counter() - t0, time.perf_counter() - t_start, body is not None,
+                                "within the request's deadline" in str(body)))
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t_start
-    ok = [s for code, s, _, _ in results if code == 200]
+    ok = [s for code, s, *_ in results if code == 200]
     return {"requests": n, "concurrency": concurrency, "ok": len(ok),
             "refused_503": sum(c == 503 for c, *_ in results),
-            "refused_503_by_replica": sum(c == 503 and mine for c, _, _, mine in results),
+            "refused_503_by_replica": sum(c == 503 and mine for c, _, _, mine, _ in results),
+            "refused_503_for_the_deadline": sum(c == 503 and late for c, *_, late in results),
             "other": sorted({c for c, *_ in results} - {200, 503, 0}), "no_answer": sum(c == 0 for c, *_ in results),
             "wall_s": wall, "images_per_s": len(ok) / wall, "p50_s": percentile(ok, 0.5), "p99_s": percentile(ok, 0.99),
-            "first_answer_s": min((done for code, _, done, _ in results if code == 200), default=None),
-            "slowest_answer_s": max((s for _, s, _, _ in results), default=None)}
+            "first_answer_s": min((done for code, _, done, *_ in results if code == 200), default=None),
+            "slowest_answer_s": max((s for _, s, *_ in results), default=None)}
 
 
 def tree_rss_gb(pid: int) -> float:
@@ -200,7 +205,7 @@ def main(argv=None) -> int:
                 probe.append(time.perf_counter() - t)
             h = threading.Thread(target=health_probe)
             h.start()
-            r = load(url, a.burst, a.burst, a.deadline, seed0=1000 * (b + 1))
+            r = load(url, a.burst, a.burst, a.deadline, seed0=1000 * (b + 1), tell=True)
             h.join()
             time.sleep(2.0)
             r |= {"health_s": probe[0] if probe else None, "rss_gb_after": tree_rss_gb(server.pid),
@@ -208,7 +213,7 @@ def main(argv=None) -> int:
             bursts.append(r)
             print(f"burst {b + 1}: {a.burst} at once, {a.deadline:.0f} s deadline: {r['ok']} answered 200 (of "
                   f"{r['computable_in_deadline']:.0f} computable in the deadline in-process), "
-                  f"{r['refused_503']} refused 503 ({r['refused_503_by_replica']} by the replica, the rest by Serve), {r['no_answer']} without an answer, other {r['other']}; slowest "
+                  f"{r['refused_503']} refused 503 ({r['refused_503_by_replica']} by the replica, {r['refused_503_for_the_deadline']} of them for the deadline; the rest by Serve), {r['no_answer']} without an answer, other {r['other']}; slowest "
                   f"{r['slowest_answer_s']:.1f} s; /health in {r['health_s']:.2f} s; {r['rss_gb_after']:.2f} GB resident",
                   flush=True)
         out["bursts"] = bursts

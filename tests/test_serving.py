@@ -173,7 +173,9 @@ def test_overload_is_refused_at_once_and_nothing_refused_or_expired_is_computed(
     """A replica holding 4 images, each batch slowed to 0.4 s: a burst of 12 single-image requests
     gets 200 or 503 (Retry-After, one line) for every request, none waits past its deadline, the
     refused ones are never computed, and /health answers during the burst. A request whose
-    deadline passes in the queue gets 504 and is not computed either."""
+    deadline is shorter than the queue's wait, at the rate the replica measured, is refused at once
+    (503), not held until it expires; one admitted on a wrong (too fast) estimate gets 504 at its
+    deadline. Neither is computed."""
     computed = []
     real = replica.generate
 
@@ -197,13 +199,18 @@ def test_overload_is_refused_at_once_and_nothing_refused_or_expired_is_computed(
         health.append((call(url, "/health")[1], time.time() - t0))
         for t in threads:
             t.join(60)
-        # a deadline shorter than the queue: answered 504 in time, never computed
+        # a deadline shorter than the queue's wait (3 images held, >= 0.1 s each as measured): refused at once
         blocker = threading.Thread(target=call, args=(url, "/v1/generate", {"label": 7, "seed": 900, "n": 3}))
         blocker.start()
         time.sleep(0.1)
         t0 = time.time()
         late = call(url, "/v1/generate", {"label": 8, "seed": 901, "timeout_s": 0.3})
         late_s = time.time() - t0
+        # the estimate made too fast: admitted, then 504 at its deadline, before the blocker's 0.4 s end
+        svc.image_s = 1e-3
+        t0 = time.time()
+        expired = call(url, "/v1/generate", {"label": 9, "seed": 902, "timeout_s": 0.15})
+        expired_s = time.time() - t0
         blocker.join(60)
     ok = [r for r in results if r[1] == 200]
     refused = [r for r in results if r[1] == 503]
@@ -213,16 +220,21 @@ def test_overload_is_refused_at_once_and_nothing_refused_or_expired_is_computed(
         assert int(headers["retry-after"]) >= 1 and answer["error"].startswith("expected room in this replica's queue")
     assert sorted((i % 10, 100 + i) for i, *_ in ok) == sorted(c for c in computed if c[1] < 900)
     assert health[0][1] < 2.0 and health[0][0]["queue"] >= 1
-    assert late[0] == 504 and late[1]["error"].startswith("expected an answer within the deadline") and late_s < 2
-    assert (8, 901) not in computed and svc.held() == 0
-    assert svc.image_s is not None and svc.image_s >= 0.4 / 4         # its slowed batches, measured
+    assert late[0] == 503 and late_s < 0.25, (late, late_s)
+    assert late[1]["error"].startswith("expected images this replica computes within the request's deadline (0.3 s)")
+    assert int(late[2]["retry-after"]) >= 1
+    assert expired[0] == 504 and expired[1]["error"].startswith("expected an answer within the deadline"), expired
+    assert 0.15 <= expired_s < 2
+    assert (8, 901) not in computed and (9, 902) not in computed and svc.held() == 0
+    assert svc.image_s is not None and svc.image_s >= 0.4 / 4         # the blocker's slowed batch, measured
 
 
 def test_retry_after_counts_the_lanes_at_the_rate_they_were_measured_to_drain():
-    """Retry-After: the images beyond the queue's limit at the rate the lanes drain it. Before a
+    """Retry-After: the images beyond the queue's limit at the rate the replica drains it. Before a
     batch is measured, the plan's seconds per image for the whole replica (late rather than early);
-    after, each lane's measured seconds per image shared by the lanes. Here 6 held, 2 asked, a limit
-    of 4: 4 images too many, plus the one that frees room."""
+    after, a lane's measured seconds per image shared by the lanes that computed beside it. Here 6
+    held, 2 asked, a limit of 4: 4 images too many, plus the one that frees room; with a deadline
+    (budget), until the 8 images would be computed within it."""
     from types import SimpleNamespace
 
     from flowar.commands.service import Limits, Service
@@ -231,10 +243,14 @@ def test_retry_after_counts_the_lanes_at_the_rate_they_were_measured_to_drain():
     for svc in (two, one):
         svc.running = 6
         assert svc.retry_after(2) == 8                  # (4 + 1) x 1.6 s, not yet measured
-        svc.measured(4, 8.0)                            # a batch of 4 in 8 s: 2 s per image on a lane
+        svc.measured(4, 8.0, len(svc.replica.lanes))    # a batch of 4 in 8 s beside the other lanes: 2 s per image on a lane
     assert two.retry_after(2) == 5 and one.retry_after(2) == 10     # (4 + 1) x 2 s / lanes
-    two.measured(2, 2.0)                                # 1 s per image: the average moves toward it
-    assert two.retry_after(2) == math.ceil(5 * (0.7 * 2.0 + 0.3 * 1.0) / 2)
+    assert two.retry_after(2, budget=3.0) == 6          # 8 images x 1 s - 3 s, + 1 image
+    assert two.retry_after(2, budget=10.0) == 5         # within the budget: the queue's room decides
+    two.measured(2, 2.0)                                # a lane alone, 1 s per image: the average moves toward it
+    assert two.retry_after(2) == math.ceil(5 * (0.7 * 1.0 + 0.3 * 1.0))
+    two.measured(2, 2.0, 1.5)                           # half the time beside the other lane
+    assert two.image_s == pytest.approx(0.7 * 1.0 + 0.3 * 2 / 2 / 1.5)
 
 
 def test_only_a_burst_after_idling_starts_with_a_small_batch(replica, monkeypatch):

@@ -5,9 +5,10 @@ page to try it (routes: README "Serving"; the app's routes, token and body limit
 ingress (:mod:`flowar.commands.serve`); tests host it with uvicorn.
 
 Image j of a request is sample j of ``flowar-run --labels L,L,... --seed S``. A replica holds a
-bounded queue of images: a request that does not fit is refused at once (503 with Retry-After, the
-seconds the queue needs); an image whose request has passed its deadline or whose client has gone
-is not computed. Batches are formed only in the sizes that cost less per image than every smaller
+bounded queue of images: a request that does not fit, or whose images the replica would not
+finish within the request's deadline (``timeout_s``, at most ``--deadline``) at the rate it drains
+its queue, is refused at once (503 with Retry-After, the seconds until it would fit); an image whose
+request has passed its deadline anyway (504) or whose client has gone is not computed. Batches are formed only in the sizes that cost less per image than every smaller
 one (the call plan measured at export), never waiting to fill. Where the engines allow it
 (:meth:`flowar.runtime.runtime.Runtime.lane`: compiled or PyTorch stages on a CPU) a replica
 computes two batches at once, each in a lane of its own, sharing the cores (the first lane gets them
@@ -188,7 +189,7 @@ class Service:
         self._computes = computes or [ThreadPoolExecutor(1, thread_name_prefix="flowar-compute")
                                       for _ in replica.lanes]
         self.free = list(range(len(replica.lanes)))[::-1]       # lanes not computing (popped from the end)
-        self.image_s: float | None = None   # a lane's seconds per image as measured here (moving average)
+        self.image_s: float | None = None   # the replica's seconds per image as measured here (moving average)
 
     @classmethod
     def open(cls, engine_dir: str, threads: int | None, backend: str, limits: Limits,
@@ -210,21 +211,25 @@ class Service:
     def held(self) -> int:
         return len(self.pending) + self.running
 
-    def retry_after(self, extra: int = 0) -> int:
-        """Seconds until the queue has room for ``extra`` more images: the images beyond the limit at the
-        rate the lanes drain it, each lane at its seconds per image measured here while serving
-        (lanes that compute at once share the cores, so each is slower than the export's plan says);
-        until a batch has been measured, the plan's seconds per image for the whole replica (its
-        lanes together drain faster than one alone: this errs late, never early)."""
-        if self.image_s is not None:
-            per = self.image_s / len(self.replica.lanes)
-        else:
-            per = self.replica.per_image_s or 1.0
-        return max(1, math.ceil((self.held() + extra - self.limits.queue) * per + per))
+    def per_image(self) -> float:
+        """Seconds the replica takes per image, all its lanes together: measured here while serving
+        (:meth:`measured`), until then the plan's (one lane with every core; lanes computing at once
+        drain a little faster: this errs late)."""
+        return self.image_s if self.image_s is not None else (self.replica.per_image_s or 1.0)
 
-    def measured(self, images: int, seconds: float) -> None:
-        """A batch of ``images`` computed on one lane in ``seconds``: into the seconds per image."""
-        s = seconds / max(1, images)
+    def retry_after(self, extra: int = 0, budget: float | None = None) -> int:
+        """Seconds until ``extra`` more images would be taken: until the queue has room for them (the
+        images beyond its limit drained) and, with a ``budget``, until the images held and these
+        would be computed within it (:meth:`per_image`); plus one image's time."""
+        per = self.per_image()
+        wait = max((self.held() + extra - self.limits.queue) * per,
+                   (self.held() + extra) * per - budget if budget is not None else 0.0)
+        return max(1, math.ceil(wait + per))
+
+    def measured(self, images: int, seconds: float, sharing: float = 1.0) -> None:
+        """A batch of ``images`` computed on one lane in ``seconds`` while ``sharing`` lanes computed
+        (this one included; they share the cores): the replica's seconds per image, averaged."""
+        s = seconds / max(1, images) / max(1.0, sharing)
         self.image_s = s if self.image_s is None else 0.7 * self.image_s + 0.3 * s
 
     async def submit(self, req: GenerateRequest, items: list[tuple]) -> GenerateResponse:
@@ -237,11 +242,17 @@ class Service:
                                f"{self.held()} held and {len(items)} asked for",
                                "retry after the seconds in Retry-After, or ask for fewer images",
                                {"Retry-After": str(self.retry_after(len(items)))})
+        budget = min(req.timeout_s or self.limits.deadline_s, self.limits.deadline_s)
+        wait = (self.held() + len(items)) * self.per_image()
+        if wait > budget:                 # it would expire in the queue: refused now, not answered 504 later
+            raise ServiceError(503, f"images this replica computes within the request's deadline ({budget:g} s)",
+                               f"about {wait:.0f} s for the {self.held()} images held and {len(items)} asked for",
+                               "retry after the seconds in Retry-After, send a longer timeout_s, or ask for fewer images",
+                               {"Retry-After": str(self.retry_after(len(items), budget))})
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():     # (a worker that died is started again)
             self._wake = asyncio.Event()
             self._worker = loop.create_task(self._run())
-        budget = min(req.timeout_s or self.limits.deadline_s, self.limits.deadline_s)
         t0 = time.monotonic()
         batch = [_Item(label, req.seed, j, settings, t0 + budget, loop.create_future()) for label, j, settings in items]
         self.pending += batch
@@ -297,6 +308,7 @@ class Service:
     async def _compute(self, lane: int, batch: list) -> None:
         """One batch on one lane; its images (or its error) handed to the requests that wait."""
         started = time.monotonic()
+        busy = len(self.replica.lanes) - len(self.free)          # lanes computing as it starts, this one too
         try:
             images, seconds = await asyncio.get_running_loop().run_in_executor(
                 self._computes[lane], self.replica.generate, batch, lane)
@@ -306,10 +318,11 @@ class Service:
                     it.future.set_exception(e)
             return
         finally:
+            busy = (busy + len(self.replica.lanes) - len(self.free)) / 2     # ... and as it ends
             self.running -= len(batch)
             self.free.append(lane)
             self._wake.set()
-        self.measured(len(batch), time.monotonic() - started)
+        self.measured(len(batch), time.monotonic() - started, busy)
         m = self.metrics
         m.batch.labels(self.limits.replica).observe(len(batch))
         m.images.labels(self.limits.replica).inc(len(batch))
