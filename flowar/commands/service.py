@@ -50,7 +50,8 @@ class GenerateRequest(BaseModel):
     cfg: float | None = Field(None, description="guidance weight at the last scale, 1 = off")
     guidance: float | None = Field(None, description="guide only at t <= this")
     timeout_s: float | None = Field(None, gt=0, description="answer within this many seconds or not at all "
-                                    "(at most the server's --deadline)")
+                                    "(at most the server's --deadline): refused at once (503) when the replica's "
+                                    "queue would not make it")
 
 
 class GenerateResponse(BaseModel):
