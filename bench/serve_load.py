@@ -17,6 +17,9 @@ one at a time in one process), measures:
 * the in-process rate again after the server has stopped (this host's speed drifts within
   minutes), and the sequential and concurrent ratios to the mean of both.
 
+Writes the figures as JSON (``--json``) and a chart beside it (``--chart``): each request of each
+phase a line from when it was sent to when its answer came, coloured by what came.
+
 Without ``--engine-dir`` the shipped default model is exported first (its time is mostly overhead).
 """
 
@@ -68,7 +71,7 @@ def load(url: str, n: int, concurrency: int, timeout: float, seed0: int = 0, tel
     request carries the client's deadline (``timeout_s``), as a client with one would send it."""
     results: list[tuple[int, float, float, bool]] = []      # (status, seconds, finished at, the replica answered)
     lock, t_start = threading.Lock(), time.perf_counter()
-    queue = list(range(n))
+    queue, sent = list(range(n)), []
 
     def worker():
         while True:
@@ -82,6 +85,7 @@ def load(url: str, n: int, concurrency: int, timeout: float, seed0: int = 0, tel
             with lock:
                 results.append((status, time.perf_counter() - t0, time.perf_counter() - t_start, body is not None,
                                 "within the request's deadline" in str(body)))
+                sent.append(t0 - t_start)
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for t in threads:
         t.start()
@@ -96,7 +100,56 @@ def load(url: str, n: int, concurrency: int, timeout: float, seed0: int = 0, tel
             "other": sorted({c for c, *_ in results} - {200, 503, 0}), "no_answer": sum(c == 0 for c, *_ in results),
             "wall_s": wall, "images_per_s": len(ok) / wall, "p50_s": percentile(ok, 0.5), "p99_s": percentile(ok, 0.99),
             "first_answer_s": min((done for code, _, done, *_ in results if code == 200), default=None),
-            "slowest_answer_s": max((s for _, s, *_ in results), default=None)}
+            "slowest_answer_s": max((s for _, s, *_ in results), default=None),
+            # per request: sent and answered (seconds since the phase began), and what came
+            "timeline": [(round(t, 3), round(done, 3), _kind(code, mine, late))
+                         for t, (code, _, done, mine, late) in zip(sent, results)]}
+
+
+def _kind(code: int, mine: bool, late: bool) -> str:
+    if code == 200:
+        return "200"
+    if code == 503:
+        return "503 deadline" if late else "503 queue" if mine else "503 Serve"
+    return "no answer" if code == 0 else str(code)
+
+
+COLORS = {"200": "#2a9d43", "503 deadline": "#e08a1e", "503 queue": "#c9b21a", "503 Serve": "#8a8a8a",
+          "no answer": "#d62728"}
+
+
+def chart(out: dict, path: str) -> None:
+    """One panel per phase: each request a line from when it was sent to when its answer came
+    (an unanswered one: to the client's deadline), coloured by what came."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    phases = [("16 one after another", out["sequential"]), ("16 at once", out["concurrent"])] + [
+        (f"burst {i + 1}: {b['requests']} at once, {out['deadline_s']:.0f} s deadline", b)
+        for i, b in enumerate(out.get("bursts", []))]
+    fig, axes = plt.subplots(len(phases), 1, figsize=(9, 2.1 * len(phases) + 0.8), squeeze=False)
+    for ax, (title, r) in zip(axes[:, 0], phases):
+        rows = sorted(r["timeline"], key=lambda x: (round(x[0]), x[1]))      # by when sent (to the second), then answered
+        for y, (t0, t1, kind) in enumerate(rows):
+            ax.plot([t0, t1], [y, y], color=COLORS.get(kind, "black"), lw=2.2, solid_capstyle="butt")
+            ax.plot([t1], [y], marker="|", color=COLORS.get(kind, "black"), ms=5)
+        if title.startswith("burst"):
+            ax.axvline(out["deadline_s"], color="black", ls="--", lw=0.8)
+        counts = {k: sum(1 for *_, kind in rows if kind == k) for k in COLORS}
+        ax.set_title(f"{title}: " + ", ".join(f"{n} x {k}" for k, n in counts.items() if n), fontsize=9, loc="left")
+        ax.set_ylabel("request", fontsize=8)
+        ax.set_ylim(-1, len(rows))
+        ax.tick_params(labelsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1, 0].set_xlabel("seconds since the phase began (a line: sent -> answered)", fontsize=8)
+    handles = [plt.Line2D([], [], color=c, lw=3, label=k) for k, c in COLORS.items()]
+    fig.suptitle(f"flowar-serve, one replica ({out['cpu']}, {out['threads']} cores, "
+                 f"{out['in_process_s_per_image']:.2f} s per image in-process): each request from sent to answered",
+                 fontsize=10, x=0.01, y=0.995, ha="left")
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.01, 0.975), ncol=5, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
 
 
 def tree_rss_gb(pid: int) -> float:
@@ -145,6 +198,7 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline", type=float, default=60.0, help="client deadline of a burst's requests")
     ap.add_argument("--port", type=int, default=None)
     ap.add_argument("--json", default="bench/out/serve_load.json")
+    ap.add_argument("--chart", default=None, help="the timeline chart (PNG) [default: beside --json]")
     a = ap.parse_args(argv)
     tmp = tempfile.TemporaryDirectory()
     engine_dir = a.engine_dir
@@ -168,7 +222,7 @@ def main(argv=None) -> int:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     from flowar.engines.cpu import cpu_kind
     out: dict = {"engine_dir": engine_dir, "cpu": cpu_kind()["model"], "threads": a.threads or os.cpu_count(),
-                 "in_process_s_per_image": per_image}
+                 "in_process_s_per_image": per_image, "deadline_s": a.deadline}
     try:
         while request(url, "/health", timeout=5)[0] != 200:
             if server.poll() is not None or time.perf_counter() - t0 > 600:
@@ -246,6 +300,10 @@ def main(argv=None) -> int:
     from flowar.io.files import atomic_write_bytes
     atomic_write_bytes(a.json, lambda t: Path(t).write_text(json.dumps(out, indent=1)))
     print(f"JSON -> {a.json}; flowar-serve exited {out['exit_code']} on SIGTERM")
+    if "bursts" in out:
+        png = a.chart or str(Path(a.json).with_suffix(".png"))
+        atomic_write_bytes(png, lambda t: chart(out, t))
+        print(f"chart -> {png}")
     return 0
 
 
