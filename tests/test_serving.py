@@ -276,6 +276,41 @@ def test_only_a_burst_after_idling_starts_with_a_small_batch(replica, monkeypatc
     assert status == 200 and len(answer["images"]) == 4 and sizes == [1, 4], (status, sizes)
 
 
+def test_two_lanes_share_a_burst_instead_of_one_lane_taking_the_largest_batch():
+    """12 images at once on two lanes (paying sizes 1, 2, 4, 8; each image 0.05 s): after the idle
+    replica's first image, the waiting images are shared among both lanes, so no lane takes more
+    than half of what waits (11 // 2 -> a batch of 4, not 8). A later lane computes on half the cores
+    even alone: a batch of 8 there left the first lane idle and 8 of 11 burst images past a 60 s
+    deadline (bench/RESULTS.md, 2026-12-04). Fails with the old rule (the free lanes' share: 8)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from flowar.commands.service import GenerateRequest, Limits, Service
+    formed = []
+
+    def generate(items, lane=0):
+        formed.append((lane, len(items)))
+        time.sleep(0.05 * len(items))
+        return ["png"] * len(items), {}
+    replica = SimpleNamespace(lanes=[0, 1], sizes=[1, 2, 4, 8], per_image_s=0.05, generate=generate,
+                              batch_s=lambda n: 0.05 * n)
+    pools = [ThreadPoolExecutor(1), ThreadPoolExecutor(1)]
+    svc = Service(replica, Limits(queue=32, deadline_s=30), computes=pools)
+
+    async def burst():
+        reqs = [svc.submit(GenerateRequest(label=i % 10, seed=i), [(i % 10, 0, None)]) for i in range(12)]
+        return await asyncio.gather(*reqs)
+    try:
+        answers = asyncio.run(burst())
+    finally:
+        for p in pools:
+            p.shutdown()
+    assert len(answers) == 12 and all(a.images == ["png"] for a in answers)
+    assert sum(n for _, n in formed) == 12 and formed[0][1] == 1, formed
+    assert max(n for _, n in formed) <= 4 and {lane for lane, _ in formed} == {0, 1}, formed
+
+
 def test_a_replica_with_two_lanes_computes_two_batches_at_once_with_the_images_of_one(default_auto_engines):
     """Engines that take calls from several threads (PyTorch's here, on a CPU): the replica opens a
     second lane, and with every batch slowed to 0.5 s, four requests at once are computed two at a

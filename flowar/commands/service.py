@@ -277,9 +277,9 @@ class Service:
 
     async def _run(self) -> None:
         """The worker: drop what has expired or been abandoned; while a lane is free, take the
-        largest paying batch size that the waiting images fill, shared with the other free lanes
-        (never waiting for a batch to fill; on an idle replica, the largest that takes at most twice
-        one image on its share of the cores), and compute it on that lane."""
+        largest paying batch size that the lane's share of the waiting images fills (shared among
+        all the lanes; never waiting for a batch to fill; on an idle replica, the largest that takes
+        at most twice one image on its share of the cores), and compute it on that lane."""
         loop, idle = asyncio.get_running_loop(), True
         while True:
             self.pending = [it for it in self.pending if not it.future.done() and it.deadline > time.monotonic()]
@@ -294,7 +294,10 @@ class Service:
                 self.pending = [it for it in self.pending if not it.future.done()]
                 if not self.pending:
                     continue
-            fits = [s for s in self.replica.sizes if s <= math.ceil(len(self.pending) / len(self.free))] or [1]
+            # the waiting images shared among all the lanes, not only the free ones: a lane busy now
+            # is free again soon, and a large batch given to a later lane (never more than its share
+            # of the cores) would leave the first lane idle while it computes on half of them
+            fits = [s for s in self.replica.sizes if s <= len(self.pending) // len(self.replica.lanes)] or [1]
             if idle:        # a burst's first answers as soon as a lone request's: at most 2x one image's time
                 lanes = len(self.replica.lanes)
                 fits = [s for s in fits if self.replica.batch_s(s) * lanes <= 2 * self.replica.batch_s(1)] or [1]
