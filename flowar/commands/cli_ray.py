@@ -74,7 +74,8 @@ def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, sche
 @click.option("--queue", type=int, help="Images a replica holds (running and waiting) before it answers 503, at "
               "least --max-n [default: twice the engines' max batch, or --max-n if more].")
 @click.option("--deadline", default=120.0, show_default=True, type=float, help="Seconds a request is kept at most "
-              "(a request may ask for less with timeout_s); what has not started by then is not computed.")
+              "(a request may ask for less with timeout_s); one the queue would not make in time is refused at once "
+              "(503), and what has not started by then is not computed.")
 @click.option("--grace", default=60.0, show_default=True, type=float, help="On SIGTERM/Ctrl-C: seconds the requests in "
               "flight have to finish.")
 @click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the bearer token clients must send "
