@@ -7,16 +7,19 @@ ingress (:mod:`flowar.commands.serve`); tests host it with uvicorn.
 Image j of a request is sample j of ``flowar-run --labels L,L,... --seed S``. A replica holds a
 bounded queue of images: a request that does not fit, or whose images the replica would not
 finish within the request's deadline (``timeout_s``, at most ``--deadline``) at the rate it drains
-its queue, is refused at once (503 with Retry-After, the seconds until it would fit); an image whose
-request has passed its deadline anyway (504) or whose client has gone is not computed. Batches are formed only in the sizes that cost less per image than every smaller
-one (the call plan measured at export), never waiting to fill. Where the engines allow it
+its queue, is refused at once (503 with Retry-After, the seconds until it would fit; none for a
+request that would not fit even alone); an image whose request has passed its deadline anyway
+(504) or whose client has gone is not computed. Batches are formed only in the sizes that cost
+less per image than every smaller one (the call plan measured at export), never waiting to fill.
+Where the engines allow it
 (:meth:`flowar.runtime.runtime.Runtime.lane`: compiled or PyTorch stages on a CPU) a replica
 computes two batches at once, each in a lane of its own, sharing the cores (the first lane gets them
 all when it computes alone): on 2 cores, 16 FlowAR-S requests at once were served at 1.19-1.26x the
 rate of one image at a time in one process, 1.02-1.04x with one lane (batching alone gains little
 on that CPU). An idle replica starts once requests stop arriving (20 ms without a new one, at most
 250 ms) with the largest batch that takes at most twice one image on its share of the cores: a
-burst's first answers come about as soon as a lone request's, the rest in the largest batches.
+burst's first answers come about as soon as a lone request's; after that a free lane takes the
+largest paying batch its share of the waiting images (shared among all the lanes) fills.
 Every error is ``{"error": one line}``.
 """
 
@@ -191,6 +194,7 @@ class Service:
                                       for _ in replica.lanes]
         self.free = list(range(len(replica.lanes)))[::-1]       # lanes not computing (popped from the end)
         self.image_s: float | None = None   # the replica's seconds per image as measured here (moving average)
+        self._busy = [0, 0.0, time.monotonic()]    # lanes computing, lane-seconds computed so far, when counted
 
     @classmethod
     def open(cls, engine_dir: str, threads: int | None, backend: str, limits: Limits,
@@ -214,9 +218,9 @@ class Service:
 
     def per_image(self) -> float:
         """Seconds the replica takes per image, all its lanes together: measured here while serving
-        (:meth:`measured`), until then the plan's (one lane with every core; lanes computing at once
-        drain a little faster: this errs late)."""
-        return self.image_s if self.image_s is not None else (self.replica.per_image_s or 1.0)
+        (:meth:`measured`), until then the plan's for one image alone (larger batches and lanes
+        computing at once drain faster: this errs late)."""
+        return self.image_s if self.image_s is not None else self.replica.batch_s(1)
 
     def retry_after(self, extra: int = 0, budget: float | None = None) -> int:
         """Seconds until ``extra`` more images would be taken: until the queue has room for them (the
@@ -238,14 +242,23 @@ class Service:
             raise ServiceError(503, "a server that is not stopping", "it is shutting down",
                                "send the request to another replica, or again once it is back",
                                {"Retry-After": "5"})
+        budget = min(req.timeout_s or self.limits.deadline_s, self.limits.deadline_s)
         if self.held() + len(items) > self.limits.queue:
             raise ServiceError(503, f"room in this replica's queue ({self.limits.queue} images)",
                                f"{self.held()} held and {len(items)} asked for",
                                "retry after the seconds in Retry-After, or ask for fewer images",
-                               {"Retry-After": str(self.retry_after(len(items)))})
-        budget = min(req.timeout_s or self.limits.deadline_s, self.limits.deadline_s)
+                               {"Retry-After": str(self.retry_after(len(items), budget))})
+        # would it expire in the queue? Refused now, not answered 504 later. The estimate is the
+        # queue's; a replica holding nothing takes whatever its best known rate computes in time
+        # (a stale, slow measurement must not keep an idle replica refusing)
+        best = min(self.per_image(), self.replica.per_image_s or self.per_image())
+        if len(items) * best > budget:                  # not even alone: no retry will help
+            raise ServiceError(503, f"images this replica computes within the request's deadline ({budget:g} s)",
+                               f"{len(items)} asked for, about {len(items) * best:.1f} s even alone",
+                               f"ask for at most {max(1, int(budget / best + 1e-9))} images per request, or send a longer "
+                               "timeout_s")
         wait = (self.held() + len(items)) * self.per_image()
-        if wait > budget:                 # it would expire in the queue: refused now, not answered 504 later
+        if self.held() and wait > budget:
             raise ServiceError(503, f"images this replica computes within the request's deadline ({budget:g} s)",
                                f"about {wait:.0f} s for the {self.held()} images held and {len(items)} asked for",
                                "retry after the seconds in Retry-After, send a longer timeout_s, or ask for fewer images",
@@ -309,10 +322,18 @@ class Service:
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
 
+    def _lanes_busy(self, change: int) -> float:
+        """Lane-seconds computed so far (the count of lanes computing integrated over time), then
+        ``change`` lanes more computing from now on."""
+        now = time.monotonic()
+        self._busy[1] += self._busy[0] * (now - self._busy[2])
+        self._busy[0] += change
+        self._busy[2] = now
+        return self._busy[1]
+
     async def _compute(self, lane: int, batch: list) -> None:
         """One batch on one lane; its images (or its error) handed to the requests that wait."""
-        started = time.monotonic()
-        busy = len(self.replica.lanes) - len(self.free)          # lanes computing as it starts, this one too
+        started, lane_s = time.monotonic(), self._lanes_busy(+1)
         try:
             images, seconds = await asyncio.get_running_loop().run_in_executor(
                 self._computes[lane], self.replica.generate, batch, lane)
@@ -322,7 +343,8 @@ class Service:
                     it.future.set_exception(e)
             return
         finally:
-            busy = (busy + len(self.replica.lanes) - len(self.free)) / 2     # ... and as it ends
+            # the lanes computing beside it, on average over its time (this one included)
+            busy = (self._lanes_busy(-1) - lane_s) / max(1e-9, time.monotonic() - started)
             self.running -= len(batch)
             self.free.append(lane)
             self._wake.set()
