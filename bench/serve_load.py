@@ -269,7 +269,9 @@ def main(argv=None) -> int:
             bursts.append(r)
             print(f"burst {b + 1}: {a.burst} at once, {a.deadline:.0f} s deadline: {r['ok']} answered 200 (of "
                   f"{r['computable_in_deadline']:.0f} computable in the deadline in-process), "
-                  f"{r['refused_503']} refused 503 ({r['refused_503_by_replica']} by the replica, {r['refused_503_for_the_deadline']} of them for the deadline; the rest by Serve), {r['no_answer']} without an answer, other {r['other']}; slowest "
+                  f"{r['refused_503']} refused 503 ({r['refused_503_by_replica']} by the replica, "
+                  f"{r['refused_503_for_the_deadline']} of them for the deadline; the rest by Serve), "
+                  f"{r['no_answer']} without an answer, other {r['other']}; slowest "
                   f"{r['slowest_answer_s']:.1f} s; /health in {r['health_s']:.2f} s; {r['rss_gb_after']:.2f} GB resident",
                   flush=True)
         out["bursts"] = bursts

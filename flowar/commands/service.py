@@ -248,9 +248,8 @@ class Service:
                                f"{self.held()} held and {len(items)} asked for",
                                "retry after the seconds in Retry-After, or ask for fewer images",
                                {"Retry-After": str(self.retry_after(len(items), budget))})
-        # would it expire in the queue? Refused now, not answered 504 later. The estimate is the
-        # queue's; a replica holding nothing takes whatever its best known rate computes in time
-        # (a stale, slow measurement must not keep an idle replica refusing)
+        # would it expire in the queue? Refused now, not 504 later. A replica holding nothing takes what its
+        # best known rate computes in time (a stale, slow measurement must not keep an idle replica refusing)
         best = min(self.per_image(), self.replica.per_image_s or self.per_image())
         if len(items) * best > budget:                  # not even alone: no retry will help
             raise ServiceError(503, f"images this replica computes within the request's deadline ({budget:g} s)",
@@ -323,8 +322,7 @@ class Service:
             task.add_done_callback(self._batches.discard)
 
     def _lanes_busy(self, change: int) -> float:
-        """Lane-seconds computed so far (the count of lanes computing integrated over time), then
-        ``change`` lanes more computing from now on."""
+        """Lane-seconds computed so far (lanes computing, integrated over time); ``change`` more from now."""
         now = time.monotonic()
         self._busy[1] += self._busy[0] * (now - self._busy[2])
         self._busy[0] += change
