@@ -194,7 +194,7 @@ class Service:
                                       for _ in replica.lanes]
         self.free = list(range(len(replica.lanes)))[::-1]       # lanes not computing (popped from the end)
         self.image_s: float | None = None   # the replica's seconds per image as measured here (moving average)
-        self._busy = [0, 0.0, time.monotonic()]    # lanes computing, lane-seconds computed so far, when counted
+        self._computing, self._lane_s, self._counted = 0, 0.0, time.monotonic()   # lanes computing, lane-seconds, when
 
     @classmethod
     def open(cls, engine_dir: str, threads: int | None, backend: str, limits: Limits,
@@ -324,10 +324,9 @@ class Service:
     def _lanes_busy(self, change: int) -> float:
         """Lane-seconds computed so far (lanes computing, integrated over time); ``change`` more from now."""
         now = time.monotonic()
-        self._busy[1] += self._busy[0] * (now - self._busy[2])
-        self._busy[0] += change
-        self._busy[2] = now
-        return self._busy[1]
+        self._lane_s += self._computing * (now - self._counted)
+        self._computing, self._counted = self._computing + change, now
+        return self._lane_s
 
     async def _compute(self, lane: int, batch: list) -> None:
         """One batch on one lane; its images (or its error) handed to the requests that wait."""
@@ -342,11 +341,11 @@ class Service:
             return
         finally:
             # the lanes computing beside it, on average over its time (this one included)
-            busy = (self._lanes_busy(-1) - lane_s) / max(1e-9, time.monotonic() - started)
+            lane_s, took = self._lanes_busy(-1) - lane_s, time.monotonic() - started
             self.running -= len(batch)
             self.free.append(lane)
             self._wake.set()
-        self.measured(len(batch), time.monotonic() - started, busy)
+        self.measured(len(batch), took, lane_s / max(1e-9, took))
         m = self.metrics
         m.batch.labels(self.limits.replica).observe(len(batch))
         m.images.labels(self.limits.replica).inc(len(batch))
