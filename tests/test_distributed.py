@@ -209,7 +209,7 @@ def server(engines):
     from flowar.commands.serve import serve_forever
     port = _free_port()
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    serve_forever(str(engines), "127.0.0.1", port, 1, 16, 1, None, block=False, queue=32)
+    serve_forever(str(engines), "127.0.0.1", port, 1, 16, 1, None, block=False, queue=16)
     yield f"http://127.0.0.1:{port}"
     from ray import serve
     serve.shutdown()
@@ -260,6 +260,25 @@ def test_served_images_are_flowar_runs_and_bad_requests_leave_it_serving(server,
         t.join(120)
     batches = _metric(server, "flowar_batch_size_count", [("replica", rep)]) - before[0]
     assert _metric(server, "flowar_images_total", [("replica", rep)]) - before[1] == 12 and 1 <= batches < 12
+
+
+def test_a_burst_beyond_the_queue_is_refused_by_the_replica_with_its_one_line_answer(server):
+    # 160 requests at once on a queue of 16 images: what does not fit is refused by the replica
+    # (503, one line that says how to fix it), never by Serve's router with its own plain text
+    # (with the router's bound at the replica's queue, as before: 17-54 of 160 such answers)
+    results = []
+    threads = [threading.Thread(target=lambda i=i: results.append(_post(server, {"label": i % 10, "seed": 500 + i},
+                                                                      timeout=120)))
+               for i in range(160)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(150)
+    codes = [code for code, _ in results]
+    assert len(results) == 160 and codes.count(200) >= 16 and codes.count(503) > 0, sorted(set(codes))
+    refused = [body for code, body in results if code != 200]
+    assert all(code in (200, 503) for code in codes), [b for b in refused if "raw" in b][:1]
+    assert all("error" in b and b["error"].startswith("expected") for b in refused), [b for b in refused if "raw" in b][:1]
 
 
 @pytest.mark.slow

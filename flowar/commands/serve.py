@@ -2,10 +2,12 @@
 FastAPI ingress, one :class:`~flowar.commands.service.Service` (an engine set behind a bounded
 queue) per replica; starting, draining and stopping it.
 
-Two bounds keep overload from queueing without end: Ray Serve's own ``max_queued_requests`` (the
-requests its router holds for a replica; beyond them Serve answers 503 with Retry-After) and each
-replica's queue of images (beyond it the replica answers 503 itself, at once, with the seconds the
-queue needs).
+Two bounds keep overload from queueing without end: each replica's queue of images (beyond it, or
+beyond what it computes within a request's deadline, the replica answers 503 itself, at once, with
+one line and the seconds the queue needs) and Ray Serve's own ``max_queued_requests`` (the requests
+its router holds while it assigns them; beyond them Serve answers 503 with plain text of its own).
+The router's bound is set 256 requests above the replica's queue so that the replica is the one
+that refuses: at the replica's queue size a burst of 160 requests got 17-54 of Serve's answers.
 
 Stopping (SIGTERM, as Kubernetes and systemd send it, or Ctrl-C): the application is redeployed
 with ``draining`` on, which Serve applies to the running replicas in place (``reconfigure``): new
@@ -94,7 +96,7 @@ def build_app(engine_dir: str, *, threads: int | None = None, max_n: int = 16, r
     limit = queue or max(2 * max_batch, max_n)       # images a replica holds: a batch running, one waiting
     args = (engine_dir, threads, backend, max_n, limit, deadline_s, token, lanes)
     options = dict(num_replicas=replicas, ray_actor_options={"num_cpus": threads or 1},
-                   max_ongoing_requests=limit + 256, max_queued_requests=limit,  # the replica refuses first, at once
+                   max_ongoing_requests=limit + 256, max_queued_requests=limit + 256,  # the replica refuses first, at once
                    backpressure_config=BackpressureConfig(status_code=503, retry_after_s=5),
                    graceful_shutdown_timeout_s=grace_s, graceful_shutdown_wait_loop_s=0.5,
                    user_config={"draining": draining})
