@@ -347,15 +347,19 @@ def _stderr_until(proc, start: str) -> str:
 
 @pytest.mark.slow
 def test_sigterm_answers_what_is_in_flight_refuses_what_comes_and_exits_0(engines, tmp_path):
-    """flowar-serve as Kubernetes stops it: SIGTERM while a long request runs. That request is
-    answered 200 with all its images; one sent while it drains gets 503 with the one-line error;
-    the command exits 0 within the grace period with one line, no stack dump. The token is asked
-    for on loopback with --require-token."""
+    """flowar-serve as systemd (KillMode=control-group, its default) or `timeout` stop it: SIGTERM
+    to every process of its group at once, Ray's included, while a long request runs. That request
+    is answered 200 with all its images; one sent while it drains gets 503 with the one-line error;
+    the command exits 0 within the grace period with one line, no stack dump, and leaves no process.
+    (Before, Ray's processes died at once: exit 1 after 60 s, the request lost, Ray's workers left.)
+    The token is asked for on loopback with --require-token. (SIGTERM to the command alone, as
+    Kubernetes sends it: the next test.)"""
     port = _free_port()
     (tmp_path / "token").write_text("t0k3n\n")
     proc = subprocess.Popen([str(EXE / "flowar-serve"), "--engine-dir", str(engines), "--port", str(port),
                              "--threads", "1", "--require-token", "--token-file", str(tmp_path / "token"),
-                             "--grace", "60"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             "--grace", "60"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         line = _stderr_until(proc, "serving ")                           # Ray's own notices first
@@ -380,7 +384,7 @@ def test_sigterm_answers_what_is_in_flight_refuses_what_comes_and_exits_0(engine
         worker.start()
         time.sleep(1.5)                                                  # in flight
         t0 = time.time()
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         draining, during = False, None
         while time.time() - t0 < 30 and not draining:
             try:
@@ -393,15 +397,24 @@ def test_sigterm_answers_what_is_in_flight_refuses_what_comes_and_exits_0(engine
         worker.join(120)
         rc = proc.wait(timeout=90)
         rest = proc.stderr.read()
+        deadline = time.time() + 15
+        while _session_alive(proc.pid) and time.time() < deadline:
+            time.sleep(0.5)
+        left = _session_alive(proc.pid)
     finally:
         if proc.poll() is None:
             proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     assert long and long[0][0] == 200 and len(long[0][1]["images"]) == 16
     assert draining and refused[0] == 503, refused
     assert during == before              # drained in place: no new replica started (engines opened again) to refuse
     assert refused[1]["error"].startswith("expected a server that is not stopping"), refused
     assert rc == 0 and time.time() - t0 < 60 and "Traceback" not in rest, rest[-2000:]
     assert [ln for ln in rest.splitlines() if ln.strip()][-1].startswith("stopped on SIGTERM")
+    assert not left, left
 
 
 @pytest.mark.slow

@@ -22,8 +22,18 @@ def start_ray(address: str | None, num_cpus: int | None):
     kw = dict(include_dashboard=False, configure_logging=False, log_to_driver=False)
     if address:
         ray.init(address=address, **kw)
-    else:
+        return ray
+    # The local cluster's processes are started with SIGTERM blocked (they inherit this thread's
+    # mask), as Ray starts them with SIGINT blocked: a SIGTERM sent to every process at once
+    # (systemd's default KillMode=control-group, `timeout`, `kill -- -PGID`) then reaches only this
+    # command, which stops gracefully and shuts Ray down. Unblocked, Ray's processes died at once:
+    # the command waited 60 s for its GCS, exited 1 and lost the requests in flight.
+    import signal
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
         ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kw)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
     return ray
 
 
