@@ -321,6 +321,20 @@ def test_beyond_loopback_a_token_is_required_before_anything_starts(engines, tmp
         proc.stderr.strip().count("\n") == 0, proc.stderr
 
 
+def test_a_port_in_use_is_one_line_before_ray_starts(engines):
+    # (before: Ray and Serve started, then "expected Ray Serve and its replicas to start", 14 s later,
+    # with a fix that pointed at the engines)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([str(EXE / "flowar-serve"), "--engine-dir", str(engines), "--port", str(port)],
+                              env=ENV, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert proc.stderr.startswith(f"error: expected an address to listen on (127.0.0.1:{port}); got address "
+                                  "already in use. Fix: choose another --port"), proc.stderr
+
+
 def test_bulk_counts_below_one_are_one_line_before_anything_starts(engines, tmp_path):
     """--workers 0 (it divided by it for a note first: a traceback), --threads 0, --batch 0."""
     from click.testing import CliRunner

@@ -117,6 +117,8 @@ def serve_cmd(engine_dir, host, port, replicas, backend, threads, lanes, max_n, 
     if (require_token or not loopback) and token is None:
         raise FlowARError("a bearer token to serve beyond loopback (or with --require-token)", "none",
                           "put one in a file for --token-file, or in $FLOWAR_SERVE_TOKEN")
+    if ray_address is None:          # a local Serve listens here: refuse a port it cannot take before Ray starts
+        _can_listen(host, port)
     threads = threads or max(1, (os.cpu_count() or 1) // replicas)
     where = f"http://{host}:{port}"
 
@@ -129,3 +131,22 @@ def serve_cmd(engine_dir, host, port, replicas, backend, threads, lanes, max_n, 
                   backend=backend, lanes=lanes, queue=queue, deadline_s=deadline,
                   token=token if (require_token or not loopback or token) else None,
                   grace_s=grace, say=lambda line: click.echo(line, err=True))
+
+
+def _can_listen(host: str, port: int) -> None:
+    """Refuse an address this machine cannot listen on (a port in use, a host not its own) in one
+    line, before Ray starts (it failed 14 s later, with a fix that pointed at the engines)."""
+    import errno
+    import socket
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)     # as the server will: TIME_WAIT is no obstacle
+            s.bind(addr)
+    except OSError as e:
+        in_use = e.errno == errno.EADDRINUSE
+        why = e.strerror or str(e)
+        raise FlowARError(f"an address to listen on ({host}:{port})", why[:1].lower() + why[1:],
+                          "choose another --port, or stop what listens there" if in_use
+                          else "use --host 127.0.0.1 (loopback), 0.0.0.0 (every interface) or an address of this machine") from None
