@@ -335,6 +335,19 @@ def test_a_port_in_use_is_one_line_before_ray_starts(engines):
                                   "already in use. Fix: choose another --port"), proc.stderr
 
 
+def test_a_ray_address_where_nothing_answers_is_one_line_at_once(engines, tmp_path):
+    # (before: Ray retried for minutes, printing warnings)
+    port = _free_port()                                  # free: nothing listens there
+    for cmd in (["flowar-sample", "--engine-dir", str(engines), "--num-images", "8", "--out", str(tmp_path / "o")],
+                ["flowar-serve", "--engine-dir", str(engines)]):
+        proc = subprocess.run([str(EXE / cmd[0]), *cmd[1:], "--ray-address", f"127.0.0.1:{port}"], env=ENV,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+        assert proc.stderr.startswith(f"error: expected a running Ray cluster (--ray-address 127.0.0.1:{port}); "
+                                      f"got no answer at 127.0.0.1:{port}"), proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_bulk_counts_below_one_are_one_line_before_anything_starts(engines, tmp_path):
     """--workers 0 (it divided by it for a note first: a traceback), --threads 0, --batch 0."""
     from click.testing import CliRunner

@@ -222,6 +222,8 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     from flowar.sampling.schedule import Settings
     choose_backend(m, spec.backend)                                             # refuse a backend that cannot run
     Settings.of(spec.schedule)                                                  # refuse bad values now
+    if ray_address is not None:
+        start_ray(ray_address, None)                    # a cluster that is not there: refused before --out is written
     out.mkdir(parents=True, exist_ok=True)
     _check_spec(out, spec)
     shards = shard_ranges(spec.num_images, spec.shard_size)

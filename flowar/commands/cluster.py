@@ -21,7 +21,13 @@ def start_ray(address: str | None, num_cpus: int | None):
         return ray
     kw = dict(include_dashboard=False, configure_logging=False, log_to_driver=False)
     if address:
-        ray.init(address=address, **kw)
+        _answers(address)
+        try:
+            ray.init(address=address, **kw)
+        except ConnectionError as e:        # "auto" with none running (an OSError: not a path's fault)
+            why = str(e).splitlines()[0].split(". ")[0].rstrip(".")
+            raise FlowARError(f"a running Ray cluster (--ray-address {address})", why[:1].lower() + why[1:],
+                              _START) from None
         return ray
     # The local cluster's processes are started with SIGTERM blocked (they inherit this thread's
     # mask), as Ray starts them with SIGINT blocked: a SIGTERM sent to every process at once
@@ -35,6 +41,25 @@ def start_ray(address: str | None, num_cpus: int | None):
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
     return ray
+
+
+_START = "start one (ray start --head) and pass the address it prints, or omit --ray-address for a local one"
+
+
+def _answers(address: str) -> None:
+    """Refuse at once a cluster address (HOST:PORT, ray://HOST:PORT) where nothing answers: Ray
+    itself retried for minutes, printing warnings."""
+    import socket
+    where = address.removeprefix("ray://")
+    host, _, port = where.rpartition(":")
+    if not host or not port.isdigit():
+        return                  # "auto", "local": Ray finds or refuses it itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise FlowARError(f"a running Ray cluster (--ray-address {address})",
+                          f"no answer at {host}:{port} ({why[:1].lower() + why[1:]})", _START) from None
 
 
 def quiet_ray_data() -> None:
