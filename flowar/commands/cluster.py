@@ -19,6 +19,11 @@ def start_ray(address: str | None, num_cpus: int | None):
                           "pip install 'flowar-deploy[serve]' (or 'ray[data,serve]')") from None
     if ray.is_initialized():
         return ray
+    # Ray 2.60 announces on every start that token authentication is on (its default, which stays):
+    # that line, and only that one, is dropped (auth stays on); the commands say what they started
+    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if _not_token_enabled not in auth.filters:
+        auth.addFilter(_not_token_enabled)
     kw = dict(include_dashboard=False, configure_logging=False, log_to_driver=False)
     if address:
         _answers(address)
@@ -60,6 +65,10 @@ def _answers(address: str) -> None:
         why = e.strerror or type(e).__name__
         raise FlowARError(f"a running Ray cluster (--ray-address {address})",
                           f"no answer at {host}:{port} ({why[:1].lower() + why[1:]})", _START) from None
+
+
+def _not_token_enabled(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Token authentication is enabled")
 
 
 def quiet_ray_data() -> None:
