@@ -19,8 +19,8 @@ def start_ray(address: str | None, num_cpus: int | None):
                           "pip install 'flowar-deploy[serve]' (or 'ray[data,serve]')") from None
     if ray.is_initialized():
         return ray
-    # Ray 2.60 announces on every start that token authentication is on (its default, which stays):
-    # that line, and only that one, is dropped (auth stays on); the commands say what they started
+    # Ray 2.60 announces on every start that token authentication is on, its default: that line
+    # alone is dropped (auth stays on); the commands say what they started themselves
     auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
     if _not_token_enabled not in auth.filters:
         auth.addFilter(_not_token_enabled)
