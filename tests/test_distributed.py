@@ -105,6 +105,36 @@ def _session_alive(sid: int) -> list[str]:
 
 
 @pytest.mark.slow
+def test_bulk_samples_on_a_cluster_that_ray_start_started_by_its_address(engines, tmp_path):
+    """`ray start --head` (token authentication on, Ray's default), then flowar-sample --ray-address
+    HOST:PORT: the same images as one worker without Ray. (Before: refused by the cluster, "token
+    is missing", and reported as a path error; "auto" worked.) A HOME of its own holds the token."""
+    env = {k: v for k, v in ENV.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))} | {"HOME": str(tmp_path)}
+    # a token in HOME (as any local Ray start leaves one, flowar-serve's too): `ray start` then requires it
+    subprocess.run([str(EXE / "ray"), "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
+    port = _free_port()
+    head = subprocess.Popen([str(EXE / "ray"), "start", "--head", "--port", str(port), "--num-cpus", "2",
+                             "--include-dashboard", "false", "--node-ip-address", "127.0.0.1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert head.wait(timeout=120) == 0, head.stderr.read()[-2000:]
+        proc = subprocess.run([str(EXE / "flowar-sample"), "--engine-dir", str(engines), "--num-images", str(N),
+                               "--out", str(tmp_path / "cluster"), "--shard-size", "4", "--workers", "2", "--seed",
+                               "3", "--ray-address", f"127.0.0.1:{port}"], env=env, capture_output=True, text=True,
+                              timeout=300)
+    finally:
+        for line in _session_alive(head.pid):                 # the head's processes only (not `ray stop`: every cluster)
+            try:
+                os.kill(int(line.split()[1]), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _sample(engines, tmp_path / "here", 1, 4)
+    a, b = (np.load(tmp_path / d / "samples.npz")["arr_0"] for d in ("cluster", "here"))
+    assert a.shape == (N, 32, 32, 3) and np.array_equal(a, b)
+
+
+@pytest.mark.slow
 def test_sigterm_stops_bulk_sampling_on_ray_like_ctrl_c_and_leaves_no_process(engines, tmp_path):
     """flowar-sample on two Ray workers, stopped by SIGTERM once shards are written: one line that
     says how far it got and that the same command resumes, exit 130, no traceback, and no process

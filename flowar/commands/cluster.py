@@ -11,7 +11,15 @@ from flowar.errors import FlowARError
 def start_ray(address: str | None, num_cpus: int | None):
     """Connect to a cluster, or start a local one on loopback without dashboard or usage stats."""
     import os
+    import sys
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # A cluster `ray start --head` started authenticates by token, its default; Ray's client finds
+    # the token it wrote for "auto" but not for an address (refused: "token is missing") unless the
+    # mode is set before Ray is imported
+    token = bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                 or os.path.isfile(os.path.expanduser("~/.ray/auth_token")))
+    if address and address != "auto" and token and "RAY_AUTH_MODE" not in os.environ and "ray" not in sys.modules:
+        os.environ["RAY_AUTH_MODE"] = "token"
     try:
         import ray
     except ImportError:
@@ -32,7 +40,9 @@ def start_ray(address: str | None, num_cpus: int | None):
         except ConnectionError as e:        # "auto" with none running (an OSError: not a path's fault)
             why = str(e).splitlines()[0].split(". ")[0].rstrip(".")
             raise FlowARError(f"a running Ray cluster (--ray-address {address})", why[:1].lower() + why[1:],
-                              _START) from None
+                              _START if "auto" in address or token else
+                              "put the cluster's token in ~/.ray/auth_token or $RAY_AUTH_TOKEN (`ray get-auth-token` "
+                              "on its head prints it), or check the address") from None
         return ray
     # The local cluster's processes are started with SIGTERM blocked (they inherit this thread's
     # mask), as Ray starts them with SIGINT blocked: a SIGTERM sent to every process at once
