@@ -13,9 +13,10 @@ def start_ray(address: str | None, num_cpus: int | None):
     import os
     import sys
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # A cluster `ray start --head` started authenticates by token, its default; Ray's client finds
-    # the token it wrote for "auto" but not for an address (refused: "token is missing") unless the
-    # mode is set before Ray is imported
+    # `ray start --head` authenticates by token where a token exists (~/.ray/auth_token: any local
+    # Ray start leaves one); Ray's client then connects by "auto" but not by an address (refused:
+    # "token is missing") unless the mode is set before Ray is imported: set here as "auto" decides
+    # it (a cluster started with RAY_AUTH_MODE=disabled: the client sets it too)
     token = bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
                  or os.path.isfile(os.path.expanduser("~/.ray/auth_token")))
     if address and address != "auto" and token and "RAY_AUTH_MODE" not in os.environ and "ray" not in sys.modules:
