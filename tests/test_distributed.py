@@ -107,8 +107,9 @@ def _session_alive(sid: int) -> list[str]:
 @pytest.mark.slow
 def test_bulk_samples_on_a_cluster_that_ray_start_started_by_its_address(engines, tmp_path):
     """`ray start --head` (token authentication on, Ray's default), then flowar-sample --ray-address
-    HOST:PORT: the same images as one worker without Ray. (Before: refused by the cluster, "token
-    is missing", and reported as a path error; "auto" worked.) A HOME of its own holds the token."""
+    HOST:PORT: the same images as a local run, which starts a cluster of its own beside that one.
+    (Before: refused by the cluster, "token is missing", and reported as a path error; "auto"
+    worked; and a local run joined the running cluster and failed.) A HOME of its own holds the token."""
     env = {k: v for k, v in ENV.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))} | {"HOME": str(tmp_path)}
     # a token in HOME (as any local Ray start leaves one, flowar-serve's too): `ray start` then requires it
     subprocess.run([str(EXE / "ray"), "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
@@ -122,14 +123,17 @@ def test_bulk_samples_on_a_cluster_that_ray_start_started_by_its_address(engines
                                "--out", str(tmp_path / "cluster"), "--shard-size", "4", "--workers", "2", "--seed",
                                "3", "--ray-address", f"127.0.0.1:{port}"], env=env, capture_output=True, text=True,
                               timeout=300)
+        _sample(engines, tmp_path / "here", 2, 4)           # a local cluster of its own, that one running
     finally:
         for line in _session_alive(head.pid):                 # the head's processes only (not `ray stop`: every cluster)
             try:
                 os.kill(int(line.split()[1]), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        current = Path("/tmp/ray/ray_current_cluster")        # where `ray start` named it for ray.init(): no more
+        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink(missing_ok=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    _sample(engines, tmp_path / "here", 1, 4)
     a, b = (np.load(tmp_path / d / "samples.npz")["arr_0"] for d in ("cluster", "here"))
     assert a.shape == (N, 32, 32, 3) and np.array_equal(a, b)
 

@@ -53,7 +53,9 @@ def start_ray(address: str | None, num_cpus: int | None):
     import signal
     before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
-        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kw)
+        # "local": a cluster of its own even where `ray start` runs one on this machine (ray.init
+        # joined that, and refused num_cpus: "When connecting to an existing cluster ...")
+        ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kw)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
     return ray
