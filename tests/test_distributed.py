@@ -365,7 +365,7 @@ def test_a_port_in_use_is_one_line_before_ray_starts(engines):
         proc = subprocess.run([str(EXE / "flowar-serve"), "--engine-dir", str(engines), "--port", str(port)],
                               env=ENV, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
-    assert proc.stderr.startswith(f"error: expected an address to listen on (127.0.0.1:{port}); got address "
+    assert proc.stderr.startswith(f"error: expected an address to listen on (127.0.0.1:{port}); got Address "
                                   "already in use. Fix: choose another --port"), proc.stderr
 
 

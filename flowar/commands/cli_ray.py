@@ -146,7 +146,6 @@ def _can_listen(host: str, port: int) -> None:
             s.bind(addr)
     except OSError as e:
         in_use = e.errno == errno.EADDRINUSE
-        why = e.strerror or str(e)
-        raise FlowARError(f"an address to listen on ({host}:{port})", why[:1].lower() + why[1:],
+        raise FlowARError(f"an address to listen on ({host}:{port})", str(e.strerror or e),
                           "choose another --port, or stop what listens there" if in_use
                           else "use --host 127.0.0.1 (loopback), 0.0.0.0 (every interface) or an address of this machine") from None

@@ -39,8 +39,8 @@ def start_ray(address: str | None, num_cpus: int | None):
         try:
             ray.init(address=address, **kw)
         except ConnectionError as e:        # "auto" with none running (an OSError: not a path's fault)
-            why = str(e).splitlines()[0].split(". ")[0].rstrip(".")
-            raise FlowARError(f"a running Ray cluster (--ray-address {address})", why[:1].lower() + why[1:],
+            raise FlowARError(f"a running Ray cluster (--ray-address {address})",
+                              str(e).splitlines()[0].split(". ")[0].rstrip("."),
                               _START if "auto" in address or token else
                               "put the cluster's token in ~/.ray/auth_token or $RAY_AUTH_TOKEN (`ray get-auth-token` "
                               "on its head prints it), or check the address") from None
@@ -75,9 +75,8 @@ def _answers(address: str) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
     except OSError as e:
-        why = e.strerror or type(e).__name__
         raise FlowARError(f"a running Ray cluster (--ray-address {address})",
-                          f"no answer at {host}:{port} ({why[:1].lower() + why[1:]})", _START) from None
+                          f"no answer at {host}:{port} ({e.strerror or type(e).__name__})", _START) from None
 
 
 def _not_token_enabled(record: logging.LogRecord) -> bool:
