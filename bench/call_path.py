@@ -7,7 +7,8 @@ Counts distinct functions (code objects: file, first line, qualified name) defin
 repository's packages (``flowar/``, ``export/``, ``engines/``, ``runtime/``) that run while the
 command opens the directory, samples one image and writes it; comprehensions and generator
 expressions are not counted (they belong to the function that holds them), nor are module and class
-bodies (they run at import). Without
+bodies (they run at import), nor the program's quick exit (``flowar.commands.options._leave``, one
+function, not run when the command is called with its arguments, as here). Without
 ``--engine-dir`` the default model is exported first (``flowar-export``, in a subprocess, not
 counted). A measure of how much a newcomer must read to follow one image (issue 28).
 """
@@ -42,19 +43,16 @@ def trace(argv: list[str]) -> dict[tuple[str, int, str], int]:
                 key = (os.path.relpath(co.co_filename, ROOT), co.co_firstlineno, co.co_qualname)
                 seen[key] = seen.get(key, 0) + 1
 
-    old = sys.argv
-    sys.argv = ["flowar-run", *argv]
     threading.setprofile(prof)
     sys.setprofile(prof)
     try:
-        main()
+        main(list(argv), "flowar-run")         # (given its arguments, the command returns here instead of ending the process)
     except SystemExit as e:
         if e.code not in (0, None):
             raise
     finally:
         sys.setprofile(None)
         threading.setprofile(None)
-        sys.argv = old
     return seen
 
 

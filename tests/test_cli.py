@@ -1,5 +1,6 @@
 """flowar-run from the command line."""
 
+import os
 import subprocess
 import sys
 
@@ -180,3 +181,41 @@ def test_export_then_run_from_the_engine_directory(fixtures_dir, tiny_v1, noise2
     # images need a decoder, which this directory does not have: one clear line
     res = CliRunner().invoke(run, ["--engine-dir", str(tmp_path / "eng"), "--out", str(tmp_path / "g.png")])
     assert res.exit_code == 2 and "re-export with --vae" in res.output
+
+
+def test_the_installed_command_ends_once_its_output_is_out_and_its_exit_handlers_ran(fixtures_dir, tmp_path):
+    """A command run as a program ends without the interpreter's teardown (0.4 s after PyTorch was
+    imported): what it wrote and printed is complete, the status is its own, the exit handlers ran
+    (Ray's shutdown, temporary folders), and a thread of the program's own that still runs is
+    waited for, as an ordinary exit does."""
+    script = ("import atexit, os, pathlib, threading, time\n"
+              "marks = pathlib.Path(os.environ['MARKS'])\n"
+              "atexit.register(lambda: ((marks / 'exit-handler').write_text('ran'), print('a handler said')))\n"
+              "class Teardown:\n"
+              "    def __del__(self):\n"
+              "        (marks / 'teardown').write_text('ran')\n"
+              "kept = Teardown()\n"
+              "if os.environ.get('THREAD'):\n"
+              "    threading.Thread(target=lambda: (time.sleep(1), (marks / 'thread').write_text('done'))).start()\n"
+              "from flowar.commands.cli import run\nrun()\n")
+    sample = ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny", "--labels", "1,2", "--steps", "4"]
+
+    def program(args, marks, **env):
+        marks.mkdir()
+        proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                              env={**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},   # stdout buffered
+                                   "MARKS": str(marks), **env})
+        return proc, {p.name for p in marks.iterdir()}
+
+    proc, ran = program(sample + ["--save-tokens", str(tmp_path / "t.safetensors")], tmp_path / "a")
+    assert proc.returncode == 0 and proc.stdout.startswith("sampled 2 x "), proc
+    assert proc.stdout.endswith("\na handler said\n"), proc.stdout                  # (printed after the command's output)
+    assert ran == {"exit-handler"}, ran                                  # handlers yes, teardown no
+    res = CliRunner().invoke(run, sample + ["--save-tokens", str(tmp_path / "u.safetensors")])
+    assert res.exit_code == 0, res.output
+    assert torch.equal(load_file(str(tmp_path / "t.safetensors"))["tokens"], load_file(str(tmp_path / "u.safetensors"))["tokens"])
+    proc, ran = program(["--ckpt", str(tmp_path / "missing.pth"), "--preset", "tiny"], tmp_path / "b")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc
+    assert ran == {"exit-handler"}, ran
+    proc, ran = program(["--help"], tmp_path / "c", THREAD="1")
+    assert proc.returncode == 0 and "--engine-dir" in proc.stdout and ran == {"exit-handler", "thread", "teardown"}, ran

@@ -31,21 +31,22 @@ class Command(click.Command):
 
     def main(self, args=None, prog_name=None, **extra):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        leave = _leave if args is None else sys.exit      # a program (console script), or called with arguments
         args = sys.argv[1:] if args is None else list(args)
         extra.pop("standalone_mode", None)
         try:
             code = super().main(args, prog_name or self.name, standalone_mode=False, **extra)
         except click.UsageError as e:
             click.echo(f"error: {e.format_message()} Fix: see {self.name} --help", err=True)
-            sys.exit(EXIT_USER_ERROR)
+            leave(EXIT_USER_ERROR)
         except click.ClickException as e:
             e.show()
-            sys.exit(e.exit_code)
+            leave(e.exit_code)
         except (FlowARError, OSError) as e:
             if self.debugging(args):
                 raise
             click.echo(one_line(e), err=True)
-            sys.exit(EXIT_USER_ERROR)
+            leave(EXIT_USER_ERROR)
         except (click.Abort, KeyboardInterrupt, _Stopped) as e:
             cause = (e.cause if isinstance(e, _Stopped) else
                      e.__context__ if isinstance(e, click.Abort) and e.__context__ else e)
@@ -54,10 +55,10 @@ class Command(click.Command):
                     raise cause from None
                 click.echo(one_line(FlowARError("complete input files", f"EOFError: {cause}",
                                                 "check the files given: one may be truncated")), err=True)
-                sys.exit(EXIT_USER_ERROR)
+                leave(EXIT_USER_ERROR)
             click.echo("interrupted" + (f": {cause}" if str(cause) else ""), err=True)
-            sys.exit(130)
-        sys.exit(code if isinstance(code, int) else 0)
+            leave(130)
+        leave(code if isinstance(code, int) else 0)
 
     def debugging(self, args: list[str]) -> bool:
         """Whether ``--debug`` was given (the parsed flag: ``--labels --debug`` gives labels a value)."""
@@ -65,6 +66,28 @@ class Command(click.Command):
             return bool(self.make_context(self.name, list(args), resilient_parsing=True).params.get("debug"))
         except Exception:   # noqa: BLE001 - arguments that do not parse: no flag
             return False
+
+
+def _leave(code: int) -> None:
+    """End the program now with ``code``: its exit handlers run (Ray's shutdown, temporary folders,
+    logging) and its output is flushed, and then the process ends without the interpreter's
+    teardown, which frees every object of every module one by one: after PyTorch was imported that
+    took 0.43 s of a command that had finished its work (measured on 2 cores, AMD EPYC Zen 5;
+    FlowAR-S ``flowar-run --engine-dir`` 7.3 s in all). Where a thread of the program's own is
+    still running (not a daemon), the ordinary exit, which waits for it."""
+    import atexit
+    import threading
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
+    if run_exit_handlers is None or any(t.is_alive() and not t.daemon and t is not threading.main_thread()
+                                        for t in threading.enumerate()):
+        sys.exit(code)
+    run_exit_handlers()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):            # a closed pipe or stream: nothing more can be said on it
+            pass
+    os._exit(code)
 
 
 class _Stopped(Exception):
