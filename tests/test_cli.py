@@ -65,6 +65,7 @@ def test_run_decodes_through_the_mar_vae(fixtures_dir, tmp_path):
     (["--labels", ""], "integer class ids"),
     (["--classes", "cat,,dog"], "class names separated by single commas"),
     (["--out", "g.jpg"], "--out a .png file"),
+    (["--save-tokens", "t.pt"], "--save-tokens a .safetensors file (tokens and labels as safetensors); got t.pt"),
 ])
 def test_user_errors_are_one_line(fixtures_dir, args, needle):
     res = CliRunner().invoke(run, ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny"] + args)

@@ -66,8 +66,10 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
     for p, is_dir, option in ((save_tokens, False, "--save-tokens"), (out, False, "--out"),
                               (save_images, True, "--save-images")):
         check_writable(p, is_dir, option)
-    if out and Path(out).suffix.lower() != ".png":
-        raise FlowARError("--out a .png file (the grid is a PNG)", out, f"use --out {Path(out).with_suffix('.png')}")
+    for path, suffix, option, why in ((out, ".png", "--out", "the grid is a PNG"),
+                                      (save_tokens, ".safetensors", "--save-tokens", "tokens and labels as safetensors")):
+        if path and Path(path).suffix.lower() != suffix:
+            raise FlowARError(f"{option} a {suffix} file ({why})", path, f"use {option} {Path(path).with_suffix(suffix)}")
     if not (ckpt or engine_dir) or (ckpt and engine_dir and backend != "torch"):
         raise FlowARError("exactly one of --ckpt or --engine-dir (both: --backend torch from a directory whose "
                           "checkpoint moved)", "both" if ckpt else "neither",
