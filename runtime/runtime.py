@@ -191,6 +191,9 @@ class Runtime(contextlib.AbstractContextManager):
             raise EngineDirError(f"graphs for every stage ({', '.join(specs)})", f"missing {missing}",
                                  f"re-export: flowar-export --out {m.root}")
         chosen = choose_backend(m, backend)
+        # The engines decide where they compute; --device chooses only for the checkpoint's modules
+        # (--backend torch), and a device the engines do not compute on is refused ("auto": theirs).
+        asked = None if device is None or str(device) == "auto" else resolve_device(device)
         stack = contextlib.ExitStack()
         try:
             t0 = time.perf_counter()
@@ -200,8 +203,14 @@ class Runtime(contextlib.AbstractContextManager):
             else:
                 from flowar.engines.ort import choose_provider
                 provider = choose_provider() if chosen == "ort" else "CPUExecutionProvider"
-                dev = resolve_device(device if device is not None else "cuda" if provider == "CUDAExecutionProvider"
-                                     else "cpu" if chosen != "torch" else "auto")
+                dev = (asked if chosen == "torch" and asked is not None else
+                       resolve_device("cuda" if provider == "CUDAExecutionProvider" else "cpu" if chosen != "torch"
+                                      else "auto"))
+                if asked is not None and asked.type != dev.type:
+                    raise FlowARError(f"--device {dev.type} for these engines (" + (
+                                      f"ONNX Runtime {provider}" if chosen == "ort" else "the CPU engines the export "
+                                      "chose") + ")", str(asked), "omit --device (the engines decide), or pass "
+                                      "--backend torch to run the checkpoint's modules on it")
                 choice = {"ort": {}, "torch": dict.fromkeys(specs, "torch-fp32")}.get(chosen, m.choice)
                 threads_ = Threads.resolve(threads, any(choice.get(s, "ort-fp32") != "ort-fp32" for s in specs))
                 engines, detail = directory_engines(m, specs, choice, chosen, threads_.cores, provider, dev, ckpt)

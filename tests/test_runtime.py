@@ -357,3 +357,28 @@ def test_opening_warms_only_the_engines_whose_measured_set_up_is_large(default_a
     assert warmed == n_scales * rows_ar + (n_scales * 2 if warm["head_prep"] else 0)
     with Runtime.open_engine_dir(d, backend="ort", warm=()) as rt:
         assert rt.opened["shapes warmed"] == 0
+
+
+def test_cpu_engines_stay_on_the_cpu_where_pytorch_sees_a_gpu(default_auto_engines, monkeypatch, tmp_path):
+    """On a machine where PyTorch sees a GPU and the engines are CPU engines (ONNX Runtime without
+    its CUDA provider; what --precision auto compiled for the CPU), flowar-run's default --device
+    auto opens them on the CPU (it handed them CUDA buffers); --device cuda is one line, before
+    anything is allocated."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from flowar.commands.cli import run
+    from flowar.runtime.runtime import Runtime
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)     # (no GPU here: any CUDA allocation fails)
+    for backend in ("auto", "ort"):
+        with Runtime.open(default_auto_engines, True, backend=backend, device="auto") as rt:
+            assert rt.device.type == "cpu", (backend, rt.device)
+        out = tmp_path / f"{backend}.safetensors"
+        res = CliRunner().invoke(run, ["--engine-dir", str(default_auto_engines), "--backend", backend, "--labels", "1",
+                                       "--steps", "3", "--save-tokens", str(out)])
+        assert res.exit_code == 0 and load_file(str(out))["tokens"].isfinite().all(), (backend, res.output)
+        res = CliRunner().invoke(run, ["--engine-dir", str(default_auto_engines), "--backend", backend, "--labels", "1",
+                                       "--device", "cuda"])
+        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: expected --device cpu for these "
+                                                                              "engines"), res.output

@@ -43,7 +43,8 @@ from flowar.errors import FlowARError
 @click.option("--save-tokens", type=click.Path(dir_okay=False), help="Write tokens (B,C,H,W) to this safetensors file.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write a labelled PNG grid here.")
 @click.option("--save-images", type=click.Path(file_okay=False), help="Write one PNG per sample into this folder.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N] (--ckpt path).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]: where --ckpt (or "
+              "--backend torch) computes; other engines compute where they were made for.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]),
               help="--ckpt path: bf16 computes the GEMMs in bf16 with float32 around them (engine directories "
                    "record their own: flowar-export --precision).")
