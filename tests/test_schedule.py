@@ -42,3 +42,18 @@ def test_linear_guidance_over_scales():
 def test_out_of_range_arguments_are_refused(args):
     with pytest.raises(FlowARError):
         build_schedule(*args, 5)
+
+
+def test_a_stride_without_the_skip_solver_is_refused_and_the_grid_is_described_by_its_points():
+    """--stride only means something to the skip solver: with another it was dropped and the plain
+    solver ran, reported as a custom schedule; the description counts the grid's points (N = 24
+    gives the 25 of N = 25: it said "24-point")."""
+    from flowar.sampling.schedule import Settings
+    with pytest.raises(FlowARError, match=r"--stride with the skip solver .*; got --stride 2 with --solver euler"):
+        Settings(stride=2).resolve(5)
+    with pytest.raises(FlowARError, match="got --stride 2 with --solver heun"):
+        Settings(schedule="fast", solver="heun", stride=2).resolve(5)
+    assert Settings(schedule="fast", stride=2).resolve(5).stride == 2 and Settings(solver="skip", stride=4).resolve(5).stride == 4
+    for n, points in ((24, 25), (25, 25), (50, 51), (9, 9)):
+        s = Settings(steps=n).resolve(5)
+        assert len(s.times) == len(time_grid(n)) == points and f"official {points}-point grid" in s.describe()

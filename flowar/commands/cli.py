@@ -33,8 +33,9 @@ from flowar.errors import FlowARError
 @click.option("--classes", multiple=True, help="Class names, e.g. cat,dog (ImageNet names and synonyms for the "
               "official 1000-class models); names that contain commas: separate with ';' or repeat the option.")
 @click.option("--n-per-class", default=1, show_default=True, type=int, help="Samples per requested class.")
-@click.option("--batch", "batch_size", type=int, help="Samples per batch [default: all at once; with --engine-dir "
-              "the directory's max batch].")
+@click.option("--batch", "batch_size", type=int, help="Samples per batch [default: with --engine-dir the batch "
+              "with the best images/s in the call plan measured at export, else the engines' max batch; with --ckpt "
+              "all at once (on a GPU with CUDA graphs, 16)].")
 @schedule_options("the engine directory's")
 @click.option("--seed", default=0, show_default=True, type=int, help="Names the images: sample i's noise depends "
               "only on (seed, i), whatever the batch size or backend.")
@@ -85,12 +86,15 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
         sched = rt.schedule(settings)
         ids = parse_labels(rt.config.num_classes, rt.class_names, labels, classes, n_per_class)
         batch = min(len(ids), batch_size or rt.batch or len(ids))
-        if batch > 1 and (rt.max_batch is None or batch <= rt.max_batch):    # opening warmed batch 1's shapes
+        # opening warmed batch 1's shapes on the engines that set up a lot per shape (the export
+        # measured which: none for ONNX Runtime's); this batch's too
+        if batch > 1 and (rt.max_batch is None or batch <= rt.max_batch):
             t1 = time.perf_counter()
             rt.opened["shapes warmed"] = rt.opened.get("shapes warmed", 0) + rt.warm_up([batch], every_engine=False)
             rt.opened["warm-up"] = rt.opened.get("warm-up", 0.0) + time.perf_counter() - t1
         opened = time.perf_counter() - t0
-        parts = ", ".join(f"{k} {v:.2f} s" if isinstance(v, float) else f"{k} {v}" for k, v in rt.opened.items())
+        shown = {k: v for k, v in rt.opened.items() if rt.opened.get("shapes warmed") or k not in ("warm-up", "shapes warmed")}
+        parts = ", ".join(f"{k} {v:.2f} s" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
         click.echo(f"opened {engine_dir or ckpt} in {opened:.2f} s" + (f" ({parts})" if parts else ""), err=True)
         click.echo(f"backend: {rt.detail}; schedule: {sched.describe()}; CUDA graphs "
                    f"{'on' if rt.runner else 'off'}", err=True)

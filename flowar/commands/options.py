@@ -113,9 +113,11 @@ def schedule_options(recorded_by: str):
                               f"within ~40 dB of official) [default: official, or {recorded_by}]."),
             click.option("--solver", type=click.Choice(["euler", "ab2", "heun", "skip"]),
                          help="Override the schedule's ODE solver."),
-            click.option("--stride", type=int, help="skip solver: run the head on 1 step in N (the schedule's: 3)."),
-            click.option("--steps", type=int, help="Points of the official time grid (25 = 24 steps) [default: the "
-                                                   f"schedule's, or {recorded_by}]."),
+            click.option("--stride", type=int, help="With the skip solver (--schedule fast): run the head on 1 step "
+                                                    "in N (the schedule's: 3)."),
+            click.option("--steps", type=int, help="The official sampler's num_steps N: its grid has 2 (N // 2) + 1 "
+                                                   "points (25: 24 steps; 50: 50) [default: the schedule's, or "
+                                                   f"{recorded_by}]."),
             click.option("--cfg", type=float, help=f"Guidance weight at the last scale, 1 = off [default: "
                                                    f"{SAMPLING_DEFAULTS['cfg']}, or {recorded_by}]."),
             click.option("--guidance", type=float, help=f"Guide only at t <= this [default: "

@@ -1,6 +1,7 @@
 """A request in batches: recorded or per-sample noise, the sampler called per batch, outputs written.
 
-Every entry point reaches this through :class:`flowar.pipeline.pipeline.FlowARPipeline`.
+Every command and the pipeline reach this through :meth:`flowar.runtime.runtime.Runtime.sample`
+(the bench's solver study and the judge's reference runs call it directly).
 """
 
 from __future__ import annotations

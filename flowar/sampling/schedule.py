@@ -60,8 +60,10 @@ SCHEDULES: dict[str, dict] = {
 def time_grid(num_steps: int, grid: str = "official") -> torch.Tensor:
     """The float64 time points t_0 = 1 > ... > t_last = 0.
 
-    ``official``: the official Euler sampler's grid. ``uniform``: ``num_steps`` equally spaced
-    points (``num_steps - 1`` steps, the count the official rule gives for most N).
+    ``official``: the official Euler sampler's grid for its ``num_steps`` N: N // 2 points from 1
+    to 0.3, then N // 2 + 1 from 0.25 to 0, so 2 (N // 2) + 1 points (N = 25 and N = 24 both give
+    25 points, 24 steps), and 51 for N = 50. ``uniform``: ``num_steps`` equally spaced points
+    (``num_steps - 1`` steps, the official rule's count for odd N).
     """
     if grid == "uniform":
         return torch.linspace(1, 0, num_steps, dtype=torch.float64)
@@ -140,7 +142,7 @@ class Schedule:
 
     def describe(self) -> str:
         what = self.solver if self.solver != "skip" else f"skip (head on 1 step in {self.stride}, order {self.order})"
-        return (f"{self.name + ': ' if self.name else ''}{what} on the {self.grid} {self.num_steps}-point grid, "
+        return (f"{self.name + ': ' if self.name else ''}{what} on the {self.grid} {len(self.times)}-point grid, "
                 f"{self.head_evals} head evaluations per sample")
 
     def rows(self, B: int) -> int:
@@ -201,6 +203,10 @@ class Settings:
         layers = (self, recorded if isinstance(recorded, Settings) else Settings.of(recorded), _DEFAULTS)
         s = {f: next((getattr(x, f) for x in layers if getattr(x, f) is not None), None) for f in self.__dataclass_fields__}
         spec = SCHEDULES[s["schedule"]] | {k: s[k] for k in ("steps", "solver", "stride", "order") if s[k] is not None}
+        if self.stride is not None and spec["solver"] != "skip":        # (it would be dropped: the plain solver ran)
+            raise FlowARError("--stride with the skip solver (--schedule fast, or --solver skip)",
+                              f"--stride {self.stride} with --solver {spec['solver']}",
+                              "drop --stride, or add --schedule fast")
         custom = spec != SCHEDULES[s["schedule"]]
         return build_schedule(spec["steps"], float(s["cfg"]), float(s["guidance"]), n_scales, spec["solver"],
                               spec["grid"], spec["stride"], spec["order"], name=None if custom else s["schedule"])
