@@ -281,7 +281,7 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
                           "pass --engine-dir DIR (from flowar-export) or --ckpt PATH")
     with contextlib.ExitStack() as stack:
         rt = stack.enter_context(Runtime.open(engine_dir or ckpt, bool(engine_dir), preset=preset, config=config_path,
-                                              vae=vae, device="cpu"))
+                                              vae=vae, device=None if engine_dir else "cpu"))   # (engines: theirs)
         config = rt.config
         batch = min(batch, rt.max_batch or batch)
         sched = rt.schedule(settings)
