@@ -220,3 +220,16 @@ def test_the_installed_command_ends_once_its_output_is_out_and_its_exit_handlers
     assert ran == {"exit-handler"}, ran
     proc, ran = program(["--help"], tmp_path / "c", THREAD="1")
     assert proc.returncode == 0 and "--engine-dir" in proc.stdout and ran == {"exit-handler", "thread", "teardown"}, ran
+
+
+def test_settings_that_do_not_go_together_are_refused_before_the_source_opens(fixtures_dir, tmp_path, monkeypatch):
+    """--stride without the skip solver (here or in what the directory records) is one line before
+    anything is opened (it was refused only after the checkpoint had loaded: FlowAR-H 25 s)."""
+    from flowar.commands.build import build_engine_dir
+    from flowar.runtime.runtime import Runtime
+    build_engine_dir(fixtures_dir / "tiny_v1.safetensors", tmp_path / "e", preset="tiny", max_batch=1, verify=False)
+    monkeypatch.setattr(Runtime, "open", classmethod(lambda *a, **k: (_ for _ in ()).throw(AssertionError("opened"))))
+    for source in (["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny"],
+                   ["--engine-dir", str(tmp_path / "e")]):
+        res = CliRunner().invoke(run, source + ["--stride", "2", "--labels", "1"])
+        assert res.exit_code == 2 and "--stride with the skip solver" in res.output, res.output

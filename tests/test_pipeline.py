@@ -163,3 +163,28 @@ def test_a_generator_draws_the_seeds_as_diffusers_does_and_a_callback_sees_every
     assert torch.equal(by_seed.images, first.images) and len(set(first.seeds)) == 2
     C = pipe.runtime.config.latent_channels
     assert seen == [(True, k, (1, C, s, s)) for k, s in enumerate(pipe.runtime.config.scales)]
+
+
+def test_a_bulk_run_resumes_only_on_the_engines_it_began_with_and_bad_settings_write_nothing(default_auto_engines,
+                                                                                              tmp_path):
+    """run.json records the engine directory's manifest: after a re-export into the same folder
+    (other engines, other choices) the same command is refused instead of mixing the new engines'
+    shards with the old ones. A --stride without the skip solver is refused before --out is
+    written (it wrote run.json, failed in the worker, and then refused the corrected command)."""
+    from flowar.commands.bulk import BulkSpec, run_bulk
+    d = tmp_path / "e"
+    shutil.copytree(default_auto_engines, d)
+    bad = BulkSpec(str(d), 2, [0, 1], 0, {"stride": 2}, 1, 1)
+    with pytest.raises(FlowARError, match="--stride with the skip solver"):
+        run_bulk(bad, tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
+    rep = run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {"stride": 2, "schedule": "fast"}, 1, 1), tmp_path / "bad",
+                   progress=False)                                              # the corrected command runs there
+    assert rep.shards_done_before == 0 and (tmp_path / "bad" / "samples.npz").is_file()
+    spec = BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1)
+    run_bulk(spec, tmp_path / "run", progress=False)
+    assert run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1), tmp_path / "run", progress=False).shards_done_before == 2
+    m = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps(m | {"created": "re-exported"}))
+    with pytest.raises(FlowARError, match="other manifest_sha256 than .*run.json records"):
+        run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1), tmp_path / "run", progress=False)

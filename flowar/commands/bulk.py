@@ -43,6 +43,8 @@ class BulkSpec:
     threads: int                  # per worker; the same for every worker count, so results are too
     backend: str = "auto"         # as flowar-run --backend: auto = the engines chosen for this machine
     batch: int | None = None      # images per batch (None: the call plan's best); changes pixels by rounding
+    manifest_sha256: str | None = None   # the engine directory's manifest.json (set by run_bulk): a re-export there
+                                         # (other engines, other choices) is another run, not a resumable one
 
 
 @dataclass(slots=True)
@@ -168,6 +170,7 @@ def _check_spec(out: Path, spec: BulkSpec) -> None:
         if isinstance(theirs, dict):
             for ran in ("engines", "throughput"):       # what ran, not what defines the images
                 theirs.pop(ran, None)
+            theirs.setdefault("manifest_sha256", mine["manifest_sha256"])   # (a run.json from before the field)
         if theirs != mine:
             diff = sorted(k for k in mine if not isinstance(theirs, dict) or theirs.get(k) != mine[k])
             raise FlowARError("the settings of the run already in --out (to resume it)",
@@ -218,10 +221,12 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     bad = [c for c in spec.classes if not 0 <= c < m.config.num_classes]
     if bad or not spec.classes:
         raise FlowARError(f"class ids in 0..{m.config.num_classes - 1}", f"{bad or 'none'}", "check --labels")
+    from flowar.export.manifest import MANIFEST, sha256_file
     from flowar.runtime.runtime import choose_backend
     from flowar.sampling.schedule import Settings
     choose_backend(m, spec.backend)                                             # refuse a backend that cannot run
-    Settings.of(spec.schedule)                                                  # refuse bad values now
+    Settings.of(spec.schedule).resolve(m.config.n_scales, m.schedule_defaults)  # refuse bad settings now
+    spec.manifest_sha256 = sha256_file(m.root / MANIFEST)
     if ray_address is not None:
         start_ray(ray_address, None)                    # a cluster that is not there: refused before --out is written
     out.mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,7 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
         schedule, solver, stride, steps, cfg, guidance, seed, noise_file, save_tokens, out, save_images, device,
         precision, threads, cuda_graphs, debug):
     """Sample images from a FlowAR checkpoint (eager PyTorch) or an engine directory (runtime)."""
+    from flowar.export.manifest import read_manifest
     from flowar.io.files import check_writable
     from flowar.runtime.runtime import Runtime
     from flowar.sampling.batches import write_outputs
@@ -76,6 +77,8 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
         raise FlowARError("exactly one of --ckpt or --engine-dir (both: --backend torch from a directory whose "
                           "checkpoint moved)", "both" if ckpt else "neither",
                           "pass --engine-dir DIR (from flowar-export) or --ckpt PATH")
+    # the settings against what the directory records, before the source opens (FlowAR-H: 25 s)
+    settings.resolve(1, read_manifest(engine_dir).schedule_defaults if engine_dir else None)
     t0 = time.perf_counter()
     with Runtime.open(engine_dir or ckpt, bool(engine_dir), backend=backend, preset=preset, config=config_path,
                       ckpt=ckpt if engine_dir else None,
