@@ -348,16 +348,19 @@ def test_a_replica_with_two_lanes_computes_two_batches_at_once_with_the_images_o
     """Engines that take calls from several threads (PyTorch's here, on a CPU): the replica opens a
     second lane, and with every batch slowed to 0.5 s, four requests at once are computed two at a
     time, each image the one a lone request gets (PNG pixels within 1: float32 noise of other thread
-    counts). Fails when batches run one at a time or when the lanes share static buffers (tried)."""
+    counts); a lone request after the burst goes to the first lane (every core), also when the second
+    lane (half of them) finished last. Fails when batches run one at a time or when the lanes share
+    static buffers (tried), or when the lane last freed takes the next batch."""
     from flowar.commands.service import Limits, Service
     svc = Service.open(str(default_auto_engines), 2, "torch", Limits(replica="lanes"))
     rep = svc.replica
-    real, active, most = rep.generate, [0], [0]
+    real, active, most, lanes = rep.generate, [0], [0], []
 
     def slow(items, lane=0):
         active[0] += 1
         most[0] = max(most[0], active[0])
-        time.sleep(0.5)
+        lanes.append(lane)
+        time.sleep(0.5 if lane == 0 else 4.0)          # the second lane finishes the burst last
         try:
             return real(items, lane)
         finally:
@@ -375,9 +378,12 @@ def test_a_replica_with_two_lanes_computes_two_batches_at_once_with_the_images_o
                 t.start()
             for t in threads:
                 t.join(60)
+            burst = list(lanes)
+            assert call(url, "/v1/generate", {"label": 5, "seed": 45})[0] == 200
     finally:
         rep.pipe.close()
     assert most[0] == 2 and sorted(results) == [0, 1, 2, 3]
+    assert set(burst) == {0, 1} and lanes[len(burst):] == [0], lanes
     for i in range(4):
         status, answer, _ = results[i]
         assert status == 200, answer

@@ -192,7 +192,7 @@ class Service:
         from concurrent.futures import ThreadPoolExecutor
         self._computes = computes or [ThreadPoolExecutor(1, thread_name_prefix="flowar-compute")
                                       for _ in replica.lanes]
-        self.free = list(range(len(replica.lanes)))[::-1]       # lanes not computing (popped from the end)
+        self.free = list(range(len(replica.lanes)))             # lanes not computing (the first taken first)
         self.image_s: float | None = None   # the replica's seconds per image as measured here (moving average)
         self._computing, self._lane_s, self._counted = 0, 0.0, time.monotonic()   # lanes computing, lane-seconds, when
 
@@ -317,7 +317,11 @@ class Service:
             batch, self.pending = self.pending[:size], self.pending[size:]
             self.running += len(batch)
             self.metrics.queue.labels(self.limits.replica).set(self.held())
-            task = loop.create_task(self._compute(self.free.pop(), batch))
+            # the first free lane: the first computes on every core when it is alone, a later one
+            # never on more than its share (a lone batch on lane 1 after a burst took twice as long)
+            lane = min(self.free)
+            self.free.remove(lane)
+            task = loop.create_task(self._compute(lane, batch))
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
 
