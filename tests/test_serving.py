@@ -131,10 +131,19 @@ def test_bad_requests_get_their_status_and_one_line_and_leave_it_serving(replica
             status, answer, _ = call(url, "/v1/generate", raw=raw)
             assert status == code, (raw[:60], status, answer)
             assert set(answer) == {"error"} and answer["error"].startswith("expected ") and "\n" not in answer["error"], answer
+            assert "--" not in answer["error"], answer                    # the request's words, not the command's
         for path, method, code in (("/v1/nothing", "GET", 404), ("/v1/generate", "GET", 405)):
             status, answer, _ = call(url, path, method=method)
             assert status == code and answer["error"].startswith("expected GET /"), answer
         assert call(url, "/v1/generate", {"label": 1})[0] == 200                   # still serving
+
+
+def test_a_class_name_for_a_model_without_names_says_to_send_the_label_field(replica, monkeypatch):
+    monkeypatch.setattr(replica.pipe.runtime, "class_names", None)
+    with hosted(service(replica)) as url:
+        status, answer, _ = call(url, "/v1/generate", {"class": "cat"})
+    assert status == 422 and answer["error"].startswith("expected class names stored with the model"), answer
+    assert answer["error"].endswith('Fix: pass class ids instead (the "label" field)'), answer
 
 
 def test_metrics_parse_and_count_what_was_sent(replica):

@@ -2,6 +2,7 @@
 routes, the bearer token and body limit checked before anything is parsed, and every error as
 ``{"error": one line}`` (routes: README "Serving")."""
 
+import hmac
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def make_app(service: Service):
         """Bearer token (except for probes and the page), and the body size before any parsing."""
         token = service.limits.token
         if token is not None and request.url.path not in OPEN_PATHS:
-            if request.headers.get("authorization", "") != f"Bearer {token}":
+            if not hmac.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {token}".encode()):
                 return error(401, "expected a bearer token (Authorization: Bearer ...); got none or another. "
                              "Fix: send the server's token", {"WWW-Authenticate": "Bearer"})
         if request.method == "POST":

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -80,7 +79,8 @@ def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, sche
               "flight have to finish.")
 @click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the bearer token clients must send "
               "(or $FLOWAR_SERVE_TOKEN; never on the command line). Required when --host is not loopback.")
-@click.option("--require-token", is_flag=True, help="Require the token on loopback too.")
+@click.option("--require-token", is_flag=True, help="Refuse to start without a token on loopback too (a token given "
+              "is always required of clients, on any address).")
 @click.option("--ray-address", help="A running Ray cluster [default: a local one].")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def serve_cmd(engine_dir, host, port, replicas, backend, threads, lanes, max_n, queue, deadline, grace, token_file,
@@ -119,7 +119,8 @@ def serve_cmd(engine_dir, host, port, replicas, backend, threads, lanes, max_n, 
                           "put one in a file for --token-file, or in $FLOWAR_SERVE_TOKEN")
     if ray_address is None:          # a local Serve listens here: refuse a port it cannot take before Ray starts
         _can_listen(host, port)
-    threads = threads or max(1, (os.cpu_count() or 1) // replicas)
+    from flowar.engines.ort import cpu_threads
+    threads = threads or max(1, cpu_threads() // replicas)           # the cores this process may use (taskset, cpuset)
     where = f"http://{host}:{port}"
 
     def ready(seconds: float) -> None:
@@ -129,7 +130,7 @@ def serve_cmd(engine_dir, host, port, replicas, backend, threads, lanes, max_n, 
                    err=True)
     serve_forever(str(Path(engine_dir).resolve()), host, port, threads, max_n, replicas, ray_address, ready=ready,
                   backend=backend, lanes=lanes, queue=queue, deadline_s=deadline,
-                  token=token if (require_token or not loopback or token) else None,
+                  token=token,
                   grace_s=grace, say=lambda line: click.echo(line, err=True))
 
 
