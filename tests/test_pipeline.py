@@ -165,6 +165,36 @@ def test_a_generator_draws_the_seeds_as_diffusers_does_and_a_callback_sees_every
     assert seen == [(True, k, (1, C, s, s)) for k, s in enumerate(pipe.runtime.config.scales)]
 
 
+def test_an_image_is_named_by_its_seed_and_index_and_generators_come_one_per_image(default_auto_engines):
+    """Image i of a call comes again from (seeds[i], indices[i]); a list of generators draws one
+    seed per image as diffusers takes them (each from its own state), anything else is one line;
+    the callback sees a batch's samples only, also where a runner pads the batch to a captured size
+    (a CPU stand-in of the CUDA-graph runner that pads 3 samples to 4: it handed over 4 rows)."""
+    from flowar.runtime.cudagraph import GraphRunner
+
+    class Padding(GraphRunner):
+        def bucket(self, B):
+            return 4
+    with FlowARPipeline.from_pretrained(default_auto_engines) as pipe:
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(["cat", "dog", "cow"], seed=5, output_type="latent")
+        one = pipe(["cow"], seed=out.seeds[2], indices=[out.indices[2]], output_type="latent")
+        gens = pipe(["cat", "dog"], generator=[torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)],
+                    output_type="latent")
+        alone = [pipe([c], generator=[torch.Generator().manual_seed(s)], output_type="latent").seeds[0]
+                 for c, s in (("cat", 1), ("dog", 2))]
+        for bad, got in (([torch.Generator()], "got a list of 1"), ("seed", "got str")):
+            with pytest.raises(FlowARError, match=rf"a torch.Generator, or a list of 2 \(one per image\); {got}"):
+                pipe(["cat", "dog"], generator=bad)
+        pipe.runtime.runner = Padding("cpu", capture=False)
+        seen = []
+        padded = pipe(["cat", "dog", "cow"], seed=5, output_type="latent",
+                      callback_on_scale_end=lambda p, k, kw: seen.append(kw["tokens"].shape[0]))
+    assert (one.images[0] - out.images[2]).abs().max() < 1e-3          # (another batch: float rounding only)
+    assert gens.seeds == alone and gens.seeds[0] != gens.seeds[1]
+    assert seen == [3] * pipe.runtime.config.n_scales and padded.images.shape[0] == 3
+
+
 def test_a_bulk_run_resumes_only_on_the_engines_it_began_with_and_bad_settings_write_nothing(default_auto_engines,
                                                                                               tmp_path):
     """run.json records the engine directory's manifest: after a re-export into the same folder

@@ -317,10 +317,7 @@ class Service:
             batch, self.pending = self.pending[:size], self.pending[size:]
             self.running += len(batch)
             self.metrics.queue.labels(self.limits.replica).set(self.held())
-            # the first free lane: the first computes on every core when it is alone, a later one
-            # never on more than its share (a lone batch on lane 1 after a burst took twice as long)
-            lane = min(self.free)
-            self.free.remove(lane)
+            self.free.remove(lane := min(self.free))    # the first: alone on every core; a later lane on its share
             task = loop.create_task(self._compute(lane, batch))
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)

@@ -85,21 +85,26 @@ class FlowARPipeline:
         self.progress_bar_config = dict(kwargs)
 
     def __call__(self, class_labels: int | str | Sequence[int | str], *, seed: int | Sequence[int] | None = None,
-                 generator: torch.Generator | None = None, num_inference_steps: int | None = None,
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                 num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, guidance: float | None = None, schedule: str | None = None,
                  batch_size: int | None = None, output_type: str = "pil", indices: Sequence[int] | None = None,
                  callback_on_scale_end: Callable[["FlowARPipeline", int, dict], None] | None = None
                  ) -> FlowAROutput:
         """Images of ``class_labels`` (ids and/or names).
 
-        ``num_inference_steps``: points of the official time grid (25 = the official 24 Euler
-        steps per scale); ``guidance_scale``: cfg at the last scale (1 = off); ``guidance``: guide
-        only at t <= this; ``schedule``: ``official`` or ``fast`` (default: the engine directory's,
-        else official). ``seed`` (one, or one per label; default 0) names the images; a
-        ``generator`` instead draws one seed per image from its state, as diffusers' pipelines
-        draw their noise (the drawn seeds are in ``.seeds``). ``output_type``: pil, np, pt or
-        latent. ``callback_on_scale_end(pipe, k, {"tokens": (B, C, s, s)})`` is called after each
-        scale k. A progress bar is shown unless ``set_progress_bar_config(disable=True)``.
+        ``num_inference_steps``: the official sampler's N (25: the official 24 Euler steps per
+        scale; its grid has 2 (N // 2) + 1 points); ``guidance_scale``: cfg at the last scale (1 =
+        off); ``guidance``: guide only at t <= this; ``schedule``: ``official`` or ``fast``
+        (default: the engine directory's, else official). Image i has the noise of (``seeds[i]``,
+        ``indices[i]``): ``seed`` (one, or one per label; default 0) and ``indices`` (default
+        0, 1, ...) name the images, so ``pipe([label], seed=out.seeds[i], indices=[out.indices[i]])``
+        gives image i again; a ``generator`` (or one per label) instead draws one seed per image
+        from its state, as diffusers' pipelines draw their noise (the drawn seeds are in
+        ``.seeds``). ``output_type``: pil, np, pt or latent.
+        ``callback_on_scale_end(pipe, k, {"tokens": (B, C, s, s)})`` is called after each scale k
+        of each batch (a call larger than the batch runs in batches), with that batch's samples. A
+        progress bar is shown unless ``set_progress_bar_config(disable=True)``.
         """
         if output_type not in OUTPUT_TYPES:
             raise FlowARError(f"output_type among {', '.join(OUTPUT_TYPES)}", repr(output_type), 'use "pil"')
@@ -110,7 +115,15 @@ class FlowARPipeline:
         if generator is not None and seed is not None:
             raise FlowARError("seed or generator, not both", "both", "pass one of them")
         if generator is not None:                     # its state decides, as in diffusers: a used generator draws anew
-            seeds = torch.randint(0, 2 ** 63 - 1, (len(labels),), generator=generator).tolist()
+            one = not isinstance(generator, (list, tuple))
+            gens = [generator] if one else list(generator)
+            if not all(isinstance(g, torch.Generator) for g in gens) or not (one or len(gens) == len(labels)):
+                raise FlowARError(f"a torch.Generator, or a list of {len(labels)} (one per image)",
+                                  type(generator).__name__ if one else f"a list of {len(gens)}",
+                                  "pass generator=torch.Generator().manual_seed(0)")
+            # (drawn on the generator's own device: a CUDA generator cannot draw CPU numbers)
+            seeds = [int(s) for g in gens for s in torch.randint(0, 2 ** 63 - 1, (len(labels) if one else 1,),
+                                                                generator=g, device=g.device).tolist()]
         else:
             seeds = [int(seed or 0)] * len(labels) if seed is None or isinstance(seed, int) else [int(s) for s in seed]
         rt = self.runtime

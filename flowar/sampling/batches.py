@@ -89,6 +89,8 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedu
                       "disable": None} | (progress if isinstance(progress, dict) else {}))
 
     def scale_done(tr: ScaleTrace) -> None:
+        if tr.z is not None:
+            tr.z = tr.z[:n]                 # this batch's samples, not the rows padding it to a captured size
         traces.append(tr)
         if bar is not None:
             bar.update(1)
