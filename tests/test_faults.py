@@ -223,6 +223,38 @@ def test_only_temporary_folders_of_dead_exports_are_removed(tmp_path):
     assert not dead_tmp.exists() and not dead_old.exists() and alive.is_dir() and other.is_dir()
 
 
+def test_files_that_appear_in_out_during_an_export_keep_the_finished_directory_and_say_where(tmp_path):
+    """Someone writes into --out while the export works: the swap is refused (the folder is no longer
+    one the command made), and the finished directory is kept and named in the line, not left unnamed."""
+    from flowar.errors import FlowARError
+    from flowar.io.files import staged_directory
+    with pytest.raises(FlowARError) as e:
+        with staged_directory(tmp_path / "eng", "manifest.json") as tmp:
+            (tmp / "manifest.json").write_text("{}")
+            (tmp_path / "eng").mkdir()
+            (tmp_path / "eng" / "notes.txt").write_text("mine")
+    assert f"the finished directory is kept at {tmp}" in str(e.value) and "\n" not in str(e.value)
+    assert (tmp / "manifest.json").is_file() and (tmp_path / "eng" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--max-memory", "8"], "--max-memory with --precision auto or bf16"),
+    (["--compute-capability", "sm89"], "--compute-capability with --backend trt or all"),
+    (["--vae", "missing-vae.ckpt"], "a VAE at --vae (MAR kl16.ckpt or a diffusers folder); got no file or folder at"),
+])
+def test_export_options_that_would_do_nothing_or_point_nowhere_are_one_line_before_any_work(fixtures_dir, tmp_path,
+                                                                                           monkeypatch, extra, needle):
+    import flowar.model.checkpoint as checkpoint
+    from flowar.commands.cli import export_cmd
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    res = CliRunner().invoke(export_cmd, ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny",
+                                          "--out", str(tmp_path / "eng"), *extra])
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], res.output
+    assert not (tmp_path / "eng").exists()
+
+
 def test_too_little_disk_is_one_line_before_any_work(fixtures_dir, tmp_path, monkeypatch):
     import shutil as sh
     from flowar.commands.build import build_engine_dir

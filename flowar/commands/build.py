@@ -97,6 +97,16 @@ def check_request(req: ExportRequest):
                               "e.g. --auto-candidates ort-fp32,torch-bf16")
     if req.max_memory_gb is not None and not req.max_memory_gb > 0:
         raise FlowARError("--max-memory in GB, > 0", repr(req.max_memory_gb), "use e.g. --max-memory 16")
+    # options that would do nothing here are refused, not ignored
+    if req.max_memory_gb is not None and not req.measured:
+        raise FlowARError("--max-memory with --precision auto or bf16 (it bounds their compiles)",
+                          f"--precision {req.precision}", "drop --max-memory")
+    if req.compute_capability is not None and req.backend == "ort":
+        raise FlowARError("--compute-capability with --backend trt or all (the TensorRT plans' GPU)", "--backend ort",
+                          "drop --compute-capability, or add --backend trt")
+    if req.vae_path is not None and not Path(req.vae_path).exists():
+        raise FlowARError("a VAE at --vae (MAR kl16.ckpt or a diffusers folder)", f"no file or folder at {req.vae_path}",
+                          "check the --vae path, or omit --vae for tokens only")
     if not 1 <= req.max_batch <= 1024:
         raise FlowARError("--max-batch in 1..1024", str(req.max_batch), "use e.g. --max-batch 8")
     from flowar.export.manifest import MANIFEST

@@ -146,7 +146,11 @@ def staged_directory(target: str | Path, marker: str, option: str = "--out") -> 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    check_replaceable(target, marker, option)
+    try:
+        check_replaceable(target, marker, option)
+    except FlowARError as e:               # (files appeared there meanwhile: the finished work is not thrown away)
+        raise FlowARError(e.expected, e.got, f"{e.fix}; the finished directory is kept at {tmp}: move it "
+                                             "where you want it") from None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
