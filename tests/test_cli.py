@@ -97,7 +97,7 @@ def test_an_interrupt_or_a_file_that_ends_early_is_exactly_one_line(monkeypatch,
     def stopped(*a, **k):
         raise raised
     monkeypatch.setattr(runtime.Runtime, "open", stopped)
-    res = CliRunner().invoke(run, ["--engine-dir", str(tmp_path), "--labels", "1"])
+    res = CliRunner().invoke(run, ["--ckpt", str(tmp_path / "m.safetensors"), "--labels", "1"])
     assert res.exit_code == code and res.output.startswith(line) and res.output.count("\n") == 1, repr(res.output)
 
 
