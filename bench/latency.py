@@ -317,7 +317,8 @@ def report(spec, results, info, label, random_weights, schedules, decode, flops,
         print(f"error: expected every backend's tokens within the parity tolerance of eager's (1e-3 in float32, "
               f"5e-2 in 16 bits, or --parity-tol; in a 16-bit run, or off fp32 eager by at most 1.5x 16-bit eager's "
               f"own error); got {', '.join(wrong)}. "
-              "Fix: rebuild the engines from this checkpoint, or pass --parity-tol if the precision explains it",
+              "Fix: rebuild the engines from this checkpoint, or, if the precision explains it, pass --parity-tol "
+              "(float32 rows) or --reduced-tol (16-bit rows and engines)",
               file=sys.stderr)
         return 1
     return 0

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from flowar.errors import FlowARError, one_line
 from latency_measure import Work, run_once
 
 ALL = ("eager", "eager-bf16", "cached", "compile", "ort", "auto", "bf16", "trt", "cudagraph")
@@ -151,8 +152,13 @@ class Backends(contextlib.AbstractContextManager):
             d, build_s = self._export(export, precision)
         key = (d, backend)
         if key not in self._runtimes:
-            self._runtimes[key] = self._stack.enter_context(Runtime.open_engine_dir(d, backend=backend,
-                                                                                    threads=self.src.threads))
+            try:
+                self._runtimes[key] = self._stack.enter_context(Runtime.open_engine_dir(d, backend=backend,
+                                                                                        threads=self.src.threads))
+            except FlowARError as e:
+                if backend != "trt":
+                    raise
+                raise Skip(f"no TensorRT engines to open here: {one_line(e)}") from None   # (a row, not the run)
         rt = self._runtimes[key]
         if work.batch > rt.max_batch:
             raise Skip(f"batch {work.batch} above the directory's max batch {rt.max_batch}")

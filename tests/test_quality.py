@@ -101,6 +101,26 @@ def test_judge_reports_fidelity_convergence_and_fid(fixtures_dir, tmp_path, monk
     assert "this is the official schedule" in res.output
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_without_a_decoder_the_judge_measures_tokens_and_refuses_a_distance_between_images(tmp_path, monkeypatch):
+    """The shipped model's metadata names Animal-MNIST: without --vae, --judge auto measures the
+    token errors (it stopped, asking for a decoder, against the help's "omit for token errors
+    only"), and --fid-stats is refused before any sampling (the distance was dropped without a word)."""
+    from conftest import DEFAULT_CKPT
+    from flowar.commands.cli import judge_cmd
+    monkeypatch.chdir(tmp_path)
+    common = ["--ckpt", str(DEFAULT_CKPT), "--per-class", "1", "--classes-limit", "2", "--steps", "3"]
+    res = CliRunner().invoke(judge_cmd, common + ["--json", str(tmp_path / "q.json")])
+    assert res.exit_code == 0 and "vs the official schedule (same noise): tokens max" in res.output, res.output
+    assert json.loads((tmp_path / "q.json").read_text())["class_accuracy"] is None
+    torch.jit.save(torch.jit.script(StandIn()), str(tmp_path / "x.pt"))
+    np.savez(tmp_path / "s.npz", mu=np.zeros(8), sigma=np.eye(8))
+    res = CliRunner().invoke(judge_cmd, common + ["--fid-stats", str(tmp_path / "s.npz"), "--fid-extractor",
+                                                  str(tmp_path / "x.pt")])
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and "expected a decoder for --fid-stats" in lines[0], res.output
+
+
 def test_bad_fid_inputs_are_one_line(fixtures_dir, tmp_path):
     from flowar.commands.cli import judge_cmd
     np.savez(tmp_path / "bad.npz", mean=np.zeros(3))

@@ -93,6 +93,58 @@ def test_batch_above_the_dataset_is_one_line_before_any_work(small_world, tmp_pa
     assert list(tmp_path.iterdir()) == []            # nothing encoded, cached or checkpointed
 
 
+def test_a_resume_with_other_settings_or_fewer_steps_is_one_line_before_any_encoding(small_world, tmp_path,
+                                                                                       monkeypatch):
+    """--resume keeps what the losses so far came from: another --lr (or data, batch, seed...) or a
+    --steps below the checkpoint's step is refused before the latents are encoded (the first carried
+    on silently, the second trained nothing, wrote no weights and said it had); the same settings
+    with a path written another way (./ and an absolute path) resume."""
+    import flowar.train.trainer as trainer
+    from flowar.errors import FlowARError
+    trainer.train(_args(small_world, tmp_path / "r", steps=2), progress=False)
+    real = trainer.load_latents
+    monkeypatch.setattr(trainer, "load_latents", lambda *a, **k: (_ for _ in ()).throw(AssertionError("encoded")))
+    for kw, needle in ((dict(lr=2e-3), "lr 0.002, began with 0.001"), (dict(steps=1), "--steps 1 below its step 2"),
+                       (dict(seed=1, batch=4), "batch 4, began with 8; seed 1, began with 0")):
+        with pytest.raises(FlowARError, match="expected the settings the run began with") as e:
+            trainer.train(_args(small_world, tmp_path / "r", resume=True, **kw), progress=False)
+        assert needle in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.setattr(trainer, "load_latents", real)
+    monkeypatch.chdir(small_world)
+    st = trainer.train(_args(small_world, tmp_path / "r", resume=True, steps=3, vae="./vae"), progress=False)
+    assert st.step == 3
+
+
+def test_the_trainer_joins_torchrun_over_gloo_also_where_a_gpu_is_seen(monkeypatch):
+    """It computes on the CPU, so its process group is gloo's (NCCL takes CUDA tensors only: it
+    chose NCCL wherever PyTorch saw a GPU)."""
+    import flowar.train.trainer as trainer
+    seen = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, *a, **k: seen.append(backend))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    assert trainer.init_process_group() == (2, 1) and seen == ["gloo"]
+
+
+@pytest.mark.parametrize("command,args,needle", [
+    ("train_vae_cmd", ["--steps", "0"], "--steps > 0; got 0"), ("train_vae_cmd", ["--lr", "-1"], "--lr > 0"),
+    ("train_cmd", ["--ema-decay", "1.5"], "--ema-decay in its range"), ("train_cmd", ["--grad-clip", "0"], "--grad-clip > 0"),
+    ("train_cmd", ["--sample-every", "-1"], "--sample-every in its range"),
+])
+def test_training_options_out_of_range_are_one_line_before_any_work(small_world, tmp_path, monkeypatch, command, args,
+                                                                     needle):
+    from click.testing import CliRunner
+    import flowar.commands.cli as cli
+    monkeypatch.chdir(tmp_path)
+    extra = ["--vae", str(small_world / "vae"), "--data", str(small_world / "data")] if command == "train_cmd" else []
+    res = CliRunner().invoke(getattr(cli, command), ["--out", str(tmp_path / "run"), *extra, *args])
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], res.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def _bmp_folder(root, seed):
     """ROOT/<class>/<image>.bmp: BMP keeps the file size when pixels change, so only contents can tell."""
     from PIL import Image

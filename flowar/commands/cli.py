@@ -170,6 +170,13 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
     click.echo(f"engine directory -> {rep.out} ({', '.join(rep.backends)}, {precision}, max batch {max_batch}) in "
                f"{sum(rep.seconds.values()):.0f} s")
 
+def _positive(*named) -> None:
+    """Refuse, before any work, a count or rate that is not positive (--steps 0 crashed, -5 trained nothing)."""
+    for name, v in named:
+        if not v > 0:
+            raise FlowARError(f"{name} > 0", str(v), f"pass a positive {name}")
+
+
 @command("flowar-train-vae")
 @click.option("--data", default="animal-mnist", show_default=True, help="animal-mnist, or ROOT/<class>/<image> folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output diffusers VAE folder.")
@@ -184,6 +191,8 @@ def train_vae_cmd(data, out, size, latent_channels, steps, batch, lr, seed, debu
     """Train the small AutoencoderKL the default model uses."""
     from flowar.io.files import check_writable
     from flowar.train.vae import VAETrainArgs, train_vae
+    _positive(("--steps", steps), ("--batch", batch), ("--size", size), ("--latent-channels", latent_channels),
+              ("--lr", lr))
     check_writable(out, True, "--out")
     res = train_vae(VAETrainArgs(data=data, out=out, size=size, latent_channels=latent_channels, steps=steps,
                                  batch=batch, lr=lr, seed=seed))
@@ -216,9 +225,13 @@ def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmu
     from flowar.io.files import check_writable
     from flowar.train.trainer import TrainArgs, train
     check_writable(out, True, "--out")
-    for name, v in (("--steps", steps), ("--batch", batch), ("--log-every", log_every), ("--ckpt-every", ckpt_every)):
-        if v < 1:
-            raise FlowARError(f"{name} >= 1", str(v), f"pass a positive {name}")
+    _positive(("--steps", steps), ("--batch", batch), ("--log-every", log_every), ("--ckpt-every", ckpt_every),
+              ("--size", size), ("--lr", lr), ("--grad-clip", grad_clip))
+    for name, v, ok, fix in (("--warmup", warmup, warmup >= 0, "--warmup 0"), ("--sample-every", sample_every,
+                             sample_every >= 0, "--sample-every 0 (off)"), ("--ema-decay", ema_decay,
+                             0 <= ema_decay < 1, "--ema-decay 0.999")):
+        if not ok:
+            raise FlowARError(f"{name} in its range (see --help)", str(v), f"use e.g. {fix}")
     t0 = time.perf_counter()
     st = train(TrainArgs(out=out, vae=vae, data=data, size=size, preset=preset, config=config_path, steps=steps,
                          batch=batch, lr=lr, warmup=warmup, ema_decay=ema_decay, grad_clip=grad_clip, seed=seed,
@@ -250,7 +263,7 @@ def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmu
               "made with: a local TorchScript file (e.g. inception-2015-12-05.pt of the StyleGAN3 FID code).")
 @click.option("--judge", "judge_kind", default="auto", show_default=True, type=click.Choice(["auto", "animal-mnist", "none"]),
               help="The independent classifier for class accuracy: auto = the one of the data the checkpoint was "
-                   "trained on (its metadata), animal-mnist, or none.")
+                   "trained on (its metadata; none without a decoder), animal-mnist, or none.")
 @click.option("--judge-cache", default=".cache/flowar-judge.safetensors", show_default=True,
               type=click.Path(dir_okay=False), help="Where the Animal-MNIST judge's weights are kept once trained.")
 @click.option("--vs-engine-dir", type=click.Path(file_okay=False), help="Also compare with the same samples from "
@@ -289,7 +302,11 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
         batch = min(batch, rt.max_batch or batch)
         sched = rt.schedule(settings)
         judge = None
-        if judge_kind == "animal-mnist" or (judge_kind == "auto" and rt.data == "animal-mnist"):
+        if stats is not None and not rt.decodes:     # (the distance was dropped without a word)
+            raise FlowARError("a decoder for --fid-stats (a distance between images)", "a source without one",
+                              "pass --vae (or an engine directory exported with --vae), or drop --fid-stats")
+        # auto: the Animal-MNIST judge for a model trained on it that makes images; token errors only without a decoder
+        if judge_kind == "animal-mnist" or (judge_kind == "auto" and rt.data == "animal-mnist" and rt.decodes):
             if config.num_classes != 10 or not rt.decodes:
                 raise FlowARError("a 10-class model with a decoder for the Animal-MNIST judge",
                                   f"{config.num_classes} classes{'' if rt.decodes else ', no decoder'}",

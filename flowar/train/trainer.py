@@ -198,7 +198,7 @@ def init_process_group() -> tuple[int, int]:
     """(world size, rank); joins the torchrun process group when there is one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        torch.distributed.init_process_group("gloo")     # the trainer computes on the CPU (NCCL takes CUDA tensors)
     return world, (torch.distributed.get_rank() if world > 1 else 0)
 
 
@@ -218,7 +218,26 @@ def check_args(args: TrainArgs, world: int, n_images: int) -> Path:
     if not args.resume and ckpt.is_file():
         raise FlowARError("an empty run folder (or --resume)", f"{ckpt} exists",
                           "pass --resume to continue it, or choose another --out")
+    if args.resume:      # the settings the losses so far came from must stay (they carried on, or failed in a traceback)
+        try:
+            from safetensors import safe_open
+            with safe_open(str(ckpt), framework="pt") as f:
+                step, began = int(f.metadata()["step"]), json.loads(f.metadata()["train_args"])
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is one line
+            raise FlowARError("a flowar-train checkpoint to resume", f"{ckpt}: {e!r:.120}", "start afresh elsewhere") from None
+        same = lambda v: str(Path(v).resolve()) if isinstance(v, str) and os.path.exists(v) else v  # noqa: E731
+        wrong = [f"{k} {getattr(args, k)!r}, began with {began.get(k)!r}" for k in RUN_DEFINING
+                 if same(began.get(k)) != same(getattr(args, k))] + [f"--steps {args.steps} below its step {step}"] * (
+                     args.steps < step)                         # (a --steps below it trained nothing, wrote no weights)
+        if wrong:
+            raise FlowARError("the settings the run began with, and --steps at least its step, to resume it",
+                              "; ".join(wrong), "run with the settings it began with (only --steps and the intervals "
+                              "may change), or start afresh in another --out")
     return ckpt
+
+
+RUN_DEFINING = ("data", "vae", "size", "preset", "config", "batch", "lr", "warmup", "min_lr_ratio", "weight_decay", "grad_clip",
+                "ema_decay", "label_drop", "seed")                  # what a resumed run keeps
 
 
 def build_run(args: TrainArgs, config: FlowARConfig, world: int, ckpt: Path) -> Run:
