@@ -129,6 +129,21 @@ def test_a_backend_off_eager_is_marked_wrong_and_fails_the_run(bench, default_au
     assert rc == 1 and "WRONG" in data["markdown"]
 
 
+def test_a_16_bit_engine_directory_loosens_the_verdict_of_its_engines_only(bench):
+    """Against a bf16 engine directory the rows that run its engines are judged at --reduced-tol;
+    the float32 eager rows keep --parity-tol (every row was loosened)."""
+    spec = bench.check(bench.parse(["--preset", "tiny", "--parity-tol", "1e-4", "--reduced-tol", "0.5"])[0])
+    assert [spec.tolerance(True, "fp32", b) for b in ("eager", "cached", "compile")] == [1e-4] * 3
+    assert [spec.tolerance(True, "bf16", b) for b in ("ort", "auto", "bf16")] == [0.5] * 3
+    assert spec.tolerance(True, "fp32", "ort") == 0.5 and spec.tolerance(False, "fp32", "ort") == 1e-4
+
+
+def test_a_config_without_a_checkpoint_is_refused(bench):
+    from flowar.errors import FlowARError
+    with pytest.raises(FlowARError, match="--config with --ckpt .*; got --config alone"):
+        bench.check(bench.parse(["--config", "c.json"])[0])
+
+
 def test_a_16_bit_run_judges_each_row_against_float32_eager(bench, tmp_path, monkeypatch):
     """In a bf16 run a row may differ from bf16 eager by rounding alone (on a GPU, a kernel chosen
     differently under capture: 0.26 on FlowAR-S), so each row is also held to float32 eager: within
