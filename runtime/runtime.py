@@ -190,10 +190,13 @@ class Runtime(contextlib.AbstractContextManager):
         if missing:
             raise EngineDirError(f"graphs for every stage ({', '.join(specs)})", f"missing {missing}",
                                  f"re-export: flowar-export --out {m.root}")
-        chosen = choose_backend(m, backend)
-        # The engines decide where they compute; --device chooses only for the checkpoint's modules
-        # (--backend torch), and a device the engines do not compute on is refused ("auto": theirs).
+        # The engines decide where they compute ("auto": theirs); --device cpu keeps auto off the GPU
+        # engines (TensorRT, ONNX Runtime's CUDA provider), --device chooses for the checkpoint's
+        # modules (--backend torch), and a device the chosen engines do not compute on is refused.
         asked = None if device is None or str(device) == "auto" else resolve_device(device)
+        chosen = choose_backend(m, backend)
+        if chosen == "trt" and backend == "auto" and asked is not None and asked.type == "cpu":
+            chosen = "measured" if m.choice else "ort"
         stack = contextlib.ExitStack()
         try:
             t0 = time.perf_counter()
@@ -202,15 +205,16 @@ class Runtime(contextlib.AbstractContextManager):
                 threads_ = Threads.resolve(threads, False)
             else:
                 from flowar.engines.ort import choose_provider
-                provider = choose_provider() if chosen == "ort" else "CPUExecutionProvider"
+                provider = (choose_provider(prefer_gpu=asked is None or asked.type == "cuda") if chosen == "ort"
+                            else "CPUExecutionProvider")
                 dev = (asked if chosen == "torch" and asked is not None else
                        resolve_device("cuda" if provider == "CUDAExecutionProvider" else "cpu" if chosen != "torch"
                                       else "auto"))
-                if asked is not None and asked.type != dev.type:
-                    raise FlowARError(f"--device {dev.type} for these engines (" + (
-                                      f"ONNX Runtime {provider}" if chosen == "ort" else "the CPU engines the export "
-                                      "chose") + ")", str(asked), "omit --device (the engines decide), or pass "
-                                      "--backend torch to run the checkpoint's modules on it")
+            if asked is not None and asked.type != dev.type:
+                raise FlowARError(f"--device {dev.type} for these engines ({detail if chosen == 'trt' else chosen})",
+                                  str(asked), "omit --device (the engines decide); on a GPU: --backend torch (the "
+                                  "checkpoint's modules), or ONNX Runtime's CUDA provider (pip install '.[gpu]')")
+            if chosen != "trt":
                 choice = {"ort": {}, "torch": dict.fromkeys(specs, "torch-fp32")}.get(chosen, m.choice)
                 threads_ = Threads.resolve(threads, any(choice.get(s, "ort-fp32") != "ort-fp32" for s in specs))
                 engines, detail = directory_engines(m, specs, choice, chosen, threads_.cores, provider, dev, ckpt)

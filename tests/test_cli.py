@@ -220,6 +220,9 @@ def test_the_installed_command_ends_once_its_output_is_out_and_its_exit_handlers
     assert ran == {"exit-handler"}, ran
     proc, ran = program(["--help"], tmp_path / "c", THREAD="1")
     assert proc.returncode == 0 and "--engine-dir" in proc.stdout and ran == {"exit-handler", "thread", "teardown"}, ran
+    closed = subprocess.run([sys.executable, "-c", "from flowar.commands.cli import run; run()", "--help"],
+                            preexec_fn=lambda: os.close(1), stderr=subprocess.PIPE, text=True)   # (started without a stdout)
+    assert closed.returncode == 0 and closed.stderr == "", closed.stderr
 
 
 def test_settings_that_do_not_go_together_are_refused_before_the_source_opens(fixtures_dir, tmp_path, monkeypatch):

@@ -233,8 +233,13 @@ def test_files_that_appear_in_out_during_an_export_keep_the_finished_directory_a
             (tmp / "manifest.json").write_text("{}")
             (tmp_path / "eng").mkdir()
             (tmp_path / "eng" / "notes.txt").write_text("mine")
-    assert f"the finished directory is kept at {tmp}" in str(e.value) and "\n" not in str(e.value)
-    assert (tmp / "manifest.json").is_file() and (tmp_path / "eng" / "notes.txt").read_text() == "mine"
+    [kept] = tmp_path.glob(".eng.kept-*")
+    assert f"the finished directory is kept at {kept}" in str(e.value) and "\n" not in str(e.value)
+    assert (kept / "manifest.json").is_file() and (tmp_path / "eng" / "notes.txt").read_text() == "mine"
+    (tmp_path / "eng" / "notes.txt").unlink()
+    with staged_directory(tmp_path / "eng", "manifest.json") as again:          # the next export there leaves it
+        (again / "manifest.json").write_text("{}")
+    assert (kept / "manifest.json").is_file() and oct(kept.stat().st_mode & 0o777) == "0o755"
 
 
 @pytest.mark.parametrize("extra,needle", [

@@ -382,3 +382,20 @@ def test_cpu_engines_stay_on_the_cpu_where_pytorch_sees_a_gpu(default_auto_engin
         lines = [ln for ln in res.output.splitlines() if ln.strip()]
         assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: expected --device cpu for these "
                                                                               "engines"), res.output
+    # --device cpu keeps the GPU engines out: ONNX Runtime's CPU provider, and auto not on TensorRT plans
+    import json
+    import shutil
+
+    import flowar.engines.ort as ort
+    import flowar.runtime.directory as directory
+    asked, real = [], ort.choose_provider
+    monkeypatch.setattr(ort, "choose_provider", lambda prefer_gpu=True: asked.append(prefer_gpu) or real(prefer_gpu))
+    with Runtime.open(default_auto_engines, True, backend="ort", device="cpu") as rt:
+        assert rt.device.type == "cpu" and asked == [False], asked
+    d = tmp_path / "e"
+    shutil.copytree(default_auto_engines, d)
+    m = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps(m | {"tensorrt": {"flavour": "tensorrt", "version": "11.0", "plans": {}}}))
+    monkeypatch.setattr(directory, "_trt_usable", lambda m: (True, ""))
+    with Runtime.open(d, True, device="cpu") as rt:
+        assert rt.backend == "measured" and rt.device.type == "cpu"

@@ -98,10 +98,12 @@ def test_a_resume_with_other_settings_or_fewer_steps_is_one_line_before_any_enco
     """--resume keeps what the losses so far came from: another --lr (or data, batch, seed...) or a
     --steps below the checkpoint's step is refused before the latents are encoded (the first carried
     on silently, the second trained nothing, wrote no weights and said it had); the same settings
-    with a path written another way (./ and an absolute path) resume."""
+    with paths written another way from another folder (./data there, the absolute path here) resume."""
     import flowar.train.trainer as trainer
     from flowar.errors import FlowARError
-    trainer.train(_args(small_world, tmp_path / "r", steps=2), progress=False)
+    monkeypatch.chdir(small_world)
+    trainer.train(_args(small_world, tmp_path / "r", steps=2, vae="vae", data="./data"), progress=False)  # as written here
+    monkeypatch.chdir(tmp_path)
     real = trainer.load_latents
     monkeypatch.setattr(trainer, "load_latents", lambda *a, **k: (_ for _ in ()).throw(AssertionError("encoded")))
     for kw, needle in ((dict(lr=2e-3), "lr 0.002, began with 0.001"), (dict(steps=1), "--steps 1 below its step 2"),
@@ -109,9 +111,8 @@ def test_a_resume_with_other_settings_or_fewer_steps_is_one_line_before_any_enco
         with pytest.raises(FlowARError, match="expected the settings the run began with") as e:
             trainer.train(_args(small_world, tmp_path / "r", resume=True, **kw), progress=False)
         assert needle in str(e.value) and "\n" not in str(e.value)
-    monkeypatch.setattr(trainer, "load_latents", real)
-    monkeypatch.chdir(small_world)
-    st = trainer.train(_args(small_world, tmp_path / "r", resume=True, steps=3, vae="./vae"), progress=False)
+    monkeypatch.setattr(trainer, "load_latents", real)              # from elsewhere, the same paths written out
+    st = trainer.train(_args(small_world, tmp_path / "r", resume=True, steps=3), progress=False)
     assert st.step == 3
 
 

@@ -84,7 +84,8 @@ def _leave(code: int) -> None:
     run_exit_handlers()
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:               # (None where the descriptor was closed at start)
+                stream.flush()
         except (OSError, ValueError):            # a closed pipe or stream: nothing more can be said on it
             pass
     os._exit(code)

@@ -114,6 +114,11 @@ def write_npz(path: str | Path, arrays: dict) -> None:
     atomic_write_bytes(path, write)
 
 
+def as_file(value):
+    """A path that exists as the file it names (./a and /abs/a compare equal); anything else as it is."""
+    return str(Path(value).resolve()) if isinstance(value, str) and os.path.exists(value) else value
+
+
 def _stale_siblings(target: Path) -> list[Path]:
     """Temporary folders an export into ``target`` left behind (killed), whose process is gone."""
     out = []
@@ -148,8 +153,11 @@ def staged_directory(target: str | Path, marker: str, option: str = "--out") -> 
     old = None
     try:
         check_replaceable(target, marker, option)
-    except FlowARError as e:               # (files appeared there meanwhile: the finished work is not thrown away)
-        raise FlowARError(e.expected, e.got, f"{e.fix}; the finished directory is kept at {tmp}: move it "
+    except FlowARError as e:               # (files appeared there meanwhile: the finished work is not thrown away,
+        kept = Path(tempfile.mkdtemp(prefix=f".{target.name}.kept-", dir=target.parent))   # nor left under a name
+        os.replace(tmp, kept)                                                            # the next one removes)
+        os.chmod(kept, 0o755)
+        raise FlowARError(e.expected, e.got, f"{e.fix}; the finished directory is kept at {kept}: move it "
                                              "where you want it") from None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")

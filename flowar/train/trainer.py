@@ -39,7 +39,7 @@ from flowar.config import FlowARConfig, get_preset
 from flowar.train.data import Latents, index_dataset, load_latents
 from flowar.errors import FlowARError
 from flowar.model.ar import FlowAR
-from flowar.io.files import atomic_write_bytes
+from flowar.io.files import as_file, atomic_write_bytes
 from flowar.sampling.sampler import hand_off
 
 
@@ -173,7 +173,8 @@ def save_training_checkpoint(path: Path, run: Run, args: TrainArgs, class_names:
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in osd["param_groups"]]
     save_checkpoint(path, tensors, run.model.config, class_names, extra={
         "format": TRAIN_FORMAT_TAG, "step": str(run.state.step), "losses": json.dumps(run.state.losses),
-        "optimizer_groups": json.dumps(groups), "train_args": json.dumps(asdict(args)), "data": str(args.data)})
+        "optimizer_groups": json.dumps(groups), "train_args": json.dumps({k: as_file(v) for k, v in asdict(args).items()}),
+        "data": str(args.data)})
 
 
 def load_training_checkpoint(path: Path, model: FlowAR, ema: FlowAR, opt: torch.optim.Optimizer) -> TrainState:
@@ -225,10 +226,8 @@ def check_args(args: TrainArgs, world: int, n_images: int) -> Path:
                 step, began = int(f.metadata()["step"]), json.loads(f.metadata()["train_args"])
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is one line
             raise FlowARError("a flowar-train checkpoint to resume", f"{ckpt}: {e!r:.120}", "start afresh elsewhere") from None
-        same = lambda v: str(Path(v).resolve()) if isinstance(v, str) and os.path.exists(v) else v  # noqa: E731
-        wrong = [f"{k} {getattr(args, k)!r}, began with {began.get(k)!r}" for k in RUN_DEFINING
-                 if same(began.get(k)) != same(getattr(args, k))] + [f"--steps {args.steps} below its step {step}"] * (
-                     args.steps < step)                         # (a --steps below it trained nothing, wrote no weights)
+        wrong = [f"{k} {getattr(args, k)!r}, began with {began.get(k)!r}" for k in RUN_DEFINING if as_file(began.get(
+            k)) != as_file(getattr(args, k))] + [f"--steps {args.steps} below its step {step}"] * (args.steps < step)
         if wrong:
             raise FlowARError("the settings the run began with, and --steps at least its step, to resume it",
                               "; ".join(wrong), "run with the settings it began with (only --steps and the intervals "
@@ -237,7 +236,7 @@ def check_args(args: TrainArgs, world: int, n_images: int) -> Path:
 
 
 RUN_DEFINING = ("data", "vae", "size", "preset", "config", "batch", "lr", "warmup", "min_lr_ratio", "weight_decay", "grad_clip",
-                "ema_decay", "label_drop", "seed")                  # what a resumed run keeps
+                "ema_decay", "label_drop", "seed")                  # what a resumed run keeps (a --steps below: no weights)
 
 
 def build_run(args: TrainArgs, config: FlowARConfig, world: int, ckpt: Path) -> Run:
