@@ -52,7 +52,7 @@ def library_versions() -> dict[str, str]:
 def safe_member(root: Path, rel: str) -> Path:
     """``root / rel`` if it stays inside root (no '..', not absolute, no symlink out), else refuse."""
     rebuild = f"re-export the directory with flowar-export --out {root}"
-    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
+    if not isinstance(rel, str) or not rel or "\0" in rel or os.path.isabs(rel) or ".." in Path(rel).parts:
         raise EngineDirError("manifest paths relative to the engine directory", repr(rel), rebuild)
     p = root / rel
     real_root = root.resolve()
@@ -170,12 +170,17 @@ def read_manifest(root: str | Path, verify_hashes: bool = False) -> Manifest:
     known = {k: m[k] for k in _FIELDS if k in m and k not in ("root", "config", "meta")}
     manifest = Manifest(root=root, config=config, **known,
                         meta={k: v for k, v in m.items() if k not in _FIELDS and k != "format"})
-    files = [(s, info["file"], info["sha256"]) for s, info in manifest.stages.items()]
-    files += [(f"{s} weights", info["data"], info["data_sha256"]) for s, info in manifest.stages.items() if "data" in info]
-    for name, plan in (manifest.tensorrt or {}).get("plans", {}).items():
-        files.append((f"tensorrt plan {name}", plan["file"], plan["sha256"]))
-    files += [(f"{s} engine", e["file"], e["sha256"]) for s, e in (manifest.engines or {}).items() if "file" in e]
-    files += [(key, w["file"], w["sha256"]) for key, w in (manifest.weights or {}).items()]
+    try:                                   # (a record of the wrong shape: one line, not a traceback)
+        files = [(s, info["file"], info["sha256"]) for s, info in manifest.stages.items()]
+        files += [(f"{s} weights", info["data"], info["data_sha256"]) for s, info in manifest.stages.items()
+                  if "data" in info]
+        for name, plan in (manifest.tensorrt or {}).get("plans", {}).items():
+            files.append((f"tensorrt plan {name}", plan["file"], plan["sha256"]))
+        files += [(f"{s} engine", e["file"], e["sha256"]) for s, e in (manifest.engines or {}).items() if "file" in e]
+        files += [(key, w["file"], w["sha256"]) for key, w in (manifest.weights or {}).items()]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise EngineDirError(f"a valid {MANIFEST} (file records with file and sha256)",
+                             f"a malformed record ({type(e).__name__}: {e})", rebuild) from None
     for what, rel, digest in files:
         p = safe_member(root, rel)
         if not p.is_file():

@@ -260,6 +260,50 @@ def test_export_options_that_would_do_nothing_or_point_nowhere_are_one_line_befo
     assert not (tmp_path / "eng").exists()
 
 
+def test_malformed_files_are_one_line_not_a_traceback(fixtures_dir, tmp_path):
+    """Inputs a reader can meet (found by a review of the trust boundaries): an empty weights file
+    (mmap's bare ValueError), manifest records of the wrong shape or with a NUL in a path, class
+    names in a checkpoint's metadata that are not a list of strings, a VAE checkpoint whose tensors
+    have the right names and the wrong shapes (load_state_dict's RuntimeError)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from flowar.commands.build import build_engine_dir
+    from flowar.errors import FlowARError
+    from flowar.export.manifest import read_manifest
+    from flowar.io.tensors import map_safetensors
+    from flowar.model.checkpoint import read_checkpoint
+    from flowar.model.vae import load_vae
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(FlowARError, match="empty.safetensors is empty"):
+        map_safetensors(tmp_path / "empty.safetensors", "0" * 64)
+    build_engine_dir(fixtures_dir / "tiny_v1.safetensors", tmp_path / "e", preset="tiny", max_batch=1, verify=False)
+    m = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    stage = next(iter(m["stages"]))
+    for broken, needle in ((m | {"stages": []}, "a malformed record"),
+                           (m | {"stages": m["stages"] | {stage: {"file": m["stages"][stage]["file"]}}}, "KeyError: 'sha256'"),
+                           (m | {"stages": m["stages"] | {stage: m["stages"][stage] | {"file": "a\u0000b"}}},
+                            "manifest paths relative to the engine directory")):
+        d = tmp_path / "broken"
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(tmp_path / "e", d)
+        (d / "manifest.json").write_text(json.dumps(broken))
+        with pytest.raises(FlowARError, match=needle) as e:
+            read_manifest(d)
+        assert "\n" not in str(e.value)
+    sd = load_file(str(fixtures_dir / "tiny_v1.safetensors"))
+    save_file(sd, str(tmp_path / "named.safetensors"), metadata={"class_names": '{"a": 1}'})
+    with pytest.raises(FlowARError, match="class names in the metadata as a JSON list of strings"):
+        read_checkpoint(tmp_path / "named.safetensors")
+    vae = torch.load(fixtures_dir / "mar_vae_tiny.ckpt", weights_only=True, map_location="cpu")
+    vae["model"]["decoder.conv_out.bias"] = vae["model"]["decoder.conv_out.bias"][:2]
+    torch.save(vae, tmp_path / "vae.ckpt")
+    with pytest.raises(FlowARError, match="a VAE checkpoint whose tensors fit AutoencoderKL's shapes"):
+        load_vae(tmp_path / "vae.ckpt")
+
+
 def test_too_little_disk_is_one_line_before_any_work(fixtures_dir, tmp_path, monkeypatch):
     import shutil as sh
     from flowar.commands.build import build_engine_dir

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 import struct
 import warnings
 from pathlib import Path
@@ -28,6 +29,8 @@ def map_safetensors(path: str | Path, sha256: str | None = None, what: str = "we
     file is refused (one line) unless its bytes hash to it."""
     p = Path(path)
     with open(p, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:          # (mmap refuses an empty file with a bare ValueError)
+            raise FlowARError(f"{what} in the safetensors format", f"{p} is empty", "write the file again")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     if sha256 is not None and hashlib.sha256(mm).hexdigest() != sha256:
         raise EngineDirError(f"{p.name} with the sha256 recorded at export", "a different file (modified or corrupt)",

@@ -110,7 +110,14 @@ def read_checkpoint(path: str | Path, use_ema: bool = True) -> LoadedCheckpoint:
         if META_CONFIG in meta:
             ck.config = FlowARConfig.from_json(meta[META_CONFIG], f"the metadata of {p}")
         if META_CLASSES in meta:
-            ck.class_names = list(json.loads(meta[META_CLASSES]))
+            try:
+                names = json.loads(meta[META_CLASSES])
+            except ValueError:
+                names = None
+            if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+                raise CheckpointError("class names in the metadata as a JSON list of strings",
+                                      f"{meta[META_CLASSES][:60]!r} in {p.name}", "write the checkpoint again")
+            ck.class_names = names
         return ck
     if p.suffix not in _PICKLE_SUFFIXES:
         raise CheckpointError("a checkpoint ending in .safetensors or " + "/".join(_PICKLE_SUFFIXES),

@@ -125,7 +125,11 @@ def convert_mar_checkpoint(path: str | Path) -> VAE:
         block_out_channels=tuple(lay["outs"]), layers_per_block=lay["layers"], latent_channels=lay["latent"],
         norm_num_groups=lay["groups"], sample_size=256)
     conv = _convert_ldm(sd, n)
-    missing, unexpected = ak.load_state_dict(conv, strict=False)
+    try:
+        missing, unexpected = ak.load_state_dict(conv, strict=False)
+    except RuntimeError as e:               # (same names, other shapes)
+        raise FlowARError("a VAE checkpoint whose tensors fit AutoencoderKL's shapes",
+                          str(e).splitlines()[-1].strip()[:160], "pass MAR's kl16.ckpt layout") from None
     if missing or unexpected:
         raise FlowARError("a VAE checkpoint whose keys map one to one onto AutoencoderKL",
                           f"missing {missing[:3]}, unexpected {unexpected[:3]}", "pass MAR's kl16.ckpt layout")
@@ -167,8 +171,9 @@ def load_decoder(path: str | Path, expect_channels: int | None = None) -> VAE:
     else:
         return load_vae(p, expect_channels)
     want = {k: v for k, v in tensors.items() if k.startswith(("decoder.", "post_quant_conv."))}
-    if set(want) != set(dec.state_dict()):
-        return load_vae(p, expect_channels)
+    have = dec.state_dict()
+    if set(want) != set(have) or any(v.shape != have[k].shape for k, v in want.items()):
+        return load_vae(p, expect_channels)                 # (other names or shapes: diffusers' loader and its error)
     dec.load_state_dict(want, strict=True)
     return _check_channels(VAE(dec), expect_channels, p)
 
