@@ -104,13 +104,16 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
     # no optimized copy of graphs with external data: a second file of their size, and ONNX Runtime
     # would have to write its weights out again
     external = isinstance(graph, Path) and Path(str(graph) + ".data").exists()
-    if cache_dir is not None and provider == "CPUExecutionProvider" and not external:
+    # (a cache folder or file that is a symbolic link is not used: it would be read, and written,
+    # outside the engine directory)
+    if cache_dir is not None and provider == "CPUExecutionProvider" and not external and not cache_dir.is_symlink():
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
             if os.access(cache_dir, os.W_OK):
                 # named by the graph's hash, the library and the CPU's flags (ENABLE_ALL's layouts are per CPU)
                 from flowar.engines.cpu import cpu_kind
                 cache = cache_dir / f"{sha256[:16]}.ort{ort.__version__}.{'-'.join(cpu_kind()['flags']) or 'x'}.opt.onnx"
+                cache = None if cache.is_symlink() else cache
         except OSError:
             cache = None
     for attempt in (0, 1):

@@ -235,6 +235,14 @@ def test_the_optimized_graph_cache_is_written_whole_reused_and_rebuilt_when_dama
     made.clear()
     assert check() == cache and [m[0] for m in made] == ["bytes"] and len(reads) == 4
     assert not dead.exists() and live.read_bytes() == b"half a graph"
+    # a cache folder that is a symbolic link is not used: nothing read or written where it points
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    linked = tmp_path / "linked"
+    linked.symlink_to(outside)
+    y = create_session(read, sha, "CPUExecutionProvider", 1, linked, src).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ W + b, rtol=1e-5, atol=1e-5)
+    assert list(outside.iterdir()) == [] and len(reads) == 5
 
 
 def test_the_thread_policy_is_resolved_at_open_and_applied_while_sampling(fixtures_dir, monkeypatch):
