@@ -46,15 +46,15 @@ def _trt_usable(m: Manifest) -> tuple[bool, str]:
     return True, ""
 
 
-def choose_backend(m: Manifest, requested: str = "auto") -> str:
+def choose_backend(m: Manifest, requested: str = "auto", gpu: bool = True) -> str:
     """The backend an engine directory runs on here: what ``requested`` names, or for ``auto``
-    TensorRT where its plans fit this GPU and TensorRT, else the engines the directory's
-    ``--precision auto|bf16`` measured and chose (``measured``), else ONNX Runtime. Every command
-    decides here."""
+    TensorRT where its plans fit this GPU and TensorRT (unless ``gpu`` is off: ``--device cpu``),
+    else the engines the directory's ``--precision auto|bf16`` measured and chose (``measured``),
+    else ONNX Runtime. Every command decides here."""
     if requested not in BACKENDS:
         raise FlowARError(f"--backend one of {', '.join(BACKENDS)}", repr(requested), "use --backend auto")
     if requested == "auto":                     # (no plans: nothing to probe)
-        return "trt" if m.tensorrt and _trt_usable(m)[0] else ("measured" if m.choice else "ort")
+        return "trt" if gpu and m.tensorrt and _trt_usable(m)[0] else ("measured" if m.choice else "ort")
     if requested == "trt":
         ok, why = _trt_usable(m)
         if not ok:

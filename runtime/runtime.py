@@ -194,9 +194,7 @@ class Runtime(contextlib.AbstractContextManager):
         # engines (TensorRT, ONNX Runtime's CUDA provider), --device chooses for the checkpoint's
         # modules (--backend torch), and a device the chosen engines do not compute on is refused.
         asked = None if device is None or str(device) == "auto" else resolve_device(device)
-        chosen = choose_backend(m, backend)
-        if chosen == "trt" and backend == "auto" and asked is not None and asked.type == "cpu":
-            chosen = "measured" if m.choice else "ort"
+        chosen = choose_backend(m, backend, gpu=asked is None or asked.type == "cuda")
         stack = contextlib.ExitStack()
         try:
             t0 = time.perf_counter()

@@ -380,8 +380,8 @@ class Service:
                                'send e.g. {"label": 3} or {"class": "cat"}')
         try:
             label = label_ids([req.class_ if req.class_ is not None else req.label], nc, rt.class_names)[0]
-        except FlowARError as e:             # (the fix in the request's words, not the command's option)
-            raise ServiceError(422, e.expected, e.got, e.fix.replace("(--labels)", '(the "label" field)')) from None
+        except FlowARError as e:
+            raise ServiceError(422, e.expected, e.got, e.fix) from None
         if req.n > self.limits.max_n:
             raise ServiceError(422, f"n an integer in 1..{self.limits.max_n}", repr(req.n), "ask for fewer images")
         try:

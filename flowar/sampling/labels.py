@@ -135,7 +135,7 @@ def label_ids(items: Sequence[int | str], num_classes: int, names: ClassNames | 
         elif isinstance(it, str):
             if names is None:
                 raise FlowARError("class names stored with the model", f"{it!r} for a model without class names",
-                                  "pass class ids instead (--labels)")
+                                  "pass class ids instead")
             out.append(names.lookup(it))
         else:
             raise FlowARError("class ids (int) or class names (str)", f"{type(it).__name__}", "pass e.g. [3, 'cat']")
