@@ -245,9 +245,8 @@ def server(engines):
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     serve_forever(str(engines), "127.0.0.1", port, 1, 16, 1, None, block=False, queue=16)
     yield f"http://127.0.0.1:{port}"
-    from ray import serve
-    serve.shutdown()
-    ray.shutdown()
+    from flowar.commands.cluster import stop_ray
+    stop_ray()                              # (the local cluster serve_forever started, Serve's processes with it)
 
 
 def _metric(url, name, labels=()):

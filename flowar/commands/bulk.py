@@ -261,8 +261,8 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
                 rows = _sample_on_ray(spec, out, todo, workers, progress, spec.num_images - done_now)
         except KeyboardInterrupt:
             if ray_address is not None or workers > 1:
-                import ray
-                ray.shutdown()                              # its workers stop (a shard may end) before the count
+                from flowar.commands.cluster import stop_ray
+                stop_ray()                                  # its workers stop (a shard may end) before the count
             written = sum(e - s for j, s, e in shards if shard_is_done(out, j, s, e))
             raise KeyboardInterrupt(f"{written} of {spec.num_images} images written to {out}; the same command "
                                     "resumes") from None

@@ -204,8 +204,9 @@ def stop(engine_dir: str, settings: dict, shared: bool = False) -> str:
     """Drain, then shut the local cluster this process started down with Ray, Serve with it
     (``shared``: a cluster that was running before, whose Serve other applications may use: only
     ours is deleted and this process disconnects); says what happened in one line."""
-    import ray
     from ray import serve
+
+    from flowar.commands.cluster import stop_ray
     t0 = time.perf_counter()
     grace = settings["grace_s"]
     serve.run(build_app(engine_dir, draining=True, **settings), name=APP, route_prefix="/")
@@ -216,7 +217,7 @@ def stop(engine_dir: str, settings: dict, shared: bool = False) -> str:
         serve.delete(APP)
     # (no serve.shutdown() before Ray's: it waited ~4 s for replicas that hold nothing after the
     # drain, or whose images past the grace are dropped either way: 7.9 -> 4.6 s to stop)
-    ray.shutdown()
+    stop_ray()
     held = ("; every request in flight answered" if busy == 0 else "; the replicas did not say what they held"
             if busy is None else f"; {busy} image(s) still held after the {grace:g} s grace were dropped")
     return f"drained and stopped in {time.perf_counter() - t0:.1f} s{held}"

@@ -53,6 +53,7 @@ def peak_rss() -> int:
 # EVERY seconds until a line arrives on its stdin; then it prints the peak in bytes.
 _POLLER = r"""
 import os, select, sys
+from flowar.io.memory import descendants
 root, every, me = int(sys.argv[1]), float(sys.argv[2]), os.getpid()
 def anon(pid):
     try:
@@ -63,29 +64,34 @@ def anon(pid):
     except (OSError, ValueError):
         pass
     return 0
-def tree():
-    kids = {}
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                with open(f"/proc/{p}/stat") as f:
-                    kids.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(p))
-            except (OSError, ValueError, IndexError):
-                pass
-    out, todo = [], [root]
-    while todo:
-        p = todo.pop()
-        if p != me:
-            out.append(p)
-            todo += kids.get(p, [])
-    return out
 peak = 0
 while True:
-    peak = max(peak, sum(anon(p) for p in tree()))
+    peak = max(peak, sum(anon(p) for p in [root, *descendants(root)] if p != me))
     if select.select([sys.stdin], [], [], every)[0]:
         break
 print(peak, flush=True)
 """
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below ``root`` (children, their children, ...), from ``/proc`` (none without it)."""
+    children: dict[int, list[int]] = {}
+    try:
+        names = [n for n in os.listdir("/proc") if n.isdigit()]
+    except OSError:
+        return []
+    for name in names:
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(name))
+        except (OSError, ValueError, IndexError):
+            pass
+    out, todo = [], [root]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
 
 
 class AnonPeak:

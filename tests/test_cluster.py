@@ -1,0 +1,93 @@
+"""The local Ray cluster a command starts: stopped at once, and only its own processes.
+
+Ray stops a local cluster by SIGTERM, a second's wait, then SIGKILL, per kind of process; the
+commands' clusters block SIGTERM (so that a SIGTERM to the whole group reaches the command alone),
+so every wait was spent (5.3 s per stop). ``stop_ray`` kills them itself once the driver has left.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("ray", reason="Ray is in the [serve] extra")
+
+from flowar.commands.cluster import _blocks_sigterm  # noqa: E402
+from flowar.io.memory import descendants  # noqa: E402
+
+# In a process of its own (Ray stays out of pytest's): start the local cluster as the commands do,
+# run a task (a worker below the raylet), then stop it, recording every SIGKILL the stop sends and
+# whether the driver had left the cluster at that moment (the raylet is needed until it has).
+STOP = r"""
+import os, signal, subprocess, sys
+from flowar.commands.cluster import start_ray, stop_ray
+from flowar.io.memory import descendants
+ray = start_ray(None, 1)
+driver = ray._private.worker.global_worker
+before = {p: open(f"/proc/{p}/comm").read().strip() for p in descendants(os.getpid())}
+worker = ray.get(ray.remote(lambda: os.getpid()).remote())
+bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])   # a child not Ray's
+sent, real_kill = [], os.kill
+def kill(pid, sig):
+    if sig == signal.SIGKILL:
+        sent.append((pid, hasattr(driver, "core_worker")))
+    return real_kill(pid, sig)
+os.kill = kill
+stop_ray()
+def alive(p):
+    try:
+        with open(f"/proc/{p}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+print(repr((before, worker, sent, [p for p in set(before) | {worker} if alive(p)], alive(bystander.pid))))
+bystander.kill()
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_a_local_cluster_is_killed_once_the_driver_left_every_process_of_it():
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run([sys.executable, "-c", STOP], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, worker, sent, alive, bystander_alive = eval(proc.stdout.strip().splitlines()[-1])
+    killed = {pid for pid, _ in sent}
+    names = set(before.values())
+    assert {"raylet", "gcs_server"} <= names, names
+    # the raylet's agents and idle workers too (the task's worker may have ended as the driver left)
+    assert set(before) - {worker} <= killed, (before, worker, sent)
+    assert not any(driver_there for _, driver_there in sent), sent        # never while the driver needs the raylet
+    assert not alive, alive                  # (the task's worker included: the raylet ends it as the driver leaves)
+    assert bystander_alive                   # a child of the command that is not the cluster's: left alone
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_only_processes_that_block_sigterm_are_taken_for_the_cluster():
+    """A child of the command that is not Ray's (SIGTERM not blocked) is never taken; one that
+    blocks it is, with its own children (which inherit the mask)."""
+    blocked = ("import signal, subprocess, sys, time\n"
+               "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
+               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+               "time.sleep(60)\n")
+    plain = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    ray_like = subprocess.Popen([sys.executable, "-c", blocked])
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline and not descendants(ray_like.pid):
+            time.sleep(0.05)
+        [grandchild] = descendants(ray_like.pid)
+        below = descendants(os.getpid())
+        assert {plain.pid, ray_like.pid, grandchild} <= set(below), below
+        taken = {p for p in below if _blocks_sigterm(p)}
+        assert {ray_like.pid, grandchild} <= taken and plain.pid not in taken, (taken, plain.pid)
+    finally:
+        for p in (plain, ray_like):
+            p.kill()
+            p.wait()
+        try:
+            os.kill(grandchild, signal.SIGKILL)
+        except (ProcessLookupError, NameError):
+            pass
