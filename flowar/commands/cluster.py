@@ -88,11 +88,13 @@ def stop_ray() -> None:
     if not local or not ray.is_initialized():
         ray.shutdown()
         return
-    driver = ray._private.worker.global_worker
+    # (Ray's driver is private: where it is not found, the processes are killed at once and the
+    # driver's disconnect waits for the raylet instead, as long as Ray's own waits: slower, not wrong)
+    driver = getattr(getattr(getattr(ray, "_private", None), "worker", None), "global_worker", None)
     done = threading.Event()
 
     def kill_once_the_driver_left() -> None:
-        while hasattr(driver, "core_worker") and not done.wait(0.005):
+        while driver is not None and hasattr(driver, "core_worker") and not done.wait(0.005):
             pass
         for pid in descendants(os.getpid()):
             if _blocks_sigterm(pid):
