@@ -126,7 +126,8 @@ def chart(out: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    phases = [("16 one after another", out["sequential"]), ("16 at once", out["concurrent"])] + [
+    phases = [(f"{out['sequential']['requests']} one after another", out["sequential"]),
+              (f"{out['concurrent']['requests']} at once", out["concurrent"])] + [
         (f"burst {i + 1}: {b['requests']} at once, {out['deadline_s']:.0f} s deadline", b)
         for i, b in enumerate(out.get("bursts", []))]
     fig, axes = plt.subplots(len(phases), 1, figsize=(9, 2.1 * len(phases) + 0.8), squeeze=False)
@@ -298,7 +299,7 @@ def main(argv=None) -> int:
                                          / out["sequential"]["p50_s"]}
             v = out["vs_mean_in_process"]
             print(f"in-process again: {after:.3f} s per image; against the mean of both ({mean:.3f} s): sequential "
-                  f"p50 {v['sequential_p50']:.2f}x the time per image, 16 at once {v['concurrent_rate']:.2f}x the "
+                  f"p50 {v['sequential_p50']:.2f}x the time per image, {a.concurrent} at once {v['concurrent_rate']:.2f}x the "
                   f"rate, first answer {v['first_answer_vs_sequential_p50']:.2f}x the sequential p50", flush=True)
         tmp.cleanup()
     from flowar.io.files import atomic_write_bytes

@@ -251,6 +251,8 @@ def test_bf16_takes_a_bf16_engine_for_every_stage_and_reports_its_deviation(tmp_
                            precision="bf16", auto_candidates=("torch-bf16",))
     assert set(rep.precision.choice.values()) == {"torch-bf16"} and set(rep.precision.choice) == {
         "ar", "head_prep", "velocity", "decode"}
+    # the command's last line says what runs (it said "ort, bf16" while no stage ran ONNX Runtime)
+    assert f"{tmp_path / 'bf16'} (bf16: torch-bf16 for every stage, max batch 4) in " in rep.summary("bf16", 4)
     kept = rep.precision.kept
     assert kept.deviation["psnr_median"] > 0 and rep.precision.official_fp16["psnr_median"] > kept.deviation["psnr_median"]
     m = json.loads((tmp_path / "bf16" / "manifest.json").read_text())

@@ -76,6 +76,19 @@ class BuildReport:
                        "mapped files, such as the checkpoint, not counted; sampled every 0.2 s)")
         return out + (self.precision.lines() if self.precision is not None else [])
 
+    def summary(self, precision: str, max_batch: int) -> str:
+        """flowar-export's last line: where, what runs (the engine chosen per stage where the export
+        measured them; the ONNX graphs stay as the fallback), the batch limit and the time."""
+        chose = self.precision.choice if self.precision is not None else {}
+        if chose:
+            kinds = set(chose.values())
+            runs = f"{precision}: " + (f"{kinds.pop()} for every stage" if len(kinds) == 1 else
+                                       ", ".join(f"{s} {c}" for s, c in chose.items()))
+            runs += "; TensorRT plans" if "trt" in self.backends else ""
+        else:
+            runs = f"{', '.join(self.backends)}, {precision}"
+        return f"engine directory -> {self.out} ({runs}, max batch {max_batch}) in {sum(self.seconds.values()):.0f} s"
+
 
 def check_request(req: ExportRequest):
     """Refuse what cannot be built before any work; the TensorRT builder when plans are asked for."""

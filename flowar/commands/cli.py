@@ -167,8 +167,8 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
     bar.close()
     for line in rep.lines():
         click.echo(line)
-    click.echo(f"engine directory -> {rep.out} ({', '.join(rep.backends)}, {precision}, max batch {max_batch}) in "
-               f"{sum(rep.seconds.values()):.0f} s")
+    click.echo(rep.summary(precision, max_batch))
+
 
 def _positive(*named) -> None:
     """Refuse, before any work, a count or rate that is not positive (--steps 0 crashed, -5 trained nothing)."""

@@ -136,5 +136,5 @@ def write_outputs(result: SampleResult, class_names: list[str] | None, save_toke
             lines.append(f"grid of {len(result.labels)} images -> {out}")
         if save_images:
             save_each(result.images, save_images)
-            lines.append(f"{len(result.labels)} PNGs -> {save_images}/")
+            lines.append(f"{len(result.labels)} PNGs -> {Path(save_images)}/")
     return lines
