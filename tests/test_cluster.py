@@ -60,7 +60,9 @@ def test_a_local_cluster_is_killed_once_the_driver_left_every_process_of_it():
     # the raylet's agents and idle workers too (the task's worker may have ended as the driver left)
     assert set(before) - {worker} <= killed, (before, worker, sent)
     assert not any(driver_there for _, driver_there in sent), sent        # never while the driver needs the raylet
-    assert not alive, alive                  # (the task's worker included: the raylet ends it as the driver leaves)
+    # none left running once the stop returns (the task's worker included: the raylet ends it as the driver
+    # leaves, or the stop kills it); seen once in CI before the stop waited for what it killed to end
+    assert not alive, (alive, before, worker, sent)
     assert bystander_alive                   # a child of the command that is not the cluster's: left alone
 
 

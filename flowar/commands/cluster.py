@@ -80,6 +80,7 @@ def stop_ray() -> None:
     killed at once; Ray then finds them ended. Without ``/proc``, Ray's own waits apply."""
     import signal
     import threading
+    import time
 
     import ray
 
@@ -96,12 +97,18 @@ def stop_ray() -> None:
     def kill_once_the_driver_left() -> None:
         while driver is not None and hasattr(driver, "core_worker") and not done.wait(0.005):
             pass
+        killed = []
         for pid in descendants(os.getpid()):
             if _blocks_sigterm(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
                 except ProcessLookupError:
                     pass
+        # ended before the command goes on (a process with much memory takes a moment to exit)
+        deadline = time.monotonic() + 5
+        while any(_running(p) for p in killed) and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     watcher = threading.Thread(target=kill_once_the_driver_left, name="flowar-ray-stop", daemon=True)
     watcher.start()
@@ -110,6 +117,15 @@ def stop_ray() -> None:
     finally:
         done.set()
         watcher.join()
+
+
+def _running(pid: int) -> bool:
+    """Whether the process ``pid`` exists and has not ended (a zombie has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 def _blocks_sigterm(pid: int) -> bool:
