@@ -300,7 +300,8 @@ def main(argv=None) -> int:
             v = out["vs_mean_in_process"]
             print(f"in-process again: {after:.3f} s per image; against the mean of both ({mean:.3f} s): sequential "
                   f"p50 {v['sequential_p50']:.2f}x the time per image, {a.concurrent} at once "
-                  f"{v['concurrent_rate']:.2f}x the rate, first answer {v['first_answer_vs_sequential_p50']:.2f}x the sequential p50", flush=True)
+                  f"{v['concurrent_rate']:.2f}x the rate, first answer "
+                  f"{v['first_answer_vs_sequential_p50']:.2f}x the sequential p50", flush=True)
         tmp.cleanup()
     from flowar.io.files import atomic_write_bytes
     atomic_write_bytes(a.json, lambda t: Path(t).write_text(json.dumps(out, indent=1)))

@@ -194,7 +194,8 @@ class Runtime(contextlib.AbstractContextManager):
         # engines (TensorRT, ONNX Runtime's CUDA provider), --device chooses for the checkpoint's
         # modules (--backend torch), and a device the chosen engines do not compute on is refused.
         asked = None if device is None or str(device) == "auto" else resolve_device(device)
-        chosen = choose_backend(m, backend, gpu=asked is None or asked.type == "cuda")
+        gpu = asked is None or asked.type == "cuda"         # the GPU engines may be taken
+        chosen = choose_backend(m, backend, gpu=gpu)
         stack = contextlib.ExitStack()
         try:
             t0 = time.perf_counter()
@@ -203,8 +204,7 @@ class Runtime(contextlib.AbstractContextManager):
                 threads_ = Threads.resolve(threads, False)
             else:
                 from flowar.engines.ort import choose_provider
-                provider = (choose_provider(prefer_gpu=asked is None or asked.type == "cuda") if chosen == "ort"
-                            else "CPUExecutionProvider")
+                provider = choose_provider(prefer_gpu=gpu) if chosen == "ort" else "CPUExecutionProvider"
                 dev = (asked if chosen == "torch" and asked is not None else
                        resolve_device("cuda" if provider == "CUDAExecutionProvider" else "cpu" if chosen != "torch"
                                       else "auto"))

@@ -24,7 +24,7 @@ from flowar.io.memory import descendants  # noqa: E402
 STOP = r"""
 import os, signal, subprocess, sys
 from flowar.commands.cluster import start_ray, stop_ray
-from flowar.io.memory import descendants
+from flowar.io.memory import descendants, process_running as alive
 ray = start_ray(None, 1)
 driver = ray._private.worker.global_worker
 before = {p: open(f"/proc/{p}/comm").read().strip() for p in descendants(os.getpid())}
@@ -37,12 +37,6 @@ def kill(pid, sig):
     return real_kill(pid, sig)
 os.kill = kill
 stop_ray()
-def alive(p):
-    try:
-        with open(f"/proc/{p}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 print(repr((before, worker, sent, [p for p in set(before) | {worker} if alive(p)], alive(bystander.pid))))
 bystander.kill()
 """

@@ -84,7 +84,7 @@ def stop_ray() -> None:
 
     import ray
 
-    from flowar.io.memory import descendants
+    from flowar.io.memory import descendants, process_running
     local, _LOCAL[0] = _LOCAL[0], False
     if not local or not ray.is_initialized():
         ray.shutdown()
@@ -107,7 +107,7 @@ def stop_ray() -> None:
                     pass
         # ended before the command goes on (a process with much memory takes a moment to exit)
         deadline = time.monotonic() + 5
-        while any(_running(p) for p in killed) and time.monotonic() < deadline:
+        while any(process_running(p) for p in killed) and time.monotonic() < deadline:
             time.sleep(0.005)
 
     watcher = threading.Thread(target=kill_once_the_driver_left, name="flowar-ray-stop", daemon=True)
@@ -117,15 +117,6 @@ def stop_ray() -> None:
     finally:
         done.set()
         watcher.join()
-
-
-def _running(pid: int) -> bool:
-    """Whether the process ``pid`` exists and has not ended (a zombie has ended)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 def _blocks_sigterm(pid: int) -> bool:

@@ -190,6 +190,16 @@ def require_free_space(folder: str | Path, needed: int, what: str, option: str =
                           f"free disk space there or choose another {option}")
 
 
+def process_running(pid: int) -> bool:
+    """Whether the process ``pid`` has not ended (unlike :func:`process_alive`, a zombie, ended but
+    not yet reaped, is not running), from ``/proc``."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
