@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flowar.errors import ConfigError
+from flowar.errors import ConfigError, FlowARError
 
 JSON_FIELDS = (
     "scales", "latent_channels", "latent_scale", "num_classes",
@@ -26,6 +26,18 @@ JSON_FIELDS = (
 # What a command samples with when neither the user nor the engine directory says otherwise (the
 # official FlowAR evaluation: its Euler sampler, guidance 4.3 at the last scale, only at t <= 0.9).
 SAMPLING_DEFAULTS = {"schedule": "official", "cfg": 4.3, "guidance": 0.9}
+# The seeds that name images: 64-bit signed, what a served request takes (JSON int64), so that any seed
+# flowar-run or the pipeline takes names an image a replica can give too.
+SEED_RANGE = (-2 ** 63, 2 ** 63 - 1)
+
+
+def check_seed(seed: int) -> int:
+    """``seed``, or a one-line error where it is not an int in :data:`SEED_RANGE`."""
+    lo, hi = SEED_RANGE
+    if type(seed) is not int or not lo <= seed <= hi:
+        raise FlowARError("a seed in [-2^63, 2^63 - 1] (64 bits: what a served request takes)", repr(seed),
+                          "use a seed in that range, e.g. 0")
+    return seed
 
 
 @dataclass(frozen=True)

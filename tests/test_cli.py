@@ -75,11 +75,13 @@ def test_user_errors_are_one_line(fixtures_dir, args, needle):
 
 
 def test_a_malformed_label_list_is_refused_before_the_source_opens(tmp_path):
-    """The form of --labels / --classes / --n-per-class is checked before anything opens (the
-    directory here does not exist: the error is about the list)."""
+    """The form of --labels / --classes / --n-per-class and the seed's range are checked before
+    anything opens (the directory here does not exist: the error is about the list or the seed)."""
     for args, needle in ((["--labels", "1,,2"], "got '' in '1,,2'"), (["--classes", "cat,,dog"], "single commas"),
                          (["--n-per-class", "0"], "--n-per-class >= 1"), (["--labels", "1", "--classes", "cat"],
-                                                                          "either --labels or --classes")):
+                                                                          "either --labels or --classes"),
+                         (["--seed", str(2 ** 63)], f"a seed in [-2^63, 2^63 - 1] (64 bits: what a served request "
+                                                    f"takes); got {2 ** 63}")):
         res = CliRunner().invoke(run, ["--engine-dir", str(tmp_path / "none")] + args)
         assert res.exit_code == 2 and needle in res.output, res.output
 

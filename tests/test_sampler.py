@@ -102,6 +102,17 @@ def test_per_sample_noise_depends_on_seed_and_index_only():
     assert abs(float(whole.mean())) < 0.1 and abs(float(whole.std()) - 1) < 0.1          # standard normal
 
 
+def test_a_seed_is_any_64_bit_int_as_a_served_request_takes():
+    """The seeds flowar-run and the pipeline take are those a served request takes (JSON int64):
+    the two ends work and give their own noise, one past either end is refused, in a list too."""
+    from flowar.errors import FlowARError
+    ends = [per_sample_noise(s, [0])(1, (1, 4, 2)) for s in (-2 ** 63, 2 ** 63 - 1)]
+    assert not torch.equal(*ends)
+    for bad in (2 ** 63, -2 ** 63 - 1, [0, 2 ** 63]):
+        with pytest.raises(FlowARError, match=r"a seed in \[-2\^63, 2\^63 - 1\]"):
+            per_sample_noise(bad, [0] if isinstance(bad, int) else [0, 1])
+
+
 def test_run_sampling_gives_each_sample_the_same_tokens_in_any_batching(official_v1):
     from flowar.sampling.batches import run_sampling
     model = official_v1.model

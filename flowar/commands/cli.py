@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from flowar.commands.options import command, schedule_options
-from flowar.config import SAMPLING_DEFAULTS
+from flowar.config import SAMPLING_DEFAULTS, check_seed
 from flowar.errors import FlowARError
 
 
@@ -65,6 +65,7 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
     from flowar.sampling.labels import parse_labels
     from flowar.sampling.schedule import Settings
     settings = Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance, solver=solver, stride=stride)
+    check_seed(seed)
     parse_labels(None, None, labels, classes, n_per_class)     # their form, before the source opens (FlowAR-H: 25 s)
     for p, is_dir, option in ((save_tokens, False, "--save-tokens"), (out, False, "--out"),
                               (save_images, True, "--save-images")):
@@ -292,6 +293,7 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
     extractor = load_extractor(fid_extractor) if fid_extractor else None
     from flowar.sampling.schedule import Settings
     settings = Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance, solver=solver, stride=stride)
+    check_seed(seed)
     if bool(ckpt) == bool(engine_dir):
         raise FlowARError("exactly one of --ckpt or --engine-dir", "both" if ckpt else "neither",
                           "pass --engine-dir DIR (from flowar-export) or --ckpt PATH")

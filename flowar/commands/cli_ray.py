@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from flowar.commands.options import command, schedule_options
+from flowar.config import check_seed
 from flowar.errors import FlowARError
 
 
@@ -46,6 +47,7 @@ def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, sche
         ids = list(range(m.config.num_classes))
     from flowar.sampling.schedule import Settings
     settings = Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance, solver=solver, stride=stride)
+    check_seed(seed)
     spec = BulkSpec(str(Path(engine_dir).resolve()), num_images, ids, seed, settings.given(), shard_size, threads,
                     backend, batch)
     rep = run_bulk(spec, out, workers, ray_address)             # (it notes cores left idle, once the request is checked)

@@ -34,6 +34,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flowar.config import SEED_RANGE
 from flowar.errors import FlowARError
 
 GATHER_QUIET_S, GATHER_MAX_S = 0.02, 0.25     # an idle replica lets a burst arrive: until quiet this long, at most
@@ -45,7 +46,7 @@ class GenerateRequest(BaseModel):
     label: int | None = Field(None, ge=0, description="class id (or give `class`)")
     class_: str | None = Field(None, alias="class", description="class name; ImageNet names and synonyms for "
                                "the official 1000-class models")
-    seed: int = Field(0, ge=-2 ** 63, le=2 ** 63 - 1,
+    seed: int = Field(0, ge=SEED_RANGE[0], le=SEED_RANGE[1],
                       description="names the images: image j has the noise of (seed, j), as with flowar-run --seed")
     n: int = Field(1, ge=1, description="images, at most the server's --max-n")
     schedule: Literal["official", "fast"] | None = None

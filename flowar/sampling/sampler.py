@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flowar.config import FlowARConfig
+from flowar.config import FlowARConfig, check_seed
 from flowar.errors import FlowARError
 from flowar.sampling.schedule import Schedule
 
@@ -68,7 +68,7 @@ def per_sample_noise(seed: int | Sequence[int], indices: Sequence[int]) -> Noise
     :func:`injected_noise`.) ``seed`` may also give one seed per row (requests of a served batch).
     """
     idx = [int(i) for i in indices]
-    seeds = [int(seed)] * len(idx) if isinstance(seed, int) else [int(s) for s in seed]
+    seeds = [check_seed(int(seed))] * len(idx) if isinstance(seed, int) else [check_seed(int(s)) for s in seed]
     if len(seeds) != len(idx):
         raise FlowARError(f"one seed per sample ({len(idx)})", f"{len(seeds)} seeds", "pass a seed or one per sample")
 
