@@ -130,7 +130,7 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
     for (stage, eng), cand in zip(engines.items(), ran):
         rec = measured.get(stage, {}).get(cand)
         if rec is not None and "setup_s" in rec:
-            eng.warm = rec["setup_s"] >= WARM_SETUP_S
+            eng.warm, eng.setup_measured = rec["setup_s"] >= WARM_SETUP_S, True
     if chosen == "ort":
         return engines, f"ONNX Runtime {provider}"
     notes = [f"{', '.join(stages)} {cand} {'compiled for' if cand in COMPILED else 'needs'} {flags}, which this CPU "

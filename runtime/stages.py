@@ -94,17 +94,19 @@ class EngineStages:
             self.engines[stage].infer(i, o, profile=k)
         return outs
 
-    def warm_up(self, batch_sizes=None, every_engine: bool = False) -> int:
+    def warm_up(self, batch_sizes=None, every_engine: bool | None = False) -> int:
         """Run engines once at each shape sampling will give them (``batch_sizes``: those batches;
         default every size up to the limit), on zeros, so that whatever a shape sets up the first
         time (eager PyTorch's oneDNN primitives and weight reorders; a compiled engine's, smaller)
         happens here and not in an image. By default only the engines that set up a lot per shape
         (``warm``: what the export measured, see :func:`flowar.runtime.directory.directory_engines`);
-        ``every_engine``: all (a served replica, before it takes requests). Returns the calls made."""
+        ``every_engine`` None: those and the engines whose set-up was not measured (``setup_measured``);
+        True: all. Returns the calls made."""
         n = 0
         sizes = sorted(set(batch_sizes or range(1, self.max_batch + 1)))
         for stage, eng in self.engines.items():
-            if not (every_engine or getattr(eng, "warm", False)):
+            if not (every_engine or getattr(eng, "warm", False) or
+                    every_engine is None and not getattr(eng, "setup_measured", False)):
                 continue
             spec, st = self.specs[stage], self.plan.get(stage)
             for k in spec.scales:

@@ -344,7 +344,8 @@ def test_the_labels_are_copied_into_static_storage_at_start(tiny_v1):
 def test_opening_warms_only_the_engines_whose_measured_set_up_is_large(default_auto_engines, tmp_path):
     """Warming runs each shape once on zeros, so it costs the calls themselves: an engine is
     warmed at open only where the export measured a set-up of at least WARM_SETUP_S (else the
-    command would pay a whole call to save a little), batch 1 by default, nothing with warm=()."""
+    command would pay a whole call to save a little), batch 1 by default, nothing with warm=().
+    A replica's warm-up adds the engines whose set-up was not measured."""
     import json
     import shutil
     from flowar.runtime.directory import WARM_SETUP_S
@@ -365,6 +366,16 @@ def test_opening_warms_only_the_engines_whose_measured_set_up_is_large(default_a
     assert warmed == n_scales * rows_ar + (n_scales * 2 if warm["head_prep"] else 0)
     with Runtime.open_engine_dir(d, backend="ort", warm=()) as rt:
         assert rt.opened["shapes warmed"] == 0
+        # A served replica's or bulk worker's warm-up (the default): the engines measured as large and
+        # those not measured (decode), not one measured as small (velocity); every_engine=True: all.
+        called = []
+        for name, eng in rt.stages.engines.items():
+            eng.infer = (lambda infer, name: lambda *a, **k: (called.append(name), infer(*a, **k))[1])(eng.infer, name)
+        rt.warm_up([1, 2])
+        assert set(called) == {"ar", "decode"} | ({"head_prep"} if warm["head_prep"] else set()), called
+        called.clear()
+        rt.warm_up([1], every_engine=True)
+        assert set(called) == {"ar", "head_prep", "velocity", "decode"}, called
 
 
 def test_cpu_engines_stay_on_the_cpu_where_pytorch_sees_a_gpu(default_auto_engines, monkeypatch, tmp_path):

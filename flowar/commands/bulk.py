@@ -114,7 +114,7 @@ class ShardSampler:
         from flowar.pipeline.pipeline import FlowARPipeline
         pipe = FlowARPipeline.from_pretrained(self.spec.engine_dir, backend=self.spec.backend, threads=self.spec.threads)
         self.batch = batch or pipe.runtime.batch or self.spec.shard_size
-        pipe.runtime.warm_up([self.batch])           # every engine at this batch's shapes: none set up in a shard
+        pipe.runtime.warm_up([self.batch])           # at this batch's shapes (what pays): none set up in a shard
         return pipe
 
     def _tell(self, what: str, n: int) -> None:

@@ -114,7 +114,7 @@ class Replica:
         per = rt.call_plan.get("per_image") or {}
         self.per_image_s = min(per.values()) if per else None
         self._batch_s = {int(b): s * int(b) for b, s in per.items()}       # seconds of a batch by the plan
-        self.warmed = rt.warm_up(self.sizes)       # every engine at the shapes of the sizes it will form
+        self.warmed = rt.warm_up(self.sizes)       # at the shapes of the sizes it will form (what pays)
         self.lanes = [rt]
         self.start_s = time.perf_counter() - t0
 
