@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from flowar.errors import FlowARError
 from flowar.export.manifest import Manifest, read_manifest, sha256_file
+
+if TYPE_CHECKING:
+    import torch
 
 BACKENDS = ("auto", "ort", "trt", "torch")
 WARM_SETUP_S = 0.25   # set-up (s) above which an engine's shapes are run once at open instead of in the first image
@@ -31,6 +33,7 @@ def _trt_usable(m: Manifest) -> tuple[bool, str]:
     info = m.tensorrt
     if not info:
         return False, "the directory has no TensorRT plans"
+    import torch                    # (late: choosing a backend needs PyTorch only where there are plans)
     if not torch.cuda.is_available():
         return False, "no CUDA GPU"
     try:
@@ -68,6 +71,7 @@ def trt_engines(m: Manifest, specs: dict):
     never run at once, share one block of scratch memory."""
     from flowar.engines.trt import load_builder
     from flowar.runtime.engines import SharedDeviceMemory, TrtEngine
+    import torch
     b, dev = load_builder(), torch.device("cuda")
     shared = SharedDeviceMemory(dev)
     plans = m.tensorrt["plans"]

@@ -53,3 +53,22 @@ def test_a_heavy_package_missing_at_use_is_one_line():
                "'--backend', 'trt']\nfrom flowar.commands.cli import export_cmd\nexport_cmd()")
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith("error: expected TensorRT")
+
+
+def test_the_serving_command_itself_never_imports_pytorch(default_auto_engines):
+    """flowar-serve's own process checks the directory and starts Ray; only its replicas compute, so
+    PyTorch (a second of its start) is not imported there. Stopped here before Ray starts (the port is
+    taken): the checks ran, PyTorch was not imported."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        code = ("import atexit, sys\n"
+                "atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, flush=True))\n"
+                f"sys.argv = ['flowar-serve', '--engine-dir', {str(default_auto_engines)!r}, '--port', "
+                f"'{s.getsockname()[1]}']\n"
+                "import flowar.commands.serve\n"
+                "from flowar.commands.cli_ray import serve_cmd\nserve_cmd()\n")
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 2 and "Address already in use" in p.stderr, p.stderr[-2000:]
+    assert p.stdout.strip() == "torch imported: False", p.stdout

@@ -93,7 +93,7 @@ def serve_cmd(engine_dir, host, port, replicas, backend, threads, lanes, max_n, 
 
     from flowar.commands.serve import read_token, serve_forever
     from flowar.export.manifest import read_manifest
-    from flowar.runtime.runtime import choose_backend
+    from flowar.runtime.directory import choose_backend          # (not through the runtime: no PyTorch here)
     m = read_manifest(engine_dir)
     chosen = choose_backend(m, backend)                 # refuse a backend that cannot run, before starting Ray
     if not m.decodes:
