@@ -124,7 +124,8 @@ def test_a_bulk_worker_samples_two_batches_at_once_in_lanes_with_the_images_of_o
     a time: the shard holds, in order, the images the runtime gives alone batch by batch (pixels
     within 1: float32 noise of other thread counts). Fails when a batch's images land in another
     batch's place, or when the lanes share static buffers."""
-    from flowar.commands.bulk import BulkSpec, ShardSampler, shard_path
+    from flowar.commands.bulk import BulkSpec, ShardSampler
+    from flowar.commands.shards import shard_path
     from flowar.io.images import to_uint8
     spec = BulkSpec(str(default_auto_engines), 8, [0, 1, 2], 3, {}, 8, 2, backend="torch", batch=2)
     sampler = ShardSampler({f: getattr(spec, f) for f in spec.__dataclass_fields__}, str(tmp_path / "bulk"))

@@ -17,7 +17,6 @@ shards are kept, the rest are sampled. At the end ``samples.npz`` holds the eval
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import threading
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from flowar.commands.cluster import bounded_retries, quiet_ray_data, start_ray
+from flowar.commands.shards import check_run, shard_is_done, shard_path, shard_ranges, write_run_json
 from flowar.errors import FlowARError
 
 
@@ -63,26 +63,6 @@ class BulkReport:
 
 LOG_EVERY_S = 30.0            # progress lines when stderr is not a terminal
 WORKER_RETRIES = 3            # restarts of a Ray worker that died, and retries of its shard, before the command fails
-
-
-def shard_ranges(n: int, size: int) -> list[tuple[int, int, int]]:
-    """(shard id, first index, end index) of consecutive shards."""
-    return [(j, s, min(s + size, n)) for j, s in enumerate(range(0, n, size))]
-
-
-def shard_path(out: Path, j: int) -> Path:
-    return out / "shards" / f"{j:05d}.npz"
-
-
-def shard_is_done(out: Path, j: int, start: int, end: int) -> bool:
-    p = shard_path(out, j)
-    if not p.is_file():
-        return False
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            return z["indices"].tolist() == list(range(start, end)) and z["images"].shape[0] == end - start
-    except Exception:   # noqa: BLE001 - an unreadable shard is redone
-        return False
 
 
 class ShardSampler:
@@ -158,45 +138,6 @@ class ShardSampler:
                 "engines": np.asarray([f"{self.pipe.runtime.backend}: {self.pipe.runtime.detail}"] * len(secs))}
 
 
-def _check_spec(out: Path, spec: BulkSpec) -> None:
-    """A folder holds one run: refuse to mix shards of other settings into it."""
-    p = out / "run.json"
-    mine = asdict(spec)
-    if p.is_file():
-        try:
-            theirs = json.loads(p.read_text())
-        except ValueError:
-            theirs = None
-        if isinstance(theirs, dict):
-            for ran in ("engines", "throughput"):       # what ran, not what defines the images
-                theirs.pop(ran, None)
-            theirs.setdefault("manifest_sha256", mine["manifest_sha256"])   # (a run.json from before the field)
-        if theirs != mine:
-            diff = sorted(k for k in mine if not isinstance(theirs, dict) or theirs.get(k) != mine[k])
-            raise FlowARError("the settings of the run already in --out (to resume it)",
-                              f"other {', '.join(diff) or 'settings'} than {out / 'run.json'} records",
-                              "run with the same settings, or choose a new --out")
-    else:
-        _write_run_json(out, spec, None)
-
-
-def _write_run_json(out: Path, spec: BulkSpec, engines: list[str] | None, throughput: dict | None = None) -> None:
-    """run.json: the settings that define the images, and (once known) which engines ran and the
-    throughput of each run that sampled (a resumed folder keeps every run's)."""
-    from flowar.io.files import atomic_write_bytes
-    p = out / "run.json"
-    before = {}
-    if p.is_file():
-        try:
-            before = json.loads(p.read_text())
-        except ValueError:
-            before = {}
-    before = before if isinstance(before, dict) else {}
-    body = asdict(spec) | {"engines": sorted(set(before.get("engines") or []) | set(engines or [])),
-                           "throughput": list(before.get("throughput") or []) + ([throughput] if throughput else [])}
-    atomic_write_bytes(p, lambda t: Path(t).write_text(json.dumps(body, indent=1)))
-
-
 def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str | None = None,
              progress: bool = True) -> BulkReport:
     """Sample the shards not yet in ``out`` on ``workers`` actors, in batches of ``spec.batch``
@@ -230,7 +171,7 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     if ray_address is not None:
         start_ray(ray_address, None)                    # a cluster that is not there: refused before --out is written
     out.mkdir(parents=True, exist_ok=True)
-    _check_spec(out, spec)
+    check_run(out, spec)
     shards = shard_ranges(spec.num_images, spec.shard_size)
     todo = [s for s in shards if not shard_is_done(out, *s)]
     cores = cpu_threads()
@@ -273,7 +214,7 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
         engines = {str(r["engines"]) for r in rows}
         batches = {int(r["batch"]) for r in rows}
         dt = time.perf_counter() - t0
-        _write_run_json(out, spec, sorted(engines), {
+        write_run_json(out, spec, sorted(engines), {
             "images": done_now, "seconds": round(dt, 3), "images_per_s": round(done_now / dt, 4),
             "sampling_images_per_s": round(done_now * min(workers, len(todo)) / sum(secs), 4),
             "batch": sorted(batches), "workers": workers, "threads": spec.threads})

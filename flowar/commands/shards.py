@@ -1,0 +1,76 @@
+"""What a bulk run (``flowar-sample``) writes into its folder: the shards of consecutive sample
+indices (``shards/NNNNN.npz``, written last, marks a shard done) and ``run.json`` (the settings that
+define the images, and what ran). See :mod:`flowar.commands.bulk`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from flowar.errors import FlowARError
+
+if TYPE_CHECKING:
+    from flowar.commands.bulk import BulkSpec
+
+
+def shard_ranges(n: int, size: int) -> list[tuple[int, int, int]]:
+    """(shard id, first index, end index) of consecutive shards."""
+    return [(j, s, min(s + size, n)) for j, s in enumerate(range(0, n, size))]
+
+
+def shard_path(out: Path, j: int) -> Path:
+    return out / "shards" / f"{j:05d}.npz"
+
+
+def shard_is_done(out: Path, j: int, start: int, end: int) -> bool:
+    p = shard_path(out, j)
+    if not p.is_file():
+        return False
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return z["indices"].tolist() == list(range(start, end)) and z["images"].shape[0] == end - start
+    except Exception:   # noqa: BLE001 - an unreadable shard is redone
+        return False
+
+
+def check_run(out: Path, spec: BulkSpec) -> None:
+    """A folder holds one run: refuse to mix shards of other settings into it."""
+    p = out / "run.json"
+    mine = asdict(spec)
+    if p.is_file():
+        try:
+            theirs = json.loads(p.read_text())
+        except ValueError:
+            theirs = None
+        if isinstance(theirs, dict):
+            for ran in ("engines", "throughput"):       # what ran, not what defines the images
+                theirs.pop(ran, None)
+            theirs.setdefault("manifest_sha256", mine["manifest_sha256"])   # (a run.json from before the field)
+        if theirs != mine:
+            diff = sorted(k for k in mine if not isinstance(theirs, dict) or theirs.get(k) != mine[k])
+            raise FlowARError("the settings of the run already in --out (to resume it)",
+                              f"other {', '.join(diff) or 'settings'} than {out / 'run.json'} records",
+                              "run with the same settings, or choose a new --out")
+    else:
+        write_run_json(out, spec, None)
+
+
+def write_run_json(out: Path, spec: BulkSpec, engines: list[str] | None, throughput: dict | None = None) -> None:
+    """run.json: the settings that define the images, and (once known) which engines ran and the
+    throughput of each run that sampled (a resumed folder keeps every run's)."""
+    from flowar.io.files import atomic_write_bytes
+    p = out / "run.json"
+    before = {}
+    if p.is_file():
+        try:
+            before = json.loads(p.read_text())
+        except ValueError:
+            before = {}
+    before = before if isinstance(before, dict) else {}
+    body = asdict(spec) | {"engines": sorted(set(before.get("engines") or []) | set(engines or [])),
+                           "throughput": list(before.get("throughput") or []) + ([throughput] if throughput else [])}
+    atomic_write_bytes(p, lambda t: Path(t).write_text(json.dumps(body, indent=1)))
