@@ -23,7 +23,6 @@ largest paying batch its share of the waiting images (shared among all the lanes
 Every error is ``{"error": one line}``.
 """
 
-
 import asyncio
 import base64
 import io
