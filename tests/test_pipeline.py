@@ -143,6 +143,26 @@ def test_a_bulk_worker_samples_two_batches_at_once_in_lanes_with_the_images_of_o
     assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
 
 
+@pytest.mark.parametrize("n, shard, batch, sizes", [(7, 3, 4, [1, 2, 3]), (4, 2, 8, [2])])
+def test_a_bulk_worker_warms_and_reports_the_batches_its_shards_form(default_auto_engines, tmp_path, monkeypatch,
+                                                                     n, shard, batch, sizes):
+    """Batches are cut at multiples of --batch within each shard: 7 images in shards of 3 at batch 4
+    form [0 1 2], [3] [4 5], [6]; shards of 2 at batch 8 form batches of 2. The worker warms those
+    sizes (not the batch it was given, which no shard forms) and reports the largest it forms."""
+    from flowar.commands.bulk import BulkSpec, ShardSampler
+    from flowar.runtime.runtime import Runtime
+    warmed = []
+    real = Runtime.warm_up
+    monkeypatch.setattr(Runtime, "warm_up", lambda self, b, *a, **k: (warmed.append(list(b)), real(self, b, *a, **k))[1])
+    spec = BulkSpec(str(default_auto_engines), n, [0, 1], 0, {}, shard, 1, batch=batch)
+    sampler = ShardSampler({f: getattr(spec, f) for f in spec.__dataclass_fields__}, str(tmp_path / "bulk"))
+    try:
+        out = sampler({"shard": [0], "start": [0], "end": [min(shard, n)]})
+    finally:
+        sampler.pipe.close()
+    assert warmed == [sizes] and out["batch"].tolist() == [max(sizes)], (warmed, out["batch"])
+
+
 def test_a_generator_draws_the_seeds_as_diffusers_does_and_a_callback_sees_every_scale(default_auto_engines):
     """generator=: its state decides the images (a generator used once gives new images the next
     time, a fresh one with the same seed the same ones), and the drawn seeds name them: seed=those

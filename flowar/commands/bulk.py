@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from flowar.commands.cluster import bounded_retries, quiet_ray_data, start_ray
-from flowar.commands.shards import check_run, shard_is_done, shard_path, shard_ranges, write_run_json
+from flowar.commands.shards import (check_run, shard_batches, shard_is_done, shard_path, shard_ranges,
+                                    write_run_json)
 from flowar.errors import FlowARError
 
 
@@ -88,13 +89,18 @@ class ShardSampler:
         self._computes += [ThreadPoolExecutor(1, thread_name_prefix="flowar-compute") for _ in range(rt.lanes - 1)]
         self.lanes = [rt] + [c.submit(rt.lane).result() for c in self._computes[1:]]
         self.schedule = rt.schedule(Settings.of(self.spec.schedule))
-        self._tell("batch", self.batch)
+        self._tell("batch", self.formed)
 
     def _open(self, batch: int | None):
         from flowar.pipeline.pipeline import FlowARPipeline
         pipe = FlowARPipeline.from_pretrained(self.spec.engine_dir, backend=self.spec.backend, threads=self.spec.threads)
         self.batch = batch or pipe.runtime.batch or self.spec.shard_size
-        pipe.runtime.warm_up([self.batch])           # at this batch's shapes (what pays): none set up in a shard
+        # the sizes the shards' batches come in (fewer than the batch where shards are smaller), warmed
+        # (what pays): none set up in a shard; the largest is the batch reported
+        sizes = {len(b) for _, a, e in shard_ranges(self.spec.num_images, self.spec.shard_size)
+                 for b in shard_batches(a, e, self.batch)}
+        pipe.runtime.warm_up(sorted(sizes))
+        self.formed = max(sizes)
         return pipe
 
     def _tell(self, what: str, n: int) -> None:
@@ -107,10 +113,7 @@ class ShardSampler:
         from flowar.io.files import write_npz
         from flowar.io.images import save_images, to_uint8
         t0 = time.perf_counter()
-        batches, a = [], start
-        while a < end:          # batches cut at multiples of the batch size: the same for any shard multiple of it
-            batches.append(list(range(a, min((a // self.batch + 1) * self.batch, end))))
-            a = batches[-1][-1] + 1
+        batches = shard_batches(start, end, self.batch)
         jobs = [self._computes[i % len(self.lanes)].submit(self._sample, self.lanes[i % len(self.lanes)], idx)
                 for i, idx in enumerate(batches)]
         parts = []
@@ -134,7 +137,7 @@ class ShardSampler:
         secs = [self.sample_shard(int(j), int(s), int(e))
                 for j, s, e in zip(batch["shard"], batch["start"], batch["end"])]
         return {"shard": np.asarray(batch["shard"]), "seconds": np.asarray(secs),
-                "batch": np.asarray([self.batch] * len(secs)),
+                "batch": np.asarray([self.formed] * len(secs)),
                 "engines": np.asarray([f"{self.pipe.runtime.backend}: {self.pipe.runtime.detail}"] * len(secs))}
 
 

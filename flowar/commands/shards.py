@@ -22,6 +22,13 @@ def shard_ranges(n: int, size: int) -> list[tuple[int, int, int]]:
     return [(j, s, min(s + size, n)) for j, s in enumerate(range(0, n, size))]
 
 
+def shard_batches(start: int, end: int, batch: int) -> list[list[int]]:
+    """The batches of a shard's indices, cut at multiples of ``batch``: the same batches for any shard
+    size that is a multiple of it (so the same bytes), fewer images where a shard is smaller."""
+    cuts = sorted({start, end} | set(range((start // batch + 1) * batch, end, batch)))
+    return [list(range(a, b)) for a, b in zip(cuts, cuts[1:])]
+
+
 def shard_path(out: Path, j: int) -> Path:
     return out / "shards" / f"{j:05d}.npz"
 
