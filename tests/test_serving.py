@@ -495,3 +495,38 @@ def test_the_deploy_recipes_are_valid_serve_configs_whose_application_builds(def
             from flowar.errors import FlowARError
             with pytest.raises(FlowARError, match="bearer token"):   # a cluster is not served without a token
                 builder({k: v for k, v in args.items() if k != "token_file"})
+
+
+def test_stopping_drains_each_replica_through_the_handle_and_waits_for_what_it_holds():
+    """The stop tells every replica to drain through the handle (each call routed to some replica:
+    asked until each has answered) instead of waiting for Serve to apply the draining config (its
+    controller's 1 s loop: 3 s of every stop), then waits until none holds an image, or the grace."""
+    from flowar.commands.serve import _wait_idle
+
+    class Replica:
+        def __init__(self, name, held):
+            self.name, self.held, self.draining = name, list(held), False
+
+    class Call:
+        def __init__(self, out):
+            self.out = out
+
+        def result(self, timeout_s):
+            return self.out
+
+    replicas = [Replica("a", [2, 1, 0]), Replica("b", [0])]
+    asked = []
+
+    class Held:
+        def remote(self, drain=False):
+            r = replicas[len(asked) % 3 != 0]               # routed: a, b, b, a, b, b, ...
+            asked.append((r.name, drain))
+            r.draining |= drain
+            return Call((r.name, r.held.pop(0) if len(r.held) > 1 else r.held[0]))
+
+    handle = type("Handle", (), {"held": Held()})()
+    assert _wait_idle(handle, 2, time.perf_counter() + 30) == 0
+    assert all(r.draining for r in replicas) and all(drain for _, drain in asked), asked
+    assert replicas[0].held == [0]                           # waited until a held nothing
+    replicas[0].held = [5]                                   # the grace is spent: what is still held
+    assert _wait_idle(handle, 2, time.perf_counter()) == 5

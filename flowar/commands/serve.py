@@ -9,10 +9,11 @@ its router holds while it assigns them; beyond them Serve answers 503 with plain
 The router's bound is set 256 requests above the replica's queue so that the replica is the one
 that refuses: at the replica's queue size a burst of 160 requests got 17-54 of Serve's answers.
 
-Stopping (SIGTERM, as Kubernetes and systemd send it, or Ctrl-C): the application is redeployed
-with ``draining`` on, which Serve applies to the running replicas in place (``reconfigure``): new
-requests get 503 while those in flight finish, for at most the grace period; then the application
-is deleted, Ray is shut down and the command exits 0 with one line. A signal that comes while the
+Stopping (SIGTERM, as Kubernetes and systemd send it, or Ctrl-C): each replica is told to drain
+through the deployment's handle, and the application is redeployed with ``draining`` on (which
+Serve applies in place, ``reconfigure``, to the running replicas and to any it starts later): new
+requests get 503 while those in flight finish, for at most the grace period; then Ray is shut down
+(a shared cluster: the application is deleted) and the command exits 0 with one line. A signal that comes while the
 application deploys stops it as soon as it is up, the same way.
 
 ``app`` is the application builder that Serve configs name (deploy/serve-config.yaml).
@@ -77,8 +78,11 @@ def _service_class():
             """user_config: ``draining`` refuses new images (503) and lets those held finish."""
             self.service.draining = bool((config or {}).get("draining"))
 
-        def held(self) -> tuple[str, int]:
-            """(this replica, the images it holds): what stopping waits on."""
+        def held(self, drain: bool = False) -> tuple[str, int]:
+            """(this replica, the images it holds): what stopping waits on; ``drain``: refuse new
+            images from now on (what ``reconfigure`` does once Serve gets to it)."""
+            if drain:
+                self.service.draining = True
             return self.service.limits.replica, self.service.held()
 
     return serve.deployment(name="FlowARService")(FlowARService)
@@ -209,7 +213,14 @@ def stop(engine_dir: str, settings: dict, shared: bool = False) -> str:
     from flowar.commands.cluster import stop_ray
     t0 = time.perf_counter()
     grace = settings["grace_s"]
-    serve.run(build_app(engine_dir, draining=True, **settings), name=APP, route_prefix="/")
+    # The replicas are told to drain through the handle (at once) and by the application's config,
+    # which a replica Serve starts from now on gets too; Serve applies a config on its controller's
+    # 1 s loop, 3 s of every stop when the stop waited for it, so it is not waited for where Serve
+    # allows that.
+    try:
+        serve._run(build_app(engine_dir, draining=True, **settings), _blocking=False, name=APP, route_prefix="/")
+    except (AttributeError, TypeError):             # a Ray without it: deployed and waited for
+        serve.run(build_app(engine_dir, draining=True, **settings), name=APP, route_prefix="/")
     busy = _wait_idle(serve.get_app_handle(APP), settings["replicas"], t0 + grace)
     if busy != 0:       # the grace is spent: the replicas stop without waiting again (reconfigured in place)
         serve.run(build_app(engine_dir, draining=True, **(settings | {"grace_s": 0.0})), name=APP, route_prefix="/")
@@ -224,15 +235,15 @@ def stop(engine_dir: str, settings: dict, shared: bool = False) -> str:
 
 
 def _wait_idle(handle, replicas: int, until: float) -> int | None:
-    """Wait until every replica holds no image (asked through the handle, which routes each call
-    to some replica: asked until each has answered), or ``until``; the images still held by the
-    replicas' latest answers (None: they did not answer)."""
+    """Drain every replica and wait until each holds no image (asked through the handle, which
+    routes each call to some replica: asked until each has answered), or ``until``; the images
+    still held by the replicas' latest answers (None: they did not answer)."""
     latest: dict[str, int] = {}
     while True:
         try:
-            latest |= dict(handle.held.remote().result(timeout_s=5) for _ in range(2 * replicas))
+            latest |= dict(handle.held.remote(True).result(timeout_s=5) for _ in range(2 * replicas))
         except Exception:   # noqa: BLE001 - a replica gone or not answering: Serve's shutdown takes over
             return None
         if len(latest) >= replicas and not any(latest.values()) or time.perf_counter() >= until:
             return sum(latest.values())
-        time.sleep(0.5)
+        time.sleep(0.2)
