@@ -291,7 +291,8 @@ class Runtime(contextlib.AbstractContextManager):
         large, and those whose set-up it did not measure (FlowAR-S's aoti-bf16 and torch-bf16 engines
         set up 0.02-0.06 s per shape: warming them all took 18.8 s of a replica's 29 s start, while
         without it the first batch of each size ran as fast as the second); ``every_engine`` True:
-        all, False: only the measured large ones (a command). Returns the calls made."""
+        all, False: only the engines flagged ``warm`` (measured large, or unmeasured eager PyTorch,
+        which warms by default; a command). Returns the calls made."""
         if not hasattr(self.stages, "warm_up"):
             return 0
         with self.threads.applied(), torch.inference_mode():

@@ -355,15 +355,16 @@ def test_opening_warms_only_the_engines_whose_measured_set_up_is_large(default_a
     m = json.loads((d / "manifest.json").read_text())
     m["auto"]["measured"]["ar"]["ort-fp32"]["setup_s"] = 2 * WARM_SETUP_S
     m["auto"]["measured"]["velocity"]["ort-fp32"]["setup_s"] = WARM_SETUP_S / 10
+    m["auto"]["measured"]["head_prep"]["ort-fp32"]["setup_s"] = WARM_SETUP_S / 10
     del m["auto"]["measured"]["decode"]["ort-fp32"]["setup_s"]           # no record: the engine's own default
     (d / "manifest.json").write_text(json.dumps(m))
     with Runtime.open_engine_dir(d, backend="ort") as rt:
         warm = {s: getattr(e, "warm", False) for s, e in rt.stages.engines.items()}
         n_scales = rt.config.n_scales
         warmed = rt.opened["shapes warmed"]
-    assert warm == {"ar": True, "head_prep": warm["head_prep"], "velocity": False, "decode": False}
+    assert warm == {"ar": True, "head_prep": False, "velocity": False, "decode": False}
     rows_ar = 2                                                          # batch 1: the AR sees 1 and 2 rows
-    assert warmed == n_scales * rows_ar + (n_scales * 2 if warm["head_prep"] else 0)
+    assert warmed == n_scales * rows_ar
     with Runtime.open_engine_dir(d, backend="ort", warm=()) as rt:
         assert rt.opened["shapes warmed"] == 0
         # A served replica's or bulk worker's warm-up (the default): the engines measured as large and
@@ -372,7 +373,7 @@ def test_opening_warms_only_the_engines_whose_measured_set_up_is_large(default_a
         for name, eng in rt.stages.engines.items():
             eng.infer = (lambda infer, name: lambda *a, **k: (called.append(name), infer(*a, **k))[1])(eng.infer, name)
         rt.warm_up([1, 2])
-        assert set(called) == {"ar", "decode"} | ({"head_prep"} if warm["head_prep"] else set()), called
+        assert set(called) == {"ar", "decode"}, called
         called.clear()
         rt.warm_up([1], every_engine=True)
         assert set(called) == {"ar", "head_prep", "velocity", "decode"}, called

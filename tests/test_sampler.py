@@ -108,6 +108,8 @@ def test_a_seed_is_any_64_bit_int_as_a_served_request_takes():
     from flowar.errors import FlowARError
     ends = [per_sample_noise(s, [0])(1, (1, 4, 2)) for s in (-2 ** 63, 2 ** 63 - 1)]
     assert not torch.equal(*ends)
+    import numpy as np                                   # a NumPy integer is a seed as its value is
+    assert torch.equal(per_sample_noise(np.int64(7), [0])(1, (1, 4, 2)), per_sample_noise(7, [0])(1, (1, 4, 2)))
     for bad in (2 ** 63, -2 ** 63 - 1, [0, 2 ** 63]):
         with pytest.raises(FlowARError, match=r"a seed in \[-2\^63, 2\^63 - 1\]"):
             per_sample_noise(bad, [0] if isinstance(bad, int) else [0, 1])

@@ -515,10 +515,13 @@ def test_stopping_drains_each_replica_through_the_handle_and_waits_for_what_it_h
             return self.out
 
     replicas = [Replica("a", [2, 1, 0]), Replica("b", [0])]
-    asked = []
+    asked, fail = [], [1]                                    # the first call does not answer (a replica restarting)
 
     class Held:
         def remote(self, drain=False):
+            if fail[0]:
+                fail[0] -= 1
+                raise TimeoutError("no answer")
             r = replicas[len(asked) % 3 != 0]               # routed: a, b, b, a, b, b, ...
             asked.append((r.name, drain))
             r.draining |= drain
@@ -530,3 +533,6 @@ def test_stopping_drains_each_replica_through_the_handle_and_waits_for_what_it_h
     assert replicas[0].held == [0]                           # waited until a held nothing
     replicas[0].held = [5]                                   # the grace is spent: what is still held
     assert _wait_idle(handle, 2, time.perf_counter()) == 5
+    assert _wait_idle(handle, 3, time.perf_counter()) is None       # a third replica never answered: unknown
+    fail[0] = 3                                                     # none answers: unknown, not "none held"
+    assert _wait_idle(handle, 2, time.perf_counter() + 30) is None

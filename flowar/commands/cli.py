@@ -287,13 +287,13 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
     for name, v in (("--per-class", per_class), ("--batch", batch), ("--classes-limit", classes_limit)):
         if v < 1:
             raise FlowARError(f"{name} >= 1", str(v), f"pass a positive {name}")
+    check_seed(seed)
     check_writable(judge_cache, False, "--judge-cache")
     check_writable(json_out, False, "--json")
     stats = read_fid_stats(fid_stats) if fid_stats else None
     extractor = load_extractor(fid_extractor) if fid_extractor else None
     from flowar.sampling.schedule import Settings
     settings = Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance, solver=solver, stride=stride)
-    check_seed(seed)
     if bool(ckpt) == bool(engine_dir):
         raise FlowARError("exactly one of --ckpt or --engine-dir", "both" if ckpt else "neither",
                           "pass --engine-dir DIR (from flowar-export) or --ckpt PATH")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import os
 import signal
 import time
@@ -78,9 +79,10 @@ def _service_class():
             """user_config: ``draining`` refuses new images (503) and lets those held finish."""
             self.service.draining = bool((config or {}).get("draining"))
 
-        def held(self, drain: bool = False) -> tuple[str, int]:
+        async def held(self, drain: bool = False) -> tuple[str, int]:
             """(this replica, the images it holds): what stopping waits on; ``drain``: refuse new
-            images from now on (what ``reconfigure`` does once Serve gets to it)."""
+            images from now on (what ``reconfigure`` does once Serve gets to it). On the event loop
+            that admits requests (async), so that none is admitted between the drain and the count."""
             if drain:
                 self.service.draining = True
             return self.service.limits.replica, self.service.held()
@@ -217,10 +219,12 @@ def stop(engine_dir: str, settings: dict, shared: bool = False) -> str:
     # which a replica Serve starts from now on gets too; Serve applies a config on its controller's
     # 1 s loop, 3 s of every stop when the stop waited for it, so it is not waited for where Serve
     # allows that.
-    try:
-        serve._run(build_app(engine_dir, draining=True, **settings), _blocking=False, name=APP, route_prefix="/")
-    except (AttributeError, TypeError):             # a Ray without it: deployed and waited for
-        serve.run(build_app(engine_dir, draining=True, **settings), name=APP, route_prefix="/")
+    draining = build_app(engine_dir, draining=True, **settings)
+    run = getattr(serve, "_run", None)
+    if run is not None and "_blocking" in inspect.signature(run).parameters:
+        run(draining, _blocking=False, name=APP, route_prefix="/")
+    else:                                           # a Ray without it: deployed and waited for
+        serve.run(draining, name=APP, route_prefix="/")
     busy = _wait_idle(serve.get_app_handle(APP), settings["replicas"], t0 + grace)
     if busy != 0:       # the grace is spent: the replicas stop without waiting again (reconfigured in place)
         serve.run(build_app(engine_dir, draining=True, **(settings | {"grace_s": 0.0})), name=APP, route_prefix="/")
@@ -237,13 +241,20 @@ def stop(engine_dir: str, settings: dict, shared: bool = False) -> str:
 def _wait_idle(handle, replicas: int, until: float) -> int | None:
     """Drain every replica and wait until each holds no image (asked through the handle, which
     routes each call to some replica: asked until each has answered), or ``until``; the images
-    still held by the replicas' latest answers (None: they did not answer)."""
+    still held by the replicas' latest answers (None: not every replica answered)."""
     latest: dict[str, int] = {}
+    failed = 0
     while True:
         try:
             latest |= dict(handle.held.remote(True).result(timeout_s=5) for _ in range(2 * replicas))
-        except Exception:   # noqa: BLE001 - a replica gone or not answering: Serve's shutdown takes over
-            return None
-        if len(latest) >= replicas and not any(latest.values()) or time.perf_counter() >= until:
-            return sum(latest.values())
+            failed = 0
+        except Exception:   # noqa: BLE001 - a replica gone or not answering: asked again (Serve routes to the others)
+            failed += 1
+            if failed >= 3:
+                return None
+        answered = len(latest) >= replicas
+        if answered and not any(latest.values()):
+            return 0
+        if time.perf_counter() >= until:
+            return sum(latest.values()) if answered else None
         time.sleep(0.2)

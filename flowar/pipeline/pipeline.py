@@ -18,6 +18,7 @@ backend, shard or worker (``indices`` renames the samples, for shards of a large
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -125,7 +126,8 @@ class FlowARPipeline:
             seeds = [int(s) for g in gens for s in torch.randint(0, 2 ** 63 - 1, (len(labels) if one else 1,),
                                                                 generator=g, device=g.device).tolist()]
         else:
-            seeds = [int(seed or 0)] * len(labels) if seed is None or isinstance(seed, int) else [int(s) for s in seed]
+            seeds = ([int(seed or 0)] * len(labels) if seed is None or isinstance(seed, numbers.Integral)
+                     else [int(s) for s in seed])
         rt = self.runtime
         sched = rt.schedule(Settings(schedule=schedule, steps=num_inference_steps, cfg=guidance_scale,
                                      guidance=guidance))

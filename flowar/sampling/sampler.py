@@ -21,6 +21,7 @@ guidance combination is float64: ``v = v_null + cfg_k * (v_cond - v_null)``.
 from __future__ import annotations
 
 import hashlib
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
@@ -68,7 +69,8 @@ def per_sample_noise(seed: int | Sequence[int], indices: Sequence[int]) -> Noise
     :func:`injected_noise`.) ``seed`` may also give one seed per row (requests of a served batch).
     """
     idx = [int(i) for i in indices]
-    seeds = [check_seed(int(seed))] * len(idx) if isinstance(seed, int) else [check_seed(int(s)) for s in seed]
+    one = isinstance(seed, numbers.Integral)                    # (a NumPy integer too)
+    seeds = [check_seed(int(seed))] * len(idx) if one else [check_seed(int(s)) for s in seed]
     if len(seeds) != len(idx):
         raise FlowARError(f"one seed per sample ({len(idx)})", f"{len(seeds)} seeds", "pass a seed or one per sample")
 
