@@ -13,8 +13,8 @@ Stopping (SIGTERM, as Kubernetes and systemd send it, or Ctrl-C): each replica i
 through the deployment's handle, and the application is redeployed with ``draining`` on (which
 Serve applies in place, ``reconfigure``, to the running replicas and to any it starts later): new
 requests get 503 while those in flight finish, for at most the grace period; then Ray is shut down
-(a shared cluster: the application is deleted) and the command exits 0 with one line. A signal that comes while the
-application deploys stops it as soon as it is up, the same way.
+(a shared cluster: the application is deleted) and the command exits 0 with one line. A signal
+that comes while the application deploys stops it as soon as it is up, the same way.
 
 ``app`` is the application builder that Serve configs name (deploy/serve-config.yaml).
 """

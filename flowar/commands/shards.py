@@ -46,13 +46,9 @@ def shard_is_done(out: Path, j: int, start: int, end: int) -> bool:
 
 def check_run(out: Path, spec: BulkSpec) -> None:
     """A folder holds one run: refuse to mix shards of other settings into it."""
-    p = out / "run.json"
     mine = asdict(spec)
-    if p.is_file():
-        try:
-            theirs = json.loads(p.read_text())
-        except ValueError:
-            theirs = None
+    if (out / "run.json").is_file():
+        theirs = _recorded(out)
         if isinstance(theirs, dict):
             for ran in ("engines", "throughput"):       # what ran, not what defines the images
                 theirs.pop(ran, None)
@@ -70,14 +66,16 @@ def write_run_json(out: Path, spec: BulkSpec, engines: list[str] | None, through
     """run.json: the settings that define the images, and (once known) which engines ran and the
     throughput of each run that sampled (a resumed folder keeps every run's)."""
     from flowar.io.files import atomic_write_bytes
-    p = out / "run.json"
-    before = {}
-    if p.is_file():
-        try:
-            before = json.loads(p.read_text())
-        except ValueError:
-            before = {}
+    before = _recorded(out)
     before = before if isinstance(before, dict) else {}
     body = asdict(spec) | {"engines": sorted(set(before.get("engines") or []) | set(engines or [])),
                            "throughput": list(before.get("throughput") or []) + ([throughput] if throughput else [])}
-    atomic_write_bytes(p, lambda t: Path(t).write_text(json.dumps(body, indent=1)))
+    atomic_write_bytes(out / "run.json", lambda t: Path(t).write_text(json.dumps(body, indent=1)))
+
+
+def _recorded(out: Path):
+    """What ``run.json`` in ``out`` holds (None where it is missing or not JSON)."""
+    try:
+        return json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
