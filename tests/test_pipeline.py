@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -141,6 +142,32 @@ def test_a_bulk_worker_samples_two_batches_at_once_in_lanes_with_the_images_of_o
     assert got.shape == want.shape == (8, 32, 32, 3)
     diff = np.abs(got.astype(int) - want.astype(int))
     assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+
+
+def test_a_bulk_worker_stops_its_shard_at_the_first_batch_that_fails(default_auto_engines, tmp_path):
+    """A shard's batches are queued on the compute threads at once; when one fails (or Ctrl-C /
+    SIGTERM reaches the wait for it) the queued ones are dropped, not computed and thrown away
+    (before: flowar-sample went on for the whole shard after its 'interrupted' line, 9 s of a
+    128-image shard). Here the first of 6 batches fails while the next runs: 2 calls, not 6."""
+    from flowar.commands.bulk import BulkSpec, ShardSampler
+    spec = BulkSpec(str(default_auto_engines), 6, [0], 0, {}, 6, 1, batch=1)
+    sampler = ShardSampler({f: getattr(spec, f) for f in spec.__dataclass_fields__}, str(tmp_path / "bulk"))
+    calls = []
+
+    def sample(rt, idx):
+        calls.append(idx)
+        if len(calls) == 1:
+            raise RuntimeError("a failed batch")
+        time.sleep(0.3)                       # the next batch is running when the failure is seen
+        return torch.zeros(len(idx), 3, 32, 32)
+    sampler._sample = sample
+    try:
+        with pytest.raises(RuntimeError, match="a failed batch"):
+            sampler.sample_shard(0, 0, 6)
+        time.sleep(0.5)                       # (what was still queued would run now)
+    finally:
+        sampler.pipe.close()
+    assert len(calls) <= 2, calls
 
 
 @pytest.mark.parametrize("n, shard, batch, sizes", [(7, 3, 4, [1, 2, 3]), (4, 2, 8, [2])])

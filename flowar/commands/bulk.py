@@ -117,9 +117,14 @@ class ShardSampler:
         jobs = [self._computes[i % len(self.lanes)].submit(self._sample, self.lanes[i % len(self.lanes)], idx)
                 for i, idx in enumerate(batches)]
         parts = []
-        for job, idx in zip(jobs, batches):
-            parts.append(job.result())
-            self._tell("images", len(idx))
+        try:
+            for job, idx in zip(jobs, batches):
+                parts.append(job.result())
+                self._tell("images", len(idx))
+        except BaseException:               # Ctrl-C, SIGTERM or a failed batch: the queued batches are not run
+            for job in jobs:                # (the command ended only after the whole shard was computed)
+                job.cancel()
+            raise
         images = torch.cat(parts)
         idx = list(range(start, end))
         save_images(images, self.out / "png" / f"{j:05d}", first=start)      # named by sample index
