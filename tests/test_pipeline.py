@@ -91,7 +91,7 @@ def test_every_entry_point_takes_the_backend_flowar_run_takes(default_auto_engin
     import flowar.runtime.runtime as runtime
     from flowar.commands.bulk import BulkSpec, ShardSampler
     from flowar.commands.cli import run
-    from flowar.commands.service import Replica
+    from flowar.commands.replica import Replica
     opened = []
     d = tmp_path / "e"                            # the directory, with (pretended) TensorRT plans recorded
     shutil.copytree(default_auto_engines, d)

@@ -71,7 +71,7 @@ def call(url, path, body=None, token=None, method=None, raw=None, timeout=60):
 
 @pytest.fixture(scope="module")
 def replica(default_auto_engines):
-    from flowar.commands.service import Replica
+    from flowar.commands.replica import Replica
     rep = Replica(str(default_auto_engines), threads=1)
     yield rep
     rep.pipe.close()

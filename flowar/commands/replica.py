@@ -1,0 +1,65 @@
+"""One replica's engine set, sampling batches of served images (usable without Ray or HTTP too):
+its lanes, the batch sizes that pay by the call plan and their seconds, and the images as base64
+PNGs. The queue, admission and batching around it: :mod:`flowar.commands.service`."""
+
+import base64
+import io
+import time
+
+from flowar.errors import FlowARError
+
+
+class Replica:
+    """One engine set, sampling batches (usable without Ray or HTTP too): ``lanes``, the runtime
+    and its lanes (:meth:`add_lane`), each sampling on a thread of its own."""
+
+    def __init__(self, engine_dir: str, threads: int | None = None, backend: str = "auto"):
+        from flowar.pipeline.pipeline import FlowARPipeline
+        t0 = time.perf_counter()
+        self.pipe = FlowARPipeline.from_pretrained(engine_dir, backend=backend, threads=threads)
+        rt = self.pipe.runtime
+        try:
+            rt.require_decoder()
+        except FlowARError:
+            self.pipe.close()
+            raise
+        self.sizes = rt.batch_sizes or [1]          # those that cost less per image than every smaller one
+        per = rt.call_plan.get("per_image") or {}
+        self.per_image_s = min(per.values()) if per else None
+        self._batch_s = {int(b): s * int(b) for b, s in per.items()}       # seconds of a batch by the plan
+        self.warmed = rt.warm_up(self.sizes)       # at the shapes of the sizes it will form (what pays)
+        self.lanes = [rt]
+        self.start_s = time.perf_counter() - t0
+
+    def add_lane(self) -> None:
+        """One more lane over the same engines (call it on the thread the lane will sample on)."""
+        self.lanes.append(self.pipe.runtime.lane())
+
+    def batch_s(self, size: int) -> float:
+        """Seconds a batch of ``size`` takes by the call plan (unknown: as if every image cost one)."""
+        return self._batch_s.get(size, size * (self.per_image_s or 1.0))
+
+    def generate(self, items: list, lane: int = 0) -> tuple[list[str], dict]:
+        """Base64 PNGs, one per item, in order (items of each settings group sampled together), and
+        the seconds per stage; sampled on ``lane``."""
+        from flowar.io.images import to_uint8
+        rt = self.lanes[lane]
+        out: list[str | None] = [None] * len(items)
+        seconds: dict[str, float] = {}
+        for settings in dict.fromkeys(it.settings for it in items):
+            pos = [i for i, it in enumerate(items) if it.settings == settings]
+            timings: dict[str, float] = {}
+            res = rt.sample([items[i].label for i in pos], rt.schedule(settings), seed=[items[i].seed for i in pos],
+                            indices=[items[i].index for i in pos], timings=timings)
+            for k, v in timings.items():
+                seconds[k] = seconds.get(k, 0.0) + v
+            for i, img in zip(pos, to_uint8(res.images)):
+                out[i] = png_b64(img)
+        return out, seconds
+
+
+def png_b64(image_HW3) -> str:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(image_HW3).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
