@@ -247,11 +247,12 @@ def test_retry_after_counts_the_lanes_at_the_rate_they_were_measured_to_drain():
     from types import SimpleNamespace
 
     from flowar.commands.service import Limits, Service
-    plan = {"per_image_s": 1.4, "batch_s": lambda n: 1.6 * n}          # 1.6 s for one image alone, 1.4 at best
+    plan = {"per_image_s": 1.4, "batch_s": lambda n: 1.6 * n,          # 1.6 s for one image alone, 1.4 at best
+            "cost": lambda settings: 1.0}
     two = Service(SimpleNamespace(lanes=[0, 1], **plan), Limits(queue=4), computes=[None, None])
     one = Service(SimpleNamespace(lanes=[0], **plan), Limits(queue=4), computes=[None])
     for svc in (two, one):
-        svc.running = 6
+        svc.running, svc.running_work = 6, 6.0
         assert svc.retry_after(2) == 8                  # (4 + 1) x 1.6 s, not yet measured
         svc.measured(4, 8.0, len(svc.replica.lanes))    # a batch of 4 in 8 s beside the other lanes: 2 s per image on a lane
     assert two.retry_after(2) == 5 and one.retry_after(2) == 10     # (4 + 1) x 2 s / lanes
@@ -296,7 +297,7 @@ def test_an_idle_replica_admits_by_its_best_rate_and_says_when_a_request_cannot_
     from types import SimpleNamespace
 
     from flowar.commands.service import GenerateRequest, Limits, Service, ServiceError
-    replica = SimpleNamespace(lanes=[0], sizes=[1], per_image_s=0.05, batch_s=lambda n: 0.05 * n,
+    replica = SimpleNamespace(lanes=[0], sizes=[1], per_image_s=0.05, batch_s=lambda n: 0.05 * n, cost=lambda s: 1.0,
                               generate=lambda items, lane=0: (["png"] * len(items), {}))
     pool = ThreadPoolExecutor(1)
     svc = Service(replica, Limits(queue=32, max_n=32), computes=[pool])
@@ -335,7 +336,7 @@ def test_two_lanes_share_a_burst_instead_of_one_lane_taking_the_largest_batch():
         formed.append((lane, len(items)))
         time.sleep(0.05 * len(items))
         return ["png"] * len(items), {}
-    replica = SimpleNamespace(lanes=[0, 1], sizes=[1, 2, 4, 8], per_image_s=0.05, generate=generate,
+    replica = SimpleNamespace(lanes=[0, 1], sizes=[1, 2, 4, 8], per_image_s=0.05, generate=generate, cost=lambda s: 1.0,
                               batch_s=lambda n: 0.05 * n)
     pools = [ThreadPoolExecutor(1), ThreadPoolExecutor(1)]
     svc = Service(replica, Limits(queue=32, deadline_s=30), computes=pools)
@@ -536,3 +537,40 @@ def test_stopping_drains_each_replica_through_the_handle_and_waits_for_what_it_h
     assert _wait_idle(handle, 3, time.perf_counter()) is None       # a third replica never answered: unknown
     fail[0] = 3                                                     # none answers: unknown, not "none held"
     assert _wait_idle(handle, 2, time.perf_counter() + 30) is None
+
+
+def test_a_request_costs_its_head_work_and_one_that_cannot_finish_in_time_is_refused_at_once(replica):
+    """A served image counts as the head work its settings cost over the default settings' (here
+    against the rows x tokens the velocity stage is given, counted as it runs): more steps cost more,
+    the fast schedule less, cfg 1 half the rows where guided. So a 1000-step request within 0.5 s is
+    refused at once (503, fewer steps), and an ordinary request after it is answered. Before: it was
+    admitted as one image, answered 504 at its deadline while it held the lane, and its batch,
+    measured as one image, made the replica refuse ordinary requests after it."""
+    from flowar.sampling.schedule import Settings
+    rt = replica.pipe.runtime
+    real, counted = rt.stages.velocity, []
+
+    def count(ctx, x_rNC, t_r):
+        counted[-1] += x_rNC.shape[0] * x_rNC.shape[1]
+        return real(ctx, x_rNC, t_r)
+    rt.stages.velocity = count
+    try:
+        work = {}
+        for settings in (Settings(), Settings(steps=201), Settings(schedule="fast"), Settings(cfg=1.0)):
+            counted.append(0)
+            rt.sample([3], rt.schedule(settings), seed=0)
+            work[settings] = counted[-1]
+    finally:
+        del rt.stages.velocity
+    for settings, n in work.items():
+        assert replica.cost(settings) == pytest.approx(n / work[Settings()]), (settings, n, work[Settings()])
+    assert replica.cost(Settings(steps=201)) > 6 and replica.cost(Settings(schedule="fast")) < 0.5
+    svc = service(replica)
+    with hosted(svc) as url:
+        t0 = time.time()
+        status, answer, headers = call(url, "/v1/generate", {"label": 1, "steps": 1000, "timeout_s": 0.5})
+        refused_s = time.time() - t0
+        ok = call(url, "/v1/generate", {"label": 2, "timeout_s": 30})
+    assert status == 503 and refused_s < 2 and "Retry-After" not in headers, (status, answer)
+    assert "ask for fewer steps" in answer["error"], answer
+    assert ok[0] == 200, ok[:2]

@@ -29,7 +29,19 @@ class Replica:
         self._batch_s = {int(b): s * int(b) for b, s in per.items()}       # seconds of a batch by the plan
         self.warmed = rt.warm_up(self.sizes)       # at the shapes of the sizes it will form (what pays)
         self.lanes = [rt]
+        self._costs: dict = {}
         self.start_s = time.perf_counter() - t0
+
+    def cost(self, settings) -> float:
+        """An image's head work under ``settings`` in images of the directory's default settings:
+        what admission and the measured rate count, so that a request of 1000 steps counts as the
+        40 images it costs (it was admitted as one, held a lane past its deadline, and its batch,
+        measured as one image, made the replica refuse ordinary requests after it)."""
+        if settings not in self._costs:
+            rt = self.pipe.runtime
+            self._costs[settings] = head_work(rt.schedule(settings), rt.config.scales) / head_work(
+                rt.schedule(None), rt.config.scales)
+        return self._costs[settings]
 
     def add_lane(self) -> None:
         """One more lane over the same engines (call it on the thread the lane will sample on)."""
@@ -56,6 +68,14 @@ class Replica:
             for i, img in zip(pos, to_uint8(res.images)):
                 out[i] = png_b64(img)
         return out, seconds
+
+
+def head_work(schedule, scales) -> int:
+    """The head's work per image under ``schedule``: token rows x head evaluations, summed over the
+    scales (a guided evaluation computes the null rows too). The AR and the decoder, the same for any
+    settings, are left out: a schedule's cost relative to another's errs high for more steps."""
+    return sum(s * s * sum(2 if e.guided and schedule.cfg != 1.0 else 1 for e in plan)
+               for s, plan in zip(scales, schedule.plan))
 
 
 def png_b64(image_HW3) -> str:

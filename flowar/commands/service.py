@@ -7,7 +7,7 @@ ingress (:mod:`flowar.commands.serve`); tests host it with uvicorn.
 Image j of a request is sample j of ``flowar-run --labels L,L,... --seed S``. A replica holds a
 bounded queue of images: a request that does not fit, or whose images the replica would not
 finish within the request's deadline (``timeout_s``, at most ``--deadline``) at the rate it drains
-its queue, is refused at once (503 with Retry-After, the seconds until it would fit; none for a
+its queue (an image counted as the head work its settings cost: :meth:`Replica.cost`), is refused at once (503 with Retry-After, the seconds until it would fit; none for a
 request that would not fit even alone); an image whose request has passed its deadline anyway
 (504) or whose client has gone is not computed. Batches are formed only in the sizes that cost
 less per image than every smaller one (the call plan measured at export), never waiting to fill.
@@ -91,6 +91,7 @@ class _Item:
     settings: object                  # flowar.sampling.schedule.Settings
     deadline: float                   # time.monotonic() after which it is not computed
     future: asyncio.Future
+    cost: float = 1.0                 # its settings' head work in images of the default settings (Replica.cost)
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -125,6 +126,7 @@ class Service:
         self.metrics = Metrics(limits.replica)
         self.pending: list[_Item] = []
         self.running = 0                 # images of the batches being computed
+        self.running_work = 0.0          # their cost (Replica.cost)
         self.draining = False
         self._last_arrival = 0.0
         self._wake: asyncio.Event | None = None
@@ -159,25 +161,31 @@ class Service:
     def held(self) -> int:
         return len(self.pending) + self.running
 
+    def held_work(self) -> float:
+        """What the images held cost, in images of the default settings (:meth:`Replica.cost`)."""
+        return sum(it.cost for it in self.pending) + self.running_work
+
     def per_image(self) -> float:
-        """Seconds the replica takes per image, all its lanes together: measured here while serving
-        (:meth:`measured`), until then the plan's for one image alone (larger batches and lanes
-        computing at once drain faster: this errs late)."""
+        """Seconds the replica takes per image of the default settings, all its lanes together:
+        measured here while serving (:meth:`measured`), until then the plan's for one image alone
+        (larger batches and lanes computing at once drain faster: this errs late)."""
         return self.image_s if self.image_s is not None else self.replica.batch_s(1)
 
-    def retry_after(self, extra: int = 0, budget: float | None = None) -> int:
-        """Seconds until ``extra`` more images would be taken: until the queue has room for them (the
-        images beyond its limit drained) and, with a ``budget``, until the images held and these
-        would be computed within it (:meth:`per_image`); plus one image's time."""
+    def retry_after(self, extra: int = 0, budget: float | None = None, extra_work: float | None = None) -> int:
+        """Seconds until ``extra`` more images (costing ``extra_work``, default one each) would be
+        taken: until the queue has room for them (the images beyond its limit drained) and, with a
+        ``budget``, until the work held and theirs would be computed within it (:meth:`per_image`);
+        plus one image's time."""
         per = self.per_image()
-        wait = max((self.held() + extra - self.limits.queue) * per,
-                   (self.held() + extra) * per - budget if budget is not None else 0.0)
+        work = self.held_work() + (extra if extra_work is None else extra_work)
+        wait = max((self.held() + extra - self.limits.queue) * per, work * per - budget if budget is not None else 0.0)
         return max(1, math.ceil(wait + per))
 
-    def measured(self, images: int, seconds: float, sharing: float = 1.0) -> None:
-        """A batch of ``images`` computed on one lane in ``seconds`` while ``sharing`` lanes computed
-        (this one included; they share the cores): the replica's seconds per image, averaged."""
-        s = seconds / max(1, images) / max(1.0, sharing)
+    def measured(self, work: float, seconds: float, sharing: float = 1.0) -> None:
+        """A batch of ``work`` (images of the default settings) computed on one lane in ``seconds``
+        while ``sharing`` lanes computed (this one included; they share the cores): the replica's
+        seconds per image, averaged."""
+        s = seconds / max(1e-9, work) / max(1.0, sharing)
         self.image_s = s if self.image_s is None else 0.7 * self.image_s + 0.3 * s
 
     async def submit(self, req: GenerateRequest, items: list[tuple]) -> GenerateResponse:
@@ -186,31 +194,37 @@ class Service:
                                "send the request to another replica, or again once it is back",
                                {"Retry-After": "5"})
         budget = min(req.timeout_s or self.limits.deadline_s, self.limits.deadline_s)
+        costs = [self.replica.cost(settings) for _, _, settings in items]
+        work = sum(costs)
         if self.held() + len(items) > self.limits.queue:
             raise ServiceError(503, f"room in this replica's queue ({self.limits.queue} images)",
                                f"{self.held()} held and {len(items)} asked for",
                                "retry after the seconds in Retry-After, or ask for fewer images",
-                               {"Retry-After": str(self.retry_after(len(items), budget))})
+                               {"Retry-After": str(self.retry_after(len(items), budget, work))})
         # would it expire in the queue? Refused now, not 504 later. A replica holding nothing takes what its
         # best known rate computes in time (a stale, slow measurement must not keep an idle replica refusing)
         best = min(self.per_image(), self.replica.per_image_s or self.per_image())
-        if len(items) * best > budget:                  # not even alone: no retry will help
+        if work * best > budget:                        # not even alone: no retry will help
+            each = work / len(items)
+            fit = int(budget / (best * each) + 1e-9)
             raise ServiceError(503, f"images this replica computes within the request's deadline ({budget:g} s)",
-                               f"{len(items)} asked for, about {len(items) * best:.1f} s even alone",
-                               f"ask for at most {max(1, int(budget / best + 1e-9))} images per request, or send a longer "
-                               "timeout_s")
-        wait = (self.held() + len(items)) * self.per_image()
+                               f"{len(items)} asked for, about {work * best:.1f} s even alone",
+                               f"ask for at most {fit} images per request, or send a longer timeout_s" if fit else
+                               f"ask for fewer steps (these settings cost {each:.1f} images of the default's each), "
+                               "or send a longer timeout_s")
+        wait = (self.held_work() + work) * self.per_image()
         if self.held() and wait > budget:
             raise ServiceError(503, f"images this replica computes within the request's deadline ({budget:g} s)",
                                f"about {wait:.0f} s for the {self.held()} images held and {len(items)} asked for",
                                "retry after the seconds in Retry-After, send a longer timeout_s, or ask for fewer images",
-                               {"Retry-After": str(self.retry_after(len(items), budget))})
+                               {"Retry-After": str(self.retry_after(len(items), budget, work))})
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():     # (a worker that died is started again)
             self._wake = asyncio.Event()
             self._worker = loop.create_task(self._run())
         t0 = time.monotonic()
-        batch = [_Item(label, req.seed, j, settings, t0 + budget, loop.create_future()) for label, j, settings in items]
+        batch = [_Item(label, req.seed, j, settings, t0 + budget, loop.create_future(), cost)
+                 for (label, j, settings), cost in zip(items, costs)]
         self.pending += batch
         self._last_arrival = time.monotonic()
         self.metrics.queue.labels(self.limits.replica).set(self.held())
@@ -259,6 +273,7 @@ class Service:
             size, idle = max(fits), False
             batch, self.pending = self.pending[:size], self.pending[size:]
             self.running += len(batch)
+            self.running_work += sum(it.cost for it in batch)
             self.metrics.queue.labels(self.limits.replica).set(self.held())
             self.free.remove(lane := min(self.free))    # the first: alone on every core; a later lane on its share
             task = loop.create_task(self._compute(lane, batch))
@@ -287,9 +302,10 @@ class Service:
             # the lanes computing beside it, on average over its time (this one included)
             lane_s, took = self._lanes_busy(-1) - lane_s, time.monotonic() - started
             self.running -= len(batch)
+            self.running_work -= sum(it.cost for it in batch)
             self.free.append(lane)
             self._wake.set()
-        self.measured(len(batch), took, lane_s / max(1e-9, took))
+        self.measured(sum(it.cost for it in batch), took, lane_s / max(1e-9, took))
         m = self.metrics
         m.batch.labels(self.limits.replica).observe(len(batch))
         m.images.labels(self.limits.replica).inc(len(batch))
