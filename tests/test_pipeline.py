@@ -201,9 +201,9 @@ def test_a_generator_draws_the_seeds_as_diffusers_does_and_a_callback_sees_every
         second = pipe(["cat", "dog"], generator=g, output_type="latent")
         again = pipe(["cat", "dog"], generator=torch.Generator().manual_seed(11), output_type="latent")
         by_seed = pipe(["cat", "dog"], seed=first.seeds, output_type="latent")
-        seen = []
-        pipe(["cat"], seed=0, output_type="latent", callback_on_scale_end=lambda p, k, kw: seen.append(
-            (p is pipe, k, tuple(kw["tokens"].shape))))
+        seen, kept = [], []
+        pipe(["cat"], seed=0, output_type="latent", callback_on_scale_end=lambda p, k, kw: (seen.append(
+            (p is pipe, k, tuple(kw["tokens"].shape))), kept.append((kw["tokens"], kw["tokens"].clone()))))
         with pytest.raises(FlowARError, match="seed or generator"):
             pipe(["cat"], seed=1, generator=g)
     assert first.seeds != second.seeds and not torch.equal(first.images, second.images)
@@ -211,6 +211,8 @@ def test_a_generator_draws_the_seeds_as_diffusers_does_and_a_callback_sees_every
     assert torch.equal(by_seed.images, first.images) and len(set(first.seeds)) == 2
     C = pipe.runtime.config.latent_channels
     assert seen == [(True, k, (1, C, s, s)) for k, s in enumerate(pipe.runtime.config.scales)]
+    # what a callback keeps is what it was given (it was a view of the sampler's buffer, which later scales overwrote)
+    assert all(torch.equal(tokens, then) for tokens, then in kept)
 
 
 def test_an_image_is_named_by_its_seed_and_index_and_generators_come_one_per_image(default_auto_engines):

@@ -137,7 +137,9 @@ class FlowARPipeline:
 
             def on_scale(tr):
                 B, n, C = tr.z.shape
-                callback_on_scale_end(self, tr.k, {"tokens": tr.z.transpose(1, 2).reshape(B, C, side[tr.k], side[tr.k])})
+                # a copy: the sampler's buffer is written again by the next scale and batch
+                callback_on_scale_end(self, tr.k, {"tokens": tr.z.transpose(1, 2).reshape(B, C, side[tr.k], side[tr.k])
+                                                   .clone()})
         timings: dict[str, float] = {}
         res = rt.sample(labels, sched, seed=seeds, indices=indices, batch_size=batch_size,
                         decode=output_type != "latent", progress=self.progress_bar_config or True, on_scale=on_scale,
