@@ -1,5 +1,6 @@
 """The lean runtime: static buffers, the engine interface, and parity with the eager stages."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,6 +65,23 @@ def test_batch_above_the_engines_max_is_refused(tiny_v1):
     st = torch_engine_stages(model, 2, "cpu")
     with pytest.raises(FlowARError, match="at most 2 samples"):
         st.start(torch.tensor([1, 2, 3, 1000, 1000, 1000]))
+
+
+def test_labels_outside_the_model_are_refused_before_sampling(default_auto_engines):
+    """Runtime.sample (and every path through run_sampling) takes class ids of the model: -1 and
+    num_classes were sampled silently as the null class (a graph's gather wraps -1 and reads row
+    num_classes), 42 ended in the engine's traceback and [] in torch.cat's. Each is one line now;
+    NumPy integers are ids."""
+    from flowar.errors import FlowARError
+    from flowar.runtime.runtime import Runtime
+    rt = Runtime.open(default_auto_engines)
+    try:
+        for bad in ([-1], [rt.config.num_classes], [42], [], [True], ["cat"]):
+            with pytest.raises(FlowARError, match=f"each in 0..{rt.config.num_classes - 1}"):
+                rt.sample(bad, rt.schedule(), decode=False)
+        assert rt.sample([np.int64(3)], rt.schedule(), decode=False).tokens.shape[0] == 1
+    finally:
+        rt.close()
 
 
 # ---- ONNX Runtime on the CPU: row blocks and thread plans ---------------------------------------

@@ -64,6 +64,11 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedu
     the official layout: one (R, n, C) draw per scale for the whole request) is split into the
     same batches row by row.
     """
+    # ids of this model's classes: -1 and num_classes were the null class in a graph's gather, silently
+    if not len(labels) or not all(hasattr(i, "__index__") and not isinstance(i, bool) and 0 <= i < config.num_classes
+                                  for i in labels):
+        raise FlowARError(f"at least one class id, each in 0..{config.num_classes - 1}", repr(list(labels))[:80],
+                          "pass e.g. [3] (class names: FlowARPipeline.get_label_ids)")
     N = len(labels)
     bs = batch_size or N
     idx = list(range(N)) if indices is None else [int(i) for i in indices]
