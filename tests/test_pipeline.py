@@ -215,6 +215,25 @@ def test_a_generator_draws_the_seeds_as_diffusers_does_and_a_callback_sees_every
     assert all(torch.equal(tokens, then) for tokens, then in kept)
 
 
+def test_numpy_numbers_are_numbers_and_a_seed_that_is_no_int_is_one_line(default_auto_engines):
+    """NumPy's numbers, as a sweep makes them, sample what Python's do (np.float64(4.3) was refused as
+    'expected --cfg in [1, 50]', np.int64 steps and batch sizes too); a seed that is not an int is
+    one line (seed="12" sampled seeds 1 and 2, 3.5 raised a TypeError)."""
+    with FlowARPipeline.from_pretrained(default_auto_engines) as pipe:
+        pipe.set_progress_bar_config(disable=True)
+        kw = dict(seed=7, output_type="latent")
+        plain = pipe([3, 4], num_inference_steps=9, guidance_scale=3.5, guidance=0.8, batch_size=1, **kw)
+        numpy = pipe([3, 4], num_inference_steps=np.int64(9), guidance_scale=np.float64(3.5),
+                     guidance=np.float32(0.8), batch_size=np.int64(1), **kw)
+        seeds = pipe([3, 4], seed=np.array([7, 7]), output_type="latent", num_inference_steps=9, guidance_scale=3.5,
+                     guidance=0.8)
+        for bad in ("12", 3.5, True, [7, 7.0], []):
+            with pytest.raises(FlowARError, match="seed an int, or a list of ints"):
+                pipe([3, 4], seed=bad)
+    assert torch.equal(plain.images, numpy.images) and torch.allclose(plain.images, seeds.images, atol=1e-4)
+    assert numpy.seeds == seeds.seeds == [7, 7]
+
+
 def test_an_image_is_named_by_its_seed_and_index_and_generators_come_one_per_image(default_auto_engines):
     """Image i of a call comes again from (seeds[i], indices[i]); a list of generators draws one
     seed per image as diffusers takes them (each from its own state), anything else is one line;

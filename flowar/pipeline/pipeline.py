@@ -126,11 +126,19 @@ class FlowARPipeline:
             seeds = [int(s) for g in gens for s in torch.randint(0, 2 ** 63 - 1, (len(labels) if one else 1,),
                                                                 generator=g, device=g.device).tolist()]
         else:
-            seeds = ([int(seed or 0)] * len(labels) if seed is None or isinstance(seed, numbers.Integral)
-                     else [int(s) for s in seed])
+            if seed is None or isinstance(seed, numbers.Integral):
+                seeds = [0 if seed is None else seed] * len(labels)
+            else:                                     # (a str is not a list of seeds: "12" gave seeds 1 and 2)
+                seeds = list(seed) if hasattr(seed, "__iter__") and not isinstance(seed, (str, bytes)) else []
+            if not seeds or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in seeds):
+                raise FlowARError("seed an int, or a list of ints (one per image)", repr(seed)[:80], "pass e.g. seed=0")
+            seeds = [int(s) for s in seeds]
         rt = self.runtime
-        sched = rt.schedule(Settings(schedule=schedule, steps=num_inference_steps, cfg=guidance_scale,
-                                     guidance=guidance))
+        # NumPy's numbers as Python's (the settings take int and float, strictly: a bool is not a number)
+        steps, cfg, guide, batch_size = (int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else
+                                         float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
+                                         for v in (num_inference_steps, guidance_scale, guidance, batch_size))
+        sched = rt.schedule(Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guide))
         on_scale = None
         if callback_on_scale_end is not None:
             side = rt.config.scales
