@@ -176,7 +176,8 @@ def exported_from(m: Manifest | str | Path, device: torch.device | str = "cpu", 
     if not src.is_file() or sha256_file(src) != digest:
         raise FlowARError("the checkpoint the engine directory was exported from",
                           f"{src if str(src) not in ('', '.') else 'no path'} (missing or a different file)",
-                          "pass the original checkpoint with --ckpt beside --engine-dir, or re-export the directory")
+                          f"put it back at {recorded}, or pass it with --ckpt beside --engine-dir (flowar-run), or "
+                          "use another --backend, or re-export the directory")
     model, _ = load_model(src, config=m.config, use_ema=ema, device=device)
     vae = None
     if m.vae:

@@ -133,7 +133,8 @@ def test_usage_errors_of_the_installed_command_are_one_line_too(fixtures_dir):
 
 def test_a_moved_checkpoint_is_passed_beside_the_engine_directory_for_the_torch_backend(fixtures_dir, tmp_path):
     """--backend torch reads the checkpoint a directory was exported from; where it has moved, the
-    error says to pass it with --ckpt beside --engine-dir, and that works (it was refused as both)."""
+    error says to put it back or pass it with --ckpt beside --engine-dir, and that works (it was refused
+    as both). (The commands without --ckpt, flowar-sample and flowar-serve, were told to pass it.)"""
     import shutil
 
     from flowar.commands.build import build_engine_dir
@@ -144,7 +145,7 @@ def test_a_moved_checkpoint_is_passed_beside_the_engine_directory_for_the_torch_
     args = ["--engine-dir", str(tmp_path / "e"), "--backend", "torch", "--labels", "1", "--steps", "4",
             "--save-tokens", str(tmp_path / "t.safetensors")]
     res = CliRunner().invoke(run, args)
-    assert res.exit_code == 2 and "pass the original checkpoint with --ckpt beside --engine-dir" in res.output
+    assert res.exit_code == 2 and f"put it back at {src}, or pass it with --ckpt beside --engine-dir" in res.output
     res = CliRunner().invoke(run, args + ["--ckpt", str(moved)])
     assert res.exit_code == 0 and (tmp_path / "t.safetensors").is_file(), res.output
     res = CliRunner().invoke(run, args[:2] + ["--ckpt", str(moved), "--labels", "1"])         # not with other engines

@@ -265,7 +265,7 @@ def test_an_image_is_named_by_its_seed_and_index_and_generators_come_one_per_ima
 
 
 def test_a_bulk_run_resumes_only_on_the_engines_it_began_with_and_bad_settings_write_nothing(default_auto_engines,
-                                                                                              tmp_path):
+                                                                                              tmp_path, monkeypatch):
     """run.json records the engine directory's manifest: after a re-export into the same folder
     (other engines, other choices) the same command is refused instead of mixing the new engines'
     shards with the old ones. A --stride without the skip solver is refused before --out is
@@ -287,3 +287,13 @@ def test_a_bulk_run_resumes_only_on_the_engines_it_began_with_and_bad_settings_w
     (d / "manifest.json").write_text(json.dumps(m | {"created": "re-exported"}))
     with pytest.raises(FlowARError, match="other manifest_sha256 than .*run.json records"):
         run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1), tmp_path / "run", progress=False)
+    # a first run that fails before its first shard (its engines would not open) binds the folder to nothing:
+    # other settings run there (they were refused: "other backend than run.json records")
+    import flowar.commands.bulk as bulk
+    with monkeypatch.context() as mp:
+        mp.setattr(bulk.ShardSampler, "_open", lambda self, batch: (_ for _ in ()).throw(
+            FlowARError("engines that open", "none", "fix them")))
+        with pytest.raises(FlowARError, match="engines that open"):
+            run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1, backend="torch"), tmp_path / "failed", progress=False)
+    rep = run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1), tmp_path / "failed", progress=False)
+    assert rep.shards_total == 2 and rep.shards_done_before == 0 and (tmp_path / "failed" / "samples.npz").is_file()

@@ -47,7 +47,9 @@ def shard_is_done(out: Path, j: int, start: int, end: int) -> bool:
 def check_run(out: Path, spec: BulkSpec) -> None:
     """A folder holds one run: refuse to mix shards of other settings into it."""
     mine = asdict(spec)
-    if (out / "run.json").is_file():
+    # (a run.json without a shard done binds nothing: a first run that failed before its first shard,
+    # say on an engine that would not open, left the folder refusing every other setting)
+    if (out / "run.json").is_file() and any((out / "shards").glob("*.npz")):
         theirs = _recorded(out)
         if isinstance(theirs, dict):
             for ran in ("engines", "throughput"):       # what ran, not what defines the images
@@ -59,6 +61,7 @@ def check_run(out: Path, spec: BulkSpec) -> None:
                               f"other {', '.join(diff) or 'settings'} than {out / 'run.json'} records",
                               "run with the same settings, or choose a new --out")
     else:
+        (out / "run.json").unlink(missing_ok=True)
         write_run_json(out, spec, None)
 
 
