@@ -313,7 +313,8 @@ class Runtime(contextlib.AbstractContextManager):
             raise FlowARError("--batch >= 1", repr(batch_size), "use e.g. --batch 8")
         if self.max_batch is not None and batch_size is not None and batch_size > self.max_batch:
             raise FlowARError(f"--batch at most {self.max_batch} (the engines' max batch)", str(batch_size),
-                              f"use --batch {self.max_batch}, or re-export with --max-batch {batch_size}")
+                              f"use --batch {self.max_batch}, or " + (f"re-export with --max-batch {batch_size}" if
+                                                                      self.manifest else "--no-cuda-graphs"))
         bs = batch_size or self.batch
         clock = _Clock(self.device) if timings is not None and self.runner is None else None
         stages = Hooked(self.stages, self.threads.share) if self.lanes > 1 else self.stages

@@ -84,6 +84,19 @@ def test_labels_outside_the_model_are_refused_before_sampling(default_auto_engin
         rt.close()
 
 
+def test_a_batch_above_the_limit_is_told_the_fix_of_its_source(default_auto_engines):
+    """Over an engine directory's max batch: re-export with a larger one; over a checkpoint's CUDA-graph
+    limit (GRAPH_BATCH, set here by hand: no GPU) the fix is --no-cuda-graphs (it said re-export)."""
+    from conftest import DEFAULT_CKPT
+    from flowar.errors import FlowARError
+    from flowar.runtime.runtime import Runtime
+    for path, fix in ((default_auto_engines, "re-export with --max-batch 17"), (DEFAULT_CKPT, "--no-cuda-graphs")):
+        with Runtime.open(path) as rt:
+            rt.max_batch = 16 if rt.manifest is None else rt.max_batch
+            with pytest.raises(FlowARError, match=fix):
+                rt.sample([1] * 17, rt.schedule(), batch_size=17, decode=False)
+
+
 # ---- ONNX Runtime on the CPU: row blocks and thread plans ---------------------------------------
 
 def test_plan_call_splits_rows_into_contiguous_blocks_one_per_core():

@@ -23,7 +23,8 @@ from flowar.errors import FlowARError
               "checkpoint the directory was exported from, where it has moved).")
 @click.option("--engine-dir", type=click.Path(file_okay=False), help="Engine directory from flowar-export.")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "ort", "trt", "torch"]),
-              help="With --engine-dir: auto = TensorRT when a GPU and plans are there, else ONNX Runtime.")
+              help="With --engine-dir: auto = TensorRT when a GPU and plans are there, else the engines the "
+              "export's --precision auto|bf16 measured and chose, else ONNX Runtime.")
 @click.option("--preset", help="Config preset for files that carry none: flowar-s, flowar-l, flowar-h, tiny.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Config JSON for files that carry none.")
 @click.option("--raw-weights", is_flag=True, help="Use 'model' instead of the EMA weights of a training checkpoint.")

@@ -70,7 +70,8 @@ def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, sche
                    "else the directory's --precision auto choice, else ONNX Runtime); GET /health says which run.")
 @click.option("--threads", type=int, help="Cores per replica [default: the machine's cores shared out among the replicas].")
 @click.option("--lanes", type=int, help="Batches a replica computes at once, sharing its cores (a lone batch gets "
-              "them all) [default: 2 where the engines allow it (compiled or PyTorch stages on a CPU), else 1].")
+              "them all): at most what the engines allow, 2 for compiled or PyTorch stages on a CPU with 2 or more "
+              "threads, else 1 (a larger --lanes takes that; GET /health says how many) [default: that].")
 @click.option("--max-n", default=16, show_default=True, type=int, help="Most images one request may ask for.")
 @click.option("--queue", type=int, help="Images a replica holds (running and waiting) before it answers 503, at "
               "least --max-n [default: twice the engines' max batch, or --max-n if more].")
