@@ -56,14 +56,21 @@ def choose_backend(m: Manifest, requested: str = "auto", gpu: bool = True) -> st
     else ONNX Runtime. Every command decides here."""
     if requested not in BACKENDS:
         raise FlowARError(f"--backend one of {', '.join(BACKENDS)}", repr(requested), "use --backend auto")
+    chosen = requested
     if requested == "auto":                     # (no plans: nothing to probe)
-        return "trt" if gpu and m.tensorrt and _trt_usable(m)[0] else ("measured" if m.choice else "ort")
-    if requested == "trt":
+        chosen = "trt" if gpu and m.tensorrt and _trt_usable(m)[0] else ("measured" if m.choice else "ort")
+    elif requested == "trt":
         ok, why = _trt_usable(m)
         if not ok:
             raise FlowARError("a TensorRT-ready engine directory and GPU for --backend trt", why,
                               "rebuild plans here with flowar-export --backend trt, or use --backend ort")
-    return requested
+    if chosen == "ort" and m.precision == "bf16" and not m.choice:
+        raise FlowARError("engines this machine runs", "bf16 graphs for TensorRT only (ONNX Runtime has no bf16 "
+                          "kernels on a CPU)" + (f", and no TensorRT plans usable here ({_trt_usable(m)[1]})"
+                                                  if m.tensorrt else ""),
+                          "run on the GPU the plans were built for, or use --backend torch, or export for this "
+                          "machine with --precision bf16 --backend ort (measured CPU engines) or --precision fp32")
+    return chosen
 
 
 def trt_engines(m: Manifest, specs: dict):

@@ -128,3 +128,39 @@ def test_built_plans_hold_the_profiles_and_agree_with_onnx_runtime(trt_dir):
         assert not uncovered(held, spec, m.config, m.max_batch), name
         # fp32 plans may use TF32 matmuls (TensorRT's default), so not the fp32 tolerance
         assert compare_with_ort(b, graph, plan, spec, m.config, spec.max_rows(m.max_batch), atol=1e-2), name
+
+
+
+def test_bf16_graphs_for_tensorrt_skip_onnx_runtime_and_a_cpu_is_told_what_runs(trt_dir, fixtures_dir, tmp_path):
+    """--backend trt --precision bf16: ONNX Runtime has no bf16 kernels on a CPU, so the export's check
+    against it ended in its NotImplemented traceback, and a directory exported with --no-verify did on
+    every command where the plans could not run. Now the export says the graphs are not verified here,
+    a machine without usable plans is told in one line what runs (--backend torch does), and
+    --backend all (ONNX Runtime engines from bf16 graphs) is refused before any work."""
+    import json
+    import shutil
+
+    from flowar.commands.build import BuildReport, ExportRequest, check_request, export_graphs
+    from flowar.export.specs import stage_specs
+    from flowar.model.checkpoint import load_model
+    from flowar.runtime.runtime import Runtime
+    ckpt, cfg = fixtures_dir / "tiny_v2.safetensors", str(fixtures_dir / "tiny_v2.config.json")
+    with pytest.raises(FlowARError, match="--backend all: ONNX Runtime has no bf16 kernels"):
+        check_request(ExportRequest(ckpt, tmp_path / "all", config_path=cfg, backend="all", precision="bf16"))
+    model, _ = load_model(ckpt, config_path=cfg)
+    req = ExportRequest(ckpt, tmp_path / "e", config_path=cfg, backend="trt", precision="bf16", max_batch=1)
+    report = BuildReport(req.out)
+    (tmp_path / "g").mkdir()
+    specs = {"head_prep": stage_specs(model.config)["head_prep"]}         # (one stage: the others export alike)
+    stages = export_graphs(req, model, None, specs, tmp_path / "g", report, lambda msg: None)
+    assert set(stages) == {"head_prep"} and not report.checks
+    assert any("bf16 graphs are not verified here" in n for n in report.notes), report.notes
+    d = tmp_path / "bf16"                     # a TensorRT directory of bf16 graphs (as recorded), on this machine
+    shutil.copytree(trt_dir.root, d)
+    m = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps(m | {"precision": "bf16"}))
+    if not torch.cuda.is_available():
+        with pytest.raises(FlowARError, match="bf16 graphs for TensorRT only"):
+            Runtime.open(d)
+    with Runtime.open(d, backend="torch") as rt:
+        assert rt.sample([1], rt.schedule(), decode=False).tokens.isfinite().all()

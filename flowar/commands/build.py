@@ -63,6 +63,7 @@ class BuildReport:
     memory: dict[str, float] = field(default_factory=dict)  # stage -> peak resident GB of its export (+ verify)
     precision: object = None                             # flowar.commands.precision.PrecisionReport (auto, bf16)
     anon_peak_gb: float | None = None                    # the whole export's anonymous peak (file pages not counted)
+    notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         """What flowar-export prints: each stage's check and, for measured precision, each choice."""
@@ -74,7 +75,7 @@ class BuildReport:
         if self.anon_peak_gb is not None:
             out.append(f"  anonymous memory peak of the whole export: {self.anon_peak_gb:.1f} GB (the pages of "
                        "mapped files, such as the checkpoint, not counted; sampled every 0.2 s)")
-        return out + (self.precision.lines() if self.precision is not None else [])
+        return out + (self.precision.lines() if self.precision is not None else []) + [f"  note: {n}" for n in self.notes]
 
     def summary(self, precision: str, max_batch: int) -> str:
         """flowar-export's last line: where, what runs (the engine chosen per stage where the export
@@ -96,6 +97,10 @@ def check_request(req: ExportRequest):
         raise FlowARError("--backend ort, trt or all", repr(req.backend), "use --backend ort")
     if req.precision not in PRECISIONS:
         raise FlowARError("--precision auto, fp32, fp16 or bf16", repr(req.precision), "use --precision fp32")
+    if req.precision == "bf16" and req.backend == "all":
+        raise FlowARError("--precision bf16 with --backend trt (TensorRT plans) or ort (CPU engines measured in bf16)",
+                          "--backend all: ONNX Runtime has no bf16 kernels to run bf16 graphs on a CPU",
+                          "use --backend trt, or --backend ort, or --precision fp16 with --backend all")
     if req.precision == "auto" and req.backend != "ort":
         raise FlowARError("--precision auto with --backend ort (it measures CPU engines)", f"--backend {req.backend}",
                           "export TensorRT plans with --precision fp32/fp16/bf16")
@@ -169,7 +174,12 @@ def export_graphs(req: ExportRequest, model, vae, specs: dict, tmp: Path, report
         if len(files) > 1:                             # weights as external data beside the graph
             rec |= {"data": files[1].name, "data_sha256": sha256_file(files[1])}
         rec["bytes"] = sum(f.stat().st_size for f in files)
-        if req.verify:
+        if req.verify and req.graph_precision == "bf16":   # (ONNX Runtime's CPU provider: no bf16 MatMul)
+            if not report.notes:
+                report.notes.append("bf16 graphs are not verified here: ONNX Runtime has no bf16 kernels on a CPU; "
+                                    "compare where the plans run: flowar-judge --engine-dir DIR --vs-engine-dir "
+                                    "an fp32 export")
+        elif req.verify:
             say(f"verify {name}")
             t0 = time.perf_counter()
             chk = verify_stage(spec, module, model.config, path, rows, REDUCED_TOLERANCE[req.graph_precision])
@@ -295,7 +305,8 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
     from flowar.io.memory import GB, AnonPeak
     with AnonPeak() as anon, staged_directory(req.out, MANIFEST) as tmp:
         stages = export_graphs(req, model, vae, specs, tmp, report, say)
-        report.backends.append("ort")
+        if req.graph_precision != "bf16":              # (bf16 graphs run as TensorRT plans only)
+            report.backends.append("ort")
         chosen = choose_engines(req, model, ck, vae, specs, stages, tmp, report, say) if req.measured else {}
         trt_info = None
         if builder is not None:
