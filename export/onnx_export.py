@@ -151,6 +151,11 @@ def verify_stage(spec: StageSpec, module: nn.Module, config: FlowARConfig, path:
             with torch.no_grad():
                 ref = module(*(ex[n] for n in spec.inputs))
             ref = ref if isinstance(ref, tuple) else (ref,)
+            if not all(bool(r.isfinite().all()) for r in ref):     # the weights, not the exporter
+                raise FlowARError(f"finite outputs of the checkpoint's {spec.name} stage in eager PyTorch",
+                                  f"NaN or Inf at scale {k} with {rows} rows (nothing was written)",
+                                  "the checkpoint's weights hold NaN/Inf (a damaged file or a diverged run): "
+                                  "check it, or export an earlier checkpoint")
             got = sess.run(list(spec.outputs), {n: ex[n].numpy() for n in spec.inputs})
             for name, r, g in zip(spec.outputs, ref, got):
                 d = float(np.abs(r.float().numpy() - g).max()) if r.numel() else 0.0

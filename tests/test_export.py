@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from flowar.commands.build import build_engine_dir
+from flowar.errors import FlowARError
 from flowar.export.manifest import EngineDirError, read_manifest, sha256_file
 from flowar.sampling.schedule import build_schedule
 
@@ -99,6 +100,23 @@ def test_the_exporter_writes_the_same_bytes_for_the_same_stage(engine_dirs, expo
     files = real(spec, spec.module(model), model.config, tmp_path / "again" / "head_prep.onnx", m.stages["head_prep"]["max_rows"])
     assert [f.name for f in files] == ["head_prep.onnx"]
     assert sha256_file(files[0]) == m.stages["head_prep"]["sha256"]
+
+
+def test_weights_that_give_nan_are_blamed_on_the_checkpoint_not_the_exporter(engine_dirs, fixtures_dir):
+    """A checkpoint whose weights hold NaN (a diverged run) failed verification as 'velocity differs by
+    inf ... report the model and versions': the exporter blamed. The check now says the checkpoint's
+    own stage gives NaN in eager PyTorch, before comparing anything."""
+    from flowar.export.onnx_export import verify_stage
+    from flowar.export.specs import stage_specs
+    from flowar.model.checkpoint import load_model
+    model, _ = load_model(fixtures_dir / "tiny_v1.safetensors", config_path=fixtures_dir / "tiny_v1.config.json")
+    spec = stage_specs(model.config)["velocity"]
+    d, _ = engine_dirs["tiny_v1"]
+    m = read_manifest(d)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.startswith("flownet.") and p.ndim == 2).view(-1)[:8] = float("nan")
+    with pytest.raises(FlowARError, match="finite outputs of the checkpoint's velocity stage in eager PyTorch"):
+        verify_stage(spec, spec.module(model), model.config, m.graph("velocity")[0], m.stages["velocity"]["max_rows"])
 
 
 def test_manifest_records_what_it_was_built_from(engine_dirs, fixtures_dir):
