@@ -174,6 +174,17 @@ def test_sigkill_during_export_leaves_the_previous_directory_valid(fixtures_dir,
     assert res.exit_code == 0, res.output
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".eng.")], list(tmp_path.iterdir())
     read_manifest(target)
+    # Ctrl-C in a terminal (SIGINT to the whole process group): one line, exit 130, the directory kept; the
+    # export's memory poller, a child in the group, printed a KeyboardInterrupt traceback of its own
+    before = files()
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list(tmp_path.glob(".eng.tmp-*")):    # exporting
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err
+    assert files() == before
 
 
 def test_export_never_replaces_a_folder_it_did_not_write(fixtures_dir, tmp_path):

@@ -50,9 +50,11 @@ def peak_rss() -> int:
 
 
 # The poller AnonPeak runs: RssAnon summed over a process and its descendants (itself excluded), every
-# EVERY seconds until a line arrives on its stdin; then it prints the peak in bytes.
+# EVERY seconds until a line arrives on its stdin (or it closes: the command has ended); then it prints the peak
+# in bytes.
 _POLLER = r"""
-import os, select, sys
+import os, select, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)    # a terminal's Ctrl-C is the command's (its traceback was printed)
 from flowar.io.memory import descendants
 root, every, me = int(sys.argv[1]), float(sys.argv[2]), os.getpid()
 def anon(pid):
