@@ -146,11 +146,22 @@ def test_judge_on_an_engine_directory_against_another(fixtures_dir, tmp_path):
     build_engine_dir(ckpt, tmp_path / "e", config_path=str(fixtures_dir / "tiny_v1.config.json"),
                      vae_path=fixtures_dir / "mar_vae_tiny.ckpt", max_batch=2, verify=False)
     common = ["--per-class", "3", "--classes-limit", "2", "--steps", "5", "--batch", "4"]
+    # (a --judge-cache nowhere writable is no matter where no judge is trained: it was refused)
     res = CliRunner().invoke(judge_cmd, ["--engine-dir", str(tmp_path / "e"), "--vs-engine-dir", str(tmp_path / "e"),
-                                         "--json", str(tmp_path / "self.json")] + common)
+                                         "--json", str(tmp_path / "self.json"), "--judge-cache",
+                                         "/proc/flowar/judge.safetensors"] + common)
     assert res.exit_code == 0, res.output
-    rep = json.loads((tmp_path / "self.json").read_text())
+    # strict JSON: identical images' PSNR is "inf" (it was written as Infinity, which JSON parsers refuse)
+    rep = json.loads((tmp_path / "self.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
     assert rep["n_samples"] == 6 and rep["vs_reference"]["token_max"] == 0.0
+    assert rep["vs_reference"]["psnr_median"] == "inf", rep["vs_reference"]
+    # images against a directory without a decoder: refused before sampling (it was after the first source had)
+    build_engine_dir(ckpt, tmp_path / "t", config_path=str(fixtures_dir / "tiny_v1.config.json"), max_batch=2,
+                     verify=False)
+    res = CliRunner().invoke(judge_cmd, ["--engine-dir", str(tmp_path / "e"), "--vs-engine-dir", str(tmp_path / "t")]
+                             + common)
+    assert res.exit_code == 2 and "--vs-engine-dir with a decoder" in res.output and "sampling" not in res.output, \
+        res.output
     # the engines against the eager checkpoint, sample by sample: flowar-judge --ckpt with the same options
     res = CliRunner().invoke(judge_cmd, ["--ckpt", str(ckpt), "--config", str(fixtures_dir / "tiny_v1.config.json"),
                                          "--vae", str(fixtures_dir / "mar_vae_tiny.ckpt"), "--vs-engine-dir",

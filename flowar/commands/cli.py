@@ -289,7 +289,6 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
         if v < 1:
             raise FlowARError(f"{name} >= 1", str(v), f"pass a positive {name}")
     check_seed(seed)
-    check_writable(judge_cache, False, "--judge-cache")
     check_writable(json_out, False, "--json")
     stats = read_fid_stats(fid_stats) if fid_stats else None
     extractor = load_extractor(fid_extractor) if fid_extractor else None
@@ -315,6 +314,7 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
                                   f"{config.num_classes} classes{'' if rt.decodes else ', no decoder'}",
                                   "pass --judge none")
             from flowar.eval.judge import train_judge
+            check_writable(judge_cache, False, "--judge-cache")     # (only where a judge is used: it was always)
             judge = train_judge(cache=Path(judge_cache), progress=True)
         labels = [c for c in range(min(classes_limit, config.num_classes)) for _ in range(per_class)]
         other = stack.enter_context(Runtime.open(vs_engine_dir, True)) if vs_engine_dir else None
@@ -322,6 +322,9 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
             if other.config != config:
                 raise FlowARError("--vs-engine-dir exported from the same model", "another config",
                                   "pass a matching one")
+            if rt.decodes and not other.decodes:     # (found after the first source had sampled)
+                raise FlowARError("--vs-engine-dir with a decoder, as the judged source has (images are compared)",
+                                  "one exported without --vae", "re-export it with --vae")
             batch = min(batch, other.max_batch)
 
         def sampler(r):
@@ -334,5 +337,11 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
     if json_out:
         import dataclasses
         import json
+        import math
         from flowar.io.files import atomic_write_bytes
-        atomic_write_bytes(json_out, lambda tmp: Path(tmp).write_text(json.dumps(dataclasses.asdict(rep), indent=1)))
+        # strict JSON: a PSNR of identical images (inf) as the string "inf" (json wrote Infinity, which parsers refuse)
+        def strict(v):
+            return ({k: strict(x) for k, x in v.items()} if isinstance(v, dict) else [strict(x) for x in v]
+                    if isinstance(v, (list, tuple)) else str(v) if isinstance(v, float) and not math.isfinite(v) else v)
+        atomic_write_bytes(json_out, lambda tmp: Path(tmp).write_text(
+            json.dumps(strict(dataclasses.asdict(rep)), indent=1, allow_nan=False)))
