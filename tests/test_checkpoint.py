@@ -27,6 +27,10 @@ def test_official_flat_pth(tmp_path, official_sd):
     torch.save(official_sd, p)
     model, ck = load_model(p, preset="tiny")
     assert ck.source == "flat" and _same(model, official_sd)
+    # the legacy (pre-zip) format, which cannot be memory-mapped: read into memory (it was refused as corrupt)
+    torch.save(official_sd, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    model, ck = load_model(tmp_path / "legacy.pth", preset="tiny")
+    assert ck.source == "flat" and _same(model, official_sd)
 
 
 def test_training_checkpoint_prefers_ema(tmp_path, official_sd):
@@ -109,9 +113,12 @@ def test_pickle_with_code_is_refused_and_nothing_runs(tmp_path):
     marker = tmp_path / "pwned"
     p = tmp_path / "evil.pth"
     torch.save({"model": {"w": torch.zeros(1)}, "x": _Payload(str(marker))}, p)
+    torch.save({"model": {"w": torch.zeros(1)}, "x": _Payload(str(marker))}, tmp_path / "legacy.pth",
+               _use_new_zipfile_serialization=False)
     assert not marker.exists()
-    with pytest.raises(CheckpointError, match="pickled code"):
-        read_checkpoint(p)
+    for f in (p, tmp_path / "legacy.pth"):
+        with pytest.raises(CheckpointError, match="pickled code"):
+            read_checkpoint(f)
     assert not marker.exists()
 
 

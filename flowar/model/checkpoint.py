@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,8 +70,10 @@ def _read_pickle(path: Path) -> Any:
         # plain attribute bag, so allowing it executes no code of the file's choosing.
         with torch.serialization.safe_globals([argparse.Namespace]):
             # mmap: the tensors stay in the file's pages (a 7.65 GB FlowAR-H is not copied into memory;
-            # the model takes them as they are, see load_model)
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            # the model takes them as they are, see load_model); a file in the legacy (pre-zip) format
+            # cannot be mapped: read into memory (it was refused as corrupt)
+            legacy = not zipfile.is_zipfile(path)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=not legacy)
     except Exception as e:   # noqa: BLE001 - every failure here is the file's fault
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
