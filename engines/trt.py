@@ -92,6 +92,25 @@ def gpu_compute_capability() -> str | None:
     return None
 
 
+def plan_target(b: Builder, compute_capability: str | None) -> str:
+    """The compute capability the plans are built for: TensorRT builds for the GPU it runs on (another
+    --compute-capability would be recorded while the plans ran only there); TensorRT-RTX builds for this
+    GPU, or ahead of time for ``compute_capability`` (default sm80) among the targets it knows."""
+    gpu = gpu_compute_capability()
+    cc = compute_capability or gpu or "sm80"
+    if b.flavour == "tensorrt":
+        if compute_capability not in (None, gpu):
+            raise FlowARError(f"--compute-capability {gpu} (TensorRT builds for the GPU it runs on) or none",
+                              compute_capability, "build on the target GPU, or drop --compute-capability")
+    elif compute_capability is not None or gpu is None:
+        known = sorted((m.lower() for m in dir(b.trt.ComputeCapability) if re.fullmatch(r"SM\d+", m)),
+                       key=lambda s: int(s[2:]))
+        if cc not in known:
+            raise FlowARError(f"--compute-capability among {', '.join(known)} (TensorRT-RTX {b.version})",
+                              repr(cc), "pick the target GPU's, e.g. --compute-capability sm80")
+    return cc
+
+
 def profiles(spec: StageSpec, config: FlowARConfig, max_rows: int) -> list[dict[str, list[list[int]]]]:
     """Per scale: input -> [min, opt, max] shapes over rows 1..max_rows."""
     out = []
@@ -126,7 +145,7 @@ def build_plan(b: Builder, graph: Path, graph_sha: str, spec: StageSpec, config:
     from polygraphy.exception import PolygraphyException
     from polygraphy.logger import G_LOGGER
     gpu = gpu_compute_capability()
-    cc = compute_capability or gpu or "sm80"
+    cc = plan_target(b, compute_capability)
     profs = profiles(spec, config, max_rows)
     pg_profiles = [_pg_profile(pg, p) for p in profs]
     timed = b.flavour == "tensorrt"          # TensorRT-RTX tunes at run time: its timing cache is a no-op
@@ -138,11 +157,6 @@ def build_plan(b: Builder, graph: Path, graph_sha: str, spec: StageSpec, config:
         if compute_capability is None and gpu is not None:
             create = CreateConfigRTX(profiles=pg_profiles, use_gpu=True)         # for this GPU
         else:                                                                     # ahead of time, no GPU needed
-            known = sorted((m.lower() for m in dir(b.trt.ComputeCapability) if re.fullmatch(r"SM\d+", m)),
-                           key=lambda s: int(s[2:]))
-            if cc not in known:
-                raise FlowARError(f"--compute-capability among {', '.join(known)} (TensorRT-RTX {b.version})",
-                                  repr(cc), "pick the target GPU's, e.g. --compute-capability sm80")
             create = CreateConfigRTX(profiles=pg_profiles, compute_capabilities=[(int(cc[2:-1]), int(cc[-1]))])
     try:
         with G_LOGGER.verbosity(G_LOGGER.ERROR), warnings.catch_warnings():

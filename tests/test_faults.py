@@ -257,6 +257,9 @@ def test_files_that_appear_in_out_during_an_export_keep_the_finished_directory_a
     (["--max-memory", "8"], "--max-memory with --precision auto or bf16"),
     (["--compute-capability", "sm89"], "--compute-capability with --backend trt or all"),
     (["--vae", "missing-vae.ckpt"], "a VAE at --vae (MAR kl16.ckpt or a diffusers folder); got no file or folder at"),
+    # (these two were refused after every graph was exported and verified)
+    (["--backend", "trt", "--compute-capability", "sm7"], "expected --compute-capability"),
+    (["--precision", "bf16", "--auto-candidates", "ort-fp32"], "--auto-candidates with a bf16 engine for --precision bf16"),
 ])
 def test_export_options_that_would_do_nothing_or_point_nowhere_are_one_line_before_any_work(fixtures_dir, tmp_path,
                                                                                            monkeypatch, extra, needle):

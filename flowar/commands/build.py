@@ -105,7 +105,7 @@ def check_request(req: ExportRequest):
         raise FlowARError("--precision auto with --backend ort (it measures CPU engines)", f"--backend {req.backend}",
                           "export TensorRT plans with --precision fp32/fp16/bf16")
     if req.candidates is not None:
-        from flowar.runtime.candidates import CANDIDATES
+        from flowar.runtime.candidates import CANDIDATES, REDUCED
         bad = [c for c in req.candidates if c not in CANDIDATES]
         if not req.measured:
             raise FlowARError("--auto-candidates with --precision auto or bf16", f"--precision {req.precision}",
@@ -113,6 +113,9 @@ def check_request(req: ExportRequest):
         if bad or not req.candidates:
             raise FlowARError(f"--auto-candidates among {', '.join(CANDIDATES)}", f"{bad or 'none'}",
                               "e.g. --auto-candidates ort-fp32,torch-bf16")
+        if req.precision == "bf16" and not set(req.candidates) & set(REDUCED):    # (found after the export)
+            raise FlowARError(f"--auto-candidates with a bf16 engine for --precision bf16 ({' or '.join(REDUCED)})",
+                              ",".join(req.candidates), f"add {REDUCED[0]}, or use --precision auto")
     if req.max_memory_gb is not None and not req.max_memory_gb > 0:
         raise FlowARError("--max-memory in GB, > 0", repr(req.max_memory_gb), "use e.g. --max-memory 16")
     # options that would do nothing here are refused, not ignored
@@ -141,9 +144,10 @@ def check_request(req: ExportRequest):
                            f"the engine directory ({copies} cop{'y' if copies == 1 else 'ies'} of "
                            f"{(weights + vae) / 1e9:.2f} GB of weights)")
     if req.backend in ("trt", "all"):
-        from flowar.engines.trt import load_builder, polygraphy_trt
+        from flowar.engines.trt import load_builder, plan_target, polygraphy_trt
         builder = load_builder()                       # fail before any work if TensorRT or Polygraphy is missing
         polygraphy_trt(builder)
+        plan_target(builder, req.compute_capability)   # (a target it cannot build for: refused after every graph)
         return builder
     return None
 
