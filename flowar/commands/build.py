@@ -238,7 +238,9 @@ def choose_engines(req: ExportRequest, model, ck, vae, specs: dict, stages: dict
                       req.max_batch, max_memory=req.max_memory_gb * GB if req.max_memory_gb else None)
     rep = select(bench, "auto" if req.precision == "auto" else "bf16", req.candidates, progress=say)
     report.precision = rep
-    plan = measure_plan(bench, rep.choice, req.max_batch, Settings().resolve(model.config.n_scales), progress=say)
+    # the plan's seconds per image are for the directory's own default schedule (what a served image counts in)
+    plan = measure_plan(bench, rep.choice, req.max_batch, Settings().resolve(model.config.n_scales,
+                                                                             req.schedule_defaults), progress=say)
     engines, weights = {}, {}
     for stage, cand in rep.choice.items():
         if cand in COMPILED:
