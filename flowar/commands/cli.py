@@ -138,7 +138,8 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Compare every stage with eager PyTorch.")
 @click.option("--schedule", default="official", show_default=True, type=click.Choice(["official", "fast"]),
               help="Default schedule recorded for flowar-run (which can still choose either).")
-@click.option("--steps", type=int, help="Default grid points recorded for flowar-run [default: the schedule's].")
+@click.option("--steps", type=int, help="Default num_steps N recorded for the commands (the official sampler's N: 25 "
+              "gives its 24 steps) [default: the schedule's].")
 @click.option("--cfg", type=float, help=f"Default cfg recorded for flowar-run [default: {SAMPLING_DEFAULTS['cfg']}].")
 @click.option("--guidance", type=float, help="Default guidance recorded for flowar-run [default: "
                                              f"{SAMPLING_DEFAULTS['guidance']}].")

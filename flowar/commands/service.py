@@ -48,7 +48,7 @@ class GenerateRequest(BaseModel):
                       description="names the images: image j has the noise of (seed, j), as with flowar-run --seed")
     n: int = Field(1, ge=1, description="images, at most the server's --max-n")
     schedule: Literal["official", "fast"] | None = None
-    steps: int | None = Field(None, description="points of the official time grid (25 = 24 steps)")
+    steps: int | None = Field(None, description="the official sampler's num_steps N (25: its 24 steps)")
     cfg: float | None = Field(None, description="guidance weight at the last scale, 1 = off")
     guidance: float | None = Field(None, description="guide only at t <= this")
     timeout_s: float | None = Field(None, gt=0, description="answer within this many seconds or not at all "

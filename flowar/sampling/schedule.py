@@ -157,7 +157,7 @@ class Settings:
     one of these. A field left None takes the engine directory's recorded default, else
     :data:`~flowar.config.SAMPLING_DEFAULTS`, else the named schedule's own (:meth:`resolve`)."""
     schedule: str | None = None      # a named schedule: official, fast
-    steps: int | None = None         # points of the reference grid (25 = the official 24 steps)
+    steps: int | None = None         # the official sampler's num_steps N: 2 (N // 2) + 1 grid points (25: 24 steps)
     cfg: float | None = None         # guidance weight at the last scale (1 = off)
     guidance: float | None = None    # guide only at t <= this
     solver: str | None = None        # euler, ab2, heun, skip
