@@ -50,14 +50,16 @@ def _command_args(fixtures_dir, tmp_path, command, option, where):
     if command == "flowar-train-vae":
         return ["--steps", "1", "--out", where]
     if command == "flowar-judge":
-        return ["--ckpt", ckpt, "--vae", vae, "--per-class", "1", option, where]
+        # (the judge's cache is checked where a judge is used: the shipped Animal-MNIST model's)
+        from conftest import DEFAULT_CKPT, DEFAULT_VAE
+        return ["--ckpt", str(DEFAULT_CKPT), "--vae", str(DEFAULT_VAE), "--per-class", "1", option, where]
     return ["--preset", "tiny", "--steps", "2", "--repeat", "1", "--warmup", "0", "--backends", "eager",
             "--json", str(tmp_path / "ok.json"), "--plot", str(tmp_path / "ok.png")] + [option, where]
 
 
 OUTPUTS = [("flowar-run", "--save-tokens"), ("flowar-run", "--out"), ("flowar-run", "--save-images"),
            ("flowar-export", "--out"), ("flowar-train", "--out"), ("flowar-train-vae", "--out"),
-           ("flowar-judge", "--judge-cache"), ("bench", "--json"), ("bench", "--plot")]
+           ("flowar-judge", "--judge-cache"), ("flowar-judge", "--json"), ("bench", "--json"), ("bench", "--plot")]
 
 
 @pytest.mark.parametrize("where", UNWRITABLE)
