@@ -252,3 +252,29 @@ def test_the_flow_loss_is_the_official_objective(official_v1):
     assert abs(float(loss) - float(ref)) <= 1e-5 * float(ref), (float(loss), float(ref))
     # each scale counts: without the weights the sum is another number altogether
     assert abs(float(sum(t_ * c.latent_size ** 2 / s ** 2 for t_, s in zip(terms, c.scales))) - float(ref)) > 0.1 * float(ref)
+
+
+def test_an_image_folder_takes_its_class_folders_only_and_names_a_bad_file(small_world, tmp_path):
+    """Hidden and system folders (.ipynb_checkpoints, __MACOSX) and macOS's ._x.png files beside the
+    images are not data: a .ipynb_checkpoints folder became class 0 and shifted every label, silently.
+    A class folder without images, and an image PIL cannot read, are one line each (the latter blamed
+    the paths' permissions and the free disk)."""
+    import shutil
+
+    from flowar.errors import FlowARError
+    from flowar.train.data import load_image_folder
+    d = tmp_path / "data"
+    shutil.copytree(small_world / "data", d)
+    for junk in (".ipynb_checkpoints", "__MACOSX"):
+        (d / junk).mkdir()
+        shutil.copy(d / "disc" / "0.png", d / junk / "0.png")
+    (d / "disc" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    got = load_image_folder(d, 16)
+    assert got.class_names == ["disc", "square"] and got.labels.tolist() == [0] * 12 + [1] * 12
+    (d / "empty").mkdir()
+    with pytest.raises(FlowARError, match="images .* in every class folder; got none in empty"):
+        load_image_folder(d, 16)
+    (d / "empty").rmdir()
+    (d / "square" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(FlowARError, match="image files PIL can read in the class folders; got .*bad.png"):
+        load_image_folder(d, 16)

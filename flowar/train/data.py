@@ -96,14 +96,18 @@ def _folder_items(root: str | Path) -> tuple[list[str], list[tuple[int, Path]]]:
     root = Path(root)
     if not root.is_dir():
         raise FlowARError("an image folder with one sub-folder per class", f"no folder at {root}", "check --data")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    # hidden and system folders (.ipynb_checkpoints, __MACOSX) are no classes: one became class 0 and
+    # shifted every label; so are files such as macOS's ._x.png beside the images
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
     if not classes:
         raise FlowARError("class sub-folders inside the image folder", f"none in {root}",
                           "arrange images as ROOT/<class>/<image>.png")
     items = [(ci, p) for ci, name in enumerate(classes) for p in sorted((root / name).iterdir())
-             if p.suffix.lower() in _IMAGE_SUFFIXES]
-    if not items:
-        raise FlowARError("images (png/jpg/bmp/webp) in the class folders", f"none under {root}", "add images")
+             if p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.startswith(".")]
+    empty = sorted(set(classes) - {classes[ci] for ci, _ in items})
+    if empty:                                  # (a class without images: a label no image teaches)
+        raise FlowARError("images (png/jpg/bmp/webp) in every class folder", f"none in {', '.join(empty[:5])}",
+                          "add images to those folders, or move them out of the image folder")
     return classes, items
 
 
@@ -113,7 +117,11 @@ def load_image_folder(root: str | Path, size: int) -> ImageSet:
     classes, items = _folder_items(root)
     xs = []
     for _, p in items:
-        img = Image.open(p).convert("RGB")
+        try:
+            img = Image.open(p).convert("RGB")
+        except (OSError, ValueError) as e:    # (PIL's UnidentifiedImageError is an OSError)
+            raise FlowARError("image files PIL can read in the class folders", f"{p}: {e}"[:200],
+                              "remove or replace that file") from None
         s = size / min(img.size)
         img = img.resize((max(size, round(img.size[0] * s)), max(size, round(img.size[1] * s))), Image.BICUBIC)
         left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
