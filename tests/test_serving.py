@@ -122,6 +122,7 @@ BAD = [
     (b'{"label": 1, "steps": 2000}', 422), (b'{"label": 1, "steps": "25"}', 422), (b'{"label": 1, "cfg": 99}', 422),
     (b'{"label": 1, "cfg": "4"}', 422), (b'{"label": 1, "guidance": 2}', 422), (b'{"label": 1, "colour": "red"}', 422),
     (b'{"label": 1, "timeout_s": 0}', 422), (b'{"label": 1, "pad": "' + b"x" * 20000 + b'"}', 413),
+    (b'\xff\xfe{"label": 1}', 400),         # not UTF-8 (answered with the wrong-route line)
 ]
 
 
@@ -132,9 +133,11 @@ def test_bad_requests_get_their_status_and_one_line_and_leave_it_serving(replica
             assert status == code, (raw[:60], status, answer)
             assert set(answer) == {"error"} and answer["error"].startswith("expected ") and "\n" not in answer["error"], answer
             assert "--" not in answer["error"], answer                    # the request's words, not the command's
+            assert code != 400 or "JSON" in answer["error"], answer
         for path, method, code in (("/v1/nothing", "GET", 404), ("/v1/generate", "GET", 405)):
-            status, answer, _ = call(url, path, method=method)
+            status, answer, headers = call(url, path, method=method)
             assert status == code and answer["error"].startswith("expected GET /"), answer
+            assert code != 405 or headers["allow"] == "POST", dict(headers)          # (it was dropped)
         assert call(url, "/v1/generate", {"label": 1})[0] == 200                   # still serving
 
 
@@ -173,6 +176,14 @@ def test_a_token_is_asked_for_everything_but_probes_and_the_page(replica):
             assert call(url, path, body, token="wrong")[0] == 401
         with_token = call(url, "/v1/generate", {"label": 1, "seed": 2}, token="s3cret")
         assert call(url, "/health")[0] == 200 and call(url, "/")[0] == 200
+        for header, code in (("bearer s3cret", 200), ("BEARER  s3cret", 200), ("Basic s3cret", 401), ("s3cret", 401)):
+            req = urllib.request.Request(url + "/v1/classes", headers={"Authorization": header})
+            try:                                  # (the scheme's case is free: "bearer" was refused)
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    got = r.status
+            except urllib.error.HTTPError as e:
+                got = e.code
+            assert got == code, header
     with hosted(service(replica)) as url:
         without = call(url, "/v1/generate", {"label": 1, "seed": 2})
     assert with_token[0] == 200 and with_token[1]["images"] == without[1]["images"]

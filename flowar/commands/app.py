@@ -32,7 +32,9 @@ def make_app(service: Service):
         """Bearer token (except for probes and the page), and the body size before any parsing."""
         token = service.limits.token
         if token is not None and request.url.path not in OPEN_PATHS:
-            if not hmac.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {token}".encode()):
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            # (the scheme's case is free, RFC 9110: "bearer" was refused)
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
                 return error(401, "expected a bearer token (Authorization: Bearer ...); got none or another. "
                              "Fix: send the server's token", {"WWW-Authenticate": "Bearer"})
         if request.method == "POST":
@@ -72,8 +74,12 @@ def make_app(service: Service):
 
     @app.exception_handler(HTTPException)
     async def not_found(request: Request, e: HTTPException):
+        if e.status_code == 400:           # a body FastAPI could not decode (not UTF-8, nested too deep)
+            return error(400, "expected a JSON object in UTF-8; got a body that is not. Fix: send e.g. "
+                              "{\"label\": 3, \"seed\": 0}")
         return error(e.status_code, f"expected GET /, /health, /metrics, /v1/classes or POST /v1/generate; got "
-                                    f"{request.method} {request.url.path}. Fix: use one of those")
+                                    f"{request.method} {request.url.path}. Fix: use one of those",
+                     getattr(e, "headers", None))     # (405's Allow)
 
     @app.post("/v1/generate", response_model=GenerateResponse)
     async def generate(req: GenerateRequest, request: Request):
