@@ -101,7 +101,7 @@ def parse(argv=None) -> tuple[BenchSpec, bool]:
     ap.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8")
     ap.add_argument("--schedules", default="official", help="comma-separated sampling schedules: official, fast "
                     "(speed ratios are against eager with the official schedule; parity against eager with the same one)")
-    ap.add_argument("--steps", type=int, default=None, help="time-grid points [default: the schedule's, 25]")
+    ap.add_argument("--steps", type=int, default=None, help="the official sampler's num_steps N (25: its 24 steps) [default: the schedule's]")
     ap.add_argument("--cfg", type=float, default=None, help=f"[default: {SAMPLING_DEFAULTS['cfg']}]")
     ap.add_argument("--guidance", type=float, default=None, help=f"[default: {SAMPLING_DEFAULTS['guidance']}]")
     ap.add_argument("--backends", default="eager,cached,ort", help=f"comma-separated, from {','.join(ALL_BACKENDS)}")

@@ -16,7 +16,7 @@ linear warm-up then cosine decay, gradient clipping and an EMA of the weights.
 Determinism and exact resume: every random draw comes from a generator seeded by
 (seed, step, rank) or (seed, epoch), so a run stopped and resumed from its checkpoint repeats
 the same loss sequence as an uninterrupted one. Under ``torchrun`` each rank takes its slice of
-the global batch and DDP averages gradients (gloo on CPU, nccl on GPU).
+the global batch and DDP averages gradients (gloo: the trainer computes on the CPU).
 """
 
 from __future__ import annotations
