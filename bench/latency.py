@@ -153,6 +153,11 @@ def check(a) -> BenchSpec:
             raise FlowARError(f"{name} >= 0", repr(v), f"e.g. {name} 1e-3")
     if any(b < 1 for b in batches) or a.repeat < 1:
         raise FlowARError("--batch and --repeat >= 1", f"{a.batch} / {a.repeat}", "use positive numbers")
+    if a.fresh < 0 or (a.threads is not None and a.threads < 1):     # (found after the warm runs, or by torch)
+        raise FlowARError("--fresh >= 0 and --threads >= 1", f"{a.fresh} / {a.threads}", "use e.g. --fresh 3")
+    if a.fresh and not a.engine_dir:                  # (it was ignored)
+        raise FlowARError("--fresh with --engine-dir (fresh flowar-run --engine-dir against --ckpt)",
+                          "--fresh without --engine-dir", "add --engine-dir, or drop --fresh")
     if "cudagraph" in backends and a.warmup < 1:
         raise FlowARError("--warmup >= 1 with the cudagraph backend (the warm-up run captures)", str(a.warmup),
                           "use --warmup 1")
@@ -293,14 +298,18 @@ def run(spec: BenchSpec) -> int:
     if spec.fresh and spec.engine_dir:
         from latency_fresh import fresh_runs, lines
         print(f"# fresh processes: flowar-run --engine-dir against flowar-run --ckpt, {spec.fresh} each", flush=True)
-        fresh = fresh_runs(spec.engine_dir, spec.fresh, spec.threads)
-        print("\n".join(lines(fresh)), flush=True)
+        try:
+            fresh = fresh_runs(spec.engine_dir, spec.fresh, spec.threads)
+            print("\n".join(lines(fresh)), flush=True)
+        except Exception as e:   # noqa: BLE001 - the warm results are still written, with the reason beside them
+            fresh = {"error": f"{type(e).__name__}: {e}"[:300]}
+            print(f"# fresh processes failed: {fresh['error']}", file=sys.stderr, flush=True)
     return report(spec, results, info, label, random_weights, schedules, decode, flops, peak, config, fresh)
 
 
 def report(spec, results, info, label, random_weights, schedules, decode, flops, peak, config, fresh=None) -> int:
     table = markdown(results, peak, decode) + "\n\n" + scale_table(results, config.scales)
-    if fresh is not None:
+    if fresh is not None and "error" not in fresh:
         from latency_fresh import lines
         table += "\n\n" + "\n".join(lines(fresh))
     print()
@@ -326,6 +335,10 @@ def report(spec, results, info, label, random_weights, schedules, decode, flops,
               "Fix: rebuild the engines from this checkpoint, or, if the precision explains it, pass --parity-tol "
               "(float32 rows) or --reduced-tol (16-bit rows and engines)",
               file=sys.stderr)
+        return 1
+    if fresh is not None and "error" in fresh:
+        print(f"error: expected the fresh-process runs (--fresh); got {fresh['error']}. Fix: check that "
+              "flowar-run --engine-dir and --ckpt run from a shell (the warm results above are written)", file=sys.stderr)
         return 1
     return 0
 

@@ -89,6 +89,15 @@ if __name__ == "__main__":
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int)
     a = ap.parse_args()
-    r = fresh_runs(a.engine_dir, a.repeat, a.threads)
+    from flowar.errors import FlowARError, one_line
+    try:
+        if a.repeat < 1 or (a.threads is not None and a.threads < 1):
+            raise FlowARError("--repeat >= 1 and --threads >= 1", f"{a.repeat} / {a.threads}", "use e.g. --repeat 2")
+        from flowar.export.manifest import read_manifest
+        read_manifest(a.engine_dir)                      # (a bad --engine-dir: one line, not the runs' traceback)
+        r = fresh_runs(a.engine_dir, a.repeat, a.threads)
+    except (FlowARError, OSError, RuntimeError) as e:
+        print(one_line(e) if isinstance(e, FlowARError) else f"error: {type(e).__name__}: {e}"[:400], file=sys.stderr)
+        sys.exit(2)
     print("\n".join(lines(r)))
     print(json.dumps(r, indent=1))

@@ -129,6 +129,24 @@ def test_a_backend_off_eager_is_marked_wrong_and_fails_the_run(bench, default_au
     assert rc == 1 and "WRONG" in data["markdown"]
 
 
+def test_a_failed_fresh_run_keeps_the_warm_results_and_bad_fresh_options_are_one_line(bench, default_auto_engines,
+                                                                                       tmp_path, monkeypatch):
+    """--fresh runs after the warm measurements: where it fails (a moved checkpoint, say) the warm
+    results are still written, with the reason, and the run fails (they were lost to a traceback).
+    --fresh without --engine-dir (ignored before), --fresh -1 and --threads 0 are refused before any work."""
+    import latency_fresh
+    from flowar.errors import FlowARError
+    monkeypatch.setattr(latency_fresh, "fresh_runs", lambda *a: (_ for _ in ()).throw(RuntimeError("no checkpoint")))
+    rc = bench.main(["--engine-dir", str(default_auto_engines), "--batch", "1", "--steps", "2", "--backends", "eager",
+                     "--repeat", "1", "--fresh", "1", "--json", str(tmp_path / "r.json"), "--plot", ""])
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert rc == 1 and data["results"] and data["fresh_processes"] == {"error": "RuntimeError: no checkpoint"}
+    for bad in (["--preset", "tiny", "--fresh", "2"], ["--engine-dir", "d", "--fresh", "-1"], ["--preset", "tiny",
+                                                                                                 "--threads", "0"]):
+        with pytest.raises(FlowARError, match="--fresh"):
+            bench.check(bench.parse(bad)[0])
+
+
 def test_a_16_bit_engine_directory_loosens_the_verdict_of_its_engines_only(bench):
     """Against a bf16 engine directory the rows that run its engines are judged at --reduced-tol;
     the float32 eager rows keep --parity-tol (every row was loosened)."""
