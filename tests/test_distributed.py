@@ -373,8 +373,12 @@ def test_a_ray_address_where_nothing_answers_is_one_line_at_once(engines, tmp_pa
     port = _free_port()                                  # free: nothing listens there
     for cmd in (["flowar-sample", "--engine-dir", str(engines), "--num-images", "8", "--out", str(tmp_path / "o")],
                 ["flowar-serve", "--engine-dir", str(engines)]):
-        proc = subprocess.run([str(EXE / cmd[0]), *cmd[1:], "--ray-address", f"127.0.0.1:{port}"], env=ENV,
-                              capture_output=True, text=True, timeout=60)
+        args = [str(EXE / cmd[0]), *cmd[1:], "--ray-address", f"127.0.0.1:{port}"]
+        if cmd[0] == "flowar-serve":              # serving on a cluster asks for a token first (a cluster's Serve
+            proc = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=60)   # keeps its own host)
+            assert proc.returncode == 2 and "a bearer token to serve on an existing cluster" in proc.stderr, proc.stderr
+        proc = subprocess.run(args, env=ENV | {"FLOWAR_SERVE_TOKEN": "t0k3n"}, capture_output=True, text=True,
+                              timeout=60)
         assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
         assert proc.stderr.startswith(f"error: expected a running Ray cluster (--ray-address 127.0.0.1:{port}); "
                                       f"got no answer at 127.0.0.1:{port}"), proc.stderr

@@ -120,6 +120,10 @@ def serve_cmd(engine_dir, host, port, replicas, backend, threads, lanes, max_n, 
     if (require_token or not loopback) and token is None:
         raise FlowARError("a bearer token to serve beyond loopback (or with --require-token)", "none",
                           "put one in a file for --token-file, or in $FLOWAR_SERVE_TOKEN")
+    if ray_address is not None and token is None:     # (a cluster's Serve keeps the host it was started with)
+        raise FlowARError("a bearer token to serve on an existing cluster (its Serve may listen beyond loopback "
+                          "whatever --host says)", "none", "put one in a file for --token-file, or in "
+                          "$FLOWAR_SERVE_TOKEN")
     if ray_address is None:          # a local Serve listens here: refuse a port it cannot take before Ray starts
         _can_listen(host, port)
     from flowar.engines.ort import cpu_threads
