@@ -66,7 +66,8 @@ def percentile(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def load(url: str, n: int, concurrency: int, timeout: float, seed0: int = 0, tell: bool = False) -> dict:
+def load(url: str, n: int, concurrency: int, timeout: float, seed0: int = 0, tell: bool = False,
+         classes: int = 10) -> dict:
     """n single-image requests, ``concurrency`` at a time; latencies and codes. ``tell``: each
     request carries the client's deadline (``timeout_s``), as a client with one would send it."""
     results: list[tuple[int, float, float, bool]] = []      # (status, seconds, finished at, the replica answered)
@@ -80,7 +81,7 @@ def load(url: str, n: int, concurrency: int, timeout: float, seed0: int = 0, tel
                     return
                 i = queue.pop(0)
             t0 = time.perf_counter()
-            body = {"label": i % 10, "seed": seed0 + i} | ({"timeout_s": timeout} if tell else {})
+            body = {"label": i % classes, "seed": seed0 + i} | ({"timeout_s": timeout} if tell else {})
             # told its deadline, the server answers by then (a 504 at the latest): a few seconds more
             # for that answer to arrive, so that it is counted as what it is, not as no answer
             status, body = request(url, "/v1/generate", body, timeout + 5 if tell else timeout)
@@ -180,13 +181,15 @@ def metric(text: str, name: str, **labels) -> float:
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
-def in_process_rate(engine_dir: str, threads: int | None) -> float:
+def in_process_rate(engine_dir: str, threads: int | None, classes: int = 10) -> float:
     """Seconds per image of flowar-run sampling eight images one at a time in one process."""
     import re
     with tempfile.TemporaryDirectory() as tmp:
-        done = subprocess.run([str(BIN / "flowar-run"), "--engine-dir", engine_dir, "--labels", "0,1,2,3,4,5,6,7",
-                               "--batch", "1", "--save-images", tmp] + (["--threads", str(threads)] if threads else []),
-                              capture_output=True, text=True, check=True)
+        done = subprocess.run([str(BIN / "flowar-run"), "--engine-dir", engine_dir, "--labels",
+                               ",".join(str(i % classes) for i in range(8)), "--batch", "1", "--save-images", tmp]
+                              + (["--threads", str(threads)] if threads else []), capture_output=True, text=True)
+    if done.returncode != 0:                  # (flowar-run's own line: it was lost in a CalledProcessError traceback)
+        raise SystemExit(f"flowar-run --engine-dir {engine_dir} failed: {done.stderr.strip().splitlines()[-1:]}")
     return float(re.search(r"sampled .* in ([0-9.]+) s", done.stdout).group(1)) / 8
 
 
@@ -203,6 +206,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default="bench/out/serve_load.json")
     ap.add_argument("--chart", default=None, help="the timeline chart (PNG) [default: beside --json]")
     a = ap.parse_args(argv)
+    if min(a.sequential, a.concurrent, a.burst) < 1 or not a.deadline > 0 or (a.threads is not None and a.threads < 1):
+        raise SystemExit("error: expected --sequential, --concurrent, --burst and --threads >= 1 and --deadline > 0; "
+                         f"got {a.sequential} / {a.concurrent} / {a.burst} / {a.threads} / {a.deadline}")
     tmp = tempfile.TemporaryDirectory()
     engine_dir = a.engine_dir
     if engine_dir is None:
@@ -210,7 +216,12 @@ def main(argv=None) -> int:
         subprocess.run([str(BIN / "flowar-export"), "--ckpt", str(ROOT / "models/default/flowar.safetensors"),
                         "--vae", str(ROOT / "models/default/vae"), "--out", engine_dir, "--no-verify"], check=True,
                        stdout=subprocess.DEVNULL)
-    per_image = in_process_rate(engine_dir, a.threads)
+    from flowar.export.manifest import read_manifest
+    try:
+        classes = read_manifest(engine_dir).config.num_classes      # (the requests' labels cycle through them)
+    except Exception as e:   # noqa: BLE001 - one line
+        raise SystemExit(f"error: {e}") from None
+    per_image = in_process_rate(engine_dir, a.threads, classes)
     print(f"in-process: {per_image:.3f} s per image (flowar-run, eight images one at a time)", flush=True)
     if a.port is None:
         with socket.socket() as s:
@@ -222,14 +233,16 @@ def main(argv=None) -> int:
                               + (["--threads", str(a.threads)] if a.threads else [])
                               + (["--lanes", str(a.lanes)] if a.lanes else []),
                               env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                              stdout=subprocess.DEVNULL, stderr=open(Path(tmp.name) / "serve.log", "w"),
+                              start_new_session=True)      # (its stderr kept: why it did not come up)
     from flowar.engines.cpu import cpu_kind
     out: dict = {"engine_dir": engine_dir, "cpu": cpu_kind()["model"], "threads": a.threads or os.cpu_count(),
                  "in_process_s_per_image": per_image, "deadline_s": a.deadline}
     try:
         while request(url, "/health", timeout=5)[0] != 200:
             if server.poll() is not None or time.perf_counter() - t0 > 600:
-                raise SystemExit("flowar-serve did not come up")
+                said = (Path(tmp.name) / "serve.log").read_text().strip().splitlines()
+                raise SystemExit(f"flowar-serve did not come up: {said[-1] if said else 'nothing said'}")
             time.sleep(0.5)
         out["start_s"] = time.perf_counter() - t0
         out["health"] = request(url, "/health")[1]
@@ -239,14 +252,17 @@ def main(argv=None) -> int:
               f"{out['rss_gb_start']:.2f} GB resident", flush=True)
         request(url, "/v1/generate", {"label": 0, "seed": 10_000})                 # the first image: not measured
         m0 = request(url, "/metrics")[1]
-        out["sequential"] = load(url, a.sequential, 1, 600, seed0=100)
-        out["concurrent"] = load(url, a.concurrent, a.concurrent, 600, seed0=200)
+        out["sequential"] = load(url, a.sequential, 1, 600, seed0=100, classes=classes)
+        out["concurrent"] = load(url, a.concurrent, a.concurrent, 600, seed0=200, classes=classes)
         m1 = request(url, "/metrics")[1]
         rep = out["health"]["replica"]
         out["concurrent"]["batches_formed"] = metric(m1, "flowar_batch_size_count", replica=rep) - metric(
             m0, "flowar_batch_size_count", replica=rep) - out["sequential"]["ok"]
         for name in ("sequential", "concurrent"):
             r = out[name]
+            if not r["ok"]:                   # (no answer to time: it stopped on formatting None)
+                print(f"{name:<10} 0/{r['requests']} ok: {r}", flush=True)
+                continue
             print(f"{name:<10} {r['ok']}/{r['requests']} ok; {r['images_per_s']:.3f} images/s "
                   f"({r['images_per_s'] * per_image:.2f}x in-process); p50 {r['p50_s']:.2f} s "
                   f"({r['p50_s'] / per_image:.2f}x in-process per image), p99 {r['p99_s']:.2f} s; "
@@ -262,7 +278,7 @@ def main(argv=None) -> int:
                 probe.append(time.perf_counter() - t)
             h = threading.Thread(target=health_probe)
             h.start()
-            r = load(url, a.burst, a.burst, a.deadline, seed0=1000 * (b + 1), tell=True)
+            r = load(url, a.burst, a.burst, a.deadline, seed0=1000 * (b + 1), tell=True, classes=classes)
             h.join()
             time.sleep(2.0)
             r |= {"health_s": probe[0] if probe else None, "rss_gb_after": tree_rss_gb(server.pid),
@@ -290,8 +306,9 @@ def main(argv=None) -> int:
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, 9)
         out["exit_code"] = server.returncode
-        if "concurrent" in out:     # the host drifts within minutes: the rate again, the ratios to the mean of both
-            after = out["in_process_s_per_image_after"] = in_process_rate(engine_dir, a.threads)
+        # the host drifts within minutes: the rate again, the ratios to the mean of both
+        if "concurrent" in out and out["sequential"]["p50_s"] and out["concurrent"]["images_per_s"]:
+            after = out["in_process_s_per_image_after"] = in_process_rate(engine_dir, a.threads, classes)
             mean = (per_image + after) / 2
             out["vs_mean_in_process"] = {"sequential_p50": out["sequential"]["p50_s"] / mean,
                                          "concurrent_rate": out["concurrent"]["images_per_s"] * mean,
