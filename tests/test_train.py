@@ -278,3 +278,28 @@ def test_an_image_folder_takes_its_class_folders_only_and_names_a_bad_file(small
     (d / "square" / "bad.png").write_bytes(b"not a png")
     with pytest.raises(FlowARError, match="image files PIL can read in the class folders; got .*bad.png"):
         load_image_folder(d, 16)
+
+
+def test_the_sample_grid_takes_40_images_whatever_the_classes(monkeypatch, tmp_path):
+    """A 1000-class model's grid sampled all 1000 classes at every --sample-every; now 40 spread over
+    them (first and last included), and a 10-class model's 4 of each as before."""
+    from types import SimpleNamespace
+
+    import flowar.model.vae as vae_mod
+    import flowar.sampling.sampler as sampler
+    from flowar.config import get_preset
+    from flowar.train.trainer import sample_grid
+    seen = []
+
+    class Stop(Exception):
+        pass
+    monkeypatch.setattr(vae_mod, "load_vae", lambda *a, **k: SimpleNamespace(decode=None))
+    monkeypatch.setattr(sampler, "sample", lambda stages, c, sched, labels, *a, **k: (seen.append(labels.tolist()),
+                                                                                     (_ for _ in ()).throw(Stop()))[1])
+    for n in (1000, 10):
+        ema = SimpleNamespace(config=get_preset("tiny").replace(num_classes=n), eval=lambda: None)
+        args = SimpleNamespace(vae="v", sample_steps=4, sample_cfg=2.0)
+        with pytest.raises(Stop):
+            sample_grid(ema, args, [str(i) for i in range(n)], tmp_path / "g.png")
+    assert len(seen[0]) == 40 and seen[0][0] == 0 and seen[0][-1] == 999 and len(set(seen[0])) == 40
+    assert seen[1] == [k for k in range(10) for _ in range(4)]

@@ -391,9 +391,10 @@ def sample_grid(ema: FlowAR, args: TrainArgs, class_names: list[str], path: Path
     from flowar.model.vae import load_vae
     c = ema.config
     vae = load_vae(args.vae, expect_channels=c.latent_channels)
-    labels = torch.arange(c.num_classes).repeat_interleave(max(1, 40 // c.num_classes))[:max(c.num_classes, 40)]
+    n = c.num_classes   # 40 images: classes repeated where fewer, 40 spread where more (1000 classes sampled 1000)
+    labels = torch.arange(n).repeat_interleave(max(1, 40 // n))[:40] if n <= 40 else torch.linspace(0, n - 1, 40).long()
     ema.eval()
     sched = Settings(steps=args.sample_steps, cfg=args.sample_cfg).resolve(c.n_scales)
     _, images = sample(EagerStages(ema, vae.decode), c, sched, labels, per_sample_noise(0, range(len(labels))),
                        decode=True)
-    save_grid(images, [class_names[i] for i in labels.tolist()], path, columns=max(1, 40 // c.num_classes))
+    save_grid(images, [class_names[i] for i in labels.tolist()], path, columns=max(1, 40 // n) if n <= 40 else 8)
