@@ -100,8 +100,11 @@ def write(name: str, out: Path, seed: int = 0) -> Path:
     obj = {"model": sd} if name == "kl16" else sd
     path = out / FILES[name]
     tmp = path.with_name(path.name + ".partial")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:                                  # (a failed or interrupted save left gigabytes of .partial behind)
+        tmp.unlink(missing_ok=True)
     n = sum(v.numel() for v in sd.values())
     print(f"{path}: {len(sd)} tensors, {n / 1e6:.1f} M values, {path.stat().st_size / 1e9:.2f} GB "
           f"in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -118,14 +121,19 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     names = [p.strip() for p in a.presets.split(",") if p.strip()]
     bad = [p for p in names if p not in FILES or p == "kl16"]
-    if bad:
+    if bad or not (names or a.vae):
         print(f"error: expected presets among flowar-s, flowar-l, flowar-h; got {bad}. Fix: e.g. --presets flowar-s",
               file=sys.stderr)
         return 2
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for n in names + (["kl16"] if a.vae else []):
-        write(n, out, a.seed)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for n in names + (["kl16"] if a.vae else []):
+            write(n, out, a.seed)
+    except OSError as e:
+        print(f"error: expected a folder for --out with room for the files; got {e}. Fix: choose another --out",
+              file=sys.stderr)
+        return 2
     return 0
 
 
