@@ -285,16 +285,18 @@ def test_the_sample_grid_takes_40_images_whatever_the_classes(monkeypatch, tmp_p
     them (first and last included), and a 10-class model's 4 of each as before."""
     from types import SimpleNamespace
 
-    import flowar.model.vae as vae_mod
-    import flowar.sampling.sampler as sampler
     from flowar.config import get_preset
     from flowar.train.trainer import sample_grid
     seen = []
 
     class Stop(Exception):
         pass
-    monkeypatch.setattr(vae_mod, "load_vae", lambda *a, **k: SimpleNamespace(decode=None))
-    monkeypatch.setattr(sampler, "sample", lambda stages, c, sched, labels, *a, **k: (seen.append(labels.tolist()),
+    # (in sys.modules: test_export re-imports flowar.model.vae, so the package's attribute may be another module
+    # than the one sample_grid's import finds)
+    import flowar.model.vae  # noqa: F401
+    import flowar.sampling.sampler  # noqa: F401
+    monkeypatch.setattr(sys.modules["flowar.model.vae"], "load_vae", lambda *a, **k: SimpleNamespace(decode=None))
+    monkeypatch.setattr(sys.modules["flowar.sampling.sampler"], "sample", lambda stages, c, sched, labels, *a, **k: (seen.append(labels.tolist()),
                                                                                      (_ for _ in ()).throw(Stop()))[1])
     for n in (1000, 10):
         ema = SimpleNamespace(config=get_preset("tiny").replace(num_classes=n), eval=lambda: None)
