@@ -53,8 +53,7 @@ def peak_rss() -> int:
 # EVERY seconds until a line arrives on its stdin (or it closes: the command has ended); then it prints the peak
 # in bytes.
 _POLLER = r"""
-import os, select, signal, sys
-signal.signal(signal.SIGINT, signal.SIG_IGN)    # a terminal's Ctrl-C is the command's (its traceback was printed)
+import os, select, sys
 from flowar.io.memory import descendants
 root, every, me = int(sys.argv[1]), float(sys.argv[2]), os.getpid()
 def anon(pid):
@@ -122,8 +121,12 @@ class AnonPeak:
         import sys
         self._sample()
         if self.peak is not None:
+            # a session of its own: a terminal's Ctrl-C (SIGINT to the process group) is the command's; one
+            # that came while the poller started printed its KeyboardInterrupt traceback (it ends when the
+            # command's pipe closes, however the command ends)
             self._proc = subprocess.Popen([sys.executable, "-c", _POLLER, str(os.getpid()), str(self.every)],
-                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                          start_new_session=True)
         return self
 
     def __exit__(self, *exc) -> None:
