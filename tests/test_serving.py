@@ -551,13 +551,18 @@ def test_stopping_drains_each_replica_through_the_handle_and_waits_for_what_it_h
     assert _wait_idle(handle, 2, time.perf_counter() + 30) is None
 
 
-def test_a_request_costs_its_head_work_and_one_that_cannot_finish_in_time_is_refused_at_once(replica):
-    """A served image counts as the head work its settings cost over the default settings' (here
-    against the rows x tokens the velocity stage is given, counted as it runs): more steps cost more,
-    the fast schedule less, cfg 1 half the rows where guided. So a 1000-step request within 0.5 s is
-    refused at once (503, fewer steps), and an ordinary request after it is answered. Before: it was
-    admitted as one image, answered 504 at its deadline while it held the lane, and its batch,
-    measured as one image, made the replica refuse ordinary requests after it."""
+def test_a_request_costs_what_its_settings_cost_and_one_that_cannot_finish_in_time_is_refused_at_once(replica,
+                                                                                                      monkeypatch):
+    """A served image counts as what its settings cost over the default settings'. Without a call plan,
+    by the head's work (here against the rows x tokens the velocity stage is given, counted as it runs):
+    more steps cost more, the fast schedule less, cfg 1 half the rows where guided. With the plan the
+    export measured (this directory's), the AR and the decoder are counted too, the same for any
+    settings: each cost lies strictly between 1 and the head's ratio (the plan read as the export read
+    it: its recorded seconds of one default image). So a 1000-step request within 0.5 s is refused at
+    once (503, fewer steps), and an ordinary request after it is answered. Before: it was admitted as
+    one image, answered 504 at its deadline while it held the lane, and its batch, measured as one
+    image, made the replica refuse ordinary requests after it."""
+    from flowar.commands.plan import image_seconds
     from flowar.sampling.schedule import Settings
     rt = replica.pipe.runtime
     real, counted = rt.stages.velocity, []
@@ -574,9 +579,20 @@ def test_a_request_costs_its_head_work_and_one_that_cannot_finish_in_time_is_ref
             work[settings] = counted[-1]
     finally:
         del rt.stages.velocity
-    for settings, n in work.items():
-        assert replica.cost(settings) == pytest.approx(n / work[Settings()]), (settings, n, work[Settings()])
-    assert replica.cost(Settings(steps=201)) > 6 and replica.cost(Settings(schedule="fast")) < 0.5
+    head = {settings: n / work[Settings()] for settings, n in work.items()}
+    plan = rt.call_plan
+    assert plan.get("stages") and image_seconds(plan, {"decode": None}, rt.config, rt.schedule(None), 1) == \
+        pytest.approx(plan["per_image"]["1"])
+    with monkeypatch.context() as mp:                # no plan: the head's work
+        mp.setattr(replica, "_costs", {})
+        mp.setattr(rt, "call_plan", {})
+        for settings, ratio in head.items():
+            assert replica.cost(settings) == pytest.approx(ratio), (settings, ratio)
+    monkeypatch.setattr(replica, "_costs", {})
+    for settings, ratio in head.items():
+        got = replica.cost(settings)
+        assert got == 1.0 if ratio == 1.0 else min(1.0, ratio) < got < max(1.0, ratio), (settings, got, ratio)
+    assert head[Settings(steps=201)] > 6 and head[Settings(schedule="fast")] < 0.5
     svc = service(replica)
     with hosted(svc) as url:
         t0 = time.time()

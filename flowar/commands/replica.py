@@ -33,14 +33,23 @@ class Replica:
         self.start_s = time.perf_counter() - t0
 
     def cost(self, settings) -> float:
-        """An image's head work under ``settings`` in images of the directory's default settings:
-        what admission and the measured rate count, so that a request of 1000 steps counts as the
-        40 images it costs (it was admitted as one, held a lane past its deadline, and its batch,
-        measured as one image, made the replica refuse ordinary requests after it)."""
+        """An image under ``settings`` in images of the directory's default settings: what admission
+        and the measured rate count, so that a request of 1000 steps counts as the ~30 images it costs
+        (it was admitted as one, held a lane past its deadline, and its batch, measured as one image,
+        made the replica refuse ordinary requests after it). By the call plan's measured seconds per
+        call where the export measured one (the AR and the decoder included: a fast image costs half a
+        default one at full size, not the third its head work is), else by the head's work."""
         if settings not in self._costs:
             rt = self.pipe.runtime
-            self._costs[settings] = head_work(rt.schedule(settings), rt.config.scales) / head_work(
-                rt.schedule(None), rt.config.scales)
+            ours, default = rt.schedule(settings), rt.schedule(None)
+            if rt.call_plan.get("stages"):
+                from flowar.commands.plan import image_seconds
+                specs = {"decode": None} if rt.decodes else {}
+                cost = (image_seconds(rt.call_plan, specs, rt.config, ours, 1)
+                        / image_seconds(rt.call_plan, specs, rt.config, default, 1))
+            else:
+                cost = head_work(ours, rt.config.scales) / head_work(default, rt.config.scales)
+            self._costs[settings] = cost
         return self._costs[settings]
 
     def add_lane(self) -> None:

@@ -7,7 +7,7 @@ ingress (:mod:`flowar.commands.serve`); tests host it with uvicorn.
 Image j of a request is sample j of ``flowar-run --labels L,L,... --seed S``. A replica holds a
 bounded queue of images: a request that does not fit, or whose images the replica would not
 finish within the request's deadline (``timeout_s``, at most ``--deadline``) at the rate it drains
-its queue (an image counted as the head work its settings cost: :meth:`Replica.cost`), is refused at once (503 with Retry-After, the seconds until it would fit; none for a
+its queue (an image counted as what its settings cost: :meth:`Replica.cost`), is refused at once (503 with Retry-After, the seconds until it would fit; none for a
 request that would not fit even alone); an image whose request has passed its deadline anyway
 (504) or whose client has gone is not computed. Batches are formed only in the sizes that cost
 less per image than every smaller one (the call plan measured at export), never waiting to fill.
@@ -91,7 +91,7 @@ class _Item:
     settings: object                  # flowar.sampling.schedule.Settings
     deadline: float                   # time.monotonic() after which it is not computed
     future: asyncio.Future
-    cost: float = 1.0                 # its settings' head work in images of the default settings (Replica.cost)
+    cost: float = 1.0                 # what its settings cost, in images of the default settings (Replica.cost)
     enqueued: float = field(default_factory=time.monotonic)
 
 
