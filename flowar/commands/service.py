@@ -7,11 +7,11 @@ ingress (:mod:`flowar.commands.serve`); tests host it with uvicorn.
 Image j of a request is sample j of ``flowar-run --labels L,L,... --seed S``. A replica holds a
 bounded queue of images: a request that does not fit, or whose images the replica would not
 finish within the request's deadline (``timeout_s``, at most ``--deadline``) at the rate it drains
-its queue (an image counted as what its settings cost: :meth:`Replica.cost`), is refused at once (503 with Retry-After, the seconds until it would fit; none for a
-request that would not fit even alone); an image whose request has passed its deadline anyway
-(504) or whose client has gone is not computed. Batches are formed only in the sizes that cost
-less per image than every smaller one (the call plan measured at export), never waiting to fill.
-Where the engines allow it
+its queue (an image counted as what its settings cost: :meth:`Replica.cost`), is refused at once
+(503 with Retry-After, the seconds until it would fit; none for a request that would not fit even
+alone); an image whose request has passed its deadline anyway (504) or whose client has gone is
+not computed. Batches are formed only in the sizes that cost less per image than every smaller one
+(the call plan measured at export), never waiting to fill. Where the engines allow it
 (:meth:`flowar.runtime.runtime.Runtime.lane`: compiled or PyTorch stages on a CPU) a replica
 computes two batches at once, each in a lane of its own, sharing the cores (the first lane gets them
 all when it computes alone): on 2 cores, 16 FlowAR-S requests at once were served at 1.19-1.26x the
