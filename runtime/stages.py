@@ -112,7 +112,9 @@ class EngineStages:
             for k in spec.scales:
                 calls = {b * m for b in sizes for m in (spec.rows_per_sample, 1)}          # B and 2B rows
                 best = st["block"].get(str(k)) if st else None
-                shapes = {b for r in calls for b in (blocks(r, best, st["sizes"]) if best else [r])}
+                # (the blocks _call cuts: none below the block size, where a call of 3 rows runs as one)
+                shapes = {b for r in calls for b in (blocks(r, best, st["sizes"]) if best is not None and best < r
+                                                     else [r])}
                 for r in sorted(shapes):
                     dims = spec.shapes(k, r)
                     eng.infer({n_: torch.zeros(dims[n_], dtype=spec.dtypes[n_], device=self.device) for n_ in spec.inputs},
