@@ -20,6 +20,22 @@ def noise25(tmp_path, tiny_v1):
     return p
 
 
+def test_noise_that_is_not_finite_floats_is_one_line(tiny_v1, noise25, tmp_path):
+    """--noise in int64 or bool was cast silently (garbage noise, images out); NaN in it was blamed on
+    the checkpoint ('NaN or Inf at scale 0 ... check the checkpoint'). The file is named now."""
+    from flowar.errors import FlowARError
+    from flowar.sampling.batches import read_noise
+    model, _ = tiny_v1
+    good = load_file(str(noise25))
+    assert len(read_noise(noise25, model.config)) == 5
+    for name, bad in (("int", good["noise1"].long()), ("bool", good["noise1"] > 0),
+                      ("nan", good["noise1"].clone().fill_(float("nan")))):
+        save_file(good | {"noise1": bad}, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(FlowARError, match=f"finite floating-point noise in every tensor; got {name}.safetensors: "
+                                              "noise1 not"):
+            read_noise(tmp_path / f"{name}.safetensors", model.config)
+
+
 def test_run_reproduces_official_tokens(fixtures_dir, tiny_v1, noise25, tmp_path, official_tokens, assert_tokens):
     _, io = tiny_v1
     out = tmp_path / "T.safetensors"

@@ -80,6 +80,12 @@ def test_labels_outside_the_model_are_refused_before_sampling(default_auto_engin
             with pytest.raises(FlowARError, match=f"each in 0..{rt.config.num_classes - 1}"):
                 rt.sample(bad, rt.schedule(), decode=False)
         assert rt.sample([np.int64(3)], rt.schedule(), decode=False).tokens.shape[0] == 1
+        # a NumPy seed is one seed (it was 'not iterable'); a str is none (it was one seed per character)
+        five = rt.sample([3, 4], rt.schedule(), seed=5, decode=False).tokens
+        assert torch.equal(rt.sample([3, 4], rt.schedule(), seed=np.int64(5), decode=False).tokens, five)
+        for bad in ("12", b"12", 1.5):
+            with pytest.raises(FlowARError, match="seed an int, or one int per label"):
+                rt.sample([3, 4], rt.schedule(), seed=bad, decode=False)
     finally:
         rt.close()
 
@@ -370,6 +376,27 @@ def test_the_labels_are_copied_into_static_storage_at_start(tiny_v1):
         labels.fill_(5)                          # the caller's tensor changes after start
         got = st.ar(0, None)
     assert torch.equal(got, want)
+
+
+def test_the_warm_up_runs_the_shapes_sampling_runs(default_auto_engines):
+    """The warm-up cuts rows into the call plan's blocks as _call does: a call below the block size
+    runs whole (3 rows with blocks of 4: one call of 3; the warm-up ran 2 and 1, so the first image at
+    that batch still paid the set-up of a shape it had not run). Every shape a batch of 3 gives the
+    engines was warmed."""
+    from flowar.runtime.runtime import Runtime
+    with Runtime.open(default_auto_engines, warm=()) as rt:
+        assert rt.call_plan.get("stages")
+        seen: dict[str, set] = {"warm": set(), "sample": set()}
+        phase = ["warm"]
+        for name, eng in rt.stages.engines.items():
+            def rec(ins, outs, profile=0, _real=eng.infer, _name=name):
+                seen[phase[0]].add((_name, profile, tuple(next(iter(ins.values())).shape)))
+                return _real(ins, outs, profile=profile)
+            eng.infer = rec
+        rt.stages.warm_up([3], every_engine=True)
+        phase[0] = "sample"
+        rt.sample([1, 2, 3], rt.schedule(), batch_size=3)
+    assert seen["sample"] and seen["sample"] <= seen["warm"], sorted(seen["sample"] - seen["warm"])
 
 
 def test_opening_warms_only_the_engines_whose_measured_set_up_is_large(default_auto_engines, tmp_path):

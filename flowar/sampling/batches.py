@@ -6,6 +6,7 @@ Every command and the pipeline reach this through :meth:`flowar.runtime.runtime.
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,12 @@ def read_noise(path: str | Path, config: FlowARConfig) -> list[Tensor]:
             if missing:
                 raise FlowARError(f"tensors {names[0]}..{names[-1]} (one draw per scale)",
                                   f"{p.name} without {missing}", "write one tensor per scale")
-            return [f.get_tensor(n) for n in names]
+            out = [f.get_tensor(n) for n in names]
+        bad = [n for n, t in zip(names, out) if not t.is_floating_point() or not bool(t.isfinite().all())]
+        if bad:                  # (int or bool noise was cast silently; NaN was blamed on the checkpoint)
+            raise FlowARError("finite floating-point noise in every tensor", f"{p.name}: {', '.join(bad)} not",
+                              "write the draws again (torch.randn)")
+        return out
     except FlowARError:
         raise
     except Exception as e:   # noqa: BLE001
@@ -72,7 +78,10 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedu
     N = len(labels)
     bs = batch_size or N
     idx = list(range(N)) if indices is None else [int(i) for i in indices]
-    seeds = [seed] * N if isinstance(seed, int) else list(seed)
+    if isinstance(seed, (str, bytes)) or not (isinstance(seed, numbers.Integral) or hasattr(seed, "__iter__")):
+        raise FlowARError("seed an int, or one int per label", repr(seed)[:80], "pass e.g. seed=0")
+    # (a NumPy integer is one seed: it was 'not iterable'; a str was split into one seed per character)
+    seeds = [int(seed)] * N if isinstance(seed, numbers.Integral) else list(seed)
     if len(idx) != N or len(seeds) != N:
         raise FlowARError(f"one index and one seed per label ({N})", f"{len(idx)} indices, {len(seeds)} seeds",
                           "pass matching lists")
