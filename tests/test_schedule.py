@@ -54,6 +54,13 @@ def test_a_stride_without_the_skip_solver_is_refused_and_the_grid_is_described_b
     with pytest.raises(FlowARError, match="got --stride 2 with --solver heun"):
         Settings(schedule="fast", solver="heun", stride=2).resolve(5)
     assert Settings(schedule="fast", stride=2).resolve(5).stride == 2 and Settings(solver="skip", stride=4).resolve(5).stride == 4
+    # --solver skip takes the skip solver's own stride and order (fast's 3 and 3): it took the official
+    # schedule's 1 and 1, plain Euler at full cost, and --stride 4 ran order 1 where bench/RESULTS.md says 3
+    with pytest.raises(FlowARError, match="--schedule one of"):        # (a list: unhashable, a traceback)
+        Settings(schedule=["fast"])
+    skip, fast = Settings(solver="skip").resolve(5), Settings(schedule="fast").resolve(5)
+    assert (skip.stride, skip.order, skip.head_evals) == (3, 3, fast.head_evals) < (3, 3, Settings().resolve(5).head_evals)
+    assert Settings(solver="skip", stride=4).resolve(5).order == 3
     for n, points in ((24, 25), (25, 25), (50, 51), (9, 9)):
         s = Settings(steps=n).resolve(5)
         assert len(s.times) == len(time_grid(n)) == points and f"official {points}-point grid" in s.describe()

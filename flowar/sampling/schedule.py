@@ -168,7 +168,8 @@ class Settings:
         # (type(v) is int / in (int, float): strict, a served true or "5" is not a number)
         s = self
         for bad, expected, got, fix in (
-            (s.schedule is not None and s.schedule not in SCHEDULES, f"--schedule one of {', '.join(SCHEDULES)}",
+            (s.schedule is not None and (not isinstance(s.schedule, str) or s.schedule not in SCHEDULES),
+             f"--schedule one of {', '.join(SCHEDULES)}",
              s.schedule, "use --schedule official"),
             (s.steps is not None and not (type(s.steps) is int and 2 <= s.steps <= MAX_STEPS),
              f"--steps an integer in 2..{MAX_STEPS}", s.steps, "use e.g. --steps 25"),
@@ -202,7 +203,10 @@ class Settings:
         schedule's own."""
         layers = (self, recorded if isinstance(recorded, Settings) else Settings.of(recorded), _DEFAULTS)
         s = {f: next((getattr(x, f) for x in layers if getattr(x, f) is not None), None) for f in self.__dataclass_fields__}
-        spec = SCHEDULES[s["schedule"]] | {k: s[k] for k in ("steps", "solver", "stride", "order") if s[k] is not None}
+        named = SCHEDULES[s["schedule"]]
+        if s["solver"] == "skip" and named["solver"] != "skip":     # the skip solver's own stride and order, fast's
+            named = named | {k: SCHEDULES["fast"][k] for k in ("stride", "order")}    # (official's 1 and 1: Euler)
+        spec = named | {k: s[k] for k in ("steps", "solver", "stride", "order") if s[k] is not None}
         if self.stride is not None and spec["solver"] != "skip":        # (it would be dropped: the plain solver ran)
             raise FlowARError("--stride with the skip solver (--schedule fast, or --solver skip)",
                               f"--stride {self.stride} with --solver {spec['solver']}",
