@@ -255,3 +255,23 @@ def test_settings_that_do_not_go_together_are_refused_before_the_source_opens(fi
                    ["--engine-dir", str(tmp_path / "e")]):
         res = CliRunner().invoke(run, source + ["--stride", "2", "--labels", "1"])
         assert res.exit_code == 2 and "--stride with the skip solver" in res.output, res.output
+
+
+def test_save_images_never_mixes_runs_or_overwrites_the_grid(tmp_path):
+    """--save-images into a folder holding an earlier, larger run's numbered PNGs mixed the two (a tool
+    reading the folder took both); --out at one of the numbered names was overwritten by sample 0
+    while the command said the grid was written. Both are refused before sampling; a grid beside the
+    images, and the same command again, are fine."""
+    from conftest import DEFAULT_CKPT, DEFAULT_VAE
+    src = ["--ckpt", str(DEFAULT_CKPT), "--vae", str(DEFAULT_VAE), "--steps", "4"]
+    folder = tmp_path / "s"
+    res = CliRunner().invoke(run, src + ["--labels", "1,2,3", "--save-images", str(folder)])
+    assert res.exit_code == 0 and sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.png" for i in range(3)]
+    res = CliRunner().invoke(run, src + ["--labels", "1", "--save-images", str(folder)])
+    assert res.exit_code == 2 and "2 more in" in res.output and "sampled" not in res.output, res.output
+    res = CliRunner().invoke(run, src + ["--labels", "1,2,3", "--save-images", str(folder), "--out",
+                                         str(folder / "000001.png")])
+    assert res.exit_code == 2 and "which sample 1 overwrites" in res.output, res.output
+    res = CliRunner().invoke(run, src + ["--labels", "1,2,3", "--save-images", str(folder), "--out",
+                                         str(folder / "grid.png")])
+    assert res.exit_code == 0 and (folder / "grid.png").is_file(), res.output

@@ -90,6 +90,9 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
             rt.require_decoder()
         sched = rt.schedule(settings)
         ids = parse_labels(rt.config.num_classes, rt.class_names, labels, classes, n_per_class)
+        if save_images:
+            from flowar.io.images import check_image_folder
+            check_image_folder(save_images, len(ids), out)
         batch = min(len(ids), batch_size or rt.batch or len(ids))
         # opening warmed batch 1's shapes on the engines that set up a lot per shape (the export
         # measured which: none for ONNX Runtime's); this batch's too

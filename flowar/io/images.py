@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from flowar.errors import FlowARError
 from flowar.io.files import atomic_write_bytes
 
 
@@ -34,6 +36,25 @@ def save_images(images_B3HW: Tensor, folder: str | Path, first: int = 0) -> list
         atomic_write_bytes(p, functools.partial(Image.fromarray(arr).save, format="PNG"))
         paths.append(p)
     return paths
+
+
+def check_image_folder(folder: str | Path, n: int, grid: str | Path | None = None) -> None:
+    """Refuse a --save-images folder that would mix runs or lose a file, before any sampling: numbered
+    PNGs beyond the ``n`` this run writes (an earlier, larger run's: an evaluator reading the folder
+    took them too), or a ``grid`` path that is one of the names it writes (the grid was overwritten by
+    sample 0 while the command said it was written)."""
+    folder, numbered = Path(folder), re.compile(r"(\d{6})\.png")
+    g = Path(grid) if grid else None
+    if g is not None and g.parent.resolve() == folder.resolve() and (m := numbered.fullmatch(g.name)) \
+            and int(m.group(1)) < n:
+        raise FlowARError("--out outside the numbered PNGs --save-images writes", f"--out {g}, which sample "
+                          f"{int(m.group(1))} overwrites", "name the grid otherwise, e.g. grid.png")
+    beyond = sorted(q.name for q in folder.glob("*.png") if (m := numbered.fullmatch(q.name)) and int(m.group(1)) >= n) \
+        if folder.is_dir() else []
+    if beyond:
+        raise FlowARError(f"a --save-images folder without numbered PNGs beyond the {n} this run writes",
+                          f"{len(beyond)} more in {folder} ({beyond[0]}, ...)", "choose an empty folder, or remove "
+                          "them (a tool reading the folder would take them as this run's)")
 
 
 def save_grid(images_B3HW: Tensor, captions: list[str], path: str | Path, columns: int | None = None,
