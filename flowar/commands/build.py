@@ -305,7 +305,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
         vae = load_vae(req.vae_path, expect_channels=config.latent_channels)
     specs = stage_specs(config, vae.downsample if vae else None)
     # progress(what, of how many steps): export (+ verify) (+ TensorRT) per stage, + the precision choice
-    total = len(specs) * (1 + req.verify + (builder is not None)) + (len(specs) * 5 + 6 if req.measured else 0)
+    total = len(specs) * (1 + (req.verify and req.graph_precision != "bf16") + (builder is not None)) + (len(specs) * 5 + 6 if req.measured else 0)
     say = (lambda msg: progress(msg, total)) if progress else (lambda msg: None)
     report = BuildReport(req.out)
     from flowar.io.memory import GB, AnonPeak
