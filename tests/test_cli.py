@@ -275,3 +275,6 @@ def test_save_images_never_mixes_runs_or_overwrites_the_grid(tmp_path):
     res = CliRunner().invoke(run, src + ["--labels", "1,2,3", "--save-images", str(folder), "--out",
                                          str(folder / "grid.png")])
     assert res.exit_code == 0 and (folder / "grid.png").is_file(), res.output
+    for option in ("--save-images", "--out", "--save-tokens"):     # an empty path wrote nothing and said nothing
+        res = CliRunner().invoke(run, src + ["--labels", "1", option, ""])
+        assert res.exit_code == 2 and f"expected a path for {option}; got an empty one" in res.output, res.output

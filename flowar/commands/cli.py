@@ -70,6 +70,8 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
     parse_labels(None, None, labels, classes, n_per_class)     # their form, before the source opens (FlowAR-H: 25 s)
     for p, is_dir, option in ((save_tokens, False, "--save-tokens"), (out, False, "--out"),
                               (save_images, True, "--save-images")):
+        if p is not None and not p.strip():       # (taken as not given: nothing written, nothing said)
+            raise FlowARError(f"a path for {option}", "an empty one", f"give {option} a path, or leave it out")
         check_writable(p, is_dir, option)
     for path, suffix, option, why in ((out, ".png", "--out", "the grid is a PNG"),
                                       (save_tokens, ".safetensors", "--save-tokens", "tokens and labels as safetensors")):
