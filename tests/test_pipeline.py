@@ -227,9 +227,11 @@ def test_numpy_numbers_are_numbers_and_a_seed_that_is_no_int_is_one_line(default
                      guidance=np.float32(0.8), batch_size=np.int64(1), **kw)
         seeds = pipe([3, 4], seed=np.array([7, 7]), output_type="latent", num_inference_steps=9, guidance_scale=3.5,
                      guidance=0.8)
-        for bad in ("12", 3.5, True, [7, 7.0], []):
-            with pytest.raises(FlowARError, match="seed an int, or a list of ints"):
+        for bad in ("12", 3.5, True, [7, 7.0]):
+            with pytest.raises(FlowARError, match="seed an int, or one int per image"):
                 pipe([3, 4], seed=bad)
+        with pytest.raises(FlowARError, match=r"one index and one seed per label \(2\); got 2 indices, 0 seeds"):
+            pipe([3, 4], seed=[])
     assert torch.equal(plain.images, numpy.images) and torch.allclose(plain.images, seeds.images, atol=1e-4)
     assert numpy.seeds == seeds.seeds == [7, 7]
 

@@ -84,7 +84,7 @@ def test_labels_outside_the_model_are_refused_before_sampling(default_auto_engin
         five = rt.sample([3, 4], rt.schedule(), seed=5, decode=False).tokens
         assert torch.equal(rt.sample([3, 4], rt.schedule(), seed=np.int64(5), decode=False).tokens, five)
         for bad in ("12", b"12", 1.5):
-            with pytest.raises(FlowARError, match="seed an int, or one int per label"):
+            with pytest.raises(FlowARError, match="seed an int, or one int per image"):
                 rt.sample([3, 4], rt.schedule(), seed=bad, decode=False)
     finally:
         rt.close()

@@ -125,14 +125,9 @@ class FlowARPipeline:
             # (drawn on the generator's own device: a CUDA generator cannot draw CPU numbers)
             seeds = [int(s) for g in gens for s in torch.randint(0, 2 ** 63 - 1, (len(labels) if one else 1,),
                                                                 generator=g, device=g.device).tolist()]
-        else:
-            if seed is None or isinstance(seed, numbers.Integral):
-                seeds = [0 if seed is None else seed] * len(labels)
-            else:                                     # (a str is not a list of seeds: "12" gave seeds 1 and 2)
-                seeds = list(seed) if hasattr(seed, "__iter__") and not isinstance(seed, (str, bytes)) else []
-            if not seeds or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in seeds):
-                raise FlowARError("seed an int, or a list of ints (one per image)", repr(seed)[:80], "pass e.g. seed=0")
-            seeds = [int(s) for s in seeds]
+        else:                                         # (checked where every source samples: run_sampling)
+            seeds = ([0 if seed is None else seed] * len(labels) if seed is None or isinstance(seed, numbers.Integral)
+                     else list(seed) if hasattr(seed, "__iter__") and not isinstance(seed, (str, bytes)) else seed)
         rt = self.runtime
         # NumPy's numbers as Python's (the settings take int and float, strictly: a bool is not a number)
         steps, cfg, guide, batch_size = (int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else
@@ -153,7 +148,7 @@ class FlowARPipeline:
                         decode=output_type != "latent", progress=self.progress_bar_config or True, on_scale=on_scale,
                         timings=timings)
         idx = list(range(len(labels))) if indices is None else [int(i) for i in indices]
-        return FlowAROutput(to_output(res, output_type), labels, seeds, idx, timings, res.tokens)
+        return FlowAROutput(to_output(res, output_type), labels, [int(s) for s in seeds], idx, timings, res.tokens)
 
     def close(self) -> None:
         self.runtime.close()

@@ -78,10 +78,13 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedu
     N = len(labels)
     bs = batch_size or N
     idx = list(range(N)) if indices is None else [int(i) for i in indices]
-    if isinstance(seed, (str, bytes)) or not (isinstance(seed, numbers.Integral) or hasattr(seed, "__iter__")):
-        raise FlowARError("seed an int, or one int per label", repr(seed)[:80], "pass e.g. seed=0")
-    # (a NumPy integer is one seed: it was 'not iterable'; a str was split into one seed per character)
-    seeds = [int(seed)] * N if isinstance(seed, numbers.Integral) else list(seed)
+    # (a NumPy integer is one seed: it was 'not iterable'; a str was split into one seed per character;
+    # 3.5 and "12" reached the noise's int())
+    one = isinstance(seed, numbers.Integral)
+    seeds = [seed] * N if one else list(seed) if hasattr(seed, "__iter__") and not isinstance(seed, (str, bytes)) else None
+    if seeds is None or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in seeds):
+        raise FlowARError("seed an int, or one int per image", repr(seed)[:80], "pass e.g. seed=0")
+    seeds = [int(s) for s in seeds]
     if len(idx) != N or len(seeds) != N:
         raise FlowARError(f"one index and one seed per label ({N})", f"{len(idx)} indices, {len(seeds)} seeds",
                           "pass matching lists")
