@@ -126,8 +126,9 @@ class EngineStages:
     def start(self, labels_R: Tensor) -> None:
         R = labels_R.shape[0]
         if R > self.max_rows:
-            raise FlowARError(f"at most {self.max_batch} samples per batch (the engines' --max-batch)",
-                              f"{R // 2 if R > 1 else R}", "sample in smaller batches or re-export with a larger --max-batch")
+            raise FlowARError(f"at most {self.max_rows} AR rows per batch ({self.max_batch} samples, the engines' "
+                              "--max-batch; guidance takes 2 rows a sample)", f"{R} rows",
+                              "sample in smaller batches or re-export with a larger --max-batch")
         self.R = R
         self.prefix.zero_()
         # into the AR's static labels here, outside any captured scale (a graph would read the address

@@ -42,6 +42,15 @@ def test_training_checkpoint_prefers_ema(tmp_path, official_sd):
     assert ck.source == "model_ema" and _same(model, official_sd)
     model, ck = load_model(p, preset="tiny", use_ema=False)
     assert ck.source == "model" and _same(model, raw)
+    # --raw-weights on a file of one set of weights is refused, not ignored (it loaded those weights)
+    flat, ema_only, st = tmp_path / "flat.pth", tmp_path / "ema.pth", tmp_path / "w.safetensors"
+    torch.save(official_sd, flat)
+    torch.save({"model_ema": official_sd}, ema_only)
+    save_file({k: v.contiguous() for k, v in official_sd.items()}, st)
+    for f in (flat, ema_only, st):
+        with pytest.raises(CheckpointError, match="--raw-weights with a training checkpoint"):
+            load_model(f, preset="tiny", use_ema=False)
+        assert load_model(f, preset="tiny")[1].source in ("flat", "model_ema", "safetensors")
 
 
 def test_ddp_prefix_is_stripped(tmp_path, official_sd):

@@ -189,7 +189,7 @@ def test_sigkill_during_export_leaves_the_previous_directory_valid(fixtures_dir,
     assert files() == before
 
 
-def test_export_never_replaces_a_folder_it_did_not_write(fixtures_dir, tmp_path):
+def test_export_never_replaces_a_folder_it_did_not_write(fixtures_dir, tmp_path, monkeypatch):
     """--out may be new, empty, or an engine directory (replaced): a folder of other files, or one
     holding the checkpoint being exported, is refused with one line before any work, untouched
     (an export once replaced such folders whole: a checkpoint folder given as --out lost its
@@ -215,6 +215,15 @@ def test_export_never_replaces_a_folder_it_did_not_write(fixtures_dir, tmp_path)
         assert sorted(p.name for p in out.iterdir()) == before
     assert (notes / "notes.txt").read_text() == "mine" and (holds / "flowar.safetensors").read_bytes() == ckpt.read_bytes()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]          # nothing started
+    here = tmp_path / "here" / "in"            # --out . (or ..) from an empty folder: the shell's folder kept
+    here.mkdir(parents=True)
+    for out in (".", ".."):
+        with monkeypatch.context() as mp:
+            mp.chdir(here)
+            res = CliRunner().invoke(export_cmd, ["--ckpt", str(ckpt), "--out", out, *base])
+        assert res.exit_code == 2 and "working directory" in res.output and len(res.output.strip().splitlines()) == 1, \
+            res.output
+        assert here.is_dir() and not any(here.iterdir()) and sorted(p.name for p in here.parent.iterdir()) == ["in"]
     eng = tmp_path / "eng"
     eng.mkdir()                                      # empty: taken (its own is replaced: the SIGKILL test below)
     res = CliRunner().invoke(export_cmd, ["--ckpt", str(ckpt), "--out", str(eng), *base])

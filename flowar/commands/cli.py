@@ -117,6 +117,9 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
                f"guidance {sched.guidance})")
     for line in lines:
         click.echo("  " + line)
+    if not (save_tokens or out or save_images):
+        click.echo("  nothing written (a timing run): pass --out grid.png, --save-images DIR or --save-tokens "
+                   "FILE to keep what was sampled", err=True)
 
 
 @command("flowar-export")

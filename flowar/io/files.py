@@ -58,6 +58,10 @@ def check_replaceable(target: str | Path, marker: str, option: str, sources: tup
         return
     if not t.is_dir():
         raise FlowARError(f"{option} to be a folder", f"{t} is a file", f"choose a new folder for {option}")
+    if Path.cwd().resolve().is_relative_to(t):      # (replacing it would leave the shell in a deleted folder)
+        raise FlowARError(f"{option} a folder other than the working directory or one above it (it is replaced as a "
+                          "whole)", f"{t}, and the working directory is {Path.cwd()}",
+                          f"name a new folder for {option}, e.g. {option} engines")
     inside = [str(s) for s in sources if s is not None and Path(s).resolve().is_relative_to(t)]
     if inside:
         raise FlowARError(f"{option} apart from the inputs (it is replaced as a whole)", f"{inside[0]} inside {t}",

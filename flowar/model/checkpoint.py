@@ -97,6 +97,12 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return sd, meta
 
 
+def _no_raw(p: Path) -> None:
+    """``--raw-weights`` on a file of one set of weights: refused, not ignored."""
+    raise CheckpointError("--raw-weights with a training checkpoint (one holding 'model' and EMA weights)",
+                          f"{p.name} holds one set of weights", "drop --raw-weights")
+
+
 def read_checkpoint(path: str | Path, use_ema: bool = True) -> LoadedCheckpoint:
     """Read a FlowAR checkpoint of any accepted format into a flat state dict."""
     p = Path(path)
@@ -109,6 +115,8 @@ def read_checkpoint(path: str | Path, use_ema: bool = True) -> LoadedCheckpoint:
             source = "model_ema" if use_ema else "model"
             prefix = "ema." if use_ema else "model."
             sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if source != "model" and not use_ema:
+            _no_raw(p)
         ck = LoadedCheckpoint(_strip_prefix(sd), p, metadata=meta, source=source)
         if META_CONFIG in meta:
             ck.config = FlowARConfig.from_json(meta[META_CONFIG], f"the metadata of {p}")
@@ -136,6 +144,8 @@ def read_checkpoint(path: str | Path, use_ema: bool = True) -> LoadedCheckpoint:
         obj, source = obj["model"], "model"
     elif "model_ema" in obj:
         obj, source = obj["model_ema"], "model_ema"
+    if source != "model" and not use_ema:
+        _no_raw(p)
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError("a flat state dict, or a training checkpoint with 'model'/'model_ema'",
                               f"{p} holds keys {sorted(map(str, obj))[:5] if isinstance(obj, dict) else type(obj).__name__}",
