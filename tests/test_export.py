@@ -470,3 +470,38 @@ print(kept, _status_kb("RssAnon"))
     assert out.returncode == 0, out.stderr
     kept, after = (int(x) * 1024 for x in out.stdout.split())
     assert kept - after > 150 << 20, (kept, after)
+
+
+def test_the_free_disk_check_counts_what_the_export_writes(engine_dirs, fixtures_dir, tmp_path, monkeypatch):
+    """The room an export asks for covers what it writes (graphs and ONNX Runtime's optimized copies,
+    which it once left out: it asked for less than it wrote) without asking for several times that,
+    and does not depend on how the checkpoint file stores the weights (it once counted a training
+    checkpoint's optimizer state and second set of weights)."""
+    import flowar.io.memory as memory
+    from safetensors.torch import load_file
+
+    class Asked(Exception):
+        pass
+
+    def asked(folder, needed, what, option="--out"):
+        raise Asked(needed)
+
+    def need(ckpt) -> int:
+        with pytest.raises(Asked) as e:
+            build_engine_dir(ckpt, tmp_path / "e", config_path=str(fixtures_dir / "tiny_v1.config.json"),
+                             vae_path=fixtures_dir / "mar_vae_tiny.ckpt", max_batch=2)
+        assert not (tmp_path / "e").exists()                  # asked before anything was written
+        return e.value.args[0] - (256 << 20)                 # (the fixed margin for caches and logs)
+
+    monkeypatch.setattr(memory, "require_free_space", asked)
+    d, _ = engine_dirs["tiny_v1"]                             # the same request, exported
+    written = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+    flat = need(fixtures_dir / "tiny_v1.safetensors")
+    assert written <= flat <= 2 * written, (written, flat)
+    sd = load_file(str(fixtures_dir / "tiny_v1.safetensors"))
+    train = tmp_path / "checkpoint-last.pth"
+    torch.save({"model": {k: v + 1 for k, v in sd.items()}, "model_ema": sd,
+                "optimizer": {"state": {i: {"exp_avg": v.clone(), "exp_avg_sq": v.clone()} for i, v in enumerate(sd.values())}}},
+               train)
+    assert train.stat().st_size > 3 * (fixtures_dir / "tiny_v1.safetensors").stat().st_size
+    assert need(train) == flat

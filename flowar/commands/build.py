@@ -133,16 +133,6 @@ def check_request(req: ExportRequest):
     from flowar.export.manifest import MANIFEST
     from flowar.io.files import check_replaceable
     check_replaceable(req.out, MANIFEST, "--out", (req.ckpt, req.vae_path, req.config_path))
-    if req.ckpt.is_file():
-        from flowar.io.memory import require_free_space
-        weights = req.ckpt.stat().st_size
-        vae = _size(req.vae_path) if req.vae_path else 0
-        # the graphs hold every weight once; measured precision may carry the weights again (PyTorch
-        # stages); TensorRT plans hold them once more; 10 % and 256 MB for graphs, caches and logs
-        copies = 1 + req.measured + (req.backend != "ort")
-        require_free_space(req.out.parent, int((weights + vae) * copies * 1.1) + (256 << 20),
-                           f"the engine directory ({copies} cop{'y' if copies == 1 else 'ies'} of "
-                           f"{(weights + vae) / 1e9:.2f} GB of weights)")
     if req.backend in ("trt", "all"):
         from flowar.engines.trt import load_builder, plan_target, polygraphy_trt
         builder = load_builder()                       # fail before any work if TensorRT or Polygraphy is missing
@@ -152,8 +142,28 @@ def check_request(req: ExportRequest):
     return None
 
 
-def _size(path: Path) -> int:
-    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def _require_disk(req: ExportRequest, model, vae) -> None:
+    """Refuse, before the export's work, a disk without room for what it writes, counted from the
+    weights it exports (not the checkpoint's file, which may hold optimizer state and a second set
+    of weights): the graphs hold them once (half in fp16/bf16), ONNX Runtime's optimized copy of each
+    graph without external data once more, compiled engines (measured precision) and TensorRT plans
+    once more each; 10 % and 256 MB for caches and logs."""
+    from flowar.export.onnx_export import EXTERNAL_DATA_BYTES
+    from flowar.io.memory import require_free_space
+
+    def nbytes(module) -> int:
+        return sum(t.numel() * t.element_size() for t in {id(t): t for t in (*module.parameters(), *module.buffers())}.values())
+    half = 0.5 if req.graph_precision in ("fp16", "bf16") else 1.0
+    weights = nbytes(model) + (nbytes(vae) if vae is not None else 0)
+    # graphs above EXTERNAL_DATA_BYTES keep their weights beside them and get no optimized copy: the
+    # AR of the larger models; the head and the decoder are smaller
+    small = weights if weights * half <= EXTERNAL_DATA_BYTES else nbytes(model.flownet) + (nbytes(vae) if vae else 0)
+    cached = 0 if req.graph_precision == "bf16" else small * half     # (bf16 graphs: no CPU session, no copy)
+    need = weights * half + cached + weights * (req.measured + (req.backend != "ort"))
+    require_free_space(req.out.parent, int(need * 1.1) + (256 << 20),
+                       f"the engine directory ({weights / 1e9:.2f} GB of weights: graphs, optimized copies"
+                       + (", compiled engines" if req.measured else "") + (", TensorRT plans" if req.backend != "ort" else "")
+                       + ")")
 
 
 def export_graphs(req: ExportRequest, model, vae, specs: dict, tmp: Path, report: BuildReport, say) -> dict:
@@ -304,6 +314,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
         from flowar.model.vae import load_vae
         vae = load_vae(req.vae_path, expect_channels=config.latent_channels)
     specs = stage_specs(config, vae.downsample if vae else None)
+    _require_disk(req, model, vae)
     # progress(what, of how many steps): export (+ verify) (+ TensorRT) per stage, + the precision choice
     total = len(specs) * (1 + (req.verify and req.graph_precision != "bf16") + (builder is not None)) + (len(specs) * 5 + 6 if req.measured else 0)
     say = (lambda msg: progress(msg, total)) if progress else (lambda msg: None)
