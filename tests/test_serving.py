@@ -562,6 +562,8 @@ def test_a_request_costs_what_its_settings_cost_and_one_that_cannot_finish_in_ti
     once (503, fewer steps), and an ordinary request after it is answered. Before: it was admitted as
     one image, answered 504 at its deadline while it held the lane, and its batch, measured as one
     image, made the replica refuse ordinary requests after it."""
+    from collections import OrderedDict
+
     from flowar.commands.plan import image_seconds
     from flowar.sampling.schedule import Settings
     rt = replica.pipe.runtime
@@ -584,11 +586,11 @@ def test_a_request_costs_what_its_settings_cost_and_one_that_cannot_finish_in_ti
     assert plan.get("stages") and image_seconds(plan, {"decode": None}, rt.config, rt.schedule(None), 1) == \
         pytest.approx(plan["per_image"]["1"])
     with monkeypatch.context() as mp:                # no plan: the head's work
-        mp.setattr(replica, "_costs", {})
+        mp.setattr(replica, "_known", OrderedDict())
         mp.setattr(rt, "call_plan", {})
         for settings, ratio in head.items():
             assert replica.cost(settings) == pytest.approx(ratio), (settings, ratio)
-    monkeypatch.setattr(replica, "_costs", {})
+    monkeypatch.setattr(replica, "_known", OrderedDict())
     for settings, ratio in head.items():
         got = replica.cost(settings)
         assert got == 1.0 if ratio == 1.0 else min(1.0, ratio) < got < max(1.0, ratio), (settings, got, ratio)
@@ -602,3 +604,66 @@ def test_a_request_costs_what_its_settings_cost_and_one_that_cannot_finish_in_ti
     assert status == 503 and refused_s < 2 and "Retry-After" not in headers, (status, answer)
     assert "ask for fewer steps" in answer["error"], answer
     assert ok[0] == 200, ok[:2]
+
+
+def test_a_batch_holds_one_settings_so_a_cheap_request_does_not_wait_for_an_expensive_one():
+    """Requests of other settings waiting together are batched apart, the oldest's first (a lane
+    samples each settings in a call of its own, so a mixed batch only made a default image wait for
+    a 1000-step one: 5.9 s instead of 0.2). Fails when batches are cut from the queue whatever the
+    settings (they were)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from flowar.commands.service import GenerateRequest, Limits, Service
+    from flowar.sampling.schedule import Settings
+    formed = []
+
+    def generate(items, lane=0):
+        formed.append([it.settings for it in items])
+        time.sleep(0.02 * len(items))
+        return ["png"] * len(items), {}
+    replica = SimpleNamespace(lanes=[0], sizes=[1, 2, 4, 8], per_image_s=0.02, generate=generate, cost=lambda s: 1.0,
+                              batch_s=lambda n: 0.02 * n)
+    pool = ThreadPoolExecutor(1)
+    svc = Service(replica, Limits(queue=32, deadline_s=30), computes=[pool])
+    slow, plain = Settings(steps=200), Settings()
+
+    async def mixed():
+        reqs = [svc.submit(GenerateRequest(label=i, seed=i), [(i, 0, slow if i % 2 else plain)]) for i in range(8)]
+        return await asyncio.gather(*reqs)
+    try:
+        answers = asyncio.run(mixed())
+    finally:
+        pool.shutdown()
+    assert len(answers) == 8 and sum(map(len, formed)) == 8, formed
+    assert all(len(set(b)) == 1 for b in formed), formed                    # one settings per batch
+    assert formed[0][0] == plain and formed[1] == [slow] * 4, formed    # (the idle replica's first batch: 2 images)
+
+
+def test_retry_after_is_spread_so_refused_clients_do_not_return_together_and_settings_are_kept_bounded(replica):
+    """Clients refused together for a full queue get Retry-After values of at least the seconds until
+    room, spread up to half again (they all got the same value, and came back together to be refused
+    again). A replica keeps the schedules and costs of the latest settings only (requests may name
+    any cfg: the cache grew by one entry per new value for ever)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from flowar.commands.replica import KNOWN
+    from flowar.commands.service import GenerateRequest, Limits, Service, ServiceError
+    from flowar.sampling.schedule import Settings
+    fake = SimpleNamespace(lanes=[0], sizes=[1], per_image_s=3.0, cost=lambda s: 1.0, batch_s=lambda n: 3.0 * n)
+    svc = Service(fake, Limits(queue=4), computes=[None])
+    svc.running, svc.running_work = 4, 4.0
+    base = svc.retry_after(1, 120.0)
+
+    async def refused() -> int:
+        with pytest.raises(ServiceError) as e:
+            await svc.submit(GenerateRequest(label=1), [(1, 0, None)])
+        assert e.value.status == 503
+        return int(e.value.headers["Retry-After"])
+    values = [asyncio.run(refused()) for _ in range(40)]
+    assert min(values) >= base and max(values) <= base + max(1, base // 2) and len(set(values)) > 1, (base, values)
+    for i in range(KNOWN + 10):
+        replica.cost(Settings(cfg=1.5 + i / 1000))
+    assert len(replica._known) == KNOWN and Settings(cfg=1.5 + (KNOWN + 9) / 1000) in replica._known

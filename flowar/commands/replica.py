@@ -4,9 +4,14 @@ PNGs. The queue, admission and batching around it: :mod:`flowar.commands.service
 
 import base64
 import io
+import threading
 import time
+from collections import OrderedDict
 
 from flowar.errors import FlowARError
+
+
+KNOWN = 64          # settings whose schedule and cost a replica keeps (the latest asked for)
 
 
 class Replica:
@@ -29,7 +34,8 @@ class Replica:
         self._batch_s = {int(b): s * int(b) for b, s in per.items()}       # seconds of a batch by the plan
         self.warmed = rt.warm_up(self.sizes)       # at the shapes of the sizes it will form (what pays)
         self.lanes = [rt]
-        self._costs: dict = {}
+        self._known: OrderedDict = OrderedDict()    # settings -> (schedule, cost), the latest KNOWN
+        self._known_lock = threading.Lock()          # (the event loop costs requests; lanes sample)
         self.start_s = time.perf_counter() - t0
 
     def cost(self, settings) -> float:
@@ -39,18 +45,31 @@ class Replica:
         made the replica refuse ordinary requests after it). By the call plan's measured seconds per
         call where the export measured one (the AR and the decoder included: a fast image costs half a
         default one at full size, not the third its head work is), else by the head's work."""
-        if settings not in self._costs:
-            rt = self.pipe.runtime
-            ours, default = rt.schedule(settings), rt.schedule(None)
-            if rt.call_plan.get("stages"):
-                from flowar.commands.plan import image_seconds
-                specs = {"decode": None} if rt.decodes else {}
-                cost = (image_seconds(rt.call_plan, specs, rt.config, ours, 1)
-                        / image_seconds(rt.call_plan, specs, rt.config, default, 1))
-            else:
-                cost = head_work(ours, rt.config.scales) / head_work(default, rt.config.scales)
-            self._costs[settings] = cost
-        return self._costs[settings]
+        return self._settings(settings)[1]
+
+    def schedule(self, settings):
+        """The schedule of ``settings`` over the directory's defaults (kept for the latest :data:`KNOWN`)."""
+        return self._settings(settings)[0]
+
+    def _settings(self, settings) -> tuple:
+        with self._known_lock:
+            if settings in self._known:
+                self._known.move_to_end(settings)
+                return self._known[settings]
+        rt = self.pipe.runtime
+        ours, default = rt.schedule(settings), rt.schedule(None)
+        if rt.call_plan.get("stages"):
+            from flowar.commands.plan import image_seconds
+            specs = {"decode": None} if rt.decodes else {}
+            cost = (image_seconds(rt.call_plan, specs, rt.config, ours, 1)
+                    / image_seconds(rt.call_plan, specs, rt.config, default, 1))
+        else:
+            cost = head_work(ours, rt.config.scales) / head_work(default, rt.config.scales)
+        with self._known_lock:
+            self._known[settings] = (ours, cost)
+            while len(self._known) > KNOWN:          # (requests may name any cfg: not kept for ever)
+                self._known.popitem(last=False)
+        return ours, cost
 
     def add_lane(self) -> None:
         """One more lane over the same engines (call it on the thread the lane will sample on)."""
@@ -70,7 +89,7 @@ class Replica:
         for settings in dict.fromkeys(it.settings for it in items):
             pos = [i for i, it in enumerate(items) if it.settings == settings]
             timings: dict[str, float] = {}
-            res = rt.sample([items[i].label for i in pos], rt.schedule(settings), seed=[items[i].seed for i in pos],
+            res = rt.sample([items[i].label for i in pos], self.schedule(settings), seed=[items[i].seed for i in pos],
                             indices=[items[i].index for i in pos], timings=timings)
             for k, v in timings.items():
                 seconds[k] = seconds.get(k, 0.0) + v

@@ -229,7 +229,9 @@ def _plan_scale(solver: str, t: list[float], guided: tuple[bool, ...], cfg_k: fl
                 stride: int, order: int) -> list[Eval]:
     n = len(t) - 1
     h = [t[i + 1] - t[i] for i in range(n)]
-    seg = [sum(guided[j] != guided[j - 1] for j in range(1, i + 1)) for i in range(n)]   # run of equal guidance
+    seg = [0] * n                                             # run of equal guidance (linear: 1000 steps)
+    for i in range(1, n):
+        seg[i] = seg[i - 1] + (guided[i] != guided[i - 1])
     if solver == "euler":
         return [Eval(t[i], guided[i], 0, (Update("x", "x", ((0, h[i]),)),)) for i in range(n)]
     if solver == "ab2":
@@ -251,24 +253,28 @@ def _plan_scale(solver: str, t: list[float], guided: tuple[bool, ...], cfg_k: fl
             plan.append(Eval(t[i + 1], g_next, 1, (Update("x", "acc", ((0, h[i] / 2), (1, h[i] / 2))),)))
         return plan
     # skip: evaluate at each segment's start, every stride-th step after it, and the last step
-    nodes = sorted({i for i in range(n) if i == 0 or seg[i] != seg[i - 1] or
-                    (i - min(j for j in range(n) if seg[j] == seg[i])) % stride == 0} | {n - 1})
+    first = {}                                                # each segment's first step
+    for i in range(n):
+        first.setdefault(seg[i], i)
+    nodes = sorted({i for i in range(n) if (i - first[seg[i]]) % stride == 0} | {n - 1})
+    at = {j: q for q, j in enumerate(nodes)}
     slots = order + 1
-    plan = []
+    plan, same = [], []
     for q, i in enumerate(nodes):
         nxt = nodes[q + 1] if q + 1 < len(nodes) else n
-        same = [j for j in nodes[: q + 1] if seg[j] == seg[i]]            # this segment's evaluations so far
+        same = (same if q and seg[nodes[q - 1]] == seg[i] else []) + [i]   # this segment's evaluations so far
+        same = same[-(order + 1):]
         ups = []
         if q and seg[nodes[q - 1]] == seg[i]:                            # correct the steps since the last one
             corr = same[-(order + 1):]
             w = _lagrange_sum([t[j] for j in corr], [t[j] for j in range(nodes[q - 1], i)],
                               [h[j] for j in range(nodes[q - 1], i)])
-            ups.append(Update("acc", "acc", tuple((nodes.index(j) % slots, wa) for j, wa in zip(corr, w))))
+            ups.append(Update("acc", "acc", tuple((at[j] % slots, wa) for j, wa in zip(corr, w))))
         else:
             ups.append(Update("acc", "x", ()))
         pred = same[-order:]
         w = _lagrange_sum([t[j] for j in pred], [t[j] for j in range(i, nxt)], [h[j] for j in range(i, nxt)])
-        ups.append(Update("x", "acc", tuple((nodes.index(j) % slots, wa) for j, wa in zip(pred, w))))
+        ups.append(Update("x", "acc", tuple((at[j] % slots, wa) for j, wa in zip(pred, w))))
         plan.append(Eval(t[i], guided[i], q % slots, tuple(ups)))
     return plan
 
