@@ -587,9 +587,27 @@ def test_a_request_costs_what_its_settings_cost_and_one_that_cannot_finish_in_ti
         pytest.approx(plan["per_image"]["1"])
     with monkeypatch.context() as mp:                # no plan: the head's work
         mp.setattr(replica, "_known", OrderedDict())
+        mp.setattr(replica, "split", None)
         mp.setattr(rt, "call_plan", {})
         for settings, ratio in head.items():
             assert replica.cost(settings) == pytest.approx(ratio), (settings, ratio)
+        # ... until batches are served: then the seconds outside the head (AR, decoder) count for every
+        # settings alike. Two default batches whose stages took 0.3 s (AR), 0.6 s (head), 0.1 s (decoder)
+        # per image: an image costs 0.4 + 0.6 x its head ratio (the head ratio alone erred low)
+        from types import SimpleNamespace
+
+        import torch
+
+        def timed(labels, schedule, *, timings, **kw):
+            n = len(labels)
+            timings.update(ar=0.3 * n, head=0.6 * n, decode=0.1 * n, total=n * 1.0)
+            return SimpleNamespace(images=torch.zeros(n, 3, 8, 8))
+        mp.setattr(rt, "sample", timed)
+        items = [SimpleNamespace(label=1, seed=0, index=j, settings=Settings()) for j in range(2)]
+        replica.generate(items)
+        replica.generate(items[:1])
+        for settings, ratio in head.items():
+            assert replica.cost(settings) == pytest.approx(0.4 + 0.6 * ratio), (settings, ratio)
     monkeypatch.setattr(replica, "_known", OrderedDict())
     for settings, ratio in head.items():
         got = replica.cost(settings)

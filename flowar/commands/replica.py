@@ -34,8 +34,12 @@ class Replica:
         self._batch_s = {int(b): s * int(b) for b, s in per.items()}       # seconds of a batch by the plan
         self.warmed = rt.warm_up(self.sizes)       # at the shapes of the sizes it will form (what pays)
         self.lanes = [rt]
-        self._known: OrderedDict = OrderedDict()    # settings -> (schedule, cost), the latest KNOWN
+        self._known: OrderedDict = OrderedDict()    # settings -> (schedule, planned cost, head work), the latest KNOWN
         self._known_lock = threading.Lock()          # (the event loop costs requests; lanes sample)
+        self._default_work = head_work(rt.schedule(None), rt.config.scales)
+        # without a call plan: an image's seconds outside the head (AR, decoder) and per unit of the
+        # head's work, as measured on the batches served (None: none yet)
+        self.split: tuple[float, float] | None = None
         self.start_s = time.perf_counter() - t0
 
     def cost(self, settings) -> float:
@@ -44,8 +48,17 @@ class Replica:
         (it was admitted as one, held a lane past its deadline, and its batch, measured as one image,
         made the replica refuse ordinary requests after it). By the call plan's measured seconds per
         call where the export measured one (the AR and the decoder included: a fast image costs half a
-        default one at full size, not the third its head work is), else by the head's work."""
-        return self._settings(settings)[1]
+        default one at full size, not the third its head work is); without one, by the seconds outside
+        the head and per unit of its work measured on the batches served (:attr:`split`), until then
+        by the head's work alone (which errs low for cheap settings: the tiny model's fast schedule
+        counted 0.37 of a default image and took 0.71)."""
+        _, planned, work = self._settings(settings)
+        if planned is not None:
+            return planned
+        if self.split is None:
+            return work / self._default_work
+        fixed, per_work = self.split
+        return (fixed + per_work * work) / (fixed + per_work * self._default_work)
 
     def schedule(self, settings):
         """The schedule of ``settings`` over the directory's defaults (kept for the latest :data:`KNOWN`)."""
@@ -57,19 +70,28 @@ class Replica:
                 self._known.move_to_end(settings)
                 return self._known[settings]
         rt = self.pipe.runtime
-        ours, default = rt.schedule(settings), rt.schedule(None)
+        ours, planned = rt.schedule(settings), None
         if rt.call_plan.get("stages"):
             from flowar.commands.plan import image_seconds
             specs = {"decode": None} if rt.decodes else {}
-            cost = (image_seconds(rt.call_plan, specs, rt.config, ours, 1)
-                    / image_seconds(rt.call_plan, specs, rt.config, default, 1))
-        else:
-            cost = head_work(ours, rt.config.scales) / head_work(default, rt.config.scales)
+            planned = (image_seconds(rt.call_plan, specs, rt.config, ours, 1)
+                       / image_seconds(rt.call_plan, specs, rt.config, rt.schedule(None), 1))
+        known = (ours, planned, head_work(ours, rt.config.scales))
         with self._known_lock:
-            self._known[settings] = (ours, cost)
+            self._known[settings] = known
             while len(self._known) > KNOWN:          # (requests may name any cfg: not kept for ever)
                 self._known.popitem(last=False)
-        return ours, cost
+        return known
+
+    def _measured(self, timings: dict, images: int, work: int) -> None:
+        """Learn :attr:`split` from one sampling call's seconds per stage (CPU clocks; a call whose
+        stages were not timed apart, a replayed CUDA graph, teaches nothing)."""
+        if "head" not in timings or images < 1 or work < 1:
+            return
+        fixed = (timings.get("ar", 0.0) + timings.get("decode", 0.0)) / images
+        per_work = timings["head"] / (images * work)
+        old = self.split
+        self.split = (fixed, per_work) if old is None else (0.7 * old[0] + 0.3 * fixed, 0.7 * old[1] + 0.3 * per_work)
 
     def add_lane(self) -> None:
         """One more lane over the same engines (call it on the thread the lane will sample on)."""
@@ -93,6 +115,8 @@ class Replica:
                             indices=[items[i].index for i in pos], timings=timings)
             for k, v in timings.items():
                 seconds[k] = seconds.get(k, 0.0) + v
+            if not rt.call_plan.get("stages"):
+                self._measured(timings, len(pos), self._settings(settings)[2])
             for i, img in zip(pos, to_uint8(res.images)):
                 out[i] = png_b64(img)
         return out, seconds
