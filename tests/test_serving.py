@@ -685,3 +685,34 @@ def test_retry_after_is_spread_so_refused_clients_do_not_return_together_and_set
     for i in range(KNOWN + 10):
         replica.cost(Settings(cfg=1.5 + i / 1000))
     assert len(replica._known) == KNOWN and Settings(cfg=1.5 + (KNOWN + 9) / 1000) in replica._known
+
+
+def test_stopping_waits_for_answers_not_yet_out_after_their_images_are_done(replica, monkeypatch):
+    """What a draining replica reports as busy counts a request to /v1/generate until its answer is
+    out, not only its images: once the images are computed the answer is still to be built and sent
+    (through Ray's proxy), and stopping on the image count alone could cut it off. Here the answer
+    takes 1 s after the images (none held): busy 1 meanwhile, 0 after it arrived; other routes are
+    not counted. Fails on the image count (0 while the answer is not out)."""
+    import asyncio
+
+    svc = service(replica)
+    real = svc.submit
+
+    async def slow_answer(req, items):
+        answer = await real(req, items)
+        await asyncio.sleep(1.0)                        # (building and sending it, after its images)
+        return answer
+    monkeypatch.setattr(svc, "submit", slow_answer)
+    with hosted(svc) as url:
+        got = []
+        t = threading.Thread(target=lambda: got.append(call(url, "/v1/generate", {"label": 1})))
+        t.start()
+        seen = []
+        deadline = time.time() + 30
+        while t.is_alive() and time.time() < deadline:
+            seen.append((svc.held(), svc.busy()))
+            time.sleep(0.05)
+        t.join()
+        assert call(url, "/health")[0] == 200 and svc.busy() == 0
+    assert got and got[0][0] == 200
+    assert (0, 1) in seen and svc.busy() == 0 and svc.answering == 0, seen[-5:]

@@ -52,6 +52,24 @@ def make_app(service: Service):
             request._body = body                     # (read once: what the route parses)
         return await call_next(request)
 
+    class Answering:
+        """Counts the requests to /v1/generate until their answer's last byte is handed to the
+        server (:attr:`Service.answering`): a draining replica's images are all computed before their
+        answers are out, and stopping then would cut those answers off (plain ASGI, around the rest)."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http" or scope.get("path") != "/v1/generate":
+                return await self.inner(scope, receive, send)
+            service.answering += 1
+            try:
+                await self.inner(scope, receive, send)
+            finally:
+                service.answering -= 1
+    app.add_middleware(Answering)
+
     @app.exception_handler(ServiceError)
     async def refused(request: Request, e: ServiceError):
         return error(e.status, str(e), e.headers)

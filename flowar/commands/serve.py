@@ -80,12 +80,13 @@ def _service_class():
             self.service.draining = bool((config or {}).get("draining"))
 
         async def held(self, drain: bool = False) -> tuple[str, int]:
-            """(this replica, the images it holds): what stopping waits on; ``drain``: refuse new
-            images from now on (what ``reconfigure`` does once Serve gets to it). On the event loop
+            """(this replica, the images it holds and the answers not yet out: Service.busy): what
+            stopping waits on; ``drain``: refuse new images from now on (what ``reconfigure`` does
+            once Serve gets to it). On the event loop
             that admits requests (async), so that none is admitted between the drain and the count."""
             if drain:
                 self.service.draining = True
-            return self.service.limits.replica, self.service.held()
+            return self.service.limits.replica, self.service.busy()
 
     return serve.deployment(name="FlowARService")(FlowARService)
 
@@ -234,7 +235,7 @@ def stop(engine_dir: str, settings: dict, shared: bool = False) -> str:
     # drain, or whose images past the grace are dropped either way: 7.9 -> 4.6 s to stop)
     stop_ray()
     held = ("; every request in flight answered" if busy == 0 else "; the replicas did not say what they held"
-            if busy is None else f"; {busy} image(s) still held after the {grace:g} s grace were dropped")
+            if busy is None else f"; {busy} image(s) or answer(s) still held after the {grace:g} s grace were dropped")
     return f"drained and stopped in {time.perf_counter() - t0:.1f} s{held}"
 
 

@@ -136,6 +136,7 @@ class Service:
         self.pending: list[_Item] = []
         self.running = 0                 # images of the batches being computed
         self.running_work = 0.0          # their cost (Replica.cost)
+        self.answering = 0               # requests to /v1/generate whose answer is not yet out (the app counts)
         self.draining = False
         self._last_arrival = 0.0
         self._wake: asyncio.Event | None = None
@@ -169,6 +170,10 @@ class Service:
     # ---- admission and batching ---------------------------------------------------------------
     def held(self) -> int:
         return len(self.pending) + self.running
+
+    def busy(self) -> int:
+        """What stopping waits for: the images held, and the answers not yet out."""
+        return self.held() + self.answering
 
     def held_work(self) -> float:
         """What the images held cost, in images of the default settings (:meth:`Replica.cost`)."""
