@@ -408,3 +408,29 @@ def test_check_scale_names_the_scale_once_and_check_none_leaves_it_to_the_caller
         assert e.value.got == "NaN or Inf at scale 2 (4x4)"
         tokens, _ = sample(st, c, sched, torch.tensor([1, 2]), per_sample_noise(0, range(2)), check="none")
     assert torch.isnan(tokens).any()
+
+
+def test_a_staged_directory_gives_its_files_the_modes_a_plain_write_gives(tmp_path):
+    """Files written owner-only inside a staged output folder (safetensors writes 0600: flowar-train-vae's
+    weights were unreadable to the other users of a shared volume) and temporary subfolders (0700)
+    get what a plain write gives under the umask; an executable stays executable."""
+    import stat
+    import tempfile as tf
+
+    from flowar.io.files import staged_directory
+    old = os.umask(0o022)
+    try:
+        with staged_directory(tmp_path / "vae", "config.json") as tmp:
+            (tmp / "config.json").write_text("{}")
+            w = tmp / "weights.safetensors"
+            w.write_bytes(b"x")
+            os.chmod(w, 0o600)
+            sub = Path(tf.mkdtemp(dir=tmp))
+            (sub / "run.sh").write_text("#!/bin/sh\n")
+            os.chmod(sub / "run.sh", 0o700)
+    finally:
+        os.umask(old)
+    out = tmp_path / "vae"
+    mode = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*")}
+    assert mode["weights.safetensors"] == 0o644 and mode["config.json"] == 0o644, mode
+    assert mode[sub.name] == 0o755 and mode[f"{sub.name}/run.sh"] == 0o755, mode

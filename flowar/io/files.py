@@ -74,6 +74,17 @@ def check_replaceable(target: str | Path, marker: str, option: str, sources: tup
                           f"{t} holds other files ({shown})", f"choose a new folder for {option}")
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for every thread)."""
+    try:
+        return int(next(ln for ln in Path("/proc/self/status").read_text().splitlines()
+                        if ln.startswith("Umask:")).split()[1], 8)
+    except (OSError, ValueError, IndexError, StopIteration):
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return umask
+
+
 def atomic_write_bytes(path: str | Path, write) -> None:
     """Call ``write(tmp_path)`` then rename into place, so a crash never leaves a half file.
 
@@ -86,13 +97,7 @@ def atomic_write_bytes(path: str | Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        try:                       # the umask, read without changing it (os.umask would, for every thread)
-            umask = int(next(ln for ln in Path("/proc/self/status").read_text().splitlines()
-                             if ln.startswith("Umask:")).split()[1], 8)
-        except (OSError, ValueError, IndexError, StopIteration):
-            umask = os.umask(0o022)
-            os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -154,6 +159,14 @@ def staged_directory(target: str | Path, marker: str, option: str = "--out") -> 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    umask = _umask()                       # what a plain write gives: files made owner-only (safetensors
+    for root, dirs, files in os.walk(tmp):   # writes 0600, temporary folders are 0700) readable by others too
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~umask)
+        for f in files:
+            p = os.path.join(root, f)
+            if not os.path.islink(p):
+                os.chmod(p, (0o777 if os.access(p, os.X_OK) else 0o666) & ~umask)
     old = None
     try:
         check_replaceable(target, marker, option)
