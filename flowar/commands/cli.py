@@ -162,8 +162,8 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
     # checked now, before any work (flowar-run would refuse what Settings refuses)
     defaults = SAMPLING_DEFAULTS | Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance).given()
     check_writable(out, True, "--out")
-    from tqdm import tqdm
-    bar = tqdm(desc="export", unit="step", disable=None, leave=False)
+    from flowar.io.progress import progress_bar
+    bar = progress_bar(desc="export", unit="step", leave=False)
 
     def step(msg: str, total: int) -> None:
         bar.total = total

@@ -100,11 +100,11 @@ def train_judge(epochs: int = 6, seed: int = 0, cache: Path | None = None, progr
         gen = torch.Generator().manual_seed(seed)
         opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
         x_all = to_judge_input(data.images)
-        epochs_ = range(epochs)
+        bar = None
         if progress:
-            from tqdm import tqdm
-            epochs_ = tqdm(epochs_, desc="training the judge (once; cached)", unit="epoch", leave=False, disable=None)
-        for _ in epochs_:
+            from flowar.io.progress import progress_bar
+            bar = progress_bar(total=epochs, desc="training the judge (once; cached)", unit="epoch", leave=False)
+        for _ in range(epochs):
             net.train()
             perm = tr[torch.randperm(len(tr), generator=gen)]
             for i in range(0, len(perm), 128):
@@ -117,6 +117,10 @@ def train_judge(epochs: int = 6, seed: int = 0, cache: Path | None = None, progr
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
         if cache is not None:
             from flowar.io.files import atomic_write_bytes
             atomic_write_bytes(cache, lambda t: save_file(net.state_dict(), t, metadata=key))

@@ -101,9 +101,9 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedu
     starts = range(0, N, bs)
     bar = None
     if progress:
-        from tqdm import tqdm
-        bar = tqdm(**{"total": config.n_scales * len(starts), "desc": "scales", "unit": "scale", "leave": False,
-                      "disable": None} | (progress if isinstance(progress, dict) else {}))
+        from flowar.io.progress import progress_bar
+        bar = progress_bar(**{"total": config.n_scales * len(starts), "desc": "scales", "unit": "scale",
+                              "leave": False} | (progress if isinstance(progress, dict) else {}))
 
     def scale_done(tr: ScaleTrace) -> None:
         if tr.z is not None:

@@ -59,8 +59,8 @@ def train_vae(a: VAETrainArgs, progress: bool = True) -> dict:
     N = data.images.shape[0]
     bar = None
     if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=a.steps, desc="vae", unit="step", disable=None)
+        from flowar.io.progress import progress_bar
+        bar = progress_bar(total=a.steps, desc="vae", unit="step")
     t0, rec = time.perf_counter(), float("nan")
     for step in range(a.steps):
         idx = torch.randint(0, N, (a.batch,), generator=gen)
