@@ -70,11 +70,37 @@ def test_checkpoints_are_self_describing(small_world, tmp_path):
 
 
 def test_refuses_to_overwrite_a_run(small_world, tmp_path):
+    """A run folder is new, empty, or resumed: one of other files (a model.safetensors and loss.png of
+    the user's were replaced) is refused before any work, untouched."""
     from flowar.errors import FlowARError
     from flowar.train.trainer import train
     train(_args(small_world, tmp_path / "r", steps=1), progress=False)
     with pytest.raises(FlowARError, match="--resume"):
         train(_args(small_world, tmp_path / "r", steps=2), progress=False)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "model.safetensors").write_bytes(b"the user's")
+    with pytest.raises(FlowARError, match="holds model.safetensors"):
+        train(_args(small_world, mine, steps=1), progress=False)
+    assert [p.name for p in mine.iterdir()] == ["model.safetensors"] and (mine / "model.safetensors").read_bytes() == b"the user's"
+
+
+def test_a_diverged_loss_stops_training_instead_of_writing_nan_weights(small_world, tmp_path):
+    """A learning rate that sends the loss to NaN or Inf ends the run in one line, naming the step,
+    with no final weights (it printed "weights -> model.safetensors" over NaN tensors and exited 0);
+    a model too small to have two scales is refused (--size 7 trained one 1x1 scale)."""
+    from flowar.errors import FlowARError
+    from flowar.train.trainer import train
+    with pytest.raises(FlowARError, match="a finite training loss"):
+        train(_args(small_world, tmp_path / "r", steps=6, lr=1e30, warmup=0, grad_clip=1e30), progress=False)
+    assert not (tmp_path / "r" / "model.safetensors").exists()
+    from flowar.train.vae import VAETrainArgs, train_vae
+    with pytest.raises(FlowARError, match="a finite training loss"):
+        train_vae(VAETrainArgs(data=str(small_world / "data"), out=str(tmp_path / "v"), size=16, channels=(8, 8),
+                               groups=4, steps=4, batch=4, lr=1e30), progress=False)
+    assert not (tmp_path / "v").exists()
+    with pytest.raises(FlowARError, match="at least 2x2"):
+        train(_args(small_world, tmp_path / "s", size=7, steps=1), progress=False)
 
 
 def test_batch_above_the_dataset_is_one_line_before_any_work(small_world, tmp_path, monkeypatch):
@@ -130,9 +156,10 @@ def test_the_trainer_joins_torchrun_over_gloo_also_where_a_gpu_is_seen(monkeypat
 
 
 @pytest.mark.parametrize("command,args,needle", [
-    ("train_vae_cmd", ["--steps", "0"], "--steps > 0; got 0"), ("train_vae_cmd", ["--lr", "-1"], "--lr > 0"),
+    ("train_vae_cmd", ["--steps", "0"], "--steps > 0, finite; got 0"), ("train_vae_cmd", ["--lr", "-1"], "--lr > 0"),
     ("train_cmd", ["--ema-decay", "1.5"], "--ema-decay in its range"), ("train_cmd", ["--grad-clip", "0"], "--grad-clip > 0"),
     ("train_cmd", ["--sample-every", "-1"], "--sample-every in its range"),
+    ("train_cmd", ["--lr", "inf"], "--lr > 0, finite; got inf"), ("train_vae_cmd", ["--lr", "nan"], "--lr > 0, finite"),
 ])
 def test_training_options_out_of_range_are_one_line_before_any_work(small_world, tmp_path, monkeypatch, command, args,
                                                                      needle):

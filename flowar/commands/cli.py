@@ -182,10 +182,12 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
 
 
 def _positive(*named) -> None:
-    """Refuse, before any work, a count or rate that is not positive (--steps 0 crashed, -5 trained nothing)."""
+    """Refuse, before any work, a count or rate that is not positive and finite (--steps 0 crashed, -5
+    trained nothing, --lr inf wrote NaN weights)."""
+    import math
     for name, v in named:
-        if not v > 0:
-            raise FlowARError(f"{name} > 0", str(v), f"pass a positive {name}")
+        if not (v > 0 and math.isfinite(v)):
+            raise FlowARError(f"{name} > 0, finite", str(v), f"pass a positive {name}")
 
 
 @command("flowar-train-vae")

@@ -103,6 +103,9 @@ def default_config(latent_side: int, latent_channels: int, num_classes: int, lat
 def build_config(args: TrainArgs, lat: Latents) -> FlowARConfig:
     """--config as given, or --preset's (default tiny) widths on the data's latent grid; either must fit it."""
     side, C, n_cls = lat.mean.shape[-1], lat.mean.shape[1], len(lat.class_names)
+    if side < 2:                       # (--size 7 trained a model of one 1x1 scale)
+        raise FlowARError("--size giving a latent map of at least 2x2 through the VAE (two scales or more)",
+                          f"--size {args.size}: {side}x{side}", "use e.g. --size 32")
     if args.config:
         config = FlowARConfig.load(args.config)
     else:
@@ -219,6 +222,10 @@ def check_args(args: TrainArgs, world: int, n_images: int) -> Path:
     if not args.resume and ckpt.is_file():
         raise FlowARError("an empty run folder (or --resume)", f"{ckpt} exists",
                           "pass --resume to continue it, or choose another --out")
+    held = sorted(p.name for p in Path(args.out).iterdir()) if Path(args.out).is_dir() else []
+    if not args.resume and held:       # (a folder of other files had its model.safetensors and loss.png replaced)
+        raise FlowARError("an empty run folder (or --resume)", f"{args.out} holds {', '.join(held[:3])}"
+                          + (", ..." if len(held) > 3 else ""), "choose a new --out")
     if args.resume:      # the settings the losses so far came from must stay (they carried on, or failed in a traceback)
         try:
             from safetensors import safe_open
@@ -353,6 +360,9 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
             loss = train_step(run, x, y, t, noise, lr_at(step, args), args.grad_clip)
             ema_update(run.ema, run.model, step, args.ema_decay)
             run.state.losses.append(mean_over_ranks(loss, world))
+            if not math.isfinite(run.state.losses[-1]):    # (NaN weights were written and the run said it trained)
+                raise FlowARError("a finite training loss", f"{run.state.losses[-1]} at step {step}",
+                                  "lower --lr or --grad-clip; the last checkpoint before it is kept (--resume)")
             run.state.step += 1
             if rank == 0:
                 bar.log(run.state, lr_at(step, args))

@@ -75,6 +75,8 @@ def train_vae(a: VAETrainArgs, progress: bool = True) -> dict:
         opt.step()
         sched.step()
         rec = rec_loss.item()
+        if not math.isfinite(loss.item()):                 # (NaN weights were written, exit 0)
+            raise FlowARError("a finite training loss", f"{loss.item()} at step {step}", "lower --lr; nothing was written")
         if bar is not None:
             bar.set_postfix(rec=f"{rec:.4f}")
             bar.update(1)
