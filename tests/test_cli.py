@@ -281,3 +281,39 @@ def test_save_images_never_mixes_runs_or_overwrites_the_grid(tmp_path):
     for option in ("--save-images", "--out", "--save-tokens"):     # an empty path wrote nothing and said nothing
         res = CliRunner().invoke(run, src + ["--labels", "1", option, ""])
         assert res.exit_code == 2 and f"expected a path for {option}; got an empty one" in res.output, res.output
+
+
+def test_an_output_is_refused_before_any_work_where_it_would_write_over_an_input_or_another_output(fixtures_dir,
+                                                                                                    tmp_path):
+    """--save-tokens at the checkpoint (or at the VAE folder's weights, or at the noise file) wrote over
+    it and exited 0; flowar-judge --json at the checkpoint too; --out and --save-images at one path
+    wrote the grid, then failed; an empty --out wrote into the working directory (flowar-sample,
+    flowar-train). Each is one line now, before anything opens, and every input is untouched."""
+    import shutil
+
+    from flowar.commands.cli import judge_cmd, train_cmd
+    from flowar.commands.cli_ray import sample_cmd
+    ck = tmp_path / "ck.safetensors"
+    shutil.copy(fixtures_dir / "tiny_v1.safetensors", ck)
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    noise = tmp_path / "n.safetensors"
+    noise.write_bytes(b"noise")
+    before = {p: p.read_bytes() for p in (ck, vae / "diffusion_pytorch_model.safetensors", noise)}
+    base = ["--ckpt", str(ck), "--preset", "tiny", "--labels", "1"]
+    for command, args, said in (
+            (run, base + ["--save-tokens", str(ck)], f"--save-tokens apart from the inputs; got {ck} is {ck}"),
+            (run, base + ["--vae", str(vae), "--save-tokens", str(vae / "diffusion_pytorch_model.safetensors")],
+             "is inside"),
+            (run, base + ["--noise", str(noise), "--save-tokens", str(noise)], "--save-tokens apart from the inputs"),
+            (run, base + ["--out", str(tmp_path / "g.png"), "--save-images", str(tmp_path / "g.png")],
+             "--save-images apart from --out"),
+            (judge_cmd, ["--ckpt", str(ck), "--preset", "tiny", "--json", str(ck)], "--json apart from the inputs"),
+            (sample_cmd, ["--engine-dir", str(tmp_path), "--num-images", "1", "--out", ""], "a path for --out; got an "
+                                                                                             "empty one"),
+            (train_cmd, ["--vae", str(vae), "--out", ""], "a path for --out; got an empty one")):
+        res = CliRunner().invoke(command, args)
+        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and said in lines[0], (args, res.output)
+    assert {p: p.read_bytes() for p in before} == before and not (tmp_path / "g.png").exists()

@@ -299,3 +299,17 @@ def test_a_bulk_run_resumes_only_on_the_engines_it_began_with_and_bad_settings_w
             run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1, backend="torch"), tmp_path / "failed", progress=False)
     rep = run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1), tmp_path / "failed", progress=False)
     assert rep.shards_total == 2 and rep.shards_done_before == 0 and (tmp_path / "failed" / "samples.npz").is_file()
+    # a folder this command did not write is refused, untouched (a user's run.json and samples.npz were
+    # replaced), and so are shards without their run.json (kept as part of a run of other settings)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "run.json").write_text('{"mine": 1}')
+    (mine / "samples.npz").write_bytes(b"the user's")
+    orphan = tmp_path / "orphan"
+    shutil.copytree(tmp_path / "run", orphan)
+    (orphan / "run.json").unlink()
+    for folder, said in ((mine, "holds run.json, samples.npz"), (orphan, "without a run.json")):
+        before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        with pytest.raises(FlowARError, match=f"a new or empty folder, or one flowar-sample wrote.*{said}"):
+            run_bulk(BulkSpec(str(d), 2, [0, 1], 7, {}, 1, 1), folder, progress=False)
+        assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before

@@ -60,7 +60,7 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
         precision, threads, cuda_graphs, debug):
     """Sample images from a FlowAR checkpoint (eager PyTorch) or an engine directory (runtime)."""
     from flowar.export.manifest import read_manifest
-    from flowar.io.files import check_writable
+    from flowar.io.files import check_outputs, check_writable
     from flowar.runtime.runtime import Runtime
     from flowar.sampling.batches import write_outputs
     from flowar.sampling.labels import parse_labels
@@ -68,10 +68,10 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
     settings = Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance, solver=solver, stride=stride)
     check_seed(seed)
     parse_labels(None, None, labels, classes, n_per_class)     # their form, before the source opens (FlowAR-H: 25 s)
+    check_outputs([("--save-tokens", save_tokens), ("--out", out), ("--save-images", save_images)],
+                  [ckpt, engine_dir, vae, config_path, noise_file])
     for p, is_dir, option in ((save_tokens, False, "--save-tokens"), (out, False, "--out"),
                               (save_images, True, "--save-images")):
-        if p is not None and not p.strip():       # (taken as not given: nothing written, nothing said)
-            raise FlowARError(f"a path for {option}", "an empty one", f"give {option} a path, or leave it out")
         check_writable(p, is_dir, option)
     for path, suffix, option, why in ((out, ".png", "--out", "the grid is a PNG"),
                                       (save_tokens, ".safetensors", "--save-tokens", "tokens and labels as safetensors")):
@@ -161,6 +161,8 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
     from flowar.sampling.schedule import Settings
     # checked now, before any work (flowar-run would refuse what Settings refuses)
     defaults = SAMPLING_DEFAULTS | Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance).given()
+    from flowar.io.files import check_outputs
+    check_outputs([("--out", out)], [])         # (inputs inside --out: refused by the export, which replaces it)
     check_writable(out, True, "--out")
     from flowar.io.progress import progress_bar
     bar = progress_bar(desc="export", unit="step", leave=False)
@@ -206,6 +208,8 @@ def train_vae_cmd(data, out, size, latent_channels, steps, batch, lr, seed, debu
     from flowar.train.vae import VAETrainArgs, train_vae
     _positive(("--steps", steps), ("--batch", batch), ("--size", size), ("--latent-channels", latent_channels),
               ("--lr", lr))
+    from flowar.io.files import check_outputs
+    check_outputs([("--out", out)], [data if Path(data).exists() else None])
     check_writable(out, True, "--out")
     res = train_vae(VAETrainArgs(data=data, out=out, size=size, latent_channels=latent_channels, steps=steps,
                                  batch=batch, lr=lr, seed=seed))
@@ -237,6 +241,8 @@ def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmu
     """Train FlowAR with the official multi-scale flow-matching loss (runs under torchrun too)."""
     from flowar.io.files import check_writable
     from flowar.train.trainer import TrainArgs, train
+    from flowar.io.files import check_outputs
+    check_outputs([("--out", out)], [vae, config_path, data if Path(data).exists() else None])
     check_writable(out, True, "--out")
     _positive(("--steps", steps), ("--batch", batch), ("--log-every", log_every), ("--ckpt-every", ckpt_every),
               ("--size", size), ("--lr", lr), ("--grad-clip", grad_clip))
@@ -300,6 +306,9 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
         if v < 1:
             raise FlowARError(f"{name} >= 1", str(v), f"pass a positive {name}")
     check_seed(seed)
+    from flowar.io.files import check_outputs
+    check_outputs([("--json", json_out), ("--judge-cache", judge_cache)],
+                  [ckpt, engine_dir, vae, config_path, fid_stats, fid_extractor, vs_engine_dir])
     check_writable(json_out, False, "--json")
     stats = read_fid_stats(fid_stats) if fid_stats else None
     extractor = load_extractor(fid_extractor) if fid_extractor else None

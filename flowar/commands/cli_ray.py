@@ -38,8 +38,9 @@ def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, sche
     """Bulk sampling: PNG shards and samples.npz (ADM format); rerun to resume. One worker runs here; several on Ray."""
     from flowar.commands.bulk import BulkSpec, run_bulk
     from flowar.export.manifest import read_manifest
-    from flowar.io.files import check_writable
+    from flowar.io.files import check_outputs, check_writable
     from flowar.sampling.labels import class_names_for, parse_labels
+    check_outputs([("--out", out)], [engine_dir])
     check_writable(out, True, "--out")
     m = read_manifest(engine_dir)
     ids = parse_labels(m.config.num_classes, class_names_for(m.config.num_classes, m.class_names), labels, classes)

@@ -45,8 +45,17 @@ def shard_is_done(out: Path, j: int, start: int, end: int) -> bool:
 
 
 def check_run(out: Path, spec: BulkSpec) -> None:
-    """A folder holds one run: refuse to mix shards of other settings into it."""
+    """A folder holds one run: refuse to mix shards of other settings into it, and to write into a
+    folder this command did not write (new or empty, else one with its run.json): a folder of the
+    user's had its run.json and samples.npz replaced, and shards without a run.json, whose settings
+    nobody knows, were kept as part of a run of other settings."""
     mine = asdict(spec)
+    held = sorted(p.name for p in out.iterdir())
+    recorded = _recorded(out)
+    if held and not (isinstance(recorded, dict) and {"num_images", "shard_size", "seed"} <= recorded.keys()):
+        raise FlowARError("--out: a new or empty folder, or one flowar-sample wrote (with its run.json)",
+                          f"{out} holds {', '.join(held[:3])}{', ...' if len(held) > 3 else ''}"
+                          + ("" if "run.json" in held else ", without a run.json"), "choose a new --out")
     # (a run.json without a shard done binds nothing: a first run that failed before its first shard,
     # say on an engine that would not open, left the folder refusing every other setting)
     if (out / "run.json").is_file() and any((out / "shards").glob("*.npz")):

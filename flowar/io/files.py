@@ -48,6 +48,28 @@ def check_writable(path: str | Path | None, is_dir: bool = False, option: str = 
                           f"created there: {e.strerror or e})", f"choose another path for {option}") from None
 
 
+def check_outputs(outputs: list[tuple[str, str | Path | None]], inputs: list[str | Path | None]) -> None:
+    """Refuse, before any work, an output path (``(option, path)``; None: not given) that is empty,
+    that is an input or an existing file inside an input folder (``--save-tokens`` at the checkpoint,
+    or at the VAE folder's weights, overwrote them), or that another output also names (both were
+    written, then the command failed half way)."""
+    ins = [(Path(p).resolve(), p) for p in inputs if p]
+    seen: dict[Path, str] = {}
+    for option, p in outputs:
+        if p is None:
+            continue
+        if not str(p).strip():              # (taken as not given, or as the working directory)
+            raise FlowARError(f"a path for {option}", "an empty one", f"give {option} a path, or leave it out")
+        r = Path(p).resolve()
+        for i, given in ins:
+            if r == i or (i.is_dir() and r.is_relative_to(i) and r.exists()):
+                raise FlowARError(f"{option} apart from the inputs", f"{p} is {'' if r == i else 'inside '}{given}",
+                                  f"choose another path for {option}")
+        if r in seen:
+            raise FlowARError(f"{option} apart from {seen[r]}", f"both at {p}", "give each output its own path")
+        seen[r] = option
+
+
 def check_replaceable(target: str | Path, marker: str, option: str, sources: tuple = ()) -> None:
     """Refuse, before any work, a folder that writing ``target`` anew would destroy: ``target`` may
     be absent, an empty folder, or a folder this command made before (it holds ``marker``), and no
