@@ -307,6 +307,9 @@ class Runtime(contextlib.AbstractContextManager):
         the call plan, else the engines' max batch, else all at once; it changes images by float
         rounding only). ``timings``, when given, receives the seconds per stage (``ar``, ``head``,
         ``decode``; ``sampling`` where CUDA graphs replay whole scales) and ``total``."""
+        if self.stages is None:
+            raise FlowARError("an open source", "one closed (after close() or its with block)",
+                              "open it again (FlowARPipeline.from_pretrained, Runtime.open)")
         if decode:
             self.require_decoder()
         if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
@@ -351,7 +354,7 @@ class Runtime(contextlib.AbstractContextManager):
     # ---- lifetime ---------------------------------------------------------------------------
     def close(self, *exc) -> None:
         """Release the engines (sessions, packages, graphs); also what leaving a ``with`` does."""
-        self.runner = None
+        self.runner = self.stages = None      # (a closed runtime refuses to sample: its engines are gone)
         self._stack.close()
 
     __exit__ = close

@@ -97,7 +97,10 @@ def test_a_malformed_label_list_is_refused_before_the_source_opens(tmp_path):
                          (["--n-per-class", "0"], "--n-per-class >= 1"), (["--labels", "1", "--classes", "cat"],
                                                                           "either --labels or --classes"),
                          (["--seed", str(2 ** 63)], f"a seed in [-2^63, 2^63 - 1] (64 bits: what a served request "
-                                                    f"takes); got {2 ** 63}")):
+                                                    f"takes); got {2 ** 63}"),
+                         (["--labels", "3_0"], "got '3_0'"), (["--labels", "\u0661"], "got '\u0661'"),  # (int(): 30, 1)
+                         (["--batch", "0"], "--batch >= 1"),
+                         (["--noise", str(tmp_path / "none.safetensors")], "no file at")):
         res = CliRunner().invoke(run, ["--engine-dir", str(tmp_path / "none")] + args)
         assert res.exit_code == 2 and needle in res.output, res.output
 

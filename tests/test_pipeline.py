@@ -70,15 +70,25 @@ def test_an_official_file_without_names_takes_imagenet_names(fixtures_dir, tmp_p
 
 
 def test_bad_calls_are_one_line_errors(default_auto_engines):
+    """A bad call is one FlowARError line in the call's own terms (it named the commands' options:
+    "--cfg", "--batch"); indices that are not ints (1.7 sampled image 1), a callback that is not a
+    function (found once sampling had begun), a 2-D label tensor and a closed pipeline included."""
     with FlowARPipeline.from_pretrained(default_auto_engines) as pipe:
         for kw, needle in ((dict(class_labels=["unicorn"]), "a class name of this model"),
                            (dict(class_labels=[3], output_type="jpeg"), "output_type among"),
                            (dict(class_labels=[], ), "at least one class label"),
-                           (dict(class_labels=[1], num_inference_steps=1), "--steps"),
-                           (dict(class_labels=[1] * 5, batch_size=5), "--batch at most 4")):
+                           (dict(class_labels=[1], num_inference_steps=1), "expected num_inference_steps an integer"),
+                           (dict(class_labels=[1], guidance_scale=0.5), "guidance_scale in [1, 50]"),
+                           (dict(class_labels=[1] * 5, batch_size=5), "batch_size at most 4 (the engines' max batch)"),
+                           (dict(class_labels=[1], indices=[1.7]), "indices: one int >= 0 per image"),
+                           (dict(class_labels=[1], callback_on_scale_end=3), "callback_on_scale_end a function"),
+                           (dict(class_labels=torch.tensor([[1, 2]])), "class ids (int) or class names")):
             with pytest.raises(FlowARError) as e:
                 pipe(**kw)
-            assert needle in str(e.value) and "\n" not in str(e.value), (kw, str(e.value))
+            text = str(e.value)
+            assert needle in text and "\n" not in text and "--" not in text.replace("--max-batch", ""), (kw, text)
+    with pytest.raises(FlowARError, match="an open source; got one closed"):
+        pipe([1])
     with pytest.raises(FlowARError, match="backend auto or torch"):
         FlowARPipeline.from_pretrained(DEFAULT_CKPT, backend="ort")
 

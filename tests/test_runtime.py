@@ -63,8 +63,10 @@ def test_batch_above_the_engines_max_is_refused(tiny_v1):
     from flowar.errors import FlowARError
     model, _ = tiny_v1
     st = torch_engine_stages(model, 2, "cpu")
-    with pytest.raises(FlowARError, match="at most 2 samples"):
+    with pytest.raises(FlowARError, match=r"at most 4 AR rows per batch \(2 samples.*got 6 rows"):
         st.start(torch.tensor([1, 2, 3, 1000, 1000, 1000]))
+    with pytest.raises(FlowARError, match="got 5 rows"):          # without guidance: 5 rows, not "2" (5 // 2)
+        st.start(torch.tensor([1, 2, 3, 4, 5]))
 
 
 def test_labels_outside_the_model_are_refused_before_sampling(default_auto_engines):

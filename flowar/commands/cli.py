@@ -70,6 +70,10 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
     parse_labels(None, None, labels, classes, n_per_class)     # their form, before the source opens (FlowAR-H: 25 s)
     check_outputs([("--save-tokens", save_tokens), ("--out", out), ("--save-images", save_images)],
                   [ckpt, engine_dir, vae, config_path, noise_file])
+    if batch_size is not None and batch_size < 1:         # (before the source opens: FlowAR-H takes 25 s)
+        raise FlowARError("--batch >= 1", str(batch_size), "use e.g. --batch 8")
+    if noise_file is not None and not Path(noise_file).is_file():
+        raise FlowARError("a safetensors noise file", f"no file at {noise_file}", "check the --noise path")
     for p, is_dir, option in ((save_tokens, False, "--save-tokens"), (out, False, "--out"),
                               (save_images, True, "--save-images")):
         check_writable(p, is_dir, option)

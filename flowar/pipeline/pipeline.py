@@ -19,6 +19,7 @@ backend, shard or worker (``indices`` renames the samples, for shards of a large
 from __future__ import annotations
 
 import numbers
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -107,48 +108,54 @@ class FlowARPipeline:
         of each batch (a call larger than the batch runs in batches), with that batch's samples. A
         progress bar is shown unless ``set_progress_bar_config(disable=True)``.
         """
-        if output_type not in OUTPUT_TYPES:
-            raise FlowARError(f"output_type among {', '.join(OUTPUT_TYPES)}", repr(output_type), 'use "pil"')
-        items = [class_labels] if isinstance(class_labels, (int, str)) else list(class_labels)
-        labels = self.get_label_ids(items) if items else []
-        if not labels:
-            raise FlowARError("at least one class label", "none", 'pass e.g. ["cat"] or [3]')
-        if generator is not None and seed is not None:
-            raise FlowARError("seed or generator, not both", "both", "pass one of them")
-        if generator is not None:                     # its state decides, as in diffusers: a used generator draws anew
-            one = not isinstance(generator, (list, tuple))
-            gens = [generator] if one else list(generator)
-            if not all(isinstance(g, torch.Generator) for g in gens) or not (one or len(gens) == len(labels)):
-                raise FlowARError(f"a torch.Generator, or a list of {len(labels)} (one per image)",
-                                  type(generator).__name__ if one else f"a list of {len(gens)}",
-                                  "pass generator=torch.Generator().manual_seed(0)")
-            # (drawn on the generator's own device: a CUDA generator cannot draw CPU numbers)
-            seeds = [int(s) for g in gens for s in torch.randint(0, 2 ** 63 - 1, (len(labels) if one else 1,),
-                                                                generator=g, device=g.device).tolist()]
-        else:                                         # (checked where every source samples: run_sampling)
-            seeds = ([0 if seed is None else seed] * len(labels) if seed is None or isinstance(seed, numbers.Integral)
-                     else list(seed) if hasattr(seed, "__iter__") and not isinstance(seed, (str, bytes)) else seed)
-        rt = self.runtime
-        # NumPy's numbers as Python's (the settings take int and float, strictly: a bool is not a number)
-        steps, cfg, guide, batch_size = (int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else
-                                         float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
-                                         for v in (num_inference_steps, guidance_scale, guidance, batch_size))
-        sched = rt.schedule(Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guide))
-        on_scale = None
-        if callback_on_scale_end is not None:
-            side = rt.config.scales
+        try:
+            if output_type not in OUTPUT_TYPES:
+                raise FlowARError(f"output_type among {', '.join(OUTPUT_TYPES)}", repr(output_type), 'use "pil"')
+            if callback_on_scale_end is not None and not callable(callback_on_scale_end):
+                raise FlowARError("callback_on_scale_end a function (pipe, k, {'tokens': ...})",
+                                  type(callback_on_scale_end).__name__, "pass a function, or None")
+            items = [class_labels] if isinstance(class_labels, (int, str)) else list(class_labels)
+            labels = self.get_label_ids(items) if items else []
+            if not labels:
+                raise FlowARError("at least one class label", "none", 'pass e.g. ["cat"] or [3]')
+            if generator is not None and seed is not None:
+                raise FlowARError("seed or generator, not both", "both", "pass one of them")
+            if generator is not None:                     # its state decides, as in diffusers: a used generator draws anew
+                one = not isinstance(generator, (list, tuple))
+                gens = [generator] if one else list(generator)
+                if not all(isinstance(g, torch.Generator) for g in gens) or not (one or len(gens) == len(labels)):
+                    raise FlowARError(f"a torch.Generator, or a list of {len(labels)} (one per image)",
+                                      type(generator).__name__ if one else f"a list of {len(gens)}",
+                                      "pass generator=torch.Generator().manual_seed(0)")
+                # (drawn on the generator's own device: a CUDA generator cannot draw CPU numbers)
+                seeds = [int(s) for g in gens for s in torch.randint(0, 2 ** 63 - 1, (len(labels) if one else 1,),
+                                                                    generator=g, device=g.device).tolist()]
+            else:                                         # (checked where every source samples: run_sampling)
+                seeds = ([0 if seed is None else seed] * len(labels) if seed is None or isinstance(seed, numbers.Integral)
+                         else list(seed) if hasattr(seed, "__iter__") and not isinstance(seed, (str, bytes)) else seed)
+            rt = self.runtime
+            # NumPy's numbers as Python's (the settings take int and float, strictly: a bool is not a number)
+            steps, cfg, guide, batch_size = (int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else
+                                             float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
+                                             for v in (num_inference_steps, guidance_scale, guidance, batch_size))
+            sched = rt.schedule(Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guide))
+            on_scale = None
+            if callback_on_scale_end is not None:
+                side = rt.config.scales
 
-            def on_scale(tr):
-                B, n, C = tr.z.shape
-                # a copy: the sampler's buffer is written again by the next scale and batch
-                callback_on_scale_end(self, tr.k, {"tokens": tr.z.transpose(1, 2).reshape(B, C, side[tr.k], side[tr.k])
-                                                   .clone()})
-        timings: dict[str, float] = {}
-        res = rt.sample(labels, sched, seed=seeds, indices=indices, batch_size=batch_size,
-                        decode=output_type != "latent", progress=self.progress_bar_config or True, on_scale=on_scale,
-                        timings=timings)
-        idx = list(range(len(labels))) if indices is None else [int(i) for i in indices]
-        return FlowAROutput(to_output(res, output_type), labels, [int(s) for s in seeds], idx, timings, res.tokens)
+                def on_scale(tr):
+                    B, n, C = tr.z.shape
+                    # a copy: the sampler's buffer is written again by the next scale and batch
+                    callback_on_scale_end(self, tr.k, {"tokens": tr.z.transpose(1, 2).reshape(B, C, side[tr.k], side[tr.k])
+                                                       .clone()})
+            timings: dict[str, float] = {}
+            res = rt.sample(labels, sched, seed=seeds, indices=indices, batch_size=batch_size,
+                            decode=output_type != "latent", progress=self.progress_bar_config or True, on_scale=on_scale,
+                            timings=timings)
+            idx = list(range(len(labels))) if indices is None else [int(i) for i in indices]
+            return FlowAROutput(to_output(res, output_type), labels, [int(s) for s in seeds], idx, timings, res.tokens)
+        except FlowARError as e:              # (the messages name the commands' options: here the keywords)
+            raise in_python_terms(e) from None
 
     def close(self) -> None:
         self.runtime.close()
@@ -158,6 +165,25 @@ class FlowARPipeline:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# the commands' options a call's messages name, as the call's keywords
+_KEYWORDS = (("--steps", "num_inference_steps"), ("--cfg", "guidance_scale"), ("--guidance", "guidance"),
+             ("--schedule", "schedule"), ("--batch", "batch_size"), ("pass --vae", "pass vae="),
+             ("(--save-tokens)", '(output_type="latent")'))
+
+
+def in_python_terms(e: FlowARError) -> FlowARError:
+    """``e`` with the commands' option names replaced by the pipeline's keywords ("--cfg in [1, 50]"
+    -> "guidance_scale in [1, 50]")."""
+    def say(text: str) -> str:
+        for option, keyword in _KEYWORDS:
+            text = re.sub(re.escape(option) + r"(?![\w-])" if option[-1].isalnum() else re.escape(option), keyword, text)
+        return text
+    try:
+        return type(e)(say(e.expected), say(e.got), say(e.fix))
+    except TypeError:                    # (a subclass that takes more)
+        return FlowARError(say(e.expected), say(e.got), say(e.fix))
 
 
 def to_output(res: SampleResult, output_type: str):

@@ -77,7 +77,10 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedu
                           "pass e.g. [3] (class names: FlowARPipeline.get_label_ids)")
     N = len(labels)
     bs = batch_size or N
-    idx = list(range(N)) if indices is None else [int(i) for i in indices]
+    if indices is not None and not (hasattr(indices, "__iter__") and all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in indices)):
+        raise FlowARError("indices: one int >= 0 per image", repr(indices)[:80], "pass e.g. indices=[0, 1]")
+    idx = list(range(N)) if indices is None else [int(i) for i in indices]     # (1.7 was image 1)
     # (a NumPy integer is one seed: it was 'not iterable'; a str was split into one seed per character;
     # 3.5 and "12" reached the noise's int())
     one = isinstance(seed, numbers.Integral)

@@ -128,7 +128,10 @@ def label_ids(items: Sequence[int | str], num_classes: int, names: ClassNames | 
         if isinstance(it, bool):
             raise FlowARError("class ids (int) or class names (str)", repr(it), "pass e.g. [3, 'cat']")
         if isinstance(it, int) or (hasattr(it, "__index__") and not isinstance(it, str)):
-            i = int(it)
+            try:
+                i = int(it)
+            except (TypeError, ValueError):         # (a row of a 2-D tensor)
+                raise FlowARError("class ids (int) or class names (str)", repr(it)[:60], "pass a flat list") from None
             if not 0 <= i < num_classes:
                 raise FlowARError(f"class ids in 0..{num_classes - 1}", str(i), f"this model has {num_classes} classes")
             out.append(i)
@@ -157,6 +160,8 @@ def parse_labels(num_classes: int | None, names: ClassNames | None, labels: str 
         ids = []
         for s in (s.strip() for s in labels.split(",")):
             try:
+                if not (s.isascii() and s.removeprefix("-").isdigit()):     # (int() took 3_0 as 30, Arabic digits)
+                    raise ValueError(s)
                 ids.append(int(s))
             except ValueError:
                 raise FlowARError("comma-separated integer class ids, e.g. --labels 3,7", f"{s!r} in {labels!r}",
