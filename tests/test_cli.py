@@ -320,3 +320,24 @@ def test_an_output_is_refused_before_any_work_where_it_would_write_over_an_input
         lines = [ln for ln in res.output.splitlines() if ln.strip()]
         assert res.exit_code == 2 and len(lines) == 1 and said in lines[0], (args, res.output)
     assert {p: p.read_bytes() for p in before} == before and not (tmp_path / "g.png").exists()
+
+
+def test_more_images_than_memory_or_disk_hold_are_refused_before_sampling(default_auto_engines, tmp_path,
+                                                                          monkeypatch):
+    """flowar-run keeps every image until it writes them: more than the memory available is one line
+    before sampling (--n-per-class 10^8 built its label list until the memory ran out), and so is a
+    flowar-sample count whose shards, samples.npz and PNGs the disk cannot hold (10^12 images filled
+    24 GB listing their shards); nothing is written."""
+    import flowar.io.memory as memory
+    from flowar.commands.cli_ray import sample_cmd
+    eng = ["--engine-dir", str(default_auto_engines)]
+    res = CliRunner().invoke(run, eng + ["--n-per-class", str(10 ** 8), "--out", str(tmp_path / "g.png")])
+    assert res.exit_code == 2 and "--n-per-class at most 10000" in res.output, res.output
+    monkeypatch.setattr(memory, "available_bytes", lambda: 500_000)          # 20 images of 32x32 take 0.49 MB, 40 twice
+    res = CliRunner().invoke(run, eng + ["--labels", "1", "--n-per-class", "40", "--out", str(tmp_path / "g.png")])
+    assert res.exit_code == 2 and "memory for 40 images of 32x32" in res.output, res.output
+    assert CliRunner().invoke(run, eng + ["--labels", "1", "--n-per-class", "20", "--out",
+                                          str(tmp_path / "g.png")]).exit_code == 0
+    res = CliRunner().invoke(sample_cmd, eng + ["--num-images", str(10 ** 12), "--out", str(tmp_path / "s")])
+    assert res.exit_code == 2 and f"free for {10 ** 12} images of 32x32" in res.output, res.output
+    assert not (tmp_path / "s").exists()

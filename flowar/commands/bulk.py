@@ -176,6 +176,12 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     choose_backend(m, spec.backend)                                             # refuse a backend that cannot run
     Settings.of(spec.schedule).resolve(m.config.n_scales, m.schedule_defaults)  # refuse bad settings now
     spec.manifest_sha256 = sha256_file(m.root / MANIFEST)
+    # room for every image three times at most (the shards, samples.npz, the PNGs): a count the disk
+    # cannot hold is refused now (10^12 images filled 24 GB of memory listing their shards, then was killed)
+    from flowar.io.memory import require_free_space
+    side = m.vae["image_size"]
+    require_free_space(out, spec.num_images * side * side * 3 * 3,
+                       f"{spec.num_images} images of {side}x{side} (shards, samples.npz and PNGs)")
     if ray_address is not None:
         start_ray(ray_address, None)                    # a cluster that is not there: refused before --out is written
     out.mkdir(parents=True, exist_ok=True)

@@ -99,6 +99,14 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
         if save_images:
             from flowar.io.images import check_image_folder
             check_image_folder(save_images, len(ids), out)
+        if out or save_images:       # (every image is kept until written: --n-per-class 10^8 ran until killed)
+            from flowar.io.memory import GB, available_bytes
+            side = rt.manifest.vae["image_size"] if rt.manifest is not None else rt.config.latent_size * rt.vae.downsample
+            need, free = len(ids) * side * side * 3 * 4 * 2, available_bytes()
+            if free is not None and need > free:
+                raise FlowARError(f"memory for {len(ids)} images of {side}x{side} (about {need / GB:.1f} GB: they "
+                                  "are kept until written)", f"{free / GB:.1f} GB available",
+                                  "sample fewer, or use flowar-sample (it writes shards as it goes)")
         batch = min(len(ids), batch_size or rt.batch or len(ids))
         # opening warmed batch 1's shapes on the engines that set up a lot per shape (the export
         # measured which: none for ONNX Runtime's); this batch's too

@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 from flowar.errors import FlowARError
 
 IMAGENET_CLASSES = 1000
+MAX_PER_CLASS = 10_000          # flowar-run's images per class (one grid, kept in memory until written)
 
 
 class ClassNames(tuple):
@@ -154,6 +155,9 @@ def parse_labels(num_classes: int | None, names: ClassNames | None, labels: str 
         raise FlowARError("either --labels or --classes", "both", "pass only one of them")
     if n_per_class < 1:
         raise FlowARError("--n-per-class >= 1", str(n_per_class), "use e.g. --n-per-class 4")
+    if n_per_class > MAX_PER_CLASS:         # (the list alone of 10^8 per class filled the memory)
+        raise FlowARError(f"--n-per-class at most {MAX_PER_CLASS}", str(n_per_class),
+                          "for more images use flowar-sample (shards written as it goes, resumable)")
     if classes:
         ids = split_class_names(classes, names)
     elif labels is not None:
