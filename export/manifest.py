@@ -167,6 +167,19 @@ def read_manifest(root: str | Path, verify_hashes: bool = False) -> Manifest:
         if key not in m:
             raise EngineDirError(f"'{key}' in {MANIFEST}", "it is missing", rebuild)
     config = FlowARConfig.from_dict(m["config"], f"{mpath}")
+    # (fields of the wrong type ended in a TypeError deep in the runtime, or after sampling)
+    names = m.get("class_names")
+    for ok, what, got in (
+            (type(m["max_batch"]) is int and 1 <= m["max_batch"] <= 1024, "max_batch an integer in 1..1024",
+             repr(m["max_batch"])),
+            (isinstance(m["stages"], dict), "stages a mapping of stage records", type(m["stages"]).__name__),
+            (names is None or (isinstance(names, list) and len(names) == config.num_classes
+                               and all(isinstance(n, str) for n in names)),
+             f"class_names a list of {config.num_classes} strings (or none)", repr(names)[:60]),
+            (isinstance(m.get("schedule_defaults") or {}, dict), "schedule_defaults a mapping",
+             repr(m.get("schedule_defaults"))[:60])):
+        if not ok:
+            raise EngineDirError(f"{what} in {MANIFEST}", got, rebuild)
     known = {k: m[k] for k in _FIELDS if k in m and k not in ("root", "config", "meta")}
     manifest = Manifest(root=root, config=config, **known,
                         meta={k: v for k, v in m.items() if k not in _FIELDS and k != "format"})

@@ -237,6 +237,21 @@ def test_tampered_partial_and_foreign_directories_are_refused(engine_dirs, tmp_p
         Runtime.open_engine_dir(d, backend="ort")
     with pytest.raises(EngineDirError, match="sha256"):
         read_manifest(d, verify_hashes=True)
+    # fields of the wrong type or range: one line when read (a TypeError in the runtime, or after sampling)
+    good = json.loads((d / "manifest.json").read_text())
+    for change, said in (({"max_batch": "eight"}, "max_batch an integer in 1..1024"),
+                         ({"class_names": [1, 2, 3]}, "class_names a list of 1000 strings"),
+                         ({"schedule_defaults": [4]}, "schedule_defaults a mapping")):
+        (d / "manifest.json").write_text(json.dumps(good | change))
+        with pytest.raises(EngineDirError, match=said):
+            read_manifest(d)
+    d2 = tmp_path / "defaults"
+    shutil.copytree(src, d2)
+    (d2 / "manifest.json").write_text(json.dumps(good | {"schedule_defaults": {"cfg": -5}}))
+    with pytest.raises(FlowARError, match="schedule_defaults in the engine directory's manifest.json: cfg in") as e:
+        Runtime.open_engine_dir(d2, backend="ort")
+    assert "--cfg" not in str(e.value)
+    (d / "manifest.json").write_text(json.dumps(good))
     (d / "velocity.onnx").unlink()
     with pytest.raises(EngineDirError, match="missing"):
         read_manifest(d)
