@@ -105,11 +105,13 @@ def parse(argv=None) -> tuple[BenchSpec, bool]:
     ap.add_argument("--cfg", type=float, default=None, help=f"[default: {SAMPLING_DEFAULTS['cfg']}]")
     ap.add_argument("--guidance", type=float, default=None, help=f"[default: {SAMPLING_DEFAULTS['guidance']}]")
     ap.add_argument("--backends", default="eager,cached,ort", help=f"comma-separated, from {','.join(ALL_BACKENDS)}")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per row [default: 3]")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs before them [default: 1]")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default="bench/out/latency.json", help="write results here")
-    ap.add_argument("--plot", default="bench/out/latency.png", help="write a per-stage bar chart here")
+    ap.add_argument("--json", default="bench/out/latency.json", help="write results here (relative to the working "
+                    "directory) [default: bench/out/latency.json]")
+    ap.add_argument("--plot", default="bench/out/latency.png", help="write a per-stage bar chart here [default: "
+                    "bench/out/latency.png]")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                     help="PyTorch backends: run the stages under autocast in this type (as the official evaluation "

@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     from flowar.runtime.runtime import Runtime
     from flowar.sampling.schedule import build_schedule
     check_writable(a.out, False, "--out")
-    judge = train_judge(cache=ROOT / ".cache" / "flowar-judge.safetensors")
+    from flowar.io.files import user_cache
+    judge = train_judge(cache=user_cache("judge.safetensors"))
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         subprocess.run([str(Path(sys.executable).parent / "flowar-export"), "--ckpt", a.ckpt, "--vae", a.vae,
                         "--out", str(Path(tmp) / "e"), "--max-batch", "8", "--no-verify"], check=True)

@@ -157,11 +157,12 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
               "are measured [default: what the machine has available].")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Compare every stage with eager PyTorch.")
 @click.option("--schedule", default="official", show_default=True, type=click.Choice(["official", "fast"]),
-              help="Default schedule recorded for flowar-run (which can still choose either).")
+              help="Default schedule recorded in the directory for every command and the Python API (each can "
+                   "still choose either).")
 @click.option("--steps", type=int, help="Default num_steps N recorded for the commands (the official sampler's N: 25 "
               "gives its 24 steps) [default: the schedule's].")
-@click.option("--cfg", type=float, help=f"Default cfg recorded for flowar-run [default: {SAMPLING_DEFAULTS['cfg']}].")
-@click.option("--guidance", type=float, help="Default guidance recorded for flowar-run [default: "
+@click.option("--cfg", type=float, help=f"Default cfg recorded for the commands [default: {SAMPLING_DEFAULTS['cfg']}].")
+@click.option("--guidance", type=float, help="Default guidance recorded for the commands [default: "
                                              f"{SAMPLING_DEFAULTS['guidance']}].")
 @click.option("--compute-capability", help="TensorRT target without a GPU, e.g. sm80, sm86, sm89, sm120.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
@@ -208,10 +209,11 @@ def _positive(*named) -> None:
 @click.option("--data", default="animal-mnist", show_default=True, help="animal-mnist, or ROOT/<class>/<image> folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output diffusers VAE folder.")
 @click.option("--size", default=32, show_default=True, type=int, help="Image side (Animal-MNIST is padded to it).")
-@click.option("--latent-channels", default=4, show_default=True, type=int)
-@click.option("--steps", default=1500, show_default=True, type=int)
-@click.option("--batch", default=64, show_default=True, type=int)
-@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--latent-channels", default=4, show_default=True, type=int, help="Channels of the latent map (the "
+              "FlowAR model trained on it takes them).")
+@click.option("--steps", default=1500, show_default=True, type=int, help="Optimizer steps.")
+@click.option("--batch", default=64, show_default=True, type=int, help="Images per step.")
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate (cosine decay to 0).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def train_vae_cmd(data, out, size, latent_channels, steps, batch, lr, seed, debug):
@@ -230,22 +232,27 @@ def train_vae_cmd(data, out, size, latent_channels, steps, batch, lr, seed, debu
 
 
 @command("flowar-train")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (checkpoints, loss.png, samples/).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="A new run folder: model.safetensors (the "
+              "EMA weights, what flowar-export and flowar-run take), checkpoint-last.safetensors, loss.png, samples/.")
 @click.option("--vae", required=True, type=click.Path(), help="VAE the latents come from (diffusers folder or kl16.ckpt).")
 @click.option("--data", default="animal-mnist", show_default=True, help="animal-mnist, or ROOT/<class>/<image> folder.")
 @click.option("--size", default=32, show_default=True, type=int, help="Image side.")
 @click.option("--preset", help="Take widths/depths from a preset (scales, channels, classes follow the data).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Full config JSON instead.")
-@click.option("--steps", default=2000, show_default=True, type=int)
+@click.option("--steps", default=2000, show_default=True, type=int, help="Optimizer steps in all (a resumed run "
+              "continues to it).")
 @click.option("--batch", default=64, show_default=True, type=int, help="Global batch (split over torchrun ranks).")
-@click.option("--lr", default=1e-3, show_default=True, type=float)
-@click.option("--warmup", default=100, show_default=True, type=int)
-@click.option("--ema-decay", default=0.999, show_default=True, type=float)
-@click.option("--grad-clip", default=1.0, show_default=True, type=float)
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--log-every", default=50, show_default=True, type=int)
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW peak learning rate.")
+@click.option("--warmup", default=100, show_default=True, type=int, help="Steps of linear learning-rate warm-up.")
+@click.option("--ema-decay", default=0.999, show_default=True, type=float, help="Decay of the EMA weights "
+              "(model.safetensors holds them).")
+@click.option("--grad-clip", default=1.0, show_default=True, type=float, help="Gradient norm clip.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Initial weights, batches, times and noise.")
+@click.option("--log-every", default=50, show_default=True, type=int, help="A loss line every N steps where stderr is "
+              "not a terminal (a terminal shows a bar).")
 @click.option("--sample-every", default=500, show_default=True, type=int, help="Sample grid PNG every N steps (0: off).")
-@click.option("--ckpt-every", default=500, show_default=True, type=int)
+@click.option("--ckpt-every", default=500, show_default=True, type=int, help="Write checkpoint-last.safetensors and "
+              "loss.png every N steps (and at the end).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint-last.safetensors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmup, ema_decay, grad_clip, seed,
@@ -295,8 +302,8 @@ def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmu
 @click.option("--judge", "judge_kind", default="auto", show_default=True, type=click.Choice(["auto", "animal-mnist", "none"]),
               help="The independent classifier for class accuracy: auto = the one of the data the checkpoint was "
                    "trained on (its metadata; none without a decoder), animal-mnist, or none.")
-@click.option("--judge-cache", default=".cache/flowar-judge.safetensors", show_default=True,
-              type=click.Path(dir_okay=False), help="Where the Animal-MNIST judge's weights are kept once trained.")
+@click.option("--judge-cache", type=click.Path(dir_okay=False), help="Where the Animal-MNIST judge's weights are "
+              "kept once trained [default: $XDG_CACHE_HOME/flowar/judge.safetensors, else ~/.cache/flowar/...].")
 @click.option("--vs-engine-dir", type=click.Path(file_okay=False), help="Also compare with the same samples from "
               "another engine directory (e.g. fp32 engines, to measure a reduced precision).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report here as JSON.")
@@ -346,6 +353,8 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
                                   f"{config.num_classes} classes{'' if rt.decodes else ', no decoder'}",
                                   "pass --judge none")
             from flowar.eval.judge import train_judge
+            from flowar.io.files import user_cache
+            judge_cache = judge_cache or user_cache("judge.safetensors")
             check_writable(judge_cache, False, "--judge-cache")     # (only where a judge is used: it was always)
             judge = train_judge(cache=Path(judge_cache), progress=True)
         labels = [c for c in range(min(classes_limit, config.num_classes)) for _ in range(per_class)]

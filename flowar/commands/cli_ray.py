@@ -26,12 +26,14 @@ from flowar.errors import FlowARError
 @click.option("--seed", default=0, show_default=True, type=int, help="Sample i gets the noise of (seed, i).")
 @schedule_options("the engine directory's")
 @click.option("--workers", default=1, show_default=True, type=int, help="Ray actors, one engine set each.")
-@click.option("--threads", default=1, show_default=True, type=int, help="Cores per worker (the same for any "
-              "--workers, so the images are too).")
+@click.option("--threads", default=1, show_default=True, type=int, help="Cores per worker. 1 by default so that "
+              "the images are the same bytes for any --workers; --threads N (all cores for one worker) is faster, the "
+              "images then differ from other thread counts by float rounding.")
 @click.option("--batch", type=int, help="Images per batch (changes speed; images only by float rounding) [default: the "
               "best images/s by the call plan measured at export, else the engines' max batch].")
 @click.option("--shard-size", default=64, show_default=True, type=int, help="Images per shard (the unit of resume).")
-@click.option("--ray-address", help="A running Ray cluster (ray://HOST:PORT or auto) [default: a local one].")
+@click.option("--ray-address", help="A running Ray cluster (ray://HOST:PORT, HOST:PORT as ray start --head prints it, "
+              "or auto) [default: a local one].")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, schedule, solver, stride, steps, cfg,
                guidance, workers, threads, batch, shard_size, ray_address, debug):

@@ -48,6 +48,14 @@ def check_writable(path: str | Path | None, is_dir: bool = False, option: str = 
                           f"created there: {e.strerror or e})", f"choose another path for {option}") from None
 
 
+def user_cache(name: str) -> Path:
+    """Where this user's caches live: ``$XDG_CACHE_HOME/flowar/name``, else ``~/.cache/flowar/name``
+    (the judge's weights and the trainer's latents, kept in the working directory, were made again
+    from every other folder)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "flowar" / name
+
+
 def check_outputs(outputs: list[tuple[str, str | Path | None]], inputs: list[str | Path | None]) -> None:
     """Refuse, before any work, an output path (``(option, path)``; None: not given) that is empty,
     that is an input or an existing file inside an input folder (``--save-tokens`` at the checkpoint,

@@ -65,7 +65,7 @@ class TrainArgs:
     sample_every: int = 500
     ckpt_every: int = 500
     resume: bool = False
-    cache_dir: str = ".cache/flowar-latents"
+    cache_dir: str | None = None           # encoded latents, kept [default: the user's cache, flowar/latents]
     sample_cfg: float = 3.0
     sample_steps: int = 25
 
@@ -350,7 +350,8 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
     world, rank = init_process_group()
     data = index_dataset(args.data)
     ckpt = check_args(args, world, data.count)
-    lat = load_latents(args.data, args.size, args.vae, args.cache_dir, data)
+    from flowar.io.files import user_cache
+    lat = load_latents(args.data, args.size, args.vae, args.cache_dir or user_cache("latents"), data)
     config = build_config(args, lat)
     run = build_run(args, config, world, ckpt)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
