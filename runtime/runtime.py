@@ -308,8 +308,7 @@ class Runtime(contextlib.AbstractContextManager):
         rounding only). ``timings``, when given, receives the seconds per stage (``ar``, ``head``,
         ``decode``; ``sampling`` where CUDA graphs replay whole scales) and ``total``."""
         if self.stages is None:
-            raise FlowARError("an open source", "one closed (after close() or its with block)",
-                              "open it again (FlowARPipeline.from_pretrained, Runtime.open)")
+            raise FlowARError("an open source", "one closed (after close() or its with block)", "open it again")
         if decode:
             self.require_decoder()
         if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
@@ -368,9 +367,7 @@ def captures(device: torch.device, backend: str, cuda_graphs: bool = True) -> bo
 
 def _buckets(max_batch: int | None) -> tuple[int, ...]:
     """Captured batch sizes: powers of two up to the limit, and the limit."""
-    if not max_batch:
-        return ()
-    return tuple(sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch} | {max_batch}))
+    return tuple(sorted({1 << i for i in range(max_batch.bit_length())} | {max_batch})) if max_batch else ()
 
 
 class _Clock:
