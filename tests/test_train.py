@@ -313,7 +313,7 @@ def test_the_sample_grid_takes_40_images_whatever_the_classes(monkeypatch, tmp_p
     from types import SimpleNamespace
 
     from flowar.config import get_preset
-    from flowar.train.trainer import sample_grid
+    from flowar.train.pictures import sample_grid
     seen = []
 
     class Stop(Exception):

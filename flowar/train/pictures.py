@@ -1,0 +1,50 @@
+"""The pictures a training run writes: its loss curve (``loss.png``) and sample grids
+(``samples/stepNNNNNNN.png``). See :mod:`flowar.train.trainer`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from flowar.io.files import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from flowar.model.ar import FlowAR
+    from flowar.train.trainer import TrainArgs
+
+
+def plot_losses(losses: list[float], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.plot(losses, lw=0.5, alpha=0.4, label="loss")
+    w = max(1, len(losses) // 50)
+    if len(losses) >= w:
+        sm = torch.tensor(losses).unfold(0, w, 1).mean(1).tolist()
+        ax.plot(range(w - 1, len(losses)), sm, lw=1.5, label=f"mean of {w}")
+    ax.set(xlabel="step", ylabel="flow-matching loss", yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+@torch.no_grad()
+def sample_grid(ema: FlowAR, args: TrainArgs, class_names: list[str], path: Path) -> None:
+    from flowar.io.images import save_grid
+    from flowar.sampling.sampler import per_sample_noise, sample
+    from flowar.sampling.schedule import Settings
+    from flowar.sampling.eager import EagerStages
+    from flowar.model.vae import load_vae
+    c = ema.config
+    vae = load_vae(args.vae, expect_channels=c.latent_channels)
+    n = c.num_classes   # 40 images: classes repeated where fewer, 40 spread where more (1000 classes sampled 1000)
+    labels = torch.arange(n).repeat_interleave(max(1, 40 // n))[:40] if n <= 40 else torch.linspace(0, n - 1, 40).long()
+    ema.eval()
+    sched = Settings(steps=args.sample_steps, cfg=args.sample_cfg).resolve(c.n_scales)
+    _, images = sample(EagerStages(ema, vae.decode), c, sched, labels, per_sample_noise(0, range(len(labels))),
+                       decode=True)
+    save_grid(images, [class_names[i] for i in labels.tolist()], path, columns=max(1, 40 // n) if n <= 40 else 8)
