@@ -434,3 +434,43 @@ def test_a_staged_directory_gives_its_files_the_modes_a_plain_write_gives(tmp_pa
     mode = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*")}
     assert mode["weights.safetensors"] == 0o644 and mode["config.json"] == 0o644, mode
     assert mode[sub.name] == 0o755 and mode[f"{sub.name}/run.sh"] == 0o755, mode
+
+
+def test_numbered_images_are_written_all_or_none(tmp_path, monkeypatch):
+    """Ctrl-C while --save-images writes leaves none of this run's PNGs (11 of 200 were left, each
+    whole but the set not), and a folder the call made is removed; into an existing folder a
+    finished call puts every image, each with the mode a plain write gives."""
+    import stat
+
+    from PIL import Image
+
+    from flowar.io.images import save_images
+    images = torch.zeros(6, 3, 4, 4)
+    real, calls = Image.Image.save, []
+
+    def interrupted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+    monkeypatch.setattr(Image.Image, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_images(images, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "notes.txt").write_text("mine")
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        save_images(images, tmp_path / "old")
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["notes.txt"]
+    monkeypatch.setattr(Image.Image, "save", real)
+    paths = save_images(images, tmp_path / "old", first=3)
+    assert [p.name for p in paths] == [f"{i:06d}.png" for i in range(3, 9)]
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == [p.name for p in paths] + ["notes.txt"]
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~_umask() for p in paths)
+
+
+def _umask() -> int:
+    old = os.umask(0o022)
+    os.umask(old)
+    return old

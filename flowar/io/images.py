@@ -26,15 +26,30 @@ def to_uint8(images_B3HW: Tensor) -> np.ndarray:
 
 
 def save_images(images_B3HW: Tensor, folder: str | Path, first: int = 0) -> list[Path]:
-    """One unlabelled PNG per sample, in sample order: 000000.png, 000001.png, ... (from ``first``)."""
+    """One unlabelled PNG per sample, in sample order: 000000.png, 000001.png, ... (from ``first``),
+    all or none: written in a hidden folder inside, renamed into place once all are (Ctrl-C while
+    200 were written left 11 of them; a folder this call made is removed again)."""
+    import os
+    import shutil
+    import tempfile
+
     from PIL import Image
     folder = Path(folder)
+    made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, arr in enumerate(to_uint8(images_B3HW)):
-        p = folder / f"{first + i:06d}.png"
-        atomic_write_bytes(p, functools.partial(Image.fromarray(arr).save, format="PNG"))
-        paths.append(p)
+    staging = Path(tempfile.mkdtemp(prefix=".flowar-images-", dir=folder))
+    paths = [folder / f"{first + i:06d}.png" for i in range(images_B3HW.shape[0])]
+    try:
+        for p, arr in zip(paths, to_uint8(images_B3HW)):
+            Image.fromarray(arr).save(staging / p.name, format="PNG")
+        for p in paths:
+            os.replace(staging / p.name, p)
+    except BaseException:
+        if made:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return paths
 
 
