@@ -347,9 +347,9 @@ def test_a_killed_replica_fails_or_retries_requests_never_hangs(server):
 
 
 def test_beyond_loopback_a_token_is_required_before_anything_starts(engines, tmp_path):
-    proc = subprocess.run([str(EXE / "flowar-serve"), "--engine-dir", str(engines), "--host", "0.0.0.0"],
-                          env={k: v for k, v in ENV.items() if k != "FLOWAR_SERVE_TOKEN"}, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run([str(EXE / "flowar-serve"), "--engine-dir", str(engines), "--host", "0.0.0.0", "--port",
+                           str(_free_port())], env={k: v for k, v in ENV.items() if k != "FLOWAR_SERVE_TOKEN"},
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.startswith("error: expected a bearer token") and \
         proc.stderr.strip().count("\n") == 0, proc.stderr
 
@@ -366,6 +366,12 @@ def test_a_port_in_use_is_one_line_before_ray_starts(engines):
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith(f"error: expected an address to listen on (127.0.0.1:{port}); got Address "
                                   "already in use. Fix: choose another --port"), proc.stderr
+    # an address that is none of this machine's: said so, before the token it would need (it was told to bring one)
+    proc = subprocess.run([str(EXE / "flowar-serve"), "--engine-dir", str(engines), "--host", "999.1.1.1"],
+                          env={k: v for k, v in ENV.items() if k != "FLOWAR_SERVE_TOKEN"}, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: expected an address to listen on (999.1.1.1:"), \
+        proc.stderr
 
 
 def test_a_ray_address_where_nothing_answers_is_one_line_at_once(engines, tmp_path):

@@ -115,6 +115,8 @@ def serve_cmd(engine_dir, host, port, replicas, backend, threads, lanes, max_n, 
     if queue is not None and queue < max_n:
         raise FlowARError(f"--queue at least --max-n ({max_n}): a request of --max-n images must fit", str(queue),
                           f"use --queue {max_n} or more, or a smaller --max-n")
+    if ray_address is None:          # a local Serve listens here: refuse an address it cannot take before Ray starts
+        _can_listen(host, port)      # (and before the token: --host 999.1.1.1 was told to bring a token)
     token = read_token(token_file)
     try:
         loopback = ipaddress.ip_address(host).is_loopback
@@ -127,8 +129,6 @@ def serve_cmd(engine_dir, host, port, replicas, backend, threads, lanes, max_n, 
         raise FlowARError("a bearer token to serve on an existing cluster (its Serve may listen beyond loopback "
                           "whatever --host says)", "none", "put one in a file for --token-file, or in "
                           "$FLOWAR_SERVE_TOKEN")
-    if ray_address is None:          # a local Serve listens here: refuse a port it cannot take before Ray starts
-        _can_listen(host, port)
     from flowar.engines.ort import cpu_threads
     threads = threads or max(1, cpu_threads() // replicas)           # the cores this process may use (taskset, cpuset)
     where = f"http://{host}:{port}"
