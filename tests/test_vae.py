@@ -1,5 +1,7 @@
 """The VAE loaders against MAR's recorded numbers and a diffusers round trip."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -56,6 +58,17 @@ def test_missing_and_wrong_vae_paths(tmp_path, fixtures_dir):
         load_vae(tmp_path / "empty_dir")
     with pytest.raises(FlowARError, match="MAR/LDM layout"):
         load_vae(fixtures_dir / "tiny_v1.safetensors")
+    # a config.json that does not match its weights: the mismatch is in the line (it ended at the title,
+    # "Error(s) in loading state_dict for AutoencoderKL:.")
+    import json
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "models" / "default" / "vae", bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(cfg | {"latent_channels": cfg["latent_channels"] * 2}))
+    with pytest.raises(FlowARError, match="for AutoencoderKL: size mismatch for encoder") as e:
+        load_vae(bad)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("source", ["mar", "sd"])

@@ -198,9 +198,10 @@ def load_vae(path: str | Path, expect_channels: int | None = None) -> VAE:
         try:
             ak = _diffusers().AutoencoderKL.from_pretrained(str(p), local_files_only=True)
         except Exception as e:   # noqa: BLE001
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise FlowARError("a loadable diffusers AutoencoderKL folder", f"{p}: {msg[:200]}",
-                              "check that the folder holds config.json and its weights file") from e
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]   # (a state_dict error's first line
+            msg = " ".join(lines[:2]) or type(e).__name__                      # is its title, the detail below)
+            raise FlowARError("a loadable diffusers AutoencoderKL folder", f"{p}: {msg[:240]}",
+                              "check that the folder holds config.json and the weights file it describes") from e
         vae = VAE(ak)
     else:
         vae = convert_mar_checkpoint(p)
