@@ -308,7 +308,7 @@ def test_an_output_is_refused_before_any_work_where_it_would_write_over_an_input
     for command, args, said in (
             (run, base + ["--save-tokens", str(ck)], f"--save-tokens apart from the inputs; got {ck} is {ck}"),
             (run, base + ["--vae", str(vae), "--save-tokens", str(vae / "diffusion_pytorch_model.safetensors")],
-             "is inside"),
+             "is a file of"),
             (run, base + ["--noise", str(noise), "--save-tokens", str(noise)], "--save-tokens apart from the inputs"),
             (run, base + ["--out", str(tmp_path / "g.png"), "--save-images", str(tmp_path / "g.png")],
              "--save-images apart from --out"),
@@ -320,6 +320,22 @@ def test_an_output_is_refused_before_any_work_where_it_would_write_over_an_input
         lines = [ln for ln in res.output.splitlines() if ln.strip()]
         assert res.exit_code == 2 and len(lines) == 1 and said in lines[0], (args, res.output)
     assert {p: p.read_bytes() for p in before} == before and not (tmp_path / "g.png").exists()
+    # other files in an input folder may be written again (an earlier run's grid, a bulk run's folder inside
+    # the engine directory, resumed): only the files the input is made of are refused
+    import json
+
+    from flowar.errors import FlowARError
+    from flowar.io.files import check_outputs
+    eng = tmp_path / "eng"
+    eng.mkdir()
+    (eng / "manifest.json").write_text(json.dumps({"stages": {"ar": {"file": "ar.onnx", "data": "ar.onnx.data"}}}))
+    for name in ("ar.onnx", "ar.onnx.data", "grid.png"):
+        (eng / name).write_bytes(b"x")
+    (eng / "samples").mkdir()
+    check_outputs([("--out", str(eng / "grid.png")), ("--save-images", str(eng / "samples"))], [str(eng)])
+    for name in ("ar.onnx", "ar.onnx.data", "manifest.json"):
+        with pytest.raises(FlowARError, match=f"--save-tokens apart from the inputs; got .*{name} is a file of"):
+            check_outputs([("--save-tokens", str(eng / name))], [str(eng)])
 
 
 def test_more_images_than_memory_or_disk_hold_are_refused_before_sampling(default_auto_engines, tmp_path,

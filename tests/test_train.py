@@ -83,6 +83,10 @@ def test_refuses_to_overwrite_a_run(small_world, tmp_path):
     with pytest.raises(FlowARError, match="holds model.safetensors"):
         train(_args(small_world, mine, steps=1), progress=False)
     assert [p.name for p in mine.iterdir()] == ["model.safetensors"] and (mine / "model.safetensors").read_bytes() == b"the user's"
+    own = tmp_path / "own"                            # a run killed after a sample grid, before its first checkpoint
+    (own / "samples").mkdir(parents=True)
+    (own / "loss.png").write_bytes(b"png")
+    assert train(_args(small_world, own, steps=1), progress=False).step == 1
 
 
 def test_a_diverged_loss_stops_training_instead_of_writing_nan_weights(small_world, tmp_path):
@@ -91,7 +95,7 @@ def test_a_diverged_loss_stops_training_instead_of_writing_nan_weights(small_wor
     a model too small to have two scales is refused (--size 7 trained one 1x1 scale)."""
     from flowar.errors import FlowARError
     from flowar.train.trainer import train
-    with pytest.raises(FlowARError, match="a finite training loss"):
+    with pytest.raises(FlowARError, match="a finite training loss|finite weights at the end"):
         train(_args(small_world, tmp_path / "r", steps=6, lr=1e30, warmup=0, grad_clip=1e30), progress=False)
     assert not (tmp_path / "r" / "model.safetensors").exists()
     from flowar.train.vae import VAETrainArgs, train_vae

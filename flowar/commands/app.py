@@ -55,7 +55,8 @@ def make_app(service: Service):
     class Answering:
         """Counts the requests to /v1/generate until their answer's last byte is handed to the
         server (:attr:`Service.answering`): a draining replica's images are all computed before their
-        answers are out, and stopping then would cut those answers off (plain ASGI, around the rest)."""
+        answers are out, and stopping then would cut those answers off. Plain ASGI around the whole
+        stack, Starlette's error middleware included (a failed batch's 500 is sent from there)."""
 
         def __init__(self, inner):
             self.inner = inner
@@ -68,7 +69,8 @@ def make_app(service: Service):
                 await self.inner(scope, receive, send)
             finally:
                 service.answering -= 1
-    app.add_middleware(Answering)
+    stack = app.build_middleware_stack                 # (what Starlette builds on the first request)
+    app.build_middleware_stack = lambda: Answering(stack())
 
     @app.exception_handler(ServiceError)
     async def refused(request: Request, e: ServiceError):

@@ -145,21 +145,23 @@ def check_request(req: ExportRequest):
 def _require_disk(req: ExportRequest, model, vae) -> None:
     """Refuse, before the export's work, a disk without room for what it writes, counted from the
     weights it exports (not the checkpoint's file, which may hold optimizer state and a second set
-    of weights): the graphs hold them once (half in fp16/bf16), ONNX Runtime's optimized copy of each
-    graph without external data once more, compiled engines (measured precision) and TensorRT plans
-    once more each; 10 % and 256 MB for caches and logs."""
+    of weights), per graph (the AR, the head, the decoder): each graph holds its weights once (half in
+    fp16/bf16), ONNX Runtime's optimized copy of a graph without external data once more in float32
+    (fp16 weights are widened there), compiled engines (measured precision) once more, TensorRT plans
+    once more in the graphs' precision; 10 % and 256 MB for caches and logs."""
     from flowar.export.onnx_export import EXTERNAL_DATA_BYTES
     from flowar.io.memory import require_free_space
 
     def nbytes(module) -> int:
         return sum(t.numel() * t.element_size() for t in {id(t): t for t in (*module.parameters(), *module.buffers())}.values())
     half = 0.5 if req.graph_precision in ("fp16", "bf16") else 1.0
-    weights = nbytes(model) + (nbytes(vae) if vae is not None else 0)
-    # graphs above EXTERNAL_DATA_BYTES keep their weights beside them and get no optimized copy: the
-    # AR of the larger models; the head and the decoder are smaller
-    small = weights if weights * half <= EXTERNAL_DATA_BYTES else nbytes(model.flownet) + (nbytes(vae) if vae else 0)
-    cached = 0 if req.graph_precision == "bf16" else small * half     # (bf16 graphs: no CPU session, no copy)
-    need = weights * half + cached + weights * (req.measured + (req.backend != "ort"))
+    head = nbytes(model.flownet)
+    parts = [nbytes(model) - head, head] + ([nbytes(vae)] if vae is not None else [])      # float32 bytes per graph
+    weights = sum(parts)
+    # a graph above EXTERNAL_DATA_BYTES keeps its weights beside it and gets no optimized copy (bf16 graphs: no
+    # CPU session, no copy)
+    cached = 0 if req.graph_precision == "bf16" else sum(p for p in parts if p * half <= EXTERNAL_DATA_BYTES)
+    need = weights * half + cached + weights * req.measured + weights * half * (req.backend != "ort")
     require_free_space(req.out.parent, int(need * 1.1) + (256 << 20),
                        f"the engine directory ({weights / 1e9:.2f} GB of weights: graphs, optimized copies"
                        + (", compiled engines" if req.measured else "") + (", TensorRT plans" if req.backend != "ort" else "")

@@ -28,7 +28,7 @@ import numpy as np
 
 from flowar.commands.cluster import bounded_retries, quiet_ray_data, start_ray
 from flowar.commands.shards import (check_run, shard_batches, shard_is_done, shard_path, shard_ranges,
-                                    write_run_json)
+                                    images_done, write_run_json)
 from flowar.errors import FlowARError
 
 
@@ -176,12 +176,14 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     choose_backend(m, spec.backend)                                             # refuse a backend that cannot run
     Settings.of(spec.schedule).resolve(m.config.n_scales, m.schedule_defaults)  # refuse bad settings now
     spec.manifest_sha256 = sha256_file(m.root / MANIFEST)
-    # room for every image three times at most (the shards, samples.npz, the PNGs): a count the disk
-    # cannot hold is refused now (10^12 images filled 24 GB of memory listing their shards, then was killed)
+    # room for the images still to sample twice (their shards, their PNGs at most) and samples.npz of all:
+    # a count the disk cannot hold is refused now (10^12 images filled 24 GB of memory listing their
+    # shards, then was killed)
     from flowar.io.memory import require_free_space
     side = m.vae["image_size"]
-    require_free_space(out, spec.num_images * side * side * 3 * 3,
-                       f"{spec.num_images} images of {side}x{side} (shards, samples.npz and PNGs)")
+    left = spec.num_images - images_done(out, spec)
+    require_free_space(out, (2 * left + spec.num_images) * side * side * 3,
+                       f"{left} images of {side}x{side} still to sample (shards, PNGs) and samples.npz")
     if ray_address is not None:
         start_ray(ray_address, None)                    # a cluster that is not there: refused before --out is written
     out.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,8 @@ from flowar.errors import FlowARError
 @click.option("--labels", help="Comma-separated class ids, e.g. 3,7 (default: the first 10 classes).")
 @click.option("--classes", multiple=True, help="Class names, e.g. cat,dog (ImageNet names and synonyms for the "
               "official 1000-class models); names that contain commas: separate with ';' or repeat the option.")
-@click.option("--n-per-class", default=1, show_default=True, type=int, help="Samples per requested class.")
+@click.option("--n-per-class", default=1, show_default=True, type=int, help="Samples per requested class (at most "
+              "10000; kept in memory until written: for more, flowar-sample).")
 @click.option("--batch", "batch_size", type=int, help="Samples per batch [default: with --engine-dir the batch "
               "with the best images/s in the call plan measured at export, else the engines' max batch; with --ckpt "
               "all at once (on a GPU with CUDA graphs, 16)].")

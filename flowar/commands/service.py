@@ -120,9 +120,9 @@ class Metrics:
 
 
 def spread(seconds: int) -> str:
-    """A Retry-After of at least ``seconds``, spread up to half again at random: clients refused
-    together come back over a window, not all at the same second (32 refused clients that obeyed
-    one shared value were refused again 36 times)."""
+    """A Retry-After of at least ``seconds``, spread up to half again at random (one second more at
+    most for a wait of one or two): clients refused together come back over a window, not all at
+    the same second (32 refused clients that obeyed one shared value were refused again 36 times)."""
     return str(seconds + random.randint(0, max(1, seconds // 2)))
 
 

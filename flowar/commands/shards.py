@@ -44,6 +44,19 @@ def shard_is_done(out: Path, j: int, start: int, end: int) -> bool:
         return False
 
 
+def images_done(out: Path, spec: BulkSpec) -> int:
+    """Images already in finished shards of ``out`` (read from the shard files there, not from a list
+    of every shard of the run, which a huge count could not hold)."""
+    done = 0
+    for p in (out / "shards").glob("*.npz") if (out / "shards").is_dir() else ():
+        if p.stem.isdigit():
+            j = int(p.stem)
+            start, end = j * spec.shard_size, min((j + 1) * spec.shard_size, spec.num_images)
+            if start < end and shard_is_done(out, j, start, end):
+                done += end - start
+    return done
+
+
 def check_run(out: Path, spec: BulkSpec) -> None:
     """A folder holds one run: refuse to mix shards of other settings into it, and to write into a
     folder this command did not write (new or empty, else one with its run.json): a folder of the

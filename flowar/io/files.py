@@ -56,12 +56,39 @@ def user_cache(name: str) -> Path:
     return Path(base) / "flowar" / name
 
 
+def _files_of(p: Path) -> list[Path]:
+    """The files an input is made of: itself; for an engine directory its manifest and every file it
+    lists; for another folder (a diffusers VAE) the files at its top."""
+    if not p.is_dir():
+        return [p]
+    if (p / "manifest.json").is_file():
+        import json
+        try:
+            listed = json.loads((p / "manifest.json").read_text())
+        except (OSError, ValueError):
+            listed = {}
+        names: list[str] = []
+
+        def walk(v) -> None:
+            if isinstance(v, dict):
+                names.extend(x for k, x in v.items() if k in ("file", "data") and isinstance(x, str))
+                for x in v.values():
+                    walk(x)
+            elif isinstance(v, list):
+                for x in v:
+                    walk(x)
+        walk(listed)
+        return [p / "manifest.json"] + [(p / n).resolve() for n in names]
+    return [f for f in p.iterdir() if f.is_file()]
+
+
 def check_outputs(outputs: list[tuple[str, str | Path | None]], inputs: list[str | Path | None]) -> None:
     """Refuse, before any work, an output path (``(option, path)``; None: not given) that is empty,
-    that is an input or an existing file inside an input folder (``--save-tokens`` at the checkpoint,
-    or at the VAE folder's weights, overwrote them), or that another output also names (both were
+    that is an input or one of the files an input folder is made of (``--save-tokens`` at the
+    checkpoint, or at the VAE folder's weights, overwrote them; other files in an input folder, such
+    as an earlier run's grid, may be written again), or that another output also names (both were
     written, then the command failed half way)."""
-    ins = [(Path(p).resolve(), p) for p in inputs if p]
+    ins = [(f.resolve(), p) for p in inputs if p for f in _files_of(Path(p))]
     seen: dict[Path, str] = {}
     for option, p in outputs:
         if p is None:
@@ -70,8 +97,9 @@ def check_outputs(outputs: list[tuple[str, str | Path | None]], inputs: list[str
             raise FlowARError(f"a path for {option}", "an empty one", f"give {option} a path, or leave it out")
         r = Path(p).resolve()
         for i, given in ins:
-            if r == i or (i.is_dir() and r.is_relative_to(i) and r.exists()):
-                raise FlowARError(f"{option} apart from the inputs", f"{p} is {'' if r == i else 'inside '}{given}",
+            if r == i:
+                of = "" if Path(given).resolve() == i else "a file of "
+                raise FlowARError(f"{option} apart from the inputs", f"{p} is {of}{given}",
                                   f"choose another path for {option}")
         if r in seen:
             raise FlowARError(f"{option} apart from {seen[r]}", f"both at {p}", "give each output its own path")

@@ -223,8 +223,11 @@ def check_args(args: TrainArgs, world: int, n_images: int) -> Path:
     if not args.resume and ckpt.is_file():
         raise FlowARError("an empty run folder (or --resume)", f"{ckpt} exists",
                           "pass --resume to continue it, or choose another --out")
-    held = sorted(p.name for p in Path(args.out).iterdir()) if Path(args.out).is_dir() else []
-    if not args.resume and held:       # (a folder of other files had its model.safetensors and loss.png replaced)
+    # (a folder of other files had its model.safetensors and loss.png replaced; a run's own, made before its
+    # first checkpoint, are not other files: it starts afresh there)
+    held = sorted(p.name for p in Path(args.out).iterdir() if p.name not in ("samples", "loss.png")
+                  and not p.name.startswith(".")) if Path(args.out).is_dir() else []
+    if not args.resume and held:
         raise FlowARError("an empty run folder (or --resume)", f"{args.out} holds {', '.join(held[:3])}"
                           + (", ..." if len(held) > 3 else ""), "choose a new --out")
     if args.resume:      # the settings the losses so far came from must stay (they carried on, or failed in a traceback)
@@ -364,12 +367,17 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
             run.state.losses.append(mean_over_ranks(loss, world))
             if not math.isfinite(run.state.losses[-1]):    # (NaN weights were written and the run said it trained)
                 raise FlowARError("a finite training loss", f"{run.state.losses[-1]} at step {step}",
-                                  "lower --lr or --grad-clip; the last checkpoint before it is kept (--resume)")
+                                  "start afresh in a new --out with a lower --lr or --grad-clip (a resumed run "
+                                  "keeps its settings)")
             run.state.step += 1
             if rank == 0:
                 bar.log(run.state, lr_at(step, args))
                 checkpoint_and_sample(run, args, lat.class_names, ckpt, end)
     if rank == 0 and run.state.step == args.steps:
+        # the last update's weights (not the buffers: the attention mask holds -inf by design)
+        if not all(bool(torch.isfinite(p).all()) for p in run.ema.parameters()):
+            raise FlowARError("finite weights at the end", "NaN or Inf in the EMA weights",
+                              "start afresh in a new --out with a lower --lr or --grad-clip")
         save_checkpoint(Path(args.out) / "model.safetensors", run.ema.state_dict(), config, lat.class_names,
                         extra={"step": str(run.state.step), "vae": str(args.vae), "data": str(args.data)})
     if world > 1:
