@@ -130,7 +130,7 @@ class Runtime(contextlib.AbstractContextManager):
         self.detail = detail                # what computes, per stage where it differs (logs, /health, run.json)
         self.decodes = decodes              # has a decoder: images, not only tokens
         self.max_batch = max_batch          # the engines' limit; None: any batch at once
-        self.defaults = Settings.recorded(defaults)   # an engine directory's recorded defaults
+        self.defaults = Settings.of(defaults)   # an engine directory's recorded defaults
         self.manifest, self.model, self.vae = manifest, model, vae
         self.opened: dict = {}              # seconds to open (read and check the files, warm up), shapes warmed
         self.data = data                    # what the checkpoint was trained on (its metadata), e.g. animal-mnist

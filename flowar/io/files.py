@@ -68,16 +68,14 @@ def _files_of(p: Path) -> list[Path]:
         except (OSError, ValueError):
             listed = {}
         names: list[str] = []
-
-        def walk(v) -> None:
+        stack = [listed]                   # every "file" and "data" name, at any depth
+        while stack:
+            v = stack.pop()
             if isinstance(v, dict):
-                names.extend(x for k, x in v.items() if k in ("file", "data") and isinstance(x, str))
-                for x in v.values():
-                    walk(x)
+                names += [x for k, x in v.items() if k in ("file", "data") and isinstance(x, str)]
+                stack += v.values()
             elif isinstance(v, list):
-                for x in v:
-                    walk(x)
-        walk(listed)
+                stack += v
         return [p / "manifest.json"] + [(p / n).resolve() for n in names]
     return [f for f in p.iterdir() if f.is_file()]
 

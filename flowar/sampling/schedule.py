@@ -188,17 +188,13 @@ class Settings:
 
     @classmethod
     def of(cls, values: "Settings | dict | None") -> "Settings":
-        """Settings from a mapping of these field names (an engine directory's recorded defaults)."""
+        """Settings from a mapping of these field names: an engine directory's recorded defaults,
+        whose errors name where they are (one said "--cfg in [1, 50] ... use e.g. --cfg 4.3" where no
+        --cfg was given)."""
         if isinstance(values, Settings):
             return values
-        return cls(**{k: v for k, v in (values or {}).items() if k in cls.__dataclass_fields__})
-
-    @classmethod
-    def recorded(cls, values: "Settings | dict | None") -> "Settings":
-        """:meth:`of` an engine directory's recorded defaults, whose errors name where they are (one
-        said "--cfg in [1, 50] ... use e.g. --cfg 4.3" where no --cfg was given)."""
         try:
-            return cls.of(values)
+            return cls(**{k: v for k, v in (values or {}).items() if k in cls.__dataclass_fields__})
         except FlowARError as e:
             raise FlowARError(f"schedule_defaults in the engine directory's manifest.json: "
                               f"{e.expected.removeprefix('--')}", e.got,
@@ -212,7 +208,7 @@ class Settings:
         """The schedule these settings name: each field as given, else ``recorded`` (an engine
         directory's defaults), else :data:`~flowar.config.SAMPLING_DEFAULTS`, else the named
         schedule's own."""
-        layers = (self, Settings.recorded(recorded), _DEFAULTS)
+        layers = (self, Settings.of(recorded), _DEFAULTS)
         s = {f: next((getattr(x, f) for x in layers if getattr(x, f) is not None), None) for f in self.__dataclass_fields__}
         named = SCHEDULES[s["schedule"]]
         if s["solver"] == "skip" and named["solver"] != "skip":     # the skip solver's own stride and order, fast's
