@@ -47,9 +47,15 @@ def main(argv=None) -> int:
     ap.add_argument("--engine-dir", required=True)
     ap.add_argument("--num-images", type=int, default=32)
     ap.add_argument("--batch", type=int, action="append", default=[], help="also this batch (repeatable)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", type=int, default=None, help="[default: the cores this process may use]")
     ap.add_argument("--json", default="bench/out/bulk_rate.json")
     a = ap.parse_args(argv)
+    from flowar.engines.ort import cpu_threads
+    from flowar.io.files import check_writable
+    a.threads = cpu_threads() if a.threads is None else a.threads      # (taskset / cpuset, not the host's count)
+    if a.threads < 1:
+        sys.exit(f"error: expected --threads >= 1; got {a.threads}. Fix: use e.g. --threads 2")
+    check_writable(a.json, False, "--json")
     before = in_process_rate(a.engine_dir, a.threads)
     print(f"in-process: {before:.3f} s per image ({1 / before:.3f} images/s; flowar-run, eight images one at a time)",
           flush=True)
@@ -74,4 +80,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from flowar.errors import run_script
+    run_script(main)

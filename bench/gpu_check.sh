@@ -9,7 +9,7 @@
 #    schedule, fp32 and bf16 (bf16 GEMMs), batch 1 and 8, tokens compared, ms per image;
 # 5. summary.json: ms per image, ratio to eager and token difference per (dtype, backend, batch).
 # Each part has its own time limit, so a slow part loses only its own figures; the whole stays
-# under 9 minutes (about 20 s + 90 s + 2 x 100 s + 150 s + 90 s, plus start-up).
+# under 9 minutes (about 20 s + 90 s + 2 x 100 s + 120 s + 90 s = 520 s, plus start-up).
 #
 # What comes back: the device tool returns at most 8 files from $OUT, and the parts write ~15, so
 # they are written to a scratch folder and $OUT gets gpu_check.tgz (every file, re-packed after each
@@ -22,7 +22,29 @@ DEST="${OUT:-bench/out/gpu}"
 mkdir -p "$DEST"
 OUT="$(mktemp -d)"                # every part's files; packed into $DEST after each part
 trap 'rm -rf "$OUT"' EXIT
+summarize() {     # summary.json / summary.txt from the parts so far (written at every pack: a run stopped at
+                  # its limit still returns them)
+"$PY" - "$OUT" <<'PYEOF' 2>&1 > "$OUT/summary.txt"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+rows = []
+for f in sorted(out.glob("flowar_s_*.json")):
+    d = json.loads(f.read_text())
+    for r in d["results"]:
+        if r["median_s"] == r["median_s"]:
+            rows.append({"file": f.name, "dtype": d["dtype"], "backend": r["backend"], "batch": r["batch"],
+                         "ms_per_image": 1e3 * r["median_s"] / r["batch"], "vs_eager": r["speedup_vs_eager"],
+                         "max_abs_diff_vs_eager": r["max_abs_diff_vs_eager"], "parity_ok": r["parity_ok"],
+                         "build_s": r["build_s"]})
+(out / "summary.json").write_text(json.dumps({"rows": rows}, indent=1))
+for r in rows:
+    print(f"{r['dtype']:<5} {r['backend']:<10} batch {r['batch']:<3} {r['ms_per_image']:9.2f} ms/image  "
+          f"x{r['vs_eager'] or 0:6.2f} vs eager  max|dtokens| {r['max_abs_diff_vs_eager']:.1e}  ok {r['parity_ok']}")
+PYEOF
+}
 pack() {
+  summarize
   tar czf "$DEST/gpu_check.tgz.part" -C "$OUT" . && mv "$DEST/gpu_check.tgz.part" "$DEST/gpu_check.tgz"
   for f in env.txt gpu_tests.txt summary.txt summary.json; do [ -f "$OUT/$f" ] && cp "$OUT/$f" "$DEST/"; done
   return 0
@@ -48,30 +70,13 @@ for dt in fp32 bf16; do
       | tee "$OUT/bench_$dt.txt" | tail -8
   pack
 done
-if [ "${COMPILE:-1}" = 1 ]; then       # COMPILE=0 skips this part (150 s)
-  timeout 150 "$PY" bench/latency.py --preset "$PRESET" --batch "$BATCHES" --backends eager,compile --repeat 3 \
+if [ "${COMPILE:-1}" = 1 ]; then       # COMPILE=0 skips this part (120 s)
+  timeout 120 "$PY" bench/latency.py --preset "$PRESET" --batch "$BATCHES" --backends eager,compile --repeat 3 \
       --json "$OUT/flowar_s_compile.json" --plot "" 2>&1 | tee "$OUT/bench_compile.txt" | tail -6
   pack
 fi
 timeout 90 "$PY" bench/gpu_pipeline.py --preset "$PRESET" --batch 1,8 --out "$OUT/pipeline.json" 2>&1 \
     | tee "$OUT/pipeline.txt" | tail -10
-"$PY" - "$OUT" <<'PYEOF' 2>&1 | tee "$OUT/summary.txt"
-import json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-rows = []
-for f in sorted(out.glob("flowar_s_*.json")):
-    d = json.loads(f.read_text())
-    for r in d["results"]:
-        if r["median_s"] == r["median_s"]:
-            rows.append({"file": f.name, "dtype": d["dtype"], "backend": r["backend"], "batch": r["batch"],
-                         "ms_per_image": 1e3 * r["median_s"] / r["batch"], "vs_eager": r["speedup_vs_eager"],
-                         "max_abs_diff_vs_eager": r["max_abs_diff_vs_eager"], "parity_ok": r["parity_ok"],
-                         "build_s": r["build_s"]})
-(out / "summary.json").write_text(json.dumps({"rows": rows}, indent=1))
-for r in rows:
-    print(f"{r['dtype']:<5} {r['backend']:<10} batch {r['batch']:<3} {r['ms_per_image']:9.2f} ms/image  "
-          f"x{r['vs_eager'] or 0:6.2f} vs eager  max|dtokens| {r['max_abs_diff_vs_eager']:.1e}  ok {r['parity_ok']}")
-PYEOF
 pack
+cat "$OUT/summary.txt"
 echo "done: $DEST (gpu_check.tgz holds every part's files: tar xzf $DEST/gpu_check.tgz)"

@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="cores of the runtime [default: all]")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    from flowar.io.files import check_writable
+    check_writable(a.json, False, "--json")
     from flowar.pipeline.pipeline import FlowARPipeline
     pipe = FlowARPipeline.from_pretrained(a.engine_dir, threads=a.threads)
     rt = pipe.runtime
@@ -81,4 +83,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from flowar.errors import run_script
+    run_script(main)

@@ -155,6 +155,8 @@ def check(a) -> BenchSpec:
             raise FlowARError(f"{name} >= 0", repr(v), f"e.g. {name} 1e-3")
     if any(b < 1 for b in batches) or a.repeat < 1:
         raise FlowARError("--batch and --repeat >= 1", f"{a.batch} / {a.repeat}", "use positive numbers")
+    if a.warmup < 0:                                  # (-1 ended in an AttributeError, or timed one run fewer)
+        raise FlowARError("--warmup >= 0", str(a.warmup), "use e.g. --warmup 1")
     if a.fresh < 0 or (a.threads is not None and a.threads < 1):     # (found after the warm runs, or by torch)
         raise FlowARError("--fresh >= 0 and --threads >= 1", f"{a.fresh} / {a.threads}", "use e.g. --fresh 3")
     if a.fresh and not a.engine_dir:                  # (it was ignored)

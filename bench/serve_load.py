@@ -44,8 +44,12 @@ BIN = Path(sys.executable).parent
 
 def request(url: str, path: str, body: dict | None = None, timeout: float = 120.0) -> tuple[int, object]:
     data = json.dumps(body).encode() if body is not None else None
+    # the token flowar-serve takes from the environment it inherits, sent as every client would (without it
+    # every request was a 401 and the run reported 0 answered, with no word why)
+    token = os.environ.get("FLOWAR_SERVE_TOKEN")
     req = urllib.request.Request(url + path, data=data, method="POST" if data else "GET",
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json"} | (
+                                     {"Authorization": f"Bearer {token.strip()}"} if token else {}))
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             raw = r.read()
@@ -206,6 +210,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default="bench/out/serve_load.json")
     ap.add_argument("--chart", default=None, help="the timeline chart (PNG) [default: beside --json]")
     a = ap.parse_args(argv)
+    from flowar.io.files import check_writable          # (before minutes of serving, not after them)
+    check_writable(a.json, False, "--json")
+    check_writable(a.chart, False, "--chart")
     if min(a.sequential, a.concurrent, a.burst) < 1 or not a.deadline > 0 or (a.threads is not None and a.threads < 1):
         raise SystemExit("error: expected --sequential, --concurrent, --burst and --threads >= 1 and --deadline > 0; "
                          f"got {a.sequential} / {a.concurrent} / {a.burst} / {a.threads} / {a.deadline}")
@@ -236,7 +243,8 @@ def main(argv=None) -> int:
                               stdout=subprocess.DEVNULL, stderr=open(Path(tmp.name) / "serve.log", "w"),
                               start_new_session=True)      # (its stderr kept: why it did not come up)
     from flowar.engines.cpu import cpu_kind
-    out: dict = {"engine_dir": engine_dir, "cpu": cpu_kind()["model"], "threads": a.threads or os.cpu_count(),
+    from flowar.engines.ort import cpu_threads
+    out: dict = {"engine_dir": engine_dir, "cpu": cpu_kind()["model"], "threads": a.threads or cpu_threads(),
                  "in_process_s_per_image": per_image, "deadline_s": a.deadline}
     try:
         while request(url, "/health", timeout=5)[0] != 200:
@@ -331,4 +339,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from flowar.errors import run_script
+    run_script(main)

@@ -69,7 +69,8 @@ def main(argv=None) -> int:
                 times = []
                 for _ in range(a.repeat + 2):
                     t0 = time.perf_counter()
-                    run_sampling(rt.stages, c, [3], s, 0, decode=True)
+                    with rt.threads.applied():          # (the thread policy flowar-run samples under)
+                        run_sampling(rt.stages, c, [3], s, 0, decode=True)
                     times.append(time.perf_counter() - t0)
                 lat = statistics.median(times[2:])
                 q = measure(stages_sampler(rt.stages, c, labels, 0, rt.manifest.max_batch), c, labels, s, True, judge,

@@ -36,3 +36,15 @@ def one_line(e: FlowARError | OSError) -> str:
 
 class EngineDirError(FlowARError):
     """An engine directory that is missing, partial, tampered with, or built for something else."""
+
+
+def run_script(main) -> None:
+    """A bench script's entry: exit with ``main()``'s status, or with a user error as one line on
+    stderr and status 2 (a traceback before)."""
+    import sys
+    try:
+        code = main()
+    except (FlowARError, OSError) as e:
+        print(one_line(e), file=sys.stderr)
+        code = 2
+    sys.exit(code)

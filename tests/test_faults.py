@@ -474,3 +474,15 @@ def _umask() -> int:
     old = os.umask(0o022)
     os.umask(old)
     return old
+
+
+@pytest.mark.parametrize("script,args", [("serve_load.py", []), ("bulk_rate.py", ["--engine-dir", "{tmp}"]),
+                                         ("lane_batches.py", ["--engine-dir", "{tmp}"])])
+def test_the_bench_scripts_check_their_outputs_first_and_say_so_in_one_line(tmp_path, script, args):
+    """A bench script's unwritable --json is one line and exit 2 before any work (it was a traceback
+    after minutes of serving or sampling, and the figures were lost)."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "bench" / script), *[a.format(tmp=tmp_path) for a in args],
+                           "--json", "/proc/flowar/none.json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert proc.stderr.startswith("error: expected a writable location for --json"), proc.stderr
