@@ -142,21 +142,20 @@ def check_request(req: ExportRequest):
     return None
 
 
-def _require_disk(req: ExportRequest, model, vae) -> None:
+def _require_disk(req: ExportRequest, model, vae, specs: dict) -> None:
     """Refuse, before the export's work, a disk without room for what it writes, counted from the
-    weights it exports (not the checkpoint's file, which may hold optimizer state and a second set
-    of weights), per graph (the AR, the head, the decoder): each graph holds its weights once (half in
-    fp16/bf16), ONNX Runtime's optimized copy of a graph without external data once more in float32
-    (fp16 weights are widened there), compiled engines (measured precision) once more, TensorRT plans
-    once more in the graphs' precision; 10 % and 256 MB for caches and logs."""
+    weights it exports (not the checkpoint's file, which may hold optimizer state and a second set of
+    weights), per graph: what each stage reads (:func:`~flowar.runtime.candidates.stage_tensors`; the
+    head's weights once, in the velocity's graph: head_prep's keeps the few it uses). Each graph holds
+    its weights once (half in fp16/bf16), ONNX Runtime's optimized copy of a graph without external data
+    once more in float32 (fp16 weights are widened there), compiled engines (measured precision) once
+    more, TensorRT plans once more in the graphs' precision; 10 % and 256 MB for caches and logs."""
     from flowar.export.onnx_export import EXTERNAL_DATA_BYTES
     from flowar.io.memory import require_free_space
-
-    def nbytes(module) -> int:
-        return sum(t.numel() * t.element_size() for t in {id(t): t for t in (*module.parameters(), *module.buffers())}.values())
+    from flowar.runtime.candidates import stage_tensors
     half = 0.5 if req.graph_precision in ("fp16", "bf16") else 1.0
-    head = nbytes(model.flownet)
-    parts = [nbytes(model) - head, head] + ([nbytes(vae)] if vae is not None else [])      # float32 bytes per graph
+    parts = [sum(t.nbytes for t in stage_tensors(s, spec.module(model, vae)).values())     # float32 bytes per graph
+             for s, spec in specs.items() if s != "head_prep"]
     weights = sum(parts)
     # a graph above EXTERNAL_DATA_BYTES keeps its weights beside it and gets no optimized copy (bf16 graphs: no
     # CPU session, no copy)
@@ -316,7 +315,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
         from flowar.model.vae import load_vae
         vae = load_vae(req.vae_path, expect_channels=config.latent_channels)
     specs = stage_specs(config, vae.downsample if vae else None)
-    _require_disk(req, model, vae)
+    _require_disk(req, model, vae, specs)
     # progress(what, of how many steps): export (+ verify) (+ TensorRT) per stage, + the precision choice
     total = len(specs) * (1 + (req.verify and req.graph_precision != "bf16") + (builder is not None)) + (len(specs) * 5 + 6 if req.measured else 0)
     say = (lambda msg: progress(msg, total)) if progress else (lambda msg: None)

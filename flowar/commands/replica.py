@@ -36,7 +36,9 @@ class Replica:
         self.lanes = [rt]
         self._known: OrderedDict = OrderedDict()    # settings -> (schedule, planned cost, head work), the latest KNOWN
         self._known_lock = threading.Lock()          # (the event loop costs requests; lanes sample)
-        self._default_work = head_work(rt.schedule(None), rt.config.scales)
+        default = rt.schedule(None)                  # what every cost is counted against (once, here)
+        self._default_work = head_work(default, rt.config.scales)
+        self._default_s = self._planned_s(default)
         # without a call plan: an image's seconds outside the head (AR, decoder) and per unit of the
         # head's work, as measured on the batches served (None: none yet)
         self.split: tuple[float, float] | None = None
@@ -70,18 +72,23 @@ class Replica:
                 self._known.move_to_end(settings)
                 return self._known[settings]
         rt = self.pipe.runtime
-        ours, planned = rt.schedule(settings), None
-        if rt.call_plan.get("stages"):
-            from flowar.commands.plan import image_seconds
-            specs = {"decode": None} if rt.decodes else {}
-            planned = (image_seconds(rt.call_plan, specs, rt.config, ours, 1)
-                       / image_seconds(rt.call_plan, specs, rt.config, rt.schedule(None), 1))
+        ours = rt.schedule(settings)
+        planned = self._planned_s(ours) / self._default_s if rt.call_plan.get("stages") and self._default_s else None
         known = (ours, planned, head_work(ours, rt.config.scales))
         with self._known_lock:
             self._known[settings] = known
             while len(self._known) > KNOWN:          # (requests may name any cfg: not kept for ever)
                 self._known.popitem(last=False)
         return known
+
+    def _planned_s(self, schedule) -> float | None:
+        """Seconds of one image under ``schedule`` by the call plan (the AR and the decoder included);
+        None without a plan."""
+        rt = self.pipe.runtime
+        if not rt.call_plan.get("stages"):
+            return None
+        from flowar.commands.plan import image_seconds
+        return image_seconds(rt.call_plan, {"decode": None} if rt.decodes else {}, rt.config, schedule, 1)
 
     def _measured(self, timings: dict, images: int, work: int) -> None:
         """Learn :attr:`split` from one sampling call's seconds per stage (CPU clocks; a call whose

@@ -14,8 +14,6 @@ class Lines:
     """What a bar's caller uses of tqdm (``update``, ``set_postfix(_str)``, ``total``, ``n``, ``close``),
     written as one line every ``every_s`` seconds: ``desc: n/total units (rate/s) postfix``."""
 
-    disable = False
-
     def __init__(self, total: int | None, desc: str, unit: str, every_s: float):
         self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
         self.n, self.postfix = 0, ""
