@@ -228,6 +228,20 @@ def test_export_never_replaces_a_folder_it_did_not_write(fixtures_dir, tmp_path,
     eng.mkdir()                                      # empty: taken (its own is replaced: the SIGKILL test below)
     res = CliRunner().invoke(export_cmd, ["--ckpt", str(ckpt), "--out", str(eng), *base])
     assert res.exit_code == 0 and (eng / "manifest.json").is_file(), res.output
+    # a bulk run's folder and a grid written into it since: a re-export (which replaces the directory
+    # whole) refuses, both kept; what the export wrote alone (its cache too) is replaced as before
+    (eng / ".ort-cache").mkdir(exist_ok=True)
+    (eng / "run1").mkdir()
+    (eng / "run1" / "samples.npz").write_bytes(b"mine")
+    (eng / "grid.png").write_bytes(b"png")
+    res = CliRunner().invoke(export_cmd, ["--ckpt", str(ckpt), "--out", str(eng), *base])
+    assert res.exit_code == 2 and "also holds grid.png, run1" in res.output and \
+        len(res.output.strip().splitlines()) == 1, res.output
+    assert (eng / "run1" / "samples.npz").read_bytes() == b"mine" and (eng / "grid.png").read_bytes() == b"png"
+    sh.rmtree(eng / "run1")
+    (eng / "grid.png").unlink()
+    res = CliRunner().invoke(export_cmd, ["--ckpt", str(ckpt), "--out", str(eng), *base])
+    assert res.exit_code == 0 and (eng / "manifest.json").is_file(), res.output
 
 
 def test_only_temporary_folders_of_dead_exports_are_removed(tmp_path):

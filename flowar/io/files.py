@@ -128,6 +128,14 @@ def check_replaceable(target: str | Path, marker: str, option: str, sources: tup
         raise FlowARError(f"{option}: a new or empty folder, or one this command wrote (with {marker}), which it "
                           "replaces",
                           f"{t} holds other files ({shown})", f"choose a new folder for {option}")
+    if marker == "manifest.json":           # an engine directory: what its manifest lists, and the caches opening it made
+        listed = {f.relative_to(t).parts[0] for f in _files_of(t) if f.is_relative_to(t)}
+        theirs = [c for c in others if c not in listed and not c.startswith(".")]
+        if theirs and len(listed) > 1:      # (an unreadable manifest lists nothing: the directory is replaced as before)                          # (a bulk run's folder or a grid written into it went with the old one)
+            shown = ", ".join(theirs[:3]) + (", ..." if len(theirs) > 3 else "")
+            raise FlowARError(f"{option}: an engine directory holding only what flowar-export wrote (it is replaced as "
+                              "a whole)", f"{t} also holds {shown}",
+                              f"move {'them' if len(theirs) > 1 else 'it'} out first, or choose a new folder for {option}")
 
 
 def _umask() -> int:
