@@ -357,3 +357,15 @@ def test_more_images_than_memory_or_disk_hold_are_refused_before_sampling(defaul
     res = CliRunner().invoke(sample_cmd, eng + ["--num-images", str(10 ** 12), "--out", str(tmp_path / "s")])
     assert res.exit_code == 2 and f"free for {10 ** 12} images of 32x32" in res.output, res.output
     assert not (tmp_path / "s").exists()
+
+
+def test_a_loop_of_symbolic_links_as_an_input_is_one_line(tmp_path):
+    """check_outputs follows every input's links: a loop was a RuntimeError traceback in every command."""
+    from flowar.errors import FlowARError
+    from flowar.io.files import check_outputs
+    (tmp_path / "a.safetensors").symlink_to(tmp_path / "b.safetensors")
+    (tmp_path / "b.safetensors").symlink_to(tmp_path / "a.safetensors")
+    with pytest.raises(FlowARError, match="a loop of links"):
+        check_outputs([("--out", tmp_path / "g.png")], [tmp_path / "a.safetensors"])
+    with pytest.raises(FlowARError, match="a loop of links"):
+        check_outputs([("--out", tmp_path / "a.safetensors")], [])

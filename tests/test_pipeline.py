@@ -323,3 +323,17 @@ def test_a_bulk_run_resumes_only_on_the_engines_it_began_with_and_bad_settings_w
         with pytest.raises(FlowARError, match=f"a new or empty folder, or one flowar-sample wrote.*{said}"):
             run_bulk(BulkSpec(str(d), 2, [0, 1], 7, {}, 1, 1), folder, progress=False)
         assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
+def test_from_pretrained_answers_a_path_it_cannot_use_with_one_flowar_error(tmp_path):
+    """Not a path, a name too long for the file system, a loop of links: a FlowARError each (a TypeError,
+    an OSError and a RuntimeError reached the caller)."""
+    from flowar import FlowARPipeline
+    from flowar.errors import FlowARError
+    (tmp_path / "a.safetensors").symlink_to(tmp_path / "b.safetensors")
+    (tmp_path / "b.safetensors").symlink_to(tmp_path / "a.safetensors")
+    for path, said in ((None, "a str or Path"), (5, "a str or Path"),
+                       (tmp_path / ("x" * 300 + ".safetensors"), "File name too long"),
+                       (tmp_path / "a.safetensors", "a.safetensors")):
+        with pytest.raises(FlowARError, match=said):
+            FlowARPipeline.from_pretrained(path)

@@ -76,8 +76,17 @@ def _files_of(p: Path) -> list[Path]:
                 stack += v.values()
             elif isinstance(v, list):
                 stack += v
-        return [p / "manifest.json"] + [(p / n).resolve() for n in names]
+        return [p / "manifest.json"] + [_resolve(p / n) for n in names]
     return [f for f in p.iterdir() if f.is_file()]
+
+
+def _resolve(p: Path) -> Path:
+    """``p`` with its links followed; a loop of symbolic links is one line (it was a traceback)."""
+    try:
+        return p.resolve()
+    except RuntimeError:
+        raise FlowARError("a path whose symbolic links lead to a file or folder", f"{p}: a loop of links",
+                          "point the links at a real file, or pass the real path") from None
 
 
 def check_outputs(outputs: list[tuple[str, str | Path | None]], inputs: list[str | Path | None]) -> None:
@@ -86,14 +95,14 @@ def check_outputs(outputs: list[tuple[str, str | Path | None]], inputs: list[str
     checkpoint, or at the VAE folder's weights, overwrote them; other files in an input folder, such
     as an earlier run's grid, may be written again), or that another output also names (both were
     written, then the command failed half way)."""
-    ins = [(f.resolve(), p) for p in inputs if p for f in _files_of(Path(p))]
+    ins = [(_resolve(f), p) for p in inputs if p for f in _files_of(Path(p))]
     seen: dict[Path, str] = {}
     for option, p in outputs:
         if p is None:
             continue
         if not str(p).strip():              # (taken as not given, or as the working directory)
             raise FlowARError(f"a path for {option}", "an empty one", f"give {option} a path, or leave it out")
-        r = Path(p).resolve()
+        r = _resolve(Path(p))
         for i, given in ins:
             if r == i:
                 of = "" if Path(given).resolve() == i else "a file of "

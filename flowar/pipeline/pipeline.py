@@ -74,8 +74,16 @@ class FlowARPipeline:
         around them): for checkpoints (official files carry no config). ``threads``: CPU cores to
         compute on (default: every core this process may use).
         """
-        return cls(Runtime.open(path, backend=backend, preset=preset, config=config, vae=vae, device=device,
-                                threads=threads, raw_weights=raw_weights, cuda_graphs=cuda_graphs, precision=precision))
+        if not isinstance(path, (str, Path)):
+            raise FlowARError("path: an engine directory or a checkpoint file (a str or Path)", repr(path)[:80],
+                              'pass e.g. "out/engines"')
+        try:
+            return cls(Runtime.open(path, backend=backend, preset=preset, config=config, vae=vae, device=device,
+                                    threads=threads, raw_weights=raw_weights, cuda_graphs=cuda_graphs,
+                                    precision=precision))
+        except OSError as e:            # (the commands say it in one line too: one_line)
+            raise FlowARError("an engine directory or checkpoint this process can read",
+                              f"{e.filename or path}: {e.strerror or e}", "check the path and its permissions") from e
 
     def get_label_ids(self, names: str | Sequence[str]) -> list[int]:
         """Class ids from names (ImageNet names and synonyms for the official 1000-class models)."""
