@@ -138,11 +138,8 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
         # meanwhile finds the cache whole or absent, never half written
         part = None
         if cache is not None and not cached:
-            from flowar.io.memory import process_alive
-            for old in cache.parent.glob(f"{cache.name}.*-*.part"):     # those of writers that died: removed
-                pid = old.name[len(cache.name) + 1:].split("-", 1)[0]
-                if pid.isdigit() and not process_alive(int(pid)):
-                    old.unlink(missing_ok=True)
+            from flowar.io.files import remove_stale
+            remove_stale(cache.parent, f"{cache.name}.")                 # those of writers that died
             part = cache.with_name(f"{cache.name}.{os.getpid()}-{threading.get_ident()}.part")
             so.optimized_model_filepath = str(part)
         try:

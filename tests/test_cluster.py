@@ -87,3 +87,32 @@ def test_only_processes_that_block_sigterm_are_taken_for_the_cluster():
             os.kill(grandchild, signal.SIGKILL)
         except (ProcessLookupError, NameError):
             pass
+
+
+def test_a_sigterm_while_ray_starts_is_the_commands_not_rays():
+    """ray.init sets a SIGTERM handler of its own (Ray's: a native stack dump and SIGABRT); a SIGTERM
+    that came while it started (held by the mask until then) reached that handler. start_ray sets the
+    command's handler again before the signal is let through. In a process of its own (one thread, as
+    a command is while Ray starts: the mask holds the signal), with a stand-in for Ray that sets a
+    handler and is sent SIGTERM while it starts."""
+    code = r"""
+import os, signal, sys, types
+from flowar.commands import cluster
+said = []
+def init(**kw):
+    signal.signal(signal.SIGTERM, lambda *a: said.append("ray's handler"))
+    os.kill(os.getpid(), signal.SIGTERM)
+sys.modules["ray"] = types.SimpleNamespace(is_initialized=lambda: False, init=init)
+cluster.stop_ray = lambda: None
+def command(signum, frame):
+    said.append("the command's handler")
+    raise KeyboardInterrupt
+signal.signal(signal.SIGTERM, command)
+try:
+    cluster.start_ray(None, 1)
+except KeyboardInterrupt:
+    said.append("interrupted")
+print(said, signal.getsignal(signal.SIGTERM) is command)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[\"the command's handler\", 'interrupted'] True", (out.stdout, out.stderr)

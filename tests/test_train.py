@@ -85,8 +85,24 @@ def test_refuses_to_overwrite_a_run(small_world, tmp_path):
     assert [p.name for p in mine.iterdir()] == ["model.safetensors"] and (mine / "model.safetensors").read_bytes() == b"the user's"
     own = tmp_path / "own"                            # a run killed after a sample grid, before its first checkpoint
     (own / "samples").mkdir(parents=True)
+    (own / "samples" / "step0000005.png").write_bytes(b"an earlier start's grid")
     (own / "loss.png").write_bytes(b"png")
     assert train(_args(small_world, own, steps=1), progress=False).step == 1
+    # its grids and plot were not this run's: gone (they sat beside the new run's, nothing telling them apart)
+    assert not (own / "samples").exists() and (own / "loss.png").read_bytes() != b"png"
+
+
+def test_a_resume_after_the_last_checkpoint_still_writes_the_last_grid(small_world, tmp_path):
+    """Stopped after the last step's checkpoint, before its sample grid: the resume has no step left,
+    and wrote the final model but never the grid."""
+    from flowar.train.trainer import train
+    train(_args(small_world, tmp_path / "r", steps=2, ckpt_every=2, sample_every=2, sample_steps=2), progress=False)
+    last = tmp_path / "r" / "samples" / "step0000002.png"
+    png = last.read_bytes()
+    last.unlink()
+    assert train(_args(small_world, tmp_path / "r", steps=2, ckpt_every=2, sample_every=2, sample_steps=2,
+                       resume=True), progress=False).step == 2
+    assert last.read_bytes() == png             # the same grid: the same weights, the same noise
 
 
 def test_a_diverged_loss_stops_training_instead_of_writing_nan_weights(small_world, tmp_path):

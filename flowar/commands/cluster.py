@@ -52,16 +52,22 @@ def start_ray(address: str | None, num_cpus: int | None):
     # the command waited 60 s for its GCS, exited 1 and lost the requests in flight.
     import atexit
     import signal
+    import threading
+    # ray.init sets a SIGTERM handler of its own: one that came meanwhile (delivered as the mask below is
+    # lifted) aborted the process with Ray's native stack dump; the command's own is set again first
+    handler = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         # "local": a cluster of its own even where `ray start` runs one on this machine (ray.init
         # joined that, and refused num_cpus: "When connecting to an existing cluster ...")
         ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kw)
+        _LOCAL[0] = True
+        atexit.unregister(stop_ray)
+        atexit.register(stop_ray)           # (runs before Ray's own handler, which then finds Ray stopped)
     finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
-    _LOCAL[0] = True
-    atexit.unregister(stop_ray)
-    atexit.register(stop_ray)               # (runs before Ray's own handler, which then finds Ray stopped)
     return ray
 
 

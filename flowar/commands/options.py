@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 import click
 
@@ -34,31 +36,40 @@ class Command(click.Command):
         leave = _leave if args is None else sys.exit      # a program (console script), or called with arguments
         args = sys.argv[1:] if args is None else list(args)
         extra.pop("standalone_mode", None)
+        # SIGTERM (kill, timeout, systemd, Kubernetes) stops a command as Ctrl-C does: its work unwinds, its
+        # temporary files go, it says "interrupted", exit 130 (it ended at once, exit -15, leaving them);
+        # flowar-serve (it drains) and flowar-sample's Ray (it stops the cluster) set their own meanwhile
+        term = (signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None) else None)
         try:
-            code = super().main(args, prog_name or self.name, standalone_mode=False, **extra)
-        except click.UsageError as e:
-            click.echo(f"error: {e.format_message()} Fix: see {self.name} --help", err=True)
-            leave(EXIT_USER_ERROR)
-        except click.ClickException as e:
-            e.show()
-            leave(e.exit_code)
-        except (FlowARError, OSError) as e:
-            if self.debugging(args):
-                raise
-            click.echo(one_line(e), err=True)
-            leave(EXIT_USER_ERROR)
-        except (click.Abort, KeyboardInterrupt, _Stopped) as e:
-            cause = (e.cause if isinstance(e, _Stopped) else
-                     e.__context__ if isinstance(e, click.Abort) and e.__context__ else e)
-            if isinstance(cause, EOFError):             # click's Abort also stands for a file that ended early
-                if self.debugging(args):
-                    raise cause from None
-                click.echo(one_line(FlowARError("complete input files", f"EOFError: {cause}",
-                                                "check the files given: one may be truncated")), err=True)
+            try:
+                code = super().main(args, prog_name or self.name, standalone_mode=False, **extra)
+            except click.UsageError as e:
+                click.echo(f"error: {e.format_message()} Fix: see {self.name} --help", err=True)
                 leave(EXIT_USER_ERROR)
-            click.echo("interrupted" + (f": {cause}" if str(cause) else ""), err=True)
-            leave(130)
-        leave(code if isinstance(code, int) else 0)
+            except click.ClickException as e:
+                e.show()
+                leave(e.exit_code)
+            except (FlowARError, OSError) as e:
+                if self.debugging(args):
+                    raise
+                click.echo(one_line(e), err=True)
+                leave(EXIT_USER_ERROR)
+            except (click.Abort, KeyboardInterrupt, _Stopped) as e:
+                cause = (e.cause if isinstance(e, _Stopped) else
+                         e.__context__ if isinstance(e, click.Abort) and e.__context__ else e)
+                if isinstance(cause, EOFError):             # click's Abort also stands for a file that ended early
+                    if self.debugging(args):
+                        raise cause from None
+                    click.echo(one_line(FlowARError("complete input files", f"EOFError: {cause}",
+                                                    "check the files given: one may be truncated")), err=True)
+                    leave(EXIT_USER_ERROR)
+                click.echo("interrupted" + (f": {cause}" if str(cause) else ""), err=True)
+                leave(130)
+            leave(code if isinstance(code, int) else 0)
+        finally:
+            if term is not None:
+                signal.signal(signal.SIGTERM, term)
 
     def debugging(self, args: list[str]) -> bool:
         """Whether ``--debug`` was given (the parsed flag: ``--labels --debug`` gives labels a value)."""
@@ -66,6 +77,10 @@ class Command(click.Command):
             return bool(self.make_context(self.name, list(args), resilient_parsing=True).params.get("debug"))
         except Exception:   # noqa: BLE001 - arguments that do not parse: no flag
             return False
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")
 
 
 def _leave(code: int) -> None:

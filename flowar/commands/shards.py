@@ -82,7 +82,9 @@ def check_run(out: Path, spec: BulkSpec) -> None:
             raise FlowARError("the settings of the run already in --out (to resume it)",
                               f"other {', '.join(diff) or 'settings'} than {out / 'run.json'} records",
                               "run with the same settings, or choose a new --out")
-    else:
+    else:                       # (an earlier start's PNGs, of shards it never finished, are not this run's)
+        import shutil
+        shutil.rmtree(out / "png", ignore_errors=True)
         (out / "run.json").unlink(missing_ok=True)
         write_run_json(out, spec, None)
 

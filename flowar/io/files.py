@@ -8,7 +8,6 @@ written with :func:`atomic_write_bytes`, so an interrupted run leaves the previo
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -166,7 +165,8 @@ def atomic_write_bytes(path: str | Path, write) -> None:
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    remove_stale(p.parent, f".{p.name}.")      # (a write that was killed left its temporary file)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.{os.getpid()}-", suffix=".tmp", dir=p.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -201,14 +201,17 @@ def as_file(value):
     return str(Path(value).resolve()) if isinstance(value, str) and os.path.exists(value) else value
 
 
-def _stale_siblings(target: Path) -> list[Path]:
-    """Temporary folders an export into ``target`` left behind (killed), whose process is gone."""
-    out = []
-    for p in target.parent.glob(f".{target.name}.*-*"):
-        m = re.fullmatch(re.escape(f".{target.name}.") + r"(tmp|old)-(\d+)(-.*)?", p.name)
-        if m and p.is_dir() and not process_alive(int(m.group(2))):
-            out.append(p)
-    return out
+def remove_stale(folder: Path, head: str) -> None:
+    """Remove what writers that were killed left in ``folder``: files and folders named ``head``, then
+    their process's id and '-' (temporary names carry it for this), whose process is gone."""
+    import glob
+    for p in folder.glob(glob.escape(head) + "*-*"):
+        pid = p.name[len(head):].split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -224,8 +227,8 @@ def staged_directory(target: str | Path, marker: str, option: str = "--out") -> 
     """
     target = Path(target).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in _stale_siblings(target):
-        shutil.rmtree(stale, ignore_errors=True)
+    for head in ("tmp-", "old-"):          # (an export that was killed left its folder)
+        remove_stale(target.parent, f".{target.name}.{head}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp

@@ -37,7 +37,9 @@ def save_images(images_B3HW: Tensor, folder: str | Path, first: int = 0) -> list
     folder = Path(folder)
     made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".flowar-images-", dir=folder))
+    from flowar.io.files import remove_stale
+    remove_stale(folder, ".flowar-images-")          # (a write that was killed left its folder)
+    staging = Path(tempfile.mkdtemp(prefix=f".flowar-images-{os.getpid()}-", dir=folder))
     paths = [folder / f"{first + i:06d}.png" for i in range(images_B3HW.shape[0])]
     try:
         for p, arr in zip(paths, to_uint8(images_B3HW)):

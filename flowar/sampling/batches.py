@@ -143,18 +143,22 @@ def write_outputs(result: SampleResult, class_names: list[str] | None, save_toke
     """Write the requested files atomically; returns a line per file for the user."""
     from flowar.io.files import atomic_write_bytes
     lines = []
-    if save_tokens:
-        from safetensors.torch import save_file
-        atomic_write_bytes(save_tokens, lambda tmp: save_file({"tokens": result.tokens.contiguous(),
-                                                              "labels": torch.tensor(result.labels)}, tmp))
-        lines.append(f"tokens {tuple(result.tokens.shape)} -> {save_tokens}")
-    if result.images is not None:
-        from flowar.io.images import save_grid, save_images as save_each
-        if out:
-            caps = [class_names[i] if class_names and i < len(class_names) else str(i) for i in result.labels]
-            save_grid(result.images, caps, out, columns=columns)
-            lines.append(f"grid of {len(result.labels)} images -> {out}")
-        if save_images:
-            save_each(result.images, save_images)
-            lines.append(f"{len(result.labels)} PNGs -> {Path(save_images)}/")
+    try:
+        if save_tokens:
+            from safetensors.torch import save_file
+            atomic_write_bytes(save_tokens, lambda tmp: save_file({"tokens": result.tokens.contiguous(),
+                                                                  "labels": torch.tensor(result.labels)}, tmp))
+            lines.append(f"tokens {tuple(result.tokens.shape)} -> {save_tokens}")
+        if result.images is not None:
+            from flowar.io.images import save_grid, save_images as save_each
+            if out:
+                caps = [class_names[i] if class_names and i < len(class_names) else str(i) for i in result.labels]
+                save_grid(result.images, caps, out, columns=columns)
+                lines.append(f"grid of {len(result.labels)} images -> {out}")
+            if save_images:
+                save_each(result.images, save_images)
+                lines.append(f"{len(result.labels)} PNGs -> {Path(save_images)}/")
+    except KeyboardInterrupt as e:         # (each file is whole, old or new: say which outputs are new)
+        raise KeyboardInterrupt(f"{e}: " * bool(str(e)) + "while writing; written: " + ("; ".join(lines) or "none")
+                                + "; the other outputs hold what they held before") from None
     return lines

@@ -359,6 +359,10 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
     config = build_config(args, lat)
     run = build_run(args, config, world, ckpt)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
+    if rank == 0 and not args.resume:       # an earlier start's grids and plot (stopped before its first checkpoint)
+        import shutil
+        shutil.rmtree(ckpt.parent / "samples", ignore_errors=True)
+        (ckpt.parent / "loss.png").unlink(missing_ok=True)
     end = args.steps if max_steps_this_run is None else min(args.steps, run.state.step + max_steps_this_run)
     with closing(Progress(args, run.state, progress and rank == 0)) as bar:
         for step, x, y, t, noise in batches(lat, config, args, rank, world, run.state.step, end):
@@ -374,6 +378,9 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
                 bar.log(run.state, lr_at(step, args))
                 checkpoint_and_sample(run, args, lat.class_names, ckpt, end)
     if rank == 0 and run.state.step == args.steps:
+        last = ckpt.parent / "samples" / f"step{args.steps:07d}.png"
+        if args.sample_every and not last.is_file():      # (stopped after the last checkpoint, before its grid)
+            sample_grid(run.ema, args, lat.class_names, last)
         # the last update's weights (not the buffers: the attention mask holds -inf by design)
         if not all(bool(torch.isfinite(p).all()) for p in run.ema.parameters()):
             raise FlowARError("finite weights at the end", "NaN or Inf in the EMA weights",
