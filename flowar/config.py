@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,19 @@ SAMPLING_DEFAULTS = {"schedule": "official", "cfg": 4.3, "guidance": 0.9}
 # The seeds that name images: 64-bit signed, what a served request takes (JSON int64), so that any seed
 # flowar-run or the pipeline takes names an image a replica can give too.
 SEED_RANGE = (-2 ** 63, 2 ** 63 - 1)
+
+
+# Upper bounds of the integer fields, well above the largest released model (FlowAR-H's sizes in
+# the comments), so that a typo is refused in one line instead of asking the allocator for terabytes.
+INT_LIMITS = {
+    "latent_channels": 256,                                 # 16 (KL-16)
+    "num_classes": 100_000,                                 # 1000 (ImageNet-21k has 21841)
+    "ar_width": 8192, "head_width": 8192,                   # 1536, 1536
+    "ar_heads": 128, "head_heads": 128,                     # 16, 24
+    "ar_encoder_depth": 64, "ar_decoder_depth": 64, "head_depth": 64,    # 15, 15, 12
+    "ar_mlp_hidden": 32768, "head_mlp_hidden": 32768,       # 4096, 4096
+}
+MAX_SCALE_SIDE = 128                                        # 16 (a 2048 px image through a /16 VAE)
 
 
 def check_seed(seed: int) -> int:
@@ -69,26 +83,13 @@ class FlowARConfig:
     head_head_dim: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "scales", tuple(int(s) for s in self.scales))
-        problems = []
-        if not self.scales or any(s < 1 for s in self.scales) or list(self.scales) != sorted(set(self.scales)):
-            problems.append(f"scales strictly increasing positive sides, got {list(self.scales)}")
-        if self.head_block not in ("v1", "v2"):
-            problems.append(f"head_block 'v1' or 'v2', got {self.head_block!r}")
-        for name, width, heads in (("ar", self.ar_width, self.ar_heads), ("head", self.head_width, self.head_heads)):
-            if heads < 1 or width % heads:
-                problems.append(f"{name}_width divisible by {name}_heads, got {width} and {heads}")
-            elif (width // heads) % 4:
-                problems.append(f"{name} head dim divisible by 4 for 2-D RoPE, got {width // heads}")
-        for name in ("latent_channels", "num_classes", "ar_encoder_depth", "ar_decoder_depth",
-                     "ar_mlp_hidden", "head_depth", "head_mlp_hidden"):
-            if int(getattr(self, name)) < 1:
-                problems.append(f"{name} >= 1, got {getattr(self, name)}")
-        if not self.latent_scale > 0:
-            problems.append(f"latent_scale > 0, got {self.latent_scale}")
+        problems = self._value_problems()
+        if not problems:                 # (the divisions below need positive ints)
+            problems = self._head_problems()
         if problems:
             raise ConfigError("a consistent FlowAR config", "; ".join(problems),
                               "correct the config file or use a preset (" + ", ".join(PRESETS) + ")")
+        object.__setattr__(self, "scales", tuple(self.scales))
         tokens = tuple(s * s for s in self.scales)
         ends, total = [], 0
         for n in tokens:
@@ -102,6 +103,31 @@ class FlowARConfig:
                             ("null_class", self.num_classes), ("ar_head_dim", self.ar_width // self.ar_heads),
                             ("head_head_dim", self.head_width // self.head_heads)):
             object.__setattr__(self, name, value)
+
+    def _value_problems(self) -> list[str]:
+        """Each field's own type and range: ints (not bools, not 64.0) within :data:`INT_LIMITS`."""
+        problems = [f"{name}={getattr(self, name)!r} (needs an int in 1..{hi})" for name, hi in INT_LIMITS.items()
+                    if not (type(getattr(self, name)) is int and 1 <= getattr(self, name) <= hi)]
+        s = self.scales
+        if not (isinstance(s, (tuple, list)) and s and all(type(x) is int and 1 <= x <= MAX_SCALE_SIDE for x in s)
+                and all(a < b for a, b in zip(s, s[1:]))):
+            problems.append(f"scales={s!r} (needs strictly increasing ints in 1..{MAX_SCALE_SIDE})")
+        x = self.latent_scale
+        if not (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0):
+            problems.append(f"latent_scale={x!r} (needs a finite number > 0)")
+        if not (isinstance(self.head_block, str) and self.head_block in ("v1", "v2")):
+            problems.append(f"head_block={self.head_block!r} (needs 'v1' or 'v2')")
+        return problems
+
+    def _head_problems(self) -> list[str]:
+        """Attention heads that split each width evenly, into head dims that 2-D RoPE can use."""
+        problems = []
+        for name, width, heads in (("ar", self.ar_width, self.ar_heads), ("head", self.head_width, self.head_heads)):
+            if width % heads:
+                problems.append(f"{name}_width divisible by {name}_heads, got {width} and {heads}")
+            elif (width // heads) % 4:
+                problems.append(f"{name} head dim divisible by 4 for 2-D RoPE, got {width // heads}")
+        return problems
 
     # ---- JSON -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -143,7 +169,15 @@ class FlowARConfig:
         p = Path(path)
         if not p.is_file():
             raise ConfigError("a config JSON file", f"no file at {p}", "check the --config path")
-        return cls.from_json(p.read_text(), str(p))
+        try:
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError("a config JSON file in UTF-8", f"{p}: bytes that are not UTF-8 ({e.reason} at byte "
+                              f"{e.start})", "pass the JSON config file (save it as UTF-8)") from None
+        except OSError as e:
+            raise ConfigError("a readable config JSON file", f"{p}: {e.strerror or e}",
+                              "check the --config path and its permissions") from None
+        return cls.from_json(text, str(p))
 
     def replace(self, **changes: Any) -> "FlowARConfig":
         return dataclasses.replace(self, **changes)

@@ -1,6 +1,7 @@
 """Checkpoint formats, and refusal of what must not load."""
 
 import argparse
+import json
 import os
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flowar.model.checkpoint import load_model, read_checkpoint, save_checkpoint
-from flowar.config import PRESETS
+from flowar.config import PRESETS, FlowARConfig
 from flowar.errors import CheckpointError, ConfigError
 
 
@@ -143,3 +144,175 @@ def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path, umask, mod
         os.umask(old)
     assert (tmp_path / "out.bin").stat().st_mode & 0o777 == mode
     assert (tmp_path / "plain.bin").stat().st_mode & 0o777 == mode
+
+
+# ---- precisions, malformed inputs and the messages that name their cause ----------------------
+
+def _tokens(path, **kw):
+    from flowar import FlowARPipeline
+    with FlowARPipeline.from_pretrained(path, preset="tiny", **kw) as pipe:
+        pipe.set_progress_bar_config(disable=True)
+        return pipe([0, 7], seed=1, num_inference_steps=4, output_type="latent").images
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_float_precisions_sample_as_their_values_in_float32(tmp_path, official_sd, dtype):
+    """A checkpoint saved in fp16/bf16/float64 samples exactly as float32 weights holding the same
+    values (rounded through that precision here, not by the loader)."""
+    low = {k: v.to(dtype).contiguous() for k, v in official_sd.items()}
+    rounded = {k: v.to(dtype).to(torch.float32).contiguous() for k, v in official_sd.items()}
+    save_file(low, str(tmp_path / "low.safetensors"))
+    save_file(rounded, str(tmp_path / "rounded.safetensors"))
+    torch.save(low, tmp_path / "low.pth")
+    want = _tokens(tmp_path / "rounded.safetensors")
+    assert torch.equal(_tokens(tmp_path / "low.safetensors"), want)
+    assert torch.equal(_tokens(tmp_path / "low.pth"), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+def test_a_non_float_tensor_is_one_line_naming_it(tmp_path, official_sd, dtype):
+    sd = dict(official_sd, **{"class_emb.weight": official_sd["class_emb.weight"].to(dtype)})
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    with pytest.raises(CheckpointError, match=f"class_emb.weight is {dtype}") as e:
+        load_model(tmp_path / "w.safetensors", preset="tiny")
+    assert "\n" not in str(e.value)
+
+
+def test_class_names_must_name_every_class(tmp_path, official_sd):
+    p = tmp_path / "named.safetensors"
+    save_checkpoint(p, official_sd, PRESETS["tiny"], class_names=["a", "b"])
+    with pytest.raises(CheckpointError, match=r"one per class \(1000 of them\); got 2 names"):
+        load_model(p)
+
+
+def test_a_file_whose_metadata_contradicts_its_weights_says_so(tmp_path, official_sd):
+    p = tmp_path / "self.safetensors"
+    save_checkpoint(p, official_sd, PRESETS["tiny"].replace(num_classes=10))
+    with pytest.raises(CheckpointError, match="metadata does not match its weights") as e:
+        load_model(p)
+    assert "--preset" not in e.value.fix and "--config" not in e.value.fix
+
+
+def test_raw_weights_of_a_training_file_without_them(tmp_path, official_sd):
+    p = tmp_path / "train.safetensors"
+    save_file({"ema." + k: v.contiguous() for k, v in official_sd.items()}, str(p),
+              metadata={"format": "flowar-train-v1"})
+    with pytest.raises(CheckpointError, match=r"no model\.\* weights in train.safetensors. Fix: drop --raw-weights"):
+        read_checkpoint(p, use_ema=False)
+
+
+def test_corrupt_pickles_unsafe_globals_and_whole_modules_are_told_apart(tmp_path):
+    import random
+    (tmp_path / "random.pth").write_bytes(random.Random(0).randbytes(5000))
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as e:
+        read_checkpoint(tmp_path / "random.pth")
+    assert "pickled code" not in str(e.value) and "Unsupported operand" in str(e.value)
+    torch.save({"x": _Payload(str(tmp_path / "pwned"))}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match=r"asks to run pickled code \(the global io.open\)"):
+        read_checkpoint(tmp_path / "evil.pth")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "m.pth")
+    with pytest.raises(CheckpointError, match=r"torch.nn.modules.linear.Linear.*save model.state_dict\(\)"):
+        read_checkpoint(tmp_path / "m.pth")
+
+
+@pytest.mark.parametrize("suffix, reader", [(".pth", "torch.load"), (".safetensors", "safetensors.safe_open")])
+def test_what_the_os_said_is_said(tmp_path, official_sd, monkeypatch, suffix, reader):
+    """A file the OS will not open (as root, permissions do not stop a read: the OS's refusal is
+    stood in for) is not called corrupt."""
+    p = tmp_path / f"w{suffix}"
+    if suffix == ".safetensors":
+        save_file(official_sd, str(p))
+    else:
+        torch.save(official_sd, p)
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied", str(p))
+    module, name = reader.rsplit(".", 1)
+    monkeypatch.setattr(__import__(module), name, refuse)
+    with pytest.raises(CheckpointError, match="Permission denied. Fix: check the path and its permissions"):
+        read_checkpoint(p)
+
+
+def test_paths_that_are_not_utf8_or_not_regular_files(tmp_path, fixtures_dir):
+    p = tmp_path / os.fsdecode(b"bad\xffname.safetensors")
+    p.write_bytes((fixtures_dir / "tiny_v1.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="not valid UTF-8. Fix: rename"):
+        read_checkpoint(p)
+    with pytest.raises(CheckpointError, match="/dev/null is not a regular file"):
+        read_checkpoint("/dev/null")
+
+
+def test_torch_and_diffusers_print_nothing_before_the_one_line(tmp_path, fixtures_dir, capfd):
+    import pickle
+    import warnings
+
+    from flowar.errors import FlowARError
+    from flowar.model.vae import convert_mar_checkpoint, load_vae
+    with open(tmp_path / "plain.pth", "wb") as f:
+        pickle.dump({"w": [1.0]}, f, protocol=4)
+    folder = tmp_path / "vae"
+    convert_mar_checkpoint(fixtures_dir / "mar_vae_tiny.ckpt").autoencoder.save_pretrained(folder)
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    (listed / "config.json").write_text("[1, 2]")
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError, match="truncated or corrupt"):
+            read_checkpoint(tmp_path / "plain.pth")
+        with pytest.raises(FlowARError, match="no file named diffusion_pytorch_model"):
+            load_vae(folder)
+        with pytest.raises(FlowARError, match="config.json holds a JSON object.*got a JSON list"):
+            load_vae(listed)
+    assert [str(w.message) for w in seen] == [] and capfd.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda sd: sd.pop("decoder.conv_norm_out.bias"), "missing decoder.conv_norm_out.bias"),
+    (lambda sd: sd.update({"decoder.extra": torch.zeros(1)}), "unexpected decoder.extra"),
+])
+def test_a_vae_folder_missing_a_tensor_is_refused(tmp_path, fixtures_dir, edit, needle):
+    """diffusers fills a missing tensor with its initial value (wrong images, exit 0)."""
+    from flowar.errors import FlowARError
+    from flowar.model.vae import convert_mar_checkpoint, load_decoder, load_vae
+    folder = tmp_path / "vae"
+    convert_mar_checkpoint(fixtures_dir / "mar_vae_tiny.ckpt").autoencoder.save_pretrained(folder)
+    weights = str(folder / "diffusion_pytorch_model.safetensors")
+    sd = load_file(weights)
+    edit(sd)
+    save_file(sd, weights)
+    for load in (load_vae, load_decoder):        # (load_decoder: what flowar-run --vae opens)
+        with pytest.raises(FlowARError, match=needle):
+            load(folder)
+
+
+# ---- the config's fields --------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad, needle", [
+    (dict(ar_width=-64), "ar_width=-64"), (dict(ar_width=0), "ar_width=0"), (dict(head_depth=0), "head_depth=0"),
+    (dict(ar_width=64.0), "ar_width=64.0"), (dict(num_classes=True), "num_classes=True"),
+    (dict(latent_scale=float("inf")), "latent_scale=inf"), (dict(latent_scale=float("nan")), "latent_scale=nan"),
+    (dict(scales=[1, 2, 4, 8.7]), r"scales=\[1, 2, 4, 8.7\]"), (dict(scales=(1, 2, 2)), "scales="),
+    (dict(ar_width=1048576, ar_heads=4096), r"ar_width=1048576 \(needs an int in 1..8192\)"),
+])
+def test_config_fields_are_ints_and_numbers_in_range(bad, needle):
+    with pytest.raises(ConfigError, match=needle) as e:
+        PRESETS["tiny"].replace(**bad)
+    assert "\n" not in str(e.value)
+
+
+def test_config_bounds_are_well_above_flowar_h():
+    from flowar.config import INT_LIMITS, MAX_SCALE_SIDE
+    h = PRESETS["flowar-h"]
+    assert all(limit >= 4 * getattr(h, name) for name, limit in INT_LIMITS.items())
+    assert MAX_SCALE_SIDE >= 4 * h.scales[-1]
+    text = json.dumps(PRESETS["tiny"].to_dict()).replace('"latent_scale": 0.2325', '"latent_scale": 1e400')
+    with pytest.raises(ConfigError, match="latent_scale=inf"):            # (JSON's 1e400 reads as inf)
+        FlowARConfig.from_json(text)
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
+    (tmp_path / "c.json").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        FlowARConfig.load(tmp_path / "c.json")

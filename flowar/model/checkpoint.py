@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import sys
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,13 +50,33 @@ class LoadedCheckpoint:
 
 
 def _require_file(path: Path, what: str) -> None:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        raise CheckpointError(f"a {what} path in UTF-8", f"{shown!r}, a path that is not valid UTF-8",
+                              "rename the file (or its folder) to a UTF-8 name") from None
     if not path.exists():
         raise CheckpointError(f"a {what} file", f"no file at {path}", "check the path")
-    if not path.is_file():
+    if path.is_dir():
         raise CheckpointError(f"a {what} file", f"{path} is a directory", "pass the file inside it")
+    if not path.is_file():
+        raise CheckpointError(f"a {what} file", f"{path} is not a regular file (a device, pipe or socket)",
+                              "pass the checkpoint file itself")
     if path.stat().st_size == 0:
         raise CheckpointError(f"a {what} file", f"{path} is empty (0 bytes)",
                               "the download or copy was interrupted: fetch the file again")
+    try:
+        with open(path, "rb"):      # (safetensors reports a file it may not open as "No such file")
+            pass
+    except OSError as e:
+        raise _os_error(path, e) from e
+
+
+def _os_error(path: Path, e: OSError) -> CheckpointError:
+    """What the OS said when the file could not be opened (permissions, removed meanwhile)."""
+    return CheckpointError("a checkpoint file this process can read", f"{path}: {e.strerror or e}",
+                           "check the path and its permissions")
 
 
 def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -64,24 +87,54 @@ def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _detail(e: Exception) -> str:
+    """The informative line of a reader's error: torch's weights-only failures put theirs after
+    paragraphs of boilerplate, behind 'WeightsUnpickler error:'."""
+    tail = str(e).split("WeightsUnpickler error:", 1)[-1]
+    line = next((ln.strip() for ln in tail.splitlines() if ln.strip()), "")
+    return f"{type(e).__name__}: {line[:160]}" if line else type(e).__name__
+
+
+def _is_module_class(name: str) -> bool:
+    """Whether a pickled global names an ``nn.Module`` class, looked up only among the modules
+    already imported (nothing of the file's choosing is imported)."""
+    module, _, attr = name.rpartition(".")
+    obj = getattr(sys.modules.get(module), attr, None)
+    return isinstance(obj, type) and issubclass(obj, torch.nn.Module)
+
+
+def _pickle_error(path: Path, e: Exception) -> CheckpointError:
+    """A weights-only refusal of a global (code the file wants run) apart from a corrupt pickle."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))
+    if found is None:
+        return CheckpointError("a readable PyTorch checkpoint", f"{path} cannot be read ({_detail(e)})",
+                               "the file is truncated or corrupt: fetch it again")
+    name = found.group(1).rstrip(".")
+    if _is_module_class(name):
+        return CheckpointError("a state dict (a mapping of names to tensors)",
+                               f"{path} holds a pickled model object ({name})",
+                               "save model.state_dict(), not the model object")
+    return CheckpointError("a checkpoint holding tensors only (loaded with weights_only=True)",
+                           f"{path} asks to run pickled code (the global {name})",
+                           "refused for safety; convert it to safetensors in a trusted environment")
+
+
 def _read_pickle(path: Path) -> Any:
     try:
         # argparse.Namespace is what official training checkpoints store under "args"; it is a
         # plain attribute bag, so allowing it executes no code of the file's choosing.
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # (torch warns about a legacy file's pickle protocol before any error: not the user's business)
+            warnings.simplefilter("ignore")
             # mmap: the tensors stay in the file's pages (a 7.65 GB FlowAR-H is not copied into memory;
             # the model takes them as they are, see load_model); a file in the legacy (pre-zip) format
             # cannot be mapped: read into memory (it was refused as corrupt)
             legacy = not zipfile.is_zipfile(path)
             return torch.load(path, map_location="cpu", weights_only=True, mmap=not legacy)
-    except Exception as e:   # noqa: BLE001 - every failure here is the file's fault
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
-            raise CheckpointError("a checkpoint holding tensors only (loaded with weights_only=True)",
-                                  f"{path} asks to run pickled code ({msg[:160]})",
-                                  "refused for safety; convert it to safetensors in a trusted environment") from e
-        raise CheckpointError("a readable PyTorch checkpoint", f"{path} cannot be read ({type(e).__name__}: {msg[:160]})",
-                              "the file is truncated or corrupt: fetch it again") from e
+    except OSError as e:
+        raise _os_error(path, e) from e
+    except Exception as e:   # noqa: BLE001 - every other failure here is the file's fault
+        raise _pickle_error(path, e) from e
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -90,9 +143,10 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
             sd = {k: f.get_tensor(k) for k in f.keys()}
+    except OSError as e:     # (removed since _require_file; safetensors says "No such file" for permissions too)
+        raise _os_error(path, e) from e
     except Exception as e:   # noqa: BLE001
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError("a readable safetensors file", f"{path} cannot be read ({msg[:160]})",
+        raise CheckpointError("a readable safetensors file", f"{path} cannot be read ({_detail(e)})",
                               "the file is truncated or corrupt: fetch or export it again") from e
     return sd, meta
 
@@ -103,6 +157,19 @@ def _no_raw(p: Path) -> None:
                           f"{p.name} holds one set of weights", "drop --raw-weights")
 
 
+def _train_weights(sd: dict[str, torch.Tensor], p: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], str]:
+    """The EMA (or, ``use_ema=False``, the raw) weights of a flowar-train checkpoint: model.*,
+    ema.*, optim.* in one file."""
+    prefix, other = ("ema.", "model.") if use_ema else ("model.", "ema.")
+    picked = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if not picked:
+        fix = ("write the checkpoint again with flowar-train" if not any(k.startswith(other) for k in sd)
+               else "pass --raw-weights (its model.* weights)" if use_ema else "drop --raw-weights")
+        raise CheckpointError(f"{prefix}* weights in a {TRAIN_FORMAT_TAG} checkpoint",
+                              f"no {prefix}* weights in {p.name}", fix)
+    return picked, "model_ema" if use_ema else "model"
+
+
 def read_checkpoint(path: str | Path, use_ema: bool = True) -> LoadedCheckpoint:
     """Read a FlowAR checkpoint of any accepted format into a flat state dict."""
     p = Path(path)
@@ -111,10 +178,7 @@ def read_checkpoint(path: str | Path, use_ema: bool = True) -> LoadedCheckpoint:
         sd, meta = _read_safetensors(p)
         source = "safetensors"
         if meta.get(META_FORMAT) == TRAIN_FORMAT_TAG:
-            # a flowar-train checkpoint: model.*, ema.*, optim.* in one file
-            source = "model_ema" if use_ema else "model"
-            prefix = "ema." if use_ema else "model."
-            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            sd, source = _train_weights(sd, p, use_ema)
         if source != "model" and not use_ema:
             _no_raw(p)
         ck = LoadedCheckpoint(_strip_prefix(sd), p, metadata=meta, source=source)
@@ -202,13 +266,45 @@ def fitting_presets(sd: dict[str, torch.Tensor]) -> list[str]:
     return [name for name, cfg in PRESETS.items() if not differences(sd, expected_shapes(cfg), limit=1)]
 
 
-def check_fits(sd: dict[str, torch.Tensor], config: FlowARConfig, path: Path | str) -> None:
+def check_fits(sd: dict[str, torch.Tensor], config: FlowARConfig, path: Path | str,
+               from_metadata: bool = False) -> None:
+    """Refuse a state dict whose keys/shapes differ from ``config``'s (``from_metadata``: the config
+    is the one the file stores about itself, so the file contradicts itself)."""
     diffs = differences(sd, expected_shapes(config))
-    if diffs:
+    if not diffs:
+        return
+    if from_metadata:       # (a --preset or --config would be refused: the file describes itself)
+        fix = ("the config in the file's metadata does not match its weights: save the weights again with "
+               "the config they were trained with (save_checkpoint)")
+    else:
         fits = fitting_presets(sd)
         fix = (f"this file fits the preset {fits[0]}: pass --preset {fits[0]}" if fits else
                "no preset fits this file either: pass the --config it was trained with")
-        raise CheckpointError("a checkpoint matching the chosen config", f"{path}: " + "; ".join(diffs), fix)
+    raise CheckpointError("a checkpoint matching the chosen config", f"{path}: " + "; ".join(diffs), fix)
+
+
+def as_model_dtypes(sd: dict[str, torch.Tensor], model_sd: dict[str, torch.Tensor],
+                    path: Path | str) -> dict[str, torch.Tensor]:
+    """``sd`` in the model's dtypes. The model computes in float32: weights saved in another
+    floating-point precision (fp16/bf16 checkpoints are common, float64 happens) are cast to it
+    (exactly, from fp16/bf16); a non-floating tensor where the model has a floating one is refused."""
+    out = {}
+    for k, v in sd.items():
+        want = model_sd[k].dtype
+        if v.dtype != want and not (v.is_floating_point() and want.is_floating_point):
+            raise CheckpointError(f"floating-point weights ({want}, or fp16/bf16/float64 cast to it)",
+                                  f"{k} is {v.dtype} in {path}",
+                                  "this is not a FlowAR checkpoint's weights: save the model's float weights again")
+        out[k] = v if v.dtype == want else v.to(want)
+    return out
+
+
+def check_class_names(ck: LoadedCheckpoint, config: FlowARConfig) -> None:
+    """Class names in the metadata name every class, or there are none."""
+    if ck.class_names is not None and len(ck.class_names) != config.num_classes:
+        raise CheckpointError(f"class_names in the metadata: one per class ({config.num_classes} of them)",
+                              f"{len(ck.class_names)} names in {ck.path.name}",
+                              "save the checkpoint again with one name per class, or with none")
 
 
 def resolve_config(ck: LoadedCheckpoint, preset: str | None = None, config_path: str | Path | None = None,
@@ -236,11 +332,13 @@ def load_model(path: str | Path, preset: str | None = None, config_path: str | P
     from flowar.model.ar import FlowAR
     ck = read_checkpoint(path, use_ema=use_ema)
     config = resolve_config(ck, preset, config_path, config)
-    check_fits(ck.state_dict, config, ck.path)
+    check_fits(ck.state_dict, config, ck.path, from_metadata=ck.config is not None)
+    check_class_names(ck, config)
     # Built as a skeleton and given the checkpoint's tensors themselves (assign): one copy of the
-    # weights in memory, not two (for a .pth, none: its tensors are the file's mapped pages).
+    # weights in memory, not two (for a float32 .pth, none: its tensors are the file's mapped pages).
     with skeleton():
         model = FlowAR(config)
+    ck.state_dict = as_model_dtypes(ck.state_dict, model.state_dict(), ck.path)
     model.load_state_dict(ck.state_dict, strict=True, assign=True)
     model.materialize_buffers()
     ck.config = config

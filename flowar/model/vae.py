@@ -17,8 +17,12 @@ does not need it (:func:`load_decoder`: the decoder alone, :mod:`flowar.model.de
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import re
+import warnings
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -33,6 +37,28 @@ def _diffusers():
     import diffusers
     diffusers.utils.logging.set_verbosity_error()
     return diffusers
+
+
+@contextlib.contextmanager
+def _quiet(diffusers):
+    """diffusers' warnings and log lines off around a load: a failure comes back as one line (it
+    logged 'An error occurred while trying to fetch ...' before raising, and warned before that)."""
+    level = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        diffusers.utils.logging.set_verbosity(level)
+
+
+def _key_problems(missing: list[str], unexpected: list[str]) -> str:
+    """The first missing and unexpected tensor names (of how many), for a refusal."""
+    def first(keys: list[str]) -> str:
+        return ", ".join(sorted(keys)[:3]) + (f" (and {len(keys) - 3} more)" if len(keys) > 3 else "")
+    return "; ".join(f"{what} {first(keys)}" for what, keys in (("missing", missing), ("unexpected", unexpected))
+                     if keys)
 
 
 class VAE(nn.Module):
@@ -132,7 +158,7 @@ def convert_mar_checkpoint(path: str | Path) -> VAE:
                           str(e).splitlines()[-1].strip()[:160], "pass MAR's kl16.ckpt layout") from None
     if missing or unexpected:
         raise FlowARError("a VAE checkpoint whose keys map one to one onto AutoencoderKL",
-                          f"missing {missing[:3]}, unexpected {unexpected[:3]}", "pass MAR's kl16.ckpt layout")
+                          _key_problems(missing, unexpected), "pass MAR's kl16.ckpt layout")
     return VAE(ak)
 
 
@@ -142,8 +168,6 @@ def load_decoder(path: str | Path, expect_channels: int | None = None) -> VAE:
     a diffusers folder with safetensors weights, built as :class:`flowar.model.decoder.KLDecoder`
     (the reference's numbers; tests/test_vae.py). ``decode`` only; any other VAE through
     :func:`load_vae`."""
-    import json
-
     from flowar.model.checkpoint import skeleton
     from flowar.model.decoder import KLDecoder
     p = Path(path)
@@ -185,24 +209,50 @@ def _check_channels(vae: VAE, expect_channels: int | None, p: Path) -> VAE:
     return vae
 
 
+def _folder_config(p: Path) -> dict:
+    """A diffusers folder's config.json, refused unless it is a JSON object before diffusers reads it
+    (it takes anything else for a model name to fetch from the hub)."""
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise FlowARError("a diffusers VAE folder (config.json + weights)", f"{p} without config.json",
+                          "pass the folder that holds config.json (for SD: the 'vae' subfolder)")
+    try:
+        d = json.loads(cfg.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as e:          # (not UTF-8, not JSON, unreadable)
+        raise FlowARError("a diffusers VAE folder whose config.json is readable UTF-8 JSON",
+                          f"{cfg}: {str(e)[:160]}", "restore the folder's config.json") from None
+    if not isinstance(d, dict):
+        raise FlowARError("a diffusers VAE folder whose config.json holds a JSON object (AutoencoderKL's settings)",
+                          f"a JSON {type(d).__name__} in {cfg}", "restore the folder's config.json")
+    return d
+
+
+def _load_folder(p: Path) -> VAE:
+    """An ``AutoencoderKL`` from a diffusers folder whose weights file holds every one of its tensors:
+    diffusers fills a missing one with its initial value, which decodes wrong images."""
+    _folder_config(p)
+    diffusers = _diffusers()
+    try:
+        with _quiet(diffusers):
+            ak, info = diffusers.AutoencoderKL.from_pretrained(str(p), local_files_only=True, output_loading_info=True)
+    except Exception as e:   # noqa: BLE001
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]   # (a state_dict error's first line
+        msg = " ".join(lines[:2]) or type(e).__name__                      # is its title, the detail below)
+        raise FlowARError("a loadable diffusers AutoencoderKL folder", f"{p}: {msg[:240]}",
+                          "check that the folder holds config.json and the weights file it describes") from e
+    problems = _key_problems(info.get("missing_keys") or [], info.get("unexpected_keys") or [])
+    if problems:
+        raise FlowARError("a diffusers VAE folder whose weights hold every AutoencoderKL tensor and no other",
+                          f"{p}: {problems}", "restore the folder's weights file (or export the VAE again)")
+    return VAE(ak)
+
+
 def load_vae(path: str | Path, expect_channels: int | None = None) -> VAE:
-    """Load a VAE from a MAR/LDM checkpoint file or a diffusers folder."""
+    """Load a VAE from a MAR/LDM checkpoint file or a diffusers folder (the whole AutoencoderKL:
+    every encoder and decoder tensor must be in the file)."""
     p = Path(path)
     if not p.exists():
         raise FlowARError("a VAE: MAR's kl16.ckpt or a diffusers folder with config.json",
                           f"nothing at {p}", "check the --vae path")
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise FlowARError("a diffusers VAE folder (config.json + weights)", f"{p} without config.json",
-                              "pass the folder that holds config.json (for SD: the 'vae' subfolder)")
-        try:
-            ak = _diffusers().AutoencoderKL.from_pretrained(str(p), local_files_only=True)
-        except Exception as e:   # noqa: BLE001
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]   # (a state_dict error's first line
-            msg = " ".join(lines[:2]) or type(e).__name__                      # is its title, the detail below)
-            raise FlowARError("a loadable diffusers AutoencoderKL folder", f"{p}: {msg[:240]}",
-                              "check that the folder holds config.json and the weights file it describes") from e
-        vae = VAE(ak)
-    else:
-        vae = convert_mar_checkpoint(p)
+    vae = _load_folder(p) if p.is_dir() else convert_mar_checkpoint(p)
     return _check_channels(vae, expect_channels, p)
