@@ -203,9 +203,10 @@ def as_file(value):
 
 def remove_stale(folder: Path, head: str) -> None:
     """Remove what writers that were killed left in ``folder``: files and folders named ``head``, then
-    their process's id and '-' (temporary names carry it for this), whose process is gone."""
+    their process's id (temporary names carry it for this; then '-' and more, or nothing), whose
+    process is gone."""
     import glob
-    for p in folder.glob(glob.escape(head) + "*-*"):
+    for p in folder.glob(glob.escape(head) + "[0-9]*"):
         pid = p.name[len(head):].split("-", 1)[0]
         if pid.isdigit() and not process_alive(int(pid)):
             if p.is_dir() and not p.is_symlink():
