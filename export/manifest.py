@@ -1,12 +1,13 @@
 """``manifest.json``: what an engine directory was built from. Written here, read by engines
 and runtime; the format is defined once, in this module.
 
-A directory is trusted only if its manifest parses, names this format, keeps every path inside
-the directory, and every file the chosen engines use hashes to its recorded sha256 (one ONNX
-graph is used through ONNX Runtime's optimized copy of it, checked against the hash written beside
-the copy when it was made; the graph itself is read and checked again whenever its file's size or
-time differ from what was recorded then). Anything else is refused with a message that says how
-to rebuild.
+A directory is trusted only if its manifest parses, names this format, holds every record the
+runtime reads with its fields and types (:data:`_SCHEMA`), keeps every path inside the
+directory, and every file the chosen engines use hashes to its recorded sha256 (one ONNX graph is
+used through ONNX Runtime's optimized copy of it, checked against the hash written beside the copy
+when it was made; the graph itself is read and checked again whenever its file's size or time
+differ from what was recorded then). Anything else is refused with a message that says how to
+rebuild.
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ if TYPE_CHECKING:
 
 MANIFEST = "manifest.json"
 FORMAT = "flowar-engine-dir-v1"
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")      # what flowar-export --precision writes
+# The engines a stage may run on, by the name `auto.choice` records (flowar.runtime.candidates
+# builds them; named here, with the format, so that reading a manifest imports no PyTorch), and what
+# each opens: nothing (the stage's graph), a compiled package (`engines.<stage>.file`) or
+# weights (`engines.<stage>.weights`, a key of `weights`).
+CANDIDATE_OPENS = {"ort-fp32": None, "torch-fp32": "weights", "torch-bf16": "weights", "aoti-fp32": "file",
+                   "aoti-bf16": "file"}
+VAE_FILES = ("config.json", "*.safetensors", "*.bin")   # what a VAE folder's sha256 covers (not a README)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -35,6 +44,16 @@ def sha256_file(path: str | Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def vae_sha256(path: str | Path) -> str:
+    """The sha256 of a VAE: of its file (MAR's kl16.ckpt), or for a diffusers folder one hash over
+    the names and hashes of its config and weights files (:data:`VAE_FILES`)."""
+    p = Path(path)
+    if p.is_file():
+        return sha256_file(p)
+    names = sorted({f.name for pattern in VAE_FILES for f in p.glob(pattern) if f.is_file()})
+    return hashlib.sha256("".join(f"{n} {sha256_file(p / n)}\n" for n in names).encode()).hexdigest()
 
 
 def library_versions() -> dict[str, str]:
@@ -79,7 +98,7 @@ class Manifest:
     checkpoint: dict                # {file, source, sha256, weights}: what was exported
     class_names: list[str] | None = None
     schedule_defaults: dict = field(default_factory=dict)   # what flowar-run samples with unless told otherwise
-    vae: dict | None = None         # {source, latent_channels, downsample, image_size}; None: tokens only
+    vae: dict | None = None         # {source, sha256, latent_channels, downsample, image_size, config}; None: tokens
     tensorrt: dict | None = None    # {flavour, version, plans: stage -> record, compute_capability}
     auto: dict | None = None        # --precision auto|bf16 on a CPU: what was measured and chosen (flowar.commands.precision)
     engines: dict | None = None     # stage -> {candidate, file, sha256, cpu} (compiled) or {candidate, weights} (PyTorch)
@@ -144,14 +163,111 @@ class Manifest:
 _FIELDS = tuple(f.name for f in fields(Manifest))
 
 
+# What a field holds (the second item of a :data:`_SCHEMA` row), and how a refusal says it; a tuple
+# of names: one of them.
+_KINDS = {"map": "a mapping", "file": "a non-empty string", "str": "a string", "size": "a positive integer",
+          "names": "a list of strings", "batch": "an integer in 1..1024"}
+
+
+def _holds(v, kind) -> bool:
+    """Whether value ``v`` is of ``kind`` (:data:`_KINDS`, or a tuple of the names allowed)."""
+    if isinstance(kind, tuple):
+        return isinstance(v, str) and v in kind
+    return {"map": isinstance(v, dict), "file": isinstance(v, str) and v != "", "str": isinstance(v, str),
+            "size": type(v) is int and v >= 1, "batch": type(v) is int and 1 <= v <= 1024,
+            "names": isinstance(v, list) and all(isinstance(n, str) for n in v)}[kind]
+
+
+_CANDIDATE = tuple(CANDIDATE_OPENS)
+
+# The fields the runtime reads, checked when the manifest is read (a missing one or one of the wrong
+# type ended in a KeyError or TypeError deep in the runtime, or after sampling): (field, required,
+# kind). `*` is each entry of a mapping; required: True, False (may be absent or null) or the
+# sibling whose presence requires it; nothing is looked at under an absent or null record.
+_SCHEMA = (
+    ("config", True, "map"), ("max_batch", True, "batch"), ("precision", True, PRECISIONS),
+    ("schedule_defaults", False, "map"),
+    ("stages", True, "map"), ("stages.*", True, "map"),
+    ("stages.*.file", True, "file"), ("stages.*.sha256", True, "file"),
+    ("stages.*.data", False, "file"), ("stages.*.data_sha256", "data", "file"),
+    ("stages.*.inputs", True, "names"), ("stages.*.outputs", True, "names"),
+    ("checkpoint", True, "map"), ("checkpoint.sha256", True, "file"),
+    *((f"checkpoint.{k}", False, "str") for k in ("file", "source", "weights", "data")),
+    ("vae", False, "map"), ("vae.source", True, "file"),
+    ("vae.sha256", False, "file"),          # (a manifest written before the VAE's hash was recorded has none)
+    *((f"vae.{k}", True, "size") for k in ("latent_channels", "downsample", "image_size")),
+    ("vae.config", False, "map"),
+    ("auto", False, "map"), ("auto.choice", False, "map"), ("auto.choice.*", True, _CANDIDATE),
+    ("auto.machine", False, "map"), ("auto.measured", False, "map"), ("auto.measured.*", True, "map"),
+    ("auto.measured.*.*", True, "map"),
+    ("engines", False, "map"), ("engines.*", True, "map"), ("engines.*.candidate", True, _CANDIDATE),
+    ("engines.*.file", False, "file"), ("engines.*.sha256", "file", "file"), ("engines.*.weights", False, "file"),
+    ("engines.*.cpu", False, "map"),
+    ("weights", False, "map"), ("weights.*", True, "map"), ("weights.*.file", True, "file"),
+    ("weights.*.sha256", True, "file"),
+    ("tensorrt", False, "map"), ("tensorrt.flavour", True, "file"), ("tensorrt.version", True, "file"),
+    ("tensorrt.plans", True, "map"), ("tensorrt.plans.*", True, "map"),
+    ("tensorrt.plans.*.file", True, "file"), ("tensorrt.plans.*.sha256", True, "file"),
+    ("call_plan", False, "map"),
+)
+
+
+def _fields(m: dict, path: str) -> list[tuple[str, dict, str]]:
+    """(dotted name, record, key) of each field ``path`` names, in records that are mappings."""
+    *parents, last = path.split(".")
+    records = [("", m)]
+    for part in parents:
+        records = [(f"{name}{k}.", rec[k]) for name, rec in records for k in (rec if part == "*" else [part])
+                   if isinstance(rec.get(k), dict)]
+    return [(f"{name}{k}", rec, k) for name, rec in records for k in (rec if last == "*" else [last])]
+
+
+def _check_fields(m: dict, rebuild: str) -> None:
+    """Every field of :data:`_SCHEMA` present where required and of its type, else one line naming it."""
+    for path, required, kind in _SCHEMA:
+        for name, rec, key in _fields(m, path):
+            value = rec.get(key)
+            needed = required is True or (isinstance(required, str) and rec.get(required) is not None)
+            if (value is None and needed) or (value is not None and not _holds(value, kind)):
+                expected = f"one of {', '.join(kind)}" if isinstance(kind, tuple) else _KINDS[kind]
+                raise EngineDirError(f"{name} {expected} in {MANIFEST}",
+                                     "it is missing" if key not in rec else repr(value)[:60], rebuild)
+
+
+def _check_choice(m: dict, rebuild: str) -> None:
+    """Each engine ``auto.choice`` names opens what the directory holds: a stage of it, and the
+    stage's ``engines`` record of that candidate (a compiled package, or a key of ``weights``)."""
+    engines, weights = m.get("engines") or {}, m.get("weights") or {}
+    for stage, cand in ((m.get("auto") or {}).get("choice") or {}).items():
+        rec, opens = engines.get(stage) or {}, CANDIDATE_OPENS[cand]
+        if stage not in m["stages"]:
+            raise EngineDirError(f"auto.choice of the directory's stages ({', '.join(m['stages'])}) in {MANIFEST}",
+                                 repr(stage), rebuild)
+        if opens and (rec.get("candidate") != cand or rec.get(opens) is None
+                      or (opens == "weights" and rec["weights"] not in weights)):
+            raise EngineDirError(f"engines.{stage} the {cand} record auto.choice.{stage} names, with its {opens}"
+                                 + (" (a key of weights)" if opens == "weights" else "") + f" in {MANIFEST}",
+                                 repr(rec)[:80] if rec else "none", rebuild)
+
+
 def read_manifest(root: str | Path, verify_hashes: bool = False) -> Manifest:
     """The manifest of an engine directory, checked: its format, its fields, every listed file
     present and inside the directory. The files' hashes are checked where they are read (by the
     engines that use them: :mod:`flowar.runtime.directory`), or here with ``verify_hashes``."""
     root = Path(root)
-    rebuild = f"rebuild it: flowar-export --ckpt CKPT --out {root}"
+    try:
+        str(root).encode("utf-8")
+    except UnicodeEncodeError:
+        raise EngineDirError("an engine directory path that is valid UTF-8 (ONNX Runtime takes no other)",
+                             repr(os.fsencode(root)), "rename it") from None
+    if root.is_file():
+        raise EngineDirError("an engine directory made by flowar-export", f"{root}, a file, not an engine directory",
+                             f"open a checkpoint file with --ckpt {root} (Runtime.open without engine_dir=True), "
+                             "or pass the folder flowar-export wrote")
     if not root.is_dir():
-        raise EngineDirError("an engine directory made by flowar-export", f"no directory at {root}", rebuild)
+        raise EngineDirError("an engine directory made by flowar-export", f"no directory at {root}",
+                             f"rebuild it: flowar-export --ckpt CKPT --out {root}")
+    rebuild = f"rebuild it: flowar-export --ckpt CKPT --out {root}"
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise EngineDirError(f"{MANIFEST} in the engine directory", f"none in {root} (not a folder flowar-export wrote)",
@@ -163,38 +279,24 @@ def read_manifest(root: str | Path, verify_hashes: bool = False) -> Manifest:
         raise EngineDirError(f"a valid {MANIFEST}", f"unreadable JSON ({e})", rebuild) from e
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise EngineDirError(f"manifest format {FORMAT}", repr(m.get("format") if isinstance(m, dict) else m), rebuild)
-    for key in ("config", "stages", "precision", "max_batch", "checkpoint"):
-        if key not in m:
-            raise EngineDirError(f"'{key}' in {MANIFEST}", "it is missing", rebuild)
+    _check_fields(m, rebuild)
+    if m.get("auto"):
+        _check_choice(m, rebuild)
     config = FlowARConfig.from_dict(m["config"], f"{mpath}")
-    # (fields of the wrong type ended in a TypeError deep in the runtime, or after sampling)
     names = m.get("class_names")
-    for ok, what, got in (
-            (type(m["max_batch"]) is int and 1 <= m["max_batch"] <= 1024, "max_batch an integer in 1..1024",
-             repr(m["max_batch"])),
-            (isinstance(m["stages"], dict), "stages a mapping of stage records", type(m["stages"]).__name__),
-            (names is None or (isinstance(names, list) and len(names) == config.num_classes
-                               and all(isinstance(n, str) for n in names)),
-             f"class_names a list of {config.num_classes} strings (or none)", repr(names)[:60]),
-            (isinstance(m.get("schedule_defaults") or {}, dict), "schedule_defaults a mapping",
-             repr(m.get("schedule_defaults"))[:60])):
-        if not ok:
-            raise EngineDirError(f"{what} in {MANIFEST}", got, rebuild)
+    if not (names is None or (isinstance(names, list) and len(names) == config.num_classes
+                              and all(isinstance(n, str) for n in names))):
+        raise EngineDirError(f"class_names a list of {config.num_classes} strings (or none) in {MANIFEST}",
+                             repr(names)[:60], rebuild)
     known = {k: m[k] for k in _FIELDS if k in m and k not in ("root", "config", "meta")}
     manifest = Manifest(root=root, config=config, **known,
                         meta={k: v for k, v in m.items() if k not in _FIELDS and k != "format"})
-    try:                                   # (a record of the wrong shape: one line, not a traceback)
-        files = [(s, info["file"], info["sha256"]) for s, info in manifest.stages.items()]
-        files += [(f"{s} weights", info["data"], info["data_sha256"]) for s, info in manifest.stages.items()
-                  if "data" in info]
-        for name, plan in (manifest.tensorrt or {}).get("plans", {}).items():
-            files.append((f"tensorrt plan {name}", plan["file"], plan["sha256"]))
-        files += [(f"{s} engine", e["file"], e["sha256"]) for s, e in (manifest.engines or {}).items() if "file" in e]
-        files += [(key, w["file"], w["sha256"]) for key, w in (manifest.weights or {}).items()]
-    except (KeyError, TypeError, AttributeError) as e:
-        raise EngineDirError(f"a valid {MANIFEST} (file records with file and sha256)",
-                             f"a malformed record ({type(e).__name__}: {e})", rebuild) from None
-    for what, rel, digest in files:
+    files = [(info["file"], info["sha256"]) for info in manifest.stages.values()]
+    files += [(info["data"], info["data_sha256"]) for info in manifest.stages.values() if info.get("data")]
+    files += [(plan["file"], plan["sha256"]) for plan in (manifest.tensorrt or {}).get("plans", {}).values()]
+    files += [(e["file"], e["sha256"]) for e in (manifest.engines or {}).values() if e.get("file")]
+    files += [(w["file"], w["sha256"]) for w in (manifest.weights or {}).values()]
+    for rel, digest in files:
         p = safe_member(root, rel)
         if not p.is_file():
             raise EngineDirError(f"{rel} listed in {MANIFEST}", "the file is missing (partial directory)", rebuild)

@@ -23,11 +23,12 @@ import torch
 from torch import nn
 
 from flowar.errors import EngineDirError
+from flowar.export.manifest import CANDIDATE_OPENS
 from flowar.runtime.bf16 import bf16_engine
 
-CANDIDATES = ("ort-fp32", "torch-fp32", "torch-bf16", "aoti-fp32", "aoti-bf16")
+CANDIDATES = tuple(CANDIDATE_OPENS)                 # (named with the manifest's format: reading one imports no PyTorch)
 REDUCED = ("torch-bf16", "aoti-bf16")
-COMPILED = ("aoti-fp32", "aoti-bf16")
+COMPILED = tuple(c for c, opens in CANDIDATE_OPENS.items() if opens == "file")
 GROUPS = {"ar": "ar", "head_prep": "head", "velocity": "head", "decode": "vae"}   # whose weights a stage reads
 # Wrappers that hold more than their stage reads: the AR's holds the whole model (not its head), the
 # decoder's the whole VAE (not its encoder).

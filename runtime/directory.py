@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flowar.errors import FlowARError
-from flowar.export.manifest import Manifest, read_manifest, sha256_file
+from flowar.export.manifest import Manifest, read_manifest, sha256_file, vae_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -189,5 +189,16 @@ def exported_from(m: Manifest | str | Path, device: torch.device | str = "cpu", 
     vae = None
     if m.vae:
         from flowar.model.vae import load_decoder
+        _check_vae(m.vae)
         vae = load_decoder(m.vae["source"], expect_channels=m.config.latent_channels).to(device)
     return model, vae
+
+
+def _check_vae(rec: dict) -> None:
+    """The VAE at ``rec["source"]`` refused unless it hashes to the sha256 the export recorded (a
+    changed VAE file gave other images with exit 0). A manifest written before the hash was
+    recorded has none: its VAE opens as before, unchecked."""
+    src = Path(rec["source"])
+    if "sha256" in rec and (not src.exists() or vae_sha256(src) != rec["sha256"]):
+        raise FlowARError("the VAE the engine directory was exported from", f"{src} (missing or a different file)",
+                          f"put it back at {src}, or use another --backend, or re-export the directory")

@@ -19,10 +19,10 @@ from typing import Callable
 
 from flowar.config import SAMPLING_DEFAULTS
 from flowar.errors import FlowARError
+from flowar.export.manifest import PRECISIONS
 
 # fp16/bf16 graphs (for TensorRT) are compared with the fp32 eager reference: they differ by their rounding.
 REDUCED_TOLERANCE = {"fp32": None, "fp16": 5e-2, "bf16": 3e-1}
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,7 +299,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
     float32 (:mod:`flowar.commands.precision`). ``auto_candidates`` restricts their candidates;
     ``max_memory_gb`` keeps compiles out that would take more (estimated), else what is available.
     """
-    from flowar.export.manifest import MANIFEST, Manifest, library_versions, sha256_file, write_manifest
+    from flowar.export.manifest import MANIFEST, Manifest, library_versions, sha256_file, vae_sha256, write_manifest
     from flowar.io.files import staged_directory
     from flowar.export.onnx_export import OPSET
     from flowar.export.specs import stage_specs
@@ -336,7 +336,8 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
                         "weights": ck.source, "data": ck.metadata.get("data")},
             class_names=ck.class_names,
             schedule_defaults=req.schedule_defaults or dict(SAMPLING_DEFAULTS),
-            vae=None if vae is None else {"source": str(req.vae_path.resolve()), "latent_channels": vae.latent_channels,
+            vae=None if vae is None else {"source": str(req.vae_path.resolve()), "sha256": vae_sha256(req.vae_path),
+                                          "latent_channels": vae.latent_channels,
                                           "downsample": vae.downsample, "image_size": config.latent_size * vae.downsample,
                                           "config": dict(vae.autoencoder.config)},
             tensorrt=trt_info, **chosen,

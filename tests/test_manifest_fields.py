@@ -1,0 +1,185 @@
+"""The manifest's records checked when read: one line naming the field, never a traceback from
+deep in the runtime; the VAE's sha256 recorded at export and checked where ``--backend torch``
+reopens it; engine directory paths that are not UTF-8, or not directories."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from flowar.errors import EngineDirError, FlowARError
+from flowar.export.manifest import read_manifest, sha256_file, vae_sha256
+
+ROOT = Path(__file__).resolve().parents[1]
+CKPT = ROOT / "models" / "default" / "flowar.safetensors"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Path, Path]:
+    """(engine directory, its VAE folder): the shipped tiny model exported from a copy of its VAE."""
+    from flowar.commands.build import build_engine_dir
+    base = tmp_path_factory.mktemp("manifest_fields")
+    vae = base / "vae"
+    shutil.copytree(ROOT / "models" / "default" / "vae", vae)
+    build_engine_dir(CKPT, base / "eng", vae_path=vae, max_batch=1, verify=False)
+    return base / "eng", vae
+
+
+def _copy(src: Path, dst: Path, edit=None) -> Path:
+    """A copy of an engine directory with ``edit(manifest)`` applied to its manifest."""
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    if edit:
+        edit(m)
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+_DEL = object()                 # (a value for _set: delete the field)
+
+
+def _set(path: str, value):
+    def edit(m):
+        *parents, last = path.split(".")
+        for p in parents:
+            m = m[p]
+        if value is _DEL:
+            del m[last]
+        else:
+            m[last] = value
+    return edit
+
+
+_TORCH_AR = {"auto": {"choice": {"ar": "torch-bf16"}}}
+ROWS = [   # (edit, what the one line says)
+    (_set("vae", "x"), "vae a mapping"),
+    (_set("vae.downsample", _DEL), "vae.downsample a positive integer in manifest.json; got it is missing"),
+    (_set("vae.downsample", "4"), "vae.downsample a positive integer in manifest.json; got '4'"),
+    (_set("vae.image_size", "32"), "vae.image_size a positive integer"),
+    (_set("checkpoint", "x"), "checkpoint a mapping"),
+    (_set("checkpoint.sha256", _DEL), "checkpoint.sha256 a non-empty string in manifest.json; got it is missing"),
+    (_set("stages.ar.sha256", 5), "stages.ar.sha256 a non-empty string in manifest.json; got 5"),
+    (_set("stages.ar.data", "ar.onnx"), "stages.ar.data_sha256 a non-empty string"),
+    (_set("stages.ar.inputs", "labels"), "stages.ar.inputs a list of strings"),
+    (_set("stages.velocity.outputs", [1]), "stages.velocity.outputs a list of strings"),
+    (_set("precision", "fp8"), "precision one of auto, fp32, fp16, bf16 in manifest.json; got 'fp8'"),
+    (_set("precision", 32), "precision one of auto, fp32, fp16, bf16 in manifest.json; got 32"),
+    (_set("auto", "x"), "auto a mapping"),
+    (_set("auto", {"choice": {"ar": "nope"}}), "auto.choice.ar one of ort-fp32, torch-fp32"),
+    (_set("auto", {"choice": {"nope": "ort-fp32"}}),
+     "auto.choice of the directory's stages (ar, head_prep, velocity, decode) in manifest.json; got 'nope'"),
+    (_set("auto", _TORCH_AR["auto"]), "engines.ar the torch-bf16 record auto.choice.ar names, with its weights"),
+    (lambda m: m.update(_TORCH_AR, engines={"ar": {"candidate": "torch-bf16", "weights": "ar.torch-bf16"}}),
+     "engines.ar the torch-bf16 record auto.choice.ar names, with its weights (a key of weights) in manifest.json; "
+     "got {"),
+    (lambda m: m.update({"auto": {"choice": {"ar": "aoti-fp32"}}}, engines={"ar": {"candidate": "aoti-fp32"}}),
+     "engines.ar the aoti-fp32 record auto.choice.ar names, with its file in manifest.json; got {"),
+    (_set("engines", {"ar": {"candidate": "aoti-fp32", "file": "ar.onnx"}}), "engines.ar.sha256 a non-empty string"),
+    (_set("weights", {"ar.torch-fp32": {"file": "ar.onnx", "sha256": 3}}), "weights.ar.torch-fp32.sha256"),
+]
+
+
+@pytest.mark.parametrize("edit, said", ROWS, ids=[s[:40] for _, s in ROWS])
+def test_a_malformed_record_is_one_line_naming_its_field(exported, tmp_path, edit, said):
+    """Each of these ended in a KeyError, TypeError or AttributeError in the runtime (or was
+    accepted: an unknown precision or choice): flowar-run, the Python API and read_manifest now
+    refuse it in one line that names the field."""
+    from flowar.commands.cli import run
+    from flowar.pipeline.pipeline import FlowARPipeline
+    d = _copy(exported[0], tmp_path / "d", edit)
+    with pytest.raises(EngineDirError, match=said.replace("(", r"\(").replace(")", r"\)")) as e:
+        read_manifest(d)
+    assert "\n" not in str(e.value)
+    with pytest.raises(EngineDirError, match="manifest.json"):
+        FlowARPipeline.from_pretrained(d)
+    res = CliRunner().invoke(run, ["--engine-dir", str(d), "--labels", "0", "--out", str(tmp_path / "g.png"),
+                                   "--backend", "torch"])
+    assert res.exit_code == 2 and said in res.output and "Traceback" not in res.output, res.output
+
+
+def test_flowar_sample_refuses_a_malformed_record_before_writing(exported, tmp_path):
+    """flowar-sample with `vae: "x"` ended in a traceback, with others in 'expected workers that
+    sample their shards' after writing run.json."""
+    from flowar.commands.cli_ray import sample_cmd
+    for i, (edit, said) in enumerate([ROWS[0], ROWS[2], ROWS[15]]):
+        d = _copy(exported[0], tmp_path / f"d{i}", edit)
+        res = CliRunner().invoke(sample_cmd, ["--engine-dir", str(d), "--num-images", "2", "--out",
+                                              str(tmp_path / f"s{i}")])
+        assert res.exit_code != 0 and said in res.output and "Traceback" not in res.output, res.output
+        assert not (tmp_path / f"s{i}" / "run.json").exists()
+
+
+def test_a_choice_with_the_records_it_opens_reads(exported, tmp_path):
+    """What --precision auto|bf16 writes (a compiled package with its sha256, weights listed in
+    `weights`) passes the checks; only the records' presence and types are checked here."""
+    def edit(m):
+        m.update(auto={"mode": "auto", "choice": {"ar": "aoti-fp32", "velocity": "torch-fp32", "decode": "ort-fp32"},
+                       "machine": {"model": "x", "flags": []}, "measured": {"ar": {"aoti-fp32": {"setup_s": 0.1}}}},
+                 engines={"ar": {"candidate": "aoti-fp32", "file": "ar.onnx", "sha256": "0" * 64, "cpu": {}},
+                          "velocity": {"candidate": "torch-fp32", "weights": "head.torch-fp32"}},
+                 weights={"head.torch-fp32": {"file": "velocity.onnx", "sha256": "0" * 64}})
+    m = read_manifest(_copy(exported[0], tmp_path / "d", edit))
+    assert m.choice == {"ar": "aoti-fp32", "velocity": "torch-fp32", "decode": "ort-fp32"}
+
+
+def test_the_vae_sha256_is_recorded_and_checked_by_backend_torch(exported, tmp_path):
+    """--backend torch reopened vae.source unchecked: a changed VAE gave other images, exit 0. Its
+    sha256 is recorded at export and a different file refused; a manifest without it (written
+    before it was recorded) opens as before."""
+    from safetensors.torch import load_file, save_file
+
+    from flowar.commands.cli import run
+    from flowar.runtime.directory import exported_from
+    eng, vae = exported
+    assert read_manifest(eng).vae["sha256"] == vae_sha256(vae)
+    vae2 = tmp_path / "vae"
+    shutil.copytree(vae, vae2)
+    d = _copy(eng, tmp_path / "d", _set("vae.source", str(vae2)))
+    exported_from(d)                                                   # the same VAE: opens
+    weights = vae2 / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(weights))
+    sd["decoder.conv_out.bias"] = sd["decoder.conv_out.bias"] + 0.5    # still loads, decodes other images
+    save_file(sd, str(weights))
+    with pytest.raises(FlowARError, match="the VAE the engine directory was exported from; got .*a different file"):
+        exported_from(d)
+    res = CliRunner().invoke(run, ["--engine-dir", str(d), "--labels", "0", "--out", str(tmp_path / "g.png"),
+                                   "--backend", "torch"])
+    assert res.exit_code == 2 and "the VAE the engine directory was exported from" in res.output, res.output
+    old = _copy(d, tmp_path / "old", _set("vae.sha256", _DEL))
+    assert exported_from(old)[1] is not None                          # no recorded hash: opened as before
+
+
+def test_a_vae_folder_hash_covers_its_config_and_weights(exported, tmp_path):
+    """One sha256 over a diffusers folder's config and weights files; other files (a README) not."""
+    vae = tmp_path / "vae"
+    shutil.copytree(exported[1], vae)
+    first = vae_sha256(vae)
+    (vae / "README.md").write_text("notes")
+    assert vae_sha256(vae) == first
+    (vae / "config.json").write_text((vae / "config.json").read_text() + " ")
+    assert vae_sha256(vae) != first
+    assert vae_sha256(CKPT) == sha256_file(CKPT)                       # a file (MAR's kl16.ckpt): its own hash
+
+
+def test_a_path_that_is_not_utf8_is_one_line(exported, tmp_path):
+    """ONNX Runtime took it with a TypeError traceback."""
+    from flowar.commands.cli import run
+    d = Path(os.fsdecode(os.fsencode(tmp_path) + b"/eng\xffdir"))
+    shutil.copytree(exported[0], d)
+    with pytest.raises(EngineDirError, match=r"path that is valid UTF-8 .*; got b'.*/eng\\xffdir'. Fix: rename it"):
+        read_manifest(d)
+    res = CliRunner().invoke(run, ["--engine-dir", str(d), "--labels", "0", "--out", str(tmp_path / "g.png")])
+    assert res.exit_code == 2 and "valid UTF-8" in res.output and "Traceback" not in res.output, res.output
+
+
+def test_a_file_passed_as_an_engine_directory_is_said_to_be_a_file():
+    """The fix suggested exporting into the user's checkpoint ('flowar-export --ckpt CKPT --out
+    some_file.safetensors')."""
+    from flowar.runtime.runtime import Runtime
+    said = "a file, not an engine directory. Fix: open a checkpoint file with --ckpt"
+    with pytest.raises(EngineDirError, match=said) as e:
+        Runtime.open(CKPT, engine_dir=True)
+    assert "--out" not in str(e.value)
