@@ -20,9 +20,10 @@ WIDE = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")       #
 FAST_BF16 = ("avx512_bf16", "amx_bf16")                                       # bf16 dot products in hardware
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_kind() -> dict:
-    """{"model": ..., "flags": [the FLAGS this process may use]} (Linux: /proc/cpuinfo)."""
+@functools.lru_cache(maxsize=2)
+def cpu_kind(honour_env: bool = True) -> dict:
+    """{"model": ..., "flags": [the FLAGS this process may use]} (Linux: /proc/cpuinfo); with
+    ``honour_env`` False, the CPU's own, as ONNX Runtime sees them (it ignores those variables)."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -33,8 +34,8 @@ def cpu_kind() -> dict:
                 break
     except OSError:
         pass
-    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
-    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").lower() if honour_env else ""
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() if honour_env else ""
     if aten in ("avx2", "default") or onednn.startswith(("AVX2", "SSE", "AVX_")) or onednn == "AVX":
         flags -= set(WIDE)
     if aten == "default":

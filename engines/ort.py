@@ -106,16 +106,21 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
     external = isinstance(graph, Path) and Path(str(graph) + ".data").exists()
     # (a cache folder or file that is a symbolic link is not used: it would be read, and written,
     # outside the engine directory)
+    writable = False
     if cache_dir is not None and provider == "CPUExecutionProvider" and not external and not cache_dir.is_symlink():
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
-            if os.access(cache_dir, os.W_OK):
-                # named by the graph's hash, the library and the CPU's flags (ENABLE_ALL's layouts are per CPU)
-                from flowar.engines.cpu import cpu_kind
-                cache = cache_dir / f"{sha256[:16]}.ort{ort.__version__}.{'-'.join(cpu_kind()['flags']) or 'x'}.opt.onnx"
-                cache = None if cache.is_symlink() else cache
-        except OSError:
-            cache = None
+        except OSError:                            # (a read-only directory without one)
+            pass
+        if cache_dir.is_dir():
+            # (a read-only directory's cache is read, not written: every open optimized every graph again)
+            writable = os.access(cache_dir, os.W_OK)
+            # named by the graph's hash, the library and the CPU's flags as ONNX Runtime sees them (its
+            # ENABLE_ALL layouts are per CPU; it ignores what ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA hide)
+            from flowar.engines.cpu import cpu_kind
+            flags = cpu_kind(honour_env=False)["flags"]
+            cache = cache_dir / f"{sha256[:16]}.ort{ort.__version__}.{'-'.join(flags) or 'x'}.opt.onnx"
+            cache = None if cache.is_symlink() or not (writable or cache.is_file()) else cache
     for attempt in (0, 1):
         record = _cache_whole(cache) if cache is not None else None
         cached = record is not None
@@ -137,7 +142,7 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
         # process and thread, renamed into place after, so another process opening the same directory
         # meanwhile finds the cache whole or absent, never half written
         part = None
-        if cache is not None and not cached:
+        if cache is not None and not cached and writable:
             from flowar.io.files import remove_stale
             remove_stale(cache.parent, f"{cache.name}.")                 # those of writers that died
             part = cache.with_name(f"{cache.name}.{os.getpid()}-{threading.get_ident()}.part")
@@ -150,7 +155,10 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
                 part.unlink(missing_ok=True)
             if not cached or attempt:
                 raise
-            cache.unlink(missing_ok=True)          # a stale or damaged cache: rebuild it from the graph
+            try:
+                cache.unlink(missing_ok=True)      # a stale or damaged cache: rebuild it from the graph
+            except OSError:                        # (read-only: opened from the graph)
+                cache = None
             continue
         if part is not None:
             try:
@@ -203,8 +211,13 @@ def _cache_whole(cache: Path) -> dict | None:
     state = (st.st_ino, st.st_size, st.st_mtime_ns, want)
     if _WHOLE.get(str(cache)) == state:
         return record
-    if sha256_file(cache) != want:
-        cache.unlink(missing_ok=True)
+    try:
+        whole = sha256_file(cache) == want
+        if not whole:
+            cache.unlink(missing_ok=True)
+    except OSError:                  # (unreadable, or damaged in a read-only directory: the graph is read instead)
+        return None
+    if not whole:
         return None
     _WHOLE[str(cache)] = state
     return record

@@ -5,8 +5,15 @@ are imported late, by the code paths that need them. ``flowar.FlowARPipeline`` i
 first use.
 """
 
-from flowar.config import PRESETS, FlowARConfig, get_preset
-from flowar.errors import FlowARError
+import os
+
+# ONNX Runtime (1.29 on) sends usage telemetry from Linux too, and writes a device id under
+# ~/.cache/Microsoft, when it is imported: nothing of ours reaches the network at run time, so it is
+# switched off before any of our modules imports it (a user's own setting stands).
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+from flowar.config import PRESETS, FlowARConfig, get_preset  # noqa: E402
+from flowar.errors import FlowARError  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["FlowARConfig", "FlowARPipeline", "FlowAROutput", "PRESETS", "get_preset", "FlowARError", "__version__"]

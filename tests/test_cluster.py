@@ -116,3 +116,24 @@ print(said, signal.getsignal(signal.SIGTERM) is command)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[\"the command's handler\", 'interrupted'] True", (out.stdout, out.stderr)
+
+
+def test_what_ray_could_not_write_is_one_line_that_says_what_to_set(tmp_path, monkeypatch):
+    """A long TMPDIR (a batch system's per-job folder) and a home folder a service account may not
+    write stopped the local cluster with "paths this command can read and write; got : ..." and a fix
+    about free disk space: the line names TMPDIR or HOME."""
+    from flowar.commands.cluster import _ray_files
+    from flowar.errors import FlowARError
+    long_tmp = tmp_path / ("job-scratch-" + "x" * 40)
+    long_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(long_tmp))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    said = _ray_files(OSError("validate_socket_filename failed: AF_UNIX path length cannot exceed 107 bytes"))
+    assert isinstance(said, FlowARError) and f"TMPDIR {long_tmp}" in str(said) and "TMPDIR=/tmp" in str(said)
+    said = _ray_files(PermissionError(13, "Permission denied", os.path.expanduser("~/.ray")))
+    assert isinstance(said, FlowARError) and "set HOME" in str(said) and "Permission denied" in str(said)
+    said = _ray_files(PermissionError(13, "Permission denied", str(long_tmp / "ray")))
+    assert isinstance(said, FlowARError) and "set TMPDIR" in str(said)
+    other = OSError(28, "No space left on device", "/data/x")
+    assert _ray_files(other) is other

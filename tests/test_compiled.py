@@ -78,7 +78,7 @@ def test_the_runtime_runs_it_and_refuses_it_on_a_cpu_without_its_instructions(co
         fp32 = rt.sample([3, 7], sched, decode=False).tokens
     assert 1e-6 < (compiled - fp32).abs().max().item() and (compiled - fp32).norm() / fp32.norm() < 0.05
     # on a CPU without the export CPU's instructions: the stage's ONNX graph instead, and the detail says so
-    monkeypatch.setattr(cpu, "cpu_kind", lambda: {"model": "Another CPU", "flags": []})
+    monkeypatch.setattr(cpu, "cpu_kind", lambda honour_env=True: {"model": "Another CPU", "flags": []})
     with Runtime.open_engine_dir(d) as rt:
         assert "head_prep aoti-bf16 compiled for avx2" in rt.detail and "ONNX Runtime fp32 instead" in rt.detail
         assert torch.equal(rt.sample([3, 7], sched, decode=False).tokens, fp32)

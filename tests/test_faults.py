@@ -564,3 +564,29 @@ def test_ctrl_c_while_the_outputs_are_written_says_which_are_new(tmp_path, monke
     said = str(e.value)
     assert f"-> {tmp_path / 't.safetensors'}" in said and f"-> {tmp_path / 'g.png'}" in said and "imgs" not in said
     assert "hold what they held before" in said
+
+
+def test_a_bulk_run_resumes_with_its_engine_directory_moved(tmp_path):
+    """run.json records the engine directory's manifest hash: the same engines at another path (a
+    volume mounted elsewhere on the next node, a moved folder) resume the run; other engines do not."""
+    from flowar.commands.bulk import BulkSpec
+    from flowar.commands.shards import check_run, write_run_json
+    from flowar.errors import FlowARError
+    out = tmp_path / "run"
+    out.mkdir()
+    write_run_json(out, BulkSpec("/mnt/a/eng", 16, [0], 0, {}, 8, 1, manifest_sha256="abc"), None)
+    (out / "shards").mkdir()
+    (out / "shards" / "00000.npz").write_bytes(b"done")
+    check_run(out, BulkSpec("/mnt/b/eng", 16, [0], 0, {}, 8, 1, manifest_sha256="abc"))
+    with pytest.raises(FlowARError, match="other engine_dir, manifest_sha256"):
+        check_run(out, BulkSpec("/mnt/c/eng", 16, [0], 0, {}, 8, 1, manifest_sha256="def"))
+
+
+def test_onnx_runtime_sends_nothing_and_writes_nothing_in_home(tmp_path):
+    """ONNX Runtime 1.29+ uploads telemetry and writes a device id under ~/.cache/Microsoft when it is
+    imported (and warns, before a command's one line, where it cannot): our modules switch it off."""
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"} | {"HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", "import flowar.engines.ort, onnxruntime as o; o.get_available_providers()"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and "telemetry" not in out.stderr, out.stderr
+    assert not list(tmp_path.rglob("*")), list(tmp_path.rglob("*"))

@@ -206,7 +206,8 @@ def test_auto_records_what_it_measured_and_the_runtime_runs_that(fixtures_dir, t
         assert_tokens(rt.sample([3, 7], sched, noise_file=tmp_path / "n.safetensors", decode=False).tokens)
     # measured on another CPU: said, not hidden
     import flowar.engines.cpu
-    monkeypatch.setattr(flowar.engines.cpu, "cpu_kind", lambda: {"model": "Another CPU", "flags": ["amx_bf16"]})
+    monkeypatch.setattr(flowar.engines.cpu, "cpu_kind",
+                        lambda honour_env=True: {"model": "Another CPU", "flags": ["amx_bf16"]})
     with Runtime.open_engine_dir(tmp_path / "torch", backend="auto") as rt:
         assert "re-export here to measure this CPU" in rt.detail
     # the weights the PyTorch stages run are checked like the graphs
@@ -243,10 +244,11 @@ def test_bf16_takes_a_bf16_engine_for_every_stage_and_reports_its_deviation(tmp_
     # its bf16 engines there too, this process (and the probe) are told the CPU has it (emulated)
     pretend = "" if flowar.engines.cpu.fast_bf16() else (
         "import flowar.engines.cpu as c; k = c.cpu_kind(); "
-        "c.cpu_kind = lambda: {**k, 'flags': [*k['flags'], 'avx512_bf16']}\n")
+        "c.cpu_kind = lambda honour_env=True: {**k, 'flags': [*k['flags'], 'avx512_bf16']}\n")
     if pretend:
         kind = flowar.engines.cpu.cpu_kind()
-        monkeypatch.setattr(flowar.engines.cpu, "cpu_kind", lambda: {**kind, "flags": [*kind["flags"], "avx512_bf16"]})
+        monkeypatch.setattr(flowar.engines.cpu, "cpu_kind",
+                            lambda honour_env=True: {**kind, "flags": [*kind["flags"], "avx512_bf16"]})
     rep = build_engine_dir(DEFAULT_CKPT, tmp_path / "bf16", vae_path=DEFAULT_VAE, max_batch=4, verify=False,
                            precision="bf16", auto_candidates=("torch-bf16",))
     assert set(rep.precision.choice.values()) == {"torch-bf16"} and set(rep.precision.choice) == {
@@ -277,7 +279,8 @@ def test_bf16_takes_a_bf16_engine_for_every_stage_and_reports_its_deviation(tmp_
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert done.stdout.split() == ["KLDecoder", "False"], done.stdout + done.stderr
     # on a CPU without bf16 in hardware (emulated there: 1 GFLOP/s), each stage's float32 graph instead, said
-    monkeypatch.setattr(flowar.engines.cpu, "cpu_kind", lambda: {"model": "An AVX2 CPU", "flags": ["avx2"]})
+    monkeypatch.setattr(flowar.engines.cpu, "cpu_kind",
+                        lambda honour_env=True: {"model": "An AVX2 CPU", "flags": ["avx2"]})
     with Runtime.open_engine_dir(tmp_path / "bf16") as rt:
         assert "torch-bf16 needs avx512_bf16 or amx_bf16, which this CPU lacks: ONNX Runtime fp32" in rt.detail
         fell = rt.sample(labels, sched, seed=5)

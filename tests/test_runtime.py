@@ -282,6 +282,38 @@ def test_the_optimized_graph_cache_is_written_whole_reused_and_rebuilt_when_dama
     y = create_session(read, sha, "CPUExecutionProvider", 1, linked, src).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, x @ W + b, rtol=1e-5, atol=1e-5)
     assert list(outside.iterdir()) == [] and len(reads) == 5
+    # a read-only directory (a volume mounted ro, another user's): its whole cache is read, nothing
+    # written (every open optimized every graph again: FlowAR-S opened in 10.6 s instead of 2.0)
+    import flowar.engines.ort as ort_mod
+    before = sorted(f.name for f in cache_dir.iterdir())
+    with monkeypatch.context() as mp:
+        mp.setattr(ort_mod.os, "access", lambda path, mode: False)
+        made.clear()
+        assert check() == cache and [m[:3] for m in made] == [(str(cache), ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "")]
+        assert len(reads) == 5 and sorted(f.name for f in cache_dir.iterdir()) == before
+        # ... and a cache it cannot read (another user's, mode 600) is passed over: the graph is read
+        record = cache.with_name(cache.name + ".json")
+        cache.unlink()
+        cache.mkdir()                        # (reading it fails as an unreadable file does, for root too)
+        y = create_session(read, sha, "CPUExecutionProvider", 1, cache_dir, src).run(None, {"x": x})[0]
+        np.testing.assert_allclose(y, x @ W + b, rtol=1e-5, atol=1e-5)
+        assert len(reads) == 6 and cache.is_dir() and record.is_file()
+    # the cache is named by the flags ONNX Runtime dispatches on: the variables that make PyTorch and
+    # oneDNN behave as an AVX2-only CPU do not reach it (an AVX-512 layout was stored as "avx2")
+    from flowar.engines.cpu import cpu_kind
+    names = []
+    for emulate in (False, True):
+        with monkeypatch.context() as mp:
+            if emulate:
+                mp.setenv("ATEN_CPU_CAPABILITY", "avx2")
+                mp.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+            cpu_kind.cache_clear()
+            other = tmp_path / f"cache{emulate}"
+            create_session(graph, sha, "CPUExecutionProvider", 1, other, src)
+            names.append([f.name for f in other.glob("*.opt.onnx")])
+            assert emulate is False or "avx512f" not in cpu_kind()["flags"]      # (PyTorch's choices do see them)
+    cpu_kind.cache_clear()
+    assert names[0] == names[1] and len(names[0]) == 1, names
 
 
 def test_the_thread_policy_is_resolved_at_open_and_applied_while_sampling(fixtures_dir, monkeypatch):

@@ -356,7 +356,8 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
             from flowar.eval.judge import train_judge
             from flowar.io.files import user_cache
             judge_cache = judge_cache or user_cache("judge.safetensors")
-            check_writable(judge_cache, False, "--judge-cache")     # (only where a judge is used: it was always)
+            if not Path(judge_cache).is_file():        # (only where a judge is trained: a cache on a read-only
+                check_writable(judge_cache, False, "--judge-cache")          # volume was refused, unread)
             judge = train_judge(cache=Path(judge_cache), progress=True)
         labels = [c for c in range(min(classes_limit, config.num_classes)) for _ in range(per_class)]
         other = stack.enter_context(Runtime.open(vs_engine_dir, True)) if vs_engine_dir else None

@@ -60,7 +60,10 @@ def start_ray(address: str | None, num_cpus: int | None):
     try:
         # "local": a cluster of its own even where `ray start` runs one on this machine (ray.init
         # joined that, and refused num_cpus: "When connecting to an existing cluster ...")
-        ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kw)
+        try:
+            ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kw)
+        except OSError as e:                # Ray's own files (its token, sessions, sockets): say which, and what to set
+            raise _ray_files(e) from None
         _LOCAL[0] = True
         atexit.unregister(stop_ray)
         atexit.register(stop_ray)           # (runs before Ray's own handler, which then finds Ray stopped)
@@ -69,6 +72,23 @@ def start_ray(address: str | None, num_cpus: int | None):
             signal.signal(signal.SIGTERM, handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
     return ray
+
+
+def _ray_files(e: OSError) -> Exception:
+    """What Ray could not write when it started a local cluster, as one line (it was "paths this command
+    can read and write; got : validate_socket_filename ..." with a fix about disk space)."""
+    import tempfile
+    where, tmp = str(e.filename or ""), tempfile.gettempdir()
+    if "AF_UNIX" in str(e):
+        return FlowARError("a temporary folder short enough for Ray's socket paths (107 bytes with its own names)",
+                           f"TMPDIR {tmp} ({len(tmp)} characters)", "start the command with a short one, e.g. TMPDIR=/tmp")
+    if where.startswith(os.path.expanduser("~")) or "/.ray" in where:
+        return FlowARError("a writable home folder for Ray (it keeps its token in ~/.ray)", f"{where}: {e.strerror or e}",
+                           "set HOME to a folder this user may write")
+    if where.startswith(tmp):
+        return FlowARError("a writable temporary folder for Ray's session files", f"{where}: {e.strerror or e}",
+                           "set TMPDIR to a folder this user may write, e.g. TMPDIR=/tmp")
+    return e
 
 
 _LOCAL = [False]            # whether this process started the local cluster it is connected to

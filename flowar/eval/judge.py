@@ -123,7 +123,12 @@ def train_judge(epochs: int = 6, seed: int = 0, cache: Path | None = None, progr
             bar.close()
         if cache is not None:
             from flowar.io.files import atomic_write_bytes
-            atomic_write_bytes(cache, lambda t: save_file(net.state_dict(), t, metadata=key))
+            try:
+                atomic_write_bytes(cache, lambda t: save_file(net.state_dict(), t, metadata=key))
+            except OSError as e:           # (a cache of another version on a read-only volume: trained, not kept)
+                import sys
+                print(f"note: the judge is not cached at {cache} ({e.strerror or e}): it is trained again next time",
+                      file=sys.stderr)
     judge = Judge(net, 0.0)
     pred = judge.classify(data.images[te])
     judge.held_out_accuracy = float((pred == data.labels[te]).float().mean())
