@@ -217,7 +217,7 @@ def open_bench_source(spec: BenchSpec) -> tuple[BenchSource, str, bool, bool]:
     vae = None
     if spec.vae:
         from flowar.model.vae import load_vae
-        vae = load_vae(spec.vae, expect_channels=model.config.latent_channels).to(spec.device)
+        vae = load_vae(spec.vae, expect_channels=model.config.latent_channels, decode_only=True).to(spec.device)
     return (BenchSource(model.to(spec.device), vae, None, None, spec.dtype, batch, spec.device, spec.threads),
             f"preset {spec.preset or 'flowar-s'}", True, False)
 

@@ -1,5 +1,6 @@
 """What kind of CPU this is: the facts a precision choice depends on (and is recorded with), and
-what a compiled engine needs of the CPU it runs on.
+what a compiled engine needs of the CPU it runs on (and, with ``honour_env=False``, the CPU's own
+flags, which ONNX Runtime dispatches on whatever the variables below say).
 
 The flags are those /proc/cpuinfo reports, less what this process is told not to use: PyTorch's
 ``ATEN_CPU_CAPABILITY`` (``avx2`` hides the AVX-512 and AMX flags from PyTorch's kernels and from

@@ -144,7 +144,7 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
         part = None
         if cache is not None and not cached and writable:
             from flowar.io.files import remove_stale
-            remove_stale(cache.parent, f"{cache.name}.")                 # those of writers that died
+            remove_stale(cache.parent, f"{cache.name}.", r"-\d+\.part")    # those of writers that died
             part = cache.with_name(f"{cache.name}.{os.getpid()}-{threading.get_ident()}.part")
             so.optimized_model_filepath = str(part)
         try:

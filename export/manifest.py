@@ -115,6 +115,14 @@ class Manifest:
         from flowar.export.specs import stage_specs
         return stage_specs(self.config, self.vae["downsample"] if self.vae else None)
 
+    def members(self) -> list[tuple[str, str]]:
+        """(path in the directory, sha256) of every file the manifest lists."""
+        files = [(info["file"], info["sha256"]) for info in self.stages.values()]
+        files += [(info["data"], info["data_sha256"]) for info in self.stages.values() if info.get("data")]
+        files += [(plan["file"], plan["sha256"]) for plan in (self.tensorrt or {}).get("plans", {}).values()]
+        files += [(e["file"], e["sha256"]) for e in (self.engines or {}).values() if e.get("file")]
+        return files + [(w["file"], w["sha256"]) for w in (self.weights or {}).values()]
+
     def member(self, rel: str) -> Path:
         return safe_member(self.root, rel)
 
@@ -231,7 +239,7 @@ def _check_fields(m: dict, rebuild: str) -> None:
             if (value is None and needed) or (value is not None and not _holds(value, kind)):
                 expected = f"one of {', '.join(kind)}" if isinstance(kind, tuple) else _KINDS[kind]
                 raise EngineDirError(f"{name} {expected} in {MANIFEST}",
-                                     "it is missing" if key not in rec else repr(value)[:60], rebuild)
+                                     "none (the field is missing)" if key not in rec else repr(value)[:60], rebuild)
 
 
 def _check_choice(m: dict, rebuild: str) -> None:
@@ -291,12 +299,7 @@ def read_manifest(root: str | Path, verify_hashes: bool = False) -> Manifest:
     known = {k: m[k] for k in _FIELDS if k in m and k not in ("root", "config", "meta")}
     manifest = Manifest(root=root, config=config, **known,
                         meta={k: v for k, v in m.items() if k not in _FIELDS and k != "format"})
-    files = [(info["file"], info["sha256"]) for info in manifest.stages.values()]
-    files += [(info["data"], info["data_sha256"]) for info in manifest.stages.values() if info.get("data")]
-    files += [(plan["file"], plan["sha256"]) for plan in (manifest.tensorrt or {}).get("plans", {}).values()]
-    files += [(e["file"], e["sha256"]) for e in (manifest.engines or {}).values() if e.get("file")]
-    files += [(w["file"], w["sha256"]) for w in (manifest.weights or {}).values()]
-    for rel, digest in files:
+    for rel, digest in manifest.members():
         p = safe_member(root, rel)
         if not p.is_file():
             raise EngineDirError(f"{rel} listed in {MANIFEST}", "the file is missing (partial directory)", rebuild)

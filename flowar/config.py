@@ -42,7 +42,7 @@ INT_LIMITS = {
     "ar_encoder_depth": 64, "ar_decoder_depth": 64, "head_depth": 64,    # 15, 15, 12
     "ar_mlp_hidden": 32768, "head_mlp_hidden": 32768,       # 4096, 4096
 }
-MAX_SCALE_SIDE = 128                                        # 16 (a 2048 px image through a /16 VAE)
+MAX_SCALE_SIDE = 1024                                       # 16 (1024: a 16384 px image through a /16 VAE)
 
 
 def check_seed(seed: int) -> int:

@@ -302,11 +302,17 @@ def test_config_fields_are_ints_and_numbers_in_range(bad, needle):
     assert "\n" not in str(e.value)
 
 
-def test_config_bounds_are_well_above_flowar_h():
-    from flowar.config import INT_LIMITS, MAX_SCALE_SIDE
+def test_config_bounds_take_every_real_model():
+    """The bounds refuse typos, not models: every preset reads back from its JSON, twice FlowAR-H's
+    widths and depths build, and the trainer's config for 4096 px images (a 256x256 latent; refused
+    by a first bound of 128) too."""
+    from flowar.train.trainer import default_config
+    for cfg in PRESETS.values():
+        assert FlowARConfig.from_dict(cfg.to_dict()) == cfg
     h = PRESETS["flowar-h"]
-    assert all(limit >= 4 * getattr(h, name) for name, limit in INT_LIMITS.items())
-    assert MAX_SCALE_SIDE >= 4 * h.scales[-1]
+    h.replace(**{f: 2 * getattr(h, f) for f in ("ar_width", "head_width", "ar_encoder_depth", "ar_decoder_depth",
+                                                "head_depth", "ar_mlp_hidden", "head_mlp_hidden")})
+    assert default_config(256, 16, 1000, 1.0).scales[-1] == 256
     text = json.dumps(PRESETS["tiny"].to_dict()).replace('"latent_scale": 0.2325', '"latent_scale": 1e400')
     with pytest.raises(ConfigError, match="latent_scale=inf"):            # (JSON's 1e400 reads as inf)
         FlowARConfig.from_json(text)
@@ -316,3 +322,25 @@ def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
     (tmp_path / "c.json").write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(ConfigError, match="not UTF-8"):
         FlowARConfig.load(tmp_path / "c.json")
+
+
+def test_a_vae_folder_without_its_encoder_exports_and_decodes(tmp_path, fixtures_dir):
+    """Decoding reads the decoder alone: a folder shipping only it loads for export and the bench
+    (decode_only) as it did, and decodes what the whole VAE decodes; training (the encoder) refuses it."""
+    from flowar.errors import FlowARError
+    from flowar.model.vae import convert_mar_checkpoint, load_vae
+    whole = convert_mar_checkpoint(fixtures_dir / "mar_vae_tiny.ckpt")
+    folder = tmp_path / "vae"
+    whole.autoencoder.save_pretrained(folder)
+    weights = str(folder / "diffusion_pytorch_model.safetensors")
+    save_file({k: v for k, v in load_file(weights).items() if not k.startswith(("encoder.", "quant_conv."))}, weights)
+    z = torch.randn(1, whole.latent_channels, 2, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load_vae(folder, decode_only=True).decode(z), whole.decode(z))
+    with pytest.raises(FlowARError, match="missing encoder"):
+        load_vae(folder)
+    sd = load_file(weights)
+    del sd["decoder.conv_in.bias"]
+    save_file(sd, weights)
+    with pytest.raises(FlowARError, match="missing decoder.conv_in.bias"):
+        load_vae(folder, decode_only=True)

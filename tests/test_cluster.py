@@ -6,6 +6,7 @@ so every wait was spent (5.3 s per stop). ``stop_ray`` kills them itself once th
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,20 +91,23 @@ def test_only_processes_that_block_sigterm_are_taken_for_the_cluster():
 
 
 def test_a_sigterm_while_ray_starts_is_the_commands_not_rays():
-    """ray.init sets a SIGTERM handler of its own (Ray's: a native stack dump and SIGABRT); a SIGTERM
-    that came while it started (held by the mask until then) reached that handler. start_ray sets the
-    command's handler again before the signal is let through. In a process of its own (one thread, as
-    a command is while Ray starts: the mask holds the signal), with a stand-in for Ray that sets a
-    handler and is sent SIGTERM while it starts."""
+    """ray.init sets a SIGTERM handler of its own (Ray's: a native stack dump and SIGABRT, or sys.exit
+    without a word); a SIGTERM that came while it started a local cluster (held by the mask until then)
+    reached that handler, and after joining a cluster (--ray-address) Ray's stayed for good. start_ray
+    sets the command's handler again. In a process of its own (one thread, as a command is while Ray
+    starts: the mask holds the signal), with a stand-in for Ray that sets a handler and, starting a
+    local cluster, is sent SIGTERM."""
     code = r"""
 import os, signal, sys, types
 from flowar.commands import cluster
 said = []
-def init(**kw):
+def init(address=None, **kw):
     signal.signal(signal.SIGTERM, lambda *a: said.append("ray's handler"))
-    os.kill(os.getpid(), signal.SIGTERM)
+    if address == "local":
+        os.kill(os.getpid(), signal.SIGTERM)
 sys.modules["ray"] = types.SimpleNamespace(is_initialized=lambda: False, init=init)
 cluster.stop_ray = lambda: None
+cluster._answers = lambda address: None
 def command(signum, frame):
     said.append("the command's handler")
     raise KeyboardInterrupt
@@ -112,6 +116,7 @@ try:
     cluster.start_ray(None, 1)
 except KeyboardInterrupt:
     said.append("interrupted")
+cluster.start_ray("auto", None)
 print(said, signal.getsignal(signal.SIGTERM) is command)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -121,19 +126,31 @@ print(said, signal.getsignal(signal.SIGTERM) is command)
 def test_what_ray_could_not_write_is_one_line_that_says_what_to_set(tmp_path, monkeypatch):
     """A long TMPDIR (a batch system's per-job folder) and a home folder a service account may not
     write stopped the local cluster with "paths this command can read and write; got : ..." and a fix
-    about free disk space: the line names TMPDIR or HOME."""
-    from flowar.commands.cluster import _ray_files
-    from flowar.errors import FlowARError
-    long_tmp = tmp_path / ("job-scratch-" + "x" * 40)
-    long_tmp.mkdir()
-    monkeypatch.setenv("TMPDIR", str(long_tmp))
+    about free disk space: the line names TMPDIR or HOME (a stand-in for Ray raises what Ray raised)."""
     import tempfile
+    import types
+
+    from flowar.commands import cluster
+    from flowar.errors import FlowARError
+    home = tmp_path / "home"                     # (a TMPDIR under HOME is still TMPDIR's fault)
+    long_tmp = home / ("job-scratch-" + "x" * 40)
+    long_tmp.mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("TMPDIR", str(long_tmp))
     monkeypatch.setattr(tempfile, "tempdir", None)
-    said = _ray_files(OSError("validate_socket_filename failed: AF_UNIX path length cannot exceed 107 bytes"))
-    assert isinstance(said, FlowARError) and f"TMPDIR {long_tmp}" in str(said) and "TMPDIR=/tmp" in str(said)
-    said = _ray_files(PermissionError(13, "Permission denied", os.path.expanduser("~/.ray")))
-    assert isinstance(said, FlowARError) and "set HOME" in str(said) and "Permission denied" in str(said)
-    said = _ray_files(PermissionError(13, "Permission denied", str(long_tmp / "ray")))
-    assert isinstance(said, FlowARError) and "set TMPDIR" in str(said)
-    other = OSError(28, "No space left on device", "/data/x")
-    assert _ray_files(other) is other
+    raised = []
+
+    def init(**kw):
+        raise raised[0]
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: False, init=init))
+    for error, said in (
+            (OSError("validate_socket_filename failed: AF_UNIX path length cannot exceed 107 bytes"),
+             f"TMPDIR {long_tmp} ({len(str(long_tmp))} characters). Fix: start the command with a short one"),
+            (PermissionError(13, "Permission denied", str(home / ".ray")), "set HOME"),
+            (PermissionError(13, "Permission denied", str(long_tmp / "ray")), "set TMPDIR")):
+        raised[:] = [error]
+        with pytest.raises(FlowARError, match=re.escape(said)):
+            cluster.start_ray(None, 1)
+    raised[:] = [OSError(28, "No space left on device", "/data/x")]      # another path's: as it was
+    with pytest.raises(OSError, match="No space left"):
+        cluster.start_ray(None, 1)

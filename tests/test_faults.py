@@ -253,6 +253,7 @@ def test_export_never_replaces_a_folder_it_did_not_write(fixtures_dir, tmp_path,
     assert (eng / "run1" / "samples.npz").read_bytes() == b"mine" and (eng / "grid.png").read_bytes() == b"png"
     sh.rmtree(eng / "run1")
     (eng / "grid.png").unlink()
+    (eng / "timing.cache").write_bytes(b"full TensorRT's")     # (the export's own, not in the manifest)
     res = CliRunner().invoke(export_cmd, ["--ckpt", str(ckpt), "--out", str(eng), *base])
     assert res.exit_code == 0 and (eng / "manifest.json").is_file(), res.output
 
@@ -528,9 +529,12 @@ def test_what_killed_writers_left_is_removed_by_the_next_write(tmp_path):
     (tmp_path / "png").mkdir()
     for p in left + alive:
         p.mkdir() if "images" in p.name else p.write_bytes(b"half")
+    mine = [tmp_path / ".samples.npz.20260105", tmp_path / f".samples.npz.{dead.pid}-of-3.npz"]   # a user's: kept
+    for p in mine:
+        p.write_bytes(b"mine")
     atomic_write_bytes(tmp_path / "samples.npz", lambda t: Path(t).write_bytes(b"whole"))
     save_images(torch.zeros(1, 3, 4, 4), tmp_path / "png")
-    assert [p.exists() for p in left + alive] == [False, False, True, True]
+    assert [p.exists() for p in left + alive + mine] == [False, False, True, True, True, True]
     assert (tmp_path / "samples.npz").read_bytes() == b"whole" and (tmp_path / "png" / "000000.png").is_file()
 
 

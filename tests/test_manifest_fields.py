@@ -56,11 +56,11 @@ def _set(path: str, value):
 _TORCH_AR = {"auto": {"choice": {"ar": "torch-bf16"}}}
 ROWS = [   # (edit, what the one line says)
     (_set("vae", "x"), "vae a mapping"),
-    (_set("vae.downsample", _DEL), "vae.downsample a positive integer in manifest.json; got it is missing"),
+    (_set("vae.downsample", _DEL), "vae.downsample a positive integer in manifest.json; got none (the field is missing)"),
     (_set("vae.downsample", "4"), "vae.downsample a positive integer in manifest.json; got '4'"),
     (_set("vae.image_size", "32"), "vae.image_size a positive integer"),
     (_set("checkpoint", "x"), "checkpoint a mapping"),
-    (_set("checkpoint.sha256", _DEL), "checkpoint.sha256 a non-empty string in manifest.json; got it is missing"),
+    (_set("checkpoint.sha256", _DEL), "checkpoint.sha256 a non-empty string in manifest.json; got none (the field is missing)"),
     (_set("stages.ar.sha256", 5), "stages.ar.sha256 a non-empty string in manifest.json; got 5"),
     (_set("stages.ar.data", "ar.onnx"), "stages.ar.data_sha256 a non-empty string"),
     (_set("stages.ar.inputs", "labels"), "stages.ar.inputs a list of strings"),

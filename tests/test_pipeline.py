@@ -332,7 +332,7 @@ def test_from_pretrained_answers_a_path_it_cannot_use_with_one_flowar_error(tmp_
     from flowar.errors import FlowARError
     (tmp_path / "a.safetensors").symlink_to(tmp_path / "b.safetensors")
     (tmp_path / "b.safetensors").symlink_to(tmp_path / "a.safetensors")
-    for path, said in ((None, "a str or Path"), (5, "a str or Path"),
+    for path, said in ((None, "a str or os.PathLike"), (5, "a str or os.PathLike"),
                        (tmp_path / ("x" * 300 + ".safetensors"), "File name too long"),
                        (tmp_path / "a.safetensors", "a.safetensors")):
         with pytest.raises(FlowARError, match=said):

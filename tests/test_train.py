@@ -89,7 +89,14 @@ def test_refuses_to_overwrite_a_run(small_world, tmp_path):
     (own / "loss.png").write_bytes(b"png")
     assert train(_args(small_world, own, steps=1), progress=False).step == 1
     # its grids and plot were not this run's: gone (they sat beside the new run's, nothing telling them apart)
-    assert not (own / "samples").exists() and (own / "loss.png").read_bytes() != b"png"
+    assert not (own / "samples" / "step0000005.png").exists() and (own / "loss.png").read_bytes() != b"png"
+    # a samples/ folder of other files (the data itself, say) is not the run's: refused, not emptied
+    data = tmp_path / "run" / "samples" / "disc"
+    data.mkdir(parents=True)
+    (data / "0.png").write_bytes(b"a training image")
+    with pytest.raises(FlowARError, match="samples/"):
+        train(_args(small_world, tmp_path / "run", steps=1), progress=False)
+    assert (data / "0.png").read_bytes() == b"a training image"
 
 
 def test_a_resume_after_the_last_checkpoint_still_writes_the_last_grid(small_world, tmp_path):

@@ -23,6 +23,7 @@ from flowar.export.manifest import PRECISIONS
 
 # fp16/bf16 graphs (for TensorRT) are compared with the fp32 eager reference: they differ by their rounding.
 REDUCED_TOLERANCE = {"fp32": None, "fp16": 5e-2, "bf16": 3e-1}
+TIMING_CACHE = "timing.cache"     # full TensorRT's timing cache, kept in the directory for the next export
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +133,7 @@ def check_request(req: ExportRequest):
         raise FlowARError("--max-batch in 1..1024", str(req.max_batch), "use e.g. --max-batch 8")
     from flowar.export.manifest import MANIFEST
     from flowar.io.files import check_replaceable
-    check_replaceable(req.out, MANIFEST, "--out", (req.ckpt, req.vae_path, req.config_path))
+    check_replaceable(req.out, MANIFEST, "--out", (req.ckpt, req.vae_path, req.config_path), owned=exported_names)
     if req.backend in ("trt", "all"):
         from flowar.engines.trt import load_builder, plan_target, polygraphy_trt
         builder = load_builder()                       # fail before any work if TensorRT or Polygraphy is missing
@@ -140,6 +141,17 @@ def check_request(req: ExportRequest):
         plan_target(builder, req.compute_capability)   # (a target it cannot build for: refused after every graph)
         return builder
     return None
+
+
+def exported_names(directory: Path) -> set[str] | None:
+    """The names an export wrote at the top of ``directory``: its manifest, what that lists, and full
+    TensorRT's timing cache (None where the manifest cannot be read: the directory is replaced whole)."""
+    from flowar.export.manifest import MANIFEST, read_manifest
+    try:
+        m = read_manifest(directory)
+    except FlowARError:
+        return None
+    return {MANIFEST, TIMING_CACHE} | {Path(rel).parts[0] for rel, _ in m.members()}
 
 
 def _require_disk(req: ExportRequest, model, vae, specs: dict) -> None:
@@ -278,7 +290,7 @@ def build_plans(req: ExportRequest, builder, specs: dict, stages: dict, config, 
         say(f"tensorrt {name}")
         t0 = time.perf_counter()
         plans[name] = build_plan(builder, tmp / stages[name]["file"], stages[name]["sha256"], spec, config,
-                                 stages[name]["max_rows"], req.precision, tmp, tmp / "timing.cache",
+                                 stages[name]["max_rows"], req.precision, tmp, tmp / TIMING_CACHE,
                                  req.compute_capability)
         report.seconds[f"tensorrt {name}"] = time.perf_counter() - t0
     return {"flavour": builder.flavour, "version": builder.version, "plans": plans,
@@ -313,7 +325,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
     vae = None
     if req.vae_path is not None:
         from flowar.model.vae import load_vae
-        vae = load_vae(req.vae_path, expect_channels=config.latent_channels)
+        vae = load_vae(req.vae_path, expect_channels=config.latent_channels, decode_only=True)
     specs = stage_specs(config, vae.downsample if vae else None)
     _require_disk(req, model, vae, specs)
     # progress(what, of how many steps): export (+ verify) (+ TensorRT) per stage, + the precision choice
@@ -321,7 +333,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
     say = (lambda msg: progress(msg, total)) if progress else (lambda msg: None)
     report = BuildReport(req.out)
     from flowar.io.memory import GB, AnonPeak
-    with AnonPeak() as anon, staged_directory(req.out, MANIFEST) as tmp:
+    with AnonPeak() as anon, staged_directory(req.out, MANIFEST, owned=exported_names) as tmp:
         stages = export_graphs(req, model, vae, specs, tmp, report, say)
         if req.graph_precision != "bf16":              # (bf16 graphs run as TensorRT plans only)
             report.backends.append("ort")

@@ -34,10 +34,17 @@ def start_ray(address: str | None, num_cpus: int | None):
     if _not_token_enabled not in auth.filters:
         auth.addFilter(_not_token_enabled)
     kw = dict(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    import signal
+    import threading
+    # ray.init sets a SIGTERM handler of its own (a native stack dump, or sys.exit(15) without a word):
+    # the command's is set again after it, so that SIGTERM stops the command as Ctrl-C does
+    handler = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     if address:
         _answers(address)
         try:
             ray.init(address=address, **kw)
+            if handler is not None:
+                signal.signal(signal.SIGTERM, handler)
         except ConnectionError as e:        # "auto" with none running (an OSError: not a path's fault)
             raise FlowARError(f"a running Ray cluster (--ray-address {address})",
                               str(e).splitlines()[0].split(". ")[0].rstrip("."),
@@ -51,11 +58,8 @@ def start_ray(address: str | None, num_cpus: int | None):
     # command, which stops gracefully and shuts Ray down. Unblocked, Ray's processes died at once:
     # the command waited 60 s for its GCS, exited 1 and lost the requests in flight.
     import atexit
-    import signal
-    import threading
-    # ray.init sets a SIGTERM handler of its own: one that came meanwhile (delivered as the mask below is
-    # lifted) aborted the process with Ray's native stack dump; the command's own is set again first
-    handler = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    # (the command's handler is set again before the mask is lifted: a SIGTERM that came while Ray
+    # started reached Ray's, which aborted the process with a native stack dump)
     before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         # "local": a cluster of its own even where `ray start` runs one on this machine (ray.init
@@ -78,14 +82,15 @@ def _ray_files(e: OSError) -> Exception:
     """What Ray could not write when it started a local cluster, as one line (it was "paths this command
     can read and write; got : validate_socket_filename ..." with a fix about disk space)."""
     import tempfile
-    where, tmp = str(e.filename or ""), tempfile.gettempdir()
+    from pathlib import Path
+    where, tmp = Path(str(e.filename or "/")), tempfile.gettempdir()
     if "AF_UNIX" in str(e):
         return FlowARError("a temporary folder short enough for Ray's socket paths (107 bytes with its own names)",
                            f"TMPDIR {tmp} ({len(tmp)} characters)", "start the command with a short one, e.g. TMPDIR=/tmp")
-    if where.startswith(os.path.expanduser("~")) or "/.ray" in where:
+    if ".ray" in where.parts:
         return FlowARError("a writable home folder for Ray (it keeps its token in ~/.ray)", f"{where}: {e.strerror or e}",
                            "set HOME to a folder this user may write")
-    if where.startswith(tmp):
+    if where.is_relative_to(tmp):
         return FlowARError("a writable temporary folder for Ray's session files", f"{where}: {e.strerror or e}",
                            "set TMPDIR to a folder this user may write, e.g. TMPDIR=/tmp")
     return e

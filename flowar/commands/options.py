@@ -39,8 +39,10 @@ class Command(click.Command):
         # SIGTERM (kill, timeout, systemd, Kubernetes) stops a command as Ctrl-C does: its work unwinds, its
         # temporary files go, it says "interrupted", exit 130 (it ended at once, exit -15, leaving them);
         # flowar-serve (it drains) and flowar-sample's Ray (it stops the cluster) set their own meanwhile
-        term = (signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None) else None)
+        term = None                                       # the handler replaced (only the main thread may)
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            term = signal.signal(signal.SIGTERM, _terminated)
         try:
             try:
                 code = super().main(args, prog_name or self.name, standalone_mode=False, **extra)

@@ -8,11 +8,12 @@ written with :func:`atomic_write_bytes`, so an interrupted run leaves the previo
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from flowar.errors import FlowARError
 from flowar.io.memory import process_alive
@@ -112,11 +113,13 @@ def check_outputs(outputs: list[tuple[str, str | Path | None]], inputs: list[str
         seen[r] = option
 
 
-def check_replaceable(target: str | Path, marker: str, option: str, sources: tuple = ()) -> None:
+def check_replaceable(target: str | Path, marker: str, option: str, sources: tuple = (),
+                      owned: Callable[[Path], set[str] | None] | None = None) -> None:
     """Refuse, before any work, a folder that writing ``target`` anew would destroy: ``target`` may
-    be absent, an empty folder, or a folder this command made before (it holds ``marker``), and no
-    input (``sources``) may lie inside it. A folder of other files (a checkpoint's, a home folder,
-    ``.``) is never replaced."""
+    be absent, an empty folder, or a folder this command made before (it holds ``marker``; with
+    ``owned``, nothing but the names ``owned(target)`` says it wrote, and hidden ones; None from it:
+    it cannot tell, the folder is replaced), and no input (``sources``) may lie inside it. A folder of
+    other files (a checkpoint's, a home folder, ``.``) is never replaced."""
     t = Path(target).resolve()
     if not t.exists():
         return
@@ -131,19 +134,18 @@ def check_replaceable(target: str | Path, marker: str, option: str, sources: tup
         raise FlowARError(f"{option} apart from the inputs (it is replaced as a whole)", f"{inside[0]} inside {t}",
                           f"choose a new folder for {option}")
     others = sorted(c.name for c in t.iterdir())
+    mine = owned(t) if owned is not None and marker in others else None
     if others and marker not in others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise FlowARError(f"{option}: a new or empty folder, or one this command wrote (with {marker}), which it "
                           "replaces",
                           f"{t} holds other files ({shown})", f"choose a new folder for {option}")
-    if marker == "manifest.json":           # an engine directory: what its manifest lists, and the caches opening it made
-        listed = {f.relative_to(t).parts[0] for f in _files_of(t) if f.is_relative_to(t)}
-        theirs = [c for c in others if c not in listed and not c.startswith(".")]
-        if theirs and len(listed) > 1:      # (an unreadable manifest lists nothing: the directory is replaced as before)                          # (a bulk run's folder or a grid written into it went with the old one)
-            shown = ", ".join(theirs[:3]) + (", ..." if len(theirs) > 3 else "")
-            raise FlowARError(f"{option}: an engine directory holding only what flowar-export wrote (it is replaced as "
-                              "a whole)", f"{t} also holds {shown}",
-                              f"move {'them' if len(theirs) > 1 else 'it'} out first, or choose a new folder for {option}")
+    theirs = [c for c in others if mine is not None and not c.startswith(".") and c not in mine]
+    if theirs:                              # (a bulk run's folder or a grid written into an engine directory since)
+        shown = ", ".join(theirs[:3]) + (", ..." if len(theirs) > 3 else "")
+        raise FlowARError(f"{option}: a folder holding only what this command wrote (it is replaced as a whole)",
+                          f"{t} also holds {shown}",
+                          f"move {'them' if len(theirs) > 1 else 'it'} out first, or choose a new folder for {option}")
 
 
 def _umask() -> int:
@@ -165,7 +167,7 @@ def atomic_write_bytes(path: str | Path, write) -> None:
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(p.parent, f".{p.name}.")      # (a write that was killed left its temporary file)
+    remove_stale(p.parent, f".{p.name}.", r"-\w+\.tmp")      # (a write that was killed left its temporary file)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.{os.getpid()}-", suffix=".tmp", dir=p.parent)
     os.close(fd)
     try:
@@ -201,14 +203,16 @@ def as_file(value):
     return str(Path(value).resolve()) if isinstance(value, str) and os.path.exists(value) else value
 
 
-def remove_stale(folder: Path, head: str) -> None:
+def remove_stale(folder: Path, head: str, rest: str = r"-\w+") -> None:
     """Remove what writers that were killed left in ``folder``: files and folders named ``head``, then
-    their process's id (temporary names carry it for this; then '-' and more, or nothing), whose
-    process is gone."""
+    their process's id (temporary names carry it for this), then what matches ``rest`` (a regular
+    expression), whose process is gone. Only names of exactly that form: a user's ``.grid.png.2026``
+    is not one."""
     import glob
+    pattern = re.compile(re.escape(head) + r"(\d+)" + rest)
     for p in folder.glob(glob.escape(head) + "[0-9]*"):
-        pid = p.name[len(head):].split("-", 1)[0]
-        if pid.isdigit() and not process_alive(int(pid)):
+        m = pattern.fullmatch(p.name)
+        if m and not process_alive(int(m.group(1))):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
@@ -216,7 +220,8 @@ def remove_stale(folder: Path, head: str) -> None:
 
 
 @contextmanager
-def staged_directory(target: str | Path, marker: str, option: str = "--out") -> Iterator[Path]:
+def staged_directory(target: str | Path, marker: str, option: str = "--out",
+                     owned: Callable[[Path], set[str] | None] | None = None) -> Iterator[Path]:
     """Build into a temporary sibling; on success swap it into ``target``; on failure remove it.
     A folder at ``target`` is replaced only if it is one this command made (:func:`check_replaceable`,
     checked at the swap; callers check it before their work too, so that a refusal costs nothing).
@@ -228,8 +233,8 @@ def staged_directory(target: str | Path, marker: str, option: str = "--out") -> 
     """
     target = Path(target).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
-    for head in ("tmp-", "old-"):          # (an export that was killed left its folder)
-        remove_stale(target.parent, f".{target.name}.{head}")
+    remove_stale(target.parent, f".{target.name}.tmp-")       # (an export that was killed left its folder)
+    remove_stale(target.parent, f".{target.name}.old-", "")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
@@ -246,7 +251,7 @@ def staged_directory(target: str | Path, marker: str, option: str = "--out") -> 
                 os.chmod(p, (0o777 if os.access(p, os.X_OK) else 0o666) & ~umask)
     old = None
     try:
-        check_replaceable(target, marker, option)
+        check_replaceable(target, marker, option, owned=owned)
     except FlowARError as e:               # (files appeared there meanwhile: the finished work is not thrown away,
         kept = Path(tempfile.mkdtemp(prefix=f".{target.name}.kept-", dir=target.parent))   # nor left under a name
         os.replace(tmp, kept)                                                            # the next one removes)

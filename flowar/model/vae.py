@@ -227,9 +227,10 @@ def _folder_config(p: Path) -> dict:
     return d
 
 
-def _load_folder(p: Path) -> VAE:
-    """An ``AutoencoderKL`` from a diffusers folder whose weights file holds every one of its tensors:
-    diffusers fills a missing one with its initial value, which decodes wrong images."""
+def _load_folder(p: Path, decode_only: bool = False) -> VAE:
+    """An ``AutoencoderKL`` from a diffusers folder whose weights file holds every one of its tensors
+    (``decode_only``: every one the decoder reads): diffusers fills a missing one with its initial
+    value, which decodes wrong images."""
     _folder_config(p)
     diffusers = _diffusers()
     try:
@@ -240,19 +241,25 @@ def _load_folder(p: Path) -> VAE:
         msg = " ".join(lines[:2]) or type(e).__name__                      # is its title, the detail below)
         raise FlowARError("a loadable diffusers AutoencoderKL folder", f"{p}: {msg[:240]}",
                           "check that the folder holds config.json and the weights file it describes") from e
-    problems = _key_problems(info.get("missing_keys") or [], info.get("unexpected_keys") or [])
+    missing = [k for k in info.get("missing_keys") or [] if not decode_only or k.startswith(DECODER_KEYS)]
+    problems = _key_problems(missing, info.get("unexpected_keys") or [])
     if problems:
-        raise FlowARError("a diffusers VAE folder whose weights hold every AutoencoderKL tensor and no other",
+        raise FlowARError(f"a diffusers VAE folder whose weights hold every {'decoder' if decode_only else 'AutoencoderKL'}"
+                          " tensor and no other",
                           f"{p}: {problems}", "restore the folder's weights file (or export the VAE again)")
     return VAE(ak)
 
 
-def load_vae(path: str | Path, expect_channels: int | None = None) -> VAE:
+DECODER_KEYS = ("decoder.", "post_quant_conv.")      # what decoding reads (a folder may ship the decoder alone)
+
+
+def load_vae(path: str | Path, expect_channels: int | None = None, decode_only: bool = False) -> VAE:
     """Load a VAE from a MAR/LDM checkpoint file or a diffusers folder (the whole AutoencoderKL:
-    every encoder and decoder tensor must be in the file)."""
+    every encoder and decoder tensor must be in the file; ``decode_only``: every decoder tensor, for
+    an export or a bench that only decodes)."""
     p = Path(path)
     if not p.exists():
         raise FlowARError("a VAE: MAR's kl16.ckpt or a diffusers folder with config.json",
                           f"nothing at {p}", "check the --vae path")
-    vae = _load_folder(p) if p.is_dir() else convert_mar_checkpoint(p)
+    vae = _load_folder(p, decode_only) if p.is_dir() else convert_mar_checkpoint(p)
     return _check_channels(vae, expect_channels, p)

@@ -18,7 +18,9 @@ backend, shard or worker (``indices`` renames the samples, for shards of a large
 
 from __future__ import annotations
 
+import errno
 import numbers
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,16 +76,18 @@ class FlowARPipeline:
         around them): for checkpoints (official files carry no config). ``threads``: CPU cores to
         compute on (default: every core this process may use).
         """
-        if not isinstance(path, (str, Path)):
-            raise FlowARError("path: an engine directory or a checkpoint file (a str or Path)", repr(path)[:80],
+        if not isinstance(path, (str, os.PathLike)):
+            raise FlowARError("path: an engine directory or a checkpoint file (a str or os.PathLike)", repr(path)[:80],
                               'pass e.g. "out/engines"')
         try:
-            return cls(Runtime.open(path, backend=backend, preset=preset, config=config, vae=vae, device=device,
+            return cls(Runtime.open(os.fspath(path), backend=backend, preset=preset, config=config, vae=vae, device=device,
                                     threads=threads, raw_weights=raw_weights, cuda_graphs=cuda_graphs,
                                     precision=precision))
         except OSError as e:            # (the commands say it in one line too: one_line)
             raise FlowARError("an engine directory or checkpoint this process can read",
-                              f"{e.filename or path}: {e.strerror or e}", "check the path and its permissions") from e
+                              f"{e.filename or path}: {e.strerror or e}",
+                              "check the path and its permissions" if isinstance(e, (PermissionError, FileNotFoundError))
+                              or e.errno == errno.ENAMETOOLONG else "check the path and the machine (disk, memory)") from e
 
     def get_label_ids(self, names: str | Sequence[str]) -> list[int]:
         """Class ids from names (ImageNet names and synonyms for the official 1000-class models)."""

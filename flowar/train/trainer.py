@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
@@ -225,8 +226,11 @@ def check_args(args: TrainArgs, world: int, n_images: int) -> Path:
                           "pass --resume to continue it, or choose another --out")
     # (a folder of other files had its model.safetensors and loss.png replaced; a run's own, made before its
     # first checkpoint, are not other files: it starts afresh there)
-    held = sorted(p.name for p in Path(args.out).iterdir() if p.name not in ("samples", "loss.png")
-                  and not p.name.startswith(".")) if Path(args.out).is_dir() else []
+    out = Path(args.out)
+    held = sorted(p.name for p in out.iterdir() if p.name not in ("samples", "loss.png")
+                  and not p.name.startswith(".")) if out.is_dir() else []
+    if (out / "samples").is_dir() and any(not GRID.fullmatch(p.name) for p in (out / "samples").iterdir()):
+        held.append("samples/ (files other than its sample grids)")      # (the data itself, say: not deleted)
     if not args.resume and held:
         raise FlowARError("an empty run folder (or --resume)", f"{args.out} holds {', '.join(held[:3])}"
                           + (", ..." if len(held) > 3 else ""), "choose a new --out")
@@ -246,6 +250,7 @@ def check_args(args: TrainArgs, world: int, n_images: int) -> Path:
     return ckpt
 
 
+GRID = re.compile(r"step\d{7}\.png")        # the sample grids a run writes in samples/ (checkpoint_and_sample)
 RUN_DEFINING = ("data", "vae", "size", "preset", "config", "batch", "lr", "warmup", "min_lr_ratio", "weight_decay", "grad_clip",
                 "ema_decay", "label_drop", "seed")                  # what a resumed run keeps (a --steps below: no weights)
 
@@ -360,8 +365,9 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
     run = build_run(args, config, world, ckpt)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not args.resume:       # an earlier start's grids and plot (stopped before its first checkpoint)
-        import shutil
-        shutil.rmtree(ckpt.parent / "samples", ignore_errors=True)
+        for grid in (ckpt.parent / "samples").glob("step*.png"):
+            if GRID.fullmatch(grid.name):
+                grid.unlink()
         (ckpt.parent / "loss.png").unlink(missing_ok=True)
     end = args.steps if max_steps_this_run is None else min(args.steps, run.state.step + max_steps_this_run)
     with closing(Progress(args, run.state, progress and rank == 0)) as bar:
