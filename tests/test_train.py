@@ -126,8 +126,9 @@ def test_a_diverged_loss_stops_training_instead_of_writing_nan_weights(small_wor
         train_vae(VAETrainArgs(data=str(small_world / "data"), out=str(tmp_path / "v"), size=16, channels=(8, 8),
                                groups=4, steps=4, batch=4, lr=1e30), progress=False)
     assert not (tmp_path / "v").exists()
-    with pytest.raises(FlowARError, match="at least 2x2"):
-        train(_args(small_world, tmp_path / "s", size=7, steps=1), progress=False)
+    with pytest.raises(FlowARError, match="at least 2x2"):     # before the data is encoded (none cached)
+        train(_args(small_world, tmp_path / "s", size=7, steps=1, cache_dir=str(tmp_path / "c7")), progress=False)
+    assert not (tmp_path / "c7").exists() or not any((tmp_path / "c7").rglob("*"))
 
 
 def test_batch_above_the_dataset_is_one_line_before_any_work(small_world, tmp_path, monkeypatch):

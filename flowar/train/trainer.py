@@ -208,6 +208,15 @@ def init_process_group() -> tuple[int, int]:
     return world, (torch.distributed.get_rank() if world > 1 else 0)
 
 
+def _downsample(vae: str | Path) -> int:
+    """How much the VAE shrinks an image's side, from a diffusers folder's config.json (1 where it
+    does not say, such as MAR's file: its side is checked once the data is encoded)."""
+    try:
+        return 2 ** (len(json.loads((Path(vae) / "config.json").read_text())["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1
+
+
 def check_args(args: TrainArgs, world: int, n_images: int) -> Path:
     """Every user error that needs no encoding, before any work; returns checkpoint-last's path."""
     if args.preset and args.config:
@@ -218,6 +227,10 @@ def check_args(args: TrainArgs, world: int, n_images: int) -> Path:
         raise FlowARError(f"--batch (global, over {world} process{'es' * (world > 1)}) at most the {n_images} "
                           f"images of --data", f"--batch {args.batch}",
                           f"pass --batch {n_images - n_images % world} or less, or add images")
+    side = args.size // _downsample(args.vae)
+    if side < 2:                       # (--size 7 trained a model of one 1x1 scale; found after the encoding, before)
+        raise FlowARError("--size giving a latent map of at least 2x2 through the VAE (two scales or more)",
+                          f"--size {args.size}: {side}x{side}", "use e.g. --size 32")
     ckpt = Path(args.out) / "checkpoint-last.safetensors"
     if args.resume and not ckpt.is_file():
         raise FlowARError(f"a checkpoint to resume at {ckpt}", "none", "drop --resume to start afresh")
