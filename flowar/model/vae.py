@@ -209,6 +209,15 @@ def _check_channels(vae: VAE, expect_channels: int | None, p: Path) -> VAE:
     return vae
 
 
+def folder_downsample(vae: str | Path) -> int:
+    """How much a VAE shrinks an image's side, from a diffusers folder's config.json, read alone (1
+    where it does not say, such as MAR's file: its weights say it)."""
+    try:
+        return 2 ** (len(json.loads((Path(vae) / "config.json").read_text())["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1
+
+
 def _folder_config(p: Path) -> dict:
     """A diffusers folder's config.json, refused unless it is a JSON object before diffusers reads it
     (it takes anything else for a model name to fetch from the hub)."""

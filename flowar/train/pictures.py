@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,11 @@ from flowar.io.files import atomic_write_bytes
 if TYPE_CHECKING:
     from flowar.model.ar import FlowAR
     from flowar.train.trainer import TrainArgs
+
+
+def own_grids(folder: Path) -> list[Path]:
+    """The sample grids a run wrote in ``folder`` (``stepNNNNNNN.png``, :func:`sample_grid`'s names)."""
+    return [p for p in folder.glob("step*.png") if re.fullmatch(r"step\d{7}\.png", p.name)] if folder.is_dir() else []
 
 
 def plot_losses(losses: list[float], path: Path) -> None:

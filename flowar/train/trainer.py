@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import time
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 from flowar.model.checkpoint import TRAIN_FORMAT_TAG, save_checkpoint
 from flowar.config import FlowARConfig, get_preset
 from flowar.train.data import Latents, index_dataset, load_latents
-from flowar.train.pictures import plot_losses, sample_grid
+from flowar.train.pictures import own_grids, plot_losses, sample_grid
 from flowar.errors import FlowARError
 from flowar.model.ar import FlowAR
 from flowar.io.files import as_file
@@ -208,15 +207,6 @@ def init_process_group() -> tuple[int, int]:
     return world, (torch.distributed.get_rank() if world > 1 else 0)
 
 
-def _downsample(vae: str | Path) -> int:
-    """How much the VAE shrinks an image's side, from a diffusers folder's config.json (1 where it
-    does not say, such as MAR's file: its side is checked once the data is encoded)."""
-    try:
-        return 2 ** (len(json.loads((Path(vae) / "config.json").read_text())["block_out_channels"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError):
-        return 1
-
-
 def check_args(args: TrainArgs, world: int, n_images: int) -> Path:
     """Every user error that needs no encoding, before any work; returns checkpoint-last's path."""
     if args.preset and args.config:
@@ -227,7 +217,8 @@ def check_args(args: TrainArgs, world: int, n_images: int) -> Path:
         raise FlowARError(f"--batch (global, over {world} process{'es' * (world > 1)}) at most the {n_images} "
                           f"images of --data", f"--batch {args.batch}",
                           f"pass --batch {n_images - n_images % world} or less, or add images")
-    side = args.size // _downsample(args.vae)
+    from flowar.model.vae import folder_downsample
+    side = args.size // folder_downsample(args.vae)
     if side < 2:                       # (--size 7 trained a model of one 1x1 scale; found after the encoding, before)
         raise FlowARError("--size giving a latent map of at least 2x2 through the VAE (two scales or more)",
                           f"--size {args.size}: {side}x{side}", "use e.g. --size 32")
@@ -237,13 +228,12 @@ def check_args(args: TrainArgs, world: int, n_images: int) -> Path:
     if not args.resume and ckpt.is_file():
         raise FlowARError("an empty run folder (or --resume)", f"{ckpt} exists",
                           "pass --resume to continue it, or choose another --out")
-    # (a folder of other files had its model.safetensors and loss.png replaced; a run's own, made before its
-    # first checkpoint, are not other files: it starts afresh there)
-    out = Path(args.out)
-    held = sorted(p.name for p in out.iterdir() if p.name not in ("samples", "loss.png")
-                  and not p.name.startswith(".")) if out.is_dir() else []
-    if (out / "samples").is_dir() and any(not GRID.fullmatch(p.name) for p in (out / "samples").iterdir()):
-        held.append("samples/ (files other than its sample grids)")      # (the data itself, say: not deleted)
+    # (a folder of other files had its model.safetensors and loss.png replaced; a run's own grids and plot,
+    # made before its first checkpoint, are not other files: it starts afresh there; a samples/ of other files is)
+    out, grids = Path(args.out), Path(args.out) / "samples"
+    held = sorted(p.name for p in out.iterdir() if p.name not in ("samples", "loss.png") and not p.name.startswith(".")
+                  or p.name == "samples" and set(grids.iterdir()) != set(own_grids(grids))) \
+        if out.is_dir() else []
     if not args.resume and held:
         raise FlowARError("an empty run folder (or --resume)", f"{args.out} holds {', '.join(held[:3])}"
                           + (", ..." if len(held) > 3 else ""), "choose a new --out")
@@ -263,7 +253,6 @@ def check_args(args: TrainArgs, world: int, n_images: int) -> Path:
     return ckpt
 
 
-GRID = re.compile(r"step\d{7}\.png")        # the sample grids a run writes in samples/ (checkpoint_and_sample)
 RUN_DEFINING = ("data", "vae", "size", "preset", "config", "batch", "lr", "warmup", "min_lr_ratio", "weight_decay", "grad_clip",
                 "ema_decay", "label_drop", "seed")                  # what a resumed run keeps (a --steps below: no weights)
 
@@ -378,9 +367,8 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
     run = build_run(args, config, world, ckpt)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not args.resume:       # an earlier start's grids and plot (stopped before its first checkpoint)
-        for grid in (ckpt.parent / "samples").glob("step*.png"):
-            if GRID.fullmatch(grid.name):
-                grid.unlink()
+        for grid in own_grids(ckpt.parent / "samples"):
+            grid.unlink()
         (ckpt.parent / "loss.png").unlink(missing_ok=True)
     end = args.steps if max_steps_this_run is None else min(args.steps, run.state.step + max_steps_this_run)
     with closing(Progress(args, run.state, progress and rank == 0)) as bar:
