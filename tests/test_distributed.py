@@ -96,6 +96,19 @@ def test_bulk_gives_the_same_bytes_for_any_worker_count_and_resumes_after_kill(e
     big = subprocess.run([str(EXE / "flowar-sample"), "--engine-dir", str(engines), "--num-images", "2", "--out",
                           str(tmp_path / "big"), "--batch", "999"], env=ENV, capture_output=True, text=True)
     assert big.returncode == 2 and "--batch in 1.." in big.stderr and "Traceback" not in big.stderr, big.stderr
+    # shards sampled by other engines (a run resumed on another CPU kind, where the directory's bf16 engines
+    # fall back to fp32, or on mixed nodes) are not joined into one run's samples.npz: they were, exit 0
+    shard = out / "shards" / "00000.npz"
+    with np.load(shard) as z:
+        assert str(z["engines"].reshape(-1)[0]) == ran[0]                                   # each shard says what made it
+        np.savez(shard.with_name("x.npz"), **{k: z[k] for k in z.files} | {"engines": np.asarray("ort: elsewhere")})
+    os.replace(shard.with_name("x.npz"), shard)
+    (out / "samples.npz").unlink()
+    mixed = subprocess.run([str(EXE / "flowar-sample"), "--engine-dir", str(engines), "--num-images", str(N), "--out",
+                            str(out), "--shard-size", "2", "--seed", "3", "--batch", "2"], env=ENV, capture_output=True,
+                           text=True, timeout=300)
+    assert mixed.returncode == 2 and "shards [0] by ort: elsewhere" in mixed.stderr and not (out / "samples.npz").exists(), \
+        mixed.stderr
 
 
 def _session_alive(sid: int) -> list[str]:

@@ -131,7 +131,8 @@ class ShardSampler:
         write_npz(shard_path(self.out, j), {"images": to_uint8(images),
                                             "labels": np.asarray([self.spec.classes[i % len(self.spec.classes)]
                                                                   for i in idx], np.int64),
-                                            "indices": np.asarray(idx, np.int64)})
+                                            "indices": np.asarray(idx, np.int64),
+                                            "engines": np.asarray(self.engines())})
         return time.perf_counter() - t0
 
     def _sample(self, rt, idx: list[int]):
@@ -143,7 +144,11 @@ class ShardSampler:
                 for j, s, e in zip(batch["shard"], batch["start"], batch["end"])]
         return {"shard": np.asarray(batch["shard"]), "seconds": np.asarray(secs),
                 "batch": np.asarray([self.formed] * len(secs)),
-                "engines": np.asarray([f"{self.pipe.runtime.backend}: {self.pipe.runtime.detail}"] * len(secs))}
+                "engines": np.asarray([self.engines()] * len(secs))}
+
+    def engines(self) -> str:
+        """What computes this worker's images (recorded in run.json and in each shard)."""
+        return f"{self.pipe.runtime.backend}: {self.pipe.runtime.detail}"
 
 
 def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str | None = None,
@@ -237,11 +242,17 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     missing = [j for j, s, e in shards if not shard_is_done(out, j, s, e)]
     if missing:
         raise FlowARError("every shard written", f"shards {missing[:5]} missing", "run the same command again")
-    images, labels = [], []
+    images, labels, ran = [], [], {}
     for j, _, _ in shards:
         with np.load(shard_path(out, j), allow_pickle=False) as z:
             images.append(z["images"])
             labels.append(z["labels"])
+            if "engines" in z:                  # (shards written before the field: not known)
+                ran.setdefault(str(z["engines"].reshape(-1)[0]), []).append(j)
+    if len(ran) > 1:        # (resumed on another CPU kind, or on mixed nodes: one run's images from other engines)
+        raise FlowARError("one run's shards sampled by the same engines",
+                          "; ".join(f"shards {js[:3]}{'...' if len(js) > 3 else ''} by {e}" for e, js in ran.items()),
+                          "finish it where it began (or on nodes of that CPU kind), or sample it again in a new --out")
     write_npz(out / "samples.npz", {"arr_0": np.concatenate(images), "arr_1": np.concatenate(labels)})
     dt = time.perf_counter() - t0
     return BulkReport(out, len(shards), len(shards) - len(todo), dt, done_now / dt if done_now else 0.0,
