@@ -15,6 +15,8 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     try:
         dev = torch.device(name)
     except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):    # (meta opened and failed in the first call; mps, xpu: not ours)
         raise FlowARError("--device auto, cpu or cuda[:N]", repr(str(name)), "use --device auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise FlowARError("a CUDA device for --device cuda", "no CUDA device visible to PyTorch",

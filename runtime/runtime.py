@@ -46,17 +46,14 @@ class Threads:
     """The CPU thread policy of an opened source: resolved once when it is opened, applied in one
     place (:meth:`Runtime.sample`).
 
-    ``cores`` is what the engines compute on (ONNX Runtime sessions are built for it; calls with
-    several rows run as row blocks, one per core). ``host`` is PyTorch's thread count while
-    sampling: ``cores`` where PyTorch computes stages itself, 1 where every stage runs in ONNX
-    Runtime's own threads, so that PyTorch's spinning OpenMP workers leave the cores to them.
-    Lanes (:meth:`Runtime.lane`) share the count of samplings running: while several run, each
-    stage call gets its share of the ``host`` threads (:meth:`share`). Only the first lane
-    (``floor`` 1) computes on all of them when it samples alone; a later lane (``floor``: the lanes)
-    never on more than its share: an OpenMP team of more threads on a second thread leaves GNU
-    OpenMP managing more threads than there are cores, and then every team's waiting is throttled
-    (measured: FlowAR-S images 12 % slower on the first lane once a second thread had computed on
-    two threads; none when it had used one).
+    ``cores``: what the engines compute on (ONNX Runtime sessions are built for it; calls with several
+    rows run as row blocks, one per core). ``host``: PyTorch's thread count while sampling (``cores``
+    where PyTorch computes stages, 1 where ONNX Runtime's threads compute them all). Lanes
+    (:meth:`Runtime.lane`) share the count of samplings running: while several run, each stage call
+    gets its share of the ``host`` threads (:meth:`share`); only the first lane (``floor`` 1) computes
+    on all of them alone, a later one (``floor``: the lanes) never on more than its share (GNU OpenMP
+    with more threads than cores throttles every team: FlowAR-S 12 % slower on the first lane once a
+    second thread had computed on two threads).
     """
     cores: int
     host: int
@@ -134,6 +131,7 @@ class Runtime(contextlib.AbstractContextManager):
             from flowar.io.memory import reuse_large_allocations
             reuse_large_allocations()
         self._stack = stack or contextlib.ExitStack()
+        self._calls, self._caller = threading.Lock(), None     # one sampling at a time (see sample)
 
     # ---- the two ways to open one -----------------------------------------------------------
     @classmethod
@@ -301,10 +299,18 @@ class Runtime(contextlib.AbstractContextManager):
         bs = batch_size or self.batch
         clock = _Clock(self.device) if timings is not None and self.runner is None else None
         stages = Hooked(self.stages, self.threads.share) if self.lanes > 1 else self.stages
-        with torch.inference_mode(), self.threads.applied():
-            res = run_sampling(Hooked(stages, clock) if clock else stages, self.config, list(labels),
-                               schedule, seed, noise_file, decode=decode, device=self.device, progress=progress,
-                               on_scale=on_scale, batch_size=bs, indices=indices, runner=self.runner)
+        # one sampling at a time (two threads on one pipeline got each other's images); a lane samples beside it
+        if self._caller == threading.get_ident():
+            raise FlowARError("one sampling at a time on a runtime", "a call from inside its own callback",
+                              "sample after this call returns (collect what the callback needs, then call)")
+        with self._calls, torch.inference_mode(), self.threads.applied():
+            self._caller = threading.get_ident()
+            try:
+                res = run_sampling(Hooked(stages, clock) if clock else stages, self.config, list(labels),
+                                   schedule, seed, noise_file, decode=decode, device=self.device, progress=progress,
+                                   on_scale=on_scale, batch_size=bs, indices=indices, runner=self.runner)
+            finally:
+                self._caller = None
         if timings is not None:
             timings.update(clock.read() if clock else {"sampling": res.seconds})
             timings["total"] = res.seconds
@@ -329,6 +335,7 @@ class Runtime(contextlib.AbstractContextManager):
         torch.set_num_threads(max(1, self.threads.host // self.lanes))
         other.stages = EngineStages(s.engines, s.config, s.max_batch, s.device, s.specs, {"stages": s.plan})
         other._stack = contextlib.ExitStack()
+        other._calls, other._caller = threading.Lock(), None   # (its buffers are its own)
         return other
 
     # ---- lifetime ---------------------------------------------------------------------------

@@ -264,6 +264,7 @@ def test_an_image_is_named_by_its_seed_and_index_and_generators_come_one_per_ima
                     output_type="latent")
         alone = [pipe([c], generator=[torch.Generator().manual_seed(s)], output_type="latent").seeds[0]
                  for c, s in (("cat", 1), ("dog", 2))]
+        alone_dog = pipe(["dog"], generator=torch.Generator().manual_seed(2), output_type="latent")
         for bad, got in (([torch.Generator()], "got a list of 1"), ("seed", "got str")):
             with pytest.raises(FlowARError, match=rf"a torch.Generator, or a list of 2 \(one per image\); {got}"):
                 pipe(["cat", "dog"], generator=bad)
@@ -274,6 +275,9 @@ def test_an_image_is_named_by_its_seed_and_index_and_generators_come_one_per_ima
     assert (one.images[0] - out.images[2]).abs().max() < 1e-3          # (another batch: float rounding only)
     assert gens.seeds == alone and gens.seeds[0] != gens.seeds[1]
     assert seen == [3] * pipe.runtime.config.n_scales and padded.images.shape[0] == 3
+    # as in diffusers, image j of a list of generators is what generator[j] gives alone, wherever it
+    # stands (its noise depended on its place in the list too)
+    assert (gens.images[1] - alone_dog.images[0]).abs().max() < 1e-3 and gens.indices == [0, 0]
 
 
 def test_a_bulk_run_resumes_only_on_the_engines_it_began_with_and_bad_settings_write_nothing(default_auto_engines,
@@ -337,3 +341,47 @@ def test_from_pretrained_answers_a_path_it_cannot_use_with_one_flowar_error(tmp_
                        (tmp_path / "a.safetensors", "a.safetensors")):
         with pytest.raises(FlowARError, match=said):
             FlowARPipeline.from_pretrained(path)
+
+
+def test_one_pipeline_called_from_two_threads_gives_each_call_its_own_images(default_auto_engines):
+    """The stages' buffers are the runtime's: two threads calling one pipeline at once got each other's
+    images (every pixel wrong, no error); calls now take turns. A call from inside the pipeline's own
+    callback is refused in one line (it would have written into the outer call's buffers)."""
+    import threading
+    with FlowARPipeline.from_pretrained(default_auto_engines) as pipe:
+        pipe.set_progress_bar_config(disable=True)
+        want = {s: pipe([s % 10, 3, 5], seed=s, output_type="latent").images for s in range(6)}
+        got = {}
+
+        def work(seeds):
+            for s in seeds:
+                got[s] = pipe([s % 10, 3, 5], seed=s, output_type="latent").images
+        threads = [threading.Thread(target=work, args=(range(j, 6, 2),)) for j in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(torch.equal(got[s], want[s]) for s in range(6))
+        with pytest.raises(FlowARError, match="a call from inside its own callback"):
+            pipe([1], callback_on_scale_end=lambda p, k, kw: p([2]))
+
+
+def test_labels_and_devices_a_notebook_passes(default_auto_engines, tmp_path):
+    """A NumPy or 0-d torch integer is one label (a DataLoader's y[0] was a TypeError); float, bool and
+    bytes labels are refused (3.7 was class 3, True class 1, b"\\x01" class 1); devices PyTorch names but
+    nothing here runs on are refused when opened (meta opened, then failed in the first call); the
+    opening errors name the keywords, not the commands' options."""
+    import numpy as np
+    with FlowARPipeline.from_pretrained(default_auto_engines) as pipe:
+        pipe.set_progress_bar_config(disable=True)
+        for label in (np.int64(3), torch.tensor(3), torch.tensor([3])):
+            assert pipe(label, output_type="latent").labels == [3]
+        for bad in (torch.tensor([3.7]), torch.tensor([True]), b"\x01", None, 3.0):
+            with pytest.raises(FlowARError, match="class_labels"):
+                pipe(bad, output_type="latent")
+        assert pipe([3, 4], seed=torch.tensor(1), output_type="latent").seeds == [1, 1]
+    for kw, said in ((dict(device="meta"), "device auto, cpu or cuda"), (dict(threads=0), "threads >= 1"),
+                     (dict(vae="x"), "precision= with an engine directory")):
+        with pytest.raises(FlowARError, match=said) as e:
+            FlowARPipeline.from_pretrained(default_auto_engines, **kw)
+        assert "--" not in str(e.value), str(e.value)

@@ -79,7 +79,7 @@ class FlowARPipeline:
         if not isinstance(path, (str, os.PathLike)):
             raise FlowARError("path: an engine directory or a checkpoint file (a str or os.PathLike)", repr(path)[:80],
                               'pass e.g. "out/engines"')
-        try:
+        try:                            # (the runtime's messages name the commands' options: here the keywords)
             return cls(Runtime.open(os.fspath(path), backend=backend, preset=preset, config=config, vae=vae, device=device,
                                     threads=threads, raw_weights=raw_weights, cuda_graphs=cuda_graphs,
                                     precision=precision))
@@ -88,6 +88,8 @@ class FlowARPipeline:
                               f"{e.filename or path}: {e.strerror or e}",
                               "check the path and its permissions" if isinstance(e, (PermissionError, FileNotFoundError))
                               or e.errno == errno.ENAMETOOLONG else "check the path and the machine (disk, memory)") from e
+        except FlowARError as e:
+            raise in_python_terms(e) from None
 
     def get_label_ids(self, names: str | Sequence[str]) -> list[int]:
         """Class ids from names (ImageNet names and synonyms for the official 1000-class models)."""
@@ -126,7 +128,16 @@ class FlowARPipeline:
             if callback_on_scale_end is not None and not callable(callback_on_scale_end):
                 raise FlowARError("callback_on_scale_end a function (pipe, k, {'tokens': ...})",
                                   type(callback_on_scale_end).__name__, "pass a function, or None")
-            items = [class_labels] if isinstance(class_labels, (int, str)) else list(class_labels)
+            if isinstance(class_labels, torch.Tensor):    # (a DataLoader's y, or y[0]: ids, not floats or bools)
+                if class_labels.is_floating_point() or class_labels.dtype == torch.bool or class_labels.ndim > 1:
+                    raise FlowARError("class_labels: class ids (int) or class names", f"a {class_labels.dtype} tensor of shape "
+                                      f"{tuple(class_labels.shape)}", "pass e.g. [3, 7] or a 1-D int64 tensor")
+                class_labels = class_labels.tolist()
+            if isinstance(class_labels, (bytes, bytearray)) or not (isinstance(class_labels, (numbers.Integral, str))
+                                                                 or hasattr(class_labels, "__iter__")):
+                raise FlowARError("class_labels: an id, a name, or a list of them", repr(class_labels)[:60],
+                                  'pass e.g. ["cat"] or [3]')
+            items = [class_labels] if isinstance(class_labels, (numbers.Integral, str)) else list(class_labels)
             labels = self.get_label_ids(items) if items else []
             if not labels:
                 raise FlowARError("at least one class label", "none", 'pass e.g. ["cat"] or [3]')
@@ -142,7 +153,10 @@ class FlowARPipeline:
                 # (drawn on the generator's own device: a CUDA generator cannot draw CPU numbers)
                 seeds = [int(s) for g in gens for s in torch.randint(0, 2 ** 63 - 1, (len(labels) if one else 1,),
                                                                     generator=g, device=g.device).tolist()]
+                if not one and indices is None:           # (as in diffusers: image j is what generator[j] alone
+                    indices = [0] * len(labels)           # gives, wherever it stands in the list)
             else:                                         # (checked where every source samples: run_sampling)
+                seed = seed.tolist() if isinstance(seed, torch.Tensor) else seed
                 seeds = ([0 if seed is None else seed] * len(labels) if seed is None or isinstance(seed, numbers.Integral)
                          else list(seed) if hasattr(seed, "__iter__") and not isinstance(seed, (str, bytes)) else seed)
             rt = self.runtime
@@ -164,7 +178,7 @@ class FlowARPipeline:
             res = rt.sample(labels, sched, seed=seeds, indices=indices, batch_size=batch_size,
                             decode=output_type != "latent", progress=self.progress_bar_config or True, on_scale=on_scale,
                             timings=timings)
-            idx = list(range(len(labels))) if indices is None else [int(i) for i in indices]
+            idx = list(range(len(labels))) if indices is None else [int(i) for i in indices]   # (as checked, list)
             return FlowAROutput(to_output(res, output_type), labels, [int(s) for s in seeds], idx, timings, res.tokens)
         except FlowARError as e:              # (the messages name the commands' options: here the keywords)
             raise in_python_terms(e) from None
@@ -182,7 +196,10 @@ class FlowARPipeline:
 # the commands' options a call's messages name, as the call's keywords
 _KEYWORDS = (("--steps", "num_inference_steps"), ("--cfg", "guidance_scale"), ("--guidance", "guidance"),
              ("--schedule", "schedule"), ("--batch", "batch_size"), ("pass --vae", "pass vae="),
-             ("(--save-tokens)", '(output_type="latent")'))
+             ("(--save-tokens)", '(output_type="latent")'),
+             ("--preset/--config/--vae/--raw-weights/--precision", "preset=/config=/vae=/raw_weights=/precision="),
+             ("--threads", "threads"), ("--device", "device"), ("--backend", "backend"),
+             ("--engine-dir", "an engine directory"))
 
 
 def in_python_terms(e: FlowARError) -> FlowARError:
