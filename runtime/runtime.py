@@ -340,9 +340,14 @@ class Runtime(contextlib.AbstractContextManager):
 
     # ---- lifetime ---------------------------------------------------------------------------
     def close(self, *exc) -> None:
-        """Release the engines (sessions, packages, graphs); also what leaving a ``with`` does."""
-        self.runner = self.stages = None      # (a closed runtime refuses to sample: its engines are gone)
-        self._stack.close()
+        """Release the engines (sessions, packages, graphs), once a call running on another thread has
+        returned (it failed half way); also what leaving a ``with`` does."""
+        if self._caller == threading.get_ident():
+            raise FlowARError("close() after the call returns", "close() from inside the call's callback",
+                              "close it once the call has returned")
+        with self._calls:
+            self.runner = self.stages = None  # (a closed runtime refuses to sample: its engines are gone)
+            self._stack.close()
 
     __exit__ = close
 

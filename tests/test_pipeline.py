@@ -385,3 +385,36 @@ def test_labels_and_devices_a_notebook_passes(default_auto_engines, tmp_path):
         with pytest.raises(FlowARError, match=said) as e:
             FlowARPipeline.from_pretrained(default_auto_engines, **kw)
         assert "--" not in str(e.value), str(e.value)
+
+
+def test_a_pipeline_closed_during_a_call_lets_it_finish_and_is_not_copied(default_auto_engines):
+    """close() from another thread while a call runs waits for it (the call failed with ONNX Runtime's
+    'cannot schedule new futures after shutdown'); a pickle or copy of an opened pipeline, and a bar
+    option tqdm does not take (it failed later, in a call, on a terminal only), are one line each."""
+    import copy
+    import pickle
+    import threading
+    pipe = FlowARPipeline.from_pretrained(default_auto_engines)
+    pipe.set_progress_bar_config(disable=True)
+    for bad in (pickle.dumps, copy.deepcopy, copy.copy):
+        with pytest.raises(FlowARError, match="from_pretrained"):
+            bad(pipe)
+    with pytest.raises(FlowARError, match="bogus"):
+        pipe.set_progress_bar_config(bogus=1)
+    want = pipe(list(range(10)) * 2, seed=4, output_type="latent", batch_size=4).images
+    started, result = threading.Event(), {}
+
+    def call():
+        try:
+            result["images"] = pipe(list(range(10)) * 2, seed=4, output_type="latent", batch_size=4,
+                                    callback_on_scale_end=lambda p, k, kw: started.set()).images
+        except Exception as e:  # noqa: BLE001
+            result["error"] = e
+    t = threading.Thread(target=call)
+    t.start()
+    assert started.wait(60)
+    pipe.close()                                  # (waits for the call)
+    t.join()
+    assert "error" not in result and torch.equal(result["images"], want)
+    with pytest.raises(FlowARError, match="closed"):
+        pipe([1])

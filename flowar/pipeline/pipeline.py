@@ -97,8 +97,21 @@ class FlowARPipeline:
                          self.runtime.class_names)
 
     def set_progress_bar_config(self, **kwargs) -> None:
-        """tqdm options of the progress bar a call shows (``disable=True`` switches it off)."""
+        """tqdm options of the progress bar a call shows (``disable=True`` switches it off); checked
+        here (an unknown one failed later, in a call, and only on a terminal)."""
+        import inspect
+
+        from tqdm import tqdm
+        unknown = sorted(set(kwargs) - set(inspect.signature(tqdm.__init__).parameters) - {"self", "kwargs"})
+        if unknown:
+            raise FlowARError("tqdm's options (e.g. disable=True, desc=..., leave=False)", ", ".join(unknown),
+                              "see tqdm's keywords, or pass disable=True")
         self.progress_bar_config = dict(kwargs)
+
+    def __reduce__(self):
+        raise FlowARError("a pipeline opened in each process (its engines and buffers do not travel)",
+                          "a pickle or copy of an opened one",
+                          "send the path and call FlowARPipeline.from_pretrained(path) there")
 
     def __call__(self, class_labels: int | str | Sequence[int | str], *, seed: int | Sequence[int] | None = None,
                  generator: torch.Generator | Sequence[torch.Generator] | None = None,
