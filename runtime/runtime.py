@@ -286,8 +286,6 @@ class Runtime(contextlib.AbstractContextManager):
         the call plan, else the engines' max batch, else all at once; it changes images by float
         rounding only). ``timings``, when given, receives the seconds per stage (``ar``, ``head``,
         ``decode``; ``sampling`` where CUDA graphs replay whole scales) and ``total``."""
-        if self.stages is None:
-            raise FlowARError("an open source", "one closed (after close() or its with block)", "open it again")
         if decode:
             self.require_decoder()
         if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
@@ -298,12 +296,14 @@ class Runtime(contextlib.AbstractContextManager):
                                                                       self.manifest else "--no-cuda-graphs"))
         bs = batch_size or self.batch
         clock = _Clock(self.device) if timings is not None and self.runner is None else None
-        stages = Hooked(self.stages, self.threads.share) if self.lanes > 1 else self.stages
         # one sampling at a time (two threads on one pipeline got each other's images); a lane samples beside it
         if self._caller == threading.get_ident():
             raise FlowARError("one sampling at a time on a runtime", "a call from inside its own callback",
                               "sample after this call returns (collect what the callback needs, then call)")
         with self._calls, torch.inference_mode(), self.threads.applied():
+            if self.stages is None:         # (checked in turn: close() on another thread may have come first)
+                raise FlowARError("an open source", "one closed (after close() or its with block)", "open it again")
+            stages = Hooked(self.stages, self.threads.share) if self.lanes > 1 else self.stages
             self._caller = threading.get_ident()
             try:
                 res = run_sampling(Hooked(stages, clock) if clock else stages, self.config, list(labels),

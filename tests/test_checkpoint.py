@@ -339,6 +339,15 @@ def test_a_vae_folder_without_its_encoder_exports_and_decodes(tmp_path, fixtures
         assert torch.equal(load_vae(folder, decode_only=True).decode(z), whole.decode(z))
     with pytest.raises(FlowARError, match="missing encoder"):
         load_vae(folder)
+    # ... and for sampling (load_decoder), also where it hands over to diffusers' loader (weights in .bin)
+    from flowar.model.vae import load_decoder
+    binned = tmp_path / "binned"
+    load_vae(folder, decode_only=True).autoencoder.save_pretrained(binned, safe_serialization=False)
+    sd = torch.load(binned / "diffusion_pytorch_model.bin", weights_only=True)
+    torch.save({k: v for k, v in sd.items() if not k.startswith(("encoder.", "quant_conv."))},
+               binned / "diffusion_pytorch_model.bin")
+    with torch.no_grad():
+        assert torch.equal(load_decoder(binned).decode(z), whole.decode(z))
     sd = load_file(weights)
     del sd["decoder.conv_in.bias"]
     save_file(sd, weights)

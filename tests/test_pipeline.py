@@ -418,3 +418,13 @@ def test_a_pipeline_closed_during_a_call_lets_it_finish_and_is_not_copied(defaul
     assert "error" not in result and torch.equal(result["images"], want)
     with pytest.raises(FlowARError, match="closed"):
         pipe([1])
+
+
+def test_indices_may_come_as_any_iterable(default_auto_engines):
+    """indices=(i for i in ...) was used up by its check ("0 indices, 2 seeds"); the images it names are
+    those of the same indices as a list."""
+    with FlowARPipeline.from_pretrained(default_auto_engines) as pipe:
+        pipe.set_progress_bar_config(disable=True)
+        want = pipe([3, 4], seed=2, indices=[5, 6], output_type="latent")
+        got = pipe([3, 4], seed=2, indices=(i for i in [5, 6]), output_type="latent")
+    assert got.indices == [5, 6] and torch.equal(got.images, want.images)

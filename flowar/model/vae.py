@@ -176,7 +176,7 @@ def load_decoder(path: str | Path, expect_channels: int | None = None) -> VAE:
         from flowar.model.checkpoint import read_checkpoint
         sd = read_checkpoint(p).state_dict
         if "encoder.conv_in.weight" not in sd or "post_quant_conv.weight" not in sd:
-            return load_vae(p, expect_channels)             # (its one-line refusal)
+            return load_vae(p, expect_channels, decode_only=True)             # (its one-line refusal)
         lay = _ldm_layout(sd)
         n = len(lay["outs"])
         with skeleton():                                     # (its weights come from the file below)
@@ -191,13 +191,13 @@ def load_decoder(path: str | Path, expect_channels: int | None = None) -> VAE:
                 dec = KLDecoder(json.loads((p / "config.json").read_text()))   # another kind: refused
             tensors = load_file(str(weights))
         except Exception:   # noqa: BLE001 - then diffusers' loader (and its error)
-            return load_vae(p, expect_channels)
+            return load_vae(p, expect_channels, decode_only=True)
     else:
-        return load_vae(p, expect_channels)
+        return load_vae(p, expect_channels, decode_only=True)
     want = {k: v for k, v in tensors.items() if k.startswith(("decoder.", "post_quant_conv."))}
     have = dec.state_dict()
     if set(want) != set(have) or any(v.shape != have[k].shape for k, v in want.items()):
-        return load_vae(p, expect_channels)                 # (other names or shapes: diffusers' loader and its error)
+        return load_vae(p, expect_channels, decode_only=True)                 # (other names or shapes: diffusers' loader and its error)
     dec.load_state_dict(want, strict=True)
     return _check_channels(VAE(dec), expect_channels, p)
 

@@ -191,8 +191,8 @@ class FlowARPipeline:
             res = rt.sample(labels, sched, seed=seeds, indices=indices, batch_size=batch_size,
                             decode=output_type != "latent", progress=self.progress_bar_config or True, on_scale=on_scale,
                             timings=timings)
-            idx = list(range(len(labels))) if indices is None else [int(i) for i in indices]   # (as checked, list)
-            return FlowAROutput(to_output(res, output_type), labels, [int(s) for s in seeds], idx, timings, res.tokens)
+            return FlowAROutput(to_output(res, output_type), labels, [int(s) for s in seeds], res.indices, timings,
+                                res.tokens)
         except FlowARError as e:              # (the messages name the commands' options: here the keywords)
             raise in_python_terms(e) from None
 

@@ -53,6 +53,7 @@ class SampleResult:
     images: Tensor | None               # (B, 3, H, W) in [-1, 1]
     labels: list[int]
     seconds: float
+    indices: list[int] = field(default_factory=list)   # the sample index (with the seed, its noise's name) of each image
     traces: list[ScaleTrace] = field(default_factory=list)
 
 
@@ -77,7 +78,9 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedu
                           "pass e.g. [3] (class names: FlowARPipeline.get_label_ids)")
     N = len(labels)
     bs = batch_size or N
-    if indices is not None and not (hasattr(indices, "__iter__") and all(
+    if hasattr(indices, "__iter__") and not isinstance(indices, (str, bytes)):
+        indices = list(indices)             # (once: a generator was used up by the check below)
+    if indices is not None and not (isinstance(indices, list) and all(
             isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in indices)):
         raise FlowARError("indices: one int >= 0 per image", repr(indices)[:80], "pass e.g. indices=[0, 1]")
     idx = list(range(N)) if indices is None else [int(i) for i in indices]     # (1.7 was image 1)
@@ -135,7 +138,7 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedu
             imgs.append(images[:n].cpu())
     if bar is not None:
         bar.close()
-    return SampleResult(torch.cat(toks), torch.cat(imgs) if imgs else None, labels, time.perf_counter() - t0, traces)
+    return SampleResult(torch.cat(toks), torch.cat(imgs) if imgs else None, labels, time.perf_counter() - t0, idx, traces)
 
 
 def write_outputs(result: SampleResult, class_names: list[str] | None, save_tokens: str | Path | None,
