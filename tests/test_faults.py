@@ -542,14 +542,17 @@ def test_a_run_binding_a_folder_anew_drops_the_pngs_of_the_start_before(tmp_path
     """A first start that stopped before any shard was done binds nothing: the next run (other settings)
     takes the folder, and the PNGs of the first start's unfinished shards sat beside its own."""
     from flowar.commands.bulk import BulkSpec
-    from flowar.commands.shards import check_run, write_run_json
+    from flowar.commands.shards import begin_run, check_run, write_run_json
     out = tmp_path / "run"
     first = BulkSpec("eng", 200, [0], 0, {}, 8, 1)
     out.mkdir()
     write_run_json(out, first, None)
     (out / "png" / "00000").mkdir(parents=True)
     (out / "png" / "00000" / "000004.png").write_bytes(b"seed 0")
-    check_run(out, BulkSpec("eng", 16, [0], 3, {}, 4, 1))
+    second = BulkSpec("eng", 16, [0], 3, {}, 4, 1)
+    assert check_run(out, second) is False                  # (it writes nothing: a start refused after it leaves none)
+    assert (out / "png").exists()
+    begin_run(out, second)
     assert not (out / "png").exists() and json.loads((out / "run.json").read_text())["seed"] == 3
 
 

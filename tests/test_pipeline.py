@@ -299,13 +299,28 @@ def test_a_bulk_run_resumes_only_on_the_engines_it_began_with_and_bad_settings_w
     spec = BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1)
     run_bulk(spec, tmp_path / "run", progress=False)
     assert run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1), tmp_path / "run", progress=False).shards_done_before == 2
+    # the defaults spelled out are the same run (it was refused: "other schedule than run.json records");
+    # another cfg is not
+    from flowar.config import SAMPLING_DEFAULTS
+    spelled = dict(SAMPLING_DEFAULTS) | {"steps": 25}
+    assert run_bulk(BulkSpec(str(d), 2, [0, 1], 0, spelled, 1, 1), tmp_path / "run",
+                    progress=False).shards_done_before == 2
+    with pytest.raises(FlowARError, match="other schedule than"):
+        run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {"cfg": 3.0}, 1, 1), tmp_path / "run", progress=False)
+    # a local Ray cluster that will not start (a TMPDIR too long for its sockets) is refused before a new
+    # --out is written (it left a run.json there)
+    import flowar.commands.bulk as bulk
+    with monkeypatch.context() as mp:
+        mp.setattr(bulk, "start_ray", lambda *a: (_ for _ in ()).throw(FlowARError("Ray to start", "no", "fix it")))
+        with pytest.raises(FlowARError, match="Ray to start"):
+            run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1), tmp_path / "ray", workers=2, progress=False)
+    assert not (tmp_path / "ray").exists()
     m = json.loads((d / "manifest.json").read_text())
     (d / "manifest.json").write_text(json.dumps(m | {"created": "re-exported"}))
     with pytest.raises(FlowARError, match="other manifest_sha256 than .*run.json records"):
         run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1), tmp_path / "run", progress=False)
     # a first run that fails before its first shard (its engines would not open) binds the folder to nothing:
     # other settings run there (they were refused: "other backend than run.json records")
-    import flowar.commands.bulk as bulk
     with monkeypatch.context() as mp:
         mp.setattr(bulk.ShardSampler, "_open", lambda self, batch: (_ for _ in ()).throw(
             FlowARError("engines that open", "none", "fix them")))

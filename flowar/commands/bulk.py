@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from flowar.commands.cluster import bounded_retries, quiet_ray_data, start_ray
-from flowar.commands.shards import (check_run, shard_batches, shard_is_done, shard_path, shard_ranges,
+from flowar.commands.shards import (begin_run, check_run, shard_batches, shard_is_done, shard_path, shard_ranges,
                                     images_done, write_run_json)
 from flowar.errors import FlowARError
 
@@ -189,10 +189,24 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     left = spec.num_images - images_done(out, spec)
     require_free_space(out, (2 * left + spec.num_images) * side * side * 3,
                        f"{left} images of {side}x{side} still to sample (shards, PNGs) and samples.npz")
-    if ray_address is not None:
-        start_ray(ray_address, None)                    # a cluster that is not there: refused before --out is written
-    out.mkdir(parents=True, exist_ok=True)
-    check_run(out, spec)
+    n_scales, recorded = m.config.n_scales, m.schedule_defaults
+
+    def meaning(rec: dict) -> dict:
+        """A record as its images are defined here: the schedule its settings resolve to, the engines
+        its backend picks (`--cfg 4.3` spelled out, or `--backend ort` where auto picks ONNX Runtime,
+        resumes a run that left them to the defaults)."""
+        given = rec.get("schedule")
+        try:
+            schedule = Settings.of(given).resolve(n_scales, recorded) if isinstance(given, dict) else given
+            return rec | {"schedule": schedule, "backend": choose_backend(m, rec.get("backend", "auto"))}
+        except FlowARError:                             # (what another version recorded: compared as it is)
+            return rec
+    resumes = check_run(out, spec, meaning)
+    if ray_address is not None or (workers > 1 and left > 0):
+        # a cluster that is not there, or a local one Ray cannot start: refused before --out is written
+        start_ray(ray_address, None if ray_address else workers * spec.threads)
+    if not resumes:
+        begin_run(out, spec)
     shards = shard_ranges(spec.num_images, spec.shard_size)
     todo = [s for s in shards if not shard_is_done(out, *s)]
     cores = cpu_threads()

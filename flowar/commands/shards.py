@@ -57,13 +57,16 @@ def images_done(out: Path, spec: BulkSpec) -> int:
     return done
 
 
-def check_run(out: Path, spec: BulkSpec) -> None:
-    """A folder holds one run: refuse to mix shards of other settings into it, and to write into a
-    folder this command did not write (new or empty, else one with its run.json): a folder of the
-    user's had its run.json and samples.npz replaced, and shards without a run.json, whose settings
-    nobody knows, were kept as part of a run of other settings."""
+def check_run(out: Path, spec: BulkSpec, meaning=None) -> bool:
+    """Whether ``out`` holds this run to resume (True) or is new to it (False: :func:`begin_run`
+    makes it this run's); writes nothing. A folder holds one run: refuse to mix shards of other
+    settings into it, and to write into a folder this command did not write (new or empty, else one
+    with its run.json): a folder of the user's had its run.json and samples.npz replaced, and shards
+    without a run.json, whose settings nobody knows, were kept as part of a run of other settings.
+    ``meaning`` maps a record to what it means on this engine directory (the schedule its settings
+    resolve to, the engines its backend picks), so that a default spelled out resumes the run."""
     mine = asdict(spec)
-    held = sorted(p.name for p in out.iterdir())
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     recorded = _recorded(out)
     if held and not (isinstance(recorded, dict) and {"num_images", "shard_size", "seed"} <= recorded.keys()):
         raise FlowARError("--out: a new or empty folder, or one flowar-sample wrote (with its run.json)",
@@ -71,24 +74,33 @@ def check_run(out: Path, spec: BulkSpec) -> None:
                           + ("" if "run.json" in held else ", without a run.json"), "choose a new --out")
     # (a run.json without a shard done binds nothing: a first run that failed before its first shard,
     # say on an engine that would not open, left the folder refusing every other setting)
-    if (out / "run.json").is_file() and any((out / "shards").glob("*.npz")):
-        theirs = _recorded(out)
-        if isinstance(theirs, dict):
-            for ran in ("engines", "throughput"):       # what ran, not what defines the images
-                theirs.pop(ran, None)
-            if theirs.get("manifest_sha256") and theirs["manifest_sha256"] == mine["manifest_sha256"]:
-                theirs["engine_dir"] = mine["engine_dir"]     # the same engines, moved (a volume mounted elsewhere)
-            theirs.setdefault("manifest_sha256", mine["manifest_sha256"])   # (a run.json from before the field)
-        if theirs != mine:
-            diff = sorted(k for k in mine if not isinstance(theirs, dict) or theirs.get(k) != mine[k])
-            raise FlowARError("the settings of the run already in --out (to resume it)",
-                              f"other {', '.join(diff) or 'settings'} than {out / 'run.json'} records",
-                              "run with the same settings, or choose a new --out")
-    else:                       # (an earlier start's PNGs, of shards it never finished, are not this run's)
-        import shutil
-        shutil.rmtree(out / "png", ignore_errors=True)
-        (out / "run.json").unlink(missing_ok=True)
-        write_run_json(out, spec, None)
+    if not ((out / "run.json").is_file() and any((out / "shards").glob("*.npz"))):
+        return False
+    theirs = recorded
+    if isinstance(theirs, dict):
+        for ran in ("engines", "throughput"):       # what ran, not what defines the images
+            theirs.pop(ran, None)
+        if theirs.get("manifest_sha256") and theirs["manifest_sha256"] == mine["manifest_sha256"]:
+            theirs["engine_dir"] = mine["engine_dir"]     # the same engines, moved (a volume mounted elsewhere)
+        theirs.setdefault("manifest_sha256", mine["manifest_sha256"])   # (a run.json from before the field)
+        if meaning is not None:
+            theirs, mine = meaning(theirs), meaning(mine)
+    if theirs != mine:
+        diff = sorted(k for k in mine if not isinstance(theirs, dict) or theirs.get(k) != mine[k])
+        raise FlowARError("the settings of the run already in --out (to resume it)",
+                          f"other {', '.join(diff) or 'settings'} than {out / 'run.json'} records",
+                          "run with the same settings, or choose a new --out")
+    return True
+
+
+def begin_run(out: Path, spec: BulkSpec) -> None:
+    """Make ``out`` (new, or holding no finished shard: :func:`check_run`) this run's: its run.json,
+    and no PNGs of an earlier start's unfinished shards (they are not this run's)."""
+    import shutil
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "png", ignore_errors=True)
+    (out / "run.json").unlink(missing_ok=True)
+    write_run_json(out, spec, None)
 
 
 def write_run_json(out: Path, spec: BulkSpec, engines: list[str] | None, throughput: dict | None = None) -> None:
