@@ -111,6 +111,12 @@ class Manifest:
         """Whether the directory has a decode stage (images, not only tokens)."""
         return self.vae is not None
 
+    def require_decoder(self) -> None:
+        """Refuse, before any work, to make images from a directory exported without a VAE."""
+        if not self.decodes:
+            raise FlowARError("an engine directory with a decode stage (images)", "one exported without --vae",
+                              "re-export with --vae, or ask for tokens only (flowar-run --save-tokens)")
+
     def specs(self) -> dict[str, StageSpec]:
         from flowar.export.specs import stage_specs
         return stage_specs(self.config, self.vae["downsample"] if self.vae else None)

@@ -106,6 +106,9 @@ class Runtime(contextlib.AbstractContextManager):
         self.backend = backend              # torch (a checkpoint), ort, trt, or the --precision auto choice
         self.detail = detail                # what computes, per stage where it differs (logs, /health, run.json)
         self.decodes = decodes              # has a decoder: images, not only tokens
+        # the side of its images (None without a decoder)
+        self.image_size: int | None = (manifest.vae["image_size"] if manifest is not None else
+                                       config.latent_size * vae.downsample) if decodes else None
         self.max_batch = max_batch          # the engines' limit; None: any batch at once
         self.defaults = Settings.of(defaults)   # an engine directory's recorded defaults
         self.manifest, self.model, self.vae = manifest, model, vae
@@ -258,10 +261,11 @@ class Runtime(contextlib.AbstractContextManager):
 
     def require_decoder(self) -> None:
         """Refuse, before any work, to make images from a source without a decoder."""
-        if not self.decodes:
-            raise FlowARError("a VAE to decode images", "an engine directory exported without --vae"
-                              if self.manifest is not None else "a checkpoint opened without a VAE",
-                              "pass --vae (or re-export with --vae), or ask for tokens only (--save-tokens)")
+        if self.manifest is not None:
+            self.manifest.require_decoder()
+        elif not self.decodes:
+            raise FlowARError("a VAE to decode images", "a checkpoint opened without a VAE",
+                              "pass --vae, or ask for tokens only (--save-tokens)")
 
     def warm_up(self, batch_sizes: Sequence[int], every_engine: bool | None = None) -> int:
         """Run the engines once at the shapes of these batch sizes, so that no batch of those sizes

@@ -165,9 +165,7 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
                           f"{spec.num_images} / {spec.shard_size} / {workers} / {spec.threads}", "use positive numbers")
     check_writable(out, True, "--out")
     m = read_manifest(spec.engine_dir)
-    if not m.decodes:
-        raise FlowARError("an engine directory with a decode stage (images)", "one exported without --vae",
-                          "re-export with --vae")
+    m.require_decoder()
     if spec.batch is not None and not 1 <= spec.batch <= m.max_batch:
         raise FlowARError(f"--batch in 1..{m.max_batch} (the engines' max batch)", str(spec.batch),
                           f"use --batch {m.max_batch} or less, or re-export with --max-batch {spec.batch}"

@@ -102,7 +102,7 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
             check_image_folder(save_images, len(ids), out)
         if out or save_images:       # (every image is kept until written: --n-per-class 10^8 ran until killed)
             from flowar.io.memory import GB, available_bytes
-            side = rt.manifest.vae["image_size"] if rt.manifest is not None else rt.config.latent_size * rt.vae.downsample
+            side = rt.image_size
             need, free = len(ids) * side * side * 3 * 4 * 2, available_bytes()
             if free is not None and need > free:
                 raise FlowARError(f"memory for {len(ids)} images of {side}x{side} (about {need / GB:.1f} GB: they "

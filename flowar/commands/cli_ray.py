@@ -100,9 +100,7 @@ def serve_cmd(engine_dir, host, port, replicas, backend, threads, lanes, max_n, 
     from flowar.runtime.directory import choose_backend          # (not through the runtime: no PyTorch here)
     m = read_manifest(engine_dir)
     chosen = choose_backend(m, backend)                 # refuse a backend that cannot run, before starting Ray
-    if not m.decodes:
-        raise FlowARError("an engine directory with a decode stage (images)", "one exported without --vae",
-                          "re-export with --vae")
+    m.require_decoder()
     for name, v in (("--replicas", replicas), ("--max-n", max_n), ("--threads", 1 if threads is None else threads),
                     ("--lanes", 1 if lanes is None else lanes), ("--queue", 1 if queue is None else queue)):
         if v < 1:

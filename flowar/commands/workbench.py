@@ -82,7 +82,7 @@ class Workbench:
             yield Runtime(config=c, class_names=None, stages=EngineStages(engines, c, batch, torch.device("cpu"),
                                                                           self.specs, plan),
                           device=torch.device("cpu"), backend="measured", detail=str(choice), threads=threads,
-                          decodes=self.vae is not None, max_batch=batch)
+                          decodes=self.vae is not None, vae=self.vae, max_batch=batch)
         release_free_memory()
 
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from flowar.errors import FlowARError
 
 
-def _diffusers():
+def diffusers_module():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -146,7 +146,7 @@ def convert_mar_checkpoint(path: str | Path) -> VAE:
     lay = _ldm_layout(sd)
     n = len(lay["outs"])
     down = tuple("AttnDownEncoderBlock2D" if i in lay["attn_levels"] else "DownEncoderBlock2D" for i in range(n))
-    ak = _diffusers().AutoencoderKL(
+    ak = diffusers_module().AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=down, up_block_types=("UpDecoderBlock2D",) * n,
         block_out_channels=tuple(lay["outs"]), layers_per_block=lay["layers"], latent_channels=lay["latent"],
         norm_num_groups=lay["groups"], sample_size=256)
@@ -241,7 +241,7 @@ def _load_folder(p: Path, decode_only: bool = False) -> VAE:
     (``decode_only``: every one the decoder reads): diffusers fills a missing one with its initial
     value, which decodes wrong images."""
     _folder_config(p)
-    diffusers = _diffusers()
+    diffusers = diffusers_module()
     try:
         with _quiet(diffusers):
             ak, info = diffusers.AutoencoderKL.from_pretrained(str(p), local_files_only=True, output_loading_info=True)

@@ -42,8 +42,7 @@ class EagerStages:
 
     @torch.no_grad()
     def decode(self, latent_BCHW: Tensor) -> Tensor:
-        if self.vae_decode is None:
-            raise RuntimeError("decode() called without a VAE")
+        assert self.vae_decode is not None, "decode without a decoder (Runtime.require_decoder refuses it before)"
         return self.vae_decode(latent_BCHW)
 
 

@@ -37,9 +37,9 @@ VAE_MARKER = "config.json"      # what save_pretrained writes beside the weights
 
 
 def build_vae(a: VAETrainArgs):
-    from flowar.model.vae import _diffusers
+    from flowar.model.vae import diffusers_module
     n = len(a.channels)
-    return _diffusers().AutoencoderKL(
+    return diffusers_module().AutoencoderKL(
         block_out_channels=tuple(a.channels), down_block_types=("DownEncoderBlock2D",) * n,
         up_block_types=("UpDecoderBlock2D",) * n, latent_channels=a.latent_channels, layers_per_block=1,
         norm_num_groups=a.groups, sample_size=a.size, mid_block_add_attention=False)
