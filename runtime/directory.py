@@ -116,7 +116,7 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
             if key not in mapped:
                 from flowar.io.tensors import map_safetensors
                 w = m.weights[key]
-                mapped[key] = map_safetensors(m.member(w["file"]), w["sha256"])
+                mapped[key] = map_safetensors(m.checked(w["file"], w["sha256"]))
             model, vae = _skeleton_modules(m, skeletons, stage == "decode")
             engines[stage] = TorchEngine(stage, assign_tensors(stage, stage_module(cand, spec, model, vae), mapped[key]),
                                          spec.inputs, spec.outputs)
