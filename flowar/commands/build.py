@@ -311,7 +311,8 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
     float32 (:mod:`flowar.commands.precision`). ``auto_candidates`` restricts their candidates;
     ``max_memory_gb`` keeps compiles out that would take more (estimated), else what is available.
     """
-    from flowar.export.manifest import MANIFEST, Manifest, library_versions, sha256_file, vae_sha256, write_manifest
+    from flowar.export.manifest import (MANIFEST, Manifest, library_versions, read_manifest, sha256_file, vae_sha256,
+                                        write_manifest)
     from flowar.io.files import staged_directory
     from flowar.export.onnx_export import OPSET
     from flowar.export.specs import stage_specs
@@ -358,5 +359,11 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
                              zip(config.scales, config.tokens_per_scale, config.scale_begin, config.scale_end)],
                   "versions": library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         write_manifest(tmp, manifest)
+    # the compiled engines and weights an open uses, recorded as found whole where they now are (their
+    # modes set: .verified.json), so that the first command after the export does not hash them again
+    done = read_manifest(req.out)
+    for rec in [*(done.engines or {}).values(), *(done.weights or {}).values()]:
+        if rec.get("file"):
+            done.checked(rec["file"], rec["sha256"])
     report.anon_peak_gb = anon.peak / GB if anon.peak is not None else None
     return report
