@@ -58,3 +58,42 @@ def missing_for(built_on: dict, kind: dict | None = None) -> list[str]:
 
 def describe(kind: dict) -> str:
     return f"{kind['model']} ({', '.join(kind['flags']) or 'no vector flags read'})"
+
+
+class OthersShare:
+    """The share of this machine's CPU time that other processes (and the hypervisor: steal) took
+    while this one timed something: summed over the ``with`` blocks of one meter, from /proc/stat
+    (every CPU's busy time) less this process's own (``os.times``). A timing taken while others
+    computed measures them too: a FlowAR-S export on 2 cores shared with a test run timed every
+    candidate 2-6x slow and kept all fp32. ``share`` is None where /proc/stat cannot be read."""
+
+    def __init__(self):
+        self.others = self.wall = 0.0
+        self.readable = True
+
+    @staticmethod
+    def _busy() -> float | None:
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        # user nice system idle iowait irq softirq steal: all but idle and iowait
+        return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self) -> "OthersShare":
+        t = os.times()
+        self._start = (self._busy(), t.user + t.system, t.elapsed)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy, t = self._busy(), os.times()
+        if busy is None or self._start[0] is None:
+            self.readable = False
+            return
+        self.others += max(0.0, (busy - self._start[0]) - (t.user + t.system - self._start[1]))
+        self.wall += t.elapsed - self._start[2]
+
+    @property
+    def share(self) -> float | None:
+        cpus = os.cpu_count() or 1
+        return self.others / (self.wall * cpus) if self.readable and self.wall > 0 else None

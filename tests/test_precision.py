@@ -182,6 +182,7 @@ def test_auto_records_what_it_measured_and_the_runtime_runs_that(fixtures_dir, t
         held = load_file(str(tmp_path / "torch" / m["weights"][m["engines"][stage]["weights"]]["file"]))
         assert rec["open_bytes"] == sum(t.nbytes for t in held.values()) > 0 and rec["open_s"] > 0
     assert m["auto"]["combinations"][0]["seconds"] > 0 and m["auto"]["machine"]["model"]
+    assert 0.0 <= m["auto"]["machine"]["others_cpu"] <= 1.0        # what others computed while it timed
     # the weights each PyTorch stage runs, once per module group (the head's two stages share one file)
     assert set(m["weights"]) == {"ar.torch-fp32", "head.torch-fp32"} and m["engines"]["velocity"] == {
         "candidate": "torch-fp32", "weights": "head.torch-fp32"}
@@ -310,3 +311,40 @@ def test_a_compile_that_would_not_fit_in_max_memory_is_not_a_candidate(fixtures_
     for stage, ms in rep.precision.measured.items():
         assert "memory to compile" in ms["aoti-fp32"].note and ms["aoti-fp32"].build_s == 0, stage
     assert any("aoti-fp32 unavailable (expected memory to compile" in line for line in rep.lines())
+
+
+def test_what_other_processes_compute_while_engines_are_timed_is_counted_and_warned(monkeypatch):
+    """An export on a machine others were using timed every candidate 2-6x slow and kept all fp32,
+    without a word: what other processes compute while the engines are timed is counted (the CPUs'
+    busy time less this process's own), recorded, and warned about above a share."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from types import SimpleNamespace
+
+    from flowar.commands.precision import PrecisionReport
+    from flowar.engines.cpu import OthersShare
+    with monkeypatch.context() as mp:              # known arithmetic: 3 s busy on 2 CPUs over 2 s, 2 s of them ours
+        busy, own = iter([100.0, 103.0]), iter([SimpleNamespace(user=9.0, system=1.0, elapsed=50.0),
+                                                SimpleNamespace(user=10.5, system=1.5, elapsed=52.0)])
+        mp.setattr(OthersShare, "_busy", staticmethod(lambda: next(busy)))
+        mp.setattr(os, "times", lambda: next(own))
+        mp.setattr(os, "cpu_count", lambda: 2)
+        with OthersShare() as meter:
+            pass
+        assert meter.share == pytest.approx((3.0 - 2.0) / (2.0 * 2))
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 30: pass"
+    other = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.5)
+        with OthersShare() as meter:                # this process computing too: not counted as the others'
+            t = time.time()
+            while time.time() - t < 1.0:
+                pass
+    finally:
+        other.kill()
+    assert meter.share >= 0.5 / os.cpu_count(), meter.share     # one busy process: about 1 / CPUs
+    said = PrecisionReport("auto", {}, {}, machine={"others_cpu": 0.4}).lines()
+    assert any("other processes took 40% of this machine's CPU" in line and "export again" in line for line in said)
+    assert not any("other processes" in line for line in PrecisionReport("auto", {}, {}, machine={"others_cpu": 0.01}).lines())

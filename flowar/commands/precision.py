@@ -54,6 +54,8 @@ from flowar.runtime.candidates import CANDIDATES, COMPILED, REDUCED, default_can
 STAGES = ("ar", "head_prep", "velocity", "decode")
 FP32_SCREEN = 1e-4            # relative rms error of a float32 engine: float32 noise
 REDUCED_SCREEN = 0.05         # per-stage screen of a reduced engine; the end-to-end check decides
+BUSY_SHARE = 0.15             # others' share of the CPU while timing above which the export warns (quiet: <1 %;
+                              # one busy process on 2 cores: ~40 %)
 MIN_PSNR = 30.0               # median dB against float32 (decoded probe samples)
 MAX_TOKEN_REL = 0.05          # without a decoder: relative rms token error against float32
 
@@ -160,6 +162,10 @@ class PrecisionReport:
             out.append(f"  {self.mode} pipeline {c.seconds:.3f} s per image{setup} [{what}]{dev} {mark}".rstrip())
         if fp16:
             out.append(f"  {self.mode} the official mixed precision (fp16 autocast) on the same samples: {fp16}")
+        if self.machine.get("others_cpu", 0.0) > BUSY_SHARE:
+            out.append(f"  warning: other processes took {self.machine['others_cpu']:.0%} of this machine's CPU "
+                       "while the engines were timed, so the times above are theirs too and the choice may not be "
+                       "this machine's fastest: export again when the machine is quiet")
         return out
 
 
@@ -188,7 +194,7 @@ def select(bench: Workbench, mode: str = "auto", candidates: tuple[str, ...] | N
            progress=lambda s: None) -> PrecisionReport:
     """Measure, time inside the pipeline, check end to end, choose (see the module docstring), on
     the engines of ``bench`` (which compiles what it is asked for, once)."""
-    from flowar.engines.cpu import cpu_kind, fast_bf16
+    from flowar.engines.cpu import OthersShare, cpu_kind, fast_bf16
     from flowar.sampling.schedule import Settings
     if mode not in ("auto", "bf16"):
         raise FlowARError("precision mode auto or bf16", repr(mode), "use --precision auto")
@@ -202,6 +208,7 @@ def select(bench: Workbench, mode: str = "auto", candidates: tuple[str, ...] | N
     stages = [s for s in STAGES if s in specs]
     measured: dict[str, dict[str, StageMeasure]] = {}
     imports: dict[str, float] = {}      # stage -> seconds a fresh process takes to import its PyTorch module's code
+    busy = OthersShare()                # what other processes computed while candidates were timed
     for stage in stages:
         spec, module = specs[stage], specs[stage].module(bench.model, bench.vae)
         measured[stage] = {}
@@ -214,7 +221,7 @@ def select(bench: Workbench, mode: str = "auto", candidates: tuple[str, ...] | N
                 measured[stage][cand] = StageMeasure(float("inf"), float("inf"), tol, note=str(e))
                 continue
             t0 = time.perf_counter()
-            with eng:
+            with eng, busy:
                 opened = time.perf_counter() - t0
                 measured[stage][cand] = measure_stage(eng, module, spec, config,
                                                       calls.get(stage, [1] * config.n_scales), tolerance=tol)
@@ -235,7 +242,8 @@ def select(bench: Workbench, mode: str = "auto", candidates: tuple[str, ...] | N
     probe = Probe(bench)
     for combo in report.combinations:
         progress(f"time in the pipeline: {', '.join(f'{s} {c}' for s, c in combo.choice.items())}")
-        combo.seconds = probe.seconds(combo.choice)
+        with busy:
+            combo.seconds = probe.seconds(combo.choice)
         combo.setup_s = sum(measured[s][c].setup_s for s, c in combo.choice.items() if c in measured[s])
         combo.open_s = sum(measured[s][c].open_s for s, c in combo.choice.items() if c in measured[s])
     if any(c.reduced for c in report.combinations):
@@ -251,6 +259,8 @@ def select(bench: Workbench, mode: str = "auto", candidates: tuple[str, ...] | N
         eager.seconds = probe.seconds(eager.choice)
         report.combinations.append(eager)
     report.choice = decide(report.combinations).choice
+    if busy.share is not None:
+        report.machine["others_cpu"] = round(busy.share, 3)
     return report
 
 
