@@ -15,6 +15,8 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from flowar.io.files import file_state
+
 
 def choose_provider(prefer_gpu: bool = True) -> str:
     import onnxruntime as ort
@@ -124,7 +126,7 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
     for attempt in (0, 1):
         record = _cache_whole(cache) if cache is not None else None
         cached = record is not None
-        if callable(graph) and not (cached and source is not None and record.get("source") == _file_state(source)):
+        if callable(graph) and not (cached and source is not None and record.get("source") == file_state(source)):
             graph = graph()                        # the graph read and checked (a changed one is refused here)
             if cached and source is not None:      # the same graph: its file's state recorded again
                 _record(cache, record["sha256"], source)
@@ -172,11 +174,6 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
 _WHOLE: dict[str, tuple] = {}        # cache path -> (inode, size, mtime, record) found whole in this process
 
 
-def _file_state(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns]
-
-
 def _record(cache: Path, digest: str, source: Path | None) -> None:
     """Write beside ``cache`` (before a fresh copy takes its name) the sha256 of its bytes and the
     state of the graph's file it was made from: a cache whose bytes do not hash to it is never
@@ -186,7 +183,7 @@ def _record(cache: Path, digest: str, source: Path | None) -> None:
     side = cache.with_name(cache.name + ".json")
     tmp = side.with_name(f"{side.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
-        tmp.write_text(json.dumps({"sha256": digest, "source": _file_state(source) if source else None}) + "\n")
+        tmp.write_text(json.dumps({"sha256": digest, "source": file_state(source) if source else None}) + "\n")
         os.replace(tmp, side)
     except OSError:
         pass

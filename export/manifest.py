@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from flowar.config import FlowARConfig
 from flowar.errors import EngineDirError, FlowARError
+from flowar.io.files import file_state
 
 if TYPE_CHECKING:
     from flowar.export.specs import StageSpec
@@ -47,11 +48,6 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _state(p: Path) -> list[int]:
-    st = p.stat()
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
-
 def vae_sha256(path: str | Path) -> str:
     """The sha256 of a VAE: of its file (MAR's kl16.ckpt), or for a diffusers folder one hash over
     the names and hashes of its config and weights files (:data:`VAE_FILES`)."""
@@ -72,20 +68,6 @@ def library_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
-
-
-def safe_member(root: Path, rel: str) -> Path:
-    """``root / rel`` if it stays inside root (no '..', not absolute, no symlink out), else refuse."""
-    rebuild = f"re-export the directory with flowar-export --out {root}"
-    if not isinstance(rel, str) or not rel or "\0" in rel or os.path.isabs(rel) or ".." in Path(rel).parts:
-        raise EngineDirError("manifest paths relative to the engine directory", repr(rel), rebuild)
-    p = root / rel
-    real_root = root.resolve()
-    real = p.resolve()
-    if real != real_root and real_root not in real.parents:
-        raise EngineDirError("manifest paths that stay inside the engine directory",
-                             f"{rel!r} resolves to {real}", rebuild)
-    return p
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +101,7 @@ class Manifest:
 
     def require_decoder(self) -> None:
         """Refuse, before any work, to make images from a directory exported without a VAE."""
-        if not self.decodes:
+        if self.vae is None:
             raise FlowARError("an engine directory with a decode stage (images)", "one exported without --vae",
                               "re-export with --vae, or ask for tokens only (flowar-run --save-tokens)")
 
@@ -136,12 +118,24 @@ class Manifest:
         return files + [(w["file"], w["sha256"]) for w in (self.weights or {}).values()]
 
     def member(self, rel: str) -> Path:
-        return safe_member(self.root, rel)
+        """``root / rel`` if it stays inside the directory (no '..', not absolute, no symbolic link out),
+        else refused."""
+        root = self.root
+        rebuild = f"re-export the directory with flowar-export --out {root}"
+        if not isinstance(rel, str) or not rel or "\0" in rel or os.path.isabs(rel) or ".." in Path(rel).parts:
+            raise EngineDirError("manifest paths relative to the engine directory", repr(rel), rebuild)
+        p = root / rel
+        real_root = root.resolve()
+        real = p.resolve()
+        if real != real_root and real_root not in real.parents:
+            raise EngineDirError("manifest paths that stay inside the engine directory",
+                                 f"{rel!r} resolves to {real}", rebuild)
+        return p
 
     def graph(self, stage: str) -> tuple[Path, str]:
         """(path, sha256) of a stage's ONNX graph."""
         info = self.stages[stage]
-        return safe_member(self.root, info["file"]), info["sha256"]
+        return self.member(info["file"]), info["sha256"]
 
     def checked(self, rel: str, sha256: str) -> Path:
         """A member file, refused unless its bytes hash to ``sha256`` (one streaming read), or
@@ -149,14 +143,14 @@ class Manifest:
         times are what :data:`VERIFIED` recorded then (a change time cannot be set back; FlowAR-S's
         compiled engines and decoder weights, 455 MB, hashed in 0.27 s of every 0.8 s open). A
         directory this user cannot write records nothing: its files are hashed on every open."""
-        p = safe_member(self.root, rel)
+        p = self.member(rel)
         record = self.root / VERIFIED
         try:
             known = json.loads(record.read_text())
             known = known if isinstance(known, dict) else {}
         except (OSError, ValueError):
             known = {}
-        state = [sha256, *_state(p)]
+        state = [sha256, *file_state(p)]
         if known.get(rel) == state:
             return p
         if sha256_file(p) != sha256:
@@ -172,7 +166,7 @@ class Manifest:
 
     def read_checked(self, rel: str, sha256: str) -> bytes:
         """A member file's bytes, refused unless they hash to ``sha256`` (the one read that uses them)."""
-        data = safe_member(self.root, rel).read_bytes()
+        data = self.member(rel).read_bytes()
         if hashlib.sha256(data).hexdigest() != sha256:
             raise EngineDirError(f"{rel} with the sha256 recorded at export", "a different file (modified or corrupt)",
                                  f"rebuild it: flowar-export --ckpt CKPT --out {self.root}")
@@ -331,7 +325,7 @@ def read_manifest(root: str | Path, verify_hashes: bool = False) -> Manifest:
     manifest = Manifest(root=root, config=config, **known,
                         meta={k: v for k, v in m.items() if k not in _FIELDS and k != "format"})
     for rel, digest in manifest.members():
-        p = safe_member(root, rel)
+        p = manifest.member(rel)
         if not p.is_file():
             raise EngineDirError(f"{rel} listed in {MANIFEST}", "the file is missing (partial directory)", rebuild)
         if verify_hashes and sha256_file(p) != digest:

@@ -238,7 +238,7 @@ def test_the_optimized_graph_cache_is_written_whole_reused_and_rebuilt_when_dama
         onnx.checker.check_model(onnx.load(str(files[0])))                                   # whole
         recorded = json.loads((cache_dir / (files[0].name + ".json")).read_text())
         assert recorded == {"sha256": hashlib.sha256(files[0].read_bytes()).hexdigest(),
-                            "source": [src.stat().st_size, src.stat().st_mtime_ns]}
+                            "source": [(st := src.stat()).st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]}
         return files[0]
 
     def damage(data: bytes) -> None:        # as another program would: a new file in its place

@@ -48,6 +48,14 @@ def check_writable(path: str | Path | None, is_dir: bool = False, option: str = 
                           f"created there: {e.strerror or e})", f"choose another path for {option}") from None
 
 
+def file_state(path: str | Path) -> list[int]:
+    """What changes whenever a file's bytes may have: its device, inode, size, and modification and
+    change times (a change time cannot be set back), for records that stand in for hashing a file
+    again (an engine directory's files found whole, ONNX Runtime's optimized copies' graphs)."""
+    st = os.stat(path)
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
 def user_cache(name: str) -> Path:
     """Where this user's caches live: ``$XDG_CACHE_HOME/flowar/name``, else ``~/.cache/flowar/name``
     (the judge's weights and the trainer's latents, kept in the working directory, were made again
@@ -247,8 +255,11 @@ def staged_directory(target: str | Path, marker: str, option: str = "--out",
             os.chmod(os.path.join(root, d), 0o777 & ~umask)
         for f in files:
             p = os.path.join(root, f)
-            if not os.path.islink(p):
-                os.chmod(p, (0o777 if os.access(p, os.X_OK) else 0o666) & ~umask)
+            want = (0o777 if os.access(p, os.X_OK) else 0o666) & ~umask
+            # (only where it differs: a chmod sets the file's change time, which records of files found
+            # whole compare: file_state)
+            if not os.path.islink(p) and os.stat(p).st_mode & 0o7777 != want:
+                os.chmod(p, want)
     old = None
     try:
         check_replaceable(target, marker, option, owned=owned)
