@@ -126,7 +126,10 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
     for attempt in (0, 1):
         record = _cache_whole(cache) if cache is not None else None
         cached = record is not None
-        if callable(graph) and not (cached and source is not None and record.get("source") == file_state(source)):
+        # (a record written before the state held the device, inode and change time: its size and
+        # modification time, as then; a read-only directory cannot record the new form)
+        state = file_state(source) if cached and source is not None else None
+        if callable(graph) and not (state is not None and record.get("source") in (state, state[2:4])):
             graph = graph()                        # the graph read and checked (a changed one is refused here)
             if cached and source is not None:      # the same graph: its file's state recorded again
                 _record(cache, record["sha256"], source)

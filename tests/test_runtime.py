@@ -259,6 +259,12 @@ def test_the_optimized_graph_cache_is_written_whole_reused_and_rebuilt_when_dama
     assert check() == cache and made == [(str(cache), ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "", [cache.name])]
     assert len(reads) == 2                  # read and checked again, the copy kept (and the new state recorded:)
     assert check() == cache and len(reads) == 2
+    # a record of the form written before (the graph's size and modification time) still stands for the
+    # graph: not read again (a read-only directory cannot record the new form)
+    side = cache.with_name(cache.name + ".json")
+    side.write_text(json.dumps(json.loads(side.read_text()) | {"source": [src.stat().st_size, src.stat().st_mtime_ns]}))
+    create_session(read, sha, "CPUExecutionProvider", 1, cache_dir, src)
+    assert len(reads) == 2
     data = cache.read_bytes()
     at = data.index(b.tobytes()) + 3        # one weight of the cached graph changed (b[0]'s sign): it would still load
     damage(data[:at] + bytes([data[at] ^ 0x80]) + data[at + 1:])
