@@ -61,24 +61,32 @@ def describe(kind: dict) -> str:
 
 
 class OthersShare:
-    """The share of this machine's CPU time that other processes (and the hypervisor: steal) took
+    """The share of this process's CPUs' time that other processes (and the hypervisor: steal) took
     while this one timed something: summed over the ``with`` blocks of one meter, from /proc/stat
-    (every CPU's busy time) less this process's own (``os.times``). A timing taken while others
-    computed measures them too: a FlowAR-S export on 2 cores shared with a test run timed every
-    candidate 2-6x slow and kept all fp32. ``share`` is None where /proc/stat cannot be read."""
+    (the busy time of the CPUs this process may run on, its affinity) less this process's own
+    (``os.times``). A timing taken while others computed measures them too: a FlowAR-S export on 2
+    cores shared with a test run timed every candidate 2-6x slow and kept all fp32. ``share`` is
+    None where /proc/stat cannot be read. (Under a CPU quota without an affinity mask, a container's
+    share of a larger host, the CPUs are the host's: others on them count, diluted by their number.)"""
 
     def __init__(self):
         self.others = self.wall = 0.0
         self.readable = True
+        self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
 
-    @staticmethod
-    def _busy() -> float | None:
+    def _busy(self) -> float | None:
+        """Seconds the CPUs of this process's affinity have been busy (all but idle and iowait)."""
         try:
-            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+            lines = Path("/proc/stat").read_text().splitlines()
+            busy = 0
+            for line in lines:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name != "cpu" and (self.cpus is None or int(name[3:]) in self.cpus):
+                    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+                    busy += user + nice + system + irq + softirq + steal
         except (OSError, ValueError):
             return None
-        # user nice system idle iowait irq softirq steal: all but idle and iowait
-        return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+        return busy / os.sysconf("SC_CLK_TCK")
 
     def __enter__(self) -> "OthersShare":
         t = os.times()
@@ -95,5 +103,5 @@ class OthersShare:
 
     @property
     def share(self) -> float | None:
-        cpus = os.cpu_count() or 1
+        cpus = len(self.cpus) if self.cpus else (os.cpu_count() or 1)
         return self.others / (self.wall * cpus) if self.readable and self.wall > 0 else None

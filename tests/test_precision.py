@@ -328,9 +328,9 @@ def test_what_other_processes_compute_while_engines_are_timed_is_counted_and_war
     with monkeypatch.context() as mp:              # known arithmetic: 3 s busy on 2 CPUs over 2 s, 2 s of them ours
         busy, own = iter([100.0, 103.0]), iter([SimpleNamespace(user=9.0, system=1.0, elapsed=50.0),
                                                 SimpleNamespace(user=10.5, system=1.5, elapsed=52.0)])
-        mp.setattr(OthersShare, "_busy", staticmethod(lambda: next(busy)))
+        mp.setattr(OthersShare, "_busy", lambda self: next(busy))
         mp.setattr(os, "times", lambda: next(own))
-        mp.setattr(os, "cpu_count", lambda: 2)
+        mp.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
         with OthersShare() as meter:
             pass
         assert meter.share == pytest.approx((3.0 - 2.0) / (2.0 * 2))
@@ -344,7 +344,20 @@ def test_what_other_processes_compute_while_engines_are_timed_is_counted_and_war
                 pass
     finally:
         other.kill()
-    assert meter.share >= 0.5 / os.cpu_count(), meter.share     # one busy process: about 1 / CPUs
+    assert meter.share >= 0.5 / len(meter.cpus), meter.share    # one busy process: about 1 / CPUs
+    if len(os.sched_getaffinity(0)) >= 2:                           # only the CPUs this process may use count:
+        other = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-c", spin])    # one it may not, busy
+        try:
+            time.sleep(0.5)
+            os.sched_setaffinity(0, {0})
+            try:
+                with OthersShare() as pinned:
+                    time.sleep(1.0)
+            finally:
+                os.sched_setaffinity(0, meter.cpus)
+        finally:
+            other.kill()
+        assert pinned.cpus == [0] and pinned.share < 0.5 * meter.share, (pinned.share, meter.share)
     said = PrecisionReport("auto", {}, {}, machine={"others_cpu": 0.4}).lines()
     assert any("other processes took 40% of this machine's CPU" in line and "export again" in line for line in said)
     assert not any("other processes" in line for line in PrecisionReport("auto", {}, {}, machine={"others_cpu": 0.01}).lines())
