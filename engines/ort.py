@@ -126,10 +126,11 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
     for attempt in (0, 1):
         record = _cache_whole(cache) if cache is not None else None
         cached = record is not None
-        # (a record written before the state held the device, inode and change time: its size and
-        # modification time, as then; a read-only directory cannot record the new form)
-        state = file_state(source) if cached and source is not None else None
-        if callable(graph) and not (state is not None and record.get("source") in (state, state[2:4])):
+        # The graph's file is read again (and refused if it changed) only where its size or modification
+        # time differ from the record's (_graph_state): the copy stands for the graph's recorded hash
+        # whatever the file's device, inode or change time, which a copy of the directory (cp -a, rsync,
+        # an image layer) or a chmod changes, and which a user who may not write there could not record.
+        if callable(graph) and not (cached and source is not None and record.get("source") == _graph_state(source)):
             graph = graph()                        # the graph read and checked (a changed one is refused here)
             if cached and source is not None:      # the same graph: its file's state recorded again
                 _record(cache, record["sha256"], source)
@@ -177,6 +178,11 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
 _WHOLE: dict[str, tuple] = {}        # cache path -> (inode, size, mtime, record) found whole in this process
 
 
+def _graph_state(source: Path) -> list[int]:
+    """What a copy's record holds of its graph's file: its size and modification time."""
+    return file_state(source)[2:4]
+
+
 def _record(cache: Path, digest: str, source: Path | None) -> None:
     """Write beside ``cache`` (before a fresh copy takes its name) the sha256 of its bytes and the
     state of the graph's file it was made from: a cache whose bytes do not hash to it is never
@@ -186,7 +192,7 @@ def _record(cache: Path, digest: str, source: Path | None) -> None:
     side = cache.with_name(cache.name + ".json")
     tmp = side.with_name(f"{side.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
-        tmp.write_text(json.dumps({"sha256": digest, "source": file_state(source) if source else None}) + "\n")
+        tmp.write_text(json.dumps({"sha256": digest, "source": _graph_state(source) if source else None}) + "\n")
         os.replace(tmp, side)
     except OSError:
         pass

@@ -208,24 +208,3 @@ def test_a_member_found_whole_is_not_hashed_again_until_its_file_changes(exporte
     with pytest.raises(EngineDirError, match="with the sha256 recorded at export; got a different file"):
         read_manifest(d).checked(rel, sha)
     assert len(hashed) == 2
-
-
-def test_the_first_open_after_an_export_hashes_nothing_the_export_just_wrote(default_auto_engines, monkeypatch):
-    """The export records the compiled engines and weights it wrote as found whole: the first command
-    after it does not hash them again (it did, every one), nor read a graph whose optimized copy the
-    export made (the copies' records compare the graph's file state: its modes, set after the copies
-    were made, changed it once and every graph was read again). Whatever auto chose on this CPU, every
-    stage is one or the other."""
-    import flowar.export.manifest as manifest
-    from flowar.runtime.runtime import Runtime
-    m = read_manifest(default_auto_engines)
-    members = {rec["file"] for rec in [*(m.engines or {}).values(), *(m.weights or {}).values()] if rec.get("file")}
-    hashed, real = [], manifest.sha256_file
-    monkeypatch.setattr(manifest, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
-    graphs, read = [], manifest.Manifest.read_checked          # (and no ONNX graph read: their optimized copies
-    monkeypatch.setattr(manifest.Manifest, "read_checked",      # were made from the very files, whose state holds)
-                        lambda self, rel, sha: graphs.append(rel) or read(self, rel, sha))
-    with Runtime.open(default_auto_engines, warm=()):
-        pass
-    assert not members & set(hashed), hashed
-    assert graphs == [], graphs

@@ -4,6 +4,7 @@ choice recorded and run as recorded. (Which candidate wins is a property of the 
 test asserts it; bench/RESULTS.md has the figures.)"""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,6 +192,18 @@ def test_auto_records_what_it_measured_and_the_runtime_runs_that(fixtures_dir, t
         names = list(f.keys())
     assert "model.class_emb.weight" in names and not any(".flownet." in n for n in names)   # the AR's only
     assert any("pipeline" in line and "kept" in line for line in rep.lines())
+    # the first open after the export hashes none of the weights it wrote (the export recorded them as
+    # found whole, .verified.json: it hashed every one), nor reads a graph whose optimized copy it made
+    import flowar.export.manifest as manifest
+    hashed, graphs, sha256_file, read_checked = [], [], manifest.sha256_file, manifest.Manifest.read_checked
+    with monkeypatch.context() as mp:
+        mp.setattr(manifest, "sha256_file", lambda p: hashed.append(Path(p).name) or sha256_file(p))
+        mp.setattr(manifest.Manifest, "read_checked", lambda self, rel, sha: graphs.append(rel) or read_checked(self, rel, sha))
+        with Runtime.open_engine_dir(tmp_path / "torch", backend="auto"):
+            pass
+        with Runtime.open_engine_dir(tmp_path / "torch", backend="ort"):
+            pass
+    assert not any(n.endswith(".safetensors") for n in hashed) and graphs == [], (hashed, graphs)
     with Runtime.open_engine_dir(tmp_path / "torch", backend="auto") as rt:
         assert rt.backend == "measured" and rt.detail == "auto: torch-fp32"      # one engine for every stage
         assert rt.threads.host == rt.threads.cores >= 1  # PyTorch stages keep every core

@@ -256,8 +256,7 @@ def staged_directory(target: str | Path, marker: str, option: str = "--out",
         for f in files:
             p = os.path.join(root, f)
             want = (0o777 if os.access(p, os.X_OK) else 0o666) & ~umask
-            # (only where it differs: a chmod sets the file's change time, which records of files found
-            # whole compare: file_state)
+            # (only where it differs: a chmod also sets the file's change time, which file_state reads)
             if not os.path.islink(p) and os.stat(p).st_mode & 0o7777 != want:
                 os.chmod(p, want)
     old = None
