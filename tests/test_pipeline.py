@@ -307,6 +307,14 @@ def test_a_bulk_run_resumes_only_on_the_engines_it_began_with_and_bad_settings_w
                     progress=False).shards_done_before == 2
     with pytest.raises(FlowARError, match="other schedule than"):
         run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {"cfg": 3.0}, 1, 1), tmp_path / "run", progress=False)
+    # what the backend picked where the run began is compared, not what it picks here: a run begun with auto
+    # on a GPU (TensorRT) is not resumed on a CPU (it was, and mixed the two engines' shards)
+    began = json.loads((tmp_path / "run" / "run.json").read_text())
+    (tmp_path / "run" / "run.json").write_text(json.dumps(began | {"chosen": "trt"}))
+    (tmp_path / "run" / "shards" / "00001.npz").unlink()
+    with pytest.raises(FlowARError, match="other backend than"):
+        run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1), tmp_path / "run", progress=False)
+    (tmp_path / "run" / "run.json").write_text(json.dumps(began))
     # a local Ray cluster that will not start (a TMPDIR too long for its sockets) is refused before a new
     # --out is written (it left a run.json there)
     import flowar.commands.bulk as bulk

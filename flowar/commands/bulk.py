@@ -46,6 +46,8 @@ class BulkSpec:
     batch: int | None = None      # images per batch (None: the call plan's best); changes pixels by rounding
     manifest_sha256: str | None = None   # the engine directory's manifest.json (set by run_bulk): a re-export there
                                          # (other engines, other choices) is another run, not a resumable one
+    chosen: str | None = None     # what the backend picked where the run began (set by run_bulk): auto on a GPU
+                                  # (TensorRT) resumed on a CPU (ONNX Runtime) is another run
 
 
 @dataclass(slots=True)
@@ -176,7 +178,7 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     from flowar.export.manifest import MANIFEST, sha256_file
     from flowar.runtime.runtime import choose_backend
     from flowar.sampling.schedule import Settings
-    choose_backend(m, spec.backend)                                             # refuse a backend that cannot run
+    spec.chosen = choose_backend(m, spec.backend)                               # refuse a backend that cannot run
     Settings.of(spec.schedule).resolve(m.config.n_scales, m.schedule_defaults)  # refuse bad settings now
     spec.manifest_sha256 = sha256_file(m.root / MANIFEST)
     # room for the images still to sample twice (their shards, their PNGs at most) and samples.npz of all:
@@ -190,13 +192,15 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     n_scales, recorded = m.config.n_scales, m.schedule_defaults
 
     def meaning(rec: dict) -> dict:
-        """A record as its images are defined here: the schedule its settings resolve to, the engines
-        its backend picks (`--cfg 4.3` spelled out, or `--backend ort` where auto picks ONNX Runtime,
-        resumes a run that left them to the defaults)."""
+        """A record as its images are defined: the schedule its settings resolve to, the engines its
+        backend picked where the run began (`--cfg 4.3` spelled out, or `--backend ort` where auto
+        picked ONNX Runtime, resumes a run that left them to the defaults; a record from before the
+        field: what its backend picks here)."""
         given = rec.get("schedule")
         try:
             schedule = Settings.of(given).resolve(n_scales, recorded) if isinstance(given, dict) else given
-            return rec | {"schedule": schedule, "backend": choose_backend(m, rec.get("backend", "auto"))}
+            picked = rec.get("chosen") or choose_backend(m, rec.get("backend", "auto"))
+            return rec | {"schedule": schedule, "backend": picked, "chosen": None}
         except FlowARError:                             # (what another version recorded: compared as it is)
             return rec
     resumes = check_run(out, spec, meaning)
