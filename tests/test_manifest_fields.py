@@ -177,12 +177,18 @@ def test_a_path_that_is_not_utf8_is_one_line(exported, tmp_path):
 
 def test_a_file_passed_as_an_engine_directory_is_said_to_be_a_file():
     """The fix suggested exporting into the user's checkpoint ('flowar-export --ckpt CKPT --out
-    some_file.safetensors')."""
+    some_file.safetensors'); the commands answered with their option parser's line ("Invalid value
+    for '--engine-dir': Directory ... is a file. Fix: see flowar-run --help"), not this one."""
+    from flowar.commands.cli import judge_cmd as judge, run
+    from flowar.commands.cli_ray import sample_cmd as sample, serve_cmd as serve
     from flowar.runtime.runtime import Runtime
-    said = "a file, not an engine directory. Fix: open a checkpoint file with --ckpt"
+    said = "a file, not an engine directory. Fix: pass the folder flowar-export wrote"
     with pytest.raises(EngineDirError, match=said) as e:
         Runtime.open(CKPT, engine_dir=True)
-    assert "--out" not in str(e.value)
+    assert f"--out {CKPT}" not in str(e.value) and f"--ckpt {CKPT} --out DIR" in str(e.value)
+    for command, more in ((run, ["--labels", "0"]), (judge, []), (sample, ["--out", "unused", "--num-images", "2"]), (serve, [])):
+        res = CliRunner().invoke(command, ["--engine-dir", str(CKPT), *more])
+        assert res.exit_code == 2 and said in res.output and "Invalid value" not in res.output, (command.name, res.output)
 
 
 def test_a_member_found_whole_is_not_hashed_again_until_its_file_changes(exported, tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from flowar.errors import FlowARError
 @click.option("--ckpt", type=click.Path(dir_okay=False), help="FlowAR checkpoint (eager PyTorch): official .pth, "
               "training checkpoint, or this project's .safetensors (with --engine-dir and --backend torch: the "
               "checkpoint the directory was exported from, where it has moved).")
-@click.option("--engine-dir", type=click.Path(file_okay=False), help="Engine directory from flowar-export.")
+@click.option("--engine-dir", type=click.Path(), help="Engine directory from flowar-export.")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "ort", "trt", "torch"]),
               help="With --engine-dir: auto = TensorRT when a GPU and plans are there, else the engines the "
               "export's --precision auto|bf16 measured and chose, else ONNX Runtime.")
@@ -284,7 +284,7 @@ def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmu
 
 @command("flowar-judge")
 @click.option("--ckpt", type=click.Path(dir_okay=False), help="A FlowAR checkpoint (eager PyTorch).")
-@click.option("--engine-dir", type=click.Path(file_okay=False), help="Or an engine directory (what it runs by "
+@click.option("--engine-dir", type=click.Path(), help="Or an engine directory (what it runs by "
               "default: its auto choice, else ONNX Runtime).")
 @click.option("--preset", help="Config preset for files that carry none.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Config JSON for files that carry none.")

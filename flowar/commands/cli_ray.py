@@ -14,7 +14,7 @@ from flowar.errors import FlowARError
 
 
 @command("flowar-sample")
-@click.option("--engine-dir", required=True, type=click.Path(file_okay=False), help="Engine directory (with a VAE).")
+@click.option("--engine-dir", required=True, type=click.Path(), help="Engine directory (with a VAE).")
 @click.option("--num-images", required=True, type=int, help="How many images, e.g. 50000 for an FID evaluation.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: png/, shards/, samples.npz.")
 @click.option("--labels", help="Comma-separated class ids to cycle through [default: every class, balanced].")
@@ -63,7 +63,7 @@ def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, sche
 
 
 @command("flowar-serve")
-@click.option("--engine-dir", required=True, type=click.Path(file_okay=False), help="Engine directory (with a VAE).")
+@click.option("--engine-dir", required=True, type=click.Path(), help="Engine directory (with a VAE).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default; any "
               "other requires a token).")
 @click.option("--port", default=8000, show_default=True, type=int)
