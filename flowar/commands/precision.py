@@ -133,14 +133,15 @@ class PrecisionReport:
     measured: dict[str, dict[str, StageMeasure]]            # stage -> candidate -> measure
     combinations: list[Combination] = field(default_factory=list)
     official_fp16: dict = field(default_factory=dict)       # the official mixed precision's deviation
-    machine: dict = field(default_factory=dict)
+    machine: dict = field(default_factory=dict)             # the CPU (cpu_kind): a directory opened elsewhere says so
+    others_cpu: float | None = None                         # what other processes took of its CPUs while timing
 
     @property
     def kept(self) -> Combination:
         return next(c for c in self.combinations if c.choice == self.choice)
 
     def to_manifest(self) -> dict:
-        return {"mode": self.mode, "choice": self.choice, "machine": self.machine,
+        return {"mode": self.mode, "choice": self.choice, "machine": self.machine, "others_cpu": self.others_cpu,
                 "measured": {s: {c: asdict(m) for c, m in ms.items()} for s, ms in self.measured.items()},
                 "combinations": [asdict(c) for c in self.combinations], "official_fp16": self.official_fp16}
 
@@ -162,8 +163,8 @@ class PrecisionReport:
             out.append(f"  {self.mode} pipeline {c.seconds:.3f} s per image{setup} [{what}]{dev} {mark}".rstrip())
         if fp16:
             out.append(f"  {self.mode} the official mixed precision (fp16 autocast) on the same samples: {fp16}")
-        if self.machine.get("others_cpu", 0.0) > BUSY_SHARE:
-            out.append(f"  warning: other processes took {self.machine['others_cpu']:.0%} of this machine's CPU "
+        if (self.others_cpu or 0.0) > BUSY_SHARE:
+            out.append(f"  warning: other processes took {self.others_cpu:.0%} of this machine's CPU "
                        "while the engines were timed, so the times above are theirs too and the choice may not be "
                        "this machine's fastest: export again when the machine is quiet")
         return out
@@ -235,7 +236,7 @@ def select(bench: Workbench, mode: str = "auto", candidates: tuple[str, ...] | N
                 # (what opening a directory's PyTorch decoder imports: flowar.model.decoder, not diffusers)
                 imports["decode"] = import_seconds("import flowar.model.decoder, flowar.model.vae")
             measured[stage][cand].open_s = opened + (imports.get(stage, 0.0) if cand.startswith("torch") else 0.0)
-    report = PrecisionReport(mode, {}, measured, machine=cpu_kind())
+    report = PrecisionReport(mode, {}, measured, machine=dict(cpu_kind()))     # (a copy: cpu_kind's is cached)
     combos = combinations(measured, mode)
     # eager fp32 is always timed, unless the candidates were restricted without it (--auto-candidates)
     report.combinations = [Combination(c) for c in combos if set(c.values()) <= set(cands)] or [Combination(combos[0])]
@@ -260,7 +261,7 @@ def select(bench: Workbench, mode: str = "auto", candidates: tuple[str, ...] | N
         report.combinations.append(eager)
     report.choice = decide(report.combinations).choice
     if busy.share is not None:
-        report.machine["others_cpu"] = round(busy.share, 3)
+        report.others_cpu = round(busy.share, 3)
     return report
 
 
