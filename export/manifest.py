@@ -3,7 +3,8 @@ and runtime; the format is defined once, in this module.
 
 A directory is trusted only if its manifest parses, names this format, holds every record the
 runtime reads with its fields and types (:data:`_SCHEMA`), keeps every path inside the
-directory, and every file the chosen engines use hashes to its recorded sha256 (one ONNX graph is
+directory, and every file the chosen engines use hashes to its recorded sha256 (once: a file found
+whole is recorded in :data:`VERIFIED` with its state and hashed again only where that changed; one ONNX graph is
 used through ONNX Runtime's optimized copy of it, checked against the hash written beside the copy
 when it was made; the graph itself is read and checked again whenever its file's size or time
 differ from what was recorded then). Anything else is refused with a message that says how to

@@ -1,15 +1,17 @@
 """What an engine directory holds, opened as engines: the backend this machine runs it on, each
-stage's engine in the form the export stored it, every file checked against its sha256 in the one
-pass that reads it, and nothing read that the chosen engines do not use.
+stage's engine in the form the export stored it, every file checked against its sha256 (in the
+pass that reads it, or once: a file found whole is recorded with its state and not hashed again
+while that holds, :meth:`~flowar.export.manifest.Manifest.checked`), and nothing read that the
+chosen engines do not use.
 
 * ONNX Runtime: the session is made from the optimized copy cached beside the graphs (checked
   against the hash written when it was made), else from the graph's bytes, hashed (a graph with
   its weights in external data is checked in one streaming pass, then opened by path);
-* a compiled package (``aoti-*``): hashed, then loaded as it is; refused on a CPU that lacks a
+* a compiled package (``aoti-*``): checked, then loaded as it is; refused on a CPU that lacks a
   flag the export CPU had (code compiled for it would stop with an illegal instruction), and
   replaced by the stage's ONNX graph on ONNX Runtime, which is said in the detail line;
 * eager PyTorch (``torch-*``): the stage's module built without initialising its weights and given
-  the tensors of its weights file, memory-mapped and hashed in one pass, already in the precision it runs;
+  the tensors of its weights file, checked and memory-mapped, already in the precision it runs;
 * TensorRT: each plan's bytes, hashed, deserialized.
 """
 
