@@ -150,6 +150,22 @@ def test_usage_errors_of_the_installed_command_are_one_line_too(fixtures_dir):
         assert proc.stderr.startswith("error: ") and needle in proc.stderr and "flowar-run --help" in proc.stderr
 
 
+def test_an_option_value_of_the_wrong_kind_is_the_projects_line(fixtures_dir):
+    """A value click refuses (a folder for a file, an unknown choice, a word for a number) is
+    'expected X; got Y. Fix: Z' naming what the option takes (it was click's "Invalid value for
+    '--ckpt': File ... is a directory. Fix: see flowar-run --help")."""
+    for args, said in (
+            (["--ckpt", str(fixtures_dir)], f"expected --ckpt a file; got File '{fixtures_dir}' is a directory. "
+                                            "Fix: give --ckpt a file (see flowar-run --help)"),
+            (["--backend", "foo"], "expected --backend one of auto, ort, trt, torch; got 'foo'. "
+                                   "Fix: give --backend one of auto, ort, trt, torch"),
+            (["--batch", "two"], "expected --batch an integer; got 'two'. Fix: give --batch an integer"),
+            (["--cfg", "x"], "expected --cfg a number; got 'x'. Fix: give --cfg a number")):
+        res = CliRunner().invoke(run, args)
+        assert res.exit_code == 2 and res.output.strip().count("\n") == 0, res.output
+        assert res.output.startswith("error: " + said), res.output
+
+
 def test_a_moved_checkpoint_is_passed_beside_the_engine_directory_for_the_torch_backend(fixtures_dir, tmp_path):
     """--backend torch reads the checkpoint a directory was exported from; where it has moved, the
     error says to put it back or pass it with --ckpt beside --engine-dir, and that works (it was refused

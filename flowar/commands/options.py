@@ -46,6 +46,9 @@ class Command(click.Command):
         try:
             try:
                 code = super().main(args, prog_name or self.name, standalone_mode=False, **extra)
+            except click.BadParameter as e:               # an option's value of the wrong kind: the one-line form
+                click.echo(one_line(_bad_value(e, self.name)), err=True)
+                leave(EXIT_USER_ERROR)
             except click.UsageError as e:
                 click.echo(f"error: {e.format_message()} Fix: see {self.name} --help", err=True)
                 leave(EXIT_USER_ERROR)
@@ -106,6 +109,24 @@ def _leave(code: int) -> None:
         except (OSError, ValueError):            # a closed pipe or stream: nothing more can be said on it
             pass
     os._exit(code)
+
+
+def _bad_value(e: click.BadParameter, command: str) -> FlowARError:
+    """Click's refusal of an option's value ("Invalid value for '--ckpt': File 'x' is a directory.")
+    as this project's line: what the option takes, what came, the fix."""
+    param, kind = e.param, e.param.type if e.param is not None else None
+    name = (param.opts[0] if param is not None and getattr(param, "opts", None) else e.param_hint) or "the value"
+    if isinstance(kind, click.Path):
+        takes = "a file" if not kind.dir_okay else "a folder" if not kind.file_okay else "a path"
+    elif isinstance(kind, click.Choice):
+        takes = "one of " + ", ".join(map(str, kind.choices))
+    else:
+        takes = {"integer": "an integer", "float": "a number", "boolean": "true or false"}.get(
+            getattr(kind, "name", ""), f"a {getattr(kind, 'name', 'valid')} value")
+    got = e.message.rstrip(".")
+    if not isinstance(kind, click.Path) and " is not " in got:     # ("'foo' is not one of ...": the value alone)
+        got = got.split(" is not ", 1)[0]
+    return FlowARError(f"{name} {takes}", got, f"give {name} {takes} (see {command} --help)")
 
 
 class _Stopped(Exception):
