@@ -255,10 +255,8 @@ def staged_directory(target: str | Path, marker: str, option: str = "--out",
             os.chmod(os.path.join(root, d), 0o777 & ~umask)
         for f in files:
             p = os.path.join(root, f)
-            want = (0o777 if os.access(p, os.X_OK) else 0o666) & ~umask
-            # (only where it differs: a chmod also sets the file's change time, which file_state reads)
-            if not os.path.islink(p) and os.stat(p).st_mode & 0o7777 != want:
-                os.chmod(p, want)
+            if not os.path.islink(p):
+                os.chmod(p, (0o777 if os.access(p, os.X_OK) else 0o666) & ~umask)
     old = None
     try:
         check_replaceable(target, marker, option, owned=owned)
