@@ -8,6 +8,8 @@ traceback. ``assert`` is kept for internal invariants only.
 
 from __future__ import annotations
 
+import signal
+
 
 class FlowARError(Exception):
     """A user error: ``expected`` / ``got`` / ``fix`` rendered as one line."""
@@ -32,6 +34,37 @@ def one_line(e: FlowARError | OSError) -> str:
         return f"error: {e}"
     return (f"error: expected paths this command can read and write; got {e.filename or ''}: {e.strerror or e}. "
             "Fix: check the path, its permissions and the free disk space")
+
+
+_STOPS: list[str] = []     # the stops asked for while a command runs (Ctrl-C, SIGTERM): see stop_asked
+
+
+def stop_asked(signum, frame) -> None:
+    """A command's handler of SIGINT and SIGTERM: the stop is recorded, then raised as a
+    KeyboardInterrupt. Recorded, because a library may catch what it raised: Ctrl-C while PyTorch
+    imported a part of itself late (``torch.onnx.export`` of an export) was caught there, and the
+    export went on and replaced the engine directory with exit status 0, or failed later with an
+    unrelated AttributeError. :func:`raise_if_stopped` raises it again at this project's next step
+    that commits an output, and the command ends "interrupted" whatever became of the first."""
+    _STOPS.append("SIGTERM" if signum == signal.SIGTERM else "")
+    raise KeyboardInterrupt(_STOPS[-1])
+
+
+def stops_cleared() -> None:
+    """A new command begins (several run in one process under tests): no stop asked for yet."""
+    _STOPS.clear()
+
+
+def stopped() -> str | None:
+    """The stop asked for while this command ran ("" for Ctrl-C, "SIGTERM"), or None."""
+    return _STOPS[0] if _STOPS else None
+
+
+def raise_if_stopped() -> None:
+    """Before an output is put in place: a stop asked for, even one a library swallowed, ends the
+    work here instead (nothing half done is committed)."""
+    if _STOPS:
+        raise KeyboardInterrupt(_STOPS[0])
 
 
 class EngineDirError(FlowARError):

@@ -35,6 +35,45 @@ def test_nan_from_a_stage_is_named_with_scale_and_step(fixtures_dir, tmp_path):
     assert "velocity" in res.output
 
 
+@pytest.mark.parametrize("library", ["swallows it", "fails after it"])
+def test_a_ctrl_c_that_a_library_catches_still_stops_the_command_and_commits_nothing(fixtures_dir, tmp_path,
+                                                                                    monkeypatch, library):
+    """Ctrl-C while PyTorch imported a part of itself late (inside torch.onnx.export) was caught there:
+    the export went on and replaced the engine directory with exit 0, or failed with an AttributeError
+    of a half-imported module. Here a library call of each command's last steps (PNG writing; the ONNX
+    Runtime sessions an export prepares) gets the Ctrl-C and catches it, as PyTorch did."""
+    import PIL.Image
+
+    def catching(original):
+        def call(*a, **k):
+            try:
+                signal.raise_signal(signal.SIGINT)          # the user's Ctrl-C, while the library works
+                time.sleep(0.5)
+            except KeyboardInterrupt:                       # caught inside the library
+                if library == "fails after it":
+                    raise AttributeError("partially initialized module 'x' has no attribute 'y'") from None
+            return original(*a, **k)
+        return call
+
+    out = tmp_path / "grid.png"
+    monkeypatch.setattr(PIL.Image.Image, "save", catching(PIL.Image.Image.save))
+    from conftest import DEFAULT_CKPT, DEFAULT_VAE
+    res = CliRunner().invoke(run, ["--ckpt", str(DEFAULT_CKPT), "--vae", str(DEFAULT_VAE), "--labels", "1",
+                                   "--steps", "4", "--out", str(out)])
+    assert res.exit_code == 130 and res.output.strip().splitlines()[-1].startswith("interrupted"), res.output
+    assert not out.exists() and not list(tmp_path.iterdir()), list(tmp_path.iterdir())    # no PNG, no temporary file
+    monkeypatch.undo()
+    from flowar.commands.cli import export_cmd
+    target = tmp_path / "eng"
+    import onnxruntime                      # (the graphs themselves come from the suite's export memo)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", catching(onnxruntime.InferenceSession))
+    res = CliRunner().invoke(export_cmd, ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny",
+                                          "--out", str(target), "--max-batch", "1", "--no-verify"])
+    assert res.exit_code == 130 and res.output.strip().splitlines()[-1] == "interrupted", res.output
+    assert not list(tmp_path.iterdir()), list(tmp_path.iterdir())       # no directory, no temporary one
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler    # the command's handler is gone
+
+
 # Each command and each of its outputs, with a location that cannot be written: below a file, and
 # inside /proc (a folder that exists but takes no files, so only a real write attempt finds out).
 UNWRITABLE = ["{tmp}/afile/x/out", "/proc/flowar-no-such-dir/out"]

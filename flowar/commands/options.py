@@ -10,7 +10,7 @@ import threading
 import click
 
 from flowar.config import SAMPLING_DEFAULTS
-from flowar.errors import FlowARError, one_line
+from flowar.errors import FlowARError, one_line, stop_asked, stopped, stops_cleared
 
 EXIT_USER_ERROR = 2
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -38,14 +38,19 @@ class Command(click.Command):
         extra.pop("standalone_mode", None)
         # SIGTERM (kill, timeout, systemd, Kubernetes) stops a command as Ctrl-C does: its work unwinds, its
         # temporary files go, it says "interrupted", exit 130 (it ended at once, exit -15, leaving them);
-        # flowar-serve (it drains) and flowar-sample's Ray (it stops the cluster) set their own meanwhile
-        term = None                                       # the handler replaced (only the main thread may)
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-            term = signal.signal(signal.SIGTERM, _terminated)
+        # flowar-serve (it drains) and flowar-sample's Ray (it stops the cluster) set their own meanwhile.
+        # Both are recorded as they come (stop_asked), so that one a library catches still ends the command.
+        stops_cleared()
+        replaced = {}                                     # the handlers replaced (only the main thread may)
+        if threading.current_thread() is threading.main_thread():
+            for sig, default in ((signal.SIGTERM, (signal.SIG_DFL, None)), (signal.SIGINT, (signal.default_int_handler,))):
+                if signal.getsignal(sig) in default:
+                    replaced[sig] = signal.signal(sig, stop_asked)
         try:
             try:
                 code = super().main(args, prog_name or self.name, standalone_mode=False, **extra)
+                if stopped() is not None:                 # (a stop a library swallowed, the work then done)
+                    raise KeyboardInterrupt(stopped())
             except click.BadParameter as e:               # an option's value of the wrong kind: the one-line form
                 click.echo(one_line(_bad_value(e, self.name)), err=True)
                 leave(EXIT_USER_ERROR)
@@ -55,11 +60,6 @@ class Command(click.Command):
             except click.ClickException as e:
                 e.show()
                 leave(e.exit_code)
-            except (FlowARError, OSError) as e:
-                if self.debugging(args):
-                    raise
-                click.echo(one_line(e), err=True)
-                leave(EXIT_USER_ERROR)
             except (click.Abort, KeyboardInterrupt, _Stopped) as e:
                 cause = (e.cause if isinstance(e, _Stopped) else
                          e.__context__ if isinstance(e, click.Abort) and e.__context__ else e)
@@ -71,10 +71,20 @@ class Command(click.Command):
                     leave(EXIT_USER_ERROR)
                 click.echo("interrupted" + (f": {cause}" if str(cause) else ""), err=True)
                 leave(130)
+            except Exception as e:
+                if stopped() is not None and not self.debugging(args):
+                    # what a library made of a stop it caught (an AttributeError of a half-imported module):
+                    # the command was interrupted, and says so
+                    click.echo("interrupted" + (f": {stopped()}" if stopped() else ""), err=True)
+                    leave(130)
+                if not isinstance(e, (FlowARError, OSError)) or self.debugging(args):
+                    raise
+                click.echo(one_line(e), err=True)
+                leave(EXIT_USER_ERROR)
             leave(code if isinstance(code, int) else 0)
         finally:
-            if term is not None:
-                signal.signal(signal.SIGTERM, term)
+            for sig, handler in replaced.items():
+                signal.signal(sig, handler)
 
     def debugging(self, args: list[str]) -> bool:
         """Whether ``--debug`` was given (the parsed flag: ``--labels --debug`` gives labels a value)."""
@@ -82,10 +92,6 @@ class Command(click.Command):
             return bool(self.make_context(self.name, list(args), resilient_parsing=True).params.get("debug"))
         except Exception:   # noqa: BLE001 - arguments that do not parse: no flag
             return False
-
-
-def _terminated(signum, frame):
-    raise KeyboardInterrupt("SIGTERM")
 
 
 def _leave(code: int) -> None:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from flowar.errors import FlowARError
+from flowar.errors import FlowARError, raise_if_stopped
 from flowar.io.memory import process_alive
 
 
@@ -180,6 +180,7 @@ def atomic_write_bytes(path: str | Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        raise_if_stopped()                 # (a Ctrl-C that a library swallowed while it wrote: not put in place)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, p)
     except BaseException:
@@ -246,6 +247,7 @@ def staged_directory(target: str | Path, marker: str, option: str = "--out",
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
+        raise_if_stopped()                 # (a Ctrl-C that a library swallowed while the work ran: nothing swapped in)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
