@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import operator
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -126,13 +127,15 @@ def label_ids(items: Sequence[int | str], num_classes: int, names: ClassNames | 
         names = ClassNames.plain(list(names))
     out = []
     for it in items:
-        if isinstance(it, bool):
+        if isinstance(it, bool) or str(getattr(it, "dtype", "")) in ("torch.bool", "bool"):     # (a bool tensor indexes)
             raise FlowARError("class ids (int) or class names (str)", repr(it), "pass e.g. [3, 'cat']")
         if isinstance(it, int) or (hasattr(it, "__index__") and not isinstance(it, str)):
             try:
-                i = int(it)
-            except (TypeError, ValueError):         # (a row of a 2-D tensor)
-                raise FlowARError("class ids (int) or class names (str)", repr(it)[:60], "pass a flat list") from None
+                # the integer protocol, not int(): int() truncated a 0-d float tensor (1.5 sampled class 1)
+                i = operator.index(it)
+            except (TypeError, ValueError):         # (a float tensor, a row of a 2-D one)
+                raise FlowARError("class ids (int) or class names (str)", repr(it)[:60],
+                                  "pass a flat list of integers or names") from None
             if not 0 <= i < num_classes:
                 raise FlowARError(f"class ids in 0..{num_classes - 1}", str(i), f"this model has {num_classes} classes")
             out.append(i)
