@@ -21,6 +21,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import numbers
 import threading
 import time
 from dataclasses import dataclass, field
@@ -65,9 +66,9 @@ class Threads:
     @classmethod
     def resolve(cls, threads: int | None, torch_computes: bool) -> "Threads":
         from flowar.engines.ort import cpu_threads
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise FlowARError("--threads >= 1", repr(threads), "use e.g. --threads 2, or omit it to use every core")
-        cores = threads or cpu_threads()
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1):
+            raise FlowARError("--threads an integer >= 1", repr(threads), "use e.g. --threads 2, or omit it to use every core")
+        cores = int(threads or cpu_threads())         # (NumPy's integers as Python's)
         return cls(cores, cores if torch_computes else 1, torch_computes=torch_computes)
 
     @contextlib.contextmanager

@@ -402,8 +402,15 @@ def test_labels_and_devices_a_notebook_passes(default_auto_engines, tmp_path):
         for bad in (torch.tensor([3.7]), torch.tensor([True]), b"\x01", None, 3.0):
             with pytest.raises(FlowARError, match="class_labels"):
                 pipe(bad, output_type="latent")
+        # a list of 0-d tensors (list(y) of a float tensor): 1.5 was class 1 and True class 1, silently
+        for bad in ([torch.tensor(1.5)], [torch.tensor(True)], [3, torch.tensor(2.7)]):
+            with pytest.raises(FlowARError, match="class ids"):
+                pipe(bad, output_type="latent")
+        with pytest.raises(FlowARError, match="class ids"):
+            pipe.get_label_ids([torch.tensor(2.7)])
         assert pipe([3, 4], seed=torch.tensor(1), output_type="latent").seeds == [1, 1]
-    for kw, said in ((dict(device="meta"), "device auto, cpu or cuda"), (dict(threads=0), "threads >= 1"),
+    for kw, said in ((dict(device="meta"), "device auto, cpu or cuda"), (dict(threads=0), "threads an integer >= 1"),
+                     (dict(threads=True), "threads an integer >= 1"), (dict(cuda_graphs="no"), "cuda_graphs True or False"),
                      (dict(vae="x"), "precision= with an engine directory")):
         with pytest.raises(FlowARError, match=said) as e:
             FlowARPipeline.from_pretrained(default_auto_engines, **kw)
@@ -451,3 +458,50 @@ def test_indices_may_come_as_any_iterable(default_auto_engines):
         want = pipe([3, 4], seed=2, indices=[5, 6], output_type="latent")
         got = pipe([3, 4], seed=2, indices=(i for i in [5, 6]), output_type="latent")
     assert got.indices == [5, 6] and torch.equal(got.images, want.images)
+
+
+def test_what_a_diffusers_user_reaches_for_next(default_auto_engines, monkeypatch):
+    """return_dict=False, pipe.to / pipe.device, a callback of the wrong arity (a TypeError once a scale
+    had run), unordered labels, seeds or indices (a set's order changes with the hash seed: which image
+    had which label changed between processes; a dict gave its keys), NumPy's generator and a list
+    holding None (a bare AttributeError), NumPy integer threads, a call too large for the memory (it
+    grew toward terabytes), and messages that keep a suggested command line as it is ("flowar-export
+    backend trt")."""
+    import numpy as np
+
+    from flowar.pipeline.pipeline import in_python_terms
+    with FlowARPipeline.from_pretrained(default_auto_engines, threads=np.int64(1)) as pipe:
+        pipe.set_progress_bar_config(disable=True)
+        assert pipe.runtime.threads.cores == 1 and type(pipe.runtime.threads.cores) is int
+        want = pipe([3, 4], seed=1, output_type="np").images
+        got = pipe([3, 4], seed=1, output_type="np", return_dict=False)
+        assert isinstance(got, tuple) and len(got) == 1 and np.array_equal(got[0], want)
+        assert pipe.to("cpu") is pipe and pipe.device == torch.device("cpu")
+        with pytest.raises(FlowARError, match="from_pretrained\\(path, device='cuda'\\)"):
+            pipe.to("cuda")
+        calls = []
+        for bad in (lambda k: calls.append(k), lambda p, k: calls.append(k)):
+            with pytest.raises(FlowARError, match="callback_on_scale_end a function of"):
+                pipe([1], callback_on_scale_end=bad)
+        assert calls == []                                  # refused before any scale ran
+        for kw, said in ((dict(class_labels={3, 4}), "class_labels: a list or tuple"),
+                         (dict(class_labels={"cat": 1}), "class_labels: a list or tuple"),
+                         (dict(class_labels=[3, 4], seed={1: 2, 3: 4}), "seed: a list or tuple"),
+                         (dict(class_labels=[3, 4], indices={0, 1}), "indices: a list or tuple"),
+                         (dict(class_labels=[3], generator=np.random.default_rng(0)), "got numpy.random.Generator"),
+                         (dict(class_labels=[3, 4], generator=[torch.Generator(), None]), "holding a NoneType")):
+            with pytest.raises(FlowARError, match=said.replace("(", "\\(")):
+                pipe(**kw)
+        for bad in (3, None, b"cat", {"cat"}):
+            with pytest.raises(FlowARError, match="names: a list or tuple"):
+                pipe.get_label_ids(bad)
+        import flowar.io.memory as memory
+        monkeypatch.setattr(memory, "available_bytes", lambda: 10 << 20)       # 10 MiB left
+        with pytest.raises(FlowARError, match="fit in memory.*1000 images") as e:
+            pipe([1] * 1000)
+        assert "call it in parts of at most" in str(e.value)
+        assert pipe([1, 2], output_type="latent").labels == [1, 2]            # a call that fits
+    said = in_python_terms(FlowARError("a", "b", "rebuild plans here with flowar-export --backend trt, or use --backend ort"))
+    assert str(said).endswith("with flowar-export --backend trt, or use backend ort"), said
+    said = in_python_terms(FlowARError("--precision fp32 or bf16", "x", "check the --config path; drop --raw-weights"))
+    assert "--" not in str(said) and "raw_weights" in str(said) and "config path" in str(said), said

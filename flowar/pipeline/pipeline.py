@@ -24,6 +24,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping, Set as AbcSet
 from typing import Any, Callable, Sequence
 
 import torch
@@ -79,6 +80,9 @@ class FlowARPipeline:
         if not isinstance(path, (str, os.PathLike)):
             raise FlowARError("path: an engine directory or a checkpoint file (a str or os.PathLike)", repr(path)[:80],
                               'pass e.g. "out/engines"')
+        for name, flag in (("cuda_graphs", cuda_graphs), ("raw_weights", raw_weights)):
+            if not isinstance(flag, bool):              # ("no" is a true value)
+                raise FlowARError(f"{name} True or False", repr(flag)[:40], f"pass {name}=False or leave it out")
         try:                            # (the runtime's messages name the commands' options: here the keywords)
             return cls(Runtime.open(os.fspath(path), backend=backend, preset=preset, config=config, vae=vae, device=device,
                                     threads=threads, raw_weights=raw_weights, cuda_graphs=cuda_graphs,
@@ -93,8 +97,25 @@ class FlowARPipeline:
 
     def get_label_ids(self, names: str | Sequence[str]) -> list[int]:
         """Class ids from names (ImageNet names and synonyms for the official 1000-class models)."""
-        return label_ids([names] if isinstance(names, str) else list(names), self.runtime.config.num_classes,
-                         self.runtime.class_names)
+        return label_ids([names] if isinstance(names, str) else _in_order("names", names, '["cat", "dog"]'),
+                         self.runtime.config.num_classes, self.runtime.class_names)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the pipeline samples (its engines decide, or ``device`` at :meth:`from_pretrained`)."""
+        return self.runtime.device
+
+    def to(self, device: str | torch.device) -> "FlowARPipeline":
+        """diffusers' ``pipe.to(device)``: this pipeline where it already is; elsewhere refused (an
+        engine directory's engines are built for their device, and opening decides it)."""
+        try:
+            asked = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise FlowARError("a device, e.g. \"cpu\" or \"cuda\"", repr(device)[:40], 'pass "cpu" or "cuda"') from None
+        if asked.type != self.device.type or asked.index not in (None, self.device.index):
+            raise FlowARError(f"to({self.device.type!r}): a pipeline samples where it was opened", str(asked),
+                              f"open it there: FlowARPipeline.from_pretrained(path, device={str(asked)!r})")
+        return self
 
     def set_progress_bar_config(self, **kwargs) -> None:
         """tqdm options of the progress bar a call shows (``disable=True`` switches it off); checked
@@ -118,8 +139,8 @@ class FlowARPipeline:
                  num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, guidance: float | None = None, schedule: str | None = None,
                  batch_size: int | None = None, output_type: str = "pil", indices: Sequence[int] | None = None,
-                 callback_on_scale_end: Callable[["FlowARPipeline", int, dict], None] | None = None
-                 ) -> FlowAROutput:
+                 callback_on_scale_end: Callable[["FlowARPipeline", int, dict], None] | None = None,
+                 return_dict: bool = True) -> FlowAROutput | tuple:
         """Images of ``class_labels`` (ids and/or names).
 
         ``num_inference_steps``: the official sampler's N (25: the official 24 Euler steps per
@@ -132,15 +153,17 @@ class FlowARPipeline:
         from its state, as diffusers' pipelines draw their noise (the drawn seeds are in
         ``.seeds``). ``output_type``: pil, np, pt or latent.
         ``callback_on_scale_end(pipe, k, {"tokens": (B, C, s, s)})`` is called after each scale k
-        of each batch (a call larger than the batch runs in batches), with that batch's samples. A
-        progress bar is shown unless ``set_progress_bar_config(disable=True)``.
+        of each batch (a call larger than the batch runs in batches), with that batch's samples (a
+        copy: what it returns is not used, and changing them changes nothing). A progress bar is
+        shown unless ``set_progress_bar_config(disable=True)``. ``return_dict=False``: the tuple
+        ``(images,)``, as in diffusers.
         """
         try:
             if output_type not in OUTPUT_TYPES:
                 raise FlowARError(f"output_type among {', '.join(OUTPUT_TYPES)}", repr(output_type), 'use "pil"')
-            if callback_on_scale_end is not None and not callable(callback_on_scale_end):
-                raise FlowARError("callback_on_scale_end a function (pipe, k, {'tokens': ...})",
-                                  type(callback_on_scale_end).__name__, "pass a function, or None")
+            if callback_on_scale_end is not None and not _takes_three(callback_on_scale_end):
+                raise FlowARError("callback_on_scale_end a function of (pipe, k, {'tokens': ...})",
+                                  _kind(callback_on_scale_end), "pass e.g. lambda pipe, k, out: ..., or None")
             if isinstance(class_labels, torch.Tensor):    # (a DataLoader's y, or y[0]: ids, not floats or bools)
                 if class_labels.is_floating_point() or class_labels.dtype == torch.bool or class_labels.ndim > 1:
                     raise FlowARError("class_labels: class ids (int) or class names", f"a {class_labels.dtype} tensor of shape "
@@ -150,7 +173,8 @@ class FlowARPipeline:
                                                                  or hasattr(class_labels, "__iter__")):
                 raise FlowARError("class_labels: an id, a name, or a list of them", repr(class_labels)[:60],
                                   'pass e.g. ["cat"] or [3]')
-            items = [class_labels] if isinstance(class_labels, (numbers.Integral, str)) else list(class_labels)
+            items = ([class_labels] if isinstance(class_labels, (numbers.Integral, str)) else
+                     _in_order("class_labels", class_labels, '["cat", "dog"] or [3, 7]'))
             labels = self.get_label_ids(items) if items else []
             if not labels:
                 raise FlowARError("at least one class label", "none", 'pass e.g. ["cat"] or [3]')
@@ -159,9 +183,11 @@ class FlowARPipeline:
             if generator is not None:                     # its state decides, as in diffusers: a used generator draws anew
                 one = not isinstance(generator, (list, tuple))
                 gens = [generator] if one else list(generator)
-                if not all(isinstance(g, torch.Generator) for g in gens) or not (one or len(gens) == len(labels)):
+                other = [g for g in gens if not isinstance(g, torch.Generator)]
+                if other or not (one or len(gens) == len(labels)):
                     raise FlowARError(f"a torch.Generator, or a list of {len(labels)} (one per image)",
-                                      type(generator).__name__ if one else f"a list of {len(gens)}",
+                                      _kind(generator) if one else f"a list of {len(gens)}" +
+                                      (f" holding a {_kind(other[0])}" if other else ""),
                                       "pass generator=torch.Generator().manual_seed(0)")
                 # (drawn on the generator's own device: a CUDA generator cannot draw CPU numbers)
                 seeds = [int(s) for g in gens for s in torch.randint(0, 2 ** 63 - 1, (len(labels) if one else 1,),
@@ -170,6 +196,8 @@ class FlowARPipeline:
                     indices = [0] * len(labels)           # gives, wherever it stands in the list)
             else:                                         # (checked where every source samples: run_sampling)
                 seed = seed.tolist() if isinstance(seed, torch.Tensor) else seed
+                if isinstance(seed, (AbcSet, Mapping)):
+                    _in_order("seed", seed, "seed=[1, 2]")
                 seeds = ([0 if seed is None else seed] * len(labels) if seed is None or isinstance(seed, numbers.Integral)
                          else list(seed) if hasattr(seed, "__iter__") and not isinstance(seed, (str, bytes)) else seed)
             rt = self.runtime
@@ -187,12 +215,17 @@ class FlowARPipeline:
                     # a copy: the sampler's buffer is written again by the next scale and batch
                     callback_on_scale_end(self, tr.k, {"tokens": tr.z.transpose(1, 2).reshape(B, C, side[tr.k], side[tr.k])
                                                        .clone()})
+            if indices is not None and isinstance(indices, (AbcSet, Mapping)):
+                _in_order("indices", indices, "indices=[0, 1]")
+            _fits_in_memory(rt, len(labels), output_type)
             timings: dict[str, float] = {}
             res = rt.sample(labels, sched, seed=seeds, indices=indices, batch_size=batch_size,
                             decode=output_type != "latent", progress=self.progress_bar_config or True, on_scale=on_scale,
                             timings=timings)
-            return FlowAROutput(to_output(res, output_type), labels, [int(s) for s in seeds], res.indices, timings,
-                                res.tokens)
+            images = to_output(res, output_type)
+            if not return_dict:
+                return (images,)
+            return FlowAROutput(images, labels, [int(s) for s in seeds], res.indices, timings, res.tokens)
         except FlowARError as e:              # (the messages name the commands' options: here the keywords)
             raise in_python_terms(e) from None
 
@@ -206,22 +239,82 @@ class FlowARPipeline:
         self.close()
 
 
-# the commands' options a call's messages name, as the call's keywords
+def _in_order(name: str, values, example: str) -> list:
+    """``values`` as a list, refused where they have no order of their own (a set's order changes
+    with Python's string hashing, so which image had which label changed between processes; a
+    dict gave its keys) or are not a collection at all."""
+    if isinstance(values, (AbcSet, Mapping)) or isinstance(values, (bytes, bytearray)) or \
+            not hasattr(values, "__iter__"):
+        raise FlowARError(f"{name}: a list or tuple (in the order of the images)", _kind(values), f"pass e.g. {example}")
+    return list(values)
+
+
+def _kind(value) -> str:
+    """What a value is, for a message: its type's name, with its public module where it is not a
+    builtin (``numpy.random.Generator``: "Generator" alone read as torch's)."""
+    t = type(value)
+    if t.__module__ == "builtins":
+        return t.__name__
+    return ".".join([m for m in t.__module__.split(".") if not m.startswith("_")] + [t.__qualname__])
+
+
+def _takes_three(fn) -> bool:
+    """Whether ``fn`` can be called as ``fn(pipe, k, outputs)`` (checked before any work: a
+    one-argument function failed after the first scale had run)."""
+    import inspect
+    if not callable(fn):
+        return False
+    try:
+        inspect.signature(fn).bind(None, 0, {})
+    except TypeError:
+        return False
+    except ValueError:                   # (a builtin without a signature: called as it is)
+        return True
+    return True
+
+
+def _fits_in_memory(rt: Runtime, n: int, output_type: str) -> None:
+    """Refuse, before any work, a call whose images cannot all be held (they are returned at once):
+    ``pipe([1] * 10**7)`` grew for days toward terabytes."""
+    from flowar.io.memory import available_bytes
+    c, side = rt.config, rt.config.scales[-1]
+    per = c.latent_channels * side * side * 4 * 2                  # tokens, and their copy in the result
+    if output_type != "latent" and rt.image_size:
+        per += 3 * rt.image_size ** 2 * (4 + 4)                    # the images, and their output form
+    free = available_bytes()
+    if free is not None and n * per > free:
+        fits = max(1, free // per // 2)
+        raise FlowARError(f"a call whose images fit in memory (about {per / 2**10:.0f} KiB each with their output)",
+                          f"{n} images, about {n * per / 2**30:.1f} GiB, with {free / 2**30:.1f} GiB available",
+                          f"call it in parts of at most {fits} labels, or write them as they come with flowar-sample")
+
+
+# the commands' options a call's messages name, as the call's keywords (longest first)
 _KEYWORDS = (("--steps", "num_inference_steps"), ("--cfg", "guidance_scale"), ("--guidance", "guidance"),
              ("--schedule", "schedule"), ("--batch", "batch_size"), ("pass --vae", "pass vae="),
              ("(--save-tokens)", '(output_type="latent")'),
              ("--preset/--config/--vae/--raw-weights/--precision", "preset=/config=/vae=/raw_weights=/precision="),
+             ("--preset/--config", "preset=/config="), ("--raw-weights", "raw_weights"), ("--precision", "precision"),
+             ("--preset", "preset"), ("--config", "config"), ("--vae", "vae"), ("--no-cuda-graphs", "cuda_graphs=False"),
              ("--threads", "threads"), ("--device", "device"), ("--backend", "backend"),
              ("--engine-dir", "an engine directory"))
+# a command line in a message ("flowar-export --backend trt"): said as it is, a command to run
+_COMMAND = re.compile(r"flowar-[a-z]+(?: --[\w-]+(?: (?!--)[^\s,;()]+)?)+")
 
 
 def in_python_terms(e: FlowARError) -> FlowARError:
     """``e`` with the commands' option names replaced by the pipeline's keywords ("--cfg in [1, 50]"
-    -> "guidance_scale in [1, 50]")."""
+    -> "guidance_scale in [1, 50]"), except inside the command lines it suggests."""
     def say(text: str) -> str:
-        for option, keyword in _KEYWORDS:
-            text = re.sub(re.escape(option) + r"(?![\w-])" if option[-1].isalnum() else re.escape(option), keyword, text)
-        return text
+        out, at = [], 0
+        for m in [*_COMMAND.finditer(text), None]:
+            part = text[at:m.start() if m else len(text)]
+            for option, keyword in _KEYWORDS:
+                part = re.sub(re.escape(option) + r"(?![\w-])" if option[-1].isalnum() else re.escape(option), keyword,
+                              part)
+            out.append(part + (m.group(0) if m else ""))
+            at = m.end() if m else at
+        return "".join(out)
     try:
         return type(e)(say(e.expected), say(e.got), say(e.fix))
     except TypeError:                    # (a subclass that takes more)
