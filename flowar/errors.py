@@ -8,6 +8,7 @@ traceback. ``assert`` is kept for internal invariants only.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 
 
@@ -37,6 +38,7 @@ def one_line(e: FlowARError | OSError) -> str:
 
 
 _STOPS: list[str] = []     # the stops asked for while a command runs (Ctrl-C, SIGTERM): see stop_asked
+_HELD = [0]                # inside stops_held(): a stop is recorded, and raised once the step is done
 
 
 def stop_asked(signum, frame) -> None:
@@ -47,7 +49,22 @@ def stop_asked(signum, frame) -> None:
     unrelated AttributeError. :func:`raise_if_stopped` raises it again at this project's next step
     that commits an output, and the command ends "interrupted" whatever became of the first."""
     _STOPS.append("SIGTERM" if signum == signal.SIGTERM else "")
-    raise KeyboardInterrupt(_STOPS[-1])
+    if not _HELD[0]:
+        raise KeyboardInterrupt(_STOPS[-1])
+
+
+@contextlib.contextmanager
+def stops_held():
+    """A step that a stop must not cut in two (an engine directory swapped into place: a Ctrl-C
+    between its renames said "interrupted" over the new directory and left the old one beside it):
+    a stop that comes meanwhile is raised once the step is done (within a command, whose handler
+    is :func:`stop_asked`)."""
+    _HELD[0] += 1
+    try:
+        yield
+    finally:
+        _HELD[0] -= 1
+    raise_if_stopped()
 
 
 def stops_cleared() -> None:

@@ -74,6 +74,37 @@ def test_a_ctrl_c_that_a_library_catches_still_stops_the_command_and_commits_not
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler    # the command's handler is gone
 
 
+def test_a_stop_during_the_swap_of_a_directory_ends_the_command_after_the_swap(tmp_path, monkeypatch):
+    """Ctrl-C between the two renames of an engine directory's swap said "interrupted" over the new
+    directory and left the old one beside it (.eng.old-PID, until the next export): the swap is one
+    step under a command's handler, the stop raised once it is done."""
+    import flowar.io.files as files
+    from flowar.errors import stop_asked, stops_cleared
+    target = tmp_path / "eng"
+    target.mkdir()
+    (target / "manifest.json").write_text("old")
+    real, renames = os.replace, []
+
+    def replace(a, b):
+        renames.append(Path(b).name)
+        if len(renames) == 1:
+            signal.raise_signal(signal.SIGINT)          # between the old directory's rename and the new one's
+        real(a, b)
+    stops_cleared()
+    before = signal.signal(signal.SIGINT, stop_asked)   # (as a command runs)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with files.staged_directory(target, "manifest.json") as tmp:
+                (tmp / "manifest.json").write_text("new")
+                monkeypatch.setattr(files.os, "replace", replace)
+    finally:
+        signal.signal(signal.SIGINT, before)
+        monkeypatch.undo()
+        stops_cleared()
+    assert renames[0].startswith(".eng.old-") and renames[1] == "eng"
+    assert (target / "manifest.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["eng"]
+
+
 # Each command and each of its outputs, with a location that cannot be written: below a file, and
 # inside /proc (a folder that exists but takes no files, so only a real write attempt finds out).
 UNWRITABLE = ["{tmp}/afile/x/out", "/proc/flowar-no-such-dir/out"]

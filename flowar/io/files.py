@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from flowar.errors import FlowARError, raise_if_stopped
+from flowar.errors import FlowARError, raise_if_stopped, stops_held
 from flowar.io.memory import process_alive
 
 
@@ -248,30 +248,31 @@ def staged_directory(target: str | Path, marker: str, option: str = "--out",
     try:
         yield tmp
         raise_if_stopped()                 # (a Ctrl-C that a library swallowed while the work ran: nothing swapped in)
+        umask = _umask()                   # what a plain write gives: files made owner-only (safetensors
+        for root, dirs, files in os.walk(tmp):   # writes 0600, temporary folders are 0700) readable by others too
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o777 & ~umask)
+            for f in files:
+                p = os.path.join(root, f)
+                if not os.path.islink(p):
+                    os.chmod(p, (0o777 if os.access(p, os.X_OK) else 0o666) & ~umask)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    umask = _umask()                       # what a plain write gives: files made owner-only (safetensors
-    for root, dirs, files in os.walk(tmp):   # writes 0600, temporary folders are 0700) readable by others too
-        for d in dirs:
-            os.chmod(os.path.join(root, d), 0o777 & ~umask)
-        for f in files:
-            p = os.path.join(root, f)
-            if not os.path.islink(p):
-                os.chmod(p, (0o777 if os.access(p, os.X_OK) else 0o666) & ~umask)
-    old = None
-    try:
-        check_replaceable(target, marker, option, owned=owned)
-    except FlowARError as e:               # (files appeared there meanwhile: the finished work is not thrown away,
-        kept = Path(tempfile.mkdtemp(prefix=f".{target.name}.kept-", dir=target.parent))   # nor left under a name
-        os.replace(tmp, kept)                                                            # the next one removes)
-        os.chmod(kept, 0o755)
-        raise FlowARError(e.expected, e.got, f"{e.fix}; the finished directory is kept at {kept}: move it "
-                                             "where you want it") from None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    os.chmod(target, 0o755)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    with stops_held():                     # (the swap is one step: a stop that comes meanwhile ends the command after it)
+        try:
+            check_replaceable(target, marker, option, owned=owned)
+        except FlowARError as e:           # (files appeared there meanwhile: the finished work is not thrown away,
+            kept = Path(tempfile.mkdtemp(prefix=f".{target.name}.kept-", dir=target.parent))   # nor left under a
+            os.replace(tmp, kept)                                                            # name the next one
+            os.chmod(kept, 0o755)                                                            # removes)
+            raise FlowARError(e.expected, e.got, f"{e.fix}; the finished directory is kept at {kept}: move it "
+                                                 "where you want it") from None
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        os.chmod(target, 0o755)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
