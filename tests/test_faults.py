@@ -105,6 +105,29 @@ def test_a_stop_during_the_swap_of_a_directory_ends_the_command_after_the_swap(t
     assert (target / "manifest.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["eng"]
 
 
+def test_a_stop_while_pytorch_imports_is_raised_once_it_is_imported(tmp_path):
+    """PyTorch runs Python code from C++ while it imports: a Ctrl-C or SIGTERM raised in there ended
+    flowar-run with "terminate called after throwing an instance of 'pybind11::error_already_set'"
+    (SIGABRT, a C++ trace). The command imports it first, as one step: a SIGTERM sent as that import
+    begins (here from inside it) is raised once PyTorch is whole, and the command ends as stopped."""
+    code = ("import atexit, builtins, os, signal, sys\n"
+            "real = builtins.__import__\n"
+            "def imp(name, *a, **k):\n"
+            "    if name == 'torch' and 'torch' not in sys.modules:\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = imp\n"
+            "atexit.register(lambda: print('torch whole' if hasattr(sys.modules.get('torch'), 'Tensor') else 'torch cut',"
+            " file=sys.stderr))\n"
+            "from flowar.commands.cli import run\n"
+            "run()\n")
+    proc = subprocess.run([sys.executable, "-c", code, "--ckpt", "nothing.safetensors", "--labels", "1"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 130 and lines[-2:] == ["interrupted: SIGTERM", "torch whole"], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
 # Each command and each of its outputs, with a location that cannot be written: below a file, and
 # inside /proc (a folder that exists but takes no files, so only a real write attempt finds out).
 UNWRITABLE = ["{tmp}/afile/x/out", "/proc/flowar-no-such-dir/out"]

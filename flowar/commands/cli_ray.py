@@ -13,7 +13,7 @@ from flowar.config import check_seed
 from flowar.errors import FlowARError
 
 
-@command("flowar-sample")
+@command("flowar-sample", imports_torch=False)    # (on Ray its process runs no model)
 @click.option("--engine-dir", required=True, type=click.Path(), help="Engine directory (with a VAE).")
 @click.option("--num-images", required=True, type=int, help="How many images, e.g. 50000 for an FID evaluation.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: png/, shards/, samples.npz.")
@@ -62,7 +62,7 @@ def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, sche
                + (f"; engines {'; '.join(rep.engines)}" if rep.engines else "") + ")")
 
 
-@command("flowar-serve")
+@command("flowar-serve", imports_torch=False)      # (the service's process runs no model)
 @click.option("--engine-dir", required=True, type=click.Path(), help="Engine directory (with a VAE).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default; any "
               "other requires a token).")

@@ -10,7 +10,7 @@ import threading
 import click
 
 from flowar.config import SAMPLING_DEFAULTS
-from flowar.errors import FlowARError, one_line, stop_asked, stopped, stops_cleared
+from flowar.errors import FlowARError, one_line, stop_asked, stopped, stops_cleared, stops_held
 
 EXIT_USER_ERROR = 2
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -23,10 +23,21 @@ class Command(click.Command):
     foresee) and click's usage errors (an unknown option, a folder where a file belongs), where
     click would print its usage and a hint around them. ``--debug`` shows the traceback instead."""
 
+    def __init__(self, *args, imports_torch: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.imports_torch = imports_torch          # its work needs PyTorch (flowar-serve's process does not)
+
     def invoke(self, ctx):
         # Ctrl-C or an early end of input while the command works: handed to main() as it came, not
         # as click's Abort (click prints an empty line before raising that, above our one line)
         try:
+            if self.imports_torch:
+                # PyTorch runs Python code from C++ while it imports: a stop raised in there ended the process
+                # with "terminate called after throwing an instance of 'pybind11::error_already_set'" and a
+                # trace (SIGABRT, exit -6; seen once in ~400 stops sent to commands as they started). It is
+                # imported first, whole, and a stop that came meanwhile raised after (not under --help).
+                with stops_held():
+                    import torch  # noqa: F401
             return super().invoke(ctx)
         except (KeyboardInterrupt, EOFError) as e:
             raise _Stopped(e) from None
@@ -143,9 +154,9 @@ class _Stopped(Exception):
         self.cause = cause
 
 
-def command(name: str):
+def command(name: str, imports_torch: bool = True):
     """``@command("flowar-run")``: a :class:`Command` with the project's help options."""
-    return click.command(name, cls=Command, context_settings=CONTEXT)
+    return click.command(name, cls=Command, context_settings=CONTEXT, imports_torch=imports_torch)
 
 
 def schedule_options(recorded_by: str):
