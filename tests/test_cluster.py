@@ -61,6 +61,41 @@ def test_a_local_cluster_is_killed_once_the_driver_left_every_process_of_it():
     assert bystander_alive                   # a child of the command that is not the cluster's: left alone
 
 
+# A stop (Ctrl-C, SIGTERM) that comes inside ray.init while Ray starts the node's processes (Ray records
+# the node only once they are all up, so its own stop knew none of them): every process it had started is
+# gone once the process has ended (Ray's dashboard and runtime-env agents outlived the command by minutes).
+STOPPED_START = r"""
+import atexit, os, ray._private.node as node
+from flowar.commands.cluster import start_ray
+from flowar.io.memory import descendants
+real = node.Node.__init__
+def init(self, *a, **k):
+    real(self, *a, **k)
+    started = descendants(os.getpid())
+    atexit.register(lambda: print(repr(started), flush=True))
+    raise KeyboardInterrupt
+node.Node.__init__ = init
+start_ray(None, 1)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_a_stop_while_the_local_cluster_starts_leaves_none_of_its_processes():
+    from flowar.io.memory import process_running
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run([sys.executable, "-c", STOPPED_START], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr, proc.stderr[-2000:]
+    started = eval(proc.stdout.strip().splitlines()[-1])
+    assert len(started) >= 3, started                  # gcs_server, raylet, agents
+    deadline = time.time() + 10                        # (Ray's own stop of what it knows may still run)
+    while time.time() < deadline and any(process_running(p) for p in started):
+        time.sleep(0.1)
+    left = [p for p in started if process_running(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, [open(f"/proc/{p}/cmdline").read()[:120] for p in left if os.path.exists(f"/proc/{p}")]
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
 def test_only_processes_that_block_sigterm_are_taken_for_the_cluster():
     """A child of the command that is not Ray's (SIGTERM not blocked) is never taken; one that

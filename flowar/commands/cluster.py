@@ -68,6 +68,10 @@ def start_ray(address: str | None, num_cpus: int | None):
             ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kw)
         except OSError as e:                # Ray's own files (its token, sessions, sockets): say which, and what to set
             raise _ray_files(e) from None
+        except BaseException:               # a stop while it started: what had started goes too (Ray's dashboard
+            _kill_cluster()                 # and runtime-env agents outlived the command by minutes)
+            ray.shutdown()
+            raise
         _LOCAL[0] = True
         atexit.unregister(stop_ray)
         atexit.register(stop_ray)           # (runs before Ray's own handler, which then finds Ray stopped)
@@ -109,13 +113,10 @@ def stop_ray() -> None:
     raylet is not needed any more, and it is only then that Ray stops the processes), the
     processes below this one that block SIGTERM, i.e. the cluster's (they inherit the mask), are
     killed at once; Ray then finds them ended. Without ``/proc``, Ray's own waits apply."""
-    import signal
     import threading
-    import time
 
     import ray
 
-    from flowar.io.memory import descendants, process_running
     local, _LOCAL[0] = _LOCAL[0], False
     if not local or not ray.is_initialized():
         ray.shutdown()
@@ -128,18 +129,7 @@ def stop_ray() -> None:
     def kill_once_the_driver_left() -> None:
         while driver is not None and hasattr(driver, "core_worker") and not done.wait(0.005):
             pass
-        killed = []
-        for pid in descendants(os.getpid()):
-            if _blocks_sigterm(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                except ProcessLookupError:
-                    pass
-        # ended before the command goes on (a process with much memory takes a moment to exit)
-        deadline = time.monotonic() + 5
-        while any(process_running(p) for p in killed) and time.monotonic() < deadline:
-            time.sleep(0.005)
+        _kill_cluster()
 
     watcher = threading.Thread(target=kill_once_the_driver_left, name="flowar-ray-stop", daemon=True)
     watcher.start()
@@ -148,6 +138,27 @@ def stop_ray() -> None:
     finally:
         done.set()
         watcher.join()
+
+
+def _kill_cluster() -> None:
+    """Kill the local cluster's processes at once: those below this one that block SIGTERM (they
+    inherit the mask start_ray sets), and wait until they have ended (a process with much memory
+    takes a moment to exit)."""
+    import signal
+    import time
+
+    from flowar.io.memory import descendants, process_running
+    killed = []
+    for pid in descendants(os.getpid()):
+        if _blocks_sigterm(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 5
+    while any(process_running(p) for p in killed) and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 def _blocks_sigterm(pid: int) -> bool:
