@@ -70,6 +70,14 @@ def stops_held():
 def stops_cleared() -> None:
     """A new command begins (several run in one process under tests): no stop asked for yet."""
     _STOPS.clear()
+    _HELD[0] = 0
+
+
+def stops_over() -> None:
+    """The command's work is over and it leaves: a stop from here on is recorded, not raised (one
+    that came while the exit handlers ran printed "Exception ignored in atexit callback" and a
+    KeyboardInterrupt traceback after the command's outputs were written)."""
+    _HELD[0] += 1
 
 
 def stopped() -> str | None:

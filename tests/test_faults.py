@@ -128,6 +128,25 @@ def test_a_stop_while_pytorch_imports_is_raised_once_it_is_imported(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_stop_while_a_command_leaves_changes_nothing(tmp_path):
+    """A SIGTERM or Ctrl-C that comes once the outputs are written, while the exit handlers run
+    (here sent from one), printed "Exception ignored in atexit callback" and a KeyboardInterrupt
+    traceback; the command now ends as it would have, without a word more."""
+    from conftest import DEFAULT_CKPT, DEFAULT_VAE
+    code = ("import atexit, os, signal, time\n"
+            "def late():\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(0.2)\n"
+            "atexit.register(late)\n"
+            "from flowar.commands.cli import run\n"
+            "run()\n")
+    out = tmp_path / "grid.png"
+    proc = subprocess.run([sys.executable, "-c", code, "--ckpt", str(DEFAULT_CKPT), "--vae", str(DEFAULT_VAE), "--labels",
+                           "1", "--steps", "4", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and out.is_file(), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-2000:]
+
+
 # Each command and each of its outputs, with a location that cannot be written: below a file, and
 # inside /proc (a folder that exists but takes no files, so only a real write attempt finds out).
 UNWRITABLE = ["{tmp}/afile/x/out", "/proc/flowar-no-such-dir/out"]

@@ -10,7 +10,7 @@ import threading
 import click
 
 from flowar.config import SAMPLING_DEFAULTS
-from flowar.errors import FlowARError, one_line, stop_asked, stopped, stops_cleared, stops_held
+from flowar.errors import FlowARError, one_line, stop_asked, stopped, stops_cleared, stops_held, stops_over
 
 EXIT_USER_ERROR = 2
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -114,6 +114,7 @@ def _leave(code: int) -> None:
     still running (not a daemon), the ordinary exit, which waits for it."""
     import atexit
     import threading
+    stops_over()                                 # (its outputs are written: a stop now changes nothing)
     run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
     if run_exit_handlers is None or any(t.is_alive() and not t.daemon and t is not threading.main_thread()
                                         for t in threading.enumerate()):
