@@ -18,6 +18,12 @@ from flowar.commands.cli import run
 EXE = Path(sys.executable).parent
 
 
+def _ctrl_c_on() -> None:
+    """In a child about to start: Ctrl-C as a terminal gives it (a test run started in the background,
+    `cmd &` in a script, ignores SIGINT, and its children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _one_line_error(res, needle):
     assert res.exit_code == 2, res.output
     errors = [ln for ln in res.output.splitlines() if ln.startswith("error")]
@@ -37,7 +43,7 @@ def test_nan_from_a_stage_is_named_with_scale_and_step(fixtures_dir, tmp_path):
 
 @pytest.mark.parametrize("library", ["swallows it", "fails after it"])
 def test_a_ctrl_c_that_a_library_catches_still_stops_the_command_and_commits_nothing(fixtures_dir, tmp_path,
-                                                                                    monkeypatch, library):
+                                                                                    monkeypatch, request, library):
     """Ctrl-C while PyTorch imported a part of itself late (inside torch.onnx.export) was caught there:
     the export went on and replaced the engine directory with exit 0, or failed with an AttributeError
     of a half-imported module. Here a library call of each command's last steps (PNG writing; the ONNX
@@ -56,6 +62,8 @@ def test_a_ctrl_c_that_a_library_catches_still_stops_the_command_and_commits_not
         return call
 
     out = tmp_path / "grid.png"
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)     # (a run started in the background ignores it)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, before))
     monkeypatch.setattr(PIL.Image.Image, "save", catching(PIL.Image.Image.save))
     from conftest import DEFAULT_CKPT, DEFAULT_VAE
     res = CliRunner().invoke(run, ["--ckpt", str(DEFAULT_CKPT), "--vae", str(DEFAULT_VAE), "--labels", "1",
@@ -293,7 +301,8 @@ def test_sigkill_during_export_leaves_the_previous_directory_valid(fixtures_dir,
     # Ctrl-C in a terminal (SIGINT to the whole process group): one line, exit 130, the directory kept; the
     # export's memory poller, a child in the group, printed a KeyboardInterrupt traceback of its own
     before = files()
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_ctrl_c_on)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not list(tmp_path.glob(".eng.tmp-*")):    # exporting
         time.sleep(0.05)

@@ -354,7 +354,7 @@ def test_the_thread_policy_is_resolved_at_open_and_applied_while_sampling(fixtur
             torch.set_num_threads(before)
     assert Threads.resolve(None, False) == Threads(cpu_threads(), 1, torch_computes=False)
     assert Threads.resolve(3, True) == Threads(3, 3)
-    with pytest.raises(FlowARError, match="--threads >= 1"):
+    with pytest.raises(FlowARError, match="--threads an integer >= 1"):
         Runtime.open_checkpoint(fixtures_dir / "tiny_v1.safetensors", threads=0)
 
 
