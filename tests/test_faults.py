@@ -155,6 +155,35 @@ def test_a_stop_while_a_command_leaves_changes_nothing(tmp_path):
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-2000:]
 
 
+def test_a_stop_that_comes_while_a_finalizer_runs_stops_the_command_without_a_traceback(tmp_path):
+    """A Ctrl-C handled while a finalizer ran (PyTorch's weak-reference callbacks, in a garbage
+    collection) printed "Exception ignored in: ... KeyboardInterrupt" with a traceback, and the
+    command went on to its next step: it is now raised where the work is, without the print. (In a
+    process of its own: pytest takes such exceptions for warnings.)"""
+    from conftest import DEFAULT_CKPT, DEFAULT_VAE
+    code = ("import gc, signal, time, PIL.Image\n"
+            "class Finalized:\n"
+            "    def __del__(self):\n"
+            "        signal.raise_signal(signal.SIGINT)          # handled here, inside the finalizer\n"
+            "        time.sleep(0.1)\n"
+            "real = PIL.Image.Image.save\n"
+            "def save(*a, **k):\n"
+            "    Finalized()\n"
+            "    gc.collect()\n"
+            "    time.sleep(0.5)                                   # (the work goes on a while)\n"
+            "    return real(*a, **k)\n"
+            "PIL.Image.Image.save = save\n"
+            "from flowar.commands.cli import run\n"
+            "run()\n")
+    out = tmp_path / "grid.png"
+    proc = subprocess.run([sys.executable, "-c", code, "--ckpt", str(DEFAULT_CKPT), "--vae", str(DEFAULT_VAE), "--labels",
+                           "1", "--steps", "4", "--out", str(out)], capture_output=True, text=True, timeout=120,
+                          preexec_fn=_ctrl_c_on)
+    assert proc.returncode == 130 and proc.stderr.strip().splitlines()[-1].startswith("interrupted"), proc.stderr
+    assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
 # Each command and each of its outputs, with a location that cannot be written: below a file, and
 # inside /proc (a folder that exists but takes no files, so only a real write attempt finds out).
 UNWRITABLE = ["{tmp}/afile/x/out", "/proc/flowar-no-such-dir/out"]

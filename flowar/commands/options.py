@@ -57,6 +57,9 @@ class Command(click.Command):
             for sig, default in ((signal.SIGTERM, (signal.SIG_DFL, None)), (signal.SIGINT, (signal.default_int_handler,))):
                 if signal.getsignal(sig) in default:
                     replaced[sig] = signal.signal(sig, stop_asked)
+        unraisable = sys.unraisablehook
+        if replaced:
+            sys.unraisablehook = _stop_in_a_finalizer
         try:
             try:
                 code = super().main(args, prog_name or self.name, standalone_mode=False, **extra)
@@ -96,6 +99,7 @@ class Command(click.Command):
         finally:
             for sig, handler in replaced.items():
                 signal.signal(sig, handler)
+            sys.unraisablehook = unraisable
 
     def debugging(self, args: list[str]) -> bool:
         """Whether ``--debug`` was given (the parsed flag: ``--labels --debug`` gives labels a value)."""
@@ -103,6 +107,20 @@ class Command(click.Command):
             return bool(self.make_context(self.name, list(args), resilient_parsing=True).params.get("debug"))
         except Exception:   # noqa: BLE001 - arguments that do not parse: no flag
             return False
+
+
+def _stop_in_a_finalizer(unraisable) -> None:
+    """A stop raised while a finalizer or weak-reference callback ran (PyTorch's, during a garbage
+    collection) cannot leave it: Python printed "Exception ignored in: ... KeyboardInterrupt" and went
+    on. It is sent again a moment later, from another thread, to be raised where the work is (a signal
+    raised in this hook would be printed the same way; the stop is recorded either way: nothing is
+    committed after it); anything else is Python's to print."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and stopped() is not None:
+        again = threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGTERM if stopped() == "SIGTERM" else signal.SIGINT))
+        again.daemon = True
+        again.start()
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def _leave(code: int) -> None:
