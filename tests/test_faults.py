@@ -24,6 +24,16 @@ def _ctrl_c_on() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def _flowar_run_after(setup: str, out: Path) -> subprocess.CompletedProcess:
+    """flowar-run of the shipped model (4 steps, one image to ``out``) in a process of its own, after
+    ``setup`` (Python) ran there; Ctrl-C as a terminal gives it."""
+    from conftest import DEFAULT_CKPT, DEFAULT_VAE
+    code = setup + "from flowar.commands.cli import run\nrun()\n"
+    return subprocess.run([sys.executable, "-c", code, "--ckpt", str(DEFAULT_CKPT), "--vae", str(DEFAULT_VAE), "--labels",
+                           "1", "--steps", "4", "--out", str(out)], capture_output=True, text=True, timeout=120,
+                          preexec_fn=_ctrl_c_on)
+
+
 def _one_line_error(res, needle):
     assert res.exit_code == 2, res.output
     errors = [ln for ln in res.output.splitlines() if ln.startswith("error")]
@@ -140,17 +150,12 @@ def test_a_stop_while_a_command_leaves_changes_nothing(tmp_path):
     """A SIGTERM or Ctrl-C that comes once the outputs are written, while the exit handlers run
     (here sent from one), printed "Exception ignored in atexit callback" and a KeyboardInterrupt
     traceback; the command now ends as it would have, without a word more."""
-    from conftest import DEFAULT_CKPT, DEFAULT_VAE
-    code = ("import atexit, os, signal, time\n"
-            "def late():\n"
-            "    os.kill(os.getpid(), signal.SIGTERM)\n"
-            "    time.sleep(0.2)\n"
-            "atexit.register(late)\n"
-            "from flowar.commands.cli import run\n"
-            "run()\n")
     out = tmp_path / "grid.png"
-    proc = subprocess.run([sys.executable, "-c", code, "--ckpt", str(DEFAULT_CKPT), "--vae", str(DEFAULT_VAE), "--labels",
-                           "1", "--steps", "4", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    proc = _flowar_run_after("import atexit, os, signal, time\n"
+                             "def late():\n"
+                             "    os.kill(os.getpid(), signal.SIGTERM)\n"
+                             "    time.sleep(0.2)\n"
+                             "atexit.register(late)\n", out)
     assert proc.returncode == 0 and out.is_file(), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-2000:]
 
@@ -160,25 +165,19 @@ def test_a_stop_that_comes_while_a_finalizer_runs_stops_the_command_without_a_tr
     collection) printed "Exception ignored in: ... KeyboardInterrupt" with a traceback, and the
     command went on to its next step: it is now raised where the work is, without the print. (In a
     process of its own: pytest takes such exceptions for warnings.)"""
-    from conftest import DEFAULT_CKPT, DEFAULT_VAE
-    code = ("import gc, signal, time, PIL.Image\n"
-            "class Finalized:\n"
-            "    def __del__(self):\n"
-            "        signal.raise_signal(signal.SIGINT)          # handled here, inside the finalizer\n"
-            "        time.sleep(0.1)\n"
-            "real = PIL.Image.Image.save\n"
-            "def save(*a, **k):\n"
-            "    Finalized()\n"
-            "    gc.collect()\n"
-            "    time.sleep(0.5)                                   # (the work goes on a while)\n"
-            "    return real(*a, **k)\n"
-            "PIL.Image.Image.save = save\n"
-            "from flowar.commands.cli import run\n"
-            "run()\n")
     out = tmp_path / "grid.png"
-    proc = subprocess.run([sys.executable, "-c", code, "--ckpt", str(DEFAULT_CKPT), "--vae", str(DEFAULT_VAE), "--labels",
-                           "1", "--steps", "4", "--out", str(out)], capture_output=True, text=True, timeout=120,
-                          preexec_fn=_ctrl_c_on)
+    proc = _flowar_run_after("import gc, signal, time, PIL.Image\n"
+                             "class Finalized:\n"
+                             "    def __del__(self):\n"
+                             "        signal.raise_signal(signal.SIGINT)          # handled here, inside the finalizer\n"
+                             "        time.sleep(0.1)\n"
+                             "real = PIL.Image.Image.save\n"
+                             "def save(*a, **k):\n"
+                             "    Finalized()\n"
+                             "    gc.collect()\n"
+                             "    time.sleep(0.5)                                   # (the work goes on a while)\n"
+                             "    return real(*a, **k)\n"
+                             "PIL.Image.Image.save = save\n", out)
     assert proc.returncode == 130 and proc.stderr.strip().splitlines()[-1].startswith("interrupted"), proc.stderr
     assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not out.exists()
