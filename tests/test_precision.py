@@ -368,18 +368,26 @@ def test_what_other_processes_compute_while_engines_are_timed_is_counted_and_war
     outside = sorted(set(range(os.cpu_count() or 1)) - set(mine))
     if outside or len(mine) >= 2:
         keep, away = (mine, outside[0]) if outside else ([mine[0]], mine[1])
-        other = subprocess.Popen(["taskset", "-c", str(away), sys.executable, "-c", spin])
-        try:
-            time.sleep(0.5)
+
+        def kept_cpus_share() -> OthersShare:
             os.sched_setaffinity(0, keep)
             try:
-                with OthersShare() as pinned:
+                with OthersShare() as m:
                     time.sleep(1.0)
             finally:
                 os.sched_setaffinity(0, mine)
+            return m
+        quiet = kept_cpus_share()            # (what the machine's other work takes there already)
+        if quiet.share > 0.2:
+            pytest.skip(f"other processes took {quiet.share:.0%} of this test's CPUs already: a busy machine")
+        other = subprocess.Popen(["taskset", "-c", str(away), sys.executable, "-c", spin])
+        try:
+            time.sleep(0.5)
+            pinned = kept_cpus_share()
         finally:
             other.kill()
-        assert pinned.cpus == keep and pinned.share < 0.5 * meter.share, (pinned.share, meter.share)
+        assert pinned.cpus == keep and pinned.share - quiet.share < 0.5 * meter.share, \
+            (pinned.share, quiet.share, meter.share)
     said = PrecisionReport("auto", {}, {}, others_cpu=0.4).lines()
     assert any("other processes took 40% of this machine's CPU" in line and "export again" in line for line in said)
     assert not any("other processes" in line for line in PrecisionReport("auto", {}, {}, others_cpu=0.01).lines())
