@@ -10,7 +10,7 @@ import threading
 import click
 
 from flowar.config import SAMPLING_DEFAULTS
-from flowar.errors import FlowARError, one_line, stop_asked, stopped, stops_cleared, stops_held, stops_over
+from flowar.errors import FlowARError, one_line, raise_if_stopped, stop_asked, stopped, stops_cleared, stops_held, stops_over
 
 EXIT_USER_ERROR = 2
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -63,8 +63,7 @@ class Command(click.Command):
         try:
             try:
                 code = super().main(args, prog_name or self.name, standalone_mode=False, **extra)
-                if stopped() is not None:                 # (a stop a library swallowed, the work then done)
-                    raise KeyboardInterrupt(stopped())
+                raise_if_stopped()                        # (a stop a library swallowed, the work then done)
             except click.BadParameter as e:               # an option's value of the wrong kind: the one-line form
                 click.echo(one_line(_bad_value(e, self.name)), err=True)
                 leave(EXIT_USER_ERROR)
