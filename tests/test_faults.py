@@ -183,6 +183,42 @@ def test_a_stop_that_comes_while_a_finalizer_runs_stops_the_command_without_a_tr
     assert not out.exists()
 
 
+def _running_with_args(*args: str) -> list[int]:
+    """The processes running now (zombies not counted: an orphan ended but not reaped is one) with these arguments."""
+    want, found = "\0".join(args).encode() + b"\0", []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == want and "State:\tZ" not in Path(f"/proc/{pid}/status").read_text():
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def test_a_sigterm_to_the_command_alone_ends_the_processes_it_started_for_its_work(tmp_path):
+    """SIGTERM sent to flowar-export alone while AOTInductor compiled: the command said "interrupted",
+    but the compiler went on after it (Python's subprocess.run kills the process it started, g++, and
+    not the one g++ started, cc1plus). Here the image writing runs such a pair (a shell and the sleep
+    it waits for) when the SIGTERM comes: nothing of it may run once the command has ended."""
+    marker = f"{time.time() % 1000 + 1000:.6f}"            # this test's own sleep, found by its arguments
+    out = tmp_path / "grid.png"
+    try:
+        proc = _flowar_run_after("import os, signal, subprocess, threading, PIL.Image\n"
+                                 "def save(*a, **k):\n"
+                                 "    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()\n"
+                                 f"    subprocess.run(['sh', '-c', 'sleep {marker}; true'], stdout=subprocess.DEVNULL,"
+                                 " stderr=subprocess.DEVNULL)\n"
+                                 "PIL.Image.Image.save = save\n", out)
+        assert proc.returncode == 130 and proc.stderr.strip().splitlines()[-1].startswith("interrupted: SIGTERM"), proc.stderr
+        deadline = time.monotonic() + 5                      # (a signalled process takes a moment to end)
+        while _running_with_args("sleep", marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running_with_args("sleep", marker), "the command's helper outlived it"
+    finally:
+        for pid in _running_with_args("sleep", marker):
+            os.kill(pid, signal.SIGKILL)
+
+
 # Each command and each of its outputs, with a location that cannot be written: below a file, and
 # inside /proc (a folder that exists but takes no files, so only a real write attempt finds out).
 UNWRITABLE = ["{tmp}/afile/x/out", "/proc/flowar-no-such-dir/out"]
