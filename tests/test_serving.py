@@ -624,6 +624,34 @@ def test_a_request_costs_what_its_settings_cost_and_one_that_cannot_finish_in_ti
     assert ok[0] == 200, ok[:2]
 
 
+def test_a_replica_without_a_call_plan_times_one_image_as_it_starts(default_auto_engines):
+    """Without a call plan (a TensorRT or plain ONNX Runtime export; here the auto directory opened on
+    its ONNX Runtime engines, which the plan does not describe) admission and Retry-After counted one
+    second per image until a batch had run: ten times too few for FlowAR-S's on 2 cores (requests admitted at
+    start then expired, 504), far too many on a GPU (refused). The replica times one default image as
+    it starts: against this test's own timing of that image, and other settings costed with the AR and
+    the decoder at once (before: by the head's work alone until batches were served)."""
+    import statistics
+
+    from flowar.commands.replica import Replica
+    from flowar.sampling.schedule import Settings
+    rep = Replica(str(default_auto_engines), threads=1, backend="ort")
+    try:
+        rt = rep.pipe.runtime
+        assert not rt.call_plan and rep.per_image_s is not None and rep.split is not None
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            rt.sample([0], rt.schedule(None), seed=0)
+            times.append(time.perf_counter() - t0)
+        assert 0.25 < rep.per_image_s / statistics.median(times) < 4, (rep.per_image_s, times)
+        assert service(rep).per_image() == rep.per_image_s
+        head = rep._settings(Settings(steps=201))[2] / rep._default_work       # the head's work alone: ~8x
+        assert head > 6 and 1 < rep.cost(Settings(steps=201)) < 0.99 * head, (rep.cost(Settings(steps=201)), head)
+    finally:
+        rep.pipe.close()
+
+
 def test_a_batch_holds_one_settings_so_a_cheap_request_does_not_wait_for_an_expensive_one():
     """Requests of other settings waiting together are batched apart, the oldest's first (a lane
     samples each settings in a call of its own, so a mixed batch only made a default image wait for
