@@ -282,9 +282,9 @@ def test_an_image_is_named_by_its_seed_and_index_and_generators_come_one_per_ima
 
 def test_a_bulk_run_resumes_only_on_the_engines_it_began_with_and_bad_settings_write_nothing(default_auto_engines,
                                                                                               tmp_path, monkeypatch):
-    """run.json records the engine directory's manifest: after a re-export into the same folder
-    (other engines, other choices) the same command is refused instead of mixing the new engines'
-    shards with the old ones. A --stride without the skip solver is refused before --out is
+    """run.json records what the engine directory's manifest says defines its images: after a re-export
+    into the same folder with other engines or other choices the same command is refused instead of
+    mixing the new engines' shards with the old ones; the same engines exported again resume. A --stride without the skip solver is refused before --out is
     written (it wrote run.json, failed in the worker, and then refused the corrected command)."""
     from flowar.commands.bulk import BulkSpec, run_bulk
     d = tmp_path / "e"
@@ -323,10 +323,26 @@ def test_a_bulk_run_resumes_only_on_the_engines_it_began_with_and_bad_settings_w
         with pytest.raises(FlowARError, match="Ray to start"):
             run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1), tmp_path / "ray", workers=2, progress=False)
     assert not (tmp_path / "ray").exists()
+    # a re-export of the same engines (another time, memory peak, library record, checkpoint location) is the
+    # same run: it was refused ("other manifest_sha256"), a fix no one could follow; a run.json of before,
+    # which recorded the manifest file's own digest, resumes on that file
     m = json.loads((d / "manifest.json").read_text())
-    (d / "manifest.json").write_text(json.dumps(m | {"created": "re-exported"}))
-    with pytest.raises(FlowARError, match="other manifest_sha256 than .*run.json records"):
-        run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1), tmp_path / "run", progress=False)
+    again = m | {"created": "re-exported", "versions": {}, "checkpoint": m["checkpoint"] | {"source": "/moved"},
+                 "stages": {k: v | {"peak_rss_gb": 99.0} for k, v in m["stages"].items()}}
+    (d / "manifest.json").write_text(json.dumps(again))
+    assert run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1), tmp_path / "run", progress=False).shards_done_before == 1
+    from flowar.export.manifest import sha256_file
+    began = json.loads((tmp_path / "run" / "run.json").read_text())
+    (tmp_path / "run" / "run.json").write_text(json.dumps(began | {"manifest_sha256": sha256_file(d / "manifest.json")}))
+    assert run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1), tmp_path / "run", progress=False).shards_done_before == 2
+    # other engines (another graph, other recorded defaults) are another run
+    (tmp_path / "run" / "run.json").write_text(json.dumps(began))
+    for other in ({"stages": m["stages"] | {"ar": m["stages"]["ar"] | {"sha256": "0" * 64}}},
+                  {"schedule_defaults": m["schedule_defaults"] | {"cfg": 2.0}}):
+        (d / "manifest.json").write_text(json.dumps(m | other))
+        with pytest.raises(FlowARError, match="other manifest_sha256 than .*run.json records"):
+            run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1), tmp_path / "run", progress=False)
+    (d / "manifest.json").write_text(json.dumps(m))
     # a first run that fails before its first shard (its engines would not open) binds the folder to nothing:
     # other settings run there (they were refused: "other backend than run.json records")
     with monkeypatch.context() as mp:

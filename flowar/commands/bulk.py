@@ -44,8 +44,9 @@ class BulkSpec:
     threads: int                  # per worker; the same for every worker count, so results are too
     backend: str = "auto"         # as flowar-run --backend: auto = the engines chosen for this machine
     batch: int | None = None      # images per batch (None: the call plan's best); changes pixels by rounding
-    manifest_sha256: str | None = None   # the engine directory's manifest.json (set by run_bulk): a re-export there
-                                         # (other engines, other choices) is another run, not a resumable one
+    manifest_sha256: str | None = None   # what the engine directory's manifest says defines its images (set by
+                                         # run_bulk: images_sha256): a re-export there with other engines or other
+                                         # choices is another run, not a resumable one
     chosen: str | None = None     # what the backend picked where the run began (set by run_bulk): auto on a GPU
                                   # (TensorRT) resumed on a CPU (ONNX Runtime) is another run
 
@@ -153,6 +154,29 @@ class ShardSampler:
         return f"{self.pipe.runtime.backend}: {self.pipe.runtime.detail}"
 
 
+def images_sha256(manifest: Path) -> str:
+    """The sha256 of what an engine directory's manifest says that defines its images: its engines'
+    files and choices, the model, the defaults; not when it was made, with which library versions,
+    what the export measured (memory peaks, differences found by verify, the call plan's seconds, the
+    precision search's timings) or where its inputs lay. A run binds to this: re-exporting the same
+    checkpoint with the same settings (byte-identical graphs, another timestamp and memory peak in
+    the manifest) made the run impossible to resume ("other manifest_sha256"), with no way to follow
+    the fix the line gave."""
+    import hashlib
+    import json
+    m = json.loads(manifest.read_text())
+    for measured in ("created", "versions", "call_plan", "auto"):
+        m.pop(measured, None)
+    for stage in (m.get("stages") or {}).values():
+        if isinstance(stage, dict):
+            for measured in ("peak_rss_gb", "verified_max_abs_diff"):
+                stage.pop(measured, None)
+    for source in ("checkpoint", "vae"):
+        if isinstance(m.get(source), dict):
+            m[source].pop("source", None)
+    return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()
+
+
 def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str | None = None,
              progress: bool = True) -> BulkReport:
     """Sample the shards not yet in ``out`` on ``workers`` actors, in batches of ``spec.batch``
@@ -180,7 +204,8 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     from flowar.sampling.schedule import Settings
     spec.chosen = choose_backend(m, spec.backend)                               # refuse a backend that cannot run
     Settings.of(spec.schedule).resolve(m.config.n_scales, m.schedule_defaults)  # refuse bad settings now
-    spec.manifest_sha256 = sha256_file(m.root / MANIFEST)
+    file_sha256 = sha256_file(m.root / MANIFEST)
+    spec.manifest_sha256 = images_sha256(m.root / MANIFEST)
     # room for the images still to sample twice (their shards, their PNGs at most) and samples.npz of all:
     # a count the disk cannot hold is refused now (10^12 images filled 24 GB of memory listing their
     # shards, then was killed)
@@ -200,7 +225,9 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
         try:
             schedule = Settings.of(given).resolve(n_scales, recorded) if isinstance(given, dict) else given
             picked = rec.get("chosen") or choose_backend(m, rec.get("backend", "auto"))
-            return rec | {"schedule": schedule, "backend": picked, "chosen": None}
+            rec = rec | {"schedule": schedule, "backend": picked, "chosen": None}
+            # (a record from before: the digest of the manifest file itself, which these engines have)
+            return rec | {"manifest_sha256": spec.manifest_sha256} if rec.get("manifest_sha256") == file_sha256 else rec
         except FlowARError:                             # (what another version recorded: compared as it is)
             return rec
     resumes = check_run(out, spec, meaning)
