@@ -123,6 +123,42 @@ def test_a_stop_during_the_swap_of_a_directory_ends_the_command_after_the_swap(t
     assert (target / "manifest.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["eng"]
 
 
+def test_a_directory_this_user_may_not_move_is_refused_before_the_work_and_finished_work_is_kept(tmp_path,
+                                                                                                 monkeypatch):
+    """Another user's engine directory in a sticky folder (/tmp, a shared scratch folder): an export
+    into it did all its work, failed at the swap ("Operation not permitted") and left the finished
+    directory hidden (.eng.tmp-..., owner-only) without a word. It is refused before the work (here as
+    a user who owns neither the folder nor the directory), and where a rename fails only at the swap
+    the finished directory is kept under a name the line gives."""
+    import flowar.io.files as files
+    from flowar.errors import FlowARError
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    target = shared / "eng"
+    target.mkdir()
+    (target / "manifest.json").write_text("theirs")
+    with monkeypatch.context() as mp:
+        mp.setattr(files.os, "geteuid", lambda: 4242)
+        with pytest.raises(FlowARError, match="belongs to another user, in .*shared, where only a folder's owner"):
+            files.check_replaceable(target, "manifest.json", "--out")
+    files.check_replaceable(target, "manifest.json", "--out")           # (its owner, or root, may)
+    real = os.replace
+
+    def replace(a, b):
+        if Path(a) == target:
+            raise PermissionError(1, "Operation not permitted", str(a))
+        real(a, b)
+    with pytest.raises(FlowARError, match="a folder this user may replace; got .*Operation not permitted.* kept at") as e:
+        with files.staged_directory(target, "manifest.json") as tmp:
+            (tmp / "manifest.json").write_text("mine")
+            monkeypatch.setattr(files.os, "replace", replace)
+    monkeypatch.undo()
+    kept = Path(str(e.value).split("kept at ")[1].split(":")[0])
+    assert (kept / "manifest.json").read_text() == "mine" and (target / "manifest.json").read_text() == "theirs"
+    assert sorted(p.name for p in shared.iterdir()) == sorted(["eng", kept.name]) and kept.name.startswith(".eng.kept-")
+
+
 def test_a_stop_while_pytorch_imports_is_raised_once_it_is_imported(tmp_path):
     """PyTorch runs Python code from C++ while it imports: a Ctrl-C or SIGTERM raised in there ended
     flowar-run with "terminate called after throwing an instance of 'pybind11::error_already_set'"
@@ -217,6 +253,37 @@ def test_a_sigterm_to_the_command_alone_ends_the_processes_it_started_for_its_wo
     finally:
         for pid in _running_with_args("sleep", marker):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_command_that_writes_a_path_another_command_is_writing_is_refused_at_once(fixtures_dir, tmp_path,
+                                                                                    default_auto_engines):
+    """Two flowar-sample runs with other seeds into one new --out both ended with exit 0, the images of
+    one under the other's run.json; two exports into one --out both said they had written it, and the
+    directory held the second. While one command writes a path, another (here an export and a bulk
+    run, while a process holds it) is refused at once with one line that names the holder, and writes
+    nothing; a holder killed with SIGKILL (its lock file left behind) blocks nothing after."""
+    from flowar.commands.bulk import BulkSpec, run_bulk
+    from flowar.commands.cli import export_cmd
+    from flowar.errors import FlowARError
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom flowar.io.files import used_alone\n"
+                               "with used_alone(sys.argv[1], 'flowar-sample'):\n    print('held', flush=True)\n"
+                               "    time.sleep(120)\n", str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        res = CliRunner().invoke(export_cmd, ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny",
+                                              "--no-verify", "--out", str(out)])
+        _one_line_error(res, f"is being written by process {holder.pid}")
+        with pytest.raises(FlowARError, match=f"is being written by process {holder.pid}"):
+            run_bulk(BulkSpec(str(default_auto_engines), 2, [0, 1], 0, {}, 1, 1), out, progress=False)
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / ".out.lock").is_file()
+    rep = run_bulk(BulkSpec(str(default_auto_engines), 2, [0, 1], 0, {}, 1, 1), out, progress=False)
+    assert rep.shards_total == 2 and (out / "samples.npz").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 # Each command and each of its outputs, with a location that cannot be written: below a file, and

@@ -184,7 +184,7 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     shows images/s, the batch and the time left."""
     from flowar.export.manifest import read_manifest
     from flowar.engines.ort import cpu_threads
-    from flowar.io.files import check_writable, write_npz
+    from flowar.io.files import check_writable, used_alone, write_npz
     out = Path(out)
     if spec.num_images < 1 or spec.shard_size < 1 or workers < 1 or spec.threads < 1:
         raise FlowARError("--num-images, --shard-size, --workers and --threads >= 1",
@@ -230,77 +230,79 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
             return rec | {"manifest_sha256": spec.manifest_sha256} if rec.get("manifest_sha256") == file_sha256 else rec
         except FlowARError:                             # (what another version recorded: compared as it is)
             return rec
-    resumes = check_run(out, spec, meaning)
-    if ray_address is not None or (workers > 1 and left > 0):
-        # a cluster that is not there, or a local one Ray cannot start: refused before --out is written
-        start_ray(ray_address, None if ray_address else workers * spec.threads)
-    if not resumes:
-        begin_run(out, spec)
-    shards = shard_ranges(spec.num_images, spec.shard_size)
-    todo = [s for s in shards if not shard_is_done(out, *s)]
-    cores = cpu_threads()
-    if progress and todo and ray_address is None and workers * spec.threads < cores:
-        print(f"note: {workers} worker(s) x {spec.threads} thread(s) use {workers * spec.threads} of this machine's "
-              f"{cores} cores; --threads {cores // workers} is faster (the images then differ from other --threads "
-              "by float rounding)", file=sys.stderr)
-    t0 = time.perf_counter()
-    secs: list[float] = []
-    engines: set[str] = set()
-    batches: set[int] = set()
-    done_now = sum(e - s for _, s, e in todo)
-    if todo:
-        # SIGTERM stops it as Ctrl-C does (ray.init sets a handler of its own, which left the local
-        # cluster's processes running for a minute): the work unwinds, Ray shuts down, and the line
-        # says how far it got.
-        main = threading.current_thread() is threading.main_thread()
-        previous = signal.getsignal(signal.SIGTERM) if main else None
-        try:
-            if ray_address is None and workers == 1:       # one worker here: this process, no Ray around it
-                if main:
-                    signal.signal(signal.SIGTERM, _interrupt)
-                rows = _sample_here(spec, out, todo, progress, spec.num_images - done_now)
-            else:
-                start_ray(ray_address, None if ray_address else workers * spec.threads)
-                if main:
-                    signal.signal(signal.SIGTERM, _interrupt)
-                rows = _sample_on_ray(spec, out, todo, workers, progress, spec.num_images - done_now)
-        except KeyboardInterrupt:
-            if ray_address is not None or workers > 1:
-                from flowar.commands.cluster import stop_ray
-                stop_ray()                                  # its workers stop (a shard may end) before the count
-            written = sum(e - s for j, s, e in shards if shard_is_done(out, j, s, e))
-            raise KeyboardInterrupt(f"{written} of {spec.num_images} images written to {out}; the same command "
-                                    "resumes") from None
-        finally:
-            if main and previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-        secs = [float(r["seconds"]) for r in rows]
-        engines = {str(r["engines"]) for r in rows}
-        batches = {int(r["batch"]) for r in rows}
+    out.parent.mkdir(parents=True, exist_ok=True)     # (an --out of new folders: the lock lies beside it)
+    with used_alone(out, "flowar-sample"):           # (two runs into one folder mixed their images)
+        resumes = check_run(out, spec, meaning)
+        if ray_address is not None or (workers > 1 and left > 0):
+            # a cluster that is not there, or a local one Ray cannot start: refused before --out is written
+            start_ray(ray_address, None if ray_address else workers * spec.threads)
+        if not resumes:
+            begin_run(out, spec)
+        shards = shard_ranges(spec.num_images, spec.shard_size)
+        todo = [s for s in shards if not shard_is_done(out, *s)]
+        cores = cpu_threads()
+        if progress and todo and ray_address is None and workers * spec.threads < cores:
+            print(f"note: {workers} worker(s) x {spec.threads} thread(s) use {workers * spec.threads} of this machine's "
+                  f"{cores} cores; --threads {cores // workers} is faster (the images then differ from other --threads "
+                  "by float rounding)", file=sys.stderr)
+        t0 = time.perf_counter()
+        secs: list[float] = []
+        engines: set[str] = set()
+        batches: set[int] = set()
+        done_now = sum(e - s for _, s, e in todo)
+        if todo:
+            # SIGTERM stops it as Ctrl-C does (ray.init sets a handler of its own, which left the local
+            # cluster's processes running for a minute): the work unwinds, Ray shuts down, and the line
+            # says how far it got.
+            main = threading.current_thread() is threading.main_thread()
+            previous = signal.getsignal(signal.SIGTERM) if main else None
+            try:
+                if ray_address is None and workers == 1:       # one worker here: this process, no Ray around it
+                    if main:
+                        signal.signal(signal.SIGTERM, _interrupt)
+                    rows = _sample_here(spec, out, todo, progress, spec.num_images - done_now)
+                else:
+                    start_ray(ray_address, None if ray_address else workers * spec.threads)
+                    if main:
+                        signal.signal(signal.SIGTERM, _interrupt)
+                    rows = _sample_on_ray(spec, out, todo, workers, progress, spec.num_images - done_now)
+            except KeyboardInterrupt:
+                if ray_address is not None or workers > 1:
+                    from flowar.commands.cluster import stop_ray
+                    stop_ray()                                  # its workers stop (a shard may end) before the count
+                written = sum(e - s for j, s, e in shards if shard_is_done(out, j, s, e))
+                raise KeyboardInterrupt(f"{written} of {spec.num_images} images written to {out}; the same command "
+                                        "resumes") from None
+            finally:
+                if main and previous is not None:
+                    signal.signal(signal.SIGTERM, previous)
+            secs = [float(r["seconds"]) for r in rows]
+            engines = {str(r["engines"]) for r in rows}
+            batches = {int(r["batch"]) for r in rows}
+            dt = time.perf_counter() - t0
+            write_run_json(out, spec, sorted(engines), {
+                "images": done_now, "seconds": round(dt, 3), "images_per_s": round(done_now / dt, 4),
+                "sampling_images_per_s": round(done_now * min(workers, len(todo)) / sum(secs), 4),
+                "batch": sorted(batches), "workers": workers, "threads": spec.threads})
+        missing = [j for j, s, e in shards if not shard_is_done(out, j, s, e)]
+        if missing:
+            raise FlowARError("every shard written", f"shards {missing[:5]} missing", "run the same command again")
+        images, labels, ran = [], [], {}
+        for j, _, _ in shards:
+            with np.load(shard_path(out, j), allow_pickle=False) as z:
+                images.append(z["images"])
+                labels.append(z["labels"])
+                if "engines" in z:                  # (shards written before the field: not known)
+                    ran.setdefault(str(z["engines"].reshape(-1)[0]), []).append(j)
+        if len(ran) > 1:        # (resumed on another CPU kind, or on mixed nodes: one run's images from other engines)
+            raise FlowARError("one run's shards sampled by the same engines",
+                              "; ".join(f"shards {js[:3]}{'...' if len(js) > 3 else ''} by {e}" for e, js in ran.items()),
+                              "finish it where it began (or on nodes of that CPU kind), or sample it again in a new --out")
+        write_npz(out / "samples.npz", {"arr_0": np.concatenate(images), "arr_1": np.concatenate(labels)})
         dt = time.perf_counter() - t0
-        write_run_json(out, spec, sorted(engines), {
-            "images": done_now, "seconds": round(dt, 3), "images_per_s": round(done_now / dt, 4),
-            "sampling_images_per_s": round(done_now * min(workers, len(todo)) / sum(secs), 4),
-            "batch": sorted(batches), "workers": workers, "threads": spec.threads})
-    missing = [j for j, s, e in shards if not shard_is_done(out, j, s, e)]
-    if missing:
-        raise FlowARError("every shard written", f"shards {missing[:5]} missing", "run the same command again")
-    images, labels, ran = [], [], {}
-    for j, _, _ in shards:
-        with np.load(shard_path(out, j), allow_pickle=False) as z:
-            images.append(z["images"])
-            labels.append(z["labels"])
-            if "engines" in z:                  # (shards written before the field: not known)
-                ran.setdefault(str(z["engines"].reshape(-1)[0]), []).append(j)
-    if len(ran) > 1:        # (resumed on another CPU kind, or on mixed nodes: one run's images from other engines)
-        raise FlowARError("one run's shards sampled by the same engines",
-                          "; ".join(f"shards {js[:3]}{'...' if len(js) > 3 else ''} by {e}" for e, js in ran.items()),
-                          "finish it where it began (or on nodes of that CPU kind), or sample it again in a new --out")
-    write_npz(out / "samples.npz", {"arr_0": np.concatenate(images), "arr_1": np.concatenate(labels)})
-    dt = time.perf_counter() - t0
-    return BulkReport(out, len(shards), len(shards) - len(todo), dt, done_now / dt if done_now else 0.0,
-                      workers, secs, sorted(engines), max(batches, default=None),
-                      done_now * min(workers, len(todo)) / sum(secs) if secs else 0.0)
+        return BulkReport(out, len(shards), len(shards) - len(todo), dt, done_now / dt if done_now else 0.0,
+                          workers, secs, sorted(engines), max(batches, default=None),
+                          done_now * min(workers, len(todo)) / sum(secs) if secs else 0.0)
 
 
 def _interrupt(signum, frame):

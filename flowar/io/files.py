@@ -133,6 +133,10 @@ def check_replaceable(target: str | Path, marker: str, option: str, sources: tup
         return
     if not t.is_dir():
         raise FlowARError(f"{option} to be a folder", f"{t} is a file", f"choose a new folder for {option}")
+    if not _may_move(t):                # (an export did all its work, then failed at the swap: "Operation not permitted")
+        raise FlowARError(f"{option} a folder this user may replace (it is replaced as a whole)",
+                          f"{t} belongs to another user, in {t.parent}, where only a folder's owner may move it",
+                          f"choose a new folder for {option}")
     if Path.cwd().resolve().is_relative_to(t):      # (replacing it would leave the shell in a deleted folder)
         raise FlowARError(f"{option} a folder other than the working directory or one above it (it is replaced as a "
                           "whole)", f"{t}, and the working directory is {Path.cwd()}",
@@ -154,6 +158,17 @@ def check_replaceable(target: str | Path, marker: str, option: str, sources: tup
         raise FlowARError(f"{option}: a folder holding only what this command wrote (it is replaced as a whole)",
                           f"{t} also holds {shown}",
                           f"move {'them' if len(theirs) > 1 else 'it'} out first, or choose a new folder for {option}")
+
+
+def _may_move(p: Path) -> bool:
+    """Whether this user may rename ``p``: in a folder with the sticky bit (/tmp, shared scratch
+    folders) only the owner of ``p`` or of the folder may (or root)."""
+    import stat
+    try:
+        folder, own = p.parent.stat(), p.lstat()
+    except OSError:
+        return True                     # (what the rename will say)
+    return not folder.st_mode & stat.S_ISVTX or os.geteuid() in (0, own.st_uid, folder.st_uid)
 
 
 def _umask() -> int:
@@ -229,6 +244,66 @@ def remove_stale(folder: Path, head: str, rest: str = r"-\w+") -> None:
 
 
 @contextmanager
+def used_alone(target: str | Path, command: str, option: str = "--out") -> Iterator[None]:
+    """This command writes ``target`` alone while the block runs: another command of this project that
+    writes the same path meanwhile is refused at once, with one line. Two ``flowar-sample`` runs with
+    other seeds into one new folder both ended with exit 0, the images of one under the other's
+    run.json; two exports into one ``--out`` both said they had written it, and the directory held the
+    second. An advisory lock (``flock``) on ``.NAME.lock`` beside ``target``, which the kernel releases
+    however the holder ends (a killed one leaves only the empty file); where that folder takes no lock
+    (read-only, a file system without locks) the command runs unguarded, as before."""
+    import fcntl
+    t = Path(target).resolve()
+    lock = t.with_name(f".{t.name}.lock")
+    fd = None
+    while fd is None:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:                  # (another user's lock file: read-only is enough for flock)
+            try:
+                fd = os.open(lock, os.O_RDONLY)
+            except OSError:
+                break
+        except OSError:
+            break
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").split()
+            os.close(fd)
+            who = f"process {holder[0]}" if holder and holder[0].isdigit() else "another process"
+            raise FlowARError(f"{option} that no other command is writing", f"{t} is being written by {who} "
+                              f"(another {command}, or a command that writes the same path)",
+                              f"wait for it to end, or choose another {option}") from None
+        except OSError:                          # (no locks there)
+            os.close(fd)
+            fd = None
+            break
+        try:                                     # the lock must still be the file at that name (a holder that
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino          # ended removed it: a new one is made)
+        except OSError:
+            same = False
+        if not same:
+            os.close(fd)
+            fd = None
+            continue
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:                          # (opened read-only: the holder is not named)
+            pass
+    try:
+        yield
+    finally:
+        if fd is not None:
+            try:
+                os.unlink(lock)                  # (before the unlock: a command that opens it after makes a new one)
+            except OSError:
+                pass
+            os.close(fd)
+
+
+@contextmanager
 def staged_directory(target: str | Path, marker: str, option: str = "--out",
                      owned: Callable[[Path], set[str] | None] | None = None) -> Iterator[Path]:
     """Build into a temporary sibling; on success swap it into ``target``; on failure remove it.
@@ -262,17 +337,27 @@ def staged_directory(target: str | Path, marker: str, option: str = "--out",
     with stops_held():                     # (the swap is one step: a stop that comes meanwhile ends the command after it)
         try:
             check_replaceable(target, marker, option, owned=owned)
-        except FlowARError as e:           # (files appeared there meanwhile: the finished work is not thrown away,
-            kept = Path(tempfile.mkdtemp(prefix=f".{target.name}.kept-", dir=target.parent))   # nor left under a
-            os.replace(tmp, kept)                                                            # name the next one
-            os.chmod(kept, 0o755)                                                            # removes)
-            raise FlowARError(e.expected, e.got, f"{e.fix}; the finished directory is kept at {kept}: move it "
-                                                 "where you want it") from None
+        except FlowARError as e:       # (files appeared there meanwhile)
+            raise _kept(tmp, target, e) from None
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
+            try:
+                os.replace(target, old)
+            except OSError as e:       # (one this user may not move, found only now)
+                raise _kept(tmp, target, FlowARError(f"{option} a folder this user may replace", f"{target}: "
+                                                     f"{e.strerror or e}", f"choose a new folder for {option}")) from None
         os.replace(tmp, target)
         os.chmod(target, 0o755)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _kept(tmp: Path, target: Path, e: FlowARError) -> FlowARError:
+    """The finished directory ``tmp`` kept beside ``target`` under a name the next export does not
+    remove (the work is not thrown away, nor left hidden: a refusal at the swap left it as
+    ``.NAME.tmp-...``, owner-only, unnamed in the line), and ``e`` saying where it is."""
+    kept = Path(tempfile.mkdtemp(prefix=f".{target.name}.kept-", dir=target.parent))
+    os.replace(tmp, kept)
+    os.chmod(kept, 0o755)
+    return FlowARError(e.expected, e.got, f"{e.fix}; the finished directory is kept at {kept}: move it where you want it")
