@@ -122,7 +122,10 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
             from flowar.engines.cpu import cpu_kind
             flags = cpu_kind(honour_env=False)["flags"]
             cache = cache_dir / f"{sha256[:16]}.ort{ort.__version__}.{'-'.join(flags) or 'x'}.opt.onnx"
-            cache = None if cache.is_symlink() or not (writable or cache.is_file()) else cache
+            try:
+                cache = None if cache.is_symlink() or not (writable or cache.is_file()) else cache
+            except OSError:                # (a cache folder another user made owner-only: the graphs are read instead;
+                cache = None               # it was "Permission denied" and no image)
     for attempt in (0, 1):
         record = _cache_whole(cache) if cache is not None else None
         cached = record is not None

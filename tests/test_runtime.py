@@ -315,6 +315,18 @@ def test_the_optimized_graph_cache_is_written_whole_reused_and_rebuilt_when_dama
         y = create_session(read, sha, "CPUExecutionProvider", 1, cache_dir, src).run(None, {"x": x})[0]
         np.testing.assert_allclose(y, x @ W + b, rtol=1e-5, atol=1e-5)
         assert len(reads) == 6 and sorted(f.name for f in cache_dir.iterdir()) == before
+        # ... and a cache folder this user may not even look into (another user's first open under umask 077
+        # made it drwx------): the graph is read (it was "Permission denied" and no image for every other user)
+        real_is_symlink = Path.is_symlink
+
+        def untraversable(path):
+            if path.parent == cache_dir:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_is_symlink(path)
+        mp.setattr(Path, "is_symlink", untraversable)
+        y = create_session(read, sha, "CPUExecutionProvider", 1, cache_dir, src).run(None, {"x": x})[0]
+        np.testing.assert_allclose(y, x @ W + b, rtol=1e-5, atol=1e-5)
+        assert len(reads) == 7 and sorted(f.name for f in cache_dir.iterdir()) == before
     # the cache is named by the flags ONNX Runtime dispatches on: the variables that make PyTorch and
     # oneDNN behave as an AVX2-only CPU do not reach it (an AVX-512 layout was stored as "avx2")
     from flowar.engines.cpu import cpu_kind
