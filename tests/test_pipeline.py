@@ -180,6 +180,33 @@ def test_a_bulk_worker_stops_its_shard_at_the_first_batch_that_fails(default_aut
     assert len(calls) <= 2, calls
 
 
+def test_a_disk_that_fills_during_a_bulk_run_is_named_and_the_run_resumes(default_auto_engines, tmp_path,
+                                                                          monkeypatch):
+    """A disk filled by someone else while flowar-sample wrote its shards: the line blamed the workers
+    and the engines ("expected workers that sample their shards; ... shows whether the engines open").
+    It names the disk and the file, the shards written are kept, and the same command resumes."""
+    import errno
+
+    import flowar.io.files as files
+    from flowar.commands.bulk import BulkSpec, run_bulk
+    from flowar.errors import FlowARError
+    real, written = files.write_npz, []
+
+    def fills(path, arrays):
+        if len(written) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        written.append(path)
+        real(path, arrays)
+    out = tmp_path / "run"
+    with monkeypatch.context() as mp:
+        mp.setattr(files, "write_npz", fills)
+        with pytest.raises(FlowARError, match=r"room on the disk .*00001.npz: no space left on device\. Fix: free some "
+                                              "space .* run the same command again: it resumes"):
+            run_bulk(BulkSpec(str(default_auto_engines), 4, [0, 1], 0, {}, 2, 1), out, progress=False)
+    rep = run_bulk(BulkSpec(str(default_auto_engines), 4, [0, 1], 0, {}, 2, 1), out, progress=False)
+    assert rep.shards_done_before == 1 and rep.shards_total == 2 and (out / "samples.npz").is_file()
+
+
 @pytest.mark.parametrize("n, shard, batch, sizes", [(7, 3, 4, [1, 2, 3]), (4, 2, 8, [2])])
 def test_a_bulk_worker_warms_and_reports_the_batches_its_shards_form(default_auto_engines, tmp_path, monkeypatch,
                                                                      n, shard, batch, sizes):

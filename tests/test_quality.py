@@ -171,6 +171,22 @@ def test_judge_on_an_engine_directory_against_another(fixtures_dir, tmp_path):
     assert 0 < vs["token_max"] <= 1e-3 and vs["psnr_worst"] >= 60, vs
 
 
+def test_a_judge_cache_that_cannot_be_written_under_home_names_it_and_how_to_move_it(monkeypatch):
+    """Under a HOME that does not exist (a service account) the judge's default cache was refused as
+    "a writable location for --judge-cache; got / is not a writable folder": neither the option, which
+    was not given, nor the folder, nor the path. The line names the cache's path and the folder that
+    stops it, and says to pass --judge-cache or set XDG_CACHE_HOME."""
+    from conftest import DEFAULT_CKPT, DEFAULT_VAE
+    from flowar.commands.cli import judge_cmd
+    monkeypatch.setenv("HOME", "/proc/flowar-no-home")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    res = CliRunner().invoke(judge_cmd, ["--ckpt", str(DEFAULT_CKPT), "--vae", str(DEFAULT_VAE), "--per-class", "1"])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert ("expected a writable place for the judge's cache ($XDG_CACHE_HOME/flowar, else ~/.cache/flowar); got "
+            "/proc/flowar-no-home/.cache/flowar/judge.safetensors: its nearest existing folder /proc is not a writable "
+            "folder") in res.output and "Fix: pass --judge-cache PATH, or set XDG_CACHE_HOME" in res.output, res.output
+
+
 def test_the_judge_cache_is_used_only_for_what_it_was_trained_on(tmp_path):
     from safetensors.torch import save_file
     from flowar.eval.judge import _read_cache

@@ -401,6 +401,13 @@ def _with_bar(consume, told, spec: BulkSpec, done_before: int, close) -> list[di
         cause = next((c for c in _causes(failed) if isinstance(c, FlowARError)), None)
         if cause is not None:
             raise cause from None
+        import errno
+        full = next((c for c in _causes(failed) if isinstance(c, OSError) and c.errno in (errno.ENOSPC, errno.EDQUOT)), None)
+        if full is not None or "No space left on device" in str(failed):   # (it blamed the workers and the engines)
+            raise FlowARError("room on the disk for the run's shards and images",
+                              f"{getattr(full, 'filename', None) or 'its folder'}: no space left on device",
+                              "free some space (the shards written are kept), then run the same command again: it "
+                              "resumes") from None
         last = next((ln.strip() for ln in reversed(str(failed).splitlines()) if ln.strip()), type(failed).__name__)
         raise FlowARError("workers that sample their shards", last[:300], "run the same command again "
                           "to resume; flowar-run --engine-dir DIR --labels 0 shows whether the engines open") from None

@@ -358,9 +358,16 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
                                   "pass --judge none")
             from flowar.eval.judge import train_judge
             from flowar.io.files import user_cache
-            judge_cache = judge_cache or user_cache("judge.safetensors")
+            given, judge_cache = judge_cache, judge_cache or user_cache("judge.safetensors")
             if not Path(judge_cache).is_file():        # (only where a judge is trained: a cache on a read-only
-                check_writable(judge_cache, False, "--judge-cache")          # volume was refused, unread)
+                try:                                   # volume was refused, unread)
+                    check_writable(judge_cache, False, "--judge-cache")
+                except FlowARError as e:               # (under a HOME not writable it said "--judge-cache" and "/")
+                    if given:
+                        raise
+                    raise FlowARError("a writable place for the judge's cache ($XDG_CACHE_HOME/flowar, else "
+                                      "~/.cache/flowar)", e.got, "pass --judge-cache PATH, or set XDG_CACHE_HOME to a "
+                                      "folder this user may write") from None
             judge = train_judge(cache=Path(judge_cache), progress=True)
         labels = [c for c in range(min(classes_limit, config.num_classes)) for _ in range(per_class)]
         other = stack.enter_context(Runtime.open(vs_engine_dir, True)) if vs_engine_dir else None

@@ -36,16 +36,19 @@ def check_writable(path: str | Path | None, is_dir: bool = False, option: str = 
     base = p if (is_dir and p.exists()) else p.parent
     while not base.exists() and base != base.parent:
         base = base.parent
+    # (the path itself named where its folders are still to be made: "/ is not a writable folder" for a cache
+    # under a HOME that does not exist named neither)
+    at = f"{p}: its nearest existing folder " if base not in (p, p.parent) else ""
     if not base.is_dir():
-        raise FlowARError(f"a writable location for {option}", f"{base} is not a writable folder (it is a file)",
+        raise FlowARError(f"a writable location for {option}", f"{at}{base} is not a writable folder (it is a file)",
                           f"choose another path for {option}")
     try:
         fd, probe = tempfile.mkstemp(prefix=".flowar-write-probe-", dir=base)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise FlowARError(f"a writable location for {option}", f"{base} is not a writable folder (a file could not be "
-                          f"created there: {e.strerror or e})", f"choose another path for {option}") from None
+        raise FlowARError(f"a writable location for {option}", f"{at}{base} is not a writable folder (a file could not "
+                          f"be created there: {e.strerror or e})", f"choose another path for {option}") from None
 
 
 def file_state(path: str | Path) -> list[int]:
