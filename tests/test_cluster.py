@@ -61,6 +61,47 @@ def test_a_local_cluster_is_killed_once_the_driver_left_every_process_of_it():
     assert bystander_alive                   # a child of the command that is not the cluster's: left alone
 
 
+# A local cluster as the commands start it, and two clients: one with the token Ray keeps for this user
+# (~/.ray/auth_token, which Ray writes readable by every user: others read it where the home folder is
+# open), one with the cluster's own. Ray's servers listen on every interface (Ray 2.60 has no
+# loopback-only setting): the token is what keeps others out.
+TOKEN = r"""
+import os, subprocess, sys, time
+from flowar.commands.cluster import start_ray, stop_ray
+ray = start_ray(None, 1)
+ours, address = os.environ.get("RAY_AUTH_TOKEN"), ray.get_runtime_context().gcs_address
+join = "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); print('joined')"
+def client(token):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | {"RAY_AUTH_MODE": "token"}
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, "-c", join, address], env=env | ({"RAY_AUTH_TOKEN": token} if token else {}),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    joined = False
+    for line in proc.stdout:            # (refused, Ray retries for 20 s: its first refusal is enough)
+        if "InvalidAuthToken" in line or line.strip() == "joined":
+            joined = line.strip() == "joined"
+            break
+    proc.kill()
+    proc.wait()
+    return joined, round(time.time() - t0, 1)
+results = (ours is not None, client(None), client(ours))
+stop_ray()
+print(repr(results + (os.environ.get("RAY_AUTH_TOKEN"),)))
+"""
+
+
+def test_a_local_cluster_answers_only_its_own_token(tmp_path):
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("1" * 64)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | {"RAY_USAGE_STATS_ENABLED": "0",
+                                                                                  "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", TOKEN], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    made, (home_joined, _), (own_joined, _), left = eval(proc.stdout.strip().splitlines()[-1])
+    assert made and not home_joined and own_joined, proc.stdout[-1000:]
+    assert left is None                      # (not the token of a cluster the process joins next)
+
+
 # A stop (Ctrl-C, SIGTERM) that comes inside ray.init while Ray starts the node's processes (Ray records
 # the node only once they are all up, so its own stop knew none of them): every process it had started is
 # gone once the process has ended (Ray's dashboard and runtime-env agents outlived the command by minutes).

@@ -10,7 +10,7 @@ from flowar.errors import FlowARError
 
 
 def start_ray(address: str | None, num_cpus: int | None):
-    """Connect to a cluster, or start a local one on loopback without dashboard or usage stats."""
+    """Connect to a cluster, or start a local one (with a token of its own) without dashboard or usage stats."""
     import sys
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # `ray start --head` authenticates by token where a token exists (~/.ray/auth_token: any local
@@ -60,6 +60,13 @@ def start_ray(address: str | None, num_cpus: int | None):
     import atexit
     # (the command's handler is set again before the mask is lifted: a SIGTERM that came while Ray
     # started reached Ray's, which aborted the process with a native stack dump)
+    # Ray's servers listen on every interface of this machine (Ray 2.60 turns 127.0.0.1 into the machine's
+    # address and has no loopback-only setting) and answer only clients that present the cluster's token: the
+    # local cluster gets one of its own, in this process's environment, which its processes inherit and other
+    # users cannot read (~/.ray/auth_token, Ray's otherwise, is readable by every user where the home folder is)
+    if not any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+        import secrets
+        os.environ["RAY_AUTH_TOKEN"] = _TOKEN[0] = secrets.token_hex(32)
     before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         # "local": a cluster of its own even where `ray start` runs one on this machine (ray.init
@@ -71,6 +78,7 @@ def start_ray(address: str | None, num_cpus: int | None):
         except BaseException:               # a stop while it started: what had started goes too (Ray's dashboard
             _kill_cluster()                 # and runtime-env agents outlived the command by minutes)
             ray.shutdown()
+            _forget_token()
             raise
         _LOCAL[0] = True
         atexit.unregister(stop_ray)
@@ -101,6 +109,7 @@ def _ray_files(e: OSError) -> Exception:
 
 
 _LOCAL = [False]            # whether this process started the local cluster it is connected to
+_TOKEN: list[str | None] = [None]   # the token start_ray made for it (removed from the environment after)
 
 
 def stop_ray() -> None:
@@ -118,26 +127,37 @@ def stop_ray() -> None:
     import ray
 
     local, _LOCAL[0] = _LOCAL[0], False
-    if not local or not ray.is_initialized():
-        ray.shutdown()
-        return
-    # (Ray's driver is private: where it is not found, the processes are killed at once and the
-    # driver's disconnect waits for the raylet instead, as long as Ray's own waits: slower, not wrong)
-    driver = getattr(getattr(getattr(ray, "_private", None), "worker", None), "global_worker", None)
-    done = threading.Event()
-
-    def kill_once_the_driver_left() -> None:
-        while driver is not None and hasattr(driver, "core_worker") and not done.wait(0.005):
-            pass
-        _kill_cluster()
-
-    watcher = threading.Thread(target=kill_once_the_driver_left, name="flowar-ray-stop", daemon=True)
-    watcher.start()
     try:
-        ray.shutdown()
+        if not local or not ray.is_initialized():
+            ray.shutdown()
+            return
+        # (Ray's driver is private: where it is not found, the processes are killed at once and the
+        # driver's disconnect waits for the raylet instead, as long as Ray's own waits: slower, not wrong)
+        driver = getattr(getattr(getattr(ray, "_private", None), "worker", None), "global_worker", None)
+        done = threading.Event()
+
+        def kill_once_the_driver_left() -> None:
+            while driver is not None and hasattr(driver, "core_worker") and not done.wait(0.005):
+                pass
+            _kill_cluster()
+
+        watcher = threading.Thread(target=kill_once_the_driver_left, name="flowar-ray-stop", daemon=True)
+        watcher.start()
+        try:
+            ray.shutdown()
+        finally:
+            done.set()
+            watcher.join()
     finally:
-        done.set()
-        watcher.join()
+        _forget_token()
+
+
+def _forget_token() -> None:
+    """The token start_ray made for its local cluster leaves the environment with the cluster (it is
+    not the token of a cluster this process joins next)."""
+    if _TOKEN[0] is not None and os.environ.get("RAY_AUTH_TOKEN") == _TOKEN[0]:
+        del os.environ["RAY_AUTH_TOKEN"]
+    _TOKEN[0] = None
 
 
 def _kill_cluster() -> None:
