@@ -28,7 +28,7 @@ import numpy as np
 
 from flowar.commands.cluster import bounded_retries, quiet_ray_data, start_ray
 from flowar.commands.shards import (begin_run, check_run, shard_batches, shard_is_done, shard_path, shard_ranges,
-                                    images_done, write_run_json)
+                                    images_done, images_sha256, write_run_json)
 from flowar.errors import FlowARError
 
 
@@ -152,29 +152,6 @@ class ShardSampler:
     def engines(self) -> str:
         """What computes this worker's images (recorded in run.json and in each shard)."""
         return f"{self.pipe.runtime.backend}: {self.pipe.runtime.detail}"
-
-
-def images_sha256(manifest: Path) -> str:
-    """The sha256 of what an engine directory's manifest says that defines its images: its engines'
-    files and choices, the model, the defaults; not when it was made, with which library versions,
-    what the export measured (memory peaks, differences found by verify, the call plan's seconds, the
-    precision search's timings) or where its inputs lay. A run binds to this: re-exporting the same
-    checkpoint with the same settings (byte-identical graphs, another timestamp and memory peak in
-    the manifest) made the run impossible to resume ("other manifest_sha256"), with no way to follow
-    the fix the line gave."""
-    import hashlib
-    import json
-    m = json.loads(manifest.read_text())
-    for measured in ("created", "versions", "call_plan", "auto"):
-        m.pop(measured, None)
-    for stage in (m.get("stages") or {}).values():
-        if isinstance(stage, dict):
-            for measured in ("peak_rss_gb", "verified_max_abs_diff"):
-                stage.pop(measured, None)
-    for source in ("checkpoint", "vae"):
-        if isinstance(m.get(source), dict):
-            m[source].pop("source", None)
-    return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()
 
 
 def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str | None = None,
