@@ -202,6 +202,59 @@ def test_the_judge_cache_is_used_only_for_what_it_was_trained_on(tmp_path):
     assert _read_cache(tmp_path / "none.safetensors", key) is None
 
 
+# Stand-in images for the judge's data (the animal-mnist package is not installed for the tests)
+FAKE_DATA = ("import torch\nfrom flowar.train.data import ImageSet\n"
+             "fake = lambda size=32: ImageSet(torch.rand(100, 3, 32, 32, generator=torch.Generator()"
+             ".manual_seed(0)) * 2 - 1, torch.arange(100) % 10, [str(c) for c in range(10)])\n")
+
+
+def test_a_judge_being_trained_by_another_process_is_waited_for_and_used(tmp_path, capfd, monkeypatch):
+    """Two flowar-judge runs on a fresh cache trained a judge each, and the cache kept the last: one
+    run's figures came from a judge no longer there (Frechet distances 2589 and 2825 for the same
+    images; a later run gave the second). A run that finds another training the judge waits for it
+    and uses that judge: here the other process (holding the cache's lock) writes a judge with one
+    weight marked, and the run returns it instead of its own (judges of 0 epochs, to be quick)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    cache = tmp_path / "judge.safetensors"
+    other = subprocess.Popen([sys.executable, "-c", FAKE_DATA + (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from safetensors import safe_open\n"
+        "from safetensors.torch import load_file, save_file\n"
+        "from flowar.io.files import used_alone\n"
+        "import flowar.eval.judge as J\n"
+        "J.load_animal_mnist = fake\n"
+        "cache = Path(sys.argv[1])\n"
+        "mine = cache.with_name('mine.safetensors')\n"
+        "with used_alone(cache, 'training the judge'):\n"
+        "    print('held', flush=True)\n"
+        "    J.train_judge(epochs=0, seed=1, cache=mine)\n"
+        "    with safe_open(str(mine), 'pt') as f:\n"
+        "        meta = f.metadata()\n"
+        "    sd = load_file(str(mine))\n"
+        "    first = sorted(sd)[0]\n"
+        "    sd[first] = sd[first] + 7.0\n"
+        "    time.sleep(1)\n"
+        "    save_file(sd, str(cache), metadata=meta)\n"), str(cache)], stdout=subprocess.PIPE, text=True)
+    import flowar.eval.judge as J
+    namespace: dict = {}
+    exec(FAKE_DATA, namespace)
+    monkeypatch.setattr(J, "load_animal_mnist", namespace["fake"])
+    try:
+        assert other.stdout.readline().strip() == "held"
+        judge = J.train_judge(epochs=0, seed=1, cache=cache)
+    finally:
+        other.wait(timeout=120)
+    assert other.returncode == 0
+    theirs, ours = load_file(str(cache)), judge.net.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs), "trained a judge of its own instead of the other's"
+    assert f"note: waiting for process {other.pid}" in capfd.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["judge.safetensors", "mine.safetensors"]
+
+
 def test_the_judge_is_chosen_by_the_checkpoint_metadata_or_by_the_flag(fixtures_dir, monkeypatch):
     """The Animal-MNIST judge runs for a checkpoint whose metadata says it was trained on
     Animal-MNIST (the shipped model) or when --judge names it; never by guessing from class names."""

@@ -8,6 +8,7 @@ The judge never sees generated images while training, and nothing about it is tu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,42 +94,54 @@ def train_judge(epochs: int = 6, seed: int = 0, cache: Path | None = None, progr
     key = {"format": "flowar-judge-v1", "epochs": str(epochs), "seed": str(seed),
            "data": hashlib.sha256(data.images.numpy().tobytes() + data.labels.numpy().tobytes()).hexdigest()}
     cached = _read_cache(cache, key) if cache is not None else None
-    if cached is not None:
-        net.load_state_dict(cached)
-    else:
-        torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-        opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-        x_all = to_judge_input(data.images)
-        bar = None
-        if progress:
-            from flowar.io.progress import progress_bar
-            bar = progress_bar(total=epochs, desc="training the judge (once; cached)", unit="epoch", leave=False)
-        for _ in range(epochs):
-            net.train()
-            perm = tr[torch.randperm(len(tr), generator=gen)]
-            for i in range(0, len(perm), 128):
-                idx = perm[i:i + 128]
-                x = x_all[idx]
-                # small shifts so the judge does not hinge on exact placement
-                dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
-                x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-                loss = F.cross_entropy(net(x), data.labels[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+    # two processes that find no judge train one each, and the cache kept the last: one judged the images
+    # with a judge the cache no longer holds (Frechet distances 2589 and 2825 for the same images). The
+    # second waits for the first's and uses it
+    waiting = contextlib.nullcontext()
+    if cached is None and cache is not None:
+        from flowar.io.files import used_alone
+        with contextlib.suppress(OSError):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+        waiting = used_alone(cache, "training the judge", wait=True)
+    with waiting:
+        if cached is None and cache is not None:
+            cached = _read_cache(cache, key)     # (trained meanwhile by the process waited for)
+        if cached is not None:
+            net.load_state_dict(cached)
+        else:
+            torch.manual_seed(seed)
+            gen = torch.Generator().manual_seed(seed)
+            opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+            x_all = to_judge_input(data.images)
+            bar = None
+            if progress:
+                from flowar.io.progress import progress_bar
+                bar = progress_bar(total=epochs, desc="training the judge (once; cached)", unit="epoch", leave=False)
+            for _ in range(epochs):
+                net.train()
+                perm = tr[torch.randperm(len(tr), generator=gen)]
+                for i in range(0, len(perm), 128):
+                    idx = perm[i:i + 128]
+                    x = x_all[idx]
+                    # small shifts so the judge does not hinge on exact placement
+                    dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
+                    x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+                    loss = F.cross_entropy(net(x), data.labels[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                if bar is not None:
+                    bar.update(1)
             if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        if cache is not None:
-            from flowar.io.files import atomic_write_bytes
-            try:
-                atomic_write_bytes(cache, lambda t: save_file(net.state_dict(), t, metadata=key))
-            except OSError as e:           # (a cache of another version on a read-only volume: trained, not kept)
-                import sys
-                print(f"note: the judge is not cached at {cache} ({e.strerror or e}): it is trained again next time",
-                      file=sys.stderr)
+                bar.close()
+            if cache is not None:
+                from flowar.io.files import atomic_write_bytes
+                try:
+                    atomic_write_bytes(cache, lambda t: save_file(net.state_dict(), t, metadata=key))
+                except OSError as e:           # (a cache of another version on a read-only volume: trained, not kept)
+                    import sys
+                    print(f"note: the judge is not cached at {cache} ({e.strerror or e}): it is trained again next time",
+                          file=sys.stderr)
     judge = Judge(net, 0.0)
     pred = judge.classify(data.images[te])
     judge.held_out_accuracy = float((pred == data.labels[te]).float().mean())

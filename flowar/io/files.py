@@ -247,14 +247,15 @@ def remove_stale(folder: Path, head: str, rest: str = r"-\w+") -> None:
 
 
 @contextmanager
-def used_alone(target: str | Path, command: str, option: str = "--out") -> Iterator[None]:
+def used_alone(target: str | Path, command: str, option: str = "--out", wait: bool = False) -> Iterator[None]:
     """This command writes ``target`` alone while the block runs: another command of this project that
     writes the same path meanwhile is refused at once, with one line. Two ``flowar-sample`` runs with
     other seeds into one new folder both ended with exit 0, the images of one under the other's
     run.json; two exports into one ``--out`` both said they had written it, and the directory held the
     second. An advisory lock (``flock``) on ``.NAME.lock`` beside ``target``, which the kernel releases
     however the holder ends (a killed one leaves only the empty file); where that folder takes no lock
-    (read-only, a file system without locks) the command runs unguarded, as before."""
+    (read-only, a file system without locks) the command runs unguarded, as before. ``wait``: the
+    holder's work is waited for (a note says so) instead of refused."""
     import fcntl
     t = Path(target).resolve()
     lock = t.with_name(f".{t.name}.lock")
@@ -273,11 +274,20 @@ def used_alone(target: str | Path, command: str, option: str = "--out") -> Itera
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").split()
-            os.close(fd)
             who = f"process {holder[0]}" if holder and holder[0].isdigit() else "another process"
-            raise FlowARError(f"{option} that no other command is writing", f"{t} is being written by {who} "
-                              f"(another {command}, or a command that writes the same path)",
-                              f"wait for it to end, or choose another {option}") from None
+            if wait:
+                import sys
+                print(f"note: waiting for {who}, which writes {t} ({command})", file=sys.stderr, flush=True)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except BaseException:
+                    os.close(fd)
+                    raise
+            else:
+                os.close(fd)
+                raise FlowARError(f"{option} that no other command is writing", f"{t} is being written by {who} "
+                                  f"(another {command}, or a command that writes the same path)",
+                                  f"wait for it to end, or choose another {option}") from None
         except OSError:                          # (no locks there)
             os.close(fd)
             fd = None
