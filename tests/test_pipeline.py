@@ -354,8 +354,10 @@ def test_a_bulk_run_resumes_only_on_the_engines_it_began_with_and_bad_settings_w
     # same run: it was refused ("other manifest_sha256"), a fix no one could follow; a run.json of before,
     # which recorded the manifest file's own digest, resumes on that file
     m = json.loads((d / "manifest.json").read_text())
+    assert m["call_plan"]["batches"] and m["call_plan"]["per_image"]           # (this directory has a call plan)
     again = m | {"created": "re-exported", "versions": {}, "checkpoint": m["checkpoint"] | {"source": "/moved"},
-                 "stages": {k: v | {"peak_rss_gb": 99.0} for k, v in m["stages"].items()}}
+                 "stages": {k: v | {"peak_rss_gb": 99.0} for k, v in m["stages"].items()},
+                 "call_plan": m["call_plan"] | {"per_image": {b: 2 * t for b, t in m["call_plan"]["per_image"].items()}}}
     (d / "manifest.json").write_text(json.dumps(again))
     assert run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1), tmp_path / "run", progress=False).shards_done_before == 1
     from flowar.export.manifest import sha256_file
@@ -365,7 +367,8 @@ def test_a_bulk_run_resumes_only_on_the_engines_it_began_with_and_bad_settings_w
     # other engines (another graph, other recorded defaults) are another run
     (tmp_path / "run" / "run.json").write_text(json.dumps(began))
     for other in ({"stages": m["stages"] | {"ar": m["stages"]["ar"] | {"sha256": "0" * 64}}},
-                  {"schedule_defaults": m["schedule_defaults"] | {"cfg": 2.0}}):
+                  {"schedule_defaults": m["schedule_defaults"] | {"cfg": 2.0}},
+                  {"call_plan": m["call_plan"] | {"batches": m["call_plan"]["batches"][:1]}}):   # (batches: rounding)
         (d / "manifest.json").write_text(json.dumps(m | other))
         with pytest.raises(FlowARError, match="other manifest_sha256 than .*run.json records"):
             run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1), tmp_path / "run", progress=False)

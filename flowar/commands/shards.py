@@ -46,8 +46,9 @@ def shard_is_done(out: Path, j: int, start: int, end: int) -> bool:
 
 def images_sha256(manifest: Path) -> str:
     """The sha256 of what an engine directory's manifest says that defines its images: its engines'
-    files and choices, the model, the defaults; not when it was made, with which library versions,
-    what the export measured (memory peaks, differences found by verify, the call plan's seconds, the
+    files and choices, the model, the defaults, the call plan's batch sizes and row blocks (they
+    change pixels by float rounding); not when it was made, with which library versions, what the
+    export measured (memory peaks, differences found by verify, the call plan's seconds, the
     precision search's timings) or where its inputs lay. A run binds to this: re-exporting the same
     checkpoint with the same settings (byte-identical graphs, another timestamp and memory peak in
     the manifest) made the run impossible to resume ("other manifest_sha256"), with no way to follow
@@ -55,8 +56,14 @@ def images_sha256(manifest: Path) -> str:
     import hashlib
     import json
     m = json.loads(manifest.read_text())
-    for measured in ("created", "versions", "call_plan", "auto"):
+    for measured in ("created", "versions", "auto"):
         m.pop(measured, None)
+    plan = m.get("call_plan")
+    if isinstance(plan, dict):
+        plan.pop("per_image", None)
+        for stage in (plan.get("stages") or {}).values():
+            if isinstance(stage, dict):
+                stage.pop("seconds", None)
     for stage in (m.get("stages") or {}).values():
         if isinstance(stage, dict):
             for measured in ("peak_rss_gb", "verified_max_abs_diff"):
