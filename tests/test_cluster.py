@@ -86,7 +86,11 @@ def client(token):
     return joined, round(time.time() - t0, 1)
 results = (ours is not None, client(None), client(ours))
 stop_ray()
-print(repr(results + (os.environ.get("RAY_AUTH_TOKEN"),)))
+left = os.environ.get("RAY_AUTH_TOKEN")
+ray = start_ray(None, 1)                       # a second local cluster in the process (its own token): joined
+again = ray.get(ray.remote(lambda: 1).remote()) == 1 and os.environ.get("RAY_AUTH_TOKEN") != ours
+stop_ray()
+print(repr(results + (left, again)))
 """
 
 
@@ -97,9 +101,9 @@ def test_a_local_cluster_answers_only_its_own_token(tmp_path):
                                                                                   "HOME": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", TOKEN], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    made, (home_joined, _), (own_joined, _), left = eval(proc.stdout.strip().splitlines()[-1])
+    made, (home_joined, _), (own_joined, _), left, again = eval(proc.stdout.strip().splitlines()[-1])
     assert made and not home_joined and own_joined, proc.stdout[-1000:]
-    assert left is None                      # (not the token of a cluster the process joins next)
+    assert left is None and again            # (not the token of a cluster the process joins next)
 
 
 # A stop (Ctrl-C, SIGTERM) that comes inside ray.init while Ray starts the node's processes (Ray records

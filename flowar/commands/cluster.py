@@ -28,6 +28,7 @@ def start_ray(address: str | None, num_cpus: int | None):
                           "pip install 'flowar-deploy[serve]' (or 'ray[data,serve]')") from None
     if ray.is_initialized():
         return ray
+    _reread_token()
     # Ray 2.60 announces on every start that token authentication is on, its default: that line
     # alone is dropped (auth stays on); the commands say what they started themselves
     auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
@@ -67,6 +68,7 @@ def start_ray(address: str | None, num_cpus: int | None):
     if not any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
         import secrets
         os.environ["RAY_AUTH_TOKEN"] = _TOKEN[0] = secrets.token_hex(32)
+        _reread_token()
     before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         # "local": a cluster of its own even where `ray start` runs one on this machine (ray.init
@@ -74,6 +76,8 @@ def start_ray(address: str | None, num_cpus: int | None):
         try:
             ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kw)
         except OSError as e:                # Ray's own files (its token, sessions, sockets): say which, and what to set
+            ray.shutdown()
+            _forget_token()
             raise _ray_files(e) from None
         except BaseException:               # a stop while it started: what had started goes too (Ray's dashboard
             _kill_cluster()                 # and runtime-env agents outlived the command by minutes)
@@ -150,6 +154,16 @@ def stop_ray() -> None:
             watcher.join()
     finally:
         _forget_token()
+
+
+def _reread_token() -> None:
+    """Ray keeps the token it read first for the process: it reads the one set now (a second cluster
+    in one process, or one joined after a local cluster had gone, was sent the token of before)."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader        # (private: without it, Ray's own caching)
+        AuthenticationTokenLoader.instance().reset_cache()
+    except Exception:   # noqa: BLE001
+        pass
 
 
 def _forget_token() -> None:
