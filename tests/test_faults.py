@@ -255,6 +255,29 @@ def test_a_sigterm_to_the_command_alone_ends_the_processes_it_started_for_its_wo
             os.kill(pid, signal.SIGKILL)
 
 
+def test_a_stop_leaves_the_processes_a_program_started_before_it_ran_the_command(tmp_path, monkeypatch):
+    """A program that runs a command in its own process (click's runner, cmd.main([...])): a SIGTERM
+    during the command ends the processes the command started, not those the program had started."""
+    import PIL.Image
+    from conftest import DEFAULT_CKPT, DEFAULT_VAE
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.1)
+
+        def save(*a, **k):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)
+        monkeypatch.setattr(PIL.Image.Image, "save", save)
+        res = CliRunner().invoke(run, ["--ckpt", str(DEFAULT_CKPT), "--vae", str(DEFAULT_VAE), "--labels", "1",
+                                       "--steps", "4", "--out", str(tmp_path / "grid.png")])
+        assert res.exit_code == 130 and "interrupted: SIGTERM" in res.output, res.output
+        time.sleep(0.2)
+        assert bystander.poll() is None, "the program's own process was ended by the command's stop"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
 def test_a_command_that_writes_a_path_another_command_is_writing_is_refused_at_once(fixtures_dir, tmp_path,
                                                                                     default_auto_engines):
     """Two flowar-sample runs with other seeds into one new --out both ended with exit 0, the images of

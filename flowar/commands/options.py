@@ -52,6 +52,7 @@ class Command(click.Command):
         # flowar-serve (it drains) and flowar-sample's Ray (it stops the cluster) set their own meanwhile.
         # Both are recorded as they come (stop_asked), so that one a library catches still ends the command.
         stops_cleared()
+        _SINCE[0] = _uptime()
         replaced = {}                                     # the handlers replaced (only the main thread may)
         if threading.current_thread() is threading.main_thread():
             for sig, default in ((signal.SIGTERM, (signal.SIG_DFL, None)), (signal.SIGINT, (signal.default_int_handler,))):
@@ -116,16 +117,38 @@ def _stop(signum, frame) -> None:
     only the process it started (g++), not the one that does the work (cc1plus, 5.7 s more on the tiny
     model). Each process below this one gets SIGTERM now, while they are still below it (once g++ is
     killed its cc1plus belongs to no one), except a local Ray cluster's, which block SIGTERM and are
-    stopped in order by stop_ray."""
+    stopped in order by stop_ray, and those started before the command (a program that runs it in
+    its own process keeps its children)."""
     from flowar.commands.cluster import _blocks_sigterm
     from flowar.io.memory import descendants
     for pid in descendants(os.getpid()):
-        if not _blocks_sigterm(pid):
+        if not _blocks_sigterm(pid) and _started_at(pid) >= _SINCE[0] - 0.01:
             try:
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
+            except OSError:                 # (ended meanwhile, or not ours to signal)
                 pass
     stop_asked(signum, frame)
+
+
+_SINCE = [0.0]      # when the command began, in seconds since boot
+
+
+def _uptime() -> float:
+    """Seconds since boot (0 without /proc)."""
+    try:
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _started_at(pid: int) -> float:
+    """When process ``pid`` started, in seconds since boot (/proc/PID/stat; infinite where unknown)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("inf")
 
 
 def _stop_in_a_finalizer(unraisable) -> None:
