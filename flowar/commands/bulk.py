@@ -207,7 +207,6 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
             return rec | {"manifest_sha256": spec.manifest_sha256} if rec.get("manifest_sha256") == file_sha256 else rec
         except FlowARError:                             # (what another version recorded: compared as it is)
             return rec
-    out.parent.mkdir(parents=True, exist_ok=True)     # (an --out of new folders: the lock lies beside it)
     with used_alone(out, "flowar-sample"):           # (two runs into one folder mixed their images)
         resumes = check_run(out, spec, meaning)
         if ray_address is not None or (workers > 1 and left > 0):

@@ -187,7 +187,6 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
         bar.update(1) if bar.n < total else None
 
     from flowar.io.files import used_alone
-    Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)     # (the lock lies beside --out)
     with used_alone(out, "flowar-export"):      # (two exports into one --out both said they had written it)
         rep = build_engine_dir(ckpt, out, preset=preset, config_path=config_path, vae_path=vae, backend=backend,
                                precision=precision, max_batch=max_batch, verify=verify, use_ema=not raw_weights,

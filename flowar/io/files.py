@@ -254,18 +254,25 @@ def used_alone(target: str | Path, command: str, option: str = "--out", wait: bo
     run.json; two exports into one ``--out`` both said they had written it, and the directory held the
     second. An advisory lock (``flock``) on ``.NAME.lock`` beside ``target``, which the kernel releases
     however the holder ends (a killed one leaves only the empty file); where that folder takes no lock
-    (read-only, a file system without locks) the command runs unguarded, as before. ``wait``: the
+    (read-only, not yet made, a file system without locks) the command runs unguarded, as before. ``wait``: the
     holder's work is waited for (a note says so) instead of refused."""
-    import fcntl
+    try:
+        import fcntl
+    except ImportError:                          # (not POSIX)
+        yield
+        return
     t = Path(target).resolve()
     lock = t.with_name(f".{t.name}.lock")
+    # (a lock file that is a symbolic link is not followed: one planted in a shared folder would have had
+    # the file it points to truncated)
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
     fd = None
     while fd is None:
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | nofollow, 0o666)
         except PermissionError:                  # (another user's lock file: read-only is enough for flock)
             try:
-                fd = os.open(lock, os.O_RDONLY)
+                fd = os.open(lock, os.O_RDONLY | nofollow)
             except OSError:
                 break
         except OSError:
