@@ -362,7 +362,8 @@ def test_a_bulk_run_resumes_only_on_the_engines_it_began_with_and_bad_settings_w
     assert run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1), tmp_path / "run", progress=False).shards_done_before == 1
     from flowar.export.manifest import sha256_file
     began = json.loads((tmp_path / "run" / "run.json").read_text())
-    (tmp_path / "run" / "run.json").write_text(json.dumps(began | {"manifest_sha256": sha256_file(d / "manifest.json")}))
+    (tmp_path / "run" / "run.json").write_text(json.dumps(began | {"manifest_sha256": sha256_file(d / "manifest.json"),
+                                                                    "engine_dir": "/where/it/was"}))
     assert run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1), tmp_path / "run", progress=False).shards_done_before == 2
     # other engines (another graph, other recorded defaults) are another run
     (tmp_path / "run" / "run.json").write_text(json.dumps(began))

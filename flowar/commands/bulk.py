@@ -203,8 +203,10 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
             schedule = Settings.of(given).resolve(n_scales, recorded) if isinstance(given, dict) else given
             picked = rec.get("chosen") or choose_backend(m, rec.get("backend", "auto"))
             rec = rec | {"schedule": schedule, "backend": picked, "chosen": None}
-            # (a record from before: the digest of the manifest file itself, which these engines have)
-            return rec | {"manifest_sha256": spec.manifest_sha256} if rec.get("manifest_sha256") == file_sha256 else rec
+            # (a record from before: the digest of the manifest file itself, which these engines have; wherever
+            # they were then)
+            same = rec.get("manifest_sha256") in (file_sha256, spec.manifest_sha256)
+            return rec | {"manifest_sha256": spec.manifest_sha256, "engine_dir": spec.engine_dir} if same else rec
         except FlowARError:                             # (what another version recorded: compared as it is)
             return rec
     with used_alone(out, "flowar-sample"):           # (two runs into one folder mixed their images)
