@@ -307,6 +307,26 @@ def test_a_command_that_writes_a_path_another_command_is_writing_is_refused_at_o
     rep = run_bulk(BulkSpec(str(default_auto_engines), 2, [0, 1], 0, {}, 1, 1), out, progress=False)
     assert rep.shards_total == 2 and (out / "samples.npz").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # an --out whose folders are still to be made is held too (two such runs mixed their images), and a
+    # refused command leaves none of them behind
+    from flowar.io.files import used_alone
+    nested = tmp_path / "new" / "sub" / "out"
+    with used_alone(nested, "flowar-sample"):
+        with pytest.raises(FlowARError, match=f"is being written by process {os.getpid()}"):
+            run_bulk(BulkSpec(str(default_auto_engines), 2, [0, 1], 1, {}, 1, 1), nested, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # (and a disk too small is said in units that show it: it was "0.0 GB free for ...; got 0.0 GB free")
+    import shutil as sh
+    from types import SimpleNamespace
+
+    from flowar.io.memory import require_free_space
+    real = sh.disk_usage
+    try:
+        sh.disk_usage = lambda p: SimpleNamespace(free=1 << 20)
+        with pytest.raises(FlowARError, match=r"expected 3\.0 MB free for 40 images; got 1\.0 MB free at"):
+            require_free_space(tmp_path, 3 << 20, "40 images")
+    finally:
+        sh.disk_usage = real
 
 
 # Each command and each of its outputs, with a location that cannot be written: below a file, and

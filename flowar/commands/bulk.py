@@ -299,7 +299,7 @@ def _sample_here(spec: BulkSpec, out: Path, todo: list, progress: bool, done_bef
         for j, s, e in todo:
             r = sampler({"shard": [j], "start": [s], "end": [e]})
             rows.append({k: v[0] for k, v in r.items()})
-    return _with_bar(consume, told, spec, done_before, lambda: None)
+    return _with_bar(consume, told, spec, done_before, lambda: None, out)
 
 
 def _sample_on_ray(spec: BulkSpec, out: Path, todo: list, workers: int, progress: bool,
@@ -323,10 +323,10 @@ def _sample_on_ray(spec: BulkSpec, out: Path, todo: list, workers: int, progress
                                                                                  max_tasks_in_flight_per_actor=1),
                                 num_cpus=spec.threads, **bounded)
     return _with_bar(lambda rows: rows.extend(mapped.iter_rows()), told, spec, done_before,
-                     told.shutdown if told is not None else lambda: None)
+                     told.shutdown if told is not None else lambda: None, out)
 
 
-def _with_bar(consume, told, spec: BulkSpec, done_before: int, close) -> list[dict]:
+def _with_bar(consume, told, spec: BulkSpec, done_before: int, close, out: Path) -> list[dict]:
     """Run ``consume(rows)`` on this thread while a bar, on another, follows the workers' batches
     from ``told`` (images counted as each batch ends, not as each shard does); errors as one line.
     The work is on this thread so that an interrupt (Ctrl-C, or SIGTERM on Ray) stops it here, where
@@ -383,7 +383,7 @@ def _with_bar(consume, told, spec: BulkSpec, done_before: int, close) -> list[di
         full = next((c for c in _causes(failed) if isinstance(c, OSError) and c.errno in (errno.ENOSPC, errno.EDQUOT)), None)
         if full is not None or "No space left on device" in str(failed):   # (it blamed the workers and the engines)
             raise FlowARError("room on the disk for the run's shards and images",
-                              f"{getattr(full, 'filename', None) or 'its folder'}: no space left on device",
+                              f"{getattr(full, 'filename', None) or out}: no space left on device",
                               "free some space (the shards written are kept), then run the same command again: it "
                               "resumes") from None
         last = next((ln.strip() for ln in reversed(str(failed).splitlines()) if ln.strip()), type(failed).__name__)

@@ -253,8 +253,9 @@ def used_alone(target: str | Path, command: str, option: str = "--out", wait: bo
     other seeds into one new folder both ended with exit 0, the images of one under the other's
     run.json; two exports into one ``--out`` both said they had written it, and the directory held the
     second. An advisory lock (``flock``) on ``.NAME.lock`` beside ``target``, which the kernel releases
-    however the holder ends (a killed one leaves only the empty file); where that folder takes no lock
-    (read-only, not yet made, a file system without locks) the command runs unguarded, as before. ``wait``: the
+    however the holder ends (a killed one leaves only the empty file); the folders on the way are made
+    for it (and removed again where the command leaves them empty); where the folder takes no lock
+    (read-only, a file system without locks) the command runs unguarded, as before. ``wait``: the
     holder's work is waited for (a note says so) instead of refused."""
     try:
         import fcntl
@@ -263,6 +264,13 @@ def used_alone(target: str | Path, command: str, option: str = "--out", wait: bo
         return
     t = Path(target).resolve()
     lock = t.with_name(f".{t.name}.lock")
+    made = []                                    # the folders on the way made for the lock (two runs into a new
+    try:                                         # nested --out ran unguarded and mixed their images)
+        for d in reversed([q for q in t.parents if not q.exists()]):
+            d.mkdir()
+            made.insert(0, d)
+    except OSError:
+        pass
     # (a lock file that is a symbolic link is not followed: one planted in a shared folder would have had
     # the file it points to truncated)
     nofollow = getattr(os, "O_NOFOLLOW", 0)
@@ -321,6 +329,11 @@ def used_alone(target: str | Path, command: str, option: str = "--out", wait: bo
             except OSError:
                 pass
             os.close(fd)
+        for d in made:                           # (a refused or failed command leaves no folders behind)
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
 
 @contextmanager

@@ -195,8 +195,16 @@ def require_free_space(folder: str | Path, needed: int, what: str, option: str =
         p = p.parent
     free = shutil.disk_usage(p).free
     if free < needed:
-        raise FlowARError(f"{needed / GB:.1f} GB free for {what}", f"{free / GB:.1f} GB free at {p}",
+        raise FlowARError(f"{_size(needed)} free for {what}", f"{_size(free)} free at {p}",
                           f"free disk space there or choose another {option}")
+
+
+def _size(n: int) -> str:
+    """Bytes as people read them (a small disk said "0.0 GB free for ...; got 0.0 GB free")."""
+    for unit, scale in (("GB", GB), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def process_running(pid: int) -> bool:
