@@ -76,7 +76,6 @@ def start_ray(address: str | None, num_cpus: int | None):
         try:
             ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kw)
         except OSError as e:                # Ray's own files (its token, sessions, sockets): say which, and what to set
-            ray.shutdown()
             _forget_token()
             raise _ray_files(e) from None
         except BaseException:               # a stop while it started: what had started goes too (Ray's dashboard
