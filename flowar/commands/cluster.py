@@ -28,6 +28,13 @@ def start_ray(address: str | None, num_cpus: int | None):
                           "pip install 'flowar-deploy[serve]' (or 'ray[data,serve]')") from None
     if ray.is_initialized():
         return ray
+    # Ray's servers listen on every interface of this machine (Ray 2.60 turns 127.0.0.1 into the machine's
+    # address and has no loopback-only setting) and answer only clients that present the cluster's token: a
+    # local cluster gets one of its own, in this process's environment, which its processes inherit and other
+    # users cannot read (~/.ray/auth_token, Ray's otherwise, is readable by every user where the home folder is)
+    if not address and not any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+        import secrets
+        os.environ["RAY_AUTH_TOKEN"] = _TOKEN[0] = secrets.token_hex(32)
     _reread_token()
     # Ray 2.60 announces on every start that token authentication is on, its default: that line
     # alone is dropped (auth stays on); the commands say what they started themselves
@@ -61,14 +68,6 @@ def start_ray(address: str | None, num_cpus: int | None):
     import atexit
     # (the command's handler is set again before the mask is lifted: a SIGTERM that came while Ray
     # started reached Ray's, which aborted the process with a native stack dump)
-    # Ray's servers listen on every interface of this machine (Ray 2.60 turns 127.0.0.1 into the machine's
-    # address and has no loopback-only setting) and answer only clients that present the cluster's token: the
-    # local cluster gets one of its own, in this process's environment, which its processes inherit and other
-    # users cannot read (~/.ray/auth_token, Ray's otherwise, is readable by every user where the home folder is)
-    if not any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
-        import secrets
-        os.environ["RAY_AUTH_TOKEN"] = _TOKEN[0] = secrets.token_hex(32)
-        _reread_token()
     before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         # "local": a cluster of its own even where `ray start` runs one on this machine (ray.init

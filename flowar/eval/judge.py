@@ -100,9 +100,7 @@ def train_judge(epochs: int = 6, seed: int = 0, cache: Path | None = None, progr
     waiting = contextlib.nullcontext()
     if cached is None and cache is not None:
         from flowar.io.files import used_alone
-        with contextlib.suppress(OSError):
-            cache.parent.mkdir(parents=True, exist_ok=True)
-        waiting = used_alone(cache, "training the judge", wait=True)
+        waiting = used_alone(cache, "training the judge", wait=True)     # (it makes the folders on the way)
     with waiting:
         if cached is None and cache is not None:
             cached = _read_cache(cache, key)     # (trained meanwhile by the process waited for)
