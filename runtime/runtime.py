@@ -97,29 +97,29 @@ class Runtime(contextlib.AbstractContextManager):
     """An opened source: its stages, limits, threads and runner, and the one sampling call; a
     context manager (leaving it closes the source)."""
 
-    def __init__(self, *, config: FlowARConfig, class_names: list[str] | None, stages, device: torch.device,
+    def __init__(self, *, kind: str, config: FlowARConfig, class_names: list[str] | None, stages, device: torch.device,
                  backend: str, detail: str, threads: Threads, decodes: bool, capture: bool = False,
                  max_batch: int | None = None, defaults: dict | None = None, manifest: Manifest | None = None,
-                 model=None, vae=None, data: str | None = None, stack: contextlib.ExitStack | None = None):
+                 image_size: int | None = None, call_plan: dict | None = None, model=None, vae=None,
+                 data: str | None = None, stack: contextlib.ExitStack | None = None):
         from flowar.runtime.cudagraph import GraphRunner
         self.config, self.stages, self.device, self.threads = config, stages, device, threads
         self.class_names: ClassNames | None = class_names_for(config.num_classes, class_names)
         self.backend = backend              # torch (a checkpoint), ort, trt, or the --precision auto choice
         self.detail = detail                # what computes, per stage where it differs (logs, /health, run.json)
         self.decodes = decodes              # has a decoder: images, not only tokens
-        # the side of its images (None without a decoder)
-        self.image_size: int | None = (manifest.vae["image_size"] if manifest is not None else
-                                       config.latent_size * vae.downsample) if decodes else None
+        self.image_size = image_size        # the side of its images (None without a decoder)
         self.max_batch = max_batch          # the engines' limit; None: any batch at once
         self.defaults = Settings.of(defaults)   # an engine directory's recorded defaults
-        self.manifest, self.model, self.vae = manifest, model, vae
+        self.kind = kind                    # what it was opened from: "engine directory" (its manifest) or "checkpoint"
+        self.manifest, self.model, self.vae = manifest, model, vae       # (its modules)
         self.opened: dict = {}              # seconds to open (read and check the files, warm up), shapes warmed
         self.data = data                    # what the checkpoint was trained on (its metadata), e.g. animal-mnist
-        # The call plan measured at export for the engines that run ({} for other engines); from it the
+        # The call plan measured at export for the engines that run ({}: none, or other engines); from it the
         # batch sizes that pay here (each costs less per image than every smaller one), else every size
         # up to the engines' max batch ([]: no limit, one batch); and the default batch, the one with
         # the best images/s (the largest that pays; None: all at once).
-        self.call_plan: dict = (manifest.call_plan or {}) if manifest is not None and backend == "measured" else {}
+        self.call_plan: dict = call_plan or {}
         self.batch_sizes = sorted(int(b) for b in self.call_plan.get("batches") or range(1, (max_batch or 0) + 1))
         self.batch: int | None = max(self.batch_sizes, default=None)
         # Where the stages can be captured, one runner for every batch: a workspace per (batch bucket,
@@ -212,9 +212,10 @@ class Runtime(contextlib.AbstractContextManager):
         except BaseException:
             stack.close()
             raise
-        rt = cls(config=m.config, class_names=m.class_names, stages=stages, device=dev, backend=chosen,
+        rt = cls(kind="engine directory", config=m.config, class_names=m.class_names, stages=stages, device=dev, backend=chosen,
                  detail=detail, threads=threads_, decodes="decode" in specs, max_batch=m.max_batch,
-                 capture=captures(dev, chosen, cuda_graphs),
+                 capture=captures(dev, chosen, cuda_graphs), image_size=m.vae["image_size"] if m.vae else None,
+                 call_plan=m.call_plan if chosen == "measured" else None,
                  defaults=m.schedule_defaults, manifest=m, data=m.checkpoint.get("data"), stack=stack)
         rt.opened = seconds | {"shapes warmed": warmed}
         return rt
@@ -251,8 +252,9 @@ class Runtime(contextlib.AbstractContextManager):
             stages = EagerStages(model, vae_mod.decode if vae_mod else None)
         what = (f"eager PyTorch{' (bf16 GEMMs)' if precision == 'bf16' else ''} on {dev}"
                 + (", CUDA graphs" if capture else ""))
-        return cls(config=ck.config, class_names=ck.class_names, stages=stages, device=dev, backend="torch",
+        return cls(kind="checkpoint", config=ck.config, class_names=ck.class_names, stages=stages, device=dev, backend="torch",
                    detail=what, threads=threads_, decodes=vae_mod is not None, capture=capture,
+                   image_size=ck.config.latent_size * vae_mod.downsample if vae_mod is not None else None,
                    max_batch=GRAPH_BATCH if capture else None, model=model, vae=vae_mod, data=ck.metadata.get("data"))
 
     # ---- a request --------------------------------------------------------------------------
@@ -262,9 +264,9 @@ class Runtime(contextlib.AbstractContextManager):
 
     def require_decoder(self) -> None:
         """Refuse, before any work, to make images from a source without a decoder."""
-        if self.manifest is not None:
-            self.manifest.require_decoder()
-        elif not self.decodes:
+        if not self.decodes:
+            if self.kind == "engine directory":
+                self.manifest.require_decoder()          # (its own line: re-export with --vae)
             raise FlowARError("a VAE to decode images", "a checkpoint opened without a VAE",
                               "pass --vae, or ask for tokens only (--save-tokens)")
 
@@ -298,7 +300,7 @@ class Runtime(contextlib.AbstractContextManager):
         if self.max_batch is not None and batch_size is not None and batch_size > self.max_batch:
             raise FlowARError(f"--batch at most {self.max_batch} (the engines' max batch)", str(batch_size),
                               f"use --batch {self.max_batch}, or " + (f"re-export with --max-batch {batch_size}" if
-                                                                      self.manifest else "--no-cuda-graphs"))
+                                                                      self.kind == "engine directory" else "--no-cuda-graphs"))
         bs = batch_size or self.batch
         clock = _Clock(self.device) if timings is not None and self.runner is None else None
         # one sampling at a time (two threads on one pipeline got each other's images); a lane samples beside it

@@ -107,6 +107,30 @@ def test_a_batch_above_the_limit_is_told_the_fix_of_its_source(default_auto_engi
                 rt.sample([1] * 17, rt.schedule(), batch_size=17, decode=False)
 
 
+
+def test_images_need_a_decoder_whose_fix_follows_the_source_and_give_the_side_it_makes(default_auto_engines,
+                                                                                       tmp_path):
+    """What a runtime was opened from is said by its opener: images from a tokens-only engine directory
+    are refused with "re-export with --vae", from a checkpoint opened without a VAE with "pass --vae"
+    (its tokens still come); with a decoder, the side of its images is the side they have."""
+    from conftest import DEFAULT_CKPT, DEFAULT_VAE
+    from flowar.commands.build import build_engine_dir
+    from flowar.errors import FlowARError
+    from flowar.runtime.runtime import Runtime
+    from flowar.sampling.schedule import Settings
+    build_engine_dir(DEFAULT_CKPT, tmp_path / "tokens", max_batch=4, verify=False)
+    short = Settings(steps=4)
+    for path, fix in ((tmp_path / "tokens", "re-export with --vae"), (DEFAULT_CKPT, "pass --vae")):
+        with Runtime.open(path) as rt:
+            assert rt.image_size is None and not rt.decodes
+            with pytest.raises(FlowARError, match=fix):
+                rt.sample([1], rt.schedule(short))
+            assert rt.sample([1], rt.schedule(short), decode=False).tokens.shape[0] == 1
+    for path, vae in ((default_auto_engines, None), (DEFAULT_CKPT, DEFAULT_VAE)):
+        with Runtime.open(path, vae=vae) as rt:
+            images = rt.sample([1], rt.schedule(short)).images
+            assert rt.image_size == images.shape[-1] == images.shape[-2] == 32, (path, rt.image_size)
+
 # ---- ONNX Runtime on the CPU: row blocks and thread plans ---------------------------------------
 
 def test_plan_call_splits_rows_into_contiguous_blocks_one_per_core():

@@ -79,10 +79,11 @@ class Workbench:
         with contextlib.ExitStack() as stack:
             engines = {n: stack.enter_context(self.engine(n, choice.get(n, "ort-fp32"), threads.cores))
                        for n in self.specs}
-            yield Runtime(config=c, class_names=None, stages=EngineStages(engines, c, batch, torch.device("cpu"),
-                                                                          self.specs, plan),
+            yield Runtime(kind="checkpoint", config=c, class_names=None,
+                          stages=EngineStages(engines, c, batch, torch.device("cpu"), self.specs, plan),
                           device=torch.device("cpu"), backend="measured", detail=str(choice), threads=threads,
-                          decodes=self.vae is not None, vae=self.vae, max_batch=batch)
+                          decodes=self.vae is not None, vae=self.vae, max_batch=batch,
+                          image_size=c.latent_size * self.vae.downsample if self.vae is not None else None)
         release_free_memory()
 
 
