@@ -139,31 +139,39 @@ class Manifest:
         return self.member(info["file"]), info["sha256"]
 
     def checked(self, rel: str, sha256: str) -> Path:
-        """A member file, refused unless its bytes hash to ``sha256`` (one streaming read), or
-        found to here before and unchanged since: its device, inode, size, modification and change
-        times are what :data:`VERIFIED` recorded then (a change time cannot be set back; FlowAR-S's
-        compiled engines and decoder weights, 455 MB, hashed in 0.27 s of every 0.8 s open). A
-        directory this user cannot write records nothing: its files are hashed on every open."""
+        """A member file, refused unless it hashes to ``sha256`` (:meth:`hashes_to`)."""
         p = self.member(rel)
+        if not self.hashes_to(p, sha256, rel):
+            raise EngineDirError(f"{rel} with the sha256 recorded at export", "a different file (modified or corrupt)",
+                                 f"rebuild it: flowar-export --ckpt CKPT --out {self.root}")
+        return p
+
+    def hashes_to(self, path: Path, sha256: str, key: str) -> bool:
+        """Whether the file at ``path`` hashes to ``sha256`` (one streaming read), or was found to
+        here before and is unchanged since: its device, inode, size, modification and change times
+        are what :data:`VERIFIED` recorded then, under ``key`` (a member's path in the directory;
+        a file outside it, such as the checkpoint ``--backend torch`` opens, its kind and absolute
+        path). A change time cannot be set back; FlowAR-S's compiled engines and decoder
+        weights, 455 MB, hashed in 0.27 s of every 0.8 s open. A directory this user cannot write
+        records nothing: its files are hashed on every open."""
         record = self.root / VERIFIED
         try:
             known = json.loads(record.read_text())
             known = known if isinstance(known, dict) else {}
         except (OSError, ValueError):
             known = {}
-        state = [sha256, *file_state(p)]
-        if known.get(rel) == state:
-            return p
-        if sha256_file(p) != sha256:
-            raise EngineDirError(f"{rel} with the sha256 recorded at export", "a different file (modified or corrupt)",
-                                 f"rebuild it: flowar-export --ckpt CKPT --out {self.root}")
+        state = [sha256, *file_state(path)]
+        if known.get(key) == state:
+            return True
+        if sha256_file(path) != sha256:
+            return False
         if os.access(self.root, os.W_OK) and not record.is_symlink():
             from flowar.io.files import atomic_write_bytes
             try:
-                atomic_write_bytes(record, lambda t: Path(t).write_text(json.dumps(known | {rel: state}) + "\n"))
+                atomic_write_bytes(record, lambda t: Path(t).write_text(json.dumps(known | {key: state}) + "\n"))
             except (OSError, FlowARError):        # (a record is an optimisation: the file was hashed)
                 pass
-        return p
+        return True
 
     def read_checked(self, rel: str, sha256: str) -> bytes:
         """A member file's bytes, refused unless they hash to ``sha256`` (the one read that uses them)."""

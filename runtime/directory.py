@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flowar.errors import FlowARError
-from flowar.export.manifest import Manifest, read_manifest, sha256_file, vae_sha256
+from flowar.export.manifest import Manifest, read_manifest, vae_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -182,7 +182,7 @@ def exported_from(m: Manifest | str | Path, device: torch.device | str = "cpu", 
     m = m if isinstance(m, Manifest) else read_manifest(m)
     recorded, digest, ema = m.exported_checkpoint
     src = Path(ckpt) if ckpt else recorded
-    if not src.is_file() or sha256_file(src) != digest:
+    if not src.is_file() or not m.hashes_to(src, digest, f"checkpoint {src.resolve()}"):     # (hashed once, as members)
         raise FlowARError("the checkpoint the engine directory was exported from",
                           f"{src if str(src) not in ('', '.') else 'no path'} (missing or a different file)",
                           f"put it back at {recorded}, or pass it with --ckpt beside --engine-dir (flowar-run), or "
@@ -191,16 +191,19 @@ def exported_from(m: Manifest | str | Path, device: torch.device | str = "cpu", 
     vae = None
     if m.vae:
         from flowar.model.vae import load_decoder
-        _check_vae(m.vae)
+        _check_vae(m)
         vae = load_decoder(m.vae["source"], expect_channels=m.config.latent_channels).to(device)
     return model, vae
 
 
-def _check_vae(rec: dict) -> None:
-    """The VAE at ``rec["source"]`` refused unless it hashes to the sha256 the export recorded (a
-    changed VAE file gave other images with exit 0). A manifest written before the hash was
-    recorded has none: its VAE opens as before, unchecked."""
+def _check_vae(m: Manifest) -> None:
+    """The VAE at ``m.vae["source"]`` refused unless it hashes to the sha256 the export recorded (a
+    changed VAE file gave other images with exit 0; a file, as MAR's kl16.ckpt, hashed once, as the
+    checkpoint; a diffusers folder on every open). A manifest written before the hash was recorded
+    has none: its VAE opens as before, unchecked."""
+    rec = m.vae
     src = Path(rec["source"])
-    if "sha256" in rec and (not src.exists() or vae_sha256(src) != rec["sha256"]):
+    if "sha256" in rec and not (src.is_file() and m.hashes_to(src, rec["sha256"], f"vae {src.resolve()}") or
+                                src.is_dir() and vae_sha256(src) == rec["sha256"]):
         raise FlowARError("the VAE the engine directory was exported from", f"{src} (missing or a different file)",
                           f"put it back at {src}, or use another --backend, or re-export the directory")

@@ -152,6 +152,43 @@ def test_the_vae_sha256_is_recorded_and_checked_by_backend_torch(exported, tmp_p
     assert exported_from(old)[1] is not None                          # no recorded hash: opened as before
 
 
+
+def test_backend_torch_hashes_its_checkpoint_and_vae_file_once_and_refuses_them_changed(exported, fixtures_dir, tmp_path,
+                                                                                       monkeypatch):
+    """--backend torch hashed the checkpoint and a VAE file on every open (FlowAR-H: 7.65 GB): now once,
+    recorded with the file's state in the directory as its own files are; one changed since (same
+    size, a byte flipped) is hashed again and refused."""
+    import flowar.export.manifest as mf
+    from flowar.runtime.directory import exported_from
+    eng, _ = exported
+    ck, kl = tmp_path / "ck.safetensors", tmp_path / "kl.ckpt"
+    shutil.copy(read_manifest(eng).exported_checkpoint[0], ck)
+    shutil.copy(fixtures_dir / "mar_vae_tiny.ckpt", kl)
+    # a directory of the same checkpoint whose decoder is a VAE file (MAR's kind): its recorded hash and source
+    d = _copy(eng, tmp_path / "d", lambda m: m["vae"].update(source=str(kl), sha256=sha256_file(kl)))
+    hashed = []
+    real = mf.sha256_file
+    monkeypatch.setattr(mf, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    with monkeypatch.context() as m:       # (the fixture's VAE is not this model's: only its file is checked here)
+        m.setattr("flowar.model.vae.load_decoder", lambda *a, **k: torch_stub())
+        for _ in range(3):
+            exported_from(d, ckpt=ck)
+        assert hashed.count("ck.safetensors") == 1 and hashed.count("kl.ckpt") == 1, hashed
+        for f, what in ((ck, "the checkpoint"), (kl, "the VAE")):
+            data = bytearray(f.read_bytes())
+            data[-1] ^= 1
+            f.write_bytes(bytes(data))
+            with pytest.raises(FlowARError, match=f"{what} the engine directory was exported from"):
+                exported_from(d, ckpt=ck)
+            data[-1] ^= 1
+            f.write_bytes(bytes(data))         # (put back: the next file's check is reached)
+        assert hashed.count("ck.safetensors") >= 2 and hashed.count("kl.ckpt") >= 2, hashed
+
+
+def torch_stub():
+    import torch
+    return torch.nn.Identity()
+
 def test_a_vae_folder_hash_covers_its_config_and_weights(exported, tmp_path):
     """One sha256 over a diffusers folder's config and weights files; other files (a README) not."""
     vae = tmp_path / "vae"
