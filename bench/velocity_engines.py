@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         print(f"  {name:<34} {t * 1e3:8.1f} ms   rel rms error {rows[-1][2]:.4f}", flush=True)
 
     report("eager fp32", lambda: mod(*args))
-    reduced = Reduced(mod, torch.bfloat16).eval()
+    reduced = Reduced(mod, torch.bfloat16, tuple(spec.inputs)).eval()
     report("eager, weights and activations bf16", lambda: reduced(*args))
     gemms = bf16_gemms(mod)
     report("torch-bf16 (bf16 GEMMs, fp32 around)", lambda: gemms(*args))

@@ -34,21 +34,32 @@ class ExportError(FlowARError):
     """A stage that cannot be exported or does not match eager PyTorch."""
 
 
+# Graph inputs a reduced graph takes in float32 and hands on as they are: the flow time, which the head
+# truncates to its integer timestep (t * 1000) in float32, as the official flownet does. Rounded
+# first, the official grid's times moved: to bf16, 6 of 24 (--steps 25) by up to 2 timesteps; to fp16,
+# 24 of 50 (--steps 50) by one (FlowAR-S's fp16 velocity was 0.9 off float32 eager at random times,
+# and its export refused; 1e-2 without).
+FLOAT32_INPUTS = ("t",)
+
+
 class Reduced(nn.Module):
     """Runs a stage's weights in fp16/bf16 with float32 graph inputs and outputs.
 
     The buffers that carry positions and timesteps (RoPE frequencies, the timestep table,
-    the mask) stay float32 where the module computes in float32 anyway; Linear/Conv weights and
-    activations take the reduced type. TensorRT 11 reads precision from these dtypes.
+    the mask) stay float32 where the module computes in float32 anyway, and so do the inputs
+    of :data:`FLOAT32_INPUTS` (``inputs``: the stage's input names, in order); Linear/Conv weights
+    and activations take the reduced type. TensorRT 11 reads precision from these dtypes.
     """
 
-    def __init__(self, module: nn.Module, dtype: torch.dtype):
+    def __init__(self, module: nn.Module, dtype: torch.dtype, inputs: tuple[str, ...] = ()):
         super().__init__()
         self.inner = copy.deepcopy(module).to(dtype)      # the caller's module stays float32
         self.dtype = dtype
+        self.keep = tuple(n in FLOAT32_INPUTS for n in inputs)
 
     def forward(self, *args):
-        cast = [a.to(self.dtype) if a.is_floating_point() else a for a in args]
+        keep = self.keep + (False,) * (len(args) - len(self.keep))
+        cast = [a.to(self.dtype) if a.is_floating_point() and not k else a for a, k in zip(args, keep)]
         out = self.inner(*cast)
         if isinstance(out, tuple):
             return tuple(o.float() for o in out)
@@ -96,7 +107,7 @@ def export_stage(spec: StageSpec, module: nn.Module, config: FlowARConfig, path:
     ex = sample_inputs(spec, config, k, rows, torch.Generator().manual_seed(0))
     if not weights:
         ex = {n: v.to("meta") for n, v in ex.items()}
-    mod = module if precision == "fp32" else Reduced(module, PRECISIONS[precision])
+    mod = module if precision == "fp32" else Reduced(module, PRECISIONS[precision], tuple(spec.inputs))
     try:
         with torch.no_grad(), _quiet():
             prog = torch.onnx.export(mod, tuple(ex[n] for n in spec.inputs), dynamo=True, opset_version=OPSET,

@@ -6,6 +6,7 @@ test asserts it; bench/RESULTS.md has the figures.)"""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -77,8 +78,10 @@ def test_the_bf16_decoder_computes_in_bf16_throughout(fixtures_dir, tiny_v1):
 
 
 def test_bf16_gemms_are_closer_to_float32_than_bf16_everywhere(tiny_v1):
-    """On the official fixture's head: float32 around the GEMMs keeps the velocity several times
-    closer to float32 than running weights and activations in bf16 (the former torch-bf16)."""
+    """On the official fixture's head: float32 around the GEMMs keeps the velocity closer to float32
+    than running weights and activations in bf16 (the former torch-bf16), the flow time in float32
+    for both (measured 1.5e-2 against 2.0e-2; with the time rounded to bf16 too, "everywhere" was
+    several times further)."""
     from flowar.export.onnx_export import Reduced
     from flowar.export.specs import sample_inputs, stage_specs
     model, _ = tiny_v1
@@ -87,10 +90,33 @@ def test_bf16_gemms_are_closer_to_float32_than_bf16_everywhere(tiny_v1):
     ins = sample_inputs(spec, model.config, 4, 2, torch.Generator().manual_seed(0))
     args = [ins[n] for n in spec.inputs]
     with torch.no_grad():
-        ref, gemms, everywhere = mod(*args), bf16_gemms(mod)(*args), Reduced(mod, torch.bfloat16)(*args)
+        ref, gemms, everywhere = mod(*args), bf16_gemms(mod)(*args), Reduced(mod, torch.bfloat16, spec.inputs)(*args)
     e_gemms, e_all = relative_error(gemms, ref), relative_error(everywhere, ref)
-    assert 1e-4 < e_gemms < 0.02 and e_gemms * 2 < e_all, (e_gemms, e_all)
+    assert 1e-4 < e_gemms < 0.02 and e_gemms * 1.15 < e_all, (e_gemms, e_all)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_reduced_graph_embeds_the_timesteps_of_its_float32_times(tiny_v1, dtype):
+    """fp16/bf16 graphs (TensorRT's) take the flow time in float32: the head truncates t * 1000 to
+    its integer timestep, and the official grid's times rounded first moved: to bf16, 6 of 24 (--steps
+    25) by up to 2 timesteps; to fp16, 24 of 50 (--steps 50) by one (FlowAR-S's fp16 export was
+    refused, its velocity 0.9 off at random times)."""
+    from flowar.export.onnx_export import Reduced
+    from flowar.export.specs import sample_inputs, stage_specs
+    from flowar.sampling.schedule import build_schedule
+    model, _ = tiny_v1
+    spec = stage_specs(model.config)["velocity"]
+    t = torch.cat([build_schedule(n, 4.3, 0.9, model.config.n_scales).t32 for n in (25, 50)])   # as the head gets them
+    want = torch.from_numpy(np.floor(t.numpy() * np.float32(1000)).astype(np.int64))   # the official rule, float32
+    ins = sample_inputs(spec, model.config, 0, len(t), torch.Generator().manual_seed(0)) | {"t": t}
+    red = Reduced(spec.module(model, None), dtype, tuple(spec.inputs))
+    seen = []
+    embed = next(m for n, m in red.named_modules() if n.endswith("time_embed"))
+    embed.register_forward_pre_hook(lambda _, args: seen.append(args[0].clone()))
+    with torch.no_grad():
+        red(*(ins[n] for n in spec.inputs))
+    assert len(seen) == 1 and torch.equal(seen[0].long().flatten(), want), (seen, want)
 
 def test_the_official_mixed_precision_is_emulated_faithfully(tiny_v1):
     """fp16 autocast with fp16 GEMMs computed in float32 gives what real fp16 autocast gives on
