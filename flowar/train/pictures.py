@@ -1,9 +1,10 @@
 """The pictures a training run writes: its loss curve (``loss.png``) and sample grids
-(``samples/stepNNNNNNN.png``). See :mod:`flowar.train.trainer`."""
+(``samples/stepNNNNNNN.png``); and its progress. See :mod:`flowar.train.trainer`."""
 
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,7 +14,7 @@ from flowar.io.files import atomic_write_bytes
 
 if TYPE_CHECKING:
     from flowar.model.ar import FlowAR
-    from flowar.train.trainer import TrainArgs
+    from flowar.train.trainer import TrainArgs, TrainState
 
 
 def own_grids(folder: Path) -> list[Path]:
@@ -54,3 +55,25 @@ def sample_grid(ema: FlowAR, args: TrainArgs, class_names: list[str], path: Path
     _, images = sample(EagerStages(ema, vae.decode), c, sched, labels, per_sample_noise(0, range(len(labels))),
                        decode=True)
     save_grid(images, [class_names[i] for i in labels.tolist()], path, columns=max(1, 40 // n) if n <= 40 else 8)
+
+
+class Progress:
+    """A tqdm bar on a terminal (when ``progress``), else a line every --log-every steps."""
+
+    def __init__(self, args: TrainArgs, state: TrainState, progress: bool):
+        from tqdm import tqdm
+        self.args, self.t0, self.first = args, time.perf_counter(), state.step
+        self.bar = tqdm(total=args.steps, initial=state.step, desc="train", unit="step",
+                        disable=None if progress else True)            # None: off when not on a terminal
+
+    def log(self, state: TrainState, lr: float) -> None:
+        self.bar.set_postfix(loss=f"{state.losses[-1]:.4f}")
+        self.bar.update(1)
+        n = self.args.log_every
+        if state.step % n == 0 and self.bar.disable:
+            rate = (state.step - self.first) / max(1e-9, time.perf_counter() - self.t0)
+            print(f"step {state.step}/{self.args.steps} loss {sum(state.losses[-n:]) / n:.4f} lr {lr:.2e} "
+                  f"{rate:.1f} step/s", flush=True)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-import time
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from torch import Tensor, nn
 from flowar.model.checkpoint import TRAIN_FORMAT_TAG, save_checkpoint
 from flowar.config import FlowARConfig, get_preset
 from flowar.train.data import Latents, index_dataset, load_latents
-from flowar.train.pictures import own_grids, plot_losses, sample_grid
+from flowar.train.pictures import Progress, own_grids, plot_losses, sample_grid
 from flowar.errors import FlowARError
 from flowar.model.ar import FlowAR
 from flowar.io.files import as_file
@@ -318,28 +317,6 @@ def mean_over_ranks(loss: Tensor, world: int) -> float:
         torch.distributed.all_reduce(loss)
         loss /= world
     return float(loss)
-
-
-class Progress:
-    """A tqdm bar on a terminal (when ``progress``), else a line every --log-every steps."""
-
-    def __init__(self, args: TrainArgs, state: TrainState, progress: bool):
-        from tqdm import tqdm
-        self.args, self.t0, self.first = args, time.perf_counter(), state.step
-        self.bar = tqdm(total=args.steps, initial=state.step, desc="train", unit="step",
-                        disable=None if progress else True)            # None: off when not on a terminal
-
-    def log(self, state: TrainState, lr: float) -> None:
-        self.bar.set_postfix(loss=f"{state.losses[-1]:.4f}")
-        self.bar.update(1)
-        n = self.args.log_every
-        if state.step % n == 0 and self.bar.disable:
-            rate = (state.step - self.first) / max(1e-9, time.perf_counter() - self.t0)
-            print(f"step {state.step}/{self.args.steps} loss {sum(state.losses[-n:]) / n:.4f} lr {lr:.2e} "
-                  f"{rate:.1f} step/s", flush=True)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 def checkpoint_and_sample(run: Run, args: TrainArgs, class_names: list[str], ckpt: Path, end: int) -> None:
