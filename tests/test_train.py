@@ -170,6 +170,38 @@ def test_a_resume_with_other_settings_or_fewer_steps_is_one_line_before_any_enco
     assert st.step == 3
 
 
+
+def test_a_resume_with_an_edited_config_file_or_renamed_class_folders_is_refused(small_world, tmp_path):
+    """The settings' names stayed while what they name changed: a --config file edited since (its
+    latent_scale: weights trained at one were written with another, exit 0; its head: a traceback
+    from load_state_dict) or --data's class folders renamed (class 0 then stood for other images,
+    exit 0) are one line naming what differs; unchanged, the run resumes."""
+    import shutil
+    from flowar.errors import FlowARError
+    from flowar.train.trainer import train
+    data = tmp_path / "data"
+    shutil.copytree(small_world / "data", data)
+    train(_args(small_world, tmp_path / "d", steps=1, data=str(data), cache_dir=str(tmp_path / "cache")), progress=False)
+    from flowar.model.checkpoint import load_model
+    _, ck = load_model(tmp_path / "d" / "model.safetensors")
+    (tmp_path / "c.json").write_text(ck.config.to_json())
+    train(_args(small_world, tmp_path / "r", steps=1, data=str(data), config=str(tmp_path / "c.json"),
+                cache_dir=str(tmp_path / "cache")), progress=False)
+    resume = _args(small_world, tmp_path / "r", steps=2, data=str(data), config=str(tmp_path / "c.json"),
+                   cache_dir=str(tmp_path / "cache"), resume=True)
+    for edit, needle in ((dict(latent_scale=0.5), f"latent_scale 0.5, began with {ck.config.latent_scale!r}"),
+                         (dict(head_block="v2" if ck.config.head_block == "v1" else "v1"), "head_block")):
+        (tmp_path / "c.json").write_text(ck.config.replace(**edit).to_json())
+        with pytest.raises(FlowARError, match="expected the model config and classes the run began with") as e:
+            train(resume, progress=False)
+        assert needle in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "c.json").write_text(ck.config.to_json())
+    (data / "disc").rename(data / "zz disc")                     # the same images, class ids swapped
+    with pytest.raises(FlowARError, match=r"--data's classes \['square', 'zz disc'\], began with \['disc', 'square'\]"):
+        train(resume, progress=False)
+    (data / "zz disc").rename(data / "disc")
+    assert train(resume, progress=False).step == 2
+
 def test_the_trainer_joins_torchrun_over_gloo_also_where_a_gpu_is_seen(monkeypatch):
     """It computes on the CPU, so its process group is gloo's (NCCL takes CUDA tensors only: it
     chose NCCL wherever PyTorch saw a GPU)."""

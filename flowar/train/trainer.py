@@ -252,6 +252,25 @@ def check_args(args: TrainArgs, world: int, n_images: int) -> Path:
     return ckpt
 
 
+def check_resumed(ckpt: Path, config: FlowARConfig, class_names: list[str]) -> None:
+    """A resumed run's model and classes are those it began with, not only its settings' names: a
+    --config file edited since (its latent_scale: weights trained at one were written with another;
+    its shapes: a traceback) and --data's class folders renamed (class 0 stood for other images from
+    the resumed step on) are refused, each naming what differs."""
+    from safetensors import safe_open
+
+    from flowar.model.checkpoint import META_CLASSES, META_CONFIG
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta = f.metadata()
+    now, began = config.to_dict(), FlowARConfig.from_json(meta[META_CONFIG], str(ckpt)).to_dict()
+    wrong = [f"{k} {now[k]!r}, began with {began[k]!r}" for k in now if now[k] != began[k]]
+    names = json.loads(meta.get(META_CLASSES, "null"))
+    wrong += [f"--data's classes {class_names}, began with {names}"] * (names is not None and names != class_names)
+    if wrong:
+        raise FlowARError("the model config and classes the run began with, to resume it", "; ".join(wrong),
+                          "restore --config and --data as they were, or start afresh in another --out")
+
+
 RUN_DEFINING = ("data", "vae", "size", "preset", "config", "batch", "lr", "warmup", "min_lr_ratio", "weight_decay", "grad_clip",
                 "ema_decay", "label_drop", "seed")                  # what a resumed run keeps (a --steps below: no weights)
 
@@ -341,6 +360,8 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
     from flowar.io.files import user_cache
     lat = load_latents(args.data, args.size, args.vae, args.cache_dir or user_cache("latents"), data)
     config = build_config(args, lat)
+    if args.resume:
+        check_resumed(ckpt, config, lat.class_names)
     run = build_run(args, config, world, ckpt)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not args.resume:       # an earlier start's grids and plot (stopped before its first checkpoint)
