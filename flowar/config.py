@@ -109,9 +109,11 @@ class FlowARConfig:
         problems = [f"{name}={getattr(self, name)!r} (needs an int in 1..{hi})" for name, hi in INT_LIMITS.items()
                     if not (type(getattr(self, name)) is int and 1 <= getattr(self, name) <= hi)]
         s = self.scales
+        # (the first scale is the class token's one position: a first side of 2 sampled it broadcast, and trained
+        # only to fail, "AR input has 46 tokens, scales 0..2 need 49")
         if not (isinstance(s, (tuple, list)) and s and all(type(x) is int and 1 <= x <= MAX_SCALE_SIDE for x in s)
-                and all(a < b for a, b in zip(s, s[1:]))):
-            problems.append(f"scales={s!r} (needs strictly increasing ints in 1..{MAX_SCALE_SIDE})")
+                and all(a < b for a, b in zip(s, s[1:])) and s[0] == 1):
+            problems.append(f"scales={s!r} (needs strictly increasing ints in 1..{MAX_SCALE_SIDE}, the first 1)")
         x = self.latent_scale
         if not (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0):
             problems.append(f"latent_scale={x!r} (needs a finite number > 0)")

@@ -52,6 +52,7 @@ def test_preset_parameter_counts(fixtures_dir):
 
 @pytest.mark.parametrize("bad", [
     dict(head_block="v3"), dict(ar_heads=5), dict(scales=(1, 4, 2)), dict(latent_scale=0.0), dict(head_heads=3),
+    dict(scales=(2, 3, 6)),                # (the first scale is the class token's one position: training failed)
 ])
 def test_inconsistent_configs_are_refused(bad):
     with pytest.raises(ConfigError):
