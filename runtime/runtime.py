@@ -221,7 +221,7 @@ class Runtime(contextlib.AbstractContextManager):
         return rt
 
     @classmethod
-    def open_checkpoint(cls, path: str | Path, *, preset: str | None = None, config: str | Path | None = None,
+    def open_checkpoint(cls, path: str | Path, *, preset: str | None = None, config: str | Path | FlowARConfig | None = None,
                         vae: str | Path | None = None, raw_weights: bool = False, device: str | None = None,
                         threads: int | None = None, precision: str = "fp32", cuda_graphs: bool = True) -> "Runtime":
         """A checkpoint (official .pth, training checkpoint, or .safetensors) in eager PyTorch;

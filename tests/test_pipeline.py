@@ -552,3 +552,25 @@ def test_what_a_diffusers_user_reaches_for_next(default_auto_engines, monkeypatc
     assert str(said).endswith("with flowar-export --backend trt, or use backend ort"), said
     said = in_python_terms(FlowARError("--precision fp32 or bf16", "x", "check the --config path; drop --raw-weights"))
     assert "--" not in str(said) and "raw_weights" in str(said) and "config path" in str(said), said
+
+
+def test_from_pretrained_takes_the_config_itself_or_its_path_and_names_what_differs():
+    """config= may be the FlowARConfig a Python user holds (it was a TypeError: "expected str, bytes
+    or os.PathLike object, not FlowARConfig"), sampling as the file's own; another type is one line;
+    a config other than the file's names the fields that differ."""
+    from conftest import DEFAULT_CKPT
+    from flowar import FlowARPipeline
+    from flowar.errors import FlowARError
+    from flowar.model.checkpoint import load_model
+    own = load_model(DEFAULT_CKPT)[1].config
+    tokens = []
+    for config in (None, own):
+        with FlowARPipeline.from_pretrained(str(DEFAULT_CKPT), config=config) as pipe:
+            pipe.set_progress_bar_config(disable=True)
+            tokens.append(pipe([3], seed=0, num_inference_steps=4, output_type="latent").images)
+    assert torch.equal(tokens[0], tokens[1])
+    with pytest.raises(FlowARError, match="expected config: a config JSON's path or a FlowARConfig; got 3") as e:
+        FlowARPipeline.from_pretrained(str(DEFAULT_CKPT), config=3)
+    assert "\n" not in str(e.value)
+    with pytest.raises(FlowARError, match=r"a different preset=/config= \(latent_scale 0.5, the file's 1.07"):
+        FlowARPipeline.from_pretrained(str(DEFAULT_CKPT), config=own.replace(latent_scale=0.5))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import warnings
@@ -312,11 +313,18 @@ def resolve_config(ck: LoadedCheckpoint, preset: str | None = None, config_path:
     """The config to build: named by the user (or the caller), else stored in the file; never guessed."""
     if sum(x is not None for x in (preset, config_path, config)) > 1:
         raise ConfigError("either --preset or --config", "both", "pass only one of them")
+    if isinstance(config_path, FlowARConfig):           # (the Python API's config=, given as the config itself)
+        config_path, config = None, config_path
+    elif not (config_path is None or isinstance(config_path, (str, os.PathLike))):
+        raise ConfigError("config: a config JSON's path or a FlowARConfig", repr(config_path)[:60],
+                          "pass e.g. config='my.json' or config=FlowARConfig.load('my.json')")
     named = (get_preset(preset) if preset else FlowARConfig.load(config_path) if config_path else config)
     if named is not None:
         if ck.config is not None and named != ck.config:
-            raise ConfigError(f"a config equal to the one stored in {ck.path.name}",
-                              "a different --preset/--config", "drop --preset/--config: the file describes itself")
+            mine, theirs = named.to_dict(), ck.config.to_dict()
+            raise ConfigError(f"a config equal to the one stored in {ck.path.name}", "a different --preset/--config ("
+                              + "; ".join(f"{k} {v!r}, the file's {theirs[k]!r}" for k, v in mine.items() if v != theirs[k])
+                              + ")", "drop --preset/--config: the file describes itself")
         return named
     if ck.config is not None:
         return ck.config

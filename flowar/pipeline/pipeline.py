@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from flowar.config import FlowARConfig
 from flowar.errors import FlowARError
 from flowar.runtime.runtime import Runtime
 from flowar.sampling.batches import SampleResult
@@ -66,15 +67,16 @@ class FlowARPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, backend: str = "auto", preset: str | None = None,
-                        config: str | Path | None = None, vae: str | Path | None = None,
+                        config: str | Path | FlowARConfig | None = None, vae: str | Path | None = None,
                         device: str | None = None, threads: int | None = None, raw_weights: bool = False,
                         cuda_graphs: bool = True, precision: str = "fp32") -> "FlowARPipeline":
         """An engine directory (a folder with ``manifest.json``) or a checkpoint file.
 
         ``backend`` (engine directories): ``auto`` (TensorRT where usable, else the directory's
         ``--precision auto`` choice, else ONNX Runtime), ``ort``, ``trt``, ``torch``. ``preset`` /
-        ``config`` / ``vae`` / ``raw_weights`` / ``precision`` (``bf16``: GEMMs in bf16 with float32
-        around them): for checkpoints (official files carry no config). ``threads``: CPU cores to
+        ``config`` (a config JSON's path, or a :class:`~flowar.config.FlowARConfig`) / ``vae`` /
+        ``raw_weights`` / ``precision`` (``bf16``: GEMMs in bf16 with float32 around them): for
+        checkpoints (official files carry no config). ``threads``: CPU cores to
         compute on (default: every core this process may use).
         """
         if not isinstance(path, (str, os.PathLike)):
