@@ -202,6 +202,20 @@ def test_a_resume_with_an_edited_config_file_or_renamed_class_folders_is_refused
     (data / "zz disc").rename(data / "disc")
     assert train(resume, progress=False).step == 2
 
+
+def test_class_folders_that_differ_only_in_case_are_refused_before_training(small_world, tmp_path):
+    """Requests name classes whatever the case: folders "disc" and "Disc" trained a model whose two
+    classes no name could reach; refused before the first step, no run folder left."""
+    import shutil
+    from flowar.errors import FlowARError
+    from flowar.train.trainer import train
+    shutil.copytree(small_world / "data", tmp_path / "data")
+    (tmp_path / "data" / "square").rename(tmp_path / "data" / "Disc")
+    with pytest.raises(FlowARError, match="differ beyond case and spacing .*got 'Disc' and 'disc'"):
+        train(_args(small_world, tmp_path / "r", data=str(tmp_path / "data"), cache_dir=str(tmp_path / "c")),
+              progress=False)
+    assert not (tmp_path / "r").exists()
+
 def test_the_trainer_joins_torchrun_over_gloo_also_where_a_gpu_is_seen(monkeypatch):
     """It computes on the CPU, so its process group is gloo's (NCCL takes CUDA tensors only: it
     chose NCCL wherever PyTorch saw a GPU)."""

@@ -359,6 +359,8 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], confi
     from safetensors.torch import save_file
     meta = {META_FORMAT: FORMAT_TAG, META_CONFIG: config.to_json()}
     if class_names is not None:
+        from flowar.sampling.labels import check_names
+        check_names(class_names, f"to save in {Path(path).name}")
         meta[META_CLASSES] = json.dumps(list(class_names))
     meta.update(extra or {})
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}

@@ -40,6 +40,7 @@ from flowar.train.pictures import Progress, own_grids, plot_losses, sample_grid
 from flowar.errors import FlowARError
 from flowar.model.ar import FlowAR
 from flowar.io.files import as_file
+from flowar.sampling.labels import check_names
 from flowar.sampling.sampler import hand_off
 
 
@@ -103,6 +104,7 @@ def default_config(latent_side: int, latent_channels: int, num_classes: int, lat
 def build_config(args: TrainArgs, lat: Latents) -> FlowARConfig:
     """--config as given, or --preset's (default tiny) widths on the data's latent grid; either must fit it."""
     side, C, n_cls = lat.mean.shape[-1], lat.mean.shape[1], len(lat.class_names)
+    check_names(lat.class_names, f"--data's class folders, {args.data}")     # (before training, not at its end)
     if side < 2:                       # (--size 7 trained a model of one 1x1 scale)
         raise FlowARError("--size giving a latent map of at least 2x2 through the VAE (two scales or more)",
                           f"--size {args.size}: {side}x{side}", "use e.g. --size 32")
