@@ -315,7 +315,7 @@ def read_manifest(root: str | Path, verify_hashes: bool = False) -> Manifest:
     if not mpath.is_file():
         raise EngineDirError(f"{MANIFEST} in the engine directory", f"none in {root} (not a folder flowar-export wrote)",
                              "pass the folder flowar-export wrote, or export one: flowar-export --ckpt CKPT --out "
-                             "A_NEW_FOLDER (a checkpoint file opens with --ckpt)")
+                             "A_NEW_FOLDER (flowar-run and flowar-judge also open a checkpoint file itself: --ckpt)")
     try:
         m = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -207,7 +207,7 @@ def test_class_names_a_request_could_not_tell_apart_are_not_saved_and_an_exact_o
 def test_a_file_whose_metadata_contradicts_its_weights_says_so(tmp_path, official_sd):
     p = tmp_path / "self.safetensors"
     save_checkpoint(p, official_sd, PRESETS["tiny"].replace(num_classes=10))
-    with pytest.raises(CheckpointError, match="metadata does not match its weights") as e:
+    with pytest.raises(CheckpointError, match="do not match the config in its metadata") as e:
         load_model(p)
     assert "--preset" not in e.value.fix and "--config" not in e.value.fix
 

@@ -196,6 +196,7 @@ def test_export_then_run_from_the_engine_directory(fixtures_dir, tiny_v1, noise2
     res = CliRunner().invoke(export_cmd, ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny",
                                           "--out", str(tmp_path / "eng"), "--max-batch", "2", "--no-verify"])
     assert res.exit_code == 0, res.output
+    assert "max batch 2; tokens only, no decoder: export with --vae for images)" in res.output   # (said at once)
     out = tmp_path / "T.safetensors"
     res = CliRunner().invoke(run, ["--engine-dir", str(tmp_path / "eng"), "--labels", "3,7", "--noise", str(noise25),
                                    "--save-tokens", str(out), "--threads", "2"])      # row blocks on two cores

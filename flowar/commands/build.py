@@ -78,9 +78,10 @@ class BuildReport:
                        "mapped files, such as the checkpoint, not counted; sampled every 0.2 s)")
         return out + (self.precision.lines() if self.precision is not None else []) + [f"  note: {n}" for n in self.notes]
 
-    def summary(self, precision: str, max_batch: int) -> str:
+    def summary(self, precision: str, max_batch: int, decodes: bool = True) -> str:
         """flowar-export's last line: where, what runs (the engine chosen per stage where the export
-        measured them; the ONNX graphs stay as the fallback), the batch limit and the time."""
+        measured them; the ONNX graphs stay as the fallback), the batch limit, tokens only (no
+        decoder: said here, not first by a later command's refusal) and the time."""
         chose = self.precision.choice if self.precision is not None else {}
         if chose:
             kinds = set(chose.values())
@@ -89,7 +90,9 @@ class BuildReport:
             runs += "; TensorRT plans" if "trt" in self.backends else ""
         else:
             runs = f"{', '.join(self.backends)}, {precision}"
-        return f"engine directory -> {self.out} ({runs}, max batch {max_batch}) in {sum(self.seconds.values()):.0f} s"
+        tokens = "" if decodes else "; tokens only, no decoder: export with --vae for images"
+        return (f"engine directory -> {self.out} ({runs}, max batch {max_batch}{tokens}) in "
+                f"{sum(self.seconds.values()):.0f} s")
 
 
 def check_request(req: ExportRequest):

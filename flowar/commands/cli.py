@@ -196,7 +196,7 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
     bar.close()
     for line in rep.lines():
         click.echo(line)
-    click.echo(rep.summary(precision, max_batch))
+    click.echo(rep.summary(precision, max_batch, decodes=vae is not None))
 
 
 def _positive(*named) -> None:

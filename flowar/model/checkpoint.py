@@ -275,8 +275,8 @@ def check_fits(sd: dict[str, torch.Tensor], config: FlowARConfig, path: Path | s
     if not diffs:
         return
     if from_metadata:       # (a --preset or --config would be refused: the file describes itself)
-        fix = ("the config in the file's metadata does not match its weights: save the weights again with "
-               "the config they were trained with (save_checkpoint)")
+        fix = ("the file's weights do not match the config in its metadata (keys missing or extra, or shapes): save "
+               "the model's own state_dict again with the config it was trained with (save_checkpoint)")
     else:
         fits = fitting_presets(sd)
         fix = (f"this file fits the preset {fits[0]}: pass --preset {fits[0]}" if fits else
