@@ -103,6 +103,18 @@ class FlowARPipeline:
                          self.runtime.config.num_classes, self.runtime.class_names)
 
     @property
+    def labels(self) -> dict[str, int]:
+        """Every class name this model answers to, with its id (as diffusers' DiT pipeline has it):
+        each class's display name and synonyms ({} for a model without names). A name two classes
+        share (ImageNet's "crane") maps to the first; :meth:`get_label_ids` refuses it instead."""
+        names = self.runtime.class_names
+        out: dict[str, int] = {}
+        for i, synonyms in enumerate(names.synonyms if names is not None else ()):
+            for n in synonyms:
+                out.setdefault(n, i)
+        return out
+
+    @property
     def device(self) -> torch.device:
         """Where the pipeline samples (its engines decide, or ``device`` at :meth:`from_pretrained`)."""
         return self.runtime.device
