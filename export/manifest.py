@@ -168,7 +168,11 @@ class Manifest:
         if os.access(self.root, os.W_OK) and not record.is_symlink():
             from flowar.io.files import atomic_write_bytes
             try:
-                atomic_write_bytes(record, lambda t: Path(t).write_text(json.dumps(known | {key: state}) + "\n"))
+                # (a file outside, "<kind> <absolute path>", replaces its kind's last one: the record keeps no paths of
+                # checkpoints passed before)
+                kind = key.split(" ", 1)[0] + " /" if " /" in key else None
+                kept = {k: v for k, v in known.items() if kind is None or not k.startswith(kind)}
+                atomic_write_bytes(record, lambda t: Path(t).write_text(json.dumps(kept | {key: state}) + "\n"))
             except (OSError, FlowARError):        # (a record is an optimisation: the file was hashed)
                 pass
         return True

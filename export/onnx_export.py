@@ -51,15 +51,14 @@ class Reduced(nn.Module):
     and activations take the reduced type. TensorRT 11 reads precision from these dtypes.
     """
 
-    def __init__(self, module: nn.Module, dtype: torch.dtype, inputs: tuple[str, ...] = ()):
+    def __init__(self, module: nn.Module, dtype: torch.dtype, inputs: tuple[str, ...]):
         super().__init__()
         self.inner = copy.deepcopy(module).to(dtype)      # the caller's module stays float32
         self.dtype = dtype
         self.keep = tuple(n in FLOAT32_INPUTS for n in inputs)
 
     def forward(self, *args):
-        keep = self.keep + (False,) * (len(args) - len(self.keep))
-        cast = [a.to(self.dtype) if a.is_floating_point() and not k else a for a, k in zip(args, keep)]
+        cast = [a.to(self.dtype) if a.is_floating_point() and not k else a for a, k in zip(args, self.keep, strict=True)]
         out = self.inner(*cast)
         if isinstance(out, tuple):
             return tuple(o.float() for o in out)

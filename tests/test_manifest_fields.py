@@ -183,6 +183,11 @@ def test_backend_torch_hashes_its_checkpoint_and_vae_file_once_and_refuses_them_
             data[-1] ^= 1
             f.write_bytes(bytes(data))         # (put back: the next file's check is reached)
         assert hashed.count("ck.safetensors") >= 2 and hashed.count("kl.ckpt") >= 2, hashed
+        for i in range(3):                     # the checkpoint from other paths: the record keeps the last one's
+            shutil.copy(ck, tmp_path / f"ck{i}.safetensors")
+            exported_from(d, ckpt=tmp_path / f"ck{i}.safetensors")
+        keys = json.loads((d / ".verified.json").read_text())
+        assert [k for k in keys if k.startswith("checkpoint ")] == [f"checkpoint {(tmp_path / 'ck2.safetensors').resolve()}"]
 
 
 def torch_stub():

@@ -171,36 +171,42 @@ def test_a_resume_with_other_settings_or_fewer_steps_is_one_line_before_any_enco
 
 
 
-def test_a_resume_with_an_edited_config_file_or_renamed_class_folders_is_refused(small_world, tmp_path):
+def test_a_resume_with_an_edited_config_file_or_renamed_class_folders_is_refused_before_encoding(small_world, tmp_path,
+                                                                                               monkeypatch):
     """The settings' names stayed while what they name changed: a --config file edited since (its
     latent_scale: weights trained at one were written with another, exit 0; its head: a traceback
     from load_state_dict) or --data's class folders renamed (class 0 then stood for other images,
-    exit 0) are one line naming what differs; unchanged, the run resumes."""
+    exit 0) are one line naming what differs, before the latents are encoded; unchanged, the run
+    resumes."""
     import shutil
+    import flowar.train.trainer as trainer
     from flowar.errors import FlowARError
-    from flowar.train.trainer import train
-    data = tmp_path / "data"
-    shutil.copytree(small_world / "data", data)
-    train(_args(small_world, tmp_path / "d", steps=1, data=str(data), cache_dir=str(tmp_path / "cache")), progress=False)
     from flowar.model.checkpoint import load_model
+    data, cache = tmp_path / "data", str(tmp_path / "cache")
+    shutil.copytree(small_world / "data", data)
+    trainer.train(_args(small_world, tmp_path / "d", steps=1, data=str(data), cache_dir=cache), progress=False)
     _, ck = load_model(tmp_path / "d" / "model.safetensors")
     (tmp_path / "c.json").write_text(ck.config.to_json())
-    train(_args(small_world, tmp_path / "r", steps=1, data=str(data), config=str(tmp_path / "c.json"),
-                cache_dir=str(tmp_path / "cache")), progress=False)
+    trainer.train(_args(small_world, tmp_path / "r", steps=1, data=str(data), config=str(tmp_path / "c.json"),
+                        cache_dir=cache), progress=False)
     resume = _args(small_world, tmp_path / "r", steps=2, data=str(data), config=str(tmp_path / "c.json"),
-                   cache_dir=str(tmp_path / "cache"), resume=True)
-    for edit, needle in ((dict(latent_scale=0.5), f"latent_scale 0.5, began with {ck.config.latent_scale!r}"),
-                         (dict(head_block="v2" if ck.config.head_block == "v1" else "v1"), "head_block")):
+                   cache_dir=cache, resume=True)
+    real = trainer.load_latents
+    monkeypatch.setattr(trainer, "load_latents", lambda *a, **k: (_ for _ in ()).throw(AssertionError("encoded")))
+    other = "v2" if ck.config.head_block == "v1" else "v1"
+    for edit, needle in ((dict(latent_scale=0.5), f"--config's latent_scale 0.5, began with {ck.config.latent_scale!r}"),
+                         (dict(head_block=other), f"--config's head_block '{other}'")):
         (tmp_path / "c.json").write_text(ck.config.replace(**edit).to_json())
-        with pytest.raises(FlowARError, match="expected the model config and classes the run began with") as e:
-            train(resume, progress=False)
+        with pytest.raises(FlowARError, match="expected the settings the run began with") as e:
+            trainer.train(resume, progress=False)
         assert needle in str(e.value) and "\n" not in str(e.value)
     (tmp_path / "c.json").write_text(ck.config.to_json())
     (data / "disc").rename(data / "zz disc")                     # the same images, class ids swapped
     with pytest.raises(FlowARError, match=r"--data's classes \['square', 'zz disc'\], began with \['disc', 'square'\]"):
-        train(resume, progress=False)
+        trainer.train(resume, progress=False)
     (data / "zz disc").rename(data / "disc")
-    assert train(resume, progress=False).step == 2
+    monkeypatch.setattr(trainer, "load_latents", real)
+    assert trainer.train(resume, progress=False).step == 2
 
 
 def test_class_folders_that_differ_only_in_case_are_refused_before_training(small_world, tmp_path):

@@ -104,15 +104,13 @@ class FlowARPipeline:
 
     @property
     def labels(self) -> dict[str, int]:
-        """Every class name this model answers to, with its id (as diffusers' DiT pipeline has it):
-        each class's display name and synonyms ({} for a model without names). A name two classes
-        share (ImageNet's "crane") maps to the first; :meth:`get_label_ids` refuses it instead."""
+        """Every class name this model answers to, with its id, sorted by name, as diffusers' DiT
+        pipeline has it: each class's display name and synonyms ({} for a model without names). A
+        name two classes share (ImageNet's "crane") maps to the last, as there; :meth:`get_label_ids`
+        refuses it instead, naming both."""
         names = self.runtime.class_names
-        out: dict[str, int] = {}
-        for i, synonyms in enumerate(names.synonyms if names is not None else ()):
-            for n in synonyms:
-                out.setdefault(n, i)
-        return out
+        out = {n: i for i, synonyms in enumerate(names.synonyms if names is not None else ()) for n in synonyms}
+        return dict(sorted(out.items()))
 
     @property
     def device(self) -> torch.device:

@@ -62,9 +62,6 @@ class ClassNames(tuple):
                               f"{', '.join(self[:3])})", repr(name),
                               f"did you mean {' or '.join(repr(s) for s in shown)}?" if shown
                               else "check the spelling, or pass class ids")
-        exact = [i for i in ids if name in self.synonyms[i]]      # (a file's case-twins: the exact one wins)
-        if len(ids) > 1 and len(exact) == 1:
-            return exact[0]
         if len(ids) > 1:
             raise FlowARError("a class name that names one class", f"{name!r}, which names "
                               + "; ".join(f"{i} ({self[i]})" for i in ids),
@@ -87,16 +84,18 @@ def _key(name: str) -> str:
     return " ".join(name.replace("_", " ").split()).casefold()
 
 
-def check_names(names: Sequence[str], where: str) -> None:
-    """Refuse class names a request could not tell apart: empty ones, and two that match as one
-    (names match whatever the case and spacing: classes "Dog" and "dog" made both unreachable by
-    name). Checked where names are written (a checkpoint, a training run's data)."""
+def check_names(names: Sequence[str], where: str, apart: bool = False) -> None:
+    """Refuse class names no request could name: empty ones; ``apart``: also two that match as one
+    (names match whatever the case and spacing: class folders "Dog" and "dog" trained a model whose
+    two classes no name could reach). Where names are written: a checkpoint (not ``apart``: a name
+    two classes share is told as such, ImageNet's "crane" 134 and 517, "Cardigan" and "cardigan"),
+    a training run's class folders (``apart``)."""
     seen: dict[str, str] = {}
     for n in names:
         if not isinstance(n, str) or not _key(n):
             raise FlowARError(f"class names that are non-empty strings ({where})", repr(n)[:60],
                               "name every class (e.g. its folder's name)")
-        if _key(n) in seen:
+        if apart and _key(n) in seen:
             raise FlowARError(f"class names that differ beyond case and spacing ({where})",
                               f"{seen[_key(n)]!r} and {n!r}", "rename one of them")
         seen[_key(n)] = n

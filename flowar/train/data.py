@@ -37,6 +37,7 @@ _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 class DatasetIndex:
     digest: str                 # sha256 over class names, image names and bytes (never the folder's path)
     count: int                  # number of images
+    classes: tuple[str, ...] = ()   # the class names, in id order
 
 
 @dataclass(slots=True)
@@ -157,12 +158,12 @@ def index_dataset(spec: str) -> DatasetIndex:
     if spec == "animal-mnist":
         data_path, label_path = animal_mnist_files()
         add(b"animal-mnist", data_path.read_bytes(), label_path.read_bytes())
-        return DatasetIndex(h.hexdigest(), len(_load_numpy_pickle_gz(label_path)))
+        return DatasetIndex(h.hexdigest(), len(_load_numpy_pickle_gz(label_path)), tuple(ANIMAL_MNIST_CLASSES))
     classes, items = _folder_items(spec)
     add(b"folder", *(c.encode() for c in classes))
     for ci, p in items:
         add(str(ci).encode(), p.name.encode(), p.read_bytes())
-    return DatasetIndex(h.hexdigest(), len(items))
+    return DatasetIndex(h.hexdigest(), len(items), tuple(classes))
 
 
 # ---- latents (flowar-train encodes the data once per VAE and caches it) -------------------------

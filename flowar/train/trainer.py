@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowar.model.checkpoint import TRAIN_FORMAT_TAG, save_checkpoint
+from flowar.model.checkpoint import META_CLASSES, META_CONFIG, TRAIN_FORMAT_TAG, save_checkpoint
 from flowar.config import FlowARConfig, get_preset
-from flowar.train.data import Latents, index_dataset, load_latents
+from flowar.train.data import DatasetIndex, Latents, index_dataset, load_latents
 from flowar.train.pictures import Progress, own_grids, plot_losses, sample_grid
 from flowar.errors import FlowARError
 from flowar.model.ar import FlowAR
@@ -101,15 +101,15 @@ def default_config(latent_side: int, latent_channels: int, num_classes: int, lat
                                                 num_classes=num_classes, latent_scale=round(latent_scale, 4))
 
 
-def build_config(args: TrainArgs, lat: Latents) -> FlowARConfig:
-    """--config as given, or --preset's (default tiny) widths on the data's latent grid; either must fit it."""
+def build_config(args: TrainArgs, lat: Latents, began: FlowARConfig | None = None) -> FlowARConfig:
+    """--config as given, or --preset's (default tiny) widths on the data's latent grid, or a resumed
+    run's own (``began``: its latent_scale derived again could differ in the last digit); it must fit."""
     side, C, n_cls = lat.mean.shape[-1], lat.mean.shape[1], len(lat.class_names)
-    check_names(lat.class_names, f"--data's class folders, {args.data}")     # (before training, not at its end)
     if side < 2:                       # (--size 7 trained a model of one 1x1 scale)
         raise FlowARError("--size giving a latent map of at least 2x2 through the VAE (two scales or more)",
                           f"--size {args.size}: {side}x{side}", "use e.g. --size 32")
-    if args.config:
-        config = FlowARConfig.load(args.config)
+    if began is not None or args.config:
+        config = began or FlowARConfig.load(args.config)
     else:
         # Unit variance for the model's input: measured on one posterior draw of the whole data.
         draw = lat.mean + lat.std * torch.randn(lat.mean.shape, generator=_gen(args.seed, -1))
@@ -208,8 +208,11 @@ def init_process_group() -> tuple[int, int]:
     return world, (torch.distributed.get_rank() if world > 1 else 0)
 
 
-def check_args(args: TrainArgs, world: int, n_images: int) -> Path:
-    """Every user error that needs no encoding, before any work; returns checkpoint-last's path."""
+def check_args(args: TrainArgs, world: int, data: DatasetIndex) -> tuple[Path, FlowARConfig | None]:
+    """Every user error that needs no encoding, before any work; returns checkpoint-last's path and,
+    resuming, the config the run began with."""
+    n_images = data.count
+    check_names(data.classes, f"--data's class folders, {args.data}", apart=True)
     if args.preset and args.config:
         raise FlowARError("either --preset or --config", "both", "pass only one")
     if args.batch % world:
@@ -242,35 +245,24 @@ def check_args(args: TrainArgs, world: int, n_images: int) -> Path:
         try:
             from safetensors import safe_open
             with safe_open(str(ckpt), framework="pt") as f:
-                step, began = int(f.metadata()["step"]), json.loads(f.metadata()["train_args"])
+                meta = f.metadata()
+            step, began = int(meta["step"]), json.loads(meta["train_args"])
+            config, names = FlowARConfig.from_json(meta[META_CONFIG]), json.loads(meta.get(META_CLASSES, "null"))
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is one line
             raise FlowARError("a flowar-train checkpoint to resume", f"{ckpt}: {e!r:.120}", "start afresh elsewhere") from None
         wrong = [f"{k} {getattr(args, k)!r}, began with {began.get(k)!r}" for k in RUN_DEFINING if as_file(began.get(
             k)) != as_file(getattr(args, k))] + [f"--steps {args.steps} below its step {step}"] * (args.steps < step)
+        # what the names name, too: a --config file edited since (latent_scale: weights trained at one were written
+        # with another; shapes: a traceback) and --data's class folders renamed (class 0 other images from here on)
+        given, was = (FlowARConfig.load(args.config).to_dict() if args.config else {}), config.to_dict()
+        wrong += [f"--config's {k} {v!r}, began with {was[k]!r}" for k, v in given.items() if v != was[k]]
+        wrong += [f"--data's classes {list(data.classes)}, began with {names}"] * (names not in (None, list(data.classes)))
         if wrong:
             raise FlowARError("the settings the run began with, and --steps at least its step, to resume it",
                               "; ".join(wrong), "run with the settings it began with (only --steps and the intervals "
                               "may change), or start afresh in another --out")
-    return ckpt
-
-
-def check_resumed(ckpt: Path, config: FlowARConfig, class_names: list[str]) -> None:
-    """A resumed run's model and classes are those it began with, not only its settings' names: a
-    --config file edited since (its latent_scale: weights trained at one were written with another;
-    its shapes: a traceback) and --data's class folders renamed (class 0 stood for other images from
-    the resumed step on) are refused, each naming what differs."""
-    from safetensors import safe_open
-
-    from flowar.model.checkpoint import META_CLASSES, META_CONFIG
-    with safe_open(str(ckpt), framework="pt") as f:
-        meta = f.metadata()
-    now, began = config.to_dict(), FlowARConfig.from_json(meta[META_CONFIG], str(ckpt)).to_dict()
-    wrong = [f"{k} {now[k]!r}, began with {began[k]!r}" for k in now if now[k] != began[k]]
-    names = json.loads(meta.get(META_CLASSES, "null"))
-    wrong += [f"--data's classes {class_names}, began with {names}"] * (names is not None and names != class_names)
-    if wrong:
-        raise FlowARError("the model config and classes the run began with, to resume it", "; ".join(wrong),
-                          "restore --config and --data as they were, or start afresh in another --out")
+        return ckpt, config
+    return ckpt, None
 
 
 RUN_DEFINING = ("data", "vae", "size", "preset", "config", "batch", "lr", "warmup", "min_lr_ratio", "weight_decay", "grad_clip",
@@ -358,12 +350,10 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
     """
     world, rank = init_process_group()
     data = index_dataset(args.data)
-    ckpt = check_args(args, world, data.count)
+    ckpt, began = check_args(args, world, data)
     from flowar.io.files import user_cache
     lat = load_latents(args.data, args.size, args.vae, args.cache_dir or user_cache("latents"), data)
-    config = build_config(args, lat)
-    if args.resume:
-        check_resumed(ckpt, config, lat.class_names)
+    config = build_config(args, lat, began)
     run = build_run(args, config, world, ckpt)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not args.resume:       # an earlier start's grids and plot (stopped before its first checkpoint)
