@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from flowar.errors import FlowARError
+from flowar.io.digests import hasher, vae_digest
 
 ANIMAL_MNIST_CLASSES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -138,23 +139,13 @@ def load_dataset(spec: str, size: int) -> ImageSet:
     return load_image_folder(spec, size)
 
 
-def _hasher():
-    """A sha256 fed length-prefixed parts, so no two part sequences hash alike."""
-    h = hashlib.sha256()
-    def add(*parts: bytes) -> None:
-        for part in parts:
-            h.update(len(part).to_bytes(8, "little"))
-            h.update(part)
-    return h, add
-
-
 def index_dataset(spec: str) -> DatasetIndex:
     """Digest and image count of ``spec`` (as :func:`load_dataset` reads it), without decoding images.
 
     The digest covers the class names, each image's class/file name (they fix labels and order)
     and its bytes; not the folder's path or file times, so a copied folder keeps its digest.
     """
-    h, add = _hasher()
+    h, add = hasher()
     if spec == "animal-mnist":
         data_path, label_path = animal_mnist_files()
         add(b"animal-mnist", data_path.read_bytes(), label_path.read_bytes())
@@ -174,19 +165,6 @@ class Latents:
     std: Tensor                 # (N, C, h, w) its standard deviation
     labels: Tensor              # (N,) int64
     class_names: list[str]
-
-
-def vae_digest(vae: str | Path) -> str:
-    """sha256 over the VAE's files (names relative to it, and bytes), not where it lies."""
-    path = Path(vae)
-    if not path.exists():
-        from flowar.errors import FlowARError
-        raise FlowARError("a VAE: MAR's kl16.ckpt or a diffusers folder with config.json", f"nothing at {path}",
-                          "check the --vae path")
-    h, add = _hasher()
-    for f in sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]:
-        add(f.relative_to(path).as_posix().encode() if path.is_dir() else b"", f.read_bytes())
-    return h.hexdigest()
 
 
 def latent_cache_path(cache_dir: str | Path, index: DatasetIndex, vae: str | Path, size: int) -> Path:
