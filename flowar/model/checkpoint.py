@@ -359,8 +359,10 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], confi
     from safetensors.torch import save_file
     meta = {META_FORMAT: FORMAT_TAG, META_CONFIG: config.to_json()}
     if class_names is not None:
-        from flowar.sampling.labels import check_names
-        check_names(class_names, f"to save in {Path(path).name}")
+        empty = [n for n in class_names if not isinstance(n, str) or not n.replace("_", " ").strip()]
+        if empty:                       # (a name no request could give; a name two classes share is told as such)
+            raise CheckpointError(f"class names that are non-empty strings (to save in {Path(path).name})",
+                                  repr(empty[0])[:60], "name every class (e.g. its folder's name)")
         meta[META_CLASSES] = json.dumps(list(class_names))
     meta.update(extra or {})
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}

@@ -84,18 +84,18 @@ def _key(name: str) -> str:
     return " ".join(name.replace("_", " ").split()).casefold()
 
 
-def check_names(names: Sequence[str], where: str, apart: bool = False) -> None:
-    """Refuse class names no request could name: empty ones; ``apart``: also two that match as one
-    (names match whatever the case and spacing: class folders "Dog" and "dog" trained a model whose
-    two classes no name could reach). Where names are written: a checkpoint (not ``apart``: a name
-    two classes share is told as such, ImageNet's "crane" 134 and 517, "Cardigan" and "cardigan"),
-    a training run's class folders (``apart``)."""
+def check_names(names: Sequence[str], where: str) -> None:
+    """Refuse class names no request could tell apart, where a training run takes them from its
+    class folders: two that match as one (names match whatever the case and spacing: folders "Dog"
+    and "dog" trained a model whose two classes no name could reach), or an empty one. (A
+    checkpoint may hold a name two classes share, as ImageNet's "crane": a request for it is told
+    both ids.)"""
     seen: dict[str, str] = {}
     for n in names:
         if not isinstance(n, str) or not _key(n):
             raise FlowARError(f"class names that are non-empty strings ({where})", repr(n)[:60],
                               "name every class (e.g. its folder's name)")
-        if apart and _key(n) in seen:
+        if _key(n) in seen:
             raise FlowARError(f"class names that differ beyond case and spacing ({where})",
                               f"{seen[_key(n)]!r} and {n!r}", "rename one of them")
         seen[_key(n)] = n

@@ -212,7 +212,7 @@ def check_args(args: TrainArgs, world: int, data: DatasetIndex) -> tuple[Path, F
     """Every user error that needs no encoding, before any work; returns checkpoint-last's path and,
     resuming, the config the run began with."""
     n_images = data.count
-    check_names(data.classes, f"--data's class folders, {args.data}", apart=True)
+    check_names(data.classes, f"--data's class folders, {args.data}")
     if args.preset and args.config:
         raise FlowARError("either --preset or --config", "both", "pass only one")
     if args.batch % world:
