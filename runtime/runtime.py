@@ -230,7 +230,7 @@ class Runtime(contextlib.AbstractContextManager):
         ``cuda_graphs`` the modules run behind static buffers (batches of up to :data:`GRAPH_BATCH`)
         and every scale is captured once and replayed."""
         from flowar.device import resolve_device
-        from flowar.model.checkpoint import load_model
+        from flowar.model.checkpoint import check_vae, load_model
         if precision not in ("fp32", "bf16"):
             raise FlowARError("--precision fp32 or bf16 for a checkpoint", repr(precision), "use --precision bf16")
         threads_ = Threads.resolve(threads, True)
@@ -240,6 +240,7 @@ class Runtime(contextlib.AbstractContextManager):
         if vae:
             from flowar.model.vae import load_decoder
             vae_mod = load_decoder(vae, expect_channels=ck.config.latent_channels).to(dev)
+            check_vae(ck, vae)
         if precision == "bf16":
             from flowar.runtime.bf16 import bf16_engine, bf16_gemms
             model, vae_mod = bf16_gemms(model), (bf16_engine(vae_mod, "decode") if vae_mod is not None else None)

@@ -222,6 +222,29 @@ def test_class_folders_that_differ_only_in_case_are_refused_before_training(smal
               progress=False)
     assert not (tmp_path / "r").exists()
 
+
+def test_a_model_opened_with_another_vae_than_it_was_trained_with_is_told(small_world, tmp_path, capsys):
+    """flowar-train records its VAE's digest: opened (or exported) with another VAE of the same
+    channels (noise, exit 0 before) a note says so; the same VAE from another folder says nothing."""
+    import shutil
+    from flowar.commands.build import build_engine_dir
+    from flowar.runtime.runtime import Runtime
+    from flowar.train.trainer import train
+    from flowar.train.vae import VAETrainArgs, build_vae
+    train(_args(small_world, tmp_path / "r", steps=1), progress=False)
+    model = tmp_path / "r" / "model.safetensors"
+    torch.manual_seed(1)
+    build_vae(VAETrainArgs(size=16, channels=(8, 8, 8), groups=4)).save_pretrained(tmp_path / "other")
+    shutil.copytree(small_world / "vae", tmp_path / "same")
+    capsys.readouterr()
+    for vae, told in ((tmp_path / "same", False), (tmp_path / "other", True)):
+        with Runtime.open(model, vae=str(vae)):
+            pass
+        err = capsys.readouterr().err
+        assert ("is not the VAE model.safetensors was trained with" in err) == told, err
+    build_engine_dir(model, tmp_path / "eng", vae_path=tmp_path / "other", max_batch=1, verify=False)
+    assert "is not the VAE model.safetensors was trained with" in capsys.readouterr().err
+
 def test_the_trainer_joins_torchrun_over_gloo_also_where_a_gpu_is_seen(monkeypatch):
     """It computes on the CPU, so its process group is gloo's (NCCL takes CUDA tensors only: it
     chose NCCL wherever PyTorch saw a GPU)."""

@@ -328,8 +328,10 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
     config = ck.config
     vae = None
     if req.vae_path is not None:
+        from flowar.model.checkpoint import check_vae
         from flowar.model.vae import load_vae
         vae = load_vae(req.vae_path, expect_channels=config.latent_channels, decode_only=True)
+        check_vae(ck, req.vae_path)
     specs = stage_specs(config, vae.downsample if vae else None)
     _require_disk(req, model, vae, specs)
     # progress(what, of how many steps): export (+ verify) (+ TensorRT) per stage, + the precision choice

@@ -308,6 +308,18 @@ def check_class_names(ck: LoadedCheckpoint, config: FlowARConfig) -> None:
                               "save the checkpoint again with one name per class, or with none")
 
 
+def check_vae(ck: LoadedCheckpoint, vae: str | Path) -> None:
+    """flowar-train records the digest of the VAE a model was trained with (``vae_digest``): a VAE
+    with other files (another VAE of the same channels decoded noise, exit 0) is said on stderr,
+    not refused (a VAE converted to another format has other files, the same weights)."""
+    want = ck.metadata.get("vae_digest")
+    if want:
+        from flowar.io.digests import vae_digest
+        if vae_digest(vae) != want:
+            print(f"note: --vae {vae} is not the VAE {ck.path.name} was trained with ({ck.metadata.get('vae', '?')}, "
+                  "by its files' digest): its images may be noise; pass that VAE", file=sys.stderr, flush=True)
+
+
 def resolve_config(ck: LoadedCheckpoint, preset: str | None = None, config_path: str | Path | None = None,
                    config: FlowARConfig | None = None) -> FlowARConfig:
     """The config to build: named by the user (or the caller), else stored in the file; never guessed."""
