@@ -223,7 +223,7 @@ def test_class_folders_that_differ_only_in_case_are_refused_before_training(smal
     assert not (tmp_path / "r").exists()
 
 
-def test_a_model_opened_with_another_vae_than_it_was_trained_with_is_told(small_world, tmp_path, capsys):
+def test_a_model_opened_with_another_vae_than_it_was_trained_with_is_told(small_world, tmp_path, capsys, monkeypatch):
     """flowar-train records its VAE's digest: opened (or exported) with another VAE of the same
     channels (noise, exit 0 before) a note says so; the same VAE from another folder says nothing."""
     import shutil
@@ -242,7 +242,10 @@ def test_a_model_opened_with_another_vae_than_it_was_trained_with_is_told(small_
             pass
         err = capsys.readouterr().err
         assert ("is not the VAE model.safetensors was trained with" in err) == told, err
-    build_engine_dir(model, tmp_path / "eng", vae_path=tmp_path / "other", max_batch=1, verify=False)
+    import flowar.commands.build as build                # (the export's own check, before its graphs: stopped there)
+    monkeypatch.setattr(build, "_require_disk", lambda *a: (_ for _ in ()).throw(LookupError("checked")))
+    with pytest.raises(LookupError, match="checked"):
+        build_engine_dir(model, tmp_path / "eng", vae_path=tmp_path / "other", max_batch=1, verify=False)
     assert "is not the VAE model.safetensors was trained with" in capsys.readouterr().err
 
 def test_the_trainer_joins_torchrun_over_gloo_also_where_a_gpu_is_seen(monkeypatch):
