@@ -170,7 +170,7 @@ class Manifest:
             try:
                 # (a file outside, "<kind> <absolute path>", replaces its kind's last one: the record keeps no paths of
                 # checkpoints passed before)
-                kind = key.split(" ", 1)[0] + " /" if " /" in key else None
+                kind = next((k for k in ("checkpoint /", "vae /") if key.startswith(k)), None)
                 kept = {k: v for k, v in known.items() if kind is None or not k.startswith(kind)}
                 atomic_write_bytes(record, lambda t: Path(t).write_text(json.dumps(kept | {key: state}) + "\n"))
             except (OSError, FlowARError):        # (a record is an optimisation: the file was hashed)

@@ -316,7 +316,7 @@ def check_vae(ck: LoadedCheckpoint, vae: str | Path) -> None:
     if want:
         from flowar.io.digests import vae_digest
         if vae_digest(vae) != want:
-            print(f"note: --vae {vae} is not the VAE {ck.path.name} was trained with ({ck.metadata.get('vae', '?')}, "
+            print(f"note: the VAE {vae} is not the one {ck.path.name} was trained with ({ck.metadata.get('vae', '?')}, "
                   "by its files' digest): its images may be noise; pass that VAE", file=sys.stderr, flush=True)
 
 

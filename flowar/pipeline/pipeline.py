@@ -107,7 +107,8 @@ class FlowARPipeline:
         """Every class name this model answers to, with its id, sorted by name, as diffusers' DiT
         pipeline has it: each class's display name and synonyms ({} for a model without names). A
         name two classes share (ImageNet's "crane") maps to the last, as there; :meth:`get_label_ids`
-        refuses it instead, naming both."""
+        refuses it instead, naming both, as it does names that differ only in case ("Cardigan", the corgi,
+        and "cardigan", the sweater: requests match names whatever the case)."""
         names = self.runtime.class_names
         out = {n: i for i, synonyms in enumerate(names.synonyms if names is not None else ()) for n in synonyms}
         return dict(sorted(out.items()))

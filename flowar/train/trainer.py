@@ -213,7 +213,8 @@ def check_args(args: TrainArgs, world: int, data: DatasetIndex) -> tuple[Path, F
     """Every user error that needs no encoding, before any work; returns checkpoint-last's path and,
     resuming, the config the run began with."""
     n_images = data.count
-    check_names(data.classes, f"--data's class folders, {args.data}")
+    if not args.resume:          # (a run begun before this check resumes with its classes, compared below)
+        check_names(data.classes, f"--data's class folders, {args.data}")
     if args.preset and args.config:
         raise FlowARError("either --preset or --config", "both", "pass only one")
     if args.batch % world:
@@ -248,9 +249,10 @@ def check_args(args: TrainArgs, world: int, data: DatasetIndex) -> tuple[Path, F
             with safe_open(str(ckpt), framework="pt") as f:
                 meta = f.metadata()
             step, began = int(meta["step"]), json.loads(meta["train_args"])
-            config, names = FlowARConfig.from_json(meta[META_CONFIG]), json.loads(meta.get(META_CLASSES, "null"))
+            names, stored = json.loads(meta.get(META_CLASSES, "null")), meta[META_CONFIG]
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is one line
             raise FlowARError("a flowar-train checkpoint to resume", f"{ckpt}: {e!r:.120}", "start afresh elsewhere") from None
+        config = FlowARConfig.from_json(stored, str(ckpt))          # (its own line where the stored config is bad)
         wrong = [f"{k} {getattr(args, k)!r}, began with {began.get(k)!r}" for k in RUN_DEFINING if as_file(began.get(
             k)) != as_file(getattr(args, k))] + [f"--steps {args.steps} below its step {step}"] * (args.steps < step)
         # what the names name, too: a --config file edited since (latent_scale: weights trained at one were written
