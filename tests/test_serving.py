@@ -611,7 +611,10 @@ def test_a_request_costs_what_its_settings_cost_and_one_that_cannot_finish_in_ti
     monkeypatch.setattr(replica, "_known", OrderedDict())
     for settings, ratio in head.items():
         got = replica.cost(settings)
-        assert got == 1.0 if ratio == 1.0 else min(1.0, ratio) < got < max(1.0, ratio), (settings, got, ratio)
+        # (cfg 1 halves the AR's and the head preparation's rows too: by the plan's measured seconds those calls may
+        # cost down to half, as they did in a CI run: 0.512 against the head's 0.525; never less than half)
+        low = min(1.0, ratio, 0.5 if settings.cfg == 1.0 else 1.0)
+        assert got == 1.0 if ratio == 1.0 else low <= got < max(1.0, ratio), (settings, got, ratio)
     assert head[Settings(steps=201)] > 6 and head[Settings(schedule="fast")] < 0.5
     svc = service(replica)
     with hosted(svc) as url:
