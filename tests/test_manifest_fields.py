@@ -169,8 +169,10 @@ def test_backend_torch_hashes_its_checkpoint_and_vae_file_once_and_refuses_them_
     hashed = []
     real = mf.sha256_file
     monkeypatch.setattr(mf, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    import sys
+    import flowar.model.vae  # noqa: F401 - (in sys.modules: test_export re-imports it, the package's attribute may be another)
     with monkeypatch.context() as m:       # (the fixture's VAE is not this model's: only its file is checked here)
-        m.setattr("flowar.model.vae.load_decoder", lambda *a, **k: torch_stub())
+        m.setattr(sys.modules["flowar.model.vae"], "load_decoder", lambda *a, **k: torch_stub())
         for _ in range(3):
             exported_from(d, ckpt=ck)
         assert hashed.count("ck.safetensors") == 1 and hashed.count("kl.ckpt") == 1, hashed
