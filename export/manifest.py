@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from flowar.config import FlowARConfig
 from flowar.errors import EngineDirError, FlowARError
+from flowar.io.digests import VAE_FILES, sha256_file, vae_sha256  # noqa: F401 - (imported from here too)
 from flowar.io.files import file_state
 
 if TYPE_CHECKING:
@@ -37,26 +38,7 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")      # what flowar-export --precis
 # weights (`engines.<stage>.weights`, a key of `weights`).
 CANDIDATE_OPENS = {"ort-fp32": None, "torch-fp32": "weights", "torch-bf16": "weights", "aoti-fp32": "file",
                    "aoti-bf16": "file"}
-VAE_FILES = ("config.json", "*.safetensors", "*.bin")   # what a VAE folder's sha256 covers (not a README)
 VERIFIED = ".verified.json"     # members found to hash to their sha256 here, by file state (Manifest.checked)
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def vae_sha256(path: str | Path) -> str:
-    """The sha256 of a VAE: of its file (MAR's kl16.ckpt), or for a diffusers folder one hash over
-    the names and hashes of its config and weights files (:data:`VAE_FILES`)."""
-    p = Path(path)
-    if p.is_file():
-        return sha256_file(p)
-    names = sorted({f.name for pattern in VAE_FILES for f in p.glob(pattern) if f.is_file()})
-    return hashlib.sha256("".join(f"{n} {sha256_file(p / n)}\n" for n in names).encode()).hexdigest()
 
 
 def library_versions() -> dict[str, str]:
