@@ -234,8 +234,9 @@ def test_class_folders_that_differ_only_in_case_are_refused_before_training(smal
 
 
 def test_a_model_opened_with_another_vae_than_it_was_trained_with_is_told(small_world, tmp_path, capsys, monkeypatch):
-    """flowar-train records its VAE's digest: opened (or exported) with another VAE of the same
-    channels (noise, exit 0 before) a note says so; the same VAE from another folder says nothing."""
+    """flowar-train records its VAE's sha256 (an engine directory's hash of a VAE): opened (or exported)
+    with another VAE of the same channels (noise, exit 0 before) a note says so; the same VAE from
+    another folder, a README beside its weights, says nothing."""
     import shutil
     from flowar.commands.build import build_engine_dir
     from flowar.runtime.runtime import Runtime
@@ -246,6 +247,7 @@ def test_a_model_opened_with_another_vae_than_it_was_trained_with_is_told(small_
     torch.manual_seed(1)
     build_vae(VAETrainArgs(size=16, channels=(8, 8, 8), groups=4)).save_pretrained(tmp_path / "other")
     shutil.copytree(small_world / "vae", tmp_path / "same")
+    (tmp_path / "same" / "README.md").write_text("notes")     # (not the VAE: its digest of every file noted it)
     capsys.readouterr()
     for vae, told in ((tmp_path / "same", False), (tmp_path / "other", True)):
         with Runtime.open(model, vae=str(vae)):

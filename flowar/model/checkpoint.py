@@ -309,15 +309,16 @@ def check_class_names(ck: LoadedCheckpoint, config: FlowARConfig) -> None:
 
 
 def check_vae(ck: LoadedCheckpoint, vae: str | Path) -> None:
-    """flowar-train records the digest of the VAE a model was trained with (``vae_digest``): a VAE
-    with other files (another VAE of the same channels decoded noise, exit 0) is said on stderr,
-    not refused (a VAE converted to another format has other files, the same weights)."""
-    want = ck.metadata.get("vae_digest")
+    """flowar-train records the sha256 of the VAE a model was trained with (``vae_sha256``, the hash an
+    engine directory records: its file, or a folder's config and weights): another VAE (of the same
+    channels it decoded noise, exit 0) is said on stderr, not refused (a VAE converted to another
+    format has other bytes, the same weights)."""
+    want = ck.metadata.get("vae_sha256")
     if want:
-        from flowar.io.digests import vae_digest
-        if vae_digest(vae) != want:
+        from flowar.io.digests import vae_sha256
+        if vae_sha256(vae) != want:
             print(f"note: the VAE {vae} is not the one {ck.path.name} was trained with ({ck.metadata.get('vae', '?')}, "
-                  "by its files' digest): its images may be noise; pass that VAE", file=sys.stderr, flush=True)
+                  "by its sha256): its images may be noise; pass that VAE", file=sys.stderr, flush=True)
 
 
 def resolve_config(ck: LoadedCheckpoint, preset: str | None = None, config_path: str | Path | None = None,

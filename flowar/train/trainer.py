@@ -39,7 +39,7 @@ from flowar.train.data import DatasetIndex, Latents, index_dataset, load_latents
 from flowar.train.pictures import Progress, own_grids, plot_losses, sample_grid
 from flowar.errors import FlowARError
 from flowar.model.ar import FlowAR
-from flowar.io.digests import vae_digest
+from flowar.io.digests import vae_sha256
 from flowar.io.files import as_file
 from flowar.sampling.labels import check_names
 from flowar.sampling.sampler import hand_off
@@ -387,7 +387,7 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
                               "start afresh in a new --out with a lower --lr or --grad-clip")
         save_checkpoint(Path(args.out) / "model.safetensors", run.ema.state_dict(), config, lat.class_names,
                         extra={"step": str(run.state.step), "vae": str(args.vae), "data": str(args.data),
-                               "vae_digest": vae_digest(args.vae)})     # (the VAE's files: flowar-run notes another)
+                               "vae_sha256": vae_sha256(args.vae)})     # (the VAE: flowar-run notes another)
     if world > 1:
         torch.distributed.barrier()
     return run.state
