@@ -21,17 +21,26 @@ WIDE = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")       #
 FAST_BF16 = ("avx512_bf16", "amx_bf16")                                       # bf16 dot products in hardware
 
 
+# Intel generations by (family 6) model number, as /proc/cpuinfo gives it; AMD's by family below.
+# Only the kinds these machines were seen to be or are likely to be; others show their numbers.
+INTEL = {143: "Sapphire Rapids", 207: "Emerald Rapids", 173: "Granite Rapids", 106: "Ice Lake", 85: "Cascade Lake"}
+
+
 @functools.lru_cache(maxsize=2)
 def cpu_kind(honour_env: bool = True) -> dict:
-    """{"model": ..., "flags": [the FLAGS this process may use]} (Linux: /proc/cpuinfo); with
-    ``honour_env`` False, the CPU's own, as ONNX Runtime sees them (it ignores those variables)."""
-    model, flags = platform.processor() or platform.machine(), set()
+    """{"model": ..., "cpuid": "vendor family model", "flags": [the FLAGS this process may use]}
+    (Linux: /proc/cpuinfo); with ``honour_env`` False, the CPU's own flags, as ONNX Runtime sees
+    them (it ignores those variables)."""
+    model, flags, ident = platform.processor() or platform.machine(), set(), {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("", platform.processor(), platform.machine()):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name" and model in ("", platform.processor(), platform.machine()):
+                model = value
+            elif key in ("vendor_id", "cpu family", "model") and key not in ident:
+                ident[key] = value
+            elif key == "flags":
+                flags = set(value.split())
                 break
     except OSError:
         pass
@@ -41,7 +50,17 @@ def cpu_kind(honour_env: bool = True) -> dict:
         flags -= set(WIDE)
     if aten == "default":
         flags.discard("avx2")
-    return {"model": model, "flags": [f for f in FLAGS if f in flags]}
+    kind = {"model": model, "flags": [f for f in FLAGS if f in flags]}
+    if len(ident) == 3:
+        kind["cpuid"] = f"{ident['vendor_id']} {ident['cpu family']} {ident['model']}"
+    return kind
+
+
+def same_cpu(recorded: dict, kind: dict | None = None) -> bool:
+    """Whether a recorded CPU (a manifest's ``auto.machine``) is this kind: model name, flags, and
+    family and model numbers where the record has them (records before 2026-12-06 have none)."""
+    kind = kind or cpu_kind()
+    return all(recorded.get(k) == kind.get(k) for k in ("model", "flags", *(("cpuid",) if "cpuid" in recorded else ())))
 
 
 def fast_bf16(kind: dict | None = None) -> bool:
@@ -56,8 +75,32 @@ def missing_for(built_on: dict, kind: dict | None = None) -> list[str]:
     return [f for f in built_on.get("flags", []) if f not in have]
 
 
+def generation(kind: dict) -> str | None:
+    """"Zen 4", "Sapphire Rapids", ... from ``kind["cpuid"]`` ("family F model M" where not known;
+    None without a cpuid). The model name alone does not tell them apart: "AMD EPYC" is Zen 4 and
+    Zen 5 alike, which compute bf16 at different speeds (Zen 4 runs 512-bit instructions in two
+    halves)."""
+    try:
+        vendor, family, model = kind["cpuid"].split()
+        family, model = int(family), int(model)
+    except (KeyError, ValueError):
+        return None
+    if vendor == "AuthenticAMD" and family == 26:
+        return "Zen 5"
+    if vendor == "AuthenticAMD" and family == 25:                 # Zen 4: models 10-1f, 60-7f, a0-af (hex)
+        return "Zen 4" if model // 16 in (0x1, 0x6, 0x7, 0xa) else "Zen 3"
+    if vendor == "GenuineIntel" and family == 6 and model in INTEL:
+        return INTEL[model]
+    return f"family {family} model {model}"
+
+
+def cpu_name(kind: dict) -> str:
+    """"AMD EPYC Zen 4": the model name and, where known, the generation."""
+    return " ".join(filter(None, (kind["model"], generation(kind))))
+
+
 def describe(kind: dict) -> str:
-    return f"{kind['model']} ({', '.join(kind['flags']) or 'no vector flags read'})"
+    return f"{cpu_name(kind)} ({', '.join(kind['flags']) or 'no vector flags read'})"
 
 
 class OthersShare:

@@ -93,7 +93,7 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
     """(engines not yet entered, the detail line): each stage on the engine ``choice`` names
     (ONNX Runtime where it names none), in the form the export stored it. ``chosen == "torch"``:
     the reference modules of the checkpoint the directory was exported from (``ckpt`` if it moved)."""
-    from flowar.engines.cpu import FAST_BF16, cpu_kind, describe, fast_bf16, missing_for
+    from flowar.engines.cpu import FAST_BF16, describe, fast_bf16, missing_for, same_cpu
     from flowar.engines.ort import split_limits
     from flowar.runtime.candidates import COMPILED, assign_tensors, stage_module
     from flowar.runtime.engines import AotiEngine, OrtEngine, TorchEngine
@@ -151,7 +151,7 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
              "this CPU)" for (cand, flags), stages in fallback.items()]
     detail = f"{m.precision}: " + (ran[0] if len(set(ran)) == 1 else ", ".join(f"{n} {e}" for n, e in zip(specs, ran)))
     measured_on = (m.auto or {}).get("machine", {})
-    if measured_on and measured_on != cpu_kind():
+    if measured_on and not same_cpu(measured_on):
         detail += f" (measured on {describe(measured_on)}; re-export here to measure this CPU)"
     return engines, detail + "".join(f"; {n}" for n in notes)
 

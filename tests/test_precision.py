@@ -4,6 +4,7 @@ choice recorded and run as recorded. (Which candidate wins is a property of the 
 test asserts it; bench/RESULTS.md has the figures.)"""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -247,12 +248,25 @@ def test_auto_records_what_it_measured_and_the_runtime_runs_that(fixtures_dir, t
     with Runtime.open_engine_dir(tmp_path / "ort", backend="auto") as rt:
         assert rt.detail == "auto: ort-fp32" and rt.threads.host == 1   # ONNX Runtime's threads compute
         assert_tokens(rt.sample([3, 7], sched, noise_file=tmp_path / "n.safetensors", decode=False).tokens)
-    # measured on another CPU: said, not hidden
+    # measured on another CPU: said, not hidden; also one of the same name and flags but another
+    # generation ("AMD EPYC" is Zen 4 and Zen 5 alike); a record without family and model numbers
+    # (written before they were recorded) is judged by name and flags
     import flowar.engines.cpu
-    monkeypatch.setattr(flowar.engines.cpu, "cpu_kind",
-                        lambda honour_env=True: {"model": "Another CPU", "flags": ["amx_bf16"]})
+    here = flowar.engines.cpu.cpu_kind()
+    assert "cpuid" in here or sys.platform != "linux"
+    other_gen = {**here, "cpuid": "AuthenticAMD 26 2" if here.get("cpuid") != "AuthenticAMD 26 2" else "AuthenticAMD 25 17"}
+    for kind, noted in (({"model": "Another CPU", "flags": ["amx_bf16"]}, True), (other_gen, "cpuid" in here),
+                        (here, False)):
+        monkeypatch.setattr(flowar.engines.cpu, "cpu_kind", lambda honour_env=True, k=kind: k)
+        with Runtime.open_engine_dir(tmp_path / "torch", backend="auto") as rt:
+            assert ("re-export here to measure this CPU" in rt.detail) == noted, (kind, rt.detail)
+    mpath = tmp_path / "torch" / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["auto"]["machine"].pop("cpuid", None)
+    mpath.write_text(json.dumps(m))
+    monkeypatch.setattr(flowar.engines.cpu, "cpu_kind", lambda honour_env=True: other_gen)
     with Runtime.open_engine_dir(tmp_path / "torch", backend="auto") as rt:
-        assert "re-export here to measure this CPU" in rt.detail
+        assert "re-export here" not in rt.detail, rt.detail
     # the weights the PyTorch stages run are checked like the graphs
     w = tmp_path / "torch" / "head.torch-fp32.safetensors"
     w.write_bytes(w.read_bytes()[:-8] + b"\0" * 8)
@@ -417,3 +431,16 @@ def test_what_other_processes_compute_while_engines_are_timed_is_counted_and_war
     said = PrecisionReport("auto", {}, {}, others_cpu=0.4).lines()
     assert any("other processes took 40% of this machine's CPU" in line and "export again" in line for line in said)
     assert not any("other processes" in line for line in PrecisionReport("auto", {}, {}, others_cpu=0.01).lines())
+
+
+def test_the_cpu_generation_is_named_from_its_family_and_model_numbers():
+    """Facts from the vendors' numbering: AMD family 25 is Zen 3 and Zen 4 (Genoa is model 0x11),
+    26 is Zen 5 (Turin 0x02); Intel family 6 model 143 is Sapphire Rapids. An unknown one shows its
+    numbers; a record without them has no generation."""
+    from flowar.engines.cpu import cpu_name, generation
+    g = {c: generation({"cpuid": c}) for c in ("AuthenticAMD 25 17", "AuthenticAMD 25 1", "AuthenticAMD 26 2",
+                                               "GenuineIntel 6 143", "GenuineIntel 6 999")}
+    assert g == {"AuthenticAMD 25 17": "Zen 4", "AuthenticAMD 25 1": "Zen 3", "AuthenticAMD 26 2": "Zen 5",
+                 "GenuineIntel 6 143": "Sapphire Rapids", "GenuineIntel 6 999": "family 6 model 999"}
+    assert generation({"model": "AMD EPYC"}) is None and cpu_name({"model": "AMD EPYC"}) == "AMD EPYC"
+    assert cpu_name({"model": "AMD EPYC", "cpuid": "AuthenticAMD 25 17"}) == "AMD EPYC Zen 4"
