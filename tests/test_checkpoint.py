@@ -371,3 +371,15 @@ def test_a_vae_folder_without_its_encoder_exports_and_decodes(tmp_path, fixtures
     save_file(sd, weights)
     with pytest.raises(FlowARError, match="missing decoder.conv_in.bias"):
         load_vae(folder, decode_only=True)
+
+
+def test_a_file_trained_with_other_scales_is_told_where_the_position_count_comes_from(fixtures_dir):
+    """The official tiny file (scales 1, 2, 4, 8, 16: 341 positions) under a config with scales 1,
+    2, 4, 16 (1 + 4 + 16 + 256 = 277): the refusal says where 277 comes from."""
+    from dataclasses import replace
+    cfg = replace(PRESETS["tiny"], scales=(1, 2, 4, 16))
+    with pytest.raises(CheckpointError) as e:
+        load_model(fixtures_dir / "tiny_v1.safetensors", config=cfg)
+    msg = str(e.value)
+    assert "341 positions where the config's scales 1, 2, 4, 16 make 277 (the sum of each side squared: " \
+           "1 + 4 + 16 + 256)" in msg, msg

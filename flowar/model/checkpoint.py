@@ -271,9 +271,18 @@ def check_fits(sd: dict[str, torch.Tensor], config: FlowARConfig, path: Path | s
                from_metadata: bool = False) -> None:
     """Refuse a state dict whose keys/shapes differ from ``config``'s (``from_metadata``: the config
     is the one the file stores about itself, so the file contradicts itself)."""
-    diffs = differences(sd, expected_shapes(config))
+    expected = expected_shapes(config)
+    diffs = differences(sd, expected)
     if not diffs:
         return
+    # a token count that differs is a position table trained for other scales: say where the number comes from
+    L = config.seq_len
+    counts = sorted({sd[k].shape[i] for k, shape in expected.items() if k in sd and len(sd[k].shape) == len(shape)
+                     for i, n in enumerate(shape) if n == L and sd[k].shape[i] != L})
+    if counts:
+        diffs.append(f"{' or '.join(map(str, counts))} positions where the config's scales {', '.join(map(str, config.scales))} "
+                     f"make {L} (the sum of each side squared: {' + '.join(str(s * s) for s in config.scales)}): "
+                     "the file was trained with other scales")
     if from_metadata:       # (a --preset or --config would be refused: the file describes itself)
         fix = ("the file's weights do not match the config in its metadata (keys missing or extra, or shapes): save "
                "the model's own state_dict again with the config it was trained with (save_checkpoint)")
