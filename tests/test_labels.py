@@ -53,3 +53,13 @@ def test_ids_and_names_mix_and_bad_ones_are_one_line():
         assert needle in str(e.value), (bad, str(e.value))
     with pytest.raises(FlowARError, match="class names stored with the model"):
         label_ids(["cat"], 10, None)
+
+
+def test_a_changed_class_list_is_told_by_its_first_moved_ids_and_its_counts():
+    """A resumed run whose class folders changed is told how, short for 1000 names."""
+    from flowar.sampling.labels import names_changed
+    was = [f"c{i}" for i in range(1000)]
+    now = was[:2] + ["new"] + was[3:500] + [f"x{i}" for i in range(500, 999)]
+    assert names_changed(now, was) == "id 2 'new' (was 'c2'), id 500 'x500' (was 'c500'), id 501 'x501' (was 'c501'), " \
+                                      "497 more, 999 classes, was 1000"
+    assert names_changed(["a", "b", "c"], ["a", "b"]) == "3 classes, was 2"

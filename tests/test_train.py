@@ -202,7 +202,7 @@ def test_a_resume_with_an_edited_config_file_or_renamed_class_folders_is_refused
         assert needle in str(e.value) and "\n" not in str(e.value)
     (tmp_path / "c.json").write_text(ck.config.to_json())
     (data / "disc").rename(data / "zz disc")                     # the same images, class ids swapped
-    with pytest.raises(FlowARError, match=r"--data's classes \['square', 'zz disc'\], began with \['disc', 'square'\]"):
+    with pytest.raises(FlowARError, match=r"--data's classes: id 0 'square' \(was 'disc'\), id 1 'zz disc' \(was 'square'\)"):
         trainer.train(resume, progress=False)
     (data / "zz disc").rename(data / "disc")
     monkeypatch.setattr(trainer, "load_latents", real)

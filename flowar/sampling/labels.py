@@ -101,6 +101,16 @@ def check_names(names: Sequence[str], where: str) -> None:
         seen[_key(n)] = n
 
 
+def names_changed(now: Sequence[str], was: Sequence[str], limit: int = 3) -> str:
+    """How class list ``now`` differs from ``was``, short whatever their length (1000 ImageNet names
+    printed twice were a screenful): the first ids that name another class, and the counts."""
+    moved = [f"id {i} {n!r} (was {w!r})" for i, (n, w) in enumerate(zip(now, was)) if n != w]
+    parts = moved[:limit] + ([f"{len(moved) - limit} more"] if len(moved) > limit else [])
+    if len(now) != len(was):
+        parts.append(f"{len(now)} classes, was {len(was)}")
+    return ", ".join(parts)
+
+
 @functools.lru_cache(maxsize=1)
 def imagenet() -> ClassNames:
     """The ImageNet-1k classes in id order, each with its WordNet lemmas."""

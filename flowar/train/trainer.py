@@ -41,7 +41,7 @@ from flowar.errors import FlowARError
 from flowar.model.ar import FlowAR
 from flowar.io.digests import vae_sha256
 from flowar.io.files import as_file
-from flowar.sampling.labels import check_names
+from flowar.sampling.labels import check_names, names_changed
 from flowar.sampling.sampler import hand_off
 
 
@@ -259,7 +259,7 @@ def check_args(args: TrainArgs, world: int, data: DatasetIndex) -> tuple[Path, F
         # with another; shapes: a traceback) and --data's class folders renamed (class 0 other images from here on)
         given, was = (FlowARConfig.load(args.config).to_dict() if args.config else {}), config.to_dict()
         wrong += [f"--config's {k} {v!r}, began with {was[k]!r}" for k, v in given.items() if v != was[k]]
-        wrong += [f"--data's classes {list(data.classes)}, began with {names}"] * (names not in (None, list(data.classes)))
+        wrong += [f"--data's classes: {names_changed(data.classes, names)}"] * (names not in (None, list(data.classes)))
         if wrong:
             raise FlowARError("the settings the run began with, and --steps at least its step, to resume it",
                               "; ".join(wrong), "run with the settings it began with (only --steps and the intervals "
