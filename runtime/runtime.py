@@ -101,7 +101,7 @@ class Runtime(contextlib.AbstractContextManager):
                  backend: str, detail: str, threads: Threads, decodes: bool, capture: bool = False,
                  max_batch: int | None = None, defaults: dict | None = None, manifest: Manifest | None = None,
                  image_size: int | None = None, call_plan: dict | None = None, model=None, vae=None,
-                 data: str | None = None, stack: contextlib.ExitStack | None = None):
+                 trained: dict | None = None, stack: contextlib.ExitStack | None = None):
         from flowar.runtime.cudagraph import GraphRunner
         self.config, self.stages, self.device, self.threads = config, stages, device, threads
         self.class_names: ClassNames | None = class_names_for(config.num_classes, class_names)
@@ -114,7 +114,7 @@ class Runtime(contextlib.AbstractContextManager):
         self.kind = kind                    # what it was opened from: "engine directory" (its manifest) or "checkpoint"
         self.manifest, self.model, self.vae = manifest, model, vae       # (its modules)
         self.opened: dict = {}              # seconds to open (read and check the files, warm up), shapes warmed
-        self.data = data                    # what the checkpoint was trained on (its metadata), e.g. animal-mnist
+        self.trained = trained or {}        # a checkpoint's training record: its "data" (animal-mnist), its "vae" (trained_vae)
         # The call plan measured at export for the engines that run ({}: none, or other engines); from it the
         # batch sizes that pay here (each costs less per image than every smaller one), else every size
         # up to the engines' max batch ([]: no limit, one batch); and the default batch, the one with
@@ -122,9 +122,11 @@ class Runtime(contextlib.AbstractContextManager):
         self.call_plan: dict = call_plan or {}
         self.batch_sizes = sorted(int(b) for b in self.call_plan.get("batches") or range(1, (max_batch or 0) + 1))
         self.batch: int | None = max(self.batch_sizes, default=None)
-        # Where the stages can be captured, one runner for every batch: a workspace per (batch bucket,
-        # rows, schedule) and a CUDA graph per scale of each; elsewhere the sampler's plain loop.
-        self.runner = GraphRunner(device, capture=True, buckets=_buckets(max_batch)) if capture else None
+        # Where the stages can be captured, one runner for every batch: a workspace per (batch bucket: powers
+        # of two up to the limit, and the limit; rows, schedule) and a CUDA graph per scale of each; elsewhere
+        # the sampler's plain loop.
+        self.runner = GraphRunner(device, capture=True, buckets=tuple(sorted(
+            {1 << i for i in range(max_batch.bit_length())} | {max_batch}))) if capture else None
         # How many samplings may run at once, each on a thread of its own (lane()): 2 where every
         # engine computes in PyTorch's threads and takes calls from several threads at once (the
         # compiled and PyTorch engines on a CPU) and there are threads to share, else 1.
@@ -216,7 +218,8 @@ class Runtime(contextlib.AbstractContextManager):
                  detail=detail, threads=threads_, decodes="decode" in specs, max_batch=m.max_batch,
                  capture=captures(dev, chosen, cuda_graphs), image_size=m.vae["image_size"] if m.vae else None,
                  call_plan=m.call_plan if chosen == "measured" else None,
-                 defaults=m.schedule_defaults, manifest=m, data=m.checkpoint.get("data"), stack=stack)
+                 defaults=m.schedule_defaults, manifest=m, trained={"data": m.checkpoint.get("data")},
+                 stack=stack)
         rt.opened = seconds | {"shapes warmed": warmed}
         return rt
 
@@ -230,7 +233,7 @@ class Runtime(contextlib.AbstractContextManager):
         ``cuda_graphs`` the modules run behind static buffers (batches of up to :data:`GRAPH_BATCH`)
         and every scale is captured once and replayed."""
         from flowar.device import resolve_device
-        from flowar.model.checkpoint import check_vae, load_model
+        from flowar.model.checkpoint import check_vae, load_model, trained_vae
         if precision not in ("fp32", "bf16"):
             raise FlowARError("--precision fp32 or bf16 for a checkpoint", repr(precision), "use --precision bf16")
         threads_ = Threads.resolve(threads, True)
@@ -256,7 +259,8 @@ class Runtime(contextlib.AbstractContextManager):
         return cls(kind="checkpoint", config=ck.config, class_names=ck.class_names, stages=stages, device=dev, backend="torch",
                    detail=what, threads=threads_, decodes=vae_mod is not None, capture=capture,
                    image_size=ck.config.latent_size * vae_mod.downsample if vae_mod is not None else None,
-                   max_batch=GRAPH_BATCH if capture else None, model=model, vae=vae_mod, data=ck.metadata.get("data"))
+                   max_batch=GRAPH_BATCH if capture else None, model=model, vae=vae_mod,
+                   trained={"data": ck.metadata.get("data"), "vae": trained_vae(ck)})
 
     # ---- a request --------------------------------------------------------------------------
     def schedule(self, settings: Settings | None = None) -> Schedule:
@@ -269,7 +273,7 @@ class Runtime(contextlib.AbstractContextManager):
             if self.kind == "engine directory":
                 self.manifest.require_decoder()          # (its own line: re-export with --vae)
             raise FlowARError("a VAE to decode images", "a checkpoint opened without a VAE",
-                              "pass --vae, or ask for tokens only (--save-tokens)")
+                              f"pass --vae{self.trained.get('vae', '')}, or ask for tokens only (--save-tokens)")
 
     def warm_up(self, batch_sizes: Sequence[int], every_engine: bool | None = None) -> int:
         """Run the engines once at the shapes of these batch sizes, so that no batch of those sizes
@@ -364,11 +368,6 @@ def captures(device: torch.device, backend: str, cuda_graphs: bool = True) -> bo
     """Whether scales are captured as CUDA graphs: on a CUDA device, for TensorRT and PyTorch stages
     (ONNX Runtime sessions are not captured); on a CPU the runner runs the same plan uncaptured."""
     return cuda_graphs and device.type == "cuda" and backend in ("trt", "torch")
-
-
-def _buckets(max_batch: int | None) -> tuple[int, ...]:
-    """Captured batch sizes: powers of two up to the limit, and the limit."""
-    return tuple(sorted({1 << i for i in range(max_batch.bit_length())} | {max_batch})) if max_batch else ()
 
 
 class _Clock:

@@ -109,10 +109,11 @@ def test_a_batch_above_the_limit_is_told_the_fix_of_its_source(default_auto_engi
 
 
 def test_images_need_a_decoder_whose_fix_follows_the_source_and_give_the_side_it_makes(default_auto_engines,
-                                                                                       tmp_path):
+                                                                                       tmp_path, monkeypatch):
     """What a runtime was opened from is said by its opener: images from a tokens-only engine directory
     are refused with "re-export with --vae", from a checkpoint opened without a VAE with "pass --vae"
-    (its tokens still come); with a decoder, the side of its images is the side they have."""
+    and the VAE it records it was trained with, where that is found (its tokens still come); with a
+    decoder, the side of its images is the side they have."""
     from conftest import DEFAULT_CKPT, DEFAULT_VAE
     from flowar.commands.build import build_engine_dir
     from flowar.errors import FlowARError
@@ -120,10 +121,18 @@ def test_images_need_a_decoder_whose_fix_follows_the_source_and_give_the_side_it
     from flowar.sampling.schedule import Settings
     build_engine_dir(DEFAULT_CKPT, tmp_path / "tokens", max_batch=4, verify=False)
     short = Settings(steps=4)
-    for path, fix in ((tmp_path / "tokens", "re-export with --vae"), (DEFAULT_CKPT, "pass --vae")):
+    import re
+    import shutil
+    (tmp_path / "moved").mkdir()
+    shutil.copy(DEFAULT_CKPT, tmp_path / "moved" / "flowar.safetensors")       # (its VAE not beside it)
+    monkeypatch.chdir(tmp_path)                 # (the recorded models/default/vae is not found from here)
+    for path, fix in ((tmp_path / "tokens", "re-export with --vae"),
+                      (DEFAULT_CKPT, f"pass --vae {Path(DEFAULT_VAE).resolve()} (the VAE it was trained with), or"),
+                      (tmp_path / "moved" / "flowar.safetensors",
+                       "pass --vae (it was trained with models/default/vae, not found from here), or")):
         with Runtime.open(path) as rt:
             assert rt.image_size is None and not rt.decodes
-            with pytest.raises(FlowARError, match=fix):
+            with pytest.raises(FlowARError, match=re.escape(fix)):
                 rt.sample([1], rt.schedule(short))
             assert rt.sample([1], rt.schedule(short), decode=False).tokens.shape[0] == 1
     for path, vae in ((default_auto_engines, None), (DEFAULT_CKPT, DEFAULT_VAE)):

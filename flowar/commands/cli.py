@@ -350,7 +350,7 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
             raise FlowARError("a decoder for --fid-stats (a distance between images)", "a source without one",
                               "pass --vae (or an engine directory exported with --vae), or drop --fid-stats")
         # auto: the Animal-MNIST judge for a model trained on it that makes images; token errors only without a decoder
-        if judge_kind == "animal-mnist" or (judge_kind == "auto" and rt.data == "animal-mnist" and rt.decodes):
+        if judge_kind == "animal-mnist" or (judge_kind == "auto" and rt.trained.get("data") == "animal-mnist" and rt.decodes):
             if config.num_classes != 10 or not rt.decodes:
                 raise FlowARError("a 10-class model with a decoder for the Animal-MNIST judge",
                                   f"{config.num_classes} classes{'' if rt.decodes else ', no decoder'}",

@@ -275,11 +275,10 @@ def check_fits(sd: dict[str, torch.Tensor], config: FlowARConfig, path: Path | s
     diffs = differences(sd, expected)
     if not diffs:
         return
-    # a token count that differs is a position table trained for other scales: say where the number comes from
     L = config.seq_len
-    counts = sorted({sd[k].shape[i] for k, shape in expected.items() if k in sd and len(sd[k].shape) == len(shape)
-                     for i, n in enumerate(shape) if n == L and sd[k].shape[i] != L})
-    if counts:
+    counts = sorted({sd[k].shape[i] for k, shape in expected.items() if k in sd and sd[k].ndim == len(shape)
+                     for i, n in enumerate(shape) if n == L != sd[k].shape[i]})
+    if counts:          # position tables trained for other scales: where the config's token count comes from
         diffs.append(f"{' or '.join(map(str, counts))} positions where the config's scales {', '.join(map(str, config.scales))} "
                      f"make {L} (the sum of each side squared: {' + '.join(str(s * s) for s in config.scales)}): "
                      "the file was trained with other scales")
@@ -322,12 +321,22 @@ def check_vae(ck: LoadedCheckpoint, vae: str | Path) -> None:
     engine directory records: its file, or a folder's config and weights): another VAE (of the same
     channels it decoded noise, exit 0) is said on stderr, not refused (a VAE converted to another
     format has other bytes, the same weights)."""
+    from flowar.io.digests import vae_sha256         # (hashed only for a model that records its VAE's)
     want = ck.metadata.get("vae_sha256")
-    if want:
-        from flowar.io.digests import vae_sha256
-        if vae_sha256(vae) != want:
-            print(f"note: the VAE {vae} is not the one {ck.path.name} was trained with ({ck.metadata.get('vae', '?')}, "
-                  "by its sha256): its images may be noise; pass that VAE", file=sys.stderr, flush=True)
+    if want and vae_sha256(vae) != want:
+        print(f"note: the VAE {vae} is not the one {ck.path.name} was trained with ({ck.metadata.get('vae', '?')}, "
+              "by its sha256): its images may be noise; pass that VAE", file=sys.stderr, flush=True)
+
+
+def trained_vae(ck: LoadedCheckpoint) -> str:
+    """What follows "pass --vae" for a flowar-train model opened without one: the VAE it records (the
+    path its training was given), looked for as given, from its folder, and beside it by its last name
+    (the shipped model records models/default/vae and lies beside it); "" for a file without one."""
+    rec = ck.metadata.get("vae")
+    for p in (Path(rec), ck.path.parent / rec, ck.path.parent / Path(rec).name) if rec else ():
+        if p.exists():
+            return f" {p.resolve()} (the VAE it was trained with)"
+    return f" (it was trained with {rec}, not found from here)" if rec else ""
 
 
 def resolve_config(ck: LoadedCheckpoint, preset: str | None = None, config_path: str | Path | None = None,
