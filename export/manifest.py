@@ -63,7 +63,7 @@ class Manifest:
     root: Path
     config: FlowARConfig
     stages: dict[str, dict]         # stage -> {file, sha256[, data, data_sha256], inputs, outputs, tolerance, max_rows,
-                                    #           peak_rss_gb, seconds[, verified_max_abs_diff]}
+                                    #           peak_rss_gb, seconds[, verified_max_abs_diff (fp32) | verified_max_rel_diff (fp16)]}
     precision: str                  # fp32, fp16, bf16, auto; with `auto` set, engines chosen per stage on a CPU
     max_batch: int                  # samples per call the engines serve
     checkpoint: dict                # {file, source, sha256, weights}: what was exported

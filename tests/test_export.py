@@ -56,6 +56,27 @@ def test_every_stage_verified_within_tolerance(engine_dirs, fixtures_dir):
                 assert (torch.from_numpy(g) - r).abs().max().item() <= spec.tolerance, (name, stage)
 
 
+def test_a_relative_check_measures_the_difference_against_the_largest_value(engine_dirs, fixtures_dir):
+    """The check of fp16 graphs (relative: their rounding grows with the values): an fp32 graph
+    against its module scaled by 1 + e differs by exactly e / (1 + e) of the largest value (closed
+    form), so a 2 % scaling passes a 3 % tolerance and 4 % does not; an absolute check sees the
+    difference itself."""
+    from flowar.export.onnx_export import verify_stage
+    from flowar.model.checkpoint import load_model
+    d, _ = engine_dirs["tiny_v1"]
+    m = read_manifest(d)
+    model, _ = load_model(fixtures_dir / "tiny_v1.safetensors", config_path=fixtures_dir / "tiny_v1.config.json")
+    spec = m.specs()["ar"]
+    module = spec.module(model, None)
+    for e, ok in ((0.02, True), (0.04, False)):
+        scaled = lambda *a, e=e: module(*a) * (1 + e)             # noqa: E731
+        chk = verify_stage(spec, scaled, m.config, m.graph("ar")[0], 2, 0.03, relative=True)
+        assert chk.relative and abs(chk.worst - e / (1 + e)) < 1e-4 and chk.ok == ok, (e, chk)
+        assert f"{chk.worst:.2%} of its largest value (tolerance 3%)" == chk.describe()
+    absolute = verify_stage(spec, module, m.config, m.graph("ar")[0], 2)
+    assert not absolute.relative and 0 < absolute.worst <= spec.tolerance
+
+
 def test_an_exported_directory_opens_without_optimizing_or_reading_its_graphs(engine_dirs, monkeypatch):
     """The export prepared ONNX Runtime's optimized copy of every graph for this CPU (in .ort-cache,
     each with its sha256 beside it, written before the manifest), so opening the directory and

@@ -21,8 +21,12 @@ from flowar.config import SAMPLING_DEFAULTS
 from flowar.errors import FlowARError
 from flowar.export.manifest import PRECISIONS
 
-# fp16/bf16 graphs (for TensorRT) are compared with the fp32 eager reference: they differ by their rounding.
-REDUCED_TOLERANCE = {"fp32": None, "fp16": 5e-2, "bf16": 3e-1}
+# fp16/bf16 graphs (for TensorRT) are compared with the fp32 eager reference: they differ by their rounding,
+# which grows with the values, so by a fraction of each output's largest magnitude: the shipped model's fp16
+# velocity 0.47 / 0.72 / 0.90 % at --max-batch 1 / 8 / 32 (an absolute 5e-2 refused it at 32); FlowAR-S's
+# 9.2e-3 of a largest 3-6 (~0.2 %); the flow time rounded to fp16 before its timestep (a bug, fixed) put
+# FlowAR-S's off by 0.904 (15-30 %).
+REDUCED_TOLERANCE = {"fp32": None, "fp16": 3e-2, "bf16": 3e-1}
 TIMING_CACHE = "timing.cache"     # full TensorRT's timing cache, kept in the directory for the next export
 
 
@@ -68,7 +72,7 @@ class BuildReport:
 
     def lines(self) -> list[str]:
         """What flowar-export prints: each stage's check and, for measured precision, each choice."""
-        out = [f"  {c.name:<10} max abs diff vs eager {c.worst:.2e} (tolerance {c.tolerance:.0e}) worst at {c.where}"
+        out = [f"  {c.name:<10} max {'' if c.relative else 'abs '}diff vs eager {c.describe()} worst at {c.where}"
                for c in self.checks]
         if self.memory:
             out.append("  peak memory per stage (export" + (" + verify" if self.checks else "") + "): "
@@ -212,9 +216,10 @@ def export_graphs(req: ExportRequest, model, vae, specs: dict, tmp: Path, report
         elif req.verify:
             say(f"verify {name}")
             t0 = time.perf_counter()
-            chk = verify_stage(spec, module, model.config, path, rows, REDUCED_TOLERANCE[req.graph_precision])
+            chk = verify_stage(spec, module, model.config, path, rows, REDUCED_TOLERANCE[req.graph_precision],
+                               relative=req.graph_precision != "fp32")
             report.checks.append(chk)
-            rec["verified_max_abs_diff"] = chk.worst
+            rec["verified_max_rel_diff" if chk.relative else "verified_max_abs_diff"] = chk.worst
             report.seconds[f"verify {name}"] = time.perf_counter() - t0
         if len(files) == 1:
             # ONNX Runtime's optimized copy for this CPU, made here (where opening would make it,
@@ -235,7 +240,7 @@ def export_graphs(req: ExportRequest, model, vae, specs: dict, tmp: Path, report
     bad = [c for c in report.checks if not c.ok]
     if bad:
         raise ExportError("every stage within its tolerance of eager PyTorch",
-                          "; ".join(f"{c.name} differs by {c.worst:.3g} > {c.tolerance:.3g} ({c.where})" for c in bad),
+                          "; ".join(f"{c.name} differs by {c.describe()} ({c.where})" for c in bad),
                           "nothing was written; rerun with --debug, or report the model and versions")
     return stages
 
