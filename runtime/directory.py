@@ -144,8 +144,9 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
         rec = measured.get(stage, {}).get(cand)
         if rec is not None and "setup_s" in rec:
             eng.warm, eng.setup_measured = rec["setup_s"] >= WARM_SETUP_S, True
-    if chosen == "ort":
-        return engines, f"ONNX Runtime {provider}"
+    if chosen == "ort":       # (fp16 graphs: said; plans it has but does not run here: why)
+        return engines, f"ONNX Runtime {provider}" + (f", {m.precision} graphs" if m.precision == "fp16" else "") + (
+            f"; its TensorRT plans unused ({_trt_usable(m)[1] or 'not asked for'})" if m.tensorrt else "")
     notes = [f"{', '.join(stages)} {cand} {'compiled for' if cand in COMPILED else 'needs'} {flags}, which this CPU "
              f"lacks: ONNX Runtime fp32 instead (re-export here to {'compile' if cand in COMPILED else 'choose'} for "
              "this CPU)" for (cand, flags), stages in fallback.items()]

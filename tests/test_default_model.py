@@ -50,6 +50,7 @@ def test_onnx_runtime_matches_eager_at_45_db_and_fp16_runs(eager, tmp_path):
     assert p32 >= 45.0, p32
     build_engine_dir(CKPT, tmp_path / "fp16", vae_path=VAE, max_batch=4, precision="fp16", verify=False)
     with Runtime.open_engine_dir(tmp_path / "fp16", backend="ort") as rt:
+        assert rt.detail == "ONNX Runtime CPUExecutionProvider, fp16 graphs", rt.detail     # (what runs, said)
         half = run_sampling(rt.stages, rt.config, labels, **kw)
     p16 = psnr(half.images, got.images)
     print(f"\nPSNR ORT fp32 vs eager: {p32:.1f} dB; ORT fp16 vs ORT fp32: {p16:.1f} dB")

@@ -162,5 +162,7 @@ def test_bf16_graphs_for_tensorrt_skip_onnx_runtime_and_a_cpu_is_told_what_runs(
     if not torch.cuda.is_available():
         with pytest.raises(FlowARError, match="bf16 graphs for TensorRT only"):
             Runtime.open(d)
+        with Runtime.open(trt_dir.root) as rt:       # its fp32 graphs run here; the plans' not running is said
+            assert rt.detail == "ONNX Runtime CPUExecutionProvider; its TensorRT plans unused (no CUDA GPU)", rt.detail
     with Runtime.open(d, backend="torch") as rt:
         assert rt.sample([1], rt.schedule(), decode=False).tokens.isfinite().all()
