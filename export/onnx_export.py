@@ -116,6 +116,7 @@ def export_stage(spec: StageSpec, module: nn.Module, config: FlowARConfig, path:
             if weights:
                 import onnxscript
                 onnxscript.optimizer.optimize(prog.model)            # a second pass, in place, on the same graph
+            _drop_traces(prog.model)
             external = weights and _initializer_bytes(prog.model) > EXTERNAL_DATA_BYTES
             prog.save(str(path), include_initializers=weights, external_data=external)
     except Exception as e:   # noqa: BLE001 - reported as one line; --debug shows the chain
@@ -126,6 +127,21 @@ def export_stage(spec: StageSpec, module: nn.Module, config: FlowARConfig, path:
         release_free_memory()
     data = path.with_name(path.name + ".data")
     return [path] + ([data] if data.is_file() else [])
+
+
+def _drop_traces(model) -> None:
+    """Remove what the exporter notes on each node and value for debugging (the stack trace with this
+    checkout's source paths, the module hierarchy): the same model exported from another folder gave
+    other bytes, so other hashes and TensorRT plan keys (the tiny model's AR graph: 341 of 348 nodes
+    named /work/..., 0.3 of its 1.7 MB)."""
+    graphs = [model.graph, *model.functions.values()]
+    for g in graphs:
+        for node in g.all_nodes() if hasattr(g, "all_nodes") else g:
+            node.metadata_props.clear()
+            for v in node.outputs:
+                v.metadata_props.clear()
+    for v in [*model.graph.inputs, *model.graph.initializers.values()]:
+        v.metadata_props.clear()
 
 
 def _initializer_bytes(model) -> int:
