@@ -66,7 +66,7 @@ class Manifest:
                                     #           peak_rss_gb, seconds[, verified_max_abs_diff (fp32) | verified_max_rel_diff (fp16)]}
     precision: str                  # fp32, fp16, bf16, auto; with `auto` set, engines chosen per stage on a CPU
     max_batch: int                  # samples per call the engines serve
-    checkpoint: dict                # {file, source, sha256, weights}: what was exported
+    checkpoint: dict                # {file, source, sha256, weights, data, config}: what was exported (config: how given)
     class_names: list[str] | None = None
     schedule_defaults: dict = field(default_factory=dict)   # what flowar-run samples with unless told otherwise
     vae: dict | None = None         # {source, sha256, latent_channels, downsample, image_size, config}; None: tokens
@@ -88,6 +88,31 @@ class Manifest:
             raise FlowARError("an engine directory with a decode stage (images)", "one exported without --vae",
                               "re-export with --vae, or ask for tokens only (flowar-run --save-tokens)")
 
+    @property
+    def rebuild(self) -> str:
+        """How to make this directory again: the flowar-export command its record implies (its
+        checkpoint and VAE where they were, its config, precision, limit, TensorRT target and
+        recorded sampling defaults), so that following it gives the same kind of directory, not a
+        tokens-only fp32 one."""
+        from flowar.config import PRESETS, SAMPLING_DEFAULTS
+        c, trt = self.checkpoint, self.tensorrt or {}
+        preset = next((n for n, p in PRESETS.items() if p == self.config), None)
+        args = [f"--ckpt {c.get('source') or 'CKPT'}"]
+        if c.get("config"):                           # (recorded since 2026-12-06)
+            args += [c["config"]] * (c["config"] != "in the file")
+        elif c.get("weights") != "safetensors":       # (before, guessed: a .safetensors file likely describes itself)
+            args.append(f"--preset {preset}" if preset else "--config CONFIG.json (its manifest's config)")
+        args += ["--raw-weights"] if c.get("weights") == "model" else []
+        args += [f"--vae {self.vae['source']}"] if self.vae else []
+        args += ["--backend trt"] if trt else []
+        args += [f"--precision {self.precision}"] if self.precision != "fp32" else []
+        args += [f"--max-batch {self.max_batch}"] if self.max_batch != 8 else []
+        if trt.get("flavour") == "tensorrt-rtx" and trt.get("compute_capability"):
+            args.append(f"--compute-capability {trt['compute_capability']}")
+        args += [f"--{k} {v}" for k, v in (self.schedule_defaults or {}).items()
+                 if v is not None and v != SAMPLING_DEFAULTS.get(k)]
+        return f"rebuild it: flowar-export {' '.join(args)} --out {self.root}"
+
     def specs(self) -> dict[str, StageSpec]:
         from flowar.export.specs import stage_specs
         return stage_specs(self.config, self.vae["downsample"] if self.vae else None)
@@ -104,7 +129,7 @@ class Manifest:
         """``root / rel`` if it stays inside the directory (no '..', not absolute, no symbolic link out),
         else refused."""
         root = self.root
-        rebuild = f"re-export the directory with flowar-export --out {root}"
+        rebuild = self.rebuild
         if not isinstance(rel, str) or not rel or "\0" in rel or os.path.isabs(rel) or ".." in Path(rel).parts:
             raise EngineDirError("manifest paths relative to the engine directory", repr(rel), rebuild)
         p = root / rel
@@ -125,7 +150,7 @@ class Manifest:
         p = self.member(rel)
         if not self.hashes_to(p, sha256, rel):
             raise EngineDirError(f"{rel} with the sha256 recorded at export", "a different file (modified or corrupt)",
-                                 f"rebuild it: flowar-export --ckpt CKPT --out {self.root}")
+                                 self.rebuild)
         return p
 
     def hashes_to(self, path: Path, sha256: str, key: str) -> bool:
@@ -164,7 +189,7 @@ class Manifest:
         data = self.member(rel).read_bytes()
         if hashlib.sha256(data).hexdigest() != sha256:
             raise EngineDirError(f"{rel} with the sha256 recorded at export", "a different file (modified or corrupt)",
-                                 f"rebuild it: flowar-export --ckpt CKPT --out {self.root}")
+                                 self.rebuild)
         return data
 
     def plan(self, stage: str) -> Path:
@@ -220,7 +245,7 @@ _SCHEMA = (
     ("stages.*.data", False, "file"), ("stages.*.data_sha256", "data", "file"),
     ("stages.*.inputs", True, "names"), ("stages.*.outputs", True, "names"),
     ("checkpoint", True, "map"), ("checkpoint.sha256", True, "file"),
-    *((f"checkpoint.{k}", False, "str") for k in ("file", "source", "weights", "data")),
+    *((f"checkpoint.{k}", False, "str") for k in ("file", "source", "weights", "data", "config")),
     ("vae", False, "map"), ("vae.source", True, "file"),
     ("vae.sha256", False, "file"),          # (a manifest written before the VAE's hash was recorded has none)
     *((f"vae.{k}", True, "size") for k in ("latent_channels", "downsample", "image_size")),
@@ -320,6 +345,7 @@ def read_manifest(root: str | Path, verify_hashes: bool = False) -> Manifest:
     known = {k: m[k] for k in _FIELDS if k in m and k not in ("root", "config", "meta")}
     manifest = Manifest(root=root, config=config, **known,
                         meta={k: v for k, v in m.items() if k not in _FIELDS and k != "format"})
+    rebuild = manifest.rebuild
     for rel, digest in manifest.members():
         p = manifest.member(rel)
         if not p.is_file():

@@ -247,7 +247,7 @@ def test_velocity_bindings_are_made_once_per_scale_and_row_count(engine_dirs):
         assert len(rt.stages.engines["velocity"]._runs) == len(pairs)
 
 
-def test_tampered_partial_and_foreign_directories_are_refused(engine_dirs, tmp_path):
+def test_tampered_partial_and_foreign_directories_are_refused(engine_dirs, tmp_path, fixtures_dir):
     """A modified file is refused where it is read (opening the engines that use it, or a full
     check); a missing or foreign one as soon as the manifest is read."""
     from flowar.runtime.runtime import Runtime
@@ -258,8 +258,13 @@ def test_tampered_partial_and_foreign_directories_are_refused(engine_dirs, tmp_p
     with open(d / "velocity.onnx", "ab") as f:
         f.write(b"\0")
     read_manifest(d)                                            # present: the hash is checked where it is read
-    with pytest.raises(EngineDirError, match="velocity.onnx with the sha256"):
+    with pytest.raises(EngineDirError, match="velocity.onnx with the sha256") as e:
         Runtime.open_engine_dir(d, backend="ort")
+    # the fix is the export that made it (its checkpoint, config, VAE and limit), not a tokens-only default one
+    f = fixtures_dir.resolve()
+    assert str(e.value).endswith(f"rebuild it: flowar-export --ckpt {f / 'tiny_v1.safetensors'} --config "
+                                 f"{f / 'tiny_v1.config.json'} --vae {f / 'mar_vae_tiny.ckpt'} --max-batch 2 --out {d}"), \
+        str(e.value)
     with pytest.raises(EngineDirError, match="sha256"):
         read_manifest(d, verify_hashes=True)
     # fields of the wrong type or range: one line when read (a TypeError in the runtime, or after sampling)

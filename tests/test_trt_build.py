@@ -34,6 +34,9 @@ def trt_dir(fixtures_dir, tmp_path_factory):
 
 def test_every_stage_has_a_plan_with_one_profile_per_scale(trt_dir):
     m = trt_dir
+    # how to make it again, should a file of it be refused: its backend and (built ahead of a GPU) its target too
+    assert " --backend trt " in m.rebuild and " --max-batch 2 " in m.rebuild and " --vae " in m.rebuild
+    assert (" --compute-capability sm80 " in m.rebuild) == (m.tensorrt["flavour"] == "tensorrt-rtx"), m.rebuild
     plans = m.tensorrt["plans"]
     assert set(plans) == {"ar", "head_prep", "velocity", "decode"}
     assert m.tensorrt["flavour"] in ("tensorrt", "tensorrt-rtx") and m.tensorrt["compute_capability"]

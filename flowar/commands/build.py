@@ -356,7 +356,10 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
         manifest = Manifest(
             root=tmp, config=config, stages=stages, precision=req.precision, max_batch=req.max_batch,
             checkpoint={"file": req.ckpt.name, "source": str(req.ckpt.resolve()), "sha256": sha256_file(req.ckpt),
-                        "weights": ck.source, "data": ck.metadata.get("data")},
+                        "weights": ck.source, "data": ck.metadata.get("data"),
+                        # (how its config was given: what a rebuild passes again)
+                        "config": (f"--preset {req.preset}" if req.preset else
+                                   f"--config {Path(req.config_path).resolve()}" if req.config_path else "in the file")},
             class_names=ck.class_names,
             schedule_defaults=req.schedule_defaults or dict(SAMPLING_DEFAULTS),
             vae=None if vae is None else {"source": str(req.vae_path.resolve()), "sha256": vae_sha256(req.vae_path),

@@ -71,6 +71,8 @@ def images_sha256(manifest: Path) -> str:
     for source in ("checkpoint", "vae"):
         if isinstance(m.get(source), dict):
             m[source].pop("source", None)
+    if isinstance(m.get("checkpoint"), dict):
+        m["checkpoint"].pop("config", None)        # (how its config was given: a --config file's path)
     return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()
 
 
