@@ -41,13 +41,15 @@ class Builder:
     version: str
 
 
-def load_builder() -> Builder:
+def load_builder(flavour: str | None = None) -> Builder:
+    """TensorRT, else TensorRT-RTX; ``flavour`` (what built a directory's plans) first: with both
+    installed, plans of TensorRT-RTX were judged by TensorRT's version and never used."""
     # tensorrt_rtx: NVIDIA's SDK wheel; tensorrt_rtx_bindings: the same bindings as pip's tensorrt-rtx-cu13-bindings
-    for name, flavour in (("tensorrt", "tensorrt"), ("tensorrt_rtx", "tensorrt-rtx"),
-                          ("tensorrt_rtx_bindings", "tensorrt-rtx")):
+    modules = (("tensorrt", "tensorrt"), ("tensorrt_rtx", "tensorrt-rtx"), ("tensorrt_rtx_bindings", "tensorrt-rtx"))
+    for name, kind in sorted(modules, key=lambda m: m[1] != flavour):
         try:
             trt = __import__(name)
-            return Builder(trt, flavour, trt.__version__)
+            return Builder(trt, kind, trt.__version__)
         except ImportError:
             pass
     raise FlowARError("TensorRT or TensorRT-RTX for --backend trt", "neither is installed",
@@ -107,7 +109,9 @@ def plan_target(b: Builder, compute_capability: str | None) -> str:
                        key=lambda s: int(s[2:]))
         if cc not in known:
             raise FlowARError(f"--compute-capability among {', '.join(known)} (TensorRT-RTX {b.version})",
-                              repr(cc), "pick the target GPU's, e.g. --compute-capability sm80")
+                              repr(cc), "pick the target GPU's among those (e.g. sm80); a GPU TensorRT-RTX does not "
+                              "target (H100/H200: sm90) takes full TensorRT's plans, built on that GPU "
+                              "(flowar-export --backend trt there)")
     return cc
 
 

@@ -18,6 +18,7 @@ chosen engines do not use.
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,7 +41,7 @@ def _trt_usable(m: Manifest) -> tuple[bool, str]:
         return False, "no CUDA GPU"
     try:
         from flowar.engines.trt import gpu_compute_capability, load_builder
-        b = load_builder()
+        b = load_builder(info["flavour"])
     except FlowARError:
         return False, "TensorRT is not installed"
     if (b.flavour, b.version) != (info["flavour"], info["version"]):
@@ -63,15 +64,22 @@ def choose_backend(m: Manifest, requested: str = "auto", gpu: bool = True) -> st
         chosen = "trt" if gpu and m.tensorrt and _trt_usable(m)[0] else ("measured" if m.choice else "ort")
     elif requested == "trt":
         ok, why = _trt_usable(m)
-        if not ok:
+        if not ok:                  # (the fix follows the reason: rebuilding on a machine without a GPU cannot help)
+            here = re.sub(r" --compute-capability \S+", "", m.rebuild.removeprefix("rebuild it: "))   # (this GPU's)
+            fix = ("export it with plans (flowar-export --backend trt)" if not m.tensorrt else
+                   "run it on a machine with an NVIDIA GPU" if why == "no CUDA GPU" else
+                   f"install {m.tensorrt['flavour']}, which built the plans" if why == "TensorRT is not installed" else
+                   f"rebuild the plans on this machine: {here}")
             raise FlowARError("a TensorRT-ready engine directory and GPU for --backend trt", why,
-                              "rebuild plans here with flowar-export --backend trt, or use --backend ort")
+                              f"{fix}, or use --backend ort")
     if chosen == "ort" and m.precision == "bf16" and not m.choice:
         raise FlowARError("engines this machine runs", "bf16 graphs for TensorRT only (ONNX Runtime has no bf16 "
                           "kernels on a CPU)" + (f", and no TensorRT plans usable here ({_trt_usable(m)[1]})"
                                                   if m.tensorrt else ""),
-                          "run on the GPU the plans were built for, or use --backend torch, or export for this "
-                          "machine with --precision bf16 --backend ort (measured CPU engines) or --precision fp32")
+                          "run on the GPU the plans were built for; here, --backend torch runs its checkpoint in "
+                          f"float32 and flowar-run --ckpt {m.exported_checkpoint[0]} --precision bf16 in bf16 GEMMs, or "
+                          "export for this machine with --precision bf16 --backend ort (measured CPU engines) or "
+                          "--precision fp32")
     return chosen
 
 
@@ -81,7 +89,7 @@ def trt_engines(m: Manifest, specs: dict):
     from flowar.engines.trt import load_builder
     from flowar.runtime.engines import SharedDeviceMemory, TrtEngine
     import torch
-    b, dev = load_builder(), torch.device("cuda")
+    b, dev = load_builder(m.tensorrt["flavour"]), torch.device("cuda")
     shared = SharedDeviceMemory(dev)
     plans = m.tensorrt["plans"]
     return ({n: TrtEngine(n, m.read_checked(plans[n]["file"], plans[n]["sha256"]), b.trt, shared) for n in specs}, dev,

@@ -167,5 +167,23 @@ def test_bf16_graphs_for_tensorrt_skip_onnx_runtime_and_a_cpu_is_told_what_runs(
             Runtime.open(d)
         with Runtime.open(trt_dir.root) as rt:       # its fp32 graphs run here; the plans' not running is said
             assert rt.detail == "ONNX Runtime CPUExecutionProvider; its TensorRT plans unused (no CUDA GPU)", rt.detail
+        with pytest.raises(FlowARError) as e:        # the fix follows the reason (rebuilding here could not help)
+            Runtime.open(trt_dir.root, backend="trt")
+        assert str(e.value).endswith("got no CUDA GPU. Fix: run it on a machine with an NVIDIA GPU, or use --backend ort")
     with Runtime.open(d, backend="torch") as rt:
         assert rt.sample([1], rt.schedule(), decode=False).tokens.isfinite().all()
+
+
+def test_the_flavour_that_built_the_plans_is_loaded_first(monkeypatch):
+    """With NVIDIA's TensorRT and TensorRT-RTX both installed, a directory's TensorRT-RTX plans are
+    opened with TensorRT-RTX (they were judged by TensorRT's version, refused, and ONNX Runtime ran
+    instead); without a flavour asked for, TensorRT first, as before."""
+    import sys
+    import types
+    from flowar.engines.trt import load_builder
+    for name, version in (("tensorrt", "10.13.0"), ("tensorrt_rtx", "1.7.1")):
+        fake = types.ModuleType(name)
+        fake.__version__ = version
+        monkeypatch.setitem(sys.modules, name, fake)
+    assert (load_builder("tensorrt-rtx").flavour, load_builder("tensorrt-rtx").version) == ("tensorrt-rtx", "1.7.1")
+    assert load_builder("tensorrt").flavour == load_builder().flavour == "tensorrt"
