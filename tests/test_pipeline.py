@@ -579,3 +579,24 @@ def test_from_pretrained_takes_the_config_itself_or_its_path_and_names_what_diff
     assert "\n" not in str(e.value)
     with pytest.raises(FlowARError, match=r"a different preset=/config= \(latent_scale 0.5, the file's 1.07"):
         FlowARPipeline.from_pretrained(str(DEFAULT_CKPT), config=own.replace(latent_scale=0.5))
+
+
+def test_a_bar_the_caller_points_at_a_stream_or_a_notebook_is_drawn_there(monkeypatch):
+    """Where stderr is no terminal a bar became a plain line every 30 s (a log's), also where the caller
+    named the stream (set_progress_bar_config(file=...)) or ran in a notebook (stderr is no terminal
+    there): nothing at all for a short call. Those get tqdm's bar, on their stream."""
+    import io
+    import sys
+    import types
+    from flowar.io.progress import Lines, progress_bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert isinstance(progress_bar(total=3, desc="scales"), Lines)              # (a log: the plain lines)
+    out = io.StringIO()
+    bar = progress_bar(total=3, desc="scales", unit="scale", file=out)
+    bar.update(3)
+    bar.close()
+    assert "scales" in out.getvalue() and "3/3" in out.getvalue(), out.getvalue()
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    bar = progress_bar(total=3, desc="scales")                                  # (a notebook: no file named)
+    assert not isinstance(bar, Lines)
+    bar.close()

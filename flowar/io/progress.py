@@ -40,8 +40,14 @@ class Lines:
 
 
 def progress_bar(total: int | None = None, desc: str = "", unit: str = "it", **tqdm_options):
-    """A tqdm bar where stderr is a terminal, else :class:`Lines`; ``disable=True``: neither."""
-    if tqdm_options.get("disable") is True or sys.stderr.isatty():
-        from tqdm import tqdm
+    """A tqdm bar where stderr is a terminal, in a Jupyter notebook (its widget: stderr is no
+    terminal there), or where the caller named the stream (``file=``) or asked for the bar
+    (``disable=False``); else :class:`Lines`; ``disable=True``: neither."""
+    notebook = "ipykernel" in sys.modules
+    if (tqdm_options.get("disable") is not None or "file" in tqdm_options or notebook or sys.stderr.isatty()):
+        if notebook:
+            from tqdm.auto import tqdm
+        else:
+            from tqdm import tqdm
         return tqdm(total=total, desc=desc, unit=unit, **tqdm_options)
     return Lines(total, desc, unit, LINE_EVERY_S)
