@@ -554,9 +554,13 @@ def test_what_a_diffusers_user_reaches_for_next(default_auto_engines, monkeypatc
         assert "call it in parts of at most" in str(e.value)
         assert pipe([1, 2], output_type="latent").labels == [1, 2]            # a call that fits
     said = in_python_terms(FlowARError("a", "b", "rebuild plans here with flowar-export --backend trt, or use --backend ort"))
-    assert str(said).endswith("with flowar-export --backend trt, or use backend ort"), said
+    assert str(said).endswith('with flowar-export --backend trt, or use backend="ort"'), said
     said = in_python_terms(FlowARError("--precision fp32 or bf16", "x", "check the --config path; drop --raw-weights"))
     assert "--" not in str(said) and "raw_weights" in str(said) and "config path" in str(said), said
+    # an option with its value is the keyword argument a call takes; a word that is no value of it stays
+    said = in_python_terms(FlowARError("--cfg in [1, 50]", "x", "use e.g. --steps 25, pass --preset tiny or --backend ort"))
+    assert str(said).endswith('got x. Fix: use e.g. num_inference_steps=25, pass preset="tiny" or backend="ort"'), said
+    assert "guidance_scale in [1, 50]" in str(said), said
 
 
 def test_from_pretrained_takes_the_config_itself_or_its_path_and_names_what_differs():

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from flowar.config import FlowARConfig
+from flowar.config import PRESETS, FlowARConfig
 from flowar.errors import FlowARError
 from flowar.runtime.runtime import Runtime
 from flowar.sampling.batches import SampleResult
@@ -311,27 +311,37 @@ _KEYWORDS = (("--steps", "num_inference_steps"), ("--cfg", "guidance_scale"), ("
              ("--preset", "preset"), ("--config", "config"), ("--vae", "vae"), ("--no-cuda-graphs", "cuda_graphs=False"),
              ("--threads", "threads"), ("--device", "device"), ("--backend", "backend"),
              ("--engine-dir", "an engine directory"))
+# the word values of the options (said quoted, as keyword arguments take them)
+_VALUES = {"--preset": tuple(PRESETS), "--backend": ("auto", "ort", "trt", "torch"), "--schedule": ("official", "fast"),
+           "--precision": ("fp32", "bf16"), "--device": ("auto", "cpu", "cuda")}
 # a command line in a message ("flowar-export --backend trt"): said as it is, a command to run
 _COMMAND = re.compile(r"flowar-[a-z]+(?: --[\w-]+(?: (?!--)[^\s,;()]+)?)+")
 
 
 def in_python_terms(e: FlowARError) -> FlowARError:
     """``e`` with the commands' option names replaced by the pipeline's keywords ("--cfg in [1, 50]"
-    -> "guidance_scale in [1, 50]"), except inside the command lines it suggests."""
-    def say(text: str) -> str:
+    -> "guidance_scale in [1, 50]"), except inside the command lines it suggests; in the fix, an
+    option with its value as the keyword argument ("--steps 25" -> "num_inference_steps=25")."""
+    def say(text: str, values: bool = False) -> str:
         out, at = [], 0
         for m in [*_COMMAND.finditer(text), None]:
             part = text[at:m.start() if m else len(text)]
             for option, keyword in _KEYWORDS:
+                # with its value, as the keyword argument: "--preset tiny" -> 'preset="tiny"' (a word that is
+                # no value of it stays: "--cfg in [1, 50]")
+                if values and option[-1].isalnum():
+                    value = "|".join([r"-?\d+(?:\.\d+)?", *map(re.escape, _VALUES.get(option, ()))])
+                    part = re.sub(rf"{re.escape(option)} ({value})(?![\w.-])", lambda m, k=keyword: f"{k}={m.group(1)}"
+                                  if m.group(1)[-1].isdigit() else f'{k}="{m.group(1)}"', part)
                 part = re.sub(re.escape(option) + r"(?![\w-])" if option[-1].isalnum() else re.escape(option), keyword,
                               part)
             out.append(part + (m.group(0) if m else ""))
             at = m.end() if m else at
         return "".join(out)
     try:
-        return type(e)(say(e.expected), say(e.got), say(e.fix))
+        return type(e)(say(e.expected), say(e.got), say(e.fix, True))
     except TypeError:                    # (a subclass that takes more)
-        return FlowARError(say(e.expected), say(e.got), say(e.fix))
+        return FlowARError(say(e.expected), say(e.got), say(e.fix, True))
 
 
 def to_output(res: SampleResult, output_type: str):
