@@ -324,9 +324,19 @@ def read_manifest(root: str | Path, verify_hashes: bool = False) -> Manifest:
     rebuild = f"rebuild it: flowar-export --ckpt CKPT --out {root}"
     mpath = root / MANIFEST
     if not mpath.is_file():
+        # a model's folder (a checkpoint and its VAE beside it, as models/default): how to open the file in it
+        try:
+            ckpts = sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".pth", ".pt") and p.is_file())
+        except OSError:
+            ckpts = []
+        vae = root / "vae" if (root / "vae").is_dir() else None
+        opens = (f"it holds a checkpoint: open the file itself, flowar-run --ckpt {ckpts[0]}"
+                 f"{f' --vae {vae}' if vae else ''} (Python: FlowARPipeline.from_pretrained({str(ckpts[0])!r}"
+                 f"{f', vae={str(vae)!r}' if vae else ''}))"
+                 if ckpts else "flowar-run and flowar-judge also open a checkpoint file itself: --ckpt")
         raise EngineDirError(f"{MANIFEST} in the engine directory", f"none in {root} (not a folder flowar-export wrote)",
                              "pass the folder flowar-export wrote, or export one: flowar-export --ckpt CKPT --out "
-                             "A_NEW_FOLDER (flowar-run and flowar-judge also open a checkpoint file itself: --ckpt)")
+                             f"A_NEW_FOLDER ({opens})")
     try:
         m = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

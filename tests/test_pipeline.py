@@ -604,3 +604,27 @@ def test_a_bar_the_caller_points_at_a_stream_or_a_notebook_is_drawn_there(monkey
     bar = progress_bar(total=3, desc="scales")                                  # (a notebook: no file named)
     assert not isinstance(bar, Lines)
     bar.close()
+
+
+def test_numpy_ids_and_0d_tensors_are_taken_as_their_python_values(default_auto_engines):
+    """A NumPy array of ids and 0-d tensors for the numbers sample what the plain values sample
+    (guidance_scale=torch.tensor(2.0) was refused as "not in [1, 50]")."""
+    import numpy as np
+    with FlowARPipeline.from_pretrained(default_auto_engines) as pipe:
+        pipe.set_progress_bar_config(disable=True)
+        a = pipe(np.array([3, 7]), seed=1, guidance_scale=torch.tensor(2.0), num_inference_steps=torch.tensor(4),
+                 output_type="np").images
+        b = pipe([3, 7], seed=1, guidance_scale=2.0, num_inference_steps=4, output_type="np").images
+        assert np.array_equal(a, b)
+        with pytest.raises(FlowARError, match="guidance_scale in"):
+            pipe([3], guidance_scale=torch.tensor(0.5))
+
+
+def test_a_models_folder_passed_as_an_engine_directory_is_told_to_open_the_checkpoint_in_it():
+    """A diffusers user's first try is the model's folder (the shipped model's holds flowar.safetensors and
+    vae/): the refusal names the file and its VAE, for the command and for from_pretrained."""
+    from flowar.export.manifest import EngineDirError
+    with pytest.raises(EngineDirError) as e:
+        FlowARPipeline.from_pretrained(DEFAULT_CKPT.parent)
+    assert f"flowar-run --ckpt {DEFAULT_CKPT} --vae {DEFAULT_VAE} (Python: FlowARPipeline.from_pretrained(" \
+           f"{str(DEFAULT_CKPT)!r}, vae={str(DEFAULT_VAE)!r}))" in str(e.value), str(e.value)

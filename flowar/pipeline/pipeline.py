@@ -182,6 +182,9 @@ class FlowARPipeline:
                     raise FlowARError("class_labels: class ids (int) or class names", f"a {class_labels.dtype} tensor of shape "
                                       f"{tuple(class_labels.shape)}", "pass e.g. [3, 7] or a 1-D int64 tensor")
                 class_labels = class_labels.tolist()
+            if type(class_labels).__module__ == "numpy" and getattr(class_labels, "ndim", 0) == 1 \
+                    and class_labels.dtype.kind in "iu":        # (as Python ints: NumPy's one by one took 33 s for 10**7)
+                class_labels = class_labels.tolist()
             if isinstance(class_labels, (bytes, bytearray)) or not (isinstance(class_labels, (numbers.Integral, str))
                                                                  or hasattr(class_labels, "__iter__")):
                 raise FlowARError("class_labels: an id, a name, or a list of them", repr(class_labels)[:60],
@@ -215,9 +218,11 @@ class FlowARPipeline:
                          else list(seed) if hasattr(seed, "__iter__") and not isinstance(seed, (str, bytes)) else seed)
             rt = self.runtime
             # NumPy's numbers as Python's (the settings take int and float, strictly: a bool is not a number)
+            # (and a 0-d tensor's: guidance_scale=torch.tensor(4.0) was "not in [1, 50]")
             steps, cfg, guide, batch_size = (int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else
                                              float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
-                                             for v in (num_inference_steps, guidance_scale, guidance, batch_size))
+                                             for v in (v.item() if isinstance(v, torch.Tensor) and v.dim() == 0 else v
+                                                       for v in (num_inference_steps, guidance_scale, guidance, batch_size)))
             sched = rt.schedule(Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guide))
             on_scale = None
             if callback_on_scale_end is not None:
