@@ -1,6 +1,7 @@
 """FlowARPipeline: the Python API, and the one way every command opens a source and samples."""
 
 import json
+import re
 import shutil
 import time
 
@@ -628,3 +629,23 @@ def test_a_models_folder_passed_as_an_engine_directory_is_told_to_open_the_check
         FlowARPipeline.from_pretrained(DEFAULT_CKPT.parent)
     assert f"flowar-run --ckpt {DEFAULT_CKPT} --vae {DEFAULT_VAE} (Python: FlowARPipeline.from_pretrained(" \
            f"{str(DEFAULT_CKPT)!r}, vae={str(DEFAULT_VAE)!r}))" in str(e.value), str(e.value)
+
+
+def test_what_diffusers_users_pass_is_refused_with_what_to_do_instead_and_the_output_indexes_like_theirs(
+        default_auto_engines):
+    """callback_on_step_end, num_images_per_prompt, torch_dtype and .to(dtype) were bare TypeErrors; out[0],
+    out["images"] and out.to_tuple() work as on diffusers' outputs."""
+    with pytest.raises(FlowARError, match=r"torch_dtype'. Fix: precision=\"bf16\" when opening a checkpoint"):
+        FlowARPipeline.from_pretrained(default_auto_engines, torch_dtype=torch.float16)
+    with FlowARPipeline.from_pretrained(default_auto_engines) as pipe:
+        pipe.set_progress_bar_config(disable=True)
+        for kw, fix in ((dict(callback_on_step_end=print), "callback_on_scale_end="),
+                        (dict(num_images_per_prompt=4), "repeat the labels"), (dict(bogus=1), "help(FlowARPipeline.__call__)")):
+            with pytest.raises(FlowARError, match=re.escape(fix)):
+                pipe([3], **kw)
+        for args in ((torch.float16,), ("cpu", torch.float16)):
+            with pytest.raises(FlowARError, match="keeps the precision it was opened with"):
+                pipe.to(*args)
+        assert pipe.to("cpu") is pipe
+        out = pipe([3, 7], seed=0, num_inference_steps=4, output_type="np")
+        assert out[0] is out["images"] is out.images and out.to_tuple() == (out.images,)

@@ -57,6 +57,31 @@ class FlowAROutput:
     timings: dict[str, float]
     tokens: Tensor
 
+    def to_tuple(self) -> tuple:
+        """``(images,)``, as diffusers' outputs give it (and a call with ``return_dict=False``)."""
+        return (self.images,)
+
+    def __getitem__(self, key: int | str):
+        """diffusers' ``out[0]`` (the images) and ``out["images"]``."""
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+
+# what diffusers users pass that FlowAR has otherwise or not at all: the keyword, and what to do instead
+_DIFFUSERS_ONLY = {"callback_on_step_end": "callback_on_scale_end=fn(pipe, k, {'tokens': ...}) (FlowAR samples scale by scale)",
+                   "callback": "callback_on_scale_end=fn(pipe, k, {'tokens': ...})",
+                   "num_images_per_prompt": "repeat the labels, e.g. [3] * 4",
+                   "torch_dtype": 'precision="bf16" when opening a checkpoint (an engine directory runs the precision '
+                                  "its export chose)",
+                   "eta": "leave it out (FlowAR's sampler is an ODE: no noise to scale)",
+                   "latents": "seed= or generator= (a seed names an image)"}
+
+
+def _refuse_diffusers_only(where: str, given: dict) -> None:
+    if given:
+        k = next(iter(given))
+        raise FlowARError(f"{where}'s keyword arguments", repr(k),
+                          _DIFFUSERS_ONLY.get(k, f"see help(FlowARPipeline{'.' + where if where != 'from_pretrained' else ''})"))
+
 
 class FlowARPipeline:
     """An opened source (``runtime``) and the diffusers-style call over it."""
@@ -69,7 +94,7 @@ class FlowARPipeline:
     def from_pretrained(cls, path: str | Path, *, backend: str = "auto", preset: str | None = None,
                         config: str | Path | FlowARConfig | None = None, vae: str | Path | None = None,
                         device: str | None = None, threads: int | None = None, raw_weights: bool = False,
-                        cuda_graphs: bool = True, precision: str = "fp32") -> "FlowARPipeline":
+                        cuda_graphs: bool = True, precision: str = "fp32", **others) -> "FlowARPipeline":
         """An engine directory (a folder with ``manifest.json``) or a checkpoint file.
 
         ``backend`` (engine directories): ``auto`` (TensorRT where usable, else the directory's
@@ -85,6 +110,7 @@ class FlowARPipeline:
         for name, flag in (("cuda_graphs", cuda_graphs), ("raw_weights", raw_weights)):
             if not isinstance(flag, bool):              # ("no" is a true value)
                 raise FlowARError(f"{name} True or False", repr(flag)[:40], f"pass {name}=False or leave it out")
+        _refuse_diffusers_only("from_pretrained", others)
         try:                            # (the runtime's messages name the commands' options: here the keywords)
             return cls(Runtime.open(os.fspath(path), backend=backend, preset=preset, config=config, vae=vae, device=device,
                                     threads=threads, raw_weights=raw_weights, cuda_graphs=cuda_graphs,
@@ -118,9 +144,12 @@ class FlowARPipeline:
         """Where the pipeline samples (its engines decide, or ``device`` at :meth:`from_pretrained`)."""
         return self.runtime.device
 
-    def to(self, device: str | torch.device) -> "FlowARPipeline":
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "FlowARPipeline":
         """diffusers' ``pipe.to(device)``: this pipeline where it already is; elsewhere refused (an
-        engine directory's engines are built for their device, and opening decides it)."""
+        engine directory's engines are built for their device, and opening decides it); a dtype too."""
+        if isinstance(device, torch.dtype) or dtype is not None:
+            raise FlowARError("to(device): a pipeline keeps the precision it was opened with", str(dtype or device),
+                              _DIFFUSERS_ONLY["torch_dtype"])
         try:
             asked = torch.device(device)
         except (RuntimeError, TypeError):
@@ -153,7 +182,7 @@ class FlowARPipeline:
                  guidance_scale: float | None = None, guidance: float | None = None, schedule: str | None = None,
                  batch_size: int | None = None, output_type: str = "pil", indices: Sequence[int] | None = None,
                  callback_on_scale_end: Callable[["FlowARPipeline", int, dict], None] | None = None,
-                 return_dict: bool = True) -> FlowAROutput | tuple:
+                 return_dict: bool = True, **others) -> FlowAROutput | tuple:
         """Images of ``class_labels`` (ids and/or names).
 
         ``num_inference_steps``: the official sampler's N (25: the official 24 Euler steps per
@@ -172,6 +201,7 @@ class FlowARPipeline:
         ``(images,)``, as in diffusers.
         """
         try:
+            _refuse_diffusers_only("__call__", others)
             if output_type not in OUTPUT_TYPES:
                 raise FlowARError(f"output_type among {', '.join(OUTPUT_TYPES)}", repr(output_type), 'use "pil"')
             if callback_on_scale_end is not None and not _takes_three(callback_on_scale_end):
