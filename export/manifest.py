@@ -129,15 +129,14 @@ class Manifest:
         """``root / rel`` if it stays inside the directory (no '..', not absolute, no symbolic link out),
         else refused."""
         root = self.root
-        rebuild = self.rebuild
         if not isinstance(rel, str) or not rel or "\0" in rel or os.path.isabs(rel) or ".." in Path(rel).parts:
-            raise EngineDirError("manifest paths relative to the engine directory", repr(rel), rebuild)
+            raise EngineDirError("manifest paths relative to the engine directory", repr(rel), self.rebuild)
         p = root / rel
         real_root = root.resolve()
         real = p.resolve()
         if real != real_root and real_root not in real.parents:
             raise EngineDirError("manifest paths that stay inside the engine directory",
-                                 f"{rel!r} resolves to {real}", rebuild)
+                                 f"{rel!r} resolves to {real}", self.rebuild)
         return p
 
     def graph(self, stage: str) -> tuple[Path, str]:
@@ -355,14 +354,14 @@ def read_manifest(root: str | Path, verify_hashes: bool = False) -> Manifest:
     known = {k: m[k] for k in _FIELDS if k in m and k not in ("root", "config", "meta")}
     manifest = Manifest(root=root, config=config, **known,
                         meta={k: v for k, v in m.items() if k not in _FIELDS and k != "format"})
-    rebuild = manifest.rebuild
     for rel, digest in manifest.members():
         p = manifest.member(rel)
         if not p.is_file():
-            raise EngineDirError(f"{rel} listed in {MANIFEST}", "the file is missing (partial directory)", rebuild)
+            raise EngineDirError(f"{rel} listed in {MANIFEST}", "the file is missing (partial directory)",
+                                 manifest.rebuild)
         if verify_hashes and sha256_file(p) != digest:
             raise EngineDirError(f"{rel} with the sha256 recorded at export", "a different file (modified or corrupt)",
-                                 rebuild)
+                                 manifest.rebuild)
     return manifest
 
 
