@@ -682,7 +682,7 @@ def test_tensorrt_plans_for_another_version_or_gpu_are_refused(monkeypatch):
     m = SimpleNamespace(tensorrt={"flavour": "tensorrt", "version": "10.0", "compute_capability": "sm90", "plans": {}})
     assert load._trt_usable(SimpleNamespace(tensorrt=None)) == (False, "the directory has no TensorRT plans")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(trt_mod, "load_builder", lambda: trt_mod.Builder(None, "tensorrt", "11.0"))
+    monkeypatch.setattr(trt_mod, "load_builder", lambda flavour=None: trt_mod.Builder(None, "tensorrt", "11.0"))
     monkeypatch.setattr(trt_mod, "gpu_compute_capability", lambda: "sm90")
     ok, why = load._trt_usable(m)
     assert not ok and "10.0" in why and "11.0" in why
