@@ -23,7 +23,8 @@ FAST_BF16 = ("avx512_bf16", "amx_bf16")                                       # 
 
 # Intel generations by (family 6) model number, as /proc/cpuinfo gives it; AMD's by family below.
 # Only the kinds these machines were seen to be or are likely to be; others show their numbers.
-INTEL = {143: "Sapphire Rapids", 207: "Emerald Rapids", 173: "Granite Rapids", 106: "Ice Lake", 85: "Cascade Lake"}
+INTEL = {143: "Sapphire Rapids", 207: "Emerald Rapids", 173: "Granite Rapids", 106: "Ice Lake",
+         85: "Skylake/Cascade/Cooper Lake"}
 
 
 @functools.lru_cache(maxsize=2)

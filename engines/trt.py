@@ -50,7 +50,7 @@ def load_builder(flavour: str | None = None) -> Builder:
         try:
             trt = __import__(name)
             return Builder(trt, kind, trt.__version__)
-        except ImportError:
+        except (ImportError, OSError):        # (OSError: a wheel whose libraries do not load)
             pass
     raise FlowARError("TensorRT or TensorRT-RTX for --backend trt", "neither is installed",
                       "pip install '.[trt]' (TensorRT-RTX) or NVIDIA's tensorrt, or use --backend ort")

@@ -94,24 +94,27 @@ class Manifest:
         checkpoint and VAE where they were, its config, precision, limit, TensorRT target and
         recorded sampling defaults), so that following it gives the same kind of directory, not a
         tokens-only fp32 one."""
+        import shlex
         from flowar.config import PRESETS, SAMPLING_DEFAULTS
         c, trt = self.checkpoint, self.tensorrt or {}
         preset = next((n for n, p in PRESETS.items() if p == self.config), None)
-        args = [f"--ckpt {c.get('source') or 'CKPT'}"]
+        args = [f"--ckpt {shlex.quote(c['source']) if c.get('source') else 'CKPT'}"]
         if c.get("config"):                           # (recorded since 2026-12-06)
             args += [c["config"]] * (c["config"] != "in the file")
-        elif c.get("weights") != "safetensors":       # (before, guessed: a .safetensors file likely describes itself)
-            args.append(f"--preset {preset}" if preset else "--config CONFIG.json (its manifest's config)")
+        elif preset:                                  # (before, guessed: a matching preset is taken by any file)
+            args.append(f"--preset {preset}")
+        elif c.get("weights") != "safetensors":       # (and a .safetensors file likely describes itself)
+            args.append("--config CONFIG.json (its manifest's config)")
         args += ["--raw-weights"] if c.get("weights") == "model" else []
-        args += [f"--vae {self.vae['source']}"] if self.vae else []
+        args += [f"--vae {shlex.quote(self.vae['source'])}"] if self.vae else []
         args += ["--backend trt"] if trt else []
         args += [f"--precision {self.precision}"] if self.precision != "fp32" else []
         args += [f"--max-batch {self.max_batch}"] if self.max_batch != 8 else []
         if trt.get("flavour") == "tensorrt-rtx" and trt.get("compute_capability"):
             args.append(f"--compute-capability {trt['compute_capability']}")
-        args += [f"--{k} {v}" for k, v in (self.schedule_defaults or {}).items()
-                 if v is not None and v != SAMPLING_DEFAULTS.get(k)]
-        return f"rebuild it: flowar-export {' '.join(args)} --out {self.root}"
+        args += [f"--{k} {v}" for k, v in (self.schedule_defaults or {}).items()     # (flowar-export's options only)
+                 if k in ("schedule", "steps", "cfg", "guidance") and v is not None and v != SAMPLING_DEFAULTS.get(k)]
+        return f"rebuild it: flowar-export {' '.join(args)} --out {shlex.quote(str(self.root))}"
 
     def specs(self) -> dict[str, StageSpec]:
         from flowar.export.specs import stage_specs

@@ -36,6 +36,14 @@ def _trt_usable(m: Manifest) -> tuple[bool, str]:
     info = m.tensorrt
     if not info:
         return False, "the directory has no TensorRT plans"
+    return _probe(info["flavour"], info["version"], info.get("compute_capability"))
+
+
+@functools.lru_cache(maxsize=8)
+def _probe(flavour: str, version: str, target: str | None) -> tuple[bool, str]:
+    """Whether plans of this flavour, version and target run here (once per process: it imports
+    TensorRT and starts CUDA)."""
+    info = {"flavour": flavour, "version": version, "compute_capability": target}
     import torch                    # (late: choosing a backend needs PyTorch only where there are plans)
     if not torch.cuda.is_available():
         return False, "no CUDA GPU"
@@ -50,6 +58,14 @@ def _trt_usable(m: Manifest) -> tuple[bool, str]:
     if info.get("compute_capability") not in (cc, None):
         return False, f"plans built for {info['compute_capability']}, this GPU is {cc}"
     return True, ""
+
+
+def trt_unused(m: Manifest, requested: str, gpu: bool, chosen: str) -> str:
+    """Why a directory's TensorRT plans do not run ("" where it has none, or they run): what the
+    automatic choice found (probed once), or that they were not asked for (--backend, --device cpu)."""
+    if not m.tensorrt or chosen == "trt":
+        return ""
+    return _trt_usable(m)[1] if requested == "auto" and gpu else "not asked for"
 
 
 def choose_backend(m: Manifest, requested: str = "auto", gpu: bool = True) -> str:
@@ -78,8 +94,8 @@ def choose_backend(m: Manifest, requested: str = "auto", gpu: bool = True) -> st
                                                   if m.tensorrt else ""),
                           "run on the GPU the plans were built for; here, --backend torch runs its checkpoint in "
                           f"float32 and flowar-run --ckpt {m.exported_checkpoint[0]} --precision bf16 in bf16 GEMMs, or "
-                          "export for this machine with --precision bf16 --backend ort (measured CPU engines) or "
-                          "--precision fp32")
+                          "export for this machine: flowar-export --precision bf16 --backend ort (measured CPU engines) "
+                          "or flowar-export --precision fp32")
     return chosen
 
 
@@ -97,7 +113,7 @@ def trt_engines(m: Manifest, specs: dict):
 
 
 def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: str, threads: int, provider: str,
-                      device: torch.device, ckpt: str | Path | None = None) -> tuple[dict, str]:
+                      device: torch.device, ckpt: str | Path | None = None, unused: str = "") -> tuple[dict, str]:
     """(engines not yet entered, the detail line): each stage on the engine ``choice`` names
     (ONNX Runtime where it names none), in the form the export stored it. ``chosen == "torch"``:
     the reference modules of the checkpoint the directory was exported from (``ckpt`` if it moved)."""
@@ -154,7 +170,7 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
             eng.warm, eng.setup_measured = rec["setup_s"] >= WARM_SETUP_S, True
     if chosen == "ort":       # (fp16 graphs: said; plans it has but does not run here: why)
         return engines, f"ONNX Runtime {provider}" + (f", {m.precision} graphs" if m.precision == "fp16" else "") + (
-            f"; its TensorRT plans unused ({_trt_usable(m)[1] or 'not asked for'})" if m.tensorrt else "")
+            f"; its TensorRT plans unused ({unused})" if unused else "")
     notes = [f"{', '.join(stages)} {cand} {'compiled for' if cand in COMPILED else 'needs'} {flags}, which this CPU "
              f"lacks: ONNX Runtime fp32 instead (re-export here to {'compile' if cand in COMPILED else 'choose'} for "
              "this CPU)" for (cand, flags), stages in fallback.items()]

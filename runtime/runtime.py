@@ -33,7 +33,7 @@ import torch
 from flowar.config import FlowARConfig
 from flowar.errors import FlowARError
 from flowar.export.manifest import EngineDirError, Manifest, read_manifest
-from flowar.runtime.directory import choose_backend, directory_engines, exported_from, trt_engines  # noqa: F401
+from flowar.runtime.directory import choose_backend, directory_engines, exported_from, trt_engines, trt_unused  # noqa: F401
 from flowar.sampling.batches import SampleResult, run_sampling
 from flowar.sampling.labels import ClassNames, class_names_for
 from flowar.sampling.sampler import Hooked, ScaleTrace
@@ -200,7 +200,8 @@ class Runtime(contextlib.AbstractContextManager):
             if chosen != "trt":
                 choice = {"ort": {}, "torch": dict.fromkeys(specs, "torch-fp32")}.get(chosen, m.choice)
                 threads_ = Threads.resolve(threads, any(choice.get(s, "ort-fp32") != "ort-fp32" for s in specs))
-                engines, detail = directory_engines(m, specs, choice, chosen, threads_.cores, provider, dev, ckpt)
+                engines, detail = directory_engines(m, specs, choice, chosen, threads_.cores, provider, dev, ckpt,
+                                                    trt_unused(m, backend, gpu, chosen) if m.tensorrt else "")
             engines = {n: stack.enter_context(e) for n, e in engines.items()}
             stages = EngineStages(engines, m.config, m.max_batch, dev, specs, m.call_plan if chosen == "measured"
                                   else None)

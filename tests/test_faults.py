@@ -681,6 +681,7 @@ def test_tensorrt_plans_for_another_version_or_gpu_are_refused(monkeypatch):
     from types import SimpleNamespace
     m = SimpleNamespace(tensorrt={"flavour": "tensorrt", "version": "10.0", "compute_capability": "sm90", "plans": {}})
     assert load._trt_usable(SimpleNamespace(tensorrt=None)) == (False, "the directory has no TensorRT plans")
+    monkeypatch.setattr(load, "_probe", load._probe.__wrapped__)   # (probed once per process: here, each time)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(trt_mod, "load_builder", lambda flavour=None: trt_mod.Builder(None, "tensorrt", "11.0"))
     monkeypatch.setattr(trt_mod, "gpu_compute_capability", lambda: "sm90")

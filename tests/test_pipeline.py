@@ -562,6 +562,10 @@ def test_what_a_diffusers_user_reaches_for_next(default_auto_engines, monkeypatc
     said = in_python_terms(FlowARError("--cfg in [1, 50]", "x", "use e.g. --steps 25, pass --preset tiny or --backend ort"))
     assert str(said).endswith('got x. Fix: use e.g. num_inference_steps=25, pass preset="tiny" or backend="ort"'), said
     assert "guidance_scale in [1, 50]" in str(said), said
+    said = in_python_terms(FlowARError("a", "b", "use --precision bf16 on --device cuda:1; pass --vae /m/vae (its VAE), "
+                                                 "or --steps 25."))
+    assert str(said).endswith('Fix: use precision="bf16" on device="cuda:1"; pass vae="/m/vae" (its VAE), or '
+                              'num_inference_steps=25.'), said
 
 
 def test_from_pretrained_takes_the_config_itself_or_its_path_and_names_what_differs():
@@ -635,7 +639,7 @@ def test_what_diffusers_users_pass_is_refused_with_what_to_do_instead_and_the_ou
         default_auto_engines):
     """callback_on_step_end, num_images_per_prompt, torch_dtype and .to(dtype) were bare TypeErrors; out[0],
     out["images"] and out.to_tuple() work as on diffusers' outputs."""
-    with pytest.raises(FlowARError, match=r"torch_dtype'. Fix: precision=\"bf16\" when opening a checkpoint"):
+    with pytest.raises(FlowARError, match=r"torch_dtype', which it does not take. Fix: precision=\"bf16\" when opening"):
         FlowARPipeline.from_pretrained(default_auto_engines, torch_dtype=torch.float16)
     with FlowARPipeline.from_pretrained(default_auto_engines) as pipe:
         pipe.set_progress_bar_config(disable=True)

@@ -167,6 +167,8 @@ def test_bf16_graphs_for_tensorrt_skip_onnx_runtime_and_a_cpu_is_told_what_runs(
             Runtime.open(d)
         with Runtime.open(trt_dir.root) as rt:       # its fp32 graphs run here; the plans' not running is said
             assert rt.detail == "ONNX Runtime CPUExecutionProvider; its TensorRT plans unused (no CUDA GPU)", rt.detail
+        with Runtime.open(trt_dir.root, backend="ort") as rt:      # (asked for ONNX Runtime: nothing probed)
+            assert rt.detail.endswith("; its TensorRT plans unused (not asked for)"), rt.detail
         with pytest.raises(FlowARError) as e:        # the fix follows the reason (rebuilding here could not help)
             Runtime.open(trt_dir.root, backend="trt")
         assert str(e.value).endswith("got no CUDA GPU. Fix: run it on a machine with an NVIDIA GPU, or use --backend ort")

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -359,7 +360,8 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
                         "weights": ck.source, "data": ck.metadata.get("data"),
                         # (how its config was given: what a rebuild passes again)
                         "config": (f"--preset {req.preset}" if req.preset else
-                                   f"--config {Path(req.config_path).resolve()}" if req.config_path else "in the file")},
+                                   f"--config {shlex.quote(str(Path(req.config_path).resolve()))}" if req.config_path
+                                   else "in the file")},
             class_names=ck.class_names,
             schedule_defaults=req.schedule_defaults or dict(SAMPLING_DEFAULTS),
             vae=None if vae is None else {"source": str(req.vae_path.resolve()), "sha256": vae_sha256(req.vae_path),

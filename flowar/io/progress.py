@@ -45,7 +45,7 @@ def progress_bar(total: int | None = None, desc: str = "", unit: str = "it", **t
     (``disable=False``); else :class:`Lines`; ``disable=True``: neither."""
     notebook = "ipykernel" in sys.modules
     if (tqdm_options.get("disable") is not None or "file" in tqdm_options or notebook or sys.stderr.isatty()):
-        if notebook:
+        if notebook and "file" not in tqdm_options:      # (the notebook's widget ignores file=)
             from tqdm.auto import tqdm
         else:
             from tqdm import tqdm

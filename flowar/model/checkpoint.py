@@ -330,10 +330,10 @@ def check_vae(ck: LoadedCheckpoint, vae: str | Path) -> None:
 
 def trained_vae(ck: LoadedCheckpoint) -> str:
     """What follows "pass --vae" for a flowar-train model opened without one: the VAE it records (the
-    path its training was given), looked for as given, from its folder, and beside it by its last name
-    (the shipped model records models/default/vae and lies beside it); "" for a file without one."""
+    path its training was given), looked for from the checkpoint's folder, beside it by its last name
+    (the shipped model records models/default/vae and lies beside it), then as given; "" without one."""
     rec = ck.metadata.get("vae")
-    for p in (Path(rec), ck.path.parent / rec, ck.path.parent / Path(rec).name) if rec else ():
+    for p in (ck.path.parent / rec, ck.path.parent / Path(rec).name, Path(rec)) if rec else ():
         if p.exists():
             return f" {p.resolve()} (the VAE it was trained with)"
     return f" (it was trained with {rec}, not found from here)" if rec else ""

@@ -63,7 +63,11 @@ class FlowAROutput:
 
     def __getitem__(self, key: int | str):
         """diffusers' ``out[0]`` (the images) and ``out["images"]``."""
-        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+        if isinstance(key, str):
+            if key not in ("images", "labels", "seeds", "indices", "timings", "tokens"):
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
 
 
 # what diffusers users pass that FlowAR has otherwise or not at all: the keyword, and what to do instead
@@ -79,8 +83,8 @@ _DIFFUSERS_ONLY = {"callback_on_step_end": "callback_on_scale_end=fn(pipe, k, {'
 def _refuse_diffusers_only(where: str, given: dict) -> None:
     if given:
         k = next(iter(given))
-        raise FlowARError(f"{where}'s keyword arguments", repr(k),
-                          _DIFFUSERS_ONLY.get(k, f"see help(FlowARPipeline{'.' + where if where != 'from_pretrained' else ''})"))
+        raise FlowARError(f"{where}'s keyword arguments", f"{k!r}, which it does not take",
+                          _DIFFUSERS_ONLY.get(k, f"see help(FlowARPipeline.{where})"))
 
 
 class FlowARPipeline:
@@ -346,9 +350,9 @@ _KEYWORDS = (("--steps", "num_inference_steps"), ("--cfg", "guidance_scale"), ("
              ("--preset", "preset"), ("--config", "config"), ("--vae", "vae"), ("--no-cuda-graphs", "cuda_graphs=False"),
              ("--threads", "threads"), ("--device", "device"), ("--backend", "backend"),
              ("--engine-dir", "an engine directory"))
-# the word values of the options (said quoted, as keyword arguments take them)
-_VALUES = {"--preset": tuple(PRESETS), "--backend": ("auto", "ort", "trt", "torch"), "--schedule": ("official", "fast"),
-           "--precision": ("fp32", "bf16"), "--device": ("auto", "cpu", "cuda")}
+# the word values of the options, as patterns (said quoted, as keyword arguments take them); a path for --vae
+_WORDS = {"--preset": "|".join(map(re.escape, PRESETS)), "--backend": "auto|ort|trt|torch", "--schedule": "official|fast",
+          "--precision": "fp32|fp16|bf16|auto", "--device": r"cuda:\d+|cpu|cuda|auto", "--vae": r"/[^\s,;()]+"}
 # a command line in a message ("flowar-export --backend trt"): said as it is, a command to run
 _COMMAND = re.compile(r"flowar-[a-z]+(?: --[\w-]+(?: (?!--)[^\s,;()]+)?)+")
 
@@ -365,9 +369,11 @@ def in_python_terms(e: FlowARError) -> FlowARError:
                 # with its value, as the keyword argument: "--preset tiny" -> 'preset="tiny"' (a word that is
                 # no value of it stays: "--cfg in [1, 50]")
                 if values and option[-1].isalnum():
-                    value = "|".join([r"-?\d+(?:\.\d+)?", *map(re.escape, _VALUES.get(option, ()))])
-                    part = re.sub(rf"{re.escape(option)} ({value})(?![\w.-])", lambda m, k=keyword: f"{k}={m.group(1)}"
-                                  if m.group(1)[-1].isdigit() else f'{k}="{m.group(1)}"', part)
+                    flag = option.split()[-1]                # ("pass --vae": the option --vae)
+                    word = _WORDS.get(flag, "(?!)")
+                    part = re.sub(rf"{re.escape(option)} (?:(?P<num>-?\d+(?:\.\d+)?)|(?P<word>{word}))(?![\w:/]|\.\d)",
+                                  lambda m, k=keyword.split()[-1].rstrip("="), pre=option[:-len(flag)]:
+                                  f"{pre}{k}={m['num']}" if m["num"] else f'{pre}{k}="{m["word"]}"', part)
                 part = re.sub(re.escape(option) + r"(?![\w-])" if option[-1].isalnum() else re.escape(option), keyword,
                               part)
             out.append(part + (m.group(0) if m else ""))
