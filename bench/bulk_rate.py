@@ -69,9 +69,8 @@ def main(argv=None) -> int:
               f"{r['sampling_images_per_s']:.3f} images/s while sampling ({r['vs_in_process']:.2f}x the mean "
               f"in-process rate), whole command {r['command_s']:.1f} s ({r['command_images_per_s']:.3f} images/s)",
               flush=True)
-    from flowar.engines.cpu import cpu_kind, cpu_name
-    kind = cpu_kind()
-    out = {"engine_dir": a.engine_dir, "cpu": cpu_name(kind), "cpu_id": kind.get("cpuid"), "cpu_flags": kind["flags"], "threads": a.threads,
+    from flowar.engines.cpu import cpu_record
+    out = {"engine_dir": a.engine_dir, **cpu_record(), "threads": a.threads,
            "in_process_s_per_image": [before, after], "runs": runs}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=1))

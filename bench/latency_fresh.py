@@ -65,16 +65,15 @@ def fresh_runs(engine_dir: str, repeat: int = 2, threads: int | None = None, lab
                 for f in ("command_s", "sampled_s", "opened_s")} for k, v in runs.items()}
     ratio = {f: best["eager"][f] / best["engines"][f] for f in ("command_s", "sampled_s")
              if best["eager"][f] and best["engines"][f]}
-    from flowar.engines.cpu import cpu_kind, describe
-    return {"cpu": describe(cpu_kind()), "cpu_id": cpu_kind().get("cpuid"),
-            "runs": runs, "best": best, "ratio": ratio, "threads": threads, "repeat": repeat,
+    from flowar.engines.cpu import cpu_record
+    return {**cpu_record(), "runs": runs, "best": best, "ratio": ratio, "threads": threads, "repeat": repeat,
             "median": {k: statistics.median(r["command_s"] for r in v) for k, v in runs.items()}}
 
 
 def lines(res: dict) -> list[str]:
     b, r = res["best"], res["ratio"]
     out = [f"## What a user gets: each command in a fresh process (best of {res['repeat']}, threads "
-           f"{res['threads'] or 'all'}; {res['cpu']})", "",
+           f"{res['threads'] or 'all'}; {res['cpu']}, {', '.join(res['cpu_flags'])})", "",
            "| | `flowar-run --ckpt` (eager) | `flowar-run --engine-dir` | ratio |", "|---|---|---|---|"]
     for f, what in (("opened_s", "opening the source"), ("sampled_s", "sampling of the first image"),
                     ("command_s", "whole command (open, sample, write the PNG)")):

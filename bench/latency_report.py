@@ -54,13 +54,11 @@ def within_16_bit_rounding(row_vs_fp32: float, eager_vs_fp32: float) -> bool:
 
 
 def machine_info() -> dict:
-    from flowar.engines.cpu import cpu_kind, cpu_name
+    from flowar.engines.cpu import cpu_record
     from flowar.engines.ort import cpu_threads
     from flowar.export.manifest import library_versions
-    kind = cpu_kind()
-    return library_versions() | {
-        "cpu": cpu_name(kind), "cpu_id": kind.get("cpuid"),
-        "cpu_flags": kind["flags"], "cpu_cores_usable": cpu_threads(),
+    return library_versions() | cpu_record() | {
+        "cpu_cores_usable": cpu_threads(),
         "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}

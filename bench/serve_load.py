@@ -242,10 +242,9 @@ def main(argv=None) -> int:
                               env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
                               stdout=subprocess.DEVNULL, stderr=open(Path(tmp.name) / "serve.log", "w"),
                               start_new_session=True)      # (its stderr kept: why it did not come up)
-    from flowar.engines.cpu import cpu_kind, cpu_name
+    from flowar.engines.cpu import cpu_record
     from flowar.engines.ort import cpu_threads
-    out: dict = {"engine_dir": engine_dir, "cpu": cpu_name(cpu_kind()), "cpu_id": cpu_kind().get("cpuid"),
-                 "threads": a.threads or cpu_threads(),
+    out: dict = {"engine_dir": engine_dir, **cpu_record(), "threads": a.threads or cpu_threads(),
                  "in_process_s_per_image": per_image, "deadline_s": a.deadline}
     try:
         while request(url, "/health", timeout=5)[0] != 200:

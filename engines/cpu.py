@@ -100,6 +100,13 @@ def cpu_name(kind: dict) -> str:
     return " ".join(filter(None, (kind["model"], generation(kind))))
 
 
+def cpu_record(kind: dict | None = None) -> dict:
+    """What a benchmark records of the CPU beside its figures: name (with the generation), family and
+    model numbers, flags."""
+    kind = kind or cpu_kind()
+    return {"cpu": cpu_name(kind), "cpu_id": kind.get("cpuid"), "cpu_flags": kind["flags"]}
+
+
 def describe(kind: dict) -> str:
     return f"{cpu_name(kind)} ({', '.join(kind['flags']) or 'no vector flags read'})"
 

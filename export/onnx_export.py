@@ -134,9 +134,8 @@ def _drop_traces(model) -> None:
     checkout's source paths, the module hierarchy): the same model exported from another folder gave
     other bytes, so other hashes and TensorRT plan keys (the tiny model's AR graph: 341 of 348 nodes
     named /work/..., 0.3 of its 1.7 MB)."""
-    graphs = [model.graph, *model.functions.values()]
-    for g in graphs:
-        for node in g.all_nodes() if hasattr(g, "all_nodes") else g:
+    for g in [model.graph, *model.functions.values()]:
+        for node in g.all_nodes():
             node.metadata_props.clear()
             for v in node.outputs:
                 v.metadata_props.clear()
@@ -170,9 +169,9 @@ def verify_stage(spec: StageSpec, module: nn.Module, config: FlowARConfig, path:
                  tolerance: float | None = None, relative: bool = False) -> StageCheck:
     """ONNX Runtime vs eager PyTorch at every scale, for 1 row and max_rows rows: the largest
     difference, or with ``relative`` (fp16 graphs against float32) the largest difference over the
-    output's largest magnitude (or 1, where that is smaller). (An fp16 graph's rounding grows with its values, and the largest of
-    more random rows is larger: an absolute bound refused the shipped model at --max-batch 32 and
-    passed it at 8.)"""
+    output's largest magnitude (or 1, where that is smaller). (An fp16 graph's rounding grows with
+    its values, and the largest of more random rows is larger: an absolute bound refused the shipped
+    model at --max-batch 32 and passed it at 8.)"""
     import numpy as np
     import onnxruntime as ort
     so = ort.SessionOptions()

@@ -450,3 +450,24 @@ def test_the_sample_grid_takes_40_images_whatever_the_classes(monkeypatch, tmp_p
             sample_grid(ema, args, [str(i) for i in range(n)], tmp_path / "g.png")
     assert len(seen[0]) == 40 and seen[0][0] == 0 and seen[0][-1] == 999 and len(set(seen[0])) == 40
     assert seen[1] == [k for k in range(10) for _ in range(4)]
+
+
+def test_the_latent_cache_is_keyed_by_the_vae_hash_a_model_records(tmp_path):
+    """One VAE hash for the trainer's cache and the model's record (vae_sha256: a file, or a folder's
+    config and weights): a README beside the weights keeps the cache, other weights do not; a missing
+    VAE is one line."""
+    import shutil
+    from conftest import DEFAULT_VAE
+    from flowar.errors import FlowARError
+    from flowar.train.data import DatasetIndex, latent_cache_path
+    index = DatasetIndex("d" * 64, 3)
+    vae = tmp_path / "vae"
+    shutil.copytree(DEFAULT_VAE, vae)
+    first = latent_cache_path(tmp_path, index, vae, 32)
+    (vae / "README.md").write_text("notes")
+    assert latent_cache_path(tmp_path, index, vae, 32) == first
+    w = next(vae.glob("*.safetensors"))
+    w.write_bytes(w.read_bytes()[:-1] + b"\1")
+    assert latent_cache_path(tmp_path, index, vae, 32) != first
+    with pytest.raises(FlowARError, match="nothing at"):
+        latent_cache_path(tmp_path, index, tmp_path / "none", 32)

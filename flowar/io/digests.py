@@ -1,5 +1,5 @@
-"""Content digests: of a file, of a VAE (its weights and config), and ones that do not depend on where
-files lie (a dataset's parts, a VAE folder's files)."""
+"""Content digests: of a file, of a VAE (its weights and config), and a dataset's parts; none depends on
+where the files lie."""
 
 from __future__ import annotations
 
@@ -15,19 +15,6 @@ def hasher():
             h.update(len(part).to_bytes(8, "little"))
             h.update(part)
     return h, add
-
-
-def vae_digest(vae: str | Path) -> str:
-    """sha256 over the VAE's files (names relative to it, and bytes), not where it lies."""
-    path = Path(vae)
-    if not path.exists():
-        from flowar.errors import FlowARError
-        raise FlowARError("a VAE: MAR's kl16.ckpt or a diffusers folder with config.json", f"nothing at {path}",
-                          "check the --vae path")
-    h, add = hasher()
-    for f in sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]:
-        add(f.relative_to(path).as_posix().encode() if path.is_dir() else b"", f.read_bytes())
-    return h.hexdigest()
 
 
 VAE_FILES = ("config.json", "*.safetensors", "*.bin")   # what a VAE folder's sha256 covers (not a README)

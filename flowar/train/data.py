@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from flowar.errors import FlowARError
-from flowar.io.digests import hasher, vae_digest
+from flowar.io.digests import hasher, vae_sha256
 
 ANIMAL_MNIST_CLASSES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -168,8 +168,13 @@ class Latents:
 
 
 def latent_cache_path(cache_dir: str | Path, index: DatasetIndex, vae: str | Path, size: int) -> Path:
-    """The cache file of (data contents, VAE weights, image size): one changed image, another file."""
-    key = hashlib.sha256(f"latents-v2|{index.digest}|{vae_digest(vae)}|{size}".encode()).hexdigest()
+    """The cache file of (data contents, VAE weights, image size): one changed image, another file. The
+    VAE by the hash a model and an engine directory record of it (its file, or a folder's config and
+    weights: a README beside them changes nothing)."""
+    if not Path(vae).exists():
+        raise FlowARError("a VAE: MAR's kl16.ckpt or a diffusers folder with config.json", f"nothing at {vae}",
+                          "check the --vae path")
+    key = hashlib.sha256(f"latents-v3|{index.digest}|{vae_sha256(vae)}|{size}".encode()).hexdigest()
     return Path(cache_dir) / f"{key[:16]}.safetensors"
 
 
