@@ -109,6 +109,10 @@ class Manifest:
         args += [f"--vae {shlex.quote(self.vae['source'])}"] if self.vae else []
         args += ["--backend trt"] if trt else []
         args += [f"--precision {self.precision}"] if self.precision != "fp32" else []
+        asked = {k: (self.auto or {}).get(k) for k in ("candidates", "max_memory_gb")}   # (recorded since 2026-12-06)
+        if isinstance(asked["candidates"], list):
+            args.append(f"--auto-candidates {shlex.quote(','.join(map(str, asked['candidates'])))}")
+        args += [f"--max-memory {asked['max_memory_gb']:g}"] if isinstance(asked["max_memory_gb"], (int, float)) else []
         args += [f"--max-batch {self.max_batch}"] if self.max_batch != 8 else []
         if trt.get("flavour") == "tensorrt-rtx" and trt.get("compute_capability"):
             args.append(f"--compute-capability {trt['compute_capability']}")

@@ -366,6 +366,10 @@ def test_a_compile_that_would_not_fit_in_max_memory_is_not_a_candidate(fixtures_
     for stage, ms in rep.precision.measured.items():
         assert "memory to compile" in ms["aoti-fp32"].note and ms["aoti-fp32"].build_s == 0, stage
     assert any("aoti-fp32 unavailable (expected memory to compile" in line for line in rep.lines())
+    # the rebuild command a refused file is told repeats the candidates and the limit (it dropped both)
+    from flowar.export.manifest import read_manifest
+    said = read_manifest(tmp_path / "m").rebuild
+    assert " --precision auto --auto-candidates torch-fp32,aoti-fp32 --max-memory 0.01 --max-batch 2 " in said, said
 
 
 def test_what_other_processes_compute_while_engines_are_timed_is_counted_and_warned(monkeypatch):

@@ -288,7 +288,8 @@ def choose_engines(req: ExportRequest, model, ck, vae, specs: dict, stages: dict
     shutil.rmtree(compiled)
     report.seconds["compile engines"] = sum(bench.build_s.values())
     report.seconds["choose engines"] = time.perf_counter() - t0 - report.seconds["compile engines"]
-    return {"auto": rep.to_manifest(), "engines": engines, "weights": weights, "call_plan": plan}
+    asked = {"candidates": list(req.candidates) if req.candidates else None, "max_memory_gb": req.max_memory_gb}
+    return {"auto": rep.to_manifest() | asked, "engines": engines, "weights": weights, "call_plan": plan}
 
 
 def build_plans(req: ExportRequest, builder, specs: dict, stages: dict, config, tmp: Path, report: BuildReport,
