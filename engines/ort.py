@@ -163,7 +163,7 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
             if part is not None:
                 part.unlink(missing_ok=True)
             if not cached or attempt:
-                raise
+                raise _not_runnable(source or graph, provider) from None
             try:
                 cache.unlink(missing_ok=True)      # a stale or damaged cache: rebuild it from the graph
             except OSError:                        # (read-only: opened from the graph)
@@ -176,6 +176,24 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
             except OSError:                        # (a cache is an optimisation: the session stands without it)
                 part.unlink(missing_ok=True)
         return session
+
+
+def _not_runnable(graph, provider: str):
+    """What a graph ONNX Runtime refused to make a session of becomes (it was its own traceback:
+    NOT_IMPLEMENTED for a bf16 graph under a manifest edited to say fp32, INVALID_GRAPH for a
+    damaged one): one line with ONNX Runtime's reason."""
+    import re
+    import sys
+
+    import onnxruntime as ort
+
+    from flowar.errors import EngineDirError
+    e = sys.exc_info()[1]
+    name = graph.name if isinstance(graph, Path) else "a stage's graph"
+    why = re.sub(r"^(\[ONNXRuntimeError\] : )?\d+ : ", "", (str(e).strip().splitlines() or [type(e).__name__])[0])[:240]
+    return EngineDirError(f"graphs ONNX Runtime {ort.__version__} can run on {provider}", f"{name}: {why}",
+                          "export the directory again with flowar-export (a graph or manifest.json changed after "
+                          "the export, or 16-bit graphs made for TensorRT: --backend trt on a GPU)")
 
 
 _WHOLE: dict[str, tuple] = {}        # cache path -> (inode, size, mtime, record) found whole in this process

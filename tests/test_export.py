@@ -292,6 +292,34 @@ def test_tampered_partial_and_foreign_directories_are_refused(engine_dirs, tmp_p
         read_manifest(tmp_path / "nope")
 
 
+def test_a_graph_onnx_runtime_cannot_run_is_one_line_naming_it(engine_dirs, tmp_path):
+    """A directory whose graph ONNX Runtime refuses (a 16-bit graph for TensorRT under a manifest
+    edited to say fp32: NOT_IMPLEMENTED; measured with a bf16 export, 2026-12-06) is one line naming
+    the graph and ONNX Runtime's reason, from the runtime and the command, not ONNX Runtime's traceback.
+    Here head_prep.onnx is replaced by a bf16 MatMul, its hash recorded as the export would."""
+    import onnx
+    from onnx import TensorProto, helper
+    from flowar.runtime.runtime import Runtime
+    src, _ = engine_dirs["tiny_v1"]
+    d = tmp_path / "edited"
+    shutil.copytree(src, d, ignore=shutil.ignore_patterns(".ort-cache"))
+    x, w = (helper.make_tensor_value_info(n, TensorProto.BFLOAT16, [2, 2]) for n in ("x", "w"))
+    y = helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2, 2])
+    graph = helper.make_model(helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x, w], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(graph, str(d / "head_prep.onnx"))
+    m = json.loads((d / "manifest.json").read_text())
+    m["stages"]["head_prep"]["sha256"] = sha256_file(d / "head_prep.onnx")
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EngineDirError, match=r"ONNX Runtime [0-9.]+ can run on CPUExecutionProvider; got "
+                                             r"head_prep.onnx: NOT_IMPLEMENTED : Could not find an implementation for MatMul"):
+        Runtime.open_engine_dir(d, backend="ort")
+    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "flowar-run"), "--engine-dir", str(d), "--labels", "1",
+                           "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "x.png").exists(), proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: expected graphs ONNX Runtime"), proc.stderr
+
+
 @pytest.mark.parametrize("bad", ["../outside.onnx", "/etc/passwd", "link.onnx"])
 def test_manifest_paths_cannot_escape(engine_dirs, tmp_path, bad):
     src, _ = engine_dirs["tiny_v1"]
