@@ -32,6 +32,40 @@ def trt_dir(fixtures_dir, tmp_path_factory):
     return read_manifest(d)
 
 
+def test_flowar_check_finds_a_damaged_plan_that_opening_on_a_cpu_never_reads(trt_dir, tmp_path):
+    """A directory for a GPU, checked where it was made: flowar-check hashes every file the manifest
+    lists, plans included; opening it on a CPU reads no plan, so a damaged one went unnoticed until
+    the GPU machine opened it. Intact: what it holds, whether it opens here, exit 0; a plan with one
+    byte changed: one line naming it, exit 2."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    d = tmp_path / "ship"
+    shutil.copytree(trt_dir.root, d, ignore=shutil.ignore_patterns(".ort-cache"))
+    exe = os.path.join(os.path.dirname(sys.executable), "flowar-check")
+    ok = subprocess.run([exe, "--engine-dir", str(d)], capture_output=True, text=True)
+    n = len(trt_dir.members())
+    assert ok.returncode == 0 and ok.stdout.splitlines()[-1].startswith(f"intact: {n} files, "), ok
+    plans = trt_dir.tensorrt["plans"]
+    assert f"velocity   velocity.onnx (fp32 graph); TensorRT plan {plans['velocity']['file']}" in ok.stdout, ok.stdout
+    assert ("opens here as flowar-run opens it: " if torch.cuda.is_available() else
+            "opens here as flowar-run opens it: ONNX Runtime CPUExecutionProvider; its TensorRT plans unused (no CUDA GPU)"
+            ) in ok.stdout, ok.stdout
+    p = d / plans["decode"]["file"]
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 1
+    p.write_bytes(bytes(data))
+    if not torch.cuda.is_available():                    # what opening here does with it: nothing (it reads no plan)
+        from flowar.runtime.runtime import Runtime
+        Runtime.open_engine_dir(d).close()
+    bad = subprocess.run([exe, "--engine-dir", str(d), "--quiet"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stdout == "", bad
+    line, = bad.stderr.strip().splitlines()
+    assert line.startswith(f"error: expected every file {d / 'manifest.json'} lists as the export wrote it; got 1 of "
+                           f"{n} not: {plans['decode']['file']} changed (sha256 ") and "Fix: rebuild it: flowar-export" in line, line
+
+
 def test_every_stage_has_a_plan_with_one_profile_per_scale(trt_dir):
     m = trt_dir
     # how to make it again, should a file of it be refused: its backend and (built ahead of a GPU) its target too

@@ -1,0 +1,91 @@
+"""``flowar-check --engine-dir DIR``: an engine directory checked whole before it ships.
+
+Opening a directory hashes only the files the chosen engines read (a plan for a GPU is never read
+on a CPU, so a damaged one went unnoticed until the GPU machine opened it). This reads and hashes
+every file the manifest lists (graphs, their external data, compiled engines, weights, TensorRT
+plans) against the sha256 the export recorded, names every file that differs (exit 2;
+a missing one is named when the manifest is read), says what the directory holds,
+and opens it as ``flowar-run`` would on this machine (its backend line, or why it cannot).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from flowar.commands.options import command
+from flowar.errors import EngineDirError
+
+
+def check_files(m, progress: bool = True) -> tuple[int, int, list[str]]:
+    """(files, bytes, problems): every file ``m`` lists (present: :func:`read_manifest` checked)
+    hashed against its record; a problem per file that differs, with what the export recorded."""
+    from flowar.io.digests import sha256_file
+    from flowar.io.progress import progress_bar
+    members = sorted(set(m.members()))
+    sizes = {rel: m.member(rel).stat().st_size for rel, _ in members}
+    problems = []
+    bar = progress_bar(sum(sizes.values()), "hashing", "B", unit_scale=True, disable=None if progress else True)
+    for rel, digest in members:
+        got = sha256_file(m.member(rel))
+        if got != digest:
+            problems.append(f"{rel} changed (sha256 {got[:12]}..., recorded {digest[:12]}...)")
+        bar.update(sizes[rel])
+    bar.close()
+    return len(members), sum(sizes.values()), problems
+
+
+def holds(m) -> list[str]:
+    """What the directory holds, one line per stage: its graph, the engine chosen for it on a CPU
+    and its TensorRT plan."""
+    plans = (m.tensorrt or {}).get("plans", {})
+    out = []
+    for stage, info in m.stages.items():
+        cells = [f"{info['file']} ({m.precision if m.precision in ('fp16', 'bf16') else 'fp32'} graph)"]
+        rec = (m.engines or {}).get(stage)
+        if rec:
+            cells.append(f"CPU engine {rec['candidate']} ({rec.get('file') or m.weights[rec['weights']]['file']})")
+        if stage in plans:
+            cells.append(f"TensorRT plan {plans[stage]['file']} ({m.tensorrt['flavour']} {m.tensorrt['version']}, "
+                         f"{plans[stage].get('compute_capability') or 'the GPU kind it was built on'})")
+        out.append(f"  {stage:<10} " + "; ".join(cells))
+    return out
+
+
+def runs_here(engine_dir) -> str:
+    """What ``flowar-run --engine-dir`` does with the directory on this machine: opened as it opens
+    it (its engines made, nothing warmed or sampled), its backend line, or why it does not open here
+    (a directory for a GPU checked on a CPU is intact all the same)."""
+    from flowar.errors import FlowARError
+    from flowar.runtime.runtime import Runtime
+    try:
+        with Runtime.open_engine_dir(engine_dir, warm=()) as rt:
+            return f"opens here as flowar-run opens it: {rt.detail}"
+    except FlowARError as e:
+        return f"does not open on this machine: {e}"
+
+
+@command("flowar-check")
+@click.option("--engine-dir", required=True, type=click.Path(), help="Engine directory from flowar-export.")
+@click.option("--quiet", is_flag=True, help="No progress bar; the verdict line only.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def check_cmd(engine_dir, quiet, debug):
+    """Check an engine directory whole before shipping it: every file it lists read and hashed
+    against its record (a damaged TensorRT plan is found on a CPU; exit 2), what it holds, and
+    whether it opens here (said, not an error: a directory for a GPU is checked on a CPU)."""
+    from flowar.export.manifest import read_manifest
+    m = read_manifest(engine_dir)                # (its format, fields and paths; a missing file is named here)
+    t0 = time.perf_counter()
+    n, size, problems = check_files(m, progress=not quiet)
+    if problems:
+        raise EngineDirError(f"every file {Path(engine_dir) / 'manifest.json'} lists as the export wrote it",
+                             f"{len(problems)} of {n} not: " + "; ".join(problems), m.rebuild)
+    seconds = time.perf_counter() - t0
+    if not quiet:
+        lines = [f"{engine_dir}: {len(m.stages)} stages, {m.precision}, max batch {m.max_batch}, "
+                 + (f"{m.vae['image_size']} px images" if m.vae else "tokens only (no decoder)"), *holds(m),
+                 runs_here(engine_dir)]
+        click.echo("\n".join(lines))
+    click.echo(f"intact: {n} files, {size / 1e6:.1f} MB, each hashes to the sha256 its export recorded ({seconds:.2f} s)")
