@@ -99,9 +99,13 @@ def choose_backend(m: Manifest, requested: str = "auto", gpu: bool = True) -> st
     return chosen
 
 
-def trt_engines(m: Manifest, specs: dict):
+def trt_engines(m: Manifest, specs: dict, asked: torch.device | None = None):
     """(engines, device, detail): the directory's TensorRT plans (not entered); the stages, which
-    never run at once, share one block of scratch memory."""
+    never run at once, share one block of scratch memory. They run on the first visible GPU: another
+    one ``asked`` for (``--device cuda:1``) is refused (it ran on GPU 0 in silence)."""
+    if asked is not None and asked.index not in (None, 0):
+        raise FlowARError("--device cuda for TensorRT's plans (they run on the first visible GPU)", str(asked),
+                          f"choose that GPU with CUDA_VISIBLE_DEVICES={asked.index} and pass --device cuda")
     from flowar.engines.trt import load_builder
     from flowar.runtime.engines import SharedDeviceMemory, TrtEngine
     import torch

@@ -185,7 +185,7 @@ class Runtime(contextlib.AbstractContextManager):
         try:
             t0 = time.perf_counter()
             if chosen == "trt":
-                engines, dev, detail = trt_engines(m, specs)
+                engines, dev, detail = trt_engines(m, specs, asked)
                 threads_ = Threads.resolve(threads, False)
             else:
                 from flowar.engines.ort import choose_provider

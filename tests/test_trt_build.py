@@ -66,6 +66,32 @@ def test_flowar_check_finds_a_damaged_plan_that_opening_on_a_cpu_never_reads(trt
                            f"{n} not: {plans['decode']['file']} changed (sha256 ") and "Fix: rebuild it: flowar-export" in line, line
 
 
+def test_a_gpu_other_than_the_first_is_refused_for_the_plans_with_how_to_choose_it(trt_dir, monkeypatch):
+    """TensorRT's plans run on the first visible GPU: --device cuda:1 ran them on GPU 0 in silence.
+    Opening the directory as on a machine with GPUs where TensorRT takes it (the choice and the
+    device check stood in for, since this test also runs without a GPU): cuda:1 is refused before
+    any plan is read, with CUDA_VISIBLE_DEVICES; cuda:0 and cuda go on to load the plans."""
+    import flowar.device
+    import flowar.engines.trt
+    import flowar.runtime.runtime as runtime
+    monkeypatch.setattr(runtime, "choose_backend", lambda m, backend, gpu=True: "trt")
+    monkeypatch.setattr(flowar.device, "resolve_device", lambda name: torch.device(name))
+    loaded = []
+
+    def no_builder(flavour=None):
+        loaded.append(flavour)
+        raise FlowARError("x", "y", "z")
+    monkeypatch.setattr(flowar.engines.trt, "load_builder", no_builder)
+    with pytest.raises(FlowARError, match=r"expected --device cuda for TensorRT's plans \(they run on the first visible "
+                                          r"GPU\); got cuda:1. Fix: choose that GPU with CUDA_VISIBLE_DEVICES=1"):
+        runtime.Runtime.open_engine_dir(trt_dir.root, device="cuda:1")
+    assert loaded == []
+    for ok in ("cuda:0", "cuda"):
+        with pytest.raises(FlowARError, match="expected x"):          # (past the check: loading the plans)
+            runtime.Runtime.open_engine_dir(trt_dir.root, device=ok)
+    assert len(loaded) == 2
+
+
 def test_every_stage_has_a_plan_with_one_profile_per_scale(trt_dir):
     m = trt_dir
     # how to make it again, should a file of it be refused: its backend and (built ahead of a GPU) its target too
