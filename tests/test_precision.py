@@ -315,6 +315,13 @@ def test_bf16_takes_a_bf16_engine_for_every_stage_and_reports_its_deviation(tmp_
     assert kept.deviation["psnr_median"] > 0 and rep.precision.official_fp16["psnr_median"] > kept.deviation["psnr_median"]
     m = json.loads((tmp_path / "bf16" / "manifest.json").read_text())
     assert m["precision"] == "bf16" and set(m["weights"]) == {"ar.torch-bf16", "head.torch-bf16", "vae.torch-bf16"}
+    # flowar-check's lines: the graphs beside measured engines are float32 (it called them bf16)
+    from flowar.commands.check import holds
+    from flowar.export.manifest import read_manifest
+    assert all("onnx (fp32 graph); CPU engine torch-bf16 (" in line for line in holds(read_manifest(tmp_path / "bf16")))
+    import onnx
+    held = {i.data_type for i in onnx.load(str(tmp_path / "bf16" / "velocity.onnx")).graph.initializer}
+    assert onnx.TensorProto.FLOAT in held and onnx.TensorProto.BFLOAT16 not in held, held      # (what the line says)
     sched = build_schedule(25, 4.3, 0.9, 4)
     labels = [0, 3, 6, 9]
     with Runtime.open_engine_dir(tmp_path / "bf16") as rt:

@@ -41,9 +41,10 @@ def holds(m) -> list[str]:
     """What the directory holds, one line per stage: its graph, the engine chosen for it on a CPU
     and its TensorRT plan."""
     plans = (m.tensorrt or {}).get("plans", {})
+    graphs = m.precision if m.precision in ("fp16", "bf16") and not m.choice else "fp32"   # (measured: fp32 graphs)
     out = []
     for stage, info in m.stages.items():
-        cells = [f"{info['file']} ({m.precision if m.precision in ('fp16', 'bf16') else 'fp32'} graph)"]
+        cells = [f"{info['file']} ({graphs} graph)"]
         rec = (m.engines or {}).get(stage)
         if rec:
             cells.append(f"CPU engine {rec['candidate']} ({rec.get('file') or m.weights[rec['weights']]['file']})")
