@@ -164,6 +164,10 @@ def test_an_option_value_of_the_wrong_kind_is_the_projects_line(fixtures_dir):
         res = CliRunner().invoke(run, args)
         assert res.exit_code == 2 and res.output.strip().count("\n") == 0, res.output
         assert res.output.startswith("error: " + said), res.output
+    from flowar.commands.check import check_cmd                   # a required option left out (it said "got .")
+    res = CliRunner().invoke(check_cmd, [])
+    assert res.exit_code == 2 and res.output == ("error: expected --engine-dir a path; got nothing (it is required). "
+                                                 "Fix: give --engine-dir a path (see flowar-check --help)\n"), res.output
 
 
 def test_a_moved_checkpoint_is_passed_beside_the_engine_directory_for_the_torch_backend(fixtures_dir, tmp_path):

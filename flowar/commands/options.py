@@ -201,7 +201,7 @@ def _bad_value(e: click.BadParameter, command: str) -> FlowARError:
     else:
         takes = {"integer": "an integer", "float": "a number", "boolean": "true or false"}.get(
             getattr(kind, "name", ""), f"a {getattr(kind, 'name', 'valid')} value")
-    got = e.message.rstrip(".")
+    got = "nothing (it is required)" if isinstance(e, click.MissingParameter) else e.message.rstrip(".")   # (was "got .")
     if not isinstance(kind, click.Path) and " is not " in got:     # ("'foo' is not one of ...": the value alone)
         got = got.split(" is not ", 1)[0]
     return FlowARError(f"{name} {takes}", got, f"give {name} {takes} (see {command} --help)")
