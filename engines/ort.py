@@ -159,11 +159,13 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
         try:
             session = ort.InferenceSession(str(cache) if cached else graph if isinstance(graph, bytes) else str(graph),
                                            so, providers=[provider])
-        except Exception:
+        except Exception as e:
             if part is not None:
                 part.unlink(missing_ok=True)
             if not cached or attempt:
-                raise _not_runnable(source or graph, provider) from None
+                if type(e).__module__.startswith("onnxruntime") and type(e).__name__ in _GRAPH_REFUSED:
+                    raise _not_runnable(e, source or graph, provider) from e
+                raise
             try:
                 cache.unlink(missing_ok=True)      # a stale or damaged cache: rebuild it from the graph
             except OSError:                        # (read-only: opened from the graph)
@@ -178,17 +180,20 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
         return session
 
 
-def _not_runnable(graph, provider: str):
+# ONNX Runtime's errors that are about the graph (its exception classes' names), not the machine (out
+# of memory, a provider that fails to start: those keep their own message)
+_GRAPH_REFUSED = {"NotImplemented", "InvalidGraph", "InvalidProtobuf", "InvalidArgument", "NoModel"}
+
+
+def _not_runnable(e: Exception, graph, provider: str):
     """What a graph ONNX Runtime refused to make a session of becomes (it was its own traceback:
     NOT_IMPLEMENTED for a bf16 graph under a manifest edited to say fp32, INVALID_GRAPH for a
     damaged one): one line with ONNX Runtime's reason."""
     import re
-    import sys
 
     import onnxruntime as ort
 
     from flowar.errors import EngineDirError
-    e = sys.exc_info()[1]
     name = graph.name if isinstance(graph, Path) else "a stage's graph"
     why = re.sub(r"^(\[ONNXRuntimeError\] : )?\d+ : ", "", (str(e).strip().splitlines() or [type(e).__name__])[0])[:240]
     return EngineDirError(f"graphs ONNX Runtime {ort.__version__} can run on {provider}", f"{name}: {why}",

@@ -112,7 +112,8 @@ class Manifest:
         asked = {k: (self.auto or {}).get(k) for k in ("candidates", "max_memory_gb")}   # (recorded since 2026-12-06)
         if isinstance(asked["candidates"], list):
             args.append(f"--auto-candidates {shlex.quote(','.join(map(str, asked['candidates'])))}")
-        args += [f"--max-memory {asked['max_memory_gb']:g}"] if isinstance(asked["max_memory_gb"], (int, float)) else []
+        limit = asked["max_memory_gb"]
+        args += [f"--max-memory {limit!r}"] if isinstance(limit, (int, float)) and not isinstance(limit, bool) else []
         args += [f"--max-batch {self.max_batch}"] if self.max_batch != 8 else []
         if trt.get("flavour") == "tensorrt-rtx" and trt.get("compute_capability"):
             args.append(f"--compute-capability {trt['compute_capability']}")

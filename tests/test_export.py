@@ -318,6 +318,34 @@ def test_a_graph_onnx_runtime_cannot_run_is_one_line_naming_it(engine_dirs, tmp_
                            "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "x.png").exists(), proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: expected graphs ONNX Runtime"), proc.stderr
+    # flowar-check: intact (exit 0) and the reason it does not open here said; with --must-open exit 3
+    check = [os.path.join(os.path.dirname(sys.executable), "flowar-check"), "--engine-dir", str(d)]
+    said = "does not open on this machine: expected graphs ONNX Runtime"
+    ok, must = (subprocess.run(check + more, capture_output=True, text=True) for more in ([], ["--must-open"]))
+    assert ok.returncode == 0 and said in ok.stdout and ok.stdout.splitlines()[-1].startswith("intact: "), ok
+    lines = must.stderr.strip().splitlines()
+    assert must.returncode == 3 and len(lines) == 1 and lines[0].startswith(f"error: {said}") and lines[0].endswith(
+        "(--must-open)"), must
+
+
+def test_only_onnx_runtimes_refusals_of_the_graph_become_the_export_again_line(tmp_path, monkeypatch):
+    """ONNX Runtime's errors about the graph (NOT_IMPLEMENTED, INVALID_GRAPH, ...) are the one line
+    that says to export again; one about the machine (FAIL: out of memory, a provider that does not
+    start) keeps its own exception, where "export again" would be the wrong advice."""
+    import onnxruntime
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+    from flowar.engines.ort import create_session
+    g = tmp_path / "g.onnx"
+    g.write_bytes(b"graph")
+    for raised, expected in ((state.NotImplemented, EngineDirError), (state.InvalidGraph, EngineDirError),
+                             (state.Fail, state.Fail), (MemoryError, MemoryError)):
+        def refuse(*a, **k):
+            raise raised("[ONNXRuntimeError] : 1 : FAIL : bad allocation")
+        monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
+        with pytest.raises(expected) as e:
+            create_session(g, "0" * 64, "CPUExecutionProvider", 1, None, g)
+        assert (expected is EngineDirError) == ("got g.onnx: FAIL : bad allocation. Fix: export the directory again"
+                                                in str(e.value)), (raised, str(e.value))
 
 
 @pytest.mark.parametrize("bad", ["../outside.onnx", "/etc/passwd", "link.onnx"])

@@ -59,8 +59,8 @@ def test_flowar_check_finds_a_damaged_plan_that_opening_on_a_cpu_never_reads(trt
     if not torch.cuda.is_available():                    # what opening here does with it: nothing (it reads no plan)
         from flowar.runtime.runtime import Runtime
         Runtime.open_engine_dir(d).close()
-    bad = subprocess.run([exe, "--engine-dir", str(d), "--quiet"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stdout == "", bad
+    bad = subprocess.run([exe, "--engine-dir", str(d)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stdout == "", bad      # (nothing said before it)
     line, = bad.stderr.strip().splitlines()
     assert line.startswith(f"error: expected every file {d / 'manifest.json'} lists as the export wrote it; got 1 of "
                            f"{n} not: {plans['decode']['file']} changed (sha256 ") and "Fix: rebuild it: flowar-export" in line, line
@@ -84,6 +84,9 @@ def test_a_gpu_other_than_the_first_is_refused_for_the_plans_with_how_to_choose_
     monkeypatch.setattr(flowar.engines.trt, "load_builder", no_builder)
     with pytest.raises(FlowARError, match=r"expected --device cuda for TensorRT's plans \(they run on the first visible "
                                           r"GPU\); got cuda:1. Fix: choose that GPU with CUDA_VISIBLE_DEVICES=1"):
+        runtime.Runtime.open_engine_dir(trt_dir.root, device="cuda:1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")               # cuda:1 is GPU 3 then
+    with pytest.raises(FlowARError, match="Fix: choose that GPU with CUDA_VISIBLE_DEVICES=3 and pass --device cuda"):
         runtime.Runtime.open_engine_dir(trt_dir.root, device="cuda:1")
     assert loaded == []
     for ok in ("cuda:0", "cuda"):

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from flowar.commands.options import command
-from flowar.errors import EngineDirError
+from flowar.errors import EngineDirError, FlowARError
 
 
 def check_files(m, progress: bool = True) -> tuple[int, int, list[str]]:
@@ -27,7 +27,7 @@ def check_files(m, progress: bool = True) -> tuple[int, int, list[str]]:
     members = sorted(set(m.members()))
     sizes = {rel: m.member(rel).stat().st_size for rel, _ in members}
     problems = []
-    bar = progress_bar(sum(sizes.values()), "hashing", "B", unit_scale=True, disable=None if progress else True)
+    bar = progress_bar(sum(sizes.values()), "hashing", "B", unit_scale=True, leave=False, disable=None if progress else True)
     for rel, digest in members:
         got = sha256_file(m.member(rel))
         if got != digest:
@@ -41,13 +41,14 @@ def holds(m) -> list[str]:
     """What the directory holds, one line per stage: its graph, the engine chosen for it on a CPU
     and its TensorRT plan."""
     plans = (m.tensorrt or {}).get("plans", {})
-    graphs = m.precision if m.precision in ("fp16", "bf16") and not m.choice else "fp32"   # (measured: fp32 graphs)
+    graphs = m.precision if m.precision in ("fp16", "bf16") and not m.auto else "fp32"   # (measured: fp32 graphs)
     out = []
     for stage, info in m.stages.items():
         cells = [f"{info['file']} ({graphs} graph)"]
-        rec = (m.engines or {}).get(stage)
-        if rec:
-            cells.append(f"CPU engine {rec['candidate']} ({rec.get('file') or m.weights[rec['weights']]['file']})")
+        if stage in m.choice:                   # (what runs on a CPU: the choice, with the file its record names)
+            rec = (m.engines or {}).get(stage) or {}
+            held = rec.get("file") or ((m.weights or {}).get(rec.get("weights")) or {}).get("file", "no file recorded")
+            cells.append(f"CPU engine {m.choice[stage]} ({held})")
         if stage in plans:
             cells.append(f"TensorRT plan {plans[stage]['file']} ({m.tensorrt['flavour']} {m.tensorrt['version']}, "
                          f"{plans[stage].get('compute_capability') or 'the GPU kind it was built on'})")
@@ -55,27 +56,30 @@ def holds(m) -> list[str]:
     return out
 
 
-def runs_here(engine_dir) -> str:
+def runs_here(engine_dir) -> tuple[bool, str]:
     """What ``flowar-run --engine-dir`` does with the directory on this machine: opened as it opens
     it (its engines made, nothing warmed or sampled), its backend line, or why it does not open here
     (a directory for a GPU checked on a CPU is intact all the same)."""
-    from flowar.errors import FlowARError
     from flowar.runtime.runtime import Runtime
     try:
         with Runtime.open_engine_dir(engine_dir, warm=()) as rt:
-            return f"opens here as flowar-run opens it: {rt.detail}"
-    except FlowARError as e:
-        return f"does not open on this machine: {e}"
+            return True, f"opens here as flowar-run opens it: {rt.detail}"
+    except Exception as e:     # noqa: BLE001 - said, whatever it is (a compiled engine another PyTorch cannot load)
+        return False, f"does not open on this machine: {e if isinstance(e, FlowARError) else f'{type(e).__name__}: {e}'}"
 
 
 @command("flowar-check")
 @click.option("--engine-dir", required=True, type=click.Path(), help="Engine directory from flowar-export.")
-@click.option("--quiet", is_flag=True, help="No progress bar; the verdict line only.")
+@click.option("--must-open", is_flag=True, help="Also fail (exit 3) where the directory does not open on this machine: "
+              "for a check on the machine that will run it [default: said, not a failure, since a directory for a GPU "
+              "is checked on the CPU that made it].")
+@click.option("--quiet", is_flag=True, help="No progress bar and no description: the verdict line only.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def check_cmd(engine_dir, quiet, debug):
+def check_cmd(engine_dir, must_open, quiet, debug):
     """Check an engine directory whole before shipping it: every file it lists read and hashed
     against its record (a damaged TensorRT plan is found on a CPU; exit 2), what it holds, and
-    whether it opens here (said, not an error: a directory for a GPU is checked on a CPU)."""
+    whether it opens here (said; exit 3 only with --must-open, since a directory for a GPU is
+    checked on a CPU)."""
     from flowar.export.manifest import read_manifest
     m = read_manifest(engine_dir)                # (its format, fields and paths; a missing file is named here)
     t0 = time.perf_counter()
@@ -84,9 +88,12 @@ def check_cmd(engine_dir, quiet, debug):
         raise EngineDirError(f"every file {Path(engine_dir) / 'manifest.json'} lists as the export wrote it",
                              f"{len(problems)} of {n} not: " + "; ".join(problems), m.rebuild)
     seconds = time.perf_counter() - t0
+    opens, here = runs_here(engine_dir) if must_open or not quiet else (True, "")
     if not quiet:
-        lines = [f"{engine_dir}: {len(m.stages)} stages, {m.precision}, max batch {m.max_batch}, "
-                 + (f"{m.vae['image_size']} px images" if m.vae else "tokens only (no decoder)"), *holds(m),
-                 runs_here(engine_dir)]
-        click.echo("\n".join(lines))
+        click.echo("\n".join([f"{engine_dir}: {len(m.stages)} stages, {m.precision}, max batch {m.max_batch}, "
+                              + (f"{m.vae['image_size']} px images" if m.vae else "tokens only (no decoder)"),
+                              *holds(m), here]))
     click.echo(f"intact: {n} files, {size / 1e6:.1f} MB, each hashes to the sha256 its export recorded ({seconds:.2f} s)")
+    if must_open and not opens:
+        click.echo(f"error: {here} (--must-open)", err=True)
+        raise SystemExit(3)
