@@ -114,7 +114,7 @@ def test_every_entry_point_takes_the_backend_flowar_run_takes(default_auto_engin
     m = json.loads((d / "manifest.json").read_text())
     (d / "manifest.json").write_text(json.dumps(m | {"tensorrt": {"flavour": "tensorrt", "version": "11.0", "plans": {}}}))
 
-    def fake_trt(m, specs):
+    def fake_trt(m, specs, asked=None):
         opened.append("trt")                      # ONNX Runtime does the computing
         engines, _ = directory.directory_engines(m, specs, {}, "ort", 1, "CPUExecutionProvider", torch.device("cpu"))
         return engines, torch.device("cpu"), "TensorRT (pretended)"
