@@ -160,6 +160,21 @@ class Manifest:
                                  self.rebuild)
         return p
 
+    def changed(self, progress: bool = False) -> list[tuple[str, str]]:
+        """(path, its sha256 now) of every listed file that differs from its record: each read whole,
+        whatever the open path's record of files found whole says (``progress``: a bar over the bytes)."""
+        from flowar.io.progress import progress_bar
+        members = sorted(set(self.members()))
+        bar = progress_bar(sum(self.member(rel).stat().st_size for rel, _ in members), "hashing", "B", unit_scale=True,
+                           leave=False, disable=None if progress else True)
+        out = []
+        for rel, digest in members:
+            got = sha256_file(self.member(rel))
+            out += [(rel, got)] if got != digest else []
+            bar.update(self.member(rel).stat().st_size)
+        bar.close()
+        return out
+
     def hashes_to(self, path: Path, sha256: str, key: str) -> bool:
         """Whether the file at ``path`` hashes to ``sha256`` (one streaming read), or was found to
         here before and is unchanged since: its device, inode, size, modification and change times
@@ -367,9 +382,10 @@ def read_manifest(root: str | Path, verify_hashes: bool = False) -> Manifest:
         if not p.is_file():
             raise EngineDirError(f"{rel} listed in {MANIFEST}", "the file is missing (partial directory)",
                                  manifest.rebuild)
-        if verify_hashes and sha256_file(p) != digest:
-            raise EngineDirError(f"{rel} with the sha256 recorded at export", "a different file (modified or corrupt)",
-                                 manifest.rebuild)
+    changed = manifest.changed() if verify_hashes else []
+    if changed:
+        raise EngineDirError(f"{changed[0][0]} with the sha256 recorded at export", "a different file (modified or "
+                             "corrupt)", manifest.rebuild)
     return manifest
 
 

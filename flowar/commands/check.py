@@ -19,24 +19,6 @@ from flowar.commands.options import command
 from flowar.errors import EngineDirError, FlowARError
 
 
-def check_files(m, progress: bool = True) -> tuple[int, int, list[str]]:
-    """(files, bytes, problems): every file ``m`` lists (present: :func:`read_manifest` checked)
-    hashed against its record; a problem per file that differs, with what the export recorded."""
-    from flowar.io.digests import sha256_file
-    from flowar.io.progress import progress_bar
-    members = sorted(set(m.members()))
-    sizes = {rel: m.member(rel).stat().st_size for rel, _ in members}
-    problems = []
-    bar = progress_bar(sum(sizes.values()), "hashing", "B", unit_scale=True, leave=False, disable=None if progress else True)
-    for rel, digest in members:
-        got = sha256_file(m.member(rel))
-        if got != digest:
-            problems.append(f"{rel} changed (sha256 {got[:12]}..., recorded {digest[:12]}...)")
-        bar.update(sizes[rel])
-    bar.close()
-    return len(members), sum(sizes.values()), problems
-
-
 def holds(m) -> list[str]:
     """What the directory holds, one line per stage: its graph, the engine chosen for it on a CPU
     and its TensorRT plan."""
@@ -83,10 +65,14 @@ def check_cmd(engine_dir, must_open, quiet, debug):
     from flowar.export.manifest import read_manifest
     m = read_manifest(engine_dir)                # (its format, fields and paths; a missing file is named here)
     t0 = time.perf_counter()
-    n, size, problems = check_files(m, progress=not quiet)
-    if problems:
+    changed = m.changed(progress=not quiet)
+    members = set(m.members())
+    n, size = len(members), sum(m.member(rel).stat().st_size for rel, _ in members)
+    if changed:
         raise EngineDirError(f"every file {Path(engine_dir) / 'manifest.json'} lists as the export wrote it",
-                             f"{len(problems)} of {n} not: " + "; ".join(problems), m.rebuild)
+                             f"{len(changed)} of {n} not: " + "; ".join(
+                                 f"{rel} changed (sha256 {got[:12]}..., recorded {dict(members)[rel][:12]}...)"
+                                 for rel, got in changed), m.rebuild)
     seconds = time.perf_counter() - t0
     opens, here = runs_here(engine_dir) if must_open or not quiet else (True, "")
     if not quiet:
