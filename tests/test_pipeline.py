@@ -611,6 +611,22 @@ def test_a_bar_the_caller_points_at_a_stream_or_a_notebook_is_drawn_there(monkey
     bar.close()
 
 
+def test_a_log_s_line_gives_byte_counts_in_si_units(monkeypatch, capsys):
+    """Hashing a directory in a log (no terminal) printed "hashing: 4213741824/16000000000 Bs
+    (1053435456.00 B/s, 4 s)": tqdm's unit_scale was dropped by the plain lines."""
+    import sys
+    from flowar.io import progress
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)
+    bar = progress.progress_bar(16_000_000_000, "hashing", "B", unit_scale=True)
+    bar.update(4_213_741_824)
+    line = capsys.readouterr().err
+    assert line.startswith("hashing: 4.21GB/16.0GB (") and "B/s, " in line and "Bs" not in line, line
+    bar = progress.progress_bar(10, "scales", "scale")                 # (counts without unit_scale: as they were)
+    bar.update(3)
+    assert capsys.readouterr().err.startswith("scales: 3/10 scales ("), "unscaled counts changed"
+
+
 def test_numpy_ids_and_0d_tensors_are_taken_as_their_python_values(default_auto_engines):
     """A NumPy array of ids and 0-d tensors for the numbers sample what the plain values sample
     (guidance_scale=torch.tensor(2.0) was refused as "not in [1, 50]")."""

@@ -12,10 +12,11 @@ LINE_EVERY_S = 30.0
 
 class Lines:
     """What a bar's caller uses of tqdm (``update``, ``set_postfix(_str)``, ``total``, ``n``, ``close``),
-    written as one line every ``every_s`` seconds: ``desc: n/total units (rate/s) postfix``."""
+    written as one line every ``every_s`` seconds: ``desc: n/total units (rate/s) postfix``; with
+    ``scale`` (tqdm's ``unit_scale``) the counts in SI units: ``hashing: 4.21GB/16.0GB (1.05GB/s)``."""
 
-    def __init__(self, total: int | None, desc: str, unit: str, every_s: float):
-        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
+    def __init__(self, total: int | None, desc: str, unit: str, every_s: float, scale: bool = False):
+        self.total, self.desc, self.unit, self.every_s, self.scale = total, desc, unit, every_s, scale
         self.n, self.postfix = 0, ""
         self.t0 = self.last = time.perf_counter()
 
@@ -24,9 +25,14 @@ class Lines:
         now = time.perf_counter()
         if now - self.last >= self.every_s:
             self.last = now
-            of = f"/{self.total}" if self.total else ""
             rate = self.n / max(1e-9, now - self.t0)
-            print(f"{self.desc}: {self.n}{of} {self.unit}s ({rate:.2f} {self.unit}/s, {now - self.t0:.0f} s)"
+            if self.scale:                  # (byte counts: 4.21GB, not 4213741824 Bs)
+                from tqdm import tqdm
+                n, total, per_s = (f"{tqdm.format_sizeof(v)}{self.unit}" for v in (self.n, self.total or 0, rate))
+                done = n + (f"/{total}" if self.total else "") + f" ({per_s}/s"
+            else:
+                done = f"{self.n}{f'/{self.total}' if self.total else ''} {self.unit}s ({rate:.2f} {self.unit}/s"
+            print(f"{self.desc}: {done}, {now - self.t0:.0f} s)"
                   + (f" {self.postfix}" if self.postfix else ""), file=sys.stderr, flush=True)
 
     def set_postfix_str(self, s: str = "") -> None:
@@ -50,4 +56,4 @@ def progress_bar(total: int | None = None, desc: str = "", unit: str = "it", **t
         else:
             from tqdm import tqdm
         return tqdm(total=total, desc=desc, unit=unit, **tqdm_options)
-    return Lines(total, desc, unit, LINE_EVERY_S)
+    return Lines(total, desc, unit, LINE_EVERY_S, bool(tqdm_options.get("unit_scale")))
