@@ -18,12 +18,17 @@ from typing import Callable
 from flowar.io.files import file_state
 
 
-def choose_provider(prefer_gpu: bool = True) -> str:
+def choose_provider(prefer_gpu: bool = True, device=None) -> str:
+    """ONNX Runtime's CUDA provider where onnxruntime-gpu and a GPU are both there (and ``prefer_gpu``),
+    else its CPU provider. The CUDA provider runs on the first visible GPU: another ``device`` asked
+    for (``--device cuda:1``) is refused, with how to choose it."""
     import onnxruntime as ort
     if prefer_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
         try:
             import torch
             if torch.cuda.is_available():
+                from flowar.device import first_visible_gpu
+                first_visible_gpu(device, "ONNX Runtime's CUDA sessions")
                 return "CUDAExecutionProvider"
         except ImportError:
             pass

@@ -22,3 +22,15 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         raise FlowARError("a CUDA device for --device cuda", "no CUDA device visible to PyTorch",
                           "use --device cpu (or auto)")
     return dev
+
+
+def first_visible_gpu(asked: torch.device | None, engines: str) -> None:
+    """Refuse a GPU other than the first visible one for ``engines`` that run there whatever was
+    asked (TensorRT's plans, ONNX Runtime's CUDA provider: ``--device cuda:1`` ran them on GPU 0 in
+    silence), with the ``CUDA_VISIBLE_DEVICES`` that chooses it (cuda:N counts the visible ones)."""
+    if asked is not None and asked.type == "cuda" and asked.index not in (None, 0):
+        import os
+        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        gpu = visible[asked.index] if asked.index < len(visible) else asked.index     # (the GPU cuda:N names now)
+        raise FlowARError(f"--device cuda (the first visible GPU, where {engines} run)", str(asked),
+                          f"choose that GPU with CUDA_VISIBLE_DEVICES={gpu} and pass --device cuda")

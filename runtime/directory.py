@@ -103,12 +103,8 @@ def trt_engines(m: Manifest, specs: dict, asked: torch.device | None = None):
     """(engines, device, detail): the directory's TensorRT plans (not entered); the stages, which
     never run at once, share one block of scratch memory. They run on the first visible GPU: another
     one ``asked`` for (``--device cuda:1``) is refused (it ran on GPU 0 in silence)."""
-    if asked is not None and asked.index not in (None, 0):
-        import os
-        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-        gpu = visible[asked.index] if asked.index < len(visible) else asked.index     # (the GPU cuda:N names now)
-        raise FlowARError("--device cuda for TensorRT's plans (they run on the first visible GPU)", str(asked),
-                          f"choose that GPU with CUDA_VISIBLE_DEVICES={gpu} and pass --device cuda")
+    from flowar.device import first_visible_gpu
+    first_visible_gpu(asked, "TensorRT's plans")
     from flowar.engines.trt import load_builder
     from flowar.runtime.engines import SharedDeviceMemory, TrtEngine
     import torch

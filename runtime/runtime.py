@@ -189,7 +189,7 @@ class Runtime(contextlib.AbstractContextManager):
                 threads_ = Threads.resolve(threads, False)
             else:
                 from flowar.engines.ort import choose_provider
-                provider = choose_provider(prefer_gpu=gpu) if chosen == "ort" else "CPUExecutionProvider"
+                provider = choose_provider(prefer_gpu=gpu, device=asked) if chosen == "ort" else "CPUExecutionProvider"
                 dev = (asked if chosen == "torch" and asked is not None else
                        resolve_device("cuda" if provider == "CUDAExecutionProvider" else "cpu" if chosen != "torch"
                                       else "auto"))

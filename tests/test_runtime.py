@@ -533,6 +533,31 @@ def test_opening_warms_only_the_engines_whose_measured_set_up_is_large(default_a
         assert set(called) == {"ar", "head_prep", "velocity", "decode"}, called
 
 
+def test_a_gpu_other_than_the_first_is_refused_for_onnx_runtime_s_cuda_sessions(default_auto_engines, monkeypatch):
+    """ONNX Runtime's CUDA sessions run on the first visible GPU (they name no device_id): --device
+    cuda:1 ran them on GPU 0 in silence, as TensorRT's plans did. Opened as on a machine with
+    onnxruntime-gpu and GPUs (the providers and the device check stood in for, since this test also
+    runs without a GPU): cuda:1 is refused with the CUDA_VISIBLE_DEVICES that chooses it; cuda:0 and
+    cuda get the CUDA provider; --device cpu the CPU provider."""
+    import onnxruntime
+
+    import flowar.device
+    from flowar.engines.ort import choose_provider
+    from flowar.errors import FlowARError
+    from flowar.runtime.runtime import Runtime
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(flowar.device, "resolve_device", lambda name: torch.device(name))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")               # cuda:1 is GPU 3
+    with pytest.raises(FlowARError, match=r"^expected --device cuda \(the first visible GPU, where ONNX Runtime's CUDA "
+                                          r"sessions run\); got cuda:1. Fix: choose that GPU with CUDA_VISIBLE_DEVICES=3 "
+                                          r"and pass --device cuda$"):
+        Runtime.open(default_auto_engines, True, backend="ort", device="cuda:1")
+    for ok in ("cuda:0", "cuda", None):
+        assert choose_provider(True, None if ok is None else torch.device(ok)) == "CUDAExecutionProvider", ok
+    assert choose_provider(False, torch.device("cpu")) == "CPUExecutionProvider"
+
+
 def test_cpu_engines_stay_on_the_cpu_where_pytorch_sees_a_gpu(default_auto_engines, monkeypatch, tmp_path):
     """On a machine where PyTorch sees a GPU and the engines are CPU engines (ONNX Runtime without
     its CUDA provider; what --precision auto compiled for the CPU), flowar-run's default --device
@@ -563,7 +588,7 @@ def test_cpu_engines_stay_on_the_cpu_where_pytorch_sees_a_gpu(default_auto_engin
     import flowar.engines.ort as ort
     import flowar.runtime.directory as directory
     asked, real = [], ort.choose_provider
-    monkeypatch.setattr(ort, "choose_provider", lambda prefer_gpu=True: asked.append(prefer_gpu) or real(prefer_gpu))
+    monkeypatch.setattr(ort, "choose_provider", lambda prefer_gpu=True, device=None: asked.append(prefer_gpu) or real(prefer_gpu))
     with Runtime.open(default_auto_engines, True, backend="ort", device="cpu") as rt:
         assert rt.device.type == "cpu" and asked == [False], asked
     d = tmp_path / "e"

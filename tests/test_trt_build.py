@@ -82,8 +82,8 @@ def test_a_gpu_other_than_the_first_is_refused_for_the_plans_with_how_to_choose_
         loaded.append(flavour)
         raise FlowARError("x", "y", "z")
     monkeypatch.setattr(flowar.engines.trt, "load_builder", no_builder)
-    with pytest.raises(FlowARError, match=r"expected --device cuda for TensorRT's plans \(they run on the first visible "
-                                          r"GPU\); got cuda:1. Fix: choose that GPU with CUDA_VISIBLE_DEVICES=1"):
+    with pytest.raises(FlowARError, match=r"expected --device cuda \(the first visible GPU, where TensorRT's plans run\); "
+                                          r"got cuda:1. Fix: choose that GPU with CUDA_VISIBLE_DEVICES=1"):
         runtime.Runtime.open_engine_dir(trt_dir.root, device="cuda:1")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")               # cuda:1 is GPU 3 then
     with pytest.raises(FlowARError, match="Fix: choose that GPU with CUDA_VISIBLE_DEVICES=3 and pass --device cuda"):
