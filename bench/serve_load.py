@@ -151,11 +151,11 @@ def chart(out: dict, path: str) -> None:
         ax.grid(axis="x", alpha=0.3)
     axes[-1, 0].set_xlabel("seconds since the phase began (a line: sent -> answered)", fontsize=8)
     handles = [plt.Line2D([], [], color=c, lw=3, label=k) for k, c in COLORS.items()]
-    fig.suptitle(f"flowar-serve, one replica ({out['cpu']}, {out['threads']} cores, "
-                 f"{out['in_process_s_per_image']:.2f} s per image in-process): each request from sent to answered",
-                 fontsize=10, x=0.01, y=0.995, ha="left")
-    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.01, 0.975), ncol=5, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    # (two lines: on one, a long CPU name ran the title off the figure)
+    fig.suptitle(f"flowar-serve, one replica: each request from sent to answered\n{out['cpu']}, {out['threads']} cores, "
+                 f"{out['in_process_s_per_image']:.2f} s per image in-process", fontsize=10, x=0.01, y=0.995, ha="left")
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.01, 0.955), ncol=5, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
