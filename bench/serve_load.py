@@ -1,6 +1,6 @@
 """A served replica under load and overload, measured from outside, as clients see it.
 
-    python bench/serve_load.py --engine-dir DIR [--threads 2] [--lanes N] [--json bench/out/serve_load.json]
+    python bench/serve_load.py --engine-dir DIR [--threads 2] [--lanes N] [--queue N] [--json bench/out/serve_load.json]
 
 Starts ``flowar-serve --engine-dir DIR`` (one replica, loopback) in its own process and, against
 the in-process rate of the same engines (``flowar-run --engine-dir DIR`` sampling eight images
@@ -202,6 +202,7 @@ def main(argv=None) -> int:
     ap.add_argument("--engine-dir", help="an engine directory (with a VAE) [default: export the default model]")
     ap.add_argument("--threads", type=int, default=None, help="cores of the replica (and of the in-process run)")
     ap.add_argument("--lanes", type=int, default=None, help="flowar-serve --lanes [default: its own]")
+    ap.add_argument("--queue", type=int, default=None, help="flowar-serve --queue [default: its own]")
     ap.add_argument("--sequential", type=int, default=16)
     ap.add_argument("--concurrent", type=int, default=16)
     ap.add_argument("--burst", type=int, default=48)
@@ -238,7 +239,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     server = subprocess.Popen([str(BIN / "flowar-serve"), "--engine-dir", engine_dir, "--port", str(a.port)]
                               + (["--threads", str(a.threads)] if a.threads else [])
-                              + (["--lanes", str(a.lanes)] if a.lanes else []),
+                              + (["--lanes", str(a.lanes)] if a.lanes else [])
+                              + (["--queue", str(a.queue)] if a.queue else []),
                               env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
                               stdout=subprocess.DEVNULL, stderr=open(Path(tmp.name) / "serve.log", "w"),
                               start_new_session=True)      # (its stderr kept: why it did not come up)
