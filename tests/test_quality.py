@@ -81,10 +81,15 @@ def test_judge_reports_fidelity_convergence_and_fid(fixtures_dir, tmp_path, monk
     feats = torch.jit.load(str(extractor))(u8, return_features=True)
     mu, sigma = feature_stats(feats)
     np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
+    import flowar.io.progress
+    bars, real_bar = [], flowar.io.progress.progress_bar
+    monkeypatch.setattr(flowar.io.progress, "progress_bar", lambda **kw: bars.append(kw["desc"]) or real_bar(**kw))
     res = CliRunner().invoke(judge_cmd, ckpt + sched + ["--per-class", "3", "--classes-limit", "2", "--converged",
                                                         "--fid-stats", str(tmp_path / "stats.npz"), "--fid-extractor",
                                                         str(extractor), "--json", str(tmp_path / "q.json")])
     assert res.exit_code == 0, res.output
+    # each run's bar names its schedule: the converged reference's (most of the time) was one more "scales" bar
+    assert bars == ["scales (custom schedule)", "scales (official schedule)", "scales (converged reference schedule)"], bars
     rep = json.loads((tmp_path / "q.json").read_text())
     assert rep["n_samples"] == 6 and rep["class_accuracy"] is None          # no judge for this model
     assert rep["fid"] == pytest.approx(0.0, abs=1e-6)                        # the same images as the statistics
@@ -112,6 +117,7 @@ def test_without_a_decoder_the_judge_measures_tokens_and_refuses_a_distance_betw
     common = ["--ckpt", str(DEFAULT_CKPT), "--per-class", "1", "--classes-limit", "2", "--steps", "3"]
     res = CliRunner().invoke(judge_cmd, common + ["--json", str(tmp_path / "q.json")])
     assert res.exit_code == 0 and "vs the official schedule (same noise): tokens max" in res.output, res.output
+    assert "no images to judge: the source has no decoder (pass --vae" in res.output, res.output   # (it was silent)
     assert json.loads((tmp_path / "q.json").read_text())["class_accuracy"] is None
     torch.jit.save(torch.jit.script(StandIn()), str(tmp_path / "x.pt"))
     np.savez(tmp_path / "s.npz", mu=np.zeros(8), sigma=np.eye(8))
@@ -119,6 +125,18 @@ def test_without_a_decoder_the_judge_measures_tokens_and_refuses_a_distance_betw
                                                   str(tmp_path / "x.pt")])
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert res.exit_code == 2 and len(lines) == 1 and "expected a decoder for --fid-stats" in lines[0], res.output
+
+
+def test_the_official_schedule_against_other_engines_is_not_told_to_compare_with_other_engines():
+    """The report of the official schedule said "compare other engines with --vs-engine-dir" right
+    above the comparison --vs-engine-dir gave; alone, it still says so."""
+    from flowar.eval.quality import QualityReport, report_lines
+    d = {"token_max": 1e-3, "token_mean": 1e-4, "psnr_median": 40.0, "psnr_worst": 30.0}
+    alone = report_lines(QualityReport("official", 96, 2, 0.1), 0, True, None)
+    assert any("this is the official schedule (compare other engines with --vs-engine-dir" in ln for ln in alone), alone
+    vs = report_lines(QualityReport("official", 96, 2, 0.1, vs_reference=d), 0, True, None, "other (ONNX Runtime)")
+    assert not any("--vs-engine-dir" in ln for ln in vs) and any(ln.startswith("vs other (ONNX Runtime), same samples")
+                                                               for ln in vs), vs
 
 
 def test_bad_fid_inputs_are_one_line(fixtures_dir, tmp_path):

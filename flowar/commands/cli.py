@@ -318,9 +318,9 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
     """Quality of a schedule: PSNR and token error against the official sampler with the same noise,
     class accuracy and a domain Frechet distance by an independent judge (Animal-MNIST models),
     a converged reference, and FID against reference statistics."""
-    from flowar.io.files import check_writable
     import contextlib
     from flowar.eval.quality import load_extractor, measure, read_fid_stats, report_lines
+    from flowar.io.files import check_outputs, check_writable
     from flowar.runtime.runtime import Runtime
     if bool(fid_stats) != bool(fid_extractor):
         raise FlowARError("--fid-stats and --fid-extractor together", "only one of them",
@@ -329,7 +329,6 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
         if v < 1:
             raise FlowARError(f"{name} >= 1", str(v), f"pass a positive {name}")
     check_seed(seed)
-    from flowar.io.files import check_outputs
     check_outputs([("--json", json_out), ("--judge-cache", judge_cache)],
                   [ckpt, engine_dir, vae, config_path, fid_stats, fid_extractor, vs_engine_dir])
     check_writable(json_out, False, "--json")
@@ -380,8 +379,9 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
                                   "one exported without --vae", "re-export it with --vae")
             batch = min(batch, other.max_batch)
 
-        def sampler(r):
-            return lambda s: r.sample(labels, s, seed=seed, batch_size=batch, decode=rt.decodes, progress=True)
+        def sampler(r):             # (each run's bar says which schedule: the converged reference took 94 % unnamed)
+            return lambda s: r.sample(labels, s, seed=seed, batch_size=batch, decode=rt.decodes,
+                                      progress={"desc": f"scales ({s.name or 'custom'} schedule)"})
         rep = measure(sampler(rt), config, labels, sched, rt.decodes, judge, judge.real_stats if judge else None,
                       converged, stats, extractor, reference=sampler(other) if other else None)
     for line in report_lines(rep, seed, rt.decodes, rt.class_names, f"{vs_engine_dir} ({other.detail})"

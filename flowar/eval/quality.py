@@ -182,7 +182,8 @@ def measure(sample: Sampler, config, labels: list[int], schedule, decode: bool =
     if reference is not None:
         rep.vs_reference = deviation(res, reference(schedule))
     if converged:
-        conv = run(build_schedule(CONVERGED_POINTS, schedule.cfg, schedule.guidance, config.n_scales, "euler", "uniform"))
+        conv = run(build_schedule(CONVERGED_POINTS, schedule.cfg, schedule.guidance, config.n_scales, "euler", "uniform",
+                                  name="converged reference"))
         d = (res.tokens - conv.tokens).abs()
         rep.vs_converged = {"token_max": float(d.max()), "token_mean": float(d.mean()),
                             "official_token_mean": float((ref.tokens - conv.tokens).abs().mean())}
@@ -210,8 +211,9 @@ def report_lines(rep: "QualityReport", seed: int, decode: bool, class_names: lis
     def versus(what: str, d: dict) -> str:
         return (f"vs {what}: tokens max {d['token_max']:.2e} mean {d['token_mean']:.2e}"
                 + (f"; image PSNR median {d['psnr_median']:.1f} dB, worst {d['psnr_worst']:.1f} dB" if decode else ""))
-    out.append(versus("the official schedule (same noise)", rep.vs_official) if rep.vs_official else
-               "this is the official schedule (compare other engines with --vs-engine-dir, or another --schedule)")
+    if rep.vs_official or not rep.vs_reference:     # (the hint said to pass --vs-engine-dir where it had been passed)
+        out.append(versus("the official schedule (same noise)", rep.vs_official) if rep.vs_official else
+                   "this is the official schedule (compare other engines with --vs-engine-dir, or another --schedule)")
     if rep.vs_reference:
         out.append(versus(f"{reference}, same samples", rep.vs_reference))
     if rep.vs_converged:
@@ -224,6 +226,9 @@ def report_lines(rep: "QualityReport", seed: int, decode: bool, class_names: lis
                    f"in its features {rep.frechet_judge:.2f}")
         names = class_names or [str(i) for i in range(10)]
         out.append("  " + ", ".join(f"{n} {a:.0%}" for n, a in zip(names, rep.per_class)))
+    elif not decode:                                   # (nothing was said: the accuracy left out in silence)
+        out.append("no images to judge: the source has no decoder (pass --vae, or an engine directory exported with "
+                   "--vae), token errors only")
     if rep.fid is not None:
         out.append(f"FID against {fid_name}: {rep.fid:.3f}")
     return out
