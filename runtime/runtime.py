@@ -274,7 +274,7 @@ class Runtime(contextlib.AbstractContextManager):
             if self.kind == "engine directory":
                 self.manifest.require_decoder()          # (its own line: re-export with --vae)
             raise FlowARError("a VAE to decode images", "a checkpoint opened without a VAE",
-                              f"pass --vae{self.trained.get('vae', '')}, or ask for tokens only (--save-tokens)")
+                              f"pass --vae{self.trained.get('vae', '')}, or ask for tokens only (--save-tokens without --out or --save-images)")
 
     def warm_up(self, batch_sizes: Sequence[int], every_engine: bool | None = None) -> int:
         """Run the engines once at the shapes of these batch sizes, so that no batch of those sizes

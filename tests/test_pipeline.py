@@ -566,6 +566,9 @@ def test_what_a_diffusers_user_reaches_for_next(default_auto_engines, monkeypatc
                                                  "or --steps 25."))
     assert str(said).endswith('Fix: use precision="bf16" on device="cuda:1"; pass vae="/m/vae" (its VAE), or '
                               'num_inference_steps=25.'), said
+    said = in_python_terms(FlowARError("a", "b", "pass --vae, or ask for tokens only (--save-tokens without --out or "
+                                                 "--save-images)"))
+    assert str(said).endswith('Fix: pass vae=, or ask for tokens only (output_type="latent")'), said
 
 
 def test_from_pretrained_takes_the_config_itself_or_its_path_and_names_what_differs():

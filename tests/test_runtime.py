@@ -127,7 +127,9 @@ def test_images_need_a_decoder_whose_fix_follows_the_source_and_give_the_side_it
     shutil.copy(DEFAULT_CKPT, tmp_path / "moved" / "flowar.safetensors")       # (its VAE not beside it)
     monkeypatch.chdir(tmp_path)                 # (the recorded models/default/vae is not found from here)
     for path, fix in ((tmp_path / "tokens", "re-export with --vae"),
-                      (DEFAULT_CKPT, f"pass --vae {Path(DEFAULT_VAE).resolve()} (the VAE it was trained with), or"),
+                      (DEFAULT_CKPT, f"pass --vae {Path(DEFAULT_VAE).resolve()} (the VAE it was trained with), or "
+                                     "ask for tokens only (--save-tokens without --out or --save-images)"),   # (it said
+                                     # "(--save-tokens)" to one who had passed it, beside --save-images)
                       (tmp_path / "moved" / "flowar.safetensors",
                        "pass --vae (it was trained with models/default/vae, not found from here), or")):
         with Runtime.open(path) as rt:

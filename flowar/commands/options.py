@@ -227,7 +227,7 @@ def schedule_options(recorded_by: str):
             click.option("--schedule", type=click.Choice(["official", "fast"]),
                          help=f"official: the official Euler sampler (24 steps per scale); fast: the same steps with "
                               f"the head run on 1 in 3 and the rest predicted (2.7x fewer head evaluations; images "
-                              f"within ~40 dB of official) [default: official, or {recorded_by}]."),
+                              f"about 40 dB PSNR from official's) [default: official, or {recorded_by}]."),
             click.option("--solver", type=click.Choice(["euler", "ab2", "heun", "skip"]),
                          help="Override the schedule's ODE solver."),
             click.option("--stride", type=int, help="With the skip solver (--schedule fast): run the head on 1 step "

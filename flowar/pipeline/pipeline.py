@@ -344,7 +344,7 @@ def _fits_in_memory(rt: Runtime, n: int, output_type: str) -> None:
 # the commands' options a call's messages name, as the call's keywords (longest first)
 _KEYWORDS = (("--steps", "num_inference_steps"), ("--cfg", "guidance_scale"), ("--guidance", "guidance"),
              ("--schedule", "schedule"), ("--batch", "batch_size"), ("pass --vae", "pass vae="),
-             ("(--save-tokens)", '(output_type="latent")'),
+             ("(--save-tokens without --out or --save-images)", '(output_type="latent")'),
              ("--preset/--config/--vae/--raw-weights/--precision", "preset=/config=/vae=/raw_weights=/precision="),
              ("--preset/--config", "preset=/config="), ("--raw-weights", "raw_weights"), ("--precision", "precision"),
              ("--preset", "preset"), ("--config", "config"), ("--vae", "vae"), ("--no-cuda-graphs", "cuda_graphs=False"),

@@ -65,7 +65,7 @@ class ClassNames(tuple):
         if len(ids) > 1:
             raise FlowARError("a class name that names one class", f"{name!r}, which names "
                               + "; ".join(f"{i} ({self[i]})" for i in ids),
-                              "pass the class id, or a longer name")
+                              f"pass its class id: {' or '.join(map(str, ids))}")
         return ids[0]
 
     def _pretty(self, key: str) -> str:
