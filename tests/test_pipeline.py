@@ -340,6 +340,8 @@ def test_a_bulk_run_resumes_only_on_the_engines_it_began_with_and_bad_settings_w
                     progress=False).shards_done_before == 2
     with pytest.raises(FlowARError, match="other schedule than"):
         run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {"cfg": 3.0}, 1, 1), tmp_path / "run", progress=False)
+    with pytest.raises(FlowARError, match=r"other seed than .*run.json records \(seed: here 5, there 0\)\. Fix"):
+        run_bulk(BulkSpec(str(d), 2, [0, 1], 5, {}, 1, 1), tmp_path / "run", progress=False)   # (it named no value)
     # what the backend picked where the run began is compared, not what it picks here: a run begun with auto
     # on a GPU (TensorRT) is not resumed on a CPU (it was, and mixed the two engines' shards)
     began = json.loads((tmp_path / "run" / "run.json").read_text())

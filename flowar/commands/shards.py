@@ -119,8 +119,14 @@ def check_run(out: Path, spec: BulkSpec, meaning=None) -> bool:
             theirs, mine = meaning(theirs), meaning(mine)
     if theirs != mine:
         diff = sorted(k for k in mine if not isinstance(theirs, dict) or theirs.get(k) != mine[k])
-        raise FlowARError("the settings of the run already in --out (to resume it)",
-                          f"other {', '.join(diff) or 'settings'} than {out / 'run.json'} records",
+
+        def short(v) -> str:
+            return repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+        # (each with both values: "other seed than run.json records" left the user to find which seed it holds)
+        both = "; ".join(f"{k}: here {short(mine[k])}, there {short(theirs.get(k) if isinstance(theirs, dict) else None)}"
+                         for k in diff[:4])
+        got = f"other {', '.join(diff) or 'settings'} than {out / 'run.json'} records" + (f" ({both})" if both else "")
+        raise FlowARError("the settings of the run already in --out (to resume it)", got,
                           "run with the same settings, or choose a new --out")
     return True
 
