@@ -234,3 +234,31 @@ def test_what_ray_could_not_write_is_one_line_that_says_what_to_set(tmp_path, mo
     raised[:] = [OSError(28, "No space left on device", "/data/x")]      # another path's: as it was
     with pytest.raises(OSError, match="No space left"):
         cluster.start_ray(None, 1)
+
+
+def test_an_address_ray_cannot_read_and_a_cluster_that_does_not_start_are_one_line(monkeypatch):
+    """--ray-address garbage:::, localhost or localhost:abc gave Ray's ValueError traceback; a local
+    cluster that did not start (--workers 99999999999: 10^11 CPUs) Ray's "timed out during startup"
+    traceback after 33 s. Both are one line; "auto" still goes to Ray."""
+    import ray
+
+    from flowar.commands import cluster
+    from flowar.errors import FlowARError
+    for bad in ("garbage:::", ":::", "localhost", "localhost:abc", "ray://", "ray://:6379", "host:0", "host:70000"):
+        with pytest.raises(FlowARError, match=r"^expected --ray-address auto, HOST:PORT or ray://HOST:PORT; got '"):
+            cluster._answers(bad)
+    assert cluster._answers("auto") is None
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(cluster, "_kill_cluster", lambda: None)       # (nothing started here)
+
+    def no_start(**kw):
+        raise Exception("The current node timed out during startup. This could happen because ...\nmore")
+    monkeypatch.setattr(ray, "init", no_start)
+    with pytest.raises(FlowARError, match=r"^expected a local Ray cluster that starts \(with 99999999999 CPUs: "
+                                          r"--workers x --threads\); got Exception: The current node timed out during "
+                                          r"startup\. This could happen because \.\.\.\. Fix: use fewer --workers"):
+        cluster.start_ray(None, 99999999999)
+    assert "RAY_AUTH_TOKEN" not in os.environ            # (the token made for the cluster that did not start: gone)

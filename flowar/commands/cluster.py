@@ -77,10 +77,14 @@ def start_ray(address: str | None, num_cpus: int | None):
         except OSError as e:                # Ray's own files (its token, sessions, sockets): say which, and what to set
             _forget_token()
             raise _ray_files(e) from None
-        except BaseException:               # a stop while it started: what had started goes too (Ray's dashboard
+        except BaseException as e:          # a stop while it started: what had started goes too (Ray's dashboard
             _kill_cluster()                 # and runtime-env agents outlived the command by minutes)
             ray.shutdown()
             _forget_token()
+            if isinstance(e, Exception):    # (Ray's own traceback: e.g. "timed out during startup" for 10^11 CPUs)
+                raise FlowARError(f"a local Ray cluster that starts (with {num_cpus or 'all'} CPUs: --workers x "
+                                  "--threads)", f"{type(e).__name__}: {(str(e).strip().splitlines() or ['?'])[0][:200]}",
+                                  "use fewer --workers or --threads, or see Ray's logs under /tmp/ray") from e
             raise
         _LOCAL[0] = True
         atexit.unregister(stop_ray)
@@ -211,10 +215,13 @@ def _answers(address: str) -> None:
     """Refuse at once a cluster address (HOST:PORT, ray://HOST:PORT) where nothing answers: Ray
     itself retried for minutes, printing warnings."""
     import socket
+    if address in ("auto", "local"):
+        return                  # Ray finds or refuses it itself
     where = address.removeprefix("ray://")
     host, _, port = where.rpartition(":")
-    if not host or not port.isdigit():
-        return                  # "auto", "local": Ray finds or refuses it itself
+    if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:    # (Ray's own ValueError, a traceback)
+        raise FlowARError("--ray-address auto, HOST:PORT or ray://HOST:PORT", repr(address),
+                          "pass the address `ray start --head` printed (e.g. 10.0.0.5:6379), or auto")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
     except OSError as e:
