@@ -295,3 +295,61 @@ def test_the_judge_is_chosen_by_the_checkpoint_metadata_or_by_the_flag(fixtures_
     assert CliRunner().invoke(judge_cmd, tiny + base).exit_code == 0                           # no metadata: none
     res = CliRunner().invoke(judge_cmd, tiny + base + ["--judge", "animal-mnist"])
     assert res.exit_code == 2 and "a 10-class model with a decoder" in res.output, res.output
+
+
+class Raises(torch.nn.Module):
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+
+class GivesNaN(torch.nn.Module):
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return img.float().mean(dim=(2, 3)) * float("nan")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_statistics_or_an_extractor_that_cannot_give_a_distance_are_one_line(tmp_path):
+    """NaN statistics gave "FID ...: 0.000" and exit 0; an extractor that raised or gave NaN a
+    traceback (RuntimeError, LinAlgError) after the sampling. Each is one FlowARError."""
+    from flowar.eval.quality import load_extractor
+    np.savez(tmp_path / "nan.npz", mu=np.array([0.0, np.nan]), sigma=np.eye(2))
+    with pytest.raises(FlowARError, match=r"expected finite mu and sigma in the statistics file; got nan.npz with 1 "):
+        read_fid_stats(tmp_path / "nan.npz")
+    img = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    for net, said in ((Raises(), r"x.pt failed: .*boom"), (GivesNaN(), "x.pt gave NaN or inf")):
+        torch.jit.save(torch.jit.script(net), str(tmp_path / "x.pt"))
+        with pytest.raises(FlowARError, match="expected a feature extractor that maps uint8 images .*; got " + said):
+            load_extractor(tmp_path / "x.pt")(img)
+
+
+def test_a_judge_cache_path_holding_another_file_is_refused_not_replaced(tmp_path):
+    """--judge-cache naming a file that is no judge's (a FlowAR checkpoint) was replaced by the judge
+    trained, without a word. Refused before training, the file untouched; a judge's cache of other
+    settings is still replaced."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from flowar.eval.judge import _a_judge, train_judge
+    from conftest import DEFAULT_CKPT
+    mine = tmp_path / "flowar.safetensors"
+    mine.write_bytes(DEFAULT_CKPT.read_bytes())
+    before = hashlib.sha256(mine.read_bytes()).hexdigest()
+    with pytest.raises(FlowARError, match=r"expected --judge-cache: a judge's cache, or no file yet .*; got .*"
+                                          r"flowar.safetensors, a file that is no judge's"):
+        train_judge(cache=mine)
+    assert hashlib.sha256(mine.read_bytes()).hexdigest() == before
+    (tmp_path / "junk").write_bytes(b"not safetensors")
+    save_file({"w": torch.ones(1)}, str(tmp_path / "old.safetensors"), metadata={"format": "flowar-judge-v0"})
+    assert not _a_judge(tmp_path / "junk") and _a_judge(tmp_path / "old.safetensors") and not _a_judge(mine)
+
+
+def test_a_judge_request_that_would_not_fit_in_memory_is_refused_before_sampling():
+    """--per-class 99999999999 grew to 14 GB in 45 s and was killed, without a word."""
+    from conftest import DEFAULT_CKPT, DEFAULT_VAE
+    from flowar.commands.cli import judge_cmd
+    res = CliRunner().invoke(judge_cmd, ["--ckpt", str(DEFAULT_CKPT), "--vae", str(DEFAULT_VAE), "--per-class",
+                                         "99999999999", "--judge", "none"])
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith(
+        "error: expected memory for 999999999990 samples, each kept three times to be compared (about "), res.output

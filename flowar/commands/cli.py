@@ -102,13 +102,10 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
             from flowar.io.images import check_image_folder
             check_image_folder(save_images, len(ids), out)
         if out or save_images:       # (every image is kept until written: --n-per-class 10^8 ran until killed)
-            from flowar.io.memory import GB, available_bytes
-            side = rt.image_size
-            need, free = len(ids) * side * side * 3 * 4 * 2, available_bytes()
-            if free is not None and need > free:
-                raise FlowARError(f"memory for {len(ids)} images of {side}x{side} (about {need / GB:.1f} GB: they "
-                                  "are kept until written)", f"{free / GB:.1f} GB available",
-                                  "sample fewer, or use flowar-sample (it writes shards as it goes)")
+            from flowar.io.memory import require_memory
+            require_memory(len(ids) * rt.image_size ** 2 * 3 * 4 * 2, f"{len(ids)} images of {rt.image_size}x"
+                           f"{rt.image_size}, kept until written", "sample fewer, or use flowar-sample (it writes "
+                           "shards as it goes)")
         batch = min(len(ids), batch_size or rt.batch or len(ids))
         # opening warmed batch 1's shapes on the engines that set up a lot per shape (the export
         # measured which: none for ONNX Runtime's); this batch's too
@@ -321,6 +318,7 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
     import contextlib
     from flowar.eval.quality import load_extractor, measure, read_fid_stats, report_lines
     from flowar.io.files import check_outputs, check_writable
+    from flowar.io.memory import require_memory
     from flowar.runtime.runtime import Runtime
     if bool(fid_stats) != bool(fid_extractor):
         raise FlowARError("--fid-stats and --fid-extractor together", "only one of them",
@@ -332,8 +330,7 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
     check_outputs([("--json", json_out), ("--judge-cache", judge_cache)],
                   [ckpt, engine_dir, vae, config_path, fid_stats, fid_extractor, vs_engine_dir])
     check_writable(json_out, False, "--json")
-    stats = read_fid_stats(fid_stats) if fid_stats else None
-    extractor = load_extractor(fid_extractor) if fid_extractor else None
+    stats, extractor = (read_fid_stats(fid_stats), load_extractor(fid_extractor)) if fid_stats else (None, None)
     from flowar.sampling.schedule import Settings
     settings = Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance, solver=solver, stride=stride)
     if bool(ckpt) == bool(engine_dir):
@@ -342,9 +339,11 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
     with contextlib.ExitStack() as stack:
         rt = stack.enter_context(Runtime.open(engine_dir or ckpt, bool(engine_dir), preset=preset, config=config_path,
                                               vae=vae, device=None if engine_dir else "cpu"))   # (engines: theirs)
-        config = rt.config
-        batch = min(batch, rt.max_batch or batch)
+        config, batch = rt.config, min(batch, rt.max_batch or batch)
         sched = rt.schedule(settings)
+        n = per_class * min(classes_limit, config.num_classes)   # (held three times: judged, official, a reference)
+        per = 4 * (3 * rt.image_size ** 2 if rt.decodes else config.latent_channels * config.latent_size ** 2)
+        require_memory(3 * n * per, f"{n} samples, each kept three times to be compared", "pass a smaller --per-class")
         judge = None
         if stats is not None and not rt.decodes:     # (the distance was dropped without a word)
             raise FlowARError("a decoder for --fid-stats (a distance between images)", "a source without one",

@@ -66,7 +66,12 @@ def read_fid_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             if missing:
                 raise FlowARError("arrays mu and sigma in the statistics file", f"{p.name} with {sorted(z.files)}",
                                   "pass FID reference statistics (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
-            return z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+            mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+        bad = int((~np.isfinite(mu)).sum() + (~np.isfinite(sigma)).sum())
+        if bad:                        # (NaN statistics gave "FID ...: 0.000", exit 0)
+            raise FlowARError("finite mu and sigma in the statistics file", f"{p.name} with {bad} values NaN or inf",
+                              "make the statistics again, or fetch the file again")
+        return mu, sigma
     except FlowARError:
         raise
     except Exception as e:   # noqa: BLE001 - any unreadable file is one user error
@@ -100,8 +105,17 @@ def load_extractor(path: str | Path) -> Callable[[Tensor], Tensor]:
 
     @torch.no_grad()
     def extract(images_uint8: Tensor) -> Tensor:
-        out = net(images_uint8, return_features=True) if flag else net(images_uint8)
-        return out.flatten(1).double()
+        # (an extractor that raised, took other arguments or gave NaN was a traceback after the sampling)
+        expected = "a feature extractor that maps uint8 images (B, 3, H, W) to finite features"
+        try:
+            out = (net(images_uint8, return_features=True) if flag else net(images_uint8)).flatten(1).double()
+        except Exception as e:   # noqa: BLE001 - the user's file: its failure is one line
+            why = (str(e).strip().splitlines() or ["?"])[-1][:160]      # (TorchScript's says where first, why last)
+            raise FlowARError(expected, f"{p.name} failed: {type(e).__name__}: {why}",
+                              "pass e.g. the inception-2015-12-05.pt of the StyleGAN3 FID code") from e
+        if not torch.isfinite(out).all():
+            raise FlowARError(expected, f"{p.name} gave NaN or inf", "check the extractor, or pass another")
+        return out
     return extract
 
 

@@ -188,6 +188,14 @@ def release_free_memory() -> bool:
     return True
 
 
+def require_memory(needed: float, what: str, fix: str) -> None:
+    """A one-line error before any work when ``needed`` bytes for ``what`` exceed the memory
+    available (``--n-per-class 10^8`` ran until killed; flowar-judge's ``--per-class 10^11`` too)."""
+    free = available_bytes()
+    if free is not None and needed > free:
+        raise FlowARError(f"memory for {what} (about {_size(needed)})", f"{_size(free)} available", fix)
+
+
 def require_free_space(folder: str | Path, needed: int, what: str, option: str = "--out") -> None:
     """A one-line error before any work when ``folder``'s file system has less than ``needed`` bytes free."""
     p = Path(folder)
