@@ -329,6 +329,8 @@ def read_manifest(root: str | Path, verify_hashes: bool = False) -> Manifest:
     """The manifest of an engine directory, checked: its format, its fields, every listed file
     present and inside the directory. The files' hashes are checked where they are read (by the
     engines that use them: :mod:`flowar.runtime.directory`), or here with ``verify_hashes``."""
+    if isinstance(root, str) and not root.strip():     # (Path("") is the working directory: it was opened as one)
+        raise EngineDirError("an engine directory made by flowar-export", "an empty path", "pass the folder it wrote")
     root = Path(root)
     try:
         str(root).encode("utf-8")

@@ -594,6 +594,9 @@ def test_files_that_appear_in_out_during_an_export_keep_the_finished_directory_a
     # (these two were refused after every graph was exported and verified)
     (["--backend", "trt", "--compute-capability", "sm7"], "expected --compute-capability"),
     (["--precision", "bf16", "--auto-candidates", "ort-fp32"], "--auto-candidates with a bf16 engine for --precision bf16"),
+    # (an infinite bound was written as Infinity, no JSON; "" was taken as every candidate: a full export)
+    (["--precision", "auto", "--max-memory", "inf"], "expected --max-memory in GB, > 0 and finite; got inf"),
+    (["--precision", "auto", "--auto-candidates", ""], "expected --auto-candidates among ort-fp32"),
 ])
 def test_export_options_that_would_do_nothing_or_point_nowhere_are_one_line_before_any_work(fixtures_dir, tmp_path,
                                                                                            monkeypatch, extra, needle):

@@ -233,6 +233,12 @@ def test_a_file_passed_as_an_engine_directory_is_said_to_be_a_file():
     for command, more in ((run, ["--labels", "0"]), (judge, []), (sample, ["--out", "unused", "--num-images", "2"]), (serve, [])):
         res = CliRunner().invoke(command, ["--engine-dir", str(CKPT), *more])
         assert res.exit_code == 2 and said in res.output and "Invalid value" not in res.output, (command.name, res.output)
+    # an empty --engine-dir was the working directory (its fix then named a file found there)
+    from flowar.commands.check import check_cmd
+    for command, more in ((check_cmd, []), (sample, ["--out", "unused", "--num-images", "2"])):    # (flowar-run: "neither")
+        res = CliRunner().invoke(command, ["--engine-dir", "", *more])
+        assert res.exit_code == 2 and res.output.startswith("error: expected an engine directory made by flowar-export; "
+                                                            "got an empty path."), (command.name, res.output)
 
 
 def test_a_member_found_whole_is_not_hashed_again_until_its_file_changes(exported, tmp_path, monkeypatch):

@@ -125,8 +125,8 @@ def check_request(req: ExportRequest):
         if req.precision == "bf16" and not set(req.candidates) & set(REDUCED):    # (found after the export)
             raise FlowARError(f"--auto-candidates with a bf16 engine for --precision bf16 ({' or '.join(REDUCED)})",
                               ",".join(req.candidates), f"add {REDUCED[0]}, or use --precision auto")
-    if req.max_memory_gb is not None and not req.max_memory_gb > 0:
-        raise FlowARError("--max-memory in GB, > 0", repr(req.max_memory_gb), "use e.g. --max-memory 16")
+    if req.max_memory_gb is not None and not 0 < req.max_memory_gb < float("inf"):     # (inf: Infinity in the JSON)
+        raise FlowARError("--max-memory in GB, > 0 and finite", repr(req.max_memory_gb), "use e.g. --max-memory 16")
     # options that would do nothing here are refused, not ignored
     if req.max_memory_gb is not None and not req.measured:
         raise FlowARError("--max-memory with --precision auto or bf16 (it bounds their compiles)",

@@ -190,7 +190,7 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
                                precision=precision, max_batch=max_batch, verify=verify, use_ema=not raw_weights,
                                schedule_defaults=defaults, compute_capability=compute_capability, progress=step,
                                auto_candidates=tuple(c.strip() for c in auto_candidates.split(",") if c.strip())
-                               if auto_candidates else None, max_memory_gb=max_memory)
+                               if auto_candidates is not None else None, max_memory_gb=max_memory)   # ("": none, refused)
     bar.close()
     for line in rep.lines():
         click.echo(line)
