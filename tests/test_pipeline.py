@@ -400,7 +400,11 @@ def test_a_bulk_run_resumes_only_on_the_engines_it_began_with_and_bad_settings_w
     orphan = tmp_path / "orphan"
     shutil.copytree(tmp_path / "run", orphan)
     (orphan / "run.json").unlink()
-    for folder, said in ((mine, "holds run.json, samples.npz"), (orphan, "without a run.json")):
+    torn = tmp_path / "torn"                    # (a run.json cut short was said as if there were none)
+    shutil.copytree(tmp_path / "run", torn)
+    (torn / "run.json").write_text((torn / "run.json").read_text()[:20])
+    for folder, said in ((mine, "holds run.json, samples.npz.*its run.json not flowar-sample's"),
+                         (orphan, "without a run.json"), (torn, "its run.json not flowar-sample's \\(unreadable")):
         before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
         with pytest.raises(FlowARError, match=f"a new or empty folder, or one flowar-sample wrote.*{said}"):
             run_bulk(BulkSpec(str(d), 2, [0, 1], 7, {}, 1, 1), folder, progress=False)

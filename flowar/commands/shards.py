@@ -103,7 +103,8 @@ def check_run(out: Path, spec: BulkSpec, meaning=None) -> bool:
     if held and not (isinstance(recorded, dict) and {"num_images", "shard_size", "seed"} <= recorded.keys()):
         raise FlowARError("--out: a new or empty folder, or one flowar-sample wrote (with its run.json)",
                           f"{out} holds {', '.join(held[:3])}{', ...' if len(held) > 3 else ''}"
-                          + ("" if "run.json" in held else ", without a run.json"), "choose a new --out")
+                          + (", its run.json not flowar-sample's (unreadable, or other fields)" if "run.json" in held
+                             else ", without a run.json"), "choose a new --out")
     # (a run.json without a shard done binds nothing: a first run that failed before its first shard,
     # say on an engine that would not open, left the folder refusing every other setting)
     if not ((out / "run.json").is_file() and any((out / "shards").glob("*.npz"))):
