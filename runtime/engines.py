@@ -168,6 +168,14 @@ class OrtEngine:
         one session share its thread pool."""
         import numpy as np
         from flowar.engines.ort import create_session, plan_call
+        known = {t.name for t in (*self.session.get_inputs(), *self.session.get_outputs())}
+        stray = [n for n in (*inputs, *outputs) if n not in known]
+        if stray:     # (another stage's graph in its place, its hash recorded too: ONNX Runtime's binding traceback)
+            from flowar.errors import EngineDirError
+            name = getattr(self.source, "name", self.name)
+            raise EngineDirError(f"a graph of the {self.name} stage (its inputs and outputs)", f"{name} without "
+                                 f"{', '.join(stray)} (it has {', '.join(sorted(known))})",
+                                 "export the directory again with flowar-export")
         first = next(iter(inputs.values()))
         rows = first.shape[0] if first.ndim else 1
         tokens = first.shape[1] if first.ndim >= 2 else 1

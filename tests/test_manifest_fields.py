@@ -264,3 +264,23 @@ def test_a_member_found_whole_is_not_hashed_again_until_its_file_changes(exporte
     with pytest.raises(EngineDirError, match="with the sha256 recorded at export; got a different file"):
         read_manifest(d).checked(rel, sha)
     assert len(hashed) == 2
+
+
+def test_another_stage_s_graph_in_a_stage_s_place_is_one_line(exported, tmp_path):
+    """ar.onnx replaced by velocity.onnx with its hash recorded too (the manifest edited, or written by
+    other tools): ONNX Runtime's binding traceback ("Failed to find input name in the mapping:
+    labels"). One line naming the stage, the tensors the graph lacks and what it has."""
+    from click.testing import CliRunner
+
+    from flowar.commands.cli import run
+
+    def swap(m):
+        m["stages"]["ar"]["sha256"] = m["stages"]["velocity"]["sha256"]
+    d = _copy(exported[0], tmp_path / "eng", swap)
+    shutil.copy(d / "velocity.onnx", d / "ar.onnx")
+    res = CliRunner().invoke(run, ["--engine-dir", str(d), "--labels", "0", "--out", str(tmp_path / "g.png")])
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert res.exit_code == 2 and len(lines) == 1 and "Traceback" not in res.output, res.output
+    assert lines[0].startswith("error: expected a graph of the ar stage (its inputs and outputs); got ar.onnx without "
+                               "labels"), lines[0]
+    assert not (tmp_path / "g.png").exists()
