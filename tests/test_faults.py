@@ -273,6 +273,10 @@ def test_a_stop_leaves_the_processes_a_program_started_before_it_ran_the_command
         assert res.exit_code == 130 and "interrupted: SIGTERM" in res.output, res.output
         time.sleep(0.2)
         assert bystander.poll() is None, "the program's own process was ended by the command's stop"
+        # the program goes on: the stop was the command's (it stayed recorded, and the program's next write of a
+        # file, here the next test's export, raised it as a KeyboardInterrupt)
+        from flowar.errors import stopped
+        assert stopped() is None
     finally:
         bystander.kill()
         bystander.wait()

@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import click
 
@@ -52,7 +53,7 @@ class Command(click.Command):
         # flowar-serve (it drains) and flowar-sample's Ray (it stops the cluster) set their own meanwhile.
         # Both are recorded as they come (stop_asked), so that one a library catches still ends the command.
         stops_cleared()
-        _SINCE[0] = _uptime()
+        _SINCE[0] = time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else 0.0
         replaced = {}                                     # the handlers replaced (only the main thread may)
         if threading.current_thread() is threading.main_thread():
             for sig, default in ((signal.SIGTERM, (signal.SIG_DFL, None)), (signal.SIGINT, (signal.default_int_handler,))):
@@ -103,6 +104,7 @@ class Command(click.Command):
             for sig, handler in replaced.items():
                 signal.signal(sig, handler)
             sys.unraisablehook = unraisable
+            stops_cleared()     # (its stop was said: the program that called it went on, and its next write raised it)
 
     def debugging(self, args: list[str]) -> bool:
         """Whether ``--debug`` was given (the parsed flag: ``--labels --debug`` gives labels a value)."""
@@ -133,16 +135,7 @@ def _stop(signum, frame) -> None:
     stop_asked(signum, frame)
 
 
-_SINCE = [0.0]      # when the command began, in seconds since boot
-
-
-def _uptime() -> float:
-    """Seconds since boot (0 without /proc)."""
-    try:
-        with open("/proc/uptime") as f:
-            return float(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 0.0
+_SINCE = [0.0]      # when the command began, in seconds since boot (/proc/uptime's clock; 0 where there is none)
 
 
 def _started_at(pid: int) -> float:
