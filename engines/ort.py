@@ -35,7 +35,12 @@ def choose_provider(prefer_gpu: bool = True, device=None) -> str:
     return "CPUExecutionProvider"
 
 
-def cpu_threads() -> int:
+def cpu_threads(asked: int | None = None) -> int:
+    """The cores this process may use; with ``asked``, that many, at most the machine's cores (more
+    only made threads: ``--threads 100000`` started as many per ONNX Runtime session and filled the
+    machine's process ids; a count above the cores this process is pinned to is taken as asked)."""
+    if asked is not None:
+        return max(1, min(int(asked), os.cpu_count() or int(asked)))
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:

@@ -68,7 +68,7 @@ class Threads:
         from flowar.engines.ort import cpu_threads
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1):
             raise FlowARError("--threads an integer >= 1", repr(threads), "use e.g. --threads 2, or omit it to use every core")
-        cores = min(int(threads), cpu_threads()) if threads else cpu_threads()   # (never more than it may use)
+        cores = cpu_threads(threads)              # (at most the machine's cores)
         return cls(cores, cores if torch_computes else 1, torch_computes=torch_computes)
 
     @contextlib.contextmanager

@@ -51,8 +51,8 @@ from flowar.errors import FlowARError
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]),
               help="--ckpt path: bf16 computes the GEMMs in bf16 with float32 around them (engine directories "
                    "record their own: flowar-export --precision).")
-@click.option("--threads", type=int, help="CPU cores to compute on, at most every core this process may use (more are "
-              "taken as that many) [default: every one].")
+@click.option("--threads", type=int, help="CPU cores to compute on, at most the machine's cores (more are taken as "
+              "that many) [default: every core this process may use].")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
               help="On a CUDA device, capture each scale once and replay it (TensorRT or PyTorch stages; the same "
                    "loop). On the CPU the same plan runs without capture.")

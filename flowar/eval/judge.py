@@ -98,6 +98,11 @@ def train_judge(epochs: int = 6, seed: int = 0, cache: Path | None = None, progr
     """The Animal-MNIST judge, from ``cache`` where it was trained with these settings on these
     images, else trained now (about a minute on 2 cores; ``progress``: a bar per epoch) and cached."""
     from safetensors.torch import save_file
+    if cache is not None and cache.is_file() and not _a_judge(cache):
+        # (it was replaced by the judge trained, without a word: a FlowAR checkpoint given as --judge-cache was lost)
+        raise FlowARError("--judge-cache: a judge's cache, or no file yet (it is written once the judge is trained)",
+                          f"{cache}, a file that is no judge's", f"pass another path, or remove {cache} if it is "
+                          "a judge's cache that was damaged")
     data = load_animal_mnist(32)
     tr, te = split(data.labels)
     net = JudgeNet(len(data.class_names))
@@ -105,11 +110,6 @@ def train_judge(epochs: int = 6, seed: int = 0, cache: Path | None = None, progr
     key = {"format": "flowar-judge-v1", "epochs": str(epochs), "seed": str(seed),
            "data": hashlib.sha256(data.images.numpy().tobytes() + data.labels.numpy().tobytes()).hexdigest()}
     cached = _read_cache(cache, key) if cache is not None else None
-    if cached is None and cache is not None and cache.is_file() and not _a_judge(cache):
-        # (it was replaced by the judge trained, without a word: a FlowAR checkpoint given as --judge-cache was lost)
-        raise FlowARError("--judge-cache: a judge's cache, or no file yet (it is written once the judge is trained)",
-                          f"{cache}, a file that is no judge's", f"pass another path, or remove {cache} if it is "
-                          "a judge's cache that was damaged")
     # two processes that find no judge train one each, and the cache kept the last: one judged the images
     # with a judge the cache no longer holds (Frechet distances 2589 and 2825 for the same images). The
     # second waits for the first's and uses it

@@ -106,7 +106,7 @@ class FlowARPipeline:
         ``config`` (a config JSON's path, or a :class:`~flowar.config.FlowARConfig`) / ``vae`` /
         ``raw_weights`` / ``precision`` (``bf16``: GEMMs in bf16 with float32 around them): for
         checkpoints (official files carry no config). ``threads``: CPU cores to
-        compute on, at most every core this process may use (default: every one).
+        compute on, at most the machine's cores (default: every core this process may use).
         """
         if not isinstance(path, (str, os.PathLike)):
             raise FlowARError("path: an engine directory or a checkpoint file (a str or os.PathLike)", repr(path)[:80],
