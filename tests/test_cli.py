@@ -344,6 +344,7 @@ def test_an_output_is_refused_before_any_work_where_it_would_write_over_an_input
         res = CliRunner().invoke(command, args)
         lines = [ln for ln in res.output.splitlines() if ln.strip()]
         assert res.exit_code == 2 and len(lines) == 1 and said in lines[0], (args, res.output)
+        assert "leave it out" not in lines[0], lines[0]            # (said of a required --out)
     assert {p: p.read_bytes() for p in before} == before and not (tmp_path / "g.png").exists()
     # other files in an input folder may be written again (an earlier run's grid, a bulk run's folder inside
     # the engine directory, resumed): only the files the input is made of are refused

@@ -112,7 +112,8 @@ def check_outputs(outputs: list[tuple[str, str | Path | None]], inputs: list[str
         if p is None:
             continue
         if not str(p).strip():              # (taken as not given, or as the working directory)
-            raise FlowARError(f"a path for {option}", "an empty one", f"give {option} a path, or leave it out")
+            # (it said "or leave it out" also of options that are required: flowar-export's and flowar-sample's --out)
+            raise FlowARError(f"a path for {option}", "an empty one", f"give {option} a path")
         r = _resolve(Path(p))
         for i, given in ins:
             if r == i:
