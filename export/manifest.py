@@ -86,7 +86,7 @@ class Manifest:
         """Refuse, before any work, to make images from a directory exported without a VAE."""
         if self.vae is None:
             raise FlowARError("an engine directory with a decode stage (images)", "one exported without --vae",
-                              "re-export with --vae, or ask for tokens only (flowar-run --save-tokens)")
+                              "re-export with --vae, or ask for tokens only (flowar-run --save-tokens without --out or --save-images)")
 
     @property
     def rebuild(self) -> str:

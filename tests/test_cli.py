@@ -112,7 +112,7 @@ def test_a_malformed_label_list_is_refused_before_the_source_opens(tmp_path):
     # (a machine out of threads, or a user at its limit: it was Python's traceback)
     (RuntimeError("can't start new thread"), 2, "error: expected room for new threads; got none (can't start new "
                                                 "thread: this user's or the machine's limit reached). Fix: end other "
-                                                "processes, or pass a smaller --threads")])
+                                                "processes (or ask for fewer --threads)")])
 def test_an_interrupt_or_a_file_that_ends_early_is_exactly_one_line(monkeypatch, tmp_path, raised, code, line):
     """click reports an EOFError as an abort, as it does Ctrl-C, after an empty line of its own: a
     file that ends early is one error line and exit 2, an interrupt one line and exit 130, and

@@ -247,7 +247,7 @@ def test_an_address_ray_cannot_read_and_a_cluster_that_does_not_start_are_one_li
     for bad in ("garbage:::", ":::", "localhost", "localhost:abc", "ray://", "ray://:6379", "host:0", "host:70000"):
         with pytest.raises(FlowARError, match=r"^expected --ray-address auto, HOST:PORT or ray://HOST:PORT; got '"):
             cluster._answers(bad)
-    assert cluster._answers("auto") is None
+    assert cluster._answers("auto") is None and cluster._answers("anyscale://mine") is None   # (Ray's to read)
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -257,8 +257,8 @@ def test_an_address_ray_cannot_read_and_a_cluster_that_does_not_start_are_one_li
     def no_start(**kw):
         raise Exception("The current node timed out during startup. This could happen because ...\nmore")
     monkeypatch.setattr(ray, "init", no_start)
-    with pytest.raises(FlowARError, match=r"^expected a local Ray cluster that starts \(with 99999999999 CPUs: "
-                                          r"--workers x --threads\); got Exception: The current node timed out during "
-                                          r"startup\. This could happen because \.\.\.\. Fix: use fewer --workers"):
+    with pytest.raises(FlowARError, match=r"^expected a local Ray cluster that starts \(asked for 99999999999 CPUs\); "
+                                          r"got Exception: The current node timed out during startup\. This could "
+                                          r"happen because \.\.\.\. Fix: ask for fewer workers or replicas"):
         cluster.start_ray(None, 99999999999)
     assert "RAY_AUTH_TOKEN" not in os.environ            # (the token made for the cluster that did not start: gone)

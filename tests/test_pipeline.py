@@ -678,3 +678,18 @@ def test_what_diffusers_users_pass_is_refused_with_what_to_do_instead_and_the_ou
         assert pipe.to("cpu") is pipe
         out = pipe([3, 7], seed=0, num_inference_steps=4, output_type="np")
         assert out[0] is out["images"] is out.images and out.to_tuple() == (out.images,)
+
+
+def test_a_local_bulk_run_records_the_threads_that_compute(default_auto_engines, tmp_path):
+    """--threads above the machine's cores computes on the cores (the runtime's cap): run.json records
+    that count, so that a resume where it differs is refused as other settings, not mixed in."""
+    import json
+    import os
+
+    from click.testing import CliRunner
+
+    from flowar.commands.cli_ray import sample_cmd
+    res = CliRunner().invoke(sample_cmd, ["--engine-dir", str(default_auto_engines), "--num-images", "2", "--out",
+                                          str(tmp_path / "o"), "--threads", "999", "--schedule", "fast"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "o" / "run.json").read_text())["threads"] == os.cpu_count()

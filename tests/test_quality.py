@@ -335,13 +335,18 @@ def test_a_judge_cache_path_holding_another_file_is_refused_not_replaced(tmp_pat
     mine = tmp_path / "flowar.safetensors"
     mine.write_bytes(DEFAULT_CKPT.read_bytes())
     before = hashlib.sha256(mine.read_bytes()).hexdigest()
-    with pytest.raises(FlowARError, match=r"expected --judge-cache: a judge's cache, or no file yet .*; got .*"
-                                          r"flowar.safetensors, a file that is no judge's"):
+    with pytest.raises(FlowARError, match=r"expected a judge's cache at --judge-cache, or no file there yet .*; got "
+                                          r".*flowar.safetensors, a file that is no judge's"):
         train_judge(cache=mine)
     assert hashlib.sha256(mine.read_bytes()).hexdigest() == before
     (tmp_path / "junk").write_bytes(b"not safetensors")
     save_file({"w": torch.ones(1)}, str(tmp_path / "old.safetensors"), metadata={"format": "flowar-judge-v0"})
     assert not _a_judge(tmp_path / "junk") and _a_judge(tmp_path / "old.safetensors") and not _a_judge(mine)
+    # a judge's cache from before the cache recorded its format (the judge's tensors alone), and an empty file
+    from flowar.eval.judge import JudgeNet
+    save_file(JudgeNet(10).state_dict(), str(tmp_path / "before.safetensors"))
+    (tmp_path / "empty").write_bytes(b"")
+    assert _a_judge(tmp_path / "before.safetensors") and _a_judge(tmp_path / "empty")
 
 
 def test_a_judge_request_that_would_not_fit_in_memory_is_refused_before_sampling():
@@ -352,4 +357,4 @@ def test_a_judge_request_that_would_not_fit_in_memory_is_refused_before_sampling
                                          "99999999999", "--judge", "none"])
     lines = res.output.strip().splitlines()
     assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith(
-        "error: expected memory for 999999999990 samples, each kept three times to be compared (about "), res.output
+        "error: expected memory for 999999999990 samples, held 1x (the judged, the references) (about "), res.output

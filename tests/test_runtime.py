@@ -426,7 +426,9 @@ def test_more_threads_than_the_cores_are_taken_as_the_cores(default_auto_engines
         rt.sample([3], rt.schedule(), seed=0, decode=False)
         made = os_threads() - before
         assert rt.threads.cores == cores, rt.threads
-    assert made <= 4 * cores + 8, f"{made} threads for {cores} cores"   # (4 stages' sessions, cores - 1 each, and a pool)
+    # (per stage: a session of cores - 1 threads and, for calls split in row blocks, one per block: about 7 x cores
+    # in all; asked as given, 7 x (cores + 30))
+    assert made <= 8 * cores + 8, f"{made} threads for {cores} cores"
 
 
 def test_lanes_sample_at_once_on_buffers_of_their_own_with_a_share_of_the_threads(default_auto_engines):

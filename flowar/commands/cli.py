@@ -341,9 +341,9 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
                                               vae=vae, device=None if engine_dir else "cpu"))   # (engines: theirs)
         config, batch = rt.config, min(batch, rt.max_batch or batch)
         sched = rt.schedule(settings)
-        n = per_class * min(classes_limit, config.num_classes)   # (held three times: judged, official, a reference)
+        n, held = per_class * min(classes_limit, config.num_classes), 1 + (sched.name != "official") + converged + bool(vs_engine_dir)
         per = 4 * (3 * rt.image_size ** 2 if rt.decodes else config.latent_channels * config.latent_size ** 2)
-        require_memory(3 * n * per, f"{n} samples, each kept three times to be compared", "pass a smaller --per-class")
+        require_memory(held * n * per, f"{n} samples, held {held}x (the judged, the references)", "pass a smaller --per-class")
         judge = None
         if stats is not None and not rt.decodes:     # (the distance was dropped without a word)
             raise FlowARError("a decoder for --fid-stats (a distance between images)", "a source without one",

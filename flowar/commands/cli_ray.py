@@ -51,6 +51,9 @@ def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, sche
     from flowar.sampling.schedule import Settings
     settings = Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance, solver=solver, stride=stride)
     check_seed(seed)
+    if threads >= 1 and not ray_address:      # (what computes, recorded: a resume on fewer cores is another run)
+        from flowar.engines.ort import cpu_threads
+        threads = cpu_threads(threads)
     spec = BulkSpec(str(Path(engine_dir).resolve()), num_images, ids, seed, settings.given(), shard_size, threads,
                     backend, batch)
     rep = run_bulk(spec, out, workers, ray_address)             # (it notes cores left idle, once the request is checked)

@@ -82,9 +82,10 @@ def start_ray(address: str | None, num_cpus: int | None):
             ray.shutdown()
             _forget_token()
             if isinstance(e, Exception):    # (Ray's own traceback: e.g. "timed out during startup" for 10^11 CPUs)
-                raise FlowARError(f"a local Ray cluster that starts (with {num_cpus or 'all'} CPUs: --workers x "
-                                  "--threads)", f"{type(e).__name__}: {(str(e).strip().splitlines() or ['?'])[0][:200]}",
-                                  "use fewer --workers or --threads, or see Ray's logs under /tmp/ray") from e
+                raise FlowARError(f"a local Ray cluster that starts (asked for {num_cpus or 'every'} CPUs)",
+                                  f"{type(e).__name__}: {(str(e).strip().splitlines() or ['?'])[0][:200]}",
+                                  "ask for fewer workers or replicas, or fewer --threads, or see Ray's session logs "
+                                  "(under $RAY_TMPDIR or the temporary folder, ray/session_latest/logs)") from e
             raise
         _LOCAL[0] = True
         atexit.unregister(stop_ray)
@@ -215,8 +216,8 @@ def _answers(address: str) -> None:
     """Refuse at once a cluster address (HOST:PORT, ray://HOST:PORT) where nothing answers: Ray
     itself retried for minutes, printing warnings."""
     import socket
-    if address in ("auto", "local"):
-        return                  # Ray finds or refuses it itself
+    if address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
+        return                  # Ray finds or refuses it itself (other client schemes: Ray's module hook)
     where = address.removeprefix("ray://")
     host, _, port = where.rpartition(":")
     if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:    # (Ray's own ValueError, a traceback)

@@ -94,7 +94,7 @@ class Command(click.Command):
                     leave(130)
                 if isinstance(e, RuntimeError) and "can't start new thread" in str(e):   # (a traceback, where the
                     e = FlowARError("room for new threads", f"none ({e}: this user's or the machine's limit reached)",
-                                    "end other processes, or pass a smaller --threads")   # machine ran out of them)
+                                    "end other processes (or ask for fewer --threads)")   # machine ran out of them)
                 if not isinstance(e, (FlowARError, OSError)) or self.debugging(args):
                     raise
                 click.echo(one_line(e), err=True)

@@ -85,11 +85,15 @@ def _read_cache(path: Path, key: dict) -> dict | None:
 
 
 def _a_judge(path: Path) -> bool:
-    """Whether ``path`` holds a judge's cache (of any settings or version): only such a file is replaced."""
+    """Whether ``path`` may be replaced by a judge's cache: a judge's of any settings or version (those
+    written before the cache recorded its format hold the judge's tensors alone), or an empty file."""
     from safetensors import safe_open
     try:
+        if path.stat().st_size == 0:
+            return True
         with safe_open(str(path), framework="pt") as f:
-            return str((f.metadata() or {}).get("format", "")).startswith("flowar-judge")
+            return (str((f.metadata() or {}).get("format", "")).startswith("flowar-judge")
+                    or set(f.keys()) == set(JudgeNet(10).state_dict()))
     except Exception:   # noqa: BLE001 - not a safetensors file: not a judge's
         return False
 
@@ -100,9 +104,9 @@ def train_judge(epochs: int = 6, seed: int = 0, cache: Path | None = None, progr
     from safetensors.torch import save_file
     if cache is not None and cache.is_file() and not _a_judge(cache):
         # (it was replaced by the judge trained, without a word: a FlowAR checkpoint given as --judge-cache was lost)
-        raise FlowARError("--judge-cache: a judge's cache, or no file yet (it is written once the judge is trained)",
-                          f"{cache}, a file that is no judge's", f"pass another path, or remove {cache} if it is "
-                          "a judge's cache that was damaged")
+        raise FlowARError("a judge's cache at --judge-cache, or no file there yet (it is written once the judge is trained)",
+                          f"{cache}, a file that is no judge's", f"pass another --judge-cache path, or remove {cache} "
+                          "if it is a judge's cache that was damaged")
     data = load_animal_mnist(32)
     tr, te = split(data.labels)
     net = JudgeNet(len(data.class_names))
