@@ -160,18 +160,19 @@ class Manifest:
                                  self.rebuild)
         return p
 
-    def changed(self, progress: bool = False) -> list[tuple[str, str]]:
-        """(path, its sha256 now) of every listed file that differs from its record: each read whole,
-        whatever the open path's record of files found whole says (``progress``: a bar over the bytes)."""
+    def changed(self, progress: bool = False) -> list[tuple[str, str, str]]:
+        """(path, its sha256 now, the recorded one) of every listed file that differs from its record:
+        each read whole, whatever the open path's record of files found whole says (``progress``: a bar
+        over the bytes)."""
         from flowar.io.progress import progress_bar
-        members = sorted(set(self.members()))
-        bar = progress_bar(sum(self.member(rel).stat().st_size for rel, _ in members), "hashing", "B", unit_scale=True,
-                           leave=False, disable=None if progress else True)
+        files = [(rel, digest, self.member(rel)) for rel, digest in sorted(set(self.members()))]
+        sizes = [p.stat().st_size for _, _, p in files]
+        bar = progress_bar(sum(sizes), "hashing", "B", unit_scale=True, leave=False, disable=None if progress else True)
         out = []
-        for rel, digest in members:
-            got = sha256_file(self.member(rel))
-            out += [(rel, got)] if got != digest else []
-            bar.update(self.member(rel).stat().st_size)
+        for (rel, digest, p), size in zip(files, sizes):
+            got = sha256_file(p)
+            out += [(rel, got, digest)] if got != digest else []
+            bar.update(size)
         bar.close()
         return out
 

@@ -71,8 +71,8 @@ def check_cmd(engine_dir, must_open, quiet, debug):
     if changed:
         raise EngineDirError(f"every file {Path(engine_dir) / 'manifest.json'} lists as the export wrote it",
                              f"{len(changed)} of {n} not: " + "; ".join(
-                                 f"{rel} changed (sha256 {got[:12]}..., recorded {dict(members)[rel][:12]}...)"
-                                 for rel, got in changed), m.rebuild)
+                                 f"{rel} changed (sha256 {got[:12]}..., recorded {want[:12]}...)"
+                                 for rel, got, want in changed), m.rebuild)
     seconds = time.perf_counter() - t0
     opens, here = runs_here(engine_dir) if must_open or not quiet else (True, "")
     if not quiet:
