@@ -5,6 +5,7 @@ starts it shuts it down. Request validation is tested without Ray.
 """
 
 import base64
+import http.client
 import io
 import json
 import os
@@ -213,12 +214,16 @@ def _post(url, body, timeout=60):
 
 def _exchange(url, body, timeout=60):
     """POST /v1/generate: (status, the JSON answer or {"raw": text}, the answer's headers); (0, None, {})
-    when nothing answered."""
+    when nothing answered; (0, {"cut": status}, headers) when an answer's body was cut short (its headers
+    came, then the connection closed: a replica killed while its answer was under way)."""
     req = urllib.request.Request(url + "/v1/generate", data=json.dumps(body).encode() if isinstance(body, dict)
                                  else body, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read()), dict(r.headers)
+            try:
+                return r.status, json.loads(r.read()), dict(r.headers)
+            except http.client.IncompleteRead:
+                return 0, {"cut": r.status}, dict(r.headers)
     except urllib.error.HTTPError as e:
         raw = e.read()
         try:
@@ -386,8 +391,9 @@ def test_a_killed_replica_fails_or_retries_requests_never_hangs(server):
         t.join(120)
     assert len(results) == 8 and all(not t.is_alive() for t in threads)
     # each request answered: computed (200), refused by the replica (503: 32 images asked of a queue of 16),
-    # or failed by the replica's death (500); never a gateway timeout, never no answer
-    codes = sorted(code for code, *_ in results)
+    # or failed by the replica's death (500, or, rarely, an answer whose headers Ray Serve's proxy had sent
+    # when the replica died: its body cut short); never a gateway timeout, never no answer
+    codes = sorted(code for code, body, *_ in results if not (code == 0 and body and "cut" in body))
     assert all(code in (200, 500, 503) for code in codes) and 503 in codes, codes
     deadline = time.time() + 90                                       # and the service comes back by itself
     while time.time() < deadline:
@@ -398,7 +404,7 @@ def test_a_killed_replica_fails_or_retries_requests_never_hangs(server):
         pytest.fail("the service did not come back after its replica was killed")
     # every answer the replica sent is its one line; the only other is Ray Serve's proxy's for a request
     # in flight when the replica died (README "Errors": plain text, outside the replica)
-    wrong = [(code, body, why) for code, body, headers, _ in results if code != 200 and not (
+    wrong = [(code, body, why) for code, body, headers, _ in results if code not in (0, 200) and not (
              (code, body) == (500, {"raw": "Internal Server Error"})) and (why := _not_the_error_line(code, body, headers))]
     assert not wrong, wrong[:2]
 
