@@ -387,13 +387,5 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
                              if other else None, Path(fid_stats).name if fid_stats else None):
         click.echo(line)
     if json_out:
-        import dataclasses
-        import json
-        import math
         from flowar.io.files import atomic_write_bytes
-        # strict JSON: a PSNR of identical images (inf) as the string "inf" (json wrote Infinity, which parsers refuse)
-        def strict(v):
-            return ({k: strict(x) for k, x in v.items()} if isinstance(v, dict) else [strict(x) for x in v]
-                    if isinstance(v, (list, tuple)) else str(v) if isinstance(v, float) and not math.isfinite(v) else v)
-        atomic_write_bytes(json_out, lambda tmp: Path(tmp).write_text(
-            json.dumps(strict(dataclasses.asdict(rep)), indent=1, allow_nan=False)))
+        atomic_write_bytes(json_out, lambda tmp: Path(tmp).write_text(rep.to_json()))

@@ -159,6 +159,18 @@ class QualityReport:
     frechet_judge: float | None = None                  # generated vs held-out real, judge features
     fid: float | None = None                            # against --fid-stats
 
+    def to_json(self) -> str:
+        """Strict JSON: a non-finite number (the PSNR of identical images, inf) as a string ("inf";
+        json wrote Infinity, which parsers refuse)."""
+        import dataclasses
+        import json
+        import math
+
+        def strict(v):
+            return ({k: strict(x) for k, x in v.items()} if isinstance(v, dict) else [strict(x) for x in v]
+                    if isinstance(v, (list, tuple)) else str(v) if isinstance(v, float) and not math.isfinite(v) else v)
+        return json.dumps(strict(dataclasses.asdict(self)), indent=1, allow_nan=False)
+
 
 Sampler = Callable[..., object]     # (schedule) -> the request's SampleResult (same labels and seeds each time)
 
