@@ -2,6 +2,7 @@
 and flowar-judge on the official fixture (no judge there: token errors, PSNR, FID)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -358,3 +359,34 @@ def test_a_judge_request_that_would_not_fit_in_memory_is_refused_before_sampling
     lines = res.output.strip().splitlines()
     assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith(
         "error: expected memory for 999999999990 samples, held 1x (the judged, the references) (about "), res.output
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_an_extractor_that_cannot_serve_the_statistics_is_refused_before_any_sampling(tmp_path, monkeypatch):
+    """An extractor that raised on the source's images, or gave features of another size than the
+    statistics', was found after the whole sampling (minutes at full size). Refused first, one line."""
+    from conftest import DEFAULT_CKPT, DEFAULT_VAE
+    from flowar.commands.cli import judge_cmd
+    from flowar.runtime.runtime import Runtime
+    class Sampled(Exception):
+        pass
+
+    def sample(*a, **k):
+        raise Sampled
+
+    monkeypatch.setattr(Runtime, "sample", sample)
+    monkeypatch.chdir(tmp_path)
+    common = ["--ckpt", str(DEFAULT_CKPT), "--vae", str(DEFAULT_VAE), "--per-class", "1", "--classes-limit", "2",
+              "--judge", "none", "--fid-stats", str(tmp_path / "s.npz"), "--fid-extractor", str(tmp_path / "x.pt")]
+    torch.jit.save(torch.jit.script(StandIn()), str(tmp_path / "x.pt"))               # 8 features
+    np.savez(tmp_path / "s.npz", mu=np.zeros(4), sigma=np.eye(4))
+    for net, said in ((StandIn(), r"expected an extractor of the statistics' feature size \(4\); got 8 features from "
+                                  r"\d+x\d+ images"), (Raises(), r"x.pt failed: .*boom")):
+        torch.jit.save(torch.jit.script(net), str(tmp_path / "x.pt"))
+        res = CliRunner().invoke(judge_cmd, common)
+        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and re.search(said, lines[0]), res.output
+    np.savez(tmp_path / "s.npz", mu=np.zeros(8), sigma=np.eye(8))                       # the right size: it samples
+    torch.jit.save(torch.jit.script(StandIn()), str(tmp_path / "x.pt"))
+    res = CliRunner().invoke(judge_cmd, common)
+    assert isinstance(res.exception, Sampled), res.output

@@ -316,7 +316,7 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
     class accuracy and a domain Frechet distance by an independent judge (Animal-MNIST models),
     a converged reference, and FID against reference statistics."""
     import contextlib
-    from flowar.eval.quality import load_extractor, measure, read_fid_stats, report_lines
+    from flowar.eval.quality import load_extractor, measure, probe_extractor, read_fid_stats, report_lines
     from flowar.io.files import check_outputs, check_writable
     from flowar.io.memory import require_memory
     from flowar.runtime.runtime import Runtime
@@ -348,6 +348,8 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
         if stats is not None and not rt.decodes:     # (the distance was dropped without a word)
             raise FlowARError("a decoder for --fid-stats (a distance between images)", "a source without one",
                               "pass --vae (or an engine directory exported with --vae), or drop --fid-stats")
+        if extractor is not None:                    # (a broken one was found after the sampling)
+            probe_extractor(extractor, rt.image_size, stats[0])
         # auto: the Animal-MNIST judge for a model trained on it that makes images; token errors only without a decoder
         if judge_kind == "animal-mnist" or (judge_kind == "auto" and rt.trained.get("data") == "animal-mnist" and rt.decodes):
             if config.num_classes != 10 or not rt.decodes:

@@ -119,6 +119,17 @@ def load_extractor(path: str | Path) -> Callable[[Tensor], Tensor]:
     return extract
 
 
+def probe_extractor(extract: Callable[[Tensor], Tensor], image_size: int, stats_mu: np.ndarray) -> None:
+    """Run ``extract`` on two blank images of the source's size before any sampling: an extractor that
+    fails on them, or whose features are not the size of the statistics', is refused now (it was
+    found after the whole sampling)."""
+    got = extract(torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8))
+    if got.shape[1:] != stats_mu.shape:
+        raise FlowARError(f"an extractor of the statistics' feature size ({stats_mu.shape[0]})",
+                          f"{got.shape[1]} features from {image_size}x{image_size} images",
+                          "pass the extractor the statistics were made with")
+
+
 # ---- comparing two samplings of one request ----------------------------------------------------
 
 def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
