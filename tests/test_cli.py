@@ -126,6 +126,22 @@ def test_an_interrupt_or_a_file_that_ends_early_is_exactly_one_line(monkeypatch,
     assert res.exit_code == code and res.output.startswith(line) and res.output.count("\n") == 1, repr(res.output)
 
 
+def test_an_unreadable_openmp_thread_count_is_one_line_and_an_empty_one_is_unset(tmp_path):
+    """OMP_NUM_THREADS=abc (or 0, or 1.5): GNU OpenMP printed "libgomp: Invalid value for environment
+    variable OMP_NUM_THREADS" above the command's output and went on; an empty one did the same. In a
+    fresh process (PyTorch loads GNU OpenMP once): abc is one line and exit 2, the empty one is taken
+    as unset (no libgomp line), a list of counts passes."""
+    from conftest import DEFAULT_CKPT
+    args = [sys.executable, "-c", "from flowar.commands.cli import run; run()", "--ckpt", str(DEFAULT_CKPT),
+            "--steps", "3", "--save-tokens", str(tmp_path / "t.safetensors")]
+    for value, code, said in (("abc", 2, "error: expected OMP_NUM_THREADS a positive integer (or a list of them), "
+                                         "or unset; got 'abc'. Fix: unset it"), ("", 0, ""), ("2,1", 0, "")):
+        proc = subprocess.run(args, env={**os.environ, "OMP_NUM_THREADS": value}, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == code and "libgomp" not in proc.stderr, (value, proc.stderr)
+        assert proc.stderr.startswith(said) and (not said or proc.stderr.count("\n") == 1), (value, proc.stderr)
+
+
 def test_debug_shows_the_error_itself():
     """--debug lets the error through (its traceback) instead of the one line; the word as another
     option's value is not the flag."""
