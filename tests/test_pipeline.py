@@ -528,7 +528,7 @@ def test_what_a_diffusers_user_reaches_for_next(default_auto_engines, monkeypatc
     backend trt")."""
     import numpy as np
 
-    from flowar.pipeline.pipeline import in_python_terms
+    from flowar.pipeline.messages import in_python_terms
     with FlowARPipeline.from_pretrained(default_auto_engines, threads=np.int64(1)) as pipe:
         pipe.set_progress_bar_config(disable=True)
         assert pipe.runtime.threads.cores == 1 and type(pipe.runtime.threads.cores) is int
