@@ -88,7 +88,9 @@ def test_bad_calls_are_one_line_errors(default_auto_engines):
                            (dict(class_labels=[1] * 5, batch_size=5), "batch_size at most 4 (the engines' max batch)"),
                            (dict(class_labels=[1], indices=[1.7]), "indices: one int >= 0 per image"),
                            (dict(class_labels=[1], callback_on_scale_end=3), "callback_on_scale_end a function"),
-                           (dict(class_labels=torch.tensor([[1, 2]])), "class ids (int) or class names")):
+                           (dict(class_labels=torch.tensor([[1, 2]])), "class ids (int) or class names"),
+                           # ("no" is a true value: it gave the dict)
+                           (dict(class_labels=[1], return_dict="no"), "return_dict True or False; got 'no'")):
             with pytest.raises(FlowARError) as e:
                 pipe(**kw)
             text = str(e.value)
@@ -420,7 +422,9 @@ def test_from_pretrained_answers_a_path_it_cannot_use_with_one_flowar_error(tmp_
     (tmp_path / "b.safetensors").symlink_to(tmp_path / "a.safetensors")
     for path, said in ((None, "a str or os.PathLike"), (5, "a str or os.PathLike"),
                        (tmp_path / ("x" * 300 + ".safetensors"), "File name too long"),
-                       (tmp_path / "a.safetensors", "a.safetensors")):
+                       (tmp_path / "a.safetensors", "a.safetensors"),
+                       # (a mistyped engine directory was "expected a checkpoint file")
+                       (tmp_path / "engines/", "expected an engine directory or a checkpoint file; got nothing at ")):
         with pytest.raises(FlowARError, match=said):
             FlowARPipeline.from_pretrained(path)
 
@@ -516,7 +520,9 @@ def test_indices_may_come_as_any_iterable(default_auto_engines):
         pipe.set_progress_bar_config(disable=True)
         want = pipe([3, 4], seed=2, indices=[5, 6], output_type="latent")
         got = pipe([3, 4], seed=2, indices=(i for i in [5, 6]), output_type="latent")
+        tensor = pipe([3, 4], seed=2, indices=torch.tensor([5, 6]), output_type="latent")   # (README: "or tensor")
     assert got.indices == [5, 6] and torch.equal(got.images, want.images)
+    assert tensor.indices == [5, 6] and torch.equal(tensor.images, want.images)
 
 
 def test_what_a_diffusers_user_reaches_for_next(default_auto_engines, monkeypatch):
@@ -536,6 +542,7 @@ def test_what_a_diffusers_user_reaches_for_next(default_auto_engines, monkeypatc
         got = pipe([3, 4], seed=1, output_type="np", return_dict=False)
         assert isinstance(got, tuple) and len(got) == 1 and np.array_equal(got[0], want)
         assert pipe.to("cpu") is pipe and pipe.device == torch.device("cpu")
+        assert pipe.to("cpu:0") is pipe and pipe.to(torch.device("cpu", 0)) is pipe    # (the same CPU: it was refused)
         with pytest.raises(FlowARError, match="from_pretrained\\(path, device='cuda'\\)"):
             pipe.to("cuda")
         calls = []
@@ -648,6 +655,9 @@ def test_numpy_ids_and_0d_tensors_are_taken_as_their_python_values(default_auto_
         assert np.array_equal(a, b)
         with pytest.raises(FlowARError, match="guidance_scale in"):
             pipe([3], guidance_scale=torch.tensor(0.5))
+        # a 0-d array is its one label (iterating it was NumPy's TypeError)
+        assert np.array_equal(pipe(np.array(3), seed=1, output_type="np").images,
+                              pipe(3, seed=1, output_type="np").images)
 
 
 def test_a_models_folder_passed_as_an_engine_directory_is_told_to_open_the_checkpoint_in_it():

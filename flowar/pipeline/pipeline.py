@@ -115,6 +115,13 @@ class FlowARPipeline:
             if not isinstance(flag, bool):              # ("no" is a true value)
                 raise FlowARError(f"{name} True or False", repr(flag)[:40], f"pass {name}=False or leave it out")
         _refuse_diffusers_only("from_pretrained", others)
+        try:
+            os.lstat(path)
+        except FileNotFoundError:       # (it said "expected a checkpoint file" of a mistyped engine directory)
+            raise FlowARError("an engine directory or a checkpoint file", f"nothing at {os.fspath(path)}",
+                              "check the path") from None
+        except OSError:                 # (a name too long, a loop of links: said below)
+            pass
         try:                            # (the runtime's messages name the commands' options: here the keywords)
             return cls(Runtime.open(os.fspath(path), backend=backend, preset=preset, config=config, vae=vae, device=device,
                                     threads=threads, raw_weights=raw_weights, cuda_graphs=cuda_graphs,
@@ -158,7 +165,7 @@ class FlowARPipeline:
             asked = torch.device(device)
         except (RuntimeError, TypeError):
             raise FlowARError("a device, e.g. \"cpu\" or \"cuda\"", repr(device)[:40], 'pass "cpu" or "cuda"') from None
-        if asked.type != self.device.type or asked.index not in (None, self.device.index):
+        if asked.type != self.device.type or asked.index not in (None, self.device.index or 0):   # (cpu:0 is cpu)
             raise FlowARError(f"to({self.device.type!r}): a pipeline samples where it was opened", str(asked),
                               f"open it there: FlowARPipeline.from_pretrained(path, device={str(asked)!r})")
         return self
@@ -206,6 +213,8 @@ class FlowARPipeline:
         """
         try:
             _refuse_diffusers_only("__call__", others)
+            if not isinstance(return_dict, bool):         # (as from_pretrained's flags: "no" is a true value)
+                raise FlowARError("return_dict True or False", repr(return_dict)[:40], "pass return_dict=False")
             if output_type not in OUTPUT_TYPES:
                 raise FlowARError(f"output_type among {', '.join(OUTPUT_TYPES)}", repr(output_type), 'use "pil"')
             if callback_on_scale_end is not None and not _takes_three(callback_on_scale_end):
@@ -216,6 +225,8 @@ class FlowARPipeline:
                     raise FlowARError("class_labels: class ids (int) or class names", f"a {class_labels.dtype} tensor of shape "
                                       f"{tuple(class_labels.shape)}", "pass e.g. [3, 7] or a 1-D int64 tensor")
                 class_labels = class_labels.tolist()
+            if type(class_labels).__module__ == "numpy" and getattr(class_labels, "ndim", None) == 0:
+                class_labels = class_labels.item()          # (a 0-d array, np.array(3): iterating it was a TypeError)
             if type(class_labels).__module__ == "numpy" and getattr(class_labels, "ndim", 0) == 1 \
                     and class_labels.dtype.kind in "iu":        # (as Python ints: NumPy's one by one took 33 s for 10**7)
                 class_labels = class_labels.tolist()
@@ -267,7 +278,8 @@ class FlowARPipeline:
                     # a copy: the sampler's buffer is written again by the next scale and batch
                     callback_on_scale_end(self, tr.k, {"tokens": tr.z.transpose(1, 2).reshape(B, C, side[tr.k], side[tr.k])
                                                        .clone()})
-            if indices is not None and isinstance(indices, (AbcSet, Mapping)):
+            indices = indices.tolist() if isinstance(indices, torch.Tensor) else indices   # (as seed's: each a 0-d tensor
+            if indices is not None and isinstance(indices, (AbcSet, Mapping)):            # was "not an int")
                 _in_order("indices", indices, "indices=[0, 1]")
             _fits_in_memory(rt, len(labels), output_type)
             timings: dict[str, float] = {}
