@@ -123,7 +123,9 @@ BAD = [
     (b'{"label": 1, "cfg": "4"}', 422), (b'{"label": 1, "guidance": 2}', 422), (b'{"label": 1, "colour": "red"}', 422),
     (b'{"label": 1, "timeout_s": 0}', 422), (b'{"label": 1, "pad": "' + b"x" * 20000 + b'"}', 413),
     (b'\xff\xfe{"label": 1}', 400),         # not UTF-8 (answered with the wrong-route line)
+    (b"", 400), (b"[" * 3000 + b"]" * 3000, 400),     # (an empty body was 422 "Field required"; nested: "not UTF-8")
 ]
+SAID = {b"": "got an empty body", b"[" * 3000 + b"]" * 3000: "nested a few levels; got a body that could not be decoded"}
 
 
 def test_bad_requests_get_their_status_and_one_line_and_leave_it_serving(replica):
@@ -134,11 +136,14 @@ def test_bad_requests_get_their_status_and_one_line_and_leave_it_serving(replica
             assert set(answer) == {"error"} and answer["error"].startswith("expected ") and "\n" not in answer["error"], answer
             assert "--" not in answer["error"], answer                    # the request's words, not the command's
             assert code != 400 or "JSON" in answer["error"], answer
+            assert SAID.get(raw, "") in answer["error"], answer
         for path, method, code in (("/v1/nothing", "GET", 404), ("/v1/generate", "GET", 405)):
             status, answer, headers = call(url, path, method=method)
             assert status == code and answer["error"].startswith("expected GET /"), answer
             assert code != 405 or headers["allow"] == "POST", dict(headers)          # (it was dropped)
         assert call(url, "/v1/generate", {"label": 1})[0] == 200                   # still serving
+        with urllib.request.urlopen(urllib.request.Request(url + "/health", method="HEAD"), timeout=30) as r:
+            assert r.status == 200 and r.read() == b""                             # (a probe's HEAD was 405)
 
 
 def test_a_class_name_for_a_model_without_names_says_to_send_the_label_field(replica, monkeypatch):
@@ -316,16 +321,21 @@ def test_an_idle_replica_admits_by_its_best_rate_and_says_when_a_request_cannot_
 
     async def both():
         ok = await svc.submit(GenerateRequest(label=1, timeout_s=1.0), [(1, 0, None)])
+        try:                            # (one image of the default's cost: "ask for fewer steps" could not help)
+            await svc.submit(GenerateRequest(label=3, timeout_s=0.01), [(3, 0, None)])
+        except ServiceError as e:
+            short = e
         try:
             await svc.submit(GenerateRequest(label=2, n=30, timeout_s=1.0), [(2, j, None) for j in range(30)])
         except ServiceError as e:
-            return ok, e
-        return ok, None
+            return ok, e, short
+        return ok, None, short
     try:
-        ok, refused = asyncio.run(both())
+        ok, refused, short = asyncio.run(both())
     finally:
         pool.shutdown()
     assert ok.images == ["png"]
+    assert str(short).endswith("Fix: send a timeout_s of at least 1 s") and short.status == 503, str(short)
     assert refused is not None and refused.status == 503 and "Retry-After" not in refused.headers
     assert "30 asked for" in str(refused) and "at most 20 images" in str(refused), str(refused)
 

@@ -85,8 +85,10 @@ def make_app(service: Service):
     async def invalid(request: Request, e: RequestValidationError):
         errs = e.errors()
         first = errs[0] if errs else {}
-        if first.get("type") == "json_invalid" or (first.get("loc") == ("body",) and first.get("type") == "model_attributes_type"):
-            return error(400, "expected a JSON object; got something else. Fix: send e.g. {\"label\": 3, \"seed\": 0}")
+        if first.get("type") == "json_invalid" or (first.get("loc") == ("body",) and first.get("type") in (
+                "model_attributes_type", "missing")):        # (an empty body was 422 "the body: Field required")
+            got = "an empty body" if first.get("type") == "missing" else "something else"
+            return error(400, f"expected a JSON object; got {got}. Fix: send e.g. {{\"label\": 3, \"seed\": 0}}")
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "the body"
         got = repr(first.get("input"))[:60]
         return error(422, f"expected {where}: {first.get('msg', 'a valid value')}; got {got}. Fix: see /docs "
@@ -95,7 +97,8 @@ def make_app(service: Service):
     @app.exception_handler(HTTPException)
     async def not_found(request: Request, e: HTTPException):
         if e.status_code == 400:           # a body FastAPI could not decode (not UTF-8, nested too deep)
-            return error(400, "expected a JSON object in UTF-8; got a body that is not. Fix: send e.g. "
+            return error(400, "expected a JSON object in UTF-8, nested a few levels; got a body that could not be "
+                              "decoded. Fix: send e.g. "
                               "{\"label\": 3, \"seed\": 0}")
         return error(e.status_code, f"expected GET /, /health, /metrics, /v1/classes or POST /v1/generate; got "
                                     f"{request.method} {request.url.path}. Fix: use one of those",
@@ -115,7 +118,7 @@ def make_app(service: Service):
         names = rt.class_names
         return {"num_classes": rt.config.num_classes, "names": list(names) if names is not None else None}
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])       # (probes that send HEAD got 405)
     async def health():
         return service.health()
 

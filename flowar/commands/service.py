@@ -204,7 +204,7 @@ class Service:
 
     async def submit(self, req: GenerateRequest, items: list[tuple]) -> GenerateResponse:
         if self.draining:
-            raise ServiceError(503, "a server that is not stopping", "it is shutting down",
+            raise ServiceError(503, "a server that is not stopping", "one that is shutting down",
                                "send the request to another replica, or again once it is back",
                                {"Retry-After": "5"})
         budget = min(req.timeout_s or self.limits.deadline_s, self.limits.deadline_s)
@@ -225,7 +225,8 @@ class Service:
                                f"{len(items)} asked for, about {work * best:.1f} s even alone",
                                f"ask for at most {fit} images per request, or send a longer timeout_s" if fit else
                                f"ask for fewer steps (these settings cost {each:.1f} images of the default's each), "
-                               "or send a longer timeout_s")
+                               "or send a longer timeout_s" if each > 1 + 1e-9 else   # (the default's cost: steps won't help)
+                               f"send a timeout_s of at least {math.ceil(best * each)} s")
         wait = (self.held_work() + work) * self.per_image()
         if self.held() and wait > budget:
             raise ServiceError(503, f"images this replica computes within the request's deadline ({budget:g} s)",
