@@ -235,8 +235,11 @@ def _exchange(url, body, timeout=60):
 
 
 def _get(url, path):
-    with urllib.request.urlopen(url + path, timeout=30) as r:
-        return r.status, json.loads(r.read())
+    try:
+        with urllib.request.urlopen(url + path, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:           # (a draining replica's /health: 503, its JSON)
+        return e.code, json.loads(e.read())
 
 
 @pytest.mark.slow
@@ -522,8 +525,8 @@ def test_sigterm_answers_what_is_in_flight_refuses_what_comes_and_exits_0(engine
         draining, during = False, None
         while time.time() - t0 < 30 and not draining:
             try:
-                health = _get(url, "/health")[1]
-                draining, during = health["status"] == "draining", health["replica"]
+                code, health = _get(url, "/health")
+                draining, during = (code, health["status"]) == (503, "draining"), health["replica"]
             except Exception:   # noqa: BLE001 - not answering yet
                 pass
             time.sleep(0.2)

@@ -755,5 +755,9 @@ def test_stopping_waits_for_answers_not_yet_out_after_their_images_are_done(repl
             time.sleep(0.05)
         t.join()
         assert call(url, "/health")[0] == 200 and svc.busy() == 0
+        svc.draining = True                 # (a load balancer's check saw 200 while it drained)
+        status, health, _ = call(url, "/health")
+        svc.draining = False
+        assert (status, health["status"]) == (503, "draining"), (status, health)
     assert got and got[0][0] == 200
     assert (0, 1) in seen and svc.busy() == 0 and svc.answering == 0, seen[-5:]

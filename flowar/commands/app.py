@@ -119,8 +119,8 @@ def make_app(service: Service):
         return {"num_classes": rt.config.num_classes, "names": list(names) if names is not None else None}
 
     @app.api_route("/health", methods=["GET", "HEAD"])       # (probes that send HEAD got 405)
-    async def health():
-        return service.health()
+    async def health():            # (draining: 503, so that a load balancer's check stops sending it requests)
+        return JSONResponse(service.health(), status_code=503 if service.draining else 200)
 
     @app.get("/metrics")
     async def metrics():
