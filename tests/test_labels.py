@@ -19,6 +19,11 @@ def test_a_typo_names_the_closest_and_an_ambiguous_name_the_ids():
     with pytest.raises(FlowARError) as e:
         n.lookup("grey owl")
     assert "great grey owl" in str(e.value) and "\n" not in str(e.value)
+    # a word first, and one name per class ("owl" was "howler or washbowl or soup bowl"; a class's
+    # synonyms took two of the three places)
+    with pytest.raises(FlowARError) as e:
+        n.lookup("owl")
+    assert str(e.value).endswith("Fix: did you mean 'great grey owl' or 'howler' or 'washbowl'?"), str(e.value)
     with pytest.raises(FlowARError) as e:
         n.lookup("crane")                      # the bird (134) and the machine (517)
     assert "134" in str(e.value) and "517" in str(e.value)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import functools
 import operator
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -55,8 +56,12 @@ class ClassNames(tuple):
         if ids is None:
             q = _key(name)
             inside = [k for k in self._index if q and q in k and ", " not in k]       # "grey owl" -> "great grey owl"
-            close = (sorted(inside, key=len) + difflib.get_close_matches(q, list(self._index), n=3, cutoff=0.6))
-            close = list(dict.fromkeys(close))[:3]
+            # the names holding it as a word first ("owl" -> "great grey owl", not "howler" or "washbowl")
+            whole = re.compile(rf"\b{re.escape(q)}\b")
+            close = (sorted(inside, key=lambda k: (not whole.search(k), len(k)))
+                     + difflib.get_close_matches(q, list(self._index), n=3, cutoff=0.6))
+            seen: set[tuple[int, ...]] = set()                # one name per class (its synonyms are one class)
+            close = [c for c in close if not (self._index[c] in seen or seen.add(self._index[c]))][:3]
             shown = [self._pretty(c) for c in close]
             raise FlowARError(f"a class name of this model ({len(self)} classes, e.g. "
                               f"{', '.join(self[:3])})", repr(name),
