@@ -761,3 +761,17 @@ def test_stopping_waits_for_answers_not_yet_out_after_their_images_are_done(repl
         assert (status, health["status"]) == (503, "draining"), (status, health)
     assert got and got[0][0] == 200
     assert (0, 1) in seen and svc.busy() == 0 and svc.answering == 0, seen[-5:]
+
+
+def test_health_counts_the_shapes_a_replica_warmed_in_its_opening_record_too(default_auto_engines, monkeypatch):
+    """/health gave "shapes_warmed": 152 beside "opened": {"shapes warmed": 0}: the replica's warm-up
+    was not in the opening's record (as flowar-run's is)."""
+    from flowar.commands.replica import Replica
+    from flowar.runtime.runtime import Runtime
+    monkeypatch.setattr(Runtime, "warm_up", lambda self, sizes, every_engine=None: 7)
+    rep = Replica(str(default_auto_engines), threads=1)
+    try:
+        health = service(rep).health()
+    finally:
+        rep.pipe.close()
+    assert health["shapes_warmed"] == health["opened"]["shapes warmed"] == 7, health

@@ -33,6 +33,7 @@ class Replica:
         self.per_image_s = min(per.values()) if per else None
         self._batch_s = {int(b): s * int(b) for b, s in per.items()}       # seconds of a batch by the plan
         self.warmed = rt.warm_up(self.sizes)       # at the shapes of the sizes it will form (what pays)
+        rt.opened["shapes warmed"] = rt.opened.get("shapes warmed", 0) + self.warmed   # (/health said 0 there)
         self.lanes = [rt]
         self._known: OrderedDict = OrderedDict()    # settings -> (schedule, planned cost, head work), the latest KNOWN
         self._known_lock = threading.Lock()          # (the event loop costs requests; lanes sample)

@@ -378,4 +378,4 @@ class Service:
                 "engines": rt.detail, "cuda_graphs": rt.runner is not None, "queue": self.held(),
                 "queue_limit": self.limits.queue, "lanes": len(self.replica.lanes),
                 "start_seconds": round(self.replica.start_s, 3),
-                "shapes_warmed": self.replica.warmed, "opened": rt.opened}
+                "shapes_warmed": rt.opened.get("shapes warmed", self.replica.warmed), "opened": rt.opened}
