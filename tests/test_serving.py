@@ -125,7 +125,9 @@ BAD = [
     (b'\xff\xfe{"label": 1}', 400),         # not UTF-8 (answered with the wrong-route line)
     (b"", 400), (b"[" * 3000 + b"]" * 3000, 400),     # (an empty body was 422 "Field required"; nested: "not UTF-8")
 ]
-SAID = {b"": "got an empty body", b"[" * 3000 + b"]" * 3000: "nested a few levels; got a body that could not be decoded"}
+SAID = {b'{"label": 1, "steps": 1}': 'Fix: send e.g. "steps": 25', b'{"label": 1, "cfg": 99}': 'Fix: send e.g. "cfg": 4.3',
+        b'{"label": 1, "guidance": 2}': 'Fix: send e.g. "guidance": 0.9',    # (it said "use e.g. steps 25")
+        b"": "got an empty body", b"[" * 3000 + b"]" * 3000: "nested a few levels; got a body that could not be decoded"}
 
 
 def test_bad_requests_get_their_status_and_one_line_and_leave_it_serving(replica):

@@ -27,6 +27,7 @@ Every error is ``{"error": one line}``.
 import asyncio
 import math
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -367,8 +368,10 @@ class Service:
             raise ServiceError(422, f"n an integer in 1..{self.limits.max_n}", repr(req.n), "ask for fewer images")
         try:
             settings = Settings(schedule=req.schedule, steps=req.steps, cfg=req.cfg, guidance=req.guidance)
-        except FlowARError as e:             # the command options' names are the request's fields here
-            raise ServiceError(422, e.expected.removeprefix("--"), e.got, e.fix.replace("--", "")) from None
+        except FlowARError as e:             # the command options' names are the request's fields here, and their
+            fix = re.sub(r"--(\w+) ([\w.-]+)", lambda m: f'"{m[1]}": ' + (m[2] if re.fullmatch(r"-?[\d.]+", m[2])  # values
+                         else f'"{m[2]}"'), e.fix).replace("use ", "send ", 1)           # JSON's ("use e.g. steps 25")
+            raise ServiceError(422, e.expected.removeprefix("--"), e.got, fix) from None
         return [(label, j, settings) for j in range(req.n)]
 
     def health(self) -> dict:
