@@ -302,6 +302,13 @@ def test_settings_that_do_not_go_together_are_refused_before_the_source_opens(fi
                    ["--engine-dir", str(tmp_path / "e")]):
         res = CliRunner().invoke(run, source + ["--stride", "2", "--labels", "1"])
         assert res.exit_code == 2 and "--stride with the skip solver" in res.output, res.output
+    # a batch above the directory's max batch, a noise file that is none: one line, before opening (it was
+    # the "opened" and "backend" lines, then the error)
+    (tmp_path / "noise.safetensors").write_bytes(b"not safetensors")
+    for args, said in ((["--batch", "2"], "expected --batch at most 1 (the engines' max batch); got 2"),
+                       (["--noise", str(tmp_path / "noise.safetensors")], "expected a readable safetensors noise file")):
+        res = CliRunner().invoke(run, ["--engine-dir", str(tmp_path / "e"), "--labels", "1,2"] + args)
+        assert res.exit_code == 2 and res.output.startswith(f"error: {said}") and res.output.count("\n") == 1, res.output
 
 
 def test_save_images_never_mixes_runs_or_overwrites_the_grid(tmp_path):

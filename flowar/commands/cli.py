@@ -64,7 +64,7 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
     from flowar.export.manifest import read_manifest
     from flowar.io.files import check_outputs, check_writable
     from flowar.runtime.runtime import Runtime
-    from flowar.sampling.batches import write_outputs
+    from flowar.sampling.batches import read_noise, write_outputs
     from flowar.sampling.labels import parse_labels
     from flowar.sampling.schedule import Settings
     settings = Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance, solver=solver, stride=stride)
@@ -87,8 +87,14 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
         raise FlowARError("exactly one of --ckpt or --engine-dir (both: --backend torch from a directory whose "
                           "checkpoint moved)", "both" if ckpt else "neither",
                           "pass --engine-dir DIR (from flowar-export) or --ckpt PATH")
-    # the settings against what the directory records, before the source opens (FlowAR-H: 25 s)
-    settings.resolve(1, read_manifest(engine_dir).schedule_defaults if engine_dir else None)
+    # the settings, the batch and the noise against what the directory records, before the source opens (FlowAR-H: 25 s)
+    m = read_manifest(engine_dir) if engine_dir else None
+    settings.resolve(1, m.schedule_defaults if m else None)
+    if m is not None and backend != "torch" and batch_size is not None and batch_size > m.max_batch:
+        raise FlowARError(f"--batch at most {m.max_batch} (the engines' max batch)", str(batch_size),
+                          f"use --batch {m.max_batch}, or re-export with --max-batch {batch_size}")
+    if m is not None and noise_file is not None:
+        read_noise(noise_file, m.config)
     t0 = time.perf_counter()
     with Runtime.open(engine_dir or ckpt, bool(engine_dir), backend=backend, preset=preset, config=config_path,
                       ckpt=ckpt if engine_dir else None,
