@@ -32,7 +32,15 @@ class Command(click.Command):
         # Ctrl-C or an early end of input while the command works: handed to main() as it came, not
         # as click's Abort (click prints an empty line before raising that, above our one line)
         try:
-            _omp_threads()
+            # OpenMP's thread count, checked before PyTorch loads GNU OpenMP (here, or in a served replica's or a
+            # Ray worker's process): a value it cannot read (abc, 0, 1.5) was its own line "libgomp: Invalid value
+            # ..." above the command's output, then ignored. An empty one (export OMP_NUM_THREADS=) is unset.
+            omp = os.environ.get("OMP_NUM_THREADS")
+            if omp is not None and not omp.strip():
+                del os.environ["OMP_NUM_THREADS"]
+            elif omp is not None and not all(p.strip().isdigit() and int(p) > 0 for p in omp.split(",")):
+                raise FlowARError("OMP_NUM_THREADS a positive integer (or a list of them), or unset", repr(omp),
+                                  "unset it (unset OMP_NUM_THREADS): each command's threads are its --threads")
             if self.imports_torch:
                 # PyTorch runs Python code from C++ while it imports: a stop raised in there ended the process
                 # with "terminate called after throwing an instance of 'pybind11::error_already_set'" and a
@@ -113,19 +121,6 @@ class Command(click.Command):
             return bool(self.make_context(self.name, list(args), resilient_parsing=True).params.get("debug"))
         except Exception:   # noqa: BLE001 - arguments that do not parse: no flag
             return False
-
-
-def _omp_threads() -> None:
-    """OpenMP's thread count in the environment, checked before PyTorch loads GNU OpenMP (here, or in
-    a served replica's or a Ray worker's process): a value it cannot read (abc, 0, 1.5) was its own
-    line "libgomp: Invalid value ..." above the command's output, then ignored. An empty one
-    (``export OMP_NUM_THREADS=``) is taken as unset."""
-    v = os.environ.get("OMP_NUM_THREADS")
-    if v is not None and not v.strip():
-        del os.environ["OMP_NUM_THREADS"]
-    elif v is not None and not all(p.strip().isdigit() and int(p) > 0 for p in v.split(",")):
-        raise FlowARError("OMP_NUM_THREADS a positive integer (or a list of them), or unset", repr(v),
-                          "unset it (unset OMP_NUM_THREADS): each command's threads are its --threads")
 
 
 def _stop(signum, frame) -> None:
