@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from flowar.config import FlowARConfig
 from flowar.errors import EngineDirError, FlowARError
-from flowar.io.digests import VAE_FILES, sha256_file, vae_sha256  # noqa: F401 - (imported from here too)
+from flowar.io.digests import VAE_FILES, sealed, sha256_file, vae_sha256  # noqa: F401 - (imported from here too)
 from flowar.io.files import file_state
 
 if TYPE_CHECKING:
@@ -394,5 +394,5 @@ def read_manifest(root: str | Path, verify_hashes: bool = False) -> Manifest:
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
     tmp = root / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest.to_json(), indent=1, sort_keys=False))
+    tmp.write_text(json.dumps(sealed(manifest.to_json()), indent=1, sort_keys=False))   # (flowar-check finds an edit)
     os.replace(tmp, root / MANIFEST)

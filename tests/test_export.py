@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from flowar.commands.build import build_engine_dir
 from flowar.errors import FlowARError
-from flowar.export.manifest import EngineDirError, read_manifest, sha256_file
+from flowar.export.manifest import EngineDirError, read_manifest, sealed, sha256_file
 from flowar.sampling.schedule import build_schedule
 
 
@@ -310,7 +310,7 @@ def test_a_graph_onnx_runtime_cannot_run_is_one_line_naming_it(engine_dirs, tmp_
     onnx.save(graph, str(d / "head_prep.onnx"))
     m = json.loads((d / "manifest.json").read_text())
     m["stages"]["head_prep"]["sha256"] = sha256_file(d / "head_prep.onnx")
-    (d / "manifest.json").write_text(json.dumps(m))
+    (d / "manifest.json").write_text(json.dumps(sealed(m)))          # (sealed again, as the export seals it)
     with pytest.raises(EngineDirError, match=r"ONNX Runtime [0-9.]+ can run on CPUExecutionProvider; got "
                                              r"head_prep.onnx: NOT_IMPLEMENTED : Could not find an implementation for MatMul"):
         Runtime.open_engine_dir(d, backend="ort")
@@ -326,6 +326,34 @@ def test_a_graph_onnx_runtime_cannot_run_is_one_line_naming_it(engine_dirs, tmp_
     lines = must.stderr.strip().splitlines()
     assert must.returncode == 3 and len(lines) == 1 and lines[0].startswith(f"error: {said}") and lines[0].endswith(
         "(--must-open)"), must
+
+
+def test_flowar_check_finds_a_manifest_edited_since_the_export(engine_dirs, tmp_path):
+    """An edited manifest.json (latent_scale, a class name) changed the images while flowar-check said
+    "intact": every file it lists still hashed to its record. The export seals it; an edit is exit 2
+    naming it, the seal put back is intact again, and a manifest from before the seal passes, said."""
+    src, _ = engine_dirs["tiny_v1"]
+    d = tmp_path / "shipped"
+    shutil.copytree(src, d, ignore=shutil.ignore_patterns(".ort-cache"))
+    exe = [os.path.join(os.path.dirname(sys.executable), "flowar-check"), "--engine-dir", str(d), "--quiet"]
+    text = (d / "manifest.json").read_text()
+    m = json.loads(text)
+    assert m["sealed_sha256"] and subprocess.run(exe, capture_output=True, text=True).returncode == 0
+    for edit in (lambda m: m["config"].update(latent_scale=2.0), lambda m: m.update(max_batch=m["max_batch"] + 1)):
+        edited = json.loads(text)
+        edit(edited)
+        (d / "manifest.json").write_text(json.dumps(edited, indent=1))
+        bad = subprocess.run(exe, capture_output=True, text=True)
+        line, = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and bad.stdout == "" and "and the manifest itself; got manifest.json itself edited " \
+            "since (its fields hash to " in line and "Fix: rebuild it: flowar-export" in line, bad
+    (d / "manifest.json").write_text(text)
+    assert subprocess.run(exe, capture_output=True, text=True).returncode == 0
+    del m["sealed_sha256"]                               # an export from before the seal: intact, and said
+    (d / "manifest.json").write_text(json.dumps(m))
+    old = subprocess.run(exe, capture_output=True, text=True)
+    assert old.returncode == 0 and old.stdout.strip().endswith("manifest.json unsealed (an export before the seal): an "
+                                                               "edit of it is not found"), old
 
 
 def test_only_onnx_runtimes_refusals_of_the_graph_become_the_export_again_line(tmp_path, monkeypatch):

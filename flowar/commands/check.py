@@ -3,13 +3,16 @@
 Opening a directory hashes only the files the chosen engines read (a plan for a GPU is never read
 on a CPU, so a damaged one went unnoticed until the GPU machine opened it). This reads and hashes
 every file the manifest lists (graphs, their external data, compiled engines, weights, TensorRT
-plans) against the sha256 the export recorded, names every file that differs (exit 2;
-a missing one is named when the manifest is read), says what the directory holds,
+plans) against the sha256 the export recorded, and the manifest against the seal the export wrote
+into it (an edited ``latent_scale`` or class name changed the images while every file hashed to its
+record); names every file that differs (exit 2; a missing one is named when the manifest is read),
+says what the directory holds,
 and opens it as ``flowar-run`` would on this machine (its backend line, or why it cannot).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -62,24 +65,32 @@ def check_cmd(engine_dir, must_open, quiet, debug):
     against its record (a damaged TensorRT plan is found on a CPU; exit 2), what it holds, and
     whether it opens here (said; exit 3 only with --must-open, since a directory for a GPU is
     checked on a CPU)."""
-    from flowar.export.manifest import read_manifest
+    from flowar.export.manifest import MANIFEST, read_manifest
+    from flowar.io.digests import SEAL, seal_of
     m = read_manifest(engine_dir)                # (its format, fields and paths; a missing file is named here)
     t0 = time.perf_counter()
     changed = m.changed(progress=not quiet)
+    # the manifest itself, where the export sealed it: an edit (latent_scale, a class name, a default) changed the
+    # images while every file it lists still hashed to its record
+    raw = json.loads((m.root / MANIFEST).read_text())
+    edited = raw.get(SEAL) is not None and raw[SEAL] != seal_of(raw)
     members = set(m.members())
     n, size = len(members), sum(m.member(rel).stat().st_size for rel, _ in members)
-    if changed:
-        raise EngineDirError(f"every file {Path(engine_dir) / 'manifest.json'} lists as the export wrote it",
-                             f"{len(changed)} of {n} not: " + "; ".join(
-                                 f"{rel} changed (sha256 {got[:12]}..., recorded {want[:12]}...)"
-                                 for rel, got, want in changed), m.rebuild)
+    if changed or edited:
+        got = [f"{len(changed)} of {n} not: " + "; ".join(f"{rel} changed (sha256 {now[:12]}..., recorded {want[:12]}...)"
+                                                            for rel, now, want in changed)] if changed else []
+        got += [f"{MANIFEST} itself edited since (its fields hash to {seal_of(raw)[:12]}..., sealed as "
+                f"{raw[SEAL][:12]}...)"] if edited else []
+        raise EngineDirError(f"every file {Path(engine_dir) / MANIFEST} lists as the export wrote it"
+                             + (", and the manifest itself" if edited else ""), "; ".join(got), m.rebuild)
     seconds = time.perf_counter() - t0
     opens, here = runs_here(engine_dir) if must_open or not quiet else (True, "")
     if not quiet:
         click.echo("\n".join([f"{engine_dir}: {len(m.stages)} stages, {m.precision}, max batch {m.max_batch}, "
                               + (f"{m.vae['image_size']} px images" if m.vae else "tokens only (no decoder)"),
                               *holds(m), here]))
-    click.echo(f"intact: {n} files, {size / 1e6:.1f} MB, each hashes to the sha256 its export recorded ({seconds:.2f} s)")
+    click.echo(f"intact: {n} files, {size / 1e6:.1f} MB, each hashes to the sha256 its export recorded ({seconds:.2f} s)"
+               + ("" if raw.get(SEAL) else f"; {MANIFEST} unsealed (an export before the seal): an edit of it is not found"))
     if must_open and not opens:
         click.echo(f"error: {here} (--must-open)", err=True)
         raise SystemExit(3)

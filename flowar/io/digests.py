@@ -28,6 +28,19 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+SEAL = "sealed_sha256"      # where a sealed JSON record (an engine directory's manifest) keeps its own digest
+
+
+def sealed(record: dict) -> dict:
+    """``record`` with the sha256 of its other fields (keys sorted, compact JSON) under :data:`SEAL`."""
+    return record | {SEAL: seal_of(record)}
+
+
+def seal_of(record: dict) -> str:
+    import json
+    return hashlib.sha256(json.dumps({k: v for k, v in record.items() if k != SEAL}, sort_keys=True).encode()).hexdigest()
+
+
 def vae_sha256(path: str | Path) -> str:
     """The sha256 of a VAE: of its file (MAR's kl16.ckpt), or for a diffusers folder one hash over
     the names and hashes of its config and weights files (:data:`VAE_FILES`)."""
