@@ -136,12 +136,10 @@ class Manifest:
     def member(self, rel: str) -> Path:
         """``root / rel`` if it stays inside the directory (no '..', not absolute, no symbolic link out),
         else refused."""
-        root = self.root
         if not isinstance(rel, str) or not rel or "\0" in rel or os.path.isabs(rel) or ".." in Path(rel).parts:
             raise EngineDirError("manifest paths relative to the engine directory", repr(rel), self.rebuild)
-        p = root / rel
-        real_root = root.resolve()
-        real = p.resolve()
+        p = self.root / rel
+        real_root, real = self.root.resolve(), p.resolve()
         if real != real_root and real_root not in real.parents:
             raise EngineDirError("manifest paths that stay inside the engine directory",
                                  f"{rel!r} resolves to {real}", self.rebuild)
@@ -346,7 +344,8 @@ def read_manifest(root: str | Path, verify_hashes: bool = False) -> Manifest:
     if not root.is_dir():
         raise EngineDirError("an engine directory made by flowar-export", f"no directory at {root}",
                              f"rebuild it: flowar-export --ckpt CKPT --out {root}")
-    rebuild = f"rebuild it: flowar-export --ckpt CKPT --out {root}"
+    # (a manifest that cannot be read names no VAE: following "--ckpt CKPT --out" made a tokens-only directory)
+    rebuild = f"rebuild it: flowar-export --ckpt CKPT --vae VAE --out {root} (leave out --vae for tokens only)"
     mpath = root / MANIFEST
     if not mpath.is_file():
         # a model's folder (a checkpoint and its VAE beside it, as models/default): how to open the file in it
@@ -380,6 +379,9 @@ def read_manifest(root: str | Path, verify_hashes: bool = False) -> Manifest:
     known = {k: m[k] for k in _FIELDS if k in m and k not in ("root", "config", "meta")}
     manifest = Manifest(root=root, config=config, **known,
                         meta={k: v for k, v in m.items() if k not in _FIELDS and k != "format"})
+    missing = [s for s in manifest.specs() if s not in manifest.stages]     # (flowar-check: "opens nowhere", exit 0)
+    if missing:
+        raise EngineDirError(f"graphs for every stage ({', '.join(manifest.specs())})", f"missing {missing}", manifest.rebuild)
     for rel, digest in manifest.members():
         p = manifest.member(rel)
         if not p.is_file():

@@ -171,10 +171,6 @@ class Runtime(contextlib.AbstractContextManager):
         from flowar.runtime.stages import EngineStages
         m = read_manifest(path)
         specs = m.specs()
-        missing = [s for s in specs if s not in m.stages]
-        if missing:
-            raise EngineDirError(f"graphs for every stage ({', '.join(specs)})", f"missing {missing}",
-                                 f"re-export: flowar-export --out {m.root}")
         # The engines decide where they compute ("auto": theirs); --device cpu keeps auto off the GPU
         # engines (TensorRT, ONNX Runtime's CUDA provider), --device chooses for the checkpoint's
         # modules (--backend torch), and a device the chosen engines do not compute on is refused.

@@ -284,3 +284,22 @@ def test_another_stage_s_graph_in_a_stage_s_place_is_one_line(exported, tmp_path
     assert lines[0].startswith("error: expected a graph of the ar stage (its inputs and outputs); got ar.onnx without "
                                "labels"), lines[0]
     assert not (tmp_path / "g.png").exists()
+
+
+def test_a_manifest_missing_a_stage_or_unreadable_is_refused_with_a_fix_that_keeps_the_decoder(exported, tmp_path):
+    """A manifest without a stage's record opens on no machine: flowar-check said "does not open on
+    this machine" and exit 0 (the leniency meant for a GPU's directory checked on a CPU); now exit 2
+    when read. Its fix was "re-export: flowar-export --out DIR" (no --ckpt: refused when followed);
+    now the directory's own rebuild command, with its VAE. An unreadable manifest's fix names --vae
+    (following "--ckpt CKPT --out DIR" made a tokens-only directory)."""
+    from flowar.commands.check import check_cmd
+    src, vae = exported
+    d = _copy(src, tmp_path / "nodecode", lambda m: m["stages"].pop("decode"))
+    res = CliRunner().invoke(check_cmd, ["--engine-dir", str(d)])
+    assert res.exit_code == 2 and res.output.startswith("error: expected graphs for every stage (ar, head_prep, "
+                                                        "velocity, decode); got missing ['decode']"), res.output
+    assert f"Fix: rebuild it: flowar-export --ckpt {CKPT} --vae {vae} --max-batch 1 --out {d}" in res.output, res.output
+    (d / "manifest.json").write_text("{not json")
+    with pytest.raises(EngineDirError, match=r"Fix: rebuild it: flowar-export --ckpt CKPT --vae VAE --out .* \(leave "
+                                             r"out --vae for tokens only\)"):
+        read_manifest(d)
