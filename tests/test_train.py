@@ -205,8 +205,26 @@ def test_a_resume_with_an_edited_config_file_or_renamed_class_folders_is_refused
     with pytest.raises(FlowARError, match=r"--data's classes: id 0 'square' \(was 'disc'\), id 1 'zz disc' \(was 'square'\)"):
         trainer.train(resume, progress=False)
     (data / "zz disc").rename(data / "disc")
+    # what the paths hold, changed under the same names: an image (it was re-encoded, and the run went on in silence)
+    png = data / "disc" / "0.png"
+    kept = png.read_bytes()
+    png.write_bytes((data / "disc" / "1.png").read_bytes())
+    with pytest.raises(FlowARError, match=r"--data's contents \(sha256 [0-9a-f]{12}\.\.\., began with [0-9a-f]{12}"):
+        trainer.train(resume, progress=False)
+    png.write_bytes(kept)
     monkeypatch.setattr(trainer, "load_latents", real)
     assert trainer.train(resume, progress=False).step == 2
+    # ... and a VAE trained again in place (flowar-train-vae --out into the same folder)
+    from flowar.train.vae import VAETrainArgs, build_vae
+    vae = tmp_path / "vae"
+    shutil.copytree(small_world / "vae", vae)
+    trainer.train(_args(small_world, tmp_path / "v", steps=1, vae=str(vae), data=str(data), cache_dir=cache),
+                  progress=False)
+    torch.manual_seed(1)
+    build_vae(VAETrainArgs(size=16, channels=(8, 8, 8), groups=4)).save_pretrained(vae)
+    with pytest.raises(FlowARError, match=r"--vae's contents \(sha256 "):
+        trainer.train(_args(small_world, tmp_path / "v", steps=2, vae=str(vae), data=str(data), cache_dir=cache,
+                            resume=True), progress=False)
 
 
 def test_class_folders_that_differ_only_in_case_are_refused_before_training(small_world, tmp_path):

@@ -85,6 +85,7 @@ class Run:                                    # what the loop updates
     opt: torch.optim.Optimizer
     objective: nn.Module                      # FlowLoss, wrapped in DDP under torchrun
     state: TrainState
+    inputs: dict = field(default_factory=dict)    # sha256 of what it trains on: {data, vae} (a resume compares them)
 
 
 def _gen(*key: int) -> torch.Generator:
@@ -180,7 +181,7 @@ def save_training_checkpoint(path: Path, run: Run, args: TrainArgs, class_names:
     save_checkpoint(path, tensors, run.model.config, class_names, extra={
         "format": TRAIN_FORMAT_TAG, "step": str(run.state.step), "losses": json.dumps(run.state.losses),
         "optimizer_groups": json.dumps(groups), "train_args": json.dumps({k: as_file(v) for k, v in asdict(args).items()}),
-        "data": str(args.data)})
+        "data": str(args.data), "inputs": json.dumps(run.inputs)})
 
 
 def load_training_checkpoint(path: Path, model: FlowAR, ema: FlowAR, opt: torch.optim.Optimizer) -> TrainState:
@@ -260,6 +261,10 @@ def check_args(args: TrainArgs, world: int, data: DatasetIndex) -> tuple[Path, F
         given, was = (FlowARConfig.load(args.config).to_dict() if args.config else {}), config.to_dict()
         wrong += [f"--config's {k} {v!r}, began with {was[k]!r}" for k, v in given.items() if v != was[k]]
         wrong += [f"--data's classes: {names_changed(data.classes, names)}"] * (names not in (None, list(data.classes)))
+        # and what the paths hold: a VAE trained again in place, images changed (re-encoded: the loss jumped, in silence)
+        now, inputs = {"data": data.digest, "vae": vae_sha256(args.vae)}, json.loads(meta.get("inputs", "{}"))
+        wrong += [f"--{k}'s contents (sha256 {now[k][:12]}..., began with {inputs[k][:12]}...)" for k in now
+                  if inputs.get(k) not in (None, now[k])]
         if wrong:
             raise FlowARError("the settings the run began with, and --steps at least its step, to resume it",
                               "; ".join(wrong), "run with the settings it began with (only --steps and the intervals "
@@ -358,6 +363,7 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
     lat = load_latents(args.data, args.size, args.vae, args.cache_dir or user_cache("latents"), data)
     config = build_config(args, lat, began)
     run = build_run(args, config, world, ckpt)
+    run.inputs = {"data": data.digest, "vae": vae_sha256(args.vae)}
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not args.resume:       # an earlier start's grids and plot (stopped before its first checkpoint)
         for grid in own_grids(ckpt.parent / "samples"):
