@@ -379,9 +379,9 @@ def read_manifest(root: str | Path, verify_hashes: bool = False) -> Manifest:
     known = {k: m[k] for k in _FIELDS if k in m and k not in ("root", "config", "meta")}
     manifest = Manifest(root=root, config=config, **known,
                         meta={k: v for k, v in m.items() if k not in _FIELDS and k != "format"})
-    missing = [s for s in manifest.specs() if s not in manifest.stages]     # (flowar-check: "opens nowhere", exit 0)
-    if missing:
-        raise EngineDirError(f"graphs for every stage ({', '.join(manifest.specs())})", f"missing {missing}", manifest.rebuild)
+    every = ("ar", "head_prep", "velocity") + ("decode",) * bool(manifest.vae)   # (specs(): no PyTorch imported here)
+    if missing := [s for s in every if s not in manifest.stages]:            # (flowar-check: "opens nowhere", exit 0)
+        raise EngineDirError(f"graphs for every stage ({', '.join(every)})", f"missing {missing}", manifest.rebuild)
     for rel, digest in manifest.members():
         p = manifest.member(rel)
         if not p.is_file():
