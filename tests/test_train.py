@@ -309,6 +309,37 @@ def test_training_options_out_of_range_are_one_line_before_any_work(small_world,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_batch_whose_step_cannot_fit_in_memory_is_one_line_before_any_work(small_world, tmp_path, monkeypatch):
+    """flowar-train-vae --batch 100000 grew until the system killed it (exit 137, no word; measured 4.2 MB
+    an image); flowar-train's --batch up to the data's size likewise (6.0 MB an image of the tiny model).
+    With the memory available made small: one line naming the batch that fits, nothing written; that
+    batch passes the check."""
+    import re
+    from click.testing import CliRunner
+    import flowar.commands.cli as cli
+    import flowar.io.memory
+    from flowar.errors import FlowARError
+    from flowar.train.memory import require_batch_memory, vae_image_bytes
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for command, free, args in (("train_vae_cmd", 1 << 30, ["--batch", "5000", "--data", str(small_world / "data"),
+                                                              "--size", "16"]),
+                                ("train_cmd", 1 << 20, ["--batch", "20", "--data", str(small_world / "data"), "--size",
+                                                        "16", "--vae", str(small_world / "vae")])):
+        monkeypatch.setattr(flowar.io.memory, "available_bytes", lambda: free)
+        res = CliRunner().invoke(getattr(cli, command), ["--out", str(tmp_path / "run"), "--steps", "1", *args])
+        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and re.search(
+            r"expected a --batch whose flowar-train(-vae)? step fits in memory \(about [0-9.]+ MB an image\); got --batch "
+            r"\d+: about [0-9.]+ GB, with [0-9.]+ GB available. Fix: pass --batch \d+ or less", lines[0]), res.output
+        assert not (tmp_path / "run").exists()
+    fits = int(0.8 * (1 << 30) // vae_image_bytes(32))
+    monkeypatch.setattr(flowar.io.memory, "available_bytes", lambda: 1 << 30)
+    require_batch_memory(fits, vae_image_bytes(32), "flowar-train-vae")              # what the fix says passes
+    with pytest.raises(FlowARError, match=f"Fix: pass --batch {fits} or less"):
+        require_batch_memory(2 * fits, vae_image_bytes(32), "flowar-train-vae")
+
+
 def _bmp_folder(root, seed):
     """ROOT/<class>/<image>.bmp: BMP keeps the file size when pixels change, so only contents can tell."""
     from PIL import Image

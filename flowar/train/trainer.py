@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowar.model.checkpoint import META_CLASSES, META_CONFIG, TRAIN_FORMAT_TAG, save_checkpoint
 from flowar.config import FlowARConfig, get_preset
+from flowar.model.checkpoint import META_CLASSES, META_CONFIG, TRAIN_FORMAT_TAG, save_checkpoint
 from flowar.train.data import DatasetIndex, Latents, index_dataset, load_latents
 from flowar.train.pictures import Progress, own_grids, plot_losses, sample_grid
 from flowar.errors import FlowARError
@@ -351,17 +351,16 @@ def checkpoint_and_sample(run: Run, args: TrainArgs, class_names: list[str], ckp
 
 
 def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None = None) -> TrainState:
-    """Train (or resume) into ``args.out``; returns the loss history.
-
-    ``max_steps_this_run`` stops early (tests use it to interrupt a run and resume it). The
-    batch and run-folder checks come before any encoding or writing.
-    """
+    """Train (or resume) into ``args.out``; returns the loss history. ``max_steps_this_run`` stops early (tests
+    interrupt a run and resume it). The settings are checked before any encoding, the batch's memory before writing."""
     world, rank = init_process_group()
     data = index_dataset(args.data)
     ckpt, began = check_args(args, world, data)
     from flowar.io.files import user_cache
+    from flowar.train.memory import flowar_image_bytes, require_batch_memory
     lat = load_latents(args.data, args.size, args.vae, args.cache_dir or user_cache("latents"), data)
     config = build_config(args, lat, began)
+    require_batch_memory(args.batch // world, flowar_image_bytes(config), "flowar-train")     # (it was killed: exit 137)
     run = build_run(args, config, world, ckpt)
     run.inputs = {"data": data.digest, "vae": vae_sha256(args.vae)}
     ckpt.parent.mkdir(parents=True, exist_ok=True)

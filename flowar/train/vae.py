@@ -50,6 +50,8 @@ def train_vae(a: VAETrainArgs, progress: bool = True) -> dict:
         raise FlowARError(f"--size divisible by {2 ** (len(a.channels) - 1)}", str(a.size), "use e.g. --size 32")
     from flowar.io.files import check_replaceable
     check_replaceable(a.out, VAE_MARKER, "--out")            # before any training: never over a folder of other files
+    from flowar.train.memory import require_batch_memory, vae_image_bytes
+    require_batch_memory(a.batch, vae_image_bytes(a.size), "flowar-train-vae")      # (it was killed: exit 137)
     data = load_dataset(a.data, a.size)
     torch.manual_seed(a.seed)
     gen = torch.Generator().manual_seed(a.seed)
