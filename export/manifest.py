@@ -266,7 +266,7 @@ _SCHEMA = (
     ("stages.*.data", False, "file"), ("stages.*.data_sha256", "data", "file"),
     ("stages.*.inputs", True, "names"), ("stages.*.outputs", True, "names"),
     ("checkpoint", True, "map"), ("checkpoint.sha256", True, "file"),
-    *((f"checkpoint.{k}", False, "str") for k in ("file", "source", "weights", "data", "config")),
+    *((f"checkpoint.{k}", False, "str") for k in ("file", "source", "weights", "data", "config", "vae_sha256")),
     ("vae", False, "map"), ("vae.source", True, "file"),
     ("vae.sha256", False, "file"),          # (a manifest written before the VAE's hash was recorded has none)
     *((f"vae.{k}", True, "size") for k in ("latent_channels", "downsample", "image_size")),

@@ -277,6 +277,15 @@ def test_a_model_opened_with_another_vae_than_it_was_trained_with_is_told(small_
     with pytest.raises(LookupError, match="checked"):
         build_engine_dir(model, tmp_path / "eng", vae_path=tmp_path / "other", max_batch=1, verify=False)
     assert "is not the one model.safetensors was trained with" in capsys.readouterr().err
+    # ... and exported anyway, flowar-check says it too (it said "intact" alone: the note at export was the only word)
+    monkeypatch.undo()
+    from click.testing import CliRunner
+    from flowar.commands.check import check_cmd
+    for vae, told in ((tmp_path / "same", False), (tmp_path / "other", True)):
+        build_engine_dir(model, tmp_path / f"eng_{vae.name}", vae_path=vae, max_batch=1, verify=False)
+        res = CliRunner().invoke(check_cmd, ["--engine-dir", str(tmp_path / f"eng_{vae.name}"), "--quiet"])
+        assert res.exit_code == 0 and ("note: its decoder is not the VAE model.safetensors was trained with (sha256 "
+                                       in res.output) == told, res.output
 
 def test_the_trainer_joins_torchrun_over_gloo_also_where_a_gpu_is_seen(monkeypatch):
     """It computes on the CPU, so its process group is gloo's (NCCL takes CUDA tensors only: it

@@ -359,6 +359,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
             root=tmp, config=config, stages=stages, precision=req.precision, max_batch=req.max_batch,
             checkpoint={"file": req.ckpt.name, "source": str(req.ckpt.resolve()), "sha256": sha256_file(req.ckpt),
                         "weights": ck.source, "data": ck.metadata.get("data"),
+                        "vae_sha256": ck.metadata.get("vae_sha256"),     # (the VAE it was trained with: flowar-check)
                         # (how its config was given: what a rebuild passes again)
                         "config": (f"--preset {req.preset}" if req.preset else
                                    f"--config {shlex.quote(str(Path(req.config_path).resolve()))}" if req.config_path

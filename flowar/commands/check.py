@@ -84,6 +84,11 @@ def check_cmd(engine_dir, must_open, quiet, debug):
         raise EngineDirError(f"every file {Path(engine_dir) / MANIFEST} lists as the export wrote it"
                              + (", and the manifest itself" if edited else ""), "; ".join(got), m.rebuild)
     seconds = time.perf_counter() - t0
+    trained = (m.checkpoint or {}).get("vae_sha256")
+    if m.vae and trained and m.vae.get("sha256") != trained:    # (the export's note was its only word; the images are noise)
+        click.echo(f"note: its decoder is not the VAE {m.checkpoint.get('file')} was trained with (sha256 "
+                   f"{str(m.vae.get('sha256'))[:12]}..., trained with {trained[:12]}...): its images are not the "
+                   "model's; re-export with --vae of that VAE", err=True)
     opens, here = runs_here(engine_dir) if must_open or not quiet else (True, "")
     if not quiet:
         click.echo("\n".join([f"{engine_dir}: {len(m.stages)} stages, {m.precision}, max batch {m.max_batch}, "

@@ -73,6 +73,7 @@ def images_sha256(manifest: Path) -> str:
             m[source].pop("source", None)
     if isinstance(m.get("checkpoint"), dict):
         m["checkpoint"].pop("config", None)        # (how its config was given: a --config file's path)
+        m["checkpoint"].pop("vae_sha256", None)    # (a record, recorded since 2026-12-06)
     return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()
 
 
