@@ -873,7 +873,8 @@ def test_ctrl_c_while_the_outputs_are_written_says_which_are_new(tmp_path, monke
     with pytest.raises(KeyboardInterrupt) as e:
         write_outputs(res, None, tmp_path / "t.safetensors", tmp_path / "g.png", tmp_path / "imgs")
     said = str(e.value)
-    assert f"-> {tmp_path / 't.safetensors'}" in said and f"-> {tmp_path / 'g.png'}" in said and "imgs" not in said
+    assert f"-> {tmp_path / 't.safetensors'}" in said and f"grid of 1 image -> {tmp_path / 'g.png'}" in said and \
+        "imgs" not in said                                                    # (it said "grid of 1 images")
     assert "hold what they held before" in said
 
 
@@ -891,6 +892,8 @@ def test_a_bulk_run_resumes_with_its_engine_directory_moved(tmp_path):
     check_run(out, BulkSpec("/mnt/b/eng", 16, [0], 0, {}, 8, 1, manifest_sha256="abc"))
     with pytest.raises(FlowARError, match="other engine_dir, manifest_sha256"):
         check_run(out, BulkSpec("/mnt/c/eng", 16, [0], 0, {}, 8, 1, manifest_sha256="def"))
+    with pytest.raises(FlowARError, match=r"\(batch: here 4, there not given\)"):       # (it said "there None")
+        check_run(out, BulkSpec("/mnt/b/eng", 16, [0], 0, {}, 8, 1, batch=4, manifest_sha256="abc"))
 
 
 def test_onnx_runtime_sends_nothing_and_writes_nothing_in_home(tmp_path):

@@ -122,8 +122,8 @@ def check_run(out: Path, spec: BulkSpec, meaning=None) -> bool:
     if theirs != mine:
         diff = sorted(k for k in mine if not isinstance(theirs, dict) or theirs.get(k) != mine[k])
 
-        def short(v) -> str:
-            return repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+        def short(v) -> str:                        # (None: "batch: here 4, there None")
+            return "not given" if v is None else repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
         # (each with both values: "other seed than run.json records" left the user to find which seed it holds)
         both = "; ".join(f"{k}: here {short(mine[k])}, there {short(theirs.get(k) if isinstance(theirs, dict) else None)}"
                          for k in diff[:4])

@@ -157,7 +157,7 @@ def write_outputs(result: SampleResult, class_names: list[str] | None, save_toke
             if out:
                 caps = [class_names[i] if class_names and i < len(class_names) else str(i) for i in result.labels]
                 save_grid(result.images, caps, out, columns=columns)
-                lines.append(f"grid of {len(result.labels)} images -> {out}")
+                lines.append(f"grid of {len(result.labels)} image{'s' * (len(result.labels) != 1)} -> {out}")
             if save_images:
                 save_each(result.images, save_images)
                 lines.append(f"{len(result.labels)} PNGs -> {Path(save_images)}/")
