@@ -287,6 +287,15 @@ def test_a_model_opened_with_another_vae_than_it_was_trained_with_is_told(small_
         assert res.exit_code == 0 and ("note: its decoder is not the VAE model.safetensors was trained with (sha256 "
                                        in res.output) == told, res.output
 
+def test_the_loss_lines_go_where_the_bar_would(small_world, tmp_path, capsys):
+    """Where stderr is not a terminal the trainer prints a loss line every --log-every steps instead of
+    its bar (README); they went to stdout, so `flowar-train ... 2>log` left the log empty."""
+    from flowar.train.trainer import train
+    train(_args(small_world, tmp_path / "r", steps=2, log_every=1), progress=True)
+    got = capsys.readouterr()
+    assert "step 1/2 loss " in got.err and "step 2/2 loss " in got.err and "step 1/2" not in got.out, got
+
+
 def test_the_trainer_joins_torchrun_over_gloo_also_where_a_gpu_is_seen(monkeypatch):
     """It computes on the CPU, so its process group is gloo's (NCCL takes CUDA tensors only: it
     chose NCCL wherever PyTorch saw a GPU)."""

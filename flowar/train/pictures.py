@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,7 +74,7 @@ class Progress:
         if state.step % n == 0 and self.bar.disable:
             rate = (state.step - self.first) / max(1e-9, time.perf_counter() - self.t0)
             print(f"step {state.step}/{self.args.steps} loss {sum(state.losses[-n:]) / n:.4f} lr {lr:.2e} "
-                  f"{rate:.1f} step/s", flush=True)
+                  f"{rate:.1f} step/s", file=sys.stderr, flush=True)    # (the bar's place: stdout left it out of a log)
 
     def close(self) -> None:
         self.bar.close()
