@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -294,6 +295,31 @@ def test_the_loss_lines_go_where_the_bar_would(small_world, tmp_path, capsys):
     train(_args(small_world, tmp_path / "r", steps=2, log_every=1), progress=True)
     got = capsys.readouterr()
     assert "step 1/2 loss " in got.err and "step 2/2 loss " in got.err and "step 1/2" not in got.out, got
+
+
+def test_an_interrupted_run_says_which_step_it_resumes_from(small_world, tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) said "interrupted" alone: where the run stopped, the step its checkpoint
+    holds and that --resume continues from there; before the first checkpoint, that there is none."""
+    import flowar.train.trainer as trainer
+    real, calls = trainer.train_step, []
+
+    def stop_at_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(trainer, "train_step", stop_at_third)
+    ckpt = tmp_path / "r" / "checkpoint-last.safetensors"
+    with pytest.raises(KeyboardInterrupt, match=rf"^at step 2; {re.escape(str(ckpt))} holds step 2: the same command "
+                                                r"with --resume continues from there$"):
+        trainer.train(_args(small_world, tmp_path / "r", steps=6, ckpt_every=2), progress=False)
+    monkeypatch.setattr(trainer, "train_step", real)
+    assert trainer.train(_args(small_world, tmp_path / "r", steps=6, ckpt_every=2, resume=True), progress=False).step == 6
+    calls.clear()
+    monkeypatch.setattr(trainer, "train_step", stop_at_third)
+    with pytest.raises(KeyboardInterrupt, match=r"^at step 2; no checkpoint yet \(the first at step 100\): run the "
+                                                r"command again to start afresh$"):
+        trainer.train(_args(small_world, tmp_path / "n", steps=6), progress=False)
 
 
 def test_the_trainer_joins_torchrun_over_gloo_also_where_a_gpu_is_seen(monkeypatch):

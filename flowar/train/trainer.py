@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -369,7 +368,7 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
             grid.unlink()
         (ckpt.parent / "loss.png").unlink(missing_ok=True)
     end = args.steps if max_steps_this_run is None else min(args.steps, run.state.step + max_steps_this_run)
-    with closing(Progress(args, run.state, progress and rank == 0)) as bar:
+    with Progress(args, run.state, progress and rank == 0) as bar:      # (an interrupt: which step resumes)
         for step, x, y, t, noise in batches(lat, config, args, rank, world, run.state.step, end):
             loss = train_step(run, x, y, t, noise, lr_at(step, args), args.grad_clip)
             ema_update(run.ema, run.model, step, args.ema_decay)
