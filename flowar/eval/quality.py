@@ -267,5 +267,6 @@ def report_lines(rep: "QualityReport", seed: int, decode: bool, class_names: lis
         out.append("no images to judge: the source has no decoder (pass --vae, or an engine directory exported with "
                    "--vae), token errors only")
     if rep.fid is not None:
-        out.append(f"FID against {fid_name}: {rep.fid:.3f}")
+        out.append(f"FID against {fid_name}: {rep.fid:.3f}" + (f" (from {rep.n_samples} samples: biased high, not "
+                   "comparable with published FIDs, which use 10k-50k)" if rep.n_samples < 10_000 else ""))
     return out
