@@ -396,5 +396,5 @@ def read_manifest(root: str | Path, verify_hashes: bool = False) -> Manifest:
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
     tmp = root / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(sealed(manifest.to_json()), indent=1, sort_keys=False))   # (flowar-check finds an edit)
+    tmp.write_text(json.dumps(sealed(json.loads(json.dumps(manifest.to_json()))), indent=1))   # (sealed as read back)
     os.replace(tmp, root / MANIFEST)

@@ -135,7 +135,8 @@ def test_an_unreadable_openmp_thread_count_is_one_line_and_an_empty_one_is_unset
     args = [sys.executable, "-c", "from flowar.commands.cli import run; run()", "--ckpt", str(DEFAULT_CKPT),
             "--steps", "3", "--save-tokens", str(tmp_path / "t.safetensors")]
     for value, code, said in (("abc", 2, "error: expected OMP_NUM_THREADS a positive integer (or a list of them), "
-                                         "or unset; got 'abc'. Fix: unset it"), ("", 0, ""), ("2,1", 0, "")):
+                                         "or unset; got 'abc'. Fix: unset it"), ("", 0, ""), ("2,1", 0, ""),
+                              ("\u00b2", 2, "error: expected OMP_NUM_THREADS")):     # (a digit to isdigit, not to int)
         proc = subprocess.run(args, env={**os.environ, "OMP_NUM_THREADS": value}, capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == code and "libgomp" not in proc.stderr, (value, proc.stderr)
@@ -306,6 +307,7 @@ def test_settings_that_do_not_go_together_are_refused_before_the_source_opens(fi
     # the "opened" and "backend" lines, then the error)
     (tmp_path / "noise.safetensors").write_bytes(b"not safetensors")
     for args, said in ((["--batch", "2"], "expected --batch at most 1 (the engines' max batch); got 2"),
+                       (["--backend", "torch", "--batch", "2"], "expected --batch at most 1 (the engines' max batch)"),
                        (["--noise", str(tmp_path / "noise.safetensors")], "expected a readable safetensors noise file")):
         res = CliRunner().invoke(run, ["--engine-dir", str(tmp_path / "e"), "--labels", "1,2"] + args)
         assert res.exit_code == 2 and res.output.startswith(f"error: {said}") and res.output.count("\n") == 1, res.output

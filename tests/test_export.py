@@ -347,6 +347,9 @@ def test_flowar_check_finds_a_manifest_edited_since_the_export(engine_dirs, tmp_
         line, = bad.stderr.strip().splitlines()
         assert bad.returncode == 2 and bad.stdout == "" and "and the manifest itself; got manifest.json itself edited " \
             "since (its fields hash to " in line and "Fix: rebuild it: flowar-export" in line, bad
+    (d / "manifest.json").write_text(json.dumps(m | {"sealed_sha256": 5}))          # (a seal that is no string)
+    bad = subprocess.run(exe, capture_output=True, text=True)
+    assert bad.returncode == 2 and "manifest.json itself edited since" in bad.stderr and "Traceback" not in bad.stderr, bad
     (d / "manifest.json").write_text(text)
     assert subprocess.run(exe, capture_output=True, text=True).returncode == 0
     del m["sealed_sha256"]                               # an export from before the seal: intact, and said

@@ -299,6 +299,12 @@ def test_a_manifest_missing_a_stage_or_unreadable_is_refused_with_a_fix_that_kee
     assert res.exit_code == 2 and res.output.startswith("error: expected graphs for every stage (ar, head_prep, "
                                                         "velocity, decode); got missing ['decode']"), res.output
     assert f"Fix: rebuild it: flowar-export --ckpt {CKPT} --vae {vae} --max-batch 1 --out {d}" in res.output, res.output
+    # exporting again into it keeps what it holds besides (its manifest refused, it was replaced whole: a grid lost)
+    from flowar.commands.build import build_engine_dir
+    (d / "grid.png").write_bytes(b"mine")
+    with pytest.raises(FlowARError, match=r"also holds grid.png\. Fix"):
+        build_engine_dir(CKPT, d, vae_path=vae, max_batch=1, verify=False)
+    assert (d / "grid.png").read_bytes() == b"mine"
     (d / "manifest.json").write_text("{not json")
     with pytest.raises(EngineDirError, match=r"Fix: rebuild it: flowar-export --ckpt CKPT --vae VAE --out .* \(leave "
                                              r"out --vae for tokens only\)"):

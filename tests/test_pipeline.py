@@ -424,7 +424,8 @@ def test_from_pretrained_answers_a_path_it_cannot_use_with_one_flowar_error(tmp_
                        (tmp_path / ("x" * 300 + ".safetensors"), "File name too long"),
                        (tmp_path / "a.safetensors", "a.safetensors"),
                        # (a mistyped engine directory was "expected a checkpoint file")
-                       (tmp_path / "engines/", "expected an engine directory or a checkpoint file; got nothing at ")):
+                       (tmp_path / "engines/", "expected an engine directory or a checkpoint file; got nothing at "),
+                       ("", "got an empty path"), ("a\0b", "a checkpoint")):     # (a NUL byte: ValueError's traceback)
         with pytest.raises(FlowARError, match=said):
             FlowARPipeline.from_pretrained(path)
 

@@ -338,6 +338,13 @@ def test_an_idle_replica_admits_by_its_best_rate_and_says_when_a_request_cannot_
         pool.shutdown()
     assert ok.images == ["png"]
     assert str(short).endswith("Fix: send a timeout_s of at least 1 s") and short.status == 503, str(short)
+    # ... unless the server's --deadline caps timeout_s below that: then that is the limit (it said to send more)
+    capped = Service(replica, Limits(queue=32, max_n=32, deadline_s=0.02), computes=[ThreadPoolExecutor(1)])
+
+    async def one():
+        await capped.submit(GenerateRequest(label=3), [(3, 0, None)])
+    with pytest.raises(ServiceError, match=r"Fix: ask a server started with a longer --deadline \(this one's: 0.02 s\)$"):
+        asyncio.run(one())
     assert refused is not None and refused.status == 503 and "Retry-After" not in refused.headers
     assert "30 asked for" in str(refused) and "at most 20 images" in str(refused), str(refused)
 

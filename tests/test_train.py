@@ -320,6 +320,11 @@ def test_an_interrupted_run_says_which_step_it_resumes_from(small_world, tmp_pat
     with pytest.raises(KeyboardInterrupt, match=r"^at step 2; no checkpoint yet \(the first at step 100\): run the "
                                                 r"command again to start afresh$"):
         trainer.train(_args(small_world, tmp_path / "n", steps=6), progress=False)
+    # a stop while the first checkpoint is written leaves none in place: not promised ("holds step 2" was)
+    monkeypatch.setattr(trainer, "train_step", real)
+    monkeypatch.setattr(trainer, "save_training_checkpoint", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt, match=r"^at step 2; no checkpoint yet"):
+        trainer.train(_args(small_world, tmp_path / "w", steps=6, ckpt_every=2), progress=False)
 
 
 def test_the_trainer_joins_torchrun_over_gloo_also_where_a_gpu_is_seen(monkeypatch):

@@ -157,8 +157,13 @@ def exported_names(directory: Path) -> set[str] | None:
     from flowar.export.manifest import MANIFEST, read_manifest
     try:
         m = read_manifest(directory)
-    except FlowARError:
-        return None
+    except FlowARError:                 # (refused, e.g. a stage's record missing: the files it still names are ours)
+        from flowar.io.files import files_of
+        listed = files_of(Path(directory)) if (Path(directory) / MANIFEST).is_file() else []
+        top = Path(directory).resolve()
+        names = {f.relative_to(top).parts[0] for f in listed[1:] if f.is_relative_to(top)}
+        graphs = {f"{s}.onnx{x}" for s in ("ar", "head_prep", "velocity", "decode") for x in ("", ".data")}  # (as written)
+        return {MANIFEST, TIMING_CACHE} | names | graphs if names else None
     return {MANIFEST, TIMING_CACHE} | {Path(rel).parts[0] for rel, _ in m.members()}
 
 

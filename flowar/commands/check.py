@@ -80,7 +80,7 @@ def check_cmd(engine_dir, must_open, quiet, debug):
         got = [f"{len(changed)} of {n} not: " + "; ".join(f"{rel} changed (sha256 {now[:12]}..., recorded {want[:12]}...)"
                                                             for rel, now, want in changed)] if changed else []
         got += [f"{MANIFEST} itself edited since (its fields hash to {seal_of(raw)[:12]}..., sealed as "
-                f"{raw[SEAL][:12]}...)"] if edited else []
+                f"{str(raw[SEAL])[:12]}...)"] if edited else []
         raise EngineDirError(f"every file {Path(engine_dir) / MANIFEST} lists as the export wrote it"
                              + (", and the manifest itself" if edited else ""), "; ".join(got), m.rebuild)
     seconds = time.perf_counter() - t0

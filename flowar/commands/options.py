@@ -38,7 +38,8 @@ class Command(click.Command):
             omp = os.environ.get("OMP_NUM_THREADS")
             if omp is not None and not omp.strip():
                 del os.environ["OMP_NUM_THREADS"]
-            elif omp is not None and not all(p.strip().isdigit() and int(p) > 0 for p in omp.split(",")):
+            elif omp is not None and not all(p.strip().isascii() and p.strip().isdigit() and int(p) > 0
+                                             for p in omp.split(",")):
                 raise FlowARError("OMP_NUM_THREADS a positive integer (or a list of them), or unset", repr(omp),
                                   "unset it (unset OMP_NUM_THREADS): each command's threads are its --threads")
             if self.imports_torch:

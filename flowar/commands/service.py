@@ -227,7 +227,8 @@ class Service:
                                f"ask for at most {fit} images per request, or send a longer timeout_s" if fit else
                                f"ask for fewer steps (these settings cost {each:.1f} images of the default's each), "
                                "or send a longer timeout_s" if each > 1 + 1e-9 else   # (the default's cost: steps won't help)
-                               f"send a timeout_s of at least {math.ceil(best * each)} s")
+                               f"send a timeout_s of at least {math.ceil(work * best)} s" if work * best <= self.limits.deadline_s
+                               else f"ask a server started with a longer --deadline (this one's: {self.limits.deadline_s:g} s)")
         wait = (self.held_work() + work) * self.per_image()
         if self.held() and wait > budget:
             raise ServiceError(503, f"images this replica computes within the request's deadline ({budget:g} s)",

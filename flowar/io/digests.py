@@ -32,7 +32,7 @@ SEAL = "sealed_sha256"      # where a sealed JSON record (an engine directory's 
 
 
 def sealed(record: dict) -> dict:
-    """``record`` with the sha256 of its other fields (keys sorted, compact JSON) under :data:`SEAL`."""
+    """``record`` with the sha256 of its other fields (as JSON with sorted keys) under :data:`SEAL`."""
     return record | {SEAL: seal_of(record)}
 
 

@@ -67,7 +67,7 @@ def user_cache(name: str) -> Path:
     return Path(base) / "flowar" / name
 
 
-def _files_of(p: Path) -> list[Path]:
+def files_of(p: Path) -> list[Path]:
     """The files an input is made of: itself; for an engine directory its manifest and every file it
     lists; for another folder (a diffusers VAE) the files at its top."""
     if not p.is_dir():
@@ -106,7 +106,7 @@ def check_outputs(outputs: list[tuple[str, str | Path | None]], inputs: list[str
     checkpoint, or at the VAE folder's weights, overwrote them; other files in an input folder, such
     as an earlier run's grid, may be written again), or that another output also names (both were
     written, then the command failed half way)."""
-    ins = [(_resolve(f), p) for p in inputs if p for f in _files_of(Path(p))]
+    ins = [(_resolve(f), p) for p in inputs if p for f in files_of(Path(p))]
     seen: dict[Path, str] = {}
     for option, p in outputs:
         if p is None:

@@ -115,12 +115,14 @@ class FlowARPipeline:
             if not isinstance(flag, bool):              # ("no" is a true value)
                 raise FlowARError(f"{name} True or False", repr(flag)[:40], f"pass {name}=False or leave it out")
         _refuse_diffusers_only("from_pretrained", others)
+        if not str(os.fspath(path)).strip():       # (Path("") is the working directory)
+            raise FlowARError("an engine directory or a checkpoint file", "an empty path", 'pass e.g. "out/engines"')
         try:
             os.lstat(path)
         except FileNotFoundError:       # (it said "expected a checkpoint file" of a mistyped engine directory)
             raise FlowARError("an engine directory or a checkpoint file", f"nothing at {os.fspath(path)}",
                               "check the path") from None
-        except OSError:                 # (a name too long, a loop of links: said below)
+        except (OSError, ValueError):   # (a name too long, a loop of links, a NUL byte: said below)
             pass
         try:                            # (the runtime's messages name the commands' options: here the keywords)
             return cls(Runtime.open(os.fspath(path), backend=backend, preset=preset, config=config, vae=vae, device=device,

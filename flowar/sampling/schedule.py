@@ -198,7 +198,7 @@ class Settings:
         except FlowARError as e:
             raise FlowARError(f"schedule_defaults in the engine directory's manifest.json: "
                               f"{e.expected.removeprefix('--')}", e.got,
-                              "re-export the directory (flowar-export), or correct its manifest.json") from None
+                              "re-export the directory (flowar-export)") from None
 
     def given(self) -> dict:
         """The fields that were set, by name (what a command records)."""

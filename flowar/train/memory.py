@@ -26,14 +26,17 @@ def _units(c: FlowARConfig) -> int:
                         + (c.head_width + c.head_mlp_hidden) * c.head_depth)
 
 
-def require_batch_memory(batch: int, per_image: float, command: str) -> None:
-    """Refuse a ``--batch`` whose step would not fit in the memory available now, naming the batch that would."""
+def require_batch_memory(batch: int, per_image: float, command: str, resume: bool = False) -> None:
+    """Refuse a ``--batch`` whose step would not fit in the memory available now, naming the batch that
+    would (the global batch: torchrun's ranks on one machine share its memory; a resumed run keeps its
+    batch, so it is told to start afresh)."""
     from flowar.io.memory import available_bytes
     free, need = available_bytes(), batch * per_image
     if free is not None and need * KEPT_LOW > free:
         raise FlowARError(f"a --batch whose {command} step fits in memory (about {per_image / 2**20:.1f} MB an image)",
                           f"--batch {batch}: about {need / 2**30:.1f} GB, with {free / 2**30:.1f} GB available",
-                          f"pass --batch {max(1, int(0.8 * free // per_image))} or less")
+                          ("start afresh in another --out (a resumed run keeps its --batch) with " if resume else "pass ")
+                          + f"--batch {max(1, int(0.8 * free // per_image))} or less")
 
 
 def vae_image_bytes(size: int) -> float:

@@ -64,6 +64,7 @@ class Progress:
     def __init__(self, args: TrainArgs, state: TrainState, progress: bool):
         from tqdm import tqdm
         self.args, self.t0, self.first, self.state = args, time.perf_counter(), state.step, state
+        self.saved = state.step or None     # the step checkpoint-last.safetensors holds (a resumed run's, or none yet)
         self.bar = tqdm(total=args.steps, initial=state.step, desc="train", unit="step",
                         disable=None if progress else True)            # None: off when not on a terminal
 
@@ -85,9 +86,8 @@ class Progress:
     def __exit__(self, kind, e, tb) -> None:
         self.close()
         if kind is KeyboardInterrupt:       # (Ctrl-C or SIGTERM said "interrupted" alone: what the run can resume)
-            step, every = self.state.step, self.args.ckpt_every
-            kept = max(self.first, step - step % every)
-            ckpt = Path(self.args.out) / "checkpoint-last.safetensors"
-            raise KeyboardInterrupt(f"{e}: " * bool(str(e)) + f"at step {step}; " + (
-                f"{ckpt} holds step {kept}: the same command with --resume continues from there" if kept else
-                f"no checkpoint yet (the first at step {every}): run the command again to start afresh")) from None
+            ckpt = Path(self.args.out) / "checkpoint-last.safetensors"   # (a write a stop cut short: not in place)
+            raise KeyboardInterrupt(f"{e}: " * bool(str(e)) + f"at step {self.state.step}; " + (
+                f"{ckpt} holds step {self.saved}: the same command with --resume continues from there" if self.saved
+                else f"no checkpoint yet (the first at step {self.args.ckpt_every}): run the command again to start "
+                "afresh")) from None

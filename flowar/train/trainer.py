@@ -339,11 +339,12 @@ def mean_over_ranks(loss: Tensor, world: int) -> float:
     return float(loss)
 
 
-def checkpoint_and_sample(run: Run, args: TrainArgs, class_names: list[str], ckpt: Path, end: int) -> None:
+def checkpoint_and_sample(run: Run, args: TrainArgs, class_names: list[str], ckpt: Path, end: int, bar: Progress) -> None:
     """Rank 0 after each step: checkpoint + loss plot every --ckpt-every (and at ``end``), sample grids."""
     step, out = run.state.step, ckpt.parent
     if step % args.ckpt_every == 0 or step == end:
         save_training_checkpoint(ckpt, run, args, class_names)
+        bar.saved = step                    # (in place: an interrupt now says this step resumes)
         plot_losses(run.state.losses, out / "loss.png")
     if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
         sample_grid(run.ema, args, class_names, out / "samples" / f"step{step:07d}.png")
@@ -359,7 +360,7 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
     from flowar.train.memory import flowar_image_bytes, require_batch_memory
     lat = load_latents(args.data, args.size, args.vae, args.cache_dir or user_cache("latents"), data)
     config = build_config(args, lat, began)
-    require_batch_memory(args.batch // world, flowar_image_bytes(config), "flowar-train")     # (it was killed: exit 137)
+    require_batch_memory(args.batch, flowar_image_bytes(config), "flowar-train", args.resume)   # (it was killed: exit 137)
     run = build_run(args, config, world, ckpt)
     run.inputs = {"data": data.digest, "vae": vae_sha256(args.vae)}
     ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -380,7 +381,7 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
             run.state.step += 1
             if rank == 0:
                 bar.log(run.state, lr_at(step, args))
-                checkpoint_and_sample(run, args, lat.class_names, ckpt, end)
+                checkpoint_and_sample(run, args, lat.class_names, ckpt, end, bar)
     if rank == 0 and run.state.step == args.steps:
         last = ckpt.parent / "samples" / f"step{args.steps:07d}.png"
         if args.sample_every and not last.is_file():      # (stopped after the last checkpoint, before its grid)
