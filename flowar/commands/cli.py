@@ -169,7 +169,7 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
 @click.option("--cfg", type=float, help=f"Default cfg recorded for the commands [default: {SAMPLING_DEFAULTS['cfg']}].")
 @click.option("--guidance", type=float, help="Default guidance recorded for the commands [default: "
                                              f"{SAMPLING_DEFAULTS['guidance']}].")
-@click.option("--compute-capability", help="TensorRT target without a GPU, e.g. sm80, sm86, sm89, sm120.")
+@click.option("--compute-capability", help="TensorRT-RTX target without a GPU, e.g. sm86, sm89, sm120 [default: sm80].")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precision, auto_candidates, max_batch,
                max_memory, verify, schedule, steps, cfg, guidance, compute_capability, debug):
@@ -244,7 +244,8 @@ def train_vae_cmd(data, out, size, latent_channels, steps, batch, lr, seed, debu
 @click.option("--vae", required=True, type=click.Path(), help="VAE the latents come from (diffusers folder or kl16.ckpt).")
 @click.option("--data", default="animal-mnist", show_default=True, help="animal-mnist, or ROOT/<class>/<image> folder.")
 @click.option("--size", default=32, show_default=True, type=int, help="Image side.")
-@click.option("--preset", help="Take widths/depths from a preset (scales, channels, classes follow the data).")
+@click.option("--preset", help="Widths/depths of a preset: tiny, flowar-s, flowar-l, flowar-h (scales, channels, classes "
+              "follow the data) [default: tiny].")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Full config JSON instead.")
 @click.option("--steps", default=2000, show_default=True, type=int, help="Optimizer steps in all (a resumed run "
               "continues to it).")
