@@ -172,6 +172,21 @@ def test_a_resume_with_other_settings_or_fewer_steps_is_one_line_before_any_enco
 
 
 
+def test_resume_alone_takes_the_runs_own_settings(small_world, tmp_path, capsys):
+    """`flowar-train --out RUN --vae VAE --resume` was refused unless every setting was typed again
+    ("batch 64, began with 8": the default against the run's own). Settings left at their defaults
+    take the run's, with a note; the run continues as the uninterrupted one does."""
+    from flowar.train.trainer import TrainArgs, train
+    whole = train(_args(small_world, tmp_path / "whole", steps=3), progress=False)
+    train(_args(small_world, tmp_path / "r", steps=2), progress=False)
+    capsys.readouterr()
+    st = train(TrainArgs(out=str(tmp_path / "r"), vae=str(small_world / "vae"), data=str(small_world / "data"), steps=3,
+                         sample_every=0, cache_dir=str(small_world / "cache"), resume=True), progress=False)
+    err = capsys.readouterr().err
+    assert "note: --resume takes the run's own size 16, batch 8, warmup 2 (left at their defaults here)" in err, err
+    assert st.step == 3 and st.losses == whole.losses
+
+
 def test_a_resume_with_an_edited_config_file_or_renamed_class_folders_is_refused_before_encoding(small_world, tmp_path,
                                                                                                monkeypatch):
     """The settings' names stayed while what they name changed: a --config file edited since (its

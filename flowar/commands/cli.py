@@ -261,7 +261,7 @@ def train_vae_cmd(data, out, size, latent_channels, steps, batch, lr, seed, debu
 @click.option("--sample-every", default=500, show_default=True, type=int, help="Sample grid PNG every N steps (0: off).")
 @click.option("--ckpt-every", default=500, show_default=True, type=int, help="Write checkpoint-last.safetensors and "
               "loss.png every N steps (and at the end).")
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint-last.safetensors.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint-last.safetensors with the run's settings.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmup, ema_decay, grad_clip, seed,
               log_every, sample_every, ckpt_every, resume, debug):
