@@ -36,6 +36,7 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")      # what flowar-export --precis
 # builds them; named here, with the format, so that reading a manifest imports no PyTorch), and what
 # each opens: nothing (the stage's graph), a compiled package (`engines.<stage>.file`) or
 # weights (`engines.<stage>.weights`, a key of `weights`).
+STAGES = ("ar", "head_prep", "velocity", "decode")     # (stage_specs' names, the last with a VAE only)
 CANDIDATE_OPENS = {"ort-fp32": None, "torch-fp32": "weights", "torch-bf16": "weights", "aoti-fp32": "file",
                    "aoti-bf16": "file"}
 VERIFIED = ".verified.json"     # members found to hash to their sha256 here, by file state (Manifest.checked)
@@ -344,8 +345,7 @@ def read_manifest(root: str | Path, verify_hashes: bool = False) -> Manifest:
     if not root.is_dir():
         raise EngineDirError("an engine directory made by flowar-export", f"no directory at {root}",
                              f"rebuild it: flowar-export --ckpt CKPT --out {root}")
-    # (a manifest that cannot be read names no VAE: following "--ckpt CKPT --out" made a tokens-only directory)
-    rebuild = f"rebuild it: flowar-export --ckpt CKPT --vae VAE --out {root} (leave out --vae for tokens only)"
+    rebuild = f"rebuild it: flowar-export --ckpt CKPT --vae VAE --out {root} (leave out --vae for tokens only)"  # (no VAE named)
     mpath = root / MANIFEST
     if not mpath.is_file():
         # a model's folder (a checkpoint and its VAE beside it, as models/default): how to open the file in it
@@ -379,7 +379,7 @@ def read_manifest(root: str | Path, verify_hashes: bool = False) -> Manifest:
     known = {k: m[k] for k in _FIELDS if k in m and k not in ("root", "config", "meta")}
     manifest = Manifest(root=root, config=config, **known,
                         meta={k: v for k, v in m.items() if k not in _FIELDS and k != "format"})
-    every = ("ar", "head_prep", "velocity") + ("decode",) * bool(manifest.vae)   # (specs(): no PyTorch imported here)
+    every = STAGES[:3] + STAGES[3:] * bool(manifest.vae)                    # (specs(): no PyTorch imported here)
     if missing := [s for s in every if s not in manifest.stages]:            # (flowar-check: "opens nowhere", exit 0)
         raise EngineDirError(f"graphs for every stage ({', '.join(every)})", f"missing {missing}", manifest.rebuild)
     for rel, digest in manifest.members():

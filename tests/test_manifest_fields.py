@@ -293,7 +293,11 @@ def test_a_manifest_missing_a_stage_or_unreadable_is_refused_with_a_fix_that_kee
     now the directory's own rebuild command, with its VAE. An unreadable manifest's fix names --vae
     (following "--ckpt CKPT --out DIR" made a tokens-only directory)."""
     from flowar.commands.check import check_cmd
+    from flowar.export.manifest import STAGES
+    from flowar.export.specs import stage_specs
     src, vae = exported
+    m = read_manifest(src)                   # (the names read_manifest lists without PyTorch are the specs' own)
+    assert tuple(stage_specs(m.config, 16)) == STAGES and tuple(stage_specs(m.config, None)) == STAGES[:3]
     d = _copy(src, tmp_path / "nodecode", lambda m: m["stages"].pop("decode"))
     res = CliRunner().invoke(check_cmd, ["--engine-dir", str(d)])
     assert res.exit_code == 2 and res.output.startswith("error: expected graphs for every stage (ar, head_prep, "

@@ -154,7 +154,7 @@ def check_request(req: ExportRequest):
 def exported_names(directory: Path) -> set[str] | None:
     """The names an export wrote at the top of ``directory``: its manifest, what that lists, and full
     TensorRT's timing cache (None where the manifest cannot be read: the directory is replaced whole)."""
-    from flowar.export.manifest import MANIFEST, read_manifest
+    from flowar.export.manifest import MANIFEST, STAGES, read_manifest
     try:
         m = read_manifest(directory)
     except FlowARError:                 # (refused, e.g. a stage's record missing: the files it still names are ours)
@@ -162,7 +162,7 @@ def exported_names(directory: Path) -> set[str] | None:
         listed = files_of(Path(directory)) if (Path(directory) / MANIFEST).is_file() else []
         top = Path(directory).resolve()
         names = {f.relative_to(top).parts[0] for f in listed[1:] if f.is_relative_to(top)}
-        graphs = {f"{s}.onnx{x}" for s in ("ar", "head_prep", "velocity", "decode") for x in ("", ".data")}  # (as written)
+        graphs = {f"{s}.onnx{x}" for s in STAGES for x in ("", ".data")}        # (as the export names them)
         return {MANIFEST, TIMING_CACHE} | names | graphs if names else None
     return {MANIFEST, TIMING_CACHE} | {Path(rel).parts[0] for rel, _ in m.members()}
 

@@ -73,13 +73,14 @@ def check_cmd(engine_dir, must_open, quiet, debug):
     # the manifest itself, where the export sealed it: an edit (latent_scale, a class name, a default) changed the
     # images while every file it lists still hashed to its record
     raw = json.loads((m.root / MANIFEST).read_text())
-    edited = raw.get(SEAL) is not None and raw[SEAL] != seal_of(raw)
+    now = seal_of(raw)
+    edited = raw.get(SEAL) is not None and raw[SEAL] != now
     members = set(m.members())
     n, size = len(members), sum(m.member(rel).stat().st_size for rel, _ in members)
     if changed or edited:
-        got = [f"{len(changed)} of {n} not: " + "; ".join(f"{rel} changed (sha256 {now[:12]}..., recorded {want[:12]}...)"
-                                                            for rel, now, want in changed)] if changed else []
-        got += [f"{MANIFEST} itself edited since (its fields hash to {seal_of(raw)[:12]}..., sealed as "
+        got = [f"{len(changed)} of {n} not: " + "; ".join(f"{rel} changed (sha256 {found[:12]}..., recorded {want[:12]}...)"
+                                                            for rel, found, want in changed)] if changed else []
+        got += [f"{MANIFEST} itself edited since (its fields hash to {now[:12]}..., sealed as "
                 f"{str(raw[SEAL])[:12]}...)"] if edited else []
         raise EngineDirError(f"every file {Path(engine_dir) / MANIFEST} lists as the export wrote it"
                              + (", and the manifest itself" if edited else ""), "; ".join(got), m.rebuild)

@@ -220,15 +220,18 @@ class Service:
         # best known rate computes in time (a stale, slow measurement must not keep an idle replica refusing)
         best = min(self.per_image(), self.replica.per_image_s or self.per_image())
         if work * best > budget:                        # not even alone: no retry will help
-            each = work / len(items)
+            each, alone = work / len(items), work * best
             fit = int(budget / (best * each) + 1e-9)
+            if fit:
+                fix = f"ask for at most {fit} images per request, or send a longer timeout_s"
+            elif each > 1 + 1e-9:                       # (at the default's cost fewer steps cannot help)
+                fix = f"ask for fewer steps (these settings cost {each:.1f} images of the default's each), or send a longer timeout_s"
+            elif alone <= self.limits.deadline_s:       # (timeout_s is capped by the server's --deadline)
+                fix = f"send a timeout_s of at least {math.ceil(alone)} s"
+            else:
+                fix = f"ask a server started with a longer --deadline (this one's: {self.limits.deadline_s:g} s)"
             raise ServiceError(503, f"images this replica computes within the request's deadline ({budget:g} s)",
-                               f"{len(items)} asked for, about {work * best:.1f} s even alone",
-                               f"ask for at most {fit} images per request, or send a longer timeout_s" if fit else
-                               f"ask for fewer steps (these settings cost {each:.1f} images of the default's each), "
-                               "or send a longer timeout_s" if each > 1 + 1e-9 else   # (the default's cost: steps won't help)
-                               f"send a timeout_s of at least {math.ceil(work * best)} s" if work * best <= self.limits.deadline_s
-                               else f"ask a server started with a longer --deadline (this one's: {self.limits.deadline_s:g} s)")
+                               f"{len(items)} asked for, about {alone:.1f} s even alone", fix)
         wait = (self.held_work() + work) * self.per_image()
         if self.held() and wait > budget:
             raise ServiceError(503, f"images this replica computes within the request's deadline ({budget:g} s)",
