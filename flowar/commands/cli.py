@@ -266,9 +266,8 @@ def train_vae_cmd(data, out, size, latent_channels, steps, batch, lr, seed, debu
 def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmup, ema_decay, grad_clip, seed,
               log_every, sample_every, ckpt_every, resume, debug):
     """Train FlowAR with the official multi-scale flow-matching loss (runs under torchrun too)."""
-    from flowar.io.files import check_writable
+    from flowar.io.files import check_outputs, check_writable
     from flowar.train.trainer import TrainArgs, train
-    from flowar.io.files import check_outputs
     check_outputs([("--out", out)], [vae, config_path, data if Path(data).exists() else None])
     check_writable(out, True, "--out")
     _positive(("--steps", steps), ("--batch", batch), ("--log-every", log_every), ("--ckpt-every", ckpt_every),
@@ -306,7 +305,8 @@ def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmu
 @click.option("--fid-stats", type=click.Path(dir_okay=False), help="Reference statistics (.npz with mu, sigma; the "
               "ADM / MAR format) for an FID of the generated images.")
 @click.option("--fid-extractor", type=click.Path(dir_okay=False), help="The feature extractor those statistics were "
-              "made with: a local TorchScript file (e.g. inception-2015-12-05.pt of the StyleGAN3 FID code).")
+              "made with: a local TorchScript file (e.g. inception-2015-12-05.pt of the StyleGAN3 FID code) or a "
+              "torch.export program (.pt2).")
 @click.option("--judge", "judge_kind", default="auto", show_default=True, type=click.Choice(["auto", "animal-mnist", "none"]),
               help="The independent classifier for class accuracy: auto = the one of the data the checkpoint was "
                    "trained on (its metadata; none without a decoder), animal-mnist, or none.")
