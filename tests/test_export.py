@@ -331,7 +331,9 @@ def test_a_graph_onnx_runtime_cannot_run_is_one_line_naming_it(engine_dirs, tmp_
 def test_flowar_check_finds_a_manifest_edited_since_the_export(engine_dirs, tmp_path):
     """An edited manifest.json (latent_scale, a class name) changed the images while flowar-check said
     "intact": every file it lists still hashed to its record. The export seals it; an edit is exit 2
-    naming it, the seal put back is intact again, and a manifest from before the seal passes, said."""
+    naming the fields edited (it named none), the seal put back is intact again, a seal without the
+    fields' digests (an export before them) still finds an edit, and a manifest from before the seal
+    passes, said."""
     src, _ = engine_dirs["tiny_v1"]
     d = tmp_path / "shipped"
     shutil.copytree(src, d, ignore=shutil.ignore_patterns(".ort-cache"))
@@ -339,14 +341,20 @@ def test_flowar_check_finds_a_manifest_edited_since_the_export(engine_dirs, tmp_
     text = (d / "manifest.json").read_text()
     m = json.loads(text)
     assert m["sealed_sha256"] and subprocess.run(exe, capture_output=True, text=True).returncode == 0
-    for edit in (lambda m: m["config"].update(latent_scale=2.0), lambda m: m.update(max_batch=m["max_batch"] + 1)):
+    for edit, named in ((lambda m: m["config"].update(latent_scale=2.0), "since: config.latent_scale. Fix"),
+                        (lambda m: m.update(max_batch=m["max_batch"] + 1), "since: max_batch. Fix"),
+                        (lambda m: m.update(class_names=[f"c{i}" for i in range(m["config"]["num_classes"])]),
+                         "since: class_names. Fix"),
+                        (lambda m: m.pop("sealed_parts") and m["config"].update(latent_scale=2.0),
+                         "since (its fields hash to ")):
         edited = json.loads(text)
         edit(edited)
         (d / "manifest.json").write_text(json.dumps(edited, indent=1))
         bad = subprocess.run(exe, capture_output=True, text=True)
         line, = bad.stderr.strip().splitlines()
         assert bad.returncode == 2 and bad.stdout == "" and "and the manifest itself; got manifest.json itself edited " \
-            "since (its fields hash to " in line and "Fix: rebuild it: flowar-export" in line, bad
+            "since" in line and "Fix: rebuild it: flowar-export" in line, bad
+        assert named in line, (named, line)
     (d / "manifest.json").write_text(json.dumps(m | {"sealed_sha256": 5}))          # (a seal that is no string)
     bad = subprocess.run(exe, capture_output=True, text=True)
     assert bad.returncode == 2 and "manifest.json itself edited since" in bad.stderr and "Traceback" not in bad.stderr, bad

@@ -366,6 +366,7 @@ def test_a_bulk_run_resumes_only_on_the_engines_it_began_with_and_bad_settings_w
     m = json.loads((d / "manifest.json").read_text())
     assert m["call_plan"]["batches"] and m["call_plan"]["per_image"]           # (this directory has a call plan)
     again = m | {"created": "re-exported", "versions": {}, "sealed_sha256": "f" * 64, "checkpoint": m["checkpoint"] | {"source": "/moved"},
+                 "sealed_parts": m["sealed_parts"] | {"created": "0" * 16},
                  "stages": {k: v | {"peak_rss_gb": 99.0} for k, v in m["stages"].items()},
                  "call_plan": m["call_plan"] | {"per_image": {b: 2 * t for b, t in m["call_plan"]["per_image"].items()}}}
     (d / "manifest.json").write_text(json.dumps(again))

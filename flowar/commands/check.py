@@ -66,7 +66,7 @@ def check_cmd(engine_dir, must_open, quiet, debug):
     whether it opens here (said; exit 3 only with --must-open, since a directory for a GPU is
     checked on a CPU)."""
     from flowar.export.manifest import MANIFEST, read_manifest
-    from flowar.io.digests import SEAL, seal_of
+    from flowar.io.digests import SEAL, edited_parts, seal_of
     m = read_manifest(engine_dir)                # (its format, fields and paths; a missing file is named here)
     t0 = time.perf_counter()
     changed = m.changed(progress=not quiet)
@@ -80,8 +80,9 @@ def check_cmd(engine_dir, must_open, quiet, debug):
     if changed or edited:
         got = [f"{len(changed)} of {n} not: " + "; ".join(f"{rel} changed (sha256 {found[:12]}..., recorded {want[:12]}...)"
                                                             for rel, found, want in changed)] if changed else []
-        got += [f"{MANIFEST} itself edited since (its fields hash to {now[:12]}..., sealed as "
-                f"{str(raw[SEAL])[:12]}...)"] if edited else []
+        parts = edited_parts(raw) if edited else []     # (which fields: "config.latent_scale"; it named none)
+        got += [f"{MANIFEST} itself edited since" + (": " + ", ".join(parts[:6]) + (", ..." if len(parts) > 6 else "")
+                if parts else f" (its fields hash to {now[:12]}..., sealed as {str(raw[SEAL])[:12]}...)")] if edited else []
         raise EngineDirError(f"every file {Path(engine_dir) / MANIFEST} lists as the export wrote it"
                              + (", and the manifest itself" if edited else ""), "; ".join(got), m.rebuild)
     seconds = time.perf_counter() - t0

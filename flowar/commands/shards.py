@@ -56,8 +56,8 @@ def images_sha256(manifest: Path) -> str:
     import hashlib
     import json
     m = json.loads(manifest.read_text())
-    from flowar.io.digests import SEAL
-    for measured in ("created", "versions", "auto", SEAL):      # (the seal: of the timestamp too)
+    from flowar.io.digests import SEAL, SEAL_PARTS
+    for measured in ("created", "versions", "auto", SEAL, SEAL_PARTS):      # (the seal: of the timestamp too)
         m.pop(measured, None)
     plan = m.get("call_plan")
     if isinstance(plan, dict):

@@ -29,16 +29,39 @@ def sha256_file(path: str | Path) -> str:
 
 
 SEAL = "sealed_sha256"      # where a sealed JSON record (an engine directory's manifest) keeps its own digest
+SEAL_PARTS = "sealed_parts"  # and a short digest of each field, two levels deep, to name what an edit changed
 
 
 def sealed(record: dict) -> dict:
-    """``record`` with the sha256 of its other fields (as JSON with sorted keys) under :data:`SEAL`."""
+    """``record`` with a digest of each field (:func:`seal_parts`, under :data:`SEAL_PARTS`) and the
+    sha256 of all of that (as JSON with sorted keys) under :data:`SEAL`."""
+    record = record | {SEAL_PARTS: seal_parts(record)}
     return record | {SEAL: seal_of(record)}
 
 
 def seal_of(record: dict) -> str:
     import json
     return hashlib.sha256(json.dumps({k: v for k, v in record.items() if k != SEAL}, sort_keys=True).encode()).hexdigest()
+
+
+def seal_parts(record: dict) -> dict[str, str]:
+    """The first 16 hex digits of the sha256 of each field (``config.latent_scale``, ``class_names``),
+    the seal's own fields left out."""
+    import json
+    flat = {f"{k}.{k2}" if isinstance(v, dict) else k: v2
+            for k, v in record.items() if k not in (SEAL, SEAL_PARTS)
+            for k2, v2 in (v.items() if isinstance(v, dict) else [(k, v)])}
+    return {k: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:16] for k, v in flat.items()}
+
+
+def edited_parts(record: dict) -> list[str]:
+    """The fields of a sealed ``record`` whose digests are not those it was sealed with (added and
+    removed ones too); empty where it holds no digests to compare (then only :data:`SEAL` tells)."""
+    was = record.get(SEAL_PARTS)
+    if not isinstance(was, dict):
+        return []
+    now = seal_parts(record)
+    return sorted(k for k in now.keys() | was.keys() if now.get(k) != was.get(k))
 
 
 def vae_sha256(path: str | Path) -> str:
