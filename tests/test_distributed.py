@@ -457,6 +457,24 @@ def test_a_ray_address_where_nothing_answers_is_one_line_at_once(engines, tmp_pa
     assert not (tmp_path / "o").exists()
 
 
+def test_a_cluster_that_refuses_the_token_is_one_line_naming_the_token(server, engines, tmp_path):
+    """A running cluster that authenticates by another token (here the served replica's own local
+    cluster): Ray tried for 20 s, printing a warning a second, and the line said to start a cluster
+    (with auto) where one was running. Now a few tries, Ray's warnings held back, one line on the token."""
+    import ray
+    gcs = ray.get_runtime_context().gcs_address
+    env = {k: v for k, v in ENV.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))} | {"HOME": str(tmp_path)}
+    for address in (gcs, "auto"):
+        proc = subprocess.run([str(EXE / "flowar-sample"), "--engine-dir", str(engines), "--num-images", "8", "--out",
+                               str(tmp_path / "o"), "--ray-address", address], env=env, capture_output=True,
+                              text=True, timeout=120)
+        line, = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and line.startswith(f"error: expected a running Ray cluster (--ray-address "
+                                                        f"{address}) that takes this client; got the cluster at "), line
+        assert "refused this command's token" in line and "Fix: put the cluster's token in ~/.ray/auth_token" in line
+    assert not (tmp_path / "o").exists()
+
+
 def test_bulk_counts_below_one_are_one_line_before_anything_starts(engines, tmp_path):
     """--workers 0 (it divided by it for a note first: a traceback), --threads 0, --batch 0."""
     from click.testing import CliRunner

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+from contextlib import contextmanager
 
 from flowar.errors import FlowARError
 
@@ -50,15 +51,21 @@ def start_ray(address: str | None, num_cpus: int | None):
     if address:
         _answers(address)
         try:
-            ray.init(address=address, **kw)
+            with _few_tries():
+                ray.init(address=address, **kw)
             if handler is not None:
                 signal.signal(signal.SIGTERM, handler)
         except ConnectionError as e:        # "auto" with none running (an OSError: not a path's fault)
-            raise FlowARError(f"a running Ray cluster (--ray-address {address})",
-                              str(e).splitlines()[0].split(". ")[0].rstrip("."),
-                              _START if "auto" in address or token else
-                              "put the cluster's token in ~/.ray/auth_token or $RAY_AUTH_TOKEN (`ray get-auth-token` "
-                              "on its head prints it), or check the address") from None
+            got = str(e).splitlines()[0].split(". ")[0].rstrip(".")
+            if "InvalidAuthToken" in str(e.__cause__):   # (it said "start one" of a cluster that was running)
+                found = got.rpartition(" at ")[2]
+                raise FlowARError(f"a running Ray cluster (--ray-address {address}) that takes this client",
+                                  f"the cluster at {found} refused this command's token (none, or another)" + (
+                                      " (auto took one running on this machine: another command's own local "
+                                      "cluster, such as flowar-serve's, takes no other client)" if address == "auto"
+                                      else ""), _TOKEN_FIX) from None
+            raise FlowARError(f"a running Ray cluster (--ray-address {address})", got,
+                              _START if "auto" in address or token else _TOKEN_FIX) from None
         return ray
     # The local cluster's processes are started with SIGTERM blocked (they inherit this thread's
     # mask), as Ray starts them with SIGINT blocked: a SIGTERM sent to every process at once
@@ -210,6 +217,39 @@ def _blocks_sigterm(pid: int) -> bool:
 
 
 _START = "start one (ray start --head) and pass the address it prints, or omit --ray-address for a local one"
+_TOKEN_FIX = ("put the cluster's token in ~/.ray/auth_token or $RAY_AUTH_TOKEN (`ray get-auth-token` on its head prints "
+              "it), or check the address, or omit --ray-address for a local cluster")
+
+
+@contextmanager
+def _few_tries():
+    """Connecting to a cluster: a few tries, and Ray's warning of each held back (shown again where the
+    connection is made). A cluster that refused this client's token was tried for 20 s, a warning line a
+    second, before Ray gave up: the command's one line then came after twenty of Ray's."""
+    import sys
+    import tempfile
+    set_here = "RAY_gcs_server_port_wait_time_s" not in os.environ    # (Ray's count of tries, a second apart)
+    if set_here:
+        os.environ["RAY_gcs_server_port_wait_time_s"] = "5"
+    sys.stderr.flush()
+    saved, held = os.dup(2), tempfile.TemporaryFile()
+    os.dup2(held.fileno(), 2)               # (Ray's core writes to the process's stderr itself)
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        if set_here:
+            os.environ.pop("RAY_gcs_server_port_wait_time_s", None)
+        held.seek(0)
+        lines = held.read().decode(errors="replace").splitlines(keepends=True)
+        held.close()
+        kept = "".join(ln for ln in lines if ok or "Failed to get cluster ID from GCS" not in ln)
+        if kept:
+            sys.stderr.write(kept)
+            sys.stderr.flush()
 
 
 def _answers(address: str) -> None:
