@@ -34,7 +34,7 @@ from flowar.config import FlowARConfig
 from flowar.errors import FlowARError
 from flowar.export.manifest import EngineDirError, Manifest, read_manifest
 from flowar.runtime.directory import choose_backend, directory_engines, exported_from, trt_engines, trt_unused  # noqa: F401
-from flowar.sampling.batches import SampleResult, run_sampling
+from flowar.sampling.batches import SampleResult, batch_that_fits, run_sampling
 from flowar.sampling.labels import ClassNames, class_names_for
 from flowar.sampling.sampler import Hooked, ScaleTrace
 from flowar.sampling.schedule import Schedule, Settings
@@ -304,6 +304,8 @@ class Runtime(contextlib.AbstractContextManager):
                               f"use --batch {self.max_batch}, or " + (f"re-export with --max-batch {batch_size}" if
                                                                       self.kind == "engine directory" else "--no-cuda-graphs"))
         bs = batch_size or self.batch
+        if self.max_batch is None and self.device.type == "cpu":       # (eager: all at once, where that fits)
+            bs = batch_that_fits(len(labels), batch_size, self.config, self.image_size if decode else None, self.vae)
         clock = _Clock(self.device) if timings is not None and self.runner is None else None
         # one sampling at a time (two threads on one pipeline got each other's images); a lane samples beside it
         if self._caller == threading.get_ident():

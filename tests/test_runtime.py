@@ -108,6 +108,35 @@ def test_a_batch_above_the_limit_is_told_the_fix_of_its_source(default_auto_engi
 
 
 
+def test_eager_sampling_takes_a_batch_that_fits_in_memory_and_a_given_one_that_does_not_is_one_line(monkeypatch):
+    """A checkpoint samples all at once by default: flowar-run --ckpt --n-per-class 10000 (FlowAR-S) grew
+    to 23 GB and was killed (another process with it), since only the finished images were counted.
+    With little memory available the default batch is cut to one that fits (the images of all at
+    once, to float rounding: 40 dB, the suite's bound across batch sizes), and a --batch given that
+    does not fit is one line naming one that does, which then runs."""
+    import re
+
+    from conftest import DEFAULT_CKPT, DEFAULT_VAE
+    from flowar.errors import FlowARError
+    from flowar.io import memory
+    from flowar.io.images import psnr
+    from flowar.runtime.runtime import Runtime
+    labels = [1, 2, 3, 4, 5, 6]
+    with Runtime.open(DEFAULT_CKPT, vae=DEFAULT_VAE) as rt:
+        scales = rt.config.n_scales
+        whole = rt.sample(labels, rt.schedule(), seed=3)
+        assert len(whole.traces) == scales                      # (one batch: a trace per scale)
+        monkeypatch.setattr(memory, "available_bytes", lambda: 8 << 20)     # 8 MiB: a few of the tiny model's samples
+        cut = rt.sample(labels, rt.schedule(), seed=3)
+        assert len(cut.traces) > scales and len(cut.traces) % scales == 0, len(cut.traces)
+        assert min(psnr(cut.images[i:i + 1], whole.images[i:i + 1]) for i in range(6)) >= 40.0
+        with pytest.raises(FlowARError, match=r"--batch 6: about .* GB with the results, and 0.0 GB available") as e:
+            rt.sample(labels, rt.schedule(), seed=3, batch_size=6)
+        fits = int(re.search(r"Fix: pass --batch (\d+) or less", str(e.value)).group(1))
+        assert 1 <= fits < 6
+        assert rt.sample(labels, rt.schedule(), seed=3, batch_size=fits).images.shape[0] == 6
+
+
 def test_images_need_a_decoder_whose_fix_follows_the_source_and_give_the_side_it_makes(default_auto_engines,
                                                                                        tmp_path, monkeypatch):
     """What a runtime was opened from is said by its opener: images from a tokens-only engine directory

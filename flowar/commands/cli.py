@@ -37,7 +37,7 @@ from flowar.errors import FlowARError
               "10000; kept in memory until written: for more, flowar-sample).")
 @click.option("--batch", "batch_size", type=int, help="Samples per batch [default: with --engine-dir the batch "
               "with the best images/s in the call plan measured at export, else the engines' max batch; with --ckpt "
-              "all at once (on a GPU with CUDA graphs, 16)].")
+              "all at once where that fits in memory, else the largest batch that does (on a GPU with CUDA graphs, 16)].")
 @schedule_options("the engine directory's")
 @click.option("--seed", default=0, show_default=True, type=int, help="Names the images: sample i's noise depends "
               "only on (seed, i), whatever the batch size or backend.")

@@ -47,6 +47,47 @@ def read_noise(path: str | Path, config: FlowARConfig) -> list[Tensor]:
         raise FlowARError("a readable safetensors noise file", f"{p}: {str(e)[:160]}", "write the file again") from e
 
 
+# What eager sampling holds beyond its weights, a sample (its activations and its share of the result),
+# from the peak resident memory of flowar-run --ckpt at two batch sizes (Intel Xeon, PyTorch 2.13 on
+# the CPU, 2026-12-06): FlowAR-S tokens only 1.22 GB at 2 samples and 1.94 GB at 8 (0.12 GB a sample:
+# 8.5 bytes a unit of block_units); with its 256 px images from the KL-16 decoder 1.74 and 3.52 GB
+# (0.18 GB more an image: 21.5 bytes a pixel and channel of the decoder's full-resolution width, 128);
+# the tiny default model with its 32 px images 1.58 GB at 500 and 5.06 GB at 2000 (2.3 MB a sample:
+# 12.4 bytes a unit with its images). The larger per-unit figure is taken.
+UNIT_BYTES = 12.5
+DECODE_PIXEL_BYTES = 21.5
+KEPT_LOW = 0.75         # a batch is refused or cut only where a quarter less than its estimate would not fit
+
+
+def block_units(c: FlowARConfig) -> int:
+    """Tokens times the widths of the blocks they pass (AR encoder and decoder, head): what a model's
+    activations per sample scale with."""
+    return c.seq_len * ((c.ar_width + c.ar_mlp_hidden) * (c.ar_encoder_depth + c.ar_decoder_depth)
+                        + (c.head_width + c.head_mlp_hidden) * c.head_depth)
+
+
+def batch_that_fits(n: int, batch_size: int | None, config: FlowARConfig, image_size: int | None, vae=None) -> int:
+    """The batch eager PyTorch samples ``n`` labels in (a checkpoint on a CPU: no batch limit): the
+    ``batch_size`` given, refused where its sampling would not fit in the memory available (one line
+    naming a batch that would); by default all at once where that fits, else the largest batch that
+    does (images change by float rounding only). ``flowar-run --ckpt --n-per-class 10000`` sampled
+    the 10000 at once and was killed at 23 GB. ``image_size``: decoded images of that side (None:
+    tokens only), by ``vae`` (its full-resolution width; 128, KL-16's, where it does not say)."""
+    from flowar.io.memory import available_bytes
+    free, want = available_bytes(), batch_size or n
+    width = getattr(getattr(getattr(vae, "autoencoder", None), "config", None), "block_out_channels", [128])[0]
+    per = UNIT_BYTES * block_units(config) + (DECODE_PIXEL_BYTES * width * image_size ** 2 if image_size else 0)
+    held = n * 4 * (config.latent_channels * config.latent_size ** 2 + 3 * (image_size or 0) ** 2)  # the result
+    if free is None or held + want * per * KEPT_LOW <= free:
+        return want
+    fits = max(1, int((0.8 * free - held) // per))
+    if batch_size is not None:
+        raise FlowARError(f"a --batch whose sampling fits in memory (eager PyTorch: about {per / 2**20:.0f} MB a "
+                          "sample)", f"--batch {batch_size}: about {(held + want * per) / 2**30:.1f} GB with the "
+                          f"results, and {free / 2**30:.1f} GB available", f"pass --batch {fits} or less")
+    return min(fits, want)
+
+
 @dataclass(slots=True)
 class SampleResult:
     tokens: Tensor                      # (B, C, S, S) scaled latent space

@@ -14,16 +14,10 @@ from __future__ import annotations
 
 from flowar.config import FlowARConfig
 from flowar.errors import FlowARError
+from flowar.sampling.batches import KEPT_LOW, block_units
 
 VAE_IMAGE_BYTES = 4.2e6              # flowar-train-vae, an image of side 32
-FLOWAR_UNIT_BYTES = 6.0e6 / 159290   # flowar-train, per unit of :func:`_units` (the tiny default's: 159290)
-KEPT_LOW = 0.75
-
-
-def _units(c: FlowARConfig) -> int:
-    """Tokens times the widths of the blocks they pass (AR encoder and decoder, head)."""
-    return c.seq_len * ((c.ar_width + c.ar_mlp_hidden) * (c.ar_encoder_depth + c.ar_decoder_depth)
-                        + (c.head_width + c.head_mlp_hidden) * c.head_depth)
+FLOWAR_UNIT_BYTES = 6.0e6 / 159290   # flowar-train, per unit of :func:`block_units` (the tiny default's: 159290)
 
 
 def require_batch_memory(batch: int, per_image: float, command: str, resume: bool = False) -> None:
@@ -44,4 +38,4 @@ def vae_image_bytes(size: int) -> float:
 
 
 def flowar_image_bytes(config: FlowARConfig) -> float:
-    return FLOWAR_UNIT_BYTES * _units(config)
+    return FLOWAR_UNIT_BYTES * block_units(config)
