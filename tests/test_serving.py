@@ -349,6 +349,41 @@ def test_an_idle_replica_admits_by_its_best_rate_and_says_when_a_request_cannot_
     assert "30 asked for" in str(refused) and "at most 20 images" in str(refused), str(refused)
 
 
+def test_a_lone_request_is_costed_at_the_batch_it_forms_and_a_batch_no_one_waits_for_stops_between_scales(replica):
+    """A lone image was admitted at the best batch's rate (8 at once: 1.27 s an image of FlowAR-S
+    where one alone takes 1.71 by the plan), so a 1000-step image estimated at 34 s took 73 and
+    answered 504; it is costed at batch 1's seconds now (here the stub's plan: 1 s alone, 0.25 at 4).
+    And a batch whose every image is no longer waited for (504, or its client gone) stops at the next
+    scale: it was computed to the end for no one (a lane held 5.5 minutes)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from flowar.commands.replica import Abandoned
+    from flowar.commands.service import GenerateRequest, Limits, Service, ServiceError
+    stub = SimpleNamespace(lanes=[0], sizes=[1, 4], per_image_s=0.25, batch_s=lambda n: {1: 1.0, 4: 1.0}.get(n, n),
+                           cost=lambda s: 1.0, generate=lambda items, lane=0: (["png"] * len(items), {}))
+    svc = Service(stub, Limits(queue=32, max_n=32), computes=[ThreadPoolExecutor(1)])
+
+    async def lone():
+        await svc.submit(GenerateRequest(label=1, timeout_s=0.5), [(1, 0, None)])
+    with pytest.raises(ServiceError, match=r"got 1 asked for, about 1.0 s even alone"):
+        asyncio.run(lone())
+    # the real replica: the images' waiters all gone after the first scale -> stopped at the second
+    asked = []
+
+    def gone():
+        asked.append(1)
+        return len(asked) >= 2
+    items = [SimpleNamespace(label=3, seed=0, index=0, settings=None, gone=gone)]
+    with pytest.raises(Abandoned):
+        replica.generate(items)
+    assert len(asked) == 2 and replica.pipe.runtime.config.n_scales > 2         # (asked after each scale)
+    items[0].gone = lambda: False
+    images, _ = replica.generate(items)                          # waited for: every scale, its image
+    assert len(images) == 1
+
+
 def test_two_lanes_share_a_burst_instead_of_one_lane_taking_the_largest_batch():
     """12 images at once on two lanes (paying sizes 1, 2, 4, 8; each image 0.05 s): after the idle
     replica's first image, the waiting images are shared among both lanes, so no lane takes more

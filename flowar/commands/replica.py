@@ -142,7 +142,7 @@ class Replica:
             pos = [i for i, it in enumerate(items) if it.settings == settings]
             timings: dict[str, float] = {}
             res = rt.sample([items[i].label for i in pos], self.schedule(settings), seed=[items[i].seed for i in pos],
-                            indices=[items[i].index for i in pos], timings=timings)
+                            indices=[items[i].index for i in pos], timings=timings, on_scale=lambda _: _unless_gone(items))
             for k, v in timings.items():
                 seconds[k] = seconds.get(k, 0.0) + v
             if not rt.call_plan.get("stages"):
@@ -150,6 +150,18 @@ class Replica:
             for i, img in zip(pos, to_uint8(res.images)):
                 out[i] = png_b64(img)
         return out, seconds
+
+
+class Abandoned(Exception):
+    """A batch stopped between two scales: no one waits for any of its images."""
+
+
+def _unless_gone(items: list) -> None:
+    """Stop a batch whose every image is no longer waited for (items with ``gone()``: the service's):
+    a request answered 504 at its deadline, or whose client left, was computed to the end for no one
+    (a 1000-step image held a lane 5.5 minutes after its client had gone)."""
+    if items and all(getattr(it, "gone", lambda: False)() for it in items):
+        raise Abandoned(f"{len(items)} images no one waits for")
 
 
 def head_work(schedule, scales) -> int:

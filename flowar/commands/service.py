@@ -10,7 +10,7 @@ finish within the request's deadline (``timeout_s``, at most ``--deadline``) at 
 its queue (an image counted as what its settings cost: :meth:`Replica.cost`), is refused at once
 (503 with Retry-After, the seconds until it would fit, spread up to half again so that clients
 refused together do not come back together; none for a request that would not fit even alone); an image whose request has passed its deadline anyway (504) or whose client has gone is
-not computed. Batches are formed only in the sizes that cost less per image than every smaller one
+not computed, and a batch computing stops between two scales once none of its images is waited for. Batches are formed only in the sizes that cost less per image than every smaller one
 (the call plan measured at export), never waiting to fill, each of one settings (the oldest waiting
 image's). Where the engines allow it
 (:meth:`flowar.runtime.runtime.Runtime.lane`: compiled or PyTorch stages on a CPU) a replica
@@ -96,6 +96,10 @@ class _Item:
     future: asyncio.Future
     cost: float = 1.0                 # what its settings cost, in images of the default settings (Replica.cost)
     enqueued: float = field(default_factory=time.monotonic)
+
+    def gone(self) -> bool:
+        """Whether no one waits for it any more (its request answered 504, or its client left)."""
+        return self.future.done()
 
 
 class Metrics:
@@ -216,9 +220,12 @@ class Service:
                                {"Retry-After": spread(self.retry_after(len(items), budget))})
         costs = [self.replica.cost(settings) for _, _, settings in items]
         work = sum(costs)
-        # would it expire in the queue? Refused now, not 504 later. A replica holding nothing takes what its
-        # best known rate computes in time (a stale, slow measurement must not keep an idle replica refusing)
-        best = min(self.per_image(), self.replica.per_image_s or self.per_image())
+        # would it expire even alone? Refused now, not 504 later: at the plan's seconds an image for the batch
+        # these images form on an idle replica (the best batch's rate, 8 images at once, admitted a lone
+        # 1000-step image at 34 s that took 73); not a measured rate (a stale, slow one must not keep an idle
+        # replica refusing)
+        size = max([s for s in self.replica.sizes if s <= len(items)] or [1])
+        best = self.replica.batch_s(size) / size
         if work * best > budget:                        # not even alone: no retry will help
             each, alone = work / len(items), work * best
             fit = int(budget / (best * each) + 1e-9)
@@ -258,7 +265,8 @@ class Service:
             self.metrics.queue.labels(self.limits.replica).set(self.held())
             if not isinstance(e, asyncio.TimeoutError):   # the client has gone, or a batch failed
                 raise
-            raise ServiceError(504, f"an answer within the deadline ({budget:g} s)", "the queue took longer",
+            raise ServiceError(504, f"an answer within the deadline ({budget:g} s)", "its images took longer (queued "
+                               "and computed; what was not computed yet is not, and a batch computing is stopped)",
                                "retry later, or with a longer timeout_s") from None
         images = [d[0] for d in done]
         seconds = {"queue": max(d[2] for d in done)} | done[0][1]
