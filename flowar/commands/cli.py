@@ -125,6 +125,9 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
         click.echo(f"opened {engine_dir or ckpt} in {opened:.2f} s" + (f" ({parts})" if parts else ""), err=True)
         click.echo(f"backend: {rt.detail}; schedule: {sched.describe()}; CUDA graphs "
                    f"{'on' if rt.runner else 'off'}", err=True)
+        if not (save_tokens or out or save_images):     # (said before the work: it was said after 19 s of it)
+            click.echo(f"a timing run of {len(ids)} token map{'s' * (len(ids) > 1)}, nothing decoded or written: pass --out grid.png, "
+                       "--save-images DIR or --save-tokens FILE to keep what is sampled", err=True)
         result = rt.sample(ids, sched, seed=seed, noise_file=noise_file, batch_size=batch_size,
                            decode=bool(out or save_images), progress=True)
     lines = write_outputs(result, rt.class_names, save_tokens, out, save_images, n_per_class if n_per_class > 1 else None)
@@ -134,9 +137,6 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
                f"guidance {sched.guidance})")
     for line in lines:
         click.echo("  " + line)
-    if not (save_tokens or out or save_images):
-        click.echo("  nothing written (a timing run): pass --out grid.png, --save-images DIR or --save-tokens "
-                   "FILE to keep what was sampled", err=True)
 
 
 @command("flowar-export")
