@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from flowar.commands.options import command, schedule_options
+from flowar.commands.options import command, positive, schedule_options
 from flowar.config import SAMPLING_DEFAULTS, check_seed
 from flowar.errors import FlowARError
 
@@ -203,15 +203,6 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
     click.echo(rep.summary(precision, max_batch, decodes=vae is not None))
 
 
-def _positive(*named) -> None:
-    """Refuse, before any work, a count or rate that is not positive and finite (--steps 0 crashed, -5
-    trained nothing, --lr inf wrote NaN weights)."""
-    import math
-    for name, v in named:
-        if not (v > 0 and math.isfinite(v)):
-            raise FlowARError(f"{name} > 0, finite", str(v), f"pass a positive {name}")
-
-
 @command("flowar-train-vae")
 @click.option("--data", default="animal-mnist", show_default=True, help="animal-mnist, or ROOT/<class>/<image> folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output diffusers VAE folder.")
@@ -227,7 +218,7 @@ def train_vae_cmd(data, out, size, latent_channels, steps, batch, lr, seed, debu
     """Train the small AutoencoderKL the default model uses."""
     from flowar.io.files import check_writable
     from flowar.train.vae import VAETrainArgs, train_vae
-    _positive(("--steps", steps), ("--batch", batch), ("--size", size), ("--latent-channels", latent_channels),
+    positive(("--steps", steps), ("--batch", batch), ("--size", size), ("--latent-channels", latent_channels),
               ("--lr", lr))
     from flowar.io.files import check_outputs
     check_outputs([("--out", out)], [data if Path(data).exists() else None])
@@ -270,7 +261,7 @@ def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmu
     from flowar.train.trainer import TrainArgs, train
     check_outputs([("--out", out)], [vae, config_path, data if Path(data).exists() else None])
     check_writable(out, True, "--out")
-    _positive(("--steps", steps), ("--batch", batch), ("--log-every", log_every), ("--ckpt-every", ckpt_every),
+    positive(("--steps", steps), ("--batch", batch), ("--log-every", log_every), ("--ckpt-every", ckpt_every),
               ("--size", size), ("--lr", lr), ("--grad-clip", grad_clip))
     for name, v, ok, fix in (("--warmup", warmup, warmup >= 0, "--warmup 0"), ("--sample-every", sample_every,
                              sample_every >= 0, "--sample-every 0 (off)"), ("--ema-decay", ema_decay,

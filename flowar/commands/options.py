@@ -250,3 +250,12 @@ def schedule_options(recorded_by: str):
             f = o(f)
         return f
     return apply
+
+
+def positive(*named) -> None:
+    """Refuse, before any work, a count or rate that is not positive and finite (--steps 0 crashed, -5
+    trained nothing, --lr inf wrote NaN weights)."""
+    import math
+    for name, v in named:
+        if not (v > 0 and math.isfinite(v)):
+            raise FlowARError(f"{name} > 0, finite", str(v), f"pass a positive {name}")
