@@ -1,8 +1,10 @@
 """flowar-run from the command line."""
 
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -276,12 +278,23 @@ def test_the_installed_command_ends_once_its_output_is_out_and_its_exit_handlers
                                    "MARKS": str(marks), **env})
         return proc, {p.name for p in marks.iterdir()}
 
+    t0 = time.perf_counter()
     proc, ran = program(sample + ["--save-tokens", str(tmp_path / "t.safetensors")], tmp_path / "a")
+    wall = time.perf_counter() - t0
     assert proc.returncode == 0 and proc.stdout.startswith("sampled 2 x "), proc
     assert proc.stdout.endswith("\na handler said\n"), proc.stdout                  # (printed after the command's output)
     assert ran == {"exit-handler"}, ran                                  # handlers yes, teardown no
     res = CliRunner().invoke(run, sample + ["--save-tokens", str(tmp_path / "u.safetensors")])
     assert res.exit_code == 0, res.output
+    # the whole command as a person timing it sees it (the lines said 3.0 s of 4.3): within the wall time around
+    # the program, its parts the other lines' figures, its start PyTorch's loading (> 0.2 s anywhere seen) in a
+    # program of its own, and next to nothing called in a process that has PyTorch already
+    for out, program_of_its_own in ((proc.stderr + proc.stdout, True), (res.output, False)):
+        total, start, opening, sampling = map(float, re.search(
+            r"whole command ([\d.]+) s: starting Python and PyTorch ([\d.]+) s, opening ([\d.]+) s, sampling ([\d.]+) s",
+            out).groups())
+        assert f"in {opening:.2f} s" in out and f"in {sampling:.2f} s" in out and start + opening + sampling <= total
+        assert (total <= wall and start > 0.2) if program_of_its_own else start < 0.2, (out, wall)
     assert torch.equal(load_file(str(tmp_path / "t.safetensors"))["tokens"], load_file(str(tmp_path / "u.safetensors"))["tokens"])
     proc, ran = program(["--ckpt", str(tmp_path / "missing.pth"), "--preset", "tiny"], tmp_path / "b")
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc

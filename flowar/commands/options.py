@@ -64,6 +64,8 @@ class Command(click.Command):
         # Both are recorded as they come (stop_asked), so that one a library catches still ends the command.
         stops_cleared()
         _SINCE[0] = time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else 0.0
+        # a program's whole command began with its process (Python starting, imports); one called began here
+        STARTED[0] = time.perf_counter() - (max(0.0, _SINCE[0] - _started_at(os.getpid())) if args is None else 0.0)
         replaced = {}                                     # the handlers replaced (only the main thread may)
         if threading.current_thread() is threading.main_thread():
             for sig, default in ((signal.SIGTERM, (signal.SIG_DFL, None)), (signal.SIGINT, (signal.default_int_handler,))):
@@ -146,6 +148,9 @@ def _stop(signum, frame) -> None:
 
 
 _SINCE = [0.0]      # when the command began, in seconds since boot (/proc/uptime's clock; 0 where there is none)
+# when the command began on time.perf_counter()'s clock, its process's start included where it is a program
+# of its own (Python starting, the imports: what a person timing it sees)
+STARTED = [0.0]
 
 
 def _started_at(pid: int) -> float:
