@@ -510,6 +510,7 @@ def test_sigterm_answers_what_is_in_flight_refuses_what_comes_and_exits_0(engine
     Kubernetes sends it: the next test.)"""
     port = _free_port()
     (tmp_path / "token").write_text("t0k3n\n")
+    t0 = time.perf_counter()
     proc = subprocess.Popen([str(EXE / "flowar-serve"), "--engine-dir", str(engines), "--port", str(port),
                              "--threads", "1", "--require-token", "--token-file", str(tmp_path / "token"),
                              "--grace", "60"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -517,7 +518,13 @@ def test_sigterm_answers_what_is_in_flight_refuses_what_comes_and_exits_0(engine
     url = f"http://127.0.0.1:{port}"
     try:
         line = _stderr_until(proc, "serving ")                           # Ray's own notices first
+        seen = time.perf_counter() - t0
         assert "bearer token required" in line, line
+        # ready counted from the command's start (it said 7.0 s where /health answered after 12.6): within the
+        # time this test saw, beyond Ray Serve's part
+        since, serve_s = map(float, re.search(r"ready ([\d.]+) s after the command started \(Ray Serve and the "
+                                              r"replicas ([\d.]+) s\)", line).groups())
+        assert serve_s < since <= seen + 0.1 and since > serve_s + 0.5, (line, seen)
 
         def post(body, token="t0k3n", timeout=120):
             req = urllib.request.Request(url + "/v1/generate", data=json.dumps(body).encode(), method="POST",
