@@ -229,7 +229,9 @@ def test_a_file_passed_as_an_engine_directory_is_said_to_be_a_file():
     said = "a file, not an engine directory. Fix: pass the folder flowar-export wrote"
     with pytest.raises(EngineDirError, match=said) as e:
         Runtime.open(CKPT, engine_dir=True)
-    assert f"--out {CKPT}" not in str(e.value) and f"--ckpt {CKPT} --out DIR" in str(e.value)
+    # (the export it suggests names the VAE and the preset an official file needs, and no internal call)
+    assert f"--out {CKPT}" not in str(e.value) and f"--ckpt {CKPT} --vae VAE --out DIR" in str(e.value)
+    assert "--preset" in str(e.value) and "Runtime.open" not in str(e.value)
     for command, more in ((run, ["--labels", "0"]), (judge, []), (sample, ["--out", "unused", "--num-images", "2"]), (serve, [])):
         res = CliRunner().invoke(command, ["--engine-dir", str(CKPT), *more])
         assert res.exit_code == 2 and said in res.output and "Invalid value" not in res.output, (command.name, res.output)
