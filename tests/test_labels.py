@@ -24,6 +24,9 @@ def test_a_typo_names_the_closest_and_an_ambiguous_name_the_ids():
     with pytest.raises(FlowARError) as e:
         n.lookup("owl")
     assert str(e.value).endswith("Fix: did you mean 'great grey owl' or 'howler' or 'washbowl'?"), str(e.value)
+    with pytest.raises(FlowARError) as e:      # a class's usual name before another's synonym (the red panda's)
+        n.lookup("cat")
+    assert str(e.value).endswith("Fix: did you mean 'tiger cat' or 'Persian cat' or 'Siamese cat'?"), str(e.value)
     with pytest.raises(FlowARError) as e:
         n.lookup("crane")                      # the bird (134) and the machine (517)
     assert "134" in str(e.value) and "517" in str(e.value)

@@ -56,9 +56,11 @@ class ClassNames(tuple):
         if ids is None:
             q = _key(name)
             inside = [k for k in self._index if q and q in k and ", " not in k]       # "grey owl" -> "great grey owl"
-            # the names holding it as a word first ("owl" -> "great grey owl", not "howler" or "washbowl")
+            # the names holding it as a word first ("owl" -> "great grey owl", not "howler" or "washbowl"), a
+            # class's usual name before another's synonym ("cat" -> "tabby cat", not the red panda's "bear cat")
             whole = re.compile(rf"\b{re.escape(q)}\b")
-            close = (sorted(inside, key=lambda k: (not whole.search(k), len(k)))
+            usual = {_key(names[0]) for names in self.synonyms if names}
+            close = (sorted(inside, key=lambda k: (not whole.search(k), bool(whole.search(k)) and k not in usual, len(k)))
                      + difflib.get_close_matches(q, list(self._index), n=3, cutoff=0.6))
             seen: set[tuple[int, ...]] = set()                # one name per class (its synonyms are one class)
             close = [c for c in close if not (self._index[c] in seen or seen.add(self._index[c]))][:3]
