@@ -341,7 +341,7 @@ def read_manifest(root: str | Path, verify_hashes: bool = False) -> Manifest:
         raise EngineDirError("an engine directory made by flowar-export", f"{root}, a file, not an engine directory",
                              f"pass the folder flowar-export wrote (flowar-export --ckpt {root} --vae VAE --out DIR makes "
                              "one; an official file also needs its --preset: flowar-s, flowar-l or flowar-h), or sample the "
-                             f"checkpoint itself: flowar-run --ckpt {root}")
+                             f"checkpoint itself: flowar-run or flowar-judge --ckpt {root} (with that --preset)")
     if not root.is_dir():
         raise EngineDirError("an engine directory made by flowar-export", f"no directory at {root}",
                              f"rebuild it: flowar-export --ckpt CKPT --out {root}")

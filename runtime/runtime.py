@@ -305,6 +305,7 @@ class Runtime(contextlib.AbstractContextManager):
                                                                       self.kind == "engine directory" else "--no-cuda-graphs"))
         bs = batch_size or self.batch
         if self.max_batch is None and self.device.type == "cpu":       # (eager: all at once, where that fits)
+            labels = list(labels)               # (counted here: an iterator of labels was taken before)
             bs = batch_that_fits(len(labels), batch_size, self.config, self.image_size if decode else None, self.vae)
         clock = _Clock(self.device) if timings is not None and self.runner is None else None
         # one sampling at a time (two threads on one pipeline got each other's images); a lane samples beside it

@@ -490,9 +490,10 @@ def test_sigkill_during_export_leaves_the_previous_directory_valid(fixtures_dir,
     assert files() == before
     # SIGTERM to the command (kill, timeout, Kubernetes) stops it as Ctrl-C does (it ended at once, exit -15,
     # leaving its temporary folder until the next export)
+    left = set(tmp_path.glob(".eng.tmp-*"))         # (one the last export had not yet removed: not this one's)
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not list(tmp_path.glob(".eng.tmp-*")):
+    while time.time() < deadline and proc.poll() is None and not set(tmp_path.glob(".eng.tmp-*")) - left:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=60)[1]

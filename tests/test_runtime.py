@@ -135,6 +135,14 @@ def test_eager_sampling_takes_a_batch_that_fits_in_memory_and_a_given_one_that_d
         fits = int(re.search(r"Fix: pass --batch (\d+) or less", str(e.value)).group(1))
         assert 1 <= fits < 6
         assert rt.sample(labels, rt.schedule(), seed=3, batch_size=fits).images.shape[0] == 6
+        # a --batch above the request is the request (--labels 0,1 --batch 64 was refused for 64 samples' memory)
+        monkeypatch.setattr(memory, "available_bytes", lambda: 64 << 20)
+        assert len(rt.sample(labels, rt.schedule(), seed=3, batch_size=64).traces) == scales
+        assert rt.sample(iter(labels), rt.schedule(), seed=3, decode=False).tokens.shape[0] == 6   # (an iterator)
+        # not even one at a time: what would help, not "--batch 1" again
+        monkeypatch.setattr(memory, "available_bytes", lambda: 1 << 20)
+        with pytest.raises(FlowARError, match=r"one sample at a time at least; got 6 samples: .* Fix: sample fewer labels"):
+            rt.sample(labels, rt.schedule(), seed=3, batch_size=1)
 
 
 def test_images_need_a_decoder_whose_fix_follows_the_source_and_give_the_side_it_makes(default_auto_engines,

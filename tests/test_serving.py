@@ -369,6 +369,16 @@ def test_a_lone_request_is_costed_at_the_batch_it_forms_and_a_batch_no_one_waits
         await svc.submit(GenerateRequest(label=1, timeout_s=0.5), [(1, 0, None)])
     with pytest.raises(ServiceError, match=r"got 1 asked for, about 1.0 s even alone"):
         asyncio.run(lone())
+
+    async def asks(n, timeout):                 # (the count it says fits, at that count's own batch: followed, it fits)
+        return await svc.submit(GenerateRequest(label=1, n=n, timeout_s=timeout), [(1, j, None) for j in range(n)])
+    with pytest.raises(ServiceError, match=r"3 asked for, about 3.0 s even alone. Fix: ask for at most 2 images"):
+        asyncio.run(asks(3, 2.5))
+    assert len(asyncio.run(asks(2, 2.5)).images) == 2
+    # 4 at once take 1 s, fewer run one by one: no smaller count fits 0.6 s (it said "at most 2": 2 s)
+    with pytest.raises(ServiceError, match=r"4 asked for, about 1.0 s even alone. Fix: send a timeout_s of at least 1 s"):
+        asyncio.run(asks(4, 0.6))
+    assert len(asyncio.run(asks(4, 1.0)).images) == 4
     # the real replica: the images' waiters all gone after the first scale -> stopped at the second
     asked = []
 
@@ -382,6 +392,9 @@ def test_a_lone_request_is_costed_at_the_batch_it_forms_and_a_batch_no_one_waits
     items[0].gone = lambda: False
     images, _ = replica.generate(items)                          # waited for: every scale, its image
     assert len(images) == 1
+    # one image of two still waited for: the batch goes on (only a batch of images no one waits for stops)
+    both = [SimpleNamespace(label=3, seed=0, index=j, settings=None, gone=lambda j=j: j == 0) for j in range(2)]
+    assert len(replica.generate(both)[0]) == 2
 
 
 def test_two_lanes_share_a_burst_instead_of_one_lane_taking_the_largest_batch():

@@ -136,9 +136,9 @@ def serve_cmd(engine_dir, host, port, replicas, backend, threads, lanes, max_n, 
     where = f"http://{host}:{port}"
 
     # (the engines as flowar-run and /health name them: "measured" was the directory's auto choice)
-    kinds = set(m.choice.values()) | ({"ort-fp32"} if len(m.choice) < len(m.stages) else set())
-    engines = f"auto: {', '.join(sorted(kinds))}" if chosen == "measured" else chosen
-    click.echo(f"starting Ray Serve and {replicas} replica{'s' * (replicas > 1)} of {engine_dir} ...", err=True)
+    ran = [m.choice.get(stage, "ort-fp32") for stage in m.stages]       # (as flowar-run names them; /health: what runs)
+    engines = (f"{m.precision}: " + (ran[0] if len(set(ran)) == 1 else ", ".join(f"{n} {e}" for n, e in zip(m.stages, ran)))
+               if chosen == "measured" else chosen)
 
     def ready(seconds: float) -> None:     # (from the command's start: it said 7.0 s of the 12.7 s before /health)
         since = time.perf_counter() - STARTED[0]

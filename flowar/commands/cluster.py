@@ -229,27 +229,32 @@ def _few_tries():
     import sys
     import tempfile
     set_here = "RAY_gcs_server_port_wait_time_s" not in os.environ    # (Ray's count of tries, a second apart)
-    if set_here:
-        os.environ["RAY_gcs_server_port_wait_time_s"] = "5"
-    sys.stderr.flush()
-    saved, held = os.dup(2), tempfile.TemporaryFile()
-    os.dup2(held.fileno(), 2)               # (Ray's core writes to the process's stderr itself)
+    saved = held = None
     ok = False
     try:
+        if set_here:
+            os.environ["RAY_gcs_server_port_wait_time_s"] = "5"
+        if sys.stderr is not None:
+            sys.stderr.flush()
+        held = tempfile.TemporaryFile()
+        saved = os.dup(2)
+        os.dup2(held.fileno(), 2)           # (Ray's core writes to the process's stderr itself)
         yield
         ok = True
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        if saved is not None:               # (put back first: a stop that came meanwhile says so on the terminal)
+            os.dup2(saved, 2)
+            os.close(saved)
         if set_here:
             os.environ.pop("RAY_gcs_server_port_wait_time_s", None)
-        held.seek(0)
-        lines = held.read().decode(errors="replace").splitlines(keepends=True)
-        held.close()
-        kept = "".join(ln for ln in lines if ok or "Failed to get cluster ID from GCS" not in ln)
-        if kept:
-            sys.stderr.write(kept)
-            sys.stderr.flush()
+        if held is not None:
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            held.close()
+            kept = "".join(ln for ln in lines if ok or "Failed to get cluster ID from GCS" not in ln)
+            if kept and sys.stderr is not None:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
 
 
 def _answers(address: str) -> None:

@@ -153,6 +153,7 @@ def serve_forever(engine_dir: str, host: str, port: int, threads: int | None, ma
     os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "1")
     os.environ.setdefault("RAY_SERVE_METRICS_EXPORT_INTERVAL_MS", "1000")
     start_ray(ray_address, None if ray_address else max(2, (threads or 1) * replicas))
+    say(f"starting Ray Serve and {replicas} replica{'s' * (replicas > 1)} of {engine_dir} ...")   # (the longest wait)
     # SIGTERM and SIGINT are this command's from here on (ray.init has just set a SIGTERM handler of
     # its own: a SIGTERM while Serve started exited 15 with a native stack dump, or was lost). One
     # that comes while the application deploys is kept: the service stops as soon as it is up; a

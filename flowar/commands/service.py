@@ -224,11 +224,15 @@ class Service:
         # these images form on an idle replica (the best batch's rate, 8 images at once, admitted a lone
         # 1000-step image at 34 s that took 73); not a measured rate (a stale, slow one must not keep an idle
         # replica refusing)
-        size = max([s for s in self.replica.sizes if s <= len(items)] or [1])
-        best = self.replica.batch_s(size) / size
-        if work * best > budget:                        # not even alone: no retry will help
-            each, alone = work / len(items), work * best
-            fit = int(budget / (best * each) + 1e-9)
+        each = work / len(items)
+
+        def alone_s(n: int) -> float:
+            size = max([s for s in self.replica.sizes if s <= n] or [1])
+            return n * each * self.replica.batch_s(size) / size
+        alone = alone_s(len(items))
+        if alone > budget:                              # not even alone: no retry will help
+            # (the most that would fit, each count at its own batch's rate: "at most 2" was refused in turn)
+            fit = max((n for n in range(1, len(items)) if alone_s(n) <= budget), default=0)
             if fit:
                 fix = f"ask for at most {fit} images per request, or send a longer timeout_s"
             elif each > 1 + 1e-9:                       # (at the default's cost fewer steps cannot help)
@@ -266,7 +270,7 @@ class Service:
             if not isinstance(e, asyncio.TimeoutError):   # the client has gone, or a batch failed
                 raise
             raise ServiceError(504, f"an answer within the deadline ({budget:g} s)", "its images took longer (queued "
-                               "and computed; what was not computed yet is not, and a batch computing is stopped)",
+                               "and computed; those not started are not computed, nor a batch of only such images)",
                                "retry later, or with a longer timeout_s") from None
         images = [d[0] for d in done]
         seconds = {"queue": max(d[2] for d in done)} | done[0][1]

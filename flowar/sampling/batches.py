@@ -74,14 +74,20 @@ def batch_that_fits(n: int, batch_size: int | None, config: FlowARConfig, image_
     the 10000 at once and was killed at 23 GB. ``image_size``: decoded images of that side (None:
     tokens only), by ``vae`` (its full-resolution width; 128, KL-16's, where it does not say)."""
     from flowar.io.memory import available_bytes
-    free, want = available_bytes(), batch_size or n
+    free, want = available_bytes(), min(batch_size or n, n)       # (a --batch above the request: the request)
     width = getattr(getattr(getattr(vae, "autoencoder", None), "config", None), "block_out_channels", [128])[0]
     per = UNIT_BYTES * block_units(config) + (DECODE_PIXEL_BYTES * width * image_size ** 2 if image_size else 0)
     held = n * 4 * (config.latent_channels * config.latent_size ** 2 + 3 * (image_size or 0) ** 2)  # the result
     if free is None or held + want * per * KEPT_LOW <= free:
         return want
-    fits = max(1, int((0.8 * free - held) // per))
-    if batch_size is not None:
+    fits = int((0.8 * free - held) // per)
+    if fits < 1 and held + per * KEPT_LOW > free:         # (not even one at a time: "pass --batch 1" was no help)
+        raise FlowARError("memory for sampling with eager PyTorch, one sample at a time at least",
+                          f"{n} samples: about {(held + per) / 2**30:.1f} GB with the results, and "
+                          f"{free / 2**30:.1f} GB available", "sample fewer labels (or write them as they come with "
+                          "flowar-sample), or free memory")
+    fits = max(1, fits)
+    if batch_size is not None and batch_size > fits:
         raise FlowARError(f"a --batch whose sampling fits in memory (eager PyTorch: about {per / 2**20:.0f} MB a "
                           "sample)", f"--batch {batch_size}: about {(held + want * per) / 2**30:.1f} GB with the "
                           f"results, and {free / 2**30:.1f} GB available", f"pass --batch {fits} or less")

@@ -57,7 +57,7 @@ class ClassNames(tuple):
             q = _key(name)
             inside = [k for k in self._index if q and q in k and ", " not in k]       # "grey owl" -> "great grey owl"
             # the names holding it as a word first ("owl" -> "great grey owl", not "howler" or "washbowl"), a
-            # class's usual name before another's synonym ("cat" -> "tabby cat", not the red panda's "bear cat")
+            # class's usual name before another's synonym ("cat" -> "tiger cat", not the red panda's "bear cat")
             whole = re.compile(rf"\b{re.escape(q)}\b")
             usual = {_key(names[0]) for names in self.synonyms if names}
             close = (sorted(inside, key=lambda k: (not whole.search(k), bool(whole.search(k)) and k not in usual, len(k)))
