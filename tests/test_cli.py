@@ -171,6 +171,11 @@ def test_usage_errors_of_the_installed_command_are_one_line_too(fixtures_dir):
                               capture_output=True, text=True)
         assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
         assert proc.stderr.startswith("error: ") and needle in proc.stderr and "flowar-run --help" in proc.stderr
+    # an image size asked for: the model's one size is said (it was "No such option ... Did you mean --seed?")
+    res = CliRunner().invoke(run, ["--engine-dir", "x", "--size", "512"])
+    assert res.exit_code == 2 and res.output.strip().count("\n") == 0, res.output
+    assert res.output.startswith("error: expected no --size: a FlowAR model makes images of one size (FlowAR-S/L/H: "
+                                 "256 px") and "Did you mean" not in res.output and "Fix: leave it out" in res.output
 
 
 def test_an_option_value_of_the_wrong_kind_is_the_projects_line(fixtures_dir):

@@ -681,7 +681,8 @@ def test_what_diffusers_users_pass_is_refused_with_what_to_do_instead_and_the_ou
     with FlowARPipeline.from_pretrained(default_auto_engines) as pipe:
         pipe.set_progress_bar_config(disable=True)
         for kw, fix in ((dict(callback_on_step_end=print), "callback_on_scale_end="),
-                        (dict(num_images_per_prompt=4), "repeat the labels"), (dict(bogus=1), "help(FlowARPipeline.__call__)")):
+                        (dict(num_images_per_prompt=4), "repeat the labels"), (dict(bogus=1), "help(FlowARPipeline.__call__)"),
+                        (dict(height=512), "leave it out: a FlowAR model makes images of one size")):
             with pytest.raises(FlowARError, match=re.escape(fix)):
                 pipe([3], **kw)
         for args in ((torch.float16,), ("cpu", torch.float16)):

@@ -124,10 +124,12 @@ BAD = [
     (b'{"label": 1, "timeout_s": 0}', 422), (b'{"label": 1, "pad": "' + b"x" * 20000 + b'"}', 413),
     (b'\xff\xfe{"label": 1}', 400),         # not UTF-8 (answered with the wrong-route line)
     (b"", 400), (b"[" * 3000 + b"]" * 3000, 400),     # (an empty body was 422 "Field required"; nested: "not UTF-8")
+    (b'{"label": 1, "size": 512}', 422),                 # (the model's one size: it said "Extra inputs are not permitted")
 ]
 SAID = {b'{"label": 1, "steps": 1}': 'Fix: send e.g. "steps": 25', b'{"label": 1, "cfg": 99}': 'Fix: send e.g. "cfg": 4.3',
         b'{"label": 1, "guidance": 2}': 'Fix: send e.g. "guidance": 0.9',    # (it said "use e.g. steps 25")
-        b"": "got an empty body", b"[" * 3000 + b"]" * 3000: "nested a few levels; got a body that could not be decoded"}
+        b"": "got an empty body", b'{"label": 1, "size": 512}': 'expected no size: this model makes 32x32 images; got 512. '
+                                                                 'Fix: leave "size" out', b"[" * 3000 + b"]" * 3000: "nested a few levels; got a body that could not be decoded"}
 
 
 def test_bad_requests_get_their_status_and_one_line_and_leave_it_serving(replica):

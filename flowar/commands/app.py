@@ -91,6 +91,10 @@ def make_app(service: Service):
             return error(400, f"expected a JSON object; got {got}. Fix: send e.g. {{\"label\": 3, \"seed\": 0}}")
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "the body"
         got = repr(first.get("input"))[:60]
+        if first.get("type") == "extra_forbidden" and where in ("size", "height", "width", "resolution"):
+            side = service.replica.pipe.runtime.image_size          # (the model's one size: it said "not permitted")
+            return error(422, f"expected no {where}: this model makes {side}x{side} images; got {got}. Fix: leave "
+                              f"\"{where}\" out")
         return error(422, f"expected {where}: {first.get('msg', 'a valid value')}; got {got}. Fix: see /docs "
                           f"for the fields and their types")
 

@@ -14,6 +14,7 @@ from flowar.config import SAMPLING_DEFAULTS
 from flowar.errors import FlowARError, one_line, raise_if_stopped, stop_asked, stopped, stops_cleared, stops_held, stops_over
 
 EXIT_USER_ERROR = 2
+SIZE_OPTIONS = ("--size", "--height", "--width", "--resolution", "--image-size", "--img-size")
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -82,6 +83,11 @@ class Command(click.Command):
                 click.echo(one_line(_bad_value(e, self.name)), err=True)
                 leave(EXIT_USER_ERROR)
             except click.UsageError as e:
+                if isinstance(e, click.NoSuchOption) and e.option_name in SIZE_OPTIONS:   # (it said "Did you mean --seed")
+                    click.echo(f"error: expected no {e.option_name}: a FlowAR model makes images of one size (FlowAR-S/L/H: "
+                               f"256 px; flowar-check --engine-dir DIR says a directory's); got {e.option_name}. Fix: leave it out",
+                               err=True)
+                    leave(EXIT_USER_ERROR)
                 click.echo(f"error: {e.format_message()} Fix: see {self.name} --help", err=True)
                 leave(EXIT_USER_ERROR)
             except click.ClickException as e:

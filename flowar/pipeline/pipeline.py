@@ -78,6 +78,8 @@ _DIFFUSERS_ONLY = {"callback_on_step_end": "callback_on_scale_end=fn(pipe, k, {'
                                   "its export chose)",
                    "eta": "leave it out (FlowAR's sampler is an ODE: no noise to scale)",
                    "latents": "seed= or generator= (a seed names an image)"}
+for _k in ("height", "width"):     # (a model makes images of one size: its last token map times its VAE's factor)
+    _DIFFUSERS_ONLY[_k] = "leave it out: a FlowAR model makes images of one size (pipe.runtime.image_size: 256 px for FlowAR-S/L/H)"
 
 
 def _refuse_diffusers_only(where: str, given: dict) -> None:
