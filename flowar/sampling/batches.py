@@ -57,6 +57,7 @@ def read_noise(path: str | Path, config: FlowARConfig) -> list[Tensor]:
 UNIT_BYTES = 12.5
 DECODE_PIXEL_BYTES = 21.5
 KEPT_LOW = 0.75         # a batch is refused or cut only where a quarter less than its estimate would not fit
+FILLS = 0.8             # and the batch suggested or taken instead fills this share of what is available
 
 
 def block_units(c: FlowARConfig) -> int:
@@ -80,7 +81,7 @@ def batch_that_fits(n: int, batch_size: int | None, config: FlowARConfig, image_
     held = n * 4 * (config.latent_channels * config.latent_size ** 2 + 3 * (image_size or 0) ** 2)  # the result
     if free is None or held + want * per * KEPT_LOW <= free:
         return want
-    fits = int((0.8 * free - held) // per)
+    fits = int((FILLS * free - held) // per)
     if fits < 1 and held + per * KEPT_LOW > free:         # (not even one at a time: "pass --batch 1" was no help)
         raise FlowARError("memory for sampling with eager PyTorch, one sample at a time at least",
                           f"{n} samples: about {(held + per) / 2**30:.1f} GB with the results, and "

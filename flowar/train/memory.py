@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from flowar.config import FlowARConfig
 from flowar.errors import FlowARError
-from flowar.sampling.batches import KEPT_LOW, block_units
+from flowar.sampling.batches import FILLS, KEPT_LOW, block_units
 
 VAE_IMAGE_BYTES = 4.2e6              # flowar-train-vae, an image of side 32
 FLOWAR_UNIT_BYTES = 6.0e6 / 159290   # flowar-train, per unit of :func:`block_units` (the tiny default's: 159290)
@@ -30,7 +30,7 @@ def require_batch_memory(batch: int, per_image: float, command: str, resume: boo
         raise FlowARError(f"a --batch whose {command} step fits in memory (about {per_image / 2**20:.1f} MB an image)",
                           f"--batch {batch}: about {need / 2**30:.1f} GB, with {free / 2**30:.1f} GB available",
                           ("start afresh in another --out (a resumed run keeps its --batch) with " if resume else "pass ")
-                          + f"--batch {max(1, int(0.8 * free // per_image))} or less")
+                          + f"--batch {max(1, int(FILLS * free // per_image))} or less")
 
 
 def vae_image_bytes(size: int) -> float:
