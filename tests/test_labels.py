@@ -28,8 +28,11 @@ def test_a_typo_names_the_closest_and_an_ambiguous_name_the_ids():
         n.lookup("cat")
     assert str(e.value).endswith("Fix: did you mean 'tiger cat' or 'Persian cat' or 'Siamese cat'?"), str(e.value)
     with pytest.raises(FlowARError) as e:
-        n.lookup("crane")                      # the bird (134) and the machine (517)
-    assert "134" in str(e.value) and "517" in str(e.value)
+        n.lookup("crane")                      # the bird (134) and the machine (517), said (both were "crane")
+    assert "names 134 (crane: the bird); 517 (crane: the lifting machine). Fix: pass its class id: 134 or 517" in str(e.value)
+    with pytest.raises(FlowARError) as e:
+        n.lookup("horn")                       # (told apart by their usual names: nothing added)
+    assert "names 513 (cornet); 566 (French horn)." in str(e.value)
 
 
 def test_names_apply_where_the_model_has_none_of_its_own():

@@ -70,8 +70,10 @@ class ClassNames(tuple):
                               f"did you mean {' or '.join(repr(s) for s in shown)}?" if shown
                               else "check the spelling, or pass class ids")
         if len(ids) > 1:
+            same = len({self[i] for i in ids}) < len(ids)          # ("crane": the bird 134, the machine 517)
             raise FlowARError("a class name that names one class", f"{name!r}, which names "
-                              + "; ".join(f"{i} ({self[i]})" for i in ids),
+                              + "; ".join(f"{i} ({self[i]}" + (": " + SENSES[self[i], i] if same and (self[i], i) in
+                                                               SENSES else "") + ")" for i in ids),
                               f"pass its class id: {' or '.join(map(str, ids))}")
         return ids[0]
 
@@ -116,6 +118,12 @@ def names_changed(now: Sequence[str], was: Sequence[str], limit: int = 3) -> str
     if len(now) != len(was):
         parts.append(f"{len(now)} classes, was {len(was)}")
     return ", ".join(parts)
+
+
+# What tells apart the ImageNet-1k classes whose usual names are the same (WordNet's glosses, shortened):
+# "134 (crane); 517 (crane)" told the user nothing
+SENSES = {("crane", 134): "the bird", ("crane", 517): "the lifting machine",
+          ("maillot", 638): "tights for dancing", ("maillot", 639): "a one-piece swimsuit, tank suit"}
 
 
 @functools.lru_cache(maxsize=1)
