@@ -195,7 +195,7 @@ def test_a_disk_that_fills_during_a_bulk_run_is_named_and_the_run_resumes(defaul
     It names the disk and the file, the shards written are kept, and the same command resumes."""
     import errno
 
-    import flowar.io.files as files
+    import flowar.commands.bulk as files
     from flowar.commands.bulk import BulkSpec, run_bulk
     from flowar.errors import FlowARError
     real, written = files.write_npz, []

@@ -30,6 +30,7 @@ from flowar.commands.cluster import bounded_retries, quiet_ray_data, start_ray
 from flowar.commands.shards import (begin_run, check_run, shard_batches, shard_is_done, shard_path, shard_ranges,
                                     images_done, images_sha256, write_run_json)
 from flowar.errors import FlowARError
+from flowar.io.npz import write_npz
 
 
 @dataclass(slots=True)
@@ -113,7 +114,6 @@ class ShardSampler:
     def sample_shard(self, j: int, start: int, end: int) -> float:
         import torch
 
-        from flowar.io.files import write_npz
         from flowar.io.images import save_images, to_uint8
         t0 = time.perf_counter()
         batches = shard_batches(start, end, self.batch)
@@ -161,7 +161,7 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     shows images/s, the batch and the time left."""
     from flowar.export.manifest import read_manifest
     from flowar.engines.ort import cpu_threads
-    from flowar.io.files import check_writable, used_alone, write_npz
+    from flowar.io.files import check_writable, used_alone
     out = Path(out)
     if spec.num_images < 1 or spec.shard_size < 1 or workers < 1 or spec.threads < 1:
         raise FlowARError("--num-images, --shard-size, --workers and --threads >= 1",

@@ -207,25 +207,6 @@ def atomic_write_bytes(path: str | Path, write) -> None:
         raise
 
 
-def write_npz(path: str | Path, arrays: dict) -> None:
-    """An uncompressed ``.npz`` that ``numpy.load`` reads, written atomically and byte-reproducibly
-    (``numpy.savez`` stamps each member with the current time; this stamps 1980-01-01)."""
-    import io
-    import zipfile
-
-    import numpy as np
-
-    def write(tmp: str) -> None:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for name, arr in arrays.items():
-                buf = io.BytesIO()
-                np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
-                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-                info.external_attr = 0o644 << 16
-                zf.writestr(info, buf.getvalue())
-    atomic_write_bytes(path, write)
-
-
 def as_file(value):
     """A path that exists as the file it names (./a and /abs/a compare equal); anything else as it is."""
     return str(Path(value).resolve()) if isinstance(value, str) and os.path.exists(value) else value
