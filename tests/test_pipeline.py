@@ -706,3 +706,32 @@ def test_a_local_bulk_run_records_the_threads_that_compute(default_auto_engines,
                                           str(tmp_path / "o"), "--threads", "999", "--schedule", "fast"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "o" / "run.json").read_text())["threads"] == os.cpu_count()
+
+
+def test_a_bulk_runs_samples_npz_is_written_one_shard_at_a_time(tmp_path):
+    """samples.npz was the shards' images concatenated in memory, then copied once more while written:
+    three times its size (a 50,000-image FlowAR-S run: about 29 GB at its very end, on a 23 GB machine).
+    Its images are written part by part, each released before the next is read, as numpy.load reads them
+    (the same bytes twice over)."""
+    import weakref
+
+    from flowar.io.npz import Parts, write_npz
+    alive = []
+
+    def part(i):
+        assert all(r() is None for r in alive), "an earlier part still held"
+        a = np.full((2, 3), i, np.uint8)
+        alive.append(weakref.ref(a))
+        return a
+    for name in ("a.npz", "b.npz"):
+        write_npz(tmp_path / name, {"arr_0": Parts((6, 3), np.uint8, [lambda i=i: part(i) for i in range(3)]),
+                                    "arr_1": np.arange(6)})
+        alive.clear()
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as z:
+        assert np.array_equal(z["arr_0"], np.repeat(np.arange(3, dtype=np.uint8), 2)[:, None].repeat(3, 1))
+        assert np.array_equal(z["arr_1"], np.arange(6))
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    with pytest.raises(ValueError, match="parts of 4 rows, not 6"):
+        write_npz(tmp_path / "c.npz", {"arr_0": Parts((6, 3), np.uint8, [lambda: np.zeros((2, 3), np.uint8)] * 2)})
+    assert not (tmp_path / "c.npz").exists()
+

@@ -30,7 +30,7 @@ from flowar.commands.cluster import bounded_retries, quiet_ray_data, start_ray
 from flowar.commands.shards import (begin_run, check_run, shard_batches, shard_is_done, shard_path, shard_ranges,
                                     images_done, images_sha256, write_run_json)
 from flowar.errors import FlowARError
-from flowar.io.npz import write_npz
+from flowar.io.npz import Parts, write_npz
 
 
 @dataclass(slots=True)
@@ -237,12 +237,12 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
             try:
                 if ray_address is None and workers == 1:       # one worker here: this process, no Ray around it
                     if main:
-                        signal.signal(signal.SIGTERM, _interrupt)
+                        signal.signal(signal.SIGTERM, signal.default_int_handler)
                     rows = _sample_here(spec, out, todo, progress, spec.num_images - done_now)
                 else:
                     start_ray(ray_address, None if ray_address else workers * spec.threads)
                     if main:
-                        signal.signal(signal.SIGTERM, _interrupt)
+                        signal.signal(signal.SIGTERM, signal.default_int_handler)
                     rows = _sample_on_ray(spec, out, todo, workers, progress, spec.num_images - done_now)
             except KeyboardInterrupt:
                 if ray_address is not None or workers > 1:
@@ -265,26 +265,24 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
         missing = [j for j, s, e in shards if not shard_is_done(out, j, s, e)]
         if missing:
             raise FlowARError("every shard written", f"shards {missing[:5]} missing", "run the same command again")
-        images, labels, ran = [], [], {}
+        labels, ran, first = [], {}, None
         for j, _, _ in shards:
             with np.load(shard_path(out, j), allow_pickle=False) as z:
-                images.append(z["images"])
                 labels.append(z["labels"])
+                first = z["images"][:1] if first is None else first
                 if "engines" in z:                  # (shards written before the field: not known)
                     ran.setdefault(str(z["engines"].reshape(-1)[0]), []).append(j)
         if len(ran) > 1:        # (resumed on another CPU kind, or on mixed nodes: one run's images from other engines)
             raise FlowARError("one run's shards sampled by the same engines",
                               "; ".join(f"shards {js[:3]}{'...' if len(js) > 3 else ''} by {e}" for e, js in ran.items()),
                               "finish it where it began (or on nodes of that CPU kind), or sample it again in a new --out")
-        write_npz(out / "samples.npz", {"arr_0": np.concatenate(images), "arr_1": np.concatenate(labels)})
+        labels = np.concatenate(labels)             # (the images shard by shard as written: not all held at once)
+        write_npz(out / "samples.npz", {"arr_0": Parts((len(labels), *first.shape[1:]), first.dtype, [
+            lambda j=j: np.load(shard_path(out, j), allow_pickle=False)["images"] for j, _, _ in shards]), "arr_1": labels})
         dt = time.perf_counter() - t0
         return BulkReport(out, len(shards), len(shards) - len(todo), dt, done_now / dt if done_now else 0.0,
                           workers, secs, sorted(engines), max(batches, default=None),
                           done_now * min(workers, len(todo)) / sum(secs) if secs else 0.0)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _sample_here(spec: BulkSpec, out: Path, todo: list, progress: bool, done_before: int) -> list[dict]:
