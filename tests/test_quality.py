@@ -316,6 +316,16 @@ def test_statistics_or_an_extractor_that_cannot_give_a_distance_are_one_line(tmp
     np.savez(tmp_path / "nan.npz", mu=np.array([0.0, np.nan]), sigma=np.eye(2))
     with pytest.raises(FlowARError, match=r"expected finite mu and sigma in the statistics file; got nan.npz with 1 "):
         read_fid_stats(tmp_path / "nan.npz")
+    # not a covariance (it gave "FID: 0.000", exit 0), or mu of another shape (said as the extractor's feature size)
+    for name, mu, sigma, said in (("neg", np.zeros(3), -np.eye(3), "smallest eigenvalue -1"),
+                                  ("skew", np.zeros(2), np.array([[1.0, 0.5], [0.0, 1.0]]), "smallest eigenvalue"),
+                                  ("shape", np.zeros((1, 3)), np.eye(3), "mu (1, 3) and sigma (3, 3)")):
+        np.savez(tmp_path / f"{name}.npz", mu=mu, sigma=sigma)
+        with pytest.raises(FlowARError, match=re.escape(said)):
+            read_fid_stats(tmp_path / f"{name}.npz")
+    feats = np.random.default_rng(0).normal(size=(50, 3))             # a covariance made as FID's are: taken
+    np.savez(tmp_path / "ok.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
+    assert read_fid_stats(tmp_path / "ok.npz")[1].shape == (3, 3)
     img = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     for net, said in ((Raises(), r"x.pt failed: .*boom"), (GivesNaN(), "x.pt gave NaN or inf")):
         torch.jit.save(torch.jit.script(net), str(tmp_path / "x.pt"))

@@ -71,6 +71,14 @@ def read_fid_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         if bad:                        # (NaN statistics gave "FID ...: 0.000", exit 0)
             raise FlowARError("finite mu and sigma in the statistics file", f"{p.name} with {bad} values NaN or inf",
                               "make the statistics again, or fetch the file again")
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):       # (mu (1, 64) was "an extractor of feature size 1")
+            raise FlowARError("mu of shape (D,) and sigma of (D, D) in the statistics file", f"{p.name} with mu "
+                              f"{mu.shape} and sigma {sigma.shape}", "make the statistics again, or fetch the file again")
+        w = np.linalg.eigvalsh((sigma + sigma.T) / 2)   # (a covariance: sigma = -I gave "FID: 0.000", exit 0)
+        if not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-12) or w.min(initial=0) < -1e-6 * max(1.0, abs(w).max(initial=0)):
+            raise FlowARError("a covariance sigma (symmetric, no eigenvalue below zero) in the statistics file",
+                              f"{p.name}: smallest eigenvalue {w.min(initial=0):.3g}", "make the statistics again, or fetch "
+                              "the file again")
         return mu, sigma
     except FlowARError:
         raise
