@@ -92,6 +92,13 @@ def raise_if_stopped() -> None:
         raise KeyboardInterrupt(_STOPS[0])
 
 
+def raise_if_set(stopping) -> None:
+    """Work on another thread whose command is ending (``stopping``, a threading.Event, set): stopped at
+    its next step, where the command would otherwise wait for it to finish."""
+    if stopping.is_set():
+        raise KeyboardInterrupt("stopped with its command")
+
+
 class EngineDirError(FlowARError):
     """An engine directory that is missing, partial, tampered with, or built for something else."""
 

@@ -735,3 +735,22 @@ def test_a_bulk_runs_samples_npz_is_written_one_shard_at_a_time(tmp_path):
         write_npz(tmp_path / "c.npz", {"arr_0": Parts((6, 3), np.uint8, [lambda: np.zeros((2, 3), np.uint8)] * 2)})
     assert not (tmp_path / "c.npz").exists()
 
+
+def test_a_stop_ends_a_single_workers_batch_at_its_next_scale(default_auto_engines, tmp_path):
+    """flowar-sample with one worker (in its own process) said "interrupted" at once, then ran on until
+    its batch ended (FlowAR-S: 20 s; SIGTERM 18.8 s, past a container's 10 s grace), and a second Ctrl-C
+    meanwhile aborted it (exit 134): the thread computing was not told. An interrupt sets the sampler's
+    `stopping`; the batch computing stops at its next scale, and the next shard clears it."""
+    from dataclasses import asdict
+
+    from flowar.commands.bulk import BulkSpec, ShardSampler
+    sampler = ShardSampler(asdict(BulkSpec(str(default_auto_engines), 4, [0, 1], 0, {}, 2, 1)), str(tmp_path))
+    rt, seen = sampler.lanes[0], []
+    real = rt.sample
+    rt.sample = lambda *a, on_scale=None, **k: real(*a, on_scale=lambda tr: (seen.append(tr.k), on_scale(tr)), **k)
+    sampler.stopping.set()
+    with pytest.raises(KeyboardInterrupt):
+        sampler._sample(rt, [0, 1])
+    assert seen == [0]                                   # after the first scale, of 4
+    assert sampler.sample_shard(0, 0, 2) > 0 and sampler.stopping.is_set() is False     # a shard anew: cleared
+

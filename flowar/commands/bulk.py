@@ -29,7 +29,7 @@ import numpy as np
 from flowar.commands.cluster import bounded_retries, quiet_ray_data, start_ray
 from flowar.commands.shards import (begin_run, check_run, shard_batches, shard_is_done, shard_path, shard_ranges,
                                     images_done, images_sha256, write_run_json)
-from flowar.errors import FlowARError
+from flowar.errors import FlowARError, raise_if_set
 from flowar.io.npz import Parts, write_npz
 
 
@@ -72,11 +72,10 @@ WORKER_RETRIES = 3            # restarts of a Ray worker that died, and retries 
 
 class ShardSampler:
     """One worker (this process, or a Ray Data actor): the pipeline opened once (the engines flowar-run would
-    choose; CUDA graphs captured at start on a GPU), shards sampled in batches of ``spec.batch`` (default:
-    the best images/s by the directory's call plan) and written; where the engines allow it
-    (:meth:`flowar.runtime.runtime.Runtime.lane`), two batches at once in lanes of their own, sharing
-    the cores. ``progress``, a queue (Ray's, or the standard library's in this process), gets
-    ``("batch", B)`` once and ``("images", n)`` after every batch, for the driver's bar."""
+    choose; CUDA graphs captured at start on a GPU), shards sampled in batches of ``spec.batch`` (default: the
+    best images/s by the call plan) and written; where the engines allow it (:meth:`Runtime.lane`), two batches
+    at once in lanes of their own, sharing the cores. ``progress``, a queue (Ray's, or the standard library's
+    in this process), gets ``("batch", B)`` once and ``("images", n)`` after every batch, for the driver's bar."""
 
     def __init__(self, spec: dict, out: str, progress=None):
         from concurrent.futures import ThreadPoolExecutor
@@ -84,7 +83,7 @@ class ShardSampler:
         from flowar.sampling.schedule import Settings
         self.spec = BulkSpec(**spec)
         self.out = Path(out)
-        self.progress = progress
+        self.progress, self.stopping = progress, threading.Event()      # (set: the batches computing stop)
         # opened and run on one thread of its own per lane, whatever threads Ray calls from: opened on
         # one thread and run on another, FlowAR-S took 20-25 % longer per image (see service.Service.open)
         self._computes = [ThreadPoolExecutor(1, thread_name_prefix="flowar-compute")]
@@ -116,6 +115,7 @@ class ShardSampler:
 
         from flowar.io.images import save_images, to_uint8
         t0 = time.perf_counter()
+        self.stopping.clear()
         batches = shard_batches(start, end, self.batch)
         jobs = [self._computes[i % len(self.lanes)].submit(self._sample, self.lanes[i % len(self.lanes)], idx)
                 for i, idx in enumerate(batches)]
@@ -124,8 +124,9 @@ class ShardSampler:
             for job, idx in zip(jobs, batches):
                 parts.append(job.result())
                 self._tell("images", len(idx))
-        except BaseException:               # Ctrl-C, SIGTERM or a failed batch: the queued batches are not run
-            for job in jobs:                # (the command ended only after the whole shard was computed)
+        except BaseException:               # Ctrl-C, SIGTERM or a failed batch: the queued batches are not run, and
+            self.stopping.set()             # one computing stops at its next scale (it ran on 20 s after "interrupted")
+            for job in jobs:
                 job.cancel()
             raise
         images = torch.cat(parts)
@@ -140,7 +141,8 @@ class ShardSampler:
 
     def _sample(self, rt, idx: list[int]):
         labels = [self.spec.classes[i % len(self.spec.classes)] for i in idx]
-        return rt.sample(labels, self.schedule, seed=self.spec.seed, indices=idx, batch_size=len(idx)).images
+        return rt.sample(labels, self.schedule, seed=self.spec.seed, indices=idx, batch_size=len(idx),
+                         on_scale=lambda _: raise_if_set(self.stopping)).images
 
     def __call__(self, batch: dict) -> dict:
         secs = [self.sample_shard(int(j), int(s), int(e))
