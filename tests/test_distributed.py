@@ -475,6 +475,33 @@ def test_a_cluster_that_refuses_the_token_is_one_line_naming_the_token(server, e
     assert not (tmp_path / "o").exists()
 
 
+def test_bulk_says_when_workers_or_threads_ask_for_more_cores_than_there_are(engines, tmp_path, monkeypatch):
+    """--workers 5 on 2 cores ran slower than 2 (13 against 17.4 images/s) and --threads 8 became 2 (recorded
+    so in run.json), neither said. Each is a note before the work; within the cores, none."""
+    from click.testing import CliRunner
+
+    import flowar.commands.bulk as bulk
+    from flowar.commands.cli_ray import sample_cmd
+    from flowar.engines.ort import cpu_threads
+    from flowar.errors import FlowARError
+    asked = []
+
+    def stub(spec, out, workers, ray_address=None):
+        asked.append((workers, spec.threads))
+        raise FlowARError("the stub's work", "none", "none")
+    monkeypatch.setattr(bulk, "run_bulk", stub)
+    cores = cpu_threads()
+    for more, said in ((["--workers", str(cores + 1)], f"ask for {cores + 1} of the {cores} cores"),
+                       (["--threads", str(os.cpu_count() + 6)], f"is more than this machine's {os.cpu_count()} cores"),
+                       ([], None)):
+        res = CliRunner().invoke(sample_cmd, ["--engine-dir", str(engines), "--num-images", "2", "--out",
+                                              str(tmp_path / "o"), *more])
+        notes = [ln for ln in res.output.splitlines() if ln.startswith("note: ")]
+        assert res.exit_code == 2 and "the stub's work" in res.output, res.output
+        assert (said is None and not notes) or (len(notes) == 1 and said in notes[0]), (more, res.output)
+    assert asked[1][1] == min(os.cpu_count() + 6, os.cpu_count())          # (what it took: said above)
+
+
 def test_bulk_counts_below_one_are_one_line_before_anything_starts(engines, tmp_path):
     """--workers 0 (it divided by it for a note first: a traceback), --threads 0, --batch 0."""
     from click.testing import CliRunner
