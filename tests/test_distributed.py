@@ -498,7 +498,8 @@ def test_bulk_says_when_workers_or_threads_ask_for_more_cores_than_there_are(eng
                                               str(tmp_path / "o"), *more])
         notes = [ln for ln in res.output.splitlines() if ln.startswith("note: ")]
         assert res.exit_code == 2 and "the stub's work" in res.output, res.output
-        assert (said is None and not notes) or (len(notes) == 1 and said in notes[0]), (more, res.output)
+        # (under pytest -n 2 a worker may use one core of two: --threads 2 is then also said to ask for more)
+        assert (said is None and not notes) or any(said in n for n in notes), (more, res.output)
     assert asked[1][1] == min(os.cpu_count() + 6, os.cpu_count())          # (what it took: said above)
 
 
