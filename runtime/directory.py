@@ -68,6 +68,13 @@ def trt_unused(m: Manifest, requested: str, gpu: bool, chosen: str) -> str:
     return _trt_usable(m)[1] if requested == "auto" and gpu else "not asked for"
 
 
+def engines_named(precision: str, ran: dict[str, str]) -> str:
+    """The engines of a directory's measured choice as every command names them: "auto: aoti-bf16",
+    or per stage where they differ ("auto: ar aoti-bf16, ..., decode ort-fp32")."""
+    kinds = list(ran.values())
+    return f"{precision}: " + (kinds[0] if len(set(kinds)) == 1 else ", ".join(f"{n} {e}" for n, e in ran.items()))
+
+
 def choose_backend(m: Manifest, requested: str = "auto", gpu: bool = True) -> str:
     """The backend an engine directory runs on here: what ``requested`` names, or for ``auto``
     TensorRT where its plans fit this GPU and TensorRT (unless ``gpu`` is off: ``--device cpu``),
@@ -177,7 +184,7 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
     notes = [f"{', '.join(stages)} {cand} {'compiled for' if cand in COMPILED else 'needs'} {flags}, which this CPU "
              f"lacks: ONNX Runtime fp32 instead (re-export here to {'compile' if cand in COMPILED else 'choose'} for "
              "this CPU)" for (cand, flags), stages in fallback.items()]
-    detail = f"{m.precision}: " + (ran[0] if len(set(ran)) == 1 else ", ".join(f"{n} {e}" for n, e in zip(specs, ran)))
+    detail = engines_named(m.precision, dict(zip(specs, ran)))
     measured_on = (m.auto or {}).get("machine", {})
     if measured_on and not same_cpu(measured_on):
         detail += f" (measured on {describe(measured_on)}; re-export here to measure this CPU)"

@@ -109,7 +109,7 @@ def serve_cmd(engine_dir, host, port, replicas, backend, threads, lanes, max_n, 
 
     from flowar.commands.serve import read_token, serve_forever
     from flowar.export.manifest import read_manifest
-    from flowar.runtime.directory import choose_backend          # (not through the runtime: no PyTorch here)
+    from flowar.runtime.directory import choose_backend, engines_named   # (not through the runtime: no PyTorch here)
     m = read_manifest(engine_dir)
     chosen = choose_backend(m, backend)                 # refuse a backend that cannot run, before starting Ray
     m.require_decoder()
@@ -144,9 +144,8 @@ def serve_cmd(engine_dir, host, port, replicas, backend, threads, lanes, max_n, 
     where = f"http://{host}:{port}"
 
     # (the engines as flowar-run and /health name them: "measured" was the directory's auto choice)
-    ran = [m.choice.get(stage, "ort-fp32") for stage in m.stages]       # (as flowar-run names them; /health: what runs)
-    engines = (f"{m.precision}: " + (ran[0] if len(set(ran)) == 1 else ", ".join(f"{n} {e}" for n, e in zip(m.stages, ran)))
-               if chosen == "measured" else chosen)
+    engines = engines_named(m.precision, {s: m.choice.get(s, "ort-fp32") for s in m.stages}) if chosen == "measured" \
+        else chosen
 
     def ready(seconds: float) -> None:     # (from the command's start: it said 7.0 s of the 12.7 s before /health)
         since = time.perf_counter() - STARTED[0]
