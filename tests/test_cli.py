@@ -298,7 +298,8 @@ def test_the_installed_command_ends_once_its_output_is_out_and_its_exit_handlers
         total, start, opening, sampling = map(float, re.search(
             r"whole command ([\d.]+) s: starting Python and PyTorch ([\d.]+) s, opening ([\d.]+) s, sampling ([\d.]+) s",
             out).groups())
-        assert f"in {opening:.2f} s" in out and f"in {sampling:.2f} s" in out and start + opening + sampling <= total
+        # (each printed to 0.01 s: three parts may sum to 0.015 s above the printed total, as 0.00 + 0.03 + 0.15 of 0.17 did)
+        assert f"in {opening:.2f} s" in out and f"in {sampling:.2f} s" in out and start + opening + sampling <= total + 0.015 + 1e-9
         assert (total <= wall and start > 0.2) if program_of_its_own else start < 0.2, (out, wall)
     assert torch.equal(load_file(str(tmp_path / "t.safetensors"))["tokens"], load_file(str(tmp_path / "u.safetensors"))["tokens"])
     proc, ran = program(["--ckpt", str(tmp_path / "missing.pth"), "--preset", "tiny"], tmp_path / "b")
