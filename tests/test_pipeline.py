@@ -342,6 +342,14 @@ def test_a_bulk_run_resumes_only_on_the_engines_it_began_with_and_bad_settings_w
                     progress=False).shards_done_before == 2
     with pytest.raises(FlowARError, match="other schedule than"):
         run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {"cfg": 3.0}, 1, 1), tmp_path / "run", progress=False)
+    # the batch it sampled at by default, given, is the same run (it was refused: "batch: here 4, there not given");
+    # another batch is not, and the line names the batch it ran at
+    with FlowARPipeline.from_pretrained(d) as pipe:
+        ran_at = pipe.runtime.batch
+    assert run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1, batch=ran_at), tmp_path / "run",
+                    progress=False).shards_done_before == 2
+    with pytest.raises(FlowARError, match=rf"\(batch: here {3 - ran_at % 2}, there {ran_at}\)"):
+        run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1, batch=3 - ran_at % 2), tmp_path / "run", progress=False)
     with pytest.raises(FlowARError, match=r"other seed than .*run.json records \(seed: here 5, there 0\)\. Fix"):
         run_bulk(BulkSpec(str(d), 2, [0, 1], 5, {}, 1, 1), tmp_path / "run", progress=False)   # (it named no value)
     # what the backend picked where the run began is compared, not what it picks here: a run begun with auto

@@ -197,14 +197,17 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
 
     def meaning(rec: dict) -> dict:
         """A record as its images are defined: the schedule its settings resolve to, the engines its
-        backend picked where the run began (`--cfg 4.3` spelled out, or `--backend ort` where auto
-        picked ONNX Runtime, resumes a run that left them to the defaults; a record from before the
-        field: what its backend picks here)."""
+        backend picked where the run began, the batch they sampled at (`--cfg 4.3` spelled out, `--backend
+        ort` where auto picked ONNX Runtime, or `--batch 8` where 8 was the default, resumes a run that left
+        them to the defaults; a record from before the field: what its backend picks here)."""
         given = rec.get("schedule")
         try:
             schedule = Settings.of(given).resolve(n_scales, recorded) if isinstance(given, dict) else given
             picked = rec.get("chosen") or choose_backend(m, rec.get("backend", "auto"))
-            rec = rec | {"schedule": schedule, "backend": picked, "chosen": None}
+            # (no --batch: the batch its engines sample at by default, the runtime's, so that the same batch given resumes it)
+            plan = (m.call_plan or {}).get("batches") if picked == "measured" else None
+            rec = rec | {"schedule": schedule, "backend": picked, "chosen": None,
+                         "batch": rec.get("batch") or max(map(int, plan or [m.max_batch]))}
             # (a record from before: the digest of the manifest file itself, which these engines have; wherever
             # they were then)
             same = rec.get("manifest_sha256") in (file_sha256, spec.manifest_sha256)
