@@ -75,6 +75,13 @@ def engines_named(precision: str, ran: dict[str, str]) -> str:
     return f"{precision}: " + (kinds[0] if len(set(kinds)) == 1 else ", ".join(f"{n} {e}" for n, e in ran.items()))
 
 
+def backend_named(m: Manifest, chosen: str) -> str:
+    """A backend as users are told it: the directory's measured choice by its engines ("auto: aoti-bf16":
+    "measured" is no --backend), else its name ("ort")."""
+    return engines_named(m.precision, {s: m.choice.get(s, "ort-fp32") for s in m.stages}) if chosen == "measured" \
+        else chosen
+
+
 def choose_backend(m: Manifest, requested: str = "auto", gpu: bool = True) -> str:
     """The backend an engine directory runs on here: what ``requested`` names, or for ``auto``
     TensorRT where its plans fit this GPU and TensorRT (unless ``gpu`` is off: ``--device cpu``),

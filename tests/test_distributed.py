@@ -65,7 +65,7 @@ def test_bulk_gives_the_same_bytes_for_any_worker_count_and_resumes_after_kill(e
     assert len({z["arr_0"][i].tobytes() for i in range(N)}) == N            # N different images
     run = json.loads((tmp_path / "w2" / "run.json").read_text())
     ran = run["engines"]
-    assert len(ran) == 1 and ran[0].startswith("measured: auto: "), ran          # the engines auto chose
+    assert len(ran) == 1 and ran[0].startswith("auto: "), ran          # the engines auto chose, as flowar-run names them
     [tp] = run["throughput"]
     assert tp["images"] == N and tp["batch"] == [2] and tp["images_per_s"] > 0, tp
     from flowar.runtime.runtime import Runtime

@@ -153,7 +153,8 @@ class ShardSampler:
 
     def engines(self) -> str:
         """What computes this worker's images (recorded in run.json and in each shard)."""
-        return f"{self.pipe.runtime.backend}: {self.pipe.runtime.detail}"
+        rt = self.pipe.runtime                  # (as flowar-run names them: it said "measured: auto: aoti-bf16")
+        return rt.detail if rt.backend == "measured" else f"{rt.backend}: {rt.detail}"
 
 
 def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str | None = None,
@@ -179,6 +180,7 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     if bad or not spec.classes:
         raise FlowARError(f"class ids in 0..{m.config.num_classes - 1}", f"{bad or 'none'}", "check --labels")
     from flowar.export.manifest import MANIFEST, sha256_file
+    from flowar.runtime.directory import backend_named
     from flowar.runtime.runtime import choose_backend
     from flowar.sampling.schedule import Settings
     spec.chosen = choose_backend(m, spec.backend)                               # refuse a backend that cannot run
@@ -206,7 +208,7 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
             picked = rec.get("chosen") or choose_backend(m, rec.get("backend", "auto"))
             # (no --batch: the batch its engines sample at by default, the runtime's, so that the same batch given resumes it)
             plan = (m.call_plan or {}).get("batches") if picked == "measured" else None
-            rec = rec | {"schedule": schedule, "backend": picked, "chosen": None,
+            rec = rec | {"schedule": schedule, "backend": backend_named(m, picked), "chosen": None,
                          "batch": rec.get("batch") or max(map(int, plan or [m.max_batch]))}
             # (a record from before: the digest of the manifest file itself, which these engines have; wherever
             # they were then)

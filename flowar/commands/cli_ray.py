@@ -109,7 +109,7 @@ def serve_cmd(engine_dir, host, port, replicas, backend, threads, lanes, max_n, 
 
     from flowar.commands.serve import read_token, serve_forever
     from flowar.export.manifest import read_manifest
-    from flowar.runtime.directory import choose_backend, engines_named   # (not through the runtime: no PyTorch here)
+    from flowar.runtime.directory import backend_named, choose_backend   # (not through the runtime: no PyTorch here)
     m = read_manifest(engine_dir)
     chosen = choose_backend(m, backend)                 # refuse a backend that cannot run, before starting Ray
     m.require_decoder()
@@ -143,9 +143,7 @@ def serve_cmd(engine_dir, host, port, replicas, backend, threads, lanes, max_n, 
     threads = threads or max(1, cpu_threads() // replicas)           # the cores this process may use (taskset, cpuset)
     where = f"http://{host}:{port}"
 
-    # (the engines as flowar-run and /health name them: "measured" was the directory's auto choice)
-    engines = engines_named(m.precision, {s: m.choice.get(s, "ort-fp32") for s in m.stages}) if chosen == "measured" \
-        else chosen
+    engines = backend_named(m, chosen)          # (as flowar-run and /health name them: it said "measured")
 
     def ready(seconds: float) -> None:     # (from the command's start: it said 7.0 s of the 12.7 s before /health)
         since = time.perf_counter() - STARTED[0]
