@@ -348,9 +348,9 @@ def read_manifest(root: str | Path, verify_hashes: bool = False) -> Manifest:
     rebuild = f"rebuild it: flowar-export --ckpt CKPT --vae VAE --out {root} (leave out --vae for tokens only)"  # (no VAE named)
     mpath = root / MANIFEST
     if not mpath.is_file():
-        # a model's folder (a checkpoint and its VAE beside it, as models/default): how to open the file in it
-        try:
-            ckpts = sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".pth", ".pt") and p.is_file())
+        try:    # a model's folder (a checkpoint and its VAE beside it, as models/default): the file to open in it
+            ckpts = sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".pth", ".pt") and p.is_file()
+                           and p.stem != "diffusion_pytorch_model")     # (a VAE's, as in a diffusers VAE's folder)
         except OSError:
             ckpts = []
         vae = root / "vae" if (root / "vae").is_dir() else None

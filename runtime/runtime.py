@@ -298,7 +298,7 @@ class Runtime(contextlib.AbstractContextManager):
         if decode:
             self.require_decoder()
         if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
-            raise FlowARError("--batch >= 1", repr(batch_size), "use e.g. --batch 8")
+            raise FlowARError("--batch an int >= 1", repr(batch_size), "use e.g. --batch 8")    # (3.0: "expected >= 1")
         if self.max_batch is not None and batch_size is not None and batch_size > self.max_batch:
             raise FlowARError(f"--batch at most {self.max_batch} (the engines' max batch)", str(batch_size),
                               f"use --batch {self.max_batch}, or " + (f"re-export with --max-batch {batch_size}" if

@@ -270,13 +270,15 @@ def test_numpy_numbers_are_numbers_and_a_seed_that_is_no_int_is_one_line(default
         plain = pipe([3, 4], num_inference_steps=9, guidance_scale=3.5, guidance=0.8, batch_size=1, **kw)
         numpy = pipe([3, 4], num_inference_steps=np.int64(9), guidance_scale=np.float64(3.5),
                      guidance=np.float32(0.8), batch_size=np.int64(1), **kw)
-        seeds = pipe([3, 4], seed=np.array([7, 7]), output_type="latent", num_inference_steps=9, guidance_scale=3.5,
-                     guidance=0.8)
+        seeds = pipe([3, 4], seed=np.array([7, 7]), indices=[0, 1], output_type="latent", num_inference_steps=9,
+                     guidance_scale=3.5, guidance=0.8)
         for bad in ("12", 3.5, True, [7, 7.0]):
             with pytest.raises(FlowARError, match="seed an int, or one int per image"):
                 pipe([3, 4], seed=bad)
-        with pytest.raises(FlowARError, match=r"one index and one seed per label \(2\); got 2 indices, 0 seeds"):
-            pipe([3, 4], seed=[])
+        with pytest.raises(FlowARError, match=r"expected seed: one, or one per label \(2\); got a list of 0\. Fix"):
+            pipe([3, 4], seed=[])             # (it said "one index and one seed per label (2); got 2 indices, 0 seeds")
+        with pytest.raises(FlowARError, match=r"expected seed an int, or one int per image; got True\. Fix"):
+            pipe([3, 4], seed=True)           # (it said "[True]")
     assert torch.equal(plain.images, numpy.images) and torch.allclose(plain.images, seeds.images, atol=1e-4)
     assert numpy.seeds == seeds.seeds == [7, 7]
 
@@ -300,6 +302,7 @@ def test_an_image_is_named_by_its_seed_and_index_and_generators_come_one_per_ima
         alone = [pipe([c], generator=[torch.Generator().manual_seed(s)], output_type="latent").seeds[0]
                  for c, s in (("cat", 1), ("dog", 2))]
         alone_dog = pipe(["dog"], generator=torch.Generator().manual_seed(2), output_type="latent")
+        by_seeds, seed_alone = (pipe(c, seed=s, output_type="latent") for c, s in ((["cat", "dog"], [8, 9]), ("dog", 9)))
         for bad, got in (([torch.Generator()], "got a list of 1"), ("seed", "got str")):
             with pytest.raises(FlowARError, match=rf"a torch.Generator, or a list of 2 \(one per image\); {got}"):
                 pipe(["cat", "dog"], generator=bad)
@@ -313,6 +316,8 @@ def test_an_image_is_named_by_its_seed_and_index_and_generators_come_one_per_ima
     # as in diffusers, image j of a list of generators is what generator[j] gives alone, wherever it
     # stands (its noise depended on its place in the list too)
     assert (gens.images[1] - alone_dog.images[0]).abs().max() < 1e-3 and gens.indices == [0, 0]
+    # and so of a list of seeds: image j is what seed[j] gives alone (it was sample j of seed[j], another image)
+    assert (by_seeds.images[1] - seed_alone.images[0]).abs().max() < 1e-3 and by_seeds.indices == [0, 0]
 
 
 def test_a_bulk_run_resumes_only_on_the_engines_it_began_with_and_bad_settings_write_nothing(default_auto_engines,
@@ -357,7 +362,7 @@ def test_a_bulk_run_resumes_only_on_the_engines_it_began_with_and_bad_settings_w
     began = json.loads((tmp_path / "run" / "run.json").read_text())
     (tmp_path / "run" / "run.json").write_text(json.dumps(began | {"chosen": "trt"}))
     (tmp_path / "run" / "shards" / "00001.npz").unlink()
-    with pytest.raises(FlowARError, match=r"other backend than .*\(backend: here 'auto: [a-z0-9-]+', there 'trt'\)"):   # (named as
+    with pytest.raises(FlowARError, match=r"other backend than .*\(backend: here 'auto: .*, there 'trt'\)"):   # (named as
         # flowar-run names it: it said 'measured', which is no --backend)
         run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1), tmp_path / "run", progress=False)
     (tmp_path / "run" / "run.json").write_text(json.dumps(began))
@@ -681,6 +686,21 @@ def test_a_models_folder_passed_as_an_engine_directory_is_told_to_open_the_check
            f"{str(DEFAULT_CKPT)!r}, vae={str(DEFAULT_VAE)!r}))" in str(e.value), str(e.value)
 
 
+
+def test_a_vae_folder_or_a_file_of_an_engine_directory_is_not_told_to_open_it_as_a_model(default_auto_engines):
+    """The VAE's own folder (diffusers' diffusion_pytorch_model.safetensors) was told "it holds a checkpoint:
+    open the file itself", which then failed as a model with no config; a file of an engine directory
+    (ar.onnx, manifest.json) was told to "rename or convert the file": now the folder it is in."""
+    from flowar.export.manifest import EngineDirError
+    with pytest.raises(EngineDirError) as e:
+        FlowARPipeline.from_pretrained(DEFAULT_VAE)
+    assert "manifest.json in the engine directory" in str(e.value) and "diffusion_pytorch_model" not in str(e.value)
+    for name in ("ar.onnx", "manifest.json"):
+        with pytest.raises(FlowARError, match=rf"got {re.escape(name)}\. Fix: pass the folder it is in, "
+                                              rf"{re.escape(str(default_auto_engines))}, as an engine directory$"):
+            FlowARPipeline.from_pretrained(default_auto_engines / name)
+
+
 def test_what_diffusers_users_pass_is_refused_with_what_to_do_instead_and_the_output_indexes_like_theirs(
         default_auto_engines):
     """callback_on_step_end, num_images_per_prompt, torch_dtype and .to(dtype) were bare TypeErrors; out[0],
@@ -697,6 +717,14 @@ def test_what_diffusers_users_pass_is_refused_with_what_to_do_instead_and_the_ou
         for args in ((torch.float16,), ("cpu", torch.float16)):
             with pytest.raises(FlowARError, match="keeps the precision it was opened with"):
                 pipe.to(*args)
+        with pytest.raises(FlowARError, match=r"torch_dtype', which it does not take. Fix: precision=\"bf16\""):
+            pipe.to("cpu", torch_dtype=torch.float16)                    # (a TypeError)
+        with pytest.raises(FlowARError, match=r"'prompt', which it does not take. Fix: class_labels: FlowAR makes "):
+            pipe(prompt="cat")                                           # (a TypeError: a missing class_labels)
+        with pytest.raises(FlowARError, match=r"of 3 arguments .*; got function of 4 arguments \(diffusers' step"):
+            pipe([3], callback_on_scale_end=lambda pipe, step, timestep, kw: kw)
+        with pytest.raises(FlowARError, match=r"expected batch_size an int >= 1; got 3.0"):     # (">= 1; got 3.0")
+            pipe([3], batch_size=3.0)
         assert pipe.to("cpu") is pipe
         out = pipe([3, 7], seed=0, num_inference_steps=4, output_type="np")
         assert out[0] is out["images"] is out.images and out.to_tuple() == (out.images,)

@@ -68,8 +68,7 @@ def _require_file(path: Path, what: str) -> None:
         raise CheckpointError(f"a {what} file", f"{path} is empty (0 bytes)",
                               "the download or copy was interrupted: fetch the file again")
     try:
-        with open(path, "rb"):      # (safetensors reports a file it may not open as "No such file")
-            pass
+        open(path, "rb").close()      # (safetensors reports a file it may not open as "No such file")
     except OSError as e:
         raise _os_error(path, e) from e
 
@@ -196,8 +195,9 @@ def read_checkpoint(path: str | Path, use_ema: bool = True) -> LoadedCheckpoint:
             ck.class_names = names
         return ck
     if p.suffix not in _PICKLE_SUFFIXES:
-        raise CheckpointError("a checkpoint ending in .safetensors or " + "/".join(_PICKLE_SUFFIXES),
-                              f"{p.name}", "rename or convert the file")
+        raise CheckpointError("a checkpoint ending in .safetensors or " + "/".join(_PICKLE_SUFFIXES), f"{p.name}",
+                              f"pass the folder it is in, {p.parent}, as --engine-dir"      # (a file of an engine directory)
+                              if (p.parent / "manifest.json").is_file() else "rename or convert the file")
     obj = _read_pickle(p)
     if not isinstance(obj, dict):
         raise CheckpointError("a state dict (a mapping of names to tensors)", f"a {type(obj).__name__} in {p}",

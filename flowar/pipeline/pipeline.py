@@ -77,7 +77,8 @@ _DIFFUSERS_ONLY = {"callback_on_step_end": "callback_on_scale_end=fn(pipe, k, {'
                    "torch_dtype": 'precision="bf16" when opening a checkpoint (an engine directory runs the precision '
                                   "its export chose)",
                    "eta": "leave it out (FlowAR's sampler is an ODE: no noise to scale)",
-                   "latents": "seed= or generator= (a seed names an image)"}
+                   "latents": "seed= or generator= (a seed names an image)",
+                   "prompt": 'class_labels: FlowAR makes images of classes (ids or names), e.g. pipe(["cat"])'}
 for _k in ("height", "width"):     # (a model makes images of one size: its last token map times its VAE's factor)
     _DIFFUSERS_ONLY[_k] = "leave it out: a FlowAR model makes images of one size (pipe.runtime.image_size: 256 px for FlowAR-S/L/H)"
 
@@ -159,9 +160,10 @@ class FlowARPipeline:
         """Where the pipeline samples (its engines decide, or ``device`` at :meth:`from_pretrained`)."""
         return self.runtime.device
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "FlowARPipeline":
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None, **others) -> "FlowARPipeline":
         """diffusers' ``pipe.to(device)``: this pipeline where it already is; elsewhere refused (an
         engine directory's engines are built for their device, and opening decides it); a dtype too."""
+        _refuse_diffusers_only("to", others)          # (torch_dtype= was a TypeError)
         if isinstance(device, torch.dtype) or dtype is not None:
             raise FlowARError("to(device): a pipeline keeps the precision it was opened with", str(dtype or device),
                               _DIFFUSERS_ONLY["torch_dtype"])
@@ -191,7 +193,8 @@ class FlowARPipeline:
                           "a pickle or copy of an opened one",
                           "send the path and call FlowARPipeline.from_pretrained(path) there")
 
-    def __call__(self, class_labels: int | str | Sequence[int | str], *, seed: int | Sequence[int] | None = None,
+    def __call__(self, class_labels: int | str | Sequence[int | str] | None = None, *,
+                 seed: int | Sequence[int] | None = None,
                  generator: torch.Generator | Sequence[torch.Generator] | None = None,
                  num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, guidance: float | None = None, schedule: str | None = None,
@@ -205,10 +208,10 @@ class FlowARPipeline:
         off); ``guidance``: guide only at t <= this; ``schedule``: ``official`` or ``fast``
         (default: the engine directory's, else official). Image i has the noise of (``seeds[i]``,
         ``indices[i]``): ``seed`` (one, or one per label; default 0) and ``indices`` (default
-        0, 1, ...) name the images, so ``pipe([label], seed=out.seeds[i], indices=[out.indices[i]])``
-        gives image i again; a ``generator`` (or one per label) instead draws one seed per image
-        from its state, as diffusers' pipelines draw their noise (the drawn seeds are in
-        ``.seeds``). ``output_type``: pil, np, pt or latent.
+        0, 1, ... for one seed; 0 for a seed per image, so that image j is what ``seed[j]`` gives
+        alone) name the images, so ``pipe([label], seed=out.seeds[i], indices=[out.indices[i]])``
+        gives image i again; a ``generator`` (or one per label) instead draws a seed per image
+        from its state, as diffusers' pipelines draw their noise (in ``.seeds``). ``output_type``: pil, np, pt or latent.
         ``callback_on_scale_end(pipe, k, {"tokens": (B, C, s, s)})`` is called after each scale k
         of each batch (a call larger than the batch runs in batches), with that batch's samples (a
         copy: what it returns is not used, and changing them changes nothing). A progress bar is
@@ -222,8 +225,11 @@ class FlowARPipeline:
             if output_type not in OUTPUT_TYPES:
                 raise FlowARError(f"output_type among {', '.join(OUTPUT_TYPES)}", repr(output_type), 'use "pil"')
             if callback_on_scale_end is not None and not _takes_three(callback_on_scale_end):
-                raise FlowARError("callback_on_scale_end a function of (pipe, k, {'tokens': ...})",
-                                  _kind(callback_on_scale_end), "pass e.g. lambda pipe, k, out: ..., or None")
+                raise FlowARError("callback_on_scale_end a function of 3 arguments (pipe, k, {'tokens': ...})",
+                                  _kind(callback_on_scale_end) + _arity(callback_on_scale_end),
+                                  "pass e.g. lambda pipe, k, out: ..., or None")
+            if class_labels is None:                      # (a TypeError: a missing positional argument)
+                raise FlowARError("class_labels: an id, a name, or a list of them", "none", 'pass e.g. pipe(["cat"])')
             if isinstance(class_labels, torch.Tensor):    # (a DataLoader's y, or y[0]: ids, not floats or bools)
                 if class_labels.is_floating_point() or class_labels.dtype == torch.bool or class_labels.ndim > 1:
                     raise FlowARError("class_labels: class ids (int) or class names", f"a {class_labels.dtype} tensor of shape "
@@ -257,14 +263,18 @@ class FlowARPipeline:
                 # (drawn on the generator's own device: a CUDA generator cannot draw CPU numbers)
                 seeds = [int(s) for g in gens for s in torch.randint(0, 2 ** 63 - 1, (len(labels) if one else 1,),
                                                                     generator=g, device=g.device).tolist()]
-                if not one and indices is None:           # (as in diffusers: image j is what generator[j] alone
-                    indices = [0] * len(labels)           # gives, wherever it stands in the list)
             else:                                         # (checked where every source samples: run_sampling)
                 seed = seed.tolist() if isinstance(seed, torch.Tensor) else seed
                 if isinstance(seed, (AbcSet, Mapping)):
                     _in_order("seed", seed, "seed=[1, 2]")
-                seeds = ([0 if seed is None else seed] * len(labels) if seed is None or isinstance(seed, numbers.Integral)
+                if isinstance(seed, bool):                # (it said "[True]")
+                    raise FlowARError("seed an int, or one int per image", repr(seed), "pass e.g. seed=0")
+                one = seed is None or isinstance(seed, numbers.Integral)
+                seeds = ([0 if seed is None else seed] * len(labels) if one
                          else list(seed) if hasattr(seed, "__iter__") and not isinstance(seed, (str, bytes)) else seed)
+            if (generator is not None or not one) and indices is None and isinstance(seeds, list):
+                indices = [0] * len(seeds)    # (a seed per image, drawn or given: image j is what its seed gives alone,
+                #                               as generator[j]'s image in diffusers, wherever it stands in the list)
             rt = self.runtime
             # NumPy's numbers as Python's (the settings take int and float, strictly: a bool is not a number)
             # (and a 0-d tensor's: guidance_scale=torch.tensor(4.0) was "not in [1, 50]")
@@ -339,6 +349,16 @@ def _takes_three(fn) -> bool:
     except ValueError:                   # (a builtin without a signature: called as it is)
         return True
     return True
+
+
+def _arity(fn) -> str:
+    """How many arguments ``fn`` takes, for a message ("" where that cannot be said)."""
+    import inspect
+    try:
+        n = len(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return ""
+    return f" of {n} argument{'s' * (n != 1)}" + (" (diffusers' step callback: pipe, step, timestep, kwargs)" if n == 4 else "")
 
 
 def _fits_in_memory(rt: Runtime, n: int, output_type: str) -> None:

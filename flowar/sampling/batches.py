@@ -139,9 +139,10 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedu
     if seeds is None or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in seeds):
         raise FlowARError("seed an int, or one int per image", repr(seed)[:80], "pass e.g. seed=0")
     seeds = [int(s) for s in seeds]
-    if len(idx) != N or len(seeds) != N:
-        raise FlowARError(f"one index and one seed per label ({N})", f"{len(idx)} indices, {len(seeds)} seeds",
-                          "pass matching lists")
+    if len(seeds) != N:                     # (it said "2 indices, 1 seeds" of seed=[5] for two labels)
+        raise FlowARError(f"seed: one, or one per label ({N})", f"a list of {len(seeds)}", f"pass one seed, or {N} seeds")
+    if len(idx) != N:
+        raise FlowARError(f"indices: one per label ({N})", f"a list of {len(idx)}", f"pass {N} indices")
     recorded = read_noise(noise_file, config) if noise_file else None
     if recorded is not None:
         R = schedule.rows(N)
