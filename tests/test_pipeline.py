@@ -75,6 +75,27 @@ def test_an_official_file_without_names_takes_imagenet_names(fixtures_dir, tmp_p
     assert torch.equal(saved["tokens"][0], tokens[0])
 
 
+def test_the_solvers_and_stride_of_the_commands_are_keywords_of_a_call(default_auto_engines, tmp_path):
+    """solver= and stride= sample what flowar-run --solver/--stride samples (the pipeline took only the
+    named schedules, while the README calls the settings one object for the API and the commands);
+    their refusals name the keywords."""
+    from safetensors.torch import load_file
+
+    from flowar.commands.cli import run
+    with FlowARPipeline.from_pretrained(default_auto_engines) as pipe:
+        pipe.set_progress_bar_config(disable=True)
+        heun, skip, euler = (pipe([3, 7], seed=2, output_type="latent", **kw).images for kw in
+                             (dict(solver="heun"), dict(schedule="fast", stride=2), {}))
+        with pytest.raises(FlowARError, match=r"expected stride with the skip solver .*Fix: drop stride"):
+            pipe([3], stride=2)
+    for kw, got in ((["--solver", "heun"], heun), (["--schedule", "fast", "--stride", "2"], skip)):
+        res = CliRunner().invoke(run, ["--engine-dir", str(default_auto_engines), "--labels", "3,7", "--seed", "2",
+                                       *kw, "--save-tokens", str(tmp_path / "t.safetensors")])
+        assert res.exit_code == 0, res.output
+        assert torch.equal(load_file(str(tmp_path / "t.safetensors"))["tokens"], got)
+    assert (heun - euler).abs().max() > 1e-2 and (skip - euler).abs().max() > 1e-2       # (they took effect)
+
+
 def test_bad_calls_are_one_line_errors(default_auto_engines):
     """A bad call is one FlowARError line in the call's own terms (it named the commands' options:
     "--cfg", "--batch"); indices that are not ints (1.7 sampled image 1), a callback that is not a

@@ -16,10 +16,11 @@ _KEYWORDS = (("--steps", "num_inference_steps"), ("--cfg", "guidance_scale"), ("
              ("--preset/--config/--vae/--raw-weights/--precision", "preset=/config=/vae=/raw_weights=/precision="),
              ("--preset/--config", "preset=/config="), ("--raw-weights", "raw_weights"), ("--precision", "precision"),
              ("--preset", "preset"), ("--config", "config"), ("--vae", "vae"), ("--no-cuda-graphs", "cuda_graphs=False"),
-             ("--threads", "threads"), ("--device", "device"), ("--backend", "backend"),
+             ("--threads", "threads"), ("--device", "device"), ("--backend", "backend"), ("--solver", "solver"),
+             ("--stride", "stride"),
              ("--engine-dir", "an engine directory"))
 # the word values of the options, as patterns (said quoted, as keyword arguments take them); a path for --vae
-_WORDS = {"--preset": "|".join(map(re.escape, PRESETS)), "--backend": "auto|ort|trt|torch", "--schedule": "official|fast",
+_WORDS = {"--preset": "|".join(map(re.escape, PRESETS)), "--backend": "auto|ort|trt|torch", "--schedule": "official|fast", "--solver": "euler|ab2|heun|skip",
           "--precision": "fp32|fp16|bf16|auto", "--device": r"cuda:\d+|cpu|cuda|auto", "--vae": r"/[^\s,;()]+"}
 # a command line in a message ("flowar-export --backend trt"): said as it is, a command to run
 _COMMAND = re.compile(r"flowar-[a-z]+(?: --[\w-]+(?: (?!--)[^\s,;()]+)?)+")

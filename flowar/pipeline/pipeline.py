@@ -198,6 +198,7 @@ class FlowARPipeline:
                  generator: torch.Generator | Sequence[torch.Generator] | None = None,
                  num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, guidance: float | None = None, schedule: str | None = None,
+                 solver: str | None = None, stride: int | None = None,
                  batch_size: int | None = None, output_type: str = "pil", indices: Sequence[int] | None = None,
                  callback_on_scale_end: Callable[["FlowARPipeline", int, dict], None] | None = None,
                  return_dict: bool = True, **others) -> FlowAROutput | tuple:
@@ -206,7 +207,8 @@ class FlowARPipeline:
         ``num_inference_steps``: the official sampler's N (25: the official 24 Euler steps per
         scale; its grid has 2 (N // 2) + 1 points); ``guidance_scale``: cfg at the last scale (1 =
         off); ``guidance``: guide only at t <= this; ``schedule``: ``official`` or ``fast``
-        (default: the engine directory's, else official). Image i has the noise of (``seeds[i]``,
+        (default: the engine directory's, else official); ``solver`` (euler, ab2, heun, skip) and
+        ``stride`` (skip: the head on 1 step in stride), as ``flowar-run --solver/--stride``. Image i has the noise of (``seeds[i]``,
         ``indices[i]``): ``seed`` (one, or one per label; default 0) and ``indices`` (default
         0, 1, ... for one seed; 0 for a seed per image, so that image j is what ``seed[j]`` gives
         alone) name the images, so ``pipe([label], seed=out.seeds[i], indices=[out.indices[i]])``
@@ -282,7 +284,9 @@ class FlowARPipeline:
                                              float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
                                              for v in (v.item() if isinstance(v, torch.Tensor) and v.dim() == 0 else v
                                                        for v in (num_inference_steps, guidance_scale, guidance, batch_size)))
-            sched = rt.schedule(Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guide))
+            sched = rt.schedule(Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guide, solver=solver,
+                                         stride=int(stride) if isinstance(stride, numbers.Integral) and
+                                         not isinstance(stride, bool) else stride))
             on_scale = None
             if callback_on_scale_end is not None:
                 side = rt.config.scales
