@@ -602,7 +602,11 @@ def test_what_a_diffusers_user_reaches_for_next(default_auto_engines, monkeypatc
         monkeypatch.setattr(memory, "available_bytes", lambda: 10 << 20)       # 10 MiB left
         with pytest.raises(FlowARError, match="fit in memory.*1000 images") as e:
             pipe([1] * 1000)
-        assert "call it in parts of at most" in str(e.value)
+        # the parts it advises are the bound it keeps (it refused above all the memory, and advised half of it)
+        part = int(re.search(r"call it in parts of at most (\d+) labels", str(e.value)).group(1))
+        assert pipe([1] * part, output_type="np", num_inference_steps=2).images.shape[0] == part
+        with pytest.raises(FlowARError, match=f"fit in memory.*{part + 1} images"):
+            pipe([1] * (part + 1), output_type="np")
         assert pipe([1, 2], output_type="latent").labels == [1, 2]            # a call that fits
     said = in_python_terms(FlowARError("a", "b", "rebuild plans here with flowar-export --backend trt, or use --backend ort"))
     assert str(said).endswith('with flowar-export --backend trt, or use backend="ort"'), said

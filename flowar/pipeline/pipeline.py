@@ -374,8 +374,8 @@ def _fits_in_memory(rt: Runtime, n: int, output_type: str) -> None:
     if output_type != "latent" and rt.image_size:
         per += 3 * rt.image_size ** 2 * (4 + 4)                    # the images, and their output form
     free = available_bytes()
-    if free is not None and n * per > free:
-        fits = max(1, free // per // 2)
+    fits = None if free is None else max(1, free // 2 // per)       # (half: the call computes beside them)
+    if fits is not None and n > fits:           # (the same bound as the parts it advises: it took up to all of it)
         raise FlowARError(f"a call whose images fit in memory (about {per / 2**10:.0f} KiB each with their output)",
                           f"{n} images, about {n * per / 2**30:.1f} GiB, with {free / 2**30:.1f} GiB available",
                           f"call it in parts of at most {fits} labels, or write them as they come with flowar-sample")
