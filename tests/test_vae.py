@@ -1,5 +1,6 @@
 """The VAE loaders against MAR's recorded numbers and a diffusers round trip."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,26 @@ def test_a_checkpoint_opened_for_sampling_decodes_without_diffusers_with_its_num
             f"print(tuple(r.images.shape), sorted(m for m in sys.modules if m.split('.')[0] == 'diffusers'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out.endswith("[]") and out.startswith("(2, 3, "), out
+
+
+def test_the_weights_file_of_a_vae_folder_is_told_to_pass_the_folder(tmp_path):
+    """--vae .../vae/diffusion_pytorch_model.safetensors (the file, not its folder) was a traceback in
+    flowar-train and flowar-export (IndexError: its names were taken as MAR's, with no levels) and, in
+    flowar-run, a line about up blocks and --auto-candidates: now one line naming the folder."""
+    from click.testing import CliRunner
+
+    from flowar.commands.cli import export_cmd, run, train_cmd
+    from flowar.model.vae import load_decoder
+    folder = Path(__file__).resolve().parents[1] / "models" / "default" / "vae"
+    ckpt = folder.parent / "flowar.safetensors"
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    for load in (load_vae, load_decoder):
+        with pytest.raises(FlowARError, match=rf"the weights of a diffusers folder\. Fix: pass the folder it is in: "
+                                              rf"--vae {re.escape(str(folder))}$"):
+            load(weights)
+    for cmd, args in ((run, ["--ckpt", str(ckpt), "--labels", "1", "--out", str(tmp_path / "a.png")]),
+                      (export_cmd, ["--ckpt", str(ckpt), "--out", str(tmp_path / "e")]),
+                      (train_cmd, ["--out", str(tmp_path / "t"), "--steps", "2"])):
+        res = CliRunner().invoke(cmd, args + ["--vae", str(weights)])
+        assert res.exit_code == 2 and res.output.count("\n") == 1 and f"--vae {folder}" in res.output, res.output
+    assert not any(tmp_path.iterdir())                                   # nothing written

@@ -134,14 +134,22 @@ def _convert_ldm(sd: dict[str, Tensor], n_levels: int) -> dict[str, Tensor]:
     return out
 
 
+def _is_ldm(sd: dict[str, Tensor]) -> bool:
+    """Whether a state dict has MAR/LDM's names (``encoder.down.0...``), not diffusers' (``encoder.down_blocks.0...``:
+    the weights file of a diffusers folder, whose names it shares otherwise: taken as LDM, it had no levels)."""
+    return "encoder.conv_in.weight" in sd and "post_quant_conv.weight" in sd and any(k.startswith("encoder.down.") for k in sd)
+
+
 def convert_mar_checkpoint(path: str | Path) -> VAE:
     """An ``AutoencoderKL`` with the numbers of a MAR/LDM KL checkpoint (weights under ``model``)."""
     from flowar.model.checkpoint import read_checkpoint
     ck = read_checkpoint(path)
     sd = ck.state_dict
-    if "encoder.conv_in.weight" not in sd or "post_quant_conv.weight" not in sd:
+    if not _is_ldm(sd):
+        folder = Path(path).parent if (Path(path).parent / "config.json").is_file() else None
         raise FlowARError("a VAE checkpoint in the MAR/LDM layout (encoder.*, decoder.*, quant_conv, post_quant_conv)",
-                          f"{Path(path).name} with keys such as {sorted(sd)[:3]}",
+                          f"{Path(path).name} with keys such as {sorted(sd)[:3]}" + (", the weights of a diffusers "
+                          "folder" if folder else ""), f"pass the folder it is in: --vae {folder}" if folder else
                           "pass MAR's kl16.ckpt or a diffusers VAE folder to --vae")
     lay = _ldm_layout(sd)
     n = len(lay["outs"])
@@ -175,7 +183,7 @@ def load_decoder(path: str | Path, expect_channels: int | None = None) -> VAE:
     if p.is_file():
         from flowar.model.checkpoint import read_checkpoint
         sd = read_checkpoint(p).state_dict
-        if "encoder.conv_in.weight" not in sd or "post_quant_conv.weight" not in sd:
+        if not _is_ldm(sd):
             return load_vae(p, expect_channels, decode_only=True)             # (its one-line refusal)
         lay = _ldm_layout(sd)
         n = len(lay["outs"])
