@@ -119,6 +119,8 @@ def test_without_a_decoder_the_judge_measures_tokens_and_refuses_a_distance_betw
     res = CliRunner().invoke(judge_cmd, common + ["--json", str(tmp_path / "q.json")])
     assert res.exit_code == 0 and "vs the official schedule (same noise): tokens max" in res.output, res.output
     assert "no images to judge: the source has no decoder (pass --vae" in res.output, res.output   # (it was silent)
+    # and before the sampling, with the VAE the checkpoint was trained with (it was said only at the end)
+    assert res.output.startswith("note: no decoder, token errors only (pass --vae "), res.output
     assert json.loads((tmp_path / "q.json").read_text())["class_accuracy"] is None
     torch.jit.save(torch.jit.script(StandIn()), str(tmp_path / "x.pt"))
     np.savez(tmp_path / "s.npz", mu=np.zeros(8), sigma=np.eye(8))
@@ -291,7 +293,12 @@ def test_the_judge_is_chosen_by_the_checkpoint_metadata_or_by_the_flag(fixtures_
     default = ["--ckpt", str(DEFAULT_CKPT), "--vae", str(DEFAULT_VAE)]
     assert isinstance(CliRunner().invoke(judge_cmd, default + base).exception, Called)          # its metadata
     res = CliRunner().invoke(judge_cmd, default + base + ["--judge", "none"])
-    assert res.exit_code == 0 and "accuracy" not in res.output.lower(), res.output
+    assert res.exit_code == 0 and res.output.endswith("\nno class accuracy: --judge none\n"), res.output
+    # a source with images and no judge to use says so (it ended with exit 0 without a word)
+    from flowar.eval.quality import QualityReport, report_lines
+    for data, why in ((None, "the source records no training data"), ("cifar-10", "no judge of cifar-10")):
+        assert report_lines(QualityReport("official", 96, 2, 0.1), 0, True, None, judged=("auto", data))[-1] == \
+            f"no class accuracy: {why}; --judge animal-mnist judges Animal-MNIST's"
     tiny = ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny"]
     assert CliRunner().invoke(judge_cmd, tiny + base).exit_code == 0                           # no metadata: none
     res = CliRunner().invoke(judge_cmd, tiny + base + ["--judge", "animal-mnist"])

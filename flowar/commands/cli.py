@@ -373,6 +373,8 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
                                       "folder this user may write") from None
             judge = train_judge(cache=Path(judge_cache), progress=True)
         labels = [c for c in range(min(classes_limit, config.num_classes)) for _ in range(per_class)]
+        if not rt.decodes:          # (said after the sampling, 15 s later: "no images to judge")
+            click.echo(f"note: no decoder, token errors only (pass --vae{rt.trained.get('vae', '')})", err=True)
         other = stack.enter_context(Runtime.open(vs_engine_dir, True)) if vs_engine_dir else None
         if other is not None:
             if other.config != config:
@@ -388,8 +390,8 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
                                       progress={"desc": f"scales ({s.name or 'custom'} schedule)"})
         rep = measure(sampler(rt), config, labels, sched, rt.decodes, judge, judge.real_stats if judge else None,
                       converged, stats, extractor, reference=sampler(other) if other else None)
-    for line in report_lines(rep, seed, rt.decodes, rt.class_names, f"{vs_engine_dir} ({other.detail})"
-                             if other else None, Path(fid_stats).name if fid_stats else None):
+    for line in report_lines(rep, seed, rt.decodes, rt.class_names, f"{vs_engine_dir} ({other.detail})" if other else
+                             None, Path(fid_stats).name if fid_stats else None, (judge_kind, rt.trained.get("data"))):
         click.echo(line)
     if json_out:
         from flowar.io.files import atomic_write_bytes

@@ -249,8 +249,10 @@ def measure(sample: Sampler, config, labels: list[int], schedule, decode: bool =
 
 
 def report_lines(rep: "QualityReport", seed: int, decode: bool, class_names: list[str] | None,
-                 reference: str | None = None, fid_name: str | None = None) -> list[str]:
-    """What flowar-judge prints for a report."""
+                 reference: str | None = None, fid_name: str | None = None,
+                 judged: tuple[str, str | None] = ("auto", None)) -> list[str]:
+    """What flowar-judge prints for a report (``judged``: its --judge and the source's training data,
+    which say why images had no class accuracy: it ended with exit 0 without a word)."""
     out = [f"schedule: {rep.schedule}; {rep.n_samples} samples, seed {seed}, sampled in {rep.seconds:.1f} s"]
 
     def versus(what: str, d: dict) -> str:
@@ -274,6 +276,10 @@ def report_lines(rep: "QualityReport", seed: int, decode: bool, class_names: lis
     elif not decode:                                   # (nothing was said: the accuracy left out in silence)
         out.append("no images to judge: the source has no decoder (pass --vae, or an engine directory exported with "
                    "--vae), token errors only")
+    else:
+        kind, data = judged
+        out.append("no class accuracy: " + ("--judge none" if kind == "none" else (f"no judge of {data}" if data else
+                   "the source records no training data") + "; --judge animal-mnist judges Animal-MNIST's"))
     if rep.fid is not None:
         out.append(f"FID against {fid_name}: {rep.fid:.3f}" + (f" (from {rep.n_samples} samples: biased high, not "
                    "comparable with published FIDs, which use 10k-50k)" if rep.n_samples < 10_000 else ""))
