@@ -1,4 +1,5 @@
-"""What a resumed run takes from its checkpoint: the settings it began with, where the command left
+"""A run's training checkpoint (``checkpoint-last.safetensors``: model, EMA, optimizer, losses and the
+settings), written and read; and what a resumed run takes from it: the settings it began with, where the command left
 them at their defaults. ``flowar-train --out RUN --vae VAE --resume`` was refused unless every
 setting was typed again ("batch 64, began with 16": the default compared with the run's own); a
 setting given with another value than the run's is still refused (:func:`~flowar.train.trainer.check_args`).
@@ -9,9 +10,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
 
 from flowar.io.files import as_file
+from flowar.model.checkpoint import TRAIN_FORMAT_TAG, save_checkpoint
+
+if TYPE_CHECKING:
+    from flowar.model.ar import FlowAR
+    from flowar.train.trainer import Run, TrainArgs, TrainState
 
 
 def with_recorded_settings(args, defining: tuple[str, ...], say: bool = True):
@@ -34,3 +45,35 @@ def with_recorded_settings(args, defining: tuple[str, ...], say: bool = True):
         print("note: --resume takes the run's own " + ", ".join(f"{k} {v!r}" for k, v in taken.items())
               + " (left at their defaults here)", file=sys.stderr)
     return dataclasses.replace(args, **taken)
+
+
+def save_training_checkpoint(path: Path, run: Run, args: TrainArgs, class_names: list[str]) -> None:
+    tensors = {f"model.{k}": v for k, v in run.model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in run.ema.state_dict().items()})
+    osd = run.opt.state_dict()
+    for i, st in osd["state"].items():
+        for name, v in st.items():
+            tensors[f"optim.{i}.{name}"] = v if isinstance(v, Tensor) else torch.tensor(v)
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in osd["param_groups"]]
+    save_checkpoint(path, tensors, run.model.config, class_names, extra={
+        "format": TRAIN_FORMAT_TAG, "step": str(run.state.step), "losses": json.dumps(run.state.losses),
+        "optimizer_groups": json.dumps(groups), "train_args": json.dumps({k: as_file(v) for k, v in asdict(args).items()}),
+        "data": str(args.data), "inputs": json.dumps(run.inputs)})
+
+
+def load_training_checkpoint(path: Path, model: FlowAR, ema: FlowAR, opt: torch.optim.Optimizer) -> TrainState:
+    from safetensors import safe_open
+
+    from flowar.train.trainer import TrainState
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["optimizer_groups"])})
+    return TrainState(int(meta["step"]), json.loads(meta["losses"]))

@@ -25,7 +25,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowar.config import FlowARConfig, get_preset
-from flowar.model.checkpoint import META_CLASSES, META_CONFIG, TRAIN_FORMAT_TAG, save_checkpoint
+from flowar.model.checkpoint import META_CLASSES, META_CONFIG, save_checkpoint
 from flowar.train.data import DatasetIndex, Latents, index_dataset, load_latents
 from flowar.train.pictures import Progress, own_grids, plot_losses, sample_grid
+from flowar.train.resume import load_training_checkpoint, save_training_checkpoint
 from flowar.errors import FlowARError
 from flowar.model.ar import FlowAR
 from flowar.io.digests import vae_sha256
@@ -165,38 +166,6 @@ def lr_at(step: int, a: TrainArgs) -> float:
         return a.lr * (step + 1) / a.warmup
     p = (step - a.warmup) / max(1, a.steps - a.warmup)
     return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
-
-
-# ---- checkpoints -------------------------------------------------------------------------------
-
-def save_training_checkpoint(path: Path, run: Run, args: TrainArgs, class_names: list[str]) -> None:
-    tensors = {f"model.{k}": v for k, v in run.model.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in run.ema.state_dict().items()})
-    osd = run.opt.state_dict()
-    for i, st in osd["state"].items():
-        for name, v in st.items():
-            tensors[f"optim.{i}.{name}"] = v if isinstance(v, Tensor) else torch.tensor(v)
-    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in osd["param_groups"]]
-    save_checkpoint(path, tensors, run.model.config, class_names, extra={
-        "format": TRAIN_FORMAT_TAG, "step": str(run.state.step), "losses": json.dumps(run.state.losses),
-        "optimizer_groups": json.dumps(groups), "train_args": json.dumps({k: as_file(v) for k, v in asdict(args).items()}),
-        "data": str(args.data), "inputs": json.dumps(run.inputs)})
-
-
-def load_training_checkpoint(path: Path, model: FlowAR, ema: FlowAR, opt: torch.optim.Optimizer) -> TrainState:
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-    state: dict[int, dict] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, i, name = k.split(".", 2)
-            state.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["optimizer_groups"])})
-    return TrainState(int(meta["step"]), json.loads(meta["losses"]))
 
 
 # ---- the loop ----------------------------------------------------------------------------------
