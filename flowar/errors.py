@@ -92,6 +92,19 @@ def raise_if_stopped() -> None:
         raise KeyboardInterrupt(_STOPS[0])
 
 
+@contextlib.contextmanager
+def stop_answered():
+    """A stop being answered by saving what is done (a training run's checkpoint at the step it stopped
+    at): outputs are put in place meanwhile, which :func:`raise_if_stopped` refuses after a stop; the
+    stop stays recorded (the command ends "interrupted"), and another one still cuts the saving short."""
+    taken = list(_STOPS)
+    _STOPS.clear()
+    try:
+        yield
+    finally:
+        _STOPS[:0] = taken
+
+
 def raise_if_set(stopping) -> None:
     """Work on another thread whose command is ending (``stopping``, a threading.Event, set): stopped at
     its next step, where the command would otherwise wait for it to finish."""

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -172,7 +173,7 @@ def test_a_resume_with_other_settings_or_fewer_steps_is_one_line_before_any_enco
 
 
 
-def test_resume_alone_takes_the_runs_own_settings(small_world, tmp_path, capsys):
+def test_resume_alone_takes_the_runs_own_settings(small_world, tmp_path, capsys, monkeypatch):
     """`flowar-train --out RUN --vae VAE --resume` was refused unless every setting was typed again
     ("batch 64, began with 8": the default against the run's own). Settings left at their defaults
     take the run's, with a note; the run continues as the uninterrupted one does."""
@@ -185,6 +186,17 @@ def test_resume_alone_takes_the_runs_own_settings(small_world, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "note: --resume takes the run's own size 16, batch 8, warmup 2 (left at their defaults here)" in err, err
     assert st.step == 3 and st.losses == whole.losses
+    # the command too, without --vae (it was required: "Error: expected --vae a path"); a new run still needs it
+    from click.testing import CliRunner
+
+    from flowar.commands.cli import train_cmd
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    res = CliRunner().invoke(train_cmd, ["--out", str(tmp_path / "r"), "--resume", "--steps", "4", "--data",
+                                         str(small_world / "data"), "--sample-every", "0"])
+    assert res.exit_code == 0 and f"the run's own vae {str(small_world / 'vae')!r}" in res.output, res.output
+    assert "trained to step 4 " in res.output, res.output
+    res = CliRunner().invoke(train_cmd, ["--out", str(tmp_path / "new"), "--steps", "1"])
+    assert res.exit_code == 2 and "expected --vae: the VAE the latents come from; got none" in res.output, res.output
 
 
 def test_a_resume_with_an_edited_config_file_or_renamed_class_folders_is_refused_before_encoding(small_world, tmp_path,
@@ -310,6 +322,11 @@ def test_the_loss_lines_go_where_the_bar_would(small_world, tmp_path, capsys):
     train(_args(small_world, tmp_path / "r", steps=2, log_every=1), progress=True)
     got = capsys.readouterr()
     assert "step 1/2 loss " in got.err and "step 2/2 loss " in got.err and "step 1/2" not in got.out, got
+    # with the time taken and left (a log had neither), and whether the warm-up outlasts the run (nothing was said)
+    assert re.search(r"step 1/2 loss [\d.]+ lr [\d.e+-]+ [\d.]+ step/s, \d+ s, [\d.]+ min left\n", got.err), got.err
+    assert "note: --warmup" not in got.err
+    train(_args(small_world, tmp_path / "w", steps=2, warmup=3), progress=True)
+    assert "note: --warmup 3 is more than --steps 2: the learning rate never reaches --lr" in capsys.readouterr().err
 
 
 def test_an_interrupted_run_says_which_step_it_resumes_from(small_world, tmp_path, monkeypatch):
@@ -330,13 +347,29 @@ def test_an_interrupted_run_says_which_step_it_resumes_from(small_world, tmp_pat
         trainer.train(_args(small_world, tmp_path / "r", steps=6, ckpt_every=2), progress=False)
     monkeypatch.setattr(trainer, "train_step", real)
     assert trainer.train(_args(small_world, tmp_path / "r", steps=6, ckpt_every=2, resume=True), progress=False).step == 6
+    # Ctrl-C before the first checkpoint (every 100 steps here, 500 by default) lost every step so far: the step
+    # computing ends (the stop waits for it, as the command's handler records it), then its checkpoint is written,
+    # and the resumed run gives the losses of an uninterrupted one
+    from flowar.errors import stop_asked, stops_cleared
+
+    def ctrl_c_at_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            stop_asked(signal.SIGINT, None)
+        return real(*a, **k)
     calls.clear()
-    monkeypatch.setattr(trainer, "train_step", stop_at_third)
-    with pytest.raises(KeyboardInterrupt, match=r"^at step 2; no checkpoint yet \(the first at step 100\): run the "
-                                                r"command again to start afresh$"):
-        trainer.train(_args(small_world, tmp_path / "n", steps=6), progress=False)
-    # a stop while the first checkpoint is written leaves none in place: not promised ("holds step 2" was)
+    monkeypatch.setattr(trainer, "train_step", ctrl_c_at_third)
+    ckpt = tmp_path / "n" / "checkpoint-last.safetensors"
+    try:
+        with pytest.raises(KeyboardInterrupt, match=rf"^at step 3; {re.escape(str(ckpt))} holds step 3: the same "
+                                                    r"command with --resume continues from there$"):
+            trainer.train(_args(small_world, tmp_path / "n", steps=6), progress=False)
+    finally:
+        stops_cleared()
     monkeypatch.setattr(trainer, "train_step", real)
+    resumed = trainer.train(_args(small_world, tmp_path / "n", steps=6, resume=True), progress=False)
+    assert resumed.losses == trainer.train(_args(small_world, tmp_path / "u", steps=6), progress=False).losses
+    # a stop while the first checkpoint is written leaves none in place: not promised ("holds step 2" was)
     monkeypatch.setattr(trainer, "save_training_checkpoint", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt, match=r"^at step 2; no checkpoint yet"):
         trainer.train(_args(small_world, tmp_path / "w", steps=6, ckpt_every=2), progress=False)

@@ -237,7 +237,8 @@ def train_vae_cmd(data, out, size, latent_channels, steps, batch, lr, seed, debu
 @command("flowar-train")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="A new run folder: model.safetensors (the "
               "EMA weights, what flowar-export and flowar-run take), checkpoint-last.safetensors, loss.png, samples/.")
-@click.option("--vae", required=True, type=click.Path(), help="VAE the latents come from (diffusers folder or kl16.ckpt).")
+@click.option("--vae", type=click.Path(), help="VAE the latents come from (diffusers folder or kl16.ckpt) [required; "
+              "--resume: the run's own].")
 @click.option("--data", default="animal-mnist", show_default=True, help="animal-mnist, or ROOT/<class>/<image> folder.")
 @click.option("--size", default=32, show_default=True, type=int, help="Image side.")
 @click.option("--preset", help="Widths/depths of a preset: tiny, flowar-s, flowar-l, flowar-h (scales, channels, classes "
@@ -264,6 +265,8 @@ def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmu
     """Train FlowAR with the official multi-scale flow-matching loss (runs under torchrun too)."""
     from flowar.io.files import check_outputs, check_writable
     from flowar.train.trainer import TrainArgs, train
+    if vae is None and not resume:          # (--resume alone takes the run's own: README)
+        raise FlowARError("--vae: the VAE the latents come from", "none", "pass e.g. --vae models/default/vae")
     check_outputs([("--out", out)], [vae, config_path, data if Path(data).exists() else None])
     check_writable(out, True, "--out")
     positive(("--steps", steps), ("--batch", batch), ("--log-every", log_every), ("--ckpt-every", ckpt_every),
@@ -281,7 +284,6 @@ def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmu
         tail = st.losses[-min(100, len(st.losses)):]
         click.echo(f"trained to step {st.step} in {time.perf_counter() - t0:.0f} s; mean loss of the "
                    f"last {len(tail)} steps {sum(tail) / max(1, len(tail)):.4f}; weights -> {Path(out) / 'model.safetensors'}")
-
 
 
 @command("flowar-judge")

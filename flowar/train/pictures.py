@@ -73,9 +73,11 @@ class Progress:
         self.bar.update(1)
         n = self.args.log_every
         if state.step % n == 0 and self.bar.disable:
-            rate = (state.step - self.first) / max(1e-9, time.perf_counter() - self.t0)
+            took = time.perf_counter() - self.t0
+            rate = (state.step - self.first) / max(1e-9, took)     # (and the time: a log had neither elapsed nor left)
             print(f"step {state.step}/{self.args.steps} loss {sum(state.losses[-n:]) / n:.4f} lr {lr:.2e} "
-                  f"{rate:.1f} step/s", file=sys.stderr, flush=True)    # (the bar's place: stdout left it out of a log)
+                  f"{rate:.1f} step/s, {took:.0f} s, {(self.args.steps - state.step) / max(rate, 1e-9) / 60:.1f} min left",
+                  file=sys.stderr, flush=True)    # (the bar's place: stdout left it out of a log)
 
     def close(self) -> None:
         self.bar.close()

@@ -39,8 +39,8 @@ def with_recorded_settings(args, defining: tuple[str, ...], say: bool = True):
     except Exception:   # noqa: BLE001 - refused with its reason where the run is checked
         return args
     defaults = {f.name: f.default for f in dataclasses.fields(args)}
-    taken = {k: began[k] for k in defining if k in began and getattr(args, k) == defaults.get(k, dataclasses.MISSING)
-             and as_file(began[k]) != as_file(getattr(args, k))}
+    taken = {k: began[k] for k in defining if k in began and (getattr(args, k) is None or getattr(args, k) == defaults.get(
+             k, dataclasses.MISSING)) and as_file(began[k]) != as_file(getattr(args, k))}     # (None: --vae not given)
     if taken and say:
         print("note: --resume takes the run's own " + ", ".join(f"{k} {v!r}" for k, v in taken.items())
               + " (left at their defaults here)", file=sys.stderr)

@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from flowar.model.checkpoint import META_CLASSES, META_CONFIG, save_checkpoint
 from flowar.train.data import DatasetIndex, Latents, index_dataset, load_latents
 from flowar.train.pictures import Progress, own_grids, plot_losses, sample_grid
 from flowar.train.resume import load_training_checkpoint, save_training_checkpoint
-from flowar.errors import FlowARError
+from flowar.errors import FlowARError, stop_answered, stops_held
 from flowar.model.ar import FlowAR
 from flowar.io.digests import vae_sha256
 from flowar.io.files import as_file
@@ -333,6 +334,9 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
     config = build_config(args, lat, began)
     require_batch_memory(args.batch, flowar_image_bytes(config), "flowar-train", args.resume)   # (it was killed: exit 137)
     run = build_run(args, config, world, ckpt)
+    if rank == 0 and (args.resume or args.warmup > args.steps):     # (a resume said nothing of where it began)
+        print(f"resuming {ckpt} at step {run.state.step} of {args.steps}" if args.resume else f"note: --warmup "
+              f"{args.warmup} is more than --steps {args.steps}: the learning rate never reaches --lr", file=sys.stderr)
     run.inputs = {"data": data.digest, "vae": vae_sha256(args.vae)}
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not args.resume:       # an earlier start's grids and plot (stopped before its first checkpoint)
@@ -341,18 +345,26 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
         (ckpt.parent / "loss.png").unlink(missing_ok=True)
     end = args.steps if max_steps_this_run is None else min(args.steps, run.state.step + max_steps_this_run)
     with Progress(args, run.state, progress and rank == 0) as bar:      # (an interrupt: which step resumes)
-        for step, x, y, t, noise in batches(lat, config, args, rank, world, run.state.step, end):
-            loss = train_step(run, x, y, t, noise, lr_at(step, args), args.grad_clip)
-            ema_update(run.ema, run.model, step, args.ema_decay)
-            run.state.losses.append(mean_over_ranks(loss, world))
-            if not math.isfinite(run.state.losses[-1]):    # (NaN weights were written and the run said it trained)
-                raise FlowARError("a finite training loss", f"{run.state.losses[-1]} at step {step}",
-                                  "start afresh in a new --out with a lower --lr or --grad-clip (a resumed run "
-                                  "keeps its settings)")
-            run.state.step += 1
-            if rank == 0:
-                bar.log(run.state, lr_at(step, args))
-                checkpoint_and_sample(run, args, lat.class_names, ckpt, end, bar)
+        try:
+            for step, x, y, t, noise in batches(lat, config, args, rank, world, run.state.step, end):
+                with stops_held():          # (a stop waits for the step's end: weights, EMA and optimizer agree)
+                    loss = train_step(run, x, y, t, noise, lr_at(step, args), args.grad_clip)
+                    ema_update(run.ema, run.model, step, args.ema_decay)
+                    run.state.losses.append(mean_over_ranks(loss, world))
+                    if not math.isfinite(run.state.losses[-1]):    # (NaN weights were written and the run said it trained)
+                        raise FlowARError("a finite training loss", f"{run.state.losses[-1]} at step {step}",
+                                          "start afresh in a new --out with a lower --lr or --grad-clip (a resumed "
+                                          "run keeps its settings)")
+                    run.state.step += 1
+                if rank == 0:
+                    bar.log(run.state, lr_at(step, args))
+                    checkpoint_and_sample(run, args, lat.class_names, ckpt, end, bar)
+        except KeyboardInterrupt:           # (Ctrl-C or SIGTERM lost every step since the last checkpoint: up to 500)
+            if rank == 0 and run.state.step > (bar.saved or 0):
+                with stop_answered():
+                    save_training_checkpoint(ckpt, run, args, lat.class_names)
+                bar.saved = run.state.step
+            raise
     if rank == 0 and run.state.step == args.steps:
         last = ckpt.parent / "samples" / f"step{args.steps:07d}.png"
         if args.sample_every and not last.is_file():      # (stopped after the last checkpoint, before its grid)
