@@ -329,6 +329,22 @@ def test_the_loss_lines_go_where_the_bar_would(small_world, tmp_path, capsys):
     assert "note: --warmup 3 is more than --steps 2: the learning rate never reaches --lr" in capsys.readouterr().err
 
 
+def test_a_config_whose_latent_scale_is_not_the_datas_is_said(small_world, tmp_path, capsys):
+    """--config's latent_scale was taken on trust (another VAE's 1.07 where this one's measures 0.61: the
+    loss 4.8, not 2.4, without a word); the run's own measured scale in a config is taken in silence."""
+    from flowar.model.checkpoint import load_model
+    from flowar.train.trainer import train
+    train(_args(small_world, tmp_path / "d", steps=1), progress=False)
+    _, ck = load_model(tmp_path / "d" / "model.safetensors")
+    capsys.readouterr()
+    for scale, said in ((ck.config.latent_scale, False), (ck.config.latent_scale * 2, True)):
+        (tmp_path / "c.json").write_text(ck.config.replace(latent_scale=scale).to_json())
+        train(_args(small_world, tmp_path / f"r{said}", steps=1, config=str(tmp_path / "c.json")), progress=False)
+        err = capsys.readouterr().err
+        assert (f"note: --config's latent_scale {scale:.4g} is not this data's through this VAE, "
+                f"{ck.config.latent_scale:.4g} (measured)" in err) == said, err
+
+
 def test_an_interrupted_run_says_which_step_it_resumes_from(small_world, tmp_path, monkeypatch):
     """Ctrl-C (or SIGTERM) said "interrupted" alone: where the run stopped, the step its checkpoint
     holds and that --resume continues from there; before the first checkpoint, that there is none."""

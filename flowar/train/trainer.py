@@ -111,12 +111,16 @@ def build_config(args: TrainArgs, lat: Latents, began: FlowARConfig | None = Non
     if side < 2:                       # (--size 7 trained a model of one 1x1 scale)
         raise FlowARError("--size giving a latent map of at least 2x2 through the VAE (two scales or more)",
                           f"--size {args.size}: {side}x{side}", "use e.g. --size 32")
+    # Unit variance for the model's input: measured on one posterior draw of the whole data.
+    draw = lat.mean + lat.std * torch.randn(lat.mean.shape, generator=_gen(args.seed, -1))
+    latent_scale = 1.0 / float(draw.std())
     if began is not None or args.config:
         config = began or FlowARConfig.load(args.config)
+        if began is None and not 0.8 < config.latent_scale / latent_scale < 1.25 and os.environ.get("RANK", "0") == "0":
+            print(f"note: --config's latent_scale {config.latent_scale:.4g} is not this data's through this VAE, "
+                  f"{latent_scale:.4g} (measured): the model's inputs are not of unit variance", file=sys.stderr)   # (a
+            # --config's scale was taken on trust: another VAE's 1.07 where this one's is 0.61 trained at loss 4.8, not 2.4)
     else:
-        # Unit variance for the model's input: measured on one posterior draw of the whole data.
-        draw = lat.mean + lat.std * torch.randn(lat.mean.shape, generator=_gen(args.seed, -1))
-        latent_scale = 1.0 / float(draw.std())
         config = default_config(side, C, n_cls, latent_scale, get_preset(args.preset) if args.preset else None)
     if config.latent_size != side or config.latent_channels != C or config.num_classes != n_cls:
         raise FlowARError(f"a config with latent side {side}, {C} channels and {n_cls} classes (the data "
