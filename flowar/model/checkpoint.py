@@ -15,22 +15,18 @@ shapes it does fit, if any.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import re
 import sys
-import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from flowar.config import PRESETS, FlowARConfig, get_preset
 from flowar.errors import CheckpointError, ConfigError
 from flowar.io.files import atomic_write_bytes
+from flowar.model.readers import os_error, read_pickle, read_safetensors
 
 META_CONFIG = "flowar_config"
 META_CLASSES = "class_names"
@@ -70,13 +66,7 @@ def _require_file(path: Path, what: str) -> None:
     try:
         open(path, "rb").close()      # (safetensors reports a file it may not open as "No such file")
     except OSError as e:
-        raise _os_error(path, e) from e
-
-
-def _os_error(path: Path, e: OSError) -> CheckpointError:
-    """What the OS said when the file could not be opened (permissions, removed meanwhile)."""
-    return CheckpointError("a checkpoint file this process can read", f"{path}: {e.strerror or e}",
-                           "check the path and its permissions")
+        raise os_error(path, e) from e
 
 
 def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -85,70 +75,6 @@ def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
-
-
-def _detail(e: Exception) -> str:
-    """The informative line of a reader's error: torch's weights-only failures put theirs after
-    paragraphs of boilerplate, behind 'WeightsUnpickler error:'."""
-    tail = str(e).split("WeightsUnpickler error:", 1)[-1]
-    line = next((ln.strip() for ln in tail.splitlines() if ln.strip()), "")
-    return f"{type(e).__name__}: {line[:160]}" if line else type(e).__name__
-
-
-def _is_module_class(name: str) -> bool:
-    """Whether a pickled global names an ``nn.Module`` class, looked up only among the modules
-    already imported (nothing of the file's choosing is imported)."""
-    module, _, attr = name.rpartition(".")
-    obj = getattr(sys.modules.get(module), attr, None)
-    return isinstance(obj, type) and issubclass(obj, torch.nn.Module)
-
-
-def _pickle_error(path: Path, e: Exception) -> CheckpointError:
-    """A weights-only refusal of a global (code the file wants run) apart from a corrupt pickle."""
-    found = re.search(r"GLOBAL ([\w.]+)", str(e))
-    if found is None:
-        return CheckpointError("a readable PyTorch checkpoint", f"{path} cannot be read ({_detail(e)})",
-                               "the file is truncated or corrupt: fetch it again")
-    name = found.group(1).rstrip(".")
-    if _is_module_class(name):
-        return CheckpointError("a state dict (a mapping of names to tensors)",
-                               f"{path} holds a pickled model object ({name})",
-                               "save model.state_dict(), not the model object")
-    return CheckpointError("a checkpoint holding tensors only (loaded with weights_only=True)",
-                           f"{path} asks to run pickled code (the global {name})",
-                           "refused for safety; convert it to safetensors in a trusted environment")
-
-
-def _read_pickle(path: Path) -> Any:
-    try:
-        # argparse.Namespace is what official training checkpoints store under "args"; it is a
-        # plain attribute bag, so allowing it executes no code of the file's choosing.
-        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
-            # (torch warns about a legacy file's pickle protocol before any error: not the user's business)
-            warnings.simplefilter("ignore")
-            # mmap: the tensors stay in the file's pages (a 7.65 GB FlowAR-H is not copied into memory;
-            # the model takes them as they are, see load_model); a file in the legacy (pre-zip) format
-            # cannot be mapped: read into memory (it was refused as corrupt)
-            legacy = not zipfile.is_zipfile(path)
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=not legacy)
-    except OSError as e:
-        raise _os_error(path, e) from e
-    except Exception as e:   # noqa: BLE001 - every other failure here is the file's fault
-        raise _pickle_error(path, e) from e
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = dict(f.metadata() or {})
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-    except OSError as e:     # (removed since _require_file; safetensors says "No such file" for permissions too)
-        raise _os_error(path, e) from e
-    except Exception as e:   # noqa: BLE001
-        raise CheckpointError("a readable safetensors file", f"{path} cannot be read ({_detail(e)})",
-                              "the file is truncated or corrupt: fetch or export it again") from e
-    return sd, meta
 
 
 def _no_raw(p: Path) -> None:
@@ -175,7 +101,7 @@ def read_checkpoint(path: str | Path, use_ema: bool = True) -> LoadedCheckpoint:
     p = Path(path)
     _require_file(p, "checkpoint")
     if p.suffix == ".safetensors":
-        sd, meta = _read_safetensors(p)
+        sd, meta = read_safetensors(p)
         source = "safetensors"
         if meta.get(META_FORMAT) == TRAIN_FORMAT_TAG:
             sd, source = _train_weights(sd, p, use_ema)
@@ -198,7 +124,7 @@ def read_checkpoint(path: str | Path, use_ema: bool = True) -> LoadedCheckpoint:
         raise CheckpointError("a checkpoint ending in .safetensors or " + "/".join(_PICKLE_SUFFIXES), f"{p.name}",
                               f"pass the folder it is in, {p.parent}, as --engine-dir"      # (a file of an engine directory)
                               if (p.parent / "manifest.json").is_file() else "rename or convert the file")
-    obj = _read_pickle(p)
+    obj = read_pickle(p)
     if not isinstance(obj, dict):
         raise CheckpointError("a state dict (a mapping of names to tensors)", f"a {type(obj).__name__} in {p}",
                               "save model.state_dict(), not the model object")
