@@ -61,6 +61,31 @@ def test_ddp_prefix_is_stripped(tmp_path, official_sd):
     assert _same(model, official_sd)
 
 
+def test_a_lightning_checkpoint_loads_its_state_dict(tmp_path, official_sd):
+    """PyTorch Lightning's {"state_dict": {"model.<name>": ...}, "epoch": ...} was refused ("holds keys
+    ['epoch', 'global_step', 'state_dict']") with no way to convert named: its weights load as they are."""
+    p = tmp_path / "epoch=3.ckpt"
+    torch.save({"state_dict": {"model." + k: v for k, v in official_sd.items()}, "epoch": 3, "global_step": 9}, p)
+    model, ck = load_model(p, preset="tiny")
+    assert ck.source == "state_dict" and _same(model, official_sd)
+    assert load_model(p, preset="tiny", use_ema=False)[1].source == "state_dict"      # (its one set: not refused)
+
+
+def test_a_file_without_a_config_is_told_what_to_pass(tmp_path, official_sd):
+    """A state dict saved alone said "official files carry none" of the user's own file; a VAE's weights
+    given as the model were told to pass the config it was trained with."""
+    p = tmp_path / "mine.pth"
+    torch.save({k: v[..., :1] if v.ndim else v for k, v in official_sd.items()}, p)      # (fits no preset)
+    with pytest.raises(ConfigError, match=r"an official file or a state dict saved alone carries none.*Fix: pass the "
+                                          r"--config JSON it was trained with$"):
+        load_model(p)
+    vae = tmp_path / "vae.safetensors"
+    save_file({"post_quant_conv.weight": torch.zeros(4, 4, 1, 1), "decoder.conv_in.weight": torch.zeros(8, 4, 3, 3)},
+              str(vae))
+    with pytest.raises(ConfigError, match=r"Fix: it holds a VAE: pass it as --vae, the model as --ckpt$"):
+        load_model(vae)
+
+
 def test_own_safetensors_describes_itself(tmp_path, official_sd):
     p = tmp_path / "mine.safetensors"
     save_checkpoint(p, official_sd, PRESETS["tiny"], class_names=[f"c{i}" for i in range(1000)])

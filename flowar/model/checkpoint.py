@@ -5,6 +5,7 @@ Accepted, always without executing pickled code:
 * the official released ``.pth`` files (a flat state dict, buffers included);
 * official training checkpoints (``{"model": ..., "model_ema": ..., "args": Namespace, ...}``):
   EMA weights by default, ``use_ema=False`` for the raw ones;
+* a PyTorch Lightning checkpoint (``{"state_dict": {"model.<name>": ...}, "epoch": ...}``);
 * this project's ``.safetensors``, whose metadata carries the config JSON (self-describing);
 * a flat ``.safetensors`` state dict without metadata (the config must then be named).
 
@@ -43,7 +44,7 @@ class LoadedCheckpoint:
     config: FlowARConfig | None = None                # from the file's metadata, when it has one
     class_names: list[str] | None = None
     metadata: dict[str, str] = field(default_factory=dict)
-    source: str = "flat"                                # flat | model | model_ema | safetensors
+    source: str = "flat"                                # flat | model | model_ema | state_dict | safetensors
 
 
 def _require_file(path: Path, what: str) -> None:
@@ -71,7 +72,7 @@ def _require_file(path: Path, what: str) -> None:
 
 def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # DistributedDataParallel and torch.compile wrap names; the weights are the same.
-    for prefix in ("module.", "_orig_mod."):
+    for prefix in ("module.", "_orig_mod.", "model."):      # (and a Lightning module's attribute: model.)
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
@@ -135,10 +136,12 @@ def read_checkpoint(path: str | Path, use_ema: bool = True) -> LoadedCheckpoint:
         obj, source = obj["model"], "model"
     elif "model_ema" in obj:
         obj, source = obj["model_ema"], "model_ema"
-    if source != "model" and not use_ema:
+    elif isinstance(obj.get("state_dict"), dict):     # (PyTorch Lightning's: it was refused, "holds keys epoch, ...")
+        obj, source = obj["state_dict"], "state_dict"
+    if source not in ("model", "state_dict") and not use_ema:
         _no_raw(p)
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError("a flat state dict, or a training checkpoint with 'model'/'model_ema'",
+        raise CheckpointError("a flat state dict, or a training checkpoint with 'model'/'model_ema'/'state_dict'",
                               f"{p} holds keys {sorted(map(str, obj))[:5] if isinstance(obj, dict) else type(obj).__name__}",
                               "pass the released .pth or a checkpoint written by flowar-train")
     return LoadedCheckpoint(_strip_prefix(dict(obj)), p, source=source)
@@ -286,8 +289,9 @@ def resolve_config(ck: LoadedCheckpoint, preset: str | None = None, config_path:
     if ck.config is not None:
         return ck.config
     fits = fitting_presets(ck.state_dict)
-    hint = f"this file fits --preset {fits[0]}" if fits else "pass the --config JSON it was trained with"
-    raise ConfigError("a config for this checkpoint (official files carry none)",
+    hint = (f"this file fits --preset {fits[0]}" if fits else "it holds a VAE: pass it as --vae, the model as --ckpt"
+            if "post_quant_conv.weight" in ck.state_dict else "pass the --config JSON it was trained with")
+    raise ConfigError("a config for this checkpoint (an official file or a state dict saved alone carries none)",
                       f"no --preset/--config for {ck.path.name}", hint)
 
 
