@@ -300,6 +300,11 @@ def test_a_model_opened_with_another_vae_than_it_was_trained_with_is_told(small_
             pass
         err = capsys.readouterr().err
         assert ("is not the one model.safetensors was trained with" in err) == told, err
+        # and the run's checkpoint-last.safetensors, which an export also takes (it said nothing)
+        with Runtime.open(model.parent / "checkpoint-last.safetensors", vae=str(vae)):
+            pass
+        err = capsys.readouterr().err
+        assert ("is not the one checkpoint-last.safetensors was trained with" in err) == told, err
     import flowar.commands.build as build                # (the export's own check, before its graphs: stopped there)
     monkeypatch.setattr(build, "_require_disk", lambda *a: (_ for _ in ()).throw(LookupError("checked")))
     with pytest.raises(LookupError, match="checked"):

@@ -58,7 +58,8 @@ def save_training_checkpoint(path: Path, run: Run, args: TrainArgs, class_names:
     save_checkpoint(path, tensors, run.model.config, class_names, extra={
         "format": TRAIN_FORMAT_TAG, "step": str(run.state.step), "losses": json.dumps(run.state.losses),
         "optimizer_groups": json.dumps(groups), "train_args": json.dumps({k: as_file(v) for k, v in asdict(args).items()}),
-        "data": str(args.data), "inputs": json.dumps(run.inputs)})
+        "data": str(args.data), "inputs": json.dumps(run.inputs),
+        "vae": str(args.vae), "vae_sha256": run.inputs.get("vae") or ""})    # (as model.safetensors: another VAE is said)
 
 
 def load_training_checkpoint(path: Path, model: FlowAR, ema: FlowAR, opt: torch.optim.Optimizer) -> TrainState:
