@@ -331,6 +331,14 @@ def test_an_image_is_named_by_its_seed_and_index_and_generators_come_one_per_ima
         seen = []
         padded = pipe(["cat", "dog", "cow"], seed=5, output_type="latent",
                       callback_on_scale_end=lambda p, k, kw: seen.append(kw["tokens"].shape[0]))
+        pipe.runtime.runner = None
+        # where each batch's samples stand among the call's (a callback of a call in batches could not tell)
+        last = pipe.runtime.config.n_scales - 1
+        places = {}
+        batched = pipe([1, 2, 3, 4, 5], seed=3, batch_size=2, output_type="latent", callback_on_scale_end=lambda p, k, kw:
+                       places.update({(k, r): kw["tokens"][i] for i, r in enumerate(kw["images"])}))
+    assert sorted({r for _, r in places}) == [0, 1, 2, 3, 4] and len(places) == 5 * (last + 1)
+    assert all(torch.equal(places[(last, r)], batched.images[r]) for r in range(5))
     assert (one.images[0] - out.images[2]).abs().max() < 1e-3          # (another batch: float rounding only)
     assert gens.seeds == alone and gens.seeds[0] != gens.seeds[1]
     assert seen == [3] * pipe.runtime.config.n_scales and padded.images.shape[0] == 3

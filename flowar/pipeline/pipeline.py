@@ -214,9 +214,10 @@ class FlowARPipeline:
         alone) name the images, so ``pipe([label], seed=out.seeds[i], indices=[out.indices[i]])``
         gives image i again; a ``generator`` (or one per label) instead draws a seed per image
         from its state, as diffusers' pipelines draw their noise (in ``.seeds``). ``output_type``: pil, np, pt or latent.
-        ``callback_on_scale_end(pipe, k, {"tokens": (B, C, s, s)})`` is called after each scale k
-        of each batch (a call larger than the batch runs in batches), with that batch's samples (a
-        copy: what it returns is not used, and changing them changes nothing). A progress bar is
+        ``callback_on_scale_end(pipe, k, {"tokens": (B, C, s, s), "images": range})`` is called after
+        each scale k of each batch (a call larger than the batch runs in batches), with that batch's
+        samples (a copy: what it returns is not used, and changing them changes nothing) and their
+        places among the call's images. A progress bar is
         shown unless ``set_progress_bar_config(disable=True)``. ``return_dict=False``: the tuple
         ``(images,)``, as in diffusers.
         """
@@ -295,7 +296,7 @@ class FlowARPipeline:
                     B, n, C = tr.z.shape
                     # a copy: the sampler's buffer is written again by the next scale and batch
                     callback_on_scale_end(self, tr.k, {"tokens": tr.z.transpose(1, 2).reshape(B, C, side[tr.k], side[tr.k])
-                                                       .clone()})
+                                                       .clone(), "images": range(tr.first, tr.first + B)})
             indices = indices.tolist() if isinstance(indices, torch.Tensor) else indices   # (as seed's: each a 0-d tensor
             if indices is not None and isinstance(indices, (AbcSet, Mapping)):            # was "not an int")
                 _in_order("indices", indices, "indices=[0, 1]")

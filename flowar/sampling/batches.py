@@ -163,6 +163,7 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedu
     def scale_done(tr: ScaleTrace) -> None:
         if tr.z is not None:
             tr.z = tr.z[:n]                 # this batch's samples, not the rows padding it to a captured size
+        tr.first = start
         traces.append(tr)
         if bar is not None:
             bar.update(1)

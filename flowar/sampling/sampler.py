@@ -112,11 +112,13 @@ def injected_noise(draws: list[Tensor]) -> NoiseFn:
 @dataclass(slots=True)
 class ScaleTrace:
     """What one scale did (for tests, progress and callbacks): AR rows, head rows per step, and
-    the scale's sample ``z`` (B, n, C): a view of the loop's workspace, valid until the next scale."""
+    the scale's sample ``z`` (B, n, C): a view of the loop's workspace, valid until the next scale;
+    ``first``: where the batch's first sample stands among a call's (set by the call's batching)."""
     k: int
     ar_rows: int
     head_rows: list[int]
     z: Tensor | None = None
+    first: int = 0
 
 
 class Hooked:
