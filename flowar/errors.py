@@ -39,6 +39,7 @@ def one_line(e: FlowARError | OSError) -> str:
 
 _STOPS: list[str] = []     # the stops asked for while a command runs (Ctrl-C, SIGTERM): see stop_asked
 _HELD = [0]                # inside stops_held(): a stop is recorded, and raised once the step is done
+_ANSWERING = [0]           # inside stop_answered(): outputs are put in place after a stop
 
 
 def stop_asked(signum, frame) -> None:
@@ -70,7 +71,7 @@ def stops_held():
 def stops_cleared() -> None:
     """A new command begins (several run in one process under tests): no stop asked for yet."""
     _STOPS.clear()
-    _HELD[0] = 0
+    _HELD[0] = _ANSWERING[0] = 0
 
 
 def stops_over() -> None:
@@ -88,21 +89,21 @@ def stopped() -> str | None:
 def raise_if_stopped() -> None:
     """Before an output is put in place: a stop asked for, even one a library swallowed, ends the
     work here instead (nothing half done is committed)."""
-    if _STOPS:
+    if _STOPS and not _ANSWERING[0]:
         raise KeyboardInterrupt(_STOPS[0])
 
 
 @contextlib.contextmanager
 def stop_answered():
-    """A stop being answered by saving what is done (a training run's checkpoint at the step it stopped
-    at): outputs are put in place meanwhile, which :func:`raise_if_stopped` refuses after a stop; the
-    stop stays recorded (the command ends "interrupted"), and another one still cuts the saving short."""
-    taken = list(_STOPS)
-    _STOPS.clear()
+    """Outputs that a stop must not cut short, put in place although one was asked for (which
+    :func:`raise_if_stopped` refuses): a training run's checkpoint at the step it stopped at, and its
+    scheduled ones while a stop waits for the step's end. The stop stays recorded (the command ends
+    "interrupted")."""
+    _ANSWERING[0] += 1
     try:
         yield
     finally:
-        _STOPS[:0] = taken
+        _ANSWERING[0] -= 1
 
 
 def raise_if_set(stopping) -> None:

@@ -38,7 +38,7 @@ from flowar.model.checkpoint import META_CLASSES, META_CONFIG, save_checkpoint
 from flowar.train.data import DatasetIndex, Latents, index_dataset, load_latents
 from flowar.train.pictures import Progress, own_grids, plot_losses, sample_grid
 from flowar.train.resume import load_training_checkpoint, save_training_checkpoint
-from flowar.errors import FlowARError, stop_answered, stops_held
+from flowar.errors import FlowARError, stop_answered, stopped, stops_held
 from flowar.model.ar import FlowAR
 from flowar.io.digests import vae_sha256
 from flowar.io.files import as_file
@@ -306,11 +306,12 @@ def ema_update(ema: FlowAR, model: FlowAR, step: int, decay: float) -> None:
         pe.lerp_(pm, 1 - d)
 
 
-def mean_over_ranks(loss: Tensor, world: int) -> float:
+def mean_over_ranks(loss: Tensor, world: int) -> tuple[float, bool]:
+    """The step's loss averaged over the ranks, and whether a stop was asked of any of them."""
+    both = torch.stack([loss.detach().float().reshape(()), torch.tensor(float(stopped() is not None))])
     if world > 1:
-        torch.distributed.all_reduce(loss)
-        loss /= world
-    return float(loss)
+        torch.distributed.all_reduce(both)
+    return float(both[0]) / world, bool(both[1] > 0)
 
 
 def checkpoint_and_sample(run: Run, args: TrainArgs, class_names: list[str], ckpt: Path, end: int, bar: Progress) -> None:
@@ -348,27 +349,31 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
             grid.unlink()
         (ckpt.parent / "loss.png").unlink(missing_ok=True)
     end = args.steps if max_steps_this_run is None else min(args.steps, run.state.step + max_steps_this_run)
-    with Progress(args, run.state, progress and rank == 0) as bar:      # (an interrupt: which step resumes)
-        try:
-            for step, x, y, t, noise in batches(lat, config, args, rank, world, run.state.step, end):
-                with stops_held():          # (a stop waits for the step's end: weights, EMA and optimizer agree)
-                    loss = train_step(run, x, y, t, noise, lr_at(step, args), args.grad_clip)
-                    ema_update(run.ema, run.model, step, args.ema_decay)
-                    run.state.losses.append(mean_over_ranks(loss, world))
-                    if not math.isfinite(run.state.losses[-1]):    # (NaN weights were written and the run said it trained)
-                        raise FlowARError("a finite training loss", f"{run.state.losses[-1]} at step {step}",
-                                          "start afresh in a new --out with a lower --lr or --grad-clip (a resumed "
-                                          "run keeps its settings)")
-                    run.state.step += 1
-                if rank == 0:
-                    bar.log(run.state, lr_at(step, args))
-                    checkpoint_and_sample(run, args, lat.class_names, ckpt, end, bar)
-        except KeyboardInterrupt:           # (Ctrl-C or SIGTERM lost every step since the last checkpoint: up to 500)
-            if rank == 0 and run.state.step > (bar.saved or 0):
+    # A stop (the command's Ctrl-C or SIGTERM) is taken at a step's end, by every rank at the same step, and
+    # the checkpoint is written there: it lost every step since the last --ckpt-every (up to 500), and under
+    # torchrun a rank that left alone hung the others in their all-reduce
+    with Progress(args, run.state, progress and rank == 0) as bar, stops_held():
+        for step, x, y, t, noise in batches(lat, config, args, rank, world, run.state.step, end):
+            loss = train_step(run, x, y, t, noise, lr_at(step, args), args.grad_clip)
+            ema_update(run.ema, run.model, step, args.ema_decay)
+            mean, stop = mean_over_ranks(loss, world)
+            run.state.losses.append(mean)
+            if not math.isfinite(mean):    # (NaN weights were written and the run said it trained)
+                raise FlowARError("a finite training loss", f"{mean} at step {step}", "start afresh in a new --out "
+                                  "with a lower --lr or --grad-clip (a resumed run keeps its settings)")
+            run.state.step += 1
+            if stop:
                 with stop_answered():
-                    save_training_checkpoint(ckpt, run, args, lat.class_names)
+                    if rank == 0:
+                        save_training_checkpoint(ckpt, run, args, lat.class_names)
+                    if world > 1:
+                        torch.distributed.barrier()
                 bar.saved = run.state.step
-            raise
+                raise KeyboardInterrupt(stopped() or "")
+            if rank == 0:
+                bar.log(run.state, lr_at(step, args))
+                with stop_answered():       # (its writes go through: a stop now is taken at the next step's end)
+                    checkpoint_and_sample(run, args, lat.class_names, ckpt, end, bar)
     if rank == 0 and run.state.step == args.steps:
         last = ckpt.parent / "samples" / f"step{args.steps:07d}.png"
         if args.sample_every and not last.is_file():      # (stopped after the last checkpoint, before its grid)
