@@ -291,7 +291,7 @@ class Runtime(contextlib.AbstractContextManager):
                batch_size: int | None = None, decode: bool = True, progress: bool | dict = False,
                on_scale: Callable[[ScaleTrace], None] | None = None, timings: dict | None = None) -> SampleResult:
         """Tokens (and images in [-1, 1] with ``decode``) of ``labels``: sample i gets the noise of
-        (seed, indices[i]), in batches of ``batch_size`` (default :attr:`batch`: the best images/s by
+        (seed[i], indices[i]) (indices: 0, 1, ... for one seed; 0 for a seed per label), in batches of ``batch_size`` (default :attr:`batch`: the best images/s by
         the call plan, else the engines' max batch, else all at once; it changes images by float
         rounding only). ``timings``, when given, receives the seconds per stage (``ar``, ``head``,
         ``decode``; ``sampling`` where CUDA graphs replay whole scales) and ``total``."""

@@ -68,6 +68,8 @@ def test_a_lightning_checkpoint_loads_its_state_dict(tmp_path, official_sd):
     torch.save({"state_dict": {"model." + k: v for k, v in official_sd.items()}, "epoch": 3, "global_step": 9}, p)
     model, ck = load_model(p, preset="tiny")
     assert ck.source == "state_dict" and _same(model, official_sd)
+    torch.save({"state_dict": {"model._orig_mod." + k: v for k, v in official_sd.items()}}, p)   # (compiled inside)
+    assert _same(load_model(p, preset="tiny")[0], official_sd)
     assert load_model(p, preset="tiny", use_ema=False)[1].source == "state_dict"      # (its one set: not refused)
 
 
@@ -82,7 +84,7 @@ def test_a_file_without_a_config_is_told_what_to_pass(tmp_path, official_sd):
     vae = tmp_path / "vae.safetensors"
     save_file({"post_quant_conv.weight": torch.zeros(4, 4, 1, 1), "decoder.conv_in.weight": torch.zeros(8, 4, 3, 3)},
               str(vae))
-    with pytest.raises(ConfigError, match=r"Fix: it holds a VAE: pass it as --vae, the model as --ckpt$"):
+    with pytest.raises(ConfigError, match=r"Fix: it holds a VAE: pass it as --vae$"):
         load_model(vae)
 
 

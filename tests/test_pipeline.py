@@ -14,6 +14,7 @@ from PIL import Image
 from conftest import DEFAULT_CKPT, DEFAULT_VAE
 from flowar import FlowARPipeline
 from flowar.errors import FlowARError
+from flowar.sampling.schedule import Settings
 
 
 def test_the_pipeline_gives_flowar_runs_images_pixel_for_pixel(default_auto_engines, tmp_path):
@@ -302,6 +303,12 @@ def test_numpy_numbers_are_numbers_and_a_seed_that_is_no_int_is_one_line(default
             pipe([3, 4], seed=True)           # (it said "[True]")
     assert torch.equal(plain.images, numpy.images) and torch.allclose(plain.images, seeds.images, atol=1e-4)
     assert numpy.seeds == seeds.seeds == [7, 7]
+    # one seed names samples 0, 1, ... of it, as flowar-run --seed (the runtime given the int), 0-d arrays too
+    with FlowARPipeline.from_pretrained(default_auto_engines) as pipe:
+        pipe.set_progress_bar_config(disable=True)
+        one = pipe([3, 4], seed=np.array(7), output_type="latent", num_inference_steps=9)
+        rt = pipe.runtime.sample([3, 4], pipe.runtime.schedule(Settings(steps=9)), seed=7, decode=False)
+    assert one.indices == [0, 1] and torch.equal(one.images, rt.tokens)
 
 
 def test_an_image_is_named_by_its_seed_and_index_and_generators_come_one_per_image(default_auto_engines):
@@ -324,6 +331,8 @@ def test_an_image_is_named_by_its_seed_and_index_and_generators_come_one_per_ima
                  for c, s in (("cat", 1), ("dog", 2))]
         alone_dog = pipe(["dog"], generator=torch.Generator().manual_seed(2), output_type="latent")
         by_seeds, seed_alone = (pipe(c, seed=s, output_type="latent") for c, s in ((["cat", "dog"], [8, 9]), ("dog", 9)))
+        by_rt = pipe.runtime.sample(pipe.get_label_ids(["cat", "dog"]), pipe.runtime.schedule(), seed=[8, 9], decode=False)
+        drawn = pipe(["cat", "dog"], generator=torch.Generator().manual_seed(4), output_type="latent")
         for bad, got in (([torch.Generator()], "got a list of 1"), ("seed", "got str")):
             with pytest.raises(FlowARError, match=rf"a torch.Generator, or a list of 2 \(one per image\); {got}"):
                 pipe(["cat", "dog"], generator=bad)
@@ -345,8 +354,10 @@ def test_an_image_is_named_by_its_seed_and_index_and_generators_come_one_per_ima
     # as in diffusers, image j of a list of generators is what generator[j] gives alone, wherever it
     # stands (its noise depended on its place in the list too)
     assert (gens.images[1] - alone_dog.images[0]).abs().max() < 1e-3 and gens.indices == [0, 0]
-    # and so of a list of seeds: image j is what seed[j] gives alone (it was sample j of seed[j], another image)
+    # and so of a list of seeds: image j is what seed[j] gives alone (it was sample j of seed[j], another image),
+    # as the runtime samples a seed per label too (the two differed), and of the seeds one generator draws
     assert (by_seeds.images[1] - seed_alone.images[0]).abs().max() < 1e-3 and by_seeds.indices == [0, 0]
+    assert torch.equal(by_rt.tokens, by_seeds.images) and drawn.indices == [0, 0]
 
 
 def test_a_bulk_run_resumes_only_on_the_engines_it_began_with_and_bad_settings_write_nothing(default_auto_engines,

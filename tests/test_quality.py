@@ -183,6 +183,9 @@ def test_judge_on_an_engine_directory_against_another(fixtures_dir, tmp_path):
                              + common)
     assert res.exit_code == 2 and "--vs-engine-dir with a decoder" in res.output and "sampling" not in res.output, \
         res.output
+    # judged alone, a directory without a decoder is told how to get one (--vae: refused with --engine-dir)
+    res = CliRunner().invoke(judge_cmd, ["--engine-dir", str(tmp_path / "t")] + common)
+    assert res.exit_code == 0 and res.output.startswith("note: no decoder, token errors only (re-export with --vae)\n")
     # the engines against the eager checkpoint, sample by sample: flowar-judge --ckpt with the same options
     res = CliRunner().invoke(judge_cmd, ["--ckpt", str(ckpt), "--config", str(fixtures_dir / "tiny_v1.config.json"),
                                          "--vae", str(fixtures_dir / "mar_vae_tiny.ckpt"), "--vs-engine-dir",
@@ -296,9 +299,10 @@ def test_the_judge_is_chosen_by_the_checkpoint_metadata_or_by_the_flag(fixtures_
     assert res.exit_code == 0 and res.output.endswith("\nno class accuracy: --judge none\n"), res.output
     # a source with images and no judge to use says so (it ended with exit 0 without a word)
     from flowar.eval.quality import QualityReport, report_lines
-    for data, why in ((None, "the source records no training data"), ("cifar-10", "no judge of cifar-10")):
-        assert report_lines(QualityReport("official", 96, 2, 0.1), 0, True, None, judged=("auto", data))[-1] == \
-            f"no class accuracy: {why}; --judge animal-mnist judges Animal-MNIST's"
+    for data, why, names in ((None, "the source records no training data; --judge animal-mnist judges Animal-MNIST's",
+                              list("abcdefghij")), ("cifar-10", "no judge of cifar-10", None)):   # (that judge: 10 classes)
+        assert report_lines(QualityReport("official", 96, 2, 0.1), 0, True, names, judged=("auto", data))[-1] == \
+            f"no class accuracy: {why}"
     tiny = ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny"]
     assert CliRunner().invoke(judge_cmd, tiny + base).exit_code == 0                           # no metadata: none
     res = CliRunner().invoke(judge_cmd, tiny + base + ["--judge", "animal-mnist"])

@@ -376,7 +376,7 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
             judge = train_judge(cache=Path(judge_cache), progress=True)
         labels = [c for c in range(min(classes_limit, config.num_classes)) for _ in range(per_class)]
         if not rt.decodes:          # (said after the sampling, 15 s later: "no images to judge")
-            click.echo(f"note: no decoder, token errors only (pass --vae{rt.trained.get('vae', '')})", err=True)
+            click.echo(f"note: no decoder, token errors only ({'pass --vae' + rt.trained.get('vae', '') if ckpt else 're-export with --vae'})", err=True)
         other = stack.enter_context(Runtime.open(vs_engine_dir, True)) if vs_engine_dir else None
         if other is not None:
             if other.config != config:

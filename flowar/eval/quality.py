@@ -279,7 +279,8 @@ def report_lines(rep: "QualityReport", seed: int, decode: bool, class_names: lis
     else:
         kind, data = judged
         out.append("no class accuracy: " + ("--judge none" if kind == "none" else (f"no judge of {data}" if data else
-                   "the source records no training data") + "; --judge animal-mnist judges Animal-MNIST's"))
+                   "the source records no training data") + ("; --judge animal-mnist judges Animal-MNIST's" if
+                   len(class_names or ()) == 10 else "")))      # (that judge takes 10 classes)
     if rep.fid is not None:
         out.append(f"FID against {fid_name}: {rep.fid:.3f}" + (f" (from {rep.n_samples} samples: biased high, not "
                    "comparable with published FIDs, which use 10k-50k)" if rep.n_samples < 10_000 else ""))

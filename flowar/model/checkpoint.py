@@ -72,9 +72,9 @@ def _require_file(path: Path, what: str) -> None:
 
 def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # DistributedDataParallel and torch.compile wrap names; the weights are the same.
-    for prefix in ("module.", "_orig_mod.", "model."):      # (and a Lightning module's attribute: model.)
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    prefixes = ("module.", "_orig_mod.", "model.")          # (and a Lightning module's attribute: model.)
+    while sd and (prefix := next((p for p in prefixes if all(k.startswith(p) for k in sd)), None)):
+        sd = {k[len(prefix):]: v for k, v in sd.items()}    # (in any order: model._orig_mod.<name>)
     return sd
 
 
@@ -289,7 +289,7 @@ def resolve_config(ck: LoadedCheckpoint, preset: str | None = None, config_path:
     if ck.config is not None:
         return ck.config
     fits = fitting_presets(ck.state_dict)
-    hint = (f"this file fits --preset {fits[0]}" if fits else "it holds a VAE: pass it as --vae, the model as --ckpt"
+    hint = (f"this file fits --preset {fits[0]}" if fits else "it holds a VAE: pass it as --vae"
             if "post_quant_conv.weight" in ck.state_dict else "pass the --config JSON it was trained with")
     raise ConfigError("a config for this checkpoint (an official file or a state dict saved alone carries none)",
                       f"no --preset/--config for {ck.path.name}", hint)

@@ -46,8 +46,8 @@ class FlowAROutput:
 
     ``images``: a list of PIL images (``"pil"``), a float32 array (B, H, W, 3) in [0, 1] (``"np"``),
     a float32 tensor (B, 3, H, W) in [0, 1] (``"pt"``), or the latent tokens (B, C, S, S) in the
-    scaled latent space (``"latent"``). ``seeds`` name the images (sample i of ``seed=seeds[i]``
-    again gives image i). ``timings``: seconds per stage (``ar``, ``head``, ``decode``;
+    scaled latent space (``"latent"``). ``seeds`` and ``indices`` name the images (sample
+    ``indices[i]`` of ``seed=seeds[i]`` again gives image i). ``timings``: seconds per stage (``ar``, ``head``, ``decode``;
     ``sampling`` instead where CUDA graphs replay whole scales) and ``total``.
     """
     images: Any
@@ -267,7 +267,7 @@ class FlowARPipeline:
                 seeds = [int(s) for g in gens for s in torch.randint(0, 2 ** 63 - 1, (len(labels) if one else 1,),
                                                                     generator=g, device=g.device).tolist()]
             else:                                         # (checked where every source samples: run_sampling)
-                seed = seed.tolist() if isinstance(seed, torch.Tensor) else seed
+                seed = seed.tolist() if isinstance(seed, torch.Tensor) or getattr(seed, "ndim", None) == 0 else seed
                 if isinstance(seed, (AbcSet, Mapping)):
                     _in_order("seed", seed, "seed=[1, 2]")
                 if isinstance(seed, bool):                # (it said "[True]")
@@ -275,9 +275,9 @@ class FlowARPipeline:
                 one = seed is None or isinstance(seed, numbers.Integral)
                 seeds = ([0 if seed is None else seed] * len(labels) if one
                          else list(seed) if hasattr(seed, "__iter__") and not isinstance(seed, (str, bytes)) else seed)
-            if (generator is not None or not one) and indices is None and isinstance(seeds, list):
-                indices = [0] * len(seeds)    # (a seed per image, drawn or given: image j is what its seed gives alone,
-                #                               as generator[j]'s image in diffusers, wherever it stands in the list)
+            if indices is None and isinstance(seeds, list):   # (one seed: its samples 0, 1, ...; a seed per image, drawn
+                # or given: image j is what its seed gives alone, as generator[j]'s in diffusers, wherever it stands)
+                indices = [0] * len(seeds) if generator is not None or not one else list(range(len(seeds)))
             rt = self.runtime
             # NumPy's numbers as Python's (the settings take int and float, strictly: a bool is not a number)
             # (and a 0-d tensor's: guidance_scale=torch.tensor(4.0) was "not in [1, 50]")

@@ -131,10 +131,11 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedu
     if indices is not None and not (isinstance(indices, list) and all(
             isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in indices)):
         raise FlowARError("indices: one int >= 0 per image", repr(indices)[:80], "pass e.g. indices=[0, 1]")
-    idx = list(range(N)) if indices is None else [int(i) for i in indices]     # (1.7 was image 1)
     # (a NumPy integer is one seed: it was 'not iterable'; a str was split into one seed per character;
     # 3.5 and "12" reached the noise's int())
     one = isinstance(seed, numbers.Integral)
+    # one seed: sample i is its sample i; a seed per image: its sample 0, what that seed gives alone (as the pipeline)
+    idx = (list(range(N)) if one else [0] * N) if indices is None else [int(i) for i in indices]   # (1.7 was image 1)
     seeds = [seed] * N if one else list(seed) if hasattr(seed, "__iter__") and not isinstance(seed, (str, bytes)) else None
     if seeds is None or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in seeds):
         raise FlowARError("seed an int, or one int per image", repr(seed)[:80], "pass e.g. seed=0")

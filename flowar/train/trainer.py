@@ -111,9 +111,9 @@ def build_config(args: TrainArgs, lat: Latents, began: FlowARConfig | None = Non
     if side < 2:                       # (--size 7 trained a model of one 1x1 scale)
         raise FlowARError("--size giving a latent map of at least 2x2 through the VAE (two scales or more)",
                           f"--size {args.size}: {side}x{side}", "use e.g. --size 32")
-    # Unit variance for the model's input: measured on one posterior draw of the whole data.
-    draw = lat.mean + lat.std * torch.randn(lat.mean.shape, generator=_gen(args.seed, -1))
-    latent_scale = 1.0 / float(draw.std())
+    # Unit variance for the model's input: measured on one posterior draw of the whole data (not for a resumed run)
+    draw = None if began is not None else lat.mean + lat.std * torch.randn(lat.mean.shape, generator=_gen(args.seed, -1))
+    latent_scale = None if draw is None else 1.0 / float(draw.std())
     if began is not None or args.config:
         config = began or FlowARConfig.load(args.config)
         if began is None and not 0.8 < config.latent_scale / latent_scale < 1.25 and os.environ.get("RANK", "0") == "0":
