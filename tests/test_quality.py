@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from flowar.errors import FlowARError
-from flowar.eval.quality import feature_stats, frechet_distance, read_fid_stats
+from flowar.eval.quality import feature_stats, frechet_distance, load_extractor, read_fid_stats
 
 
 def test_frechet_distance_of_diagonal_gaussians_is_the_closed_form():
@@ -50,7 +50,6 @@ class StandIn(torch.nn.Module):
 
 
 def test_extractors_load_from_torchscript_and_torch_export(tmp_path):
-    from flowar.eval.quality import load_extractor
     net = StandIn().eval()
     img = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     torch.export.save(torch.export.export(net, (img,), {"return_features": True}), str(tmp_path / "s.pt2"))
@@ -154,6 +153,15 @@ def test_bad_fid_inputs_are_one_line(fixtures_dir, tmp_path):
                            "arrays mu and sigma")):
         res = CliRunner().invoke(judge_cmd, base + extra)
         assert res.exit_code == 2 and "Traceback" not in res.output and needle in res.output, res.output
+    # a long reason is shortened at a word's end (it was cut at 120 characters, mid-word)
+    (tmp_path / "x.pt").write_bytes(b"garbage" * 50)
+    with pytest.raises(Exception) as said:
+        torch.jit.load(str(tmp_path / "x.pt"))
+    with pytest.raises(FlowARError) as e:
+        load_extractor(tmp_path / "x.pt")
+    kept = e.value.got.removeprefix("x.pt: ").removesuffix(" [...]")
+    reason = " ".join(str(said.value).split())
+    assert e.value.got.endswith(" [...]") and reason.startswith(kept) and reason[len(kept)] == " ", (e.value.got, reason)
 
 
 @pytest.mark.slow

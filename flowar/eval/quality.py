@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -83,7 +84,8 @@ def read_fid_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     except FlowARError:
         raise
     except Exception as e:   # noqa: BLE001 - any unreadable file is one user error
-        raise FlowARError("a readable .npz statistics file", f"{p}: {str(e)[:120]}", "fetch the file again") from e
+        raise FlowARError("a readable .npz statistics file", f"{p}: {textwrap.shorten(str(e), 160)}",   # (not mid-word)
+                          "fetch the file again") from e
 
 
 def load_extractor(path: str | Path) -> Callable[[Tensor], Tensor]:
@@ -108,8 +110,8 @@ def load_extractor(path: str | Path) -> Callable[[Tensor], Tensor]:
                 net = torch.jit.load(str(p), map_location="cpu").eval()
                 flag = "return_features" in [a.name for a in net.forward.schema.arguments]
     except Exception as e:   # noqa: BLE001
-        raise FlowARError("a feature extractor file (TorchScript, or torch.export .pt2)", f"{p.name}: {str(e)[:120]}",
-                          "pass e.g. the inception-2015-12-05.pt of the StyleGAN3 FID code") from e
+        raise FlowARError("a feature extractor file (TorchScript, or torch.export .pt2)",
+                          f"{p.name}: {textwrap.shorten(str(e), 160)}", "pass e.g. the inception-2015-12-05.pt of the StyleGAN3 FID code") from e
 
     @torch.no_grad()
     def extract(images_uint8: Tensor) -> Tensor:
