@@ -591,6 +591,14 @@ def test_what_a_diffusers_user_reaches_for_next(default_auto_engines, monkeypatc
     import numpy as np
 
     from flowar.pipeline.messages import in_python_terms
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")              # (threads within the cores: no warning)
+        FlowARPipeline.from_pretrained(default_auto_engines, threads=1).close()
+    with pytest.warns(UserWarning, match=r"threads=999: this process may use (\d+) cores?; it computes on those") as w:
+        with FlowARPipeline.from_pretrained(default_auto_engines, threads=999) as capped:   # (capped without a word)
+            said = next(str(m.message) for m in w if "threads=999" in str(m.message))
+            assert said.split()[5] == str(capped.runtime.threads.cores), said
     with FlowARPipeline.from_pretrained(default_auto_engines, threads=np.int64(1)) as pipe:
         pipe.set_progress_bar_config(disable=True)
         assert pipe.runtime.threads.cores == 1 and type(pipe.runtime.threads.cores) is int

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import numbers
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Mapping, Set as AbcSet
@@ -128,9 +129,13 @@ class FlowARPipeline:
         except (OSError, ValueError):   # (a name too long, a loop of links, a NUL byte: said below)
             pass
         try:                            # (the runtime's messages name the commands' options: here the keywords)
-            return cls(Runtime.open(os.fspath(path), backend=backend, preset=preset, config=config, vae=vae, device=device,
-                                    threads=threads, raw_weights=raw_weights, cuda_graphs=cuda_graphs,
-                                    precision=precision))
+            rt = Runtime.open(os.fspath(path), backend=backend, preset=preset, config=config, vae=vae, device=device,
+                              threads=threads, raw_weights=raw_weights, cuda_graphs=cuda_graphs, precision=precision)
+            if threads is not None and threads > rt.threads.cores:     # (taken as the cores without a word)
+                n = rt.threads.cores
+                warnings.warn(f"threads={threads}: this process may use {n} core{'s' * (n != 1)}; it computes on those",
+                              stacklevel=2)
+            return cls(rt)
         except OSError as e:            # (the commands say it in one line too: one_line)
             raise FlowARError("an engine directory or checkpoint this process can read",
                               f"{e.filename or path}: {e.strerror or e}",
