@@ -308,7 +308,8 @@ def test_numpy_numbers_are_numbers_and_a_seed_that_is_no_int_is_one_line(default
         pipe.set_progress_bar_config(disable=True)
         one = pipe([3, 4], seed=np.array(7), output_type="latent", num_inference_steps=9)
         rt = pipe.runtime.sample([3, 4], pipe.runtime.schedule(Settings(steps=9)), seed=7, decode=False)
-    assert one.indices == [0, 1] and torch.equal(one.images, rt.tokens)
+        rt0d = pipe.runtime.sample([3, 4], pipe.runtime.schedule(Settings(steps=9)), seed=torch.tensor(7), decode=False)
+    assert one.indices == [0, 1] and torch.equal(one.images, rt.tokens) and torch.equal(rt0d.tokens, rt.tokens)
 
 
 def test_an_image_is_named_by_its_seed_and_index_and_generators_come_one_per_image(default_auto_engines):

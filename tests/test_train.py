@@ -576,6 +576,49 @@ def test_a_stop_under_torchrun_is_taken_by_every_rank_at_one_step_with_its_check
     assert done.returncode == 0 and f"trained to step {step + 1}" in done.stdout, done.stderr[-2000:]
 
 
+@pytest.mark.slow
+def test_a_stop_on_one_rank_after_the_last_step_leaves_no_rank_waiting(small_world, tmp_path):
+    """A stop that reaches one rank after the last step's all-reduce (two gloo ranks, as torchrun starts
+    them): the run's last outputs are written, the ranks meet, and the stopped rank then says where its
+    checkpoint is (rank 0 failed in the final barrier with "Connection closed by peer", and rank 1 said
+    "no checkpoint yet" of the checkpoint rank 0 had written)."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = f"""
+import signal, sys
+from flowar.errors import stop_asked
+from flowar.train import trainer
+real, n, rank = trainer.mean_over_ranks, [0], int(sys.argv[1])
+def stop_after_last(loss, world):
+    out = real(loss, world)
+    n[0] += 1
+    if rank == 1 and n[0] == 4:
+        stop_asked(signal.SIGINT, None)
+    return out
+trainer.mean_over_ranks = stop_after_last
+args = trainer.TrainArgs(out={str(tmp_path / "r")!r}, vae={str(small_world / "vae")!r}, data={str(small_world / "data")!r},
+                         size=16, steps=4, batch=8, log_every=100, sample_every=0, ckpt_every=100, warmup=2,
+                         cache_dir={str(small_world / "cache")!r})
+try:
+    trainer.train(args, progress=False)
+    print("returned")
+except KeyboardInterrupt as e:
+    print("interrupted:", e)
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"))
+             for r in (0, 1)]
+    out = [p.communicate(timeout=300) for p in procs]
+    assert out[0][0].strip() == "returned", out[0]
+    ckpt = tmp_path / "r" / "checkpoint-last.safetensors"
+    assert out[1][0].strip() == f"interrupted: at step 4; {ckpt} holds step 4: the same command with --resume " \
+                                "continues from there", out[1]
+    assert (tmp_path / "r" / "model.safetensors").is_file()
+
+
 def test_vae_trainer_writes_a_loadable_folder(small_world, tmp_path):
     from flowar.train.vae import VAETrainArgs, train_vae
     from flowar.model.vae import load_vae

@@ -114,7 +114,8 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedu
 
     Sample i of the request gets the noise of (seed, i) (:func:`~flowar.sampling.sampler.per_sample_noise`),
     so its image is the same for every batch size and backend. ``indices`` names the samples
-    otherwise (a shard of a larger request); ``seed`` may be one per sample. ``progress``: a bar
+    otherwise (a shard of a larger request); ``seed`` may be one per sample (then sample i gets
+    (seed[i], 0) by default: what that seed gives alone). ``progress``: a bar
     (a dict: its tqdm options). Recorded noise (``noise_file``,
     the official layout: one (R, n, C) draw per scale for the whole request) is split into the
     same batches row by row.
@@ -133,6 +134,7 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedu
         raise FlowARError("indices: one int >= 0 per image", repr(indices)[:80], "pass e.g. indices=[0, 1]")
     # (a NumPy integer is one seed: it was 'not iterable'; a str was split into one seed per character;
     # 3.5 and "12" reached the noise's int())
+    seed = seed.tolist() if getattr(seed, "ndim", None) == 0 else seed      # (a 0-d array or tensor: one seed)
     one = isinstance(seed, numbers.Integral)
     # one seed: sample i is its sample i; a seed per image: its sample 0, what that seed gives alone (as the pipeline)
     idx = (list(range(N)) if one else [0] * N) if indices is None else [int(i) for i in indices]   # (1.7 was image 1)

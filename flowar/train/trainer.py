@@ -363,9 +363,11 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
                                   "with a lower --lr or --grad-clip (a resumed run keeps its settings)")
             run.state.step += 1
             if stop:
-                with stop_answered():
-                    if rank == 0:
-                        save_training_checkpoint(ckpt, run, args, lat.class_names)
+                try:
+                    with stop_answered():
+                        if rank == 0:
+                            save_training_checkpoint(ckpt, run, args, lat.class_names)
+                finally:                    # (every rank meets here, whatever became of rank 0's write)
                     if world > 1:
                         torch.distributed.barrier()
                 bar.saved = run.state.step
@@ -374,17 +376,24 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
                 bar.log(run.state, lr_at(step, args))
                 with stop_answered():       # (its writes go through: a stop now is taken at the next step's end)
                     checkpoint_and_sample(run, args, lat.class_names, ckpt, end, bar)
-    if rank == 0 and run.state.step == args.steps:
-        last = ckpt.parent / "samples" / f"step{args.steps:07d}.png"
-        if args.sample_every and not last.is_file():      # (stopped after the last checkpoint, before its grid)
-            sample_grid(run.ema, args, lat.class_names, last)
-        # the last update's weights (not the buffers: the attention mask holds -inf by design)
-        if not all(bool(torch.isfinite(p).all()) for p in run.ema.parameters()):
-            raise FlowARError("finite weights at the end", "NaN or Inf in the EMA weights",
-                              "start afresh in a new --out with a lower --lr or --grad-clip")
-        save_checkpoint(Path(args.out) / "model.safetensors", run.ema.state_dict(), config, lat.class_names,
-                        extra={"step": str(run.state.step), "vae": str(args.vae), "data": str(args.data),
-                               "vae_sha256": vae_sha256(args.vae)})     # (the VAE: flowar-run notes another)
-    if world > 1:
-        torch.distributed.barrier()
+            elif run.state.step % args.ckpt_every == 0 or run.state.step == end:
+                bar.saved = run.state.step  # (rank 0 wrote it: every rank's "interrupted" line says so)
+        # the run's last outputs, still held: a stop that comes now is taken once they are written and the ranks
+        # have met (one rank leaving alone failed the others' barrier)
+        try:
+            with stop_answered():
+                if rank == 0 and run.state.step == args.steps:
+                    last = ckpt.parent / "samples" / f"step{args.steps:07d}.png"
+                    if args.sample_every and not last.is_file():      # (stopped after the last checkpoint, before its grid)
+                        sample_grid(run.ema, args, lat.class_names, last)
+                    # the last update's weights (not the buffers: the attention mask holds -inf by design)
+                    if not all(bool(torch.isfinite(p).all()) for p in run.ema.parameters()):
+                        raise FlowARError("finite weights at the end", "NaN or Inf in the EMA weights",
+                                          "start afresh in a new --out with a lower --lr or --grad-clip")
+                    save_checkpoint(Path(args.out) / "model.safetensors", run.ema.state_dict(), config, lat.class_names,
+                                    extra={"step": str(run.state.step), "vae": str(args.vae), "data": str(args.data),
+                                           "vae_sha256": vae_sha256(args.vae)})     # (the VAE: flowar-run notes another)
+        finally:
+            if world > 1:
+                torch.distributed.barrier()
     return run.state
