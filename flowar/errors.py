@@ -40,6 +40,7 @@ def one_line(e: FlowARError | OSError) -> str:
 _STOPS: list[str] = []     # the stops asked for while a command runs (Ctrl-C, SIGTERM): see stop_asked
 _HELD = [0]                # inside stops_held(): a stop is recorded, and raised once the step is done
 _ANSWERING = [0]           # inside stop_answered(): outputs are put in place after a stop
+_SAYS: list[str] = []      # what a holder says when a stop comes (stops_held(says=...))
 
 
 def stop_asked(signum, frame) -> None:
@@ -48,29 +49,37 @@ def stop_asked(signum, frame) -> None:
     imported a part of itself late (``torch.onnx.export`` of an export) was caught there, and the
     export went on and replaced the engine directory with exit status 0, or failed later with an
     unrelated AttributeError. :func:`raise_if_stopped` raises it again at this project's next step
-    that commits an output, and the command ends "interrupted" whatever became of the first."""
+    that commits an output, and the command ends "interrupted" whatever became of the first.
+    Held (:func:`stops_held`), the first stop waits for the step's end; a second one is raised at once
+    (a training run's step and its grids kept a second Ctrl-C waiting too)."""
     _STOPS.append("SIGTERM" if signum == signal.SIGTERM else "")
-    if not _HELD[0]:
+    if not _HELD[0] or len(_STOPS) > 1:
         raise KeyboardInterrupt(_STOPS[-1])
+    if _SAYS and _SAYS[-1]:
+        import sys
+        print(_SAYS[-1], file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
-def stops_held():
+def stops_held(says: str | None = None):
     """A step that a stop must not cut in two (an engine directory swapped into place: a Ctrl-C
     between its renames said "interrupted" over the new directory and left the old one beside it):
     a stop that comes meanwhile is raised once the step is done (within a command, whose handler
-    is :func:`stop_asked`)."""
+    is :func:`stop_asked`); ``says``: a line printed when one comes (what happens now)."""
     _HELD[0] += 1
+    _SAYS.append(says or "")
     try:
         yield
     finally:
         _HELD[0] -= 1
+        _SAYS.pop()
     raise_if_stopped()
 
 
 def stops_cleared() -> None:
     """A new command begins (several run in one process under tests): no stop asked for yet."""
     _STOPS.clear()
+    _SAYS.clear()
     _HELD[0] = _ANSWERING[0] = 0
 
 

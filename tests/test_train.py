@@ -350,7 +350,7 @@ def test_a_config_whose_latent_scale_is_not_the_datas_is_said(small_world, tmp_p
                 f"{ck.config.latent_scale:.4g} (measured)" in err) == said, err
 
 
-def test_an_interrupted_run_says_which_step_it_resumes_from(small_world, tmp_path, monkeypatch):
+def test_an_interrupted_run_says_which_step_it_resumes_from(small_world, tmp_path, monkeypatch, capsys):
     """Ctrl-C (or SIGTERM) said "interrupted" alone: where the run stopped, the step its checkpoint
     holds and that --resume continues from there; before the first checkpoint, that there is none."""
     import flowar.train.trainer as trainer
@@ -387,9 +387,27 @@ def test_an_interrupted_run_says_which_step_it_resumes_from(small_world, tmp_pat
             trainer.train(_args(small_world, tmp_path / "n", steps=6), progress=False)
     finally:
         stops_cleared()
+    assert "stopping at this step's end, with a checkpoint there (Ctrl-C again: at once, without it)" in \
+        capsys.readouterr().err
     monkeypatch.setattr(trainer, "train_step", real)
     resumed = trainer.train(_args(small_world, tmp_path / "n", steps=6, resume=True), progress=False)
     assert resumed.losses == trainer.train(_args(small_world, tmp_path / "u", steps=6), progress=False).losses
+    # a second Ctrl-C stops at once (it waited for the step's end too), without a checkpoint of that step
+
+    def twice_at_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            stop_asked(signal.SIGINT, None)
+            stop_asked(signal.SIGINT, None)
+        return real(*a, **k)
+    calls.clear()
+    monkeypatch.setattr(trainer, "train_step", twice_at_third)
+    try:
+        with pytest.raises(KeyboardInterrupt, match=r"^at step 2; no checkpoint yet"):
+            trainer.train(_args(small_world, tmp_path / "t", steps=6), progress=False)
+    finally:
+        stops_cleared()
+    monkeypatch.setattr(trainer, "train_step", real)
     # a stop while the first checkpoint is written leaves none in place: not promised ("holds step 2" was)
     monkeypatch.setattr(trainer, "save_training_checkpoint", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt, match=r"^at step 2; no checkpoint yet"):
