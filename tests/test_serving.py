@@ -237,6 +237,8 @@ def test_overload_is_refused_at_once_and_nothing_refused_or_expired_is_computed(
         late_s = time.time() - t0
         # the estimate made too fast: admitted, then 504 at its deadline, before the blocker's 1.5 s end
         monkeypatch.setattr(svc, "per_image", lambda: 1e-3)
+        monkeypatch.setattr(replica, "batch_s", lambda size: 1e-3 * size)     # (and alone: the plan's seconds, measured
+        # at export on a loaded machine at 0.2 s an image, refused it at once, 503)
         t0 = time.time()
         expired = call(url, "/v1/generate", {"label": 9, "seed": 902, "timeout_s": 0.15})
         expired_s = time.time() - t0

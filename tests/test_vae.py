@@ -158,9 +158,16 @@ def test_the_weights_file_of_a_vae_folder_is_told_to_pass_the_folder(tmp_path):
         with pytest.raises(FlowARError, match=rf"the weights of a diffusers folder\. Fix: pass the folder it is in: "
                                               rf"--vae {re.escape(str(folder))}$"):
             load(weights)
-    for cmd, args in ((run, ["--ckpt", str(ckpt), "--labels", "1", "--out", str(tmp_path / "a.png")]),
-                      (export_cmd, ["--ckpt", str(ckpt), "--out", str(tmp_path / "e")]),
-                      (train_cmd, ["--out", str(tmp_path / "t"), "--steps", "2"])):
+    from PIL import Image
+    for name in ("a", "b"):                 # (a data folder of its own: CI installs no Animal-MNIST)
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (32, 32), (i * 200, 0, 0)).save(tmp_path / "data" / name / f"{i}.png")
+    out = tmp_path / "out"
+    for cmd, args in ((run, ["--ckpt", str(ckpt), "--labels", "1", "--out", str(out / "a.png")]),
+                      (export_cmd, ["--ckpt", str(ckpt), "--out", str(out / "e")]),
+                      (train_cmd, ["--out", str(out / "t"), "--steps", "2", "--data", str(tmp_path / "data"),
+                                   "--batch", "2"])):
         res = CliRunner().invoke(cmd, args + ["--vae", str(weights)])
         assert res.exit_code == 2 and res.output.count("\n") == 1 and f"--vae {folder}" in res.output, res.output
-    assert not any(tmp_path.iterdir())                                   # nothing written
+    assert not out.exists()                                              # nothing written
