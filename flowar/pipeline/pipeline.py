@@ -209,6 +209,7 @@ class FlowARPipeline:
                  return_dict: bool = True, **others) -> FlowAROutput | tuple:
         """Images of ``class_labels`` (ids and/or names).
 
+        Left out: the directory's recorded defaults (``pipe.runtime.defaults``), else 25 steps, cfg 4.3, guidance 0.9.
         ``num_inference_steps``: the official sampler's N (25: the official 24 Euler steps per
         scale; its grid has 2 (N // 2) + 1 points); ``guidance_scale``: cfg at the last scale (1 =
         off); ``guidance``: guide only at t <= this; ``schedule``: ``official`` or ``fast``
