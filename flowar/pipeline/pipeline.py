@@ -276,14 +276,9 @@ class FlowARPipeline:
                 seed = seed.tolist() if isinstance(seed, torch.Tensor) or getattr(seed, "ndim", None) == 0 else seed
                 if isinstance(seed, (AbcSet, Mapping)):
                     _in_order("seed", seed, "seed=[1, 2]")
-                if isinstance(seed, bool):                # (it said "[True]")
-                    raise FlowARError("seed an int, or one int per image", repr(seed), "pass e.g. seed=0")
                 one = seed is None or isinstance(seed, numbers.Integral)
                 seeds = ([0 if seed is None else seed] * len(labels) if one
                          else list(seed) if hasattr(seed, "__iter__") and not isinstance(seed, (str, bytes)) else seed)
-            if indices is None and isinstance(seeds, list):   # (one seed: its samples 0, 1, ...; a seed per image, drawn
-                # or given: image j is what its seed gives alone, as generator[j]'s in diffusers, wherever it stands)
-                indices = [0] * len(seeds) if generator is not None or not one else list(range(len(seeds)))
             rt = self.runtime
             # NumPy's numbers as Python's (the settings take int and float, strictly: a bool is not a number)
             # (and a 0-d tensor's: guidance_scale=torch.tensor(4.0) was "not in [1, 50]")
@@ -308,9 +303,11 @@ class FlowARPipeline:
                 _in_order("indices", indices, "indices=[0, 1]")
             _fits_in_memory(rt, len(labels), output_type)
             timings: dict[str, float] = {}
-            res = rt.sample(labels, sched, seed=seeds, indices=indices, batch_size=batch_size,
-                            decode=output_type != "latent", progress=self.progress_bar_config or True, on_scale=on_scale,
-                            timings=timings)
+            # one seed as it is (its samples 0, 1, ...), else a seed per image, drawn or given (each image what its
+            # seed gives alone, as generator[j]'s in diffusers): the indices are the runtime's to default
+            res = rt.sample(labels, sched, seed=seeds[0] if generator is None and one else seeds, indices=indices,
+                            batch_size=batch_size, decode=output_type != "latent",
+                            progress=self.progress_bar_config or True, on_scale=on_scale, timings=timings)
             images = to_output(res, output_type)
             if not return_dict:
                 return (images,)

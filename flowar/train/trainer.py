@@ -314,10 +314,10 @@ def mean_over_ranks(loss: Tensor, world: int) -> tuple[float, bool]:
     return float(both[0]) / world, bool(both[1] > 0)
 
 
-def checkpoint_and_sample(run: Run, args: TrainArgs, class_names: list[str], ckpt: Path, end: int, bar: Progress) -> None:
-    """Rank 0 after each step: checkpoint + loss plot every --ckpt-every (and at ``end``), sample grids."""
+def checkpoint_and_sample(run: Run, args: TrainArgs, class_names: list[str], ckpt: Path, due: bool, bar: Progress):
+    """Rank 0 after each step: checkpoint + loss plot where ``due`` (every --ckpt-every, and at the end), sample grids."""
     step, out = run.state.step, ckpt.parent
-    if step % args.ckpt_every == 0 or step == end:
+    if due:
         save_training_checkpoint(ckpt, run, args, class_names)
         bar.saved = step                    # (in place: an interrupt now says this step resumes)
         plot_losses(run.state.losses, out / "loss.png")
@@ -373,15 +373,14 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
                         torch.distributed.barrier()
                 bar.saved = run.state.step
                 raise KeyboardInterrupt(stopped() or "")
+            due = run.state.step % args.ckpt_every == 0 or run.state.step == end
             if rank == 0:
                 bar.log(run.state, lr_at(step, args))
                 with stop_answered():       # (its writes go through: a stop now is taken at the next step's end)
-                    checkpoint_and_sample(run, args, lat.class_names, ckpt, end, bar)
-            elif run.state.step % args.ckpt_every == 0 or run.state.step == end:
-                bar.saved = run.state.step  # (rank 0 wrote it: every rank's "interrupted" line says so)
-        # the run's last outputs, still held: a stop that comes now is taken once they are written and the ranks
-        # have met (one rank leaving alone failed the others' barrier)
-        try:
+                    checkpoint_and_sample(run, args, lat.class_names, ckpt, due, bar)
+            elif due:                       # (rank 0 wrote it: every rank's "interrupted" line says so)
+                bar.saved = run.state.step
+        try:    # the run's last outputs, still held: a stop now is taken once they are written and the ranks have met
             with stop_answered():
                 if rank == 0 and run.state.step == args.steps:
                     last = ckpt.parent / "samples" / f"step{args.steps:07d}.png"
