@@ -238,19 +238,10 @@ class Manifest:
 _FIELDS = tuple(f.name for f in fields(Manifest))
 
 
-# What a field holds (the second item of a :data:`_SCHEMA` row), and how a refusal says it; a tuple
+# What a field holds (the third item of a :data:`_SCHEMA` row), and how a refusal says it; a tuple
 # of names: one of them.
 _KINDS = {"map": "a mapping", "file": "a non-empty string", "str": "a string", "size": "a positive integer",
           "names": "a list of strings", "batch": "an integer in 1..1024"}
-
-
-def _holds(v, kind) -> bool:
-    """Whether value ``v`` is of ``kind`` (:data:`_KINDS`, or a tuple of the names allowed)."""
-    if isinstance(kind, tuple):
-        return isinstance(v, str) and v in kind
-    return {"map": isinstance(v, dict), "file": isinstance(v, str) and v != "", "str": isinstance(v, str),
-            "size": type(v) is int and v >= 1, "batch": type(v) is int and 1 <= v <= 1024,
-            "names": isinstance(v, list) and all(isinstance(n, str) for n in v)}[kind]
 
 
 _CANDIDATE = tuple(CANDIDATE_OPENS)
@@ -287,26 +278,25 @@ _SCHEMA = (
 )
 
 
-def _fields(m: dict, path: str) -> list[tuple[str, dict, str]]:
-    """(dotted name, record, key) of each field ``path`` names, in records that are mappings."""
-    *parents, last = path.split(".")
-    records = [("", m)]
-    for part in parents:
-        records = [(f"{name}{k}.", rec[k]) for name, rec in records for k in (rec if part == "*" else [part])
-                   if isinstance(rec.get(k), dict)]
-    return [(f"{name}{k}", rec, k) for name, rec in records for k in (rec if last == "*" else [last])]
-
-
 def _check_fields(m: dict, rebuild: str) -> None:
     """Every field of :data:`_SCHEMA` present where required and of its type, else one line naming it."""
     for path, required, kind in _SCHEMA:
-        for name, rec, key in _fields(m, path):
-            value = rec.get(key)
+        *parents, last = path.split(".")
+        records = [("", m)]         # (dotted name so far, record): the records the path walks, mappings only
+        for part in parents:
+            records = [(f"{name}{k}.", rec[k]) for name, rec in records for k in (rec if part == "*" else [part])
+                       if isinstance(rec.get(k), dict)]
+        for name, rec, key in [(f"{name}{k}", rec, k) for name, rec in records for k in (rec if last == "*" else [last])]:
+            v = rec.get(key)
             needed = required is True or (isinstance(required, str) and rec.get(required) is not None)
-            if (value is None and needed) or (value is not None and not _holds(value, kind)):
+            holds = v is not None and (isinstance(v, str) and v in kind if isinstance(kind, tuple) else {
+                "map": isinstance(v, dict), "file": isinstance(v, str) and v != "", "str": isinstance(v, str),
+                "size": type(v) is int and v >= 1, "batch": type(v) is int and 1 <= v <= 1024,
+                "names": isinstance(v, list) and all(isinstance(n, str) for n in v)}[kind])
+            if (v is None and needed) or (v is not None and not holds):
                 expected = f"one of {', '.join(kind)}" if isinstance(kind, tuple) else _KINDS[kind]
                 raise EngineDirError(f"{name} {expected} in {MANIFEST}",
-                                     "none (the field is missing)" if key not in rec else repr(value)[:60], rebuild)
+                                     "none (the field is missing)" if key not in rec else repr(v)[:60], rebuild)
 
 
 def _check_choice(m: dict, rebuild: str) -> None:
