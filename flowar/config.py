@@ -83,10 +83,7 @@ class FlowARConfig:
     head_head_dim: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        problems = self._value_problems()
-        if not problems:                 # (the divisions below need positive ints)
-            problems = self._head_problems()
-        if problems:
+        if problems := self._problems():
             raise ConfigError("a consistent FlowAR config", "; ".join(problems),
                               "correct the config file or use a preset (" + ", ".join(PRESETS) + ")")
         object.__setattr__(self, "scales", tuple(self.scales))
@@ -104,8 +101,9 @@ class FlowARConfig:
                             ("head_head_dim", self.head_width // self.head_heads)):
             object.__setattr__(self, name, value)
 
-    def _value_problems(self) -> list[str]:
-        """Each field's own type and range: ints (not bools, not 64.0) within :data:`INT_LIMITS`."""
+    def _problems(self) -> list[str]:
+        """Each field's own type and range: ints (not bools, not 64.0) within :data:`INT_LIMITS`; once
+        those hold, attention heads that split each width evenly, into head dims that 2-D RoPE can use."""
         problems = [f"{name}={getattr(self, name)!r} (needs an int in 1..{hi})" for name, hi in INT_LIMITS.items()
                     if not (type(getattr(self, name)) is int and 1 <= getattr(self, name) <= hi)]
         s = self.scales
@@ -119,11 +117,8 @@ class FlowARConfig:
             problems.append(f"latent_scale={x!r} (needs a finite number > 0)")
         if not (isinstance(self.head_block, str) and self.head_block in ("v1", "v2")):
             problems.append(f"head_block={self.head_block!r} (needs 'v1' or 'v2')")
-        return problems
-
-    def _head_problems(self) -> list[str]:
-        """Attention heads that split each width evenly, into head dims that 2-D RoPE can use."""
-        problems = []
+        if problems:                     # (the divisions below need positive ints)
+            return problems
         for name, width, heads in (("ar", self.ar_width, self.ar_heads), ("head", self.head_width, self.head_heads)):
             if width % heads:
                 problems.append(f"{name}_width divisible by {name}_heads, got {width} and {heads}")
