@@ -50,13 +50,21 @@ def test_preset_parameter_counts(fixtures_dir):
         assert sum(p.numel() for p in m.parameters()) == n_official
 
 
-@pytest.mark.parametrize("bad", [
-    dict(head_block="v3"), dict(ar_heads=5), dict(scales=(1, 4, 2)), dict(latent_scale=0.0), dict(head_heads=3),
-    dict(scales=(2, 3, 6)),                # (the first scale is the class token's one position: training failed)
+@pytest.mark.parametrize("bad, said", [
+    (dict(head_block="v3"), "head_block='v3' (needs 'v1' or 'v2')"),
+    (dict(ar_heads=5), "ar_width divisible by ar_heads, got 64 and 5"),
+    (dict(scales=(1, 4, 2)), "scales=(1, 4, 2) (needs strictly increasing"),
+    (dict(latent_scale=0.0), "latent_scale=0.0 (needs a finite number > 0)"),
+    (dict(head_heads=3), "head_width divisible by head_heads, got 128 and 3"),
+    (dict(ar_heads=32), "ar head dim divisible by 4 for 2-D RoPE, got 2"),
+    # a value out of range is said alone: the head checks divide by it
+    (dict(ar_heads=0, head_heads=3), "got ar_heads=0 (needs an int in 1..128). Fix"),
+    (dict(scales=(2, 3, 6)), "the first 1"),     # (the first scale is the class token's one position: training failed)
 ])
-def test_inconsistent_configs_are_refused(bad):
-    with pytest.raises(ConfigError):
+def test_inconsistent_configs_are_refused_naming_what_is_wrong(bad, said):
+    with pytest.raises(ConfigError) as e:
         PRESETS["tiny"].replace(**bad)
+    assert said in str(e.value)
 
 
 def test_unknown_and_missing_fields_are_named():
