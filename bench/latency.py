@@ -192,7 +192,8 @@ def main(argv=None) -> int:
 def open_bench_source(spec: BenchSpec) -> tuple[BenchSource, str, bool, bool]:
     """(source, label, random weights, engines in reduced precision)."""
     from flowar.export.manifest import read_manifest
-    from flowar.runtime.runtime import Runtime, exported_from
+    from flowar.runtime.directory import exported_from
+    from flowar.runtime.runtime import Runtime
     batch = max(spec.batches)
     if spec.engine_dir:
         m = read_manifest(spec.engine_dir)

@@ -32,8 +32,8 @@ import torch
 
 from flowar.config import FlowARConfig
 from flowar.errors import FlowARError
-from flowar.export.manifest import EngineDirError, Manifest, read_manifest
-from flowar.runtime.directory import choose_backend, directory_engines, exported_from, trt_engines, trt_unused  # noqa: F401
+from flowar.export.manifest import Manifest, read_manifest
+from flowar.runtime.directory import choose_backend, directory_engines, trt_engines, trt_unused
 from flowar.sampling.batches import SampleResult, batch_that_fits, run_sampling
 from flowar.sampling.labels import ClassNames, class_names_for
 from flowar.sampling.sampler import Hooked, ScaleTrace

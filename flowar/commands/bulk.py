@@ -181,7 +181,7 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
         raise FlowARError(f"class ids in 0..{m.config.num_classes - 1}", f"{bad or 'none'}", "check --labels")
     from flowar.export.manifest import MANIFEST, sha256_file
     from flowar.runtime.directory import backend_named
-    from flowar.runtime.runtime import choose_backend
+    from flowar.runtime.directory import choose_backend
     from flowar.sampling.schedule import Settings
     spec.chosen = choose_backend(m, spec.backend)                               # refuse a backend that cannot run
     Settings.of(spec.schedule).resolve(m.config.n_scales, m.schedule_defaults)  # refuse bad settings now
