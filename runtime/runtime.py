@@ -186,15 +186,15 @@ class Runtime(contextlib.AbstractContextManager):
             else:
                 from flowar.engines.ort import choose_provider
                 provider = choose_provider(prefer_gpu=gpu, device=asked) if chosen == "ort" else "CPUExecutionProvider"
-                dev = (asked if chosen == "torch" and asked is not None else
-                       resolve_device("cuda" if provider == "CUDAExecutionProvider" else "cpu" if chosen != "torch"
-                                      else "auto"))
+                # the checkpoint's modules where --device says, else on the GPU PyTorch sees; engines where their provider computes
+                dev = ((asked or resolve_device("auto")) if chosen == "torch" else
+                       torch.device("cuda" if provider == "CUDAExecutionProvider" else "cpu"))
             if asked is not None and asked.type != dev.type:
                 raise FlowARError(f"--device {dev.type} for these engines ({detail if chosen == 'trt' else chosen})",
                                   str(asked), "omit --device (the engines decide); on a GPU: --backend torch (the "
                                   "checkpoint's modules), or ONNX Runtime's CUDA provider (pip install '.[gpu]')")
             if chosen != "trt":
-                choice = {"ort": {}, "torch": dict.fromkeys(specs, "torch-fp32")}.get(chosen, m.choice)
+                choice = m.choice if chosen == "measured" else {} if chosen == "ort" else dict.fromkeys(specs, "torch-fp32")
                 threads_ = Threads.resolve(threads, any(choice.get(s, "ort-fp32") != "ort-fp32" for s in specs))
                 engines, detail = directory_engines(m, specs, choice, chosen, threads_.cores, provider, dev, ckpt,
                                                     trt_unused(m, backend, gpu, chosen) if m.tensorrt else "")
