@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from flowar.config import FlowARConfig
 from flowar.errors import EngineDirError, FlowARError
-from flowar.io.digests import VAE_FILES, sealed, sha256_file, vae_sha256  # noqa: F401 - (imported from here too)
+from flowar.io.digests import SEAL, edited_parts, seal_of, sealed, sha256_file
+from flowar.io.digests import VAE_FILES, vae_sha256  # noqa: F401 - (imported from here too)
 from flowar.io.files import file_state
 
 if TYPE_CHECKING:
@@ -315,10 +316,11 @@ def _check_choice(m: dict, rebuild: str) -> None:
                                  repr(rec)[:80] if rec else "none", rebuild)
 
 
-def read_manifest(root: str | Path, verify_hashes: bool = False) -> Manifest:
+def read_manifest(root: str | Path, verify_hashes: bool = False, note_edits: bool = False) -> Manifest:
     """The manifest of an engine directory, checked: its format, its fields, every listed file
     present and inside the directory. The files' hashes are checked where they are read (by the
-    engines that use them: :mod:`flowar.runtime.directory`), or here with ``verify_hashes``."""
+    engines that use them: :mod:`flowar.runtime.directory`), or here with ``verify_hashes``.
+    ``note_edits``: a manifest edited since the export sealed it is said on stderr (it runs as edited)."""
     if isinstance(root, str) and not root.strip():     # (Path("") is the working directory: it was opened as one)
         raise EngineDirError("an engine directory made by flowar-export", "an empty path", "pass the folder it wrote")
     root = Path(root)
@@ -358,6 +360,11 @@ def read_manifest(root: str | Path, verify_hashes: bool = False) -> Manifest:
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise EngineDirError(f"manifest format {FORMAT}", repr(m.get("format") if isinstance(m, dict) else m), rebuild)
     _check_fields(m, rebuild)
+    if note_edits and m.get(SEAL) is not None and m[SEAL] != seal_of(m):     # (flowar-check refuses such a directory)
+        import sys
+        print(f"note: {mpath} was edited since its export ({', '.join(edited_parts(m)[:4]) or 'its fields'}): it runs as "
+              f"edited, not as exported and verified; flowar-check {root} names the change, a re-export undoes it",
+              file=sys.stderr, flush=True)
     if m.get("auto"):
         _check_choice(m, rebuild)
     config = FlowARConfig.from_dict(m["config"], f"{mpath}")

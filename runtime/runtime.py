@@ -169,7 +169,7 @@ class Runtime(contextlib.AbstractContextManager):
         so that the first image does not pay it (``()``: none; see :meth:`warm_up`)."""
         from flowar.device import resolve_device
         from flowar.runtime.stages import EngineStages
-        m = read_manifest(path)
+        m = read_manifest(path, note_edits=True)
         specs = m.specs()
         # The engines decide where they compute ("auto": theirs); --device cpu keeps auto off the GPU
         # engines (TensorRT, ONNX Runtime's CUDA provider), --device chooses for the checkpoint's

@@ -355,6 +355,21 @@ def test_flowar_check_finds_a_manifest_edited_since_the_export(engine_dirs, tmp_
         assert bad.returncode == 2 and bad.stdout == "" and "and the manifest itself; got manifest.json itself edited " \
             "since" in line and "Fix: rebuild it: flowar-export" in line, bad
         assert named in line, (named, line)
+    # what runs it says it (it sampled other images with exit 0 and no word), once, and runs it as edited
+    run = [os.path.join(os.path.dirname(sys.executable), "flowar-run"), "--engine-dir", str(d), "--labels", "1",
+           "--steps", "3", "--save-tokens", str(tmp_path / "t.safetensors")]
+    ran = subprocess.run(run, capture_output=True, text=True)          # (the last edit: latent_scale without its parts)
+    said = [ln for ln in ran.stderr.splitlines() if ln.startswith("note: ") and "edited since its export" in ln]
+    assert ran.returncode == 0 and said == [f"note: {d / 'manifest.json'} was edited since its export (its fields): it runs "
+                                            f"as edited, not as exported and verified; flowar-check {d} names the change, "
+                                            "a re-export undoes it"], ran.stderr
+    (d / "manifest.json").write_text(text)
+    assert "edited since" not in subprocess.run(run, capture_output=True, text=True).stderr
+    edited = json.loads(text)
+    edited["config"].update(latent_scale=2.0)
+    (d / "manifest.json").write_text(json.dumps(edited, indent=1))
+    assert "edited since its export (config.latent_scale): it runs" in subprocess.run(run, capture_output=True,
+                                                                                       text=True).stderr
     (d / "manifest.json").write_text(json.dumps(m | {"sealed_sha256": 5}))          # (a seal that is no string)
     bad = subprocess.run(exe, capture_output=True, text=True)
     assert bad.returncode == 2 and "manifest.json itself edited since" in bad.stderr and "Traceback" not in bad.stderr, bad
