@@ -11,8 +11,8 @@ on a GPU where the plans fit, the ``--precision auto`` choice on a CPU, else ONN
 (eager PyTorch; on a GPU behind static buffers, so that CUDA graphs can replay it). Either way the
 result owns its stages, its batch limit, its thread policy and its runner (the per-scale runner
 that replays CUDA graphs, keyed by batch bucket and schedule), and samples through the one
-sampler loop. :class:`~flowar.pipeline.pipeline.FlowARPipeline` holds one; every command opens
-its source through it.
+sampler loop. :class:`~flowar.pipeline.pipeline.FlowARPipeline` holds one, and every command
+opens its source in one of those two ways.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The lean runtime: engines bound to static buffers, fed to the one sampler.
+"""A runtime's stages: engines bound to static buffers, fed to the one sampler.
 
 :class:`EngineStages` allocates every tensor a stage touches once, at its largest size over all
 (scale, rows), and binds each (stage, scale, rows) call to views of that storage with the exact

@@ -90,7 +90,7 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
                           "pass --engine-dir DIR (from flowar-export) or --ckpt PATH")
     # the settings, the batch and the noise against what the directory records, before the source opens (FlowAR-H: 25 s)
     m = read_manifest(engine_dir) if engine_dir else None
-    settings.resolve(1, m.schedule_defaults if m else None)
+    settings.resolve(1, m.schedule_defaults if m else None)      # (as a check: any scale count refuses the same)
     if m is not None and batch_size is not None and batch_size > m.max_batch:
         raise FlowARError(f"--batch at most {m.max_batch} (the engines' max batch)", str(batch_size),
                           f"use --batch {m.max_batch}, or re-export with --max-batch {batch_size}")
