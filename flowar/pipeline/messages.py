@@ -1,10 +1,12 @@
 """The commands' messages in the pipeline's terms: a :class:`~flowar.errors.FlowARError` raised by
 the code every command shares names their options ("--cfg in [1, 50]"); a pipeline call says its
-keywords instead ("guidance_scale in [1, 50]")."""
+keywords instead ("guidance_scale in [1, 50]"). And the checks of a call's own arguments, with
+what their messages say of a value (its kind, a callback's arguments)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Set as AbcSet
 
 from flowar.config import PRESETS
 from flowar.errors import FlowARError
@@ -52,3 +54,47 @@ def in_python_terms(e: FlowARError) -> FlowARError:
         return type(e)(say(e.expected), say(e.got), say(e.fix, True))
     except TypeError:                    # (a subclass that takes more)
         return FlowARError(say(e.expected), say(e.got), say(e.fix, True))
+
+
+def in_order(name: str, values, example: str) -> list:
+    """``values`` as a list, refused where they have no order of their own (a set's order changes
+    with Python's string hashing, so which image had which label changed between processes; a
+    dict gave its keys) or are not a collection at all."""
+    if isinstance(values, (AbcSet, Mapping)) or isinstance(values, (bytes, bytearray)) or \
+            not hasattr(values, "__iter__"):
+        raise FlowARError(f"{name}: a list or tuple (in the order of the images)", kind_of(values), f"pass e.g. {example}")
+    return list(values)
+
+
+def kind_of(value) -> str:
+    """What a value is, for a message: its type's name, with its public module where it is not a
+    builtin (``numpy.random.Generator``: "Generator" alone read as torch's)."""
+    t = type(value)
+    if t.__module__ == "builtins":
+        return t.__name__
+    return ".".join([m for m in t.__module__.split(".") if not m.startswith("_")] + [t.__qualname__])
+
+
+def takes_three(fn) -> bool:
+    """Whether ``fn`` can be called as ``fn(pipe, k, outputs)`` (checked before any work: a
+    one-argument function failed after the first scale had run)."""
+    import inspect
+    if not callable(fn):
+        return False
+    try:
+        inspect.signature(fn).bind(None, 0, {})
+    except TypeError:
+        return False
+    except ValueError:                   # (a builtin without a signature: called as it is)
+        return True
+    return True
+
+
+def arity(fn) -> str:
+    """How many arguments ``fn`` takes, for a message ("" where that cannot be said)."""
+    import inspect
+    try:
+        n = len(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return ""
+    return f" of {n} argument{'s' * (n != 1)}" + (" (diffusers' step callback: pipe, step, timestep, kwargs)" if n == 4 else "")

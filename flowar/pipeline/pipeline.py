@@ -32,7 +32,7 @@ from torch import Tensor
 
 from flowar.config import FlowARConfig
 from flowar.errors import FlowARError
-from flowar.pipeline.messages import in_python_terms
+from flowar.pipeline.messages import arity, in_order, in_python_terms, kind_of, takes_three
 from flowar.runtime.runtime import Runtime
 from flowar.sampling.batches import SampleResult
 from flowar.sampling.labels import label_ids
@@ -146,7 +146,7 @@ class FlowARPipeline:
 
     def get_label_ids(self, names: str | Sequence[str]) -> list[int]:
         """Class ids from names (ImageNet names and synonyms for the official 1000-class models)."""
-        return label_ids([names] if isinstance(names, str) else _in_order("names", names, '["cat", "dog"]'),
+        return label_ids([names] if isinstance(names, str) else in_order("names", names, '["cat", "dog"]'),
                          self.runtime.config.num_classes, self.runtime.class_names)
 
     @property
@@ -233,9 +233,9 @@ class FlowARPipeline:
                 raise FlowARError("return_dict True or False", repr(return_dict)[:40], "pass return_dict=False")
             if output_type not in OUTPUT_TYPES:
                 raise FlowARError(f"output_type among {', '.join(OUTPUT_TYPES)}", repr(output_type), 'use "pil"')
-            if callback_on_scale_end is not None and not _takes_three(callback_on_scale_end):
+            if callback_on_scale_end is not None and not takes_three(callback_on_scale_end):
                 raise FlowARError("callback_on_scale_end a function of 3 arguments (pipe, k, {'tokens': ...})",
-                                  _kind(callback_on_scale_end) + _arity(callback_on_scale_end),
+                                  kind_of(callback_on_scale_end) + arity(callback_on_scale_end),
                                   "pass e.g. lambda pipe, k, out: ..., or None")
             if class_labels is None:                      # (a TypeError: a missing positional argument)
                 raise FlowARError("class_labels: an id, a name, or a list of them", "none", 'pass e.g. pipe(["cat"])')
@@ -254,7 +254,7 @@ class FlowARPipeline:
                 raise FlowARError("class_labels: an id, a name, or a list of them", repr(class_labels)[:60],
                                   'pass e.g. ["cat"] or [3]')
             items = ([class_labels] if isinstance(class_labels, (numbers.Integral, str)) else
-                     _in_order("class_labels", class_labels, '["cat", "dog"] or [3, 7]'))
+                     in_order("class_labels", class_labels, '["cat", "dog"] or [3, 7]'))
             labels = self.get_label_ids(items) if items else []
             if not labels:
                 raise FlowARError("at least one class label", "none", 'pass e.g. ["cat"] or [3]')
@@ -266,8 +266,8 @@ class FlowARPipeline:
                 other = [g for g in gens if not isinstance(g, torch.Generator)]
                 if other or not (one or len(gens) == len(labels)):
                     raise FlowARError(f"a torch.Generator, or a list of {len(labels)} (one per image)",
-                                      _kind(generator) if one else f"a list of {len(gens)}" +
-                                      (f" holding a {_kind(other[0])}" if other else ""),
+                                      kind_of(generator) if one else f"a list of {len(gens)}" +
+                                      (f" holding a {kind_of(other[0])}" if other else ""),
                                       "pass generator=torch.Generator().manual_seed(0)")
                 # (drawn on the generator's own device: a CUDA generator cannot draw CPU numbers)
                 seeds = [int(s) for g in gens for s in torch.randint(0, 2 ** 63 - 1, (len(labels) if one else 1,),
@@ -275,7 +275,7 @@ class FlowARPipeline:
             else:                                         # (checked where every source samples: run_sampling)
                 seed = seed.tolist() if isinstance(seed, torch.Tensor) or getattr(seed, "ndim", None) == 0 else seed
                 if isinstance(seed, (AbcSet, Mapping)):
-                    _in_order("seed", seed, "seed=[1, 2]")
+                    in_order("seed", seed, "seed=[1, 2]")
                 one = seed is None or isinstance(seed, numbers.Integral)
                 seeds = ([0 if seed is None else seed] * len(labels) if one
                          else list(seed) if hasattr(seed, "__iter__") and not isinstance(seed, (str, bytes)) else seed)
@@ -300,7 +300,7 @@ class FlowARPipeline:
                                                        .clone(), "images": range(tr.first, tr.first + B)})
             indices = indices.tolist() if isinstance(indices, torch.Tensor) else indices   # (as seed's: each a 0-d tensor
             if indices is not None and isinstance(indices, (AbcSet, Mapping)):            # was "not an int")
-                _in_order("indices", indices, "indices=[0, 1]")
+                in_order("indices", indices, "indices=[0, 1]")
             _fits_in_memory(rt, len(labels), output_type)
             timings: dict[str, float] = {}
             # one seed as it is (its samples 0, 1, ...), else a seed per image, drawn or given (each image what its
@@ -323,50 +323,6 @@ class FlowARPipeline:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _in_order(name: str, values, example: str) -> list:
-    """``values`` as a list, refused where they have no order of their own (a set's order changes
-    with Python's string hashing, so which image had which label changed between processes; a
-    dict gave its keys) or are not a collection at all."""
-    if isinstance(values, (AbcSet, Mapping)) or isinstance(values, (bytes, bytearray)) or \
-            not hasattr(values, "__iter__"):
-        raise FlowARError(f"{name}: a list or tuple (in the order of the images)", _kind(values), f"pass e.g. {example}")
-    return list(values)
-
-
-def _kind(value) -> str:
-    """What a value is, for a message: its type's name, with its public module where it is not a
-    builtin (``numpy.random.Generator``: "Generator" alone read as torch's)."""
-    t = type(value)
-    if t.__module__ == "builtins":
-        return t.__name__
-    return ".".join([m for m in t.__module__.split(".") if not m.startswith("_")] + [t.__qualname__])
-
-
-def _takes_three(fn) -> bool:
-    """Whether ``fn`` can be called as ``fn(pipe, k, outputs)`` (checked before any work: a
-    one-argument function failed after the first scale had run)."""
-    import inspect
-    if not callable(fn):
-        return False
-    try:
-        inspect.signature(fn).bind(None, 0, {})
-    except TypeError:
-        return False
-    except ValueError:                   # (a builtin without a signature: called as it is)
-        return True
-    return True
-
-
-def _arity(fn) -> str:
-    """How many arguments ``fn`` takes, for a message ("" where that cannot be said)."""
-    import inspect
-    try:
-        n = len(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return ""
-    return f" of {n} argument{'s' * (n != 1)}" + (" (diffusers' step callback: pipe, step, timestep, kwargs)" if n == 4 else "")
 
 
 def _fits_in_memory(rt: Runtime, n: int, output_type: str) -> None:
