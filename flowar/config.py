@@ -150,6 +150,8 @@ class FlowARConfig:
                               "preset's JSON (FlowARConfig.to_json)")
         try:
             return cls(**{k: d[k] for k in JSON_FIELDS})
+        except FlowARError:                 # (__post_init__'s own line: it is a ValueError too)
+            raise
         except (TypeError, ValueError) as e:
             raise ConfigError("config values of the right types", f"{e} in {source}", "correct the config file") from e
 

@@ -12,8 +12,9 @@ import contextlib
 import signal
 
 
-class FlowARError(Exception):
-    """A user error: ``expected`` / ``got`` / ``fix`` rendered as one line."""
+class FlowARError(ValueError):
+    """A user error: ``expected`` / ``got`` / ``fix`` rendered as one line. A ValueError, as
+    diffusers' refusals of a call's arguments are: ``except ValueError`` around a call catches it."""
 
     def __init__(self, expected: str, got: str, fix: str):
         self.expected, self.got, self.fix = expected, got, fix

@@ -76,6 +76,16 @@ def test_unknown_and_missing_fields_are_named():
     assert "ar_width" in str(e.value) and "depth" in str(e.value)
 
 
+def test_an_inconsistent_config_file_is_its_one_line_and_a_value_error():
+    """A refusal is a ValueError, as diffusers' are (``except ValueError`` around a call catches it),
+    and a config file's inconsistency stays its own line (not wrapped as "values of the right types")."""
+    d = PRESETS["tiny"].to_dict() | {"latent_scale": float("inf")}
+    with pytest.raises(ValueError) as e:
+        FlowARConfig.from_json(json.dumps(d), "c.json")
+    assert isinstance(e.value, ConfigError) and e.value.expected == "a consistent FlowAR config", str(e.value)
+    assert str(e.value).count("expected") == 1 and "latent_scale=inf (needs a finite number > 0)" in str(e.value)
+
+
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="flowar-s"):
         get_preset("flowar-xl")
