@@ -127,6 +127,19 @@ def test_bad_calls_are_one_line_errors(default_auto_engines):
         FlowARPipeline.from_pretrained(DEFAULT_CKPT, backend="ort")
 
 
+def test_a_pipeline_says_what_it_opened(default_auto_engines):
+    """repr(pipe) names its source and what computes (it was the default object repr), then closed."""
+    pipe = FlowARPipeline.from_pretrained(default_auto_engines)
+    rt = pipe.runtime
+    assert repr(pipe) == (f"FlowARPipeline({str(default_auto_engines)!r}: engine directory, {rt.detail}; 10 classes, "
+                          f"32 px images, max batch {rt.max_batch})")
+    pipe.close()
+    assert repr(pipe) == f"FlowARPipeline({str(default_auto_engines)!r}: closed)"
+    with FlowARPipeline.from_pretrained(DEFAULT_CKPT) as pipe:
+        assert repr(pipe) == f"FlowARPipeline({str(DEFAULT_CKPT)!r}: checkpoint, eager PyTorch on cpu; 10 classes, " \
+                             "tokens only (no decoder))"
+
+
 def test_every_entry_point_takes_the_backend_flowar_run_takes(default_auto_engines, tmp_path, monkeypatch):
     """On a machine where TensorRT plans fit (pretended here: no GPU), flowar-run, the served
     replica and the bulk actor all choose TensorRT, because they all open through the runtime's

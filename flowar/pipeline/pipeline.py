@@ -94,9 +94,17 @@ def _refuse_diffusers_only(where: str, given: dict) -> None:
 class FlowARPipeline:
     """An opened source (``runtime``) and the diffusers-style call over it."""
 
-    def __init__(self, runtime: Runtime):
+    def __init__(self, runtime: Runtime, path: str | None = None):
         self.runtime = runtime
+        self.path = path                    # what it was opened from (said by its repr)
         self.progress_bar_config: dict = {}
+
+    def __repr__(self) -> str:
+        rt = self.runtime
+        what = (f"{rt.kind}, {rt.detail}; {rt.config.num_classes} classes, "
+                + (f"{rt.image_size} px images" if rt.decodes else "tokens only (no decoder)")
+                + (f", max batch {rt.max_batch}" if rt.max_batch else "") if rt.stages is not None else "closed")
+        return f"FlowARPipeline({self.path!r}: {what})" if self.path else f"FlowARPipeline({what})"
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, backend: str = "auto", preset: str | None = None,
@@ -135,7 +143,7 @@ class FlowARPipeline:
                 n = rt.threads.cores
                 warnings.warn(f"threads={threads}: this process may use {n} core{'s' * (n != 1)}; it computes on those",
                               stacklevel=2)
-            return cls(rt)
+            return cls(rt, os.fspath(path))
         except OSError as e:            # (the commands say it in one line too: one_line)
             raise FlowARError("an engine directory or checkpoint this process can read",
                               f"{e.filename or path}: {e.strerror or e}",
