@@ -127,10 +127,17 @@ def test_bad_calls_are_one_line_errors(default_auto_engines):
         FlowARPipeline.from_pretrained(DEFAULT_CKPT, backend="ort")
 
 
-def test_a_pipeline_says_what_it_opened(default_auto_engines):
-    """repr(pipe) names its source and what computes (it was the default object repr), then closed."""
+def test_a_pipeline_says_what_it_opened_and_leaves_its_bar(default_auto_engines):
+    """repr(pipe) names its source and what computes (it was the default object repr), then closed;
+    a call's bar stays at its end, as diffusers' do (it was erased: leave=False), unless asked."""
+    import io
     pipe = FlowARPipeline.from_pretrained(default_auto_engines)
     rt = pipe.runtime
+    for options, left in (({}, True), ({"leave": False}, False)):
+        pipe.set_progress_bar_config(file=(bar := io.StringIO()), **options)
+        pipe([1], output_type="latent")
+        last = bar.getvalue().split("\r")[-1]
+        assert last.startswith("scales: 100%") == left and last.endswith("\n") == left, (options, bar.getvalue())
     assert repr(pipe) == (f"FlowARPipeline({str(default_auto_engines)!r}: engine directory, {rt.detail}; 10 classes, "
                           f"32 px images, max batch {rt.max_batch})")
     pipe.close()

@@ -231,8 +231,8 @@ class FlowARPipeline:
         ``callback_on_scale_end(pipe, k, {"tokens": (B, C, s, s), "images": range})`` is called after
         each scale k of each batch (a call larger than the batch runs in batches), with that batch's
         samples (a copy: what it returns is not used, and changing them changes nothing) and their
-        places among the call's images. A progress bar is
-        shown unless ``set_progress_bar_config(disable=True)``. ``return_dict=False``: the tuple
+        places among the call's images. A progress bar is shown, and stays at its end as diffusers'
+        do, unless ``set_progress_bar_config(disable=True)`` (or ``leave=False``). ``return_dict=False``: the tuple
         ``(images,)``, as in diffusers.
         """
         try:
@@ -315,7 +315,7 @@ class FlowARPipeline:
             # seed gives alone, as generator[j]'s in diffusers): the indices are the runtime's to default
             res = rt.sample(labels, sched, seed=seeds[0] if generator is None and one else seeds, indices=indices,
                             batch_size=batch_size, decode=output_type != "latent",
-                            progress=self.progress_bar_config or True, on_scale=on_scale, timings=timings)
+                            progress={"leave": True} | self.progress_bar_config, on_scale=on_scale, timings=timings)
             images = to_output(res, output_type)
             if not return_dict:
                 return (images,)
