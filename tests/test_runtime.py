@@ -423,7 +423,8 @@ def test_the_thread_policy_is_resolved_at_open_and_applied_while_sampling(fixtur
     leave PyTorch one thread; a bad count is refused when the source is opened."""
     from flowar.engines.ort import cpu_threads
     from flowar.errors import FlowARError
-    from flowar.runtime.runtime import Runtime, Threads
+    from flowar.runtime.runtime import Runtime
+    from flowar.runtime.threads import Threads
     seen = []
     with Runtime.open_checkpoint(fixtures_dir / "tiny_v1.safetensors", config=fixtures_dir / "tiny_v1.config.json",
                                  threads=1) as rt:
@@ -478,7 +479,8 @@ def test_lanes_sample_at_once_on_buffers_of_their_own_with_a_share_of_the_thread
     import dataclasses
     import threading
 
-    from flowar.runtime.runtime import Runtime, Threads
+    from flowar.runtime.runtime import Runtime
+    from flowar.runtime.threads import Threads
     t = Threads(4, 4)
     seen: list[int] = []
     before = torch.get_num_threads()

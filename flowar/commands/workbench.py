@@ -72,7 +72,8 @@ class Workbench:
     @contextlib.contextmanager
     def runtime(self, choice: dict[str, str], batch: int, plan: dict | None = None):
         """A runtime on the engines of ``choice`` (what opening the finished directory will give)."""
-        from flowar.runtime.runtime import Runtime, Threads
+        from flowar.runtime.runtime import Runtime
+        from flowar.runtime.threads import Threads
         from flowar.runtime.stages import EngineStages
         c = self.model.config
         threads = Threads.resolve(self.threads, any(e != "ort-fp32" for e in choice.values()))
