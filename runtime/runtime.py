@@ -255,25 +255,49 @@ class Runtime(contextlib.AbstractContextManager):
             labels = list(labels)               # (counted here: an iterator of labels was taken before)
             bs = batch_that_fits(len(labels), batch_size, self.config, self.image_size if decode else None, self.vae)
         clock = _Clock(self.device) if timings is not None and self.runner is None else None
-        # one sampling at a time (two threads on one pipeline got each other's images); a lane samples beside it
+        with self._one_call():
+            stages = Hooked(self.stages, self.threads.share) if self.lanes > 1 else self.stages
+            res = run_sampling(Hooked(stages, clock) if clock else stages, self.config, list(labels),
+                               schedule, seed, noise_file, decode=decode, device=self.device, progress=progress,
+                               on_scale=on_scale, batch_size=bs, indices=indices, runner=self.runner)
+        if timings is not None:
+            timings.update(clock.read() if clock else {"sampling": res.seconds})
+            timings["total"] = res.seconds
+        return res
+
+    @contextlib.contextmanager
+    def _one_call(self):
+        """One call at a time on this runtime (two threads on one pipeline got each other's images; a
+        lane samples beside it), in its thread policy, refused from inside its own callback."""
         if self._caller == threading.get_ident():
             raise FlowARError("one sampling at a time on a runtime", "a call from inside its own callback",
                               "sample after this call returns (collect what the callback needs, then call)")
         with self._calls, torch.inference_mode(), self.threads.applied():
             if self.stages is None:         # (checked in turn: close() on another thread may have come first)
                 raise FlowARError("an open source", "one closed (after close() or its with block)", "open it again")
-            stages = Hooked(self.stages, self.threads.share) if self.lanes > 1 else self.stages
             self._caller = threading.get_ident()
             try:
-                res = run_sampling(Hooked(stages, clock) if clock else stages, self.config, list(labels),
-                                   schedule, seed, noise_file, decode=decode, device=self.device, progress=progress,
-                                   on_scale=on_scale, batch_size=bs, indices=indices, runner=self.runner)
+                yield
             finally:
                 self._caller = None
-        if timings is not None:
-            timings.update(clock.read() if clock else {"sampling": res.seconds})
-            timings["total"] = res.seconds
-        return res
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W) of token maps (B, C, S, S) as :meth:`sample` returns them
+        with ``decode=False``: the images it would have decoded (in the default batches: by float
+        rounding only where it ran other ones)."""
+        self.require_decoder()
+        c = self.config
+        want = (c.latent_channels, c.latent_size, c.latent_size)
+        if not (isinstance(tokens, torch.Tensor) and tokens.is_floating_point() and tokens.dim() == 4
+                and tuple(tokens.shape[1:]) == want and len(tokens)):
+            got = (f"a {tokens.dtype} tensor of shape {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor)
+                   else type(tokens).__name__)
+            raise FlowARError(f"token maps of this model, a float tensor (B, {', '.join(map(str, want))}), B >= 1", got,
+                              "pass the tokens a call returned with output_type=\"latent\"")
+        bs = self.batch or self.max_batch or batch_that_fits(len(tokens), None, c, self.image_size, self.vae)
+        with self._one_call():
+            return torch.cat([self.stages.decode(tokens[i:i + bs].to(self.device, torch.float32) / c.latent_scale).cpu()
+                              for i in range(0, len(tokens), bs)])
 
     def lane(self) -> "Runtime":
         """Another lane over the same engines: a runtime with static buffers of its own that samples

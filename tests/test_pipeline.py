@@ -127,6 +127,34 @@ def test_bad_calls_are_one_line_errors(default_auto_engines):
         FlowARPipeline.from_pretrained(DEFAULT_CKPT, backend="ort")
 
 
+def test_decode_gives_the_images_of_the_tokens_a_call_returned(default_auto_engines):
+    """pipe.decode(latents) of a call's output_type="latent" tokens is that call's images (diffusers:
+    pipe.vae.decode); a part of them decodes to the same images within a batch's rounding; anything
+    else, and a source without a decoder, is one line."""
+    with FlowARPipeline.from_pretrained(default_auto_engines) as pipe:
+        pipe.set_progress_bar_config(disable=True)
+        labels = list(range(10))
+        tokens = pipe(labels, seed=5, output_type="latent").images
+        images = pipe(labels, seed=5, output_type="np").images
+        assert np.array_equal(pipe.decode(tokens, output_type="np"), images)
+        part = pipe.decode(tokens[3:5], output_type="pt")
+        assert part.shape == (2, 3, 32, 32) and float((part.permute(0, 2, 3, 1).numpy() - images[3:5]).max()) < 2e-2
+        assert [im.size for im in pipe.decode(tokens[:2])] == [(32, 32)] * 2               # (PIL by default)
+        for bad, said in ((tokens[0], "got a torch.float32 tensor of shape (4, 8, 8)"),
+                          (tokens[:, :3], "got a torch.float32 tensor of shape (10, 3, 8, 8)"),
+                          (tokens[:0], "shape (0, 4, 8, 8)"), (tokens.long(), "torch.int64"),
+                          (tokens.numpy(), "got ndarray")):
+            with pytest.raises(FlowARError, match=r"expected token maps of this model, a float tensor \(B, 4, 8, 8\)"):
+                pipe.decode(bad)
+            with pytest.raises(FlowARError, match=re.escape(said)):
+                pipe.decode(bad)
+        with pytest.raises(FlowARError, match="output_type among pil, np, pt; got 'latent'"):
+            pipe.decode(tokens, output_type="latent")
+    with FlowARPipeline.from_pretrained(DEFAULT_CKPT) as pipe:
+        with pytest.raises(FlowARError, match="expected a VAE to decode images; .* pass vae="):
+            pipe.decode(tokens)
+
+
 def test_a_pipeline_says_what_it_opened_and_leaves_its_bar(default_auto_engines):
     """repr(pipe) names its source and what computes (it was the default object repr), then closed;
     a call's bar stays at its end, as diffusers' do (it was erased: leave=False), unless asked."""

@@ -323,6 +323,17 @@ class FlowARPipeline:
         except FlowARError as e:              # (the messages name the commands' options: here the keywords)
             raise in_python_terms(e) from None
 
+    def decode(self, latents: Tensor, output_type: str = "pil"):
+        """The images of token maps a call returned with ``output_type="latent"`` (B, C, S, S), as
+        that call would have made them (diffusers: ``pipe.vae.decode(latents / scaling_factor)``), in
+        ``output_type`` pil, np or pt (see :class:`FlowAROutput`)."""
+        if output_type not in OUTPUT_TYPES[:3]:
+            raise FlowARError(f"output_type among {', '.join(OUTPUT_TYPES[:3])}", repr(output_type), 'use "pil"')
+        try:
+            return images_as(self.runtime.decode(latents), output_type)
+        except FlowARError as e:
+            raise in_python_terms(e) from None
+
     def close(self) -> None:
         self.runtime.close()
 
@@ -351,11 +362,14 @@ def _fits_in_memory(rt: Runtime, n: int, output_type: str) -> None:
 
 def to_output(res: SampleResult, output_type: str):
     """The images of a result in the requested form (see :class:`FlowAROutput`)."""
-    if output_type == "latent":
-        return res.tokens
+    return res.tokens if output_type == "latent" else images_as(res.images, output_type)
+
+
+def images_as(images: Tensor, output_type: str):
+    """Images in [-1, 1] (B, 3, H, W) as PIL images, (B, H, W, 3) floats in [0, 1] or (B, 3, H, W) ones."""
     from flowar.io.images import to_uint8
     if output_type == "pil":
         from PIL import Image
-        return [Image.fromarray(a) for a in to_uint8(res.images)]
-    x = ((res.images.float().clamp(-1, 1) + 1) / 2)
+        return [Image.fromarray(a) for a in to_uint8(images)]
+    x = ((images.float().clamp(-1, 1) + 1) / 2)
     return x.permute(0, 2, 3, 1).numpy() if output_type == "np" else x
