@@ -533,7 +533,12 @@ def test_from_pretrained_answers_a_path_it_cannot_use_with_one_flowar_error(tmp_
                        (tmp_path / "a.safetensors", "a.safetensors"),
                        # (a mistyped engine directory was "expected a checkpoint file")
                        (tmp_path / "engines/", "expected an engine directory or a checkpoint file; got nothing at "),
-                       ("", "got an empty path"), ("a\0b", "a checkpoint")):     # (a NUL byte: ValueError's traceback)
+                       ("", "got an empty path"), ("a\0b", "a checkpoint"),     # (a NUL byte: ValueError's traceback)
+                       # a Hub id ("check the path" alone); a path in a folder that is here is not one
+                       ("no-such-org/FlowAR-S", r"nothing at no-such-org/FlowAR-S\. Fix: check the path \(a Hugging Face "
+                        r"Hub id is not downloaded here: download the checkpoint, e\.g\. huggingface-cli download "
+                        r"no-such-org/FlowAR-S, and pass the file's path\)$"),
+                       ("tests/no-such-file", r"nothing at tests/no-such-file\. Fix: check the path$")):
         with pytest.raises(FlowARError, match=said):
             FlowARPipeline.from_pretrained(path)
 

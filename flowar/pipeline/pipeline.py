@@ -132,8 +132,12 @@ class FlowARPipeline:
         try:
             os.lstat(path)
         except FileNotFoundError:       # (it said "expected a checkpoint file" of a mistyped engine directory)
-            raise FlowARError("an engine directory or a checkpoint file", f"nothing at {os.fspath(path)}",
-                              "check the path") from None
+            import re
+            p = str(os.fspath(path))    # ("facebook/FlowAR-S": a Hub id, where no folder "facebook" is here)
+            hub = re.fullmatch(r"[\w.-]+/[\w.-]+", p) and not Path(p).suffix and not Path(p).parent.is_dir()
+            raise FlowARError("an engine directory or a checkpoint file", f"nothing at {p}", "check the path" + (
+                f" (a Hugging Face Hub id is not downloaded here: download the checkpoint, e.g. huggingface-cli download "
+                f"{p}, and pass the file's path)" if hub else "")) from None
         except (OSError, ValueError):   # (a name too long, a loop of links, a NUL byte: said below)
             pass
         try:                            # (the runtime's messages name the commands' options: here the keywords)
