@@ -141,6 +141,19 @@ def test_the_official_schedule_against_other_engines_is_not_told_to_compare_with
                                                                for ln in vs), vs
 
 
+def test_the_class_accuracy_is_said_with_its_95_percent_interval():
+    """"0.0 %" of 20 images (flowar-judge --per-class 2) read as a model that never hits: the share is
+    said with its Wilson 95 % interval, against closed forms (none of n hit: 0 to z^2/(n + z^2);
+    all: its mirror) and a textbook value (900 of 1000: 0.8798-0.9171)."""
+    from flowar.eval.quality import QualityReport, report_lines
+    for n, acc, interval in ((20, 0.0, f"0.0%-{1.96**2 / (20 + 1.96**2):.1%}"),
+                             (20, 1.0, f"{20 / (20 + 1.96**2):.1%}-100.0%"), (1000, 0.9, "88.0%-91.7%")):
+        rep = QualityReport("official", 96, n, 0.1, class_accuracy=acc, per_class=[acc] * 10,
+                            judge_held_out_accuracy=0.99, frechet_judge=1.0)
+        line = next(ln for ln in report_lines(rep, 0, True, None) if ln.startswith("judge"))
+        assert f"{acc:.1%} judged the requested class (95 % interval {interval} over {n} images)" in line, line
+
+
 def test_bad_fid_inputs_are_one_line(fixtures_dir, tmp_path):
     from flowar.commands.cli import judge_cmd
     np.savez(tmp_path / "bad.npz", mean=np.zeros(3))

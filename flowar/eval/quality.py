@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,9 +271,12 @@ def report_lines(rep: "QualityReport", seed: int, decode: bool, class_names: lis
         out.append(f"vs a converged reference ({CONVERGED_POINTS - 1} Euler steps): tokens mean {c['token_mean']:.2e} (the official "
                    f"schedule's: {c['official_token_mean']:.2e}), max {c['token_max']:.2e}")
     if rep.class_accuracy is not None:
+        # the Wilson score interval (95 %) of a share of n images: "0.0 %" of 20 images is not a model that never hits
+        n, a, z2 = rep.n_samples, rep.class_accuracy, 1.96 ** 2
+        mid, half = (a + z2 / (2 * n)) / (1 + z2 / n), 1.96 * math.sqrt(a * (1 - a) / n + z2 / (4 * n * n)) / (1 + z2 / n)
         out.append(f"judge (held-out accuracy on real images {rep.judge_held_out_accuracy:.1%}): "
-                   f"{rep.class_accuracy:.1%} judged the requested class; Frechet distance to held-out real images "
-                   f"in its features {rep.frechet_judge:.2f}")
+                   f"{a:.1%} judged the requested class (95 % interval {max(0.0, mid - half):.1%}-{min(1.0, mid + half):.1%} "
+                   f"over {n} images); Frechet distance to held-out real images in its features {rep.frechet_judge:.2f}")
         names = class_names or [str(i) for i in range(10)]
         out.append("  " + ", ".join(f"{n} {a:.0%}" for n, a in zip(names, rep.per_class)))
     elif not decode:                                   # (nothing was said: the accuracy left out in silence)
