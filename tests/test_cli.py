@@ -226,10 +226,13 @@ def test_a_moved_checkpoint_is_passed_beside_the_engine_directory_for_the_torch_
 def test_export_then_run_from_the_engine_directory(fixtures_dir, tiny_v1, noise25, tmp_path, assert_tokens):
     from flowar.commands.cli import export_cmd
     _, io = tiny_v1
-    res = CliRunner().invoke(export_cmd, ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny",
+    # a training checkpoint (raw and EMA weights, the raw ones off): its EMA weights run, and the last line says so
+    sd = load_file(str(fixtures_dir / "tiny_v1.safetensors"))
+    torch.save({"model": {k: v + 0.5 for k, v in sd.items()}, "model_ema": sd}, tmp_path / "train.pth")
+    res = CliRunner().invoke(export_cmd, ["--ckpt", str(tmp_path / "train.pth"), "--preset", "tiny",
                                           "--out", str(tmp_path / "eng"), "--max-batch", "2", "--no-verify"])
     assert res.exit_code == 0, res.output
-    assert "max batch 2; tokens only, no decoder: export with --vae for images)" in res.output   # (said at once)
+    assert "max batch 2; tokens only, no decoder: export with --vae for images; its EMA weights)" in res.output
     out = tmp_path / "T.safetensors"
     res = CliRunner().invoke(run, ["--engine-dir", str(tmp_path / "eng"), "--labels", "3,7", "--noise", str(noise25),
                                    "--save-tokens", str(out), "--threads", "2"])      # row blocks on two cores

@@ -70,6 +70,7 @@ class BuildReport:
     precision: object = None                             # flowar.commands.precision.PrecisionReport (auto, bf16)
     anon_peak_gb: float | None = None                    # the whole export's anonymous peak (file pages not counted)
     notes: list[str] = field(default_factory=list)
+    weights: str = ""                                    # which weights of the checkpoint (LoadedCheckpoint.source)
 
     def lines(self) -> list[str]:
         """What flowar-export prints: each stage's check and, for measured precision, each choice."""
@@ -96,6 +97,8 @@ class BuildReport:
         else:
             runs = f"{', '.join(self.backends)}, {precision}"
         tokens = "" if decodes else "; tokens only, no decoder: export with --vae for images"
+        # a training checkpoint holds two sets: which one runs (it was said in the manifest only)
+        tokens += {"model_ema": "; its EMA weights", "model": "; its raw weights"}.get(self.weights, "")
         return (f"engine directory -> {self.out} ({runs}, max batch {max_batch}{tokens}) in "
                 f"{sum(self.seconds.values()):.0f} s")
 
@@ -349,7 +352,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
     # progress(what, of how many steps): export (+ verify) (+ TensorRT) per stage, + the precision choice
     total = len(specs) * (1 + (req.verify and req.graph_precision != "bf16") + (builder is not None)) + (len(specs) * 5 + 6 if req.measured else 0)
     say = (lambda msg: progress(msg, total)) if progress else (lambda msg: None)
-    report = BuildReport(req.out)
+    report = BuildReport(req.out, weights=ck.source)
     from flowar.io.memory import GB, AnonPeak
     with AnonPeak() as anon, staged_directory(req.out, MANIFEST, owned=exported_names) as tmp:
         stages = export_graphs(req, model, vae, specs, tmp, report, say)
