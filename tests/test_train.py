@@ -646,6 +646,76 @@ def test_vae_trainer_writes_a_loadable_folder(small_world, tmp_path):
     assert vae.downsample == 2 and not (tmp_path / ".v.tmp").exists()
 
 
+def test_a_stopped_vae_training_keeps_its_vae_and_resumes_as_the_uninterrupted_one(small_world, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """Ctrl-C lost every step of flowar-train-vae (not resumable): the step computing ends, the folder
+    holds the VAE at that step (loadable) and its training state, and --resume (alone: the run's own
+    settings) continues to the uninterrupted run's losses and weights; a finished VAE, other settings
+    and too few steps are one line each."""
+    import signal
+
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    import flowar.train.vae as tv
+    from flowar.commands.cli import train_vae_cmd
+    from flowar.errors import stop_asked, stops_cleared
+    from flowar.model.vae import load_vae
+    kw = dict(data=str(small_world / "data"), size=16, channels=(8, 8), groups=4, steps=6, batch=4)
+    whole = tv.train_vae(tv.VAETrainArgs(out=str(tmp_path / "whole"), **kw), progress=False)
+    real, calls = tv.build_vae, []
+
+    def stopping(a):                            # (Ctrl-C while the third step computes)
+        m = real(a)
+        encode = m.encode
+
+        def counted(x, *args, **kws):
+            calls.append(1)
+            if len(calls) == 3:
+                stop_asked(signal.SIGINT, None)
+            return encode(x, *args, **kws)
+        m.encode = counted
+        return m
+    monkeypatch.setattr(tv, "build_vae", stopping)
+    out = tmp_path / "v"
+    try:
+        with pytest.raises(KeyboardInterrupt, match=rf"^at step 3 of 6; {re.escape(str(out))} holds the VAE at that "
+                                                    r"step: the same command with --resume continues from there$"):
+            tv.train_vae(tv.VAETrainArgs(out=str(out), **kw), progress=False)
+    finally:
+        stops_cleared()
+    monkeypatch.setattr(tv, "build_vae", real)
+    assert "stopping at this step's end, with the VAE there" in capsys.readouterr().err
+    assert load_vae(out, expect_channels=4).downsample == 2 and (out / tv.STATE).is_file()
+    res = CliRunner().invoke(train_vae_cmd, ["--out", str(out), "--resume", "--data", kw["data"]])
+    assert res.exit_code == 0, res.output
+    assert "note: --resume takes the run's own size 16, channels (8, 8), groups 4, batch 4 (left at their defaults " \
+           "here)" in res.output and "resuming at step 3 of 6" in res.output, res.output
+    assert not (out / tv.STATE).exists()                # (a finished VAE)
+    name = "diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(out / name)), load_file(str(tmp_path / "whole" / name))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for args, said in ((["--resume"], "expected --out a VAE folder whose training stopped (it holds "
+                                      "training-state.safetensors) for --resume; got " + f"{out}: a finished VAE"),
+                       (["--size", "24"], "expected the settings the run began with for --resume; got size: here 24, "
+                                          "there 16"),
+                       (["--steps", "3"], "expected --steps above the 3 the run has done, for --resume; got 3")):
+        if args != ["--resume"]:
+            monkeypatch.setattr(tv, "build_vae", stopping)
+            calls.clear()
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    tv.train_vae(tv.VAETrainArgs(out=str(tmp_path / "s"), **kw), progress=False)
+            finally:
+                stops_cleared()
+            monkeypatch.setattr(tv, "build_vae", real)
+        res = CliRunner().invoke(train_vae_cmd, ["--out", str(out if args == ["--resume"] else tmp_path / "s"),
+                                                 "--resume", "--data", kw["data"], *args])
+        assert res.exit_code == 2 and said in res.output, (args, res.output)
+    assert whole["losses"][3:] == tv.train_vae(tv.VAETrainArgs(out=str(tmp_path / "s"), resume=True, **kw),
+                                               progress=False)["losses"]
+
+
 def test_the_flow_loss_is_the_official_objective(official_v1):
     """FlowLoss against the objective assembled from the official recordings: the official per-scale
     targets and the conditioning the official training forward gives the head (s_hat), the path

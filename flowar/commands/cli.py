@@ -218,9 +218,10 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
 @click.option("--batch", default=64, show_default=True, type=int, help="Images per step.")
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate (cosine decay to 0).")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="Continue a training that stopped (Ctrl-C) into OUT, with its settings.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def train_vae_cmd(data, out, size, latent_channels, steps, batch, lr, seed, debug):
-    """Train the small AutoencoderKL the default model uses."""
+def train_vae_cmd(data, out, size, latent_channels, steps, batch, lr, seed, resume, debug):
+    """Train the small AutoencoderKL the default model uses (Ctrl-C: the VAE at that step, --resume continues)."""
     from flowar.io.files import check_writable
     from flowar.train.vae import VAETrainArgs, train_vae
     positive(("--steps", steps), ("--batch", batch), ("--size", size), ("--latent-channels", latent_channels),
@@ -229,9 +230,8 @@ def train_vae_cmd(data, out, size, latent_channels, steps, batch, lr, seed, debu
     check_outputs([("--out", out)], [data if Path(data).exists() else None])
     check_writable(out, True, "--out")
     res = train_vae(VAETrainArgs(data=data, out=out, size=size, latent_channels=latent_channels, steps=steps,
-                                 batch=batch, lr=lr, seed=seed))
+                                 batch=batch, lr=lr, seed=seed, resume=resume))
     click.echo(f"VAE -> {res['out']} in {res['seconds']:.0f} s, final reconstruction loss {res['final_reconstruction_loss']:.4f}")
-
 
 
 @command("flowar-train")

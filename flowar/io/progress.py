@@ -15,9 +15,10 @@ class Lines:
     written as one line every ``every_s`` seconds: ``desc: n/total units (rate/s) postfix``; with
     ``scale`` (tqdm's ``unit_scale``) the counts in SI units: ``hashing: 4.21GB/16.0GB (1.05GB/s)``."""
 
-    def __init__(self, total: int | None, desc: str, unit: str, every_s: float, scale: bool = False):
+    def __init__(self, total: int | None, desc: str, unit: str, every_s: float, scale: bool = False, initial: int = 0):
         self.total, self.desc, self.unit, self.every_s, self.scale = total, desc, unit, every_s, scale
-        self.n, self.postfix = 0, ""
+        self.n = self.n0 = initial          # (tqdm's initial: work done before, a resumed run's; not in the rate)
+        self.postfix = ""
         self.t0 = self.last = time.perf_counter()
 
     def update(self, n: int = 1) -> None:
@@ -25,7 +26,7 @@ class Lines:
         now = time.perf_counter()
         if now - self.last >= self.every_s:
             self.last = now
-            rate = self.n / max(1e-9, now - self.t0)
+            rate = (self.n - self.n0) / max(1e-9, now - self.t0)
             if self.scale:                  # (byte counts: 4.21GB, not 4213741824 Bs)
                 from tqdm import tqdm
                 n, total, per_s = (f"{tqdm.format_sizeof(v)}{self.unit}" for v in (self.n, self.total or 0, rate))
@@ -56,4 +57,4 @@ def progress_bar(total: int | None = None, desc: str = "", unit: str = "it", **t
         else:
             from tqdm import tqdm
         return tqdm(total=total, desc=desc, unit=unit, **tqdm_options)
-    return Lines(total, desc, unit, LINE_EVERY_S, bool(tqdm_options.get("unit_scale")))
+    return Lines(total, desc, unit, LINE_EVERY_S, bool(tqdm_options.get("unit_scale")), tqdm_options.get("initial", 0))

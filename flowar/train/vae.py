@@ -2,11 +2,15 @@
 
 Reconstruction (MSE + L1) plus a small KL term, Adam, cosine learning rate, a fixed seed.
 The result is a diffusers folder (``config.json`` + safetensors), written to a temporary
-folder and renamed into place.
+folder and renamed into place. A stop (the command's Ctrl-C or SIGTERM) is taken at a step's
+end: the folder then holds the VAE at that step and :data:`STATE` (Adam's moments, the data
+order's generator, the settings), from which ``resume`` continues as the uninterrupted run would.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -31,9 +35,49 @@ class VAETrainArgs:
     lr: float = 1e-3
     kl_weight: float = 1e-5
     seed: int = 0
+    resume: bool = False
 
 
 VAE_MARKER = "config.json"      # what save_pretrained writes beside the weights
+STATE = "training-state.safetensors"    # beside the weights of a VAE whose training stopped: what resume continues
+_KEPT = ("data", "size", "channels", "latent_channels", "groups", "batch", "lr", "kl_weight", "seed")   # a run's own
+
+
+def resumed(a: VAETrainArgs) -> tuple[VAETrainArgs, dict | None]:
+    """(the settings a resume runs with, the stopped run's state; None where ``a`` does not resume):
+    settings left at their defaults take the run's own (said), another value is refused, and
+    ``steps`` may grow (the cosine schedule then runs to it)."""
+    if not a.resume:
+        return a, None
+    import sys
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    state = Path(a.out) / STATE
+    if not state.is_file():
+        raise FlowARError(f"--out a VAE folder whose training stopped (it holds {STATE}) for --resume",
+                          f"{a.out}: " + ("a finished VAE" if (Path(a.out) / VAE_MARKER).is_file() else "no such run"),
+                          "train a new one without --resume (a finished VAE trains no further: start again with more "
+                          "--steps)")
+    with safe_open(str(state), framework="pt") as f:
+        began = json.loads(f.metadata()["args"])
+    defaults = VAETrainArgs()
+    began["channels"] = tuple(began["channels"])
+    taken = {k: began[k] for k in _KEPT if getattr(a, k) == getattr(defaults, k) and began[k] != getattr(a, k)}
+    if taken:
+        print("note: --resume takes the run's own " + ", ".join(f"{k} {v!r}" for k, v in taken.items())
+              + " (left at their defaults here)", file=sys.stderr)
+    a = dataclasses.replace(a, **taken, steps=began["steps"] if a.steps == defaults.steps else a.steps)
+    if other := [f"{k}: here {getattr(a, k)!r}, there {began[k]!r}" for k in _KEPT if getattr(a, k) != began[k]]:
+        raise FlowARError("the settings the run began with for --resume", "; ".join(other),
+                          "leave them out (the run's own are taken), or train a new VAE into another --out")
+    tensors = load_file(str(state))
+    done = int(tensors.pop("step"))
+    if a.steps <= done:
+        raise FlowARError(f"--steps above the {done} the run has done, for --resume", str(a.steps),
+                          f"use e.g. --steps {done + 500}, or use the VAE as it is (it holds step {done})")
+    print(f"resuming at step {done} of {a.steps}", file=sys.stderr)
+    return a, {"step": done, **tensors}
 
 
 def build_vae(a: VAETrainArgs):
@@ -50,43 +94,76 @@ def train_vae(a: VAETrainArgs, progress: bool = True) -> dict:
         raise FlowARError(f"--size divisible by {2 ** (len(a.channels) - 1)}", str(a.size), "use e.g. --size 32")
     from flowar.io.files import check_replaceable
     check_replaceable(a.out, VAE_MARKER, "--out")            # before any training: never over a folder of other files
+    a, state = resumed(a)
     from flowar.train.memory import require_batch_memory, vae_image_bytes
     require_batch_memory(a.batch, vae_image_bytes(a.size), "flowar-train-vae")      # (it was killed: exit 137)
     data = load_dataset(a.data, a.size)
     torch.manual_seed(a.seed)
     gen = torch.Generator().manual_seed(a.seed)
     vae = build_vae(a).train()
-    opt = torch.optim.Adam(vae.parameters(), lr=a.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, a.steps) / a.steps)))
+    params = list(vae.parameters())
+    opt = torch.optim.Adam(params, lr=a.lr)
+    done = 0
+    if state is not None:           # the stopped run's weights, Adam's moments and the data order's generator
+        from safetensors.torch import load_file
+        vae.load_state_dict(load_file(str(Path(a.out) / "diffusion_pytorch_model.safetensors")))
+        done = state["step"]
+        opt.load_state_dict({"state": {i: {k: state[f"adam.{i}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")}
+                                       for i in range(len(params))}, "param_groups": opt.state_dict()["param_groups"]})
+        gen.set_state(state["generator"])
+    for g in opt.param_groups:
+        g.setdefault("initial_lr", a.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, a.steps) / a.steps)),
+                                              last_epoch=done - 1)
     N = data.images.shape[0]
     bar = None
     if progress:
         from flowar.io.progress import progress_bar
-        bar = progress_bar(total=a.steps, desc="vae", unit="step")
-    t0, rec = time.perf_counter(), float("nan")
-    for step in range(a.steps):
-        idx = torch.randint(0, N, (a.batch,), generator=gen)
-        x = data.images[idx]
-        post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
-        r = vae.decode(z).sample
-        rec_loss = (r - x).pow(2).mean() + 0.1 * (r - x).abs().mean()
-        loss = rec_loss + a.kl_weight * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        rec = rec_loss.item()
-        if not math.isfinite(loss.item()):                 # (NaN weights were written, exit 0)
-            raise FlowARError("a finite training loss", f"{loss.item()} at step {step}", "lower --lr; nothing was written")
-        if bar is not None:
-            bar.set_postfix(rec=f"{rec:.4f}")
-            bar.update(1)
+        bar = progress_bar(total=a.steps, initial=done, desc="vae", unit="step")
+    from flowar.errors import stop_answered, stopped, stops_held
+    t0, rec, losses = time.perf_counter(), float("nan"), []
+    with stops_held("stopping at this step's end, with the VAE there (Ctrl-C again: at once, without it)"):
+        for step in range(done, a.steps):
+            idx = torch.randint(0, N, (a.batch,), generator=gen)
+            x = data.images[idx]
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+            r = vae.decode(z).sample
+            rec_loss = (r - x).pow(2).mean() + 0.1 * (r - x).abs().mean()
+            loss = rec_loss + a.kl_weight * post.kl().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            rec = rec_loss.item()
+            losses.append(rec)
+            if not math.isfinite(loss.item()):                 # (NaN weights were written, exit 0)
+                raise FlowARError("a finite training loss", f"{loss.item()} at step {step}", "lower --lr; nothing was written")
+            if bar is not None:
+                bar.set_postfix(rec=f"{rec:.4f}")
+                bar.update(1)
+            if stopped() is not None and step + 1 < a.steps:      # (the work so far, with what continues it)
+                with stop_answered():
+                    _write(a, vae, {"step": torch.tensor(step + 1), "generator": gen.get_state(),
+                                    **{f"adam.{i}.{k}": v for i, st in opt.state_dict()["state"].items()
+                                       for k, v in st.items()}})
+                raise KeyboardInterrupt(f"at step {step + 1} of {a.steps}; {a.out} holds the VAE at that step: the "
+                                        "same command with --resume continues from there")
     if bar is not None:
         bar.close()
-    vae.eval()
-    out = Path(a.out)
+    _write(a, vae, None)
+    return {"final_reconstruction_loss": rec, "seconds": time.perf_counter() - t0, "out": str(Path(a.out)),
+            "losses": losses}
+
+
+def _write(a: VAETrainArgs, vae, state: dict | None) -> None:
+    """The VAE into ``a.out`` (a diffusers folder), with the state a resume continues from where it stopped."""
     from flowar.io.files import staged_directory
-    with staged_directory(out, VAE_MARKER) as tmp:      # the previous folder stays until the new one is complete
+    vae.eval()
+    with staged_directory(Path(a.out), VAE_MARKER) as tmp:      # the previous folder stays until the new one is complete
         vae.save_pretrained(tmp, safe_serialization=True)
-    return {"final_reconstruction_loss": rec, "seconds": time.perf_counter() - t0, "out": str(out)}
+        if state is not None:
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / STATE), metadata={"args": json.dumps(
+                dataclasses.asdict(a) | {"resume": False})})
+    vae.train()
