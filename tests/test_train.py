@@ -689,7 +689,7 @@ def test_a_stopped_vae_training_keeps_its_vae_and_resumes_as_the_uninterrupted_o
     assert load_vae(out, expect_channels=4).downsample == 2 and (out / tv.STATE).is_file()
     res = CliRunner().invoke(train_vae_cmd, ["--out", str(out), "--resume", "--data", kw["data"]])
     assert res.exit_code == 0, res.output
-    assert "note: --resume takes the run's own size 16, channels (8, 8), groups 4, batch 4 (left at their defaults " \
+    assert "note: --resume takes the run's own size 16, channels (8, 8), groups 4, batch 4, steps 6 (left at their defaults " \
            "here)" in res.output and "resuming at step 3 of 6" in res.output, res.output
     assert not (out / tv.STATE).exists()                # (a finished VAE)
     name = "diffusion_pytorch_model.safetensors"
@@ -714,6 +714,25 @@ def test_a_stopped_vae_training_keeps_its_vae_and_resumes_as_the_uninterrupted_o
         assert res.exit_code == 2 and said in res.output, (args, res.output)
     assert whole["losses"][3:] == tv.train_vae(tv.VAETrainArgs(out=str(tmp_path / "s"), resume=True, **kw),
                                                progress=False)["losses"]
+    # a stop on the last step keeps the finished VAE (it lost the run); --steps typed (the old default 1500) extends
+    # a resumed run (it took the run's 6); the data folder named from another directory, a Path, is the run's
+    monkeypatch.setattr(tv, "build_vae", stopping)
+    calls[:] = [1]
+    try:
+        with pytest.raises(KeyboardInterrupt, match=rf"^at step 2 of 2, the last; {re.escape(str(tmp_path / 'l'))} "
+                                                    r"holds the finished VAE$"):
+            tv.train_vae(tv.VAETrainArgs(out=str(tmp_path / "l"), **kw | {"steps": 2}), progress=False)
+        stops_cleared()
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt, match="at step 3 of 6"):
+            tv.train_vae(tv.VAETrainArgs(out=tmp_path / "p", **kw | {"data": small_world / "data"}), progress=False)
+    finally:
+        stops_cleared()
+    monkeypatch.setattr(tv, "build_vae", real)
+    assert load_vae(tmp_path / "l", expect_channels=4).downsample == 2 and not (tmp_path / "l" / tv.STATE).exists()
+    monkeypatch.chdir(small_world)
+    res = CliRunner().invoke(train_vae_cmd, ["--out", str(tmp_path / "p"), "--resume", "--data", "data", "--steps", "8"])
+    assert res.exit_code == 0 and "resuming at step 3 of 8" in res.output, res.output
 
 
 def test_the_flow_loss_is_the_official_objective(official_v1):

@@ -214,7 +214,7 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
 @click.option("--size", default=32, show_default=True, type=int, help="Image side (Animal-MNIST is padded to it).")
 @click.option("--latent-channels", default=4, show_default=True, type=int, help="Channels of the latent map (the "
               "FlowAR model trained on it takes them).")
-@click.option("--steps", default=1500, show_default=True, type=int, help="Optimizer steps.")
+@click.option("--steps", type=int, help="Optimizer steps [default: 1500; --resume: the run's own].")
 @click.option("--batch", default=64, show_default=True, type=int, help="Images per step.")
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate (cosine decay to 0).")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -224,8 +224,8 @@ def train_vae_cmd(data, out, size, latent_channels, steps, batch, lr, seed, resu
     """Train the small AutoencoderKL the default model uses (Ctrl-C: the VAE at that step, --resume continues)."""
     from flowar.io.files import check_writable
     from flowar.train.vae import VAETrainArgs, train_vae
-    positive(("--steps", steps), ("--batch", batch), ("--size", size), ("--latent-channels", latent_channels),
-              ("--lr", lr))
+    positive(("--steps", 1 if steps is None else steps), ("--batch", batch), ("--size", size),
+             ("--latent-channels", latent_channels), ("--lr", lr))
     from flowar.io.files import check_outputs
     check_outputs([("--out", out)], [data if Path(data).exists() else None])
     check_writable(out, True, "--out")

@@ -30,7 +30,7 @@ class VAETrainArgs:
     channels: tuple[int, ...] = (16, 32, 64)     # 2 down-samplings: 32x32 -> 8x8 latents
     latent_channels: int = 4
     groups: int = 8
-    steps: int = 1500
+    steps: int | None = None                     # 1500; a resume: the run's own, or more
     batch: int = 64
     lr: float = 1e-3
     kl_weight: float = 1e-5
@@ -48,7 +48,7 @@ def resumed(a: VAETrainArgs) -> tuple[VAETrainArgs, dict | None]:
     settings left at their defaults take the run's own (said), another value is refused, and
     ``steps`` may grow (the cosine schedule then runs to it)."""
     if not a.resume:
-        return a, None
+        return dataclasses.replace(a, steps=1500 if a.steps is None else a.steps), None
     import sys
 
     from safetensors import safe_open
@@ -63,11 +63,13 @@ def resumed(a: VAETrainArgs) -> tuple[VAETrainArgs, dict | None]:
         began = json.loads(f.metadata()["args"])
     defaults = VAETrainArgs()
     began["channels"] = tuple(began["channels"])
+    a = dataclasses.replace(a, data=_data(a.data))
     taken = {k: began[k] for k in _KEPT if getattr(a, k) == getattr(defaults, k) and began[k] != getattr(a, k)}
+    taken |= {"steps": began["steps"]} if a.steps is None else {}
     if taken:
         print("note: --resume takes the run's own " + ", ".join(f"{k} {v!r}" for k, v in taken.items())
               + " (left at their defaults here)", file=sys.stderr)
-    a = dataclasses.replace(a, **taken, steps=began["steps"] if a.steps == defaults.steps else a.steps)
+    a = dataclasses.replace(a, **taken)
     if other := [f"{k}: here {getattr(a, k)!r}, there {began[k]!r}" for k in _KEPT if getattr(a, k) != began[k]]:
         raise FlowARError("the settings the run began with for --resume", "; ".join(other),
                           "leave them out (the run's own are taken), or train a new VAE into another --out")
@@ -78,6 +80,11 @@ def resumed(a: VAETrainArgs) -> tuple[VAETrainArgs, dict | None]:
                           f"use e.g. --steps {done + 500}, or use the VAE as it is (it holds step {done})")
     print(f"resuming at step {done} of {a.steps}", file=sys.stderr)
     return a, {"step": done, **tensors}
+
+
+def _data(data) -> str:
+    """``data`` as a run records it: a folder by its absolute path (resumed from another directory), else its name."""
+    return str(Path(data).resolve()) if Path(data).is_dir() else str(data)
 
 
 def build_vae(a: VAETrainArgs):
@@ -149,9 +156,12 @@ def train_vae(a: VAETrainArgs, progress: bool = True) -> dict:
                                        for k, v in st.items()}})
                 raise KeyboardInterrupt(f"at step {step + 1} of {a.steps}; {a.out} holds the VAE at that step: the "
                                         "same command with --resume continues from there")
-    if bar is not None:
-        bar.close()
-    _write(a, vae, None)
+        if bar is not None:
+            bar.close()
+        with stop_answered():       # (a stop on the last step, or while it is written: the finished VAE first)
+            _write(a, vae, None)
+        if stopped() is not None:
+            raise KeyboardInterrupt(f"at step {a.steps} of {a.steps}, the last; {a.out} holds the finished VAE")
     return {"final_reconstruction_loss": rec, "seconds": time.perf_counter() - t0, "out": str(Path(a.out)),
             "losses": losses}
 
@@ -165,5 +175,5 @@ def _write(a: VAETrainArgs, vae, state: dict | None) -> None:
         if state is not None:
             from safetensors.torch import save_file
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / STATE), metadata={"args": json.dumps(
-                dataclasses.asdict(a) | {"resume": False})})
+                dataclasses.asdict(a) | {"resume": False, "data": _data(a.data), "out": str(a.out)})})
     vae.train()
