@@ -360,11 +360,6 @@ def read_manifest(root: str | Path, verify_hashes: bool = False, note_edits: boo
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise EngineDirError(f"manifest format {FORMAT}", repr(m.get("format") if isinstance(m, dict) else m), rebuild)
     _check_fields(m, rebuild)
-    if note_edits and m.get(SEAL) is not None and m[SEAL] != seal_of(m):     # (flowar-check refuses such a directory)
-        import sys
-        print(f"note: {mpath} was edited since its export ({', '.join(edited_parts(m)[:4]) or 'its fields'}): it runs as "
-              f"edited, not as exported and verified; flowar-check {root} names the change, a re-export undoes it",
-              file=sys.stderr, flush=True)
     if m.get("auto"):
         _check_choice(m, rebuild)
     config = FlowARConfig.from_dict(m["config"], f"{mpath}")
@@ -388,6 +383,11 @@ def read_manifest(root: str | Path, verify_hashes: bool = False, note_edits: boo
     if changed:
         raise EngineDirError(f"{changed[0][0]} with the sha256 recorded at export", "a different file (modified or "
                              "corrupt)", manifest.rebuild)
+    if note_edits and m.get(SEAL) is not None and m[SEAL] != seal_of(m):     # (flowar-check refuses such a directory)
+        import sys
+        print(f"note: {mpath} was edited since its export ({', '.join(edited_parts(m)[:4]) or 'its fields'}): it runs as "
+              f"edited, not as exported and verified; flowar-check {root} names the change, a re-export undoes it",
+              file=sys.stderr, flush=True)
     return manifest
 
 

@@ -34,7 +34,7 @@ from flowar.runtime.directory import choose_backend, directory_engines, trt_engi
 from flowar.runtime.threads import Threads
 from flowar.sampling.batches import SampleResult, batch_that_fits, run_sampling
 from flowar.sampling.labels import ClassNames, class_names_for
-from flowar.sampling.sampler import Hooked, ScaleTrace
+from flowar.sampling.sampler import Hooked, ScaleTrace, check_finite
 from flowar.sampling.schedule import Schedule, Settings
 
 GRAPH_BATCH = 16      # a checkpoint on a GPU: the static buffers' batch (larger requests run in batches)
@@ -266,12 +266,12 @@ class Runtime(contextlib.AbstractContextManager):
         return res
 
     @contextlib.contextmanager
-    def _one_call(self):
+    def _one_call(self, what: str = "sample"):
         """One call at a time on this runtime (two threads on one pipeline got each other's images; a
         lane samples beside it), in its thread policy, refused from inside its own callback."""
         if self._caller == threading.get_ident():
-            raise FlowARError("one sampling at a time on a runtime", "a call from inside its own callback",
-                              "sample after this call returns (collect what the callback needs, then call)")
+            raise FlowARError("one call at a time on a runtime", f"a {what} call from inside a sampling's callback",
+                              f"{what} after that call returns (collect what the callback needs, then call)")
         with self._calls, torch.inference_mode(), self.threads.applied():
             if self.stages is None:         # (checked in turn: close() on another thread may have come first)
                 raise FlowARError("an open source", "one closed (after close() or its with block)", "open it again")
@@ -295,9 +295,11 @@ class Runtime(contextlib.AbstractContextManager):
             raise FlowARError(f"token maps of this model, a float tensor (B, {', '.join(map(str, want))}), B >= 1", got,
                               "pass the tokens a call returned with output_type=\"latent\"")
         bs = self.batch or self.max_batch or batch_that_fits(len(tokens), None, c, self.image_size, self.vae)
-        with self._one_call():
-            return torch.cat([self.stages.decode(tokens[i:i + bs].to(self.device, torch.float32) / c.latent_scale).cpu()
-                              for i in range(0, len(tokens), bs)])
+        with self._one_call("decode"):
+            images = torch.cat([self.stages.decode(tokens[i:i + bs].to(self.device, torch.float32) / c.latent_scale).cpu()
+                                for i in range(0, len(tokens), bs)])
+        check_finite(images, "VAE decode", c.n_scales - 1, c.latent_size)      # (as a sampling's decode is)
+        return images
 
     def lane(self) -> "Runtime":
         """Another lane over the same engines: a runtime with static buffers of its own that samples

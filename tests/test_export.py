@@ -370,6 +370,10 @@ def test_flowar_check_finds_a_manifest_edited_since_the_export(engine_dirs, tmp_
     (d / "manifest.json").write_text(json.dumps(edited, indent=1))
     assert "edited since its export (config.latent_scale): it runs" in subprocess.run(run, capture_output=True,
                                                                                        text=True).stderr
+    edited["config"].update(latent_scale=-1.0)         # refused: the refusal alone, no note that it runs
+    (d / "manifest.json").write_text(json.dumps(edited, indent=1))
+    ran = subprocess.run(run, capture_output=True, text=True)
+    assert ran.returncode == 2 and "latent_scale=-1.0" in ran.stderr and "edited since" not in ran.stderr, ran.stderr
     (d / "manifest.json").write_text(json.dumps(m | {"sealed_sha256": 5}))          # (a seal that is no string)
     bad = subprocess.run(exe, capture_output=True, text=True)
     assert bad.returncode == 2 and "manifest.json itself edited since" in bad.stderr and "Traceback" not in bad.stderr, bad

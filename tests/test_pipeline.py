@@ -150,6 +150,10 @@ def test_decode_gives_the_images_of_the_tokens_a_call_returned(default_auto_engi
                 pipe.decode(bad)
         with pytest.raises(FlowARError, match="output_type among pil, np, pt; got 'latent'"):
             pipe.decode(tokens, output_type="latent")
+        bad = tokens.clone()
+        bad[1, 0, 2, 2] = float("nan")              # (NaN images came back, without a word)
+        with pytest.raises(FlowARError, match="expected finite values from the VAE decode stage; got NaN or Inf"):
+            pipe.decode(bad)
     with FlowARPipeline.from_pretrained(DEFAULT_CKPT) as pipe:
         with pytest.raises(FlowARError, match="expected a VAE to decode images; .* pass vae="):
             pipe.decode(tokens)
@@ -538,6 +542,8 @@ def test_from_pretrained_answers_a_path_it_cannot_use_with_one_flowar_error(tmp_
                        ("no-such-org/FlowAR-S", r"nothing at no-such-org/FlowAR-S\. Fix: check the path \(a Hugging Face "
                         r"Hub id is not downloaded here: download the checkpoint, e\.g\. huggingface-cli download "
                         r"no-such-org/FlowAR-S, and pass the file's path\)$"),
+                       ("no-such-org/Model-1.5", r"huggingface-cli download no-such-org/Model-1\.5, and pass"),
+                       ("no-such-org/model.pth", r"nothing at no-such-org/model\.pth\. Fix: check the path$"),
                        ("tests/no-such-file", r"nothing at tests/no-such-file\. Fix: check the path$")):
         with pytest.raises(FlowARError, match=said):
             FlowARPipeline.from_pretrained(path)
@@ -562,8 +568,11 @@ def test_one_pipeline_called_from_two_threads_gives_each_call_its_own_images(def
         for t in threads:
             t.join()
         assert all(torch.equal(got[s], want[s]) for s in range(6))
-        with pytest.raises(FlowARError, match="a call from inside its own callback"):
+        with pytest.raises(FlowARError, match="one call at a time on a runtime; got a sample call from inside a "
+                                              "sampling's callback. Fix: sample after that call returns"):
             pipe([1], callback_on_scale_end=lambda p, k, kw: p([2]))
+        with pytest.raises(FlowARError, match="got a decode call from inside a sampling's callback. Fix: decode after"):
+            pipe([1], callback_on_scale_end=lambda p, k, kw: p.decode(want[0]))
 
 
 def test_labels_and_devices_a_notebook_passes(default_auto_engines, tmp_path):

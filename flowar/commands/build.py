@@ -352,7 +352,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
     # progress(what, of how many steps): export (+ verify) (+ TensorRT) per stage, + the precision choice
     total = len(specs) * (1 + (req.verify and req.graph_precision != "bf16") + (builder is not None)) + (len(specs) * 5 + 6 if req.measured else 0)
     say = (lambda msg: progress(msg, total)) if progress else (lambda msg: None)
-    report = BuildReport(req.out, weights=ck.source)
+    report = BuildReport(req.out, weights=ck.source if ck.source == "model_ema" or not req.use_ema else "")   # (of two sets)
     from flowar.io.memory import GB, AnonPeak
     with AnonPeak() as anon, staged_directory(req.out, MANIFEST, owned=exported_names) as tmp:
         stages = export_graphs(req, model, vae, specs, tmp, report, say)

@@ -134,7 +134,8 @@ class FlowARPipeline:
         except FileNotFoundError:       # (it said "expected a checkpoint file" of a mistyped engine directory)
             import re
             p = str(os.fspath(path))    # ("facebook/FlowAR-S": a Hub id, where no folder "facebook" is here)
-            hub = re.fullmatch(r"[\w.-]+/[\w.-]+", p) and not Path(p).suffix and not Path(p).parent.is_dir()
+            hub = (re.fullmatch(r"[\w.-]+/[\w.-]+", p) and not Path(p).parent.is_dir()     # ("org/Model-1.5" too)
+                   and Path(p).suffix.lower() not in (".pth", ".pt", ".safetensors", ".ckpt", ".bin", ".json", ".onnx"))
             raise FlowARError("an engine directory or a checkpoint file", f"nothing at {p}", "check the path" + (
                 f" (a Hugging Face Hub id is not downloaded here: download the checkpoint, e.g. huggingface-cli download "
                 f"{p}, and pass the file's path)" if hub else "")) from None
