@@ -67,7 +67,8 @@ def split_limits(stage: str, config, shard_flops: float = 2e7, single_flops: flo
 def plan_call(rows: int, tokens: int, threads: int, shard_min: int = 0, single_max: int = 0
               ) -> tuple[tuple[int, int, int], ...]:
     """How one CPU call of ``rows`` x ``tokens`` runs on ``threads`` cores: (first row, end row,
-    threads) per block, blocks run at once.
+    threads) per block, blocks run at once (ONNX Runtime's sessions; the measured engines follow the
+    call plan instead: :func:`flowar.runtime.stages.blocks`).
 
     * work (rows x tokens) <= ``shard_min``: one block on one thread (waking threads costs
       more than it saves);

@@ -23,7 +23,8 @@ from flowar.runtime.engines import Engine
 
 def blocks(rows: int, best: int, sizes: list[int]) -> list[int]:
     """``rows`` as consecutive blocks of a call plan: ``best`` as often as it fits, then the largest
-    measured sizes that fit what is left."""
+    measured sizes that fit what is left. (The engines a directory's ``--precision auto`` measured; an
+    ONNX Runtime session on a CPU splits its calls itself: :func:`flowar.engines.ort.plan_call`.)"""
     out, left = [best] * (rows // best), rows % best
     for s in sorted(sizes, reverse=True):
         while s <= left:
