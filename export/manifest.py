@@ -332,8 +332,10 @@ def read_manifest(root: str | Path, verify_hashes: bool = False, note_edits: boo
     if root.is_file():
         raise EngineDirError("an engine directory made by flowar-export", f"{root}, a file, not an engine directory",
                              f"pass the folder flowar-export wrote (flowar-export --ckpt {root} --vae VAE --out DIR makes "
-                             "one; an official file also needs its --preset: flowar-s, flowar-l or flowar-h), or sample the "
-                             f"checkpoint itself: flowar-run or flowar-judge --ckpt {root} (with that --preset)")
+                             "one" + ("" if root.suffix == ".safetensors" else     # (ours carry their config)
+                                      "; an official file also needs its --preset: flowar-s, flowar-l or flowar-h")
+                             + f"), or sample the checkpoint itself: flowar-run or flowar-judge --ckpt {root}"
+                             + ("" if root.suffix == ".safetensors" else " (with that --preset)"))
     if not root.is_dir():
         raise EngineDirError("an engine directory made by flowar-export", f"no directory at {root}",
                              f"rebuild it: flowar-export --ckpt CKPT --out {root}")
@@ -386,7 +388,7 @@ def read_manifest(root: str | Path, verify_hashes: bool = False, note_edits: boo
     if note_edits and m.get(SEAL) is not None and m[SEAL] != seal_of(m):     # (flowar-check refuses such a directory)
         import sys
         print(f"note: {mpath} was edited since its export ({', '.join(edited_parts(m)[:4]) or 'its fields'}): it runs as "
-              f"edited, not as exported and verified; flowar-check {root} names the change, a re-export undoes it",
+              f"edited, not as exported and verified; flowar-check --engine-dir {root} names the change, a re-export undoes it",
               file=sys.stderr, flush=True)
     return manifest
 

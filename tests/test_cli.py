@@ -196,6 +196,20 @@ def test_an_option_value_of_the_wrong_kind_is_the_projects_line(fixtures_dir):
     res = CliRunner().invoke(check_cmd, [])
     assert res.exit_code == 2 and res.output == ("error: expected --engine-dir a path; got nothing (it is required). "
                                                  "Fix: give --engine-dir a path (see flowar-check --help)\n"), res.output
+    # a value without its option name (a note said "flowar-check DIR": "got nothing (it is required)"; click's own
+    # "Got unexpected extra argument (x) Fix: ..." was not this project's line), with the option where it can tell
+    engines = fixtures_dir.parent / "no-such-dir"
+    for cmd, args, said in (
+            (check_cmd, [str(fixtures_dir)], f"expected --engine-dir a path; got nothing; {str(fixtures_dir)!r} came "
+                                             f"without an option name. Fix: give it as --engine-dir {fixtures_dir} "),
+            (run, [str(fixtures_dir / "tiny_v1.safetensors")], "expected options, each value after its name; got "
+             f"{str(fixtures_dir / 'tiny_v1.safetensors')!r} without one. Fix: give it as --ckpt "),
+            (run, ["--labels", "1", str(engines)], f"got {str(engines)!r} without one. Fix: put its option's name "
+                                                   "before it (see flowar-run --help)"),
+            (run, ["--bogus"], "error: No such option '--bogus'. Did you mean")):
+        res = CliRunner().invoke(cmd, args)
+        assert res.exit_code == 2 and res.output.count("\n") == 1 and said in res.output, res.output
+        assert "?." not in res.output, res.output
 
 
 def test_a_moved_checkpoint_is_passed_beside_the_engine_directory_for_the_torch_backend(fixtures_dir, tmp_path):

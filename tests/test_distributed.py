@@ -85,7 +85,7 @@ def test_bulk_gives_the_same_bytes_for_any_worker_count_and_resumes_after_kill(e
     done_before = len(list((out / "shards").glob("*.npz")))
     assert 0 < done_before < N // 2, done_before
     rerun = _sample(engines, out, 1, 2, more=("--batch", "2"))
-    kept = int(re.search(r"(\d+) kept from before", rerun.stdout).group(1))
+    kept = int(re.search(r"\((\d+) of them kept from before\)", rerun.stdout).group(1))
     assert done_before <= kept < N // 2, (done_before, kept)         # (a worker may finish its shard after the kill)
     assert "at batch 2" in rerun.stdout and len(json.loads((out / "run.json").read_text())["throughput"]) == 1
     # one worker, shards of 2, killed and resumed: the bytes of two workers with shards of 4 (both in batches

@@ -361,7 +361,7 @@ def test_flowar_check_finds_a_manifest_edited_since_the_export(engine_dirs, tmp_
     ran = subprocess.run(run, capture_output=True, text=True)          # (the last edit: latent_scale without its parts)
     said = [ln for ln in ran.stderr.splitlines() if ln.startswith("note: ") and "edited since its export" in ln]
     assert ran.returncode == 0 and said == [f"note: {d / 'manifest.json'} was edited since its export (its fields): it runs "
-                                            f"as edited, not as exported and verified; flowar-check {d} names the change, "
+                                            f"as edited, not as exported and verified; flowar-check --engine-dir {d} names the change, "
                                             "a re-export undoes it"], ran.stderr
     (d / "manifest.json").write_text(text)
     assert "edited since" not in subprocess.run(run, capture_output=True, text=True).stderr

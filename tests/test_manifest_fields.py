@@ -223,7 +223,7 @@ def test_a_path_that_is_not_utf8_is_one_line(exported, tmp_path):
     assert res.exit_code == 2 and "valid UTF-8" in res.output and "Traceback" not in res.output, res.output
 
 
-def test_a_file_passed_as_an_engine_directory_is_said_to_be_a_file():
+def test_a_file_passed_as_an_engine_directory_is_said_to_be_a_file(tmp_path):
     """The fix suggested exporting into the user's checkpoint ('flowar-export --ckpt CKPT --out
     some_file.safetensors'); the commands answered with their option parser's line ("Invalid value
     for '--engine-dir': Directory ... is a file. Fix: see flowar-run --help"), not this one."""
@@ -233,9 +233,14 @@ def test_a_file_passed_as_an_engine_directory_is_said_to_be_a_file():
     said = "a file, not an engine directory. Fix: pass the folder flowar-export wrote"
     with pytest.raises(EngineDirError, match=said) as e:
         Runtime.open(CKPT, engine_dir=True)
-    # (the export it suggests names the VAE and the preset an official file needs, and no internal call)
+    # (the export it suggests names the VAE, and no internal call; the preset only for a file that may need one:
+    # this project's .safetensors carry their config)
     assert f"--out {CKPT}" not in str(e.value) and f"--ckpt {CKPT} --vae VAE --out DIR" in str(e.value)
-    assert "--preset" in str(e.value) and "Runtime.open" not in str(e.value)
+    assert "--preset" not in str(e.value) and "Runtime.open" not in str(e.value)
+    (official := tmp_path / "FlowAR-S.pth").write_bytes(b"x")
+    with pytest.raises(EngineDirError, match=said) as e:
+        Runtime.open(official, engine_dir=True)
+    assert "an official file also needs its --preset: flowar-s, flowar-l or flowar-h" in str(e.value)
     for command, more in ((run, ["--labels", "0"]), (judge, []), (sample, ["--out", "unused", "--num-images", "2"]), (serve, [])):
         res = CliRunner().invoke(command, ["--engine-dir", str(CKPT), *more])
         assert res.exit_code == 2 and said in res.output and "Invalid value" not in res.output, (command.name, res.output)

@@ -681,16 +681,16 @@ def test_what_a_diffusers_user_reaches_for_next(default_auto_engines, monkeypatc
             with pytest.raises(FlowARError, match="callback_on_scale_end a function of"):
                 pipe([1], callback_on_scale_end=bad)
         assert calls == []                                  # refused before any scale ran
-        for kw, said in ((dict(class_labels={3, 4}), "class_labels: a list or tuple"),
-                         (dict(class_labels={"cat": 1}), "class_labels: a list or tuple"),
-                         (dict(class_labels=[3, 4], seed={1: 2, 3: 4}), "seed: a list or tuple"),
-                         (dict(class_labels=[3, 4], indices={0, 1}), "indices: a list or tuple"),
+        for kw, said in ((dict(class_labels={3, 4}), "class_labels: a list, tuple, array or tensor"),
+                         (dict(class_labels={"cat": 1}), "class_labels: a list, tuple, array or tensor"),
+                         (dict(class_labels=[3, 4], seed={1: 2, 3: 4}), "seed: a list, tuple, array or tensor"),
+                         (dict(class_labels=[3, 4], indices={0, 1}), "indices: a list, tuple, array or tensor"),
                          (dict(class_labels=[3], generator=np.random.default_rng(0)), "got numpy.random.Generator"),
                          (dict(class_labels=[3, 4], generator=[torch.Generator(), None]), "holding a NoneType")):
             with pytest.raises(FlowARError, match=said.replace("(", "\\(")):
                 pipe(**kw)
         for bad in (3, None, b"cat", {"cat"}):
-            with pytest.raises(FlowARError, match="names: a list or tuple"):
+            with pytest.raises(FlowARError, match="names: a list, tuple, array or tensor"):
                 pipe.get_label_ids(bad)
         import flowar.io.memory as memory
         monkeypatch.setattr(memory, "available_bytes", lambda: 10 << 20)       # 10 MiB left

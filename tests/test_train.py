@@ -387,7 +387,7 @@ def test_an_interrupted_run_says_which_step_it_resumes_from(small_world, tmp_pat
             trainer.train(_args(small_world, tmp_path / "n", steps=6), progress=False)
     finally:
         stops_cleared()
-    assert "stopping at this step's end, with a checkpoint there (Ctrl-C again: at once, without it)" in \
+    assert "stopping at this step's end, with a checkpoint there (another Ctrl-C or SIGTERM: at once, without it)" in \
         capsys.readouterr().err
     monkeypatch.setattr(trainer, "train_step", real)
     resumed = trainer.train(_args(small_world, tmp_path / "n", steps=6, resume=True), progress=False)

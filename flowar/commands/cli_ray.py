@@ -66,10 +66,10 @@ def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, sche
     spec = BulkSpec(str(Path(engine_dir).resolve()), num_images, ids, seed, settings.given(), shard_size, threads,
                     backend, batch)
     rep = run_bulk(spec, out, workers, ray_address)             # (it notes cores left idle, once the request is checked)
-    kept = f", {rep.shards_done_before} kept from before" if rep.shards_done_before else ""
+    kept = f" ({rep.shards_done_before} of them kept from before)" if rep.shards_done_before else ""
     rate = (f"{rep.images_per_s:.3g} images/s ({rep.sampling_images_per_s:.3g} while sampling) at batch {rep.batch} "
             if rep.batch else "")
-    click.echo(f"{num_images} images in {rep.shards_total} shards{kept} -> {rep.out / 'samples.npz'} "
+    click.echo(f"{num_images} images in {rep.shards_total} shard{'s' * (rep.shards_total != 1)}{kept} -> {rep.out / 'samples.npz'} "
                f"({rep.seconds:.1f} s, {rate}on {workers} worker(s) x {threads} thread(s)"
                + (f"; engines {'; '.join(rep.engines)}" if rep.engines else "") + ")")
 

@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import click
 
@@ -80,7 +81,12 @@ class Command(click.Command):
                 code = super().main(args, prog_name or self.name, standalone_mode=False, **extra)
                 raise_if_stopped()                        # (a stop a library swallowed, the work then done)
             except click.BadParameter as e:               # an option's value of the wrong kind: the one-line form
-                click.echo(one_line(_bad_value(e, self.name)), err=True)
+                bad = _bad_value(e, self.name)
+                if isinstance(e, click.MissingParameter) and args and not args[0].startswith("-") and e.param is not None:
+                    # ("flowar-check eng": a value without its option name, said as "got nothing")
+                    bad = FlowARError(bad.expected, f"nothing; {args[0]!r} came without an option name",
+                                      f"give it as {e.param.opts[0]} {args[0]} (see {self.name} --help)")
+                click.echo(one_line(bad), err=True)
                 leave(EXIT_USER_ERROR)
             except click.UsageError as e:
                 if isinstance(e, click.NoSuchOption) and e.option_name in SIZE_OPTIONS:   # (it said "Did you mean --seed")
@@ -88,7 +94,18 @@ class Command(click.Command):
                                f"256 px; flowar-check --engine-dir DIR says a directory's); got {e.option_name}. Fix: leave it out",
                                err=True)
                     leave(EXIT_USER_ERROR)
-                click.echo(f"error: {e.format_message()} Fix: see {self.name} --help", err=True)
+                msg = e.format_message()
+                if msg.startswith("Got unexpected extra argument"):    # (not this project's line form)
+                    extra = msg.split("(", 1)[-1].rstrip(")")
+                    p = Path(extra.split()[0])          # (what it names: an engine directory, a checkpoint)
+                    name = ("--engine-dir" if (p / "manifest.json").is_file() else
+                            "--ckpt" if p.is_file() and p.suffix in (".pth", ".pt", ".safetensors") else None)
+                    name = name if any(name in q.opts for q in self.params if isinstance(q, click.Option)) else None
+                    click.echo(f"error: expected options, each value after its name; got {extra!r} without one. Fix: "
+                               + (f"give it as {name} {extra}" if name else "put its option's name before it")
+                               + f" (see {self.name} --help)", err=True)
+                    leave(EXIT_USER_ERROR)
+                click.echo(f"error: {msg}{'' if msg.endswith(('.', '?')) else '.'} Fix: see {self.name} --help", err=True)
                 leave(EXIT_USER_ERROR)
             except click.ClickException as e:
                 e.show()

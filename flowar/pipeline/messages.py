@@ -62,7 +62,7 @@ def in_order(name: str, values, example: str) -> list:
     dict gave its keys) or are not a collection at all."""
     if isinstance(values, (AbcSet, Mapping)) or isinstance(values, (bytes, bytearray)) or \
             not hasattr(values, "__iter__"):
-        raise FlowARError(f"{name}: a list or tuple (in the order of the images)", kind_of(values), f"pass e.g. {example}")
+        raise FlowARError(f"{name}: a list, tuple, array or tensor (in the order of the images)", kind_of(values), f"pass e.g. {example}")
     return list(values)
 
 

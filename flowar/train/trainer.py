@@ -353,7 +353,7 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
     # the checkpoint is written there: it lost every step since the last --ckpt-every (up to 500), and under
     # torchrun a rank that left alone hung the others in their all-reduce
     with Progress(args, run.state, progress and rank == 0) as bar, stops_held(rank == 0 and (
-            "stopping at this step's end, with a checkpoint there (Ctrl-C again: at once, without it)")):
+            "stopping at this step's end, with a checkpoint there (another Ctrl-C or SIGTERM: at once, without it)")):
         for step, x, y, t, noise in batches(lat, config, args, rank, world, run.state.step, end):
             loss = train_step(run, x, y, t, noise, lr_at(step, args), args.grad_clip)
             ema_update(run.ema, run.model, step, args.ema_decay)

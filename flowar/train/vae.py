@@ -129,7 +129,7 @@ def train_vae(a: VAETrainArgs, progress: bool = True) -> dict:
         bar = progress_bar(total=a.steps, initial=done, desc="vae", unit="step")
     from flowar.errors import stop_answered, stopped, stops_held
     t0, rec, losses = time.perf_counter(), float("nan"), []
-    with stops_held("stopping at this step's end, with the VAE there (Ctrl-C again: at once, without it)"):
+    with stops_held("stopping at this step's end, with the VAE there (another Ctrl-C or SIGTERM: at once, without it)"):
         for step in range(done, a.steps):
             idx = torch.randint(0, N, (a.batch,), generator=gen)
             x = data.images[idx]
