@@ -411,4 +411,6 @@ def test_a_file_trained_with_other_scales_is_told_where_the_position_count_comes
         load_model(fixtures_dir / "tiny_v1.safetensors", config=cfg)
     msg = str(e.value)
     assert "341 positions where the config's scales 1, 2, 4, 16 make 277 (the sum of each side squared: " \
-           "1 + 4 + 16 + 256)" in msg, msg
+           "1 + 4 + 16 + 256): the file was trained with other scales (scales 1, 2, 4, 8, 16 make 341)" in msg, msg
+    from flowar.model.checkpoint import _doubling      # (a count no doubling sides make: none named)
+    assert _doubling(85) == [1, 2, 4, 8] and _doubling(1) == [1] and _doubling(35) is None and _doubling(340) is None

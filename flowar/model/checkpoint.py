@@ -208,9 +208,10 @@ def check_fits(sd: dict[str, torch.Tensor], config: FlowARConfig, path: Path | s
     counts = sorted({sd[k].shape[i] for k, shape in expected.items() if k in sd and sd[k].ndim == len(shape)
                      for i, n in enumerate(shape) if n == L != sd[k].shape[i]})
     if counts:          # position tables trained for other scales: where the config's token count comes from
+        fit = [f"scales {', '.join(map(str, d))} make {n}" for n in counts if (d := _doubling(n))]
         diffs.append(f"{' or '.join(map(str, counts))} positions where the config's scales {', '.join(map(str, config.scales))} "
                      f"make {L} (the sum of each side squared: {' + '.join(str(s * s) for s in config.scales)}): "
-                     "the file was trained with other scales")
+                     "the file was trained with other scales" + (f" ({'; '.join(fit)})" if fit else ""))
     if from_metadata:       # (a --preset or --config would be refused: the file describes itself)
         fix = ("the file's weights do not match the config in its metadata (keys missing or extra, or shapes): save "
                "the model's own state_dict again with the config it was trained with (save_checkpoint)")
@@ -219,6 +220,14 @@ def check_fits(sd: dict[str, torch.Tensor], config: FlowARConfig, path: Path | s
         fix = (f"this file fits the preset {fits[0]}: pass --preset {fits[0]}" if fits else
                "no preset fits this file either: pass the --config it was trained with")
     raise CheckpointError("a checkpoint matching the chosen config", f"{path}: " + "; ".join(diffs), fix)
+
+
+def _doubling(n: int) -> list[int] | None:
+    """The sides 1, 2, 4, ... whose squares sum to ``n`` positions (FlowAR's scales), or None."""
+    sides = [1]
+    while sum(x * x for x in sides) < n:
+        sides.append(2 * sides[-1])
+    return sides if sum(x * x for x in sides) == n else None
 
 
 def as_model_dtypes(sd: dict[str, torch.Tensor], model_sd: dict[str, torch.Tensor],
