@@ -332,6 +332,17 @@ def test_the_loss_lines_go_where_the_bar_would(small_world, tmp_path, capsys):
     assert "note: --warmup" not in got.err
     train(_args(small_world, tmp_path / "w", steps=2, warmup=3), progress=True)
     assert "note: --warmup 3 is more than --steps 2: the learning rate never reaches --lr" in capsys.readouterr().err
+    # a line at least every 30 s between --log-every's (a slow run said nothing for a minute or more): the 30 s made 0 here
+    import flowar.train.pictures as pictures
+    train(_args(small_world, tmp_path / "s", steps=2, log_every=100), progress=True)
+    assert "step 1/2" not in capsys.readouterr().err
+    pictures.LINE_EVERY_S, every = 0.0, pictures.LINE_EVERY_S
+    try:
+        train(_args(small_world, tmp_path / "t", steps=2, log_every=100), progress=True)
+    finally:
+        pictures.LINE_EVERY_S = every
+    err = capsys.readouterr().err
+    assert "step 1/2 loss " in err and "step 2/2 loss " in err, err
 
 
 def test_a_config_whose_latent_scale_is_not_the_datas_is_said(small_world, tmp_path, capsys):

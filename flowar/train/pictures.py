@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from flowar.io.files import atomic_write_bytes
+from flowar.io.progress import LINE_EVERY_S
 
 if TYPE_CHECKING:
     from flowar.model.ar import FlowAR
@@ -64,6 +65,7 @@ class Progress:
     def __init__(self, args: TrainArgs, state: TrainState, progress: bool):
         from tqdm import tqdm
         self.args, self.t0, self.first, self.state = args, time.perf_counter(), state.step, state
+        self.last = self.t0                 # the last line's time: a line at least every LINE_EVERY_S in a log
         self.saved = state.step or None     # the step checkpoint-last.safetensors holds (a resumed run's, or none yet)
         self.bar = tqdm(total=args.steps, initial=state.step, desc="train", unit="step",
                         disable=None if progress else True)            # None: off when not on a terminal
@@ -71,11 +73,12 @@ class Progress:
     def log(self, state: TrainState, lr: float) -> None:
         self.bar.set_postfix(loss=f"{state.losses[-1]:.4f}")
         self.bar.update(1)
-        n = self.args.log_every
-        if state.step % n == 0 and self.bar.disable:
-            took = time.perf_counter() - self.t0
+        n, now = self.args.log_every, time.perf_counter()
+        # every --log-every steps, and at least every 30 s (a slow run said nothing for minutes before its first)
+        if self.bar.disable and (state.step % n == 0 or now - self.last >= LINE_EVERY_S):
+            self.last, took, k = now, now - self.t0, min(n, len(state.losses))
             rate = (state.step - self.first) / max(1e-9, took)     # (and the time: a log had neither elapsed nor left)
-            print(f"step {state.step}/{self.args.steps} loss {sum(state.losses[-n:]) / n:.4f} lr {lr:.2e} "
+            print(f"step {state.step}/{self.args.steps} loss {sum(state.losses[-k:]) / k:.4f} lr {lr:.2e} "
                   f"{rate:.1f} step/s, {took:.0f} s, {(self.args.steps - state.step) / max(rate, 1e-9) / 60:.1f} min left",
                   file=sys.stderr, flush=True)    # (the bar's place: stdout left it out of a log)
 
