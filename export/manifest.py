@@ -329,13 +329,14 @@ def read_manifest(root: str | Path, verify_hashes: bool = False, note_edits: boo
     except UnicodeEncodeError:
         raise EngineDirError("an engine directory path that is valid UTF-8 (ONNX Runtime takes no other)",
                              repr(os.fsencode(root)), "rename it") from None
-    if root.is_file():
+    if root.is_file():          # (the preset only for a file that does not describe itself, as ours do)
+        from flowar.model.checkpoint import carries_config
+        own = carries_config(root)
         raise EngineDirError("an engine directory made by flowar-export", f"{root}, a file, not an engine directory",
                              f"pass the folder flowar-export wrote (flowar-export --ckpt {root} --vae VAE --out DIR makes "
-                             "one" + ("" if root.suffix == ".safetensors" else     # (ours carry their config)
-                                      "; an official file also needs its --preset: flowar-s, flowar-l or flowar-h")
-                             + f"), or sample the checkpoint itself: flowar-run or flowar-judge --ckpt {root}"
-                             + ("" if root.suffix == ".safetensors" else " (with that --preset)"))
+                             "one" + ("" if own else "; an official file also needs its --preset: flowar-s, flowar-l or "
+                             f"flowar-h") + f"), or sample the checkpoint itself: flowar-run or flowar-judge --ckpt {root}"
+                             + ("" if own else " (with that --preset)"))
     if not root.is_dir():
         raise EngineDirError("an engine directory made by flowar-export", f"no directory at {root}",
                              f"rebuild it: flowar-export --ckpt CKPT --out {root}")

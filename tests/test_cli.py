@@ -199,14 +199,19 @@ def test_an_option_value_of_the_wrong_kind_is_the_projects_line(fixtures_dir):
     # a value without its option name (a note said "flowar-check DIR": "got nothing (it is required)"; click's own
     # "Got unexpected extra argument (x) Fix: ..." was not this project's line), with the option where it can tell
     engines = fixtures_dir.parent / "no-such-dir"
+    ckpt = fixtures_dir / "tiny_v1.safetensors"
     for cmd, args, said in (
-            (check_cmd, [str(fixtures_dir)], f"expected --engine-dir a path; got nothing; {str(fixtures_dir)!r} came "
-                                             f"without an option name. Fix: give it as --engine-dir {fixtures_dir} "),
-            (run, [str(fixtures_dir / "tiny_v1.safetensors")], "expected options, each value after its name; got "
-             f"{str(fixtures_dir / 'tiny_v1.safetensors')!r} without one. Fix: give it as --ckpt "),
-            (run, ["--labels", "1", str(engines)], f"got {str(engines)!r} without one. Fix: put its option's name "
+            (check_cmd, [str(fixtures_dir)], f"expected --engine-dir a path; got nothing; {fixtures_dir} came "
+                                             "without an option name. Fix: give --engine-dir a path (see"),  # (no manifest)
+            (check_cmd, ["--quiet", str(engines), ""], f"got nothing; {engines} '' came without an option name. "
+                                                       "Fix: give --engine-dir a path"),
+            (run, [str(ckpt)], f"expected options, each value after its name; got {ckpt} without one. Fix: give it "
+                               f"as --ckpt {ckpt} (see flowar-run --help)"),
+            (run, ["--labels", "1", str(engines)], f"got {engines} without one. Fix: put its option's name "
                                                    "before it (see flowar-run --help)"),
-            (run, ["--bogus"], "error: No such option '--bogus'. Did you mean")):
+            (run, ["--labels", "1", "", "x" * 300], "got '' " + "x" * 300 + " without one. Fix: put its option's "
+                                                    "name before it"),   # (an empty one was an IndexError, a long one
+            (run, ["--bogus"], "error: No such option '--bogus'. Did you mean")):    # an OSError: tracebacks)
         res = CliRunner().invoke(cmd, args)
         assert res.exit_code == 2 and res.output.count("\n") == 1 and said in res.output, res.output
         assert "?." not in res.output, res.output

@@ -341,6 +341,9 @@ def test_flowar_check_finds_a_manifest_edited_since_the_export(engine_dirs, tmp_
     text = (d / "manifest.json").read_text()
     m = json.loads(text)
     assert m["sealed_sha256"] and subprocess.run(exe, capture_output=True, text=True).returncode == 0
+    bare = subprocess.run([exe[0], str(d)], capture_output=True, text=True)      # (the folder without its option)
+    assert bare.returncode == 2 and bare.stderr.endswith(f"came without an option name. Fix: give it as --engine-dir {d}\n"), \
+        bare.stderr
     for edit, named in ((lambda m: m["config"].update(latent_scale=2.0), "since: config.latent_scale. Fix"),
                         (lambda m: m.update(max_batch=m["max_batch"] + 1), "since: max_batch. Fix"),
                         (lambda m: m.update(class_names=[f"c{i}" for i in range(m["config"]["num_classes"])]),

@@ -237,10 +237,14 @@ def test_a_file_passed_as_an_engine_directory_is_said_to_be_a_file(tmp_path):
     # this project's .safetensors carry their config)
     assert f"--out {CKPT}" not in str(e.value) and f"--ckpt {CKPT} --vae VAE --out DIR" in str(e.value)
     assert "--preset" not in str(e.value) and "Runtime.open" not in str(e.value)
+    import torch
+    from safetensors.torch import save_file
     (official := tmp_path / "FlowAR-S.pth").write_bytes(b"x")
-    with pytest.raises(EngineDirError, match=said) as e:
-        Runtime.open(official, engine_dir=True)
-    assert "an official file also needs its --preset: flowar-s, flowar-l or flowar-h" in str(e.value)
+    save_file({"w": torch.zeros(1)}, str(flat := tmp_path / "flat.safetensors"))     # (no config in its header)
+    for f in (official, flat):
+        with pytest.raises(EngineDirError, match=said) as e:
+            Runtime.open(f, engine_dir=True)
+        assert "an official file also needs its --preset: flowar-s, flowar-l or flowar-h" in str(e.value), f
     for command, more in ((run, ["--labels", "0"]), (judge, []), (sample, ["--out", "unused", "--num-images", "2"]), (serve, [])):
         res = CliRunner().invoke(command, ["--engine-dir", str(CKPT), *more])
         assert res.exit_code == 2 and said in res.output and "Invalid value" not in res.output, (command.name, res.output)

@@ -585,6 +585,8 @@ def test_labels_and_devices_a_notebook_passes(default_auto_engines, tmp_path):
         pipe.set_progress_bar_config(disable=True)
         for label in (np.int64(3), torch.tensor(3), torch.tensor([3])):
             assert pipe(label, output_type="latent").labels == [3]
+        for label, ids in ((np.array(3), [3]), (torch.tensor(3), [3]), (np.array("cat"), pipe.get_label_ids("cat"))):
+            assert pipe.get_label_ids(label) == ids         # (get_label_ids said "iteration over a 0-d array")
         for bad in (torch.tensor([3.7]), torch.tensor([True]), b"\x01", None, 3.0):
             with pytest.raises(FlowARError, match="class_labels"):
                 pipe(bad, output_type="latent")

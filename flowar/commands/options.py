@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -55,6 +56,14 @@ class Command(click.Command):
         except (KeyboardInterrupt, EOFError) as e:
             raise _Stopped(e) from None
 
+    def leftovers(self, args: list[str]) -> list[str]:
+        """The values ``args`` gives without an option name, as click's own parser leaves them ([] where it cannot say)."""
+        try:
+            return list(self.make_parser(click.Context(self, info_name=self.name, resilient_parsing=True))
+                        .parse_args(args=list(args))[1])
+        except Exception:  # noqa: BLE001 - (only the message's detail depends on it)
+            return []
+
     def main(self, args=None, prog_name=None, **extra):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         leave = _leave if args is None else sys.exit      # a program (console script), or called with arguments
@@ -81,11 +90,13 @@ class Command(click.Command):
                 code = super().main(args, prog_name or self.name, standalone_mode=False, **extra)
                 raise_if_stopped()                        # (a stop a library swallowed, the work then done)
             except click.BadParameter as e:               # an option's value of the wrong kind: the one-line form
-                bad = _bad_value(e, self.name)
-                if isinstance(e, click.MissingParameter) and args and not args[0].startswith("-") and e.param is not None:
-                    # ("flowar-check eng": a value without its option name, said as "got nothing")
-                    bad = FlowARError(bad.expected, f"nothing; {args[0]!r} came without an option name",
-                                      f"give it as {e.param.opts[0]} {args[0]} (see {self.name} --help)")
+                bad, left = _bad_value(e, self.name), self.leftovers(args)
+                if isinstance(e, click.MissingParameter) and left and e.param is not None:
+                    # ("flowar-check DIR": a value without its option name, said as "got nothing (it is required)")
+                    name = e.param.opts[0]
+                    bad = FlowARError(bad.expected, f"nothing; {' '.join(map(shlex.quote, left))} came without an "
+                                      "option name", f"give it as {name} {shlex.quote(left[0])}" if _fits(name, left)
+                                      else bad.fix)
                 click.echo(one_line(bad), err=True)
                 leave(EXIT_USER_ERROR)
             except click.UsageError as e:
@@ -94,16 +105,14 @@ class Command(click.Command):
                                f"256 px; flowar-check --engine-dir DIR says a directory's); got {e.option_name}. Fix: leave it out",
                                err=True)
                     leave(EXIT_USER_ERROR)
-                msg = e.format_message()
-                if msg.startswith("Got unexpected extra argument"):    # (not this project's line form)
-                    extra = msg.split("(", 1)[-1].rstrip(")")
-                    p = Path(extra.split()[0])          # (what it names: an engine directory, a checkpoint)
-                    name = ("--engine-dir" if (p / "manifest.json").is_file() else
-                            "--ckpt" if p.is_file() and p.suffix in (".pth", ".pt", ".safetensors") else None)
-                    name = name if any(name in q.opts for q in self.params if isinstance(q, click.Option)) else None
-                    click.echo(f"error: expected options, each value after its name; got {extra!r} without one. Fix: "
-                               + (f"give it as {name} {extra}" if name else "put its option's name before it")
-                               + f" (see {self.name} --help)", err=True)
+                msg, left = e.format_message(), self.leftovers(args)
+                if msg.startswith("Got unexpected extra argument") and left:     # (click's own line form before)
+                    name = next((n for n in ("--engine-dir", "--ckpt") if _fits(n, left)
+                                 and any(n in q.opts for q in self.params if isinstance(q, click.Option))), None)
+                    click.echo(f"error: expected options, each value after its name; got {' '.join(map(shlex.quote, left))}"
+                               " without one. Fix: " + (f"give it as {name} {shlex.quote(left[0])}" if name else
+                                                        "put its option's name before it") + f" (see {self.name} --help)",
+                               err=True)
                     leave(EXIT_USER_ERROR)
                 click.echo(f"error: {msg}{'' if msg.endswith(('.', '?')) else '.'} Fix: see {self.name} --help", err=True)
                 leave(EXIT_USER_ERROR)
@@ -221,6 +230,18 @@ def _leave(code: int) -> None:
         except (OSError, ValueError):            # a closed pipe or stream: nothing more can be said on it
             pass
     os._exit(code)
+
+
+def _fits(name: str, values: list[str]) -> bool:
+    """Whether the one value given without its option name is what ``name`` takes: an engine directory for
+    --engine-dir, a checkpoint file for --ckpt (else the fix names no option: a --data folder was told --out)."""
+    try:
+        p = Path(values[0])
+        return len(values) == 1 and bool(values[0]) and (
+            (name == "--engine-dir" and (p / "manifest.json").is_file())
+            or (name == "--ckpt" and p.is_file() and p.suffix in (".pth", ".pt", ".safetensors", ".ckpt")))
+    except (OSError, ValueError):           # (a name too long, a folder this user may not read)
+        return False
 
 
 def _bad_value(e: click.BadParameter, command: str) -> FlowARError:

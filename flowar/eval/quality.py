@@ -241,7 +241,7 @@ def measure(sample: Sampler, config, labels: list[int], schedule, decode: bool =
         ok = (pred == y).float()
         rep.class_accuracy = round(float(ok.mean()), 6)        # (float32's 0.800000011920929 in the JSON)
         rep.per_class = [round(float(ok[y == c].mean()), 6) for c in range(config.num_classes) if (y == c).any()]
-        rep.judge_held_out_accuracy = judge.held_out_accuracy
+        rep.judge_held_out_accuracy = round(float(judge.held_out_accuracy), 6)
         if real_judge_stats is not None:
             rep.frechet_judge = frechet_distance(*feature_stats(judge.features(res.images)), *real_judge_stats)
     if fid_stats is not None and extractor is not None and decode:

@@ -222,6 +222,17 @@ def check_fits(sd: dict[str, torch.Tensor], config: FlowARConfig, path: Path | s
     raise CheckpointError("a checkpoint matching the chosen config", f"{path}: " + "; ".join(diffs), fix)
 
 
+def carries_config(path: str | Path) -> bool:
+    """Whether a checkpoint file describes itself (this project's .safetensors record their config):
+    it needs no --preset. Read from its header only; False for anything else or unreadable."""
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            return META_CONFIG in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - (a pickle, a damaged file: the file's own refusal comes where it is read)
+        return False
+
+
 def _doubling(n: int) -> list[int] | None:
     """The sides 1, 2, 4, ... whose squares sum to ``n`` positions (FlowAR's scales), or None."""
     sides = [1]

@@ -60,6 +60,8 @@ def in_order(name: str, values, example: str) -> list:
     """``values`` as a list, refused where they have no order of their own (a set's order changes
     with Python's string hashing, so which image had which label changed between processes; a
     dict gave its keys) or are not a collection at all."""
+    if getattr(values, "ndim", None) == 0:     # (a 0-d array or tensor: one value, as a call takes it)
+        values = [values.item()]
     if isinstance(values, (AbcSet, Mapping)) or isinstance(values, (bytes, bytearray)) or \
             not hasattr(values, "__iter__"):
         raise FlowARError(f"{name}: a list, tuple, array or tensor (in the order of the images)", kind_of(values), f"pass e.g. {example}")
