@@ -38,6 +38,13 @@ def with_recorded_settings(args, defining: tuple[str, ...], say: bool = True):
             began = json.loads(f.metadata()["train_args"])
     except Exception:   # noqa: BLE001 - refused with its reason where the run is checked
         return args
+    return take_recorded(args, began, defining, say)
+
+
+def take_recorded(args, began: dict, defining: tuple[str, ...], say: bool = True):
+    """``args`` (a dataclass: flowar-train's or flowar-train-vae's) with each of ``defining`` that is
+    None or at its default taken from ``began``, the settings the run began with, where those differ
+    (paths compared as the files they name); a note names them."""
     defaults = {f.name: f.default for f in dataclasses.fields(args)}
     taken = {k: began[k] for k in defining if k in began and (getattr(args, k) is None or getattr(args, k) == defaults.get(
              k, dataclasses.MISSING)) and as_file(began[k]) != as_file(getattr(args, k))}     # (None: --vae not given)

@@ -61,15 +61,11 @@ def resumed(a: VAETrainArgs) -> tuple[VAETrainArgs, dict | None]:
                           "--steps)")
     with safe_open(str(state), framework="pt") as f:
         began = json.loads(f.metadata()["args"])
-    defaults = VAETrainArgs()
+    from flowar.io.files import as_file
+    from flowar.train.resume import take_recorded
     began["channels"] = tuple(began["channels"])
-    a = dataclasses.replace(a, data=_data(a.data))
-    taken = {k: began[k] for k in _KEPT if getattr(a, k) == getattr(defaults, k) and began[k] != getattr(a, k)}
-    taken |= {"steps": began["steps"]} if a.steps is None else {}
-    if taken:
-        print("note: --resume takes the run's own " + ", ".join(f"{k} {v!r}" for k, v in taken.items())
-              + " (left at their defaults here)", file=sys.stderr)
-    a = dataclasses.replace(a, **taken)
+    # (a data folder as the file it names: the run records it so, and a resume from another directory is the same run)
+    a = take_recorded(dataclasses.replace(a, data=as_file(str(a.data))), began, _KEPT + ("steps",))
     if other := [f"{k}: here {getattr(a, k)!r}, there {began[k]!r}" for k in _KEPT if getattr(a, k) != began[k]]:
         raise FlowARError("the settings the run began with for --resume", "; ".join(other),
                           "leave them out (the run's own are taken), or train a new VAE into another --out")
@@ -80,11 +76,6 @@ def resumed(a: VAETrainArgs) -> tuple[VAETrainArgs, dict | None]:
                           f"use e.g. --steps {done + 500}, or use the VAE as it is (it holds step {done})")
     print(f"resuming at step {done} of {a.steps}", file=sys.stderr)
     return a, {"step": done, **tensors}
-
-
-def _data(data) -> str:
-    """``data`` as a run records it: a folder by its absolute path (resumed from another directory), else its name."""
-    return str(Path(data).resolve()) if Path(data).is_dir() else str(data)
 
 
 def build_vae(a: VAETrainArgs):
@@ -168,12 +159,12 @@ def train_vae(a: VAETrainArgs, progress: bool = True) -> dict:
 
 def _write(a: VAETrainArgs, vae, state: dict | None) -> None:
     """The VAE into ``a.out`` (a diffusers folder), with the state a resume continues from where it stopped."""
-    from flowar.io.files import staged_directory
+    from flowar.io.files import as_file, staged_directory
     vae.eval()
     with staged_directory(Path(a.out), VAE_MARKER) as tmp:      # the previous folder stays until the new one is complete
         vae.save_pretrained(tmp, safe_serialization=True)
         if state is not None:
             from safetensors.torch import save_file
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / STATE), metadata={"args": json.dumps(
-                dataclasses.asdict(a) | {"resume": False, "data": _data(a.data), "out": str(a.out)})})
+                dataclasses.asdict(a) | {"resume": False, "data": as_file(str(a.data)), "out": str(a.out)})})
     vae.train()
