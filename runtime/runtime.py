@@ -294,7 +294,7 @@ class Runtime(contextlib.AbstractContextManager):
                    else type(tokens).__name__)
             raise FlowARError(f"token maps of this model, a float tensor (B, {', '.join(map(str, want))}), B >= 1", got,
                               "pass the tokens a call returned with output_type=\"latent\"")
-        bs = self.batch or self.max_batch or batch_that_fits(len(tokens), None, c, self.image_size, self.vae)
+        bs = self.batch or batch_that_fits(len(tokens), None, c, self.image_size, self.vae)   # (as sample's batches)
         with self._one_call("decode"):
             images = torch.cat([self.stages.decode(tokens[i:i + bs].to(self.device, torch.float32) / c.latent_scale).cpu()
                                 for i in range(0, len(tokens), bs)])
