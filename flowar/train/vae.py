@@ -133,10 +133,10 @@ def train_vae(a: VAETrainArgs, progress: bool = True) -> dict:
             loss.backward()
             opt.step()
             sched.step()
-            rec = rec_loss.item()
+            rec, total = rec_loss.item(), loss.item()
             losses.append(rec)
-            if not math.isfinite(loss.item()):                 # (NaN weights were written, exit 0)
-                raise FlowARError("a finite training loss", f"{loss.item()} at step {step}", "lower --lr; nothing was written")
+            if not math.isfinite(total):                 # (NaN weights were written, exit 0)
+                raise FlowARError("a finite training loss", f"{total} at step {step}", "lower --lr; nothing was written")
             if bar is not None:
                 bar.set_postfix(rec=f"{rec:.4f}")
                 bar.update(1)
