@@ -118,6 +118,8 @@ def export_stage(spec: StageSpec, module: nn.Module, config: FlowARConfig, path:
                 onnxscript.optimizer.optimize(prog.model)            # a second pass, in place, on the same graph
             _drop_traces(prog.model)
             external = weights and _initializer_bytes(prog.model) > EXTERNAL_DATA_BYTES
+            if external:
+                _write_in_row_blocks(prog.model)
             prog.save(str(path), include_initializers=weights, external_data=external)
     except Exception as e:   # noqa: BLE001 - reported as one line; --debug shows the chain
         raise ExportError(f"stage '{spec.name}' to export to ONNX", _root_cause(e),
@@ -141,6 +143,30 @@ def _drop_traces(model) -> None:
                 v.metadata_props.clear()
     for v in [*model.graph.inputs, *model.graph.initializers.values()]:
         v.metadata_props.clear()
+
+
+def _write_in_row_blocks(model) -> None:
+    """Let the external data's writer take the folded weight transposes in contiguous row blocks.
+    Constant folding leaves them as transposed views of the weights; numpy writes such a view one
+    element at a time (a 2.2 GB AR stage: 13 s of its export's 40, against 1 s when contiguous).
+    A block of at most 64 MB is copied at a time: the export's memory does not grow."""
+    import numpy as np
+    import onnx_ir as ir
+
+    class RowBlocks(ir.Tensor):
+        def tofile(self, file) -> None:
+            a = self.raw
+            step = max(1, (64 << 20) // max(1, a[:1].nbytes))
+            for i in range(0, a.shape[0], step):
+                file.write(np.ascontiguousarray(a[i:i + step]).data)
+
+    floats = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+    for v in model.graph.initializers.values():
+        t = v.const_value
+        raw = t.raw if type(t) is ir.Tensor else None
+        if (isinstance(raw, np.ndarray) and raw.ndim and not raw.flags.c_contiguous and t.dtype in floats
+                and raw.dtype.byteorder != ">"):
+            v.const_value = RowBlocks(raw, dtype=t.dtype, name=t.name, doc_string=t.doc_string)
 
 
 def _initializer_bytes(model) -> int:
