@@ -151,11 +151,16 @@ def test_bulk_samples_on_a_cluster_that_ray_start_started_by_its_address(engines
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert head.wait(timeout=120) == 0, head.stderr.read()[-2000:]
-        proc = subprocess.run([str(EXE / "flowar-sample"), "--engine-dir", str(engines), "--num-images", str(N),
-                               "--out", str(tmp_path / "cluster"), "--shard-size", "4", "--workers", "2", "--seed",
-                               "3", "--ray-address", f"127.0.0.1:{port}"], env=env, capture_output=True, text=True,
-                              timeout=300)
-        _sample(engines, tmp_path / "here", 2, 4)           # a local cluster of its own, that one running
+        proc = subprocess.Popen([str(EXE / "flowar-sample"), "--engine-dir", str(engines), "--num-images", str(N),
+                                 "--out", str(tmp_path / "cluster"), "--shard-size", "4", "--workers", "2", "--seed",
+                                 "3", "--ray-address", f"127.0.0.1:{port}"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            _sample(engines, tmp_path / "here", 2, 4)       # meanwhile, a local cluster of its own, that one running
+            err = proc.communicate(timeout=300)[1]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     finally:
         for line in _session_alive(head.pid):                 # the head's processes only (not `ray stop`: every cluster)
             try:
@@ -165,7 +170,7 @@ def test_bulk_samples_on_a_cluster_that_ray_start_started_by_its_address(engines
         current = Path("/tmp/ray/ray_current_cluster")        # where `ray start` named it for ray.init(): no more
         if current.is_file() and current.read_text().strip().endswith(f":{port}"):
             current.unlink(missing_ok=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, err[-2000:]
     a, b = (np.load(tmp_path / d / "samples.npz")["arr_0"] for d in ("cluster", "here"))
     assert a.shape == (N, 32, 32, 3) and np.array_equal(a, b)
 
@@ -610,22 +615,26 @@ def test_a_sigterm_while_the_service_starts_stops_it_once_it_is_up(engines):
     code = ("import sys, time\nfrom ray import serve\nreal = serve.run\n"
             "def slow(*a, **k):\n    print('deploying', file=sys.stderr, flush=True)\n    time.sleep(2)\n"
             "    return real(*a, **k)\nserve.run = slow\nfrom flowar.commands.cli_ray import serve_cmd\nserve_cmd()\n")
+    cases = ((signal.SIGTERM,), (signal.SIGTERM, signal.SIGINT))
+    # the two services start at once (each its own local Ray cluster), each stopped while it deploys
+    procs = [subprocess.Popen([sys.executable, "-c", code, "--engine-dir", str(engines), "--port", str(_free_port()),
+                               "--threads", "1"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in cases]
     results = []
-    for signals in ((signal.SIGTERM,), (signal.SIGTERM, signal.SIGINT)):
-        proc = subprocess.Popen([sys.executable, "-c", code, "--engine-dir", str(engines), "--port",
-                                 str(_free_port()), "--threads", "1"], env=ENV, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
-        try:
+    try:
+        for proc, signals in zip(procs, cases):
             _stderr_until(proc, "deploying")
             for sig in signals:
                 proc.send_signal(sig)
                 time.sleep(0.3)
+        for proc in procs:
             rc = proc.wait(timeout=120)
             rest = proc.stderr.read()
-        finally:
+            assert "SIGTERM received" not in rest and "Traceback" not in rest, (rc, rest[-2000:])
+            results.append((rc, [ln for ln in rest.splitlines() if ln.strip()][-1]))
+    finally:
+        for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-        assert "SIGTERM received" not in rest and "Traceback" not in rest, (rc, rest[-2000:])
-        results.append((rc, [ln for ln in rest.splitlines() if ln.strip()][-1]))
     assert results[0][0] == 0 and results[0][1].startswith("stopped on SIGTERM"), results
     assert results[1] == (130, "interrupted: a second SIGINT while Ray Serve started; nothing was served"), results
