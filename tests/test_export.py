@@ -667,3 +667,31 @@ def test_the_free_disk_check_counts_what_the_export_writes(engine_dirs, fixtures
                train)
     assert train.stat().st_size > 3 * (fixtures_dir / "tiny_v1.safetensors").stat().st_size
     assert need(train) == flat
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_transposed_weights_go_to_external_data_as_the_same_bytes_in_row_blocks(tmp_path, monkeypatch, dtype):
+    """The folded weight transposes (views, not contiguous) are written in row blocks (several here: 64-byte
+    blocks) as the bytes onnx_ir writes itself, for every precision a graph is exported in (bf16 arrays give
+    numpy no buffer: a block written as the array failed the export)."""
+    import ml_dtypes
+    import numpy as np
+    import onnx_ir as ir
+    import flowar.export.onnx_export as oe
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    base = np.random.default_rng(0).standard_normal((24, 40, 3)).astype(np_dtype)
+    arrays = {"w_t": base.transpose(1, 0, 2), "w_rows": base[::2], "w": base}      # two views, one contiguous
+
+    def save(path, blocks):
+        values = [ir.Value(name=n, const_value=ir.tensor(a, name=n)) for n, a in arrays.items()]
+        model = ir.Model(ir.Graph([], values, nodes=[], initializers=values, opset_imports={"": 18}), ir_version=10)
+        if blocks:
+            oe._write_in_row_blocks(model)
+            assert sum(type(v.const_value) is not ir.Tensor for v in values) == 2      # the two views, wrapped
+        ir.save(model, path, external_data=path.name + ".data")
+        return path.with_name(path.name + ".data").read_bytes()
+
+    monkeypatch.setattr(oe, "_BLOCK_BYTES", 64)
+    want = save(tmp_path / "plain.onnx", False)
+    assert len(want) >= sum(a.nbytes for a in arrays.values())
+    assert save(tmp_path / "blocks.onnx", True) == want
