@@ -151,16 +151,19 @@ def test_bulk_samples_on_a_cluster_that_ray_start_started_by_its_address(engines
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert head.wait(timeout=120) == 0, head.stderr.read()[-2000:]
-        proc = subprocess.Popen([str(EXE / "flowar-sample"), "--engine-dir", str(engines), "--num-images", str(N),
-                                 "--out", str(tmp_path / "cluster"), "--shard-size", "4", "--workers", "2", "--seed",
-                                 "3", "--ray-address", f"127.0.0.1:{port}"], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+        log = tmp_path / "cluster.err"                     # (a file: a pipe left unread while the local run goes)
+        with open(log, "w") as f:
+            proc = subprocess.Popen([str(EXE / "flowar-sample"), "--engine-dir", str(engines), "--num-images", str(N),
+                                     "--out", str(tmp_path / "cluster"), "--shard-size", "4", "--workers", "2",
+                                     "--seed", "3", "--ray-address", f"127.0.0.1:{port}"], env=env,
+                                    stdout=subprocess.DEVNULL, stderr=f)
         try:
             _sample(engines, tmp_path / "here", 2, 4)       # meanwhile, a local cluster of its own, that one running
-            err = proc.communicate(timeout=300)[1]
+            proc.wait(timeout=300)
         finally:
             if proc.poll() is None:
                 proc.kill()
+        err = log.read_text()
     finally:
         for line in _session_alive(head.pid):                 # the head's processes only (not `ray stop`: every cluster)
             try:
@@ -251,8 +254,8 @@ def _get(url, path):
 def test_a_worker_that_dies_on_every_shard_fails_the_command_instead_of_hanging_it(engines, tmp_path):
     """flowar-sample on two Ray workers whose process exits on every shard (the sampler replaced by
     os._exit(1) in Ray's worker processes alone, by a sitecustomize on PYTHONPATH): its restarts and
-    retries (here 1, set by the same sitecustomize in the command's process), then one error line and exit 2. Before, Ray Data restarted the workers and retried
-    the shards forever: the command never ended (measured: still retrying after 100 s)."""
+    retries (here 1, set by the same sitecustomize in the command's process), then one error line and
+    exit 2. Before, Ray Data restarted the workers and retried the shards forever: the command never ended (measured: still retrying after 100 s)."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(
@@ -612,24 +615,27 @@ def test_a_sigterm_while_the_service_starts_stops_it_once_it_is_up(engines):
     it is up, with its one line and exit 0; a second signal while it starts stops the start itself
     (exit 130, one line). Before, Ray's own handler had SIGTERM: exit 15 and a native stack dump,
     or the signal was lost and the service kept serving (both seen)."""
-    code = ("import sys, time\nfrom ray import serve\nreal = serve.run\n"
-            "def slow(*a, **k):\n    print('deploying', file=sys.stderr, flush=True)\n    time.sleep(2)\n"
+    code = ("import os, sys, time\nfrom ray import serve\nreal = serve.run\n"
+            "def slow(*a, **k):\n    print('deploying', file=sys.stderr, flush=True)\n"
+            "    time.sleep(float(os.environ['TEST_DEPLOY_HOLD_S']))\n"
             "    return real(*a, **k)\nserve.run = slow\nfrom flowar.commands.cli_ray import serve_cmd\nserve_cmd()\n")
-    cases = ((signal.SIGTERM,), (signal.SIGTERM, signal.SIGINT))
-    # the two services start at once (each its own local Ray cluster), each stopped while it deploys
+    # the two services start at once (each its own local Ray cluster), each stopped while it deploys: the
+    # first held 2 s (signalled as soon as it says so), the second held until its second signal ends the
+    # start (signalled once the first was: its hold outlasts however far apart the two starts are)
+    cases = (((signal.SIGTERM,), "2"), ((signal.SIGTERM, signal.SIGINT), "120"))
     procs = [subprocess.Popen([sys.executable, "-c", code, "--engine-dir", str(engines), "--port", str(_free_port()),
-                               "--threads", "1"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for _ in cases]
+                               "--threads", "1"], env=ENV | {"TEST_DEPLOY_HOLD_S": hold}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for _, hold in cases]
     results = []
     try:
-        for proc, signals in zip(procs, cases):
+        for proc, (signals, _) in zip(procs, cases):
             _stderr_until(proc, "deploying")
             for sig in signals:
                 proc.send_signal(sig)
                 time.sleep(0.3)
         for proc in procs:
-            rc = proc.wait(timeout=120)
-            rest = proc.stderr.read()
+            rest = proc.communicate(timeout=120)[1]
+            rc = proc.returncode
             assert "SIGTERM received" not in rest and "Traceback" not in rest, (rc, rest[-2000:])
             results.append((rc, [ln for ln in rest.splitlines() if ln.strip()][-1]))
     finally:
