@@ -184,7 +184,7 @@ def test_resume_alone_takes_the_runs_own_settings(small_world, tmp_path, capsys,
     st = train(TrainArgs(out=str(tmp_path / "r"), vae=str(small_world / "vae"), data=str(small_world / "data"), steps=3,
                          sample_every=0, cache_dir=str(small_world / "cache"), resume=True), progress=False)
     err = capsys.readouterr().err
-    assert "note: --resume takes the run's own size 16, batch 8, warmup 2 (left at their defaults here)" in err, err
+    assert "note: --resume takes the run's own size 16, batch 8, warmup 2 (not given here, or given at their defaults)" in err, err
     assert st.step == 3 and st.losses == whole.losses
     # the command too, without --vae (it was required: "Error: expected --vae a path"); a new run still needs it
     from click.testing import CliRunner
@@ -700,8 +700,8 @@ def test_a_stopped_vae_training_keeps_its_vae_and_resumes_as_the_uninterrupted_o
     assert load_vae(out, expect_channels=4).downsample == 2 and (out / tv.STATE).is_file()
     res = CliRunner().invoke(train_vae_cmd, ["--out", str(out), "--resume", "--data", kw["data"]])
     assert res.exit_code == 0, res.output
-    assert "note: --resume takes the run's own size 16, channels (8, 8), groups 4, batch 4, steps 6 (left at their defaults " \
-           "here)" in res.output and "resuming at step 3 of 6" in res.output, res.output
+    assert "note: --resume takes the run's own size 16, channels (8, 8), groups 4, batch 4, steps 6 (not given here, or " \
+           "given at their defaults)" in res.output and "resuming at step 3 of 6" in res.output, res.output
     assert not (out / tv.STATE).exists()                # (a finished VAE)
     name = "diffusion_pytorch_model.safetensors"
     a, b = load_file(str(out / name)), load_file(str(tmp_path / "whole" / name))

@@ -50,7 +50,7 @@ def take_recorded(args, began: dict, defining: tuple[str, ...], say: bool = True
              k, dataclasses.MISSING)) and as_file(began[k]) != as_file(getattr(args, k))}     # (None: --vae not given)
     if taken and say:
         print("note: --resume takes the run's own " + ", ".join(f"{k} {v!r}" for k, v in taken.items())
-              + " (left at their defaults here)", file=sys.stderr)
+              + " (not given here, or given at their defaults)", file=sys.stderr)
     return dataclasses.replace(args, **taken)
 
 
