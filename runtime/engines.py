@@ -123,15 +123,42 @@ class OrtEngine:
         external = isinstance(self.graph, Path) and Path(str(self.graph) + ".data").exists()
         self.splittable = (self.cpu and self.n_threads > 1 and not external
                            and all(o in self.row_tensors for o in outs))
+        if self.splittable:     # (at most one block per core: cores - 1 threads serve them all, and open sessions)
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(max(1, self.n_threads - 1), thread_name_prefix=f"flowar-{self.name}")
         self._runs: dict[tuple, list] = {}
         return self
 
     def __exit__(self, *exc) -> None:
         if self._pool is not None:
-            self._pool.shutdown()
+            self._pool.shutdown(cancel_futures=True)
         self._pool = None
         self._sessions, self._runs = {}, {}
         self.session = None
+
+    def _blocks(self, shape) -> tuple[tuple[int, int, int | None], ...]:
+        """The row blocks (first row, end row, threads; None: the whole call on the main session) of a
+        call whose first input has ``shape`` (:func:`flowar.engines.ort.plan_call`)."""
+        from flowar.engines.ort import plan_call
+        rows = shape[0] if len(shape) else 1
+        if not self.splittable:
+            return ((0, rows, None),)
+        return plan_call(rows, shape[1] if len(shape) >= 2 else 1, self.n_threads, self.shard_min, self.single_max)
+
+    def open_sessions(self, shape) -> list:
+        """Start opening, on the engine's threads, the sessions the row blocks of a call whose first input
+        has ``shape`` run on (blocks of one thread share a second session of the graph: 0.7 s to open
+        for FlowAR-S's AR, which the first image paid); returns the futures to wait for (the runtime
+        waits at open: :meth:`flowar.runtime.stages.EngineStages.warm_up`)."""
+        from flowar.engines.ort import create_session
+        started = []
+        for i, (_, _, threads) in enumerate(self._blocks(shape)):
+            key = (threads, i if threads > 1 else 0) if threads is not None else None
+            if key is not None and key not in self._sessions:
+                self._sessions[key] = self._pool.submit(create_session, self.graph, self.sha256, self.provider,
+                                                        threads, self.cache_dir, self.source)
+                started.append(self._sessions[key])
+        return started
 
     def infer(self, inputs: dict[str, Tensor], outputs: dict[str, Tensor], profile: int = 0) -> None:
         # The runtime's buffers are static, so the plan and bindings made once for these exact
@@ -166,8 +193,10 @@ class OrtEngine:
         tensors, bound by address once. One-thread blocks share a session (each run computes on its
         caller's thread); blocks with several threads each get their own, since concurrent runs of
         one session share its thread pool."""
+        from concurrent.futures import Future
+
         import numpy as np
-        from flowar.engines.ort import create_session, plan_call
+        from flowar.engines.ort import create_session
         known = {t.name for t in (*self.session.get_inputs(), *self.session.get_outputs())}
         stray = [n for n in (*inputs, *outputs) if n not in known]
         if stray:     # (another stage's graph in its place, its hash recorded too: ONNX Runtime's binding traceback)
@@ -176,23 +205,17 @@ class OrtEngine:
             raise EngineDirError(f"a graph of the {self.name} stage (its inputs and outputs)", f"{name} without "
                                  f"{', '.join(stray)} (it has {', '.join(sorted(known))})",
                                  "export the directory again with flowar-export")
-        first = next(iter(inputs.values()))
-        rows = first.shape[0] if first.ndim else 1
-        tokens = first.shape[1] if first.ndim >= 2 else 1
-        blocks = (plan_call(rows, tokens, self.n_threads, self.shard_min, self.single_max) if self.splittable
-                  else ((0, rows, None),))
-        if len(blocks) > 1 and self._pool is None:       # at most one block per core: cores - 1 threads serve them all
-            from concurrent.futures import ThreadPoolExecutor
-            self._pool = ThreadPoolExecutor(max(1, self.n_threads - 1), thread_name_prefix=f"flowar-{self.name}")
         jobs = []
-        for i, (b, e, threads) in enumerate(blocks):
+        for i, (b, e, threads) in enumerate(self._blocks(next(iter(inputs.values())).shape)):
             if threads is None:
                 sess = self.session
             else:
                 key = (threads, i if threads > 1 else 0)
-                if key not in self._sessions:
+                if key not in self._sessions:     # (shapes not opened for: see open_sessions)
                     self._sessions[key] = create_session(self.graph, self.sha256, self.provider, threads,
                                                          self.cache_dir, self.source)
+                elif isinstance(self._sessions[key], Future):
+                    self._sessions[key] = self._sessions[key].result()
                 sess = self._sessions[key]
             binding = sess.io_binding()
             for group, bind in ((inputs, binding.bind_input), (outputs, binding.bind_output)):

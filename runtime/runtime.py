@@ -151,7 +151,7 @@ class Runtime(contextlib.AbstractContextManager):
             seconds = {"read": time.perf_counter() - t0}
             t0 = time.perf_counter()
             warmed = 0
-            if warm and any(getattr(e, "warm", False) for e in engines.values()):
+            if warm and any(getattr(e, "warm", False) or hasattr(e, "open_sessions") for e in engines.values()):
                 with threads_.applied():
                     warmed = stages.warm_up(warm)
             seconds["warm-up"] = time.perf_counter() - t0
@@ -220,10 +220,10 @@ class Runtime(contextlib.AbstractContextManager):
                               f"pass --vae{self.trained.get('vae', '')}, or ask for tokens only (--save-tokens without --out or --save-images)")
 
     def warm_up(self, batch_sizes: Sequence[int], every_engine: bool | None = None) -> int:
-        """Run the engines once at the shapes of these batch sizes, so that no batch of those sizes
-        pays what a new shape sets up (before a served replica's or a bulk worker's first batch; a
-        command's request). By default the engines whose set-up per shape the export measured as
-        large, and those whose set-up it did not measure (FlowAR-S's aoti-bf16 and torch-bf16 engines
+        """Run the engines once at the shapes of these batch sizes (ONNX Runtime's: open the sessions
+        they run on), so that no batch of those sizes pays what a new shape sets up (before a served
+        replica's or a bulk worker's first batch; a command's request). By default the engines whose
+        set-up per shape the export measured as large, and those whose set-up it did not measure (FlowAR-S's aoti-bf16 and torch-bf16 engines
         set up 0.02-0.06 s per shape: warming them all took 18.8 s of a replica's 29 s start, while
         without it the first batch of each size ran as fast as the second); ``every_engine`` True:
         all, False: only the engines flagged ``warm`` (measured large, or unmeasured eager PyTorch,

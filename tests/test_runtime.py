@@ -417,6 +417,30 @@ def test_the_optimized_graph_cache_is_written_whole_reused_and_rebuilt_when_dama
     assert names[0] == names[1] and len(names[0]) == 1, names
 
 
+def test_opening_opens_the_sessions_the_first_image_splits_its_calls_onto(default_auto_engines, monkeypatch):
+    """ONNX Runtime's calls of several rows run as row blocks on a second, one-thread session of the
+    graph. Opening opens it for batch 1's shapes (FlowAR-S's first image paid 0.7 s for its AR's, 1 s
+    in all), so the image opens none; its images are those of a runtime that opened it in the image."""
+    import os
+
+    import flowar.engines.ort as ort_mod
+    from flowar.runtime.runtime import Runtime
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)              # (two threads, whatever the machine)
+    made, real = [], ort_mod.create_session
+    monkeypatch.setattr(ort_mod, "create_session", lambda *a, **k: made.append(a[3]) or real(*a, **k))
+    with Runtime.open_engine_dir(default_auto_engines, backend="ort", threads=2, warm=()) as rt:
+        at_open = len(made)
+        lazy = rt.sample([3], rt.schedule(), seed=5)
+        in_image = made[at_open:]
+    assert 1 in in_image, made                                 # (what opening takes out of the image)
+    made.clear()
+    with Runtime.open_engine_dir(default_auto_engines, backend="ort", threads=2) as rt:
+        opened = list(made)
+        res = rt.sample([3], rt.schedule(), seed=5)
+    assert made == opened and opened.count(1) == in_image.count(1), (opened, made, in_image)
+    assert torch.equal(res.tokens, lazy.tokens) and torch.equal(res.images, lazy.images)
+
+
 def test_the_thread_policy_is_resolved_at_open_and_applied_while_sampling(fixtures_dir, monkeypatch):
     """threads= is honoured for a checkpoint (PyTorch computes every stage there, so every stage
     call sees it), restored after sampling; engines that compute on ONNX Runtime's own threads

@@ -114,14 +114,14 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
                            f"{rt.image_size}, kept until written", "sample fewer, or use flowar-sample (it writes "
                            "shards as it goes)")
         batch = min(len(ids), batch_size or rt.batch or len(ids))
-        # opening warmed batch 1's shapes on the engines that set up a lot per shape (the export
-        # measured which: none for ONNX Runtime's); this batch's too
+        # opening prepared batch 1's shapes (see Runtime.warm_up); this batch's too
         if batch > 1 and (rt.max_batch is None or batch <= rt.max_batch):
             t1 = time.perf_counter()
             rt.opened["shapes warmed"] = rt.opened.get("shapes warmed", 0) + rt.warm_up([batch], every_engine=False)
             rt.opened["warm-up"] = rt.opened.get("warm-up", 0.0) + time.perf_counter() - t1
         opened = time.perf_counter() - t0
-        shown = {k: v for k, v in rt.opened.items() if rt.opened.get("shapes warmed") or k not in ("warm-up", "shapes warmed")}
+        shown = {k: v for k, v in rt.opened.items() if rt.opened.get("shapes warmed") or k not in ("warm-up", "shapes warmed")
+                 or k == "warm-up" and v >= 0.05}      # (ONNX Runtime's sessions for row blocks: opened, not warmed)
         parts = ", ".join(f"{k} {v:.2f} s" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
         click.echo(f"opened {engine_dir or ckpt} in {opened:.2f} s" + (f" ({parts})" if parts else ""), err=True)
         click.echo(f"backend: {rt.detail}; schedule: {sched.describe()}; CUDA graphs "

@@ -223,6 +223,10 @@ def select(bench: Workbench, mode: str = "auto", candidates: tuple[str, ...] | N
                 continue
             t0 = time.perf_counter()
             with eng, busy:
+                if hasattr(eng, "open_sessions"):   # (the sessions its timed calls split onto: at open, as the runtime)
+                    r = 2 if spec.rows_per_sample == 2 else 1
+                    for f in [f for k in spec.scales for f in eng.open_sessions(spec.shapes(k, r)[spec.inputs[0]])]:
+                        f.result()
                 opened = time.perf_counter() - t0
                 measured[stage][cand] = measure_stage(eng, module, spec, config,
                                                       calls.get(stage, [1] * config.n_scales), tolerance=tol)
