@@ -4,7 +4,8 @@ built once at export and loaded at run time without compiling.
 A package holds one stage for every shape the runtime will request: rows, tokens per scale and
 the AR's prefix length are dynamic dimensions (one package serves every scale and batch, as the
 ONNX graphs do). It is compiled with Inductor's freezing (weights folded into the graph as
-constants, prepacked for the GEMM kernels) and ``force_mmap_weights`` (the weights appended to
+constants, prepacked for the GEMM kernels), each GEMM as the faster of Inductor's C++ template and
+ATen's call (:data:`TUNED`), and ``force_mmap_weights`` (the weights appended to
 the shared library and memory-mapped when it is loaded, not copied). The directory stores that
 shared library itself (``STAGE.aoti-bf16.so``), taken out of the ``.pt2`` package at export:
 PyTorch's package loader unpacks a package into a temporary folder at every opening (FlowAR-H's
@@ -36,9 +37,21 @@ from flowar.errors import FlowARError
 # from outside, compiler processes included), bf16 and fp32 alike: FlowAR-H's AR 16.3 GB for 5.13 GB
 # (3.1x), FlowAR-S's AR 2.0 GB for 0.52 GB (3.4x bf16, 3.3x fp32), FlowAR-S's velocity 0.95 GB for
 # 0.17 GB (the compiler's own ~0.5 GB). The weights are held as the module's, as frozen constants,
-# prepacked for the GEMMs and serialized into the library.
+# prepacked for the GEMMs and serialized into the library. Timing the GEMMs' C++ templates (TUNED)
+# added 0.3 GB to FlowAR-S's AR (peak resident 2.63 -> 2.93 GB, cold caches): counted as overhead.
 COMPILE_PER_WEIGHT_BYTE = 3.3
-COMPILE_OVERHEAD = 0.5e9
+COMPILE_OVERHEAD = 0.8e9
+
+# Each GEMM compiled as Inductor's C++ template (micro-kernels for this CPU's AMX or AVX-512, built
+# into the library) where that times faster at compile than the ATen call (oneDNN, which creates
+# and JIT-compiles its kernels for each new shape in the process: the first image paid 10-50 ms per
+# shape and stage). FlowAR-S bf16 on an Intel Xeon with AMX, per call: velocity at 1 row 5.4 -> 2.1 ms
+# at the 1x1 scale, 18.9 -> 18.5 at 16x16; its first call per shape 10-50 ms -> 1-6 ms above the
+# next; the AR at 2 rows 225 -> 202 ms over the five scales; the same error against float32. The
+# first image 2.22 s against 2.43, the next ones 5-7 % faster. Paid at export: FlowAR-S's AR compiled
+# in 76 s instead of 41 (each GEMM's template built and timed), its whole --precision auto 379 s.
+TUNED = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",   # (and nothing printed: each GEMM's
+         "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}   # timings filled the terminal)
 
 
 def compile_memory(weight_bytes: int) -> float:
@@ -60,12 +73,15 @@ def compile_stage(spec, module: torch.nn.Module, config, max_rows: int, path: Pa
     ins = sample_inputs(spec, config, k, min(max_rows, 2), torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
     try:
+        import warnings
+
         from torch import _inductor
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)   # (Inductor's timing, not ours)
             program = torch.export.export(module.eval(), tuple(ins[n] for n in spec.inputs), dynamic_shapes=dynamic)
             package = path.with_name(path.name + ".pt2")
             _inductor.aoti_compile_and_package(program, package_path=str(package), inductor_configs={
-                "freezing": True, "aot_inductor.force_mmap_weights": True})
+                "freezing": True, "aot_inductor.force_mmap_weights": True, **TUNED})
     except Exception as e:   # noqa: BLE001 - a stage Inductor cannot compile here is not a candidate
         raise FlowARError(f"AOTInductor to compile the {spec.name} stage", f"{type(e).__name__}: "
                           f"{(str(e).strip().splitlines() or ['?'])[0][:200]}",
@@ -104,6 +120,11 @@ def load_package(path: Path, models: int = 1):
     library loaded in place (its appended weights memory-mapped) as a :class:`Library` that runs up
     to ``models`` calls at once, or a ``.pt2`` package (directories exported before the library was
     stored alone) through PyTorch's package loader, which unpacks it."""
+    # AMX tiles (the C++ GEMM templates') need the kernel's permission, which oneDNN asks for itself and
+    # the library does not: a process whose first computation was a compiled stage died of SIGILL
+    init_amx = getattr(torch._C._cpu, "_init_amx", None)
+    if init_amx is not None:
+        init_amx()
     if Path(path).suffix == ".pt2":
         return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1).boxed_run
     return Library(path, models)

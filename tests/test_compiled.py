@@ -64,6 +64,27 @@ def test_a_compiled_stage_matches_eager_at_every_scale_and_row_count(compiled_di
                     assert relative_error(g, r) > 1e-5, (k, rows)
 
 
+def test_a_fresh_process_runs_it_before_anything_else_computes(compiled_dir, tmp_path):
+    """Its GEMMs may be C++ templates on AMX tiles, which Linux lets a process use only once it has
+    asked (oneDNN asks for itself, the library does not): the loader asks, so a process whose first
+    computation is the compiled stage gets its outputs (it died of SIGILL on an AMX machine; on
+    another kind there is nothing to ask for, and the same must hold)."""
+    import subprocess
+    import sys
+    from flowar.engines.aoti import load_package
+    from flowar.export.specs import sample_inputs
+    d, model, spec, _ = compiled_dir
+    ins = sample_inputs(spec, model.config, 1, 2, torch.Generator().manual_seed(0))
+    torch.save([ins[n] for n in spec.inputs], tmp_path / "ins.pt")
+    code = ("import sys, torch; from flowar.engines.aoti import load_package; "
+            "out = load_package(sys.argv[1])(torch.load(sys.argv[2])); torch.save(out, sys.argv[3])")
+    r = subprocess.run([sys.executable, "-c", code, str(d / "head_prep.aoti-bf16.so"), str(tmp_path / "ins.pt"),
+                        str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-400:])
+    want = load_package(d / "head_prep.aoti-bf16.so")([ins[n] for n in spec.inputs])
+    assert all(torch.equal(g, w) for g, w in zip(torch.load(tmp_path / "out.pt"), want))
+
+
 def test_the_runtime_runs_it_and_refuses_it_on_a_cpu_without_its_instructions(compiled_dir, monkeypatch):
     import flowar.engines.cpu as cpu
     from flowar.errors import EngineDirError
