@@ -80,8 +80,11 @@ def compile_stage(spec, module: torch.nn.Module, config, max_rows: int, path: Pa
             warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)   # (Inductor's timing, not ours)
             program = torch.export.export(module.eval(), tuple(ins[n] for n in spec.inputs), dynamic_shapes=dynamic)
             package = path.with_name(path.name + ".pt2")
-            _inductor.aoti_compile_and_package(program, package_path=str(package), inductor_configs={
-                "freezing": True, "aot_inductor.force_mmap_weights": True, **TUNED})
+            base = {"freezing": True, "aot_inductor.force_mmap_weights": True}
+            try:
+                _inductor.aoti_compile_and_package(program, package_path=str(package), inductor_configs=base | TUNED)
+            except Exception:   # noqa: BLE001 - (templates this CPU or PyTorch cannot build: ATen's calls alone)
+                _inductor.aoti_compile_and_package(program, package_path=str(package), inductor_configs=base)
     except Exception as e:   # noqa: BLE001 - a stage Inductor cannot compile here is not a candidate
         raise FlowARError(f"AOTInductor to compile the {spec.name} stage", f"{type(e).__name__}: "
                           f"{(str(e).strip().splitlines() or ['?'])[0][:200]}",

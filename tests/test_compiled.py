@@ -85,6 +85,28 @@ def test_a_fresh_process_runs_it_before_anything_else_computes(compiled_dir, tmp
     assert all(torch.equal(g, w) for g, w in zip(torch.load(tmp_path / "out.pt"), want))
 
 
+def test_a_compile_whose_gemm_templates_fail_is_made_again_with_aten_s_calls(compiled_dir, monkeypatch, tmp_path):
+    """The C++ GEMM templates are timed where this CPU and PyTorch can build them: a compile that fails
+    with them is made again without (ATen's calls, as before they were timed); one that fails both
+    ways is one line naming the stage and Inductor's reason."""
+    from torch import _inductor
+
+    from flowar.engines import aoti
+    from flowar.errors import FlowARError
+    from flowar.runtime.candidates import stage_module
+    _, model, spec, _ = compiled_dir
+    calls = []
+
+    def fails(program, package_path=None, inductor_configs=None):
+        calls.append(dict(inductor_configs))
+        raise RuntimeError("no template for this CPU")
+    monkeypatch.setattr(_inductor, "aoti_compile_and_package", fails)
+    with pytest.raises(FlowARError, match="AOTInductor to compile the head_prep stage.*no template for this CPU"):
+        aoti.compile_stage(spec, stage_module("aoti-bf16", spec, model, None), model.config, 2, tmp_path / "h.so")
+    assert [set(aoti.TUNED) <= set(c) for c in calls] == [True, False], calls
+    assert all(c["freezing"] and c["aot_inductor.force_mmap_weights"] for c in calls)
+
+
 def test_the_runtime_runs_it_and_refuses_it_on_a_cpu_without_its_instructions(compiled_dir, monkeypatch):
     import flowar.engines.cpu as cpu
     from flowar.errors import EngineDirError
