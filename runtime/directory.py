@@ -172,7 +172,9 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
                      info["data_sha256"]) else functools.cache(functools.partial(m.read_checked, info["file"],
                                                                                  info["sha256"])))
             engines[stage] = OrtEngine(stage, graph, info["sha256"], spec.row_tensors, provider, m.root / ".ort-cache",
-                                       threads, *split_limits(stage, m.config), source=m.member(info["file"]))
+                                       threads, *split_limits(stage, m.config), source=m.member(info["file"]),
+                                       expect=tuple(spec.shapes(k, r)[spec.inputs[0]] for k in spec.scales
+                                                    for r in {1, spec.rows_per_sample}))   # (batch 1's calls)
     # Warmed at open: the engines whose first calls (one per scale) cost at least WARM_SETUP_S more
     # than later ones, by the export's measurement. Warming runs each shape once on zeros, i.e. costs
     # the calls themselves: for an engine that sets up little (a PyTorch fp32 decoder: 0.04 s against

@@ -113,7 +113,8 @@ class Runtime(contextlib.AbstractContextManager):
         """What ``flowar-export`` wrote, on the engines :func:`choose_backend` picks (``ckpt``: for
         ``backend="torch"``, the checkpoint the directory was exported from, if it moved). ``warm``:
         the batch sizes whose shapes the engines that set up a lot per shape are run at once, here,
-        so that the first image does not pay it (``()``: none; see :meth:`warm_up`)."""
+        so that the first image does not pay it, and whose ONNX Runtime sessions for row blocks are
+        waited for (``()``: none; the first call that needs one of those waits; see :meth:`warm_up`)."""
         from flowar.device import resolve_device
         from flowar.runtime.stages import EngineStages
         m = read_manifest(path, note_edits=True)

@@ -424,14 +424,17 @@ def test_opening_opens_the_sessions_the_first_image_splits_its_calls_onto(defaul
     import os
 
     import flowar.engines.ort as ort_mod
+    from flowar.runtime.engines import OrtEngine
     from flowar.runtime.runtime import Runtime
     monkeypatch.setattr(os, "cpu_count", lambda: 4)              # (two threads, whatever the machine)
     made, real = [], ort_mod.create_session
     monkeypatch.setattr(ort_mod, "create_session", lambda *a, **k: made.append(a[3]) or real(*a, **k))
-    with Runtime.open_engine_dir(default_auto_engines, backend="ort", threads=2, warm=()) as rt:
-        at_open = len(made)
-        lazy = rt.sample([3], rt.schedule(), seed=5)
-        in_image = made[at_open:]
+    with monkeypatch.context() as m:                            # (as before: opened by the first call that splits)
+        m.setattr(OrtEngine, "open_sessions", lambda self, shape: [])
+        with Runtime.open_engine_dir(default_auto_engines, backend="ort", threads=2) as rt:
+            at_open = len(made)
+            lazy = rt.sample([3], rt.schedule(), seed=5)
+            in_image = made[at_open:]
     assert 1 in in_image, made                                 # (what opening takes out of the image)
     made.clear()
     with Runtime.open_engine_dir(default_auto_engines, backend="ort", threads=2) as rt:

@@ -85,7 +85,10 @@ class StageMeasure:
         return self.error != float("inf")
 
 
-def measure_stage(engine, module, spec, config, calls: list[int], repeat: int = 3, rows: int = 2,
+MEASURE_ROWS = 2      # the AR rows a stage is timed at (batch 1 with guidance)
+
+
+def measure_stage(engine, module, spec, config, calls: list[int], repeat: int = 3, rows: int = MEASURE_ROWS,
                   tolerance: float = FP32_SCREEN) -> StageMeasure:
     """Seconds per sample (sum over scales of calls x median call time) and worst relative error."""
     from flowar.export.specs import sample_inputs
@@ -224,7 +227,7 @@ def select(bench: Workbench, mode: str = "auto", candidates: tuple[str, ...] | N
             t0 = time.perf_counter()
             with eng, busy:
                 if hasattr(eng, "open_sessions"):   # (the sessions its timed calls split onto: at open, as the runtime)
-                    r = 2 if spec.rows_per_sample == 2 else 1
+                    r = MEASURE_ROWS if spec.rows_per_sample == 2 else MEASURE_ROWS // 2       # (measure_stage's)
                     for f in [f for k in spec.scales for f in eng.open_sessions(spec.shapes(k, r)[spec.inputs[0]])]:
                         f.result()
                 opened = time.perf_counter() - t0
