@@ -5,7 +5,7 @@ A package holds one stage for every shape the runtime will request: rows, tokens
 the AR's prefix length are dynamic dimensions (one package serves every scale and batch, as the
 ONNX graphs do). It is compiled with Inductor's freezing (weights folded into the graph as
 constants, prepacked for the GEMM kernels), each GEMM as the faster of Inductor's C++ template and
-ATen's call (:data:`TUNED`), and ``force_mmap_weights`` (the weights appended to
+ATen's call (:data:`TUNED`; ATen's calls alone where the templates fail to build), and ``force_mmap_weights`` (the weights appended to
 the shared library and memory-mapped when it is loaded, not copied). The directory stores that
 shared library itself (``STAGE.aoti-bf16.so``), taken out of the ``.pt2`` package at export:
 PyTorch's package loader unpacks a package into a temporary folder at every opening (FlowAR-H's
@@ -45,9 +45,10 @@ COMPILE_OVERHEAD = 0.8e9
 # Each GEMM compiled as Inductor's C++ template (micro-kernels for this CPU's AMX or AVX-512, built
 # into the library) where that times faster at compile than the ATen call (oneDNN, which creates
 # and JIT-compiles its kernels for each new shape in the process: the first image paid 10-50 ms per
-# shape and stage). FlowAR-S bf16 on an Intel Xeon with AMX, per call: velocity at 1 row 5.4 -> 2.1 ms
-# at the 1x1 scale, 18.9 -> 18.5 at 16x16; its first call per shape 10-50 ms -> 1-6 ms above the
-# next; the AR at 2 rows 225 -> 202 ms over the five scales; the same error against float32. The
+# shape and stage). FlowAR-S bf16 on an Intel Xeon with AMX, per call (interleaved): velocity at 1 row
+# 5.35 -> 3.34 ms at the 1x1 scale, 8.87 -> 7.80 at 8x8, 22.4 -> 24.6 at 16x16 (at 2 rows 46.1 -> 44.9:
+# the largest calls gain nothing); its first call per shape 10-50 ms -> 1-6 ms above the next; the AR
+# at 2 rows 225 -> 202 ms over the five scales; the same error against float32. The
 # first image 2.22 s against 2.43, the next ones 5-7 % faster. Paid at export: FlowAR-S's AR compiled
 # in 76 s instead of 41 (each GEMM's template built and timed), its whole --precision auto 379 s.
 TUNED = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",   # (and nothing printed: each GEMM's
@@ -72,6 +73,7 @@ def compile_stage(spec, module: torch.nn.Module, config, max_rows: int, path: Pa
     k = max(0, config.n_scales - 2) if spec.per_scale else 0
     ins = sample_inputs(spec, config, k, min(max_rows, 2), torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
+    package = path.with_name(path.name + ".pt2")
     try:
         import warnings
 
@@ -79,21 +81,23 @@ def compile_stage(spec, module: torch.nn.Module, config, max_rows: int, path: Pa
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)   # (Inductor's timing, not ours)
             program = torch.export.export(module.eval(), tuple(ins[n] for n in spec.inputs), dynamic_shapes=dynamic)
-            package = path.with_name(path.name + ".pt2")
             base = {"freezing": True, "aot_inductor.force_mmap_weights": True}
+            # (a key this PyTorch's Inductor does not know would fail every compile: only those it has)
+            tuned = {k: v for k, v in TUNED.items() if hasattr(_inductor.config, k)}
             try:
-                _inductor.aoti_compile_and_package(program, package_path=str(package), inductor_configs=base | TUNED)
+                _inductor.aoti_compile_and_package(program, package_path=str(package), inductor_configs=base | tuned)
             except Exception:   # noqa: BLE001 - (templates this CPU or PyTorch cannot build: ATen's calls alone)
                 _inductor.aoti_compile_and_package(program, package_path=str(package), inductor_configs=base)
+        take_library(package, path)
+    except FlowARError:
+        raise
     except Exception as e:   # noqa: BLE001 - a stage Inductor cannot compile here is not a candidate
         raise FlowARError(f"AOTInductor to compile the {spec.name} stage", f"{type(e).__name__}: "
                           f"{(str(e).strip().splitlines() or ['?'])[0][:200]}",
                           "export without the compiled candidates (--auto-candidates ort-fp32,torch-fp32,torch-bf16)"
                           ) from e
-    try:
-        take_library(package, path)
     finally:
-        package.unlink(missing_ok=True)
+        package.unlink(missing_ok=True)      # (also what a failed compile left)
     return time.perf_counter() - t0
 
 

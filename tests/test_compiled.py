@@ -28,8 +28,15 @@ def compiled_dir(fixtures_dir, tmp_path_factory):
     spec = json.loads((d / "manifest.json").read_text())
     from flowar.export.specs import stage_specs
     st = stage_specs(model.config)["head_prep"]
-    seconds = compile_stage(st, stage_module("aoti-bf16", st, model, None), model.config, st.max_rows(2),
-                            d / "head_prep.aoti-bf16.so")
+    # (the GEMMs as C++ templates whatever their timing, so that the tests below run those: AMX tiles
+    # where the CPU has them; where the templates do not build, ATen's calls, as the export falls back)
+    from flowar.engines import aoti
+    tuned, aoti.TUNED = aoti.TUNED, aoti.TUNED | {"max_autotune_gemm_backends": "CPP"}
+    try:
+        seconds = compile_stage(st, stage_module("aoti-bf16", st, model, None), model.config, st.max_rows(2),
+                                d / "head_prep.aoti-bf16.so")
+    finally:
+        aoti.TUNED = tuned
     spec["precision"] = "auto"
     spec["auto"] = {"choice": {"head_prep": "aoti-bf16"}, "machine": cpu_kind()}
     spec["engines"] = {"head_prep": {"candidate": "aoti-bf16", "file": "head_prep.aoti-bf16.so",
