@@ -140,14 +140,18 @@ class OrtEngine:
         self._sessions, self._runs = {}, {}
         self.session = None
 
-    def _blocks(self, shape) -> tuple[tuple[int, int, int | None], ...]:
-        """The row blocks (first row, end row, threads; None: the whole call on the main session) of a
-        call whose first input has ``shape`` (:func:`flowar.engines.ort.plan_call`)."""
+    def _blocks(self, shape) -> list[tuple[int, int, tuple | None]]:
+        """The row blocks (first row, end row, the key of their session: (threads, block), or None: the
+        whole call on the main session) of a call whose first input has ``shape``
+        (:func:`flowar.engines.ort.plan_call`). One-thread blocks share a session (each run computes on its
+        caller's thread); blocks with several threads each get their own, since concurrent runs of
+        one session share its thread pool."""
         from flowar.engines.ort import plan_call
         rows = shape[0] if len(shape) else 1
         if not self.splittable:
-            return ((0, rows, None),)
-        return plan_call(rows, shape[1] if len(shape) >= 2 else 1, self.n_threads, self.shard_min, self.single_max)
+            return [(0, rows, None)]
+        return [(b, e, (threads, i if threads > 1 else 0)) for i, (b, e, threads) in enumerate(
+            plan_call(rows, shape[1] if len(shape) >= 2 else 1, self.n_threads, self.shard_min, self.single_max))]
 
     def open_sessions(self, shape) -> list:
         """Start opening, on the engine's threads, the sessions the row blocks of a call whose first input
@@ -157,12 +161,12 @@ class OrtEngine:
         from concurrent.futures import Future
 
         from flowar.engines.ort import create_session
-        for i, (_, _, threads) in enumerate(self._blocks(shape)):
-            key = (threads, i if threads > 1 else 0) if threads is not None else None
+        for _, _, key in self._blocks(shape):
             if key is not None and key not in self._sessions:
                 self._sessions[key] = self._pool.submit(create_session, self.graph, self.sha256, self.provider,
-                                                        threads, self.cache_dir, self.source)
-        return [f for f in self._sessions.values() if isinstance(f, Future)]
+                                                        key[0], self.cache_dir, self.source)
+        # (not those already open: a later warm-up waited for them again, and trimmed the allocator each time)
+        return [f for f in self._sessions.values() if isinstance(f, Future) and (not f.done() or f.exception())]
 
     def infer(self, inputs: dict[str, Tensor], outputs: dict[str, Tensor], profile: int = 0) -> None:
         # The runtime's buffers are static, so the plan and bindings made once for these exact
@@ -193,10 +197,7 @@ class OrtEngine:
             raise err
 
     def _plan(self, inputs: dict[str, Tensor], outputs: dict[str, Tensor]) -> list:
-        """One job per row block (:func:`flowar.engines.ort.plan_call`): its session's run on its
-        tensors, bound by address once. One-thread blocks share a session (each run computes on its
-        caller's thread); blocks with several threads each get their own, since concurrent runs of
-        one session share its thread pool."""
+        """One job per row block (:meth:`_blocks`): its session's run on its tensors, bound by address once."""
         from concurrent.futures import Future
 
         import numpy as np
@@ -210,11 +211,10 @@ class OrtEngine:
                                  f"{', '.join(stray)} (it has {', '.join(sorted(known))})",
                                  "export the directory again with flowar-export")
         jobs = []
-        for i, (b, e, threads) in enumerate(self._blocks(next(iter(inputs.values())).shape)):
-            if threads is None:
+        for b, e, key in self._blocks(next(iter(inputs.values())).shape):
+            if key is None:
                 sess = self.session
             else:
-                key = (threads, i if threads > 1 else 0)
                 sess = self._sessions.get(key)
                 if isinstance(sess, Future):      # (opening: see open_sessions; one that failed is tried again)
                     try:
@@ -222,12 +222,12 @@ class OrtEngine:
                     except Exception:   # noqa: BLE001
                         sess = None
                 if sess is None:                  # (shapes not opened for)
-                    sess = create_session(self.graph, self.sha256, self.provider, threads, self.cache_dir, self.source)
+                    sess = create_session(self.graph, self.sha256, self.provider, key[0], self.cache_dir, self.source)
                 self._sessions[key] = sess
             binding = sess.io_binding()
             for group, bind in ((inputs, binding.bind_input), (outputs, binding.bind_output)):
                 for n, t in group.items():
-                    t = t[b:e] if threads is not None and n in self.row_tensors else t
+                    t = t[b:e] if key is not None and n in self.row_tensors else t
                     assert t.is_contiguous(), f"{self.name}: {n} must be contiguous"
                     bind(n, "cuda" if t.is_cuda else "cpu", t.device.index or 0, np.dtype(_NP[t.dtype]), list(t.shape),
                          t.data_ptr())
