@@ -60,9 +60,11 @@ def compile_memory(weight_bytes: int) -> float:
     return COMPILE_PER_WEIGHT_BYTE * weight_bytes + COMPILE_OVERHEAD
 
 
-def compile_stage(spec, module: torch.nn.Module, config, max_rows: int, path: Path) -> float:
+def compile_stage(spec, module: torch.nn.Module, config, max_rows: int, path: Path) -> tuple[float, str]:
     """Compile ``module`` (one stage, float32 in and out) into the shared library ``path``; its
-    dynamic dimensions are those of the stage's spec, rows up to ``max_rows``. Returns the seconds taken."""
+    dynamic dimensions are those of the stage's spec, rows up to ``max_rows``. Returns the seconds
+    taken and, where the GEMM templates (:data:`TUNED`) failed to build and ATen's calls were
+    compiled instead, Inductor's reason (else "")."""
     from torch.export import Dim
 
     from flowar.export.specs import sample_inputs
@@ -84,21 +86,27 @@ def compile_stage(spec, module: torch.nn.Module, config, max_rows: int, path: Pa
             base = {"freezing": True, "aot_inductor.force_mmap_weights": True}
             # (a key this PyTorch's Inductor does not know would fail every compile: only those it has)
             tuned = {k: v for k, v in TUNED.items() if hasattr(_inductor.config, k)}
+            untuned = ""
             try:
                 _inductor.aoti_compile_and_package(program, package_path=str(package), inductor_configs=base | tuned)
-            except Exception:   # noqa: BLE001 - (templates this CPU or PyTorch cannot build: ATen's calls alone)
+            except Exception as e:   # noqa: BLE001 - (templates this CPU or PyTorch cannot build: ATen's calls alone)
+                untuned = _reason(e)
                 _inductor.aoti_compile_and_package(program, package_path=str(package), inductor_configs=base)
         take_library(package, path)
     except FlowARError:
         raise
     except Exception as e:   # noqa: BLE001 - a stage Inductor cannot compile here is not a candidate
-        raise FlowARError(f"AOTInductor to compile the {spec.name} stage", f"{type(e).__name__}: "
-                          f"{(str(e).strip().splitlines() or ['?'])[0][:200]}",
+        raise FlowARError(f"AOTInductor to compile the {spec.name} stage", _reason(e),
                           "export without the compiled candidates (--auto-candidates ort-fp32,torch-fp32,torch-bf16)"
                           ) from e
     finally:
         package.unlink(missing_ok=True)      # (also what a failed compile left)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, untuned
+
+
+def _reason(e: Exception) -> str:
+    """An exception of Inductor's as one line: its type and its message's first line."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or ['?'])[0][:200]}"
 
 
 def take_library(package: Path, path: Path) -> None:

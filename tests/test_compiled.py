@@ -33,7 +33,7 @@ def compiled_dir(fixtures_dir, tmp_path_factory):
     from flowar.engines import aoti
     tuned, aoti.TUNED = aoti.TUNED, aoti.TUNED | {"max_autotune_gemm_backends": "CPP"}
     try:
-        seconds = compile_stage(st, stage_module("aoti-bf16", st, model, None), model.config, st.max_rows(2),
+        seconds, _ = compile_stage(st, stage_module("aoti-bf16", st, model, None), model.config, st.max_rows(2),
                                 d / "head_prep.aoti-bf16.so")
     finally:
         aoti.TUNED = tuned
@@ -95,14 +95,39 @@ def test_a_fresh_process_runs_it_before_anything_else_computes(compiled_dir, tmp
 def test_a_compile_whose_gemm_templates_fail_is_made_again_with_aten_s_calls(compiled_dir, monkeypatch, tmp_path):
     """The C++ GEMM templates are timed where this CPU and PyTorch can build them: a compile that fails
     with them is made again without (ATen's calls, as before they were timed); one that fails both
-    ways is one line naming the stage and Inductor's reason."""
+    ways is one line naming the stage and Inductor's reason. The export says which compiles fell back."""
     from torch import _inductor
 
+    from flowar.commands.precision import PrecisionReport, StageMeasure
     from flowar.engines import aoti
+    from flowar.engines.aoti import load_package
     from flowar.errors import FlowARError
+    from flowar.eval.quality import relative_error
+    from flowar.export.specs import sample_inputs
     from flowar.runtime.candidates import stage_module
     _, model, spec, _ = compiled_dir
-    calls = []
+    calls, real = [], _inductor.aoti_compile_and_package
+
+    def templates_fail(program, package_path=None, inductor_configs=None):
+        calls.append(dict(inductor_configs))
+        if set(aoti.TUNED) <= set(inductor_configs):
+            raise RuntimeError("no template for this CPU")
+        return real(program, package_path=package_path, inductor_configs=inductor_configs)
+    with monkeypatch.context() as mp:
+        mp.setattr(_inductor, "aoti_compile_and_package", templates_fail)
+        _, untuned = aoti.compile_stage(spec, stage_module("aoti-bf16", spec, model, None), model.config, 2,
+                                        tmp_path / "h.so")
+    assert [set(aoti.TUNED) <= set(c) for c in calls] == [True, False] and untuned == "RuntimeError: no template for this CPU"
+    ins = sample_inputs(spec, model.config, 1, 2, torch.Generator().manual_seed(0))     # (it computes the stage)
+    with torch.no_grad():
+        want = stage_module("aoti-bf16", spec, model, None)(*(ins[n] for n in spec.inputs))
+    got = load_package(tmp_path / "h.so")([ins[n] for n in spec.inputs])
+    assert all(relative_error(g, w) < 1e-2 for g, w in zip(got, want)) and not list(tmp_path.glob("*.pt2"))
+    report = PrecisionReport("auto", {spec.name: "aoti-bf16"},
+                             {spec.name: {"aoti-bf16": StageMeasure(1e-3, 1e-3, 0.05, build_s=3.0, untuned=untuned)}})
+    assert "aoti-bf16 1.0 ms (err 1.0e-03, compiled in 3 s with ATen GEMMs, its GEMM templates failed: RuntimeError: " \
+           "no template for this CPU)" in report.lines()[0]
+    calls.clear()
 
     def fails(program, package_path=None, inductor_configs=None):
         calls.append(dict(inductor_configs))

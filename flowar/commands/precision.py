@@ -66,6 +66,7 @@ class StageMeasure:
     error: float              # rms |out - fp32 reference| / rms |reference|, worst scale
     tolerance: float          # what the screen allows (inf: no gate)
     build_s: float = 0.0      # compile time (compiled candidates), reported apart
+    untuned: str = ""         # why its GEMM templates failed to build, where they did (compiled with ATen's calls)
     note: str = ""            # why a candidate could not be measured (it then never wins)
     setup_s: float = 0.0      # what its first call at each scale costs beyond the others (oneDNN primitives,
                               # weight reorders): paid by the first image (or at open, where eager engines warm up)
@@ -154,7 +155,9 @@ class PrecisionReport:
         for stage, ms in self.measured.items():
             cells = ", ".join(f"{c} unavailable ({m.note})" if m.note else
                               f"{c} {m.seconds * 1e3:.1f} ms (err {m.error:.1e}{'' if m.ok else ', too far'}"
-                              f"{f', compiled in {m.build_s:.0f} s' if m.build_s else ''})" for c, m in ms.items())
+                              f"{f', compiled in {m.build_s:.0f} s' if m.build_s else ''}"
+                              f"{f' with ATen GEMMs, its GEMM templates failed: {m.untuned}' if m.untuned else ''})"
+                              for c, m in ms.items())
             out.append(f"  {self.mode} {stage:<10} -> {self.choice[stage]:<14} [{cells}]")
         fp16 = _describe(self.official_fp16)
         for c in self.combinations:
@@ -239,6 +242,7 @@ def select(bench: Workbench, mode: str = "auto", candidates: tuple[str, ...] | N
                     opened += hash_seconds(tensors)
             release_free_memory()
             measured[stage][cand].build_s = bench.build_s.get((stage, cand), 0.0)
+            measured[stage][cand].untuned = bench.untuned.get((stage, cand), "")
             if stage == "decode" and cand.startswith("torch") and "decode" not in imports:
                 # (what opening a directory's PyTorch decoder imports: flowar.model.decoder, not diffusers)
                 imports["decode"] = import_seconds("import flowar.model.decoder, flowar.model.vae")

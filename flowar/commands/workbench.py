@@ -31,6 +31,7 @@ class Workbench:
         self.max_batch, self.threads, self.max_memory = max_batch, threads, max_memory
         self.packages: dict[tuple[str, str], object] = {}
         self.build_s: dict[tuple[str, str], float] = {}
+        self.untuned: dict[tuple[str, str], str] = {}     # why a compile's GEMM templates failed (ATen's calls then)
 
     def engine(self, stage: str, candidate: str, threads: int | None = None):
         """The (not yet entered) engine of ``candidate`` for ``stage``; compiles it the first time."""
@@ -48,7 +49,7 @@ class Workbench:
                 release_free_memory()       # the compile's peak comes on top of what the process holds
                 self._check_room(stage)
                 path = self.folder / f"{stage}.{candidate}.so"
-                self.build_s[key] = compile_stage(spec, stage_module(candidate, spec, self.model, self.vae), config,
+                self.build_s[key], self.untuned[key] = compile_stage(spec, stage_module(candidate, spec, self.model, self.vae), config,
                                                   spec.max_rows(self.max_batch), path)
                 self.packages[key] = path
             return AotiEngine(stage, self.packages[key], spec.inputs, spec.outputs)
