@@ -84,6 +84,15 @@ class AotiEngine:
 
 _NP = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64", torch.bfloat16: "bfloat16"}
 
+# A call of one sample (two rows with guidance) of a graph larger than this runs whole, on its
+# session's threads: row blocks need a second session, a second copy of the weights, which cost
+# FlowAR-S (AR 521 MB, velocity 166 MB) 0.6-0.75 s to open and 0.73 GB at a one-image command's
+# peak (1.69 against 2.41 GB) and gained 0.02 s of a 7.8 s image (AR 0.88 against 0.93 s, the head
+# 5.88 against 5.84; interleaved in one process; Intel Xeon, 2 cores), while the tiny default
+# model's graphs (under 4 MB) open in milliseconds and sample 1.45x faster as blocks. Batches
+# split as before (FlowAR-S at batch 4: 6 % faster).
+ALONE_BYTES = 32 << 20
+
 
 class OrtEngine:
     """ONNX Runtime behind the engine interface.
@@ -125,6 +134,9 @@ class OrtEngine:
         external = isinstance(self.graph, Path) and Path(str(self.graph) + ".data").exists()
         self.splittable = (self.cpu and self.n_threads > 1 and not external
                            and all(o in self.row_tensors for o in outs))
+        src = self.source or (self.graph if isinstance(self.graph, Path) else None)
+        size = src.stat().st_size if src is not None else len(self.graph) if isinstance(self.graph, bytes) else 0
+        self.whole_rows = 2 if size > ALONE_BYTES else 0     # calls of at most this many rows run whole
         if self.splittable:     # (at most one block per core: cores - 1 threads serve them all, and open sessions)
             from concurrent.futures import ThreadPoolExecutor
             self._pool = ThreadPoolExecutor(max(1, self.n_threads - 1), thread_name_prefix=f"flowar-{self.name}")
@@ -143,12 +155,13 @@ class OrtEngine:
     def _blocks(self, shape) -> list[tuple[int, int, tuple | None]]:
         """The row blocks (first row, end row, the key of their session: (threads, block), or None: the
         whole call on the main session) of a call whose first input has ``shape``
-        (:func:`flowar.engines.ort.plan_call`). One-thread blocks share a session (each run computes on its
+        (:func:`flowar.engines.ort.plan_call`; one sample of a large graph: whole, see
+        :data:`ALONE_BYTES`). One-thread blocks share a session (each run computes on its
         caller's thread); blocks with several threads each get their own, since concurrent runs of
         one session share its thread pool."""
         from flowar.engines.ort import plan_call
         rows = shape[0] if len(shape) else 1
-        if not self.splittable:
+        if not self.splittable or rows <= self.whole_rows:
             return [(0, rows, None)]
         return [(b, e, (threads, i if threads > 1 else 0)) for i, (b, e, threads) in enumerate(
             plan_call(rows, shape[1] if len(shape) >= 2 else 1, self.n_threads, self.shard_min, self.single_max))]

@@ -458,6 +458,34 @@ def test_opening_opens_the_sessions_the_first_image_splits_its_calls_onto(defaul
     assert torch.equal(res.tokens, lazy.tokens) and torch.equal(res.images, lazy.images)
 
 
+def test_one_sample_of_a_large_graph_runs_whole_and_batches_still_split(default_auto_engines, monkeypatch):
+    """A second session of a large graph (a copy of its weights) costs more to open than its row
+    blocks save on one sample: FlowAR-S's one-image command paid 0.75 s and 0.73 GB for 0-0.3 s.
+    With every graph counted large, batch 1 opens no session beyond each stage's own and gives the
+    images of the split calls (within float32 noise); a batch of two still splits."""
+    import os
+
+    import flowar.engines.ort as ort_mod
+    import flowar.runtime.engines as engines_mod
+    from flowar.runtime.runtime import Runtime
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)              # (two threads, whatever the machine)
+    made, real = [], ort_mod.create_session
+    monkeypatch.setattr(ort_mod, "create_session", lambda *a, **k: made.append(a[3]) or real(*a, **k))
+    with Runtime.open_engine_dir(default_auto_engines, backend="ort", threads=2) as rt:
+        split = rt.sample([3], rt.schedule(), seed=5)
+    assert 1 in made                                            # (small graphs: one-thread blocks)
+    made.clear()
+    monkeypatch.setattr(engines_mod, "ALONE_BYTES", 0)
+    with Runtime.open_engine_dir(default_auto_engines, backend="ort", threads=2) as rt:
+        whole = rt.sample([3], rt.schedule(), seed=5)
+        assert made == [2] * len(rt.stages.engines), made       # each stage's own session, nothing more
+        rt.warm_up([2])
+        pair = rt.sample([3, 7], rt.schedule(), seed=5)
+    assert made.count(1) >= 1, made                             # the batch of two: row blocks again
+    assert (whole.tokens - split.tokens).abs().max() <= 1e-5 and (whole.images - split.images).abs().max() <= 1e-5
+    assert (pair.tokens[:1] - split.tokens).abs().max() <= 1e-5
+
+
 def test_the_thread_policy_is_resolved_at_open_and_applied_while_sampling(fixtures_dir, monkeypatch):
     """threads= is honoured for a checkpoint (PyTorch computes every stage there, so every stage
     call sees it), restored after sampling; engines that compute on ONNX Runtime's own threads
