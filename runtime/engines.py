@@ -320,3 +320,32 @@ class SharedDeviceMemory:
 
     def ptr(self) -> int:
         return self.block.data_ptr() if self.block is not None else 0
+
+
+def enter_engines(stack, engines: dict, workers: int = 1) -> dict:
+    """Every engine of ``engines`` entered, up to ``workers`` at once, each one's exit pushed on the
+    ExitStack ``stack`` (also where another failed; the first error is raised once all finished).
+    ONNX Runtime parses and prepacks a graph with the GIL released: FlowAR-S's four sessions opened
+    in 1.0 s on two threads against 1.5-1.6 s one after another, its AR's alone taking 1.0 s (the
+    open's own peak 0.27 GB higher, below the first image's)."""
+    if workers <= 1 or len(engines) <= 1:
+        return {n: stack.enter_context(e) for n, e in engines.items()}
+    from concurrent.futures import ThreadPoolExecutor, wait
+    with ThreadPoolExecutor(min(workers, len(engines)), thread_name_prefix="flowar-open") as pool:
+        # (largest first would be better still; the stages come AR first, the largest of each model)
+        futures = {n: pool.submit(e.__enter__) for n, e in engines.items()}
+        try:
+            wait(futures.values())
+        finally:                         # (an interrupt while waiting: every engine that opened is closed too)
+            pool.shutdown(wait=True)
+            for n, f in futures.items():
+                if f.done() and not f.cancelled() and f.exception() is None:
+                    stack.push(engines[n])
+    for f in futures.values():
+        if f.exception() is not None:
+            raise f.exception()
+    # (what the threads' parsing freed stays in their allocator arenas: FlowAR-S held 1.36 GB after
+    # opening instead of 1.10, 1.07 once trimmed, the first image's peak above it)
+    from flowar.io.memory import release_free_memory
+    release_free_memory()
+    return {n: f.result() for n, f in futures.items()}

@@ -116,6 +116,7 @@ class Runtime(contextlib.AbstractContextManager):
         so that the first image does not pay it, and whose ONNX Runtime sessions for row blocks are
         waited for (``()``: none; the first call that needs one of those waits; see :meth:`warm_up`)."""
         from flowar.device import resolve_device
+        from flowar.runtime.engines import enter_engines
         from flowar.runtime.stages import EngineStages
         m = read_manifest(path, note_edits=True)
         specs = m.specs()
@@ -146,7 +147,7 @@ class Runtime(contextlib.AbstractContextManager):
                 threads_ = Threads.resolve(threads, any(choice.get(s, "ort-fp32") != "ort-fp32" for s in specs))
                 engines, detail = directory_engines(m, specs, choice, chosen, threads_.cores, provider, dev, ckpt,
                                                     trt_unused(m, backend, gpu, chosen) if m.tensorrt else "")
-            engines = {n: stack.enter_context(e) for n, e in engines.items()}
+            engines = enter_engines(stack, engines, threads_.cores if dev.type == "cpu" else 1)
             stages = EngineStages(engines, m.config, m.max_batch, dev, specs, m.call_plan if chosen == "measured"
                                   else None)
             seconds = {"read": time.perf_counter() - t0}
