@@ -92,6 +92,13 @@ def plan_call(rows: int, tokens: int, threads: int, shard_min: int = 0, single_m
     return tuple(out)
 
 
+# ONNX Runtime's optimized copy of a graph: a folder of the graph (its initializers of 1 KB and more in
+# a second file, which ONNX Runtime maps instead of copying them out of the parsed graph: FlowAR-S's AR
+# opened in 0.53 s instead of 1.0, the four stages holding 0.70 GB after opening instead of 1.14)
+# and the record of both files' sha256 and states
+GRAPH, DATA, RECORD = "graph.onnx", "graph.onnx.data", "record.json"
+
+
 def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provider: str | None = None,
                    threads: int | None = None, cache_dir: Path | None = None, source: Path | None = None):
     """An InferenceSession for ``graph``: a path, the file's bytes already read and checked, or a
@@ -105,10 +112,13 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
     process may use, sequential execution, memory-pattern planning; idle worker threads do not
     spin (between calls PyTorch runs the sampler's own ops on the same cores, and row blocks of
     other calls run on one-thread sessions: spinning starves both). The optimized graph is cached
-    in ``cache_dir`` per (graph hash, ORT version, CPU flags), on the CPU provider: a cache is used
-    only for the graph, library and CPU kind it was made for, and only while its bytes hash to what
-    was written beside it when it was made (:func:`_cache_whole`); a damaged one is rebuilt.
+    in ``cache_dir`` per (graph hash, ORT version, CPU flags), on the CPU provider, as a folder
+    (:data:`GRAPH`): a cache is used only for the graph, library and CPU kind it was made for, and
+    only while its files hash to what was recorded when it was made (:func:`_cache_whole`); a
+    damaged one is rebuilt.
     """
+    import shutil
+
     import onnxruntime as ort
 
     from flowar.export.manifest import sha256_file
@@ -117,8 +127,8 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
     # no optimized copy of graphs with external data: a second file of their size, and ONNX Runtime
     # would have to write its weights out again
     external = isinstance(graph, Path) and Path(str(graph) + ".data").exists()
-    # (a cache folder or file that is a symbolic link is not used: it would be read, and written,
-    # outside the engine directory)
+    # (a cache folder that is a symbolic link is not used: it would be read, and written, outside the
+    # engine directory)
     writable = False
     if cache_dir is not None and provider == "CPUExecutionProvider" and not external and not cache_dir.is_symlink():
         try:
@@ -132,9 +142,9 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
             # ENABLE_ALL layouts are per CPU; it ignores what ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA hide)
             from flowar.engines.cpu import cpu_kind
             flags = cpu_kind(honour_env=False)["flags"]
-            cache = cache_dir / f"{sha256[:16]}.ort{ort.__version__}.{'-'.join(flags) or 'x'}.opt.onnx"
+            cache = cache_dir / f"{sha256[:16]}.ort{ort.__version__}.{'-'.join(flags) or 'x'}.opt"
             try:
-                cache = None if cache.is_symlink() or not (writable or cache.is_file()) else cache
+                cache = None if cache.is_symlink() or not (writable or cache.is_dir()) else cache
             except OSError:                # (a cache folder another user made owner-only: the graphs are read instead;
                 cache = None               # it was "Permission denied" and no image)
     for attempt in (0, 1):
@@ -146,8 +156,8 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
         # an image layer) or a chmod changes, and which a user who may not write there could not record.
         if callable(graph) and not (cached and source is not None and record.get("source") == _graph_state(source)):
             graph = graph()                        # the graph read and checked (a changed one is refused here)
-            if cached and source is not None:      # the same graph: its file's state recorded again
-                _record(cache, record["sha256"], source, whole=True)
+            if cached and source is not None and writable:      # the same graph: its file's state recorded again
+                _record(cache, record["files"], source)
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -158,7 +168,7 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if cached        # already optimized
                                        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-        # ONNX Runtime writes the optimized graph while the session is made: to a name of this
+        # ONNX Runtime writes the optimized graph while the session is made: into a folder of this
         # process and thread, renamed into place after, so another process opening the same directory
         # meanwhile finds the cache whole or absent, never half written
         part = None
@@ -166,30 +176,35 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
             from flowar.io.files import remove_stale
             remove_stale(cache.parent, f"{cache.name}.", r"-\d+\.part")    # those of writers that died
             part = cache.with_name(f"{cache.name}.{os.getpid()}-{threading.get_ident()}.part")
-            so.optimized_model_filepath = str(part)
+            shutil.rmtree(part, ignore_errors=True)
+            try:
+                part.mkdir()
+                so.optimized_model_filepath = str(part / GRAPH)
+                so.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA)
+                so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+            except OSError:
+                part = None
         try:
-            session = ort.InferenceSession(str(cache) if cached else graph if isinstance(graph, bytes) else str(graph),
-                                           so, providers=[provider])
+            session = ort.InferenceSession(str(cache / GRAPH) if cached else graph if isinstance(graph, bytes)
+                                           else str(graph), so, providers=[provider])
         except Exception as e:
             if part is not None:
-                part.unlink(missing_ok=True)
+                shutil.rmtree(part, ignore_errors=True)
             if not cached or attempt:
                 if type(e).__module__.startswith("onnxruntime") and type(e).__name__ in _GRAPH_REFUSED:
                     raise _not_runnable(e, source or graph, provider) from e
                 raise
-            try:
-                cache.unlink(missing_ok=True)      # a stale or damaged cache: rebuild it from the graph
-            except OSError:                        # (read-only: opened from the graph)
-                cache = None
+            if not _drop(cache):                   # a stale or damaged cache: rebuilt from the graph
+                cache = None                       # (read-only: opened from the graph)
             continue
         if part is not None:
             try:
-                digest = sha256_file(part)
-                _record(cache, digest, source)
-                os.replace(part, cache)
-                _record(cache, digest, source, whole=True)   # (its state after the rename: later opens need not hash it)
+                _record(part, {f.name: sha256_file(f) for f in sorted(part.iterdir())}, source)
+                for old in (cache.with_name(cache.name + ".onnx"), cache.with_name(cache.name + ".onnx.json")):
+                    old.unlink(missing_ok=True)    # (the single-file copy of earlier versions)
+                os.rename(part, cache)             # (refused where another process's copy came first: ours goes)
             except OSError:                        # (a cache is an optimisation: the session stands without it)
-                part.unlink(missing_ok=True)
+                shutil.rmtree(part, ignore_errors=True)
         return session
 
 
@@ -214,7 +229,7 @@ def _not_runnable(e: Exception, graph, provider: str):
                           "the export, or 16-bit graphs made for TensorRT: --backend trt on a GPU)")
 
 
-_WHOLE: dict[str, list] = {}         # cache path -> its file's state and sha256, found whole in this process
+_WHOLE: dict[str, str] = {}          # cache folder -> its files' states and sha256s, found whole in this process
 
 
 def _graph_state(source: Path) -> list[int]:
@@ -222,19 +237,22 @@ def _graph_state(source: Path) -> list[int]:
     return file_state(source)[2:4]
 
 
-def _record(cache: Path, digest: str, source: Path | list | None, whole: bool = False) -> None:
-    """Write beside ``cache`` (before a fresh copy takes its name) the sha256 of its bytes and the
-    state of the graph's file it was made from (a path, or the state already recorded): a cache
-    whose bytes do not hash to it is never used, and one whose graph's file changed makes the graph
-    be read and checked again. ``whole``: the cache was just found to hash to it, and its own file's
-    state is recorded too (:func:`_cache_whole`). (A folder that cannot be written: nothing
-    recorded, the graph is read every time.)"""
+def _record(folder: Path, files: dict[str, str], source: Path | list | None) -> None:
+    """Write :data:`RECORD` into a copy's ``folder``: the sha256 of each of its ``files`` (they were
+    just hashed, or found whole) with their files' states (device, inode, size, modification and
+    change times: a change time cannot be set back), and the state of the graph's file the copy
+    was made from (a path, or the state already recorded). A copy whose files do not hash to it is
+    never used; one whose files' states are those recorded is not hashed again (the engine
+    directory's own files are trusted by the same record: :meth:`Manifest.hashes_to`); one whose
+    graph's file changed makes the graph be read and checked again. (A folder that cannot be
+    written: nothing recorded.)"""
     import json
-    side = cache.with_name(cache.name + ".json")
-    tmp = side.with_name(f"{side.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    side = folder / RECORD
+    tmp = folder / f"{RECORD}.{os.getpid()}-{threading.get_ident()}.tmp"
     try:
-        record = {"sha256": digest, "source": _graph_state(source) if isinstance(source, Path) else source}
-        tmp.write_text(json.dumps(record | ({"state": file_state(cache)} if whole else {})) + "\n")
+        record = {"files": files, "source": _graph_state(source) if isinstance(source, Path) else source,
+                  "state": {n: file_state(folder / n) for n in files}}
+        tmp.write_text(json.dumps(record) + "\n")
         os.replace(tmp, side)
     except OSError:
         pass
@@ -242,37 +260,49 @@ def _record(cache: Path, digest: str, source: Path | list | None, whole: bool = 
         tmp.unlink(missing_ok=True)
 
 
+def _drop(cache: Path) -> bool:
+    """Remove a copy found damaged (rebuilt from the graph); False where it stays (a read-only directory)."""
+    import shutil
+    shutil.rmtree(cache, ignore_errors=True)
+    return not os.path.lexists(cache)
+
+
 def _cache_whole(cache: Path) -> dict | None:
-    """What was recorded beside ``cache`` if the cache is there and hashes to the sha256 recorded
-    when it was made, else None; a cache that does not is removed (rebuilt from the graph). The
-    cache is read (one streaming read, which leaves it in the page cache for ONNX Runtime's) only
-    where its file's state (device, inode, size, modification and change times: a change time
-    cannot be set back) is not the one recorded when it was last found whole, by this process or,
-    in a directory this user can write, by any: the engine directory's own files are trusted by
-    the same record (:meth:`Manifest.hashes_to`). FlowAR-S's four copies, 840 MB, took 1.4 s of a
-    fresh process's 3.0 s open to hash."""
+    """The record of the copy ``cache`` if it is there and its files hash to the sha256s recorded
+    when it was made, else None; a copy that does not (or whose record is unreadable) is removed,
+    to be rebuilt from the graph. Its files are read (one streaming read each, which leaves them in
+    the page cache for ONNX Runtime) only where their states are not the ones recorded when they
+    were last found whole, by this process or, in a directory this user can write, by any: FlowAR-S's
+    four copies, 840 MB, took 1.4 s of a fresh process's 3.0 s open to hash."""
     import json
 
     from flowar.export.manifest import sha256_file
     try:
-        state = file_state(cache)
-        record = json.loads(cache.with_name(cache.name + ".json").read_text())
-        want = record["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
+        if not cache.is_dir():
+            return None
+        record = json.loads((cache / RECORD).read_text())
+        files = record["files"]
+        state = {n: file_state(cache / n) for n in files}
+        if GRAPH not in files or not all(isinstance(h, str) for h in files.values()):
+            raise ValueError(files)
+    except PermissionError:          # (another user's, owner-only: the graph is read instead)
         return None
-    if _WHOLE.get(str(cache)) == [*state, want]:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        _drop(cache)                 # (a copy without its record, or with a file missing: made again)
+        return None
+    seen = json.dumps([state, files], sort_keys=True)
+    if _WHOLE.get(str(cache)) == seen:
         return record
     if record.get("state") == state:         # (one this user cannot read, another user's, is passed over: the graph is read)
-        return record if os.access(cache, os.R_OK) else None
+        return record if all(os.access(cache / n, os.R_OK) for n in files) else None
     try:
-        whole = sha256_file(cache) == want
-        if not whole:
-            cache.unlink(missing_ok=True)
-    except OSError:                  # (unreadable, or damaged in a read-only directory: the graph is read instead)
+        whole = all(sha256_file(cache / n) == h for n, h in files.items())
+    except OSError:                  # (unreadable: the graph is read instead)
         return None
     if not whole:
+        _drop(cache)
         return None
-    _WHOLE[str(cache)] = [*state, want]
-    if os.access(cache.parent, os.W_OK):
-        _record(cache, want, record.get("source"), whole=True)
+    _WHOLE[str(cache)] = seen
+    if os.access(cache, os.W_OK):
+        _record(cache, files, record.get("source"))
     return record

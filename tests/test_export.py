@@ -83,18 +83,18 @@ def test_a_relative_check_measures_the_difference_against_the_largest_value(engi
 
 def test_an_exported_directory_opens_without_optimizing_or_reading_its_graphs(engine_dirs, monkeypatch):
     """The export prepared ONNX Runtime's optimized copy of every graph for this CPU (in .ort-cache,
-    each with its sha256 beside it, written before the manifest), so opening the directory and
+    each with the sha256s of its files in it, written before the manifest), so opening the directory and
     sampling optimizes nothing and reads no graph's bytes: only the checked copies."""
     import onnxruntime as ort
     from flowar.export.manifest import Manifest
     from flowar.runtime.runtime import Runtime
     d, _ = engine_dirs["tiny_v1"]
     m = read_manifest(d)
-    copies = sorted((d / ".ort-cache").glob("*.opt.onnx"))
+    copies = sorted((d / ".ort-cache").glob("*.opt"))
     assert len(copies) == len(m.stages), copies
     made_by_export = (d / "manifest.json").stat().st_mtime_ns
     for c in copies:
-        assert c.stat().st_mtime_ns <= made_by_export and (d / ".ort-cache" / f"{c.name}.json").is_file()
+        assert (c / "graph.onnx").stat().st_mtime_ns <= made_by_export and (c / "record.json").is_file()
     levels, reads = [], []
     real_session, real_read = ort.InferenceSession, Manifest.read_checked
 

@@ -255,12 +255,13 @@ def test_worker_errors_reach_the_caller_after_every_block_finished():
 
 
 def test_the_optimized_graph_cache_is_written_whole_reused_and_rebuilt_when_damaged(tmp_path, monkeypatch):
-    """ONNX Runtime's optimized copy of a graph (cached per engine directory): written under another
-    name and renamed into place, so a process opening the directory meanwhile never reads it half
-    written; opened without optimizing again the next time, and then without reading the graph
-    itself while the graph's file keeps the size and time recorded beside the copy (once they
-    change, the graph is read and checked again, and the copy kept); rebuilt when damaged,
-    truncated or with one weight changed (its bytes no longer hash to what was recorded). The
+    """ONNX Runtime's optimized copy of a graph (cached per engine directory, a folder: the graph and
+    its weights in a file ONNX Runtime maps): written under another name and renamed into place, so
+    a process opening the directory meanwhile never reads it half written; opened without optimizing
+    again the next time, and then without reading the graph itself while the graph's file keeps the
+    size and time recorded beside the copy (once they change, the graph is read and checked again,
+    and the copy kept); hashed again only where its files changed; rebuilt when damaged, truncated,
+    missing a file or with one weight changed (its files no longer hash to what was recorded). The
     outputs every time against numpy's X @ W + b."""
     import hashlib
     import json
@@ -272,24 +273,28 @@ def test_the_optimized_graph_cache_is_written_whole_reused_and_rebuilt_when_dama
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+
+    import flowar.engines.ort as ort_mod
+    import flowar.export.manifest as manifest_mod
     from flowar.engines.ort import create_session
     rng = np.random.default_rng(0)
-    W, b = rng.standard_normal((16, 8)).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    # (W 8 KB: past the 1 KB from which the copy's initializers go to its second file; b stays inside)
+    W, b = rng.standard_normal((64, 32)).astype(np.float32), rng.standard_normal(32).astype(np.float32)
     g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
-                          "affine", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+                          "affine", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32])],
                           [numpy_helper.from_array(W, "W"), numpy_helper.from_array(b, "b")])
     graph = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
     sha = hashlib.sha256(graph).hexdigest()
-    x = rng.standard_normal((3, 16)).astype(np.float32)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
     cache_dir = tmp_path / ".ort-cache"
-    made = []                               # (model opened, optimization level, optimized copy's name, final cache there?)
+    made = []                               # (model opened, optimization level, optimized copy's path, copies there)
     real = ort.InferenceSession
 
     def spy(model, so, providers):
         session = real(model, so, providers=providers)
         made.append((model if isinstance(model, str) else "bytes", so.graph_optimization_level,
-                     so.optimized_model_filepath, [p.name for p in cache_dir.glob("*.opt.onnx")]))
+                     so.optimized_model_filepath, [p.name for p in cache_dir.glob("*.opt")]))
         return session
     monkeypatch.setattr(ort, "InferenceSession", spy)
 
@@ -305,48 +310,65 @@ def test_the_optimized_graph_cache_is_written_whole_reused_and_rebuilt_when_dama
     def check():
         y = create_session(read, sha, "CPUExecutionProvider", 1, cache_dir, src).run(None, {"x": x})[0]
         np.testing.assert_allclose(y, x @ W + b, rtol=1e-5, atol=1e-5)
-        files = sorted(f for f in cache_dir.iterdir() if f.name not in planted)
-        assert [f.name for f in files] == [files[0].name, files[0].name + ".json"], files     # the cache and its record,
-        assert files[0].name.endswith(".opt.onnx")                                           # no part left over
-        onnx.checker.check_model(onnx.load(str(files[0])))                                   # whole
-        recorded = json.loads((cache_dir / (files[0].name + ".json")).read_text())
-        st = files[0].stat()
-        assert recorded == {"sha256": hashlib.sha256(files[0].read_bytes()).hexdigest(),
+        copies = [f for f in cache_dir.iterdir() if f.name not in planted]
+        assert len(copies) == 1 and copies[0].name.endswith(".opt") and copies[0].is_dir(), copies   # no part left
+        copy = copies[0]
+        assert sorted(f.name for f in copy.iterdir()) == ["graph.onnx", "graph.onnx.data", "record.json"]
+        onnx.checker.check_model(onnx.load(str(copy / "graph.onnx")))                  # whole, its weights outside:
+        assert data_of(copy) == W.tobytes()
+        recorded = json.loads((copy / "record.json").read_text())
+        st = {n: (copy / n).stat() for n in ("graph.onnx", "graph.onnx.data")}
+        assert recorded == {"files": {n: hashlib.sha256((copy / n).read_bytes()).hexdigest() for n in st},
                             "source": [src.stat().st_size, src.stat().st_mtime_ns],
-                            "state": [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]}
-        return files[0]
+                            "state": {n: [s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns]
+                                      for n, s in st.items()}}
+        return copy
 
-    def damage(data: bytes) -> None:        # as another program would: a new file in its place
-        tmp = cache.with_name("new")
+    def data_of(copy):                      # W's bytes as the copy's second file holds them
+        (init,) = [t for t in onnx.load(str(copy / "graph.onnx"), load_external_data=False).graph.initializer
+                   if t.name == "W"]
+        where = {e.key: e.value for e in init.external_data}
+        assert where["location"] == "graph.onnx.data"
+        at = int(where.get("offset", 0))
+        return (copy / "graph.onnx.data").read_bytes()[at: at + int(where["length"])]
+
+    def damage(path, data: bytes) -> None:  # as another program would: a new file in its place
+        tmp = path.with_name("new")
         tmp.write_bytes(data)
-        os.replace(tmp, cache)
+        os.replace(tmp, path)
 
     planted = set()                         # the part of a live writer, planted below: not the cache's
+    from flowar.engines.cpu import cpu_kind
+    cache_dir.mkdir()
+    name = f"{sha[:16]}.ort{ort.__version__}.{'-'.join(cpu_kind(honour_env=False)['flags']) or 'x'}.opt"
+    legacy = cache_dir / (name + ".onnx")   # (earlier versions' single-file copy of this graph, as they named it)
+    legacy.write_bytes(b"old copy")
+    legacy.with_name(legacy.name + ".json").write_text("{}")
     cache = check()
+    assert cache.name == name and not legacy.exists()
     assert len(made) == 1 and made[0][0] == "bytes" and made[0][1] == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    assert made[0][2] != str(cache) and made[0][3] == [], made   # written elsewhere: not at the cache's name meanwhile
+    assert Path(made[0][2]).parent != cache and made[0][3] == [], made   # written elsewhere: not at the cache's name
     assert len(reads) == 1
     made.clear()
-    assert check() == cache and made == [(str(cache), ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "", [cache.name])]
+    copy_graph = str(cache / "graph.onnx")
+    assert check() == cache and made == [(copy_graph, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "", [cache.name])]
     assert len(reads) == 1                  # opened from the cache alone
     os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))      # the graph's file touched:
     made.clear()
-    assert check() == cache and made == [(str(cache), ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "", [cache.name])]
+    assert check() == cache and made == [(copy_graph, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "", [cache.name])]
     assert len(reads) == 2                  # read and checked again, the copy kept (and the new state recorded:)
     assert check() == cache and len(reads) == 2
-    # a later process (this one's memo of caches found whole forgotten) reads the cache again only where
-    # its file changed since it was last found whole: FlowAR-S's fresh open hashed 840 MB in 1.4 s of 3.0
-    import flowar.engines.ort as ort_mod
-    import flowar.export.manifest as manifest_mod
+    # a later process (this one's memo of copies found whole forgotten) reads the copy again only where
+    # its files changed since they were last found whole: FlowAR-S's fresh open hashed 840 MB in 1.4 s of 3.0
     hashed, real_sha = [], manifest_mod.sha256_file
     monkeypatch.setattr(manifest_mod, "sha256_file", lambda path: hashed.append(Path(path).name) or real_sha(path))
     ort_mod._WHOLE.clear()
     assert check() == cache and hashed == []
-    os.chmod(cache, 0o600)                  # (its change time moves: whatever else might have, it is hashed again)
+    os.chmod(cache / "graph.onnx.data", 0o600)      # (its change time moves: whatever else might have, it is hashed again)
     ort_mod._WHOLE.clear()
-    assert check() == cache and hashed == [cache.name] and len(reads) == 2
+    assert check() == cache and hashed == ["graph.onnx", "graph.onnx.data"] and len(reads) == 2
     ort_mod._WHOLE.clear()
-    assert check() == cache and hashed == [cache.name]      # (and its new state recorded)
+    assert check() == cache and len(hashed) == 2    # (and its new state recorded)
     monkeypatch.setattr(manifest_mod, "sha256_file", real_sha)
     # the graph's file copied with its times (cp -a, rsync -a, an image layer: another inode) or its
     # modes changed (another change time): not read again, the copy stands for the graph's hash (every
@@ -355,23 +377,30 @@ def test_the_optimized_graph_cache_is_written_whole_reused_and_rebuilt_when_dama
     shutil.copy2(src, tmp_path / "moved.onnx")
     os.replace(tmp_path / "moved.onnx", src)
     assert check() == cache and len(reads) == 2
-    data = cache.read_bytes()
-    at = data.index(b.tobytes()) + 3        # one weight of the cached graph changed (b[0]'s sign): it would still load
-    damage(data[:at] + bytes([data[at] ^ 0x80]) + data[at + 1:])
+    data = (cache / "graph.onnx.data").read_bytes()
+    at = data.index(W.tobytes()) + 3        # one weight of the copy changed (W[0, 0]'s sign): it would still load
+    damage(cache / "graph.onnx.data", data[:at] + bytes([data[at] ^ 0x80]) + data[at + 1:])
     made.clear()
     assert check() == cache and [m[0] for m in made] == ["bytes"] and len(reads) == 3    # rebuilt from the graph
-    damage(cache.read_bytes()[: cache.stat().st_size // 2])                           # truncated: rebuilt too
+    damage(cache / "graph.onnx", (cache / "graph.onnx").read_bytes()[:200])             # truncated: rebuilt too
+    assert check() == cache and len(reads) == 4
+    (cache / "graph.onnx.data").unlink()                                               # a file gone: rebuilt
+    assert check() == cache and len(reads) == 5
+    (cache / "record.json").write_text("{")                                            # its record damaged: rebuilt
+    assert check() == cache and len(reads) == 6
     # beside it, the parts of a writer that died (removed when the cache is written again) and of one
     # that is writing now (this process, another thread: left alone)
     gone = subprocess.Popen(["true"])
     gone.wait()
     dead, live = (cache.with_name(f"{cache.name}.{pid}-7.part") for pid in (gone.pid, os.getpid()))
     for part in (dead, live):
-        part.write_bytes(b"half a graph")
+        part.mkdir()
+        (part / "graph.onnx").write_bytes(b"half a graph")
     planted.add(live.name)
+    shutil.rmtree(cache)
     made.clear()
-    assert check() == cache and [m[0] for m in made] == ["bytes"] and len(reads) == 4
-    assert not dead.exists() and live.read_bytes() == b"half a graph"
+    assert check() == cache and [m[0] for m in made] == ["bytes"] and len(reads) == 7
+    assert not dead.exists() and (live / "graph.onnx").read_bytes() == b"half a graph"
     # a cache folder that is a symbolic link is not used: nothing read or written where it points
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -379,43 +408,43 @@ def test_the_optimized_graph_cache_is_written_whole_reused_and_rebuilt_when_dama
     linked.symlink_to(outside)
     y = create_session(read, sha, "CPUExecutionProvider", 1, linked, src).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, x @ W + b, rtol=1e-5, atol=1e-5)
-    assert list(outside.iterdir()) == [] and len(reads) == 5
+    assert list(outside.iterdir()) == [] and len(reads) == 8
     # a read-only directory (a volume mounted ro, another user's): its whole cache is read, nothing
     # written (every open optimized every graph again: FlowAR-S opened in 10.6 s instead of 2.0)
-    before = sorted(f.name for f in cache_dir.iterdir())
+    before = sorted(str(f.relative_to(cache_dir)) for f in cache_dir.rglob("*"))
     with monkeypatch.context() as mp:
         real_access = os.access
         mp.setattr(ort_mod.os, "access", lambda path, mode: not mode & os.W_OK and real_access(path, mode))
         made.clear()
-        assert check() == cache and [m[:3] for m in made] == [(str(cache), ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "")]
-        assert len(reads) == 5 and sorted(f.name for f in cache_dir.iterdir()) == before
+        assert check() == cache and [m[:3] for m in made] == [(copy_graph, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "")]
+        assert len(reads) == 8 and sorted(str(f.relative_to(cache_dir)) for f in cache_dir.rglob("*")) == before
         # ... and a cache it cannot read (another user's, mode 600; root reads every file, so its read
         # is made to fail as that user's does) is passed over: the graph is read, the cache kept
         def denied(path):
-            if Path(path) == cache:
+            if Path(path).parent == cache:
                 raise PermissionError(13, "Permission denied", str(path))
             return real_sha(path)
         mp.setattr(manifest_mod, "sha256_file", denied)
-        mp.setattr(ort_mod.os, "access", lambda path, mode: not mode & os.W_OK and Path(path) != cache)
+        mp.setattr(ort_mod.os, "access", lambda path, mode: not mode & os.W_OK and Path(path).parent != cache)
         ort_mod._WHOLE.clear()               # (this process found it whole before: it would not be read again)
         y = create_session(read, sha, "CPUExecutionProvider", 1, cache_dir, src).run(None, {"x": x})[0]
         np.testing.assert_allclose(y, x @ W + b, rtol=1e-5, atol=1e-5)
-        assert len(reads) == 6 and sorted(f.name for f in cache_dir.iterdir()) == before
+        assert len(reads) == 9 and sorted(str(f.relative_to(cache_dir)) for f in cache_dir.rglob("*")) == before
         # ... and a cache folder this user may not even look into (another user's first open under umask 077
         # made it drwx------): the graph is read (it was "Permission denied" and no image for every other user)
-        real_is_symlink = Path.is_symlink
+        real_is_dir = Path.is_dir
 
         def untraversable(path):
-            if path.parent == cache_dir:
+            if path == cache:
                 raise PermissionError(13, "Permission denied", str(path))
-            return real_is_symlink(path)
-        mp.setattr(Path, "is_symlink", untraversable)
+            return real_is_dir(path)
+        mp.setattr(Path, "is_dir", untraversable)
         y = create_session(read, sha, "CPUExecutionProvider", 1, cache_dir, src).run(None, {"x": x})[0]
         np.testing.assert_allclose(y, x @ W + b, rtol=1e-5, atol=1e-5)
-        assert len(reads) == 7 and sorted(f.name for f in cache_dir.iterdir()) == before
+        assert len(reads) == 10
+    assert sorted(str(f.relative_to(cache_dir)) for f in cache_dir.rglob("*")) == before
     # the cache is named by the flags ONNX Runtime dispatches on: the variables that make PyTorch and
     # oneDNN behave as an AVX2-only CPU do not reach it (an AVX-512 layout was stored as "avx2")
-    from flowar.engines.cpu import cpu_kind
     names = []
     for emulate in (False, True):
         with monkeypatch.context() as mp:
@@ -425,7 +454,7 @@ def test_the_optimized_graph_cache_is_written_whole_reused_and_rebuilt_when_dama
             cpu_kind.cache_clear()
             other = tmp_path / f"cache{emulate}"
             create_session(graph, sha, "CPUExecutionProvider", 1, other, src)
-            names.append([f.name for f in other.glob("*.opt.onnx")])
+            names.append([f.name for f in other.glob("*.opt")])
             assert emulate is False or "avx512f" not in cpu_kind()["flags"]      # (PyTorch's choices do see them)
     cpu_kind.cache_clear()
     assert names[0] == names[1] and len(names[0]) == 1, names
