@@ -186,7 +186,7 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
     for (stage, eng), cand in zip(engines.items(), ran):
         rec = measured.get(stage, {}).get(cand)
         if rec is not None and "setup_s" in rec:
-            eng.warm, eng.setup_measured = rec["setup_s"] >= WARM_SETUP_S, True
+            eng.warm = rec["setup_s"] >= WARM_SETUP_S
     if chosen == "ort":       # (fp16 graphs: said; plans it has but does not run here: why)
         return engines, f"ONNX Runtime {provider}" + (f", {m.precision} graphs" if m.precision == "fp16" else "") + (
             f"; its TensorRT plans unused ({unused})" if unused else "")

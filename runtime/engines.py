@@ -108,6 +108,12 @@ class OrtEngine:
     ``shard_min``/``single_max``: rows x tokens limits, see :func:`plan_call`.
     """
 
+    # A new batch size's first calls set up little beyond its row blocks' sessions, which a warm-up
+    # opens without computing (FlowAR-S: a first batch of 2 0.3 s slower than the next, of 14 s); unless
+    # the export measured otherwise, a warm-up does not compute them: a FlowAR-S replica that ran every
+    # shape of its eight sizes took 101 s to start
+    warm = False
+
     def __init__(self, name: str, graph: Path, sha256: str, row_tensors: frozenset[str], provider: str | None = None,
                  cache_dir: Path | None = None, threads: int | None = None, shard_min: int = 0, single_max: int = 0,
                  source: Path | None = None, expect: tuple = ()):

@@ -225,9 +225,10 @@ class Runtime(contextlib.AbstractContextManager):
         """Run the engines once at the shapes of these batch sizes (ONNX Runtime's: open the sessions
         they run on), so that no batch of those sizes pays what a new shape sets up (before a served
         replica's or a bulk worker's first batch; a command's request). By default the engines whose
-        set-up per shape the export measured as large, and those whose set-up it did not measure (FlowAR-S's aoti-bf16 and torch-bf16 engines
+        set-up per shape the export measured as large, and those whose set-up nothing says (FlowAR-S's aoti-bf16 and torch-bf16 engines
         set up 0.02-0.06 s per shape: warming them all took 18.8 s of a replica's 29 s start, while
-        without it the first batch of each size ran as fast as the second); ``every_engine`` True:
+        without it the first batch of each size ran as fast as the second; ONNX Runtime's unmeasured
+        engines open their sessions, see :class:`~flowar.runtime.engines.OrtEngine`); ``every_engine`` True:
         all, False: only the engines flagged ``warm`` (measured large, or unmeasured eager PyTorch,
         which warms by default; a command). Returns the calls made."""
         if not hasattr(self.stages, "warm_up"):

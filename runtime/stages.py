@@ -100,16 +100,17 @@ class EngineStages:
         default every size up to the limit), on zeros, so that whatever a shape sets up the first
         time (eager PyTorch's oneDNN primitives and weight reorders; a compiled engine's, smaller)
         happens here and not in an image. By default only the engines that set up a lot per shape
-        (``warm``: what the export measured, see :func:`flowar.runtime.directory.directory_engines`);
-        ``every_engine`` None: those and the engines whose set-up was not measured (``setup_measured``);
+        (``warm``: what the export measured, see :func:`flowar.runtime.directory.directory_engines`,
+        else the engine kind's own: eager PyTorch's True, ONNX Runtime's False); ``every_engine``
+        None: those and the engines whose set-up nothing says (``warm`` None: none of those kinds);
         True: all. The others open what those shapes need without computing (ONNX Runtime's sessions
         for row blocks: :meth:`~flowar.runtime.engines.OrtEngine.open_sessions`), all at once, and
         this returns once they are open. Returns the calls made."""
         n, opening = 0, []
         sizes = sorted(set(batch_sizes or range(1, self.max_batch + 1)))
         for stage, eng in self.engines.items():
-            computes = (every_engine or getattr(eng, "warm", False) or
-                        every_engine is None and not getattr(eng, "setup_measured", False))
+            warm = getattr(eng, "warm", None)
+            computes = every_engine or warm is True or every_engine is None and warm is None
             if not (computes or hasattr(eng, "open_sessions")):
                 continue
             spec, st = self.specs[stage], self.plan.get(stage)
