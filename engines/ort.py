@@ -157,7 +157,7 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
         if callable(graph) and not (cached and source is not None and record.get("source") == _graph_state(source)):
             graph = graph()                        # the graph read and checked (a changed one is refused here)
             if cached and source is not None and writable:      # the same graph: its file's state recorded again
-                _record(cache, record["files"], source)
+                _record(cache, record["files"], source, record["state"])
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -172,7 +172,8 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
         # process and thread, renamed into place after, so another process opening the same directory
         # meanwhile finds the cache whole or absent, never half written
         part = None
-        if cache is not None and not cached and writable:
+        # (not where a copy is there that could not be used nor removed, another user's: it is not replaced)
+        if cache is not None and not cached and writable and not os.path.lexists(cache):
             from flowar.io.files import remove_stale
             remove_stale(cache.parent, f"{cache.name}.", r"-\d+\.part")    # those of writers that died
             part = cache.with_name(f"{cache.name}.{os.getpid()}-{threading.get_ident()}.part")
@@ -190,6 +191,9 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
         except Exception as e:
             if part is not None:
                 shutil.rmtree(part, ignore_errors=True)
+                if not attempt:                    # (writing the copy failed, a full disk, or the graph did:
+                    writable = False               # tried once more without writing it)
+                    continue
             if not cached or attempt:
                 if type(e).__module__.startswith("onnxruntime") and type(e).__name__ in _GRAPH_REFUSED:
                     raise _not_runnable(e, source or graph, provider) from e
@@ -199,7 +203,10 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
             continue
         if part is not None:
             try:
-                _record(part, {f.name: sha256_file(f) for f in sorted(part.iterdir())}, source)
+                made = sorted(part.iterdir())
+                states = {f.name: file_state(f) for f in made}           # (before hashing: what was hashed)
+                if not _record(part, {f.name: sha256_file(f) for f in made}, source, states):
+                    raise OSError("no record")
                 for old in (cache.with_name(cache.name + ".onnx"), cache.with_name(cache.name + ".onnx.json")):
                     old.unlink(missing_ok=True)    # (the single-file copy of earlier versions)
                 os.rename(part, cache)             # (refused where another process's copy came first: ours goes)
@@ -237,34 +244,44 @@ def _graph_state(source: Path) -> list[int]:
     return file_state(source)[2:4]
 
 
-def _record(folder: Path, files: dict[str, str], source: Path | list | None) -> None:
+def _record(folder: Path, files: dict[str, str], source: Path | list | None, states: dict) -> bool:
     """Write :data:`RECORD` into a copy's ``folder``: the sha256 of each of its ``files`` (they were
-    just hashed, or found whole) with their files' states (device, inode, size, modification and
-    change times: a change time cannot be set back), and the state of the graph's file the copy
-    was made from (a path, or the state already recorded). A copy whose files do not hash to it is
+    just hashed, or found whole) with their files' ``states`` (device, inode, size, modification and
+    change times, as they were when hashed: a change time cannot be set back), and the state of the
+    graph's file the copy was made from (a path, or the state already recorded). A copy whose files do not hash to it is
     never used; one whose files' states are those recorded is not hashed again (the engine
     directory's own files are trusted by the same record: :meth:`Manifest.hashes_to`); one whose
     graph's file changed makes the graph be read and checked again. (A folder that cannot be
-    written: nothing recorded.)"""
+    written: nothing recorded, False.)"""
     import json
     side = folder / RECORD
     tmp = folder / f"{RECORD}.{os.getpid()}-{threading.get_ident()}.tmp"
     try:
         record = {"files": files, "source": _graph_state(source) if isinstance(source, Path) else source,
-                  "state": {n: file_state(folder / n) for n in files}}
+                  "state": states}
         tmp.write_text(json.dumps(record) + "\n")
         os.replace(tmp, side)
+        return True
     except OSError:
-        pass
+        return False
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def _drop(cache: Path) -> bool:
-    """Remove a copy found damaged (rebuilt from the graph); False where it stays (a read-only directory)."""
+    """Remove a copy found damaged (rebuilt from the graph); False where it stays (a read-only directory).
+    Renamed away first, as a writer's part (removed by the next writer if this process dies), so that no
+    reader takes one file of it and the other of the copy made next."""
     import shutil
-    shutil.rmtree(cache, ignore_errors=True)
-    return not os.path.lexists(cache)
+    gone = cache.with_name(f"{cache.name}.{os.getpid()}-{threading.get_ident()}.part")
+    try:
+        os.rename(cache, gone)
+    except FileNotFoundError:        # (another process removed it)
+        return True
+    except OSError:
+        return False
+    shutil.rmtree(gone, ignore_errors=True)
+    return True
 
 
 def _cache_whole(cache: Path) -> dict | None:
@@ -272,8 +289,9 @@ def _cache_whole(cache: Path) -> dict | None:
     when it was made, else None; a copy that does not (or whose record is unreadable) is removed,
     to be rebuilt from the graph. Its files are read (one streaming read each, which leaves them in
     the page cache for ONNX Runtime) only where their states are not the ones recorded when they
-    were last found whole, by this process or, in a directory this user can write, by any: FlowAR-S's
-    four copies, 840 MB, took 1.4 s of a fresh process's 3.0 s open to hash."""
+    were last found whole (by this process, or by any that could write the record: its writer, an
+    open in a directory its user can write): FlowAR-S's four copies, 840 MB, took 1.4 s of a fresh
+    process's 3.0 s open to hash. The record returned holds the states the files were found whole in."""
     import json
 
     from flowar.export.manifest import sha256_file
@@ -292,7 +310,7 @@ def _cache_whole(cache: Path) -> dict | None:
         return None
     seen = json.dumps([state, files], sort_keys=True)
     if _WHOLE.get(str(cache)) == seen:
-        return record
+        return record | {"state": state}
     if record.get("state") == state:         # (one this user cannot read, another user's, is passed over: the graph is read)
         return record if all(os.access(cache / n, os.R_OK) for n in files) else None
     try:
@@ -304,5 +322,5 @@ def _cache_whole(cache: Path) -> dict | None:
         return None
     _WHOLE[str(cache)] = seen
     if os.access(cache, os.W_OK):
-        _record(cache, files, record.get("source"))
-    return record
+        _record(cache, files, record.get("source"), state)
+    return record | {"state": state}

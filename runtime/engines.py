@@ -337,13 +337,16 @@ def enter_engines(stack, engines: dict, workers: int = 1) -> dict:
     if workers <= 1 or len(engines) <= 1:
         return {n: stack.enter_context(e) for n, e in engines.items()}
     from concurrent.futures import ThreadPoolExecutor, wait
-    with ThreadPoolExecutor(min(workers, len(engines)), thread_name_prefix="flowar-open") as pool:
-        # (largest first would be better still; the stages come AR first, the largest of each model)
-        futures = {n: pool.submit(e.__enter__) for n, e in engines.items()}
-        try:
-            wait(futures.values())
-        finally:                         # (an interrupt while waiting: every engine that opened is closed too)
-            pool.shutdown(wait=True)
+    pool = ThreadPoolExecutor(min(workers, len(engines)), thread_name_prefix="flowar-open")
+    futures = {}
+    try:
+        for n, e in engines.items():     # (the stages come AR first, the largest of each model)
+            futures[n] = pool.submit(e.__enter__)
+        wait(futures.values())
+    finally:                             # (an interrupt, or a thread that could not start: every engine that
+        try:                             # opened is closed too)
+            pool.shutdown(wait=True, cancel_futures=True)
+        finally:
             for n, f in futures.items():
                 if f.done() and not f.cancelled() and f.exception() is None:
                     stack.push(engines[n])

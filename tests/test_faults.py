@@ -573,6 +573,25 @@ def test_only_temporary_folders_of_dead_exports_are_removed(tmp_path):
     assert not dead_tmp.exists() and not dead_old.exists() and alive.is_dir() and other.is_dir()
 
 
+def test_the_swap_changes_only_the_modes_that_differ(tmp_path):
+    """The finished directory's files are made readable by others (safetensors writes 0600), but a
+    file whose mode is already right keeps its change time: the records of files found whole hold it
+    (ONNX Runtime's optimized copies, made by the export, were hashed again on the first open)."""
+    from flowar.io.files import _umask, staged_directory
+    want = 0o666 & ~_umask()
+    with staged_directory(tmp_path / "eng", "manifest.json") as tmp:
+        (tmp / "manifest.json").write_text("{}")
+        (tmp / "right").write_bytes(b"x")
+        os.chmod(tmp / "right", want)
+        (tmp / "owner-only").write_bytes(b"x")
+        os.chmod(tmp / "owner-only", 0o600)
+        before = {n: (tmp / n).stat().st_ctime_ns for n in ("right", "owner-only")}
+        time.sleep(0.01)
+    eng = tmp_path / "eng"
+    assert (eng / "right").stat().st_ctime_ns == before["right"]
+    assert (eng / "owner-only").stat().st_mode & 0o777 == want and (eng / "owner-only").stat().st_ctime_ns != before["owner-only"]
+
+
 def test_files_that_appear_in_out_during_an_export_keep_the_finished_directory_and_say_where(tmp_path):
     """Someone writes into --out while the export works: the swap is refused (the folder is no longer
     one the command made), and the finished directory is kept and named in the line, not left unnamed."""

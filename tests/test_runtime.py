@@ -443,6 +443,34 @@ def test_the_optimized_graph_cache_is_written_whole_reused_and_rebuilt_when_dama
         np.testing.assert_allclose(y, x @ W + b, rtol=1e-5, atol=1e-5)
         assert len(reads) == 10
     assert sorted(str(f.relative_to(cache_dir)) for f in cache_dir.rglob("*")) == before
+    # in a directory this user may write, a copy it may not read (another user's owner-only folder) is
+    # neither used nor made again beside it on every open: the graph is read, nothing written
+    real_read_text = Path.read_text
+    with monkeypatch.context() as mp:
+        def owner_only(path, *a, **k):
+            if path.parent == cache:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_read_text(path, *a, **k)
+        mp.setattr(Path, "read_text", owner_only)
+        ort_mod._WHOLE.clear()
+        made.clear()
+        y = create_session(read, sha, "CPUExecutionProvider", 1, cache_dir, src).run(None, {"x": x})[0]
+        np.testing.assert_allclose(y, x @ W + b, rtol=1e-5, atol=1e-5)
+        assert [m[:3] for m in made] == [("bytes", ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "")] and len(reads) == 11
+    assert sorted(str(f.relative_to(cache_dir)) for f in cache_dir.rglob("*")) == before
+    # a copy that cannot be written (a full disk: ONNX Runtime's write fails) leaves a session all the same
+    shutil.rmtree(cache)
+    with monkeypatch.context() as mp:
+        def full_disk(model, so, providers):
+            if so.optimized_model_filepath:
+                raise ort.capi.onnxruntime_pybind11_state.Fail("write failed: No space left on device")
+            return spy(model, so, providers)
+        mp.setattr(ort, "InferenceSession", full_disk)
+        made.clear()
+        y = create_session(read, sha, "CPUExecutionProvider", 1, cache_dir, src).run(None, {"x": x})[0]
+        np.testing.assert_allclose(y, x @ W + b, rtol=1e-5, atol=1e-5)
+        assert [m[:3] for m in made] == [("bytes", ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "")]
+    assert [f for f in cache_dir.iterdir() if f.name not in planted] == []         # (no part left)
     # the cache is named by the flags ONNX Runtime dispatches on: the variables that make PyTorch and
     # oneDNN behave as an AVX2-only CPU do not reach it (an AVX-512 layout was stored as "avx2")
     names = []
@@ -547,6 +575,25 @@ def test_engines_open_at_once_and_a_failure_closes_those_that_opened():
     stack = contextlib.ExitStack()
     with pytest.raises(RuntimeError, match="velocity refused"):
         enter_engines(stack, {"ar": Fake("ar"), "velocity": Fake("velocity", fails=True)}, workers=2)
+    stack.close()
+    assert log == [("in", "ar"), ("out", "ar")]
+    # a thread that cannot start (or an interrupt) after the first engine was submitted: it is closed too
+    import concurrent.futures
+    log.clear()
+    both = threading.Barrier(1)
+    real_submit = concurrent.futures.ThreadPoolExecutor.submit
+    submitted = []
+
+    def submit(pool, fn, *a, **k):
+        submitted.append(fn)
+        if len(submitted) > 1:
+            raise RuntimeError("can't start new thread")
+        return real_submit(pool, fn, *a, **k)
+    stack = contextlib.ExitStack()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(concurrent.futures.ThreadPoolExecutor, "submit", submit)
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            enter_engines(stack, {"ar": Fake("ar"), "velocity": Fake("velocity")}, workers=2)
     stack.close()
     assert log == [("in", "ar"), ("out", "ar")]
 

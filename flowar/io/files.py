@@ -228,6 +228,14 @@ def remove_stale(folder: Path, head: str, rest: str = r"-\w+") -> None:
                 p.unlink(missing_ok=True)
 
 
+def _set_mode(path: str, mode: int) -> None:
+    """``chmod`` where the mode differs: a chmod moves the change time, which the records of files
+    found whole hold (ONNX Runtime's optimized copies, made by the export, were hashed again on
+    the first open, and on every open of a directory its user could not write)."""
+    if os.stat(path).st_mode & 0o7777 != mode:
+        os.chmod(path, mode)
+
+
 @contextmanager
 def used_alone(target: str | Path, command: str, option: str = "--out", wait: bool = False) -> Iterator[None]:
     """This command writes ``target`` alone while the block runs: another command of this project that
@@ -341,11 +349,11 @@ def staged_directory(target: str | Path, marker: str, option: str = "--out",
         umask = _umask()                   # what a plain write gives: files made owner-only (safetensors
         for root, dirs, files in os.walk(tmp):   # writes 0600, temporary folders are 0700) readable by others too
             for d in dirs:
-                os.chmod(os.path.join(root, d), 0o777 & ~umask)
+                _set_mode(os.path.join(root, d), 0o777 & ~umask)
             for f in files:
                 p = os.path.join(root, f)
                 if not os.path.islink(p):
-                    os.chmod(p, (0o777 if os.access(p, os.X_OK) else 0o666) & ~umask)
+                    _set_mode(p, (0o777 if os.access(p, os.X_OK) else 0o666) & ~umask)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
