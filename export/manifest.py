@@ -3,12 +3,11 @@ and runtime; the format is defined once, in this module.
 
 A directory is trusted only if its manifest parses, names this format, holds every record the
 runtime reads with its fields and types (:data:`_SCHEMA`), keeps every path inside the
-directory, and every file the chosen engines use hashes to its recorded sha256 (once: a file found
-whole is recorded in :data:`VERIFIED` with its state and hashed again only where that changed; one ONNX graph is
-used through ONNX Runtime's optimized copy of it, checked against the hash written beside the copy
-when it was made; the graph itself is read and checked again whenever its file's size or time
-differ from what was recorded then). Anything else is refused with a message that says how to
-rebuild.
+directory, and every file the chosen engines use hashes to its recorded sha256 (once: a file found whole,
+by the export or an open, is recorded in :data:`VERIFIED` with its state and hashed again only where that
+changed; one ONNX graph is used through ONNX Runtime's optimized copy of it, checked against the hash written
+beside the copy when it was made; the graph itself is read and checked again whenever its file's size or time
+differ from what was recorded then). Anything else is refused with a message that says how to rebuild.
 """
 
 from __future__ import annotations
@@ -78,11 +77,6 @@ class Manifest:
     weights: dict | None = None     # "<group>.<candidate>" -> {file, sha256}: weights in the precision they run
     call_plan: dict | None = None   # rows per call per (stage, scale), seconds per image by batch (flowar.commands.plan)
     meta: dict = field(default_factory=dict)   # opset, scales, versions, created: for people, not read back
-
-    @property
-    def decodes(self) -> bool:
-        """Whether the directory has a decode stage (images, not only tokens)."""
-        return self.vae is not None
 
     def require_decoder(self) -> None:
         """Refuse, before any work, to make images from a directory exported without a VAE."""
@@ -177,35 +171,39 @@ class Manifest:
         return out
 
     def hashes_to(self, path: Path, sha256: str, key: str) -> bool:
-        """Whether the file at ``path`` hashes to ``sha256`` (one streaming read), or was found to
-        here before and is unchanged since: its device, inode, size, modification and change times
-        are what :data:`VERIFIED` recorded then, under ``key`` (a member's path in the directory;
-        a file outside it, such as the checkpoint ``--backend torch`` opens, its kind and absolute
-        path). A change time cannot be set back; FlowAR-S's compiled engines and decoder
-        weights, 455 MB, hashed in 0.27 s of every 0.8 s open. A directory this user cannot write
-        records nothing: its files are hashed on every open."""
-        record = self.root / VERIFIED
-        try:
-            known = json.loads(record.read_text())
-            known = known if isinstance(known, dict) else {}
-        except (OSError, ValueError):
-            known = {}
+        """Whether the file at ``path`` hashes to ``sha256`` (one streaming read), or was found to here before
+        and is unchanged since: its device, inode, size, modification and change times (which cannot be set
+        back) are what :data:`VERIFIED` recorded then, under ``key`` (a member's path in the directory; a file
+        outside it, such as the checkpoint ``--backend torch`` opens, its kind and absolute path)."""
         state = [sha256, *file_state(path)]
-        if known.get(key) == state:
+        if self._known().get(key) == state:
             return True
         if sha256_file(path) != sha256:
             return False
-        if os.access(self.root, os.W_OK) and not record.is_symlink():
+        self.remember({key: state})
+        return True
+
+    def _known(self) -> dict:
+        try:
+            known = json.loads((self.root / VERIFIED).read_text())
+        except (OSError, ValueError):
+            return {}
+        return known if isinstance(known, dict) else {}
+
+    def remember(self, found: dict[str, list]) -> None:
+        """Record files found whole in :data:`VERIFIED`, ``{key: [sha256, *their state taken before they were
+        hashed]}`` (the export its own: the first open hashes none; a 2.2 GB graph took it 2.4 s). A
+        directory this user cannot write records nothing (its files are hashed on every open). A file outside
+        it, ``"<kind> <absolute path>"``, replaces its kind's last one (no paths of checkpoints passed before)."""
+        record = self.root / VERIFIED
+        if found and os.access(self.root, os.W_OK) and not record.is_symlink():
             from flowar.io.files import atomic_write_bytes
+            kinds = tuple(k for k in ("checkpoint /", "vae /") if any(key.startswith(k) for key in found))
+            kept = {k: v for k, v in self._known().items() if not (kinds and k.startswith(kinds))}
             try:
-                # (a file outside, "<kind> <absolute path>", replaces its kind's last one: the record keeps no paths of
-                # checkpoints passed before)
-                kind = next((k for k in ("checkpoint /", "vae /") if key.startswith(k)), None)
-                kept = {k: v for k, v in known.items() if kind is None or not k.startswith(kind)}
-                atomic_write_bytes(record, lambda t: Path(t).write_text(json.dumps(kept | {key: state}) + "\n"))
+                atomic_write_bytes(record, lambda t: Path(t).write_text(json.dumps(kept | found) + "\n"))
             except (OSError, FlowARError):        # (a record is an optimisation: the file was hashed)
                 pass
-        return True
 
     def read_checked(self, rel: str, sha256: str) -> bytes:
         """A member file's bytes, refused unless they hash to ``sha256`` (the one read that uses them)."""
@@ -214,10 +212,6 @@ class Manifest:
             raise EngineDirError(f"{rel} with the sha256 recorded at export", "a different file (modified or corrupt)",
                                  self.rebuild)
         return data
-
-    def plan(self, stage: str) -> Path:
-        """A stage's TensorRT plan (the directory must have plans)."""
-        return self.member(self.tensorrt["plans"][stage]["file"])
 
     @property
     def choice(self) -> dict[str, str]:

@@ -527,8 +527,19 @@ def test_weights_in_external_data_are_exported_verified_run_and_checked(fixtures
     d = tmp_path / "ext"
     from flowar.io.memory import _status_kb
     held_before = _status_kb("RssAnon") * 1024
+    import flowar.export.manifest as manifest
+    hashed, sha256 = [], manifest.sha256_file
+    monkeypatch.setattr(manifest, "sha256_file", lambda p, *a: hashed.append(os.path.basename(p)) or sha256(p, *a))
     rep = build_engine_dir(fixtures_dir / "tiny_v1.safetensors", d, config_path=str(fixtures_dir / "tiny_v1.config.json"),
                            max_batch=2)
+    # each file the export wrote hashed once, and the first open after it hashes none of them again: the data
+    # file it opens from its path (FlowAR-H's AR graph: 5.1 GB) recorded as found whole by the export
+    ours = ["ar.onnx", "head_prep.onnx", "velocity.onnx", "velocity.onnx.data"]      # (not ONNX Runtime's copies)
+    assert sorted(n for n in hashed if n in ours) == ours, hashed
+    hashed.clear()
+    with Runtime.open_engine_dir(d, backend="ort"):
+        pass
+    assert hashed == [], hashed
     assert all(c.ok for c in rep.checks) and set(rep.memory) == {"ar", "head_prep", "velocity"}
     m = read_manifest(d)
     assert "data" not in m.stages["ar"] and "data" not in m.stages["head_prep"]     # below it: one file

@@ -71,6 +71,7 @@ class BuildReport:
     anon_peak_gb: float | None = None                    # the whole export's anonymous peak (file pages not counted)
     notes: list[str] = field(default_factory=list)
     weights: str = ""                                    # which weights of the checkpoint (LoadedCheckpoint.source)
+    found: dict = field(default_factory=dict)            # file -> [sha256, *its state when hashed] (Manifest.remember)
 
     def lines(self) -> list[str]:
         """What flowar-export prints: each stage's check and, for measured precision, each choice."""
@@ -212,10 +213,10 @@ def export_graphs(req: ExportRequest, model, vae, specs: dict, tmp: Path, report
         rows = spec.max_rows(req.max_batch)
         files = export_stage(spec, module, model.config, path, rows, req.graph_precision)
         report.seconds[f"export {name}"] = time.perf_counter() - t0
-        rec = {"file": path.name, "sha256": sha256_file(path), "inputs": list(spec.inputs),
+        rec = {"file": path.name, "sha256": sha256_file(path, report.found), "inputs": list(spec.inputs),
                "outputs": list(spec.outputs), "tolerance": spec.tolerance, "max_rows": rows}
         if len(files) > 1:                             # weights as external data beside the graph
-            rec |= {"data": files[1].name, "data_sha256": sha256_file(files[1])}
+            rec |= {"data": files[1].name, "data_sha256": sha256_file(files[1], report.found)}
         rec["bytes"] = sum(f.stat().st_size for f in files)
         if req.verify and req.graph_precision == "bf16":   # (ONNX Runtime's CPU provider: no bf16 MatMul)
             if not report.notes:
@@ -286,12 +287,12 @@ def choose_engines(req: ExportRequest, model, ck, vae, specs: dict, stages: dict
         if cand in COMPILED:
             dst = tmp / bench.packages[(stage, cand)].name
             bench.packages[(stage, cand)].rename(dst)
-            engines[stage] = {"candidate": cand, "file": dst.name, "sha256": sha256_file(dst), "cpu": cpu_kind()}
+            engines[stage] = {"candidate": cand, "file": dst.name, "sha256": sha256_file(dst, report.found), "cpu": cpu_kind()}
         elif cand.startswith("torch"):
             key = f"{GROUPS[stage]}.{cand}"
             if key not in weights:
                 save_tensors(tmp / f"{key}.safetensors", stage_tensors(stage, stage_module(cand, specs[stage], model, vae)))
-                weights[key] = {"file": f"{key}.safetensors", "sha256": sha256_file(tmp / f"{key}.safetensors")}
+                weights[key] = {"file": f"{key}.safetensors", "sha256": sha256_file(tmp / f"{key}.safetensors", report.found)}
             engines[stage] = {"candidate": cand, "weights": key}
     shutil.rmtree(compiled)
     report.seconds["compile engines"] = sum(bench.build_s.values())
@@ -331,7 +332,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
     """
     from flowar.export.manifest import (MANIFEST, Manifest, library_versions, read_manifest, sha256_file, vae_sha256,
                                         write_manifest)
-    from flowar.io.files import staged_directory
+    from flowar.io.files import file_state, staged_directory
     from flowar.export.onnx_export import OPSET
     from flowar.export.specs import stage_specs
     from flowar.model.checkpoint import load_model
@@ -389,11 +390,10 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
                              zip(config.scales, config.tokens_per_scale, config.scale_begin, config.scale_end)],
                   "versions": library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         write_manifest(tmp, manifest)
-    # the compiled engines and weights an open uses, recorded as found whole where they now are (their
-    # modes set: .verified.json), so that the first command after the export does not hash them again
+    # the files it wrote recorded as found whole (.verified.json) where their state is still the one they were
+    # hashed in (their modes set, their folder renamed), so that the first command after it hashes none again
     done = read_manifest(req.out)
-    for rec in [*(done.engines or {}).values(), *(done.weights or {}).values()]:
-        if rec.get("file"):
-            done.checked(rec["file"], rec["sha256"])
+    found = {rel: report.found[rel] for rel, _ in done.members() if rel in report.found}
+    done.remember({rel: rec for rel, rec in found.items() if rec[1:] == file_state(done.member(rel))})
     report.anon_peak_gb = anon.peak / GB if anon.peak is not None else None
     return report

@@ -20,7 +20,14 @@ def hasher():
 VAE_FILES = ("config.json", "*.safetensors", "*.bin")   # what a VAE folder's sha256 covers (not a README)
 
 
-def sha256_file(path: str | Path) -> str:
+def sha256_file(path: str | Path, found: dict | None = None) -> str:
+    """The file's sha256; with ``found``, noted there as ``{name: [sha256, *its state taken before the read]}``
+    (what :meth:`flowar.export.manifest.Manifest.remember` records: the export's own files)."""
+    if found is not None:
+        from flowar.io.files import file_state
+        state = file_state(path)
+        found[Path(path).name] = [digest := sha256_file(path), *state]
+        return digest
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
