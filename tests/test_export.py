@@ -340,6 +340,13 @@ def test_a_graph_onnx_runtime_cannot_run_is_one_line_naming_it(engine_dirs, tmp_
         "(--must-open)"), must
 
 
+def _invoke(cmd, args: list[str]) -> subprocess.CompletedProcess:
+    """A command run in this process (click's runner): its exit code, stdout and stderr."""
+    from click.testing import CliRunner
+    r = CliRunner().invoke(cmd, args)
+    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
+
+
 def test_flowar_check_finds_a_manifest_edited_since_the_export(engine_dirs, tmp_path):
     """An edited manifest.json (latent_scale, a class name) changed the images while flowar-check said
     "intact": every file it lists still hashed to its record. The export seals it; an edit is exit 2
@@ -349,11 +356,14 @@ def test_flowar_check_finds_a_manifest_edited_since_the_export(engine_dirs, tmp_
     src, _ = engine_dirs["tiny_v1"]
     d = tmp_path / "shipped"
     shutil.copytree(src, d, ignore=shutil.ignore_patterns(".ort-cache"))
-    exe = [os.path.join(os.path.dirname(sys.executable), "flowar-check"), "--engine-dir", str(d), "--quiet"]
+    # (flowar-check and flowar-run in this process: their installed commands' exits are tests/test_cli.py's)
+    from flowar.commands.check import check_cmd
+    from flowar.commands.cli import run as run_cmd
+    exe = ["--engine-dir", str(d), "--quiet"]
     text = (d / "manifest.json").read_text()
     m = json.loads(text)
-    assert m["sealed_sha256"] and subprocess.run(exe, capture_output=True, text=True).returncode == 0
-    bare = subprocess.run([exe[0], str(d)], capture_output=True, text=True)      # (the folder without its option)
+    assert m["sealed_sha256"] and _invoke(check_cmd, exe).returncode == 0
+    bare = _invoke(check_cmd, [str(d)])                                         # (the folder without its option)
     assert bare.returncode == 2 and bare.stderr.endswith(f"came without an option name. Fix: give it as --engine-dir {d}\n"), \
         bare.stderr
     for edit, named in ((lambda m: m["config"].update(latent_scale=2.0), "since: config.latent_scale. Fix"),
@@ -365,38 +375,36 @@ def test_flowar_check_finds_a_manifest_edited_since_the_export(engine_dirs, tmp_
         edited = json.loads(text)
         edit(edited)
         (d / "manifest.json").write_text(json.dumps(edited, indent=1))
-        bad = subprocess.run(exe, capture_output=True, text=True)
+        bad = _invoke(check_cmd, exe)
         line, = bad.stderr.strip().splitlines()
         assert bad.returncode == 2 and bad.stdout == "" and "and the manifest itself; got manifest.json itself edited " \
             "since" in line and "Fix: rebuild it: flowar-export" in line, bad
         assert named in line, (named, line)
     # what runs it says it (it sampled other images with exit 0 and no word), once, and runs it as edited
-    run = [os.path.join(os.path.dirname(sys.executable), "flowar-run"), "--engine-dir", str(d), "--labels", "1",
-           "--steps", "3", "--save-tokens", str(tmp_path / "t.safetensors")]
-    ran = subprocess.run(run, capture_output=True, text=True)          # (the last edit: latent_scale without its parts)
+    run = ["--engine-dir", str(d), "--labels", "1", "--steps", "3", "--save-tokens", str(tmp_path / "t.safetensors")]
+    ran = _invoke(run_cmd, run)                                        # (the last edit: latent_scale without its parts)
     said = [ln for ln in ran.stderr.splitlines() if ln.startswith("note: ") and "edited since its export" in ln]
     assert ran.returncode == 0 and said == [f"note: {d / 'manifest.json'} was edited since its export (its fields): it runs "
                                             f"as edited, not as exported and verified; flowar-check --engine-dir {d} names the change, "
                                             "a re-export undoes it"], ran.stderr
     (d / "manifest.json").write_text(text)
-    assert "edited since" not in subprocess.run(run, capture_output=True, text=True).stderr
+    assert "edited since" not in _invoke(run_cmd, run).stderr
     edited = json.loads(text)
     edited["config"].update(latent_scale=2.0)
     (d / "manifest.json").write_text(json.dumps(edited, indent=1))
-    assert "edited since its export (config.latent_scale): it runs" in subprocess.run(run, capture_output=True,
-                                                                                       text=True).stderr
+    assert "edited since its export (config.latent_scale): it runs" in _invoke(run_cmd, run).stderr
     edited["config"].update(latent_scale=-1.0)         # refused: the refusal alone, no note that it runs
     (d / "manifest.json").write_text(json.dumps(edited, indent=1))
-    ran = subprocess.run(run, capture_output=True, text=True)
+    ran = _invoke(run_cmd, run)
     assert ran.returncode == 2 and "latent_scale=-1.0" in ran.stderr and "edited since" not in ran.stderr, ran.stderr
     (d / "manifest.json").write_text(json.dumps(m | {"sealed_sha256": 5}))          # (a seal that is no string)
-    bad = subprocess.run(exe, capture_output=True, text=True)
+    bad = _invoke(check_cmd, exe)
     assert bad.returncode == 2 and "manifest.json itself edited since" in bad.stderr and "Traceback" not in bad.stderr, bad
     (d / "manifest.json").write_text(text)
-    assert subprocess.run(exe, capture_output=True, text=True).returncode == 0
+    assert _invoke(check_cmd, exe).returncode == 0
     del m["sealed_sha256"]                               # an export from before the seal: intact, and said
     (d / "manifest.json").write_text(json.dumps(m))
-    old = subprocess.run(exe, capture_output=True, text=True)
+    old = _invoke(check_cmd, exe)
     assert old.returncode == 0 and old.stdout.strip().endswith("manifest.json unsealed (an export before the seal): an "
                                                                "edit of it is not found"), old
 
