@@ -144,6 +144,8 @@ def _drop_traces(model) -> None:
                 v.metadata_props.clear()
     for v in [*model.graph.inputs, *model.graph.initializers.values()]:
         v.metadata_props.clear()
+    # and the dynamic dims' ranges (the row limit of --max-batch): a graph is the same for any limit
+    model.graph.metadata_props.pop("pkg.torch.export.ExportedProgram.range_constraints", None)
 
 
 _BLOCK_BYTES = 64 << 20

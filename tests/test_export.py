@@ -124,7 +124,10 @@ def test_an_exported_directory_opens_without_optimizing_or_reading_its_graphs(en
 
 def test_the_exporter_writes_the_same_bytes_for_the_same_stage(engine_dirs, export_memo, fixtures_dir, tmp_path):
     """What makes a manifest's hashes reproducible, and what the suite's export memo (conftest.py)
-    relies on: the real exporter, run again on the same stage, writes the directory's bytes."""
+    relies on: the real exporter, run again on the same stage, writes the directory's bytes; and with
+    another row limit (another --max-batch) the same bytes again: no graph holds its limit (the dims'
+    ranges the exporter noted in it made one model's graphs, ONNX Runtime's optimized copies and
+    TensorRT plan keys differ by --max-batch alone)."""
     from flowar.export.onnx_export import export_stage
     from flowar.export.specs import stage_specs
     from flowar.model.checkpoint import load_model
@@ -136,6 +139,10 @@ def test_the_exporter_writes_the_same_bytes_for_the_same_stage(engine_dirs, expo
     (tmp_path / "again").mkdir()
     files = real(spec, spec.module(model), model.config, tmp_path / "again" / "head_prep.onnx", m.stages["head_prep"]["max_rows"])
     assert [f.name for f in files] == ["head_prep.onnx"]
+    assert sha256_file(files[0]) == m.stages["head_prep"]["sha256"]
+    (tmp_path / "other").mkdir()
+    files = real(spec, spec.module(model), model.config, tmp_path / "other" / "head_prep.onnx",
+                 8 * m.stages["head_prep"]["max_rows"])
     assert sha256_file(files[0]) == m.stages["head_prep"]["sha256"]
 
 
