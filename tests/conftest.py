@@ -51,6 +51,15 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: -HEAVY_FILES.get(item.path.name, 0))    # stable: a file's tests keep their order
 
 
+def invoke(cmd, args: list[str]):
+    """A command run in this process (click's runner) as a subprocess.CompletedProcess: its exit code,
+    stdout and stderr (for tests about what a command says; its installed program's exits: tests/test_cli.py)."""
+    import subprocess
+    from click.testing import CliRunner
+    r = CliRunner().invoke(cmd, args)
+    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not (FIXTURES / "tiny_v1.safetensors").is_file():

@@ -14,6 +14,7 @@ from flowar.commands.build import build_engine_dir
 from flowar.errors import FlowARError
 from flowar.export.manifest import EngineDirError, read_manifest, sealed, sha256_file
 from flowar.sampling.schedule import build_schedule
+from conftest import invoke
 
 
 @pytest.fixture(scope="module")
@@ -337,21 +338,14 @@ def test_a_graph_onnx_runtime_cannot_run_is_one_line_naming_it(engine_dirs, tmp_
                            "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "x.png").exists(), proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: expected graphs ONNX Runtime"), proc.stderr
-    # flowar-check: intact (exit 0) and the reason it does not open here said; with --must-open exit 3
-    check = [os.path.join(os.path.dirname(sys.executable), "flowar-check"), "--engine-dir", str(d)]
+    # flowar-check (in this process): intact (exit 0) and the reason it does not open here said; with --must-open exit 3
+    from flowar.commands.check import check_cmd
     said = "does not open on this machine: expected graphs ONNX Runtime"
-    ok, must = (subprocess.run(check + more, capture_output=True, text=True) for more in ([], ["--must-open"]))
+    ok, must = (invoke(check_cmd, ["--engine-dir", str(d), *more]) for more in ([], ["--must-open"]))
     assert ok.returncode == 0 and said in ok.stdout and ok.stdout.splitlines()[-1].startswith("intact: "), ok
     lines = must.stderr.strip().splitlines()
     assert must.returncode == 3 and len(lines) == 1 and lines[0].startswith(f"error: {said}") and lines[0].endswith(
         "(--must-open)"), must
-
-
-def _invoke(cmd, args: list[str]) -> subprocess.CompletedProcess:
-    """A command run in this process (click's runner): its exit code, stdout and stderr."""
-    from click.testing import CliRunner
-    r = CliRunner().invoke(cmd, args)
-    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
 
 
 def test_flowar_check_finds_a_manifest_edited_since_the_export(engine_dirs, tmp_path):
@@ -369,8 +363,8 @@ def test_flowar_check_finds_a_manifest_edited_since_the_export(engine_dirs, tmp_
     exe = ["--engine-dir", str(d), "--quiet"]
     text = (d / "manifest.json").read_text()
     m = json.loads(text)
-    assert m["sealed_sha256"] and _invoke(check_cmd, exe).returncode == 0
-    bare = _invoke(check_cmd, [str(d)])                                         # (the folder without its option)
+    assert m["sealed_sha256"] and invoke(check_cmd, exe).returncode == 0
+    bare = invoke(check_cmd, [str(d)])                                         # (the folder without its option)
     assert bare.returncode == 2 and bare.stderr.endswith(f"came without an option name. Fix: give it as --engine-dir {d}\n"), \
         bare.stderr
     for edit, named in ((lambda m: m["config"].update(latent_scale=2.0), "since: config.latent_scale. Fix"),
@@ -382,36 +376,36 @@ def test_flowar_check_finds_a_manifest_edited_since_the_export(engine_dirs, tmp_
         edited = json.loads(text)
         edit(edited)
         (d / "manifest.json").write_text(json.dumps(edited, indent=1))
-        bad = _invoke(check_cmd, exe)
+        bad = invoke(check_cmd, exe)
         line, = bad.stderr.strip().splitlines()
         assert bad.returncode == 2 and bad.stdout == "" and "and the manifest itself; got manifest.json itself edited " \
             "since" in line and "Fix: rebuild it: flowar-export" in line, bad
         assert named in line, (named, line)
     # what runs it says it (it sampled other images with exit 0 and no word), once, and runs it as edited
     run = ["--engine-dir", str(d), "--labels", "1", "--steps", "3", "--save-tokens", str(tmp_path / "t.safetensors")]
-    ran = _invoke(run_cmd, run)                                        # (the last edit: latent_scale without its parts)
+    ran = invoke(run_cmd, run)                                        # (the last edit: latent_scale without its parts)
     said = [ln for ln in ran.stderr.splitlines() if ln.startswith("note: ") and "edited since its export" in ln]
     assert ran.returncode == 0 and said == [f"note: {d / 'manifest.json'} was edited since its export (its fields): it runs "
                                             f"as edited, not as exported and verified; flowar-check --engine-dir {d} names the change, "
                                             "a re-export undoes it"], ran.stderr
     (d / "manifest.json").write_text(text)
-    assert "edited since" not in _invoke(run_cmd, run).stderr
+    assert "edited since" not in invoke(run_cmd, run).stderr
     edited = json.loads(text)
     edited["config"].update(latent_scale=2.0)
     (d / "manifest.json").write_text(json.dumps(edited, indent=1))
-    assert "edited since its export (config.latent_scale): it runs" in _invoke(run_cmd, run).stderr
+    assert "edited since its export (config.latent_scale): it runs" in invoke(run_cmd, run).stderr
     edited["config"].update(latent_scale=-1.0)         # refused: the refusal alone, no note that it runs
     (d / "manifest.json").write_text(json.dumps(edited, indent=1))
-    ran = _invoke(run_cmd, run)
+    ran = invoke(run_cmd, run)
     assert ran.returncode == 2 and "latent_scale=-1.0" in ran.stderr and "edited since" not in ran.stderr, ran.stderr
     (d / "manifest.json").write_text(json.dumps(m | {"sealed_sha256": 5}))          # (a seal that is no string)
-    bad = _invoke(check_cmd, exe)
+    bad = invoke(check_cmd, exe)
     assert bad.returncode == 2 and "manifest.json itself edited since" in bad.stderr and "Traceback" not in bad.stderr, bad
     (d / "manifest.json").write_text(text)
-    assert _invoke(check_cmd, exe).returncode == 0
+    assert invoke(check_cmd, exe).returncode == 0
     del m["sealed_sha256"]                               # an export from before the seal: intact, and said
     (d / "manifest.json").write_text(json.dumps(m))
-    old = _invoke(check_cmd, exe)
+    old = invoke(check_cmd, exe)
     assert old.returncode == 0 and old.stdout.strip().endswith("manifest.json unsealed (an export before the seal): an "
                                                                "edit of it is not found"), old
 

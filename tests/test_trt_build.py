@@ -37,14 +37,12 @@ def test_flowar_check_finds_a_damaged_plan_that_opening_on_a_cpu_never_reads(trt
     lists, plans included; opening it on a CPU reads no plan, so a damaged one went unnoticed until
     the GPU machine opened it. Intact: what it holds, whether it opens here, exit 0; a plan with one
     byte changed: one line naming it, exit 2."""
-    import os
     import shutil
-    import subprocess
-    import sys
     d = tmp_path / "ship"
     shutil.copytree(trt_dir.root, d, ignore=shutil.ignore_patterns(".ort-cache"))
-    exe = os.path.join(os.path.dirname(sys.executable), "flowar-check")
-    ok = subprocess.run([exe, "--engine-dir", str(d)], capture_output=True, text=True)
+    from conftest import invoke
+    from flowar.commands.check import check_cmd
+    ok = invoke(check_cmd, ["--engine-dir", str(d)])                  # (in this process)
     n = len(trt_dir.members())
     assert ok.returncode == 0 and ok.stdout.splitlines()[-1].startswith(f"intact: {n} files, "), ok
     plans = trt_dir.tensorrt["plans"]
@@ -59,7 +57,7 @@ def test_flowar_check_finds_a_damaged_plan_that_opening_on_a_cpu_never_reads(trt
     if not torch.cuda.is_available():                    # what opening here does with it: nothing (it reads no plan)
         from flowar.runtime.runtime import Runtime
         Runtime.open_engine_dir(d).close()
-    bad = subprocess.run([exe, "--engine-dir", str(d)], capture_output=True, text=True)
+    bad = invoke(check_cmd, ["--engine-dir", str(d)])
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stdout == "", bad      # (nothing said before it)
     line, = bad.stderr.strip().splitlines()
     assert line.startswith(f"error: expected every file {d / 'manifest.json'} lists as the export wrote it; got 1 of "
