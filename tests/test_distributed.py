@@ -53,17 +53,24 @@ def _sample(engines, out, workers, shard, n=N, wait=True, more=()):
     return proc
 
 
+@pytest.fixture(scope="module")
+def w2(engines, tmp_path_factory):
+    """(folder, the run) of N images on two workers, shards of 4, in batches of 2: what other runs must equal."""
+    out = tmp_path_factory.mktemp("bulk") / "w2"
+    return out, _sample(engines, out, 2, 4, more=("--batch", "2"))
+
+
 @pytest.mark.slow
-def test_bulk_gives_the_same_bytes_for_any_worker_count_and_resumes_after_kill(engines, tmp_path):
-    w2 = _sample(engines, tmp_path / "w2", 2, 4, more=("--batch", "2"))
+def test_bulk_gives_the_same_bytes_for_any_worker_count_and_resumes_after_kill(engines, w2, tmp_path):
+    first, w2 = w2
     import re
     assert re.search(r"sampling: 12/12 images, [0-9.]+ images/s at batch 2, 0.0 min left", w2.stderr), w2.stderr
-    z = np.load(tmp_path / "w2" / "samples.npz")
+    z = np.load(first / "samples.npz")
     assert z["arr_0"].shape == (N, 32, 32, 3) and z["arr_0"].dtype == np.uint8
     assert z["arr_1"].tolist() == [i % 10 for i in range(N)]                 # class-balanced
-    assert len(list((tmp_path / "w2" / "png").rglob("*.png"))) == N
+    assert len(list((first / "png").rglob("*.png"))) == N
     assert len({z["arr_0"][i].tobytes() for i in range(N)}) == N            # N different images
-    run = json.loads((tmp_path / "w2" / "run.json").read_text())
+    run = json.loads((first / "run.json").read_text())
     ran = run["engines"]
     assert len(ran) == 1 and ran[0].startswith("auto: "), ran          # the engines auto chose, as flowar-run names them
     [tp] = run["throughput"]
@@ -90,7 +97,7 @@ def test_bulk_gives_the_same_bytes_for_any_worker_count_and_resumes_after_kill(e
     assert "at batch 2" in rerun.stdout and len(json.loads((out / "run.json").read_text())["throughput"]) == 1
     # one worker, shards of 2, killed and resumed: the bytes of two workers with shards of 4 (both in batches
     # of 2; another batch size differs by float rounding: tests/test_default_model.py)
-    assert (out / "samples.npz").read_bytes() == (tmp_path / "w2" / "samples.npz").read_bytes()
+    assert (out / "samples.npz").read_bytes() == (first / "samples.npz").read_bytes()
     # another setting into the same folder is refused, not mixed in
     bad = subprocess.run([str(EXE / "flowar-sample"), "--engine-dir", str(engines), "--num-images", str(N), "--out",
                           str(out), "--shard-size", "2", "--seed", "4"], env=ENV, capture_output=True, text=True)
@@ -137,9 +144,10 @@ def _reap(proc, wait_s=15) -> list[str]:
 
 
 @pytest.mark.slow
-def test_bulk_samples_on_a_cluster_that_ray_start_started_by_its_address(engines, tmp_path):
+def test_bulk_samples_on_a_cluster_that_ray_start_started_by_its_address(engines, w2, tmp_path):
     """`ray start --head` (token authentication on, Ray's default), then flowar-sample --ray-address
-    HOST:PORT: the same images as a local run, which starts a cluster of its own beside that one.
+    HOST:PORT: the same images as a local run; and a local run meanwhile starts a cluster of its own
+    beside that one (two images, the first two of the local run's).
     (Before: refused by the cluster, "token is missing", and reported as a path error; "auto"
     worked; and a local run joined the running cluster and failed.) A HOME of its own holds the token."""
     env = {k: v for k, v in ENV.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))} | {"HOME": str(tmp_path)}
@@ -155,10 +163,10 @@ def test_bulk_samples_on_a_cluster_that_ray_start_started_by_its_address(engines
         with open(log, "w") as f:
             proc = subprocess.Popen([str(EXE / "flowar-sample"), "--engine-dir", str(engines), "--num-images", str(N),
                                      "--out", str(tmp_path / "cluster"), "--shard-size", "4", "--workers", "2",
-                                     "--seed", "3", "--ray-address", f"127.0.0.1:{port}"], env=env,
+                                     "--seed", "3", "--batch", "2", "--ray-address", f"127.0.0.1:{port}"], env=env,
                                     stdout=subprocess.DEVNULL, stderr=f)
         try:
-            _sample(engines, tmp_path / "here", 2, 4)       # meanwhile, a local cluster of its own, that one running
+            _sample(engines, tmp_path / "here", 1, 2, n=2, more=("--batch", "2"))   # meanwhile, a local cluster of its own
             proc.wait(timeout=300)
         finally:
             if proc.poll() is None:
@@ -174,8 +182,9 @@ def test_bulk_samples_on_a_cluster_that_ray_start_started_by_its_address(engines
         if current.is_file() and current.read_text().strip().endswith(f":{port}"):
             current.unlink(missing_ok=True)
     assert proc.returncode == 0, err[-2000:]
-    a, b = (np.load(tmp_path / d / "samples.npz")["arr_0"] for d in ("cluster", "here"))
-    assert a.shape == (N, 32, 32, 3) and np.array_equal(a, b)
+    a, here = (np.load(tmp_path / d / "samples.npz")["arr_0"] for d in ("cluster", "here"))
+    b = np.load(w2[0] / "samples.npz")["arr_0"]
+    assert a.shape == (N, 32, 32, 3) and np.array_equal(a, b) and np.array_equal(here, b[:2])
 
 
 @pytest.mark.slow
