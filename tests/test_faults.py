@@ -502,6 +502,31 @@ def test_sigkill_during_export_leaves_the_previous_directory_valid(fixtures_dir,
     assert files() == before and not list(tmp_path.glob(".eng.tmp-*"))
 
 
+def test_a_stop_just_after_the_export_made_its_folder_leaves_none(tmp_path, monkeypatch):
+    """SIGTERM that the command's handler takes between the temporary folder made and the export
+    holding its name (a CI run: SIGTERM as soon as the folder showed, the command descheduled there)
+    left the folder behind; it is raised once the folder is named, and the folder removed."""
+    import tempfile
+
+    import flowar.io.files as files
+    from flowar.errors import stop_asked, stops_cleared
+    real = tempfile.mkdtemp
+
+    def made_then_stopped(*a, **k):
+        d = real(*a, **k)
+        stop_asked(signal.SIGTERM, None)          # as the command's handler takes it, right after the mkdir
+        return d
+    monkeypatch.setattr(files.tempfile, "mkdtemp", made_then_stopped)
+    stops_cleared()
+    try:
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            with files.staged_directory(tmp_path / "eng", "manifest.json"):
+                pytest.fail("the work began after the stop")
+    finally:
+        stops_cleared()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_never_replaces_a_folder_it_did_not_write(fixtures_dir, tmp_path, monkeypatch):
     """--out may be new, empty, or an engine directory (replaced): a folder of other files, or one
     holding the checkpoint being exported, is refused with one line before any work, untouched

@@ -342,8 +342,10 @@ def staged_directory(target: str | Path, marker: str, option: str = "--out",
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(target.parent, f".{target.name}.tmp-")       # (an export that was killed left its folder)
     remove_stale(target.parent, f".{target.name}.old-", "")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    tmp = None
     try:
+        with stops_held():                 # (a stop raised with the folder made and not yet named here left it behind)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
         yield tmp
         raise_if_stopped()                 # (a Ctrl-C that a library swallowed while the work ran: nothing swapped in)
         umask = _umask()                   # what a plain write gives: files made owner-only (safetensors
@@ -355,7 +357,8 @@ def staged_directory(target: str | Path, marker: str, option: str = "--out",
                 if not os.path.islink(p):
                     _set_mode(p, (0o777 if os.access(p, os.X_OK) else 0o666) & ~umask)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     with stops_held():                     # (the swap is one step: a stop that comes meanwhile ends the command after it)
         try:
