@@ -393,7 +393,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
     # the files it wrote recorded as found whole (.verified.json) where their state is still the one they were
     # hashed in (their modes set, their folder renamed), so that the first command after it hashes none again
     done = read_manifest(req.out)
-    found = {rel: report.found[rel] for rel, _ in done.members() if rel in report.found}
-    done.remember({rel: rec for rel, rec in found.items() if rec[1:] == file_state(done.member(rel))})
+    done.remember({rel: report.found[rel] for rel, _ in done.members()
+                   if rel in report.found and report.found[rel][1:] == file_state(done.member(rel))})
     report.anon_peak_gb = anon.peak / GB if anon.peak is not None else None
     return report

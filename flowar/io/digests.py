@@ -21,17 +21,17 @@ VAE_FILES = ("config.json", "*.safetensors", "*.bin")   # what a VAE folder's sh
 
 
 def sha256_file(path: str | Path, found: dict | None = None) -> str:
-    """The file's sha256; with ``found``, noted there as ``{name: [sha256, *its state taken before the read]}``
-    (what :meth:`flowar.export.manifest.Manifest.remember` records: the export's own files)."""
-    if found is not None:
-        from flowar.io.files import file_state
-        state = file_state(path)
-        found[Path(path).name] = [digest := sha256_file(path), *state]
-        return digest
+    """The file's sha256; with ``found``, noted there as ``{name: [sha256, *the state of the file read, taken
+    before reading it]}`` (what :meth:`flowar.export.manifest.Manifest.remember` records: the export's own files)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
+        if found is not None:
+            from flowar.io.files import file_state
+            state = file_state(f.fileno())
         while chunk := f.read(1 << 20):
             h.update(chunk)
+    if found is not None:
+        found[Path(path).name] = [h.hexdigest(), *state]
     return h.hexdigest()
 
 

@@ -51,10 +51,11 @@ def check_writable(path: str | Path | None, is_dir: bool = False, option: str = 
                           f"be created there: {e.strerror or e})", f"choose another path for {option}") from None
 
 
-def file_state(path: str | Path) -> list[int]:
+def file_state(path: str | Path | int) -> list[int]:
     """What changes whenever a file's bytes may have: its device, inode, size, and modification and
     change times (a change time cannot be set back), for records that stand in for hashing a file
-    again (an engine directory's files found whole, ONNX Runtime's optimized copies' graphs)."""
+    again (an engine directory's files found whole, ONNX Runtime's optimized copies' graphs). ``path``
+    may be an open file's descriptor."""
     st = os.stat(path)
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
