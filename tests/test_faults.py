@@ -847,6 +847,67 @@ def test_numbered_images_are_written_all_or_none(tmp_path, monkeypatch):
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~_umask() for p in paths)
 
 
+def test_a_stop_while_the_pngs_or_a_file_are_put_in_place_leaves_all_or_nothing_and_says_which(tmp_path, monkeypatch):
+    """SIGTERM taken by the command's handler right after a staging folder (--save-images) or temporary
+    file (--save-tokens, --out) is made: nothing left behind (they were, until the next write); taken
+    while the PNGs are renamed into place: every one is there (the first ones were) and the line the
+    command ends with says they were written (it said the folder held what it held before)."""
+    import tempfile
+
+    from flowar.errors import stop_asked, stops_cleared, stopped
+    from flowar.io.files import atomic_write_bytes
+    from flowar.io.images import save_images
+    from flowar.sampling.batches import SampleResult, write_outputs
+    images = torch.linspace(-1, 1, 4 * 3 * 4 * 4).reshape(4, 3, 4, 4)
+    real_dir, real_file = tempfile.mkdtemp, tempfile.mkstemp
+
+    def then_stopped(real):
+        def made(*a, **k):
+            r = real(*a, **k)
+            stop_asked(signal.SIGTERM, None)          # as the command's handler takes it, right after the mkdir
+            return r
+        return made
+    stops_cleared()
+    try:
+        monkeypatch.setattr(tempfile, "mkdtemp", then_stopped(real_dir))
+        (tmp_path / "old").mkdir()
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            save_images(images, tmp_path / "old")
+        assert list((tmp_path / "old").iterdir()) == []
+        stops_cleared()
+        monkeypatch.setattr(tempfile, "mkstemp", then_stopped(real_file))
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            atomic_write_bytes(tmp_path / "old" / "t.bin", lambda t: Path(t).write_bytes(b"new"))
+        assert list((tmp_path / "old").iterdir()) == []
+        monkeypatch.setattr(tempfile, "mkdtemp", real_dir)
+        monkeypatch.setattr(tempfile, "mkstemp", real_file)
+
+        stops_cleared()
+        for i in range(4):
+            (tmp_path / "old" / f"{i:06d}.png").write_bytes(b"old")
+        real_replace, renamed = os.replace, []
+
+        def replace(a, b):
+            real_replace(a, b)
+            renamed.append(b)
+            if len(renamed) == 1:
+                stop_asked(signal.SIGTERM, None)      # taken after the first PNG is in place
+        monkeypatch.setattr(os, "replace", replace)
+        result = SampleResult(torch.zeros(4, 1, 1, 1), images, [0, 1, 2, 3], 0.0)
+        with pytest.raises(KeyboardInterrupt) as e:
+            write_outputs(result, None, None, None, tmp_path / "old")
+        monkeypatch.setattr(os, "replace", real_replace)
+        assert stopped() == "SIGTERM" and len(renamed) == 4
+        assert str(e.value).startswith("SIGTERM: while writing; written: 4 PNGs -> "), str(e.value)
+        stops_cleared()
+        want = save_images(images, tmp_path / "again")
+        assert sorted(p.name for p in (tmp_path / "old").iterdir()) == [p.name for p in want]
+        for p in want:
+            assert (tmp_path / "old" / p.name).read_bytes() == p.read_bytes(), p.name
+    finally:
+        stops_cleared()
+
+
 def _umask() -> int:
     old = os.umask(0o022)
     os.umask(old)

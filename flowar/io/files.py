@@ -196,15 +196,18 @@ def atomic_write_bytes(path: str | Path, write) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(p.parent, f".{p.name}.", r"-\w+\.tmp")      # (a write that was killed left its temporary file)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.{os.getpid()}-", suffix=".tmp", dir=p.parent)
-    os.close(fd)
+    tmp = None
     try:
+        with stops_held():                 # (a stop raised with the file made and not yet named here left it behind)
+            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.{os.getpid()}-", suffix=".tmp", dir=p.parent)
+            os.close(fd)
         write(tmp)
         raise_if_stopped()                 # (a Ctrl-C that a library swallowed while it wrote: not put in place)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, p)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 

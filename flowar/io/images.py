@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowar.errors import FlowARError
-from flowar.io.files import atomic_write_bytes
+from flowar.errors import FlowARError, raise_if_stopped, stop_answered, stops_held
+from flowar.io.files import atomic_write_bytes, remove_stale
 
 
 def to_uint8(images_B3HW: Tensor) -> np.ndarray:
@@ -28,7 +28,10 @@ def to_uint8(images_B3HW: Tensor) -> np.ndarray:
 def save_images(images_B3HW: Tensor, folder: str | Path, first: int = 0) -> list[Path]:
     """One unlabelled PNG per sample, in sample order: 000000.png, 000001.png, ... (from ``first``),
     all or none: written in a hidden folder inside, renamed into place once all are (Ctrl-C while
-    200 were written left 11 of them; a folder this call made is removed again)."""
+    200 were written left 11 of them; a folder this call made is removed again). A stop that comes
+    while they are renamed into place waits for the last rename and stays recorded, for the caller to
+    raise once it has said they were written (raised at once, it left the first ones renamed and the
+    caller said none were)."""
     import os
     import shutil
     import tempfile
@@ -37,21 +40,25 @@ def save_images(images_B3HW: Tensor, folder: str | Path, first: int = 0) -> list
     folder = Path(folder)
     made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    from flowar.io.files import remove_stale
     remove_stale(folder, ".flowar-images-")          # (a write that was killed left its folder)
-    staging = Path(tempfile.mkdtemp(prefix=f".flowar-images-{os.getpid()}-", dir=folder))
     paths = [folder / f"{first + i:06d}.png" for i in range(images_B3HW.shape[0])]
+    staging = None
     try:
+        with stops_held():          # (a stop raised with the folder made and not yet named here left it behind)
+            staging = Path(tempfile.mkdtemp(prefix=f".flowar-images-{os.getpid()}-", dir=folder))
         for p, arr in zip(paths, to_uint8(images_B3HW)):
             Image.fromarray(arr).save(staging / p.name, format="PNG")
-        for p in paths:
-            os.replace(staging / p.name, p)
+        raise_if_stopped()          # (a Ctrl-C that a library swallowed while they were written: none put in place)
+        with stop_answered(), stops_held():
+            for p in paths:
+                os.replace(staging / p.name, p)
     except BaseException:
         if made:
             shutil.rmtree(folder, ignore_errors=True)
         raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return paths
 
 

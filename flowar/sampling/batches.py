@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from flowar.config import FlowARConfig
-from flowar.errors import FlowARError
+from flowar.errors import FlowARError, raise_if_stopped
 from flowar.sampling.sampler import NoiseFn, ScaleTrace, Stages, injected_noise, noise_rows, per_sample_noise, sample
 from flowar.sampling.schedule import Schedule
 
@@ -214,6 +214,7 @@ def write_outputs(result: SampleResult, class_names: list[str] | None, save_toke
             if save_images:
                 save_each(result.images, save_images)
                 lines.append(f"{len(result.labels)} PNGs -> {Path(save_images)}/")
+        raise_if_stopped()          # (one that came while the PNGs were renamed into place: they are all there)
     except KeyboardInterrupt as e:         # (each file is whole, old or new: say which outputs are new)
         raise KeyboardInterrupt(f"{e}: " * bool(str(e)) + "while writing; written: " + ("; ".join(lines) or "none")
                                 + "; the other outputs hold what they held before") from None
