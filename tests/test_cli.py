@@ -382,6 +382,45 @@ def test_save_images_never_mixes_runs_or_overwrites_the_grid(tmp_path):
         assert res.exit_code == 2 and f"expected a path for {option}; got an empty one" in res.output, res.output
 
 
+def test_saved_tokens_decode_later_into_the_images_the_run_wrote(default_auto_engines, tmp_path):
+    """flowar-decode of what flowar-run --save-tokens wrote: the grid and PNGs that run wrote, byte for
+    byte (the directory's decode stage); from the checkpoint and its VAE (eager) the same images within
+    float32 noise; tokens of another model or a file that is not tokens: one line, nothing written."""
+    import numpy as np
+    from PIL import Image
+
+    from conftest import DEFAULT_CKPT, DEFAULT_VAE
+    from flowar.commands.decode import decode_cmd
+    from flowar.io.images import psnr
+    t, d = tmp_path / "t.safetensors", str(default_auto_engines)
+    res = CliRunner().invoke(run, ["--engine-dir", d, "--labels", "1,7,3", "--seed", "4", "--steps", "4",
+                                   "--save-tokens", str(t), "--out", str(tmp_path / "run.png"),
+                                   "--save-images", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(decode_cmd, ["--engine-dir", d, "--tokens", str(t), "--out", str(tmp_path / "dec.png"),
+                                          "--save-images", str(tmp_path / "dec")])
+    assert res.exit_code == 0 and "decoded 3 token maps" in res.output, res.output
+    assert (tmp_path / "dec.png").read_bytes() == (tmp_path / "run.png").read_bytes()
+    names = [f"{i:06d}.png" for i in range(3)]
+    assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == names
+    assert all((tmp_path / "dec" / n).read_bytes() == (tmp_path / "run" / n).read_bytes() for n in names)
+    res = CliRunner().invoke(decode_cmd, ["--ckpt", str(DEFAULT_CKPT), "--vae", str(DEFAULT_VAE), "--tokens", str(t),
+                                          "--save-images", str(tmp_path / "eager")])
+    assert res.exit_code == 0, res.output
+
+    def pngs(folder):
+        return torch.tensor(np.stack([np.asarray(Image.open(folder / n)) for n in names])).permute(0, 3, 1, 2) / 127.5 - 1
+    assert psnr(pngs(tmp_path / "eager"), pngs(tmp_path / "run")) >= 40
+    save_file({"tokens": torch.zeros(2, 3, 5, 5)}, tmp_path / "other.safetensors")
+    (tmp_path / "text.safetensors").write_text("not tokens")
+    for bad, said in (("other.safetensors", "expected token maps of this model: (B, "),
+                      ("text.safetensors", "expected a safetensors file of token maps from flowar-run --save-tokens")):
+        res = CliRunner().invoke(decode_cmd, ["--engine-dir", d, "--tokens", str(tmp_path / bad), "--out",
+                                              str(tmp_path / "x.png")])
+        assert res.exit_code == 2 and said in res.output and res.output.strip().count("\n") <= 1, res.output
+        assert not (tmp_path / "x.png").exists()
+
+
 def test_an_output_is_refused_before_any_work_where_it_would_write_over_an_input_or_another_output(fixtures_dir,
                                                                                                     tmp_path):
     """--save-tokens at the checkpoint (or at the VAE folder's weights, or at the noise file) wrote over

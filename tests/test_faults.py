@@ -344,6 +344,8 @@ def _command_args(fixtures_dir, tmp_path, command, option, where):
         return ["--ckpt", ckpt, "--preset", "tiny", "--vae", vae, "--labels", "1", "--steps", "2", option, where]
     if command == "flowar-export":
         return ["--ckpt", ckpt, "--preset", "tiny", "--no-verify", "--out", where]
+    if command == "flowar-decode":
+        return ["--tokens", str(tmp_path / "t.safetensors"), "--ckpt", ckpt, "--preset", "tiny", "--vae", vae, option, where]
     if command == "flowar-train":
         return ["--vae", vae, "--steps", "1", "--out", where]
     if command == "flowar-train-vae":
@@ -358,13 +360,15 @@ def _command_args(fixtures_dir, tmp_path, command, option, where):
 
 OUTPUTS = [("flowar-run", "--save-tokens"), ("flowar-run", "--out"), ("flowar-run", "--save-images"),
            ("flowar-export", "--out"), ("flowar-train", "--out"), ("flowar-train-vae", "--out"),
-           ("flowar-judge", "--judge-cache"), ("flowar-judge", "--json"), ("bench", "--json"), ("bench", "--plot")]
+           ("flowar-judge", "--judge-cache"), ("flowar-judge", "--json"), ("bench", "--json"), ("bench", "--plot"),
+           ("flowar-decode", "--out"), ("flowar-decode", "--save-images")]
 
 
 @pytest.mark.parametrize("where", UNWRITABLE)
 @pytest.mark.parametrize("command,option", OUTPUTS)
 def test_unwritable_output_is_one_line_before_any_work(fixtures_dir, tmp_path, command, option, where, capsys, bench):
     from flowar.commands import cli
+    from flowar.commands.decode import decode_cmd
     (tmp_path / "afile").write_text("x")
     where = where.format(tmp=tmp_path)
     args = _command_args(fixtures_dir, tmp_path, command, option, where)
@@ -376,7 +380,7 @@ def test_unwritable_output_is_one_line_before_any_work(fixtures_dir, tmp_path, c
         assert len(lines) == 1 and lines[0].startswith("error: expected a writable location for " + option), err
     else:
         cmd = {"flowar-run": cli.run, "flowar-export": cli.export_cmd, "flowar-train": cli.train_cmd,
-               "flowar-train-vae": cli.train_vae_cmd, "flowar-judge": cli.judge_cmd}[command]
+               "flowar-train-vae": cli.train_vae_cmd, "flowar-judge": cli.judge_cmd, "flowar-decode": decode_cmd}[command]
         res = CliRunner().invoke(cmd, args)
         _one_line_error(res, f"a writable location for {option}")
         assert "sampled" not in res.output

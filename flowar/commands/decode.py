@@ -1,0 +1,99 @@
+"""``flowar-decode``: images from token maps saved earlier (``flowar-run --save-tokens``), decoded by
+the engine directory's decode stage or a checkpoint's VAE: the images the run would have written."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from flowar.commands.options import command
+from flowar.errors import FlowARError
+
+
+def read_tokens(path: str | Path):
+    """(tokens (B, C, S, S) float, labels: B ints or None) of a ``--save-tokens`` file, read without
+    executing anything (safetensors); anything else is one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    want = "a safetensors file of token maps from flowar-run --save-tokens (tensors 'tokens' (B, C, S, S), 'labels' (B,))"
+    p = Path(path)
+    if not p.is_file():
+        raise FlowARError(want, f"no file at {path}", "check the --tokens path")
+    try:
+        found = load_file(p)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FlowARError(want, f"{path}: {(str(e).splitlines() or ['unreadable'])[0]}",
+                          "pass the file flowar-run --save-tokens wrote") from None
+    tokens, labels = found.get("tokens"), found.get("labels")
+    if tokens is None or not tokens.is_floating_point() or tokens.dim() != 4 or not len(tokens):
+        got = "no 'tokens'" if tokens is None else f"'tokens' of {tokens.dtype} {tuple(tokens.shape)}"
+        raise FlowARError(want, f"{path} with {got} (it holds {', '.join(sorted(found)) or 'nothing'})",
+                          "pass the file flowar-run --save-tokens wrote")
+    if labels is not None and (labels.is_floating_point() or labels.dim() != 1 or len(labels) != len(tokens)):
+        raise FlowARError(want, f"{path} with 'labels' of {labels.dtype} {tuple(labels.shape)} beside {len(tokens)} "
+                          "token maps", "pass the file flowar-run --save-tokens wrote")
+    return tokens.float(), (labels.tolist() if labels is not None else None)
+
+
+@command("flowar-decode")
+@click.option("--tokens", "tokens_file", required=True, type=click.Path(dir_okay=False),
+              help="Token maps to decode: the file flowar-run --save-tokens wrote.")
+@click.option("--engine-dir", type=click.Path(), help="Engine directory whose decode stage decodes them (exported "
+              "with --vae).")
+@click.option("--ckpt", type=click.Path(dir_okay=False), help="Or the checkpoint that sampled them, with --vae.")
+@click.option("--vae", type=click.Path(), help="With --ckpt: MAR kl16.ckpt or a diffusers folder.")
+@click.option("--preset", help="With --ckpt, for files that carry no config: flowar-s, flowar-l, flowar-h, tiny.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="With --ckpt: config JSON for files "
+              "that carry none.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write a labelled PNG grid here.")
+@click.option("--save-images", type=click.Path(file_okay=False), help="Write one PNG per token map into this folder.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N] (--ckpt).")
+@click.option("--threads", type=int, help="CPU cores to compute on [default: every core this process may use].")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def decode_cmd(tokens_file, engine_dir, ckpt, vae, preset, config_path, out, save_images, device, threads, debug):
+    """Decode token maps saved by flowar-run --save-tokens into images (a grid and/or one PNG each)."""
+    from flowar.io.files import check_outputs, check_writable
+    from flowar.io.images import check_image_folder
+    from flowar.io.memory import require_memory
+    from flowar.runtime.runtime import Runtime
+    from flowar.sampling.batches import SampleResult, write_outputs
+    if not (out or save_images):
+        raise FlowARError("--out grid.png and/or --save-images DIR", "neither", "pass --out grid.png")
+    if bool(engine_dir) == bool(ckpt):
+        raise FlowARError("exactly one of --engine-dir or --ckpt (with --vae)", "both" if ckpt else "neither",
+                          "pass --engine-dir DIR (exported with --vae)")
+    if ckpt and not vae:
+        raise FlowARError("--vae with --ckpt (the VAE decodes the token maps)", "none",
+                          "pass --vae PATH: the VAE the model was trained with (or --engine-dir DIR exported with --vae)")
+    check_outputs([("--out", out), ("--save-images", save_images)], [tokens_file, engine_dir, ckpt, vae, config_path])
+    for p, is_dir, option in ((out, False, "--out"), (save_images, True, "--save-images")):
+        check_writable(p, is_dir, option)
+    if out and Path(out).suffix.lower() != ".png":
+        raise FlowARError("--out a .png file (the grid is a PNG)", out, f"use --out {Path(out).with_suffix('.png')}")
+    tokens, labels = read_tokens(tokens_file)
+    if save_images:
+        check_image_folder(save_images, len(tokens), out)
+    t0 = time.perf_counter()
+    with Runtime.open(engine_dir or ckpt, bool(engine_dir), preset=preset, config=config_path, vae=vae, device=device,
+                      threads=threads) as rt:
+        rt.require_decoder()
+        c, side = rt.config, rt.image_size
+        want = (c.latent_channels, c.latent_size, c.latent_size)
+        if tuple(tokens.shape[1:]) != want:
+            raise FlowARError(f"token maps of this model: (B, {', '.join(map(str, want))})",
+                              f"{tuple(tokens.shape)} in {tokens_file}", "decode them with the model that sampled "
+                              "them (its engine directory, or its checkpoint and VAE)")
+        require_memory(len(tokens) * side ** 2 * 3 * 4 * 2, f"{len(tokens)} images of {side}x{side}, kept until "
+                       "written", "decode fewer at a time")
+        click.echo(f"opened {engine_dir or ckpt} in {time.perf_counter() - t0:.2f} s", err=True)
+        t1 = time.perf_counter()
+        images = rt.decode(tokens)
+        seconds = time.perf_counter() - t1
+    ids = labels if labels is not None else list(range(len(tokens)))
+    lines = write_outputs(SampleResult(tokens, images, ids, seconds), rt.class_names if labels is not None else None,
+                          None, out, save_images)
+    click.echo(f"decoded {len(tokens)} token map{'s' * (len(tokens) != 1)} with {rt.detail} in {seconds:.2f} s")
+    for line in lines:
+        click.echo("  " + line)
