@@ -100,18 +100,19 @@ class Runtime(contextlib.AbstractContextManager):
                                   ", ".join(sorted(ckpt_only)), "the engine directory records its config, decoder "
                                   "and precision; drop those options")
             return cls.open_engine_dir(p, **{k: v for k, v in options.items() if k in
-                                             ("backend", "device", "threads", "cuda_graphs", "warm", "ckpt")})
+                                             ("backend", "device", "threads", "cuda_graphs", "warm", "ckpt", "only")})
         if options.get("backend", "auto") not in ("auto", "torch"):
             raise FlowARError("--backend auto or torch with --ckpt (engines come from an engine directory)",
                               repr(options["backend"]), "export it with flowar-export and pass --engine-dir")
-        return cls.open_checkpoint(p, **{k: v for k, v in options.items() if k not in ("backend", "warm", "ckpt")})
+        return cls.open_checkpoint(p, **{k: v for k, v in options.items() if k not in ("backend", "warm", "ckpt", "only")})
 
     @classmethod
     def open_engine_dir(cls, path: str | Path, *, backend: str = "auto", device: str | None = None,
                         threads: int | None = None, cuda_graphs: bool = True, ckpt: str | Path | None = None,
-                        warm: Sequence[int] = (1,)) -> "Runtime":
+                        warm: Sequence[int] = (1,), only: Sequence[str] | None = None) -> "Runtime":
         """What ``flowar-export`` wrote, on the engines :func:`choose_backend` picks (``ckpt``: for
-        ``backend="torch"``, the checkpoint the directory was exported from, if it moved). ``warm``:
+        ``backend="torch"``, the checkpoint the directory was exported from, if it moved); ``only``:
+        these stages alone (``("decode",)``: flowar-decode, without FlowAR-H's 5 GB AR stage). ``warm``:
         the batch sizes whose shapes the engines that set up a lot per shape are run at once, here,
         so that the first image does not pay it, and whose ONNX Runtime sessions for row blocks are
         waited for (``()``: none; the first call that needs one of those waits; see :meth:`warm_up`)."""
@@ -119,7 +120,9 @@ class Runtime(contextlib.AbstractContextManager):
         from flowar.runtime.engines import enter_engines
         from flowar.runtime.stages import EngineStages
         m = read_manifest(path, note_edits=True)
-        specs = m.specs()
+        specs = {n: s for n, s in m.specs().items() if only is None or n in only}
+        if only is not None and "decode" in only and "decode" not in specs:
+            m.require_decoder()                 # (its own line: re-export with --vae)
         # The engines decide where they compute ("auto": theirs); --device cpu keeps auto off the GPU
         # engines (TensorRT, ONNX Runtime's CUDA provider), --device chooses for the checkpoint's
         # modules (--backend torch), and a device the chosen engines do not compute on is refused.

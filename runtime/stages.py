@@ -47,7 +47,7 @@ class EngineStages:
                  specs: dict[str, StageSpec], plan: dict | None = None):
         self.engines, self.config, self.device, self.specs = engines, config, device, specs
         self.max_batch = max_batch
-        self.max_rows = specs["ar"].rows_per_sample * max_batch
+        self.max_rows = max(s.rows_per_sample for s in specs.values()) * max_batch
         self.plan = (plan or {}).get("stages", {})
         producer = {n: s for s, spec in specs.items() for n in spec.outputs}
         self.owner = {(s, n): (producer[n] if n in spec.from_stage else s)
@@ -137,6 +137,9 @@ class EngineStages:
         return n
 
     def start(self, labels_R: Tensor) -> None:
+        if "ar" not in self.engines:
+            raise FlowARError("a source opened with its sampling stages", f"one opened with {', '.join(self.engines)} "
+                              "alone (only=)", "open it again without only=")
         R = labels_R.shape[0]
         if R > self.max_rows:
             raise FlowARError(f"at most {self.max_rows} AR rows per batch ({self.max_batch} samples, the engines' "

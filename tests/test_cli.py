@@ -411,6 +411,12 @@ def test_saved_tokens_decode_later_into_the_images_the_run_wrote(default_auto_en
     def pngs(folder):
         return torch.tensor(np.stack([np.asarray(Image.open(folder / n)) for n in names])).permute(0, 3, 1, 2) / 127.5 - 1
     assert psnr(pngs(tmp_path / "eager"), pngs(tmp_path / "run")) >= 40
+    from flowar.errors import FlowARError
+    from flowar.runtime.runtime import Runtime
+    with Runtime.open(d, True, only=("decode",)) as rt:         # (what flowar-decode opens: the decoder alone)
+        assert list(rt.stages.engines) == ["decode"]
+        with pytest.raises(FlowARError, match="expected a source opened with its sampling stages"):
+            rt.sample([1], rt.schedule())
     save_file({"tokens": torch.zeros(2, 3, 5, 5)}, tmp_path / "other.safetensors")
     (tmp_path / "text.safetensors").write_text("not tokens")
     for bad, said in (("other.safetensors", "expected token maps of this model: (B, "),

@@ -77,7 +77,7 @@ def decode_cmd(tokens_file, engine_dir, ckpt, vae, preset, config_path, out, sav
         check_image_folder(save_images, len(tokens), out)
     t0 = time.perf_counter()
     with Runtime.open(engine_dir or ckpt, bool(engine_dir), preset=preset, config=config_path, vae=vae, device=device,
-                      threads=threads) as rt:
+                      threads=threads, only=("decode",)) as rt:      # (a directory's decoder alone)
         rt.require_decoder()
         c, side = rt.config, rt.image_size
         want = (c.latent_channels, c.latent_size, c.latent_size)
