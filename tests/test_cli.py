@@ -419,8 +419,14 @@ def test_saved_tokens_decode_later_into_the_images_the_run_wrote(default_auto_en
             rt.sample([1], rt.schedule())
     save_file({"tokens": torch.zeros(2, 3, 5, 5)}, tmp_path / "other.safetensors")
     (tmp_path / "text.safetensors").write_text("not tokens")
+    saved = load_file(t)
+    save_file({"tokens": saved["tokens"], "labels": saved["labels"] + 1000}, tmp_path / "labels.safetensors")
+    save_file({"tokens": saved["tokens"].index_fill(0, torch.tensor([1]), float("nan")), "labels": saved["labels"]},
+              tmp_path / "nan.safetensors")
     for bad, said in (("other.safetensors", "expected token maps of this model: (B, "),
-                      ("text.safetensors", "expected a safetensors file of token maps from flowar-run --save-tokens")):
+                      ("text.safetensors", "expected a safetensors file of token maps from flowar-run --save-tokens"),
+                      ("labels.safetensors", "expected labels of this model's classes"),
+                      ("nan.safetensors", "NaN or infinite values in token map 1")):
         res = CliRunner().invoke(decode_cmd, ["--engine-dir", d, "--tokens", str(tmp_path / bad), "--out",
                                               str(tmp_path / "x.png")])
         assert res.exit_code == 2 and said in res.output and res.output.strip().count("\n") <= 1, res.output

@@ -15,6 +15,7 @@ from flowar.errors import FlowARError
 def read_tokens(path: str | Path):
     """(tokens (B, C, S, S) float, labels: B ints or None) of a ``--save-tokens`` file, read without
     executing anything (safetensors); anything else is one line."""
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     want = "a safetensors file of token maps from flowar-run --save-tokens (tensors 'tokens' (B, C, S, S), 'labels' (B,))"
@@ -31,6 +32,10 @@ def read_tokens(path: str | Path):
         got = "no 'tokens'" if tokens is None else f"'tokens' of {tokens.dtype} {tuple(tokens.shape)}"
         raise FlowARError(want, f"{path} with {got} (it holds {', '.join(sorted(found)) or 'nothing'})",
                           "pass the file flowar-run --save-tokens wrote")
+    if not bool(torch.isfinite(tokens).all()):
+        bad = int((~torch.isfinite(tokens)).flatten(1).any(1).nonzero()[0])
+        raise FlowARError(want + ", finite", f"{path} with NaN or infinite values in token map {bad}",
+                          "sample them again (a run that diverged)")
     if labels is not None and (labels.is_floating_point() or labels.dim() != 1 or len(labels) != len(tokens)):
         raise FlowARError(want, f"{path} with 'labels' of {labels.dtype} {tuple(labels.shape)} beside {len(tokens)} "
                           "token maps", "pass the file flowar-run --save-tokens wrote")
@@ -85,6 +90,9 @@ def decode_cmd(tokens_file, engine_dir, ckpt, vae, preset, config_path, out, sav
             raise FlowARError(f"token maps of this model: (B, {', '.join(map(str, want))})",
                               f"{tuple(tokens.shape)} in {tokens_file}", "decode them with the model that sampled "
                               "them (its engine directory, or its checkpoint and VAE)")
+        if labels is not None and not all(0 <= i < c.num_classes for i in labels):
+            raise FlowARError(f"labels of this model's classes (0..{c.num_classes - 1})", f"{labels[:8]} in {tokens_file}",
+                              "decode them with the model that sampled them")
         require_memory(len(tokens) * side ** 2 * 3 * 4 * 2, f"{len(tokens)} images of {side}x{side}, kept until "
                        "written", "decode fewer at a time")
         click.echo(f"opened {engine_dir or ckpt} in {time.perf_counter() - t0:.2f} s", err=True)
