@@ -66,15 +66,18 @@ def stops_held(says: str | None = None):
     """A step that a stop must not cut in two (an engine directory swapped into place: a Ctrl-C
     between its renames said "interrupted" over the new directory and left the old one beside it):
     a stop that comes meanwhile is raised once the step is done (within a command, whose handler
-    is :func:`stop_asked`); ``says``: a line printed when one comes (what happens now)."""
+    is :func:`stop_asked`); ``says``: a line printed when one comes (what happens now; by default
+    that of the step this one is part of). Inside another held step (a file written within a
+    training step), the stop waits for the end of that one."""
     _HELD[0] += 1
-    _SAYS.append(says or "")
+    _SAYS.append(says if says is not None else _SAYS[-1] if _SAYS else "")
     try:
         yield
     finally:
         _HELD[0] -= 1
         _SAYS.pop()
-    raise_if_stopped()
+    if not _HELD[0]:
+        raise_if_stopped()
 
 
 def stops_cleared() -> None:

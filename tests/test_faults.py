@@ -858,7 +858,7 @@ def test_a_stop_while_the_pngs_or_a_file_are_put_in_place_leaves_all_or_nothing_
     command ends with says they were written (it said the folder held what it held before)."""
     import tempfile
 
-    from flowar.errors import stop_asked, stops_cleared, stopped
+    from flowar.errors import stop_asked, stops_cleared, stopped, stops_held
     from flowar.io.files import atomic_write_bytes
     from flowar.io.images import save_images
     from flowar.sampling.batches import SampleResult, write_outputs
@@ -886,28 +886,53 @@ def test_a_stop_while_the_pngs_or_a_file_are_put_in_place_leaves_all_or_nothing_
         monkeypatch.setattr(tempfile, "mkdtemp", real_dir)
         monkeypatch.setattr(tempfile, "mkstemp", real_file)
 
-        stops_cleared()
-        for i in range(4):
-            (tmp_path / "old" / f"{i:06d}.png").write_bytes(b"old")
-        real_replace, renamed = os.replace, []
+        real_replace, renamed, stop_at = os.replace, [], [0]
 
         def replace(a, b):
             real_replace(a, b)
             renamed.append(b)
-            if len(renamed) == 1:
-                stop_asked(signal.SIGTERM, None)      # taken after the first PNG is in place
+            if len(renamed) == stop_at[0]:
+                stop_asked(signal.SIGTERM, None)      # taken right after that rename
         monkeypatch.setattr(os, "replace", replace)
         result = SampleResult(torch.zeros(4, 1, 1, 1), images, [0, 1, 2, 3], 0.0)
-        with pytest.raises(KeyboardInterrupt) as e:
-            write_outputs(result, None, None, None, tmp_path / "old")
-        monkeypatch.setattr(os, "replace", real_replace)
-        assert stopped() == "SIGTERM" and len(renamed) == 4
-        assert str(e.value).startswith("SIGTERM: while writing; written: 4 PNGs -> "), str(e.value)
+        old = [tmp_path / "old" / f"{i:06d}.png" for i in range(4)]
+        want = [tmp_path / "again" / f"{i:06d}.png" for i in range(4)]
+        # the tokens renamed, then the stop: they are said written, the PNGs untouched
+        for p in old:
+            p.write_bytes(b"old")
         stops_cleared()
-        want = save_images(images, tmp_path / "again")
-        assert sorted(p.name for p in (tmp_path / "old").iterdir()) == [p.name for p in want]
-        for p in want:
-            assert (tmp_path / "old" / p.name).read_bytes() == p.read_bytes(), p.name
+        renamed.clear()
+        stop_at[0] = 1
+        with pytest.raises(KeyboardInterrupt) as e:
+            write_outputs(result, None, tmp_path / "t.safetensors", None, tmp_path / "old")
+        assert str(e.value) == (f"SIGTERM: while writing; written: tokens (4, 1, 1, 1) -> {tmp_path / 't.safetensors'}; "
+                                "the other outputs hold what they held before"), str(e.value)
+        assert [p.read_bytes() for p in old] == [b"old"] * 4 and (tmp_path / "t.safetensors").is_file()
+        # the first or the last PNG renamed, then the stop: all four in place, and said so
+        stop_at[0] = 0
+        stops_cleared()
+        save_images(images, tmp_path / "again")
+        for at in (1, 4):
+            for p in old:
+                p.write_bytes(b"old")
+            stops_cleared()
+            renamed.clear()
+            stop_at[0] = at
+            with pytest.raises(KeyboardInterrupt) as e:
+                write_outputs(result, None, None, None, tmp_path / "old")
+            assert stopped() == "SIGTERM" and len(renamed) == 4, at
+            assert str(e.value).startswith("SIGTERM: while writing; written: 4 PNGs -> "), (at, str(e.value))
+            assert sorted(p.name for p in (tmp_path / "old").iterdir()) == [p.name for p in want]
+            assert [p.read_bytes() for p in old] == [p.read_bytes() for p in want], at
+        # within a held step (a training step's files): the stop waits for the end of that step
+        stops_cleared()
+        renamed.clear()
+        stop_at[0], after = 1, []
+        with pytest.raises(KeyboardInterrupt):
+            with stops_held():
+                save_images(images, tmp_path / "old")
+                after.append("the step went on")
+        assert after == ["the step went on"]
     finally:
         stops_cleared()
 

@@ -243,7 +243,7 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
             previous = signal.getsignal(signal.SIGTERM) if main else None
             try:
                 if ray_address is None and workers == 1:       # one worker here: this process, no Ray around it
-                    if main:
+                    if main and not callable(previous):     # (the command's own handler, which holds stops, stays)
                         signal.signal(signal.SIGTERM, signal.default_int_handler)
                     rows = _sample_here(spec, out, todo, progress, spec.num_images - done_now)
                 else:

@@ -187,11 +187,12 @@ def _umask() -> int:
         return umask
 
 
-def atomic_write_bytes(path: str | Path, write) -> None:
+def atomic_write_bytes(path: str | Path, write, placed=None) -> None:
     """Call ``write(tmp_path)`` then rename into place, so a crash never leaves a half file.
 
     The file gets the permissions a plain write would give (0666 less the umask), not the
-    owner-only mode of a temporary file.
+    owner-only mode of a temporary file. A stop that comes during the rename waits for it and for
+    ``placed()`` (the caller's note that the file is written), then is raised.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -204,7 +205,11 @@ def atomic_write_bytes(path: str | Path, write) -> None:
         write(tmp)
         raise_if_stopped()                 # (a Ctrl-C that a library swallowed while it wrote: not put in place)
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, p)
+        with stops_held():
+            os.replace(tmp, p)
+            tmp = None
+            if placed is not None:
+                placed()
     except BaseException:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowar.errors import FlowARError, raise_if_stopped, stop_answered, stops_held
+from flowar.errors import FlowARError, raise_if_stopped, stops_held
 from flowar.io.files import atomic_write_bytes, remove_stale
 
 
@@ -25,12 +25,12 @@ def to_uint8(images_B3HW: Tensor) -> np.ndarray:
         0, 2, 3, 1).numpy()
 
 
-def save_images(images_B3HW: Tensor, folder: str | Path, first: int = 0) -> list[Path]:
+def save_images(images_B3HW: Tensor, folder: str | Path, first: int = 0, placed=None) -> list[Path]:
     """One unlabelled PNG per sample, in sample order: 000000.png, 000001.png, ... (from ``first``),
     all or none: written in a hidden folder inside, renamed into place once all are (Ctrl-C while
     200 were written left 11 of them; a folder this call made is removed again). A stop that comes
-    while they are renamed into place waits for the last rename and stays recorded, for the caller to
-    raise once it has said they were written (raised at once, it left the first ones renamed and the
+    while they are renamed waits for the last rename and for ``placed()`` (the caller's note that
+    they are written), then is raised (raised at once, it left the first ones renamed and the
     caller said none were)."""
     import os
     import shutil
@@ -49,10 +49,14 @@ def save_images(images_B3HW: Tensor, folder: str | Path, first: int = 0) -> list
         for p, arr in zip(paths, to_uint8(images_B3HW)):
             Image.fromarray(arr).save(staging / p.name, format="PNG")
         raise_if_stopped()          # (a Ctrl-C that a library swallowed while they were written: none put in place)
-        with stop_answered(), stops_held():
+        with stops_held():
             for p in paths:
                 os.replace(staging / p.name, p)
-    except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging = None
+            if placed is not None:
+                placed()
+    except BaseException:           # (an error, or a second stop, before all are in place)
         if made:
             shutil.rmtree(folder, ignore_errors=True)
         raise
@@ -82,8 +86,9 @@ def check_image_folder(folder: str | Path, n: int, grid: str | Path | None = Non
 
 
 def save_grid(images_B3HW: Tensor, captions: list[str], path: str | Path, columns: int | None = None,
-              min_cell: int = 96) -> Path:
-    """A grid PNG with a caption under every image; small images are scaled up (nearest)."""
+              min_cell: int = 96, placed=None) -> Path:
+    """A grid PNG with a caption under every image; small images are scaled up (nearest); ``placed``:
+    see :func:`~flowar.io.files.atomic_write_bytes`."""
     from PIL import Image, ImageDraw
     arrs = to_uint8(images_B3HW)
     B, H, W, _ = arrs.shape
@@ -99,7 +104,7 @@ def save_grid(images_B3HW: Tensor, captions: list[str], path: str | Path, column
         grid.paste(Image.fromarray(arr).resize((cw, ch), Image.NEAREST), (x0, y0))
         draw.text((x0 + 1, y0 + ch + 1), captions[i][: max(4, cw // 6)], fill="black")
     p = Path(path)
-    atomic_write_bytes(p, functools.partial(grid.save, format="PNG"))
+    atomic_write_bytes(p, functools.partial(grid.save, format="PNG"), placed)
     return p
 
 

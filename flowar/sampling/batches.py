@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from flowar.config import FlowARConfig
-from flowar.errors import FlowARError, raise_if_stopped
+from flowar.errors import FlowARError
 from flowar.sampling.sampler import NoiseFn, ScaleTrace, Stages, injected_noise, noise_rows, per_sample_noise, sample
 from flowar.sampling.schedule import Schedule
 
@@ -196,25 +196,28 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedu
 
 def write_outputs(result: SampleResult, class_names: list[str] | None, save_tokens: str | Path | None,
                   out: str | Path | None, save_images: str | Path | None, columns: int | None = None) -> list[str]:
-    """Write the requested files atomically; returns a line per file for the user."""
+    """Write the requested files atomically; returns a line per file for the user (each noted as its
+    file is put in place: a stop then still finds it said). ``columns``: the grid's, also recorded
+    in the tokens file (flowar-decode lays out the same grid)."""
     from flowar.io.files import atomic_write_bytes
     lines = []
     try:
         if save_tokens:
             from safetensors.torch import save_file
             atomic_write_bytes(save_tokens, lambda tmp: save_file({"tokens": result.tokens.contiguous(),
-                                                                  "labels": torch.tensor(result.labels)}, tmp))
-            lines.append(f"tokens {tuple(result.tokens.shape)} -> {save_tokens}")
+                                                                  "labels": torch.tensor(result.labels)}, tmp,
+                                                                 metadata={"columns": str(columns)} if columns else None),
+                               lambda: lines.append(f"tokens {tuple(result.tokens.shape)} -> {save_tokens}"))
         if result.images is not None:
             from flowar.io.images import save_grid, save_images as save_each
             if out:
                 caps = [class_names[i] if class_names and i < len(class_names) else str(i) for i in result.labels]
-                save_grid(result.images, caps, out, columns=columns)
-                lines.append(f"grid of {len(result.labels)} image{'s' * (len(result.labels) != 1)} -> {out}")
+                n = len(result.labels)
+                save_grid(result.images, caps, out, columns=columns,
+                          placed=lambda: lines.append(f"grid of {n} image{'s' * (n != 1)} -> {out}"))
             if save_images:
-                save_each(result.images, save_images)
-                lines.append(f"{len(result.labels)} PNGs -> {Path(save_images)}/")
-        raise_if_stopped()          # (one that came while the PNGs were renamed into place: they are all there)
+                save_each(result.images, save_images,
+                          placed=lambda: lines.append(f"{len(result.labels)} PNGs -> {Path(save_images)}/"))
     except KeyboardInterrupt as e:         # (each file is whole, old or new: say which outputs are new)
         raise KeyboardInterrupt(f"{e}: " * bool(str(e)) + "while writing; written: " + ("; ".join(lines) or "none")
                                 + "; the other outputs hold what they held before") from None
