@@ -383,8 +383,8 @@ def test_save_images_never_mixes_runs_or_overwrites_the_grid(tmp_path):
 
 
 def test_saved_tokens_decode_later_into_the_images_the_run_wrote(default_auto_engines, tmp_path):
-    """flowar-decode of what flowar-run --save-tokens wrote: the grid and PNGs that run wrote, byte for
-    byte (the directory's decode stage); from the checkpoint and its VAE (eager) the same images within
+    """flowar-decode of what flowar-run --save-tokens wrote: the grid (its --n-per-class columns too) and
+    PNGs that run wrote, byte for byte (the directory's decode stage, opened alone); from the checkpoint and its VAE (eager) the same images within
     float32 noise; tokens of another model or a file that is not tokens: one line, nothing written."""
     import numpy as np
     from PIL import Image
@@ -393,15 +393,15 @@ def test_saved_tokens_decode_later_into_the_images_the_run_wrote(default_auto_en
     from flowar.commands.decode import decode_cmd
     from flowar.io.images import psnr
     t, d = tmp_path / "t.safetensors", str(default_auto_engines)
-    res = CliRunner().invoke(run, ["--engine-dir", d, "--labels", "1,7,3", "--seed", "4", "--steps", "4",
+    res = CliRunner().invoke(run, ["--engine-dir", d, "--labels", "1,7,3", "--n-per-class", "2", "--seed", "4", "--steps", "4",
                                    "--save-tokens", str(t), "--out", str(tmp_path / "run.png"),
                                    "--save-images", str(tmp_path / "run")])
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(decode_cmd, ["--engine-dir", d, "--tokens", str(t), "--out", str(tmp_path / "dec.png"),
                                           "--save-images", str(tmp_path / "dec")])
-    assert res.exit_code == 0 and "decoded 3 token maps" in res.output, res.output
+    assert res.exit_code == 0 and "decoded 6 token maps" in res.output, res.output
     assert (tmp_path / "dec.png").read_bytes() == (tmp_path / "run.png").read_bytes()
-    names = [f"{i:06d}.png" for i in range(3)]
+    names = [f"{i:06d}.png" for i in range(6)]         # (the grid: 2 columns, one per sample of a class)
     assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == names
     assert all((tmp_path / "dec" / n).read_bytes() == (tmp_path / "run" / n).read_bytes() for n in names)
     res = CliRunner().invoke(decode_cmd, ["--ckpt", str(DEFAULT_CKPT), "--vae", str(DEFAULT_VAE), "--tokens", str(t),

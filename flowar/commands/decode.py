@@ -13,17 +13,17 @@ from flowar.errors import FlowARError
 
 
 def read_tokens(path: str | Path):
-    """(tokens (B, C, S, S) float, labels: B ints or None) of a ``--save-tokens`` file, read without
-    executing anything (safetensors); anything else is one line."""
+    """(tokens (B, C, S, S) float, labels: B ints or None, the grid's columns or None) of a
+    ``--save-tokens`` file, read without executing anything (safetensors); anything else is one line."""
     import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
     want = "a safetensors file of token maps from flowar-run --save-tokens (tensors 'tokens' (B, C, S, S), 'labels' (B,))"
     p = Path(path)
     if not p.is_file():
         raise FlowARError(want, f"no file at {path}", "check the --tokens path")
     try:
-        found = load_file(p)
+        with safe_open(p, "pt") as f:
+            found, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise FlowARError(want, f"{path}: {(str(e).splitlines() or ['unreadable'])[0]}",
                           "pass the file flowar-run --save-tokens wrote") from None
@@ -39,7 +39,8 @@ def read_tokens(path: str | Path):
     if labels is not None and (labels.is_floating_point() or labels.dim() != 1 or len(labels) != len(tokens)):
         raise FlowARError(want, f"{path} with 'labels' of {labels.dtype} {tuple(labels.shape)} beside {len(tokens)} "
                           "token maps", "pass the file flowar-run --save-tokens wrote")
-    return tokens.float(), (labels.tolist() if labels is not None else None)
+    columns = meta.get("columns", "")
+    return tokens.float(), (labels.tolist() if labels is not None else None), (int(columns) if columns.isdigit() else None)
 
 
 @command("flowar-decode")
@@ -64,8 +65,6 @@ def decode_cmd(tokens_file, engine_dir, ckpt, vae, preset, config_path, out, sav
     from flowar.io.memory import require_memory
     from flowar.runtime.runtime import Runtime
     from flowar.sampling.batches import SampleResult, write_outputs
-    if not (out or save_images):
-        raise FlowARError("--out grid.png and/or --save-images DIR", "neither", "pass --out grid.png")
     if bool(engine_dir) == bool(ckpt):
         raise FlowARError("exactly one of --engine-dir or --ckpt (with --vae)", "both" if ckpt else "neither",
                           "pass --engine-dir DIR (exported with --vae)")
@@ -73,11 +72,13 @@ def decode_cmd(tokens_file, engine_dir, ckpt, vae, preset, config_path, out, sav
         raise FlowARError("--vae with --ckpt (the VAE decodes the token maps)", "none",
                           "pass --vae PATH: the VAE the model was trained with (or --engine-dir DIR exported with --vae)")
     check_outputs([("--out", out), ("--save-images", save_images)], [tokens_file, engine_dir, ckpt, vae, config_path])
+    if not (out or save_images):
+        raise FlowARError("--out grid.png and/or --save-images DIR", "neither", "pass --out grid.png")
     for p, is_dir, option in ((out, False, "--out"), (save_images, True, "--save-images")):
         check_writable(p, is_dir, option)
     if out and Path(out).suffix.lower() != ".png":
         raise FlowARError("--out a .png file (the grid is a PNG)", out, f"use --out {Path(out).with_suffix('.png')}")
-    tokens, labels = read_tokens(tokens_file)
+    tokens, labels, columns = read_tokens(tokens_file)
     if save_images:
         check_image_folder(save_images, len(tokens), out)
     t0 = time.perf_counter()
@@ -90,8 +91,9 @@ def decode_cmd(tokens_file, engine_dir, ckpt, vae, preset, config_path, out, sav
             raise FlowARError(f"token maps of this model: (B, {', '.join(map(str, want))})",
                               f"{tuple(tokens.shape)} in {tokens_file}", "decode them with the model that sampled "
                               "them (its engine directory, or its checkpoint and VAE)")
-        if labels is not None and not all(0 <= i < c.num_classes for i in labels):
-            raise FlowARError(f"labels of this model's classes (0..{c.num_classes - 1})", f"{labels[:8]} in {tokens_file}",
+        outside = [i for i in labels or [] if not 0 <= i < c.num_classes]
+        if outside:
+            raise FlowARError(f"labels of this model's classes (0..{c.num_classes - 1})", f"{outside[:8]} in {tokens_file}",
                               "decode them with the model that sampled them")
         require_memory(len(tokens) * side ** 2 * 3 * 4 * 2, f"{len(tokens)} images of {side}x{side}, kept until "
                        "written", "decode fewer at a time")
@@ -101,7 +103,7 @@ def decode_cmd(tokens_file, engine_dir, ckpt, vae, preset, config_path, out, sav
         seconds = time.perf_counter() - t1
     ids = labels if labels is not None else list(range(len(tokens)))
     lines = write_outputs(SampleResult(tokens, images, ids, seconds), rt.class_names if labels is not None else None,
-                          None, out, save_images)
+                          None, out, save_images, columns)     # (the run's grid: --n-per-class columns)
     click.echo(f"decoded {len(tokens)} token map{'s' * (len(tokens) != 1)} with {rt.detail} in {seconds:.2f} s")
     for line in lines:
         click.echo("  " + line)
