@@ -122,7 +122,8 @@ class Runtime(contextlib.AbstractContextManager):
         m = read_manifest(path, note_edits=True)
         specs = {n: s for n, s in m.specs().items() if only is None or n in only}
         if only is not None and "decode" in only and "decode" not in specs:
-            m.require_decoder()                 # (its own line: re-export with --vae)
+            raise FlowARError("an engine directory with a decode stage (images)", f"{path}, exported without --vae",
+                              "export it again with --vae (the VAE the model was trained with)")
         # The engines decide where they compute ("auto": theirs); --device cpu keeps auto off the GPU
         # engines (TensorRT, ONNX Runtime's CUDA provider), --device chooses for the checkpoint's
         # modules (--backend torch), and a device the chosen engines do not compute on is refused.
