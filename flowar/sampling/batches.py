@@ -9,6 +9,7 @@ from __future__ import annotations
 import numbers
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -207,17 +208,17 @@ def write_outputs(result: SampleResult, class_names: list[str] | None, save_toke
             atomic_write_bytes(save_tokens, lambda tmp: save_file({"tokens": result.tokens.contiguous(),
                                                                   "labels": torch.tensor(result.labels)}, tmp,
                                                                  metadata={"columns": str(columns)} if columns else None),
-                               lambda: lines.append(f"tokens {tuple(result.tokens.shape)} -> {save_tokens}"))
+                               partial(lines.append, f"tokens {tuple(result.tokens.shape)} -> {save_tokens}"))
         if result.images is not None:
             from flowar.io.images import save_grid, save_images as save_each
             if out:
                 caps = [class_names[i] if class_names and i < len(class_names) else str(i) for i in result.labels]
                 n = len(result.labels)
                 save_grid(result.images, caps, out, columns=columns,
-                          placed=lambda: lines.append(f"grid of {n} image{'s' * (n != 1)} -> {out}"))
+                          placed=partial(lines.append, f"grid of {n} image{'s' * (n != 1)} -> {out}"))
             if save_images:
                 save_each(result.images, save_images,
-                          placed=lambda: lines.append(f"{len(result.labels)} PNGs -> {Path(save_images)}/"))
+                          placed=partial(lines.append, f"{len(result.labels)} PNGs -> {Path(save_images)}/"))
     except KeyboardInterrupt as e:         # (each file is whole, old or new: say which outputs are new)
         raise KeyboardInterrupt(f"{e}: " * bool(str(e)) + "while writing; written: " + ("; ".join(lines) or "none")
                                 + "; the other outputs hold what they held before") from None
