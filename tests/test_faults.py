@@ -401,10 +401,10 @@ def test_an_output_of_the_wrong_kind_is_refused(fixtures_dir, tmp_path):
 
 def test_a_failed_write_after_the_checks_is_one_line_too(fixtures_dir, tmp_path, monkeypatch):
     """Disk full or a path removed while sampling: the OSError becomes the one-line error."""
-    import flowar.sampling.batches
+    import flowar.io.outputs
     def full(*a, **k):
         raise OSError(28, "No space left on device", str(tmp_path / "t.safetensors"))
-    monkeypatch.setattr(flowar.sampling.batches, "write_outputs", full)
+    monkeypatch.setattr(flowar.io.outputs, "write_outputs", full)
     res = CliRunner().invoke(run, ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny",
                                    "--labels", "1", "--steps", "2", "--save-tokens", str(tmp_path / "t.safetensors")])
     assert res.exit_code == 2, res.output
@@ -861,7 +861,8 @@ def test_a_stop_while_the_pngs_or_a_file_are_put_in_place_leaves_all_or_nothing_
     from flowar.errors import stop_asked, stops_cleared, stopped, stops_held
     from flowar.io.files import atomic_write_bytes
     from flowar.io.images import save_images
-    from flowar.sampling.batches import SampleResult, write_outputs
+    from flowar.io.outputs import write_outputs
+    from flowar.sampling.batches import SampleResult
     images = torch.linspace(-1, 1, 4 * 3 * 4 * 4).reshape(4, 3, 4, 4)
     real_dir, real_file = tempfile.mkdtemp, tempfile.mkstemp
 
@@ -999,7 +1000,8 @@ def test_ctrl_c_while_the_outputs_are_written_says_which_are_new(tmp_path, monke
     """Each file is whole, old or new; stopped between them, the grid and tokens were the new run's and
     the PNG folder still the old one's, and the line said only "interrupted"."""
     import flowar.io.images
-    from flowar.sampling.batches import SampleResult, write_outputs
+    from flowar.io.outputs import write_outputs
+    from flowar.sampling.batches import SampleResult
 
     def stopped(*a, **k):
         raise KeyboardInterrupt

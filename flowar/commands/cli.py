@@ -64,8 +64,9 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
     began = time.perf_counter() - STARTED[0]        # (Python and PyTorch loaded: a second no line said)
     from flowar.export.manifest import read_manifest
     from flowar.io.files import check_outputs, check_writable
+    from flowar.io.outputs import write_outputs
     from flowar.runtime.runtime import Runtime
-    from flowar.sampling.batches import read_noise, write_outputs
+    from flowar.sampling.batches import read_noise
     from flowar.sampling.labels import parse_labels
     from flowar.sampling.schedule import Settings
     settings = Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance, solver=solver, stride=stride)
@@ -180,11 +181,10 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
                max_memory, verify, schedule, steps, cfg, guidance, compute_capability, debug):
     """Export a checkpoint to per-stage ONNX graphs (and TensorRT plans) with a manifest."""
     from flowar.commands.build import build_engine_dir
-    from flowar.io.files import check_writable
+    from flowar.io.files import check_outputs, check_writable
     from flowar.sampling.schedule import Settings
     # checked now, before any work (flowar-run would refuse what Settings refuses)
     defaults = SAMPLING_DEFAULTS | Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance).given()
-    from flowar.io.files import check_outputs
     check_outputs([("--out", out)], [])         # (inputs inside --out: refused by the export, which replaces it)
     check_writable(out, True, "--out")
     from flowar.io.progress import progress_bar

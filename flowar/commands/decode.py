@@ -63,8 +63,9 @@ def decode_cmd(tokens_file, engine_dir, ckpt, vae, preset, config_path, out, sav
     from flowar.io.files import check_outputs, check_writable
     from flowar.io.images import check_image_folder
     from flowar.io.memory import require_memory
+    from flowar.io.outputs import write_outputs
     from flowar.runtime.runtime import Runtime
-    from flowar.sampling.batches import SampleResult, write_outputs
+    from flowar.sampling.batches import SampleResult
     if bool(engine_dir) == bool(ckpt):
         raise FlowARError("exactly one of --engine-dir or --ckpt (with --vae)", "both" if ckpt else "neither",
                           "pass --engine-dir DIR (exported with --vae)")

@@ -1,4 +1,4 @@
-"""A request in batches: recorded or per-sample noise, the sampler called per batch, outputs written.
+"""A request in batches: recorded or per-sample noise, the sampler called per batch.
 
 Every command and the pipeline reach this through :meth:`flowar.runtime.runtime.Runtime.sample`
 (the bench's solver study and the judge's reference runs call it directly).
@@ -9,7 +9,6 @@ from __future__ import annotations
 import numbers
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -193,33 +192,3 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedu
     if bar is not None:
         bar.close()
     return SampleResult(torch.cat(toks), torch.cat(imgs) if imgs else None, labels, time.perf_counter() - t0, idx, traces)
-
-
-def write_outputs(result: SampleResult, class_names: list[str] | None, save_tokens: str | Path | None,
-                  out: str | Path | None, save_images: str | Path | None, columns: int | None = None) -> list[str]:
-    """Write the requested files atomically; returns a line per file for the user (each noted as its
-    file is put in place: a stop then still finds it said). ``columns``: the grid's, also recorded
-    in the tokens file (flowar-decode lays out the same grid)."""
-    from flowar.io.files import atomic_write_bytes
-    lines = []
-    try:
-        if save_tokens:
-            from safetensors.torch import save_file
-            atomic_write_bytes(save_tokens, lambda tmp: save_file({"tokens": result.tokens.contiguous(),
-                                                                  "labels": torch.tensor(result.labels)}, tmp,
-                                                                 metadata={"columns": str(columns)} if columns else None),
-                               partial(lines.append, f"tokens {tuple(result.tokens.shape)} -> {save_tokens}"))
-        if result.images is not None:
-            from flowar.io.images import save_grid, save_images as save_each
-            if out:
-                caps = [class_names[i] if class_names and i < len(class_names) else str(i) for i in result.labels]
-                n = len(result.labels)
-                save_grid(result.images, caps, out, columns=columns,
-                          placed=partial(lines.append, f"grid of {n} image{'s' * (n != 1)} -> {out}"))
-            if save_images:
-                save_each(result.images, save_images,
-                          placed=partial(lines.append, f"{len(result.labels)} PNGs -> {Path(save_images)}/"))
-    except KeyboardInterrupt as e:         # (each file is whole, old or new: say which outputs are new)
-        raise KeyboardInterrupt(f"{e}: " * bool(str(e)) + "while writing; written: " + ("; ".join(lines) or "none")
-                                + "; the other outputs hold what they held before") from None
-    return lines

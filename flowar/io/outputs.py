@@ -1,0 +1,40 @@
+"""A sampling's files: the tokens, the grid and the numbered PNGs a command was asked for
+(``flowar-run``, ``flowar-decode``), each written whole and said as it is put in place."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+
+
+def write_outputs(result, class_names: list[str] | None, save_tokens: str | Path | None,
+                  out: str | Path | None, save_images: str | Path | None, columns: int | None = None) -> list[str]:
+    """Write the requested files of ``result`` (a :class:`~flowar.sampling.batches.SampleResult`: its
+    tokens, images and labels) atomically; returns a line per file for the user (each noted as its
+    file is put in place: a stop then still finds it said). ``columns``: the grid's, also recorded
+    in the tokens file (flowar-decode lays out the same grid)."""
+    from flowar.io.files import atomic_write_bytes
+    lines = []
+    try:
+        if save_tokens:
+            from safetensors.torch import save_file
+            atomic_write_bytes(save_tokens, lambda tmp: save_file({"tokens": result.tokens.contiguous(),
+                                                                  "labels": torch.tensor(result.labels)}, tmp,
+                                                                 metadata={"columns": str(columns)} if columns else None),
+                               partial(lines.append, f"tokens {tuple(result.tokens.shape)} -> {save_tokens}"))
+        if result.images is not None:
+            from flowar.io.images import save_grid, save_images as save_each
+            if out:
+                caps = [class_names[i] if class_names and i < len(class_names) else str(i) for i in result.labels]
+                n = len(result.labels)
+                save_grid(result.images, caps, out, columns=columns,
+                          placed=partial(lines.append, f"grid of {n} image{'s' * (n != 1)} -> {out}"))
+            if save_images:
+                save_each(result.images, save_images,
+                          placed=partial(lines.append, f"{len(result.labels)} PNGs -> {Path(save_images)}/"))
+    except KeyboardInterrupt as e:         # (each file is whole, old or new: say which outputs are new)
+        raise KeyboardInterrupt(f"{e}: " * bool(str(e)) + "while writing; written: " + ("; ".join(lines) or "none")
+                                + "; the other outputs hold what they held before") from None
+    return lines
