@@ -63,8 +63,7 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
     """Sample images from a FlowAR checkpoint (eager PyTorch) or an engine directory (runtime)."""
     began = time.perf_counter() - STARTED[0]        # (Python and PyTorch loaded: a second no line said)
     from flowar.export.manifest import read_manifest
-    from flowar.io.files import check_outputs, check_writable
-    from flowar.io.outputs import write_outputs
+    from flowar.io.outputs import check_requested, write_outputs
     from flowar.runtime.runtime import Runtime
     from flowar.sampling.batches import read_noise
     from flowar.sampling.labels import parse_labels
@@ -72,19 +71,11 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
     settings = Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance, solver=solver, stride=stride)
     check_seed(seed)
     parse_labels(None, None, labels, classes, n_per_class)     # their form, before the source opens (FlowAR-H: 25 s)
-    check_outputs([("--save-tokens", save_tokens), ("--out", out), ("--save-images", save_images)],
-                  [ckpt, engine_dir, vae, config_path, noise_file])
+    check_requested(save_tokens, out, save_images, [ckpt, engine_dir, vae, config_path, noise_file])
     if batch_size is not None and batch_size < 1:         # (before the source opens: FlowAR-H takes 25 s)
         raise FlowARError("--batch >= 1", str(batch_size), "use e.g. --batch 8")
     if noise_file is not None and not Path(noise_file).is_file():
         raise FlowARError("a safetensors noise file", f"no file at {noise_file}", "check the --noise path")
-    for p, is_dir, option in ((save_tokens, False, "--save-tokens"), (out, False, "--out"),
-                              (save_images, True, "--save-images")):
-        check_writable(p, is_dir, option)
-    for path, suffix, option, why in ((out, ".png", "--out", "the grid is a PNG"),
-                                      (save_tokens, ".safetensors", "--save-tokens", "tokens and labels as safetensors")):
-        if path and Path(path).suffix.lower() != suffix:
-            raise FlowARError(f"{option} a {suffix} file ({why})", path, f"use {option} {Path(path).with_suffix(suffix)}")
     if not (ckpt or engine_dir) or (ckpt and engine_dir and backend != "torch"):
         raise FlowARError("exactly one of --ckpt or --engine-dir (both: --backend torch from a directory whose "
                           "checkpoint moved)", "both" if ckpt else "neither",

@@ -60,10 +60,9 @@ def read_tokens(path: str | Path):
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def decode_cmd(tokens_file, engine_dir, ckpt, vae, preset, config_path, out, save_images, device, threads, debug):
     """Decode token maps saved by flowar-run --save-tokens into images (a grid and/or one PNG each)."""
-    from flowar.io.files import check_outputs, check_writable
     from flowar.io.images import check_image_folder
     from flowar.io.memory import require_memory
-    from flowar.io.outputs import write_outputs
+    from flowar.io.outputs import check_requested, write_outputs
     from flowar.runtime.runtime import Runtime
     from flowar.sampling.batches import SampleResult
     if bool(engine_dir) == bool(ckpt):
@@ -72,13 +71,9 @@ def decode_cmd(tokens_file, engine_dir, ckpt, vae, preset, config_path, out, sav
     if ckpt and not vae:
         raise FlowARError("--vae with --ckpt (the VAE decodes the token maps)", "none",
                           "pass --vae PATH: the VAE the model was trained with (or --engine-dir DIR exported with --vae)")
-    check_outputs([("--out", out), ("--save-images", save_images)], [tokens_file, engine_dir, ckpt, vae, config_path])
+    check_requested(None, out, save_images, [tokens_file, engine_dir, ckpt, vae, config_path])
     if not (out or save_images):
         raise FlowARError("--out grid.png and/or --save-images DIR", "neither", "pass --out grid.png")
-    for p, is_dir, option in ((out, False, "--out"), (save_images, True, "--save-images")):
-        check_writable(p, is_dir, option)
-    if out and Path(out).suffix.lower() != ".png":
-        raise FlowARError("--out a .png file (the grid is a PNG)", out, f"use --out {Path(out).with_suffix('.png')}")
     tokens, labels, columns = read_tokens(tokens_file)
     if save_images:
         check_image_folder(save_images, len(tokens), out)

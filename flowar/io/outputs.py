@@ -8,6 +8,24 @@ from pathlib import Path
 
 import torch
 
+from flowar.errors import FlowARError
+
+
+def check_requested(save_tokens: str | Path | None, out: str | Path | None, save_images: str | Path | None,
+                    inputs: list) -> None:
+    """Refuse, before any work, outputs that could not be written (or would write over an input or
+    each other, :func:`~flowar.io.files.check_outputs`) or are of the wrong kind: the grid a .png,
+    the tokens a .safetensors file."""
+    from flowar.io.files import check_outputs, check_writable
+    check_outputs([("--save-tokens", save_tokens), ("--out", out), ("--save-images", save_images)], inputs)
+    for p, is_dir, option in ((save_tokens, False, "--save-tokens"), (out, False, "--out"),
+                              (save_images, True, "--save-images")):
+        check_writable(p, is_dir, option)
+    for path, suffix, option, why in ((out, ".png", "--out", "the grid is a PNG"),
+                                      (save_tokens, ".safetensors", "--save-tokens", "tokens and labels as safetensors")):
+        if path and Path(path).suffix.lower() != suffix:
+            raise FlowARError(f"{option} a {suffix} file ({why})", path, f"use {option} {Path(path).with_suffix(suffix)}")
+
 
 def write_outputs(result, class_names: list[str] | None, save_tokens: str | Path | None,
                   out: str | Path | None, save_images: str | Path | None, columns: int | None = None) -> list[str]:
