@@ -198,13 +198,14 @@ def open_bench_source(spec: BenchSpec) -> tuple[BenchSource, str, bool, bool]:
     if spec.engine_dir:
         m = read_manifest(spec.engine_dir)
         model, vae = exported_from(m, spec.device)
-        return (BenchSource(model, vae, Path(spec.engine_dir), m.precision, spec.dtype, batch, spec.device, spec.threads),
+        return (BenchSource(model, vae, Path(spec.engine_dir), m.precision, spec.dtype, batch, spec.device, spec.threads,
+                            m.vae["source"] if m.vae else None),
                 f"engine dir {spec.engine_dir}", False, m.precision not in ("fp32", "auto"))
     if spec.ckpt:
         ref = Runtime.open_checkpoint(spec.ckpt, preset=spec.preset, config=spec.config, vae=spec.vae,
                                       device=spec.device, cuda_graphs=False)
-        return (BenchSource(ref.model, ref.vae, None, None, spec.dtype, batch, spec.device, spec.threads), Path(spec.ckpt).name,
-                False, False)
+        return (BenchSource(ref.model, ref.vae, None, None, spec.dtype, batch, spec.device, spec.threads, spec.vae),
+                Path(spec.ckpt).name, False, False)
     from flowar.config import get_preset
     from flowar.model.ar import FlowAR
     torch.manual_seed(0)
@@ -219,7 +220,7 @@ def open_bench_source(spec: BenchSpec) -> tuple[BenchSource, str, bool, bool]:
     if spec.vae:
         from flowar.model.vae import load_vae
         vae = load_vae(spec.vae, expect_channels=model.config.latent_channels, decode_only=True).to(spec.device)
-    return (BenchSource(model.to(spec.device), vae, None, None, spec.dtype, batch, spec.device, spec.threads),
+    return (BenchSource(model.to(spec.device), vae, None, None, spec.dtype, batch, spec.device, spec.threads, spec.vae),
             f"preset {spec.preset or 'flowar-s'}", True, False)
 
 

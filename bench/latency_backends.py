@@ -65,6 +65,7 @@ class BenchSource:
     max_batch: int                   # the largest batch of the run (what exported engines serve)
     device: torch.device
     threads: int | None = None       # --threads: the engines' cores (PyTorch's are set for the whole run)
+    vae_path: str | None = None      # the VAE file or folder ``vae`` was read from (what an export is given)
 
 
 class Backends(contextlib.AbstractContextManager):
@@ -177,9 +178,8 @@ class Backends(contextlib.AbstractContextManager):
         cmd = [str(Path(sys.executable).parent / "flowar-export"), "--ckpt", str(tmp / "model.safetensors"),
                "--out", str(tmp / "engines"), "--backend", backend, "--max-batch", str(self.src.max_batch),
                "--no-verify", "--precision", precision]
-        if self.src.vae is not None:
-            self.src.vae.autoencoder.save_pretrained(tmp / "vae")
-            cmd += ["--vae", str(tmp / "vae")]
+        if self.src.vae is not None:        # (the file the user gave: the decoder read from it cannot be saved as a VAE)
+            cmd += ["--vae", str(self.src.vae_path)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise Skip(f"flowar-export failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")

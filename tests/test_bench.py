@@ -129,6 +129,18 @@ def test_a_backend_off_eager_is_marked_wrong_and_fails_the_run(bench, default_au
     assert rc == 1 and "WRONG" in data["markdown"]
 
 
+def test_engines_the_bench_exports_for_a_checkpoint_decode_with_the_vae_it_was_given(bench, tmp_path):
+    """Where no directory holds a row's engines the bench exports one (flowar-export, in a process
+    of its own) with the VAE the user named: the decoder it read from that VAE (without diffusers)
+    cannot be saved as one, and the bench died with a traceback (--ckpt or --engine-dir with a VAE)."""
+    rc = bench.main(["--ckpt", str(ROOT / "models" / "default" / "flowar.safetensors"), "--vae",
+                     str(ROOT / "models" / "default" / "vae"), "--batch", "1", "--steps", "2", "--backends", "eager,ort",
+                     "--repeat", "1", "--json", str(tmp_path / "r.json"), "--plot", ""])
+    recs = {r["backend"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    assert rc == 0 and recs["ort"]["build_s"] > 0                               # exported for the run
+    assert recs["ort"]["stage_median_s"]["decode"] > 0 and recs["ort"]["max_abs_diff_vs_eager"] <= 1e-4
+
+
 def test_a_failed_fresh_run_keeps_the_warm_results_and_bad_fresh_options_are_one_line(bench, default_auto_engines,
                                                                                        tmp_path, monkeypatch):
     """--fresh runs after the warm measurements: where it fails (a moved checkpoint, say) the warm
