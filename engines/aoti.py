@@ -4,8 +4,9 @@ built once at export and loaded at run time without compiling.
 A package holds one stage for every shape the runtime will request: rows, tokens per scale and
 the AR's prefix length are dynamic dimensions (one package serves every scale and batch, as the
 ONNX graphs do). It is compiled with Inductor's freezing (weights folded into the graph as
-constants, prepacked for the GEMM kernels), each GEMM as the faster of Inductor's C++ template and
-ATen's call (:data:`TUNED`; ATen's calls alone where the templates fail to build), and ``force_mmap_weights`` (the weights appended to
+constants, prepacked for the GEMM kernels), on a CPU with AMX each GEMM as the faster of Inductor's C++
+template and ATen's call (:func:`gemm_templates`; ATen's calls alone elsewhere and where the templates fail
+to build), and ``force_mmap_weights`` (the weights appended to
 the shared library and memory-mapped when it is loaded, not copied). The directory stores that
 shared library itself (``STAGE.aoti-bf16.so``), taken out of the ``.pt2`` package at export:
 PyTorch's package loader unpacks a package into a temporary folder at every opening (FlowAR-H's
@@ -55,6 +56,18 @@ TUNED = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",   # (an
          "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}   # timings filled the terminal)
 
 
+def gemm_templates(kind: dict | None = None) -> dict:
+    """Inductor's settings for the GEMM templates (:data:`TUNED`) on a CPU where they pay, else none
+    (ATen's calls). They pay with AMX (above). Without it they did not: FlowAR-S bf16 on an AMD EPYC
+    Zen 4 (AVX512-BF16, no AMX), each stage compiled with and without them, calls interleaved in one
+    process: the same time at every scale (velocity at 2 rows 4.46 / 4.43 ms at 1x1, 112.7 / 112.1 at
+    16x16; the AR 371.8 / 373.0 ms at 16x16) and the same error against float32, for a compile twice
+    as long (the AR 91 s against 37, the velocity 61 against 15; the whole ``--precision auto`` export
+    796 s against 669) (bench/RESULTS.md)."""
+    from flowar.engines.cpu import cpu_kind
+    return dict(TUNED) if "amx_tile" in (kind or cpu_kind())["flags"] else {}
+
+
 def compile_memory(weight_bytes: int) -> float:
     """Bytes of anonymous memory compiling a stage with these float32 weight bytes takes (estimate)."""
     return COMPILE_PER_WEIGHT_BYTE * weight_bytes + COMPILE_OVERHEAD
@@ -63,7 +76,7 @@ def compile_memory(weight_bytes: int) -> float:
 def compile_stage(spec, module: torch.nn.Module, config, max_rows: int, path: Path) -> tuple[float, str]:
     """Compile ``module`` (one stage, float32 in and out) into the shared library ``path``; its
     dynamic dimensions are those of the stage's spec, rows up to ``max_rows``. Returns the seconds
-    taken and, where the GEMM templates (:data:`TUNED`) failed to build and ATen's calls were
+    taken and, where the GEMM templates (:func:`gemm_templates`) failed to build and ATen's calls were
     compiled instead, Inductor's reason (else "")."""
     from torch.export import Dim
 
@@ -85,11 +98,13 @@ def compile_stage(spec, module: torch.nn.Module, config, max_rows: int, path: Pa
             program = torch.export.export(module.eval(), tuple(ins[n] for n in spec.inputs), dynamic_shapes=dynamic)
             base = {"freezing": True, "aot_inductor.force_mmap_weights": True}
             # (a key this PyTorch's Inductor does not know would fail every compile: only those it has)
-            tuned = {k: v for k, v in TUNED.items() if hasattr(_inductor.config, k)}
+            tuned = {k: v for k, v in gemm_templates().items() if hasattr(_inductor.config, k)}
             untuned = ""
             try:
                 _inductor.aoti_compile_and_package(program, package_path=str(package), inductor_configs=base | tuned)
             except Exception as e:   # noqa: BLE001 - (templates this CPU or PyTorch cannot build: ATen's calls alone)
+                if not tuned:
+                    raise
                 untuned = _reason(e)
                 _inductor.aoti_compile_and_package(program, package_path=str(package), inductor_configs=base)
         take_library(package, path)

@@ -28,8 +28,8 @@ def compiled_dir(fixtures_dir, tmp_path_factory):
     spec = json.loads((d / "manifest.json").read_text())
     from flowar.export.specs import stage_specs
     st = stage_specs(model.config)["head_prep"]
-    # (the GEMMs as C++ templates whatever their timing, so that the tests below run those: AMX tiles
-    # where the CPU has them; where the templates do not build, ATen's calls, as the export falls back)
+    # (the GEMMs as C++ templates whatever their timing where the export uses them, on a CPU with AMX,
+    # so that the tests below run its tiles; elsewhere, and where the templates do not build, ATen's calls)
     from flowar.engines import aoti
     tuned, aoti.TUNED = aoti.TUNED, aoti.TUNED | {"max_autotune_gemm_backends": "CPP"}
     try:
@@ -93,10 +93,15 @@ def test_a_fresh_process_runs_it_before_anything_else_computes(compiled_dir, tmp
 
 
 def test_a_compile_whose_gemm_templates_fail_is_made_again_with_aten_s_calls(compiled_dir, monkeypatch, tmp_path):
-    """The C++ GEMM templates are timed where this CPU and PyTorch can build them: a compile that fails
-    with them is made again without (ATen's calls, as before they were timed); one that fails both
-    ways is one line naming the stage and Inductor's reason. The export says which compiles fell back."""
+    """On a CPU with AMX the C++ GEMM templates are timed where PyTorch can build them: a compile that
+    fails with them is made again without (ATen's calls, as before they were timed); one that fails
+    both ways is one line naming the stage and Inductor's reason. The export says which compiles fell
+    back. Without AMX (where they did not pay: an AMD EPYC Zen 4) ATen's calls alone, compiled once."""
     from torch import _inductor
+
+    import flowar.engines.cpu as cpu
+    amx = ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]
+    monkeypatch.setattr(cpu, "cpu_kind", lambda honour_env=True: {"model": "an AMX CPU", "flags": amx})
 
     from flowar.commands.precision import PrecisionReport, StageMeasure
     from flowar.engines import aoti
@@ -137,6 +142,11 @@ def test_a_compile_whose_gemm_templates_fail_is_made_again_with_aten_s_calls(com
         aoti.compile_stage(spec, stage_module("aoti-bf16", spec, model, None), model.config, 2, tmp_path / "h.so")
     assert [set(aoti.TUNED) <= set(c) for c in calls] == [True, False], calls
     assert all(c["freezing"] and c["aot_inductor.force_mmap_weights"] for c in calls)
+    calls.clear()
+    monkeypatch.setattr(cpu, "cpu_kind", lambda honour_env=True: {"model": "AMD EPYC", "flags": amx[:3]})
+    with pytest.raises(FlowARError, match="AOTInductor to compile the head_prep stage.*no template for this CPU"):
+        aoti.compile_stage(spec, stage_module("aoti-bf16", spec, model, None), model.config, 2, tmp_path / "h.so")
+    assert [("max_autotune" in c, c["freezing"]) for c in calls] == [(False, True)], calls
 
 
 def test_the_runtime_runs_it_and_refuses_it_on_a_cpu_without_its_instructions(compiled_dir, monkeypatch):
