@@ -56,7 +56,7 @@ TUNED = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",   # (an
          "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}   # timings filled the terminal)
 
 
-def gemm_templates(kind: dict | None = None) -> dict:
+def gemm_templates() -> dict:
     """Inductor's settings for the GEMM templates (:data:`TUNED`) on a CPU where they pay, else none
     (ATen's calls). They pay with AMX (above). Without it they did not: FlowAR-S bf16 on an AMD EPYC
     Zen 4 (AVX512-BF16, no AMX), each stage compiled with and without them, calls interleaved in one
@@ -65,7 +65,7 @@ def gemm_templates(kind: dict | None = None) -> dict:
     as long (the AR 91 s against 37, the velocity 61 against 15; the whole ``--precision auto`` export
     796 s against 669) (bench/RESULTS.md)."""
     from flowar.engines.cpu import cpu_kind
-    return dict(TUNED) if "amx_tile" in (kind or cpu_kind())["flags"] else {}
+    return dict(TUNED) if "amx_tile" in cpu_kind()["flags"] else {}
 
 
 def compile_memory(weight_bytes: int) -> float:
