@@ -6,8 +6,14 @@ the AR's prefix length are dynamic dimensions (one package serves every scale an
 ONNX graphs do). It is compiled with Inductor's freezing (weights folded into the graph as
 constants, prepacked for the GEMM kernels), on a CPU with AMX each GEMM as the faster of Inductor's C++
 template and ATen's call (:func:`gemm_templates`; ATen's calls alone elsewhere and where the templates fail
-to build), and ``force_mmap_weights`` (the weights appended to
-the shared library and memory-mapped when it is loaded, not copied). The directory stores that
+to build), ``force_mmap_weights`` (the weights appended to
+the shared library and memory-mapped when it is loaded, not copied) and ``cpp.dynamic_threads``
+(the generated loops take the thread count of the process that runs them; by default Inductor
+builds in the compiling process's: a reduction split over threads kept one slot per thread of the
+compile, so that a mean of 2^20 values compiled on 2 threads and run on 8 died of SIGSEGV; and
+where PyTorch's threads were fewer than the CPUs, as with SMT, every loop was fixed at that count:
+FlowAR-S's stages compiled on 1 thread ran up to 7 % slower on 2. Both ways FlowAR-S's stages
+give the same outputs bit for bit in the same time on 2 threads; bench/RESULTS.md). The directory stores that
 shared library itself (``STAGE.aoti-bf16.so``), taken out of the ``.pt2`` package at export:
 PyTorch's package loader unpacks a package into a temporary folder at every opening (FlowAR-H's
 4 GB of libraries written again, 18 s of a cold opening), where the library is loaded in place and
@@ -96,7 +102,7 @@ def compile_stage(spec, module: torch.nn.Module, config, max_rows: int, path: Pa
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)   # (Inductor's timing, not ours)
             program = torch.export.export(module.eval(), tuple(ins[n] for n in spec.inputs), dynamic_shapes=dynamic)
-            base = {"freezing": True, "aot_inductor.force_mmap_weights": True}
+            base = {"freezing": True, "aot_inductor.force_mmap_weights": True, "cpp.dynamic_threads": True}
             # (a key this PyTorch's Inductor does not know would fail every compile: only those it has)
             tuned = {k: v for k, v in gemm_templates().items() if hasattr(_inductor.config, k)}
             untuned = ""

@@ -92,6 +92,44 @@ def test_a_fresh_process_runs_it_before_anything_else_computes(compiled_dir, tmp
     assert all(torch.equal(g, w) for g, w in zip(torch.load(tmp_path / "out.pt"), want))
 
 
+def test_a_library_runs_on_more_threads_than_its_compile_had(tmp_path):
+    """A compiled library takes the thread count of the process that runs it: a stage whose loop
+    is a reduction split over threads, compiled here on every CPU's thread, runs on four times as
+    many (a machine with more cores than the export's, or --threads) and gives the float64 sum's
+    value. Inductor's default sized that split by the compile's threads: the run on more wrote past
+    it and died of SIGSEGV."""
+    import os
+    import subprocess
+    import sys
+
+    from flowar.config import PRESETS
+    from flowar.engines.aoti import compile_stage
+    from flowar.export.specs import StageSpec
+
+    class MeanSquare(torch.nn.Module):          # one output from a million inputs: the reduction is what is split
+        def forward(self, x):
+            return (x * x).mean(dim=-1, keepdim=True)
+    n = 1 << 20
+    spec = StageSpec("reduce", ("x",), ("y",), {}, 0.0, {"x": (1, n), "y": (1, 1)},
+                     {"x": torch.float32, "y": torch.float32}, lambda model, vae: MeanSquare(), frozenset(),
+                     per_scale=False, seq_end=(1,), tokens=(1,))
+    cpus, before = os.cpu_count() or 1, torch.get_num_threads()
+    torch.set_num_threads(cpus)                 # (as an export compiles: PyTorch on every CPU)
+    try:
+        compile_stage(spec, MeanSquare(), PRESETS["tiny"], 1, tmp_path / "reduce.so")
+    finally:
+        torch.set_num_threads(before)
+    x = torch.randn(1, n, generator=torch.Generator().manual_seed(0))
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys, torch; from flowar.engines.aoti import load_package; torch.set_num_threads(int(sys.argv[3])); "
+            "print(float(load_package(sys.argv[1])([torch.load(sys.argv[2])])[0]))")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "reduce.so"), str(tmp_path / "x.pt"), str(4 * cpus)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-400:])
+    want = (x.double() ** 2).mean().item()
+    assert abs(float(r.stdout.split()[-1]) - want) <= 1e-5 * want, (r.stdout, want)
+
+
 def test_a_compile_whose_gemm_templates_fail_is_made_again_with_aten_s_calls(compiled_dir, monkeypatch, tmp_path):
     """On a CPU with AMX the C++ GEMM templates are timed where PyTorch can build them: a compile that
     fails with them is made again without (ATen's calls, as before they were timed); one that fails
