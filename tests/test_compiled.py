@@ -95,7 +95,7 @@ def test_a_fresh_process_runs_it_before_anything_else_computes(compiled_dir, tmp
 def test_a_library_runs_on_more_threads_than_its_compile_had(tmp_path):
     """A compiled library takes the thread count of the process that runs it: a stage whose loop
     is a reduction split over threads, compiled here on every CPU's thread, runs on four times as
-    many (a machine with more cores than the export's, or --threads) and gives the float64 sum's
+    many (a machine with more cores than the export's) and gives the float64 mean's
     value. Inductor's default sized that split by the compile's threads: the run on more wrote past
     it and died of SIGSEGV."""
     import os
