@@ -11,8 +11,8 @@ numbers of an fp16 GEMM that accumulates in float32 (what tensor cores do), at f
 Every other op runs as autocast has it: in fp16 where its inputs are fp16, in float32 where
 autocast keeps it there; attention too (PyTorch's fp16 kernel, a small share of the time, kept:
 attention computed in float32 would skip the fp16 roundings an fp16 attention makes inside it).
-FlowAR-S's yardstick, two samples: 34 s, against 117-131 s with the
-GEMMs in fp16 and 32-38 s in float32 (AMD EPYC Zen 4; bench/RESULTS.md).
+FlowAR-S's yardstick, two samples: 29-34 s, against 117-131 s with the GEMMs in fp16 and 32-38 s
+in float32 (AMD EPYC Zen 4; bench/RESULTS.md).
 """
 
 from __future__ import annotations
