@@ -57,6 +57,65 @@ def test_run_reproduces_official_tokens(fixtures_dir, tiny_v1, noise25, tmp_path
     assert_tokens(load_file(str(tmp_path / "T1.safetensors"))["tokens"])
 
 
+def test_an_error_while_a_bar_is_drawn_is_a_line_of_its_own(fixtures_dir, tmp_path, monkeypatch):
+    """On a terminal, a bar was left drawn when the work under it failed (or was stopped): the
+    command's last line went on after it, "| 2/5 [00:01<00:01, 1.95scale/s]error: expected ...".
+    run_sampling closes its bar whatever ends it; a command erases any bar left before its line."""
+    import io
+
+    import flowar.commands.build as build
+    import flowar.sampling.sampler as sampler
+    from flowar.commands.cli import export_cmd
+    from flowar.errors import FlowARError
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    real, calls = sampler.run_scale, []
+
+    def fails_at_the_third_scale(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise FlowARError("finite values", "NaN at scale 2", "a test")
+        return real(*a, **k)
+
+    def fails_after_a_step(*a, progress, **k):
+        progress("exporting ar", 4)
+        raise FlowARError("a graph", "none", "a test")
+
+    ckpt = ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--config", str(fixtures_dir / "tiny_v1.config.json")]
+    monkeypatch.setattr(sampler, "run_scale", fails_at_the_third_scale)
+    monkeypatch.setattr(build, "build_engine_dir", fails_after_a_step)
+    for cmd, args, bar, line in (
+            (run, ["--labels", "3", "--steps", "4", "--save-tokens", str(tmp_path / "t.safetensors")], "scales:   0%|",
+             "error: expected finite values; got NaN at scale 2. Fix: a test\n"),
+            (export_cmd, ["--out", str(tmp_path / "engines")], "export:", "error: expected a graph; got none. Fix: a test\n")):
+        term = Terminal()
+        monkeypatch.setattr(sys, "stderr", term)
+        with pytest.raises(SystemExit) as e:
+            cmd.main([*ckpt, *args], cmd.name)
+        text = term.getvalue()
+        assert e.value.code == 2 and bar in text, text                  # (the bar was drawn)
+        assert text.split("\r")[-1] == line, text[-300:]                # and erased before the line
+    assert not (tmp_path / "t.safetensors").exists() and not (tmp_path / "engines").exists()
+    # run_sampling's own bar (a notebook's, a library's: no command around it) closed by run_sampling itself
+    from tqdm import tqdm
+    from flowar.model.checkpoint import load_model
+    from flowar.sampling.batches import run_sampling
+    from flowar.sampling.eager import EagerStages
+    from flowar.sampling.schedule import Settings
+    model, _ = load_model(fixtures_dir / "tiny_v1.safetensors", config_path=fixtures_dir / "tiny_v1.config.json")
+    calls.clear()
+    before = set(tqdm._instances)                    # (bars another test left, if any)
+    with pytest.raises(FlowARError):
+        try:
+            run_sampling(EagerStages(model), model.config, [3], Settings().resolve(model.config.n_scales),
+                         progress={"file": io.StringIO()})
+        finally:
+            assert not set(tqdm._instances) - before     # (the failure's traceback holds the frame: not collected)
+
+
 def test_run_decodes_through_the_mar_vae(fixtures_dir, tmp_path):
     from PIL import Image
     res = CliRunner().invoke(run, [

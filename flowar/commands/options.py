@@ -120,6 +120,7 @@ class Command(click.Command):
                 e.show()
                 leave(e.exit_code)
             except (click.Abort, KeyboardInterrupt, _Stopped) as e:
+                _end_bars()
                 cause = (e.cause if isinstance(e, _Stopped) else
                          e.__context__ if isinstance(e, click.Abort) and e.__context__ else e)
                 if isinstance(cause, EOFError):             # click's Abort also stands for a file that ended early
@@ -131,6 +132,7 @@ class Command(click.Command):
                 click.echo("interrupted" + (f": {cause}" if str(cause) else ""), err=True)
                 leave(130)
             except Exception as e:
+                _end_bars()
                 if stopped() is not None and not self.debugging(args):
                     # what a library made of a stop it caught (an AttributeError of a half-imported module):
                     # the command was interrupted, and says so
@@ -156,6 +158,14 @@ class Command(click.Command):
             return bool(self.make_context(self.name, list(args), resilient_parsing=True).params.get("debug"))
         except Exception:   # noqa: BLE001 - arguments that do not parse: no flag
             return False
+
+
+def _end_bars() -> None:
+    """Close the progress bars a failed or stopped command left drawn, before its last line: that
+    line went on after the bar's, on one terminal line ("| 2/4 [00:01<00:01]error: expected ...")."""
+    std = sys.modules.get("tqdm.std")             # (no tqdm imported: no bar)
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        bar.close()                               # (leave=False: its line erased; leave=True: kept, a newline after)
 
 
 def _stop(signum, frame) -> None:

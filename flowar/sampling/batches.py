@@ -175,20 +175,22 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedu
 
     t0 = time.perf_counter()
     toks, imgs = [], []
-    for start in starts:
-        chunk, end = labels[start:start + bs], min(start + bs, N)
-        n = len(chunk)
-        # a captured size at least n (CUDA graphs), the last sample repeated into the padding rows
-        pad = (runner.bucket(n) - n) if runner is not None and recorded is None else 0
-        noise: NoiseFn = (injected_noise(noise_rows(recorded, start, end, N)) if recorded is not None
-                          else per_sample_noise(seeds[start:end] + seeds[end - 1:end] * pad,
-                                                idx[start:end] + idx[end - 1:end] * pad))
-        labels_t = torch.tensor(chunk + chunk[-1:] * pad, dtype=torch.int64, device=device)
-        tokens, images = sample(stages, config, schedule, labels_t, noise, decode=decode, device=device,
-                                on_scale=scale_done, runner=runner)
-        toks.append(tokens[:n].cpu())
-        if images is not None:
-            imgs.append(images[:n].cpu())
-    if bar is not None:
-        bar.close()
+    try:
+        for start in starts:
+            chunk, end = labels[start:start + bs], min(start + bs, N)
+            n = len(chunk)
+            # a captured size at least n (CUDA graphs), the last sample repeated into the padding rows
+            pad = (runner.bucket(n) - n) if runner is not None and recorded is None else 0
+            noise: NoiseFn = (injected_noise(noise_rows(recorded, start, end, N)) if recorded is not None
+                              else per_sample_noise(seeds[start:end] + seeds[end - 1:end] * pad,
+                                                    idx[start:end] + idx[end - 1:end] * pad))
+            labels_t = torch.tensor(chunk + chunk[-1:] * pad, dtype=torch.int64, device=device)
+            tokens, images = sample(stages, config, schedule, labels_t, noise, decode=decode, device=device,
+                                    on_scale=scale_done, runner=runner)
+            toks.append(tokens[:n].cpu())
+            if images is not None:
+                imgs.append(images[:n].cpu())
+    finally:                                # (an error's or a stop's line then starts a line of its own)
+        if bar is not None:
+            bar.close()
     return SampleResult(torch.cat(toks), torch.cat(imgs) if imgs else None, labels, time.perf_counter() - t0, idx, traces)
