@@ -161,15 +161,15 @@ class Runtime(contextlib.AbstractContextManager):
                 with threads_.applied():
                     warmed = stages.warm_up(warm)
             seconds["warm-up"] = time.perf_counter() - t0
-        except BaseException:
+            rt = cls(kind="engine directory", config=m.config, class_names=m.class_names, stages=stages, device=dev,
+                     backend=chosen, detail=detail, threads=threads_, decodes="decode" in specs, max_batch=m.max_batch,
+                     capture=captures(dev, chosen, cuda_graphs), image_size=m.vae["image_size"] if m.vae else None,
+                     call_plan=m.call_plan if chosen == "measured" else None,
+                     defaults=m.schedule_defaults, manifest=m, trained={"data": m.checkpoint.get("data")},
+                     stack=stack)
+        except BaseException:               # (the engines entered so far closed: a failed open leaves none open)
             stack.close()
             raise
-        rt = cls(kind="engine directory", config=m.config, class_names=m.class_names, stages=stages, device=dev, backend=chosen,
-                 detail=detail, threads=threads_, decodes="decode" in specs, max_batch=m.max_batch,
-                 capture=captures(dev, chosen, cuda_graphs), image_size=m.vae["image_size"] if m.vae else None,
-                 call_plan=m.call_plan if chosen == "measured" else None,
-                 defaults=m.schedule_defaults, manifest=m, trained={"data": m.checkpoint.get("data")},
-                 stack=stack)
         rt.opened = seconds | {"shapes warmed": warmed}
         return rt
 

@@ -598,6 +598,26 @@ def test_engines_open_at_once_and_a_failure_closes_those_that_opened():
     assert log == [("in", "ar"), ("out", "ar")]
 
 
+def test_a_directory_whose_runtime_cannot_be_made_closes_the_engines_it_entered(default_auto_engines, monkeypatch):
+    """Opening an engine directory closes what it entered when the Runtime itself then fails (its
+    recorded defaults or class names refused, a runner that cannot be made): the sessions and
+    compiled libraries stayed open in a server or a notebook that went on."""
+    import flowar.runtime.engines as engines_
+    import flowar.runtime.runtime as runtime
+    from flowar.errors import FlowARError
+    real, closed = engines_.enter_engines, []
+
+    def entered(stack, engines, workers):
+        stack.callback(closed.append, sorted(engines))
+        return real(stack, engines, workers)
+
+    monkeypatch.setattr(engines_, "enter_engines", entered)
+    monkeypatch.setattr(runtime, "class_names_for", lambda *a: (_ for _ in ()).throw(FlowARError("names", "none", "x")))
+    with pytest.raises(FlowARError, match="expected names"):
+        runtime.Runtime.open(default_auto_engines)
+    assert closed == [["ar", "decode", "head_prep", "velocity"]]
+
+
 def test_the_thread_policy_is_resolved_at_open_and_applied_while_sampling(fixtures_dir, monkeypatch):
     """threads= is honoured for a checkpoint (PyTorch computes every stage there, so every stage
     call sees it), restored after sampling; engines that compute on ONNX Runtime's own threads
