@@ -115,6 +115,24 @@ def test_a_seed_is_any_64_bit_int_as_a_served_request_takes():
             per_sample_noise(bad, [0] if isinstance(bad, int) else [0, 1])
 
 
+def test_a_seed_out_of_range_is_refused_before_any_batch_runs(official_v1):
+    """A request's seeds are checked whole: one out of range in a later batch was refused only when
+    that batch came up, after every batch before it had been computed."""
+    from flowar.errors import FlowARError
+    from flowar.sampling.batches import run_sampling
+    model, ran = official_v1.model, []
+
+    class Counted(EagerStages):
+        def ar(self, *a):
+            ran.append(1)
+            return super().ar(*a)
+
+    with pytest.raises(FlowARError, match=r"a seed in \[-2\^63, 2\^63 - 1\] \(64 bits.*; got 18446744073709551616"):
+        run_sampling(Counted(model), model.config, [3, 7], build_schedule(6, 4.3, 0.9, 5), seed=[0, 2 ** 64],
+                     batch_size=1)
+    assert not ran
+
+
 def test_run_sampling_gives_each_sample_the_same_tokens_in_any_batching(official_v1):
     from flowar.sampling.batches import run_sampling
     model = official_v1.model

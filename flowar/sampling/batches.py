@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from flowar.config import FlowARConfig
+from flowar.config import FlowARConfig, check_seed
 from flowar.errors import FlowARError
 from flowar.sampling.sampler import NoiseFn, ScaleTrace, Stages, injected_noise, noise_rows, per_sample_noise, sample
 from flowar.sampling.schedule import Schedule
@@ -141,7 +141,7 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedu
     seeds = [seed] * N if one else list(seed) if hasattr(seed, "__iter__") and not isinstance(seed, (str, bytes)) else None
     if seeds is None or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in seeds):
         raise FlowARError("seed an int, or one int per image", repr(seed)[:80], "pass e.g. seed=0")
-    seeds = [int(s) for s in seeds]
+    seeds = [check_seed(int(s)) for s in seeds]     # (each: a seed out of range failed when its batch came up)
     if len(seeds) != N:                     # (it said "2 indices, 1 seeds" of seed=[5] for two labels)
         raise FlowARError(f"seed: one, or one per label ({N})", f"a list of {len(seeds)}", f"pass one seed, or {N} seeds")
     if len(idx) != N:
