@@ -77,6 +77,21 @@ def replica(default_auto_engines):
     rep.pipe.close()
 
 
+def test_a_replica_that_cannot_start_closes_what_it_opened(default_auto_engines, monkeypatch):
+    """A replica whose start fails after its engines opened (the warm-up: a session that fails, out
+    of memory) closes them: a host that starts it again in one process kept every failed start's."""
+    from flowar.commands.replica import Replica
+    from flowar.errors import FlowARError
+    from flowar.pipeline.pipeline import FlowARPipeline
+    from flowar.runtime.runtime import Runtime
+    closed, real = [], FlowARPipeline.close
+    monkeypatch.setattr(FlowARPipeline, "close", lambda self: closed.append(self) or real(self))
+    monkeypatch.setattr(Runtime, "warm_up", lambda self, *a, **k: (_ for _ in ()).throw(FlowARError("room", "none", "x")))
+    with pytest.raises(FlowARError, match="expected room"):
+        Replica(str(default_auto_engines), threads=1)
+    assert len(closed) == 1
+
+
 def service(replica, **limits):
     from flowar.commands.service import Limits, Service
     return Service(replica, Limits(**({"replica": "test-replica"} | limits)))

@@ -8,8 +8,6 @@ import threading
 import time
 from collections import OrderedDict
 
-from flowar.errors import FlowARError
-
 
 KNOWN = 64          # settings whose schedule and cost a replica keeps (the latest asked for)
 
@@ -22,33 +20,29 @@ class Replica:
         from flowar.pipeline.pipeline import FlowARPipeline
         t0 = time.perf_counter()
         self.pipe = FlowARPipeline.from_pretrained(engine_dir, backend=backend, threads=threads)
-        rt = self.pipe.runtime
-        try:
+        try:                                          # (a replica that cannot start closes what it opened)
+            rt = self.pipe.runtime
             rt.require_decoder()
-        except FlowARError:
+            self.sizes = rt.batch_sizes or [1]          # those that cost less per image than every smaller one
+            per = rt.call_plan.get("per_image") or {}
+            self.per_image_s = min(per.values()) if per else None
+            self._batch_s = {int(b): s * int(b) for b, s in per.items()}       # seconds of a batch by the plan
+            self.warmed = rt.warm_up(self.sizes)       # at the shapes of the sizes it will form (what pays)
+            rt.opened["shapes warmed"] = rt.opened.get("shapes warmed", 0) + self.warmed   # (/health said 0 there)
+            self.lanes = [rt]
+            self._known: OrderedDict = OrderedDict()    # settings -> (schedule, planned cost, head work), the latest KNOWN
+            self._known_lock = threading.Lock()          # (the event loop costs requests; lanes sample)
+            default = rt.schedule(None)                  # what every cost is counted against (once, here)
+            self._default_work = head_work(default, rt.config.scales)
+            self._default_s = self._planned_s(default)
+            # without a call plan: an image's seconds outside the head (AR, decoder) and per unit of the
+            # head's work, as measured on the batches served (None: none yet)
+            self.split: tuple[float, float] | None = None
+            if self.per_image_s is None:
+                self.per_image_s = self._time_one(default)
+        except BaseException:
             self.pipe.close()
             raise
-        self.sizes = rt.batch_sizes or [1]          # those that cost less per image than every smaller one
-        per = rt.call_plan.get("per_image") or {}
-        self.per_image_s = min(per.values()) if per else None
-        self._batch_s = {int(b): s * int(b) for b, s in per.items()}       # seconds of a batch by the plan
-        self.warmed = rt.warm_up(self.sizes)       # at the shapes of the sizes it will form (what pays)
-        rt.opened["shapes warmed"] = rt.opened.get("shapes warmed", 0) + self.warmed   # (/health said 0 there)
-        self.lanes = [rt]
-        self._known: OrderedDict = OrderedDict()    # settings -> (schedule, planned cost, head work), the latest KNOWN
-        self._known_lock = threading.Lock()          # (the event loop costs requests; lanes sample)
-        default = rt.schedule(None)                  # what every cost is counted against (once, here)
-        self._default_work = head_work(default, rt.config.scales)
-        self._default_s = self._planned_s(default)
-        # without a call plan: an image's seconds outside the head (AR, decoder) and per unit of the
-        # head's work, as measured on the batches served (None: none yet)
-        self.split: tuple[float, float] | None = None
-        if self.per_image_s is None:
-            try:
-                self.per_image_s = self._time_one(default)
-            except BaseException:
-                self.pipe.close()
-                raise
         self.start_s = time.perf_counter() - t0
 
     def _time_one(self, schedule) -> float:
