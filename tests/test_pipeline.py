@@ -908,7 +908,15 @@ def test_a_stop_ends_a_single_workers_batch_at_its_next_scale(default_auto_engin
     rt.sample = lambda *a, on_scale=None, **k: real(*a, on_scale=lambda tr: (seen.append(tr.k), on_scale(tr)), **k)
     sampler.stopping.set()
     with pytest.raises(KeyboardInterrupt):
-        sampler._sample(rt, [0, 1])
+        sampler._sample(rt, [0, 1], sampler.stopping)
     assert seen == [0]                                   # after the first scale, of 4
-    assert sampler.sample_shard(0, 0, 2) > 0 and sampler.stopping.is_set() is False     # a shard anew: cleared
+    assert sampler.sample_shard(0, 0, 2) > 0 and sampler.stopping.is_set() is False     # a shard anew: not stopped
+    # a shard whose batch failed: its stop holds for its batches still computing (another lane's) once the next
+    # shard began on this worker (Ray Data's retry), which cleared it before: that batch then ran to its end
+    sampler._sample, real_sample, told = lambda *a: (told.append(a[-1]), 1 / 0), sampler._sample, []
+    with pytest.raises(ZeroDivisionError):
+        sampler.sample_shard(1, 2, 4)
+    sampler._sample = real_sample
+    assert sampler.sample_shard(1, 2, 4) > 0
+    assert told[0].is_set() and not sampler.stopping.is_set()
 

@@ -115,9 +115,11 @@ class ShardSampler:
 
         from flowar.io.images import save_images, to_uint8
         t0 = time.perf_counter()
-        self.stopping.clear()
+        # this shard's own: a batch of a shard that failed, still computing, stops at its next scale even
+        # once the next shard (Ray Data's retry of it, on this worker) has begun (a cleared one ran it to its end)
+        stopping = self.stopping = threading.Event()
         batches = shard_batches(start, end, self.batch)
-        jobs = [self._computes[i % len(self.lanes)].submit(self._sample, self.lanes[i % len(self.lanes)], idx)
+        jobs = [self._computes[i % len(self.lanes)].submit(self._sample, self.lanes[i % len(self.lanes)], idx, stopping)
                 for i, idx in enumerate(batches)]
         parts = []
         try:
@@ -125,7 +127,7 @@ class ShardSampler:
                 parts.append(job.result())
                 self._tell("images", len(idx))
         except BaseException:               # Ctrl-C, SIGTERM or a failed batch: the queued batches are not run, and
-            self.stopping.set()             # one computing stops at its next scale (it ran on 20 s after "interrupted")
+            stopping.set()                  # one computing stops at its next scale (it ran on 20 s after "interrupted")
             for job in jobs:
                 job.cancel()
             raise
@@ -139,10 +141,10 @@ class ShardSampler:
                                             "engines": np.asarray(self.engines())})
         return time.perf_counter() - t0
 
-    def _sample(self, rt, idx: list[int]):
+    def _sample(self, rt, idx: list[int], stopping: threading.Event):
         labels = [self.spec.classes[i % len(self.spec.classes)] for i in idx]
         return rt.sample(labels, self.schedule, seed=self.spec.seed, indices=idx, batch_size=len(idx),
-                         on_scale=lambda _: raise_if_set(self.stopping)).images
+                         on_scale=lambda _: raise_if_set(stopping)).images
 
     def __call__(self, batch: dict) -> dict:
         secs = [self.sample_shard(int(j), int(s), int(e))
