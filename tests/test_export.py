@@ -394,6 +394,13 @@ def test_flowar_check_finds_a_manifest_edited_since_the_export(engine_dirs, tmp_
     edited["config"].update(latent_scale=2.0)
     (d / "manifest.json").write_text(json.dumps(edited, indent=1))
     assert "edited since its export (config.latent_scale): it runs" in invoke(run_cmd, run).stderr
+    # what its graphs were made for is not run as edited: a head deeper than the graphs' was ONNX Runtime's traceback
+    for what in ("head_depth", "ar_mlp_hidden"):
+        (d / "manifest.json").write_text(json.dumps(json.loads(text) | {"config": m["config"] | {what: m["config"][what] + 1}}))
+        ran = invoke(run_cmd, run)
+        assert ran.returncode == 2 and ran.stderr.splitlines()[-1].startswith(
+            "error: expected manifest.json as exported but for its run-time settings") and \
+            f"got config.{what} edited since. Fix: restore it" in ran.stderr, ran.stderr
     edited["config"].update(latent_scale=-1.0)         # refused: the refusal alone, no note that it runs
     (d / "manifest.json").write_text(json.dumps(edited, indent=1))
     ran = invoke(run_cmd, run)
