@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
+from conftest import invoke
 from flowar.commands.cli import run
 
 
@@ -55,6 +56,28 @@ def test_run_reproduces_official_tokens(fixtures_dir, tiny_v1, noise25, tmp_path
         "--labels", "3,7", "--noise", str(noise25), "--batch", "1", "--save-tokens", str(tmp_path / "T1.safetensors")])
     assert res.exit_code == 0, res.output
     assert_tokens(load_file(str(tmp_path / "T1.safetensors"))["tokens"])
+
+
+def test_save_tokens_replaces_a_token_file_and_nothing_else(fixtures_dir, tmp_path):
+    """--save-tokens replaced whatever .safetensors it named: an engine directory's checkpoint or its
+    VAE's weights (files that run does not read, so not refused as its inputs) became 1 KB of tokens,
+    exit 0. Only a token file is replaced now; any other file is one line, untouched."""
+    import shutil
+    ckpt = ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--config", str(fixtures_dir / "tiny_v1.config.json"),
+            "--steps", "3"]
+    model = tmp_path / "model.safetensors"
+    shutil.copy(fixtures_dir / "tiny_v1.safetensors", model)
+    (tmp_path / "notes.safetensors").write_text("not tensors")
+    for path, held in ((model, "holds other tensors (class_emb.weight"), (tmp_path / "notes.safetensors", "holds no safetensors")):
+        before = path.read_bytes()
+        res = invoke(run, [*ckpt, "--labels", "1", "--save-tokens", str(path)])
+        assert res.returncode == 2 and res.stderr.startswith("error: expected --save-tokens a new file, or a token file "
+                                                             f"to replace; got {path}, which {held}"), res.stderr
+        assert path.read_bytes() == before
+    tokens = tmp_path / "t.safetensors"
+    for label in ("1", "2"):                              # a token file: replaced (what the second run sampled)
+        assert invoke(run, [*ckpt, "--labels", label, "--save-tokens", str(tokens)]).returncode == 0
+    assert load_file(str(tokens))["labels"].tolist() == [2]
 
 
 def test_an_error_while_a_bar_is_drawn_is_a_line_of_its_own(fixtures_dir, tmp_path, monkeypatch):

@@ -25,6 +25,22 @@ def check_requested(save_tokens: str | Path | None, out: str | Path | None, save
                                       (save_tokens, ".safetensors", "--save-tokens", "tokens and labels as safetensors")):
         if path and Path(path).suffix.lower() != suffix:
             raise FlowARError(f"{option} a {suffix} file ({why})", path, f"use {option} {Path(path).with_suffix(suffix)}")
+    if save_tokens and Path(save_tokens).is_file() and ((held := _tensor_names(save_tokens)) is None
+                                                        or held - {"tokens", "labels"}):
+        # (an engine directory's checkpoint or VAE, which that run does not read, was replaced by 1 KB of tokens)
+        raise FlowARError("--save-tokens a new file, or a token file to replace", f"{save_tokens}, which holds "
+                          + (f"other tensors ({', '.join(sorted(held)[:3])}{', ...' * (len(held) > 3)}: a checkpoint "
+                             "or a VAE?)" if held is not None else "no safetensors"), "choose another path (or remove that file first)")
+
+
+def _tensor_names(path: str | Path) -> set[str] | None:
+    """The tensors a safetensors file holds (its header only), None where it is not one."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return set(f.keys())
+    except Exception:  # noqa: BLE001 - any unreadable file is "not one"
+        return None
 
 
 def write_outputs(result, class_names: list[str] | None, save_tokens: str | Path | None,
