@@ -333,7 +333,8 @@ def read_manifest(root: str | Path, verify_hashes: bool = False, note_edits: boo
                              + ("" if own else " (with that --preset)"))
     if not root.is_dir():
         raise EngineDirError("an engine directory made by flowar-export", f"no directory at {root}",
-                             f"rebuild it: flowar-export --ckpt CKPT --out {root}")
+                             f"check the path (the folder flowar-export wrote), or make one there: flowar-export --ckpt "
+                             f"CKPT --vae VAE --out {root}")
     rebuild = f"rebuild it: flowar-export --ckpt CKPT --vae VAE --out {root} (leave out --vae for tokens only)"  # (no VAE named)
     mpath = root / MANIFEST
     if not mpath.is_file():

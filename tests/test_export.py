@@ -308,8 +308,8 @@ def test_tampered_partial_and_foreign_directories_are_refused(engine_dirs, tmp_p
     (d / "manifest.json").unlink()
     with pytest.raises(EngineDirError, match="manifest.json"):
         read_manifest(d)
-    with pytest.raises(EngineDirError, match="no directory"):
-        read_manifest(tmp_path / "nope")
+    with pytest.raises(EngineDirError, match=r"no directory at .*nope\. Fix: check the path \(the folder flowar-export wrote\)"):
+        read_manifest(tmp_path / "nope")          # (a mistyped path: it said "rebuild it" first)
 
 
 def test_a_graph_onnx_runtime_cannot_run_is_one_line_naming_it(engine_dirs, tmp_path):
