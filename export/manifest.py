@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from flowar.config import FlowARConfig
 from flowar.errors import EngineDirError, FlowARError
-from flowar.io.digests import RUN_AS_EDITED, SEAL, edited_parts, seal_of, sealed, sha256_file
+from flowar.io.digests import MADE_FOR, SEAL, edited_parts, seal_of, sealed, sha256_file
 from flowar.io.digests import VAE_FILES, vae_sha256  # noqa: F401 - (imported from here too)
 from flowar.io.files import file_state
 
@@ -383,11 +383,10 @@ def read_manifest(root: str | Path, verify_hashes: bool = False, note_edits: boo
                              "corrupt)", manifest.rebuild)
     if note_edits and m.get(SEAL) is not None and m[SEAL] != seal_of(m):     # (flowar-check refuses such a directory)
         import sys
-        if made_for := [p for p in edited_parts(m) if not p.startswith(RUN_AS_EDITED)]:
-            raise EngineDirError(f"{MANIFEST} as exported but for its run-time settings (class_names, schedule_defaults, "
-                                 "config.latent_scale): its graphs were made for the rest", f"{', '.join(made_for[:4])} "
-                                 f"edited since", f"restore it (flowar-check --engine-dir {root} names the change), or "
-                                 f"{manifest.rebuild}")
+        if made_for := [p for p in edited_parts(m) if p.startswith(MADE_FOR) and p != "config.latent_scale"]:
+            raise EngineDirError(f"{MANIFEST}'s config and decoder shape as exported (its graphs were made for them)",
+                                 f"{', '.join(made_for[:4])} edited since", f"restore it (flowar-check --engine-dir "
+                                 f"{root} names the change), or {manifest.rebuild}")
         print(f"note: {mpath} was edited since its export ({', '.join(edited_parts(m)[:4]) or 'its fields'}): it runs as "
               f"edited, not as exported and verified; flowar-check --engine-dir {root} names the change, a re-export undoes it",
               file=sys.stderr, flush=True)

@@ -399,7 +399,7 @@ def test_flowar_check_finds_a_manifest_edited_since_the_export(engine_dirs, tmp_
         (d / "manifest.json").write_text(json.dumps(json.loads(text) | {"config": m["config"] | {what: m["config"][what] + 1}}))
         ran = invoke(run_cmd, run)
         assert ran.returncode == 2 and ran.stderr.splitlines()[-1].startswith(
-            "error: expected manifest.json as exported but for its run-time settings") and \
+            "error: expected manifest.json's config and decoder shape as exported (its graphs were made for them)") and \
             f"got config.{what} edited since. Fix: restore it" in ran.stderr, ran.stderr
     edited["config"].update(latent_scale=-1.0)         # refused: the refusal alone, no note that it runs
     (d / "manifest.json").write_text(json.dumps(edited, indent=1))

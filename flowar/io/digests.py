@@ -37,10 +37,9 @@ def sha256_file(path: str | Path, found: dict | None = None) -> str:
 
 SEAL = "sealed_sha256"      # where a sealed JSON record (an engine directory's manifest) keeps its own digest
 SEAL_PARTS = "sealed_parts"  # and a short digest of each field, two levels deep, to name what an edit changed
-# a manifest's fields that an edit may change and still run (run-time settings, where its sources are, its record):
-# an edit of any other (the config its graphs were made for, the stages, their limits) ended in ONNX Runtime's traceback
-RUN_AS_EDITED = ("class_names", "schedule_defaults", "config.latent_scale", "checkpoint.", "vae.source", "vae.sha256",
-                 "versions.", "created")
+# a manifest's fields its graphs were made for (the model's config but its latent_scale, applied outside them; the
+# decoder's shape): an edit of one ended in ONNX Runtime's traceback. Others (class names, sampling defaults) run as edited
+MADE_FOR = ("config.", "scales", "vae.latent_channels", "vae.downsample", "vae.image_size", "vae.config")
 
 
 def sealed(record: dict) -> dict:
