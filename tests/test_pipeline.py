@@ -250,7 +250,7 @@ def test_a_bulk_worker_stops_its_shard_at_the_first_batch_that_fails(default_aut
     sampler = ShardSampler({f: getattr(spec, f) for f in spec.__dataclass_fields__}, str(tmp_path / "bulk"))
     calls = []
 
-    def sample(rt, idx):
+    def sample(rt, idx, stopping):
         calls.append(idx)
         if len(calls) == 1:
             raise RuntimeError("a failed batch")
