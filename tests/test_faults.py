@@ -548,14 +548,26 @@ def test_export_never_replaces_a_folder_it_did_not_write(fixtures_dir, tmp_path,
     holds = tmp_path / "model"
     holds.mkdir()
     sh.copy(ckpt, holds / "flowar.safetensors")
+    webapp = tmp_path / "webapp"                 # another tool's manifest.json: the folder was replaced whole
+    webapp.mkdir()
+    (webapp / "manifest.json").write_text('{"name": "an extension", "version": "1"}')
+    (webapp / "bg.js").write_text("mine")
+    broken = tmp_path / "broken"                 # and one that is not JSON, beside files no export writes
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    (broken / "ar.onnx").write_bytes(b"an export's")
+    (broken / "notes.md").write_text("mine")
     base = ["--preset", "tiny", "--max-batch", "1", "--no-verify"]
     for out, src, said in ((notes, ckpt, "holds other files (notes.txt)"),
-                           (holds, holds / "flowar.safetensors", "flowar.safetensors inside")):
+                           (holds, holds / "flowar.safetensors", "flowar.safetensors inside"),
+                           (webapp, ckpt, "also holds bg.js, manifest.json. Fix"),
+                           (broken, ckpt, "also holds notes.md. Fix")):
         before = sorted(p.name for p in out.iterdir())
         res = CliRunner().invoke(export_cmd, ["--ckpt", str(src), "--out", str(out), *base])
         assert res.exit_code == 2 and said in res.output and len(res.output.strip().splitlines()) == 1, res.output
         assert sorted(p.name for p in out.iterdir()) == before
     assert (notes / "notes.txt").read_text() == "mine" and (holds / "flowar.safetensors").read_bytes() == ckpt.read_bytes()
+    assert (webapp / "bg.js").read_text() == "mine" and (broken / "notes.md").read_text() == "mine"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]          # nothing started
     here = tmp_path / "here" / "in"            # --out . (or ..) from an empty folder: the shell's folder kept
     here.mkdir(parents=True)

@@ -2,12 +2,10 @@
 
 1. :func:`check_request`: every option checked (and TensorRT's presence) before any work;
 2. :func:`export_graphs`: the checkpoint's stages to ONNX, each verified against eager PyTorch;
-3. :func:`choose_engines`: on a CPU with ``--precision auto`` or ``bf16``, the engine and
-   precision of each stage measured on this machine (:mod:`flowar.commands.precision`), and the
-   weights its PyTorch stages need copied in;
+3. :func:`choose_engines`: on a CPU with ``--precision auto`` or ``bf16``, the engine and precision of each stage
+   measured on this machine (:mod:`flowar.commands.precision`), and the weights its PyTorch stages need copied in;
 4. :func:`build_plans`: TensorRT plans (``--backend trt|all``);
-5. the manifest, written last, inside a staged directory that replaces the target only when
-   complete.
+5. the manifest, written last, inside a staged directory that replaces the target only when complete.
 """
 
 from __future__ import annotations
@@ -22,11 +20,10 @@ from flowar.config import SAMPLING_DEFAULTS
 from flowar.errors import FlowARError
 from flowar.export.manifest import PRECISIONS
 
-# fp16/bf16 graphs (for TensorRT) are compared with the fp32 eager reference: they differ by their rounding,
-# which grows with the values, so by a fraction of each output's largest magnitude: the shipped model's fp16
-# velocity 0.47 / 0.72 / 0.90 % at --max-batch 1 / 8 / 32 (an absolute 5e-2 refused it at 32); FlowAR-S's
-# 9.2e-3 of a largest 3-6 (~0.2 %); the flow time rounded to fp16 before its timestep (a bug, fixed) put
-# FlowAR-S's off by 0.904 (15-30 %).
+# fp16/bf16 graphs (for TensorRT) are compared with the fp32 eager reference: they differ by their rounding, which grows
+# with the values, so by a fraction of each output's largest magnitude: the shipped model's fp16 velocity 0.47 / 0.72 /
+# 0.90 % at --max-batch 1 / 8 / 32 (an absolute 5e-2 refused it at 32); FlowAR-S's 9.2e-3 of a largest 3-6 (~0.2 %);
+# the flow time rounded to fp16 before its timestep (a bug, fixed) put FlowAR-S's off by 0.904 (15-30 %).
 REDUCED_TOLERANCE = {"fp32": None, "fp16": 3e-2, "bf16": 3e-1}
 TIMING_CACHE = "timing.cache"     # full TensorRT's timing cache, kept in the directory for the next export
 
@@ -155,19 +152,26 @@ def check_request(req: ExportRequest):
     return None
 
 
-def exported_names(directory: Path) -> set[str] | None:
-    """The names an export wrote at the top of ``directory``: its manifest, what that lists, and full
-    TensorRT's timing cache (None where the manifest cannot be read: the directory is replaced whole)."""
-    from flowar.export.manifest import MANIFEST, STAGES, read_manifest
+def exported_names(directory: Path) -> set[str]:
+    """The names an export wrote at the top of ``directory``: its manifest, what that lists and full TensorRT's
+    timing cache; where the manifest is refused, what it still names and the names an export gives files;
+    none where it is another tool's (a web app's folder, with its manifest.json, was replaced whole)."""
+    import json
+
+    from flowar.export.manifest import FORMAT, MANIFEST, STAGES, read_manifest
+    from flowar.io.files import files_of
     try:
         m = read_manifest(directory)
     except FlowARError:                 # (refused, e.g. a stage's record missing: the files it still names are ours)
-        from flowar.io.files import files_of
-        listed = files_of(Path(directory)) if (Path(directory) / MANIFEST).is_file() else []
+        try:
+            rec = json.loads((Path(directory) / MANIFEST).read_text())
+        except (OSError, ValueError):   # (unreadable: a damaged export's, whose files are named as an export names them)
+            rec = {"format": FORMAT}
         top = Path(directory).resolve()
-        names = {f.relative_to(top).parts[0] for f in listed[1:] if f.is_relative_to(top)}
-        graphs = {f"{s}.onnx{x}" for s in STAGES for x in ("", ".data")}        # (as the export names them)
-        return {MANIFEST, TIMING_CACHE} | names | graphs if names else None
+        names = {f.relative_to(top).parts[0] for f in files_of(Path(directory))[1:] if f.is_relative_to(top)}
+        ours = {c.name for c in top.iterdir() if c.name.split(".")[0] in (*STAGES, "head", "vae")
+                and c.name.endswith((".onnx", ".onnx.data", ".so", ".safetensors", ".plan"))}
+        return {MANIFEST, TIMING_CACHE} | names | ours if isinstance(rec, dict) and rec.get("format") == FORMAT else set()
     return {MANIFEST, TIMING_CACHE} | {Path(rel).parts[0] for rel, _ in m.members()}
 
 
@@ -197,9 +201,8 @@ def _require_disk(req: ExportRequest, model, vae, specs: dict) -> None:
 
 
 def export_graphs(req: ExportRequest, model, vae, specs: dict, tmp: Path, report: BuildReport, say) -> dict:
-    """Each stage to ONNX (and verified), one at a time; the manifest's ``stages`` records, with
-    the peak resident memory of each stage's export and verification. Failures are collected over
-    every stage before raising."""
+    """Each stage to ONNX (and verified), one at a time; the manifest's ``stages`` records, with the peak resident
+    memory of each stage's export and verification. Failures are collected over every stage before raising."""
     from flowar.export.manifest import sha256_file
     from flowar.export.onnx_export import ExportError, export_stage, verify_stage
     from flowar.io.memory import GB, peak_rss, release_free_memory, reset_peak
@@ -232,9 +235,8 @@ def export_graphs(req: ExportRequest, model, vae, specs: dict, tmp: Path, report
             rec["verified_max_rel_diff" if chk.relative else "verified_max_abs_diff"] = chk.worst
             report.seconds[f"verify {name}"] = time.perf_counter() - t0
         if len(files) == 1:
-            # ONNX Runtime's optimized copy for this CPU, made here (where opening would make it,
-            # .ort-cache), so that the first command pays no optimization; graphs with external data
-            # have none
+            # ONNX Runtime's optimized copy for this CPU, made here (where opening would make it, .ort-cache), so
+            # that the first command pays no optimization; graphs with external data have none
             from flowar.engines.ort import create_session
             t0 = time.perf_counter()
             try:
@@ -257,10 +259,9 @@ def export_graphs(req: ExportRequest, model, vae, specs: dict, tmp: Path, report
 
 def choose_engines(req: ExportRequest, model, ck, vae, specs: dict, stages: dict, tmp: Path, report: BuildReport,
                    say) -> dict:
-    """The manifest's ``auto``, ``engines``, ``weights`` and ``call_plan``: the engine of each
-    stage measured and chosen on this CPU, stored in the form it runs (a compiled package, or the
-    weights of an eager PyTorch stage in the precision it runs, each with its sha256), and the
-    call plan measured on those engines."""
+    """The manifest's ``auto``, ``engines``, ``weights`` and ``call_plan``: the engine of each stage measured and chosen
+    on this CPU, stored in the form it runs (a compiled package, or the weights of an eager PyTorch stage in the
+    precision it runs, each with its sha256), and the call plan measured on those engines."""
     import shutil
 
     from flowar.commands.plan import measure_plan
