@@ -23,9 +23,9 @@ module with every GEMM and convolution in bfloat16 and float32 around them
 engine's numerics), compiled.
 
 Loading goes through PyTorch's C++ loaders directly, so a process that runs compiled stages never
-imports ``torch._inductor`` (about 2 s). The generated code is built for the CPU of the export:
-the runtime refuses (or replaces) a package on a CPU that lacks a flag the export CPU had
-(:func:`flowar.engines.cpu.missing_for`).
+imports ``torch._inductor`` (about 2 s). The generated code is built for the CPU of the export
+(``-march=native``): the runtime replaces a package on a CPU that lacks a flag or an instruction
+set the export CPU had, as recorded (:func:`flowar.engines.cpu.compiled_for`, ``missing_for``).
 """
 
 from __future__ import annotations

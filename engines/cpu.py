@@ -19,6 +19,11 @@ from pathlib import Path
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")
 WIDE = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")       # beyond AVX2
 FAST_BF16 = ("avx512_bf16", "amx_bf16")                                       # bf16 dot products in hardware
+# The instruction sets a compiler told -march=native (AOTInductor's default) may use, by their /proc/cpuinfo names:
+# a compiled engine needs every one its export's CPU had (an AVX-512 VBMI or VNNI instruction where there is none:
+# SIGILL), whatever the variables below told PyTorch there (the compiler reads the CPU itself).
+ISA = ("avx", "sse", "ssse3", "fma", "f16c", "bmi", "adx", "sha", "aes", "vaes", "gfni", "vpclmulqdq", "pclmulqdq",
+       "popcnt", "abm", "movbe", "amx", "rdrand", "rdseed", "cx16", "clwb", "clflushopt", "movdir", "prefetchw", "rdpid")
 
 
 # Intel generations by (family 6) model number, as /proc/cpuinfo gives it; AMD's by family below.
@@ -69,11 +74,35 @@ def fast_bf16(kind: dict | None = None) -> bool:
     return any(f in (kind or cpu_kind())["flags"] for f in FAST_BF16)
 
 
+def own_isa() -> list[str]:
+    """This CPU's instruction sets (:data:`ISA`), as /proc/cpuinfo reports them (no variable hides any)."""
+    flags = next((line.partition(":")[2].split() for line in _cpuinfo().splitlines() if line.startswith("flags")), [])
+    return sorted(f for f in flags if f.startswith(ISA))
+
+
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def compiled_for() -> dict:
+    """What a compiled engine records of the CPU it was compiled on: its kind and every instruction set it has."""
+    return cpu_kind() | {"isa": own_isa()}
+
+
 def missing_for(built_on: dict, kind: dict | None = None) -> list[str]:
     """The flags of the CPU an engine was compiled on that this CPU lacks (code compiled for them
-    would stop with an illegal instruction here)."""
+    would stop with an illegal instruction here): of its kind's, and of its instruction sets where
+    recorded (compiled since 2026-12-07: a CPU of the same kind's flags could lack one)."""
     have = set((kind or cpu_kind())["flags"])
-    return [f for f in built_on.get("flags", []) if f not in have]
+    missing = [f for f in built_on.get("flags", []) if f not in have]
+    if kind is not None and "isa" not in kind:
+        return missing
+    own = set(kind["isa"] if kind else own_isa())
+    return missing + [f for f in built_on.get("isa", []) if f not in own and f not in missing]
 
 
 def generation(kind: dict) -> str | None:

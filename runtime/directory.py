@@ -146,7 +146,8 @@ def directory_engines(m: Manifest, specs: dict, choice: dict[str, str], chosen: 
     for stage, spec in specs.items():
         cand, rec = choice.get(stage, "ort-fp32"), (m.engines or {}).get(stage, {})
         if cand in COMPILED and missing_for(rec.get("cpu", {})):
-            fallback.setdefault((cand, ", ".join(missing_for(rec["cpu"]))), []).append(stage)
+            lacks = missing_for(rec["cpu"])
+            fallback.setdefault((cand, ", ".join(lacks[:4]) + ", ..." * (len(lacks) > 4)), []).append(stage)
             cand = "ort-fp32"
         elif cand == "torch-bf16" and not fast_bf16():
             # it would run, but in emulated bf16: a 1024^3 GEMM at 1 GFLOP/s against 135 in float32

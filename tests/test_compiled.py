@@ -18,7 +18,7 @@ def compiled_dir(fixtures_dir, tmp_path_factory):
     """tiny_v1 exported to ONNX, then its head preparation compiled (aoti-bf16) and recorded as the
     directory's choice for that stage, as ``--precision auto`` records a compiled engine."""
     from flowar.engines.aoti import compile_stage
-    from flowar.engines.cpu import cpu_kind
+    from flowar.engines.cpu import compiled_for, cpu_kind
     from flowar.model.checkpoint import load_model
     from flowar.runtime.candidates import stage_module
     d = tmp_path_factory.mktemp("compiled") / "e"
@@ -40,7 +40,7 @@ def compiled_dir(fixtures_dir, tmp_path_factory):
     spec["precision"] = "auto"
     spec["auto"] = {"choice": {"head_prep": "aoti-bf16"}, "machine": cpu_kind()}
     spec["engines"] = {"head_prep": {"candidate": "aoti-bf16", "file": "head_prep.aoti-bf16.so",
-                                     "sha256": sha256_file(d / "head_prep.aoti-bf16.so"), "cpu": cpu_kind()}}
+                                     "sha256": sha256_file(d / "head_prep.aoti-bf16.so"), "cpu": compiled_for()}}
     (d / "manifest.json").write_text(json.dumps(spec))
     return d, model, st, seconds
 
@@ -205,6 +205,13 @@ def test_the_runtime_runs_it_and_refuses_it_on_a_cpu_without_its_instructions(co
     with Runtime.open_engine_dir(d) as rt:
         assert "head_prep aoti-bf16 compiled for avx2" in rt.detail and "ONNX Runtime fp32 instead" in rt.detail
         assert torch.equal(rt.sample([3, 7], sched, decode=False).tokens, fp32)
+    monkeypatch.undo()
+    # ... and on one of the same kind (its flags the same) that lacks an instruction set the export's CPU had: the
+    # compiler, told -march=native, may have used it (SIGILL); the kind's six flags alone let the library run
+    isa = cpu.own_isa()
+    monkeypatch.setattr(cpu, "own_isa", lambda: [f for f in isa if f != "fma"])
+    with Runtime.open_engine_dir(d) as rt:
+        assert "head_prep aoti-bf16 compiled for fma, which this CPU lacks: ONNX Runtime fp32" in rt.detail, rt.detail
     monkeypatch.undo()
     # a modified package is refused where it is read
     bad = d.parent / "bad"

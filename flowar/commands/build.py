@@ -267,7 +267,7 @@ def choose_engines(req: ExportRequest, model, ck, vae, specs: dict, stages: dict
     from flowar.commands.plan import measure_plan
     from flowar.commands.precision import select
     from flowar.commands.workbench import Workbench
-    from flowar.engines.cpu import cpu_kind
+    from flowar.engines.cpu import compiled_for
     from flowar.export.manifest import sha256_file
     from flowar.io.memory import GB
     from flowar.io.tensors import save_tensors
@@ -288,7 +288,7 @@ def choose_engines(req: ExportRequest, model, ck, vae, specs: dict, stages: dict
         if cand in COMPILED:
             dst = tmp / bench.packages[(stage, cand)].name
             bench.packages[(stage, cand)].rename(dst)
-            engines[stage] = {"candidate": cand, "file": dst.name, "sha256": sha256_file(dst, report.found), "cpu": cpu_kind()}
+            engines[stage] = {"candidate": cand, "file": dst.name, "sha256": sha256_file(dst, report.found), "cpu": compiled_for()}
         elif cand.startswith("torch"):
             key = f"{GROUPS[stage]}.{cand}"
             if key not in weights:
