@@ -31,6 +31,8 @@ set the export CPU had, as recorded (:func:`flowar.engines.cpu.compiled_for`, ``
 from __future__ import annotations
 
 import ctypes
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -95,6 +97,10 @@ def compile_stage(spec, module: torch.nn.Module, config, max_rows: int, path: Pa
     ins = sample_inputs(spec, config, k, min(max_rows, 2), torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
     package = path.with_name(path.name + ".pt2")
+    # Inductor's cache beside the library, removed with the compile: it kept a copy of every library compiled, its
+    # weights appended (2.4 GB of /tmp after a day of FlowAR-S exports here; FlowAR-H's AR 5 GB a candidate)
+    cache, before = path.with_name(f".{path.name}.inductor"), os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
     try:
         import warnings
 
@@ -122,6 +128,8 @@ def compile_stage(spec, module: torch.nn.Module, config, max_rows: int, path: Pa
                           ) from e
     finally:
         package.unlink(missing_ok=True)      # (also what a failed compile left)
+        shutil.rmtree(cache, ignore_errors=True)
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR") if before is None else os.environ.update(TORCHINDUCTOR_CACHE_DIR=before)
     return time.perf_counter() - t0, untuned
 
 

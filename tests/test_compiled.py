@@ -115,10 +115,17 @@ def test_a_library_runs_on_more_threads_than_its_compile_had(tmp_path):
                      per_scale=False, seq_end=(1,), tokens=(1,))
     cpus, before = os.cpu_count() or 1, torch.get_num_threads()
     torch.set_num_threads(cpus)                 # (as an export compiles: PyTorch on every CPU)
+    cache = tmp_path / "inductor"               # (the user's Inductor cache: the compile leaves nothing in it)
     try:
-        compile_stage(spec, MeanSquare(), PRESETS["tiny"], 1, tmp_path / "reduce.so")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+            compile_stage(spec, MeanSquare(), PRESETS["tiny"], 1, tmp_path / "reduce.so")
+            assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache)
     finally:
         torch.set_num_threads(before)
+    left = [p for p in cache.rglob("*") if p.is_file()] + [p for p in tmp_path.iterdir() if p.name != "reduce.so"
+                                                          and p != cache]
+    assert not left, left                       # (Inductor's copy of each library stayed: 2.4 GB of /tmp in a day)
     x = torch.randn(1, n, generator=torch.Generator().manual_seed(0))
     torch.save(x, tmp_path / "x.pt")
     code = ("import sys, torch; from flowar.engines.aoti import load_package; torch.set_num_threads(int(sys.argv[3])); "
