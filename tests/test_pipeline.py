@@ -442,16 +442,20 @@ def test_a_bulk_run_resumes_only_on_the_engines_it_began_with_and_bad_settings_w
     spelled = dict(SAMPLING_DEFAULTS) | {"steps": 25}
     assert run_bulk(BulkSpec(str(d), 2, [0, 1], 0, spelled, 1, 1), tmp_path / "run",
                     progress=False).shards_done_before == 2
-    with pytest.raises(FlowARError, match="other schedule than"):
+    # (the schedule by the field that differs: both sides' first 37 characters were the same)
+    with pytest.raises(FlowARError, match=r"other schedule than .*\(schedule\.cfg: here 3\.0, there 4\.3; schedule\.cfg_k: here \(1\.0"):
         run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {"cfg": 3.0}, 1, 1), tmp_path / "run", progress=False)
-    # the batch it sampled at by default, given, is the same run (it was refused: "batch: here 4, there not given");
-    # another batch is not, and the line names the batch it ran at
+    # the batch it sampled at by default, given, is the same run (it was refused: "batch: here 4, there not given"),
+    # and so is any other where shards of 1 cut every batch to 1 (the batch 1 it said it ran at was refused)
     with FlowARPipeline.from_pretrained(d) as pipe:
         ran_at = pipe.runtime.batch
-    assert run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1, batch=ran_at), tmp_path / "run",
-                    progress=False).shards_done_before == 2
-    with pytest.raises(FlowARError, match=rf"\(batch: here {3 - ran_at % 2}, there {ran_at}\)"):
-        run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1, batch=3 - ran_at % 2), tmp_path / "run", progress=False)
+    for given in (ran_at, 1, 3 - ran_at % 2):
+        assert run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 1, 1, batch=given), tmp_path / "run",
+                        progress=False).shards_done_before == 2
+    # another batch where the shards hold more is another run, and the line names the batch it ran at
+    run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 2, 1, batch=2), tmp_path / "run2", progress=False)
+    with pytest.raises(FlowARError, match=r"\(batch: here 1, there 2\)"):
+        run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {}, 2, 1, batch=1), tmp_path / "run2", progress=False)
     with pytest.raises(FlowARError, match=r"other seed than .*run.json records \(seed: here 5, there 0\)\. Fix"):
         run_bulk(BulkSpec(str(d), 2, [0, 1], 5, {}, 1, 1), tmp_path / "run", progress=False)   # (it named no value)
     # what the backend picked where the run began is compared, not what it picks here: a run begun with auto

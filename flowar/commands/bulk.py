@@ -210,8 +210,10 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
             picked = rec.get("chosen") or choose_backend(m, rec.get("backend", "auto"))
             # (no --batch: the batch its engines sample at by default, the runtime's, so that the same batch given resumes it)
             plan = (m.call_plan or {}).get("batches") if picked == "measured" else None
+            # (the batch its shards are cut into: --batch 3 and the default 8 are one run in shards of 3)
+            batch = rec.get("batch") or max(map(int, plan or [m.max_batch]))
             rec = rec | {"schedule": schedule, "backend": backend_named(m, picked), "chosen": None,
-                         "batch": rec.get("batch") or max(map(int, plan or [m.max_batch]))}
+                         "batch": min(batch, rec.get("shard_size") or batch, rec.get("num_images") or batch)}
             # (a record from before: the digest of the manifest file itself, which these engines have; wherever
             # they were then)
             same = rec.get("manifest_sha256") in (file_sha256, spec.manifest_sha256)

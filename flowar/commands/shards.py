@@ -4,6 +4,7 @@ define the images, and what ran). See :mod:`flowar.commands.bulk`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -125,9 +126,14 @@ def check_run(out: Path, spec: BulkSpec, meaning=None) -> bool:
 
         def short(v) -> str:                        # (None: "batch: here 4, there None")
             return "not given" if v is None else repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+
+        def differs(k: str, a, b) -> str:           # (a schedule by the fields that differ: its first 37 characters
+            if dataclasses.is_dataclass(a) and type(a) is type(b):     # were the same on both sides)
+                return "; ".join(differs(f"{k}.{f.name}", getattr(a, f.name), getattr(b, f.name))
+                                 for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name))
+            return f"{k}: here {short(a)}, there {short(b)}"
         # (each with both values: "other seed than run.json records" left the user to find which seed it holds)
-        both = "; ".join(f"{k}: here {short(mine[k])}, there {short(theirs.get(k) if isinstance(theirs, dict) else None)}"
-                         for k in diff[:4])
+        both = "; ".join(differs(k, mine[k], theirs.get(k) if isinstance(theirs, dict) else None) for k in diff[:4])
         got = f"other {', '.join(diff) or 'settings'} than {out / 'run.json'} records" + (f" ({both})" if both else "")
         raise FlowARError("the settings of the run already in --out (to resume it)", got,
                           "run with the same settings, or choose a new --out")
