@@ -513,6 +513,10 @@ def test_saved_tokens_decode_later_into_the_images_the_run_wrote(default_auto_en
                                               str(tmp_path / "x.png")])
         assert res.exit_code == 2 and said in res.output and res.output.strip().count("\n") <= 1, res.output
         assert not (tmp_path / "x.png").exists()
+    # a checkpoint given as tokens: four of its tensors named, and their count (its ~100 names, several KB, were one line)
+    res = CliRunner().invoke(decode_cmd, ["--engine-dir", d, "--tokens", str(DEFAULT_CKPT), "--out", str(tmp_path / "x.png")])
+    assert res.exit_code == 2 and re.search(r"with no 'tokens' \(it holds class_emb\.weight, [^,]+, [^,]+, [^,]+, \.\.\. \d+ "
+                                            r"tensors\)\. Fix", res.output), res.output
 
 
 def test_an_output_is_refused_before_any_work_where_it_would_write_over_an_input_or_another_output(fixtures_dir,

@@ -159,6 +159,11 @@ def test_bad_fid_inputs_are_one_line(fixtures_dir, tmp_path):
     np.savez(tmp_path / "bad.npz", mean=np.zeros(3))
     with pytest.raises(FlowARError, match="arrays mu and sigma"):
         read_fid_stats(tmp_path / "bad.npz")
+    # a file that is no .npz: said so, not numpy's advice to load it with pickles allowed
+    (tmp_path / "tok.npz").write_bytes(b"\x80\x04not an archive")
+    with pytest.raises(FlowARError, match=r"tok\.npz: not an \.npz archive of arrays\. Fix: pass FID reference") as e:
+        read_fid_stats(tmp_path / "tok.npz")
+    assert "pickle" not in str(e.value)
     (tmp_path / "x.pt").write_bytes(b"not torchscript")
     base = ["--ckpt", str(fixtures_dir / "tiny_v1.safetensors"), "--preset", "tiny", "--per-class", "1"]
     for extra, needle in ((["--fid-stats", str(tmp_path / "bad.npz")], "together"),

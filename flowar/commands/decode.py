@@ -22,15 +22,17 @@ def read_tokens(path: str | Path):
     if not p.is_file():
         raise FlowARError(want, f"no file at {path}", "check the --tokens path")
     try:
-        with safe_open(p, "pt") as f:
-            found, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        with safe_open(p, "pt") as f:       # (those two alone: a checkpoint passed by mistake was read whole)
+            names, meta = sorted(f.keys()), f.metadata() or {}
+            found = {k: f.get_tensor(k) for k in ("tokens", "labels") if k in names}
     except (SafetensorError, OSError, ValueError) as e:
         raise FlowARError(want, f"{path}: {(str(e).splitlines() or ['unreadable'])[0]}",
                           "pass the file flowar-run --save-tokens wrote") from None
     tokens, labels = found.get("tokens"), found.get("labels")
     if tokens is None or not tokens.is_floating_point() or tokens.dim() != 4 or not len(tokens):
         got = "no 'tokens'" if tokens is None else f"'tokens' of {tokens.dtype} {tuple(tokens.shape)}"
-        raise FlowARError(want, f"{path} with {got} (it holds {', '.join(sorted(found)) or 'nothing'})",
+        raise FlowARError(want, f"{path} with {got} (it holds {', '.join(names[:4]) or 'nothing'}"
+                          f"{f', ... {len(names)} tensors' * (len(names) > 4)})",
                           "pass the file flowar-run --save-tokens wrote")
     if not bool(torch.isfinite(tokens).all()):
         bad = int((~torch.isfinite(tokens)).flatten(1).any(1).nonzero()[0])

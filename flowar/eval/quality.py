@@ -85,8 +85,11 @@ def read_fid_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     except FlowARError:
         raise
     except Exception as e:   # noqa: BLE001 - any unreadable file is one user error
-        raise FlowARError("a readable .npz statistics file", f"{p}: {textwrap.shorten(str(e), 160)}",   # (not mid-word)
-                          "fetch the file again") from e
+        # (not numpy's own message for a file that is no .npz: it advised loading it with pickles allowed)
+        said = "not an .npz archive of arrays" if "allow_pickle" in str(e) else textwrap.shorten(str(e), 160)
+        raise FlowARError("a readable .npz statistics file (arrays mu and sigma)", f"{p}: {said}",
+                          "pass FID reference statistics (e.g. ADM's VIRTUAL_imagenet256_labeled.npz), or fetch the "
+                          "file again") from e
 
 
 def load_extractor(path: str | Path) -> Callable[[Tensor], Tensor]:
