@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from flowar.config import FlowARConfig
 from flowar.errors import EngineDirError, FlowARError
-from flowar.io.digests import MADE_FOR, SEAL, edited_parts, seal_of, sealed, sha256_file
+from flowar.io.digests import MADE_FOR, SEAL, edited_parts, seal_of, sealed, sha256_file, strict_json
 from flowar.io.digests import VAE_FILES, vae_sha256  # noqa: F401 - (imported from here too)
 from flowar.io.files import file_state
 
@@ -395,5 +395,5 @@ def read_manifest(root: str | Path, verify_hashes: bool = False, note_edits: boo
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
     tmp = root / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(sealed(json.loads(json.dumps(manifest.to_json()))), indent=1))   # (sealed as read back)
+    tmp.write_text(json.dumps(sealed(json.loads(json.dumps(strict_json(manifest.to_json())))), indent=1, allow_nan=False))
     os.replace(tmp, root / MANIFEST)

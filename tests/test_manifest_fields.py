@@ -328,3 +328,24 @@ def test_a_manifest_missing_a_stage_or_unreadable_is_refused_with_a_fix_that_kee
     with pytest.raises(EngineDirError, match=r"Fix: rebuild it: flowar-export --ckpt CKPT --vae VAE --out .* \(leave "
                                              r"out --vae for tokens only\)"):
         read_manifest(d)
+
+
+def test_the_manifest_is_strict_json_where_a_measure_is_not_finite(exported, tmp_path):
+    """A candidate that could not run (no C++ compiler: its seconds inf) and a bf16 export's tolerance
+    (inf) were written as Infinity, which strict parsers (jq, JavaScript) refuse. Written as "inf" now,
+    sealed as read back: the directory reads, runs and checks intact."""
+    from flowar.commands.check import check_cmd
+    from flowar.export.manifest import write_manifest
+    d = tmp_path / "d"
+    shutil.copytree(exported[0], d)
+    import dataclasses
+    m = dataclasses.replace(read_manifest(d), auto={"choice": {}, "measured": {"ar": {"aoti-bf16": {
+        "seconds": float("inf"), "tolerance": float("-inf")}}}})
+    write_manifest(d, m)
+
+    def refuse(name):
+        raise ValueError(f"{name} is not strict JSON")
+    rec = json.loads((d / "manifest.json").read_text(), parse_constant=refuse)
+    assert rec["auto"]["measured"]["ar"]["aoti-bf16"] == {"seconds": "inf", "tolerance": "-inf"}
+    res = CliRunner().invoke(check_cmd, ["--engine-dir", str(d), "--quiet"])
+    assert res.exit_code == 0, res.output

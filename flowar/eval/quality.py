@@ -189,12 +189,9 @@ class QualityReport:
         json wrote Infinity, which parsers refuse)."""
         import dataclasses
         import json
-        import math
 
-        def strict(v):
-            return ({k: strict(x) for k, x in v.items()} if isinstance(v, dict) else [strict(x) for x in v]
-                    if isinstance(v, (list, tuple)) else str(v) if isinstance(v, float) and not math.isfinite(v) else v)
-        return json.dumps(strict(dataclasses.asdict(self)), indent=1, allow_nan=False)
+        from flowar.io.digests import strict_json
+        return json.dumps(strict_json(dataclasses.asdict(self)), indent=1, allow_nan=False)
 
 
 Sampler = Callable[..., object]     # (schedule) -> the request's SampleResult (same labels and seeds each time)

@@ -64,6 +64,14 @@ def seal_parts(record: dict) -> dict[str, str]:
     return {k: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:16] for k, v in flat.items()}
 
 
+def strict_json(v):
+    """``v`` with every non-finite float as a string ("inf"): what ``json.dumps(..., allow_nan=False)`` takes
+    (json wrote Infinity, which strict parsers, jq and JavaScript's among them, refuse)."""
+    import math
+    return ({k: strict_json(x) for k, x in v.items()} if isinstance(v, dict) else [strict_json(x) for x in v]
+            if isinstance(v, (list, tuple)) else str(v) if isinstance(v, float) and not math.isfinite(v) else v)
+
+
 def edited_parts(record: dict) -> list[str]:
     """The fields of a sealed ``record`` whose digests are not those it was sealed with (added and
     removed ones too); empty where it holds no digests to compare (then only :data:`SEAL` tells)."""
