@@ -32,24 +32,29 @@ INTEL = {143: "Sapphire Rapids", 207: "Emerald Rapids", 173: "Granite Rapids", 1
          85: "Skylake/Cascade/Cooper Lake"}
 
 
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 @functools.lru_cache(maxsize=2)
 def cpu_kind(honour_env: bool = True) -> dict:
     """{"model": ..., "cpuid": "vendor family model", "flags": [the FLAGS this process may use]}
     (Linux: /proc/cpuinfo); with ``honour_env`` False, the CPU's own flags, as ONNX Runtime sees
     them (it ignores those variables)."""
     model, flags, ident = platform.processor() or platform.machine(), set(), {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = (part.strip() for part in line.partition(":"))
-            if key == "model name" and model in ("", platform.processor(), platform.machine()):
-                model = value
-            elif key in ("vendor_id", "cpu family", "model") and key not in ident:
-                ident[key] = value
-            elif key == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
+    for line in _cpuinfo().splitlines():
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key == "model name" and model in ("", platform.processor(), platform.machine()):
+            model = value
+        elif key in ("vendor_id", "cpu family", "model") and key not in ident:
+            ident[key] = value
+        elif key == "flags":
+            flags = set(value.split())
+            break
     aten = os.environ.get("ATEN_CPU_CAPABILITY", "").lower() if honour_env else ""
     onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() if honour_env else ""
     if aten in ("avx2", "default") or onednn.startswith(("AVX2", "SSE", "AVX_")) or onednn == "AVX":
@@ -78,14 +83,6 @@ def own_isa() -> list[str]:
     """This CPU's instruction sets (:data:`ISA`), as /proc/cpuinfo reports them (no variable hides any)."""
     flags = next((line.partition(":")[2].split() for line in _cpuinfo().splitlines() if line.startswith("flags")), [])
     return sorted(f for f in flags if f.startswith(ISA))
-
-
-@functools.lru_cache(maxsize=1)
-def _cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
 
 
 def compiled_for() -> dict:

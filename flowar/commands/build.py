@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -156,10 +157,9 @@ def exported_names(directory: Path) -> set[str]:
     """The names an export wrote at the top of ``directory``: its manifest, what that lists and full TensorRT's
     timing cache; where the manifest is refused, what it still names and the names an export gives files;
     none where it is another tool's (a web app's folder, with its manifest.json, was replaced whole)."""
-    import json
-
     from flowar.export.manifest import FORMAT, MANIFEST, STAGES, read_manifest
     from flowar.io.files import files_of
+    from flowar.runtime.candidates import GROUPS
     try:
         m = read_manifest(directory)
     except FlowARError:                 # (refused, e.g. a stage's record missing: the files it still names are ours)
@@ -169,7 +169,7 @@ def exported_names(directory: Path) -> set[str]:
             rec = {"format": FORMAT}
         top = Path(directory).resolve()
         names = {f.relative_to(top).parts[0] for f in files_of(Path(directory))[1:] if f.is_relative_to(top)}
-        ours = {c.name for c in top.iterdir() if c.name.split(".")[0] in (*STAGES, "head", "vae")
+        ours = {c.name for c in top.iterdir() if c.name.split(".")[0] in (*STAGES, *GROUPS.values())
                 and c.name.endswith((".onnx", ".onnx.data", ".so", ".safetensors", ".plan"))}
         return {MANIFEST, TIMING_CACHE} | names | ours if isinstance(rec, dict) and rec.get("format") == FORMAT else set()
     return {MANIFEST, TIMING_CACHE} | {Path(rel).parts[0] for rel, _ in m.members()}
