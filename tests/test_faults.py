@@ -733,6 +733,29 @@ def test_too_little_disk_is_one_line_before_any_work(fixtures_dir, tmp_path, mon
     assert "\n" not in str(e.value) and list(tmp_path.iterdir()) == []           # nothing started
 
 
+def test_a_checkpoint_written_while_it_is_exported_is_refused_not_recorded_with_the_new_files_hash(fixtures_dir,
+                                                                                                   tmp_path, monkeypatch):
+    """The checkpoint is hashed before it is loaded, and refused where it changed before the manifest is written (a
+    training writing checkpoint-last): the export recorded the sha256 of the file written meanwhile, a checkpoint its
+    graphs were not made from, and flowar-check then said the directory matched it."""
+    import shutil as sh
+    from flowar.commands import build
+    from flowar.errors import CheckpointError
+    ckpt = tmp_path / "last.safetensors"
+    sh.copy(fixtures_dir / "tiny_v1.safetensors", ckpt)
+    real = build.export_graphs
+
+    def export_then_write(*a, **k):
+        stages = real(*a, **k)
+        sh.copy(fixtures_dir / "tiny_v2.safetensors", ckpt)     # (the next save of a training)
+        return stages
+    monkeypatch.setattr(build, "export_graphs", export_then_write)
+    with pytest.raises(CheckpointError, match="unchanged while it is exported.*changed since it was read") as e:
+        build.build_engine_dir(ckpt, tmp_path / "eng", preset="tiny", max_batch=1, verify=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "eng").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.safetensors"]     # (no staged folder left)
+
+
 def test_engine_dir_from_another_checkpoint_is_refused_for_the_torch_backend(fixtures_dir, tmp_path):
     from flowar.commands.build import build_engine_dir
     from flowar.errors import FlowARError

@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from flowar.config import SAMPLING_DEFAULTS
-from flowar.errors import FlowARError
-from flowar.export.manifest import PRECISIONS
+from flowar.errors import CheckpointError, FlowARError
+from flowar.export.manifest import MANIFEST, PRECISIONS, sha256_file
 
-# fp16/bf16 graphs (for TensorRT) are compared with the fp32 eager reference: they differ by their rounding, which grows
-# with the values, so by a fraction of each output's largest magnitude: the shipped model's fp16 velocity 0.47 / 0.72 /
-# 0.90 % at --max-batch 1 / 8 / 32 (an absolute 5e-2 refused it at 32); FlowAR-S's 9.2e-3 of a largest 3-6 (~0.2 %);
-# the flow time rounded to fp16 before its timestep (a bug, fixed) put FlowAR-S's off by 0.904 (15-30 %).
+# fp16/bf16 graphs (for TensorRT) differ from the fp32 eager reference by their rounding, which grows with the values, so
+# by a fraction of each output's largest magnitude: the shipped model's fp16 velocity 0.47 / 0.72 / 0.90 % at --max-batch
+# 1 / 8 / 32 (an absolute 5e-2 refused it at 32); FlowAR-S's 9.2e-3 of a largest 3-6 (~0.2 %); the flow time rounded to
+# fp16 before its timestep (a bug, fixed) put FlowAR-S's off by 0.904 (15-30 %).
 REDUCED_TOLERANCE = {"fp32": None, "fp16": 3e-2, "bf16": 3e-1}
 TIMING_CACHE = "timing.cache"     # full TensorRT's timing cache, kept in the directory for the next export
 
@@ -141,7 +142,6 @@ def check_request(req: ExportRequest):
                           "check the --vae path, or omit --vae for tokens only")
     if not 1 <= req.max_batch <= 1024:
         raise FlowARError("--max-batch in 1..1024", str(req.max_batch), "use e.g. --max-batch 8")
-    from flowar.export.manifest import MANIFEST
     from flowar.io.files import check_replaceable
     check_replaceable(req.out, MANIFEST, "--out", (req.ckpt, req.vae_path, req.config_path), owned=exported_names)
     if req.backend in ("trt", "all"):
@@ -157,7 +157,7 @@ def exported_names(directory: Path) -> set[str]:
     """The names an export wrote at the top of ``directory``: its manifest, what that lists and full TensorRT's
     timing cache; where the manifest is refused, what it still names and the names an export gives files;
     none where it is another tool's (a web app's folder, with its manifest.json, was replaced whole)."""
-    from flowar.export.manifest import FORMAT, MANIFEST, STAGES, read_manifest
+    from flowar.export.manifest import FORMAT, STAGES, read_manifest
     from flowar.io.files import files_of
     from flowar.runtime.candidates import GROUPS
     try:
@@ -176,13 +176,13 @@ def exported_names(directory: Path) -> set[str]:
 
 
 def _require_disk(req: ExportRequest, model, vae, specs: dict) -> None:
-    """Refuse, before the export's work, a disk without room for what it writes, counted from the
-    weights it exports (not the checkpoint's file, which may hold optimizer state and a second set of
-    weights), per graph: what each stage reads (:func:`~flowar.runtime.candidates.stage_tensors`; the
-    head's weights once, in the velocity's graph: head_prep's keeps the few it uses). Each graph holds
-    its weights once (half in fp16/bf16), ONNX Runtime's optimized copy of a graph without external data
-    once more in float32 (fp16 weights are widened there), compiled engines (measured precision) once
-    more, TensorRT plans once more in the graphs' precision; 10 % and 256 MB for caches and logs."""
+    """Refuse, before the export's work, a disk without room for what it writes, counted from the weights it exports
+    (not the checkpoint's file, which may hold optimizer state and a second set of weights), per graph: what each
+    stage reads (:func:`~flowar.runtime.candidates.stage_tensors`; the head's weights once, in the velocity's graph:
+    head_prep's keeps the few it uses). Each graph holds its weights once (half in fp16/bf16), ONNX Runtime's
+    optimized copy of a graph without external data once more in float32 (fp16 weights are widened there), compiled
+    engines (measured precision) once more, TensorRT plans once more in the graphs' precision; 10 % and 256 MB for
+    caches and logs."""
     from flowar.export.onnx_export import EXTERNAL_DATA_BYTES
     from flowar.io.memory import require_free_space
     from flowar.runtime.candidates import stage_tensors
@@ -203,7 +203,6 @@ def _require_disk(req: ExportRequest, model, vae, specs: dict) -> None:
 def export_graphs(req: ExportRequest, model, vae, specs: dict, tmp: Path, report: BuildReport, say) -> dict:
     """Each stage to ONNX (and verified), one at a time; the manifest's ``stages`` records, with the peak resident
     memory of each stage's export and verification. Failures are collected over every stage before raising."""
-    from flowar.export.manifest import sha256_file
     from flowar.export.onnx_export import ExportError, export_stage, verify_stage
     from flowar.io.memory import GB, peak_rss, release_free_memory, reset_peak
     stages = {}
@@ -262,13 +261,10 @@ def choose_engines(req: ExportRequest, model, ck, vae, specs: dict, stages: dict
     """The manifest's ``auto``, ``engines``, ``weights`` and ``call_plan``: the engine of each stage measured and chosen
     on this CPU, stored in the form it runs (a compiled package, or the weights of an eager PyTorch stage in the
     precision it runs, each with its sha256), and the call plan measured on those engines."""
-    import shutil
-
     from flowar.commands.plan import measure_plan
     from flowar.commands.precision import select
     from flowar.commands.workbench import Workbench
     from flowar.engines.cpu import compiled_for
-    from flowar.export.manifest import sha256_file
     from flowar.io.memory import GB
     from flowar.io.tensors import save_tensors
     from flowar.runtime.candidates import COMPILED, GROUPS, stage_module, stage_tensors
@@ -331,21 +327,20 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
     float32 (:mod:`flowar.commands.precision`). ``auto_candidates`` restricts their candidates;
     ``max_memory_gb`` keeps compiles out that would take more (estimated), else what is available.
     """
-    from flowar.export.manifest import (MANIFEST, Manifest, library_versions, read_manifest, sha256_file, vae_sha256,
-                                        write_manifest)
+    from flowar.export.manifest import Manifest, library_versions, read_manifest, vae_sha256, write_manifest
     from flowar.io.files import file_state, staged_directory
     from flowar.export.onnx_export import OPSET
     from flowar.export.specs import stage_specs
-    from flowar.model.checkpoint import load_model
+    from flowar.model.checkpoint import check_vae, load_model
     req = ExportRequest(Path(ckpt), Path(out), preset, config_path, Path(vae_path) if vae_path else None, backend,
                         precision, max_batch, verify, use_ema, schedule_defaults, compute_capability,
                         tuple(auto_candidates) if auto_candidates is not None else None, max_memory_gb)
     builder = check_request(req)
+    ckpt_sha256 = sha256_file(req.ckpt, read := {})     # (hashed before it is loaded: the export is of the file recorded)
     model, ck = load_model(req.ckpt, req.preset, req.config_path, use_ema=req.use_ema)
     config = ck.config
     vae = None
     if req.vae_path is not None:
-        from flowar.model.checkpoint import check_vae
         from flowar.model.vae import load_vae
         vae = load_vae(req.vae_path, expect_channels=config.latent_channels, decode_only=True)
         check_vae(ck, req.vae_path)
@@ -372,7 +367,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
             report.backends.append("trt")
         manifest = Manifest(
             root=tmp, config=config, stages=stages, precision=req.precision, max_batch=req.max_batch,
-            checkpoint={"file": req.ckpt.name, "source": str(req.ckpt.resolve()), "sha256": sha256_file(req.ckpt),
+            checkpoint={"file": req.ckpt.name, "source": str(req.ckpt.resolve()), "sha256": ckpt_sha256,
                         "weights": ck.source, "data": ck.metadata.get("data"),
                         "vae_sha256": ck.metadata.get("vae_sha256"),     # (the VAE it was trained with: flowar-check)
                         # (how its config was given: what a rebuild passes again)
@@ -390,6 +385,9 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
                   "scales": [{"side": s, "tokens": n, "seq_begin": b, "seq_end": e} for s, n, b, e in
                              zip(config.scales, config.tokens_per_scale, config.scale_begin, config.scale_end)],
                   "versions": library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        if file_state(req.ckpt) != read[req.ckpt.name][1:]:     # (a training's checkpoint-last written meanwhile)
+            raise CheckpointError(f"{req.ckpt} unchanged while it is exported", "a file changed since it was read",
+                                  "export again once nothing writes it (or export a copy)")
         write_manifest(tmp, manifest)
     # the files it wrote recorded as found whole (.verified.json) where their state is still the one they were
     # hashed in (their modes set, their folder renamed), so that the first command after it hashes none again
