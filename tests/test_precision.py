@@ -421,6 +421,25 @@ def test_a_compile_that_would_not_fit_in_max_memory_is_not_a_candidate(fixtures_
     assert " --precision auto --auto-candidates torch-fp32,aoti-fp32 --max-memory 0.01 --max-batch 2 " in said, said
 
 
+def test_a_candidate_that_cannot_load_here_is_not_a_candidate_and_the_others_are_measured(fixtures_dir, tmp_path,
+                                                                                         monkeypatch):
+    """A candidate that fails to open or run on this machine (a library the loader refuses, an op its provider lacks)
+    is reported unavailable with what it said, as one that cannot compile; it ended the whole export with its
+    traceback."""
+    from flowar.runtime.engines import OrtEngine
+
+    def refused(self):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Load model failed\nmore of its log")
+    monkeypatch.setattr(OrtEngine, "__enter__", refused)
+    rep = _export(fixtures_dir, tmp_path / "m", ("torch-fp32", "ort-fp32"))
+    assert set(rep.precision.choice.values()) == {"torch-fp32"}
+    for stage, ms in rep.precision.measured.items():
+        assert ms["ort-fp32"].note == "it failed here: RuntimeError: [ONNXRuntimeError] : 1 : FAIL : Load model failed"
+        assert ms["torch-fp32"].note == "" and 0 < ms["torch-fp32"].seconds < float("inf"), stage
+    assert any("ort-fp32 unavailable (it failed here: RuntimeError" in line for line in rep.lines())
+    assert json.loads((tmp_path / "m" / "manifest.json").read_text())["auto"]["choice"]["ar"] == "torch-fp32"
+
+
 def test_what_other_processes_compute_while_engines_are_timed_is_counted_and_warned(monkeypatch):
     """An export on a machine others were using timed every candidate 2-6x slow and kept all fp32,
     without a word: what other processes compute while the engines are timed is counted (the CPUs'

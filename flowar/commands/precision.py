@@ -228,18 +228,25 @@ def select(bench: Workbench, mode: str = "auto", candidates: tuple[str, ...] | N
                 measured[stage][cand] = StageMeasure(float("inf"), float("inf"), tol, note=str(e))
                 continue
             t0 = time.perf_counter()
-            with eng, busy:
-                if hasattr(eng, "open_sessions"):   # (the sessions its timed calls split onto: at open, as the runtime)
-                    r = MEASURE_ROWS if spec.rows_per_sample == 2 else MEASURE_ROWS // 2       # (measure_stage's)
-                    for f in [f for k in spec.scales for f in eng.open_sessions(spec.shapes(k, r)[spec.inputs[0]])]:
-                        f.result()
-                opened = time.perf_counter() - t0
-                measured[stage][cand] = measure_stage(eng, module, spec, config,
-                                                      calls.get(stage, [1] * config.n_scales), tolerance=tol)
-                if cand.startswith("torch"):    # opening the directory hashes the weights file it maps
-                    tensors = stage_tensors(stage, eng.module)
-                    measured[stage][cand].open_bytes = sum(t.nbytes for t in tensors.values())
-                    opened += hash_seconds(tensors)
+            try:
+                with eng, busy:
+                    if hasattr(eng, "open_sessions"):   # (the sessions its timed calls split onto: at open, as the runtime)
+                        r = MEASURE_ROWS if spec.rows_per_sample == 2 else MEASURE_ROWS // 2       # (measure_stage's)
+                        for f in [f for k in spec.scales for f in eng.open_sessions(spec.shapes(k, r)[spec.inputs[0]])]:
+                            f.result()
+                    opened = time.perf_counter() - t0
+                    measured[stage][cand] = measure_stage(eng, module, spec, config,
+                                                          calls.get(stage, [1] * config.n_scales), tolerance=tol)
+                    if cand.startswith("torch"):    # opening the directory hashes the weights file it maps
+                        tensors = stage_tensors(stage, eng.module)
+                        measured[stage][cand].open_bytes = sum(t.nbytes for t in tensors.values())
+                        opened += hash_seconds(tensors)
+            except Exception as e:   # noqa: BLE001 - one that cannot load or run here (a library the loader refuses, an
+                # op its provider lacks) is not a candidate, as one that cannot compile: the others are measured
+                said = (str(e).strip().splitlines() or [""])[0][:200]
+                measured[stage][cand] = StageMeasure(float("inf"), float("inf"), tol,
+                                                     note=f"it failed here: {type(e).__name__}: {said}")
+                opened = 0.0
             release_free_memory()
             measured[stage][cand].build_s = bench.build_s.get((stage, cand), 0.0)
             measured[stage][cand].untuned = bench.untuned.get((stage, cand), "")
