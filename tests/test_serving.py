@@ -92,6 +92,21 @@ def test_a_replica_that_cannot_start_closes_what_it_opened(default_auto_engines,
     assert len(closed) == 1
 
 
+def test_a_service_whose_lane_cannot_be_made_closes_its_replica(default_auto_engines, monkeypatch):
+    """A second lane that fails to open (its sessions: out of memory) closes the replica's engines, as a replica
+    that cannot start does; they stayed open."""
+    from flowar.commands.service import Limits, Service
+    from flowar.errors import FlowARError
+    from flowar.pipeline.pipeline import FlowARPipeline
+    from flowar.runtime.runtime import Runtime
+    closed, real = [], FlowARPipeline.close
+    monkeypatch.setattr(FlowARPipeline, "close", lambda self: closed.append(self) or real(self))
+    monkeypatch.setattr(Runtime, "lane", lambda self: (_ for _ in ()).throw(FlowARError("room", "none", "x")))
+    with pytest.raises(FlowARError, match="expected room"):
+        Service.open(str(default_auto_engines), 2, "torch", Limits(replica="test-replica"))     # (two lanes)
+    assert len(closed) == 1
+
+
 def service(replica, **limits):
     from flowar.commands.service import Limits, Service
     return Service(replica, Limits(**({"replica": "test-replica"} | limits)))

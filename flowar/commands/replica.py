@@ -14,7 +14,7 @@ KNOWN = 64          # settings whose schedule and cost a replica keeps (the late
 
 class Replica:
     """One engine set, sampling batches (usable without Ray or HTTP too): ``lanes``, the runtime
-    and its lanes (:meth:`add_lane`), each sampling on a thread of its own."""
+    and its lanes (:meth:`add_lanes`), each sampling on a thread of its own."""
 
     def __init__(self, engine_dir: str, threads: int | None = None, backend: str = "auto"):
         from flowar.pipeline.pipeline import FlowARPipeline
@@ -117,9 +117,16 @@ class Replica:
         old = self.split
         self.split = (fixed, per_work) if old is None else (0.7 * old[0] + 0.3 * fixed, 0.7 * old[1] + 0.3 * per_work)
 
-    def add_lane(self) -> None:
-        """One more lane over the same engines (call it on the thread the lane will sample on)."""
-        self.lanes.append(self.pipe.runtime.lane())
+    def add_lanes(self, computes: list) -> None:
+        """One more lane over the same engines on each of ``computes`` (executors of one thread: a lane is made on
+        the thread it samples on); where one cannot be made, the replica's engines are closed (a host that opens a
+        service again in one process kept them)."""
+        try:
+            for c in computes:
+                c.submit(lambda: self.lanes.append(self.pipe.runtime.lane())).result()
+        except BaseException:
+            self.pipe.close()
+            raise
 
     def batch_s(self, size: int) -> float:
         """Seconds a batch of ``size`` takes by the call plan (unknown: as if every image cost one)."""

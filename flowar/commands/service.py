@@ -168,8 +168,7 @@ class Service:
         replica = first.submit(Replica, engine_dir, threads, backend).result()
         n = min(lanes or replica.pipe.runtime.lanes, replica.pipe.runtime.lanes)
         computes = [first] + [ThreadPoolExecutor(1, thread_name_prefix="flowar-compute") for _ in range(n - 1)]
-        for c in computes[1:]:
-            c.submit(replica.add_lane).result()
+        replica.add_lanes(computes[1:])
         return cls(replica, limits, computes)
 
     # ---- admission and batching ---------------------------------------------------------------
