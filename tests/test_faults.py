@@ -594,7 +594,15 @@ def test_export_never_replaces_a_folder_it_did_not_write(fixtures_dir, tmp_path,
     assert (eng / "run1" / "samples.npz").read_bytes() == b"mine" and (eng / "grid.png").read_bytes() == b"png"
     sh.rmtree(eng / "run1")
     (eng / "grid.png").unlink()
+    (eng / ".git").mkdir()                           # hidden, and the user's (the directory versioned): kept too
+    (eng / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    res = CliRunner().invoke(export_cmd, ["--ckpt", str(ckpt), "--out", str(eng), *base])
+    assert res.exit_code == 2 and "also holds .git. Fix" in res.output, res.output
+    assert (eng / ".git" / "HEAD").read_text() == "ref: refs/heads/main"
+    sh.rmtree(eng / ".git")
     (eng / "timing.cache").write_bytes(b"full TensorRT's")     # (the export's own, not in the manifest)
+    (eng / ".DS_Store").write_bytes(b"macOS's")                # (and a write of its manifest killed before its rename)
+    (eng / ".manifest.json.4242-x1.tmp").write_bytes(b"{")
     res = CliRunner().invoke(export_cmd, ["--ckpt", str(ckpt), "--out", str(eng), *base])
     assert res.exit_code == 0 and (eng / "manifest.json").is_file(), res.output
 

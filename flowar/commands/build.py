@@ -20,7 +20,7 @@ from typing import Callable
 
 from flowar.config import SAMPLING_DEFAULTS
 from flowar.errors import CheckpointError, FlowARError
-from flowar.export.manifest import MANIFEST, PRECISIONS, sha256_file
+from flowar.export.manifest import MANIFEST, PRECISIONS, VERIFIED, sha256_file
 
 # fp16/bf16 graphs (for TensorRT) differ from the fp32 eager reference by their rounding, which grows with the values, so
 # by a fraction of each output's largest magnitude: the shipped model's fp16 velocity 0.47 / 0.72 / 0.90 % at --max-batch
@@ -28,6 +28,7 @@ from flowar.export.manifest import MANIFEST, PRECISIONS, sha256_file
 # fp16 before its timestep (a bug, fixed) put FlowAR-S's off by 0.904 (15-30 %).
 REDUCED_TOLERANCE = {"fp32": None, "fp16": 3e-2, "bf16": 3e-1}
 TIMING_CACHE = "timing.cache"     # full TensorRT's timing cache, kept in the directory for the next export
+ALWAYS = {MANIFEST, TIMING_CACHE, VERIFIED, ".ort-cache", ".DS_Store"}   # its names the manifest does not list (macOS's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,8 +172,8 @@ def exported_names(directory: Path) -> set[str]:
         names = {f.relative_to(top).parts[0] for f in files_of(Path(directory))[1:] if f.is_relative_to(top)}
         ours = {c.name for c in top.iterdir() if c.name.split(".")[0] in (*STAGES, *GROUPS.values())
                 and c.name.endswith((".onnx", ".onnx.data", ".so", ".safetensors", ".plan"))}
-        return {MANIFEST, TIMING_CACHE} | names | ours if isinstance(rec, dict) and rec.get("format") == FORMAT else set()
-    return {MANIFEST, TIMING_CACHE} | {Path(rel).parts[0] for rel, _ in m.members()}
+        return ALWAYS | names | ours if isinstance(rec, dict) and rec.get("format") == FORMAT else set()
+    return ALWAYS | {Path(rel).parts[0] for rel, _ in m.members()}
 
 
 def _require_disk(req: ExportRequest, model, vae, specs: dict) -> None:

@@ -130,7 +130,7 @@ def check_replaceable(target: str | Path, marker: str, option: str, sources: tup
                       owned: Callable[[Path], set[str] | None] | None = None) -> None:
     """Refuse, before any work, a folder that writing ``target`` anew would destroy: ``target`` may
     be absent, an empty folder, or a folder this command made before (it holds ``marker``; with
-    ``owned``, nothing but the names ``owned(target)`` says it wrote, and hidden ones; None from it:
+    ``owned``, nothing but the names ``owned(target)`` says it wrote and their temporary files; None from it:
     it cannot tell, the folder is replaced), and no input (``sources``) may lie inside it. A folder of
     other files (a checkpoint's, a home folder, ``.``) is never replaced."""
     t = Path(target).resolve()
@@ -157,7 +157,8 @@ def check_replaceable(target: str | Path, marker: str, option: str, sources: tup
         raise FlowARError(f"{option}: a new or empty folder, or one this command wrote (with {marker}), which it "
                           "replaces",
                           f"{t} holds other files ({shown})", f"choose a new folder for {option}")
-    theirs = [c for c in others if mine is not None and not c.startswith(".") and c not in mine]
+    # (hidden names too, but its own temporary files: a user's .git or .dvc folder went with a re-export)
+    theirs = [c for c in others if mine is not None and c not in mine and not c.startswith((".flowar-", *(f".{n}." for n in mine)))]
     if theirs:                              # (a bulk run's folder or a grid written into an engine directory since)
         shown = ", ".join(theirs[:3]) + (", ..." if len(theirs) > 3 else "")
         raise FlowARError(f"{option}: a folder holding only what this command wrote (it is replaced as a whole)",
