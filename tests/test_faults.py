@@ -968,6 +968,14 @@ def test_a_stop_while_the_pngs_or_a_file_are_put_in_place_leaves_all_or_nothing_
             assert str(e.value).startswith("SIGTERM: while writing; written: 4 PNGs -> "), (at, str(e.value))
             assert sorted(p.name for p in (tmp_path / "old").iterdir()) == [p.name for p in want]
             assert [p.read_bytes() for p in old] == [p.read_bytes() for p in want], at
+        # into a folder the write makes: kept with them (it was removed, PNGs and all, after they were said written)
+        stops_cleared()
+        renamed.clear()
+        stop_at[0] = 2
+        with pytest.raises(KeyboardInterrupt) as e:
+            write_outputs(result, None, None, None, tmp_path / "new")
+        assert str(e.value).startswith("SIGTERM: while writing; written: 4 PNGs -> "), str(e.value)
+        assert [(tmp_path / "new" / p.name).read_bytes() for p in want] == [p.read_bytes() for p in want]
         # within a held step (a training step's files): the stop waits for the end of that step
         stops_cleared()
         renamed.clear()

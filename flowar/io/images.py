@@ -56,6 +56,7 @@ def save_images(images_B3HW: Tensor, folder: str | Path, first: int = 0, placed=
             staging = None
             if placed is not None:
                 placed()
+            made = False            # (in place and said written: a stop raised as this block ends keeps them)
     except BaseException:           # (an error, or a second stop, before all are in place)
         if made:
             shutil.rmtree(folder, ignore_errors=True)
