@@ -364,6 +364,30 @@ OUTPUTS = [("flowar-run", "--save-tokens"), ("flowar-run", "--out"), ("flowar-ru
            ("flowar-decode", "--out"), ("flowar-decode", "--save-images")]
 
 
+def test_an_output_is_held_also_when_the_folders_of_its_lock_go_as_it_is_opened(tmp_path, monkeypatch):
+    """A command that ended removes its lock and the folders it made for it; a second one whose open of the lock came
+    just after took the missing folder for a file system without locks and ran unguarded, a third beside it. Now
+    the folders are made again and the lock taken: the third is refused."""
+    import shutil as sh
+
+    from flowar.errors import FlowARError
+    from flowar.io.files import used_alone
+    target, real, gone = tmp_path / "a" / "b" / "out", os.open, []
+
+    def open_(path, *a, **k):
+        if str(path).endswith(".out.lock") and not gone:        # the holder before it ends: its folders removed
+            gone.append(path)
+            sh.rmtree(tmp_path / "a")
+        return real(path, *a, **k)
+    monkeypatch.setattr(os, "open", open_)
+    with used_alone(target, "flowar-sample"):
+        assert gone and (tmp_path / "a" / "b" / ".out.lock").is_file()
+        with pytest.raises(FlowARError, match=f"is being written by process {os.getpid()}"):
+            with used_alone(target, "flowar-sample"):
+                pass
+    assert list(tmp_path.iterdir()) == []                       # (its folders removed at its end)
+
+
 @pytest.mark.parametrize("where", UNWRITABLE)
 @pytest.mark.parametrize("command,option", OUTPUTS)
 def test_unwritable_output_is_one_line_before_any_work(fixtures_dir, tmp_path, command, option, where, capsys, bench):
@@ -858,6 +882,15 @@ def test_a_staged_directory_gives_its_files_the_modes_a_plain_write_gives(tmp_pa
     mode = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*")}
     assert mode["weights.safetensors"] == 0o644 and mode["config.json"] == 0o644, mode
     assert mode[sub.name] == 0o755 and mode[f"{sub.name}/run.sh"] == 0o755, mode
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    old = os.umask(0o077)                           # a private umask: the folder too (it was 0755 whatever the umask)
+    try:
+        with staged_directory(tmp_path / "private", "config.json") as tmp:
+            (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "private").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "private" / "config.json").stat().st_mode) == 0o600
 
 
 def test_numbered_images_are_written_all_or_none(tmp_path, monkeypatch):

@@ -264,20 +264,22 @@ def used_alone(target: str | Path, command: str, option: str = "--out", wait: bo
         return
     t = Path(target).resolve()
     lock = t.with_name(f".{t.name}.lock")
-    made = []                                    # the folders on the way made for the lock (two runs into a new
-    try:                                         # nested --out ran unguarded and mixed their images)
-        for d in reversed([q for q in t.parents if not q.exists()]):
-            d.mkdir()
-            made.insert(0, d)
-    except OSError:
-        pass
     # (a lock file that is a symbolic link is not followed: one planted in a shared folder would have had
     # the file it points to truncated)
     nofollow = getattr(os, "O_NOFOLLOW", 0)
-    fd = None
-    while fd is None:
+    fd, tries, made = None, 0, []                # made: the folders on the way made for the lock (two runs
+    while fd is None and tries < 10:             # into a new nested --out ran unguarded and mixed their images)
+        tries += 1
+        try:
+            for d in reversed([q for q in t.parents if not q.exists()]):
+                d.mkdir()
+                made.insert(0, d)
+        except OSError:
+            pass
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | nofollow, 0o666)
+        except FileNotFoundError:                # (its folders removed meanwhile by a holder that ended: taken for
+            continue                             # a file system without locks, it ran unguarded, a third beside it)
         except PermissionError:                  # (another user's lock file: read-only is enough for flock)
             try:
                 fd = os.open(lock, os.O_RDONLY | nofollow)
@@ -359,7 +361,8 @@ def staged_directory(target: str | Path, marker: str, option: str = "--out",
         yield tmp
         raise_if_stopped()                 # (a Ctrl-C that a library swallowed while the work ran: nothing swapped in)
         umask = _umask()                   # what a plain write gives: files made owner-only (safetensors
-        for root, dirs, files in os.walk(tmp):   # writes 0600, temporary folders are 0700) readable by others too
+        _set_mode(str(tmp), 0o777 & ~umask)      # writes 0600, temporary folders are 0700) readable by others too,
+        for root, dirs, files in os.walk(tmp):   # and under umask 077 not (the folder itself was made 0755)
             for d in dirs:
                 _set_mode(os.path.join(root, d), 0o777 & ~umask)
             for f in files:
@@ -384,7 +387,6 @@ def staged_directory(target: str | Path, marker: str, option: str = "--out",
                 raise _kept(tmp, target, FlowARError(f"{option} a folder this user may replace", f"{target}: "
                                                      f"{e.strerror or e}", f"choose a new folder for {option}")) from None
         os.replace(tmp, target)
-        os.chmod(target, 0o755)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -394,6 +396,5 @@ def _kept(tmp: Path, target: Path, e: FlowARError) -> FlowARError:
     remove (the work is not thrown away, nor left hidden: a refusal at the swap left it as
     ``.NAME.tmp-...``, owner-only, unnamed in the line), and ``e`` saying where it is."""
     kept = Path(tempfile.mkdtemp(prefix=f".{target.name}.kept-", dir=target.parent))
-    os.replace(tmp, kept)
-    os.chmod(kept, 0o755)
+    os.replace(tmp, kept)             # (its mode that of a plain mkdir, as the swap would have given it)
     return FlowARError(e.expected, e.got, f"{e.fix}; the finished directory is kept at {kept}: move it where you want it")
