@@ -267,6 +267,8 @@ class Runtime(contextlib.AbstractContextManager):
             res = run_sampling(Hooked(stages, clock) if clock else stages, self.config, list(labels),
                                schedule, seed, noise_file, decode=decode, device=self.device, progress=progress,
                                on_scale=on_scale, batch_size=bs, indices=indices, runner=self.runner)
+        # (made under inference mode: a caller's in-place op on them raised, unlike on a diffusers pipeline's)
+        res.tokens, res.images = res.tokens.clone(), None if res.images is None else res.images.clone()
         if timings is not None:
             timings.update(clock.read() if clock else {"sampling": res.seconds})
             timings["total"] = res.seconds
@@ -303,8 +305,9 @@ class Runtime(contextlib.AbstractContextManager):
                               "pass the tokens a call returned with output_type=\"latent\"")
         bs = self.batch or batch_that_fits(len(tokens), None, c, self.image_size, self.vae)   # (as sample's batches)
         with self._one_call("decode"):
-            images = torch.cat([self.stages.decode(tokens[i:i + bs].to(self.device, torch.float32) / c.latent_scale).cpu()
-                                for i in range(0, len(tokens), bs)])
+            parts = [self.stages.decode(tokens[i:i + bs].to(self.device, torch.float32) / c.latent_scale).cpu()
+                     for i in range(0, len(tokens), bs)]
+        images = torch.cat(parts)           # (outside inference mode: a tensor its caller may change in place)
         check_finite(images, "VAE decode", c.n_scales - 1, c.latent_size)      # (as a sampling's decode is)
         return images
 

@@ -687,6 +687,12 @@ def test_what_a_diffusers_user_reaches_for_next(default_auto_engines, monkeypatc
             with pytest.raises(FlowARError, match="callback_on_scale_end a function of"):
                 pipe([1], callback_on_scale_end=bad)
         assert calls == []                                  # refused before any scale ran
+        # what a call returns and hands its callback are tensors to change in place, as diffusers' are (made
+        # under inference mode, mul_ raised "Inplace update to inference tensor outside InferenceMode")
+        out = pipe([3, 4], seed=1, output_type="latent", callback_on_scale_end=lambda p, k, d: calls.append(d["tokens"]))
+        pt = pipe([3], seed=1, output_type="pt")
+        for t in (out.images, out.tokens, *calls, pipe.runtime.decode(out.images), pt.images, pt.tokens):
+            t.mul_(1.0)
         for kw, said in ((dict(class_labels={3, 4}), "class_labels: a list, tuple, array or tensor"),
                          (dict(class_labels={"cat": 1}), "class_labels: a list, tuple, array or tensor"),
                          (dict(class_labels=[3, 4], seed={1: 2, 3: 4}), "seed: a list, tuple, array or tensor"),

@@ -308,9 +308,11 @@ class FlowARPipeline:
 
                 def on_scale(tr):
                     B, n, C = tr.z.shape
-                    # a copy: the sampler's buffer is written again by the next scale and batch
-                    callback_on_scale_end(self, tr.k, {"tokens": tr.z.transpose(1, 2).reshape(B, C, side[tr.k], side[tr.k])
-                                                       .clone(), "images": range(tr.first, tr.first + B)})
+                    # a copy (the sampler's buffer is written again by the next scale and batch), made outside
+                    # inference mode: the callback may change it in place
+                    with torch.inference_mode(False):
+                        tokens = tr.z.transpose(1, 2).reshape(B, C, side[tr.k], side[tr.k]).clone()
+                    callback_on_scale_end(self, tr.k, {"tokens": tokens, "images": range(tr.first, tr.first + B)})
             indices = indices.tolist() if isinstance(indices, torch.Tensor) else indices   # (as seed's: each a 0-d tensor
             if indices is not None and isinstance(indices, (AbcSet, Mapping)):            # was "not an int")
                 in_order("indices", indices, "indices=[0, 1]")
