@@ -47,7 +47,7 @@ def test_nan_from_a_stage_is_named_with_scale_and_step(fixtures_dir, tmp_path):
     bad = tmp_path / "nan.safetensors"
     save_file(sd, str(bad))
     res = CliRunner().invoke(run, ["--ckpt", str(bad), "--preset", "tiny", "--labels", "1", "--steps", "4"])
-    _one_line_error(res, "NaN or Inf at scale 0 (1x1), ODE step 0")
+    _one_line_error(res, "NaN or Inf at scale 0 (1x1), head evaluation 0 (t = 1.0000)")     # (the grid starts at 1)
     assert "velocity" in res.output
 
 

@@ -194,10 +194,11 @@ class Workspace:
         return {k: v.data_ptr() for k, v in self._store.items()}
 
 
-def check_finite(t: Tensor, what: str, k: int, side: int, step: int | None = None) -> None:
-    """Refuse NaN/Inf from a stage, naming where it came (one host sync)."""
+def check_finite(t: Tensor, what: str, k: int, side: int, at_eval: tuple[int, float] | None = None) -> None:
+    """Refuse NaN/Inf from a stage, naming where it came (one host sync): ``at_eval`` (i, t), the scale's head
+    evaluation i at flow time t (the ODE's step i for Euler only: Heun and the skip solver evaluate otherwise)."""
     if not bool(torch.isfinite(t).all()):
-        at = f"scale {k} ({side}x{side})" + (f", ODE step {step}" if step is not None else "")
+        at = f"scale {k} ({side}x{side})" + (f", head evaluation {at_eval[0]} (t = {at_eval[1]:.4f})" if at_eval else "")
         raise FlowARError(f"finite values from the {what} stage", f"NaN or Inf at {at}",
                           "check the checkpoint (it may be corrupt or trained with a diverged loss) and the precision")
 
@@ -240,7 +241,7 @@ def run_scale(stages: Stages, ws: Workspace, schedule: Schedule, k: int, check: 
             v64.copy_(v)
             rows = X
         if check == "step":
-            check_finite(v, "velocity", k, side, i)
+            check_finite(v, "velocity", k, side, (i, ev.t))
         if rows_trace is not None:
             rows_trace.append(rows)
         for u in ev.updates:                                               # e.g. Euler: x += (t_next - t_cur) v
