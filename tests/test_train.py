@@ -149,6 +149,24 @@ def test_batch_above_the_dataset_is_one_line_before_any_work(small_world, tmp_pa
     assert list(tmp_path.iterdir()) == []            # nothing encoded, cached or checkpointed
 
 
+def test_a_config_that_cannot_be_read_is_one_line_before_any_encoding(small_world, tmp_path, monkeypatch):
+    """--config missing or not JSON: said before the data is encoded (it was read after the encoding, which takes
+    minutes on a real dataset)."""
+    from click.testing import CliRunner
+    from flowar.commands.cli import train_cmd
+    import flowar.train.trainer as trainer
+    monkeypatch.setattr(trainer, "load_latents", lambda *a, **k: pytest.fail("encoded before --config was read"))
+    (tmp_path / "bad.json").write_text("{not json")
+    for config, said in ((tmp_path / "none.json", "config JSON file; got no file at"),
+                         (tmp_path / "bad.json", "JSON config; got invalid JSON in")):
+        res = CliRunner().invoke(train_cmd, ["--out", str(tmp_path / "run"), "--vae", str(small_world / "vae"),
+                                             "--data", str(small_world / "data"), "--size", "16", "--steps", "2",
+                                             "--batch", "4", "--config", str(config)])
+        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: expected a "), res.output
+        assert said in lines[0] and "Traceback" not in res.output, res.output
+
+
 def test_a_resume_with_other_settings_or_fewer_steps_is_one_line_before_any_encoding(small_world, tmp_path,
                                                                                        monkeypatch):
     """--resume keeps what the losses so far came from: another --lr (or data, batch, seed...) or a

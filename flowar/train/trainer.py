@@ -10,13 +10,12 @@ For a latent x (the VAE posterior sample times ``latent_scale``) and class label
 * each scale draws fresh t ~ U(0, 1) and noise e, forms x_t = (1 - t) x + t e, and the head
   regresses e - x; the scale's mean squared error is weighted by s_k^2 / s_max^2.
 
-AdamW (0.9, 0.95) with weight decay on matrices only (not biases, norms or 1-D tensors),
-linear warm-up then cosine decay, gradient clipping and an EMA of the weights.
+AdamW (0.9, 0.95) with weight decay on matrices only (not biases, norms or 1-D tensors), linear warm-up then cosine
+decay, gradient clipping and an EMA of the weights.
 
-Determinism and exact resume: every random draw comes from a generator seeded by
-(seed, step, rank) or (seed, epoch), so a run stopped and resumed from its checkpoint repeats
-the same loss sequence as an uninterrupted one. Under ``torchrun`` each rank takes its slice of
-the global batch and DDP averages gradients (gloo: the trainer computes on the CPU).
+Determinism and exact resume: every random draw comes from a generator seeded by (seed, step, rank) or (seed, epoch), so
+a run stopped and resumed from its checkpoint repeats the same loss sequence as an uninterrupted one. Under ``torchrun``
+each rank takes its slice of the global batch and DDP averages gradients (gloo: the trainer computes on the CPU).
 """
 
 from __future__ import annotations
@@ -191,6 +190,8 @@ def check_args(args: TrainArgs, world: int, data: DatasetIndex) -> tuple[Path, F
         check_names(data.classes, f"--data's class folders, {args.data}")
     if args.preset and args.config:
         raise FlowARError("either --preset or --config", "both", "pass only one")
+    if args.config and not args.resume:     # (read now: a missing or malformed file was found after the encoding)
+        FlowARConfig.load(args.config)
     if args.batch % world:
         raise FlowARError(f"--batch divisible by the {world} processes", str(args.batch), "change --batch")
     if args.batch > n_images:               # the global batch must fit in one epoch (each rank takes 1/world)
