@@ -194,15 +194,17 @@ def test_a_resume_with_other_settings_or_fewer_steps_is_one_line_before_any_enco
 def test_resume_alone_takes_the_runs_own_settings(small_world, tmp_path, capsys, monkeypatch):
     """`flowar-train --out RUN --vae VAE --resume` was refused unless every setting was typed again
     ("batch 64, began with 8": the default against the run's own). Settings left at their defaults
-    take the run's, with a note; the run continues as the uninterrupted one does."""
+    take the run's, with a note; the run continues as the uninterrupted one does, to its own --steps (it trained on
+    to the default 2000)."""
     from flowar.train.trainer import TrainArgs, train
     whole = train(_args(small_world, tmp_path / "whole", steps=3), progress=False)
-    train(_args(small_world, tmp_path / "r", steps=2), progress=False)
+    train(_args(small_world, tmp_path / "r", steps=3), progress=False, max_steps_this_run=2)     # (stopped at 2)
     capsys.readouterr()
-    st = train(TrainArgs(out=str(tmp_path / "r"), vae=str(small_world / "vae"), data=str(small_world / "data"), steps=3,
+    st = train(TrainArgs(out=str(tmp_path / "r"), vae=str(small_world / "vae"), data=str(small_world / "data"),
                          sample_every=0, cache_dir=str(small_world / "cache"), resume=True), progress=False)
     err = capsys.readouterr().err
-    assert "note: --resume takes the run's own size 16, batch 8, warmup 2 (not given here, or given at their defaults)" in err, err
+    assert ("note: --resume takes the run's own size 16, batch 8, warmup 2, steps 3 (not given here, or given at their "
+            "defaults)") in err, err
     assert st.step == 3 and st.losses == whole.losses
     # the command too, without --vae (it was required: "Error: expected --vae a path"); a new run still needs it
     from click.testing import CliRunner

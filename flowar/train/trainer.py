@@ -331,7 +331,7 @@ def train(args: TrainArgs, progress: bool = True, max_steps_this_run: int | None
     interrupt a run and resume it). The settings are checked before any encoding, the batch's memory before writing."""
     world, rank = init_process_group()
     from flowar.train.resume import with_recorded_settings     # (--resume alone: the run's own settings)
-    args = with_recorded_settings(args, RUN_DEFINING, say=rank == 0)
+    args = with_recorded_settings(args, RUN_DEFINING + ("steps",), say=rank == 0)   # (its steps: it trained to 2000)
     data = index_dataset(args.data)
     ckpt, began = check_args(args, world, data)
     from flowar.io.files import user_cache
