@@ -675,6 +675,21 @@ def test_vae_trainer_writes_a_loadable_folder(small_world, tmp_path):
                                  groups=4, steps=3, batch=4), progress=False)
     vae = load_vae(res["out"], expect_channels=4)
     assert vae.downsample == 2 and not (tmp_path / ".v.tmp").exists()
+    # trained again into its own folder: replaced; into a diffusers VAE it did not write (a downloaded one, the
+    # shipped default's that its model was trained with): refused, untouched (replaced in silence, having a config.json)
+    import shutil
+    from flowar.errors import FlowARError
+    again = dict(data=str(small_world / "data"), size=16, channels=(8, 8), groups=4, steps=1, batch=4)
+    train_vae(VAETrainArgs(out=str(tmp_path / "v"), **again), progress=False)
+    theirs = tmp_path / "downloaded"
+    shutil.copytree(small_world / "vae", theirs)
+    before = {p.name: p.read_bytes() for p in theirs.iterdir()}
+    with pytest.raises(FlowARError, match="holds other files"):
+        train_vae(VAETrainArgs(out=str(theirs), **again), progress=False)
+    assert {p.name: p.read_bytes() for p in theirs.iterdir()} == before
+    (tmp_path / "v" / "notes.md").write_text("mine")             # and ours, holding a file of the user's since
+    with pytest.raises(FlowARError, match="also holds notes.md"):
+        train_vae(VAETrainArgs(out=str(tmp_path / "v"), **again), progress=False)
 
 
 def test_a_stopped_vae_training_keeps_its_vae_and_resumes_as_the_uninterrupted_one(small_world, tmp_path, monkeypatch,

@@ -38,8 +38,16 @@ class VAETrainArgs:
     resume: bool = False
 
 
-VAE_MARKER = "config.json"      # what save_pretrained writes beside the weights
+RECORD = "flowar-train-vae.json"        # what makes a folder one this command wrote (config.json: any diffusers VAE's)
 STATE = "training-state.safetensors"    # beside the weights of a VAE whose training stopped: what resume continues
+WRITTEN = {RECORD, STATE, "config.json", "diffusion_pytorch_model.safetensors"}    # (and save_pretrained's two)
+
+
+def ours(out) -> str:
+    """The name that makes ``out`` a folder this command wrote, to be replaced: its record; a stopped run's state where
+    that run was written before the record was (a downloaded or shipped VAE was replaced in silence, having a
+    config.json)."""
+    return STATE if (Path(out) / STATE).is_file() and not (Path(out) / RECORD).is_file() else RECORD
 _KEPT = ("data", "size", "channels", "latent_channels", "groups", "batch", "lr", "kl_weight", "seed")   # a run's own
 
 
@@ -56,7 +64,7 @@ def resumed(a: VAETrainArgs) -> tuple[VAETrainArgs, dict | None]:
     state = Path(a.out) / STATE
     if not state.is_file():
         raise FlowARError(f"--out a VAE folder whose training stopped (it holds {STATE}) for --resume",
-                          f"{a.out}: " + ("a finished VAE" if (Path(a.out) / VAE_MARKER).is_file() else "no such run"),
+                          f"{a.out}: " + ("a finished VAE" if (Path(a.out) / "config.json").is_file() else "no such run"),
                           "train a new one without --resume (a finished VAE trains no further: start again with more "
                           "--steps)")
     with safe_open(str(state), framework="pt") as f:
@@ -91,7 +99,7 @@ def train_vae(a: VAETrainArgs, progress: bool = True) -> dict:
     if a.size % 2 ** (len(a.channels) - 1):
         raise FlowARError(f"--size divisible by {2 ** (len(a.channels) - 1)}", str(a.size), "use e.g. --size 32")
     from flowar.io.files import check_replaceable
-    check_replaceable(a.out, VAE_MARKER, "--out")            # before any training: never over a folder of other files
+    check_replaceable(a.out, ours(a.out), "--out", owned=lambda d: WRITTEN)   # before any training: never over others' files
     a, state = resumed(a)
     from flowar.train.memory import require_batch_memory, vae_image_bytes
     require_batch_memory(a.batch, vae_image_bytes(a.size), "flowar-train-vae")      # (it was killed: exit 137)
@@ -161,8 +169,9 @@ def _write(a: VAETrainArgs, vae, state: dict | None) -> None:
     """The VAE into ``a.out`` (a diffusers folder), with the state a resume continues from where it stopped."""
     from flowar.io.files import as_file, staged_directory
     vae.eval()
-    with staged_directory(Path(a.out), VAE_MARKER) as tmp:      # the previous folder stays until the new one is complete
-        vae.save_pretrained(tmp, safe_serialization=True)
+    with staged_directory(Path(a.out), ours(a.out), owned=lambda d: WRITTEN) as tmp:   # (the previous folder stays until
+        vae.save_pretrained(tmp, safe_serialization=True)                                # the new one is complete)
+        (tmp / RECORD).write_text(json.dumps({"format": "flowar-train-vae", "size": a.size, "steps": a.steps}) + "\n")
         if state is not None:
             from safetensors.torch import save_file
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / STATE), metadata={"args": json.dumps(
