@@ -121,6 +121,16 @@ def test_without_a_decoder_the_judge_measures_tokens_and_refuses_a_distance_betw
     # and before the sampling, with the VAE the checkpoint was trained with (it was said only at the end)
     assert res.output.startswith("note: no decoder, token errors only (pass --vae "), res.output
     assert json.loads((tmp_path / "q.json").read_text())["class_accuracy"] is None
+    # --json replaces a report, never another file (the checkpoint an engine directory was exported from went)
+    import shutil
+    from flowar.io.outputs import check_json_output
+    check_json_output(tmp_path / "q.json")                                     # (a report: replaced)
+    held = tmp_path / "model.safetensors"
+    shutil.copy(DEFAULT_CKPT, held)
+    res = CliRunner().invoke(judge_cmd, common + ["--json", str(held)])
+    assert res.exit_code == 2 and "expected --json a new file, or a JSON report to replace; got " in res.output, \
+        res.output
+    assert len(res.output.strip().splitlines()) == 1 and held.read_bytes() == DEFAULT_CKPT.read_bytes()
     torch.jit.save(torch.jit.script(StandIn()), str(tmp_path / "x.pt"))
     np.savez(tmp_path / "s.npz", mu=np.zeros(8), sigma=np.eye(8))
     res = CliRunner().invoke(judge_cmd, common + ["--fid-stats", str(tmp_path / "s.npz"), "--fid-extractor",

@@ -315,6 +315,7 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
     from flowar.eval.quality import load_extractor, measure, probe_extractor, read_fid_stats, report_lines
     from flowar.io.files import check_outputs, check_writable
     from flowar.io.memory import require_memory
+    from flowar.io.outputs import check_json_output
     from flowar.runtime.runtime import Runtime
     if bool(fid_stats) != bool(fid_extractor):
         raise FlowARError("--fid-stats and --fid-extractor together", "only one of them",
@@ -326,6 +327,7 @@ def judge_cmd(ckpt, engine_dir, preset, config_path, vae, per_class, classes_lim
     check_outputs([("--json", json_out), ("--judge-cache", judge_cache)],
                   [ckpt, engine_dir, vae, config_path, fid_stats, fid_extractor, vs_engine_dir])
     check_writable(json_out, False, "--json")
+    check_json_output(json_out)
     stats, extractor = (read_fid_stats(fid_stats), load_extractor(fid_extractor)) if fid_stats else (None, None)
     from flowar.sampling.schedule import Settings
     settings = Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance, solver=solver, stride=stride)

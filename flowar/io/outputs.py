@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 
@@ -31,6 +32,21 @@ def check_requested(save_tokens: str | Path | None, out: str | Path | None, save
         raise FlowARError("--save-tokens a new file, or a token file to replace", f"{save_tokens}, which holds "
                           + (f"other tensors ({', '.join(sorted(held)[:3])}{', ...' * (len(held) > 3)}: a checkpoint "
                              "or a VAE?)" if held is not None else "no safetensors"), "choose another path (or remove that file first)")
+
+
+def check_json_output(path: str | Path | None, option: str = "--json") -> None:
+    """Refuse a JSON output path that holds a file other than a JSON object (a report to replace): flowar-judge
+    --json replaced the checkpoint an engine directory was exported from, and its VAE's weights."""
+    p = Path(path) if path else None
+    if p is None or not p.is_file():
+        return
+    try:
+        ok = p.stat().st_size < 64 << 20 and isinstance(json.loads(p.read_bytes().decode("utf-8")), dict)
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise FlowARError(f"{option} a new file, or a JSON report to replace", f"{path}, which is not one (a checkpoint "
+                          "or a VAE's weights?)", "choose another path (or remove that file first)")
 
 
 def _tensor_names(path: str | Path) -> set[str] | None:
