@@ -500,6 +500,13 @@ def test_a_batch_whose_step_cannot_fit_in_memory_is_one_line_before_any_work(sma
             r"expected a --batch whose flowar-train(-vae)? step fits in memory \(about [0-9.]+ MB an image\); got --batch "
             r"\d+: about [0-9.]+ GB, with [0-9.]+ GB available. Fix: pass --batch \d+ or less", lines[0]), res.output
         assert not (tmp_path / "run").exists()
+    # the data at a --size too large to hold (2048 was PyTorch's traceback, 640 grew until the system killed it)
+    monkeypatch.setattr(flowar.io.memory, "available_bytes", lambda: 100 << 20)      # 24 images at 512: ~151 MB
+    res = CliRunner().invoke(cli.train_cmd, ["--out", str(tmp_path / "run"), "--steps", "1", "--batch", "4", "--data",
+                                             str(small_world / "data"), "--size", "512", "--vae", str(small_world / "vae")])
+    assert res.exit_code == 2 and res.output.startswith("error: expected memory for the 24 images of --data at --size "
+                                                        "512") and len(res.output.strip().splitlines()) == 1, res.output
+    assert "Fix: use a smaller --size" in res.output and not (tmp_path / "run").exists()
     fits = int(0.8 * (1 << 30) // vae_image_bytes(32))
     monkeypatch.setattr(flowar.io.memory, "available_bytes", lambda: 1 << 30)
     require_batch_memory(fits, vae_image_bytes(32), "flowar-train-vae")              # what the fix says passes

@@ -133,7 +133,12 @@ def load_image_folder(root: str | Path, size: int) -> ImageSet:
 
 
 def load_dataset(spec: str, size: int) -> ImageSet:
-    """``animal-mnist`` or a folder path."""
+    """``animal-mnist`` or a folder path; refused in one line where its images at ``size`` would not fit in memory
+    (--size 2048 was PyTorch's traceback, 640 grew until the system killed it)."""
+    from flowar.io.memory import require_memory
+    n = len(_load_numpy_pickle_gz(animal_mnist_files()[1])) if spec == "animal-mnist" else len(_folder_items(spec)[1])
+    require_memory(2 * n * 3 * size * size * 4, f"the {n} images of --data at --size {size} (float32, twice while "
+                   "they are made)", "use a smaller --size, or fewer images")
     if spec == "animal-mnist":
         return load_animal_mnist(size)
     return load_image_folder(spec, size)
