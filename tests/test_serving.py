@@ -379,6 +379,14 @@ def test_an_idle_replica_admits_by_its_best_rate_and_says_when_a_request_cannot_
         await capped.submit(GenerateRequest(label=3), [(3, 0, None)])
     with pytest.raises(ServiceError, match=r"Fix: ask a server started with a longer --deadline \(this one's: 0.02 s\)$"):
         asyncio.run(one())
+    # (and where fewer images would fit, the other way is that too: "or send a longer timeout_s" could not help)
+    capped = Service(replica, Limits(queue=32, max_n=32, deadline_s=1.0), computes=[ThreadPoolExecutor(1)])
+
+    async def many():
+        await capped.submit(GenerateRequest(label=2, n=30, timeout_s=100.0), [(2, j, None) for j in range(30)])
+    with pytest.raises(ServiceError, match=r"Fix: ask for at most \d+ images per request, or ask a server started with "
+                                           r"a longer --deadline \(this one's: 1 s\)$"):
+        asyncio.run(many())
     assert refused is not None and refused.status == 503 and "Retry-After" not in refused.headers
     assert "30 asked for" in str(refused) and "at most 20 images" in str(refused), str(refused)
 

@@ -12,8 +12,7 @@ its queue (an image counted as what its settings cost: :meth:`Replica.cost`), is
 refused together do not come back together; none for a request that would not fit even alone); an image whose request has passed its deadline anyway (504) or whose client has gone is
 not computed, and a batch computing stops between two scales once none of its images is waited for. Batches are formed only in the sizes that cost less per image than every smaller one
 (the call plan measured at export), never waiting to fill, each of one settings (the oldest waiting
-image's). Where the engines allow it
-(:meth:`flowar.runtime.runtime.Runtime.lane`: compiled or PyTorch stages on a CPU) a replica
+image's). Where the engines allow it (:meth:`flowar.runtime.runtime.Runtime.lane`: compiled or PyTorch stages on a CPU) a replica
 computes two batches at once, each in a lane of its own, sharing the cores (the first lane gets them
 all when it computes alone): on 2 cores, 16 FlowAR-S requests at once were served at 1.19-1.26x the
 rate of one image at a time in one process, 1.02-1.04x with one lane (batching alone gains little
@@ -232,14 +231,16 @@ class Service:
         if alone > budget:                              # not even alone: no retry will help
             # (the most that would fit, each count at its own batch's rate: "at most 2" was refused in turn)
             fit = max((n for n in range(1, len(items)) if alone_s(n) <= budget), default=0)
+            longer = ("send a longer timeout_s" if budget < self.limits.deadline_s else   # (capped: it cannot help)
+                      f"ask a server started with a longer --deadline (this one's: {self.limits.deadline_s:g} s)")
             if fit:
-                fix = f"ask for at most {fit} images per request, or send a longer timeout_s"
+                fix = f"ask for at most {fit} images per request, or {longer}"
             elif each > 1 + 1e-9:                       # (at the default's cost fewer steps cannot help)
-                fix = f"ask for fewer steps (these settings cost {each:.1f} images of the default's each), or send a longer timeout_s"
+                fix = f"ask for fewer steps (these settings cost {each:.1f} images of the default's each), or {longer}"
             elif alone <= self.limits.deadline_s:       # (timeout_s is capped by the server's --deadline)
                 fix = f"send a timeout_s of at least {math.ceil(alone)} s"
             else:
-                fix = f"ask a server started with a longer --deadline (this one's: {self.limits.deadline_s:g} s)"
+                fix = longer
             raise ServiceError(503, f"images this replica computes within the request's deadline ({budget:g} s)",
                                f"{len(items)} asked for, about {alone:.1f} s even alone", fix)
         wait = (self.held_work() + work) * self.per_image()
