@@ -460,6 +460,32 @@ def test_a_port_in_use_is_one_line_before_ray_starts(engines):
         proc.stderr
 
 
+def test_a_replica_that_cannot_start_is_said_by_its_own_error_line():
+    """Ray 2.60 raises "Deploying application flowar failed: Failed to update the deployments [...]" for a replica that
+    cannot start; its cause (a graph changed since the export, here) is in the deployment's status only, and the
+    command said the generic line. The replica's own line is said (the report recorded from Ray 2.60, abridged);
+    without one, the report's last line."""
+    from types import SimpleNamespace
+
+    from flowar.commands.serve import start_failure
+    status = ("The deployment failed to start 3 times in a row. This may be due to a problem with its constructor or "
+              "initial health check failing. See controller logs for details. Error:\n\x1b[36mray::ServeReplica:flowar:"
+              "FlowARService.initialize_and_get_metadata()\x1b[39m (pid=21791, ip=192.0.2.2)\n  File \"/work/main/flowar/"
+              "pipeline/pipeline.py\", line 158, in from_pretrained\n    raise in_python_terms(e) from None\n"
+              "flowar.errors.EngineDirError: expected velocity.onnx with the sha256 recorded at export; got a different "
+              "file (modified or corrupt). Fix: rebuild it: flowar-export --ckpt m.safetensors --out engd")
+    serve = SimpleNamespace(status=lambda: SimpleNamespace(applications={"flowar": SimpleNamespace(deployments={
+        "FlowARService": SimpleNamespace(message=status)})}))
+    e = RuntimeError("Deploying application flowar failed: Failed to update the deployments ['FlowARService'].")
+    assert str(start_failure(e, serve, "engd")) == ("expected velocity.onnx with the sha256 recorded at export; got a "
+                                                    "different file (modified or corrupt). Fix: rebuild it: flowar-export "
+                                                    "--ckpt m.safetensors --out engd")
+    said = str(start_failure(e, SimpleNamespace(status=lambda: 1 / 0), "engd"))       # (no status to read)
+    assert said == ("expected Ray Serve and its replicas to start; got RuntimeError: Deploying application flowar "
+                    "failed: Failed to update the deployments ['FlowARService'].. Fix: run flowar-run --engine-dir engd "
+                    "--labels 0 to see the engines open")
+
+
 def test_a_ray_address_where_nothing_answers_is_one_line_at_once(engines, tmp_path):
     # (before: Ray retried for minutes, printing warnings)
     port = _free_port()                                  # free: nothing listens there

@@ -186,9 +186,7 @@ def serve_forever(engine_dir: str, host: str, port: int, threads: int | None, ma
         except FlowARError:
             raise
         except Exception as e:   # noqa: BLE001 - a replica that failed to start (Serve's whole report), or Serve
-            first = next((ln for ln in reversed(str(e).splitlines()) if ln.strip()), type(e).__name__)
-            raise FlowARError("Ray Serve and its replicas to start", f"{type(e).__name__}: {first.strip()[:300]}",
-                              f"run flowar-run --engine-dir {engine_dir} --labels 0 to see the engines open") from None
+            raise start_failure(e, serve, engine_dir) from None
         if ready is not None:
             ready(time.perf_counter() - t0)
         if not block:
@@ -260,3 +258,21 @@ def _wait_idle(handle, replicas: int, until: float) -> int | None:
         if time.perf_counter() >= until:
             return sum(latest.values()) if answered else None
         time.sleep(0.2)
+
+
+def start_failure(e: Exception, serve, engine_dir: str) -> FlowARError:
+    """What ``flowar-serve`` says when Ray Serve or a replica failed to start: a replica's own one-line error where
+    one is in Serve's report or its deployments' status (Ray 2.60 raises "Deploying application flowar failed:
+    Failed to update the deployments [...]", the cause in the status only), else the report's last line."""
+    import re
+    said = str(e)
+    try:
+        said += "\n" + "\n".join(d.message for a in serve.status().applications.values() for d in a.deployments.values())
+    except Exception:   # noqa: BLE001 - (no status to read: the report alone)
+        pass
+    ours = re.findall(r"expected (.+?); got (.+?)\. Fix: (.+)", said)      # (a FlowARError's line, in a traceback)
+    if ours:
+        return FlowARError(*ours[-1])
+    first = next((ln for ln in reversed(said.splitlines()) if ln.strip()), type(e).__name__)
+    return FlowARError("Ray Serve and its replicas to start", f"{type(e).__name__}: {first.strip()[:300]}",
+                       f"run flowar-run --engine-dir {engine_dir} --labels 0 to see the engines open")
