@@ -443,8 +443,13 @@ def test_a_bulk_run_resumes_only_on_the_engines_it_began_with_and_bad_settings_w
     assert run_bulk(BulkSpec(str(d), 2, [0, 1], 0, spelled, 1, 1), tmp_path / "run",
                     progress=False).shards_done_before == 2
     # (the schedule by the field that differs: both sides' first 37 characters were the same)
-    with pytest.raises(FlowARError, match=r"other schedule than .*\(schedule\.cfg: here 3\.0, there 4\.3; schedule\.cfg_k: here \(1\.0"):
+    with pytest.raises(FlowARError, match=r"other schedule than .*\(schedule\.cfg: here 3\.0, there 4\.3\)\. Fix"):
         run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {"cfg": 3.0}, 1, 1), tmp_path / "run", progress=False)
+    # (by the settings, not the tables derived from them: --schedule fast said "schedule.plan: here ((Eval(t=1.0, ...")
+    with pytest.raises(FlowARError, match=r"\(schedule\.solver: here 'skip', there 'euler'; schedule\.stride: here 3, "
+                                          r"there 1; schedule\.order: here 3, there 1; schedule\.slots: here \d, there 1; schedule\.name: here 'fast', there "
+                                          r"'official'; schedule\.head_evals: here \d+, there \d+\)\. Fix"):
+        run_bulk(BulkSpec(str(d), 2, [0, 1], 0, {"schedule": "fast"}, 1, 1), tmp_path / "run", progress=False)
     # the batch it sampled at by default, given, is the same run (it was refused: "batch: here 4, there not given"),
     # and so is any other where shards of 1 cut every batch to 1 (the batch 1 it said it ran at was refused)
     with FlowARPipeline.from_pretrained(d) as pipe:

@@ -128,9 +128,10 @@ def check_run(out: Path, spec: BulkSpec, meaning=None) -> bool:
             return "not given" if v is None else repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
 
         def differs(k: str, a, b) -> str:           # (a schedule by the fields that differ: its first 37 characters
-            if dataclasses.is_dataclass(a) and type(a) is type(b):     # were the same on both sides)
-                return "; ".join(differs(f"{k}.{f.name}", getattr(a, f.name), getattr(b, f.name))
-                                 for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name))
+            if dataclasses.is_dataclass(a) and type(a) is type(b):     # were the same on both sides), not by the
+                fields = [f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]  # tables
+                plain = [f for f in fields if not isinstance(getattr(a, f), tuple)] or fields    # derived from them
+                return "; ".join(differs(f"{k}.{f}", getattr(a, f), getattr(b, f)) for f in plain)   # (its plan's)
             return f"{k}: here {short(a)}, there {short(b)}"
         # (each with both values: "other seed than run.json records" left the user to find which seed it holds)
         both = "; ".join(differs(k, mine[k], theirs.get(k) if isinstance(theirs, dict) else None) for k in diff[:4])
