@@ -127,6 +127,8 @@ def test_images_are_flowar_runs_and_the_api_is_described(replica, default_auto_e
         assert status == 200 and got["labels"] == [2, 2] and got["seeds"] == [-5, -5] and got["indices"] == [0, 1]
         assert got["replica"] == "test-replica" and got["seconds"]["head"] > 0 and "queue" in got["seconds"]
         status, spec, _ = call(url, "/openapi.json")
+        status_d, docs, _ = call(url, "/docs")
+        status_r, _, _ = call(url, "/redoc")
         status_h, health, _ = call(url, "/health")
         status_c, classes, _ = call(url, "/v1/classes")
     res = CliRunner().invoke(run, ["--engine-dir", str(default_auto_engines), "--labels", "2,2", "--seed", "-5",
@@ -137,6 +139,11 @@ def test_images_are_flowar_runs_and_the_api_is_described(replica, default_auto_e
     body = spec["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     fields = spec["components"]["schemas"][body["$ref"].split("/")[-1]]["properties"]
     assert {"label", "class", "seed", "n", "schedule", "steps", "cfg", "guidance", "timeout_s"} == set(fields)
+    # /docs is a page of its own, every field on it, nothing fetched (Swagger UI's scripts came from a CDN: blank
+    # offline); ReDoc, which did the same, is gone
+    assert status_d == 200 and "<code>POST /v1/generate</code>" in docs and "//" not in docs and "<script" not in docs
+    assert all(f"<code>{f}</code>" in docs for f in fields), docs
+    assert "<code>images</code>" in docs and status_r == 404
     assert status_h == 200 and health["status"] == "ok" and health["queue"] == 0 and health["start_seconds"] > 0
     assert status_c == 200 and classes["names"][2] == "cat"
 

@@ -21,7 +21,9 @@ def make_app(service: Service):
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.exceptions import HTTPException
 
-    app = FastAPI(title="FlowAR", description=service_module.__doc__.split("\n\n")[0], version="1")
+    # (FastAPI's Swagger UI and ReDoc load their scripts from a CDN: blank on a host offline; /docs is a page of our own)
+    app = FastAPI(title="FlowAR", description=service_module.__doc__.split("\n\n")[0], version="1", docs_url=None,
+                  redoc_url=None)
 
     def error(status: int, text: str, headers: dict | None = None) -> JSONResponse:
         service.metrics.requests.labels(service.limits.replica, str(status)).inc()
@@ -130,8 +132,42 @@ def make_app(service: Service):
     async def metrics():
         return Response(service.metrics.text(), media_type="text/plain; version=0.0.4")
 
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def docs():
+        return HTMLResponse(api_page(app.openapi()))
+
     @app.get("/", response_class=HTMLResponse)
     async def page():
         return HTMLResponse((Path(__file__).with_name("playground.html")).read_text())
 
     return app
+
+
+def api_page(spec: dict) -> str:
+    """The API as one self-contained HTML page (``GET /docs``; nothing fetched): each route, and the fields of what
+    it takes and answers, with their types, defaults and descriptions, from the OpenAPI schema."""
+    from html import escape
+    schemas = spec.get("components", {}).get("schemas", {})
+
+    def kind(p: dict) -> str:
+        alts = p.get("anyOf") or [p]
+        return " or ".join(a.get("$ref", "").rsplit("/", 1)[-1] or (" | ".join(map(repr, a["enum"])) if "enum" in a
+                           else a.get("type", "any") + (f" of {kind(a['items'])}" if "items" in a else "")) for a in alts)
+
+    def table(name: str) -> str:
+        props = schemas.get(name, {}).get("properties", {})
+        rows = "".join(f"<tr><td><code>{escape(f)}</code></td><td>{escape(kind(p))}</td><td>{escape(repr(p['default']) if 'default' in p else '')}"
+                       f"</td><td>{escape(p.get('description', ''))}</td></tr>" for f, p in props.items())
+        return f"<table><tr><th>{escape(name)}</th><th>type</th><th>default</th><th></th></tr>{rows}</table>"
+    out = [f"<h1>{escape(spec['info']['title'])} API</h1><p>{escape(spec['info'].get('description', ''))}</p>"]
+    for path, ops in spec.get("paths", {}).items():
+        for method, op in ops.items():
+            out.append(f"<h2><code>{method.upper()} {escape(path)}</code></h2>")
+            for ref in ([op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})]
+                        + [op.get("responses", {}).get("200", {}).get("content", {}).get("application/json", {})
+                           .get("schema", {})]):         # (not FastAPI's 422 model: every error is {"error": one line})
+                if ref.get("$ref"):
+                    out.append(table(ref["$ref"].rsplit("/", 1)[-1]))
+    out.append('<p>Every error is <code>{"error": one line}</code>.</p>')
+    style = "body{font:14px sans-serif;max-width:60em;margin:2em auto}td,th{padding:2px 8px;text-align:left;vertical-align:top}"
+    return f"<!doctype html><meta charset=utf-8><title>FlowAR API</title><style>{style}</style>{''.join(out)}"
