@@ -909,6 +909,28 @@ def test_a_bulk_runs_samples_npz_is_written_one_shard_at_a_time(tmp_path):
     assert not (tmp_path / "c.npz").exists()
 
 
+def test_a_stopped_bulk_run_records_its_throughput_beside_the_resumed_ones(default_auto_engines, tmp_path, monkeypatch):
+    """run.json keeps each run's throughput (README): a run stopped after its first shard recorded none, so the
+    folder's record held the resumed run alone."""
+    import json
+
+    import flowar.commands.bulk as bulk
+    real = bulk._sample_here
+
+    def one_shard_then_stopped(spec, out, todo, progress, done_before):
+        real(spec, out, todo[:1], progress, done_before)
+        raise KeyboardInterrupt
+    spec = bulk.BulkSpec(str(default_auto_engines), 4, [0, 1], 0, {}, 2, 1)
+    monkeypatch.setattr(bulk, "_sample_here", one_shard_then_stopped)
+    with pytest.raises(KeyboardInterrupt, match="2 of 4 images written"):
+        bulk.run_bulk(spec, tmp_path / "run", progress=False)
+    monkeypatch.setattr(bulk, "_sample_here", real)
+    bulk.run_bulk(spec, tmp_path / "run", progress=False)
+    runs = json.loads((tmp_path / "run" / "run.json").read_text())["throughput"]
+    assert [(r["images"], r.get("stopped", False)) for r in runs] == [(2, True), (2, False)], runs
+    assert all(r["images_per_s"] > 0 for r in runs)
+
+
 def test_a_stop_ends_a_single_workers_batch_at_its_next_scale(default_auto_engines, tmp_path):
     """flowar-sample with one worker (in its own process) said "interrupted" at once, then ran on until
     its batch ended (FlowAR-S: 20 s; SIGTERM 18.8 s, past a container's 10 s grace), and a second Ctrl-C

@@ -260,6 +260,10 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
                     from flowar.commands.cluster import stop_ray
                     stop_ray()                                  # its workers stop (a shard may end) before the count
                 written = sum(e - s for j, s, e in shards if shard_is_done(out, j, s, e))
+                if now := written - (spec.num_images - done_now):      # (its throughput too: a resume's alone was kept)
+                    dt = time.perf_counter() - t0
+                    write_run_json(out, spec, [], {"images": now, "seconds": round(dt, 3), "images_per_s": round(
+                        now / dt, 4), "stopped": True, "workers": workers, "threads": spec.threads})
                 raise KeyboardInterrupt(f"{written} of {spec.num_images} images written to {out}; the same command "
                                         "resumes") from None
             finally:
