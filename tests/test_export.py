@@ -546,6 +546,8 @@ def test_weights_in_external_data_are_exported_verified_run_and_checked(fixtures
     import flowar.export.manifest as manifest
     hashed, sha256 = [], manifest.sha256_file
     monkeypatch.setattr(manifest, "sha256_file", lambda p, *a: hashed.append(os.path.basename(p)) or sha256(p, *a))
+    import flowar.commands.build as build                            # (the export's own name for it)
+    monkeypatch.setattr(build, "sha256_file", manifest.sha256_file)
     rep = build_engine_dir(fixtures_dir / "tiny_v1.safetensors", d, config_path=str(fixtures_dir / "tiny_v1.config.json"),
                            max_batch=2)
     # each file the export wrote hashed once, and the first open after it hashes none of them again: the data
