@@ -394,6 +394,13 @@ def test_an_idle_replica_admits_by_its_best_rate_and_says_when_a_request_cannot_
     with pytest.raises(ServiceError, match=r"Fix: ask for at most \d+ images per request, or ask a server started with "
                                            r"a longer --deadline \(this one's: 1 s\)$"):
         asyncio.run(many())
+    # (a timeout_s below --deadline, the image longer than both: the deadline is the limit all the same)
+    capped = Service(replica, Limits(queue=32, max_n=32, deadline_s=0.02), computes=[ThreadPoolExecutor(1)])
+
+    async def short_of_both():
+        await capped.submit(GenerateRequest(label=3, timeout_s=0.01), [(3, 0, None)])
+    with pytest.raises(ServiceError, match=r"Fix: ask a server started with a longer --deadline \(this one's: 0.02 s\)$"):
+        asyncio.run(short_of_both())
     assert refused is not None and refused.status == 503 and "Retry-After" not in refused.headers
     assert "30 asked for" in str(refused) and "at most 20 images" in str(refused), str(refused)
 

@@ -231,7 +231,7 @@ class Service:
         if alone > budget:                              # not even alone: no retry will help
             # (the most that would fit, each count at its own batch's rate: "at most 2" was refused in turn)
             fit = max((n for n in range(1, len(items)) if alone_s(n) <= budget), default=0)
-            longer = ("send a longer timeout_s" if budget < self.limits.deadline_s else   # (capped: it cannot help)
+            longer = ("send a longer timeout_s" if alone <= self.limits.deadline_s else   # (capped: it cannot help)
                       f"ask a server started with a longer --deadline (this one's: {self.limits.deadline_s:g} s)")
             if fit:
                 fix = f"ask for at most {fit} images per request, or {longer}"
