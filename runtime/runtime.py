@@ -267,8 +267,6 @@ class Runtime(contextlib.AbstractContextManager):
             res = run_sampling(Hooked(stages, clock) if clock else stages, self.config, list(labels),
                                schedule, seed, noise_file, decode=decode, device=self.device, progress=progress,
                                on_scale=on_scale, batch_size=bs, indices=indices, runner=self.runner)
-        # (made under inference mode: a caller's in-place op on them raised, unlike on a diffusers pipeline's)
-        res.tokens, res.images = res.tokens.clone(), None if res.images is None else res.images.clone()
         if timings is not None:
             timings.update(clock.read() if clock else {"sampling": res.seconds})
             timings["total"] = res.seconds

@@ -193,4 +193,6 @@ def run_sampling(stages: Stages, config: FlowARConfig, labels: list[int], schedu
     finally:                                # (an error's or a stop's line then starts a line of its own)
         if bar is not None:
             bar.close()
-    return SampleResult(torch.cat(toks), torch.cat(imgs) if imgs else None, labels, time.perf_counter() - t0, idx, traces)
+    with torch.inference_mode(False):       # (ordinary tensors, whatever mode it ran in: a caller's in-place op raised)
+        tokens, images = torch.cat(toks), torch.cat(imgs) if imgs else None
+    return SampleResult(tokens, images, labels, time.perf_counter() - t0, idx, traces)

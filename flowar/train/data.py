@@ -87,6 +87,7 @@ def load_animal_mnist(size: int = 32) -> ImageSet:
     data_path, label_path = animal_mnist_files()
     data = _load_numpy_pickle_gz(data_path)              # (10000, 28, 28) uint8
     labels = _load_numpy_pickle_gz(label_path)           # (10000,) int64
+    _require_room(len(labels), size)
     x = torch.from_numpy(data.astype(np.float32) / 127.5 - 1.0)
     x = pad_to(x + 1.0, size) - 1.0                      # pad with black (-1)
     return ImageSet(x[:, None].expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(labels.astype(np.int64)),
@@ -117,6 +118,7 @@ def load_image_folder(root: str | Path, size: int) -> ImageSet:
     """root/<class>/<image>: classes sorted by name, images resized (bicubic) and centre-cropped."""
     from PIL import Image
     classes, items = _folder_items(root)
+    _require_room(len(items), size)
     xs = []
     for _, p in items:
         try:
@@ -132,13 +134,16 @@ def load_image_folder(root: str | Path, size: int) -> ImageSet:
     return ImageSet(torch.stack(xs), torch.tensor([ci for ci, _ in items]), classes)
 
 
-def load_dataset(spec: str, size: int) -> ImageSet:
-    """``animal-mnist`` or a folder path; refused in one line where its images at ``size`` would not fit in memory
-    (--size 2048 was PyTorch's traceback, 640 grew until the system killed it)."""
+def _require_room(n: int, size: int) -> None:
+    """Refuse, in one line before they are made, ``n`` images at ``size`` that would not fit in memory (float32, held
+    twice while they are made: --size 2048 was PyTorch's traceback, 640 grew until the system killed it)."""
     from flowar.io.memory import require_memory
-    n = len(_load_numpy_pickle_gz(animal_mnist_files()[1])) if spec == "animal-mnist" else len(_folder_items(spec)[1])
     require_memory(2 * n * 3 * size * size * 4, f"the {n} images of --data at --size {size} (float32, twice while "
                    "they are made)", "use a smaller --size, or fewer images")
+
+
+def load_dataset(spec: str, size: int) -> ImageSet:
+    """``animal-mnist`` or a folder path."""
     if spec == "animal-mnist":
         return load_animal_mnist(size)
     return load_image_folder(spec, size)
