@@ -38,21 +38,27 @@ def test_semantics_match_official(official):
 
 
 def test_kv_cached_steps_equal_the_masked_prefix(tiny):
-    """The official sampler's KV-cache path and the one-pass masked path give the same semantics."""
+    """The official sampler's KV-cache path and the one-pass masked path give the same semantics:
+    within float32 noise, measured here as the masked path's distance from its float64 twin (each
+    float32 path is about that far from float64; a fixed 2e-6 was one host's rounding)."""
+    import copy
+    from parity import max_abs
     name, model, io = tiny
     c = model.config
     labels = io["semantics.labels"]
     inputs = [io[f"semantics.inputs_scale{k}"] for k in range(1, 5)]
+    model64 = copy.deepcopy(model).double()
     with torch.no_grad():
         caches = model.new_caches(labels.shape[0])
         cls = model.class_emb(labels)
         steps = [model.ar_step(k, cls, None if k == 0 else inputs[k - 1], caches) for k in range(c.n_scales)]
         full = model.semantics(labels, torch.cat(inputs, dim=1))
-    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 2e-6
-    # a shorter prefix gives the same leading scales (block-causality)
-    with torch.no_grad():
+        noise = max_abs(full, model64.semantics(labels, torch.cat(inputs, dim=1).double()))
+        # a shorter prefix gives the same leading scales (block-causality)
         part = model.semantics(labels, torch.cat(inputs[:2], dim=1), last_scale=2)
-    assert (part - full[:, : c.scale_end[2]]).abs().max().item() <= 2e-6
+    assert 0 < noise < 1e-4
+    assert max_abs(torch.cat(steps, dim=1), full) <= 4 * noise, (max_abs(torch.cat(steps, dim=1), full), noise)
+    assert max_abs(part, full[:, : c.scale_end[2]]) <= 4 * noise, (max_abs(part, full[:, : c.scale_end[2]]), noise)
 
 
 def test_time_truncation_happens_in_float32():
