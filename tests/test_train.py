@@ -570,8 +570,16 @@ def test_latent_cache_is_keyed_by_contents_not_paths(small_world, tmp_path, monk
 
 @pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(small_world, tmp_path):
+    """Two ranks under torchrun train what one process computes with the two ranks' half batches and
+    their gradients averaged (DDP's all-reduce): the same losses and EMA weights within float32
+    rounding. Without DDP each rank trained alone on its half (rank 0's weights were written), and
+    every assertion but this one held. Over an epoch the ranks' halves hold every image once."""
+    import dataclasses
+    from flowar.model.checkpoint import read_checkpoint
+    from flowar.train.data import Latents, index_dataset, load_latents
+    from flowar.train.trainer import FlowLoss, batches, build_config, build_run, ema_update, lr_at
     exe = Path(sys.executable).parent / "flowar-train"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", XDG_CACHE_HOME=str(tmp_path / "cache"))     # (its latents: read below)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--no-python", str(exe),
          "--out", str(tmp_path / "ddp"), "--vae", str(small_world / "vae"), "--data", str(small_world / "data"),
@@ -580,10 +588,36 @@ def test_torchrun_two_processes_on_cpu(small_world, tmp_path):
         cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "trained to step 3" in proc.stdout and proc.stdout.count("trained to step") == 1
-    from flowar.model.checkpoint import read_checkpoint
     ck = read_checkpoint(tmp_path / "ddp" / "checkpoint-last.safetensors")
-    assert len(json.loads(ck.metadata["losses"])) == 3
-    assert all(torch.isfinite(v).all() for k, v in ck.state_dict.items() if k != "mask")   # mask holds -inf by design
+    losses = json.loads(ck.metadata["losses"])
+    # the reference: one process, both ranks' batches, the mean of their losses (DDP averages the gradients)
+    args = _args(small_world, tmp_path / "ref", steps=3, warmup=1, cache_dir=str(tmp_path / "cache" / "flowar" / "latents"))
+    lat = load_latents(args.data, args.size, args.vae, args.cache_dir, index_dataset(args.data))
+    config = build_config(args, lat)
+    run = build_run(args, config, 1, tmp_path / "none")
+    objective, ref_losses = FlowLoss(run.model), []
+    for (step, *half0), (_, *half1) in zip(*(batches(lat, config, args, r, 2, 0, 3) for r in (0, 1))):
+        for grp in run.opt.param_groups:
+            grp["lr"] = lr_at(step, args)
+        loss = (objective(*half0) + objective(*half1)) / 2
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+        run.opt.step()
+        ema_update(run.ema, run.model, step, args.ema_decay)
+        ref_losses.append(loss.item())
+    assert np.allclose(losses, ref_losses, rtol=1e-5, atol=0), (losses, ref_losses)
+    ema = run.ema.state_dict()        # (within 1 % of one step at --lr 1e-3: a step's update is about the lr)
+    worst = max((ck.state_dict[k] - ema[k]).abs().max().item() for k in ema if k != "mask")   # (mask: -inf by design)
+    assert worst < 1e-5, worst
+    assert all(torch.isfinite(v).all() for k, v in ck.state_dict.items() if k != "mask")
+    # the halves: with no posterior noise each x is its image's mean; an epoch (3 steps of 8 of 24) holds each once
+    exact = Latents(lat.mean, torch.zeros_like(lat.std), lat.labels, lat.class_names)
+    seen = torch.cat([x for r in (0, 1) for _, x, *_ in batches(exact, config, dataclasses.replace(args, label_drop=0),
+                                                                 r, 2, 0, 3)])
+    assert seen.shape[0] == lat.mean.shape[0] == 24
+    assert sorted(map(bytes, (seen / config.latent_scale).numpy().round(5).reshape(24, -1))) == \
+        sorted(map(bytes, lat.mean.numpy().round(5).reshape(24, -1)))
 
 
 def _child_of_rank(pid: int, rank: int) -> int:
