@@ -28,10 +28,39 @@ def test_official_flat_pth(tmp_path, official_sd):
     torch.save(official_sd, p)
     model, ck = load_model(p, preset="tiny")
     assert ck.source == "flat" and _same(model, official_sd)
-    # the legacy (pre-zip) format, which cannot be memory-mapped: read into memory (it was refused as corrupt)
+    # the legacy (pre-zip) format (it was refused as corrupt)
     torch.save(official_sd, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
     model, ck = load_model(tmp_path / "legacy.pth", preset="tiny")
     assert ck.source == "flat" and _same(model, official_sd)
+
+
+def test_a_loaded_pth_is_not_tied_to_its_file(tmp_path, official_sd):
+    """The official trainer rewrites checkpoint-last.pth in place (torch.save): a model loaded from it
+    keeps its weights (memory-mapped, it read the new ones, or died of SIGBUS where the file was cut)."""
+    p = tmp_path / "checkpoint-last.pth"
+    torch.save({"model_ema": official_sd}, p)
+    model, _ = load_model(p, preset="tiny")
+    torch.save({"model_ema": {k: v + 1 if v.is_floating_point() else v for k, v in official_sd.items()}}, p)
+    assert _same(model, official_sd)
+
+
+def test_a_tensor_larger_than_its_record_is_refused_as_corrupt(tmp_path):
+    """A .pth whose pickle gives a tensor more elements than its storage's record holds (a damaged or
+    crafted file): refused in one line, not loaded with the bytes that follow the record."""
+    import zipfile
+    torch.save({"a": torch.arange(4, dtype=torch.float32), "b": torch.full((4,), 7.0)}, tmp_path / "ok.pth")
+    with zipfile.ZipFile(tmp_path / "ok.pth") as src, \
+            zipfile.ZipFile(tmp_path / "bad.pth", "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                at = data.find(b"K\x04", data.find(b"X\x03\x00\x00\x00cpu"))     # storage 0's 4 elements
+                data = data[:at] + b"M\x64\x00" + data[at + 2:]                       # ... declared 100
+                at = data.find(b"K\x04\x85", at + 3)                                 # and tensor a's shape (4,)
+                data = data[:at] + b"M\x64\x00\x85" + data[at + 3:]                   # ... (100,)
+            dst.writestr(info, data)
+    with pytest.raises(CheckpointError, match="bad.pth cannot be read .*truncated or corrupt"):
+        read_checkpoint(tmp_path / "bad.pth")
 
 
 def test_training_checkpoint_prefers_ema(tmp_path, official_sd):

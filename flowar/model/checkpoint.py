@@ -324,7 +324,7 @@ def load_model(path: str | Path, preset: str | None = None, config_path: str | P
     check_fits(ck.state_dict, config, ck.path, from_metadata=ck.config is not None)
     check_class_names(ck, config)
     # Built as a skeleton and given the checkpoint's tensors themselves (assign): one copy of the
-    # weights in memory, not two (for a float32 .pth, none: its tensors are the file's mapped pages).
+    # weights in memory, not two.
     with skeleton():
         model = FlowAR(config)
     ck.state_dict = as_model_dtypes(ck.state_dict, model.state_dict(), ck.path)

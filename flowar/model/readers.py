@@ -8,7 +8,6 @@ import argparse
 import re
 import sys
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +61,11 @@ def read_pickle(path: Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
             # (torch warns about a legacy file's pickle protocol before any error: not the user's business)
             warnings.simplefilter("ignore")
-            # mmap: the tensors stay in the file's pages (a 7.65 GB FlowAR-H is not copied into memory;
-            # the model takes them as they are, see load_model); a file in the legacy (pre-zip) format
-            # cannot be mapped: read into memory (it was refused as corrupt)
-            legacy = not zipfile.is_zipfile(path)
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=not legacy)
+            # Read into memory, not mapped: the official trainer rewrites checkpoint-last.pth in place
+            # (torch.save), and a mapped model then computed with the new or half-written weights, or died
+            # of SIGBUS where the file was cut; mapped, torch also took a tensor larger than its record (the
+            # bytes after it) where it refuses one read. (FlowAR-S read and touched: 1.1 s against 0.8.)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:
         raise os_error(path, e) from e
     except Exception as e:   # noqa: BLE001 - every other failure here is the file's fault
