@@ -174,6 +174,23 @@ def load_package(path: Path, models: int = 1):
     return Library(path, models)
 
 
+_OPENED: dict[str, tuple[int, int]] = {}      # a library's path -> the file (device, inode) dlopen gave that name
+
+
+def _fresh_name(path: Path) -> Path | None:
+    """A name to dlopen ``path`` by where this process opened another file at that path before (a
+    re-export swaps the directory whole): glibc gives the library it loaded for a name it has seen,
+    without looking at the file, so the old code ran with the new file's weights (another model's:
+    SIGSEGV). A link in a folder of its own, removed once loaded; None where the path's name will do."""
+    name, st = str(path.resolve()), os.stat(path)
+    if _OPENED.setdefault(name, (st.st_dev, st.st_ino)) == (st.st_dev, st.st_ino):
+        return None
+    import tempfile
+    link = Path(tempfile.mkdtemp(prefix="flowar-aoti-")) / f"{st.st_ino}-{path.name}"
+    link.symlink_to(name)
+    return link
+
+
 class Library:
     """A compiled stage's shared library, called through the C interface every AOTInductor library
     exports (create a model container, run it, delete it) with ``ctypes``, which releases the GIL
@@ -186,7 +203,8 @@ class Library:
 
     def __init__(self, path: Path, models: int = 1):
         c = ctypes
-        self._lib = lib = c.CDLL(str(path))
+        link = _fresh_name(Path(path))
+        self._lib = lib = c.CDLL(str(link or path))
         ptr, size = c.c_void_p, c.c_size_t
         for name, args in (("CreateWithDevice", [c.POINTER(ptr), size, c.c_char_p, c.c_char_p]),
                            ("Run", [ptr, c.POINTER(ptr), size, c.POINTER(ptr), size, ptr, ptr]),
@@ -195,7 +213,12 @@ class Library:
             fn = getattr(lib, "AOTInductorModelContainer" + name)
             fn.argtypes, fn.restype = args, c.c_int32
         self._handle = ptr()
-        self._check(lib.AOTInductorModelContainerCreateWithDevice(c.byref(self._handle), models, b"cpu", None), "load")
+        try:          # (the weights are mapped from the library's file as the container is made)
+            self._check(lib.AOTInductorModelContainerCreateWithDevice(c.byref(self._handle), models, b"cpu", None),
+                        "load")
+        finally:
+            if link is not None:
+                shutil.rmtree(link.parent, ignore_errors=True)
         n, m = size(), size()
         self._check(lib.AOTInductorModelContainerGetNumInputs(self._handle, c.byref(n)), "load")
         self._check(lib.AOTInductorModelContainerGetNumOutputs(self._handle, c.byref(m)), "load")

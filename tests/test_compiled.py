@@ -304,3 +304,51 @@ def test_the_library_called_through_its_c_interface_gives_pytorchs_runner_output
     with pytest.raises(FlowARError, match=f"{len(spec.inputs)} input tensors"):
         lib(cases[0][:-1])
     lib.close()
+
+
+def test_a_library_replaced_at_its_path_is_loaded_anew_in_the_same_process(compiled_dir, tmp_path, monkeypatch):
+    """A re-export swaps the directory whole: the same path, another file. Opened again in the same
+    process (a notebook that re-exports), that file's library is what runs: glibc gave the library it
+    had loaded for that name without looking at the file (old code over the new weights: SIGSEGV for
+    another model). Here another library (a stand-in of AOTInductor's C interface: 7 inputs) in place
+    of the stage's, then a copy of the stage's again, which computes what it did."""
+    import os
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from flowar.engines.aoti import Library
+    from flowar.export.specs import sample_inputs
+    d, model, spec, _ = compiled_dir
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))       # (where a link to load it by goes)
+    src = tmp_path / "other.c"
+    src.write_text("#include <stddef.h>\n"
+                   "int AOTInductorModelContainerCreateWithDevice(void **h, size_t n, const char *d, const char *c)"
+                   " { *h = (void *)1; return 0; }\n"
+                   "int AOTInductorModelContainerRun(void) { return 1; }\n"
+                   "int AOTInductorModelContainerGetNumInputs(void *h, size_t *n) { *n = 7; return 0; }\n"
+                   "int AOTInductorModelContainerGetNumOutputs(void *h, size_t *n) { *n = 5; return 0; }\n"
+                   "int AOTInductorModelContainerDelete(void *h) { return 0; }\n")
+
+    def swap_in(make) -> Path:                   # a new folder renamed into place, as an export's staging does
+        new = tmp_path / "new"
+        new.mkdir()
+        make(new / "head_prep.aoti-bf16.so")
+        if (tmp_path / "e").exists():
+            os.rename(tmp_path / "e", tmp_path / "old")
+        os.rename(new, tmp_path / "e")
+        shutil.rmtree(tmp_path / "old", ignore_errors=True)
+        return tmp_path / "e" / "head_prep.aoti-bf16.so"
+
+    stage = lambda p: shutil.copy2(d / "head_prep.aoti-bf16.so", p)        # noqa: E731
+    case = [sample_inputs(spec, model.config, 2, 3, torch.Generator().manual_seed(4))[n] for n in spec.inputs]
+    lib = Library(swap_in(stage))
+    want = lib(case)
+    lib.close()
+    lib = Library(swap_in(lambda p: subprocess.run(["cc", "-shared", "-fPIC", str(src), "-o", str(p)], check=True)))
+    assert (lib.inputs, lib.outputs) == (7, 5)
+    lib = Library(swap_in(stage))
+    assert lib.inputs == len(spec.inputs) and all(torch.equal(a, b) for a, b in zip(want, lib(case)))
+    lib.close()
+    assert not list((tmp_path / "tmp").iterdir())          # (each link went once its library was loaded)
