@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from flowar.config import FlowARConfig
 from flowar.errors import EngineDirError, FlowARError
-from flowar.io.digests import MADE_FOR, SEAL, edited_parts, seal_of, sealed, sha256_file, strict_json
+from flowar.io.digests import MADE_FOR, edited_parts, seal_broken, sealed, sha256_file, strict_json
 from flowar.io.digests import VAE_FILES, vae_sha256  # noqa: F401 - (imported from here too)
 from flowar.io.files import file_state
 
@@ -381,7 +381,7 @@ def read_manifest(root: str | Path, verify_hashes: bool = False, note_edits: boo
     if changed:
         raise EngineDirError(f"{changed[0][0]} with the sha256 recorded at export", "a different file (modified or "
                              "corrupt)", manifest.rebuild)
-    if note_edits and m.get(SEAL) is not None and m[SEAL] != seal_of(m):     # (flowar-check refuses such a directory)
+    if note_edits and seal_broken(m):                                      # (flowar-check refuses such a directory)
         import sys
         if made_for := [p for p in edited_parts(m) if p.startswith(MADE_FOR) and p != "config.latent_scale"]:
             raise EngineDirError(f"{MANIFEST}'s config and decoder shape as exported (its graphs were made for them)",

@@ -410,7 +410,12 @@ def test_flowar_check_finds_a_manifest_edited_since_the_export(engine_dirs, tmp_
     assert bad.returncode == 2 and "manifest.json itself edited since" in bad.stderr and "Traceback" not in bad.stderr, bad
     (d / "manifest.json").write_text(text)
     assert invoke(check_cmd, exe).returncode == 0
-    del m["sealed_sha256"]                               # an export from before the seal: intact, and said
+    del m["sealed_sha256"]                               # the seal alone removed, over an edit: the edit is found
+    (d / "manifest.json").write_text(json.dumps(m | {"config": m["config"] | {"latent_scale": 2.0}}))
+    bad = invoke(check_cmd, exe)          # (it said "unsealed (an export before the seal)", exit 0; and flowar-run nothing)
+    assert bad.returncode == 2 and "itself edited since: config.latent_scale, sealed_sha256. Fix" in bad.stderr, bad
+    assert "edited since its export (config.latent_scale, sealed_sha256): it runs" in invoke(run_cmd, run).stderr
+    del m["sealed_parts"]                                # an export from before the seal: intact, and said
     (d / "manifest.json").write_text(json.dumps(m))
     old = invoke(check_cmd, exe)
     assert old.returncode == 0 and old.stdout.strip().endswith("manifest.json unsealed (an export before the seal): an "

@@ -66,7 +66,7 @@ def check_cmd(engine_dir, must_open, quiet, debug):
     whether it opens here (said; exit 3 only with --must-open, since a directory for a GPU is
     checked on a CPU)."""
     from flowar.export.manifest import MANIFEST, read_manifest
-    from flowar.io.digests import SEAL, edited_parts, seal_of
+    from flowar.io.digests import SEAL, edited_parts, seal_broken, seal_of
     m = read_manifest(engine_dir)                # (its format, fields and paths; a missing file is named here)
     t0 = time.perf_counter()
     changed = m.changed(progress=not quiet)
@@ -74,7 +74,7 @@ def check_cmd(engine_dir, must_open, quiet, debug):
     # images while every file it lists still hashed to its record
     raw = json.loads((m.root / MANIFEST).read_text())
     now = seal_of(raw)
-    edited = raw.get(SEAL) is not None and raw[SEAL] != now
+    edited = seal_broken(raw)
     members = set(m.members())
     n, size = len(members), sum(m.member(rel).stat().st_size for rel, _ in members)
     if changed or edited:

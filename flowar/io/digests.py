@@ -72,14 +72,24 @@ def strict_json(v):
             if isinstance(v, (list, tuple)) else str(v) if isinstance(v, float) and not math.isfinite(v) else v)
 
 
+def seal_broken(record: dict) -> bool:
+    """Whether a sealed ``record`` was edited since: its seal is not its fields' digest, or the seal
+    is gone while the digests sealed with it stay (removing the one key passed any edit as a record
+    from before the seal). A record with neither is from before the seal: nothing to tell."""
+    if record.get(SEAL) is None:
+        return SEAL_PARTS in record
+    return record[SEAL] != seal_of(record)
+
+
 def edited_parts(record: dict) -> list[str]:
     """The fields of a sealed ``record`` whose digests are not those it was sealed with (added and
-    removed ones too); empty where it holds no digests to compare (then only :data:`SEAL` tells)."""
+    removed ones too), and the seal itself where it was removed; empty where it holds no digests to
+    compare (then only :data:`SEAL` tells)."""
     was = record.get(SEAL_PARTS)
     if not isinstance(was, dict):
         return []
     now = seal_parts(record)
-    return sorted(k for k in now.keys() | was.keys() if now.get(k) != was.get(k))
+    return sorted(k for k in now.keys() | was.keys() if now.get(k) != was.get(k)) + [SEAL] * (record.get(SEAL) is None)
 
 
 def vae_sha256(path: str | Path) -> str:
