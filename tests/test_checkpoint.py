@@ -235,6 +235,18 @@ def test_a_non_float_tensor_is_one_line_naming_it(tmp_path, official_sd, dtype):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("kind", ["sparse_coo", "sparse_csr", "quantized"])
+def test_a_sparse_or_quantized_tensor_is_one_line_naming_it(tmp_path, official_sd, kind):
+    """Weights-only loading takes them, and the model failed in its first layer with a traceback."""
+    w = official_sd["class_emb.weight"]
+    odd = {"sparse_coo": w.to_sparse(), "sparse_csr": w.to_sparse_csr(),
+           "quantized": torch.quantize_per_tensor(w, 0.01, 0, torch.qint8)}[kind]
+    torch.save(dict(official_sd, **{"class_emb.weight": odd}), tmp_path / "w.pth")
+    with pytest.raises(CheckpointError, match=f"class_emb.weight in .*w.pth is a (torch.)?{kind} tensor") as e:
+        load_model(tmp_path / "w.pth", preset="tiny")
+    assert "\n" not in str(e.value) and "dense" in str(e.value)
+
+
 def test_class_names_must_name_every_class(tmp_path, official_sd):
     p = tmp_path / "named.safetensors"
     save_checkpoint(p, official_sd, PRESETS["tiny"], class_names=["a", "b"])

@@ -144,6 +144,11 @@ def read_checkpoint(path: str | Path, use_ema: bool = True) -> LoadedCheckpoint:
         raise CheckpointError("a flat state dict, or a training checkpoint with 'model'/'model_ema'/'state_dict'",
                               f"{p} holds keys {sorted(map(str, obj))[:5] if isinstance(obj, dict) else type(obj).__name__}",
                               "pass the released .pth or a checkpoint written by flowar-train")
+    # (weights-only loading takes sparse and quantized tensors; the model then failed in its first layer, a traceback)
+    if odd := next((k for k, v in obj.items() if v.layout != torch.strided or v.is_quantized), None):
+        raise CheckpointError("dense tensors (plain weights)", f"{odd} in {p} is a "
+                              f"{'quantized' if obj[odd].is_quantized else str(obj[odd].layout)} tensor",
+                              "save the model's dense float weights (tensor.to_dense(), .dequantize())")
     return LoadedCheckpoint(_strip_prefix(dict(obj)), p, source=source)
 
 
