@@ -727,6 +727,21 @@ def test_malformed_files_are_one_line_not_a_traceback(fixtures_dir, tmp_path):
     (tmp_path / "empty.safetensors").write_bytes(b"")
     with pytest.raises(FlowARError, match="empty.safetensors is empty"):
         map_safetensors(tmp_path / "empty.safetensors", "0" * 64)
+    # headers that do not describe their bytes (a crafted file whose hash is recorded: a traceback, or a tensor
+    # read to the end of the file)
+    import struct
+    for header in ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, [1, 2],
+                   {"w": {"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}},
+                   {"w": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}}, {"w": 5},
+                   {"w": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}):
+        raw = json.dumps(header).encode()
+        (tmp_path / "odd.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 16)
+        with pytest.raises(FlowARError, match="odd.safetensors: .*header") as e:
+            map_safetensors(tmp_path / "odd.safetensors")
+        assert "\n" not in str(e.value), header
+    raw = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}).encode()
+    (tmp_path / "odd.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 16)
+    assert map_safetensors(tmp_path / "odd.safetensors")["w"].shape == (2, 2)
     build_engine_dir(fixtures_dir / "tiny_v1.safetensors", tmp_path / "e", preset="tiny", max_batch=1, verify=False)
     m = json.loads((tmp_path / "e" / "manifest.json").read_text())
     stage = next(iter(m["stages"]))

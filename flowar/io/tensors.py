@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import os
 import struct
@@ -38,21 +39,36 @@ def map_safetensors(path: str | Path, sha256: str | None = None, what: str = "we
     try:
         (n,) = struct.unpack("<Q", mm[:8])
         header = json.loads(mm[8:8 + n])
+        if not isinstance(header, dict):
+            raise ValueError(f"a header of {type(header).__name__}, not of names")
         out = {}
         with warnings.catch_warnings():        # the mapping is read-only, and so are the weights
             warnings.simplefilter("ignore", UserWarning)
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
-                dtype = DTYPES[info["dtype"]]
-                begin, end = info["data_offsets"]
+                dtype, begin, end, shape = _entry(name, info, len(mm) - 8 - n)
                 count = (end - begin) // torch.empty((), dtype=dtype).element_size()
                 t = torch.frombuffer(mm, dtype=dtype, count=count, offset=8 + n + begin) if count else \
                     torch.empty(0, dtype=dtype)
-                out[name] = t.view(info["shape"])
+                out[name] = t.view(shape)
     except (ValueError, KeyError, struct.error) as e:
         raise FlowARError(f"{what} in the safetensors format", f"{p}: {e}", "write the file again") from e
     return out
+
+
+def _entry(name: str, info, size: int) -> tuple[torch.dtype, int, int, list[int]]:
+    """A header entry's dtype, byte range and shape, checked against each other and the data's ``size``
+    (a range past the data, or backwards, was read to the end of the file; a shape of another size
+    was PyTorch's traceback); ValueError naming the tensor otherwise."""
+    ok = isinstance(info, dict) and info.get("dtype") in DTYPES and isinstance(info.get("shape"), list) and \
+        all(type(d) is int and d >= 0 for d in info["shape"]) and isinstance(info.get("data_offsets"), list) and \
+        len(info["data_offsets"]) == 2 and all(type(o) is int for o in info["data_offsets"])
+    if ok:
+        dtype, (begin, end) = DTYPES[info["dtype"]], info["data_offsets"]
+        if 0 <= begin <= end <= size and end - begin == math.prod(info["shape"]) * torch.empty((), dtype=dtype).element_size():
+            return dtype, begin, end, info["shape"]
+    raise ValueError(f"tensor {name!r} has a header entry that does not describe its bytes ({str(info)[:80]})")
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
