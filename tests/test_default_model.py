@@ -49,6 +49,11 @@ def test_onnx_runtime_matches_eager_at_45_db_and_fp16_runs(eager, tmp_path):
     p32 = psnr(got.images, ref.images)
     assert p32 >= 45.0, p32
     build_engine_dir(CKPT, tmp_path / "fp16", vae_path=VAE, max_batch=4, precision="fp16", verify=False)
+    # the tolerance each manifest records is the one its check applies: fp16's relative 3 % (it said fp32's 1e-4)
+    from flowar.export.manifest import read_manifest
+    for d, tol in (("fp32", 1e-4), ("fp16", 3e-2)):
+        assert {s: r["tolerance"] for s, r in read_manifest(tmp_path / d).stages.items()} == dict.fromkeys(
+            ("ar", "head_prep", "velocity", "decode"), tol), d
     with Runtime.open_engine_dir(tmp_path / "fp16", backend="ort") as rt:
         assert rt.detail == "ONNX Runtime CPUExecutionProvider, fp16 graphs", rt.detail     # (what runs, said)
         half = run_sampling(rt.stages, rt.config, labels, **kw)

@@ -217,7 +217,8 @@ def export_graphs(req: ExportRequest, model, vae, specs: dict, tmp: Path, report
         files = export_stage(spec, module, model.config, path, rows, req.graph_precision)
         report.seconds[f"export {name}"] = time.perf_counter() - t0
         rec = {"file": path.name, "sha256": sha256_file(path, report.found), "inputs": list(spec.inputs),
-               "outputs": list(spec.outputs), "tolerance": spec.tolerance, "max_rows": rows}
+               "outputs": list(spec.outputs), "max_rows": rows,       # (fp16/bf16: of each output's largest value)
+               "tolerance": REDUCED_TOLERANCE[req.graph_precision] or spec.tolerance}
         if len(files) > 1:                             # weights as external data beside the graph
             rec |= {"data": files[1].name, "data_sha256": sha256_file(files[1], report.found)}
         rec["bytes"] = sum(f.stat().st_size for f in files)
@@ -229,7 +230,7 @@ def export_graphs(req: ExportRequest, model, vae, specs: dict, tmp: Path, report
         elif req.verify:
             say(f"verify {name}")
             t0 = time.perf_counter()
-            chk = verify_stage(spec, module, model.config, path, rows, REDUCED_TOLERANCE[req.graph_precision],
+            chk = verify_stage(spec, module, model.config, path, rows, rec["tolerance"],
                                relative=req.graph_precision != "fp32")
             report.checks.append(chk)
             rec["verified_max_rel_diff" if chk.relative else "verified_max_abs_diff"] = chk.worst
