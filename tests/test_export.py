@@ -205,7 +205,9 @@ def test_onnx_runtime_reproduces_official_tokens(engine_dirs, fixtures_dir, name
 @pytest.mark.parametrize("name", ["tiny_v1", "tiny_v2"])
 def test_row_blocks_on_separate_cores_equal_one_whole_call(engine_dirs, name):
     """The CPU runtime splits a call's rows into blocks run at once; each block must give its
-    rows exactly as one call over all rows does (same graph, one thread each)."""
+    rows as one call over all rows does (same graph, one thread each): within a few float32 ulps of
+    the largest value (other row counts may take other GEMM kernels), where a block given another
+    block's rows is off by the values themselves."""
     from flowar.export.specs import sample_inputs
     from flowar.runtime.engines import OrtEngine
     d, _ = engine_dirs[name]
@@ -229,7 +231,7 @@ def test_row_blocks_on_separate_cores_equal_one_whole_call(engine_dirs, name):
                 assert blocks == (1 if threads == 1 or stage == "head_prep" else 2), (stage, blocks)
         for n in spec.outputs:
             assert torch.isfinite(outs[2][n]).all(), (stage, n)        # every row written
-            assert (outs[2][n] - outs[1][n]).abs().max().item() <= 1e-6, (stage, n)
+            assert (outs[2][n] - outs[1][n]).abs().max().item() <= _ulps(outs[1][n]), (stage, n)
 
 
 def test_blocks_with_several_threads_each_get_their_own_session(engine_dirs):
@@ -251,7 +253,12 @@ def test_blocks_with_several_threads_each_get_their_own_session(engine_dirs):
             (runs,) = eng._runs.values()
             if threads == 4:                  # two blocks of two threads
                 assert len(runs) == 2 and runs[0].func.__self__ is not runs[1].func.__self__   # two sessions
-    assert (got[4] - got[1]).abs().max().item() <= 1e-6
+    assert (got[4] - got[1]).abs().max().item() <= _ulps(got[1])
+
+
+def _ulps(t: torch.Tensor, n: int = 8) -> float:
+    """``n`` float32 ulps of ``t``'s largest magnitude (of 1 at least)."""
+    return n * torch.finfo(torch.float32).eps * max(1.0, t.abs().max().item())
 
 
 def test_velocity_bindings_are_made_once_per_scale_and_row_count(engine_dirs):
