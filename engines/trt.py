@@ -153,31 +153,61 @@ def build_plan(b: Builder, graph: Path, graph_sha: str, spec: StageSpec, config:
     profs = profiles(spec, config, max_rows)
     pg_profiles = [_pg_profile(pg, p) for p in profs]
     timed = b.flavour == "tensorrt"          # TensorRT-RTX tunes at run time: its timing cache is a no-op
+    kw = dict(profiles=pg_profiles, progress_monitor=_stop_monitor(b.trt))
     if timed:
         # TensorRT's own default keeps TF32 on; Polygraphy's turns it off.
-        create = pg.CreateConfig(profiles=pg_profiles, tf32=True, load_timing_cache=str(timing_cache))
+        create = pg.CreateConfig(**kw, tf32=True, load_timing_cache=str(timing_cache))
     else:
         from polygraphy.backend.tensorrt_rtx import CreateConfigRTX
         if compute_capability is None and gpu is not None:
-            create = CreateConfigRTX(profiles=pg_profiles, use_gpu=True)         # for this GPU
-        else:                                                                     # ahead of time, no GPU needed
-            create = CreateConfigRTX(profiles=pg_profiles, compute_capabilities=[(int(cc[2:-1]), int(cc[-1]))])
+            create = CreateConfigRTX(**kw, use_gpu=True)         # for this GPU
+        else:                                                     # ahead of time, no GPU needed
+            create = CreateConfigRTX(**kw, compute_capabilities=[(int(cc[2:-1]), int(cc[-1]))])
+    from flowar.errors import raise_if_stopped, stops_held
     try:
-        with G_LOGGER.verbosity(G_LOGGER.ERROR), warnings.catch_warnings():
+        # A stop (Ctrl-C, SIGTERM) is recorded, not raised, while TensorRT builds: raised inside its callbacks (its
+        # logger's), it printed TensorRT's "Exception caught in log()" and a stack; the monitor cancels the build
+        # at its next step instead, and the stop is raised here
+        with stops_held(""), G_LOGGER.verbosity(G_LOGGER.ERROR), warnings.catch_warnings():
             # Polygraphy always sets a timing cache; TensorRT-RTX warns that it is a no-op there
             warnings.filterwarnings("ignore", "Use Deprecated in TensorRT-RTX", DeprecationWarning)
             net = _network(pg, graph, profs)
             serialized = pg.engine_bytes_from_network(net, create, save_timing_cache=str(timing_cache) if timed else None)
     except PolygraphyException as e:
+        raise_if_stopped()                    # (a cancelled build: "interrupted", not a failed one)
         raise _loader_error(e, "build a plan for", graph) from e
     finally:
         Path(f"{timing_cache}.lock").unlink(missing_ok=True)      # Polygraphy's lock beside the cache
+    raise_if_stopped()
     key = plan_key(graph_sha, precision, profs, b, cc)
     plan = out_dir / f"{spec.name}.{key[:16]}.plan"
     plan.write_bytes(bytes(serialized))
     from flowar.export.manifest import sha256_file
     return {"file": plan.name, "sha256": sha256_file(plan), "key": key, "profiles": profs,
             "compute_capability": cc}
+
+
+def _stop_monitor(trt):
+    """A TensorRT progress monitor that cancels the build once a stop was asked for."""
+    from flowar.errors import stopped
+
+    class StopMonitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            pass
+
+        def phase_finish(self, phase_name):
+            pass
+
+        def step_complete(self, phase_name, step):
+            if stopped() is None:
+                return True
+            from polygraphy.logger import G_LOGGER      # (cancelled: not Polygraphy's "[!] Invalid Engine" line; the
+            G_LOGGER.module_severity = G_LOGGER.CRITICAL + 1       # build's verbosity context restores it)
+            return False
+    return StopMonitor()
 
 
 def _pg_profile(pg, p: dict[str, list[list[int]]]):

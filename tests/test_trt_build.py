@@ -195,6 +195,41 @@ def test_built_plans_hold_the_profiles_and_agree_with_onnx_runtime(trt_dir):
 
 
 
+def test_a_stop_while_a_plan_builds_cancels_it_and_prints_no_stack(trt_dir, tmp_path, capfd, monkeypatch):
+    """Ctrl-C (or SIGTERM) while TensorRT builds a plan: the command's handler raised inside TensorRT's
+    callback into Python (its logger), and TensorRT printed "Exception caught in log()" with a stack
+    before "interrupted". The stop is recorded there, the build cancelled at its next step, and the
+    stop raised once TensorRT has returned: no plan written, nothing printed."""
+    import os
+    import signal
+
+    from polygraphy.backend.trt import util
+
+    from flowar.engines.trt import build_plan, load_builder
+    from flowar.errors import stop_asked, stops_cleared
+    m, b = trt_dir, load_builder()
+    logger = type(util.get_trt_logger())
+    real, sent = logger.log, []
+
+    def log(self, severity, msg):                 # the stop comes while TensorRT works (as the signal did)
+        if not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGINT))
+        return real(self, severity, msg)
+    monkeypatch.setattr(logger, "log", log)
+    before = signal.signal(signal.SIGINT, stop_asked)
+    stops_cleared()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build_plan(b, m.member(m.stages["velocity"]["file"]), m.stages["velocity"]["sha256"], m.specs()["velocity"],
+                       m.config, m.stages["velocity"]["max_rows"], "fp32", tmp_path, tmp_path / "timing.cache", "sm80")
+    finally:
+        signal.signal(signal.SIGINT, before)
+        stops_cleared()
+    err = capfd.readouterr().err
+    assert sent and not [w for w in ("Exception caught", "Traceback", "At:", "Invalid Engine") if w in err], err
+    assert not list(tmp_path.glob("*.plan"))
+
+
 def test_bf16_graphs_for_tensorrt_skip_onnx_runtime_and_a_cpu_is_told_what_runs(trt_dir, fixtures_dir, tmp_path):
     """--backend trt --precision bf16: ONNX Runtime has no bf16 kernels on a CPU, so the export's check
     against it ended in its NotImplemented traceback, and a directory exported with --no-verify did on
