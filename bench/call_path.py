@@ -15,7 +15,6 @@ counted). A measure of how much a newcomer must read to follow one image (issue 
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import os
 import subprocess
@@ -56,11 +55,12 @@ def trace(argv: list[str]) -> dict[tuple[str, int, str], int]:
     return seen
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str]) -> int:
+    from entry import Parser
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--engine-dir", help="an engine directory of the default model [default: export one now]")
     ap.add_argument("--list", action="store_true", help="print every function, grouped by file")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         engines = a.engine_dir
         if engines is None:
@@ -78,7 +78,9 @@ def main() -> None:
             for line, q in names:
                 print(f"    {line:5d} {q}")
     print(f"one image of flowar-run --engine-dir crosses {len(seen)} functions of this project in {len(files)} files")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from entry import run_script
+    sys.exit(run_script(main))

@@ -89,8 +89,8 @@ class BenchSpec:
 
 def parse(argv=None) -> tuple[BenchSpec, bool]:
     from flowar.config import SAMPLING_DEFAULTS
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    from entry import Parser
+    ap = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--engine-dir", help="engine directory from flowar-export (its checkpoint is the eager model)")
     src.add_argument("--ckpt", help="a checkpoint (self-describing, or with --preset/--config)")
@@ -157,8 +157,10 @@ def check(a) -> BenchSpec:
         raise FlowARError("--batch and --repeat >= 1", f"{a.batch} / {a.repeat}", "use positive numbers")
     if a.warmup < 0:                                  # (-1 ended in an AttributeError, or timed one run fewer)
         raise FlowARError("--warmup >= 0", str(a.warmup), "use e.g. --warmup 1")
-    if a.fresh < 0 or (a.threads is not None and a.threads < 1):     # (found after the warm runs, or by torch)
-        raise FlowARError("--fresh >= 0 and --threads >= 1", f"{a.fresh} / {a.threads}", "use e.g. --fresh 3")
+    if a.fresh < 0:                                   # (found after the warm runs)
+        raise FlowARError("--fresh >= 0", str(a.fresh), "use e.g. --fresh 3")
+    if a.threads is not None and a.threads < 1:       # (found by torch)
+        raise FlowARError("--threads >= 1", str(a.threads), "use e.g. --threads 2, or leave it out for every core")
     if a.fresh and not a.engine_dir:                  # (it was ignored)
         raise FlowARError("--fresh with --engine-dir (fresh flowar-run --engine-dir against --ckpt)",
                           "--fresh without --engine-dir", "add --engine-dir, or drop --fresh")
@@ -178,15 +180,8 @@ def check(a) -> BenchSpec:
 
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from flowar.errors import FlowARError, one_line
-    a, debug = parse(argv)
-    try:
-        return run(check(a))
-    except (FlowARError, OSError) as e:
-        if debug:
-            raise
-        print(one_line(e), file=sys.stderr)
-        return 2
+    from entry import run_script
+    return run_script(lambda args: run(check(parse(args)[0])), argv)
 
 
 def open_bench_source(spec: BenchSpec) -> tuple[BenchSource, str, bool, bool]:
@@ -308,7 +303,8 @@ def run(spec: BenchSpec) -> int:
             fresh = fresh_runs(spec.engine_dir, spec.fresh, spec.threads)
             print("\n".join(lines(fresh)), flush=True)
         except Exception as e:   # noqa: BLE001 - the warm results are still written, with the reason beside them
-            fresh = {"error": f"{type(e).__name__}: {e}"[:300]}
+            from flowar.errors import FlowARError
+            fresh = {"error": str(e) if isinstance(e, FlowARError) else f"{type(e).__name__}: {e}"[:300]}
             print(f"# fresh processes failed: {fresh['error']}", file=sys.stderr, flush=True)
     return report(spec, results, info, label, random_weights, schedules, decode, flops, peak, config, fresh)
 

@@ -32,8 +32,10 @@ def flowar_run(args: list[str], threads: int | None) -> dict:
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    if done.returncode != 0:              # (its own line, whole: the runs' command line went before it, cut at 400)
+        from entry import relayed
+        raise relayed((done.stderr.strip().splitlines() or [""])[-1], f"flowar-run {args[0]} {args[1]}, fresh",
+                      f"run it alone: {' '.join(cmd)}")
     text = done.stdout + done.stderr
     sampled, opened = SAMPLED.search(text), OPENED.search(text)
     return {"command_s": wall, "sampled_s": float(sampled.group(1)) if sampled else None,
@@ -83,22 +85,26 @@ def lines(res: dict) -> list[str]:
     return out
 
 
-if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str]) -> int:
+    from entry import Parser
+    from flowar.errors import FlowARError
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--engine-dir", required=True)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int)
-    a = ap.parse_args()
-    from flowar.errors import FlowARError, one_line
-    try:
-        if a.repeat < 1 or (a.threads is not None and a.threads < 1):
-            raise FlowARError("--repeat >= 1 and --threads >= 1", f"{a.repeat} / {a.threads}", "use e.g. --repeat 2")
-        from flowar.export.manifest import read_manifest
-        read_manifest(a.engine_dir)                      # (a bad --engine-dir: one line, not the runs' traceback)
-        r = fresh_runs(a.engine_dir, a.repeat, a.threads)
-    except (FlowARError, OSError, RuntimeError) as e:
-        print(one_line(e) if isinstance(e, FlowARError) else f"error: {type(e).__name__}: {e}"[:400], file=sys.stderr)
-        sys.exit(2)
+    a = ap.parse_args(argv)
+    if a.repeat < 1:
+        raise FlowARError("--repeat >= 1", str(a.repeat), "use e.g. --repeat 2")
+    if a.threads is not None and a.threads < 1:
+        raise FlowARError("--threads >= 1", str(a.threads), "use e.g. --threads 2, or leave it out for every core")
+    from flowar.export.manifest import read_manifest
+    read_manifest(a.engine_dir)                      # (a bad --engine-dir: one line, not the runs' traceback)
+    r = fresh_runs(a.engine_dir, a.repeat, a.threads)
     print("\n".join(lines(r)))
     print(json.dumps(r, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    from entry import run_script
+    sys.exit(run_script(main))

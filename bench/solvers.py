@@ -9,7 +9,6 @@ Needs the Animal-MNIST data for the judge: pip install --no-deps animal-mnist==0
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -38,13 +37,18 @@ CONFIGS = [
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from entry import Parser
+    from flowar.errors import FlowARError
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", default=str(ROOT / "models" / "default" / "flowar.safetensors"))
     ap.add_argument("--vae", default=str(ROOT / "models" / "default" / "vae"))
     ap.add_argument("--per-class", type=int, default=50)
     ap.add_argument("--repeat", type=int, default=21, help="batch-1 latency: median over this many runs")
     ap.add_argument("--out", default="bench/out/solvers.md")
     a = ap.parse_args(argv)
+    for name, v in (("--per-class", a.per_class), ("--repeat", a.repeat)):     # (found after the export, a traceback)
+        if v < 1:
+            raise FlowARError(f"{name} >= 1", str(v), f"use e.g. {name} 1")
     import subprocess
     from flowar.config import SAMPLING_DEFAULTS
     from flowar.eval.judge import train_judge
@@ -57,8 +61,16 @@ def main(argv=None) -> int:
     from flowar.io.files import user_cache
     judge = train_judge(cache=user_cache("judge.safetensors"))
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        subprocess.run([str(Path(sys.executable).parent / "flowar-export"), "--ckpt", a.ckpt, "--vae", a.vae,
-                        "--out", str(Path(tmp) / "e"), "--max-batch", "8", "--no-verify"], check=True)
+        export = subprocess.Popen([str(Path(sys.executable).parent / "flowar-export"), "--ckpt", a.ckpt, "--vae", a.vae,
+                                   "--out", str(Path(tmp) / "e"), "--max-batch", "8", "--no-verify"],
+                                  stderr=subprocess.PIPE, text=True)
+        said = ""
+        for said in export.stderr:        # its progress as it comes; its error line as ours (it was a traceback)
+            if not said.startswith("error: "):
+                print(said, end="", file=sys.stderr, flush=True)
+        if export.wait():
+            from entry import relayed
+            raise relayed(said, "flowar-export of --ckpt and --vae", "pass a checkpoint and VAE flowar-export takes")
         with Runtime.open_engine_dir(Path(tmp) / "e", backend="ort") as rt:
             c = rt.config
             labels = [k for k in range(c.num_classes) for _ in range(a.per_class)]
@@ -97,4 +109,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from entry import run_script
+    sys.exit(run_script(main))

@@ -112,8 +112,8 @@ def write(name: str, out: Path, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from entry import Parser
+    ap = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder for the files (never inside the repository)")
     ap.add_argument("--presets", default="flowar-s", help="comma-separated: flowar-s, flowar-l, flowar-h")
     ap.add_argument("--vae", action="store_true", help="also write kl16.ckpt")
@@ -126,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     out = Path(a.out)
+    repo = Path(__file__).resolve().parents[1]
+    if out.resolve() == repo or repo in out.resolve().parents:       # (its help said never; 687 MB were written there)
+        print(f"error: expected --out outside the repository (stand-ins are never committed); got {out}, inside {repo}. "
+              "Fix: choose a folder elsewhere, e.g. --out /tmp/standins", file=sys.stderr)
+        return 2
     try:
         out.mkdir(parents=True, exist_ok=True)
         for n in names + (["kl16"] if a.vae else []):
@@ -139,4 +144,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    raise SystemExit(main())
+    from entry import run_script
+    raise SystemExit(run_script(main))

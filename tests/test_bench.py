@@ -153,10 +153,37 @@ def test_a_failed_fresh_run_keeps_the_warm_results_and_bad_fresh_options_are_one
                      "--repeat", "1", "--fresh", "1", "--json", str(tmp_path / "r.json"), "--plot", ""])
     data = json.loads((tmp_path / "r.json").read_text())
     assert rc == 1 and data["results"] and data["fresh_processes"] == {"error": "RuntimeError: no checkpoint"}
-    for bad in (["--preset", "tiny", "--fresh", "2"], ["--engine-dir", "d", "--fresh", "-1"], ["--preset", "tiny",
-                                                                                                 "--threads", "0"]):
-        with pytest.raises(FlowARError, match="--fresh"):
+    for bad, said in ((["--preset", "tiny", "--fresh", "2"], "expected --fresh with --engine-dir"),
+                      (["--engine-dir", "d", "--fresh", "-1"], "expected --fresh >= 0; got -1. Fix: use e.g. --fresh 3"),
+                      (["--preset", "tiny", "--threads", "0"], "expected --threads >= 1; got 0. Fix: use e.g. --threads 2")):
+        with pytest.raises(FlowARError) as e:                # (--threads 0 was told to "use e.g. --fresh 3")
             bench.check(bench.parse(bad)[0])
+        assert str(e.value).startswith(said), str(e.value)
+
+
+def test_the_bench_scripts_say_a_bad_argument_a_refusal_and_a_stop_in_one_line(bench, monkeypatch, capsys):
+    """What the commands do, the bench scripts a user runs do too: argparse's refusal without its usage
+    block, a refusal found late without a traceback (solvers.py: after the export, a StatisticsError),
+    Ctrl-C and SIGTERM as "interrupted" with exit 130 (a KeyboardInterrupt traceback; SIGTERM ended
+    the run without a word, exit 143)."""
+    import os
+    import signal
+    import time
+
+    import solvers
+    for argv, code, said in ((["--dtype", "foo"], 2, "error: argument --dtype: invalid choice: 'foo'"),
+                             (["--engine-dir", "a", "--ckpt", "b"], 2, "error: argument --ckpt: not allowed with")):
+        with pytest.raises(SystemExit) as e:
+            bench.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == code and err.startswith(said) and err.count("\n") == 1, err
+    from entry import run_script
+    assert run_script(solvers.main, ["--repeat", "0", "--out", os.devnull]) == 2
+    assert capsys.readouterr().err == "error: expected --repeat >= 1; got 0. Fix: use e.g. --repeat 1\n"
+    for sig, line in ((signal.SIGINT, "interrupted\n"), (signal.SIGTERM, "interrupted: SIGTERM\n")):
+        monkeypatch.setattr(bench, "run", lambda spec, sig=sig: (os.kill(os.getpid(), sig), time.sleep(5), 0)[-1])
+        assert bench.main(["--preset", "tiny", "--json", "", "--plot", ""]) == 130
+        assert capsys.readouterr().err == line
 
 
 def test_a_16_bit_engine_directory_loosens_the_verdict_of_its_engines_only(bench):
