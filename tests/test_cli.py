@@ -243,6 +243,16 @@ def test_no_traceback_from_the_installed_command(fixtures_dir, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
     assert "no file at" in proc.stderr
+    # the export says it as the run does (it spoke of writing and the free disk space: its hash read the file first)
+    from flowar.commands.cli import export_cmd
+    (tmp_path / "locked.pth").write_bytes(b"x")
+    (tmp_path / "locked.pth").chmod(0)
+    for ckpt, said in ((tmp_path / "missing.pth", "expected a checkpoint file; got no file at"),
+                       (tmp_path / "locked.pth", "expected a checkpoint file this process can read; got")):
+        if said.endswith("read; got") and os.access(tmp_path / "locked.pth", os.R_OK):
+            continue                                       # (as root every file is readable)
+        res = CliRunner().invoke(export_cmd, ["--ckpt", str(ckpt), "--preset", "tiny", "--out", str(tmp_path / "e")])
+        assert res.exit_code == 2 and res.output.startswith("error: " + said), res.output
 
 
 def test_usage_errors_of_the_installed_command_are_one_line_too(fixtures_dir):

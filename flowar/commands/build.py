@@ -338,7 +338,12 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
                         precision, max_batch, verify, use_ema, schedule_defaults, compute_capability,
                         tuple(auto_candidates) if auto_candidates is not None else None, max_memory_gb)
     builder = check_request(req)
-    ckpt_sha256 = sha256_file(req.ckpt, read := {})     # (hashed before it is loaded: the export is of the file recorded)
+    try:
+        ckpt_sha256 = sha256_file(req.ckpt, read := {})     # (hashed before it is loaded: the export is of the file recorded)
+    except OSError:                 # (the reader says why, "no file at ...": it was about writing and the free disk space)
+        from flowar.model.checkpoint import read_checkpoint
+        read_checkpoint(req.ckpt)
+        raise
     model, ck = load_model(req.ckpt, req.preset, req.config_path, use_ema=req.use_ema)
     config = ck.config
     vae = None
