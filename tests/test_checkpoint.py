@@ -374,6 +374,11 @@ def test_a_vae_folder_missing_a_tensor_is_refused(tmp_path, fixtures_dir, edit, 
     for load in (load_vae, load_decoder):        # (load_decoder: what flowar-run --vae opens)
         with pytest.raises(FlowARError, match=needle):
             load(folder)
+        # a file of the folder given for it: the folder is what to pass (it was "a checkpoint ending in ...")
+        with pytest.raises(FlowARError) as e:
+            load(folder / "config.json")
+        assert str(e.value) == (f"expected a VAE: MAR's kl16.ckpt or a diffusers folder with config.json; got "
+                                f"{folder / 'config.json'}, a file of neither. Fix: pass the folder it is in: --vae {folder}")
 
 
 # ---- the config's fields --------------------------------------------------------------------

@@ -140,11 +140,22 @@ def _is_ldm(sd: dict[str, Tensor]) -> bool:
     return "encoder.conv_in.weight" in sd and "post_quant_conv.weight" in sd and any(k.startswith("encoder.down.") for k in sd)
 
 
+def _read_vae_file(p: Path) -> dict:
+    """The tensors of a VAE checkpoint file; a file of another kind (a diffusers folder's config.json) is
+    refused as a VAE, with the folder to pass (it was "a checkpoint ending in .safetensors ...; rename
+    or convert the file")."""
+    from flowar.model.checkpoint import _PICKLE_SUFFIXES, read_checkpoint
+    if p.suffix not in (".safetensors", *_PICKLE_SUFFIXES):
+        folder = p.parent if (p.parent / "config.json").is_file() else None
+        raise FlowARError("a VAE: MAR's kl16.ckpt or a diffusers folder with config.json", f"{p}, a file of neither",
+                          f"pass the folder it is in: --vae {folder}" if folder else "pass MAR's kl16.ckpt or a "
+                          "diffusers VAE folder to --vae")
+    return read_checkpoint(p).state_dict
+
+
 def convert_mar_checkpoint(path: str | Path) -> VAE:
     """An ``AutoencoderKL`` with the numbers of a MAR/LDM KL checkpoint (weights under ``model``)."""
-    from flowar.model.checkpoint import read_checkpoint
-    ck = read_checkpoint(path)
-    sd = ck.state_dict
+    sd = _read_vae_file(Path(path))
     if not _is_ldm(sd):
         folder = Path(path).parent if (Path(path).parent / "config.json").is_file() else None
         raise FlowARError("a VAE checkpoint in the MAR/LDM layout (encoder.*, decoder.*, quant_conv, post_quant_conv)",
@@ -181,8 +192,7 @@ def load_decoder(path: str | Path, expect_channels: int | None = None) -> VAE:
     p = Path(path)
     weights = p / "diffusion_pytorch_model.safetensors"
     if p.is_file():
-        from flowar.model.checkpoint import read_checkpoint
-        sd = read_checkpoint(p).state_dict
+        sd = _read_vae_file(p)
         if not _is_ldm(sd):
             return load_vae(p, expect_channels, decode_only=True)             # (its one-line refusal)
         lay = _ldm_layout(sd)
