@@ -353,6 +353,9 @@ def test_a_graph_onnx_runtime_cannot_run_is_one_line_naming_it(engine_dirs, tmp_
     lines = must.stderr.strip().splitlines()
     assert must.returncode == 3 and len(lines) == 1 and lines[0].startswith(f"error: {said}") and lines[0].endswith(
         "(--must-open)"), must
+    assert said not in must.stdout and must.stdout.splitlines()[-1].startswith("intact: "), must   # (said once: it was twice)
+    quiet = invoke(check_cmd, ["--engine-dir", str(d), "--must-open", "--quiet"])
+    assert quiet.returncode == 3 and quiet.stdout == "" and quiet.stderr == must.stderr, quiet    # (the verdict line only)
 
 
 def test_flowar_check_finds_a_manifest_edited_since_the_export(engine_dirs, tmp_path):

@@ -92,12 +92,15 @@ def check_cmd(engine_dir, must_open, quiet, debug):
                    f"{str(m.vae.get('sha256'))[:12]}..., trained with {trained[:12]}...): its images are not the "
                    "model's; re-export with --vae of that VAE", err=True)
     opens, here = runs_here(engine_dir) if must_open or not quiet else (True, "")
+    refused = must_open and not opens           # (then its error line says why, once: it was said twice)
     if not quiet:
         click.echo("\n".join([f"{engine_dir}: {len(m.stages)} stages, {m.precision}, max batch {m.max_batch}, "
                               + (f"{m.vae['image_size']} px images" if m.vae else "tokens only (no decoder)"),
-                              *holds(m), here]))
-    click.echo(f"intact: {n} files, {size / 1e6:.1f} MB, each hashes to the sha256 its export recorded ({seconds:.2f} s)"
-               + ("" if raw.get(SEAL) else f"; {MANIFEST} unsealed (an export before the seal): an edit of it is not found"))
-    if must_open and not opens:
+                              *holds(m)] + [here] * (not refused)))
+    if not (quiet and refused):                 # (--quiet: the verdict line only, here the refusal)
+        click.echo(f"intact: {n} files, {size / 1e6:.1f} MB, each hashes to the sha256 its export recorded "
+                   f"({seconds:.2f} s)" + ("" if raw.get(SEAL) else f"; {MANIFEST} unsealed (an export before the seal): "
+                                                                  "an edit of it is not found"))
+    if refused:
         click.echo(f"error: {here} (--must-open)", err=True)
         raise SystemExit(3)
