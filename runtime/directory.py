@@ -106,8 +106,8 @@ def choose_backend(m: Manifest, requested: str = "auto", gpu: bool = True) -> st
         raise FlowARError("engines this machine runs", "bf16 graphs for TensorRT only (ONNX Runtime has no bf16 "
                           "kernels on a CPU)" + (f", and no TensorRT plans usable here ({_trt_usable(m)[1]})"
                                                   if m.tensorrt else ""),
-                          "run on the GPU the plans were built for; here, --backend torch runs its checkpoint in "
-                          f"float32 and flowar-run --ckpt {m.exported_checkpoint[0]} --precision bf16 in bf16 GEMMs, or "
+                          f"run on the GPU the plans were built for; here, flowar-run --engine-dir {m.root} --backend "
+                          f"torch runs its checkpoint in float32 and flowar-run --ckpt {m.exported_checkpoint[0]} --precision bf16 in bf16 GEMMs, or "
                           "export for this machine: flowar-export --precision bf16 --backend ort (measured CPU engines) "
                           "or flowar-export --precision fp32")
     return chosen

@@ -259,8 +259,10 @@ def test_bf16_graphs_for_tensorrt_skip_onnx_runtime_and_a_cpu_is_told_what_runs(
     m = json.loads((d / "manifest.json").read_text())
     (d / "manifest.json").write_text(json.dumps(m | {"precision": "bf16"}))
     if not torch.cuda.is_available():
-        with pytest.raises(FlowARError, match="bf16 graphs for TensorRT only"):
+        with pytest.raises(FlowARError, match="bf16 graphs for TensorRT only") as e:
             Runtime.open(d)
+        # what runs here named with the command that has the option (flowar-decode, say, has no --backend)
+        assert f"here, flowar-run --engine-dir {d} --backend torch runs its checkpoint in float32" in str(e.value)
         with Runtime.open(trt_dir.root) as rt:       # its fp32 graphs run here; the plans' not running is said
             assert rt.detail == "ONNX Runtime CPUExecutionProvider; its TensorRT plans unused (no CUDA GPU)", rt.detail
         with Runtime.open(trt_dir.root, backend="ort") as rt:      # (asked for ONNX Runtime: nothing probed)
