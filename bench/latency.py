@@ -270,6 +270,8 @@ def run(spec: BenchSpec) -> int:
           f"{fp32:.1f}, bf16 {bf16:.1f} GFLOP/s (shares below are of {peak:.0f})", flush=True)
     flops = {n: schedule_flops(source.model, source.vae, s, max(spec.batches)) for n, s in schedules.items()}
     results: list[Result] = []
+    from flowar.engines.cpu import OthersShare
+    busy = OthersShare()              # what other processes computed while the backends were timed
     with Backends(source) as backends:
         for B in spec.batches:
             labels = (torch.arange(B) % config.num_classes).to(spec.device)
@@ -282,7 +284,8 @@ def run(spec: BenchSpec) -> int:
                     reference["fp32"] = backends.fp32_tokens(work)
                 for name in spec.backends:
                     try:
-                        res, tokens = measure(backends, name, work, sname, spec, flops[sname], reference)
+                        with busy:
+                            res, tokens = measure(backends, name, work, sname, spec, flops[sname], reference)
                     except Skip as s:
                         print(f"  skip {name} (batch {B}): {s}", flush=True)
                         results.append(Result.skipped(name, B, str(s), sname, schedule.head_evals))
@@ -295,6 +298,11 @@ def run(spec: BenchSpec) -> int:
                         res.max_abs_diff_vs_eager, res.parity_ok = 0.0, True
                     results.append(res)
                     print(line(res, peak, spec.tolerance(reduced, res.precision, res.backend)), flush=True)
+    from flowar.commands.precision import BUSY_SHARE
+    info["others_cpu"] = None if busy.share is None else round(busy.share, 3)
+    if (busy.share or 0.0) > BUSY_SHARE:             # (a ratio from a shared machine was printed without a word)
+        print(f"# warning: other processes took {busy.share:.0%} of this machine's CPU while the backends were timed: "
+              "the times and ratios above measure them too; run again on a quiet machine", file=sys.stderr, flush=True)
     fresh = None
     if spec.fresh and spec.engine_dir:
         from latency_fresh import fresh_runs, lines

@@ -142,17 +142,26 @@ def test_engines_the_bench_exports_for_a_checkpoint_decode_with_the_vae_it_was_g
 
 
 def test_a_failed_fresh_run_keeps_the_warm_results_and_bad_fresh_options_are_one_line(bench, default_auto_engines,
-                                                                                       tmp_path, monkeypatch):
+                                                                                       tmp_path, monkeypatch, capsys):
     """--fresh runs after the warm measurements: where it fails (a moved checkpoint, say) the warm
     results are still written, with the reason, and the run fails (they were lost to a traceback).
     --fresh without --engine-dir (ignored before), --fresh -1 and --threads 0 are refused before any work."""
     import latency_fresh
     from flowar.errors import FlowARError
     monkeypatch.setattr(latency_fresh, "fresh_runs", lambda *a: (_ for _ in ()).throw(RuntimeError("no checkpoint")))
+    from flowar.engines.cpu import OthersShare
+    timed = []
+
+    def others(self, *exc):            # others took 30 % of the CPUs in every timed block: recorded, and warned of
+        timed.append(1)
+        self.others, self.wall = self.others + 0.3 * len(self.cpus or [1]), self.wall + 1.0
+    monkeypatch.setattr(OthersShare, "__exit__", others)
     rc = bench.main(["--engine-dir", str(default_auto_engines), "--batch", "1", "--steps", "2", "--backends", "eager",
                      "--repeat", "1", "--fresh", "1", "--json", str(tmp_path / "r.json"), "--plot", ""])
     data = json.loads((tmp_path / "r.json").read_text())
     assert rc == 1 and data["results"] and data["fresh_processes"] == {"error": "RuntimeError: no checkpoint"}
+    assert timed and data["machine"]["others_cpu"] == 0.3
+    assert "# warning: other processes took 30% of this machine's CPU while the backends were timed" in capsys.readouterr().err
     for bad, said in ((["--preset", "tiny", "--fresh", "2"], "expected --fresh with --engine-dir"),
                       (["--engine-dir", "d", "--fresh", "-1"], "expected --fresh >= 0; got -1. Fix: use e.g. --fresh 3"),
                       (["--preset", "tiny", "--threads", "0"], "expected --threads >= 1; got 0. Fix: use e.g. --threads 2")):
