@@ -350,6 +350,9 @@ def test_a_graph_onnx_runtime_cannot_run_is_one_line_naming_it(engine_dirs, tmp_
     said = "does not open on this machine: expected graphs ONNX Runtime"
     ok, must = (invoke(check_cmd, ["--engine-dir", str(d), *more]) for more in ([], ["--must-open"]))
     assert ok.returncode == 0 and said in ok.stdout and ok.stdout.splitlines()[-1].startswith("intact: "), ok
+    # what its export's check saw, per graph (an export with --no-verify: "not verified against eager")
+    assert f"  ar         ar.onnx (fp32 graph, within {m['stages']['ar']['verified_max_abs_diff']:.1e} of eager)" \
+        in ok.stdout.splitlines(), ok.stdout
     lines = must.stderr.strip().splitlines()
     assert must.returncode == 3 and len(lines) == 1 and lines[0].startswith(f"error: {said}") and lines[0].endswith(
         "(--must-open)"), must

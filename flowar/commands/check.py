@@ -29,7 +29,10 @@ def holds(m) -> list[str]:
     graphs = m.precision if m.precision in ("fp16", "bf16") and not m.auto else "fp32"   # (measured: fp32 graphs)
     out = []
     for stage, info in m.stages.items():
-        cells = [f"{info['file']} ({graphs} graph)"]
+        worst, rel = info.get("verified_max_abs_diff"), info.get("verified_max_rel_diff")   # (--no-verify: said)
+        cells = [f"{info['file']} ({graphs} graph, " + (f"within {worst:.1e} of eager)" if worst is not None else
+                                                        f"within {rel:.1%} of eager's largest value)" if rel is not None
+                                                        else "not verified against eager)")]
         if stage in m.choice:                   # (what runs on a CPU: the choice, with the file its record names)
             rec = (m.engines or {}).get(stage) or {}
             held = rec.get("file") or ((m.weights or {}).get(rec.get("weights")) or {}).get("file", "no file recorded")
