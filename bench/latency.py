@@ -298,9 +298,8 @@ def run(spec: BenchSpec) -> int:
                         res.max_abs_diff_vs_eager, res.parity_ok = 0.0, True
                     results.append(res)
                     print(line(res, peak, spec.tolerance(reduced, res.precision, res.backend)), flush=True)
-    from flowar.commands.precision import BUSY_SHARE
     info["others_cpu"] = None if busy.share is None else round(busy.share, 3)
-    if (busy.share or 0.0) > BUSY_SHARE:             # (a ratio from a shared machine was printed without a word)
+    if (busy.share or 0.0) > busy.BUSY:             # (a ratio from a shared machine was printed without a word)
         print(f"# warning: other processes took {busy.share:.0%} of this machine's CPU while the backends were timed: "
               "the times and ratios above measure them too; run again on a quiet machine", file=sys.stderr, flush=True)
     fresh = None

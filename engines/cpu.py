@@ -146,6 +146,9 @@ class OthersShare:
     None where /proc/stat cannot be read. (Under a CPU quota without an affinity mask, a container's
     share of a larger host, the CPUs are the host's: others on them count, diluted by their number.)"""
 
+    BUSY = 0.15          # the share above which timings are said to measure others too (quiet: <1 %; one busy
+                         # process on 2 cores: ~40 %): the export's and the bench's warning
+
     def __init__(self):
         self.others = self.wall = 0.0
         self.readable = True

@@ -217,8 +217,7 @@ def export_graphs(req: ExportRequest, model, vae, specs: dict, tmp: Path, report
         files = export_stage(spec, module, model.config, path, rows, req.graph_precision)
         report.seconds[f"export {name}"] = time.perf_counter() - t0
         rec = {"file": path.name, "sha256": sha256_file(path, report.found), "inputs": list(spec.inputs),
-               "outputs": list(spec.outputs), "max_rows": rows,       # (fp16/bf16: of each output's largest value)
-               "tolerance": REDUCED_TOLERANCE[req.graph_precision] or spec.tolerance}
+               "outputs": list(spec.outputs), "max_rows": rows, "tolerance": REDUCED_TOLERANCE[req.graph_precision] or spec.tolerance}
         if len(files) > 1:                             # weights as external data beside the graph
             rec |= {"data": files[1].name, "data_sha256": sha256_file(files[1], report.found)}
         rec["bytes"] = sum(f.stat().st_size for f in files)
@@ -250,8 +249,7 @@ def export_graphs(req: ExportRequest, model, vae, specs: dict, tmp: Path, report
         rec["peak_rss_gb"] = round(peak_rss() / GB, 2)
         report.memory[name] = rec["peak_rss_gb"]
         stages[name] = rec
-    bad = [c for c in report.checks if not c.ok]
-    if bad:
+    if bad := [c for c in report.checks if not c.ok]:
         raise ExportError("every stage within its tolerance of eager PyTorch",
                           "; ".join(f"{c.name} differs by {c.describe()} ({c.where})" for c in bad),
                           "nothing was written; rerun with --debug, or report the model and versions")
@@ -272,8 +270,7 @@ def choose_engines(req: ExportRequest, model, ck, vae, specs: dict, stages: dict
     from flowar.runtime.candidates import COMPILED, GROUPS, stage_module, stage_tensors
     from flowar.sampling.schedule import Settings
     t0 = time.perf_counter()
-    compiled = tmp / ".candidates"
-    compiled.mkdir()
+    (compiled := tmp / ".candidates").mkdir()
     bench = Workbench(model, vae, specs, {n: (tmp / stages[n]["file"], stages[n]["sha256"]) for n in specs}, compiled,
                       req.max_batch, max_memory=req.max_memory_gb * GB if req.max_memory_gb else None)
     rep = select(bench, "auto" if req.precision == "auto" else "bf16", req.candidates, progress=say)
@@ -308,8 +305,7 @@ def build_plans(req: ExportRequest, builder, specs: dict, stages: dict, config, 
         say(f"tensorrt {name}")
         t0 = time.perf_counter()
         plans[name] = build_plan(builder, tmp / stages[name]["file"], stages[name]["sha256"], spec, config,
-                                 stages[name]["max_rows"], req.precision, tmp, tmp / TIMING_CACHE,
-                                 req.compute_capability)
+                                 stages[name]["max_rows"], req.precision, tmp, tmp / TIMING_CACHE, req.compute_capability)
         report.seconds[f"tensorrt {name}"] = time.perf_counter() - t0
     return {"flavour": builder.flavour, "version": builder.version, "plans": plans,
             "compute_capability": next(iter(plans.values()))["compute_capability"]}
@@ -333,15 +329,14 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
     from flowar.io.files import file_state, staged_directory
     from flowar.export.onnx_export import OPSET
     from flowar.export.specs import stage_specs
-    from flowar.model.checkpoint import check_vae, load_model
+    from flowar.model.checkpoint import check_vae, load_model, read_checkpoint
     req = ExportRequest(Path(ckpt), Path(out), preset, config_path, Path(vae_path) if vae_path else None, backend,
                         precision, max_batch, verify, use_ema, schedule_defaults, compute_capability,
                         tuple(auto_candidates) if auto_candidates is not None else None, max_memory_gb)
     builder = check_request(req)
-    try:
-        ckpt_sha256 = sha256_file(req.ckpt, read := {})     # (hashed before it is loaded: the export is of the file recorded)
-    except OSError:                 # (the reader says why, "no file at ...": it was about writing and the free disk space)
-        from flowar.model.checkpoint import read_checkpoint
+    try:                # (hashed before it is loaded: the export is of the file recorded; unreadable: the reader's line)
+        ckpt_sha256 = sha256_file(req.ckpt, read := {})
+    except OSError:
         read_checkpoint(req.ckpt)
         raise
     model, ck = load_model(req.ckpt, req.preset, req.config_path, use_ema=req.use_ema)

@@ -54,8 +54,6 @@ from flowar.runtime.candidates import CANDIDATES, COMPILED, REDUCED, default_can
 STAGES = ("ar", "head_prep", "velocity", "decode")
 FP32_SCREEN = 1e-4            # relative rms error of a float32 engine: float32 noise
 REDUCED_SCREEN = 0.05         # per-stage screen of a reduced engine; the end-to-end check decides
-BUSY_SHARE = 0.15             # others' share of the CPU while timing above which the export warns (quiet: <1 %;
-                              # one busy process on 2 cores: ~40 %)
 MIN_PSNR = 30.0               # median dB against float32 (decoded probe samples)
 MAX_TOKEN_REL = 0.05          # without a decoder: relative rms token error against float32
 
@@ -169,7 +167,8 @@ class PrecisionReport:
             out.append(f"  {self.mode} pipeline {c.seconds:.3f} s per image{setup} [{what}]{dev} {mark}".rstrip())
         if fp16:
             out.append(f"  {self.mode} the official mixed precision (fp16 autocast) on the same samples: {fp16}")
-        if (self.others_cpu or 0.0) > BUSY_SHARE:
+        from flowar.engines.cpu import OthersShare
+        if (self.others_cpu or 0.0) > OthersShare.BUSY:
             out.append(f"  warning: other processes took {self.others_cpu:.0%} of this machine's CPU "
                        "while the engines were timed, so the times above are theirs too and the choice may not be "
                        "this machine's fastest: export again when the machine is quiet")
