@@ -74,7 +74,8 @@ def test_judge_reports_fidelity_convergence_and_fid(fixtures_dir, tmp_path, monk
             "--vae", str(fixtures_dir / "mar_vae_tiny.ckpt")]
     sched = ["--schedule", "fast", "--steps", "13", "--seed", "4"]
     # reference statistics made independently: flowar-run's PNGs of the same samples, read back
-    res = CliRunner().invoke(run, ckpt + sched + ["--labels", "0,0,0,1,1,1", "--save-images", str(tmp_path / "png")])
+    res = CliRunner().invoke(run, ckpt + sched + ["--labels", "0,0,0,1,1,1", "--save-images", str(tmp_path / "png"),
+                                                  "--save-tokens", str(tmp_path / "fast.safetensors")])
     assert res.exit_code == 0, res.output
     u8 = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
                       for p in sorted((tmp_path / "png").glob("*.png"))])
@@ -97,6 +98,8 @@ def test_judge_reports_fidelity_convergence_and_fid(fixtures_dir, tmp_path, monk
     # (random weights: the fast schedule is not meant to be close here, only measured) what each figure compares,
     # sampled here on the reference modules: the schedule asked for, the official one at its cfg and guidance (same
     # noise: seed 4, samples 0-5), the converged reference (51 points of Euler, uniform)
+    from safetensors.torch import load_file
+
     from flowar.model.checkpoint import load_model
     from flowar.sampling.batches import run_sampling
     from flowar.sampling.eager import EagerStages
@@ -104,10 +107,11 @@ def test_judge_reports_fidelity_convergence_and_fid(fixtures_dir, tmp_path, monk
     model, _ = load_model(fixtures_dir / "tiny_v1.safetensors", config_path=fixtures_dir / "tiny_v1.config.json")
     n = model.config.n_scales
     fast = Settings(schedule="fast", steps=13).resolve(n)
-    with torch.inference_mode():
+    with torch.inference_mode():          # (the fast schedule's: flowar-run's above)
         tokens = {name: run_sampling(EagerStages(model), model.config, [0, 0, 0, 1, 1, 1], sch, 4).tokens for name, sch in (
-            ("fast", fast), ("official", Settings(schedule="official", cfg=fast.cfg, guidance=fast.guidance).resolve(n)),
+            ("official", Settings(schedule="official", cfg=fast.cfg, guidance=fast.guidance).resolve(n)),
             ("converged", build_schedule(51, fast.cfg, fast.guidance, n, "euler", "uniform")))}
+    tokens["fast"] = load_file(str(tmp_path / "fast.safetensors"))["tokens"]
     d = {k: (tokens["fast"] - tokens[k]).abs() for k in ("official", "converged")}
     want = {"o": (d["official"].max(), d["official"].mean()), "c": (d["converged"].max(), d["converged"].mean(),
                                                                      (tokens["official"] - tokens["converged"]).abs().mean())}
