@@ -65,9 +65,14 @@ def main(argv=None) -> int:
                                    "--out", str(Path(tmp) / "e"), "--max-batch", "8", "--no-verify"],
                                   stderr=subprocess.PIPE, text=True)
         said = ""
-        for said in export.stderr:        # its progress as it comes; its error line as ours (it was a traceback)
-            if not said.startswith("error: "):
-                print(said, end="", file=sys.stderr, flush=True)
+        try:
+            for said in export.stderr:    # its progress as it comes; its error line as ours (it was a traceback)
+                if not said.startswith("error: "):
+                    print(said, end="", file=sys.stderr, flush=True)
+        except BaseException:             # (a stop of this script: not the export left running alone)
+            export.kill()
+            export.wait()
+            raise
         if export.wait():
             from entry import relayed
             raise relayed(said, "flowar-export of --ckpt and --vae", "pass a checkpoint and VAE flowar-export takes")

@@ -204,16 +204,20 @@ class Library:
     def __init__(self, path: Path, models: int = 1):
         c = ctypes
         link = _fresh_name(Path(path))
-        self._lib = lib = c.CDLL(str(link or path))
         ptr, size = c.c_void_p, c.c_size_t
-        for name, args in (("CreateWithDevice", [c.POINTER(ptr), size, c.c_char_p, c.c_char_p]),
-                           ("Run", [ptr, c.POINTER(ptr), size, c.POINTER(ptr), size, ptr, ptr]),
-                           ("GetNumInputs", [ptr, c.POINTER(size)]), ("GetNumOutputs", [ptr, c.POINTER(size)]),
-                           ("Delete", [ptr])):
-            fn = getattr(lib, "AOTInductorModelContainer" + name)
-            fn.argtypes, fn.restype = args, c.c_int32
         self._handle = ptr()
-        try:          # (the weights are mapped from the library's file as the container is made)
+        try:          # (by its resolved name, which _fresh_name keeps: a link retargeted, or a chdir, is another file)
+            try:
+                self._lib = lib = c.CDLL(str(link or Path(path).resolve()))
+            except OSError as e:                    # (named by the user's path, not the link's)
+                raise OSError(str(e).replace(str(link), str(path)) if link else str(e)) from None
+            for name, args in (("CreateWithDevice", [c.POINTER(ptr), size, c.c_char_p, c.c_char_p]),
+                               ("Run", [ptr, c.POINTER(ptr), size, c.POINTER(ptr), size, ptr, ptr]),
+                               ("GetNumInputs", [ptr, c.POINTER(size)]), ("GetNumOutputs", [ptr, c.POINTER(size)]),
+                               ("Delete", [ptr])):
+                fn = getattr(lib, "AOTInductorModelContainer" + name)
+                fn.argtypes, fn.restype = args, c.c_int32
+            # (the weights are mapped from the library's file as the container is made)
             self._check(lib.AOTInductorModelContainerCreateWithDevice(c.byref(self._handle), models, b"cpu", None),
                         "load")
         finally:

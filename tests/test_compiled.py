@@ -351,4 +351,18 @@ def test_a_library_replaced_at_its_path_is_loaded_anew_in_the_same_process(compi
     lib = Library(swap_in(stage))
     assert lib.inputs == len(spec.inputs) and all(torch.equal(a, b) for a, b in zip(want, lib(case)))
     lib.close()
-    assert not list((tmp_path / "tmp").iterdir())          # (each link went once its library was loaded)
+    # the same through a link to the directory, retargeted to another export (its resolved path is another file)
+    for name, make in (("v1", stage), ("v2", lambda p: subprocess.run(["cc", "-shared", "-fPIC", str(src), "-DV2", "-o",
+                                                                        str(p)], check=True))):
+        (tmp_path / name).mkdir()
+        make(tmp_path / name / "head_prep.aoti-bf16.so")
+    (tmp_path / "cur").symlink_to(tmp_path / "v1")
+    assert Library(tmp_path / "cur" / "head_prep.aoti-bf16.so").inputs == len(spec.inputs)
+    (tmp_path / "cur").unlink()
+    (tmp_path / "cur").symlink_to(tmp_path / "v2")
+    assert Library(tmp_path / "cur" / "head_prep.aoti-bf16.so").inputs == 7
+    # a damaged library in its place: the error names the user's file, and no link is left behind
+    bad = swap_in(lambda p: p.write_bytes(b"not a library"))
+    with pytest.raises(OSError, match=str(bad)):
+        Library(bad)
+    assert not list((tmp_path / "tmp").iterdir())          # (each link went once its library was loaded, or failed to)

@@ -428,6 +428,10 @@ def test_flowar_check_finds_a_manifest_edited_since_the_export(engine_dirs, tmp_
     bad = invoke(check_cmd, exe)          # (it said "unsealed (an export before the seal)", exit 0; and flowar-run nothing)
     assert bad.returncode == 2 and "itself edited since: config.latent_scale, sealed_sha256. Fix" in bad.stderr, bad
     assert "edited since its export (config.latent_scale, sealed_sha256): it runs" in invoke(run_cmd, run).stderr
+    (d / "manifest.json").write_text(json.dumps(m | {"sealed_parts": None}))          # (digests of no use: one line)
+    bad = invoke(check_cmd, exe)
+    assert bad.returncode == 2 and "itself edited since (its fields hash to" in bad.stderr and "Traceback" not in \
+        bad.stderr, bad
     del m["sealed_parts"]                                # an export from before the seal: intact, and said
     (d / "manifest.json").write_text(json.dumps(m))
     old = invoke(check_cmd, exe)

@@ -85,7 +85,7 @@ def check_cmd(engine_dir, must_open, quiet, debug):
                                                             for rel, found, want in changed)] if changed else []
         parts = edited_parts(raw) if edited else []     # (which fields: "config.latent_scale"; it named none)
         got += [f"{MANIFEST} itself edited since" + (": " + ", ".join(parts[:6]) + (", ..." if len(parts) > 6 else "")
-                if parts else f" (its fields hash to {now[:12]}..., sealed as {str(raw[SEAL])[:12]}...)")] if edited else []
+                if parts else f" (its fields hash to {now[:12]}..., sealed as {str(raw.get(SEAL))[:12]}...)")] if edited else []
         raise EngineDirError(f"every file {Path(engine_dir) / MANIFEST} lists as the export wrote it"
                              + (", and the manifest itself" if edited else ""), "; ".join(got), m.rebuild)
     seconds = time.perf_counter() - t0
