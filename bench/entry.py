@@ -11,7 +11,6 @@ were tracebacks; SIGTERM ended a run without a word).
 from __future__ import annotations
 
 import argparse
-import re
 import signal
 import sys
 
@@ -26,10 +25,9 @@ class Parser(argparse.ArgumentParser):
 def relayed(line: str, who: str, fix: str):
     """A child command's error ``line`` as this script's one line, naming the command that said it (``who``):
     it was a CalledProcessError's traceback, or its line cut short inside another."""
-    from flowar.errors import FlowARError
-    said = re.match(r"(?:error: )?expected (.*?); got (.*)\. Fix: (.*)$", line.strip())
-    if said:
-        return FlowARError(f"{said[1]} ({who})", said[2], said[3])
+    from flowar.errors import FlowARError, said_in
+    if said := said_in(line):
+        return FlowARError(f"{said.expected} ({who})", said.got, said.fix)
     return FlowARError(f"{who} to succeed", line.strip() or "nothing said", fix)
 
 

@@ -21,6 +21,16 @@ class FlowARError(ValueError):
         super().__init__(f"expected {expected}; got {got}. Fix: {fix}")
 
 
+def said_in(text: str) -> FlowARError | None:
+    """The last line of ``text`` that is a FlowARError's (another process's stderr, or a report with a traceback
+    around one), as that error: what a command relays of another's refusal; None where there is none."""
+    import re
+    for line in reversed(text.splitlines()):
+        if found := re.search(r"expected (.+?); got (.+)\. Fix: (.+)$", line.strip()):
+            return FlowARError(*found.groups())
+    return None
+
+
 class CheckpointError(FlowARError):
     """A checkpoint that cannot be read or does not fit the model."""
 

@@ -264,15 +264,14 @@ def start_failure(e: Exception, serve, engine_dir: str) -> FlowARError:
     """What ``flowar-serve`` says when Ray Serve or a replica failed to start: a replica's own one-line error where
     one is in Serve's report or its deployments' status (Ray 2.60 raises "Deploying application flowar failed:
     Failed to update the deployments [...]", the cause in the status only), else the report's last line."""
-    import re
+    from flowar.errors import said_in
     said = str(e)
     try:
         said += "\n" + "\n".join(d.message for a in serve.status().applications.values() for d in a.deployments.values())
     except Exception:   # noqa: BLE001 - (no status to read: the report alone)
         pass
-    ours = re.findall(r"expected (.+?); got (.+?)\. Fix: (.+)", said)      # (a FlowARError's line, in a traceback)
-    if ours:
-        return FlowARError(*ours[-1])
+    if ours := said_in(said):                   # (a FlowARError's line, in a traceback)
+        return ours
     first = next((ln for ln in reversed(said.splitlines()) if ln.strip()), type(e).__name__)
     return FlowARError("Ray Serve and its replicas to start", f"{type(e).__name__}: {first.strip()[:300]}",
                        f"run flowar-run --engine-dir {engine_dir} --labels 0 to see the engines open")
