@@ -1,4 +1,5 @@
-"""Tensors in safetensors files, memory-mapped: opening a file costs one read (its hash), no copy.
+"""Tensors in safetensors files: an engine directory's memory-mapped (opening a file costs one read,
+its hash, no copy); a checkpoint's read (:func:`read_tensors`).
 
 :func:`map_safetensors` maps the file, hashes it in that one pass (which also brings its pages
 into the page cache) and returns tensors that are views of the mapped pages: the weights are in
@@ -22,7 +23,8 @@ import torch
 from flowar.errors import EngineDirError, FlowARError
 
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64, "I32": torch.int32,
-          "U8": torch.uint8, "BOOL": torch.bool, "F64": torch.float64}
+          "U8": torch.uint8, "BOOL": torch.bool, "F64": torch.float64, "I16": torch.int16, "I8": torch.int8,
+          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def map_safetensors(path: str | Path, sha256: str | None = None, what: str = "weights") -> dict[str, torch.Tensor]:
@@ -55,6 +57,35 @@ def map_safetensors(path: str | Path, sha256: str | None = None, what: str = "we
     except (ValueError, KeyError, struct.error) as e:
         raise FlowARError(f"{what} in the safetensors format", f"{p}: {e}", "write the file again") from e
     return out
+
+
+def read_tensors(path: str | Path, pick=lambda meta, names: names) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a safetensors file that ``pick(metadata, names)`` names (all by default), each
+    read into memory of its own, and the file's metadata. Not mapped (as a checkpoint's weights
+    were through the safetensors library): a file written over in place (``cp``, a save to the same
+    path) changed the weights of a model opened on it, or killed its process (SIGBUS) where the
+    file was cut. ValueError naming what is wrong with a file that is not one."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise ValueError(f"{size} bytes, shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            raise ValueError(f"a header of {n} bytes in a file of {size}")
+        header = json.loads(f.read(n))
+        meta = (header.pop("__metadata__", None) or {}) if isinstance(header, dict) else None
+        if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+            raise ValueError("a header that is not a mapping of names to tensors and metadata strings")
+        entries = {name: _entry(name, info, size - 8 - n) for name, info in header.items()}
+        out = {}
+        for name in pick(meta, list(entries)):
+            dtype, begin, end, shape = entries[name]
+            buf = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(8 + n + begin)
+            if f.readinto(memoryview(buf.numpy())) != end - begin:
+                raise ValueError(f"the file ended inside tensor {name!r}")
+            out[name] = buf.view(dtype).view(shape) if end > begin else torch.empty(shape, dtype=dtype)
+    return out, meta
 
 
 def _entry(name: str, info, size: int) -> tuple[torch.dtype, int, int, list[int]]:

@@ -84,17 +84,19 @@ def _no_raw(p: Path) -> None:
                           f"{p.name} holds one set of weights", "drop --raw-weights")
 
 
-def _train_weights(sd: dict[str, torch.Tensor], p: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], str]:
-    """The EMA (or, ``use_ema=False``, the raw) weights of a flowar-train checkpoint: model.*,
-    ema.*, optim.* in one file."""
+def _train_names(meta: dict[str, str], names: list[str], p: Path, use_ema: bool) -> list[str]:
+    """The tensors to read of a safetensors checkpoint: of a flowar-train checkpoint (model.*, ema.*,
+    optim.* in one file) the EMA (or, ``use_ema=False``, the raw) weights alone; else all."""
+    if meta.get(META_FORMAT) != TRAIN_FORMAT_TAG:
+        return names
     prefix, other = ("ema.", "model.") if use_ema else ("model.", "ema.")
-    picked = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    picked = [k for k in names if k.startswith(prefix)]
     if not picked:
-        fix = ("write the checkpoint again with flowar-train" if not any(k.startswith(other) for k in sd)
+        fix = ("write the checkpoint again with flowar-train" if not any(k.startswith(other) for k in names)
                else "pass --raw-weights (its model.* weights)" if use_ema else "drop --raw-weights")
         raise CheckpointError(f"{prefix}* weights in a {TRAIN_FORMAT_TAG} checkpoint",
                               f"no {prefix}* weights in {p.name}", fix)
-    return picked, "model_ema" if use_ema else "model"
+    return picked
 
 
 def read_checkpoint(path: str | Path, use_ema: bool = True) -> LoadedCheckpoint:
@@ -102,10 +104,10 @@ def read_checkpoint(path: str | Path, use_ema: bool = True) -> LoadedCheckpoint:
     p = Path(path)
     _require_file(p, "checkpoint")
     if p.suffix == ".safetensors":
-        sd, meta = read_safetensors(p)
+        sd, meta = read_safetensors(p, lambda meta, names: _train_names(meta, names, p, use_ema))
         source = "safetensors"
-        if meta.get(META_FORMAT) == TRAIN_FORMAT_TAG:
-            sd, source = _train_weights(sd, p, use_ema)
+        if meta.get(META_FORMAT) == TRAIN_FORMAT_TAG:          # (ema.* or model.* alone were read)
+            sd, source = {k.split(".", 1)[1]: v for k, v in sd.items()}, "model_ema" if use_ema else "model"
         if source != "model" and not use_ema:
             _no_raw(p)
         ck = LoadedCheckpoint(_strip_prefix(sd), p, metadata=meta, source=source)
@@ -125,7 +127,13 @@ def read_checkpoint(path: str | Path, use_ema: bool = True) -> LoadedCheckpoint:
         raise CheckpointError("a checkpoint ending in .safetensors or " + "/".join(_PICKLE_SUFFIXES), f"{p.name}",
                               f"pass the folder it is in, {p.parent}, as --engine-dir"      # (a file of an engine directory)
                               if (p.parent / "manifest.json").is_file() else "rename or convert the file")
-    obj = read_pickle(p)
+    sd, source = read_pickle(p, lambda obj: _pick(obj, p, use_ema))      # (only the weights picked are read)
+    return LoadedCheckpoint(_strip_prefix(sd), p, source=source)
+
+
+def _pick(obj: object, p: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict a pickled checkpoint holds (a training checkpoint's EMA weights by default), and where
+    it was; run on the file's structure before any tensor is read (see :func:`read_pickle`)."""
     if not isinstance(obj, dict):
         raise CheckpointError("a state dict (a mapping of names to tensors)", f"a {type(obj).__name__} in {p}",
                               "save model.state_dict(), not the model object")
@@ -149,7 +157,7 @@ def read_checkpoint(path: str | Path, use_ema: bool = True) -> LoadedCheckpoint:
         raise CheckpointError("dense tensors (plain weights)", f"{odd} in {p} is a "
                               f"{'quantized' if obj[odd].is_quantized else str(obj[odd].layout)} tensor",
                               "save the model's dense float weights (tensor.to_dense(), .dequantize())")
-    return LoadedCheckpoint(_strip_prefix(dict(obj)), p, source=source)
+    return dict(obj), source
 
 
 class skeleton(torch.overrides.TorchFunctionMode):

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 import re
+import struct
 import sys
 import warnings
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable, Iterator
 
 import torch
 
@@ -54,33 +56,134 @@ def pickle_error(path: Path, e: Exception) -> CheckpointError:
                            "refused for safety; convert it to safetensors in a trusted environment")
 
 
-def read_pickle(path: Path) -> Any:
+def read_pickle(path: Path, pick: Callable[[Any], Any] = lambda obj: obj) -> Any:
+    """``pick`` of the object a PyTorch pickle holds, with only the tensors ``pick`` keeps read from
+    the file: a training checkpoint's EMA weights alone, its raw weights and optimizer state (three
+    times their size) left on disk. The structure is unpickled first with every tensor on the meta
+    device (no data read), then each kept tensor's storage is read from its record into memory of
+    its own. Not mapped: the official trainer rewrites checkpoint-last.pth in place (torch.save),
+    and a mapped model then computed with the new or half-written weights, or died of SIGBUS where
+    the file was cut. A file this cannot read so (the legacy non-zip format, a compressed or
+    big-endian record) is read whole, as ``torch.load`` reads it."""
     try:
-        # argparse.Namespace is what official training checkpoints store under "args"; it is a
-        # plain attribute bag, so allowing it executes no code of the file's choosing.
-        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
-            # (torch warns about a legacy file's pickle protocol before any error: not the user's business)
-            warnings.simplefilter("ignore")
-            # Read into memory, not mapped: the official trainer rewrites checkpoint-last.pth in place
-            # (torch.save), and a mapped model then computed with the new or half-written weights, or died
-            # of SIGBUS where the file was cut; mapped, torch also took a tensor larger than its record (the
-            # bytes after it) where it refuses one read. (FlowAR-S read and touched: 1.1 s against 0.8.)
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            try:
+                records = _stored_records(f)
+            except zipfile.BadZipFile:
+                records = None                          # (the legacy format: read whole below)
+            if records is not None:
+                try:
+                    obj = _load(f, "meta")
+                except Exception:  # noqa: BLE001 - whatever fails here fails the same read whole below, with its line
+                    obj = None
+                if obj is not None:
+                    try:
+                        return _read_kept(f, obj, pick(obj), records, path)
+                    except _ReadWhole:
+                        pass
+            return pick(_load(f, "cpu"))
     except OSError as e:
         raise os_error(path, e) from e
+    except CheckpointError:
+        raise
     except Exception as e:   # noqa: BLE001 - every other failure here is the file's fault
         raise pickle_error(path, e) from e
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
+class _ReadWhole(Exception):
+    """This reader cannot tell where a tensor's bytes are: the file is read whole."""
+
+
+def _load(f: BinaryIO, where: str) -> Any:
+    # argparse.Namespace is what official training checkpoints store under "args"; it is a
+    # plain attribute bag, so allowing it executes no code of the file's choosing.
+    with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+        # (torch warns about a legacy file's pickle protocol before any error: not the user's business)
+        warnings.simplefilter("ignore")
+        f.seek(0)
+        return torch.load(f, map_location=where, weights_only=True)
+
+
+def _stored_records(f: BinaryIO) -> dict[int, int] | None:
+    """Where each storage record's bytes begin in the file, and how many there are; None where a
+    record is compressed or the data big-endian (torch.load then reads and converts them)."""
+    records = {}
+    with zipfile.ZipFile(f) as z:
+        for info in z.infolist():
+            if info.filename.endswith("/byteorder") and z.read(info) != b"little":
+                return None
+            if "/data/" not in info.filename:
+                continue
+            if info.compress_type != zipfile.ZIP_STORED:
+                return None
+            f.seek(info.header_offset)
+            head = f.read(30)                            # the local header: its name and extra field lengths
+            name_len, extra_len = struct.unpack("<HH", head[26:30])
+            records[info.header_offset + 30 + name_len + extra_len] = info.file_size
+    return records
+
+
+def _read_kept(f: BinaryIO, obj: Any, kept: Any, records: dict[int, int], path: Path) -> Any:
+    """``kept`` (a part of ``obj``, the file's structure on the meta device) with each tensor in it read
+    from its record. Where torch's offsets (computed as its own zip writer lays records out) are not
+    the records' own, as in a file another zip tool wrote: read whole."""
+    where = {}
+    for t in _leaves(obj):
+        s = t.untyped_storage()
+        where[getattr(s, "_checkpoint_offset", None)] = s.nbytes()
+    if set(where) != set(records):
+        raise _ReadWhole
+    if (at := next((at for at, size in where.items() if size != records[at]), None)) is not None:   # (as torch.load)
+        raise CheckpointError("a readable PyTorch checkpoint", f"{path} cannot be read (a tensor of {where[at]} "
+                              f"bytes where its record holds {records[at]})", "the file is truncated or corrupt: fetch it again")
+    storages: dict[int, torch.UntypedStorage] = {}
+
+    def real(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        at, size = s._checkpoint_offset, s.nbytes()
+        if at not in storages:
+            buf = torch.empty(size, dtype=torch.uint8)
+            f.seek(at)
+            if f.readinto(memoryview(buf.numpy())) != size:
+                raise CheckpointError("a readable PyTorch checkpoint", f"{path} ended inside a tensor's record",
+                                      "the file is truncated or corrupt: fetch it again")
+            storages[at] = buf.untyped_storage()
+        return torch.empty(0, dtype=t.dtype).set_(storages[at], t.storage_offset(), t.shape, t.stride())
+
+    def walk(o: Any) -> Any:
+        if isinstance(o, torch.Tensor):
+            return real(o)
+        if isinstance(o, dict):
+            return {k: walk(v) for k, v in o.items()}
+        return type(o)(walk(v) for v in o) if type(o) in (list, tuple) else o
+
+    return walk(kept)
+
+
+def _leaves(o: Any) -> Iterator[torch.Tensor]:
+    """The tensors in mappings, lists and tuples."""
+    if isinstance(o, torch.Tensor):
+        yield o
+    elif isinstance(o, dict):
+        for v in o.values():
+            yield from _leaves(v)
+    elif type(o) in (list, tuple):
+        for v in o:
+            yield from _leaves(v)
+
+
+def read_safetensors(path: Path, pick: Callable[[dict[str, str], list[str]], list[str]] = lambda meta, names: names
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors ``pick(metadata, names)`` names (all by default) and the metadata; only those are
+    read, into memory of their own (a flowar-train checkpoint's EMA weights, not its raw weights and
+    optimizer state; see :func:`flowar.io.tensors.read_tensors`)."""
+    from flowar.io.tensors import read_tensors
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = dict(f.metadata() or {})
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-    except OSError as e:     # (removed since _require_file; safetensors says "No such file" for permissions too)
+        return read_tensors(path, pick)
+    except OSError as e:     # (removed since _require_file, or unreadable)
         raise os_error(path, e) from e
-    except Exception as e:   # noqa: BLE001
+    except CheckpointError:
+        raise
+    except Exception as e:   # noqa: BLE001 - every other failure here is the file's fault
         raise CheckpointError("a readable safetensors file", f"{path} cannot be read ({error_detail(e)})",
                               "the file is truncated or corrupt: fetch or export it again") from e
-    return sd, meta
