@@ -215,6 +215,12 @@ def test_resume_alone_takes_the_runs_own_settings(small_world, tmp_path, capsys,
                                          str(small_world / "data"), "--sample-every", "0"])
     assert res.exit_code == 0 and f"the run's own vae {str(small_world / 'vae')!r}" in res.output, res.output
     assert "trained to step 4 " in res.output, res.output
+    # --steps given at the default (2000) extends the run to 2000 (it was taken for "not given": the run's own)
+    from flowar.train.resume import with_recorded_settings
+    from flowar.train.trainer import RUN_DEFINING
+    for given, want in ((2000, 2000), (None, 4)):
+        asked = TrainArgs(out=str(tmp_path / "r"), vae=str(small_world / "vae"), steps=given, resume=True)
+        assert with_recorded_settings(asked, RUN_DEFINING + ("steps",), say=False).steps == want, given
     res = CliRunner().invoke(train_cmd, ["--out", str(tmp_path / "new"), "--steps", "1"])
     assert res.exit_code == 2 and "expected --vae: the VAE the latents come from; got none" in res.output, res.output
 
@@ -873,6 +879,18 @@ def test_an_image_folder_takes_its_class_folders_only_and_names_a_bad_file(small
     (d / "square" / "bad.png").write_bytes(b"not a png")
     with pytest.raises(FlowARError, match="image files PIL can read in the class folders; got .*bad.png"):
         load_image_folder(d, 16)
+
+
+def test_animal_mnist_below_its_28_pixels_is_refused_not_cropped():
+    """--size 16 on Animal-MNIST trained on the centre 16x16 of each silhouette (padding by a negative
+    amount crops), without a word; padded to 32, every pixel stays."""
+    from flowar.errors import FlowARError
+    from flowar.train.data import load_animal_mnist, pad_to
+    with pytest.raises(FlowARError, match="--size at least 28 for Animal-MNIST .* got 16. Fix: use --size 32"):
+        load_animal_mnist(16)
+    x = torch.rand(2, 28, 28)
+    padded = pad_to(x, 32)
+    assert padded.shape == (2, 32, 32) and torch.equal(padded[:, 2:30, 2:30], x) and float(padded.sum()) == float(x.sum())
 
 
 def test_the_sample_grid_takes_40_images_whatever_the_classes(monkeypatch, tmp_path):

@@ -235,8 +235,8 @@ def train_vae_cmd(data, out, size, latent_channels, steps, batch, lr, seed, resu
 @click.option("--preset", help="Widths/depths of a preset: tiny, flowar-s, flowar-l, flowar-h (scales, channels, classes "
               "follow the data) [default: tiny].")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Full config JSON instead.")
-@click.option("--steps", default=2000, show_default=True, type=int, help="Optimizer steps in all (a resumed run "
-              "continues to it).")
+@click.option("--steps", type=int, help="Optimizer steps in all (a resumed run continues to it) [default: 2000; "
+              "--resume: the run's own].")
 @click.option("--batch", default=64, show_default=True, type=int, help="Global batch (split over torchrun ranks).")
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW peak learning rate.")
 @click.option("--warmup", default=100, show_default=True, type=int, help="Steps of linear learning-rate warm-up.")
@@ -260,7 +260,7 @@ def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmu
         raise FlowARError("--vae: the VAE the latents come from", "none", "pass e.g. --vae models/default/vae")
     check_outputs([("--out", out)], [vae, config_path, data if Path(data).exists() else None])
     check_writable(out, True, "--out")
-    positive(("--steps", steps), ("--batch", batch), ("--log-every", log_every), ("--ckpt-every", ckpt_every),
+    positive(("--steps", 1 if steps is None else steps), ("--batch", batch), ("--log-every", log_every), ("--ckpt-every", ckpt_every),
               ("--size", size), ("--lr", lr), ("--grad-clip", grad_clip))
     for name, v, ok, fix in (("--warmup", warmup, warmup >= 0, "--warmup 0"), ("--sample-every", sample_every,
                              sample_every >= 0, "--sample-every 0 (off)"), ("--ema-decay", ema_decay,

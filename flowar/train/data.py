@@ -84,6 +84,9 @@ def pad_to(x_NHW: Tensor, size: int) -> Tensor:
 
 def load_animal_mnist(size: int = 32) -> ImageSet:
     """All 10,000 silhouettes, grey replicated to RGB, padded with background to size x size."""
+    if size < 28:                   # (padding by a negative amount cropped their edges, in silence)
+        raise FlowARError("--size at least 28 for Animal-MNIST (its 28x28 silhouettes are padded to it)", str(size),
+                          "use --size 32 (the default), or an image folder as --data (its images are resized)")
     data_path, label_path = animal_mnist_files()
     data = _load_numpy_pickle_gz(data_path)              # (10000, 28, 28) uint8
     labels = _load_numpy_pickle_gz(label_path)           # (10000,) int64

@@ -20,6 +20,8 @@ from torch import Tensor
 from flowar.io.files import as_file
 from flowar.model.checkpoint import TRAIN_FORMAT_TAG, save_checkpoint
 
+STEPS = 2000          # flowar-train's optimizer steps where --steps is not given (a resumed run: its own)
+
 if TYPE_CHECKING:
     from flowar.model.ar import FlowAR
     from flowar.train.trainer import Run, TrainArgs, TrainState
@@ -28,17 +30,18 @@ if TYPE_CHECKING:
 def with_recorded_settings(args, defining: tuple[str, ...], say: bool = True):
     """``args`` (a :class:`~flowar.train.trainer.TrainArgs`) with each of ``defining`` that is at its
     default taken from the run's checkpoint where the run began with another value; a note names them.
-    Unchanged when not resuming or when the checkpoint cannot be read (the checks say why)."""
+    Unchanged when not resuming or when the checkpoint cannot be read (the checks say why); ``steps``
+    not given (None): the run's own, else :data:`STEPS`."""
     ckpt = Path(args.out) / "checkpoint-last.safetensors"
-    if not args.resume or not ckpt.is_file():
-        return args
-    try:
-        from safetensors import safe_open
-        with safe_open(str(ckpt), framework="pt") as f:
-            began = json.loads(f.metadata()["train_args"])
-    except Exception:   # noqa: BLE001 - refused with its reason where the run is checked
-        return args
-    return take_recorded(args, began, defining, say)
+    if args.resume and ckpt.is_file():
+        try:
+            from safetensors import safe_open
+            with safe_open(str(ckpt), framework="pt") as f:
+                began = json.loads(f.metadata()["train_args"])
+        except Exception:   # noqa: BLE001 - refused with its reason where the run is checked
+            began = None
+        args = args if began is None else take_recorded(args, began, defining, say)
+    return args if args.steps is not None else dataclasses.replace(args, steps=STEPS)
 
 
 def take_recorded(args, began: dict, defining: tuple[str, ...], say: bool = True):

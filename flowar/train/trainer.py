@@ -53,7 +53,7 @@ class TrainArgs:
     size: int = 32                            # image side
     preset: str | None = None                 # config widths; default: tiny widths on the data's latent grid
     config: str | None = None
-    steps: int = 2000
+    steps: int | None = None                  # None: 2000, or a resumed run's own (given: the run extends to it)
     batch: int = 64                           # global batch (split over ranks)
     lr: float = 1e-3
     warmup: int = 100
