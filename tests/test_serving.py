@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -634,11 +635,28 @@ def test_the_deploy_recipes_are_valid_serve_configs_whose_application_builds(def
             args = dict(application.args, engine_dir=str(default_auto_engines), token_file=str(tmp_path / "token"))
             built = builder(args)
             assert type(built).__name__ == "Application", built
-            with pytest.raises(TypeError):                          # a misspelt key is not ignored
-                builder(dict(args, replicaz=2))
             from flowar.errors import FlowARError
             with pytest.raises(FlowARError, match="bearer token"):   # a cluster is not served without a token
                 builder({k: v for k, v in args.items() if k != "token_file"})
+    # what flowar-serve refuses in its options is refused here too, in one line (a misspelt key was a TypeError, a
+    # missing engine_dir a KeyError, replicas 0 Ray's ValueError; deadline_s -1, max_n 0 and threads 0 were deployed,
+    # then refused every request or failed every replica's start)
+    args = {"engine_dir": str(default_auto_engines), "token_file": str(tmp_path / "token")}
+    for bad, said in (({"deadline": 60}, "got deadline. Fix: see deploy/serve-config.yaml"),
+                      ({"engine_dir": None}, "got engine_dir missing"), ({"replicas": 0}, "replicas an integer >= 1; got 0"),
+                      ({"deadline_s": -1}, "deadline_s > 0 seconds; got -1"), ({"max_n": 0}, "max_n an integer >= 1"),
+                      ({"threads": 0}, "threads an integer >= 1"), ({"grace_s": "60"}, "grace_s > 0 seconds; got '60'"),
+                      ({"queue": 4, "max_n": 8}, "queue at least max_n (8)"), ({"backend": "nope"}, "nope")):
+        given = {k: v for k, v in (args | bad).items() if v is not None}
+        with pytest.raises(FlowARError, match=re.escape(said)):
+            builder(given)
+    from click.testing import CliRunner
+
+    from flowar.commands.cli_ray import serve_cmd
+    for bad, said in ((["--replicas", "0"], "--replicas an integer >= 1; got 0"), (["--deadline", "0"], "--deadline > 0 "
+                      "seconds; got 0"), (["--queue", "2", "--max-n", "4"], "--queue at least --max-n (4)")):
+        res = CliRunner().invoke(serve_cmd, ["--engine-dir", str(default_auto_engines), *bad])
+        assert res.exit_code == 2 and said in res.output and "Traceback" not in res.output, res.output
 
 
 def test_stopping_drains_each_replica_through_the_handle_and_waits_for_what_it_holds():

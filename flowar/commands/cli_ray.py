@@ -107,24 +107,16 @@ def serve_cmd(engine_dir, host, port, replicas, backend, threads, lanes, max_n, 
     directory's call plan; GET / (a page to try it), /health, /metrics, /openapi.json."""
     import ipaddress
 
-    from flowar.commands.serve import read_token, serve_forever
+    from flowar.commands.serve import check_limits, read_token, serve_forever
     from flowar.export.manifest import read_manifest
     from flowar.runtime.directory import backend_named, choose_backend   # (not through the runtime: no PyTorch here)
     m = read_manifest(engine_dir)
     chosen = choose_backend(m, backend)                 # refuse a backend that cannot run, before starting Ray
     m.require_decoder()
-    for name, v in (("--replicas", replicas), ("--max-n", max_n), ("--threads", 1 if threads is None else threads),
-                    ("--lanes", 1 if lanes is None else lanes), ("--queue", 1 if queue is None else queue)):
-        if v < 1:
-            raise FlowARError(f"{name} >= 1", str(v), f"pass a positive {name}")
-    for name, v in (("--deadline", deadline), ("--grace", grace)):
-        if not v > 0:
-            raise FlowARError(f"{name} > 0 seconds", str(v), f"pass e.g. {name} 60")
+    check_limits(replicas, max_n, threads, lanes, queue, deadline, grace,
+                 lambda key: {"deadline_s": "--deadline", "grace_s": "--grace"}.get(key, "--" + key.replace("_", "-")))
     if not 0 < port < 65536:
         raise FlowARError("--port in 1..65535", str(port), "use e.g. --port 8000")
-    if queue is not None and queue < max_n:
-        raise FlowARError(f"--queue at least --max-n ({max_n}): a request of --max-n images must fit", str(queue),
-                          f"use --queue {max_n} or more, or a smaller --max-n")
     if ray_address is None:          # a local Serve listens here: refuse an address it cannot take before Ray starts
         _can_listen(host, port)      # (and before the token: --host 999.1.1.1 was told to bring a token)
     token = read_token(token_file)

@@ -119,19 +119,41 @@ def build_app(engine_dir: str, *, threads: int | None = None, max_n: int = 16, r
     return deployment.bind(*args)
 
 
+def check_limits(replicas, max_n, threads, lanes, queue, deadline_s, grace_s, name=lambda key: key) -> None:
+    """Refuse, before Ray starts, a count below 1 or a time not above 0 (``name``: how the caller
+    calls each setting: flowar-serve's options, or the application builder's keys)."""
+    import math
+    for key, v in (("replicas", replicas), ("max_n", max_n), ("threads", threads), ("lanes", lanes), ("queue", queue)):
+        if v is not None and not (type(v) is int and v >= 1):
+            raise FlowARError(f"{name(key)} an integer >= 1", repr(v), f"pass a positive {name(key)}")
+    for key, v in (("deadline_s", deadline_s), ("grace_s", grace_s)):
+        if not (type(v) in (int, float) and v > 0 and math.isfinite(v)):
+            raise FlowARError(f"{name(key)} > 0 seconds", repr(v), f"pass e.g. {name(key)} 60")
+    if queue is not None and queue < max_n:
+        raise FlowARError(f"{name('queue')} at least {name('max_n')} ({max_n}): a request of {name('max_n')} images must "
+                          "fit", str(queue), f"use {name('queue')} {max_n} or more, or a smaller {name('max_n')}")
+
+
 def app(args: dict):
     """Application builder for ``serve run`` / ``serve deploy`` (deploy/serve-config.yaml):
     ``args`` are :func:`build_app`'s keywords; ``token_file`` instead of ``token``, required
-    unless ``open: true`` (a cluster's address is not loopback)."""
+    unless ``open: true`` (a cluster's address is not loopback). Checked as flowar-serve checks
+    its options, before any replica starts."""
     args = dict(args)
+    keys = set(inspect.signature(build_app).parameters) - {"token", "draining"} | {"token_file", "open"}
+    if unknown := sorted(set(args) - keys) or ([] if "engine_dir" in args else ["engine_dir missing"]):
+        raise FlowARError(f"args of {', '.join(sorted(keys))} (engine_dir required)", ", ".join(map(str, unknown)),
+                          "see deploy/serve-config.yaml")
     token = read_token(args.pop("token_file", None))
     if token is None and not args.pop("open", False):
         raise FlowARError("a bearer token for a served cluster (args: token_file)", "none",
                           "mount a token file and name it, or set open: true to serve without one")
     args.pop("open", None)
-    if args.get("queue") is not None and args["queue"] < args.get("max_n", 16):
-        raise FlowARError("queue at least max_n: a request of max_n images must fit", str(args["queue"]),
-                          "raise queue or lower max_n")
+    given = {k: args.get(k, v.default) for k, v in inspect.signature(build_app).parameters.items() if k != "engine_dir"}
+    check_limits(*(given[k] for k in ("replicas", "max_n", "threads", "lanes", "queue", "deadline_s", "grace_s")))
+    from flowar.export.manifest import read_manifest
+    from flowar.runtime.directory import choose_backend
+    choose_backend(read_manifest(args["engine_dir"]), given["backend"])      # (a backend this directory cannot run)
     return build_app(args.pop("engine_dir"), token=token, **args)
 
 
@@ -166,6 +188,8 @@ def serve_forever(engine_dir: str, host: str, port: int, threads: int | None, ma
         if waiting[0]:
             asked[:] = asked or [name]
             waiting[0] = False
+            for sig in previous:                      # (here: a second one at once went to the start's branch)
+                signal.signal(sig, signal.SIG_IGN)
             raise _Stop()
         if asked:
             raise KeyboardInterrupt(f"a second {name} while Ray Serve started; nothing was served")
