@@ -911,19 +911,26 @@ def test_a_bulk_runs_samples_npz_is_written_one_shard_at_a_time(tmp_path):
 
 def test_a_stopped_bulk_run_records_its_throughput_beside_the_resumed_ones(default_auto_engines, tmp_path, monkeypatch):
     """run.json keeps each run's throughput (README): a run stopped after its first shard recorded none, so the
-    folder's record held the resumed run alone."""
+    folder's record held the resumed run alone. Stopped as a signal stops the command (its handler records the
+    stop, which then refused the record's write: the line said "interrupted" alone, run.json no stopped run)."""
     import json
+    import signal
 
     import flowar.commands.bulk as bulk
+    from flowar.errors import stop_asked, stops_cleared
     real = bulk._sample_here
 
     def one_shard_then_stopped(spec, out, todo, progress, done_before):
         real(spec, out, todo[:1], progress, done_before)
-        raise KeyboardInterrupt
+        stop_asked(signal.SIGTERM, None)
     spec = bulk.BulkSpec(str(default_auto_engines), 4, [0, 1], 0, {}, 2, 1)
     monkeypatch.setattr(bulk, "_sample_here", one_shard_then_stopped)
-    with pytest.raises(KeyboardInterrupt, match="2 of 4 images written"):
-        bulk.run_bulk(spec, tmp_path / "run", progress=False)
+    stops_cleared()
+    try:
+        with pytest.raises(KeyboardInterrupt, match="2 of 4 images written"):
+            bulk.run_bulk(spec, tmp_path / "run", progress=False)
+    finally:
+        stops_cleared()
     monkeypatch.setattr(bulk, "_sample_here", real)
     bulk.run_bulk(spec, tmp_path / "run", progress=False)
     runs = json.loads((tmp_path / "run" / "run.json").read_text())["throughput"]

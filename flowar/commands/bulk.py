@@ -30,7 +30,7 @@ from flowar.commands.cluster import bounded_retries, quiet_ray_data, start_ray
 from flowar.commands.follow import follow_workers
 from flowar.commands.shards import (begin_run, check_run, shard_batches, shard_is_done, shard_path, shard_ranges,
                                     images_done, images_sha256, write_run_json)
-from flowar.errors import FlowARError, raise_if_set
+from flowar.errors import FlowARError, raise_if_set, stop_answered
 from flowar.io.npz import Parts, write_npz
 
 
@@ -262,8 +262,9 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
                 written = sum(e - s for j, s, e in shards if shard_is_done(out, j, s, e))
                 if now := written - (spec.num_images - done_now):      # (its throughput too: a resume's alone was kept)
                     dt = time.perf_counter() - t0
-                    write_run_json(out, spec, [], {"images": now, "seconds": round(dt, 3), "images_per_s": round(
-                        now / dt, 4), "stopped": True, "workers": workers, "threads": spec.threads})
+                    with stop_answered():            # (the stop's own record: a stop asked refused its write)
+                        write_run_json(out, spec, [], {"images": now, "seconds": round(dt, 3), "images_per_s": round(
+                            now / dt, 4), "stopped": True, "workers": workers, "threads": spec.threads})
                 raise KeyboardInterrupt(f"{written} of {spec.num_images} images written to {out}; the same command "
                                         "resumes") from None
             finally:
