@@ -1,13 +1,12 @@
 """``manifest.json``: what an engine directory was built from. Written here, read by engines
 and runtime; the format is defined once, in this module.
 
-A directory is trusted only if its manifest parses, names this format, holds every record the
-runtime reads with its fields and types (:data:`_SCHEMA`), keeps every path inside the
-directory, and every file the chosen engines use hashes to its recorded sha256 (once: a file found whole,
-by the export or an open, is recorded in :data:`VERIFIED` with its state and hashed again only where that
-changed; one ONNX graph is used through ONNX Runtime's optimized copy of it, checked against the hash written
-beside the copy when it was made; the graph itself is read and checked again whenever its file's size or time
-differ from what was recorded then). Anything else is refused with a message that says how to rebuild.
+A directory is trusted only if its manifest parses, names this format, holds every record the runtime reads
+with its fields and types (:data:`_SCHEMA`), keeps every path inside the directory, and every file the chosen
+engines use hashes to its recorded sha256 (once: a file found whole, by the export or an open, is recorded in
+:data:`VERIFIED` with its state and hashed again only where that changed; one ONNX graph is used through ONNX
+Runtime's optimized copy of it, checked against the hash written beside the copy when it was made; the graph
+itself is read again whenever its file's size or time differ). Anything else is refused, saying how to rebuild.
 """
 
 from __future__ import annotations
@@ -22,8 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from flowar.config import FlowARConfig
 from flowar.errors import EngineDirError, FlowARError
-from flowar.io.digests import MADE_FOR, edited_parts, seal_broken, sealed, sha256_file, strict_json
-from flowar.io.digests import VAE_FILES, vae_sha256  # noqa: F401 - (imported from here too)
+from flowar.io.digests import MADE_FOR, edited_parts, seal_broken, sealed, sha256_file, strict_json, vae_sha256  # noqa: F401
 from flowar.io.files import file_state
 
 if TYPE_CHECKING:
@@ -323,13 +321,16 @@ def read_manifest(root: str | Path, verify_hashes: bool = False, note_edits: boo
     except UnicodeEncodeError:
         raise EngineDirError("an engine directory path that is valid UTF-8 (ONNX Runtime takes no other)",
                              repr(os.fsencode(root)), "rename it") from None
+    if root.is_file() and (root.parent / MANIFEST).is_file():     # (one of an engine directory's files)
+        raise EngineDirError("an engine directory made by flowar-export", f"{root}, a file in the engine directory "
+                             f"{root.parent}", f"pass the folder it is in: --engine-dir {root.parent}")
     if root.is_file():          # (the preset only for a file that does not describe itself, as ours do)
         from flowar.model.checkpoint import carries_config
         own = carries_config(root)
         raise EngineDirError("an engine directory made by flowar-export", f"{root}, a file, not an engine directory",
                              f"pass the folder flowar-export wrote (flowar-export --ckpt {root} --vae VAE --out DIR makes "
                              "one" + ("" if own else "; an official file also needs its --preset: flowar-s, flowar-l or "
-                             f"flowar-h") + f"), or sample the checkpoint itself: flowar-run or flowar-judge --ckpt {root}"
+                             "flowar-h") + f"), or sample the checkpoint itself: flowar-run or flowar-judge --ckpt {root}"
                              + ("" if own else " (with that --preset)"))
     if not root.is_dir():
         raise EngineDirError("an engine directory made by flowar-export", f"no directory at {root}",

@@ -95,10 +95,10 @@ class Runtime(contextlib.AbstractContextManager):
         if p.is_dir() if engine_dir is None else engine_dir:
             ckpt_only = {k: v for k, v in options.items() if k in ("preset", "config", "vae", "raw_weights", "precision")
                          and v not in (None, False, "fp32")}
-            if ckpt_only:
-                raise FlowARError("no --preset/--config/--vae/--raw-weights/--precision with --engine-dir",
-                                  ", ".join(sorted(ckpt_only)), "the engine directory records its config, decoder "
-                                  "and precision; drop those options")
+            if given := [f"--{k.replace('_', '-')}" for k in sorted(ckpt_only)]:     # (named as given: flowar-decode
+                raise FlowARError(f"no {'/'.join(given)} with --engine-dir", ", ".join(given),  # has no --precision)
+                                  "the engine directory records its config, decoder and precision; drop "
+                                  + ", ".join(given))
             return cls.open_engine_dir(p, **{k: v for k, v in options.items() if k in
                                              ("backend", "device", "threads", "cuda_graphs", "warm", "ckpt", "only")})
         if options.get("backend", "auto") not in ("auto", "torch"):
@@ -301,6 +301,8 @@ class Runtime(contextlib.AbstractContextManager):
                    else type(tokens).__name__)
             raise FlowARError(f"token maps of this model, a float tensor (B, {', '.join(map(str, want))}), B >= 1", got,
                               "pass the tokens a call returned with output_type=\"latent\"")
+        if not bool(torch.isfinite(tokens).all()):      # (the decode's check blamed the checkpoint, "at scale 3")
+            raise FlowARError("finite token maps", "NaN or Inf in the tokens passed", "pass the tokens a call returned")
         bs = self.batch or batch_that_fits(len(tokens), None, c, self.image_size, self.vae)   # (as sample's batches)
         with self._one_call("decode"):
             parts = [self.stages.decode(tokens[i:i + bs].to(self.device, torch.float32) / c.latent_scale).cpu()

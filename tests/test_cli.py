@@ -613,3 +613,43 @@ def test_a_loop_of_symbolic_links_as_an_input_is_one_line(tmp_path):
         check_outputs([("--out", tmp_path / "g.png")], [tmp_path / "a.safetensors"])
     with pytest.raises(FlowARError, match="a loop of links"):
         check_outputs([("--out", tmp_path / "a.safetensors")], [])
+
+
+def test_messages_name_what_was_given_and_where(default_auto_engines, tmp_path, monkeypatch):
+    """Lines a walkthrough found pointing elsewhere: flowar-decode was told to drop --raw-weights and
+    --precision it has no option for; a graph of an engine directory given as --engine-dir was offered
+    flowar-export --ckpt on it; --ema-decay 2 was "in its range (see --help)", where help says none;
+    --data FILE "no folder at"; "48.7 GB free at .. Fix" (the folder "."); NaN tokens to decode blamed
+    the checkpoint "at scale 3"."""
+    import math
+
+    from flowar.commands.check import check_cmd
+    from flowar.commands.cli import train_cmd
+    from flowar.commands.decode import decode_cmd
+    from flowar.errors import FlowARError
+    from flowar.io.memory import require_free_space
+    from pathlib import Path
+    ROOT = Path(__file__).resolve().parents[1]
+    res = CliRunner().invoke(run, ["--engine-dir", str(default_auto_engines), "--labels", "3", "--save-tokens",
+                                   str(tmp_path / "t.safetensors")])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(decode_cmd, ["--tokens", str(tmp_path / "t.safetensors"), "--engine-dir",
+                                          str(default_auto_engines), "--preset", "tiny", "--out", str(tmp_path / "g.png")])
+    assert res.exit_code == 2 and "expected no --preset with --engine-dir; got --preset. Fix:" in res.output, res.output
+    graph = default_auto_engines / "ar.onnx"
+    res = CliRunner().invoke(check_cmd, ["--engine-dir", str(graph)])
+    assert res.exit_code == 2 and f"Fix: pass the folder it is in: --engine-dir {default_auto_engines}" in res.output
+    (tmp_path / "d.safetensors").write_bytes(b"x")
+    for args, said in ((["--ema-decay", "2"], "expected --ema-decay in [0, 1); got 2.0"),
+                       (["--data", str(tmp_path / "d.safetensors")], "d.safetensors, a file, not a folder")):
+        res = CliRunner().invoke(train_cmd, ["--out", str(tmp_path / "run"), "--vae", str(ROOT / "models/default/vae"),
+                                             *args])
+        assert res.exit_code == 2 and said in res.output, res.output
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FlowARError, match=f"free at {re.escape(str(tmp_path.resolve()))}. Fix"):
+        require_free_space(".", 1 << 62, "a test")
+    from flowar import FlowARPipeline
+    with FlowARPipeline.from_pretrained(str(default_auto_engines)) as pipe:
+        bad = load_file(str(tmp_path / "t.safetensors"))["tokens"] * math.nan
+        with pytest.raises(FlowARError, match="expected finite token maps; got NaN or Inf in the tokens passed"):
+            pipe.decode(bad)

@@ -151,8 +151,8 @@ def test_decode_gives_the_images_of_the_tokens_a_call_returned(default_auto_engi
         with pytest.raises(FlowARError, match="output_type among pil, np, pt; got 'latent'"):
             pipe.decode(tokens, output_type="latent")
         bad = tokens.clone()
-        bad[1, 0, 2, 2] = float("nan")              # (NaN images came back, without a word)
-        with pytest.raises(FlowARError, match="expected finite values from the VAE decode stage; got NaN or Inf"):
+        bad[1, 0, 2, 2] = float("nan")              # (NaN images came back, without a word; then the checkpoint was blamed)
+        with pytest.raises(FlowARError, match="expected finite token maps; got NaN or Inf in the tokens passed"):
             pipe.decode(bad)
     with FlowARPipeline.from_pretrained(DEFAULT_CKPT) as pipe:
         with pytest.raises(FlowARError, match="expected a VAE to decode images; .* pass vae="):
@@ -608,7 +608,7 @@ def test_labels_and_devices_a_notebook_passes(default_auto_engines, tmp_path):
         assert pipe([3, 4], seed=torch.tensor(1), output_type="latent").seeds == [1, 1]
     for kw, said in ((dict(device="meta"), "device auto, cpu or cuda"), (dict(threads=0), "threads an integer >= 1"),
                      (dict(threads=True), "threads an integer >= 1"), (dict(cuda_graphs="no"), "cuda_graphs True or False"),
-                     (dict(vae="x"), "precision= with an engine directory")):
+                     (dict(vae="x"), "expected no vae with an engine directory; got vae")):
         with pytest.raises(FlowARError, match=said) as e:
             FlowARPipeline.from_pretrained(default_auto_engines, **kw)
         assert "--" not in str(e.value), str(e.value)

@@ -262,11 +262,11 @@ def train_cmd(out, vae, data, size, preset, config_path, steps, batch, lr, warmu
     check_writable(out, True, "--out")
     positive(("--steps", 1 if steps is None else steps), ("--batch", batch), ("--log-every", log_every), ("--ckpt-every", ckpt_every),
               ("--size", size), ("--lr", lr), ("--grad-clip", grad_clip))
-    for name, v, ok, fix in (("--warmup", warmup, warmup >= 0, "--warmup 0"), ("--sample-every", sample_every,
-                             sample_every >= 0, "--sample-every 0 (off)"), ("--ema-decay", ema_decay,
+    for name, v, ok, fix in (("--warmup >= 0", warmup, warmup >= 0, "--warmup 0"), ("--sample-every >= 0", sample_every,
+                             sample_every >= 0, "--sample-every 0 (off)"), ("--ema-decay in [0, 1)", ema_decay,
                              0 <= ema_decay < 1, "--ema-decay 0.999")):
-        if not ok:
-            raise FlowARError(f"{name} in its range (see --help)", str(v), f"use e.g. {fix}")
+        if not ok:               # (it said "in its range (see --help)", where no range is said)
+            raise FlowARError(name, str(v), f"use e.g. {fix}")
     t0 = time.perf_counter()
     st = train(TrainArgs(out=out, vae=vae, data=data, size=size, preset=preset, config=config_path, steps=steps,
                          batch=batch, lr=lr, warmup=warmup, ema_decay=ema_decay, grad_clip=grad_clip, seed=seed,

@@ -203,7 +203,7 @@ def require_free_space(folder: str | Path, needed: int, what: str, option: str =
         p = p.parent
     free = shutil.disk_usage(p).free
     if free < needed:
-        raise FlowARError(f"{_size(needed)} free for {what}", f"{_size(free)} free at {p}",
+        raise FlowARError(f"{_size(needed)} free for {what}", f"{_size(free)} free at {p.resolve()}",   # (not ".")
                           f"free disk space there or choose another {option}")
 
 

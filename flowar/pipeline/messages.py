@@ -15,7 +15,6 @@ from flowar.errors import FlowARError
 _KEYWORDS = (("--steps", "num_inference_steps"), ("--cfg", "guidance_scale"), ("--guidance", "guidance"),
              ("--schedule", "schedule"), ("--batch", "batch_size"), ("pass --vae", "pass vae="),
              ("(--save-tokens without --out or --save-images)", '(output_type="latent")'),
-             ("--preset/--config/--vae/--raw-weights/--precision", "preset=/config=/vae=/raw_weights=/precision="),
              ("--preset/--config", "preset=/config="), ("--raw-weights", "raw_weights"), ("--precision", "precision"),
              ("--preset", "preset"), ("--config", "config"), ("--vae", "vae"), ("--no-cuda-graphs", "cuda_graphs=False"),
              ("--threads", "threads"), ("--device", "device"), ("--backend", "backend"), ("--solver", "solver"),

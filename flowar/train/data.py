@@ -101,7 +101,8 @@ def _folder_items(root: str | Path) -> tuple[list[str], list[tuple[int, Path]]]:
     """Class names (sorted) and (class index, image path) pairs in load order, for root/<class>/<image>."""
     root = Path(root)
     if not root.is_dir():
-        raise FlowARError("an image folder with one sub-folder per class", f"no folder at {root}", "check --data")
+        raise FlowARError("an image folder with one sub-folder per class", f"{root}, a file, not a folder" if
+                          root.is_file() else f"no folder at {root}", "check --data")
     # hidden and system folders (.ipynb_checkpoints, __MACOSX) are no classes: one became class 0 and
     # shifted every label; so are files such as macOS's ._x.png beside the images
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
