@@ -131,6 +131,12 @@ def test_a_diverged_loss_stops_training_instead_of_writing_nan_weights(small_wor
     with pytest.raises(FlowARError, match="at least 2x2"):     # before the data is encoded (none cached)
         train(_args(small_world, tmp_path / "s", size=7, steps=1, cache_dir=str(tmp_path / "c7")), progress=False)
     assert not (tmp_path / "c7").exists() or not any((tmp_path / "c7").rglob("*"))
+    # a size the VAE does not divide: its latents were those of the size below, the model said to make those images
+    from flowar.model.vae import folder_downsample
+    down = folder_downsample(small_world / "vae")
+    with pytest.raises(FlowARError, match=rf"a multiple of the VAE's down-sampling \({down}\).* got --size {4 * down + 1}: "
+                                          rf"4x4, 1 px over. Fix: use e.g. --size {4 * down}$"):
+        train(_args(small_world, tmp_path / "s", size=4 * down + 1, steps=1, cache_dir=str(tmp_path / "c7")), progress=False)
 
 
 def test_batch_above_the_dataset_is_one_line_before_any_work(small_world, tmp_path, monkeypatch):

@@ -3,9 +3,8 @@
 For a latent x (the VAE posterior sample times ``latent_scale``) and class label y:
 
 * y is replaced by the null class with probability ``label_drop`` (for guidance later);
-* the target of scale k is x area-downsampled to s_k x s_k; the AR input of scale k >= 1 is
-  the target of scale k-1 resized bicubic to the final size, then area to s_k (the sampler's
-  ``hand_off``, so training and sampling feed the AR alike);
+* the target of scale k is x area-downsampled to s_k x s_k; the AR input of scale k >= 1 is the target of scale
+  k-1 resized bicubic to the final size, then area to s_k (the sampler's ``hand_off``: training feeds it alike);
 * the AR runs once over all scales under the block-causal mask;
 * each scale draws fresh t ~ U(0, 1) and noise e, forms x_t = (1 - t) x + t e, and the head
   regresses e - x; the scale's mean squared error is weighted by s_k^2 / s_max^2.
@@ -33,12 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowar.config import FlowARConfig, get_preset
+from flowar.model.ar import FlowAR
 from flowar.model.checkpoint import META_CLASSES, META_CONFIG, save_checkpoint
 from flowar.train.data import DatasetIndex, Latents, index_dataset, load_latents
 from flowar.train.pictures import Progress, own_grids, plot_losses, sample_grid
 from flowar.train.resume import load_training_checkpoint, save_training_checkpoint
 from flowar.errors import FlowARError, stop_answered, stopped, stops_held
-from flowar.model.ar import FlowAR
 from flowar.io.digests import vae_sha256
 from flowar.io.files import as_file
 from flowar.sampling.labels import check_names, names_changed
@@ -199,10 +198,11 @@ def check_args(args: TrainArgs, world: int, data: DatasetIndex) -> tuple[Path, F
                           f"images of --data", f"--batch {args.batch}",
                           f"pass --batch {n_images - n_images % world} or less, or add images")
     from flowar.model.vae import folder_downsample
-    side = args.size // folder_downsample(args.vae)
-    if side < 2:                       # (--size 7 trained a model of one 1x1 scale; found after the encoding, before)
-        raise FlowARError("--size giving a latent map of at least 2x2 through the VAE (two scales or more)",
-                          f"--size {args.size}: {side}x{side}", "use e.g. --size 32")
+    side, over = divmod(args.size, down := folder_downsample(args.vae))    # (--size 7 trained one 1x1 scale; 33 a
+    if side < 2 or over:                                                   # model said to make 32 px images)
+        raise FlowARError(f"--size a multiple of the VAE's down-sampling ({down}) giving a latent map of at least 2x2 "
+                          "(two scales or more)", f"--size {args.size}: {side}x{side}" + f", {over} px over" * bool(over),
+                          f"use e.g. --size {max(2, side) * down}")
     ckpt = Path(args.out) / "checkpoint-last.safetensors"
     if args.resume and not ckpt.is_file():
         raise FlowARError(f"a checkpoint to resume at {ckpt}", "none", "drop --resume to start afresh")
