@@ -96,9 +96,11 @@ def test_a_training_checkpoint_reads_the_weights_it_loads_alone(tmp_path, offici
         assert size <= read < size + (4 << 20), (read, size, p.stat().st_size)
 
 
-def test_a_pth_read_in_parts_gives_what_torch_load_gives(tmp_path):
+@pytest.mark.parametrize("mapped", [False, True])
+def test_a_checkpoint_read_in_parts_gives_what_torch_load_gives(tmp_path, mapped):
     """Tensors that share a storage (views at an offset, transposed), bf16, int64, empty and 0-d ones:
-    read from their records, each equals torch.load's (dtype, shape, strides, values)."""
+    read from their records (or mapped, as the export reads them), each equals torch.load's (dtype,
+    shape, strides, values); a safetensors file's, safetensors' own."""
     base = torch.randn(6, 5)
     sd = {"w": base, "wt": base[2:].t(), "row": base[3], "h": torch.randn(3, 4).bfloat16(), "i": torch.arange(7),
           "e": torch.empty(0, 3), "s": torch.tensor(2.5)}
@@ -109,12 +111,17 @@ def test_a_pth_read_in_parts_gives_what_torch_load_gives(tmp_path):
             dst.writestr(info.filename, src.read(info.filename))
     want = torch.load(tmp_path / "c.pth", weights_only=True)["model_ema"]
     for name in ("c.pth", "z.pth"):
-        got = read_checkpoint(tmp_path / name).state_dict
+        got = read_checkpoint(tmp_path / name, mapped=mapped).state_dict
         assert set(got) == set(want)
         for k in want:
             assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape and got[k].stride() == want[k].stride()
             assert torch.equal(got[k], want[k]), (name, k)
         assert got["wt"].untyped_storage().data_ptr() == got["w"].untyped_storage().data_ptr()   # (shared, as saved)
+    flat = {k: v.clone(memory_format=torch.contiguous_format) for k, v in sd.items()}
+    save_file(flat, tmp_path / "c.safetensors")
+    got, want = read_checkpoint(tmp_path / "c.safetensors", mapped=mapped).state_dict, load_file(tmp_path / "c.safetensors")
+    assert set(got) == set(want) and all(got[k].dtype == want[k].dtype and got[k].shape == want[k].shape
+                                         and torch.equal(got[k], want[k]) for k in want)
 
 
 @pytest.mark.parametrize("which", ["first", "last"])

@@ -339,7 +339,7 @@ def build_engine_dir(ckpt: str | Path, out: str | Path, *, preset: str | None = 
     except OSError:
         read_checkpoint(req.ckpt)
         raise
-    model, ck = load_model(req.ckpt, req.preset, req.config_path, use_ema=req.use_ema)
+    model, ck = load_model(req.ckpt, req.preset, req.config_path, use_ema=req.use_ema, mapped=True)   # (checked below)
     config = ck.config
     vae = None
     if req.vae_path is not None:

@@ -59,12 +59,15 @@ def map_safetensors(path: str | Path, sha256: str | None = None, what: str = "we
     return out
 
 
-def read_tensors(path: str | Path, pick=lambda meta, names: names) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_tensors(path: str | Path, pick=lambda meta, names: names, mapped: bool = False
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors of a safetensors file that ``pick(metadata, names)`` names (all by default), each
     read into memory of its own, and the file's metadata. Not mapped (as a checkpoint's weights
     were through the safetensors library): a file written over in place (``cp``, a save to the same
     path) changed the weights of a model opened on it, or killed its process (SIGBUS) where the
-    file was cut. ValueError naming what is wrong with a file that is not one."""
+    file was cut. ``mapped``: views of the file's pages (copy on write) instead, for a reader that checks
+    the file is unchanged when it is done (see :func:`flowar.model.readers.read_pickle`). ValueError
+    naming what is wrong with a file that is not one."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 8:
@@ -78,12 +81,16 @@ def read_tensors(path: str | Path, pick=lambda meta, names: names) -> tuple[dict
             raise ValueError("a header that is not a mapping of names to tensors and metadata strings")
         entries = {name: _entry(name, info, size - 8 - n) for name, info in header.items()}
         out = {}
+        whole = torch.UntypedStorage.from_file(str(path), False, size) if mapped else None
         for name in pick(meta, list(entries)):
             dtype, begin, end, shape = entries[name]
-            buf = torch.empty(end - begin, dtype=torch.uint8)
-            f.seek(8 + n + begin)
-            if f.readinto(memoryview(buf.numpy())) != end - begin:
-                raise ValueError(f"the file ended inside tensor {name!r}")
+            if whole is not None:
+                buf = torch.empty(0, dtype=torch.uint8).set_(whole[8 + n + begin:8 + n + end])
+            else:
+                buf = torch.empty(end - begin, dtype=torch.uint8)
+                f.seek(8 + n + begin)
+                if f.readinto(memoryview(buf.numpy())) != end - begin:
+                    raise ValueError(f"the file ended inside tensor {name!r}")
             out[name] = buf.view(dtype).view(shape) if end > begin else torch.empty(shape, dtype=dtype)
     return out, meta
 

@@ -99,12 +99,13 @@ def _train_names(meta: dict[str, str], names: list[str], p: Path, use_ema: bool)
     return picked
 
 
-def read_checkpoint(path: str | Path, use_ema: bool = True) -> LoadedCheckpoint:
-    """Read a FlowAR checkpoint of any accepted format into a flat state dict."""
+def read_checkpoint(path: str | Path, use_ema: bool = True, mapped: bool = False) -> LoadedCheckpoint:
+    """Read a FlowAR checkpoint of any accepted format into a flat state dict (``mapped``: views of the
+    file's pages, for a reader that checks the file is unchanged at its end; see :func:`read_pickle`)."""
     p = Path(path)
     _require_file(p, "checkpoint")
     if p.suffix == ".safetensors":
-        sd, meta = read_safetensors(p, lambda meta, names: _train_names(meta, names, p, use_ema))
+        sd, meta = read_safetensors(p, lambda meta, names: _train_names(meta, names, p, use_ema), mapped)
         source = "safetensors"
         if meta.get(META_FORMAT) == TRAIN_FORMAT_TAG:          # (ema.* or model.* alone were read)
             sd, source = {k.split(".", 1)[1]: v for k, v in sd.items()}, "model_ema" if use_ema else "model"
@@ -127,7 +128,7 @@ def read_checkpoint(path: str | Path, use_ema: bool = True) -> LoadedCheckpoint:
         raise CheckpointError("a checkpoint ending in .safetensors or " + "/".join(_PICKLE_SUFFIXES), f"{p.name}",
                               f"pass the folder it is in, {p.parent}, as --engine-dir"      # (a file of an engine directory)
                               if (p.parent / "manifest.json").is_file() else "rename or convert the file")
-    sd, source = read_pickle(p, lambda obj: _pick(obj, p, use_ema))      # (only the weights picked are read)
+    sd, source = read_pickle(p, lambda obj: _pick(obj, p, use_ema), mapped)      # (only the weights picked are read)
     return LoadedCheckpoint(_strip_prefix(sd), p, source=source)
 
 
@@ -329,10 +330,11 @@ def resolve_config(ck: LoadedCheckpoint, preset: str | None = None, config_path:
 
 
 def load_model(path: str | Path, preset: str | None = None, config_path: str | Path | None = None,
-               use_ema: bool = True, device: str | torch.device = "cpu", config: FlowARConfig | None = None):
+               use_ema: bool = True, device: str | torch.device = "cpu", config: FlowARConfig | None = None,
+               mapped: bool = False):
     """Build the reference model and load a checkpoint into it strictly. Returns (model, checkpoint)."""
     from flowar.model.ar import FlowAR
-    ck = read_checkpoint(path, use_ema=use_ema)
+    ck = read_checkpoint(path, use_ema=use_ema, mapped=mapped)
     config = resolve_config(ck, preset, config_path, config)
     check_fits(ck.state_dict, config, ck.path, from_metadata=ck.config is not None)
     check_class_names(ck, config)

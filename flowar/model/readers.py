@@ -5,6 +5,7 @@ safetensors; what went wrong as one line (:mod:`flowar.model.checkpoint` reads t
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import struct
 import sys
@@ -56,15 +57,18 @@ def pickle_error(path: Path, e: Exception) -> CheckpointError:
                            "refused for safety; convert it to safetensors in a trusted environment")
 
 
-def read_pickle(path: Path, pick: Callable[[Any], Any] = lambda obj: obj) -> Any:
+def read_pickle(path: Path, pick: Callable[[Any], Any] = lambda obj: obj, mapped: bool = False) -> Any:
     """``pick`` of the object a PyTorch pickle holds, with only the tensors ``pick`` keeps read from
     the file: a training checkpoint's EMA weights alone, its raw weights and optimizer state (three
     times their size) left on disk. The structure is unpickled first with every tensor on the meta
     device (no data read), then each kept tensor's storage is read from its record into memory of
     its own. Not mapped: the official trainer rewrites checkpoint-last.pth in place (torch.save),
     and a mapped model then computed with the new or half-written weights, or died of SIGBUS where
-    the file was cut. A file this cannot read so (the legacy non-zip format, a compressed or
-    big-endian record) is read whole, as ``torch.load`` reads it."""
+    the file was cut. ``mapped``: the kept storages are views of the file's pages instead (copy on
+    write), for a reader that checks the file is unchanged when it is done (flowar-export: FlowAR-H's
+    7.65 GB of weights then stay page cache the export's own memory may push out). A file this cannot
+    read so (the legacy non-zip format, a compressed or big-endian record) is read whole, as
+    ``torch.load`` reads it."""
     try:
         with open(path, "rb") as f:
             try:
@@ -78,7 +82,7 @@ def read_pickle(path: Path, pick: Callable[[Any], Any] = lambda obj: obj) -> Any
                     obj = None
                 if obj is not None:
                     try:
-                        return _read_kept(f, obj, pick(obj), records, path)
+                        return _read_kept(f, obj, pick(obj), records, path, mapped)
                     except _ReadWhole:
                         pass
             return pick(_load(f, "cpu"))
@@ -123,7 +127,7 @@ def _stored_records(f: BinaryIO) -> dict[int, int] | None:
     return records
 
 
-def _read_kept(f: BinaryIO, obj: Any, kept: Any, records: dict[int, int], path: Path) -> Any:
+def _read_kept(f: BinaryIO, obj: Any, kept: Any, records: dict[int, int], path: Path, mapped: bool) -> Any:
     """``kept`` (a part of ``obj``, the file's structure on the meta device) with each tensor in it read
     from its record. Where torch's offsets (computed as its own zip writer lays records out) are not
     the records' own, as in a file another zip tool wrote: read whole."""
@@ -137,10 +141,13 @@ def _read_kept(f: BinaryIO, obj: Any, kept: Any, records: dict[int, int], path: 
         raise CheckpointError("a readable PyTorch checkpoint", f"{path} cannot be read (a tensor of {where[at]} "
                               f"bytes where its record holds {records[at]})", "the file is truncated or corrupt: fetch it again")
     storages: dict[int, torch.UntypedStorage] = {}
+    whole = torch.UntypedStorage.from_file(str(path), False, os.fstat(f.fileno()).st_size) if mapped else None
 
     def real(t: torch.Tensor) -> torch.Tensor:
         s = t.untyped_storage()
         at, size = s._checkpoint_offset, s.nbytes()
+        if whole is not None and at not in storages:
+            storages[at] = whole[at:at + size]
         if at not in storages:
             buf = torch.empty(size, dtype=torch.uint8)
             f.seek(at)
@@ -172,14 +179,14 @@ def _leaves(o: Any) -> Iterator[torch.Tensor]:
             yield from _leaves(v)
 
 
-def read_safetensors(path: Path, pick: Callable[[dict[str, str], list[str]], list[str]] = lambda meta, names: names
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path: Path, pick: Callable[[dict[str, str], list[str]], list[str]] = lambda meta, names: names,
+                     mapped: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors ``pick(metadata, names)`` names (all by default) and the metadata; only those are
     read, into memory of their own (a flowar-train checkpoint's EMA weights, not its raw weights and
     optimizer state; see :func:`flowar.io.tensors.read_tensors`)."""
     from flowar.io.tensors import read_tensors
     try:
-        return read_tensors(path, pick)
+        return read_tensors(path, pick, mapped)
     except OSError as e:     # (removed since _require_file, or unreadable)
         raise os_error(path, e) from e
     except CheckpointError:
