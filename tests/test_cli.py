@@ -1,5 +1,6 @@
 """flowar-run from the command line."""
 
+import json
 import os
 import re
 import subprocess
@@ -509,9 +510,23 @@ def test_saved_tokens_decode_later_into_the_images_the_run_wrote(default_auto_en
         assert list(rt.stages.engines) == ["decode"]
         with pytest.raises(FlowARError, match="expected a source opened with its sampling stages"):
             rt.sample([1], rt.schedule())
+        names, scale = list(rt.class_names), rt.config.latent_scale
     save_file({"tokens": torch.zeros(2, 3, 5, 5)}, tmp_path / "other.safetensors")
     (tmp_path / "text.safetensors").write_text("not tokens")
     saved = load_file(t)
+    from safetensors import safe_open
+    with safe_open(t, "pt") as f:                              # (what made them, for flowar-decode to check)
+        meta = f.metadata()
+    assert json.loads(meta["class_names"]) == names and float(meta["latent_scale"]) == scale, meta
+    # another model's token maps of the same shape: decoded with this one's VAE and captioned with its class names
+    save_file(saved, tmp_path / "names.safetensors", metadata=meta | {"class_names": json.dumps(["circle", *names[1:]])})
+    save_file(saved, tmp_path / "scale.safetensors", metadata=meta | {"latent_scale": repr(scale * 2)})
+    for bad, said in (("names.safetensors", f"sampled by a model with 'circle' where this one has {names[0]!r}"),
+                      ("scale.safetensors", f"sampled at latent scale {scale * 2:g} where this model's is {scale:g}")):
+        res = CliRunner().invoke(decode_cmd, ["--engine-dir", d, "--tokens", str(tmp_path / bad), "--out",
+                                              str(tmp_path / "x.png")])
+        assert res.exit_code == 2 and said in res.output and "Fix: decode them with the model that sampled" in res.output
+        assert not (tmp_path / "x.png").exists()
     save_file({"tokens": saved["tokens"], "labels": saved["labels"] + 1000}, tmp_path / "labels.safetensors")
     save_file({"tokens": saved["tokens"].index_fill(0, torch.tensor([1]), float("nan")), "labels": saved["labels"]},
               tmp_path / "nan.safetensors")

@@ -123,7 +123,8 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
                        "--save-images DIR or --save-tokens FILE to keep what is sampled", err=True)
         result = rt.sample(ids, sched, seed=seed, noise_file=noise_file, batch_size=batch_size,
                            decode=bool(out or save_images), progress=True)
-    lines = write_outputs(result, rt.class_names, save_tokens, out, save_images, n_per_class if n_per_class > 1 else None)
+    lines = write_outputs(result, rt.class_names, save_tokens, out, save_images, n_per_class if n_per_class > 1 else None,
+                          rt.config.latent_scale)
     side = rt.config.latent_size
     click.echo(f"sampled {len(ids)} x {side}x{side} token maps with {rt.detail} in {result.seconds:.2f} s "
                f"({sched.name or sched.solver}, {sched.head_evals} head evaluations per sample, cfg {sched.cfg}, "

@@ -13,7 +13,7 @@ from flowar.errors import FlowARError
 
 
 def read_tokens(path: str | Path):
-    """(tokens (B, C, S, S) float, labels: B ints or None, the grid's columns or None) of a
+    """(tokens (B, C, S, S) float, labels: B ints or None, the grid's columns or None, the metadata) of a
     ``--save-tokens`` file, read without executing anything (safetensors); anything else is one line."""
     import torch
     from safetensors import SafetensorError, safe_open
@@ -42,7 +42,26 @@ def read_tokens(path: str | Path):
         raise FlowARError(want, f"{path} with 'labels' of {labels.dtype} {tuple(labels.shape)} beside {len(tokens)} "
                           "token maps", "pass the file flowar-run --save-tokens wrote")
     columns = meta.get("columns", "")
-    return tokens.float(), (labels.tolist() if labels is not None else None), (int(columns) if columns.isdigit() else None)
+    return tokens.float(), (labels.tolist() if labels is not None else None), (int(columns) if columns.isdigit() else None), meta
+
+
+def sampled_by(meta: dict[str, str], rt, path) -> None:
+    """Refuse token maps that their file says another model sampled: other class names (its images were
+    captioned with this model's: a bear called "circle"), or another latent scale (decoded off scale).
+    A file written before these were recorded is decoded as it was."""
+    import json
+    import math
+    names = json.loads(meta["class_names"]) if meta.get("class_names", "").startswith("[") else None
+    if names is not None and rt.class_names is not None and names != list(rt.class_names):
+        differ = next((f"{a!r} where this one has {b!r}" for a, b in zip(names, rt.class_names) if a != b),
+                      f"{len(names)} classes where this one has {len(rt.class_names)}")
+        raise FlowARError("token maps this model sampled (its class names)", f"{path}, sampled by a model with {differ}",
+                          "decode them with the model that sampled them")
+    scale = meta.get("latent_scale")
+    if scale is not None and not math.isclose(float(scale), rt.config.latent_scale, rel_tol=1e-6):
+        raise FlowARError("token maps this model sampled (its latent scale)", f"{path}, sampled at latent scale "
+                          f"{float(scale):g} where this model's is {rt.config.latent_scale:g}",
+                          "decode them with the model that sampled them")
 
 
 @command("flowar-decode")
@@ -76,7 +95,7 @@ def decode_cmd(tokens_file, engine_dir, ckpt, vae, preset, config_path, out, sav
     check_requested(None, out, save_images, [tokens_file, engine_dir, ckpt, vae, config_path])
     if not (out or save_images):
         raise FlowARError("--out grid.png and/or --save-images DIR", "neither", "pass --out grid.png")
-    tokens, labels, columns = read_tokens(tokens_file)
+    tokens, labels, columns, meta = read_tokens(tokens_file)
     if save_images:
         check_image_folder(save_images, len(tokens), out)
     t0 = time.perf_counter()
@@ -89,6 +108,7 @@ def decode_cmd(tokens_file, engine_dir, ckpt, vae, preset, config_path, out, sav
             raise FlowARError(f"token maps of this model: (B, {', '.join(map(str, want))})",
                               f"{tuple(tokens.shape)} in {tokens_file}", "decode them with the model that sampled "
                               "them (its engine directory, or its checkpoint and VAE)")
+        sampled_by(meta, rt, tokens_file)
         outside = [i for i in labels or [] if not 0 <= i < c.num_classes]
         if outside:
             raise FlowARError(f"labels of this model's classes (0..{c.num_classes - 1})", f"{outside[:8]} in {tokens_file}",

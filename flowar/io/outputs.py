@@ -60,19 +60,26 @@ def _tensor_names(path: str | Path) -> set[str] | None:
 
 
 def write_outputs(result, class_names: list[str] | None, save_tokens: str | Path | None,
-                  out: str | Path | None, save_images: str | Path | None, columns: int | None = None) -> list[str]:
+                  out: str | Path | None, save_images: str | Path | None, columns: int | None = None,
+                  latent_scale: float | None = None) -> list[str]:
     """Write the requested files of ``result`` (a :class:`~flowar.sampling.batches.SampleResult`: its
     tokens, images and labels) atomically; returns a line per file for the user (each noted as its
     file is put in place: a stop then still finds it said). ``columns``: the grid's, also recorded
-    in the tokens file (flowar-decode lays out the same grid)."""
+    in the tokens file (flowar-decode lays out the same grid), as are the class names and ``latent_scale``
+    of the model that sampled them (flowar-decode refuses another model's)."""
     from flowar.io.files import atomic_write_bytes
     lines = []
     try:
         if save_tokens:
+            import json
+
             from safetensors.torch import save_file
+            meta = {"columns": str(columns)} if columns else {}
+            meta |= {"class_names": json.dumps(class_names)} if class_names else {}
+            meta |= {"latent_scale": repr(float(latent_scale))} if latent_scale is not None else {}
             atomic_write_bytes(save_tokens, lambda tmp: save_file({"tokens": result.tokens.contiguous(),
                                                                   "labels": torch.tensor(result.labels)}, tmp,
-                                                                 metadata={"columns": str(columns)} if columns else None),
+                                                                 metadata=meta or None),
                                partial(lines.append, f"tokens {tuple(result.tokens.shape)} -> {save_tokens}"))
         if result.images is not None:
             from flowar.io.images import save_grid, save_images as save_each
