@@ -24,6 +24,7 @@ from flowar.errors import EngineDirError, FlowARError
 
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64, "I32": torch.int32,
           "U8": torch.uint8, "BOOL": torch.bool, "F64": torch.float64, "I16": torch.int16, "I8": torch.int8,
+          "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "C64": torch.complex64,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
@@ -79,11 +80,10 @@ def read_tensors(path: str | Path, pick=lambda meta, names: names, mapped: bool 
         meta = (header.pop("__metadata__", None) or {}) if isinstance(header, dict) else None
         if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
             raise ValueError("a header that is not a mapping of names to tensors and metadata strings")
-        entries = {name: _entry(name, info, size - 8 - n) for name, info in header.items()}
         out = {}
         whole = torch.UntypedStorage.from_file(str(path), False, size) if mapped else None
-        for name in pick(meta, list(entries)):
-            dtype, begin, end, shape = entries[name]
+        for name in pick(meta, list(header)):            # (the entries read, checked: not the optimizer's)
+            dtype, begin, end, shape = _entry(name, header[name], size - 8 - n)
             if whole is not None:
                 buf = torch.empty(0, dtype=torch.uint8).set_(whole[8 + n + begin:8 + n + end])
             else:
@@ -99,6 +99,8 @@ def _entry(name: str, info, size: int) -> tuple[torch.dtype, int, int, list[int]
     """A header entry's dtype, byte range and shape, checked against each other and the data's ``size``
     (a range past the data, or backwards, was read to the end of the file; a shape of another size
     was PyTorch's traceback); ValueError naming the tensor otherwise."""
+    if isinstance(info, dict) and isinstance(info.get("dtype"), str) and info["dtype"] not in DTYPES:
+        raise ValueError(f"tensor {name!r} of dtype {info['dtype']}, which this reader does not take")
     ok = isinstance(info, dict) and info.get("dtype") in DTYPES and isinstance(info.get("shape"), list) and \
         all(type(d) is int and d >= 0 for d in info["shape"]) and isinstance(info.get("data_offsets"), list) and \
         len(info["data_offsets"]) == 2 and all(type(o) is int for o in info["data_offsets"])

@@ -149,7 +149,8 @@ def _pick(obj: object, p: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor],
         obj, source = obj["state_dict"], "state_dict"
     if source not in ("model", "state_dict") and not use_ema:
         _no_raw(p)
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                       for k, v in obj.items()):          # (int keys: AttributeError)
         raise CheckpointError("a flat state dict, or a training checkpoint with 'model'/'model_ema'/'state_dict'",
                               f"{p} holds keys {sorted(map(str, obj))[:5] if isinstance(obj, dict) else type(obj).__name__}",
                               "pass the released .pth or a checkpoint written by flowar-train")

@@ -5,7 +5,6 @@ safetensors; what went wrong as one line (:mod:`flowar.model.checkpoint` reads t
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import struct
 import sys
@@ -60,32 +59,35 @@ def pickle_error(path: Path, e: Exception) -> CheckpointError:
 def read_pickle(path: Path, pick: Callable[[Any], Any] = lambda obj: obj, mapped: bool = False) -> Any:
     """``pick`` of the object a PyTorch pickle holds, with only the tensors ``pick`` keeps read from
     the file: a training checkpoint's EMA weights alone, its raw weights and optimizer state (three
-    times their size) left on disk. The structure is unpickled first with every tensor on the meta
-    device (no data read), then each kept tensor's storage is read from its record into memory of
-    its own. Not mapped: the official trainer rewrites checkpoint-last.pth in place (torch.save),
-    and a mapped model then computed with the new or half-written weights, or died of SIGBUS where
-    the file was cut. ``mapped``: the kept storages are views of the file's pages instead (copy on
-    write), for a reader that checks the file is unchanged when it is done (flowar-export: FlowAR-H's
-    7.65 GB of weights then stay page cache the export's own memory may push out). A file this cannot
-    read so (the legacy non-zip format, a compressed or big-endian record) is read whole, as
+    times their size) left on disk. torch.load maps the file (each storage at its record, found by
+    name), the records are checked against the zip's own, and each kept storage is copied into
+    memory of its own: not left mapped, since the official trainer rewrites checkpoint-last.pth in
+    place (torch.save) and a mapped model then computed with the new or half-written weights, or died
+    of SIGBUS where the file was cut. ``mapped``: left mapped (copy on write), for a reader that
+    checks the file is unchanged when it is done (flowar-export: FlowAR-H's 7.65 GB of weights then
+    stay page cache its own memory may push out). A file this cannot read so (the legacy non-zip
+    format, a compressed or big-endian record, a structure it cannot walk) is read whole, as
     ``torch.load`` reads it."""
     try:
         with open(path, "rb") as f:
             try:
                 records = _stored_records(f)
-            except zipfile.BadZipFile:
-                records = None                          # (the legacy format: read whole below)
+            except OSError:
+                raise
+            except Exception:  # noqa: BLE001 - not a zip this reader knows (the legacy format): read whole below
+                records = None
             if records is not None:
                 try:
-                    obj = _load(f, "meta")
+                    obj = _load(path, mmap=True)
                 except Exception:  # noqa: BLE001 - whatever fails here fails the same read whole below, with its line
                     obj = None
                 if obj is not None:
+                    kept = pick(obj)
                     try:
-                        return _read_kept(f, obj, pick(obj), records, path, mapped)
+                        return _own_storages(f, obj, kept, records, path, mapped)
                     except _ReadWhole:
                         pass
-            return pick(_load(f, "cpu"))
+        return pick(_load(path, mmap=False))
     except OSError as e:
         raise os_error(path, e) from e
     except CheckpointError:
@@ -98,25 +100,25 @@ class _ReadWhole(Exception):
     """This reader cannot tell where a tensor's bytes are: the file is read whole."""
 
 
-def _load(f: BinaryIO, where: str) -> Any:
+def _load(path: Path, mmap: bool) -> Any:
     # argparse.Namespace is what official training checkpoints store under "args"; it is a
     # plain attribute bag, so allowing it executes no code of the file's choosing.
     with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
         # (torch warns about a legacy file's pickle protocol before any error: not the user's business)
         warnings.simplefilter("ignore")
-        f.seek(0)
-        return torch.load(f, map_location=where, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def _stored_records(f: BinaryIO) -> dict[int, int] | None:
-    """Where each storage record's bytes begin in the file, and how many there are; None where a
-    record is compressed or the data big-endian (torch.load then reads and converts them)."""
+    """Where each storage record's bytes begin in the file, and how many there are (those of at
+    least one byte); None where a record is compressed or the data big-endian (torch.load then
+    reads and converts them)."""
     records = {}
     with zipfile.ZipFile(f) as z:
         for info in z.infolist():
             if info.filename.endswith("/byteorder") and z.read(info) != b"little":
                 return None
-            if "/data/" not in info.filename:
+            if "/data/" not in info.filename or not info.file_size:
                 continue
             if info.compress_type != zipfile.ZIP_STORED:
                 return None
@@ -127,44 +129,42 @@ def _stored_records(f: BinaryIO) -> dict[int, int] | None:
     return records
 
 
-def _read_kept(f: BinaryIO, obj: Any, kept: Any, records: dict[int, int], path: Path, mapped: bool) -> Any:
-    """``kept`` (a part of ``obj``, the file's structure on the meta device) with each tensor in it read
-    from its record. Where torch's offsets (computed as its own zip writer lays records out) are not
-    the records' own, as in a file another zip tool wrote: read whole."""
-    where = {}
-    for t in _leaves(obj):
-        s = t.untyped_storage()
-        where[getattr(s, "_checkpoint_offset", None)] = s.nbytes()
-    if set(where) != set(records):
+def _own_storages(f: BinaryIO, obj: Any, kept: Any, records: dict[int, int], path: Path, mapped: bool) -> Any:
+    """``kept`` (a part of ``obj``, the file's structure with every storage a view of the mapped file)
+    with each storage it holds read from ``f`` into memory of its own (``mapped``: left as it is; read,
+    not copied from the mapping, whose pages would count twice), once the storages are found to lie on
+    the file's records, one each, of their sizes. Where they cannot be (a structure it cannot walk, a
+    storage it cannot place): read whole."""
+    try:
+        at = {}
+        for t in _leaves(obj):
+            if s := t.untyped_storage().nbytes():
+                at[t.untyped_storage().data_ptr()] = s
+    except Exception as e:  # noqa: BLE001 - (a sparse tensor beside the weights, a nesting deeper than the stack)
+        raise _ReadWhole from e
+    base = min(at, default=0) - min(records, default=0)         # where the mapping begins, if they match
+    if {p - base for p in at} != set(records):
         raise _ReadWhole
-    if (at := next((at for at, size in where.items() if size != records[at]), None)) is not None:   # (as torch.load)
-        raise CheckpointError("a readable PyTorch checkpoint", f"{path} cannot be read (a tensor of {where[at]} "
-                              f"bytes where its record holds {records[at]})", "the file is truncated or corrupt: fetch it again")
-    storages: dict[int, torch.UntypedStorage] = {}
-    whole = torch.UntypedStorage.from_file(str(path), False, os.fstat(f.fileno()).st_size) if mapped else None
-
-    def real(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        at, size = s._checkpoint_offset, s.nbytes()
-        if whole is not None and at not in storages:
-            storages[at] = whole[at:at + size]
-        if at not in storages:
-            buf = torch.empty(size, dtype=torch.uint8)
-            f.seek(at)
-            if f.readinto(memoryview(buf.numpy())) != size:
-                raise CheckpointError("a readable PyTorch checkpoint", f"{path} ended inside a tensor's record",
-                                      "the file is truncated or corrupt: fetch it again")
-            storages[at] = buf.untyped_storage()
-        return torch.empty(0, dtype=t.dtype).set_(storages[at], t.storage_offset(), t.shape, t.stride())
-
-    def walk(o: Any) -> Any:
-        if isinstance(o, torch.Tensor):
-            return real(o)
-        if isinstance(o, dict):
-            return {k: walk(v) for k, v in o.items()}
-        return type(o)(walk(v) for v in o) if type(o) in (list, tuple) else o
-
-    return walk(kept)
+    if bad := next((p for p, size in at.items() if size != records[p - base]), None):       # (as torch.load refuses it)
+        raise CheckpointError("a readable PyTorch checkpoint", f"{path} cannot be read (a tensor of {at[bad]} bytes "
+                              f"where its record holds {records[bad - base]})", "the file is truncated or corrupt: fetch it again")
+    if mapped:
+        return kept
+    own: dict[int, torch.UntypedStorage] = {}
+    with torch.no_grad():
+        for t in _leaves(kept):
+            s = t.untyped_storage()
+            if s.data_ptr() not in own:
+                buf = torch.empty(s.nbytes(), dtype=torch.uint8)
+                if s.nbytes():
+                    f.seek(s.data_ptr() - base)
+                    if f.readinto(memoryview(buf.numpy())) != s.nbytes():
+                        raise CheckpointError("a readable PyTorch checkpoint", f"{path} ended inside a tensor's "
+                                              "record", "the file is truncated or corrupt: fetch it again")
+                own[s.data_ptr()] = buf.untyped_storage()
+            # (in place: the tensor keeps its kind, requires_grad and its negation or conjugation bits)
+            t.set_(own[s.data_ptr()], t.storage_offset(), t.size(), t.stride())
+    return kept
 
 
 def _leaves(o: Any) -> Iterator[torch.Tensor]:
@@ -174,7 +174,7 @@ def _leaves(o: Any) -> Iterator[torch.Tensor]:
     elif isinstance(o, dict):
         for v in o.values():
             yield from _leaves(v)
-    elif type(o) in (list, tuple):
+    elif isinstance(o, (list, tuple)):
         for v in o:
             yield from _leaves(v)
 
