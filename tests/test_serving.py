@@ -640,13 +640,15 @@ def test_the_deploy_recipes_are_valid_serve_configs_whose_application_builds(def
                 builder({k: v for k, v in args.items() if k != "token_file"})
     # what flowar-serve refuses in its options is refused here too, in one line (a misspelt key was a TypeError, a
     # missing engine_dir a KeyError, replicas 0 Ray's ValueError; deadline_s -1, max_n 0 and threads 0 were deployed,
-    # then refused every request or failed every replica's start)
+    # then refused every request or failed every replica's start; open: "false", quoted, served without a token)
     args = {"engine_dir": str(default_auto_engines), "token_file": str(tmp_path / "token")}
     for bad, said in (({"deadline": 60}, "got deadline. Fix: see deploy/serve-config.yaml"),
                       ({"engine_dir": None}, "got engine_dir missing"), ({"replicas": 0}, "replicas an integer >= 1; got 0"),
                       ({"deadline_s": -1}, "deadline_s > 0 seconds; got -1"), ({"max_n": 0}, "max_n an integer >= 1"),
                       ({"threads": 0}, "threads an integer >= 1"), ({"grace_s": "60"}, "grace_s > 0 seconds; got '60'"),
-                      ({"queue": 4, "max_n": 8}, "queue at least max_n (8)"), ({"backend": "nope"}, "nope")):
+                      ({"queue": 4, "max_n": 8}, "queue at least max_n (8)"), ({"backend": "nope"}, "nope"),
+                      ({"open": "false", "token_file": None}, "open: true or false (unquoted); got 'false'"),
+                      ({1: 2}, "got 1")):
         given = {k: v for k, v in (args | bad).items() if v is not None}
         with pytest.raises(FlowARError, match=re.escape(said)):
             builder(given)

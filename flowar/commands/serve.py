@@ -141,9 +141,11 @@ def app(args: dict):
     its options, before any replica starts."""
     args = dict(args)
     keys = set(inspect.signature(build_app).parameters) - {"token", "draining"} | {"token_file", "open"}
-    if unknown := sorted(set(args) - keys) or ([] if "engine_dir" in args else ["engine_dir missing"]):
+    if unknown := sorted(map(str, set(args) - keys)) or ([] if "engine_dir" in args else ["engine_dir missing"]):
         raise FlowARError(f"args of {', '.join(sorted(keys))} (engine_dir required)", ", ".join(map(str, unknown)),
                           "see deploy/serve-config.yaml")
+    if type(args.get("open", False)) is not bool:          # ("false" quoted in the YAML served without a token)
+        raise FlowARError("open: true or false (unquoted)", repr(args["open"]), "write open: true, or leave it out")
     token = read_token(args.pop("token_file", None))
     if token is None and not args.pop("open", False):
         raise FlowARError("a bearer token for a served cluster (args: token_file)", "none",
