@@ -516,11 +516,12 @@ def test_saved_tokens_decode_later_into_the_images_the_run_wrote(default_auto_en
     saved = load_file(t)
     from safetensors import safe_open
     with safe_open(t, "pt") as f:                              # (what made them, for flowar-decode to check)
-        meta = f.metadata()
-    assert json.loads(meta["class_names"]) == names and float(meta["latent_scale"]) == scale, meta
+        made = json.loads(f.metadata()["flowar_tokens"])
+    assert made == {"columns": 2, "class_names": names, "latent_scale": scale}, made
     # another model's token maps of the same shape: decoded with this one's VAE and captioned with its class names
-    save_file(saved, tmp_path / "names.safetensors", metadata=meta | {"class_names": json.dumps(["circle", *names[1:]])})
-    save_file(saved, tmp_path / "scale.safetensors", metadata=meta | {"latent_scale": repr(scale * 2)})
+    save_file(saved, tmp_path / "names.safetensors",
+              metadata={"flowar_tokens": json.dumps(made | {"class_names": ["circle", *names[1:]]})})
+    save_file(saved, tmp_path / "scale.safetensors", metadata={"flowar_tokens": json.dumps(made | {"latent_scale": scale * 2})})
     for bad, said in (("names.safetensors", f"sampled by a model with 'circle' where this one has {names[0]!r}"),
                       ("scale.safetensors", f"sampled at latent scale {scale * 2:g} where this model's is {scale:g}")):
         res = CliRunner().invoke(decode_cmd, ["--engine-dir", d, "--tokens", str(tmp_path / bad), "--out",

@@ -3,6 +3,7 @@ the engine directory's decode stage or a checkpoint's VAE: the images the run wo
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -41,24 +42,29 @@ def read_tokens(path: str | Path):
     if labels is not None and (labels.is_floating_point() or labels.dim() != 1 or len(labels) != len(tokens)):
         raise FlowARError(want, f"{path} with 'labels' of {labels.dtype} {tuple(labels.shape)} beside {len(tokens)} "
                           "token maps", "pass the file flowar-run --save-tokens wrote")
-    columns = meta.get("columns", "")
-    return tokens.float(), (labels.tolist() if labels is not None else None), (int(columns) if columns.isdigit() else None), meta
+    try:                                    # (what flowar-run recorded; a file of before: its "columns" alone)
+        made = json.loads(meta.get("flowar_tokens", "{}"))
+    except ValueError:
+        made = None
+    if not isinstance(made, dict):
+        raise FlowARError(want, f"{path} whose record of what made it is not JSON", "pass the file flowar-run --save-tokens wrote")
+    columns = made.get("columns", int(meta["columns"]) if meta.get("columns", "").isdigit() else None)
+    return tokens.float(), (labels.tolist() if labels is not None else None), columns if type(columns) is int else None, made
 
 
-def sampled_by(meta: dict[str, str], rt, path) -> None:
+def sampled_by(meta: dict, rt, path) -> None:
     """Refuse token maps that their file says another model sampled: other class names (its images were
     captioned with this model's: a bear called "circle"), or another latent scale (decoded off scale).
     A file written before these were recorded is decoded as it was."""
-    import json
     import math
-    names = json.loads(meta["class_names"]) if meta.get("class_names", "").startswith("[") else None
+    names = meta.get("class_names") if isinstance(meta.get("class_names"), list) else None
     if names is not None and rt.class_names is not None and names != list(rt.class_names):
         differ = next((f"{a!r} where this one has {b!r}" for a, b in zip(names, rt.class_names) if a != b),
                       f"{len(names)} classes where this one has {len(rt.class_names)}")
         raise FlowARError("token maps this model sampled (its class names)", f"{path}, sampled by a model with {differ}",
                           "decode them with the model that sampled them")
     scale = meta.get("latent_scale")
-    if scale is not None and not math.isclose(float(scale), rt.config.latent_scale, rel_tol=1e-6):
+    if type(scale) in (int, float) and not math.isclose(scale, rt.config.latent_scale, rel_tol=1e-6):
         raise FlowARError("token maps this model sampled (its latent scale)", f"{path}, sampled at latent scale "
                           f"{float(scale):g} where this model's is {rt.config.latent_scale:g}",
                           "decode them with the model that sampled them")

@@ -74,12 +74,13 @@ def write_outputs(result, class_names: list[str] | None, save_tokens: str | Path
             import json
 
             from safetensors.torch import save_file
-            meta = {"columns": str(columns)} if columns else {}
-            meta |= {"class_names": json.dumps(class_names)} if class_names else {}
-            meta |= {"latent_scale": repr(float(latent_scale))} if latent_scale is not None else {}
+            made = {"columns": columns, "class_names": class_names,
+                    "latent_scale": None if latent_scale is None else float(latent_scale)}
+            # (one key: safetensors writes several in no fixed order, and the same run gave other bytes)
+            meta = {"flowar_tokens": json.dumps({k: v for k, v in made.items() if v is not None})}
             atomic_write_bytes(save_tokens, lambda tmp: save_file({"tokens": result.tokens.contiguous(),
                                                                   "labels": torch.tensor(result.labels)}, tmp,
-                                                                 metadata=meta or None),
+                                                                 metadata=meta),
                                partial(lines.append, f"tokens {tuple(result.tokens.shape)} -> {save_tokens}"))
         if result.images is not None:
             from flowar.io.images import save_grid, save_images as save_each
