@@ -107,7 +107,7 @@ def test_a_training_checkpoint_reads_the_weights_it_loads_alone(tmp_path, offici
 @pytest.mark.parametrize("mapped", [False, True])
 def test_a_checkpoint_read_in_parts_gives_what_torch_load_gives(tmp_path, mapped):
     """Tensors that share a storage (views at an offset, transposed), bf16, int64, empty and 0-d ones, a
-    negated view (the imaginary part of a conjugate), a Parameter: read from their records (or mapped,
+    negated view (the imaginary part of a conjugate), a Parameter, one tensor under two names: read from their records (or mapped,
     as the export reads them), each equals torch.load's (kind, dtype, shape, strides, values); so in a
     file another zip tool wrote, and in one whose pickle names its equal-sized storages in another order
     than their records (each was read from the record of another: weights swapped in silence); a
@@ -117,8 +117,9 @@ def test_a_checkpoint_read_in_parts_gives_what_torch_load_gives(tmp_path, mapped
     sd = {"w": base, "wt": base[2:].t(), "row": base[3], "h": torch.randn(3, 4).bfloat16(), "i": torch.arange(7),
           "e": torch.empty(0, 3), "s": torch.tensor(2.5), "neg": torch.tensor([1 + 2j, 3 + 4j]).conj().imag,
           "p": torch.nn.Parameter(torch.randn(3))}
-    torch.save({"model_ema": sd, "optimizer": {"state": {0: {"exp_avg": torch.randn(100)}},
-                                               "sparse": torch.eye(3).to_sparse()}}, tmp_path / "c.pth")
+    sd["tied"] = sd["h"]                                   # (one tensor under two names, as tied weights are)
+    torch.save({"model_ema": sd, "optimizer": {"state": {0: {"exp_avg": torch.randn(100)}}}}, tmp_path / "c.pth")
+    torch.save({"model_ema": sd, "optimizer": {"sparse": torch.eye(3).to_sparse()}}, tmp_path / "sparse.pth")
     with zipfile.ZipFile(tmp_path / "c.pth") as src, zipfile.ZipFile(tmp_path / "z.pth", "w") as dst:
         for info in src.infolist():                      # (written again by another zip tool: its records elsewhere)
             dst.writestr(info.filename, src.read(info.filename))
@@ -131,7 +132,7 @@ def test_a_checkpoint_read_in_parts_gives_what_torch_load_gives(tmp_path, mapped
     swapped[k1 + 5], swapped[k2 + 5] = ord("2"), ord("1")
     at = raw.find(pkl)
     (tmp_path / "s.pth").write_bytes(raw[:at] + bytes(swapped) + raw[at + len(pkl):])
-    for name in ("c.pth", "z.pth", "s.pth"):
+    for name in ("c.pth", "z.pth", "sparse.pth", "s.pth"):
         got = read_checkpoint(tmp_path / name, mapped=mapped).state_dict
         want = torch.load(tmp_path / name, weights_only=True)["model_ema"]
         assert set(got) == set(want)

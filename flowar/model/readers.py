@@ -152,7 +152,7 @@ def _own_storages(f: BinaryIO, obj: Any, kept: Any, records: dict[int, int], pat
         return kept
     own: dict[int, torch.UntypedStorage] = {}
     with torch.no_grad():
-        for t in _leaves(kept):
+        for t in {id(t): t for t in _leaves(kept)}.values():       # (once each: tied weights are one tensor twice)
             s = t.untyped_storage()
             if s.data_ptr() not in own:
                 buf = torch.empty(s.nbytes(), dtype=torch.uint8)
