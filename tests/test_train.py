@@ -472,8 +472,8 @@ def test_the_trainer_joins_torchrun_over_gloo_also_where_a_gpu_is_seen(monkeypat
 
 @pytest.mark.parametrize("command,args,needle", [
     ("train_vae_cmd", ["--steps", "0"], "--steps > 0, finite; got 0"), ("train_vae_cmd", ["--lr", "-1"], "--lr > 0"),
-    ("train_cmd", ["--ema-decay", "1.5"], "--ema-decay in its range"), ("train_cmd", ["--grad-clip", "0"], "--grad-clip > 0"),
-    ("train_cmd", ["--sample-every", "-1"], "--sample-every in its range"),
+    ("train_cmd", ["--ema-decay", "1.5"], "--ema-decay in [0, 1); got 1.5"), ("train_cmd", ["--grad-clip", "0"], "--grad-clip > 0"),
+    ("train_cmd", ["--sample-every", "-1"], "--sample-every >= 0; got -1"),
     ("train_cmd", ["--lr", "inf"], "--lr > 0, finite; got inf"), ("train_vae_cmd", ["--lr", "nan"], "--lr > 0, finite"),
 ])
 def test_training_options_out_of_range_are_one_line_before_any_work(small_world, tmp_path, monkeypatch, command, args,
