@@ -669,3 +669,24 @@ def test_messages_name_what_was_given_and_where(default_auto_engines, tmp_path, 
         bad = load_file(str(tmp_path / "t.safetensors"))["tokens"] * math.nan
         with pytest.raises(FlowARError, match="expected finite token maps; got NaN or Inf in the tokens passed"):
             pipe.decode(bad)
+
+
+def test_a_caption_beyond_ascii_is_drawn_in_a_font_that_has_it(tmp_path):
+    """Pillow's default font draws 'ü', 'ï' and '中' as the same box: a class folder 'chat ünï' was captioned
+    "chat" and boxes. Where the system has DejaVu Sans, such a caption is drawn in it (two captions that differ
+    in those letters differ in the grid); ASCII captions keep the default font."""
+    import numpy as np
+    from PIL import Image, ImageFont
+
+    from flowar.io.images import save_grid
+    try:
+        ImageFont.truetype("DejaVuSans.ttf", 10)
+    except OSError:
+        pytest.skip("no DejaVu Sans on this system")
+    images = torch.zeros(1, 3, 32, 32)
+    grids = {}
+    for caption in ("chat ü", "chat ï", "chat u", "chat i"):
+        save_grid(images, [caption], tmp_path / "g.png")
+        grids[caption] = np.asarray(Image.open(tmp_path / "g.png"))
+    assert not np.array_equal(grids["chat ü"], grids["chat ï"])
+    assert not np.array_equal(grids["chat u"], grids["chat i"])

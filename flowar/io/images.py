@@ -103,10 +103,22 @@ def save_grid(images_B3HW: Tensor, captions: list[str], path: str | Path, column
         r, col = divmod(i, cols)
         x0, y0 = pad + col * (cw + pad), pad + r * (ch + text_h + pad)
         grid.paste(Image.fromarray(arr).resize((cw, ch), Image.NEAREST), (x0, y0))
-        draw.text((x0 + 1, y0 + ch + 1), captions[i][: max(4, cw // 6)], fill="black")
+        text = captions[i][: max(4, cw // 6)]
+        draw.text((x0 + 1, y0 + ch + 1), text, fill="black", font=None if text.isascii() else _wide_font())
     p = Path(path)
     atomic_write_bytes(p, functools.partial(grid.save, format="PNG"), placed)
     return p
+
+
+@functools.cache
+def _wide_font():
+    """A font with glyphs beyond ASCII for captions that need them (Pillow's default drew "chat ünï" as
+    "chat" and boxes): DejaVu Sans where the system has it, else the default (ASCII captions keep it)."""
+    from PIL import ImageFont
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", 10)
+    except OSError:
+        return None
 
 
 def _squared_error(a_B3HW: Tensor, b_B3HW: Tensor) -> Tensor:
