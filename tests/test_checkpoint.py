@@ -70,7 +70,10 @@ _PEAK = """import sys
 from pathlib import Path
 from flowar.model.checkpoint import load_model
 kb = lambda key: int(next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith(key)))
-Path("/proc/self/clear_refs").write_text("5")          # (the peak from here: Linux's high-water mark, reset)
+try:
+    Path("/proc/self/clear_refs").write_text("5")      # (the peak from here: Linux's high-water mark, reset)
+except OSError:
+    print("unsupported -"); sys.exit(0)
 before = kb("VmRSS:")
 model, ck = load_model(sys.argv[1], preset="tiny", use_ema=sys.argv[2] == "ema")
 print(kb("VmHWM:") - before, ck.source)
@@ -100,6 +103,8 @@ def test_a_training_checkpoint_reads_the_weights_it_loads_alone(tmp_path, offici
         assert ck.source == ("model_ema" if use_ema else "model") and _same(model, want)
         out = subprocess.run([sys.executable, "-c", _PEAK, str(p), "ema" if use_ema else "raw"], capture_output=True,
                              text=True, check=True).stdout.split()
+        if out[0] == "unsupported":
+            pytest.skip("this kernel does not reset the peak of resident memory")
         grown = int(out[0]) * 1024
         assert grown < size + (24 << 20), (grown, size, p.stat().st_size)      # (the file: 64 MB more)
 
