@@ -179,13 +179,20 @@ def test_bad_requests_get_their_status_and_one_line_and_leave_it_serving(replica
             assert "--" not in answer["error"], answer                    # the request's words, not the command's
             assert code != 400 or "JSON" in answer["error"], answer
             assert SAID.get(raw, "") in answer["error"], answer
-        for path, method, code in (("/v1/nothing", "GET", 404), ("/v1/generate", "GET", 405)):
-            status, answer, headers = call(url, path, method=method)
+        # (a trailing slash was a 307 with an empty body, which a client sending a POST does not follow)
+        for path, method, code in (("/v1/nothing", "GET", 404), ("/v1/generate", "GET", 405),
+                                   ("/v1/generate/", "POST", 404), ("/health/", "GET", 404)):
+            status, answer, headers = call(url, path, {"label": 1} if method == "POST" else None, method=method)
             assert status == code and answer["error"].startswith("expected GET /"), answer
             assert code != 405 or headers["allow"] == "POST", dict(headers)          # (it was dropped)
+        # a value of 15,000 characters is not said back whole (the line was 15 KB)
+        for body in ({"class": "z" * 15000}, {"label": 1, "k" * 15000: 1}):
+            status, answer, _ = call(url, "/v1/generate", body)
+            assert status == 422 and len(answer["error"]) < 600, (status, len(answer["error"]))
         assert call(url, "/v1/generate", {"label": 1})[0] == 200                   # still serving
-        with urllib.request.urlopen(urllib.request.Request(url + "/health", method="HEAD"), timeout=30) as r:
-            assert r.status == 200 and r.read() == b""                             # (a probe's HEAD was 405)
+        for path in ("/health", "/"):
+            with urllib.request.urlopen(urllib.request.Request(url + path, method="HEAD"), timeout=30) as r:
+                assert r.status == 200 and r.read() == b""                         # (a probe's HEAD was 405)
 
 
 def test_a_class_name_for_a_model_without_names_says_to_send_the_label_field(replica, monkeypatch):

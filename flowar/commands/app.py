@@ -23,7 +23,7 @@ def make_app(service: Service):
 
     # (FastAPI's Swagger UI and ReDoc load their scripts from a CDN: blank on a host offline; /docs is a page of our own)
     app = FastAPI(title="FlowAR", description=service_module.__doc__.split("\n\n")[0], version="1", docs_url=None,
-                  redoc_url=None)
+                  redoc_url=None, redirect_slashes=False)   # (/v1/generate/ was a 307 with an empty body: now the 404 line)
 
     def error(status: int, text: str, headers: dict | None = None) -> JSONResponse:
         service.metrics.requests.labels(service.limits.replica, str(status)).inc()
@@ -91,7 +91,7 @@ def make_app(service: Service):
                 "model_attributes_type", "missing")):        # (an empty body was 422 "the body: Field required")
             got = "an empty body" if first.get("type") == "missing" else "something else"
             return error(400, f"expected a JSON object; got {got}. Fix: send e.g. {{\"label\": 3, \"seed\": 0}}")
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "the body"
+        where = (".".join(str(p) for p in first.get("loc", ())[1:]) or "the body")[:60]     # (a key of 15,000 characters)
         got = repr(first.get("input"))[:60]
         if first.get("type") == "extra_forbidden" and where in ("size", "height", "width", "resolution"):
             side = service.replica.pipe.runtime.image_size          # (the model's one size: it said "not permitted")
@@ -106,8 +106,8 @@ def make_app(service: Service):
             return error(400, "expected a JSON object in UTF-8, nested a few levels; got a body that could not be "
                               "decoded. Fix: send e.g. "
                               "{\"label\": 3, \"seed\": 0}")
-        return error(e.status_code, f"expected GET /, /health, /metrics, /v1/classes or POST /v1/generate; got "
-                                    f"{request.method} {request.url.path}. Fix: use one of those",
+        return error(e.status_code, f"expected GET /, /health, /metrics, /v1/classes, /docs, /openapi.json or POST "
+                                    f"/v1/generate; got {request.method} {request.url.path[:80]}. Fix: use one of those",
                      getattr(e, "headers", None))     # (405's Allow)
 
     @app.post("/v1/generate", response_model=GenerateResponse)
@@ -136,7 +136,7 @@ def make_app(service: Service):
     async def docs():
         return HTMLResponse(api_page(app.openapi()))
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def page():
         return HTMLResponse((Path(__file__).with_name("playground.html")).read_text())
 

@@ -78,7 +78,7 @@ def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, sche
 @click.option("--engine-dir", required=True, type=click.Path(), help="Engine directory (with a VAE).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default; any "
               "other requires a token).")
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=int, help="The port it listens on, at --host.")
 @click.option("--replicas", default=1, show_default=True, type=int, help="Replicas, one engine set each.")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "ort", "trt", "torch"]),
               help="Engines, chosen as flowar-run chooses (auto: TensorRT and CUDA graphs on a GPU where the plans fit, "

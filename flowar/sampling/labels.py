@@ -66,7 +66,7 @@ class ClassNames(tuple):
             close = [c for c in close if not (self._index[c] in seen or seen.add(self._index[c]))][:3]
             shown = [self._pretty(c) for c in close]
             raise FlowARError(f"a class name of this model ({len(self)} classes, e.g. "
-                              f"{', '.join(self[:3])})", repr(name),
+                              f"{', '.join(self[:3])})", repr(name) if len(name) <= 80 else repr(name[:80]) + "...",
                               f"did you mean {' or '.join(repr(s) for s in shown)}?" if shown
                               else "check the spelling, or pass class ids")
         if len(ids) > 1:
