@@ -140,6 +140,11 @@ def test_images_are_flowar_runs_and_the_api_is_described(replica, default_auto_e
     body = spec["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     fields = spec["components"]["schemas"][body["$ref"].split("/")[-1]]["properties"]
     assert {"label", "class", "seed", "n", "schedule", "steps", "cfg", "guidance", "timeout_s"} == set(fields)
+    # the error answers as they come ({"error": one line}; 422 was documented as FastAPI's {"detail": [...]})
+    said = spec["paths"]["/v1/generate"]["post"]["responses"]
+    assert {"400", "401", "413", "422", "500", "503", "504"} <= set(said), sorted(said)
+    line = said["422"]["content"]["application/json"]["schema"]["$ref"].split("/")[-1]
+    assert set(spec["components"]["schemas"][line]["properties"]) == {"error"} and "HTTPValidationError" not in str(spec)
     # /docs is a page of its own, every field on it, nothing fetched (Swagger UI's scripts came from a CDN: blank
     # offline); ReDoc, which did the same, is gone
     assert status_d == 200 and "<code>POST /v1/generate</code>" in docs and "//" not in docs and "<script" not in docs

@@ -110,7 +110,17 @@ def make_app(service: Service):
                                     f"/v1/generate; got {request.method} {request.url.path[:80]}. Fix: use one of those",
                      getattr(e, "headers", None))     # (405's Allow)
 
-    @app.post("/v1/generate", response_model=GenerateResponse)
+    from pydantic import BaseModel
+
+    class ErrorLine(BaseModel):
+        error: str          # what was expected; what came; the fix: one line
+
+    said = {code: {"model": ErrorLine, "description": what} for code, what in (
+        (400, "not a JSON object"), (401, "no or another bearer token"), (413, "a body above 16 KiB"),
+        (422, "a field out of its range or type"), (503, "the replica's queue full, draining, or the deadline too short"),
+        (504, "not computed within timeout_s"), (500, "the batch failed"))}
+
+    @app.post("/v1/generate", response_model=GenerateResponse, responses=said)   # (its 422 was FastAPI's {"detail"})
     async def generate(req: GenerateRequest, request: Request):
         t0 = time.perf_counter()
         answer = await service.submit(req, service.items(req))
@@ -124,7 +134,7 @@ def make_app(service: Service):
         names = rt.class_names
         return {"num_classes": rt.config.num_classes, "names": list(names) if names is not None else None}
 
-    @app.api_route("/health", methods=["GET", "HEAD"])       # (probes that send HEAD got 405)
+    @app.get("/health")
     async def health():            # (draining: 503, so that a load balancer's check stops sending it requests)
         return JSONResponse(service.health(), status_code=503 if service.draining else 200)
 
@@ -136,9 +146,12 @@ def make_app(service: Service):
     async def docs():
         return HTMLResponse(api_page(app.openapi()))
 
-    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse)
     async def page():
         return HTMLResponse((Path(__file__).with_name("playground.html")).read_text())
+
+    for path, route in (("/health", health), ("/", page)):     # (probes that send HEAD got 405; not in the schema
+        app.head(path, include_in_schema=False)(route)         # twice: FastAPI warned of duplicate operation ids)
 
     return app
 
