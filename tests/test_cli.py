@@ -522,6 +522,11 @@ def test_saved_tokens_decode_later_into_the_images_the_run_wrote(default_auto_en
     save_file(saved, tmp_path / "names.safetensors",
               metadata={"flowar_tokens": json.dumps(made | {"class_names": ["circle", *names[1:]]})})
     save_file(saved, tmp_path / "scale.safetensors", metadata={"flowar_tokens": json.dumps(made | {"latent_scale": scale * 2})})
+    # a file of before (its grid's columns alone): decoded as it was, the same grid
+    save_file(saved, tmp_path / "before.safetensors", metadata={"columns": "2"})
+    res = CliRunner().invoke(decode_cmd, ["--engine-dir", d, "--tokens", str(tmp_path / "before.safetensors"), "--out",
+                                          str(tmp_path / "before.png")])
+    assert res.exit_code == 0 and (tmp_path / "before.png").read_bytes() == (tmp_path / "run.png").read_bytes()
     for bad, said in (("names.safetensors", f"sampled by a model with 'circle' where this one has {names[0]!r}"),
                       ("scale.safetensors", f"sampled at latent scale {scale * 2:g} where this model's is {scale:g}")):
         res = CliRunner().invoke(decode_cmd, ["--engine-dir", d, "--tokens", str(tmp_path / bad), "--out",
@@ -656,6 +661,8 @@ def test_messages_name_what_was_given_and_where(default_auto_engines, tmp_path, 
     res = CliRunner().invoke(check_cmd, ["--engine-dir", str(graph)])
     assert res.exit_code == 2 and f"Fix: pass the folder it is in: --engine-dir {default_auto_engines}" in res.output
     (tmp_path / "d.safetensors").write_bytes(b"x")
+    import flowar.train.trainer as trainer        # (a check that regresses fails here, not after a training)
+    monkeypatch.setattr(trainer, "load_latents", lambda *a, **k: pytest.fail("went on past a refusal"))
     for args, said in ((["--ema-decay", "2"], "expected --ema-decay in [0, 1); got 2.0"),
                        (["--data", str(tmp_path / "d.safetensors")], "d.safetensors, a file, not a folder")):
         res = CliRunner().invoke(train_cmd, ["--out", str(tmp_path / "run"), "--vae", str(ROOT / "models/default/vae"),

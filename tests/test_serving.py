@@ -660,15 +660,17 @@ def test_the_deploy_recipes_are_valid_serve_configs_whose_application_builds(def
                       ({"threads": 0}, "threads an integer >= 1"), ({"grace_s": "60"}, "grace_s > 0 seconds; got '60'"),
                       ({"queue": 4, "max_n": 8}, "queue at least max_n (8)"), ({"backend": "nope"}, "nope"),
                       ({"open": "false", "token_file": None}, "open: true or false (unquoted); got 'false'"),
-                      ({1: 2}, "got 1")):
+                      ({1: 2}, "got 1. Fix")):
         given = {k: v for k, v in (args | bad).items() if v is not None}
         with pytest.raises(FlowARError, match=re.escape(said)):
             builder(given)
+    assert type(builder({"engine_dir": args["engine_dir"], "open": True})).__name__ == "Application"   # (documented)
     from click.testing import CliRunner
 
     from flowar.commands.cli_ray import serve_cmd
     for bad, said in ((["--replicas", "0"], "--replicas an integer >= 1; got 0"), (["--deadline", "0"], "--deadline > 0 "
-                      "seconds; got 0"), (["--queue", "2", "--max-n", "4"], "--queue at least --max-n (4)")):
+                      "seconds; got 0"), (["--queue", "2", "--max-n", "4"], "--queue at least --max-n (4)"),
+                      (["--grace", "0"], "--grace > 0 seconds; got 0"), (["--lanes", "0"], "--lanes an integer >= 1")):
         res = CliRunner().invoke(serve_cmd, ["--engine-dir", str(default_auto_engines), *bad])
         assert res.exit_code == 2 and said in res.output and "Traceback" not in res.output, res.output
 
