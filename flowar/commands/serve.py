@@ -139,8 +139,8 @@ def app(args: dict):
     ``args`` are :func:`build_app`'s keywords; ``token_file`` instead of ``token``, required
     unless ``open: true`` (a cluster's address is not loopback). Checked as flowar-serve checks
     its options, before any replica starts."""
-    args = dict(args)
-    keys = set(inspect.signature(build_app).parameters) - {"token", "draining"} | {"token_file", "open"}
+    args, params = dict(args), inspect.signature(build_app).parameters
+    keys = set(params) - {"token", "draining"} | {"token_file", "open"}
     if unknown := sorted(map(str, set(args) - keys)) or ([] if "engine_dir" in args else ["engine_dir missing"]):
         raise FlowARError(f"args of {', '.join(sorted(keys))} (engine_dir required)", ", ".join(map(str, unknown)),
                           "see deploy/serve-config.yaml")
@@ -151,7 +151,7 @@ def app(args: dict):
         raise FlowARError("a bearer token for a served cluster (args: token_file)", "none",
                           "mount a token file and name it, or set open: true to serve without one")
     args.pop("open", None)
-    given = {k: args.get(k, v.default) for k, v in inspect.signature(build_app).parameters.items() if k != "engine_dir"}
+    given = {k: args.get(k, v.default) for k, v in params.items() if k != "engine_dir"}
     check_limits(*(given[k] for k in ("replicas", "max_n", "threads", "lanes", "queue", "deadline_s", "grace_s")))
     from flowar.export.manifest import read_manifest
     from flowar.runtime.directory import choose_backend

@@ -40,19 +40,14 @@ def map_safetensors(path: str | Path, sha256: str | None = None, what: str = "we
         raise EngineDirError(f"{p.name} with the sha256 recorded at export", "a different file (modified or corrupt)",
                              f"re-export the directory with flowar-export --out {p.parent}")
     try:
-        (n,) = struct.unpack("<Q", mm[:8])
-        header = json.loads(mm[8:8 + n])
-        if not isinstance(header, dict):
-            raise ValueError(f"a header of {type(header).__name__}, not of names")
+        header, _, start = _header(lambda at, n: mm[at:at + n], len(mm))
         out = {}
         with warnings.catch_warnings():        # the mapping is read-only, and so are the weights
             warnings.simplefilter("ignore", UserWarning)
             for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                dtype, begin, end, shape = _entry(name, info, len(mm) - 8 - n)
+                dtype, begin, end, shape = _entry(name, info, len(mm) - start)
                 count = (end - begin) // torch.empty((), dtype=dtype).element_size()
-                t = torch.frombuffer(mm, dtype=dtype, count=count, offset=8 + n + begin) if count else \
+                t = torch.frombuffer(mm, dtype=dtype, count=count, offset=start + begin) if count else \
                     torch.empty(0, dtype=dtype)
                 out[name] = t.view(shape)
     except (ValueError, KeyError, struct.error) as e:
@@ -71,28 +66,35 @@ def read_tensors(path: str | Path, pick=lambda meta, names: names, mapped: bool 
     naming what is wrong with a file that is not one."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        if size < 8:
-            raise ValueError(f"{size} bytes, shorter than a safetensors header")
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > size - 8:
-            raise ValueError(f"a header of {n} bytes in a file of {size}")
-        header = json.loads(f.read(n))
-        meta = (header.pop("__metadata__", None) or {}) if isinstance(header, dict) else None
-        if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
-            raise ValueError("a header that is not a mapping of names to tensors and metadata strings")
+        header, meta, start = _header(lambda at, n: (f.seek(at), f.read(n))[1], size)
         out = {}
         whole = torch.UntypedStorage.from_file(str(path), False, size) if mapped else None
         for name in pick(meta, list(header)):            # (the entries read, checked: not the optimizer's)
-            dtype, begin, end, shape = _entry(name, header[name], size - 8 - n)
+            dtype, begin, end, shape = _entry(name, header[name], size - start)
             if whole is not None:
-                buf = torch.empty(0, dtype=torch.uint8).set_(whole[8 + n + begin:8 + n + end])
+                buf = torch.empty(0, dtype=torch.uint8).set_(whole[start + begin:start + end])
             else:
                 buf = torch.empty(end - begin, dtype=torch.uint8)
-                f.seek(8 + n + begin)
+                f.seek(start + begin)
                 if f.readinto(memoryview(buf.numpy())) != end - begin:
                     raise ValueError(f"the file ended inside tensor {name!r}")
             out[name] = buf.view(dtype).view(shape) if end > begin else torch.empty(shape, dtype=dtype)
     return out, meta
+
+
+def _header(read, size: int) -> tuple[dict, dict[str, str], int]:
+    """(the tensors' entries, the metadata, where the data begins) of a safetensors file of ``size``
+    bytes, ``read(at, n)`` giving its bytes; ValueError naming what is wrong with it."""
+    if size < 8:
+        raise ValueError(f"{size} bytes, shorter than a safetensors header")
+    (n,) = struct.unpack("<Q", read(0, 8))
+    if n > size - 8:
+        raise ValueError(f"a header of {n} bytes in a file of {size}")
+    header = json.loads(read(8, n))
+    meta = (header.pop("__metadata__", None) or {}) if isinstance(header, dict) else None
+    if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise ValueError("a header that is not a mapping of names to tensors and metadata strings")
+    return header, meta, 8 + n
 
 
 def _entry(name: str, info, size: int) -> tuple[torch.dtype, int, int, list[int]]:

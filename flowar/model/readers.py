@@ -60,8 +60,8 @@ def read_pickle(path: Path, pick: Callable[[Any], Any] = lambda obj: obj, mapped
     """``pick`` of the object a PyTorch pickle holds, with only the tensors ``pick`` keeps read from
     the file: a training checkpoint's EMA weights alone, its raw weights and optimizer state (three
     times their size) left on disk. torch.load maps the file (each storage at its record, found by
-    name), the records are checked against the zip's own, and each kept storage is copied into
-    memory of its own: not left mapped, since the official trainer rewrites checkpoint-last.pth in
+    name), the records are checked against the zip's own, and each kept storage is read from its
+    record into memory of its own: not left mapped, since the official trainer rewrites checkpoint-last.pth in
     place (torch.save) and a mapped model then computed with the new or half-written weights, or died
     of SIGBUS where the file was cut. ``mapped``: left mapped (copy on write), for a reader that
     checks the file is unchanged when it is done (flowar-export: FlowAR-H's 7.65 GB of weights then
