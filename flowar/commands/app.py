@@ -3,6 +3,7 @@ routes, the bearer token and body limit checked before anything is parsed, and e
 ``{"error": one line}`` (routes: README "Serving")."""
 
 import hmac
+import re
 import time
 from pathlib import Path
 
@@ -123,7 +124,7 @@ def make_app(service: Service):
     @app.post("/v1/generate", response_model=GenerateResponse, responses=said)   # (its 422 was FastAPI's {"detail"})
     async def generate(req: GenerateRequest, request: Request):
         t0 = time.perf_counter()
-        answer = await service.submit(req, service.items(req))
+        answer = await service.submit(req, request_items(service, req))
         service.metrics.latency.labels(service.limits.replica).observe(time.perf_counter() - t0)
         service.metrics.requests.labels(service.limits.replica, "200").inc()
         return answer
@@ -154,6 +155,30 @@ def make_app(service: Service):
         app.head(path, include_in_schema=False)(route)         # twice: FastAPI warned of duplicate operation ids)
 
     return app
+
+
+def request_items(service: Service, req: GenerateRequest) -> list[tuple]:
+    """(label, index, settings) per image of a request, or a ServiceError saying what is wrong."""
+    from flowar.sampling.labels import label_ids
+    from flowar.sampling.schedule import Settings
+    rt = service.replica.pipe.runtime
+    nc = rt.config.num_classes
+    if (req.label is None) == (req.class_ is None):
+        raise ServiceError(422, "exactly one of label or class", "both" if req.label is not None else "neither",
+                           'send e.g. {"label": 3} or {"class": "cat"}')
+    try:
+        label = label_ids([req.class_ if req.class_ is not None else req.label], nc, rt.class_names)[0]
+    except FlowARError as e:
+        raise ServiceError(422, e.expected, e.got, e.fix) from None
+    if req.n > service.limits.max_n:
+        raise ServiceError(422, f"n an integer in 1..{service.limits.max_n}", repr(req.n), "ask for fewer images")
+    try:
+        settings = Settings(schedule=req.schedule, steps=req.steps, cfg=req.cfg, guidance=req.guidance)
+    except FlowARError as e:             # the command options' names are the request's fields here, and their
+        fix = re.sub(r"--(\w+) ([\w.-]+)", lambda m: f'"{m[1]}": ' + (m[2] if re.fullmatch(r"-?[\d.]+", m[2])  # values
+                     else f'"{m[2]}"'), e.fix).replace("use ", "send ", 1)           # JSON's ("use e.g. steps 25")
+        raise ServiceError(422, e.expected.removeprefix("--"), e.got, fix) from None
+    return [(label, j, settings) for j in range(req.n)]
 
 
 def api_page(spec: dict) -> str:

@@ -26,7 +26,6 @@ Every error is ``{"error": one line}``.
 import asyncio
 import math
 import random
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -365,30 +364,6 @@ class Service:
             if now >= wake:
                 return
             await asyncio.sleep(wake - now)
-
-    # ---- requests ----------------------------------------------------------------------------------
-    def items(self, req: GenerateRequest) -> list[tuple]:
-        """(label, index, settings) per image of a request, or a ServiceError saying what is wrong."""
-        from flowar.sampling.labels import label_ids
-        from flowar.sampling.schedule import Settings
-        rt = self.replica.pipe.runtime
-        nc = rt.config.num_classes
-        if (req.label is None) == (req.class_ is None):
-            raise ServiceError(422, "exactly one of label or class", "both" if req.label is not None else "neither",
-                               'send e.g. {"label": 3} or {"class": "cat"}')
-        try:
-            label = label_ids([req.class_ if req.class_ is not None else req.label], nc, rt.class_names)[0]
-        except FlowARError as e:
-            raise ServiceError(422, e.expected, e.got, e.fix) from None
-        if req.n > self.limits.max_n:
-            raise ServiceError(422, f"n an integer in 1..{self.limits.max_n}", repr(req.n), "ask for fewer images")
-        try:
-            settings = Settings(schedule=req.schedule, steps=req.steps, cfg=req.cfg, guidance=req.guidance)
-        except FlowARError as e:             # the command options' names are the request's fields here, and their
-            fix = re.sub(r"--(\w+) ([\w.-]+)", lambda m: f'"{m[1]}": ' + (m[2] if re.fullmatch(r"-?[\d.]+", m[2])  # values
-                         else f'"{m[2]}"'), e.fix).replace("use ", "send ", 1)           # JSON's ("use e.g. steps 25")
-            raise ServiceError(422, e.expected.removeprefix("--"), e.got, fix) from None
-        return [(label, j, settings) for j in range(req.n)]
 
     def health(self) -> dict:
         rt = self.replica.pipe.runtime
