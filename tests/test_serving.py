@@ -678,12 +678,14 @@ def test_the_deploy_recipes_are_valid_serve_configs_whose_application_builds(def
 def test_stopping_drains_each_replica_through_the_handle_and_waits_for_what_it_holds():
     """The stop tells every replica to drain through the handle (each call routed to some replica:
     asked until each has answered) instead of waiting for Serve to apply the draining config (its
-    controller's 1 s loop: 3 s of every stop), then waits until none holds an image, or the grace."""
+    controller's 1 s loop: 3 s of every stop), then waits until none holds an image, or the grace:
+    then each replica, once, answers what it holds 503 (the requests counted), and the answers
+    are waited for a few seconds more."""
     from flowar.commands.serve import _wait_idle
 
     class Replica:
         def __init__(self, name, held):
-            self.name, self.held, self.draining = name, list(held), False
+            self.name, self.held, self.draining, self.waiting, self.stuck, self.gave_up = name, list(held), False, 0, 0, 0
 
     class Call:
         def __init__(self, out):
@@ -696,24 +698,85 @@ def test_stopping_drains_each_replica_through_the_handle_and_waits_for_what_it_h
     asked, fail = [], [1]                                    # the first call does not answer (a replica restarting)
 
     class Held:
-        def remote(self, drain=False):
+        def remote(self, drain=False, give_up=None):
             if fail[0]:
                 fail[0] -= 1
                 raise TimeoutError("no answer")
             r = replicas[len(asked) % 3 != 0]               # routed: a, b, b, a, b, b, ...
             asked.append((r.name, drain))
             r.draining |= drain
-            return Call((r.name, r.held.pop(0) if len(r.held) > 1 else r.held[0]))
+            n = 0
+            if give_up is not None:                          # what it held answered 503 (an answer stuck stays busy)
+                assert give_up == 60
+                n, r.waiting, r.held, r.gave_up = r.waiting, 0, [r.stuck], r.gave_up + 1
+            return Call((r.name, r.held.pop(0) if len(r.held) > 1 else r.held[0], n))
 
     handle = type("Handle", (), {"held": Held()})()
-    assert _wait_idle(handle, 2, time.perf_counter() + 30) == 0
+    assert _wait_idle(handle, 2, time.perf_counter() + 30, 60) == (0, 0)
     assert all(r.draining for r in replicas) and all(drain for _, drain in asked), asked
-    assert replicas[0].held == [0]                           # waited until a held nothing
-    replicas[0].held = [5]                                   # the grace is spent: what is still held
-    assert _wait_idle(handle, 2, time.perf_counter()) == 5
-    assert _wait_idle(handle, 3, time.perf_counter()) is None       # a third replica never answered: unknown
+    assert replicas[0].held == [0] and not any(r.gave_up for r in replicas)    # waited until a held nothing
+    replicas[0].held, replicas[0].waiting = [5], 2           # the grace is spent with 2 requests' images held
+    assert _wait_idle(handle, 2, time.perf_counter(), 60) == (0, 2)
+    assert replicas[0].gave_up >= 1 and replicas[1].gave_up >= 1          # each told (a repeat answers none)
+    replicas[0].held, replicas[0].waiting, replicas[0].stuck = [5], 1, 3  # an answer not out a few seconds on
+    t0 = time.perf_counter()
+    assert _wait_idle(handle, 2, t0, 60, late_s=0.5) == (3, 1) and time.perf_counter() - t0 >= 0.5
+    assert _wait_idle(handle, 3, time.perf_counter(), 60)[0] is None    # a third replica never answered: unknown
     fail[0] = 3                                                     # none answers: unknown, not "none held"
-    assert _wait_idle(handle, 2, time.perf_counter() + 30) is None
+    assert _wait_idle(handle, 2, time.perf_counter() + 30, 60) == (None, 0)
+
+
+def test_a_request_still_computing_when_the_grace_ends_is_answered_503_and_its_batch_stops(replica, monkeypatch):
+    """Past the stop's grace a replica answers every request whose images it still holds, computing
+    or queued, 503 with its one line and Retry-After (before, the replica was stopped under them:
+    the connection cut, no answer), counts the requests (not the images), and the batch computing
+    stops at its next scale, so that nothing is busy once the answers are out."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flowar.commands.replica import Abandoned, _unless_gone
+    started, stopped = threading.Event(), []
+
+    def slow(items, lane=0):                              # 100 "scales" of 0.05 s, each asking as the real one does
+        started.set()
+        try:
+            for _ in range(100):
+                time.sleep(0.05)
+                _unless_gone(items)
+        except Abandoned:
+            stopped.append(len(items))
+            raise
+        return ["png"] * len(items), {}
+    monkeypatch.setattr(replica, "generate", slow)
+    svc = service(replica, queue=8, deadline_s=60)
+    got = []
+    with hosted(svc) as url:
+        def client(body):
+            got.append((body["label"],) + call(url, "/v1/generate", body)[:3])
+        computing = threading.Thread(target=client, args=({"label": 1, "n": 2},))
+        computing.start()
+        assert started.wait(20)
+        queued = threading.Thread(target=client, args=({"label": 2},))
+        queued.start()
+        _until(lambda: svc.held() == 3 and len(svc.pending) >= 1)    # (the first batch: one or both of its images)
+        t0, first = time.monotonic(), [len(b) for b in svc.computing]
+
+        async def grace_spent():
+            return svc.give_up(60)
+        answered = asyncio.run_coroutine_threadsafe(grace_spent(), svc._worker.get_loop()).result(10)
+        for t in (computing, queued):
+            t.join(20)
+        took = time.monotonic() - t0
+        _until(lambda: svc.busy() == 0 and not svc.computing and svc.running == 0)
+        health = call(url, "/health")
+    assert answered == 2 and sorted(g[:2] for g in got) == [(1, 503), (2, 503)], got
+    for _, _, answer, headers in got:
+        assert answer["error"].startswith("expected images computed before the server stopped (its grace, "
+                                          "--grace: 60 s); got the grace spent"), answer
+        assert headers["retry-after"] == "5"
+    assert took < 3 and stopped == first and len(first) == 1, (took, stopped)    # (its batch would have run 5 s)
+    assert (health[0], health[1]["status"]) == (503, "draining")
+    assert isinstance(svc._computes[0], ThreadPoolExecutor)
 
 
 def test_a_request_costs_what_its_settings_cost_and_one_that_cannot_finish_in_time_is_refused_at_once(replica,

@@ -94,7 +94,7 @@ def sample_cmd(engine_dir, num_images, out, labels, classes, backend, seed, sche
               "(a request may ask for less with timeout_s); one the queue would not make in time is refused at once "
               "(503), and what has not started by then is not computed.")
 @click.option("--grace", default=60.0, show_default=True, type=float, help="On SIGTERM/Ctrl-C: seconds the requests in "
-              "flight have to finish.")
+              "flight have to finish (those still computing then are answered 503).")
 @click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the bearer token clients must send "
               "(or $FLOWAR_SERVE_TOKEN; never on the command line). Required when --host is not loopback.")
 @click.option("--require-token", is_flag=True, help="Refuse to start without a token on loopback too (a token given "

@@ -79,14 +79,17 @@ def _service_class():
             """user_config: ``draining`` refuses new images (503) and lets those held finish."""
             self.service.draining = bool((config or {}).get("draining"))
 
-        async def held(self, drain: bool = False) -> tuple[str, int]:
-            """(this replica, the images it holds and the answers not yet out: Service.busy): what
-            stopping waits on; ``drain``: refuse new images from now on (what ``reconfigure`` does
-            once Serve gets to it). On the event loop
-            that admits requests (async), so that none is admitted between the drain and the count."""
+        async def held(self, drain: bool = False, give_up: float | None = None) -> tuple[str, int, int]:
+            """(this replica, the images it holds and the answers not yet out: Service.busy, the
+            requests it answered 503 now): what stopping waits on; ``drain``: refuse new images
+            from now on (what ``reconfigure`` does once Serve gets to it); ``give_up``: the stop's
+            grace (seconds) is spent: answer what is held 503 (:meth:`Service.give_up`). On the
+            event loop that admits requests (async), so that none is admitted between the drain
+            and the count."""
             if drain:
                 self.service.draining = True
-            return self.service.limits.replica, self.service.busy()
+            answered = self.service.give_up(give_up) if give_up is not None else 0
+            return self.service.limits.replica, self.service.busy(), answered
 
     return serve.deployment(name="FlowARService")(FlowARService)
 
@@ -251,38 +254,51 @@ def stop(engine_dir: str, settings: dict, shared: bool = False) -> str:
         run(draining, _blocking=False, name=APP, route_prefix="/")
     else:                                           # a Ray without it: deployed and waited for
         serve.run(draining, name=APP, route_prefix="/")
-    busy = _wait_idle(serve.get_app_handle(APP), settings["replicas"], t0 + grace)
-    if busy != 0:       # the grace is spent: the replicas stop without waiting again (reconfigured in place)
+    busy, answered = _wait_idle(serve.get_app_handle(APP), settings["replicas"], t0 + grace, grace)
+    if busy != 0:       # answers still not out: the replicas stop without waiting again (reconfigured in place)
         serve.run(build_app(engine_dir, draining=True, **(settings | {"grace_s": 0.0})), name=APP, route_prefix="/")
     if shared:
         serve.delete(APP)
     # (no serve.shutdown() before Ray's: it waited ~4 s for replicas that hold nothing after the
     # drain, or whose images past the grace are dropped either way: 7.9 -> 4.6 s to stop)
     stop_ray()
-    held = ("; every request in flight answered" if busy == 0 else "; the replicas did not say what they held"
-            if busy is None else f"; {busy} image(s) or answer(s) still held after the {grace:g} s grace were dropped")
-    return f"drained and stopped in {time.perf_counter() - t0:.1f} s{held}"
+    said = [f"{answered} request{'s' * (answered > 1)} still computing after the {grace:g} s grace answered 503"
+            ] * (answered > 0)
+    said += (["every request in flight answered"] if busy == 0 and not answered else [] if busy == 0 else
+             ["the replicas did not say what they held"] if busy is None else [f"{busy} answer{'s' * (busy > 1)} cut off"])
+    return f"drained and stopped in {time.perf_counter() - t0:.1f} s" + "".join("; " + x for x in said)
 
 
-def _wait_idle(handle, replicas: int, until: float) -> int | None:
-    """Drain every replica and wait until each holds no image (asked through the handle, which
-    routes each call to some replica: asked until each has answered), or ``until``; the images
-    still held by the replicas' latest answers (None: not every replica answered)."""
+def _wait_idle(handle, replicas: int, until: float, grace: float, late_s: float = 5.0) -> tuple[int | None, int]:
+    """Drain every replica and wait until each holds no image and has no answer still to send
+    (asked through the handle, which routes each call to some replica: asked until each has
+    answered), or ``until``: then each answers what it holds 503, and the answers are waited for
+    ``late_s`` more. (What the replicas' latest answers say is still busy (None: not every replica
+    answered), the requests answered 503.)"""
     latest: dict[str, int] = {}
-    failed = 0
+    failed = answered = 0
+    gave_up: set[str] = set()
     while True:
+        late = time.perf_counter() >= until
         try:
-            latest |= dict(handle.held.remote(True).result(timeout_s=5) for _ in range(2 * replicas))
+            for _ in range(2 * replicas):
+                name, busy, n = handle.held.remote(True, grace if late and len(gave_up) < replicas else None
+                                                   ).result(timeout_s=5)
+                latest[name] = busy
+                if late and name not in gave_up:
+                    gave_up.add(name)
+                    answered += n
             failed = 0
         except Exception:   # noqa: BLE001 - a replica gone or not answering: asked again (Serve routes to the others)
             failed += 1
             if failed >= 3:
-                return None
-        answered = len(latest) >= replicas
-        if answered and not any(latest.values()):
-            return 0
-        if time.perf_counter() >= until:
-            return sum(latest.values()) if answered else None
+                return None, answered
+        if len(latest) >= replicas and not any(latest.values()):
+            return 0, answered
+        if late and len(latest) < replicas:
+            return None, answered
+        if late and time.perf_counter() >= until + late_s:      # (each replica reached well before)
+            return sum(latest.values()), answered
         time.sleep(0.2)
 
 

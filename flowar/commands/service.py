@@ -1,26 +1,24 @@
 """The HTTP API of ``flowar-serve``: one replica's engine set behind a FastAPI app, with admission
-control, batching by the engine directory's call plan, deadlines, metrics, a bearer token and a
-page to try it (routes: README "Serving"; the app's routes, token and body limit:
-:mod:`flowar.commands.app`). Nothing here needs Ray: Ray Serve hosts the app as a deployment's
-ingress (:mod:`flowar.commands.serve`); tests host it with uvicorn.
+control, batching by the engine directory's call plan, deadlines, metrics and a bearer token
+(routes: README "Serving"; the app's routes, token and body limit: :mod:`flowar.commands.app`).
+Nothing here needs Ray: Ray Serve hosts the app as a deployment's ingress
+(:mod:`flowar.commands.serve`); tests host it with uvicorn.
 
 Image j of a request is sample j of ``flowar-run --labels L,L,... --seed S``. A replica holds a
-bounded queue of images: a request that does not fit, or whose images the replica would not
-finish within the request's deadline (``timeout_s``, at most ``--deadline``) at the rate it drains
-its queue (an image counted as what its settings cost: :meth:`Replica.cost`), is refused at once
-(503 with Retry-After, the seconds until it would fit, spread up to half again so that clients
-refused together do not come back together; none for a request that would not fit even alone); an image whose request has passed its deadline anyway (504) or whose client has gone is
-not computed, and a batch computing stops between two scales once none of its images is waited for. Batches are formed only in the sizes that cost less per image than every smaller one
-(the call plan measured at export), never waiting to fill, each of one settings (the oldest waiting
-image's). Where the engines allow it (:meth:`flowar.runtime.runtime.Runtime.lane`: compiled or PyTorch stages on a CPU) a replica
-computes two batches at once, each in a lane of its own, sharing the cores (the first lane gets them
-all when it computes alone): on 2 cores, 16 FlowAR-S requests at once were served at 1.19-1.26x the
-rate of one image at a time in one process, 1.02-1.04x with one lane (batching alone gains little
-on that CPU). An idle replica starts once requests stop arriving (20 ms without a new one, at most
-250 ms) with the largest batch that takes at most twice one image on its share of the cores: a
-burst's first answers come about as soon as a lone request's; after that a free lane takes the
-largest paying batch its share of the waiting images (shared among all the lanes) fills.
-Every error is ``{"error": one line}``.
+bounded queue of images: a request that does not fit, or whose images it would not finish within
+the request's deadline (``timeout_s``, at most ``--deadline``) at the rate it drains its queue (an
+image counted as what its settings cost: :meth:`Replica.cost`), is refused at once (503 with
+Retry-After, spread up to half again so that clients refused together do not come back together;
+none for a request that would not fit even alone); an image whose request has passed its deadline
+(504) or whose client has gone is not computed, and a batch stops between two scales once none of
+its images is waited for. Batches are formed only in the sizes that cost less per image than every
+smaller one (the call plan), never waiting to fill, each of one settings (the oldest waiting
+image's). Where the engines allow it (:meth:`flowar.runtime.runtime.Runtime.lane`) a replica
+computes two batches at once, in lanes sharing the cores: on 2 cores, 16 FlowAR-S requests at once
+were served at 1.19-1.26x the rate of one image at a time, 1.02-1.04x with one lane. An idle
+replica starts once requests stop arriving (20 ms without one, at most 250 ms) with the largest
+batch that takes at most twice one image on its share of the cores. Every error is
+``{"error": one line}``.
 """
 
 import asyncio
@@ -94,6 +92,7 @@ class _Item:
     future: asyncio.Future
     cost: float = 1.0                 # what its settings cost, in images of the default settings (Replica.cost)
     enqueued: float = field(default_factory=time.monotonic)
+    request: object = None            # the request it is an image of
 
     def gone(self) -> bool:
         """Whether no one waits for it any more (its request answered 504, or its client left)."""
@@ -139,6 +138,7 @@ class Service:
         self.pending: list[_Item] = []
         self.running = 0                 # images of the batches being computed
         self.running_work = 0.0          # their cost (Replica.cost)
+        self.computing: list[list[_Item]] = []   # those batches
         self.answering = 0               # requests to /v1/generate whose answer is not yet out (the app counts)
         self.draining = False
         self._last_arrival = 0.0
@@ -174,8 +174,24 @@ class Service:
         return len(self.pending) + self.running
 
     def busy(self) -> int:
-        """What stopping waits for: the images held, and the answers not yet out."""
-        return self.held() + self.answering
+        """What stopping waits for: the images held that a request still waits for (not those of a
+        request answered 504, or whose client left), and the answers not yet out."""
+        waited = [it for it in self.pending + [it for b in self.computing for it in b] if not it.future.done()]
+        return len(waited) + self.answering
+
+    def give_up(self, grace_s: float) -> int:
+        """The grace of a stop is spent: every request whose images are still held is answered 503
+        now (before, its connection was cut when the replica stopped, no answer at all), the batches
+        computing stop at their next scale; the number of requests answered so."""
+        self.draining = True
+        held = [it for it in self.pending + [it for b in self.computing for it in b] if not it.future.done()]
+        for it in held:
+            it.future.set_exception(ServiceError(
+                503, f"images computed before the server stopped (its grace, --grace: {grace_s:g} s)",
+                "the grace spent with these images not done", "send the request again: to another replica, or once "
+                "the server is back", {"Retry-After": "5"}))
+        self.pending = []
+        return len({id(it.request) for it in held})
 
     def held_work(self) -> float:
         """What the images held cost, in images of the default settings (:meth:`Replica.cost`)."""
@@ -253,7 +269,7 @@ class Service:
             self._wake = asyncio.Event()
             self._worker = loop.create_task(self._run())
         t0 = time.monotonic()
-        batch = [_Item(label, req.seed, j, settings, t0 + budget, loop.create_future(), cost)
+        batch = [_Item(label, req.seed, j, settings, t0 + budget, loop.create_future(), cost, request=req)
                  for (label, j, settings), cost in zip(items, costs)]
         self.pending += batch
         self._last_arrival = time.monotonic()
@@ -312,6 +328,7 @@ class Service:
             self.pending = [it for it in self.pending if it not in batch]
             self.running += len(batch)
             self.running_work += sum(it.cost for it in batch)
+            self.computing.append(batch)
             self.metrics.queue.labels(self.limits.replica).set(self.held())
             self.free.remove(lane := min(self.free))    # the first: alone on every core; a later lane on its share
             task = loop.create_task(self._compute(lane, batch))
@@ -341,6 +358,7 @@ class Service:
             lane_s, took = self._lanes_busy(-1) - lane_s, time.monotonic() - started
             self.running -= len(batch)
             self.running_work -= sum(it.cost for it in batch)
+            self.computing.remove(batch)
             self.free.append(lane)
             self._wake.set()
         self.measured(sum(it.cost for it in batch), took, lane_s / max(1e-9, took))
