@@ -123,6 +123,9 @@ def test_bad_calls_are_one_line_errors(default_auto_engines):
             assert needle in text and "\n" not in text and "--" not in text.replace("--max-batch", ""), (kw, text)
     with pytest.raises(FlowARError, match="an open source; got one closed"):
         pipe([1])
+    for call in (pipe.runtime.lane, lambda: pipe.runtime.warm_up([1])):    # (an AttributeError; "0 calls made")
+        with pytest.raises(FlowARError, match="an open source; got one closed"):
+            call()
     with pytest.raises(FlowARError, match="backend auto or torch"):
         FlowARPipeline.from_pretrained(DEFAULT_CKPT, backend="ort")
 
@@ -963,4 +966,7 @@ def test_a_stop_ends_a_single_workers_batch_at_its_next_scale(default_auto_engin
     sampler._sample = real_sample
     assert sampler.sample_shard(1, 2, 4) > 0
     assert told[0].is_set() and not sampler.stopping.is_set()
+    sampler.close()                                      # (its engines released: a closed runtime refuses to sample)
+    with pytest.raises(Exception, match="expected an open source; got one closed"):
+        sampler._sample(sampler.lanes[0], [0], sampler.stopping)
 

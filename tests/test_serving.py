@@ -102,10 +102,21 @@ def test_a_service_whose_lane_cannot_be_made_closes_its_replica(default_auto_eng
     from flowar.runtime.runtime import Runtime
     closed, real = [], FlowARPipeline.close
     monkeypatch.setattr(FlowARPipeline, "close", lambda self: closed.append(self) or real(self))
-    monkeypatch.setattr(Runtime, "lane", lambda self: (_ for _ in ()).throw(FlowARError("room", "none", "x")))
-    with pytest.raises(FlowARError, match="expected room"):
-        Service.open(str(default_auto_engines), 2, "torch", Limits(replica="test-replica"))     # (two lanes)
+    before = set(_compute_threads())
+    with monkeypatch.context() as m:
+        m.setattr(Runtime, "lane", lambda self: (_ for _ in ()).throw(FlowARError("room", "none", "x")))
+        with pytest.raises(FlowARError, match="expected room"):
+            Service.open(str(default_auto_engines), 2, "torch", Limits(replica="test-replica"))     # (two lanes)
     assert len(closed) == 1
+    # a service closed ends its threads and closes its engines (a host that opens services in one process)
+    svc = Service.open(str(default_auto_engines), 2, "torch", Limits(replica="test-replica"))
+    assert len(svc._computes) == 2 and set(_compute_threads()) - before
+    svc.close()
+    assert len(closed) == 2 and not set(_compute_threads()) - before
+
+
+def _compute_threads() -> list:
+    return [t for t in threading.enumerate() if t.name.startswith("flowar-compute")]
 
 
 def service(replica, **limits):
@@ -168,8 +179,14 @@ BAD = [
     (b'\xff\xfe{"label": 1}', 400),         # not UTF-8 (answered with the wrong-route line)
     (b"", 400), (b"[" * 3000 + b"]" * 3000, 400),     # (an empty body was 422 "Field required"; nested: "not UTF-8")
     (b'{"label": 1, "size": 512}', 422),                 # (the model's one size: it said "Extra inputs are not permitted")
+    (b'{"label": 1, "colour": "red", "font": 2}', 422), (b'{"label": "5", "n": "2"}', 422),
 ]
-SAID = {b'{"label": 1, "steps": 1}': 'Fix: send e.g. "steps": 25', b'{"label": 1, "cfg": 99}': 'Fix: send e.g. "cfg": 4.3',
+SAID = {b'{"label": 1, "steps": 1}': 'Fix: send e.g. "steps": 25',
+        # values as JSON (Python's '5' and True), every unknown key and every wrong field named (the first alone)
+        b'{"label": "5"}': 'expected label a valid integer; got "5".', b'{"label": true}': "got true.",
+        b'{"label": 1, "colour": "red", "font": 2}': "expected only the fields label, class, seed, n, schedule, steps, "
+                                                    "cfg, guidance, timeout_s; got colour, font. Fix: leave them out",
+        b'{"label": "5", "n": "2"}': 'got "5" (and a wrong n).', b'{"label": 1, "cfg": 99}': 'Fix: send e.g. "cfg": 4.3',
         b'{"label": 1, "guidance": 2}': 'Fix: send e.g. "guidance": 0.9',    # (it said "use e.g. steps 25")
         b"": "got an empty body", b'{"label": 1, "size": 512}': 'expected no size: this model makes 32x32 images; got 512. '
                                                                  'Fix: leave "size" out', b"[" * 3000 + b"]" * 3000: "nested a few levels; got a body that could not be decoded"}

@@ -3,6 +3,7 @@ routes, the bearer token and body limit checked before anything is parsed, and e
 ``{"error": one line}`` (routes: README "Serving")."""
 
 import hmac
+import json
 import re
 import time
 from pathlib import Path
@@ -92,14 +93,22 @@ def make_app(service: Service):
                 "model_attributes_type", "missing")):        # (an empty body was 422 "the body: Field required")
             got = "an empty body" if first.get("type") == "missing" else "something else"
             return error(400, f"expected a JSON object; got {got}. Fix: send e.g. {{\"label\": 3, \"seed\": 0}}")
-        where = (".".join(str(p) for p in first.get("loc", ())[1:]) or "the body")[:60]     # (a key of 15,000 characters)
-        got = repr(first.get("input"))[:60]
-        if first.get("type") == "extra_forbidden" and where in ("size", "height", "width", "resolution"):
+        def where(err: dict) -> str:
+            return (".".join(str(p) for p in err.get("loc", ())[1:]) or "the body")[:60]   # (a key of 15,000 characters)
+        got = json.dumps(first.get("input"), default=str)[:60]          # as sent ('5' and True were Python's)
+        extra = [where(x) for x in errs if x.get("type") == "extra_forbidden"]
+        if extra and where(first) in ("size", "height", "width", "resolution"):
             side = service.replica.pipe.runtime.image_size          # (the model's one size: it said "not permitted")
-            return error(422, f"expected no {where}: this model makes {side}x{side} images; got {got}. Fix: leave "
-                              f"\"{where}\" out")
-        return error(422, f"expected {where}: {first.get('msg', 'a valid value')}; got {got}. Fix: see /docs "
-                          f"for the fields and their types")
+            return error(422, f"expected no {where(first)}: this model makes {side}x{side} images; got {got}. Fix: "
+                              f"leave \"{where(first)}\" out")
+        if extra:                                                   # (every one named: it said the first alone)
+            fields = ", ".join(f.alias or k for k, f in GenerateRequest.model_fields.items())
+            return error(422, f"expected only the fields {fields}; got {', '.join(extra)[:120]}. Fix: leave "
+                              f"{'it' if len(extra) == 1 else 'them'} out (see /docs)")
+        also = ", ".join(dict.fromkeys(where(x) for x in errs[1:]))[:120]
+        said = first.get("msg", "Input should be a valid value").replace("Input should be ", "", 1)   # pydantic's
+        return error(422, f"expected {where(first)} {said}; got {got}"
+                          f"{f' (and a wrong {also})' if also else ''}. Fix: see /docs for the fields and their types")
 
     @app.exception_handler(HTTPException)
     async def not_found(request: Request, e: HTTPException):

@@ -94,6 +94,12 @@ class ShardSampler:
         self.schedule = rt.schedule(Settings.of(self.spec.schedule))
         self._tell("batch", self.formed)
 
+    def close(self, wait: bool = True) -> None:
+        """End the compute threads (``wait``: after the batch each computes) and close the engines."""
+        for c in self._computes:
+            c.shutdown(wait=wait)
+        self.pipe.close()
+
     def _open(self, batch: int | None):
         from flowar.pipeline.pipeline import FlowARPipeline
         pipe = FlowARPipeline.from_pretrained(self.spec.engine_dir, backend=self.spec.backend, threads=self.spec.threads)
@@ -310,9 +316,12 @@ def _sample_here(spec: BulkSpec, out: Path, todo: list, progress: bool, done_bef
 
     def consume(rows: list[dict]) -> None:
         sampler = ShardSampler(asdict(spec), str(out.resolve()), told)
-        for j, s, e in todo:
-            r = sampler({"shard": [j], "start": [s], "end": [e]})
-            rows.append({k: v[0] for k, v in r.items()})
+        try:
+            for j, s, e in todo:
+                r = sampler({"shard": [j], "start": [s], "end": [e]})
+                rows.append({k: v[0] for k, v in r.items()})
+        finally:
+            sampler.close(wait=False)
     return follow_workers(consume, told, spec, done_before, lambda: None, out)
 
 

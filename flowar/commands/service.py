@@ -129,8 +129,7 @@ def spread(seconds: int) -> str:
 
 
 class Service:
-    """A replica behind a bounded queue, each of its lanes computing one batch at a time on a
-    thread of its own."""
+    """A replica behind a bounded queue, each of its lanes computing one batch at a time on a thread of its own."""
 
     def __init__(self, replica: Replica, limits: Limits, computes: list | None = None):
         self.replica, self.limits = replica, limits
@@ -157,10 +156,9 @@ class Service:
     @classmethod
     def open(cls, engine_dir: str, threads: int | None, backend: str, limits: Limits,
              lanes: int | None = None) -> "Service":
-        """A service whose replica is opened on its first compute thread and each further lane made
-        on its own, where their batches will run (the engines then compute as fast as they do in a
-        command's main thread; opened on another thread and run on this one, FlowAR-S took 20 %
-        longer per image). ``lanes``: at most this many (default: as many as the engines allow)."""
+        """A service whose replica is opened on its first compute thread and each further lane made on its own, where
+        their batches will run (opened on another thread and run on this one, FlowAR-S took 20 % longer per image
+        than in a command's main thread). ``lanes``: at most this many (default: as many as the engines allow)."""
         from concurrent.futures import ThreadPoolExecutor
         first = ThreadPoolExecutor(1, thread_name_prefix="flowar-compute")
         replica = first.submit(Replica, engine_dir, threads, backend).result()
@@ -169,32 +167,36 @@ class Service:
         replica.add_lanes(computes[1:])
         return cls(replica, limits, computes)
 
+    def close(self) -> None:
+        """End the compute threads (after the batch each computes) and close the replica's engines."""
+        for c in self._computes:
+            c.shutdown(wait=True)
+        self.replica.pipe.close()
+
     # ---- admission and batching ---------------------------------------------------------------
     def held(self) -> int:
         return len(self.pending) + self.running
 
+    def _waited(self) -> list:
+        """The images held that a request still waits for (not those of one answered 504, or whose client left)."""
+        return [it for it in self.pending + [it for b in self.computing for it in b] if not it.future.done()]
+
     def busy(self) -> int:
-        """What stopping waits for: the images held that a request still waits for (not those of a
-        request answered 504, or whose client left), and the answers not yet out."""
-        waited = [it for it in self.pending + [it for b in self.computing for it in b] if not it.future.done()]
-        return len(waited) + self.answering
+        """What stopping waits for: the images still waited for, and the answers not yet out."""
+        return len(self._waited()) + self.answering
 
     def give_up(self, grace_s: float) -> int:
-        """The grace of a stop is spent: every request whose images are still held is answered 503
-        now (before, its connection was cut when the replica stopped, no answer at all), the batches
-        computing stop at their next scale; the number of requests answered so."""
-        self.draining = True
-        held = [it for it in self.pending + [it for b in self.computing for it in b] if not it.future.done()]
+        """A stop's grace is spent: the requests whose images are held answered 503 now (they were cut off with no
+        answer), the batches computing stop at their next scale; how many requests."""
+        self.draining, held, self.pending = True, self._waited(), []
         for it in held:
             it.future.set_exception(ServiceError(
                 503, f"images computed before the server stopped (its grace, --grace: {grace_s:g} s)",
                 "the grace spent with these images not done", "send the request again: to another replica, or once "
                 "the server is back", {"Retry-After": "5"}))
-        self.pending = []
         return len({id(it.request) for it in held})
 
-    def held_work(self) -> float:
-        """What the images held cost, in images of the default settings (:meth:`Replica.cost`)."""
+    def held_work(self) -> float:      # what the images held cost, in images of the default settings (Replica.cost)
         return sum(it.cost for it in self.pending) + self.running_work
 
     def per_image(self) -> float:
