@@ -83,11 +83,16 @@ def _root_cause(e: BaseException) -> str:
 @contextlib.contextmanager
 def _quiet():
     # The exporter narrates every pass on stdout/stderr; the CLI shows its own progress instead.
-    logging.getLogger("torch").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
+    log = logging.getLogger("torch")
+    level = log.level                     # (put back: it stayed at ERROR for the rest of the process)
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                yield
+    finally:
+        log.setLevel(level)
 
 
 def export_stage(spec: StageSpec, module: nn.Module, config: FlowARConfig, path: Path, max_rows: int,

@@ -117,10 +117,14 @@ class Runtime(contextlib.AbstractContextManager):
         so that the first image does not pay it, and whose ONNX Runtime sessions for row blocks are
         waited for (``()``: none; the first call that needs one of those waits; see :meth:`warm_up`)."""
         from flowar.device import resolve_device
-        from flowar.runtime.engines import enter_engines
+        from flowar.runtime.engines import OrtEngine, enter_engines
         from flowar.runtime.stages import EngineStages
         m = read_manifest(path, note_edits=True)
         specs = {n: s for n, s in m.specs().items() if only is None or n in only}
+        made = {n for s in specs.values() for n in s.outputs}
+        if lacking := sorted({n for s in specs.values() for n in s.from_stage if n not in made}):    # (a KeyError)
+            raise FlowARError("only= stages with the stages their inputs come from", f"{tuple(only)}, without the one "
+                              f"making {', '.join(lacking)}", "add it, e.g. only=('head_prep', 'velocity')")
         if only is not None and "decode" in only and "decode" not in specs:
             raise FlowARError("an engine directory with a decode stage (images)", f"{path}, exported without --vae",
                               "export it again with --vae (the VAE the model was trained with)")
@@ -148,9 +152,10 @@ class Runtime(contextlib.AbstractContextManager):
                                   "checkpoint's modules), or ONNX Runtime's CUDA provider (pip install '.[gpu]')")
             if chosen != "trt":
                 choice = m.choice if chosen == "measured" else {} if chosen == "ort" else dict.fromkeys(specs, "torch-fp32")
-                threads_ = Threads.resolve(threads, any(choice.get(s, "ort-fp32") != "ort-fp32" for s in specs))
-                engines, detail = directory_engines(m, specs, choice, chosen, threads_.cores, provider, dev, ckpt,
-                                                    trt_unused(m, backend, gpu, chosen) if m.tensorrt else "")
+                engines, detail = directory_engines(m, specs, choice, chosen, Threads.resolve(threads, True).cores,
+                                                    provider, dev, ckpt, trt_unused(m, backend, gpu, chosen) if m.tensorrt else "")
+                # by what runs, not the record: a stage this CPU cannot run fast falls back to ONNX Runtime
+                threads_ = Threads.resolve(threads, any(not isinstance(e, OrtEngine) for e in engines.values()))
             engines = enter_engines(stack, engines, threads_.cores if dev.type == "cpu" else 1)
             stages = EngineStages(engines, m.config, m.max_batch, dev, specs, m.call_plan if chosen == "measured"
                                   else None)
@@ -235,10 +240,8 @@ class Runtime(contextlib.AbstractContextManager):
         engines open their sessions, see :class:`~flowar.runtime.engines.OrtEngine`); ``every_engine`` True:
         all, False: only the engines flagged ``warm`` (measured large, or unmeasured eager PyTorch,
         which warms by default; a command). Returns the calls made."""
-        if not hasattr(self.stages, "warm_up"):
-            return 0
-        with self.threads.applied(), torch.inference_mode():
-            return self.stages.warm_up(batch_sizes, every_engine=every_engine)
+        with self._one_call("warm_up"):          # (one closed is refused: it said 0 calls made)
+            return self.stages.warm_up(batch_sizes, every_engine=every_engine) if hasattr(self.stages, "warm_up") else 0
 
     def sample(self, labels: Sequence[int], schedule: Schedule, *, seed: int | Sequence[int] = 0,
                indices: Sequence[int] | None = None, noise_file: str | Path | None = None,
@@ -281,7 +284,7 @@ class Runtime(contextlib.AbstractContextManager):
                               f"{what} after that call returns (collect what the callback needs, then call)")
         with self._calls, torch.inference_mode(), self.threads.applied():
             if self.stages is None:         # (checked in turn: close() on another thread may have come first)
-                raise FlowARError("an open source", "one closed (after close() or its with block)", "open it again")
+                raise _closed()
             self._caller = threading.get_ident()
             try:
                 yield
@@ -320,6 +323,8 @@ class Runtime(contextlib.AbstractContextManager):
         the lane's share, for good. Where the engines allow it (:attr:`lanes` > 1); closing a lane
         leaves the engines open."""
         from flowar.runtime.stages import EngineStages
+        if self.stages is None:                 # (it was an AttributeError)
+            raise _closed()
         if self.lanes < 2:
             raise FlowARError("engines that take calls from several threads (compiled or PyTorch, on a CPU)",
                               self.detail, "serve with one lane, or export with --precision auto on a CPU")
@@ -345,6 +350,10 @@ class Runtime(contextlib.AbstractContextManager):
             self._stack.close()
 
     __exit__ = close
+
+
+def _closed() -> FlowARError:
+    return FlowARError("an open source", "one closed (after close() or its with block)", "open it again")
 
 
 def captures(device: torch.device, backend: str, cuda_graphs: bool = True) -> bool:

@@ -511,6 +511,9 @@ def test_saved_tokens_decode_later_into_the_images_the_run_wrote(default_auto_en
         with pytest.raises(FlowARError, match="expected a source opened with its sampling stages"):
             rt.sample([1], rt.schedule())
         names, scale = list(rt.class_names), rt.config.latent_scale
+    with pytest.raises(FlowARError, match=r"only= stages with the stages their inputs come from; got \('velocity',\), "
+                                          r"without the one making c, rope"):               # (a KeyError)
+        Runtime.open(d, True, only=("velocity",))
     save_file({"tokens": torch.zeros(2, 3, 5, 5)}, tmp_path / "other.safetensors")
     (tmp_path / "text.safetensors").write_text("not tokens")
     saved = load_file(t)

@@ -758,3 +758,22 @@ def test_transposed_weights_go_to_external_data_as_the_same_bytes_in_row_blocks(
     want = save(tmp_path / "plain.onnx", False)
     assert len(want) >= sum(a.nbytes for a in arrays.values())
     assert save(tmp_path / "blocks.onnx", True) == want
+
+
+def test_an_export_leaves_the_processs_torch_logging_as_it_found_it():
+    """The exporter's narration is silenced while a stage exports; the torch logger stayed at ERROR
+    for the rest of the process after (torch's warnings hidden from whatever ran next)."""
+    import logging
+
+    from flowar.export.onnx_export import _quiet
+    log = logging.getLogger("torch")
+    before = log.level
+    log.setLevel(logging.INFO)
+    try:
+        with _quiet():
+            assert log.level == logging.ERROR
+        with pytest.raises(RuntimeError), _quiet():
+            raise RuntimeError("a failed stage")
+        assert log.level == logging.INFO
+    finally:
+        log.setLevel(before)

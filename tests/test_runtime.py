@@ -515,6 +515,63 @@ def test_opening_opens_the_sessions_the_first_image_splits_its_calls_onto(defaul
     assert torch.equal(res.tokens, lazy.tokens) and torch.equal(res.images, lazy.images)
 
 
+def test_an_engine_holds_no_graph_bytes_once_its_sessions_are_open(default_auto_engines, tmp_path, monkeypatch):
+    """Where ONNX Runtime's optimized copy is not used (a directory opened the first time, or read-only)
+    each graph is read to open its sessions; the bytes were then held beside the sessions for the
+    runtime's life (FlowAR-S's AR graph: 0.5 GB). Dropped once no session is opening, also after a
+    session opened in an image (a batch not warmed), which reads the graph again; the images are
+    those of the cached directory."""
+    import os
+    import shutil
+
+    from flowar.runtime.engines import OrtEngine
+    from flowar.runtime.runtime import Runtime
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)              # (two threads: row blocks, whatever the machine)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(default_auto_engines, fresh, ignore=shutil.ignore_patterns(".ort-cache"))
+
+    def held(rt):
+        return {n: e.graph.cache_info().currsize for n, e in rt.stages.engines.items()
+                if isinstance(e, OrtEngine) and callable(e.graph)}
+    with Runtime.open_engine_dir(default_auto_engines, backend="ort", threads=2, warm=()) as rt:
+        want = rt.sample([3, 7], rt.schedule(), seed=5)
+    for lazy in (False, True):                   # (True: the row blocks' sessions opened by the image's calls)
+        shutil.rmtree(fresh / ".ort-cache", ignore_errors=True)      # (the first open wrote the copies)
+        with monkeypatch.context() as m:
+            if lazy:                             # (and read-only: each session reads the graph, as no copy is made)
+                m.setattr(OrtEngine, "open_sessions", lambda self, shape: [])
+                real = os.access
+                m.setattr(os, "access", lambda p, mode, **k: not str(p).startswith(str(fresh)) and real(p, mode, **k))
+            with Runtime.open_engine_dir(fresh, backend="ort", threads=2, warm=()) as rt:
+                opened = held(rt)
+                got = rt.sample([3, 7], rt.schedule(), seed=5)
+                after = held(rt)
+        assert len(opened) == 4 and not any(opened.values()) and not any(after.values()), (opened, after)
+        assert torch.equal(got.tokens, want.tokens) and torch.equal(got.images, want.images)
+
+
+def test_a_directory_whose_stages_fall_back_to_onnx_runtime_gets_onnx_runtimes_thread_policy(default_auto_engines,
+                                                                                              monkeypatch):
+    """Compiled and bf16 stages this CPU cannot run fast fall back to ONNX Runtime; the thread policy
+    followed the record (PyTorch on every core beside ONNX Runtime's threads, as where PyTorch
+    computes stages): it follows what runs, as for a plain ONNX Runtime directory."""
+    import flowar.engines.cpu as cpu
+    from flowar.runtime.engines import OrtEngine
+    from flowar.runtime.runtime import Runtime
+    with Runtime.open_engine_dir(default_auto_engines, backend="ort", threads=2) as rt:
+        plain = rt.threads
+    monkeypatch.setattr(cpu, "fast_bf16", lambda *a, **k: False)
+    monkeypatch.setattr(cpu, "missing_for", lambda rec: ["avx512_bf16"])
+    with Runtime.open_engine_dir(default_auto_engines, threads=2) as rt:
+        assert rt.backend == "measured" and all(isinstance(e, OrtEngine) for e in rt.stages.engines.values())
+        assert (rt.threads.host, rt.threads.torch_computes) == (plain.host, plain.torch_computes) == (1, False), rt.threads
+    monkeypatch.undo()
+    choice = Runtime.open_engine_dir(default_auto_engines, threads=2)
+    with choice as rt:                                  # (what runs where the CPU has it: unchanged)
+        torch_runs = any(not isinstance(e, OrtEngine) for e in rt.stages.engines.values())
+        assert rt.threads.torch_computes == torch_runs and rt.threads.host == (2 if torch_runs else 1)
+
+
 def test_one_sample_of_a_large_graph_runs_whole_and_batches_still_split(default_auto_engines, monkeypatch):
     """A second session of a large graph (a copy of its weights) costs more to open than its row
     blocks save on one sample: FlowAR-S's one-image command paid 0.75 s and 0.73 GB for 0-0.3 s.
