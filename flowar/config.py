@@ -30,6 +30,7 @@ SAMPLING_DEFAULTS = {"schedule": "official", "cfg": 4.3, "guidance": 0.9}
 # The seeds that name images: 64-bit signed, what a served request takes (JSON int64), so that any seed
 # flowar-run or the pipeline takes names an image a replica can give too.
 SEED_RANGE = (-2 ** 63, 2 ** 63 - 1)
+MAX_BATCH = 1024                     # an engine directory's --max-batch at most
 
 
 # Upper bounds of the integer fields, well above the largest released model (FlowAR-H's sizes in

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from flowar.config import FlowARConfig
+from flowar.config import MAX_BATCH, FlowARConfig
 from flowar.errors import FlowARError
 from flowar.export.manifest import Manifest, read_manifest
 from flowar.runtime.directory import choose_backend, directory_engines, trt_engines, trt_unused
@@ -258,7 +258,7 @@ class Runtime(contextlib.AbstractContextManager):
             raise FlowARError("--batch an int >= 1", repr(batch_size), "use e.g. --batch 8")    # (3.0: "expected >= 1")
         if self.max_batch is not None and batch_size is not None and batch_size > self.max_batch:
             raise FlowARError(f"--batch at most {self.max_batch} (the engines' max batch)", str(batch_size),
-                              f"use --batch {self.max_batch}, or " + (f"re-export with --max-batch {batch_size}" if
+                              f"use --batch {self.max_batch}, or " + (f"re-export with --max-batch {min(batch_size, MAX_BATCH)}" if
                                                                       self.kind == "engine directory" else "--no-cuda-graphs"))
         bs = batch_size or self.batch
         if self.max_batch is None and self.device.type == "cpu":       # (eager: all at once, where that fits)

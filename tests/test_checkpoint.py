@@ -184,6 +184,10 @@ def test_what_a_checkpoint_reader_does_not_take_is_named(tmp_path):
     torch.save({0: torch.ones(2), 1: torch.ones(2)}, tmp_path / "int.pth")
     with pytest.raises(CheckpointError, match="a flat state dict.*int.pth holds keys"):
         read_checkpoint(tmp_path / "int.pth")
+    (tmp_path / "notes.pth").write_text("hello world\n")        # (it was "truncated or corrupt: KeyError: 101")
+    with pytest.raises(CheckpointError, match=r"torch.save's zip, or its older pickle\); got .*notes.pth, a file "
+                                              r"beginning b'hello wo'. Fix: pass the checkpoint file"):
+        read_checkpoint(tmp_path / "notes.pth")
     import struct
     for name, other in (("ema", "optim"), ("optim", "ema")):
         header = json.dumps({"__metadata__": {"format": "flowar-train-v1"},
@@ -447,6 +451,10 @@ def test_raw_weights_of_a_training_file_without_them(tmp_path, official_sd):
 def test_corrupt_pickles_unsafe_globals_and_whole_modules_are_told_apart(tmp_path):
     import random
     (tmp_path / "random.pth").write_bytes(random.Random(0).randbytes(5000))
+    with pytest.raises(CheckpointError, match="a file beginning .*if it is one, it is damaged") as e:
+        read_checkpoint(tmp_path / "random.pth")
+    assert "pickled code" not in str(e.value)
+    (tmp_path / "random.pth").write_bytes(b"\x80" + random.Random(0).randbytes(5000))     # (a pickle's first byte)
     with pytest.raises(CheckpointError, match="truncated or corrupt") as e:
         read_checkpoint(tmp_path / "random.pth")
     assert "pickled code" not in str(e.value) and "Unsupported operand" in str(e.value)
@@ -504,7 +512,9 @@ def test_torch_and_diffusers_print_nothing_before_the_one_line(tmp_path, fixture
         warnings.simplefilter("always")
         with pytest.raises(CheckpointError, match="truncated or corrupt"):
             read_checkpoint(tmp_path / "plain.pth")
-        with pytest.raises(FlowARError, match="no file named diffusion_pytorch_model"):
+        # (diffusers' "no file named diffusion_pytorch_model.bin" named the other file)
+        with pytest.raises(FlowARError, match=r"with its weights \(diffusion_pytorch_model.safetensors\); got .*vae holds "
+                                              r"config.json without them"):
             load_vae(folder)
         with pytest.raises(FlowARError, match="config.json holds a JSON object.*got a JSON list"):
             load_vae(listed)

@@ -679,6 +679,18 @@ def test_messages_name_what_was_given_and_where(default_auto_engines, tmp_path, 
         bad = load_file(str(tmp_path / "t.safetensors"))["tokens"] * math.nan
         with pytest.raises(FlowARError, match="expected finite token maps; got NaN or Inf in the tokens passed"):
             pipe.decode(bad)
+    # a second walkthrough's: --labels given twice kept the last alone (--classes joins); --batch 100000 was told
+    # to re-export with --max-batch 100000 (at most 1024); --out / and a --out not in UTF-8 were tracebacks
+    res = CliRunner().invoke(run, ["--engine-dir", str(default_auto_engines), "--labels", "1", "--labels", "2,3",
+                                   "--save-tokens", str(tmp_path / "twice.safetensors")])
+    assert res.exit_code == 0 and load_file(str(tmp_path / "twice.safetensors"))["labels"].tolist() == [1, 2, 3]
+    res = CliRunner().invoke(run, ["--engine-dir", str(default_auto_engines), "--labels", "1", "--batch", "100000"])
+    assert res.exit_code == 2 and "or re-export with --max-batch 1024" in res.output, res.output
+    from flowar.commands.cli import export_cmd
+    for out, said in (("/", "expected --out a folder to write; got /, the file system's root"),
+                      (os.fsdecode(bytes(tmp_path) + b"/out\xfe"), "expected --out a path in UTF-8")):
+        res = CliRunner().invoke(export_cmd, ["--ckpt", str(ROOT / "models/default/flowar.safetensors"), "--out", out])
+        assert res.exit_code == 2 and said in res.output and "Traceback" not in res.output, res.output
 
 
 def test_a_caption_beyond_ascii_is_drawn_in_a_font_that_has_it(tmp_path):

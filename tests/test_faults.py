@@ -929,6 +929,12 @@ def test_numbered_images_are_written_all_or_none(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_images(images, tmp_path / "new")
     assert not (tmp_path / "new").exists()
+    import flowar.io.images as images_mod            # a stop right after the folder was made (it was left, empty)
+    with monkeypatch.context() as m:
+        m.setattr(images_mod, "remove_stale", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            save_images(images, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "notes.txt").write_text("mine")
     calls.clear()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from flowar.config import SAMPLING_DEFAULTS
+from flowar.config import MAX_BATCH, SAMPLING_DEFAULTS
 from flowar.errors import CheckpointError, FlowARError
 from flowar.export.manifest import MANIFEST, PRECISIONS, VERIFIED, sha256_file
 
@@ -141,8 +141,8 @@ def check_request(req: ExportRequest):
     if req.vae_path is not None and not Path(req.vae_path).exists():
         raise FlowARError("a VAE at --vae (MAR kl16.ckpt or a diffusers folder)", f"no file or folder at {req.vae_path}",
                           "check the --vae path, or omit --vae for tokens only")
-    if not 1 <= req.max_batch <= 1024:
-        raise FlowARError("--max-batch in 1..1024", str(req.max_batch), "use e.g. --max-batch 8")
+    if not 1 <= req.max_batch <= MAX_BATCH:
+        raise FlowARError(f"--max-batch in 1..{MAX_BATCH}", str(req.max_batch), "use e.g. --max-batch 8")
     from flowar.io.files import check_replaceable
     check_replaceable(req.out, MANIFEST, "--out", (req.ckpt, req.vae_path, req.config_path), owned=exported_names)
     if req.backend in ("trt", "all"):
@@ -183,7 +183,7 @@ def _require_disk(req: ExportRequest, model, vae, specs: dict) -> None:
     head_prep's keeps the few it uses). Each graph holds its weights once (half in fp16/bf16), ONNX Runtime's
     optimized copy of a graph without external data once more in float32 (fp16 weights are widened there), compiled
     engines (measured precision) once more, TensorRT plans once more in the graphs' precision; 10 % and 256 MB for
-    caches and logs."""
+    caches and logs (at most the need again, and 16 MB)."""
     from flowar.export.onnx_export import EXTERNAL_DATA_BYTES
     from flowar.io.memory import require_free_space
     from flowar.runtime.candidates import stage_tensors
@@ -195,7 +195,7 @@ def _require_disk(req: ExportRequest, model, vae, specs: dict) -> None:
     # CPU session, no copy)
     cached = 0 if req.graph_precision == "bf16" else sum(p for p in parts if p * half <= EXTERNAL_DATA_BYTES)
     need = weights * half + cached + weights * req.measured + weights * half * (req.backend != "ort")
-    require_free_space(req.out.parent, int(need * 1.1) + (256 << 20),
+    require_free_space(req.out.parent, int(need * 1.1) + min(256 << 20, int(need) + (16 << 20)),   # (270 MB for 15)
                        f"the engine directory ({weights / 1e9:.2f} GB of weights: graphs, optimized copies"
                        + (", compiled engines" if req.measured else "") + (", TensorRT plans" if req.backend != "ort" else "")
                        + ")")

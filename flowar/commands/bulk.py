@@ -30,6 +30,7 @@ from flowar.commands.cluster import bounded_retries, quiet_ray_data, start_ray
 from flowar.commands.follow import follow_workers
 from flowar.commands.shards import (begin_run, check_run, shard_batches, shard_is_done, shard_path, shard_ranges,
                                     images_done, images_sha256, write_run_json)
+from flowar.config import MAX_BATCH
 from flowar.errors import FlowARError, raise_if_set, stop_answered
 from flowar.io.npz import Parts, write_npz
 
@@ -182,7 +183,7 @@ def run_bulk(spec: BulkSpec, out: str | Path, workers: int = 1, ray_address: str
     m.require_decoder()
     if spec.batch is not None and not 1 <= spec.batch <= m.max_batch:
         raise FlowARError(f"--batch in 1..{m.max_batch} (the engines' max batch)", str(spec.batch),
-                          f"use --batch {m.max_batch} or less, or re-export with --max-batch {spec.batch}"
+                          f"use --batch {m.max_batch} or less, or re-export with --max-batch {min(spec.batch, MAX_BATCH)}"
                           if spec.batch > m.max_batch else "use e.g. --batch 1")
     bad = [c for c in spec.classes if not 0 <= c < m.config.num_classes]
     if bad or not spec.classes:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from flowar.commands.options import STARTED, command, positive, schedule_options
-from flowar.config import SAMPLING_DEFAULTS, check_seed
+from flowar.commands.options import STARTED, command, joined, positive, schedule_options
+from flowar.config import MAX_BATCH, SAMPLING_DEFAULTS, check_seed
 from flowar.errors import FlowARError
 
 
@@ -30,7 +30,7 @@ from flowar.errors import FlowARError
 @click.option("--raw-weights", is_flag=True, help="Use 'model' instead of the EMA weights of a training checkpoint.")
 @click.option("--vae", type=click.Path(), help="VAE: MAR kl16.ckpt or a diffusers folder (--ckpt path; engine "
               "directories carry their decoder).")
-@click.option("--labels", help="Comma-separated class ids, e.g. 3,7 (default: the first 10 classes).")
+@click.option("--labels", multiple=True, callback=joined, help="Comma-separated class ids, e.g. 3,7 (default: the first 10 classes).")
 @click.option("--classes", multiple=True, help="Class names, e.g. cat,dog (ImageNet names and synonyms for the "
               "official 1000-class models); names that contain commas: separate with ';' or repeat the option.")
 @click.option("--n-per-class", default=1, show_default=True, type=int, help="Samples per requested class (at most "
@@ -85,7 +85,7 @@ def run(ckpt, engine_dir, backend, preset, config_path, raw_weights, vae, labels
     settings.resolve(1, m.schedule_defaults if m else None)      # (as a check: any scale count refuses the same)
     if m is not None and batch_size is not None and batch_size > m.max_batch:
         raise FlowARError(f"--batch at most {m.max_batch} (the engines' max batch)", str(batch_size),
-                          f"use --batch {m.max_batch}, or re-export with --max-batch {batch_size}")
+                          f"use --batch {m.max_batch}, or re-export with --max-batch {min(batch_size, MAX_BATCH)}")
     if m is not None and noise_file is not None:
         read_noise(noise_file, m.config)
     t0 = time.perf_counter()
@@ -179,6 +179,8 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
     defaults = SAMPLING_DEFAULTS | Settings(schedule=schedule, steps=steps, cfg=cfg, guidance=guidance).given()
     check_outputs([("--out", out)], [])         # (inputs inside --out: refused by the export, which replaces it)
     check_writable(out, True, "--out")
+    if os.fsencode(out).decode("utf-8", "replace") != out:     # (ONNX Runtime's TypeError once the graphs were made)
+        raise FlowARError("--out a path in UTF-8 (ONNX Runtime takes no other)", repr(os.fsencode(out)), "rename it")
     from flowar.io.progress import progress_bar
     bar = progress_bar(desc="export", unit="step", leave=False)
 

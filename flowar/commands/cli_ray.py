@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from flowar.commands.options import STARTED, command, schedule_options
+from flowar.commands.options import STARTED, command, joined, schedule_options
 from flowar.config import check_seed
 from flowar.errors import FlowARError
 
@@ -19,7 +19,7 @@ from flowar.errors import FlowARError
 @click.option("--engine-dir", required=True, type=click.Path(), help="Engine directory (with a VAE).")
 @click.option("--num-images", required=True, type=int, help="How many images, e.g. 50000 for an FID evaluation.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: png/, shards/, samples.npz.")
-@click.option("--labels", help="Comma-separated class ids to cycle through [default: every class, balanced].")
+@click.option("--labels", multiple=True, callback=joined, help="Comma-separated class ids to cycle through [default: every class, balanced].")
 @click.option("--classes", multiple=True, help="Or class names (ImageNet names for the official models; ';' or the "
               "option repeated for names that contain commas).")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "ort", "trt", "torch"]),

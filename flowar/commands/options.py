@@ -296,13 +296,13 @@ def schedule_options(recorded_by: str):
             click.option("--solver", type=click.Choice(["euler", "ab2", "heun", "skip"]),
                          help="Override the schedule's ODE solver."),
             click.option("--stride", type=int, help="With the skip solver (--schedule fast): run the head on 1 step "
-                                                    "in N (the schedule's: 3)."),
+                                                    "in N, 1..64 (the schedule's: 3)."),
             click.option("--steps", type=int, help="The official sampler's num_steps N: its grid has 2 (N // 2) + 1 "
-                                                   "points (25: 24 steps; 50: 50) [default: the schedule's, or "
+                                                   "points (25: 24 steps; 50: 50), 2..1000 [default: the schedule's, or "
                                                    f"{recorded_by}]."),
-            click.option("--cfg", type=float, help=f"Guidance weight at the last scale, 1 = off [default: "
+            click.option("--cfg", type=float, help=f"Guidance weight at the last scale, 1..50, 1 = off [default: "
                                                    f"{SAMPLING_DEFAULTS['cfg']}, or {recorded_by}]."),
-            click.option("--guidance", type=float, help=f"Guide only at t <= this [default: "
+            click.option("--guidance", type=float, help=f"Guide only at t <= this, 0..1 [default: "
                                                         f"{SAMPLING_DEFAULTS['guidance']}, or {recorded_by}]."),
         ]
         for o in reversed(opts):
@@ -318,3 +318,9 @@ def positive(*named) -> None:
     for name, v in named:
         if not (v > 0 and math.isfinite(v)):
             raise FlowARError(f"{name} > 0, finite", str(v), f"pass a positive {name}")
+
+
+def joined(ctx, param, values: tuple) -> str | None:
+    """A list option given more than once (``--labels 1 --labels 2``): one comma-separated list (the last
+    alone was kept, in silence, where ``--classes`` joined them)."""
+    return ",".join(values) if values else None

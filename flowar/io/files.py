@@ -20,16 +20,16 @@ from flowar.io.memory import process_alive
 
 
 def check_writable(path: str | Path | None, is_dir: bool = False, option: str = "the output") -> None:
-    """Fail now, with one line, if ``path`` could not be written later.
-
-    Probes the nearest existing folder on the way to ``path`` by creating and removing a
-    temporary file there: permission bits, read-only or virtual file systems (``/proc``) and
-    files standing where folders are needed all show up, and nothing is left behind.
-    """
+    """Fail now, with one line, if ``path`` could not be written later. Probes the nearest existing
+    folder on the way to ``path`` by creating and removing a temporary file there: permission bits,
+    read-only or virtual file systems (``/proc``) and files standing where folders are needed all
+    show up, and nothing is left behind."""
     if path is None or path == "":
         return
     p = Path(path)
     kind = "folder" if is_dir else "file"
+    if not p.resolve().name:                     # (a lock beside it had no name: a ValueError's traceback)
+        raise FlowARError(f"{option} a {kind} to write", f"{p}, the file system's root", f"give {option} a new folder")
     if p.exists() and p.is_dir() != is_dir:
         raise FlowARError(f"{option} to be a {kind}", f"{p} exists as a {'folder' if p.is_dir() else 'file'}",
                           f"choose another path for {option}")

@@ -39,12 +39,12 @@ def save_images(images_B3HW: Tensor, folder: str | Path, first: int = 0, placed=
     from PIL import Image
     folder = Path(folder)
     made = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    remove_stale(folder, ".flowar-images-")          # (a write that was killed left its folder)
     paths = [folder / f"{first + i:06d}.png" for i in range(images_B3HW.shape[0])]
     staging = None
     try:
-        with stops_held():          # (a stop raised with the folder made and not yet named here left it behind)
+        with stops_held():          # (a stop raised with a folder made and not yet named here left it behind)
+            folder.mkdir(parents=True, exist_ok=True)
+            remove_stale(folder, ".flowar-images-")          # (a write that was killed left its folder)
             staging = Path(tempfile.mkdtemp(prefix=f".flowar-images-{os.getpid()}-", dir=folder))
         for p, arr in zip(paths, to_uint8(images_B3HW)):
             Image.fromarray(arr).save(staging / p.name, format="PNG")

@@ -44,8 +44,17 @@ def pickle_error(path: Path, e: Exception) -> CheckpointError:
     """A weights-only refusal of a global (code the file wants run) apart from a corrupt pickle."""
     found = re.search(r"GLOBAL ([\w.]+)", str(e))
     if found is None:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(8)
+        except OSError:
+            head = b"PK"
+        if not head.startswith((b"PK", b"\x80")):   # (a text file was "truncated or corrupt": KeyError: 101)
+            return CheckpointError("a PyTorch checkpoint (torch.save's zip, or its older pickle)", f"{path}, a file "
+                                   f"beginning {head!r}", "pass the checkpoint file (.pth, .pt, .ckpt or .safetensors); if "
+                                   "it is one, it is damaged: fetch it again")
         return CheckpointError("a readable PyTorch checkpoint", f"{path} cannot be read ({error_detail(e)})",
-                               "the file is truncated or corrupt: fetch it again")
+                               "the file is truncated or corrupt, or not one torch.save wrote: fetch it again")
     name = found.group(1).rstrip(".")
     if is_module_class(name):
         return CheckpointError("a state dict (a mapping of names to tensors)",

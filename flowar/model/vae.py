@@ -259,6 +259,11 @@ def _load_folder(p: Path, decode_only: bool = False) -> VAE:
     (``decode_only``: every one the decoder reads): diffusers fills a missing one with its initial
     value, which decodes wrong images."""
     _folder_config(p)
+    weights = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+    if not any((p / w).is_file() for w in weights):      # (diffusers named the .bin alone, for a .safetensors lost)
+        raise FlowARError(f"a diffusers VAE folder with its weights ({weights[0]})", f"{p} holds "
+                          f"{', '.join(sorted(q.name for q in p.iterdir())[:6])} without them",
+                          "restore the weights file (or export the VAE again)")
     diffusers = diffusers_module()
     try:
         with _quiet(diffusers):
