@@ -350,7 +350,7 @@ def read_manifest(root: str | Path, verify_hashes: bool = False, note_edits: boo
                  f"{f', vae={str(vae)!r}' if vae else ''}))"
                  if ckpts else "flowar-run and flowar-judge also open a checkpoint file itself: --ckpt")
         raise EngineDirError(f"{MANIFEST} in the engine directory", f"none in {root} (not a folder flowar-export wrote)",
-                             "pass the folder flowar-export wrote, or export one: flowar-export --ckpt CKPT --out "
+                             "pass the folder flowar-export wrote, or export one: flowar-export --ckpt CKPT --vae VAE --out "
                              f"A_NEW_FOLDER ({opens})")
     try:
         m = json.loads(mpath.read_text())

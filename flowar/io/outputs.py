@@ -91,7 +91,7 @@ def write_outputs(result, class_names: list[str] | None, save_tokens: str | Path
                           placed=partial(lines.append, f"grid of {n} image{'s' * (n != 1)} -> {out}"))
             if save_images:
                 save_each(result.images, save_images,
-                          placed=partial(lines.append, f"{len(result.labels)} PNGs -> {Path(save_images)}/"))
+                          placed=partial(lines.append, f"{len(result.labels)} PNG{'s' * (len(result.labels) != 1)} -> {Path(save_images)}/"))
     except KeyboardInterrupt as e:         # (each file is whole, old or new: say which outputs are new)
         raise KeyboardInterrupt(f"{e}: " * bool(str(e)) + "while writing; written: " + ("; ".join(lines) or "none")
                                 + "; the other outputs hold what they held before") from None
