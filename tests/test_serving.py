@@ -299,13 +299,14 @@ def test_overload_is_refused_at_once_and_nothing_refused_or_expired_is_computed(
         blocker = threading.Thread(target=call, args=(url, "/v1/generate", {"label": 7, "seed": 900, "n": 3}))
         blocker.start()
         _until(lambda: svc.held() >= 3)            # (its 3 images held: the short request then finds them)
+        # alone it would fit (the plan's seconds, measured at export on a loaded machine at 0.2-0.3 s an image,
+        # refused it as one that cannot fit even alone: 503 without Retry-After)
+        monkeypatch.setattr(replica, "batch_s", lambda size: 1e-3 * size)
         t0 = time.time()
         late = call(url, "/v1/generate", {"label": 8, "seed": 901, "timeout_s": 0.3})
         late_s = time.time() - t0
         # the estimate made too fast: admitted, then 504 at its deadline, before the blocker's 1.5 s end
         monkeypatch.setattr(svc, "per_image", lambda: 1e-3)
-        monkeypatch.setattr(replica, "batch_s", lambda size: 1e-3 * size)     # (and alone: the plan's seconds, measured
-        # at export on a loaded machine at 0.2 s an image, refused it at once, 503)
         t0 = time.time()
         expired = call(url, "/v1/generate", {"label": 9, "seed": 902, "timeout_s": 0.15})
         expired_s = time.time() - t0
