@@ -149,14 +149,15 @@ class OrtEngine:
             for shape in self.expect:        # (while the caller opens the next engines: FlowAR-S opened 0.38 s sooner)
                 self.open_sessions(shape)
         self._runs: dict[tuple, list] = {}
-        self._settled()
+        self.settle()
         return self
 
-    def _settled(self, *_) -> None:
-        """Drop the graph's bytes once no session is opening: where ONNX Runtime's optimized copy
-        is not used (a read-only directory, or the first open) the graph is read to open a session
-        and was then held beside it for the runtime's life (FlowAR-S's AR: 0.5 GB); one more
-        session reads (and checks) it again."""
+    def settle(self) -> None:
+        """Drop the graph's bytes once no session is opening (called where a wave of sessions has been
+        opened: entering, a warm-up, a call that opened its own): where ONNX Runtime's optimized copy is
+        not used (a read-only directory, or the first open) the graph is read to open a session and was
+        then held beside it for the runtime's life (FlowAR-S's AR: 0.5 GB); a later session reads (and
+        checks) it again."""
         from concurrent.futures import Future
         clear = getattr(self.graph, "cache_clear", None)
         if clear is not None and not any(isinstance(s, Future) and not s.done() for s in list(self._sessions.values())):
@@ -195,7 +196,6 @@ class OrtEngine:
             if key is not None and key not in self._sessions:
                 self._sessions[key] = self._pool.submit(create_session, self.graph, self.sha256, self.provider,
                                                         key[0], self.cache_dir, self.source)
-                self._sessions[key].add_done_callback(self._settled)
         # (not those already open: a later warm-up waited for them again, and trimmed the allocator each time)
         return [f for f in self._sessions.values() if isinstance(f, Future) and (not f.done() or f.exception())]
 
@@ -255,7 +255,6 @@ class OrtEngine:
                 if sess is None:                  # (shapes not opened for)
                     sess = create_session(self.graph, self.sha256, self.provider, key[0], self.cache_dir, self.source)
                 self._sessions[key] = sess
-                self._settled()
             binding = sess.io_binding()
             for group, bind in ((inputs, binding.bind_input), (outputs, binding.bind_output)):
                 for n, t in group.items():
@@ -264,6 +263,7 @@ class OrtEngine:
                     bind(n, "cuda" if t.is_cuda else "cpu", t.device.index or 0, np.dtype(_NP[t.dtype]), list(t.shape),
                          t.data_ptr())
             jobs.append(functools.partial(sess.run_with_iobinding, binding))
+        self.settle()
         return jobs
 
 

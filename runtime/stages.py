@@ -131,6 +131,8 @@ class EngineStages:
                     n += 1
         for f in opening:
             f.result()
+        for eng in self.engines.values():
+            getattr(eng, "settle", lambda: None)()      # (the graphs' bytes, read to open them, dropped)
         if opening:         # (what opening them freed, kept by the C allocator: 0.25 GB more at FlowAR-S's peak)
             from flowar.io.memory import release_free_memory
             release_free_memory()

@@ -518,9 +518,9 @@ def test_opening_opens_the_sessions_the_first_image_splits_its_calls_onto(defaul
 def test_an_engine_holds_no_graph_bytes_once_its_sessions_are_open(default_auto_engines, tmp_path, monkeypatch):
     """Where ONNX Runtime's optimized copy is not used (a directory opened the first time, or read-only)
     each graph is read to open its sessions; the bytes were then held beside the sessions for the
-    runtime's life (FlowAR-S's AR graph: 0.5 GB). Dropped once no session is opening, also after a
-    session opened in an image (a batch not warmed), which reads the graph again; the images are
-    those of the cached directory."""
+    runtime's life (FlowAR-S's AR graph: 0.5 GB). Dropped once the sessions an open or a warm-up
+    starts are open, and after a call that opened its own (a batch not warmed, which reads the graph
+    again); the images are those of the cached directory."""
     import os
     import shutil
 
@@ -542,7 +542,7 @@ def test_an_engine_holds_no_graph_bytes_once_its_sessions_are_open(default_auto_
                 m.setattr(OrtEngine, "open_sessions", lambda self, shape: [])
                 real = os.access
                 m.setattr(os, "access", lambda p, mode, **k: not str(p).startswith(str(fresh)) and real(p, mode, **k))
-            with Runtime.open_engine_dir(fresh, backend="ort", threads=2, warm=()) as rt:
+            with Runtime.open_engine_dir(fresh, backend="ort", threads=2) as rt:     # (its warm-up: batch 1's)
                 opened = held(rt)
                 got = rt.sample([3, 7], rt.schedule(), seed=5)
                 after = held(rt)
@@ -552,24 +552,22 @@ def test_an_engine_holds_no_graph_bytes_once_its_sessions_are_open(default_auto_
 
 def test_a_directory_whose_stages_fall_back_to_onnx_runtime_gets_onnx_runtimes_thread_policy(default_auto_engines,
                                                                                               monkeypatch):
-    """Compiled and bf16 stages this CPU cannot run fast fall back to ONNX Runtime; the thread policy
-    followed the record (PyTorch on every core beside ONNX Runtime's threads, as where PyTorch
-    computes stages): it follows what runs, as for a plain ONNX Runtime directory."""
+    """A directory whose record chose bf16 PyTorch engines, opened on a CPU without bf16 in hardware,
+    runs every stage on ONNX Runtime; the thread policy followed the record (PyTorch on every core
+    beside ONNX Runtime's threads, as where PyTorch computes stages): it follows what runs, as for a
+    plain ONNX Runtime directory."""
     import flowar.engines.cpu as cpu
+    from flowar.export.manifest import Manifest
     from flowar.runtime.engines import OrtEngine
     from flowar.runtime.runtime import Runtime
     with Runtime.open_engine_dir(default_auto_engines, backend="ort", threads=2) as rt:
         plain = rt.threads
+    monkeypatch.setattr(Manifest, "choice", property(lambda self: dict.fromkeys(self.stages, "torch-bf16")))
     monkeypatch.setattr(cpu, "fast_bf16", lambda *a, **k: False)
-    monkeypatch.setattr(cpu, "missing_for", lambda rec: ["avx512_bf16"])
     with Runtime.open_engine_dir(default_auto_engines, threads=2) as rt:
         assert rt.backend == "measured" and all(isinstance(e, OrtEngine) for e in rt.stages.engines.values())
+        assert "torch-bf16 needs" in rt.detail, rt.detail                     # (the fallback, said)
         assert (rt.threads.host, rt.threads.torch_computes) == (plain.host, plain.torch_computes) == (1, False), rt.threads
-    monkeypatch.undo()
-    choice = Runtime.open_engine_dir(default_auto_engines, threads=2)
-    with choice as rt:                                  # (what runs where the CPU has it: unchanged)
-        torch_runs = any(not isinstance(e, OrtEngine) for e in rt.stages.engines.values())
-        assert rt.threads.torch_computes == torch_runs and rt.threads.host == (2 if torch_runs else 1)
 
 
 def test_one_sample_of_a_large_graph_runs_whole_and_batches_still_split(default_auto_engines, monkeypatch):

@@ -180,13 +180,18 @@ BAD = [
     (b"", 400), (b"[" * 3000 + b"]" * 3000, 400),     # (an empty body was 422 "Field required"; nested: "not UTF-8")
     (b'{"label": 1, "size": 512}', 422),                 # (the model's one size: it said "Extra inputs are not permitted")
     (b'{"label": 1, "colour": "red", "font": 2}', 422), (b'{"label": "5", "n": "2"}', 422),
+    (b'{"label": "x", "size": 512}', 422), (b'{"label": 1, "size": 512, "colour": "red"}', 422),
+    (b'{"label": "x", "colour": 1}', 422),
 ]
 SAID = {b'{"label": 1, "steps": 1}': 'Fix: send e.g. "steps": 25',
         # values as JSON (Python's '5' and True), every unknown key and every wrong field named (the first alone)
         b'{"label": "5"}': 'expected label a valid integer; got "5".', b'{"label": true}': "got true.",
         b'{"label": 1, "colour": "red", "font": 2}': "expected only the fields label, class, seed, n, schedule, steps, "
                                                     "cfg, guidance, timeout_s; got colour, font. Fix: leave them out",
-        b'{"label": "5", "n": "2"}': 'got "5" (and a wrong n).', b'{"label": 1, "cfg": 99}': 'Fix: send e.g. "cfg": 4.3',
+        b'{"label": "5", "n": "2"}': 'got "5" (and a wrong n).',
+        b'{"label": "x", "size": 512}': "got 512 (and a wrong label). Fix",
+        b'{"label": 1, "size": 512, "colour": "red"}': "got 512 (and colour). Fix",
+        b'{"label": "x", "colour": 1}': "timeout_s; got colour (and a wrong label). Fix: leave it out", b'{"label": 1, "cfg": 99}': 'Fix: send e.g. "cfg": 4.3',
         b'{"label": 1, "guidance": 2}': 'Fix: send e.g. "guidance": 0.9',    # (it said "use e.g. steps 25")
         b"": "got an empty body", b'{"label": 1, "size": 512}': 'expected no size: this model makes 32x32 images; got 512. '
                                                                  'Fix: leave "size" out', b"[" * 3000 + b"]" * 3000: "nested a few levels; got a body that could not be decoded"}
@@ -697,49 +702,56 @@ def test_stopping_drains_each_replica_through_the_handle_and_waits_for_what_it_h
     """The stop tells every replica to drain through the handle (each call routed to some replica:
     asked until each has answered) instead of waiting for Serve to apply the draining config (its
     controller's 1 s loop: 3 s of every stop), then waits until none holds an image, or the grace:
-    then each replica, once, answers what it holds 503 (the requests counted), and the answers
-    are waited for a few seconds more."""
+    then every replica answers what it holds 503 (asked on until each has, for a few seconds: the
+    first round after the grace may reach one replica alone), each counting its requests so answered
+    (an answer lost on the way loses none), and the answers are waited for those seconds too."""
     from flowar.commands.serve import _wait_idle
 
     class Replica:
         def __init__(self, name, held):
-            self.name, self.held, self.draining, self.waiting, self.stuck, self.gave_up = name, list(held), False, 0, 0, 0
+            self.name, self.held, self.draining, self.waiting, self.stuck, self.total = name, list(held), False, 0, 0, 0
 
     class Call:
-        def __init__(self, out):
-            self.out = out
+        def __init__(self, out, lost=False):
+            self.out, self.lost = out, lost
 
         def result(self, timeout_s):
+            if self.lost:
+                raise TimeoutError("no answer in time")
             return self.out
 
     replicas = [Replica("a", [2, 1, 0]), Replica("b", [0])]
-    asked, fail = [], [1]                                    # the first call does not answer (a replica restarting)
+    asked, fail, route, lose = [], [1], [None], [0]    # the first call does not answer (a replica restarting)
 
     class Held:
         def remote(self, drain=False, give_up=None):
             if fail[0]:
                 fail[0] -= 1
                 raise TimeoutError("no answer")
-            r = replicas[len(asked) % 3 != 0]               # routed: a, b, b, a, b, b, ...
+            r = replicas[route[0] if route[0] is not None else len(asked) % 3 != 0]   # routed: a, b, b, a, b, b, ...
             asked.append((r.name, drain))
             r.draining |= drain
-            n = 0
             if give_up is not None:                          # what it held answered 503 (an answer stuck stays busy)
                 assert give_up == 60
-                n, r.waiting, r.held, r.gave_up = r.waiting, 0, [r.stuck], r.gave_up + 1
-            return Call((r.name, r.held.pop(0) if len(r.held) > 1 else r.held[0], n))
+                r.total, r.waiting, r.held = r.total + r.waiting, 0, [r.stuck]
+            lost = lose[0] > 0 and give_up is not None
+            lose[0] -= lost
+            return Call((r.name, r.held.pop(0) if len(r.held) > 1 else r.held[0], r.total), lost)
 
     handle = type("Handle", (), {"held": Held()})()
     assert _wait_idle(handle, 2, time.perf_counter() + 30, 60) == (0, 0)
     assert all(r.draining for r in replicas) and all(drain for _, drain in asked), asked
-    assert replicas[0].held == [0] and not any(r.gave_up for r in replicas)    # waited until a held nothing
+    assert replicas[0].held == [0] and not any(r.total for r in replicas)      # waited until a held nothing
     replicas[0].held, replicas[0].waiting = [5], 2           # the grace is spent with 2 requests' images held
-    assert _wait_idle(handle, 2, time.perf_counter(), 60) == (0, 2)
-    assert replicas[0].gave_up >= 1 and replicas[1].gave_up >= 1          # each told (a repeat answers none)
+    replicas[1].held, replicas[1].waiting = [3], 1
+    route[0], lose[0] = 0, 1                                 # the first round after it reaches a alone, and the
+    threading.Timer(0.5, lambda: route.__setitem__(0, None)).start()     # answer of a's first give-up is lost
+    assert _wait_idle(handle, 2, time.perf_counter(), 60, late_s=3) == (0, 3)   # b given up too, a's 2 counted
+    assert (replicas[0].total, replicas[1].total) == (2, 1)
     replicas[0].held, replicas[0].waiting, replicas[0].stuck = [5], 1, 3  # an answer not out a few seconds on
     t0 = time.perf_counter()
-    assert _wait_idle(handle, 2, t0, 60, late_s=0.5) == (3, 1) and time.perf_counter() - t0 >= 0.5
-    assert _wait_idle(handle, 3, time.perf_counter(), 60)[0] is None    # a third replica never answered: unknown
+    assert _wait_idle(handle, 2, t0, 60, late_s=0.5) == (3, 4) and time.perf_counter() - t0 >= 0.5
+    assert _wait_idle(handle, 3, time.perf_counter(), 60, late_s=0.5)[0] is None   # a third never answered
     fail[0] = 3                                                     # none answers: unknown, not "none held"
     assert _wait_idle(handle, 2, time.perf_counter() + 30, 60) == (None, 0)
 

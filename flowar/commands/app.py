@@ -97,15 +97,21 @@ def make_app(service: Service):
             return (".".join(str(p) for p in err.get("loc", ())[1:]) or "the body")[:60]   # (a key of 15,000 characters)
         got = json.dumps(first.get("input"), default=str)[:60]          # as sent ('5' and True were Python's)
         extra = [where(x) for x in errs if x.get("type") == "extra_forbidden"]
-        if extra and where(first) in ("size", "height", "width", "resolution"):
-            side = service.replica.pipe.runtime.image_size          # (the model's one size: it said "not permitted")
-            return error(422, f"expected no {where(first)}: this model makes {side}x{side} images; got {got}. Fix: "
-                              f"leave \"{where(first)}\" out")
+        wrong = list(dict.fromkeys(where(x) for x in errs if x.get("type") != "extra_forbidden"))
+        sized = [w for w in extra if w in ("size", "height", "width", "resolution")]
+        others = ", ".join([w for w in extra if w not in sized] + [f"a wrong {w}" for w in wrong])[:120]
+        if sized:                                                   # (the model's one size: it said "not permitted")
+            side, got = service.replica.pipe.runtime.image_size, json.dumps(next(
+                x.get("input") for x in errs if where(x) == sized[0]), default=str)[:60]
+            return error(422, f"expected no {sized[0]}: this model makes {side}x{side} images; got {got}"
+                              f"{f' (and {others})' if others else ''}. Fix: leave \"{sized[0]}\" out")
         if extra:                                                   # (every one named: it said the first alone)
             fields = ", ".join(f.alias or k for k, f in GenerateRequest.model_fields.items())
-            return error(422, f"expected only the fields {fields}; got {', '.join(extra)[:120]}. Fix: leave "
-                              f"{'it' if len(extra) == 1 else 'them'} out (see /docs)")
-        also = ", ".join(dict.fromkeys(where(x) for x in errs[1:]))[:120]
+            also = ", ".join(f"a wrong {w}" for w in wrong)[:120]
+            return error(422, f"expected only the fields {fields}; got {', '.join(extra)[:120]}"
+                              f"{f' (and {also})' if also else ''}. Fix: leave {'it' if len(extra) == 1 else 'them'} "
+                              "out (see /docs)")
+        also = ", ".join(wrong[1:])[:120]
         said = first.get("msg", "Input should be a valid value").replace("Input should be ", "", 1)   # pydantic's
         return error(422, f"expected {where(first)} {said}; got {got}"
                           f"{f' (and a wrong {also})' if also else ''}. Fix: see /docs for the fields and their types")

@@ -322,7 +322,7 @@ def _sample_here(spec: BulkSpec, out: Path, todo: list, progress: bool, done_bef
                 r = sampler({"shard": [j], "start": [s], "end": [e]})
                 rows.append({k: v[0] for k, v in r.items()})
         finally:
-            sampler.close(wait=False)
+            sampler.close()          # (after the batches computing, told to stop at their next scale)
     return follow_workers(consume, told, spec, done_before, lambda: None, out)
 
 

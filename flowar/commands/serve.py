@@ -81,15 +81,16 @@ def _service_class():
 
         async def held(self, drain: bool = False, give_up: float | None = None) -> tuple[str, int, int]:
             """(this replica, the images it holds and the answers not yet out: Service.busy, the
-            requests it answered 503 now): what stopping waits on; ``drain``: refuse new images
+            requests it has answered 503 so far): what stopping waits on; ``drain``: refuse new images
             from now on (what ``reconfigure`` does once Serve gets to it); ``give_up``: the stop's
             grace (seconds) is spent: answer what is held 503 (:meth:`Service.give_up`). On the
             event loop that admits requests (async), so that none is admitted between the drain
             and the count."""
             if drain:
                 self.service.draining = True
-            answered = self.service.give_up(give_up) if give_up is not None else 0
-            return self.service.limits.replica, self.service.busy(), answered
+            if give_up is not None:
+                self.service.give_up(give_up)
+            return self.service.limits.replica, self.service.busy(), self.service.gave_up
 
     return serve.deployment(name="FlowARService")(FlowARService)
 
@@ -262,10 +263,11 @@ def stop(engine_dir: str, settings: dict, shared: bool = False) -> str:
     # (no serve.shutdown() before Ray's: it waited ~4 s for replicas that hold nothing after the
     # drain, or whose images past the grace are dropped either way: 7.9 -> 4.6 s to stop)
     stop_ray()
-    said = [f"{answered} request{'s' * (answered > 1)} still computing after the {grace:g} s grace answered 503"
+    said = [f"{answered} request{'s' * (answered > 1)} still held after the {grace:g} s grace answered 503"
             ] * (answered > 0)
     said += (["every request in flight answered"] if busy == 0 and not answered else [] if busy == 0 else
-             ["the replicas did not say what they held"] if busy is None else [f"{busy} answer{'s' * (busy > 1)} cut off"])
+             ["the replicas did not say what they held"] if busy is None else
+             [f"the replicas still held {busy} image(s) or answer(s), dropped"])
     return f"drained and stopped in {time.perf_counter() - t0:.1f} s" + "".join("; " + x for x in said)
 
 
@@ -274,31 +276,27 @@ def _wait_idle(handle, replicas: int, until: float, grace: float, late_s: float 
     (asked through the handle, which routes each call to some replica: asked until each has
     answered), or ``until``: then each answers what it holds 503, and the answers are waited for
     ``late_s`` more. (What the replicas' latest answers say is still busy (None: not every replica
-    answered), the requests answered 503.)"""
+    answered), the requests answered 503: each replica's own count, so that a lost answer loses none.)"""
     latest: dict[str, int] = {}
-    failed = answered = 0
-    gave_up: set[str] = set()
+    gave_up: dict[str, int] = {}
+    failed = 0
     while True:
         late = time.perf_counter() >= until
         try:
             for _ in range(2 * replicas):
-                name, busy, n = handle.held.remote(True, grace if late and len(gave_up) < replicas else None
-                                                   ).result(timeout_s=5)
+                name, busy, answered = handle.held.remote(True, grace if late else None).result(timeout_s=5)
                 latest[name] = busy
-                if late and name not in gave_up:
-                    gave_up.add(name)
-                    answered += n
+                if late:
+                    gave_up[name] = answered
             failed = 0
         except Exception:   # noqa: BLE001 - a replica gone or not answering: asked again (Serve routes to the others)
             failed += 1
             if failed >= 3:
-                return None, answered
+                return None, sum(gave_up.values())
         if len(latest) >= replicas and not any(latest.values()):
-            return 0, answered
-        if late and len(latest) < replicas:
-            return None, answered
-        if late and time.perf_counter() >= until + late_s:      # (each replica reached well before)
-            return sum(latest.values()), answered
+            return 0, sum(gave_up.values())
+        if late and time.perf_counter() >= until + late_s:      # (each replica reached by then, but not surely)
+            return (sum(latest.values()) if len(latest) >= replicas else None), sum(gave_up.values())
         time.sleep(0.2)
 
 

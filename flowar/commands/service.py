@@ -140,8 +140,8 @@ class Service:
         self.computing: list[list[_Item]] = []   # those batches
         self.answering = 0               # requests to /v1/generate whose answer is not yet out (the app counts)
         self.draining = False
-        self._last_arrival = 0.0
-        self._wake: asyncio.Event | None = None
+        self.gave_up = 0                 # requests answered 503 once a stop's grace was spent (give_up)
+        self._last_arrival, self._wake = 0.0, None     # (an asyncio.Event, made on the loop)
         self._worker: asyncio.Task | None = None
         self._batches: set[asyncio.Task] = set()
         # every batch of a lane on the same thread: one OpenMP team, reused (a new thread per batch
@@ -187,14 +187,16 @@ class Service:
 
     def give_up(self, grace_s: float) -> int:
         """A stop's grace is spent: the requests whose images are held answered 503 now (they were cut off with no
-        answer), the batches computing stop at their next scale; how many requests."""
+        answer), the batches computing stop at their next scale; how many requests (counted in :attr:`gave_up`)."""
         self.draining, held, self.pending = True, self._waited(), []
         for it in held:
             it.future.set_exception(ServiceError(
                 503, f"images computed before the server stopped (its grace, --grace: {grace_s:g} s)",
                 "the grace spent with these images not done", "send the request again: to another replica, or once "
                 "the server is back", {"Retry-After": "5"}))
-        return len({id(it.request) for it in held})
+        n = len({id(it.request) for it in held})
+        self.gave_up += n
+        return n
 
     def held_work(self) -> float:      # what the images held cost, in images of the default settings (Replica.cost)
         return sum(it.cost for it in self.pending) + self.running_work

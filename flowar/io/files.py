@@ -28,7 +28,7 @@ def check_writable(path: str | Path | None, is_dir: bool = False, option: str = 
         return
     p = Path(path)
     kind = "folder" if is_dir else "file"
-    if not p.resolve().name:                     # (a lock beside it had no name: a ValueError's traceback)
+    if not _resolve(p).name:                     # (a lock beside it had no name: a ValueError's traceback)
         raise FlowARError(f"{option} a {kind} to write", f"{p}, the file system's root", f"give {option} a new folder")
     if p.exists() and p.is_dir() != is_dir:
         raise FlowARError(f"{option} to be a {kind}", f"{p} exists as a {'folder' if p.is_dir() else 'file'}",
