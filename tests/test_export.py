@@ -716,13 +716,15 @@ def test_the_free_disk_check_counts_what_the_export_writes(engine_dirs, fixtures
             build_engine_dir(ckpt, tmp_path / "e", config_path=str(fixtures_dir / "tiny_v1.config.json"),
                              vae_path=fixtures_dir / "mar_vae_tiny.ckpt", max_batch=2)
         assert not (tmp_path / "e").exists()                  # asked before anything was written
-        return e.value.args[0] - (256 << 20)                 # (the fixed margin for caches and logs)
+        return e.value.args[0]
 
     monkeypatch.setattr(memory, "require_free_space", asked)
     d, _ = engine_dirs["tiny_v1"]                             # the same request, exported
     written = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
     flat = need(fixtures_dir / "tiny_v1.safetensors")
-    assert written <= flat <= 2 * written, (written, flat)
+    # (with its margin for caches and logs: at most 256 MB, and at most what it writes again and 16 MB for a small
+    # directory, which was asked for 270 MB where it wrote 15)
+    assert written <= flat <= 4 * written + (16 << 20), (written, flat)
     sd = load_file(str(fixtures_dir / "tiny_v1.safetensors"))
     train = tmp_path / "checkpoint-last.pth"
     torch.save({"model": {k: v + 1 for k, v in sd.items()}, "model_ema": sd,
