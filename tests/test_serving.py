@@ -400,7 +400,7 @@ def test_an_idle_replica_admits_by_its_best_rate_and_says_when_a_request_cannot_
     from types import SimpleNamespace
 
     from flowar.commands.service import GenerateRequest, Limits, Service, ServiceError
-    replica = SimpleNamespace(lanes=[0], sizes=[1], per_image_s=0.05, batch_s=lambda n: 0.05 * n, cost=lambda s: 1.0,
+    replica = SimpleNamespace(lanes=[0], sizes=[1], per_image_s=0.05, batch_s=lambda n: 0.05 * n, cost=lambda s: 1.0, measured_batch=lambda *a: None,
                               generate=lambda items, lane=0: (["png"] * len(items), {}))
     pool = ThreadPoolExecutor(1)
     svc = Service(replica, Limits(queue=32, max_n=32), computes=[pool])
@@ -462,7 +462,7 @@ def test_a_lone_request_is_costed_at_the_batch_it_forms_and_a_batch_no_one_waits
     from flowar.commands.replica import Abandoned
     from flowar.commands.service import GenerateRequest, Limits, Service, ServiceError
     stub = SimpleNamespace(lanes=[0], sizes=[1, 4], per_image_s=0.25, batch_s=lambda n: {1: 1.0, 4: 1.0}.get(n, n),
-                           cost=lambda s: 1.0, generate=lambda items, lane=0: (["png"] * len(items), {}))
+                           cost=lambda s: 1.0, measured_batch=lambda *a: None, generate=lambda items, lane=0: (["png"] * len(items), {}))
     svc = Service(stub, Limits(queue=32, max_n=32), computes=[ThreadPoolExecutor(1)])
 
     async def lone():
@@ -514,7 +514,7 @@ def test_two_lanes_share_a_burst_instead_of_one_lane_taking_the_largest_batch():
         formed.append((lane, len(items)))
         time.sleep(0.05 * len(items))
         return ["png"] * len(items), {}
-    replica = SimpleNamespace(lanes=[0, 1], sizes=[1, 2, 4, 8], per_image_s=0.05, generate=generate, cost=lambda s: 1.0,
+    replica = SimpleNamespace(lanes=[0, 1], sizes=[1, 2, 4, 8], per_image_s=0.05, generate=generate, cost=lambda s: 1.0, measured_batch=lambda *a: None,
                               batch_s=lambda n: 0.05 * n)
     pools = [ThreadPoolExecutor(1), ThreadPoolExecutor(1)]
     svc = Service(replica, Limits(queue=32, deadline_s=30), computes=pools)
@@ -885,6 +885,37 @@ def test_a_request_costs_what_its_settings_cost_and_one_that_cannot_finish_in_ti
     assert ok[0] == 200, ok[:2]
 
 
+def test_without_a_call_plan_a_replica_learns_its_batches_seconds_and_admits_by_them():
+    """Without a call plan (a TensorRT or plain ONNX Runtime export) a batch of n was costed as n images
+    alone, for good: 16 FlowAR-S images were refused as "91 s even alone" where batches of 8 took 55.
+    The batches served teach each size's seconds (a size not served: the per-image seconds of the
+    largest smaller one), and admission follows; a replica with a plan keeps the plan's."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flowar.commands.replica import Replica
+    from flowar.commands.service import GenerateRequest, Limits, Service, ServiceError
+    rep = Replica.__new__(Replica)                        # (its costing alone: no engines)
+    rep._batch_s, rep.planned, rep.per_image_s, rep.lanes, rep.sizes = {}, False, 1.0, [0], [1, 2, 4, 8]
+    rep.cost = lambda settings: 1.0
+    rep.generate = lambda items, lane=0: (time.sleep(0.2), (["png"] * len(items), {}))[1]   # any batch: 0.2 s
+    assert rep.batch_s(8) == 8.0
+    svc = Service(rep, Limits(queue=32, max_n=32), computes=[ThreadPoolExecutor(1)])
+
+    async def asks(n, timeout):
+        return await svc.submit(GenerateRequest(label=1, n=n, timeout_s=timeout), [(1, j, None) for j in range(n)])
+    with pytest.raises(ServiceError, match=r"8 asked for, about 8.0 s even alone"):
+        asyncio.run(asks(8, 5))
+    assert len(asyncio.run(asks(2, 5)).images) == 2      # (one batch of 2: an idle replica's, at most twice one image)
+    assert 0.2 <= rep.batch_s(2) < 1.0 and rep.batch_s(8) == pytest.approx(4 * rep.batch_s(2))
+    assert rep.batch_s(1) == 1.0                         # (no smaller size served: one image alone's)
+    assert len(asyncio.run(asks(8, 5)).images) == 8       # admitted now, and served as one batch
+    assert 8 in rep._batch_s and rep.batch_s(8) < 1.0
+    rep.planned, planned = True, dict(rep._batch_s)
+    rep.measured_batch(4, 4.0, 30.0)                       # (a plan is not overwritten by one slow batch)
+    assert rep._batch_s == planned
+
+
 def test_a_replica_without_a_call_plan_times_one_image_as_it_starts(default_auto_engines, monkeypatch):
     """Without a call plan (a TensorRT or plain ONNX Runtime export; here the auto directory opened on
     its ONNX Runtime engines, which the plan does not describe) admission and Retry-After counted one
@@ -935,7 +966,7 @@ def test_a_batch_holds_one_settings_so_a_cheap_request_does_not_wait_for_an_expe
         formed.append([it.settings for it in items])
         time.sleep(0.02 * len(items))
         return ["png"] * len(items), {}
-    replica = SimpleNamespace(lanes=[0], sizes=[1, 2, 4, 8], per_image_s=0.02, generate=generate, cost=lambda s: 1.0,
+    replica = SimpleNamespace(lanes=[0], sizes=[1, 2, 4, 8], per_image_s=0.02, generate=generate, cost=lambda s: 1.0, measured_batch=lambda *a: None,
                               batch_s=lambda n: 0.02 * n)
     pool = ThreadPoolExecutor(1)
     svc = Service(replica, Limits(queue=32, deadline_s=30), computes=[pool])
@@ -964,7 +995,7 @@ def test_retry_after_is_spread_so_refused_clients_do_not_return_together_and_set
     from flowar.commands.replica import KNOWN
     from flowar.commands.service import GenerateRequest, Limits, Service, ServiceError
     from flowar.sampling.schedule import Settings
-    fake = SimpleNamespace(lanes=[0], sizes=[1], per_image_s=3.0, cost=lambda s: 1.0, batch_s=lambda n: 3.0 * n)
+    fake = SimpleNamespace(lanes=[0], sizes=[1], per_image_s=3.0, cost=lambda s: 1.0, measured_batch=lambda *a: None, batch_s=lambda n: 3.0 * n)
     svc = Service(fake, Limits(queue=4), computes=[None])
     svc.running, svc.running_work = 4, 4.0
     base = svc.retry_after(1, 120.0)

@@ -27,6 +27,7 @@ class Replica:
             per = rt.call_plan.get("per_image") or {}
             self.per_image_s = min(per.values()) if per else None
             self._batch_s = {int(b): s * int(b) for b, s in per.items()}       # seconds of a batch by the plan
+            self.planned = bool(per)                    # (without a plan: as measured, measured_batch)
             self.warmed = rt.warm_up(self.sizes)       # at the shapes of the sizes it will form (what pays)
             rt.opened["shapes warmed"] = rt.opened.get("shapes warmed", 0) + self.warmed   # (/health said 0 there)
             self.lanes = [rt]
@@ -129,8 +130,22 @@ class Replica:
             raise
 
     def batch_s(self, size: int) -> float:
-        """Seconds a batch of ``size`` takes by the call plan (unknown: as if every image cost one)."""
-        return self._batch_s.get(size, size * (self.per_image_s or 1.0))
+        """Seconds a batch of ``size`` takes: by the call plan, or without one as measured on the batches
+        served (:meth:`measured_batch`); a size not known at the seconds per image of the largest smaller
+        one known, else of one image alone (without a plan, 16 FlowAR-S images were refused as 91 s even
+        alone, one image's 5.7 s each, where batches of 8 took 55)."""
+        if size in self._batch_s:
+            return self._batch_s[size]
+        below = max((b for b in self._batch_s if b < size), default=None)
+        return size * (self._batch_s[below] / below if below else (self.per_image_s or 1.0))
+
+    def measured_batch(self, size: int, work: float, seconds: float) -> None:
+        """Without a call plan: a batch of ``size`` images costing ``work`` (images of the default settings)
+        took ``seconds`` on the cores alone: its size's seconds for default images, averaged."""
+        if self.planned or work <= 0 or size < 1:
+            return
+        s, old = seconds * size / work, self._batch_s.get(size)
+        self._batch_s[size] = s if old is None else 0.7 * old + 0.3 * s
 
     def generate(self, items: list, lane: int = 0) -> tuple[list[str], dict]:
         """Base64 PNGs, one per item, in order (items of each settings group sampled together), and

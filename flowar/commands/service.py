@@ -366,6 +366,7 @@ class Service:
             self.free.append(lane)
             self._wake.set()
         self.measured(sum(it.cost for it in batch), took, lane_s / max(1e-9, took))
+        self.replica.measured_batch(len(batch), sum(it.cost for it in batch), took * took / max(1e-9, lane_s))
         m = self.metrics
         m.batch.labels(self.limits.replica).observe(len(batch))
         m.images.labels(self.limits.replica).inc(len(batch))
