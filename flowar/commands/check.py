@@ -13,6 +13,7 @@ and opens it as ``flowar-run`` would on this machine (its backend line, or why i
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -86,8 +87,13 @@ def check_cmd(engine_dir, must_open, quiet, debug):
         parts = edited_parts(raw) if edited else []     # (which fields: "config.latent_scale"; it named none)
         got += [f"{MANIFEST} itself edited since" + (": " + ", ".join(parts[:6]) + (", ..." if len(parts) > 6 else "")
                 if parts else f" (its fields hash to {now[:12]}..., sealed as {str(raw.get(SEAL))[:12]}...)")] if edited else []
+        fix = m.rebuild                   # (built from the manifest as edited: it repeated an edited --cfg 99)
+        for p in parts:
+            opt = {"max_batch": "max-batch", "precision": "precision"}.get(p, p.removeprefix("schedule_defaults."))
+            fix = re.sub(rf" --{re.escape(opt)} \S+", "", fix) if opt != p else fix
         raise EngineDirError(f"every file {Path(engine_dir) / MANIFEST} lists as the export wrote it"
-                             + (", and the manifest itself" if edited else ""), "; ".join(got), m.rebuild)
+                             + (", and the manifest itself" if edited else ""), "; ".join(got),
+                             fix + " (its edited values left to their defaults)" * (fix != m.rebuild))
     seconds = time.perf_counter() - t0
     trained = (m.checkpoint or {}).get("vae_sha256")
     if m.vae and trained and m.vae.get("sha256") != trained:    # (the export's note was its only word; the images are noise)
