@@ -175,7 +175,7 @@ def test_a_compile_whose_gemm_templates_fail_is_made_again_with_aten_s_calls(com
     assert all(relative_error(g, w) < 1e-2 for g, w in zip(got, want)) and not list(tmp_path.glob("*.pt2"))
     report = PrecisionReport("auto", {spec.name: "aoti-bf16"},
                              {spec.name: {"aoti-bf16": StageMeasure(1e-3, 1e-3, 0.05, build_s=3.0, untuned=untuned)}})
-    assert "aoti-bf16 1.0 ms (err 1.0e-03, compiled in 3 s with ATen GEMMs, its GEMM templates failed: RuntimeError: " \
+    assert "aoti-bf16 1.0 ms per image (err 1.0e-03, compiled in 3 s with ATen GEMMs, its GEMM templates failed: RuntimeError: " \
            "no template for this CPU)" in report.lines()[0]
     calls.clear()
 

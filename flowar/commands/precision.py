@@ -152,7 +152,7 @@ class PrecisionReport:
         out = []
         for stage, ms in self.measured.items():
             cells = ", ".join(f"{c} unavailable ({m.note})" if m.note else
-                              f"{c} {m.seconds * 1e3:.1f} ms (err {m.error:.1e}{'' if m.ok else ', too far'}"
+                              f"{c} {m.seconds * 1e3:.1f} ms per image (err {m.error:.1e}{'' if m.ok else ', too far'}"
                               f"{f', compiled in {m.build_s:.0f} s' if m.build_s else ''}"
                               f"{f' with ATen GEMMs, its GEMM templates failed: {m.untuned}' if m.untuned else ''})"
                               for c, m in ms.items())
