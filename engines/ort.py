@@ -201,6 +201,9 @@ def create_session(graph: Path | bytes | Callable[[], bytes], sha256: str, provi
             if not _drop(cache):                   # a stale or damaged cache: rebuilt from the graph
                 cache = None                       # (read-only: opened from the graph)
             continue
+        if isinstance(graph, bytes):   # (ONNX Runtime's Python session keeps the bytes it was made from, to make itself
+            session.disable_fallback()  # again on another provider: FlowAR-S's graphs, 0.84 GB for the session's life)
+            session._model_bytes = None
         if part is not None:
             try:
                 made = sorted(part.iterdir())
