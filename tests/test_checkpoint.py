@@ -516,6 +516,11 @@ def test_torch_and_diffusers_print_nothing_before_the_one_line(tmp_path, fixture
         with pytest.raises(FlowARError, match=r"with its weights \(diffusion_pytorch_model.safetensors\); got .*vae holds "
                                               r"config.json without them"):
             load_vae(folder)
+        bin_only = tmp_path / "vae_bin"                  # (a folder of diffusers' older weights file still loads)
+        convert_mar_checkpoint(fixtures_dir / "mar_vae_tiny.ckpt").autoencoder.save_pretrained(bin_only,
+                                                                                                safe_serialization=False)
+        assert sorted(p.name for p in bin_only.iterdir()) == ["config.json", "diffusion_pytorch_model.bin"]
+        load_vae(bin_only)
         with pytest.raises(FlowARError, match="config.json holds a JSON object.*got a JSON list"):
             load_vae(listed)
     assert [str(w.message) for w in seen] == [] and capfd.readouterr() == ("", "")

@@ -967,6 +967,8 @@ def test_a_stop_ends_a_single_workers_batch_at_its_next_scale(default_auto_engin
     assert sampler.sample_shard(1, 2, 4) > 0
     assert told[0].is_set() and not sampler.stopping.is_set()
     sampler.close()                                      # (its engines released: a closed runtime refuses to sample)
+    with pytest.raises(RuntimeError, match="after shutdown"):                  # (and its threads ended)
+        sampler._computes[-1].submit(int)
     with pytest.raises(Exception, match="expected an open source; got one closed"):
         sampler._sample(sampler.lanes[0], [0], sampler.stopping)
 

@@ -792,7 +792,9 @@ def test_a_request_still_computing_when_the_grace_ends_is_answered_503_and_its_b
         t0, first = time.monotonic(), [len(b) for b in svc.computing]
 
         async def grace_spent():
-            return svc.give_up(60)
+            n = svc.give_up(60)                   # (the batch computing still held; its images no longer waited for)
+            assert svc.held() > 0 and svc.busy() == svc.answering == 2 and svc.gave_up == n, (svc.held(), svc.busy())
+            return n
         answered = asyncio.run_coroutine_threadsafe(grace_spent(), svc._worker.get_loop()).result(10)
         for t in (computing, queued):
             t.join(20)
@@ -825,6 +827,7 @@ def test_a_request_costs_what_its_settings_cost_and_one_that_cannot_finish_in_ti
     from flowar.commands.plan import image_seconds
     from flowar.sampling.schedule import Settings
     rt = replica.pipe.runtime
+    assert replica.planned                   # (this directory's call plan: its batches' seconds are the plan's)
     real, counted = rt.stages.velocity, []
 
     def count(ctx, x_rNC, t_r):
@@ -911,6 +914,12 @@ def test_without_a_call_plan_a_replica_learns_its_batches_seconds_and_admits_by_
     assert rep.batch_s(1) == 1.0                         # (no smaller size served: one image alone's)
     assert len(asyncio.run(asks(8, 5)).images) == 8       # admitted now, and served as one batch
     assert 8 in rep._batch_s and rep.batch_s(8) < 1.0
+    assert rep.batch_s(16) == pytest.approx(2 * rep.batch_s(8))      # (at the largest smaller size's rate)
+    rep._batch_s = {}
+    rep.measured_batch(2, 4.0, 1.0)                        # two images costing two default ones each: 0.5 s for 2
+    assert rep.batch_s(2) == pytest.approx(0.5)
+    rep.measured_batch(2, 4.0, 3.0)                        # (averaged: between the two)
+    assert 0.5 < rep.batch_s(2) < 1.5
     rep.planned, planned = True, dict(rep._batch_s)
     rep.measured_batch(4, 4.0, 30.0)                       # (a plan is not overwritten by one slow batch)
     assert rep._batch_s == planned
@@ -938,7 +947,7 @@ def test_a_replica_without_a_call_plan_times_one_image_as_it_starts(default_auto
     rep = Replica(str(default_auto_engines), threads=1, backend="ort")
     try:
         rt = rep.pipe.runtime
-        assert not rt.call_plan and rep.per_image_s is not None and rep.split is not None
+        assert not rt.call_plan and not rep.planned and rep.per_image_s is not None and rep.split is not None
         (labels, schedule, seconds), = calls
         assert labels == [0] and schedule == rt.schedule(None)
         assert seconds <= rep.per_image_s < seconds + 0.05, (rep.per_image_s, seconds)       # (what it measured: that call)
