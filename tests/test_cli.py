@@ -345,6 +345,7 @@ def test_export_then_run_from_the_engine_directory(fixtures_dir, tiny_v1, noise2
                                           "--out", str(tmp_path / "eng"), "--max-batch", "2", "--no-verify"])
     assert res.exit_code == 0, res.output
     assert "max batch 2; tokens only, no decoder: export with --vae for images; its EMA weights)" in res.output
+    assert "note: the stages were not compared with eager PyTorch (--no-verify)" in res.output     # (said nowhere)
     torch.save({"model": sd}, tmp_path / "one.pth")          # one set of weights: none named
     res = CliRunner().invoke(export_cmd, ["--ckpt", str(tmp_path / "one.pth"), "--preset", "tiny",
                                           "--out", str(tmp_path / "one"), "--max-batch", "2", "--no-verify"])

@@ -199,6 +199,8 @@ def export_cmd(ckpt, preset, config_path, raw_weights, vae, out, backend, precis
     bar.close()
     for line in rep.lines():
         click.echo(line)
+    if not verify:                  # (said nowhere until flowar-check's "not verified against eager")
+        click.echo("  note: the stages were not compared with eager PyTorch (--no-verify)")
     click.echo(rep.summary(precision, max_batch, decodes=vae is not None))
 
 
