@@ -382,6 +382,7 @@ def test_flowar_check_finds_a_manifest_edited_since_the_export(engine_dirs, tmp_
         bare.stderr
     for edit, named in ((lambda m: m["config"].update(latent_scale=2.0), "since: config.latent_scale. Fix"),
                         (lambda m: m.update(max_batch=m["max_batch"] + 1), "since: max_batch. Fix"),
+                        (lambda m: m.update(precision="fp16"), "since: precision. Fix"),
                         (lambda m: m.update(class_names=[f"c{i}" for i in range(m["config"]["num_classes"])]),
                          "since: class_names. Fix"),
                         (lambda m: m.pop("sealed_parts") and m["config"].update(latent_scale=2.0),
@@ -394,7 +395,8 @@ def test_flowar_check_finds_a_manifest_edited_since_the_export(engine_dirs, tmp_
         assert bad.returncode == 2 and bad.stdout == "" and "and the manifest itself; got manifest.json itself edited " \
             "since" in line and "Fix: rebuild it: flowar-export" in line, bad
         assert named in line, (named, line)
-        assert f"--max-batch {m['max_batch'] + 1}" not in line, line     # (the fix repeated the edited value)
+        assert f"--max-batch {m['max_batch'] + 1}" not in line and "--precision fp16" not in line, line   # (the fix
+        # repeated the edited value)
     # what runs it says it (it sampled other images with exit 0 and no word), once, and runs it as edited
     run = ["--engine-dir", str(d), "--labels", "1", "--steps", "3", "--save-tokens", str(tmp_path / "t.safetensors")]
     ran = invoke(run_cmd, run)                                        # (the last edit: latent_scale without its parts)

@@ -88,9 +88,10 @@ def check_cmd(engine_dir, must_open, quiet, debug):
         got += [f"{MANIFEST} itself edited since" + (": " + ", ".join(parts[:6]) + (", ..." if len(parts) > 6 else "")
                 if parts else f" (its fields hash to {now[:12]}..., sealed as {str(raw.get(SEAL))[:12]}...)")] if edited else []
         fix = m.rebuild                   # (built from the manifest as edited: it repeated an edited --cfg 99)
+        opts = {"max_batch": "max-batch", "precision": "precision"} | {
+            f"schedule_defaults.{k}": k for k in ("schedule", "steps", "cfg", "guidance")}
         for p in parts:
-            opt = {"max_batch": "max-batch", "precision": "precision"}.get(p, p.removeprefix("schedule_defaults."))
-            fix = re.sub(rf" --{re.escape(opt)} \S+", "", fix) if opt != p else fix
+            fix = re.sub(rf" --{opts[p]} \S+", "", fix) if p in opts else fix
         raise EngineDirError(f"every file {Path(engine_dir) / MANIFEST} lists as the export wrote it"
                              + (", and the manifest itself" if edited else ""), "; ".join(got),
                              fix + " (its edited values left to their defaults)" * (fix != m.rebuild))
