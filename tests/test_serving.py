@@ -355,7 +355,7 @@ def test_retry_after_counts_the_lanes_at_the_rate_they_were_measured_to_drain():
     two = Service(SimpleNamespace(lanes=[0, 1], **plan), Limits(queue=4), computes=[None, None])
     one = Service(SimpleNamespace(lanes=[0], **plan), Limits(queue=4), computes=[None])
     for svc in (two, one):
-        svc.running, svc.running_work = 6, 6.0
+        svc.computing = [[SimpleNamespace(cost=1.0)] * 6]      # 6 images computing
         assert svc.retry_after(2) == 8                  # (4 + 1) x 1.6 s, not yet measured
         svc.measured(4, 8.0, len(svc.replica.lanes))    # a batch of 4 in 8 s beside the other lanes: 2 s per image on a lane
     assert two.retry_after(2) == 5 and one.retry_after(2) == 10     # (4 + 1) x 2 s / lanes
@@ -1006,7 +1006,7 @@ def test_retry_after_is_spread_so_refused_clients_do_not_return_together_and_set
     from flowar.sampling.schedule import Settings
     fake = SimpleNamespace(lanes=[0], sizes=[1], per_image_s=3.0, cost=lambda s: 1.0, measured_batch=lambda *a: None, batch_s=lambda n: 3.0 * n)
     svc = Service(fake, Limits(queue=4), computes=[None])
-    svc.running, svc.running_work = 4, 4.0
+    svc.computing = [[SimpleNamespace(cost=1.0)] * 4]          # 4 images computing
     base = svc.retry_after(1, 120.0)
 
     async def refused() -> int:

@@ -135,9 +135,7 @@ class Service:
         self.replica, self.limits = replica, limits
         self.metrics = Metrics(limits.replica)
         self.pending: list[_Item] = []
-        self.running = 0                 # images of the batches being computed
-        self.running_work = 0.0          # their cost (Replica.cost)
-        self.computing: list[list[_Item]] = []   # those batches
+        self.computing: list[list[_Item]] = []   # the batches being computed (running, running_work: theirs)
         self.answering = 0               # requests to /v1/generate whose answer is not yet out (the app counts)
         self.draining = False
         self.gave_up = 0                 # requests answered 503 once a stop's grace was spent (give_up)
@@ -174,6 +172,14 @@ class Service:
         self.replica.pipe.close()
 
     # ---- admission and batching ---------------------------------------------------------------
+    @property
+    def running(self) -> int:            # images of the batches being computed
+        return sum(len(b) for b in self.computing)
+
+    @property
+    def running_work(self) -> float:     # their cost (Replica.cost)
+        return sum(it.cost for b in self.computing for it in b)
+
     def held(self) -> int:
         return len(self.pending) + self.running
 
@@ -330,8 +336,6 @@ class Service:
             size, idle = max(fits), False
             batch = alike[:size]
             self.pending = [it for it in self.pending if it not in batch]
-            self.running += len(batch)
-            self.running_work += sum(it.cost for it in batch)
             self.computing.append(batch)
             self.metrics.queue.labels(self.limits.replica).set(self.held())
             self.free.remove(lane := min(self.free))    # the first: alone on every core; a later lane on its share
@@ -360,8 +364,6 @@ class Service:
         finally:
             # the lanes computing beside it, on average over its time (this one included)
             lane_s, took = self._lanes_busy(-1) - lane_s, time.monotonic() - started
-            self.running -= len(batch)
-            self.running_work -= sum(it.cost for it in batch)
             self.computing.remove(batch)
             self.free.append(lane)
             self._wake.set()
